@@ -1,0 +1,134 @@
+"""Each bad input stops with one clear message naming the file, subject or column."""
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage.io import (InputError, check_dataset_images, load_nifti_checked,
+                         read_participants, subject_inputs, atomic_path)
+from conftest import default_rows, write_tiny_dataset
+
+
+def _rewrite_table(root: Path, mutate):
+    table = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str)
+    table = mutate(table)
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+
+
+def test_valid_dataset_reads_with_extra_columns(tmp_path):
+    rows = [dict(r, group="healthy") for r in default_rows()]
+    root = write_tiny_dataset(tmp_path / "d", rows, with_anat=True)
+    table = read_participants(root)
+    assert list(table["participant_id"]) == [r["participant_id"] for r in rows]
+    assert table["age"].dtype == float and "group" in table
+    inputs = subject_inputs(root, "00a")
+    assert set(inputs) == {"stiffness", "anat"}
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(InputError, match=r"dataset root .*nowhere.* does not exist.*dataset\.root"):
+        read_participants(tmp_path / "nowhere")
+
+
+def test_missing_participants_file(tiny_dataset):
+    (tiny_dataset / "participants.tsv").unlink()
+    with pytest.raises(InputError, match=r"participants\.tsv is missing"):
+        read_participants(tiny_dataset)
+
+
+def test_missing_column(tiny_dataset):
+    _rewrite_table(tiny_dataset, lambda t: t.drop(columns="study"))
+    with pytest.raises(InputError, match=r"lacks column\(s\) study"):
+        read_participants(tiny_dataset)
+
+
+def test_duplicate_participant(tiny_dataset):
+    _rewrite_table(tiny_dataset, lambda t: pd.concat([t, t.iloc[[1]]]))
+    with pytest.raises(InputError, match=r"duplicate participant_id sub-01a"):
+        read_participants(tiny_dataset)
+
+
+@pytest.mark.parametrize("bad_id", ["sub-../x", "sub-a_b", "01a", "sub-"])
+def test_label_that_could_escape_results(tiny_dataset, bad_id):
+    def mutate(table):
+        table.loc[0, "participant_id"] = bad_id
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match="letters and digits"):
+        read_participants(tiny_dataset)
+
+
+@pytest.mark.parametrize("age, message", [("", "has age nan"), ("old", "has age 'old'"),
+                                          ("-3", "outside"), ("250", "outside")])
+def test_bad_age(tiny_dataset, age, message):
+    def mutate(table):
+        table.loc[2, "age"] = age
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match=rf"sub-02a.*{message}"):
+        read_participants(tiny_dataset)
+
+
+def test_subject_without_stiffness_file(tiny_dataset):
+    (tiny_dataset / "sub-03a" / "mre" / "sub-03a_stiffness.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"subject sub-03a: stiffness map .* is missing"):
+        read_participants(tiny_dataset)
+
+
+def _stiffness(root, label):
+    return root / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz"
+
+
+def test_file_that_is_not_nifti(tiny_dataset):
+    _stiffness(tiny_dataset, "01a").write_bytes(gzip.compress(b"this is a text file" * 50))
+    with pytest.raises(InputError, match=r"subject sub-01a: stiffness map .*sub-01a_stiffness"
+                                         r".* not a readable NIfTI"):
+        check_dataset_images(tiny_dataset, ["00a", "01a"])
+
+
+def test_corrupt_file(tiny_dataset):
+    path = _stiffness(tiny_dataset, "02a")
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(InputError, match=r"sub-02a.* not a readable NIfTI"):
+        check_dataset_images(tiny_dataset, ["02a"])
+
+
+def test_4d_file(tiny_dataset):
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 3), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"sub-00a.*shape \(4, 4, 4, 3\); a 3D volume"):
+        check_dataset_images(tiny_dataset, ["00a"])
+
+
+def test_all_zero_file(tiny_dataset):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"sub-00a.*no non-zero finite voxel"):
+        load_nifti_checked(_stiffness(tiny_dataset, "00a"), what="subject sub-00a")
+
+
+def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):
+    cache = tmp_path / "cache.json"
+    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
+    assert cache.is_file() and len(__import__("json").loads(cache.read_text())) == 2
+    # A file changed after the check is opened again and caught.
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "01a"))
+    with pytest.raises(InputError, match="sub-01a"):
+        check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    final = tmp_path / "out" / "table.tsv"
+    with pytest.raises(RuntimeError):
+        with atomic_path(final) as temp:
+            temp.write_text("half")
+            raise RuntimeError("crash")
+    assert not final.exists() and list(final.parent.iterdir()) == []
+    with atomic_path(final) as temp:
+        temp.write_text("whole")
+    assert final.read_text() == "whole"

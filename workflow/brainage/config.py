@@ -1,0 +1,148 @@
+"""Configuration: schema validation with defaults, and the settings of one grid cell.
+
+The JSON schema in ``workflow/schemas/config.schema.yaml`` is the documentation of the
+config: every key has a description and a default, unknown keys are rejected. Snakemake
+validates the config with it at workflow start (``common.smk``); the package uses the same
+schema through :func:`validate_config`, so a setting means the same thing in both places.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping
+
+import jsonschema
+import yaml
+
+SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
+CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
+PARTICIPANTS_SCHEMA = SCHEMA_DIR / "participants.schema.yaml"
+
+#: Config sections a grid cell may override (experiments.<name>.variants.<variant>).
+CELL_SECTIONS = ("loss", "train", "model", "readout")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+def load_schema(path: Path = CONFIG_SCHEMA) -> dict:
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def _validator_filling_defaults(schema: dict) -> jsonschema.protocols.Validator:
+    """A Draft 2020-12 validator that writes each property's default into the instance.
+
+    Defaults are filled before the other keywords run so that nested objects declared with
+    ``default: {}`` receive their own defaults too.
+    """
+    base = jsonschema.Draft202012Validator
+    validate_properties = base.VALIDATORS["properties"]
+
+    def fill_then_validate(validator, properties, instance, schema_node):
+        if isinstance(instance, dict):
+            for name, subschema in properties.items():
+                if name not in instance and "default" in subschema:
+                    instance[name] = copy.deepcopy(subschema["default"])
+        yield from validate_properties(validator, properties, instance, schema_node)
+
+    extended = jsonschema.validators.extend(base, {"properties": fill_then_validate})
+    return extended(schema)
+
+
+def _describe(error: jsonschema.ValidationError, source: str) -> str:
+    where = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+    message = error.message
+    if error.validator == "additionalProperties":
+        message += " (unknown key: check its spelling against workflow/schemas/config.schema.yaml)"
+    return f"{source}: config key '{where}': {message}"
+
+
+def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dict:
+    """Return a deep copy of ``config`` validated against the schema, defaults filled in.
+
+    Raises
+    ------
+    ConfigError
+        Naming the offending key, e.g. ``config key 'train': Additional properties are
+        not allowed ('epocs' was unexpected)``.
+    """
+    filled = copy.deepcopy(dict(config))
+    validator = _validator_filling_defaults(load_schema())
+    errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError("\n".join(_describe(error, source) for error in errors))
+    for experiment in filled.get("experiments", {}).values():
+        for variant_name, overrides in experiment["variants"].items():
+            cell_settings_from_overrides(filled, overrides, where=f"variant '{variant_name}'")
+    return filled
+
+
+def load_config(*paths: str | Path) -> dict:
+    """Read YAML config files (later ones override earlier ones, section by section)."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as handle:
+            merged = deep_merge(merged, yaml.safe_load(handle) or {})
+    return validate_config(merged, source=", ".join(str(p) for p in paths))
+
+
+def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
+    """Recursive dict merge; ``override`` wins, lists are replaced, not concatenated."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def cell_settings_from_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any],
+                                 *, where: str = "cell") -> dict:
+    """Base sections of a validated config with one cell's overrides applied, re-validated."""
+    schema = load_schema()
+    settings = {}
+    for section in CELL_SECTIONS:
+        merged = deep_merge(config[section], overrides.get(section, {}))
+        validator = _validator_filling_defaults(schema["properties"][section])
+        errors = list(validator.iter_errors(merged))
+        if errors:
+            raise ConfigError("\n".join(
+                f"{where}: config key '{section}.{'.'.join(map(str, e.absolute_path))}': {e.message}"
+                for e in errors))
+        settings[section] = merged
+    return settings
+
+
+def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed: int) -> dict:
+    """Everything that determines one grid cell's result, as plain JSON-able data.
+
+    Returns ``{"experiment", "variant", "seed", "loss", "train", "model", "readout"}``; the
+    loss/train/model/readout dicts are the config's sections with the variant's overrides.
+    Snakemake passes this as ``params`` so that changing a setting reruns exactly the
+    cells it affects.
+    """
+    try:
+        overrides = config["experiments"][experiment]["variants"][variant]
+    except KeyError as missing:
+        raise ConfigError(
+            f"no variant '{variant}' in experiment '{experiment}' (config key "
+            f"experiments.{experiment}.variants): {missing}") from None
+    settings = cell_settings_from_overrides(config, overrides,
+                                            where=f"experiments.{experiment}.variants.{variant}")
+    return {"experiment": experiment, "variant": variant, "seed": int(seed), **settings}
+
+
+def grid_cells(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
+    """All (experiment, variant, seed) cells of the enabled experiments, in config order."""
+    cells = []
+    for name, experiment in config.get("experiments", {}).items():
+        if not experiment.get("enabled", True):
+            continue
+        for variant in experiment["variants"]:
+            for seed in experiment.get("seeds", [0, 1, 2, 3, 4]):
+                cells.append((name, variant, int(seed)))
+    return cells

@@ -1,0 +1,264 @@
+"""Reading and checking the input dataset (BIDS-like), and atomic writes.
+
+Layout of a dataset root::
+
+    participants.tsv                          participant_id, age, sex, study, [extra...]
+    sub-<label>/mre/sub-<label>_stiffness.nii.gz   shear stiffness (kPa), native space
+    sub-<label>/anat/sub-<label>_T1w.nii.gz        optional, same space as the map
+
+Every check raises :class:`InputError` naming the file, subject or column and what to do,
+before any work starts (the workflow calls these while building its job graph).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+#: BIDS labels are letters and digits only, so no id can escape the results folder.
+LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
+REQUIRED_COLUMNS = ("participant_id", "age", "sex", "study")
+#: Plausible human ages (years); anything outside is a data-entry error.
+AGE_RANGE_YEARS = (0.0, 120.0)
+
+
+class InputError(ValueError):
+    """The input dataset is not what the pipeline needs; the message says how to fix it."""
+
+
+def stiffness_path(root: str | Path, label: str) -> Path:
+    return Path(root) / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz"
+
+
+def anatomical_path(root: str | Path, label: str) -> Path:
+    return Path(root) / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz"
+
+
+def check_label(label: str, *, where: str) -> str:
+    if not isinstance(label, str) or not LABEL_PATTERN.match(label):
+        raise InputError(
+            f"{where}: subject label {label!r} is not a BIDS label (letters and digits only, "
+            f"e.g. 'sub-01a'). Rename the subject folder and its participants.tsv row.")
+    return label
+
+
+def read_participants(root: str | Path) -> pd.DataFrame:
+    """Read and validate ``<root>/participants.tsv``; every listed subject must have a map.
+
+    Returns a DataFrame with ``participant_id`` (``sub-<label>``), ``age`` (years, float),
+    ``sex``, ``study`` (str) and any extra columns, in file order.
+    """
+    root = Path(root)
+    table_path = root / "participants.tsv"
+    stamp = table_path.stat().st_mtime_ns if table_path.exists() else None
+    return _read_participants_cached(str(root.resolve()), stamp).copy()
+
+
+@lru_cache(maxsize=8)
+def _read_participants_cached(root_str: str, stamp: int | None) -> pd.DataFrame:
+    root = Path(root_str)
+    if not root.is_dir():
+        raise InputError(
+            f"dataset root {root} does not exist. Set config key dataset.root to your "
+            f"BIDS-like dataset folder, or dataset.simulate.enabled: true for the demo cohort.")
+    table_path = root / "participants.tsv"
+    if stamp is None:
+        raise InputError(
+            f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
+            f"with columns {', '.join(REQUIRED_COLUMNS)}.")
+    try:
+        table = pd.read_csv(table_path, sep="\t", dtype={"participant_id": str, "sex": str,
+                                                         "study": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{table_path} cannot be read as a tab-separated table: {error}") from None
+    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
+    if missing:
+        raise InputError(
+            f"{table_path} lacks column(s) {', '.join(missing)}; it has "
+            f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}.")
+    if table.empty:
+        raise InputError(f"{table_path} lists no participants.")
+    _validate_participant_rows(table, table_path)
+    _validate_against_schema(table, table_path)
+    for participant_id in table["participant_id"]:
+        label = participant_id[len("sub-"):]
+        if not stiffness_path(root, label).is_file():
+            raise InputError(
+                f"subject {participant_id}: stiffness map {stiffness_path(root, label)} is "
+                f"missing. Add the file, or remove the subject's row from {table_path}.")
+    table["age"] = table["age"].astype(float)
+    table["study"] = table["study"].astype(str)
+    return table
+
+
+def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
+    for row_number, participant_id in enumerate(table["participant_id"], start=2):
+        where = f"{table_path} line {row_number}"
+        if not isinstance(participant_id, str) or not participant_id.startswith("sub-"):
+            raise InputError(f"{where}: participant_id {participant_id!r} must look like "
+                             f"'sub-<label>' (letters and digits).")
+        check_label(participant_id[len("sub-"):], where=where)
+    duplicated = table["participant_id"][table["participant_id"].duplicated()].unique()
+    if len(duplicated):
+        raise InputError(f"{table_path}: duplicate participant_id {', '.join(duplicated)}; "
+                         f"each subject must appear once.")
+    ages = pd.to_numeric(table["age"], errors="coerce")
+    low, high = AGE_RANGE_YEARS
+    for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
+        if pd.isna(age):
+            raise InputError(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
+                             f"must be numbers in years. Fix or remove the row.")
+        if not low < age < high:
+            raise InputError(f"{table_path}: subject {participant_id} has age {age} years, "
+                             f"outside {low}-{high}. Fix the value (years, not months).")
+    for column in ("sex", "study"):
+        empty = table["participant_id"][table[column].isna()].tolist()
+        if empty:
+            raise InputError(f"{table_path}: column {column!r} is empty for "
+                             f"{', '.join(empty)}.")
+
+
+def _validate_against_schema(table: pd.DataFrame, table_path: Path) -> None:
+    """Check every row against workflow/schemas/participants.schema.yaml."""
+    import jsonschema
+    import yaml
+
+    from brainage.config import PARTICIPANTS_SCHEMA
+
+    schema = yaml.safe_load(PARTICIPANTS_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+    for row_number, row in enumerate(rows, start=2):
+        row["age"] = float(row["age"])
+        for error in validator.iter_errors(row):
+            column = ".".join(map(str, error.absolute_path)) or "(row)"
+            raise InputError(f"{table_path} line {row_number} ({row.get('participant_id')}), "
+                             f"column {column!r}: {error.message}")
+
+
+def subject_inputs(root: str | Path, label: str) -> dict[str, str]:
+    """Input files of one subject from the dataset folder (not from participants.tsv).
+
+    Returns ``{"stiffness": path}`` plus ``"anat": path`` when the subject has a T1w.
+    """
+    check_label(label, where=f"dataset {root}")
+    stiffness = stiffness_path(root, label)
+    if not stiffness.is_file():
+        raise InputError(f"subject sub-{label}: stiffness map {stiffness} is missing.")
+    inputs = {"stiffness": str(stiffness)}
+    anat = anatomical_path(root, label)
+    if anat.is_file():
+        inputs["anat"] = str(anat)
+    return inputs
+
+
+def load_nifti_checked(path: str | Path, *, what: str = "image"):
+    """Load a 3D NIfTI image, checking it is readable, 3D and not all zeros.
+
+    Returns the nibabel image (data not cached). Raises :class:`InputError` naming the
+    file for a non-NIfTI or corrupt file, a 4D image, or an image with no non-zero voxel.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types for broken files
+        raise InputError(f"{what} {path} is not a readable NIfTI file ({error}). Re-export it "
+                         f"as .nii.gz.") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{what} {path} has shape {data.shape}; a 3D volume is expected. "
+                         f"Split 4D series and keep the stiffness map only.")
+    finite = np.isfinite(data)
+    if not np.any(finite & (data != 0)):
+        raise InputError(f"{what} {path} contains no non-zero finite voxel.")
+    return image
+
+
+@contextmanager
+def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
+
+    A crash leaves no half-written ``final``; the temporary file is removed.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or
+                                         "".join(final.suffixes), dir=final.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        yield temp
+        os.replace(temp, final)
+    finally:
+        if temp.exists():
+            temp.unlink()
+
+
+def write_json(path: str | Path, payload) -> None:
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+
+
+def write_tsv(path: str | Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as temp:
+        table.to_csv(temp, sep="\t", index=False)
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def check_dataset_images(root: str | Path, labels: list[str], *,
+                         cache_file: str | Path | None = None) -> None:
+    """Open every subject's stiffness map (and T1w) once and check it before any work.
+
+    A file already checked with the same size and modification time is skipped, using
+    ``cache_file`` (JSON), so a dataset of thousands is read in full only once.
+
+    Raises
+    ------
+    InputError
+        For the first file that is not NIfTI, is corrupt, 4D, or all zeros, naming the
+        subject and the file.
+    """
+    cache: dict[str, list] = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        try:
+            cache = json.loads(Path(cache_file).read_text())
+        except ValueError:
+            cache = {}
+    changed = False
+    for label in labels:
+        files = subject_inputs(root, label)
+        for kind, path in files.items():
+            stat = Path(path).stat()
+            key = str(Path(path).resolve())
+            if cache.get(key) == [stat.st_size, stat.st_mtime_ns]:
+                continue
+            what = f"subject sub-{label}: {'stiffness map' if kind == 'stiffness' else 'T1w image'}"
+            load_nifti_checked(path, what=what)
+            cache[key] = [stat.st_size, stat.st_mtime_ns]
+            changed = True
+    if cache_file is not None and changed:
+        write_json(cache_file, cache)

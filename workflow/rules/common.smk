@@ -1,0 +1,100 @@
+# Shared by every rule file: validated config, the path helper, the subject list,
+# the splits and the grid. All targets are chosen in all_targets(), nothing else.
+
+import sys
+from pathlib import Path
+
+# The package is pip-installed (editable) by the README's commands; this keeps a plain
+# checkout working too, e.g. on a cluster node that only has the conda envs.
+sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
+
+from brainage.config import validate_config, cell_settings, grid_cells, ConfigError
+from brainage.io import read_participants, subject_inputs, check_dataset_images, InputError
+from brainage.paths import Layout
+
+try:
+    _validated = validate_config(config, source="config")
+except ConfigError as error:
+    raise WorkflowError(f"invalid configuration:\n{error}") from None
+config.clear()
+config.update(_validated)
+
+LAYOUT = Layout.from_config(config)
+DATASET_ROOT = config["dataset"]["root"]
+SIMULATED = config["dataset"]["simulate"]["enabled"]
+PREPROC_GROUP = "preprocess_{subject}"
+
+wildcard_constraints:
+    subject="[A-Za-z0-9]+",
+    seed="[0-9]+",
+    split="[A-Za-z0-9]+",
+    experiment="[A-Za-z0-9_]+",
+    variant="[A-Za-z0-9._-]+",
+
+
+_IMAGES_CHECKED = []
+
+
+def participants():
+    """The validated participants table; after the simulation when the demo simulates.
+
+    The first call also opens every subject's images (cached by size and mtime in
+    .snakemake/), so a corrupt file stops the run before any job starts.
+    """
+    if SIMULATED:
+        checkpoints.simulate_cohort.get()
+    try:
+        table = read_participants(DATASET_ROOT)
+        if not _IMAGES_CHECKED:
+            check_dataset_images(
+                DATASET_ROOT, [pid[len("sub-"):] for pid in table["participant_id"]],
+                cache_file=Path(".snakemake", "brainage_checked_inputs.json"))
+            _IMAGES_CHECKED.append(True)
+        return table
+    except InputError as error:
+        raise WorkflowError(str(error)) from None
+
+
+def subjects():
+    """Subject labels (without 'sub-'), in participants.tsv order."""
+    return [pid[len("sub-"):] for pid in participants()["participant_id"]]
+
+
+def raw_inputs(wildcards):
+    """Input files of one subject: {'stiffness': path, 'anat': path (only if present)}.
+
+    Derived from the dataset folder, never from participants.tsv, so editing the table
+    (adding a study) does not rerun the subjects already preprocessed.
+    """
+    if SIMULATED:
+        checkpoints.simulate_cohort.get()
+    try:
+        return subject_inputs(DATASET_ROOT, wildcards.subject)
+    except InputError as error:
+        raise WorkflowError(str(error)) from None
+
+
+def split_names():
+    from brainage.normalise import split_names as names_for_scheme
+    return names_for_scheme(participants(), **config["split"])
+
+
+def cell_params(wildcards):
+    return cell_settings(config, wildcards.experiment, wildcards.variant, int(wildcards.seed))
+
+
+def grid_targets(name="metrics.json"):
+    return [LAYOUT.cell_file(split, experiment, variant, seed, name)
+            for split in split_names()
+            for experiment, variant, seed in grid_cells(config)]
+
+
+def all_targets(wildcards):
+    targets = []
+    if "make_tables" in rules.__dict__:
+        targets.append(LAYOUT.table("table3_losses", ".csv"))
+    if "make_figures" in rules.__dict__:
+        targets.append(LAYOUT.result("figures", "figures.done"))
+    if not targets:
+        targets = grid_targets() or [LAYOUT.split_file(s, "images.npy") for s in split_names()]
+    return targets
