@@ -1,0 +1,64 @@
+"""The conda environments for cluster users agree with the package's own requirements."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parents[1]
+ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
+#: The workflow engine runs the jobs; it is not installed inside the job environments.
+DRIVER_ONLY = {"snakemake", "snakemake-executor-plugin-slurm"}
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _package_requirements() -> dict[str, Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    return {_normalise(Requirement(r).name): Requirement(r) for r in project["dependencies"]}
+
+
+def _env_pins(path: Path) -> dict[str, Version]:
+    env = yaml.safe_load(path.read_text())
+    pins = {}
+    for entry in env["dependencies"]:
+        if isinstance(entry, dict):
+            for line in entry.get("pip", []):
+                if line.startswith("-e"):
+                    continue
+                requirement = Requirement(line)
+                (spec,) = requirement.specifier
+                assert spec.operator == "==", f"{path.name}: {line} is not pinned with =="
+                pins[_normalise(requirement.name)] = Version(spec.version)
+    return pins
+
+
+@pytest.mark.parametrize("path", ENV_FILES, ids=lambda p: p.name)
+def test_env_parses_and_pins_satisfy_the_package(path):
+    env = yaml.safe_load(path.read_text())
+    assert env["name"].startswith("brainage-")
+    assert any(str(d).startswith("python=") for d in env["dependencies"])
+    requirements = _package_requirements()
+    pins = _env_pins(path)
+    assert pins, f"{path.name} pins nothing"
+    for name, version in pins.items():
+        if name in requirements:
+            assert version in requirements[name].specifier, (
+                f"{path.name}: {name}=={version} violates pyproject's {requirements[name]}")
+
+
+def test_every_requirement_is_in_some_env():
+    covered = set().union(*(_env_pins(p) for p in ENV_FILES))
+    missing = set(_package_requirements()) - covered - DRIVER_ONLY
+    assert missing == set()
+
+
+def test_envs_install_the_package_itself():
+    for path in ENV_FILES:
+        assert "-e ../" in path.read_text(), f"{path.name} does not install brainage"
