@@ -49,3 +49,38 @@ def default_rows(n: int = 4) -> list[dict]:
 @pytest.fixture
 def tiny_dataset(tmp_path):
     return write_tiny_dataset(tmp_path / "dataset", default_rows())
+
+
+# ---- preprocessing (issue 3): simulated subjects with known pose, the template ---------
+# ITK reads its thread count once per process, at the first ANTs call: one thread for the
+# whole session makes registrations bit-identical between runs and keeps to one core.
+import os  # noqa: E402
+
+os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def simulated_cohort(tmp_path_factory):
+    """10 simulated subjects (2 per study, T1w included, no NaN voxels) and their truth.
+
+    Returns ``(root, truth)``: the BIDS-like dataset folder and the ground-truth table
+    (pose ``native_to_mni_affine``, ``coverage_fraction``, ...; see brainage.simulate).
+    """
+    from brainage.simulate import simulate_cohort
+
+    root = tmp_path_factory.mktemp("simulated") / "dataset"
+    truth = simulate_cohort(root, n_subjects=10, seed=0, nan_probability=0.0)
+    return root, truth
+
+
+@pytest.fixture(scope="session")
+def template_files(tmp_path_factory):
+    """The MNI152 2 mm template written by prepare_template: {"t1": path, "mask": path}."""
+    from brainage.preprocess import prepare_template
+
+    folder = tmp_path_factory.mktemp("template")
+    files = {"t1": str(folder / "tpl-MNI152_res-2_T1w.nii.gz"),
+             "mask": str(folder / "tpl-MNI152_res-2_desc-brain_mask.nii.gz")}
+    prepare_template(files["t1"], files["mask"])
+    return files
+# ---- end preprocessing block --------------------------------------------------------------

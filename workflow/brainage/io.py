@@ -201,6 +201,10 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     temp = Path(temp_name)
     try:
         yield temp
+        # mkstemp creates files private (0600); results are shared on a cluster.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)
         os.replace(temp, final)
     finally:
         if temp.exists():

@@ -66,6 +66,9 @@ class Layout:
     def qc_table(self) -> str:
         return self.result("qc", "qc.tsv")
 
+    def qc_figure(self) -> str:
+        return self.result("qc", "qc_overview.png")
+
     def split_dir(self, split: str) -> str:
         return self.result("dataset", split)
 
@@ -109,4 +112,13 @@ class Layout:
         training cohort's, via the same methods), its logs and benchmarks to
         ``logs/predict/<cohort>/...`` and ``benchmarks/predict/<cohort>/...``."""
         return Layout(self.result("predict", cohort), str(Path(self.logs, "predict", cohort)),
-                      str(Path(self.benchmarks, "predict", cohort)))
+                      str(Path(self.benchmarks, "predict", cohort)), self.resources)
+
+    # -- train: hyperparameter search (brainage.search) ---------------------------------------
+    def search_dir(self, split: str) -> str:
+        """Random search of one split: ``results/search/<split>/`` (trial-<NN>/ folders)."""
+        return self.result("search", split)
+
+    def search_file(self, split: str, name: str) -> str:
+        """name: ``trials.tsv`` (one row per trial) or ``best.json`` (the chosen setting)."""
+        return str(Path(self.search_dir(split), name))

@@ -1,0 +1,162 @@
+"""The FreeSurfer skull-stripping route, without FreeSurfer.
+
+FreeSurfer cannot be installed here, so these tests check the route through the nipype
+interfaces' exact command lines and through TEST DOUBLES of the programs
+(tests/doubles/mri_*_double.py, put on PATH under the real names, with FREESURFER_HOME
+pointing at an empty folder). The doubles threshold the image; they say nothing about
+FreeSurfer's accuracy, only that the pipeline calls it correctly and uses its output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import stat
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainage.preprocess import PreprocessError, resolve_method, strip_skull
+from brainage.preprocess.interfaces import SynthStrip, WatershedSkullStrip
+
+DOUBLES = Path(__file__).resolve().parent / "doubles"
+
+
+@pytest.fixture
+def freesurfer_double(tmp_path, monkeypatch):
+    """FreeSurfer's programs on PATH as test doubles; returns the file logging their calls."""
+    bin_dir = tmp_path / "fake_freesurfer_bin"
+    bin_dir.mkdir()
+    for program in ("mri_synthstrip", "mri_watershed"):
+        wrapper = bin_dir / program
+        wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" '
+                           f'"{DOUBLES / (program + "_double.py")}" "$@"\n')
+        wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
+    home = tmp_path / "freesurfer_home"
+    home.mkdir()
+    calls = tmp_path / "calls.log"
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    monkeypatch.setenv("FREESURFER_HOME", str(home))
+    monkeypatch.setenv("DOUBLE_CALLS_LOG", str(calls))
+    return calls
+
+
+@pytest.fixture
+def no_freesurfer(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.delenv("FREESURFER_HOME", raising=False)
+
+
+@pytest.fixture
+def head(tmp_path):
+    """A synthetic head: T1w on a 2 mm grid (bright brain ball, dimmer skull shell) and a
+    stiffness map on a 3 mm grid of the same space, covering the brain's lower 80 %."""
+    t1_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    t1_affine[:3, 3] = -40
+    centre = np.array([0.0, 0.0, 0.0])
+    grid = np.indices((41, 41, 41)).reshape(3, -1)
+    radius = np.linalg.norm(t1_affine[:3, :3] @ grid + t1_affine[:3, 3:] - centre[:, None],
+                            axis=0).reshape(41, 41, 41)
+    t1 = np.where(radius < 24, 1000.0, np.where(radius < 32, 300.0, 0.0)).astype(np.float32)
+    stiffness_affine = np.diag([3.0, 3.0, 3.0, 1.0])
+    stiffness_affine[:3, 3] = -39
+    sgrid = np.indices((27, 27, 27)).reshape(3, -1)
+    points = stiffness_affine[:3, :3] @ sgrid + stiffness_affine[:3, 3:]
+    brain_on_map_grid = (np.linalg.norm(points, axis=0) < 24).reshape(27, 27, 27)
+    in_slab = (points[2] < 14).reshape(27, 27, 27)
+    stiffness = np.where(brain_on_map_grid & in_slab, 2.8, 0.0).astype(np.float32)
+    paths = {"anat": tmp_path / "sub-a_T1w.nii.gz", "stiffness": tmp_path / "sub-a_stiffness.nii.gz"}
+    nib.save(nib.Nifti1Image(t1, t1_affine), paths["anat"])
+    nib.save(nib.Nifti1Image(stiffness, stiffness_affine), paths["stiffness"])
+    paths["expected_mask"] = brain_on_map_grid
+    return paths
+
+
+def _outputs(tmp_path):
+    return [tmp_path / "mask.nii.gz", tmp_path / "reference.nii.gz", tmp_path / "info.json"]
+
+
+def test_synthstrip_interface_command_line(tmp_path):
+    image = tmp_path / "T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
+    strip = SynthStrip(in_file=str(image), mask_file="/out/mask.nii.gz", num_threads=1)
+    assert strip.cmdline == f"mri_synthstrip -i {image} -m /out/mask.nii.gz -t 1"
+    strip = SynthStrip(in_file=str(image), mask_file="/out/m.nii.gz", out_file="/out/b.nii.gz",
+                       num_threads=2, border_mm=1, no_csf=True)
+    assert strip.cmdline == (f"mri_synthstrip -i {image} -m /out/m.nii.gz -o /out/b.nii.gz "
+                             f"-b 1 --no-csf -t 2")
+    watershed = WatershedSkullStrip(in_file=str(image), out_file="/out/brain.nii.gz")
+    assert watershed.cmdline == f"mri_watershed {image} /out/brain.nii.gz"
+
+
+def test_auto_picks_freesurfer_only_when_installed(freesurfer_double, monkeypatch):
+    assert resolve_method("auto", "synthstrip") == "freesurfer"
+    assert resolve_method("auto", "watershed") == "freesurfer"
+    monkeypatch.delenv("FREESURFER_HOME")
+    assert resolve_method("auto", "synthstrip") == "deepbet"
+
+
+def test_auto_falls_back_to_deepbet_and_freesurfer_request_fails(no_freesurfer):
+    assert resolve_method("auto") == "deepbet"
+    assert resolve_method("none") == "none"
+    with pytest.raises(PreprocessError, match=r"preprocess\.skullstrip is 'freesurfer' but "
+                                              r"FreeSurfer's mri_synthstrip is not usable .*"
+                                              r"FREESURFER_HOME: unset"):
+        resolve_method("freesurfer", "synthstrip")
+    with pytest.raises(ValueError, match="preprocess.freesurfer_tool"):
+        resolve_method("auto", "bet")
+
+
+def test_synthstrip_route_runs_the_program_and_carries_the_mask(freesurfer_double, head,
+                                                              tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        info = strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
+                           method="auto", freesurfer_tool="synthstrip", threads=1, subject="a")
+    assert info["route"] == "mri_synthstrip" and info["reference_kind"] == "T1w_brain"
+    assert "with mri_synthstrip (preprocess.skullstrip auto)" in caplog.text
+    calls = [json.loads(line) for line in freesurfer_double.read_text().splitlines()]
+    assert len(calls) == 1
+    program, *arguments = calls[0]
+    assert program == "mri_synthstrip"
+    assert arguments[:2] == ["-i", str(head["anat"].resolve())]
+    assert arguments[2] == "-m" and arguments[3].endswith("/mask.nii.gz")
+    assert arguments[4:] == ["-t", "1"]
+    mask_image = nib.load(tmp_path / "mask.nii.gz")
+    assert mask_image.shape == (27, 27, 27)  # on the stiffness grid, not the T1w's
+    mask = np.asarray(mask_image.dataobj) > 0
+    expected = head["expected_mask"]
+    assert 2 * (mask & expected).sum() / (mask.sum() + expected.sum()) > 0.95
+    reference = nib.load(tmp_path / "reference.nii.gz").get_fdata()
+    assert reference.max() == 1000.0 and not np.any(reference == 300.0)  # skull removed
+
+
+def test_watershed_route(freesurfer_double, head, tmp_path):
+    info = strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
+                       method="freesurfer", freesurfer_tool="watershed", subject="a")
+    assert info["route"] == "mri_watershed"
+    program, *arguments = json.loads(freesurfer_double.read_text().splitlines()[0])
+    assert program == "mri_watershed"
+    assert arguments[0] == str(head["anat"].resolve()) and arguments[1].endswith("brain.nii.gz")
+    mask = np.asarray(nib.load(tmp_path / "mask.nii.gz").dataobj) > 0
+    expected = head["expected_mask"]
+    assert 2 * (mask & expected).sum() / (mask.sum() + expected.sum()) > 0.95
+
+
+def test_empty_freesurfer_mask_names_subject_and_file(freesurfer_double, head, tmp_path,
+                                                     monkeypatch):
+    monkeypatch.setenv("DOUBLE_THRESHOLD", "2.0")  # the double finds no brain
+    with pytest.raises(PreprocessError, match=r"sub-a: skull stripping \(mri_synthstrip\) of "
+                                              r".*sub-a_T1w\.nii\.gz returned an empty brain "
+                                              r"mask"):
+        strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
+                    method="freesurfer", subject="a")
+    assert not (tmp_path / "mask.nii.gz").exists()
+
+
+def test_freesurfer_requested_but_missing_stops_before_work(no_freesurfer, head, tmp_path):
+    with pytest.raises(PreprocessError, match=r"Source FreeSurfer's SetUpFreeSurfer\.sh"):
+        strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
+                    method="freesurfer", subject="a")

@@ -1,0 +1,124 @@
+"""Incremental reruns, the main way labs use the pipeline, proven with Snakemake job lists.
+
+A real run preprocesses 6 simulated subjects (3 studies, stiffness maps only, skull
+stripping "none") and normalises them. Then dry runs must list:
+- nothing, when nothing changed;
+- after changing preprocess.n4: bias correction and what follows, not skull stripping;
+- after changing a QC threshold: the QC table and the normalisation only;
+- after adding a study (rows + files): the new subjects' preprocessing and the
+  dataset-wide rules, no job of the subjects already done.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PER_SUBJECT_RULES = {"strip_skull", "correct_bias", "register_to_template", "compute_qc"}
+DATASET_RULES = {("tabulate_qc", ""), ("normalise_dataset", "split=holdout")}
+TARGET = "results/dataset/holdout/images.npy"
+
+pytestmark = pytest.mark.slow
+
+
+def snakemake(workdir: Path, config: Path, *arguments: str) -> str:
+    command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
+               str(workdir), "--configfile", str(config), "--cores", "2", *arguments, TARGET]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode:
+        raise AssertionError(f"snakemake {' '.join(arguments)} failed:\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result.stdout + result.stderr
+
+
+def planned_jobs(workdir: Path, config: Path) -> set[tuple[str, str]]:
+    """(rule, wildcards) of every job a dry run would run."""
+    output = snakemake(workdir, config, "--dry-run")
+    jobs = set()
+    for block in re.split(r"\n\s*rule ", output)[1:]:
+        rule = block.split(":", 1)[0].strip()
+        wildcards = re.search(r"^\s*wildcards: (.*)$", block, re.M)
+        jobs.add((rule, wildcards.group(1).strip() if wildcards else ""))
+    return jobs
+
+
+def subject_jobs(labels) -> set[tuple[str, str]]:
+    return {(rule, f"subject={label}") for rule in PER_SUBJECT_RULES for label in labels}
+
+
+def write_config(path: Path, dataset: Path, **changes) -> Path:
+    config = {"dataset": {"root": str(dataset), "simulate": {"enabled": False}},
+              "preprocess": {"skullstrip": "none", "n4": True},
+              "normalise": {"resolution_mm": 8},
+              "split": {"scheme": "holdout", "test_fraction": 0.3}}
+    for section, values in changes.items():
+        config.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def preprocessed(tmp_path_factory):
+    """Six subjects (studies 2, 4, 5) preprocessed and normalised for real; the two
+    subjects of study 1 kept aside as the "new study"."""
+    from brainage.simulate import simulate_cohort
+
+    base = tmp_path_factory.mktemp("incremental")
+    full = base / "full"
+    simulate_cohort(full, n_subjects=10, seed=1, with_anatomy=False, nan_probability=0.0)
+    participants = pd.read_csv(full / "participants.tsv", sep="\t", dtype=str)
+    first = participants[participants["study"].isin(["study2", "study4", "study5"])]
+    new = participants[participants["study"] == "study1"]
+    dataset = base / "dataset"
+    dataset.mkdir()
+    for participant_id in first["participant_id"]:
+        shutil.copytree(full / participant_id, dataset / participant_id)
+    first.to_csv(dataset / "participants.tsv", sep="\t", index=False)
+    workdir = base / "work"
+    config = write_config(base / "config.yaml", dataset)
+    snakemake(workdir, config)
+    assert (workdir / TARGET).is_file()
+    return {"base": base, "full": full, "dataset": dataset, "workdir": workdir,
+            "config": config, "first": first, "new": new}
+
+
+def labels(table: pd.DataFrame) -> list[str]:
+    return [pid[len("sub-"):] for pid in table["participant_id"]]
+
+
+def test_nothing_to_do_after_a_run(preprocessed):
+    assert planned_jobs(preprocessed["workdir"], preprocessed["config"]) == set()
+
+
+def test_changing_n4_reruns_bias_correction_and_after_only(preprocessed):
+    config = write_config(preprocessed["base"] / "no_n4.yaml", preprocessed["dataset"],
+                          preprocess={"n4": False})
+    jobs = planned_jobs(preprocessed["workdir"], config)
+    expected = {(rule, f"subject={label}") for label in labels(preprocessed["first"])
+                for rule in ("correct_bias", "register_to_template", "compute_qc")}
+    assert jobs == expected | DATASET_RULES
+    assert not any(rule in ("strip_skull", "prepare_template") for rule, _ in jobs)
+
+
+def test_changing_a_qc_threshold_reruns_the_dataset_stage_only(preprocessed):
+    config = write_config(preprocessed["base"] / "qc.yaml", preprocessed["dataset"],
+                          qc={"min_dice": 0.5})
+    assert planned_jobs(preprocessed["workdir"], config) == DATASET_RULES
+
+
+def test_adding_a_study_reruns_only_its_subjects(preprocessed):
+    dataset, new = preprocessed["dataset"], preprocessed["new"]
+    for participant_id in new["participant_id"]:
+        shutil.copytree(preprocessed["full"] / participant_id, dataset / participant_id)
+    pd.concat([preprocessed["first"], new]).to_csv(dataset / "participants.tsv", sep="\t",
+                                                   index=False)
+    jobs = planned_jobs(preprocessed["workdir"], preprocessed["config"])
+    assert jobs == subject_jobs(labels(new)) | DATASET_RULES

@@ -1,0 +1,252 @@
+"""Splits and the dataset-wide z-normalisation, checked against plain numpy on small arrays."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage.io import InputError
+from brainage.normalise import (analysis_grid, assign_split, block_average, combine_moments,
+                                crop_or_pad, normalise_dataset, split_names, volume_moments)
+
+SPLIT = {"scheme": "holdout", "test_fraction": 0.25, "n_folds": 4, "seed": 7}
+
+
+def participants_of(studies: dict[str, int]) -> pd.DataFrame:
+    rows = []
+    for study, count in studies.items():
+        for index in range(count):
+            rows.append({"participant_id": f"sub-{study.replace(' ', '')}{index:02d}",
+                         "age": 20.0 + index, "sex": "F" if index % 2 else "M",
+                         "study": study})
+    return pd.DataFrame(rows)
+
+
+# -- splits -------------------------------------------------------------------------------------
+
+def test_split_names_per_scheme():
+    table = participants_of({"study 1": 3, "st-2": 3, "B": 2})
+    assert split_names(table, "holdout") == ["holdout"]
+    assert split_names(table, "kfold", n_folds=3) == ["fold1", "fold2", "fold3"]
+    assert split_names(table, "loso", unknown_key="ignored") == ["losoB", "losost2", "losostudy1"]
+
+
+def test_loso_names_must_stay_distinct():
+    table = participants_of({"a-b": 2, "ab": 2})
+    with pytest.raises(InputError, match="same split name"):
+        split_names(table, "loso")
+    with pytest.raises(InputError, match="n_folds=5 but only 4 subjects"):
+        split_names(table, "kfold", n_folds=5)
+
+
+def test_holdout_is_stratified_seeded_and_order_free():
+    table = participants_of({"s1": 40, "s2": 20, "s3": 8, "s4": 2})
+    subset = assign_split(table, "holdout", **SPLIT)
+    assert (subset == "test").sum() == round(0.25 * len(table))
+    per_study = (subset == "test").groupby(table["study"]).sum()
+    assert per_study["s1"] == 10 and per_study["s2"] == 5 and per_study["s3"] == 2
+    assert assign_split(table, "holdout", **SPLIT).equals(subset)
+    shuffled = table.sample(frac=1.0, random_state=3)
+    again = assign_split(shuffled, "holdout", **SPLIT)
+    assert again.loc[table.index].equals(subset)  # same subjects, whatever the row order
+    other = assign_split(table, "holdout", **{**SPLIT, "seed": 8})
+    assert not other.equals(subset)
+
+
+def test_holdout_refuses_an_empty_side():
+    table = participants_of({"s1": 2})
+    with pytest.raises(InputError, match=r"split\.test_fraction=0\.1 of 2 subjects leaves the "
+                                         r"test set empty"):
+        assign_split(table, "holdout", scheme="holdout", test_fraction=0.1)
+
+
+def test_kfold_tests_every_subject_once_and_loso_one_study():
+    table = participants_of({"s1": 9, "s2": 6, "s3": 3})
+    settings = {**SPLIT, "scheme": "kfold", "n_folds": 3}
+    folds = [assign_split(table, name, **settings) for name in split_names(table, **settings)]
+    tested = sum((fold == "test").astype(int) for fold in folds)
+    assert (tested == 1).all()
+    for fold in folds:
+        assert ((fold == "test").groupby(table["study"]).sum() == [3, 2, 1]).all()
+    loso = assign_split(table, "losos2", scheme="loso")
+    assert (loso == "test").equals(table["study"] == "s2")
+    with pytest.raises(ValueError, match="not a split of scheme 'loso'"):
+        assign_split(table, "holdout", scheme="loso")
+
+
+# -- grid, blocks, moments ----------------------------------------------------------------------
+
+def test_block_average_over_brain_voxels_with_half_rule():
+    volume = np.zeros((4, 2, 2), dtype=np.float32)
+    volume[:2, :, :] = [[[1, 2], [3, 0]], [[5, 0], [0, 0]]]  # 4 of 8 non-zero: kept
+    volume[2:, :, :] = [[[9, 0], [0, 0]], [[0, 0], [0, 1]]]  # 2 of 8: background
+    result = block_average(volume, 2)
+    assert result.shape == (2, 1, 1)
+    assert result[0, 0, 0] == pytest.approx((1 + 2 + 3 + 5) / 4)
+    assert result[1, 0, 0] == 0.0
+    assert np.array_equal(block_average(volume, 1), volume)
+
+
+def test_analysis_grid_crops_background_and_pads_brain():
+    brain = np.zeros((9, 10, 7), dtype=bool)
+    brain[2:7, 3:7, 0:7] = True  # touches both z faces
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    start, stop, shape, blocked = analysis_grid(brain, affine, factor=2)
+    assert start.tolist() == [0, 0, 0] and stop.tolist() == [8, 10, 8]  # x cropped, z padded
+    assert shape == (4, 5, 4)
+    start, stop, shape, blocked = analysis_grid(brain, affine, factor=3)
+    assert start.tolist() == [0, 0, -1] and stop.tolist() == [9, 9, 8]  # y cropped at the end
+    assert shape == (3, 3, 3)
+    # Block (0, 0, 0) covers template voxels 0..2 (x), 0..2 (y), -1..1 (z): its centre.
+    assert np.allclose(blocked @ [0, 0, 0, 1], [2.0, 2.0, 0.0, 1.0])
+    volume = np.arange(1, 9 * 10 * 7 + 1).reshape(9, 10, 7)
+    window = crop_or_pad(volume, start, stop)
+    assert window.shape == (9, 9, 9)
+    assert window[0, 0, 0] == 0 and window[0, 0, 8] == 0  # padding below and above
+    assert np.array_equal(window[:, :, 1:8], volume[:, :9, :])
+
+
+def test_chan_combination_equals_numpy():
+    rng = np.random.default_rng(1)
+    parts = [rng.normal(3, 1, size) * (rng.uniform(size=size) > 0.3) for size in (50, 7, 300)]
+    moments = (0, 0.0, 0.0)
+    for part in parts:
+        moments = combine_moments(moments, volume_moments(part))
+    everything = np.concatenate([p[p != 0] for p in parts])
+    count, mean, m2 = moments
+    assert count == everything.size
+    assert mean == pytest.approx(everything.mean(), rel=1e-12)
+    assert np.sqrt(m2 / count) == pytest.approx(everything.std(), rel=1e-12)
+
+
+# -- normalise_dataset -----------------------------------------------------------------------------
+
+@pytest.fixture
+def small_dataset(tmp_path):
+    """12 subjects in 3 studies, 'registered maps' on a 6x8x6 template grid with a 4x6x4
+    brain; QC table with subject 3 failing."""
+    table = participants_of({"s1": 4, "s2": 4, "s3": 4})
+    table["site"] = "x"  # an extra column, carried through
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-6, -8, -6]
+    brain = np.zeros((6, 8, 6), dtype=bool)
+    brain[1:5, 1:7, 1:5] = True
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), tmp_path / "mask.nii.gz")
+    rng = np.random.default_rng(0)
+    maps, arrays = [], {}
+    for row, participant_id in enumerate(table["participant_id"]):
+        data = np.where(brain, rng.normal(2.5 + 0.1 * row, 0.3, brain.shape), 0)
+        data[1, 1, 1:5] = 0  # a slab edge: brain voxels without data stay background
+        data = data.astype(np.float32)
+        path = tmp_path / f"{participant_id}_space-MNI152_res-2_desc-preproc_stiffness.nii.gz"
+        nib.save(nib.Nifti1Image(data, affine), path)
+        maps.append(str(path))
+        arrays[participant_id] = data
+    qc = pd.DataFrame({"participant_id": table["participant_id"], "study": table["study"],
+                       "dice": 0.95, "correlation": 0.6, "coverage": 0.9, "qc_pass": True,
+                       "qc_failures": ""})
+    qc.loc[3, ["dice", "qc_pass", "qc_failures"]] = [0.5, False, "dice 0.500 < 0.85"]
+    qc.to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
+    return {"table": table, "maps": maps, "arrays": arrays, "qc": tmp_path / "qc.tsv",
+            "mask": tmp_path / "mask.nii.gz", "out": tmp_path / "out"}
+
+
+def _run(data, **options):
+    out = data["out"]
+    stats = normalise_dataset(data["maps"], data["table"], data["qc"], data["mask"],
+                              out / "images.npy", out / "participants.tsv", out / "stats.json",
+                              split="holdout", split_settings=SPLIT, **options)
+    return stats, np.load(out / "images.npy", mmap_mode="r"), pd.read_csv(
+        out / "participants.tsv", sep="\t")
+
+
+def test_normalisation_equals_numpy_with_training_statistics(small_dataset):
+    stats, images, table = _run(small_dataset)
+    subset = assign_split(small_dataset["table"], "holdout", **SPLIT)
+    train = [pid for pid, s in zip(small_dataset["table"]["participant_id"], subset)
+             if s == "train"]
+    values = np.concatenate([small_dataset["arrays"][p][small_dataset["arrays"][p] != 0]
+                             for p in train]).astype(np.float64)
+    assert stats["mean"] == pytest.approx(values.mean(), rel=1e-10)
+    assert stats["sd"] == pytest.approx(values.std(), rel=1e-10)
+    assert stats["n_voxels"] == values.size and stats["statistics_subjects"] == train
+    assert images.shape == (12, 6, 8, 6) and images.dtype == np.float32
+    for row, participant_id in enumerate(table["participant_id"]):
+        raw = small_dataset["arrays"][participant_id]
+        expected = np.where(raw != 0, (raw - values.mean()) / values.std(), 0)
+        assert np.allclose(images[row], expected, atol=1e-5)
+        assert np.all(images[row][raw == 0] == 0)  # background exactly 0
+    assert list(table.columns) == ["participant_id", "age", "sex", "study", "site", "subset",
+                                   "coverage", "qc_pass"]
+    assert table["subset"].tolist() == subset.tolist()
+    assert stats["shape"] == [6, 8, 6] and stats["resolution_mm"] == 2
+    assert np.allclose(stats["affine"], nib.load(small_dataset["mask"]).affine)
+    assert json.loads((small_dataset["out"] / "stats.json").read_text())["split"] == "holdout"
+    assert sorted(p.name for p in small_dataset["out"].iterdir()) == [
+        "images.npy", "participants.tsv", "stats.json"]  # no temporary files left
+
+
+def test_statistics_never_see_test_subjects(small_dataset):
+    stats, _, table = _run(small_dataset)
+    test_ids = table.loc[table["subset"] == "test", "participant_id"]
+    for path in small_dataset["maps"]:
+        if Path(path).name.split("_")[0] in set(test_ids):
+            image = nib.load(path)
+            nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32) * 50, image.affine), path)
+    changed, images, _ = _run(small_dataset)
+    assert (changed["mean"], changed["sd"]) == (stats["mean"], stats["sd"])
+    all_scope, _, _ = _run(small_dataset, scope="all")
+    assert all_scope["mean"] > 5 * stats["mean"] and all_scope["scope"] == "all"
+    assert len(all_scope["statistics_subjects"]) == 12
+
+
+def test_block_averaged_resolution_and_float16(small_dataset):
+    stats, images, _ = _run(small_dataset, resolution_mm=4, dtype="float16")
+    assert images.dtype == np.float16 and images.shape == (12, 3, 4, 3)
+    assert stats["resolution_mm"] == 4 and stats["dtype"] == "float16"
+    blocked = {p: block_average(a, 2) for p, a in small_dataset["arrays"].items()}
+    train = stats["statistics_subjects"]
+    values = np.concatenate([blocked[p][blocked[p] != 0] for p in train]).astype(np.float64)
+    assert stats["mean"] == pytest.approx(values.mean(), rel=1e-6)
+    first = small_dataset["table"]["participant_id"][0]
+    expected = np.where(blocked[first] != 0, (blocked[first] - values.mean()) / values.std(), 0)
+    assert np.allclose(images[0].astype(np.float32), expected, atol=2e-3)
+
+
+def test_qc_failures_are_listed_or_flagged_never_silent(small_dataset, caplog):
+    with caplog.at_level(logging.WARNING):
+        stats, images, table = _run(small_dataset)
+    assert stats["excluded"] == [] and len(table) == 12
+    assert table["qc_pass"].tolist().count(False) == 1
+    assert "1 subjects fail QC but are kept" in caplog.text and "sub-s103" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stats, images, table = _run(small_dataset, exclude_failed=True)
+    assert stats["excluded"] == [{"participant_id": "sub-s103",
+                                  "reason": "QC: dice 0.500 < 0.85"}]
+    assert "sub-s103" not in table["participant_id"].tolist() and images.shape[0] == 11
+    assert "excluding sub-s103" in caplog.text
+
+
+def test_bad_maps_are_named(small_dataset):
+    path = Path(small_dataset["maps"][2])
+    nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), path)
+    with pytest.raises(InputError, match=r"sub-s102: registered map .* is not on the template "
+                                         r"grid"):
+        _run(small_dataset)
+    small_dataset["maps"].pop(2)
+    with pytest.raises(InputError, match=r"no registered map given for sub-s102"):
+        _run(small_dataset)
+
+
+def test_missing_qc_row_is_an_error(small_dataset):
+    qc = pd.read_csv(small_dataset["qc"], sep="\t")
+    qc.iloc[1:].to_csv(small_dataset["qc"], sep="\t", index=False)
+    with pytest.raises(InputError, match=r"qc\.tsv has no row for sub-s100"):
+        _run(small_dataset)

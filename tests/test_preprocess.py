@@ -1,0 +1,397 @@
+"""Per-subject preprocessing on simulated subjects with a known pose and brain.
+
+The simulator (brainage.simulate) gives each subject's true native -> MNI affine, brain
+mask and slab coverage, so skull stripping (deepbet, for real), N4 and the ANTs affine are
+checked against the truth, not just for running.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brainage.io import InputError
+from brainage.paths import Layout
+from brainage.preprocess import (PreprocessError, RegistrationError, correct_bias,
+                                 n4_inside_mask, prepare_template, register_to_template,
+                                 strip_skull, template_to_native_matrix)
+from brainage.preprocess.register import check_transform
+from brainage.qc import compute_qc
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _subject_files(root: Path, participant_id: str) -> dict:
+    return {"stiffness": root / participant_id / "mre" / f"{participant_id}_stiffness.nii.gz",
+            "anat": root / participant_id / "anat" / f"{participant_id}_T1w.nii.gz",
+            "truth_mask": root / "derivatives" / "simulation" / participant_id
+            / f"{participant_id}_desc-truth_mask.nii.gz"}
+
+
+def run_pipeline(out: Path, template: dict, stiffness, *, anat=None, method="deepbet", n4=True,
+                 label="x", layout=None) -> dict:
+    """strip_skull -> correct_bias -> register_to_template -> compute_qc; returns paths."""
+    layout = layout or Layout(results=str(out))
+    paths = {
+        "mask": layout.subject_native(label, "brain", "mask"),
+        "reference": layout.subject_native(label, "brain", "reference"),
+        "info": layout.subject_native(label, "brain", "reference", ".json"),
+        "stiffness_corrected": layout.subject_native(label, "corrected", "stiffness"),
+        "reference_corrected": layout.subject_native(label, "corrected", "reference"),
+        "mni": layout.subject_mni(label, "preproc", "stiffness"),
+        "mni_mask": layout.subject_mni(label, "brain", "mask"),
+        "mni_reference": layout.subject_mni(label, "preproc", "reference"),
+        "transform": layout.subject_transform(label),
+        "qc_json": layout.subject_qc(label, ".json"),
+        "qc_png": layout.subject_qc(label, ".png"),
+    }
+    paths["strip"] = strip_skull(stiffness, paths["mask"], paths["reference"], paths["info"],
+                                 anat=anat, method=method, subject=label)
+    correct_bias(stiffness, paths["mask"], paths["reference"], paths["info"],
+                 paths["stiffness_corrected"], paths["reference_corrected"], n4=n4, subject=label)
+    paths["registration"] = register_to_template(
+        paths["stiffness_corrected"], paths["mask"], paths["reference_corrected"], paths["info"],
+        template["t1"], template["mask"], paths["mni"], paths["mni_mask"], paths["transform"],
+        paths["mni_reference"], subject=label)
+    paths["qc"] = compute_qc(paths["mni"], paths["mni_mask"], paths["mni_reference"],
+                             paths["info"], template["t1"], template["mask"], paths["qc_json"],
+                             paths["qc_png"], subject=label)
+    return paths
+
+
+def mean_displacement_mm(transform: str, truth_row, template_mask: str) -> float:
+    """Mean distance (mm) between where the estimated and the true transforms send each
+    template brain voxel in native space."""
+    image = nib.load(template_mask)
+    points = np.argwhere(np.asarray(image.dataobj) > 0).T
+    world = image.affine[:3, :3] @ points + image.affine[:3, 3:]
+    estimated = template_to_native_matrix(transform)
+    true = np.linalg.inv(np.array(json.loads(truth_row["native_to_mni_affine"])))
+    difference = (estimated[:3, :3] - true[:3, :3]) @ world + (estimated[:3, 3:] - true[:3, 3:])
+    return float(np.linalg.norm(difference, axis=0).mean())
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.count_nonzero(a & b) / (a.sum() + b.sum())
+
+
+# -- processed subjects, shared by the tests of this file --------------------------------------
+
+@pytest.fixture(scope="module")
+def chosen(simulated_cohort):
+    """A young subject with a short slab (no atrophy) and the oldest subject."""
+    root, truth = simulated_cohort
+    young = truth[truth["cortical_shrink_mm"] == 0].sort_values("coverage_fraction").iloc[0]
+    old = truth.sort_values("age").iloc[-1]
+    return root, young, old
+
+
+@pytest.fixture(scope="module")
+def processed(chosen, template_files, tmp_path_factory):
+    """The young and the old subject through the T1w route (deepbet); the young one also
+    without its T1w (stiffness-only route) and with skull stripping "none" (T1w head)."""
+    root, young, old = chosen
+    out = tmp_path_factory.mktemp("preprocessed")
+    results = {}
+    for key, row, with_anat, method in (("young", young, True, "deepbet"),
+                                        ("old", old, True, "deepbet"),
+                                        ("young_no_anat", young, False, "deepbet"),
+                                        ("young_none", young, True, "none")):
+        files = _subject_files(root, row["participant_id"])
+        results[key] = run_pipeline(out / key, template_files, files["stiffness"],
+                                    anat=files["anat"] if with_anat else None, method=method,
+                                    label=row["participant_id"][len("sub-"):])
+        results[key]["truth"] = row
+        results[key]["files"] = files
+    return results
+
+
+# -- template ----------------------------------------------------------------------------------
+
+def test_nilearn_template_is_mni152_2mm(template_files):
+    t1, mask = nib.load(template_files["t1"]), nib.load(template_files["mask"])
+    assert t1.shape == mask.shape == (99, 117, 95)
+    assert np.allclose(np.abs(np.diag(t1.affine)[:3]), 2.0)
+    values = np.unique(np.asarray(mask.dataobj))
+    assert set(values.tolist()) == {0, 1} and np.asarray(mask.dataobj).sum() > 200_000
+
+
+def test_user_template_file_is_used_and_checked(template_files, tmp_path):
+    # An FSL-like 91 x 109 x 91 grid cut out of the nilearn template.
+    t1, mask = nib.load(template_files["t1"]), nib.load(template_files["mask"])
+    window = (slice(4, 95), slice(4, 113), slice(2, 93))
+    affine = t1.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ np.array([4, 4, 2])
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[window], affine), tmp_path / "t1.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(mask.dataobj)[window], affine), tmp_path / "m.nii.gz")
+    info = prepare_template(tmp_path / "out_t1.nii.gz", tmp_path / "out_m.nii.gz", source="file",
+                            t1=tmp_path / "t1.nii.gz", mask=tmp_path / "m.nii.gz")
+    assert info["shape"] == [91, 109, 91]
+    assert np.allclose(nib.load(tmp_path / "out_t1.nii.gz").affine, affine)
+
+    one_mm = np.diag([1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), one_mm), tmp_path / "t1mm.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), one_mm), tmp_path / "m1mm.nii.gz")
+    with pytest.raises(InputError, match=r"template\.t1 .* voxels of \[1\.0, 1\.0, 1\.0\] mm"):
+        prepare_template(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", source="file",
+                         t1=tmp_path / "t1mm.nii.gz", mask=tmp_path / "m1mm.nii.gz")
+    with pytest.raises(InputError, match=r"template\.t1 and/or template\.mask is not set"):
+        prepare_template(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", source="file")
+
+
+# -- skull stripping ----------------------------------------------------------------------------
+
+def test_deepbet_mask_matches_the_true_brain(processed):
+    for key in ("young", "old"):
+        subject = processed[key]
+        mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+        truth = np.asarray(nib.load(subject["files"]["truth_mask"]).dataobj) > 0
+        assert mask.shape == truth.shape
+        assert dice(mask, truth) >= 0.9, key
+        info = json.loads(Path(subject["info"]).read_text())
+        assert info["route"] == "deepbet" and info["reference_kind"] == "T1w_brain"
+
+
+def test_without_anatomy_the_mask_is_the_map_support(processed, caplog):
+    subject = processed["young_no_anat"]
+    info = json.loads(Path(subject["info"]).read_text())
+    assert info["mask_source"] == "stiffness_support" and info["reference_kind"] == "stiffness"
+    stiffness = nib.load(subject["files"]["stiffness"]).get_fdata()
+    mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    support = np.isfinite(stiffness) & (stiffness != 0)
+    assert mask[support].all()  # holes filled, nothing of the map dropped
+
+
+def test_skullstrip_none_keeps_the_map_support_and_registers_the_head(processed):
+    subject = processed["young_none"]
+    info = json.loads(Path(subject["info"]).read_text())
+    assert (info["route"], info["reference_kind"]) == ("none", "T1w_head")
+    stiffness = nib.load(subject["files"]["stiffness"]).get_fdata()
+    mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    assert mask[stiffness > 0].all() and not mask[stiffness == 0].all()
+
+
+def test_no_anatomy_route_is_logged(simulated_cohort, tmp_path, caplog):
+    root, truth = simulated_cohort
+    files = _subject_files(root, truth["participant_id"].iloc[0])
+    with caplog.at_level(logging.INFO):
+        strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                    tmp_path / "i.json", method="deepbet", subject="a")
+    assert "no anatomical image; brain mask = the stiffness map's support" in caplog.text
+
+
+def test_corrupt_input_names_the_file(tmp_path):
+    broken = tmp_path / "sub-x_stiffness.nii.gz"
+    broken.write_bytes(gzip.compress(b"not a nifti file at all"))
+    with pytest.raises(InputError, match=r"stiffness map .*sub-x_stiffness\.nii\.gz is not a "
+                                         r"readable NIfTI"):
+        strip_skull(broken, tmp_path / "m.nii.gz", tmp_path / "r.nii.gz", tmp_path / "i.json",
+                    method="none", subject="x")
+
+
+def test_empty_skull_strip_mask_is_an_error(simulated_cohort, tmp_path, monkeypatch):
+    root, truth = simulated_cohort
+    files = _subject_files(root, truth["participant_id"].iloc[0])
+    from brainage.preprocess import skullstrip
+
+    def empty_mask(route, tool, in_file, work, threads):
+        image = nib.load(in_file)
+        path = work / "mask.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), path)
+        return path
+
+    monkeypatch.setattr(skullstrip, "_run_mask_interface", empty_mask)
+    with pytest.raises(PreprocessError, match=r"sub-a: skull stripping \(deepbet\) of .*"
+                                              r"sub-\w+_T1w\.nii\.gz returned an empty brain mask"):
+        strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                    tmp_path / "i.json", anat=files["anat"], method="deepbet", subject="a")
+
+
+# -- bias correction --------------------------------------------------------------------------
+
+def _phantom():
+    """Stiffness-like phantom on the 2 mm template grid: GM 2.6, WM 2.9, CSF 1.2 kPa."""
+    from nilearn import datasets
+
+    grey = datasets.load_mni152_gm_template(resolution=2).get_fdata()
+    white = datasets.load_mni152_wm_template(resolution=2).get_fdata()
+    brain_image = datasets.load_mni152_brain_mask(resolution=2)
+    brain = brain_image.get_fdata() > 0.5
+    tissue = np.clip(grey + white, 0, 1)
+    rng = np.random.default_rng(0)
+    clean = (2.6 * grey + 2.9 * white + 1.2 * (1 - tissue)) * (
+        1 + 0.05 * rng.standard_normal(brain.shape))
+    return np.where(brain, clean, 0).astype(np.float32), brain, brain_image.affine
+
+
+def test_n4_reduces_the_bias_spread_inside_the_brain():
+    clean, brain, affine = _phantom()
+    grid = np.indices(clean.shape).astype(np.float32)
+    unit = [(grid[a] - (clean.shape[a] - 1) / 2) / clean.shape[a] for a in range(3)]
+    field = np.exp(0.3 * unit[0] - 0.25 * unit[1] + 0.6 * unit[2] ** 2)  # about +-15 %
+    biased = clean * field
+
+    def spread(image):
+        return np.log(image[brain] / clean[brain]).std()
+
+    corrected = n4_inside_mask(biased, brain, affine)
+    assert spread(corrected) < 0.6 * spread(biased)
+    assert np.all(corrected[~brain] == 0)
+    assert corrected[brain].mean() == pytest.approx(biased[brain].mean(), rel=1e-4)  # kPa kept
+
+
+def test_n4_false_passes_the_map_through(processed, tmp_path):
+    subject = processed["young"]
+    out = tmp_path / "s.nii.gz"
+    correct_bias(subject["files"]["stiffness"], subject["mask"], subject["reference"],
+                 subject["info"], out, tmp_path / "r.nii.gz", n4=False, subject="y")
+    raw = nib.load(subject["files"]["stiffness"]).get_fdata(dtype=np.float32)
+    mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    result = nib.load(out).get_fdata(dtype=np.float32)
+    expected = np.where(mask & (raw > 0), raw, 0)
+    assert np.array_equal(result, expected)
+    assert np.array_equal(nib.load(tmp_path / "r.nii.gz").get_fdata(),
+                          nib.load(subject["reference"]).get_fdata())
+
+
+def test_nan_voxels_become_background_with_a_count(processed, tmp_path, caplog):
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    data = image.get_fdata(dtype=np.float32)
+    mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    inside = np.argwhere((data > 0) & mask)[:7]
+    data[tuple(inside.T)] = np.nan
+    data[0, 0, 0] = np.inf
+    noisy = tmp_path / "sub-y_stiffness.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), noisy)
+    with caplog.at_level(logging.INFO):
+        correct_bias(noisy, subject["mask"], subject["reference"], subject["info"],
+                     tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", n4=False, subject="y")
+    assert "8 NaN/inf voxels set to background (7 inside the brain" in caplog.text
+    result = nib.load(tmp_path / "s.nii.gz").get_fdata()
+    assert np.isfinite(result).all() and np.all(result[tuple(inside.T)] == 0)
+
+
+def test_nan_heavy_map_fails_with_its_name(processed, tmp_path):
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    data = image.get_fdata(dtype=np.float32)
+    mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    rows = np.argwhere(mask)
+    data[tuple(rows[:: 20].T)] = np.nan  # 5 % of the brain
+    noisy = tmp_path / "sub-y_stiffness.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), noisy)
+    with pytest.raises(InputError, match=r"sub-y: stiffness map .*sub-y_stiffness\.nii\.gz has "
+                                         r"\d+ NaN/inf voxels inside the brain \(5\.0% .*"
+                                         r"preprocess\.max_nan_fraction=0\.01"):
+        correct_bias(noisy, subject["mask"], subject["reference"], subject["info"],
+                     tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", subject="y")
+
+
+def test_mask_that_misses_the_map_is_an_error(processed, tmp_path):
+    subject = processed["young"]
+    mask_image = nib.load(subject["mask"])
+    stiffness = nib.load(subject["files"]["stiffness"]).get_fdata()
+    elsewhere = (stiffness == 0).astype(np.uint8)  # only where the map has no data
+    nib.save(nib.Nifti1Image(elsewhere, mask_image.affine), tmp_path / "m.nii.gz")
+    with pytest.raises(PreprocessError, match=r"sub-y: no positive stiffness voxel .* inside "
+                                              r"the brain mask"):
+        correct_bias(subject["files"]["stiffness"], tmp_path / "m.nii.gz", subject["reference"],
+                     subject["info"], tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", subject="y")
+
+
+# -- registration --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", ["young", "old", "young_no_anat", "young_none"])
+def test_registration_recovers_the_pose(processed, template_files, key):
+    subject = processed[key]
+    displacement = mean_displacement_mm(subject["transform"], subject["truth"],
+                                        template_files["mask"])
+    assert displacement < 1.0, f"{key}: mean displacement {displacement:.2f} mm"
+
+
+def test_registered_map_is_zero_outside_mask_and_slab(processed, template_files):
+    subject = processed["young"]
+    registered = nib.load(subject["mni"]).get_fdata()
+    warped_mask = np.asarray(nib.load(subject["mni_mask"]).dataobj) > 0
+    assert registered.shape == (99, 117, 95)
+    assert np.all(registered[~warped_mask] == 0)
+    # Template voxels whose native position lies a voxel or more beyond the slab: exactly 0.
+    truth = subject["truth"]
+    native = nib.load(subject["files"]["stiffness"])
+    template = nib.load(template_files["mask"])
+    index = np.indices(registered.shape).reshape(3, -1)
+    world = template.affine[:3, :3] @ index + template.affine[:3, 3:]
+    native_matrix = np.linalg.inv(native.affine) @ template_to_native_matrix(subject["transform"])
+    k = (native_matrix[2, :3] @ world + native_matrix[2, 3])
+    beyond = (k < truth["slab_first_slice"] - 1) | (k > truth["slab_last_slice"] + 1)
+    assert beyond.any()
+    assert np.all(registered.reshape(-1)[beyond] == 0)
+    # Inside the slab the map keeps its values (kPa), no smearing towards 0 at the edge.
+    inside = registered[registered != 0]
+    assert inside.min() > 0.2 and 2.0 < inside.mean() < 3.5
+
+
+def test_registration_outputs_and_qc(processed):
+    subject = processed["young"]
+    assert Path(subject["transform"]).stat().st_size > 0
+    assert Path(subject["qc_png"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    qc = json.loads(Path(subject["qc_json"]).read_text())
+    assert qc["participant_id"] == subject["truth"]["participant_id"]
+    assert qc["dice"] > 0.9 and qc["correlation"] > 0.3 and qc["reference_correlation"] > 0.8
+
+
+def test_coverage_is_within_two_percent_of_the_truth(processed):
+    # Young subject: its brain is the template's, so "share of the template brain covered"
+    # is the slab coverage. (Simulated atrophy leaves a zero-stiffness shell around older
+    # brains, which the template brain counts as uncovered.)
+    subject = processed["young"]
+    truth = subject["truth"]["coverage_fraction"]
+    assert truth < 0.95  # a real slab, not full coverage
+    assert abs(subject["qc"]["coverage"] - truth) < 0.02
+    older = processed["old"]
+    assert older["qc"]["coverage"] < older["truth"]["coverage_fraction"] + 0.02
+
+
+def test_deterministic_registration_is_bit_identical(processed, template_files, tmp_path):
+    subject = processed["young"]
+    outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
+    register_to_template(subject["stiffness_corrected"], subject["mask"],
+                         subject["reference_corrected"], subject["info"], template_files["t1"],
+                         template_files["mask"], *outputs, deterministic=True, subject="y")
+    assert outputs[2].read_bytes() == Path(subject["transform"]).read_bytes()
+    assert np.array_equal(nib.load(outputs[0]).get_fdata(), nib.load(subject["mni"]).get_fdata())
+
+
+def test_failed_registration_names_the_subject(processed, template_files, tmp_path, monkeypatch):
+    import ants
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("Registration failed with error code 1")
+
+    monkeypatch.setattr(ants, "registration", failing)
+    subject = processed["young"]
+    outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
+    with pytest.raises(RegistrationError, match=r"sub-y: ANTs registration of .* failed"):
+        register_to_template(subject["stiffness_corrected"], subject["mask"],
+                             subject["reference_corrected"], subject["info"],
+                             template_files["t1"], template_files["mask"], *outputs, subject="y")
+    assert not any(path.exists() for path in outputs)
+
+
+def test_implausible_transform_is_a_failed_registration():
+    squashed = np.diag([1.0, 1.0, 0.3, 1.0])
+    with pytest.raises(RegistrationError, match=r"sub-z: registration failed: the affine scales"):
+        check_transform(squashed, what="subject sub-z")
+    mirrored = np.diag([-1.0, 1.0, 1.0, 1.0])
+    with pytest.raises(RegistrationError, match="no reflection"):
+        check_transform(mirrored, what="subject sub-z")
+    with pytest.raises(RegistrationError, match="non-finite"):
+        check_transform(np.full((4, 4), np.nan), what="subject sub-z")
+    check_transform(np.diag([1.1, 0.95, 1.0, 1.0]), what="subject sub-z")

@@ -1,0 +1,409 @@
+"""Dataset-wide stage (rule ``normalise_dataset``): splits and z-normalisation.
+
+Splits (config section ``split``), all seeded and fixed across training seeds:
+
+``holdout``
+    one train/test split, ``test_fraction`` of the subjects in test, stratified by study
+    (paper: 80:20). Split name ``holdout``.
+``kfold``
+    ``n_folds`` folds stratified by study; split ``fold<k>`` tests fold k.
+``loso``
+    leave one study out; split ``loso<study>`` (non-alphanumerics removed) tests that study.
+
+Normalisation (METHOD.md section 1): one mean and one sd over the non-zero (brain) voxels
+of the whole dataset, background stays exactly 0. The paper's code computes them over all
+subjects before splitting, which leaks test statistics into training; by default we use
+the split's training subjects only (``normalise.scope: train``), ``scope: all`` reproduces
+the paper. Statistics are streamed: one map in memory at a time, per-subject count, mean
+and sum of squared deviations in float64, combined exactly (Chan et al. 1979).
+
+Optionally (``normalise.resolution_mm`` 4/6/8) the 2 mm maps are block-averaged first: the
+template grid is cropped (where only background is removed) or padded so the factor
+divides it, each block becomes the mean of its non-zero voxels, and a block with fewer
+than half non-zero voxels becomes background.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import zlib
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from brainage.io import InputError, atomic_path, write_json, write_tsv
+from brainage.preprocess.images import load_mask, load_volume, same_grid
+from brainage.qc import participants_table, read_qc_table
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("holdout", "kfold", "loso")
+RESOLUTIONS_MM = (2, 4, 6, 8)
+TEMPLATE_VOXEL_MM = 2
+DTYPES = {"float32": np.float32, "float16": np.float16}
+#: Columns added to the participants table of a split.
+ADDED_COLUMNS = ("subset", "coverage", "qc_pass")
+
+
+# -- splits -------------------------------------------------------------------------------
+
+def study_label(study) -> str:
+    """A study name as a split-name part: letters and digits only."""
+    return re.sub(r"[^A-Za-z0-9]", "", str(study))
+
+
+def _study_rng(seed: int, study: str) -> np.random.Generator:
+    # Seeded per study (by its name), so a study's shuffle does not depend on the others.
+    return np.random.default_rng([int(seed), zlib.crc32(str(study).encode())])
+
+
+def _shuffled_by_study(participants: pd.DataFrame, seed: int) -> dict[str, list[int]]:
+    """Row positions of each study (sorted study names), shuffled with the split seed.
+
+    Rows are ordered by participant_id before shuffling: the split does not depend on the
+    order of participants.tsv.
+    """
+    order = np.argsort(participants["participant_id"].to_numpy(dtype=str), kind="stable")
+    studies = participants["study"].astype(str).to_numpy()
+    groups = {}
+    for study in sorted(set(studies)):
+        positions = [int(row) for row in order if studies[row] == study]
+        shuffle = _study_rng(seed, study).permutation(len(positions))
+        groups[study] = [positions[i] for i in shuffle]
+    return groups
+
+
+def _check_scheme(participants: pd.DataFrame, scheme: str, n_folds: int) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"split.scheme={scheme!r}; choose one of {', '.join(SCHEMES)}.")
+    for column in ("participant_id", "study"):
+        if column not in participants:
+            raise InputError(f"the participants table has no {column!r} column.")
+    if scheme == "kfold" and len(participants) < n_folds:
+        raise InputError(f"split.n_folds={n_folds} but only {len(participants)} subjects; use "
+                         f"fewer folds.")
+    if scheme == "loso":
+        studies = sorted(participants["study"].astype(str).unique())
+        if len(studies) < 2:
+            raise InputError(f"split.scheme loso needs at least 2 studies; the participants "
+                             f"table has {studies}.")
+        labels = [study_label(s) for s in studies]
+        empty = [s for s, label in zip(studies, labels) if not label]
+        if empty:
+            raise InputError(f"study name(s) {empty} have no letters or digits, so they cannot "
+                             f"name a leave-one-study-out split. Rename the study.")
+        clashes = {label for label in labels if labels.count(label) > 1}
+        if clashes:
+            raise InputError(f"studies {[s for s in studies if study_label(s) in clashes]} give "
+                             f"the same split name once non-alphanumerics are removed; rename "
+                             f"one of them.")
+
+
+def split_names(participants: pd.DataFrame, scheme: str = "holdout", test_fraction: float = 0.2,
+                n_folds: int = 5, seed: int = 42, **ignored) -> list[str]:
+    """Names of the splits of a scheme (config section ``split``, passed as keywords).
+
+    ``holdout`` -> ``["holdout"]``; ``kfold`` -> ``["fold1", ..., "fold<K>"]``;
+    ``loso`` -> ``["loso<study>", ...]`` over the sorted study names.
+    """
+    _check_scheme(participants, scheme, n_folds)
+    if scheme == "holdout":
+        return ["holdout"]
+    if scheme == "kfold":
+        return [f"fold{k}" for k in range(1, n_folds + 1)]
+    return [f"loso{study_label(s)}" for s in sorted(participants["study"].astype(str).unique())]
+
+
+def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "holdout",
+                 test_fraction: float = 0.2, n_folds: int = 5, seed: int = 42,
+                 **ignored) -> pd.Series:
+    """``"train"``/``"test"`` for every participant in one split.
+
+    Parameters
+    ----------
+    participants : table with ``participant_id`` and ``study``.
+    split_name : one of :func:`split_names` for the same settings.
+    scheme, test_fraction, n_folds, seed : config section ``split``.
+
+    Returns
+    -------
+    pandas.Series named ``subset`` with the index of ``participants``.
+
+    Notes
+    -----
+    ``holdout``: each study's subjects are shuffled (seed and study name), and the number
+    of test subjects per study is its share of ``round(test_fraction * n)`` by largest
+    remainder, so the test set has the requested size and follows the study mix.
+    ``kfold``: the per-study shuffles are concatenated (studies sorted) and dealt to the
+    folds in turn, so every fold follows the study mix.
+    """
+    names = split_names(participants, scheme, test_fraction, n_folds, seed)
+    if split_name not in names:
+        raise ValueError(f"split {split_name!r} is not a split of scheme {scheme!r} "
+                         f"(those are {', '.join(names)}).")
+    subset = pd.Series("train", index=participants.index, name="subset", dtype=object)
+    studies = participants["study"].astype(str)
+    if scheme == "loso":
+        held_out = [s for s in studies.unique() if f"loso{study_label(s)}" == split_name][0]
+        subset[studies == held_out] = "test"
+        return subset
+    groups = _shuffled_by_study(participants, seed)
+    if scheme == "holdout":
+        total = int(math.floor(test_fraction * len(participants) + 0.5))
+        exact = {study: test_fraction * len(rows) for study, rows in groups.items()}
+        quota = {study: int(math.floor(value)) for study, value in exact.items()}
+        by_remainder = sorted(groups, key=lambda s: (-(exact[s] - quota[s]), s))
+        for study in by_remainder[:max(total - sum(quota.values()), 0)]:
+            quota[study] += 1
+        for study, rows in groups.items():
+            subset.iloc[rows[:quota[study]]] = "test"
+        if (subset == "test").all() or (subset == "train").all():
+            raise InputError(
+                f"split.test_fraction={test_fraction} of {len(participants)} subjects leaves "
+                f"the {'training' if (subset == 'test').all() else 'test'} set empty; change "
+                f"split.test_fraction or add subjects.")
+        return subset
+    fold = int(split_name[len("fold"):]) - 1
+    dealt = [row for study in sorted(groups) for row in groups[study]]
+    for position, row in enumerate(dealt):
+        if position % n_folds == fold:
+            subset.iloc[row] = "test"
+    return subset
+
+
+# -- the analysis grid --------------------------------------------------------------------
+
+def analysis_grid(template_brain: np.ndarray, template_affine: np.ndarray,
+                  factor: int) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int], np.ndarray]:
+    """Crop or pad the template grid so ``factor`` divides it, then block it.
+
+    Per axis, ``n % factor`` voxels are cropped (half at each end) when they hold no
+    template brain, otherwise the axis is padded to the next multiple.
+
+    Returns
+    -------
+    start, stop : int arrays [3], the 2 mm window in template voxel indices (may extend
+        beyond the template: padding).
+    shape : the blocked grid's shape.
+    affine : 4x4, blocked voxel index -> MNI mm (a block's centre).
+    """
+    start = np.zeros(3, dtype=int)
+    stop = np.array(template_brain.shape, dtype=int)
+    for axis, n in enumerate(template_brain.shape):
+        remainder = n % factor
+        if remainder == 0:
+            continue
+        cut_low, cut_high = remainder // 2, remainder - remainder // 2
+        profile = template_brain.any(axis=tuple(a for a in range(3) if a != axis))
+        if not profile[:cut_low].any() and not profile[n - cut_high:].any():
+            start[axis], stop[axis] = cut_low, n - cut_high
+        else:
+            pad = factor - remainder
+            start[axis], stop[axis] = -(pad // 2), n + pad - pad // 2
+    shift = np.eye(4)
+    shift[:3, 3] = start
+    block = np.diag([factor, factor, factor, 1.0])
+    block[:3, 3] = (factor - 1) / 2
+    shape = tuple(int(v) for v in (stop - start) // factor)
+    return start, stop, shape, template_affine @ shift @ block
+
+
+def crop_or_pad(volume: np.ndarray, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """The window ``[start, stop)`` of ``volume`` (template voxel indices), zero-padded."""
+    window = np.zeros(tuple(int(v) for v in stop - start), dtype=volume.dtype)
+    source = tuple(slice(max(s, 0), min(e, n)) for s, e, n in zip(start, stop, volume.shape))
+    target = tuple(slice(max(s, 0) - s, min(e, n) - s)
+                   for s, e, n in zip(start, stop, volume.shape))
+    window[target] = volume[source]
+    return window
+
+
+def block_average(volume: np.ndarray, factor: int) -> np.ndarray:
+    """Mean of the non-zero voxels of each ``factor``^3 block (float32).
+
+    A block with fewer than half non-zero voxels becomes 0 (background). The volume's
+    shape must be divisible by ``factor``.
+    """
+    if factor == 1:
+        return volume.astype(np.float32)
+    x, y, z = (n // factor for n in volume.shape)
+    blocks = volume.astype(np.float64).reshape(x, factor, y, factor, z, factor)
+    counts = (blocks != 0).sum(axis=(1, 3, 5))
+    sums = blocks.sum(axis=(1, 3, 5))
+    keep = 2 * counts >= factor ** 3
+    result = np.zeros((x, y, z), dtype=np.float32)
+    result[keep] = sums[keep] / counts[keep]
+    return result
+
+
+# -- streaming statistics -------------------------------------------------------------------
+
+def combine_moments(a: tuple[int, float, float], b: tuple[int, float, float]
+                    ) -> tuple[int, float, float]:
+    """Chan et al.'s exact merge of (count, mean, sum of squared deviations)."""
+    n_a, mean_a, m2_a = a
+    n_b, mean_b, m2_b = b
+    n = n_a + n_b
+    if n == 0:
+        return 0, 0.0, 0.0
+    delta = mean_b - mean_a
+    return n, mean_a + delta * n_b / n, m2_a + m2_b + delta * delta * n_a * n_b / n
+
+
+def volume_moments(values: np.ndarray) -> tuple[int, float, float]:
+    """(count, mean, sum of squared deviations) of the non-zero voxels, float64."""
+    brain = values[values != 0].astype(np.float64)
+    if brain.size == 0:
+        return 0, 0.0, 0.0
+    mean = float(brain.mean())
+    return int(brain.size), mean, float(((brain - mean) ** 2).sum())
+
+
+# -- the rule's function ---------------------------------------------------------------------
+
+def _map_lookup(maps: Sequence[str | Path]) -> dict[str, Path]:
+    lookup = {}
+    for path in maps:
+        participant_id = Path(path).name.split("_")[0]
+        lookup[participant_id] = Path(path)
+    return lookup
+
+
+def _read_map(path: Path, shape, affine, start, stop, factor: int, participant_id: str
+              ) -> np.ndarray:
+    data, map_affine = load_volume(path, what=f"subject {participant_id}: registered map")
+    if not same_grid(data.shape, map_affine, shape, affine):
+        raise InputError(f"subject {participant_id}: registered map {path} (shape {data.shape}) "
+                         f"is not on the template grid (shape {tuple(shape)}); rerun its "
+                         f"register_to_template job.")
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"subject {participant_id}: registered map {path} has NaN/inf voxels; "
+                         f"rerun its preprocessing.")
+    return block_average(crop_or_pad(data, start, stop), factor)
+
+
+def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | str | Path,
+                      qc_table: str | Path, template_mask: str | Path,
+                      out_images: str | Path, out_participants: str | Path,
+                      out_stats: str | Path, *, split: str, split_settings: Mapping,
+                      scope: str = "train", dtype: str = "float32", resolution_mm: int = 2,
+                      exclude_failed: bool = False) -> dict:
+    """One split's z-normalised image array, its participants table and statistics.
+
+    Parameters
+    ----------
+    maps : every subject's registered map (``..._space-MNI152_res-2_desc-preproc_stiffness``),
+        named ``sub-<label>_...``; extra maps are ignored.
+    participants : the dataset's participants table, or the path of its participants.tsv.
+    qc_table : the QC table (``tabulate_qc``): coverage and qc_pass per subject.
+    template_mask : template brain mask (defines the grid).
+    out_images : ``images.npy``, [n_subjects, X, Y, Z], rows in participants order,
+        z-normalised non-zero voxels, background exactly 0; ``np.load(mmap_mode="r")``-able.
+    out_participants : participants.tsv of the rows: input columns + subset, coverage, qc_pass.
+    out_stats : stats.json (mean and sd in kPa, scope, voxel count, statistics subjects,
+        resolution, affine, shape, dtype, excluded subjects with reasons, split name).
+    split : split name (:func:`split_names`).
+    split_settings : config section ``split`` (scheme, test_fraction, n_folds, seed).
+    scope : ``train`` (the split's training subjects) or ``all`` (the paper's code).
+    dtype : ``float32`` or ``float16`` storage.
+    resolution_mm : 2, 4, 6 or 8; above 2 the maps are block-averaged first.
+    exclude_failed : drop subjects failing QC (config ``qc.exclude_failed``); each is
+        logged and listed in stats.json ``excluded``.
+
+    Returns
+    -------
+    The stats.json content.
+    """
+    if scope not in ("train", "all"):
+        raise ValueError(f"normalise.scope={scope!r}; choose train or all.")
+    if dtype not in DTYPES:
+        raise ValueError(f"normalise.dtype={dtype!r}; choose {', '.join(DTYPES)}.")
+    if resolution_mm not in RESOLUTIONS_MM:
+        raise ValueError(f"normalise.resolution_mm={resolution_mm}; choose one of "
+                         f"{RESOLUTIONS_MM}.")
+    factor = resolution_mm // TEMPLATE_VOXEL_MM
+    table = participants_table(participants)
+    table["subset"] = assign_split(table, split, **split_settings).to_numpy()
+
+    qc = read_qc_table(qc_table).set_index("participant_id")
+    missing_qc = [pid for pid in table["participant_id"] if pid not in qc.index]
+    if missing_qc:
+        raise InputError(f"{qc_table} has no row for {', '.join(missing_qc[:10])}; rerun "
+                         f"tabulate_qc.")
+    table["coverage"] = qc.loc[table["participant_id"], "coverage"].to_numpy()
+    table["qc_pass"] = qc.loc[table["participant_id"], "qc_pass"].to_numpy()
+    failed = table[~table["qc_pass"]]
+    excluded = []
+    if exclude_failed:
+        for row in failed.itertuples(index=False):
+            reason = f"QC: {qc.loc[row.participant_id, 'qc_failures']}"
+            excluded.append({"participant_id": row.participant_id, "reason": reason})
+            log.warning("split %s: excluding %s (%s set): %s (qc.exclude_failed)", split,
+                        row.participant_id, row.subset, reason)
+        table = table[table["qc_pass"]].reset_index(drop=True)
+    elif len(failed):
+        log.warning("split %s: %d subjects fail QC but are kept (qc.exclude_failed is false): "
+                    "%s", split, len(failed), ", ".join(failed["participant_id"]))
+    if not (table["subset"] == "train").any():
+        raise InputError(f"split {split}: no training subject left"
+                         f"{' after the QC exclusions' if excluded else ''}.")
+
+    lookup = _map_lookup(maps)
+    absent = [pid for pid in table["participant_id"] if pid not in lookup]
+    if absent:
+        raise InputError(f"split {split}: no registered map given for {', '.join(absent[:10])}.")
+    brain, template_affine = load_mask(template_mask, what="template brain mask")
+    start, stop, shape, affine = analysis_grid(brain, template_affine, factor)
+    read = {"shape": brain.shape, "affine": template_affine, "start": start, "stop": stop,
+            "factor": factor}
+
+    statistics_rows = table if scope == "all" else table[table["subset"] == "train"]
+    log.info("split %s: statistics over the non-zero voxels of %d %s subjects at %d mm", split,
+             len(statistics_rows), "training" if scope == "train" else "(all)", resolution_mm)
+    moments = (0, 0.0, 0.0)
+    for position, participant_id in enumerate(statistics_rows["participant_id"], start=1):
+        volume = _read_map(lookup[participant_id], participant_id=participant_id, **read)
+        moments = combine_moments(moments, volume_moments(volume))
+        if position % 25 == 0:
+            log.info("statistics: %d/%d subjects", position, len(statistics_rows))
+    count, mean, m2 = moments
+    sd = math.sqrt(m2 / count) if count else 0.0
+    if count == 0 or not sd > 0:
+        raise InputError(f"split {split}: the statistics subjects have {count} non-zero voxels "
+                         f"(sd {sd}); the registered maps are empty or constant.")
+    log.info("split %s: mean %.4f kPa, sd %.4f kPa over %d voxels", split, mean, sd, count)
+
+    storage = DTYPES[dtype]
+    with atomic_path(out_images, suffix=".npy") as temp:
+        header = np.lib.format.open_memmap(temp, mode="w+", dtype=storage,
+                                           shape=(len(table), *shape))
+        offset, row_bytes = header.offset, int(np.prod(shape)) * np.dtype(storage).itemsize
+        del header
+        for row, participant_id in enumerate(table["participant_id"]):
+            volume = _read_map(lookup[participant_id], participant_id=participant_id, **read)
+            normalised = np.where(volume != 0, (volume - mean) / sd, 0.0).astype(storage)
+            # One row mapped at a time: memory stays one volume whatever the cohort size.
+            target = np.memmap(temp, mode="r+", dtype=storage, shape=shape,
+                               offset=offset + row * row_bytes)
+            target[...] = normalised
+            target.flush()
+            del target
+            if (row + 1) % 25 == 0:
+                log.info("normalised %d/%d subjects", row + 1, len(table))
+
+    columns = [c for c in table.columns if c not in ADDED_COLUMNS] + list(ADDED_COLUMNS)
+    write_tsv(out_participants, table[columns])
+    stats = {"mean": mean, "sd": sd, "scope": scope, "n_voxels": int(count),
+             "statistics_subjects": list(statistics_rows["participant_id"]),
+             "resolution_mm": int(resolution_mm), "affine": affine.tolist(),
+             "shape": list(shape), "dtype": dtype, "excluded": excluded, "split": split,
+             "n_train": int((table["subset"] == "train").sum()),
+             "n_test": int((table["subset"] == "test").sum())}
+    write_json(out_stats, stats)
+    log.info("split %s: wrote %d x %s %s images (%d train, %d test)", split, len(table), shape,
+             dtype, stats["n_train"], stats["n_test"])
+    return stats

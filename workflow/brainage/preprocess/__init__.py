@@ -1,0 +1,24 @@
+"""Per-subject preprocessing (paper section 4.1, METHOD.md section 1).
+
+One function per Snakemake rule, each callable without Snakemake:
+
+- :func:`prepare_template` (rule ``prepare_template``): MNI152 T1 and brain mask, 2 mm;
+- :func:`strip_skull` (``strip_skull``): brain mask on the stiffness grid, via a nipype
+  interface (FreeSurfer SynthStrip/watershed, deepbet, or the map's support);
+- :func:`correct_bias` (``correct_bias``): NaN cleaning and N4 inside the brain;
+- :func:`register_to_template` (``register_to_template``): ANTs affine to MNI152 2 mm.
+
+QC of the result is in :mod:`brainage.qc`; the dataset-wide normalisation in
+:mod:`brainage.normalise`.
+"""
+
+from brainage.preprocess.bias import correct_bias, n4_inside_mask
+from brainage.preprocess.images import PreprocessError
+from brainage.preprocess.register import (RegistrationError, register_to_template,
+                                          template_to_native_matrix)
+from brainage.preprocess.skullstrip import resolve_method, strip_skull
+from brainage.preprocess.template import prepare_template
+
+__all__ = ["prepare_template", "strip_skull", "correct_bias", "register_to_template",
+           "n4_inside_mask", "resolve_method", "template_to_native_matrix", "PreprocessError",
+           "RegistrationError"]

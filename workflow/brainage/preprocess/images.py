@@ -1,0 +1,177 @@
+"""Volume helpers shared by the preprocessing steps.
+
+Checked loading, atomic saving, masks from an image's support, moving a mask between
+two grids of the same physical space, non-finite voxels, and ITK's thread count.
+Arrays are in the NIfTI file's voxel order; affines map voxel indices to world mm (RAS).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from brainage.io import InputError, atomic_path, load_nifti_checked
+
+log = logging.getLogger(__name__)
+
+#: Two grids whose affines differ by less than this (mm) are the same grid.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class PreprocessError(RuntimeError):
+    """A preprocessing step produced no usable result; the message names subject and step."""
+
+
+def load_volume(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI volume as float32 with its affine.
+
+    Parameters
+    ----------
+    path : path of the NIfTI file.
+    what : how to name the file in an error message, e.g. ``"subject sub-01: T1w image"``.
+
+    Returns
+    -------
+    data : float32 array [X, Y, Z] (non-finite values are kept).
+    affine : float64 array [4, 4], voxel index -> world mm.
+
+    Raises
+    ------
+    brainage.io.InputError
+        Unreadable, corrupt, 4D, or all-zero file (from :func:`brainage.io.load_nifti_checked`).
+    """
+    image = load_nifti_checked(path, what=what)
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    if data.ndim == 4:
+        data = data[..., 0]
+    return data, image.affine.astype(np.float64)
+
+
+def load_mask(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Read a binary mask written by this package; returns (bool [X, Y, Z], affine)."""
+    data, affine = load_volume(path, what=what)
+    return data > 0.5, affine
+
+
+def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *,
+                dtype=np.float32, description: str = "") -> None:
+    """Write ``data`` as NIfTI with ``affine`` (sform and qform), atomically."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    image.header.set_xyzt_units("mm")
+    if description:
+        image.header["descrip"] = description.encode()[:79]
+    with atomic_path(path) as temp:
+        nib.save(image, str(temp))
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b,
+                                                           atol=AFFINE_TOLERANCE_MM)
+
+
+def require_same_grid(shape_a, affine_a, what_a: str, shape_b, affine_b, what_b: str) -> None:
+    if not same_grid(shape_a, affine_a, shape_b, affine_b):
+        raise InputError(
+            f"{what_a} (shape {tuple(shape_a)}) and {what_b} (shape {tuple(shape_b)}) are not "
+            f"on the same voxel grid; affines\n{np.round(affine_a, 3)}\nand\n"
+            f"{np.round(affine_b, 3)}. Resample one onto the other, or rerun the step that "
+            f"wrote them.")
+
+
+def largest_component_filled(mask: np.ndarray) -> np.ndarray:
+    """The largest 26-connected component of ``mask`` with its enclosed holes filled."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3, 3), dtype=bool))
+    if count == 0:
+        return np.zeros(mask.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return ndimage.binary_fill_holes(labels == sizes.argmax())
+
+
+def support_mask(data: np.ndarray) -> np.ndarray:
+    """Brain mask of an already-masked map: its finite non-zero voxels, largest component,
+    holes (NaN voxels, zero-valued inversions) filled. Bool [X, Y, Z]."""
+    return largest_component_filled(np.isfinite(data) & (data != 0))
+
+
+def resample_mask(mask: np.ndarray, source_affine: np.ndarray, target_shape,
+                  target_affine: np.ndarray) -> np.ndarray:
+    """Carry a mask to another grid of the same physical space.
+
+    Linear interpolation of the 0/1 mask, kept where >= 0.5: the partial-volume boundary
+    of a fine mask on a coarse grid, rather than nearest-neighbour staircase.
+    """
+    if same_grid(mask.shape, source_affine, target_shape, target_affine):
+        return mask.copy()
+    target_to_source = np.linalg.inv(source_affine) @ target_affine
+    moved = ndimage.affine_transform(mask.astype(np.float32), target_to_source[:3, :3],
+                                     offset=target_to_source[:3, 3], output_shape=tuple(target_shape),
+                                     order=1, mode="constant", cval=0.0)
+    return moved >= 0.5
+
+
+def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
+                    what: str) -> tuple[np.ndarray, int]:
+    """Set NaN/inf voxels to background (0), refusing maps with too many inside the brain.
+
+    Parameters
+    ----------
+    data : float array [X, Y, Z] (kPa); not modified.
+    brain : bool array [X, Y, Z], the brain mask.
+    max_fraction : largest allowed share of brain voxels that are NaN/inf
+        (config key ``preprocess.max_nan_fraction``).
+    what : names the map in messages.
+
+    Returns
+    -------
+    cleaned : a float32 copy of ``data`` with non-finite voxels set to 0.
+    count : number of non-finite voxels (whole volume).
+
+    Raises
+    ------
+    brainage.io.InputError
+        More than ``max_fraction`` of the brain voxels are non-finite.
+    """
+    nonfinite = ~np.isfinite(data)
+    inside = int(np.count_nonzero(nonfinite & brain))
+    brain_voxels = max(int(np.count_nonzero(brain)), 1)
+    share = inside / brain_voxels
+    if share > max_fraction:
+        raise InputError(
+            f"{what} has {inside} NaN/inf voxels inside the brain ({share:.1%} of "
+            f"{brain_voxels} brain voxels), more than preprocess.max_nan_fraction="
+            f"{max_fraction}. The inversion probably failed for this map: re-run it, remove "
+            f"the subject, or raise preprocess.max_nan_fraction.")
+    total = int(np.count_nonzero(nonfinite))
+    if total:
+        log.info("%s: %d NaN/inf voxels set to background (%d inside the brain, %.3f%% of "
+                 "brain voxels)", what, total, inside, 100 * share)
+    else:
+        log.info("%s: no NaN/inf voxels", what)
+    return np.where(nonfinite, np.float32(0), data).astype(np.float32), total
+
+
+def configure_itk_threads(threads: int, *, deterministic: bool) -> int:
+    """Set ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` before ANTsPy is imported.
+
+    ITK reads the variable once per process, so it must be set before the first ANTs
+    call; the Snakemake scripts run each job in a fresh process, where this holds.
+    Deterministic runs use one thread: ITK's multi-threaded metrics sum in a
+    thread-dependent order and the last bits of the result would vary.
+
+    Returns the number of threads set.
+    """
+    count = 1 if deterministic else max(int(threads), 1)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(count)
+    if "ants" in sys.modules:
+        log.debug("ANTsPy was already imported; ITK may keep the thread count it read first")
+    return count

@@ -1,0 +1,127 @@
+"""Nipype interfaces of the skull-stripping tools.
+
+Every skull-stripping route runs through a nipype interface with explicit input and
+output specs, so a nipype workflow (or a lab's own) can reuse them unchanged:
+
+- :class:`SynthStrip` — FreeSurfer's ``mri_synthstrip`` (nipype has no interface for it);
+- ``nipype.interfaces.freesurfer.WatershedSkullStrip`` — FreeSurfer's ``mri_watershed``;
+- :class:`DeepBet` — the deepbet network (PyPI package with bundled weights);
+- :class:`SupportMask` — no stripping: the mask is the image's own non-zero support.
+
+The Python interfaces' ``_run_interface`` hands off to a plain function in
+:mod:`brainage.preprocess.skullstrip`, which is where the logic and its tests live.
+"""
+
+from __future__ import annotations
+
+import os
+
+# nipype asks a web service for its latest version when an interface is created; there is
+# no network on compute nodes, so switch that off before nipype is imported.
+os.environ.setdefault("NIPYPE_NO_ET", "1")
+
+from nipype.interfaces.base import (  # noqa: E402
+    BaseInterface, BaseInterfaceInputSpec, CommandLine, CommandLineInputSpec, File,
+    TraitedSpec, traits,
+)
+from nipype.interfaces.freesurfer import WatershedSkullStrip  # noqa: E402,F401
+
+__all__ = ["SynthStrip", "WatershedSkullStrip", "DeepBet", "SupportMask"]
+
+
+class SynthStripInputSpec(CommandLineInputSpec):
+    in_file = File(exists=True, mandatory=True, argstr="-i %s", position=0,
+                   desc="head image to strip (any contrast, NIfTI or MGZ)")
+    mask_file = File(mandatory=True, argstr="-m %s", position=1,
+                     desc="brain mask to write (NIfTI)")
+    out_file = File(argstr="-o %s", position=2,
+                    desc="skull-stripped image to write (optional)")
+    num_threads = traits.Int(argstr="-t %d", desc="CPU threads of the network")
+    border_mm = traits.Int(argstr="-b %d",
+                           desc="mask border from the brain surface (mm; SynthStrip default 1)")
+    no_csf = traits.Bool(argstr="--no-csf", desc="exclude CSF from the brain border")
+
+
+class SynthStripOutputSpec(TraitedSpec):
+    mask_file = File(exists=True, desc="brain mask")
+    out_file = File(desc="skull-stripped image, when requested")
+
+
+class SynthStrip(CommandLine):
+    """FreeSurfer's SynthStrip (``mri_synthstrip``, FreeSurfer >= 7.3).
+
+    Examples
+    --------
+    >>> strip = SynthStrip(in_file="T1w.nii.gz", mask_file="mask.nii.gz", num_threads=1)
+    >>> strip.cmdline  # doctest: +SKIP
+    'mri_synthstrip -i T1w.nii.gz -m mask.nii.gz -t 1'
+    """
+
+    _cmd = "mri_synthstrip"
+    input_spec = SynthStripInputSpec
+    output_spec = SynthStripOutputSpec
+
+    def _list_outputs(self):
+        outputs = self.output_spec().get()
+        outputs["mask_file"] = os.path.abspath(self.inputs.mask_file)
+        if self.inputs.out_file:
+            outputs["out_file"] = os.path.abspath(self.inputs.out_file)
+        return outputs
+
+
+class DeepBetInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="T1w head image (NIfTI)")
+    mask_file = File(mandatory=True, desc="brain mask to write (NIfTI, uint8)")
+    threshold = traits.Float(0.5, usedefault=True, desc="brain probability threshold")
+    n_dilate = traits.Int(0, usedefault=True,
+                          desc="voxel layers added to (> 0) or removed from (< 0) the mask")
+    num_threads = traits.Int(1, usedefault=True, desc="PyTorch CPU threads")
+    use_gpu = traits.Bool(False, usedefault=True, desc="run the network on a GPU if present")
+
+
+class DeepBetOutputSpec(TraitedSpec):
+    mask_file = File(exists=True, desc="brain mask")
+
+
+class DeepBet(BaseInterface):
+    """deepbet brain extraction (Fisch et al. 2024), weights shipped with the package."""
+
+    input_spec = DeepBetInputSpec
+    output_spec = DeepBetOutputSpec
+
+    def _run_interface(self, runtime):
+        from brainage.preprocess.skullstrip import deepbet_brain_mask
+
+        deepbet_brain_mask(self.inputs.in_file, self.inputs.mask_file,
+                           threshold=self.inputs.threshold, n_dilate=self.inputs.n_dilate,
+                           threads=self.inputs.num_threads, use_gpu=self.inputs.use_gpu)
+        return runtime
+
+    def _list_outputs(self):
+        return {"mask_file": os.path.abspath(self.inputs.mask_file)}
+
+
+class SupportMaskInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True,
+                   desc="already-masked image (zero outside the brain)")
+    mask_file = File(mandatory=True, desc="brain mask to write (NIfTI, uint8)")
+
+
+class SupportMaskOutputSpec(TraitedSpec):
+    mask_file = File(exists=True, desc="brain mask: largest non-zero component, holes filled")
+
+
+class SupportMask(BaseInterface):
+    """The brain mask of an image that is already masked: its finite non-zero support."""
+
+    input_spec = SupportMaskInputSpec
+    output_spec = SupportMaskOutputSpec
+
+    def _run_interface(self, runtime):
+        from brainage.preprocess.skullstrip import support_brain_mask
+
+        support_brain_mask(self.inputs.in_file, self.inputs.mask_file)
+        return runtime
+
+    def _list_outputs(self):
+        return {"mask_file": os.path.abspath(self.inputs.mask_file)}

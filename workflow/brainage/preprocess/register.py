@@ -1,0 +1,231 @@
+"""Affine registration to MNI152 at 2 mm (rule ``register_to_template``), ANTsPy.
+
+The subject's reference (from ``strip_skull``/``correct_bias``) is registered to the
+matching template image with Mattes mutual information: skull-stripped T1w -> template
+T1 x brain mask; T1w head -> template T1; stiffness map (no anatomical image) -> template
+T1 x brain mask. The metric samples the template brain (dilated 6 mm). For a stiffness
+reference it also ignores template points that map outside the map's field of view (a
+moving-image mask, the bounding box of the map's support): the slab's cut planes are not
+brain edges, and without this mask a slab covering 85 % of the brain was misplaced by
+15 mm in our tests. The transform is then applied to the stiffness map (linear) and to the
+brain mask (nearest neighbour).
+
+The registered map is exactly 0 outside the warped brain mask and wherever the native map
+had no data (beyond the MRE slab): the map is interpolated by normalised convolution,
+``warp(map) / warp(support)`` where ``warp(support) >= 0.5``, so linear interpolation
+neither smears values outside the slab nor darkens its edge. Coverage stays visible.
+
+``deterministic`` (one ITK thread, fixed seed for the metric's random sampling) makes
+reruns bit-identical.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from brainage.io import atomic_path
+from brainage.preprocess.images import (PreprocessError, configure_itk_threads, load_mask,
+                                        load_volume, require_same_grid, save_volume)
+from brainage.preprocess.skullstrip import read_reference_info
+
+log = logging.getLogger(__name__)
+
+#: Multi-resolution affine schedule (voxels of the 2 mm template): coarse to fine. On 10
+#: simulated subjects (1.5-2 mm, rotations up to 10 degrees, shifts up to 10 mm) it
+#: recovers the pose of the T1w route to 0.14-0.62 mm mean displacement, the same as
+#: (200, 100, 50) iterations at half the time; the fine level only polishes.
+AFFINE_ITERATIONS = (100, 50, 10)
+AFFINE_SHRINK_FACTORS = (4, 2, 1)
+AFFINE_SMOOTHING_SIGMAS = (2, 1, 0)
+#: The metric samples the template brain mask dilated by this many 2 mm voxels.
+SAMPLING_MASK_DILATION_VOXELS = 3
+#: Share of voxels sampled by the metric (ANTs' default); the seed fixes which ones.
+AFFINE_SAMPLING_RATE = 0.2
+REGISTRATION_SEED = 20241001
+#: An affine that changes any axis by more than this factor (either way) is a failure:
+#: adult heads differ from MNI152 by far less.
+MAX_AXIS_SCALE = 1.6
+#: Template image registered to, per reference kind.
+TARGETS = {"T1w_brain": "t1_brain", "T1w_head": "t1", "stiffness": "t1_brain"}
+
+_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class RegistrationError(PreprocessError):
+    """ANTs failed, or returned a transform no head could need."""
+
+
+def template_to_native_matrix(transform: str | Path) -> np.ndarray:
+    """The 4x4 matrix of an ANTs affine ``.mat`` in RAS world mm.
+
+    ANTs' forward transform maps template points to native points (it pulls the native
+    image onto the template grid), in ITK's LPS coordinates, as
+    ``y = A (x - c) + t + c``. Returns ``M`` with ``x_native = M @ [x_template, 1]`` (RAS).
+    """
+    import ants
+
+    ants_transform = ants.read_transform(str(transform))
+    parameters = np.asarray(ants_transform.parameters, dtype=float)
+    centre = np.asarray(ants_transform.fixed_parameters, dtype=float)
+    linear, translation = parameters[:9].reshape(3, 3), parameters[9:12]
+    matrix = np.eye(4)
+    matrix[:3, :3] = linear
+    matrix[:3, 3] = translation + centre - linear @ centre
+    return _LPS @ matrix @ _LPS
+
+
+def field_of_view_box(support: np.ndarray) -> np.ndarray:
+    """The voxel-index bounding box of ``support``, less one voxel at each face (float32 0/1).
+
+    An MRE slab is a block of slices of the map's own grid, so the box is where the map
+    has data; the one-voxel margin keeps interpolated cut-plane voxels out of the metric.
+    """
+    box = np.zeros(support.shape, dtype=np.float32)
+    index = np.argwhere(support)
+    low = np.minimum(index.min(axis=0) + 1, index.max(axis=0))
+    high = np.maximum(index.max(axis=0) - 1, low)
+    box[low[0]:high[0] + 1, low[1]:high[1] + 1, low[2]:high[2] + 1] = 1.0
+    return box
+
+
+def check_transform(matrix: np.ndarray, *, what: str) -> None:
+    """Refuse a transform that is not finite or scales an axis beyond :data:`MAX_AXIS_SCALE`.
+
+    Raises
+    ------
+    RegistrationError
+    """
+    if not np.all(np.isfinite(matrix)):
+        raise RegistrationError(f"{what}: registration returned a non-finite transform.")
+    scales = np.linalg.svd(matrix[:3, :3], compute_uv=False)
+    if scales.max() > MAX_AXIS_SCALE or scales.min() < 1 / MAX_AXIS_SCALE \
+            or np.linalg.det(matrix[:3, :3]) <= 0:
+        raise RegistrationError(
+            f"{what}: registration failed: the affine scales the axes by "
+            f"{np.round(scales, 3).tolist()} (allowed {1 / MAX_AXIS_SCALE:.2f}-"
+            f"{MAX_AXIS_SCALE}, no reflection). Look at the reference image and the brain "
+            f"mask of this subject (skull stripping, orientation in the NIfTI header).")
+
+
+def register_to_template(stiffness: str | Path, mask: str | Path, reference: str | Path,
+                         reference_info: str | Path, template_t1: str | Path,
+                         template_mask: str | Path, out_stiffness: str | Path,
+                         out_mask: str | Path, out_transform: str | Path,
+                         out_reference: str | Path, *, deterministic: bool = True,
+                         threads: int = 1, seed: int = REGISTRATION_SEED,
+                         subject: str = "") -> dict:
+    """Affine-register the subject to the template; warp its map, mask and reference.
+
+    Parameters
+    ----------
+    stiffness : bias-corrected native map (kPa), zero outside brain and slab.
+    mask : native brain mask on the stiffness grid.
+    reference, reference_info : corrected registration reference and its sidecar.
+    template_t1, template_mask : MNI152 2 mm (rule ``prepare_template``).
+    out_stiffness : registered map (kPa, float32, template grid).
+    out_mask : warped brain mask (uint8, template grid).
+    out_transform : ANTs affine ``.mat`` (template -> native; apply to native images).
+    out_reference : the warped reference (float32, template grid), for QC.
+    deterministic, threads : one ITK thread and a fixed ``seed`` when deterministic.
+    subject : label for messages.
+
+    Returns
+    -------
+    dict with ``template_to_native`` (4x4 list, RAS mm), ``axis_scales``,
+    ``reference_kind``, ``metric``.
+
+    Raises
+    ------
+    RegistrationError : ANTs failed or the transform is implausible.
+    PreprocessError : the warped brain mask or map is empty.
+    """
+    name = f"subject sub-{subject}" if subject else "subject"
+    itk_threads = configure_itk_threads(threads, deterministic=deterministic)
+    import ants
+
+    info = read_reference_info(reference_info)
+    target, metric = TARGETS[info["reference_kind"]], "mattes"
+    stiffness_data, stiffness_affine = load_volume(stiffness, what=f"{name}: stiffness map")
+    mask_data, mask_affine = load_mask(mask, what=f"{name}: brain mask")
+    require_same_grid(stiffness_data.shape, stiffness_affine, f"{name}: stiffness map {stiffness}",
+                      mask_data.shape, mask_affine, f"brain mask {mask}")
+    template_data, template_affine = load_volume(template_t1, what="template T1")
+    template_brain, _ = load_mask(template_mask, what="template brain mask")
+
+    template_image = ants.image_read(str(template_t1)).clone("float")
+    template_mask_image = ants.image_read(str(template_mask)).clone("float")
+    fixed = {"t1": template_image, "t1_brain": template_image * template_mask_image}[target]
+    sampling_mask = template_mask_image.new_image_like(ndimage.binary_dilation(
+        template_brain, iterations=SAMPLING_MASK_DILATION_VOXELS).astype(np.float32))
+    moving = ants.image_read(str(reference)).clone("float")
+    moving_mask = None
+    if info["reference_kind"] == "stiffness":
+        moving_mask = moving.new_image_like(field_of_view_box(moving.numpy() > 0))
+    log.info("%s: registering the %s reference to the template (%s, metric %s), ITK threads "
+             "%d, seed %s", name, info["reference_kind"], target, metric, itk_threads,
+             seed if deterministic else "random")
+
+    Path(out_transform).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".register-", dir=Path(out_transform).parent) as tmp:
+        try:
+            result = ants.registration(
+                fixed, moving, type_of_transform="Affine", aff_metric=metric,
+                aff_iterations=AFFINE_ITERATIONS, aff_shrink_factors=AFFINE_SHRINK_FACTORS,
+                aff_smoothing_sigmas=AFFINE_SMOOTHING_SIGMAS,
+                aff_random_sampling_rate=AFFINE_SAMPLING_RATE, mask=sampling_mask,
+                moving_mask=moving_mask,
+                random_seed=int(seed) if deterministic else None,
+                outprefix=str(Path(tmp) / "affine_"))
+        except (RuntimeError, ValueError) as error:
+            raise RegistrationError(f"{name}: ANTs registration of {reference} to the template "
+                                    f"failed: {error}") from None
+        transform = result["fwdtransforms"][0]
+        matrix = template_to_native_matrix(transform)
+        check_transform(matrix, what=name)
+
+        native_grid = ants.image_read(str(stiffness))
+
+        def warp(data: np.ndarray, interpolator: str) -> np.ndarray:
+            moving_image = native_grid.new_image_like(data.astype(np.float32))
+            warped = ants.apply_transforms(fixed=template_image, moving=moving_image,
+                                           transformlist=[transform], interpolator=interpolator)
+            return warped.numpy()
+
+        support = (stiffness_data > 0).astype(np.float32)
+        warped_sum = warp(stiffness_data, "linear")
+        warped_support = warp(support, "linear")
+        warped_mask = warp(mask_data.astype(np.float32), "nearestNeighbor") > 0.5
+        warped_reference = ants.apply_transforms(
+            fixed=template_image, moving=moving, transformlist=[transform],
+            interpolator="linear").numpy()
+        transform_bytes = Path(transform).read_bytes()
+
+    keep = warped_mask & (warped_support >= 0.5)
+    registered = np.zeros(template_data.shape, dtype=np.float32)
+    registered[keep] = warped_sum[keep] / warped_support[keep]
+    if not warped_mask.any():
+        raise PreprocessError(f"{name}: the warped brain mask is empty: the registration moved "
+                              f"the brain out of the template's field of view.")
+    if not keep.any():
+        raise PreprocessError(f"{name}: no stiffness voxel lands inside the warped brain mask.")
+    with atomic_path(out_transform) as temp:
+        temp.write_bytes(transform_bytes)
+    save_volume(out_stiffness, registered, template_affine,
+                description="stiffness (kPa), MNI152 2 mm")
+    save_volume(out_mask, warped_mask, template_affine, dtype=np.uint8,
+                description="brain mask, MNI152 2 mm")
+    save_volume(out_reference, warped_reference, template_affine,
+                description=f"reference ({info['reference_kind']}), MNI152 2 mm")
+    scales = np.linalg.svd(matrix[:3, :3], compute_uv=False)
+    dice = 2 * np.count_nonzero(warped_mask & template_brain) / (
+        warped_mask.sum() + template_brain.sum())
+    log.info("%s: affine axis scales %s; warped brain mask Dice %.3f against the template "
+             "mask; %d voxels with stiffness", name, np.round(scales, 3).tolist(), dice,
+             keep.sum())
+    return {"template_to_native": matrix.tolist(), "axis_scales": scales.tolist(),
+            "reference_kind": info["reference_kind"], "metric": metric}

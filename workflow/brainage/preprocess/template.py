@@ -1,0 +1,78 @@
+"""The registration target (rule ``prepare_template``): MNI152 T1 and brain mask at 2 mm.
+
+Default: the MNI152 ICBM 2009a symmetric template bundled with nilearn (99 x 117 x 95
+voxels of 2 mm; whole head, so a skull-stripped reference is registered to T1 x mask),
+offline. Or a user's pair of files (``template.source: file``), e.g. FSL's
+``MNI152_T1_2mm.nii.gz`` (91 x 109 x 91) with its brain mask.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from brainage.io import InputError
+from brainage.preprocess.images import load_volume, require_same_grid, save_volume
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_VOXEL_MM = 2.0
+
+
+def _nilearn_template() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from nilearn import datasets
+
+    t1 = datasets.load_mni152_template(resolution=2)
+    mask = datasets.load_mni152_brain_mask(resolution=2)
+    return (t1.get_fdata(dtype=np.float32), np.asarray(mask.get_fdata()) > 0.5,
+            t1.affine.astype(np.float64))
+
+
+def _file_template(t1: str | Path | None, mask: str | Path | None):
+    if not t1 or not mask:
+        raise InputError("template.source is 'file' but template.t1 and/or template.mask is not "
+                         "set. Give both paths (T1 template at 2 mm and its brain mask), or use "
+                         "template.source: nilearn.")
+    t1_data, t1_affine = load_volume(t1, what="template.t1")
+    mask_data, mask_affine = load_volume(mask, what="template.mask")
+    require_same_grid(t1_data.shape, t1_affine, f"template.t1 {t1}", mask_data.shape,
+                      mask_affine, f"template.mask {mask}")
+    spacing = np.sqrt((t1_affine[:3, :3] ** 2).sum(axis=0))
+    if not np.allclose(spacing, TEMPLATE_VOXEL_MM, atol=0.01):
+        raise InputError(f"template.t1 {t1} has voxels of {np.round(spacing, 3).tolist()} mm; "
+                         f"the pipeline registers at {TEMPLATE_VOXEL_MM:g} mm isotropic (outputs "
+                         f"named res-2). Resample the template to 2 mm first.")
+    return np.nan_to_num(t1_data), np.nan_to_num(mask_data) > 0.5, t1_affine
+
+
+def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = "nilearn",
+                     t1: str | Path | None = None, mask: str | Path | None = None) -> dict:
+    """Write the template T1 (float32) and brain mask (uint8) at 2 mm.
+
+    Parameters
+    ----------
+    out_t1, out_mask : output NIfTI paths (``Layout.template("T1w"/"brain_mask")``).
+    source : ``nilearn`` (bundled MNI152 2009a sym) or ``file`` (config ``template.source``).
+    t1, mask : with ``source="file"``, the user's template files (``template.t1/mask``).
+
+    Returns
+    -------
+    dict with ``shape``, ``affine`` (4x4 list) and ``brain_voxels``.
+    """
+    if source == "nilearn":
+        data, brain, affine = _nilearn_template()
+        origin = "nilearn MNI152 ICBM 2009a sym"
+    elif source == "file":
+        data, brain, affine = _file_template(t1, mask)
+        origin = f"file {t1}"
+    else:
+        raise InputError(f"template.source={source!r}; choose nilearn or file.")
+    if not brain.any():
+        raise InputError(f"the template brain mask ({origin}) is empty.")
+    save_volume(out_t1, data, affine, description=f"template T1, {origin}")
+    save_volume(out_mask, brain, affine, dtype=np.uint8, description=f"template brain mask, {origin}")
+    log.info("template from %s: shape %s, %d brain voxels of %g mm", origin, data.shape,
+             brain.sum(), TEMPLATE_VOXEL_MM)
+    return {"shape": list(data.shape), "affine": affine.tolist(), "brain_voxels": int(brain.sum())}

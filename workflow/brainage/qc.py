@@ -1,0 +1,263 @@
+"""Quality control of the registered maps: per subject (rule ``compute_qc``) and per
+dataset (rule ``tabulate_qc``).
+
+Per subject, three numbers in template space:
+
+``dice``
+    Dice of the warped brain mask against the template brain mask (registration and
+    skull stripping together).
+``correlation``
+    Pearson correlation of the registered stiffness with the template T1 inside the
+    template brain, where the map has data. White matter is stiffer than cortex and CSF
+    as it is brighter in a T1w, so a misregistered map correlates poorly.
+``coverage``
+    Share of the template brain covered by non-zero stiffness (paper Appendix Fig. 7):
+    the MRE slab's coverage, as the normalisation and the network see it.
+
+Thresholds (config ``qc.min_dice``, ``qc.min_correlation``, ``qc.min_coverage``) are applied
+only in the dataset table, so changing them reruns the table, not the subjects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from brainage.io import InputError, atomic_path, write_json, write_tsv
+from brainage.preprocess.images import load_mask, load_volume, require_same_grid
+
+log = logging.getLogger(__name__)
+
+METRICS = ("dice", "correlation", "coverage")
+QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "coverage",
+              "reference_correlation", "reference_kind", "skullstrip_route", "qc_pass",
+              "qc_failures")
+
+
+def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
+               template_t1: np.ndarray, template_mask: np.ndarray) -> dict:
+    """QC numbers of one registered subject; all arrays on the template grid [X, Y, Z].
+
+    Parameters
+    ----------
+    stiffness : registered map (kPa), 0 = no data.
+    mask : warped brain mask (bool).
+    reference : warped registration reference (T1w or stiffness).
+    template_t1, template_mask : the template (float, bool).
+
+    Returns
+    -------
+    dict: ``dice``, ``correlation``, ``coverage`` (see module docstring),
+    ``reference_correlation`` (warped reference vs template T1 in the template brain),
+    ``template_brain_voxels``, ``covered_voxels``.
+    """
+    covered = (stiffness != 0) & template_mask
+    dice = 2 * np.count_nonzero(mask & template_mask) / max(
+        int(mask.sum() + template_mask.sum()), 1)
+    reference_region = template_mask & (reference != 0)
+    return {
+        "dice": float(dice),
+        "correlation": _pearson(stiffness[covered], template_t1[covered]),
+        "coverage": float(covered.sum() / max(int(template_mask.sum()), 1)),
+        "reference_correlation": _pearson(reference[reference_region],
+                                          template_t1[reference_region]),
+        "template_brain_voxels": int(template_mask.sum()),
+        "covered_voxels": int(covered.sum()),
+    }
+
+
+def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson correlation; 0.0 when undefined (fewer than 3 voxels, or a constant image)."""
+    if a.size < 3 or np.std(a) == 0 or np.std(b) == 0:
+        return 0.0
+    return float(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1])
+
+
+def plot_subject_qc(stiffness: np.ndarray, template_t1: np.ndarray, template_mask: np.ndarray,
+                    out_png: str | Path, *, title: str) -> None:
+    """Three orthogonal views of the registered map over the template and its brain outline.
+
+    Slices through the centre of the template brain; the map in colour (kPa), the template
+    T1 in grey, the template brain mask's outline in red.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centre = np.round(np.argwhere(template_mask).mean(axis=0)).astype(int)
+    values = stiffness[stiffness != 0]
+    high = float(np.percentile(values, 99)) if values.size else 1.0
+    views = [("sagittal", lambda v: v[centre[0], :, :]),
+             ("coronal", lambda v: v[:, centre[1], :]),
+             ("axial", lambda v: v[:, :, centre[2]])]
+    figure, axes = plt.subplots(1, 3, figsize=(11, 4))
+    image = None
+    for axis, (name, cut) in zip(axes, views):
+        axis.imshow(cut(template_t1).T, origin="lower", cmap="gray")
+        shown = np.ma.masked_equal(cut(stiffness).T, 0)
+        image = axis.imshow(shown, origin="lower", cmap="viridis", vmin=0, vmax=high, alpha=0.9)
+        axis.contour(cut(template_mask.astype(float)).T, levels=[0.5], colors="red",
+                     linewidths=0.8)
+        axis.set_title(name)
+        axis.set_axis_off()
+    figure.colorbar(image, ax=axes, shrink=0.8, label="stiffness (kPa)")
+    figure.suptitle(title, fontsize=10)
+    with atomic_path(out_png) as temp:
+        figure.savefig(temp, dpi=80, format="png")
+    plt.close(figure)
+
+
+def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
+               reference_info: str | Path, template_t1: str | Path, template_mask: str | Path,
+               out_json: str | Path, out_png: str | Path, *, subject: str) -> dict:
+    """QC metrics JSON and three-view PNG of one registered subject.
+
+    Parameters
+    ----------
+    stiffness, mask, reference : the subject's registered map, warped brain mask and
+        warped reference (``register_to_template``).
+    reference_info : sidecar of ``strip_skull`` (route and reference kind).
+    template_t1, template_mask : the template.
+    out_json, out_png : outputs (``Layout.subject_qc``).
+    subject : label (without ``sub-``).
+
+    Returns
+    -------
+    The JSON content: :func:`qc_metrics` plus ``participant_id``, ``reference_kind``,
+    ``skullstrip_route``.
+    """
+    name = f"subject sub-{subject}"
+    data, affine = load_volume(stiffness, what=f"{name}: registered map")
+    warped_mask, mask_affine = load_mask(mask, what=f"{name}: warped brain mask")
+    reference_data, _ = load_volume(reference, what=f"{name}: warped reference")
+    template, template_affine = load_volume(template_t1, what="template T1")
+    brain, _ = load_mask(template_mask, what="template brain mask")
+    require_same_grid(data.shape, affine, f"{name}: registered map {stiffness}", template.shape,
+                      template_affine, f"template {template_t1}")
+    info = json.loads(Path(reference_info).read_text())
+    metrics = qc_metrics(data, warped_mask, reference_data, template, brain)
+    result = {"participant_id": f"sub-{subject}", **metrics,
+              "reference_kind": info.get("reference_kind"),
+              "skullstrip_route": info.get("route")}
+    write_json(out_json, result)
+    plot_subject_qc(data, template, brain, out_png, title=(
+        f"sub-{subject}: Dice {metrics['dice']:.3f}, correlation {metrics['correlation']:.2f}, "
+        f"coverage {metrics['coverage']:.1%}"))
+    log.info("%s: Dice %.3f, correlation %.3f, coverage %.3f", name, metrics["dice"],
+             metrics["correlation"], metrics["coverage"])
+    return result
+
+
+def qc_failures(row, *, min_dice: float, min_correlation: float,
+                min_coverage: float) -> list[str]:
+    """The thresholds a subject's QC row misses, e.g. ``["dice 0.812 < 0.85"]``."""
+    failures = []
+    for metric, threshold in (("dice", min_dice), ("correlation", min_correlation),
+                              ("coverage", min_coverage)):
+        value = float(row[metric])
+        if not value >= threshold:  # NaN fails too
+            failures.append(f"{metric} {value:.3f} < {threshold:g}")
+    return failures
+
+
+def participants_table(source: pd.DataFrame | str | Path) -> pd.DataFrame:
+    """A validated participants table, given as a DataFrame or as the path of the dataset's
+    ``participants.tsv`` (read with :func:`brainage.io.read_participants`)."""
+    if isinstance(source, pd.DataFrame):
+        return source.reset_index(drop=True)
+    from brainage.io import read_participants
+
+    return read_participants(Path(source).parent)
+
+
+def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str | Path,
+                out_table: str | Path, out_figure: str | Path, *, min_dice: float,
+                min_correlation: float, min_coverage: float) -> pd.DataFrame:
+    """The dataset's QC table (one row per participant, participants order) and figure.
+
+    Parameters
+    ----------
+    qc_files : every subject's QC JSON (``compute_qc``).
+    participants : the dataset's participants table, or the path of its participants.tsv.
+    out_table : TSV with :data:`QC_COLUMNS`; ``qc_failures`` lists the missed thresholds
+        (``;``-separated, empty when passed).
+    out_figure : PNG, the metrics per study with the thresholds, failures marked.
+    min_dice, min_correlation, min_coverage : config keys ``qc.*``.
+
+    Raises
+    ------
+    brainage.io.InputError
+        A participant has no QC file.
+    """
+    participants = participants_table(participants)
+    by_subject = {}
+    for path in qc_files:
+        record = json.loads(Path(path).read_text())
+        by_subject[record["participant_id"]] = record
+    missing = [pid for pid in participants["participant_id"] if pid not in by_subject]
+    if missing:
+        raise InputError(f"no QC file for {', '.join(missing[:10])}"
+                         f"{' ...' if len(missing) > 10 else ''}; run compute_qc for them.")
+    rows = []
+    for participant in participants.itertuples(index=False):
+        record = by_subject[participant.participant_id]
+        failures = qc_failures(record, min_dice=min_dice, min_correlation=min_correlation,
+                               min_coverage=min_coverage)
+        rows.append({"participant_id": participant.participant_id, "study": participant.study,
+                     **{key: record.get(key) for key in QC_COLUMNS
+                        if key not in ("participant_id", "study", "qc_pass", "qc_failures")},
+                     "qc_pass": not failures, "qc_failures": "; ".join(failures)})
+    table = pd.DataFrame(rows, columns=list(QC_COLUMNS))
+    failed = table[~table["qc_pass"]]
+    for row in failed.itertuples(index=False):
+        log.warning("QC flags %s (%s): %s", row.participant_id, row.study, row.qc_failures)
+    log.info("QC: %d of %d subjects pass (min_dice %g, min_correlation %g, min_coverage %g)",
+             int(table["qc_pass"].sum()), len(table), min_dice, min_correlation, min_coverage)
+    write_tsv(out_table, table)
+    plot_dataset_qc(table, out_figure, thresholds={"dice": min_dice,
+                                                   "correlation": min_correlation,
+                                                   "coverage": min_coverage})
+    return table
+
+
+def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, thresholds: dict) -> None:
+    """One panel per metric: subjects by study, threshold line, flagged subjects in red."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    studies = sorted(table["study"].unique())
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for axis, metric in zip(axes, METRICS):
+        for position, study in enumerate(studies):
+            rows = table[table["study"] == study]
+            x = position + rng.uniform(-0.15, 0.15, size=len(rows))
+            colours = np.where(rows["qc_pass"], "tab:blue", "tab:red")
+            axis.scatter(x, rows[metric].astype(float), c=colours, s=14)
+        axis.axhline(thresholds[metric], color="tab:red", linestyle="--", linewidth=1)
+        axis.set_xticks(range(len(studies)), studies, rotation=45, ha="right")
+        axis.set_title(metric)
+    flagged = int((~table["qc_pass"]).sum())
+    figure.suptitle(f"QC of {len(table)} registered maps: {flagged} flagged (red)")
+    figure.tight_layout()
+    with atomic_path(out_png) as temp:
+        figure.savefig(temp, dpi=90, format="png")
+    plt.close(figure)
+
+
+def read_qc_table(path: str | Path) -> pd.DataFrame:
+    """The table written by :func:`tabulate_qc`, ``qc_pass`` as bool."""
+    table = pd.read_csv(path, sep="\t", dtype={"participant_id": str, "study": str,
+                                               "qc_failures": str}, keep_default_na=False)
+    table["qc_pass"] = table["qc_pass"].astype(str).str.lower() == "true"
+    for metric in METRICS:
+        table[metric] = pd.to_numeric(table[metric], errors="coerce")
+    return table

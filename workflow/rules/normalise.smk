@@ -1,0 +1,30 @@
+# Dataset-wide z-normalisation, one job per split (METHOD.md section 1): one mean and one
+# sd over the non-zero brain voxels, from the split's training subjects by default
+# (normalise.scope: all = the paper's code). The only preprocessing stage that reads
+# participants.tsv.
+
+rule normalise_dataset:
+    input:
+        maps=lambda wildcards: expand(LAYOUT.subject_mni("{subject}", "preproc", "stiffness"),
+                                      subject=subjects()),
+        qc=LAYOUT.qc_table(),
+        participants=str(Path(DATASET_ROOT, "participants.tsv")),
+        template_mask=LAYOUT.template("brain_mask"),
+    output:
+        images=LAYOUT.split_file("{split}", "images.npy"),
+        participants=LAYOUT.split_file("{split}", "participants.tsv"),
+        stats=LAYOUT.split_file("{split}", "stats.json"),
+    params:
+        split_settings=config["split"],
+        normalise=config["normalise"],
+        exclude_failed=config["qc"]["exclude_failed"],
+    log:
+        LAYOUT.log("dataset", "{split}/normalise_dataset"),
+    benchmark:
+        LAYOUT.benchmark("dataset", "{split}/normalise_dataset")
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    script:
+        "../scripts/normalise_dataset.py"
