@@ -90,11 +90,7 @@ def grid_targets(name="metrics.json"):
 
 
 def all_targets(wildcards):
-    targets = []
-    if "make_tables" in rules.__dict__:
-        targets.append(LAYOUT.table("table3_losses", ".csv"))
-    if "make_figures" in rules.__dict__:
-        targets.append(LAYOUT.result("figures", "figures.done"))
-    if not targets:
-        targets = grid_targets() or [LAYOUT.split_file(s, "images.npy") for s in split_names()]
-    return targets
+    """What `snakemake` builds by default: every table and figure, and the predictions
+    for the configured cohorts (report_targets in aggregate.smk, predict_targets in
+    predict.smk)."""
+    return [*report_targets(), *predict_targets()]

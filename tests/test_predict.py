@@ -1,0 +1,580 @@
+"""Brain age for new subjects (brainage.predict, brainage.bundle).
+
+Exported cells use a randomly initialised ResNet-18 (no training: seconds instead of
+minutes); a Ridge read-out on its frozen features already predicts age from synthetic
+volumes whose stiffness falls with age (test MAE 2-5 years over 20-80), which is what the
+brain-age-gap checks need. Two fixtures:
+
+- ``exported``: tests/split_fixture.py's split (6 mm arrays) -> cell -> bundle; for the
+  bundle format, round trip and bias-correction tests.
+- ``world``: 2 mm "registered" maps on a small fake template -> the real
+  normalise_dataset -> cell -> bundle, and a new cohort of held-out healthy subjects and
+  an accelerated-ageing group (+8 years of stiffness) as preprocessed maps with QC files;
+  prediction runs exactly as in the pipeline from there (normalisation with the bundle's
+  statistics, embedding, read-out, bias correction), without registration.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from split_fixture import tiny_settings, write_split  # noqa: E402
+
+from brainage.bundle import (BUNDLE_FORMAT_VERSION, BundleError, read_bundle,  # noqa: E402
+                             sha256_file, write_bundle)
+from brainage.io import InputError  # noqa: E402
+from brainage.predict import (AgeBias, BrainAgeModel, ExportError, export_model,  # noqa: E402
+                              fit_age_bias, gap_age_correlation, normalise_map,
+                              out_of_fold_predictions, predict_cohort)
+
+
+def _random_cell(split_dir: Path, cell_dir: Path, settings: dict) -> dict:
+    """encoder.pt of an untrained network (train's format), evaluated like a grid cell."""
+    from brainage.evaluate import evaluate_encoder
+    from brainage.models import build_model
+    from brainage.train import resolve_settings
+
+    settings = resolve_settings(settings)
+    torch.manual_seed(0)
+    network = build_model(settings["model"])
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": 1, "model": network.state_dict(), "settings": settings,
+                "split": split_dir.name, "epochs": 0}, cell_dir / "encoder.pt")
+    evaluate_encoder(split_dir, cell_dir / "encoder.pt", settings,
+                     metrics_path=cell_dir / "metrics.json",
+                     predictions_path=cell_dir / "predictions.tsv")
+    return settings
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A split, an evaluated cell (random encoder) and its exported bundle."""
+    root = tmp_path_factory.mktemp("predict")
+    split_dir = write_split(root / "dataset", n_subjects=48, n_test=10, shape=(8, 10, 8))
+    cell = root / "cell"
+    settings = _random_cell(split_dir, cell, tiny_settings())
+    bundle_dir = root / "models" / "demo"
+    manifest = export_model(split_dir, cell / "encoder.pt", settings, bundle_dir=bundle_dir,
+                            name="demo", predictions_path=cell / "predictions.tsv",
+                            metrics_path=cell / "metrics.json")
+    return SimpleNamespace(root=root, split_dir=split_dir, cell=cell, settings=settings,
+                           bundle_dir=bundle_dir, manifest=manifest)
+
+
+def _split_images(split_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    return np.load(split_dir / "images.npy"), table
+
+
+# -- a small world on a fake 2 mm template: training cohort, split, new cohorts ----------------
+
+TEMPLATE_SHAPE = (26, 32, 26)   # not divisible by 3: the 6 mm grid crops or pads
+TEMPLATE_AFFINE = np.array([[2.0, 0, 0, -26], [0, 2.0, 0, -32], [0, 0, 2.0, -26], [0, 0, 0, 1]])
+QC_THRESHOLDS = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+
+
+def _template_coordinates() -> np.ndarray:
+    return np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in TEMPLATE_SHAPE],
+                                indexing="ij"))
+
+
+def _template_brain() -> np.ndarray:
+    return (_template_coordinates() ** 2 / np.array([0.75, 0.8, 0.75])[:, None, None, None] ** 2
+            ).sum(axis=0) < 1
+
+
+def stiffness_map(stiffness_age: float, rng: np.random.Generator) -> np.ndarray:
+    """A registered map (kPa) on the fake template: softer, with a steeper front-back
+    gradient and larger "ventricles" at higher stiffness age (years). Each of the three
+    age effects has its own subject-level noise (~6 years), so age is predictable but not
+    perfectly: predictions regress to the mean, as real ones do."""
+    coordinates = _template_coordinates()
+    brain = _template_brain()
+    level, gradient, ventricle = (stiffness_age - 50.0) / 30.0 + rng.normal(0.0, 0.2, 3)
+    radius = np.sqrt((coordinates ** 2).sum(axis=0))
+    value = 3.0 - 0.45 * level - 0.3 * coordinates[1] * gradient
+    value = np.where(radius < 0.2 + 0.12 * (ventricle + 1), 1.2, value)
+    value = value + rng.normal(0.0, 0.08, TEMPLATE_SHAPE)
+    return np.where(brain, np.clip(value, 0.3, None), 0.0).astype(np.float32)
+
+
+def write_cohort(root: Path, table: pd.DataFrame, *, seed: int, failing: tuple = ()) -> dict:
+    """participants.tsv, raw maps, "preprocessed" maps and QC files of a cohort.
+
+    The stiffness age is ``age + stiffness_age_offset_years`` (column, if present).
+    Subjects in ``failing`` get a QC file with a failing Dice. Returns
+    ``{"maps": {label: path}, "qc": {label: path}}``.
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    offsets = table.get("stiffness_age_offset_years", pd.Series(0.0, index=table.index))
+    table.drop(columns=["stiffness_age_offset_years"], errors="ignore").to_csv(
+        root / "participants.tsv", sep="\t", index=False)
+    maps, qc = {}, {}
+    for participant_id, age, offset in zip(table["participant_id"], table["age"], offsets):
+        label = participant_id[len("sub-"):]
+        image = nib.Nifti1Image(stiffness_map(age + offset, rng), TEMPLATE_AFFINE)
+        raw = root / participant_id / "mre" / f"{participant_id}_stiffness.nii.gz"
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(image, raw)
+        preproc = (root / "preproc"
+                   / f"{participant_id}_space-MNI152_res-2_desc-preproc_stiffness.nii.gz")
+        preproc.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(image, preproc)
+        qc_path = root / "preproc" / f"{participant_id}_qc.json"
+        qc_path.write_text(json.dumps({
+            "participant_id": participant_id, "dice": 0.5 if label in failing else 0.95,
+            "correlation": 0.6, "coverage": 0.97, "reference_correlation": 0.7,
+            "reference_kind": "brain_mask", "skullstrip_route": "none"}))
+        maps[label], qc[label] = str(preproc), str(qc_path)
+    return {"maps": maps, "qc": qc}
+
+
+def _participants(n: int, prefix: str, ages, *, group: str = "healthy", offset: float = 0.0,
+                  study: str | None = None) -> pd.DataFrame:
+    return pd.DataFrame({
+        "participant_id": [f"sub-{prefix}{index:03d}" for index in range(n)],
+        "age": np.round(ages, 1), "sex": ["F" if index % 2 else "M" for index in range(n)],
+        "study": [study or f"study{index % 3 + 1}" for index in range(n)],
+        "group": group, "stiffness_age_offset_years": offset})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Training cohort -> QC table -> normalise_dataset split -> random cell -> bundle."""
+    from brainage.normalise import normalise_dataset
+    from brainage.qc import tabulate_qc
+
+    root = tmp_path_factory.mktemp("world")
+    rng = np.random.default_rng(1)
+    training = _participants(72, "tr", rng.uniform(20, 80, 72))
+    files = write_cohort(root / "training", training, seed=2)
+    tabulate_qc(list(files["qc"].values()), root / "training" / "participants.tsv",
+                root / "qc.tsv", root / "qc.png", **QC_THRESHOLDS)
+    nib.save(nib.Nifti1Image(_template_brain().astype(np.uint8), TEMPLATE_AFFINE),
+             root / "template_mask.nii.gz")
+    nib.save(nib.Nifti1Image(_template_brain().astype(np.float32) * 100, TEMPLATE_AFFINE),
+             root / "template_t1.nii.gz")
+    split_dir = root / "dataset" / "holdout"
+    normalise_dataset(list(files["maps"].values()), root / "training" / "participants.tsv",
+                      root / "qc.tsv", root / "template_mask.nii.gz", split_dir / "images.npy",
+                      split_dir / "participants.tsv", split_dir / "stats.json", split="holdout",
+                      split_settings={"scheme": "holdout", "test_fraction": 0.2, "seed": 42},
+                      scope="train", resolution_mm=6)
+    cell = root / "cell"
+    settings = _random_cell(split_dir, cell, tiny_settings(model={"features": "encoder"}))
+    bundle_dir = root / "models" / "brainage"
+    manifest = export_model(
+        split_dir, cell / "encoder.pt", settings, bundle_dir=bundle_dir, name="brainage",
+        predictions_path=cell / "predictions.tsv", metrics_path=cell / "metrics.json",
+        template_t1=root / "template_t1.nii.gz", template_mask=root / "template_mask.nii.gz",
+        preprocessing={"preprocess": {}, "qc": QC_THRESHOLDS, "template": {"source": "file"}})
+    return SimpleNamespace(root=root, training=files, split_dir=split_dir, cell=cell,
+                           settings=settings, bundle_dir=bundle_dir, manifest=manifest)
+
+
+@pytest.fixture(scope="module")
+def new_cohort(world):
+    """Held-out healthy subjects and an accelerated-ageing group (+8 years of stiffness),
+    ages 35-75; one healthy subject fails QC."""
+    rng = np.random.default_rng(3)
+    table = pd.concat([
+        _participants(24, "newh", rng.uniform(35, 75, 24)),
+        _participants(24, "newa", rng.uniform(35, 75, 24), group="accelerated", offset=8.0,
+                      study="patients")], ignore_index=True)
+    root = world.root / "new_cohort"
+    files = write_cohort(root, table, seed=4, failing=("newh005",))
+    out = world.root / "predict" / "new"
+    predictions = predict_cohort(world.bundle_dir, root, files["maps"], files["qc"],
+                                 predictions_path=out / "predictions.tsv",
+                                 summary_path=out / "summary.tsv",
+                                 figure_path=out / "gap_by_group.png", cohort="new",
+                                 device="cpu")
+    return SimpleNamespace(root=root, files=files, out=out, predictions=predictions)
+
+
+# -- bundle ------------------------------------------------------------------------------------
+
+def test_bundle_holds_tensors_versions_and_checksums(exported):
+    manifest = exported.manifest
+    assert manifest["format_version"] == BUNDLE_FORMAT_VERSION
+    assert manifest["versions"]["torch"] == torch.__version__
+    for name in ("encoder.pt", "readout.pt"):
+        assert manifest["files"][name] == sha256_file(exported.bundle_dir / name)
+        # plain tensors only: loadable with weights_only=True
+        state = torch.load(exported.bundle_dir / name, weights_only=True)
+        assert all(isinstance(value, torch.Tensor) for value in state.values())
+    assert manifest["normalisation"]["mean"] == 3.0
+    assert manifest["normalisation"]["resolution_mm"] == 6
+    assert "statistics_subjects" not in manifest["normalisation"]  # no subject ids shipped
+    assert manifest["readout"]["method"] == "ridge"
+    assert manifest["source"]["reproduces_cell_predictions"]["max_abs_difference_years"] == 0.0
+
+
+def test_bundle_round_trip_gives_identical_predictions(exported, tmp_path):
+    """Another lab copies the bundle folder: same predictions as the evaluated cell."""
+    copied = tmp_path / "elsewhere" / "bundle"
+    shutil.copytree(exported.bundle_dir, copied)
+    images, table = _split_images(exported.split_dir)
+    predicted = BrainAgeModel.from_bundle(copied, device="cpu").predict_age(images)
+    cell = pd.read_csv(exported.cell / "predictions.tsv", sep="\t").set_index("participant_id")
+    np.testing.assert_array_equal(predicted,
+                                  cell.loc[table["participant_id"], "predicted_age"].to_numpy())
+
+
+def test_reexport_gives_identical_payload(exported, tmp_path):
+    again = export_model(exported.split_dir, exported.cell / "encoder.pt", exported.settings,
+                         bundle_dir=tmp_path / "again", name="demo")
+    assert again["files"] == exported.manifest["files"]
+    assert again["bias_correction"] == exported.manifest["bias_correction"]
+
+
+def _copy_bundle(exported, tmp_path) -> Path:
+    copied = tmp_path / "bundle"
+    shutil.copytree(exported.bundle_dir, copied)
+    return copied
+
+
+def test_tampered_file_fails_with_checksum_error_naming_it(exported, tmp_path):
+    copied = _copy_bundle(exported, tmp_path)
+    state = torch.load(copied / "readout.pt", weights_only=True)
+    state["intercept"] = state["intercept"] + 5.0  # "make everyone 5 years older"
+    torch.save(state, copied / "readout.pt")
+    with pytest.raises(BundleError, match=r"checksum mismatch for .*readout\.pt"):
+        read_bundle(copied)
+
+
+def test_incompatible_format_version_fails_clearly(exported, tmp_path):
+    copied = _copy_bundle(exported, tmp_path)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["format_version"] = BUNDLE_FORMAT_VERSION + 1
+    manifest["versions"]["brainage"] = "9.0.0"
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"format version 2 \(written by brainage 9\.0\.0\).*"
+                                          r"reads format version\(s\) 1"):
+        read_bundle(copied)
+
+
+def test_missing_file_and_foreign_folder_fail_clearly(exported, tmp_path):
+    copied = _copy_bundle(exported, tmp_path)
+    (copied / "encoder.pt").unlink()
+    with pytest.raises(BundleError, match=r"encoder\.pt is missing"):
+        read_bundle(copied)
+    with pytest.raises(BundleError, match=r"manifest\.json is missing"):
+        read_bundle(tmp_path)
+    with pytest.raises(BundleError, match="does not exist"):
+        read_bundle(tmp_path / "nowhere")
+
+
+class _Payload:
+    """Any class instance: unpickling it would import and run code."""
+
+
+def test_pickled_object_in_bundle_is_refused_even_with_matching_checksum(exported, tmp_path):
+    copied = _copy_bundle(exported, tmp_path)
+    torch.save({"coef": _Payload()}, copied / "readout.pt")
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["files"]["readout.pt"] = sha256_file(copied / "readout.pt")
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"weights_only=True"):
+        read_bundle(copied)
+
+
+def test_write_bundle_accepts_tensors_only(tmp_path):
+    fields = {key: {} for key in ("settings", "normalisation", "readout", "bias_correction",
+                                  "template")}
+    with pytest.raises(TypeError, match="tensors only"):
+        write_bundle(tmp_path / "b", name="b", encoder_state={"w": np.zeros(2)},
+                     readout_state={}, manifest_fields=fields)
+    assert not (tmp_path / "b").exists()
+
+
+def test_export_refuses_a_cell_whose_predictions_changed(exported, tmp_path):
+    predictions = pd.read_csv(exported.cell / "predictions.tsv", sep="\t")
+    predictions.loc[0, "predicted_age"] += 1.0
+    changed = tmp_path / "predictions.tsv"
+    predictions.to_csv(changed, sep="\t", index=False)
+    with pytest.raises(ExportError, match="1.0000 years differently"):
+        export_model(exported.split_dir, exported.cell / "encoder.pt", exported.settings,
+                     bundle_dir=tmp_path / "bundle", name="x", predictions_path=changed)
+    assert not (tmp_path / "bundle").exists()
+
+
+# -- age-bias correction -----------------------------------------------------------------------
+
+def test_fit_age_bias_recovers_a_known_line_and_removes_it():
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(20, 80, 200)
+    predicted = ages + 12.0 - 0.3 * ages + rng.normal(0, 2, 200)  # regression to the mean
+    bias = fit_age_bias(ages, predicted)
+    assert bias.intercept == pytest.approx(12.0, abs=1.0)
+    assert bias.slope == pytest.approx(-0.3, abs=0.03)
+    corrected = bias.corrected_gap(ages, predicted)
+    assert abs(np.corrcoef(ages, corrected)[0, 1]) < 1e-10
+    assert corrected.mean() == pytest.approx(0.0, abs=1e-10)
+
+
+def test_fit_age_bias_refuses_degenerate_reference_sets():
+    with pytest.raises(ValueError, match="at least 3 subjects"):
+        fit_age_bias([30.0, 40.0], [31.0, 39.0])
+    with pytest.raises(ValueError, match="every subject is 50.0 years old"):
+        fit_age_bias([50.0] * 4, [48.0, 51.0, 52.0, 50.0])
+
+
+def test_corrected_gap_is_shifted_by_the_accelerated_offset():
+    # A subject whose stiffness looks 8 years older is predicted as f(age + 8) with
+    # f(x) = x + a + b x; the corrected gap is then 8 (1 + b), independent of age.
+    bias = AgeBias(intercept=15.0, slope=-0.25)
+    ages = np.array([40.0, 60.0, 75.0])
+    predicted = (ages + 8) + bias.expected_gap(ages + 8)
+    np.testing.assert_allclose(bias.corrected_gap(ages, predicted), 8 * 0.75)
+
+
+def test_bias_correction_removes_gap_age_correlation_on_training_set(exported):
+    """The stored (a, b) come from out-of-fold predictions of the training subjects; on
+    those predictions the corrected gap is uncorrelated with age, on the raw gap it is not."""
+    from brainage.data import VolumeStore, load_split
+    from brainage.evaluate import embed
+    from brainage.train import load_encoder
+
+    split = load_split(exported.split_dir)
+    model = load_encoder(exported.cell / "encoder.pt", exported.settings["model"])
+    features = embed(model, VolumeStore(split.images, torch.device("cpu")), split.train_index)
+    ages = split.ages[split.train_index]
+    oof = out_of_fold_predictions(features.astype(np.float64), ages, exported.settings["readout"],
+                                  folds=5, seed=0)
+    correction = exported.manifest["bias_correction"]
+    bias = AgeBias(correction["intercept"], correction["slope"])
+    raw_r = gap_age_correlation(ages, oof - ages)
+    assert raw_r < -0.3  # regression to the mean: young over-, old under-estimated
+    assert abs(gap_age_correlation(ages, bias.corrected_gap(ages, oof))) < 1e-8
+    assert correction["gap_age_r_before"] == pytest.approx(raw_r)
+    assert correction["n_subjects"] == len(ages)
+    # the out-of-fold slope is steeper than the overfitted in-sample one
+    assert correction["fitted_on"] == "training"
+    assert correction["slope"] < correction["other_fits"]["training_in_sample"]["slope"]
+    assert set(correction["other_fits"]) == {"training_in_sample", "test"}
+
+
+def test_bias_correction_can_be_fitted_on_the_held_out_test_subjects(exported, tmp_path):
+    manifest = export_model(exported.split_dir, exported.cell / "encoder.pt", exported.settings,
+                            bundle_dir=tmp_path / "b", name="b", bias_fit="test")
+    correction = manifest["bias_correction"]
+    cell = pd.read_csv(exported.cell / "predictions.tsv", sep="\t")
+    test = cell[cell["subset"] == "test"]
+    expected = fit_age_bias(test["age"], test["predicted_age"])
+    assert correction["fitted_on"] == "test" and correction["n_subjects"] == len(test)
+    assert (correction["intercept"], correction["slope"]) == pytest.approx(
+        (expected.intercept, expected.slope))
+    assert correction["other_fits"]["training"] == {
+        key: exported.manifest["bias_correction"][key] for key in ("intercept", "slope")}
+
+
+# -- new cohorts -------------------------------------------------------------------------------
+
+def test_normalisation_with_bundle_stats_reproduces_the_training_array(world):
+    """The normalisation stage's images.npy rows, recomputed from the 2 mm maps with the
+    bundle's statistics: identical, so a new subject is seen exactly as training was."""
+    images = np.load(world.split_dir / "images.npy")
+    table = pd.read_csv(world.split_dir / "participants.tsv", sep="\t")
+    normalisation = read_bundle(world.bundle_dir).normalisation
+    for row, participant_id in enumerate(table["participant_id"][:10]):
+        image = nib.load(world.training["maps"][participant_id[len("sub-"):]])
+        np.testing.assert_array_equal(
+            normalise_map(np.asarray(image.dataobj), image.affine, normalisation), images[row])
+
+
+def test_new_cohort_is_normalised_with_training_statistics_not_its_own(world, new_cohort):
+    stats = json.loads((world.split_dir / "stats.json").read_text())
+    normalisation = read_bundle(world.bundle_dir).normalisation
+    assert (normalisation["mean"], normalisation["sd"]) == (stats["mean"], stats["sd"])
+    # the accelerated cohort is softer: normalised with training statistics its mean is
+    # below 0 (re-estimating on the cohort would erase exactly the effect we look for)
+    accelerated = [label for label in new_cohort.files["maps"] if label.startswith("newa")]
+    means = []
+    for label in accelerated:
+        image = nib.load(new_cohort.files["maps"][label])
+        volume = normalise_map(np.asarray(image.dataobj), image.affine, normalisation)
+        means.append(volume[volume != 0].mean())
+    assert np.mean(means) < -0.1
+
+
+def test_accelerated_group_has_positive_corrected_gap_and_healthy_near_zero(new_cohort):
+    summary = pd.read_csv(new_cohort.out / "summary.tsv", sep="\t").set_index("group")
+    healthy, accelerated = summary.loc["healthy"], summary.loc["accelerated"]
+    assert accelerated["mean_corrected_gap"] > 3.0
+    assert accelerated["corrected_gap_ci95_low"] > 0
+    assert abs(healthy["mean_corrected_gap"]) < 2.0
+    assert healthy["corrected_gap_ci95_low"] < 0 < healthy["corrected_gap_ci95_high"]
+    # the correction matters: raw gaps carry the regression to the mean
+    assert accelerated["mean_corrected_gap"] > healthy["mean_corrected_gap"] + 3.0
+
+
+def test_predictions_table_reports_every_subject_and_qc_failure(new_cohort):
+    table = pd.read_csv(new_cohort.out / "predictions.tsv", sep="\t")
+    assert len(table) == 48
+    assert list(table.columns[:5]) == ["participant_id", "age", "sex", "study", "group"]
+    failed = table[table["participant_id"] == "sub-newh005"].iloc[0]
+    assert failed["status"] == "qc_failed" and not failed["qc_pass"]
+    assert "dice 0.500 < 0.85" in failed["qc_reason"]
+    assert np.isnan(failed["predicted_age"]) and np.isnan(failed["corrected_gap"])
+    predicted = table[table["status"] == "predicted"]
+    assert len(predicted) == 47 and predicted["predicted_age"].notna().all()
+    np.testing.assert_allclose(predicted["gap"], predicted["predicted_age"] - predicted["age"])
+    summary = pd.read_csv(new_cohort.out / "summary.tsv", sep="\t").set_index("group")
+    assert summary.loc["healthy", "n"] == 24 and summary.loc["healthy", "n_predicted"] == 23
+    assert summary.loc["healthy", "n_qc_failed"] == 1
+    provenance = json.loads((new_cohort.out / "provenance.json").read_text())
+    assert provenance["qc_failed"][0]["participant_id"] == "sub-newh005"
+    assert (new_cohort.out / "gap_by_group.png").stat().st_size > 1000
+
+
+def test_corrected_gap_uses_the_bundle_correction(world, new_cohort):
+    correction = world.manifest["bias_correction"]
+    table = new_cohort.predictions[new_cohort.predictions["status"] == "predicted"]
+    expected = table["gap"] - (correction["intercept"] + correction["slope"] * table["age"])
+    np.testing.assert_allclose(table["corrected_gap"], expected)
+
+
+def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):
+    table = predict_cohort(world.bundle_dir, new_cohort.root, new_cohort.files["maps"],
+                           new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                           summary_path=tmp_path / "s.tsv", cohort="new",
+                           bias_reference_group="healthy", device="cpu")
+    healthy = table[(table["group"] == "healthy") & (table["status"] == "predicted")]
+    assert healthy["corrected_gap"].mean() == pytest.approx(0.0, abs=1e-9)
+    assert abs(gap_age_correlation(healthy["age"], healthy["corrected_gap"])) < 1e-8
+
+
+def test_map_off_the_template_grid_is_refused(world, new_cohort, tmp_path):
+    label = "newh000"
+    moved = tmp_path / "moved.nii.gz"
+    image = nib.load(new_cohort.files["maps"][label])
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), moved)
+    maps = {**new_cohort.files["maps"], label: str(moved)}
+    with pytest.raises(InputError, match=r"sub-newh000.*not the bundle's template grid"):
+        predict_cohort(world.bundle_dir, new_cohort.root, maps, new_cohort.files["qc"],
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
+
+
+def test_subject_without_preprocessing_is_refused(world, new_cohort, tmp_path):
+    maps = dict(new_cohort.files["maps"])
+    del maps["newa003"]
+    with pytest.raises(InputError, match=r"no preprocessed map for sub-newa003"):
+        predict_cohort(world.bundle_dir, new_cohort.root, maps, new_cohort.files["qc"],
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
+    assert not (tmp_path / "p.tsv").exists()
+
+
+# -- read-outs other than Ridge ----------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["mse", "dex"])
+def test_predictor_readout_round_trips_through_tensors(method):
+    from brainage.evaluate import fit_readout
+    from brainage.predict import readout_from_state, readout_to_state
+
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(20, 80, 40)
+    features = np.column_stack([ages / 30 + rng.normal(0, 0.1, 40), rng.normal(size=(40, 7))])
+    readout = fit_readout(features, ages, {"method": method, "predictor_epochs": 30}, seed=0)
+    state, description = readout_to_state(readout)
+    assert all(isinstance(value, torch.Tensor) for value in state.values())
+    json.dumps(description)  # the manifest part is plain JSON
+    restored = readout_from_state(state, description)
+    np.testing.assert_array_equal(restored.predict(features), readout.predict(features))
+
+
+# -- the command-line run, the demo cohort's simulation, the exported cell ----------------------
+
+def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path, monkeypatch):
+    """`python -m brainage.predict run`, with the per-subject preprocessing replaced by the
+    cohort's ready-made maps (the real steps are the rules' functions, tested there)."""
+    from brainage import predict as predict_module
+
+    def preprocessed(inputs, layout, label, **settings):
+        for source, target in ((new_cohort.files["maps"][label],
+                                layout.subject_mni(label, "preproc", "stiffness")),
+                               (new_cohort.files["qc"][label], layout.subject_qc(label, ".json"))):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return layout.subject_qc(label, ".json")
+
+    monkeypatch.setattr(predict_module, "preprocess_subject", preprocessed)
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    with pytest.raises(InputError, match="pass the same files with --template-t1"):
+        predict_module.run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "a")
+    table = predict_module.run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "out",
+                                      device="cpu", **template)
+    pd.testing.assert_frame_equal(table, new_cohort.predictions)
+    assert (tmp_path / "out" / "template" / "tpl-MNI152_res-2_desc-brain_mask.nii.gz").is_file()
+    assert (tmp_path / "out" / "summary.tsv").is_file()
+
+    other_mask = tmp_path / "other_mask.nii.gz"
+    brain = _template_brain()
+    brain[:, :, :8] = False
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), TEMPLATE_AFFINE), other_mask)
+    with pytest.raises(InputError, match="differs from the one model bundle"):
+        predict_module.run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "b",
+                                  template_t1=template["template_t1"],
+                                  template_mask=str(other_mask))
+
+
+def test_simulated_new_cohort_never_overwrites_a_real_dataset(tmp_path, monkeypatch):
+    from brainage import predict as predict_module
+    from brainage import simulate
+
+    calls = []
+    monkeypatch.setattr(simulate, "simulate_cohort",
+                        lambda root, **options: calls.append((root, options)) or pd.DataFrame())
+    real = tmp_path / "real"
+    (real / "sub-01").mkdir(parents=True)
+    (real / "participants.tsv").write_text("participant_id\tage\n")
+    with pytest.raises(FileExistsError, match="not written by the simulator"):
+        predict_module.simulate_new_cohort(real, n_subjects=10, seed=1)
+    assert not calls
+    empty = tmp_path / "empty"
+    (empty / "sub-new01" / "mre").mkdir(parents=True)  # what Snakemake creates for outputs
+    predict_module.simulate_new_cohort(empty, n_subjects=10, seed=1, id_prefix="new")
+    assert calls == [(empty, {"n_subjects": 10, "seed": 1, "id_prefix": "new",
+                              "overwrite": True})]
+
+
+def test_exported_cell_must_be_trained_by_the_grid():
+    from brainage.config import ConfigError, load_config
+    from brainage.predict import exported_cell
+
+    config = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
+    experiment, variant, seed = exported_cell(config)
+    assert (experiment, variant, seed) == (config["predict"]["model"]["experiment"],
+                                           config["predict"]["model"]["variant"],
+                                           config["predict"]["model"]["seed"])
+    config["predict"]["model"]["seed"] = 99
+    with pytest.raises(ConfigError, match=r"predict\.model .*seed 99, which no enabled"):
+        exported_cell(config)
+
+
+def test_cohort_table_problems_are_reported_before_any_work(world, new_cohort, tmp_path):
+    arguments = dict(maps=new_cohort.files["maps"], qc=new_cohort.files["qc"],
+                     predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
+    with pytest.raises(InputError, match=r"no column 'site' to summarise by"):
+        predict_cohort(world.bundle_dir, new_cohort.root, group_column="site", **arguments)
+    table = pd.read_csv(new_cohort.root / "participants.tsv", sep="\t")
+    clashing = tmp_path / "clashing"
+    shutil.copytree(new_cohort.root, clashing, ignore=shutil.ignore_patterns("preproc"))
+    table.assign(gap=1.0).to_csv(clashing / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=r"column\(s\) gap, which predictions.tsv adds"):
+        predict_cohort(world.bundle_dir, clashing, **arguments)
+    assert not (tmp_path / "p.tsv").exists()

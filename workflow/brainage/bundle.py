@@ -1,0 +1,326 @@
+"""The exported model bundle: everything another lab needs to predict brain age.
+
+A bundle is a folder (``results/models/<name>/``)::
+
+    manifest.json   format and software versions, sha256 of encoder.pt and readout.pt,
+                    the grid cell's settings, the template id, the preprocessing/QC
+                    settings, the TRAINING normalisation statistics, the read-out
+                    description, the age-bias correction (a, b), a training summary
+    encoder.pt      the encoder's state dict (tensors only)
+    readout.pt      the read-out as tensors only: Ridge ``coef`` [D] and ``intercept``, or
+                    the small predictor's state dict with its feature scaling (and DEX
+                    bin centres)
+    README.md       how to run it (informative, not checksummed)
+
+No scikit-learn object is pickled: both ``.pt`` files hold tensors only and are read with
+``torch.load(..., weights_only=True)``, which refuses anything else, so a bundle from an
+untrusted source cannot run code when loaded. Reading checks the format version first (a
+clear error for a bundle written by an incompatible brainage) and then both files'
+sha256 (a clear error naming the file that changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from brainage.io import write_json
+
+log = logging.getLogger(__name__)
+
+#: Identifies a brainage model bundle in manifest.json (guards against reading some other
+#: JSON file as a manifest).
+BUNDLE_KIND = "brainage-model-bundle"
+#: Bumped whenever the meaning or layout of a bundle's files changes; readers accept only
+#: the versions in SUPPORTED_FORMAT_VERSIONS.
+BUNDLE_FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+MANIFEST_FILE = "manifest.json"
+ENCODER_FILE = "encoder.pt"
+READOUT_FILE = "readout.pt"
+README_FILE = "README.md"
+#: Files whose checksums the manifest lists; the manifest itself and the README are not.
+PAYLOAD_FILES = (ENCODER_FILE, READOUT_FILE)
+
+
+class BundleError(ValueError):
+    """A model bundle is missing, corrupt, tampered with, or from an incompatible version."""
+
+
+def brainage_version() -> str:
+    """Installed brainage version (from package metadata, else pyproject.toml)."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+        try:
+            return version("brainage")
+        except PackageNotFoundError:
+            pass
+    except ImportError:  # pragma: no cover - Python < 3.8
+        pass
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+        with open(pyproject, "rb") as handle:
+            return tomllib.load(handle)["project"]["version"]
+    return "unknown"
+
+
+def software_versions() -> dict[str, str]:
+    """Versions recorded in a bundle (and compared, for information, when it is read)."""
+    import sklearn
+    import torch
+
+    return {"brainage": brainage_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scikit-learn": sklearn.__version__,
+            "python": platform.python_version()}
+
+
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A bundle read from disk and verified.
+
+    Attributes
+    ----------
+    path : Path
+        The bundle folder.
+    manifest : dict
+        ``manifest.json`` (see :func:`write_bundle` for its keys).
+    encoder_state : dict[str, torch.Tensor]
+        Encoder state dict, on the CPU.
+    readout_state : dict[str, torch.Tensor]
+        Read-out tensors, on the CPU (see ``manifest["readout"]["method"]``).
+    """
+
+    path: Path
+    manifest: dict
+    encoder_state: dict
+    readout_state: dict
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def settings(self) -> dict:
+        """The grid cell's settings (``brainage.config.cell_settings``)."""
+        return self.manifest["settings"]
+
+    @property
+    def normalisation(self) -> dict:
+        """TRAINING normalisation statistics (the split's stats.json)."""
+        return self.manifest["normalisation"]
+
+    @property
+    def bias_correction(self) -> dict:
+        """``{"intercept": a (years), "slope": b (per year), ...}``."""
+        return self.manifest["bias_correction"]
+
+
+def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str, Any],
+                 readout_state: Mapping[str, Any], manifest_fields: Mapping[str, Any],
+                 readme: str | None = None) -> Path:
+    """Write a bundle folder atomically (a crash leaves the previous bundle or none).
+
+    Parameters
+    ----------
+    directory : path
+        The bundle folder, e.g. ``results/models/brainage``; replaced if it exists.
+    name : str
+        Bundle name recorded in the manifest.
+    encoder_state, readout_state : mapping of str to torch.Tensor
+        Tensors only (checked: anything else could not be read with weights_only=True).
+    manifest_fields : mapping
+        Everything else the manifest records; must contain ``settings``,
+        ``normalisation``, ``readout``, ``bias_correction``, ``template`` (JSON-able).
+        ``kind``, ``format_version``, ``name``, ``created_utc``, ``versions`` and
+        ``files`` are added here.
+    readme : str, optional
+        Text of README.md.
+
+    Returns
+    -------
+    Path
+        The bundle folder.
+    """
+    import torch
+
+    required = ("settings", "normalisation", "readout", "bias_correction", "template")
+    missing = [key for key in required if key not in manifest_fields]
+    if missing:
+        raise ValueError(f"manifest_fields lacks {', '.join(missing)}")
+    for label, state in (("encoder", encoder_state), ("read-out", readout_state)):
+        bad = [key for key, value in state.items() if not isinstance(value, torch.Tensor)]
+        if bad:
+            raise TypeError(f"{label} state must hold tensors only; {', '.join(bad)} are not")
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        torch.save({key: value.detach().cpu().contiguous() for key, value in encoder_state.items()},
+                   staging / ENCODER_FILE)
+        torch.save({key: value.detach().cpu().contiguous() for key, value in readout_state.items()},
+                   staging / READOUT_FILE)
+        manifest = {
+            "kind": BUNDLE_KIND,
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "name": name,
+            "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": software_versions(),
+            "files": {file: sha256_file(staging / file) for file in PAYLOAD_FILES},
+            **{key: value for key, value in manifest_fields.items()
+               if key not in ("kind", "format_version", "name", "created_utc", "versions",
+                              "files")},
+        }
+        write_json(staging / MANIFEST_FILE, manifest)
+        if readme is not None:
+            (staging / README_FILE).write_text(readme)
+        _replace_directory(staging, directory)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log.info("wrote model bundle %s (%s)", directory, ", ".join(
+        f"{file} {manifest['files'][file][:12]}" for file in PAYLOAD_FILES))
+    return directory
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Move a finished staging folder onto ``directory``.
+
+    ``os.replace`` cannot replace a non-empty folder, so an old bundle is first renamed
+    aside; at no point does ``directory`` hold a mix of old and new files.
+    """
+    if not directory.exists():
+        os.replace(staging, directory)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
+    os.replace(directory, old / directory.name)
+    try:
+        os.replace(staging, directory)
+    except OSError:
+        os.replace(old / directory.name, directory)  # put the previous bundle back
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_manifest(directory: str | Path) -> dict:
+    """Read and check a bundle's manifest: kind and format version (no checksums)."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not directory.is_dir():
+        raise BundleError(
+            f"model bundle {directory} does not exist. Export one with `snakemake "
+            f"export_model` (config key predict.model) or pass the folder another lab sent you.")
+    if not manifest_path.is_file():
+        raise BundleError(
+            f"{manifest_path} is missing: {directory} is not a brainage model bundle (a bundle "
+            f"holds {MANIFEST_FILE}, {', '.join(PAYLOAD_FILES)}). Re-export or re-copy it.")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{manifest_path} is not valid JSON ({error}); the bundle is "
+                          f"damaged. Re-export or re-copy it.") from None
+    kind = manifest.get("kind") if isinstance(manifest, dict) else None
+    if kind != BUNDLE_KIND:
+        raise BundleError(f"{manifest_path} is not a brainage model bundle manifest (its "
+                          f"'kind' is {kind!r}, expected {BUNDLE_KIND!r}).")
+    version = manifest.get("format_version")
+    if version not in SUPPORTED_FORMAT_VERSIONS:
+        written_by = manifest.get("versions", {}).get("brainage", "an unknown version")
+        raise BundleError(
+            f"model bundle {directory} has format version {version!r} (written by brainage "
+            f"{written_by}); this brainage {brainage_version()} reads format version(s) "
+            f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}. Install brainage "
+            f"{written_by} to use this bundle, or re-export the model with this version "
+            f"(`snakemake export_model`).")
+    for key in ("files", "settings", "normalisation", "readout", "bias_correction", "template"):
+        if key not in manifest:
+            raise BundleError(f"{manifest_path} lacks the key {key!r}; the bundle is "
+                              f"incomplete. Re-export it.")
+    return manifest
+
+
+def verify_checksums(directory: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Raise :class:`BundleError` naming the first payload file whose sha256 differs."""
+    directory = Path(directory)
+    listed = manifest["files"]
+    for file in PAYLOAD_FILES:
+        if file not in listed:
+            raise BundleError(f"{directory / MANIFEST_FILE} lists no checksum for {file}; "
+                              f"the bundle is incomplete. Re-export it.")
+    for file, expected in listed.items():
+        path = directory / file
+        if Path(file).name != file:
+            raise BundleError(f"{directory / MANIFEST_FILE} lists {file!r}, which is not a "
+                              f"file name inside the bundle.")
+        if not path.is_file():
+            raise BundleError(f"model bundle file {path} is missing. Re-copy the whole "
+                              f"bundle folder.")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(
+                f"checksum mismatch for {path}: sha256 {actual} but the manifest says "
+                f"{expected}. The file was modified or damaged after export; re-copy the "
+                f"bundle or re-export it.")
+
+
+def read_bundle(directory: str | Path) -> ModelBundle:
+    """Read a bundle: manifest (kind, format version), checksums, then the tensors.
+
+    Raises
+    ------
+    BundleError
+        Missing folder or file, not a bundle, incompatible format version, a checksum
+        mismatch (naming the file), or a file that is not a plain tensor dict.
+    """
+    import torch
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    verify_checksums(directory, manifest)
+    states = {}
+    for file in PAYLOAD_FILES:
+        try:
+            state = torch.load(directory / file, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises several types for refused/broken files
+            raise BundleError(f"{directory / file} cannot be read as a tensor state dict "
+                              f"with weights_only=True ({error}).") from None
+        if not isinstance(state, dict) or not all(
+                isinstance(value, torch.Tensor) for value in state.values()):
+            raise BundleError(f"{directory / file} is not a dict of tensors.")
+        states[file] = state
+    _log_version_differences(directory, manifest)
+    return ModelBundle(path=directory, manifest=manifest, encoder_state=states[ENCODER_FILE],
+                       readout_state=states[READOUT_FILE])
+
+
+def _log_version_differences(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """Different library versions are allowed (the format version guards the layout) but
+    can shift predictions in the last digits, so they are logged."""
+    recorded = manifest.get("versions", {})
+    current = software_versions()
+    for package in ("brainage", "torch", "numpy", "scikit-learn"):
+        if recorded.get(package) not in (None, current[package]):
+            log.warning("model bundle %s was written with %s %s; running with %s",
+                        directory, package, recorded[package], current[package])

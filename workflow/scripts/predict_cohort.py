@@ -1,0 +1,15 @@
+"""Rule predict_cohort: brain age of a preprocessed new cohort (brainage.predict.predict_cohort)."""
+
+from brainage.logs import log_to_file
+from brainage.predict import predict_cohort
+
+log_to_file(snakemake.log[0])
+predict_cohort(snakemake.params.bundle_dir, snakemake.params.dataset_root,
+               maps=dict(zip(snakemake.params.labels, snakemake.input.maps)),
+               qc=dict(zip(snakemake.params.labels, snakemake.input.qc)),
+               predictions_path=snakemake.output.predictions,
+               summary_path=snakemake.output.summary, figure_path=snakemake.output.figure,
+               provenance_path=snakemake.output.provenance,
+               cohort=snakemake.wildcards.cohort,
+               qc_thresholds=snakemake.params.qc_thresholds,
+               bias_reference_group=snakemake.params.bias_reference_group)
