@@ -93,4 +93,6 @@ def all_targets(wildcards):
     """What `snakemake` builds by default: every table and figure, and the predictions
     for the configured cohorts (report_targets in aggregate.smk, predict_targets in
     predict.smk)."""
-    return [*report_targets(), *predict_targets()]
+    search = ([LAYOUT.search_file(split, "best.json") for split in split_names()]
+              if config["search"]["enabled"] else [])
+    return [*report_targets(), *predict_targets(), *search]

@@ -1,0 +1,101 @@
+"""Read-outs and metrics on frozen features (brainage.evaluate)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainage.config import ConfigError
+from brainage.evaluate import compute_metrics, evaluate_encoder, fit_readout
+from brainage.models import build_model
+from split_fixture import tiny_settings, write_split
+
+
+def _shared_direction_data(n_train=80, n_test=30):
+    rng = np.random.default_rng(0)
+    direction = rng.standard_normal((1, 16))
+    ages = rng.uniform(20, 80, n_train + n_test)
+    features = (ages[:, None] - 50) / 20 * direction + 0.05 * rng.standard_normal(
+        (len(ages), 16))
+    return features[:n_train], ages[:n_train], features[n_train:], ages[n_train:]
+
+
+@pytest.mark.parametrize("method", ["ridge", "mse", "l1", "huber", "dex"])
+def test_every_readout_learns_a_linear_age_code(method):
+    train_x, train_y, test_x, test_y = _shared_direction_data()
+    readout = fit_readout(train_x, train_y, {"method": method}, seed=0)
+    predicted = readout.predict(test_x)
+    baseline = np.mean(np.abs(test_y - train_y.mean()))
+    mae = np.mean(np.abs(predicted - test_y))
+    assert predicted.shape == test_y.shape
+    assert mae < 0.35 * baseline, (method, mae, baseline)
+
+
+def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set():
+    train_x, train_y, _, _ = _shared_direction_data(n_train=5)
+    readout = fit_readout(train_x, train_y, {"method": "ridge", "cv_folds": 5,
+                                             "alphas": [0.1, 10.0]})
+    assert readout.info["cv_folds"] == 2  # every fold keeps >= 2 subjects for its r2
+    assert readout.info["ridge_alpha"] in (0.1, 10.0)
+
+
+def test_dex_expected_value_stays_within_the_bins():
+    train_x, train_y, test_x, _ = _shared_direction_data()
+    readout = fit_readout(train_x, train_y, {"method": "dex"}, seed=0)
+    centres = readout.bin_centres
+    assert np.allclose(np.diff(centres), 1.0)  # 1-year bins
+    assert centres[0] <= train_y.min() + 1 and centres[-1] >= train_y.max() - 1
+    extreme = np.concatenate([test_x, 100 * test_x])  # far outside the training features
+    predicted = readout.predict(extreme)
+    assert predicted.min() >= centres[0] - 1e-9 and predicted.max() <= centres[-1] + 1e-9
+
+
+def test_predictor_is_deterministic():
+    train_x, train_y, test_x, _ = _shared_direction_data()
+    first = fit_readout(train_x, train_y, {"method": "huber"}, seed=3).predict(test_x)
+    second = fit_readout(train_x, train_y, {"method": "huber"}, seed=3).predict(test_x)
+    assert np.array_equal(first, second)
+
+
+def test_unknown_readout():
+    with pytest.raises(ConfigError, match="readout.method"):
+        fit_readout(np.zeros((4, 2)), np.arange(4.0), {"method": "svm"})
+
+
+def test_metrics_closed_form():
+    ages = np.array([20.0, 40.0, 60.0, 90.0])
+    studies = np.array(["a", "a", "b", "b"])
+    perfect = compute_metrics(ages, ages, studies)
+    assert perfect["mae"] == 0 and perfect["rmse"] == 0 and perfect["r2"] == 1
+    assert perfect["pearson_r"] == pytest.approx(1) and perfect["gap_age_slope"] == pytest.approx(0)
+    constant = compute_metrics(ages, np.full(4, 50.0), studies)
+    assert constant["gap_age_slope"] == pytest.approx(-1)  # full regression to the mean
+    assert constant["pearson_r"] is None
+    assert constant["mae"] == 22.5 and constant["mae_per_study"] == {"a": 20.0, "b": 25.0}
+    shifted = compute_metrics(ages, ages + np.array([1.0, -1.0, 3.0, -3.0]), studies)
+    assert shifted["mae"] == 2 and shifted["rmse"] == pytest.approx(np.sqrt(5))
+
+
+@pytest.mark.parametrize("features, method", [("projection", "ridge"), ("encoder", "dex")])
+def test_evaluate_encoder_writes_metrics_and_predictions(tmp_path, features, method):
+    split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4)
+    settings = tiny_settings(model={"features": features}, readout={"method": method})
+    torch.manual_seed(0)
+    encoder = tmp_path / "encoder.pt"
+    torch.save({"format": 1, "model": build_model(settings["model"]).state_dict()}, encoder)
+    metrics = evaluate_encoder(split_dir, encoder, settings,
+                               metrics_path=tmp_path / "metrics.json",
+                               predictions_path=tmp_path / "predictions.tsv")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved == json.loads(json.dumps(metrics))
+    assert saved["readout"] == method and saved["n_train"] == 8 and saved["n_test"] == 4
+    assert saved["split"] == "holdout" and saved["loss"] == "adaptive"
+    assert ("ridge_alpha" in saved) == (method == "ridge")
+    predictions = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
+    assert sorted(predictions.subset.unique()) == ["test", "train"]
+    assert predictions.participant_id.is_unique and len(predictions) == 12
+    assert np.isfinite(predictions.predicted_age).all()

@@ -1,0 +1,102 @@
+"""Encoder + projection head (brainage.models): shapes, size, checkpoint loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from brainage.config import ConfigError
+from brainage.models import (BrainAgeNet, build_model, count_parameters, load_init_checkpoint,
+                             map_state_dict)
+
+#: MONAI ResNet-18 (3D, 1 channel, no fc, shortcuts without bias) + head 512-512-128.
+EXPECTED_PARAMETERS = 33_160_000 + (512 * 512 + 512) + (512 * 128 + 128)
+
+
+@pytest.fixture(scope="module")
+def model() -> BrainAgeNet:
+    torch.manual_seed(0)
+    return build_model({}).eval()
+
+
+def test_parameter_count_matches_the_paper(model):
+    assert count_parameters(model) == EXPECTED_PARAMETERS
+    assert abs(count_parameters(model) / 1e6 - 33.5) < 0.05  # "33.5M parameters"
+    assert count_parameters(model.encoder) == 33_160_000
+
+
+def test_shapes_and_unit_norm(model):
+    volumes = torch.randn(3, 1, 16, 20, 16)
+    projected = model(volumes)
+    assert projected.shape == (3, 128)
+    assert torch.allclose(projected.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert model.features(volumes, "encoder").shape == (3, 512)
+    assert torch.allclose(model.features(volumes, "projection"), projected, atol=1e-6)
+
+
+def test_architecture_is_the_reference_resnet18(model):
+    stem = model.encoder.conv1
+    assert stem.kernel_size == (7, 7, 7) and stem.stride == (2, 2, 2) and stem.in_channels == 1
+    assert not model.encoder.no_max_pool
+    assert model.encoder.fc is None
+    assert [len(getattr(model.encoder, f"layer{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
+    assert model.encoder.layer2[0].downsample[0].bias is None  # as the reference code
+
+
+def test_without_projection_head():
+    network = build_model({"projection_head": False, "features": "encoder"})
+    assert network.head is None
+    output = network(torch.randn(2, 1, 12, 12, 12))
+    assert output.shape == (2, 512)
+    with pytest.raises(ConfigError, match="model.projection_head"):
+        build_model({"projection_head": False, "features": "projection"})
+    with pytest.raises(ConfigError, match="model.features"):
+        build_model({"features": "logits"})
+
+
+def _renamed_openbhb_state(model: BrainAgeNet) -> dict:
+    """The model's weights as the reference code saves them under DataParallel, plus an fc
+    layer and one tensor of a foreign shape."""
+    state = {f"module.{key}": value.clone() + 0.5 for key, value in model.state_dict().items()
+             if not key.endswith("num_batches_tracked")}
+    state["module.encoder.fc.weight"] = torch.zeros(1, 512)
+    state["module.head.2.weight"] = torch.zeros(64, 512)  # another projection width
+    return state
+
+
+def test_checkpoint_with_renamed_keys_loads_and_reports(model, tmp_path, caplog):
+    path = tmp_path / "openbhb.pth"
+    torch.save({"model": _renamed_openbhb_state(model), "epoch": 300}, path)
+    target = build_model({})
+    with caplog.at_level("INFO", logger="brainage.models"):
+        report = load_init_checkpoint(target, path)
+    assert torch.equal(target.encoder.conv1.weight, model.encoder.conv1.weight + 0.5)
+    assert torch.equal(target.encoder.layer4[1].bn2.running_var,
+                       model.encoder.layer4[1].bn2.running_var + 0.5)
+    assert report.unexpected == ["module.encoder.fc.weight"]
+    assert len(report.mismatched) == 1 and "head.2.weight" in report.mismatched[0]
+    assert report.missing == ["head.2.weight"]
+    assert "1 missing, 1 unexpected, 1 with another shape" in caplog.text
+
+
+def test_bare_resnet_state_dict_maps_under_encoder(model):
+    bare = {key[len("encoder."):]: value for key, value in model.state_dict().items()
+            if key.startswith("encoder.")}
+    mapped, report = map_state_dict(bare, model.state_dict())
+    assert set(mapped) == {key for key in model.state_dict() if key.startswith("encoder.")}
+    assert not report.unexpected and not report.mismatched
+    assert all(key.startswith("head.") for key in report.missing)
+
+
+def test_checkpoint_errors(tmp_path):
+    target = build_model({})
+    with pytest.raises(FileNotFoundError, match="model.init_checkpoint"):
+        load_init_checkpoint(target, tmp_path / "missing.pt")
+    unrelated = tmp_path / "unrelated.pt"
+    torch.save({"conv.weight": torch.zeros(3, 3)}, unrelated)
+    with pytest.raises(ValueError, match="no encoder tensor"):
+        load_init_checkpoint(target, unrelated)
+    pickled = tmp_path / "pickled.pt"
+    torch.save({"model": {"encoder.conv1.weight": torch.zeros(1)}, "opts": object()}, pickled)
+    with pytest.raises(ValueError, match="cannot be read"):  # weights_only refuses objects
+        load_init_checkpoint(target, pickled)

@@ -1,0 +1,334 @@
+"""Training of one grid cell (brainage.train, brainage.data): a real short training,
+determinism, kill-and-resume, augmentations, pretraining, and the error cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from brainage.config import ConfigError
+from brainage.data import Augmenter, DataError, load_split, plan_batches
+from brainage.evaluate import evaluate_encoder
+from brainage.models import build_model, load_init_checkpoint
+from brainage.train import (HISTORY_COLUMNS, fingerprint, pretrain_openbhb, resolve_settings,
+                            train_encoder)
+from split_fixture import synthetic_volumes, tiny_settings, write_split
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cell_paths(folder: Path) -> dict:
+    return {"encoder_path": folder / "encoder.pt", "history_path": folder / "history.tsv",
+            "embeddings_dir": folder / "embeddings", "checkpoint_path": folder / "checkpoint.pt"}
+
+
+def encoder_weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(first: Path, second: Path) -> None:
+    a, b = encoder_weights(first), encoder_weights(second)
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"tensors differ: {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory) -> Path:
+    return write_split(tmp_path_factory.mktemp("dataset"), n_subjects=24, n_test=6)
+
+
+REFERENCE = tiny_settings(train={"epochs": 3, "batch_size": 6, "embed_epochs": [1, 3, 40]})
+
+
+@pytest.fixture(scope="module")
+def reference_run(split_dir, tmp_path_factory):
+    """One uninterrupted 3-epoch Adaptive Neighborhoods training, evaluated."""
+    folder = tmp_path_factory.mktemp("reference")
+    paths = cell_paths(folder)
+    history = train_encoder(split_dir, REFERENCE, **paths)
+    metrics = evaluate_encoder(split_dir, paths["encoder_path"], REFERENCE,
+                               metrics_path=folder / "metrics.json",
+                               predictions_path=folder / "predictions.tsv")
+    return folder, history, metrics
+
+
+def test_short_training_beats_the_mean_age(split_dir, reference_run):
+    folder, _, metrics = reference_run
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    train, test = table[table.subset == "train"], table[table.subset == "test"]
+    baseline = np.mean(np.abs(test.age - train.age.mean()))
+    assert metrics["mae"] < 0.6 * baseline, (metrics["mae"], baseline)
+    assert metrics["n_train"] == 18 and metrics["n_test"] == 6
+    assert metrics["ridge_alpha"] in (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def test_outputs_follow_the_contract(split_dir, reference_run):
+    folder, history, metrics = reference_run
+    table = pd.read_csv(folder / "history.tsv", sep="\t")
+    assert tuple(table.columns) == HISTORY_COLUMNS
+    assert table["epoch"].tolist() == [1, 2, 3]
+    assert np.isfinite(table["loss"]).all() and (table["seconds"] > 0).all()
+    assert table["nn_nb"].tolist() == [5, 4, 4]  # Algorithm 1 with B = 6, nn_final = 4
+    assert table["lr"].tolist() == [1e-3] * 3
+    # embed_epochs beyond the last epoch are skipped
+    assert sorted(p.name for p in (folder / "embeddings").iterdir()) == [
+        "epoch-001.npz", "epoch-003.npz"]
+    with np.load(folder / "embeddings" / "epoch-003.npz") as saved:
+        assert saved["features"].shape == (24, 128) and saved["features"].dtype == np.float32
+        assert sorted(set(saved["subset"])) == ["test", "train"]
+        assert saved["participant_id"][0].startswith("sub-")
+    saved_metrics = json.loads((folder / "metrics.json").read_text())
+    for key in ("split", "experiment", "variant", "seed", "loss", "readout", "mae", "rmse",
+                "pearson_r", "r2", "mae_per_study", "gap_age_slope", "n_train", "n_test",
+                "ridge_alpha"):
+        assert key in saved_metrics, key
+    predictions = pd.read_csv(folder / "predictions.tsv", sep="\t")
+    assert list(predictions.columns) == ["participant_id", "study", "age", "predicted_age",
+                                         "subset"]
+    assert len(predictions) == 24
+    test_rows = predictions[predictions.subset == "test"]
+    assert np.isclose(np.mean(np.abs(test_rows.predicted_age - test_rows.age)),
+                      saved_metrics["mae"])
+    assert not (folder / "checkpoint.pt").exists()  # resume state removed at the end
+    payload = torch.load(folder / "encoder.pt", weights_only=True)
+    assert payload["settings"]["loss"]["name"] == "adaptive" and payload["epochs"] == 3
+
+
+def test_same_seed_same_result_on_cpu(split_dir, reference_run, tmp_path):
+    folder, history, metrics = reference_run
+    paths = cell_paths(tmp_path)
+    again = train_encoder(split_dir, REFERENCE, **paths)
+    assert [row["loss"] for row in again] == [row["loss"] for row in history]
+    assert_same_weights(folder / "encoder.pt", paths["encoder_path"])
+    repeated = evaluate_encoder(split_dir, paths["encoder_path"], REFERENCE,
+                                metrics_path=tmp_path / "metrics.json",
+                                predictions_path=tmp_path / "predictions.tsv")
+    assert repeated["mae"] == metrics["mae"]
+
+
+def test_fingerprint_covers_the_seed(split_dir):
+    settings = resolve_settings(REFERENCE)
+    other = resolve_settings({**REFERENCE, "seed": 1})
+    split = load_split(split_dir)
+    assert fingerprint(settings, split) != fingerprint(other, split)
+
+
+def _write_cli_config(path: Path, results: Path, settings: dict) -> Path:
+    config = {"output": {"results": str(results)},
+              "loss": settings["loss"], "train": settings["train"],
+              "experiments": {"test": {"seeds": [0], "variants": {"nnclr": {}}}}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path):
+    """SIGKILL after epoch 1 of 3 (as a preemption), start again, compare with a run that was
+    never interrupted: same weights bit for bit, same history, same metrics. NNCLR, because
+    it carries state across batches (its queue) and uses noise augmentation."""
+    settings = tiny_settings(loss={"name": "nnclr", "queue_size": 16},
+                             train={"epochs": 3, "batch_size": 6, "embed_epochs": [1, 3]})
+    results = tmp_path / "results"
+    (results / "dataset").mkdir(parents=True)
+    os.symlink(split_dir, results / "dataset" / "holdout")
+    config = _write_cli_config(tmp_path / "config.yaml", results, settings)
+    cell = results / "train" / "holdout" / "test" / "nnclr" / "seed-0"
+    command = [sys.executable, "-m", "brainage.train", "train", "--configfile", str(config),
+               "--split", "holdout", "--experiment", "test", "--variant", "nnclr",
+               "--seed", "0", "--simulate-preemption-after", "1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (cell / "checkpoint.pt").exists() and not (cell / "encoder.pt").exists()
+    assert pd.read_csv(cell / "history.tsv", sep="\t")["epoch"].tolist() == [1]
+    # Snakemake deletes the declared outputs of a killed job; the checkpoint survives.
+    for name in ("history.tsv",):
+        (cell / name).unlink()
+    for file in (cell / "embeddings").iterdir():
+        file.unlink()
+
+    from brainage.config import cell_settings, load_config
+
+    cell_config = cell_settings(load_config(config), "test", "nnclr", 0)
+    resumed = train_encoder(split_dir, cell_config, **cell_paths(cell))
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert not (cell / "checkpoint.pt").exists()
+
+    uninterrupted = tmp_path / "uninterrupted"
+    history = train_encoder(split_dir, cell_config, **cell_paths(uninterrupted))
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in history]
+    assert_same_weights(cell / "encoder.pt", uninterrupted / "encoder.pt")
+    for epoch in ("epoch-001.npz", "epoch-003.npz"):  # epoch 1 restored from the checkpoint
+        with np.load(cell / "embeddings" / epoch) as a, \
+                np.load(uninterrupted / "embeddings" / epoch) as b:
+            assert np.array_equal(a["features"], b["features"])
+    scores = [evaluate_encoder(split_dir, folder / "encoder.pt", cell_config,
+                               metrics_path=folder / "metrics.json",
+                               predictions_path=folder / "predictions.tsv")
+              for folder in (cell, uninterrupted)]
+    assert scores[0]["mae"] == scores[1]["mae"]
+
+
+def test_checkpoint_of_other_settings_is_ignored(split_dir, tmp_path, caplog):
+    settings = tiny_settings(train={"epochs": 2, "batch_size": 9, "embed_epochs": []})
+    paths = cell_paths(tmp_path)
+    # a leftover checkpoint of another configuration
+    torch.save({"format": 1, "fingerprint": "other", "epoch": 1}, paths["checkpoint_path"])
+    with caplog.at_level("WARNING", logger="brainage.train"):
+        history = train_encoder(split_dir, settings, **paths)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert "belongs to other settings" in caplog.text
+
+
+# -- batches and augmentations ----------------------------------------------------------------
+
+def test_single_leftover_subject_joins_the_previous_batch():
+    batches = plan_batches(13, 6, np.random.default_rng(0))
+    assert [len(batch) for batch in batches] == [6, 7]
+    assert sorted(np.concatenate(batches)) == list(range(13))
+    assert [len(batch) for batch in plan_batches(14, 6, np.random.default_rng(0))] == [6, 6, 2]
+
+
+def _volumes() -> torch.Tensor:
+    ages = np.array([25.0, 45.0, 65.0, 80.0])
+    return torch.from_numpy(synthetic_volumes(ages, (16, 20, 16))).unsqueeze(1)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_noise_and_none():
+    volumes = _volumes()
+    assert Augmenter("none")(volumes, _generator()) is volumes
+    noisy = Augmenter("noise", noise_std=0.1)(volumes, _generator())
+    assert noisy.shape == volumes.shape
+    assert abs(float((noisy - volumes).std()) - 0.1) < 0.01
+    assert torch.equal(noisy, Augmenter("noise", noise_std=0.1)(volumes, _generator()))
+
+
+def test_cutout_zeroes_one_box_of_the_configured_size():
+    volumes = torch.ones(64, 1, 16, 20, 16)
+    cut = Augmenter("cutout", cutout_voxels=(4, 5, 6), cutout_probability=0.5)(
+        volumes, _generator())
+    zeros = (cut == 0).flatten(1).sum(dim=1)
+    assert set(zeros.tolist()) <= {0, 4 * 5 * 6}
+    assert 16 < int((zeros > 0).sum()) < 48  # about half of the volumes
+    box = torch.nonzero(cut[zeros.argmax(), 0] == 0)
+    assert (box.max(0).values - box.min(0).values + 1).tolist() == [4, 5, 6]
+    # the box edge comes from the config in mm and the split's resolution
+    augmenter = Augmenter.from_settings({"augmentation": "cutout", "cutout_size_mm": 64},
+                                        "yaware", resolution_mm=2)
+    assert augmenter.cutout_voxels == (32, 32, 32)
+
+
+def test_flip_is_left_right():
+    volumes = _volumes()
+    flipped = Augmenter("flip", flip_axis=0)(volumes, _generator())
+    for original, result in zip(volumes, flipped):
+        assert torch.equal(result, original) or torch.equal(result, original.flip(1))
+
+
+def test_rotation():
+    volumes = _volumes()
+    unchanged = Augmenter("rotation", rotation_degrees=0.0)(volumes, _generator())
+    assert torch.allclose(unchanged, volumes, atol=1e-5)
+    rotated = Augmenter("rotation", rotation_degrees=20.0)(volumes, _generator())
+    assert rotated.shape == volumes.shape and not torch.allclose(rotated, volumes, atol=1e-3)
+    # a rigid rotation of a centred brain keeps most of its mass
+    brain = (volumes != 0).float()
+    turned = Augmenter("rotation", rotation_degrees=20.0)(brain, _generator())
+    assert 0.85 < float(turned.sum() / brain.sum()) < 1.1
+
+
+def test_default_augmentation_depends_on_the_loss():
+    from brainage.data import resolve_augmentation
+
+    assert resolve_augmentation({"augmentation": "default"}, "simclr") == "noise"
+    assert resolve_augmentation({"augmentation": "default"}, "nnclr") == "noise"
+    assert resolve_augmentation({"augmentation": "default"}, "adaptive") == "none"
+    assert resolve_augmentation({"augmentation": "flip"}, "simclr") == "flip"
+
+
+# -- pretraining and initialisation -------------------------------------------------------------
+
+def test_pretrain_on_an_openbhb_layout_array(tmp_path, split_dir, caplog):
+    ages = np.linspace(20, 80, 8)
+    raw = synthetic_volumes(ages, (16, 20, 16), seed=3)
+    raw = np.where(raw != 0, 400 + 50 * raw, 0).astype(np.float32)[:, None]  # T1w-like units
+    array = tmp_path / "openbhb_quasiraw_2mm.npy"
+    np.save(array, raw)
+    participants = tmp_path / "participants.tsv"
+    pd.DataFrame({"participant_id": range(8), "age": ages, "site": [1, 2] * 4}).to_csv(
+        participants, sep="\t", index=False)
+    out = tmp_path / "pretrained.pt"
+    settings = tiny_settings(loss={"name": "yaware"},
+                             train={"epochs": 1, "batch_size": 4, "embed_epochs": []})
+    history = pretrain_openbhb(array, participants, out, settings)
+    assert len(history) == 1 and np.isfinite(history[0]["loss"])
+    model = build_model({})
+    report = load_init_checkpoint(model, out)
+    assert not report.missing and not report.unexpected and not report.mismatched
+    # and as model.init_checkpoint of a grid cell
+    cell = tmp_path / "cell"
+    init = tiny_settings(model={"init_checkpoint": str(out)}, loss={"name": "yaware"},
+                         train={"epochs": 1, "batch_size": 9, "embed_epochs": []})
+    with caplog.at_level("INFO", logger="brainage.models"):
+        train_encoder(split_dir, init, **cell_paths(cell))
+    assert "0 missing, 0 unexpected" in caplog.text
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+def test_batch_larger_than_training_set(split_dir, tmp_path):
+    with pytest.raises(ConfigError, match="train.batch_size is 32 .* only 18 training"):
+        train_encoder(split_dir, tiny_settings(train={"batch_size": 32}), **cell_paths(tmp_path))
+
+
+def test_nan_in_the_array_names_the_subject(tmp_path):
+    folder = write_split(tmp_path, n_subjects=8, n_test=2)
+    images = np.load(folder / "images.npy")
+    images[3, 5, 5, 5] = np.nan
+    np.save(folder / "images.npy", images)
+    with pytest.raises(DataError, match="sub-003"):
+        train_encoder(folder, tiny_settings(), **cell_paths(tmp_path / "cell"))
+
+
+@pytest.mark.parametrize("section, values, key", [
+    ("train", {"augmentation": "blur"}, "train.augmentation"),
+    ("train", {"epocs": 3}, "epocs"),
+    ("loss", {"name": "supcon"}, "loss.name"),
+    ("readout", {"method": "svm"}, "readout.method"),
+])
+def test_unknown_option(split_dir, tmp_path, section, values, key):
+    with pytest.raises(ConfigError, match=key):
+        train_encoder(split_dir, tiny_settings(**{section: values}), **cell_paths(tmp_path))
+
+
+def test_split_without_test_subjects(tmp_path):
+    folder = write_split(tmp_path, n_subjects=8, n_test=0)
+    with pytest.raises(DataError, match="no test subjects"):
+        train_encoder(folder, tiny_settings(), **cell_paths(tmp_path / "cell"))
+
+
+def test_incomplete_split_folder(tmp_path):
+    folder = write_split(tmp_path, n_subjects=8, n_test=2)
+    (folder / "stats.json").unlink()
+    with pytest.raises(DataError, match="stats.json"):
+        load_split(folder)
+
+
+def test_cuda_requested_without_gpu(split_dir, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ConfigError, match="train.device"):
+        train_encoder(split_dir, tiny_settings(train={"device": "cuda"}), **cell_paths(tmp_path))

@@ -1,0 +1,425 @@
+"""Training data of one split: memory-mapped arrays, batches and batched augmentations.
+
+A split folder (written by the normalisation stage) holds ``images.npy`` [n, X, Y, Z]
+(z-normalised brain voxels, background exactly 0), ``participants.tsv`` (one row per image
+row, with a ``subset`` column "train"/"test") and ``stats.json`` (``resolution_mm`` among
+others). :func:`load_split` checks all of it before any training starts.
+
+Everything per batch happens as tensor operations on the training device: a batch is
+gathered with one indexing operation (from a device-resident copy of the whole array when it
+fits, else from the memory map), and the augmentations (Gaussian noise, cutout, rotation,
+left-right flip) act on the whole batch at once, drawing from one ``torch.Generator``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from brainage.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("none", "noise", "cutout", "rotation", "flip")
+#: Share of the free GPU memory the resident training array may take; the rest is for
+#: activations (a 2 mm ResNet-18 batch of 64 volumes needs ~20 GB in bf16).
+RESIDENT_MEMORY_SHARE = 0.5
+#: Subjects scanned at once when checking an array for NaN/inf (bounds memory use).
+SCAN_CHUNK = 16
+
+
+class DataError(ValueError):
+    """A split folder or array is not what training needs; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split: images, their participants, and which rows train and which evaluate.
+
+    Attributes
+    ----------
+    images
+        [n, X, Y, Z] float32/float16 array (usually a read-only memory map), z-units.
+    table
+        participants rows aligned with ``images`` (participant_id, age in years, study, ...).
+    train_index, eval_index
+        Row numbers of the training and evaluation (test or validation) subjects.
+    eval_subset
+        Name of the evaluation subset in outputs: "test" or "validation".
+    normalisation
+        Optional (mean, sd) applied to non-zero voxels when a batch is read (OpenBHB arrays,
+        which are stored un-normalised); None for our split arrays.
+    """
+
+    name: str
+    images: np.ndarray
+    table: pd.DataFrame
+    stats: dict
+    train_index: np.ndarray
+    eval_index: np.ndarray
+    eval_subset: str = "test"
+    normalisation: tuple[float, float] | None = None
+
+    @property
+    def ages(self) -> np.ndarray:
+        """Ages of all rows (years), float64 [n]."""
+        return self.table["age"].to_numpy(dtype=np.float64)
+
+    @property
+    def participant_ids(self) -> np.ndarray:
+        return self.table["participant_id"].to_numpy(dtype=str)
+
+    @property
+    def studies(self) -> np.ndarray:
+        return self.table["study"].astype(str).to_numpy()
+
+    @property
+    def resolution_mm(self) -> float:
+        return float(self.stats.get("resolution_mm", 2))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(size) for size in self.images.shape[1:])
+
+    def subset_labels(self) -> np.ndarray:
+        """"train" / eval_subset for every row ("" for rows in neither), [n] str."""
+        labels = np.full(len(self.table), "", dtype=object)
+        labels[self.train_index] = "train"
+        labels[self.eval_index] = self.eval_subset
+        return labels.astype(str)
+
+    def identity(self) -> dict:
+        """What makes two trainings on this split the same (for resume fingerprints)."""
+        return {"name": self.name, "shape": list(self.images.shape),
+                "dtype": str(self.images.dtype),
+                "train": self.participant_ids[self.train_index].tolist(),
+                "eval": self.participant_ids[self.eval_index].tolist(),
+                "stats": {key: self.stats.get(key) for key in ("mean", "sd", "scope")},
+                "normalisation": list(self.normalisation) if self.normalisation else None}
+
+    def with_validation(self, fraction: float, seed: int) -> "SplitData":
+        """Carve a validation set out of the training subjects (stratified by study).
+
+        The test subjects are dropped from the result entirely, so nothing tuned on it can
+        see them. Each study keeps at least one training subject.
+        """
+        if not 0 < fraction < 1:
+            raise ConfigError(f"config key search.validation_fraction is {fraction}; expected a "
+                              f"share between 0 and 1.")
+        rng = np.random.default_rng(seed)
+        studies = self.studies[self.train_index]
+        validation = []
+        for study in sorted(set(studies)):
+            members = self.train_index[studies == study]
+            count = int(round(fraction * len(members)))
+            count = min(count, len(members) - 1)
+            if count > 0:
+                validation.extend(rng.choice(members, size=count, replace=False).tolist())
+        if not validation:  # tiny training sets: at least one validation subject overall
+            validation = [int(rng.choice(self.train_index))]
+        validation = np.sort(np.asarray(validation, dtype=np.int64))
+        remaining = np.setdiff1d(self.train_index, validation)
+        return replace(self, train_index=remaining, eval_index=validation,
+                       eval_subset="validation", name=f"{self.name}-validation")
+
+
+def _read_stats(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} cannot be read as JSON ({error}). Rerun the normalisation "
+                        f"stage (rule normalise_dataset).") from None
+
+
+def check_finite(images: np.ndarray, participant_ids: Sequence[str], where: str) -> None:
+    """Raise naming the subjects whose volume holds NaN or inf (scans in chunks)."""
+    bad = []
+    for start in range(0, len(images), SCAN_CHUNK):
+        chunk = np.asarray(images[start:start + SCAN_CHUNK])
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        bad.extend(participant_ids[start + row] for row in np.flatnonzero(~finite))
+    if bad:
+        raise DataError(f"{where}: the volumes of {', '.join(bad)} contain NaN or inf. Check "
+                        f"their preprocessed maps and rerun the normalisation stage.")
+
+
+def load_split(split_dir: str | Path, *, require_eval: bool = True) -> SplitData:
+    """Open a split folder, memory-mapped, after checking it.
+
+    Parameters
+    ----------
+    split_dir
+        ``results/dataset/<split>`` with images.npy, participants.tsv, stats.json.
+    require_eval
+        Raise when the split has no test subject (the default: a grid cell must evaluate).
+
+    Raises
+    ------
+    DataError
+        Missing files, an array that is not [n, X, Y, Z] or does not match the table, NaN or
+        inf voxels (naming the subjects), a subset column other than train/test, no
+        training or no test subjects.
+    """
+    split_dir = Path(split_dir)
+    paths = {name: split_dir / name for name in ("images.npy", "participants.tsv", "stats.json")}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise DataError(f"split folder {split_dir} lacks {name}. Run the normalisation "
+                            f"stage first (rule normalise_dataset).")
+    try:
+        images = np.load(paths["images.npy"], mmap_mode="r")
+    except (ValueError, OSError) as error:
+        raise DataError(f"{paths['images.npy']} is not a readable .npy array ({error}).") from None
+    if images.ndim != 4:
+        raise DataError(f"{paths['images.npy']} has shape {images.shape}; expected "
+                        f"[subjects, X, Y, Z].")
+    table = pd.read_csv(paths["participants.tsv"], sep="\t",
+                        dtype={"participant_id": str, "study": str, "subset": str})
+    missing = [column for column in ("participant_id", "age", "study", "subset")
+               if column not in table.columns]
+    if missing:
+        raise DataError(f"{paths['participants.tsv']} lacks column(s) {', '.join(missing)}.")
+    if len(table) != len(images):
+        raise DataError(f"{paths['participants.tsv']} has {len(table)} rows but "
+                        f"{paths['images.npy']} holds {len(images)} volumes; they must be "
+                        f"row-aligned. Rerun the normalisation stage.")
+    unknown = sorted(set(table["subset"]) - {"train", "test"})
+    if unknown:
+        raise DataError(f"{paths['participants.tsv']}: column subset has value(s) "
+                        f"{', '.join(map(str, unknown))}; only 'train' and 'test' are allowed.")
+    ages = pd.to_numeric(table["age"], errors="coerce")
+    if ages.isna().any():
+        raise DataError(f"{paths['participants.tsv']}: non-numeric age for "
+                        f"{', '.join(table['participant_id'][ages.isna()])}.")
+    table["age"] = ages.astype(float)
+    check_finite(images, table["participant_id"].tolist(), str(paths["images.npy"]))
+    subset = table["subset"].to_numpy()
+    train_index = np.flatnonzero(subset == "train")
+    test_index = np.flatnonzero(subset == "test")
+    if len(train_index) == 0:
+        raise DataError(f"split {split_dir.name}: no training subjects in "
+                        f"{paths['participants.tsv']}.")
+    if require_eval and len(test_index) == 0:
+        raise DataError(f"split {split_dir.name}: no test subjects in "
+                        f"{paths['participants.tsv']}; the grid cell could not be evaluated. "
+                        f"Check config key split.test_fraction / split.scheme.")
+    return SplitData(name=split_dir.name, images=images, table=table,
+                     stats=_read_stats(paths["stats.json"]), train_index=train_index,
+                     eval_index=test_index)
+
+
+# -- batches --------------------------------------------------------------------------------
+
+def plan_batches(n_subjects: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle ``n_subjects`` positions into batches of ``batch_size``.
+
+    The last, smaller batch is kept, except a single leftover subject, which joins the
+    previous batch (batch_size + 1 rows): a one-subject batch has no positives for the
+    regression losses and breaks batch-norm statistics, and dropping it would leave that
+    subject out of the epoch.
+    """
+    if batch_size > n_subjects:
+        raise ConfigError(f"config key train.batch_size is {batch_size} but the split has only "
+                          f"{n_subjects} training subjects. Lower train.batch_size to at most "
+                          f"{n_subjects}.")
+    order = rng.permutation(n_subjects)
+    batches = [order[start:start + batch_size] for start in range(0, n_subjects, batch_size)]
+    if len(batches) > 1 and len(batches[-1]) == 1:
+        leftover = batches.pop()
+        batches[-1] = np.concatenate([batches[-1], leftover])
+    return batches
+
+
+class VolumeStore:
+    """Reads batches of volumes as [b, 1, X, Y, Z] float32 tensors on ``device``.
+
+    On CUDA the whole array is copied to the device once when it takes less than
+    :data:`RESIDENT_MEMORY_SHARE` of the free memory (``resident="auto"``); otherwise each
+    batch is gathered from the memory map with one sorted fancy-indexing read.
+    """
+
+    def __init__(self, images: np.ndarray, device: torch.device, *,
+                 normalisation: tuple[float, float] | None = None,
+                 resident: bool | str = "auto") -> None:
+        self.images = images
+        self.device = torch.device(device)
+        self.normalisation = normalisation
+        if resident == "auto":
+            resident = self.device.type == "cuda" and self._fits_on_device()
+        self.resident: torch.Tensor | None = None
+        if resident:
+            self.resident = self._copy_to_device()
+            log.info("training array resident on %s (%.1f MB)", self.device,
+                     self.resident.numel() * self.resident.element_size() / 1e6)
+
+    def _copy_to_device(self) -> torch.Tensor:
+        """The whole array on the device, copied in chunks (no second host copy)."""
+        dtype = torch.from_numpy(np.zeros(0, dtype=self.images.dtype)).dtype
+        resident = torch.empty(self.images.shape, dtype=dtype, device=self.device)
+        for start in range(0, len(self.images), SCAN_CHUNK):
+            chunk = np.array(self.images[start:start + SCAN_CHUNK])  # writable copy
+            resident[start:start + len(chunk)] = torch.from_numpy(chunk).to(self.device)
+        return resident
+
+    def _fits_on_device(self) -> bool:
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return self.images.nbytes < RESIDENT_MEMORY_SHARE * free
+
+    def gather(self, indices: np.ndarray) -> torch.Tensor:
+        """Rows ``indices`` (array row numbers) as [b, 1, X, Y, Z] float32 on the device."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.resident is not None:
+            batch = self.resident[torch.from_numpy(indices).to(self.device)]
+        else:
+            # Sorted reads are sequential on disk; the inverse permutation restores order.
+            order = np.argsort(indices, kind="stable")
+            rows = np.empty((len(indices),) + self.images.shape[1:], dtype=self.images.dtype)
+            rows[order] = self.images[indices[order]]
+            batch = torch.from_numpy(rows)
+            if self.device.type == "cuda":
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+        batch = batch.to(torch.float32).unsqueeze(1)
+        if self.normalisation is not None:
+            mean, sd = self.normalisation
+            batch = torch.where(batch != 0, (batch - mean) / sd, batch)
+        return batch
+
+
+# -- augmentations --------------------------------------------------------------------------
+
+def resolve_augmentation(train_settings: Mapping, loss_name: str) -> str:
+    """The augmentation a cell uses; ``default`` is the loss's own choice (noise for the
+    losses whose positives are the other view of the same subject, SimCLR and NNCLR, which
+    would learn nothing from identical views; none for the others; METHOD.md 3)."""
+    kind = train_settings.get("augmentation", "default")
+    if kind == "default":
+        from brainage.losses import DEFAULT_AUGMENTATION
+
+        return DEFAULT_AUGMENTATION[loss_name]
+    if kind not in AUGMENTATIONS:
+        raise ConfigError(f"config key train.augmentation is {kind!r}; expected default or one "
+                          f"of {', '.join(AUGMENTATIONS)}.")
+    return kind
+
+
+def left_right_axis(affine: Sequence[Sequence[float]] | None) -> int:
+    """Array axis (0, 1 or 2) along which world x (left-right) changes most; 0 without affine."""
+    if affine is None:
+        return 0
+    matrix = np.asarray(affine, dtype=float)[:3, :3]
+    return int(np.argmax(np.abs(matrix[0])))
+
+
+def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
+    """angles [B, 3] (radians, about the three axes) -> rotations [B, 3, 3] = Rz Ry Rx."""
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+
+    def stack(rows):
+        return torch.stack([torch.stack(row, dim=-1) for row in rows], dim=-2)
+
+    rx = stack([[one, zero, zero], [zero, cos[:, 0], -sin[:, 0]], [zero, sin[:, 0], cos[:, 0]]])
+    ry = stack([[cos[:, 1], zero, sin[:, 1]], [zero, one, zero], [-sin[:, 1], zero, cos[:, 1]]])
+    rz = stack([[cos[:, 2], -sin[:, 2], zero], [sin[:, 2], cos[:, 2], zero], [zero, zero, one]])
+    return rz @ ry @ rx
+
+
+class Augmenter:
+    """One augmentation applied to a whole batch [B, 1, X, Y, Z] with one random generator.
+
+    Parameters
+    ----------
+    kind
+        none, noise, cutout, rotation or flip.
+    noise_std
+        Gaussian noise sd (z-units), added to every voxel.
+    cutout_voxels
+        Edge of the zeroed box per axis (voxels), clipped to the volume.
+    cutout_probability
+        Probability that a volume gets a box.
+    rotation_degrees
+        Maximum absolute rotation about each axis (degrees); trilinear, zero padding.
+    flip_axis
+        Array axis of left-right (0 for MNI-oriented arrays); each volume flips with p 0.5.
+    """
+
+    def __init__(self, kind: str, *, noise_std: float = 0.1,
+                 cutout_voxels: Sequence[int] = (32, 32, 32), cutout_probability: float = 0.5,
+                 rotation_degrees: float = 10.0, flip_axis: int = 0) -> None:
+        if kind not in AUGMENTATIONS:
+            raise ConfigError(f"config key train.augmentation is {kind!r}; expected one of "
+                              f"{', '.join(AUGMENTATIONS)}.")
+        self.kind = kind
+        self.noise_std = noise_std
+        self.cutout_voxels = tuple(int(size) for size in cutout_voxels)
+        self.cutout_probability = cutout_probability
+        self.rotation_degrees = rotation_degrees
+        self.flip_axis = flip_axis
+
+    @classmethod
+    def from_settings(cls, train_settings: Mapping, loss_name: str, *, resolution_mm: float,
+                      affine=None) -> "Augmenter":
+        size = max(1, int(round(train_settings.get("cutout_size_mm", 64) / resolution_mm)))
+        return cls(resolve_augmentation(train_settings, loss_name),
+                   noise_std=train_settings.get("noise_std", 0.1),
+                   cutout_voxels=(size, size, size),
+                   cutout_probability=train_settings.get("cutout_probability", 0.5),
+                   rotation_degrees=train_settings.get("rotation_degrees", 10.0),
+                   flip_axis=left_right_axis(affine))
+
+    def __call__(self, volumes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.kind == "none":
+            return volumes
+        return getattr(self, f"_{self.kind}")(volumes, generator)
+
+    def _uniform(self, shape, volumes, generator) -> torch.Tensor:
+        return torch.rand(shape, generator=generator, device=volumes.device)
+
+    def _noise(self, volumes, generator):
+        noise = torch.randn(volumes.shape, generator=generator, device=volumes.device)
+        return volumes + self.noise_std * noise
+
+    def _cutout(self, volumes, generator):
+        batch, spatial = volumes.shape[0], volumes.shape[2:]
+        inside = None
+        for axis, (size, box) in enumerate(zip(spatial, self.cutout_voxels)):
+            box = min(box, size)
+            # Box fully inside the volume, start uniform over the possible positions.
+            start = torch.floor(self._uniform((batch,), volumes, generator) * (size - box + 1))
+            positions = torch.arange(size, device=volumes.device)
+            within = (positions >= start[:, None]) & (positions < start[:, None] + box)
+            view = [batch, 1, 1, 1]
+            view[axis + 1] = size
+            within = within.view(view)
+            inside = within if inside is None else inside & within
+        selected = self._uniform((batch,), volumes, generator) < self.cutout_probability
+        keep = ~(inside & selected.view(batch, 1, 1, 1))
+        return volumes * keep.unsqueeze(1)
+
+    def _rotation(self, volumes, generator):
+        batch = volumes.shape[0]
+        limit = np.deg2rad(self.rotation_degrees)
+        angles = (self._uniform((batch, 3), volumes, generator) * 2 - 1) * limit
+        rotation = rotation_matrices(angles)
+        # affine_grid works in normalised coordinates ordered (W, H, D) = (Z, Y, X) of the
+        # array; scaling by the half-sizes makes the rotation rigid in voxel (= mm) space.
+        half = torch.tensor([volumes.shape[4], volumes.shape[3], volumes.shape[2]],
+                            dtype=volumes.dtype, device=volumes.device) / 2
+        theta = torch.zeros(batch, 3, 4, dtype=volumes.dtype, device=volumes.device)
+        theta[:, :, :3] = rotation / half[None, :, None] * half[None, None, :]
+        grid = F.affine_grid(theta, list(volumes.shape), align_corners=False)
+        return F.grid_sample(volumes, grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+
+    def _flip(self, volumes, generator):
+        selected = self._uniform((volumes.shape[0],), volumes, generator) < 0.5
+        flipped = volumes.flip(self.flip_axis + 2)
+        return torch.where(selected.view(-1, 1, 1, 1, 1), flipped, volumes)

@@ -1,0 +1,250 @@
+"""Encoder and projection head (METHOD.md section 2), and checkpoint loading.
+
+The encoder rho is MONAI's 3D ResNet-18 (BasicBlocks [2, 2, 2, 2], widths 64/128/256/512,
+first convolution 7x7x7 with stride 2 followed by a max-pool, global average pool, no
+classification layer) mapping a volume [B, 1, X, Y, Z] to h [B, 512]. The projection pi is
+the MLP 512 -> 512 -> ReLU -> 128 whose output is L2-normalised. Module names follow the
+reference code (``encoder.*``, ``head.0.*``, ``head.2.*``), so a checkpoint pre-trained on
+OpenBHB with the reference code loads without renaming once a ``module.`` prefix is gone.
+
+Loading a foreign checkpoint (:func:`load_init_checkpoint`) strips known wrapper prefixes,
+tries the key under ``encoder.`` when it is a bare ResNet key, and accepts a tensor only when
+its shape matches; everything that did not load is logged (missing, unexpected, shape
+mismatch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from brainage.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Architecture options not (yet) in the config schema; a model section that has the key
+#: wins. ``bias_downsample=False`` matches the reference ResNet (1x1 shortcut convolutions
+#: without bias), so OpenBHB checkpoints of the reference code load completely.
+ARCHITECTURE_DEFAULTS = {
+    "conv1_stride": 2,
+    "max_pool": True,
+    "bias_downsample": False,
+}
+
+ENCODER_DIM = 512
+FEATURE_CHOICES = ("projection", "encoder")
+#: Wrappers that training code puts in front of parameter names (DataParallel, Lightning,
+#: timm-style EMA, our own bundles); stripped repeatedly when loading a foreign state dict.
+KNOWN_PREFIXES = ("module.", "model.", "net.", "_orig_mod.", "backbone.")
+
+
+def model_option(model_settings: Mapping, key: str):
+    """A model option, falling back to :data:`ARCHITECTURE_DEFAULTS` for pending keys."""
+    if key in model_settings:
+        return model_settings[key]
+    return ARCHITECTURE_DEFAULTS[key]
+
+
+class BrainAgeNet(nn.Module):
+    """ResNet-18 encoder with an optional L2-normalised projection head.
+
+    Parameters
+    ----------
+    projection_head
+        Train with the MLP head (paper). Without it the loss sees the L2-normalised 512-d
+        encoder output.
+    hidden_dim, projection_dim
+        Widths of the head (512 and 128 in the paper).
+    conv1_stride, max_pool, bias_downsample
+        Stem and shortcut options of MONAI's ResNet (defaults: stride 2, max-pool on,
+        shortcut convolutions without bias, as the reference).
+    """
+
+    def __init__(self, *, projection_head: bool = True, hidden_dim: int = 512,
+                 projection_dim: int = 128, conv1_stride: int = 2, max_pool: bool = True,
+                 bias_downsample: bool = False) -> None:
+        super().__init__()
+        from monai.networks.nets import resnet18
+
+        self.encoder = resnet18(spatial_dims=3, n_input_channels=1, feed_forward=False,
+                                conv1_t_size=7, conv1_t_stride=conv1_stride,
+                                no_max_pool=not max_pool, shortcut_type="B",
+                                bias_downsample=bias_downsample)
+        if projection_head:
+            self.head = nn.Sequential(nn.Linear(ENCODER_DIM, hidden_dim), nn.ReLU(inplace=True),
+                                      nn.Linear(hidden_dim, projection_dim))
+        else:
+            self.head = None
+        self.projection_dim = projection_dim if projection_head else ENCODER_DIM
+
+    def encode(self, volumes: torch.Tensor) -> torch.Tensor:
+        """volumes [B, 1, X, Y, Z] (z-units) -> encoder features h [B, 512]."""
+        return self.encoder(volumes)
+
+    def project(self, encoded: torch.Tensor) -> torch.Tensor:
+        """h [B, 512] -> unit vectors z [B, projection_dim] (or [B, 512] without a head)."""
+        projected = self.head(encoded) if self.head is not None else encoded
+        return F.normalize(projected.float(), dim=1)
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        """volumes [B, 1, X, Y, Z] -> the features the loss sees, unit vectors [B, D]."""
+        return self.project(self.encode(volumes))
+
+    @torch.no_grad()
+    def features(self, volumes: torch.Tensor, which: str = "projection") -> torch.Tensor:
+        """Read-out features: after the projection (paper) or before it (Fig. 4d), [B, D]."""
+        if which not in FEATURE_CHOICES:
+            raise ConfigError(f"config key model.features is {which!r}; expected one of "
+                              f"{', '.join(FEATURE_CHOICES)}.")
+        encoded = self.encode(volumes)
+        if which == "encoder":
+            return encoded.float()
+        return self.project(encoded)
+
+
+def build_model(model_settings: Mapping) -> BrainAgeNet:
+    """The network of one grid cell from the config's ``model`` section.
+
+    Raises
+    ------
+    ConfigError
+        For read-out features after a projection head that is switched off.
+    """
+    features = model_settings.get("features", "projection")
+    if features not in FEATURE_CHOICES:
+        raise ConfigError(f"config key model.features is {features!r}; expected one of "
+                          f"{', '.join(FEATURE_CHOICES)}.")
+    if features == "projection" and not model_settings.get("projection_head", True):
+        raise ConfigError("config key model.features is 'projection' but model.projection_head "
+                          "is false: there is no projection to read features from. Set "
+                          "model.features: encoder, or model.projection_head: true.")
+    return BrainAgeNet(projection_head=model_settings.get("projection_head", True),
+                       hidden_dim=model_settings.get("hidden_dim", 512),
+                       projection_dim=model_settings.get("projection_dim", 128),
+                       conv1_stride=model_option(model_settings, "conv1_stride"),
+                       max_pool=model_option(model_settings, "max_pool"),
+                       bias_downsample=model_option(model_settings, "bias_downsample"))
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
+
+
+# -- checkpoints ----------------------------------------------------------------------------
+
+@dataclass
+class LoadReport:
+    """What :func:`load_init_checkpoint` did with each key."""
+
+    path: str
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"checkpoint {self.path}: loaded {len(self.loaded)} tensors, "
+                 f"{len(self.missing)} missing, {len(self.unexpected)} unexpected, "
+                 f"{len(self.mismatched)} with another shape"]
+        for title, keys in (("missing (kept at initialisation)", self.missing),
+                            ("unexpected (ignored)", self.unexpected),
+                            ("shape mismatch (ignored)", self.mismatched)):
+            if keys:
+                lines.append(f"  {title}: {', '.join(keys)}")
+        return "\n".join(lines)
+
+
+def extract_state_dict(payload) -> dict[str, torch.Tensor]:
+    """The parameter dict inside a checkpoint: ours (``{"model": ...}``), the reference
+    code's (``{"model": ..., "optimizer": ...}``), Lightning's (``state_dict``) or a bare one."""
+    if isinstance(payload, Mapping):
+        for key in ("model", "state_dict", "model_state_dict", "net"):
+            inner = payload.get(key)
+            if isinstance(inner, Mapping) and inner and all(
+                    isinstance(value, torch.Tensor) for value in inner.values()):
+                return dict(inner)
+        if payload and all(isinstance(value, torch.Tensor) for value in payload.values()):
+            return dict(payload)
+    raise ValueError("no state dict (a mapping from parameter names to tensors) found; "
+                     "expected a bare state dict or one under 'model' or 'state_dict'.")
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KNOWN_PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                stripped = True
+    return key
+
+
+def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
+                   ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Rename the keys of ``source`` onto the model keys ``target`` by prefix stripping and
+    shape matching.
+
+    A source key ``module.encoder.layer1.0.conv1.weight`` becomes
+    ``encoder.layer1.0.conv1.weight``; a bare ResNet key ``layer1.0.conv1.weight`` is tried
+    as ``encoder.layer1.0.conv1.weight``. A classification layer ``fc.*`` has no counterpart
+    (our encoder has none) and is reported as unexpected.
+    """
+    report = LoadReport(path="")
+    mapped: dict[str, torch.Tensor] = {}
+    for raw_key, tensor in source.items():
+        key = _strip_prefixes(raw_key)
+        candidates = [key, f"encoder.{key}"]
+        if key.startswith("encoder.encoder."):
+            candidates.insert(0, key[len("encoder."):])
+        name = next((candidate for candidate in candidates if candidate in target), None)
+        if name is None:
+            report.unexpected.append(raw_key)
+        elif tuple(target[name].shape) != tuple(tensor.shape):
+            report.mismatched.append(f"{raw_key} {tuple(tensor.shape)} -> {name} "
+                                     f"{tuple(target[name].shape)}")
+        else:
+            mapped[name] = tensor
+            report.loaded.append(name)
+    report.missing = [key for key in target if key not in mapped
+                      and not key.endswith("num_batches_tracked")]
+    return mapped, report
+
+
+def load_init_checkpoint(model: BrainAgeNet, path: str | Path) -> LoadReport:
+    """Initialise ``model`` from a checkpoint (ours or an OpenBHB-pretrained ResNet-18).
+
+    Logs the report; raises when not a single encoder tensor could be loaded, which means
+    the file is not a 3D ResNet-18 checkpoint.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file and the config key ``model.init_checkpoint``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        source = extract_state_dict(payload)
+    except Exception as error:  # unpickling raises many types for foreign files
+        raise ValueError(f"config key model.init_checkpoint: {path} cannot be read as a "
+                         f"PyTorch state dict ({error}).") from None
+    target = model.state_dict()
+    mapped, report = map_state_dict(source, target)
+    report.path = str(path)
+    if not any(name.startswith("encoder.") for name in mapped):
+        raise ValueError(f"config key model.init_checkpoint: no encoder tensor of {path} fits "
+                         f"the 3D ResNet-18 (first keys: {', '.join(list(source)[:5])}). "
+                         f"Is it a 3D ResNet-18 with one input channel?\n{report.summary()}")
+    model.load_state_dict(mapped, strict=False)
+    log.info("%s", report.summary())
+    return report

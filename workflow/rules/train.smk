@@ -1,0 +1,103 @@
+# Stage train: one job per grid cell (split x experiment x variant x seed) trains the
+# encoder, a second evaluates it; optionally a random search per split (config search).
+#
+# Resume after preemption: train_encoder writes its resume state to checkpoint.pt in the
+# cell folder after every epoch. The file is deliberately NOT an output: Snakemake deletes
+# the outputs of a failed or killed job (and of an incomplete one on --rerun-incomplete),
+# which would throw the resume state away. As an undeclared file it survives, so a job
+# that SLURM requeues (or that is simply started again) continues from the last finished
+# epoch; brainage.train ignores a checkpoint whose settings or split differ, and deletes
+# it once encoder.pt is written. The embeddings written before the kill are kept inside
+# the checkpoint too, because Snakemake removes the declared embeddings folder.
+
+from brainage.search import search_settings
+
+
+def cell_file(name):
+    def path(wildcards):
+        return LAYOUT.cell_file(wildcards.split, wildcards.experiment, wildcards.variant,
+                                wildcards.seed, name)
+    return path
+
+
+def cell_threads(wildcards):
+    return cell_params(wildcards)["train"]["threads"]
+
+
+SPLIT_INPUTS = {name.split(".")[0]: LAYOUT.split_file("{split}", name)
+                for name in ("images.npy", "participants.tsv", "stats.json")}
+CELL = ("{split}", "{experiment}", "{variant}", "{seed}")
+CELL_NAME = "{split}/{experiment}/{variant}/seed-{seed}"
+
+
+rule train_encoder:
+    input:
+        **SPLIT_INPUTS,
+    output:
+        encoder=LAYOUT.cell_file(*CELL, "encoder.pt"),
+        history=LAYOUT.cell_file(*CELL, "history.tsv"),
+        embeddings=directory(LAYOUT.cell_file(*CELL, "embeddings")),
+    params:
+        settings=cell_params,
+        split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
+        checkpoint=cell_file("checkpoint.pt"),
+    log:
+        LAYOUT.log("train", f"{CELL_NAME}/train_encoder"),
+    benchmark:
+        LAYOUT.benchmark("train", f"{CELL_NAME}/train_encoder")
+    threads: cell_threads
+    resources:
+        gpu=config["resources"]["train"]["gpu"],
+        mem_mb=config["resources"]["train"]["mem_mb"],
+        runtime=config["resources"]["train"]["runtime_min"],
+    script:
+        "../scripts/train_encoder.py"
+
+
+rule evaluate_encoder:
+    input:
+        **SPLIT_INPUTS,
+        encoder=LAYOUT.cell_file(*CELL, "encoder.pt"),
+    output:
+        metrics=LAYOUT.cell_file(*CELL, "metrics.json"),
+        predictions=LAYOUT.cell_file(*CELL, "predictions.tsv"),
+    params:
+        settings=cell_params,
+        split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
+    log:
+        LAYOUT.log("train", f"{CELL_NAME}/evaluate_encoder"),
+    benchmark:
+        LAYOUT.benchmark("train", f"{CELL_NAME}/evaluate_encoder")
+    threads: cell_threads
+    resources:
+        # Embedding every subject at 2 mm is slow on a CPU; run where training runs.
+        gpu=config["resources"]["train"]["gpu"],
+    script:
+        "../scripts/evaluate_encoder.py"
+
+
+if config["search"]["enabled"]:
+
+    rule search_hyperparameters:
+        input:
+            **SPLIT_INPUTS,
+        output:
+            trials=LAYOUT.search_file("{split}", "trials.tsv"),
+            best=LAYOUT.search_file("{split}", "best.json"),
+        params:
+            settings=lambda wildcards: search_settings(config),
+            search=config["search"],
+            split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
+            # Per-trial folders (each resumable, like a grid cell) are not outputs either.
+            out_dir=lambda wildcards: LAYOUT.search_dir(wildcards.split),
+        log:
+            LAYOUT.log("train", "{split}/search_hyperparameters"),
+        benchmark:
+            LAYOUT.benchmark("train", "{split}/search_hyperparameters")
+        threads: config["train"]["threads"]
+        resources:
+            gpu=config["resources"]["train"]["gpu"],
+            mem_mb=config["resources"]["train"]["mem_mb"],
+            runtime=config["resources"]["train"]["runtime_min"] * config["search"]["trials"],
+        script:
+            "../scripts/search_hyperparameters.py"
