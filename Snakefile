@@ -9,9 +9,16 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-# The defaults (the demo); files given with --configfile are merged on top. Absolute, so
-# that `--directory elsewhere` works.
-configfile: Path(workflow.basedir) / "config" / "config.yaml"
+# The demo, unless --configfile names other files: those are then the whole config and
+# keys they omit take the schema's defaults (the paper's protocol). Merging them onto the
+# demo would leak its experiments into every other run. Absolute, so that
+# `--directory elsewhere` works.
+if not workflow.overwrite_configfiles:
+
+    configfile: Path(workflow.basedir) / "config" / "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"

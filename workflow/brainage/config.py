@@ -9,6 +9,7 @@ schema through :func:`validate_config`, so a setting means the same thing in bot
 from __future__ import annotations
 
 import copy
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -28,6 +29,12 @@ class ConfigError(ValueError):
 
 
 def load_schema(path: Path = CONFIG_SCHEMA) -> dict:
+    """The schema as a fresh dict (parsed once per process; callers may modify the copy)."""
+    return copy.deepcopy(_parsed_schema(str(path)))
+
+
+@lru_cache(maxsize=4)
+def _parsed_schema(path: str) -> dict:
     with open(path) as handle:
         return yaml.safe_load(handle)
 

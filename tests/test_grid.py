@@ -1,0 +1,183 @@
+"""The experiment grid as Snakemake sees it: dry runs of the real workflow.
+
+- The paper's full grid (config/paper.yaml) on a tiny fake dataset: every experiment
+  expands to one train_encoder and one evaluate_encoder job per variant x seed, plus one
+  make_tables and one make_figures job.
+- Rerun semantics: after a (simulated) complete run, editing one loss setting of one
+  variant reruns exactly that variant's jobs and the reports, nothing else.
+- The report targets agree with the configuration (no table or figure for an experiment
+  the config does not run).
+
+The workflow runs in a temporary working directory (``--directory``) on a tiny BIDS-like
+dataset with valid NIfTI files (``conftest.write_tiny_dataset``), simulation disabled.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO, default_rows, write_tiny_dataset
+
+from brainage import report
+from brainage.config import grid_cells, load_config
+from brainage.paths import Layout
+
+SNAKEMAKE = [sys.executable, "-m", "snakemake"]
+N_SUBJECTS = 10
+#: The report rules need every grid cell; asking for them (not for `all`) keeps these tests
+#: about the grid and the reports whatever else the default target holds.
+REPORT_RULES = ("make_tables", "make_figures")
+
+
+def run_snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True
+                  ) -> subprocess.CompletedProcess:
+    command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
+               "--configfile", str(configfile), "--replace-workflow-config", "--cores", "1",
+               *args]
+    environment = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment,
+                            timeout=300)
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(command)} failed ({result.returncode}):\n"
+                    f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def job_counts(output: str) -> Counter:
+    """Parse Snakemake's "Job stats" table (``rule  count`` lines up to ``total``)."""
+    counts: Counter = Counter()
+    lines = output.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.startswith("Job stats"))
+    except StopIteration:
+        return counts  # "Nothing to be done"
+    for line in lines[start + 3:]:
+        match = re.match(r"^(\S+)\s+(\d+)$", line.strip())
+        if not match or match.group(1) == "total":
+            break
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
+def dataset(tmp_path: Path, n: int = N_SUBJECTS) -> Path:
+    rows = default_rows(n)
+    for index, row in enumerate(rows):  # five studies, as the paper
+        row["study"] = f"study{index % 5 + 1}"
+    return write_tiny_dataset(tmp_path / "dataset", rows)
+
+
+def write_config(path: Path, base: str | Path | dict, **overrides) -> Path:
+    config = yaml.safe_load(Path(base).read_text()) if not isinstance(base, dict) else base
+    for dotted, value in overrides.items():
+        node = config
+        *parents, last = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[last] = value
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_paper_grid_dry_run_has_every_experiment(tmp_path):
+    root = dataset(tmp_path)
+    configfile = write_config(tmp_path / "paper.yaml", REPO / "config" / "paper.yaml",
+                              dataset__root=str(root))
+    config = load_config(configfile)
+    cells = grid_cells(config)
+    assert Counter(e for e, _, _ in cells) == {"table3": 35, "distance": 20, "predictor": 25,
+                                               "augmentation": 25, "projection": 10,
+                                               "lambda": 35, "reduction": 10}
+    result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
+                           "rules")
+    counts = job_counts(result.stdout)
+    assert counts["train_encoder"] == len(cells) == 160
+    assert counts["evaluate_encoder"] == 160
+    assert counts["make_tables"] == 1 and counts["make_figures"] == 1
+    assert counts["search_hyperparameters"] == 1  # the random search, one per split
+    # per-subject preprocessing: every subject once per per-subject rule
+    assert any(count == N_SUBJECTS for rule, count in counts.items()), counts
+    assert "simulate_cohort" not in counts
+
+
+def test_report_targets_follow_the_config(tmp_path):
+    root = dataset(tmp_path)
+    base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    base["experiments"]["projection"] = {"seeds": [0], "variants": {
+        "with": {"model": {"features": "projection"}},
+        "without": {"model": {"features": "encoder"}}}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
+                           "rules")
+    counts = job_counts(result.stdout)
+    assert counts["train_encoder"] == 2 * 2 + 2
+    names = report.report_names(load_config(configfile))
+    assert "fig4d_projection" in names["figures"] and "fig6_lambda" not in names["figures"]
+    listed = run_snakemake(tmp_path / "work", configfile, "--dry-run", "make_figures",
+                           "make_tables", "--workflow-profile",
+                           str(REPO / "workflow" / "profiles" / "default")).stdout
+    # training asks for a GPU through Snakemake's gpu resource (config resources.train)
+    train_jobs = re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed)
+    assert len(train_jobs) == 6
+    assert all(re.search(r"resources: .*\bgpu=1\b", job) for job in train_jobs)
+    assert all(re.search(r"resources: .*\bmem_mb=3000\b", job) for job in train_jobs)
+    for name in names["figures"]:
+        assert f"results/figures/{name}.png" in listed
+    assert "results/figures/fig6_lambda.png" not in listed  # lambda is not in this config
+    assert "results/tables/ablation_projection.md" in listed
+
+
+def _fake_complete_run(workdir: Path, configfile: Path) -> None:
+    """Create every output of the DAG (empty), then let Snakemake record them as made by
+    their jobs (``--touch`` writes the same metadata a real run writes: params, code)."""
+    summary = run_snakemake(workdir, configfile, "--summary", *REPORT_RULES).stdout
+    for line in summary.splitlines()[1:]:
+        path = workdir / line.split("\t")[0]
+        if "." not in path.name:  # directory() outputs (embeddings): no extension
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.touch()
+    for rule in REPORT_RULES:  # benchmarks count as outputs of the requested jobs
+        benchmark = workdir / Layout().benchmark("aggregate", rule)
+        benchmark.parent.mkdir(parents=True, exist_ok=True)
+        benchmark.touch()
+    run_snakemake(workdir, configfile, *REPORT_RULES, "--touch", "--quiet", "all")
+    assert job_counts(run_snakemake(workdir, configfile, "--dry-run",
+                                    *REPORT_RULES).stdout) == Counter()
+
+
+def test_editing_one_loss_setting_reruns_only_that_variant(tmp_path):
+    root = dataset(tmp_path, 6)
+    base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    base["experiments"]["distance"] = {"seeds": [0], "variants": {
+        "manhattan": {"loss": {"distance": "manhattan"}},
+        "cosine": {"loss": {"distance": "cosine"}}}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    workdir = tmp_path / "work"
+    _fake_complete_run(workdir, configfile)
+
+    base["experiments"]["table3"]["variants"]["adaptive"]["loss"]["sigma"] = 3.0
+    write_config(configfile, base)
+    result = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
+    counts = job_counts(result.stdout)
+    assert counts["train_encoder"] == 2 and counts["evaluate_encoder"] == 2, counts
+    assert set(counts) == {"train_encoder", "evaluate_encoder", *REPORT_RULES}, counts
+    rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
+    assert rerun == {("table3/adaptive", "0"), ("table3/adaptive", "1")}
+    assert "Params have changed" in result.stdout or "params" in result.stdout.lower()
+
+    # a base setting that every cell inherits reruns every cell
+    base["loss"]["sigma"] = 2.5
+    write_config(configfile, base)
+    counts = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
+    assert counts["train_encoder"] == len(grid_cells(load_config(configfile))) == 6

@@ -1,0 +1,372 @@
+"""Tables and figures (brainage.report) on synthetic grid-cell outputs.
+
+The fixtures write files in the formats of the output layout (CONTEXT/DESIGN): a cell's
+metrics.json, predictions.tsv and embeddings/epoch-<EEE>.npz, a split's participants.tsv,
+qc.tsv and registered maps, so the tests need no training or preprocessing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage import report
+from brainage.config import validate_config
+from brainage.paths import Layout
+
+STUDIES = ("study1", "study2", "study3")
+#: Synthetic MAE (years) per table3 variant; adaptive is best with every seed.
+LOSS_MAE = {"simclr": 9.0, "yaware": 4.0, "adaptive": 3.5}
+
+
+def grid_config(**experiments) -> dict:
+    base = {
+        "experiments": {
+            "table3": {"seeds": [0, 1, 2], "variants": {
+                name: {"loss": {"name": name}} for name in LOSS_MAE}},
+            "distance": {"seeds": [0, 1, 2], "variants": {
+                "manhattan": {"loss": {"distance": "manhattan"}},
+                "cosine": {"loss": {"distance": "cosine"}}}},
+            "lambda": {"seeds": [0, 1], "variants": {
+                "lam0": {"loss": {"lam": 0.0}}, "hard": {"loss": {"lam": None}},
+                "lam1": {"loss": {"lam": 1.0}}}},
+            **experiments,
+        }
+    }
+    return validate_config(base)
+
+
+def participants_table(n: int = 12) -> pd.DataFrame:
+    rng = np.random.default_rng(1)
+    return pd.DataFrame({
+        "participant_id": [f"sub-{i:02d}" for i in range(n)],
+        "age": np.round(rng.uniform(20, 80, n), 1),
+        "sex": ["F" if i % 3 else "M" for i in range(n)],
+        "study": [STUDIES[i % len(STUDIES)] for i in range(n)],
+        "subset": ["test" if i % 4 == 0 else "train" for i in range(n)],
+        "coverage": np.linspace(0.78, 1.0, n),
+        "qc_pass": [i != 5 for i in range(n)],
+    })
+
+
+def cell_mae(experiment: str, variant: str, seed: int) -> float:
+    base = LOSS_MAE.get(variant, 4.0 + 0.1 * len(variant))
+    return base + 0.1 * seed
+
+
+def write_cell(layout: Layout, split: str, experiment: str, variant: str, seed: int,
+               participants: pd.DataFrame, *, loss: str, epochs=(1, 2)) -> None:
+    folder = Path(layout.cell_dir(split, experiment, variant, seed))
+    (folder / "embeddings").mkdir(parents=True, exist_ok=True)
+    mae = cell_mae(experiment, variant, seed)
+    test = participants[participants["subset"] == "test"]
+    metrics = {"split": split, "experiment": experiment, "variant": variant, "seed": seed,
+               "loss": loss, "readout": "ridge", "mae": mae, "rmse": mae * 1.2,
+               "pearson_r": 0.8, "r2": 0.6,
+               "mae_per_study": {s: mae for s in sorted(set(test["study"]))},
+               "gap_age_slope": -0.2, "n_train": int((participants["subset"] == "train").sum()),
+               "n_test": len(test)}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    predictions = participants[["participant_id", "study", "age", "subset"]].copy()
+    predictions["predicted_age"] = predictions["age"] + mae
+    predictions.to_csv(folder / "predictions.tsv", sep="\t", index=False)
+    rng = np.random.default_rng(seed)
+    for epoch in epochs:
+        np.savez(folder / "embeddings" / f"epoch-{epoch:03d}.npz",
+                 features=rng.normal(size=(len(participants), 16)).astype(np.float32),
+                 participant_id=participants["participant_id"].to_numpy(str),
+                 age=participants["age"].to_numpy(float),
+                 subset=participants["subset"].to_numpy(str))
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A finished grid of ``grid_config()`` on one holdout split, plus cohort files."""
+    layout = Layout(results=str(tmp_path / "results"))
+    config = grid_config()
+    participants = participants_table()
+    split_dir = Path(layout.split_dir("holdout"))
+    split_dir.mkdir(parents=True)
+    participants.to_csv(split_dir / "participants.tsv", sep="\t", index=False)
+    settings = report.experiment_settings(config)
+    metrics = []
+    for experiment, variants in settings.items():
+        for variant, cell in variants.items():
+            for seed in config["experiments"][experiment]["seeds"]:
+                write_cell(layout, "holdout", experiment, variant, seed, participants,
+                           loss=cell["loss"]["name"])
+                metrics.append(layout.cell_file("holdout", experiment, variant, seed,
+                                                "metrics.json"))
+    qc = pd.DataFrame({"participant_id": participants["participant_id"],
+                       "dice": np.linspace(0.8, 0.95, len(participants)),
+                       "correlation": 0.6, "coverage": participants["coverage"],
+                       "qc_pass": participants["qc_pass"]})
+    Path(layout.qc_table()).parent.mkdir(parents=True)
+    qc.to_csv(layout.qc_table(), sep="\t", index=False)
+    maps = {}
+    grid = np.indices((20, 24, 20)).astype(float)
+    for index, participant in enumerate(participants["participant_id"]):
+        label = participant[len("sub-"):]
+        path = Path(layout.subject_mni(label, "preproc", "stiffness"))
+        path.parent.mkdir(parents=True)
+        inside = ((grid - np.array([10, 12, 10])[:, None, None, None]) ** 2).sum(0) < 64
+        slab = grid[2] < 20 - index // 3  # lower coverage, fewer slices
+        nib.save(nib.Nifti1Image((inside & slab).astype(np.float32) * (2.5 + 0.01 * index),
+                                 np.diag([2.0, 2.0, 2.0, 1.0])), path)
+        maps[participant] = str(path)
+    return {"layout": layout, "config": config, "participants": participants,
+            "metrics": metrics, "settings": settings, "maps": maps,
+            "split_dir": split_dir}
+
+
+# ---- names ------------------------------------------------------------------------------
+
+def test_report_names_follow_the_enabled_experiments():
+    config = grid_config(augmentation={"enabled": False, "variants": {
+        "none": {"train": {"augmentation": "none"}}}})
+    names = report.report_names(config)
+    assert names["tables"] == ["table2_cohort", "table3_losses", "table3_paired",
+                               "ablation_distance", "ablation_lambda"]
+    assert "fig4a_distance" in names["figures"] and "fig6_lambda" in names["figures"]
+    assert "fig4c_augmentation" not in names["figures"]  # disabled: no figure at all
+    assert {"fig3_age_distribution", "fig5_umap", "fig7_coverage", "fig8_coverage_examples",
+            "predicted_vs_true", "qc_overview"} <= set(names["figures"])
+
+
+def test_report_names_without_table3_or_cells():
+    config = validate_config({"experiments": {}})
+    names = report.report_names(config)
+    assert names["tables"] == ["table2_cohort"]
+    assert "fig5_umap" not in names["figures"]
+    custom = validate_config({"experiments": {"widths": {"seeds": [0], "variants": {
+        "narrow": {"model": {"hidden_dim": 64}}, "wide": {"model": {"hidden_dim": 1024}}}}}})
+    names = report.report_names(custom)
+    assert "ablation_widths" in names["tables"] and "ablation_widths" in names["figures"]
+
+
+def test_focus_cell_prefers_the_exported_model():
+    config = grid_config()
+    assert report.focus_cell(config) == ("table3", "adaptive", 0)
+    config["predict"]["model"].update(experiment="distance", variant="cosine", seed=2)
+    assert report.focus_cell(config) == ("distance", "cosine", 2)
+    config["predict"]["model"]["seed"] = 7  # not in the grid
+    assert report.focus_cell(config) == ("table3", "adaptive", 0)
+
+
+# ---- tables -----------------------------------------------------------------------------
+
+def test_table3_has_the_contract_columns_and_paper_numbers(results):
+    seeds = report.seed_results(report.read_metrics(results["metrics"]))
+    table = report.table3_losses(seeds, display_names={"adaptive": "Adaptive Neighborhoods"})
+    assert list(table.columns[:4]) == ["loss", "n_seeds", "mae_mean", "mae_std"]
+    # the paper's order: simclr, yaware, adaptive
+    assert table["loss"].tolist() == ["simclr", "yaware", "adaptive"]
+    adaptive = table.set_index("loss").loc["adaptive"]
+    assert adaptive["n_seeds"] == 3
+    assert adaptive["mae_mean"] == pytest.approx(3.6)
+    assert adaptive["mae_std"] == pytest.approx(0.1)
+    assert adaptive["paper_mae_mean"] == pytest.approx(3.724)
+    assert adaptive["label"] == "Adaptive Neighborhoods"
+
+
+def test_paired_comparison_against_adaptive(results):
+    seeds = report.seed_results(report.read_metrics(results["metrics"]))
+    paired = report.paired_comparison(seeds).set_index("baseline")
+    assert set(paired.index) == {"simclr", "yaware"}
+    assert (paired["reference"] == "adaptive").all()
+    assert paired.loc["simclr", "mean_difference"] == pytest.approx(5.5)
+    assert paired.loc["yaware", "n_pairs"] == 3
+    assert paired.loc["yaware", "reference_wins"] == 3
+    # constant differences: no spread, t-test undefined
+    assert np.isnan(paired.loc["yaware", "p_value"])
+
+
+def test_paired_t_test_matches_scipy():
+    from scipy import stats
+
+    seeds = pd.DataFrame({"experiment": "table3", "variant": ["adaptive"] * 3 + ["yaware"] * 3,
+                          "seed": [0, 1, 2] * 2, "loss": ["adaptive"] * 3 + ["yaware"] * 3,
+                          "mae": [3.0, 3.5, 3.2, 3.9, 4.4, 3.6]})
+    paired = report.paired_comparison(seeds).iloc[0]
+    expected = stats.ttest_rel([3.9, 4.4, 3.6], [3.0, 3.5, 3.2])
+    assert paired["p_value"] == pytest.approx(expected.pvalue)
+    assert paired["mean_difference"] == pytest.approx(np.mean([0.9, 0.9, 0.4]))
+
+
+def test_seed_results_pool_splits_by_test_size():
+    metrics = pd.DataFrame({
+        "split": ["fold1", "fold2"], "experiment": "table3", "variant": "adaptive",
+        "seed": 0, "loss": "adaptive", "readout": "ridge", "mae": [2.0, 5.0],
+        "rmse": [2.0, 5.0], "pearson_r": [0.5, 0.7], "r2": [0.1, 0.3], "n_test": [3, 1],
+        "mae_study_a": [2.0, np.nan], "path": ["x", "y"]})
+    row = report.seed_results(metrics).iloc[0]
+    assert row["mae"] == pytest.approx((3 * 2 + 1 * 5) / 4)
+    assert row["rmse"] == pytest.approx(np.sqrt((3 * 4 + 25) / 4))
+    assert row["n_splits"] == 2 and row["n_test"] == 4
+    assert row["mae_study_a"] == pytest.approx(2.0)
+
+
+def test_read_metrics_names_the_broken_file(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"split": "holdout", "experiment": "table3"}))
+    with pytest.raises(report.ReportError, match="metrics.json.*variant"):
+        report.read_metrics([path])
+
+
+def test_ablation_tables_label_and_order_variants(results):
+    seeds = report.seed_results(report.read_metrics(results["metrics"]))
+    distance = report.ablation_table(seeds, "distance", results["settings"]["distance"])
+    assert distance["label"].tolist() == ["Manhattan", "Cosine"]
+    assert distance["paper_mae_mean"].tolist() == pytest.approx([3.724, 3.748])
+    assert distance["setting"].tolist() == ["loss.distance=manhattan", "loss.distance=cosine"]
+    sweep = report.ablation_table(seeds, "lambda", results["settings"]["lambda"])
+    assert sweep["variant"].tolist() == ["lam0", "lam1", "hard"]  # by lambda, hard last
+    assert sweep["label"].tolist() == ["λ = 0", "λ = 1", "hard (λ→∞)"]
+    assert sweep["paper_mae_mean"].iloc[1] == pytest.approx(3.681)
+    with pytest.raises(report.ReportError, match="chebyshev"):
+        report.ablation_table(seeds, "distance", {**results["settings"]["distance"],
+                                                  "chebyshev": {}})
+
+
+def test_variant_labels_resolve_default_augmentation():
+    config = validate_config({"experiments": {"augmentation": {"variants": {
+        "default": {"loss": {"name": "adaptive"}}, "noise": {"train": {"augmentation": "noise"}},
+        "cutout": {"train": {"augmentation": "cutout"}}}}}})
+    labels = report.variant_labels(report.experiment_settings(config)["augmentation"])
+    # "default" for adaptive means no augmentation
+    assert labels["label"].to_dict() == {"default": "None", "noise": "Noise", "cutout": "Cutout"}
+
+
+def test_cohort_table_counts_studies_sex_and_coverage():
+    participants = participants_table()
+    table = report.cohort_table(participants).set_index("study")
+    assert list(table.index) == ["study1", "study2", "study3", "Total"]
+    assert table.loc["Total", "n"] == 12
+    assert table.loc["Total", "n_female"] + table.loc["Total", "n_male"] == 12
+    assert table.loc["study1", "age_mean"] == pytest.approx(
+        participants.loc[participants["study"] == "study1", "age"].mean())
+    assert table.loc["Total", "coverage_min_pct"] == pytest.approx(78.0)
+    bad = participants.assign(coverage=participants["coverage"] * 100)
+    with pytest.raises(report.ReportError, match="fraction"):
+        report.cohort_table(bad)
+
+
+def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
+    layout = results["layout"]
+    names = report.report_names(results["config"])["tables"]
+    stems = {name: layout.table(name, "") for name in names}
+    report.make_tables(metrics=results["metrics"],
+                       participants=results["split_dir"] / "participants.tsv",
+                       settings=results["settings"], outputs=stems)
+    for name in names:
+        for ext in (".csv", ".md", ".tex"):
+            assert Path(layout.table(name, ext)).stat().st_size > 0, (name, ext)
+    table3 = pd.read_csv(layout.table("table3_losses", ".csv"))
+    assert list(table3.columns[:4]) == ["loss", "n_seeds", "mae_mean", "mae_std"]
+    assert len(table3) == 3
+    markdown = Path(layout.table("table3_losses", ".md")).read_text()
+    assert "paper (different data)" in markdown
+    for value in ("9.600 ± 1.701", "3.852 ± 0.212", "3.724 ± 0.220"):  # the paper's numbers
+        assert value in markdown
+    assert "Adaptive Neighborhoods" in markdown and "Paired comparison" in markdown
+    latex = Path(layout.table("table3_losses", ".tex")).read_text()
+    assert r"\begin{tabular}" in latex and r"$\pm$" in latex
+    paired = pd.read_csv(layout.table("table3_paired", ".csv"))
+    assert set(paired["baseline"]) == {"simclr", "yaware"}
+    cohort = Path(layout.table("table2_cohort", ".md")).read_text()
+    assert "Total" in cohort and "Paper Table 2" in cohort and "134" in cohort
+    assert not list(Path(layout.result("tables")).glob(".*"))  # no temporary files left
+
+
+# ---- figures ----------------------------------------------------------------------------
+
+def test_make_figures_writes_every_figure(results):
+    layout, config = results["layout"], results["config"]
+    names = report.report_names(config)["figures"]
+    paths = {name: layout.figure(name) for name in names}
+    focus = report.focus_cell(config)
+    report.make_figures(
+        metrics=results["metrics"], participants=results["split_dir"] / "participants.tsv",
+        qc=layout.qc_table(), maps=results["maps"],
+        embeddings=layout.cell_file("holdout", *focus, "embeddings"),
+        predictions=[layout.cell_file("holdout", *focus, "predictions.tsv")],
+        settings=results["settings"], focus="table3/adaptive/seed-0",
+        qc_thresholds={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7},
+        outputs=paths)
+    for name, path in paths.items():
+        assert Path(path).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_coverage_examples_pick_nearest_distinct_subjects():
+    participants = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"],
+                                 "coverage": [1.0, 0.99, 0.93, 0.82, 0.6]})
+    chosen = report.pick_coverage_examples(participants)
+    assert [c["participant_id"] for c in chosen] == ["sub-a", "sub-b", "sub-c", "sub-d"]
+    # with too few subjects, the nearest is reused rather than failing
+    few = report.pick_coverage_examples(participants.iloc[:1])
+    assert [c["participant_id"] for c in few] == ["sub-a"] * 4
+
+
+def test_projection_falls_back_to_pca_only_below_four_samples():
+    rng = np.random.default_rng(0)
+    coords, method = report.project_2d(rng.normal(size=(3, 8)))
+    assert method == "PCA" and coords.shape == (3, 2)
+    coords, method = report.project_2d(rng.normal(size=(6, 8)))
+    assert method == "UMAP" and coords.shape == (6, 2) and np.isfinite(coords).all()
+
+
+def test_pca_fallback_is_named_in_the_figure_title(tmp_path, monkeypatch):
+    titles = []
+    plt = report._pyplot()
+    original = plt.Figure.suptitle
+
+    def record(self, text, **kwargs):
+        titles.append(text)
+        return original(self, text, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "suptitle", record)
+    embeddings = {1: {"features": np.eye(3, 4, dtype=np.float32), "age": np.array([20., 40., 60.]),
+                      "subset": np.array(["train", "train", "test"])}}
+    report.plot_embeddings(embeddings, tmp_path / "umap.png", cell="x")
+    assert "PCA" in titles[0] and "too few" in titles[0]
+    assert (tmp_path / "umap.png").is_file()
+
+
+def test_umap_without_embeddings_says_what_to_do(tmp_path):
+    with pytest.raises(report.ReportError, match="embed_epochs"):
+        report.plot_embeddings({}, tmp_path / "umap.png", cell="table3/adaptive/seed-0")
+
+
+# ---- random search ------------------------------------------------------------------------
+
+def write_trials(path: Path, rows) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows, columns=["trial", "nn_final", "nn_step", "validation_mae",
+                                "validation_rmse", "seconds"]).to_csv(path, sep="\t", index=False)
+    return path
+
+
+def test_search_table_and_figure(tmp_path):
+    config = validate_config({"experiments": {}, "search": {"enabled": True}})
+    names = report.report_names(config)
+    assert "search_trials" in names["tables"] and "search_trials" in names["figures"]
+    trials = write_trials(tmp_path / "search" / "holdout" / "trials.tsv",
+                          [(1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0),
+                           (3, 8, 2, 4.1, 4.8, 9.0)])
+    table = report.read_search_trials([trials])
+    assert table["trial"].tolist() == [2, 3, 1] and (table["split"] == "holdout").all()
+    stem = tmp_path / "tables" / "search_trials"
+    report.write_search(table, stem)
+    markdown = stem.with_suffix(".md").read_text()
+    assert "holdout: nn_final 14, nn_step 1 (3.900 years)" in markdown
+    report.plot_search(table, tmp_path / "search.png")
+    assert (tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
+    broken = write_trials(tmp_path / "broken" / "trials.tsv", [])
+    pd.read_csv(broken, sep="\t").drop(columns="nn_step").to_csv(broken, sep="\t", index=False)
+    with pytest.raises(report.ReportError, match="nn_step"):
+        report.read_search_trials([broken])

@@ -1,0 +1,13 @@
+"""Rule make_figures: every figure of the configuration (brainage.report.make_figures)."""
+
+from brainage.logs import log_to_file
+from brainage.report import make_figures
+
+log_to_file(snakemake.log[0])
+make_figures(metrics=list(snakemake.input.metrics), participants=snakemake.input.participants,
+             qc=snakemake.input.qc, maps=snakemake.params.maps,
+             embeddings=snakemake.input.get("embeddings"),
+             predictions=list(snakemake.input.predictions),
+             settings=snakemake.params.settings, focus=snakemake.params.focus,
+             qc_thresholds=snakemake.params.qc_thresholds, outputs=snakemake.params.paths,
+             search=list(snakemake.input.search))

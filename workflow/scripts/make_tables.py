@@ -1,0 +1,9 @@
+"""Rule make_tables: every table of the configuration (brainage.report.make_tables)."""
+
+from brainage.logs import log_to_file
+from brainage.report import make_tables
+
+log_to_file(snakemake.log[0])
+make_tables(metrics=list(snakemake.input.metrics), participants=snakemake.input.participants,
+            settings=snakemake.params.settings, outputs=snakemake.params.stems,
+            search=list(snakemake.input.search))
