@@ -59,6 +59,20 @@ def test_every_requirement_is_in_some_env():
     assert missing == set()
 
 
-def test_envs_install_the_package_itself():
-    for path in ENV_FILES:
-        assert "-e ../" in path.read_text(), f"{path.name} does not install brainage"
+def test_every_scripted_rule_names_an_existing_env():
+    """--software-deployment-method conda needs a `conda:` env for every script rule.
+
+    The envs do not install brainage: Snakemake puts workflow/scripts on sys.path, where
+    the `brainage` link points at the package.
+    """
+    import re
+
+    for rules in (REPO / "workflow" / "rules").glob("*.smk"):
+        for block in re.split(r"\n(?=\s*(?:rule|checkpoint) \w+:)", rules.read_text()):
+            if "script:" not in block or "use rule" in block.split("\n")[0]:
+                continue
+            name = re.search(r"(?:rule|checkpoint) (\w+):", block).group(1)
+            env = re.search(r'conda:\s*"([^"]+)"', block)
+            assert env, f"{rules.name}: rule {name} has no conda: env"
+            assert (rules.parent / env.group(1)).resolve().is_file(), env.group(1)
+    assert (REPO / "workflow" / "scripts" / "brainage" / "__init__.py").is_file()

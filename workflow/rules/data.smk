@@ -16,5 +16,7 @@ if SIMULATED:
         resources:
             mem_mb=4000,
             runtime=30,
+        conda:
+            "../../envs/preprocess.yaml"
         script:
             "../scripts/simulate_cohort.py"

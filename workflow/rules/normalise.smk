@@ -26,5 +26,7 @@ rule normalise_dataset:
     resources:
         mem_mb=2000,
         runtime=60,
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/normalise_dataset.py"

@@ -146,6 +146,8 @@ rule export_model:
         # Embeds every subject of the split, like evaluate_encoder: run where it runs.
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],
+    conda:
+        "../../envs/train.yaml"
     script:
         "../scripts/export_model.py"
 
@@ -176,6 +178,8 @@ rule predict_cohort:
     threads: config["train"]["threads"]
     resources:
         mem_mb=config["resources"]["train"]["mem_mb"],
+    conda:
+        "../../envs/train.yaml"
     script:
         "../scripts/predict_cohort.py"
 
@@ -199,6 +203,8 @@ if SIMULATED_PREDICT_COHORT is not None:
         resources:
             mem_mb=4000,
             runtime=30,
+        conda:
+            "../../envs/preprocess.yaml"
         script:
             "../scripts/simulate_predict_cohort.py"
 

@@ -37,6 +37,8 @@ rule prepare_template:
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/prepare_template.py"
 
@@ -61,6 +63,8 @@ rule strip_skull:
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/strip_skull.py"
 
@@ -88,6 +92,8 @@ rule correct_bias:
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/correct_bias.py"
 
@@ -117,6 +123,8 @@ rule register_to_template:
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/register_to_template.py"
 
@@ -142,6 +150,8 @@ rule compute_qc:
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/compute_qc.py"
 
@@ -167,5 +177,7 @@ rule tabulate_qc:
     resources:
         mem_mb=1000,
         runtime=10,
+    conda:
+        "../../envs/preprocess.yaml"
     script:
         "../scripts/tabulate_qc.py"

@@ -50,6 +50,8 @@ rule train_encoder:
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime_min"],
+    conda:
+        "../../envs/train.yaml"
     script:
         "../scripts/train_encoder.py"
 
@@ -72,6 +74,8 @@ rule evaluate_encoder:
     resources:
         # Embedding every subject at 2 mm is slow on a CPU; run where training runs.
         gpu=config["resources"]["train"]["gpu"],
+    conda:
+        "../../envs/train.yaml"
     script:
         "../scripts/evaluate_encoder.py"
 
@@ -99,5 +103,7 @@ if config["search"]["enabled"]:
             gpu=config["resources"]["train"]["gpu"],
             mem_mb=config["resources"]["train"]["mem_mb"],
             runtime=config["resources"]["train"]["runtime_min"] * config["search"]["trials"],
+        conda:
+            "../../envs/train.yaml"
         script:
             "../scripts/search_hyperparameters.py"
