@@ -220,7 +220,9 @@ def test_bundle_holds_tensors_versions_and_checksums(exported):
     assert manifest["normalisation"]["resolution_mm"] == 6
     assert "statistics_subjects" not in manifest["normalisation"]  # no subject ids shipped
     assert manifest["readout"]["method"] == "ridge"
-    assert manifest["source"]["reproduces_cell_predictions"]["max_abs_difference_years"] == 0.0
+    # Same features, same deterministic read-out: equal up to float64 summation order
+    # (BLAS may block a matrix product differently from one call to the next).
+    assert manifest["source"]["reproduces_cell_predictions"]["max_abs_difference_years"] < 1e-9
 
 
 def test_bundle_round_trip_gives_identical_predictions(exported, tmp_path):
@@ -230,8 +232,11 @@ def test_bundle_round_trip_gives_identical_predictions(exported, tmp_path):
     images, table = _split_images(exported.split_dir)
     predicted = BrainAgeModel.from_bundle(copied, device="cpu").predict_age(images)
     cell = pd.read_csv(exported.cell / "predictions.tsv", sep="\t").set_index("participant_id")
-    np.testing.assert_array_equal(predicted,
-                                  cell.loc[table["participant_id"], "predicted_age"].to_numpy())
+    # Identical up to float64 rounding: BLAS sums the remainder rows of a matrix product
+    # in another order than full blocks, so a subject's last bit depends on the batch.
+    np.testing.assert_allclose(predicted,
+                               cell.loc[table["participant_id"], "predicted_age"].to_numpy(),
+                               rtol=0, atol=1e-9)
 
 
 def test_reexport_gives_identical_payload(exported, tmp_path):

@@ -21,6 +21,8 @@ reruns bit-identical.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 import tempfile
 from pathlib import Path
@@ -91,6 +93,30 @@ def field_of_view_box(support: np.ndarray) -> np.ndarray:
     high = np.maximum(index.max(axis=0) - 1, low)
     box[low[0]:high[0] + 1, low[1]:high[1] + 1, low[2]:high[2] + 1] = 1.0
     return box
+
+
+@contextlib.contextmanager
+def ants_random_seed(seed: int | None):
+    """Yield the keyword arguments that make ``ants.registration`` use ``seed``.
+
+    ANTsPy up to 0.5 took a ``random_seed`` argument; 0.6 reads the seed from
+    ``ants.config._random_seed`` instead and silently swallows ``random_seed`` in its
+    ``**kwargs``, so every run sampled the metric differently. ``None``: ANTs' own
+    random seed. The module value is restored afterwards, so other ANTs calls in the
+    process keep theirs.
+    """
+    import ants
+    import ants.config
+
+    if "random_seed" in inspect.signature(ants.registration).parameters:
+        yield {"random_seed": seed}
+        return
+    previous = ants.config._random_seed
+    ants.config._random_seed = seed
+    try:
+        yield {}
+    finally:
+        ants.config._random_seed = previous
 
 
 def check_transform(matrix: np.ndarray, *, what: str) -> None:
@@ -173,14 +199,14 @@ def register_to_template(stiffness: str | Path, mask: str | Path, reference: str
     Path(out_transform).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".register-", dir=Path(out_transform).parent) as tmp:
         try:
-            result = ants.registration(
-                fixed, moving, type_of_transform="Affine", aff_metric=metric,
-                aff_iterations=AFFINE_ITERATIONS, aff_shrink_factors=AFFINE_SHRINK_FACTORS,
-                aff_smoothing_sigmas=AFFINE_SMOOTHING_SIGMAS,
-                aff_random_sampling_rate=AFFINE_SAMPLING_RATE, mask=sampling_mask,
-                moving_mask=moving_mask,
-                random_seed=int(seed) if deterministic else None,
-                outprefix=str(Path(tmp) / "affine_"))
+            with ants_random_seed(int(seed) if deterministic else None) as seed_argument:
+                result = ants.registration(
+                    fixed, moving, type_of_transform="Affine", aff_metric=metric,
+                    aff_iterations=AFFINE_ITERATIONS, aff_shrink_factors=AFFINE_SHRINK_FACTORS,
+                    aff_smoothing_sigmas=AFFINE_SMOOTHING_SIGMAS,
+                    aff_random_sampling_rate=AFFINE_SAMPLING_RATE, mask=sampling_mask,
+                    moving_mask=moving_mask, outprefix=str(Path(tmp) / "affine_"),
+                    **seed_argument)
         except (RuntimeError, ValueError) as error:
             raise RegistrationError(f"{name}: ANTs registration of {reference} to the template "
                                     f"failed: {error}") from None
