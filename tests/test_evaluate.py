@@ -43,6 +43,22 @@ def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set():
     assert readout.info["ridge_alpha"] in (0.1, 10.0)
 
 
+def test_ridge_folds_mix_studies_when_rows_come_grouped_by_study():
+    """Training rows arrive in participants.tsv order, one study after another: a fold
+    that is one study would score young subjects against old ones only."""
+    train_x, train_y, _, _ = _shared_direction_data(n_train=100)
+    order = np.argsort(train_y)  # five "studies" of 20, from youngest to oldest
+    studies = np.repeat(np.arange(5), 20)
+    readout = fit_readout(train_x[order], train_y[order], {"method": "ridge"}, seed=0)
+    folds = readout.ridge.cv.split(train_x)
+    for _, validation in folds:
+        assert len(np.unique(studies[validation])) >= 3, studies[validation]
+    # the same folds for every seed: a seed changes training, not the read-out's CV
+    again = fit_readout(train_x[order], train_y[order], {"method": "ridge"}, seed=3)
+    assert [v.tolist() for _, v in again.ridge.cv.split(train_x)] == \
+        [v.tolist() for _, v in readout.ridge.cv.split(train_x)]
+
+
 def test_dex_expected_value_stays_within_the_bins():
     train_x, train_y, test_x, _ = _shared_direction_data()
     readout = fit_readout(train_x, train_y, {"method": "dex"}, seed=0)

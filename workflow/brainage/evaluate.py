@@ -112,20 +112,32 @@ class Readout:
         return output[:, 0].double().numpy() * self.age_sd + self.age_mean
 
 
+#: Shuffles the Ridge read-out's CV folds (the reference's split seed).
+READOUT_CV_SEED = 42
+
+
 def fit_ridge(features: np.ndarray, ages: np.ndarray, *, alphas, cv_folds: int) -> Readout:
     """Ridge with alpha chosen by K-fold CV (r2) on the training embeddings, as the reference.
 
     ``cv_folds`` is capped at half the number of training subjects (at least 2), so that
     every validation fold has two subjects or more: the r2 of a single subject is undefined.
+
+    The folds are shuffled with :data:`READOUT_CV_SEED`, the same for every cell. The
+    training rows come in participants.tsv order, grouped by study, so unshuffled folds
+    would each be roughly one study (young study 1 scored against the older ones) and
+    bias the choice of alpha. The reference's rows come out of a shuffling
+    ``train_test_split(random_state=42)``; a seed changes initialisation, batch order
+    and augmentation only (METHOD.md §3), not the read-out's folds.
     """
     from sklearn.linear_model import Ridge
-    from sklearn.model_selection import GridSearchCV
+    from sklearn.model_selection import GridSearchCV, KFold
 
     folds = min(int(cv_folds), max(2, len(ages) // 2))
     if len(ages) < 2:
         raise ValueError(f"Ridge cross-validation needs at least 2 training subjects; got "
                          f"{len(ages)}.")
-    search = GridSearchCV(Ridge(), param_grid={"alpha": [float(a) for a in alphas]}, cv=folds,
+    search = GridSearchCV(Ridge(), param_grid={"alpha": [float(a) for a in alphas]},
+                          cv=KFold(folds, shuffle=True, random_state=READOUT_CV_SEED),
                           scoring="r2", n_jobs=1)
     search.fit(features, ages)
     alpha = float(search.best_params_["alpha"])

@@ -187,6 +187,17 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
     return image
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+#: Read once, at import: os.umask can only be read by setting it, which is process-wide,
+#: and atomic_path also runs in the checkpoint writer's thread.
+_UMASK = _read_umask()
+
+
 @contextmanager
 def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
@@ -202,9 +213,7 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield temp
         # mkstemp creates files private (0600); results are shared on a cluster.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
+        os.chmod(temp, 0o666 & ~_UMASK)
         os.replace(temp, final)
     finally:
         if temp.exists():
