@@ -68,6 +68,15 @@ def test_variant_overrides_are_validated():
         validate_config(bad)
 
 
+@pytest.mark.parametrize("bad", [
+    {"predict": {"model": {"name": ".."}}},
+    {"experiments": {"table3": {"variants": {"..": {"loss": {"name": "yaware"}}}}}},
+], ids=["bundle", "variant"])
+def test_names_that_would_leave_their_folder_are_rejected(bad):
+    with pytest.raises(ConfigError, match=r"\.\."):
+        validate_config(bad)
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     config = load_config(path)  # a --configfile replaces the demo config as a whole

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.io import (InputError, check_dataset_images, load_nifti_checked,
+from brainage.io import (InputError, check_dataset_images, check_label, load_nifti_checked,
                          read_participants, subject_inputs, atomic_path)
 from conftest import default_rows, write_tiny_dataset
 
@@ -60,6 +60,13 @@ def test_label_that_could_escape_results(tiny_dataset, bad_id):
     _rewrite_table(tiny_dataset, mutate)
     with pytest.raises(InputError, match="letters and digits"):
         read_participants(tiny_dataset)
+
+
+def test_label_with_a_trailing_newline_is_refused():
+    # "^...$" alone accepts "01\n" (a quoted participant_id in a hand-edited table)
+    with pytest.raises(InputError, match="letters and digits"):
+        check_label("01\n", where="participants.tsv")
+    assert check_label("01a", where="participants.tsv") == "01a"
 
 
 @pytest.mark.parametrize("age, message", [("", "has age nan"), ("old", "has age 'old'"),

@@ -195,6 +195,24 @@ def test_corrupt_input_names_the_file(tmp_path):
                     method="none", subject="x")
 
 
+def test_deepbet_finding_no_brain_names_the_subject_and_file(tmp_path):
+    """Real deepbet on a T1w with nothing in it but one bright voxel: deepbet's own
+    error (an empty component list) comes back as ours, naming subject and file."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    stiffness = np.zeros((40, 48, 40), np.float32)
+    stiffness[10:30, 12:36, 10:30] = 3.0
+    t1 = np.zeros_like(stiffness)
+    t1[20, 24, 20] = 1.0
+    nib.save(nib.Nifti1Image(stiffness, affine), tmp_path / "sub-a_stiffness.nii.gz")
+    nib.save(nib.Nifti1Image(t1, affine), tmp_path / "sub-a_T1w.nii.gz")
+    with pytest.raises(PreprocessError, match=r"subject sub-a: skull stripping \(deepbet\) of "
+                                              r".*sub-a_T1w\.nii\.gz failed: .*Check the image"):
+        strip_skull(tmp_path / "sub-a_stiffness.nii.gz", tmp_path / "m.nii.gz",
+                    tmp_path / "r.nii.gz", tmp_path / "i.json", anat=tmp_path / "sub-a_T1w.nii.gz",
+                    method="deepbet", subject="a")
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
 def test_empty_skull_strip_mask_is_an_error(simulated_cohort, tmp_path, monkeypatch):
     root, truth = simulated_cohort
     files = _subject_files(root, truth["participant_id"].iloc[0])

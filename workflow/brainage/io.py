@@ -25,7 +25,8 @@ import numpy as np
 import pandas as pd
 
 #: BIDS labels are letters and digits only, so no id can escape the results folder.
-LABEL_PATTERN = re.compile(r"^[A-Za-z0-9]+$")
+#: Matched with fullmatch: ``$`` alone would also accept a trailing newline.
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9]+")
 REQUIRED_COLUMNS = ("participant_id", "age", "sex", "study")
 #: Plausible human ages (years); anything outside is a data-entry error.
 AGE_RANGE_YEARS = (0.0, 120.0)
@@ -44,7 +45,7 @@ def anatomical_path(root: str | Path, label: str) -> Path:
 
 
 def check_label(label: str, *, where: str) -> str:
-    if not isinstance(label, str) or not LABEL_PATTERN.match(label):
+    if not isinstance(label, str) or not LABEL_PATTERN.fullmatch(label):
         raise InputError(
             f"{where}: subject label {label!r} is not a BIDS label (letters and digits only, "
             f"e.g. 'sub-01a'). Rename the subject folder and its participants.tsv row.")

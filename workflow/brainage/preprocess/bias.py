@@ -37,7 +37,8 @@ N4_WORKING_SPACING_MM = 10.0
 N4_SPLINE_DISTANCE_MM = 200.0
 
 
-def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, *,
+                   what: str = "image") -> np.ndarray:
     """N4-correct ``data`` inside ``mask``; zero outside, mean inside the mask unchanged.
 
     Parameters
@@ -45,6 +46,7 @@ def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np
     data : float32 [X, Y, Z], positive inside ``mask`` (kPa or T1w units).
     mask : bool [X, Y, Z].
     affine : voxel -> world mm (the spline mesh is set in mm).
+    what : the image, for messages (e.g. "subject sub-01: stiffness map <path>").
 
     Returns
     -------
@@ -65,7 +67,10 @@ def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray) -> np
     inside_before = float(data[mask].mean())
     inside_after = float(result[mask].mean())
     if not np.isfinite(inside_after) or inside_after <= 0:
-        raise PreprocessError("N4 returned a non-positive or non-finite image inside the mask")
+        raise PreprocessError(
+            f"{what}: N4 returned a non-positive or non-finite image inside the brain mask "
+            f"(mean {inside_after}). Look at the map and its mask, or set preprocess.n4: "
+            f"false for maps that are already bias-free.")
     return (result * np.float32(inside_before / inside_after)).astype(np.float32)
 
 
@@ -127,7 +132,7 @@ def correct_bias(stiffness: str | Path, mask: str | Path, reference: str | Path,
     reference_data, reference_affine = load_volume(reference, what=f"{name}: reference image")
     if n4:
         log.info("%s: N4 on the stiffness map inside brain mask and map support", name)
-        data = n4_inside_mask(data, covered, affine)
+        data = n4_inside_mask(data, covered, affine, what=f"{name}: stiffness map {stiffness}")
         if info["reference_kind"] != "stiffness":
             if info["reference_kind"] == "T1w_brain":
                 reference_mask = reference_data > 0
@@ -139,7 +144,8 @@ def correct_bias(stiffness: str | Path, mask: str | Path, reference: str | Path,
             log.info("%s: N4 on the %s reference inside %d voxels", name,
                      info["reference_kind"], reference_mask.sum())
             reference_data = n4_inside_mask(np.maximum(reference_data, 0), reference_mask,
-                                            reference_affine)
+                                            reference_affine,
+                                            what=f"{name}: reference image {reference}")
     else:
         log.info("%s: preprocess.n4 is false; bias correction skipped (map cleaned only)", name)
     if info["reference_kind"] == "stiffness":

@@ -225,8 +225,17 @@ def strip_skull(stiffness: str | Path, out_mask: str | Path, out_reference: str 
                 ran = "deepbet" if route == "deepbet" else FREESURFER_PROGRAMS[freesurfer_tool]
                 log.info("%s: skull stripping the T1w image %s with %s (preprocess.skullstrip "
                          "%s)", name, anat, ran, method)
-                mask_file = _run_mask_interface(route, freesurfer_tool, _absolute(anat), work,
-                                                threads)
+                try:
+                    mask_file = _run_mask_interface(route, freesurfer_tool, _absolute(anat),
+                                                    work, threads)
+                except (AssertionError, ValueError, RuntimeError, OSError) as error:
+                    # deepbet asserts "Not enough foreground" (or fails on an empty
+                    # component list) when it finds no brain; FreeSurfer exits non-zero.
+                    detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
+                    raise PreprocessError(
+                        f"{name}: skull stripping ({ran}) of {anat} failed: {detail}. Check "
+                        f"the image (contrast, orientation, field of view), or try another "
+                        f"preprocess.skullstrip route.") from error
                 anat_mask = _read_tool_mask(mask_file)
                 if anat_mask.shape != anat_data.shape:
                     raise PreprocessError(f"{name}: {ran} wrote a mask of shape "

@@ -1,8 +1,8 @@
 """The registration target (rule ``prepare_template``): MNI152 T1 and brain mask at 2 mm.
 
 Default: the MNI152 ICBM 2009a symmetric template bundled with nilearn (99 x 117 x 95
-voxels of 2 mm; whole head, so a skull-stripped reference is registered to T1 x mask),
-offline. Or a user's pair of files (``template.source: file``), e.g. FSL's
+voxels of 2 mm, offline; nilearn ships it already skull-stripped, and references are
+registered to T1 x brain mask). Or a user's pair of files (``template.source: file``), e.g. FSL's
 ``MNI152_T1_2mm.nii.gz`` (91 x 109 x 91) with its brain mask.
 """
 
