@@ -181,3 +181,13 @@ def test_editing_one_loss_setting_reruns_only_that_variant(tmp_path):
     write_config(configfile, base)
     counts = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
     assert counts["train_encoder"] == len(grid_cells(load_config(configfile))) == 6
+
+    # the read-out is not a training setting: editing it re-evaluates every cell, and
+    # trains none of them again
+    del base["loss"]["sigma"]
+    base["experiments"]["table3"]["variants"]["adaptive"]["loss"].pop("sigma")
+    base["readout"]["alphas"] = [0.1, 1.0, 10.0]
+    write_config(configfile, base)
+    counts = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
+    assert "train_encoder" not in counts, counts
+    assert counts["evaluate_encoder"] == 6, counts

@@ -20,6 +20,12 @@ def cell_file(name):
     return path
 
 
+def training_params(wildcards):
+    """The cell's settings less the read-out: training never uses it, so editing
+    readout.* reruns evaluate_encoder (and what follows), not the training."""
+    return {key: value for key, value in cell_params(wildcards).items() if key != "readout"}
+
+
 def cell_threads(wildcards):
     return cell_params(wildcards)["train"]["threads"]
 
@@ -38,7 +44,7 @@ rule train_encoder:
         history=LAYOUT.cell_file(*CELL, "history.tsv"),
         embeddings=directory(LAYOUT.cell_file(*CELL, "embeddings")),
     params:
-        settings=cell_params,
+        settings=training_params,
         split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
         checkpoint=cell_file("checkpoint.pt"),
     log:
@@ -72,8 +78,11 @@ rule evaluate_encoder:
         LAYOUT.benchmark("train", f"{CELL_NAME}/evaluate_encoder")
     threads: cell_threads
     resources:
-        # Embedding every subject at 2 mm is slow on a CPU; run where training runs.
+        # Embedding every subject at 2 mm is slow on a CPU; run where training runs, with
+        # its memory (the whole split is embedded) and wall time.
         gpu=config["resources"]["train"]["gpu"],
+        mem_mb=config["resources"]["train"]["mem_mb"],
+        runtime=config["resources"]["train"]["runtime_min"],
     conda:
         "../../envs/train.yaml"
     script:
@@ -102,7 +111,7 @@ if config["search"]["enabled"]:
         resources:
             gpu=config["resources"]["train"]["gpu"],
             mem_mb=config["resources"]["train"]["mem_mb"],
-            runtime=config["resources"]["train"]["runtime_min"] * config["search"]["trials"],
+            runtime=config["resources"]["search"]["runtime_min"],
         conda:
             "../../envs/train.yaml"
         script:
