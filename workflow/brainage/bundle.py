@@ -254,7 +254,8 @@ def read_manifest(directory: str | Path) -> dict:
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}. Install brainage "
             f"{written_by} to use this bundle, or re-export the model with this version "
             f"(`snakemake export_model`).")
-    for key in ("files", "settings", "normalisation", "readout", "bias_correction", "template"):
+    for key in ("files", "settings", "normalisation", "readout", "bias_correction", "template",
+                "source"):
         if key not in manifest:
             raise BundleError(f"{manifest_path} lacks the key {key!r}; the bundle is "
                               f"incomplete. Re-export it.")
