@@ -274,6 +274,10 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     for value in ("9.600 ± 1.701", "3.852 ± 0.212", "3.724 ± 0.220"):  # the paper's numbers
         assert value in markdown
     assert "Adaptive Neighborhoods" in markdown and "Paired comparison" in markdown
+    # the paper's losses not trained here keep their row, marked, and only in the Markdown
+    assert "NNCLR (not run here)" in markdown and "8.526 ± 1.442" in markdown
+    assert "Y-Aware (not run here)" not in markdown
+    assert len(table3) == 3 and "nnclr" not in set(table3["loss"])
     latex = Path(layout.table("table3_losses", ".tex")).read_text()
     assert r"\begin{tabular}" in latex and r"$\pm$" in latex
     paired = pd.read_csv(layout.table("table3_paired", ".csv"))

@@ -640,6 +640,16 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
         "MAE [years], paper (different data)": _mean_sd_column(table, "paper_mae_mean",
                                                                "paper_mae_std"),
     })
+    # The paper's losses this config does not train keep their row, marked as such, so
+    # the paper's whole Table 3 stays readable beside ours.
+    ours = {str(loss).split(":")[0] for loss in table["loss"]}
+    names = _display_loss_names()
+    not_run = pd.DataFrame([{
+        "Loss": f"{names.get(loss, loss)} (not run here)", "Seeds": 0,
+        "MAE [years], ours": "–", "RMSE [years], ours": "–", "r, ours": "–",
+        "MAE [years], paper (different data)": _format_mean_sd(*PAPER_TABLE3[loss]),
+    } for loss in PAPER_TABLE3 if loss not in ours], columns=display.columns)
+    display = pd.concat([display, not_run], ignore_index=True)
     notes = [f"Ours: test MAE, mean ± sd over seeds; {int(table['n_test'].iloc[0])} test "
              f"subjects.", PAPER_NOTE]
     labels = dict(zip(table["variant"], table["label"]))
