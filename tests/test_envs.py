@@ -11,8 +11,9 @@ from packaging.version import Version
 
 REPO = Path(__file__).resolve().parents[1]
 ENV_FILES = sorted((REPO / "envs").glob("*.yaml"))
-#: The workflow engine runs the jobs; it is not installed inside the job environments.
-DRIVER_ONLY = {"snakemake", "snakemake-executor-plugin-slurm"}
+#: The workflow engine runs the jobs (and writes the report); it is not installed inside
+#: the job environments.
+DRIVER_ONLY = {"snakemake", "snakemake-executor-plugin-slurm", "pygments"}
 
 
 def _normalise(name: str) -> str:
@@ -76,3 +77,11 @@ def test_every_scripted_rule_names_an_existing_env():
             assert env, f"{rules.name}: rule {name} has no conda: env"
             assert (rules.parent / env.group(1)).resolve().is_file(), env.group(1)
     assert (REPO / "workflow" / "scripts" / "brainage" / "__init__.py").is_file()
+
+
+def test_the_report_needs_no_test_extra():
+    """`snakemake --report` imports pygments, which snakemake does not install; the main
+    command installs the package without its test extra (where pytest brings pygments)."""
+    assert "pygments" in _package_requirements()
+    import snakemake.report.html_reporter  # noqa: F401  (the module that needs it)
+    import pygments  # noqa: F401
