@@ -24,8 +24,6 @@ def test_every_key_has_description_and_default():
     undocumented = [key for key, sub in _properties(schema)
                     if "description" not in sub and "$ref" not in sub]
     undefaulted = [key for key, sub in _properties(schema) if "default" not in sub]
-    # Sections of the resources block document their keys, not themselves.
-    undocumented = [k for k in undocumented if k not in ("resources.preprocess", "resources.train")]
     assert undocumented == []
     assert undefaulted == []
 
