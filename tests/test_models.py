@@ -100,3 +100,30 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"model": {"encoder.conv1.weight": torch.zeros(1)}, "opts": object()}, pickled)
     with pytest.raises(ValueError, match="cannot be read"):  # weights_only refuses objects
         load_init_checkpoint(target, pickled)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpu_bf16_encoder_agrees_with_float32(model, channels_last):
+    """A 16x20x16 volume drives layer3 and layer4 to an innermost output size of 1 with
+    stride 2, the shape class where oneDNN 3.12's bf16 convolution returns wrong values on
+    AVX512/AMX CPUs (pytorch/pytorch#169688): without the reroute the encoder's output
+    was off by about its own magnitude here."""
+    torch.manual_seed(1)
+    volumes = torch.randn(4, 1, 16, 20, 16)
+    reference = model.features(volumes, "encoder")
+    if channels_last:
+        volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        encoded = model.features(volumes, "encoder")
+    relative_error = (encoded - reference).abs().max() / reference.abs().max()
+    assert relative_error < 0.05, float(relative_error)
+    assert torch.backends.mkldnn.enabled  # the reroute gives oneDNN back after each layer
+
+
+def test_bf16_reroute_touches_only_degenerate_strided_layers():
+    from brainage.models import _innermost_output_size
+
+    conv = torch.nn.Conv3d(128, 256, 3, stride=2, padding=1)
+    assert _innermost_output_size(conv, 2) == 1      # layer4 at 6 mm
+    assert _innermost_output_size(conv, 3) == 2
+    assert _innermost_output_size(torch.nn.Conv3d(1, 64, 7, stride=2, padding=3), 46) == 23

@@ -332,3 +332,42 @@ def test_cuda_requested_without_gpu(split_dir, tmp_path):
         pytest.skip("a GPU is present")
     with pytest.raises(ConfigError, match="train.device"):
         train_encoder(split_dir, tiny_settings(train={"device": "cuda"}), **cell_paths(tmp_path))
+
+
+def test_gpu_fast_path_runs_on_the_cpu(split_dir):
+    """The CUDA defaults, bf16 autocast and channels-last 3D, through the same code on the
+    CPU, next to float32 from the same initial weights: a dtype or memory-format slip shows
+    here even though no GPU is lent to CI (bench_train.py measures the path's speed). The
+    tiny split's 16x20x16 volumes reach the oneDNN bf16 shape that needs the reroute in
+    brainage.models: before it, this epoch ended all-NaN in most runs."""
+    from brainage.data import VolumeStore
+    from brainage.evaluate import embed
+    from brainage.losses import make_loss
+    from brainage.train import make_optimizer, run_epoch, runtime_setup
+
+    settings = resolve_settings(tiny_settings(train={"precision": "bf16"}))
+    device, autocast_dtype = runtime_setup(settings["train"])
+    assert (device.type, autocast_dtype) == ("cpu", torch.bfloat16)
+    split = load_split(split_dir)
+    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    ages = torch.tensor(split.ages, dtype=torch.float32)
+    losses = {}
+    for precision, dtype, channels_last in (("float32", None, False),
+                                            ("bf16", torch.bfloat16, True)):
+        torch.manual_seed(0)
+        model = build_model(settings["model"])
+        if channels_last:
+            model.to(memory_format=torch.channels_last_3d)
+        loss_fn = make_loss("adaptive", nn_final=4, max_epochs=3, batch_size=8)
+        augmenter = Augmenter.from_settings(settings["train"], "adaptive",
+                                            resolution_mm=split.resolution_mm,
+                                            affine=split.stats.get("affine"))
+        losses[precision] = run_epoch(
+            model, loss_fn, make_optimizer(model, settings["train"]), store, augmenter,
+            split.train_index, ages, epoch=1, seed=0, batch_size=8, views=2,
+            autocast_dtype=dtype, channels_last=channels_last)
+        features = embed(model, store, split.eval_index, autocast_dtype=dtype,
+                         channels_last=channels_last)
+        assert features.dtype == np.float32 and np.isfinite(features).all(), precision
+        assert np.allclose(np.linalg.norm(features, axis=1), 1.0, atol=1e-2), precision
+    assert losses["bf16"] == pytest.approx(losses["float32"], rel=0.05), losses
