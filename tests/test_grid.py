@@ -1,8 +1,9 @@
 """The experiment grid as Snakemake sees it: dry runs of the real workflow.
 
 - The paper's full grid (config/paper.yaml) on a tiny fake dataset: every experiment
-  expands to one train_encoder and one evaluate_encoder job per variant x seed, plus one
-  make_tables and one make_figures job.
+  expands to one evaluate_encoder job per variant x seed and one train_encoder job per
+  distinct training, plus one make_tables and one make_figures job.
+- Cells that differ only in their read-out share one trained encoder.
 - Rerun semantics: after a (simulated) complete run, editing one loss setting of one
   variant reruns exactly that variant's jobs and the reports, nothing else.
 - The report targets agree with the configuration (no table or figure for an experiment
@@ -27,7 +28,7 @@ import yaml
 from conftest import REPO, default_rows, write_tiny_dataset
 
 from brainage import report
-from brainage.config import grid_cells, load_config
+from brainage.config import encoder_owners, grid_cells, load_config
 from brainage.paths import Layout
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
@@ -98,8 +99,10 @@ def test_paper_grid_dry_run_has_every_experiment(tmp_path):
     result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
                            "rules")
     counts = job_counts(result.stdout)
-    assert counts["train_encoder"] == len(cells) == 160
-    assert counts["evaluate_encoder"] == 160
+    # 45 cells train what an earlier cell trains (the Table 3 Adaptive Neighborhoods
+    # encoder, read by five read-outs and four ablation defaults): 115 trainings
+    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 115
+    assert counts["evaluate_encoder"] == len(cells) == 160
     assert counts["make_tables"] == 1 and counts["make_figures"] == 1
     assert counts["search_hyperparameters"] == 1  # the random search, one per split
     # per-subject preprocessing: every subject once per per-subject rule
@@ -118,7 +121,7 @@ def test_report_targets_follow_the_config(tmp_path):
     result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
                            "rules")
     counts = job_counts(result.stdout)
-    assert counts["train_encoder"] == 2 * 2 + 2
+    assert counts["train_encoder"] == 2 * 2 + 1  # projection/with is table3/adaptive/seed-0
     names = report.report_names(load_config(configfile))
     assert "fig4d_projection" in names["figures"] and "fig6_lambda" not in names["figures"]
     listed = run_snakemake(tmp_path / "work", configfile, "--dry-run", "make_figures",
@@ -126,13 +129,33 @@ def test_report_targets_follow_the_config(tmp_path):
                            str(REPO / "workflow" / "profiles" / "default")).stdout
     # training asks for a GPU through Snakemake's gpu resource (config resources.train)
     train_jobs = re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed)
-    assert len(train_jobs) == 6
+    assert len(train_jobs) == 5
     assert all(re.search(r"resources: .*\bgpu=1\b", job) for job in train_jobs)
     assert all(re.search(r"resources: .*\bmem_mb=3000\b", job) for job in train_jobs)
     for name in names["figures"]:
         assert f"results/figures/{name}.png" in listed
     assert "results/figures/fig6_lambda.png" not in listed  # lambda is not in this config
     assert "results/tables/ablation_projection.md" in listed
+
+
+def test_cells_that_differ_in_the_readout_share_one_encoder(tmp_path):
+    root = dataset(tmp_path)
+    base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    base["experiments"]["predictor"] = {"seeds": [0], "variants": {
+        "ridge": {"readout": {"method": "ridge"}}, "mse": {"readout": {"method": "mse"}}}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    listed = run_snakemake(tmp_path / "work", configfile, "--dry-run", *REPORT_RULES).stdout
+    counts = job_counts(listed)
+    assert counts["train_encoder"] == 4 and counts["evaluate_encoder"] == 6, counts
+    evaluations = re.findall(r"rule evaluate_encoder:\n((?: {4}.*\n)+)", listed)
+    shared = "results/train/holdout/table3/adaptive/seed-0/encoder.pt"
+    readers = sorted(re.search(r"output: results/train/holdout/(\S+)/metrics\.json", job)[1]
+                     for job in evaluations if shared in job)
+    assert readers == ["predictor/mse/seed-0", "predictor/ridge/seed-0",
+                       "table3/adaptive/seed-0"], readers
+    assert "results/train/holdout/predictor/" not in "".join(
+        re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed))
 
 
 def _fake_complete_run(workdir: Path, configfile: Path) -> None:
@@ -170,10 +193,13 @@ def test_editing_one_loss_setting_reruns_only_that_variant(tmp_path):
     write_config(configfile, base)
     result = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
     counts = job_counts(result.stdout)
-    assert counts["train_encoder"] == 2 and counts["evaluate_encoder"] == 2, counts
+    # distance/manhattan (the default distance) had shared table3/adaptive's seed-0
+    # encoder; no longer equal to it, it trains its own
+    assert counts["train_encoder"] == 3 and counts["evaluate_encoder"] == 3, counts
     assert set(counts) == {"train_encoder", "evaluate_encoder", *REPORT_RULES}, counts
     rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
-    assert rerun == {("table3/adaptive", "0"), ("table3/adaptive", "1")}
+    assert rerun == {("table3/adaptive", "0"), ("table3/adaptive", "1"),
+                     ("distance/manhattan", "0")}
     assert "Params have changed" in result.stdout or "params" in result.stdout.lower()
 
     # a base setting that every cell inherits reruns every cell

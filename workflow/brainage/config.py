@@ -9,6 +9,7 @@ schema through :func:`validate_config`, so a setting means the same thing in bot
 from __future__ import annotations
 
 import copy
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -143,13 +144,44 @@ def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed
     return {"experiment": experiment, "variant": variant, "seed": int(seed), **settings}
 
 
-def grid_cells(config: Mapping[str, Any]) -> list[tuple[str, str, int]]:
-    """All (experiment, variant, seed) cells of the enabled experiments, in config order."""
+def grid_cells(config: Mapping[str, Any], *, include_disabled: bool = False
+               ) -> list[tuple[str, str, int]]:
+    """All (experiment, variant, seed) cells of the enabled experiments (of every
+    experiment with ``include_disabled``), in config order."""
     cells = []
     for name, experiment in config.get("experiments", {}).items():
-        if not experiment.get("enabled", True):
+        if not (include_disabled or experiment.get("enabled", True)):
             continue
         for variant in experiment["variants"]:
             for seed in experiment.get("seeds", [0, 1, 2, 3, 4]):
                 cells.append((name, variant, int(seed)))
     return cells
+
+
+#: Keys of a cell's settings that never reach the encoder's training.
+NON_TRAINING_KEYS = ("experiment", "variant", "readout")
+
+
+def training_settings(settings: Mapping[str, Any]) -> dict:
+    """What determines a cell's trained encoder: its settings less the names and the
+    read-out (editing ``readout.*`` re-evaluates encoders, it does not retrain them)."""
+    return {key: value for key, value in settings.items() if key not in NON_TRAINING_KEYS}
+
+
+def encoder_owners(config: Mapping[str, Any]) -> dict[tuple[str, str, int], tuple[str, str, int]]:
+    """For every cell, the cell that trains the encoder it evaluates.
+
+    Cells whose training settings are equal (same loss, train, model sections and seed)
+    would train the same encoder: in the paper grid the Table 3 Adaptive Neighborhoods
+    cells, the Ridge, MSE, L1, Huber and DEX read-out cells and the default cells of
+    four other ablations, 45 of 160 trainings. Each such group trains once, in the folder
+    of its first cell in config order; the others keep their own metrics.json and
+    predictions.tsv. The order runs over every experiment, disabled ones included, so
+    switching an experiment off or on does not move (and retrain) an encoder.
+    """
+    owners: dict[tuple[str, str, int], tuple[str, str, int]] = {}
+    first_with: dict[str, tuple[str, str, int]] = {}
+    for cell in grid_cells(config, include_disabled=True):
+        key = json.dumps(training_settings(cell_settings(config, *cell)), sort_keys=True)
+        owners[cell] = first_with.setdefault(key, cell)
+    return owners

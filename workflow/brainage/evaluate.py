@@ -308,7 +308,9 @@ def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path, settings: 
                                           autocast_dtype=autocast_dtype)
     metrics = {"split": split.name, "experiment": settings.get("experiment"),
                "variant": settings.get("variant"), "seed": settings.get("seed"),
-               "loss": settings["loss"]["name"], **metrics}
+               "loss": settings["loss"]["name"],
+               # the cell that trained it, when cells share an encoder (encoder_owners)
+               "encoder": str(encoder_path), **metrics}
     write_tsv(predictions_path, predictions)
     write_json(metrics_path, metrics)
     log.info("%s/%s seed %s on %s: test MAE %.3f years (n_train %d, n_test %d)",

@@ -1170,15 +1170,16 @@ def first_split_name(config: Mapping) -> str:
 
 def export_from_config(config: Mapping, *, tolerance_years: float | None = None) -> dict:
     """Export the cell ``predict.model`` of a validated config (outputs of a finished run)."""
-    from brainage.config import cell_settings
+    from brainage.config import cell_settings, encoder_owners
     from brainage.paths import Layout
 
     layout = Layout.from_config(config)
     experiment, variant, seed = exported_cell(config)
+    trained_in = encoder_owners(config)[(experiment, variant, seed)]
     split = first_split_name(config)
     name = config["predict"]["model"]["name"]
     return export_model(
-        layout.split_dir(split), layout.cell_file(split, experiment, variant, seed, "encoder.pt"),
+        layout.split_dir(split), layout.cell_file(split, *trained_in, "encoder.pt"),
         cell_settings(config, experiment, variant, seed),
         bundle_dir=layout.model_bundle(name), name=name,
         predictions_path=layout.cell_file(split, experiment, variant, seed, "predictions.tsv"),

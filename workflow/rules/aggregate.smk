@@ -63,10 +63,13 @@ def _cohort_split():
 
 
 def _focus_files(name):
-    """A file of the focus cell (UMAP, predicted vs true), for every split."""
+    """A file of the focus cell (UMAP, predicted vs true), for every split; its training
+    outputs (embeddings) from the cell that trained its encoder."""
     cell = focus_cell(config)
     if cell is None:
         return []
+    if name == "embeddings":
+        return [encoder_file(split, *cell, name) for split in split_names()]
     return [LAYOUT.cell_file(split, *cell, name) for split in split_names()]
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 # checkout working too, e.g. on a cluster node that only has the conda envs.
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from brainage.config import validate_config, cell_settings, grid_cells, ConfigError
+from brainage.config import (validate_config, cell_settings, encoder_owners, grid_cells,
+                             ConfigError)
 from brainage.io import read_participants, subject_inputs, check_dataset_images, InputError
 from brainage.paths import Layout
 
@@ -81,6 +82,23 @@ def split_names():
 
 def cell_params(wildcards):
     return cell_settings(config, wildcards.experiment, wildcards.variant, int(wildcards.seed))
+
+
+_ENCODER_OWNERS = {}
+
+
+def encoder_file(split, experiment, variant, seed, name):
+    """A training output (encoder.pt, history.tsv, embeddings) of the cell that trains this
+    cell's encoder: cells with equal training settings share one (encoder_owners)."""
+    if not _ENCODER_OWNERS:  # once per Snakemake process, on first use (~1 s for 160 cells)
+        _ENCODER_OWNERS.update(encoder_owners(config))
+    try:
+        owner = _ENCODER_OWNERS[(experiment, variant, int(seed))]
+    except KeyError:
+        raise WorkflowError(
+            f"{experiment}/{variant}/seed-{seed} is no grid cell of this config: config key "
+            f"experiments.{experiment} has no variant {variant!r} with seed {seed}.") from None
+    return LAYOUT.cell_file(split, *owner, name)
 
 
 def grid_targets(name="metrics.json"):

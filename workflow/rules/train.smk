@@ -10,6 +10,7 @@
 # it once encoder.pt is written. The embeddings written before the kill are kept inside
 # the checkpoint too, because Snakemake removes the declared embeddings folder.
 
+from brainage.config import training_settings
 from brainage.search import search_settings
 
 
@@ -21,9 +22,16 @@ def cell_file(name):
 
 
 def training_params(wildcards):
-    """The cell's settings less the read-out: training never uses it, so editing
-    readout.* reruns evaluate_encoder (and what follows), not the training."""
-    return {key: value for key, value in cell_params(wildcards).items() if key != "readout"}
+    """The cell's training settings (brainage.config.training_settings): without the
+    read-out, so editing readout.* reruns evaluate_encoder (and what follows), not the
+    training; without the cell's names, since cells with equal settings share the
+    encoder trained in the first of them (encoder_file)."""
+    return training_settings(cell_params(wildcards))
+
+
+def shared_encoder(wildcards):
+    return encoder_file(wildcards.split, wildcards.experiment, wildcards.variant,
+                        wildcards.seed, "encoder.pt")
 
 
 def cell_threads(wildcards):
@@ -65,7 +73,7 @@ rule train_encoder:
 rule evaluate_encoder:
     input:
         **SPLIT_INPUTS,
-        encoder=LAYOUT.cell_file(*CELL, "encoder.pt"),
+        encoder=shared_encoder,
     output:
         metrics=LAYOUT.cell_file(*CELL, "metrics.json"),
         predictions=LAYOUT.cell_file(*CELL, "predictions.tsv"),
