@@ -12,6 +12,9 @@ from brainage.config import (validate_config, cell_settings, encoder_owners, gri
                              ConfigError)
 from brainage.io import read_participants, subject_inputs, check_dataset_images, InputError
 from brainage.paths import Layout
+from brainage.snakemake_compat import reserve_cores_of_lone_jobs
+
+reserve_cores_of_lone_jobs()  # Snakemake 9.10-9.16 over-commit --cores (snakemake#3913)
 
 try:
     _validated = validate_config(config, source="config")
