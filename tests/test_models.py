@@ -120,7 +120,8 @@ def test_cpu_bf16_encoder_agrees_with_float32(model, channels_last):
     assert torch.backends.mkldnn.enabled  # the reroute gives oneDNN back after each layer
 
 
-def test_bf16_reroute_touches_only_degenerate_strided_layers():
+def test_innermost_output_size_is_the_convolution_arithmetic():
+    """The size the reroute tests for: 1 only where a stride-2 layer sees 2 voxels."""
     from brainage.models import _innermost_output_size
 
     conv = torch.nn.Conv3d(128, 256, 3, stride=2, padding=1)

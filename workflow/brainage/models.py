@@ -150,18 +150,16 @@ def route_degenerate_bf16_conv3d_around_onednn(module: nn.Module) -> None:
 
 def _leave_onednn_if_degenerate(conv: nn.Conv3d, args: tuple) -> None:
     inputs = args[0]
-    conv._onednn_was_enabled = None
-    if (_runs_in_cpu_bf16(inputs)
-            and _innermost_output_size(conv, inputs.shape[-1]) == 1
-            and torch.backends.mkldnn.enabled):
-        conv._onednn_was_enabled = True
+    conv._left_onednn = (torch.backends.mkldnn.enabled and _runs_in_cpu_bf16(inputs)
+                         and _innermost_output_size(conv, inputs.shape[-1]) == 1)
+    if conv._left_onednn:
         torch.backends.mkldnn.enabled = False
 
 
 def _restore_onednn(conv: nn.Conv3d, args: tuple, output) -> None:
-    if getattr(conv, "_onednn_was_enabled", None):
+    if getattr(conv, "_left_onednn", False):
         torch.backends.mkldnn.enabled = True
-    conv._onednn_was_enabled = None
+        conv._left_onednn = False
 
 
 def build_model(model_settings: Mapping) -> BrainAgeNet:

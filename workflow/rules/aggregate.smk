@@ -68,9 +68,7 @@ def _focus_files(name):
     cell = focus_cell(config)
     if cell is None:
         return []
-    if name == "embeddings":
-        return [encoder_file(split, *cell, name) for split in split_names()]
-    return [LAYOUT.cell_file(split, *cell, name) for split in split_names()]
+    return [cell_output(split, *cell, name) for split in split_names()]
 
 
 def _search_trials(wildcards):

@@ -88,6 +88,17 @@ def cell_params(wildcards):
 
 
 _ENCODER_OWNERS = {}
+#: Files train_encoder writes; every other cell file (metrics.json, predictions.tsv) is
+#: the cell's own.
+TRAINING_OUTPUTS = ("encoder.pt", "history.tsv", "embeddings")
+
+
+def cell_output(split, experiment, variant, seed, name):
+    """A file of a grid cell; a training output comes from the cell that trains its
+    encoder (encoder_file)."""
+    if name in TRAINING_OUTPUTS:
+        return encoder_file(split, experiment, variant, seed, name)
+    return LAYOUT.cell_file(split, experiment, variant, seed, name)
 
 
 def encoder_file(split, experiment, variant, seed, name):

@@ -59,9 +59,7 @@ def exported_cell():
 
 def _exported_cell_file(name):
     def path(wildcards):
-        if name == "encoder.pt":
-            return encoder_file(*exported_cell(), name)
-        return LAYOUT.cell_file(*exported_cell(), name)
+        return cell_output(*exported_cell(), name)
     return path
 
 
