@@ -58,9 +58,12 @@ def write_split(root: Path, *, n_subjects: int = 24, n_test: int = 6, shape=(16,
         "study": studies, "subset": subset, "coverage": 1.0, "qc_pass": True})
     table.to_csv(folder / "participants.tsv", sep="\t", index=False)
     affine = np.diag([float(resolution_mm)] * 3 + [1.0])
+    # the normalisation record of a template whose grid is the array's own (block factor 1)
     stats = {"mean": 3.0, "sd": 0.5, "scope": "train", "n_voxels": int((images[0] != 0).sum()),
              "statistics_subjects": table["participant_id"][subset == "train"].tolist(),
              "resolution_mm": resolution_mm, "affine": affine.tolist(), "shape": list(shape),
+             "template_shape": list(shape), "template_affine": affine.tolist(),
+             "window_start": [0, 0, 0], "window_stop": list(shape), "block_factor": 1,
              "dtype": "float32", "excluded": [], "split": name}
     (folder / "stats.json").write_text(json.dumps(stats))
     return folder

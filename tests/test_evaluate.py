@@ -9,10 +9,17 @@ import pandas as pd
 import pytest
 import torch
 
-from brainage.config import ConfigError
-from brainage.evaluate import compute_metrics, evaluate_encoder, fit_readout
+from brainage.config import ConfigError, resolve_cell
+from brainage.data import load_split
+from brainage.evaluate import compute_metrics, evaluate_encoder, evaluate_split
 from brainage.models import build_model
+from brainage.readout import fit_readout, load_readout, ridge_folds
 from split_fixture import tiny_settings, write_split
+
+
+def readout_section(values: dict) -> dict:
+    """A resolved readout section: the schema's defaults with ``values`` over them."""
+    return resolve_cell({"readout": values})["readout"]
 
 
 def _shared_direction_data(n_train=80, n_test=30):
@@ -27,7 +34,7 @@ def _shared_direction_data(n_train=80, n_test=30):
 @pytest.mark.parametrize("method", ["ridge", "mse", "l1", "huber", "dex"])
 def test_every_readout_learns_a_linear_age_code(method):
     train_x, train_y, test_x, test_y = _shared_direction_data()
-    readout = fit_readout(train_x, train_y, {"method": method}, seed=0)
+    readout = fit_readout(train_x, train_y, readout_section({"method": method}), seed=0)
     predicted = readout.predict(test_x)
     baseline = np.mean(np.abs(test_y - train_y.mean()))
     mae = np.mean(np.abs(predicted - test_y))
@@ -37,8 +44,8 @@ def test_every_readout_learns_a_linear_age_code(method):
 
 def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set():
     train_x, train_y, _, _ = _shared_direction_data(n_train=5)
-    readout = fit_readout(train_x, train_y, {"method": "ridge", "cv_folds": 5,
-                                             "alphas": [0.1, 10.0]})
+    readout = fit_readout(train_x, train_y, readout_section({"method": "ridge", "cv_folds": 5,
+                                             "alphas": [0.1, 10.0]}))
     assert readout.info["cv_folds"] == 2  # every fold keeps >= 2 subjects for its r2
     assert readout.info["ridge_alpha"] in (0.1, 10.0)
 
@@ -49,19 +56,19 @@ def test_ridge_folds_mix_studies_when_rows_come_grouped_by_study():
     train_x, train_y, _, _ = _shared_direction_data(n_train=100)
     order = np.argsort(train_y)  # five "studies" of 20, from youngest to oldest
     studies = np.repeat(np.arange(5), 20)
-    readout = fit_readout(train_x[order], train_y[order], {"method": "ridge"}, seed=0)
-    folds = readout.ridge.cv.split(train_x)
-    for _, validation in folds:
+    for _, validation in ridge_folds(len(train_y), 5).split(train_x):
         assert len(np.unique(studies[validation])) >= 3, studies[validation]
     # the same folds for every seed: a seed changes training, not the read-out's CV
-    again = fit_readout(train_x[order], train_y[order], {"method": "ridge"}, seed=3)
-    assert [v.tolist() for _, v in again.ridge.cv.split(train_x)] == \
-        [v.tolist() for _, v in readout.ridge.cv.split(train_x)]
+    readout = fit_readout(train_x[order], train_y[order], readout_section({"method": "ridge"}),
+                          seed=0)
+    again = fit_readout(train_x[order], train_y[order], readout_section({"method": "ridge"}),
+                        seed=3)
+    assert again.info == readout.info and np.array_equal(again.coef, readout.coef)
 
 
 def test_dex_expected_value_stays_within_the_bins():
     train_x, train_y, test_x, _ = _shared_direction_data()
-    readout = fit_readout(train_x, train_y, {"method": "dex"}, seed=0)
+    readout = fit_readout(train_x, train_y, readout_section({"method": "dex"}), seed=0)
     centres = readout.bin_centres
     assert np.allclose(np.diff(centres), 1.0)  # 1-year bins
     assert centres[0] <= train_y.min() + 1 and centres[-1] >= train_y.max() - 1
@@ -72,14 +79,15 @@ def test_dex_expected_value_stays_within_the_bins():
 
 def test_predictor_is_deterministic():
     train_x, train_y, test_x, _ = _shared_direction_data()
-    first = fit_readout(train_x, train_y, {"method": "huber"}, seed=3).predict(test_x)
-    second = fit_readout(train_x, train_y, {"method": "huber"}, seed=3).predict(test_x)
+    huber = readout_section({"method": "huber"})
+    first = fit_readout(train_x, train_y, huber, seed=3).predict(test_x)
+    second = fit_readout(train_x, train_y, huber, seed=3).predict(test_x)
     assert np.array_equal(first, second)
 
 
 def test_unknown_readout():
     with pytest.raises(ConfigError, match="readout.method"):
-        fit_readout(np.zeros((4, 2)), np.arange(4.0), {"method": "svm"})
+        fit_readout(np.zeros((4, 2)), np.arange(4.0), readout_section({"method": "svm"}))
 
 
 def test_metrics_closed_form():
@@ -102,7 +110,8 @@ def test_evaluate_encoder_writes_metrics_and_predictions(tmp_path, features, met
     settings = tiny_settings(model={"features": features}, readout={"method": method})
     torch.manual_seed(0)
     encoder = tmp_path / "encoder.pt"
-    torch.save({"format": 1, "model": build_model(settings["model"]).state_dict()}, encoder)
+    torch.save({"format": 1, "model": build_model(resolve_cell(settings)["model"]).state_dict()},
+               encoder)
     metrics = evaluate_encoder(split_dir, encoder, settings,
                                metrics_path=tmp_path / "metrics.json",
                                predictions_path=tmp_path / "predictions.tsv")
@@ -115,3 +124,13 @@ def test_evaluate_encoder_writes_metrics_and_predictions(tmp_path, features, met
     assert sorted(predictions.subset.unique()) == ["test", "train"]
     assert predictions.participant_id.is_unique and len(predictions) == 12
     assert np.isfinite(predictions.predicted_age).all()
+    # the fitted read-out is saved next to the metrics and predicts exactly what was recorded
+    readout, description = load_readout(tmp_path)
+    assert description["method"] == method and description["features"] == features
+    assert description["encoder_sha256"] == saved["encoder_sha256"]
+    assert {"training", "test"} <= set(description["bias_correction"])
+    model = build_model(resolve_cell(settings)["model"])
+    model.load_state_dict(torch.load(encoder, weights_only=True)["model"])
+    *_, embedded = evaluate_split(load_split(split_dir), model, resolve_cell(settings),
+                                  device=torch.device("cpu"))
+    assert np.array_equal(readout.predict(embedded), predictions.predicted_age.to_numpy())

@@ -27,7 +27,7 @@ import yaml
 
 from conftest import REPO, default_rows, write_tiny_dataset
 
-from brainage import report
+from brainage.report import targets
 from brainage.config import encoder_owners, grid_cells, load_config
 from brainage.paths import Layout
 
@@ -122,7 +122,7 @@ def test_report_targets_follow_the_config(tmp_path):
                            "rules")
     counts = job_counts(result.stdout)
     assert counts["train_encoder"] == 2 * 2 + 1  # projection/with is table3/adaptive/seed-0
-    names = report.report_names(load_config(configfile))
+    names = targets.report_names(load_config(configfile))
     assert "fig4d_projection" in names["figures"] and "fig6_lambda" not in names["figures"]
     listed = run_snakemake(tmp_path / "work", configfile, "--dry-run", "make_figures",
                            "make_tables", "--workflow-profile",

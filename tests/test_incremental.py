@@ -50,8 +50,13 @@ def planned_jobs(workdir: Path, config: Path) -> set[tuple[str, str]]:
     return jobs
 
 
+def subject_wildcards(label: str) -> str:
+    """How a dry run lists a training-cohort subject's wildcards."""
+    return f"preproc=preproc, subject={label}"
+
+
 def subject_jobs(labels) -> set[tuple[str, str]]:
-    return {(rule, f"subject={label}") for rule in PER_SUBJECT_RULES for label in labels}
+    return {(rule, subject_wildcards(label)) for rule in PER_SUBJECT_RULES for label in labels}
 
 
 def write_config(path: Path, dataset: Path, **changes) -> Path:
@@ -102,7 +107,7 @@ def test_changing_n4_reruns_bias_correction_and_after_only(preprocessed):
     config = write_config(preprocessed["base"] / "no_n4.yaml", preprocessed["dataset"],
                           preprocess={"n4": False})
     jobs = planned_jobs(preprocessed["workdir"], config)
-    expected = {(rule, f"subject={label}") for label in labels(preprocessed["first"])
+    expected = {(rule, subject_wildcards(label)) for label in labels(preprocessed["first"])
                 for rule in ("correct_bias", "register_to_template", "compute_qc")}
     assert jobs == expected | DATASET_RULES
     assert not any(rule in ("strip_skull", "prepare_template") for rule, _ in jobs)

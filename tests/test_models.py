@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from brainage.config import ConfigError
+from brainage.config import ConfigError, resolve_cell
 from brainage.models import (BrainAgeNet, build_model, count_parameters, load_init_checkpoint,
                              map_state_dict)
 
@@ -16,7 +16,12 @@ EXPECTED_PARAMETERS = 33_160_000 + (512 * 512 + 512) + (512 * 128 + 128)
 @pytest.fixture(scope="module")
 def model() -> BrainAgeNet:
     torch.manual_seed(0)
-    return build_model({}).eval()
+    return build_model(model_section({})).eval()
+
+
+def model_section(values: dict) -> dict:
+    """A resolved model section: the schema's defaults with ``values`` over them."""
+    return resolve_cell({"model": values})["model"]
 
 
 def test_parameter_count_matches_the_paper(model):
@@ -44,14 +49,14 @@ def test_architecture_is_the_reference_resnet18(model):
 
 
 def test_without_projection_head():
-    network = build_model({"projection_head": False, "features": "encoder"})
+    network = build_model(model_section({"projection_head": False, "features": "encoder"}))
     assert network.head is None
     output = network(torch.randn(2, 1, 12, 12, 12))
     assert output.shape == (2, 512)
     with pytest.raises(ConfigError, match="model.projection_head"):
-        build_model({"projection_head": False, "features": "projection"})
+        build_model(model_section({"projection_head": False, "features": "projection"}))
     with pytest.raises(ConfigError, match="model.features"):
-        build_model({"features": "logits"})
+        build_model(model_section({"features": "logits"}))
 
 
 def _renamed_openbhb_state(model: BrainAgeNet) -> dict:
@@ -67,7 +72,7 @@ def _renamed_openbhb_state(model: BrainAgeNet) -> dict:
 def test_checkpoint_with_renamed_keys_loads_and_reports(model, tmp_path, caplog):
     path = tmp_path / "openbhb.pth"
     torch.save({"model": _renamed_openbhb_state(model), "epoch": 300}, path)
-    target = build_model({})
+    target = build_model(model_section({}))
     with caplog.at_level("INFO", logger="brainage.models"):
         report = load_init_checkpoint(target, path)
     assert torch.equal(target.encoder.conv1.weight, model.encoder.conv1.weight + 0.5)
@@ -89,7 +94,7 @@ def test_bare_resnet_state_dict_maps_under_encoder(model):
 
 
 def test_checkpoint_errors(tmp_path):
-    target = build_model({})
+    target = build_model(model_section({}))
     with pytest.raises(FileNotFoundError, match="model.init_checkpoint"):
         load_init_checkpoint(target, tmp_path / "missing.pt")
     unrelated = tmp_path / "unrelated.pt"

@@ -1,4 +1,5 @@
-"""Brain age for new subjects (brainage.predict, brainage.bundle).
+"""Brain age for new subjects (brainage.export, brainage.apply, brainage.predict,
+brainage.bundle, brainage.agebias).
 
 Exported cells use a randomly initialised ResNet-18 (no training: seconds instead of
 minutes); a Ridge read-out on its frozen features already predicts age from synthetic
@@ -32,21 +33,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from split_fixture import tiny_settings, write_split  # noqa: E402
 
+from brainage.agebias import (AgeBias, fit_age_bias, gap_age_correlation,  # noqa: E402
+                               out_of_fold_predictions)
+from brainage.apply import BrainAgeModel, predict_cohort  # noqa: E402
 from brainage.bundle import (BUNDLE_FORMAT_VERSION, BundleError, read_bundle,  # noqa: E402
-                             sha256_file, write_bundle)
-from brainage.io import InputError  # noqa: E402
-from brainage.predict import (AgeBias, BrainAgeModel, ExportError, export_model,  # noqa: E402
-                              fit_age_bias, gap_age_correlation, normalise_map,
-                              out_of_fold_predictions, predict_cohort)
+                             write_bundle)
+from brainage.config import resolve_cell  # noqa: E402
+from brainage.export import ExportError, export_model  # noqa: E402
+from brainage.io import InputError, sha256_file  # noqa: E402
+from brainage.normalise import apply as normalise_map  # noqa: E402
+from brainage.readout import Readout, fit_readout, load_readout  # noqa: E402
+
+#: How the test cohorts were "preprocessed" (the schema's defaults, a file template).
+PREPROCESSING = {"preprocess": {},
+                 "qc": {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7,
+                        "exclude_failed": False},
+                 "template": {"source": "file", "space": "TestSpace", "t1": None,
+                              "mask": None}}
 
 
 def _random_cell(split_dir: Path, cell_dir: Path, settings: dict) -> dict:
     """encoder.pt of an untrained network (train's format), evaluated like a grid cell."""
     from brainage.evaluate import evaluate_encoder
     from brainage.models import build_model
-    from brainage.train import resolve_settings
 
-    settings = resolve_settings(settings)
+    settings = resolve_cell(settings)
     torch.manual_seed(0)
     network = build_model(settings["model"])
     cell_dir.mkdir(parents=True, exist_ok=True)
@@ -65,12 +76,23 @@ def exported(tmp_path_factory):
     split_dir = write_split(root / "dataset", n_subjects=48, n_test=10, shape=(8, 10, 8))
     cell = root / "cell"
     settings = _random_cell(split_dir, cell, tiny_settings())
+    template = write_template(root, shape=(8, 10, 8), affine=np.diag([6.0, 6.0, 6.0, 1.0]))
     bundle_dir = root / "models" / "demo"
-    manifest = export_model(split_dir, cell / "encoder.pt", settings, bundle_dir=bundle_dir,
-                            name="demo", predictions_path=cell / "predictions.tsv",
-                            metrics_path=cell / "metrics.json")
+    export = dict(settings=settings, name="demo", preprocessing=PREPROCESSING, **template)
+    manifest = export_model(cell, cell / "encoder.pt", split_dir / "stats.json",
+                            bundle_dir=bundle_dir, **export)
     return SimpleNamespace(root=root, split_dir=split_dir, cell=cell, settings=settings,
-                           bundle_dir=bundle_dir, manifest=manifest)
+                           bundle_dir=bundle_dir, manifest=manifest, export=export)
+
+
+def write_template(root: Path, *, shape, affine, brain=None) -> dict:
+    """A template T1 and brain mask on a grid: ``{"template_t1", "template_mask"}``."""
+    brain = np.ones(shape, dtype=bool) if brain is None else brain
+    files = {"template_t1": root / "template_t1.nii.gz",
+             "template_mask": root / "template_mask.nii.gz"}
+    nib.save(nib.Nifti1Image(brain.astype(np.float32) * 100, affine), files["template_t1"])
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), files["template_mask"])
+    return files
 
 
 def _split_images(split_dir: Path) -> tuple[np.ndarray, pd.DataFrame]:
@@ -162,11 +184,9 @@ def world(tmp_path_factory):
     training = _participants(72, "tr", rng.uniform(20, 80, 72))
     files = write_cohort(root / "training", training, seed=2)
     tabulate_qc(list(files["qc"].values()), root / "training" / "participants.tsv",
-                root / "qc.tsv", root / "qc.png", **QC_THRESHOLDS)
-    nib.save(nib.Nifti1Image(_template_brain().astype(np.uint8), TEMPLATE_AFFINE),
-             root / "template_mask.nii.gz")
-    nib.save(nib.Nifti1Image(_template_brain().astype(np.float32) * 100, TEMPLATE_AFFINE),
-             root / "template_t1.nii.gz")
+                root / "qc.tsv", minimums=QC_THRESHOLDS)
+    template = write_template(root, shape=TEMPLATE_SHAPE, affine=TEMPLATE_AFFINE,
+                              brain=_template_brain())
     split_dir = root / "dataset" / "holdout"
     normalise_dataset(list(files["maps"].values()), root / "training" / "participants.tsv",
                       root / "qc.tsv", root / "template_mask.nii.gz", split_dir / "images.npy",
@@ -176,11 +196,9 @@ def world(tmp_path_factory):
     cell = root / "cell"
     settings = _random_cell(split_dir, cell, tiny_settings(model={"features": "encoder"}))
     bundle_dir = root / "models" / "brainage"
-    manifest = export_model(
-        split_dir, cell / "encoder.pt", settings, bundle_dir=bundle_dir, name="brainage",
-        predictions_path=cell / "predictions.tsv", metrics_path=cell / "metrics.json",
-        template_t1=root / "template_t1.nii.gz", template_mask=root / "template_mask.nii.gz",
-        preprocessing={"preprocess": {}, "qc": QC_THRESHOLDS, "template": {"source": "file"}})
+    manifest = export_model(cell, cell / "encoder.pt", split_dir / "stats.json", settings,
+                            bundle_dir=bundle_dir, name="brainage",
+                            preprocessing=PREPROCESSING, **template)
     return SimpleNamespace(root=root, training=files, split_dir=split_dir, cell=cell,
                            settings=settings, bundle_dir=bundle_dir, manifest=manifest)
 
@@ -220,9 +238,15 @@ def test_bundle_holds_tensors_versions_and_checksums(exported):
     assert manifest["normalisation"]["resolution_mm"] == 6
     assert "statistics_subjects" not in manifest["normalisation"]  # no subject ids shipped
     assert manifest["readout"]["method"] == "ridge"
-    # Same features, same deterministic read-out: equal up to float64 summation order
-    # (BLAS may block a matrix product differently from one call to the next).
-    assert manifest["source"]["reproduces_cell_predictions"]["max_abs_difference_years"] < 1e-9
+    # the read-out evaluate_encoder fitted, copied, not refitted
+    readout, description = load_readout(exported.cell)
+    bundled = torch.load(exported.bundle_dir / "readout.pt", weights_only=True)
+    cell_state, _ = readout.to_state()
+    assert bundled.keys() == cell_state.keys()
+    assert all(torch.equal(bundled[key], cell_state[key]) for key in bundled)
+    assert manifest["readout"]["info"] == description["info"]
+    assert manifest["source"]["encoder_sha256"] == sha256_file(exported.cell / "encoder.pt")
+    assert manifest["template"]["id"] == "TestSpace_res-2"
 
 
 def test_bundle_round_trip_gives_identical_predictions(exported, tmp_path):
@@ -240,8 +264,9 @@ def test_bundle_round_trip_gives_identical_predictions(exported, tmp_path):
 
 
 def test_reexport_gives_identical_payload(exported, tmp_path):
-    again = export_model(exported.split_dir, exported.cell / "encoder.pt", exported.settings,
-                         bundle_dir=tmp_path / "again", name="demo")
+    again = export_model(exported.cell, exported.cell / "encoder.pt",
+                         exported.split_dir / "stats.json", bundle_dir=tmp_path / "again",
+                         **exported.export)
     assert again["files"] == exported.manifest["files"]
     assert again["bias_correction"] == exported.manifest["bias_correction"]
 
@@ -306,14 +331,17 @@ def test_write_bundle_accepts_tensors_only(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_export_refuses_a_cell_whose_predictions_changed(exported, tmp_path):
-    predictions = pd.read_csv(exported.cell / "predictions.tsv", sep="\t")
-    predictions.loc[0, "predicted_age"] += 1.0
-    changed = tmp_path / "predictions.tsv"
-    predictions.to_csv(changed, sep="\t", index=False)
-    with pytest.raises(ExportError, match="1.0000 years differently"):
-        export_model(exported.split_dir, exported.cell / "encoder.pt", exported.settings,
-                     bundle_dir=tmp_path / "bundle", name="x", predictions_path=changed)
+def test_export_refuses_a_readout_fitted_on_another_encoder(exported, tmp_path):
+    """A cell retrained after its evaluation: the saved read-out no longer belongs to the
+    encoder, and exporting the pair would ship a model nobody evaluated."""
+    retrained = tmp_path / "encoder.pt"
+    payload = torch.load(exported.cell / "encoder.pt", weights_only=True)
+    first = next(iter(payload["model"]))
+    payload["model"][first] = payload["model"][first] + 0.01
+    torch.save(payload, retrained)
+    with pytest.raises(ExportError, match="retrained after evaluation"):
+        export_model(exported.cell, retrained, exported.split_dir / "stats.json",
+                     bundle_dir=tmp_path / "bundle", **exported.export)
     assert not (tmp_path / "bundle").exists()
 
 
@@ -351,8 +379,7 @@ def test_bias_correction_removes_gap_age_correlation_on_training_set(exported):
     """The stored (a, b) come from out-of-fold predictions of the training subjects; on
     those predictions the corrected gap is uncorrelated with age, on the raw gap it is not."""
     from brainage.data import VolumeStore, load_split
-    from brainage.evaluate import embed
-    from brainage.train import load_encoder
+    from brainage.models import embed, load_encoder
 
     split = load_split(exported.split_dir)
     model = load_encoder(exported.cell / "encoder.pt", exported.settings["model"])
@@ -374,8 +401,9 @@ def test_bias_correction_removes_gap_age_correlation_on_training_set(exported):
 
 
 def test_bias_correction_can_be_fitted_on_the_held_out_test_subjects(exported, tmp_path):
-    manifest = export_model(exported.split_dir, exported.cell / "encoder.pt", exported.settings,
-                            bundle_dir=tmp_path / "b", name="b", bias_fit="test")
+    manifest = export_model(exported.cell, exported.cell / "encoder.pt",
+                            exported.split_dir / "stats.json", bundle_dir=tmp_path / "b",
+                            bias_fit="test", **exported.export)
     correction = manifest["bias_correction"]
     cell = pd.read_csv(exported.cell / "predictions.tsv", sep="\t")
     test = cell[cell["subset"] == "test"]
@@ -398,7 +426,8 @@ def test_normalisation_with_bundle_stats_reproduces_the_training_array(world):
     for row, participant_id in enumerate(table["participant_id"][:10]):
         image = nib.load(world.training["maps"][participant_id[len("sub-"):]])
         np.testing.assert_array_equal(
-            normalise_map(np.asarray(image.dataobj), image.affine, normalisation), images[row])
+            normalise_map(np.asarray(image.dataobj, dtype=np.float32), normalisation),
+            images[row])
 
 
 def test_new_cohort_is_normalised_with_training_statistics_not_its_own(world, new_cohort):
@@ -411,7 +440,7 @@ def test_new_cohort_is_normalised_with_training_statistics_not_its_own(world, ne
     means = []
     for label in accelerated:
         image = nib.load(new_cohort.files["maps"][label])
-        volume = normalise_map(np.asarray(image.dataobj), image.affine, normalisation)
+        volume = normalise_map(np.asarray(image.dataobj, dtype=np.float32), normalisation)
         means.append(volume[volume != 0].mean())
     assert np.mean(means) < -0.1
 
@@ -469,7 +498,7 @@ def test_map_off_the_template_grid_is_refused(world, new_cohort, tmp_path):
     image = nib.load(new_cohort.files["maps"][label])
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), moved)
     maps = {**new_cohort.files["maps"], label: str(moved)}
-    with pytest.raises(InputError, match=r"sub-newh000.*not the bundle's template grid"):
+    with pytest.raises(InputError, match=r"sub-newh000.*not on the template grid"):
         predict_cohort(world.bundle_dir, new_cohort.root, maps, new_cohort.files["qc"],
                        predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
 
@@ -487,36 +516,35 @@ def test_subject_without_preprocessing_is_refused(world, new_cohort, tmp_path):
 
 @pytest.mark.parametrize("method", ["mse", "dex"])
 def test_predictor_readout_round_trips_through_tensors(method):
-    from brainage.evaluate import fit_readout
-    from brainage.predict import readout_from_state, readout_to_state
-
     rng = np.random.default_rng(0)
     ages = rng.uniform(20, 80, 40)
     features = np.column_stack([ages / 30 + rng.normal(0, 0.1, 40), rng.normal(size=(40, 7))])
-    readout = fit_readout(features, ages, {"method": method, "predictor_epochs": 30}, seed=0)
-    state, description = readout_to_state(readout)
+    section = resolve_cell({"readout": {"method": method, "predictor_epochs": 30}})["readout"]
+    readout = fit_readout(features, ages, section, seed=0)
+    state, description = readout.to_state()
     assert all(isinstance(value, torch.Tensor) for value in state.values())
     json.dumps(description)  # the manifest part is plain JSON
-    restored = readout_from_state(state, description)
+    restored = Readout.from_state(state, description)
     np.testing.assert_array_equal(restored.predict(features), readout.predict(features))
 
 
 # -- the command-line run, the demo cohort's simulation, the exported cell ----------------------
 
 def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path, monkeypatch):
-    """`python -m brainage.predict run`, with the per-subject preprocessing replaced by the
-    cohort's ready-made maps (the real steps are the rules' functions, tested there)."""
+    """`python -m brainage.predict run`, with the per-subject chain replaced by the cohort's
+    ready-made maps (the real chain is the rules' functions, tested there)."""
     from brainage import predict as predict_module
+    from brainage.preprocess.chain import subject_files
 
-    def preprocessed(inputs, layout, label, **settings):
-        for source, target in ((new_cohort.files["maps"][label],
-                                layout.subject_mni(label, "preproc", "stiffness")),
-                               (new_cohort.files["qc"][label], layout.subject_qc(label, ".json"))):
+    def preprocessed(inputs, layout, label, *, preproc, **settings):
+        files = subject_files(layout, label, preproc)
+        for source, target in ((new_cohort.files["maps"][label], files["registered"]),
+                               (new_cohort.files["qc"][label], files["qc_json"])):
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
-        return layout.subject_qc(label, ".json")
+        return files
 
-    monkeypatch.setattr(predict_module, "preprocess_subject", preprocessed)
+    monkeypatch.setattr(predict_module, "run_subject", preprocessed)
     template = {"template_t1": str(world.root / "template_t1.nii.gz"),
                 "template_mask": str(world.root / "template_mask.nii.gz")}
     with pytest.raises(InputError, match="pass the same files with --template-t1"):
@@ -524,7 +552,11 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     table = predict_module.run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "out",
                                       device="cpu", **template)
     pd.testing.assert_frame_equal(table, new_cohort.predictions)
-    assert (tmp_path / "out" / "template" / "tpl-MNI152_res-2_desc-brain_mask.nii.gz").is_file()
+    template_dir = tmp_path / "out" / "preproc" / "tpl-TestSpace"
+    assert (template_dir / "tpl-TestSpace_res-2_desc-brain_mask.nii.gz").is_file()
+    description = json.loads((tmp_path / "out" / "preproc" / "dataset_description.json")
+                             .read_text())
+    assert description["DatasetType"] == "derivative"
     assert (tmp_path / "out" / "summary.tsv").is_file()
 
     other_mask = tmp_path / "other_mask.nii.gz"
@@ -538,21 +570,20 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
 
 
 def test_simulated_new_cohort_never_overwrites_a_real_dataset(tmp_path, monkeypatch):
-    from brainage import predict as predict_module
-    from brainage import simulate
+    from brainage.simulate import cohort
 
     calls = []
-    monkeypatch.setattr(simulate, "simulate_cohort",
+    monkeypatch.setattr(cohort, "simulate_cohort",
                         lambda root, **options: calls.append((root, options)) or pd.DataFrame())
     real = tmp_path / "real"
     (real / "sub-01").mkdir(parents=True)
-    (real / "participants.tsv").write_text("participant_id\tage\n")
+    (real / "sub-01" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not written by the simulator"):
-        predict_module.simulate_new_cohort(real, n_subjects=10, seed=1)
+        cohort.replace_simulation(real, n_subjects=10, seed=1)
     assert not calls
     empty = tmp_path / "empty"
     (empty / "sub-new01" / "mre").mkdir(parents=True)  # what Snakemake creates for outputs
-    predict_module.simulate_new_cohort(empty, n_subjects=10, seed=1, id_prefix="new")
+    cohort.replace_simulation(empty, n_subjects=10, seed=1, id_prefix="new")
     assert calls == [(empty, {"n_subjects": 10, "seed": 1, "id_prefix": "new",
                               "overwrite": True})]
 

@@ -21,8 +21,8 @@ from brainage.paths import Layout
 from brainage.preprocess import (PreprocessError, RegistrationError, correct_bias,
                                  n4_inside_mask, prepare_template, register_to_template,
                                  strip_skull, template_to_native_matrix)
+from brainage.preprocess.chain import run_subject
 from brainage.preprocess.register import check_transform
-from brainage.qc import compute_qc
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -35,34 +35,16 @@ def _subject_files(root: Path, participant_id: str) -> dict:
 
 
 def run_pipeline(out: Path, template: dict, stiffness, *, anat=None, method="deepbet", n4=True,
-                 label="x", layout=None) -> dict:
-    """strip_skull -> correct_bias -> register_to_template -> compute_qc; returns paths."""
-    layout = layout or Layout(results=str(out))
-    paths = {
-        "mask": layout.subject_native(label, "brain", "mask"),
-        "reference": layout.subject_native(label, "brain", "reference"),
-        "info": layout.subject_native(label, "brain", "reference", ".json"),
-        "stiffness_corrected": layout.subject_native(label, "corrected", "stiffness"),
-        "reference_corrected": layout.subject_native(label, "corrected", "reference"),
-        "mni": layout.subject_mni(label, "preproc", "stiffness"),
-        "mni_mask": layout.subject_mni(label, "brain", "mask"),
-        "mni_reference": layout.subject_mni(label, "preproc", "reference"),
-        "transform": layout.subject_transform(label),
-        "qc_json": layout.subject_qc(label, ".json"),
-        "qc_png": layout.subject_qc(label, ".png"),
-    }
-    paths["strip"] = strip_skull(stiffness, paths["mask"], paths["reference"], paths["info"],
-                                 anat=anat, method=method, subject=label)
-    correct_bias(stiffness, paths["mask"], paths["reference"], paths["info"],
-                 paths["stiffness_corrected"], paths["reference_corrected"], n4=n4, subject=label)
-    paths["registration"] = register_to_template(
-        paths["stiffness_corrected"], paths["mask"], paths["reference_corrected"], paths["info"],
-        template["t1"], template["mask"], paths["mni"], paths["mni_mask"], paths["transform"],
-        paths["mni_reference"], subject=label)
-    paths["qc"] = compute_qc(paths["mni"], paths["mni_mask"], paths["mni_reference"],
-                             paths["info"], template["t1"], template["mask"], paths["qc_json"],
-                             paths["qc_png"], subject=label)
-    return paths
+                 label="x") -> dict:
+    """The subject's whole chain (brainage.preprocess.chain.run_subject, as the rules and
+    the bundle's run command use it); returns its files and the QC metrics."""
+    preprocess = {"skullstrip": method, "freesurfer_tool": "synthstrip", "n4": n4,
+                  "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
+    inputs = {"stiffness": str(stiffness), **({"anat": str(anat)} if anat else {})}
+    files = run_subject(inputs, Layout(results=str(out)), label, preproc="preproc",
+                        preprocess=preprocess, template_t1=template["t1"],
+                        template_mask=template["mask"])
+    return {**files, "qc": json.loads(Path(files["qc_json"]).read_text())}
 
 
 def mean_displacement_mm(transform: str, truth_row, template_mask: str) -> float:
@@ -154,13 +136,13 @@ def test_deepbet_mask_matches_the_true_brain(processed):
         truth = np.asarray(nib.load(subject["files"]["truth_mask"]).dataobj) > 0
         assert mask.shape == truth.shape
         assert dice(mask, truth) >= 0.9, key
-        info = json.loads(Path(subject["info"]).read_text())
+        info = json.loads(Path(subject["reference_info"]).read_text())
         assert info["route"] == "deepbet" and info["reference_kind"] == "T1w_brain"
 
 
 def test_without_anatomy_the_mask_is_the_map_support(processed, caplog):
     subject = processed["young_no_anat"]
-    info = json.loads(Path(subject["info"]).read_text())
+    info = json.loads(Path(subject["reference_info"]).read_text())
     assert info["mask_source"] == "stiffness_support" and info["reference_kind"] == "stiffness"
     stiffness = nib.load(subject["files"]["stiffness"]).get_fdata()
     mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
@@ -170,7 +152,7 @@ def test_without_anatomy_the_mask_is_the_map_support(processed, caplog):
 
 def test_skullstrip_none_keeps_the_map_support_and_registers_the_head(processed):
     subject = processed["young_none"]
-    info = json.loads(Path(subject["info"]).read_text())
+    info = json.loads(Path(subject["reference_info"]).read_text())
     assert (info["route"], info["reference_kind"]) == ("none", "T1w_head")
     stiffness = nib.load(subject["files"]["stiffness"]).get_fdata()
     mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
@@ -268,7 +250,7 @@ def test_n4_false_passes_the_map_through(processed, tmp_path):
     subject = processed["young"]
     out = tmp_path / "s.nii.gz"
     correct_bias(subject["files"]["stiffness"], subject["mask"], subject["reference"],
-                 subject["info"], out, tmp_path / "r.nii.gz", n4=False, subject="y")
+                 subject["reference_info"], out, tmp_path / "r.nii.gz", n4=False, subject="y")
     raw = nib.load(subject["files"]["stiffness"]).get_fdata(dtype=np.float32)
     mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
     result = nib.load(out).get_fdata(dtype=np.float32)
@@ -289,7 +271,7 @@ def test_nan_voxels_become_background_with_a_count(processed, tmp_path, caplog):
     noisy = tmp_path / "sub-y_stiffness.nii.gz"
     nib.save(nib.Nifti1Image(data, image.affine), noisy)
     with caplog.at_level(logging.INFO):
-        correct_bias(noisy, subject["mask"], subject["reference"], subject["info"],
+        correct_bias(noisy, subject["mask"], subject["reference"], subject["reference_info"],
                      tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", n4=False, subject="y")
     assert "8 NaN/inf voxels set to background (7 inside the brain" in caplog.text
     result = nib.load(tmp_path / "s.nii.gz").get_fdata()
@@ -308,7 +290,7 @@ def test_nan_heavy_map_fails_with_its_name(processed, tmp_path):
     with pytest.raises(InputError, match=r"sub-y: stiffness map .*sub-y_stiffness\.nii\.gz has "
                                          r"\d+ NaN/inf voxels inside the brain \(5\.0% .*"
                                          r"preprocess\.max_nan_fraction=0\.01"):
-        correct_bias(noisy, subject["mask"], subject["reference"], subject["info"],
+        correct_bias(noisy, subject["mask"], subject["reference"], subject["reference_info"],
                      tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", subject="y")
 
 
@@ -321,7 +303,7 @@ def test_mask_that_misses_the_map_is_an_error(processed, tmp_path):
     with pytest.raises(PreprocessError, match=r"sub-y: no positive stiffness voxel .* inside "
                                               r"the brain mask"):
         correct_bias(subject["files"]["stiffness"], tmp_path / "m.nii.gz", subject["reference"],
-                     subject["info"], tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", subject="y")
+                     subject["reference_info"], tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", subject="y")
 
 
 # -- registration --------------------------------------------------------------------------------
@@ -336,8 +318,8 @@ def test_registration_recovers_the_pose(processed, template_files, key):
 
 def test_registered_map_is_zero_outside_mask_and_slab(processed, template_files):
     subject = processed["young"]
-    registered = nib.load(subject["mni"]).get_fdata()
-    warped_mask = np.asarray(nib.load(subject["mni_mask"]).dataobj) > 0
+    registered = nib.load(subject["registered"]).get_fdata()
+    warped_mask = np.asarray(nib.load(subject["registered_mask"]).dataobj) > 0
     assert registered.shape == (99, 117, 95)
     assert np.all(registered[~warped_mask] == 0)
     # Template voxels whose native position lies a voxel or more beyond the slab: exactly 0.
@@ -380,11 +362,12 @@ def test_coverage_is_within_two_percent_of_the_truth(processed):
 def test_deterministic_registration_is_bit_identical(processed, template_files, tmp_path):
     subject = processed["young"]
     outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
-    register_to_template(subject["stiffness_corrected"], subject["mask"],
-                         subject["reference_corrected"], subject["info"], template_files["t1"],
-                         template_files["mask"], *outputs, deterministic=True, subject="y")
+    register_to_template(subject["corrected"], subject["mask"], subject["corrected_reference"],
+                         subject["reference_info"], template_files["t1"], template_files["mask"],
+                         *outputs, deterministic=True, subject="y")
     assert outputs[2].read_bytes() == Path(subject["transform"]).read_bytes()
-    assert np.array_equal(nib.load(outputs[0]).get_fdata(), nib.load(subject["mni"]).get_fdata())
+    assert np.array_equal(nib.load(outputs[0]).get_fdata(),
+                          nib.load(subject["registered"]).get_fdata())
 
 
 def test_failed_registration_names_the_subject(processed, template_files, tmp_path, monkeypatch):
@@ -397,8 +380,8 @@ def test_failed_registration_names_the_subject(processed, template_files, tmp_pa
     subject = processed["young"]
     outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
     with pytest.raises(RegistrationError, match=r"sub-y: ANTs registration of .* failed"):
-        register_to_template(subject["stiffness_corrected"], subject["mask"],
-                             subject["reference_corrected"], subject["info"],
+        register_to_template(subject["corrected"], subject["mask"],
+                             subject["corrected_reference"], subject["reference_info"],
                              template_files["t1"], template_files["mask"], *outputs, subject="y")
     assert not any(path.exists() for path in outputs)
 

@@ -15,7 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage import report
+from brainage.report import figures, tables, targets
+from brainage.report import results as report_results
 from brainage.config import validate_config
 from brainage.paths import Layout
 
@@ -93,7 +94,7 @@ def results(tmp_path):
     split_dir = Path(layout.split_dir("holdout"))
     split_dir.mkdir(parents=True)
     participants.to_csv(split_dir / "participants.tsv", sep="\t", index=False)
-    settings = report.experiment_settings(config)
+    settings = targets.experiment_settings(config)
     metrics = []
     for experiment, variants in settings.items():
         for variant, cell in variants.items():
@@ -103,9 +104,9 @@ def results(tmp_path):
                 metrics.append(layout.cell_file("holdout", experiment, variant, seed,
                                                 "metrics.json"))
     qc = pd.DataFrame({"participant_id": participants["participant_id"],
-                       "dice": np.linspace(0.8, 0.95, len(participants)),
+                       "study": participants["study"], "dice": np.linspace(0.8, 0.95, len(participants)),
                        "correlation": 0.6, "coverage": participants["coverage"],
-                       "qc_pass": participants["qc_pass"]})
+                       "qc_pass": participants["qc_pass"], "qc_failures": ""})
     Path(layout.qc_table()).parent.mkdir(parents=True)
     qc.to_csv(layout.qc_table(), sep="\t", index=False)
     maps = {}
@@ -129,7 +130,7 @@ def results(tmp_path):
 def test_report_names_follow_the_enabled_experiments():
     config = grid_config(augmentation={"enabled": False, "variants": {
         "none": {"train": {"augmentation": "none"}}}})
-    names = report.report_names(config)
+    names = targets.report_names(config)
     assert names["tables"] == ["table2_cohort", "table3_losses", "table3_paired",
                                "ablation_distance", "ablation_lambda"]
     assert "fig4a_distance" in names["figures"] and "fig6_lambda" in names["figures"]
@@ -140,29 +141,29 @@ def test_report_names_follow_the_enabled_experiments():
 
 def test_report_names_without_table3_or_cells():
     config = validate_config({"experiments": {}})
-    names = report.report_names(config)
+    names = targets.report_names(config)
     assert names["tables"] == ["table2_cohort"]
     assert "fig5_umap" not in names["figures"]
     custom = validate_config({"experiments": {"widths": {"seeds": [0], "variants": {
         "narrow": {"model": {"hidden_dim": 64}}, "wide": {"model": {"hidden_dim": 1024}}}}}})
-    names = report.report_names(custom)
+    names = targets.report_names(custom)
     assert "ablation_widths" in names["tables"] and "ablation_widths" in names["figures"]
 
 
 def test_focus_cell_prefers_the_exported_model():
     config = grid_config()
-    assert report.focus_cell(config) == ("table3", "adaptive", 0)
+    assert targets.focus_cell(config) == ("table3", "adaptive", 0)
     config["predict"]["model"].update(experiment="distance", variant="cosine", seed=2)
-    assert report.focus_cell(config) == ("distance", "cosine", 2)
+    assert targets.focus_cell(config) == ("distance", "cosine", 2)
     config["predict"]["model"]["seed"] = 7  # not in the grid
-    assert report.focus_cell(config) == ("table3", "adaptive", 0)
+    assert targets.focus_cell(config) == ("table3", "adaptive", 0)
 
 
 # ---- tables -----------------------------------------------------------------------------
 
 def test_table3_has_the_contract_columns_and_paper_numbers(results):
-    seeds = report.seed_results(report.read_metrics(results["metrics"]))
-    table = report.table3_losses(seeds, display_names={"adaptive": "Adaptive Neighborhoods"})
+    seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
+    table = tables.table3_losses(seeds, display_names={"adaptive": "Adaptive Neighborhoods"})
     assert list(table.columns[:4]) == ["loss", "n_seeds", "mae_mean", "mae_std"]
     # the paper's order: simclr, yaware, adaptive
     assert table["loss"].tolist() == ["simclr", "yaware", "adaptive"]
@@ -175,8 +176,8 @@ def test_table3_has_the_contract_columns_and_paper_numbers(results):
 
 
 def test_paired_comparison_against_adaptive(results):
-    seeds = report.seed_results(report.read_metrics(results["metrics"]))
-    paired = report.paired_comparison(seeds).set_index("baseline")
+    seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
+    paired = tables.paired_comparison(seeds).set_index("baseline")
     assert set(paired.index) == {"simclr", "yaware"}
     assert (paired["reference"] == "adaptive").all()
     assert paired.loc["simclr", "mean_difference"] == pytest.approx(5.5)
@@ -192,7 +193,7 @@ def test_paired_t_test_matches_scipy():
     seeds = pd.DataFrame({"experiment": "table3", "variant": ["adaptive"] * 3 + ["yaware"] * 3,
                           "seed": [0, 1, 2] * 2, "loss": ["adaptive"] * 3 + ["yaware"] * 3,
                           "mae": [3.0, 3.5, 3.2, 3.9, 4.4, 3.6]})
-    paired = report.paired_comparison(seeds).iloc[0]
+    paired = tables.paired_comparison(seeds).iloc[0]
     expected = stats.ttest_rel([3.9, 4.4, 3.6], [3.0, 3.5, 3.2])
     assert paired["p_value"] == pytest.approx(expected.pvalue)
     assert paired["mean_difference"] == pytest.approx(np.mean([0.9, 0.9, 0.4]))
@@ -204,7 +205,7 @@ def test_seed_results_pool_splits_by_test_size():
         "seed": 0, "loss": "adaptive", "readout": "ridge", "mae": [2.0, 5.0],
         "rmse": [2.0, 5.0], "pearson_r": [0.5, 0.7], "r2": [0.1, 0.3], "n_test": [3, 1],
         "mae_study_a": [2.0, np.nan], "path": ["x", "y"]})
-    row = report.seed_results(metrics).iloc[0]
+    row = report_results.seed_results(metrics).iloc[0]
     assert row["mae"] == pytest.approx((3 * 2 + 1 * 5) / 4)
     assert row["rmse"] == pytest.approx(np.sqrt((3 * 4 + 25) / 4))
     assert row["n_splits"] == 2 and row["n_test"] == 4
@@ -214,22 +215,22 @@ def test_seed_results_pool_splits_by_test_size():
 def test_read_metrics_names_the_broken_file(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"split": "holdout", "experiment": "table3"}))
-    with pytest.raises(report.ReportError, match="metrics.json.*variant"):
-        report.read_metrics([path])
+    with pytest.raises(targets.ReportError, match="metrics.json.*variant"):
+        report_results.read_metrics([path])
 
 
 def test_ablation_tables_label_and_order_variants(results):
-    seeds = report.seed_results(report.read_metrics(results["metrics"]))
-    distance = report.ablation_table(seeds, "distance", results["settings"]["distance"])
+    seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
+    distance = tables.ablation_table(seeds, "distance", results["settings"]["distance"])
     assert distance["label"].tolist() == ["Manhattan", "Cosine"]
     assert distance["paper_mae_mean"].tolist() == pytest.approx([3.724, 3.748])
     assert distance["setting"].tolist() == ["loss.distance=manhattan", "loss.distance=cosine"]
-    sweep = report.ablation_table(seeds, "lambda", results["settings"]["lambda"])
+    sweep = tables.ablation_table(seeds, "lambda", results["settings"]["lambda"])
     assert sweep["variant"].tolist() == ["lam0", "lam1", "hard"]  # by lambda, hard last
     assert sweep["label"].tolist() == ["λ = 0", "λ = 1", "hard (λ→∞)"]
     assert sweep["paper_mae_mean"].iloc[1] == pytest.approx(3.681)
-    with pytest.raises(report.ReportError, match="chebyshev"):
-        report.ablation_table(seeds, "distance", {**results["settings"]["distance"],
+    with pytest.raises(targets.ReportError, match="chebyshev"):
+        tables.ablation_table(seeds, "distance", {**results["settings"]["distance"],
                                                   "chebyshev": {}})
 
 
@@ -237,14 +238,14 @@ def test_variant_labels_resolve_default_augmentation():
     config = validate_config({"experiments": {"augmentation": {"variants": {
         "default": {"loss": {"name": "adaptive"}}, "noise": {"train": {"augmentation": "noise"}},
         "cutout": {"train": {"augmentation": "cutout"}}}}}})
-    labels = report.variant_labels(report.experiment_settings(config)["augmentation"])
+    labels = report_results.variant_labels(targets.experiment_settings(config)["augmentation"])
     # "default" for adaptive means no augmentation
     assert labels["label"].to_dict() == {"default": "None", "noise": "Noise", "cutout": "Cutout"}
 
 
 def test_cohort_table_counts_studies_sex_and_coverage():
     participants = participants_table()
-    table = report.cohort_table(participants).set_index("study")
+    table = tables.cohort_table(participants).set_index("study")
     assert list(table.index) == ["study1", "study2", "study3", "Total"]
     assert table.loc["Total", "n"] == 12
     assert table.loc["Total", "n_female"] + table.loc["Total", "n_male"] == 12
@@ -252,15 +253,15 @@ def test_cohort_table_counts_studies_sex_and_coverage():
         participants.loc[participants["study"] == "study1", "age"].mean())
     assert table.loc["Total", "coverage_min_pct"] == pytest.approx(78.0)
     bad = participants.assign(coverage=participants["coverage"] * 100)
-    with pytest.raises(report.ReportError, match="fraction"):
-        report.cohort_table(bad)
+    with pytest.raises(targets.ReportError, match="fraction"):
+        tables.cohort_table(bad)
 
 
 def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     layout = results["layout"]
-    names = report.report_names(results["config"])["tables"]
+    names = targets.report_names(results["config"])["tables"]
     stems = {name: layout.table(name, "") for name in names}
-    report.make_tables(metrics=results["metrics"],
+    tables.make_tables(metrics=results["metrics"],
                        participants=results["split_dir"] / "participants.tsv",
                        settings=results["settings"], outputs=stems)
     for name in names:
@@ -291,10 +292,10 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
 
 def test_make_figures_writes_every_figure(results):
     layout, config = results["layout"], results["config"]
-    names = report.report_names(config)["figures"]
+    names = targets.report_names(config)["figures"]
     paths = {name: layout.figure(name) for name in names}
-    focus = report.focus_cell(config)
-    report.make_figures(
+    focus = targets.focus_cell(config)
+    figures.make_figures(
         metrics=results["metrics"], participants=results["split_dir"] / "participants.tsv",
         qc=layout.qc_table(), maps=results["maps"],
         embeddings=layout.cell_file("holdout", *focus, "embeddings"),
@@ -309,24 +310,24 @@ def test_make_figures_writes_every_figure(results):
 def test_coverage_examples_pick_nearest_distinct_subjects():
     participants = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"],
                                  "coverage": [1.0, 0.99, 0.93, 0.82, 0.6]})
-    chosen = report.pick_coverage_examples(participants)
+    chosen = figures.pick_coverage_examples(participants)
     assert [c["participant_id"] for c in chosen] == ["sub-a", "sub-b", "sub-c", "sub-d"]
     # with too few subjects, the nearest is reused rather than failing
-    few = report.pick_coverage_examples(participants.iloc[:1])
+    few = figures.pick_coverage_examples(participants.iloc[:1])
     assert [c["participant_id"] for c in few] == ["sub-a"] * 4
 
 
 def test_projection_falls_back_to_pca_only_below_four_samples():
     rng = np.random.default_rng(0)
-    coords, method = report.project_2d(rng.normal(size=(3, 8)))
+    coords, method = figures.project_2d(rng.normal(size=(3, 8)))
     assert method == "PCA" and coords.shape == (3, 2)
-    coords, method = report.project_2d(rng.normal(size=(6, 8)))
+    coords, method = figures.project_2d(rng.normal(size=(6, 8)))
     assert method == "UMAP" and coords.shape == (6, 2) and np.isfinite(coords).all()
 
 
 def test_pca_fallback_is_named_in_the_figure_title(tmp_path, monkeypatch):
     titles = []
-    plt = report._pyplot()
+    plt = figures._pyplot()
     original = plt.Figure.suptitle
 
     def record(self, text, **kwargs):
@@ -336,14 +337,14 @@ def test_pca_fallback_is_named_in_the_figure_title(tmp_path, monkeypatch):
     monkeypatch.setattr(plt.Figure, "suptitle", record)
     embeddings = {1: {"features": np.eye(3, 4, dtype=np.float32), "age": np.array([20., 40., 60.]),
                       "subset": np.array(["train", "train", "test"])}}
-    report.plot_embeddings(embeddings, tmp_path / "umap.png", cell="x")
+    figures.plot_embeddings(embeddings, tmp_path / "umap.png", cell="x")
     assert "PCA" in titles[0] and "too few" in titles[0]
     assert (tmp_path / "umap.png").is_file()
 
 
 def test_umap_without_embeddings_says_what_to_do(tmp_path):
-    with pytest.raises(report.ReportError, match="embed_epochs"):
-        report.plot_embeddings({}, tmp_path / "umap.png", cell="table3/adaptive/seed-0")
+    with pytest.raises(targets.ReportError, match="embed_epochs"):
+        figures.plot_embeddings({}, tmp_path / "umap.png", cell="table3/adaptive/seed-0")
 
 
 # ---- random search ------------------------------------------------------------------------
@@ -357,20 +358,20 @@ def write_trials(path: Path, rows) -> Path:
 
 def test_search_table_and_figure(tmp_path):
     config = validate_config({"experiments": {}, "search": {"enabled": True}})
-    names = report.report_names(config)
+    names = targets.report_names(config)
     assert "search_trials" in names["tables"] and "search_trials" in names["figures"]
     trials = write_trials(tmp_path / "search" / "holdout" / "trials.tsv",
                           [(1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0),
                            (3, 8, 2, 4.1, 4.8, 9.0)])
-    table = report.read_search_trials([trials])
+    table = report_results.read_search_trials([trials])
     assert table["trial"].tolist() == [2, 3, 1] and (table["split"] == "holdout").all()
     stem = tmp_path / "tables" / "search_trials"
-    report.write_search(table, stem)
+    tables.write_search(table, stem)
     markdown = stem.with_suffix(".md").read_text()
     assert "holdout: nn_final 14, nn_step 1 (3.900 years)" in markdown
-    report.plot_search(table, tmp_path / "search.png")
+    figures.plot_search(table, tmp_path / "search.png")
     assert (tmp_path / "search.png").read_bytes()[:4] == b"\x89PNG"
     broken = write_trials(tmp_path / "broken" / "trials.tsv", [])
     pd.read_csv(broken, sep="\t").drop(columns="nn_step").to_csv(broken, sep="\t", index=False)
-    with pytest.raises(report.ReportError, match="nn_step"):
-        report.read_search_trials([broken])
+    with pytest.raises(targets.ReportError, match="nn_step"):
+        report_results.read_search_trials([broken])

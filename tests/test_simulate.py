@@ -13,6 +13,8 @@ import pytest
 from scipy import ndimage
 
 from brainage import simulate
+from brainage.simulate import cohort as simulate_cohort_module
+from brainage.simulate.anatomy import simulate_subject
 from brainage.simulate import (ACCELERATED_STUDY, STUDY_TABLE, TRUTH_COLUMNS,
                                draw_participants, simulate_cohort, study_table)
 
@@ -261,8 +263,8 @@ def test_the_offset_makes_the_same_subject_softer_by_its_ageing_slope():
                                      accelerated_ageing_years=ACCELERATION_YEARS)
     subject = participants.iloc[-1].to_dict()
     kwargs = dict(seed=0, id_prefix="", index=10, with_anatomy=False, nan_probability=0.0)
-    *_, mask_older, truth_older = simulate._simulate_subject(subject, **kwargs)
-    *_, mask_true, truth_true = simulate._simulate_subject(
+    *_, mask_older, truth_older = simulate_subject(subject, **kwargs)
+    *_, mask_true, truth_true = simulate_subject(
         dict(subject, stiffness_age_offset_years=0.0), **kwargs)
     assert np.array_equal(mask_older, mask_true), "anatomy stays at the true age"
     ratio = truth_older["mean_stiffness_kpa"] / truth_true["mean_stiffness_kpa"]
@@ -300,7 +302,7 @@ def test_regenerating_a_subject_reproduces_its_files(cohort):
     participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype={"study": str})
     index = 5
     subject = dict(participants.iloc[index], stiffness_age_offset_years=0.0)
-    affine, stiffness, t1w, mask, _ = simulate._simulate_subject(
+    affine, stiffness, t1w, mask, _ = simulate_subject(
         subject, seed=3, id_prefix="", index=index, with_anatomy=True, nan_probability=0.5)
     written = images[subject["participant_id"]]
     assert np.allclose(affine, written["stiffness_image"].affine, atol=1e-4)
@@ -316,14 +318,14 @@ def test_refuses_a_non_empty_root_and_never_leaves_half_a_dataset(tmp_path, monk
         simulate_cohort(root, n_subjects=10)
     assert (root / "notes.txt").read_text() == "mine"
 
-    real_subject = simulate._simulate_subject
+    real_subject = simulate_subject
 
     def fail_on_third_subject(subject, **kwargs):
         if kwargs["index"] == 2:
             raise RuntimeError("simulated crash")
         return real_subject(subject, **kwargs)
 
-    monkeypatch.setattr(simulate, "_simulate_subject", fail_on_third_subject)
+    monkeypatch.setattr(simulate_cohort_module, "simulate_subject", fail_on_third_subject)
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError, match="simulated crash"):
         simulate_cohort(fresh, n_subjects=10, with_anatomy=False)
@@ -342,7 +344,7 @@ def test_overwrite_replaces_the_root(tmp_path, monkeypatch):
         truth["participant_id"] = subject["participant_id"]
         return np.eye(4), data, None, data.astype(bool), truth
 
-    monkeypatch.setattr(simulate, "_simulate_subject", tiny_subject)
+    monkeypatch.setattr(simulate_cohort_module, "simulate_subject", tiny_subject)
     root = tmp_path / "dataset"
     root.mkdir()  # an empty folder (as Snakemake leaves it) is fine without overwrite
     simulate_cohort(root, n_subjects=10, seed=0)

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-import yaml
 
-from brainage.config import ConfigError
+from brainage.config import ConfigError, resolve_cell
 from brainage.data import Augmenter, DataError, load_split, plan_batches
 from brainage.evaluate import evaluate_encoder
 from brainage.models import build_model, load_init_checkpoint
-from brainage.train import (HISTORY_COLUMNS, fingerprint, pretrain_openbhb, resolve_settings,
-                            train_encoder)
+from brainage.train import HISTORY_COLUMNS, fingerprint, pretrain_openbhb, train_encoder
 from split_fixture import synthetic_volumes, tiny_settings, write_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,61 +117,71 @@ def test_same_seed_same_result_on_cpu(split_dir, reference_run, tmp_path):
 
 
 def test_fingerprint_covers_the_seed(split_dir):
-    settings = resolve_settings(REFERENCE)
-    other = resolve_settings({**REFERENCE, "seed": 1})
+    settings = resolve_cell(REFERENCE)
+    other = resolve_cell({**REFERENCE, "seed": 1})
     split = load_split(split_dir)
     assert fingerprint(settings, split) != fingerprint(other, split)
 
 
-def _write_cli_config(path: Path, results: Path, settings: dict) -> Path:
-    config = {"output": {"results": str(results)},
-              "loss": settings["loss"], "train": settings["train"],
-              "experiments": {"test": {"seeds": [0], "variants": {"nnclr": {}}}}}
-    path.write_text(yaml.safe_dump(config))
-    return path
+TRAIN_IN_A_PROCESS = """
+import json, sys
+from brainage.train import train_encoder
+arguments = json.loads(sys.argv[1])
+train_encoder(arguments["split_dir"], arguments["settings"], **arguments["paths"])
+"""
+
+
+def kill_after_first_checkpoint(split_dir: Path, settings: dict, paths: dict,
+                                timeout_s: float = 240) -> subprocess.CompletedProcess:
+    """Train in a child process and SIGKILL it from outside as soon as its first
+    checkpoint is on disk, as a SLURM preemption would."""
+    arguments = json.dumps({"split_dir": str(split_dir), "settings": settings,
+                            "paths": {key: str(value) for key, value in paths.items()}})
+    child = subprocess.Popen([sys.executable, "-c", TRAIN_IN_A_PROCESS, arguments],
+                             env={**os.environ, "PYTHONPATH": str(REPO / "workflow")},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + timeout_s
+    while not Path(paths["checkpoint_path"]).exists():
+        if child.poll() is not None or time.monotonic() > deadline:
+            child.kill()
+            pytest.fail(f"training ended before its first checkpoint:\n{child.stdout.read()}")
+        time.sleep(0.005)
+    child.send_signal(signal.SIGKILL)
+    output, _ = child.communicate(timeout=60)
+    return subprocess.CompletedProcess(child.args, child.returncode, output, "")
 
 
 def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path):
-    """SIGKILL after epoch 1 of 3 (as a preemption), start again, compare with a run that was
-    never interrupted: same weights bit for bit, same history, same metrics. NNCLR, because
-    it carries state across batches (its queue) and uses noise augmentation."""
+    """SIGKILL after the first checkpoint (as a preemption), start again, compare with a run
+    that was never interrupted: same weights bit for bit, same history, same metrics.
+    NNCLR, because it carries state across batches (its queue) and uses noise
+    augmentation."""
     settings = tiny_settings(loss={"name": "nnclr", "queue_size": 16},
-                             train={"epochs": 3, "batch_size": 6, "embed_epochs": [1, 3]})
-    results = tmp_path / "results"
-    (results / "dataset").mkdir(parents=True)
-    os.symlink(split_dir, results / "dataset" / "holdout")
-    config = _write_cli_config(tmp_path / "config.yaml", results, settings)
-    cell = results / "train" / "holdout" / "test" / "nnclr" / "seed-0"
-    command = [sys.executable, "-m", "brainage.train", "train", "--configfile", str(config),
-               "--split", "holdout", "--experiment", "test", "--variant", "nnclr",
-               "--seed", "0", "--simulate-preemption-after", "1"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
-    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert killed.returncode == -9, killed.stderr[-2000:]
+                             train={"epochs": 4, "batch_size": 6, "embed_epochs": [1, 4]})
+    cell = tmp_path / "cell"
+    killed = kill_after_first_checkpoint(split_dir, settings, cell_paths(cell))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
     assert (cell / "checkpoint.pt").exists() and not (cell / "encoder.pt").exists()
-    assert pd.read_csv(cell / "history.tsv", sep="\t")["epoch"].tolist() == [1]
+    done = torch.load(cell / "checkpoint.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 4
     # Snakemake deletes the declared outputs of a killed job; the checkpoint survives.
-    for name in ("history.tsv",):
-        (cell / name).unlink()
+    (cell / "history.tsv").unlink(missing_ok=True)
     for file in (cell / "embeddings").iterdir():
         file.unlink()
 
-    from brainage.config import cell_settings, load_config
-
-    cell_config = cell_settings(load_config(config), "test", "nnclr", 0)
-    resumed = train_encoder(split_dir, cell_config, **cell_paths(cell))
-    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    resumed = train_encoder(split_dir, settings, **cell_paths(cell))
+    assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
     assert not (cell / "checkpoint.pt").exists()
 
     uninterrupted = tmp_path / "uninterrupted"
-    history = train_encoder(split_dir, cell_config, **cell_paths(uninterrupted))
+    history = train_encoder(split_dir, settings, **cell_paths(uninterrupted))
     assert [row["loss"] for row in resumed] == [row["loss"] for row in history]
     assert_same_weights(cell / "encoder.pt", uninterrupted / "encoder.pt")
-    for epoch in ("epoch-001.npz", "epoch-003.npz"):  # epoch 1 restored from the checkpoint
+    for epoch in ("epoch-001.npz", "epoch-004.npz"):  # epoch 1 restored from the checkpoint
         with np.load(cell / "embeddings" / epoch) as a, \
                 np.load(uninterrupted / "embeddings" / epoch) as b:
             assert np.array_equal(a["features"], b["features"])
-    scores = [evaluate_encoder(split_dir, folder / "encoder.pt", cell_config,
+    scores = [evaluate_encoder(split_dir, folder / "encoder.pt", settings,
                                metrics_path=folder / "metrics.json",
                                predictions_path=folder / "predictions.tsv")
               for folder in (cell, uninterrupted)]
@@ -275,7 +285,7 @@ def test_pretrain_on_an_openbhb_layout_array(tmp_path, split_dir, caplog):
                              train={"epochs": 1, "batch_size": 4, "embed_epochs": []})
     history = pretrain_openbhb(array, participants, out, settings)
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
-    model = build_model({})
+    model = build_model(resolve_cell({})["model"])
     report = load_init_checkpoint(model, out)
     assert not report.missing and not report.unexpected and not report.mismatched
     # and as model.init_checkpoint of a grid cell
@@ -341,11 +351,12 @@ def test_gpu_fast_path_runs_on_the_cpu(split_dir):
     tiny split's 16x20x16 volumes reach the oneDNN bf16 shape that needs the reroute in
     brainage.models: before it, this epoch ended all-NaN in most runs."""
     from brainage.data import VolumeStore
-    from brainage.evaluate import embed
     from brainage.losses import make_loss
-    from brainage.train import make_optimizer, run_epoch, runtime_setup
+    from brainage.models import embed
+    from brainage.runtime import runtime_setup
+    from brainage.train import make_optimizer, run_epoch
 
-    settings = resolve_settings(tiny_settings(train={"precision": "bf16"}))
+    settings = resolve_cell(tiny_settings(train={"precision": "bf16"}))
     device, autocast_dtype = runtime_setup(settings["train"])
     assert (device.type, autocast_dtype) == ("cpu", torch.bfloat16)
     split = load_split(split_dir)

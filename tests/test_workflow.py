@@ -1,6 +1,5 @@
 """The workflow itself: dry-runs from a fresh folder, and bad input stopping the run early."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -88,42 +87,3 @@ def job_counts(stdout: str) -> dict[str, int]:
                 if parts[0] == "total":
                     break
     return counts
-
-
-LONE_JOB_THEN_FAN_OUT = '''
-from brainage.snakemake_compat import reserve_cores_of_lone_jobs
-
-reserve_cores_of_lone_jobs()
-
-rule all:
-    input: expand("out/{i}.txt", i=range(4))
-
-rule lone:
-    output: "out/first.txt"
-    shell: "touch {output}"
-
-rule fan_out:
-    input: "out/first.txt"
-    output: "out/{i}.txt"
-    threads: 1
-    shell: "s=$(date +%s.%N); sleep 1; echo $s $(date +%s.%N) > {output}"
-'''
-
-
-def test_snakemake_keeps_to_the_cores_after_a_lone_job(tmp_path):
-    """The demo runs its jobs through the local scheduler; Snakemake 9.10-9.16 do not
-    reserve the cores of a job that is the only ready one, so each such job adds its
-    cores to the pool (on --cores 2, the demo trained 7 encoders at once). In the pipeline
-    a lone job (the simulation, the normalisation) always precedes a fan-out, as here,
-    and common.smk applies the same repair as this Snakefile. Without it, on 9.15, two
-    jobs overlapped on --cores 1."""
-    (tmp_path / "Snakefile").write_text(LONE_JOB_THEN_FAN_OUT)
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "--quiet"],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, timeout=120,
-                            env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
-    assert result.returncode == 0, result.stdout
-    spans = sorted(tuple(map(float, (tmp_path / "out" / f"{i}.txt").read_text().split()))
-                   for i in range(4))
-    overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
-    assert not overlaps, f"jobs ran at the same time on --cores 1: {overlaps}"

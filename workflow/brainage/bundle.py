@@ -21,7 +21,6 @@ sha256 (a clear error naming the file that changed).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -35,7 +34,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from brainage.io import write_json
+from brainage import brainage_version
+from brainage.io import sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +59,6 @@ class BundleError(ValueError):
     """A model bundle is missing, corrupt, tampered with, or from an incompatible version."""
 
 
-def brainage_version() -> str:
-    """Installed brainage version (from package metadata, else pyproject.toml)."""
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-        try:
-            return version("brainage")
-        except PackageNotFoundError:
-            pass
-    except ImportError:  # pragma: no cover - Python < 3.8
-        pass
-    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
-    if pyproject.is_file():
-        import tomllib
-        with open(pyproject, "rb") as handle:
-            return tomllib.load(handle)["project"]["version"]
-    return "unknown"
-
-
 def software_versions() -> dict[str, str]:
     """Versions recorded in a bundle (and compared, for information, when it is read)."""
     import sklearn
@@ -85,14 +67,6 @@ def software_versions() -> dict[str, str]:
     return {"brainage": brainage_version(), "torch": torch.__version__,
             "numpy": np.__version__, "scikit-learn": sklearn.__version__,
             "python": platform.python_version()}
-
-
-def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ schema through :func:`validate_config`, so a setting means the same thing in bot
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -60,16 +61,28 @@ def _validator_filling_defaults(schema: dict) -> jsonschema.protocols.Validator:
     return extended(schema)
 
 
-def _describe(error: jsonschema.ValidationError, source: str) -> str:
-    where = ".".join(str(part) for part in error.absolute_path) or "(top level)"
+def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") -> str:
+    """One line per schema error: the full dotted key path, what is wrong, and for an
+    unknown key the nearest known spelling."""
+    path = [part for part in (prefix,) if part] + [str(part) for part in error.absolute_path]
     message = error.message
-    if error.validator == "additionalProperties":
-        message += " (unknown key: check its spelling against workflow/schemas/config.schema.yaml)"
-    return f"{source}: config key '{where}': {message}"
+    if error.validator == "additionalProperties" and isinstance(error.instance, Mapping):
+        known = list(error.schema.get("properties", {}))
+        unknown = sorted(set(error.instance) - set(known))
+        if len(unknown) == 1:
+            path.append(unknown[0])
+        hints = [f"'{name}' -> did you mean '{match[0]}'?" for name in unknown
+                 for match in [difflib.get_close_matches(name, known, n=1)] if match]
+        message += (f" (unknown key: {'; '.join(hints) or 'check its spelling'}; every key "
+                    f"is listed in workflow/schemas/config.schema.yaml)")
+    return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 
 
 def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dict:
     """Return a deep copy of ``config`` validated against the schema, defaults filled in.
+
+    Every variant of every experiment is resolved too (:func:`cell_settings`), so a typo
+    in an override stops the run here, named by its full path.
 
     Raises
     ------
@@ -82,9 +95,9 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
-    for experiment in filled.get("experiments", {}).values():
-        for variant_name, overrides in experiment["variants"].items():
-            cell_settings_from_overrides(filled, overrides, where=f"variant '{variant_name}'")
+    for experiment, definition in filled.get("experiments", {}).items():
+        for variant in definition["variants"]:
+            cell_settings(filled, experiment, variant, 0, source=source)
     return filled
 
 
@@ -108,28 +121,54 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict:
     return merged
 
 
-def cell_settings_from_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any],
-                                 *, where: str = "cell") -> dict:
-    """Base sections of a validated config with one cell's overrides applied, re-validated."""
+def resolve_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "settings"
+                 ) -> dict:
+    """The one resolver of a grid cell's settings: each section validated against its
+    schema with every default filled in.
+
+    ``settings`` holds ``experiment``, ``variant``, ``seed`` (optional) and the sections of
+    :data:`CELL_SECTIONS`, each possibly partial (a test's or notebook's dict means the
+    same as the config). Resolving twice changes nothing, so every job may call it on
+    what it is given.
+
+    Parameters
+    ----------
+    where : str
+        Dotted prefix naming where the settings come from in the config, for messages
+        (e.g. ``experiments.table3.variants.yaware``).
+
+    Raises
+    ------
+    ConfigError
+        For unknown keys and values of the wrong type or out of range, naming the full
+        key path.
+    """
     schema = load_schema()
-    settings = {}
+    unknown = sorted(set(settings) - {"experiment", "variant", "seed", *CELL_SECTIONS})
+    if unknown:
+        raise ConfigError(f"{source}: cell settings have unknown key(s) {', '.join(unknown)}; "
+                          f"expected experiment, variant, seed and the sections "
+                          f"{', '.join(CELL_SECTIONS)}.")
+    resolved = {key: settings[key] for key in ("experiment", "variant") if key in settings}
+    resolved["seed"] = int(settings.get("seed", 0))
+    messages = []
     for section in CELL_SECTIONS:
-        merged = deep_merge(config[section], overrides.get(section, {}))
+        values = json.loads(json.dumps(dict(settings.get(section) or {})))
         validator = _validator_filling_defaults(schema["properties"][section])
-        errors = list(validator.iter_errors(merged))
-        if errors:
-            raise ConfigError("\n".join(
-                f"{where}: config key '{section}.{'.'.join(map(str, e.absolute_path))}': {e.message}"
-                for e in errors))
-        settings[section] = merged
-    return settings
+        prefix = ".".join(part for part in (where, section) if part)
+        messages += [_describe(error, source, prefix) for error in validator.iter_errors(values)]
+        resolved[section] = values
+    if messages:
+        raise ConfigError("\n".join(messages))
+    return resolved
 
 
-def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed: int) -> dict:
+def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed: int, *,
+                  source: str = "config") -> dict:
     """Everything that determines one grid cell's result, as plain JSON-able data.
 
-    Returns ``{"experiment", "variant", "seed", "loss", "train", "model", "readout"}``; the
-    loss/train/model/readout dicts are the config's sections with the variant's overrides.
+    Returns ``{"experiment", "variant", "seed", "loss", "train", "model", "readout"}``: the
+    config's sections with the variant's overrides applied (:func:`resolve_cell`).
     Snakemake passes this as ``params`` so that changing a setting reruns exactly the
     cells it affects.
     """
@@ -139,9 +178,11 @@ def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed
         raise ConfigError(
             f"no variant '{variant}' in experiment '{experiment}' (config key "
             f"experiments.{experiment}.variants): {missing}") from None
-    settings = cell_settings_from_overrides(config, overrides,
-                                            where=f"experiments.{experiment}.variants.{variant}")
-    return {"experiment": experiment, "variant": variant, "seed": int(seed), **settings}
+    merged = {section: deep_merge(config[section], overrides.get(section, {}))
+              for section in CELL_SECTIONS}
+    return resolve_cell({"experiment": experiment, "variant": variant, "seed": int(seed),
+                         **merged}, where=f"experiments.{experiment}.variants.{variant}",
+                        source=source)
 
 
 def grid_cells(config: Mapping[str, Any], *, include_disabled: bool = False

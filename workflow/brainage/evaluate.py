@@ -1,220 +1,40 @@
-"""Evaluation of a trained encoder (METHOD.md section 4).
+"""Evaluation of a trained encoder (docs/method.md, "Evaluation").
 
-The encoder is frozen; the un-augmented training and test images are embedded; a read-out
-maps embeddings to age (years):
+The encoder is frozen; the un-augmented training and test images are embedded; the read-out
+(:mod:`brainage.readout`) is fitted on the training embeddings and maps every embedding to
+an age (years).
 
-- ``ridge`` (paper): scikit-learn Ridge, alpha chosen from ``readout.alphas`` by
-  ``readout.cv_folds``-fold cross-validation (r2 scoring) on the training embeddings only;
-- ``mse``, ``l1``, ``huber``, ``dex`` (Fig. 4b): a small MLP trained on the frozen training
-  embeddings with that loss; DEX classifies into 1-year age bins and predicts the expected
-  value of the softmax.
+Outputs of a grid cell, written by :func:`evaluate_encoder` next to each other:
 
-Outputs of a grid cell: ``metrics.json`` (test MAE, RMSE, Pearson r, R2, MAE per study, slope
-of the brain-age gap against age, ...) and ``predictions.tsv`` (every subject of the split,
-train and test rows, with its predicted age).
+- ``metrics.json``: test MAE, RMSE, Pearson r, R2, MAE per study, slope of the brain-age
+  gap against age, the read-out's choices, and which encoder was evaluated;
+- ``predictions.tsv``: every subject of the split (train and test rows) with its
+  predicted age;
+- ``readout.pt`` / ``readout.json``: the fitted read-out, its candidate age-bias
+  corrections (:func:`brainage.agebias.bias_fits`) and a summary of the training
+  subjects, which the model export copies into a bundle as they are.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
-from brainage.config import ConfigError
+from brainage.agebias import bias_fits
+from brainage.config import resolve_cell
 from brainage.data import SplitData, VolumeStore, load_split
-from brainage.io import write_json, write_tsv
+from brainage.io import sha256_file, write_json, write_tsv
+from brainage.models import embed, load_encoder
+from brainage.readout import Readout, fit_readout, save_readout
+from brainage.runtime import runtime_setup
 
 log = logging.getLogger(__name__)
-
-READOUT_METHODS = ("ridge", "mse", "l1", "huber", "dex")
-#: Read-out options not (yet) in the config schema; a readout section with the key wins.
-PREDICTOR_DEFAULTS = {
-    "predictor_hidden_dim": 64,   # one hidden layer; features are only 128/512-d
-    "predictor_epochs": 300,      # full-batch Adam steps
-    "predictor_lr": 1.0e-3,
-    "predictor_weight_decay": 1.0e-4,
-    "huber_delta": 1.0,           # years (torch's default delta on age in years)
-    "dex_bin_years": 1.0,         # DEX bin width (years)
-}
-#: Volumes embedded at once (inference only; memory is not an issue on CPU or GPU).
-EMBED_BATCH = 32
-
-
-def readout_option(readout_settings: Mapping, key: str):
-    if key in readout_settings:
-        return readout_settings[key]
-    return PREDICTOR_DEFAULTS[key]
-
-
-# -- embedding ------------------------------------------------------------------------------
-
-@torch.no_grad()
-def embed(model, store: VolumeStore, rows: np.ndarray, *, which: str = "projection",
-          autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-          batch_size: int = EMBED_BATCH) -> np.ndarray:
-    """Frozen-model features of the un-augmented volumes ``rows``, float32 [len(rows), D].
-
-    The model is put in eval mode (batch-norm running statistics) and back in the mode it
-    was in.
-    """
-    was_training = model.training
-    model.eval()
-    device = store.device
-    chunks = []
-    try:
-        for start in range(0, len(rows), batch_size):
-            volumes = store.gather(rows[start:start + batch_size])
-            if channels_last:
-                volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
-                chunks.append(model.features(volumes, which).float().cpu())
-    finally:
-        model.train(was_training)
-    if not chunks:
-        return np.zeros((0, model.projection_dim), dtype=np.float32)
-    return torch.cat(chunks).numpy().astype(np.float32)
-
-
-# -- read-outs ------------------------------------------------------------------------------
-
-@dataclass
-class Readout:
-    """A fitted read-out: ``predict(features [n, D]) -> ages [n]`` (years)."""
-
-    method: str
-    info: dict = field(default_factory=dict)
-    ridge: object | None = None
-    predictor: nn.Module | None = None
-    feature_mean: np.ndarray | None = None
-    feature_sd: np.ndarray | None = None
-    age_mean: float = 0.0
-    age_sd: float = 1.0
-    bin_centres: np.ndarray | None = None
-
-    def predict(self, features: np.ndarray) -> np.ndarray:
-        if self.ridge is not None:
-            return np.asarray(self.ridge.predict(features), dtype=np.float64)
-        scaled = torch.from_numpy(((features - self.feature_mean) / self.feature_sd)
-                                  .astype(np.float32))
-        with torch.no_grad():
-            output = self.predictor(scaled)
-        if self.method == "dex":
-            probabilities = torch.softmax(output, dim=1).double().numpy()
-            return probabilities @ self.bin_centres
-        return output[:, 0].double().numpy() * self.age_sd + self.age_mean
-
-
-#: Shuffles the Ridge read-out's CV folds (the reference's split seed).
-READOUT_CV_SEED = 42
-
-
-def fit_ridge(features: np.ndarray, ages: np.ndarray, *, alphas, cv_folds: int) -> Readout:
-    """Ridge with alpha chosen by K-fold CV (r2) on the training embeddings, as the reference.
-
-    ``cv_folds`` is capped at half the number of training subjects (at least 2), so that
-    every validation fold has two subjects or more: the r2 of a single subject is undefined.
-
-    The folds are shuffled with :data:`READOUT_CV_SEED`, the same for every cell. The
-    training rows come in participants.tsv order, grouped by study, so unshuffled folds
-    would each be roughly one study (young study 1 scored against the older ones) and
-    bias the choice of alpha. The reference's rows come out of a shuffling
-    ``train_test_split(random_state=42)``; a seed changes initialisation, batch order
-    and augmentation only (METHOD.md §3), not the read-out's folds.
-    """
-    from sklearn.linear_model import Ridge
-    from sklearn.model_selection import GridSearchCV, KFold
-
-    folds = min(int(cv_folds), max(2, len(ages) // 2))
-    if len(ages) < 2:
-        raise ValueError(f"Ridge cross-validation needs at least 2 training subjects; got "
-                         f"{len(ages)}.")
-    search = GridSearchCV(Ridge(), param_grid={"alpha": [float(a) for a in alphas]},
-                          cv=KFold(folds, shuffle=True, random_state=READOUT_CV_SEED),
-                          scoring="r2", n_jobs=1)
-    search.fit(features, ages)
-    alpha = float(search.best_params_["alpha"])
-    log.info("ridge: alpha %.3g chosen by %d-fold CV (r2 %.3f)", alpha, folds,
-             search.best_score_)
-    return Readout("ridge", info={"ridge_alpha": alpha, "cv_folds": folds}, ridge=search)
-
-
-def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
-                  readout_settings: Mapping, seed: int) -> Readout:
-    """A one-hidden-layer MLP on standardised frozen features, trained full-batch with Adam.
-
-    mse / l1 / huber regress the standardised age (Huber's delta is given in years);
-    dex classifies into bins of ``dex_bin_years`` spanning the training ages and predicts
-    the softmax expected value of the bin centres, so predictions stay in that range.
-    """
-    feature_mean = features.mean(axis=0)
-    feature_sd = features.std(axis=0) + 1e-6
-    age_mean, age_sd = float(ages.mean()), float(ages.std() + 1e-6)
-    inputs = torch.from_numpy(((features - feature_mean) / feature_sd).astype(np.float32))
-    hidden = int(readout_option(readout_settings, "predictor_hidden_dim"))
-    readout = Readout(method, feature_mean=feature_mean, feature_sd=feature_sd,
-                      age_mean=age_mean, age_sd=age_sd)
-    if method == "dex":
-        width = float(readout_option(readout_settings, "dex_bin_years"))
-        low = math.floor(ages.min() / width) * width
-        n_bins = max(1, int(math.floor((ages.max() - low) / width)) + 1)
-        readout.bin_centres = low + width * (np.arange(n_bins) + 0.5)
-        targets = torch.from_numpy(np.clip(((ages - low) // width).astype(np.int64), 0,
-                                           n_bins - 1))
-        outputs, criterion = n_bins, nn.CrossEntropyLoss()
-        readout.info["dex_bins"] = n_bins
-    else:
-        targets = torch.from_numpy(((ages - age_mean) / age_sd).astype(np.float32))[:, None]
-        outputs = 1
-        criterion = {"mse": nn.MSELoss(), "l1": nn.L1Loss(),
-                     "huber": nn.HuberLoss(delta=float(readout_option(
-                         readout_settings, "huber_delta")) / age_sd)}[method]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        predictor = nn.Sequential(nn.Linear(inputs.shape[1], hidden), nn.ReLU(),
-                                  nn.Linear(hidden, outputs))
-    optimiser = torch.optim.Adam(predictor.parameters(),
-                                 lr=float(readout_option(readout_settings, "predictor_lr")),
-                                 weight_decay=float(readout_option(readout_settings,
-                                                                   "predictor_weight_decay")))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a [n, 128] MLP: threads only add synchronisation (10-30x)
-    try:
-        for _ in range(int(readout_option(readout_settings, "predictor_epochs"))):
-            optimiser.zero_grad()
-            loss = criterion(predictor(inputs), targets)
-            loss.backward()
-            optimiser.step()
-    finally:
-        torch.set_num_threads(threads)
-    predictor.eval()
-    readout.predictor = predictor
-    readout.info["predictor_final_loss"] = float(loss.detach())
-    return readout
-
-
-def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping, *,
-                seed: int = 0) -> Readout:
-    """Fit the configured read-out (``readout.method``) on training embeddings [n, D]."""
-    method = readout_settings.get("method", "ridge")
-    if method not in READOUT_METHODS:
-        raise ConfigError(f"config key readout.method is {method!r}; expected one of "
-                          f"{', '.join(READOUT_METHODS)}.")
-    features = np.asarray(features, dtype=np.float64)
-    ages = np.asarray(ages, dtype=np.float64)
-    if method == "ridge":
-        return fit_ridge(features, ages,
-                         alphas=readout_settings.get("alphas", [0.01, 0.1, 1.0, 10.0, 100.0]),
-                         cv_folds=readout_settings.get("cv_folds", 5))
-    return fit_predictor(features, ages, method=method, readout_settings=readout_settings,
-                         seed=seed)
 
 
 # -- metrics --------------------------------------------------------------------------------
@@ -250,8 +70,12 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
 # -- one grid cell --------------------------------------------------------------------------
 
 def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.device,
-                   autocast_dtype: torch.dtype | None = None) -> tuple[dict, pd.DataFrame]:
+                   autocast_dtype: torch.dtype | None = None
+                   ) -> tuple[dict, pd.DataFrame, Readout, np.ndarray]:
     """Embed, fit the read-out on the training rows, predict every row; metrics on eval rows.
+
+    The predictions come from the read-out rebuilt from its tensors, exactly what a saved
+    read-out (and so a model bundle) predicts.
 
     Returns
     -------
@@ -259,16 +83,21 @@ def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.
         As in metrics.json (without split/experiment identifiers).
     predictions
         participant_id, study, age, predicted_age, subset for all train and eval rows.
+    readout
+        The fitted read-out.
+    features
+        The embeddings [n_train + n_eval, D] (training rows first), float32.
     """
     store = VolumeStore(split.images, device, normalisation=split.normalisation)
-    which = settings["model"].get("features", "projection")
+    which = settings["model"]["features"]
     rows = np.concatenate([split.train_index, split.eval_index])
     features = embed(model, store, rows, which=which, autocast_dtype=autocast_dtype)
     n_train = len(split.train_index)
     ages = split.ages
-    readout = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
-                          seed=int(settings.get("seed", 0)))
-    predicted = readout.predict(features.astype(np.float64))
+    fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
+                         seed=int(settings["seed"]))
+    readout = Readout.from_state(*fitted.to_state())
+    predicted = readout.predict(features)
     eval_rows = split.eval_index
     metrics = compute_metrics(ages[eval_rows], predicted[n_train:], split.studies[eval_rows])
     metrics.update({"readout": readout.method, "n_train": n_train, "n_test": len(eval_rows)})
@@ -277,40 +106,64 @@ def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.
         "participant_id": split.participant_ids[rows], "study": split.studies[rows],
         "age": ages[rows], "predicted_age": predicted,
         "subset": split.subset_labels()[rows]})
-    return metrics, predictions
+    return metrics, predictions, readout, features
+
+
+def training_summary(split: SplitData) -> dict:
+    """Who the read-out was fitted on, as a bundle reports it (ages in years)."""
+    ages = split.ages[split.train_index]
+    studies, counts = np.unique(split.studies[split.train_index], return_counts=True)
+    return {"n_subjects": int(len(ages)), "age_min": float(ages.min()),
+            "age_max": float(ages.max()), "age_mean": float(ages.mean()),
+            "age_sd": float(ages.std()),
+            "studies": {str(study): int(count) for study, count in zip(studies, counts)}}
 
 
 def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path, settings: Mapping, *,
                      metrics_path: str | Path, predictions_path: str | Path) -> dict:
-    """Evaluate one grid cell's final encoder and write metrics.json and predictions.tsv.
+    """Evaluate one grid cell's final encoder; write its metrics, predictions and read-out.
 
     Parameters
     ----------
     split_dir
         ``results/dataset/<split>``.
     encoder_path
-        ``encoder.pt`` written by :func:`brainage.train.train_encoder`.
+        ``encoder.pt`` written by :func:`brainage.train.train_encoder` (the cell's own,
+        or that of the cell it shares an encoder with).
     settings
         The cell's settings (:func:`brainage.config.cell_settings`).
+    metrics_path, predictions_path
+        ``metrics.json`` and ``predictions.tsv``; ``readout.pt`` and ``readout.json`` are
+        written into the same folder as ``metrics.json``.
 
     Returns
     -------
     dict
         The metrics written to ``metrics_path``.
     """
-    from brainage.train import load_encoder, resolve_settings, runtime_setup
-
-    settings = resolve_settings(settings)
+    settings = resolve_cell(settings)
     device, autocast_dtype = runtime_setup(settings["train"])
     split = load_split(split_dir)
     model = load_encoder(encoder_path, settings["model"]).to(device)
-    metrics, predictions = evaluate_split(split, model, settings, device=device,
-                                          autocast_dtype=autocast_dtype)
+    metrics, predictions, readout, features = evaluate_split(
+        split, model, settings, device=device, autocast_dtype=autocast_dtype)
+    n_train = len(split.train_index)
+    predicted = predictions["predicted_age"].to_numpy(dtype=np.float64)
+    encoder_sha256 = sha256_file(encoder_path)
+    save_readout(
+        Path(metrics_path).parent, readout, features=settings["model"]["features"],
+        n_features=int(features.shape[1]), split=split.name, encoder_sha256=encoder_sha256,
+        training=training_summary(split),
+        bias_correction=bias_fits(
+            features[:n_train].astype(np.float64), split.ages[split.train_index],
+            predicted[:n_train], test_ages=split.ages[split.eval_index],
+            test_predicted=predicted[n_train:], readout_settings=settings["readout"],
+            seed=int(settings["seed"]), where=f"split {split.name}"))
     metrics = {"split": split.name, "experiment": settings.get("experiment"),
-               "variant": settings.get("variant"), "seed": settings.get("seed"),
+               "variant": settings.get("variant"), "seed": settings["seed"],
                "loss": settings["loss"]["name"],
                # the cell that trained it, when cells share an encoder (encoder_owners)
-               "encoder": str(encoder_path), **metrics}
+               "encoder": str(encoder_path), "encoder_sha256": encoder_sha256, **metrics}
     write_tsv(predictions_path, predictions)
     write_json(metrics_path, metrics)
     log.info("%s/%s seed %s on %s: test MAE %.3f years (n_train %d, n_test %d)",

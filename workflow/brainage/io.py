@@ -12,9 +12,11 @@ before any work starts (the workflow calls these while building its job graph).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
@@ -199,26 +201,92 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+class WriteError(OSError, RuntimeError):
+    """Writing an output failed; the message names the file, the reason and the free space.
+
+    Both an ``OSError`` and a ``RuntimeError``, the two kinds a failed write arrives as
+    (PyTorch reports a full disk as ``RuntimeError``), so callers catching either still
+    catch it.
+    """
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def free_bytes(folder: str | Path) -> int:
+    """Bytes free for an unprivileged writer on the filesystem holding ``folder``."""
+    return shutil.disk_usage(folder).free
+
+
+def write_failure(final: Path, error: BaseException) -> WriteError:
+    """The error to raise when writing ``final`` failed: what, why, and how much room is
+    left, because a full disk is the usual reason on a cluster and its own messages
+    (``basic_ios::clear: iostream error``) name neither the file nor the cause."""
+    folder = final.parent if final.parent.exists() else Path.cwd()
+    try:
+        room = f"{free_bytes(folder)} bytes free on {_mount_point(folder)}"
+    except OSError:
+        room = "free space unknown"
+    reason = getattr(error, "strerror", None) or str(error) or type(error).__name__
+    return WriteError(f"writing {final} failed: {reason} ({room})")
+
+
 @contextmanager
 def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
 
-    A crash leaves no half-written ``final``; the temporary file is removed.
+    A crash leaves no half-written ``final``; the temporary file is removed. A failure
+    of the write itself (``OSError``, or the ``RuntimeError`` PyTorch raises for a full
+    disk) is re-raised as :class:`WriteError` naming ``final`` and the free space.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or
-                                         "".join(final.suffixes), dir=final.parent)
-    os.close(handle)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or
+                                             "".join(final.suffixes), dir=final.parent)
+        os.close(handle)
+    except OSError as error:
+        raise write_failure(final, error) from error
     temp = Path(temp_name)
     try:
         yield temp
         # mkstemp creates files private (0600); results are shared on a cluster.
         os.chmod(temp, 0o666 & ~_UMASK)
         os.replace(temp, final)
+    except WriteError:
+        raise
+    except (OSError, RuntimeError) as error:
+        raise write_failure(final, error) from error
     finally:
         if temp.exists():
             temp.unlink()
+
+
+def save_tensors(path: str | Path, payload) -> None:
+    """``torch.save`` through an open handle of a temporary file, then rename.
+
+    Saving by file name puts the (random) temporary name into every zip member, so
+    identical tensors gave different bytes; through a handle the members are always
+    ``archive/...``, and identical payloads give identical files and checksums.
+    """
+    import torch
+
+    with atomic_path(path) as temp:
+        with open(temp, "wb") as handle:
+            torch.save(payload, handle)
+
+
+def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(chunk_bytes), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_json(path: str | Path, payload) -> None:

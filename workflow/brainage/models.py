@@ -28,27 +28,11 @@ from brainage.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-#: Architecture options not (yet) in the config schema; a model section that has the key
-#: wins. ``bias_downsample=False`` matches the reference ResNet (1x1 shortcut convolutions
-#: without bias), so OpenBHB checkpoints of the reference code load completely.
-ARCHITECTURE_DEFAULTS = {
-    "conv1_stride": 2,
-    "max_pool": True,
-    "bias_downsample": False,
-}
-
 ENCODER_DIM = 512
 FEATURE_CHOICES = ("projection", "encoder")
 #: Wrappers that training code puts in front of parameter names (DataParallel, Lightning,
 #: timm-style EMA, our own bundles); stripped repeatedly when loading a foreign state dict.
 KNOWN_PREFIXES = ("module.", "model.", "net.", "_orig_mod.", "backbone.")
-
-
-def model_option(model_settings: Mapping, key: str):
-    """A model option, falling back to :data:`ARCHITECTURE_DEFAULTS` for pending keys."""
-    if key in model_settings:
-        return model_settings[key]
-    return ARCHITECTURE_DEFAULTS[key]
 
 
 class BrainAgeNet(nn.Module):
@@ -163,32 +147,90 @@ def _restore_onednn(conv: nn.Conv3d, args: tuple, output) -> None:
 
 
 def build_model(model_settings: Mapping) -> BrainAgeNet:
-    """The network of one grid cell from the config's ``model`` section.
+    """The network of one grid cell from a resolved ``model`` section
+    (:func:`brainage.config.resolve_cell`).
 
     Raises
     ------
     ConfigError
         For read-out features after a projection head that is switched off.
     """
-    features = model_settings.get("features", "projection")
+    features = model_settings["features"]
     if features not in FEATURE_CHOICES:
         raise ConfigError(f"config key model.features is {features!r}; expected one of "
                           f"{', '.join(FEATURE_CHOICES)}.")
-    if features == "projection" and not model_settings.get("projection_head", True):
+    if features == "projection" and not model_settings["projection_head"]:
         raise ConfigError("config key model.features is 'projection' but model.projection_head "
                           "is false: there is no projection to read features from. Set "
                           "model.features: encoder, or model.projection_head: true.")
-    return BrainAgeNet(projection_head=model_settings.get("projection_head", True),
-                       hidden_dim=model_settings.get("hidden_dim", 512),
-                       projection_dim=model_settings.get("projection_dim", 128),
-                       conv1_stride=model_option(model_settings, "conv1_stride"),
-                       max_pool=model_option(model_settings, "max_pool"),
-                       bias_downsample=model_option(model_settings, "bias_downsample"))
+    return BrainAgeNet(projection_head=model_settings["projection_head"],
+                       hidden_dim=model_settings["hidden_dim"],
+                       projection_dim=model_settings["projection_dim"],
+                       conv1_stride=model_settings["conv1_stride"],
+                       max_pool=model_settings["max_pool"],
+                       bias_downsample=model_settings["bias_downsample"])
 
 
 def count_parameters(module: nn.Module) -> int:
     """Number of trainable parameters."""
     return sum(parameter.numel() for parameter in module.parameters() if parameter.requires_grad)
+
+
+# -- trained encoders: loading and embedding --------------------------------------------------
+
+#: Volumes embedded at once (inference only; memory is not an issue on CPU or GPU).
+EMBED_BATCH = 32
+
+
+def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
+    """The trained network of a cell from ``encoder.pt`` (strict: every key must match).
+
+    ``encoder.pt`` holds tensors and plain data only; it is read with
+    ``weights_only=True``, so a file from elsewhere cannot run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"encoder {path} does not exist; run rule train_encoder first.")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    model = build_model(model_settings)
+    try:
+        model.load_state_dict(payload["model"])
+    except (KeyError, RuntimeError) as error:
+        raise ValueError(f"{path} does not match the configured model section ({error}). "
+                         f"Was it trained with other model settings?") from None
+    return model
+
+
+@torch.no_grad()
+def embed(model: BrainAgeNet, store, rows, *, which: str = "projection",
+          autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+          batch_size: int = EMBED_BATCH):
+    """Frozen-model features of the un-augmented volumes ``rows`` of ``store`` (a
+    :class:`brainage.data.VolumeStore`), float32 numpy array [len(rows), D].
+
+    The model is put in eval mode (batch-norm running statistics) and back in the mode it
+    was in.
+    """
+    import numpy as np
+
+    was_training = model.training
+    model.eval()
+    device = store.device
+    chunks = []
+    try:
+        for start in range(0, len(rows), batch_size):
+            volumes = store.gather(rows[start:start + batch_size])
+            if channels_last:
+                volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
+            with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
+                                enabled=autocast_dtype is not None):
+                chunks.append(model.features(volumes, which).float().cpu())
+    finally:
+        model.train(was_training)
+    if not chunks:
+        width = model.projection_dim if which == "projection" else ENCODER_DIM
+        return np.zeros((0, width), dtype=np.float32)
+    return torch.cat(chunks).numpy().astype(np.float32)
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import InputError, atomic_path, write_json, write_tsv
-from brainage.preprocess.images import load_mask, load_volume, same_grid
+from brainage.preprocess.images import load_mask, load_volume
 from brainage.qc import participants_table, read_qc_table
 
 log = logging.getLogger(__name__)
@@ -273,17 +273,55 @@ def _map_lookup(maps: Sequence[str | Path]) -> dict[str, Path]:
     return lookup
 
 
-def _read_map(path: Path, shape, affine, start, stop, factor: int, participant_id: str
-              ) -> np.ndarray:
-    data, map_affine = load_volume(path, what=f"subject {participant_id}: registered map")
-    if not same_grid(data.shape, map_affine, shape, affine):
-        raise InputError(f"subject {participant_id}: registered map {path} (shape {data.shape}) "
-                         f"is not on the template grid (shape {tuple(shape)}); rerun its "
+#: Keys of stats.json that :func:`apply` needs: everything that turns a registered map
+#: into the network's input. The bundle carries them to other labs.
+RECORD_KEYS = ("template_shape", "template_affine", "window_start", "window_stop",
+               "block_factor", "mean", "sd", "dtype", "resolution_mm", "shape", "affine")
+
+
+def window(volume: np.ndarray, record: Mapping) -> np.ndarray:
+    """The record's window of a template-grid map, block-averaged (kPa, float32)."""
+    return block_average(crop_or_pad(volume, np.asarray(record["window_start"], dtype=int),
+                                     np.asarray(record["window_stop"], dtype=int)),
+                         int(record["block_factor"]))
+
+
+def z_score(blocked: np.ndarray, record: Mapping) -> np.ndarray:
+    """Non-zero voxels to z-units with the record's mean and sd; background stays exactly 0;
+    stored in the record's dtype."""
+    mean, sd = float(record["mean"]), float(record["sd"])
+    return np.where(blocked != 0, (blocked - mean) / sd, 0.0).astype(DTYPES[record["dtype"]])
+
+
+def check_grid(shape, affine, record: Mapping, *, what: str) -> None:
+    """Raise :class:`InputError` when a map is not on the record's template grid."""
+    if tuple(shape[:3]) != tuple(record["template_shape"]) or not np.allclose(
+            np.asarray(affine, float), np.asarray(record["template_affine"], float), atol=1e-4):
+        raise InputError(f"{what} (shape {tuple(shape[:3])}) is not on the template grid "
+                         f"(shape {tuple(record['template_shape'])}) the normalisation uses. "
+                         f"Register it to the same template (config key template): rerun its "
                          f"register_to_template job.")
+
+
+def apply(volume: np.ndarray, record: Mapping) -> np.ndarray:
+    """A registered map (kPa, template grid) -> the network's input [x, y, z] (z-units).
+
+    Exactly what the normalisation stage stores for a subject: the record's window,
+    block-averaging, the record's (training) mean and sd, background exactly 0, rounded
+    through the record's storage dtype. Used for every split subject and for every
+    subject of a new cohort, so both see the same numbers.
+    """
+    return z_score(window(volume, record), record)
+
+
+def _read_map(path: Path, record: Mapping, participant_id: str) -> np.ndarray:
+    data, map_affine = load_volume(path, what=f"subject {participant_id}: registered map")
+    check_grid(data.shape, map_affine, record,
+               what=f"subject {participant_id}: registered map {path}")
     if not np.all(np.isfinite(data)):
         raise InputError(f"subject {participant_id}: registered map {path} has NaN/inf voxels; "
                          f"rerun its preprocessing.")
-    return block_average(crop_or_pad(data, start, stop), factor)
+    return data
 
 
 def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | str | Path,
@@ -358,15 +396,17 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         raise InputError(f"split {split}: no registered map given for {', '.join(absent[:10])}.")
     brain, template_affine = load_mask(template_mask, what="template brain mask")
     start, stop, shape, affine = analysis_grid(brain, template_affine, factor)
-    read = {"shape": brain.shape, "affine": template_affine, "start": start, "stop": stop,
-            "factor": factor}
+    record = {"template_shape": list(brain.shape), "template_affine": template_affine.tolist(),
+              "window_start": start.tolist(), "window_stop": stop.tolist(),
+              "block_factor": factor, "resolution_mm": int(resolution_mm),
+              "shape": list(shape), "affine": affine.tolist(), "dtype": dtype}
 
     statistics_rows = table if scope == "all" else table[table["subset"] == "train"]
     log.info("split %s: statistics over the non-zero voxels of %d %s subjects at %d mm", split,
              len(statistics_rows), "training" if scope == "train" else "(all)", resolution_mm)
     moments = (0, 0.0, 0.0)
     for position, participant_id in enumerate(statistics_rows["participant_id"], start=1):
-        volume = _read_map(lookup[participant_id], participant_id=participant_id, **read)
+        volume = window(_read_map(lookup[participant_id], record, participant_id), record)
         moments = combine_moments(moments, volume_moments(volume))
         if position % 25 == 0:
             log.info("statistics: %d/%d subjects", position, len(statistics_rows))
@@ -376,6 +416,7 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         raise InputError(f"split {split}: the statistics subjects have {count} non-zero voxels "
                          f"(sd {sd}); the registered maps are empty or constant.")
     log.info("split %s: mean %.4f kPa, sd %.4f kPa over %d voxels", split, mean, sd, count)
+    record.update(mean=mean, sd=sd)
 
     storage = DTYPES[dtype]
     with atomic_path(out_images, suffix=".npy") as temp:
@@ -384,8 +425,7 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         offset, row_bytes = header.offset, int(np.prod(shape)) * np.dtype(storage).itemsize
         del header
         for row, participant_id in enumerate(table["participant_id"]):
-            volume = _read_map(lookup[participant_id], participant_id=participant_id, **read)
-            normalised = np.where(volume != 0, (volume - mean) / sd, 0.0).astype(storage)
+            normalised = apply(_read_map(lookup[participant_id], record, participant_id), record)
             # One row mapped at a time: memory stays one volume whatever the cohort size.
             target = np.memmap(temp, mode="r+", dtype=storage, shape=shape,
                                offset=offset + row * row_bytes)
@@ -397,10 +437,9 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
 
     columns = [c for c in table.columns if c not in ADDED_COLUMNS] + list(ADDED_COLUMNS)
     write_tsv(out_participants, table[columns])
-    stats = {"mean": mean, "sd": sd, "scope": scope, "n_voxels": int(count),
+    stats = {**record, "scope": scope, "n_voxels": int(count),
              "statistics_subjects": list(statistics_rows["participant_id"]),
-             "resolution_mm": int(resolution_mm), "affine": affine.tolist(),
-             "shape": list(shape), "dtype": dtype, "excluded": excluded, "split": split,
+             "excluded": excluded, "split": split,
              "n_train": int((table["subset"] == "train").sum()),
              "n_test": int((table["subset"] == "test").sum())}
     write_json(out_stats, stats)

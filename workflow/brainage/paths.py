@@ -1,9 +1,22 @@
 """Every output path of the pipeline, built in one place.
 
-Rules, scripts and tests ask :class:`Layout` for paths instead of writing path strings,
-so the layout in DESIGN.md lives here and nowhere else. Per-subject outputs follow
-BIDS-derivatives naming (``sub-<label>_space-MNI152_res-2_desc-preproc_stiffness.nii.gz``).
-Any argument may be a Snakemake wildcard placeholder such as ``"{subject}"``.
+Rules, scripts and tests ask :class:`Layout` for paths instead of writing path strings, so
+the layout described in docs/architecture.md lives here and nowhere else. Any argument may
+be a Snakemake wildcard placeholder such as ``"{subject}"``.
+
+Per-subject preprocessing outputs form a BIDS-Derivatives dataset per cohort (its *preproc
+folder*, relative to ``results``): ``preproc`` for the training cohort,
+``predict/<cohort>/preproc`` for a cohort a trained model is applied to. Files are named by
+the BIDS entities of the template space (``space-<TemplateFlow id>_res-2``)::
+
+    <preproc>/dataset_description.json, README.md, .bidsignore, top-level sidecars
+    <preproc>/tpl-<space>/tpl-<space>_res-2_T1w.nii.gz, ..._desc-brain_mask.nii.gz
+    <preproc>/sub-<label>/anat/sub-<label>_desc-brain_mask.nii.gz          native space
+    <preproc>/sub-<label>/anat/sub-<label>_space-<space>_res-2_desc-preproc_stiffness.nii.gz
+    <preproc>/sub-<label>/anat/sub-<label>_from-native_to-<space>_mode-image_xfm.mat
+    <preproc>/sub-<label>/figures/sub-<label>_qc.json, sub-<label>_qc.png
+
+Logs and benchmarks mirror results: ``logs/<preproc>/sub-<label>/<rule>.log``.
 """
 
 from __future__ import annotations
@@ -11,21 +24,30 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: The training cohort's preprocessing folder (relative to ``results``).
+TRAINING_PREPROC = "preproc"
+#: TemplateFlow identifier of nilearn's bundled MNI152 (ICBM 2009a, asymmetric: nilearn's
+#: documentation; the first round called it symmetric, which it is not).
+DEFAULT_SPACE = "MNI152NLin2009aAsym"
+TEMPLATE_RESOLUTION = "res-2"
+
 
 @dataclass(frozen=True)
 class Layout:
-    """Output folders: ``results``, ``logs`` and ``benchmarks`` mirror each other."""
+    """Output folders (``results``, ``logs`` and ``benchmarks`` mirror each other) and
+    the template space that names the registered files."""
 
     results: str = "results"
     logs: str = "logs"
     benchmarks: str = "benchmarks"
-    resources: str = "resources"
+    space: str = DEFAULT_SPACE
 
     @classmethod
     def from_config(cls, config: dict) -> "Layout":
         output = config.get("output", {})
         return cls(output.get("results", "results"), output.get("logs", "logs"),
-                   output.get("benchmarks", "benchmarks"))
+                   output.get("benchmarks", "benchmarks"),
+                   config.get("template", {}).get("space", DEFAULT_SPACE))
 
     # -- generic ------------------------------------------------------------------------
     def result(self, *parts: str) -> str:
@@ -37,30 +59,55 @@ class Layout:
     def benchmark(self, stage: str, name: str) -> str:
         return str(Path(self.benchmarks, stage, f"{name}.tsv"))
 
-    # -- template -----------------------------------------------------------------------
+    # -- a cohort's BIDS-Derivatives preprocessing folder ----------------------------------
+    def preproc_dir(self, preproc: str = TRAINING_PREPROC) -> str:
+        return self.result(preproc)
+
+    @staticmethod
+    def cohort_preproc(cohort: str) -> str:
+        """The preproc folder (relative to results) of a cohort a model is applied to."""
+        return f"predict/{cohort}/preproc"
+
     def template(self, kind: str) -> str:
-        """kind: ``T1w`` or ``brain_mask`` (MNI152 at 2 mm), prepared into resources/."""
+        """kind: ``T1w`` or ``brain_mask`` (the template at 2 mm), in the training cohort's
+        derivative dataset, where every cohort's registration reads it."""
         suffix = {"T1w": "T1w", "brain_mask": "desc-brain_mask"}[kind]
-        return str(Path(self.resources, "template", f"tpl-MNI152_res-2_{suffix}.nii.gz"))
+        name = f"tpl-{self.space}"
+        return self.result(TRAINING_PREPROC, name,
+                           f"{name}_{TEMPLATE_RESOLUTION}_{suffix}.nii.gz")
 
-    # -- per subject ----------------------------------------------------------------------
-    def subject_native(self, subject: str, desc: str, suffix: str, ext: str = ".nii.gz") -> str:
-        """Native-space intermediate, e.g. desc='brain', suffix='mask'."""
-        return self.result("preproc", f"sub-{subject}", "native",
-                           f"sub-{subject}_desc-{desc}_{suffix}{ext}")
+    def _subject(self, subject: str, preproc: str, folder: str, name: str) -> str:
+        return self.result(preproc, f"sub-{subject}", folder, f"sub-{subject}_{name}")
 
-    def subject_mni(self, subject: str, desc: str, suffix: str, ext: str = ".nii.gz") -> str:
+    def subject_native(self, subject: str, desc: str, suffix: str, ext: str = ".nii.gz", *,
+                       preproc: str = TRAINING_PREPROC) -> str:
+        """Native-space output, e.g. desc='brain', suffix='mask' (the map's own grid)."""
+        return self._subject(subject, preproc, "anat", f"desc-{desc}_{suffix}{ext}")
+
+    def subject_mni(self, subject: str, desc: str, suffix: str, ext: str = ".nii.gz", *,
+                    preproc: str = TRAINING_PREPROC) -> str:
         """Template-space output, e.g. desc='preproc', suffix='stiffness'."""
-        return self.result("preproc", f"sub-{subject}",
-                           f"sub-{subject}_space-MNI152_res-2_desc-{desc}_{suffix}{ext}")
+        return self._subject(subject, preproc, "anat",
+                             f"space-{self.space}_{TEMPLATE_RESOLUTION}_desc-{desc}_{suffix}{ext}")
 
-    def subject_transform(self, subject: str) -> str:
-        return self.result("preproc", f"sub-{subject}",
-                           f"sub-{subject}_from-native_to-MNI152_mode-image_xfm.mat")
+    def subject_transform(self, subject: str, *, preproc: str = TRAINING_PREPROC) -> str:
+        """The ANTs affine (template -> native, applied to native images)."""
+        return self._subject(subject, preproc, "anat",
+                             f"from-native_to-{self.space}_mode-image_xfm.mat")
 
-    def subject_qc(self, subject: str, ext: str) -> str:
+    def subject_qc(self, subject: str, ext: str, *, preproc: str = TRAINING_PREPROC) -> str:
         """ext: ``.json`` (metrics) or ``.png`` (three orthogonal views)."""
-        return self.result("preproc", f"sub-{subject}", f"sub-{subject}_qc{ext}")
+        return self._subject(subject, preproc, "figures", f"qc{ext}")
+
+    def preproc_description(self, preproc: str = TRAINING_PREPROC) -> str:
+        """The derivative dataset's ``dataset_description.json``."""
+        return self.result(preproc, "dataset_description.json")
+
+    def preproc_log(self, preproc: str, subject: str, rule: str) -> str:
+        return str(Path(self.logs, preproc, f"sub-{subject}", f"{rule}.log"))
+
+    def preproc_benchmark(self, preproc: str, subject: str, rule: str) -> str:
+        return str(Path(self.benchmarks, preproc, f"sub-{subject}", f"{rule}.tsv"))
 
     # -- dataset-wide ---------------------------------------------------------------------
     def qc_table(self) -> str:
@@ -77,15 +124,16 @@ class Layout:
         return self.result("dataset", split, name)
 
     # -- grid cells -----------------------------------------------------------------------
-    # The split is a folder level of its own (DESIGN.md had none) because k-fold and
-    # leave-one-study-out schemes train every cell once per split.
+    # The split is a folder level of its own because k-fold and leave-one-study-out
+    # schemes train every cell once per split.
     def cell_dir(self, split: str, experiment: str, variant: str, seed: str | int) -> str:
         return self.result("train", split, experiment, variant, f"seed-{seed}")
 
     def cell_file(self, split: str, experiment: str, variant: str, seed: str | int,
                   name: str) -> str:
-        """name: ``encoder.pt``, ``history.tsv``, ``metrics.json``, ``predictions.tsv``,
-        ``embeddings`` (folder), ``checkpoint.pt``."""
+        """name: ``encoder.pt``, ``history.tsv``, ``embeddings`` (folder), ``checkpoint.pt``
+        (training); ``metrics.json``, ``predictions.tsv``, ``readout.pt``, ``readout.json``
+        (evaluation)."""
         return str(Path(self.cell_dir(split, experiment, variant, seed), name))
 
     # -- reports --------------------------------------------------------------------------
@@ -95,26 +143,18 @@ class Layout:
     def figure(self, name: str) -> str:
         return self.result("figures", f"{name}.png")
 
+    # -- predict: model bundles and new cohorts -------------------------------------------
     def model_bundle(self, name: str) -> str:
         return self.result("models", name)
 
-    def prediction(self, cohort: str, name: str = "predictions.tsv") -> str:
-        return self.result("predict", cohort, name)
-
-    # -- predict: model bundles and new cohorts (brainage.predict) -------------------------
     def model_bundle_file(self, name: str, file: str) -> str:
         """file: ``manifest.json``, ``encoder.pt``, ``readout.pt``, ``README.md``."""
         return str(Path(self.model_bundle(name), file))
 
-    def cohort_layout(self, cohort: str) -> "Layout":
-        """Paths of a predict cohort: its per-subject preprocessing goes to
-        ``results/predict/<cohort>/preproc/sub-<label>/...`` (the same names as the
-        training cohort's, via the same methods), its logs and benchmarks to
-        ``logs/predict/<cohort>/...`` and ``benchmarks/predict/<cohort>/...``."""
-        return Layout(self.result("predict", cohort), str(Path(self.logs, "predict", cohort)),
-                      str(Path(self.benchmarks, "predict", cohort)), self.resources)
+    def prediction(self, cohort: str, name: str = "predictions.tsv") -> str:
+        return self.result("predict", cohort, name)
 
-    # -- train: hyperparameter search (brainage.search) ---------------------------------------
+    # -- train: hyperparameter search (brainage.search) -----------------------------------
     def search_dir(self, split: str) -> str:
         """Random search of one split: ``results/search/<split>/`` (trial-<NN>/ folders)."""
         return self.result("search", split)

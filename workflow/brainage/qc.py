@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from brainage.preprocess.images import load_mask, load_volume, require_same_grid
 log = logging.getLogger(__name__)
 
 METRICS = ("dice", "correlation", "coverage")
+#: Each metric's minimum, by its config key (section ``qc``): the one place the names meet.
+QC_THRESHOLDS = {"dice": "min_dice", "correlation": "min_correlation",
+                 "coverage": "min_coverage"}
 QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "coverage",
               "reference_correlation", "reference_kind", "skullstrip_route", "qc_pass",
               "qc_failures")
@@ -154,13 +157,23 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     return result
 
 
-def qc_failures(row, *, min_dice: float, min_correlation: float,
-                min_coverage: float) -> list[str]:
-    """The thresholds a subject's QC row misses, e.g. ``["dice 0.812 < 0.85"]``."""
+def thresholds(qc_settings: Mapping) -> dict[str, float]:
+    """``{config key: minimum}`` of the QC thresholds in a ``qc`` section (or any mapping
+    holding those keys, e.g. a bundle's record)."""
+    missing = [key for key in QC_THRESHOLDS.values() if key not in qc_settings]
+    if missing:
+        raise KeyError(f"QC thresholds {', '.join(missing)} are missing (config section qc).")
+    return {key: float(qc_settings[key]) for key in QC_THRESHOLDS.values()}
+
+
+def qc_failures(row: Mapping, minimums: Mapping) -> list[str]:
+    """The thresholds a subject's QC row misses, e.g. ``["dice 0.812 < 0.85"]``.
+
+    ``minimums``: :func:`thresholds` of the ``qc`` section.
+    """
     failures = []
-    for metric, threshold in (("dice", min_dice), ("correlation", min_correlation),
-                              ("coverage", min_coverage)):
-        value = float(row[metric])
+    for metric, key in QC_THRESHOLDS.items():
+        value, threshold = float(row[metric]), float(minimums[key])
         if not value >= threshold:  # NaN fails too
             failures.append(f"{metric} {value:.3f} < {threshold:g}")
     return failures
@@ -177,9 +190,8 @@ def participants_table(source: pd.DataFrame | str | Path) -> pd.DataFrame:
 
 
 def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str | Path,
-                out_table: str | Path, out_figure: str | Path, *, min_dice: float,
-                min_correlation: float, min_coverage: float) -> pd.DataFrame:
-    """The dataset's QC table (one row per participant, participants order) and figure.
+                out_table: str | Path, *, minimums: Mapping) -> pd.DataFrame:
+    """The dataset's QC table, one row per participant, in participants order.
 
     Parameters
     ----------
@@ -187,8 +199,7 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
     participants : the dataset's participants table, or the path of its participants.tsv.
     out_table : TSV with :data:`QC_COLUMNS`; ``qc_failures`` lists the missed thresholds
         (``;``-separated, empty when passed).
-    out_figure : PNG, the metrics per study with the thresholds, failures marked.
-    min_dice, min_correlation, min_coverage : config keys ``qc.*``.
+    minimums : :func:`thresholds` of the config section ``qc``.
 
     Raises
     ------
@@ -207,8 +218,7 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
     rows = []
     for participant in participants.itertuples(index=False):
         record = by_subject[participant.participant_id]
-        failures = qc_failures(record, min_dice=min_dice, min_correlation=min_correlation,
-                               min_coverage=min_coverage)
+        failures = qc_failures(record, minimums)
         rows.append({"participant_id": participant.participant_id, "study": participant.study,
                      **{key: record.get(key) for key in QC_COLUMNS
                         if key not in ("participant_id", "study", "qc_pass", "qc_failures")},
@@ -217,38 +227,38 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
     failed = table[~table["qc_pass"]]
     for row in failed.itertuples(index=False):
         log.warning("QC flags %s (%s): %s", row.participant_id, row.study, row.qc_failures)
-    log.info("QC: %d of %d subjects pass (min_dice %g, min_correlation %g, min_coverage %g)",
-             int(table["qc_pass"].sum()), len(table), min_dice, min_correlation, min_coverage)
+    log.info("QC: %d of %d subjects pass (%s)", int(table["qc_pass"].sum()), len(table),
+             ", ".join(f"{key} {value:g}" for key, value in minimums.items()))
     write_tsv(out_table, table)
-    plot_dataset_qc(table, out_figure, thresholds={"dice": min_dice,
-                                                   "correlation": min_correlation,
-                                                   "coverage": min_coverage})
     return table
 
 
-def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, thresholds: dict) -> None:
-    """One panel per metric: subjects by study, threshold line, flagged subjects in red."""
+def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mapping) -> None:
+    """The QC overview (report figure ``qc_overview``): one panel per metric, subjects by
+    study, the configured minimum as a dashed line, flagged subjects in red."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    studies = sorted(table["study"].unique())
+    studies = sorted(table["study"].astype(str).unique())
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
     rng = np.random.default_rng(0)  # horizontal jitter only
     for axis, metric in zip(axes, METRICS):
         for position, study in enumerate(studies):
-            rows = table[table["study"] == study]
+            rows = table[table["study"].astype(str) == study]
             x = position + rng.uniform(-0.15, 0.15, size=len(rows))
             colours = np.where(rows["qc_pass"], "tab:blue", "tab:red")
             axis.scatter(x, rows[metric].astype(float), c=colours, s=14)
-        axis.axhline(thresholds[metric], color="tab:red", linestyle="--", linewidth=1)
+        axis.axhline(minimums[QC_THRESHOLDS[metric]], color="tab:red", linestyle="--",
+                     linewidth=1)
         axis.set_xticks(range(len(studies)), studies, rotation=45, ha="right")
         axis.set_title(metric)
     flagged = int((~table["qc_pass"]).sum())
-    figure.suptitle(f"QC of {len(table)} registered maps: {flagged} flagged (red)")
+    figure.suptitle(f"QC of {len(table)} registered maps: {flagged} flagged (red); dashed: "
+                    f"configured minimum")
     figure.tight_layout()
-    with atomic_path(out_png) as temp:
+    with atomic_path(out_png, suffix=".png") as temp:
         figure.savefig(temp, dpi=90, format="png")
     plt.close(figure)
 

@@ -23,9 +23,13 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from brainage.config import ConfigError
+from brainage.config import ConfigError, resolve_cell
 from brainage.data import load_split
+from brainage.evaluate import evaluate_split
 from brainage.io import write_json, write_tsv
+from brainage.models import load_encoder
+from brainage.runtime import runtime_setup
+from brainage.train import fit_encoder
 
 log = logging.getLogger(__name__)
 
@@ -90,13 +94,10 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
     dict
         The content of best.json.
     """
-    from brainage.evaluate import evaluate_split
-    from brainage.train import fit_encoder, load_encoder, resolve_settings, runtime_setup
-
     out_dir = Path(out_dir)
     trials_path = Path(trials_path) if trials_path else out_dir / "trials.tsv"
     best_path = Path(best_path) if best_path else out_dir / "best.json"
-    base = resolve_settings({**settings, "loss": {**settings["loss"], "name": "adaptive"}})
+    base = resolve_cell({**settings, "loss": {**settings["loss"], "name": "adaptive"}})
     split = load_split(split_dir, require_eval=False).with_validation(
         float(search["validation_fraction"]), int(search["seed"]))
     log.info("search on %s: %d training, %d validation subjects (test subjects unused)",
@@ -121,8 +122,8 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                         history_path=trial_dir / "history.tsv")
             device, autocast_dtype = runtime_setup(base["train"])
             model = load_encoder(encoder_path, base["model"]).to(device)
-            scores, _ = evaluate_split(split, model, settings_trial, device=device,
-                                       autocast_dtype=autocast_dtype)
+            scores, *_ = evaluate_split(split, model, settings_trial, device=device,
+                                        autocast_dtype=autocast_dtype)
             metrics = {**trial, "validation_mae": scores["mae"],
                        "validation_rmse": scores["rmse"],
                        "seconds": time.perf_counter() - started}

@@ -26,26 +26,14 @@ bits, which grow over training: repeated or resumed GPU runs agree statistically
 seed noise), not bitwise. ``train.deterministic: true`` trades speed for bitwise GPU
 repeatability where PyTorch supports it.
 
-Entry point::
-
-    python -m brainage.train train    --configfile config/config.yaml --split holdout \
-        --experiment table3 --variant adaptive --seed 0
-    python -m brainage.train evaluate ...same arguments...
-    python -m brainage.train pretrain --configfile ... --experiment ... --variant ... \
-        --array openbhb_quasiraw_2mm.npy --participants participants.tsv --out pretrained.pt
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import math
-import os
-import random
-import signal
-import sys
 import threading
 import time
 from pathlib import Path
@@ -55,128 +43,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from brainage.config import CELL_SECTIONS, ConfigError, _validator_filling_defaults, load_schema
+from brainage.config import ConfigError, resolve_cell
 from brainage.data import (Augmenter, DataError, SplitData, VolumeStore, check_finite,
                            load_split, plan_batches)
 from brainage.io import atomic_path, write_tsv
-from brainage.models import BrainAgeNet, build_model, count_parameters, load_init_checkpoint
+from brainage.losses import make_loss
+from brainage.models import build_model, count_parameters, embed, load_init_checkpoint
+from brainage.runtime import (epoch_seed, restore_rng_state, rng_state, runtime_setup,
+                              seed_everything)
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
 ENCODER_FORMAT = 1
 HISTORY_COLUMNS = ("epoch", "loss", "lr", "seconds", "nn_nb")
-#: Training options not (yet) in the config schema; a train section with the key wins.
-TRAIN_DEFAULTS = {"deterministic": False}
 
 
-# -- settings and runtime --------------------------------------------------------------------
-
-def resolve_settings(settings: Mapping) -> dict:
-    """Validate a cell's settings section by section against the config schema.
-
-    Fills every default, so a partial dict (tests, notebooks) means the same as the config.
-
-    Raises
-    ------
-    ConfigError
-        Naming the key, for unknown keys and values of the wrong type or out of range.
-    """
-    schema = load_schema()
-    resolved = {key: value for key, value in settings.items() if key not in CELL_SECTIONS}
-    unknown = sorted(set(resolved) - {"experiment", "variant", "seed"})
-    if unknown:
-        raise ConfigError(f"cell settings: unknown key(s) {', '.join(unknown)}; expected "
-                          f"experiment, variant, seed and the sections {', '.join(CELL_SECTIONS)}.")
-    for section in CELL_SECTIONS:
-        values = json.loads(json.dumps(dict(settings.get(section, {}))))
-        errors = list(_validator_filling_defaults(schema["properties"][section])
-                      .iter_errors(values))
-        if errors:
-            raise ConfigError("\n".join(
-                f"config key '{'.'.join([section, *map(str, error.absolute_path)])}': "
-                f"{error.message}" for error in errors))
-        resolved[section] = values
-    resolved["seed"] = int(resolved.get("seed", 0))
-    return resolved
-
-
-def train_option(train_settings: Mapping, key: str):
-    if key in train_settings:
-        return train_settings[key]
-    return TRAIN_DEFAULTS[key]
-
-
-def select_device(name: str) -> torch.device:
-    """``auto`` = CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config key train.device is 'cuda' but PyTorch sees no CUDA device. "
-                          "Use train.device: auto or cpu, or run on a GPU node.")
-    if name not in ("cpu", "cuda"):
-        raise ConfigError(f"config key train.device is {name!r}; expected auto, cpu or cuda.")
-    return torch.device(name)
-
-
-def runtime_setup(train_settings: Mapping) -> tuple[torch.device, torch.dtype | None]:
-    """Threads, device and numeric precision of a training or evaluation job.
-
-    Returns the device and the autocast dtype (bf16 on CUDA by default, None = float32).
-    """
-    torch.set_num_threads(int(train_settings.get("threads", 2)))
-    device = select_device(train_settings.get("device", "auto"))
-    precision = train_settings.get("precision", "auto")
-    if precision not in ("auto", "float32", "bf16"):
-        raise ConfigError(f"config key train.precision is {precision!r}; expected auto, "
-                          f"float32 or bf16.")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if device.type == "cuda":
-        deterministic = bool(train_option(train_settings, "deterministic"))
-        torch.backends.cudnn.benchmark = not deterministic
-        torch.backends.cudnn.deterministic = deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        if deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
-    return device, (torch.bfloat16 if use_bf16 else None)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    """Independent 63-bit seeds per (cell seed, epoch, stream): resuming needs no state."""
-    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0]
-               >> np.uint64(1))
-
-
-def _rng_state() -> dict:
-    numpy_state = np.random.get_state()
-    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-                       "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
-                       "cached_gaussian": float(numpy_state[4])}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _restore_rng_state(state: Mapping) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    torch.set_rng_state(state["torch"])
-    numpy_state = state["numpy"]
-    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["pos"], numpy_state["has_gauss"],
-                         numpy_state["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
+# -- resume fingerprints ------------------------------------------------------------------
 
 def fingerprint(settings: Mapping, split: SplitData) -> str:
     """sha256 of everything that determines the training result (settings + split)."""
@@ -185,22 +68,7 @@ def fingerprint(settings: Mapping, split: SplitData) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-# -- model files ----------------------------------------------------------------------------
-
-def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
-    """The trained network of a cell from ``encoder.pt`` (strict: every key must match)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"encoder {path} does not exist; run rule train_encoder first.")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(model_settings)
-    try:
-        model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"{path} does not match the configured model section ({error}). "
-                         f"Was it trained with other model settings?") from None
-    return model
-
+# -- outputs ----------------------------------------------------------------------------
 
 def _write_embeddings(path: Path, features: np.ndarray, split: SplitData,
                       rows: np.ndarray) -> None:
@@ -223,8 +91,7 @@ def _history_table(history: Sequence[Mapping]) -> pd.DataFrame:
 
 def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path,
                 checkpoint_path: str | Path, history_path: str | Path | None = None,
-                embeddings_dir: str | Path | None = None,
-                simulate_preemption_after: int | None = None) -> list[dict]:
+                embeddings_dir: str | Path | None = None) -> list[dict]:
     """Train on ``split.train_index`` and write the encoder; resume from a checkpoint.
 
     Parameters
@@ -237,9 +104,6 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     encoder_path, checkpoint_path, history_path, embeddings_dir
         Outputs (history and embeddings optional). ``checkpoint_path`` holds the resume
         state between epochs and is deleted at the end.
-    simulate_preemption_after
-        Testing aid: SIGKILL this process right after the checkpoint of that epoch, as a
-        SLURM preemption would.
 
     Returns
     -------
@@ -253,9 +117,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     FloatingPointError
         A non-finite loss (names the epoch; lower train.lr or check the data).
     """
-    from brainage.losses import make_loss
-
-    settings = resolve_settings(settings)
+    settings = resolve_cell(settings)
     train_settings, loss_settings = settings["train"], settings["loss"]
     seed, epochs = settings["seed"], int(train_settings["epochs"])
     batch_size, views = int(train_settings["batch_size"]), int(train_settings["views"])
@@ -303,7 +165,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         loss_fn.load_state_dict(checkpoint["loss"])
         history = [dict(row) for row in checkpoint["history"]]
         embeddings = {int(epoch): tensor for epoch, tensor in checkpoint["embeddings"].items()}
-        _restore_rng_state(checkpoint["rng"])
+        restore_rng_state(checkpoint["rng"])
         start_epoch = int(checkpoint["epoch"]) + 1
         log.info("resuming from %s after epoch %d of %d", checkpoint_path, start_epoch - 1,
                  epochs)
@@ -340,8 +202,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                     f"{split.name}, seed {seed}). Lower config key train.lr or check the images.")
             scheduler.step()
             if embeddings_dir is not None and epoch in embed_epochs:
-                features = embed_for_epoch(model, store, embed_rows, which, autocast_dtype,
-                                           channels_last)
+                features = embed(model, store, embed_rows, which=which,
+                                 autocast_dtype=autocast_dtype, channels_last=channels_last)
                 embeddings[epoch] = torch.from_numpy(features)
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features, split,
                                   embed_rows)
@@ -353,18 +215,13 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                 "format": CHECKPOINT_FORMAT, "fingerprint": identity, "epoch": epoch,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(),
-                "history": history, "embeddings": embeddings, "rng": _rng_state()}))
+                "history": history, "embeddings": embeddings, "rng": rng_state()}))
             history[-1]["seconds"] = time.perf_counter() - started
             if history_path is not None:
                 write_tsv(history_path, _history_table(history))
             log.info("epoch %d/%d loss %.4f lr %.3g%s %.1f s (%.1f volumes/s)", epoch, epochs,
                      mean_loss, lr, f" nn_nb {neighbours}" if neighbours is not None else "",
                      history[-1]["seconds"], views * n_train / train_seconds)
-            if simulate_preemption_after is not None and epoch == simulate_preemption_after:
-                writer.wait()
-                log.warning("simulated preemption after epoch %d: SIGKILL", epoch)
-                logging.shutdown()
-                os.kill(os.getpid(), signal.SIGKILL)
     finally:
         writer.wait(quiet=True)  # a failed epoch still leaves the last checkpoint
 
@@ -394,9 +251,9 @@ def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmente
     """
     device = store.device
     model.train()
-    batch_rng = np.random.default_rng(_epoch_seed(seed, epoch, 0))
+    batch_rng = np.random.default_rng(epoch_seed(seed, epoch, 0))
     generator = torch.Generator(device=device)
-    generator.manual_seed(_epoch_seed(seed, epoch, 1))
+    generator.manual_seed(epoch_seed(seed, epoch, 1))
     loss_sum = torch.zeros((), device=device)
     for positions in plan_batches(len(train_rows), batch_size, batch_rng):
         rows = train_rows[positions]
@@ -428,13 +285,6 @@ def make_optimizer(model, train_settings: Mapping) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), fused=True, **options)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(model.parameters(), **options)
-
-
-def embed_for_epoch(model, store, rows, which, autocast_dtype, channels_last) -> np.ndarray:
-    from brainage.evaluate import embed
-
-    return embed(model, store, rows, which=which, autocast_dtype=autocast_dtype,
-                 channels_last=channels_last)
 
 
 def _read_checkpoint(path: Path, identity: str) -> dict | None:
@@ -518,8 +368,7 @@ class CheckpointWriter:
 
 def train_encoder(split_dir: str | Path, settings: Mapping, *, encoder_path: str | Path,
                   history_path: str | Path, embeddings_dir: str | Path,
-                  checkpoint_path: str | Path,
-                  simulate_preemption_after: int | None = None) -> list[dict]:
+                  checkpoint_path: str | Path) -> list[dict]:
     """Train one grid cell on a split folder (see the module docstring for the outputs).
 
     Raises
@@ -533,8 +382,7 @@ def train_encoder(split_dir: str | Path, settings: Mapping, *, encoder_path: str
     Path(embeddings_dir).mkdir(parents=True, exist_ok=True)
     return fit_encoder(split, settings, encoder_path=encoder_path,
                        checkpoint_path=checkpoint_path, history_path=history_path,
-                       embeddings_dir=embeddings_dir,
-                       simulate_preemption_after=simulate_preemption_after)
+                       embeddings_dir=embeddings_dir)
 
 
 # -- optional pretraining on OpenBHB ---------------------------------------------------------
@@ -608,67 +456,3 @@ def pretrain_openbhb(array_path: str | Path, participants_path: str | Path,
     out_path = Path(out_path)
     return fit_encoder(split, settings, encoder_path=out_path,
                        checkpoint_path=out_path.with_name(out_path.name + ".checkpoint.pt"))
-
-
-# -- command line ---------------------------------------------------------------------------
-
-def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m brainage.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("train", "evaluate", "pretrain"))
-    parser.add_argument("--configfile", action="append", required=True,
-                        help="config YAML; repeat to override section by section")
-    parser.add_argument("--experiment", required=True)
-    parser.add_argument("--variant", required=True)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", help="split name (train, evaluate)")
-    parser.add_argument("--array", help="pretrain: *_quasiraw_2mm.npy")
-    parser.add_argument("--participants", help="pretrain: participants.tsv of the array")
-    parser.add_argument("--out", help="pretrain: output checkpoint")
-    parser.add_argument("--resolution-mm", type=float, default=2.0,
-                        help="pretrain: voxel size of the array (mm)")
-    parser.add_argument("--simulate-preemption-after", type=int, default=None,
-                        help=argparse.SUPPRESS)
-    parser.add_argument("--log", help="also log to this file")
-    return parser.parse_args(argv)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from brainage.config import cell_settings, load_config
-    from brainage.logs import log_to_file
-    from brainage.paths import Layout
-
-    arguments = _parse_arguments(argv)
-    log_to_file(arguments.log)
-    config = load_config(*arguments.configfile)
-    settings = cell_settings(config, arguments.experiment, arguments.variant, arguments.seed)
-    layout = Layout.from_config(config)
-    if arguments.command == "pretrain":
-        if not (arguments.array and arguments.participants and arguments.out):
-            raise SystemExit("pretrain needs --array, --participants and --out")
-        pretrain_openbhb(arguments.array, arguments.participants, arguments.out, settings,
-                         resolution_mm=arguments.resolution_mm)
-        return 0
-    if not arguments.split:
-        raise SystemExit(f"{arguments.command} needs --split")
-
-    def cell(name: str) -> str:
-        return layout.cell_file(arguments.split, arguments.experiment, arguments.variant,
-                                arguments.seed, name)
-
-    if arguments.command == "train":
-        train_encoder(layout.split_dir(arguments.split), settings,
-                      encoder_path=cell("encoder.pt"), history_path=cell("history.tsv"),
-                      embeddings_dir=cell("embeddings"), checkpoint_path=cell("checkpoint.pt"),
-                      simulate_preemption_after=arguments.simulate_preemption_after)
-    else:
-        from brainage.evaluate import evaluate_encoder
-
-        evaluate_encoder(layout.split_dir(arguments.split), cell("encoder.pt"), settings,
-                         metrics_path=cell("metrics.json"),
-                         predictions_path=cell("predictions.tsv"))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

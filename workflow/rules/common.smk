@@ -1,6 +1,7 @@
-# Shared by every rule file: validated config, the path helper, the subject list,
-# the splits and the grid. All targets are chosen in all_targets(), nothing else.
+# Shared by every .smk file: validated config, the path helper, the cohorts and their
+# subjects, the splits and the grid. All targets are chosen in all_targets(), nothing else.
 
+import re
 import sys
 from pathlib import Path
 
@@ -8,13 +9,24 @@ from pathlib import Path
 # checkout working too, e.g. on a cluster node that only has the conda envs.
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
-from brainage.config import (validate_config, cell_settings, encoder_owners, grid_cells,
-                             ConfigError)
-from brainage.io import read_participants, subject_inputs, check_dataset_images, InputError
-from brainage.paths import Layout
-from brainage.snakemake_compat import reserve_cores_of_lone_jobs
-
-reserve_cores_of_lone_jobs()  # Snakemake 9.10-9.16 over-commit --cores (snakemake#3913)
+from brainage.config import (
+    ConfigError,
+    cell_settings,
+    encoder_owners,
+    grid_cells,
+    validate_config,
+)
+from brainage.io import (
+    InputError,
+    anatomical_path,
+    check_dataset_images,
+    read_participants,
+    stiffness_path,
+    subject_inputs,
+)
+from brainage.normalise import split_names as scheme_split_names
+from brainage.paths import TRAINING_PREPROC, Layout
+from brainage.simulate import draw_participants
 
 try:
     _validated = validate_config(config, source="config")
@@ -26,7 +38,31 @@ config.update(_validated)
 LAYOUT = Layout.from_config(config)
 DATASET_ROOT = config["dataset"]["root"]
 SIMULATED = config["dataset"]["simulate"]["enabled"]
-PREPROC_GROUP = "preprocess_{subject}"
+PREDICT = config["predict"]
+PREDICT_COHORTS = PREDICT["cohorts"]
+SIMULATED_PREDICT_COHORT = (
+    PREDICT["simulate"]["cohort"] if PREDICT["simulate"]["enabled"] else None
+)
+#: simulate_cohort() options of the simulated predict cohort.
+PREDICT_SIMULATION = {
+    key: value
+    for key, value in PREDICT["simulate"].items()
+    if key not in ("enabled", "cohort")
+}
+if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PREDICT_COHORTS:
+    raise WorkflowError(
+        f"config key predict.simulate.cohort is {SIMULATED_PREDICT_COHORT!r} but "
+        f"predict.cohorts has no such cohort; add `{SIMULATED_PREDICT_COHORT}: <an empty "
+        f"folder>` under predict.cohorts (the simulation writes the dataset there)."
+    )
+
+#: Every cohort's preprocessing folder (relative to results) -> its BIDS-like root: the
+#: training cohort and each cohort a model is applied to go through one chain of rules.
+PREPROC_ROOTS = {
+    TRAINING_PREPROC: DATASET_ROOT,
+    **{LAYOUT.cohort_preproc(cohort): root for cohort, root in PREDICT_COHORTS.items()},
+}
+
 
 wildcard_constraints:
     subject="[A-Za-z0-9]+",
@@ -34,6 +70,8 @@ wildcard_constraints:
     split="[A-Za-z0-9]+",
     experiment="[A-Za-z0-9_]+",
     variant="[A-Za-z0-9._-]+",
+    preproc="|".join(re.escape(folder) for folder in PREPROC_ROOTS),
+    cohort="|".join(re.escape(cohort) for cohort in PREDICT_COHORTS) or "[A-Za-z0-9_]+",
 
 
 _IMAGES_CHECKED = []
@@ -51,8 +89,10 @@ def participants():
         table = read_participants(DATASET_ROOT)
         if not _IMAGES_CHECKED:
             check_dataset_images(
-                DATASET_ROOT, [pid[len("sub-"):] for pid in table["participant_id"]],
-                cache_file=Path(".snakemake", "brainage_checked_inputs.json"))
+                DATASET_ROOT,
+                [pid[len("sub-") :] for pid in table["participant_id"]],
+                cache_file=Path(".snakemake", "brainage_checked_inputs.json"),
+            )
             _IMAGES_CHECKED.append(True)
         return table
     except InputError as error:
@@ -60,36 +100,67 @@ def participants():
 
 
 def subjects():
-    """Subject labels (without 'sub-'), in participants.tsv order."""
-    return [pid[len("sub-"):] for pid in participants()["participant_id"]]
+    """Labels (without 'sub-') of the training cohort, in participants.tsv order."""
+    return [pid[len("sub-") :] for pid in participants()["participant_id"]]
+
+
+def simulated_predict_labels():
+    """Labels of the simulated predict cohort, known before it is simulated: the simulator
+    draws its participants table from the options alone, so this cohort needs no
+    checkpoint."""
+    options = dict(PREDICT_SIMULATION)
+    table = draw_participants(options.pop("n_subjects"), **options)
+    return [pid[len("sub-") :] for pid in table["participant_id"]]
+
+
+def cohort_subjects(cohort):
+    """Labels of a predict cohort, from its participants.tsv (or its simulation options)."""
+    if cohort == SIMULATED_PREDICT_COHORT:
+        return simulated_predict_labels()
+    try:
+        table = read_participants(PREDICT_COHORTS[cohort])
+    except InputError as error:
+        raise WorkflowError(
+            f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
+        ) from None
+    return [pid[len("sub-") :] for pid in table["participant_id"]]
 
 
 def raw_inputs(wildcards):
-    """Input files of one subject: {'stiffness': path, 'anat': path (only if present)}.
+    """Input files of one subject of a cohort: {'stiffness': path, 'anat': path (only if
+    present)}.
 
     Derived from the dataset folder, never from participants.tsv, so editing the table
     (adding a study) does not rerun the subjects already preprocessed.
     """
-    if SIMULATED:
+    root = PREPROC_ROOTS[wildcards.preproc]
+    if wildcards.preproc == TRAINING_PREPROC and SIMULATED:
         checkpoints.simulate_cohort.get()
+    elif wildcards.preproc == LAYOUT.cohort_preproc(str(SIMULATED_PREDICT_COHORT)):
+        # files still to be simulated by simulate_predict_cohort
+        return {
+            "stiffness": str(stiffness_path(root, wildcards.subject)),
+            "anat": str(anatomical_path(root, wildcards.subject)),
+        }
     try:
-        return subject_inputs(DATASET_ROOT, wildcards.subject)
+        return subject_inputs(root, wildcards.subject)
     except InputError as error:
         raise WorkflowError(str(error)) from None
 
 
 def split_names():
-    from brainage.normalise import split_names as names_for_scheme
-    return names_for_scheme(participants(), **config["split"])
+    return scheme_split_names(participants(), **config["split"])
 
 
 def cell_params(wildcards):
-    return cell_settings(config, wildcards.experiment, wildcards.variant, int(wildcards.seed))
+    return cell_settings(
+        config, wildcards.experiment, wildcards.variant, int(wildcards.seed)
+    )
 
 
 _ENCODER_OWNERS = {}
-#: Files train_encoder writes; every other cell file (metrics.json, predictions.tsv) is
-#: the cell's own.
+#: Files train_encoder writes; every other cell file (metrics.json, predictions.tsv, the
+#: read-out) is the cell's own.
 TRAINING_OUTPUTS = ("encoder.pt", "history.tsv", "embeddings")
 
 
@@ -111,20 +182,255 @@ def encoder_file(split, experiment, variant, seed, name):
     except KeyError:
         raise WorkflowError(
             f"{experiment}/{variant}/seed-{seed} is no grid cell of this config: config key "
-            f"experiments.{experiment} has no variant {variant!r} with seed {seed}.") from None
+            f"experiments.{experiment} has no variant {variant!r} with seed {seed}."
+        ) from None
     return LAYOUT.cell_file(split, *owner, name)
 
 
 def grid_targets(name="metrics.json"):
-    return [LAYOUT.cell_file(split, experiment, variant, seed, name)
-            for split in split_names()
-            for experiment, variant, seed in grid_cells(config)]
+    return [
+        LAYOUT.cell_file(split, experiment, variant, seed, name)
+        for split in split_names()
+        for experiment, variant, seed in grid_cells(config)
+    ]
 
 
 def all_targets(wildcards):
-    """What `snakemake` builds by default: every table and figure, and the predictions
-    for the configured cohorts (report_targets in aggregate.smk, predict_targets in
-    predict.smk)."""
-    search = ([LAYOUT.search_file(split, "best.json") for split in split_names()]
-              if config["search"]["enabled"] else [])
-    return [*report_targets(), *predict_targets(), *search]
+    """What `snakemake` builds by default: the training cohort's derivative dataset, every
+    table and figure, and the predictions for the configured cohorts (report_targets in
+    aggregate.smk, predict_targets in predict.smk)."""
+    search = (
+        [LAYOUT.search_file(split, "best.json") for split in split_names()]
+        if config["search"]["enabled"]
+        else []
+    )
+    return [
+        LAYOUT.preproc_description(TRAINING_PREPROC),
+        *report_targets(),
+        *predict_targets(),
+        *search,
+    ]
+
+
+# -- per-subject preprocessing (preprocess.smk) ------------------------------
+
+from brainage import brainage_version
+
+from brainage.preprocess.chain import step_options, step_threads, subject_files
+
+from brainage.qc import thresholds
+
+PREPROCESS = config["preprocess"]
+
+PREPROCESS_RESOURCES = config["resources"]["preprocess"]
+
+SUBJECT = subject_files(LAYOUT, "{subject}", "{preproc}")
+
+TEMPLATE = {"t1": LAYOUT.template("T1w"), "mask": LAYOUT.template("brain_mask")}
+
+def template_sources(wildcards):
+    """The user's template files (template.source: file), so editing them reruns."""
+    if config["template"]["source"] == "file":
+        return {"t1": config["template"]["t1"], "mask": config["template"]["mask"]}
+    return {}
+
+def concrete_files(wildcards):
+    """The subject's files with the wildcards filled in, for the step's script."""
+    return subject_files(LAYOUT, wildcards.subject, wildcards.preproc)
+
+def step_log(step):
+    return LAYOUT.preproc_log("{preproc}", "{subject}", step)
+
+def step_benchmark(step):
+    return LAYOUT.preproc_benchmark("{preproc}", "{subject}", step)
+
+# Dataset-wide QC of the training cohort: thresholds are applied here only, so changing
+
+# them reruns this table and the normalisation, not the subjects.
+
+
+# -- training and evaluation (train.smk) -------------------------------------
+
+from brainage.config import training_settings
+
+from brainage.search import search_settings
+
+def cell_file(name):
+    def path(wildcards):
+        return LAYOUT.cell_file(wildcards.split, wildcards.experiment, wildcards.variant,
+                                wildcards.seed, name)
+    return path
+
+def training_params(wildcards):
+    """The cell's training settings (brainage.config.training_settings): without the
+    read-out, so editing readout.* reruns evaluate_encoder (and what follows), not the
+    training; without the cell's names, since cells with equal settings share the
+    encoder trained in the first of them (encoder_file)."""
+    return training_settings(cell_params(wildcards))
+
+def shared_encoder(wildcards):
+    return encoder_file(wildcards.split, wildcards.experiment, wildcards.variant,
+                        wildcards.seed, "encoder.pt")
+
+def cell_threads(wildcards):
+    return cell_params(wildcards)["train"]["threads"]
+
+SPLIT_INPUTS = {name.split(".")[0]: LAYOUT.split_file("{split}", name)
+                for name in ("images.npy", "participants.tsv", "stats.json")}
+
+CELL = ("{split}", "{experiment}", "{variant}", "{seed}")
+
+CELL_NAME = "{split}/{experiment}/{variant}/seed-{seed}"
+
+
+# -- tables and figures (aggregate.smk) --------------------------------------
+
+from brainage.report.targets import (
+    ablation_experiments,
+    ablation_figure_name,
+    experiment_settings,
+    focus_cell,
+    report_names,
+
+)
+
+REPORT_NAMES = report_names(config)
+
+# Every setting of every variant (validated once): params of both rules, so editing a
+
+# setting remakes the tables and figures along with the cells it reruns.
+
+EXPERIMENT_SETTINGS = experiment_settings(config)
+
+TABLE_EXTENSIONS = (".csv", ".md", ".tex")
+
+CAPTIONS = Path(workflow.basedir) / "workflow" / "report"
+
+def report_targets():
+    """Every table (.csv, .md, .tex) and figure (.png) of this configuration."""
+    tables = [LAYOUT.table(name, ext) for name in REPORT_NAMES["tables"]
+              for ext in TABLE_EXTENSIONS]
+    return tables + [LAYOUT.figure(name) for name in REPORT_NAMES["figures"]]
+
+def _caption(kind, name):
+    """Caption of a table or figure (kind: tables, figures); other experiments' share one."""
+    own = CAPTIONS / kind / f"{name}.rst"
+    return str(own if own.is_file() else CAPTIONS / kind / "ablation.rst")
+
+def _table_outputs():
+    outputs = []
+    for name in REPORT_NAMES["tables"]:
+        for ext in TABLE_EXTENSIONS:
+            path = LAYOUT.table(name, ext)
+            # the CSV is the table shown in the report; .md/.tex are for papers and READMEs
+            outputs.append(report(path, caption=_caption("tables", name), category="Tables",
+                                  labels={"table": name}) if ext == ".csv" else path)
+    return outputs
+
+def _figure_subcategory(name):
+    if name in {ablation_figure_name(e) for e in ablation_experiments(config)}:
+        return "Ablations"
+    if name in ("fig5_umap", "predicted_vs_true", "search_trials"):
+        return "Model"
+    return "Cohort and preprocessing"
+
+def _figure_outputs():
+    return [report(LAYOUT.figure(name), caption=_caption("figures", name), category="Figures",
+                   subcategory=_figure_subcategory(name), labels={"figure": name})
+            for name in REPORT_NAMES["figures"]]
+
+def _cohort_split():
+    """The split whose participants.tsv describes the cohort (every split lists everyone)."""
+    return split_names()[0]
+
+def _focus_files(name):
+    """A file of the focus cell (UMAP, predicted vs true), for every split; its training
+    outputs (embeddings) from the cell that trained its encoder."""
+    cell = focus_cell(config)
+    if cell is None:
+        return []
+    return [cell_output(split, *cell, name) for split in split_names()]
+
+def _search_trials(wildcards):
+    if not config["search"]["enabled"]:
+        return []
+    return [LAYOUT.search_file(split, "trials.tsv") for split in split_names()]
+
+def _registered_maps():
+    return {f"sub-{subject}": subject_files(LAYOUT, subject)["registered"]
+            for subject in subjects()}
+
+def _figure_inputs(wildcards):
+    inputs = {
+        "metrics": grid_targets("metrics.json"),
+        "participants": LAYOUT.split_file(_cohort_split(), "participants.tsv"),
+        "qc": LAYOUT.qc_table(),
+        "maps": list(_registered_maps().values()),
+        "predictions": _focus_files("predictions.tsv"),
+        "search": _search_trials(wildcards),
+    }
+    embeddings = _focus_files("embeddings")
+    if embeddings:
+        inputs["embeddings"] = embeddings[0]
+    return inputs
+
+def _focus_label():
+    cell = focus_cell(config)
+    return "" if cell is None else "{}/{}/seed-{}".format(*cell)
+
+
+# -- prediction for new cohorts (predict.smk) --------------------------------
+
+from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
+
+from brainage.predict import exported_cell as exported_cell_of
+
+from brainage.predict import preprocessing_record
+
+BUNDLE_NAME = PREDICT["model"]["name"]
+
+BUNDLE_FILES = [
+    LAYOUT.model_bundle_file(BUNDLE_NAME, name)
+    for name in (MANIFEST_FILE, *PAYLOAD_FILES, README_FILE)
+
+]
+
+PREDICTION_FILES = (
+    "predictions.tsv",
+    "summary.tsv",
+    "gap_by_group.png",
+    "provenance.json",
+
+)
+
+def predict_targets():
+    """Every cohort's predictions, summary and figure (nothing without predict.cohorts)."""
+    return [
+        LAYOUT.prediction(cohort, name)
+        for cohort in PREDICT_COHORTS
+        for name in PREDICTION_FILES
+    ]
+
+def exported_cell():
+    """(split, experiment, variant, seed) of predict.model; the split is the first one."""
+    try:
+        cell = exported_cell_of(config)
+    except ConfigError as error:
+        raise WorkflowError(str(error)) from None
+    return (split_names()[0], *cell)
+
+def exported_cell_file(name):
+    def path(wildcards):
+        return cell_output(*exported_cell(), name)
+
+    return path
+
+def cohort_subject_files(kind):
+    def paths(wildcards):
+        preproc = LAYOUT.cohort_preproc(wildcards.cohort)
+        return [
+            subject_files(LAYOUT, label, preproc)[kind]
+            for label in cohort_subjects(wildcards.cohort)
+        ]
+
+    return paths

@@ -1,5 +1,8 @@
-# The built-in demo dataset: a simulated multi-study MRE cohort (dataset.simulate).
-# A checkpoint, because the subject list is only known once the cohort exists.
+# The built-in demo datasets: the simulated multi-study MRE cohort (dataset.simulate), a
+# checkpoint because its subject list is only known once it exists; and the simulated
+# cohort a trained model is applied to (predict.simulate), a plain rule because its
+# subjects follow from the options alone.
+
 
 if SIMULATED:
 
@@ -7,12 +10,47 @@ if SIMULATED:
         output:
             participants=Path(DATASET_ROOT) / "participants.tsv",
         params:
-            options=config["dataset"]["simulate"],
-            root=DATASET_ROOT,
+            options={
+                key: value
+                for key, value in config["dataset"]["simulate"].items()
+                if key != "enabled"
+            },
+            root=lambda wildcards, output: Path(output.participants).parent,
         log:
             LAYOUT.log("data", "simulate_cohort"),
         benchmark:
             LAYOUT.benchmark("data", "simulate_cohort")
+        resources:
+            mem_mb=4000,
+            runtime=30,
+        conda:
+            "../../envs/preprocess.yaml"
+        script:
+            "../scripts/simulate_cohort.py"
+
+
+if SIMULATED_PREDICT_COHORT is not None:
+
+    rule simulate_predict_cohort:
+        output:
+            participants=Path(
+                PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], "participants.tsv"
+            ),
+            maps=[
+                str(stiffness_path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], label))
+                for label in simulated_predict_labels()
+            ],
+            anat=[
+                str(anatomical_path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], label))
+                for label in simulated_predict_labels()
+            ],
+        params:
+            options=PREDICT_SIMULATION,
+            root=lambda wildcards, output: Path(output.participants).parent,
+        log:
+            LAYOUT.log("data", "simulate_predict_cohort"),
+        benchmark:
+            LAYOUT.benchmark("data", "simulate_predict_cohort")
         resources:
             mem_mb=4000,
             runtime=30,

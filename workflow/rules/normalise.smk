@@ -1,14 +1,17 @@
-# Dataset-wide z-normalisation, one job per split (METHOD.md section 1): one mean and one
-# sd over the non-zero brain voxels, from the split's training subjects by default
-# (normalise.scope: all = the paper's code). The only preprocessing stage that reads
-# participants.tsv.
+# Dataset-wide z-normalisation, one job per split (docs/method.md, "Normalisation"): one
+# mean and one sd over the non-zero brain voxels, from the split's training subjects by
+# default (normalise.scope: all = the paper's code). The only preprocessing stage that
+# reads participants.tsv. stats.json is the normalisation record every later stage
+# applies (brainage.normalise.apply), the model bundle included.
+
 
 rule normalise_dataset:
     input:
-        maps=lambda wildcards: expand(LAYOUT.subject_mni("{subject}", "preproc", "stiffness"),
-                                      subject=subjects()),
+        maps=lambda wildcards: [
+            subject_files(LAYOUT, label)["registered"] for label in subjects()
+        ],
         qc=LAYOUT.qc_table(),
-        participants=str(Path(DATASET_ROOT, "participants.tsv")),
+        participants=Path(DATASET_ROOT, "participants.tsv"),
         template_mask=LAYOUT.template("brain_mask"),
     output:
         images=LAYOUT.split_file("{split}", "images.npy"),

@@ -1,32 +1,24 @@
-# Per-subject preprocessing (paper section 4.1, METHOD.md section 1): skull stripping,
-# N4 bias correction and affine registration to MNI152 at 2 mm, then QC. Logs and
-# benchmarks mirror results: logs/preproc/sub-<label>/<rule>.log.
+# Per-subject preprocessing (docs/method.md, "Preprocessing"): skull stripping, N4 bias
+# correction and affine registration to the template at 2 mm, then QC. One chain of rules
+# for every cohort: the wildcard {preproc} is a cohort's preprocessing folder under
+# results/ (`preproc` for the training cohort, `predict/<cohort>/preproc` for a cohort a
+# model is applied to), each a BIDS-Derivatives dataset. The files come from
+# brainage.preprocess.chain.subject_files, which the in-process route
+# (python -m brainage.predict run) uses too. Logs and benchmarks mirror results:
+# logs/<preproc>/sub-<label>/<rule>.log.
 #
 # Incremental by design: per-subject rules find their inputs in the dataset folder
 # (raw_inputs), never in participants.tsv, and carry in params exactly the options that
 # change their result. Adding a study reruns only its subjects (plus the dataset-wide
 # rules); changing preprocess.n4 reruns correct_bias and what follows, not strip_skull.
 
-PREPROCESS = config["preprocess"]
-PREPROCESS_RESOURCES = config["resources"]["preprocess"]
-# One ITK thread when deterministic (bit-identical reruns); otherwise preprocess.threads.
-PREPROCESS_THREADS = 1 if PREPROCESS["deterministic"] else PREPROCESS["threads"]
-PARTICIPANTS_TSV = str(Path(DATASET_ROOT, "participants.tsv"))
-
-
-def template_sources(wildcards):
-    """The user's template files (template.source: file), so editing them reruns."""
-    if config["template"]["source"] == "file":
-        return {"t1": config["template"]["t1"], "mask": config["template"]["mask"]}
-    return {}
-
 
 rule prepare_template:
     input:
         unpack(template_sources),
     output:
-        t1=LAYOUT.template("T1w"),
-        mask=LAYOUT.template("brain_mask"),
+        t1=TEMPLATE["t1"],
+        mask=TEMPLATE["mask"],
     params:
         template=config["template"],
     log:
@@ -43,109 +35,134 @@ rule prepare_template:
         "../scripts/prepare_template.py"
 
 
+rule describe_preprocessing:
+    input:
+        template_mask=TEMPLATE["mask"],
+    output:
+        description=LAYOUT.preproc_description("{preproc}"),
+    params:
+        folder=lambda wildcards, output: Path(output.description).parent,
+        source=lambda wildcards: PREPROC_ROOTS[wildcards.preproc],
+        space=LAYOUT.space,
+        version=brainage_version(),
+        template=lambda wildcards: wildcards.preproc == TRAINING_PREPROC,
+    log:
+        LAYOUT.log("{preproc}", "describe_preprocessing"),
+    localrule: True
+    conda:
+        "../../envs/preprocess.yaml"
+    script:
+        "../scripts/describe_preprocessing.py"
+
+
 rule strip_skull:
     input:
         unpack(raw_inputs),
     output:
-        mask=LAYOUT.subject_native("{subject}", "brain", "mask"),
-        reference=LAYOUT.subject_native("{subject}", "brain", "reference"),
-        info=LAYOUT.subject_native("{subject}", "brain", "reference", ".json"),
+        mask=SUBJECT["mask"],
+        mask_json=SUBJECT["mask_json"],
+        reference=SUBJECT["reference"],
+        reference_info=SUBJECT["reference_info"],
     params:
-        skullstrip=PREPROCESS["skullstrip"],
-        freesurfer_tool=PREPROCESS["freesurfer_tool"],
+        files=concrete_files,
+        options=step_options("strip_skull", PREPROCESS),
     log:
-        LAYOUT.log("preproc", "sub-{subject}/strip_skull"),
+        step_log("strip_skull"),
     benchmark:
-        LAYOUT.benchmark("preproc", "sub-{subject}/strip_skull")
+        step_benchmark("strip_skull")
     group:
-        PREPROC_GROUP
-    threads: PREPROCESS_THREADS
+        "preprocess_{subject}"
+    threads: step_threads(PREPROCESS)
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     conda:
         "../../envs/preprocess.yaml"
     script:
-        "../scripts/strip_skull.py"
+        "../scripts/preprocess_step.py"
 
 
 rule correct_bias:
     input:
-        stiffness=lambda wildcards: raw_inputs(wildcards)["stiffness"],
-        mask=rules.strip_skull.output.mask,
-        reference=rules.strip_skull.output.reference,
-        info=rules.strip_skull.output.info,
+        unpack(raw_inputs),
+        mask=SUBJECT["mask"],
+        reference=SUBJECT["reference"],
+        reference_info=SUBJECT["reference_info"],
     output:
-        stiffness=LAYOUT.subject_native("{subject}", "corrected", "stiffness"),
-        reference=LAYOUT.subject_native("{subject}", "corrected", "reference"),
+        corrected=SUBJECT["corrected"],
+        corrected_reference=SUBJECT["corrected_reference"],
     params:
-        n4=PREPROCESS["n4"],
-        max_nan_fraction=PREPROCESS["max_nan_fraction"],
-        deterministic=PREPROCESS["deterministic"],
+        files=concrete_files,
+        options=step_options("correct_bias", PREPROCESS),
     log:
-        LAYOUT.log("preproc", "sub-{subject}/correct_bias"),
+        step_log("correct_bias"),
     benchmark:
-        LAYOUT.benchmark("preproc", "sub-{subject}/correct_bias")
+        step_benchmark("correct_bias")
     group:
-        PREPROC_GROUP
-    threads: PREPROCESS_THREADS
+        "preprocess_{subject}"
+    threads: step_threads(PREPROCESS)
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     conda:
         "../../envs/preprocess.yaml"
     script:
-        "../scripts/correct_bias.py"
+        "../scripts/preprocess_step.py"
 
 
 rule register_to_template:
     input:
-        stiffness=rules.correct_bias.output.stiffness,
-        reference=rules.correct_bias.output.reference,
-        mask=rules.strip_skull.output.mask,
-        info=rules.strip_skull.output.info,
-        template_t1=rules.prepare_template.output.t1,
-        template_mask=rules.prepare_template.output.mask,
+        corrected=SUBJECT["corrected"],
+        corrected_reference=SUBJECT["corrected_reference"],
+        mask=SUBJECT["mask"],
+        reference_info=SUBJECT["reference_info"],
+        template_t1=TEMPLATE["t1"],
+        template_mask=TEMPLATE["mask"],
     output:
-        stiffness=LAYOUT.subject_mni("{subject}", "preproc", "stiffness"),
-        mask=LAYOUT.subject_mni("{subject}", "brain", "mask"),
-        transform=LAYOUT.subject_transform("{subject}"),
-        reference=LAYOUT.subject_mni("{subject}", "preproc", "reference"),
+        registered=SUBJECT["registered"],
+        registered_mask=SUBJECT["registered_mask"],
+        registered_mask_json=SUBJECT["registered_mask_json"],
+        transform=SUBJECT["transform"],
+        registered_reference=SUBJECT["registered_reference"],
     params:
-        deterministic=PREPROCESS["deterministic"],
+        files=concrete_files,
+        options=step_options("register_to_template", PREPROCESS),
     log:
-        LAYOUT.log("preproc", "sub-{subject}/register_to_template"),
+        step_log("register_to_template"),
     benchmark:
-        LAYOUT.benchmark("preproc", "sub-{subject}/register_to_template")
+        step_benchmark("register_to_template")
     group:
-        PREPROC_GROUP
-    threads: PREPROCESS_THREADS
+        "preprocess_{subject}"
+    threads: step_threads(PREPROCESS)
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     conda:
         "../../envs/preprocess.yaml"
     script:
-        "../scripts/register_to_template.py"
+        "../scripts/preprocess_step.py"
 
 
 rule compute_qc:
     input:
-        stiffness=rules.register_to_template.output.stiffness,
-        mask=rules.register_to_template.output.mask,
-        reference=rules.register_to_template.output.reference,
-        info=rules.strip_skull.output.info,
-        template_t1=rules.prepare_template.output.t1,
-        template_mask=rules.prepare_template.output.mask,
+        registered=SUBJECT["registered"],
+        registered_mask=SUBJECT["registered_mask"],
+        registered_reference=SUBJECT["registered_reference"],
+        reference_info=SUBJECT["reference_info"],
+        template_t1=TEMPLATE["t1"],
+        template_mask=TEMPLATE["mask"],
     output:
-        metrics=LAYOUT.subject_qc("{subject}", ".json"),
-        figure=LAYOUT.subject_qc("{subject}", ".png"),
+        qc_json=SUBJECT["qc_json"],
+        qc_png=SUBJECT["qc_png"],
+    params:
+        files=concrete_files,
+        options=step_options("compute_qc", PREPROCESS),
     log:
-        LAYOUT.log("preproc", "sub-{subject}/compute_qc"),
+        step_log("compute_qc"),
     benchmark:
-        LAYOUT.benchmark("preproc", "sub-{subject}/compute_qc")
+        step_benchmark("compute_qc")
     group:
-        PREPROC_GROUP
+        "preprocess_{subject}"
     threads: 1
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
@@ -153,22 +170,19 @@ rule compute_qc:
     conda:
         "../../envs/preprocess.yaml"
     script:
-        "../scripts/compute_qc.py"
+        "../scripts/preprocess_step.py"
 
 
-# Dataset-wide QC: thresholds are applied here only, so changing them reruns this table
-# and the normalisation, not the subjects.
 rule tabulate_qc:
     input:
-        metrics=lambda wildcards: expand(LAYOUT.subject_qc("{subject}", ".json"),
-                                         subject=subjects()),
-        participants=PARTICIPANTS_TSV,
+        metrics=lambda wildcards: [
+            subject_files(LAYOUT, label)["qc_json"] for label in subjects()
+        ],
+        participants=Path(DATASET_ROOT, "participants.tsv"),
     output:
         table=LAYOUT.qc_table(),
-        figure=LAYOUT.qc_figure(),
     params:
-        thresholds={key: config["qc"][key]
-                    for key in ("min_dice", "min_correlation", "min_coverage")},
+        minimums=thresholds(config["qc"]),
     log:
         LAYOUT.log("qc", "tabulate_qc"),
     benchmark:

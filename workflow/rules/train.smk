@@ -1,5 +1,6 @@
 # Stage train: one job per grid cell (split x experiment x variant x seed) trains the
-# encoder, a second evaluates it; optionally a random search per split (config search).
+# encoder, a second evaluates it and saves its fitted read-out (readout.pt/.json, which
+# the model export copies); optionally a random search per split (config search).
 #
 # Resume after preemption: train_encoder writes its resume state to checkpoint.pt in the
 # cell folder after every epoch. The file is deliberately NOT an output: Snakemake deletes
@@ -9,39 +10,6 @@
 # epoch; brainage.train ignores a checkpoint whose settings or split differ, and deletes
 # it once encoder.pt is written. The embeddings written before the kill are kept inside
 # the checkpoint too, because Snakemake removes the declared embeddings folder.
-
-from brainage.config import training_settings
-from brainage.search import search_settings
-
-
-def cell_file(name):
-    def path(wildcards):
-        return LAYOUT.cell_file(wildcards.split, wildcards.experiment, wildcards.variant,
-                                wildcards.seed, name)
-    return path
-
-
-def training_params(wildcards):
-    """The cell's training settings (brainage.config.training_settings): without the
-    read-out, so editing readout.* reruns evaluate_encoder (and what follows), not the
-    training; without the cell's names, since cells with equal settings share the
-    encoder trained in the first of them (encoder_file)."""
-    return training_settings(cell_params(wildcards))
-
-
-def shared_encoder(wildcards):
-    return encoder_file(wildcards.split, wildcards.experiment, wildcards.variant,
-                        wildcards.seed, "encoder.pt")
-
-
-def cell_threads(wildcards):
-    return cell_params(wildcards)["train"]["threads"]
-
-
-SPLIT_INPUTS = {name.split(".")[0]: LAYOUT.split_file("{split}", name)
-                for name in ("images.npy", "participants.tsv", "stats.json")}
-CELL = ("{split}", "{experiment}", "{variant}", "{seed}")
-CELL_NAME = "{split}/{experiment}/{variant}/seed-{seed}"
 
 
 rule train_encoder:
@@ -77,6 +45,8 @@ rule evaluate_encoder:
     output:
         metrics=LAYOUT.cell_file(*CELL, "metrics.json"),
         predictions=LAYOUT.cell_file(*CELL, "predictions.tsv"),
+        readout=LAYOUT.cell_file(*CELL, "readout.pt"),
+        readout_description=LAYOUT.cell_file(*CELL, "readout.json"),
     params:
         settings=cell_params,
         split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
@@ -95,7 +65,6 @@ rule evaluate_encoder:
         "../../envs/train.yaml"
     script:
         "../scripts/evaluate_encoder.py"
-
 
 if config["search"]["enabled"]:
 

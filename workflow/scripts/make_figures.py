@@ -1,7 +1,7 @@
-"""Rule make_figures: every figure of the configuration (brainage.report.make_figures)."""
+"""Rule make_figures: every figure of the configuration (brainage.report.figures.make_figures)."""
 
 from brainage.logs import log_to_file
-from brainage.report import make_figures
+from brainage.report.figures import make_figures
 
 log_to_file(snakemake.log[0])
 make_figures(metrics=list(snakemake.input.metrics), participants=snakemake.input.participants,

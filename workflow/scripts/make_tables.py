@@ -1,7 +1,7 @@
-"""Rule make_tables: every table of the configuration (brainage.report.make_tables)."""
+"""Rule make_tables: every table of the configuration (brainage.report.tables.make_tables)."""
 
 from brainage.logs import log_to_file
-from brainage.report import make_tables
+from brainage.report.tables import make_tables
 
 log_to_file(snakemake.log[0])
 make_tables(metrics=list(snakemake.input.metrics), participants=snakemake.input.participants,

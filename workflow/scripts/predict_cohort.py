@@ -1,7 +1,7 @@
-"""Rule predict_cohort: brain age of a preprocessed new cohort (brainage.predict.predict_cohort)."""
+"""Rule predict_cohort: brain age of a preprocessed new cohort (brainage.apply.predict_cohort)."""
 
+from brainage.apply import predict_cohort
 from brainage.logs import log_to_file
-from brainage.predict import predict_cohort
 
 log_to_file(snakemake.log[0])
 predict_cohort(snakemake.params.bundle_dir, snakemake.params.dataset_root,

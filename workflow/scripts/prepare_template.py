@@ -1,4 +1,5 @@
-"""Rule prepare_template: MNI152 T1 and brain mask at 2 mm into results/template."""
+"""Rule prepare_template: the template T1 and brain mask at 2 mm, into the training
+cohort's derivative dataset (results/preproc/tpl-<space>/)."""
 
 from brainage.logs import log_to_file
 from brainage.preprocess import prepare_template

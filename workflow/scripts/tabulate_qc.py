@@ -1,8 +1,8 @@
-"""Rule tabulate_qc: the dataset's QC table and overview figure, failures flagged."""
+"""Rule tabulate_qc: the training cohort's QC table, failures flagged (brainage.qc)."""
 
 from brainage.logs import log_to_file
 from brainage.qc import tabulate_qc
 
 log_to_file(snakemake.log[0])
 tabulate_qc(snakemake.input.metrics, snakemake.input.participants, snakemake.output.table,
-            snakemake.output.figure, **snakemake.params.thresholds)
+            minimums=snakemake.params.minimums)

@@ -9,7 +9,7 @@ output specs, so a nipype workflow (or a lab's own) can reuse them unchanged:
 - :class:`SupportMask` — no stripping: the mask is the image's own non-zero support.
 
 The Python interfaces' ``_run_interface`` hands off to a plain function in
-:mod:`brainage.preprocess.skullstrip`, which is where the logic and its tests live.
+:mod:`brainage.preprocess.masks`, which is where the logic and its tests live.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from nipype.interfaces.base import (  # noqa: E402
     TraitedSpec, traits,
 )
 from nipype.interfaces.freesurfer import WatershedSkullStrip  # noqa: E402,F401
+
+from brainage.preprocess.masks import deepbet_brain_mask, support_brain_mask  # noqa: E402
 
 __all__ = ["SynthStrip", "WatershedSkullStrip", "DeepBet", "SupportMask"]
 
@@ -90,8 +92,6 @@ class DeepBet(BaseInterface):
     output_spec = DeepBetOutputSpec
 
     def _run_interface(self, runtime):
-        from brainage.preprocess.skullstrip import deepbet_brain_mask
-
         deepbet_brain_mask(self.inputs.in_file, self.inputs.mask_file,
                            threshold=self.inputs.threshold, n_dilate=self.inputs.n_dilate,
                            threads=self.inputs.num_threads, use_gpu=self.inputs.use_gpu)
@@ -118,8 +118,6 @@ class SupportMask(BaseInterface):
     output_spec = SupportMaskOutputSpec
 
     def _run_interface(self, runtime):
-        from brainage.preprocess.skullstrip import support_brain_mask
-
         support_brain_mask(self.inputs.in_file, self.inputs.mask_file)
         return runtime
 

@@ -1,13 +1,16 @@
 """The registration target (rule ``prepare_template``): MNI152 T1 and brain mask at 2 mm.
 
-Default: the MNI152 ICBM 2009a symmetric template bundled with nilearn (99 x 117 x 95
-voxels of 2 mm, offline; nilearn ships it already skull-stripped, and references are
-registered to T1 x brain mask). Or a user's pair of files (``template.source: file``), e.g. FSL's
-``MNI152_T1_2mm.nii.gz`` (91 x 109 x 91) with its brain mask.
+Default: the MNI152 template bundled with nilearn, ICBM 2009a nonlinear asymmetric
+(TemplateFlow ``MNI152NLin2009aAsym``; 99 x 117 x 95 voxels of 2 mm, offline; nilearn
+ships it already skull-stripped, and references are registered to T1 x brain mask). Or a
+user's pair of files (``template.source: file``), e.g. FSL's ``MNI152_T1_2mm.nii.gz``
+(TemplateFlow ``MNI152NLin6Asym``, 91 x 109 x 91) with its brain mask; config key
+``template.space`` then names it, and every registered file carries that name.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -54,7 +57,7 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     Parameters
     ----------
     out_t1, out_mask : output NIfTI paths (``Layout.template("T1w"/"brain_mask")``).
-    source : ``nilearn`` (bundled MNI152 2009a sym) or ``file`` (config ``template.source``).
+    source : ``nilearn`` (bundled MNI152 2009a asym) or ``file`` (config ``template.source``).
     t1, mask : with ``source="file"``, the user's template files (``template.t1/mask``).
 
     Returns
@@ -63,7 +66,7 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     """
     if source == "nilearn":
         data, brain, affine = _nilearn_template()
-        origin = "nilearn MNI152 ICBM 2009a sym"
+        origin = "nilearn MNI152 ICBM 2009a nonlinear asymmetric"
     elif source == "file":
         data, brain, affine = _file_template(t1, mask)
         origin = f"file {t1}"
@@ -76,3 +79,31 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     log.info("template from %s: shape %s, %d brain voxels of %g mm", origin, data.shape,
              brain.sum(), TEMPLATE_VOXEL_MM)
     return {"shape": list(data.shape), "affine": affine.tolist(), "brain_voxels": int(brain.sum())}
+
+
+def template_record(t1_path: str | Path, mask_path: str | Path, *, source: str,
+                    space: str) -> dict:
+    """What identifies the registration template: id, grid and a checksum of the mask.
+
+    The checksum covers the mask's voxels (not the .nii.gz bytes, whose gzip header
+    differs between writers), so a lab that rebuilds the same template matches it.
+
+    Raises
+    ------
+    InputError
+        The T1 and the mask are not on one grid.
+    """
+    import nibabel as nib
+
+    mask = nib.load(str(mask_path))
+    data = np.ascontiguousarray(np.asanyarray(mask.dataobj) > 0, dtype=np.uint8)
+    t1 = nib.load(str(t1_path))
+    if tuple(t1.shape[:3]) != tuple(mask.shape[:3]) or not np.allclose(t1.affine, mask.affine):
+        raise InputError(f"template {t1_path} and its mask {mask_path} are not on the same "
+                         f"grid; rerun rule prepare_template.")
+    return {"id": f"{space}_res-2", "space": space, "source": source,
+            "resolution_mm": float(abs(mask.affine[0, 0])),
+            "shape": [int(size) for size in mask.shape[:3]],
+            "affine": np.asarray(mask.affine, dtype=float).tolist(),
+            "mask_voxels_sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+            "n_brain_voxels": int(data.sum())}

@@ -1,0 +1,75 @@
+"""The preprocessing folder is a BIDS-Derivatives dataset that the BIDS validator accepts.
+
+Two simulated subjects go through the real chain (brainage.preprocess.chain.run_subject,
+the functions the rules call; stiffness maps only, skull stripping "none", to be quick),
+the folder is described (brainage.preprocess.derivatives), and the schema-based BIDS
+validator (PyPI bids-validator-deno, a test dependency; it runs offline with its bundled
+schema) must report no error. Skipped where the validator is not installed, except in CI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from brainage import brainage_version
+from brainage.io import subject_inputs
+from brainage.paths import TRAINING_PREPROC, Layout
+from brainage.preprocess.chain import run_subject
+from brainage.preprocess.derivatives import describe_preprocessing
+
+VALIDATOR = shutil.which("bids-validator-deno") or str(
+    Path(sys.executable).with_name("bids-validator-deno"))
+FAST = {"skullstrip": "none", "freesurfer_tool": "synthstrip", "n4": False,
+        "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
+
+
+@pytest.fixture(scope="module")
+def derivatives(tmp_path_factory, simulated_cohort, template_files):
+    root, truth = simulated_cohort
+    out = tmp_path_factory.mktemp("derivatives")
+    layout = Layout(results=str(out))
+    template = {"template_t1": layout.template("T1w"),
+                "template_mask": layout.template("brain_mask")}
+    for kind, source in (("template_t1", "t1"), ("template_mask", "mask")):
+        Path(template[kind]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template_files[source], template[kind])
+    for participant_id in truth["participant_id"][:2]:
+        label = participant_id[len("sub-"):]
+        run_subject(subject_inputs(root, label), layout, label, preproc=TRAINING_PREPROC,
+                    preprocess=FAST, **template)
+    describe_preprocessing(layout.preproc_dir(), space=layout.space,
+                           template_shape=(99, 117, 95), source=str(root),
+                           version=brainage_version(), template=True)
+    return Path(layout.preproc_dir())
+
+
+def test_description_names_the_pipeline_and_the_template_space(derivatives):
+    description = json.loads((derivatives / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0] == {
+        "Name": "brainage", "Version": brainage_version(),
+        "Description": description["GeneratedBy"][0]["Description"]}
+    registered = sorted(derivatives.glob("sub-*/anat/*_desc-preproc_stiffness.nii.gz"))
+    assert len(registered) == 2
+    assert all("_space-MNI152NLin2009aAsym_res-2_" in path.name for path in registered)
+    assert (derivatives / "tpl-MNI152NLin2009aAsym"
+            / "tpl-MNI152NLin2009aAsym_res-2_T1w.nii.gz").is_file()
+
+
+def test_bids_validator_accepts_the_derivative_dataset(derivatives):
+    if not Path(VALIDATOR).is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("bids-validator-deno is not installed (test extra)")
+        pytest.skip("bids-validator-deno is not installed (pip install '.[test]')")
+    result = subprocess.run([VALIDATOR, str(derivatives), "--format", "json"],
+                            capture_output=True, text=True, timeout=300)
+    report = json.loads(result.stdout)
+    errors = [issue for issue in report["issues"]["issues"] if issue["severity"] == "error"]
+    assert result.returncode == 0 and not errors, json.dumps(errors, indent=1)[:3000]

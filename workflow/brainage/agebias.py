@@ -1,0 +1,228 @@
+"""Age-bias correction of the brain-age gap (docs/method.md, "Brain age for new subjects").
+
+Brain-age predictions regress to the training mean: the gap (predicted - chronological
+age) falls with age. The usual linear correction fits ``gap = a + b * age`` on a
+reference set and reports ``corrected_gap = gap - (a + b * age)``.
+
+``evaluate_encoder`` computes the candidate fits once, from what it has in hand (the
+frozen training and test embeddings and the fitted read-out), and saves them with the
+read-out (:func:`bias_fits`); the model export picks the one config key
+``predict.bias_fit`` names (:func:`select_bias_correction`):
+
+``training`` (default)
+    The training subjects, but on out-of-fold predictions: a K-fold cross-validation
+    (``readout.cv_folds`` folds, shuffled with the cell's seed) refits the whole read-out
+    (its alpha search included) on K-1 folds and predicts the held-out fold. In-sample
+    training predictions fit their own ages too well (a flatter gap-age slope than on
+    unseen subjects), so a correction fitted on them would under-correct every new
+    subject. What cross-validating the read-out cannot undo: the encoder was trained on
+    these subjects too.
+``test``
+    The split's held-out test subjects: unseen by encoder and read-out, but only ~20 % of
+    the cohort.
+
+A third reference, a healthy group of the new cohort itself, is fitted when a cohort is
+predicted (``predict.bias_reference_group``); it also absorbs a site offset.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from brainage.readout import fit_readout
+
+log = logging.getLogger(__name__)
+
+#: Reference sets of the bundle's correction (config key predict.bias_fit).
+BIAS_FIT_SETS = ("training", "test")
+FORMULA = "corrected_gap = (predicted_age - age) - (intercept + slope * age)"
+DESCRIPTIONS = {
+    "training": "out-of-fold predictions of the training subjects (K-fold CV of the whole "
+                "read-out on the frozen training embeddings)",
+    "test": "the held-out test subjects of the split",
+}
+
+
+@dataclass(frozen=True)
+class AgeBias:
+    """Linear age bias of the brain-age gap: ``gap = intercept + slope * age``.
+
+    Attributes
+    ----------
+    intercept : float
+        a (years).
+    slope : float
+        b (years of gap per year of age; negative for the usual regression to the mean).
+    """
+
+    intercept: float
+    slope: float
+
+    def expected_gap(self, ages: np.ndarray) -> np.ndarray:
+        return self.intercept + self.slope * np.asarray(ages, dtype=np.float64)
+
+    def corrected_gap(self, ages: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        """``(predicted - age) - (a + b * age)`` (years), [n]."""
+        ages = np.asarray(ages, dtype=np.float64)
+        return np.asarray(predicted, dtype=np.float64) - ages - self.expected_gap(ages)
+
+
+def fit_age_bias(ages: np.ndarray, predicted: np.ndarray, *, where: str = "reference set"
+                 ) -> AgeBias:
+    """Least-squares fit of ``predicted - age = a + b * age``.
+
+    Parameters
+    ----------
+    ages, predicted : array [n]
+        Chronological and predicted ages (years) of the reference subjects.
+    where : str
+        Names the reference set in error messages.
+
+    Raises
+    ------
+    ValueError
+        Fewer than 3 subjects, or all of one age (the slope is undefined).
+    """
+    ages = np.asarray(ages, dtype=np.float64)
+    predicted = np.asarray(predicted, dtype=np.float64)
+    finite = np.isfinite(ages) & np.isfinite(predicted)
+    ages, predicted = ages[finite], predicted[finite]
+    if len(ages) < 3:
+        raise ValueError(f"age-bias correction on the {where} needs at least 3 subjects with a "
+                         f"prediction; got {len(ages)}.")
+    if np.ptp(ages) == 0:
+        raise ValueError(f"age-bias correction on the {where}: every subject is "
+                         f"{ages[0]} years old, so the gap's age slope is undefined.")
+    slope, intercept = np.polyfit(ages, predicted - ages, 1)
+    return AgeBias(intercept=float(intercept), slope=float(slope))
+
+
+def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping,
+                            *, folds: int, seed: int) -> np.ndarray:
+    """Predicted ages of every training subject from a read-out that never saw it.
+
+    K-fold (shuffled with ``seed``); in each fold the whole read-out (alpha search
+    included) is refitted with :func:`brainage.evaluate.fit_readout` on the other folds.
+
+    Parameters
+    ----------
+    features : array [n, D]
+        Frozen training embeddings.
+    ages : array [n]
+        Their ages (years).
+
+    Returns
+    -------
+    array [n]
+        Out-of-fold predicted ages (years), float64.
+    """
+    from sklearn.model_selection import KFold
+
+
+    ages = np.asarray(ages, dtype=np.float64)
+    folds = min(int(folds), len(ages))
+    if folds < 2:
+        raise ValueError(f"cross-validated bias correction needs at least 2 training subjects; "
+                         f"got {len(ages)}.")
+    predicted = np.full(len(ages), np.nan)
+    splitter = KFold(n_splits=folds, shuffle=True, random_state=int(seed))
+    for fit_rows, held_out in splitter.split(features):
+        readout = fit_readout(features[fit_rows], ages[fit_rows], readout_settings, seed=seed)
+        predicted[held_out] = readout.predict(np.asarray(features[held_out], dtype=np.float64))
+    return predicted
+
+
+def gap_age_correlation(ages: np.ndarray, gaps: np.ndarray) -> float | None:
+    """Pearson r of a gap with age; None when undefined."""
+    ages, gaps = np.asarray(ages, float), np.asarray(gaps, float)
+    keep = np.isfinite(ages) & np.isfinite(gaps)
+    if keep.sum() < 3 or np.std(ages[keep]) == 0 or np.std(gaps[keep]) == 0:
+        return None
+    return float(np.corrcoef(ages[keep], gaps[keep])[0, 1])
+
+
+def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
+              train_predicted: np.ndarray, *, test_ages: np.ndarray,
+              test_predicted: np.ndarray, readout_settings: Mapping, seed: int,
+              where: str) -> dict:
+    """Every candidate age-bias correction of a cell, as saved with its read-out.
+
+    Parameters
+    ----------
+    train_features : array [n, D]
+        Frozen training embeddings (the out-of-fold fit refits the read-out on them).
+    train_ages, train_predicted : array [n]
+        Training ages and the fitted read-out's in-sample predictions (years).
+    test_ages, test_predicted : array [m]
+        The split's test subjects (years).
+    readout_settings : mapping
+        The resolved ``readout`` section.
+    seed : int
+        Shuffles the out-of-fold folds (the cell's seed).
+    where : str
+        Names the split in messages.
+
+    Returns
+    -------
+    dict
+        ``{"training": record, "test": record}``; a record is ``{"intercept", "slope",
+        "fitted_on", "formula", "description", "n_subjects", "cv_folds", "cv_seed",
+        "gap_age_r_before", "gap_age_r_after", "oof_mae", "other_fits"}``, or
+        ``{"error": message}`` when that reference set cannot be fitted (too few
+        subjects, one age only).
+    """
+    folds = min(int(readout_settings["cv_folds"]), len(train_ages))
+    oof = out_of_fold_predictions(train_features, train_ages, readout_settings, folds=folds,
+                                  seed=seed)
+    references = {"training": (train_ages, oof), "test": (test_ages, test_predicted)}
+    fits, errors = {}, {}
+    for name, (ages, predicted) in {**references,
+                                    "training_in_sample": (train_ages, train_predicted)}.items():
+        subjects = "test subjects" if name == "test" else "training subjects"
+        try:
+            fits[name] = fit_age_bias(ages, predicted, where=f"{subjects} of {where}")
+        except ValueError as error:
+            errors[name] = str(error)
+    records = {}
+    for name, (ages, predicted) in references.items():
+        if name not in fits:
+            records[name] = {"error": errors[name]}
+            continue
+        bias = fits[name]
+        corrected = bias.corrected_gap(ages, predicted)
+        records[name] = {
+            "intercept": bias.intercept, "slope": bias.slope, "fitted_on": name,
+            "formula": FORMULA, "description": DESCRIPTIONS[name],
+            "n_subjects": int(len(ages)), "cv_folds": folds, "cv_seed": int(seed),
+            "gap_age_r_before": gap_age_correlation(ages, predicted - ages),
+            "gap_age_r_after": gap_age_correlation(ages, corrected),
+            "oof_mae": float(np.mean(np.abs(oof - train_ages))),
+            "other_fits": {other: {"intercept": fit.intercept, "slope": fit.slope}
+                           for other, fit in fits.items() if other != name},
+        }
+    return records
+
+
+def select_bias_correction(fits: Mapping, fit_on: str) -> dict:
+    """The record of ``fit_on`` (config key ``predict.bias_fit``) among :func:`bias_fits`.
+
+    Raises
+    ------
+    ValueError
+        Unknown reference set, or one that could not be fitted, naming the config key.
+    """
+    if fit_on not in BIAS_FIT_SETS:
+        raise ValueError(f"config key predict.bias_fit is {fit_on!r}; choose one of "
+                         f"{', '.join(BIAS_FIT_SETS)}.")
+    record = fits[fit_on]
+    if "error" in record:
+        other = next(name for name in BIAS_FIT_SETS if name != fit_on)
+        raise ValueError(f"{record['error']} Use config key predict.bias_fit: {other}.")
+    log.info("age bias fitted on %s: gap = %.3f + %.4f * age; r(gap, age) %.3f before, "
+             "%.1e after", record["description"], record["intercept"], record["slope"],
+             record["gap_age_r_before"] or float("nan"), record["gap_age_r_after"] or 0.0)
+    return dict(record)

@@ -1,0 +1,370 @@
+"""Apply a model bundle to a preprocessed cohort: brain age and brain-age gap per subject.
+
+A cohort's maps have been through the training cohort's per-subject preprocessing
+(:mod:`brainage.preprocess.chain`). :func:`predict_cohort` then normalises each map with the
+bundle's TRAINING normalisation record (never re-estimated on the new cohort), embeds it
+with the bundle's encoder, reads the age out with the bundle's read-out, and reports the
+raw and age-bias corrected gap (:mod:`brainage.agebias`) per subject and per group.
+Subjects failing preprocessing QC are listed with their reason, never predicted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+
+from brainage.agebias import AgeBias, fit_age_bias
+from brainage.bundle import BundleError, ModelBundle, read_bundle
+from brainage.data import VolumeStore
+from brainage.io import InputError, atomic_path, read_participants, write_json, write_tsv
+from brainage.models import BrainAgeNet, build_model, embed
+from brainage.normalise import apply as apply_normalisation
+from brainage.normalise import check_grid
+from brainage.preprocess.images import load_volume
+from brainage.qc import METRICS, QC_THRESHOLDS, qc_failures, thresholds
+from brainage.readout import Readout
+from brainage.runtime import runtime_setup
+
+log = logging.getLogger(__name__)
+
+#: Columns predictions.tsv adds after the cohort's participants.tsv columns (participant_id,
+#: age, sex, study, group, ...). Ages and gaps in years.
+PREDICTION_COLUMNS = ("status", "qc_pass", "qc_reason", "predicted_age", "gap",
+                      "corrected_gap", "corrected_predicted_age", "within_training_ages",
+                      "qc_dice", "qc_correlation", "qc_coverage")
+SUMMARY_COLUMNS = ("grouped_by", "group", "n", "n_predicted", "n_qc_failed", "age_mean",
+                   "mean_gap", "sd_gap", "mean_corrected_gap", "sd_corrected_gap",
+                   "corrected_gap_ci95_low", "corrected_gap_ci95_high")
+
+
+@dataclass
+class BrainAgeModel:
+    """A loaded bundle, ready to predict: encoder, read-out, age-bias correction.
+
+    Build it with :meth:`from_bundle`.
+    """
+
+    bundle: ModelBundle
+    network: BrainAgeNet     # eval mode, on ``device``
+    readout: Readout
+    bias: AgeBias
+    device: object           # torch.device
+    autocast_dtype: object   # torch.dtype or None
+
+    @classmethod
+    def from_bundle(cls, bundle: ModelBundle | str | Path, *, device: str | None = None
+                    ) -> "BrainAgeModel":
+        """Load and verify a bundle (:func:`brainage.bundle.read_bundle`), build the network.
+
+        ``device``: ``cpu``/``cuda``/``auto``; default the cell's ``train.device``.
+        """
+        if not isinstance(bundle, ModelBundle):
+            bundle = read_bundle(bundle)
+        settings = bundle.settings
+        train_settings = dict(settings["train"])
+        if device is not None:
+            train_settings["device"] = device
+        torch_device, autocast_dtype = runtime_setup(train_settings)
+        network = build_model(settings["model"])
+        try:
+            network.load_state_dict(bundle.encoder_state)
+        except RuntimeError as error:
+            raise BundleError(f"{bundle.path / 'encoder.pt'} does not fit the network its "
+                              f"manifest describes ({error}); the bundle is inconsistent. "
+                              f"Re-export it.") from None
+        network.to(torch_device).eval()
+        readout = Readout.from_state(bundle.readout_state, bundle.manifest["readout"])
+        correction = bundle.bias_correction
+        return cls(bundle=bundle, network=network, readout=readout,
+                   bias=AgeBias(float(correction["intercept"]), float(correction["slope"])),
+                   device=torch_device, autocast_dtype=autocast_dtype)
+
+    def features(self, volumes: np.ndarray) -> np.ndarray:
+        """Normalised volumes [n, X, Y, Z] (z-units) -> read-out features [n, D] float32."""
+        store = VolumeStore(np.asarray(volumes, dtype=np.float32), self.device)
+        return embed(self.network, store, np.arange(len(volumes)),
+                     which=self.bundle.manifest["readout"]["features"],
+                     autocast_dtype=self.autocast_dtype)
+
+    def predict_age(self, volumes: np.ndarray) -> np.ndarray:
+        """Normalised volumes [n, X, Y, Z] -> predicted ages [n] (years), float64."""
+        if len(volumes) == 0:
+            return np.zeros(0)
+        return self.readout.predict(self.features(volumes).astype(np.float64))
+
+
+def read_qc(path: str | Path, minimums: Mapping) -> tuple[bool, str, dict]:
+    """A subject's QC verdict from its ``sub-<label>_qc.json`` (rule compute_qc).
+
+    Parameters
+    ----------
+    path : path
+        The QC JSON (metrics ``dice``, ``correlation``, ``coverage``).
+    minimums : mapping
+        :func:`brainage.qc.thresholds` of the config section ``qc``.
+
+    Returns
+    -------
+    passed : bool
+    reason : str
+        The thresholds missed, e.g. ``"dice 0.812 < 0.85"`` (empty when passed).
+    metrics : dict
+        ``qc_dice``, ``qc_correlation``, ``qc_coverage``.
+    """
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"QC file {path} cannot be read ({error}); rerun the subject's "
+                         f"preprocessing (rule compute_qc).") from None
+    missing = [metric for metric in METRICS if metric not in record]
+    if missing:
+        raise InputError(f"QC file {path} lacks {', '.join(missing)}; rerun the subject's "
+                         f"preprocessing (rule compute_qc).")
+    failures = qc_failures(record, minimums)
+    return (not failures, "; ".join(failures),
+            {f"qc_{metric}": float(record[metric]) for metric in METRICS})
+
+
+def normalise_subject(bundle: ModelBundle, stiffness_path: str | Path, *, subject: str
+                      ) -> np.ndarray:
+    """A subject's preprocessed map file -> the model's input [x, y, z] (z-units).
+
+    Uses the bundle's TRAINING normalisation record (:func:`brainage.normalise.apply`);
+    nothing is estimated on the new cohort.
+
+    Raises
+    ------
+    InputError
+        Unreadable or empty map, NaN/inf voxels, or a map off the bundle's template grid.
+    """
+    what = f"subject {subject}: preprocessed map {stiffness_path}"
+    data, affine = load_volume(stiffness_path, what=what)
+    check_grid(data.shape, affine, bundle.normalisation, what=what)
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{what} has NaN/inf voxels; rerun its preprocessing.")
+    return apply_normalisation(data, bundle.normalisation).astype(np.float32)
+
+
+def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
+                   maps: Mapping[str, str | Path], qc: Mapping[str, str | Path], *,
+                   predictions_path: str | Path, summary_path: str | Path,
+                   figure_path: str | Path | None = None,
+                   provenance_path: str | Path | None = None, cohort: str = "cohort",
+                   qc_thresholds: Mapping | None = None, group_column: str | None = None,
+                   bias_reference_group: str | None = None,
+                   device: str | None = None) -> pd.DataFrame:
+    """Predict brain age for every subject of a preprocessed cohort; write the reports.
+
+    Parameters
+    ----------
+    bundle_dir : path
+        Model bundle (``results/models/<name>``); verified before use.
+    dataset_root : path
+        The cohort's BIDS-like dataset (its participants.tsv gives age, sex, study, group).
+    maps : mapping of label to path
+        Each subject's preprocessed map (``..._space-MNI152_res-2_desc-preproc_stiffness``,
+        kPa, template grid); one per participants.tsv row.
+    qc : mapping of label to path
+        Each subject's ``sub-<label>_qc.json``. A subject failing QC is listed with status
+        ``qc_failed`` and the thresholds it missed, and gets no prediction: a map that is
+        misregistered or covers too little of the brain gives a meaningless brain age.
+    predictions_path, summary_path, figure_path : path
+        ``predictions.tsv`` (one row per subject: the participants.tsv columns, then
+        :data:`PREDICTION_COLUMNS`), ``summary.tsv`` (per group, :data:`SUMMARY_COLUMNS`)
+        and the gap-by-group figure (optional).
+    provenance_path : path, optional
+        ``provenance.json``: bundle, its checksums and versions, the bias correction
+        and QC thresholds used, the subjects that failed QC; default next to
+        ``predictions_path``.
+    cohort : str
+        Cohort name, for titles and messages.
+    qc_thresholds : mapping, optional
+        ``min_dice``, ``min_correlation``, ``min_coverage``; default the thresholds the
+        training data were checked with (bundle manifest ``preprocessing.qc``).
+    group_column : str, optional
+        participants.tsv column to summarise by; default ``group`` if present, else
+        ``study``.
+    bias_reference_group : str, optional
+        Refit the age-bias correction on the subjects of this group (a healthy control
+        group of the new cohort) instead of using the bundle's training fit.
+    device : str, optional
+        ``cpu``/``cuda``/``auto``; default the exported cell's ``train.device``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        The predictions table written.
+
+    Raises
+    ------
+    InputError
+        A subject without a preprocessed map or QC file, a map off the template grid.
+    BundleError
+        Missing, tampered or incompatible bundle.
+    """
+    participants = read_participants(dataset_root)
+    table_path = Path(dataset_root) / "participants.tsv"
+    labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
+    group_column = group_column or ("group" if "group" in participants.columns else "study")
+    if group_column not in participants.columns:
+        raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
+                         f"summarise by; it has {', '.join(participants.columns)}.")
+    clashes = [column for column in PREDICTION_COLUMNS if column in participants.columns]
+    if clashes:
+        raise InputError(f"cohort {cohort}: {table_path} has column(s) {', '.join(clashes)}, "
+                         f"which predictions.tsv adds itself; rename them.")
+    for kind, given in (("preprocessed map", maps), ("QC file", qc)):
+        missing = [label for label in labels if label not in given]
+        if missing:
+            raise InputError(f"cohort {cohort}: no {kind} for sub-{', sub-'.join(missing)} "
+                             f"listed in {table_path}; run their preprocessing first.")
+    model = BrainAgeModel.from_bundle(bundle_dir, device=device)
+    log.info("cohort %s: %d subjects, bundle %s (%s/%s seed %s)", cohort, len(labels),
+             model.bundle.path, model.bundle.manifest["source"]["experiment"],
+             model.bundle.manifest["source"]["variant"], model.bundle.manifest["source"]["seed"])
+
+    if qc_thresholds is None:
+        qc_thresholds = (model.bundle.manifest.get("preprocessing") or {}).get("qc") or {}
+    missing = [key for key in QC_THRESHOLDS.values() if key not in qc_thresholds]
+    if missing:
+        raise BundleError(f"model bundle {model.bundle.path} records no QC threshold(s) "
+                          f"{', '.join(missing)}; pass qc_thresholds (config section qc).")
+    passed, reasons, qc_metrics = [], [], []
+    for label in labels:
+        ok, reason, metrics = read_qc(qc[label], thresholds(qc_thresholds))
+        passed.append(ok)
+        reasons.append(reason)
+        qc_metrics.append(metrics)
+        if not ok:
+            log.warning("cohort %s: sub-%s fails preprocessing QC (%s): reported, not "
+                        "predicted", cohort, label, reason)
+    passed = np.array(passed, dtype=bool)
+    volumes = [normalise_subject(model.bundle, maps[label], subject=f"sub-{label}")
+               for label, ok in zip(labels, passed) if ok]
+    predicted = np.full(len(labels), np.nan)
+    if volumes:
+        predicted[passed] = model.predict_age(np.stack(volumes))
+
+    ages = participants["age"].to_numpy(dtype=np.float64)
+    table = participants.copy()
+    bias = model.bias
+    bias_source = (f"bundle: {model.bundle.bias_correction.get('description', '')} "
+                   f"({model.bundle.bias_correction.get('n_subjects')} subjects)")
+    if bias_reference_group is not None:
+        in_group = (table[group_column].astype(str) == str(bias_reference_group)).to_numpy()
+        reference = passed & in_group
+        bias = fit_age_bias(ages[reference], predicted[reference],
+                            where=f"cohort {cohort} group {bias_reference_group!r}")
+        bias_source = (f"cohort {cohort} group {bias_reference_group!r} "
+                       f"({reference.sum()} subjects)")
+    log.info("age-bias correction from %s: gap = %.3f + %.4f * age", bias_source,
+             bias.intercept, bias.slope)
+    training = model.bundle.manifest.get("training", {})
+    table["status"] = np.where(passed, "predicted", "qc_failed")
+    table["qc_pass"] = passed
+    table["qc_reason"] = reasons
+    for column in qc_metrics[0]:
+        table[column] = [metrics[column] for metrics in qc_metrics]
+    table["predicted_age"] = predicted
+    table["gap"] = predicted - ages
+    table["corrected_gap"] = bias.corrected_gap(ages, predicted)
+    table["corrected_predicted_age"] = ages + table["corrected_gap"]
+    table["within_training_ages"] = (ages >= training.get("age_min", -np.inf)) & (
+        ages <= training.get("age_max", np.inf))
+    table = table[list(participants.columns) + list(PREDICTION_COLUMNS)]
+
+    summary = summarise_gaps(table, group_column)
+    write_tsv(predictions_path, table)
+    write_tsv(summary_path, summary)
+    if figure_path is not None:
+        plot_gap_by_group(table, group_column, figure_path,
+                          title=f"{cohort}: brain-age gap by {group_column} "
+                                f"(model {model.bundle.name})")
+    write_json(provenance_path or Path(predictions_path).with_name("provenance.json"), {
+        "cohort": cohort, "dataset_root": str(dataset_root),
+        "bundle": str(model.bundle.path), "bundle_name": model.bundle.name,
+        "bundle_files": model.bundle.manifest["files"],
+        "bundle_versions": model.bundle.manifest["versions"],
+        "bias_correction": {"intercept": bias.intercept, "slope": bias.slope,
+                            "source": bias_source},
+        "qc_thresholds": thresholds(qc_thresholds),
+        "n_subjects": len(table), "n_predicted": int(passed.sum()),
+        "qc_failed": [{"participant_id": pid, "reason": reason}
+                      for pid, ok, reason in zip(table["participant_id"], passed, reasons)
+                      if not ok]})
+    log.info("cohort %s: predicted %d of %d subjects (%d failed QC); mean corrected gap %s",
+             cohort, passed.sum(), len(table), (~passed).sum(), ", ".join(
+                 f"{row.group} {row.mean_corrected_gap:+.2f} y" for row in summary.itertuples()
+                 if row.n_predicted))
+    return table
+
+
+def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
+    """Per-group brain-age gaps (years): n, mean and sd of raw and corrected gap, and the
+    95 % t confidence interval of the mean corrected gap. Groups in order of appearance."""
+    from scipy import stats
+
+    rows = []
+    for group, members in table.groupby(table[group_column].astype(str), sort=False):
+        predicted = members[members["status"] == "predicted"]
+        n = len(predicted)
+        corrected = predicted["corrected_gap"].to_numpy(dtype=float)
+        mean = float(np.mean(corrected)) if n else math.nan
+        sd = float(np.std(corrected, ddof=1)) if n > 1 else math.nan
+        half_width = (float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)) if n > 1 else math.nan
+        rows.append({
+            "grouped_by": group_column, "group": group, "n": len(members), "n_predicted": n,
+            "n_qc_failed": int((members["status"] == "qc_failed").sum()),
+            "age_mean": float(members["age"].mean()),
+            "mean_gap": float(predicted["gap"].mean()) if n else math.nan,
+            "sd_gap": float(predicted["gap"].std(ddof=1)) if n > 1 else math.nan,
+            "mean_corrected_gap": mean, "sd_corrected_gap": sd,
+            "corrected_gap_ci95_low": mean - half_width,
+            "corrected_gap_ci95_high": mean + half_width})
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
+
+
+def plot_gap_by_group(table: pd.DataFrame, group_column: str, path: str | Path, *,
+                      title: str = "") -> None:
+    """Two panels, raw and age-bias-corrected gap (years) per group: box plot and points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    predicted = table[table["status"] == "predicted"]
+    groups = list(dict.fromkeys(table[group_column].astype(str)))
+    figure, axes = plt.subplots(1, 2, figsize=(4 + 1.4 * len(groups), 4.2), sharey=True)
+    rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
+    for axis, column, label in ((axes[0], "gap", "brain-age gap (years)"),
+                                (axes[1], "corrected_gap", "corrected brain-age gap (years)")):
+        values = [predicted.loc[predicted[group_column].astype(str) == group, column]
+                  .to_numpy(dtype=float) for group in groups]
+        positions = np.arange(1, len(groups) + 1)
+        non_empty = [index for index, group_values in enumerate(values) if len(group_values)]
+        if non_empty:
+            axis.boxplot([values[index] for index in non_empty],
+                         positions=positions[non_empty], widths=0.5, showfliers=False)
+        for position, group_values in zip(positions, values):
+            axis.scatter(position + rng.uniform(-0.12, 0.12, len(group_values)), group_values,
+                         s=12, alpha=0.7, zorder=3)
+        axis.axhline(0.0, color="grey", linestyle="--", linewidth=1)
+        axis.set_xticks(positions)
+        axis.set_xticklabels([f"{group}\n(n={len(group_values)})"
+                              for group, group_values in zip(groups, values)])
+        axis.set_ylabel(label)
+    failed = int((table["status"] != "predicted").sum())
+    suffix = f"; {failed} subject(s) failed QC, not shown" if failed else ""
+    figure.suptitle(f"{title}{suffix}", fontsize=10)
+    figure.tight_layout()
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png", dpi=120)
+    plt.close(figure)

@@ -1,0 +1,162 @@
+"""Export one evaluated grid cell as a model bundle (rule ``export_model``).
+
+Everything in a bundle (:mod:`brainage.bundle`) was computed before the export: the
+encoder by ``train_encoder``, the read-out and its age-bias fits by ``evaluate_encoder``
+(``readout.pt`` / ``readout.json``, :mod:`brainage.readout`), the normalisation record by
+``normalise_dataset`` (the split's ``stats.json``), the template by ``prepare_template``.
+The export copies and checks; it embeds nothing and fits nothing, so a bundle predicts the
+cell's subjects exactly as ``predictions.tsv`` records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from brainage.agebias import select_bias_correction
+from brainage.bundle import write_bundle
+from brainage.config import resolve_cell
+from brainage.io import sha256_file
+from brainage.normalise import RECORD_KEYS
+from brainage.preprocess.template import template_record
+from brainage.readout import READOUT_DESCRIPTION, load_readout
+
+log = logging.getLogger(__name__)
+
+#: What readout.json holds besides the read-out's own description; the manifest keeps
+#: these under their own keys.
+CELL_RECORD_KEYS = ("split", "encoder_sha256", "training", "bias_correction")
+
+
+class ExportError(ValueError):
+    """A grid cell cannot be exported as a bundle; the message says why and what to do."""
+
+
+def normalisation_record(stats: Mapping) -> dict:
+    """The split's TRAINING normalisation, without per-subject lists: a bundle goes to
+    other labs and needs the numbers, not who the training subjects were."""
+    missing = [key for key in RECORD_KEYS if key not in stats]
+    if missing:
+        raise ExportError(f"the split's stats.json lacks {', '.join(missing)}; rerun rule "
+                          f"normalise_dataset.")
+    record = {key: stats[key] for key in (*RECORD_KEYS, "scope", "n_voxels", "split")
+              if key in stats}
+    record["n_statistics_subjects"] = len(stats.get("statistics_subjects", []))
+    return record
+
+
+def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str | Path,
+                 settings: Mapping, *, bundle_dir: str | Path, name: str,
+                 template_t1: str | Path, template_mask: str | Path,
+                 preprocessing: Mapping, bias_fit: str = "training") -> dict:
+    """Copy one evaluated grid cell into a model bundle another lab can run.
+
+    Parameters
+    ----------
+    cell_dir : path
+        The cell's folder: ``metrics.json``, ``readout.pt``, ``readout.json``.
+    encoder_path : path
+        The encoder the cell evaluated (its own, or the one it shares).
+    stats_path : path
+        The split's ``stats.json``: the TRAINING normalisation record.
+    settings : mapping
+        The cell's settings (:func:`brainage.config.cell_settings`).
+    bundle_dir, name : path, str
+        Output folder (``results/models/<name>``) and bundle name.
+    template_t1, template_mask : path
+        The registration template; its id, grid and mask checksum are recorded
+        (:func:`brainage.preprocess.template.template_record`).
+    preprocessing : mapping
+        The config sections ``preprocess``, ``qc``, ``template``: how a new cohort must be
+        preprocessed to match the training data.
+    bias_fit : str
+        Which of the read-out's age-bias fits the bundle applies (config key
+        ``predict.bias_fit``: ``training`` or ``test``).
+
+    Returns
+    -------
+    dict
+        The manifest written.
+
+    Raises
+    ------
+    ExportError
+        The read-out was fitted on another encoder or split, or a record is incomplete.
+    """
+    settings = resolve_cell(settings)
+    cell_dir = Path(cell_dir)
+    readout, description = load_readout(cell_dir)
+    encoder_sha256 = sha256_file(encoder_path)
+    if description.get("encoder_sha256") != encoder_sha256:
+        raise ExportError(
+            f"{cell_dir / READOUT_DESCRIPTION} was fitted on an encoder with sha256 "
+            f"{description.get('encoder_sha256')}, but {encoder_path} has {encoder_sha256}: "
+            f"the encoder was retrained after evaluation. Rerun rule evaluate_encoder for "
+            f"this cell, then export.")
+    stats = json.loads(Path(stats_path).read_text())
+    if description.get("split") != stats.get("split"):
+        raise ExportError(f"{cell_dir / READOUT_DESCRIPTION} belongs to split "
+                          f"{description.get('split')!r}, not to {stats_path} "
+                          f"({stats.get('split')!r}); rerun rule evaluate_encoder.")
+    try:
+        bias = select_bias_correction(description["bias_correction"], bias_fit)
+    except ValueError as error:
+        raise ExportError(str(error)) from None
+    readout_state, readout_description = readout.to_state()
+    payload = torch.load(encoder_path, map_location="cpu", weights_only=True)
+    metrics = json.loads((cell_dir / "metrics.json").read_text())
+    fields = {
+        "settings": settings,
+        "source": {"split": stats["split"], "experiment": settings.get("experiment"),
+                   "variant": settings.get("variant"), "seed": settings["seed"],
+                   "encoder_sha256": encoder_sha256, "metrics": metrics},
+        "normalisation": normalisation_record(stats),
+        "template": template_record(template_t1, template_mask,
+                                    source=preprocessing["template"]["source"],
+                                    space=preprocessing["template"]["space"]),
+        "preprocessing": dict(preprocessing),
+        "readout": {**readout_description,
+                    **{key: value for key, value in description.items()
+                       if key not in CELL_RECORD_KEYS and key not in readout_description}},
+        "bias_correction": bias,
+        "training": description["training"],
+    }
+    write_bundle(bundle_dir, name=name, encoder_state=payload["model"],
+                 readout_state=readout_state, manifest_fields=fields,
+                 readme=bundle_readme(name, fields))
+    log.info("exported %s/%s seed %s as bundle %s", settings.get("experiment"),
+             settings.get("variant"), settings["seed"], name)
+    return json.loads((Path(bundle_dir) / "manifest.json").read_text())
+
+
+def bundle_readme(name: str, fields: Mapping) -> str:
+    """The bundle's README.md: what it is and how to run it."""
+    source = fields["source"]
+    metrics = source.get("metrics") or {}
+    mae = f"{metrics['mae']:.2f} years" if "mae" in metrics else "n/a"
+    training = fields["training"]
+    return (
+        f"# brainage model bundle `{name}`\n\n"
+        f"Brain age from MR-elastography stiffness maps: a 3D ResNet-18 encoder trained with "
+        f"the `{fields['settings']['loss']['name']}` loss (grid cell "
+        f"{source['experiment']}/{source['variant']}/seed-{source['seed']}, split "
+        f"{source['split']}) and a `{fields['readout']['method']}` read-out.\n\n"
+        f"- test MAE of the cell: {mae}\n"
+        f"- trained on {training['n_subjects']} subjects aged {training['age_min']:.0f}-"
+        f"{training['age_max']:.0f} years\n"
+        f"- template: {fields['template']['id']}, normalisation at "
+        f"{fields['normalisation']['resolution_mm']} mm with the training mean "
+        f"{fields['normalisation']['mean']:.4f} kPa and sd "
+        f"{fields['normalisation']['sd']:.4f} kPa\n"
+        f"- age-bias correction: gap = {fields['bias_correction']['intercept']:.3f} + "
+        f"{fields['bias_correction']['slope']:.4f} * age "
+        f"({fields['bias_correction']['description']})\n\n"
+        f"Run it on a BIDS-like dataset (participants.tsv + sub-*/mre/*_stiffness.nii.gz):\n\n"
+        f"    python -m brainage.predict run --bundle <this folder> --dataset <root> "
+        f"--output <folder>\n\n"
+        f"manifest.json lists the sha256 of encoder.pt and readout.pt; both are plain tensor "
+        f"files read with torch.load(weights_only=True).\n")

@@ -1,0 +1,131 @@
+"""One subject's preprocessing chain, defined once for every cohort.
+
+The chain is four steps, each one package function and one Snakemake rule of the same
+name (workflow/rules/preprocess.smk)::
+
+    strip_skull -> correct_bias -> register_to_template -> compute_qc
+
+:func:`subject_files` names every file a subject's chain reads and writes; the rules take
+their inputs and outputs from it (with wildcards for the subject and the cohort's
+preprocessing folder), and :func:`run_subject` runs the same functions on the same files
+in-process for a lab that applies a model bundle without Snakemake. Settings come from
+the validated ``preprocess`` section (the config's, or the one a bundle records) through
+:func:`step_options`, so both routes preprocess alike.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Mapping
+
+from brainage.paths import TRAINING_PREPROC, Layout
+
+log = logging.getLogger(__name__)
+
+STEPS = ("strip_skull", "correct_bias", "register_to_template", "compute_qc")
+
+
+def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC
+                  ) -> dict[str, str]:
+    """Every file of one subject's chain (``subject``/``preproc`` may be wildcards).
+
+    Keys: ``mask``, ``mask_json``, ``reference``, ``reference_info`` (strip_skull);
+    ``corrected``, ``corrected_reference`` (correct_bias); ``registered``,
+    ``registered_mask``, ``registered_mask_json``, ``transform``, ``registered_reference``
+    (register_to_template); ``qc_json``, ``qc_png`` (compute_qc). The JSON sidecars of the
+    masks make the preprocessing folder a valid BIDS-Derivatives dataset.
+    """
+    native = dict(preproc=preproc)
+    return {
+        "mask": layout.subject_native(subject, "brain", "mask", **native),
+        "mask_json": layout.subject_native(subject, "brain", "mask", ".json", **native),
+        "reference": layout.subject_native(subject, "brain", "reference", **native),
+        "reference_info": layout.subject_native(subject, "brain", "reference", ".json",
+                                                **native),
+        "corrected": layout.subject_native(subject, "biascorr", "stiffness", **native),
+        "corrected_reference": layout.subject_native(subject, "biascorr", "reference",
+                                                     **native),
+        "registered": layout.subject_mni(subject, "preproc", "stiffness", **native),
+        "registered_mask": layout.subject_mni(subject, "brain", "mask", **native),
+        "registered_mask_json": layout.subject_mni(subject, "brain", "mask", ".json",
+                                                   **native),
+        "transform": layout.subject_transform(subject, **native),
+        "registered_reference": layout.subject_mni(subject, "preproc", "reference", **native),
+        "qc_json": layout.subject_qc(subject, ".json", **native),
+        "qc_png": layout.subject_qc(subject, ".png", **native),
+    }
+
+
+def step_threads(preprocess: Mapping) -> int:
+    """ITK/PyTorch threads per step: one when ``preprocess.deterministic`` (bit-identical
+    reruns), otherwise ``preprocess.threads``."""
+    return 1 if preprocess["deterministic"] else int(preprocess["threads"])
+
+
+def step_options(step: str, preprocess: Mapping) -> dict:
+    """The keyword options of ``step`` from a validated ``preprocess`` section: exactly
+    the settings that change the step's result (Snakemake passes them as params)."""
+    threads = step_threads(preprocess)
+    if step == "strip_skull":
+        return {"method": preprocess["skullstrip"],
+                "freesurfer_tool": preprocess["freesurfer_tool"], "threads": threads}
+    if step == "correct_bias":
+        return {"n4": preprocess["n4"], "max_nan_fraction": preprocess["max_nan_fraction"],
+                "deterministic": preprocess["deterministic"], "threads": threads}
+    if step == "register_to_template":
+        return {"deterministic": preprocess["deterministic"], "threads": threads}
+    if step == "compute_qc":
+        return {}
+    raise ValueError(f"unknown preprocessing step {step!r}; the steps are {', '.join(STEPS)}.")
+
+
+def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
+             template_t1: str, template_mask: str, options: Mapping, subject: str) -> None:
+    """Run one step on a subject's files: the function a rule's script calls."""
+    from brainage.preprocess import correct_bias, register_to_template, strip_skull
+    from brainage.preprocess.derivatives import describe_mask
+    from brainage.qc import compute_qc
+
+    if step == "strip_skull":
+        strip_skull(inputs["stiffness"], files["mask"], files["reference"],
+                    files["reference_info"], anat=inputs.get("anat"), subject=subject, **options)
+        describe_mask(files["mask"])
+    elif step == "correct_bias":
+        correct_bias(inputs["stiffness"], files["mask"], files["reference"],
+                     files["reference_info"], files["corrected"], files["corrected_reference"],
+                     subject=subject, **options)
+    elif step == "register_to_template":
+        register_to_template(files["corrected"], files["mask"], files["corrected_reference"],
+                             files["reference_info"], template_t1, template_mask,
+                             files["registered"], files["registered_mask"], files["transform"],
+                             files["registered_reference"], subject=subject, **options)
+        describe_mask(files["registered_mask"], template_mask=template_mask)
+    elif step == "compute_qc":
+        compute_qc(files["registered"], files["registered_mask"], files["registered_reference"],
+                   files["reference_info"], template_t1, template_mask, files["qc_json"],
+                   files["qc_png"], subject=subject, **options)
+    else:
+        raise ValueError(f"unknown preprocessing step {step!r}; the steps are "
+                         f"{', '.join(STEPS)}.")
+
+
+#: The output whose presence means a step is done (each step writes it last).
+STEP_DONE = {"strip_skull": "mask_json", "correct_bias": "corrected_reference",
+             "register_to_template": "registered_mask_json", "compute_qc": "qc_png"}
+
+
+def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, preproc: str,
+                preprocess: Mapping, template_t1: str, template_mask: str) -> dict[str, str]:
+    """The whole chain for one subject, in-process; returns :func:`subject_files`.
+
+    A step whose last output exists is skipped, so an interrupted run continues; delete
+    the subject's folder to start over (e.g. after changing the bundle).
+    """
+    files = subject_files(layout, subject, preproc)
+    for step in STEPS:
+        if Path(files[STEP_DONE[step]]).is_file():
+            continue
+        run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
+                 options=step_options(step, preprocess), subject=subject)
+    return files

@@ -1,0 +1,113 @@
+"""A cohort's preprocessing folder as a BIDS-Derivatives dataset.
+
+Each preprocessing folder (``results/preproc`` for the training cohort,
+``results/predict/<cohort>/preproc`` for a new one; :mod:`brainage.paths`) gets what the
+BIDS validator needs to accept it as a derivative dataset:
+
+- ``dataset_description.json``: DatasetType ``derivative``, GeneratedBy brainage with its
+  version, the raw dataset it derives from;
+- ``README.md``: what the files are;
+- a JSON sidecar beside every brain mask (:func:`describe_mask`): mask type and, for
+  template-space masks, what ``res-2`` means;
+- ``.bidsignore``: the files BIDS has no suffix for. There is no MR-elastography datatype,
+  so the stiffness maps, the registration references (T1w or stiffness, per subject),
+  the ANTs transforms and the QC figures are listed there, and the validator checks the
+  rest (checked by tests/test_derivatives.py with the schema-based validator).
+
+The template files of the training cohort's folder (``tpl-<space>/``) get sidecars too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from brainage.io import atomic_path, write_json
+from brainage.paths import TEMPLATE_RESOLUTION
+
+BIDS_VERSION = "1.10.0"
+#: Files of a subject without a BIDS suffix (MRE has no datatype), ignored by the validator.
+BIDS_IGNORE = ("*_stiffness.nii.gz", "*_reference.nii.gz", "*_reference.json", "*_xfm.mat",
+               "sub-*/figures")
+
+
+def _resolution(space: str, template_shape) -> dict:
+    shape = " x ".join(str(int(n)) for n in template_shape)
+    return {"2": f"2 mm isotropic grid of the {space} template as the pipeline prepares it "
+                 f"({shape} voxels)"}
+
+
+def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
+                           source: str, version: str, template: bool = False) -> Path:
+    """Write the dataset-level files of a preprocessing folder; returns
+    ``dataset_description.json``.
+
+    Parameters
+    ----------
+    folder : the preprocessing folder.
+    space : TemplateFlow identifier of the template (config key ``template.space``).
+    template_shape : voxels of the 2 mm template grid, for the ``res-2`` description.
+    source : the raw BIDS-like dataset it derives from (config key ``dataset.root`` or a
+        cohort's root).
+    version : brainage's version (GeneratedBy).
+    template : also describe the template files under ``tpl-<space>/`` (training cohort).
+    """
+    folder = Path(folder)
+    resolution = _resolution(space, template_shape)
+    with atomic_path(folder / "README.md") as temp:
+        temp.write_text(
+            f"# brainage preprocessing derivatives\n\n"
+            f"Per subject (`sub-<label>/anat/`): the native-space brain mask "
+            f"(`desc-brain_mask`), the registration reference and its sidecar "
+            f"(`desc-brain_reference`), the N4-corrected stiffness map and reference "
+            f"(`desc-biascorr`), the stiffness map affinely registered to {space} at 2 mm "
+            f"(`space-{space}_{TEMPLATE_RESOLUTION}_desc-preproc_stiffness`, kPa, zero "
+            f"outside the brain and the MRE slab), the warped brain mask and reference, and "
+            f"the ANTs affine (`from-native_to-{space}_mode-image_xfm.mat`, template to "
+            f"native). `sub-<label>/figures/` holds the QC metrics and views.\n\n"
+            f"Derived from {source} by brainage {version}. BIDS has no MR-elastography "
+            f"datatype; the files without a BIDS suffix are listed in `.bidsignore`.\n")
+    with atomic_path(folder / ".bidsignore") as temp:
+        temp.write_text("\n".join(BIDS_IGNORE) + "\n")
+    if template:
+        name = f"tpl-{space}"
+        write_json(folder / name / f"{name}_{TEMPLATE_RESOLUTION}_T1w.json", {
+            "Description": f"{space} T1 template at 2 mm, the registration target",
+            "Resolution": resolution})
+        write_json(folder / name / f"{name}_{TEMPLATE_RESOLUTION}_desc-brain_mask.json", {
+            "Type": "Brain", "Description": f"{space} brain mask at 2 mm",
+            "Resolution": resolution,
+            "Sources": [f"bids::{name}/{name}_{TEMPLATE_RESOLUTION}_T1w.nii.gz"],
+            "SpatialReference": f"bids::{name}/{name}_{TEMPLATE_RESOLUTION}_T1w.nii.gz"})
+    description = folder / "dataset_description.json"
+    write_json(description, {
+        "Name": "brainage: preprocessed MR-elastography stiffness maps",
+        "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "brainage", "Version": version,
+                         "Description": "skull stripping, N4 bias correction and affine "
+                                        f"registration to {space} at 2 mm"}],
+        "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}],
+        "DatasetLinks": {"raw": Path(source).resolve().as_uri()}})
+    return description
+
+
+def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None) -> Path:
+    """Write the JSON sidecar of a subject's brain mask; returns its path.
+
+    A native-space mask gets its type and description; a template-space mask (pass the
+    template mask it was warped onto) also what ``res-2`` means, which the BIDS validator
+    requires for a file with a ``res`` entity.
+    """
+    mask = Path(mask)
+    sidecar = mask.with_name(mask.name.replace(".nii.gz", ".json"))
+    if template_mask is None:
+        write_json(sidecar, {"Type": "Brain",
+                             "Description": "brain mask on the stiffness map's native grid"})
+        return sidecar
+    import nibabel as nib
+
+    space = next(part[len("space-"):] for part in mask.name.split("_")
+                 if part.startswith("space-"))
+    write_json(sidecar, {"Type": "Brain", "Description": f"brain mask warped to {space}",
+                         "Resolution": _resolution(space, nib.load(str(template_mask)).shape),
+                         "SpatialReference": space})
+    return sidecar

@@ -1,0 +1,279 @@
+"""The age read-out on frozen features (docs/method.md, "Evaluation"), fitted once.
+
+``evaluate_encoder`` fits the configured read-out on a cell's training embeddings and
+saves it next to ``metrics.json``; the model export copies those files into the bundle,
+and a bundle applied to a new cohort rebuilds the read-out from them. Nothing is refitted
+after evaluation.
+
+Methods (config key ``readout.method``):
+
+- ``ridge`` (paper): scikit-learn Ridge, alpha chosen from ``readout.alphas`` by
+  ``readout.cv_folds``-fold cross-validation (r2 scoring) on the training embeddings only;
+- ``mse``, ``l1``, ``huber``, ``dex`` (Fig. 4b): a small MLP trained on the frozen training
+  embeddings with that loss; DEX classifies into age bins and predicts the expected value
+  of the softmax.
+
+On disk a fitted read-out is two files (:func:`save_readout`): ``readout.pt``, tensors only
+(Ridge ``coef`` [D] and ``intercept``; or the MLP's state dict with its feature scaling and
+DEX bin centres), read with ``torch.load(..., weights_only=True)``; and ``readout.json``,
+its description (method, chosen alpha, widths, age scaling) plus whatever the caller adds
+(the age-bias fits, the training summary). No scikit-learn object is ever pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+from brainage.config import ConfigError
+from brainage.io import atomic_path, save_tensors, write_json
+
+log = logging.getLogger(__name__)
+
+READOUT_METHODS = ("ridge", "mse", "l1", "huber", "dex")
+#: Shuffles the Ridge read-out's CV folds (the reference's split seed).
+READOUT_CV_SEED = 42
+READOUT_TENSORS = "readout.pt"
+READOUT_DESCRIPTION = "readout.json"
+
+
+@dataclass
+class Readout:
+    """A fitted read-out: ``predict(features [n, D]) -> ages [n]`` (years, float64).
+
+    Ridge keeps its coefficients (``coef`` [D], ``intercept``); the predictors keep the MLP
+    with the feature standardisation and the age scaling (or DEX bin centres, years).
+    """
+
+    method: str
+    info: dict = field(default_factory=dict)
+    coef: np.ndarray | None = None
+    intercept: float = 0.0
+    predictor: nn.Module | None = None
+    feature_mean: np.ndarray | None = None
+    feature_sd: np.ndarray | None = None
+    age_mean: float = 0.0
+    age_sd: float = 1.0
+    bin_centres: np.ndarray | None = None
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        features = np.asarray(features, dtype=np.float64)
+        if self.method == "ridge":
+            return features @ self.coef + self.intercept
+        scaled = torch.from_numpy(((features - self.feature_mean) / self.feature_sd)
+                                  .astype(np.float32))
+        with torch.no_grad():
+            output = self.predictor(scaled)
+        if self.method == "dex":
+            probabilities = torch.softmax(output, dim=1).double().numpy()
+            return probabilities @ self.bin_centres
+        return output[:, 0].double().numpy() * self.age_sd + self.age_mean
+
+    # -- plain tensors and JSON --------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Tensors (float64 where the read-out computes in float64) and the JSON description
+        from which :meth:`from_state` rebuilds an identical read-out."""
+        description = {"method": self.method, "info": dict(self.info)}
+        if self.method == "ridge":
+            return ({"coef": torch.from_numpy(np.array(self.coef, dtype=np.float64)),
+                     "intercept": torch.tensor(float(self.intercept), dtype=torch.float64)},
+                    description)
+        linear = [layer for layer in self.predictor if isinstance(layer, nn.Linear)]
+        description.update({"in_features": int(linear[0].in_features),
+                            "hidden_dim": int(linear[0].out_features),
+                            "out_features": int(linear[-1].out_features),
+                            "age_mean": float(self.age_mean), "age_sd": float(self.age_sd)})
+        state = {f"predictor.{key}": value.detach().cpu().clone()
+                 for key, value in self.predictor.state_dict().items()}
+        state["feature_mean"] = torch.from_numpy(np.array(self.feature_mean, np.float64))
+        state["feature_sd"] = torch.from_numpy(np.array(self.feature_sd, np.float64))
+        if self.bin_centres is not None:
+            state["bin_centres"] = torch.from_numpy(np.array(self.bin_centres, np.float64))
+        return state, description
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, torch.Tensor], description: Mapping) -> "Readout":
+        method = description["method"]
+        info = dict(description.get("info", {}))
+        if method == "ridge":
+            return cls("ridge", info=info, coef=state["coef"].numpy(),
+                       intercept=float(state["intercept"]))
+        predictor = _mlp(description["in_features"], description["hidden_dim"],
+                         description["out_features"])
+        prefix = "predictor."
+        predictor.load_state_dict({key[len(prefix):]: value for key, value in state.items()
+                                   if key.startswith(prefix)})
+        predictor.eval()
+        return cls(method, info=info, predictor=predictor,
+                   feature_mean=state["feature_mean"].numpy(),
+                   feature_sd=state["feature_sd"].numpy(),
+                   age_mean=float(description["age_mean"]),
+                   age_sd=float(description["age_sd"]),
+                   bin_centres=state["bin_centres"].numpy() if "bin_centres" in state else None)
+
+
+def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
+
+
+# -- fitting ---------------------------------------------------------------------------------
+
+def ridge_folds(n_subjects: int, cv_folds: int):
+    """The Ridge alpha search's folds: ``cv_folds`` capped at half the training subjects
+    (at least 2), shuffled with :data:`READOUT_CV_SEED` (see :func:`fit_ridge`)."""
+    from sklearn.model_selection import KFold
+
+    return KFold(min(int(cv_folds), max(2, n_subjects // 2)), shuffle=True,
+                 random_state=READOUT_CV_SEED)
+
+
+def fit_ridge(features: np.ndarray, ages: np.ndarray, *, alphas, cv_folds: int) -> Readout:
+    """Ridge with alpha chosen by K-fold CV (r2) on the training embeddings, as the reference.
+
+    ``cv_folds`` is capped at half the number of training subjects (at least 2), so that
+    every validation fold has two subjects or more: the r2 of a single subject is undefined.
+
+    The folds are shuffled with :data:`READOUT_CV_SEED`, the same for every cell. The
+    training rows come in participants.tsv order, grouped by study, so unshuffled folds
+    would each be roughly one study (young study 1 scored against the older ones) and
+    bias the choice of alpha. The reference's rows come out of a shuffling
+    ``train_test_split(random_state=42)``; a seed changes initialisation, batch order
+    and augmentation only, not the read-out's folds.
+    """
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV
+
+    if len(ages) < 2:
+        raise ValueError(f"Ridge cross-validation needs at least 2 training subjects; got "
+                         f"{len(ages)}.")
+    folds = ridge_folds(len(ages), cv_folds)
+    search = GridSearchCV(Ridge(), param_grid={"alpha": [float(a) for a in alphas]},
+                          cv=folds, scoring="r2", n_jobs=1)
+    search.fit(features, ages)
+    alpha = float(search.best_params_["alpha"])
+    log.info("ridge: alpha %.3g chosen by %d-fold CV (r2 %.3f)", alpha, folds.n_splits,
+             search.best_score_)
+    estimator = search.best_estimator_
+    return Readout("ridge", info={"ridge_alpha": alpha, "cv_folds": folds.n_splits},
+                   coef=np.asarray(estimator.coef_, dtype=np.float64),
+                   intercept=float(estimator.intercept_))
+
+
+def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
+                  readout_settings: Mapping, seed: int) -> Readout:
+    """A one-hidden-layer MLP on standardised frozen features, trained full-batch with Adam.
+
+    mse / l1 / huber regress the standardised age (Huber's delta is given in years);
+    dex classifies into bins of ``dex_bin_years`` spanning the training ages and predicts
+    the softmax expected value of the bin centres, so predictions stay in that range.
+    """
+    feature_mean = features.mean(axis=0)
+    feature_sd = features.std(axis=0) + 1e-6
+    age_mean, age_sd = float(ages.mean()), float(ages.std() + 1e-6)
+    inputs = torch.from_numpy(((features - feature_mean) / feature_sd).astype(np.float32))
+    readout = Readout(method, feature_mean=feature_mean, feature_sd=feature_sd,
+                      age_mean=age_mean, age_sd=age_sd)
+    if method == "dex":
+        width = float(readout_settings["dex_bin_years"])
+        low = math.floor(ages.min() / width) * width
+        n_bins = max(1, int(math.floor((ages.max() - low) / width)) + 1)
+        readout.bin_centres = low + width * (np.arange(n_bins) + 0.5)
+        targets = torch.from_numpy(np.clip(((ages - low) // width).astype(np.int64), 0,
+                                           n_bins - 1))
+        outputs, criterion = n_bins, nn.CrossEntropyLoss()
+        readout.info["dex_bins"] = n_bins
+    else:
+        targets = torch.from_numpy(((ages - age_mean) / age_sd).astype(np.float32))[:, None]
+        outputs = 1
+        criterion = {"mse": nn.MSELoss(), "l1": nn.L1Loss(),
+                     "huber": nn.HuberLoss(delta=float(readout_settings["huber_delta"]) / age_sd)
+                     }[method]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        predictor = _mlp(inputs.shape[1], int(readout_settings["predictor_hidden_dim"]), outputs)
+    optimiser = torch.optim.Adam(predictor.parameters(), lr=float(readout_settings["predictor_lr"]),
+                                 weight_decay=float(readout_settings["predictor_weight_decay"]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a [n, 128] MLP: threads only add synchronisation (10-30x)
+    try:
+        for _ in range(int(readout_settings["predictor_epochs"])):
+            optimiser.zero_grad()
+            loss = criterion(predictor(inputs), targets)
+            loss.backward()
+            optimiser.step()
+    finally:
+        torch.set_num_threads(threads)
+    predictor.eval()
+    readout.predictor = predictor
+    readout.info["predictor_final_loss"] = float(loss.detach())
+    return readout
+
+
+def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping, *,
+                seed: int = 0) -> Readout:
+    """Fit the read-out of a resolved ``readout`` section on training embeddings [n, D]."""
+    method = readout_settings["method"]
+    if method not in READOUT_METHODS:
+        raise ConfigError(f"config key readout.method is {method!r}; expected one of "
+                          f"{', '.join(READOUT_METHODS)}.")
+    features = np.asarray(features, dtype=np.float64)
+    ages = np.asarray(ages, dtype=np.float64)
+    if method == "ridge":
+        return fit_ridge(features, ages, alphas=readout_settings["alphas"],
+                         cv_folds=readout_settings["cv_folds"])
+    return fit_predictor(features, ages, method=method, readout_settings=readout_settings,
+                         seed=seed)
+
+
+# -- files -----------------------------------------------------------------------------------
+
+def save_readout(folder: str | Path, readout: Readout, **description) -> dict:
+    """Write ``readout.pt`` (tensors) and ``readout.json`` (the description, extended by
+    ``description``) into ``folder``; returns the JSON written.
+
+    Identical read-outs give identical bytes, so checksums of equal results agree.
+    """
+    folder = Path(folder)
+    state, own = readout.to_state()
+    save_tensors(folder / READOUT_TENSORS, state)
+    payload = {**own, **description}
+    write_json(folder / READOUT_DESCRIPTION, payload)
+    return payload
+
+
+def load_readout(folder: str | Path) -> tuple[Readout, dict]:
+    """The read-out saved by :func:`save_readout` and its description.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file and the rule that writes it.
+    """
+    folder = Path(folder)
+    tensors, described = folder / READOUT_TENSORS, folder / READOUT_DESCRIPTION
+    for path in (tensors, described):
+        if not path.is_file():
+            raise FileNotFoundError(f"read-out file {path} does not exist; rerun rule "
+                                    f"evaluate_encoder for this cell.")
+    try:
+        state = torch.load(tensors, map_location="cpu", weights_only=True)
+        description = json.loads(described.read_text())
+    except Exception as error:  # torch raises several types for refused or broken files
+        raise ValueError(f"read-out {folder} cannot be read ({error}); rerun rule "
+                         f"evaluate_encoder for this cell.") from None
+    return Readout.from_state(state, description), description
+
+
+def copy_readout(source: str | Path, target: str | Path) -> None:
+    """Copy the read-out files byte for byte (the model export)."""
+    for name in (READOUT_TENSORS, READOUT_DESCRIPTION):
+        with atomic_path(Path(target) / name) as temp:
+            temp.write_bytes((Path(source) / name).read_bytes())

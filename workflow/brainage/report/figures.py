@@ -1,0 +1,388 @@
+"""The figures: ``results/figures/<name>.png``, drawn by :func:`make_figures`."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from brainage.io import atomic_path
+from brainage.qc import plot_dataset_qc, read_qc_table, thresholds
+from brainage.report.results import (ABLATION_TITLES, coverage_fraction, natural_key,
+                                     PAPER_SEARCH_BEST, read_metrics, read_predictions,
+                                     read_search_trials, seed_results)
+from brainage.report.tables import ablation_table
+from brainage.report.targets import SEARCH_NAME, ReportError, ablation_figure_name
+
+logger = logging.getLogger(__name__)
+
+#: Coverage levels of the example maps (paper Fig. 8), as fractions of the brain.
+EXAMPLE_COVERAGES = (1.00, 0.95, 0.90, 0.80)
+
+#: Below this many embedded subjects UMAP is meaningless; PCA is drawn (and said so).
+MIN_UMAP_SAMPLES = 4
+
+UMAP_NEIGHBOURS = 15
+
+UMAP_RANDOM_STATE = 0
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+def _save(figure, path: str | Path) -> None:
+    with atomic_path(path, suffix=".png") as temp:
+        figure.savefig(temp, dpi=120, bbox_inches="tight")
+    _pyplot().close(figure)
+
+def _study_colours(studies: Iterable[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    names = sorted(set(map(str, studies)), key=natural_key)
+    palette = plt.get_cmap("tab10")
+    return {study: palette(i % 10) for i, study in enumerate(names)}
+
+def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
+    """Fig. 3: stacked age histogram (5-year bins) coloured by study."""
+    plt = _pyplot()
+    colours = _study_colours(participants["study"])
+    ages = participants["age"].astype(float)
+    bins = np.arange(5 * np.floor(ages.min() / 5), 5 * np.ceil(ages.max() / 5) + 5.001, 5)
+    figure, axis = plt.subplots(figsize=(7, 4))
+    groups = [ages[participants["study"].astype(str) == study] for study in colours]
+    axis.hist(groups, bins=bins, stacked=True, color=list(colours.values()),
+              label=[f"{study} (n={len(g)})" for study, g in zip(colours, groups)],
+              edgecolor="white")
+    axis.set_xlabel("age [years]")
+    axis.set_ylabel("subjects")
+    axis.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    axis.set_title(f"Fig. 3: age distribution by study (n={len(ages)}, "
+                   f"{ages.mean():.1f} ± {ages.std():.1f} years)")
+    axis.legend(title="study", fontsize="small")
+    _save(figure, path)
+
+def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
+                  title: str) -> None:
+    """Fig. 4a-d style: bar per variant (mean MAE), error bar = sd over seeds, each seed
+    as a dot, the paper's value as a hollow diamond where known."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(max(4.5, 1.3 * len(table) + 2), 4))
+    x = np.arange(len(table))
+    errors = np.nan_to_num(table["mae_std"].to_numpy(float))
+    bars = axis.bar(x, table["mae_mean"], yerr=errors, capsize=5, color="#4C72B0",
+                    alpha=0.85, label="ours: mean ± sd over seeds")
+    for position, variant in zip(x, table["variant"]):
+        values = seeds.loc[seeds["variant"] == variant, "mae"].to_numpy(float)
+        axis.scatter(np.full(len(values), position) + np.linspace(-0.12, 0.12, len(values)),
+                     values, s=14, color="black", zorder=3,
+                     label="ours: one seed" if position == 0 else None)
+    for bar, mean in zip(bars, table["mae_mean"]):
+        axis.annotate(f"{mean:.2f}", (bar.get_x() + bar.get_width() / 2, 0),
+                      xytext=(0, 3), textcoords="offset points", ha="center",
+                      color="white", fontsize="small", fontweight="bold")
+    paper = table["paper_mae_mean"].to_numpy(float)
+    if np.isfinite(paper).any():
+        axis.errorbar(x, paper, yerr=np.nan_to_num(table["paper_mae_std"].to_numpy(float)),
+                      fmt="D", mfc="none", color="#C44E52", capsize=3,
+                      label="paper (different data)")
+    axis.set_xticks(x, table["label"], rotation=20 if len(table) > 4 else 0, ha="right"
+                    if len(table) > 4 else "center")
+    axis.set_ylabel("test MAE [years]")
+    axis.set_title(title, fontsize="medium")
+    axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
+                frameon=False)
+    axis.set_ylim(0, max(np.nanmax(table["mae_mean"] + errors),
+                         np.nanmax(np.append(paper, 0))) * 1.1)
+    _save(figure, path)
+
+def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
+    """Fig. 6: MAE against λ (categorical axis in increasing λ, hard neighbourhood last)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(table))
+    axis.errorbar(x, table["mae_mean"], yerr=np.nan_to_num(table["mae_std"].to_numpy(float)),
+                  fmt="o-", capsize=4, color="#4C72B0", label="ours: mean ± sd over seeds")
+    paper = table["paper_mae_mean"].to_numpy(float)
+    if np.isfinite(paper).any():
+        axis.errorbar(x, paper, yerr=np.nan_to_num(table["paper_mae_std"].to_numpy(float)),
+                      fmt="D", mfc="none", color="#C44E52", capsize=3,
+                      label="paper (different data)")
+    axis.set_xticks(x, table["label"])
+    axis.set_xlabel("re-weighting exponent λ (λ = 0: Exponential; hard: drop non-neighbours)")
+    axis.set_ylabel("test MAE [years]")
+    axis.set_title(ABLATION_TITLES["lambda"], fontsize="medium")
+    axis.legend(fontsize="small")
+    _save(figure, path)
+
+def load_embeddings(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
+    """``{epoch: {"features" [n, D], "age" [n] years, "subset" [n], "participant_id" [n]}}``
+    from ``<folder>/epoch-<EEE>.npz``, sorted by epoch."""
+    embeddings = {}
+    for file in sorted(Path(folder).glob("epoch-*.npz")):
+        epoch = int(file.stem.split("-")[1])
+        with np.load(file, allow_pickle=False) as data:
+            missing = [k for k in ("features", "age", "subset") if k not in data.files]
+            if missing:
+                raise ReportError(f"{file}: lacks array(s) {', '.join(missing)}.")
+            embeddings[epoch] = {key: data[key] for key in data.files}
+    return embeddings
+
+def project_2d(features: np.ndarray, *, random_state: int = UMAP_RANDOM_STATE
+               ) -> tuple[np.ndarray, str]:
+    """2D projection of ``features`` [n, D]: UMAP (n_neighbors = min(15, n - 1)), or PCA
+    when fewer than :data:`MIN_UMAP_SAMPLES` samples. Returns (coords [n, 2], method)."""
+    features = np.asarray(features, dtype=np.float32)
+    n = len(features)
+    if n < MIN_UMAP_SAMPLES:
+        centred = features - features.mean(axis=0)
+        if n < 2 or not np.any(centred):
+            return np.zeros((n, 2)), "PCA"
+        _, _, components = np.linalg.svd(centred, full_matrices=False)
+        coords = centred @ components[:2].T
+        return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))), "PCA"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tensorflow / n_jobs notices of umap-learn
+        import umap
+
+        reducer = umap.UMAP(n_neighbors=max(2, min(UMAP_NEIGHBOURS, n - 1)),
+                            random_state=random_state, n_jobs=1)
+        return reducer.fit_transform(features), "UMAP"
+
+def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: str | Path, *,
+                    cell: str = "") -> None:
+    """Fig. 5: one 2D projection per saved epoch, coloured by age (train ●, test ▲)."""
+    plt = _pyplot()
+    epochs = sorted(embeddings)
+    if not epochs:
+        raise ReportError(f"no embeddings to plot for {cell or path}; set "
+                          f"train.embed_epochs to epochs the cell trains.")
+    columns = min(3, len(epochs))
+    rows = int(np.ceil(len(epochs) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows),
+                                squeeze=False)
+    ages = np.concatenate([embeddings[e]["age"] for e in epochs]).astype(float)
+    norm = plt.Normalize(ages.min(), ages.max())
+    methods = set()
+    for axis, epoch in zip(axes.flat, epochs):
+        data = embeddings[epoch]
+        coords, method = project_2d(data["features"])
+        methods.add(method)
+        subset = np.asarray(data["subset"]).astype(str)
+        for name, marker in (("train", "o"), ("test", "^")):
+            chosen = subset == name
+            scatter = axis.scatter(coords[chosen, 0], coords[chosen, 1],
+                                   c=np.asarray(data["age"], float)[chosen], cmap="viridis",
+                                   norm=norm, marker=marker, s=22, edgecolors="none",
+                                   label=f"{name} (n={chosen.sum()})")
+        legend = axis.legend(fontsize="x-small", loc="best")
+        for handle in legend.legend_handles:  # marker shape only; colour is age
+            handle.set_color("grey")
+        axis.set_title(f"epoch {epoch}")
+        axis.set_xticks([])
+        axis.set_yticks([])
+    for axis in list(axes.flat)[len(epochs):]:
+        axis.set_visible(False)
+    figure.colorbar(scatter, ax=axes, label="age [years]", shrink=0.8)
+    method = " / ".join(sorted(methods))
+    note = (f" (PCA: fewer than {MIN_UMAP_SAMPLES} subjects, too few for UMAP)"
+            if "PCA" in methods else "")
+    figure.suptitle(f"Fig. 5: {method} of the read-out features by epoch, {cell}{note}",
+                    fontsize="medium")
+    _save(figure, path)
+
+def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
+                  min_coverage: float | None = None) -> None:
+    """Fig. 7: brain coverage (% of the template brain with stiffness) per study."""
+    plt = _pyplot()
+    coverage = 100 * coverage_fraction(participants)
+    colours = _study_colours(participants["study"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    rng = np.random.default_rng(0)
+    for i, study in enumerate(colours):
+        values = coverage[participants["study"].astype(str) == study].to_numpy(float)
+        axis.boxplot(values, positions=[i], widths=0.5, showfliers=False)
+        axis.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=14,
+                     color=colours[study], zorder=3)
+    if min_coverage is not None:
+        axis.axhline(100 * min_coverage, color="#C44E52", linestyle="--",
+                     label=f"QC minimum ({100 * min_coverage:.0f} %)")
+        axis.legend(fontsize="small", loc="lower left")
+    axis.set_xticks(range(len(colours)),
+                    [f"{s}\n(n={int((participants['study'].astype(str) == s).sum())})"
+                     for s in colours])
+    axis.set_ylabel("brain coverage [%]")
+    axis.set_xlabel("study")
+    axis.set_title("Fig. 7: brain coverage of the stiffness maps by study")
+    _save(figure, path)
+
+def pick_coverage_examples(participants: pd.DataFrame,
+                           targets: Sequence[float] = EXAMPLE_COVERAGES) -> list[dict]:
+    """The subjects whose coverage is nearest to the targets: distinct subjects with the
+    smallest total distance (an optimal assignment) while there are enough, else each
+    target's nearest. Returns ``[{"target", "participant_id", "coverage"}]`` (fractions)."""
+    from scipy.optimize import linear_sum_assignment
+
+    coverage = coverage_fraction(participants).to_numpy(float)
+    ids = participants["participant_id"].to_numpy()
+    distance = np.abs(np.asarray(targets, float)[:, None] - coverage[None, :])
+    if len(ids) >= len(targets):
+        _, chosen = linear_sum_assignment(distance)
+    else:
+        chosen = distance.argmin(axis=1)
+    return [{"target": float(target), "participant_id": ids[index],
+             "coverage": float(coverage[index])} for target, index in zip(targets, chosen)]
+
+def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | Path],
+                           path: str | Path) -> None:
+    """Fig. 8: registered stiffness maps (kPa) nearest to 100/95/90/80 % coverage; three
+    orthogonal slices through the centre of the template grid, one colour scale."""
+    import nibabel as nib
+
+    plt = _pyplot()
+    examples = pick_coverage_examples(participants)
+    volumes = []
+    for example in examples:
+        participant = example["participant_id"]
+        if participant not in maps:
+            raise ReportError(f"no registered map for {participant} among the "
+                              f"{len(maps)} given to the coverage examples.")
+        volumes.append(np.nan_to_num(np.asarray(nib.load(str(maps[participant])).dataobj,
+                                                dtype=np.float32)))
+    top = max(float(np.percentile(v[v > 0], 99)) if np.any(v > 0) else 1.0 for v in volumes)
+    figure, axes = plt.subplots(len(examples), 3, figsize=(9, 2.9 * len(examples)),
+                                squeeze=False)
+    for row, (example, volume) in enumerate(zip(examples, volumes)):
+        centre = [s // 2 for s in volume.shape]
+        views = (("sagittal", volume[centre[0], :, :]), ("coronal", volume[:, centre[1], :]),
+                 ("axial", volume[:, :, centre[2]]))
+        for column, (view, plane) in enumerate(views):
+            axis = axes[row, column]
+            image = axis.imshow(np.rot90(plane), cmap="magma", vmin=0, vmax=top)
+            axis.set_xticks([])
+            axis.set_yticks([])
+            if row == 0:
+                axis.set_title(view)
+        axes[row, 0].set_ylabel(f"{example['participant_id']}\n{100 * example['coverage']:.1f} % "
+                                f"(≈{100 * example['target']:.0f} %)", fontsize="small")
+    figure.colorbar(image, ax=axes, label="stiffness [kPa]", shrink=0.6)
+    figure.suptitle("Fig. 8: registered stiffness maps at decreasing brain coverage",
+                    fontsize="medium")
+    _save(figure, path)
+
+def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
+                           cell: str = "") -> None:
+    """Predicted against true age of the test subjects, coloured by study."""
+    plt = _pyplot()
+    test = predictions[predictions["subset"].astype(str) == "test"]
+    if test.empty:
+        raise ReportError(f"no test rows in the predictions of {cell or path}.")
+    colours = _study_colours(test["study"])
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    for study, colour in colours.items():
+        rows = test[test["study"].astype(str) == study]
+        axis.scatter(rows["age"], rows["predicted_age"], color=colour, s=22,
+                     label=f"{study} (n={len(rows)})")
+    low = float(min(test["age"].min(), test["predicted_age"].min())) - 2
+    high = float(max(test["age"].max(), test["predicted_age"].max())) + 2
+    axis.plot([low, high], [low, high], color="grey", linestyle="--", label="identity")
+    error = (test["predicted_age"] - test["age"]).abs().mean()
+    axis.set_xlim(low, high)
+    axis.set_ylim(low, high)
+    axis.set_aspect("equal")
+    axis.set_xlabel("true age [years]")
+    axis.set_ylabel("predicted age [years]")
+    axis.set_title(f"Predicted vs true age, test subjects\n{cell}: MAE {error:.2f} years, "
+                   f"n={len(test)}", fontsize="medium")
+    axis.legend(title="study", fontsize="small")
+    _save(figure, path)
+
+def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
+    """The random search: each trial at (nn_final, nn_step) coloured by validation MAE,
+    the best trial of each split circled, the paper's optimum as a red cross."""
+    plt = _pyplot()
+    splits = list(dict.fromkeys(trials["split"]))
+    figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
+    norm = plt.Normalize(trials["validation_mae"].min(), trials["validation_mae"].max())
+    for axis, split in zip(axes.flat, splits):
+        rows = trials[trials["split"] == split]
+        points = axis.scatter(rows["nn_final"], rows["nn_step"], c=rows["validation_mae"],
+                              cmap="viridis_r", norm=norm, s=40)
+        best = rows.iloc[0]
+        axis.scatter([best["nn_final"]], [best["nn_step"]], s=180, facecolors="none",
+                     edgecolors="black", linewidths=1.5,
+                     label=f"best: {int(best['nn_final'])}, {int(best['nn_step'])} "
+                           f"({best['validation_mae']:.2f} years)")
+        axis.scatter([PAPER_SEARCH_BEST["nn_final"]], [PAPER_SEARCH_BEST["nn_step"]],
+                     marker="x", color="#C44E52", s=60, label="paper's optimum")
+        axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        axis.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+        axis.set_xlabel("final neighbourhood size NN_final [subjects]")
+        axis.set_ylabel("shrink step NN_step [epochs]")
+        axis.set_title(f"{split}: {len(rows)} trials", fontsize="medium")
+        axis.legend(fontsize="small")
+    figure.colorbar(points, ax=axes, label="validation MAE [years]")
+    figure.suptitle("Random search over the neighbourhood schedule", fontsize="medium")
+    _save(figure, path)
+
+def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
+                 qc: str | Path, maps: Mapping[str, str | Path],
+                 embeddings: str | Path | None, predictions: Sequence[str | Path],
+                 settings: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                 focus: str, qc_thresholds: Mapping[str, float],
+                 outputs: Mapping[str, str | Path],
+                 search: Sequence[str | Path] = ()) -> None:
+    """Draw every figure of the configuration (rule make_figures).
+
+    Parameters
+    ----------
+    metrics : every grid cell's ``metrics.json``.
+    participants : one split's ``participants.tsv`` (cohort, coverage as fraction 0-1).
+    qc : ``results/qc/qc.tsv``.
+    maps : ``{participant_id: registered stiffness map}`` (MNI152 2 mm, kPa).
+    embeddings : the focus cell's ``embeddings`` folder (``epoch-<EEE>.npz``).
+    predictions : the focus cell's ``predictions.tsv`` of every split.
+    settings : :func:`experiment_settings` of the config.
+    focus : label of the focus cell, e.g. ``table3/adaptive/seed-0``.
+    qc_thresholds : config ``qc`` (min_dice, min_correlation, min_coverage).
+    outputs : ``{figure name: png path}`` for the names of :func:`report_names`.
+    search : every split's ``trials.tsv`` of the random search (when enabled).
+    """
+    started = time.perf_counter()
+    cohort = pd.read_csv(participants, sep="\t", dtype={"participant_id": str, "study": str})
+    seeds = seed_results(read_metrics(metrics)) if metrics else None
+    for name, path in outputs.items():
+        begun = time.perf_counter()
+        if name == "fig3_age_distribution":
+            plot_age_distribution(cohort, path)
+        elif name == "fig7_coverage":
+            plot_coverage(cohort, path, min_coverage=qc_thresholds.get("min_coverage"))
+        elif name == "fig8_coverage_examples":
+            plot_coverage_examples(cohort, maps, path)
+        elif name == "qc_overview":
+            plot_dataset_qc(read_qc_table(qc), path, minimums=thresholds(qc_thresholds))
+        elif name == "fig5_umap":
+            plot_embeddings(load_embeddings(embeddings), path, cell=focus)
+        elif name == "predicted_vs_true":
+            plot_predicted_vs_true(read_predictions(predictions), path, cell=focus)
+        elif name == SEARCH_NAME:
+            plot_search(read_search_trials(search), path)
+        else:
+            experiment = next((e for e in settings if ablation_figure_name(e) == name), None)
+            if experiment is None:
+                raise ReportError(f"unknown figure name '{name}'")
+            table = ablation_table(seeds, experiment, settings[experiment])
+            if experiment == "lambda":
+                plot_lambda_sweep(table, path)
+            else:
+                plot_ablation(table, seeds[seeds["experiment"] == experiment], path,
+                              title=ABLATION_TITLES.get(experiment, f"Experiment {experiment}"))
+        logger.info("figure %s written in %.1f s", name, time.perf_counter() - begun)
+    logger.info("figures done in %.1f s", time.perf_counter() - started)

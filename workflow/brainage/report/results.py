@@ -1,0 +1,273 @@
+"""Reading the grid's results: one row per cell, pooled over splits, summarised over
+seeds; the paper's numbers to set beside ours; labels of what distinguishes variants."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import pandas as pd
+
+from brainage.report.targets import REFERENCE_LOSS, ReportError
+
+#: Paper Table 3 (METHOD.md section 6): test MAE in years, mean and sd over 5 seeds.
+PAPER_TABLE3: dict[str, tuple[float, float]] = {
+    "simclr": (9.600, 1.701),
+    "nnclr": (8.526, 1.442),
+    "rnc": (5.266, 0.587),
+    "yaware": (3.852, 0.212),
+    "threshold": (4.420, 0.503),
+    "exponential": (3.824, 0.215),
+    "adaptive": (3.724, 0.220),
+}
+
+_PAPER_BEST = PAPER_TABLE3[REFERENCE_LOSS]
+
+#: Paper ablations (Figs. 4a-d, 6; text of sections 4.3 and A.1): experiment -> (the
+#: cell setting that the variants differ in, {setting value: (MAE mean, sd) in years}).
+#: The reference setting of each ablation is the Table 3 model (3.724 ± 0.220).
+PAPER_ABLATIONS: dict[str, tuple[str, dict[Any, tuple[float, float]]]] = {
+    "distance": ("loss.distance", {"manhattan": _PAPER_BEST, "cosine": (3.748, 0.142),
+                                   "euclidean": (3.806, 0.154), "chebyshev": (3.842, 0.196)}),
+    "predictor": ("readout.method", {"ridge": _PAPER_BEST, "mse": (3.724, 0.220),
+                                     "l1": (3.795, 0.254), "huber": (3.973, 0.199),
+                                     "dex": (5.759, 0.429)}),
+    "augmentation": ("train.augmentation", {"none": _PAPER_BEST, "cutout": (3.667, 0.147),
+                                            "noise": (3.956, 0.283), "flip": (4.238, 0.192),
+                                            "rotation": (5.431, 0.414)}),
+    "projection": ("model.features", {"projection": _PAPER_BEST, "encoder": (4.323, 0.216)}),
+    # Fig. 6 gives numbers only for lambda = 1 and the hard neighbourhood (null).
+    "lambda": ("loss.lam", {1.0: (3.681, 0.234), None: _PAPER_BEST}),
+}
+
+#: Paper Table 2, its "Total" row (the per-study rows: brainage.simulate.study_table()).
+PAPER_TABLE2_TOTAL = {"study": "Total", "n": 311, "age_mean": 41.0, "age_sd": 21.9,
+                      "n_female": 183, "n_male": 128}
+
+PAPER_NOTE = ("Paper: Table 3 / Figs. 4 and 6 of the TMLR 2024 paper, 311 subjects from 5 "
+              "studies, 2 mm, 50 epochs, 5 seeds. Different data from ours: compare the "
+              "ranking, not the values.")
+
+#: The paper's random-search optimum (30 trials): nn_final, nn_step.
+PAPER_SEARCH_BEST = {"nn_final": 14, "nn_step": 1}
+
+ABLATION_TITLES = {
+    "distance": "Fig. 4a: distance used to pick the neighbourhood",
+    "predictor": "Fig. 4b: age predictor on the frozen features",
+    "augmentation": "Fig. 4c: training augmentation",
+    "projection": "Fig. 4d: read-out features with / without the projection head",
+    "lambda": "Fig. 6: re-weighting of non-neighbours, exponent λ",
+    "reduction": "Loss reduction: per anchor (Eq. 3) or global (reference code)",
+}
+
+#: Display names of setting values in ablation tables and figures.
+VALUE_LABELS = {
+    "manhattan": "Manhattan", "euclidean": "Euclidean", "chebyshev": "Chebyshev",
+    "cosine": "Cosine", "ridge": "Ridge", "mse": "MSE", "l1": "L1", "huber": "Huber",
+    "dex": "DEX", "none": "None", "noise": "Noise", "cutout": "Cutout", "flip": "Flip",
+    "rotation": "Rotation", "projection": "w/ projection", "encoder": "w/o projection",
+    "anchor": "per anchor (Eq. 3)", "global": "global (reference)",
+}
+
+METRIC_KEYS = ("split", "experiment", "variant", "seed", "mae", "n_test")
+
+def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """One row per ``metrics.json``: split, experiment, variant, seed, loss, readout, mae,
+    rmse, pearson_r, r2, n_train, n_test, and ``mae_study_<study>`` per study.
+
+    Raises
+    ------
+    ReportError
+        A file lacks one of split, experiment, variant, seed, mae, n_test.
+    """
+    rows = []
+    for path in paths:
+        with open(path) as handle:
+            metrics = json.load(handle)
+        missing = [key for key in METRIC_KEYS if key not in metrics]
+        if missing:
+            raise ReportError(f"{path}: metrics lack {', '.join(missing)}; rerun the cell's "
+                              f"evaluate_encoder job (delete the file first).")
+        loss = metrics.get("loss")
+        row = {key: metrics.get(key) for key in
+               ("split", "experiment", "variant", "readout", "mae", "rmse", "pearson_r",
+                "r2", "n_train", "n_test")}
+        row["seed"] = int(metrics["seed"])
+        row["loss"] = loss.get("name") if isinstance(loss, Mapping) else loss
+        for study, mae in (metrics.get("mae_per_study") or {}).items():
+            row[f"mae_study_{study}"] = mae
+        row["path"] = str(path)
+        rows.append(row)
+    if not rows:
+        return pd.DataFrame(columns=[*METRIC_KEYS, "loss", "readout", "rmse", "pearson_r",
+                                     "r2", "n_train", "path"])
+    table = pd.DataFrame(rows)
+    for column in ("mae", "rmse", "pearson_r", "r2"):
+        table[column] = pd.to_numeric(table[column], errors="coerce")
+    return table
+
+def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Pool each (experiment, variant, seed) over its splits.
+
+    MAE and RMSE are pooled over all test subjects of the splits (weights ``n_test``),
+    Pearson r and r² are the mean over splits. Returns one row per cell with columns
+    experiment, variant, seed, loss, mae, rmse, pearson_r, r2, n_test, n_splits and the
+    ``mae_study_*`` columns (each study's MAE over the splits that test it, weighted by
+    their n_test).
+    """
+    keys = ["experiment", "variant", "seed"]
+    study_columns = [c for c in metrics.columns if c.startswith("mae_study_")]
+    rows = []
+    for (experiment, variant, seed), group in metrics.groupby(keys, sort=False):
+        weights = group["n_test"].astype(float).to_numpy()
+        if np.any(weights <= 0):
+            raise ReportError(f"cell {experiment}/{variant}/seed-{seed}: n_test is 0 in "
+                              f"{', '.join(group['path'])}; the split has no test subjects.")
+        row = {"experiment": experiment, "variant": variant, "seed": int(seed),
+               "loss": group["loss"].iloc[0], "readout": group["readout"].iloc[0],
+               "mae": float(np.average(group["mae"], weights=weights)),
+               "rmse": float(np.sqrt(np.average(group["rmse"] ** 2, weights=weights))),
+               "pearson_r": float(group["pearson_r"].mean()),
+               "r2": float(group["r2"].mean()),
+               "n_test": int(weights.sum()), "n_splits": int(len(group))}
+        for column in study_columns:
+            # a study is tested in some splits only (leave-one-study-out)
+            present = group[column].notna().to_numpy()
+            row[column] = (float(np.average(group[column][present], weights=weights[present]))
+                           if present.any() else np.nan)
+        rows.append(row)
+    columns = [*keys, "loss", "readout", "mae", "rmse", "pearson_r", "r2", "n_test",
+               "n_splits", *study_columns]
+    return pd.DataFrame(rows, columns=columns)
+
+def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
+    """Mean and sd over seeds of one variant's per-seed results."""
+    mae = seeds["mae"].to_numpy(float)
+    summary = {"n_seeds": int(len(seeds)),
+               "mae_mean": float(mae.mean()),
+               "mae_std": float(mae.std(ddof=1)) if len(mae) > 1 else np.nan,
+               "rmse_mean": float(seeds["rmse"].mean()),
+               "pearson_r_mean": float(seeds["pearson_r"].mean()),
+               "r2_mean": float(seeds["r2"].mean()),
+               "n_test": int(seeds["n_test"].iloc[0]),
+               "seeds": " ".join(str(s) for s in sorted(seeds["seed"]))}
+    for column in [c for c in seeds.columns if c.startswith("mae_study_")]:
+        summary[column] = float(seeds[column].mean())
+    return summary
+
+def display_loss_names() -> dict[str, str]:
+    from brainage.losses import DISPLAY_NAMES  # imports torch: only when a table needs it
+
+    return dict(DISPLAY_NAMES)
+
+def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in settings.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = tuple(value) if isinstance(value, list) else value
+    return flat
+
+def resolved_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Flattened cell settings with ``train.augmentation: default`` made explicit."""
+    flat = _flatten(settings)
+    if flat.get("train.augmentation") == "default":
+        from brainage.losses import DEFAULT_AUGMENTATION
+
+        flat["train.augmentation"] = DEFAULT_AUGMENTATION.get(flat.get("loss.name"), "none")
+    return flat
+
+def _value_label(key: str, value: Any) -> str:
+    if key == "loss.lam":
+        return "hard (λ→∞)" if value is None else f"λ = {value:g}"
+    if key == "loss.name":
+        return display_loss_names().get(value, str(value))
+    if isinstance(value, str):
+        return VALUE_LABELS.get(value, value)
+    return f"{key.split('.')[-1]} = {value}"
+
+def variant_labels(variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """What distinguishes the variants of one experiment.
+
+    Parameters
+    ----------
+    variant_settings : mapping
+        ``{variant: {"loss": {...}, "train": {...}, "model": {...}, "readout": {...}}}``.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index variant; columns ``setting`` (``section.key=value`` of every setting that
+        differs between the variants, ``;``-joined), ``label`` (display name, e.g.
+        "Manhattan", "λ = 0.5"; the variant name when several settings differ).
+    """
+    flat = {variant: resolved_settings(settings) for variant, settings in variant_settings.items()}
+    keys = sorted(set().union(*[set(f) for f in flat.values()])) if flat else []
+    differing = [key for key in keys
+                 if len({repr(f.get(key)) for f in flat.values()}) > 1]
+    rows = []
+    for variant, settings in flat.items():
+        setting = "; ".join(f"{key}={settings.get(key)}" for key in differing)
+        if "loss.name" in differing:  # other differences follow from the loss
+            label = _value_label("loss.name", settings.get("loss.name"))
+        elif len(differing) == 1:
+            label = _value_label(differing[0], settings.get(differing[0]))
+        else:
+            label = variant
+        rows.append({"variant": variant, "setting": setting, "label": label})
+    table = pd.DataFrame(rows, columns=["variant", "setting", "label"]).set_index("variant")
+    repeated = table["label"].duplicated(keep=False)
+    table.loc[repeated, "label"] = [f"{label} ({variant})" for variant, label
+                                    in table.loc[repeated, "label"].items()]
+    return table
+
+def paper_value(experiment: str, settings: Mapping[str, Any]) -> tuple[float, float]:
+    if experiment not in PAPER_ABLATIONS:
+        return (np.nan, np.nan)
+    key, values = PAPER_ABLATIONS[experiment]
+    value = resolved_settings(settings).get(key)
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    return values.get(value, (np.nan, np.nan))
+
+def natural_key(text: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part
+                 for part in re.split(r"(\d+)", str(text)))
+
+def coverage_fraction(participants: pd.DataFrame) -> pd.Series:
+    coverage = pd.to_numeric(participants["coverage"], errors="coerce")
+    bad = participants.loc[~coverage.between(0, 1), "participant_id"] \
+        if "participant_id" in participants else coverage[~coverage.between(0, 1)].index
+    if len(bad):
+        raise ReportError(f"coverage must be a fraction of the brain between 0 and 1; "
+                          f"not so for {', '.join(map(str, list(bad)[:5]))}.")
+    return coverage
+
+def read_search_trials(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Every split's ``trials.tsv`` (trial, nn_final, nn_step, validation_mae [years], ...)
+    with a ``split`` column (the folder name), sorted by validation MAE within each split."""
+    tables = []
+    for path in paths:
+        trials = pd.read_csv(path, sep="\t")
+        missing = [c for c in ("trial", "nn_final", "nn_step", "validation_mae")
+                   if c not in trials.columns]
+        if missing:
+            raise ReportError(f"{path}: lacks column(s) {', '.join(missing)}; rerun the "
+                              f"split's search_hyperparameters job.")
+        tables.append(trials.assign(split=Path(path).parent.name))
+    if not tables:
+        raise ReportError("no trials.tsv of the random search; is search.enabled true?")
+    table = pd.concat(tables, ignore_index=True)
+    table = table.sort_values(["split", "validation_mae", "trial"], kind="stable")
+    first = ["split", "trial", "nn_final", "nn_step", "validation_mae"]
+    return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
+
+def read_predictions(paths: Iterable[str | Path]) -> pd.DataFrame:
+    tables = [pd.read_csv(path, sep="\t", dtype={"participant_id": str, "study": str})
+              for path in paths]
+    return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()

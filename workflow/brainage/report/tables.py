@@ -1,0 +1,389 @@
+"""The tables: ``results/tables/<name>.csv`` (raw numbers) and ``.md``/``.tex``
+(formatted), written atomically by :func:`make_tables`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from brainage.io import atomic_path
+from brainage.report.results import (ABLATION_TITLES, PAPER_ABLATIONS, PAPER_NOTE,
+                                     PAPER_SEARCH_BEST, PAPER_TABLE2_TOTAL, PAPER_TABLE3,
+                                     coverage_fraction, display_loss_names, natural_key,
+                                     paper_value, read_metrics, read_search_trials,
+                                     seed_results, summarise_seeds, variant_labels)
+from brainage.report.targets import LOSS_EXPERIMENT, REFERENCE_LOSS, SEARCH_NAME, ReportError
+
+logger = logging.getLogger(__name__)
+
+def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if sd is None or (isinstance(sd, float) and math.isnan(sd)):
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
+                  display_names: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """Paper Table 3 from our cells: one row per variant of the loss experiment.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``loss, n_seeds, mae_mean, mae_std`` (MAE in years, sd over seeds), then
+        ``variant, label, rmse_mean, pearson_r_mean, r2_mean, n_test, seeds,
+        paper_mae_mean, paper_mae_std`` and ``mae_study_<study>``. ``loss`` is the loss
+        name, or ``<loss>:<variant>`` where two variants share a loss. Rows in the order
+        of the paper's Table 3, unknown losses last.
+    """
+    display_names = dict(display_names or display_loss_names())
+    cells = seeds[seeds["experiment"] == experiment]
+    if cells.empty:
+        raise ReportError(f"no results for experiment '{experiment}'; it must be enabled "
+                          f"in the config (experiments.{experiment}).")
+    order = list(PAPER_TABLE3)
+    rows = []
+    losses_of_variants = cells.groupby("variant", sort=False)["loss"].first()
+    shared = set(losses_of_variants[losses_of_variants.duplicated(keep=False)])
+    for variant, group in cells.groupby("variant", sort=False):
+        loss = group["loss"].iloc[0]
+        paper = PAPER_TABLE3.get(loss, (np.nan, np.nan))
+        label = display_names.get(loss, loss)
+        rows.append({"loss": f"{loss}:{variant}" if loss in shared else loss,
+                     **summarise_seeds(group), "variant": variant,
+                     "label": label if loss not in shared else f"{label} ({variant})",
+                     "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
+                     "_order": order.index(loss) if loss in order else len(order)})
+    table = pd.DataFrame(rows).sort_values("_order", kind="stable").drop(columns="_order")
+    first = ["loss", "n_seeds", "mae_mean", "mae_std", "variant", "label", "rmse_mean",
+             "pearson_r_mean", "r2_mean", "n_test", "seeds", "paper_mae_mean",
+             "paper_mae_std"]
+    return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
+
+def reference_variant(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
+                      loss: str = REFERENCE_LOSS) -> str | None:
+    """The variant of ``experiment`` that trains ``loss`` (the one named so if several)."""
+    cells = seeds[(seeds["experiment"] == experiment) & (seeds["loss"] == loss)]
+    variants = list(dict.fromkeys(cells["variant"]))
+    if not variants:
+        return None
+    return loss if loss in variants else variants[0]
+
+def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
+                      reference: str | None = None) -> pd.DataFrame:
+    """Adaptive Neighborhoods against each other loss, paired over matching seeds.
+
+    For each baseline variant: the seeds both have, the MAE differences
+    ``d = MAE(baseline) - MAE(reference)`` (years; positive: the reference is better),
+    their mean and sd, a paired t-test (``scipy.stats.ttest_rel``, two-sided; NaN with
+    fewer than 2 pairs or zero spread) and how many seeds the reference wins.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns reference, baseline, n_pairs, mean_difference, sd_difference,
+        t_statistic, p_value, reference_wins. No rows when the experiment has no
+        reference variant.
+    """
+    from scipy import stats
+
+    columns = ["reference", "baseline", "n_pairs", "mean_difference", "sd_difference",
+               "t_statistic", "p_value", "reference_wins"]
+    cells = seeds[seeds["experiment"] == experiment]
+    reference = reference or reference_variant(seeds, experiment=experiment)
+    if reference is None or reference not in set(cells["variant"]):
+        return pd.DataFrame(columns=columns)
+    reference_mae = cells[cells["variant"] == reference].set_index("seed")["mae"]
+    rows = []
+    for baseline, group in cells.groupby("variant", sort=False):
+        if baseline == reference:
+            continue
+        baseline_mae = group.set_index("seed")["mae"]
+        common = sorted(set(baseline_mae.index) & set(reference_mae.index))
+        differences = (baseline_mae[common] - reference_mae[common]).to_numpy(float)
+        t_statistic = p_value = np.nan
+        # identical differences (up to rounding): the t statistic is undefined
+        if len(common) >= 2 and np.ptp(differences) > 1e-9 * max(1.0, np.abs(differences).max()):
+            result = stats.ttest_rel(baseline_mae[common], reference_mae[common])
+            t_statistic, p_value = float(result.statistic), float(result.pvalue)
+        rows.append({"reference": reference, "baseline": baseline, "n_pairs": len(common),
+                     "mean_difference": float(differences.mean()) if len(common) else np.nan,
+                     "sd_difference": float(differences.std(ddof=1)) if len(common) > 1
+                     else np.nan,
+                     "t_statistic": t_statistic, "p_value": p_value,
+                     "reference_wins": int(np.sum(differences > 0))})
+    return pd.DataFrame(rows, columns=columns)
+
+def ablation_table(seeds: pd.DataFrame, experiment: str,
+                   variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """One ablation (Fig. 4a-d, Fig. 6 or any other experiment): one row per variant.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``variant, label, setting, n_seeds, mae_mean, mae_std, rmse_mean,
+        pearson_r_mean, r2_mean, n_test, seeds, paper_mae_mean, paper_mae_std`` (MAE in
+        years), in config order; for the λ sweep sorted by λ with the hard neighbourhood
+        last, and a numeric ``lam`` column.
+    """
+    cells = seeds[seeds["experiment"] == experiment]
+    missing = [v for v in variant_settings if v not in set(cells["variant"])]
+    if missing:
+        raise ReportError(f"experiment '{experiment}': no results for variant(s) "
+                          f"{', '.join(missing)}; their metrics.json files are missing.")
+    labels = variant_labels(variant_settings)
+    rows = []
+    for variant, settings in variant_settings.items():
+        paper = paper_value(experiment, settings)
+        row = {"variant": variant, "label": labels.loc[variant, "label"],
+               "setting": labels.loc[variant, "setting"],
+               **summarise_seeds(cells[cells["variant"] == variant]),
+               "paper_mae_mean": paper[0], "paper_mae_std": paper[1]}
+        if experiment == "lambda":
+            lam = settings["loss"].get("lam")
+            row["lam"] = np.inf if lam is None else float(lam)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if experiment == "lambda":
+        table = table.sort_values("lam", kind="stable")
+    first = ["variant", "label", "setting", "n_seeds", "mae_mean", "mae_std", "rmse_mean",
+             "pearson_r_mean", "r2_mean", "n_test", "seeds", "paper_mae_mean",
+             "paper_mae_std"]
+    return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
+
+def _sex_counts(sex: pd.Series) -> tuple[int, int, int]:
+    initial = sex.astype(str).str.strip().str.lower().str[:1]
+    female, male = int((initial == "f").sum()), int((initial == "m").sum())
+    return female, male, int(len(sex) - female - male)
+
+def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
+    """Paper Table 2 for our cohort: one row per study plus a ``Total`` row.
+
+    Parameters
+    ----------
+    participants : DataFrame
+        A split's participants.tsv: participant_id, age (years), sex, study, and
+        optionally coverage (fraction of the brain, 0-1).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns study, n, age_mean, age_sd (years), n_female, n_male, n_other,
+        coverage_mean_pct, coverage_sd_pct, coverage_min_pct (% of the brain; NaN
+        without a coverage column).
+    """
+    for column in ("age", "sex", "study"):
+        if column not in participants.columns:
+            raise ReportError(f"participants table lacks column '{column}' (has "
+                              f"{', '.join(participants.columns)}).")
+    coverage = coverage_fraction(participants) if "coverage" in participants else None
+
+    def row(study: str, rows: pd.DataFrame) -> dict:
+        female, male, other = _sex_counts(rows["sex"])
+        ages = rows["age"].astype(float)
+        result = {"study": study, "n": int(len(rows)), "age_mean": float(ages.mean()),
+                  "age_sd": float(ages.std(ddof=1)) if len(rows) > 1 else np.nan,
+                  "n_female": female, "n_male": male, "n_other": other}
+        if coverage is not None:
+            values = 100 * coverage[rows.index]
+            result.update(coverage_mean_pct=float(values.mean()),
+                          coverage_sd_pct=float(values.std(ddof=1)) if len(rows) > 1
+                          else np.nan, coverage_min_pct=float(values.min()))
+        else:
+            result.update(coverage_mean_pct=np.nan, coverage_sd_pct=np.nan,
+                          coverage_min_pct=np.nan)
+        return result
+
+    studies = sorted(participants["study"].astype(str).unique(), key=natural_key)
+    rows = [row(study, participants[participants["study"].astype(str) == study])
+            for study in studies]
+    rows.append(row("Total", participants))
+    return pd.DataFrame(rows)
+
+def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
+                title: str, notes: Sequence[str] = (),
+                extra_markdown: str = "") -> dict[str, str]:
+    """Write ``<stem>.csv`` (``table``: raw numbers), ``<stem>.md`` and ``<stem>.tex``
+    (``display``: formatted strings) atomically. Returns ``{ext: path}``."""
+    stem = Path(stem)
+    paths = {ext: str(stem.with_name(stem.name + ext)) for ext in (".csv", ".md", ".tex")}
+    with atomic_path(paths[".csv"]) as temp:
+        table.to_csv(temp, index=False, float_format="%.6g")
+    markdown = [f"# {title}", "", display.to_markdown(index=False) if len(display)
+                else "(no rows)", ""]
+    markdown += [f"{note}  " if i < len(notes) - 1 else note for i, note in enumerate(notes)]
+    if extra_markdown:
+        markdown += ["", extra_markdown]
+    with atomic_path(paths[".md"]) as temp:
+        temp.write_text("\n".join(markdown).rstrip() + "\n")
+    latex = display.to_latex(index=False, escape=True, caption=title,
+                             label=f"tab:{stem.name}", column_format="l" * max(1, display.shape[1]))
+    latex = latex.replace("±", r"$\pm$").replace("λ", r"$\lambda$").replace("→", r"$\to$")
+    with atomic_path(paths[".tex"]) as temp:
+        temp.write_text(latex)
+    return paths
+
+def _mean_sd_column(table: pd.DataFrame, mean: str, sd: str, digits: int = 3) -> list[str]:
+    return [format_mean_sd(m, s, digits) for m, s in zip(table[mean], table[sd])]
+
+def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Path,
+                 paired_stem: str | Path) -> None:
+    """Table 3 (ours beside the paper's, labelled) and the paired comparison."""
+    display = pd.DataFrame({
+        "Loss": table["label"],
+        "Seeds": table["n_seeds"],
+        "MAE [years], ours": _mean_sd_column(table, "mae_mean", "mae_std"),
+        "RMSE [years], ours": [f"{v:.3f}" for v in table["rmse_mean"]],
+        "r, ours": [f"{v:.3f}" for v in table["pearson_r_mean"]],
+        "MAE [years], paper (different data)": _mean_sd_column(table, "paper_mae_mean",
+                                                               "paper_mae_std"),
+    })
+    # The paper's losses this config does not train keep their row, marked as such, so
+    # the paper's whole Table 3 stays readable beside ours.
+    ours = {str(loss).split(":")[0] for loss in table["loss"]}
+    names = display_loss_names()
+    not_run = pd.DataFrame([{
+        "Loss": f"{names.get(loss, loss)} (not run here)", "Seeds": 0,
+        "MAE [years], ours": "–", "RMSE [years], ours": "–", "r, ours": "–",
+        "MAE [years], paper (different data)": format_mean_sd(*PAPER_TABLE3[loss]),
+    } for loss in PAPER_TABLE3 if loss not in ours], columns=display.columns)
+    display = pd.concat([display, not_run], ignore_index=True)
+    notes = [f"Ours: test MAE, mean ± sd over seeds; {int(table['n_test'].iloc[0])} test "
+             f"subjects.", PAPER_NOTE]
+    labels = dict(zip(table["variant"], table["label"]))
+    write_table(table, display, table_stem, title="Table 3: contrastive losses, test MAE",
+                notes=notes, extra_markdown=_paired_markdown(paired, labels))
+    paired_display = pd.DataFrame({
+        "Reference": paired["reference"].map(lambda v: labels.get(v, v)),
+        "Baseline": paired["baseline"].map(lambda v: labels.get(v, v)),
+        "Pairs": paired["n_pairs"],
+        "ΔMAE [years] (baseline − reference)": _mean_sd_column(paired, "mean_difference",
+                                                               "sd_difference"),
+        "t": [_format_number(v, 2) for v in paired["t_statistic"]],
+        "p": [_format_number(v, 3) for v in paired["p_value"]],
+        "Reference wins": [f"{w}/{n}" for w, n in zip(paired["reference_wins"],
+                                                      paired["n_pairs"])],
+    })
+    notes = ["Paired over matching seeds; positive ΔMAE: the reference loss is better. "
+             "Two-sided paired t-test (no multiple-comparison correction); with few seeds "
+             "treat p as descriptive."]
+    if paired.empty:
+        notes = [f"No {REFERENCE_LOSS} variant in experiment {LOSS_EXPERIMENT}: nothing to "
+                 f"compare with."]
+    write_table(paired, paired_display, paired_stem,
+                title="Table 3b: Adaptive Neighborhoods against each loss, paired over seeds",
+                notes=notes)
+
+def _format_number(value: float, digits: int) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}g}" \
+        if abs(value) < 10 ** -digits else f"{value:.{digits}f}"
+
+def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
+    if paired.empty:
+        return ""
+    lines = ["## Paired comparison with Adaptive Neighborhoods (same seeds)", "",
+             "ΔMAE = MAE(baseline) − MAE(Adaptive Neighborhoods), mean ± sd over seeds; "
+             "positive: Adaptive Neighborhoods is better.", ""]
+    for row in paired.itertuples():
+        difference = format_mean_sd(row.mean_difference, row.sd_difference)
+        lines.append(f"- {labels.get(row.baseline, row.baseline)}: ΔMAE {difference} years "
+                     f"over {row.n_pairs} seeds, Adaptive Neighborhoods better in "
+                     f"{row.reference_wins}/{row.n_pairs}, paired t-test p = "
+                     f"{_format_number(row.p_value, 3)}")
+    return "\n".join(lines)
+
+def write_ablation(table: pd.DataFrame, experiment: str, stem: str | Path) -> None:
+    display = pd.DataFrame({
+        "Variant": table["label"], "Setting": table["setting"], "Seeds": table["n_seeds"],
+        "MAE [years], ours": _mean_sd_column(table, "mae_mean", "mae_std"),
+        "MAE [years], paper (different data)": _mean_sd_column(table, "paper_mae_mean",
+                                                               "paper_mae_std"),
+    })
+    notes = ["Ours: test MAE, mean ± sd over seeds."]
+    if experiment in PAPER_ABLATIONS:
+        notes.append(PAPER_NOTE)
+    title = ABLATION_TITLES.get(experiment, f"Experiment {experiment}")
+    write_table(table, display, stem, title=f"{title}: test MAE", notes=notes)
+
+def write_cohort(table: pd.DataFrame, stem: str | Path) -> None:
+    from brainage.simulate import study_table
+
+    display = pd.DataFrame({
+        "Study": table["study"], "n": table["n"],
+        "Age [years]": _mean_sd_column(table, "age_mean", "age_sd", 1),
+        "Sex [F:M]": [f"{f}:{m}" + (f" (+{o} other)" if o else "")
+                      for f, m, o in zip(table["n_female"], table["n_male"], table["n_other"])],
+        "Brain coverage [%]": [
+            "–" if np.isnan(mean) else f"{format_mean_sd(mean, sd, 1)} (min {low:.1f})"
+            for mean, sd, low in zip(table["coverage_mean_pct"], table["coverage_sd_pct"],
+                                     table["coverage_min_pct"])],
+    })
+    paper = pd.concat([study_table(), pd.DataFrame([PAPER_TABLE2_TOTAL])], ignore_index=True)
+    paper_lines = ["## Paper Table 2 (different data: the paper's 311 subjects)", "",
+                   pd.DataFrame({
+                       "Study": paper["study"], "n": paper["n"],
+                       "Age [years]": _mean_sd_column(paper, "age_mean", "age_sd", 1),
+                       "Sex [F:M]": [f"{f}:{m}" for f, m in zip(paper["n_female"],
+                                                                paper["n_male"])],
+                   }).to_markdown(index=False)]
+    write_table(table, display, stem, title="Table 2: cohort by study",
+                notes=["Subjects of the normalised dataset (after QC exclusion, if any)."],
+                extra_markdown="\n".join(paper_lines))
+
+def write_search(table: pd.DataFrame, stem: str | Path) -> None:
+    display = pd.DataFrame({
+        "Split": table["split"], "Trial": table["trial"], "NN final": table["nn_final"],
+        "NN step": table["nn_step"],
+        "Validation MAE [years]": [f"{v:.3f}" for v in table["validation_mae"]]})
+    best = table.groupby("split", sort=False).head(1)
+    notes = ["Random search over nn_final and nn_step on a validation set carved from the "
+             "training subjects (test subjects never seen); sorted by validation MAE.",
+             "Best: " + "; ".join(f"{row.split}: nn_final {row.nn_final}, nn_step "
+                                  f"{row.nn_step} ({row.validation_mae:.3f} years)"
+                                  for row in best.itertuples()) + ".",
+             f"Paper (30 trials, different data): nn_final {PAPER_SEARCH_BEST['nn_final']}, "
+             f"nn_step {PAPER_SEARCH_BEST['nn_step']}."]
+    write_table(table, display, stem, title="Random search over the neighbourhood schedule",
+                notes=notes)
+
+def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
+                settings: Mapping[str, Mapping[str, Mapping[str, Any]]],
+                outputs: Mapping[str, str | Path],
+                search: Sequence[str | Path] = ()) -> None:
+    """Write every table of the configuration (rule make_tables).
+
+    Parameters
+    ----------
+    metrics : paths of every grid cell's ``metrics.json`` (all splits).
+    participants : one split's ``participants.tsv`` (the cohort).
+    settings : :func:`experiment_settings` of the config.
+    outputs : ``{table name: stem}``, stems without extension (``results/tables/<name>``),
+        for the names of :func:`report_names`.
+    search : every split's ``trials.tsv`` of the random search (when enabled).
+    """
+    started = time.perf_counter()
+    seeds = seed_results(read_metrics(metrics))
+    for name, stem in outputs.items():
+        if name == "table2_cohort":
+            write_cohort(cohort_table(pd.read_csv(participants, sep="\t")), stem)
+        elif name == "table3_losses":
+            table = table3_losses(seeds)
+            write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"])
+        elif name == "table3_paired":
+            continue  # written with table3_losses
+        elif name == SEARCH_NAME:
+            write_search(read_search_trials(search), stem)
+        elif name.startswith("ablation_"):
+            experiment = name[len("ablation_"):]
+            write_ablation(ablation_table(seeds, experiment, settings[experiment]),
+                           experiment, stem)
+        else:
+            raise ReportError(f"unknown table name '{name}'")
+        logger.info("table %s written", name)
+    logger.info("tables done in %.1f s", time.perf_counter() - started)

@@ -1,0 +1,109 @@
+"""Which tables and figures a configuration produces, decided from the config alone, so the
+workflow's targets and the files written always agree: an experiment that is not in the
+configuration has no table and no figure (nothing is drawn for "not run")."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from brainage.config import cell_settings, grid_cells
+
+#: The main comparison (paper Table 3): one variant per loss.
+LOSS_EXPERIMENT = "table3"
+
+#: The loss every other loss is compared with (paired over seeds).
+REFERENCE_LOSS = "adaptive"
+
+#: Figure name of each known ablation experiment (paper numbering); others: ablation_<name>.
+ABLATION_FIGURES = {
+    "distance": "fig4a_distance",
+    "predictor": "fig4b_predictor",
+    "augmentation": "fig4c_augmentation",
+    "projection": "fig4d_projection",
+    "lambda": "fig6_lambda",
+}
+
+#: Figures drawn whenever the dataset exists / whenever the grid has a cell.
+DATASET_FIGURES = ("fig3_age_distribution", "fig7_coverage", "fig8_coverage_examples",
+                   "qc_overview")
+
+CELL_FIGURES = ("fig5_umap", "predicted_vs_true")
+
+#: Table and figure of the random search over nn_final and nn_step (config ``search``).
+SEARCH_NAME = "search_trials"
+
+class ReportError(ValueError):
+    """A result file is missing a value the tables or figures need."""
+
+def enabled_experiments(config: Mapping[str, Any]) -> list[str]:
+    """Names of the enabled experiments, in config order."""
+    return [name for name, experiment in config.get("experiments", {}).items()
+            if experiment.get("enabled", True)]
+
+def ablation_experiments(config: Mapping[str, Any]) -> list[str]:
+    """Enabled experiments other than the loss comparison (one table + figure each)."""
+    return [name for name in enabled_experiments(config) if name != LOSS_EXPERIMENT]
+
+def ablation_figure_name(experiment: str) -> str:
+    return ABLATION_FIGURES.get(experiment, f"ablation_{experiment}")
+
+def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Table and figure names (without folder or extension) this configuration produces.
+
+    Returns
+    -------
+    dict
+        ``{"tables": [...], "figures": [...]}``. Tables are written as .csv, .md and .tex,
+        figures as .png. ``table2_cohort`` and the dataset figures always; ``table3_losses``
+        and ``table3_paired`` when experiment ``table3`` is enabled; ``ablation_<name>``
+        and its figure for every other enabled experiment; the UMAP and predicted-vs-true
+        figures when the grid has at least one cell; ``search_trials`` (table and figure)
+        when the random search is enabled.
+    """
+    experiments = enabled_experiments(config)
+    tables = ["table2_cohort"]
+    if LOSS_EXPERIMENT in experiments:
+        tables += ["table3_losses", "table3_paired"]
+    tables += [f"ablation_{name}" for name in ablation_experiments(config)]
+    figures = list(DATASET_FIGURES)
+    if experiments:
+        figures += list(CELL_FIGURES)
+    figures += [ablation_figure_name(name) for name in ablation_experiments(config)]
+    if config.get("search", {}).get("enabled", False):
+        tables.append(SEARCH_NAME)
+        figures.append(SEARCH_NAME)
+    return {"tables": tables, "figures": figures}
+
+def focus_cell(config: Mapping[str, Any]) -> tuple[str, str, int] | None:
+    """The grid cell shown in the UMAP and predicted-vs-true figures.
+
+    The cell exported as the model (config ``predict.model``) when the grid has it, else
+    the Table 3 Adaptive Neighborhoods cell with the lowest seed, else the first cell.
+    """
+    cells = grid_cells(config)
+    if not cells:
+        return None
+    model = config.get("predict", {}).get("model", {})
+    wanted = (model.get("experiment"), model.get("variant"), model.get("seed"))
+    if wanted in cells:
+        return wanted
+    for cell in cells:
+        if cell[0] == LOSS_EXPERIMENT and cell[1] == REFERENCE_LOSS:
+            return cell
+    return cells[0]
+
+def experiment_settings(config: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
+    """``{experiment: {variant: cell settings without the seed}}`` of enabled experiments.
+
+    Passed to the report rules as params, so editing a setting remakes the tables.
+    """
+    settings: dict[str, dict[str, dict]] = {}
+    for name in enabled_experiments(config):
+        experiment = config["experiments"][name]
+        seed = experiment.get("seeds", [0])[0]
+        settings[name] = {}
+        for variant in experiment["variants"]:
+            cell = cell_settings(config, name, variant, seed)
+            settings[name][variant] = {section: cell[section]
+                                       for section in ("loss", "train", "model", "readout")}
+    return settings

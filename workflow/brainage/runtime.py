@@ -1,0 +1,101 @@
+"""Where and how a training, evaluation or prediction job computes: threads, device,
+numeric precision and seeding.
+
+Every job that runs the network (train_encoder, evaluate_encoder, the random search, a
+bundle applied to a new cohort) calls :func:`runtime_setup` with the cell's ``train``
+section, so the same settings mean the same numerics everywhere. This module sits below
+:mod:`brainage.train`, :mod:`brainage.evaluate` and :mod:`brainage.apply`; it imports none
+of them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from brainage.config import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "bf16")
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` = CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name not in DEVICES:
+        raise ConfigError(f"config key train.device is {name!r}; expected auto, cpu or cuda.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("config key train.device is 'cuda' but PyTorch sees no CUDA device. "
+                          "Use train.device: auto or cpu, or run on a GPU node.")
+    return torch.device(name)
+
+
+def runtime_setup(train_settings: Mapping) -> tuple[torch.device, torch.dtype | None]:
+    """Threads, device and numeric precision of a job, from a resolved ``train`` section.
+
+    Returns the device and the autocast dtype (bf16 on CUDA under ``precision: auto``;
+    None = float32). On CUDA, ``train.deterministic`` chooses between cuDNN's fastest
+    algorithms (benchmark mode) and bitwise-repeatable ones.
+    """
+    torch.set_num_threads(int(train_settings["threads"]))
+    device = select_device(train_settings["device"])
+    precision = train_settings["precision"]
+    if precision not in PRECISIONS:
+        raise ConfigError(f"config key train.precision is {precision!r}; expected auto, "
+                          f"float32 or bf16.")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if device.type == "cuda":
+        deterministic = bool(train_settings["deterministic"])
+        torch.backends.cudnn.benchmark = not deterministic
+        torch.backends.cudnn.deterministic = deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        if deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.use_deterministic_algorithms(True, warn_only=True)
+    return device, (torch.bfloat16 if use_bf16 else None)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and PyTorch's global generators (initialisation)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, stream: int) -> int:
+    """Independent 63-bit seeds per (cell seed, epoch, stream): a resumed run draws the
+    same batches and augmentations without storing generator state."""
+    return int(np.random.SeedSequence([seed, epoch, stream]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as tensors and plain data, so a
+    checkpoint holding them loads with ``weights_only=True``."""
+    numpy_state = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+                       "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
+                       "cached_gaussian": float(numpy_state[4])}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping) -> None:
+    """Undo :func:`rng_state`."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state(("MT19937", numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["pos"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,5 @@
+"""``python -m brainage.simulate --root DIR ...``: write a simulated cohort."""
+
+from brainage.simulate.cohort import main
+
+main()
