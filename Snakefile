@@ -31,6 +31,6 @@ include: "workflow/rules/predict.smk"
 
 
 rule all:
+    default_target: True
     input:
         all_targets,
-    default_target: True

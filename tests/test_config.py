@@ -3,10 +3,15 @@
 from pathlib import Path
 
 import pytest
-import yaml
 
-from brainage.config import (ConfigError, cell_settings, grid_cells, load_config, load_schema,
-                             validate_config)
+from brainage.config import (
+    ConfigError,
+    cell_settings,
+    grid_cells,
+    load_config,
+    load_schema,
+    validate_config,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "config").glob("*.yaml"))

@@ -25,11 +25,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, default_rows, write_tiny_dataset
-
-from brainage.report import targets
 from brainage.config import encoder_owners, grid_cells, load_config
 from brainage.paths import Layout
+from brainage.report import targets
+from conftest import REPO, default_rows, write_tiny_dataset
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 N_SUBJECTS = 10

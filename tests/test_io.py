@@ -8,8 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.io import (InputError, check_dataset_images, check_label, load_nifti_checked,
-                         read_participants, subject_inputs, atomic_path)
+from brainage.io import (
+    InputError,
+    atomic_path,
+    check_dataset_images,
+    check_label,
+    load_nifti_checked,
+    read_participants,
+    subject_inputs,
+)
 from conftest import default_rows, write_tiny_dataset
 
 

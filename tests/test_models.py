@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from brainage.config import ConfigError, resolve_cell
-from brainage.models import (BrainAgeNet, build_model, count_parameters, load_init_checkpoint,
-                             map_state_dict)
+from brainage.models import (
+    BrainAgeNet,
+    build_model,
+    count_parameters,
+    load_init_checkpoint,
+    map_state_dict,
+)
 
 #: MONAI ResNet-18 (3D, 1 channel, no fc, shortcuts without bias) + head 512-512-128.
 EXPECTED_PARAMETERS = 33_160_000 + (512 * 512 + 512) + (512 * 128 + 128)

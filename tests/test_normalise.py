@@ -12,8 +12,16 @@ import pandas as pd
 import pytest
 
 from brainage.io import InputError
-from brainage.normalise import (analysis_grid, assign_split, block_average, combine_moments,
-                                crop_or_pad, normalise_dataset, split_names, volume_moments)
+from brainage.normalise import (
+    analysis_grid,
+    assign_split,
+    block_average,
+    combine_moments,
+    crop_or_pad,
+    normalise_dataset,
+    split_names,
+    volume_moments,
+)
 
 SPLIT = {"scheme": "holdout", "test_fraction": 0.25, "n_folds": 4, "seed": 7}
 

@@ -31,18 +31,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from split_fixture import tiny_settings, write_split  # noqa: E402
-
-from brainage.agebias import (AgeBias, fit_age_bias, gap_age_correlation,  # noqa: E402
-                               out_of_fold_predictions)
+from brainage.agebias import AgeBias, fit_age_bias, gap_age_correlation, out_of_fold_predictions  # noqa: E402
 from brainage.apply import BrainAgeModel, predict_cohort  # noqa: E402
-from brainage.bundle import (BUNDLE_FORMAT_VERSION, BundleError, read_bundle,  # noqa: E402
-                             write_bundle)
+from brainage.bundle import BUNDLE_FORMAT_VERSION, BundleError, read_bundle, write_bundle  # noqa: E402
 from brainage.config import resolve_cell  # noqa: E402
 from brainage.export import ExportError, export_model  # noqa: E402
 from brainage.io import InputError, sha256_file  # noqa: E402
 from brainage.normalise import apply as normalise_map  # noqa: E402
 from brainage.readout import Readout, fit_readout, load_readout  # noqa: E402
+from split_fixture import tiny_settings, write_split  # noqa: E402
 
 #: How the test cohorts were "preprocessed" (the schema's defaults, a file template).
 PREPROCESSING = {"preprocess": {},

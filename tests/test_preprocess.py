@@ -18,12 +18,18 @@ import pytest
 
 from brainage.io import InputError
 from brainage.paths import Layout
-from brainage.preprocess import (PreprocessError, RegistrationError, correct_bias,
-                                 n4_inside_mask, prepare_template, register_to_template,
-                                 strip_skull, template_to_native_matrix)
+from brainage.preprocess import (
+    PreprocessError,
+    RegistrationError,
+    correct_bias,
+    n4_inside_mask,
+    prepare_template,
+    register_to_template,
+    strip_skull,
+    template_to_native_matrix,
+)
 from brainage.preprocess.chain import run_subject
 from brainage.preprocess.register import check_transform
-
 
 # -- helpers ----------------------------------------------------------------------------------
 

@@ -15,10 +15,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.report import figures, tables, targets
-from brainage.report import results as report_results
 from brainage.config import validate_config
 from brainage.paths import Layout
+from brainage.report import figures, tables, targets
+from brainage.report import results as report_results
 
 STUDIES = ("study1", "study2", "study3")
 #: Synthetic MAE (years) per table3 variant; adaptive is best with every seed.

@@ -13,10 +13,16 @@ import pytest
 from scipy import ndimage
 
 from brainage import simulate
+from brainage.simulate import (
+    ACCELERATED_STUDY,
+    STUDY_TABLE,
+    TRUTH_COLUMNS,
+    draw_participants,
+    simulate_cohort,
+    study_table,
+)
 from brainage.simulate import cohort as simulate_cohort_module
 from brainage.simulate.anatomy import simulate_subject
-from brainage.simulate import (ACCELERATED_STUDY, STUDY_TABLE, TRUTH_COLUMNS,
-                               draw_participants, simulate_cohort, study_table)
 
 N_HEALTHY = 20
 N_ACCELERATED = 4

@@ -42,13 +42,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for split_fixture
 
-from split_fixture import tiny_settings, write_split  # noqa: E402
-
 from brainage.data import Augmenter, VolumeStore, load_split  # noqa: E402
 from brainage.losses import make_loss  # noqa: E402
 from brainage.models import build_model  # noqa: E402
-from brainage.train import (_save_checkpoint, _snapshot, fit_encoder,  # noqa: E402
-                            make_optimizer, resolve_settings, run_epoch, runtime_setup)
+from brainage.train import (  # noqa: E402
+    _save_checkpoint,
+    _snapshot,
+    fit_encoder,
+    make_optimizer,
+    resolve_settings,
+    run_epoch,
+    runtime_setup,
+)
+from split_fixture import tiny_settings, write_split  # noqa: E402
 
 SHAPES = {
     "6mm": (33, 39, 32),        # the 99x117x95 MNI 2 mm grid block-averaged by 3

@@ -19,7 +19,6 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 
 from brainage.agebias import AgeBias, fit_age_bias
 from brainage.bundle import BundleError, ModelBundle, read_bundle

@@ -14,9 +14,9 @@ Resuming. After every epoch the full state (model, optimiser, scheduler, loss st
 the NNCLR queue, history, embeddings so far, the Python/NumPy/torch RNG states) goes to
 ``checkpoint.pt``, written under a temporary name and renamed, so a kill at any moment leaves
 the previous complete checkpoint (the write runs in a background thread while the next
-epoch trains, without the zip CRC, which the rename makes redundant). A new call with the same settings and split continues from
-it; batch order and augmentations are drawn from generators seeded by (seed, epoch), so on
-the CPU a resumed run ends with exactly the weights and metrics of an uninterrupted one.
+epoch trains). A new call with the same settings and split continues from it; batch order
+and augmentations are drawn from generators seeded by (seed, epoch), so on the CPU a
+resumed run ends with exactly the weights and metrics of an uninterrupted one.
 A checkpoint whose settings or split differ (its fingerprint) is ignored and replaced. The
 checkpoint is deleted once encoder.pt is written.
 
@@ -44,13 +44,25 @@ import pandas as pd
 import torch
 
 from brainage.config import ConfigError, resolve_cell
-from brainage.data import (Augmenter, DataError, SplitData, VolumeStore, check_finite,
-                           load_split, plan_batches)
+from brainage.data import (
+    Augmenter,
+    DataError,
+    SplitData,
+    VolumeStore,
+    check_finite,
+    load_split,
+    plan_batches,
+)
 from brainage.io import atomic_path, write_tsv
 from brainage.losses import make_loss
 from brainage.models import build_model, count_parameters, embed, load_init_checkpoint
-from brainage.runtime import (epoch_seed, restore_rng_state, rng_state, runtime_setup,
-                              seed_everything)
+from brainage.runtime import (
+    epoch_seed,
+    restore_rng_state,
+    rng_state,
+    runtime_setup,
+    seed_everything,
+)
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,6 @@ rule make_tables:
         search=_search_trials,
     output:
         _table_outputs(),
-    params:
-        settings=EXPERIMENT_SETTINGS,
-        stems={name: LAYOUT.table(name, "") for name in REPORT_NAMES["tables"]},
     log:
         LAYOUT.log("aggregate", "make_tables"),
     benchmark:
@@ -23,6 +20,9 @@ rule make_tables:
     resources:
         mem_mb=2000,
         runtime=15,
+    params:
+        settings=EXPERIMENT_SETTINGS,
+        stems={name: LAYOUT.table(name, "") for name in REPORT_NAMES["tables"]},
     script:
         "../scripts/make_tables.py"
 
@@ -32,12 +32,6 @@ rule make_figures:
         unpack(_figure_inputs),
     output:
         _figure_outputs(),
-    params:
-        settings=EXPERIMENT_SETTINGS,
-        maps=lambda wildcards: _registered_maps(),
-        focus=_focus_label(),
-        qc_thresholds=thresholds(config["qc"]),
-        paths={name: LAYOUT.figure(name) for name in REPORT_NAMES["figures"]},
     log:
         LAYOUT.log("aggregate", "make_figures"),
     benchmark:
@@ -47,5 +41,11 @@ rule make_figures:
     resources:
         mem_mb=4000,
         runtime=20,
+    params:
+        settings=EXPERIMENT_SETTINGS,
+        maps=lambda wildcards: _registered_maps(),
+        focus=_focus_label(),
+        qc_thresholds=thresholds(config["qc"]),
+        paths={name: LAYOUT.figure(name) for name in REPORT_NAMES["figures"]},
     script:
         "../scripts/make_figures.py"

@@ -9,6 +9,21 @@ from pathlib import Path
 # checkout working too, e.g. on a cluster node that only has the conda envs.
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
+from brainage import brainage_version
+from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
+from brainage.config import training_settings
+from brainage.predict import exported_cell as exported_cell_of
+from brainage.predict import preprocessing_record
+from brainage.preprocess.chain import step_options, step_threads, subject_files
+from brainage.qc import thresholds
+from brainage.report.targets import (
+    ablation_experiments,
+    ablation_figure_name,
+    experiment_settings,
+    focus_cell,
+    report_names,
+)
+from brainage.search import search_settings
 from brainage.config import (
     ConfigError,
     cell_settings,
@@ -40,14 +55,10 @@ DATASET_ROOT = config["dataset"]["root"]
 SIMULATED = config["dataset"]["simulate"]["enabled"]
 PREDICT = config["predict"]
 PREDICT_COHORTS = PREDICT["cohorts"]
-SIMULATED_PREDICT_COHORT = (
-    PREDICT["simulate"]["cohort"] if PREDICT["simulate"]["enabled"] else None
-)
+SIMULATED_PREDICT_COHORT = PREDICT["simulate"]["cohort"] if PREDICT["simulate"]["enabled"] else None
 #: simulate_cohort() options of the simulated predict cohort.
 PREDICT_SIMULATION = {
-    key: value
-    for key, value in PREDICT["simulate"].items()
-    if key not in ("enabled", "cohort")
+    key: value for key, value in PREDICT["simulate"].items() if key not in ("enabled", "cohort")
 }
 if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PREDICT_COHORTS:
     raise WorkflowError(
@@ -153,9 +164,7 @@ def split_names():
 
 
 def cell_params(wildcards):
-    return cell_settings(
-        config, wildcards.experiment, wildcards.variant, int(wildcards.seed)
-    )
+    return cell_settings(config, wildcards.experiment, wildcards.variant, int(wildcards.seed))
 
 
 _ENCODER_OWNERS = {}
@@ -197,8 +206,8 @@ def grid_targets(name="metrics.json"):
 
 def all_targets(wildcards):
     """What `snakemake` builds by default: the training cohort's derivative dataset, every
-    table and figure, and the predictions for the configured cohorts (report_targets in
-    aggregate.smk, predict_targets in predict.smk)."""
+    table and figure, and the predictions for the configured cohorts (report_targets and
+    predict_targets below)."""
     search = (
         [LAYOUT.search_file(split, "best.json") for split in split_names()]
         if config["search"]["enabled"]
@@ -212,21 +221,13 @@ def all_targets(wildcards):
     ]
 
 
-# -- per-subject preprocessing (preprocess.smk) ------------------------------
-
-from brainage import brainage_version
-
-from brainage.preprocess.chain import step_options, step_threads, subject_files
-
-from brainage.qc import thresholds
+# -- per-subject preprocessing (preprocess.smk) ----------------------------------
 
 PREPROCESS = config["preprocess"]
-
 PREPROCESS_RESOURCES = config["resources"]["preprocess"]
-
 SUBJECT = subject_files(LAYOUT, "{subject}", "{preproc}")
-
 TEMPLATE = {"t1": LAYOUT.template("T1w"), "mask": LAYOUT.template("brain_mask")}
+
 
 def template_sources(wildcards):
     """The user's template files (template.source: file), so editing them reruns."""
@@ -234,32 +235,38 @@ def template_sources(wildcards):
         return {"t1": config["template"]["t1"], "mask": config["template"]["mask"]}
     return {}
 
+
 def concrete_files(wildcards):
     """The subject's files with the wildcards filled in, for the step's script."""
     return subject_files(LAYOUT, wildcards.subject, wildcards.preproc)
 
+
 def step_log(step):
     return LAYOUT.preproc_log("{preproc}", "{subject}", step)
+
 
 def step_benchmark(step):
     return LAYOUT.preproc_benchmark("{preproc}", "{subject}", step)
 
-# Dataset-wide QC of the training cohort: thresholds are applied here only, so changing
 
-# them reruns this table and the normalisation, not the subjects.
+# -- training and evaluation (train.smk) -----------------------------------------
 
+SPLIT_INPUTS = {
+    name.split(".")[0]: LAYOUT.split_file("{split}", name)
+    for name in ("images.npy", "participants.tsv", "stats.json")
+}
+CELL = ("{split}", "{experiment}", "{variant}", "{seed}")
+CELL_NAME = "{split}/{experiment}/{variant}/seed-{seed}"
 
-# -- training and evaluation (train.smk) -------------------------------------
-
-from brainage.config import training_settings
-
-from brainage.search import search_settings
 
 def cell_file(name):
     def path(wildcards):
-        return LAYOUT.cell_file(wildcards.split, wildcards.experiment, wildcards.variant,
-                                wildcards.seed, name)
+        return LAYOUT.cell_file(
+            wildcards.split, wildcards.experiment, wildcards.variant, wildcards.seed, name
+        )
+
     return path
+
 
 def training_params(wildcards):
     """The cell's training settings (brainage.config.training_settings): without the
@@ -268,54 +275,45 @@ def training_params(wildcards):
     encoder trained in the first of them (encoder_file)."""
     return training_settings(cell_params(wildcards))
 
+
 def shared_encoder(wildcards):
-    return encoder_file(wildcards.split, wildcards.experiment, wildcards.variant,
-                        wildcards.seed, "encoder.pt")
+    return encoder_file(
+        wildcards.split, wildcards.experiment, wildcards.variant, wildcards.seed, "encoder.pt"
+    )
+
 
 def cell_threads(wildcards):
     return cell_params(wildcards)["train"]["threads"]
 
-SPLIT_INPUTS = {name.split(".")[0]: LAYOUT.split_file("{split}", name)
-                for name in ("images.npy", "participants.tsv", "stats.json")}
 
-CELL = ("{split}", "{experiment}", "{variant}", "{seed}")
-
-CELL_NAME = "{split}/{experiment}/{variant}/seed-{seed}"
-
-
-# -- tables and figures (aggregate.smk) --------------------------------------
-
-from brainage.report.targets import (
-    ablation_experiments,
-    ablation_figure_name,
-    experiment_settings,
-    focus_cell,
-    report_names,
-
-)
+# -- tables and figures (aggregate.smk) -----------------------------------------
 
 REPORT_NAMES = report_names(config)
-
-# Every setting of every variant (validated once): params of both rules, so editing a
-
-# setting remakes the tables and figures along with the cells it reruns.
-
+# Every setting of every variant (validated once): params of both report rules, so
+# editing a setting remakes the tables and figures along with the cells it reruns.
 EXPERIMENT_SETTINGS = experiment_settings(config)
-
 TABLE_EXTENSIONS = (".csv", ".md", ".tex")
-
 CAPTIONS = Path(workflow.basedir) / "workflow" / "report"
+
 
 def report_targets():
     """Every table (.csv, .md, .tex) and figure (.png) of this configuration."""
-    tables = [LAYOUT.table(name, ext) for name in REPORT_NAMES["tables"]
-              for ext in TABLE_EXTENSIONS]
+    tables = [
+        LAYOUT.table(name, ext) for name in REPORT_NAMES["tables"] for ext in TABLE_EXTENSIONS
+    ]
     return tables + [LAYOUT.figure(name) for name in REPORT_NAMES["figures"]]
+
+
+def in_report(path, **options):
+    """``path`` marked for `snakemake --report` with its caption and labels."""
+    return report(path, **options)
+
 
 def _caption(kind, name):
     """Caption of a table or figure (kind: tables, figures); other experiments' share one."""
     own = CAPTIONS / kind / f"{name}.rst"
     return str(own if own.is_file() else CAPTIONS / kind / "ablation.rst")
+
 
 def _table_outputs():
     outputs = []
@@ -323,9 +321,18 @@ def _table_outputs():
         for ext in TABLE_EXTENSIONS:
             path = LAYOUT.table(name, ext)
             # the CSV is the table shown in the report; .md/.tex are for papers and READMEs
-            outputs.append(report(path, caption=_caption("tables", name), category="Tables",
-                                  labels={"table": name}) if ext == ".csv" else path)
+            outputs.append(
+                in_report(
+                    path,
+                    caption=_caption("tables", name),
+                    category="Tables",
+                    labels={"table": name},
+                )
+                if ext == ".csv"
+                else path
+            )
     return outputs
+
 
 def _figure_subcategory(name):
     if name in {ablation_figure_name(e) for e in ablation_experiments(config)}:
@@ -334,14 +341,24 @@ def _figure_subcategory(name):
         return "Model"
     return "Cohort and preprocessing"
 
+
 def _figure_outputs():
-    return [report(LAYOUT.figure(name), caption=_caption("figures", name), category="Figures",
-                   subcategory=_figure_subcategory(name), labels={"figure": name})
-            for name in REPORT_NAMES["figures"]]
+    return [
+        in_report(
+            LAYOUT.figure(name),
+            caption=_caption("figures", name),
+            category="Figures",
+            subcategory=_figure_subcategory(name),
+            labels={"figure": name},
+        )
+        for name in REPORT_NAMES["figures"]
+    ]
+
 
 def _cohort_split():
     """The split whose participants.tsv describes the cohort (every split lists everyone)."""
     return split_names()[0]
+
 
 def _focus_files(name):
     """A file of the focus cell (UMAP, predicted vs true), for every split; its training
@@ -351,14 +368,18 @@ def _focus_files(name):
         return []
     return [cell_output(split, *cell, name) for split in split_names()]
 
+
 def _search_trials(wildcards):
     if not config["search"]["enabled"]:
         return []
     return [LAYOUT.search_file(split, "trials.tsv") for split in split_names()]
 
+
 def _registered_maps():
-    return {f"sub-{subject}": subject_files(LAYOUT, subject)["registered"]
-            for subject in subjects()}
+    return {
+        f"sub-{subject}": subject_files(LAYOUT, subject)["registered"] for subject in subjects()
+    }
+
 
 def _figure_inputs(wildcards):
     inputs = {
@@ -374,42 +395,33 @@ def _figure_inputs(wildcards):
         inputs["embeddings"] = embeddings[0]
     return inputs
 
+
 def _focus_label():
     cell = focus_cell(config)
     return "" if cell is None else "{}/{}/seed-{}".format(*cell)
 
 
-# -- prediction for new cohorts (predict.smk) --------------------------------
-
-from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
-
-from brainage.predict import exported_cell as exported_cell_of
-
-from brainage.predict import preprocessing_record
+# -- prediction for new cohorts (predict.smk) -----------------------------------
 
 BUNDLE_NAME = PREDICT["model"]["name"]
-
 BUNDLE_FILES = [
     LAYOUT.model_bundle_file(BUNDLE_NAME, name)
     for name in (MANIFEST_FILE, *PAYLOAD_FILES, README_FILE)
-
 ]
-
 PREDICTION_FILES = (
     "predictions.tsv",
     "summary.tsv",
     "gap_by_group.png",
     "provenance.json",
-
 )
+
 
 def predict_targets():
     """Every cohort's predictions, summary and figure (nothing without predict.cohorts)."""
     return [
-        LAYOUT.prediction(cohort, name)
-        for cohort in PREDICT_COHORTS
-        for name in PREDICTION_FILES
+        LAYOUT.prediction(cohort, name) for cohort in PREDICT_COHORTS for name in PREDICTION_FILES
     ]
+
 
 def exported_cell():
     """(split, experiment, variant, seed) of predict.model; the split is the first one."""
@@ -419,11 +431,13 @@ def exported_cell():
         raise WorkflowError(str(error)) from None
     return (split_names()[0], *cell)
 
+
 def exported_cell_file(name):
     def path(wildcards):
         return cell_output(*exported_cell(), name)
 
     return path
+
 
 def cohort_subject_files(kind):
     def paths(wildcards):

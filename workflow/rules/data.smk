@@ -9,6 +9,15 @@ if SIMULATED:
     checkpoint simulate_cohort:
         output:
             participants=Path(DATASET_ROOT) / "participants.tsv",
+        log:
+            LAYOUT.log("data", "simulate_cohort"),
+        benchmark:
+            LAYOUT.benchmark("data", "simulate_cohort")
+        conda:
+            "../../envs/preprocess.yaml"
+        resources:
+            mem_mb=4000,
+            runtime=30,
         params:
             options={
                 key: value
@@ -16,15 +25,6 @@ if SIMULATED:
                 if key != "enabled"
             },
             root=lambda wildcards, output: Path(output.participants).parent,
-        log:
-            LAYOUT.log("data", "simulate_cohort"),
-        benchmark:
-            LAYOUT.benchmark("data", "simulate_cohort")
-        resources:
-            mem_mb=4000,
-            runtime=30,
-        conda:
-            "../../envs/preprocess.yaml"
         script:
             "../scripts/simulate_cohort.py"
 
@@ -33,9 +33,7 @@ if SIMULATED_PREDICT_COHORT is not None:
 
     rule simulate_predict_cohort:
         output:
-            participants=Path(
-                PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], "participants.tsv"
-            ),
+            participants=Path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], "participants.tsv"),
             maps=[
                 str(stiffness_path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], label))
                 for label in simulated_predict_labels()
@@ -44,17 +42,17 @@ if SIMULATED_PREDICT_COHORT is not None:
                 str(anatomical_path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], label))
                 for label in simulated_predict_labels()
             ],
-        params:
-            options=PREDICT_SIMULATION,
-            root=lambda wildcards, output: Path(output.participants).parent,
         log:
             LAYOUT.log("data", "simulate_predict_cohort"),
         benchmark:
             LAYOUT.benchmark("data", "simulate_predict_cohort")
+        conda:
+            "../../envs/preprocess.yaml"
         resources:
             mem_mb=4000,
             runtime=30,
-        conda:
-            "../../envs/preprocess.yaml"
+        params:
+            options=PREDICT_SIMULATION,
+            root=lambda wildcards, output: Path(output.participants).parent,
         script:
             "../scripts/simulate_cohort.py"

@@ -7,9 +7,7 @@
 
 rule normalise_dataset:
     input:
-        maps=lambda wildcards: [
-            subject_files(LAYOUT, label)["registered"] for label in subjects()
-        ],
+        maps=lambda wildcards: [subject_files(LAYOUT, label)["registered"] for label in subjects()],
         qc=LAYOUT.qc_table(),
         participants=Path(DATASET_ROOT, "participants.tsv"),
         template_mask=LAYOUT.template("brain_mask"),
@@ -17,19 +15,19 @@ rule normalise_dataset:
         images=LAYOUT.split_file("{split}", "images.npy"),
         participants=LAYOUT.split_file("{split}", "participants.tsv"),
         stats=LAYOUT.split_file("{split}", "stats.json"),
-    params:
-        split_settings=config["split"],
-        normalise=config["normalise"],
-        exclude_failed=config["qc"]["exclude_failed"],
     log:
         LAYOUT.log("dataset", "{split}/normalise_dataset"),
     benchmark:
         LAYOUT.benchmark("dataset", "{split}/normalise_dataset")
+    conda:
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=60,
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        split_settings=config["split"],
+        normalise=config["normalise"],
+        exclude_failed=config["qc"]["exclude_failed"],
     script:
         "../scripts/normalise_dataset.py"

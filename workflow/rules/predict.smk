@@ -30,22 +30,22 @@ rule export_model:
         template_mask=LAYOUT.template("brain_mask"),
     output:
         BUNDLE_FILES,
+    log:
+        LAYOUT.log("predict", f"export_model_{BUNDLE_NAME}"),
+    benchmark:
+        LAYOUT.benchmark("predict", f"export_model_{BUNDLE_NAME}")
+    conda:
+        "../../envs/train.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
     params:
         settings=lambda wildcards: cell_settings(config, *exported_cell()[1:]),
         bundle_dir=lambda wildcards, output: Path(output[0]).parent,
         name=BUNDLE_NAME,
         preprocessing=preprocessing_record(config),
         bias_fit=PREDICT["bias_fit"],
-    log:
-        LAYOUT.log("predict", f"export_model_{BUNDLE_NAME}"),
-    benchmark:
-        LAYOUT.benchmark("predict", f"export_model_{BUNDLE_NAME}")
-    threads: 1
-    resources:
-        mem_mb=2000,
-        runtime=10,
-    conda:
-        "../../envs/train.yaml"
     script:
         "../scripts/export_model.py"
 
@@ -54,9 +54,7 @@ rule predict_cohort:
     input:
         bundle=BUNDLE_FILES,
         # ages and groups enter the gaps and the summary: editing them reruns the prediction
-        participants=lambda wildcards: Path(
-            PREDICT_COHORTS[wildcards.cohort], "participants.tsv"
-        ),
+        participants=lambda wildcards: Path(PREDICT_COHORTS[wildcards.cohort], "participants.tsv"),
         maps=cohort_subject_files("registered"),
         qc=cohort_subject_files("qc_json"),
         description=lambda wildcards: LAYOUT.preproc_description(
@@ -67,20 +65,20 @@ rule predict_cohort:
         summary=LAYOUT.prediction("{cohort}", "summary.tsv"),
         figure=LAYOUT.prediction("{cohort}", "gap_by_group.png"),
         provenance=LAYOUT.prediction("{cohort}", "provenance.json"),
+    log:
+        LAYOUT.log("predict", "{cohort}/predict_cohort"),
+    benchmark:
+        LAYOUT.benchmark("predict", "{cohort}/predict_cohort")
+    conda:
+        "../../envs/train.yaml"
+    threads: config["train"]["threads"]
+    resources:
+        mem_mb=config["resources"]["train"]["mem_mb"],
     params:
         bundle_dir=lambda wildcards, input: Path(input.bundle[0]).parent,
         dataset_root=lambda wildcards, input: Path(input.participants).parent,
         labels=lambda wildcards: cohort_subjects(wildcards.cohort),
         qc_thresholds=thresholds(config["qc"]),
         bias_reference_group=PREDICT["bias_reference_group"],
-    log:
-        LAYOUT.log("predict", "{cohort}/predict_cohort"),
-    benchmark:
-        LAYOUT.benchmark("predict", "{cohort}/predict_cohort")
-    threads: config["train"]["threads"]
-    resources:
-        mem_mb=config["resources"]["train"]["mem_mb"],
-    conda:
-        "../../envs/train.yaml"
     script:
         "../scripts/predict_cohort.py"

@@ -19,18 +19,18 @@ rule prepare_template:
     output:
         t1=TEMPLATE["t1"],
         mask=TEMPLATE["mask"],
-    params:
-        template=config["template"],
     log:
         LAYOUT.log("template", "prepare_template"),
     benchmark:
         LAYOUT.benchmark("template", "prepare_template")
+    conda:
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        template=config["template"],
     script:
         "../scripts/prepare_template.py"
 
@@ -40,17 +40,17 @@ rule describe_preprocessing:
         template_mask=TEMPLATE["mask"],
     output:
         description=LAYOUT.preproc_description("{preproc}"),
+    log:
+        LAYOUT.log("{preproc}", "describe_preprocessing"),
+    localrule: True
+    conda:
+        "../../envs/preprocess.yaml"
     params:
         folder=lambda wildcards, output: Path(output.description).parent,
         source=lambda wildcards: PREPROC_ROOTS[wildcards.preproc],
         space=LAYOUT.space,
         version=brainage_version(),
         template=lambda wildcards: wildcards.preproc == TRAINING_PREPROC,
-    log:
-        LAYOUT.log("{preproc}", "describe_preprocessing"),
-    localrule: True
-    conda:
-        "../../envs/preprocess.yaml"
     script:
         "../scripts/describe_preprocessing.py"
 
@@ -63,21 +63,21 @@ rule strip_skull:
         mask_json=SUBJECT["mask_json"],
         reference=SUBJECT["reference"],
         reference_info=SUBJECT["reference_info"],
-    params:
-        files=concrete_files,
-        options=step_options("strip_skull", PREPROCESS),
     log:
         step_log("strip_skull"),
     benchmark:
         step_benchmark("strip_skull")
     group:
         "preprocess_{subject}"
+    conda:
+        "../../envs/preprocess.yaml"
     threads: step_threads(PREPROCESS)
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        files=concrete_files,
+        options=step_options("strip_skull", PREPROCESS),
     script:
         "../scripts/preprocess_step.py"
 
@@ -91,21 +91,21 @@ rule correct_bias:
     output:
         corrected=SUBJECT["corrected"],
         corrected_reference=SUBJECT["corrected_reference"],
-    params:
-        files=concrete_files,
-        options=step_options("correct_bias", PREPROCESS),
     log:
         step_log("correct_bias"),
     benchmark:
         step_benchmark("correct_bias")
     group:
         "preprocess_{subject}"
+    conda:
+        "../../envs/preprocess.yaml"
     threads: step_threads(PREPROCESS)
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        files=concrete_files,
+        options=step_options("correct_bias", PREPROCESS),
     script:
         "../scripts/preprocess_step.py"
 
@@ -124,21 +124,21 @@ rule register_to_template:
         registered_mask_json=SUBJECT["registered_mask_json"],
         transform=SUBJECT["transform"],
         registered_reference=SUBJECT["registered_reference"],
-    params:
-        files=concrete_files,
-        options=step_options("register_to_template", PREPROCESS),
     log:
         step_log("register_to_template"),
     benchmark:
         step_benchmark("register_to_template")
     group:
         "preprocess_{subject}"
+    conda:
+        "../../envs/preprocess.yaml"
     threads: step_threads(PREPROCESS)
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        files=concrete_files,
+        options=step_options("register_to_template", PREPROCESS),
     script:
         "../scripts/preprocess_step.py"
 
@@ -154,44 +154,42 @@ rule compute_qc:
     output:
         qc_json=SUBJECT["qc_json"],
         qc_png=SUBJECT["qc_png"],
-    params:
-        files=concrete_files,
-        options=step_options("compute_qc", PREPROCESS),
     log:
         step_log("compute_qc"),
     benchmark:
         step_benchmark("compute_qc")
     group:
         "preprocess_{subject}"
+    conda:
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        files=concrete_files,
+        options=step_options("compute_qc", PREPROCESS),
     script:
         "../scripts/preprocess_step.py"
 
 
 rule tabulate_qc:
     input:
-        metrics=lambda wildcards: [
-            subject_files(LAYOUT, label)["qc_json"] for label in subjects()
-        ],
+        metrics=lambda wildcards: [subject_files(LAYOUT, label)["qc_json"] for label in subjects()],
         participants=Path(DATASET_ROOT, "participants.tsv"),
     output:
         table=LAYOUT.qc_table(),
-    params:
-        minimums=thresholds(config["qc"]),
     log:
         LAYOUT.log("qc", "tabulate_qc"),
     benchmark:
         LAYOUT.benchmark("qc", "tabulate_qc")
+    conda:
+        "../../envs/preprocess.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=10,
-    conda:
-        "../../envs/preprocess.yaml"
+    params:
+        minimums=thresholds(config["qc"]),
     script:
         "../scripts/tabulate_qc.py"

@@ -19,21 +19,21 @@ rule train_encoder:
         encoder=LAYOUT.cell_file(*CELL, "encoder.pt"),
         history=LAYOUT.cell_file(*CELL, "history.tsv"),
         embeddings=directory(LAYOUT.cell_file(*CELL, "embeddings")),
-    params:
-        settings=training_params,
-        split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
-        checkpoint=cell_file("checkpoint.pt"),
     log:
         LAYOUT.log("train", f"{CELL_NAME}/train_encoder"),
     benchmark:
         LAYOUT.benchmark("train", f"{CELL_NAME}/train_encoder")
+    conda:
+        "../../envs/train.yaml"
     threads: cell_threads
     resources:
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime_min"],
-    conda:
-        "../../envs/train.yaml"
+    params:
+        settings=training_params,
+        split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
+        checkpoint=cell_file("checkpoint.pt"),
     script:
         "../scripts/train_encoder.py"
 
@@ -47,13 +47,12 @@ rule evaluate_encoder:
         predictions=LAYOUT.cell_file(*CELL, "predictions.tsv"),
         readout=LAYOUT.cell_file(*CELL, "readout.pt"),
         readout_description=LAYOUT.cell_file(*CELL, "readout.json"),
-    params:
-        settings=cell_params,
-        split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
     log:
         LAYOUT.log("train", f"{CELL_NAME}/evaluate_encoder"),
     benchmark:
         LAYOUT.benchmark("train", f"{CELL_NAME}/evaluate_encoder")
+    conda:
+        "../../envs/train.yaml"
     threads: cell_threads
     resources:
         # Embedding every subject at 2 mm is slow on a CPU; run where training runs, with
@@ -61,10 +60,12 @@ rule evaluate_encoder:
         gpu=config["resources"]["train"]["gpu"],
         mem_mb=config["resources"]["train"]["mem_mb"],
         runtime=config["resources"]["train"]["runtime_min"],
-    conda:
-        "../../envs/train.yaml"
+    params:
+        settings=cell_params,
+        split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
     script:
         "../scripts/evaluate_encoder.py"
+
 
 if config["search"]["enabled"]:
 
@@ -74,22 +75,22 @@ if config["search"]["enabled"]:
         output:
             trials=LAYOUT.search_file("{split}", "trials.tsv"),
             best=LAYOUT.search_file("{split}", "best.json"),
+        log:
+            LAYOUT.log("train", "{split}/search_hyperparameters"),
+        benchmark:
+            LAYOUT.benchmark("train", "{split}/search_hyperparameters")
+        conda:
+            "../../envs/train.yaml"
+        threads: config["train"]["threads"]
+        resources:
+            gpu=config["resources"]["train"]["gpu"],
+            mem_mb=config["resources"]["train"]["mem_mb"],
+            runtime=config["resources"]["search"]["runtime_min"],
         params:
             settings=lambda wildcards: search_settings(config),
             search=config["search"],
             split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
             # Per-trial folders (each resumable, like a grid cell) are not outputs either.
             out_dir=lambda wildcards: LAYOUT.search_dir(wildcards.split),
-        log:
-            LAYOUT.log("train", "{split}/search_hyperparameters"),
-        benchmark:
-            LAYOUT.benchmark("train", "{split}/search_hyperparameters")
-        threads: config["train"]["threads"]
-        resources:
-            gpu=config["resources"]["train"]["gpu"],
-            mem_mb=config["resources"]["train"]["mem_mb"],
-            runtime=config["resources"]["search"]["runtime_min"],
-        conda:
-            "../../envs/train.yaml"
         script:
             "../scripts/search_hyperparameters.py"

@@ -7,7 +7,13 @@ import logging
 
 from torch import nn
 
-from .kernel import AdaptiveNeighborhoodsLoss, ExponentialLoss, SimCLRLoss, ThresholdLoss, YAwareLoss
+from .kernel import (
+    AdaptiveNeighborhoodsLoss,
+    ExponentialLoss,
+    SimCLRLoss,
+    ThresholdLoss,
+    YAwareLoss,
+)
 from .nnclr import NNCLRLoss
 from .rnc import RankNContrastLoss
 

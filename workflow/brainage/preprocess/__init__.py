@@ -14,8 +14,11 @@ QC of the result is in :mod:`brainage.qc`; the dataset-wide normalisation in
 
 from brainage.preprocess.bias import correct_bias, n4_inside_mask
 from brainage.preprocess.images import PreprocessError
-from brainage.preprocess.register import (RegistrationError, register_to_template,
-                                          template_to_native_matrix)
+from brainage.preprocess.register import (
+                                          RegistrationError,
+                                          register_to_template,
+                                          template_to_native_matrix,
+)
 from brainage.preprocess.skullstrip import resolve_method, strip_skull
 from brainage.preprocess.template import prepare_template
 

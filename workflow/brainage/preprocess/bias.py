@@ -18,8 +18,15 @@ from pathlib import Path
 
 import numpy as np
 
-from brainage.preprocess.images import (PreprocessError, clean_nonfinite, configure_itk_threads,
-                                        load_mask, load_volume, require_same_grid, save_volume)
+from brainage.preprocess.images import (
+    PreprocessError,
+    clean_nonfinite,
+    configure_itk_threads,
+    load_mask,
+    load_volume,
+    require_same_grid,
+    save_volume,
+)
 from brainage.preprocess.skullstrip import read_reference_info
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,13 @@ import os
 os.environ.setdefault("NIPYPE_NO_ET", "1")
 
 from nipype.interfaces.base import (  # noqa: E402
-    BaseInterface, BaseInterfaceInputSpec, CommandLine, CommandLineInputSpec, File,
-    TraitedSpec, traits,
+    BaseInterface,
+    BaseInterfaceInputSpec,
+    CommandLine,
+    CommandLineInputSpec,
+    File,
+    TraitedSpec,
+    traits,
 )
 from nipype.interfaces.freesurfer import WatershedSkullStrip  # noqa: E402,F401
 

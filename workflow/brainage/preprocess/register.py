@@ -31,8 +31,14 @@ import numpy as np
 from scipy import ndimage
 
 from brainage.io import atomic_path
-from brainage.preprocess.images import (PreprocessError, configure_itk_threads, load_mask,
-                                        load_volume, require_same_grid, save_volume)
+from brainage.preprocess.images import (
+    PreprocessError,
+    configure_itk_threads,
+    load_mask,
+    load_volume,
+    require_same_grid,
+    save_volume,
+)
 from brainage.preprocess.skullstrip import read_reference_info
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,13 @@ from pathlib import Path
 import numpy as np
 
 from brainage.io import write_json
-from brainage.preprocess.images import (PreprocessError, load_mask, load_volume,
-                                        resample_mask, save_volume)
+from brainage.preprocess.images import (
+    PreprocessError,
+    load_mask,
+    load_volume,
+    resample_mask,
+    save_volume,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +98,7 @@ def _run_mask_interface(route: str, freesurfer_tool: str, in_file: str, work: Pa
                         threads: int) -> Path:
     """Run the route's nipype interface on ``in_file``; return the mask file it wrote
     (for mri_watershed, the stripped brain: its non-zero voxels are the mask)."""
-    from brainage.preprocess.interfaces import (DeepBet, SupportMask, SynthStrip,
-                                                WatershedSkullStrip)
+    from brainage.preprocess.interfaces import DeepBet, SupportMask, SynthStrip, WatershedSkullStrip
 
     mask_file = work / "mask.nii.gz"
     if route == "deepbet":

@@ -13,9 +13,16 @@ import pandas as pd
 
 from brainage.io import atomic_path
 from brainage.qc import plot_dataset_qc, read_qc_table, thresholds
-from brainage.report.results import (ABLATION_TITLES, coverage_fraction, natural_key,
-                                     PAPER_SEARCH_BEST, read_metrics, read_predictions,
-                                     read_search_trials, seed_results)
+from brainage.report.results import (
+    ABLATION_TITLES,
+    PAPER_SEARCH_BEST,
+    coverage_fraction,
+    natural_key,
+    read_metrics,
+    read_predictions,
+    read_search_trials,
+    seed_results,
+)
 from brainage.report.tables import ablation_table
 from brainage.report.targets import SEARCH_NAME, ReportError, ablation_figure_name
 

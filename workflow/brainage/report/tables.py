@@ -13,11 +13,23 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import atomic_path
-from brainage.report.results import (ABLATION_TITLES, PAPER_ABLATIONS, PAPER_NOTE,
-                                     PAPER_SEARCH_BEST, PAPER_TABLE2_TOTAL, PAPER_TABLE3,
-                                     coverage_fraction, display_loss_names, natural_key,
-                                     paper_value, read_metrics, read_search_trials,
-                                     seed_results, summarise_seeds, variant_labels)
+from brainage.report.results import (
+    ABLATION_TITLES,
+    PAPER_ABLATIONS,
+    PAPER_NOTE,
+    PAPER_SEARCH_BEST,
+    PAPER_TABLE2_TOTAL,
+    PAPER_TABLE3,
+    coverage_fraction,
+    display_loss_names,
+    natural_key,
+    paper_value,
+    read_metrics,
+    read_search_trials,
+    seed_results,
+    summarise_seeds,
+    variant_labels,
+)
 from brainage.report.targets import LOSS_EXPERIMENT, REFERENCE_LOSS, SEARCH_NAME, ReportError
 
 logger = logging.getLogger(__name__)

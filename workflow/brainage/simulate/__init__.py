@@ -63,8 +63,12 @@ Modelling choices and sources
 
 from brainage.simulate.anatomy import TRUTH_COLUMNS, pose_to_native_affine
 from brainage.simulate.cohort import main, replace_simulation, simulate_cohort
-from brainage.simulate.demographics import (ACCELERATED_STUDY, STUDY_TABLE, draw_participants,
-                                            study_table)
+from brainage.simulate.demographics import (
+                                            ACCELERATED_STUDY,
+                                            STUDY_TABLE,
+                                            draw_participants,
+                                            study_table,
+)
 
 __all__ = [
     "STUDY_TABLE", "ACCELERATED_STUDY", "TRUTH_COLUMNS", "study_table", "draw_participants",
