@@ -72,6 +72,7 @@ def run_child(step: str, *args, **kwargs) -> dict:
 def bench_subject(work: Path) -> None:
     from brainage.paths import Layout
     from brainage.preprocess import prepare_template
+    from brainage.preprocess.chain import subject_files
     from brainage.simulate import simulate_cohort
 
     dataset = work / "dataset"
@@ -79,15 +80,14 @@ def bench_subject(work: Path) -> None:
     row = truth[truth["voxel_size_mm"] == 1.6].iloc[0]
     participant_id = row["participant_id"]
     label = participant_id[len("sub-"):]
-    layout = Layout(results=str(work / "results"), resources=str(work / "resources"))
+    layout = Layout(results=str(work / "results"))
     prepare_template(layout.template("T1w"), layout.template("brain_mask"))
     stiffness = str(dataset / participant_id / "mre" / f"{participant_id}_stiffness.nii.gz")
     anat = str(dataset / participant_id / "anat" / f"{participant_id}_T1w.nii.gz")
-    native = {name: layout.subject_native(label, desc, suffix, ext) for name, desc, suffix, ext in
-              [("mask", "brain", "mask", ".nii.gz"), ("reference", "brain", "reference", ".nii.gz"),
-               ("info", "brain", "reference", ".json"),
-               ("stiffness_n4", "corrected", "stiffness", ".nii.gz"),
-               ("reference_n4", "corrected", "reference", ".nii.gz")]}
+    files = subject_files(layout, label)
+    native = {"mask": files["mask"], "reference": files["reference"],
+              "info": files["reference_info"], "stiffness_n4": files["corrected"],
+              "reference_n4": files["corrected_reference"]}
     print(f"subject {participant_id}: {row['voxel_size_mm']} mm, grid {row['shape']}")
     timings = {
         "strip_skull (deepbet)": run_child(
@@ -100,9 +100,8 @@ def bench_subject(work: Path) -> None:
         "register_to_template": run_child(
             "register_to_template", native["stiffness_n4"], native["mask"],
             native["reference_n4"], native["info"], layout.template("T1w"),
-            layout.template("brain_mask"), layout.subject_mni(label, "preproc", "stiffness"),
-            layout.subject_mni(label, "brain", "mask"), layout.subject_transform(label),
-            layout.subject_mni(label, "preproc", "reference"), deterministic=True, threads=1,
+            layout.template("brain_mask"), files["registered"], files["registered_mask"],
+            files["transform"], files["registered_reference"], deterministic=True, threads=1,
             subject=label),
     }
     print(f"{'step':<24}{'run wall s':>11}{'run CPU s':>11}{'job wall s':>11}{'job CPU s':>11}"

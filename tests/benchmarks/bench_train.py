@@ -42,17 +42,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for split_fixture
 
+from brainage.config import resolve_cell  # noqa: E402
 from brainage.data import Augmenter, VolumeStore, load_split  # noqa: E402
 from brainage.losses import make_loss  # noqa: E402
 from brainage.models import build_model  # noqa: E402
+from brainage.runtime import runtime_setup  # noqa: E402
 from brainage.train import (  # noqa: E402
     _save_checkpoint,
     _snapshot,
     fit_encoder,
     make_optimizer,
-    resolve_settings,
     run_epoch,
-    runtime_setup,
 )
 from split_fixture import tiny_settings, write_split  # noqa: E402
 
@@ -85,7 +85,7 @@ def parse_arguments() -> argparse.Namespace:
 
 
 def settings_for(arguments) -> dict:
-    return resolve_settings(tiny_settings(
+    return resolve_cell(tiny_settings(
         loss={"name": "adaptive", "nn_final": max(2, arguments.batch // 2), "nn_step": 1},
         train={"epochs": max(2, arguments.epochs + 1), "batch_size": arguments.batch,
                "views": arguments.views, "lr": 1e-4, "device": arguments.device,
