@@ -102,11 +102,11 @@ def fit_age_bias(ages: np.ndarray, predicted: np.ndarray, *, where: str = "refer
 
 
 def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping,
-                            *, folds: int, seed: int) -> np.ndarray:
+                            *, folds: int, seed: int, studies=None) -> np.ndarray:
     """Predicted ages of every training subject from a read-out that never saw it.
 
     K-fold (shuffled with ``seed``); in each fold the whole read-out (alpha search
-    included) is refitted with :func:`brainage.evaluate.fit_readout` on the other folds.
+    included) is refitted with :func:`brainage.readout.fit_readout` on the other folds.
 
     Parameters
     ----------
@@ -114,6 +114,8 @@ def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_sett
         Frozen training embeddings.
     ages : array [n]
         Their ages (years).
+    studies : array [n], optional
+        Their studies (the study-mean read-out needs them).
 
     Returns
     -------
@@ -122,7 +124,6 @@ def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_sett
     """
     from sklearn.model_selection import KFold
 
-
     ages = np.asarray(ages, dtype=np.float64)
     folds = min(int(folds), len(ages))
     if folds < 2:
@@ -130,9 +131,13 @@ def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_sett
                          f"got {len(ages)}.")
     predicted = np.full(len(ages), np.nan)
     splitter = KFold(n_splits=folds, shuffle=True, random_state=int(seed))
+    studies = None if studies is None else np.asarray(studies)
     for fit_rows, held_out in splitter.split(features):
-        readout = fit_readout(features[fit_rows], ages[fit_rows], readout_settings, seed=seed)
-        predicted[held_out] = readout.predict(np.asarray(features[held_out], dtype=np.float64))
+        readout = fit_readout(features[fit_rows], ages[fit_rows], readout_settings, seed=seed,
+                              studies=None if studies is None else studies[fit_rows])
+        predicted[held_out] = readout.predict(
+            np.asarray(features[held_out], dtype=np.float64),
+            None if studies is None else studies[held_out])
     return predicted
 
 
@@ -148,7 +153,7 @@ def gap_age_correlation(ages: np.ndarray, gaps: np.ndarray) -> float | None:
 def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
               train_predicted: np.ndarray, *, test_ages: np.ndarray,
               test_predicted: np.ndarray, readout_settings: Mapping, seed: int,
-              where: str) -> dict:
+              where: str, train_studies=None) -> dict:
     """Every candidate age-bias correction of a cell, as saved with its read-out.
 
     Parameters
@@ -165,6 +170,8 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
         Shuffles the out-of-fold folds (the cell's seed).
     where : str
         Names the split in messages.
+    train_studies : array [n], optional
+        The training subjects' studies (the study-mean read-out's out-of-fold refits).
 
     Returns
     -------
@@ -177,7 +184,7 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
     """
     folds = min(int(readout_settings["cv_folds"]), len(train_ages))
     oof = out_of_fold_predictions(train_features, train_ages, readout_settings, folds=folds,
-                                  seed=seed)
+                                  seed=seed, studies=train_studies)
     references = {"training": (train_ages, oof), "test": (test_ages, test_predicted)}
     fits, errors = {}, {}
     for name, (ages, predicted) in {**references,

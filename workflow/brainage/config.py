@@ -160,7 +160,32 @@ def resolve_cell(settings: Mapping[str, Any], *, where: str = "", source: str = 
         resolved[section] = values
     if messages:
         raise ConfigError("\n".join(messages))
+    check_cell(resolved, where=where, source=source)
     return resolved
+
+
+def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "settings") -> None:
+    """Combinations of keys that each validate alone but cannot train together.
+
+    Raises
+    ------
+    ConfigError
+        Naming both keys and what to set.
+    """
+    prefix = f"{where}." if where else ""
+    model, loss = settings["model"], settings["loss"]
+    supervised = loss["name"] == "supervised"
+    if supervised != (model["head"] == "regression"):
+        raise ConfigError(
+            f"{source}: config keys '{prefix}loss.name' ({loss['name']}) and "
+            f"'{prefix}model.head' ({model['head']}) do not fit: the supervised loss needs "
+            f"the regression head (model.head: regression, model.projection_dim: 1) and the "
+            f"contrastive losses the projection head.")
+    if supervised and (model["projection_dim"] != 1 or not model["projection_head"]):
+        raise ConfigError(
+            f"{source}: config key '{prefix}model.projection_dim' is "
+            f"{model['projection_dim']} but the supervised loss's regression head outputs "
+            f"one age: set model.projection_dim: 1 (and model.projection_head: true).")
 
 
 def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed: int, *,
@@ -199,18 +224,45 @@ def grid_cells(config: Mapping[str, Any], *, include_disabled: bool = False
     return cells
 
 
+def cell_kind(settings: Mapping[str, Any]) -> str:
+    """``contrastive`` for a cell trained with one of the paper's losses, ``baseline`` for
+    the comparisons every table sets beside them: no encoder (the read-out sees the voxels,
+    or ignores them), an untrained encoder (``train.epochs`` 0), or the supervised network."""
+    if (settings["model"]["encoder"] == "none" or settings["train"]["epochs"] == 0
+            or settings["loss"]["name"] == "supervised"):
+        return "baseline"
+    return "contrastive"
+
+
+def trains_an_encoder(settings: Mapping[str, Any]) -> bool:
+    """Whether the cell has an encoder for train_encoder to write (even an untrained one)."""
+    return settings["model"]["encoder"] != "none"
+
+
 #: Keys of a cell's settings that never reach the encoder's training.
 NON_TRAINING_KEYS = ("experiment", "variant", "readout")
 
 
+#: Keys of the model section that only the read-out uses.
+READOUT_MODEL_KEYS = ("features",)
+
+
 def training_settings(settings: Mapping[str, Any]) -> dict:
-    """What determines a cell's trained encoder: its settings less the names and the
-    read-out (editing ``readout.*`` re-evaluates encoders, it does not retrain them)."""
-    return {key: value for key, value in settings.items() if key not in NON_TRAINING_KEYS}
+    """What determines a cell's trained encoder: its settings less the names and what only
+    the read-out uses (``readout.*``, ``model.features``), so editing those re-evaluates
+    encoders without retraining them. An untrained encoder (``train.epochs`` 0) depends on
+    the seed and the model alone."""
+    trained = {key: value for key, value in settings.items() if key not in NON_TRAINING_KEYS}
+    trained["model"] = {key: value for key, value in settings["model"].items()
+                        if key not in READOUT_MODEL_KEYS}
+    if settings["train"]["epochs"] == 0:
+        trained = {"seed": settings["seed"], "model": trained["model"],
+                   "train": {"epochs": 0, "device": settings["train"]["device"]}}
+    return trained
 
 
 def encoder_owners(config: Mapping[str, Any]) -> dict[tuple[str, str, int], tuple[str, str, int]]:
-    """For every cell, the cell that trains the encoder it evaluates.
+    """For every cell with an encoder, the cell that trains the encoder it evaluates.
 
     Cells whose training settings are equal (same loss, train, model sections and seed)
     would train the same encoder: in the paper grid the Table 3 Adaptive Neighborhoods
@@ -223,6 +275,9 @@ def encoder_owners(config: Mapping[str, Any]) -> dict[tuple[str, str, int], tupl
     owners: dict[tuple[str, str, int], tuple[str, str, int]] = {}
     first_with: dict[str, tuple[str, str, int]] = {}
     for cell in grid_cells(config, include_disabled=True):
-        key = json.dumps(training_settings(cell_settings(config, *cell)), sort_keys=True)
+        settings = cell_settings(config, *cell)
+        if not trains_an_encoder(settings):
+            continue
+        key = json.dumps(training_settings(settings), sort_keys=True)
         owners[cell] = first_with.setdefault(key, cell)
     return owners

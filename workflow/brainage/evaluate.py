@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from brainage.agebias import bias_fits
-from brainage.config import resolve_cell
+from brainage.config import cell_kind, resolve_cell
 from brainage.data import SplitData, VolumeStore, load_split
 from brainage.io import sha256_file, write_json, write_tsv
 from brainage.models import embed, load_encoder
@@ -69,10 +69,24 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
 
 # -- one grid cell --------------------------------------------------------------------------
 
+def split_features(split: SplitData, model, settings: Mapping, *, device: torch.device,
+                   autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """The read-out's input for the training rows then the evaluation rows, float32 [n, D]:
+    the frozen encoder's features, or, without an encoder (``model.encoder: none``, the
+    classical baselines), the normalised voxels themselves."""
+    rows = np.concatenate([split.train_index, split.eval_index])
+    if model is None:
+        return np.asarray(split.images[rows], dtype=np.float32).reshape(len(rows), -1)
+    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    return embed(model, store, rows, which=settings["model"]["features"],
+                 autocast_dtype=autocast_dtype)
+
+
 def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.device,
                    autocast_dtype: torch.dtype | None = None
                    ) -> tuple[dict, pd.DataFrame, Readout, np.ndarray]:
-    """Embed, fit the read-out on the training rows, predict every row; metrics on eval rows.
+    """Features, the read-out fitted on the training rows, every row predicted; metrics on
+    the evaluation rows. ``model`` None: the read-out sees the voxels (no encoder).
 
     The predictions come from the read-out rebuilt from its tensors, exactly what a saved
     read-out (and so a model bundle) predicts.
@@ -86,24 +100,23 @@ def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.
     readout
         The fitted read-out.
     features
-        The embeddings [n_train + n_eval, D] (training rows first), float32.
+        The read-out's input [n_train + n_eval, D] (training rows first), float32.
     """
-    store = VolumeStore(split.images, device, normalisation=split.normalisation)
-    which = settings["model"]["features"]
     rows = np.concatenate([split.train_index, split.eval_index])
-    features = embed(model, store, rows, which=which, autocast_dtype=autocast_dtype)
+    features = split_features(split, model, settings, device=device,
+                              autocast_dtype=autocast_dtype)
     n_train = len(split.train_index)
-    ages = split.ages
+    ages, studies = split.ages, split.studies
     fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
-                         seed=int(settings["seed"]))
+                         seed=int(settings["seed"]), studies=studies[split.train_index])
     readout = Readout.from_state(*fitted.to_state())
-    predicted = readout.predict(features)
+    predicted = readout.predict(features, studies[rows])
     eval_rows = split.eval_index
-    metrics = compute_metrics(ages[eval_rows], predicted[n_train:], split.studies[eval_rows])
+    metrics = compute_metrics(ages[eval_rows], predicted[n_train:], studies[eval_rows])
     metrics.update({"readout": readout.method, "n_train": n_train, "n_test": len(eval_rows)})
     metrics.update(readout.info)
     predictions = pd.DataFrame({
-        "participant_id": split.participant_ids[rows], "study": split.studies[rows],
+        "participant_id": split.participant_ids[rows], "study": studies[rows],
         "age": ages[rows], "predicted_age": predicted,
         "subset": split.subset_labels()[rows]})
     return metrics, predictions, readout, features
@@ -119,9 +132,9 @@ def training_summary(split: SplitData) -> dict:
             "studies": {str(study): int(count) for study, count in zip(studies, counts)}}
 
 
-def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path, settings: Mapping, *,
-                     metrics_path: str | Path, predictions_path: str | Path) -> dict:
-    """Evaluate one grid cell's final encoder; write its metrics, predictions and read-out.
+def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path | None, settings: Mapping,
+                     *, metrics_path: str | Path, predictions_path: str | Path) -> dict:
+    """Evaluate one grid cell; write its metrics, predictions and read-out.
 
     Parameters
     ----------
@@ -129,7 +142,8 @@ def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path, settings: 
         ``results/dataset/<split>``.
     encoder_path
         ``encoder.pt`` written by :func:`brainage.train.train_encoder` (the cell's own,
-        or that of the cell it shares an encoder with).
+        or that of the cell it shares an encoder with); None for a cell without an
+        encoder (``model.encoder: none``).
     settings
         The cell's settings (:func:`brainage.config.cell_settings`).
     metrics_path, predictions_path
@@ -144,12 +158,14 @@ def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path, settings: 
     settings = resolve_cell(settings)
     device, autocast_dtype = runtime_setup(settings["train"])
     split = load_split(split_dir)
-    model = load_encoder(encoder_path, settings["model"]).to(device)
+    model = None
+    if settings["model"]["encoder"] != "none":
+        model = load_encoder(encoder_path, settings["model"]).to(device)
     metrics, predictions, readout, features = evaluate_split(
         split, model, settings, device=device, autocast_dtype=autocast_dtype)
     n_train = len(split.train_index)
     predicted = predictions["predicted_age"].to_numpy(dtype=np.float64)
-    encoder_sha256 = sha256_file(encoder_path)
+    encoder_sha256 = sha256_file(encoder_path) if model is not None else None
     save_readout(
         Path(metrics_path).parent, readout, features=settings["model"]["features"],
         n_features=int(features.shape[1]), split=split.name, encoder_sha256=encoder_sha256,
@@ -158,12 +174,14 @@ def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path, settings: 
             features[:n_train].astype(np.float64), split.ages[split.train_index],
             predicted[:n_train], test_ages=split.ages[split.eval_index],
             test_predicted=predicted[n_train:], readout_settings=settings["readout"],
-            seed=int(settings["seed"]), where=f"split {split.name}"))
+            seed=int(settings["seed"]), where=f"split {split.name}",
+            train_studies=split.studies[split.train_index]))
     metrics = {"split": split.name, "experiment": settings.get("experiment"),
                "variant": settings.get("variant"), "seed": settings["seed"],
-               "loss": settings["loss"]["name"],
+               "loss": settings["loss"]["name"], "kind": cell_kind(settings),
                # the cell that trained it, when cells share an encoder (encoder_owners)
-               "encoder": str(encoder_path), "encoder_sha256": encoder_sha256, **metrics}
+               "encoder": None if model is None else str(encoder_path),
+               "encoder_sha256": encoder_sha256, **metrics}
     write_tsv(predictions_path, predictions)
     write_json(metrics_path, metrics)
     log.info("%s/%s seed %s on %s: test MAE %.3f years (n_train %d, n_test %d)",

@@ -28,7 +28,8 @@ from brainage.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-ENCODER_DIM = 512
+#: MONAI's ResNet-18 first-stage width, which its ``widen_factor`` scales.
+RESNET_WIDTH = 64
 FEATURE_CHOICES = ("projection", "encoder")
 #: Wrappers that training code puts in front of parameter names (DataParallel, Lightning,
 #: timm-style EMA, our own bundles); stripped repeatedly when loading a foreign state dict.
@@ -36,49 +37,65 @@ KNOWN_PREFIXES = ("module.", "model.", "net.", "_orig_mod.", "backbone.")
 
 
 class BrainAgeNet(nn.Module):
-    """ResNet-18 encoder with an optional L2-normalised projection head.
+    """ResNet-18 encoder with a projection head (contrastive losses) or a regression head
+    (the supervised baseline).
 
     Parameters
     ----------
+    width
+        Channels of the first stage; the four stages have width x (1, 2, 4, 8), and the
+        encoder output has 8 x width features (paper: 64, so 512). A narrower network is a
+        demo option for CPUs, not the paper's.
+    in_channels
+        Input maps per subject (stiffness alone: 1).
     projection_head
-        Train with the MLP head (paper). Without it the loss sees the L2-normalised 512-d
+        Train with the MLP head (paper). Without it the loss sees the L2-normalised
         encoder output.
     hidden_dim, projection_dim
         Widths of the head (512 and 128 in the paper).
+    head
+        ``projection``: the head's output is L2-normalised (what the contrastive losses
+        compare); ``regression``: the head's raw output, one standardised age
+        (``projection_dim`` 1).
     conv1_stride, max_pool, bias_downsample
         Stem and shortcut options of MONAI's ResNet (defaults: stride 2, max-pool on,
         shortcut convolutions without bias, as the reference).
     """
 
-    def __init__(self, *, projection_head: bool = True, hidden_dim: int = 512,
-                 projection_dim: int = 128, conv1_stride: int = 2, max_pool: bool = True,
+    def __init__(self, *, width: int = 64, in_channels: int = 1, projection_head: bool = True,
+                 hidden_dim: int = 512, projection_dim: int = 128, head: str = "projection",
+                 conv1_stride: int = 2, max_pool: bool = True,
                  bias_downsample: bool = False) -> None:
         super().__init__()
         from monai.networks.nets import resnet18
 
-        self.encoder = resnet18(spatial_dims=3, n_input_channels=1, feed_forward=False,
+        self.encoder = resnet18(spatial_dims=3, n_input_channels=in_channels, feed_forward=False,
                                 conv1_t_size=7, conv1_t_stride=conv1_stride,
                                 no_max_pool=not max_pool, shortcut_type="B",
-                                bias_downsample=bias_downsample)
+                                bias_downsample=bias_downsample,
+                                widen_factor=width / RESNET_WIDTH)
+        self.encoder_dim = 8 * width
+        self.normalise = head == "projection"
         if projection_head:
-            self.head = nn.Sequential(nn.Linear(ENCODER_DIM, hidden_dim), nn.ReLU(inplace=True),
-                                      nn.Linear(hidden_dim, projection_dim))
+            self.head = nn.Sequential(nn.Linear(self.encoder_dim, hidden_dim),
+                                      nn.ReLU(inplace=True), nn.Linear(hidden_dim, projection_dim))
         else:
             self.head = None
-        self.projection_dim = projection_dim if projection_head else ENCODER_DIM
+        self.projection_dim = projection_dim if projection_head else self.encoder_dim
         route_degenerate_bf16_conv3d_around_onednn(self.encoder)
 
     def encode(self, volumes: torch.Tensor) -> torch.Tensor:
-        """volumes [B, 1, X, Y, Z] (z-units) -> encoder features h [B, 512]."""
+        """volumes [B, C, X, Y, Z] (z-units) -> encoder features h [B, 8 x width]."""
         return self.encoder(volumes)
 
     def project(self, encoded: torch.Tensor) -> torch.Tensor:
-        """h [B, 512] -> unit vectors z [B, projection_dim] (or [B, 512] without a head)."""
+        """h -> the head's output [B, projection_dim]: unit vectors for a projection head,
+        raw values for a regression head."""
         projected = self.head(encoded) if self.head is not None else encoded
-        return F.normalize(projected.float(), dim=1)
+        return F.normalize(projected.float(), dim=1) if self.normalise else projected.float()
 
     def forward(self, volumes: torch.Tensor) -> torch.Tensor:
-        """volumes [B, 1, X, Y, Z] -> the features the loss sees, unit vectors [B, D]."""
+        """volumes [B, C, X, Y, Z] -> the features the loss sees, [B, D]."""
         return self.project(self.encode(volumes))
 
     @torch.no_grad()
@@ -146,7 +163,7 @@ def _restore_onednn(conv: nn.Conv3d, args: tuple, output) -> None:
         conv._left_onednn = False
 
 
-def build_model(model_settings: Mapping) -> BrainAgeNet:
+def build_model(model_settings: Mapping, *, in_channels: int = 1) -> BrainAgeNet:
     """The network of one grid cell from a resolved ``model`` section
     (:func:`brainage.config.resolve_cell`).
 
@@ -163,12 +180,14 @@ def build_model(model_settings: Mapping) -> BrainAgeNet:
         raise ConfigError("config key model.features is 'projection' but model.projection_head "
                           "is false: there is no projection to read features from. Set "
                           "model.features: encoder, or model.projection_head: true.")
-    return BrainAgeNet(projection_head=model_settings["projection_head"],
+    return BrainAgeNet(width=model_settings["width"], in_channels=in_channels,
+                       projection_head=model_settings["projection_head"],
                        hidden_dim=model_settings["hidden_dim"],
                        projection_dim=model_settings["projection_dim"],
                        conv1_stride=model_settings["conv1_stride"],
                        max_pool=model_settings["max_pool"],
-                       bias_downsample=model_settings["bias_downsample"])
+                       bias_downsample=model_settings["bias_downsample"],
+                       head=model_settings["head"])
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -228,7 +247,7 @@ def embed(model: BrainAgeNet, store, rows, *, which: str = "projection",
     finally:
         model.train(was_training)
     if not chunks:
-        width = model.projection_dim if which == "projection" else ENCODER_DIM
+        width = model.projection_dim if which == "projection" else model.encoder_dim
         return np.zeros((0, width), dtype=np.float32)
     return torch.cat(chunks).numpy().astype(np.float32)
 

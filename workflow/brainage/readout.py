@@ -11,7 +11,14 @@ Methods (config key ``readout.method``):
   ``readout.cv_folds``-fold cross-validation (r2 scoring) on the training embeddings only;
 - ``mse``, ``l1``, ``huber``, ``dex`` (Fig. 4b): a small MLP trained on the frozen training
   embeddings with that loss; DEX classifies into age bins and predicts the expected value
-  of the softmax.
+  of the softmax;
+- the baselines' read-outs: ``pca_ridge`` (PCA then Ridge, the number of components and
+  alpha chosen together by the same CV; stored as the equivalent linear map), and
+  ``train_mean`` / ``study_mean``, which ignore the features: the training subjects' mean
+  age, or the mean age of the subject's study among the training subjects (what site
+  identity alone predicts; a study without training subjects gets the overall mean).
+
+Every read-out is fitted on training subjects only.
 
 On disk a fitted read-out is two files (:func:`save_readout`): ``readout.pt``, tensors only
 (Ridge ``coef`` [D] and ``intercept``; or the MLP's state dict with its feature scaling and
@@ -38,7 +45,9 @@ from brainage.io import atomic_path, save_tensors, write_json
 
 log = logging.getLogger(__name__)
 
-READOUT_METHODS = ("ridge", "mse", "l1", "huber", "dex")
+READOUT_METHODS = ("ridge", "mse", "l1", "huber", "dex", "pca_ridge", "train_mean", "study_mean")
+#: Read-outs that are a linear map of the features: ``features @ coef + intercept``.
+LINEAR_METHODS = ("ridge", "pca_ridge")
 #: Shuffles the Ridge read-out's CV folds (the reference's split seed).
 READOUT_CV_SEED = 42
 READOUT_TENSORS = "readout.pt"
@@ -57,6 +66,7 @@ class Readout:
     info: dict = field(default_factory=dict)
     coef: np.ndarray | None = None
     intercept: float = 0.0
+    study_means: dict[str, float] = field(default_factory=dict)
     predictor: nn.Module | None = None
     feature_mean: np.ndarray | None = None
     feature_sd: np.ndarray | None = None
@@ -64,10 +74,18 @@ class Readout:
     age_sd: float = 1.0
     bin_centres: np.ndarray | None = None
 
-    def predict(self, features: np.ndarray) -> np.ndarray:
+    def predict(self, features: np.ndarray, studies=None) -> np.ndarray:
+        """Ages (years) of ``features`` [n, D]; ``studies`` [n] for ``study_mean``."""
         features = np.asarray(features, dtype=np.float64)
-        if self.method == "ridge":
+        if self.method in LINEAR_METHODS:
             return features @ self.coef + self.intercept
+        if self.method == "train_mean":
+            return np.full(len(features), self.intercept)
+        if self.method == "study_mean":
+            if studies is None:
+                raise ValueError("the study-mean read-out needs each subject's study.")
+            return np.array([self.study_means.get(str(study), self.intercept)
+                             for study in studies], dtype=np.float64)
         scaled = torch.from_numpy(((features - self.feature_mean) / self.feature_sd)
                                   .astype(np.float32))
         with torch.no_grad():
@@ -82,10 +100,17 @@ class Readout:
         """Tensors (float64 where the read-out computes in float64) and the JSON description
         from which :meth:`from_state` rebuilds an identical read-out."""
         description = {"method": self.method, "info": dict(self.info)}
-        if self.method == "ridge":
+        intercept = torch.tensor(float(self.intercept), dtype=torch.float64)
+        if self.method in LINEAR_METHODS:
             return ({"coef": torch.from_numpy(np.array(self.coef, dtype=np.float64)),
-                     "intercept": torch.tensor(float(self.intercept), dtype=torch.float64)},
-                    description)
+                     "intercept": intercept}, description)
+        if self.method == "train_mean":
+            return {"intercept": intercept}, description
+        if self.method == "study_mean":
+            description["studies"] = list(self.study_means)
+            return ({"intercept": intercept,
+                     "study_means": torch.tensor(list(self.study_means.values()),
+                                                 dtype=torch.float64)}, description)
         linear = [layer for layer in self.predictor if isinstance(layer, nn.Linear)]
         description.update({"in_features": int(linear[0].in_features),
                             "hidden_dim": int(linear[0].out_features),
@@ -103,9 +128,15 @@ class Readout:
     def from_state(cls, state: Mapping[str, torch.Tensor], description: Mapping) -> "Readout":
         method = description["method"]
         info = dict(description.get("info", {}))
-        if method == "ridge":
-            return cls("ridge", info=info, coef=state["coef"].numpy(),
+        if method in LINEAR_METHODS:
+            return cls(method, info=info, coef=state["coef"].numpy(),
                        intercept=float(state["intercept"]))
+        if method == "train_mean":
+            return cls(method, info=info, intercept=float(state["intercept"]))
+        if method == "study_mean":
+            return cls(method, info=info, intercept=float(state["intercept"]),
+                       study_means=dict(zip(description["studies"],
+                                            state["study_means"].tolist())))
         predictor = _mlp(description["in_features"], description["hidden_dim"],
                          description["out_features"])
         prefix = "predictor."
@@ -217,9 +248,57 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
     return readout
 
 
+def fit_pca_ridge(features: np.ndarray, ages: np.ndarray, *, components, alphas,
+                  cv_folds: int) -> Readout:
+    """PCA then Ridge, the number of components and alpha chosen together by the Ridge
+    read-out's cross-validation (:func:`ridge_folds`, r2) on the training subjects only.
+
+    Both steps are linear, so the fitted pair is stored as one map:
+    ``(features - mean) @ V.T @ w + b = features @ (V.T @ w) + (b - mean @ V.T @ w)``.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import Pipeline
+
+    folds = ridge_folds(len(ages), cv_folds)
+    smallest_fold = len(ages) - int(np.ceil(len(ages) / folds.n_splits))
+    allowed = sorted({min(int(k), smallest_fold, features.shape[1]) for k in components})
+    search = GridSearchCV(
+        Pipeline([("pca", PCA(svd_solver="full")), ("ridge", Ridge())]),
+        param_grid={"pca__n_components": allowed, "ridge__alpha": [float(a) for a in alphas]},
+        cv=folds, scoring="r2", n_jobs=1)
+    search.fit(features, ages)
+    pca, ridge = search.best_estimator_["pca"], search.best_estimator_["ridge"]
+    coef = pca.components_.T @ ridge.coef_
+    chosen = search.best_params_
+    log.info("pca_ridge: %d components, alpha %.3g chosen by %d-fold CV (r2 %.3f)",
+             chosen["pca__n_components"], chosen["ridge__alpha"], folds.n_splits,
+             search.best_score_)
+    return Readout("pca_ridge", info={"pca_components": int(chosen["pca__n_components"]),
+                                      "ridge_alpha": float(chosen["ridge__alpha"]),
+                                      "cv_folds": folds.n_splits},
+                   coef=np.asarray(coef, dtype=np.float64),
+                   intercept=float(ridge.intercept_ - pca.mean_ @ coef))
+
+
+def fit_mean(ages: np.ndarray, studies=None) -> Readout:
+    """The training subjects' mean age, overall (``studies`` None) or per study (years)."""
+    overall = float(np.mean(ages))
+    if studies is None:
+        return Readout("train_mean", intercept=overall)
+    studies = np.asarray(studies).astype(str)
+    means = {study: float(np.mean(ages[studies == study])) for study in sorted(set(studies))}
+    return Readout("study_mean", intercept=overall, study_means=means,
+                   info={"n_studies": len(means)})
+
+
 def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping, *,
-                seed: int = 0) -> Readout:
-    """Fit the read-out of a resolved ``readout`` section on training embeddings [n, D]."""
+                seed: int = 0, studies=None) -> Readout:
+    """Fit the read-out of a resolved ``readout`` section on training features [n, D].
+
+    ``studies`` [n]: the training subjects' studies (needed by ``study_mean``).
+    """
     method = readout_settings["method"]
     if method not in READOUT_METHODS:
         raise ConfigError(f"config key readout.method is {method!r}; expected one of "
@@ -229,6 +308,16 @@ def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mappin
     if method == "ridge":
         return fit_ridge(features, ages, alphas=readout_settings["alphas"],
                          cv_folds=readout_settings["cv_folds"])
+    if method == "pca_ridge":
+        return fit_pca_ridge(features, ages, components=readout_settings["pca_components"],
+                             alphas=readout_settings["alphas"],
+                             cv_folds=readout_settings["cv_folds"])
+    if method == "train_mean":
+        return fit_mean(ages)
+    if method == "study_mean":
+        if studies is None:
+            raise ValueError("readout.method study_mean needs the training subjects' studies.")
+        return fit_mean(ages, studies)
     return fit_predictor(features, ages, method=method, readout_settings=readout_settings,
                          seed=seed)
 

@@ -53,7 +53,7 @@ from brainage.data import (
     load_split,
     plan_batches,
 )
-from brainage.io import atomic_path, write_tsv
+from brainage.io import atomic_path, save_tensors, write_tsv
 from brainage.losses import make_loss
 from brainage.models import build_model, count_parameters, embed, load_init_checkpoint
 from brainage.runtime import (
@@ -143,13 +143,15 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
 
     seed_everything(seed)
     model = build_model(settings["model"])
-    loss_params = {key: value for key, value in loss_settings.items() if key != "name"}
-    try:
-        loss_fn = make_loss(loss_settings["name"], **loss_params, max_epochs=epochs,
-                            batch_size=batch_size)
-    except ValueError as error:
-        raise ConfigError(f"config section loss (loss {loss_settings['name']!r}): "
-                          f"{error}") from None
+    if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
+        if settings["model"]["init_checkpoint"]:
+            load_init_checkpoint(model, settings["model"]["init_checkpoint"])
+        _save_encoder(encoder_path, model, settings, split, epochs)
+        if history_path is not None:
+            write_tsv(history_path, _history_table([]))
+        log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
+        return []
+    loss_fn = _make_loss(loss_settings, split, epochs=epochs, batch_size=batch_size)
     augmenter = Augmenter.from_settings(train_settings, loss_settings["name"],
                                         resolution_mm=split.resolution_mm,
                                         affine=split.stats.get("affine"))
@@ -238,16 +240,34 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         writer.wait(quiet=True)  # a failed epoch still leaves the last checkpoint
 
     writer.wait()
-    with atomic_path(encoder_path) as temp:
-        torch.save({"format": ENCODER_FORMAT, "model": {key: value.detach().cpu().contiguous()
-                                                          for key, value in
-                                                          model.state_dict().items()},
-                    "settings": settings, "split": split.name, "epochs": epochs}, temp)
+    _save_encoder(encoder_path, model, settings, split, epochs)
     if history_path is not None:
         write_tsv(history_path, _history_table(history))
     checkpoint_path.unlink(missing_ok=True)
     log.info("wrote %s", encoder_path)
     return history
+
+
+def _make_loss(loss_settings: Mapping, split: SplitData, *, epochs: int, batch_size: int):
+    """The cell's loss; the supervised baseline's is scaled by the training ages."""
+    ages = split.ages[split.train_index]
+    params = {key: value for key, value in loss_settings.items() if key != "name"}
+    try:
+        return make_loss(loss_settings["name"], **params, max_epochs=epochs,
+                         batch_size=batch_size, age_mean=float(ages.mean()),
+                         age_sd=float(ages.std() or 1.0))
+    except ValueError as error:
+        raise ConfigError(f"config section loss (loss {loss_settings['name']!r}): "
+                          f"{error}") from None
+
+
+def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,
+                  epochs: int) -> None:
+    """``encoder.pt``: the state dict with the settings and split it was trained with."""
+    save_tensors(path, {"format": ENCODER_FORMAT,
+                        "model": {key: value.detach().cpu().contiguous()
+                                  for key, value in model.state_dict().items()},
+                        "settings": settings, "split": split.name, "epochs": epochs})
 
 
 def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmenter,

@@ -29,6 +29,7 @@ from brainage.config import (
     cell_settings,
     encoder_owners,
     grid_cells,
+    trains_an_encoder,
     validate_config,
 )
 from brainage.io import (
@@ -277,6 +278,9 @@ def training_params(wildcards):
 
 
 def shared_encoder(wildcards):
+    """The encoder a cell evaluates; none for a cell without one (model.encoder: none)."""
+    if not trains_an_encoder(cell_params(wildcards)):
+        return []
     return encoder_file(
         wildcards.split, wildcards.experiment, wildcards.variant, wildcards.seed, "encoder.pt"
     )

@@ -8,7 +8,8 @@ Public API::
 
 Modules: ``kernel`` (the kernelised InfoNCE family on one shared core), ``rnc``
 (Rank-N-Contrast), ``nnclr`` (NNCLR and its FIFO support set), ``schedule``
-(Algorithm 1), ``registry`` (names -> classes).
+(Algorithm 1), ``supervised`` (the supervised baseline's L1 on age), ``registry``
+(names -> classes).
 """
 
 from .kernel import (
@@ -21,6 +22,7 @@ from .kernel import (
 )
 from .nnclr import NNCLRLoss, SupportSet
 from .registry import (
+    CONTRASTIVE_LOSSES,
     DEFAULT_AUGMENTATION,
     DISPLAY_NAMES,
     LOSS_CLASSES,
@@ -30,9 +32,11 @@ from .registry import (
 )
 from .rnc import RankNContrastLoss
 from .schedule import nn_schedule
+from .supervised import SupervisedL1Loss
 
 __all__ = [
     "AdaptiveNeighborhoodsLoss",
+    "CONTRASTIVE_LOSSES",
     "DEFAULT_AUGMENTATION",
     "DISPLAY_NAMES",
     "ExponentialLoss",
@@ -43,6 +47,7 @@ __all__ = [
     "NNCLRLoss",
     "RankNContrastLoss",
     "SimCLRLoss",
+    "SupervisedL1Loss",
     "SupportSet",
     "ThresholdLoss",
     "YAwareLoss",

@@ -16,6 +16,7 @@ from .kernel import (
 )
 from .nnclr import NNCLRLoss
 from .rnc import RankNContrastLoss
+from .supervised import SupervisedL1Loss
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,11 @@ LOSS_CLASSES: dict[str, type[nn.Module]] = {
     "threshold": ThresholdLoss,
     "exponential": ExponentialLoss,
     "adaptive": AdaptiveNeighborhoodsLoss,
+    "supervised": SupervisedL1Loss,
 }
+#: The losses of the paper's comparison; the others are baselines.
+CONTRASTIVE_LOSSES: tuple[str, ...] = ("simclr", "nnclr", "rnc", "yaware", "threshold",
+                                       "exponential", "adaptive")
 
 LOSS_NAMES: tuple[str, ...] = tuple(LOSS_CLASSES)
 
@@ -66,7 +71,8 @@ def make_loss(name: str, **params: object) -> nn.Module:
     **params
         Any of :data:`LOSS_PARAMETERS`: ``temperature``, ``base_temperature``, ``sigma``
         (years), ``reduction``, ``distance``, ``nn_final``, ``nn_step``, ``max_epochs``,
-        ``batch_size``, ``lam``, ``rnc_temperature``, ``queue_size``.
+        ``batch_size``, ``lam``, ``rnc_temperature``, ``queue_size``, ``age_mean`` and
+        ``age_sd`` (the training subjects' ages, years; the supervised loss).
 
     Returns
     -------

@@ -28,15 +28,20 @@ from brainage.report.targets import SEARCH_NAME, ReportError, ablation_figure_na
 
 logger = logging.getLogger(__name__)
 
+
 #: Coverage levels of the example maps (paper Fig. 8), as fractions of the brain.
 EXAMPLE_COVERAGES = (1.00, 0.95, 0.90, 0.80)
+
 
 #: Below this many embedded subjects UMAP is meaningless; PCA is drawn (and said so).
 MIN_UMAP_SAMPLES = 4
 
+
 UMAP_NEIGHBOURS = 15
 
+
 UMAP_RANDOM_STATE = 0
+
 
 def _pyplot():
     import matplotlib
@@ -46,16 +51,19 @@ def _pyplot():
 
     return plt
 
+
 def _save(figure, path: str | Path) -> None:
     with atomic_path(path, suffix=".png") as temp:
         figure.savefig(temp, dpi=120, bbox_inches="tight")
     _pyplot().close(figure)
+
 
 def _study_colours(studies: Iterable[str]) -> dict[str, Any]:
     plt = _pyplot()
     names = sorted(set(map(str, studies)), key=natural_key)
     palette = plt.get_cmap("tab10")
     return {study: palette(i % 10) for i, study in enumerate(names)}
+
 
 def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
     """Fig. 3: stacked age histogram (5-year bins) coloured by study."""
@@ -75,6 +83,7 @@ def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
                    f"{ages.mean():.1f} ± {ages.std():.1f} years)")
     axis.legend(title="study", fontsize="small")
     _save(figure, path)
+
 
 def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
                   title: str) -> None:
@@ -110,6 +119,7 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
                          np.nanmax(np.append(paper, 0))) * 1.1)
     _save(figure, path)
 
+
 def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
     """Fig. 6: MAE against λ (categorical axis in increasing λ, hard neighbourhood last)."""
     plt = _pyplot()
@@ -129,6 +139,7 @@ def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
     axis.legend(fontsize="small")
     _save(figure, path)
 
+
 def load_embeddings(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
     """``{epoch: {"features" [n, D], "age" [n] years, "subset" [n], "participant_id" [n]}}``
     from ``<folder>/epoch-<EEE>.npz``, sorted by epoch."""
@@ -141,6 +152,7 @@ def load_embeddings(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
                 raise ReportError(f"{file}: lacks array(s) {', '.join(missing)}.")
             embeddings[epoch] = {key: data[key] for key in data.files}
     return embeddings
+
 
 def project_2d(features: np.ndarray, *, random_state: int = UMAP_RANDOM_STATE
                ) -> tuple[np.ndarray, str]:
@@ -162,6 +174,7 @@ def project_2d(features: np.ndarray, *, random_state: int = UMAP_RANDOM_STATE
         reducer = umap.UMAP(n_neighbors=max(2, min(UMAP_NEIGHBOURS, n - 1)),
                             random_state=random_state, n_jobs=1)
         return reducer.fit_transform(features), "UMAP"
+
 
 def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: str | Path, *,
                     cell: str = "") -> None:
@@ -205,6 +218,7 @@ def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: st
                     fontsize="medium")
     _save(figure, path)
 
+
 def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
                   min_coverage: float | None = None) -> None:
     """Fig. 7: brain coverage (% of the template brain with stiffness) per study."""
@@ -230,6 +244,7 @@ def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
     axis.set_title("Fig. 7: brain coverage of the stiffness maps by study")
     _save(figure, path)
 
+
 def pick_coverage_examples(participants: pd.DataFrame,
                            targets: Sequence[float] = EXAMPLE_COVERAGES) -> list[dict]:
     """The subjects whose coverage is nearest to the targets: distinct subjects with the
@@ -246,6 +261,7 @@ def pick_coverage_examples(participants: pd.DataFrame,
         chosen = distance.argmin(axis=1)
     return [{"target": float(target), "participant_id": ids[index],
              "coverage": float(coverage[index])} for target, index in zip(targets, chosen)]
+
 
 def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | Path],
                            path: str | Path) -> None:
@@ -284,6 +300,7 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
                     fontsize="medium")
     _save(figure, path)
 
+
 def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
                            cell: str = "") -> None:
     """Predicted against true age of the test subjects, coloured by study."""
@@ -310,6 +327,7 @@ def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
                    f"n={len(test)}", fontsize="medium")
     axis.legend(title="study", fontsize="small")
     _save(figure, path)
+
 
 def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
     """The random search: each trial at (nn_final, nn_step) coloured by validation MAE,
@@ -338,6 +356,7 @@ def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
     figure.colorbar(points, ax=axes, label="validation MAE [years]")
     figure.suptitle("Random search over the neighbourhood schedule", fontsize="medium")
     _save(figure, path)
+
 
 def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  qc: str | Path, maps: Mapping[str, str | Path],

@@ -24,7 +24,9 @@ PAPER_TABLE3: dict[str, tuple[float, float]] = {
     "adaptive": (3.724, 0.220),
 }
 
+
 _PAPER_BEST = PAPER_TABLE3[REFERENCE_LOSS]
+
 
 #: Paper ablations (Figs. 4a-d, 6; text of sections 4.3 and A.1): experiment -> (the
 #: cell setting that the variants differ in, {setting value: (MAE mean, sd) in years}).
@@ -43,16 +45,20 @@ PAPER_ABLATIONS: dict[str, tuple[str, dict[Any, tuple[float, float]]]] = {
     "lambda": ("loss.lam", {1.0: (3.681, 0.234), None: _PAPER_BEST}),
 }
 
+
 #: Paper Table 2, its "Total" row (the per-study rows: brainage.simulate.study_table()).
 PAPER_TABLE2_TOTAL = {"study": "Total", "n": 311, "age_mean": 41.0, "age_sd": 21.9,
                       "n_female": 183, "n_male": 128}
+
 
 PAPER_NOTE = ("Paper: Table 3 / Figs. 4 and 6 of the TMLR 2024 paper, 311 subjects from 5 "
               "studies, 2 mm, 50 epochs, 5 seeds. Different data from ours: compare the "
               "ranking, not the values.")
 
+
 #: The paper's random-search optimum (30 trials): nn_final, nn_step.
 PAPER_SEARCH_BEST = {"nn_final": 14, "nn_step": 1}
+
 
 ABLATION_TITLES = {
     "distance": "Fig. 4a: distance used to pick the neighbourhood",
@@ -63,6 +69,7 @@ ABLATION_TITLES = {
     "reduction": "Loss reduction: per anchor (Eq. 3) or global (reference code)",
 }
 
+
 #: Display names of setting values in ablation tables and figures.
 VALUE_LABELS = {
     "manhattan": "Manhattan", "euclidean": "Euclidean", "chebyshev": "Chebyshev",
@@ -72,7 +79,9 @@ VALUE_LABELS = {
     "anchor": "per anchor (Eq. 3)", "global": "global (reference)",
 }
 
+
 METRIC_KEYS = ("split", "experiment", "variant", "seed", "mae", "n_test")
+
 
 def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per ``metrics.json``: split, experiment, variant, seed, loss, readout, mae,
@@ -94,7 +103,8 @@ def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
         loss = metrics.get("loss")
         row = {key: metrics.get(key) for key in
                ("split", "experiment", "variant", "readout", "mae", "rmse", "pearson_r",
-                "r2", "n_train", "n_test")}
+                "r2", "n_train", "n_test", "gap_age_slope")}
+        row["kind"] = metrics.get("kind", "contrastive")
         row["seed"] = int(metrics["seed"])
         row["loss"] = loss.get("name") if isinstance(loss, Mapping) else loss
         for study, mae in (metrics.get("mae_per_study") or {}).items():
@@ -102,21 +112,22 @@ def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
         row["path"] = str(path)
         rows.append(row)
     if not rows:
-        return pd.DataFrame(columns=[*METRIC_KEYS, "loss", "readout", "rmse", "pearson_r",
-                                     "r2", "n_train", "path"])
+        return pd.DataFrame(columns=[*METRIC_KEYS, "loss", "kind", "readout", "rmse",
+                                     "pearson_r", "r2", "gap_age_slope", "n_train", "path"])
     table = pd.DataFrame(rows)
-    for column in ("mae", "rmse", "pearson_r", "r2"):
+    for column in ("mae", "rmse", "pearson_r", "r2", "gap_age_slope"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
     return table
+
 
 def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     """Pool each (experiment, variant, seed) over its splits.
 
     MAE and RMSE are pooled over all test subjects of the splits (weights ``n_test``),
     Pearson r and r² are the mean over splits. Returns one row per cell with columns
-    experiment, variant, seed, loss, mae, rmse, pearson_r, r2, n_test, n_splits and the
-    ``mae_study_*`` columns (each study's MAE over the splits that test it, weighted by
-    their n_test).
+    experiment, variant, seed, loss, kind, mae, rmse, pearson_r, r2, gap_age_slope (the
+    mean over splits), n_test, n_splits and the ``mae_study_*`` columns (each study's MAE
+    over the splits that test it, weighted by their n_test).
     """
     keys = ["experiment", "variant", "seed"]
     study_columns = [c for c in metrics.columns if c.startswith("mae_study_")]
@@ -127,11 +138,13 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
             raise ReportError(f"cell {experiment}/{variant}/seed-{seed}: n_test is 0 in "
                               f"{', '.join(group['path'])}; the split has no test subjects.")
         row = {"experiment": experiment, "variant": variant, "seed": int(seed),
-               "loss": group["loss"].iloc[0], "readout": group["readout"].iloc[0],
+               "loss": group["loss"].iloc[0], "kind": group["kind"].iloc[0],
+               "readout": group["readout"].iloc[0],
                "mae": float(np.average(group["mae"], weights=weights)),
                "rmse": float(np.sqrt(np.average(group["rmse"] ** 2, weights=weights))),
                "pearson_r": float(group["pearson_r"].mean()),
                "r2": float(group["r2"].mean()),
+               "gap_age_slope": float(group["gap_age_slope"].mean()),
                "n_test": int(weights.sum()), "n_splits": int(len(group))}
         for column in study_columns:
             # a study is tested in some splits only (leave-one-study-out)
@@ -139,9 +152,10 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
             row[column] = (float(np.average(group[column][present], weights=weights[present]))
                            if present.any() else np.nan)
         rows.append(row)
-    columns = [*keys, "loss", "readout", "mae", "rmse", "pearson_r", "r2", "n_test",
-               "n_splits", *study_columns]
+    columns = [*keys, "loss", "kind", "readout", "mae", "rmse", "pearson_r", "r2",
+               "gap_age_slope", "n_test", "n_splits", *study_columns]
     return pd.DataFrame(rows, columns=columns)
+
 
 def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
     """Mean and sd over seeds of one variant's per-seed results."""
@@ -152,16 +166,57 @@ def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
                "rmse_mean": float(seeds["rmse"].mean()),
                "pearson_r_mean": float(seeds["pearson_r"].mean()),
                "r2_mean": float(seeds["r2"].mean()),
+               "gap_age_slope_mean": float(seeds["gap_age_slope"].mean()),
                "n_test": int(seeds["n_test"].iloc[0]),
                "seeds": " ".join(str(s) for s in sorted(seeds["seed"]))}
     for column in [c for c in seeds.columns if c.startswith("mae_study_")]:
         summary[column] = float(seeds[column].mean())
     return summary
 
+
+#: Table rows of the baselines, in this order after the paper's losses (kind key -> label).
+BASELINE_LABELS = {
+    "train_mean": "Training mean age (baseline)",
+    "study_mean": "Study mean age (baseline)",
+    "voxel_ridge": "Ridge on voxels (baseline)",
+    "voxel_pca_ridge": "PCA + Ridge on voxels (baseline)",
+    "untrained": "Untrained ResNet-18 + read-out (baseline)",
+    "pretrained_frozen": "Pretrained ResNet-18, not fine-tuned (baseline)",
+    "supervised": "Supervised ResNet-18, L1 on age (baseline)",
+}
+
+
+def baseline_key(settings: Mapping[str, Any]) -> str | None:
+    """Which baseline a cell's settings describe (a key of :data:`BASELINE_LABELS`), or None
+    for a contrastive cell."""
+    model, train = settings["model"], settings["train"]
+    if model.get("encoder") == "none":
+        method = settings["readout"]["method"]
+        if method in ("train_mean", "study_mean"):
+            return method
+        return {"ridge": "voxel_ridge", "pca_ridge": "voxel_pca_ridge"}.get(method,
+                                                                          f"voxel_{method}")
+    if train.get("epochs") == 0:
+        return "pretrained_frozen" if model.get("init_checkpoint") else "untrained"
+    if settings["loss"]["name"] == "supervised":
+        return "supervised"
+    return None
+
+
+def cell_label(settings: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str:
+    """A row's display name: the loss (contrastive cells) or the baseline."""
+    key = baseline_key(settings)
+    if key is not None:
+        return BASELINE_LABELS.get(key, f"{key} (baseline)")
+    names = names or display_loss_names()
+    return names.get(settings["loss"]["name"], settings["loss"]["name"])
+
+
 def display_loss_names() -> dict[str, str]:
     from brainage.losses import DISPLAY_NAMES  # imports torch: only when a table needs it
 
     return dict(DISPLAY_NAMES)
+
 
 def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat = {}
@@ -173,6 +228,7 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
             flat[name] = tuple(value) if isinstance(value, list) else value
     return flat
 
+
 def resolved_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Flattened cell settings with ``train.augmentation: default`` made explicit."""
     flat = _flatten(settings)
@@ -182,6 +238,7 @@ def resolved_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
         flat["train.augmentation"] = DEFAULT_AUGMENTATION.get(flat.get("loss.name"), "none")
     return flat
 
+
 def _value_label(key: str, value: Any) -> str:
     if key == "loss.lam":
         return "hard (λ→∞)" if value is None else f"λ = {value:g}"
@@ -190,6 +247,7 @@ def _value_label(key: str, value: Any) -> str:
     if isinstance(value, str):
         return VALUE_LABELS.get(value, value)
     return f"{key.split('.')[-1]} = {value}"
+
 
 def variant_labels(variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """What distinguishes the variants of one experiment.
@@ -226,6 +284,7 @@ def variant_labels(variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.Data
                                     in table.loc[repeated, "label"].items()]
     return table
 
+
 def paper_value(experiment: str, settings: Mapping[str, Any]) -> tuple[float, float]:
     if experiment not in PAPER_ABLATIONS:
         return (np.nan, np.nan)
@@ -235,9 +294,11 @@ def paper_value(experiment: str, settings: Mapping[str, Any]) -> tuple[float, fl
         value = float(value)
     return values.get(value, (np.nan, np.nan))
 
+
 def natural_key(text: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part
                  for part in re.split(r"(\d+)", str(text)))
+
 
 def coverage_fraction(participants: pd.DataFrame) -> pd.Series:
     coverage = pd.to_numeric(participants["coverage"], errors="coerce")
@@ -247,6 +308,7 @@ def coverage_fraction(participants: pd.DataFrame) -> pd.Series:
         raise ReportError(f"coverage must be a fraction of the brain between 0 and 1; "
                           f"not so for {', '.join(map(str, list(bad)[:5]))}.")
     return coverage
+
 
 def read_search_trials(paths: Iterable[str | Path]) -> pd.DataFrame:
     """Every split's ``trials.tsv`` (trial, nn_final, nn_step, validation_mae [years], ...)
@@ -266,6 +328,7 @@ def read_search_trials(paths: Iterable[str | Path]) -> pd.DataFrame:
     table = table.sort_values(["split", "validation_mae", "trial"], kind="stable")
     first = ["split", "trial", "nn_final", "nn_step", "validation_mae"]
     return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
+
 
 def read_predictions(paths: Iterable[str | Path]) -> pd.DataFrame:
     tables = [pd.read_csv(path, sep="\t", dtype={"participant_id": str, "study": str})

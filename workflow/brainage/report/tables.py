@@ -15,11 +15,14 @@ import pandas as pd
 from brainage.io import atomic_path
 from brainage.report.results import (
     ABLATION_TITLES,
+    BASELINE_LABELS,
     PAPER_ABLATIONS,
     PAPER_NOTE,
     PAPER_SEARCH_BEST,
     PAPER_TABLE2_TOTAL,
     PAPER_TABLE3,
+    baseline_key,
+    cell_label,
     coverage_fraction,
     display_loss_names,
     natural_key,
@@ -34,6 +37,7 @@ from brainage.report.targets import LOSS_EXPERIMENT, REFERENCE_LOSS, SEARCH_NAME
 
 logger = logging.getLogger(__name__)
 
+
 def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
@@ -41,42 +45,61 @@ def format_mean_sd(mean: float, sd: float, digits: int = 3) -> str:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
+
 def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
+                  settings: Mapping[str, Mapping[str, Any]] | None = None,
                   display_names: Mapping[str, str] | None = None) -> pd.DataFrame:
-    """Paper Table 3 from our cells: one row per variant of the loss experiment.
+    """Paper Table 3 from our cells: one row per variant of the loss experiment, the
+    paper's losses first (in its order), then the baselines on the same split, seeds and
+    test subjects.
+
+    Parameters
+    ----------
+    seeds : per-seed results (:func:`brainage.report.results.seed_results`).
+    settings : ``{variant: cell settings}`` of the experiment (names the baselines); without
+        it, rows are named by their loss.
 
     Returns
     -------
     pandas.DataFrame
         Columns ``loss, n_seeds, mae_mean, mae_std`` (MAE in years, sd over seeds), then
-        ``variant, label, rmse_mean, pearson_r_mean, r2_mean, n_test, seeds,
-        paper_mae_mean, paper_mae_std`` and ``mae_study_<study>``. ``loss`` is the loss
-        name, or ``<loss>:<variant>`` where two variants share a loss. Rows in the order
-        of the paper's Table 3, unknown losses last.
+        ``kind`` (contrastive or baseline), ``variant, label, rmse_mean, pearson_r_mean,
+        r2_mean, gap_age_slope_mean`` (age bias: slope of the gap against age),
+        ``n_test, seeds, paper_mae_mean, paper_mae_std`` and ``mae_study_<study>``.
+        ``loss`` is the loss name (a baseline's key for baselines), or
+        ``<loss>:<variant>`` where two rows would share one.
     """
     display_names = dict(display_names or display_loss_names())
     cells = seeds[seeds["experiment"] == experiment]
     if cells.empty:
         raise ReportError(f"no results for experiment '{experiment}'; it must be enabled "
                           f"in the config (experiments.{experiment}).")
-    order = list(PAPER_TABLE3)
+    order = list(PAPER_TABLE3) + list(BASELINE_LABELS)
     rows = []
-    losses_of_variants = cells.groupby("variant", sort=False)["loss"].first()
-    shared = set(losses_of_variants[losses_of_variants.duplicated(keep=False)])
     for variant, group in cells.groupby("variant", sort=False):
-        loss = group["loss"].iloc[0]
-        paper = PAPER_TABLE3.get(loss, (np.nan, np.nan))
-        label = display_names.get(loss, loss)
-        rows.append({"loss": f"{loss}:{variant}" if loss in shared else loss,
-                     **summarise_seeds(group), "variant": variant,
-                     "label": label if loss not in shared else f"{label} ({variant})",
+        cell = (settings or {}).get(variant)
+        key = baseline_key(cell) if cell is not None else None
+        name = key or group["loss"].iloc[0]
+        label = cell_label(cell, display_names) if cell is not None else \
+            display_names.get(name, name)
+        paper = PAPER_TABLE3.get(name, (np.nan, np.nan)) if key is None else (np.nan, np.nan)
+        rows.append({"loss": name, **summarise_seeds(group),
+                     "kind": "baseline" if key is not None else group["kind"].iloc[0],
+                     "variant": variant, "label": label,
                      "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
-                     "_order": order.index(loss) if loss in order else len(order)})
-    table = pd.DataFrame(rows).sort_values("_order", kind="stable").drop(columns="_order")
-    first = ["loss", "n_seeds", "mae_mean", "mae_std", "variant", "label", "rmse_mean",
-             "pearson_r_mean", "r2_mean", "n_test", "seeds", "paper_mae_mean",
-             "paper_mae_std"]
+                     "_order": order.index(name) if name in order else len(order)})
+    table = pd.DataFrame(rows)
+    repeated = table["loss"].duplicated(keep=False)
+    table.loc[repeated, "loss"] = table.loc[repeated, "loss"] + ":" + table.loc[repeated,
+                                                                               "variant"]
+    table.loc[repeated, "label"] = table.loc[repeated, "label"] + " (" + table.loc[
+        repeated, "variant"] + ")"
+    table = table.sort_values("_order", kind="stable").drop(columns="_order")
+    first = ["loss", "n_seeds", "mae_mean", "mae_std", "kind", "variant", "label",
+             "rmse_mean", "pearson_r_mean", "r2_mean", "gap_age_slope_mean", "n_test",
+             "seeds", "paper_mae_mean", "paper_mae_std"]
     return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
+
 
 def reference_variant(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                       loss: str = REFERENCE_LOSS) -> str | None:
@@ -86,6 +109,7 @@ def reference_variant(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     if not variants:
         return None
     return loss if loss in variants else variants[0]
+
 
 def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                       reference: str | None = None) -> pd.DataFrame:
@@ -132,6 +156,7 @@ def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                      "reference_wins": int(np.sum(differences > 0))})
     return pd.DataFrame(rows, columns=columns)
 
+
 def ablation_table(seeds: pd.DataFrame, experiment: str,
                    variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """One ablation (Fig. 4a-d, Fig. 6 or any other experiment): one row per variant.
@@ -169,10 +194,12 @@ def ablation_table(seeds: pd.DataFrame, experiment: str,
              "paper_mae_std"]
     return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
 
+
 def _sex_counts(sex: pd.Series) -> tuple[int, int, int]:
     initial = sex.astype(str).str.strip().str.lower().str[:1]
     female, male = int((initial == "f").sum()), int((initial == "m").sum())
     return female, male, int(len(sex) - female - male)
+
 
 def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
     """Paper Table 2 for our cohort: one row per study plus a ``Total`` row.
@@ -218,6 +245,7 @@ def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
     rows.append(row("Total", participants))
     return pd.DataFrame(rows)
 
+
 def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
                 title: str, notes: Sequence[str] = (),
                 extra_markdown: str = "") -> dict[str, str]:
@@ -241,18 +269,29 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
         temp.write_text(latex)
     return paths
 
+
 def _mean_sd_column(table: pd.DataFrame, mean: str, sd: str, digits: int = 3) -> list[str]:
     return [format_mean_sd(m, s, digits) for m, s in zip(table[mean], table[sd])]
 
+
+def _per_study(table: pd.DataFrame) -> list[str]:
+    columns = sorted((c for c in table.columns if c.startswith("mae_study_")), key=natural_key)
+    return ["; ".join(f"{column[len('mae_study_'):]} {row[column]:.1f}" for column in columns
+                      if np.isfinite(row[column])) or "–"
+            for _, row in table.iterrows()]
+
+
 def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Path,
                  paired_stem: str | Path) -> None:
-    """Table 3 (ours beside the paper's, labelled) and the paired comparison."""
+    """Table 3 (ours beside the paper's, labelled; the baselines on the same split below the
+    losses) and the paired comparison."""
     display = pd.DataFrame({
-        "Loss": table["label"],
+        "Loss or baseline": table["label"],
         "Seeds": table["n_seeds"],
         "MAE [years], ours": _mean_sd_column(table, "mae_mean", "mae_std"),
-        "RMSE [years], ours": [f"{v:.3f}" for v in table["rmse_mean"]],
-        "r, ours": [f"{v:.3f}" for v in table["pearson_r_mean"]],
+        "MAE per study [years]": _per_study(table),
+        "Age bias (gap-age slope)": [_format_number(v, 2) for v in table["gap_age_slope_mean"]],
+        "r, ours": [_format_number(v, 3) for v in table["pearson_r_mean"]],
         "MAE [years], paper (different data)": _mean_sd_column(table, "paper_mae_mean",
                                                                "paper_mae_std"),
     })
@@ -261,22 +300,27 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     ours = {str(loss).split(":")[0] for loss in table["loss"]}
     names = display_loss_names()
     not_run = pd.DataFrame([{
-        "Loss": f"{names.get(loss, loss)} (not run here)", "Seeds": 0,
-        "MAE [years], ours": "–", "RMSE [years], ours": "–", "r, ours": "–",
+        "Loss or baseline": f"{names.get(loss, loss)} (not run here)", "Seeds": 0,
+        "MAE [years], ours": "–", "MAE per study [years]": "–",
+        "Age bias (gap-age slope)": "–", "r, ours": "–",
         "MAE [years], paper (different data)": format_mean_sd(*PAPER_TABLE3[loss]),
     } for loss in PAPER_TABLE3 if loss not in ours], columns=display.columns)
     display = pd.concat([display, not_run], ignore_index=True)
     notes = [f"Ours: test MAE, mean ± sd over seeds; {int(table['n_test'].iloc[0])} test "
-             f"subjects.", PAPER_NOTE]
+             f"subjects. Baselines: the same split, seeds, test subjects and read-out path "
+             f"as the losses. Age bias: least-squares slope of (predicted − true age) "
+             f"against age on the test subjects (0 = unbiased, −1 = a constant prediction).",
+             PAPER_NOTE]
     labels = dict(zip(table["variant"], table["label"]))
-    write_table(table, display, table_stem, title="Table 3: contrastive losses, test MAE",
+    write_table(table, display, table_stem,
+                title="Table 3: contrastive losses and baselines, test MAE",
                 notes=notes, extra_markdown=_paired_markdown(paired, labels))
     paired_display = pd.DataFrame({
         "Reference": paired["reference"].map(lambda v: labels.get(v, v)),
-        "Baseline": paired["baseline"].map(lambda v: labels.get(v, v)),
+        "Compared with": paired["baseline"].map(lambda v: labels.get(v, v)),
         "Pairs": paired["n_pairs"],
-        "ΔMAE [years] (baseline − reference)": _mean_sd_column(paired, "mean_difference",
-                                                               "sd_difference"),
+        "ΔMAE [years] (other − reference)": _mean_sd_column(paired, "mean_difference",
+                                                            "sd_difference"),
         "t": [_format_number(v, 2) for v in paired["t_statistic"]],
         "p": [_format_number(v, 3) for v in paired["p_value"]],
         "Reference wins": [f"{w}/{n}" for w, n in zip(paired["reference_wins"],
@@ -289,12 +333,14 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
         notes = [f"No {REFERENCE_LOSS} variant in experiment {LOSS_EXPERIMENT}: nothing to "
                  f"compare with."]
     write_table(paired, paired_display, paired_stem,
-                title="Table 3b: Adaptive Neighborhoods against each loss, paired over seeds",
-                notes=notes)
+                title="Table 3b: Adaptive Neighborhoods against each loss and baseline, "
+                      "paired over seeds", notes=notes)
+
 
 def _format_number(value: float, digits: int) -> str:
     return "–" if value is None or not np.isfinite(value) else f"{value:.{digits}g}" \
         if abs(value) < 10 ** -digits else f"{value:.{digits}f}"
+
 
 def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
     if paired.empty:
@@ -310,6 +356,7 @@ def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
                      f"{_format_number(row.p_value, 3)}")
     return "\n".join(lines)
 
+
 def write_ablation(table: pd.DataFrame, experiment: str, stem: str | Path) -> None:
     display = pd.DataFrame({
         "Variant": table["label"], "Setting": table["setting"], "Seeds": table["n_seeds"],
@@ -322,6 +369,7 @@ def write_ablation(table: pd.DataFrame, experiment: str, stem: str | Path) -> No
         notes.append(PAPER_NOTE)
     title = ABLATION_TITLES.get(experiment, f"Experiment {experiment}")
     write_table(table, display, stem, title=f"{title}: test MAE", notes=notes)
+
 
 def write_cohort(table: pd.DataFrame, stem: str | Path) -> None:
     from brainage.simulate import study_table
@@ -348,6 +396,7 @@ def write_cohort(table: pd.DataFrame, stem: str | Path) -> None:
                 notes=["Subjects of the normalised dataset (after QC exclusion, if any)."],
                 extra_markdown="\n".join(paper_lines))
 
+
 def write_search(table: pd.DataFrame, stem: str | Path) -> None:
     display = pd.DataFrame({
         "Split": table["split"], "Trial": table["trial"], "NN final": table["nn_final"],
@@ -363,6 +412,7 @@ def write_search(table: pd.DataFrame, stem: str | Path) -> None:
              f"nn_step {PAPER_SEARCH_BEST['nn_step']}."]
     write_table(table, display, stem, title="Random search over the neighbourhood schedule",
                 notes=notes)
+
 
 def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
                 settings: Mapping[str, Mapping[str, Mapping[str, Any]]],
@@ -385,7 +435,7 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
         if name == "table2_cohort":
             write_cohort(cohort_table(pd.read_csv(participants, sep="\t")), stem)
         elif name == "table3_losses":
-            table = table3_losses(seeds)
+            table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
             write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"])
         elif name == "table3_paired":
             continue  # written with table3_losses

@@ -11,8 +11,10 @@ from brainage.config import cell_settings, grid_cells
 #: The main comparison (paper Table 3): one variant per loss.
 LOSS_EXPERIMENT = "table3"
 
+
 #: The loss every other loss is compared with (paired over seeds).
 REFERENCE_LOSS = "adaptive"
+
 
 #: Figure name of each known ablation experiment (paper numbering); others: ablation_<name>.
 ABLATION_FIGURES = {
@@ -23,29 +25,37 @@ ABLATION_FIGURES = {
     "lambda": "fig6_lambda",
 }
 
+
 #: Figures drawn whenever the dataset exists / whenever the grid has a cell.
 DATASET_FIGURES = ("fig3_age_distribution", "fig7_coverage", "fig8_coverage_examples",
                    "qc_overview")
 
+
 CELL_FIGURES = ("fig5_umap", "predicted_vs_true")
+
 
 #: Table and figure of the random search over nn_final and nn_step (config ``search``).
 SEARCH_NAME = "search_trials"
 
+
 class ReportError(ValueError):
     """A result file is missing a value the tables or figures need."""
+
 
 def enabled_experiments(config: Mapping[str, Any]) -> list[str]:
     """Names of the enabled experiments, in config order."""
     return [name for name, experiment in config.get("experiments", {}).items()
             if experiment.get("enabled", True)]
 
+
 def ablation_experiments(config: Mapping[str, Any]) -> list[str]:
     """Enabled experiments other than the loss comparison (one table + figure each)."""
     return [name for name in enabled_experiments(config) if name != LOSS_EXPERIMENT]
 
+
 def ablation_figure_name(experiment: str) -> str:
     return ABLATION_FIGURES.get(experiment, f"ablation_{experiment}")
+
 
 def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     """Table and figure names (without folder or extension) this configuration produces.
@@ -74,6 +84,7 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
         figures.append(SEARCH_NAME)
     return {"tables": tables, "figures": figures}
 
+
 def focus_cell(config: Mapping[str, Any]) -> tuple[str, str, int] | None:
     """The grid cell shown in the UMAP and predicted-vs-true figures.
 
@@ -91,6 +102,7 @@ def focus_cell(config: Mapping[str, Any]) -> tuple[str, str, int] | None:
         if cell[0] == LOSS_EXPERIMENT and cell[1] == REFERENCE_LOSS:
             return cell
     return cells[0]
+
 
 def experiment_settings(config: Mapping[str, Any]) -> dict[str, dict[str, dict]]:
     """``{experiment: {variant: cell settings without the seed}}`` of enabled experiments.
