@@ -1,0 +1,126 @@
+"""The baselines of Table 3 (brainage.readout, brainage.evaluate, brainage.train): each gives
+its known answer on a constructed case, and none ever sees a test subject."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from brainage.config import resolve_cell
+from brainage.evaluate import evaluate_encoder
+from brainage.models import build_model
+from brainage.runtime import seed_everything
+from brainage.train import train_encoder
+from split_fixture import tiny_settings, write_split
+
+VOXEL_BASELINES = {
+    "train_mean": tiny_settings(model={"encoder": "none"}, readout={"method": "train_mean"}),
+    "study_mean": tiny_settings(model={"encoder": "none"}, readout={"method": "study_mean"}),
+    "pca_ridge": tiny_settings(model={"encoder": "none"}, readout={"method": "pca_ridge"}),
+}
+
+
+def evaluate(split_dir, settings, folder, encoder=None) -> tuple[dict, pd.DataFrame]:
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = evaluate_encoder(split_dir, encoder, settings, metrics_path=folder / "metrics.json",
+                               predictions_path=folder / "predictions.tsv")
+    return metrics, pd.read_csv(folder / "predictions.tsv", sep="\t")
+
+
+def rewrite_split(split_dir, *, ages=None, images=None) -> None:
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    if ages is not None:
+        table["age"] = ages
+        table.to_csv(split_dir / "participants.tsv", sep="\t", index=False)
+    if images is not None:
+        np.save(split_dir / "images.npy", images.astype(np.float32))
+
+
+def test_study_mean_is_exact_when_the_study_determines_age(tmp_path):
+    split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    by_study = {"studyA": 25.0, "studyB": 50.0, "studyC": 75.0}
+    rewrite_split(split_dir, ages=table["study"].map(by_study))
+    metrics, _ = evaluate(split_dir, VOXEL_BASELINES["study_mean"], tmp_path / "study")
+    assert metrics["mae"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["kind"] == "baseline" and metrics["encoder"] is None
+    training_mean, _ = evaluate(split_dir, VOXEL_BASELINES["train_mean"], tmp_path / "mean")
+    assert training_mean["mae"] > 10  # one age for everyone misses the studies' differences
+
+
+def test_pca_ridge_recovers_images_that_are_linear_in_age(tmp_path):
+    split_dir = write_split(tmp_path / "dataset", n_subjects=30, n_test=8, shape=(8, 10, 8))
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    rng = np.random.default_rng(0)
+    pattern, offset = rng.normal(size=(8, 10, 8)), rng.normal(size=(8, 10, 8))
+    images = offset[None] + (table["age"].to_numpy()[:, None, None, None] - 50) / 20 * pattern
+    rewrite_split(split_dir, images=images)
+    metrics, predictions = evaluate(split_dir, VOXEL_BASELINES["pca_ridge"], tmp_path / "pca")
+    assert metrics["mae"] < 0.2, metrics["mae"]
+    assert metrics["pca_components"] >= 1 and "ridge_alpha" in metrics
+    assert predictions["predicted_age"].notna().all()
+
+
+def test_untrained_encoder_keeps_the_seeds_initialisation(tmp_path):
+    split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4)
+    settings = tiny_settings(train={"epochs": 0})
+    history = train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",
+                            history_path=tmp_path / "history.tsv",
+                            embeddings_dir=tmp_path / "embeddings",
+                            checkpoint_path=tmp_path / "checkpoint.pt")
+    assert history == []
+    seed_everything(settings["seed"])
+    initial = build_model(resolve_cell(settings)["model"]).state_dict()
+    saved = torch.load(tmp_path / "encoder.pt", weights_only=True)["model"]
+    assert saved.keys() == initial.keys()
+    assert all(torch.equal(saved[key], initial[key]) for key in saved)
+    metrics, _ = evaluate(split_dir, settings, tmp_path / "cell", tmp_path / "encoder.pt")
+    assert metrics["kind"] == "baseline" and np.isfinite(metrics["mae"])
+
+
+def test_supervised_network_learns_age(tmp_path):
+    split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
+    settings = tiny_settings(loss={"name": "supervised"},
+                             model={"head": "regression", "projection_dim": 1},
+                             train={"epochs": 4, "batch_size": 6, "views": 1, "lr": 3e-3,
+                                    "embed_epochs": []})
+    history = train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",
+                            history_path=tmp_path / "history.tsv",
+                            embeddings_dir=tmp_path / "embeddings",
+                            checkpoint_path=tmp_path / "checkpoint.pt")
+    losses = [row["loss"] for row in history]
+    assert losses[-1] < losses[0]  # L1 in years falls
+    metrics, _ = evaluate(split_dir, settings, tmp_path / "cell", tmp_path / "encoder.pt")
+    assert metrics["loss"] == "supervised" and metrics["kind"] == "baseline"
+
+
+@pytest.mark.parametrize("name", ["train_mean", "study_mean", "pca_ridge", "untrained"])
+def test_baselines_never_see_the_test_subjects(tmp_path, name):
+    """Poison the test rows (images and ages): the training rows' predictions stay the
+    same to the last bit, so nothing a baseline fits depends on a test subject."""
+    split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    encoder = None
+    settings = VOXEL_BASELINES.get(name)
+    if name == "untrained":
+        settings = tiny_settings(train={"epochs": 0})
+        encoder = tmp_path / "encoder.pt"
+        train_encoder(split_dir, settings, encoder_path=encoder,
+                      history_path=tmp_path / "history.tsv",
+                      embeddings_dir=tmp_path / "embeddings",
+                      checkpoint_path=tmp_path / "checkpoint.pt")
+    _, clean = evaluate(split_dir, settings, tmp_path / "clean", encoder)
+    test = (table["subset"] == "test").to_numpy()
+    images = np.load(split_dir / "images.npy")
+    images[test] = np.random.default_rng(5).normal(0, 50, images[test].shape)
+    rewrite_split(split_dir, ages=np.where(test, 99.0, table["age"]), images=images)
+    _, poisoned = evaluate(split_dir, settings, tmp_path / "poisoned", encoder)
+    training = clean["subset"] == "train"
+    np.testing.assert_array_equal(poisoned.loc[training, "predicted_age"].to_numpy(),
+                                  clean.loc[training, "predicted_age"].to_numpy())
+    description = json.loads((tmp_path / "poisoned" / "readout.json").read_text())
+    assert description["training"]["age_max"] < 99.0  # the read-out's own record agrees
