@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-PER_SUBJECT_RULES = {"strip_skull", "correct_bias", "register_to_template", "compute_qc"}
+PER_SUBJECT_RULES = {"strip_skull", "correct_and_register"}
 DATASET_RULES = {("tabulate_qc", ""), ("normalise_dataset", "split=holdout")}
 TARGET = "results/dataset/holdout/images.npy"
 
@@ -104,11 +104,13 @@ def test_nothing_to_do_after_a_run(preprocessed):
 
 
 def test_changing_n4_reruns_bias_correction_and_after_only(preprocessed):
+    """N4, registration and QC share a job (correct_and_register); skull stripping is its
+    own and stays done."""
     config = write_config(preprocessed["base"] / "no_n4.yaml", preprocessed["dataset"],
                           preprocess={"n4": False})
     jobs = planned_jobs(preprocessed["workdir"], config)
     expected = {(rule, subject_wildcards(label)) for label in labels(preprocessed["first"])
-                for rule in ("correct_bias", "register_to_template", "compute_qc")}
+                for rule in ("correct_and_register",)}
     assert jobs == expected | DATASET_RULES
     assert not any(rule in ("strip_skull", "prepare_template") for rule, _ in jobs)
 

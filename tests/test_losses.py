@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from brainage.losses import (
     DEFAULT_AUGMENTATION,
     DISPLAY_NAMES,
+    CONTRASTIVE_LOSSES,
     LOSS_NAMES,
     LOSS_PARAMETERS,
     NNCLRLoss,
@@ -394,7 +395,7 @@ def test_large_lambda_approaches_adaptive():
 # --------------------------------------------------------------------------- gradients
 
 
-GRAD_CASES = [(name, None) for name in LOSS_NAMES] + [("adaptive", 1.0)]
+GRAD_CASES = [(name, None) for name in CONTRASTIVE_LOSSES] + [("adaptive", 1.0)]
 
 
 @pytest.mark.parametrize(("name", "lam"), GRAD_CASES)
@@ -437,7 +438,7 @@ EDGE_CASES = {
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", list(EDGE_CASES))
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", CONTRASTIVE_LOSSES)
 def test_edge_cases_are_finite(name, case, dtype):
     features, ages = EDGE_CASES[case]()
     if name == "nnclr" and features.shape[1] != 2:
@@ -474,7 +475,7 @@ def test_adaptive_with_only_itself_as_neighbour_is_a_connected_zero():
 # --------------------------------------------------------------------------- precision, determinism
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", CONTRASTIVE_LOSSES)
 def test_bf16_autocast_is_finite_and_close_to_float32(name):
     generator = torch.Generator().manual_seed(23)
     inputs = torch.randn(8, 2, 16, generator=generator)
@@ -496,7 +497,7 @@ def test_bf16_autocast_is_finite_and_close_to_float32(name):
     assert mixed.item() == pytest.approx(reference.item(), rel=1e-2)
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", CONTRASTIVE_LOSSES)
 def test_deterministic(name):
     features, ages = make_batch(8, seed=24, dtype=torch.float32)
     first = make_loss(name, **SMALL_SCHEDULE)(features, ages, 3)
@@ -508,7 +509,9 @@ def test_deterministic(name):
 
 
 def test_registry_names_and_metadata():
-    assert LOSS_NAMES == ("simclr", "nnclr", "rnc", "yaware", "threshold", "exponential", "adaptive")
+    assert CONTRASTIVE_LOSSES == ("simclr", "nnclr", "rnc", "yaware", "threshold", "exponential",
+                                  "adaptive")
+    assert LOSS_NAMES == (*CONTRASTIVE_LOSSES, "supervised")
     assert DISPLAY_NAMES["adaptive"] == "Adaptive Neighborhoods"
     assert DISPLAY_NAMES["rnc"] == "Rank-N-Contrast"
     assert set(DISPLAY_NAMES) == set(DEFAULT_AUGMENTATION) == set(LOSS_NAMES)
@@ -524,7 +527,7 @@ def test_one_shared_settings_dict_works_for_every_loss():
     shared = {
         "temperature": 0.1, "base_temperature": 0.07, "sigma": 2.0, "reduction": "global",
         "distance": "cosine", "nn_final": 14, "nn_step": 1, "max_epochs": 50, "batch_size": 32,
-        "lam": None, "rnc_temperature": 2.0, "queue_size": 256,
+        "lam": None, "rnc_temperature": 2.0, "queue_size": 256, "age_mean": 45.0, "age_sd": 15.0,
     }
     assert set(shared) == LOSS_PARAMETERS
     for name in LOSS_NAMES:
@@ -575,3 +578,13 @@ def test_bad_inputs_raise():
         loss(features, ages[:3], 1)
     with pytest.raises(ValueError, match="epoch"):
         make_loss("adaptive")(features, ages, 0)
+
+
+def test_supervised_loss_is_the_l1_error_in_years():
+    loss = make_loss("supervised", age_mean=40.0, age_sd=10.0)
+    standardised = torch.tensor([[[0.0], [0.5]], [[1.0], [1.0]]])  # [B=2, V=2, 1]
+    ages = torch.tensor([40.0, 45.0])
+    # predicted 40, 45 | 50, 50 -> errors 0, 5 | 5, 5
+    assert loss(standardised, ages, 1).item() == pytest.approx(3.75)
+    with pytest.raises(ValueError, match="model.head: regression"):
+        loss(torch.zeros(2, 2, 4), ages, 1)

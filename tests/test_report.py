@@ -76,6 +76,8 @@ def write_cell(layout: Layout, split: str, experiment: str, variant: str, seed: 
     predictions = participants[["participant_id", "study", "age", "subset"]].copy()
     predictions["predicted_age"] = predictions["age"] + mae
     predictions.to_csv(folder / "predictions.tsv", sep="\t", index=False)
+    pd.DataFrame({"epoch": [1, 2, 3], "loss": [5.0, 4.0, 3.5], "lr": 1e-4, "seconds": 1.0,
+                  "nn_nb": 8}).to_csv(folder / "history.tsv", sep="\t", index=False)
     rng = np.random.default_rng(seed)
     for epoch in epochs:
         np.savez(folder / "embeddings" / f"epoch-{epoch:03d}.npz",
@@ -202,14 +204,16 @@ def test_paired_t_test_matches_scipy():
 def test_seed_results_pool_splits_by_test_size():
     metrics = pd.DataFrame({
         "split": ["fold1", "fold2"], "experiment": "table3", "variant": "adaptive",
-        "seed": 0, "loss": "adaptive", "readout": "ridge", "mae": [2.0, 5.0],
-        "rmse": [2.0, 5.0], "pearson_r": [0.5, 0.7], "r2": [0.1, 0.3], "n_test": [3, 1],
-        "mae_study_a": [2.0, np.nan], "path": ["x", "y"]})
+        "seed": 0, "loss": "adaptive", "kind": "contrastive", "readout": "ridge",
+        "mae": [2.0, 5.0], "rmse": [2.0, 5.0], "pearson_r": [0.5, 0.7], "r2": [0.1, 0.3],
+        "gap_age_slope": [-0.1, -0.3], "n_test": [3, 1], "mae_study_a": [2.0, np.nan],
+        "path": ["x", "y"]})
     row = report_results.seed_results(metrics).iloc[0]
     assert row["mae"] == pytest.approx((3 * 2 + 1 * 5) / 4)
     assert row["rmse"] == pytest.approx(np.sqrt((3 * 4 + 25) / 4))
     assert row["n_splits"] == 2 and row["n_test"] == 4
     assert row["mae_study_a"] == pytest.approx(2.0)
+    assert row["gap_age_slope"] == pytest.approx(-0.2)
 
 
 def test_read_metrics_names_the_broken_file(tmp_path):
@@ -302,7 +306,11 @@ def test_make_figures_writes_every_figure(results):
         predictions=[layout.cell_file("holdout", *focus, "predictions.tsv")],
         settings=results["settings"], focus="table3/adaptive/seed-0",
         qc_thresholds={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7},
-        outputs=paths)
+        outputs=paths,
+        histories={variant: {seed: layout.cell_file("holdout", "table3", variant, seed,
+                                                    "history.tsv")
+                             for seed in config["experiments"]["table3"]["seeds"]}
+                   for variant in config["experiments"]["table3"]["variants"]})
     for name, path in paths.items():
         assert Path(path).read_bytes()[:4] == b"\x89PNG", name
 

@@ -68,7 +68,7 @@ def test_valid_user_dataset_plans_every_subject(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(user_config(tmp_path, root)))
     assert result.returncode == 0, result.stdout
     counts = job_counts(result.stdout)
-    assert counts["strip_skull"] == counts["register_to_template"] == 6
+    assert counts["strip_skull"] == counts["correct_and_register"] == 6
     assert counts["normalise_dataset"] == 1
 
 

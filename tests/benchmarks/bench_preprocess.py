@@ -1,6 +1,6 @@
 """Benchmark of the preprocessing stage (prints numbers; not a test).
 
-1. One simulated 1.6 mm subject (study1 of brainage.simulate, T1w included), one thread:
+1. One simulated 2.0 mm subject (study1 of brainage.simulate, T1w included), one thread:
    wall time, CPU time and peak memory of strip_skull (deepbet), correct_bias (N4 on the
    map and the T1w) and register_to_template, each in a fresh process as Snakemake runs
    them. "run" excludes the Python imports (torch, ANTsPy, nipype), "job" includes them.
@@ -77,7 +77,7 @@ def bench_subject(work: Path) -> None:
 
     dataset = work / "dataset"
     truth = simulate_cohort(dataset, n_subjects=10, seed=0)
-    row = truth[truth["voxel_size_mm"] == 1.6].iloc[0]
+    row = truth[truth["study"] == "study1"].iloc[0]
     participant_id = row["participant_id"]
     label = participant_id[len("sub-"):]
     layout = Layout(results=str(work / "results"))

@@ -46,6 +46,7 @@ rule make_figures:
         maps=lambda wildcards: _registered_maps(),
         focus=_focus_label(),
         qc_thresholds=thresholds(config["qc"]),
+        histories=lambda wildcards: _histories(),
         paths={name: LAYOUT.figure(name) for name in REPORT_NAMES["figures"]},
     script:
         "../scripts/make_figures.py"

@@ -14,7 +14,7 @@ from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
 from brainage.config import training_settings
 from brainage.predict import exported_cell as exported_cell_of
 from brainage.predict import preprocessing_record
-from brainage.preprocess.chain import step_options, step_threads, subject_files
+from brainage.preprocess.chain import job_options, step_threads, subject_files
 from brainage.qc import thresholds
 from brainage.report.targets import (
     ablation_experiments,
@@ -341,7 +341,7 @@ def _table_outputs():
 def _figure_subcategory(name):
     if name in {ablation_figure_name(e) for e in ablation_experiments(config)}:
         return "Ablations"
-    if name in ("fig5_umap", "predicted_vs_true", "search_trials"):
+    if name in ("fig5_umap", "predicted_vs_true", "search_trials", "training_loss"):
         return "Model"
     return "Cohort and preprocessing"
 
@@ -385,8 +385,24 @@ def _registered_maps():
     }
 
 
+def _histories():
+    """{variant: {seed: history.tsv}} of the loss experiment's trained encoders (first split;
+    a shared encoder's history is its owner's)."""
+    if "table3" not in config["experiments"]:
+        return {}
+    histories = {}
+    for experiment, variant, seed in grid_cells(config):
+        settings = cell_settings(config, experiment, variant, seed)
+        if experiment == "table3" and trains_an_encoder(settings) and settings["train"]["epochs"]:
+            histories.setdefault(variant, {})[seed] = cell_output(
+                _cohort_split(), experiment, variant, seed, "history.tsv"
+            )
+    return histories
+
+
 def _figure_inputs(wildcards):
     inputs = {
+        "histories": [file for seeds in _histories().values() for file in seeds.values()],
         "metrics": grid_targets("metrics.json"),
         "participants": LAYOUT.split_file(_cohort_split(), "participants.tsv"),
         "qc": LAYOUT.qc_table(),

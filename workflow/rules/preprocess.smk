@@ -1,6 +1,7 @@
-# Per-subject preprocessing (docs/method.md, "Preprocessing"): skull stripping, N4 bias
-# correction and affine registration to the template at 2 mm, then QC. One chain of rules
-# for every cohort: the wildcard {preproc} is a cohort's preprocessing folder under
+# Per-subject preprocessing (docs/method.md, "Preprocessing"): skull stripping (rule
+# strip_skull), then N4 bias correction, affine registration to the template at 2 mm and QC
+# in one job (rule correct_and_register; brainage.preprocess.chain says why). One chain of
+# rules for every cohort: the wildcard {preproc} is a cohort's preprocessing folder under
 # results/ (`preproc` for the training cohort, `predict/<cohort>/preproc` for a cohort a
 # model is applied to), each a BIDS-Derivatives dataset. The files come from
 # brainage.preprocess.chain.subject_files, which the in-process route
@@ -10,7 +11,7 @@
 # Incremental by design: per-subject rules find their inputs in the dataset folder
 # (raw_inputs), never in participants.tsv, and carry in params exactly the options that
 # change their result. Adding a study reruns only its subjects (plus the dataset-wide
-# rules); changing preprocess.n4 reruns correct_bias and what follows, not strip_skull.
+# rules); changing preprocess.n4 reruns correct_and_register, not strip_skull.
 
 
 rule prepare_template:
@@ -77,57 +78,33 @@ rule strip_skull:
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     params:
         files=concrete_files,
-        options=step_options("strip_skull", PREPROCESS),
+        options=job_options("strip_skull", PREPROCESS),
     script:
-        "../scripts/preprocess_step.py"
+        "../scripts/preprocess_subject.py"
 
 
-rule correct_bias:
+rule correct_and_register:
     input:
         unpack(raw_inputs),
         mask=SUBJECT["mask"],
         reference=SUBJECT["reference"],
         reference_info=SUBJECT["reference_info"],
-    output:
-        corrected=SUBJECT["corrected"],
-        corrected_reference=SUBJECT["corrected_reference"],
-    log:
-        step_log("correct_bias"),
-    benchmark:
-        step_benchmark("correct_bias")
-    group:
-        "preprocess_{subject}"
-    conda:
-        "../../envs/preprocess.yaml"
-    threads: step_threads(PREPROCESS)
-    resources:
-        mem_mb=PREPROCESS_RESOURCES["mem_mb"],
-        runtime=PREPROCESS_RESOURCES["runtime_min"],
-    params:
-        files=concrete_files,
-        options=step_options("correct_bias", PREPROCESS),
-    script:
-        "../scripts/preprocess_step.py"
-
-
-rule register_to_template:
-    input:
-        corrected=SUBJECT["corrected"],
-        corrected_reference=SUBJECT["corrected_reference"],
-        mask=SUBJECT["mask"],
-        reference_info=SUBJECT["reference_info"],
         template_t1=TEMPLATE["t1"],
         template_mask=TEMPLATE["mask"],
     output:
+        corrected=SUBJECT["corrected"],
+        corrected_reference=SUBJECT["corrected_reference"],
         registered=SUBJECT["registered"],
         registered_mask=SUBJECT["registered_mask"],
         registered_mask_json=SUBJECT["registered_mask_json"],
         transform=SUBJECT["transform"],
         registered_reference=SUBJECT["registered_reference"],
+        qc_json=SUBJECT["qc_json"],
+        qc_png=SUBJECT["qc_png"],
     log:
-        step_log("register_to_template"),
+        step_log("correct_and_register"),
     benchmark:
-        step_benchmark("register_to_template")
+        step_benchmark("correct_and_register")
     group:
         "preprocess_{subject}"
     conda:
@@ -138,41 +115,13 @@ rule register_to_template:
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     params:
         files=concrete_files,
-        options=step_options("register_to_template", PREPROCESS),
+        options=job_options("correct_and_register", PREPROCESS),
     script:
-        "../scripts/preprocess_step.py"
+        "../scripts/preprocess_subject.py"
 
 
-rule compute_qc:
-    input:
-        registered=SUBJECT["registered"],
-        registered_mask=SUBJECT["registered_mask"],
-        registered_reference=SUBJECT["registered_reference"],
-        reference_info=SUBJECT["reference_info"],
-        template_t1=TEMPLATE["t1"],
-        template_mask=TEMPLATE["mask"],
-    output:
-        qc_json=SUBJECT["qc_json"],
-        qc_png=SUBJECT["qc_png"],
-    log:
-        step_log("compute_qc"),
-    benchmark:
-        step_benchmark("compute_qc")
-    group:
-        "preprocess_{subject}"
-    conda:
-        "../../envs/preprocess.yaml"
-    threads: 1
-    resources:
-        mem_mb=PREPROCESS_RESOURCES["mem_mb"],
-        runtime=PREPROCESS_RESOURCES["runtime_min"],
-    params:
-        files=concrete_files,
-        options=step_options("compute_qc", PREPROCESS),
-    script:
-        "../scripts/preprocess_step.py"
-
-
+# Dataset-wide QC of the training cohort: thresholds are applied here only, so changing
+# them reruns this table and the normalisation, not the subjects.
 rule tabulate_qc:
     input:
         metrics=lambda wildcards: [subject_files(LAYOUT, label)["qc_json"] for label in subjects()],

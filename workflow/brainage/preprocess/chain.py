@@ -1,9 +1,16 @@
 """One subject's preprocessing chain, defined once for every cohort.
 
-The chain is four steps, each one package function and one Snakemake rule of the same
-name (workflow/rules/preprocess.smk)::
+The chain is four steps, each one package function::
 
     strip_skull -> correct_bias -> register_to_template -> compute_qc
+
+and two Snakemake jobs per subject (:data:`JOBS`, workflow/rules/preprocess.smk): rule
+``strip_skull`` (the skull-stripping network or FreeSurfer), and rule
+``correct_and_register``, which runs the other three steps in one process. Starting Python
+and importing ANTsPy, PyTorch and matplotlib costs a few seconds per job, as much as a
+step's work at clinical MRE resolutions, so the steps that share those libraries share a
+process; the skull stripping stays a job of its own, so that changing a bias-correction or
+registration setting does not redo it.
 
 :func:`subject_files` names every file a subject's chain reads and writes; the rules take
 their inputs and outputs from it (with wildcards for the subject and the cohort's
@@ -24,6 +31,9 @@ from brainage.paths import TRAINING_PREPROC, Layout
 log = logging.getLogger(__name__)
 
 STEPS = ("strip_skull", "correct_bias", "register_to_template", "compute_qc")
+#: Snakemake job (rule) -> the steps it runs, in order.
+JOBS = {"strip_skull": ("strip_skull",),
+        "correct_and_register": ("correct_bias", "register_to_template", "compute_qc")}
 
 
 def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC
@@ -108,6 +118,20 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
     else:
         raise ValueError(f"unknown preprocessing step {step!r}; the steps are "
                          f"{', '.join(STEPS)}.")
+
+
+def job_options(job: str, preprocess: Mapping) -> dict:
+    """``{step: options}`` of the steps of a Snakemake job (its params)."""
+    return {step: step_options(step, preprocess) for step in JOBS[job]}
+
+
+def run_job(job: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
+            template_t1: str | None, template_mask: str | None, options: Mapping,
+            subject: str) -> None:
+    """Run the steps of one Snakemake job (:data:`JOBS`), in one process."""
+    for step in JOBS[job]:
+        run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
+                 options=options[step], subject=subject)
 
 
 #: The output whose presence means a step is done (each step writes it last).

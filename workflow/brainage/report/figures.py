@@ -14,6 +14,7 @@ import pandas as pd
 from brainage.io import atomic_path
 from brainage.qc import plot_dataset_qc, read_qc_table, thresholds
 from brainage.report.results import (
+    cell_label,
     ABLATION_TITLES,
     PAPER_SEARCH_BEST,
     coverage_fraction,
@@ -24,7 +25,13 @@ from brainage.report.results import (
     seed_results,
 )
 from brainage.report.tables import ablation_table
-from brainage.report.targets import SEARCH_NAME, ReportError, ablation_figure_name
+from brainage.report.targets import (
+    LOSS_EXPERIMENT,
+    SEARCH_NAME,
+    TRAINING_FIGURE,
+    ReportError,
+    ablation_figure_name,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -358,13 +365,48 @@ def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
     _save(figure, path)
 
 
+def plot_training_loss(histories: Mapping[str, Mapping[int, str | Path]], path: str | Path, *,
+                       labels: Mapping[str, str] | None = None) -> None:
+    """The training loss per epoch of every trained variant (one panel each): each seed
+    thin, the mean over seeds thick. Losses differ in scale (the supervised baseline's is
+    in years), hence a panel and a y axis per variant."""
+    plt = _pyplot()
+    histories = {variant: seeds for variant, seeds in histories.items() if seeds}
+    if not histories:
+        raise ReportError("no training history to plot: no cell of the loss experiment "
+                          "trains an encoder (train.epochs > 0).")
+    labels = dict(labels or {})
+    columns = min(4, len(histories))
+    rows = int(np.ceil(len(histories) / columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows),
+                                squeeze=False)
+    for axis, (variant, seeds) in zip(axes.flat, histories.items()):
+        tables = [pd.read_csv(file, sep="\t") for file in seeds.values()]
+        for table in tables:
+            axis.plot(table["epoch"], table["loss"], color="#4C72B0", alpha=0.35, linewidth=0.8)
+        mean = pd.concat(tables).groupby("epoch")["loss"].mean()
+        axis.plot(mean.index, mean.to_numpy(), color="#4C72B0", linewidth=2)
+        first, last = mean.iloc[0], mean.iloc[-1]
+        axis.set_title(f"{labels.get(variant, variant)}\n{first:.3g} -> {last:.3g} "
+                       f"({len(tables)} seeds)", fontsize="small")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel("training loss")
+    for axis in list(axes.flat)[len(histories):]:
+        axis.set_visible(False)
+    figure.suptitle("Training loss per epoch (thin: one seed; thick: mean over seeds)",
+                    fontsize="medium")
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  qc: str | Path, maps: Mapping[str, str | Path],
                  embeddings: str | Path | None, predictions: Sequence[str | Path],
                  settings: Mapping[str, Mapping[str, Mapping[str, Any]]],
                  focus: str, qc_thresholds: Mapping[str, float],
                  outputs: Mapping[str, str | Path],
-                 search: Sequence[str | Path] = ()) -> None:
+                 search: Sequence[str | Path] = (),
+                 histories: Mapping[str, Mapping[int, str | Path]] | None = None) -> None:
     """Draw every figure of the configuration (rule make_figures).
 
     Parameters
@@ -380,6 +422,8 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
     qc_thresholds : config ``qc`` (min_dice, min_correlation, min_coverage).
     outputs : ``{figure name: png path}`` for the names of :func:`report_names`.
     search : every split's ``trials.tsv`` of the random search (when enabled).
+    histories : ``{variant: {seed: history.tsv}}`` of the loss experiment's trained
+        encoders (first split).
     """
     started = time.perf_counter()
     cohort = pd.read_csv(participants, sep="\t", dtype={"participant_id": str, "study": str})
@@ -400,6 +444,10 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
             plot_predicted_vs_true(read_predictions(predictions), path, cell=focus)
         elif name == SEARCH_NAME:
             plot_search(read_search_trials(search), path)
+        elif name == TRAINING_FIGURE:
+            labels = {variant: cell_label(cell)
+                      for variant, cell in settings.get(LOSS_EXPERIMENT, {}).items()}
+            plot_training_loss(histories or {}, path, labels=labels)
         else:
             experiment = next((e for e in settings if ablation_figure_name(e) == name), None)
             if experiment is None:

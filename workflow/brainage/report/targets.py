@@ -32,6 +32,8 @@ DATASET_FIGURES = ("fig3_age_distribution", "fig7_coverage", "fig8_coverage_exam
 
 
 CELL_FIGURES = ("fig5_umap", "predicted_vs_true")
+#: The training loss of every trained encoder of the loss experiment, per epoch.
+TRAINING_FIGURE = "training_loss"
 
 
 #: Table and figure of the random search over nn_final and nn_step (config ``search``).
@@ -74,10 +76,14 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     tables = ["table2_cohort"]
     if LOSS_EXPERIMENT in experiments:
         tables += ["table3_losses", "table3_paired"]
+        figures_of_losses = [TRAINING_FIGURE]
+    else:
+        figures_of_losses = []
     tables += [f"ablation_{name}" for name in ablation_experiments(config)]
     figures = list(DATASET_FIGURES)
     if experiments:
         figures += list(CELL_FIGURES)
+    figures += figures_of_losses
     figures += [ablation_figure_name(name) for name in ablation_experiments(config)]
     if config.get("search", {}).get("enabled", False):
         tables.append(SEARCH_NAME)

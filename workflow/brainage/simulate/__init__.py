@@ -1,7 +1,7 @@
 """A simulated multi-study MR-elastography cohort, written in the pipeline's input layout.
 
 Real MRE data cannot be shipped, so the demo and the tests run on a cohort simulated
-from nilearn's bundled MNI152 (ICBM 2009a sym) template and its grey/white-matter
+from nilearn's bundled MNI152 (ICBM 2009a nonlinear asymmetric) template and its grey/white-matter
 probability maps, offline and deterministically from a seed.
 
 On-disk layout written by :func:`simulate_cohort` (``root`` is the BIDS-like dataset)::
@@ -22,7 +22,7 @@ The ground truth lives under ``derivatives/`` so that a pipeline reading
 Native space
 ------------
 Each subject's native grid is axis-aligned with its world axes (diagonal affine, RAS,
-sform/qform code 1), isotropic at the study's MRE voxel size (1.5-2.0 mm, see
+sform/qform code 1), isotropic at the study's MRE voxel size (2.0-3.0 mm, see
 ``STUDY_ACQUISITION``) and large enough for the whole head plus 8 mm. The stiffness
 map, the T1w-like image and the truth mask share that grid. The truth mask is the
 template brain mask (nilearn's: template > 0.2, ventricles and sulcal CSF included)

@@ -27,7 +27,7 @@ class StudyAcquisition:
     Attributes
     ----------
     voxel_size_mm : float
-        Isotropic native voxel size (mm); MRE protocols use 1.5-3 mm.
+        Isotropic native voxel size (mm); clinical MRE protocols use 2-3 mm.
     stiffness_factor : float
         Multiplicative site offset of the stiffness (driver, frequency, inversion).
     noise_sd : float
@@ -42,13 +42,15 @@ class StudyAcquisition:
     low_coverage_probability: float
 
 
+#: Clinical MRE maps are typically 2-3 mm isotropic (e.g. 2.0 mm in Johnson 2016's
+#: high-resolution protocol, 3.0 mm in clinical 2D multislice acquisitions).
 STUDY_ACQUISITION = {
-    "study1": StudyAcquisition(1.6, 1.00, 0.06, 0.10),
-    "study2": StudyAcquisition(2.0, 0.97, 0.08, 0.15),
-    "study3": StudyAcquisition(1.5, 1.04, 0.05, 0.25),
-    "study4": StudyAcquisition(1.8, 0.98, 0.07, 0.30),
-    "study5": StudyAcquisition(2.0, 1.03, 0.08, 0.15),
-    ACCELERATED_STUDY: StudyAcquisition(2.0, 1.00, 0.07, 0.15),
+    "study1": StudyAcquisition(2.0, 1.00, 0.06, 0.10),
+    "study2": StudyAcquisition(2.5, 0.97, 0.08, 0.15),
+    "study3": StudyAcquisition(2.0, 1.04, 0.05, 0.25),
+    "study4": StudyAcquisition(3.0, 0.98, 0.07, 0.30),
+    "study5": StudyAcquisition(2.5, 1.03, 0.08, 0.15),
+    ACCELERATED_STUDY: StudyAcquisition(2.5, 1.00, 0.07, 0.15),
 }
 
 MAX_ROTATION_DEG = 10.0
