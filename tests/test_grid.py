@@ -30,6 +30,8 @@ from brainage.paths import Layout
 from brainage.report import targets
 from conftest import REPO, default_rows, write_tiny_dataset
 
+pytestmark = pytest.mark.workflow
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 N_SUBJECTS = 10
 #: The report rules need every grid cell; asking for them (not for `all`) keeps these tests

@@ -21,12 +21,13 @@ import pandas as pd
 import pytest
 import yaml
 
+pytestmark = pytest.mark.workflow
+
 REPO = Path(__file__).resolve().parents[1]
 PER_SUBJECT_RULES = {"strip_skull", "correct_and_register"}
 DATASET_RULES = {("tabulate_qc", ""), ("normalise_dataset", "split=holdout")}
 TARGET = "results/dataset/holdout/images.npy"
 
-pytestmark = pytest.mark.slow
 
 
 def snakemake(workdir: Path, config: Path, *arguments: str) -> str:

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from brainage.losses import (
+    CONTRASTIVE_LOSSES,
     DEFAULT_AUGMENTATION,
     DISPLAY_NAMES,
-    CONTRASTIVE_LOSSES,
     LOSS_NAMES,
     LOSS_PARAMETERS,
     NNCLRLoss,

@@ -35,6 +35,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.workflow
+
 START_SLURM = REPO / "tests" / "slurm" / "start_slurm.sh"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 #: Account and partition of the test cluster (start_slurm.sh), given to the shipped
@@ -178,7 +180,6 @@ def test_workflow_profile_never_requests_gpus_through_slurm_extra():
     assert profile("default")["set-resources"]["train_encoder"] == {}
 
 
-@pytest.mark.slow
 def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()

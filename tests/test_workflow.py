@@ -11,6 +11,8 @@ import yaml
 
 from conftest import REPO, default_rows, write_tiny_dataset
 
+pytestmark = pytest.mark.workflow
+
 SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 
 

@@ -1,0 +1,63 @@
+"""Where a finished run's time went, from the benchmark table Snakemake writes per job.
+
+Every rule has a ``benchmark:`` file (``benchmarks/<stage>/...tsv``: wall seconds ``s``,
+``cpu_time``, ``max_rss``). This prints, per rule and per stage, the number of jobs and
+the summed wall and CPU seconds, and the share of the summed wall time; with N local cores
+the elapsed time is roughly the summed wall time / N plus the scheduling gaps.
+
+Usage::
+
+    python tests/benchmarks/summarise_run.py [benchmarks folder]   # default: benchmarks
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pandas as pd
+
+#: Rule -> stage of the pipeline, for the per-stage lines.
+STAGES = {
+    "simulate_cohort": "data", "simulate_predict_cohort": "data", "prepare_template": "data",
+    "strip_skull": "preprocessing", "correct_and_register": "preprocessing",
+    "describe_preprocessing": "preprocessing", "tabulate_qc": "preprocessing",
+    "normalise_dataset": "preprocessing",
+    "pretrain_encoder": "training", "train_encoder": "training",
+    "search_hyperparameters": "training",
+    "evaluate_encoder": "evaluation", "export_model": "evaluation",
+    "make_tables": "tables and figures", "make_figures": "tables and figures",
+    "predict_cohort": "prediction",
+}
+
+
+def main(folder: str = "benchmarks") -> None:
+    rows = []
+    for path in sorted(Path(folder).rglob("*.tsv")):
+        table = pd.read_csv(path, sep="\t")
+        rule = path.stem if path.stem in STAGES else path.stem.split("_sub-")[0]
+        rows.append({"rule": rule, "wall_s": float(table["s"].iloc[0]),
+                     "cpu_s": float(table["cpu_time"].iloc[0]),
+                     "max_rss_mb": float(table["max_rss"].iloc[0])})
+    if not rows:
+        raise SystemExit(f"no benchmark tables under {folder}")
+    jobs = pd.DataFrame(rows)
+    jobs["stage"] = jobs["rule"].map(STAGES).fillna("other")
+    total = jobs["wall_s"].sum()
+    print(f"{'rule':<26}{'jobs':>6}{'wall s':>10}{'CPU s':>10}{'wall/job':>10}{'share':>8}")
+    by_rule = jobs.groupby(["stage", "rule"], sort=False).agg(
+        jobs=("wall_s", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"))
+    stage_totals = defaultdict(float)
+    for (stage, rule), row in by_rule.iterrows():
+        stage_totals[stage] += row["wall_s"]
+        print(f"{rule:<26}{row['jobs']:>6}{row['wall_s']:>10.1f}{row['cpu_s']:>10.1f}"
+              f"{row['wall_s'] / row['jobs']:>10.1f}{row['wall_s'] / total:>8.1%}")
+    print()
+    for stage, wall in stage_totals.items():
+        print(f"{stage:<26}{'':>6}{wall:>10.1f}{'':>20}{wall / total:>8.1%}")
+    print(f"{'all jobs':<26}{len(jobs):>6}{total:>10.1f}{jobs['cpu_s'].sum():>10.1f}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
