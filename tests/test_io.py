@@ -1,6 +1,8 @@
-"""Each bad input stops with one clear message naming the file, subject or column."""
+"""Each bad input stops with one clear message naming the file, subject or column; a
+failed write names the file and the free space."""
 
 import gzip
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -10,11 +12,14 @@ import pytest
 
 from brainage.io import (
     InputError,
+    WriteError,
     atomic_path,
     check_dataset_images,
     check_label,
     load_nifti_checked,
     read_participants,
+    save_tensors,
+    sha256_file,
     subject_inputs,
 )
 from conftest import default_rows, write_tiny_dataset
@@ -146,3 +151,41 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(final) as temp:
         temp.write_text("whole")
     assert final.read_text() == "whole"
+
+
+# -- write failures and deterministic tensor files ---------------------------------------------
+
+def test_save_tensors_on_a_full_disk_names_the_file_the_need_and_the_room(small_disk):
+    """Before writing, not half-way with PyTorch's "basic_ios::clear: iostream error"."""
+    import torch
+
+    final = small_disk.folder / "encoder.pt"
+    with pytest.raises(WriteError, match=rf"writing {re.escape(str(final))} needs about "
+                                         rf"4000000 bytes but only \d+ bytes are free on /"):
+        save_tensors(final, {"model": {"weight": torch.zeros(1_000_000)}})
+    assert list(small_disk.folder.iterdir()) == []
+
+
+def test_torch_save_failing_inside_atomic_path_names_the_file_and_the_room(small_disk):
+    """A write that runs out of space anyway (the size was underestimated): PyTorch's own
+    message names neither the file nor the cause."""
+    import torch
+
+    final = small_disk.folder / "encoder.pt"
+    with pytest.raises(WriteError, match=rf"writing {re.escape(str(final))} failed: .*"
+                                         rf"\(\d+ bytes free on /.*\)"):
+        with atomic_path(final) as temp:
+            if not small_disk.real:  # what PyTorch raises on a full disk
+                raise RuntimeError("basic_ios::clear: iostream error")
+            torch.save({"weight": torch.zeros(1_000_000)}, temp)
+    assert list(small_disk.folder.iterdir()) == []
+
+
+def test_equal_tensors_give_equal_files_with_their_digest(tmp_path):
+    import torch
+
+    payload = {"model": {"weight": torch.arange(12.0).reshape(3, 4)}, "epochs": 2}
+    digests = [save_tensors(tmp_path / name, payload) for name in ("a.pt", "b.pt")]
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert digests[0] == digests[1] == sha256_file(tmp_path / "a.pt")
+
