@@ -32,6 +32,7 @@ from brainage.config import (
     grid_cells,
     validate_config,
 )
+from brainage.interrupted import interrupted_run_notice
 from brainage.io import (
     InputError,
     anatomical_path,
@@ -44,6 +45,16 @@ from brainage.normalise import split_names as scheme_split_names
 from brainage.normalise import training_counts
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import draw_participants
+
+# A killed run leaves locks and incomplete markers that stop the next one twice, with two
+# different errors; say once what to run. Snakemake parses this file before it locks the
+# directory, so a lock seen here is another process's. Jobs that Snakemake starts as
+# processes of their own (cluster jobs) parse it too, while the main process holds its
+# lock: only the main process speaks.
+if workflow.is_main_process:
+    _notice = interrupted_run_notice()
+    if _notice:
+        print(_notice, file=sys.stderr, flush=True)
 
 try:
     _validated = validate_config(config, source="config")
