@@ -84,3 +84,33 @@ def template_files(tmp_path_factory):
     prepare_template(files["t1"], files["mask"])
     return files
 # ---- end preprocessing block --------------------------------------------------------------
+
+
+# ---- write failures (issue 15): a nearly full filesystem ----------------------------------
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import warnings  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+SMALL_DISK_BYTES = 1 << 20
+
+
+@pytest.fixture
+def small_disk(tmp_path, monkeypatch):
+    """A folder on a 1 MiB filesystem: a tmpfs mounted there (needs root), else a plain
+    folder for which brainage.io reports 1 MiB free, with a warning. ``real`` says which:
+    without the tmpfs a test must fail the write itself where it needs a full disk."""
+    folder = tmp_path / "small_disk"
+    folder.mkdir()
+    mount = shutil.which("mount")
+    mounted = mount is not None and subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={SMALL_DISK_BYTES}", "tmpfs", str(folder)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        warnings.warn("cannot mount a tmpfs (not root?): the full disk is simulated",
+                      stacklevel=2)
+        monkeypatch.setattr("brainage.io.free_bytes", lambda _folder: SMALL_DISK_BYTES)
+    yield SimpleNamespace(folder=folder, real=mounted)
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+# ---- end write failures block ---------------------------------------------------------------

@@ -7,6 +7,7 @@ import pytest
 from brainage.config import (
     ConfigError,
     cell_settings,
+    check_batch_sizes,
     grid_cells,
     load_config,
     load_schema,
@@ -109,3 +110,53 @@ def test_unknown_cell_is_reported():
     config = validate_config({"experiments": {"e": {"variants": {"a": {}}}}})
     with pytest.raises(ConfigError, match="no variant 'b'"):
         cell_settings(config, "e", "b", 0)
+
+
+# -- values that pass the schema but cannot train ------------------------------------------
+
+def _grid(**sections) -> dict:
+    return {"experiments": {"table3": {"seeds": [0], "variants": {
+        "adaptive": {"loss": {"name": "adaptive"}}, "yaware": {"loss": {"name": "yaware"}}}}},
+        **sections}
+
+
+@pytest.mark.parametrize("epochs, nn_step", [(2, 2), (3, 2), (1, 1)])
+def test_adaptive_schedule_needs_two_steps_within_the_epochs(epochs, nn_step):
+    """brainage.losses.schedule.check_schedule: nn_step <= epochs // 2; the loss raised it
+    only inside the training job."""
+    with pytest.raises(ConfigError, match=rf"experiments\.table3\.variants\.adaptive .*"
+                                          rf"train\.epochs {epochs}.*loss\.nn_step {nn_step}"
+                                          rf".*raise train\.epochs to at least {2 * nn_step}"
+                       ) as raised:
+        validate_config(_grid(train={"epochs": epochs}, loss={"nn_step": nn_step}))
+    assert "variants.yaware" not in str(raised.value)  # no schedule without the loss
+
+
+def test_adaptive_schedule_boundary_and_disabled_experiments_pass():
+    validate_config(_grid(train={"epochs": 4}, loss={"nn_step": 2}))
+    disabled = _grid(train={"epochs": 2}, loss={"nn_step": 2})
+    disabled["experiments"]["table3"]["enabled"] = False
+    validate_config(disabled)
+
+
+def test_adaptive_final_neighbourhood_fits_the_batch():
+    bad = _grid(train={"batch_size": 8}, loss={"nn_final": 14})
+    with pytest.raises(ConfigError, match=r"variants\.adaptive .*loss\.nn_final must not "
+                                          r"exceed train\.batch_size"):
+        validate_config(bad)
+
+
+def test_batch_larger_than_a_split_names_the_key_the_split_and_its_size():
+    config = validate_config(_grid(train={"batch_size": 64}, loss={"nn_final": 4}))
+    config["experiments"]["table3"]["variants"]["small"] = {"train": {"batch_size": 7}}
+    config["experiments"]["table3"]["variants"]["large"] = {"train": {"batch_size": 9}}
+    with pytest.raises(ConfigError) as raised:
+        check_batch_sizes(config, {"fold1": 8, "fold2": 7})
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 2, lines
+    assert ("config key train.batch_size is 64 (used by experiments.table3.variants.adaptive, "
+            "experiments.table3.variants.yaware) but split fold2 has only 7 training "
+            "subjects") in lines[0]
+    assert "config key experiments.table3.variants.large.train.batch_size is 9" in lines[1]
+    assert "Lower experiments.table3.variants.large.train.batch_size to at most 7" in lines[1]
+    check_batch_sizes(config, {"fold1": 64, "fold2": 64})

@@ -1,6 +1,10 @@
-"""Each bad input stops with one clear message naming the file, subject or column."""
+"""Each bad input stops with one clear message naming the file, subject or column; a
+failed write names the file and the free space; a job's log keeps its earlier attempts."""
 
 import gzip
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -10,14 +14,17 @@ import pytest
 
 from brainage.io import (
     InputError,
+    WriteError,
     atomic_path,
     check_dataset_images,
     check_label,
     load_nifti_checked,
     read_participants,
+    save_tensors,
+    sha256_file,
     subject_inputs,
 )
-from conftest import default_rows, write_tiny_dataset
+from conftest import REPO, default_rows, write_tiny_dataset
 
 
 def _rewrite_table(root: Path, mutate):
@@ -146,3 +153,80 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(final) as temp:
         temp.write_text("whole")
     assert final.read_text() == "whole"
+
+
+# -- write failures and deterministic tensor files ---------------------------------------------
+
+def test_save_tensors_on_a_full_disk_names_the_file_the_need_and_the_room(small_disk):
+    """Before writing, not half-way with PyTorch's "basic_ios::clear: iostream error"."""
+    import torch
+
+    final = small_disk.folder / "encoder.pt"
+    with pytest.raises(WriteError, match=rf"writing {re.escape(str(final))} needs about "
+                                         rf"4000000 bytes but only \d+ bytes are free on /"):
+        save_tensors(final, {"model": {"weight": torch.zeros(1_000_000)}})
+    assert list(small_disk.folder.iterdir()) == []
+
+
+def test_torch_save_failing_inside_atomic_path_names_the_file_and_the_room(small_disk):
+    """A write that runs out of space anyway (the size was underestimated): PyTorch's own
+    message names neither the file nor the cause."""
+    import torch
+
+    final = small_disk.folder / "encoder.pt"
+    with pytest.raises(WriteError, match=rf"writing {re.escape(str(final))} failed: .*"
+                                         rf"\(\d+ bytes free on /.*\)"):
+        with atomic_path(final) as temp:
+            if not small_disk.real:  # what PyTorch raises on a full disk
+                raise RuntimeError("basic_ios::clear: iostream error")
+            torch.save({"weight": torch.zeros(1_000_000)}, temp)
+    assert list(small_disk.folder.iterdir()) == []
+
+
+def test_equal_tensors_give_equal_files_with_their_digest(tmp_path):
+    import torch
+
+    payload = {"model": {"weight": torch.arange(12.0).reshape(3, 4)}, "epochs": 2}
+    digests = [save_tensors(tmp_path / name, payload) for name in ("a.pt", "b.pt")]
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    assert digests[0] == digests[1] == sha256_file(tmp_path / "a.pt")
+
+
+# -- job logs ----------------------------------------------------------------------------------
+
+JOB = """
+import logging, os, signal, sys
+from brainage.logs import log_to_file
+log_to_file(sys.argv[1])
+logging.getLogger("brainage").info("working in %s", sys.argv[2])
+if sys.argv[2] == "killed":
+    os.kill(os.getpid(), signal.SIGKILL)
+if sys.argv[2] == "failed":
+    raise MemoryError("out of memory in the test")
+"""
+
+
+def run_job(log: Path, how: str) -> None:
+    # Snakemake deletes a job's log before every attempt
+    log.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-c", JOB, str(log), how], capture_output=True,
+                   env={"PYTHONPATH": str(REPO / "workflow")}, check=False)
+
+
+def test_log_keeps_killed_and_failed_attempts_until_a_success(tmp_path):
+    log = tmp_path / "logs" / "train_encoder.log"
+    for how in ("killed", "failed", "succeeded"):
+        run_job(log, how)
+    text = log.read_text()
+    separators = re.findall(r"^===== attempt (\d+) \((\S+), (\S+), pid (\d+)\) =====$", text,
+                            flags=re.M)
+    assert [number for number, *_ in separators] == ["1", "2", "3"], text
+    assert len({pid for *_, pid in separators}) == 3
+    order = [text.index(line) for line in ("working in killed", "working in failed",
+                                           "MemoryError: out of memory in the test",
+                                           "working in succeeded")]
+    assert order == sorted(order), text
+    # after a success the next run of the job starts a new history
+    run_job(log, "succeeded")
+    assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
+    assert "working in killed" not in log.read_text()

@@ -1,10 +1,12 @@
 """Training of one grid cell (brainage.train, brainage.data): a real short training,
-determinism, kill-and-resume, augmentations, pretraining, and the error cases."""
+determinism, kill-and-resume, checkpoint integrity, augmentations, pretraining, and the
+error cases."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,8 +21,16 @@ import torch
 from brainage.config import ConfigError, resolve_cell
 from brainage.data import Augmenter, DataError, load_split, plan_batches
 from brainage.evaluate import evaluate_encoder
+from brainage.io import WriteError
 from brainage.models import build_model, load_init_checkpoint
-from brainage.train import HISTORY_COLUMNS, fingerprint, pretrain_openbhb, train_encoder
+from brainage.train import (
+    HISTORY_COLUMNS,
+    CheckpointWriter,
+    fingerprint,
+    pretrain_openbhb,
+    save_checkpoint,
+    train_encoder,
+)
 from split_fixture import synthetic_volumes, tiny_settings, write_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,6 +120,8 @@ def test_same_seed_same_result_on_cpu(split_dir, reference_run, tmp_path):
     again = train_encoder(split_dir, REFERENCE, **paths)
     assert [row["loss"] for row in again] == [row["loss"] for row in history]
     assert_same_weights(folder / "encoder.pt", paths["encoder_path"])
+    # byte for byte, so that checksums (model bundles, provenance) repeat too
+    assert (folder / "encoder.pt").read_bytes() == paths["encoder_path"].read_bytes()
     repeated = evaluate_encoder(split_dir, paths["encoder_path"], REFERENCE,
                                 metrics_path=tmp_path / "metrics.json",
                                 predictions_path=tmp_path / "predictions.tsv")
@@ -151,7 +163,7 @@ def kill_after_first_checkpoint(split_dir: Path, settings: dict, paths: dict,
     return subprocess.CompletedProcess(child.args, child.returncode, output, "")
 
 
-def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path):
+def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path, caplog):
     """SIGKILL after the first checkpoint (as a preemption), start again, compare with a run
     that was never interrupted: same weights bit for bit, same history, same metrics.
     NNCLR, because it carries state across batches (its queue) and uses noise
@@ -169,9 +181,12 @@ def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path):
     for file in (cell / "embeddings").iterdir():
         file.unlink()
 
-    resumed = train_encoder(split_dir, settings, **cell_paths(cell))
+    with caplog.at_level("INFO", logger="brainage.train"):
+        resumed = train_encoder(split_dir, settings, **cell_paths(cell))
+    assert f"resuming from {cell / 'checkpoint.pt'} after epoch {done}" in caplog.text
     assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
     assert not (cell / "checkpoint.pt").exists()
+    assert not (cell / "checkpoint.pt.sha256").exists()
 
     uninterrupted = tmp_path / "uninterrupted"
     history = train_encoder(split_dir, settings, **cell_paths(uninterrupted))
@@ -191,12 +206,99 @@ def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path):
 def test_checkpoint_of_other_settings_is_ignored(split_dir, tmp_path, caplog):
     settings = tiny_settings(train={"epochs": 2, "batch_size": 9, "embed_epochs": []})
     paths = cell_paths(tmp_path)
-    # a leftover checkpoint of another configuration
-    torch.save({"format": 1, "fingerprint": "other", "epoch": 1}, paths["checkpoint_path"])
+    # a leftover checkpoint of another configuration, intact (its digest matches)
+    save_checkpoint(paths["checkpoint_path"], {"format": 1, "fingerprint": "other", "epoch": 1})
     with caplog.at_level("WARNING", logger="brainage.train"):
         history = train_encoder(split_dir, settings, **paths)
     assert [row["epoch"] for row in history] == [1, 2]
     assert "belongs to other settings" in caplog.text
+
+
+def test_damaged_checkpoint_is_detected_and_training_restarts(split_dir, reference_run,
+                                                               tmp_path, caplog):
+    """One weight tensor changed inside checkpoint.pt, the zip intact and the checkpoint
+    otherwise valid: torch.load cannot tell, the sha256 beside it can. Training starts
+    over and ends exactly where the uninterrupted run did."""
+    folder, history, _ = reference_run
+    cell = tmp_path / "cell"
+    killed = kill_after_first_checkpoint(split_dir, REFERENCE, cell_paths(cell))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
+    checkpoint = torch.load(cell / "checkpoint.pt", weights_only=True)
+    name = next(key for key in checkpoint["model"] if key.endswith("conv1.weight"))
+    checkpoint["model"][name].view(-1)[0] += 0.5
+    torch.save(checkpoint, cell / "checkpoint.pt")
+
+    with caplog.at_level("INFO", logger="brainage.train"):
+        again = train_encoder(split_dir, REFERENCE, **cell_paths(cell))
+    assert f"ignoring damaged checkpoint {cell / 'checkpoint.pt'}" in caplog.text
+    assert "resuming" not in caplog.text
+    assert [row["loss"] for row in again] == [row["loss"] for row in history]
+    assert (cell / "encoder.pt").read_bytes() == (folder / "encoder.pt").read_bytes()
+
+
+def test_checkpoint_without_its_digest_is_not_trusted(split_dir, tmp_path, caplog):
+    settings = tiny_settings(loss={"name": "yaware"},
+                             train={"epochs": 1, "batch_size": 9, "embed_epochs": []})
+    paths = cell_paths(tmp_path)
+    split = load_split(split_dir)
+    save_checkpoint(paths["checkpoint_path"],
+                    {"format": 1, "fingerprint": fingerprint(resolve_cell(settings), split),
+                     "epoch": 1})
+    (tmp_path / "checkpoint.pt.sha256").unlink()
+    with caplog.at_level("WARNING", logger="brainage.train"):
+        history = train_encoder(split_dir, settings, **paths)
+    assert "checksum file" in caplog.text and str(paths["checkpoint_path"]) in caplog.text
+    assert [row["epoch"] for row in history] == [1]
+
+
+def test_stale_temporaries_of_a_killed_write_are_removed_on_start(split_dir, tmp_path):
+    """A kill during a write leaves atomic_path's temporary (".<name>.<random><suffix>");
+    the next training of the cell removes its own, and only its own."""
+    settings = tiny_settings(loss={"name": "yaware"},
+                             train={"epochs": 1, "batch_size": 9, "embed_epochs": [1]})
+    (tmp_path / "embeddings").mkdir()
+    stale = [tmp_path / ".checkpoint.pt.k3j_x9ab.pt", tmp_path / ".encoder.pt.0a1b2c3d.pt",
+             tmp_path / ".checkpoint.pt.sha256.qwertyui.pt.sha256",
+             tmp_path / ".history.tsv.zx8cv7bn.tsv",
+             tmp_path / "embeddings" / ".epoch-001.npz.mn5bv4cx.npz"]
+    others = [tmp_path / ".metrics.json.k3j_x9ab.json", tmp_path / "notes.txt",
+              tmp_path / ".checkpoint.pt.keep-me"]
+    for path in stale + others:
+        path.write_bytes(b"half a file")
+    train_encoder(split_dir, settings, **cell_paths(tmp_path))
+    assert [path.name for path in stale if path.exists()] == []
+    assert [path.name for path in others if not path.exists()] == []
+
+
+def test_checkpoint_that_does_not_fit_names_the_file_and_the_room(small_disk):
+    path = small_disk.folder / "checkpoint.pt"
+    writer = CheckpointWriter(path)
+    writer.submit({"model": {"weight": torch.zeros(1_000_000)}})
+    with pytest.raises(WriteError, match=rf"^writing {re.escape(str(path))} needs about "
+                                         rf"4000000 bytes but only \d+ bytes are free on /"):
+        writer.wait()
+    assert list(small_disk.folder.iterdir()) == []
+
+
+def test_checkpoint_write_failing_half_way_names_the_file_and_the_room(small_disk,
+                                                                        monkeypatch):
+    """The state fits by its tensor bytes but the disk fills anyway (another job writes
+    there): the writer thread's error reaches training with the file and the free space."""
+    import brainage.train
+
+    monkeypatch.setattr(brainage.train, "ensure_room", lambda path, needed: None)
+    if not small_disk.real:
+        def full_disk(temp, payload, **options):
+            raise RuntimeError("basic_ios::clear: iostream error")
+
+        monkeypatch.setattr(brainage.train, "write_tensors", full_disk)
+    path = small_disk.folder / "checkpoint.pt"
+    writer = CheckpointWriter(path)
+    writer.submit({"model": {"weight": torch.zeros(1_000_000)}})
+    with pytest.raises(WriteError, match=rf"^writing {re.escape(str(path))} failed: .*"
+                                         rf"\(\d+ bytes free on /.*\)$"):
+        writer.wait()
+    assert list(small_disk.folder.iterdir()) == []
 
 
 # -- batches and augmentations ----------------------------------------------------------------

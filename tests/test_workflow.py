@@ -1,7 +1,12 @@
-"""The workflow itself: dry-runs from a fresh folder, and bad input stopping the run early."""
+"""The workflow itself: dry-runs from a fresh folder, bad input and bad settings stopping the
+run early, and what to run after a kill."""
 
+import base64
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -9,6 +14,12 @@ import numpy as np
 import pytest
 import yaml
 
+from brainage.config import validate_config
+from brainage.interrupted import interrupted_run_notice
+from brainage.logs import attempts_file
+from brainage.paths import Layout
+from brainage.preprocess.chain import subject_files
+from brainage.simulate import draw_participants
 from conftest import REPO, default_rows, write_tiny_dataset
 
 pytestmark = pytest.mark.workflow
@@ -29,6 +40,7 @@ def user_config(tmp_path: Path, root: Path, **sections) -> Path:
     return path
 
 
+@pytest.mark.workflow
 def test_fresh_folder_dry_run_starts_with_the_simulation(tmp_path):
     result = snakemake(tmp_path, "-n")
     assert result.returncode == 0, result.stdout
@@ -36,6 +48,7 @@ def test_fresh_folder_dry_run_starts_with_the_simulation(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+@pytest.mark.workflow
 def test_unknown_config_key_stops_the_run_naming_it(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epocs: 3\n")
@@ -44,6 +57,7 @@ def test_unknown_config_key_stops_the_run_naming_it(tmp_path):
     assert "epocs" in result.stdout and "train" in result.stdout
 
 
+@pytest.mark.workflow
 @pytest.mark.parametrize("break_dataset, expected", [
     (lambda root: (root / "participants.tsv").write_text(
         "participant_id\tage\tsex\tstudy\nsub-../x\t30\tF\ts1\n"), "letters and digits"),
@@ -65,13 +79,125 @@ def test_bad_dataset_stops_before_any_work(tmp_path, break_dataset, expected):
     assert not (work / "results").exists(), "nothing may be written to results/"
 
 
+@pytest.mark.workflow
 def test_valid_user_dataset_plans_every_subject(tmp_path):
     root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
-    result = snakemake(tmp_path, "-n", "--configfile", str(user_config(tmp_path, root)))
+    # 5 training subjects: the paper's batch of 32 stops the run (the next test)
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
     assert result.returncode == 0, result.stdout
     counts = job_counts(result.stdout)
     assert counts["strip_skull"] == counts["correct_and_register"] == 6
     assert counts["normalise_dataset"] == 1
+
+
+ONE_VARIANT = {"table3": {"seeds": [0], "variants": {"yaware": {"loss": {"name": "yaware"}}}}}
+
+
+@pytest.mark.workflow
+def test_dry_run_stops_on_a_batch_larger_than_the_training_split(tmp_path):
+    """10 subjects, 30% held out: 7 train; a batch of 64 used to fail only in train_encoder,
+    after the whole preprocessing."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    config = user_config(tmp_path, root, split={"scheme": "holdout", "test_fraction": 0.3},
+                         train={"batch_size": 64}, experiments=ONE_VARIANT)
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert ("config key train.batch_size is 64 (used by experiments.table3.variants.yaware) "
+            "but split holdout has only 7 training subjects") in result.stdout, result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+def test_dry_run_stops_on_an_adaptive_schedule_longer_than_the_training(tmp_path):
+    config = tmp_path / "short.yaml"
+    config.write_text(yaml.safe_dump({
+        "train": {"epochs": 2}, "loss": {"name": "adaptive", "nn_step": 2},
+        "experiments": {"table3": {"seeds": [0], "variants": {"adaptive": {}}}}}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "config key experiments.table3.variants.adaptive (loss.name adaptive)" in result.stdout
+    assert "train.epochs 2" in result.stdout and "loss.nn_step 2" in result.stdout
+
+
+# -- after a kill ----------------------------------------------------------------------------
+
+def _incomplete_marker(workdir: Path, output: str) -> None:
+    """An incomplete marker as Snakemake 9 writes it (persistence/file.py)."""
+    folder = workdir / ".snakemake" / "incomplete"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / base64.urlsafe_b64encode(output.encode()).decode()).write_text(
+        '{"external_jobid": null}')
+
+
+def test_interrupted_run_notice_reports_locks_and_existing_incomplete_outputs(tmp_path):
+    assert interrupted_run_notice(tmp_path) is None
+    _incomplete_marker(tmp_path, "results/never_written.npy")  # Snakemake ignores these
+    assert interrupted_run_notice(tmp_path) is None
+    (tmp_path / "results" / "embeddings").mkdir(parents=True)
+    _incomplete_marker(tmp_path, "results/embeddings")
+    notice = interrupted_run_notice(tmp_path)
+    assert "1 unfinished output(s): results/embeddings" in notice
+    assert "--rerun-incomplete" in notice and "--unlock" not in notice
+    (tmp_path / ".snakemake" / "locks").mkdir()
+    (tmp_path / ".snakemake" / "locks" / "0.output.lock").write_text("results/embeddings\n")
+    notice = interrupted_run_notice(tmp_path)
+    assert "1 lock file(s)" in notice and notice.count("\n") == 0
+    assert notice.index("--unlock") < notice.index("--rerun-incomplete")
+
+
+NOTICE = "a previous Snakemake run in"
+
+
+@pytest.mark.workflow
+@pytest.mark.slow
+def test_readme_commands_resume_a_killed_run(tmp_path):
+    """Snakemake and its job SIGKILLed mid-job, as a closed session or a reboot would. The
+    same command then stops (lock), and the workflow says what to run before Snakemake's
+    error; the README's two commands finish the run. config/test.yaml with fast
+    preprocessing, up to one subject's registered map; the killed job is the simulation."""
+    settings = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    settings["preprocess"].update(skullstrip="none", n4=False)
+    config = tmp_path / "test.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    layout = Layout.from_config(validate_config(settings))
+    first = draw_participants(settings["dataset"]["simulate"]["n_subjects"],
+                              seed=settings["dataset"]["simulate"]["seed"])["participant_id"][0]
+    target = subject_files(layout, first[len("sub-"):])["registered"]
+    work = tmp_path / "work"
+    work.mkdir()
+    arguments = (target, "--configfile", str(config))  # --configfile takes several files
+
+    killed_job = work / attempts_file(layout.log("data", "simulate_cohort"))
+    run = subprocess.Popen([*SNAKEMAKE, "--directory", str(work), "--cores", "1", *arguments],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (killed_job.exists() and any((work / ".snakemake" / "locks").glob("*.lock"))):
+        if run.poll() is not None or time.monotonic() > deadline:
+            run.kill()
+            pytest.fail(f"the simulation job never started:\n{run.communicate()[0][-4000:]}")
+        time.sleep(0.05)
+    os.killpg(run.pid, signal.SIGKILL)
+    output = run.communicate(timeout=60)[0]
+    assert NOTICE not in output, "a run must not report its own lock"
+
+    again = snakemake(work, *arguments)
+    assert again.returncode != 0
+    assert NOTICE in again.stdout and "--unlock" in again.stdout, again.stdout[-4000:]
+    assert again.stdout.index(NOTICE) < again.stdout.index("cannot be locked")
+
+    unlocked = snakemake(work, "--unlock", *arguments)
+    assert unlocked.returncode == 0, unlocked.stdout[-4000:]
+    resumed = snakemake(work, "--rerun-incomplete", *arguments)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert (work / target).is_file()
+    log = (work / layout.log("data", "simulate_cohort")).read_text()
+    assert "===== attempt 1 (" in log and "===== attempt 2 (" in log, log
+
+    done = snakemake(work, *arguments)
+    assert done.returncode == 0 and "Nothing to be done" in done.stdout, done.stdout[-4000:]
+    assert NOTICE not in done.stdout
 
 
 def job_counts(stdout: str) -> dict[str, int]:

@@ -48,11 +48,11 @@ from brainage.losses import make_loss  # noqa: E402
 from brainage.models import build_model  # noqa: E402
 from brainage.runtime import runtime_setup  # noqa: E402
 from brainage.train import (  # noqa: E402
-    _save_checkpoint,
     _snapshot,
     fit_encoder,
     make_optimizer,
     run_epoch,
+    save_checkpoint,
 )
 from split_fixture import tiny_settings, write_split  # noqa: E402
 
@@ -123,9 +123,9 @@ def setup_ours(split, settings, arguments):
                   autocast_dtype=autocast_dtype, channels_last=channels_last)
         sync(device)
         trained, cpu_seconds = time.perf_counter(), time.process_time() - cpu_started
-        _save_checkpoint(Path(folder) / "checkpoint.pt",
-                         _snapshot({"model": model.state_dict(),
-                                    "optimizer": optimizer.state_dict()}))
+        save_checkpoint(Path(folder) / "checkpoint.pt",
+                        _snapshot({"model": model.state_dict(),
+                                   "optimizer": optimizer.state_dict()}))
         return trained - started, time.perf_counter() - trained, cpu_seconds
 
     return epoch

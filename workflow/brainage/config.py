@@ -82,7 +82,9 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     """Return a deep copy of ``config`` validated against the schema, defaults filled in.
 
     Every variant of every experiment is resolved too (:func:`cell_settings`), so a typo
-    in an override stops the run here, named by its full path.
+    in an override stops the run here, named by its full path; the variants of the
+    enabled experiments must also give Adaptive Neighborhoods a schedule it can run
+    (:func:`check_adaptive_schedule`).
 
     Raises
     ------
@@ -95,10 +97,99 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
+    problems = []
     for experiment, definition in filled.get("experiments", {}).items():
         for variant in definition["variants"]:
-            cell_settings(filled, experiment, variant, 0, source=source)
+            settings = cell_settings(filled, experiment, variant, 0, source=source)
+            if definition.get("enabled", True):
+                problems += check_adaptive_schedule(settings, source=source)
+    if problems:
+        raise ConfigError("\n".join(problems))
     return filled
+
+
+def _variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: str) -> str:
+    """The config key that sets ``key`` (``section.name``) for a variant: its override
+    when it has one, else the top-level key."""
+    section, name = key.split(".")
+    overrides = config["experiments"][experiment]["variants"][variant].get(section) or {}
+    return (f"experiments.{experiment}.variants.{variant}.{key}" if name in overrides
+            else key)
+
+
+def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """Messages (none when fine) for a cell whose Adaptive Neighborhoods schedule
+    (paper Algorithm 1, :func:`brainage.losses.schedule.check_schedule`) cannot run:
+    ``loss.nn_step`` must be at most ``train.epochs // 2`` and ``loss.nn_final`` at most
+    ``train.batch_size``. Other losses have no schedule, and an untrained encoder
+    (``train.epochs`` 0) no loss."""
+    from brainage.losses.schedule import check_schedule
+
+    loss, train = settings["loss"], settings["train"]
+    if loss["name"] != "adaptive" or train["epochs"] == 0:  # an untrained encoder: no loss
+        return []
+    epochs, batch_size = int(train["epochs"]), int(train["batch_size"])
+    nn_final, nn_step = int(loss["nn_final"]), int(loss["nn_step"])
+    try:
+        check_schedule(max_epochs=epochs, batch_size=batch_size, nn_final=nn_final,
+                       step_size=nn_step, step_name="loss.nn_step")
+    except ValueError:
+        if nn_final > batch_size:
+            why = ("loss.nn_final must not exceed train.batch_size (the neighbourhood shrinks "
+                   "from the batch size down to nn_final)")
+            fix = f"lower loss.nn_final to at most {batch_size} or raise train.batch_size"
+        else:
+            why = (f"loss.nn_step must be at most train.epochs // 2 = {epochs // 2}, so that "
+                   f"the neighbourhood shrinks in at least two steps")
+            fix = f"raise train.epochs to at least {2 * nn_step}" + (
+                f" or lower loss.nn_step to at most {epochs // 2}" if epochs >= 2 else "")
+        where = f"experiments.{settings['experiment']}.variants.{settings['variant']}"
+        return [f"{source}: config key {where} (loss.name adaptive): Adaptive Neighborhoods "
+                f"cannot run with train.epochs {epochs}, train.batch_size {batch_size}, "
+                f"loss.nn_final {nn_final}, loss.nn_step {nn_step}: {why}. Fix: {fix}."]
+    return []
+
+
+def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, int], *,
+                      source: str = "config") -> None:
+    """Stop before any job when a grid cell's batch is larger than a split's training set.
+
+    Parameters
+    ----------
+    config
+        A validated config (:func:`validate_config`).
+    training_counts
+        Training subjects per split name before QC exclusion
+        (:func:`brainage.normalise.training_counts`): exclusions can only lower them, so a
+        batch larger than one of these fails in training for certain.
+
+    Raises
+    ------
+    ConfigError
+        Naming the config key that sets the batch size (the top-level ``train.batch_size``
+        or a variant's override), its value, the variants using it, the split and its
+        training subjects.
+    """
+    if not training_counts:
+        return
+    smallest_split = min(training_counts, key=lambda split: training_counts[split])
+    smallest = training_counts[smallest_split]
+    too_large: dict[tuple[str, int], list[str]] = {}
+    for experiment, variant in dict.fromkeys(cell[:2] for cell in grid_cells(config)):
+        settings = cell_settings(config, experiment, variant, 0)
+        if not trains_an_encoder(settings) or settings["train"]["epochs"] == 0:
+            continue  # nothing is trained in batches
+        batch_size = int(settings["train"]["batch_size"])
+        if batch_size > smallest:
+            key = _variant_key(config, experiment, variant, "train.batch_size")
+            too_large.setdefault((key, batch_size), []).append(
+                f"experiments.{experiment}.variants.{variant}")
+    if too_large:
+        raise ConfigError("\n".join(
+            f"{source}: config key {key} is {batch_size} (used by {', '.join(users)}) but "
+            f"split {smallest_split} has only {smallest} training subjects (before QC "
+            f"exclusions, which can only remove more). Lower {key} to at most {smallest}."
+            for (key, batch_size), users in too_large.items()))
 
 
 def load_config(*paths: str | Path) -> dict:

@@ -12,6 +12,7 @@ before any work starts (the workflow calls these while building its job graph).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -235,19 +236,27 @@ def write_failure(final: Path, error: BaseException) -> WriteError:
     return WriteError(f"writing {final} failed: {reason} ({room})")
 
 
+def _temporary_affixes(final: Path, suffix: str = "") -> tuple[str, str]:
+    """Prefix and suffix of :func:`atomic_path`'s temporary names for ``final``; between
+    them ``tempfile`` puts a random run of lower-case letters, digits and underscores."""
+    return f".{final.name}.", suffix or "".join(final.suffixes)
+
+
 @contextmanager
 def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
 
-    A crash leaves no half-written ``final``; the temporary file is removed. A failure
-    of the write itself (``OSError``, or the ``RuntimeError`` PyTorch raises for a full
-    disk) is re-raised as :class:`WriteError` naming ``final`` and the free space.
+    A crash leaves no half-written ``final``; the temporary file is removed (a kill
+    leaves it behind: :func:`remove_stale_temporaries`). A failure of the write itself
+    (``OSError``, or the ``RuntimeError`` PyTorch raises for a full disk) is re-raised as
+    :class:`WriteError` naming ``final`` and the free space.
     """
     final = Path(final)
+    prefix, temp_suffix = _temporary_affixes(final, suffix)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix or
-                                             "".join(final.suffixes), dir=final.parent)
+        handle, temp_name = tempfile.mkstemp(prefix=prefix, suffix=temp_suffix,
+                                             dir=final.parent)
         os.close(handle)
     except OSError as error:
         raise write_failure(final, error) from error
@@ -266,18 +275,123 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
             temp.unlink()
 
 
-def save_tensors(path: str | Path, payload) -> None:
-    """``torch.save`` through an open handle of a temporary file, then rename.
+def stale_temporaries(final: str | Path, suffix: str = "") -> list[Path]:
+    """Temporary files of :func:`atomic_path` for ``final`` that a killed process left
+    behind (a kill skips the clean-up), e.g. ``.checkpoint.pt.k3j_x9ab.pt`` for
+    ``checkpoint.pt``; ``suffix`` as given to :func:`atomic_path`."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    prefix, temp_suffix = _temporary_affixes(final, suffix)
+    name = re.compile(re.escape(prefix) + r"[a-z0-9_]+" + re.escape(temp_suffix))
+    return sorted(path for path in final.parent.glob(glob.escape(prefix) + "*")
+                  if name.fullmatch(path.name) and path.is_file())
+
+
+def remove_stale_temporaries(final: str | Path, suffix: str = "") -> list[Path]:
+    """Delete the :func:`stale_temporaries` of ``final``; returns what was deleted.
+
+    Only for the process that owns ``final`` (e.g. at the start of the job that writes
+    it): a temporary still being written by another process looks the same.
+    """
+    removed = stale_temporaries(final, suffix)
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+def payload_bytes(payload) -> int:
+    """Bytes of the tensor data in a nested dict/list/tuple: what ``torch.save`` writes,
+    less a few kB of pickle and zip headers. A storage shared by several tensors counts
+    once."""
+    import torch
+
+    storages: dict[tuple[int, int], int] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, torch.Tensor):
+            storage = value.untyped_storage()
+            storages[(storage.data_ptr(), storage.nbytes())] = storage.nbytes()
+        elif isinstance(value, dict):
+            for item in value.values():
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                visit(item)
+
+    visit(payload)
+    return sum(storages.values())
+
+
+def ensure_room(final: str | Path, needed_bytes: int) -> None:
+    """Raise :class:`WriteError` when the filesystem of ``final`` has fewer than
+    ``needed_bytes`` free, before writing starts: a full disk half-way through a
+    ``torch.save`` says only ``basic_ios::clear: iostream error``."""
+    final = Path(final)
+    folder = final.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    free = free_bytes(folder)
+    if needed_bytes > free:
+        raise WriteError(f"writing {final} needs about {needed_bytes} bytes but only {free} "
+                         f"bytes are free on {_mount_point(folder)}. Free some space there "
+                         f"(or move the output folder to a larger disk) and run again.")
+
+
+class _DigestingWriter:
+    """A binary file handle that hashes (sha256) every byte written through it."""
+
+    def __init__(self, handle) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self._handle.write(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+
+def write_tensors(temp: str | Path, payload, *, zip_crc32: bool = True) -> str:
+    """``torch.save`` ``payload`` into the file ``temp`` through an open handle; returns
+    the sha256 (hex) of the bytes written.
 
     Saving by file name puts the (random) temporary name into every zip member, so
     identical tensors gave different bytes; through a handle the members are always
-    ``archive/...``, and identical payloads give identical files and checksums.
+    ``archive/...``, and identical payloads give identical files and checksums. The
+    digest is taken from the bytes on their way to the file (PyTorch writes its zip
+    front to back), so a large file is not read again. ``zip_crc32=False`` leaves out the
+    zip's CRC32 (PyTorch >= 2.6), for callers that keep the sha256 instead: torch.load
+    never checks the CRC.
     """
     import torch
 
+    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    with open(temp, "wb") as handle:
+        writer = _DigestingWriter(handle)
+        if not zip_crc32 and config is not None and hasattr(config.save, "compute_crc32"):
+            with config.patch({"save.compute_crc32": False}):
+                torch.save(payload, writer)
+        else:
+            torch.save(payload, writer)
+    return writer.digest.hexdigest()
+
+
+def save_tensors(path: str | Path, payload, *, zip_crc32: bool = True) -> str:
+    """Write ``payload`` to ``path`` with :func:`write_tensors` (identical payloads give
+    identical bytes) under a temporary name, then rename; returns the file's sha256.
+
+    Raises
+    ------
+    WriteError
+        Naming ``path``: before anything is written when the filesystem has less room
+        than the payload's tensors (:func:`ensure_room`), or when the write fails.
+    """
+    ensure_room(path, payload_bytes(payload))
     with atomic_path(path) as temp:
-        with open(temp, "wb") as handle:
-            torch.save(payload, handle)
+        digest = write_tensors(temp, payload, zip_crc32=zip_crc32)
+    return digest
 
 
 def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:

@@ -1,27 +1,78 @@
-"""Logging for pipeline jobs: the package logs, the rule's ``log:`` file receives it."""
+"""Logging for pipeline jobs: the package logs, the rule's ``log:`` file receives it.
+
+A job's log keeps every attempt since the job last succeeded, each after a separator line
+``===== attempt <n> (<start time>, <host>, pid <pid>) =====``, so a cluster user sees why
+a job was retried. Snakemake deletes a job's log before every attempt, so each line also
+goes to a hidden companion file (``.<log name>.attempts``) that Snakemake does not know
+about; a new attempt copies it back into the log first. The companion is deleted when the
+attempt ends without an uncaught exception.
+"""
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import logging
+import os
+import shutil
+import socket
 import sys
 from pathlib import Path
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+#: Opens every attempt in a log; counted to number the next attempt.
+ATTEMPT_MARK = "===== attempt "
+
+
+def attempts_file(path: str | Path) -> Path:
+    """The companion of the log ``path`` that keeps the unfinished attempts."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.attempts")
+
+
+def _start_attempt(path: Path) -> None:
+    """Restore the earlier attempts into ``path`` and open a new one in both files."""
+    history = attempts_file(path)
+    if history.is_file() and (not path.is_file()
+                              or path.stat().st_size < history.stat().st_size):
+        shutil.copyfile(history, path)
+    previous = 0
+    if path.is_file():
+        with open(path, errors="replace") as log:
+            previous = sum(line.startswith(ATTEMPT_MARK) for line in log)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    separator = (f"{ATTEMPT_MARK}{previous + 1} ({started}, {socket.gethostname()}, "
+                 f"pid {os.getpid()}) =====\n")
+    for file in (path, history):
+        with open(file, "a") as log:
+            log.write(separator)
 
 
 def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
     """Send the root logger (and uncaught exceptions) to ``path`` and to stderr.
 
     Called first thing by every script in workflow/scripts/, so each job's log holds what
-    the package reported, including a traceback when the job fails.
+    the package reported, including a traceback when the job fails, below the lines of
+    the attempts that were killed or failed before (module docstring).
     """
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    failed = []
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path, mode="w"))
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _start_attempt(path)
+        handlers += [logging.FileHandler(path, mode="a"),
+                     logging.FileHandler(attempts_file(path), mode="a")]
+
+        def forget_attempts_after_success() -> None:
+            if not failed:
+                attempts_file(path).unlink(missing_ok=True)
+
+        atexit.register(forget_attempts_after_success)
     logging.basicConfig(level=level, format=FORMAT, handlers=handlers, force=True)
 
     def log_uncaught(kind, value, traceback):
+        failed.append(kind)
         logging.getLogger("brainage").error("job failed", exc_info=(kind, value, traceback))
 
     sys.excepthook = log_uncaught

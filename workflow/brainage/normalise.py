@@ -175,6 +175,17 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
     return subset
 
 
+def training_counts(participants: pd.DataFrame, split_settings: Mapping) -> dict[str, int]:
+    """Training subjects of every split (config section ``split``) of a participants table.
+
+    Counted before QC exclusion (``qc.exclude_failed`` drops subjects after the split is
+    assigned, :func:`normalise_dataset`), so a split's ``images.npy`` holds at most this
+    many training subjects.
+    """
+    return {name: int((assign_split(participants, name, **split_settings) == "train").sum())
+            for name in split_names(participants, **split_settings)}
+
+
 # -- the analysis grid --------------------------------------------------------------------
 
 def analysis_grid(template_brain: np.ndarray, template_affine: np.ndarray,

@@ -20,6 +20,22 @@ resumed run ends with exactly the weights and metrics of an uninterrupted one.
 A checkpoint whose settings or split differ (its fingerprint) is ignored and replaced. The
 checkpoint is deleted once encoder.pt is written.
 
+Integrity. ``checkpoint.pt.sha256`` beside the checkpoint holds its sha256 (``sha256sum``
+format), taken from the bytes as they were written; the zip inside has no CRC32 (40% of
+the cost of writing 400 MB, and torch.load would not check it). Before resuming, the
+checkpoint is hashed again: a damaged file (a flipped bit, a tensor changed on disk) or
+one without its digest is ignored with a warning naming it, and training starts from
+scratch. The digest file is rewritten just before the rename, listing the new digest and
+the one of the checkpoint it replaces, and again after it with the new one only, so a kill
+between the two leaves a checkpoint that still verifies.
+
+Writing. A start removes the temporaries a killed write left next to this training's
+outputs (``.checkpoint.pt.<random>.pt`` ...). Before a checkpoint or the encoder is written,
+the free space is compared with the state's tensor bytes; a full disk raises
+:class:`brainage.io.WriteError` naming the file, the bytes needed and the bytes free.
+encoder.pt is written through a file handle, so identical trainings give byte-identical
+files (and checksums).
+
 Determinism. Same seed on the CPU, same thread count: identical results. On CUDA,
 ``cudnn.benchmark`` and atomic adds in convolution backward make runs differ in the last
 bits, which grow over training: repeated or resumed GPU runs agree statistically (MAE within
@@ -53,7 +69,18 @@ from brainage.data import (
     load_split,
     plan_batches,
 )
-from brainage.io import atomic_path, save_tensors, write_tsv
+from brainage.io import (
+    WriteError,
+    atomic_path,
+    ensure_room,
+    payload_bytes,
+    remove_stale_temporaries,
+    save_tensors,
+    sha256_file,
+    write_failure,
+    write_tensors,
+    write_tsv,
+)
 from brainage.losses import make_loss
 from brainage.models import build_model, count_parameters, embed, load_init_checkpoint
 from brainage.runtime import (
@@ -128,6 +155,9 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         Batch larger than the training set, unknown options.
     FloatingPointError
         A non-finite loss (names the epoch; lower train.lr or check the data).
+    WriteError
+        A checkpoint or the encoder does not fit on its disk, or writing it failed (names
+        the file and the free space).
     """
     settings = resolve_cell(settings)
     train_settings, loss_settings = settings["train"], settings["loss"]
@@ -157,8 +187,16 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                                         affine=split.stats.get("affine"))
 
     checkpoint_path = Path(checkpoint_path)
+    embed_epochs = sorted(epoch for epoch in set(train_settings["embed_epochs"]) if epoch <= epochs)
+    outputs = [Path(encoder_path), checkpoint_path, checkpoint_digest_file(checkpoint_path)]
+    outputs += [Path(history_path)] if history_path is not None else []
+    outputs += ([embeddings_file(embeddings_dir, epoch) for epoch in embed_epochs]
+                if embeddings_dir is not None else [])
+    for output in outputs:
+        for stale in remove_stale_temporaries(output):
+            log.info("removed %s, left by a write that was killed", stale)
     identity = fingerprint(settings, split)
-    checkpoint = _read_checkpoint(checkpoint_path, identity)
+    checkpoint, checkpoint_digest = read_checkpoint(checkpoint_path, identity)
     if checkpoint is None and settings["model"].get("init_checkpoint"):
         load_init_checkpoint(model, settings["model"]["init_checkpoint"])
     model.to(device)
@@ -193,7 +231,6 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     store = VolumeStore(split.images, device, normalisation=split.normalisation)
     ages = torch.tensor(split.ages, dtype=torch.float32, device=device)
     embed_rows = np.concatenate([split.train_index, split.eval_index])
-    embed_epochs = sorted(epoch for epoch in set(train_settings["embed_epochs"]) if epoch <= epochs)
     which = settings["model"]["features"]
     if embeddings_dir is not None:  # files lost with a cleaned output folder come back
         for epoch, features in embeddings.items():
@@ -201,7 +238,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features.numpy(),
                                   split, embed_rows)
 
-    writer = CheckpointWriter(checkpoint_path)
+    writer = CheckpointWriter(checkpoint_path, replaces=checkpoint_digest)
     try:
         for epoch in range(start_epoch, epochs + 1):
             started = time.perf_counter()
@@ -244,6 +281,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     if history_path is not None:
         write_tsv(history_path, _history_table(history))
     checkpoint_path.unlink(missing_ok=True)
+    checkpoint_digest_file(checkpoint_path).unlink(missing_ok=True)
     log.info("wrote %s", encoder_path)
     return history
 
@@ -319,20 +357,55 @@ def make_optimizer(model, train_settings: Mapping) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), **options)
 
 
-def _read_checkpoint(path: Path, identity: str) -> dict | None:
-    """The resume state at ``path`` if it belongs to this training, else None (logged)."""
+def checkpoint_digest_file(checkpoint_path: str | Path) -> Path:
+    """``<checkpoint>.sha256``: the sha256 of the checkpoint (``sha256sum`` format)."""
+    checkpoint_path = Path(checkpoint_path)
+    return checkpoint_path.with_name(checkpoint_path.name + ".sha256")
+
+
+def _write_digests(checkpoint_path: Path, digests: Sequence[str | None]) -> None:
+    lines = "".join(f"{digest}  {checkpoint_path.name}\n" for digest in digests if digest)
+    with atomic_path(checkpoint_digest_file(checkpoint_path)) as temp:
+        temp.write_text(lines)
+
+
+def _recorded_digests(checkpoint_path: Path) -> set[str]:
+    try:
+        text = checkpoint_digest_file(checkpoint_path).read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return set()
+    return {line.split()[0] for line in text.splitlines() if line.strip()}
+
+
+def read_checkpoint(path: str | Path, identity: str) -> tuple[dict | None, str | None]:
+    """The resume state at ``path`` and its sha256 if the file is intact and belongs to
+    this training (``identity``: :func:`fingerprint`), else ``(None, None)`` with a
+    warning that names the file and why it is not used."""
+    path = Path(path)
     if not path.exists():
-        return None
+        return None, None
+    digest_file = checkpoint_digest_file(path)
+    recorded = _recorded_digests(path)
+    if not recorded:
+        log.warning("ignoring checkpoint %s: its checksum file %s is missing, so the checkpoint "
+                    "cannot be verified; training from scratch", path, digest_file)
+        return None, None
+    digest = sha256_file(path)
+    if digest not in recorded:
+        log.warning("ignoring damaged checkpoint %s: its sha256 %s differs from the one "
+                    "recorded in %s when it was written; training from scratch", path, digest,
+                    digest_file)
+        return None, None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a torn file cannot exist (atomic rename), but be explicit
+    except Exception as error:  # verified bytes that torch cannot read: another format
         log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", path, error)
-        return None
+        return None, None
     if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("fingerprint") != identity:
         log.warning("ignoring checkpoint %s: it belongs to other settings or another split; "
                     "training from scratch", path)
-        return None
-    return checkpoint
+        return None, None
+    return checkpoint, digest
 
 
 def _snapshot(value):
@@ -347,19 +420,26 @@ def _snapshot(value):
     return value
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    """Write under a temporary name, then rename: a kill never leaves a torn checkpoint.
+def save_checkpoint(path: str | Path, state: dict, *, replaces: str | None = None) -> str:
+    """Write a checkpoint and its digest file; returns the checkpoint's sha256.
 
-    Without the zip CRC32 (40% of the cost of writing 400 MB): the rename already
-    guarantees a complete file, and torch.load does not need it.
+    The checkpoint goes to a temporary name and is renamed, so a kill never leaves a torn
+    checkpoint; the zip has no CRC32 (the sha256 covers every byte). ``replaces`` is the
+    digest of the checkpoint on disk now: the digest file accepts it too until the rename
+    is done.
+
+    Raises
+    ------
+    WriteError
+        Naming the file: too little free space for the state's tensors, or a failed write.
     """
-    config = getattr(getattr(torch.utils, "serialization", None), "config", None)
+    path = Path(path)
+    ensure_room(path, payload_bytes(state))
     with atomic_path(path) as temp:
-        if config is not None and hasattr(config.save, "compute_crc32"):
-            with config.patch({"save.compute_crc32": False}):
-                torch.save(state, temp)
-        else:
-            torch.save(state, temp)
+        digest = write_tensors(temp, state, zip_crc32=False)
+        _write_digests(path, [digest, replaces])
+    _write_digests(path, [digest])
+    return digest
 
 
 class CheckpointWriter:
@@ -370,8 +450,11 @@ class CheckpointWriter:
     resumed run repeats with the same seeds (same result).
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, *, replaces: str | None = None) -> None:
+        """``replaces``: the sha256 of the valid checkpoint at ``path`` (resumed from), if
+        any."""
+        self.path = Path(path)
+        self._digest = replaces
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
@@ -383,19 +466,22 @@ class CheckpointWriter:
 
     def _write(self, state: dict) -> None:
         try:
-            _save_checkpoint(self.path, state)
+            self._digest = save_checkpoint(self.path, state, replaces=self._digest)
         except BaseException as error:  # re-raised in the training thread by wait()
             self._error = error
 
     def wait(self, *, quiet: bool = False) -> None:
-        """Block until the last checkpoint is on disk; re-raise a failed write (unless
+        """Block until the last checkpoint is on disk; re-raise a failed write as
+        :class:`WriteError` whose message names the file and the free space (unless
         ``quiet``, used while another error is already propagating)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         if self._error is not None and not quiet:
             error, self._error = self._error, None
-            raise OSError(f"writing checkpoint {self.path} failed: {error}") from error
+            if isinstance(error, WriteError):  # already names the file and the free space
+                raise WriteError(str(error)) from error
+            raise write_failure(self.path, error) from error
 
 
 def train_encoder(split_dir: str | Path, settings: Mapping, *, encoder_path: str | Path,

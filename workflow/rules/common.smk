@@ -27,11 +27,13 @@ from brainage.search import search_settings
 from brainage.config import (
     ConfigError,
     cell_settings,
+    check_batch_sizes,
     encoder_owners,
     grid_cells,
     trains_an_encoder,
     validate_config,
 )
+from brainage.interrupted import interrupted_run_notice
 from brainage.io import (
     InputError,
     anatomical_path,
@@ -41,8 +43,19 @@ from brainage.io import (
     subject_inputs,
 )
 from brainage.normalise import split_names as scheme_split_names
+from brainage.normalise import training_counts
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import draw_participants
+
+# A killed run leaves locks and incomplete markers that stop the next one twice, with two
+# different errors; say once what to run. Snakemake parses this file before it locks the
+# directory, so a lock seen here is another process's. Jobs that Snakemake starts as
+# processes of their own (cluster jobs) parse it too, while the main process holds its
+# lock: only the main process speaks.
+if workflow.is_main_process:
+    _notice = interrupted_run_notice()
+    if _notice:
+        print(_notice, file=sys.stderr, flush=True)
 
 try:
     _validated = validate_config(config, source="config")
@@ -164,6 +177,35 @@ def split_names():
     return scheme_split_names(participants(), **config["split"])
 
 
+def planned_participants():
+    """The training cohort's participants, known before any job runs: drawn from the
+    options of dataset.simulate when the demo simulates it (as the simulation does),
+    else read from dataset.root."""
+    if SIMULATED:
+        options = {
+            key: value for key, value in config["dataset"]["simulate"].items() if key != "enabled"
+        }
+        return draw_participants(options.pop("n_subjects"), **options)
+    return participants()
+
+
+_BATCH_SIZES_CHECKED = []
+
+
+def check_training_set_sizes():
+    """Stop while the job graph is built, before any job, when a grid cell's
+    train.batch_size exceeds a split's training subjects (else its train_encoder job
+    fails, on a GPU node, after the preprocessing). Once per run, in the main process."""
+    if _BATCH_SIZES_CHECKED or not workflow.is_main_process:
+        return
+    try:
+        counts = training_counts(planned_participants(), config["split"])
+        check_batch_sizes(config, counts, source="config")
+    except (ConfigError, InputError) as error:
+        raise WorkflowError(f"invalid configuration:\n{error}") from None
+    _BATCH_SIZES_CHECKED.append(True)
+
+
 def cell_params(wildcards):
     return cell_settings(config, wildcards.experiment, wildcards.variant, int(wildcards.seed))
 
@@ -209,6 +251,7 @@ def all_targets(wildcards):
     """What `snakemake` builds by default: the training cohort's derivative dataset, every
     table and figure, and the predictions for the configured cohorts (report_targets and
     predict_targets below)."""
+    check_training_set_sizes()
     search = (
         [LAYOUT.search_file(split, "best.json") for split in split_names()]
         if config["search"]["enabled"]
@@ -274,6 +317,7 @@ def training_params(wildcards):
     read-out, so editing readout.* reruns evaluate_encoder (and what follows), not the
     training; without the cell's names, since cells with equal settings share the
     encoder trained in the first of them (encoder_file)."""
+    check_training_set_sizes()
     return training_settings(cell_params(wildcards))
 
 

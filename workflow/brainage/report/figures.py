@@ -14,9 +14,9 @@ import pandas as pd
 from brainage.io import atomic_path
 from brainage.qc import plot_dataset_qc, read_qc_table, thresholds
 from brainage.report.results import (
-    cell_label,
     ABLATION_TITLES,
     PAPER_SEARCH_BEST,
+    cell_label,
     coverage_fraction,
     natural_key,
     read_metrics,
