@@ -24,9 +24,10 @@ VOXEL_BASELINES = {
 }
 
 
-def evaluate(split_dir, settings, folder, encoder=None) -> tuple[dict, pd.DataFrame]:
+def evaluate(split_dir, settings, folder, features=None) -> tuple[dict, pd.DataFrame]:
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = evaluate_encoder(split_dir, encoder, settings, metrics_path=folder / "metrics.json",
+    metrics = evaluate_encoder(split_dir, features, settings,
+                               metrics_path=folder / "metrics.json",
                                predictions_path=folder / "predictions.tsv")
     return metrics, pd.read_csv(folder / "predictions.tsv", sep="\t")
 
@@ -47,7 +48,7 @@ def test_study_mean_is_exact_when_the_study_determines_age(tmp_path):
     rewrite_split(split_dir, ages=table["study"].map(by_study))
     metrics, _ = evaluate(split_dir, VOXEL_BASELINES["study_mean"], tmp_path / "study")
     assert metrics["mae"] == pytest.approx(0.0, abs=1e-9)
-    assert metrics["kind"] == "baseline" and metrics["encoder"] is None
+    assert metrics["kind"] == "baseline" and metrics["features"] is None
     training_mean, _ = evaluate(split_dir, VOXEL_BASELINES["train_mean"], tmp_path / "mean")
     assert training_mean["mae"] > 10  # one age for everyone misses the studies' differences
 
@@ -71,14 +72,15 @@ def test_untrained_encoder_keeps_the_seeds_initialisation(tmp_path):
     history = train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",
                             history_path=tmp_path / "history.tsv",
                             embeddings_dir=tmp_path / "embeddings",
-                            checkpoint_path=tmp_path / "checkpoint.pt")
+                            checkpoint_path=tmp_path / "checkpoint.pt",
+                            features_path=tmp_path / "features.npz")
     assert history == []
     seed_everything(settings["seed"])
     initial = build_model(resolve_cell(settings)["model"]).state_dict()
     saved = torch.load(tmp_path / "encoder.pt", weights_only=True)["model"]
     assert saved.keys() == initial.keys()
     assert all(torch.equal(saved[key], initial[key]) for key in saved)
-    metrics, _ = evaluate(split_dir, settings, tmp_path / "cell", tmp_path / "encoder.pt")
+    metrics, _ = evaluate(split_dir, settings, tmp_path / "cell", tmp_path / "features.npz")
     assert metrics["kind"] == "baseline" and np.isfinite(metrics["mae"])
 
 
@@ -91,10 +93,11 @@ def test_supervised_network_learns_age(tmp_path):
     history = train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",
                             history_path=tmp_path / "history.tsv",
                             embeddings_dir=tmp_path / "embeddings",
-                            checkpoint_path=tmp_path / "checkpoint.pt")
+                            checkpoint_path=tmp_path / "checkpoint.pt",
+                            features_path=tmp_path / "features.npz")
     losses = [row["loss"] for row in history]
     assert losses[-1] < losses[0]  # L1 in years falls
-    metrics, _ = evaluate(split_dir, settings, tmp_path / "cell", tmp_path / "encoder.pt")
+    metrics, _ = evaluate(split_dir, settings, tmp_path / "cell", tmp_path / "features.npz")
     assert metrics["loss"] == "supervised" and metrics["kind"] == "baseline"
 
 
@@ -104,21 +107,26 @@ def test_baselines_never_see_the_test_subjects(tmp_path, name):
     same to the last bit, so nothing a baseline fits depends on a test subject."""
     split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
     table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
-    encoder = None
     settings = VOXEL_BASELINES.get(name)
-    if name == "untrained":
-        settings = tiny_settings(train={"epochs": 0})
-        encoder = tmp_path / "encoder.pt"
-        train_encoder(split_dir, settings, encoder_path=encoder,
+    features = None
+
+    def embed_split():  # the untrained encoder's features, computed from the current images
+        train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",
                       history_path=tmp_path / "history.tsv",
                       embeddings_dir=tmp_path / "embeddings",
-                      checkpoint_path=tmp_path / "checkpoint.pt")
-    _, clean = evaluate(split_dir, settings, tmp_path / "clean", encoder)
+                      checkpoint_path=tmp_path / "checkpoint.pt", features_path=features)
+
+    if name == "untrained":
+        settings, features = tiny_settings(train={"epochs": 0}), tmp_path / "features.npz"
+        embed_split()
+    _, clean = evaluate(split_dir, settings, tmp_path / "clean", features)
     test = (table["subset"] == "test").to_numpy()
     images = np.load(split_dir / "images.npy")
     images[test] = np.random.default_rng(5).normal(0, 50, images[test].shape)
     rewrite_split(split_dir, ages=np.where(test, 99.0, table["age"]), images=images)
-    _, poisoned = evaluate(split_dir, settings, tmp_path / "poisoned", encoder)
+    if name == "untrained":
+        embed_split()
+    _, poisoned = evaluate(split_dir, settings, tmp_path / "poisoned", features)
     training = clean["subset"] == "train"
     np.testing.assert_array_equal(poisoned.loc[training, "predicted_age"].to_numpy(),
                                   clean.loc[training, "predicted_age"].to_numpy())

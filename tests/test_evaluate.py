@@ -11,9 +11,10 @@ import torch
 
 from brainage.config import ConfigError, resolve_cell
 from brainage.data import load_split
-from brainage.evaluate import compute_metrics, evaluate_encoder, evaluate_split
+from brainage.evaluate import compute_metrics, evaluate_encoder
 from brainage.models import build_model
 from brainage.readout import fit_readout, load_readout, ridge_folds
+from brainage.train import write_features
 from split_fixture import tiny_settings, write_split
 
 
@@ -109,10 +110,10 @@ def test_evaluate_encoder_writes_metrics_and_predictions(tmp_path, features, met
     split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4)
     settings = tiny_settings(model={"features": features}, readout={"method": method})
     torch.manual_seed(0)
-    encoder = tmp_path / "encoder.pt"
-    torch.save({"format": 1, "model": build_model(resolve_cell(settings)["model"]).state_dict()},
-               encoder)
-    metrics = evaluate_encoder(split_dir, encoder, settings,
+    model = build_model(resolve_cell(settings)["model"])
+    write_features(tmp_path / "features.npz", model, load_split(split_dir), "sha-of-encoder",
+                   device=torch.device("cpu"))
+    metrics = evaluate_encoder(split_dir, tmp_path / "features.npz", settings,
                                metrics_path=tmp_path / "metrics.json",
                                predictions_path=tmp_path / "predictions.tsv")
     saved = json.loads((tmp_path / "metrics.json").read_text())
@@ -127,10 +128,8 @@ def test_evaluate_encoder_writes_metrics_and_predictions(tmp_path, features, met
     # the fitted read-out is saved next to the metrics and predicts exactly what was recorded
     readout, description = load_readout(tmp_path)
     assert description["method"] == method and description["features"] == features
-    assert description["encoder_sha256"] == saved["encoder_sha256"]
+    assert description["encoder_sha256"] == saved["encoder_sha256"] == "sha-of-encoder"
     assert {"training", "test"} <= set(description["bias_correction"])
-    model = build_model(resolve_cell(settings)["model"])
-    model.load_state_dict(torch.load(encoder, weights_only=True)["model"])
-    *_, embedded = evaluate_split(load_split(split_dir), model, resolve_cell(settings),
-                                  device=torch.device("cpu"))
+    with np.load(tmp_path / "features.npz") as saved_features:
+        embedded = saved_features[features]
     assert np.array_equal(readout.predict(embedded), predictions.predicted_age.to_numpy())

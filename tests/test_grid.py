@@ -98,16 +98,19 @@ def test_paper_grid_dry_run_has_every_experiment(tmp_path):
                               dataset__root=str(root))
     config = load_config(configfile)
     cells = grid_cells(config)
-    assert Counter(e for e, _, _ in cells) == {"table3": 35, "distance": 20, "predictor": 25,
+    # Table 3: the paper's 7 losses and its 5 baselines, 5 seeds each
+    assert Counter(e for e, _, _ in cells) == {"table3": 60, "distance": 20, "predictor": 25,
                                                "augmentation": 25, "projection": 10,
                                                "lambda": 35, "reduction": 10}
     result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
                            "rules")
     counts = job_counts(result.stdout)
-    # 45 cells train what an earlier cell trains (the Table 3 Adaptive Neighborhoods
-    # encoder, read by five read-outs and four ablation defaults): 115 trainings
-    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 115
-    assert counts["evaluate_encoder"] == len(cells) == 160
+    # 50 cells train what an earlier cell trains (the Table 3 Adaptive Neighborhoods encoder,
+    # read by five read-outs, both arms of the projection ablation and four ablation
+    # defaults), and the 15 voxel-baseline cells train nothing: 120 trainings (10 of them
+    # the untrained and supervised baselines)
+    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 120
+    assert counts["evaluate_encoder"] == len(cells) == 185
     assert counts["make_tables"] == 1 and counts["make_figures"] == 1
     assert counts["search_hyperparameters"] == 1  # the random search, one per split
     # per-subject preprocessing: every subject once per per-subject rule
@@ -126,7 +129,9 @@ def test_report_targets_follow_the_config(tmp_path):
     result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
                            "rules")
     counts = job_counts(result.stdout)
-    assert counts["train_encoder"] == 2 * 2 + 1  # projection/with is table3/adaptive/seed-0
+    # both arms of the projection ablation read table3/adaptive/seed-0's encoder (features
+    # before or after the head are read-out settings)
+    assert counts["train_encoder"] == 2 * 2
     names = targets.report_names(load_config(configfile))
     assert "fig4d_projection" in names["figures"] and "fig6_lambda" not in names["figures"]
     listed = run_snakemake(tmp_path / "work", configfile, "--dry-run", "make_figures",
@@ -134,7 +139,7 @@ def test_report_targets_follow_the_config(tmp_path):
                            str(REPO / "workflow" / "profiles" / "default")).stdout
     # training asks for a GPU through Snakemake's gpu resource (config resources.train)
     train_jobs = re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed)
-    assert len(train_jobs) == 5
+    assert len(train_jobs) == 4
     assert all(re.search(r"resources: .*\bgpu=1\b", job) for job in train_jobs)
     assert all(re.search(r"resources: .*\bmem_mb=3000\b", job) for job in train_jobs)
     for name in names["figures"]:
@@ -154,7 +159,7 @@ def test_cells_that_differ_in_the_readout_share_one_encoder(tmp_path):
     counts = job_counts(listed)
     assert counts["train_encoder"] == 4 and counts["evaluate_encoder"] == 6, counts
     evaluations = re.findall(r"rule evaluate_encoder:\n((?: {4}.*\n)+)", listed)
-    shared = "results/train/holdout/table3/adaptive/seed-0/encoder.pt"
+    shared = "results/train/holdout/table3/adaptive/seed-0/features.npz"
     readers = sorted(re.search(r"output: results/train/holdout/(\S+)/metrics\.json", job)[1]
                      for job in evaluations if shared in job)
     assert readers == ["predictor/mse/seed-0", "predictor/ridge/seed-0",

@@ -38,7 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cell_paths(folder: Path) -> dict:
     return {"encoder_path": folder / "encoder.pt", "history_path": folder / "history.tsv",
-            "embeddings_dir": folder / "embeddings", "checkpoint_path": folder / "checkpoint.pt"}
+            "embeddings_dir": folder / "embeddings", "checkpoint_path": folder / "checkpoint.pt",
+            "features_path": folder / "features.npz"}
 
 
 def encoder_weights(path: Path) -> dict:
@@ -66,7 +67,7 @@ def reference_run(split_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reference")
     paths = cell_paths(folder)
     history = train_encoder(split_dir, REFERENCE, **paths)
-    metrics = evaluate_encoder(split_dir, paths["encoder_path"], REFERENCE,
+    metrics = evaluate_encoder(split_dir, paths["features_path"], REFERENCE,
                                metrics_path=folder / "metrics.json",
                                predictions_path=folder / "predictions.tsv")
     return folder, history, metrics
@@ -122,7 +123,7 @@ def test_same_seed_same_result_on_cpu(split_dir, reference_run, tmp_path):
     assert_same_weights(folder / "encoder.pt", paths["encoder_path"])
     # byte for byte, so that checksums (model bundles, provenance) repeat too
     assert (folder / "encoder.pt").read_bytes() == paths["encoder_path"].read_bytes()
-    repeated = evaluate_encoder(split_dir, paths["encoder_path"], REFERENCE,
+    repeated = evaluate_encoder(split_dir, paths["features_path"], REFERENCE,
                                 metrics_path=tmp_path / "metrics.json",
                                 predictions_path=tmp_path / "predictions.tsv")
     assert repeated["mae"] == metrics["mae"]
@@ -196,7 +197,7 @@ def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path, caplog):
         with np.load(cell / "embeddings" / epoch) as a, \
                 np.load(uninterrupted / "embeddings" / epoch) as b:
             assert np.array_equal(a["features"], b["features"])
-    scores = [evaluate_encoder(split_dir, folder / "encoder.pt", settings,
+    scores = [evaluate_encoder(split_dir, folder / "features.npz", settings,
                                metrics_path=folder / "metrics.json",
                                predictions_path=folder / "predictions.tsv")
               for folder in (cell, uninterrupted)]

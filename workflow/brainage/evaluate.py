@@ -1,8 +1,9 @@
 """Evaluation of a trained encoder (docs/method.md, "Evaluation").
 
-The encoder is frozen; the un-augmented training and test images are embedded; the read-out
-(:mod:`brainage.readout`) is fitted on the training embeddings and maps every embedding to
-an age (years).
+The encoder is frozen: training embedded the un-augmented training and test images with the
+final encoder (``features.npz``); the read-out (:mod:`brainage.readout`) is fitted on the
+training embeddings and maps every embedding to an age (years). No network is loaded, so
+evaluation is a light CPU job.
 
 Outputs of a grid cell, written by :func:`evaluate_encoder` next to each other:
 
@@ -10,7 +11,7 @@ Outputs of a grid cell, written by :func:`evaluate_encoder` next to each other:
   gap against age, the read-out's choices, and which encoder was evaluated;
 - ``predictions.tsv``: every subject of the split (train and test rows) with its
   predicted age;
-- ``readout.pt`` / ``readout.json``: the fitted read-out, its candidate age-bias
+- ``readout.npz`` / ``readout.json``: the fitted read-out, its candidate age-bias
   corrections (:func:`brainage.agebias.bias_fits`) and a summary of the training
   subjects, which the model export copies into a bundle as they are.
 """
@@ -24,15 +25,12 @@ from typing import Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 
 from brainage.agebias import bias_fits
 from brainage.config import cell_kind, resolve_cell
-from brainage.data import SplitData, VolumeStore, load_split
-from brainage.io import sha256_file, write_json, write_tsv
-from brainage.models import embed, load_encoder
+from brainage.io import write_json, write_tsv
 from brainage.readout import Readout, fit_readout, save_readout
-from brainage.runtime import runtime_setup
+from brainage.split_data import DataError, SplitData, load_split
 
 log = logging.getLogger(__name__)
 
@@ -69,26 +67,39 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
 
 # -- one grid cell --------------------------------------------------------------------------
 
-def split_features(split: SplitData, model, settings: Mapping, *, device: torch.device,
-                   autocast_dtype: torch.dtype | None = None) -> np.ndarray:
-    """The read-out's input for the training rows then the evaluation rows, float32 [n, D]:
-    the frozen encoder's features, or, without an encoder (``model.encoder: none``, the
-    classical baselines), the normalised voxels themselves."""
+def cell_features(split: SplitData, features_path: str | Path | None, settings: Mapping
+                  ) -> tuple[np.ndarray, str | None]:
+    """The read-out's input for the training rows then the evaluation rows, float32 [n, D],
+    and the sha256 of the encoder they came from.
+
+    From the cell's ``features.npz`` (written by training, :func:`brainage.train.
+    write_features`; the kind ``model.features`` names), or, without an encoder
+    (``model.encoder: none``, the classical baselines), the normalised voxels themselves.
+
+    Raises
+    ------
+    DataError
+        ``features.npz`` lists other subjects than the split (it belongs to another split or
+        an older normalisation): rerun train_encoder.
+    """
     rows = np.concatenate([split.train_index, split.eval_index])
-    if model is None:
-        return np.asarray(split.images[rows], dtype=np.float32).reshape(len(rows), -1)
-    store = VolumeStore(split.images, device, normalisation=split.normalisation)
-    return embed(model, store, rows, which=settings["model"]["features"],
-                 autocast_dtype=autocast_dtype)
+    if settings["model"]["encoder"] == "none":
+        return np.asarray(split.images[rows], dtype=np.float32).reshape(len(rows), -1), None
+    with np.load(features_path, allow_pickle=False) as saved:
+        if saved["participant_id"].tolist() != split.participant_ids[rows].tolist():
+            raise DataError(f"{features_path} lists other subjects than split {split.name} "
+                            f"(train then evaluation rows); rerun rule train_encoder for the "
+                            f"cell that trains this encoder.")
+        return saved[settings["model"]["features"]].astype(np.float32), str(
+            saved["encoder_sha256"])
 
 
-def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.device,
-                   autocast_dtype: torch.dtype | None = None
-                   ) -> tuple[dict, pd.DataFrame, Readout, np.ndarray]:
-    """Features, the read-out fitted on the training rows, every row predicted; metrics on
-    the evaluation rows. ``model`` None: the read-out sees the voxels (no encoder).
+def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
+                   ) -> tuple[dict, pd.DataFrame, Readout]:
+    """Fit the read-out on the training rows of ``features`` (training rows then evaluation
+    rows, [n, D]: :func:`cell_features`), predict every row; metrics on the evaluation rows.
 
-    The predictions come from the read-out rebuilt from its tensors, exactly what a saved
+    The predictions come from the read-out rebuilt from its arrays, exactly what a saved
     read-out (and so a model bundle) predicts.
 
     Returns
@@ -99,12 +110,8 @@ def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.
         participant_id, study, age, predicted_age, subset for all train and eval rows.
     readout
         The fitted read-out.
-    features
-        The read-out's input [n_train + n_eval, D] (training rows first), float32.
     """
     rows = np.concatenate([split.train_index, split.eval_index])
-    features = split_features(split, model, settings, device=device,
-                              autocast_dtype=autocast_dtype)
     n_train = len(split.train_index)
     ages, studies = split.ages, split.studies
     fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
@@ -119,7 +126,7 @@ def evaluate_split(split: SplitData, model, settings: Mapping, *, device: torch.
         "participant_id": split.participant_ids[rows], "study": studies[rows],
         "age": ages[rows], "predicted_age": predicted,
         "subset": split.subset_labels()[rows]})
-    return metrics, predictions, readout, features
+    return metrics, predictions, readout
 
 
 def training_summary(split: SplitData) -> dict:
@@ -132,22 +139,23 @@ def training_summary(split: SplitData) -> dict:
             "studies": {str(study): int(count) for study, count in zip(studies, counts)}}
 
 
-def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path | None, settings: Mapping,
-                     *, metrics_path: str | Path, predictions_path: str | Path) -> dict:
+def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
+                     settings: Mapping, *, metrics_path: str | Path,
+                     predictions_path: str | Path) -> dict:
     """Evaluate one grid cell; write its metrics, predictions and read-out.
 
     Parameters
     ----------
     split_dir
         ``results/dataset/<split>``.
-    encoder_path
-        ``encoder.pt`` written by :func:`brainage.train.train_encoder` (the cell's own,
+    features_path
+        ``features.npz`` written by :func:`brainage.train.train_encoder` (the cell's own,
         or that of the cell it shares an encoder with); None for a cell without an
         encoder (``model.encoder: none``).
     settings
         The cell's settings (:func:`brainage.config.cell_settings`).
     metrics_path, predictions_path
-        ``metrics.json`` and ``predictions.tsv``; ``readout.pt`` and ``readout.json`` are
+        ``metrics.json`` and ``predictions.tsv``; ``readout.npz`` and ``readout.json`` are
         written into the same folder as ``metrics.json``.
 
     Returns
@@ -156,16 +164,11 @@ def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path | None, set
         The metrics written to ``metrics_path``.
     """
     settings = resolve_cell(settings)
-    device, autocast_dtype = runtime_setup(settings["train"])
     split = load_split(split_dir)
-    model = None
-    if settings["model"]["encoder"] != "none":
-        model = load_encoder(encoder_path, settings["model"]).to(device)
-    metrics, predictions, readout, features = evaluate_split(
-        split, model, settings, device=device, autocast_dtype=autocast_dtype)
+    features, encoder_sha256 = cell_features(split, features_path, settings)
+    metrics, predictions, readout = evaluate_split(split, features, settings)
     n_train = len(split.train_index)
     predicted = predictions["predicted_age"].to_numpy(dtype=np.float64)
-    encoder_sha256 = sha256_file(encoder_path) if model is not None else None
     save_readout(
         Path(metrics_path).parent, readout, features=settings["model"]["features"],
         n_features=int(features.shape[1]), split=split.name, encoder_sha256=encoder_sha256,
@@ -180,7 +183,7 @@ def evaluate_encoder(split_dir: str | Path, encoder_path: str | Path | None, set
                "variant": settings.get("variant"), "seed": settings["seed"],
                "loss": settings["loss"]["name"], "kind": cell_kind(settings),
                # the cell that trained it, when cells share an encoder (encoder_owners)
-               "encoder": None if model is None else str(encoder_path),
+               "features": None if features_path is None else str(features_path),
                "encoder_sha256": encoder_sha256, **metrics}
     write_tsv(predictions_path, predictions)
     write_json(metrics_path, metrics)

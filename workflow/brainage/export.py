@@ -2,7 +2,8 @@
 
 Everything in a bundle (:mod:`brainage.bundle`) was computed before the export: the
 encoder by ``train_encoder``, the read-out and its age-bias fits by ``evaluate_encoder``
-(``readout.pt`` / ``readout.json``, :mod:`brainage.readout`), the normalisation record by
+(``readout.npz`` / ``readout.json``, :mod:`brainage.readout`; the bundle stores the same
+arrays as tensors), the normalisation record by
 ``normalise_dataset`` (the split's ``stats.json``), the template by ``prepare_template``.
 The export copies and checks; it embeds nothing and fits nothing, so a bundle predicts the
 cell's subjects exactly as ``predictions.tsv`` records.
@@ -15,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
+import numpy as np
 import torch
 
 from brainage.agebias import select_bias_correction
@@ -58,7 +60,7 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     Parameters
     ----------
     cell_dir : path
-        The cell's folder: ``metrics.json``, ``readout.pt``, ``readout.json``.
+        The cell's folder: ``metrics.json``, ``readout.npz``, ``readout.json``.
     encoder_path : path
         The encoder the cell evaluated (its own, or the one it shares).
     stats_path : path
@@ -106,7 +108,9 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         bias = select_bias_correction(description["bias_correction"], bias_fit)
     except ValueError as error:
         raise ExportError(str(error)) from None
-    readout_state, readout_description = readout.to_state()
+    readout_arrays, readout_description = readout.to_state()
+    readout_state = {key: torch.from_numpy(np.array(value)) for key, value in
+                     readout_arrays.items()}
     payload = torch.load(encoder_path, map_location="cpu", weights_only=True)
     metrics = json.loads((cell_dir / "metrics.json").read_text())
     fields = {

@@ -221,11 +221,11 @@ def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
 
 
 @torch.no_grad()
-def embed(model: BrainAgeNet, store, rows, *, which: str = "projection",
-          autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-          batch_size: int = EMBED_BATCH):
+def embed_all(model: BrainAgeNet, store, rows, *, autocast_dtype: torch.dtype | None = None,
+              channels_last: bool = False, batch_size: int = EMBED_BATCH) -> dict:
     """Frozen-model features of the un-augmented volumes ``rows`` of ``store`` (a
-    :class:`brainage.data.VolumeStore`), float32 numpy array [len(rows), D].
+    :class:`brainage.data.VolumeStore`), in one pass: ``{"encoder": [n, 8 x width],
+    "projection": [n, projection_dim]}`` float32 numpy arrays (Fig. 4d reads out either).
 
     The model is put in eval mode (batch-norm running statistics) and back in the mode it
     was in.
@@ -235,7 +235,7 @@ def embed(model: BrainAgeNet, store, rows, *, which: str = "projection",
     was_training = model.training
     model.eval()
     device = store.device
-    chunks = []
+    chunks: dict[str, list] = {"encoder": [], "projection": []}
     try:
         for start in range(0, len(rows), batch_size):
             volumes = store.gather(rows[start:start + batch_size])
@@ -243,13 +243,27 @@ def embed(model: BrainAgeNet, store, rows, *, which: str = "projection",
                 volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
             with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                                 enabled=autocast_dtype is not None):
-                chunks.append(model.features(volumes, which).float().cpu())
+                encoded = model.encode(volumes)
+                chunks["encoder"].append(encoded.float().cpu())
+                chunks["projection"].append(model.project(encoded).float().cpu())
     finally:
         model.train(was_training)
-    if not chunks:
-        width = model.projection_dim if which == "projection" else model.encoder_dim
-        return np.zeros((0, width), dtype=np.float32)
-    return torch.cat(chunks).numpy().astype(np.float32)
+    widths = {"encoder": model.encoder_dim, "projection": model.projection_dim}
+    return {which: (torch.cat(parts).numpy().astype(np.float32) if parts
+                    else np.zeros((0, widths[which]), dtype=np.float32))
+            for which, parts in chunks.items()}
+
+
+def embed(model: BrainAgeNet, store, rows, *, which: str = "projection",
+          autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
+          batch_size: int = EMBED_BATCH):
+    """One kind of :func:`embed_all`'s features (``which``: projection or encoder),
+    float32 [len(rows), D]."""
+    if which not in FEATURE_CHOICES:
+        raise ConfigError(f"config key model.features is {which!r}; expected one of "
+                          f"{', '.join(FEATURE_CHOICES)}.")
+    return embed_all(model, store, rows, autocast_dtype=autocast_dtype,
+                     channels_last=channels_last, batch_size=batch_size)[which]
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -20,11 +20,13 @@ Methods (config key ``readout.method``):
 
 Every read-out is fitted on training subjects only.
 
-On disk a fitted read-out is two files (:func:`save_readout`): ``readout.pt``, tensors only
-(Ridge ``coef`` [D] and ``intercept``; or the MLP's state dict with its feature scaling and
-DEX bin centres), read with ``torch.load(..., weights_only=True)``; and ``readout.json``,
-its description (method, chosen alpha, widths, age scaling) plus whatever the caller adds
-(the age-bias fits, the training summary). No scikit-learn object is ever pickled.
+On disk a fitted read-out is two files (:func:`save_readout`): ``readout.npz``, plain
+arrays (Ridge ``coef`` [D] and ``intercept``; or the MLP's state dict with its feature
+scaling and DEX bin centres), and ``readout.json``, its description (method, chosen alpha,
+widths, age scaling) plus whatever the caller adds (the age-bias fits, the training
+summary). A model bundle stores the same arrays as tensors (``readout.pt``). No
+scikit-learn object is ever pickled, and PyTorch is imported only by the small predictors,
+so evaluating a cell is a light CPU job.
 """
 
 from __future__ import annotations
@@ -37,11 +39,9 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-import torch
-from torch import nn
 
 from brainage.config import ConfigError
-from brainage.io import atomic_path, save_tensors, write_json
+from brainage.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ READOUT_METHODS = ("ridge", "mse", "l1", "huber", "dex", "pca_ridge", "train_mea
 LINEAR_METHODS = ("ridge", "pca_ridge")
 #: Shuffles the Ridge read-out's CV folds (the reference's split seed).
 READOUT_CV_SEED = 42
-READOUT_TENSORS = "readout.pt"
+READOUT_ARRAYS = "readout.npz"
 READOUT_DESCRIPTION = "readout.json"
 
 
@@ -67,7 +67,7 @@ class Readout:
     coef: np.ndarray | None = None
     intercept: float = 0.0
     study_means: dict[str, float] = field(default_factory=dict)
-    predictor: nn.Module | None = None
+    predictor: object | None = None  # a torch MLP (predictor methods)
     feature_mean: np.ndarray | None = None
     feature_sd: np.ndarray | None = None
     age_mean: float = 0.0
@@ -86,6 +86,8 @@ class Readout:
                 raise ValueError("the study-mean read-out needs each subject's study.")
             return np.array([self.study_means.get(str(study), self.intercept)
                              for study in studies], dtype=np.float64)
+        import torch
+
         scaled = torch.from_numpy(((features - self.feature_mean) / self.feature_sd)
                                   .astype(np.float32))
         with torch.no_grad():
@@ -95,41 +97,46 @@ class Readout:
             return probabilities @ self.bin_centres
         return output[:, 0].double().numpy() * self.age_sd + self.age_mean
 
-    # -- plain tensors and JSON --------------------------------------------------------------
-    def to_state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Tensors (float64 where the read-out computes in float64) and the JSON description
+    # -- plain arrays and JSON ---------------------------------------------------------------
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict]:
+        """Arrays (float64 where the read-out computes in float64) and the JSON description
         from which :meth:`from_state` rebuilds an identical read-out."""
         description = {"method": self.method, "info": dict(self.info)}
-        intercept = torch.tensor(float(self.intercept), dtype=torch.float64)
+        intercept = np.array(float(self.intercept), dtype=np.float64)
         if self.method in LINEAR_METHODS:
-            return ({"coef": torch.from_numpy(np.array(self.coef, dtype=np.float64)),
-                     "intercept": intercept}, description)
+            return ({"coef": np.array(self.coef, dtype=np.float64), "intercept": intercept},
+                    description)
         if self.method == "train_mean":
             return {"intercept": intercept}, description
         if self.method == "study_mean":
             description["studies"] = list(self.study_means)
             return ({"intercept": intercept,
-                     "study_means": torch.tensor(list(self.study_means.values()),
-                                                 dtype=torch.float64)}, description)
+                     "study_means": np.array(list(self.study_means.values()),
+                                             dtype=np.float64)}, description)
+        from torch import nn
+
         linear = [layer for layer in self.predictor if isinstance(layer, nn.Linear)]
         description.update({"in_features": int(linear[0].in_features),
                             "hidden_dim": int(linear[0].out_features),
                             "out_features": int(linear[-1].out_features),
                             "age_mean": float(self.age_mean), "age_sd": float(self.age_sd)})
-        state = {f"predictor.{key}": value.detach().cpu().clone()
+        state = {f"predictor.{key}": value.detach().cpu().numpy().copy()
                  for key, value in self.predictor.state_dict().items()}
-        state["feature_mean"] = torch.from_numpy(np.array(self.feature_mean, np.float64))
-        state["feature_sd"] = torch.from_numpy(np.array(self.feature_sd, np.float64))
+        state["feature_mean"] = np.array(self.feature_mean, np.float64)
+        state["feature_sd"] = np.array(self.feature_sd, np.float64)
         if self.bin_centres is not None:
-            state["bin_centres"] = torch.from_numpy(np.array(self.bin_centres, np.float64))
+            state["bin_centres"] = np.array(self.bin_centres, np.float64)
         return state, description
 
     @classmethod
-    def from_state(cls, state: Mapping[str, torch.Tensor], description: Mapping) -> "Readout":
+    def from_state(cls, state: Mapping, description: Mapping) -> "Readout":
+        """Rebuild from :meth:`to_state`'s arrays (or the same values as tensors, as a
+        model bundle stores them)."""
+        state = {key: np.asarray(value) for key, value in state.items()}
         method = description["method"]
         info = dict(description.get("info", {}))
         if method in LINEAR_METHODS:
-            return cls(method, info=info, coef=state["coef"].numpy(),
+            return cls(method, info=info, coef=state["coef"],
                        intercept=float(state["intercept"]))
         if method == "train_mean":
             return cls(method, info=info, intercept=float(state["intercept"]))
@@ -137,21 +144,22 @@ class Readout:
             return cls(method, info=info, intercept=float(state["intercept"]),
                        study_means=dict(zip(description["studies"],
                                             state["study_means"].tolist())))
+        import torch
+
         predictor = _mlp(description["in_features"], description["hidden_dim"],
                          description["out_features"])
         prefix = "predictor."
-        predictor.load_state_dict({key[len(prefix):]: value for key, value in state.items()
-                                   if key.startswith(prefix)})
+        predictor.load_state_dict({key[len(prefix):]: torch.from_numpy(np.array(value))
+                                   for key, value in state.items() if key.startswith(prefix)})
         predictor.eval()
-        return cls(method, info=info, predictor=predictor,
-                   feature_mean=state["feature_mean"].numpy(),
-                   feature_sd=state["feature_sd"].numpy(),
-                   age_mean=float(description["age_mean"]),
-                   age_sd=float(description["age_sd"]),
-                   bin_centres=state["bin_centres"].numpy() if "bin_centres" in state else None)
+        return cls(method, info=info, predictor=predictor, feature_mean=state["feature_mean"],
+                   feature_sd=state["feature_sd"], age_mean=float(description["age_mean"]),
+                   age_sd=float(description["age_sd"]), bin_centres=state.get("bin_centres"))
 
 
-def _mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
+def _mlp(inputs: int, hidden: int, outputs: int):
+    from torch import nn
+
     return nn.Sequential(nn.Linear(inputs, hidden), nn.ReLU(), nn.Linear(hidden, outputs))
 
 
@@ -206,6 +214,9 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
     dex classifies into bins of ``dex_bin_years`` spanning the training ages and predicts
     the softmax expected value of the bin centres, so predictions stay in that range.
     """
+    import torch
+    from torch import nn
+
     feature_mean = features.mean(axis=0)
     feature_sd = features.std(axis=0) + 1e-6
     age_mean, age_sd = float(ages.mean()), float(ages.std() + 1e-6)
@@ -325,14 +336,13 @@ def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mappin
 # -- files -----------------------------------------------------------------------------------
 
 def save_readout(folder: str | Path, readout: Readout, **description) -> dict:
-    """Write ``readout.pt`` (tensors) and ``readout.json`` (the description, extended by
-    ``description``) into ``folder``; returns the JSON written.
-
-    Identical read-outs give identical bytes, so checksums of equal results agree.
-    """
+    """Write ``readout.npz`` (arrays) and ``readout.json`` (the description, extended by
+    ``description``) into ``folder``; returns the JSON written."""
     folder = Path(folder)
     state, own = readout.to_state()
-    save_tensors(folder / READOUT_TENSORS, state)
+    with atomic_path(folder / READOUT_ARRAYS) as temp:
+        with open(temp, "wb") as handle:
+            np.savez(handle, **state)
     payload = {**own, **description}
     write_json(folder / READOUT_DESCRIPTION, payload)
     return payload
@@ -347,22 +357,16 @@ def load_readout(folder: str | Path) -> tuple[Readout, dict]:
         Naming the file and the rule that writes it.
     """
     folder = Path(folder)
-    tensors, described = folder / READOUT_TENSORS, folder / READOUT_DESCRIPTION
-    for path in (tensors, described):
+    arrays, described = folder / READOUT_ARRAYS, folder / READOUT_DESCRIPTION
+    for path in (arrays, described):
         if not path.is_file():
             raise FileNotFoundError(f"read-out file {path} does not exist; rerun rule "
                                     f"evaluate_encoder for this cell.")
     try:
-        state = torch.load(tensors, map_location="cpu", weights_only=True)
+        with np.load(arrays, allow_pickle=False) as loaded:
+            state = {key: loaded[key] for key in loaded.files}
         description = json.loads(described.read_text())
-    except Exception as error:  # torch raises several types for refused or broken files
+    except (OSError, ValueError) as error:
         raise ValueError(f"read-out {folder} cannot be read ({error}); rerun rule "
                          f"evaluate_encoder for this cell.") from None
     return Readout.from_state(state, description), description
-
-
-def copy_readout(source: str | Path, target: str | Path) -> None:
-    """Copy the read-out files byte for byte (the model export)."""
-    for name in (READOUT_TENSORS, READOUT_DESCRIPTION):
-        with atomic_path(Path(target) / name) as temp:
-            temp.write_bytes((Path(source) / name).read_bytes())

@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 
 from brainage.config import ConfigError, resolve_cell
-from brainage.data import load_split
+from brainage.data import VolumeStore
 from brainage.evaluate import evaluate_split
 from brainage.io import write_json, write_tsv
-from brainage.models import load_encoder
+from brainage.models import embed, load_encoder
 from brainage.runtime import runtime_setup
+from brainage.split_data import load_split
 from brainage.train import fit_encoder
 
 log = logging.getLogger(__name__)
@@ -122,8 +123,11 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                         history_path=trial_dir / "history.tsv")
             device, autocast_dtype = runtime_setup(base["train"])
             model = load_encoder(encoder_path, base["model"]).to(device)
-            scores, *_ = evaluate_split(split, model, settings_trial, device=device,
-                                        autocast_dtype=autocast_dtype)
+            subjects = np.concatenate([split.train_index, split.eval_index])
+            features = embed(model, VolumeStore(split.images, device,
+                                                normalisation=split.normalisation), subjects,
+                             which=base["model"]["features"], autocast_dtype=autocast_dtype)
+            scores, *_ = evaluate_split(split, features, resolve_cell(settings_trial))
             metrics = {**trial, "validation_mae": scores["mae"],
                        "validation_rmse": scores["rmse"],
                        "seconds": time.perf_counter() - started}

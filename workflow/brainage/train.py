@@ -1,14 +1,16 @@
-"""Contrastive training of one grid cell (METHOD.md sections 2-3), resumable at any point.
+"""Training of one grid cell (docs/method.md, "Model" and "Training"), resumable at any point.
 
-:func:`train_encoder` trains the ResNet-18 + projection head of one cell (one loss, one
-seed, one split, one set of options) on a split folder and writes
+:func:`train_encoder` trains the ResNet-18 + head of one cell (one loss, one seed, one
+split, one set of options) on a split folder and writes
 
 - ``encoder.pt``: ``{"format", "model": state dict, "settings", "split", "epochs"}``, tensors
   and plain data only (``torch.load(..., weights_only=True)``), loadable as
   ``model.init_checkpoint``;
 - ``history.tsv``: epoch, loss, lr, seconds, nn_nb (one row per epoch, from 1);
 - ``embeddings/epoch-<EEE>.npz`` for ``train.embed_epochs``: features [n, D] float32,
-  participant_id [n], age [n] (years), subset [n] ("train"/"test"), un-augmented images.
+  participant_id [n], age [n] (years), subset [n] ("train"/"test"), un-augmented images;
+- ``features.npz``: the final encoder's features of every subject of the split, which the
+  evaluation reads (:func:`write_features`).
 
 Resuming. After every epoch the full state (model, optimiser, scheduler, loss state such as
 the NNCLR queue, history, embeddings so far, the Python/NumPy/torch RNG states) goes to
@@ -82,7 +84,13 @@ from brainage.io import (
     write_tsv,
 )
 from brainage.losses import make_loss
-from brainage.models import build_model, count_parameters, embed, load_init_checkpoint
+from brainage.models import (
+    build_model,
+    count_parameters,
+    embed,
+    embed_all,
+    load_init_checkpoint,
+)
 from brainage.runtime import (
     epoch_seed,
     restore_rng_state,
@@ -130,7 +138,8 @@ def _history_table(history: Sequence[Mapping]) -> pd.DataFrame:
 
 def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path,
                 checkpoint_path: str | Path, history_path: str | Path | None = None,
-                embeddings_dir: str | Path | None = None) -> list[dict]:
+                embeddings_dir: str | Path | None = None,
+                features_path: str | Path | None = None) -> list[dict]:
     """Train on ``split.train_index`` and write the encoder; resume from a checkpoint.
 
     Parameters
@@ -140,9 +149,10 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         cover training and evaluation rows.
     settings
         A cell's settings (:func:`brainage.config.cell_settings`); validated here.
-    encoder_path, checkpoint_path, history_path, embeddings_dir
-        Outputs (history and embeddings optional). ``checkpoint_path`` holds the resume
-        state between epochs and is deleted at the end.
+    encoder_path, checkpoint_path, history_path, embeddings_dir, features_path
+        Outputs (history, embeddings and features optional; :func:`write_features`).
+        ``checkpoint_path`` holds the resume state between epochs and is deleted at the
+        end.
 
     Returns
     -------
@@ -176,7 +186,11 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
         if settings["model"]["init_checkpoint"]:
             load_init_checkpoint(model, settings["model"]["init_checkpoint"])
-        _save_encoder(encoder_path, model, settings, split, epochs)
+        model.to(device)
+        digest = _save_encoder(encoder_path, model, settings, split, epochs)
+        if features_path is not None:
+            write_features(features_path, model, split, digest, device=device,
+                           autocast_dtype=autocast_dtype)
         if history_path is not None:
             write_tsv(history_path, _history_table([]))
         log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
@@ -277,7 +291,10 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         writer.wait(quiet=True)  # a failed epoch still leaves the last checkpoint
 
     writer.wait()
-    _save_encoder(encoder_path, model, settings, split, epochs)
+    digest = _save_encoder(encoder_path, model, settings, split, epochs)
+    if features_path is not None:
+        write_features(features_path, model, split, digest, device=device,
+                       autocast_dtype=autocast_dtype, channels_last=channels_last)
     if history_path is not None:
         write_tsv(history_path, _history_table(history))
     checkpoint_path.unlink(missing_ok=True)
@@ -300,12 +317,40 @@ def _make_loss(loss_settings: Mapping, split: SplitData, *, epochs: int, batch_s
 
 
 def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,
-                  epochs: int) -> None:
-    """``encoder.pt``: the state dict with the settings and split it was trained with."""
-    save_tensors(path, {"format": ENCODER_FORMAT,
-                        "model": {key: value.detach().cpu().contiguous()
-                                  for key, value in model.state_dict().items()},
-                        "settings": settings, "split": split.name, "epochs": epochs})
+                  epochs: int) -> str:
+    """``encoder.pt``: the state dict with the settings and split it was trained with;
+    returns the file's sha256."""
+    return save_tensors(path, {"format": ENCODER_FORMAT,
+                               "model": {key: value.detach().cpu().contiguous()
+                                         for key, value in model.state_dict().items()},
+                               "settings": settings, "split": split.name, "epochs": epochs})
+
+
+#: Arrays of ``features.npz`` besides the features themselves.
+FEATURE_TABLE = ("participant_id", "subset", "age", "study")
+
+
+def write_features(path: str | Path, model, split: SplitData, encoder_sha256: str, *,
+                   device, autocast_dtype=None, channels_last: bool = False) -> None:
+    """``features.npz``: the final encoder's features of every split subject, training rows
+    then evaluation rows, both kinds (``encoder`` [n, 8 x width] and ``projection``
+    [n, projection_dim], float32), with ``participant_id``, ``subset``, ``age`` (years),
+    ``study`` and the ``encoder_sha256`` they came from.
+
+    Computed once, where the network already is (on the GPU at paper scale), so that every
+    read-out of the encoder (the cells that share it, the Fig. 4d ablation) is fitted on
+    them without loading a network again.
+    """
+    rows = np.concatenate([split.train_index, split.eval_index])
+    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    features = embed_all(model, store, rows, autocast_dtype=autocast_dtype,
+                         channels_last=channels_last)
+    with atomic_path(path, suffix=".npz") as temp:
+        with open(temp, "wb") as handle:
+            np.savez(handle, **features, participant_id=split.participant_ids[rows].astype(str),
+                     subset=split.subset_labels()[rows].astype(str), age=split.ages[rows],
+                     study=split.studies[rows].astype(str),
+                     encoder_sha256=np.array(encoder_sha256))
 
 
 def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmenter,
@@ -486,7 +531,8 @@ class CheckpointWriter:
 
 def train_encoder(split_dir: str | Path, settings: Mapping, *, encoder_path: str | Path,
                   history_path: str | Path, embeddings_dir: str | Path,
-                  checkpoint_path: str | Path) -> list[dict]:
+                  checkpoint_path: str | Path, features_path: str | Path | None = None
+                  ) -> list[dict]:
     """Train one grid cell on a split folder (see the module docstring for the outputs).
 
     Raises
@@ -500,7 +546,7 @@ def train_encoder(split_dir: str | Path, settings: Mapping, *, encoder_path: str
     Path(embeddings_dir).mkdir(parents=True, exist_ok=True)
     return fit_encoder(split, settings, encoder_path=encoder_path,
                        checkpoint_path=checkpoint_path, history_path=history_path,
-                       embeddings_dir=embeddings_dir)
+                       embeddings_dir=embeddings_dir, features_path=features_path)
 
 
 # -- optional pretraining on OpenBHB ---------------------------------------------------------

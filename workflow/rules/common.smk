@@ -213,7 +213,7 @@ def cell_params(wildcards):
 _ENCODER_OWNERS = {}
 #: Files train_encoder writes; every other cell file (metrics.json, predictions.tsv, the
 #: read-out) is the cell's own.
-TRAINING_OUTPUTS = ("encoder.pt", "history.tsv", "embeddings")
+TRAINING_OUTPUTS = ("encoder.pt", "history.tsv", "embeddings", "features.npz")
 
 
 def cell_output(split, experiment, variant, seed, name):
@@ -321,12 +321,13 @@ def training_params(wildcards):
     return training_settings(cell_params(wildcards))
 
 
-def shared_encoder(wildcards):
-    """The encoder a cell evaluates; none for a cell without one (model.encoder: none)."""
+def shared_features(wildcards):
+    """The features of the encoder a cell evaluates (written by its training); none for a
+    cell without an encoder (model.encoder: none)."""
     if not trains_an_encoder(cell_params(wildcards)):
         return []
     return encoder_file(
-        wildcards.split, wildcards.experiment, wildcards.variant, wildcards.seed, "encoder.pt"
+        wildcards.split, wildcards.experiment, wildcards.variant, wildcards.seed, "features.npz"
     )
 
 

@@ -23,7 +23,7 @@ rule export_model:
     input:
         encoder=exported_cell_file("encoder.pt"),
         metrics=exported_cell_file("metrics.json"),
-        readout=exported_cell_file("readout.pt"),
+        readout=exported_cell_file("readout.npz"),
         readout_description=exported_cell_file("readout.json"),
         stats=lambda wildcards: LAYOUT.split_file(exported_cell()[0], "stats.json"),
         template_t1=LAYOUT.template("T1w"),

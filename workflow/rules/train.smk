@@ -1,6 +1,7 @@
 # Stage train: one job per grid cell (split x experiment x variant x seed) trains the
-# encoder, a second evaluates it and saves its fitted read-out (readout.pt/.json, which
-# the model export copies); optionally a random search per split (config search).
+# encoder and saves the final encoder's features of every subject (features.npz); a second,
+# a CPU job, fits the read-out on those features and saves it (readout.npz/.json, which the
+# model export copies); optionally a random search per split (config search).
 #
 # Resume after preemption: train_encoder writes its resume state to checkpoint.pt in the
 # cell folder after every epoch. The file is deliberately NOT an output: Snakemake deletes
@@ -19,6 +20,7 @@ rule train_encoder:
         encoder=LAYOUT.cell_file(*CELL, "encoder.pt"),
         history=LAYOUT.cell_file(*CELL, "history.tsv"),
         embeddings=directory(LAYOUT.cell_file(*CELL, "embeddings")),
+        features=LAYOUT.cell_file(*CELL, "features.npz"),
     log:
         LAYOUT.log("train", f"{CELL_NAME}/train_encoder"),
     benchmark:
@@ -41,11 +43,11 @@ rule train_encoder:
 rule evaluate_encoder:
     input:
         **SPLIT_INPUTS,
-        encoder=shared_encoder,
+        features=shared_features,
     output:
         metrics=LAYOUT.cell_file(*CELL, "metrics.json"),
         predictions=LAYOUT.cell_file(*CELL, "predictions.tsv"),
-        readout=LAYOUT.cell_file(*CELL, "readout.pt"),
+        readout=LAYOUT.cell_file(*CELL, "readout.npz"),
         readout_description=LAYOUT.cell_file(*CELL, "readout.json"),
     log:
         LAYOUT.log("train", f"{CELL_NAME}/evaluate_encoder"),
@@ -53,13 +55,12 @@ rule evaluate_encoder:
         LAYOUT.benchmark("train", f"{CELL_NAME}/evaluate_encoder")
     conda:
         "../../envs/train.yaml"
-    threads: cell_threads
+    threads: 1
     resources:
-        # Embedding every subject at 2 mm is slow on a CPU; run where training runs, with
-        # its memory (the whole split is embedded) and wall time.
-        gpu=config["resources"]["train"]["gpu"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
-        runtime=config["resources"]["train"]["runtime_min"],
+        # A read-out on saved features (or, for the voxel baselines, on the split's
+        # images): a CPU job, no GPU.
+        mem_mb=config["resources"]["evaluate"]["mem_mb"],
+        runtime=config["resources"]["evaluate"]["runtime_min"],
     params:
         settings=cell_params,
         split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),

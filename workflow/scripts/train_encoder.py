@@ -7,4 +7,5 @@ log_to_file(snakemake.log[0])
 train_encoder(snakemake.params.split_dir, snakemake.params.settings,
               encoder_path=snakemake.output.encoder, history_path=snakemake.output.history,
               embeddings_dir=snakemake.output.embeddings,
-              checkpoint_path=snakemake.params.checkpoint)
+              checkpoint_path=snakemake.params.checkpoint,
+              features_path=snakemake.output.features)

@@ -1,0 +1,207 @@
+"""A split folder (``results/dataset/<split>``, written by the normalisation stage), read
+and checked: :class:`SplitData` and :func:`load_split`.
+
+The folder holds ``images.npy`` [n, X, Y, Z] (z-normalised brain voxels, background
+exactly 0), ``participants.tsv`` (one row per image row, with a ``subset`` column
+"train"/"test") and ``stats.json`` (the normalisation record). NumPy and pandas only, so
+the read-out jobs that need the table but no network stay light; the batches and
+augmentations of training are in :mod:`brainage.data`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from brainage.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+#: Subjects scanned at once when checking an array for NaN/inf (bounds memory use).
+SCAN_CHUNK = 16
+
+
+class DataError(ValueError):
+    """A split folder or array is not what training needs; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class SplitData:
+    """One split: images, their participants, and which rows train and which evaluate.
+
+    Attributes
+    ----------
+    images
+        [n, X, Y, Z] float32/float16 array (usually a read-only memory map), z-units.
+    table
+        participants rows aligned with ``images`` (participant_id, age in years, study, ...).
+    train_index, eval_index
+        Row numbers of the training and evaluation (test or validation) subjects.
+    eval_subset
+        Name of the evaluation subset in outputs: "test" or "validation".
+    normalisation
+        Optional (mean, sd) applied to non-zero voxels when a batch is read (OpenBHB arrays,
+        which are stored un-normalised); None for our split arrays.
+    """
+
+    name: str
+    images: np.ndarray
+    table: pd.DataFrame
+    stats: dict
+    train_index: np.ndarray
+    eval_index: np.ndarray
+    eval_subset: str = "test"
+    normalisation: tuple[float, float] | None = None
+
+    @property
+    def ages(self) -> np.ndarray:
+        """Ages of all rows (years), float64 [n]."""
+        return self.table["age"].to_numpy(dtype=np.float64)
+
+    @property
+    def participant_ids(self) -> np.ndarray:
+        return self.table["participant_id"].to_numpy(dtype=str)
+
+    @property
+    def studies(self) -> np.ndarray:
+        return self.table["study"].astype(str).to_numpy()
+
+    @property
+    def resolution_mm(self) -> float:
+        return float(self.stats.get("resolution_mm", 2))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(int(size) for size in self.images.shape[1:])
+
+    def subset_labels(self) -> np.ndarray:
+        """"train" / eval_subset for every row ("" for rows in neither), [n] str."""
+        labels = np.full(len(self.table), "", dtype=object)
+        labels[self.train_index] = "train"
+        labels[self.eval_index] = self.eval_subset
+        return labels.astype(str)
+
+    def identity(self) -> dict:
+        """What makes two trainings on this split the same (for resume fingerprints)."""
+        return {"name": self.name, "shape": list(self.images.shape),
+                "dtype": str(self.images.dtype),
+                "train": self.participant_ids[self.train_index].tolist(),
+                "eval": self.participant_ids[self.eval_index].tolist(),
+                "stats": {key: self.stats.get(key) for key in ("mean", "sd", "scope")},
+                "normalisation": list(self.normalisation) if self.normalisation else None}
+
+    def with_validation(self, fraction: float, seed: int) -> "SplitData":
+        """Carve a validation set out of the training subjects (stratified by study).
+
+        The test subjects are dropped from the result entirely, so nothing tuned on it can
+        see them. Each study keeps at least one training subject.
+        """
+        if not 0 < fraction < 1:
+            raise ConfigError(f"config key search.validation_fraction is {fraction}; expected a "
+                              f"share between 0 and 1.")
+        rng = np.random.default_rng(seed)
+        studies = self.studies[self.train_index]
+        validation = []
+        for study in sorted(set(studies)):
+            members = self.train_index[studies == study]
+            count = int(round(fraction * len(members)))
+            count = min(count, len(members) - 1)
+            if count > 0:
+                validation.extend(rng.choice(members, size=count, replace=False).tolist())
+        if not validation:  # tiny training sets: at least one validation subject overall
+            validation = [int(rng.choice(self.train_index))]
+        validation = np.sort(np.asarray(validation, dtype=np.int64))
+        remaining = np.setdiff1d(self.train_index, validation)
+        return replace(self, train_index=remaining, eval_index=validation,
+                       eval_subset="validation", name=f"{self.name}-validation")
+
+
+def _read_stats(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise DataError(f"{path} cannot be read as JSON ({error}). Rerun the normalisation "
+                        f"stage (rule normalise_dataset).") from None
+
+
+def check_finite(images: np.ndarray, participant_ids: Sequence[str], where: str) -> None:
+    """Raise naming the subjects whose volume holds NaN or inf (scans in chunks)."""
+    bad = []
+    for start in range(0, len(images), SCAN_CHUNK):
+        chunk = np.asarray(images[start:start + SCAN_CHUNK])
+        finite = np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        bad.extend(participant_ids[start + row] for row in np.flatnonzero(~finite))
+    if bad:
+        raise DataError(f"{where}: the volumes of {', '.join(bad)} contain NaN or inf. Check "
+                        f"their preprocessed maps and rerun the normalisation stage.")
+
+
+def load_split(split_dir: str | Path, *, require_eval: bool = True) -> SplitData:
+    """Open a split folder, memory-mapped, after checking it.
+
+    Parameters
+    ----------
+    split_dir
+        ``results/dataset/<split>`` with images.npy, participants.tsv, stats.json.
+    require_eval
+        Raise when the split has no test subject (the default: a grid cell must evaluate).
+
+    Raises
+    ------
+    DataError
+        Missing files, an array that is not [n, X, Y, Z] or does not match the table, NaN or
+        inf voxels (naming the subjects), a subset column other than train/test, no
+        training or no test subjects.
+    """
+    split_dir = Path(split_dir)
+    paths = {name: split_dir / name for name in ("images.npy", "participants.tsv", "stats.json")}
+    for name, path in paths.items():
+        if not path.is_file():
+            raise DataError(f"split folder {split_dir} lacks {name}. Run the normalisation "
+                            f"stage first (rule normalise_dataset).")
+    try:
+        images = np.load(paths["images.npy"], mmap_mode="r")
+    except (ValueError, OSError) as error:
+        raise DataError(f"{paths['images.npy']} is not a readable .npy array ({error}).") from None
+    if images.ndim != 4:
+        raise DataError(f"{paths['images.npy']} has shape {images.shape}; expected "
+                        f"[subjects, X, Y, Z].")
+    table = pd.read_csv(paths["participants.tsv"], sep="\t",
+                        dtype={"participant_id": str, "study": str, "subset": str})
+    missing = [column for column in ("participant_id", "age", "study", "subset")
+               if column not in table.columns]
+    if missing:
+        raise DataError(f"{paths['participants.tsv']} lacks column(s) {', '.join(missing)}.")
+    if len(table) != len(images):
+        raise DataError(f"{paths['participants.tsv']} has {len(table)} rows but "
+                        f"{paths['images.npy']} holds {len(images)} volumes; they must be "
+                        f"row-aligned. Rerun the normalisation stage.")
+    unknown = sorted(set(table["subset"]) - {"train", "test"})
+    if unknown:
+        raise DataError(f"{paths['participants.tsv']}: column subset has value(s) "
+                        f"{', '.join(map(str, unknown))}; only 'train' and 'test' are allowed.")
+    ages = pd.to_numeric(table["age"], errors="coerce")
+    if ages.isna().any():
+        raise DataError(f"{paths['participants.tsv']}: non-numeric age for "
+                        f"{', '.join(table['participant_id'][ages.isna()])}.")
+    table["age"] = ages.astype(float)
+    check_finite(images, table["participant_id"].tolist(), str(paths["images.npy"]))
+    subset = table["subset"].to_numpy()
+    train_index = np.flatnonzero(subset == "train")
+    test_index = np.flatnonzero(subset == "test")
+    if len(train_index) == 0:
+        raise DataError(f"split {split_dir.name}: no training subjects in "
+                        f"{paths['participants.tsv']}.")
+    if require_eval and len(test_index) == 0:
+        raise DataError(f"split {split_dir.name}: no test subjects in "
+                        f"{paths['participants.tsv']}; the grid cell could not be evaluated. "
+                        f"Check config key split.test_fraction / split.scheme.")
+    return SplitData(name=split_dir.name, images=images, table=table,
+                     stats=_read_stats(paths["stats.json"]), train_index=train_index,
+                     eval_index=test_index)
