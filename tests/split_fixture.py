@@ -41,8 +41,13 @@ def synthetic_volumes(ages: np.ndarray, shape=(16, 20, 16), *, seed: int = 0,
 
 
 def write_split(root: Path, *, n_subjects: int = 24, n_test: int = 6, shape=(16, 20, 16),
-                resolution_mm: int = 6, seed: int = 0, name: str = "holdout") -> Path:
-    """Write ``root/<name>/{images.npy, participants.tsv, stats.json}``; return the folder."""
+                resolution_mm: int = 6, seed: int = 0, name: str = "holdout",
+                modalities=("stiffness",)) -> Path:
+    """Write ``root/<name>/{images.npy, participants.tsv, stats.json}``; return the folder.
+
+    One channel per modality: the first as :func:`synthetic_volumes`, each further one
+    the volumes of another seed (same ages, own noise).
+    """
     rng = np.random.default_rng(seed)
     ages = np.round(rng.uniform(20, 80, n_subjects), 1)
     studies = [STUDIES[index % len(STUDIES)] for index in range(n_subjects)]
@@ -50,7 +55,8 @@ def write_split(root: Path, *, n_subjects: int = 24, n_test: int = 6, shape=(16,
     subset[rng.choice(n_subjects, size=n_test, replace=False)] = "test"
     folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
-    images = synthetic_volumes(ages, shape, seed=seed)
+    images = np.stack([synthetic_volumes(ages, shape, seed=seed + channel)
+                       for channel in range(len(modalities))], axis=1)
     np.save(folder / "images.npy", images)
     table = pd.DataFrame({
         "participant_id": [f"sub-{index:03d}" for index in range(n_subjects)],
@@ -59,7 +65,9 @@ def write_split(root: Path, *, n_subjects: int = 24, n_test: int = 6, shape=(16,
     table.to_csv(folder / "participants.tsv", sep="\t", index=False)
     affine = np.diag([float(resolution_mm)] * 3 + [1.0])
     # the normalisation record of a template whose grid is the array's own (block factor 1)
-    stats = {"mean": 3.0, "sd": 0.5, "scope": "train", "n_voxels": int((images[0] != 0).sum()),
+    stats = {"modalities": list(modalities), "mean": [3.0] * len(modalities),
+             "sd": [0.5] * len(modalities), "scale_by_brain_median": [False] * len(modalities),
+             "scope": "train", "n_voxels": [int((images[0, 0] != 0).sum())] * len(modalities),
              "statistics_subjects": table["participant_id"][subset == "train"].tolist(),
              "resolution_mm": resolution_mm, "affine": affine.tolist(), "shape": list(shape),
              "template_shape": list(shape), "template_affine": affine.tolist(),

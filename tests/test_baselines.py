@@ -59,7 +59,7 @@ def test_pca_ridge_recovers_images_that_are_linear_in_age(tmp_path):
     rng = np.random.default_rng(0)
     pattern, offset = rng.normal(size=(8, 10, 8)), rng.normal(size=(8, 10, 8))
     images = offset[None] + (table["age"].to_numpy()[:, None, None, None] - 50) / 20 * pattern
-    rewrite_split(split_dir, images=images)
+    rewrite_split(split_dir, images=images[:, None])  # one channel
     metrics, predictions = evaluate(split_dir, VOXEL_BASELINES["pca_ridge"], tmp_path / "pca")
     assert metrics["mae"] < 0.2, metrics["mae"]
     assert metrics["pca_components"] >= 1 and "ridge_alpha" in metrics

@@ -230,3 +230,14 @@ def test_log_keeps_killed_and_failed_attempts_until_a_success(tmp_path):
     run_job(log, "succeeded")
     assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
     assert "working in killed" not in log.read_text()
+
+
+def test_a_missing_map_of_the_modalities_names_subject_and_file(tiny_dataset):
+    with pytest.raises(InputError, match=r"subject sub-00a: damping-ratio map .*sub-00a/mre/"
+                                         r"sub-00a_damping_ratio\.nii\.gz is missing \(config "
+                                         r"key dataset\.modalities lists damping_ratio\)"):
+        read_participants(tiny_dataset, ("stiffness", "damping_ratio"))
+    with pytest.raises(InputError, match=r"subject sub-01a: T1w image .*sub-01a_T1w\.nii\.gz "
+                                         r"is missing"):
+        subject_inputs(tiny_dataset, "01a", ("stiffness", "T1w"))
+    assert set(subject_inputs(tiny_dataset, "01a")) == {"stiffness"}

@@ -181,15 +181,16 @@ def test_normalisation_equals_numpy_with_training_statistics(small_dataset):
              if s == "train"]
     values = np.concatenate([small_dataset["arrays"][p][small_dataset["arrays"][p] != 0]
                              for p in train]).astype(np.float64)
-    assert stats["mean"] == pytest.approx(values.mean(), rel=1e-10)
-    assert stats["sd"] == pytest.approx(values.std(), rel=1e-10)
-    assert stats["n_voxels"] == values.size and stats["statistics_subjects"] == train
-    assert images.shape == (12, 6, 8, 6) and images.dtype == np.float32
+    assert stats["modalities"] == ["stiffness"]
+    assert stats["mean"] == [pytest.approx(values.mean(), rel=1e-10)]
+    assert stats["sd"] == [pytest.approx(values.std(), rel=1e-10)]
+    assert stats["n_voxels"] == [values.size] and stats["statistics_subjects"] == train
+    assert images.shape == (12, 1, 6, 8, 6) and images.dtype == np.float32
     for row, participant_id in enumerate(table["participant_id"]):
         raw = small_dataset["arrays"][participant_id]
         expected = np.where(raw != 0, (raw - values.mean()) / values.std(), 0)
-        assert np.allclose(images[row], expected, atol=1e-5)
-        assert np.all(images[row][raw == 0] == 0)  # background exactly 0
+        assert np.allclose(images[row, 0], expected, atol=1e-5)
+        assert np.all(images[row, 0][raw == 0] == 0)  # background exactly 0
     assert list(table.columns) == ["participant_id", "age", "sex", "study", "site", "subset",
                                    "coverage", "qc_pass"]
     assert table["subset"].tolist() == subset.tolist()
@@ -210,21 +211,21 @@ def test_statistics_never_see_test_subjects(small_dataset):
     changed, images, _ = _run(small_dataset)
     assert (changed["mean"], changed["sd"]) == (stats["mean"], stats["sd"])
     all_scope, _, _ = _run(small_dataset, scope="all")
-    assert all_scope["mean"] > 5 * stats["mean"] and all_scope["scope"] == "all"
+    assert all_scope["mean"][0] > 5 * stats["mean"][0] and all_scope["scope"] == "all"
     assert len(all_scope["statistics_subjects"]) == 12
 
 
 def test_block_averaged_resolution_and_float16(small_dataset):
     stats, images, _ = _run(small_dataset, resolution_mm=4, dtype="float16")
-    assert images.dtype == np.float16 and images.shape == (12, 3, 4, 3)
+    assert images.dtype == np.float16 and images.shape == (12, 1, 3, 4, 3)
     assert stats["resolution_mm"] == 4 and stats["dtype"] == "float16"
     blocked = {p: block_average(a, 2) for p, a in small_dataset["arrays"].items()}
     train = stats["statistics_subjects"]
     values = np.concatenate([blocked[p][blocked[p] != 0] for p in train]).astype(np.float64)
-    assert stats["mean"] == pytest.approx(values.mean(), rel=1e-6)
+    assert stats["mean"] == [pytest.approx(values.mean(), rel=1e-6)]
     first = small_dataset["table"]["participant_id"][0]
     expected = np.where(blocked[first] != 0, (blocked[first] - values.mean()) / values.std(), 0)
-    assert np.allclose(images[0].astype(np.float32), expected, atol=2e-3)
+    assert np.allclose(images[0, 0].astype(np.float32), expected, atol=2e-3)
 
 
 def test_qc_failures_are_listed_or_flagged_never_silent(small_dataset, caplog):

@@ -49,6 +49,12 @@ PREPROCESSING = {"preprocess": {},
                               "mask": None}}
 
 
+
+def stiffness_maps(maps: dict) -> dict:
+    """``{label: path}`` of registered stiffness maps as predict_cohort takes them:
+    ``{label: {modality: path}}``."""
+    return {label: {"stiffness": path} for label, path in maps.items()}
+
 def _random_cell(split_dir: Path, cell_dir: Path, settings: dict) -> dict:
     """encoder.pt of an untrained network (train's format), evaluated like a grid cell."""
     from brainage.evaluate import evaluate_encoder
@@ -216,7 +222,7 @@ def new_cohort(world):
     root = world.root / "new_cohort"
     files = write_cohort(root, table, seed=4, failing=("newh005",))
     out = world.root / "predict" / "new"
-    predictions = predict_cohort(world.bundle_dir, root, files["maps"], files["qc"],
+    predictions = predict_cohort(world.bundle_dir, root, stiffness_maps(files["maps"]), files["qc"],
                                  predictions_path=out / "predictions.tsv",
                                  summary_path=out / "summary.tsv",
                                  figure_path=out / "gap_by_group.png", cohort="new",
@@ -235,7 +241,8 @@ def test_bundle_holds_tensors_versions_and_checksums(exported):
         # plain tensors only: loadable with weights_only=True
         state = torch.load(exported.bundle_dir / name, weights_only=True)
         assert all(isinstance(value, torch.Tensor) for value in state.values())
-    assert manifest["normalisation"]["mean"] == 3.0
+    assert manifest["normalisation"]["mean"] == [3.0]
+    assert manifest["normalisation"]["modalities"] == ["stiffness"]
     assert manifest["normalisation"]["resolution_mm"] == 6
     assert "statistics_subjects" not in manifest["normalisation"]  # no subject ids shipped
     assert manifest["readout"]["method"] == "ridge"
@@ -427,7 +434,8 @@ def test_normalisation_with_bundle_stats_reproduces_the_training_array(world):
     for row, participant_id in enumerate(table["participant_id"][:10]):
         image = nib.load(world.training["maps"][participant_id[len("sub-"):]])
         np.testing.assert_array_equal(
-            normalise_map(np.asarray(image.dataobj, dtype=np.float32), normalisation),
+            normalise_map({"stiffness": np.asarray(image.dataobj, dtype=np.float32)},
+                          normalisation),
             images[row])
 
 
@@ -441,7 +449,8 @@ def test_new_cohort_is_normalised_with_training_statistics_not_its_own(world, ne
     means = []
     for label in accelerated:
         image = nib.load(new_cohort.files["maps"][label])
-        volume = normalise_map(np.asarray(image.dataobj, dtype=np.float32), normalisation)
+        volume = normalise_map({"stiffness": np.asarray(image.dataobj, dtype=np.float32)},
+                               normalisation)
         means.append(volume[volume != 0].mean())
     assert np.mean(means) < -0.1
 
@@ -484,7 +493,7 @@ def test_corrected_gap_uses_the_bundle_correction(world, new_cohort):
 
 
 def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):
-    table = predict_cohort(world.bundle_dir, new_cohort.root, new_cohort.files["maps"],
+    table = predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
                            new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
                            summary_path=tmp_path / "s.tsv", cohort="new",
                            bias_reference_group="healthy", device="cpu")
@@ -498,14 +507,14 @@ def test_map_off_the_template_grid_is_refused(world, new_cohort, tmp_path):
     moved = tmp_path / "moved.nii.gz"
     image = nib.load(new_cohort.files["maps"][label])
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[:-2], image.affine), moved)
-    maps = {**new_cohort.files["maps"], label: str(moved)}
+    maps = stiffness_maps({**new_cohort.files["maps"], label: str(moved)})
     with pytest.raises(InputError, match=r"sub-newh000.*not on the template grid"):
         predict_cohort(world.bundle_dir, new_cohort.root, maps, new_cohort.files["qc"],
                        predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
 
 
 def test_subject_without_preprocessing_is_refused(world, new_cohort, tmp_path):
-    maps = dict(new_cohort.files["maps"])
+    maps = stiffness_maps(new_cohort.files["maps"])
     del maps["newa003"]
     with pytest.raises(InputError, match=r"no preprocessed map for sub-newa003"):
         predict_cohort(world.bundle_dir, new_cohort.root, maps, new_cohort.files["qc"],
@@ -539,7 +548,7 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
 
     def preprocessed(inputs, layout, label, *, preproc, **settings):
         files = subject_files(layout, label, preproc)
-        for source, target in ((new_cohort.files["maps"][label], files["registered"]),
+        for source, target in ((new_cohort.files["maps"][label], files["registered_stiffness"]),
                                (new_cohort.files["qc"][label], files["qc_json"])):
             Path(target).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
@@ -604,7 +613,7 @@ def test_exported_cell_must_be_trained_by_the_grid():
 
 
 def test_cohort_table_problems_are_reported_before_any_work(world, new_cohort, tmp_path):
-    arguments = dict(maps=new_cohort.files["maps"], qc=new_cohort.files["qc"],
+    arguments = dict(maps=stiffness_maps(new_cohort.files["maps"]), qc=new_cohort.files["qc"],
                      predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
     with pytest.raises(InputError, match=r"no column 'site' to summarise by"):
         predict_cohort(world.bundle_dir, new_cohort.root, group_column="site", **arguments)

@@ -255,8 +255,9 @@ def test_n4_reduces_the_bias_spread_inside_the_brain():
 def test_n4_false_passes_the_map_through(processed, tmp_path):
     subject = processed["young"]
     out = tmp_path / "s.nii.gz"
-    correct_bias(subject["files"]["stiffness"], subject["mask"], subject["reference"],
-                 subject["reference_info"], out, tmp_path / "r.nii.gz", n4=False, subject="y")
+    correct_bias({"stiffness": subject["files"]["stiffness"]}, subject["mask"],
+                 subject["reference"], subject["reference_info"], {"stiffness": out},
+                 tmp_path / "r.nii.gz", n4=False, subject="y")
     raw = nib.load(subject["files"]["stiffness"]).get_fdata(dtype=np.float32)
     mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
     result = nib.load(out).get_fdata(dtype=np.float32)
@@ -277,8 +278,9 @@ def test_nan_voxels_become_background_with_a_count(processed, tmp_path, caplog):
     noisy = tmp_path / "sub-y_stiffness.nii.gz"
     nib.save(nib.Nifti1Image(data, image.affine), noisy)
     with caplog.at_level(logging.INFO):
-        correct_bias(noisy, subject["mask"], subject["reference"], subject["reference_info"],
-                     tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", n4=False, subject="y")
+        correct_bias({"stiffness": noisy}, subject["mask"], subject["reference"],
+                     subject["reference_info"], {"stiffness": tmp_path / "s.nii.gz"},
+                     tmp_path / "r.nii.gz", n4=False, subject="y")
     assert "8 NaN/inf voxels set to background (7 inside the brain" in caplog.text
     result = nib.load(tmp_path / "s.nii.gz").get_fdata()
     assert np.isfinite(result).all() and np.all(result[tuple(inside.T)] == 0)
@@ -296,8 +298,9 @@ def test_nan_heavy_map_fails_with_its_name(processed, tmp_path):
     with pytest.raises(InputError, match=r"sub-y: stiffness map .*sub-y_stiffness\.nii\.gz has "
                                          r"\d+ NaN/inf voxels inside the brain \(5\.0% .*"
                                          r"preprocess\.max_nan_fraction=0\.01"):
-        correct_bias(noisy, subject["mask"], subject["reference"], subject["reference_info"],
-                     tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", subject="y")
+        correct_bias({"stiffness": noisy}, subject["mask"], subject["reference"],
+                     subject["reference_info"], {"stiffness": tmp_path / "s.nii.gz"},
+                     tmp_path / "r.nii.gz", subject="y")
 
 
 def test_mask_that_misses_the_map_is_an_error(processed, tmp_path):
@@ -306,10 +309,11 @@ def test_mask_that_misses_the_map_is_an_error(processed, tmp_path):
     stiffness = nib.load(subject["files"]["stiffness"]).get_fdata()
     elsewhere = (stiffness == 0).astype(np.uint8)  # only where the map has no data
     nib.save(nib.Nifti1Image(elsewhere, mask_image.affine), tmp_path / "m.nii.gz")
-    with pytest.raises(PreprocessError, match=r"sub-y: no positive stiffness voxel .* inside "
-                                              r"the brain mask"):
-        correct_bias(subject["files"]["stiffness"], tmp_path / "m.nii.gz", subject["reference"],
-                     subject["reference_info"], tmp_path / "s.nii.gz", tmp_path / "r.nii.gz", subject="y")
+    with pytest.raises(PreprocessError, match=r"sub-y: no positive voxel of .*_stiffness.nii.gz "
+                                              r"lies inside the brain mask"):
+        correct_bias({"stiffness": subject["files"]["stiffness"]}, tmp_path / "m.nii.gz",
+                     subject["reference"], subject["reference_info"],
+                     {"stiffness": tmp_path / "s.nii.gz"}, tmp_path / "r.nii.gz", subject="y")
 
 
 # -- registration --------------------------------------------------------------------------------
@@ -324,7 +328,7 @@ def test_registration_recovers_the_pose(processed, template_files, key):
 
 def test_registered_map_is_zero_outside_mask_and_slab(processed, template_files):
     subject = processed["young"]
-    registered = nib.load(subject["registered"]).get_fdata()
+    registered = nib.load(subject["registered_stiffness"]).get_fdata()
     warped_mask = np.asarray(nib.load(subject["registered_mask"]).dataobj) > 0
     assert registered.shape == (99, 117, 95)
     assert np.all(registered[~warped_mask] == 0)
@@ -368,12 +372,14 @@ def test_coverage_is_within_two_percent_of_the_truth(processed):
 def test_deterministic_registration_is_bit_identical(processed, template_files, tmp_path):
     subject = processed["young"]
     outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
-    register_to_template(subject["corrected"], subject["mask"], subject["corrected_reference"],
-                         subject["reference_info"], template_files["t1"], template_files["mask"],
-                         *outputs, deterministic=True, subject="y")
+    register_to_template({"stiffness": subject["corrected_stiffness"]}, subject["mask"],
+                         subject["corrected_reference"], subject["reference_info"],
+                         template_files["t1"], template_files["mask"],
+                         {"stiffness": outputs[0]}, *outputs[1:], deterministic=True,
+                         subject="y")
     assert outputs[2].read_bytes() == Path(subject["transform"]).read_bytes()
     assert np.array_equal(nib.load(outputs[0]).get_fdata(),
-                          nib.load(subject["registered"]).get_fdata())
+                          nib.load(subject["registered_stiffness"]).get_fdata())
 
 
 def test_failed_registration_names_the_subject(processed, template_files, tmp_path, monkeypatch):
@@ -386,9 +392,10 @@ def test_failed_registration_names_the_subject(processed, template_files, tmp_pa
     subject = processed["young"]
     outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
     with pytest.raises(RegistrationError, match=r"sub-y: ANTs registration of .* failed"):
-        register_to_template(subject["corrected"], subject["mask"],
+        register_to_template({"stiffness": subject["corrected_stiffness"]}, subject["mask"],
                              subject["corrected_reference"], subject["reference_info"],
-                             template_files["t1"], template_files["mask"], *outputs, subject="y")
+                             template_files["t1"], template_files["mask"],
+                             {"stiffness": outputs[0]}, *outputs[1:], subject="y")
     assert not any(path.exists() for path in outputs)
 
 
@@ -402,3 +409,94 @@ def test_implausible_transform_is_a_failed_registration():
     with pytest.raises(RegistrationError, match="non-finite"):
         check_transform(np.full((4, 4), np.nan), what="subject sub-z")
     check_transform(np.diag([1.1, 0.95, 1.0, 1.0]), what="subject sub-z")
+
+
+# -- several maps per subject (dataset.modalities) -------------------------------------------
+
+def _with_damping(tmp_path: Path, files: dict, label: str, damping) -> Path:
+    """A dataset with one subject: the simulated stiffness and T1w, and a damping-ratio map
+    computed from the stiffness by ``damping`` (kPa -> ratio), NaN where it is NaN."""
+    root = tmp_path / "dataset"
+    for folder in ("mre", "anat"):
+        (root / f"sub-{label}" / folder).mkdir(parents=True)
+    stiffness = nib.load(files["stiffness"])
+    data = stiffness.get_fdata(dtype=np.float32)
+    nib.save(stiffness, root / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz")
+    nib.save(nib.load(files["anat"]), root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz")
+    ratio = np.where(data > 0, damping(data), 0).astype(np.float32)
+    nib.save(nib.Nifti1Image(ratio, stiffness.affine),
+             root / f"sub-{label}" / "mre" / f"sub-{label}_damping_ratio.nii.gz")
+    return root
+
+
+def test_maps_of_a_subject_share_one_transform(chosen, template_files, tmp_path):
+    """Damping ratio = 0.05 + 0.04 x stiffness voxel by voxel: after registration the
+    relation still holds wherever the maps have data, which it can only if both maps were
+    carried by the same transform; the T1w channel is the reference inside the brain."""
+    from brainage.io import subject_inputs
+
+    root, young, _ = chosen
+    label = "d1"
+    dataset = _with_damping(tmp_path, _subject_files(root, young["participant_id"]), label,
+                            lambda kpa: 0.05 + 0.04 * kpa)
+    modalities = ("stiffness", "damping_ratio", "T1w")
+    preprocess = {"skullstrip": "deepbet", "freesurfer_tool": "synthstrip", "n4": False,
+                  "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
+    files = run_subject(subject_inputs(dataset, label, modalities),
+                        Layout(results=str(tmp_path / "out")), label, preproc="preproc",
+                        preprocess=preprocess, template_t1=template_files["t1"],
+                        template_mask=template_files["mask"], modalities=modalities)
+    stiffness = nib.load(files["registered_stiffness"]).get_fdata()
+    damping = nib.load(files["registered_damping_ratio"]).get_fdata()
+    both = stiffness > 0
+    assert both.sum() > 10_000 and np.array_equal(both, damping > 0)
+    assert np.abs(damping[both] - (0.05 + 0.04 * stiffness[both])).max() < 1e-5
+    assert "desc-clean_damping_ratio" in files["corrected_damping_ratio"]
+
+    t1w = nib.load(files["registered_T1w"]).get_fdata()
+    warped_mask = np.asarray(nib.load(files["registered_mask"]).dataobj) > 0
+    reference = nib.load(files["registered_reference"]).get_fdata()
+    assert np.all(t1w[~warped_mask] == 0) and t1w[warped_mask].mean() > 0
+    assert np.allclose(t1w[warped_mask], np.maximum(reference[warped_mask], 0))
+    qc = json.loads(Path(files["qc_json"]).read_text())
+    assert set(qc["maps"]) == set(modalities)
+    assert 0 < qc["maps"]["damping_ratio"]["median"] < 1
+
+
+def test_damping_ratio_outside_zero_one_names_subject_and_file(processed, tmp_path):
+    subject = processed["young"]
+    dataset = _with_damping(tmp_path, subject["files"], "d2", lambda kpa: kpa / 2.0)
+    maps = {name: dataset / "sub-d2" / "mre" / f"sub-d2_{name}.nii.gz"
+            for name in ("stiffness", "damping_ratio")}
+    with pytest.raises(InputError, match=r"subject sub-d2: damping-ratio map .*sub-d2_damping_"
+                                         r"ratio\.nii\.gz: \d+ brain voxels lie outside \[0, 1\]"):
+        correct_bias(maps, subject["mask"], subject["reference"], subject["reference_info"],
+                     {name: tmp_path / f"{name}.nii.gz" for name in maps},
+                     tmp_path / "r.nii.gz", n4=False, subject="d2")
+    assert not (tmp_path / "stiffness.nii.gz").exists()
+
+
+def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_path):
+    """Modalities [T1w] (a pretraining cohort): the mask lives on the T1w grid, the one
+    output channel is the skull-stripped, registered T1w."""
+    from brainage.io import subject_inputs
+
+    root, young, _ = chosen
+    dataset = tmp_path / "t1w"
+    (dataset / "sub-t1" / "anat").mkdir(parents=True)
+    nib.save(nib.load(_subject_files(root, young["participant_id"])["anat"]),
+             dataset / "sub-t1" / "anat" / "sub-t1_T1w.nii.gz")
+    preprocess = {"skullstrip": "deepbet", "freesurfer_tool": "synthstrip", "n4": True,
+                  "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
+    files = run_subject(subject_inputs(dataset, "t1", ("T1w",)),
+                        Layout(results=str(tmp_path / "out")), "t1", preproc="preproc",
+                        preprocess=preprocess, template_t1=template_files["t1"],
+                        template_mask=template_files["mask"], modalities=("T1w",))
+    assert not any(key.startswith("corrected_") and key != "corrected_reference"
+                   for key in files)
+    displacement = mean_displacement_mm(files["transform"], young, template_files["mask"])
+    assert displacement < 1.0
+    qc = json.loads(Path(files["qc_json"]).read_text())
+    assert qc["dice"] > 0.9 and qc["reference_kind"] == "T1w_brain"
+    t1w = nib.load(files["registered_T1w"]).get_fdata()
+    assert t1w.shape == (99, 117, 95) and (t1w > 0).sum() > 100_000

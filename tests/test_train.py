@@ -410,7 +410,7 @@ def test_batch_larger_than_training_set(split_dir, tmp_path):
 def test_nan_in_the_array_names_the_subject(tmp_path):
     folder = write_split(tmp_path, n_subjects=8, n_test=2)
     images = np.load(folder / "images.npy")
-    images[3, 5, 5, 5] = np.nan
+    images[3, 0, 5, 5, 5] = np.nan
     np.save(folder / "images.npy", images)
     with pytest.raises(DataError, match="sub-003"):
         train_encoder(folder, tiny_settings(), **cell_paths(tmp_path / "cell"))

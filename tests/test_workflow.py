@@ -163,7 +163,7 @@ def test_readme_commands_resume_a_killed_run(tmp_path):
     layout = Layout.from_config(validate_config(settings))
     first = draw_participants(settings["dataset"]["simulate"]["n_subjects"],
                               seed=settings["dataset"]["simulate"]["seed"])["participant_id"][0]
-    target = subject_files(layout, first[len("sub-"):])["registered"]
+    target = subject_files(layout, first[len("sub-"):])["registered_stiffness"]
     work = tmp_path / "work"
     work.mkdir()
     arguments = (target, "--configfile", str(config))  # --configfile takes several files

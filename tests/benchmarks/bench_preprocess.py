@@ -86,7 +86,7 @@ def bench_subject(work: Path) -> None:
     anat = str(dataset / participant_id / "anat" / f"{participant_id}_T1w.nii.gz")
     files = subject_files(layout, label)
     native = {"mask": files["mask"], "reference": files["reference"],
-              "info": files["reference_info"], "stiffness_n4": files["corrected"],
+              "info": files["reference_info"], "stiffness_n4": files["corrected_stiffness"],
               "reference_n4": files["corrected_reference"]}
     print(f"subject {participant_id}: {row['voxel_size_mm']} mm, grid {row['shape']}")
     timings = {
@@ -94,13 +94,15 @@ def bench_subject(work: Path) -> None:
             "strip_skull", stiffness, native["mask"], native["reference"], native["info"],
             anat=anat, method="deepbet", threads=1, subject=label),
         "correct_bias (N4 x2)": run_child(
-            "correct_bias", stiffness, native["mask"], native["reference"], native["info"],
-            native["stiffness_n4"], native["reference_n4"], n4=True, threads=1,
+            "correct_bias", {"stiffness": stiffness}, native["mask"], native["reference"],
+            native["info"], {"stiffness": native["stiffness_n4"]}, native["reference_n4"],
+            n4=True, threads=1,
             deterministic=True, subject=label),
         "register_to_template": run_child(
-            "register_to_template", native["stiffness_n4"], native["mask"],
+            "register_to_template", {"stiffness": native["stiffness_n4"]}, native["mask"],
             native["reference_n4"], native["info"], layout.template("T1w"),
-            layout.template("brain_mask"), files["registered"], files["registered_mask"],
+            layout.template("brain_mask"), {"stiffness": files["registered_stiffness"]},
+            files["registered_mask"],
             files["transform"], files["registered_reference"], deterministic=True, threads=1,
             subject=label),
     }

@@ -87,14 +87,14 @@ class BrainAgeModel:
                    device=torch_device, autocast_dtype=autocast_dtype)
 
     def features(self, volumes: np.ndarray) -> np.ndarray:
-        """Normalised volumes [n, X, Y, Z] (z-units) -> read-out features [n, D] float32."""
+        """Normalised volumes [n, C, X, Y, Z] (z-units) -> read-out features [n, D] float32."""
         store = VolumeStore(np.asarray(volumes, dtype=np.float32), self.device)
         return embed(self.network, store, np.arange(len(volumes)),
                      which=self.bundle.manifest["readout"]["features"],
                      autocast_dtype=self.autocast_dtype)
 
     def predict_age(self, volumes: np.ndarray) -> np.ndarray:
-        """Normalised volumes [n, X, Y, Z] -> predicted ages [n] (years), float64."""
+        """Normalised volumes [n, C, X, Y, Z] -> predicted ages [n] (years), float64."""
         if len(volumes) == 0:
             return np.zeros(0)
         return self.readout.predict(self.features(volumes).astype(np.float64))
@@ -132,9 +132,10 @@ def read_qc(path: str | Path, minimums: Mapping) -> tuple[bool, str, dict]:
             {f"qc_{metric}": float(record[metric]) for metric in METRICS})
 
 
-def normalise_subject(bundle: ModelBundle, stiffness_path: str | Path, *, subject: str
+def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, subject: str
                       ) -> np.ndarray:
-    """A subject's preprocessed map file -> the model's input [x, y, z] (z-units).
+    """A subject's preprocessed maps (``{modality: file}``) -> the model's input
+    [C, x, y, z] (z-units), channels in the bundle's order.
 
     Uses the bundle's TRAINING normalisation record (:func:`brainage.normalise.apply`);
     nothing is estimated on the new cohort.
@@ -142,14 +143,21 @@ def normalise_subject(bundle: ModelBundle, stiffness_path: str | Path, *, subjec
     Raises
     ------
     InputError
-        Unreadable or empty map, NaN/inf voxels, or a map off the bundle's template grid.
+        A modality of the bundle without a map, an unreadable or empty map, NaN/inf
+        voxels, or a map off the bundle's template grid.
     """
-    what = f"subject {subject}: preprocessed map {stiffness_path}"
-    data, affine = load_volume(stiffness_path, what=what)
-    check_grid(data.shape, affine, bundle.normalisation, what=what)
-    if not np.all(np.isfinite(data)):
-        raise InputError(f"{what} has NaN/inf voxels; rerun its preprocessing.")
-    return apply_normalisation(data, bundle.normalisation).astype(np.float32)
+    volumes = {}
+    for name in bundle.normalisation["modalities"]:
+        if name not in maps:
+            raise InputError(f"subject {subject}: no preprocessed {name} map; model "
+                             f"{bundle.name} needs {', '.join(bundle.normalisation['modalities'])}.")
+        what = f"subject {subject}: preprocessed {name} map {maps[name]}"
+        data, affine = load_volume(maps[name], what=what)
+        check_grid(data.shape, affine, bundle.normalisation, what=what)
+        if not np.all(np.isfinite(data)):
+            raise InputError(f"{what} has NaN/inf voxels; rerun its preprocessing.")
+        volumes[name] = data
+    return apply_normalisation(volumes, bundle.normalisation).astype(np.float32)
 
 
 def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
@@ -168,9 +176,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         Model bundle (``results/models/<name>``); verified before use.
     dataset_root : path
         The cohort's BIDS-like dataset (its participants.tsv gives age, sex, study, group).
-    maps : mapping of label to path
-        Each subject's preprocessed map (``..._space-MNI152_res-2_desc-preproc_stiffness``,
-        kPa, template grid); one per participants.tsv row.
+    maps : mapping of label to ``{modality: path}``
+        Each subject's preprocessed maps (``..._space-<space>_res-2_desc-preproc_<modality>``,
+        template grid) of the bundle's modalities; one per participants.tsv row.
     qc : mapping of label to path
         Each subject's ``sub-<label>_qc.json``. A subject failing QC is listed with status
         ``qc_failed`` and the thresholds it missed, and gets no prediction: a map that is
@@ -205,11 +213,13 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     Raises
     ------
     InputError
-        A subject without a preprocessed map or QC file, a map off the template grid.
+        A subject without an image of the bundle's modalities (naming it), a preprocessed
+        map or QC file, a map off the template grid.
     BundleError
         Missing, tampered or incompatible bundle.
     """
-    participants = read_participants(dataset_root)
+    bundle = bundle_dir if isinstance(bundle_dir, ModelBundle) else read_bundle(bundle_dir)
+    participants = read_participants(dataset_root, bundle.normalisation["modalities"])
     table_path = Path(dataset_root) / "participants.tsv"
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     group_column = group_column or ("group" if "group" in participants.columns else "study")
@@ -225,7 +235,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         if missing:
             raise InputError(f"cohort {cohort}: no {kind} for sub-{', sub-'.join(missing)} "
                              f"listed in {table_path}; run their preprocessing first.")
-    model = BrainAgeModel.from_bundle(bundle_dir, device=device)
+    model = BrainAgeModel.from_bundle(bundle, device=device)
     log.info("cohort %s: %d subjects, bundle %s (%s/%s seed %s)", cohort, len(labels),
              model.bundle.path, model.bundle.manifest["source"]["experiment"],
              model.bundle.manifest["source"]["variant"], model.bundle.manifest["source"]["seed"])

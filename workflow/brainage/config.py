@@ -279,6 +279,21 @@ def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "s
             f"one age: set model.projection_dim: 1 (and model.projection_head: true).")
 
 
+def cell_modalities(config: Mapping[str, Any], model: Mapping[str, Any], *, where: str,
+                    source: str) -> list[str]:
+    """A cell's input channels: ``model.modalities``, or all of ``dataset.modalities`` when
+    unset; each must be one the subjects provide."""
+    provided = list(config["dataset"]["modalities"])
+    chosen = list(model.get("modalities") or provided)
+    missing = [name for name in chosen if name not in provided]
+    if missing:
+        raise ConfigError(
+            f"{source}: config key '{where}.model.modalities' lists {', '.join(missing)}, "
+            f"which config key dataset.modalities ({', '.join(provided)}) does not provide. "
+            f"Add it to dataset.modalities (every subject then needs that map) or remove it.")
+    return chosen
+
+
 def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed: int, *,
                   source: str = "config") -> dict:
     """Everything that determines one grid cell's result, as plain JSON-able data.
@@ -296,8 +311,11 @@ def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed
             f"experiments.{experiment}.variants): {missing}") from None
     merged = {section: deep_merge(config[section], overrides.get(section, {}))
               for section in CELL_SECTIONS}
+    where = f"experiments.{experiment}.variants.{variant}"
+    merged["model"]["modalities"] = cell_modalities(config, merged["model"], where=where,
+                                                    source=source)
     return resolve_cell({"experiment": experiment, "variant": variant, "seed": int(seed),
-                         **merged}, where=f"experiments.{experiment}.variants.{variant}",
+                         **merged}, where=where,
                         source=source)
 
 

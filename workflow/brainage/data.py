@@ -54,17 +54,26 @@ def plan_batches(n_subjects: int, batch_size: int, rng: np.random.Generator) -> 
 
 
 class VolumeStore:
-    """Reads batches of volumes as [b, 1, X, Y, Z] float32 tensors on ``device``.
+    """Reads batches of volumes as [b, C, X, Y, Z] float32 tensors on ``device``.
 
-    On CUDA the whole array is copied to the device once when it takes less than
+    ``images`` is a split array [n, C_all, X, Y, Z]; ``channels`` picks the cell's input
+    channels (:meth:`brainage.split_data.SplitData.channel_indices`; None: all). On CUDA the
+    whole array (its chosen channels) is copied to the device once when it takes less than
     :data:`RESIDENT_MEMORY_SHARE` of the free memory (``resident="auto"``); otherwise each
     batch is gathered from the memory map with one sorted fancy-indexing read.
     """
 
     def __init__(self, images: np.ndarray, device: torch.device, *,
+                 channels: Sequence[int] | None = None,
                  normalisation: tuple[float, float] | None = None,
                  resident: bool | str = "auto") -> None:
+        if images.ndim != 5:
+            raise DataError(f"a split array is [subjects, channels, X, Y, Z]; got shape "
+                            f"{images.shape}.")
         self.images = images
+        all_channels = list(range(images.shape[1]))
+        self.channels = (None if channels is None or list(channels) == all_channels
+                         else np.asarray(channels, dtype=np.int64))
         self.device = torch.device(device)
         self.normalisation = normalisation
         if resident == "auto":
@@ -78,30 +87,38 @@ class VolumeStore:
     def _copy_to_device(self) -> torch.Tensor:
         """The whole array on the device, copied in chunks (no second host copy)."""
         dtype = torch.from_numpy(np.zeros(0, dtype=self.images.dtype)).dtype
-        resident = torch.empty(self.images.shape, dtype=dtype, device=self.device)
+        resident = torch.empty(self._row_shape(len(self.images)), dtype=dtype, device=self.device)
         for start in range(0, len(self.images), SCAN_CHUNK):
-            chunk = np.array(self.images[start:start + SCAN_CHUNK])  # writable copy
+            chunk = self._select(np.array(self.images[start:start + SCAN_CHUNK]))  # a copy
             resident[start:start + len(chunk)] = torch.from_numpy(chunk).to(self.device)
         return resident
 
+    def _row_shape(self, rows: int) -> tuple[int, ...]:
+        channels = self.images.shape[1] if self.channels is None else len(self.channels)
+        return (rows, channels, *self.images.shape[2:])
+
+    def _select(self, rows: np.ndarray) -> np.ndarray:
+        return rows if self.channels is None else np.ascontiguousarray(rows[:, self.channels])
+
     def _fits_on_device(self) -> bool:
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.images.nbytes < RESIDENT_MEMORY_SHARE * free
+        selected = self.images.nbytes * self._row_shape(1)[1] // self.images.shape[1]
+        return selected < RESIDENT_MEMORY_SHARE * free
 
     def gather(self, indices: np.ndarray) -> torch.Tensor:
-        """Rows ``indices`` (array row numbers) as [b, 1, X, Y, Z] float32 on the device."""
+        """Rows ``indices`` (array row numbers) as [b, C, X, Y, Z] float32 on the device."""
         indices = np.asarray(indices, dtype=np.int64)
         if self.resident is not None:
             batch = self.resident[torch.from_numpy(indices).to(self.device)]
         else:
             # Sorted reads are sequential on disk; the inverse permutation restores order.
             order = np.argsort(indices, kind="stable")
-            rows = np.empty((len(indices),) + self.images.shape[1:], dtype=self.images.dtype)
-            rows[order] = self.images[indices[order]]
+            rows = np.empty(self._row_shape(len(indices)), dtype=self.images.dtype)
+            rows[order] = self._select(self.images[indices[order]])
             batch = torch.from_numpy(rows)
             if self.device.type == "cuda":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = batch.to(torch.float32).unsqueeze(1)
+        batch = batch.to(torch.float32)
         if self.normalisation is not None:
             mean, sd = self.normalisation
             batch = torch.where(batch != 0, (batch - mean) / sd, batch)
@@ -148,7 +165,8 @@ def rotation_matrices(angles: torch.Tensor) -> torch.Tensor:
 
 
 class Augmenter:
-    """One augmentation applied to a whole batch [B, 1, X, Y, Z] with one random generator.
+    """One augmentation applied to a whole batch [B, C, X, Y, Z] with one random generator
+    (a subject's channels get the same rotation, flip and cutout).
 
     Parameters
     ----------

@@ -74,7 +74,8 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
 
     From the cell's ``features.npz`` (written by training, :func:`brainage.train.
     write_features`; the kind ``model.features`` names), or, without an encoder
-    (``model.encoder: none``, the classical baselines), the normalised voxels themselves.
+    (``model.encoder: none``, the classical baselines), the normalised voxels themselves (of
+the cell's channels, ``model.modalities``).
 
     Raises
     ------
@@ -84,7 +85,9 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
     """
     rows = np.concatenate([split.train_index, split.eval_index])
     if settings["model"]["encoder"] == "none":
-        return np.asarray(split.images[rows], dtype=np.float32).reshape(len(rows), -1), None
+        channels = split.channel_indices(settings["model"].get("modalities"))
+        voxels = np.asarray(split.images[rows], dtype=np.float32)[:, channels]
+        return voxels.reshape(len(rows), -1), None
     with np.load(features_path, allow_pickle=False) as saved:
         if saved["participant_id"].tolist() != split.participant_ids[rows].tolist():
             raise DataError(f"{features_path} lists other subjects than split {split.name} "

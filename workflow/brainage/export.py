@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from brainage.agebias import select_bias_correction
 from brainage.bundle import write_bundle
 from brainage.config import resolve_cell
 from brainage.io import sha256_file
+from brainage.modalities import MODALITIES
 from brainage.normalise import RECORD_KEYS
 from brainage.preprocess.template import template_record
 from brainage.readout import READOUT_DESCRIPTION, load_readout
@@ -38,15 +39,24 @@ class ExportError(ValueError):
     """A grid cell cannot be exported as a bundle; the message says why and what to do."""
 
 
-def normalisation_record(stats: Mapping) -> dict:
-    """The split's TRAINING normalisation, without per-subject lists: a bundle goes to
-    other labs and needs the numbers, not who the training subjects were."""
+#: Record entries with one value per channel.
+CHANNEL_KEYS = ("modalities", "scale_by_brain_median", "mean", "sd", "n_voxels")
+
+
+def normalisation_record(stats: Mapping, modalities: Sequence[str]) -> dict:
+    """The split's TRAINING normalisation of the cell's channels (``model.modalities``),
+    without per-subject lists: a bundle goes to other labs and needs the numbers, not who
+    the training subjects were, and a cohort needs only the maps the model reads."""
     missing = [key for key in RECORD_KEYS if key not in stats]
     if missing:
         raise ExportError(f"the split's stats.json lacks {', '.join(missing)}; rerun rule "
                           f"normalise_dataset.")
     record = {key: stats[key] for key in (*RECORD_KEYS, "scope", "n_voxels", "split")
               if key in stats}
+    channels = [list(stats["modalities"]).index(name) for name in modalities]
+    for key in CHANNEL_KEYS:
+        if key in record:
+            record[key] = [record[key][index] for index in channels]
     record["n_statistics_subjects"] = len(stats.get("statistics_subjects", []))
     return record
 
@@ -118,7 +128,8 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         "source": {"split": stats["split"], "experiment": settings.get("experiment"),
                    "variant": settings.get("variant"), "seed": settings["seed"],
                    "encoder_sha256": encoder_sha256, "metrics": metrics},
-        "normalisation": normalisation_record(stats),
+        "normalisation": normalisation_record(
+            stats, settings["model"]["modalities"] or stats["modalities"]),
         "template": template_record(template_t1, template_mask,
                                     source=preprocessing["template"]["source"],
                                     space=preprocessing["template"]["space"]),
@@ -143,9 +154,14 @@ def bundle_readme(name: str, fields: Mapping) -> str:
     metrics = source.get("metrics") or {}
     mae = f"{metrics['mae']:.2f} years" if "mae" in metrics else "n/a"
     training = fields["training"]
+    record = fields["normalisation"]
+    channels = "; ".join(
+        f"{modality_name} mean {mean:.4f} sd {sd:.4f} {MODALITIES[modality_name].unit}"
+        for modality_name, mean, sd in zip(record["modalities"], record["mean"], record["sd"]))
     return (
         f"# brainage model bundle `{name}`\n\n"
-        f"Brain age from MR-elastography stiffness maps: a 3D ResNet-18 encoder trained with "
+        f"Brain age from MR-elastography maps ({', '.join(record['modalities'])}): a 3D "
+        f"ResNet-18 encoder trained with "
         f"the `{fields['settings']['loss']['name']}` loss (grid cell "
         f"{source['experiment']}/{source['variant']}/seed-{source['seed']}, split "
         f"{source['split']}) and a `{fields['readout']['method']}` read-out.\n\n"
@@ -153,9 +169,8 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"- trained on {training['n_subjects']} subjects aged {training['age_min']:.0f}-"
         f"{training['age_max']:.0f} years\n"
         f"- template: {fields['template']['id']}, normalisation at "
-        f"{fields['normalisation']['resolution_mm']} mm with the training mean "
-        f"{fields['normalisation']['mean']:.4f} kPa and sd "
-        f"{fields['normalisation']['sd']:.4f} kPa\n"
+        f"{record['resolution_mm']} mm with the training statistics ({channels}); a cohort "
+        f"needs these maps for every subject\n"
         f"- age-bias correction: gap = {fields['bias_correction']['intercept']:.3f} + "
         f"{fields['bias_correction']['slope']:.4f} * age "
         f"({fields['bias_correction']['description']})\n\n"

@@ -4,7 +4,12 @@ Layout of a dataset root::
 
     participants.tsv                          participant_id, age, sex, study, [extra...]
     sub-<label>/mre/sub-<label>_stiffness.nii.gz   shear stiffness (kPa), native space
-    sub-<label>/anat/sub-<label>_T1w.nii.gz        optional, same space as the map
+    sub-<label>/mre/sub-<label>_<map>.nii.gz       other MRE maps on the same grid
+                                                   (damping_ratio, storage_modulus, loss_modulus)
+    sub-<label>/anat/sub-<label>_T1w.nii.gz        optional, same space as the maps
+
+Config key ``dataset.modalities`` says which maps every subject must have
+(:mod:`brainage.modalities`).
 
 Every check raises :class:`InputError` naming the file, subject or column and what to do,
 before any work starts (the workflow calls these while building its job graph).
@@ -22,10 +27,12 @@ import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import pandas as pd
+
+from brainage.modalities import DEFAULT_MODALITIES, input_path, modality
 
 #: BIDS labels are letters and digits only, so no id can escape the results folder.
 #: Matched with fullmatch: ``$`` alone would also accept a trailing newline.
@@ -40,11 +47,11 @@ class InputError(ValueError):
 
 
 def stiffness_path(root: str | Path, label: str) -> Path:
-    return Path(root) / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz"
+    return input_path(root, label, "stiffness")
 
 
 def anatomical_path(root: str | Path, label: str) -> Path:
-    return Path(root) / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz"
+    return input_path(root, label, "T1w")
 
 
 def check_label(label: str, *, where: str) -> str:
@@ -55,8 +62,10 @@ def check_label(label: str, *, where: str) -> str:
     return label
 
 
-def read_participants(root: str | Path) -> pd.DataFrame:
-    """Read and validate ``<root>/participants.tsv``; every listed subject must have a map.
+def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES
+                      ) -> pd.DataFrame:
+    """Read and validate ``<root>/participants.tsv``; every listed subject must have every
+    image of ``modalities`` (config key ``dataset.modalities``).
 
     Returns a DataFrame with ``participant_id`` (``sub-<label>``), ``age`` (years, float),
     ``sex``, ``study`` (str) and any extra columns, in file order.
@@ -64,11 +73,12 @@ def read_participants(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     table_path = root / "participants.tsv"
     stamp = table_path.stat().st_mtime_ns if table_path.exists() else None
-    return _read_participants_cached(str(root.resolve()), stamp).copy()
+    return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities)).copy()
 
 
 @lru_cache(maxsize=8)
-def _read_participants_cached(root_str: str, stamp: int | None) -> pd.DataFrame:
+def _read_participants_cached(root_str: str, stamp: int | None,
+                              modalities: tuple[str, ...]) -> pd.DataFrame:
     root = Path(root_str)
     if not root.is_dir():
         raise InputError(
@@ -94,11 +104,8 @@ def _read_participants_cached(root_str: str, stamp: int | None) -> pd.DataFrame:
     _validate_participant_rows(table, table_path)
     _validate_against_schema(table, table_path)
     for participant_id in table["participant_id"]:
-        label = participant_id[len("sub-"):]
-        if not stiffness_path(root, label).is_file():
-            raise InputError(
-                f"subject {participant_id}: stiffness map {stiffness_path(root, label)} is "
-                f"missing. Add the file, or remove the subject's row from {table_path}.")
+        _require_images(root, participant_id[len("sub-"):], modalities,
+                        remedy=f"or remove the subject's row from {table_path}")
     table["age"] = table["age"].astype(float)
     table["study"] = table["study"].astype(str)
     return table
@@ -149,16 +156,29 @@ def _validate_against_schema(table: pd.DataFrame, table_path: Path) -> None:
                              f"column {column!r}: {error.message}")
 
 
-def subject_inputs(root: str | Path, label: str) -> dict[str, str]:
+def _require_images(root: str | Path, label: str, modalities: Sequence[str], *,
+                    remedy: str) -> None:
+    for name in modalities:
+        path = input_path(root, label, name)
+        if not path.is_file():
+            raise InputError(
+                f"subject sub-{label}: {modality(name).description} {path} is missing "
+                f"(config key dataset.modalities lists {name}). Add the file, {remedy}, or "
+                f"remove {name} from the modalities.")
+
+
+def subject_inputs(root: str | Path, label: str,
+                   modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
     """Input files of one subject from the dataset folder (not from participants.tsv).
 
-    Returns ``{"stiffness": path}`` plus ``"anat": path`` when the subject has a T1w.
+    Returns ``{map: path}`` for each MRE map of ``modalities``, plus ``"anat": path`` when
+    the subject has a T1w (required when ``modalities`` lists T1w; otherwise it is the
+    registration reference when present).
     """
     check_label(label, where=f"dataset {root}")
-    stiffness = stiffness_path(root, label)
-    if not stiffness.is_file():
-        raise InputError(f"subject sub-{label}: stiffness map {stiffness} is missing.")
-    inputs = {"stiffness": str(stiffness)}
+    _require_images(root, label, modalities, remedy="or remove the subject")
+    inputs = {name: str(input_path(root, label, name)) for name in modalities
+              if modality(name).is_mre}
     anat = anatomical_path(root, label)
     if anat.is_file():
         inputs["anat"] = str(anat)
@@ -425,9 +445,11 @@ def _json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-def check_dataset_images(root: str | Path, labels: list[str], *,
+def check_dataset_images(root: str | Path, labels: list[str],
+                         modalities: Sequence[str] = DEFAULT_MODALITIES, *,
                          cache_file: str | Path | None = None) -> None:
-    """Open every subject's stiffness map (and T1w) once and check it before any work.
+    """Open every subject's images (the maps of ``modalities``, and the T1w) once and check
+    them before any work.
 
     A file already checked with the same size and modification time is skipped, using
     ``cache_file`` (JSON), so a dataset of thousands is read in full only once.
@@ -446,13 +468,13 @@ def check_dataset_images(root: str | Path, labels: list[str], *,
             cache = {}
     changed = False
     for label in labels:
-        files = subject_inputs(root, label)
+        files = subject_inputs(root, label, modalities)
         for kind, path in files.items():
             stat = Path(path).stat()
             key = str(Path(path).resolve())
             if cache.get(key) == [stat.st_size, stat.st_mtime_ns]:
                 continue
-            what = f"subject sub-{label}: {'stiffness map' if kind == 'stiffness' else 'T1w image'}"
+            what = f"subject sub-{label}: {modality('T1w' if kind == 'anat' else kind).description}"
             load_nifti_checked(path, what=what)
             cache[key] = [stat.st_size, stat.st_mtime_ns]
             changed = True

@@ -163,9 +163,12 @@ def _restore_onednn(conv: nn.Conv3d, args: tuple, output) -> None:
         conv._left_onednn = False
 
 
-def build_model(model_settings: Mapping, *, in_channels: int = 1) -> BrainAgeNet:
+def build_model(model_settings: Mapping, *, in_channels: int | None = None) -> BrainAgeNet:
     """The network of one grid cell from a resolved ``model`` section
     (:func:`brainage.config.resolve_cell`).
+
+    ``in_channels``: the input channels; by default one per entry of ``model.modalities``
+    (one when it is unset).
 
     Raises
     ------
@@ -180,6 +183,8 @@ def build_model(model_settings: Mapping, *, in_channels: int = 1) -> BrainAgeNet
         raise ConfigError("config key model.features is 'projection' but model.projection_head "
                           "is false: there is no projection to read features from. Set "
                           "model.features: encoder, or model.projection_head: true.")
+    if in_channels is None:
+        in_channels = len(model_settings.get("modalities") or ["stiffness"])
     return BrainAgeNet(width=model_settings["width"], in_channels=in_channels,
                        projection_head=model_settings["projection_head"],
                        hidden_dim=model_settings["hidden_dim"],
@@ -277,6 +282,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"checkpoint {self.path}: loaded {len(self.loaded)} tensors, "
@@ -284,7 +290,8 @@ class LoadReport:
                  f"{len(self.mismatched)} with another shape"]
         for title, keys in (("missing (kept at initialisation)", self.missing),
                             ("unexpected (ignored)", self.unexpected),
-                            ("shape mismatch (ignored)", self.mismatched)):
+                            ("shape mismatch (ignored)", self.mismatched),
+                            ("input channels adapted (replicated / C)", self.adapted)):
             if keys:
                 lines.append(f"  {title}: {', '.join(keys)}")
         return "\n".join(lines)
@@ -316,6 +323,27 @@ def _strip_prefixes(key: str) -> str:
     return key
 
 
+#: The encoder's first convolution: the one tensor whose shape follows the input channels.
+FIRST_CONV = "encoder.conv1.weight"
+
+
+def replicable(source_shape, target_shape) -> bool:
+    """A one-channel first convolution that can initialise a C-channel one."""
+    return (len(source_shape) == len(target_shape) == 5 and source_shape[1] == 1
+            and target_shape[1] > 1 and tuple(source_shape[2:]) == tuple(target_shape[2:])
+            and source_shape[0] == target_shape[0])
+
+
+def replicate_input_channels(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """The rule that initialises a C-channel first convolution from a one-channel
+    checkpoint (e.g. a T1w-pretrained encoder fine-tuned on stiffness + damping ratio):
+    the kernel is copied to every input channel and divided by C. A network fed C copies of
+    one image then computes exactly what the checkpoint computed on that image, so every
+    channel starts with equal weight and fine-tuning shifts it (docs/method.md,
+    "Modalities")."""
+    return (weight.repeat(1, channels, 1, 1, 1) / channels).contiguous()
+
+
 def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
                    ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Rename the keys of ``source`` onto the model keys ``target`` by prefix stripping and
@@ -324,7 +352,8 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
     A source key ``module.encoder.layer1.0.conv1.weight`` becomes
     ``encoder.layer1.0.conv1.weight``; a bare ResNet key ``layer1.0.conv1.weight`` is tried
     as ``encoder.layer1.0.conv1.weight``. A classification layer ``fc.*`` has no counterpart
-    (our encoder has none) and is reported as unexpected.
+    (our encoder has none) and is reported as unexpected. A one-channel first convolution
+    initialises a multi-channel one by :func:`replicate_input_channels`.
     """
     report = LoadReport(path="")
     mapped: dict[str, torch.Tensor] = {}
@@ -336,6 +365,11 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
         name = next((candidate for candidate in candidates if candidate in target), None)
         if name is None:
             report.unexpected.append(raw_key)
+        elif name == FIRST_CONV and replicable(tensor.shape, target[name].shape):
+            mapped[name] = replicate_input_channels(tensor, target[name].shape[1])
+            report.loaded.append(name)
+            report.adapted.append(f"{raw_key} {tuple(tensor.shape)} -> {name} "
+                                  f"{tuple(target[name].shape)}")
         elif tuple(target[name].shape) != tuple(tensor.shape):
             report.mismatched.append(f"{raw_key} {tuple(tensor.shape)} -> {name} "
                                      f"{tuple(target[name].shape)}")
@@ -373,7 +407,7 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path) -> LoadReport:
     if not any(name.startswith("encoder.") for name in mapped):
         raise ValueError(f"config key model.init_checkpoint: no encoder tensor of {path} fits "
                          f"the 3D ResNet-18 (first keys: {', '.join(list(source)[:5])}). "
-                         f"Is it a 3D ResNet-18 with one input channel?\n{report.summary()}")
+                         f"Is it a 3D ResNet-18?\n{report.summary()}")
     model.load_state_dict(mapped, strict=False)
     log.info("%s", report.summary())
     return report

@@ -10,12 +10,14 @@ Splits (config section ``split``), all seeded and fixed across training seeds:
 ``loso``
     leave one study out; split ``loso<study>`` (non-alphanumerics removed) tests that study.
 
-Normalisation (METHOD.md section 1): one mean and one sd over the non-zero (brain) voxels
-of the whole dataset, background stays exactly 0. The paper's code computes them over all
-subjects before splitting, which leaks test statistics into training; by default we use
-the split's training subjects only (``normalise.scope: train``), ``scope: all`` reproduces
-the paper. Statistics are streamed: one map in memory at a time, per-subject count, mean
-and sum of squared deviations in float64, combined exactly (Chan et al. 1979).
+Normalisation (docs/method.md, "Normalisation"): per channel (modality) one mean and one
+sd over the non-zero (brain) voxels of the whole dataset, background stays exactly 0; a
+T1w channel is first divided by each image's median brain value (scanner units). The
+paper's code computes them over all subjects before splitting, which leaks test statistics
+into training; by default we use the split's training subjects only (``normalise.scope:
+train``), ``scope: all`` reproduces the paper. Statistics are streamed: one map in memory
+at a time, per-subject count, mean and sum of squared deviations in float64, combined
+exactly (Chan et al. 1979).
 
 Optionally (``normalise.resolution_mm`` 4/6/8) the 2 mm maps are block-averaged first: the
 template grid is cropped (where only background is removed) or padded so the factor
@@ -36,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import InputError, atomic_path, write_json, write_tsv
+from brainage.modalities import DEFAULT_MODALITIES, modality
 from brainage.preprocess.images import load_mask, load_volume
 from brainage.qc import participants_table, read_qc_table
 
@@ -276,32 +279,54 @@ def volume_moments(values: np.ndarray) -> tuple[int, float, float]:
 
 # -- the rule's function ---------------------------------------------------------------------
 
-def _map_lookup(maps: Sequence[str | Path]) -> dict[str, Path]:
+def _map_lookup(maps: Sequence[str | Path], modalities: Sequence[str]) -> dict[tuple[str, str], Path]:
+    """``{(participant_id, modality): path}`` of registered maps named
+    ``sub-<label>_..._<modality>.nii.gz``; files of other modalities are ignored."""
     lookup = {}
     for path in maps:
-        participant_id = Path(path).name.split("_")[0]
-        lookup[participant_id] = Path(path)
+        name = Path(path).name
+        for modality_name in modalities:
+            if name.endswith(f"_{modality_name}.nii.gz"):
+                lookup[(name.split("_")[0], modality_name)] = Path(path)
     return lookup
 
 
-#: Keys of stats.json that :func:`apply` needs: everything that turns a registered map
-#: into the network's input. The bundle carries them to other labs.
+#: Keys of stats.json that :func:`apply` needs: everything that turns a subject's registered
+#: maps into the network's input. The bundle carries them to other labs. ``modalities``,
+#: ``scale_by_brain_median``, ``mean`` and ``sd`` have one entry per channel.
 RECORD_KEYS = ("template_shape", "template_affine", "window_start", "window_stop",
-               "block_factor", "mean", "sd", "dtype", "resolution_mm", "shape", "affine")
+               "block_factor", "modalities", "scale_by_brain_median", "mean", "sd", "dtype",
+               "resolution_mm", "shape", "affine")
 
 
 def window(volume: np.ndarray, record: Mapping) -> np.ndarray:
-    """The record's window of a template-grid map, block-averaged (kPa, float32)."""
+    """The record's window of a template-grid map, block-averaged (the map's unit, float32)."""
     return block_average(crop_or_pad(volume, np.asarray(record["window_start"], dtype=int),
                                      np.asarray(record["window_stop"], dtype=int)),
                          int(record["block_factor"]))
 
 
-def z_score(blocked: np.ndarray, record: Mapping) -> np.ndarray:
-    """Non-zero voxels to z-units with the record's mean and sd; background stays exactly 0;
-    stored in the record's dtype."""
-    mean, sd = float(record["mean"]), float(record["sd"])
-    return np.where(blocked != 0, (blocked - mean) / sd, 0.0).astype(DTYPES[record["dtype"]])
+def scaled_by_brain_median(volume: np.ndarray) -> np.ndarray:
+    """``volume`` divided by the median of its non-zero voxels (T1w: scanner units differ
+    between sites by factors; :mod:`brainage.modalities`)."""
+    values = volume[volume != 0]
+    if values.size == 0:
+        return volume.astype(np.float32)
+    return (volume / np.float32(np.median(values))).astype(np.float32)
+
+
+def channel(volume: np.ndarray, record: Mapping, index: int) -> np.ndarray:
+    """Channel ``index`` of the record before z-scoring: the map, scaled when its modality
+    is (``scale_by_brain_median``), windowed and block-averaged."""
+    if record["scale_by_brain_median"][index]:
+        volume = scaled_by_brain_median(volume)
+    return window(volume, record)
+
+
+def z_score(blocked: np.ndarray, mean: float, sd: float, dtype: str) -> np.ndarray:
+    """Non-zero voxels to z-units with the (training) ``mean`` and ``sd``; background stays
+    exactly 0; stored in ``dtype``."""
+    return np.where(blocked != 0, (blocked - mean) / sd, 0.0).astype(DTYPES[dtype])
 
 
 def check_grid(shape, affine, record: Mapping, *, what: str) -> None:
@@ -314,15 +339,22 @@ def check_grid(shape, affine, record: Mapping, *, what: str) -> None:
                          f"register_to_template job.")
 
 
-def apply(volume: np.ndarray, record: Mapping) -> np.ndarray:
-    """A registered map (kPa, template grid) -> the network's input [x, y, z] (z-units).
+def apply(volumes: Mapping[str, np.ndarray], record: Mapping) -> np.ndarray:
+    """A subject's registered maps (``{modality: template-grid map}``) -> the network's
+    input [C, x, y, z] (z-units), channels in the record's ``modalities`` order.
 
-    Exactly what the normalisation stage stores for a subject: the record's window,
-    block-averaging, the record's (training) mean and sd, background exactly 0, rounded
-    through the record's storage dtype. Used for every split subject and for every
-    subject of a new cohort, so both see the same numbers.
+    Exactly what the normalisation stage stores for a subject: per channel the scaling of
+    its modality, the record's window, block-averaging, the record's (training) mean and
+    sd, background exactly 0, rounded through the record's storage dtype. Used for every
+    split subject and for every subject of a new cohort, so both see the same numbers.
     """
-    return z_score(window(volume, record), record)
+    missing = [name for name in record["modalities"] if name not in volumes]
+    if missing:
+        raise InputError(f"no registered {', '.join(missing)} map given; the normalisation "
+                         f"needs {', '.join(record['modalities'])}.")
+    return np.stack([z_score(channel(volumes[name], record, index), record["mean"][index],
+                             record["sd"][index], record["dtype"])
+                     for index, name in enumerate(record["modalities"])])
 
 
 def _read_map(path: Path, record: Mapping, participant_id: str) -> np.ndarray:
@@ -340,21 +372,26 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                       out_images: str | Path, out_participants: str | Path,
                       out_stats: str | Path, *, split: str, split_settings: Mapping,
                       scope: str = "train", dtype: str = "float32", resolution_mm: int = 2,
-                      exclude_failed: bool = False) -> dict:
+                      exclude_failed: bool = False,
+                      modalities: Sequence[str] = DEFAULT_MODALITIES,
+                      eval_subset: str = "test") -> dict:
     """One split's z-normalised image array, its participants table and statistics.
 
     Parameters
     ----------
-    maps : every subject's registered map (``..._space-MNI152_res-2_desc-preproc_stiffness``),
-        named ``sub-<label>_...``; extra maps are ignored.
+    maps : every subject's registered maps (``..._space-<space>_res-2_desc-preproc_<modality>
+        .nii.gz``, :func:`brainage.preprocess.chain.subject_files`), named
+        ``sub-<label>_...``; maps of other modalities are ignored.
     participants : the dataset's participants table, or the path of its participants.tsv.
     qc_table : the QC table (``tabulate_qc``): coverage and qc_pass per subject.
     template_mask : template brain mask (defines the grid).
-    out_images : ``images.npy``, [n_subjects, X, Y, Z], rows in participants order,
-        z-normalised non-zero voxels, background exactly 0; ``np.load(mmap_mode="r")``-able.
+    out_images : ``images.npy``, [n_subjects, C, X, Y, Z] (C = ``len(modalities)``), rows in
+        participants order, z-normalised non-zero voxels per channel, background exactly 0;
+        ``np.load(mmap_mode="r")``-able.
     out_participants : participants.tsv of the rows: input columns + subset, coverage, qc_pass.
-    out_stats : stats.json (mean and sd in kPa, scope, voxel count, statistics subjects,
-        resolution, affine, shape, dtype, excluded subjects with reasons, split name).
+    out_stats : stats.json: the normalisation record (:data:`RECORD_KEYS`; per channel the
+        mean and sd in the map's unit), scope, voxel counts, statistics subjects,
+        excluded subjects with reasons, split name.
     split : split name (:func:`split_names`).
     split_settings : config section ``split`` (scheme, test_fraction, n_folds, seed).
     scope : ``train`` (the split's training subjects) or ``all`` (the paper's code).
@@ -362,6 +399,9 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     resolution_mm : 2, 4, 6 or 8; above 2 the maps are block-averaged first.
     exclude_failed : drop subjects failing QC (config ``qc.exclude_failed``); each is
         logged and listed in stats.json ``excluded``.
+    modalities : the channels, in order (config key ``dataset.modalities``).
+    eval_subset : the name of the held-out rows in ``subset``: ``test``, or ``validation``
+        for a pretraining cohort.
 
     Returns
     -------
@@ -375,8 +415,10 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         raise ValueError(f"normalise.resolution_mm={resolution_mm}; choose one of "
                          f"{RESOLUTIONS_MM}.")
     factor = resolution_mm // TEMPLATE_VOXEL_MM
-    table = participants_table(participants)
-    table["subset"] = assign_split(table, split, **split_settings).to_numpy()
+    modalities = list(modalities)
+    table = participants_table(participants, modalities)
+    table["subset"] = assign_split(table, split, **split_settings).replace(
+        {"test": eval_subset}).to_numpy()
 
     qc = read_qc_table(qc_table).set_index("participant_id")
     missing_qc = [pid for pid in table["participant_id"] if pid not in qc.index]
@@ -401,8 +443,9 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         raise InputError(f"split {split}: no training subject left"
                          f"{' after the QC exclusions' if excluded else ''}.")
 
-    lookup = _map_lookup(maps)
-    absent = [pid for pid in table["participant_id"] if pid not in lookup]
+    lookup = _map_lookup(maps, modalities)
+    absent = [f"{pid} ({name})" for pid in table["participant_id"] for name in modalities
+              if (pid, name) not in lookup]
     if absent:
         raise InputError(f"split {split}: no registered map given for {', '.join(absent[:10])}.")
     brain, template_affine = load_mask(template_mask, what="template brain mask")
@@ -410,35 +453,51 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     record = {"template_shape": list(brain.shape), "template_affine": template_affine.tolist(),
               "window_start": start.tolist(), "window_stop": stop.tolist(),
               "block_factor": factor, "resolution_mm": int(resolution_mm),
-              "shape": list(shape), "affine": affine.tolist(), "dtype": dtype}
+              "shape": list(shape), "affine": affine.tolist(), "dtype": dtype,
+              "modalities": modalities,
+              "scale_by_brain_median": [modality(name).scale_by_brain_median
+                                        for name in modalities]}
+
+    def subject_maps(participant_id: str) -> dict[str, np.ndarray]:
+        return {name: _read_map(lookup[(participant_id, name)], record, participant_id)
+                for name in modalities}
 
     statistics_rows = table if scope == "all" else table[table["subset"] == "train"]
-    log.info("split %s: statistics over the non-zero voxels of %d %s subjects at %d mm", split,
-             len(statistics_rows), "training" if scope == "train" else "(all)", resolution_mm)
-    moments = (0, 0.0, 0.0)
+    log.info("split %s: statistics over the non-zero voxels of %d %s subjects at %d mm, "
+             "channels %s", split, len(statistics_rows),
+             "training" if scope == "train" else "(all)", resolution_mm, ", ".join(modalities))
+    moments = [(0, 0.0, 0.0)] * len(modalities)
     for position, participant_id in enumerate(statistics_rows["participant_id"], start=1):
-        volume = window(_read_map(lookup[participant_id], record, participant_id), record)
-        moments = combine_moments(moments, volume_moments(volume))
+        volumes = subject_maps(participant_id)
+        moments = [combine_moments(moments[index],
+                                   volume_moments(channel(volumes[name], record, index)))
+                   for index, name in enumerate(modalities)]
         if position % 25 == 0:
             log.info("statistics: %d/%d subjects", position, len(statistics_rows))
-    count, mean, m2 = moments
-    sd = math.sqrt(m2 / count) if count else 0.0
-    if count == 0 or not sd > 0:
-        raise InputError(f"split {split}: the statistics subjects have {count} non-zero voxels "
-                         f"(sd {sd}); the registered maps are empty or constant.")
-    log.info("split %s: mean %.4f kPa, sd %.4f kPa over %d voxels", split, mean, sd, count)
-    record.update(mean=mean, sd=sd)
+    means, sds = [], []
+    for name, (count, mean, m2) in zip(modalities, moments):
+        sd = math.sqrt(m2 / count) if count else 0.0
+        if count == 0 or not sd > 0:
+            raise InputError(f"split {split}: the statistics subjects have {count} non-zero "
+                             f"{name} voxels (sd {sd}); the registered maps are empty or "
+                             f"constant.")
+        log.info("split %s: %s mean %.4f, sd %.4f (%s) over %d voxels", split, name, mean, sd,
+                 modality(name).unit, count)
+        means.append(mean)
+        sds.append(sd)
+    record.update(mean=means, sd=sds)
 
     storage = DTYPES[dtype]
+    row_shape = (len(modalities), *shape)
     with atomic_path(out_images, suffix=".npy") as temp:
         header = np.lib.format.open_memmap(temp, mode="w+", dtype=storage,
-                                           shape=(len(table), *shape))
-        offset, row_bytes = header.offset, int(np.prod(shape)) * np.dtype(storage).itemsize
+                                           shape=(len(table), *row_shape))
+        offset, row_bytes = header.offset, int(np.prod(row_shape)) * np.dtype(storage).itemsize
         del header
         for row, participant_id in enumerate(table["participant_id"]):
-            normalised = apply(_read_map(lookup[participant_id], record, participant_id), record)
-            # One row mapped at a time: memory stays one volume whatever the cohort size.
-            target = np.memmap(temp, mode="r+", dtype=storage, shape=shape,
+            normalised = apply(subject_maps(participant_id), record)
+            # One row mapped at a time: memory stays one subject whatever the cohort size.
+            target = np.memmap(temp, mode="r+", dtype=storage, shape=row_shape,
                                offset=offset + row * row_bytes)
             target[...] = normalised
             target.flush()
@@ -448,12 +507,12 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
 
     columns = [c for c in table.columns if c not in ADDED_COLUMNS] + list(ADDED_COLUMNS)
     write_tsv(out_participants, table[columns])
-    stats = {**record, "scope": scope, "n_voxels": int(count),
+    stats = {**record, "scope": scope, "n_voxels": [int(count) for count, _, _ in moments],
              "statistics_subjects": list(statistics_rows["participant_id"]),
              "excluded": excluded, "split": split,
              "n_train": int((table["subset"] == "train").sum()),
-             "n_test": int((table["subset"] == "test").sum())}
+             f"n_{eval_subset}": int((table["subset"] == eval_subset).sum())}
     write_json(out_stats, stats)
-    log.info("split %s: wrote %d x %s %s images (%d train, %d test)", split, len(table), shape,
-             dtype, stats["n_train"], stats["n_test"])
+    log.info("split %s: wrote %d x %s %s images (%d train, %d %s)", split, len(table),
+             row_shape, dtype, stats["n_train"], stats[f"n_{eval_subset}"], eval_subset)
     return stats

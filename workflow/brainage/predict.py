@@ -34,7 +34,7 @@ from brainage.export import export_model
 from brainage.io import InputError, read_participants, subject_inputs
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
-from brainage.preprocess.chain import run_subject
+from brainage.preprocess.chain import registered_maps, run_subject
 from brainage.preprocess.derivatives import describe_preprocessing
 from brainage.preprocess.template import prepare_template, template_record
 
@@ -72,7 +72,8 @@ def export_from_config(config: Mapping) -> dict:
     layout = Layout.from_config(config)
     experiment, variant, seed = exported_cell(config)
     trained_in = encoder_owners(config)[(experiment, variant, seed)]
-    split = split_names(read_participants(config["dataset"]["root"]), **config["split"])[0]
+    split = split_names(read_participants(config["dataset"]["root"], config["dataset"]["modalities"]),
+                        **config["split"])[0]
     name = config["predict"]["model"]["name"]
     return export_model(
         layout.cell_dir(split, experiment, variant, seed),
@@ -129,16 +130,18 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
                            template_shape=prepared["shape"], source=str(dataset_root),
                            version=brainage_version(), template=True)
 
-    participants = read_participants(dataset_root)
+    modalities = bundle.normalisation["modalities"]
+    participants = read_participants(dataset_root, modalities)
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     maps, qc = {}, {}
     for number, label in enumerate(labels, start=1):
         log.info("cohort %s: preprocessing sub-%s (%d of %d)", cohort, label, number,
                  len(labels))
-        files = run_subject(subject_inputs(dataset_root, label), layout, label,
+        files = run_subject(subject_inputs(dataset_root, label, modalities), layout, label,
                             preproc=TRAINING_PREPROC, preprocess=preprocess,
-                            template_t1=t1_path, template_mask=mask_path)
-        maps[label], qc[label] = files["registered"], files["qc_json"]
+                            template_t1=t1_path, template_mask=mask_path,
+                            modalities=modalities)
+        maps[label], qc[label] = registered_maps(files, modalities), files["qc_json"]
     return predict_cohort(bundle, dataset_root, maps, qc,
                           predictions_path=output / "predictions.tsv",
                           summary_path=output / "summary.tsv",

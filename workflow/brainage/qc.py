@@ -82,7 +82,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def plot_subject_qc(stiffness: np.ndarray, template_t1: np.ndarray, template_mask: np.ndarray,
-                    out_png: str | Path, *, title: str) -> None:
+                    out_png: str | Path, *, title: str, label: str = "stiffness (kPa)") -> None:
     """Three orthogonal views of the registered map over the template and its brain outline.
 
     Slices through the centre of the template brain; the map in colour (kPa), the template
@@ -109,7 +109,7 @@ def plot_subject_qc(stiffness: np.ndarray, template_t1: np.ndarray, template_mas
                      linewidths=0.8)
         axis.set_title(name)
         axis.set_axis_off()
-    figure.colorbar(image, ax=axes, shrink=0.8, label="stiffness (kPa)")
+    figure.colorbar(image, ax=axes, shrink=0.8, label=label)
     figure.suptitle(title, fontsize=10)
     with atomic_path(out_png) as temp:
         figure.savefig(temp, dpi=80, format="png")
@@ -118,13 +118,19 @@ def plot_subject_qc(stiffness: np.ndarray, template_t1: np.ndarray, template_mas
 
 def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
                reference_info: str | Path, template_t1: str | Path, template_mask: str | Path,
-               out_json: str | Path, out_png: str | Path, *, subject: str) -> dict:
+               out_json: str | Path, out_png: str | Path, *, subject: str,
+               grid_modality: str = "stiffness",
+               maps: Mapping[str, str | Path] | None = None) -> dict:
     """QC metrics JSON and three-view PNG of one registered subject.
 
     Parameters
     ----------
-    stiffness, mask, reference : the subject's registered map, warped brain mask and
+    stiffness, mask, reference : the subject's registered grid map (``grid_modality``:
+        the stiffness, or the T1w of a cohort without MRE maps), warped brain mask and
         warped reference (``register_to_template``).
+    grid_modality : what ``stiffness`` is (names the colour bar).
+    maps : ``{modality: registered map}`` of every channel; each gets its brain-value
+        percentiles (1, 50, 99) and voxel count under ``maps`` in the JSON.
     reference_info : sidecar of ``strip_skull`` (route and reference kind).
     template_t1, template_mask : the template.
     out_json, out_png : outputs (``Layout.subject_qc``).
@@ -133,8 +139,9 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     Returns
     -------
     The JSON content: :func:`qc_metrics` plus ``participant_id``, ``reference_kind``,
-    ``skullstrip_route``.
+    ``skullstrip_route``, ``maps``.
     """
+    from brainage.modalities import modality
     name = f"subject sub-{subject}"
     data, affine = load_volume(stiffness, what=f"{name}: registered map")
     warped_mask, mask_affine = load_mask(mask, what=f"{name}: warped brain mask")
@@ -147,14 +154,29 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     metrics = qc_metrics(data, warped_mask, reference_data, template, brain)
     result = {"participant_id": f"sub-{subject}", **metrics,
               "reference_kind": info.get("reference_kind"),
-              "skullstrip_route": info.get("route")}
+              "skullstrip_route": info.get("route"),
+              "maps": {name: map_summary(load_volume(path, what=f"{name}: registered {name}")[0],
+                                         brain)
+                       for name, path in (maps or {}).items()}}
     write_json(out_json, result)
-    plot_subject_qc(data, template, brain, out_png, title=(
-        f"sub-{subject}: Dice {metrics['dice']:.3f}, correlation {metrics['correlation']:.2f}, "
-        f"coverage {metrics['coverage']:.1%}"))
+    kind = modality(grid_modality)
+    plot_subject_qc(data, template, brain, out_png, label=f"{grid_modality} ({kind.unit})",
+                    title=(f"sub-{subject}: Dice {metrics['dice']:.3f}, correlation "
+                           f"{metrics['correlation']:.2f}, coverage {metrics['coverage']:.1%}"))
     log.info("%s: Dice %.3f, correlation %.3f, coverage %.3f", name, metrics["dice"],
              metrics["correlation"], metrics["coverage"])
     return result
+
+
+def map_summary(values: np.ndarray, template_brain: np.ndarray) -> dict:
+    """Percentiles 1, 50, 99 of a registered map's non-zero voxels in the template brain
+    (the map's unit), and their count: enough to spot a map in the wrong unit or scale."""
+    inside = values[template_brain & (values != 0)].astype(np.float64)
+    if inside.size == 0:
+        return {"voxels": 0, "p01": None, "median": None, "p99": None}
+    p01, median, p99 = np.percentile(inside, [1, 50, 99])
+    return {"voxels": int(inside.size), "p01": float(p01), "median": float(median),
+            "p99": float(p99)}
 
 
 def thresholds(qc_settings: Mapping) -> dict[str, float]:
@@ -179,14 +201,16 @@ def qc_failures(row: Mapping, minimums: Mapping) -> list[str]:
     return failures
 
 
-def participants_table(source: pd.DataFrame | str | Path) -> pd.DataFrame:
+def participants_table(source: pd.DataFrame | str | Path,
+                       modalities: Sequence[str] = ("stiffness",)) -> pd.DataFrame:
     """A validated participants table, given as a DataFrame or as the path of the dataset's
-    ``participants.tsv`` (read with :func:`brainage.io.read_participants`)."""
+    ``participants.tsv`` (read with :func:`brainage.io.read_participants`, which checks
+    that every subject has the images of ``modalities``)."""
     if isinstance(source, pd.DataFrame):
         return source.reset_index(drop=True)
     from brainage.io import read_participants
 
-    return read_participants(Path(source).parent)
+    return read_participants(Path(source).parent, modalities)
 
 
 def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str | Path,

@@ -124,8 +124,9 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
             device, autocast_dtype = runtime_setup(base["train"])
             model = load_encoder(encoder_path, base["model"]).to(device)
             subjects = np.concatenate([split.train_index, split.eval_index])
-            features = embed(model, VolumeStore(split.images, device,
-                                                normalisation=split.normalisation), subjects,
+            store = VolumeStore(split.images, device, normalisation=split.normalisation,
+                                channels=split.channel_indices(base["model"]["modalities"]))
+            features = embed(model, store, subjects,
                              which=base["model"]["features"], autocast_dtype=autocast_dtype)
             scores, *_ = evaluate_split(split, features, resolve_cell(settings_trial))
             metrics = {**trial, "validation_mae": scores["mae"],

@@ -1,11 +1,12 @@
 """A split folder (``results/dataset/<split>``, written by the normalisation stage), read
 and checked: :class:`SplitData` and :func:`load_split`.
 
-The folder holds ``images.npy`` [n, X, Y, Z] (z-normalised brain voxels, background
-exactly 0), ``participants.tsv`` (one row per image row, with a ``subset`` column
-"train"/"test") and ``stats.json`` (the normalisation record). NumPy and pandas only, so
-the read-out jobs that need the table but no network stay light; the batches and
-augmentations of training are in :mod:`brainage.data`.
+The folder holds ``images.npy`` [n, C, X, Y, Z] (one channel per modality of
+``stats.json``'s ``modalities``; z-normalised brain voxels, background exactly 0),
+``participants.tsv`` (one row per image row, with a ``subset`` column "train" and "test",
+or "validation" for a pretraining cohort) and ``stats.json`` (the normalisation record).
+NumPy and pandas only, so the read-out jobs that need the table but no network stay light;
+the batches and augmentations of training are in :mod:`brainage.data`.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ class SplitData:
     Attributes
     ----------
     images
-        [n, X, Y, Z] float32/float16 array (usually a read-only memory map), z-units.
+        [n, C, X, Y, Z] float32/float16 array (usually a read-only memory map), z-units; one
+        channel per modality (``stats["modalities"]``).
     table
         participants rows aligned with ``images`` (participant_id, age in years, study, ...).
     train_index, eval_index
@@ -78,7 +80,31 @@ class SplitData:
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(int(size) for size in self.images.shape[1:])
+        """The volumes' spatial shape (voxels)."""
+        return tuple(int(size) for size in self.images.shape[2:])
+
+    @property
+    def modalities(self) -> list[str]:
+        """The channels, in order."""
+        return list(self.stats.get("modalities", ["stiffness"]))
+
+    def channel_indices(self, modalities: Sequence[str] | None) -> list[int]:
+        """Channel numbers of ``modalities`` (a cell's ``model.modalities``; None: all).
+
+        Raises
+        ------
+        ConfigError
+            A modality the split does not hold (names the config keys involved).
+        """
+        if not modalities:
+            return list(range(len(self.modalities)))
+        missing = [name for name in modalities if name not in self.modalities]
+        if missing:
+            raise ConfigError(f"config key model.modalities lists {', '.join(missing)}, but "
+                              f"split {self.name} holds only {', '.join(self.modalities)} "
+                              f"(config key dataset.modalities). Add it there or remove it "
+                              f"from model.modalities.")
+        return [self.modalities.index(name) for name in modalities]
 
     def subset_labels(self) -> np.ndarray:
         """"train" / eval_subset for every row ("" for rows in neither), [n] str."""
@@ -93,7 +119,8 @@ class SplitData:
                 "dtype": str(self.images.dtype),
                 "train": self.participant_ids[self.train_index].tolist(),
                 "eval": self.participant_ids[self.eval_index].tolist(),
-                "stats": {key: self.stats.get(key) for key in ("mean", "sd", "scope")},
+                "stats": {key: self.stats.get(key)
+                          for key in ("mean", "sd", "scope", "modalities")},
                 "normalisation": list(self.normalisation) if self.normalisation else None}
 
     def with_validation(self, fraction: float, seed: int) -> "SplitData":
@@ -155,9 +182,9 @@ def load_split(split_dir: str | Path, *, require_eval: bool = True) -> SplitData
     Raises
     ------
     DataError
-        Missing files, an array that is not [n, X, Y, Z] or does not match the table, NaN or
-        inf voxels (naming the subjects), a subset column other than train/test, no
-        training or no test subjects.
+        Missing files, an array that is not [n, C, X, Y, Z] or does not match the table and
+        the record's channels, NaN or inf voxels (naming the subjects), a subset column
+        other than train with test or validation, no training or no held-out subjects.
     """
     split_dir = Path(split_dir)
     paths = {name: split_dir / name for name in ("images.npy", "participants.tsv", "stats.json")}
@@ -169,9 +196,12 @@ def load_split(split_dir: str | Path, *, require_eval: bool = True) -> SplitData
         images = np.load(paths["images.npy"], mmap_mode="r")
     except (ValueError, OSError) as error:
         raise DataError(f"{paths['images.npy']} is not a readable .npy array ({error}).") from None
-    if images.ndim != 4:
+    stats = _read_stats(paths["stats.json"])
+    channels = len(stats.get("modalities", ["stiffness"]))
+    if images.ndim != 5 or images.shape[1] != channels:
         raise DataError(f"{paths['images.npy']} has shape {images.shape}; expected "
-                        f"[subjects, X, Y, Z].")
+                        f"[subjects, {channels} channels, X, Y, Z] ({paths['stats.json']} "
+                        f"lists {channels} modalities). Rerun the normalisation stage.")
     table = pd.read_csv(paths["participants.tsv"], sep="\t",
                         dtype={"participant_id": str, "study": str, "subset": str})
     missing = [column for column in ("participant_id", "age", "study", "subset")
@@ -182,10 +212,12 @@ def load_split(split_dir: str | Path, *, require_eval: bool = True) -> SplitData
         raise DataError(f"{paths['participants.tsv']} has {len(table)} rows but "
                         f"{paths['images.npy']} holds {len(images)} volumes; they must be "
                         f"row-aligned. Rerun the normalisation stage.")
-    unknown = sorted(set(table["subset"]) - {"train", "test"})
-    if unknown:
+    held_out = sorted(set(table["subset"]) - {"train"})
+    if len(held_out) > 1 or not set(held_out) <= {"test", "validation"}:
         raise DataError(f"{paths['participants.tsv']}: column subset has value(s) "
-                        f"{', '.join(map(str, unknown))}; only 'train' and 'test' are allowed.")
+                        f"{', '.join(map(str, held_out))}; allowed are 'train' and one of "
+                        f"'test' (a split) or 'validation' (a pretraining cohort).")
+    eval_subset = held_out[0] if held_out else "test"
     ages = pd.to_numeric(table["age"], errors="coerce")
     if ages.isna().any():
         raise DataError(f"{paths['participants.tsv']}: non-numeric age for "
@@ -194,14 +226,13 @@ def load_split(split_dir: str | Path, *, require_eval: bool = True) -> SplitData
     check_finite(images, table["participant_id"].tolist(), str(paths["images.npy"]))
     subset = table["subset"].to_numpy()
     train_index = np.flatnonzero(subset == "train")
-    test_index = np.flatnonzero(subset == "test")
+    eval_index = np.flatnonzero(subset == eval_subset)
     if len(train_index) == 0:
         raise DataError(f"split {split_dir.name}: no training subjects in "
                         f"{paths['participants.tsv']}.")
-    if require_eval and len(test_index) == 0:
+    if require_eval and len(eval_index) == 0:
         raise DataError(f"split {split_dir.name}: no test subjects in "
                         f"{paths['participants.tsv']}; the grid cell could not be evaluated. "
                         f"Check config key split.test_fraction / split.scheme.")
-    return SplitData(name=split_dir.name, images=images, table=table,
-                     stats=_read_stats(paths["stats.json"]), train_index=train_index,
-                     eval_index=test_index)
+    return SplitData(name=split_dir.name, images=images, table=table, stats=stats,
+                     train_index=train_index, eval_index=eval_index, eval_subset=eval_subset)

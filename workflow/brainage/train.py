@@ -182,7 +182,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     channels_last = device.type == "cuda"
 
     seed_everything(seed)
-    model = build_model(settings["model"])
+    channels = split.channel_indices(settings["model"]["modalities"])
+    model = build_model(settings["model"], in_channels=len(channels))
     if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
         if settings["model"]["init_checkpoint"]:
             load_init_checkpoint(model, settings["model"]["init_checkpoint"])
@@ -190,7 +191,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         digest = _save_encoder(encoder_path, model, settings, split, epochs)
         if features_path is not None:
             write_features(features_path, model, split, digest, device=device,
-                           autocast_dtype=autocast_dtype)
+                           autocast_dtype=autocast_dtype, channels=channels)
         if history_path is not None:
             write_tsv(history_path, _history_table([]))
         log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
@@ -242,7 +243,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                  "x".join(map(str, split.shape)), batch_size, views, epochs, augmenter.kind,
                  "bf16" if autocast_dtype is not None else "float32")
 
-    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    store = VolumeStore(split.images, device, channels=channels,
+                        normalisation=split.normalisation)
     ages = torch.tensor(split.ages, dtype=torch.float32, device=device)
     embed_rows = np.concatenate([split.train_index, split.eval_index])
     which = settings["model"]["features"]
@@ -294,7 +296,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     digest = _save_encoder(encoder_path, model, settings, split, epochs)
     if features_path is not None:
         write_features(features_path, model, split, digest, device=device,
-                       autocast_dtype=autocast_dtype, channels_last=channels_last)
+                       autocast_dtype=autocast_dtype, channels_last=channels_last,
+                       channels=channels)
     if history_path is not None:
         write_tsv(history_path, _history_table(history))
     checkpoint_path.unlink(missing_ok=True)
@@ -331,7 +334,8 @@ FEATURE_TABLE = ("participant_id", "subset", "age", "study")
 
 
 def write_features(path: str | Path, model, split: SplitData, encoder_sha256: str, *,
-                   device, autocast_dtype=None, channels_last: bool = False) -> None:
+                   device, autocast_dtype=None, channels_last: bool = False,
+                   channels: Sequence[int] | None = None) -> None:
     """``features.npz``: the final encoder's features of every split subject, training rows
     then evaluation rows, both kinds (``encoder`` [n, 8 x width] and ``projection``
     [n, projection_dim], float32), with ``participant_id``, ``subset``, ``age`` (years),
@@ -342,7 +346,8 @@ def write_features(path: str | Path, model, split: SplitData, encoder_sha256: st
     them without loading a network again.
     """
     rows = np.concatenate([split.train_index, split.eval_index])
-    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    store = VolumeStore(split.images, device, channels=channels,
+                        normalisation=split.normalisation)
     features = embed_all(model, store, rows, autocast_dtype=autocast_dtype,
                          channels_last=channels_last)
     with atomic_path(path, suffix=".npz") as temp:

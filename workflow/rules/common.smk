@@ -14,7 +14,9 @@ from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
 from brainage.config import training_settings
 from brainage.predict import exported_cell as exported_cell_of
 from brainage.predict import preprocessing_record
-from brainage.preprocess.chain import job_options, step_threads, subject_files
+from brainage.modalities import grid_modality, input_path, mre_maps
+from brainage.modalities import tag as modality_tag
+from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
 from brainage.qc import thresholds
 from brainage.report.targets import (
     ablation_experiments,
@@ -36,10 +38,8 @@ from brainage.config import (
 from brainage.interrupted import interrupted_run_notice
 from brainage.io import (
     InputError,
-    anatomical_path,
     check_dataset_images,
     read_participants,
-    stiffness_path,
     subject_inputs,
 )
 from brainage.normalise import split_names as scheme_split_names
@@ -87,6 +87,33 @@ PREPROC_ROOTS = {
     TRAINING_PREPROC: DATASET_ROOT,
     **{LAYOUT.cohort_preproc(cohort): root for cohort, root in PREDICT_COHORTS.items()},
 }
+MODALITIES = tuple(config["dataset"]["modalities"])
+
+
+def exported_modalities():
+    """The maps the exported model reads (its cell's model.modalities): what a predict
+    cohort must provide and is preprocessed for."""
+    try:
+        return tuple(cell_settings(config, *exported_cell_of(config))["model"]["modalities"])
+    except ConfigError as error:
+        raise WorkflowError(str(error)) from None
+
+
+#: Every preprocessing folder -> the modalities its subjects provide and the chain makes.
+PREPROC_MODALITIES = {
+    TRAINING_PREPROC: MODALITIES,
+    **{LAYOUT.cohort_preproc(cohort): exported_modalities() for cohort in PREDICT_COHORTS},
+}
+#: The name of each correct_and_register variant -> its set of modalities (preprocess.smk);
+#: the training cohort's set keeps the plain name.
+CHAIN_VARIANTS = {
+    (
+        "correct_and_register"
+        if modalities == MODALITIES
+        else f"correct_and_register_{modality_tag(modalities)}"
+    ): modalities
+    for modalities in dict.fromkeys([MODALITIES, *PREPROC_MODALITIES.values()])
+}
 
 
 wildcard_constraints:
@@ -111,11 +138,12 @@ def participants():
     if SIMULATED:
         checkpoints.simulate_cohort.get()
     try:
-        table = read_participants(DATASET_ROOT)
+        table = read_participants(DATASET_ROOT, MODALITIES)
         if not _IMAGES_CHECKED:
             check_dataset_images(
                 DATASET_ROOT,
                 [pid[len("sub-") :] for pid in table["participant_id"]],
+                MODALITIES,
                 cache_file=Path(".snakemake", "brainage_checked_inputs.json"),
             )
             _IMAGES_CHECKED.append(True)
@@ -143,7 +171,9 @@ def cohort_subjects(cohort):
     if cohort == SIMULATED_PREDICT_COHORT:
         return simulated_predict_labels()
     try:
-        table = read_participants(PREDICT_COHORTS[cohort])
+        table = read_participants(
+            PREDICT_COHORTS[cohort], PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)]
+        )
     except InputError as error:
         raise WorkflowError(
             f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
@@ -152,25 +182,46 @@ def cohort_subjects(cohort):
 
 
 def raw_inputs(wildcards):
-    """Input files of one subject of a cohort: {'stiffness': path, 'anat': path (only if
-    present)}.
+    """Input files of one subject of a cohort: {map: path} for the cohort's MRE maps and
+    'anat': path (the T1w, when present or among its modalities).
 
     Derived from the dataset folder, never from participants.tsv, so editing the table
     (adding a study) does not rerun the subjects already preprocessed.
     """
     root = PREPROC_ROOTS[wildcards.preproc]
+    modalities = PREPROC_MODALITIES[wildcards.preproc]
     if wildcards.preproc == TRAINING_PREPROC and SIMULATED:
         checkpoints.simulate_cohort.get()
     elif wildcards.preproc == LAYOUT.cohort_preproc(str(SIMULATED_PREDICT_COHORT)):
         # files still to be simulated by simulate_predict_cohort
-        return {
-            "stiffness": str(stiffness_path(root, wildcards.subject)),
-            "anat": str(anatomical_path(root, wildcards.subject)),
-        }
+        return simulated_inputs(root, wildcards.subject, modalities)
     try:
-        return subject_inputs(root, wildcards.subject)
+        return subject_inputs(root, wildcards.subject, modalities)
     except InputError as error:
         raise WorkflowError(str(error)) from None
+
+
+def simulated_inputs(root, label, modalities):
+    """The files the simulation will write for a subject: its MRE maps and the T1w."""
+    inputs = {name: str(input_path(root, label, name)) for name in mre_maps(modalities)}
+    return {**inputs, "anat": str(input_path(root, label, "T1w"))}
+
+
+def preproc_modalities(wildcards):
+    return PREPROC_MODALITIES[wildcards.preproc]
+
+
+def preproc_pattern(modalities):
+    """The wildcard pattern of the preproc folders whose cohorts have ``modalities``."""
+    return "|".join(
+        re.escape(folder) for folder, chosen in PREPROC_MODALITIES.items() if chosen == modalities
+    )
+
+
+def chain_outputs(modalities):
+    """The files a correct_and_register job writes for a cohort with ``modalities``."""
+    files = subject_files(LAYOUT, "{subject}", "{preproc}", modalities)
+    return {key: path for key, path in files.items() if key not in STRIP_SKULL_OUTPUTS}
 
 
 def split_names():
@@ -280,9 +331,15 @@ def template_sources(wildcards):
     return {}
 
 
+#: The files rule strip_skull writes (the first of a subject's two jobs).
+STRIP_SKULL_OUTPUTS = ("mask", "mask_json", "reference", "reference_info")
+
+
 def concrete_files(wildcards):
     """The subject's files with the wildcards filled in, for the step's script."""
-    return subject_files(LAYOUT, wildcards.subject, wildcards.preproc)
+    return subject_files(
+        LAYOUT, wildcards.subject, wildcards.preproc, PREPROC_MODALITIES[wildcards.preproc]
+    )
 
 
 def step_log(step):
@@ -425,8 +482,13 @@ def _search_trials(wildcards):
 
 
 def _registered_maps():
+    """The training cohort's registered grid maps (the stiffness in the paper's setting)."""
+    grid = grid_modality(MODALITIES)
     return {
-        f"sub-{subject}": subject_files(LAYOUT, subject)["registered"] for subject in subjects()
+        f"sub-{subject}": subject_files(LAYOUT, subject, TRAINING_PREPROC, MODALITIES)[
+            f"registered_{grid}"
+        ]
+        for subject in subjects()
     }
 
 
@@ -504,12 +566,26 @@ def exported_cell_file(name):
     return path
 
 
+def cohort_files(cohort):
+    """{label: subject_files} of a predict cohort's subjects."""
+    preproc = LAYOUT.cohort_preproc(cohort)
+    return {
+        label: subject_files(LAYOUT, label, preproc, PREPROC_MODALITIES[preproc])
+        for label in cohort_subjects(cohort)
+    }
+
+
 def cohort_subject_files(kind):
     def paths(wildcards):
-        preproc = LAYOUT.cohort_preproc(wildcards.cohort)
-        return [
-            subject_files(LAYOUT, label, preproc)[kind]
-            for label in cohort_subjects(wildcards.cohort)
-        ]
+        return [files[kind] for files in cohort_files(wildcards.cohort).values()]
 
     return paths
+
+
+def cohort_maps(wildcards):
+    """{label: {modality: registered map}} of a predict cohort (the exported model's maps)."""
+    modalities = PREPROC_MODALITIES[LAYOUT.cohort_preproc(wildcards.cohort)]
+    return {
+        label: registered_maps(files, modalities)
+        for label, files in cohort_files(wildcards.cohort).items()
+    }

@@ -34,13 +34,14 @@ if SIMULATED_PREDICT_COHORT is not None:
     rule simulate_predict_cohort:
         output:
             participants=Path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], "participants.tsv"),
-            maps=[
-                str(stiffness_path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], label))
+            images=[
+                path
                 for label in simulated_predict_labels()
-            ],
-            anat=[
-                str(anatomical_path(PREDICT_COHORTS[SIMULATED_PREDICT_COHORT], label))
-                for label in simulated_predict_labels()
+                for path in simulated_inputs(
+                    PREDICT_COHORTS[SIMULATED_PREDICT_COHORT],
+                    label,
+                    PREPROC_MODALITIES[LAYOUT.cohort_preproc(SIMULATED_PREDICT_COHORT)],
+                ).values()
             ],
         log:
             LAYOUT.log("data", "simulate_predict_cohort"),

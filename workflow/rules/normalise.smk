@@ -1,13 +1,19 @@
-# Dataset-wide z-normalisation, one job per split (docs/method.md, "Normalisation"): one
-# mean and one sd over the non-zero brain voxels, from the split's training subjects by
-# default (normalise.scope: all = the paper's code). The only preprocessing stage that
+# Dataset-wide z-normalisation, one job per split (docs/method.md, "Normalisation"): per
+# modality (channel) one mean and one sd over the non-zero brain voxels, from the split's
+# training subjects by default (normalise.scope: all = the paper's code). The only preprocessing stage that
 # reads participants.tsv. stats.json is the normalisation record every later stage
 # applies (brainage.normalise.apply), the model bundle included.
 
 
 rule normalise_dataset:
     input:
-        maps=lambda wildcards: [subject_files(LAYOUT, label)["registered"] for label in subjects()],
+        maps=lambda wildcards: [
+            path
+            for label in subjects()
+            for path in registered_maps(
+                subject_files(LAYOUT, label, TRAINING_PREPROC, MODALITIES), MODALITIES
+            ).values()
+        ],
         qc=LAYOUT.qc_table(),
         participants=Path(DATASET_ROOT, "participants.tsv"),
         template_mask=LAYOUT.template("brain_mask"),
@@ -29,5 +35,6 @@ rule normalise_dataset:
         split_settings=config["split"],
         normalise=config["normalise"],
         exclude_failed=config["qc"]["exclude_failed"],
+        modalities=MODALITIES,
     script:
         "../scripts/normalise_dataset.py"

@@ -55,7 +55,9 @@ rule predict_cohort:
         bundle=BUNDLE_FILES,
         # ages and groups enter the gaps and the summary: editing them reruns the prediction
         participants=lambda wildcards: Path(PREDICT_COHORTS[wildcards.cohort], "participants.tsv"),
-        maps=cohort_subject_files("registered"),
+        maps=lambda wildcards: [
+            path for maps in cohort_maps(wildcards).values() for path in maps.values()
+        ],
         qc=cohort_subject_files("qc_json"),
         description=lambda wildcards: LAYOUT.preproc_description(
             LAYOUT.cohort_preproc(wildcards.cohort)
@@ -78,6 +80,7 @@ rule predict_cohort:
         bundle_dir=lambda wildcards, input: Path(input.bundle[0]).parent,
         dataset_root=lambda wildcards, input: Path(input.participants).parent,
         labels=lambda wildcards: cohort_subjects(wildcards.cohort),
+        maps=cohort_maps,
         qc_thresholds=thresholds(config["qc"]),
         bias_reference_group=PREDICT["bias_reference_group"],
     script:

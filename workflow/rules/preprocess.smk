@@ -1,6 +1,7 @@
 # Per-subject preprocessing (docs/method.md, "Preprocessing"): skull stripping (rule
 # strip_skull), then N4 bias correction, affine registration to the template at 2 mm and QC
-# in one job (rule correct_and_register; brainage.preprocess.chain says why). One chain of
+# in one job (rule correct_and_register; brainage.preprocess.chain says why), for every map
+# of the cohort's modalities with one mask and one transform (brainage.modalities). One chain of
 # rules for every cohort: the wildcard {preproc} is a cohort's preprocessing folder under
 # results/ (`preproc` for the training cohort, `predict/<cohort>/preproc` for a cohort a
 # model is applied to), each a BIDS-Derivatives dataset. The files come from
@@ -77,47 +78,53 @@ rule strip_skull:
         mem_mb=PREPROCESS_RESOURCES["mem_mb"],
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     params:
+        job="strip_skull",
+        modalities=preproc_modalities,
         files=concrete_files,
         options=job_options("strip_skull", PREPROCESS),
     script:
         "../scripts/preprocess_subject.py"
 
 
-rule correct_and_register:
-    input:
-        unpack(raw_inputs),
-        mask=SUBJECT["mask"],
-        reference=SUBJECT["reference"],
-        reference_info=SUBJECT["reference_info"],
-        template_t1=TEMPLATE["t1"],
-        template_mask=TEMPLATE["mask"],
-    output:
-        corrected=SUBJECT["corrected"],
-        corrected_reference=SUBJECT["corrected_reference"],
-        registered=SUBJECT["registered"],
-        registered_mask=SUBJECT["registered_mask"],
-        registered_mask_json=SUBJECT["registered_mask_json"],
-        transform=SUBJECT["transform"],
-        registered_reference=SUBJECT["registered_reference"],
-        qc_json=SUBJECT["qc_json"],
-        qc_png=SUBJECT["qc_png"],
-    log:
-        step_log("correct_and_register"),
-    benchmark:
-        step_benchmark("correct_and_register")
-    group:
-        "preprocess_{subject}"
-    conda:
-        "../../envs/preprocess.yaml"
-    threads: step_threads(PREPROCESS)
-    resources:
-        mem_mb=PREPROCESS_RESOURCES["mem_mb"],
-        runtime=PREPROCESS_RESOURCES["runtime_min"],
-    params:
-        files=concrete_files,
-        options=job_options("correct_and_register", PREPROCESS),
-    script:
-        "../scripts/preprocess_subject.py"
+# One correct_and_register rule per set of modalities among the cohorts (CHAIN_VARIANTS):
+# its outputs name every map of the set. The training cohort's set keeps the plain name;
+# another set (a T1w pretraining cohort, a predict cohort for a model that reads fewer
+# maps) adds its modalities to the name.
+for chain_rule, chain_modalities in CHAIN_VARIANTS.items():
+
+    rule:
+        name:
+            chain_rule
+        input:
+            unpack(raw_inputs),
+            mask=SUBJECT["mask"],
+            reference=SUBJECT["reference"],
+            reference_info=SUBJECT["reference_info"],
+            template_t1=TEMPLATE["t1"],
+            template_mask=TEMPLATE["mask"],
+        output:
+            **chain_outputs(chain_modalities),
+        log:
+            step_log("correct_and_register"),
+        benchmark:
+            step_benchmark("correct_and_register")
+        wildcard_constraints:
+            preproc=preproc_pattern(chain_modalities),
+        group:
+            "preprocess_{subject}"
+        conda:
+            "../../envs/preprocess.yaml"
+        threads: step_threads(PREPROCESS)
+        resources:
+            mem_mb=PREPROCESS_RESOURCES["mem_mb"],
+            runtime=PREPROCESS_RESOURCES["runtime_min"],
+        params:
+            job="correct_and_register",
+            modalities=chain_modalities,
+            files=concrete_files,
+            options=job_options("correct_and_register", PREPROCESS),
+        script:
+            "../scripts/preprocess_subject.py"
 
 
 # Dataset-wide QC of the training cohort: thresholds are applied here only, so changing

@@ -8,4 +8,5 @@ normalise_dataset(snakemake.input.maps, snakemake.input.participants, snakemake.
                   snakemake.input.template_mask, snakemake.output.images,
                   snakemake.output.participants, snakemake.output.stats,
                   split=snakemake.wildcards.split, split_settings=snakemake.params.split_settings,
-                  exclude_failed=snakemake.params.exclude_failed, **snakemake.params.normalise)
+                  exclude_failed=snakemake.params.exclude_failed,
+                  modalities=snakemake.params.modalities, **snakemake.params.normalise)

@@ -5,7 +5,7 @@ from brainage.logs import log_to_file
 
 log_to_file(snakemake.log[0])
 predict_cohort(snakemake.params.bundle_dir, snakemake.params.dataset_root,
-               maps=dict(zip(snakemake.params.labels, snakemake.input.maps)),
+               maps=snakemake.params.maps,
                qc=dict(zip(snakemake.params.labels, snakemake.input.qc)),
                predictions_path=snakemake.output.predictions,
                summary_path=snakemake.output.summary, figure_path=snakemake.output.figure,

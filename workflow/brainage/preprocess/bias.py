@@ -1,7 +1,8 @@
 """Bias-field correction (rule ``correct_bias``): ANTs N4 inside the brain.
 
-The paper applies N4 to the stiffness map itself; we do the same, and to the anatomical
-reference that registration aligns. N4 must get a mask: on an image with a zero
+The paper applies N4 to the stiffness map itself; we do the same (and to the moduli), not
+to the damping ratio (:mod:`brainage.modalities`), and to the anatomical reference that
+registration aligns. N4 must get a mask: on an image with a zero
 background and no mask it fits the field to the background and changes nothing useful.
 The stiffness map's mask is the brain mask AND the map's own support (zero beyond the MRE
 slab is "no data", not tissue).
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
+from brainage.io import InputError
+from brainage.modalities import modality
 from brainage.preprocess.images import (
     PreprocessError,
     clean_nonfinite,
@@ -81,24 +85,30 @@ def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, *,
     return (result * np.float32(inside_before / inside_after)).astype(np.float32)
 
 
-def correct_bias(stiffness: str | Path, mask: str | Path, reference: str | Path,
-                 reference_info: str | Path, out_stiffness: str | Path,
+def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: str | Path,
+                 reference_info: str | Path, out_maps: Mapping[str, str | Path],
                  out_reference: str | Path, *, n4: bool = True, max_nan_fraction: float = 0.01,
                  threads: int = 1, deterministic: bool = True, subject: str = "") -> dict:
-    """Clean and bias-correct the stiffness map and the registration reference.
+    """Clean and bias-correct the subject's MRE maps and the registration reference.
 
-    Steps on the stiffness map: NaN/inf voxels -> background (refused above
+    Every map, on the brain mask's grid: NaN/inf voxels -> background (refused above
     ``max_nan_fraction`` of the brain), zero outside the brain mask, non-positive voxels ->
-    background, then N4 inside brain mask AND map support (``n4``; pass-through when false).
+    background; values outside the modality's valid range (a damping ratio outside [0, 1])
+    stop with the subject and the file named. The first map is the grid map: its support
+    is the slab's coverage, and the other maps keep data only there (one acquisition, one
+    coverage). Then N4 inside brain mask AND support for the modalities that take it
+    (``n4``; pass-through when false; :data:`brainage.modalities.MODALITIES`).
     The reference: N4 inside its non-zero support (skull-stripped T1w), inside a head mask
-    (T1w as given), or the corrected map itself (no T1w).
+    (T1w as given), or the corrected grid map itself (no T1w).
 
     Parameters
     ----------
-    stiffness : native stiffness map (kPa).
-    mask : brain mask on the stiffness grid (from ``strip_skull``).
+    maps : ``{modality: native map}`` of the MRE maps, grid map first (kPa, or
+        dimensionless for the damping ratio); empty for a cohort without MRE maps.
+    mask : brain mask on the maps' grid (from ``strip_skull``).
     reference, reference_info : registration reference and its sidecar (``strip_skull``).
-    out_stiffness, out_reference : corrected images (float32 NIfTI).
+    out_maps : ``{modality: corrected map}`` (float32 NIfTI), the keys of ``maps``.
+    out_reference : corrected reference (float32 NIfTI).
     n4 : config key ``preprocess.n4``.
     max_nan_fraction : config key ``preprocess.max_nan_fraction``.
     threads, deterministic : ITK threads (one when deterministic).
@@ -106,60 +116,97 @@ def correct_bias(stiffness: str | Path, mask: str | Path, reference: str | Path,
 
     Returns
     -------
-    dict with ``nonfinite_voxels``, ``brain_voxels``, ``covered_voxels`` (non-zero map voxels
-    in the brain), ``n4``.
+    dict with ``nonfinite_voxels`` ({modality: count}), ``brain_voxels``,
+    ``covered_voxels`` (grid map voxels with data in the brain), ``n4``.
 
     Raises
     ------
-    brainage.io.InputError : corrupt/empty map, too many NaN voxels, grids differ.
-    PreprocessError : no non-zero voxel of the map inside the brain mask.
+    brainage.io.InputError : corrupt/empty map, too many NaN voxels, grids differ, values
+        outside the modality's range.
+    PreprocessError : no non-zero voxel of the grid map inside the brain mask.
     """
     name = f"subject sub-{subject}" if subject else "subject"
     configure_itk_threads(threads, deterministic=deterministic)
-    data, affine = load_volume(stiffness, what=f"{name}: stiffness map")
     brain, mask_affine = load_mask(mask, what=f"{name}: brain mask")
-    require_same_grid(data.shape, affine, f"{name}: stiffness map {stiffness}", brain.shape,
-                      mask_affine, f"brain mask {mask}")
-    data, nonfinite = clean_nonfinite(data, brain, max_fraction=max_nan_fraction,
-                           what=f"{name}: stiffness map {stiffness}")
-    outside = int(np.count_nonzero((data != 0) & ~brain))
-    negative = int(np.count_nonzero((data < 0) & brain))
-    data = np.where(brain & (data > 0), data, 0).astype(np.float32)
-    covered = data > 0
-    log.info("%s: %d non-zero map voxels outside the brain mask set to 0; %d negative voxels "
-             "inside set to 0; %d of %d brain voxels have stiffness (%.1f%%)", name, outside,
-             negative, covered.sum(), brain.sum(), 100 * covered.sum() / brain.sum())
-    if not covered.any():
-        raise PreprocessError(
-            f"{name}: no positive stiffness voxel of {stiffness} lies inside the brain mask "
-            f"{mask}. The mask and the map do not overlap: check that the T1w and the map are "
-            f"in the same space, or use preprocess.skullstrip: none for maps already masked.")
+    corrected: dict[str, np.ndarray] = {}
+    nonfinite: dict[str, int] = {}
+    covered = None
+    affine = mask_affine
+    for modality_name, path in maps.items():
+        kind = modality(modality_name)
+        what = f"{name}: {kind.description} {path}"
+        data, affine = load_volume(path, what=f"{name}: {kind.description}")
+        require_same_grid(data.shape, affine, what, brain.shape, mask_affine,
+                          f"brain mask {mask}")
+        data, nonfinite[modality_name] = clean_nonfinite(data, brain,
+                                                         max_fraction=max_nan_fraction, what=what)
+        check_range(data, brain if covered is None else covered, kind, what=what)
+        outside = int(np.count_nonzero((data != 0) & ~brain))
+        negative = int(np.count_nonzero((data < 0) & brain))
+        data = np.where(brain & (data > 0), data, 0).astype(np.float32)
+        if covered is None:  # the grid map: its support is the acquisition's coverage
+            covered = data > 0
+            log.info("%s: %d non-zero map voxels outside the brain mask set to 0; %d negative "
+                     "voxels inside set to 0; %d of %d brain voxels have data (%.1f%%)", name,
+                     outside, negative, covered.sum(), brain.sum(),
+                     100 * covered.sum() / brain.sum())
+            if not covered.any():
+                raise PreprocessError(
+                    f"{name}: no positive voxel of {path} lies inside the brain mask {mask}. "
+                    f"The mask and the map do not overlap: check that the T1w and the map "
+                    f"are in the same space, or use preprocess.skullstrip: none for maps "
+                    f"already masked.")
+        else:
+            data = np.where(covered, data, 0).astype(np.float32)
+        if n4 and kind.n4:
+            log.info("%s: N4 on the %s inside brain mask and map support", name,
+                     kind.description)
+            data = n4_inside_mask(data, data > 0, affine, what=what)
+        corrected[modality_name] = data
+    if not n4:
+        log.info("%s: preprocess.n4 is false; bias correction skipped (maps cleaned only)", name)
 
     info = read_reference_info(reference_info)
     reference_data, reference_affine = load_volume(reference, what=f"{name}: reference image")
-    if n4:
-        log.info("%s: N4 on the stiffness map inside brain mask and map support", name)
-        data = n4_inside_mask(data, covered, affine, what=f"{name}: stiffness map {stiffness}")
-        if info["reference_kind"] != "stiffness":
-            if info["reference_kind"] == "T1w_brain":
-                reference_mask = reference_data > 0
-            else:
-                import ants
+    reference_kind = info["reference_kind"]
+    if reference_kind in corrected:  # no T1w: the corrected grid map is the reference
+        reference_data, reference_affine = corrected[reference_kind], affine
+    elif n4:
+        if reference_kind == "T1w_brain":
+            reference_mask = reference_data > 0
+        else:
+            import ants
 
-                head = ants.get_mask(ants.from_numpy(reference_data))
-                reference_mask = (head.numpy() > 0) & (reference_data > 0)
-            log.info("%s: N4 on the %s reference inside %d voxels", name,
-                     info["reference_kind"], reference_mask.sum())
-            reference_data = n4_inside_mask(np.maximum(reference_data, 0), reference_mask,
-                                            reference_affine,
-                                            what=f"{name}: reference image {reference}")
-    else:
-        log.info("%s: preprocess.n4 is false; bias correction skipped (map cleaned only)", name)
-    if info["reference_kind"] == "stiffness":
-        reference_data, reference_affine = data, affine
-    save_volume(out_stiffness, data, affine, description="stiffness (kPa), N4" if n4 else
-                "stiffness (kPa)")
+            head = ants.get_mask(ants.from_numpy(reference_data))
+            reference_mask = (head.numpy() > 0) & (reference_data > 0)
+        log.info("%s: N4 on the %s reference inside %d voxels", name, reference_kind,
+                 reference_mask.sum())
+        reference_data = n4_inside_mask(np.maximum(reference_data, 0), reference_mask,
+                                        reference_affine,
+                                        what=f"{name}: reference image {reference}")
+    for modality_name, data in corrected.items():
+        kind = modality(modality_name)
+        save_volume(out_maps[modality_name], data, affine,
+                    description=f"{modality_name} ({kind.unit}){', N4' if n4 and kind.n4 else ''}")
     save_volume(out_reference, reference_data, reference_affine,
-                description=f"reference ({info['reference_kind']})")
+                description=f"reference ({reference_kind})")
     return {"nonfinite_voxels": nonfinite, "brain_voxels": int(brain.sum()),
-            "covered_voxels": int(covered.sum()), "n4": bool(n4)}
+            "covered_voxels": int(covered.sum()) if covered is not None else int(brain.sum()),
+            "n4": bool(n4)}
+
+
+def check_range(data: np.ndarray, region: np.ndarray, kind, *, what: str) -> None:
+    """Raise :class:`brainage.io.InputError` when a voxel of ``region`` with data lies
+    outside the modality's valid range (e.g. a damping ratio outside [0, 1])."""
+    if kind.valid_range is None:
+        return
+    low, high = kind.valid_range
+    values = data[region & (data != 0)]
+    bad = (values < low) | (values > high)
+    if bad.any():
+        raise InputError(
+            f"{what}: {int(bad.sum())} brain voxels lie outside [{low:g}, {high:g}] (values "
+            f"from {float(values.min()):.4g} to {float(values.max()):.4g}); a "
+            f"{kind.description} must lie in that range. Check the file (is it the right "
+            f"map, in the right unit?) or remove {kind.name} from config key "
+            f"dataset.modalities.")

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
+from brainage.modalities import DEFAULT_MODALITIES, grid_modality, modality, mre_maps
 from brainage.paths import TRAINING_PREPROC, Layout
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,14 @@ JOBS = {"strip_skull": ("strip_skull",),
         "correct_and_register": ("correct_bias", "register_to_template", "compute_qc")}
 
 
-def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC
-                  ) -> dict[str, str]:
-    """Every file of one subject's chain (``subject``/``preproc`` may be wildcards).
+def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC,
+                  modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
+    """Every file of one subject's chain (``subject``/``preproc`` may be wildcards) for the
+    cohort's ``modalities`` (:mod:`brainage.modalities`).
 
     Keys: ``mask``, ``mask_json``, ``reference``, ``reference_info`` (strip_skull);
-    ``corrected``, ``corrected_reference`` (correct_bias); ``registered``,
+    ``corrected_<map>`` for each MRE map, ``corrected_reference`` (correct_bias);
+    ``registered_<modality>`` for each modality (the network's input channels),
     ``registered_mask``, ``registered_mask_json``, ``transform``, ``registered_reference``
     (register_to_template); ``qc_json``, ``qc_png`` (compute_qc). The JSON sidecars of the
     masks make the preprocessing folder a valid BIDS-Derivatives dataset.
@@ -53,10 +56,13 @@ def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC
         "reference": layout.subject_native(subject, "brain", "reference", **native),
         "reference_info": layout.subject_native(subject, "brain", "reference", ".json",
                                                 **native),
-        "corrected": layout.subject_native(subject, "biascorr", "stiffness", **native),
+        **{f"corrected_{name}": layout.subject_native(
+            subject, "biascorr" if modality(name).n4 else "clean", name, **native)
+           for name in mre_maps(modalities)},
         "corrected_reference": layout.subject_native(subject, "biascorr", "reference",
                                                      **native),
-        "registered": layout.subject_mni(subject, "preproc", "stiffness", **native),
+        **{f"registered_{name}": layout.subject_mni(subject, "preproc", name, **native)
+           for name in modalities},
         "registered_mask": layout.subject_mni(subject, "brain", "mask", **native),
         "registered_mask_json": layout.subject_mni(subject, "brain", "mask", ".json",
                                                    **native),
@@ -65,6 +71,11 @@ def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC
         "qc_json": layout.subject_qc(subject, ".json", **native),
         "qc_png": layout.subject_qc(subject, ".png", **native),
     }
+
+
+def registered_maps(files: Mapping[str, str], modalities: Sequence[str]) -> dict[str, str]:
+    """``{modality: registered map}`` of a subject's :func:`subject_files`."""
+    return {name: files[f"registered_{name}"] for name in modalities}
 
 
 def step_threads(preprocess: Mapping) -> int:
@@ -91,30 +102,42 @@ def step_options(step: str, preprocess: Mapping) -> dict:
 
 
 def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
-             template_t1: str, template_mask: str, options: Mapping, subject: str) -> None:
-    """Run one step on a subject's files: the function a rule's script calls."""
+             template_t1: str, template_mask: str, options: Mapping, subject: str,
+             modalities: Sequence[str] = DEFAULT_MODALITIES) -> None:
+    """Run one step on a subject's files: the function a rule's script calls.
+
+    ``inputs``: ``{map: native file}`` of the cohort's MRE maps and ``anat`` (the T1w) when
+    the subject has one (:func:`brainage.io.subject_inputs`).
+    """
     from brainage.preprocess import correct_bias, register_to_template, strip_skull
     from brainage.preprocess.derivatives import describe_mask
     from brainage.qc import compute_qc
 
+    maps = mre_maps(modalities)
+    grid = grid_modality(modalities)
     if step == "strip_skull":
-        strip_skull(inputs["stiffness"], files["mask"], files["reference"],
-                    files["reference_info"], anat=inputs.get("anat"), subject=subject, **options)
+        strip_skull(inputs["anat"] if grid == "T1w" else inputs[grid], files["mask"],
+                    files["reference"], files["reference_info"], anat=inputs.get("anat"),
+                    subject=subject, grid_modality=grid, **options)
         describe_mask(files["mask"])
     elif step == "correct_bias":
-        correct_bias(inputs["stiffness"], files["mask"], files["reference"],
-                     files["reference_info"], files["corrected"], files["corrected_reference"],
-                     subject=subject, **options)
+        correct_bias({name: inputs[name] for name in maps}, files["mask"], files["reference"],
+                     files["reference_info"],
+                     {name: files[f"corrected_{name}"] for name in maps},
+                     files["corrected_reference"], subject=subject, **options)
     elif step == "register_to_template":
-        register_to_template(files["corrected"], files["mask"], files["corrected_reference"],
+        register_to_template({name: files[f"corrected_{name}"] for name in maps},
+                             files["mask"], files["corrected_reference"],
                              files["reference_info"], template_t1, template_mask,
-                             files["registered"], files["registered_mask"], files["transform"],
-                             files["registered_reference"], subject=subject, **options)
+                             registered_maps(files, modalities), files["registered_mask"],
+                             files["transform"], files["registered_reference"],
+                             subject=subject, **options)
         describe_mask(files["registered_mask"], template_mask=template_mask)
     elif step == "compute_qc":
-        compute_qc(files["registered"], files["registered_mask"], files["registered_reference"],
-                   files["reference_info"], template_t1, template_mask, files["qc_json"],
-                   files["qc_png"], subject=subject, **options)
+        compute_qc(files[f"registered_{grid}"], files["registered_mask"],
+                   files["registered_reference"], files["reference_info"], template_t1,
+                   template_mask, files["qc_json"], files["qc_png"], subject=subject,
+                   grid_modality=grid, maps=registered_maps(files, modalities), **options)
     else:
         raise ValueError(f"unknown preprocessing step {step!r}; the steps are "
                          f"{', '.join(STEPS)}.")
@@ -127,11 +150,11 @@ def job_options(job: str, preprocess: Mapping) -> dict:
 
 def run_job(job: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
             template_t1: str | None, template_mask: str | None, options: Mapping,
-            subject: str) -> None:
+            subject: str, modalities: Sequence[str] = DEFAULT_MODALITIES) -> None:
     """Run the steps of one Snakemake job (:data:`JOBS`), in one process."""
     for step in JOBS[job]:
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
-                 options=options[step], subject=subject)
+                 options=options[step], subject=subject, modalities=modalities)
 
 
 #: The output whose presence means a step is done (each step writes it last).
@@ -140,16 +163,18 @@ STEP_DONE = {"strip_skull": "mask_json", "correct_bias": "corrected_reference",
 
 
 def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, preproc: str,
-                preprocess: Mapping, template_t1: str, template_mask: str) -> dict[str, str]:
+                preprocess: Mapping, template_t1: str, template_mask: str,
+                modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
     """The whole chain for one subject, in-process; returns :func:`subject_files`.
 
     A step whose last output exists is skipped, so an interrupted run continues; delete
     the subject's folder to start over (e.g. after changing the bundle).
     """
-    files = subject_files(layout, subject, preproc)
+    files = subject_files(layout, subject, preproc, modalities)
     for step in STEPS:
         if Path(files[STEP_DONE[step]]).is_file():
             continue
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
-                 options=step_options(step, preprocess), subject=subject)
+                 options=step_options(step, preprocess), subject=subject,
+                 modalities=modalities)
     return files

@@ -2,18 +2,22 @@
 
 The subject's reference (from ``strip_skull``/``correct_bias``) is registered to the
 matching template image with Mattes mutual information: skull-stripped T1w -> template
-T1 x brain mask; T1w head -> template T1; stiffness map (no anatomical image) -> template
-T1 x brain mask. The metric samples the template brain (dilated 6 mm). For a stiffness
+T1 x brain mask; T1w head -> template T1; the grid map, e.g. stiffness (no anatomical
+image) -> template T1 x brain mask. The metric samples the template brain (dilated 6 mm). For a stiffness
 reference it also ignores template points that map outside the map's field of view (a
 moving-image mask, the bounding box of the map's support): the slab's cut planes are not
 brain edges, and without this mask a slab covering 85 % of the brain was misplaced by
-15 mm in our tests. The transform is then applied to the stiffness map (linear) and to the
-brain mask (nearest neighbour).
+15 mm in our tests. The one transform is then applied to every MRE map of the subject
+(linear), to the brain mask (nearest neighbour) and to the reference (linear): the maps of
+one subject share one registration. The T1w channel (modality ``T1w``) is the warped
+reference inside the warped brain mask.
 
-The registered map is exactly 0 outside the warped brain mask and wherever the native map
-had no data (beyond the MRE slab): the map is interpolated by normalised convolution,
-``warp(map) / warp(support)`` where ``warp(support) >= 0.5``, so linear interpolation
-neither smears values outside the slab nor darkens its edge. Coverage stays visible.
+A registered map is exactly 0 outside the warped brain mask and wherever the native map
+had no data (beyond the MRE slab): each map is interpolated by normalised convolution,
+``warp(map) / warp(support)`` where ``warp(support) >= 0.5`` (support: the map's non-zero
+voxels), so linear interpolation neither smears values outside the slab nor darkens its
+edge. Coverage stays visible. A map that is a voxel-wise function of another keeps that
+relation wherever both are smooth (tests/test_preprocess.py).
 
 ``deterministic`` (one ITK thread, fixed seed for the metric's random sampling) makes
 reruns bit-identical.
@@ -26,11 +30,13 @@ import inspect
 import logging
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
 
 from brainage.io import atomic_path
+from brainage.modalities import MODALITIES, modality
 from brainage.preprocess.images import (
     PreprocessError,
     configure_itk_threads,
@@ -64,7 +70,8 @@ MAX_AXIS_SCALE = 1.6
 #: the simulated cohort (pose recovered < 1 mm, tests/test_preprocess.py), but a skull-
 #: stripping route is the better choice for real heads. A user's whole-head template
 #: (``template.source: file``) gives the head route a head to match.
-TARGETS = {"T1w_brain": "t1_brain", "T1w_head": "t1", "stiffness": "t1_brain"}
+TARGETS = {"T1w_brain": "t1_brain", "T1w_head": "t1",
+           **{name: "t1_brain" for name, kind in MODALITIES.items() if kind.is_mre}}
 
 _LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -149,22 +156,24 @@ def check_transform(matrix: np.ndarray, *, what: str) -> None:
             f"mask of this subject (skull stripping, orientation in the NIfTI header).")
 
 
-def register_to_template(stiffness: str | Path, mask: str | Path, reference: str | Path,
-                         reference_info: str | Path, template_t1: str | Path,
-                         template_mask: str | Path, out_stiffness: str | Path,
-                         out_mask: str | Path, out_transform: str | Path,
-                         out_reference: str | Path, *, deterministic: bool = True,
-                         threads: int = 1, seed: int = REGISTRATION_SEED,
-                         subject: str = "") -> dict:
-    """Affine-register the subject to the template; warp its map, mask and reference.
+def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
+                         reference: str | Path, reference_info: str | Path,
+                         template_t1: str | Path, template_mask: str | Path,
+                         out_maps: Mapping[str, str | Path], out_mask: str | Path,
+                         out_transform: str | Path, out_reference: str | Path, *,
+                         deterministic: bool = True, threads: int = 1,
+                         seed: int = REGISTRATION_SEED, subject: str = "") -> dict:
+    """Affine-register the subject to the template; warp its maps, mask and reference.
 
     Parameters
     ----------
-    stiffness : bias-corrected native map (kPa), zero outside brain and slab.
-    mask : native brain mask on the stiffness grid.
+    maps : ``{modality: bias-corrected native map}`` of the MRE maps (zero outside brain
+        and slab), grid map first; empty for a cohort without MRE maps.
+    mask : native brain mask on the maps' grid.
     reference, reference_info : corrected registration reference and its sidecar.
     template_t1, template_mask : MNI152 2 mm (rule ``prepare_template``).
-    out_stiffness : registered map (kPa, float32, template grid).
+    out_maps : ``{modality: registered map}`` (float32, template grid) for every key of
+        ``maps``, plus ``T1w`` for the T1w channel when the reference is a T1w.
     out_mask : warped brain mask (uint8, template grid).
     out_transform : ANTs affine ``.mat`` (template -> native; apply to native images).
     out_reference : the warped reference (float32, template grid), for QC.
@@ -179,18 +188,27 @@ def register_to_template(stiffness: str | Path, mask: str | Path, reference: str
     Raises
     ------
     RegistrationError : ANTs failed or the transform is implausible.
-    PreprocessError : the warped brain mask or map is empty.
+    PreprocessError : the warped brain mask or the grid map is empty; a T1w channel is
+        asked for a subject registered without a T1w.
     """
     name = f"subject sub-{subject}" if subject else "subject"
     itk_threads = configure_itk_threads(threads, deterministic=deterministic)
     import ants
 
     info = read_reference_info(reference_info)
+    if "T1w" in out_maps and not info["reference_kind"].startswith("T1w"):
+        raise PreprocessError(f"{name}: the T1w channel needs a T1w image, but the subject was "
+                              f"registered with its {info['reference_kind']} map (no "
+                              f"anat/sub-{subject}_T1w.nii.gz).")
     target, metric = TARGETS[info["reference_kind"]], "mattes"
-    stiffness_data, stiffness_affine = load_volume(stiffness, what=f"{name}: stiffness map")
     mask_data, mask_affine = load_mask(mask, what=f"{name}: brain mask")
-    require_same_grid(stiffness_data.shape, stiffness_affine, f"{name}: stiffness map {stiffness}",
-                      mask_data.shape, mask_affine, f"brain mask {mask}")
+    native_maps = {}
+    for modality_name, path in maps.items():
+        what = f"{name}: {modality(modality_name).description}"
+        data, affine = load_volume(path, what=what)
+        require_same_grid(data.shape, affine, f"{what} {path}", mask_data.shape, mask_affine,
+                          f"brain mask {mask}")
+        native_maps[modality_name] = data
     template_data, template_affine = load_volume(template_t1, what="template T1")
     template_brain, _ = load_mask(template_mask, what="template brain mask")
 
@@ -201,7 +219,7 @@ def register_to_template(stiffness: str | Path, mask: str | Path, reference: str
         template_brain, iterations=SAMPLING_MASK_DILATION_VOXELS).astype(np.float32))
     moving = ants.image_read(str(reference)).clone("float")
     moving_mask = None
-    if info["reference_kind"] == "stiffness":
+    if info["reference_kind"] in MODALITIES:  # a map: leave the slab's cut planes out
         moving_mask = moving.new_image_like(field_of_view_box(moving.numpy() > 0))
     log.info("%s: registering the %s reference to the template (%s, metric %s), ITK threads "
              "%d, seed %s", name, info["reference_kind"], target, metric, itk_threads,
@@ -225,7 +243,7 @@ def register_to_template(stiffness: str | Path, mask: str | Path, reference: str
                                     f"failed: {error}") from None
         check_transform(matrix, what=name)
 
-        native_grid = ants.image_read(str(stiffness))
+        native_grid = ants.image_read(str(mask)).clone("float")
 
         def warp(data: np.ndarray, interpolator: str) -> np.ndarray:
             moving_image = native_grid.new_image_like(data.astype(np.float32))
@@ -233,27 +251,37 @@ def register_to_template(stiffness: str | Path, mask: str | Path, reference: str
                                            transformlist=[transform], interpolator=interpolator)
             return warped.numpy()
 
-        support = (stiffness_data > 0).astype(np.float32)
-        warped_sum = warp(stiffness_data, "linear")
-        warped_support = warp(support, "linear")
         warped_mask = warp(mask_data.astype(np.float32), "nearestNeighbor") > 0.5
+        registered = {}
+        for modality_name, data in native_maps.items():
+            # normalised convolution with the map's own support (module docstring)
+            warped_sum = warp(data, "linear")
+            warped_support = warp((data > 0).astype(np.float32), "linear")
+            keep = warped_mask & (warped_support >= 0.5)
+            volume = np.zeros(template_data.shape, dtype=np.float32)
+            volume[keep] = warped_sum[keep] / warped_support[keep]
+            registered[modality_name] = volume
         warped_reference = ants.apply_transforms(
             fixed=template_image, moving=moving, transformlist=[transform],
             interpolator="linear").numpy()
         transform_bytes = Path(transform).read_bytes()
 
-    keep = warped_mask & (warped_support >= 0.5)
-    registered = np.zeros(template_data.shape, dtype=np.float32)
-    registered[keep] = warped_sum[keep] / warped_support[keep]
     if not warped_mask.any():
         raise PreprocessError(f"{name}: the warped brain mask is empty: the registration moved "
                               f"the brain out of the template's field of view.")
-    if not keep.any():
-        raise PreprocessError(f"{name}: no stiffness voxel lands inside the warped brain mask.")
+    if "T1w" in out_maps:
+        registered["T1w"] = np.where(warped_mask, np.maximum(warped_reference, 0),
+                                     0).astype(np.float32)
+    grid_name = next(iter(registered), None)
+    if grid_name is not None and not registered[grid_name].any():
+        raise PreprocessError(f"{name}: no {modality(grid_name).description} voxel lands inside "
+                              f"the warped brain mask.")
     with atomic_path(out_transform) as temp:
         temp.write_bytes(transform_bytes)
-    save_volume(out_stiffness, registered, template_affine,
-                description="stiffness (kPa), MNI152 2 mm")
+    for modality_name, volume in registered.items():
+        kind = modality(modality_name)
+        save_volume(out_maps[modality_name], volume, template_affine,
+                    description=f"{modality_name} ({kind.unit}), MNI152 2 mm")
     save_volume(out_mask, warped_mask, template_affine, dtype=np.uint8,
                 description="brain mask, MNI152 2 mm")
     save_volume(out_reference, warped_reference, template_affine,
@@ -262,7 +290,7 @@ def register_to_template(stiffness: str | Path, mask: str | Path, reference: str
     dice = 2 * np.count_nonzero(warped_mask & template_brain) / (
         warped_mask.sum() + template_brain.sum())
     log.info("%s: affine axis scales %s; warped brain mask Dice %.3f against the template "
-             "mask; %d voxels with stiffness", name, np.round(scales, 3).tolist(), dice,
-             keep.sum())
+             "mask; %s", name, np.round(scales, 3).tolist(), dice,
+             ", ".join(f"{np.count_nonzero(v)} voxels of {k}" for k, v in registered.items()))
     return {"template_to_native": matrix.tolist(), "axis_scales": scales.tolist(),
             "reference_kind": info["reference_kind"], "metric": metric}

@@ -1,4 +1,4 @@
-"""Skull stripping (rule ``strip_skull``): a brain mask on the stiffness map's grid.
+"""Skull stripping (rule ``strip_skull``): a brain mask on the grid of the subject's maps.
 
 Routes (config key ``preprocess.skullstrip``), each a nipype interface
 (:mod:`brainage.preprocess.interfaces`):
@@ -12,15 +12,17 @@ Routes (config key ``preprocess.skullstrip``), each a nipype interface
     ``freesurfer`` when its program is on PATH and ``FREESURFER_HOME`` is set, otherwise
     ``deepbet``; the log and the sidecar JSON say which ran.
 ``none``
-    The stiffness map is already masked: the mask is its support.
+    The maps are already masked: the mask is the grid map's support.
 
-Without an anatomical image there is nothing to strip: the mask is the stiffness map's
-support (largest component, holes filled) whatever the route, and the log says so.
-With one, the T1w mask is carried to the stiffness grid (both are in the same scanner
-space). The image that registration will align (the *reference*) is written alongside,
+The *grid map* is the subject's first MRE map in ``dataset.modalities`` (usually the
+stiffness; :func:`brainage.modalities.grid_modality`), or the T1w itself in a cohort
+without MRE maps (a T1w pretraining cohort). Without an anatomical image there is nothing
+to strip: the mask is the grid map's support (largest component, holes filled) whatever
+the route, and the log says so. With one, the T1w mask is carried to the maps' grid (both
+are in the same scanner space). The image that registration will align (the *reference*) is written alongside,
 with a sidecar JSON that says what it is (:data:`REFERENCE_KINDS`).
 
-Without a T1w the reference is the (masked) stiffness map itself, not its mask: white
+Without a T1w the reference is the (masked) grid map itself, not its mask: white
 matter is stiffer than cortex and CSF, as it is brighter in a T1w, so mutual information
 with the template T1 aligns it, and the slab's cut planes can be left out of the metric
 (see :mod:`brainage.preprocess.register`). A support mask cut by the slab cannot be
@@ -39,6 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from brainage.io import write_json
+from brainage.modalities import MODALITIES, modality
 from brainage.preprocess.images import (
     PreprocessError,
     load_mask,
@@ -54,8 +57,9 @@ METHODS = ("auto", "freesurfer", "deepbet", "none")
 FREESURFER_PROGRAMS = {"synthstrip": "mri_synthstrip", "watershed": "mri_watershed"}
 #: What the reference image is, and so which template image it is registered to:
 #: T1w_brain -> template T1 x brain mask; T1w_head -> template T1 (head);
-#: stiffness -> template T1 x brain mask, only where the map has data.
-REFERENCE_KINDS = ("T1w_brain", "T1w_head", "stiffness")
+#: an MRE map (stiffness, ...) -> template T1 x brain mask, only where the map has data.
+REFERENCE_KINDS = ("T1w_brain", "T1w_head",
+                   *(name for name, kind in MODALITIES.items() if kind.is_mre))
 
 
 def freesurfer_available(tool: str = "synthstrip") -> bool:
@@ -133,22 +137,24 @@ def _absolute(path: str | Path) -> str:
     return str(Path(path).resolve())
 
 
-def strip_skull(stiffness: str | Path, out_mask: str | Path, out_reference: str | Path,
+def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str | Path,
                 out_info: str | Path, *, anat: str | Path | None = None,
                 method: str = "auto", freesurfer_tool: str = "synthstrip", threads: int = 1,
-                subject: str = "") -> dict:
-    """Brain mask on the stiffness grid, and the image registration will align.
+                subject: str = "", grid_modality: str = "stiffness") -> dict:
+    """Brain mask on the grid of the subject's maps, and the image registration will align.
 
     Parameters
     ----------
-    stiffness : the subject's native stiffness map (kPa).
-    out_mask : brain mask on the stiffness grid (uint8 NIfTI).
+    grid_image : the subject's native grid map (``grid_modality``; the stiffness map in
+        kPa, or the T1w itself in a cohort without MRE maps).
+    out_mask : brain mask on the grid map's grid (uint8 NIfTI).
     out_reference : the registration reference (float32 NIfTI): the skull-stripped T1w
-        (route freesurfer/deepbet), the T1w as given (route none), or the stiffness map
-        inside the mask (no anatomical image).
+        (route freesurfer/deepbet), the T1w as given (route none), or the grid map inside
+        the mask (no anatomical image).
     out_info : sidecar JSON: ``route`` that ran, ``mask_source``, ``reference_kind``
         (one of :data:`REFERENCE_KINDS`), mask volume (ml).
     anat : the subject's T1w (or MRE magnitude) image in the same space, if any.
+    grid_modality : what ``grid_image`` is (:data:`brainage.modalities.MODALITIES`).
     method, freesurfer_tool : config keys ``preprocess.skullstrip`` / ``freesurfer_tool``.
     threads : CPU threads of the network (deepbet, SynthStrip).
     subject : label for messages.
@@ -163,31 +169,34 @@ def strip_skull(stiffness: str | Path, out_mask: str | Path, out_reference: str 
     PreprocessError : empty brain mask; FreeSurfer requested but absent.
     """
     name = f"subject sub-{subject}" if subject else "subject"
-    data, affine = load_volume(stiffness, what=f"{name}: stiffness map")
+    grid_kind = modality(grid_modality)
+    data, affine = load_volume(grid_image, what=f"{name}: {grid_kind.description}")
     route = resolve_method(method, freesurfer_tool)
     Path(out_mask).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".strip_skull-", dir=Path(out_mask).parent) as tmp:
         work = Path(tmp).resolve()  # interfaces run in it: every path must be absolute
         if anat is None:
-            log.info("%s: no anatomical image; brain mask = the stiffness map's support "
-                     "(largest component, holes filled); skull stripping (%s) not run",
-                     name, method)
-            mask_file = _run_mask_interface("none", freesurfer_tool, _absolute(stiffness), work,
-                                            threads)
+            if not grid_kind.is_mre:
+                raise PreprocessError(f"{name}: no T1w image given to strip.")
+            log.info("%s: no anatomical image; brain mask = the %s's support (largest "
+                     "component, holes filled); skull stripping (%s) not run", name,
+                     grid_kind.description, method)
+            mask_file = _run_mask_interface("none", freesurfer_tool, _absolute(grid_image),
+                                            work, threads)
             mask, _ = load_mask(mask_file, what=f"{name}: support mask")
             reference = np.where(mask & np.isfinite(data), data, 0).astype(np.float32)
             anat_mask, reference_affine = None, affine
-            kind, source, ran = "stiffness", "stiffness_support", "none"
+            kind, source, ran = grid_modality, f"{grid_modality}_support", "none"
         else:
             anat_data, reference_affine = load_volume(anat, what=f"{name}: T1w image")
             if route == "none":
-                log.info("%s: preprocess.skullstrip none: brain mask = the stiffness map's "
-                         "support; the T1w is registered as given (head)", name)
-                mask_file = _run_mask_interface("none", freesurfer_tool, _absolute(stiffness),
+                log.info("%s: preprocess.skullstrip none: brain mask = the %s's support; the "
+                         "T1w is registered as given (head)", name, grid_kind.description)
+                mask_file = _run_mask_interface("none", freesurfer_tool, _absolute(grid_image),
                                                 work, threads)
                 mask, _ = load_mask(mask_file, what=f"{name}: support mask")
                 anat_mask, reference = None, np.nan_to_num(anat_data)
-                kind, source, ran = "T1w_head", "stiffness_support", "none"
+                kind, source, ran = "T1w_head", f"{grid_modality}_support", "none"
             else:
                 ran = "deepbet" if route == "deepbet" else FREESURFER_PROGRAMS[freesurfer_tool]
                 log.info("%s: skull stripping the T1w image %s with %s (preprocess.skullstrip "
@@ -217,8 +226,8 @@ def strip_skull(stiffness: str | Path, out_mask: str | Path, out_reference: str 
                                   f"try another preprocess.skullstrip route.")
         if not mask.any():
             raise PreprocessError(
-                f"{name}: the brain mask on the stiffness grid of {stiffness} is empty "
-                f"(mask from {source}). Check that the T1w and the map are in the same space.")
+                f"{name}: the brain mask on the grid of {grid_image} is empty (mask from "
+                f"{source}). Check that the T1w and the map are in the same space.")
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     info = {"subject": subject, "skullstrip": method, "route": ran, "mask_source": source,
             "reference_kind": kind, "anat": str(anat) if anat is not None else None,
@@ -227,8 +236,8 @@ def strip_skull(stiffness: str | Path, out_mask: str | Path, out_reference: str 
     save_volume(out_reference, reference, reference_affine,
                 description=f"registration reference ({kind})")
     write_json(out_info, info)
-    log.info("%s: brain mask %.0f ml on the stiffness grid; reference %s", name,
-             info["mask_volume_ml"], kind)
+    log.info("%s: brain mask %.0f ml on the %s grid; reference %s", name,
+             info["mask_volume_ml"], grid_modality, kind)
     return info
 
 

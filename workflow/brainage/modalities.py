@@ -1,0 +1,119 @@
+"""The images a subject can provide, and what the pipeline does with each (docs/method.md,
+"Modalities").
+
+An MRE inversion yields several maps on one grid (``sub-<label>/mre/``): the shear
+stiffness (kPa), the damping ratio (dimensionless), or the storage and loss moduli (kPa).
+The session's T1w (``sub-<label>/anat/``) is a modality too. Config key
+``dataset.modalities`` lists the ones the subjects provide; each grid cell's
+``model.modalities`` chooses the network's input channels among them, in that order.
+
+One subject, one brain mask and one transform: the mask lives on the grid of the subject's
+*grid map* (its first MRE map in ``dataset.modalities`` order, or the T1w of a cohort
+without MRE maps), the registration aligns one reference (the skull-stripped T1w when
+there is one), and every map is carried to the template by that same transform
+(:mod:`brainage.preprocess.register`). The T1w channel is the registered, bias-corrected
+registration reference inside the warped brain mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+
+@dataclass(frozen=True)
+class Modality:
+    """One kind of image.
+
+    Attributes
+    ----------
+    name
+        BIDS suffix and the name in config (``stiffness``, ``damping_ratio``, ...).
+    folder
+        BIDS datatype folder of the input: ``mre`` or ``anat``.
+    unit
+        Of the values: ``kPa``, ``1`` (dimensionless) or ``a.u.`` (arbitrary).
+    description
+        What messages call one subject's image ("damping-ratio map").
+    valid_range
+        Closed interval every brain voxel with data must lie in (after NaN handling); a
+        voxel outside stops preprocessing with the subject and the file named. ``None``:
+        no bound beyond ``positive``.
+    positive
+        Non-positive voxels mean "no data" (background): the moduli of an inversion are
+        positive where it succeeded.
+    n4
+        Bias-corrected with N4 when ``preprocess.n4`` is on. Not the damping ratio: a
+        ratio of two moduli has no multiplicative intensity bias, and a correction could
+        push it out of [0, 1].
+    scale_by_brain_median
+        Divided by its median brain value before the dataset-wide z-normalisation: T1w
+        intensities are in scanner units that differ between sites by factors, MRE maps
+        are physical quantities and keep their scale (the age signal is in it).
+    """
+
+    name: str
+    folder: str
+    unit: str
+    description: str
+    valid_range: tuple[float, float] | None = None
+    positive: bool = True
+    n4: bool = True
+    scale_by_brain_median: bool = False
+
+    @property
+    def is_mre(self) -> bool:
+        return self.folder == "mre"
+
+
+MODALITIES = {
+    "stiffness": Modality("stiffness", "mre", "kPa", "stiffness map"),
+    "damping_ratio": Modality("damping_ratio", "mre", "1", "damping-ratio map",
+                              valid_range=(0.0, 1.0), n4=False),
+    "storage_modulus": Modality("storage_modulus", "mre", "kPa", "storage-modulus map"),
+    "loss_modulus": Modality("loss_modulus", "mre", "kPa", "loss-modulus map"),
+    "T1w": Modality("T1w", "anat", "a.u.", "T1w image", scale_by_brain_median=True),
+}
+DEFAULT_MODALITIES = ("stiffness",)
+
+
+def modality(name: str) -> Modality:
+    try:
+        return MODALITIES[name]
+    except KeyError:
+        raise ValueError(f"unknown modality {name!r}; the modalities are "
+                         f"{', '.join(MODALITIES)}.") from None
+
+
+def input_path(root: str | Path, label: str, name: str) -> Path:
+    """``<root>/sub-<label>/<folder>/sub-<label>_<name>.nii.gz``."""
+    kind = modality(name)
+    return Path(root) / f"sub-{label}" / kind.folder / f"sub-{label}_{name}.nii.gz"
+
+
+def mre_maps(names: Sequence[str]) -> tuple[str, ...]:
+    """The MRE maps among ``names``, in order (the maps that are cleaned, corrected and
+    warped as maps; the T1w is the registration reference)."""
+    return tuple(name for name in names if modality(name).is_mre)
+
+
+def grid_modality(names: Sequence[str]) -> str:
+    """The image whose grid the subject's brain mask lives on: the first MRE map, or the
+    T1w of a cohort without MRE maps."""
+    maps = mre_maps(names)
+    if maps:
+        return maps[0]
+    if "T1w" in names:
+        return "T1w"
+    raise ValueError(f"modalities {list(names)} name no image; give at least one of "
+                     f"{', '.join(MODALITIES)}.")
+
+
+def needs_anatomy(names: Sequence[str]) -> bool:
+    return "T1w" in names
+
+
+def tag(names: Sequence[str]) -> str:
+    """A name part for a set of modalities (``stiffness_damping_ratio``)."""
+    return "_".join(names)
