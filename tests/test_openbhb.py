@@ -1,0 +1,373 @@
+"""The OpenBHB reader: the release's table and split, resampling onto our grid, and the
+errors for a release that is incomplete or does not match itself."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage.io import InputError
+from brainage.openbhb import (
+    QUASIRAW_AFFINE,
+    QUASIRAW_SHAPE,
+    Grid,
+    Resampler,
+    bids_label,
+    read_release,
+    write_cohort,
+)
+from openbhb_fixture import SMALL_SHAPE, array_path, small_affine, write_openbhb_release
+
+
+@pytest.fixture
+def release(tmp_path):
+    root = tmp_path / "openBHB"
+    written = write_openbhb_release(root, n_train=5, n_validation=4)
+    return root, written
+
+
+# -- the table and the split -------------------------------------------------------------------
+
+def test_reads_ids_ages_sites_and_the_official_split(release):
+    root, written = release
+    result = read_release(root)
+    table = result.table.set_index("openbhb_id")
+    assert sorted(table.index) == sorted(written["participant_id"])
+    for row in written.itertuples(index=False):
+        ours = table.loc[row.participant_id]
+        assert ours["participant_id"] == f"sub-{row.participant_id}"
+        assert ours["age"] == pytest.approx(float(row.age))
+        assert ours["study"] == f"site{int(float(row.site))}"
+        assert ours["sex"] == {"male": "M", "female": "F"}[row.sex]
+        assert ours["subset"] == ("train" if row.split == "train" else "validation")
+        assert ours["openbhb_split"] == row.split and ours["openbhb_study"] == row.study
+        assert ours["siteXacq"] == row.siteXacq and ours["tiv"] == row.tiv
+    assert (result.table["subset"] == "train").sum() == 5
+    assert set(result.table["openbhb_split"]) == {"train", "internal_test", "external_test"}
+    assert result.table["age"].dtype == float
+    # each row's file is the one the release keeps for that scan
+    for pid, split, path in zip(result.table["openbhb_id"], result.table["openbhb_split"],
+                                result.files):
+        assert path == array_path(root, pid, split)
+    assert result.grid_source.endswith("quasiraw_space-MNI152_desc-brain_T1w.nii.gz")
+    assert result.grid.shape == SMALL_SHAPE
+    np.testing.assert_allclose(result.grid.affine, small_affine(SMALL_SHAPE))
+
+
+@pytest.mark.parametrize("validation, kept", [("both", {"internal_test", "external_test"}),
+                                              ("internal", {"internal_test"}),
+                                              ("external", {"external_test"})])
+def test_validation_option_chooses_the_official_subsets(release, validation, kept):
+    root, written = release
+    table = read_release(root, validation=validation).table
+    validation_rows = table[table["subset"] == "validation"]
+    assert set(validation_rows["openbhb_split"]) == kept
+    expected = written[written["split"].isin(kept)]["participant_id"]
+    assert sorted(validation_rows["openbhb_id"]) == sorted(expected)
+    assert (table["subset"] == "train").sum() == 5
+
+
+def test_site_column_option_and_bad_choices(release):
+    root, written = release
+    table = read_release(root, site_column="siteXacq").table.set_index("openbhb_id")
+    for row in written.itertuples(index=False):
+        assert table.loc[row.participant_id, "study"] == f"siteXacq{row.siteXacq}"
+    with pytest.raises(ValueError, match="validation"):
+        read_release(root, validation="private")
+    with pytest.raises(ValueError, match="site_column"):
+        read_release(root, site_column="study")
+
+
+def test_ids_with_other_characters_map_to_bids_labels(tmp_path):
+    ids = ["100053248969", "ab_12-3", "ab12-3_", "x.9"]
+    write_openbhb_release(tmp_path, n_train=2, n_validation=2, ids=ids)
+    table = read_release(tmp_path).table.set_index("openbhb_id")
+    assert table.loc["100053248969", "participant_id"] == "sub-100053248969"
+    labels = table["participant_id"].str[len("sub-"):]
+    assert labels.str.fullmatch(r"[A-Za-z0-9]+").all()
+    assert labels.is_unique  # "ab_12-3" and "ab12-3_" differ only in punctuation
+    assert table.loc["ab_12-3", "participant_id"] == f"sub-{bids_label('ab_12-3')}"
+    assert bids_label("ab_12-3") == bids_label("ab_12-3") != bids_label("ab12-3_")
+    assert bids_label("ab_12-3").startswith("ab123x")
+
+
+# -- streaming and resampling ------------------------------------------------------------------
+
+def test_identity_grid_returns_the_arrays_unchanged(release):
+    root, _ = release
+    result = read_release(root)
+    for method in ("area", "linear", "auto"):
+        seen = []
+        for ids, volumes in result.volumes(*result.grid, method=method):
+            assert volumes.dtype == np.float32 and volumes.shape == (1,) + SMALL_SHAPE
+            pid = ids[0]
+            row = int(np.flatnonzero(result.table["participant_id"] == pid)[0])
+            written = np.load(result.files[row])
+            assert written.shape == (1, 1) + SMALL_SHAPE
+            np.testing.assert_array_equal(volumes[0], written[0, 0].astype(np.float32))
+            seen.append(pid)
+        assert seen == list(result.table["participant_id"])
+
+
+def test_streams_in_chunks_by_subset(release):
+    root, _ = release
+    result = read_release(root)
+    chunks = list(result.volumes(*result.grid, subset="train", chunk_size=2))
+    assert [len(ids) for ids, _ in chunks] == [2, 2, 1]
+    assert [pid for ids, _ in chunks for pid in ids] == \
+        list(result.table.loc[result.table["subset"] == "train", "participant_id"])
+    assert all(volumes.shape[0] == len(ids) for ids, volumes in chunks)
+
+
+def axis_centres(grid: Grid) -> list[np.ndarray]:
+    """World (MNI mm) coordinate of the voxel centres along each axis of an axis-aligned grid."""
+    matrix = grid.affine[:3, :3]
+    assert np.allclose(matrix, np.diag(np.diag(matrix)))
+    return [matrix[axis, axis] * np.arange(size) + grid.affine[axis, 3]
+            for axis, size in enumerate(grid.shape)]
+
+
+def cube_volume(grid: Grid, low_mm, high_mm) -> np.ndarray:
+    """1 at voxel centres inside the box [low, high] (MNI mm, inclusive), else 0."""
+    inside = [(c >= low - 1e-6) & (c <= high + 1e-6) for c, low, high in
+              zip(axis_centres(grid), low_mm, high_mm)]
+    return np.einsum("i,j,k->ijk", *inside).astype(np.float32)
+
+
+def test_a_cube_at_known_mni_coordinates_lands_on_the_right_2mm_voxels():
+    """The release's real grid (x flipped) onto nilearn's MNI152 2009a 2 mm template grid."""
+    from nilearn import datasets
+
+    template = datasets.load_mni152_template(resolution=2)
+    target = Grid(template.shape, template.affine)
+    source = Grid(QUASIRAW_SHAPE, QUASIRAW_AFFINE)
+    low, high = np.array([-34.0, 10.0, 20.0]), np.array([-20.0, 22.0, 30.0])  # left hemisphere
+    volume = cube_volume(source, low, high)
+    area = Resampler(source, target)
+    assert area.method == "area"
+    result = area(volume)
+    assert result.shape == template.shape and result.dtype == np.float32
+    # The 2 mm voxel centres fall on 1 mm voxel centres: each 2 mm voxel averages the
+    # 1 mm voxels at its centre (weight 1/2) and its two neighbours (1/4 each), per axis.
+    profiles = []
+    for c, lo, hi in zip(axis_centres(target), low, high):
+        inside = [((c + d >= lo) & (c + d <= hi)).astype(float) for d in (-1, 0, 1)]
+        profiles.append(0.25 * inside[0] + 0.5 * inside[1] + 0.25 * inside[2])
+    expected = np.einsum("i,j,k->ijk", *profiles)
+    np.testing.assert_allclose(result, expected, atol=1e-6)
+    # in voxel terms (x = 2i - 98, y = 2j - 134, z = 2k - 72 mm), the voxels wholly inside:
+    full = np.argwhere(result == 1.0)
+    assert full.min(axis=0).tolist() == [33, 73, 47] and full.max(axis=0).tolist() == [38, 77, 50]
+    x_mm = axis_centres(target)[0]
+    assert x_mm[np.argwhere(result > 0)[:, 0]].max() < 0  # left stays left: nothing at x > 0
+    # linear interpolation puts the cube's centre of mass in the same place
+    linear = Resampler(source, target, method="linear")(volume)
+    for resampled in (result, linear):
+        mass = np.argwhere(resampled > 0).T
+        weights = resampled[resampled > 0]
+        centre = (target.affine[:3, :3] @ (mass * weights).sum(axis=1) / weights.sum()
+                  + target.affine[:3, 3])
+        np.testing.assert_allclose(centre, (low + high) / 2, atol=0.5)
+
+
+def test_aligned_grids_give_exact_block_averages():
+    source = Grid((8, 6, 4), small_affine((8, 6, 4)))
+    # 2 mm voxels whose corners sit on 1 mm voxel corners: source voxel (0,0,0) starts block 0
+    target_affine = source.affine @ np.array([[2, 0, 0, 0.5], [0, 2, 0, 0.5], [0, 0, 2, 0.5],
+                                              [0, 0, 0, 1.0]])
+    target = Grid((4, 3, 2), target_affine)
+    volume = np.random.default_rng(1).uniform(0, 10, source.shape).astype(np.float32)
+    resampler = Resampler(source, target)
+    assert resampler.method == "area"
+    blocks = volume.reshape(4, 2, 3, 2, 2, 2).mean(axis=(1, 3, 5))
+    np.testing.assert_allclose(resampler(volume), blocks, rtol=1e-6)
+
+
+def test_linear_interpolation_between_voxels_and_auto_choice():
+    source = Grid((6, 6, 6), np.eye(4))
+    volume = np.zeros(source.shape, dtype=np.float32)
+    volume[2, 3, 3], volume[3, 3, 3] = 4.0, 8.0
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.5  # target voxel i sits half-way between source voxels i and i+1
+    linear = Resampler(source, Grid(source.shape, shifted), method="linear")
+    result = linear(volume)
+    assert result[2, 3, 3] == pytest.approx(6.0) and result[1, 3, 3] == pytest.approx(2.0)
+    assert result[3, 3, 3] == pytest.approx(4.0) and result[0, 0, 0] == 0.0
+    # a same-size box half-way between two voxels averages them too: auto takes area
+    area = Resampler(source, Grid(source.shape, shifted))
+    assert area.method == "area"
+    np.testing.assert_allclose(area(volume), result, atol=1e-6)
+    # outside the source grid is background 0: half a voxel past the edge is half-way to 0
+    beyond = np.eye(4)
+    beyond[0, 3] = -2.5
+    edge = Resampler(source, Grid((9, 6, 6), beyond), method="linear")(np.ones(source.shape))
+    np.testing.assert_allclose(edge[:, 3, 3], [0, 0, 0.5, 1, 1, 1, 1, 1, 0.5])
+    rotated = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
+    assert Resampler(source, Grid(source.shape, rotated)).method == "linear"
+    with pytest.raises(ValueError, match="axis-aligned"):
+        Resampler(source, Grid(source.shape, rotated), method="area")
+    finer = np.diag([0.5, 0.5, 0.5, 1.0])
+    assert Resampler(source, Grid((12, 12, 12), finer)).method == "linear"
+
+
+def test_write_cohort_writes_a_row_aligned_array(release, tmp_path):
+    root, _ = release
+    result = read_release(root)
+    target = Grid((6, 7, 6), small_affine(SMALL_SHAPE) @ np.diag([2.0, 2.0, 2.0, 1.0]))
+    table = write_cohort(result, tmp_path / "images.npy", tmp_path / "participants.tsv",
+                         *target, subset="train")
+    images = np.load(tmp_path / "images.npy", mmap_mode="r")
+    assert images.shape == (5, 6, 7, 6) and images.dtype == np.float32
+    written = pd.read_csv(tmp_path / "participants.tsv", sep="\t")
+    assert list(written["participant_id"]) == list(table["participant_id"])
+    assert (written["subset"] == "train").all()
+    expected = Resampler(result.grid, target)(result.load(2))
+    np.testing.assert_array_equal(images[2], expected)
+
+
+# -- what a broken release is told -------------------------------------------------------------
+
+def test_wrong_array_shape_names_the_file(release):
+    root, written = release
+    row = written.iloc[1]
+    path = array_path(root, row["participant_id"], row["split"])
+    np.save(path, np.zeros((1, 1, 12, 14, 11)))
+    with pytest.raises(InputError) as error:
+        read_release(root)
+    message = str(error.value)
+    assert str(path) in message and "shape (1, 1, 12, 14, 11)" in message
+    assert "(1, 1, 12, 14, 12)" in message
+
+
+def test_wrong_array_dtype_names_the_file(release):
+    root, written = release
+    row = written.iloc[0]
+    path = array_path(root, row["participant_id"], row["split"])
+    np.save(path, np.zeros((1, 1) + SMALL_SHAPE, dtype=np.complex64))
+    with pytest.raises(InputError, match="dtype complex64") as error:
+        read_release(root)
+    assert str(path) in str(error.value)
+
+
+def test_a_missing_column_is_named(release):
+    root, written = release
+    written.drop(columns=["age"]).to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError) as error:
+        read_release(root)
+    message = str(error.value)
+    assert str(root / "participants.tsv") in message and "lacks column(s) age" in message
+
+
+def test_a_row_without_its_array(release):
+    root, written = release
+    row = written.iloc[6]
+    path = array_path(root, row["participant_id"], row["split"])
+    path.unlink()
+    with pytest.raises(InputError) as error:
+        read_release(root)
+    message = str(error.value)
+    assert str(path) in message and "1 of 9 scans" in message and row["participant_id"] in message
+
+
+def test_an_array_without_a_row(release):
+    root, written = release
+    written.drop(index=3).to_csv(root / "participants.tsv", sep="\t", index=False)
+    orphan = array_path(root, written.iloc[3]["participant_id"], "train")
+    with pytest.raises(InputError) as error:
+        read_release(root)
+    assert str(orphan) in str(error.value) and "no row in" in str(error.value)
+
+
+def test_a_row_whose_array_is_in_the_other_split(release):
+    root, written = release
+    table = written.copy()
+    table.loc[0, "split"] = "internal_test"
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match="other split's folder") as error:
+        read_release(root)
+    assert written.iloc[0]["participant_id"] in str(error.value)
+
+
+@pytest.mark.parametrize("column, value, expected", [
+    ("age", "twenty", "age 'twenty' is not a number of years"),
+    ("age", "250", "age 250.0 years is outside"),
+    ("split", "test", "split 'test' is not one of train, internal_test, external_test"),
+    ("site", "", "column 'site' is empty"),
+])
+def test_bad_values_name_the_line(release, column, value, expected):
+    root, written = release
+    table = written.copy()
+    table.loc[2, column] = value
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=expected) as error:
+        read_release(root)
+    assert f"participants.tsv line 4 (participant_id {written.iloc[2]['participant_id']!r})" \
+        in str(error.value)
+
+
+def test_duplicate_ids(release):
+    root, written = release
+    table = written.copy()
+    table.loc[1, "participant_id"] = table.loc[0, "participant_id"]
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=f"duplicate participant_id {table.loc[0, 'participant_id']}"):
+        read_release(root)
+
+
+def test_an_empty_split(tmp_path):
+    write_openbhb_release(tmp_path, n_train=3, n_validation=1)  # one internal_test scan only
+    read_release(tmp_path, validation="internal")
+    with pytest.raises(InputError, match="no row has split external_test, so the validation "
+                                         "subset is empty"):
+        read_release(tmp_path, validation="external")
+    table = pd.read_csv(tmp_path / "participants.tsv", sep="\t", dtype=str)
+    table["split"] = "internal_test"
+    table.to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match="so the train subset is empty"):
+        read_release(tmp_path)
+
+
+def test_missing_folder_file_and_the_challenge_layout(tmp_path):
+    with pytest.raises(InputError, match="does not exist. Set pretrain.source.root"):
+        read_release(tmp_path / "nowhere")
+    with pytest.raises(InputError, match="participants.tsv is missing"):
+        read_release(tmp_path)
+    (tmp_path / "data").mkdir()
+    np.save(tmp_path / "data" / "train.npy", np.zeros((2, 10), dtype=np.float32))
+    (tmp_path / "data" / "train.tsv").write_text("participant_id\tage\tsite\n1\t20\t3\n")
+    with pytest.raises(InputError, match="RAMP challenge's concatenated arrays"):
+        read_release(tmp_path)
+    write_openbhb_release(tmp_path / "release", n_train=2, n_validation=2)
+    import shutil
+
+    shutil.rmtree(tmp_path / "release" / "val")
+    with pytest.raises(InputError, match="release/val is missing"):
+        read_release(tmp_path / "release")
+
+
+def test_without_the_grid_file_the_documented_grid_is_used(tmp_path):
+    write_openbhb_release(tmp_path, n_train=2, n_validation=2, write_grid=False)
+    with pytest.raises(InputError, match=r"the release's quasi-raw arrays are \(1, 1, 182, 218, 182\)"):
+        read_release(tmp_path)  # small arrays do not fit the full-size grid
+    result = read_release(tmp_path, check_arrays=False)
+    assert result.grid.shape == QUASIRAW_SHAPE and "documented" in result.grid_source
+    np.testing.assert_array_equal(result.grid.affine, QUASIRAW_AFFINE)
+
+
+def test_nonfinite_or_empty_volume_is_named_when_streamed(release):
+    root, written = release
+    result = read_release(root)
+    path = result.files[3]
+    data = np.load(path)
+    data[0, 0, 5, 5, 5] = np.nan
+    np.save(path, data)
+    stream = result.volumes(*result.grid)
+    for _ in range(3):
+        next(stream)  # the first three are read before the broken one
+    with pytest.raises(InputError, match="NaN/inf") as error:
+        next(stream)
+    assert str(path) in str(error.value)
+    np.save(path, np.zeros_like(data))
+    with pytest.raises(InputError, match="no non-zero voxel"):
+        result.load(3)
