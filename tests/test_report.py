@@ -383,3 +383,67 @@ def test_search_table_and_figure(tmp_path):
     pd.read_csv(broken, sep="\t").drop(columns="nn_step").to_csv(broken, sep="\t", index=False)
     with pytest.raises(targets.ReportError, match="nn_step"):
         report_results.read_search_trials([broken])
+
+
+# ---- Fig. 2: stiffness and T1w at increasing ages -------------------------------------------
+
+def test_age_examples_pick_one_subject_per_age_quartile_sorted_by_age():
+    participants = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(9)],
+                                 "age": [80, 20, 70, 30, 60, 40, 50, 25, 75]})
+    chosen = figures.pick_age_examples(participants)
+    ages = [example["age"] for example in chosen]
+    assert len(chosen) == 4 and ages == sorted(ages)
+    assert len({example["participant_id"] for example in chosen}) == 4
+    # Quartile middles of 20-80 years: one subject from each quarter of the age range.
+    assert ages[0] < 35 and 35 <= ages[1] < 50 and 50 <= ages[2] < 70 and ages[3] >= 70
+    few = figures.pick_age_examples(participants.iloc[:2])
+    assert [example["participant_id"] for example in few] == ["sub-01"] * 2 + ["sub-00"] * 2
+
+
+def _write_volume(path: Path, data: np.ndarray) -> str:
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), path)
+    return str(path)
+
+
+def test_age_examples_figure_draws_six_views_per_subject_youngest_first(tmp_path, monkeypatch):
+    grid = np.indices((20, 24, 18)).astype(float)
+    brain = ((grid - np.array([10, 12, 9])[:, None, None, None]) ** 2).sum(0) < 49
+    subjects = []
+    for participant, age in (("sub-c", 71.5), ("sub-a", 23.0), ("sub-d", 80.0), ("sub-b", 45.2)):
+        stiffness = brain * (3.0 - 0.01 * age)
+        stiffness[0, 0, 0] = np.nan  # a failed inversion must not break the colour scale
+        subjects.append((participant, age, {
+            "stiffness": _write_volume(tmp_path / f"{participant}_stiffness.nii.gz", stiffness),
+            "T1w": _write_volume(tmp_path / f"{participant}_T1w.nii.gz", brain * 900.0)}))
+    drawn = []
+    original = figures._save
+
+    def keep(figure, path):
+        drawn.append(figure)
+        original(figure, path)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    path = tmp_path / "fig2.png"
+    figures.plot_age_examples(subjects, path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    figure = drawn[0]
+    panels = [axis for axis in figure.axes if axis.images]
+    colour_bars = [axis for axis in figure.axes if not axis.images]
+    assert len(panels) == 4 * 6
+    assert sorted(axis.get_ylabel() for axis in colour_bars) == ["T1w [a.u.]",
+                                                               "stiffness [kPa]"]
+    rows = [axis.get_ylabel() for axis in panels if axis.get_ylabel()]
+    assert [label.split("\n")[0] for label in rows] == ["sub-a", "sub-b", "sub-c", "sub-d"]
+    assert rows[0].endswith("23.0 years")
+    titles = [axis.get_title() for axis in panels[:6]]
+    assert titles == ["stiffness axial", "stiffness coronal", "stiffness sagittal",
+                      "T1w axial", "T1w coronal", "T1w sagittal"]
+    limits = {axis.images[0].get_clim() for axis in panels[:3]}
+    assert len(limits) == 1 and 2.0 < limits.pop()[1] < 3.0, "one stiffness scale in kPa"
+
+
+def test_age_examples_figure_names_a_missing_image(tmp_path):
+    volume = _write_volume(tmp_path / "map.nii.gz", np.ones((4, 4, 4)))
+    with pytest.raises(targets.ReportError, match="sub-x.*T1w"):
+        figures.plot_age_examples([("sub-x", 30.0, {"stiffness": volume})],
+                                  tmp_path / "fig2.png")

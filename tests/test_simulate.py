@@ -1,7 +1,9 @@
-"""The simulated cohort: demographics of Table 2, layout, ground truth, determinism."""
+"""The simulated cohorts: demographics of Table 2, layout, ground truth, determinism; the
+damping-ratio maps; the T1w-only (pretraining) cohort."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -15,18 +17,32 @@ from scipy import ndimage
 from brainage import simulate
 from brainage.simulate import (
     ACCELERATED_STUDY,
+    DAMPING_RATIO_TRUTH_COLUMNS,
     STUDY_TABLE,
+    T1W_TRUTH_COLUMNS,
     TRUTH_COLUMNS,
     draw_participants,
+    draw_t1w_participants,
     simulate_cohort,
+    simulate_t1w_cohort,
+    simulated_participants,
+    simulation_options,
     study_table,
 )
 from brainage.simulate import cohort as simulate_cohort_module
-from brainage.simulate.anatomy import simulate_subject
+from brainage.simulate.anatomy import (
+    DAMPING_RATIO_LIMITS,
+    DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR,
+    STUDY_ACQUISITION,
+    SimulatedSubject,
+    simulate_subject,
+)
+from brainage.simulate.t1w_cohort import T1W_SITES, simulate_t1w_subject
 
 N_HEALTHY = 20
 N_ACCELERATED = 4
 ACCELERATION_YEARS = 8.0
+BOTH_MAPS = ["stiffness", "damping_ratio"]
 
 
 def _load(path: Path):
@@ -37,6 +53,8 @@ def _load(path: Path):
 def _subject_files(root: Path, participant_id: str) -> dict[str, Path]:
     return {
         "stiffness": root / participant_id / "mre" / f"{participant_id}_stiffness.nii.gz",
+        "damping_ratio": root / participant_id / "mre"
+        / f"{participant_id}_damping_ratio.nii.gz",
         "t1w": root / participant_id / "anat" / f"{participant_id}_T1w.nii.gz",
         "mask": root / "derivatives" / "simulation" / participant_id
         / f"{participant_id}_desc-truth_mask.nii.gz",
@@ -45,21 +63,32 @@ def _subject_files(root: Path, participant_id: str) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    """One cohort with an accelerated group and frequent NaNs, loaded once."""
+    """One cohort with an accelerated group, frequent NaNs and both MRE maps, loaded once."""
     root = tmp_path_factory.mktemp("simulated") / "dataset"
     truth = simulate_cohort(root, n_subjects=N_HEALTHY, seed=3,
                             accelerated_group_n=N_ACCELERATED,
-                            accelerated_ageing_years=ACCELERATION_YEARS, nan_probability=0.5)
+                            accelerated_ageing_years=ACCELERATION_YEARS, nan_probability=0.5,
+                            maps=BOTH_MAPS)
     images = {}
     for participant_id in truth["participant_id"]:
         files = _subject_files(root, participant_id)
         stiffness_image, stiffness = _load(files["stiffness"])
+        damping_image, damping = _load(files["damping_ratio"])
         t1w_image, t1w = _load(files["t1w"])
         mask_image, mask = _load(files["mask"])
         images[participant_id] = dict(stiffness_image=stiffness_image, stiffness=stiffness,
+                                      damping_image=damping_image, damping=damping,
                                       t1w_image=t1w_image, t1w=t1w, mask_image=mask_image,
                                       mask=mask.astype(bool))
     return root, truth, images
+
+
+@pytest.fixture(scope="module")
+def cohort40(tmp_path_factory):
+    """40 healthy subjects with both maps (no T1w, to stay fast), for the age effects."""
+    root = tmp_path_factory.mktemp("simulated40") / "dataset"
+    truth = simulate_cohort(root, n_subjects=40, seed=0, with_anatomy=False, maps=BOTH_MAPS)
+    return root, truth
 
 
 # ---- demographics ------------------------------------------------------------------------
@@ -135,15 +164,18 @@ def test_layout_and_participants(cohort):
     assert description["DatasetType"] == "raw" and description["BIDSVersion"]
     assert description["GeneratedBy"][0]["Name"] == "brainage.simulate"
     assert description["SimulationParameters"]["seed"] == 3
+    assert description["SimulationParameters"]["maps"] == BOTH_MAPS
     participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype={"study": str})
     assert list(participants.columns) == ["participant_id", "age", "sex", "study", "group"]
     assert set(participants["sex"]) <= {"F", "M"}
     assert list(participants["participant_id"]) == list(truth["participant_id"])
     # Ground truth never sits in a subject folder of the raw dataset.
     assert not list(root.glob("sub-*/**/*truth*"))
-    assert list(truth.columns) == list(TRUTH_COLUMNS)
+    assert list(truth.columns) == list(TRUTH_COLUMNS) + list(DAMPING_RATIO_TRUTH_COLUMNS)
     on_disk = pd.read_csv(root / "derivatives" / "simulation" / "truth.tsv", sep="\t")
-    assert len(on_disk) == len(truth)
+    assert len(on_disk) == len(truth) and list(on_disk.columns) == list(truth.columns)
+    described = json.loads((root / "derivatives" / "simulation" / "truth.json").read_text())
+    assert list(described) == list(truth.columns)
     assert not list(root.parent.glob(".dataset.*")), "staging folder left behind"
 
 
@@ -301,6 +333,12 @@ def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
     assert all(first[name].shape != other[name].shape
                or not np.array_equal(first[name], other[name], equal_nan=True)
                for name in maps)
+    # The default writes today's files: stiffness only, truth and description as before.
+    assert not list((tmp_path / "a").rglob("*damping_ratio*"))
+    truth = pd.read_csv(tmp_path / "a" / "derivatives/simulation/truth.tsv", sep="\t")
+    assert list(truth.columns) == list(TRUTH_COLUMNS)
+    description = json.loads((tmp_path / "a" / "dataset_description.json").read_text())
+    assert "maps" not in description["SimulationParameters"]
 
 
 def test_regenerating_a_subject_reproduces_its_files(cohort):
@@ -308,12 +346,20 @@ def test_regenerating_a_subject_reproduces_its_files(cohort):
     participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype={"study": str})
     index = 5
     subject = dict(participants.iloc[index], stiffness_age_offset_years=0.0)
-    affine, stiffness, t1w, mask, _ = simulate_subject(
-        subject, seed=3, id_prefix="", index=index, with_anatomy=True, nan_probability=0.5)
+    affine, maps, t1w, mask, _ = simulate_subject(
+        subject, seed=3, id_prefix="", index=index, with_anatomy=True, nan_probability=0.5,
+        maps=BOTH_MAPS)
     written = images[subject["participant_id"]]
     assert np.allclose(affine, written["stiffness_image"].affine, atol=1e-4)
-    assert np.array_equal(stiffness, written["stiffness"], equal_nan=True)
+    assert np.array_equal(maps["stiffness"], written["stiffness"], equal_nan=True)
+    assert np.array_equal(maps["damping_ratio"], written["damping"], equal_nan=True)
     assert np.array_equal(t1w, written["t1w"]) and np.array_equal(mask, written["mask"])
+    # Without the damping ratio, the stiffness, T1w and mask come out the same.
+    alone = simulate_subject(subject, seed=3, id_prefix="", index=index, with_anatomy=True,
+                             nan_probability=0.5)
+    assert list(alone.maps) == ["stiffness"]
+    assert np.array_equal(alone.maps["stiffness"], maps["stiffness"], equal_nan=True)
+    assert np.array_equal(alone.t1w, t1w) and np.array_equal(alone.brain, mask)
 
 
 def test_refuses_a_non_empty_root_and_never_leaves_half_a_dataset(tmp_path, monkeypatch):
@@ -348,7 +394,7 @@ def test_overwrite_replaces_the_root(tmp_path, monkeypatch):
         data = np.zeros((4, 4, 4), np.float32)
         truth = {column: 0 for column in TRUTH_COLUMNS}
         truth["participant_id"] = subject["participant_id"]
-        return np.eye(4), data, None, data.astype(bool), truth
+        return SimulatedSubject(np.eye(4), {"stiffness": data}, None, data.astype(bool), truth)
 
     monkeypatch.setattr(simulate_cohort_module, "simulate_subject", tiny_subject)
     root = tmp_path / "dataset"
@@ -361,3 +407,236 @@ def test_overwrite_replaces_the_root(tmp_path, monkeypatch):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
     assert re.fullmatch(r"sub-st\d+s\d{3}", pd.read_csv(root / "participants.tsv",
                                                         sep="\t")["participant_id"][0])
+
+
+# ---- reproducibility of earlier datasets -------------------------------------------------
+#: Fingerprints of two subjects of the ``cohort`` fixture's options (seed 3, 20 healthy +
+#: 4 accelerated, nan_probability 0.5), written by the simulator before damping-ratio maps
+#: existed (commit 30ba0f7). Sums and picked voxels, not a byte checksum: float32
+#: arithmetic may differ in the last bit between CPUs, a changed random stream by far more.
+EARLIER_SIMULATION = {
+    "sub-st1s001": {
+        "shape": (105, 127, 123), "nan_flat": [1272883], "nonzero": 199635,
+        "sum": 537201.1207323074, "sum_sq": 1476035.3490053304,
+        "picks": [272007, 615560, 831428, 1037541, 1366966],
+        "values": [1.5216271877288818, 2.879119396209717, 1.8211865425109863,
+                   2.513827323913574, 1.5353717803955078],
+        "t1w_sum": 261448385, "mask_count": 213905},
+    "sub-pats004": {
+        "shape": (89, 109, 101),
+        "nan_flat": [300506, 314655, 431919, 457804, 492327, 590178, 597871, 665446, 688084],
+        "nonzero": 112838, "sum": 223169.75085681677, "sum_sq": 448727.30851227907,
+        "picks": [169829, 370128, 490719, 609668, 798562],
+        "values": [1.5757545232772827, 2.281489849090576, 1.7483975887298584,
+                   1.7534860372543335, 1.2571049928665161],
+        "t1w_sum": 156774620, "mask_count": 115731},
+}
+
+
+@pytest.mark.parametrize("participant_id", sorted(EARLIER_SIMULATION))
+def test_stiffness_t1w_and_anatomy_are_those_of_the_earlier_simulator(cohort, participant_id):
+    # The fixture also writes damping ratios: they must not disturb the other streams.
+    expected = EARLIER_SIMULATION[participant_id]
+    subject = cohort[2][participant_id]
+    stiffness = subject["stiffness"]
+    finite = np.isfinite(stiffness)
+    assert stiffness.shape == expected["shape"]
+    assert np.flatnonzero(~finite).tolist() == expected["nan_flat"]
+    assert int((finite & (stiffness != 0)).sum()) == expected["nonzero"]
+    values = stiffness[finite].astype(np.float64)
+    assert np.isclose(values.sum(), expected["sum"], rtol=1e-6)
+    assert np.isclose((values ** 2).sum(), expected["sum_sq"], rtol=1e-6)
+    assert np.allclose(stiffness.ravel()[expected["picks"]], expected["values"], rtol=1e-6)
+    assert abs(int(subject["t1w"].astype(np.int64).sum()) - expected["t1w_sum"]) <= 100
+    assert abs(int(subject["mask"].sum()) - expected["mask_count"]) <= 2
+
+
+# ---- damping ratio -------------------------------------------------------------------------
+def test_damping_ratio_shares_grid_support_and_nans_and_stays_within_0_1(cohort):
+    _, truth, images = cohort
+    low, high = DAMPING_RATIO_LIMITS
+    assert 0.0 < low and high <= 1.0
+    for row in truth.itertuples():
+        subject = images[row.participant_id]
+        damping, stiffness, mask = subject["damping"], subject["stiffness"], subject["mask"]
+        assert subject["damping_image"].get_data_dtype() == np.float32
+        assert damping.shape == stiffness.shape
+        assert np.allclose(subject["damping_image"].affine, subject["stiffness_image"].affine)
+        assert np.array_equal(np.isnan(damping), np.isnan(stiffness))
+        assert np.array_equal(damping != 0, stiffness != 0), "same slab and brain"
+        assert (damping[~mask] == 0).all(), "outside the brain exactly 0"
+        values = damping[np.isfinite(damping) & (damping != 0)]
+        assert values.min() >= low and values.max() <= high
+        assert 0.15 < np.median(values) < 0.35, "healthy brain: about 0.1-0.3"
+        assert np.isclose(values.mean(), row.mean_damping_ratio, rtol=1e-4)
+
+
+def test_damping_ratio_differs_between_grey_and_white_matter(cohort):
+    from nilearn.datasets import load_mni152_gm_template, load_mni152_wm_template
+
+    _, truth, images = cohort
+    grey_image = load_mni152_gm_template(resolution=2)
+    grey = grey_image.get_fdata() > 0.7
+    white = load_mni152_wm_template(resolution=2).get_fdata() > 0.9
+    for row in truth[truth["age"] < 40].iloc[:3].itertuples():
+        native = images[row.participant_id]["damping_image"]
+        native_to_mni = np.array(json.loads(row.native_to_mni_affine))
+        mni_to_native_voxel = (np.linalg.inv(native.affine) @ np.linalg.inv(native_to_mni)
+                               @ grey_image.affine)
+        damping = np.nan_to_num(images[row.participant_id]["damping"])
+        resampled = ndimage.affine_transform(
+            damping, mni_to_native_voxel[:3, :3], offset=mni_to_native_voxel[:3, 3],
+            output_shape=grey.shape, order=0)
+        covered = resampled > 0
+        ratio = np.median(resampled[white & covered]) / np.median(resampled[grey & covered])
+        # White matter 0.25 against cortex 0.19 at 30 years, blurred by two resamplings.
+        assert 1.08 < ratio < 1.35, (row.participant_id, ratio)
+
+
+def test_damping_ratio_age_effect_is_present_but_weaker_than_stiffness(cohort40):
+    _, truth = cohort40
+    age = truth["age"]
+    stiffness_r = np.corrcoef(age, truth["mean_stiffness_kpa"])[0, 1]
+    damping_r = np.corrcoef(age, truth["mean_damping_ratio"])[0, 1]
+    assert stiffness_r < -0.7
+    assert damping_r > 0.2, "damping ratio rises slightly with age (Delgorio 2021)"
+    assert abs(damping_r) < abs(stiffness_r) - 0.2
+    expected = np.exp(DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR / 100 * (truth["stiffness_age_years"]
+                                                                    - 30.0))
+    assert np.allclose(truth["damping_ratio_age_factor"], expected)
+
+
+def test_the_same_subject_ages_less_in_damping_ratio_than_in_stiffness():
+    participants = draw_participants(10, seed=0)
+    subject = participants.iloc[0].to_dict()
+    kwargs = dict(seed=0, id_prefix="", index=0, with_anatomy=False, nan_probability=0.0,
+                  maps=BOTH_MAPS)
+    young = simulate_subject(dict(subject, stiffness_age_offset_years=0.0), **kwargs)
+    old = simulate_subject(dict(subject, stiffness_age_offset_years=30.0), **kwargs)
+    stiffness_ratio = old.truth["mean_stiffness_kpa"] / young.truth["mean_stiffness_kpa"]
+    damping_ratio = old.truth["mean_damping_ratio"] / young.truth["mean_damping_ratio"]
+    # 30 years: exp(0.0015 * 30) = +4.6 % against -12...-19 % of stiffness.
+    assert 1.03 < damping_ratio < 1.06 and stiffness_ratio < 0.9
+    assert abs(np.log(damping_ratio)) < abs(np.log(stiffness_ratio)) / 2
+
+
+def test_damping_ratio_has_site_offsets_of_its_own():
+    # study1 and study3 share the voxel size, so one subject lands on the same grid.
+    subject = dict(draw_participants(10, seed=0).iloc[0].to_dict(), study="study1")
+    kwargs = dict(seed=0, id_prefix="", index=0, with_anatomy=False, nan_probability=0.0,
+                  maps=BOTH_MAPS)
+    first = simulate_subject(subject, **kwargs)
+    third = simulate_subject(dict(subject, study="study3"), **kwargs)
+    both = (first.maps["stiffness"] != 0) & (third.maps["stiffness"] != 0)
+
+    def mean_ratio(name):
+        return third.maps[name][both].mean() / first.maps[name][both].mean()
+
+    sites = STUDY_ACQUISITION["study3"], STUDY_ACQUISITION["study1"]
+    assert sites[0].damping_ratio_factor != sites[1].damping_ratio_factor
+    assert np.isclose(mean_ratio("damping_ratio"),
+                      sites[0].damping_ratio_factor / sites[1].damping_ratio_factor, atol=0.01)
+    assert np.isclose(mean_ratio("stiffness"),
+                      sites[0].stiffness_factor / sites[1].stiffness_factor, atol=0.01)
+
+
+def test_maps_option_is_checked_and_stays_out_of_default_params():
+    for wrong in (["damping_ratio"], ["T1w"], ["stiffness", "stiffness"]):
+        with pytest.raises(ValueError, match="stiffness"):
+            simulated_participants(n_subjects=10, maps=wrong)
+    section = {"enabled": True, "cohort": "demo", "n_subjects": 10, "seed": 1,
+               "maps": ["stiffness"]}
+    assert simulation_options(section) == {"n_subjects": 10, "seed": 1}
+    assert simulation_options(dict(section, maps=BOTH_MAPS))["maps"] == BOTH_MAPS
+    planned = simulated_participants(n_subjects=10, seed=1, id_prefix="new", maps=BOTH_MAPS)
+    assert planned.equals(draw_participants(10, seed=1, id_prefix="new"))
+    # The workflow plans subjects with every simulate_cohort option: the two stay in step.
+    options = dict(inspect.signature(simulate_cohort).parameters)
+    del options["root"], options["overwrite"]
+    assert options == dict(inspect.signature(simulated_participants).parameters)
+
+
+# ---- T1w-only cohort ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def t1w_cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretraining") / "dataset"
+    truth = simulate_t1w_cohort(root, n_subjects=8, seed=0)
+    return root, truth
+
+
+def test_t1w_cohort_layout_has_no_mre_maps(t1w_cohort, cohort):
+    root, truth = t1w_cohort
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert list(participants.columns) == ["participant_id", "age", "sex", "study"]
+    assert list(participants["participant_id"]) == list(truth["participant_id"])
+    assert participants["participant_id"].str.fullmatch(r"sub-pre[A-Za-z0-9]+").all()
+    assert set(participants["study"]) == set(T1W_SITES)
+    assert not list(root.rglob("mre")) and not list(root.rglob("*stiffness*"))
+    subjects = sorted(path.name for path in root.glob("sub-*"))
+    assert subjects == sorted(participants["participant_id"])
+    for participant_id in participants["participant_id"]:
+        assert [path.name for path in (root / participant_id).rglob("*") if path.is_file()] \
+            == [f"{participant_id}_T1w.nii.gz"]
+    description = json.loads((root / "dataset_description.json").read_text())
+    assert description["SimulationParameters"]["cohort"] == "T1w-only"
+    assert list(truth.columns) == list(T1W_TRUTH_COLUMNS)
+    # Own subjects: no id shared with an MRE cohort, even one with the same prefix.
+    mre_ids = set(cohort[1]["participant_id"]) | set(
+        draw_participants(311, id_prefix="pre", accelerated_group_n=20)["participant_id"])
+    assert not mre_ids & set(participants["participant_id"])
+
+
+def test_t1w_cohort_images_voxel_size_and_ages(t1w_cohort):
+    root, truth = t1w_cohort
+    for row in truth.itertuples():
+        image, t1w = _load(root / row.participant_id / "anat" / f"{row.participant_id}_T1w.nii.gz")
+        mask_image, mask = _load(root / "derivatives" / "simulation" / row.participant_id
+                                 / f"{row.participant_id}_desc-truth_mask.nii.gz")
+        assert image.get_data_dtype() == np.int16 and t1w.shape == mask.shape
+        assert np.allclose(image.header.get_zooms(), 2.0)
+        assert np.allclose(image.affine, mask_image.affine)
+        inside = np.median(t1w[mask.astype(bool)])
+        assert inside > 5 * np.median(t1w[0]), "brain well above background noise"
+    wide = draw_t1w_participants(40, seed=1)
+    assert wide["age"].between(8, 85).all() and wide["age"].min() < 15 \
+        and wide["age"].max() > 78
+    assert abs((wide["sex"] == "F").mean() - 0.5) <= 0.05
+    assert wide["study"].value_counts().tolist() == [10, 10, 10, 10]
+    # The atrophy model: less parenchyma in older brains (nothing before 40 years).
+    older = truth[truth["age"] > 40]
+    assert np.corrcoef(older["age"], older["parenchyma_volume_ml"])[0, 1] < -0.8
+    with pytest.raises(ValueError, match="voxel_size_mm"):
+        simulate_t1w_cohort(root.parent / "fine", n_subjects=2, voxel_size_mm=0.5)
+    with pytest.raises(ValueError, match="age_range_years"):
+        draw_t1w_participants(4, age_range_years=(85, 8))
+
+
+def test_t1w_sites_scale_intensities():
+    subject = dict(draw_t1w_participants(4, seed=0).iloc[0].to_dict(), study="t1site1")
+    reference = simulate_t1w_subject(subject, seed=0, id_prefix="pre", index=0)
+    brighter = simulate_t1w_subject(dict(subject, study="t1site3"), seed=0, id_prefix="pre",
+                                    index=0)
+    brain = reference.brain
+    assert np.array_equal(brain, brighter.brain), "the site changes intensities, not anatomy"
+    ratio = np.median(brighter.t1w[brain]) / np.median(reference.t1w[brain])
+    # Gain 1.25, contrast exponent 0.9 (brightens tissue below 1.0 a little more).
+    assert 1.2 < ratio < 1.4
+
+
+def test_t1w_cohort_is_reproducible_by_seed_and_cli(tmp_path, t1w_cohort):
+    simulate.main(["--root", str(tmp_path / "cli"), "--t1w-only", "--n-subjects", "8",
+                   "--seed", "0"])
+    first, second = _arrays(t1w_cohort[0]), _arrays(tmp_path / "cli")
+    assert first.keys() == second.keys() and len(first) == 16
+    for name in first:
+        assert np.array_equal(first[name], second[name]), name
+    for table in ("participants.tsv", "derivatives/simulation/truth.tsv"):
+        assert (t1w_cohort[0] / table).read_bytes() == (tmp_path / "cli" / table).read_bytes()
+    other = draw_t1w_participants(8, seed=1)
+    assert not np.array_equal(other["age"], t1w_cohort[1]["age"])
+    for wrong in (["--maps", "stiffness"], ["--accelerated-group-n", "2"]):
+        with pytest.raises(SystemExit):
+            simulate.main(["--root", str(tmp_path / "x"), "--t1w-only", *wrong])
+    with pytest.raises(SystemExit):
+        simulate.main(["--root", str(tmp_path / "x"), "--voxel-size-mm", "2"])
+    assert not (tmp_path / "x").exists()

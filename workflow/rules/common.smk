@@ -45,7 +45,7 @@ from brainage.io import (
 from brainage.normalise import split_names as scheme_split_names
 from brainage.normalise import training_counts
 from brainage.paths import TRAINING_PREPROC, Layout
-from brainage.simulate import draw_participants
+from brainage.simulate import simulated_participants, simulation_options
 
 # A killed run leaves locks and incomplete markers that stop the next one twice, with two
 # different errors; say once what to run. Snakemake parses this file before it locks the
@@ -70,10 +70,9 @@ SIMULATED = config["dataset"]["simulate"]["enabled"]
 PREDICT = config["predict"]
 PREDICT_COHORTS = PREDICT["cohorts"]
 SIMULATED_PREDICT_COHORT = PREDICT["simulate"]["cohort"] if PREDICT["simulate"]["enabled"] else None
-#: simulate_cohort() options of the simulated predict cohort.
-PREDICT_SIMULATION = {
-    key: value for key, value in PREDICT["simulate"].items() if key not in ("enabled", "cohort")
-}
+#: simulate_cohort() options of the simulated training and predict cohorts.
+DATASET_SIMULATION = simulation_options(config["dataset"]["simulate"])
+PREDICT_SIMULATION = simulation_options(PREDICT["simulate"])
 if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PREDICT_COHORTS:
     raise WorkflowError(
         f"config key predict.simulate.cohort is {SIMULATED_PREDICT_COHORT!r} but "
@@ -161,8 +160,7 @@ def simulated_predict_labels():
     """Labels of the simulated predict cohort, known before it is simulated: the simulator
     draws its participants table from the options alone, so this cohort needs no
     checkpoint."""
-    options = dict(PREDICT_SIMULATION)
-    table = draw_participants(options.pop("n_subjects"), **options)
+    table = simulated_participants(**PREDICT_SIMULATION)
     return [pid[len("sub-") :] for pid in table["participant_id"]]
 
 
@@ -233,10 +231,7 @@ def planned_participants():
     options of dataset.simulate when the demo simulates it (as the simulation does),
     else read from dataset.root."""
     if SIMULATED:
-        options = {
-            key: value for key, value in config["dataset"]["simulate"].items() if key != "enabled"
-        }
-        return draw_participants(options.pop("n_subjects"), **options)
+        return simulated_participants(**DATASET_SIMULATION)
     return participants()
 
 

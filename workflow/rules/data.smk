@@ -19,11 +19,7 @@ if SIMULATED:
             mem_mb=4000,
             runtime=30,
         params:
-            options={
-                key: value
-                for key, value in config["dataset"]["simulate"].items()
-                if key != "enabled"
-            },
+            options=DATASET_SIMULATION,
             root=lambda wildcards, output: Path(output.participants).parent,
         script:
             "../scripts/simulate_cohort.py"

@@ -40,6 +40,16 @@ logger = logging.getLogger(__name__)
 EXAMPLE_COVERAGES = (1.00, 0.95, 0.90, 0.80)
 
 
+#: Age quantiles of the example subjects (paper Fig. 2): the middle of each age quartile,
+#: so the four cover the cohort's ages without its extremes.
+EXAMPLE_AGE_QUANTILES = (0.125, 0.375, 0.625, 0.875)
+
+
+#: Modalities of Fig. 2: (key of the input mapping, colour map, colour-bar label).
+AGE_EXAMPLE_MODALITIES = (("stiffness", "magma", "stiffness [kPa]"),
+                          ("T1w", "gray", "T1w [a.u.]"))
+
+
 #: Below this many embedded subjects UMAP is meaningless; PCA is drawn (and said so).
 MIN_UMAP_SAMPLES = 4
 
@@ -304,6 +314,97 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
                                 f"(≈{100 * example['target']:.0f} %)", fontsize="small")
     figure.colorbar(image, ax=axes, label="stiffness [kPa]", shrink=0.6)
     figure.suptitle("Fig. 8: registered stiffness maps at decreasing brain coverage",
+                    fontsize="medium")
+    _save(figure, path)
+
+
+def pick_age_examples(participants: pd.DataFrame,
+                      quantiles: Sequence[float] = EXAMPLE_AGE_QUANTILES) -> list[dict]:
+    """Subjects at increasing ages for Fig. 2: those nearest to the given quantiles of the
+    cohort's ages (default: the middle of each age quartile), distinct subjects with the
+    smallest total distance while there are enough, else each quantile's nearest.
+
+    Returns ``[{"quantile", "target_age", "participant_id", "age"}]`` (ages in years),
+    sorted by age.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    ages = participants["age"].to_numpy(float)
+    if len(ages) == 0:
+        raise ReportError("no participants to choose the Fig. 2 examples from.")
+    ids = participants["participant_id"].to_numpy()
+    targets = np.quantile(ages, np.asarray(quantiles, float))
+    distance = np.abs(targets[:, None] - ages[None, :])
+    if len(ids) >= len(targets):
+        _, chosen = linear_sum_assignment(distance)
+    else:
+        chosen = distance.argmin(axis=1)
+    examples = [{"quantile": float(q), "target_age": float(target),
+                 "participant_id": ids[index], "age": float(ages[index])}
+                for q, target, index in zip(quantiles, targets, chosen)]
+    return sorted(examples, key=lambda example: example["age"])
+
+
+def _orthogonal_views(volume: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
+    """Axial, coronal and sagittal slices through the grid centre, rotated for display
+    (anterior/superior up, subject's right on the right)."""
+    centre = [size // 2 for size in volume.shape]
+    return (("axial", np.rot90(volume[:, :, centre[2]])),
+            ("coronal", np.rot90(volume[:, centre[1], :])),
+            ("sagittal", np.rot90(volume[centre[0], :, :])))
+
+
+def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Path]]],
+                      path: str | Path) -> None:
+    """Fig. 2: three orthogonal views of stiffness and T1w for subjects at increasing ages.
+
+    Parameters
+    ----------
+    subjects : sequence of ``(participant_id, age, {"stiffness": path, "T1w": path})``
+        Registered maps on the template grid (MNI152 2 mm NIfTI): stiffness in kPa, T1w
+        in arbitrary units; age in years. Typically the four of :func:`pick_age_examples`.
+    path : str or Path
+        PNG to write: one row per subject, youngest first; columns stiffness axial,
+        coronal, sagittal, then T1w axial, coronal, sagittal, through the grid centre.
+        One colour scale per modality (0 to the 99th percentile over all subjects), each
+        with its colour bar.
+    """
+    import nibabel as nib
+
+    plt = _pyplot()
+    rows = sorted(subjects, key=lambda subject: float(subject[1]))
+    if not rows:
+        raise ReportError("no subjects given to Fig. 2 (stiffness and T1w by age).")
+    volumes = []
+    for participant, _, files in rows:
+        missing = [key for key, _, _ in AGE_EXAMPLE_MODALITIES if key not in files]
+        if missing:
+            raise ReportError(f"Fig. 2: no registered {' or '.join(missing)} image for "
+                              f"{participant}; give {{'stiffness': path, 'T1w': path}}.")
+        volumes.append({key: np.nan_to_num(np.asarray(nib.load(str(files[key])).dataobj,
+                                                      dtype=np.float32))
+                        for key, _, _ in AGE_EXAMPLE_MODALITIES})
+    tops = {}
+    for key, _, _ in AGE_EXAMPLE_MODALITIES:
+        positive = np.concatenate([v[key][v[key] > 0] for v in volumes])
+        tops[key] = float(np.percentile(positive, 99)) if positive.size else 1.0
+
+    figure, axes = plt.subplots(len(rows), 6, figsize=(13, 2.3 * len(rows) + 0.8),
+                                squeeze=False, layout="constrained")
+    for row, ((participant, age, _), volume) in enumerate(zip(rows, volumes)):
+        for group, (key, colour_map, label) in enumerate(AGE_EXAMPLE_MODALITIES):
+            for view_index, (view, plane) in enumerate(_orthogonal_views(volume[key])):
+                axis = axes[row, 3 * group + view_index]
+                image = axis.imshow(plane, cmap=colour_map, vmin=0, vmax=tops[key])
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if row == 0:
+                    axis.set_title(f"{key} {view}", fontsize="small")
+            if row == len(rows) - 1:
+                figure.colorbar(image, ax=axes[:, 3 * group:3 * group + 3], label=label,
+                                shrink=0.6)
+        axes[row, 0].set_ylabel(f"{participant}\n{float(age):.1f} years", fontsize="small")
+    figure.suptitle("Fig. 2: stiffness and T1w in three orthogonal views, by increasing age",
                     fontsize="medium")
     _save(figure, path)
 

@@ -10,6 +10,7 @@ On-disk layout written by :func:`simulate_cohort` (``root`` is the BIDS-like dat
     root/participants.tsv                         participant_id, age, sex, study, group
     root/participants.json                        column descriptions
     root/sub-<label>/mre/sub-<label>_stiffness.nii.gz   float32, shear stiffness, kPa
+    root/sub-<label>/mre/sub-<label>_damping_ratio.nii.gz  float32, 0-1 (maps option)
     root/sub-<label>/anat/sub-<label>_T1w.nii.gz        int16, same grid (with_anatomy)
     root/derivatives/simulation/dataset_description.json
     root/derivatives/simulation/truth.tsv         one row per subject (see TRUTH_COLUMNS)
@@ -17,7 +18,8 @@ On-disk layout written by :func:`simulate_cohort` (``root`` is the BIDS-like dat
     root/derivatives/simulation/sub-<label>/sub-<label>_desc-truth_mask.nii.gz
 
 The ground truth lives under ``derivatives/`` so that a pipeline reading
-``sub-*/mre`` never sees it.
+``sub-*/mre`` never sees it. :func:`simulate_t1w_cohort` writes a T1w-only cohort for
+pretraining instead (own subjects, ``anat`` only; see :mod:`brainage.simulate.t1w_cohort`).
 
 Native space
 ------------
@@ -59,18 +61,43 @@ Modelling choices and sources
   2009; Arani 2015 found small sex effects), per-subject and per-region random effects,
   site (study) offsets and noise, a smooth inversion bias, partial slab coverage
   (paper Appendix Fig. 7) and occasional NaN voxels (failed inversions).
+- Damping ratio (``maps`` option): xi = G''/(2 G'), regional values at 30 years of
+  0.19 (cortex) to 0.28 (caudate), white matter 0.25, CSF 0.30; +0.15 %/year, far
+  weaker than stiffness's decline (Hiscox 2018: no young-old difference; Delgorio 2021:
+  higher with age in the hippocampal subfields); own subject, region and site effects,
+  bias and noise, from a random stream of its own (sources in
+  :mod:`brainage.simulate.anatomy`). Same grid, support and NaN voxels as the stiffness.
 """
 
-from brainage.simulate.anatomy import TRUTH_COLUMNS, pose_to_native_affine
-from brainage.simulate.cohort import main, replace_simulation, simulate_cohort
+from brainage.simulate.anatomy import (
+                                       DAMPING_RATIO_TRUTH_COLUMNS,
+                                       MRE_MAPS,
+                                       TRUTH_COLUMNS,
+                                       pose_to_native_affine,
+)
+from brainage.simulate.cohort import (
+                                       main,
+                                       replace_simulation,
+                                       simulate_cohort,
+                                       simulated_participants,
+                                       simulation_options,
+)
 from brainage.simulate.demographics import (
-                                            ACCELERATED_STUDY,
-                                            STUDY_TABLE,
-                                            draw_participants,
-                                            study_table,
+                                       ACCELERATED_STUDY,
+                                       STUDY_TABLE,
+                                       draw_participants,
+                                       study_table,
+)
+from brainage.simulate.t1w_cohort import (
+                                       T1W_TRUTH_COLUMNS,
+                                       draw_t1w_participants,
+                                       simulate_t1w_cohort,
 )
 
 __all__ = [
-    "STUDY_TABLE", "ACCELERATED_STUDY", "TRUTH_COLUMNS", "study_table", "draw_participants",
-    "pose_to_native_affine", "simulate_cohort", "replace_simulation", "main",
+    "STUDY_TABLE", "ACCELERATED_STUDY", "TRUTH_COLUMNS", "DAMPING_RATIO_TRUTH_COLUMNS",
+    "MRE_MAPS", "T1W_TRUTH_COLUMNS", "study_table", "draw_participants",
+    "draw_t1w_participants", "pose_to_native_affine", "simulate_cohort",
+    "simulate_t1w_cohort", "simulated_participants", "simulation_options",
+    "replace_simulation", "main",
 ]

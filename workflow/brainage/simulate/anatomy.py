@@ -1,8 +1,11 @@
-"""One simulated subject: acquisition, anatomy and stiffness (see :mod:`brainage.simulate`).
+"""One simulated subject: acquisition, anatomy, stiffness and damping ratio (see
+:mod:`brainage.simulate`).
 
 The template anatomy (nilearn's MNI152 and its tissue maps) is built once per process;
 :func:`simulate_subject` poses an aged copy of it in a subject's native MRE grid and
-writes stiffness (kPa), an optional T1w-like image and the true brain mask as arrays.
+returns stiffness (kPa), optionally the damping ratio (dimensionless), an optional
+T1w-like image and the true brain mask as arrays. The helpers for atrophy, pose and the
+T1w-like image are shared with the T1w-only cohort (:mod:`brainage.simulate.t1w_cohort`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -34,23 +38,31 @@ class StudyAcquisition:
         Relative sd of the voxel noise of the stiffness map.
     low_coverage_probability : float
         Probability that the slab misses 10-20 % of the brain instead of 0-10 %.
+    damping_ratio_factor : float
+        Multiplicative site offset of the damping ratio (driver, frequency, inversion).
+    damping_ratio_noise_sd : float
+        Relative sd of the voxel noise of the damping-ratio map.
     """
 
     voxel_size_mm: float
     stiffness_factor: float
     noise_sd: float
     low_coverage_probability: float
+    damping_ratio_factor: float
+    damping_ratio_noise_sd: float
 
 
 #: Clinical MRE maps are typically 2-3 mm isotropic (e.g. 2.0 mm in Johnson 2016's
-#: high-resolution protocol, 3.0 mm in clinical 2D multislice acquisitions).
+#: high-resolution protocol, 3.0 mm in clinical 2D multislice acquisitions). The damping
+#: ratio is the less certain output of an inversion, hence its larger site offsets
+#: (+-6 % against +-4 %) and noise (1.5 x the stiffness noise).
 STUDY_ACQUISITION = {
-    "study1": StudyAcquisition(2.0, 1.00, 0.06, 0.10),
-    "study2": StudyAcquisition(2.5, 0.97, 0.08, 0.15),
-    "study3": StudyAcquisition(2.0, 1.04, 0.05, 0.25),
-    "study4": StudyAcquisition(3.0, 0.98, 0.07, 0.30),
-    "study5": StudyAcquisition(2.5, 1.03, 0.08, 0.15),
-    ACCELERATED_STUDY: StudyAcquisition(2.5, 1.00, 0.07, 0.15),
+    "study1": StudyAcquisition(2.0, 1.00, 0.06, 0.10, 1.00, 0.09),
+    "study2": StudyAcquisition(2.5, 0.97, 0.08, 0.15, 1.06, 0.12),
+    "study3": StudyAcquisition(2.0, 1.04, 0.05, 0.25, 0.94, 0.075),
+    "study4": StudyAcquisition(3.0, 0.98, 0.07, 0.30, 1.05, 0.105),
+    "study5": StudyAcquisition(2.5, 1.03, 0.08, 0.15, 0.96, 0.12),
+    ACCELERATED_STUDY: StudyAcquisition(2.5, 1.00, 0.07, 0.15, 1.00, 0.105),
 }
 
 MAX_ROTATION_DEG = 10.0
@@ -90,26 +102,56 @@ T1W_BIAS_SD = 0.08
 T1W_NOISE_SD = 0.02
 STIFFNESS_LIMITS_KPA = (0.2, 10.0)
 
+# Damping ratio xi = G'' / (2 G') (dimensionless; 0 = purely elastic). Sources read:
+# - Definition, maps in MNI space: Hiscox et al. 2020, Hum Brain Mapp 41(18):5282-5300
+#   (MRE134 atlas: 134 adults of 18-35 years at 50 Hz; github.com/mechneurolab/MRE134).
+#   Subcortical grey matter, white-matter tracts and cortex differ in mu and xi.
+# - Johnson et al. 2016, Hum Brain Mapp 37:4221: subcortical grey-matter structures differ
+#   from each other and from the cerebrum in xi as well as in stiffness.
+# - Weak age effect: Hiscox et al. 2018 (PMC5883326; young 19-30 against older 66-73
+#   years): stiffness lower in every region but the hippocampus, xi not different.
+#   Delgorio et al. 2021, Cereb Cortex 31(6):2799-2811: xi of the hippocampal subfields
+#   higher with age (P = 0.002). Hence a small positive slope, far weaker than stiffness's.
+# - White matter more dissipative than grey matter in transversely isotropic inversions
+#   ("Mechanical stiffness and anisotropy measured by MRE during brain development in the
+#   minipig"; an animal study, taken as the direction only).
+# The regional values are simulation choices inside the typical healthy range of 0.1-0.3;
+# the regional tables of these papers were not at hand, so no value is copied from one.
+#: Relative change of the tissue damping ratio per year of (stiffness) age, all regions.
+DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR = 0.15
+#: CSF inside the brain mask: inversions of fluid return a high damping ratio.
+CSF_DAMPING_RATIO = 0.30
+#: Relative sd of a subject's whole-brain and per-region damping ratio.
+SUBJECT_DAMPING_RATIO_SD = 0.05
+REGION_DAMPING_RATIO_SD = 0.04
+DAMPING_RATIO_BIAS_SD = 0.04
+#: Finite values stay strictly positive, so the map's support equals the stiffness map's.
+DAMPING_RATIO_LIMITS = (0.01, 1.0)
+#: The MRE maps a cohort can write; stiffness is the pipeline's input and always written.
+MRE_MAPS = ("stiffness", "damping_ratio")
+
 
 @dataclass(frozen=True)
 class Region:
-    """A stiffness region: baseline at 30 years (kPa) and ageing slope (%/year)."""
+    """A tissue region: stiffness at 30 years (kPa) and its ageing slope (%/year), and the
+    damping ratio at 30 years (dimensionless)."""
 
     name: str
     baseline_kpa: float
     slope_percent_per_year: float
     # Deep structures: (centre MNI mm, semi-axes mm); both hemispheres when x != 0.
     ellipsoid: tuple[tuple[float, float, float], tuple[float, float, float]] | None = None
+    damping_ratio: float = 0.22
 
 
 REGIONS = (
-    Region("cortical_gm", 2.6, -0.40),
-    Region("white_matter", 2.9, -0.50),
-    Region("caudate", 3.0, -0.55, ((13, 12, 10), (5, 9, 8))),
-    Region("putamen", 3.4, -0.55, ((25, 2, 1), (5, 13, 8))),
-    Region("pallidum", 3.4, -0.50, ((19, -3, -1), (3.5, 6, 4))),
-    Region("thalamus", 3.2, -0.55, ((11, -18, 7), (7, 11, 7))),
-    Region("hippocampus", 2.7, 0.0, ((27, -22, -14), (6, 15, 6))),
+    Region("cortical_gm", 2.6, -0.40, damping_ratio=0.19),
+    Region("white_matter", 2.9, -0.50, damping_ratio=0.25),
+    Region("caudate", 3.0, -0.55, ((13, 12, 10), (5, 9, 8)), damping_ratio=0.28),
+    Region("putamen", 3.4, -0.55, ((25, 2, 1), (5, 13, 8)), damping_ratio=0.25),
+    Region("pallidum", 3.4, -0.50, ((19, -3, -1), (3.5, 6, 4)), damping_ratio=0.22),
+    Region("thalamus", 3.2, -0.55, ((11, -18, 7), (7, 11, 7)), damping_ratio=0.26),
+    Region("hippocampus", 2.7, 0.0, ((27, -22, -14), (6, 15, 6)), damping_ratio=0.23),
 )
 
 # T1w-like intensities in the template's units (white matter ~0.88, cortex ~0.6).
@@ -152,6 +194,25 @@ TRUTH_COLUMNS = {
     "subject_stiffness_factor": "subject's multiplicative random effect (with sex effect)",
     "mean_stiffness_kpa": "mean of the finite non-zero voxels of the written map (kPa)",
 }
+
+#: Columns appended to :data:`TRUTH_COLUMNS` when the cohort writes damping-ratio maps.
+DAMPING_RATIO_TRUTH_COLUMNS = {
+    "damping_ratio_age_factor": "tissue damping ratio at stiffness_age_years relative to 30 "
+                                "years: exp(slope / 100 * (stiffness_age_years - 30))",
+    "site_damping_ratio_factor": "study's multiplicative damping-ratio offset",
+    "subject_damping_ratio_factor": "subject's multiplicative damping-ratio random effect",
+    "mean_damping_ratio": "mean of the finite non-zero voxels of the damping-ratio map",
+}
+
+
+class SimulatedSubject(NamedTuple):
+    """Arrays (native grid) and ground truth of one subject."""
+
+    affine: np.ndarray            # 4x4 native voxel -> native world mm
+    maps: dict[str, np.ndarray]   # MRE map name -> float32 array (stiffness in kPa)
+    t1w: np.ndarray | None        # int16 T1w-like image, or None without anatomy
+    brain: np.ndarray             # bool truth mask
+    truth: dict                   # one row of truth.tsv
 
 
 # ---------------------------------------------------------------------------------------
@@ -405,35 +466,18 @@ def _slab(rng: np.random.Generator, brain: np.ndarray, low_coverage_probability:
     return first, max(last, first)
 
 
-def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
-                      with_anatomy: bool, nan_probability: float):
-    """Images and ground truth of one subject; see the module docstring for the model.
+@dataclass(frozen=True)
+class _Atrophy:
+    """A subject's anatomy at its chronological age (template space, brain voxel vectors)."""
 
-    Parameters
-    ----------
-    subject : dict
-        One row of :func:`draw_participants` (age in years, sex, study,
-        stiffness_age_offset_years, participant_id, group).
-    seed, id_prefix, index : int, str, int
-        Select the subject's own random stream, independent of the other subjects.
-    with_anatomy : bool
-        Also build the T1w-like image.
-    nan_probability : float
-        Chance of 1-10 NaN voxels in the map.
+    tissue: np.ndarray       # grey + white matter probability left after atrophy
+    kept_share: np.ndarray   # tissue / template tissue (0 where the template had none)
+    shrink_mm: float         # outer brain surface retreat (template mm)
+    ventricle_mm: float      # ventricle wall retreat (template mm)
 
-    Returns
-    -------
-    tuple
-        ``(native_affine 4x4, stiffness float32 kPa, t1w int16 or None, truth_mask bool,
-        truth dict)``; arrays share the native grid.
-    """
-    anatomy = _template_anatomy()
-    rng = np.random.default_rng(seed_sequence(seed, id_prefix, 1, index))
-    acquisition = STUDY_ACQUISITION[subject["study"]]
-    age = float(subject["age"])
-    stiffness_age = age + float(subject["stiffness_age_offset_years"])
 
-    # Anatomy at the chronological age (template space, brain voxels only).
+def _atrophy(anatomy: _TemplateAnatomy, age: float) -> _Atrophy:
+    """Deterministic atrophy after 40 years (see the module docstring of the package)."""
     years_atrophy = max(age - ATROPHY_ONSET_YEARS, 0.0)
     shrink_mm = CORTICAL_SHRINK_MM_PER_YEAR * years_atrophy
     ventricle_mm = VENTRICLE_DILATION_MM_PER_YEAR * years_atrophy
@@ -443,6 +487,163 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
     tissue *= np.clip((anatomy.brain_signed_distance_vec - shrink_mm) / 2.0 + 0.5, 0.0, 1.0)
     kept_share = np.divide(tissue, anatomy.tissue_probability,
                            out=np.zeros_like(tissue), where=anatomy.tissue_probability > 0)
+    return _Atrophy(tissue, kept_share, shrink_mm, ventricle_mm)
+
+
+@dataclass(frozen=True)
+class _Pose:
+    """A subject's head pose and its native grid."""
+
+    rotation_deg: np.ndarray
+    translation_mm: np.ndarray
+    scale: float
+    pose: np.ndarray                       # MNI mm -> native mm
+    native_affine: np.ndarray
+    shape: tuple[int, int, int]
+    native_to_template_voxel: np.ndarray
+
+
+def _draw_pose(rng: np.random.Generator, anatomy: _TemplateAnatomy,
+               voxel_size_mm: float) -> _Pose:
+    """Random rotation, translation and head size, and the native grid holding the head."""
+    rotation = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, size=3)
+    translation = rng.uniform(-MAX_TRANSLATION_MM, MAX_TRANSLATION_MM, size=3)
+    scale = 1.0 + rng.uniform(-MAX_SCALE_CHANGE, MAX_SCALE_CHANGE)
+    pose = pose_to_native_affine(rotation, translation, scale)
+    native_affine, shape = _native_grid(pose, anatomy.head_corners_mm, voxel_size_mm)
+    native_to_template_voxel = (np.linalg.inv(anatomy.affine) @ np.linalg.inv(pose)
+                                @ native_affine)
+    return _Pose(rotation, translation, scale, pose, native_affine, shape,
+                 native_to_template_voxel)
+
+
+def _truth_mask(anatomy: _TemplateAnatomy, pose: _Pose, shrink_mm: float):
+    """The atrophied template brain mask on the native grid, and the brain's bounding box
+    (outside it every map is 0, so maps are only computed inside)."""
+    brain_box = _native_box(pose.pose, anatomy.brain_corners_mm, pose.native_affine,
+                            pose.shape)
+    brain = np.zeros(pose.shape, dtype=bool)
+    brain[brain_box] = _resample(anatomy.brain_signed_distance_mm,
+                                 pose.native_to_template_voxel, pose.shape, outside=-100.0,
+                                 box=brain_box) > shrink_mm
+    return brain, brain_box
+
+
+def _t1w_image(rng: np.random.Generator, anatomy: _TemplateAnatomy, atrophy: _Atrophy,
+               pose: _Pose, *, bias_sd: float = T1W_BIAS_SD, noise_sd: float = T1W_NOISE_SD,
+               contrast_exponent: float = 1.0, gain: float = 1.0) -> np.ndarray:
+    """The T1w-like image (int16, arbitrary units) of the atrophied head on the native grid.
+
+    ``contrast_exponent`` (applied to the noiseless intensities, white matter ~0.88) and
+    ``gain`` (signal and noise alike) are a scanner's contrast and intensity scaling; at
+    1.0 they are skipped, so the MRE cohort's images stay bit-identical.
+    """
+    brain_t1w = atrophy.kept_share * anatomy.template_t1w + (1.0 - atrophy.kept_share) * T1W_CSF
+    t1w_template = anatomy.head_t1w.copy()
+    t1w_template.ravel()[anatomy.brain_flat_index] = brain_t1w
+    if contrast_exponent != 1.0:
+        np.power(t1w_template, contrast_exponent, out=t1w_template)
+    t1w = _resample(t1w_template, pose.native_to_template_voxel, pose.shape, outside=0.0)
+    t1w *= _legendre_bias(rng, pose.shape, bias_sd)
+    # Rician magnitude noise: the background is noise, not zeros, as in a scanner.
+    real = t1w + rng.normal(0.0, noise_sd, size=pose.shape).astype(np.float32)
+    imaginary = rng.normal(0.0, noise_sd, size=pose.shape).astype(np.float32)
+    magnitude = np.hypot(real, imaginary) * T1W_SCALE
+    if gain != 1.0:
+        magnitude *= gain
+    return np.round(magnitude).astype(np.int16)
+
+
+def _damping_ratio_map(rng: np.random.Generator, anatomy: _TemplateAnatomy,
+                       atrophy: _Atrophy, pose: _Pose, *, stiffness: np.ndarray,
+                       brain_box, acquisition: StudyAcquisition, stiffness_age: float):
+    """The damping-ratio map (float32, dimensionless) on the stiffness map's grid.
+
+    Zero exactly where the stiffness map is zero, NaN where it is NaN, finite values in
+    :data:`DAMPING_RATIO_LIMITS`. Drawn from its own generator ``rng``, so asking for it
+    changes nothing of the stiffness or the anatomy. Returns ``(map, truth columns)``.
+    """
+    age_factor = float(np.exp(DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR / 100.0
+                              * (stiffness_age - REFERENCE_AGE_YEARS)))
+    region_damping = np.array([region.damping_ratio for region in REGIONS]) * age_factor \
+        * rng.lognormal(0.0, REGION_DAMPING_RATIO_SD, size=len(REGIONS))
+    tissue_damping = region_damping.astype(np.float32) @ anatomy.region_weights
+    subject_factor = float(rng.lognormal(0.0, SUBJECT_DAMPING_RATIO_SD))
+    brain_damping = (atrophy.tissue * tissue_damping
+                     + (1.0 - atrophy.tissue) * CSF_DAMPING_RATIO) * (
+        subject_factor * acquisition.damping_ratio_factor)
+    damping_template = brain_damping[anatomy.nearest_brain_voxel]
+
+    damping_box = _resample(damping_template, pose.native_to_template_voxel, pose.shape,
+                            outside=0.0, box=brain_box)
+    damping_box *= _legendre_bias(rng, pose.shape, DAMPING_RATIO_BIAS_SD, brain_box)
+    damping_box *= 1.0 + _smoothed_noise(rng, damping_box.shape,
+                                         acquisition.damping_ratio_noise_sd)
+    np.clip(damping_box, *DAMPING_RATIO_LIMITS, out=damping_box)
+    damping = np.zeros(pose.shape, dtype=np.float32)
+    damping[brain_box] = damping_box
+    damping[stiffness == 0] = 0.0
+    damping[np.isnan(stiffness)] = np.nan
+    support = damping != 0
+    truth = {
+        "damping_ratio_age_factor": age_factor,
+        "site_damping_ratio_factor": acquisition.damping_ratio_factor,
+        "subject_damping_ratio_factor": subject_factor,
+        "mean_damping_ratio": float(np.nanmean(damping[support])),
+    }
+    return damping, truth
+
+
+def check_maps(maps) -> tuple[str, ...]:
+    """Validate a ``maps`` option: a list of :data:`MRE_MAPS` names including stiffness."""
+    if isinstance(maps, str):
+        maps = [maps]
+    chosen = tuple(maps)
+    unknown = [name for name in chosen if name not in MRE_MAPS]
+    if unknown or "stiffness" not in chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(
+            f"maps={list(chosen)!r}: give each MRE map once, from {list(MRE_MAPS)}, and "
+            f"always 'stiffness' (the pipeline's input), e.g. maps=['stiffness', "
+            f"'damping_ratio']. A T1w-only cohort is simulate_t1w_cohort (CLI --t1w-only).")
+    return chosen
+
+
+def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
+                     with_anatomy: bool, nan_probability: float,
+                     maps=("stiffness",)) -> SimulatedSubject:
+    """Images and ground truth of one subject; see the module docstring for the model.
+
+    Parameters
+    ----------
+    subject : dict
+        One row of :func:`draw_participants` (age in years, sex, study,
+        stiffness_age_offset_years, participant_id, group).
+    seed, id_prefix, index : int, str, int
+        Select the subject's own random streams, independent of the other subjects.
+    with_anatomy : bool
+        Also build the T1w-like image.
+    nan_probability : float
+        Chance of 1-10 NaN voxels in the maps.
+    maps : sequence of str
+        MRE maps to return, from :data:`MRE_MAPS` (stiffness always). The damping ratio
+        is drawn from a stream of its own: stiffness, T1w and anatomy do not change.
+
+    Returns
+    -------
+    SimulatedSubject
+        ``(affine 4x4, maps {name: float32 array; stiffness in kPa, damping_ratio
+        dimensionless}, t1w int16 or None, truth mask bool, truth dict)``; arrays share
+        the native grid.
+    """
+    maps = check_maps(maps)
+    anatomy = _template_anatomy()
+    rng = np.random.default_rng(seed_sequence(seed, id_prefix, 1, index))
+    acquisition = STUDY_ACQUISITION[subject["study"]]
+    age = float(subject["age"])
+    stiffness_age = age + float(subject["stiffness_age_offset_years"])
+
+    # Anatomy at the chronological age (template space, brain voxels only).
+    atrophy = _atrophy(anatomy, age)
 
     # Stiffness at the stiffness age.
     ageing = _age_years_from_reference(stiffness_age)
@@ -452,37 +653,25 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
     tissue_stiffness = region_stiffness.astype(np.float32) @ anatomy.region_weights
     subject_factor = float(rng.lognormal(0.0, SUBJECT_STIFFNESS_SD)) * (
         FEMALE_STIFFNESS_FACTOR if subject["sex"] == "F" else 1.0)
-    brain_stiffness = (tissue * tissue_stiffness + (1.0 - tissue) * CSF_STIFFNESS_KPA) * (
+    brain_stiffness = (atrophy.tissue * tissue_stiffness
+                       + (1.0 - atrophy.tissue) * CSF_STIFFNESS_KPA) * (
         subject_factor * acquisition.stiffness_factor)
     # Outside the brain, the nearest brain value: interpolation at the edge stays unbiased.
     stiffness_template = brain_stiffness[anatomy.nearest_brain_voxel]
 
-    # Pose and native grid.
-    rotation = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, size=3)
-    translation = rng.uniform(-MAX_TRANSLATION_MM, MAX_TRANSLATION_MM, size=3)
-    scale = 1.0 + rng.uniform(-MAX_SCALE_CHANGE, MAX_SCALE_CHANGE)
-    pose = pose_to_native_affine(rotation, translation, scale)
-    native_to_mni = np.linalg.inv(pose)
-    native_affine, shape = _native_grid(pose, anatomy.head_corners_mm,
-                                        acquisition.voxel_size_mm)
-    native_to_template_voxel = np.linalg.inv(anatomy.affine) @ native_to_mni @ native_affine
-
-    # The map only needs the brain's bounding box: outside it everything is 0 anyway.
-    brain_box = _native_box(pose, anatomy.brain_corners_mm, native_affine, shape)
-    brain = np.zeros(shape, dtype=bool)
-    brain[brain_box] = _resample(anatomy.brain_signed_distance_mm, native_to_template_voxel,
-                                 shape, outside=-100.0, box=brain_box) > shrink_mm
+    pose = _draw_pose(rng, anatomy, acquisition.voxel_size_mm)
+    brain, brain_box = _truth_mask(anatomy, pose, atrophy.shrink_mm)
     first, last = _slab(rng, brain, acquisition.low_coverage_probability)
     covered = brain.copy()
     covered[:, :, :first] = False
     covered[:, :, last + 1:] = False
 
-    stiffness_box = _resample(stiffness_template, native_to_template_voxel, shape,
+    stiffness_box = _resample(stiffness_template, pose.native_to_template_voxel, pose.shape,
                               outside=0.0, box=brain_box)
-    stiffness_box *= _legendre_bias(rng, shape, STIFFNESS_BIAS_SD, brain_box)
+    stiffness_box *= _legendre_bias(rng, pose.shape, STIFFNESS_BIAS_SD, brain_box)
     stiffness_box *= 1.0 + _smoothed_noise(rng, stiffness_box.shape, acquisition.noise_sd)
     np.clip(stiffness_box, *STIFFNESS_LIMITS_KPA, out=stiffness_box)
-    stiffness = np.zeros(shape, dtype=np.float32)
+    stiffness = np.zeros(pose.shape, dtype=np.float32)
     stiffness[brain_box] = stiffness_box
     stiffness[~covered] = 0.0
     nan_count = 0
@@ -491,17 +680,7 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
         nan_count = int(min(rng.integers(1, 11), candidates.size))
         stiffness.ravel()[rng.choice(candidates, size=nan_count, replace=False)] = np.nan
 
-    t1w = None
-    if with_anatomy:
-        brain_t1w = kept_share * anatomy.template_t1w + (1.0 - kept_share) * T1W_CSF
-        t1w_template = anatomy.head_t1w.copy()
-        t1w_template.ravel()[anatomy.brain_flat_index] = brain_t1w
-        t1w = _resample(t1w_template, native_to_template_voxel, shape, outside=0.0)
-        t1w *= _legendre_bias(rng, shape, T1W_BIAS_SD)
-        # Rician magnitude noise: the background is noise, not zeros, as in a scanner.
-        real = t1w + rng.normal(0.0, T1W_NOISE_SD, size=shape).astype(np.float32)
-        imaginary = rng.normal(0.0, T1W_NOISE_SD, size=shape).astype(np.float32)
-        t1w = np.round(np.hypot(real, imaginary) * T1W_SCALE).astype(np.int16)
+    t1w = _t1w_image(rng, anatomy, atrophy, pose) if with_anatomy else None
 
     voxel_ml = acquisition.voxel_size_mm ** 3 / 1000.0
     truth = {
@@ -509,22 +688,37 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
         "group": subject["group"], "age": age, "sex": subject["sex"],
         "stiffness_age_offset_years": float(subject["stiffness_age_offset_years"]),
         "stiffness_age_years": round(stiffness_age, 1),
-        "rotation_x_deg": rotation[0], "rotation_y_deg": rotation[1],
-        "rotation_z_deg": rotation[2],
-        "translation_x_mm": translation[0], "translation_y_mm": translation[1],
-        "translation_z_mm": translation[2], "scale": scale,
-        "native_to_mni_affine": json.dumps(native_to_mni.round(10).tolist()),
-        "voxel_size_mm": acquisition.voxel_size_mm, "shape": json.dumps(list(shape)),
+        **_pose_truth(pose),
+        "voxel_size_mm": acquisition.voxel_size_mm, "shape": json.dumps(list(pose.shape)),
         "coverage_fraction": float(covered.sum() / brain.sum()),
         "slab_first_slice": first, "slab_last_slice": last, "nan_count": nan_count,
-        "cortical_shrink_mm": shrink_mm, "ventricle_dilation_mm": ventricle_mm,
+        "cortical_shrink_mm": atrophy.shrink_mm, "ventricle_dilation_mm": atrophy.ventricle_mm,
         "brain_volume_ml": float(brain.sum() * voxel_ml),
-        "parenchyma_volume_ml": float(tissue.sum() * abs(np.linalg.det(anatomy.affine))
-                                      / 1000.0),
+        "parenchyma_volume_ml": _parenchyma_volume_ml(anatomy, atrophy),
         "site_stiffness_factor": acquisition.stiffness_factor,
         "subject_stiffness_factor": subject_factor,
         "mean_stiffness_kpa": float(np.nanmean(stiffness[covered])),
     }
-    return native_affine, stiffness, t1w, brain, truth
+    written = {"stiffness": stiffness}
+    if "damping_ratio" in maps:
+        damping_rng = np.random.default_rng(seed_sequence(seed, id_prefix, 2, index))
+        written["damping_ratio"], damping_truth = _damping_ratio_map(
+            damping_rng, anatomy, atrophy, pose, stiffness=stiffness, brain_box=brain_box,
+            acquisition=acquisition, stiffness_age=stiffness_age)
+        truth.update(damping_truth)
+    return SimulatedSubject(pose.native_affine, written, t1w, brain, truth)
 
 
+def _pose_truth(pose: _Pose) -> dict:
+    """The pose columns of a truth table (see TRUTH_COLUMNS)."""
+    return {
+        "rotation_x_deg": pose.rotation_deg[0], "rotation_y_deg": pose.rotation_deg[1],
+        "rotation_z_deg": pose.rotation_deg[2],
+        "translation_x_mm": pose.translation_mm[0], "translation_y_mm": pose.translation_mm[1],
+        "translation_z_mm": pose.translation_mm[2], "scale": pose.scale,
+        "native_to_mni_affine": json.dumps(np.linalg.inv(pose.pose).round(10).tolist()),
+    }
+
+
+def _parenchyma_volume_ml(anatomy: _TemplateAnatomy, atrophy: _Atrophy) -> float:
+    return float(atrophy.tissue.sum() * abs(np.linalg.det(anatomy.affine)) / 1000.0)

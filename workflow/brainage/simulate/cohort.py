@@ -4,37 +4,41 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 import pandas as pd
 
-from brainage.simulate.anatomy import TRUTH_COLUMNS, simulate_subject
+from brainage.simulate.anatomy import (
+    DAMPING_RATIO_TRUTH_COLUMNS,
+    TRUTH_COLUMNS,
+    check_maps,
+    simulate_subject,
+)
 from brainage.simulate.demographics import draw_participants
+from brainage.simulate.t1w_cohort import (
+    T1W_AGE_RANGE_YEARS,
+    T1W_ID_PREFIX,
+    T1W_VOXEL_SIZE_MM,
+    simulate_t1w_cohort,
+)
+from brainage.simulate.writing import check_root, save_nifti, staged_dataset, write_json
 
 LOGGER = logging.getLogger(__name__)
 
-def _save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: str) -> None:
-    import nibabel as nib
-
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_xyzt_units("mm")
-    image.header["descrip"] = description.encode()[:79]
-    image.set_sform(affine, code=1)  # scanner coordinates
-    image.set_qform(affine, code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.to_filename(str(path))
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+#: What each MRE map is, for the NIfTI header; file name sub-<label>_<map>.nii.gz.
+MAP_DESCRIPTIONS = {
+    "stiffness": "MRE shear stiffness (kPa), simulated",
+    "damping_ratio": "MRE damping ratio (dimensionless), simulated",
+}
+#: simulate_cohort options added after the first simulated datasets, at the value that
+#: reproduces those. At that value :func:`simulation_options` leaves them out of a rule's
+#: params: Snakemake re-runs a job whose params changed, and a re-simulated cohort would
+#: re-run everything downstream of it although every file would come out the same.
+LATER_OPTIONS_DEFAULTS = {"maps": ["stiffness"]}
 
 
 _PARTICIPANT_COLUMNS = {
@@ -51,7 +55,8 @@ _PARTICIPANT_COLUMNS = {
 def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
                     accelerated_group_n: int = 0, accelerated_ageing_years: float = 8.0,
                     id_prefix: str = "", with_anatomy: bool = True,
-                    nan_probability: float = 0.15, overwrite: bool = False) -> pd.DataFrame:
+                    nan_probability: float = 0.15, maps=("stiffness",),
+                    overwrite: bool = False) -> pd.DataFrame:
     """Write a simulated MRE cohort to ``root`` in the pipeline's input layout.
 
     The dataset is built in a temporary folder next to ``root`` and renamed into place,
@@ -76,7 +81,13 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
     with_anatomy : bool
         Also write ``sub-<label>/anat/sub-<label>_T1w.nii.gz`` (same grid as the map).
     nan_probability : float
-        Probability that a subject's map has 1-10 NaN voxels (inside brain and slab).
+        Probability that a subject's maps have 1-10 NaN voxels (inside brain and slab).
+    maps : sequence of str
+        MRE maps to write, ``sub-<label>/mre/sub-<label>_<map>.nii.gz``: ``"stiffness"``
+        (kPa, always) and optionally ``"damping_ratio"`` (dimensionless, 0-1, same grid,
+        support and NaN voxels as the stiffness). Adding the damping ratio changes no
+        other file but ``truth.tsv``/``truth.json`` (columns
+        :data:`DAMPING_RATIO_TRUTH_COLUMNS` appended) and ``dataset_description.json``.
     overwrite : bool
         Replace an existing non-empty ``root``.
 
@@ -84,73 +95,103 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
     -------
     pandas.DataFrame
         The ground-truth table (``derivatives/simulation/truth.tsv``), one row per
-        subject, columns as in :data:`TRUTH_COLUMNS`.
+        subject, columns as in :data:`TRUTH_COLUMNS` (plus the damping-ratio columns).
+
+    See Also
+    --------
+    brainage.simulate.simulate_t1w_cohort : a T1w-only cohort (pretraining).
     """
     root = Path(root)
     if not 0.0 <= nan_probability <= 1.0:
         raise ValueError(f"nan_probability={nan_probability} must be within 0-1.")
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"dataset root {root} exists and is not a folder; choose "
-                              f"another root or remove the file.")
-    if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(f"dataset root {root} exists and is not empty; pass "
-                              f"overwrite=True (CLI: --overwrite) to replace it, or choose "
-                              f"an empty folder.")
+    maps = check_maps(maps)
+    check_root(root, overwrite=overwrite)
     participants = draw_participants(
         n_subjects, seed=seed, accelerated_group_n=accelerated_group_n,
         accelerated_ageing_years=accelerated_ageing_years, id_prefix=id_prefix)
+    columns = dict(TRUTH_COLUMNS)
+    if "damping_ratio" in maps:
+        columns.update(DAMPING_RATIO_TRUTH_COLUMNS)
 
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
-    try:
+    with staged_dataset(root) as staging:
         truth_rows = []
         simulation = staging / "derivatives" / "simulation"
         for index, subject in enumerate(participants.to_dict("records")):
             started = time.perf_counter()
-            affine, stiffness, t1w, brain, truth = simulate_subject(
+            affine, images, t1w, brain, truth = simulate_subject(
                 subject, seed=seed, id_prefix=id_prefix, index=index,
-                with_anatomy=with_anatomy, nan_probability=nan_probability)
+                with_anatomy=with_anatomy, nan_probability=nan_probability, maps=maps)
             subject_id = subject["participant_id"]
-            _save_nifti(staging / subject_id / "mre" / f"{subject_id}_stiffness.nii.gz",
-                        stiffness, affine, "MRE shear stiffness (kPa), simulated")
+            for name, image in images.items():
+                save_nifti(staging / subject_id / "mre" / f"{subject_id}_{name}.nii.gz",
+                           image, affine, MAP_DESCRIPTIONS[name])
             if t1w is not None:
-                _save_nifti(staging / subject_id / "anat" / f"{subject_id}_T1w.nii.gz",
-                            t1w, affine, "T1w-like image, simulated")
-            _save_nifti(simulation / subject_id / f"{subject_id}_desc-truth_mask.nii.gz",
-                        brain.astype(np.uint8), affine, "true brain mask, simulated")
+                save_nifti(staging / subject_id / "anat" / f"{subject_id}_T1w.nii.gz",
+                           t1w, affine, "T1w-like image, simulated")
+            save_nifti(simulation / subject_id / f"{subject_id}_desc-truth_mask.nii.gz",
+                       brain.astype(np.uint8), affine, "true brain mask, simulated")
             truth_rows.append(truth)
             LOGGER.info("simulated %s (%d/%d, age %.1f years, %s) in %.2f s", subject_id,
                         index + 1, len(participants), subject["age"], subject["study"],
                         time.perf_counter() - started)
-        truth_table = pd.DataFrame(truth_rows, columns=list(TRUTH_COLUMNS))
+        truth_table = pd.DataFrame(truth_rows, columns=list(columns))
 
         participants[["participant_id", "age", "sex", "study", "group"]].to_csv(
             staging / "participants.tsv", sep="\t", index=False, float_format="%.1f")
-        _write_json(staging / "participants.json", _PARTICIPANT_COLUMNS)
+        write_json(staging / "participants.json", _PARTICIPANT_COLUMNS)
         generated_by = [{"Name": "brainage.simulate",
                          "Description": f"simulated MRE cohort, seed {seed}"}]
-        _write_json(staging / "dataset_description.json", {
+        parameters = {
+            "n_subjects": n_subjects, "seed": seed, "id_prefix": id_prefix,
+            "accelerated_group_n": accelerated_group_n,
+            "accelerated_ageing_years": accelerated_ageing_years,
+            "with_anatomy": with_anatomy, "nan_probability": nan_probability}
+        if list(maps) != LATER_OPTIONS_DEFAULTS["maps"]:
+            parameters["maps"] = list(maps)  # absent at the default: files as before
+        write_json(staging / "dataset_description.json", {
             "Name": "brainage simulated multi-study MRE cohort",
             "BIDSVersion": "1.9.0", "DatasetType": "raw", "GeneratedBy": generated_by,
-            "SimulationParameters": {
-                "n_subjects": n_subjects, "seed": seed, "id_prefix": id_prefix,
-                "accelerated_group_n": accelerated_group_n,
-                "accelerated_ageing_years": accelerated_ageing_years,
-                "with_anatomy": with_anatomy, "nan_probability": nan_probability},
+            "SimulationParameters": parameters,
         })
-        _write_json(simulation / "dataset_description.json", {
+        write_json(simulation / "dataset_description.json", {
             "Name": "ground truth of the brainage simulation", "BIDSVersion": "1.9.0",
             "DatasetType": "derivative", "GeneratedBy": generated_by,
         })
         truth_table.to_csv(simulation / "truth.tsv", sep="\t", index=False)
-        _write_json(simulation / "truth.json",
-                    {column: {"Description": text} for column, text in TRUTH_COLUMNS.items()})
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a dataset is shared
-        _move_into_place(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_json(simulation / "truth.json",
+                   {column: {"Description": text} for column, text in columns.items()})
     return truth_table
+
+
+def simulated_participants(*, n_subjects: int = 60, seed: int = 0,
+                           accelerated_group_n: int = 0, accelerated_ageing_years: float = 8.0,
+                           id_prefix: str = "", with_anatomy: bool = True,
+                           nan_probability: float = 0.15, maps=("stiffness",)) -> pd.DataFrame:
+    """The participants :func:`simulate_cohort` draws for these options, without images.
+
+    Takes every :func:`simulate_cohort` option (config section ``dataset.simulate`` or
+    ``predict.simulate`` after :func:`simulation_options`), so the workflow knows a
+    simulated cohort's subjects before it exists; the image options change no participant.
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`draw_participants`.
+    """
+    check_maps(maps)
+    return draw_participants(n_subjects, seed=seed, accelerated_group_n=accelerated_group_n,
+                             accelerated_ageing_years=accelerated_ageing_years,
+                             id_prefix=id_prefix)
+
+
+def simulation_options(section: Mapping) -> dict:
+    """:func:`simulate_cohort` keyword options of a validated config section
+    (``dataset.simulate`` or ``predict.simulate``): without ``enabled`` and ``cohort``,
+    and without an option of :data:`LATER_OPTIONS_DEFAULTS` at that default (see there)."""
+    return {key: value for key, value in section.items()
+            if key not in ("enabled", "cohort")
+            and not (key in LATER_OPTIONS_DEFAULTS
+                     and list(value) == LATER_OPTIONS_DEFAULTS[key])}
 
 
 def replace_simulation(root: str | Path, **options) -> pd.DataFrame:
@@ -198,40 +239,69 @@ def replace_simulation(root: str | Path, **options) -> pd.DataFrame:
     return truth
 
 
-def _move_into_place(staging: Path, root: Path) -> None:
-    if root.is_dir() and not any(root.iterdir()):
-        root.rmdir()
-    old = None
-    if root.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-        os.rmdir(old)
-        os.replace(root, old)
-    os.replace(staging, root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+#: CLI options that only one kind of cohort takes.
+_MRE_ONLY_OPTIONS = ("accelerated_group_n", "accelerated_ageing_years", "maps", "no_anatomy")
+_T1W_ONLY_OPTIONS = ("voxel_size_mm", "min_age", "max_age")
 
 
 def main(argv=None) -> None:
-    """``python -m brainage.simulate --root DIR [--n-subjects N] [--seed S] ...``"""
+    """``python -m brainage.simulate --root DIR [--n-subjects N] [--seed S] ...``; with
+    ``--t1w-only`` a T1w-only (pretraining) cohort instead of an MRE cohort."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", required=True, help="dataset folder to write")
     parser.add_argument("--n-subjects", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerated-group-n", type=int, default=0)
-    parser.add_argument("--accelerated-ageing-years", type=float, default=8.0)
-    parser.add_argument("--id-prefix", default="")
-    parser.add_argument("--no-anatomy", action="store_true", help="skip the T1w images")
+    parser.add_argument("--id-prefix", default=None,
+                        help=f"label prefix (default: none; {T1W_ID_PREFIX!r} with --t1w-only)")
     parser.add_argument("--overwrite", action="store_true")
+    mre = parser.add_argument_group("MRE cohort")
+    mre.add_argument("--accelerated-group-n", type=int, default=None, help="default 0")
+    mre.add_argument("--accelerated-ageing-years", type=float, default=None,
+                     help="default 8.0 (years)")
+    mre.add_argument("--maps", nargs="+", default=None, metavar="MAP",
+                     help="MRE maps to write: stiffness [damping_ratio] (default stiffness)")
+    mre.add_argument("--no-anatomy", action="store_true", default=None,
+                     help="skip the T1w images")
+    t1w = parser.add_argument_group("T1w-only cohort (pretraining)")
+    t1w.add_argument("--t1w-only", action="store_true",
+                     help="write sub-<label>/anat/sub-<label>_T1w.nii.gz only, no MRE maps")
+    t1w.add_argument("--voxel-size-mm", type=float, default=None,
+                     help=f"isotropic voxel size (mm), default {T1W_VOXEL_SIZE_MM}")
+    t1w.add_argument("--min-age", type=float, default=None,
+                     help=f"youngest age (years), default {T1W_AGE_RANGE_YEARS[0]}")
+    t1w.add_argument("--max-age", type=float, default=None,
+                     help=f"oldest age (years), default {T1W_AGE_RANGE_YEARS[1]}")
     args = parser.parse_args(argv)
+    wrong_kind = _T1W_ONLY_OPTIONS if not args.t1w_only else _MRE_ONLY_OPTIONS
+    given = [name for name in wrong_kind if getattr(args, name) is not None]
+    if given:
+        option = "--" + given[0].replace("_", "-")
+        parser.error(f"{option} is for {'a T1w-only' if not args.t1w_only else 'an MRE'} "
+                     f"cohort; {'add' if not args.t1w_only else 'drop'} --t1w-only or drop "
+                     f"{option}.")
+
+    def value(name, default):
+        return default if getattr(args, name) is None else getattr(args, name)
+
     try:
-        truth = simulate_cohort(
-            args.root, n_subjects=args.n_subjects, seed=args.seed,
-            accelerated_group_n=args.accelerated_group_n,
-            accelerated_ageing_years=args.accelerated_ageing_years, id_prefix=args.id_prefix,
-            with_anatomy=not args.no_anatomy, overwrite=args.overwrite)
+        if args.t1w_only:
+            participants = simulate_t1w_cohort(
+                args.root, n_subjects=args.n_subjects, seed=args.seed,
+                id_prefix=value("id_prefix", T1W_ID_PREFIX),
+                voxel_size_mm=value("voxel_size_mm", T1W_VOXEL_SIZE_MM),
+                age_range_years=(value("min_age", T1W_AGE_RANGE_YEARS[0]),
+                                 value("max_age", T1W_AGE_RANGE_YEARS[1])),
+                overwrite=args.overwrite)
+        else:
+            participants = simulate_cohort(
+                args.root, n_subjects=args.n_subjects, seed=args.seed,
+                accelerated_group_n=value("accelerated_group_n", 0),
+                accelerated_ageing_years=value("accelerated_ageing_years", 8.0),
+                id_prefix=value("id_prefix", ""), with_anatomy=not args.no_anatomy,
+                maps=value("maps", ("stiffness",)), overwrite=args.overwrite)
     except (FileExistsError, ValueError) as error:
         parser.exit(2, f"brainage.simulate: error: {error}\n")
-    print(f"wrote {len(truth)} subjects to {args.root}")
+    print(f"wrote {len(participants)} subjects to {args.root}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""Writing a simulated dataset: NIfTI and JSON files, and the staging folder that is
+renamed into place only once the whole dataset is written (shared by the MRE cohort and
+the T1w-only cohort)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+
+def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: str) -> None:
+    """Write ``data`` with ``affine`` (native voxel -> scanner mm) as sform and qform."""
+    import nibabel as nib
+
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_xyzt_units("mm")
+    image.header["descrip"] = description.encode()[:79]
+    image.set_sform(affine, code=1)  # scanner coordinates
+    image.set_qform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.to_filename(str(path))
+
+
+def write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def check_root(root: Path, *, overwrite: bool) -> None:
+    """Refuse a ``root`` that is a file, or a non-empty folder unless ``overwrite``."""
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"dataset root {root} exists and is not a folder; choose "
+                              f"another root or remove the file.")
+    if root.is_dir() and any(root.iterdir()) and not overwrite:
+        raise FileExistsError(f"dataset root {root} exists and is not empty; pass "
+                              f"overwrite=True (CLI: --overwrite) to replace it, or choose "
+                              f"an empty folder.")
+
+
+@contextmanager
+def staged_dataset(root: Path) -> Iterator[Path]:
+    """A private folder next to ``root`` to write the dataset into; on success it replaces
+    ``root``, on any error it is removed and ``root`` is left as it was."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    try:
+        yield staging
+        os.chmod(staging, 0o755)  # mkdtemp makes it private; a dataset is shared
+        _move_into_place(staging, root)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _move_into_place(staging: Path, root: Path) -> None:
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
+    old = None
+    if root.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+        os.rmdir(old)
+        os.replace(root, old)
+    os.replace(staging, root)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
