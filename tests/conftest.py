@@ -14,10 +14,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---- foundation: tiny BIDS-like datasets ------------------------------------------------
 def write_tiny_dataset(root: Path, rows: list[dict], *, shape=(12, 12, 12),
-                       voxel_mm: float = 4.0, with_anat: bool = False) -> Path:
+                       voxel_mm: float = 4.0, with_anat: bool = False,
+                       maps=("stiffness",)) -> Path:
     """A valid BIDS-like dataset with small synthetic stiffness maps (kPa).
 
-    ``rows`` are participants.tsv rows (participant_id, age, sex, study, ...).
+    ``rows`` are participants.tsv rows (participant_id, age, sex, study, ...); ``maps``:
+    the MRE maps written (a damping ratio of about 0.25 inside the brain).
     """
     root.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
@@ -33,6 +35,10 @@ def write_tiny_dataset(root: Path, rows: list[dict], *, shape=(12, 12, 12),
         folder = root / f"sub-{label}" / "mre"
         folder.mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(data, affine), folder / f"sub-{label}_stiffness.nii.gz")
+        if "damping_ratio" in maps:
+            ratio = np.where(inside, 0.25 + 0.01 * rng.standard_normal(shape), 0)
+            nib.save(nib.Nifti1Image(ratio.astype(np.float32), affine),
+                     folder / f"sub-{label}_damping_ratio.nii.gz")
         if with_anat:
             anat = root / f"sub-{label}" / "anat"
             anat.mkdir(parents=True, exist_ok=True)

@@ -72,12 +72,12 @@ def job_counts(output: str) -> Counter:
     return counts
 
 
-def dataset(tmp_path: Path, n: int = N_SUBJECTS) -> Path:
+def dataset(tmp_path: Path, n: int = N_SUBJECTS, **options) -> Path:
     rows = default_rows(n)
     for index, row in enumerate(rows):  # five studies, as the paper; adult ages
         row["study"] = f"study{index % 5 + 1}"
         row["age"] = 20.0 + 60.0 * index / n
-    return write_tiny_dataset(tmp_path / "dataset", rows)
+    return write_tiny_dataset(tmp_path / "dataset", rows, **options)
 
 
 def write_config(path: Path, base: str | Path | dict, **overrides) -> Path:
@@ -93,7 +93,7 @@ def write_config(path: Path, base: str | Path | dict, **overrides) -> Path:
 
 
 def test_paper_grid_dry_run_has_every_experiment(tmp_path):
-    root = dataset(tmp_path, PAPER_SUBJECTS)
+    root = dataset(tmp_path, PAPER_SUBJECTS, with_anat=True, maps=("stiffness", "damping_ratio"))
     configfile = write_config(tmp_path / "paper.yaml", REPO / "config" / "paper.yaml",
                               dataset__root=str(root))
     config = load_config(configfile)
@@ -101,20 +101,21 @@ def test_paper_grid_dry_run_has_every_experiment(tmp_path):
     # Table 3: the paper's 7 losses and its 5 baselines, 5 seeds each
     assert Counter(e for e, _, _ in cells) == {"table3": 60, "distance": 20, "predictor": 25,
                                                "augmentation": 25, "projection": 10,
-                                               "lambda": 35, "reduction": 10}
+                                               "lambda": 35, "reduction": 10, "modality": 25}
     result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
                            "rules")
     counts = job_counts(result.stdout)
-    # 50 cells train what an earlier cell trains (the Table 3 Adaptive Neighborhoods encoder,
-    # read by five read-outs, both arms of the projection ablation and four ablation
-    # defaults), and the 15 voxel-baseline cells train nothing: 120 trainings (10 of them
-    # the untrained and supervised baselines)
-    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 120
-    assert counts["evaluate_encoder"] == len(cells) == 185
+    # 55 cells train what an earlier cell trains (the Table 3 Adaptive Neighborhoods encoder,
+    # read by five read-outs, both arms of the projection ablation, four ablation defaults
+    # and the modality experiment's stiffness row), and the 15 voxel-baseline cells train
+    # nothing: 140 trainings (10 of them the untrained and supervised baselines, 20 the
+    # modality experiment's other input channels)
+    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 140
+    assert counts["evaluate_encoder"] == len(cells) == 210
+    # every subject's three maps through one chain: two jobs per subject
+    assert counts["strip_skull"] == counts["correct_and_register"] == PAPER_SUBJECTS
     assert counts["make_tables"] == 1 and counts["make_figures"] == 1
     assert counts["search_hyperparameters"] == 1  # the random search, one per split
-    # per-subject preprocessing: every subject once per per-subject rule
-    assert any(count == PAPER_SUBJECTS for rule, count in counts.items()), counts
     assert "simulate_cohort" not in counts
 
 
@@ -122,6 +123,7 @@ def test_report_targets_follow_the_config(tmp_path):
     root = dataset(tmp_path)
     base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    del base["experiments"]["modality"]  # its channels need maps this dataset lacks
     base["experiments"]["projection"] = {"seeds": [0], "variants": {
         "with": {"model": {"features": "projection"}},
         "without": {"model": {"features": "encoder"}}}}
@@ -152,6 +154,7 @@ def test_cells_that_differ_in_the_readout_share_one_encoder(tmp_path):
     root = dataset(tmp_path)
     base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    del base["experiments"]["modality"]  # its channels need maps this dataset lacks
     base["experiments"]["predictor"] = {"seeds": [0], "variants": {
         "ridge": {"readout": {"method": "ridge"}}, "mse": {"readout": {"method": "mse"}}}}
     configfile = write_config(tmp_path / "config.yaml", base)
@@ -192,6 +195,7 @@ def test_editing_one_loss_setting_reruns_only_that_variant(tmp_path):
     root = dataset(tmp_path, 6)
     base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
     base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    del base["experiments"]["modality"]  # its channels need maps this dataset lacks
     base["experiments"]["distance"] = {"seeds": [0], "variants": {
         "manhattan": {"loss": {"distance": "manhattan"}},
         "cosine": {"loss": {"distance": "cosine"}}}}

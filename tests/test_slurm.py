@@ -204,12 +204,16 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     assert list(table3.columns[:4]) == ["loss", "n_seeds", "mae_mean", "mae_std"]
     assert {"adaptive", "yaware"} <= set(table3["loss"])
     assert (table3["n_seeds"] == 2).all() and table3["mae_mean"].notna().all()
-    # every cell (2 losses x 2 seeds in config/test.yaml) its own GPU job and evaluation
-    n_cells = int(table3["n_seeds"].sum())
+    # every cell (2 losses x 2 seeds in config/test.yaml, and the three-channel cell of
+    # experiment modality) its own GPU job and evaluation
+    n_cells = int(table3["n_seeds"].sum()) + 1
+    modality = pd.read_csv(workdir / "results" / "tables" / "ablation_modality.csv")
+    assert modality["mae_mean"].notna().all()
     assert (rules == "train_encoder").sum() == n_cells >= 4, states.to_string()
     assert (rules == "evaluate_encoder").sum() == n_cells, states.to_string()
     assert {"make_tables", "make_figures"} <= set(rules.dropna()), states.to_string()
-    for name in ("fig3_age_distribution", "fig5_umap", "fig7_coverage", "predicted_vs_true"):
+    for name in ("fig2_modalities", "fig3_age_distribution", "fig5_umap", "fig7_coverage",
+                 "predicted_vs_true"):
         assert (workdir / "results" / "figures" / f"{name}.png").stat().st_size > 0
     print(f"tiny grid on SLURM: {len(jobs)} jobs in {elapsed:.0f} s")
 

@@ -44,6 +44,7 @@ rule make_figures:
     params:
         settings=EXPERIMENT_SETTINGS,
         maps=lambda wildcards: _registered_maps(),
+        modality_maps=lambda wildcards: _modality_maps(),
         focus=_focus_label(),
         qc_thresholds=thresholds(config["qc"]),
         histories=lambda wildcards: _histories(),

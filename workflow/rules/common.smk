@@ -19,6 +19,7 @@ from brainage.modalities import tag as modality_tag
 from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
 from brainage.qc import thresholds
 from brainage.report.targets import (
+    MODALITIES_FIGURE,
     ablation_experiments,
     ablation_figure_name,
     experiment_settings,
@@ -103,6 +104,36 @@ PREPROC_MODALITIES = {
     TRAINING_PREPROC: MODALITIES,
     **{LAYOUT.cohort_preproc(cohort): exported_modalities() for cohort in PREDICT_COHORTS},
 }
+
+
+def check_simulated_maps(section, needed, why):
+    """Stop when a simulation (config section ``section``) would not write a map the
+    pipeline reads from it."""
+    written = config_value(section)["maps"]
+    missing = [name for name in mre_maps(needed) if name not in written]
+    if missing:
+        raise WorkflowError(
+            f"config key {section}.maps ({', '.join(written)}) lacks {', '.join(missing)}, "
+            f"which {why} needs; add it to {section}.maps."
+        )
+
+
+def config_value(dotted):
+    value = config
+    for key in dotted.split("."):
+        value = value[key]
+    return value
+
+
+if SIMULATED:
+    check_simulated_maps("dataset.simulate", MODALITIES, "config key dataset.modalities")
+if SIMULATED_PREDICT_COHORT is not None:
+    check_simulated_maps(
+        "predict.simulate",
+        PREPROC_MODALITIES[LAYOUT.cohort_preproc(SIMULATED_PREDICT_COHORT)],
+        "the exported model (config key predict.model)",
+    )
+
 #: The name of each correct_and_register variant -> its set of modalities (preprocess.smk);
 #: the training cohort's set keeps the plain name.
 CHAIN_VARIANTS = {
@@ -502,6 +533,18 @@ def _histories():
     return histories
 
 
+def _modality_maps():
+    """{participant_id: {stiffness, T1w: registered map}} for Fig. 2 (when it is drawn)."""
+    if MODALITIES_FIGURE not in REPORT_NAMES["figures"]:
+        return {}
+    return {
+        f"sub-{subject}": registered_maps(
+            subject_files(LAYOUT, subject, TRAINING_PREPROC, MODALITIES), ("stiffness", "T1w")
+        )
+        for subject in subjects()
+    }
+
+
 def _figure_inputs(wildcards):
     inputs = {
         "histories": [file for seeds in _histories().values() for file in seeds.values()],
@@ -509,6 +552,7 @@ def _figure_inputs(wildcards):
         "participants": LAYOUT.split_file(_cohort_split(), "participants.tsv"),
         "qc": LAYOUT.qc_table(),
         "maps": list(_registered_maps().values()),
+        "modality_maps": [path for maps in _modality_maps().values() for path in maps.values()],
         "predictions": _focus_files("predictions.tsv"),
         "search": _search_trials(wildcards),
     }

@@ -10,4 +10,5 @@ make_figures(metrics=list(snakemake.input.metrics), participants=snakemake.input
              predictions=list(snakemake.input.predictions),
              settings=snakemake.params.settings, focus=snakemake.params.focus,
              qc_thresholds=snakemake.params.qc_thresholds, outputs=snakemake.params.paths,
-             search=list(snakemake.input.search), histories=snakemake.params.histories)
+             search=list(snakemake.input.search), histories=snakemake.params.histories,
+             modality_maps=snakemake.params.modality_maps)

@@ -27,6 +27,7 @@ from brainage.report.results import (
 from brainage.report.tables import ablation_table
 from brainage.report.targets import (
     LOSS_EXPERIMENT,
+    MODALITIES_FIGURE,
     SEARCH_NAME,
     TRAINING_FIGURE,
     ReportError,
@@ -507,7 +508,9 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  focus: str, qc_thresholds: Mapping[str, float],
                  outputs: Mapping[str, str | Path],
                  search: Sequence[str | Path] = (),
-                 histories: Mapping[str, Mapping[int, str | Path]] | None = None) -> None:
+                 histories: Mapping[str, Mapping[int, str | Path]] | None = None,
+                 modality_maps: Mapping[str, Mapping[str, str | Path]] | None = None
+                 ) -> None:
     """Draw every figure of the configuration (rule make_figures).
 
     Parameters
@@ -525,6 +528,8 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
     search : every split's ``trials.tsv`` of the random search (when enabled).
     histories : ``{variant: {seed: history.tsv}}`` of the loss experiment's trained
         encoders (first split).
+    modality_maps : ``{participant_id: {"stiffness": path, "T1w": path}}``, registered
+        (Fig. 2).
     """
     started = time.perf_counter()
     cohort = pd.read_csv(participants, sep="\t", dtype={"participant_id": str, "study": str})
@@ -537,6 +542,10 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
             plot_coverage(cohort, path, min_coverage=qc_thresholds.get("min_coverage"))
         elif name == "fig8_coverage_examples":
             plot_coverage_examples(cohort, maps, path)
+        elif name == MODALITIES_FIGURE:
+            plot_age_examples([(example["participant_id"], example["age"],
+                                (modality_maps or {}).get(example["participant_id"], {}))
+                               for example in pick_age_examples(cohort)], path)
         elif name == "qc_overview":
             plot_dataset_qc(read_qc_table(qc), path, minimums=thresholds(qc_thresholds))
         elif name == "fig5_umap":

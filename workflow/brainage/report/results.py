@@ -67,7 +67,13 @@ ABLATION_TITLES = {
     "projection": "Fig. 4d: read-out features with / without the projection head",
     "lambda": "Fig. 6: re-weighting of non-neighbours, exponent λ",
     "reduction": "Loss reduction: per anchor (Eq. 3) or global (reference code)",
+    "modality": "Input modalities: stiffness, damping ratio, T1w and their combinations",
 }
+
+#: Display names of the modalities (model.modalities) in tables and figures.
+MODALITY_LABELS = {"stiffness": "Stiffness", "damping_ratio": "Damping ratio",
+                   "storage_modulus": "Storage modulus", "loss_modulus": "Loss modulus",
+                   "T1w": "T1w"}
 
 
 #: Display names of setting values in ablation tables and figures.
@@ -244,6 +250,8 @@ def _value_label(key: str, value: Any) -> str:
         return "hard (λ→∞)" if value is None else f"λ = {value:g}"
     if key == "loss.name":
         return display_loss_names().get(value, str(value))
+    if key == "model.modalities":
+        return " + ".join(MODALITY_LABELS.get(name, name) for name in value)
     if isinstance(value, str):
         return VALUE_LABELS.get(value, value)
     return f"{key.split('.')[-1]} = {value}"

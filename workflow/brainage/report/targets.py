@@ -29,6 +29,9 @@ ABLATION_FIGURES = {
 #: Figures drawn whenever the dataset exists / whenever the grid has a cell.
 DATASET_FIGURES = ("fig3_age_distribution", "fig7_coverage", "fig8_coverage_examples",
                    "qc_overview")
+#: Stiffness beside T1w for four subjects by age (paper Fig. 2): when the subjects provide
+#: both (config key dataset.modalities).
+MODALITIES_FIGURE = "fig2_modalities"
 
 
 CELL_FIGURES = ("fig5_umap", "predicted_vs_true")
@@ -66,7 +69,8 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     -------
     dict
         ``{"tables": [...], "figures": [...]}``. Tables are written as .csv, .md and .tex,
-        figures as .png. ``table2_cohort`` and the dataset figures always; ``table3_losses``
+        figures as .png. ``table2_cohort`` and the dataset figures always (Fig. 2 when the
+        subjects provide stiffness and T1w); ``table3_losses``
         and ``table3_paired`` when experiment ``table3`` is enabled; ``ablation_<name>``
         and its figure for every other enabled experiment; the UMAP and predicted-vs-true
         figures when the grid has at least one cell; ``search_trials`` (table and figure)
@@ -81,6 +85,8 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
         figures_of_losses = []
     tables += [f"ablation_{name}" for name in ablation_experiments(config)]
     figures = list(DATASET_FIGURES)
+    if {"stiffness", "T1w"} <= set(config.get("dataset", {}).get("modalities", [])):
+        figures.insert(0, MODALITIES_FIGURE)
     if experiments:
         figures += list(CELL_FIGURES)
     figures += figures_of_losses
