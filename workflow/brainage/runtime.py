@@ -35,15 +35,30 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def runtime_setup(train_settings: Mapping) -> tuple[torch.device, torch.dtype | None]:
+def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
+                  processes_on_node: int = 1) -> tuple[torch.device, torch.dtype | None]:
     """Threads, device and numeric precision of a job, from a resolved ``train`` section.
 
     Returns the device and the autocast dtype (bf16 on CUDA under ``precision: auto``;
     None = float32). On CUDA, ``train.deterministic`` chooses between cuDNN's fastest
     algorithms (benchmark mode) and bitwise-repeatable ones.
+
+    One of several training processes (:mod:`brainage.distributed`) passes its
+    ``local_rank``, the GPU it uses on its node, and ``processes_on_node``, among which
+    the node's ``train.threads`` are divided (at least one each), so that P processes
+    together use the CPU threads one would.
     """
-    torch.set_num_threads(int(train_settings["threads"]))
+    threads = max(1, int(train_settings["threads"]) // processes_on_node)
+    torch.set_num_threads(threads)
     device = select_device(train_settings["device"])
+    if device.type == "cuda" and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"training process {local_rank} of this node needs GPU "
+                              f"{local_rank}, but PyTorch sees {torch.cuda.device_count()} "
+                              f"GPU(s). Start torchrun with --nproc_per_node at most "
+                              f"{torch.cuda.device_count()}.")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     precision = train_settings["precision"]
     if precision not in PRECISIONS:
         raise ConfigError(f"config key train.precision is {precision!r}; expected auto, "
@@ -98,4 +113,6 @@ def restore_rng_state(state: Mapping) -> None:
                          numpy_state["pos"], numpy_state["has_gauss"],
                          numpy_state["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a run resumed on a node with fewer GPUs restores the ones it has
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
