@@ -116,25 +116,22 @@ def test_checkpoint_errors(tmp_path):
 def test_cpu_bf16_encoder_agrees_with_float32(model, channels_last):
     """A 16x20x16 volume drives layer3 and layer4 to an innermost output size of 1 with
     stride 2, the shape class where oneDNN 3.12's bf16 convolution returns wrong values on
-    AVX512/AMX CPUs (pytorch/pytorch#169688): without the reroute the encoder's output
-    was off by about its own magnitude here."""
+    AVX512/AMX CPUs (pytorch/pytorch#169688): with oneDNN the encoder's output was off by
+    about its own magnitude here. runtime_setup keeps CPU bf16 off oneDNN."""
+    from brainage.runtime import runtime_setup
+
     torch.manual_seed(1)
     volumes = torch.randn(4, 1, 16, 20, 16)
+    float32 = {"threads": 1, "device": "cpu", "precision": "float32", "deterministic": False}
+    runtime_setup(float32)
+    assert torch.backends.mkldnn.enabled
     reference = model.features(volumes, "encoder")
+    device, dtype = runtime_setup({**float32, "precision": "bf16"})
+    assert dtype == torch.bfloat16 and not torch.backends.mkldnn.enabled
     if channels_last:
         volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         encoded = model.features(volumes, "encoder")
+    runtime_setup(float32)
     relative_error = (encoded - reference).abs().max() / reference.abs().max()
     assert relative_error < 0.05, float(relative_error)
-    assert torch.backends.mkldnn.enabled  # the reroute gives oneDNN back after each layer
-
-
-def test_innermost_output_size_is_the_convolution_arithmetic():
-    """The size the reroute tests for: 1 only where a stride-2 layer sees 2 voxels."""
-    from brainage.models import _innermost_output_size
-
-    conv = torch.nn.Conv3d(128, 256, 3, stride=2, padding=1)
-    assert _innermost_output_size(conv, 2) == 1      # layer4 at 6 mm
-    assert _innermost_output_size(conv, 3) == 2
-    assert _innermost_output_size(torch.nn.Conv3d(1, 64, 7, stride=2, padding=3), 46) == 23

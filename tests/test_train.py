@@ -1,6 +1,5 @@
 """Training of one grid cell (brainage.train, brainage.data): a real short training,
-determinism, kill-and-resume, checkpoint integrity, augmentations, pretraining, and the
-error cases."""
+determinism, kill-and-resume, checkpoint integrity, augmentations, and the error cases."""
 
 from __future__ import annotations
 
@@ -22,12 +21,11 @@ from brainage.config import ConfigError, resolve_cell
 from brainage.data import Augmenter, DataError, load_split, plan_batches
 from brainage.evaluate import evaluate_encoder
 from brainage.io import WriteError
-from brainage.models import build_model, load_init_checkpoint
+from brainage.models import build_model
 from brainage.train import (
     HISTORY_COLUMNS,
     CheckpointWriter,
     fingerprint,
-    pretrain_openbhb,
     save_checkpoint,
     train_encoder,
 )
@@ -372,32 +370,17 @@ def test_default_augmentation_depends_on_the_loss():
     assert resolve_augmentation({"augmentation": "flip"}, "simclr") == "flip"
 
 
-# -- pretraining and initialisation -------------------------------------------------------------
+# -- initialisation ------------------------------------------------------------------------------
 
-def test_pretrain_on_an_openbhb_layout_array(tmp_path, split_dir, caplog):
-    ages = np.linspace(20, 80, 8)
-    raw = synthetic_volumes(ages, (16, 20, 16), seed=3)
-    raw = np.where(raw != 0, 400 + 50 * raw, 0).astype(np.float32)[:, None]  # T1w-like units
-    array = tmp_path / "openbhb_quasiraw_2mm.npy"
-    np.save(array, raw)
-    participants = tmp_path / "participants.tsv"
-    pd.DataFrame({"participant_id": range(8), "age": ages, "site": [1, 2] * 4}).to_csv(
-        participants, sep="\t", index=False)
-    out = tmp_path / "pretrained.pt"
-    settings = tiny_settings(loss={"name": "yaware"},
-                             train={"epochs": 1, "batch_size": 4, "embed_epochs": []})
-    history = pretrain_openbhb(array, participants, out, settings)
-    assert len(history) == 1 and np.isfinite(history[0]["loss"])
-    model = build_model(resolve_cell({})["model"])
-    report = load_init_checkpoint(model, out)
-    assert not report.missing and not report.unexpected and not report.mismatched
-    # and as model.init_checkpoint of a grid cell
-    cell = tmp_path / "cell"
-    init = tiny_settings(model={"init_checkpoint": str(out)}, loss={"name": "yaware"},
+def test_a_trained_encoder_initialises_a_cell(split_dir, reference_run, tmp_path, caplog):
+    """encoder.pt (of a pretraining, say) as model.init_checkpoint: every tensor loads."""
+    folder, _, _ = reference_run
+    init = tiny_settings(model={"init_checkpoint": str(folder / "encoder.pt")},
+                         loss={"name": "yaware"},
                          train={"epochs": 1, "batch_size": 9, "embed_epochs": []})
     with caplog.at_level("INFO", logger="brainage.models"):
-        train_encoder(split_dir, init, **cell_paths(cell))
-    assert "0 missing, 0 unexpected" in caplog.text
+        train_encoder(split_dir, init, **cell_paths(tmp_path))
+    assert "0 missing, 0 unexpected, 0 with another shape" in caplog.text
 
 
 # -- errors ----------------------------------------------------------------------------------

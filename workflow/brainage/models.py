@@ -82,7 +82,6 @@ class BrainAgeNet(nn.Module):
         else:
             self.head = None
         self.projection_dim = projection_dim if projection_head else self.encoder_dim
-        route_degenerate_bf16_conv3d_around_onednn(self.encoder)
 
     def encode(self, volumes: torch.Tensor) -> torch.Tensor:
         """volumes [B, C, X, Y, Z] (z-units) -> encoder features h [B, 8 x width]."""
@@ -108,59 +107,6 @@ class BrainAgeNet(nn.Module):
         if which == "encoder":
             return encoded.float()
         return self.project(encoded)
-
-
-# -- a CPU bf16 workaround -------------------------------------------------------------------
-# oneDNN 3.12 (PyTorch 2.13's CPU backend) picks an AVX512/AMX bf16 BRGEMM convolution that
-# returns wrong values, errors larger than the output itself, for a 3D convolution whose
-# innermost output size is 1 with an innermost stride > 1 (pytorch/pytorch#169688, fix
-# proposed in #188426). Low resolutions reach that shape in the last stages of ResNet-18: at
-# 6 mm, layer4 maps 2 voxels to 1. Under bf16 on such a CPU the embeddings were all-NaN after
-# one epoch in most runs. float32, cuDNN and PyTorch's reference CPU kernel are correct, and
-# so is oneDNN's backward pass, so only the forward call of an affected layer leaves oneDNN.
-
-
-def _innermost_output_size(conv: nn.Conv3d, inner_input_size: int) -> int:
-    padding = conv.padding
-    if isinstance(padding, str):  # "same" needs stride 1; "valid" pads nothing
-        pad = 0
-    else:
-        pad = padding[-1]
-    span = conv.dilation[-1] * (conv.kernel_size[-1] - 1) + 1
-    return (inner_input_size + 2 * pad - span) // conv.stride[-1] + 1
-
-
-def _runs_in_cpu_bf16(inputs: torch.Tensor) -> bool:
-    if inputs.device.type != "cpu":
-        return False
-    if inputs.dtype == torch.bfloat16:
-        return True
-    return (torch.is_autocast_enabled("cpu")
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-
-
-def route_degenerate_bf16_conv3d_around_onednn(module: nn.Module) -> None:
-    """Make every strided Conv3d in ``module`` run its CPU bf16 forward pass on PyTorch's
-    reference kernel whenever its innermost output size is 1 (see the note above); every
-    other call keeps oneDNN. The cost is nil: the affected layers see a few voxels."""
-    for conv in module.modules():
-        if isinstance(conv, nn.Conv3d) and conv.stride[-1] > 1:
-            conv.register_forward_pre_hook(_leave_onednn_if_degenerate)
-            conv.register_forward_hook(_restore_onednn, always_call=True)
-
-
-def _leave_onednn_if_degenerate(conv: nn.Conv3d, args: tuple) -> None:
-    inputs = args[0]
-    conv._left_onednn = (torch.backends.mkldnn.enabled and _runs_in_cpu_bf16(inputs)
-                         and _innermost_output_size(conv, inputs.shape[-1]) == 1)
-    if conv._left_onednn:
-        torch.backends.mkldnn.enabled = False
-
-
-def _restore_onednn(conv: nn.Conv3d, args: tuple, output) -> None:
-    if getattr(conv, "_left_onednn", False):
-        torch.backends.mkldnn.enabled = True
-        conv._left_onednn = False
 
 
 def build_model(model_settings: Mapping, *, in_channels: int | None = None) -> BrainAgeNet:

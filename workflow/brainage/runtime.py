@@ -35,20 +35,42 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def runtime_setup(train_settings: Mapping) -> tuple[torch.device, torch.dtype | None]:
+def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
+                  processes_on_node: int = 1) -> tuple[torch.device, torch.dtype | None]:
     """Threads, device and numeric precision of a job, from a resolved ``train`` section.
 
     Returns the device and the autocast dtype (bf16 on CUDA under ``precision: auto``;
     None = float32). On CUDA, ``train.deterministic`` chooses between cuDNN's fastest
     algorithms (benchmark mode) and bitwise-repeatable ones.
+
+    One of several training processes (:mod:`brainage.distributed`) passes its
+    ``local_rank``, the GPU it uses on its node, and ``processes_on_node``, among which
+    the node's ``train.threads`` are divided (at least one each), so that P processes
+    together use the CPU threads one would.
     """
-    torch.set_num_threads(int(train_settings["threads"]))
+    threads = max(1, int(train_settings["threads"]) // processes_on_node)
+    torch.set_num_threads(threads)
     device = select_device(train_settings["device"])
+    if device.type == "cuda" and local_rank is not None:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"training process {local_rank} of this node needs GPU "
+                              f"{local_rank}, but PyTorch sees {torch.cuda.device_count()} "
+                              f"GPU(s). Start torchrun with --nproc_per_node at most "
+                              f"{torch.cuda.device_count()}.")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     precision = train_settings["precision"]
     if precision not in PRECISIONS:
         raise ConfigError(f"config key train.precision is {precision!r}; expected auto, "
                           f"float32 or bf16.")
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    # oneDNN 3.12 (PyTorch 2.13's CPU backend) is wrong for bf16 3D convolutions on AVX-512
+    # CPUs: a forward pass with an innermost output size of 1 and stride > 1 returns errors
+    # larger than the output (pytorch/pytorch#169688), and the backward pass returns
+    # non-finite weight gradients in about a third of identical repeats (layer2/layer4 of a
+    # ResNet-18 at 6 mm; tests/test_train.py). CPU bf16 therefore runs on PyTorch's
+    # reference kernels: it exists to test the GPU path's code, not for speed.
+    torch.backends.mkldnn.enabled = not (use_bf16 and device.type == "cpu")
     if device.type == "cuda":
         deterministic = bool(train_settings["deterministic"])
         torch.backends.cudnn.benchmark = not deterministic
@@ -98,4 +120,6 @@ def restore_rng_state(state: Mapping) -> None:
                          numpy_state["pos"], numpy_state["has_gauss"],
                          numpy_state["cached_gaussian"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a run resumed on a node with fewer GPUs restores the ones it has
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)

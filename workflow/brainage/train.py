@@ -38,7 +38,15 @@ the free space is compared with the state's tensor bytes; a full disk raises
 encoder.pt is written through a file handle, so identical trainings give byte-identical
 files (and checksums).
 
-Determinism. Same seed on the CPU, same thread count: identical results. On CUDA,
+Several processes. Started by torchrun (``torchrun --standalone --nproc_per_node N -m
+brainage.train --split-dir ... --settings settings.json ...``, :func:`main`), N processes
+share every batch of ``train.batch_size`` (GPUs, or CPU processes dividing
+``train.threads``), with the loss and gradients of one process and a single writer, rank
+0; the checkpoint resumes with any number of processes (:mod:`brainage.distributed`, also
+for several nodes). One process, with or without torchrun, is the path described above.
+
+Determinism. Same seed on the CPU, same thread count (and process count): identical results;
+another process count agrees to float rounding (sums in another order). On CUDA,
 ``cudnn.benchmark`` and atomic adds in convolution backward make runs differ in the last
 bits, which grow over training: repeated or resumed GPU runs agree statistically (MAE within
 seed noise), not bitwise. ``train.deterministic: true`` trades speed for bitwise GPU
@@ -48,6 +56,7 @@ repeatability where PyTorch supports it.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -61,15 +70,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from brainage import distributed
 from brainage.config import ConfigError, resolve_cell
 from brainage.data import (
     Augmenter,
-    DataError,
     SplitData,
     VolumeStore,
-    check_finite,
     load_split,
     plan_batches,
+)
+from brainage.distributed import (
+    SINGLE_PROCESS,
+    Processes,
+    augment_share,
+    check_shares,
+    gather_shares,
+    processes_from_environment,
 )
 from brainage.io import (
     WriteError,
@@ -139,7 +155,8 @@ def _history_table(history: Sequence[Mapping]) -> pd.DataFrame:
 def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path,
                 checkpoint_path: str | Path, history_path: str | Path | None = None,
                 embeddings_dir: str | Path | None = None,
-                features_path: str | Path | None = None) -> list[dict]:
+                features_path: str | Path | None = None,
+                processes: Processes = SINGLE_PROCESS) -> list[dict]:
     """Train on ``split.train_index`` and write the encoder; resume from a checkpoint.
 
     Parameters
@@ -153,6 +170,10 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         Outputs (history, embeddings and features optional; :func:`write_features`).
         ``checkpoint_path`` holds the resume state between epochs and is deleted at the
         end.
+    processes
+        This process's place among data-parallel training processes
+        (:func:`brainage.distributed.processes_from_environment`); every process calls
+        this function, rank 0 writes the outputs. ``train.batch_size`` is the global batch.
 
     Returns
     -------
@@ -162,7 +183,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     Raises
     ------
     ConfigError
-        Batch larger than the training set, unknown options.
+        Batch larger than the training set, unknown options; a last batch smaller than
+        the number of processes.
     FloatingPointError
         A non-finite loss (names the epoch; lower train.lr or check the data).
     WriteError
@@ -178,12 +200,22 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         raise ConfigError(f"config key train.batch_size is {batch_size} but split {split.name} "
                           f"has only {n_train} training subjects. Lower train.batch_size to at "
                           f"most {n_train}.")
-    device, autocast_dtype = runtime_setup(train_settings)
+    if processes.is_distributed:
+        check_shares(n_train, batch_size, processes)
+        device, autocast_dtype = runtime_setup(train_settings, local_rank=processes.local_rank,
+                                               processes_on_node=processes.local_world_size)
+        distributed.join(processes, device)
+    else:
+        device, autocast_dtype = runtime_setup(train_settings)
     channels_last = device.type == "cuda"
+    writes = processes.is_main  # the other processes compute, rank 0 also writes
 
     seed_everything(seed)
     channels = split.channel_indices(settings["model"]["modalities"])
     model = build_model(settings["model"], in_channels=len(channels))
+    if epochs == 0 and not writes:  # nothing to train: rank 0 writes the encoder
+        distributed.barrier(processes)
+        return []
     if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
         if settings["model"]["init_checkpoint"]:
             load_init_checkpoint(model, settings["model"]["init_checkpoint"])
@@ -195,6 +227,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         if history_path is not None:
             write_tsv(history_path, _history_table([]))
         log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
+        distributed.barrier(processes)
         return []
     loss_fn = _make_loss(loss_settings, split, epochs=epochs, batch_size=batch_size)
     augmenter = Augmenter.from_settings(train_settings, loss_settings["name"],
@@ -207,11 +240,18 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     outputs += [Path(history_path)] if history_path is not None else []
     outputs += ([embeddings_file(embeddings_dir, epoch) for epoch in embed_epochs]
                 if embeddings_dir is not None else [])
-    for output in outputs:
-        for stale in remove_stale_temporaries(output):
-            log.info("removed %s, left by a write that was killed", stale)
     identity = fingerprint(settings, split)
-    checkpoint, checkpoint_digest = read_checkpoint(checkpoint_path, identity)
+    checkpoint, checkpoint_digest = None, None
+    if writes:
+        for output in outputs:
+            for stale in remove_stale_temporaries(output):
+                log.info("removed %s, left by a write that was killed", stale)
+        checkpoint, checkpoint_digest = read_checkpoint(checkpoint_path, identity)
+    if processes.is_distributed:
+        # rank 0 verified the file; nobody writes it before every process has read it
+        resume_from = distributed.broadcast_from_main(processes, checkpoint_digest)
+        if resume_from is not None and not writes:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if checkpoint is None and settings["model"].get("init_checkpoint"):
         load_init_checkpoint(model, settings["model"]["init_checkpoint"])
     model.to(device)
@@ -242,33 +282,42 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                  count_parameters(model) / 1e6, device, n_train, split.name,
                  "x".join(map(str, split.shape)), batch_size, views, epochs, augmenter.kind,
                  "bf16" if autocast_dtype is not None else "float32")
+    if processes.is_distributed:
+        log.info("each batch of %d is shared by %d processes (%d on this node, %d CPU "
+                 "threads each)", batch_size, processes.world_size, processes.local_world_size,
+                 torch.get_num_threads())
+    network = distributed.data_parallel(model, processes, device)  # model itself in one process
 
     store = VolumeStore(split.images, device, channels=channels,
                         normalisation=split.normalisation)
     ages = torch.tensor(split.ages, dtype=torch.float32, device=device)
     embed_rows = np.concatenate([split.train_index, split.eval_index])
     which = settings["model"]["features"]
-    if embeddings_dir is not None:  # files lost with a cleaned output folder come back
+    if embeddings_dir is not None and writes:  # files lost with a cleaned output folder come back
         for epoch, features in embeddings.items():
             if not embeddings_file(embeddings_dir, epoch).exists():
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features.numpy(),
                                   split, embed_rows)
 
-    writer = CheckpointWriter(checkpoint_path, replaces=checkpoint_digest)
+    writer = CheckpointWriter(checkpoint_path, replaces=checkpoint_digest) if writes else None
     try:
         for epoch in range(start_epoch, epochs + 1):
             started = time.perf_counter()
             lr = optimizer.param_groups[0]["lr"]
-            mean_loss = run_epoch(model, loss_fn, optimizer, store, augmenter, split.train_index,
-                                  ages, epoch=epoch, seed=seed, batch_size=batch_size, views=views,
-                                  autocast_dtype=autocast_dtype, channels_last=channels_last)
+            mean_loss = run_epoch(network, loss_fn, optimizer, store, augmenter,
+                                  split.train_index, ages, epoch=epoch, seed=seed,
+                                  batch_size=batch_size, views=views,
+                                  autocast_dtype=autocast_dtype, channels_last=channels_last,
+                                  processes=processes)
+            # the same in every process; rank 0's makes the decision below everyone's
+            mean_loss = distributed.broadcast_from_main(processes, mean_loss)
             train_seconds = time.perf_counter() - started
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"loss is {mean_loss} in epoch {epoch} ({loss_settings['name']}, split "
                     f"{split.name}, seed {seed}). Lower config key train.lr or check the images.")
             scheduler.step()
-            if embeddings_dir is not None and epoch in embed_epochs:
+            if embeddings_dir is not None and epoch in embed_epochs and writes:
                 features = embed(model, store, embed_rows, which=which,
                                  autocast_dtype=autocast_dtype, channels_last=channels_last)
                 embeddings[epoch] = torch.from_numpy(features)
@@ -278,20 +327,25 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                           if hasattr(loss_fn, "neighbour_count") else None)
             history.append({"epoch": epoch, "loss": mean_loss, "lr": lr,
                             "seconds": time.perf_counter() - started, "nn_nb": neighbours})
-            writer.submit(_snapshot({
-                "format": CHECKPOINT_FORMAT, "fingerprint": identity, "epoch": epoch,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(),
-                "history": history, "embeddings": embeddings, "rng": rng_state()}))
+            if writer is not None:
+                writer.submit(_snapshot({
+                    "format": CHECKPOINT_FORMAT, "fingerprint": identity, "epoch": epoch,
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "loss": loss_fn.state_dict(),
+                    "history": history, "embeddings": embeddings, "rng": rng_state()}))
             history[-1]["seconds"] = time.perf_counter() - started
-            if history_path is not None:
+            if history_path is not None and writes:
                 write_tsv(history_path, _history_table(history))
             log.info("epoch %d/%d loss %.4f lr %.3g%s %.1f s (%.1f volumes/s)", epoch, epochs,
                      mean_loss, lr, f" nn_nb {neighbours}" if neighbours is not None else "",
                      history[-1]["seconds"], views * n_train / train_seconds)
     finally:
-        writer.wait(quiet=True)  # a failed epoch still leaves the last checkpoint
+        if writer is not None:
+            writer.wait(quiet=True)  # a failed epoch still leaves the last checkpoint
 
+    if not writes:
+        distributed.barrier(processes)  # ends once rank 0 has written the outputs
+        return history
     writer.wait()
     digest = _save_encoder(encoder_path, model, settings, split, epochs)
     if features_path is not None:
@@ -303,6 +357,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     checkpoint_path.unlink(missing_ok=True)
     checkpoint_digest_file(checkpoint_path).unlink(missing_ok=True)
     log.info("wrote %s", encoder_path)
+    distributed.barrier(processes)
     return history
 
 
@@ -361,13 +416,19 @@ def write_features(path: str | Path, model, split: SplitData, encoder_sha256: st
 def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmenter,
               train_rows: np.ndarray, ages: torch.Tensor, *, epoch: int, seed: int,
               batch_size: int, views: int, autocast_dtype: torch.dtype | None = None,
-              channels_last: bool = False) -> float:
+              channels_last: bool = False, processes: Processes = SINGLE_PROCESS) -> float:
     """One epoch of contrastive training over ``train_rows``; returns the mean loss.
 
     Batch order and augmentations come from generators seeded by (seed, epoch). Each batch
     is gathered in one read, augmented ``views`` times as whole-batch tensor operations,
-    and forwarded as one view-major stack [V*b, 1, X, Y, Z]; the loss is synchronised with
+    and forwarded as one view-major stack [V*b, C, X, Y, Z]; the loss is synchronised with
     the host once per epoch.
+
+    Shared by several processes (``processes``; ``model`` from
+    :func:`brainage.distributed.data_parallel`), ``batch_size`` is the global batch: each
+    process reads, augments and forwards its share and the loss sees the features of the
+    whole batch, so the loss, the mean returned and the gradients are those of one
+    process (:mod:`brainage.distributed`).
     """
     device = store.device
     model.train()
@@ -377,15 +438,17 @@ def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmente
     loss_sum = torch.zeros((), device=device)
     for positions in plan_batches(len(train_rows), batch_size, batch_rng):
         rows = train_rows[positions]
-        volumes = store.gather(rows)
-        stacked = torch.cat([augmenter(volumes, generator) for _ in range(views)])
+        volumes = store.gather(rows[processes.share(len(rows))])
+        stacked = torch.cat([augment_share(augmenter, volumes, generator, processes=processes,
+                                           batch=len(rows)) for _ in range(views)])
         if channels_last:
             stacked = stacked.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             projected = model(stacked)
-        # model rows are view-major [V*b, D]; the loss wants [b, V, D]
-        features = projected.float().view(views, len(rows), -1).transpose(0, 1)
+        # model rows are view-major [V*b, D]; the loss wants [b, V, D] (of the global batch)
+        features = projected.float().view(views, len(volumes), -1).transpose(0, 1)
+        features = gather_shares(features, processes, len(rows))
         loss = loss_fn(features, ages[torch.from_numpy(rows).to(device)], epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -536,9 +599,10 @@ class CheckpointWriter:
 
 def train_encoder(split_dir: str | Path, settings: Mapping, *, encoder_path: str | Path,
                   history_path: str | Path, embeddings_dir: str | Path,
-                  checkpoint_path: str | Path, features_path: str | Path | None = None
-                  ) -> list[dict]:
-    """Train one grid cell on a split folder (see the module docstring for the outputs).
+                  checkpoint_path: str | Path, features_path: str | Path | None = None,
+                  processes: Processes = SINGLE_PROCESS) -> list[dict]:
+    """Train one grid cell on a split folder (see the module docstring for the outputs),
+    in this process or as one of several (``processes``, as :func:`fit_encoder`).
 
     Raises
     ------
@@ -548,80 +612,103 @@ def train_encoder(split_dir: str | Path, settings: Mapping, *, encoder_path: str
         As :func:`fit_encoder`.
     """
     split = load_split(split_dir)
-    Path(embeddings_dir).mkdir(parents=True, exist_ok=True)
+    if processes.is_main:
+        Path(embeddings_dir).mkdir(parents=True, exist_ok=True)
     return fit_encoder(split, settings, encoder_path=encoder_path,
                        checkpoint_path=checkpoint_path, history_path=history_path,
-                       embeddings_dir=embeddings_dir, features_path=features_path)
+                       embeddings_dir=embeddings_dir, features_path=features_path,
+                       processes=processes)
 
 
-# -- optional pretraining on OpenBHB ---------------------------------------------------------
+# -- command line: one process, or one of several started by torchrun ----------------------
 
-def nonzero_statistics(images: np.ndarray, chunk: int = 16) -> tuple[float, float]:
-    """Mean and sd of all non-zero voxels of an array [n, ...], streamed in chunks."""
-    total, squares, count = 0.0, 0.0, 0
-    for start in range(0, len(images), chunk):
-        values = np.asarray(images[start:start + chunk], dtype=np.float64)
-        values = values[values != 0]
-        total += values.sum()
-        squares += np.square(values).sum()
-        count += values.size
-    if count == 0:
-        raise DataError("the array has no non-zero voxel; nothing to normalise.")
-    mean = total / count
-    return float(mean), float(math.sqrt(max(squares / count - mean ** 2, 0.0)) or 1.0)
+def read_settings(path: str | Path) -> dict:
+    """A cell's training settings from a JSON file: the mapping rule train_encoder passes
+    as ``params.settings`` (:func:`brainage.config.training_settings`).
 
-
-def load_openbhb(array_path: str | Path, participants_path: str | Path, *,
-                 resolution_mm: float = 2.0) -> SplitData:
-    """An OpenBHB-layout cohort as a split with every subject in training.
-
-    ``array_path``: ``*_quasiraw_2mm.npy`` [n, 1, X, Y, Z] or [n, X, Y, Z];
-    ``participants_path``: TSV with one row per volume and an ``age`` column (years);
-    ``participant_id`` and ``site`` are used when present. Non-zero voxels are z-normalised
-    with the cohort's own mean and sd when batches are read, like our split arrays.
+    Raises
+    ------
+    ConfigError
+        The file is missing, not JSON, or not a JSON object (naming it).
     """
-    array_path, participants_path = Path(array_path), Path(participants_path)
-    for path in (array_path, participants_path):
-        if not path.is_file():
-            raise DataError(f"OpenBHB input {path} does not exist.")
-    images = np.load(array_path, mmap_mode="r")
-    if images.ndim == 5 and images.shape[1] == 1:
-        images = images[:, 0]
-    if images.ndim != 4:
-        raise DataError(f"{array_path} has shape {images.shape}; expected [n, 1, X, Y, Z] or "
-                        f"[n, X, Y, Z].")
-    table = pd.read_csv(participants_path, sep="\t")
-    if "age" not in table.columns:
-        raise DataError(f"{participants_path} lacks the column 'age'.")
-    if len(table) != len(images):
-        raise DataError(f"{participants_path} has {len(table)} rows but {array_path} holds "
-                        f"{len(images)} volumes; they must be row-aligned.")
-    if "participant_id" not in table.columns:
-        table["participant_id"] = [f"row{index}" for index in range(len(table))]
-    table["participant_id"] = table["participant_id"].astype(str)
-    table["study"] = table["site"].astype(str) if "site" in table.columns else "openbhb"
-    table["age"] = pd.to_numeric(table["age"], errors="coerce")
-    if table["age"].isna().any():
-        raise DataError(f"{participants_path}: non-numeric age in row(s) "
-                        f"{', '.join(map(str, np.flatnonzero(table['age'].isna())))}.")
-    check_finite(images, table["participant_id"].tolist(), str(array_path))
-    mean, sd = nonzero_statistics(images)
-    log.info("OpenBHB cohort %s: %d volumes %s, non-zero voxels mean %.4g sd %.4g",
-             array_path.name, len(images), "x".join(map(str, images.shape[1:])), mean, sd)
-    return SplitData(name=array_path.stem, images=images, table=table,
-                     stats={"resolution_mm": resolution_mm}, train_index=np.arange(len(images)),
-                     eval_index=np.zeros(0, dtype=np.int64), normalisation=(mean, sd))
+    path = Path(path)
+    try:
+        settings = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"settings file {path} does not exist. Write the cell's training "
+                          f"settings (brainage.config.training_settings) there as JSON."
+                          ) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"settings file {path} is not valid JSON ({error}). Write the "
+                          f"cell's training settings there with json.dump.") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"settings file {path} holds a JSON {type(settings).__name__}; "
+                          f"expected an object with the sections seed, loss, train, model.")
+    return settings
 
 
-def pretrain_openbhb(array_path: str | Path, participants_path: str | Path,
-                     out_path: str | Path, settings: Mapping, *,
-                     resolution_mm: float = 2.0) -> list[dict]:
-    """Pretrain on a T1w cohort in the OpenBHB layout with the configured loss.
+def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m brainage.train",
+        description="Train one grid cell's encoder (brainage.train.train_encoder); started "
+                    "by torchrun, the processes share each batch (brainage.distributed).")
+    parser.add_argument("--split-dir", required=True,
+                        help="split folder (images.npy, participants.tsv, stats.json)")
+    parser.add_argument("--settings", required=True,
+                        help="JSON file with the cell's training settings "
+                             "(brainage.config.training_settings)")
+    parser.add_argument("--encoder", required=True, help="encoder.pt to write")
+    parser.add_argument("--history", required=True, help="history.tsv to write")
+    parser.add_argument("--embeddings", required=True,
+                        help="folder for the embeddings of train.embed_epochs")
+    parser.add_argument("--features", required=True, help="features.npz to write")
+    parser.add_argument("--checkpoint", required=True,
+                        help="resume state between epochs (kept after a kill, deleted at the end)")
+    parser.add_argument("--log", default=None,
+                        help="log file of rank 0, keeping earlier attempts (brainage.logs); "
+                             "the other processes log warnings and errors to stderr")
+    return parser.parse_args(argv)
 
-    Writes ``out_path`` in the format of encoder.pt (usable as ``model.init_checkpoint``);
-    resumable through ``<out_path>.checkpoint.pt``. Returns the history.
-    """
-    split = load_openbhb(array_path, participants_path, resolution_mm=resolution_mm)
-    out_path = Path(out_path)
-    return fit_encoder(split, settings, encoder_path=out_path,
-                       checkpoint_path=out_path.with_name(out_path.name + ".checkpoint.pt"))
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``[torchrun --standalone --nproc_per_node N -m] python -m brainage.train ...``
+    (:mod:`brainage.distributed` has the multi-node form)."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # record: torchrun's failure summary shows the traceback of the process that failed
+    return record(_train_from_command_line)(argv)
+
+
+def _train_from_command_line(argv: Sequence[str] | None) -> int:
+    from brainage.logs import FORMAT, log_to_file
+
+    arguments = _parse_arguments(argv)
+    processes = processes_from_environment()
+    if processes.is_main:
+        log_to_file(arguments.log)
+    else:
+        logging.basicConfig(level=logging.WARNING, format=f"rank {processes.rank} {FORMAT}",
+                            force=True)
+    settings = read_settings(arguments.settings)
+    try:
+        train_encoder(arguments.split_dir, settings, encoder_path=arguments.encoder,
+                      history_path=arguments.history, embeddings_dir=arguments.embeddings,
+                      checkpoint_path=arguments.checkpoint, features_path=arguments.features,
+                      processes=processes)
+    except torch.distributed.DistError as error:
+        if not processes.is_distributed:
+            raise
+        raise distributed.DistributedError(
+            f"training process {processes.rank} of {processes.world_size}: an exchange with "
+            f"the other processes failed ({error}). If another process failed or was killed "
+            f"first, its error (torchrun's 'Root Cause') names the cause.") from error
+    distributed.leave()
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the package module's main, not this __main__ copy, so loggers are named
+    # brainage.train (log files and level settings address the package).
+    from brainage.train import main as package_main
+
+    raise SystemExit(package_main())
