@@ -1,7 +1,7 @@
 """Unit tests of brainage.losses.
 
 Every loss is checked against a slow per-pair loop in float64, written straight from the
-formulas in METHOD.md §5 (plain Python floats, no torch), then for gradients, edge
+formulas in docs/method.md §5 (plain Python floats, no torch), then for gradients, edge
 cases, mixed precision, determinism and argument validation.
 """
 
@@ -91,7 +91,7 @@ def reference_kernel_loss(
     reduction="anchor", distance="manhattan", lam=None, batch_size=8, nn_final=3,
     max_epochs=10, nn_step=1,
 ):
-    """METHOD.md §5, kernelised InfoNCE family, one pair at a time."""
+    """docs/method.md §5, kernelised InfoNCE family, one pair at a time."""
     batch, views, _ = features.shape
     z = view_major(features)
     y = [float(ages[r % batch]) for r in range(views * batch)]

@@ -150,7 +150,6 @@ NOTICE = "a previous Snakemake run in"
 
 
 @pytest.mark.workflow
-@pytest.mark.slow
 def test_readme_commands_resume_a_killed_run(tmp_path):
     """Snakemake and its job SIGKILLed mid-job, as a closed session or a reboot would. The
     same command then stops (lock), and the workflow says what to run before Snakemake's

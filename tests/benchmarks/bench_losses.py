@@ -61,7 +61,7 @@ CASES = (*LOSS_NAMES, ADAPTIVE_LAMBDA, NAIVE)
 
 
 def naive_threshold_loss(features, ages, temperature=0.1, base_temperature=0.07, sigma=2.0):
-    """METHOD.md §5 Threshold loss (anchor reduction) through [N, N, N] tensors, in the
+    """docs/method.md §5 Threshold loss (anchor reduction) through [N, N, N] tensors, in the
     style of the public reference code: repeat the kernel, compare, mask, sum."""
     batch, views, dim = features.shape
     n_rows = batch * views

@@ -130,7 +130,7 @@ class VolumeStore:
 def resolve_augmentation(train_settings: Mapping, loss_name: str) -> str:
     """The augmentation a cell uses; ``default`` is the loss's own choice (noise for the
     losses whose positives are the other view of the same subject, SimCLR and NNCLR, which
-    would learn nothing from identical views; none for the others; METHOD.md 3)."""
+    would learn nothing from identical views; none for the others; docs/method.md §4)."""
     kind = train_settings.get("augmentation", "default")
     if kind == "default":
         from brainage.losses import DEFAULT_AUGMENTATION

@@ -1,4 +1,4 @@
-"""Encoder and projection head (METHOD.md section 2), and checkpoint loading.
+"""Encoder and projection head (docs/method.md §3), and checkpoint loading.
 
 The encoder rho is MONAI's 3D ResNet-18 (BasicBlocks [2, 2, 2, 2], widths 64/128/256/512,
 first convolution 7x7x7 with stride 2 followed by a max-pool, global average pool, no

@@ -1,4 +1,4 @@
-"""Contrastive losses of the paper, exactly as fixed in METHOD.md §5.
+"""Contrastive losses of the paper, exactly as fixed in docs/method.md §5.
 
 Public API::
 

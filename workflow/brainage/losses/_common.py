@@ -1,6 +1,6 @@
 """Pieces shared by the contrastive losses: argument checks, row layout, distances.
 
-Row layout (METHOD.md §5): a batch ``features[B, V, D]`` becomes ``N = B·V`` rows
+Row layout (docs/method.md §5): a batch ``features[B, V, D]`` becomes ``N = B·V`` rows
 ordered view-major (all view-1 rows, then all view-2 rows); row ``r`` belongs to
 subject ``r % B``. Ages are tiled the same way.
 """

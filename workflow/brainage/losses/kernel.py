@@ -1,7 +1,7 @@
 """The kernelised InfoNCE family: SimCLR, Y-Aware, Threshold, Exponential and
 Adaptive Neighborhoods (with the optional appendix A.1 re-weighting).
 
-All five are one computation (METHOD.md §5) that differs only in the positive weight
+All five are one computation (docs/method.md §5) that differs only in the positive weight
 ``w_ak`` and the repulsion sum ``R_ak``:
 
     s_ab  = z_a·z_b / τ − m_a,        m_a = max_t z_a·z_t / τ   (row-max shift)
@@ -10,7 +10,7 @@ All five are one computation (METHOD.md §5) that differs only in the positive w
     global reduction:  L = Σ_a Σ_k w_ak l_ak / Σ_a Σ_k w_ak         (reference code)
     L ← L · τ / base_temperature
 
-A pair whose repulsion set is empty is left out of both sums (METHOD.md states this for
+A pair whose repulsion set is empty is left out of both sums (docs/method.md §5.2 states this for
 Threshold; it can also happen for Adaptive Neighborhoods when NN(a) holds only a, and
 for every loss when N = 1). Anchors whose remaining weights sum to 0 are left out of the
 anchor mean. With no pair left the loss is a zero that is still connected to ``features``.
@@ -71,7 +71,7 @@ def reduce_weighted_pairs(weight: Tensor, pair_loss: Tensor, reduction: str) -> 
 
 
 class KernelContrastiveLoss(nn.Module):
-    """Shared core of the kernelised InfoNCE losses (METHOD.md §5).
+    """Shared core of the kernelised InfoNCE losses (docs/method.md §5).
 
     Subclasses define the positive weights (:meth:`_positive_weights`, RBF kernel on age
     by default) and the repulsion sum (:meth:`_log_repulsion`).
@@ -254,7 +254,7 @@ class ThresholdLoss(KernelContrastiveLoss):
 class ExponentialLoss(KernelContrastiveLoss):
     """Exponential loss (Dufumier et al., 2021; Barbano et al., 2023):
     ``R_ak = Σ_{t≠a} exp(s_at (1 − w_at))`` with the row-max-shifted ``s_at``, which here
-    changes the value (METHOD.md §5)."""
+    changes the value (docs/method.md §5)."""
 
     display_name = "Exponential"
 

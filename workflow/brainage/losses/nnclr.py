@@ -1,4 +1,4 @@
-"""NNCLR (Dwibedi et al., ICCV 2021) and its support set, as fixed in METHOD.md §5."""
+"""NNCLR (Dwibedi et al., ICCV 2021) and its support set, as fixed in docs/method.md §5."""
 
 from __future__ import annotations
 

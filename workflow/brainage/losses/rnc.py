@@ -1,4 +1,4 @@
-"""Rank-N-Contrast (Zha et al., NeurIPS 2023), as fixed in METHOD.md §5."""
+"""Rank-N-Contrast (Zha et al., NeurIPS 2023), as fixed in docs/method.md §5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-subject preprocessing (paper section 4.1, METHOD.md section 1).
+"""Per-subject preprocessing (paper section 4.1, docs/method.md §1).
 
 One function per Snakemake rule, each callable without Snakemake:
 

@@ -13,7 +13,7 @@ import pandas as pd
 
 from brainage.report.targets import REFERENCE_LOSS, ReportError
 
-#: Paper Table 3 (METHOD.md section 6): test MAE in years, mean and sd over 5 seeds.
+#: Paper Table 3 (docs/method.md §6): test MAE in years, mean and sd over 5 seeds.
 PAPER_TABLE3: dict[str, tuple[float, float]] = {
     "simclr": (9.600, 1.701),
     "nnclr": (8.526, 1.442),

@@ -49,7 +49,7 @@ native image to the template recovers ``A`` (ANTs writes the inverse direction, 
 
 Modelling choices and sources
 -----------------------------
-- Demographics: the paper's Table 2 (METHOD.md section 1), scaled down proportionally.
+- Demographics: the paper's Table 2 (docs/method.md §1), scaled down proportionally.
 - Atrophy after 40 years: the cortical surface retreats, partial-volume tissue turns
   into CSF (sulci widen) and the ventricles enlarge; together 0.29 %/year of
   parenchymal volume after 40, 14 % by 90 (longitudinal MRI: 0.2-0.5 %/year, Fotenos 2005,
