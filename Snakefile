@@ -1,5 +1,5 @@
 # brainage: brain age from MR-elastography stiffness maps with contrastive learning.
-# Stages: data -> preprocess -> normalise -> train -> aggregate (tables, figures) -> predict.
+# Stages: data -> preprocess -> normalise -> [pretrain ->] train -> aggregate (tables, figures) -> predict.
 # Configuration: config/config.yaml (validated by workflow/schemas/config.schema.yaml).
 
 from pathlib import Path
@@ -25,6 +25,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/data.smk"
 include: "workflow/rules/preprocess.smk"
 include: "workflow/rules/normalise.smk"
+include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/aggregate.smk"
 include: "workflow/rules/predict.smk"

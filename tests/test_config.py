@@ -11,6 +11,8 @@ from brainage.config import (
     grid_cells,
     load_config,
     load_schema,
+    pretrain_settings,
+    pretrained_run,
     validate_config,
 )
 
@@ -160,3 +162,58 @@ def test_batch_larger_than_a_split_names_the_key_the_split_and_its_size():
     assert "config key experiments.table3.variants.large.train.batch_size is 9" in lines[1]
     assert "Lower experiments.table3.variants.large.train.batch_size to at most 7" in lines[1]
     check_batch_sizes(config, {"fold1": 64, "fold2": 64})
+
+
+# -- pretraining runs (config pretrain, model.init) -----------------------------------------
+
+def _with_pretraining(**run) -> dict:
+    return {"pretrain": {"t1": {"source": {"kind": "simulate"}, **run}},
+            "experiments": {"table3": {"seeds": [0], "variants": {
+                "adaptive": {"loss": {"name": "adaptive"}},
+                "adaptive_pretrained": {"loss": {"name": "adaptive"},
+                                        "model": {"init": "pretrained:t1"}}}}}}
+
+
+def test_pretraining_defaults_are_the_papers_checkpoint():
+    config = validate_config({**_with_pretraining(), "model": {"width": 8},
+                              "train": {"threads": 3, "epochs": 7}})
+    settings = pretrain_settings(config, "t1")
+    assert settings["loss"]["name"] == "exponential" and settings["loss"]["sigma"] == 2.0
+    assert settings["train"]["epochs"] == 300 and settings["train"]["batch_size"] == 32
+    # the architecture and where it runs come from the config; the input is the T1w
+    assert settings["model"]["width"] == 8 and settings["model"]["modalities"] == ["T1w"]
+    assert settings["train"]["threads"] == 3
+    assert settings["model"]["init"] == "scratch"
+
+
+def test_pretraining_overrides_keep_the_other_defaults():
+    settings = pretrain_settings(validate_config(_with_pretraining(
+        train={"batch_size": 8}, loss={"name": "yaware"})), "t1")
+    assert settings["train"]["batch_size"] == 8 and settings["train"]["epochs"] == 300
+    assert settings["loss"]["name"] == "yaware"
+
+
+def test_cell_names_its_pretraining_run():
+    config = validate_config(_with_pretraining())
+    assert cell_settings(config, "table3", "adaptive_pretrained", 0)["model"]["init"] == \
+        "pretrained:t1"
+    assert pretrained_run(cell_settings(config, "table3", "adaptive", 0)["model"]) is None
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["pretrain"].pop("t1"), r"model\.init.*pretrained:t1.*no run 't1'"),
+    (lambda c: c["experiments"]["table3"]["variants"]["adaptive_pretrained"]["model"].update(
+        init_checkpoint="x.pt"), r"model\.init.*model\.init_checkpoint.*keep one"),
+    (lambda c: c["pretrain"]["t1"].update(source={"kind": "bids"}), r"pretrain\.t1\.source\.root"),
+    (lambda c: c["pretrain"]["t1"].update(train={"epocs": 3}),
+     r"pretrain\.t1\.train\.epocs.*did you mean 'epochs'"),
+    (lambda c: c["pretrain"]["t1"].update(model={"modalities": ["stiffness"]}),
+     r"pretrain\.t1\.model\.modalities.*cannot be set"),
+    (lambda c: c["experiments"]["table3"]["variants"]["adaptive"].update(
+        model={"init": "pretrained"}), r"model\.init"),
+])
+def test_bad_pretraining_settings_stop_naming_the_key(change, message):
+    config = _with_pretraining()
+    change(config)
+    with pytest.raises(ConfigError, match=message):
+        validate_config(config)

@@ -29,6 +29,7 @@ from brainage.config import encoder_owners, grid_cells, load_config
 from brainage.paths import Layout
 from brainage.report import targets
 from conftest import REPO, default_rows, write_tiny_dataset
+from openbhb_fixture import write_openbhb_release
 
 pytestmark = pytest.mark.workflow
 
@@ -99,19 +100,24 @@ def test_paper_grid_dry_run_has_every_experiment(tmp_path):
     config = load_config(configfile)
     cells = grid_cells(config)
     # Table 3: the paper's 7 losses and its 5 baselines, 5 seeds each
-    assert Counter(e for e, _, _ in cells) == {"table3": 60, "distance": 20, "predictor": 25,
+    assert Counter(e for e, _, _ in cells) == {"table3": 70, "distance": 20, "predictor": 25,
                                                "augmentation": 25, "projection": 10,
                                                "lambda": 35, "reduction": 10, "modality": 25}
+    # every cell fine-tunes the encoder pretrained on the OpenBHB release the config names
+    write_openbhb_release(tmp_path / "work" / config["pretrain"]["openbhb"]["source"]["root"],
+                          n_train=5, n_validation=2)
     result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
                            "rules")
     counts = job_counts(result.stdout)
     # 55 cells train what an earlier cell trains (the Table 3 Adaptive Neighborhoods encoder,
     # read by five read-outs, both arms of the projection ablation, four ablation defaults
     # and the modality experiment's stiffness row), and the 15 voxel-baseline cells train
-    # nothing: 140 trainings (10 of them the untrained and supervised baselines, 20 the
-    # modality experiment's other input channels)
-    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 140
-    assert counts["evaluate_encoder"] == len(cells) == 210
+    # nothing: 150 trainings (15 of them the untrained, pretrained-frozen and supervised
+    # baselines, 5 Adaptive Neighborhoods from scratch, 20 the modality experiment's other
+    # input channels)
+    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 150
+    assert counts["evaluate_encoder"] == len(cells) == 220
+    assert counts["prepare_openbhb"] == counts["pretrain_encoder"] == 1
     # every subject's three maps through one chain: two jobs per subject
     assert counts["strip_skull"] == counts["correct_and_register"] == PAPER_SUBJECTS
     assert counts["make_tables"] == 1 and counts["make_figures"] == 1
@@ -231,3 +237,53 @@ def test_editing_one_loss_setting_reruns_only_that_variant(tmp_path):
     counts = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
     assert "train_encoder" not in counts, counts
     assert counts["evaluate_encoder"] == 6, counts
+
+
+def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp_path):
+    """model.init pretrained:<run> puts the run's encoder in the cell's inputs: editing the
+    run reruns its training, its validation read-out and the fine-tuned cells (and the
+    reports), not its preprocessing and not the cells trained from scratch."""
+    root = dataset(tmp_path, 6)
+    t1w_rows = [{**row, "participant_id": f"sub-t1w{index}", "age": 10.0 + 12 * index}
+                for index, row in enumerate(default_rows(6))]
+    t1w_root = write_tiny_dataset(tmp_path / "t1w", t1w_rows, with_anat=True)
+    base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    del base["experiments"]["modality"]  # its channels need maps this dataset lacks
+    base["pretrain"] = {"t1": {"source": {"kind": "bids", "root": str(t1w_root)},
+                               "train": {"epochs": 2, "batch_size": 4},
+                               "resources": {"gpus": 0}},
+                        # a release in OpenBHB's layout: resampled, not preprocessed again
+                        "bhb": {"source": {"kind": "openbhb",
+                                           "root": str(tmp_path / "openBHB")},
+                                "train": {"epochs": 2, "batch_size": 4},
+                                "resources": {"gpus": 2}}}
+    write_openbhb_release(tmp_path / "openBHB", n_train=5, n_validation=2)
+    base["experiments"]["table3"]["variants"]["adaptive_pretrained"] = {
+        "loss": {"name": "adaptive"}, "model": {"init": "pretrained:t1"}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    workdir = tmp_path / "work"
+    planned = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
+    # the T1w cohort goes through the same two per-subject jobs as the stiffness maps
+    assert planned["strip_skull"] == 6 + 6, planned
+    assert planned["correct_and_register_T1w"] == 6, planned
+    assert planned["prepare_openbhb"] == 1 and planned["normalise_pretrain_cohort"] == 1
+    assert planned["pretrain_encoder"] == 2 and planned["evaluate_pretrained_encoder"] == 2
+    assert planned["train_encoder"] == 6, planned
+    _fake_complete_run(workdir, configfile)
+    # two GPUs: torchrun starts one training process per GPU on the job's node
+    launch = run_snakemake(workdir, configfile, "--dry-run", "--printshellcmds", "--forcerun",
+                           "pretrain_encoder", *REPORT_RULES).stdout
+    assert "torch.distributed.run --nproc_per_node 2 --standalone -m brainage.train" in launch
+    assert re.search(r"python\S* -m brainage\.train --split-dir results/pretrain/t1/split",
+                     launch), launch[-3000:]
+
+    base["pretrain"]["t1"]["loss"] = {"name": "exponential", "sigma": 3.0}
+    write_config(configfile, base)
+    result = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
+    counts = job_counts(result.stdout)
+    assert counts == Counter({"pretrain_encoder": 1,
+                              "evaluate_pretrained_encoder": 1, "train_encoder": 2,
+                              "evaluate_encoder": 2, "make_tables": 1, "make_figures": 1}), counts
+    rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
+    assert rerun == {("table3/adaptive_pretrained", "0"), ("table3/adaptive_pretrained", "1")}

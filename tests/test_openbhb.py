@@ -15,7 +15,7 @@ from brainage.openbhb import (
     Resampler,
     bids_label,
     read_release,
-    write_cohort,
+    write_pretraining_split,
 )
 from openbhb_fixture import SMALL_SHAPE, array_path, small_affine, write_openbhb_release
 
@@ -211,19 +211,44 @@ def test_linear_interpolation_between_voxels_and_auto_choice():
     assert Resampler(source, Grid((12, 12, 12), finer)).method == "linear"
 
 
-def test_write_cohort_writes_a_row_aligned_array(release, tmp_path):
+def test_the_release_becomes_a_pretraining_split_normalised_on_its_training_scans(release,
+                                                                                  tmp_path):
+    """Rule prepare_openbhb's output is a split folder like any cohort's: [n, 1, X, Y, Z]
+    in table order, the official train / validation subsets, statistics from the training
+    scans only, loadable by training with validation as its held-out subset."""
+    import nibabel as nib
+
+    from brainage.normalise import scaled_by_brain_median
+    from brainage.split_data import load_split
+
     root, _ = release
     result = read_release(root)
     target = Grid((6, 7, 6), small_affine(SMALL_SHAPE) @ np.diag([2.0, 2.0, 2.0, 1.0]))
-    table = write_cohort(result, tmp_path / "images.npy", tmp_path / "participants.tsv",
-                         *target, subset="train")
-    images = np.load(tmp_path / "images.npy", mmap_mode="r")
-    assert images.shape == (5, 6, 7, 6) and images.dtype == np.float32
-    written = pd.read_csv(tmp_path / "participants.tsv", sep="\t")
-    assert list(written["participant_id"]) == list(table["participant_id"])
-    assert (written["subset"] == "train").all()
-    expected = Resampler(result.grid, target)(result.load(2))
-    np.testing.assert_array_equal(images[2], expected)
+    mask = np.zeros(target.shape, dtype=np.uint8)
+    mask[1:5, 1:6, 1:5] = 1
+    nib.save(nib.Nifti1Image(mask, target.affine), tmp_path / "mask.nii.gz")
+    split = tmp_path / "split"
+    stats = write_pretraining_split(result, tmp_path / "mask.nii.gz", split / "images.npy",
+                                    split / "participants.tsv", split / "stats.json")
+    images = np.load(split / "images.npy", mmap_mode="r")
+    assert images.shape == (9, 1, 6, 7, 6) and images.dtype == np.float32
+    written = pd.read_csv(split / "participants.tsv", sep="\t")
+    assert list(written["participant_id"]) == list(result.table["participant_id"])
+    assert list(written["subset"]) == list(result.table["subset"])
+    resample = Resampler(result.grid, target)
+    brains = [scaled_by_brain_median(resample(result.load(row)) * mask) for row in range(9)]
+    training = np.concatenate([b[b != 0] for b, s in zip(brains, written["subset"])
+                               if s == "train"]).astype(np.float64)
+    assert stats["mean"] == [pytest.approx(training.mean(), rel=1e-5)]
+    assert stats["sd"] == [pytest.approx(training.std(), rel=1e-4)]
+    assert stats["n_train"] == 5 and stats["n_validation"] == 4
+    validation_row = int(np.flatnonzero(written["subset"] == "validation")[0])
+    brain = brains[validation_row]
+    expected = np.where(brain != 0, (brain - stats["mean"][0]) / stats["sd"][0], 0)
+    np.testing.assert_allclose(images[validation_row, 0], expected, atol=1e-4)
+    assert (images[:, 0][:, mask == 0] == 0).all()
+    loaded = load_split(split)
+    assert loaded.eval_subset == "validation" and len(loaded.train_index) == 5
 
 
 # -- what a broken release is told -------------------------------------------------------------

@@ -203,8 +203,16 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     table3 = pd.read_csv(workdir / "results" / "tables" / "table3_losses.csv")
     assert list(table3.columns[:4]) == ["loss", "n_seeds", "mae_mean", "mae_std"]
     assert {"adaptive", "yaware"} <= set(table3["loss"])
+    # the fine-tuned variant starts from the encoder that the pretraining job wrote
+    tuned = table3.set_index("variant").loc["adaptive_pretrained"]
+    assert tuned["init"] == "pretrained:t1w" and tuned["loss"] == "adaptive:adaptive_pretrained"
+    assert (rules == "pretrain_encoder").sum() == 1, states.to_string()
+    pretraining = pd.read_csv(workdir / "results" / "tables" / "pretraining.csv")
+    assert pretraining["validation_mae"].notna().all() and list(pretraining["run"]) == ["t1w"]
+    gain = pd.read_csv(workdir / "results" / "tables" / "pretraining_gain.csv")
+    assert list(gain["pretrained_variant"]) == ["adaptive_pretrained"] and (gain["n_pairs"] == 2).all()
     assert (table3["n_seeds"] == 2).all() and table3["mae_mean"].notna().all()
-    # every cell (2 losses x 2 seeds in config/test.yaml, and the three-channel cell of
+    # every cell (3 variants x 2 seeds in config/test.yaml, and the three-channel cell of
     # experiment modality) its own GPU job and evaluation
     n_cells = int(table3["n_seeds"].sum()) + 1
     modality = pd.read_csv(workdir / "results" / "tables" / "ablation_modality.csv")
@@ -213,7 +221,7 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     assert (rules == "evaluate_encoder").sum() == n_cells, states.to_string()
     assert {"make_tables", "make_figures"} <= set(rules.dropna()), states.to_string()
     for name in ("fig2_modalities", "fig3_age_distribution", "fig5_umap", "fig7_coverage",
-                 "predicted_vs_true"):
+                 "predicted_vs_true", "pretraining"):
         assert (workdir / "results" / "figures" / f"{name}.png").stat().st_size > 0
     print(f"tiny grid on SLURM: {len(jobs)} jobs in {elapsed:.0f} s")
 

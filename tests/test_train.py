@@ -383,6 +383,56 @@ def test_a_trained_encoder_initialises_a_cell(split_dir, reference_run, tmp_path
     assert "0 missing, 0 unexpected, 0 with another shape" in caplog.text
 
 
+def test_a_fine_tuned_cell_starts_from_the_pretrained_weights(split_dir, reference_run,
+                                                             tmp_path):
+    """Before its first step (train.epochs 0: the encoder as it starts), a cell with a
+    pretrained start holds exactly the pretrained tensors, the first convolution included;
+    one epoch later it has moved away from them."""
+    folder, _, _ = reference_run
+    pretrained = encoder_weights(folder / "encoder.pt")
+    start = {"init_checkpoint": str(folder / "encoder.pt")}
+    before = tmp_path / "before"
+    train_encoder(split_dir, tiny_settings(model=start, train={"epochs": 0}),
+                  **cell_paths(before))
+    started = encoder_weights(before / "encoder.pt")
+    assert torch.equal(started["encoder.conv1.weight"], pretrained["encoder.conv1.weight"])
+    assert_same_weights(before / "encoder.pt", folder / "encoder.pt")
+    scratch = tmp_path / "scratch"
+    train_encoder(split_dir, tiny_settings(train={"epochs": 0}), **cell_paths(scratch))
+    assert not torch.equal(encoder_weights(scratch / "encoder.pt")["encoder.conv1.weight"],
+                           pretrained["encoder.conv1.weight"])
+    after = tmp_path / "after"
+    train_encoder(split_dir, tiny_settings(model=start, loss={"name": "yaware"},
+                                           train={"epochs": 1, "batch_size": 6,
+                                                  "embed_epochs": []}),
+                  **cell_paths(after))
+    tuned = encoder_weights(after / "encoder.pt")["encoder.conv1.weight"]
+    assert not torch.equal(tuned, pretrained["encoder.conv1.weight"])
+
+
+def test_a_new_pretrained_encoder_is_not_resumed_from_the_old_one(split_dir, reference_run,
+                                                                   tmp_path, caplog):
+    """The resume fingerprint holds the starting checkpoint's bytes: a fine-tuning killed
+    before its pretraining reran starts again from the new pretrained encoder."""
+    folder, _, _ = reference_run
+    start = tmp_path / "pretrained.pt"
+    start.write_bytes((folder / "encoder.pt").read_bytes())
+    settings = tiny_settings(model={"init_checkpoint": str(start)},
+                             train={"epochs": 2, "batch_size": 9, "embed_epochs": []})
+    split = load_split(split_dir)
+    before = fingerprint(settings, split)
+    state = torch.load(start, map_location="cpu", weights_only=True)
+    state["model"]["encoder.conv1.weight"] = state["model"]["encoder.conv1.weight"] + 1.0
+    torch.save(state, start)
+    assert fingerprint(settings, split) != before
+    paths = cell_paths(tmp_path / "cell")
+    save_checkpoint(paths["checkpoint_path"], {"format": 1, "fingerprint": before, "epoch": 1})
+    with caplog.at_level("WARNING", logger="brainage.train"):
+        history = train_encoder(split_dir, settings, **paths)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert "belongs to other settings" in caplog.text
+
+
 # -- errors ----------------------------------------------------------------------------------
 
 def test_batch_larger_than_training_set(split_dir, tmp_path):

@@ -98,6 +98,9 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     if errors:
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
     problems = []
+    for name in filled.get("pretrain", {}):
+        problems += check_adaptive_schedule(pretrain_settings(filled, name, source=source),
+                                            source=source)
     for experiment, definition in filled.get("experiments", {}).items():
         for variant in definition["variants"]:
             settings = cell_settings(filled, experiment, variant, 0, source=source)
@@ -143,7 +146,8 @@ def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "confi
                    f"the neighbourhood shrinks in at least two steps")
             fix = f"raise train.epochs to at least {2 * nn_step}" + (
                 f" or lower loss.nn_step to at most {epochs // 2}" if epochs >= 2 else "")
-        where = f"experiments.{settings['experiment']}.variants.{settings['variant']}"
+        where = (f"pretrain.{settings['variant']}" if settings["experiment"] == "pretrain"
+                 else f"experiments.{settings['experiment']}.variants.{settings['variant']}")
         return [f"{source}: config key {where} (loss.name adaptive): Adaptive Neighborhoods "
                 f"cannot run with train.epochs {epochs}, train.batch_size {batch_size}, "
                 f"loss.nn_final {nn_final}, loss.nn_step {nn_step}: {why}. Fix: {fix}."]
@@ -314,9 +318,84 @@ def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed
     where = f"experiments.{experiment}.variants.{variant}"
     merged["model"]["modalities"] = cell_modalities(config, merged["model"], where=where,
                                                     source=source)
-    return resolve_cell({"experiment": experiment, "variant": variant, "seed": int(seed),
-                         **merged}, where=where,
-                        source=source)
+    settings = resolve_cell({"experiment": experiment, "variant": variant, "seed": int(seed),
+                             **merged}, where=where, source=source)
+    check_init(config, settings["model"], where=where, source=source)
+    return settings
+
+
+#: The prefix of ``model.init`` that names a pretraining run.
+PRETRAINED = "pretrained:"
+
+
+def pretrained_run(model: Mapping[str, Any]) -> str | None:
+    """The pretraining run a cell starts from (``model.init: pretrained:<name>``), or None."""
+    init = model.get("init", "scratch")
+    return init[len(PRETRAINED):] if init.startswith(PRETRAINED) else None
+
+
+def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: str,
+               source: str) -> None:
+    """A cell's initialisation names an existing pretraining run, and only one source."""
+    run = pretrained_run(model)
+    if run is None:
+        return
+    if model.get("init_checkpoint"):
+        raise ConfigError(
+            f"{source}: config keys '{where}.model.init' ({model['init']}) and "
+            f"'{where}.model.init_checkpoint' ({model['init_checkpoint']}) both choose the "
+            f"starting weights; keep one.")
+    runs = list(config.get("pretrain", {}))
+    if run not in runs:
+        raise ConfigError(
+            f"{source}: config key '{where}.model.init' is {model['init']!r} but config key "
+            f"pretrain has no run {run!r} (runs: {', '.join(runs) or 'none'}). Add "
+            f"pretrain.{run} or set model.init: scratch.")
+
+
+#: model keys a pretraining run never takes from the config's model section: it starts
+#: from scratch, and its input is the one T1w channel.
+PRETRAIN_FIXED_MODEL = {"init": "scratch", "init_checkpoint": None, "modalities": ["T1w"]}
+
+#: train keys a pretraining run takes from the config's train section unless it sets them.
+PRETRAIN_RUNTIME_KEYS = ("device", "precision", "threads", "deterministic")
+
+
+def pretrain_settings(config: Mapping[str, Any], name: str, *, source: str = "config") -> dict:
+    """The settings of pretraining run ``name`` as a cell's (:func:`resolve_cell`): the
+    config's model section (so the weights fit the cells that fine-tune them) with the run's
+    model overrides, the run's own loss and train sections on the schema's defaults, its
+    seed; the read-out is the config's (the validation read-out).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown run, an unknown or invalid key (named by its full path), or a source
+        without the root its kind needs.
+    """
+    try:
+        run = config["pretrain"][name]
+    except KeyError:
+        raise ConfigError(f"{source}: config key pretrain has no run {name!r}.") from None
+    where = f"pretrain.{name}"
+    kind, root = run["source"]["kind"], run["source"].get("root")
+    if kind in ("bids", "openbhb") and not root:
+        raise ConfigError(f"{source}: config key '{where}.source.root' is not set; a {kind} "
+                          f"source needs the folder of the cohort.")
+    model = deep_merge(config["model"], run.get("model", {}))
+    for key, value in PRETRAIN_FIXED_MODEL.items():
+        if key in run.get("model", {}) and run["model"][key] != value:
+            raise ConfigError(f"{source}: config key '{where}.model.{key}' cannot be set: a "
+                              f"pretraining run always has {key} {value!r}.")
+        model[key] = copy.deepcopy(value)
+    defaults = load_schema()["$defs"]["pretrain_run"]["properties"]
+    loss = deep_merge(defaults["loss"]["default"], run.get("loss", {}))
+    train = deep_merge(defaults["train"]["default"], run.get("train", {}))
+    for key in PRETRAIN_RUNTIME_KEYS:  # where and how the config's trainings run
+        train.setdefault(key, config["train"][key])
+    return resolve_cell({"experiment": "pretrain", "variant": name, "seed": run["seed"],
+                         "loss": loss, "train": train, "model": model,
+                         "readout": config["readout"]}, where=where, source=source)
 
 
 def grid_cells(config: Mapping[str, Any], *, include_disabled: bool = False

@@ -414,7 +414,6 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     if resolution_mm not in RESOLUTIONS_MM:
         raise ValueError(f"normalise.resolution_mm={resolution_mm}; choose one of "
                          f"{RESOLUTIONS_MM}.")
-    factor = resolution_mm // TEMPLATE_VOXEL_MM
     modalities = list(modalities)
     table = participants_table(participants, modalities)
     table["subset"] = assign_split(table, split, **split_settings).replace(
@@ -448,6 +447,29 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
               if (pid, name) not in lookup]
     if absent:
         raise InputError(f"split {split}: no registered map given for {', '.join(absent[:10])}.")
+
+    def subject_maps(participant_id: str, record: Mapping) -> dict[str, np.ndarray]:
+        return {name: _read_map(lookup[(participant_id, name)], record, participant_id)
+                for name in modalities}
+
+    return write_normalised(table, subject_maps, template_mask, out_images, out_participants,
+                            out_stats, split=split, scope=scope, dtype=dtype,
+                            resolution_mm=resolution_mm, modalities=modalities,
+                            eval_subset=eval_subset, excluded=excluded)
+
+
+def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Path,
+                     out_images: str | Path, out_participants: str | Path,
+                     out_stats: str | Path, *, split: str, scope: str, dtype: str,
+                     resolution_mm: int, modalities: Sequence[str], eval_subset: str,
+                     excluded: Sequence[Mapping] = ()) -> dict:
+    """The split's record, statistics and arrays from any source of template-grid maps:
+    ``subject_maps(participant_id, record)`` returns ``{modality: template-grid map}``
+    (registered NIfTI maps for :func:`normalise_dataset`, resampled release volumes for
+    :func:`brainage.openbhb.write_pretraining_split`). ``table`` holds the rows, in order,
+    with their ``subset``; outputs and return value as :func:`normalise_dataset`."""
+    factor = resolution_mm // TEMPLATE_VOXEL_MM
+    modalities = list(modalities)
     brain, template_affine = load_mask(template_mask, what="template brain mask")
     start, stop, shape, affine = analysis_grid(brain, template_affine, factor)
     record = {"template_shape": list(brain.shape), "template_affine": template_affine.tolist(),
@@ -458,17 +480,13 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
               "scale_by_brain_median": [modality(name).scale_by_brain_median
                                         for name in modalities]}
 
-    def subject_maps(participant_id: str) -> dict[str, np.ndarray]:
-        return {name: _read_map(lookup[(participant_id, name)], record, participant_id)
-                for name in modalities}
-
     statistics_rows = table if scope == "all" else table[table["subset"] == "train"]
     log.info("split %s: statistics over the non-zero voxels of %d %s subjects at %d mm, "
              "channels %s", split, len(statistics_rows),
              "training" if scope == "train" else "(all)", resolution_mm, ", ".join(modalities))
     moments = [(0, 0.0, 0.0)] * len(modalities)
     for position, participant_id in enumerate(statistics_rows["participant_id"], start=1):
-        volumes = subject_maps(participant_id)
+        volumes = subject_maps(participant_id, record)
         moments = [combine_moments(moments[index],
                                    volume_moments(channel(volumes[name], record, index)))
                    for index, name in enumerate(modalities)]
@@ -495,7 +513,7 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         offset, row_bytes = header.offset, int(np.prod(row_shape)) * np.dtype(storage).itemsize
         del header
         for row, participant_id in enumerate(table["participant_id"]):
-            normalised = apply(subject_maps(participant_id), record)
+            normalised = apply(subject_maps(participant_id, record), record)
             # One row mapped at a time: memory stays one subject whatever the cohort size.
             target = np.memmap(temp, mode="r+", dtype=storage, shape=row_shape,
                                offset=offset + row * row_bytes)
@@ -509,7 +527,7 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     write_tsv(out_participants, table[columns])
     stats = {**record, "scope": scope, "n_voxels": [int(count) for count, _, _ in moments],
              "statistics_subjects": list(statistics_rows["participant_id"]),
-             "excluded": excluded, "split": split,
+             "excluded": list(excluded), "split": split,
              "n_train": int((table["subset"] == "train").sum()),
              f"n_{eval_subset}": int((table["subset"] == eval_subset).sum())}
     write_json(out_stats, stats)

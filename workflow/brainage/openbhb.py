@@ -10,9 +10,9 @@ cohort at 1 mm is ~29 GB even as float32.
 
 API: :func:`read_release` -> :class:`OpenBHBRelease` (``.table``, ``.files``, ``.grid``,
 ``.load(row)``, ``.volumes(shape, affine, subset=, chunk_size=, method=)``);
-:class:`Resampler` (grid to grid, ``area`` or ``linear``); :func:`write_cohort` (one
-float32 array [n, X, Y, Z] + its table on disk, the layout ``brainage.train.load_openbhb``
-reads); :func:`grid_from_nifti` (a target grid from the template file).
+:class:`Resampler` (grid to grid, ``area`` or ``linear``); :func:`write_pretraining_split`
+(the release as a normalised pretraining split folder, rule prepare_openbhb);
+:func:`grid_from_nifti` (a target grid from the template file).
 
 The release's layout (what was found, and where)
 -------------------------------------------------
@@ -123,7 +123,7 @@ from typing import Iterator, NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.io import AGE_RANGE_YEARS, LABEL_PATTERN, InputError, atomic_path, write_tsv
+from brainage.io import AGE_RANGE_YEARS, LABEL_PATTERN, InputError
 
 log = logging.getLogger(__name__)
 
@@ -599,36 +599,37 @@ class Resampler:
 
 # -- a pretraining cohort on disk --------------------------------------------------------------
 
-def write_cohort(release: OpenBHBRelease, out_images: str | Path, out_participants: str | Path,
-                 shape: Sequence[int], affine, *, subset: str | None = None,
-                 method: str = "auto") -> pd.DataFrame:
-    """Resample the release onto the target grid into one array and its table.
+def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
+                            out_images: str | Path, out_participants: str | Path,
+                            out_stats: str | Path, *, resolution_mm: int = 2,
+                            dtype: str = "float32", method: str = "auto") -> dict:
+    """The release as a pretraining split folder, like a T1w cohort's
+    (:func:`brainage.normalise.normalise_dataset`, which rule normalise_pretrain_cohort
+    runs): each volume resampled onto the template grid, restricted to the template's
+    brain mask (as the chain's registered T1w is), scaled by its brain median, windowed,
+    block-averaged to ``resolution_mm`` and z-normalised with the statistics of the
+    release's training scans only (:func:`brainage.normalise.write_normalised`).
 
-    Writes ``out_images`` (.npy float32 [n, X, Y, Z], rows in table order, background 0,
-    un-normalised T1w intensities; ``np.load(mmap_mode="r")``-able) one volume at a time,
-    and ``out_participants`` (TSV, row-aligned), both atomically: the layout
-    ``brainage.train.load_openbhb`` reads. Returns the table written.
+    Writes ``out_images`` [n, 1, X, Y, Z], ``out_participants`` (our table with the official
+    ``subset`` train / validation; ``coverage`` is not measured (NaN) and ``qc_pass`` true:
+    the release ships checked scans) and ``out_stats`` (the normalisation record), each
+    atomically. Every volume is read twice (statistics, then writing), one at a time, so
+    memory stays one 1 mm volume whatever the release size. Returns the stats.
     """
-    target = as_grid(shape, affine, what="target grid")
-    rows = release.rows(subset)
-    if len(rows) == 0:
-        raise InputError(f"{release.root}: the {subset} subset is empty; nothing to write.")
-    table = release.table.iloc[rows].reset_index(drop=True)
-    with atomic_path(out_images, suffix=".npy") as temp:
-        header = np.lib.format.open_memmap(temp, mode="w+", dtype=np.float32,
-                                           shape=(len(rows),) + target.shape)
-        offset, row_bytes = header.offset, int(np.prod(target.shape)) * 4
-        del header
-        position = 0
-        for _, volumes in release.volumes(target.shape, target.affine, subset=subset,
-                                          method=method):
-            # One row mapped at a time: memory stays one volume whatever the cohort size.
-            for volume in volumes:
-                row = np.memmap(temp, mode="r+", dtype=np.float32, shape=target.shape,
-                                offset=offset + position * row_bytes)
-                row[...] = volume
-                row.flush()
-                del row
-                position += 1
-    write_tsv(out_participants, table)
-    return table
+    from brainage.normalise import write_normalised
+    from brainage.preprocess.images import load_mask
+
+    brain, affine = load_mask(template_mask, what="template brain mask")
+    resample = Resampler(release.grid, Grid(tuple(brain.shape), affine), method=method)
+    inside = brain.astype(np.float32)
+    row_of = {pid: row for row, pid in enumerate(release.table["participant_id"])}
+
+    def subject_maps(participant_id: str, record) -> dict[str, np.ndarray]:
+        return {"T1w": resample(release.load(row_of[participant_id])) * inside}
+
+    table = release.table.copy()
+    table["coverage"], table["qc_pass"] = np.nan, True
+    return write_normalised(table, subject_maps, template_mask, out_images, out_participants,
+                            out_stats, split="openbhb", scope="train", dtype=dtype,
+                            resolution_mm=resolution_mm, modalities=["T1w"],
+                            eval_subset="validation")

@@ -154,6 +154,34 @@ class Layout:
     def prediction(self, cohort: str, name: str = "predictions.tsv") -> str:
         return self.result("predict", cohort, name)
 
+    # -- pretraining runs (config pretrain) -----------------------------------------------
+    # results/pretrain/<name>/: sourcedata/ (a simulated cohort), preproc/ (its derivative
+    # dataset), qc.tsv, split/ (images.npy, participants.tsv, stats.json), then the encoder
+    # and its validation read-out (the files of a grid cell).
+    def pretrain_dir(self, name: str) -> str:
+        return self.result("pretrain", name)
+
+    def pretrain_file(self, name: str, file: str) -> str:
+        """file: ``settings.json``, ``qc.tsv``, ``encoder.pt``, ``history.tsv``,
+        ``embeddings``, ``features.npz``, ``checkpoint.pt``, ``metrics.json``,
+        ``predictions.tsv``, ``readout.npz``, ``readout.json``."""
+        return str(Path(self.pretrain_dir(name), file))
+
+    def pretrain_split_dir(self, name: str) -> str:
+        return self.result("pretrain", name, "split")
+
+    def pretrain_split_file(self, name: str, file: str) -> str:
+        return str(Path(self.pretrain_split_dir(name), file))
+
+    def pretrain_source(self, name: str) -> str:
+        """Where a simulated pretraining cohort is written (a BIDS-like raw dataset)."""
+        return self.result("pretrain", name, "sourcedata")
+
+    @staticmethod
+    def pretrain_preproc(name: str) -> str:
+        """The preproc folder (relative to results) of a pretraining cohort."""
+        return f"pretrain/{name}/preproc"
+
     # -- train: hyperparameter search (brainage.search) -----------------------------------
     def search_dir(self, split: str) -> str:
         """Random search of one split: ``results/search/<split>/`` (trial-<NN>/ folders)."""

@@ -214,7 +214,8 @@ def participants_table(source: pd.DataFrame | str | Path,
 
 
 def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str | Path,
-                out_table: str | Path, *, minimums: Mapping) -> pd.DataFrame:
+                out_table: str | Path, *, minimums: Mapping,
+                modalities: Sequence[str] = ("stiffness",)) -> pd.DataFrame:
     """The dataset's QC table, one row per participant, in participants order.
 
     Parameters
@@ -224,13 +225,15 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
     out_table : TSV with :data:`QC_COLUMNS`; ``qc_failures`` lists the missed thresholds
         (``;``-separated, empty when passed).
     minimums : :func:`thresholds` of the config section ``qc``.
+    modalities : the images every listed subject has (config key ``dataset.modalities``, or
+        ``T1w`` for a pretraining cohort), checked when ``participants`` is a path.
 
     Raises
     ------
     brainage.io.InputError
         A participant has no QC file.
     """
-    participants = participants_table(participants)
+    participants = participants_table(participants, modalities)
     by_subject = {}
     for path in qc_files:
         record = json.loads(Path(path).read_text())

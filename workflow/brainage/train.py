@@ -125,9 +125,13 @@ HISTORY_COLUMNS = ("epoch", "loss", "lr", "seconds", "nn_nb")
 # -- resume fingerprints ------------------------------------------------------------------
 
 def fingerprint(settings: Mapping, split: SplitData) -> str:
-    """sha256 of everything that determines the training result (settings + split)."""
-    payload = json.dumps({"settings": settings, "split": split.identity()}, sort_keys=True,
-                         default=str)
+    """sha256 of everything that determines the training result: settings, split, and the
+    bytes of the starting checkpoint (``model.init_checkpoint``), so that a checkpoint left
+    by a fine-tuning from an earlier pretrained encoder is not resumed."""
+    start = settings["model"].get("init_checkpoint")
+    start_digest = sha256_file(start) if start and Path(start).is_file() else None
+    payload = json.dumps({"settings": settings, "split": split.identity(),
+                          "init_checkpoint_sha256": start_digest}, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -9,6 +9,7 @@ rule make_tables:
         metrics=lambda wildcards: grid_targets("metrics.json"),
         participants=lambda wildcards: LAYOUT.split_file(_cohort_split(), "participants.tsv"),
         search=_search_trials,
+        pretraining=lambda wildcards: pretraining_report_files(),
     output:
         _table_outputs(),
     log:
@@ -23,6 +24,7 @@ rule make_tables:
     params:
         settings=EXPERIMENT_SETTINGS,
         stems={name: LAYOUT.table(name, "") for name in REPORT_NAMES["tables"]},
+        pretraining=PRETRAINING_REPORT,
     script:
         "../scripts/make_tables.py"
 
@@ -49,5 +51,6 @@ rule make_figures:
         qc_thresholds=thresholds(config["qc"]),
         histories=lambda wildcards: _histories(),
         paths={name: LAYOUT.figure(name) for name in REPORT_NAMES["figures"]},
+        pretraining=PRETRAINING_REPORT,
     script:
         "../scripts/make_figures.py"

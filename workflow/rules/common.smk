@@ -1,9 +1,13 @@
 # Shared by every .smk file: validated config, the path helper, the cohorts and their
 # subjects, the splits and the grid. All targets are chosen in all_targets(), nothing else.
 
+import json
 import re
+import shlex
 import sys
 from pathlib import Path
+
+from snakemake.settings.types import DeploymentMethod
 
 # The package is pip-installed (editable) by the README's commands; this keeps a plain
 # checkout working too, e.g. on a cluster node that only has the conda envs.
@@ -11,7 +15,7 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from brainage import brainage_version
 from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
-from brainage.config import training_settings
+from brainage.config import pretrain_settings, pretrained_run, training_settings
 from brainage.predict import exported_cell as exported_cell_of
 from brainage.predict import preprocessing_record
 from brainage.modalities import grid_modality, input_path, mre_maps
@@ -47,6 +51,7 @@ from brainage.normalise import split_names as scheme_split_names
 from brainage.normalise import training_counts
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import simulated_participants, simulation_options
+from brainage.simulate.t1w_cohort import draw_t1w_participants
 
 # A killed run leaves locks and incomplete markers that stop the next one twice, with two
 # different errors; say once what to run. Snakemake parses this file before it locks the
@@ -83,9 +88,30 @@ if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PRED
 
 #: Every cohort's preprocessing folder (relative to results) -> its BIDS-like root: the
 #: training cohort and each cohort a model is applied to go through one chain of rules.
+PRETRAIN = config["pretrain"]
+#: Pretraining runs whose T1w cohort goes through the per-subject chain (bids, simulate);
+#: an OpenBHB release comes preprocessed (quasi-raw) and is only resampled.
+PRETRAIN_CHAIN = [name for name, run in PRETRAIN.items() if run["source"]["kind"] != "openbhb"]
+PRETRAIN_SIMULATED = [name for name, run in PRETRAIN.items() if run["source"]["kind"] == "simulate"]
+PRETRAIN_OPENBHB = [name for name in PRETRAIN if name not in PRETRAIN_CHAIN]
+
+
+def names_pattern(names):
+    """A wildcard pattern matching exactly ``names`` (nothing when empty)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
+
+
+def pretrain_root(name):
+    """The BIDS-like folder of a pretraining run's T1w cohort (simulated ones under results)."""
+    if name in PRETRAIN_SIMULATED:
+        return LAYOUT.pretrain_source(name)
+    return PRETRAIN[name]["source"]["root"]
+
+
 PREPROC_ROOTS = {
     TRAINING_PREPROC: DATASET_ROOT,
     **{LAYOUT.cohort_preproc(cohort): root for cohort, root in PREDICT_COHORTS.items()},
+    **{LAYOUT.pretrain_preproc(name): pretrain_root(name) for name in PRETRAIN_CHAIN},
 }
 MODALITIES = tuple(config["dataset"]["modalities"])
 
@@ -103,6 +129,7 @@ def exported_modalities():
 PREPROC_MODALITIES = {
     TRAINING_PREPROC: MODALITIES,
     **{LAYOUT.cohort_preproc(cohort): exported_modalities() for cohort in PREDICT_COHORTS},
+    **{LAYOUT.pretrain_preproc(name): ("T1w",) for name in PRETRAIN_CHAIN},
 }
 
 
@@ -154,6 +181,7 @@ wildcard_constraints:
     variant="[A-Za-z0-9._-]+",
     preproc="|".join(re.escape(folder) for folder in PREPROC_ROOTS),
     cohort="|".join(re.escape(cohort) for cohort in PREDICT_COHORTS) or "[A-Za-z0-9_]+",
+    pretrain="[A-Za-z0-9_]+",
 
 
 _IMAGES_CHECKED = []
@@ -221,13 +249,20 @@ def raw_inputs(wildcards):
     modalities = PREPROC_MODALITIES[wildcards.preproc]
     if wildcards.preproc == TRAINING_PREPROC and SIMULATED:
         checkpoints.simulate_cohort.get()
-    elif wildcards.preproc == LAYOUT.cohort_preproc(str(SIMULATED_PREDICT_COHORT)):
-        # files still to be simulated by simulate_predict_cohort
+    elif wildcards.preproc in SIMULATED_PREPROCS:
+        # files still to be simulated by simulate_predict_cohort or simulate_pretrain_cohort
         return simulated_inputs(root, wildcards.subject, modalities)
     try:
         return subject_inputs(root, wildcards.subject, modalities)
     except InputError as error:
         raise WorkflowError(str(error)) from None
+
+
+#: Preproc folders of cohorts that a plain rule simulates (their files are declared).
+SIMULATED_PREPROCS = [
+    *([LAYOUT.cohort_preproc(SIMULATED_PREDICT_COHORT)] if SIMULATED_PREDICT_COHORT else []),
+    *[LAYOUT.pretrain_preproc(name) for name in PRETRAIN_SIMULATED],
+]
 
 
 def simulated_inputs(root, label, modalities):
@@ -338,6 +373,7 @@ def all_targets(wildcards):
         LAYOUT.preproc_description(TRAINING_PREPROC),
         *report_targets(),
         *predict_targets(),
+        *pretrain_targets(),
         *search,
     ]
 
@@ -401,7 +437,20 @@ def training_params(wildcards):
     training; without the cell's names, since cells with equal settings share the
     encoder trained in the first of them (encoder_file)."""
     check_training_set_sizes()
-    return training_settings(cell_params(wildcards))
+    settings = training_settings(cell_params(wildcards))
+    run = pretrained_run(settings["model"])
+    if run is not None:
+        # the run's encoder is this job's input (pretrained_encoder); the trainer loads it
+        # like any starting checkpoint, and its digest enters the resume fingerprint
+        settings["model"]["init_checkpoint"] = LAYOUT.pretrain_file(run, "encoder.pt")
+    return settings
+
+
+def pretrained_encoder(wildcards):
+    """The encoder a cell fine-tunes (model.init: pretrained:<name>), if any: changing that
+    pretraining run reruns it and then this cell."""
+    run = pretrained_run(cell_params(wildcards)["model"])
+    return [] if run is None else LAYOUT.pretrain_file(run, "encoder.pt")
 
 
 def shared_features(wildcards):
@@ -416,6 +465,127 @@ def shared_features(wildcards):
 
 def cell_threads(wildcards):
     return cell_params(wildcards)["train"]["threads"]
+
+
+# -- pretraining (pretrain.smk) --------------------------------------------------
+
+#: The files of a pretraining run that its training writes (as a cell's TRAINING_OUTPUTS).
+PRETRAIN_TRAINING = {
+    "encoder": "encoder.pt",
+    "history": "history.tsv",
+    "embeddings": "embeddings",
+    "features": "features.npz",
+}
+
+
+def pretrain_subjects(name):
+    """Labels of a pretraining run's T1w cohort: from the simulation's options (known before
+    it is written) or the cohort's participants.tsv."""
+    source = PRETRAIN[name]["source"]
+    if name in PRETRAIN_SIMULATED:
+        table = draw_t1w_participants(source["n_subjects"], seed=source["seed"])
+    else:
+        try:
+            table = read_participants(source["root"], ("T1w",))
+        except InputError as error:
+            raise WorkflowError(
+                f"pretraining run {name} (config key pretrain.{name}.source." f"root): {error}"
+            ) from None
+    return [pid[len("sub-") :] for pid in table["participant_id"]]
+
+
+def pretrain_subject_files(kind):
+    """One kind of file of every subject of a pretraining run (wildcard pretrain)."""
+
+    def paths(wildcards):
+        preproc = LAYOUT.pretrain_preproc(wildcards.pretrain)
+        return [
+            subject_files(LAYOUT, label, preproc, ("T1w",))[kind]
+            for label in pretrain_subjects(wildcards.pretrain)
+        ]
+
+    return paths
+
+
+def pretrain_registered(wildcards):
+    preproc = LAYOUT.pretrain_preproc(wildcards.pretrain)
+    return [
+        registered_maps(subject_files(LAYOUT, label, preproc, ("T1w",)), ("T1w",))["T1w"]
+        for label in pretrain_subjects(wildcards.pretrain)
+    ]
+
+
+def pretrain_participants(wildcards):
+    return str(Path(pretrain_root(wildcards.pretrain), "participants.tsv"))
+
+
+def pretrain_split_settings(wildcards):
+    """The held-out validation subjects: a holdout split of the cohort, stratified by study."""
+    run = PRETRAIN[wildcards.pretrain]
+    return {
+        "scheme": "holdout",
+        "test_fraction": run["validation_fraction"],
+        "n_folds": 5,
+        "seed": run["seed"],
+    }
+
+
+def pretrain_params(wildcards):
+    """The run's settings (brainage.config.pretrain_settings), as a cell's."""
+    try:
+        return pretrain_settings(config, wildcards.pretrain)
+    except ConfigError as error:
+        raise WorkflowError(str(error)) from None
+
+
+def pretrain_settings_argument(wildcards):
+    """The run's training settings as JSON, quoted for the shell (rule pretrain_encoder)."""
+    settings = training_settings(pretrain_params(wildcards))
+    return shlex.quote(json.dumps(settings, sort_keys=True))
+
+
+def pretrain_launcher(wildcards):
+    """The command that starts the run's training processes: one Python process for one
+    GPU (or the CPU), torchrun for several GPUs of a node, and torchrun on every node
+    through srun for several nodes (brainage.distributed)."""
+    resources = PRETRAIN[wildcards.pretrain]["resources"]
+    # in a conda env the env's python; otherwise the one that runs Snakemake (the venv)
+    in_conda_env = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    python = "python" if in_conda_env else sys.executable
+    gpus, nodes = resources["gpus"], resources["nodes"]
+    if gpus <= 1 and nodes == 1:
+        return f"{python} -m brainage.train"
+    torchrun = f"{python} -m torch.distributed.run --nproc_per_node {max(gpus, 1)}"
+    if nodes == 1:
+        return f"{torchrun} --standalone -m brainage.train"
+    return (
+        f"srun --ntasks-per-node 1 {torchrun} --nnodes {nodes} --rdzv_backend c10d "
+        f"--rdzv_id $SLURM_JOB_ID --rdzv_endpoint "
+        f"$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500 -m brainage.train"
+    )
+
+
+#: {run: {"metrics": path, "history": path}}: what the report's pretraining section reads.
+PRETRAINING_REPORT = {
+    name: {
+        "metrics": LAYOUT.pretrain_file(name, "metrics.json"),
+        "history": LAYOUT.pretrain_file(name, "history.tsv"),
+    }
+    for name in PRETRAIN
+}
+
+
+def pretraining_report_files():
+    return [path for files in PRETRAINING_REPORT.values() for path in files.values()]
+
+
+def pretrain_targets():
+    """Every pretraining run's encoder, history and validation read-out."""
+    return [
+        LAYOUT.pretrain_file(name, file)
+        for name in PRETRAIN
+        for file in ("encoder.pt", "history.tsv", "metrics.json")
+    ]
 
 
 # -- tables and figures (aggregate.smk) -----------------------------------------
@@ -555,6 +725,7 @@ def _figure_inputs(wildcards):
         "modality_maps": [path for maps in _modality_maps().values() for path in maps.values()],
         "predictions": _focus_files("predictions.tsv"),
         "search": _search_trials(wildcards),
+        "pretraining": pretraining_report_files(),
     }
     embeddings = _focus_files("embeddings")
     if embeddings:

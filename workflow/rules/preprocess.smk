@@ -147,5 +147,6 @@ rule tabulate_qc:
         runtime=10,
     params:
         minimums=thresholds(config["qc"]),
+        modalities=MODALITIES,
     script:
         "../scripts/tabulate_qc.py"

@@ -16,6 +16,8 @@
 rule train_encoder:
     input:
         **SPLIT_INPUTS,
+        # model.init pretrained:<name>: the run's encoder (pretrain.smk)
+        pretrained=pretrained_encoder,
     output:
         encoder=LAYOUT.cell_file(*CELL, "encoder.pt"),
         history=LAYOUT.cell_file(*CELL, "history.tsv"),

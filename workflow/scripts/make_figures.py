@@ -11,4 +11,5 @@ make_figures(metrics=list(snakemake.input.metrics), participants=snakemake.input
              settings=snakemake.params.settings, focus=snakemake.params.focus,
              qc_thresholds=snakemake.params.qc_thresholds, outputs=snakemake.params.paths,
              search=list(snakemake.input.search), histories=snakemake.params.histories,
-             modality_maps=snakemake.params.modality_maps)
+             modality_maps=snakemake.params.modality_maps,
+             pretraining=snakemake.params.pretraining)

@@ -13,6 +13,7 @@ import pandas as pd
 
 from brainage.io import atomic_path
 from brainage.qc import plot_dataset_qc, read_qc_table, thresholds
+from brainage.report.pretraining import pretraining_gains, pretraining_runs
 from brainage.report.results import (
     ABLATION_TITLES,
     PAPER_SEARCH_BEST,
@@ -28,6 +29,7 @@ from brainage.report.tables import ablation_table
 from brainage.report.targets import (
     LOSS_EXPERIMENT,
     MODALITIES_FIGURE,
+    PRETRAINING_NAME,
     SEARCH_NAME,
     TRAINING_FIGURE,
     ReportError,
@@ -501,6 +503,46 @@ def plot_training_loss(histories: Mapping[str, Mapping[int, str | Path]], path: 
     _save(figure, path)
 
 
+def plot_pretraining(histories: Mapping[str, str | Path], runs: pd.DataFrame,
+                     gains: pd.DataFrame, seeds: pd.DataFrame | None, path: str | Path) -> None:
+    """The pretraining section: each run's training loss per epoch (validation MAE in the
+    legend), and per loss the test MAE from scratch and fine-tuned from the pretrained
+    encoder (bars: mean over seeds; lines join the two results of one seed)."""
+    plt = _pyplot()
+    figure, (curves, bars) = plt.subplots(1, 2, figsize=(10, 3.6))
+    validation = dict(zip(runs["run"], runs["validation_mae"]))
+    for run, history in histories.items():
+        table = pd.read_csv(history, sep="\t")
+        curves.plot(table["epoch"], table["loss"], linewidth=1.5,
+                    label=f"{run}: validation MAE {validation.get(run, float('nan')):.2f} years")
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("pretraining loss")
+    curves.set_title("Pretraining on T1w", fontsize="medium")
+    curves.legend(fontsize="small")
+    if gains.empty or seeds is None:
+        bars.text(0.5, 0.5, "no Table 3 variant is fine-tuned\nbeside the same one from scratch",
+                  ha="center", va="center", transform=bars.transAxes)
+        bars.set_axis_off()
+    else:
+        cells = seeds[seeds["experiment"] == LOSS_EXPERIMENT]
+        for position, pair in enumerate(gains.itertuples(index=False)):
+            x = np.array([position - 0.18, position + 0.18])
+            means = [pair.mae_scratch_mean, pair.mae_pretrained_mean]
+            bars.bar(x, means, width=0.34, color=["#999999", "#4C72B0"])
+            scratch = cells[cells["variant"] == pair.scratch_variant].set_index("seed")["mae"]
+            tuned = cells[cells["variant"] == pair.pretrained_variant].set_index("seed")["mae"]
+            for seed in sorted(set(scratch.index) & set(tuned.index)):
+                bars.plot(x, [scratch[seed], tuned[seed]], color="black", linewidth=0.8,
+                          marker="o", markersize=3)
+        bars.set_xticks(range(len(gains)))
+        bars.set_xticklabels([f"{label}\n(from {run})" for label, run in
+                              zip(gains["label"], gains["run"])], fontsize="small")
+        bars.set_ylabel("test MAE [years]")
+        bars.set_title("From scratch (grey) and fine-tuned (blue)", fontsize="medium")
+    figure.tight_layout()
+    _save(figure, path)
+
+
 def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  qc: str | Path, maps: Mapping[str, str | Path],
                  embeddings: str | Path | None, predictions: Sequence[str | Path],
@@ -509,7 +551,8 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  outputs: Mapping[str, str | Path],
                  search: Sequence[str | Path] = (),
                  histories: Mapping[str, Mapping[int, str | Path]] | None = None,
-                 modality_maps: Mapping[str, Mapping[str, str | Path]] | None = None
+                 modality_maps: Mapping[str, Mapping[str, str | Path]] | None = None,
+                 pretraining: Mapping[str, Mapping[str, str | Path]] | None = None
                  ) -> None:
     """Draw every figure of the configuration (rule make_figures).
 
@@ -530,6 +573,8 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
         encoders (first split).
     modality_maps : ``{participant_id: {"stiffness": path, "T1w": path}}``, registered
         (Fig. 2).
+    pretraining : ``{run: {"metrics": metrics.json, "history": history.tsv}}`` of every
+        pretraining run (config pretrain).
     """
     started = time.perf_counter()
     cohort = pd.read_csv(participants, sep="\t", dtype={"participant_id": str, "study": str})
@@ -554,6 +599,13 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
             plot_predicted_vs_true(read_predictions(predictions), path, cell=focus)
         elif name == SEARCH_NAME:
             plot_search(read_search_trials(search), path)
+        elif name == PRETRAINING_NAME:
+            runs = dict(pretraining or {})
+            plot_pretraining({run: files["history"] for run, files in runs.items()},
+                             pretraining_runs({run: files["metrics"] for run, files in runs.items()},
+                                              {run: files["history"] for run, files in runs.items()}),
+                             pretraining_gains(seeds, settings.get(LOSS_EXPERIMENT, {}))
+                             if seeds is not None else pd.DataFrame(), seeds, path)
         elif name == TRAINING_FIGURE:
             labels = {variant: cell_label(cell)
                       for variant, cell in settings.get(LOSS_EXPERIMENT, {}).items()}

@@ -52,8 +52,9 @@ PAPER_TABLE2_TOTAL = {"study": "Total", "n": 311, "age_mean": 41.0, "age_sd": 21
 
 
 PAPER_NOTE = ("Paper: Table 3 / Figs. 4 and 6 of the TMLR 2024 paper, 311 subjects from 5 "
-              "studies, 2 mm, 50 epochs, 5 seeds. Different data from ours: compare the "
-              "ranking, not the values.")
+              "studies, 2 mm, 50 epochs, 5 seeds, every encoder pretrained on OpenBHB (T1w) "
+              "and then fine-tuned: the protocol of our fine-tuned rows. Different data from "
+              "ours: compare the ranking, not the values.")
 
 
 #: The paper's random-search optimum (30 trials): nn_final, nn_step.
@@ -203,7 +204,8 @@ def baseline_key(settings: Mapping[str, Any]) -> str | None:
         return {"ridge": "voxel_ridge", "pca_ridge": "voxel_pca_ridge"}.get(method,
                                                                           f"voxel_{method}")
     if train.get("epochs") == 0:
-        return "pretrained_frozen" if model.get("init_checkpoint") else "untrained"
+        started = model.get("init_checkpoint") or model.get("init", "scratch") != "scratch"
+        return "pretrained_frozen" if started else "untrained"
     if settings["loss"]["name"] == "supervised":
         return "supervised"
     return None
@@ -215,7 +217,21 @@ def cell_label(settings: Mapping[str, Any], names: Mapping[str, str] | None = No
     if key is not None:
         return BASELINE_LABELS.get(key, f"{key} (baseline)")
     names = names or display_loss_names()
-    return names.get(settings["loss"]["name"], settings["loss"]["name"])
+    label = names.get(settings["loss"]["name"], settings["loss"]["name"])
+    start = initialisation(settings)
+    if start == "scratch":
+        return label
+    source = start.split(":", 1)[1] if ":" in start else "an external checkpoint"
+    return f"{label}, fine-tuned from {source}"
+
+
+def initialisation(settings: Mapping[str, Any]) -> str:
+    """Where a cell's encoder starts: ``scratch``, ``pretrained:<run>`` (config pretrain) or
+    ``checkpoint`` (an external model.init_checkpoint)."""
+    model = settings.get("model", {})
+    if model.get("init_checkpoint"):
+        return "checkpoint"
+    return model.get("init", "scratch")
 
 
 def display_loss_names() -> dict[str, str]:

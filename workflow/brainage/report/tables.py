@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import atomic_path
+from brainage.report.pretraining import pretraining_gains, pretraining_runs
 from brainage.report.results import (
     ABLATION_TITLES,
     BASELINE_LABELS,
@@ -25,6 +26,7 @@ from brainage.report.results import (
     cell_label,
     coverage_fraction,
     display_loss_names,
+    initialisation,
     natural_key,
     paper_value,
     read_metrics,
@@ -33,7 +35,14 @@ from brainage.report.results import (
     summarise_seeds,
     variant_labels,
 )
-from brainage.report.targets import LOSS_EXPERIMENT, REFERENCE_LOSS, SEARCH_NAME, ReportError
+from brainage.report.targets import (
+    LOSS_EXPERIMENT,
+    PRETRAINING_GAIN,
+    PRETRAINING_NAME,
+    REFERENCE_LOSS,
+    SEARCH_NAME,
+    ReportError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +89,21 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
         cell = (settings or {}).get(variant)
         key = baseline_key(cell) if cell is not None else None
         name = key or group["loss"].iloc[0]
+        start = initialisation(cell) if cell is not None else "scratch"
+        if key is None and start != "scratch":  # a fine-tuned row never takes the loss's name
+            name = f"{name}:{variant}"
         label = cell_label(cell, display_names) if cell is not None else \
             display_names.get(name, name)
-        paper = PAPER_TABLE3.get(name, (np.nan, np.nan)) if key is None else (np.nan, np.nan)
+        paper = PAPER_TABLE3.get(name.split(":")[0], (np.nan, np.nan)) if key is None else (
+            np.nan, np.nan)
         rows.append({"loss": name, **summarise_seeds(group),
                      "kind": "baseline" if key is not None else group["kind"].iloc[0],
                      "variant": variant, "label": label,
+                     "init": start,
                      "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
-                     "_order": order.index(name) if name in order else len(order)})
+                     # a fine-tuned row right after its loss trained from scratch
+                     "_order": (order.index(name.split(":")[0]) + 0.5 * (start != "scratch")
+                                if name.split(":")[0] in order else len(order))})
     table = pd.DataFrame(rows)
     repeated = table["loss"].duplicated(keep=False)
     table.loc[repeated, "loss"] = table.loc[repeated, "loss"] + ":" + table.loc[repeated,
@@ -95,7 +111,7 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     table.loc[repeated, "label"] = table.loc[repeated, "label"] + " (" + table.loc[
         repeated, "variant"] + ")"
     table = table.sort_values("_order", kind="stable").drop(columns="_order")
-    first = ["loss", "n_seeds", "mae_mean", "mae_std", "kind", "variant", "label",
+    first = ["loss", "n_seeds", "mae_mean", "mae_std", "kind", "variant", "label", "init",
              "rmse_mean", "pearson_r_mean", "r2_mean", "gap_age_slope_mean", "n_test",
              "seeds", "paper_mae_mean", "paper_mae_std"]
     return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
@@ -288,6 +304,7 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     display = pd.DataFrame({
         "Loss or baseline": table["label"],
         "Seeds": table["n_seeds"],
+        "Initialisation": table["init"].map(_initialisation_text),
         "MAE [years], ours": _mean_sd_column(table, "mae_mean", "mae_std"),
         "MAE per study [years]": _per_study(table),
         "Age bias (gap-age slope)": [_format_number(v, 2) for v in table["gap_age_slope_mean"]],
@@ -301,6 +318,7 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     names = display_loss_names()
     not_run = pd.DataFrame([{
         "Loss or baseline": f"{names.get(loss, loss)} (not run here)", "Seeds": 0,
+        "Initialisation": "–",
         "MAE [years], ours": "–", "MAE per study [years]": "–",
         "Age bias (gap-age slope)": "–", "r, ours": "–",
         "MAE [years], paper (different data)": format_mean_sd(*PAPER_TABLE3[loss]),
@@ -335,6 +353,12 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     write_table(paired, paired_display, paired_stem,
                 title="Table 3b: Adaptive Neighborhoods against each loss and baseline, "
                       "paired over seeds", notes=notes)
+
+
+def _initialisation_text(init: str) -> str:
+    if init.startswith("pretrained:"):
+        return f"pretrained ({init[len('pretrained:'):]})"
+    return {"scratch": "from scratch", "checkpoint": "external checkpoint"}.get(init, init)
 
 
 def _format_number(value: float, digits: int) -> str:
@@ -414,10 +438,49 @@ def write_search(table: pd.DataFrame, stem: str | Path) -> None:
                 notes=notes)
 
 
+def write_pretraining(runs: pd.DataFrame, gains: pd.DataFrame, stem: str | Path,
+                      gain_stem: str | Path) -> None:
+    """The pretraining table: one row per run (its validation read-out), then the gain of
+    each fine-tuned Table 3 variant over the same variant from scratch."""
+    display = pd.DataFrame({
+        "Pretraining run": runs["run"], "Loss": runs["loss"], "Epochs": runs["epochs"],
+        "Subjects (train / validation)": [f"{t} / {v}" for t, v in zip(runs["n_train"],
+                                                                      runs["n_validation"])],
+        "Training loss (first → last epoch)": [
+            f"{_format_number(a, 3)} → {_format_number(b, 3)}"
+            for a, b in zip(runs["first_loss"], runs["last_loss"])],
+        "Validation MAE [years]": [_format_number(v, 3) for v in runs["validation_mae"]],
+        "Validation r": [_format_number(v, 3) for v in runs["validation_pearson_r"]],
+    })
+    gain_display = pd.DataFrame({
+        "Loss": gains["label"], "Pretrained on": gains["run"], "Seeds": gains["n_pairs"],
+        "MAE from scratch [years]": [_format_number(v, 3) for v in gains["mae_scratch_mean"]],
+        "MAE fine-tuned [years]": [_format_number(v, 3) for v in gains["mae_pretrained_mean"]],
+        "Gain [years] (scratch − fine-tuned)": _mean_sd_column(gains, "gain_mean", "gain_std"),
+        "Fine-tuned wins": [f"{w}/{n}" for w, n in zip(gains["pretrained_wins"],
+                                                       gains["n_pairs"])],
+    })
+    gains_markdown = "\n".join([
+        "## Gain of pretraining, per loss (Table 3, paired over seeds)", "",
+        gain_display.to_markdown(index=False) if len(gain_display) else
+        "(no Table 3 variant fine-tunes a pretraining run beside the same variant from "
+        "scratch)"])
+    write_table(runs, display, stem, title="Pretraining: encoders pretrained on T1w cohorts",
+                notes=["Validation: the grid's read-out fitted on the run's training "
+                       "subjects' features, tested on its held-out validation subjects.",
+                       "Gain: test MAE of the variant trained from scratch minus that of the "
+                       "same variant fine-tuned from the pretrained encoder, on the same "
+                       "split and seeds; positive = pretraining helps."],
+                extra_markdown=gains_markdown)
+    write_table(gains, gain_display, gain_stem,
+                title="Gain of pretraining over training from scratch, per loss")
+
+
 def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
                 settings: Mapping[str, Mapping[str, Mapping[str, Any]]],
                 outputs: Mapping[str, str | Path],
-                search: Sequence[str | Path] = ()) -> None:
+                search: Sequence[str | Path] = (),
+                pretraining: Mapping[str, Mapping[str, str | Path]] | None = None) -> None:
     """Write every table of the configuration (rule make_tables).
 
     Parameters
@@ -428,9 +491,12 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
     outputs : ``{table name: stem}``, stems without extension (``results/tables/<name>``),
         for the names of :func:`report_names`.
     search : every split's ``trials.tsv`` of the random search (when enabled).
+    pretraining : ``{run: {"metrics": metrics.json, "history": history.tsv}}`` of every
+        pretraining run (config pretrain).
     """
     started = time.perf_counter()
     seeds = seed_results(read_metrics(metrics))
+    pretraining = dict(pretraining or {})
     for name, stem in outputs.items():
         if name == "table2_cohort":
             write_cohort(cohort_table(pd.read_csv(participants, sep="\t")), stem)
@@ -441,6 +507,13 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
             continue  # written with table3_losses
         elif name == SEARCH_NAME:
             write_search(read_search_trials(search), stem)
+        elif name == PRETRAINING_NAME:
+            runs = pretraining_runs({run: files["metrics"] for run, files in pretraining.items()},
+                                    {run: files["history"] for run, files in pretraining.items()})
+            write_pretraining(runs, pretraining_gains(seeds, settings.get(LOSS_EXPERIMENT, {})),
+                              stem, outputs[PRETRAINING_GAIN])
+        elif name == PRETRAINING_GAIN:
+            continue  # written with the pretraining table
         elif name.startswith("ablation_"):
             experiment = name[len("ablation_"):]
             write_ablation(ablation_table(seeds, experiment, settings[experiment]),

@@ -38,6 +38,10 @@ CELL_FIGURES = ("fig5_umap", "predicted_vs_true")
 #: The training loss of every trained encoder of the loss experiment, per epoch.
 TRAINING_FIGURE = "training_loss"
 
+#: The pretraining section (table and figure) when the config has pretraining runs.
+PRETRAINING_NAME = "pretraining"
+PRETRAINING_GAIN = "pretraining_gain"
+
 
 #: Table and figure of the random search over nn_final and nn_step (config ``search``).
 SEARCH_NAME = "search_trials"
@@ -74,7 +78,8 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
         and ``table3_paired`` when experiment ``table3`` is enabled; ``ablation_<name>``
         and its figure for every other enabled experiment; the UMAP and predicted-vs-true
         figures when the grid has at least one cell; ``search_trials`` (table and figure)
-        when the random search is enabled.
+        when the random search is enabled; ``pretraining`` (table and figure) and
+        ``pretraining_gain`` when the config has pretraining runs.
     """
     experiments = enabled_experiments(config)
     tables = ["table2_cohort"]
@@ -94,6 +99,9 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     if config.get("search", {}).get("enabled", False):
         tables.append(SEARCH_NAME)
         figures.append(SEARCH_NAME)
+    if config.get("pretrain"):
+        tables += [PRETRAINING_NAME, PRETRAINING_GAIN]
+        figures.append(PRETRAINING_NAME)
     return {"tables": tables, "figures": figures}
 
 

@@ -1,0 +1,92 @@
+"""The numbers of the report's pretraining section (tables.py and figures.py draw them):
+what each pretraining run learnt (its training loss, the validation MAE of the grid's
+read-out on its held-out T1w subjects), and what fine-tuning its encoder gains over
+training the same cell from scratch, per loss, paired over seeds (MAE in years)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from brainage.config import pretrained_run
+from brainage.report.results import ReportError, cell_label
+from brainage.report.targets import LOSS_EXPERIMENT
+
+#: Columns of :func:`pretraining_runs`.
+RUN_COLUMNS = ("run", "loss", "epochs", "n_train", "n_validation", "first_loss", "last_loss",
+               "validation_mae", "validation_pearson_r")
+
+#: Columns of :func:`pretraining_gains`.
+GAIN_COLUMNS = ("label", "run", "scratch_variant", "pretrained_variant", "n_pairs",
+                "mae_scratch_mean", "mae_pretrained_mean", "gain_mean", "gain_std",
+                "pretrained_wins")
+
+
+def pretraining_runs(metrics: Mapping[str, str | Path], histories: Mapping[str, str | Path]
+                     ) -> pd.DataFrame:
+    """One row per pretraining run (:data:`RUN_COLUMNS`), from its ``metrics.json`` (the
+    validation read-out) and ``history.tsv``."""
+    rows = []
+    for run, path in metrics.items():
+        values = json.loads(Path(path).read_text())
+        history = pd.read_csv(histories[run], sep="\t")
+        if history.empty:
+            raise ReportError(f"{histories[run]} has no epoch: pretraining run {run} trained "
+                              f"nothing (pretrain.{run}.train.epochs must be above 0).")
+        rows.append({"run": run, "loss": values["loss"], "epochs": int(history["epoch"].max()),
+                     "n_train": values["n_train"], "n_validation": values["n_test"],
+                     "first_loss": float(history["loss"].iloc[0]),
+                     "last_loss": float(history["loss"].iloc[-1]),
+                     "validation_mae": values["mae"],
+                     "validation_pearson_r": values.get("pearson_r")})
+    return pd.DataFrame(rows, columns=list(RUN_COLUMNS))
+
+
+def _without_init(settings: Mapping[str, Any]) -> str:
+    model = {key: value for key, value in settings["model"].items() if key != "init"}
+    rest = {key: value for key, value in settings.items()
+            if key not in ("experiment", "variant", "model")}
+    return json.dumps({**rest, "model": model}, sort_keys=True, default=str)
+
+
+def pretraining_pairs(settings: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
+    """(scratch variant, pretrained variant, run) of the loss experiment: each variant that
+    fine-tunes a pretraining run beside the variant with the same settings from scratch."""
+    scratch = {_without_init(cell): variant for variant, cell in settings.items()
+               if pretrained_run(cell["model"]) is None}
+    pairs = []
+    for variant, cell in settings.items():
+        run = pretrained_run(cell["model"])
+        if run is not None and _without_init(cell) in scratch:
+            pairs.append((scratch[_without_init(cell)], variant, run))
+    return pairs
+
+
+def pretraining_gains(seeds: pd.DataFrame, settings: Mapping[str, Mapping[str, Any]], *,
+                      experiment: str = LOSS_EXPERIMENT) -> pd.DataFrame:
+    """Per pair of :func:`pretraining_pairs`: test MAE from scratch and fine-tuned, and the
+    gain (scratch − pretrained, years; positive = pretraining helps) paired over the seeds
+    both have (:data:`GAIN_COLUMNS`)."""
+    cells = seeds[seeds["experiment"] == experiment]
+    rows = []
+    for scratch, pretrained, run in pretraining_pairs(settings):
+        mae = {variant: cells[cells["variant"] == variant].set_index("seed")["mae"]
+               for variant in (scratch, pretrained)}
+        common = sorted(set(mae[scratch].index) & set(mae[pretrained].index))
+        if not common:
+            continue
+        gain = mae[scratch].loc[common].to_numpy(float) - mae[pretrained].loc[common].to_numpy(
+            float)
+        rows.append({"label": cell_label(settings[scratch]), "run": run,
+                     "scratch_variant": scratch, "pretrained_variant": pretrained,
+                     "n_pairs": len(common),
+                     "mae_scratch_mean": float(mae[scratch].loc[common].mean()),
+                     "mae_pretrained_mean": float(mae[pretrained].loc[common].mean()),
+                     "gain_mean": float(gain.mean()),
+                     "gain_std": float(gain.std(ddof=1)) if len(gain) > 1 else np.nan,
+                     "pretrained_wins": int(np.sum(gain > 0))})
+    return pd.DataFrame(rows, columns=list(GAIN_COLUMNS))
