@@ -69,6 +69,14 @@ def test_unknown_enum_value_is_rejected():
         validate_config({"preprocess": {"skullstrip": "bet2"}})
 
 
+def test_threshold_form_defaults_to_the_paper_and_rejects_unknown_values():
+    assert validate_config({})["loss"]["threshold_form"] == "paper"
+    config = validate_config({"loss": {"name": "threshold", "threshold_form": "reference"}})
+    assert config["loss"]["threshold_form"] == "reference"
+    with pytest.raises(ConfigError, match=r"loss\.threshold_form"):
+        validate_config({"loss": {"threshold_form": "code"}})
+
+
 def test_variant_overrides_are_validated():
     bad = {"experiments": {"x": {"variants": {"a": {"loss": {"sigmaa": 1.0}}}}}}
     with pytest.raises(ConfigError, match="sigmaa"):

@@ -184,6 +184,38 @@ def reference_nnclr_loss(features, support, temperature=0.1):
     )
 
 
+def authors_threshold_loss(features, ages, *, temperature=0.1, base_temperature=0.07, sigma=2.0,
+                           reduction="global"):
+    """Threshold as the authors' code computes it (``DynLocRep_loss``, method ``threshold``,
+    delta reduction ``sum``; docs/method.md §5.2), one scalar at a time:
+    ``R_a = Σ_{t≠a} c_at exp(s_at)`` with ``c_at = #{k : w_tk < w_ta}`` over all rows k, and
+    ``l_ak = log R_a − s_ak``. The arithmetic is on torch scalars, so autograd gives its
+    gradient; the row maximum is a float (detached, as in the code). An anchor with
+    ``R_a = 0`` (the code's log 0) is left out."""
+    batch, views, _ = features.shape
+    n = batch * views
+    z = [features[r % batch, r // batch] for r in range(n)]  # view-major rows
+    y = [float(ages[r % batch]) for r in range(n)]
+    raw = [[torch.dot(z[a], z[b]) / temperature for b in range(n)] for a in range(n)]
+    s = [[raw[a][b] - max(value.item() for value in raw[a]) for b in range(n)] for a in range(n)]
+    w = [[math.exp(-((y[a] - y[b]) ** 2) / (2 * sigma**2)) for b in range(n)] for a in range(n)]
+    count = [[sum(1 for k in range(n) if w[t][k] < w[t][a]) for t in range(n)] for a in range(n)]
+    numerators, denominators = [], []
+    for a in range(n):
+        terms = [count[a][t] * torch.exp(s[a][t]) for t in range(n) if t != a and count[a][t] > 0]
+        if not terms:
+            continue
+        log_repulsion = torch.log(sum(terms))
+        numerators.append(sum(w[a][k] * (log_repulsion - s[a][k]) for k in range(n) if k != a))
+        denominators.append(sum(w[a][k] for k in range(n) if k != a))
+    if reduction == "anchor":
+        per_anchor = [u / v for u, v in zip(numerators, denominators) if v > 0]
+        loss = sum(per_anchor) / len(per_anchor)
+    else:
+        loss = sum(numerators) / sum(denominators)
+    return loss * temperature / base_temperature
+
+
 def assert_close(actual: torch.Tensor, expected: float, rel: float = 1e-6):
     assert actual.dim() == 0
     assert actual.item() == pytest.approx(expected, rel=rel, abs=1e-12)
@@ -472,6 +504,126 @@ def test_adaptive_with_only_itself_as_neighbour_is_a_connected_zero():
     assert value.item() == 0.0 and value.grad_fn is not None
 
 
+# --------------------------------------------------------------------------- Threshold: the authors' form
+
+
+THRESHOLD_REFERENCE_BATCHES = [(6, 2, 1), (8, 2, 2), (5, 3, 25), (7, 1, 26)]  # (B, V, seed)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize(("batch", "views", "seed"), THRESHOLD_REFERENCE_BATCHES)
+def test_threshold_reference_form_matches_authors_formula(batch, views, seed, reduction):
+    features, ages = make_batch(batch, views=views, seed=seed)  # duplicate ages: ties
+    features.requires_grad_()
+    loss = make_loss("threshold", threshold_form="reference", reduction=reduction)
+    value = loss(features, ages, 1)
+    expected = authors_threshold_loss(features, ages, reduction=reduction)
+    assert_close(value, expected.item(), rel=1e-10)
+    (gradient,) = torch.autograd.grad(value, features)
+    (expected_gradient,) = torch.autograd.grad(expected, features)
+    torch.testing.assert_close(gradient, expected_gradient, rtol=1e-9, atol=1e-12)
+    assert torch.count_nonzero(gradient) > 0
+
+
+def test_threshold_reference_form_in_float32_matches_float64():
+    # Ages within 15 years: no float32 kernel weight underflows to 0 (that would add ties).
+    features, _ = make_batch(8, seed=27)
+    ages = torch.tensor([20.0, 22.0, 22.0, 25.5, 27.0, 30.0, 31.0, 35.0], dtype=torch.float64)
+    loss = make_loss("threshold", threshold_form="reference", reduction="global")
+    single = loss(features.float(), ages.float(), 1)
+    assert single.dtype == torch.float32
+    assert single.item() == pytest.approx(authors_threshold_loss(features, ages).item(), rel=1e-5)
+
+
+def test_threshold_forms_differ():
+    features, ages = make_batch(8, seed=2)
+    features.requires_grad_()
+    for reduction in REDUCTIONS:
+        paper = make_loss("threshold", reduction=reduction)(features, ages, 1)
+        reference = make_loss("threshold", threshold_form="reference", reduction=reduction)(features, ages, 1)
+        assert_close(paper, reference_kernel_loss("threshold", features.detach(), ages, reduction=reduction))
+        assert abs(paper.item() - reference.item()) > 0.1
+        (paper_gradient,) = torch.autograd.grad(paper, features)
+        (reference_gradient,) = torch.autograd.grad(reference, features)
+        assert not torch.allclose(paper_gradient, reference_gradient, rtol=1e-3, atol=1e-6)
+
+
+def test_threshold_reference_form_with_subject_separating_kernel_is_constant():
+    # σ = 0.01 years and whole-year gaps: w = 1 within a subject, exactly 0 across subjects.
+    # Then c_at = N − 2 for the anchor's other view and 0 for every other row: the reference
+    # form repels only the positive itself, l_aa' = log(N − 2), with no gradient; the paper
+    # form repels the other subjects.
+    features, _ = make_batch(5, seed=28)
+    features.requires_grad_()
+    ages = torch.tensor([20.0, 31.0, 45.0, 52.0, 70.0], dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        reference = make_loss("threshold", sigma=0.01, threshold_form="reference", reduction=reduction)
+        value = reference(features, ages, 1)
+        assert_close(value, math.log(10 - 2) * 0.1 / 0.07, rel=1e-12)
+        (gradient,) = torch.autograd.grad(value, features)
+        torch.testing.assert_close(gradient, torch.zeros_like(gradient), rtol=0, atol=1e-12)
+        paper = make_loss("threshold", sigma=0.01, reduction=reduction)(features, ages, 1)
+        (paper_gradient,) = torch.autograd.grad(paper, features)
+        assert paper_gradient.abs().max() > 1e-3
+
+
+THRESHOLD_EMPTY_CASES = {
+    # B = 2, V = 1: the pair (a, t) has no row less similar than t (paper form), and in row t
+    # no entry is below w_ta (reference form): both forms leave every pair out.
+    "two rows": lambda: (make_batch(2, views=1, seed=29)[0], torch.tensor([30.0, 34.0], dtype=torch.float64)),
+    "all ages equal": lambda: (make_batch(5, seed=21)[0], torch.full((5,), 33.0, dtype=torch.float64)),
+    "one subject": lambda: (make_batch(1, views=3, seed=16)[0], torch.tensor([40.0], dtype=torch.float64)),
+}
+
+
+@pytest.mark.parametrize("case", list(THRESHOLD_EMPTY_CASES))
+def test_threshold_forms_coincide_where_both_leave_every_pair_out(case):
+    """The only case where the two forms agree for every input (docs/method.md §5.2)."""
+    features, ages = THRESHOLD_EMPTY_CASES[case]()
+    features.requires_grad_()
+    for reduction in REDUCTIONS:
+        for form in ("paper", "reference"):
+            value = make_loss("threshold", threshold_form=form, reduction=reduction)(features, ages, 1)
+            assert value.item() == 0.0 and value.grad_fn is not None
+            (gradient,) = torch.autograd.grad(value, features)
+            assert torch.count_nonzero(gradient) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+def test_threshold_reference_form_edge_cases_are_finite(case, dtype):
+    features, ages = EDGE_CASES[case]()
+    features = features.to(dtype).requires_grad_()
+    value = make_loss("threshold", threshold_form="reference")(features, ages.to(dtype), 1)
+    assert value.dim() == 0 and torch.isfinite(value) and value.grad_fn is not None
+    (gradient,) = torch.autograd.grad(value, features)
+    assert torch.isfinite(gradient).all()
+
+
+def test_threshold_reference_form_runs_in_float32_under_bf16_autocast():
+    features, ages = make_batch(8, seed=30, dtype=torch.float32)
+    loss = make_loss("threshold", threshold_form="reference")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = loss(features.to(torch.bfloat16), ages, 1)
+    upcast = loss(features.to(torch.bfloat16).float(), ages, 1)
+    assert mixed.dtype == torch.float32 and torch.isfinite(mixed)
+    assert mixed.item() == pytest.approx(upcast.item(), rel=1e-6)
+
+
+def test_threshold_reference_form_gradcheck():
+    generator = torch.Generator().manual_seed(14)
+    raw = torch.randn(4, 2, 3, generator=generator, dtype=torch.float64, requires_grad=True)
+    ages = torch.tensor([20.0, 21.0, 60.0, 62.0], dtype=torch.float64)
+    loss = make_loss("threshold", threshold_form="reference")
+    function = lambda x: loss(F.normalize(x, dim=-1), ages, 5)  # noqa: E731
+    assert torch.autograd.gradcheck(function, (raw,), eps=1e-6, atol=1e-6)
+
+
+def test_threshold_form_default_and_repr():
+    assert make_loss("threshold").threshold_form == "paper"
+    assert "threshold_form='reference'" in repr(make_loss("threshold", threshold_form="reference"))
+
+
 # --------------------------------------------------------------------------- precision, determinism
 
 
@@ -527,12 +679,14 @@ def test_one_shared_settings_dict_works_for_every_loss():
     shared = {
         "temperature": 0.1, "base_temperature": 0.07, "sigma": 2.0, "reduction": "global",
         "distance": "cosine", "nn_final": 14, "nn_step": 1, "max_epochs": 50, "batch_size": 32,
-        "lam": None, "rnc_temperature": 2.0, "queue_size": 256, "age_mean": 45.0, "age_sd": 15.0,
+        "lam": None, "threshold_form": "reference", "rnc_temperature": 2.0, "queue_size": 256,
+        "age_mean": 45.0, "age_sd": 15.0,
     }
     assert set(shared) == LOSS_PARAMETERS
     for name in LOSS_NAMES:
         make_loss(name, **shared)
     assert make_loss("adaptive", **shared).distance == "cosine"
+    assert make_loss("threshold", **shared).threshold_form == "reference"
 
 
 def test_unknown_loss_name_lists_valid_names():
@@ -551,6 +705,7 @@ def test_unknown_loss_name_lists_valid_names():
         ("exponential", {"base_temperature": 0.0}, "base_temperature"),
         ("threshold", {"sigma": -2.0}, "sigma"),
         ("yaware", {"reduction": "mean"}, "reduction"),
+        ("threshold", {"threshold_form": "code"}, "threshold_form"),
         ("adaptive", {"distance": "hamming"}, "distance"),
         ("adaptive", {"nn_final": 40, "batch_size": 32}, "nn_final"),
         ("adaptive", {"nn_step": 50, "max_epochs": 50}, "nn_step"),

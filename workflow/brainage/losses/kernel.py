@@ -43,6 +43,9 @@ from ._common import (
 )
 from .schedule import check_schedule, nn_schedule
 
+#: ``loss.threshold_form``: the published formula, or the authors' code (docs/method.md §5.2).
+THRESHOLD_FORMS: tuple[str, ...] = ("paper", "reference")
+
 
 def reduce_weighted_pairs(weight: Tensor, pair_loss: Tensor, reduction: str) -> Tensor:
     """Combine per-pair losses with their positive weights.
@@ -226,20 +229,54 @@ class YAwareLoss(KernelContrastiveLoss):
 
 
 class ThresholdLoss(KernelContrastiveLoss):
-    """Threshold loss (Barbano et al., 2023): ``R_ak = Σ_{t≠a, w_at < w_ak} exp(s_at)``.
+    """Threshold loss (Barbano et al., 2023) in one of two forms (``threshold_form``).
 
-    Only rows strictly less similar in age than the positive are repelled; a pair with
-    no such row is left out of both sums. Computed per anchor by sorting ``w_at``,
-    a cumulative log-sum-exp in that order and a ``searchsorted`` for the count of
-    strictly smaller weights, so memory is O(N²) instead of the reference's O(N³).
-    Ties are exact: equal weights are never "strictly less".
+    ``paper`` (default): ``R_ak = Σ_{t≠a, w_at < w_ak} exp(s_at)``. Only rows strictly
+    less similar in age than the positive are repelled; a pair with no such row is left
+    out of both sums. Computed per anchor by sorting ``w_at``, a cumulative log-sum-exp in
+    that order and a ``searchsorted`` for the count of strictly smaller weights, so memory
+    is O(N²) instead of the reference's O(N³). Ties are exact: equal weights are never
+    "strictly less".
+
+    ``reference``: what the authors' code computes (``DynLocRep_loss``, method
+    ``threshold``, delta reduction ``sum``; docs/method.md §5.2): one repulsion sum per
+    anchor, each row weighted by a count of rows,
+    ``R_a = Σ_{t≠a} c_at exp(s_at)`` with ``c_at = #{k : w_tk < w_ta}`` (k over all N rows,
+    the kernel row of the *repelled* row t), and ``l_ak = log R_a − s_ak`` for every
+    positive k. Computed with one sort of the kernel rows and a ``searchsorted``; an
+    anchor with every ``c_at = 0`` (the code's log 0) is left out like an empty pair.
+
+    Parameters
+    ----------
+    temperature, base_temperature, sigma, reduction
+        As in :class:`KernelContrastiveLoss`.
+    threshold_form : {"paper", "reference"}
+        Which of the two repulsion sums above.
     """
 
     display_name = "Threshold"
 
+    def __init__(
+        self,
+        temperature: float = 0.1,
+        base_temperature: float = 0.07,
+        sigma: float = 2.0,
+        reduction: str = "anchor",
+        threshold_form: str = "paper",
+    ) -> None:
+        super().__init__(
+            temperature=temperature, base_temperature=base_temperature, sigma=sigma, reduction=reduction
+        )
+        self.threshold_form = check_choice("threshold_form", threshold_form, THRESHOLD_FORMS)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, threshold_form={self.threshold_form!r}"
+
     def _log_repulsion(
         self, *, shifted: Tensor, kernel: Tensor, not_self: Tensor, **_: object
     ) -> tuple[Tensor, Tensor]:
+        if self.threshold_form == "reference":
+            return self._log_pooled_repulsion(shifted, kernel, not_self)
         # The anchor itself is sorted last (+inf) so it never counts as "smaller".
         sort_keys = kernel.masked_fill(~not_self, math.inf)
         sorted_weights, order = torch.sort(sort_keys, dim=1, stable=True)
@@ -249,6 +286,17 @@ class ThresholdLoss(KernelContrastiveLoss):
         # Empty sets read a finite dummy entry (index 0) and are dropped by the caller.
         log_repulsion = prefix_log_sums.gather(1, (n_smaller - 1).clamp_min(0))
         return log_repulsion, non_empty
+
+    @staticmethod
+    def _log_pooled_repulsion(shifted: Tensor, kernel: Tensor, not_self: Tensor) -> tuple[Tensor, Tensor]:
+        """``log R_a`` of the reference form, shape [N, 1], and whether it is non-empty."""
+        # n_smaller[t, a] = #{k : w_tk < w_ta} over all N entries of row t (diagonal included, as
+        # in the code); its transpose is c_at.
+        n_smaller = torch.searchsorted(torch.sort(kernel, dim=1).values, kernel.contiguous(), side="left")
+        counts = n_smaller.T
+        repelled = not_self & (counts > 0)
+        log_counts = torch.log(counts.clamp_min(1).to(shifted.dtype))  # counts carry no gradient
+        return masked_logsumexp(shifted + log_counts, repelled)
 
 
 class ExponentialLoss(KernelContrastiveLoss):

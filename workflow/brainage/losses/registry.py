@@ -71,8 +71,8 @@ def make_loss(name: str, **params: object) -> nn.Module:
     **params
         Any of :data:`LOSS_PARAMETERS`: ``temperature``, ``base_temperature``, ``sigma``
         (years), ``reduction``, ``distance``, ``nn_final``, ``nn_step``, ``max_epochs``,
-        ``batch_size``, ``lam``, ``rnc_temperature``, ``queue_size``, ``age_mean`` and
-        ``age_sd`` (the training subjects' ages, years; the supervised loss).
+        ``batch_size``, ``lam``, ``threshold_form``, ``rnc_temperature``, ``queue_size``,
+        ``age_mean`` and ``age_sd`` (the training subjects' ages, years; the supervised loss).
 
     Returns
     -------
