@@ -31,7 +31,7 @@ from brainage.distributed import Processes
 from brainage.losses import make_loss
 from brainage.models import build_model
 from brainage.runtime import runtime_setup, seed_everything
-from brainage.train import make_optimizer, run_epoch
+from brainage.train import loss_parameters, make_optimizer, run_epoch
 
 #: name -> (loss section, train section overrides, training subjects in the one batch);
 #: 16 subjects: shares of 8 and 8; 15: shares of 8 and 7 (the padded gather).
@@ -70,7 +70,7 @@ def one_step(case: str, split, processes: Processes, device: torch.device) -> di
     optimizer = make_optimizer(model, train)
     ages = split.ages[rows]
     loss_fn = make_loss(loss_settings["name"],
-                        **{key: value for key, value in loss_settings.items() if key != "name"},
+                        **loss_parameters(loss_settings),
                         max_epochs=train["epochs"], batch_size=n_subjects,
                         age_mean=float(ages.mean()), age_sd=float(ages.std()))
     augmenter = Augmenter.from_settings(train, loss_settings["name"],

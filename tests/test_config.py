@@ -8,6 +8,7 @@ from brainage.config import (
     ConfigError,
     cell_settings,
     check_batch_sizes,
+    encoder_owners,
     grid_cells,
     load_config,
     load_schema,
@@ -170,6 +171,80 @@ def test_batch_larger_than_a_split_names_the_key_the_split_and_its_size():
     assert "config key experiments.table3.variants.large.train.batch_size is 9" in lines[1]
     assert "Lower experiments.table3.variants.large.train.batch_size to at most 7" in lines[1]
     check_batch_sizes(config, {"fold1": 64, "fold2": 64})
+
+
+# -- nn_final and nn_step from the random search (loss.nn_from_search) ------------------------
+
+def _searched(**sections) -> dict:
+    config = _grid(search={"enabled": True, "nn_final_range": [2, 8], "nn_step_range": [1, 2]},
+                   train={"epochs": 4, "batch_size": 8}, **sections)
+    config.setdefault("loss", {})["nn_final"] = 4
+    config["experiments"]["table3"]["variants"]["adaptive_searched"] = {
+        "loss": {"name": "adaptive", "nn_from_search": True}}
+    return config
+
+
+def test_nn_from_search_needs_the_search_enabled():
+    config = _searched()
+    config["search"]["enabled"] = False
+    with pytest.raises(ConfigError, match=r"experiments\.table3\.variants\.adaptive_searched"
+                                          r"\.loss\.nn_from_search is true but config key "
+                                          r"search\.enabled is false.*Set search\.enabled: true"):
+        validate_config(config)
+
+
+def test_nn_from_search_needs_adaptive_neighborhoods():
+    config = _searched()
+    config["experiments"]["table3"]["variants"]["yaware"]["loss"]["nn_from_search"] = True
+    with pytest.raises(ConfigError, match=r"experiments\.table3\.variants\.yaware\.loss\."
+                                          r"nn_from_search is true but config key experiments"
+                                          r"\.table3\.variants\.yaware\.loss\.name is yaware"
+                                          r".*nn_from_search: false"):
+        validate_config(config)
+    # set on the top-level loss section, inherited by every variant: the message says so
+    inherited = _searched(loss={"nn_from_search": True})
+    with pytest.raises(ConfigError, match=r"config key loss\.nn_from_search is true \(inherited "
+                                          r"by experiments\.table3\.variants\.yaware\)"):
+        validate_config(inherited)
+    with pytest.raises(ConfigError, match=r"pretrain\.t1\.loss\.nn_from_search"):
+        validate_config(_with_pretraining(loss={"name": "adaptive", "nn_from_search": True}))
+
+
+def test_nn_from_search_replaces_the_schedule_check_by_the_search_ranges():
+    # the configured nn_final (20 > batch 8) is replaced by the search's choice: accepted
+    config = _searched()
+    config["experiments"]["table3"]["variants"]["adaptive_searched"]["loss"]["nn_final"] = 20
+    validate_config(config)
+    # but every value the search can choose must fit the cell (the search trains with the
+    # top-level train section, batch 8 and 4 epochs; this cell has batch 6 and 2 epochs)
+    config["experiments"]["table3"]["variants"]["adaptive_searched"]["train"] = {
+        "batch_size": 6, "epochs": 2}
+    with pytest.raises(ConfigError) as raised:
+        validate_config(config)
+    lines = str(raised.value).splitlines()
+    assert len(lines) == 2, lines
+    assert ("search.nn_final_range [2, 8], cut to the search's train.batch_size 8), but config "
+            "key experiments.table3.variants.adaptive_searched.train.batch_size is 6") in lines[0]
+    assert "lower the upper end of search.nn_final_range to at most 6" in lines[0]
+    assert ("search.nn_step_range [1, 2], cut to the search's train.epochs // 2 = 2), but "
+            "config key experiments.table3.variants.adaptive_searched.train.epochs is 2") \
+        in lines[1]
+    assert "raise experiments.table3.variants.adaptive_searched.train.epochs to at least 4" \
+        in lines[1]
+    # a range the search itself cannot draw from
+    empty = _searched()
+    empty["search"]["nn_final_range"] = [10, 12]
+    with pytest.raises(ConfigError, match=r"adaptive_searched\.loss\.nn_from_search is true, "
+                                          r"but the random search cannot run: config key "
+                                          r"search\.nn_final_range \[10, 12\] leaves no value"):
+        validate_config(empty)
+
+
+def test_cells_differing_only_in_nn_from_search_train_their_own_encoders():
+    config = validate_config(_searched())
+    owners = encoder_owners(config)
+    assert owners[("table3", "adaptive_searched", 0)] == ("table3", "adaptive_searched", 0)
+    assert owners[("table3", "adaptive", 0)] == ("table3", "adaptive", 0)
 
 
 # -- pretraining runs (config pretrain, model.init) -----------------------------------------

@@ -5,7 +5,8 @@
   distinct training, plus one make_tables and one make_figures job.
 - Cells that differ only in their read-out share one trained encoder.
 - Rerun semantics: after a (simulated) complete run, editing one loss setting of one
-  variant reruns exactly that variant's jobs and the reports, nothing else.
+  variant reruns exactly that variant's jobs and the reports, nothing else; a new random
+  search result reruns exactly the cells that train with it (loss.nn_from_search).
 - The report targets agree with the configuration (no table or figure for an experiment
   the config does not run).
 
@@ -15,10 +16,12 @@ dataset with valid NIfTI files (``conftest.write_tiny_dataset``), simulation dis
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -287,3 +290,41 @@ def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp
                               "evaluate_encoder": 2, "make_tables": 1, "make_figures": 1}), counts
     rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
     assert rerun == {("table3/adaptive_pretrained", "0"), ("table3/adaptive_pretrained", "1")}
+
+
+def test_a_new_search_result_reruns_only_the_cells_that_train_with_it(tmp_path):
+    """loss.nn_from_search puts the split's best.json among the cell's training inputs: a
+    new search result retrains that cell (its own encoder, never shared with the cell that
+    differs only in the flag) and re-evaluates it, and remakes the reports; nothing else."""
+    root = dataset(tmp_path, 6)
+    base = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    base["dataset"] = {"root": str(root), "simulate": {"enabled": False}}
+    del base["experiments"]["modality"]  # its channels need maps this dataset lacks
+    base["search"] = {"enabled": True, "trials": 2}
+    base["experiments"]["table3"]["variants"]["adaptive_searched"] = {
+        "loss": {"name": "adaptive", "nn_from_search": True}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    workdir = tmp_path / "work"
+    best = "results/search/holdout/best.json"
+    listed = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout
+    trainings = re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed)
+    reading = sorted(re.search(r"output: results/train/holdout/(\S+)/encoder\.pt", job)[1]
+                     for job in trainings if best in job)
+    assert reading == ["table3/adaptive_searched/seed-0", "table3/adaptive_searched/seed-1"]
+    # 2 seeds x (yaware, adaptive, adaptive_pretrained, adaptive_searched): none shared
+    assert job_counts(listed)["train_encoder"] == 8
+    assert job_counts(listed)["search_hyperparameters"] == 1
+    _fake_complete_run(workdir, configfile)
+
+    # a new result (as a rerun of the search with other trials would write)
+    path = workdir / best
+    path.write_text(json.dumps({"nn_final": 3, "nn_step": 1, "validation_mae": 5.0, "trial": 2,
+                                "n_trials": 2, "split": "holdout", "validation_subjects": []}))
+    later = time.time() + 5
+    os.utime(path, (later, later))
+    result = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
+    counts = job_counts(result.stdout)
+    assert counts == Counter({"train_encoder": 2, "evaluate_encoder": 2, "make_tables": 1,
+                              "make_figures": 1}), counts
+    rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
+    assert rerun == {("table3/adaptive_searched", "0"), ("table3/adaptive_searched", "1")}

@@ -8,9 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.config import ConfigError
+from brainage.config import ConfigError, resolve_cell, training_settings
 from brainage.data import load_split
-from brainage.search import TRIAL_COLUMNS, random_search, sample_trials
+from brainage.search import (
+    TRIAL_COLUMNS,
+    apply_search_result,
+    random_search,
+    sample_trials,
+    search_settings,
+)
 from split_fixture import tiny_settings, write_split
 
 SEARCH = {"enabled": True, "trials": 2, "validation_fraction": 0.25,
@@ -61,3 +67,71 @@ def test_random_search_writes_trials_and_best(tmp_path):
     stamps = [path.stat().st_mtime_ns for path in sorted(out.glob("trial-*/metrics.json"))]
     assert random_search(split_dir, out, settings, SEARCH) == best
     assert stamps == [path.stat().st_mtime_ns for path in sorted(out.glob("trial-*/metrics.json"))]
+
+
+def _best(path, **values):
+    best = {"nn_final": 5, "nn_step": 2, "validation_mae": 4.2, "trial": 7, "n_trials": 30,
+            "split": "holdout", "validation_subjects": ["sub-01"], **values}
+    path.write_text(json.dumps(best))
+    return path
+
+
+def test_apply_search_result_replaces_nn_final_and_nn_step(tmp_path, caplog):
+    best = _best(tmp_path / "best.json")
+    cell = tiny_settings(loss={"nn_from_search": True}, train={"epochs": 4})
+    settings = training_settings(cell)
+    with caplog.at_level("INFO", logger="brainage.search"):
+        used = apply_search_result(settings, best, split="holdout")
+    configured = resolve_cell(settings)
+    # only the two values change; the flag stays, saved with the encoder: where they came from
+    assert used == {**configured, "loss": {**configured["loss"], "nn_final": 5, "nn_step": 2}}
+    assert used["loss"]["nn_from_search"] is True
+    assert settings["loss"]["nn_final"] == 4  # the caller's settings are not changed
+    assert "nn_final 5 (configured 4), nn_step 2 (configured 1)" in caplog.text
+    # a cell without the flag keeps its values, and needs no best.json
+    plain = training_settings(tiny_settings())
+    assert apply_search_result(plain, None) == plain
+
+
+def test_the_encoder_saves_the_schedule_it_trained_with(tmp_path):
+    """The train_encoder script's path: the search's values reach the loss (history's nn_nb)
+    and encoder.pt's settings."""
+    import torch
+
+    from brainage.train import train_encoder
+
+    split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4)
+    best = _best(tmp_path / "best.json", nn_final=3, nn_step=1)
+    cell = tiny_settings(loss={"nn_from_search": True, "nn_final": 6, "nn_step": 2},
+                         train={"epochs": 2, "batch_size": 8, "embed_epochs": []})
+    settings = apply_search_result(training_settings(cell), best, split="holdout")
+    out = tmp_path / "cell"
+    train_encoder(split_dir, settings, encoder_path=out / "encoder.pt",
+                  history_path=out / "history.tsv", embeddings_dir=out / "embeddings",
+                  checkpoint_path=out / "checkpoint.pt", features_path=out / "features.npz")
+    saved = torch.load(out / "encoder.pt", weights_only=True)["settings"]["loss"]
+    assert (saved["nn_final"], saved["nn_step"], saved["nn_from_search"]) == (3, 1, True)
+    # Algorithm 1 with B 8, nn_final 3, nn_step 1, 2 epochs: 8 - 5 * epoch, held at 3
+    assert pd.read_csv(out / "history.tsv", sep="\t")["nn_nb"].tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda path: path.unlink(), "does not exist"),
+    (lambda path: _best(path, split="fold1"), "search of split fold1, not of split holdout"),
+    (lambda path: _best(path, nn_final=9), r"nn_final 9 .*1 <= nn_final <= 8"),
+    (lambda path: _best(path, nn_step=3), r"nn_step 3.*1 <= nn_step <= 2"),
+])
+def test_apply_search_result_refuses_what_the_cell_cannot_use(tmp_path, change, message):
+    best = _best(tmp_path / "best.json")
+    change(best)
+    settings = tiny_settings(loss={"nn_from_search": True}, train={"epochs": 4})
+    with pytest.raises(ConfigError, match=message):
+        apply_search_result(settings, best, split="holdout")
+    with pytest.raises(ConfigError, match="no best.json"):
+        apply_search_result(settings, None)
+
+
+def test_search_trials_never_take_their_schedule_from_the_search():
+    config = {"search": SEARCH, "loss": {"name": "yaware", "nn_from_search": True},
+              "train": {}, "model": {}, "readout": {}}
+    assert search_settings(config)["loss"] == {"name": "adaptive", "nn_from_search": False}

@@ -41,7 +41,7 @@ from brainage.data import Augmenter, VolumeStore, load_split  # noqa: E402
 from brainage.losses import make_loss  # noqa: E402
 from brainage.models import build_model  # noqa: E402
 from brainage.runtime import runtime_setup, seed_everything  # noqa: E402
-from brainage.train import make_optimizer, run_epoch  # noqa: E402
+from brainage.train import loss_parameters, make_optimizer, run_epoch  # noqa: E402
 from split_fixture import write_split  # noqa: E402
 
 SHAPES = {
@@ -129,8 +129,7 @@ def work(arguments) -> None:
         model.to(memory_format=torch.channels_last_3d)
     network = distributed.data_parallel(model, processes, device)
     optimizer = make_optimizer(model, train)
-    loss_fn = make_loss("adaptive", **{key: value for key, value in settings["loss"].items()
-                                       if key != "name"},
+    loss_fn = make_loss("adaptive", **loss_parameters(settings["loss"]),
                         max_epochs=train["epochs"], batch_size=arguments.batch).to(device)
     augmenter = Augmenter.from_settings(train, "adaptive", resolution_mm=split.resolution_mm)
     store = VolumeStore(split.images, device, normalisation=split.normalisation)

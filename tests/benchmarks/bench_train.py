@@ -50,6 +50,7 @@ from brainage.runtime import runtime_setup  # noqa: E402
 from brainage.train import (  # noqa: E402
     _snapshot,
     fit_encoder,
+    loss_parameters,
     make_optimizer,
     run_epoch,
     save_checkpoint,
@@ -105,7 +106,7 @@ def setup_ours(split, settings, arguments):
     model = build_model(settings["model"]).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last_3d)
-    loss_fn = make_loss("adaptive", **{k: v for k, v in settings["loss"].items() if k != "name"},
+    loss_fn = make_loss("adaptive", **loss_parameters(settings["loss"]),
                         max_epochs=settings["train"]["epochs"], batch_size=arguments.batch)
     optimizer = make_optimizer(model, settings["train"])
     store = VolumeStore(split.images, device)
@@ -157,7 +158,7 @@ def setup_plain(split, settings, arguments):
     device = torch.device(arguments.device)
     torch.manual_seed(0)
     model = build_model(settings["model"]).to(device)
-    loss_fn = make_loss("adaptive", **{k: v for k, v in settings["loss"].items() if k != "name"},
+    loss_fn = make_loss("adaptive", **loss_parameters(settings["loss"]),
                         max_epochs=settings["train"]["epochs"], batch_size=arguments.batch)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=5e-5)
     noise = settings["train"]["noise_std"]

@@ -84,7 +84,9 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     Every variant of every experiment is resolved too (:func:`cell_settings`), so a typo
     in an override stops the run here, named by its full path; the variants of the
     enabled experiments must also give Adaptive Neighborhoods a schedule it can run
-    (:func:`check_adaptive_schedule`).
+    (:func:`check_adaptive_schedule`), and those taking it from the random search
+    (``loss.nn_from_search``) need the search and every value it can choose
+    (:func:`check_search_source`).
 
     Raises
     ------
@@ -106,6 +108,8 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
             settings = cell_settings(filled, experiment, variant, 0, source=source)
             if definition.get("enabled", True):
                 problems += check_adaptive_schedule(settings, source=source)
+                problems += check_search_source(filled, experiment, variant, settings,
+                                                source=source)
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
@@ -125,11 +129,15 @@ def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "confi
     (paper Algorithm 1, :func:`brainage.losses.schedule.check_schedule`) cannot run:
     ``loss.nn_step`` must be at most ``train.epochs // 2`` and ``loss.nn_final`` at most
     ``train.batch_size``. Other losses have no schedule, and an untrained encoder
-    (``train.epochs`` 0) no loss."""
+    (``train.epochs`` 0) no loss. With ``loss.nn_from_search`` the configured nn_final and
+    nn_step are replaced by the search's before training, so they are not checked here;
+    :func:`check_search_source` checks every value the search can choose instead."""
     from brainage.losses.schedule import check_schedule
 
     loss, train = settings["loss"], settings["train"]
     if loss["name"] != "adaptive" or train["epochs"] == 0:  # an untrained encoder: no loss
+        return []
+    if loss.get("nn_from_search"):  # replaced by the search's choice (check_search_source)
         return []
     epochs, batch_size = int(train["epochs"]), int(train["batch_size"])
     nn_final, nn_step = int(loss["nn_final"]), int(loss["nn_step"])
@@ -152,6 +160,101 @@ def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "confi
                 f"cannot run with train.epochs {epochs}, train.batch_size {batch_size}, "
                 f"loss.nn_final {nn_final}, loss.nn_step {nn_step}: {why}. Fix: {fix}."]
     return []
+
+
+def search_bounds(search: Mapping[str, Any], *, batch_size: int, epochs: int
+                  ) -> dict[str, tuple[int, int]]:
+    """The inclusive ranges the random search draws ``nn_final`` and ``nn_step`` from:
+    ``search.nn_final_range`` and ``search.nn_step_range`` cut to what Algorithm 1 allows
+    with the search's training settings, 1 <= nn_final <= ``train.batch_size`` and
+    1 <= nn_step <= ``train.epochs // 2``. Every value the search can choose (and a cell
+    with ``loss.nn_from_search`` can train with) lies within them.
+
+    Raises
+    ------
+    ConfigError
+        When a range is empty after that cut, naming the config key.
+    """
+    bounds = {}
+    for key, cap, why in (("nn_final", int(batch_size), "train.batch_size"),
+                          ("nn_step", int(epochs) // 2, "train.epochs // 2")):
+        low, high = (int(value) for value in search[f"{key}_range"])
+        high = min(high, cap)
+        low = max(low, 1)
+        if low > high:
+            raise ConfigError(f"config key search.{key}_range {list(search[f'{key}_range'])} "
+                              f"leaves no value between 1 and {why} ({cap}). Widen the range "
+                              f"or change {why.split(' ')[0]}.")
+        bounds[key] = (low, high)
+    return bounds
+
+
+def uses_search_result(settings: Mapping[str, Any]) -> bool:
+    """Whether a cell trains with the random search's nn_final and nn_step
+    (``loss.nn_from_search``): only a cell that trains an encoder with a loss; an untrained
+    encoder (``train.epochs`` 0) or a cell without one has no schedule to take."""
+    loss, model, train = (settings.get(section) or {} for section in ("loss", "model", "train"))
+    return (bool(loss.get("nn_from_search")) and model.get("encoder") != "none"
+            and train.get("epochs") != 0)
+
+
+def check_search_source(config: Mapping[str, Any], experiment: str, variant: str,
+                        settings: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """Messages (none when fine) for a cell with ``loss.nn_from_search`` that cannot take
+    nn_final and nn_step from the random search: the search must be enabled, the loss must
+    be Adaptive Neighborhoods, and every value the search can choose
+    (:func:`search_bounds`, with the config's train section, which the search trains with)
+    must fit the cell's schedule: nn_final <= its ``train.batch_size`` and nn_step <= its
+    ``train.epochs // 2``. Each message names the config key to change."""
+    if not uses_search_result(settings):
+        return []
+    where = f"experiments.{experiment}.variants.{variant}"
+    flag = _variant_key(config, experiment, variant, "loss.nn_from_search")
+    inherited = "" if flag.startswith("experiments.") else f" (inherited by {where})"
+    intro = f"{source}: config key {flag} is true{inherited}"
+    loss_name = settings["loss"]["name"]
+    if loss_name != "adaptive":
+        name_key = _variant_key(config, experiment, variant, "loss.name")
+        return [f"{intro} but config key {name_key} is {loss_name}: only Adaptive "
+                f"Neighborhoods (loss.name: adaptive) has the nn_final and nn_step the random "
+                f"search chooses. Set {where}.loss.nn_from_search: false, or set "
+                f"nn_from_search only on the Adaptive Neighborhoods variants."]
+    if not config["search"]["enabled"]:
+        return [f"{intro} but config key search.enabled is false: {where} would take "
+                f"nn_final and nn_step from the random search's results/search/<split>/"
+                f"best.json. Set search.enabled: true, or set {flag}: false to train with "
+                f"loss.nn_final and loss.nn_step."]
+    search, searched = config["search"], config["train"]
+    try:
+        bounds = search_bounds(search, batch_size=searched["batch_size"],
+                               epochs=searched["epochs"])
+    except ConfigError as error:
+        return [f"{intro}, but the random search cannot run: {error}"]
+    problems = []
+    batch_size, epochs = int(settings["train"]["batch_size"]), int(settings["train"]["epochs"])
+    highest = bounds["nn_final"][1]
+    if highest > batch_size:
+        batch_key = _variant_key(config, experiment, variant, "train.batch_size")
+        problems.append(
+            f"{intro}, so {where} trains with the nn_final the random search chooses, up to "
+            f"{highest} (config key search.nn_final_range {list(search['nn_final_range'])}, "
+            f"cut to the search's train.batch_size {searched['batch_size']}), but config key "
+            f"{batch_key} is {batch_size}: Adaptive Neighborhoods needs nn_final <= "
+            f"train.batch_size. Fix: lower the upper end of search.nn_final_range to at most "
+            f"{batch_size}, or raise {batch_key} to at least {highest}.")
+    highest = bounds["nn_step"][1]
+    if highest > epochs // 2:
+        epochs_key = _variant_key(config, experiment, variant, "train.epochs")
+        lower = (f"lower the upper end of search.nn_step_range to at most {epochs // 2}, or "
+                 if epochs >= 2 else "")
+        problems.append(
+            f"{intro}, so {where} trains with the nn_step the random search chooses, up to "
+            f"{highest} (config key search.nn_step_range {list(search['nn_step_range'])}, "
+            f"cut to the search's train.epochs // 2 = {int(searched['epochs']) // 2}), but "
+            f"config key {epochs_key} is {epochs}: Adaptive Neighborhoods needs nn_step <= "
+            f"train.epochs // 2 = {epochs // 2}. Fix: {lower}raise {epochs_key} to at least "
+            f"{2 * highest}.")
+    return problems
 
 
 def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, int], *,
@@ -390,6 +493,11 @@ def pretrain_settings(config: Mapping[str, Any], name: str, *, source: str = "co
         model[key] = copy.deepcopy(value)
     defaults = load_schema()["$defs"]["pretrain_run"]["properties"]
     loss = deep_merge(defaults["loss"]["default"], run.get("loss", {}))
+    if loss.get("nn_from_search"):
+        raise ConfigError(f"{source}: config key '{where}.loss.nn_from_search' cannot be true: "
+                          f"the random search chooses nn_final and nn_step for the grid cells "
+                          f"on the training cohort's splits, not for a pretraining run. Set "
+                          f"{where}.loss.nn_final and {where}.loss.nn_step instead.")
     train = deep_merge(defaults["train"]["default"], run.get("train", {}))
     for key in PRETRAIN_RUNTIME_KEYS:  # where and how the config's trainings run
         train.setdefault(key, config["train"][key])
@@ -439,7 +547,8 @@ def training_settings(settings: Mapping[str, Any]) -> dict:
     """What determines a cell's trained encoder: its settings less the names and what only
     the read-out uses (``readout.*``, ``model.features``), so editing those re-evaluates
     encoders without retraining them. An untrained encoder (``train.epochs`` 0) depends on
-    the seed and the model alone."""
+    the seed and the model alone. ``loss.nn_from_search`` stays in: a cell taking nn_final
+    and nn_step from the random search never shares the encoder of one that does not."""
     trained = {key: value for key, value in settings.items() if key not in NON_TRAINING_KEYS}
     trained["model"] = {key: value for key, value in settings["model"].items()
                         if key not in READOUT_MODEL_KEYS}

@@ -10,6 +10,10 @@ Outputs under ``results/search/<split>/``: ``trials.tsv`` (trial, nn_final, nn_s
 validation_mae, validation_rmse, seconds), ``best.json`` (the lowest validation MAE, ties to
 the earlier trial) and one folder per trial with its metrics. A rerun skips finished
 trials, and an interrupted trial resumes from its checkpoint.
+
+A grid cell with ``loss.nn_from_search: true`` trains with the split's best.json
+(:func:`apply_search_result`, called by rule train_encoder's script), so the trials also
+choose the schedule of the cells that ask for it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from brainage.config import ConfigError, resolve_cell
+from brainage.config import ConfigError, resolve_cell, search_bounds, uses_search_result
 from brainage.data import VolumeStore
 from brainage.evaluate import evaluate_split
 from brainage.io import write_json, write_tsv
@@ -38,17 +42,19 @@ TRIAL_COLUMNS = ("trial", "nn_final", "nn_step", "validation_mae", "validation_r
 
 
 def search_settings(config: Mapping) -> dict:
-    """Cell settings of the search trials: the base sections with the Adaptive loss."""
+    """Cell settings of the search trials: the base sections with the Adaptive loss (whose
+    nn_final and nn_step each trial sets, so never ``loss.nn_from_search``)."""
     return {"experiment": "search", "variant": "adaptive", "seed": int(config["search"]["seed"]),
-            "loss": {**config["loss"], "name": "adaptive"}, "train": dict(config["train"]),
+            "loss": {**config["loss"], "name": "adaptive", "nn_from_search": False},
+            "train": dict(config["train"]),
             "model": dict(config["model"]), "readout": dict(config["readout"])}
 
 
 def sample_trials(search: Mapping, *, batch_size: int, epochs: int) -> list[dict]:
     """``search.trials`` draws of (nn_final, nn_step), uniform over the inclusive ranges.
 
-    The ranges are cut to what Algorithm 1 allows: nn_final <= train.batch_size and
-    nn_step <= train.epochs // 2.
+    The ranges are cut to what Algorithm 1 allows (:func:`brainage.config.search_bounds`):
+    nn_final <= train.batch_size and nn_step <= train.epochs // 2.
 
     Raises
     ------
@@ -56,17 +62,7 @@ def sample_trials(search: Mapping, *, batch_size: int, epochs: int) -> list[dict
         When a range is empty after that cut, naming the config key.
     """
     rng = np.random.default_rng(int(search["seed"]))
-    bounds = {}
-    for key, cap, why in (("nn_final", batch_size, "train.batch_size"),
-                          ("nn_step", epochs // 2, "train.epochs // 2")):
-        low, high = (int(value) for value in search[f"{key}_range"])
-        high = min(high, cap)
-        low = max(low, 1)
-        if low > high:
-            raise ConfigError(f"config key search.{key}_range {search[f'{key}_range']} leaves "
-                              f"no value between 1 and {why} ({cap}). Widen the range or "
-                              f"change {why.split(' ')[0]}.")
-        bounds[key] = (low, high)
+    bounds = search_bounds(search, batch_size=batch_size, epochs=epochs)
     return [{"trial": trial,
              "nn_final": int(rng.integers(bounds["nn_final"][0], bounds["nn_final"][1] + 1)),
              "nn_step": int(rng.integers(bounds["nn_step"][0], bounds["nn_step"][1] + 1))}
@@ -149,3 +145,80 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
     log.info("best of %d trials: nn_final %d, nn_step %d (validation MAE %.3f years)",
              len(table), best["nn_final"], best["nn_step"], best["validation_mae"])
     return best
+
+
+#: Keys of best.json that :func:`apply_search_result` reads.
+BEST_KEYS = ("nn_final", "nn_step", "split")
+
+
+def apply_search_result(settings: Mapping, best_path: str | Path | None, *,
+                        split: str | None = None) -> dict:
+    """The settings a cell trains with: for a cell with ``loss.nn_from_search`` (and an
+    encoder to train, :func:`brainage.config.uses_search_result`), ``loss.nn_final`` and
+    ``loss.nn_step`` replaced by the random search's choice in ``best_path``
+    (``results/search/<split>/best.json``), both logged beside the configured values; any
+    other cell's settings unchanged. The flag stays set, so the encoder's saved settings
+    (encoder.pt) and the resume fingerprint hold the values actually used and where they
+    came from.
+
+    Parameters
+    ----------
+    settings
+        The cell's (training) settings (:func:`brainage.config.training_settings`).
+    best_path
+        The split's best.json (:func:`random_search`); None for a cell without the flag.
+    split
+        The cell's split, when known: best.json must be that split's.
+
+    Raises
+    ------
+    ConfigError
+        The loss is not Adaptive Neighborhoods; best.json is not given, missing, not a JSON
+        object with nn_final, nn_step and split, of another split; or its values do not fit
+        the cell's train.batch_size and train.epochs // 2 (Algorithm 1).
+    """
+    settings = json.loads(json.dumps(dict(settings)))  # a plain copy, the caller's untouched
+    if not uses_search_result(settings):
+        return settings
+    settings = resolve_cell(settings)  # every default filled in (fit_encoder does the same)
+    loss, train = settings["loss"], settings["train"]
+    if loss["name"] != "adaptive":
+        raise ConfigError(f"loss.nn_from_search is true but loss.name is {loss['name']}: only "
+                          f"Adaptive Neighborhoods takes nn_final and nn_step from the random "
+                          f"search. Set loss.nn_from_search: false.")
+    if not best_path:
+        raise ConfigError("loss.nn_from_search is true but no best.json of the random search "
+                          "was given (results/search/<split>/best.json; config search.enabled "
+                          "must be true).")
+    best_path = Path(best_path)
+    try:
+        best = json.loads(best_path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"loss.nn_from_search: {best_path} does not exist; run rule "
+                          f"search_hyperparameters for the split first.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"loss.nn_from_search: {best_path} is not valid JSON ({error}); "
+                          f"delete it and rerun rule search_hyperparameters.") from None
+    missing = [key for key in BEST_KEYS if not isinstance(best, dict) or key not in best]
+    if missing:
+        raise ConfigError(f"loss.nn_from_search: {best_path} lacks {', '.join(missing)}; "
+                          f"delete it and rerun rule search_hyperparameters.")
+    if split is not None and str(best["split"]) != str(split):
+        raise ConfigError(f"loss.nn_from_search: {best_path} is the search of split "
+                          f"{best['split']}, not of split {split}, which this cell trains on.")
+    chosen = {"nn_final": int(best["nn_final"]), "nn_step": int(best["nn_step"])}
+    epochs, batch_size = int(train["epochs"]), int(train["batch_size"])
+    if not (1 <= chosen["nn_final"] <= batch_size and 1 <= chosen["nn_step"] <= epochs // 2):
+        raise ConfigError(
+            f"loss.nn_from_search: {best_path} chose nn_final {chosen['nn_final']} and nn_step "
+            f"{chosen['nn_step']}, but this cell (train.batch_size {batch_size}, train.epochs "
+            f"{epochs}) needs 1 <= nn_final <= {batch_size} and 1 <= nn_step <= {epochs // 2}. "
+            f"Narrow search.nn_final_range / search.nn_step_range, or change the cell's "
+            f"train.batch_size / train.epochs.")
+    log.info("loss.nn_from_search: training with the random search's choice on split %s "
+             "(%s: trial %s of %s, validation MAE %s years): nn_final %d (configured %d), "
+             "nn_step %d (configured %d)", best["split"], best_path, best.get("trial", "?"),
+             best.get("n_trials", "?"), best.get("validation_mae", "?"), chosen["nn_final"],
+             loss["nn_final"], chosen["nn_step"], loss["nn_step"])
+    settings["loss"] = {**loss, **chosen}
+    return settings

@@ -365,10 +365,21 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     return history
 
 
+#: Keys of the loss section that choose the loss or its values rather than parametrise it:
+#: ``nn_from_search`` is applied before training (brainage.search.apply_search_result).
+NOT_LOSS_PARAMETERS = ("name", "nn_from_search")
+
+
+def loss_parameters(loss_settings: Mapping) -> dict:
+    """The keyword arguments of :func:`brainage.losses.make_loss` in a loss section."""
+    return {key: value for key, value in loss_settings.items()
+            if key not in NOT_LOSS_PARAMETERS}
+
+
 def _make_loss(loss_settings: Mapping, split: SplitData, *, epochs: int, batch_size: int):
     """The cell's loss; the supervised baseline's is scaled by the training ages."""
     ages = split.ages[split.train_index]
-    params = {key: value for key, value in loss_settings.items() if key != "name"}
+    params = loss_parameters(loss_settings)
     try:
         return make_loss(loss_settings["name"], **params, max_epochs=epochs,
                          batch_size=batch_size, age_mean=float(ages.mean()),

@@ -38,6 +38,7 @@ from brainage.config import (
     encoder_owners,
     grid_cells,
     trains_an_encoder,
+    uses_search_result,
     validate_config,
 )
 from brainage.interrupted import interrupted_run_notice
@@ -451,6 +452,16 @@ def pretrained_encoder(wildcards):
     pretraining run reruns it and then this cell."""
     run = pretrained_run(cell_params(wildcards)["model"])
     return [] if run is None else LAYOUT.pretrain_file(run, "encoder.pt")
+
+
+def search_result(wildcards):
+    """The random search's choice on the cell's split (results/search/<split>/best.json)
+    when the cell trains with it (loss.nn_from_search): a new search result retrains exactly
+    those cells. The training script puts its nn_final and nn_step in the settings
+    (brainage.search.apply_search_result)."""
+    if not uses_search_result(cell_params(wildcards)):
+        return []
+    return LAYOUT.search_file(wildcards.split, "best.json")
 
 
 def shared_features(wildcards):

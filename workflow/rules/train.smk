@@ -1,7 +1,8 @@
 # Stage train: one job per grid cell (split x experiment x variant x seed) trains the
 # encoder and saves the final encoder's features of every subject (features.npz); a second,
 # a CPU job, fits the read-out on those features and saves it (readout.npz/.json, which the
-# model export copies); optionally a random search per split (config search).
+# model export copies); optionally a random search per split (config search), whose
+# best.json is an input of the cells with loss.nn_from_search (they train with its choice).
 #
 # Resume after preemption: train_encoder writes its resume state to checkpoint.pt in the
 # cell folder after every epoch. The file is deliberately NOT an output: Snakemake deletes
@@ -18,6 +19,8 @@ rule train_encoder:
         **SPLIT_INPUTS,
         # model.init pretrained:<name>: the run's encoder (pretrain.smk)
         pretrained=pretrained_encoder,
+        # loss.nn_from_search: the split's random-search result (nn_final, nn_step)
+        search_result=search_result,
     output:
         encoder=LAYOUT.cell_file(*CELL, "encoder.pt"),
         history=LAYOUT.cell_file(*CELL, "history.tsv"),
