@@ -112,13 +112,13 @@ def test_paper_grid_dry_run_has_every_experiment(tmp_path):
     result = run_snakemake(tmp_path / "work", configfile, *REPORT_RULES, "--dry-run", "--quiet",
                            "rules")
     counts = job_counts(result.stdout)
-    # 55 cells train what an earlier cell trains (the Table 3 Adaptive Neighborhoods encoder,
-    # read by five read-outs, both arms of the projection ablation, four ablation defaults
+    # 50 cells train what an earlier cell trains (the default Adaptive Neighborhoods encoder,
+    # read by five read-outs, both arms of the projection ablation, three ablation defaults
     # and the modality experiment's stiffness row), and the 15 voxel-baseline cells train
-    # nothing: 150 trainings (15 of them the untrained, pretrained-frozen and supervised
-    # baselines, 5 Adaptive Neighborhoods from scratch, 20 the modality experiment's other
-    # input channels)
-    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 150
+    # nothing: 155 trainings (15 of them the untrained, pretrained-frozen and supervised
+    # baselines, 10 Table 3's Adaptive Neighborhoods fine-tuned and from scratch with the
+    # search's nn_final and nn_step, 20 the modality experiment's other input channels)
+    assert counts["train_encoder"] == len(set(encoder_owners(config).values())) == 155
     assert counts["evaluate_encoder"] == len(cells) == 220
     assert counts["prepare_openbhb"] == counts["pretrain_encoder"] == 1
     # every subject's three maps through one chain: two jobs per subject

@@ -447,6 +447,22 @@ def training_params(wildcards):
     return settings
 
 
+def search_pretrained_encoder():
+    """The encoder the search trials fine-tune, when the config's model starts from a
+    pretraining run (so the chosen nn_final/nn_step fit the cells that fine-tune it)."""
+    run = pretrained_run(config["model"])
+    return [] if run is None else LAYOUT.pretrain_file(run, "encoder.pt")
+
+
+def search_params():
+    """The trials' settings (brainage.search.search_settings), with the pretrained start."""
+    settings = search_settings(config)
+    run = pretrained_run(settings["model"])
+    if run is not None:
+        settings["model"]["init_checkpoint"] = LAYOUT.pretrain_file(run, "encoder.pt")
+    return settings
+
+
 def pretrained_encoder(wildcards):
     """The encoder a cell fine-tunes (model.init: pretrained:<name>), if any: changing that
     pretraining run reruns it and then this cell."""

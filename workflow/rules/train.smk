@@ -78,6 +78,8 @@ if config["search"]["enabled"]:
     rule search_hyperparameters:
         input:
             **SPLIT_INPUTS,
+            # the trials start where the cells do (model.init pretrained:<run>)
+            pretrained=lambda wildcards: search_pretrained_encoder(),
         output:
             trials=LAYOUT.search_file("{split}", "trials.tsv"),
             best=LAYOUT.search_file("{split}", "best.json"),
@@ -93,7 +95,7 @@ if config["search"]["enabled"]:
             mem_mb=config["resources"]["train"]["mem_mb"],
             runtime=config["resources"]["search"]["runtime_min"],
         params:
-            settings=lambda wildcards: search_settings(config),
+            settings=lambda wildcards: search_params(),
             search=config["search"],
             split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
             # Per-trial folders (each resumable, like a grid cell) are not outputs either.
