@@ -69,10 +69,13 @@ def test_every_scripted_rule_names_an_existing_env():
     import re
 
     for rules in (REPO / "workflow" / "rules").glob("*.smk"):
-        for block in re.split(r"\n(?=\s*(?:rule|checkpoint) \w+:)", rules.read_text()):
+        # named rules, and rules generated in a loop (`rule:` with a `name:` line)
+        for block in re.split(r"\n(?=\s*(?:rule|checkpoint)(?: \w+)?:)", rules.read_text()):
             if "script:" not in block or "use rule" in block.split("\n")[0]:
                 continue
-            name = re.search(r"(?:rule|checkpoint) (\w+):", block).group(1)
+            named = re.search(r"(?:rule|checkpoint) (\w+):|name:\s*\n\s*(.+)", block)
+            assert named, f"{rules.name}: a rule without a name:\n{block[:300]}"
+            name = named.group(1) or named.group(2)
             env = re.search(r'conda:\s*"([^"]+)"', block)
             assert env, f"{rules.name}: rule {name} has no conda: env"
             assert (rules.parent / env.group(1)).resolve().is_file(), env.group(1)

@@ -17,7 +17,7 @@ import pytest
 
 from brainage.config import validate_config
 from brainage.paths import Layout
-from brainage.report import figures, tables, targets
+from brainage.report import figures, pretraining, tables, targets
 from brainage.report import results as report_results
 
 STUDIES = ("study1", "study2", "study3")
@@ -447,3 +447,61 @@ def test_age_examples_figure_names_a_missing_image(tmp_path):
     with pytest.raises(targets.ReportError, match="sub-x.*T1w"):
         figures.plot_age_examples([("sub-x", 30.0, {"stiffness": volume})],
                                   tmp_path / "fig2.png")
+
+
+# ---- pretraining ------------------------------------------------------------------------
+
+def test_fine_tuned_rows_and_the_gain_of_pretraining(tmp_path):
+    """A variant fine-tuned from a pretraining run: its own Table 3 row right after the same
+    loss from scratch (initialisation named), and the gain paired over seeds."""
+    config = validate_config({
+        "pretrain": {"t1": {"source": {"kind": "simulate"}}},
+        "experiments": {"table3": {"seeds": [0, 1, 2], "variants": {
+            "yaware": {"loss": {"name": "yaware"}},
+            "adaptive": {"loss": {"name": "adaptive"}},
+            "adaptive_pretrained": {"loss": {"name": "adaptive"},
+                                    "model": {"init": "pretrained:t1"}},
+            "pca_ridge": {"model": {"encoder": "none"}, "readout": {"method": "pca_ridge"}}}}}})
+    settings = targets.experiment_settings(config)
+    layout = Layout(results=str(tmp_path / "results"))
+    participants = participants_table()
+    metrics = []
+    for variant, cell in settings["table3"].items():
+        for seed in (0, 1, 2):
+            write_cell(layout, "holdout", "table3", variant, seed, participants,
+                       loss=cell["loss"]["name"])
+            metrics.append(layout.cell_file("holdout", "table3", variant, seed, "metrics.json"))
+    seeds = report_results.seed_results(report_results.read_metrics(metrics))
+    # cell_mae: adaptive 3.5 + 0.1 seed; adaptive_pretrained 4.0 + 0.1 * 19 + 0.1 seed
+    table = tables.table3_losses(seeds, settings=settings["table3"]).set_index("variant")
+    assert list(table.index) == ["yaware", "adaptive", "adaptive_pretrained", "pca_ridge"]
+    assert table.loc["adaptive", "loss"] == "adaptive"  # the contract row keeps its name
+    assert table.loc["adaptive_pretrained", "loss"] == "adaptive:adaptive_pretrained"
+    assert table.loc["adaptive_pretrained", "init"] == "pretrained:t1"
+    assert table.loc["adaptive", "init"] == "scratch" and table.loc["pca_ridge", "init"] == "none"
+    assert "fine-tuned from t1" in table.loc["adaptive_pretrained", "label"]
+    gains = pretraining.pretraining_gains(seeds, settings["table3"])
+    assert len(gains) == 1
+    gain = gains.iloc[0]
+    assert (gain["scratch_variant"], gain["pretrained_variant"], gain["run"]) == (
+        "adaptive", "adaptive_pretrained", "t1")
+    assert gain["n_pairs"] == 3 and gain["pretrained_wins"] == 0
+    assert gain["gain_mean"] == pytest.approx(3.5 - (4.0 + 0.1 * len("adaptive_pretrained")))
+    # the report's section: one row per run from its metrics and history
+    run = tmp_path / "pretrain"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"loss": "exponential", "n_train": 12,
+                                                  "n_test": 4, "mae": 9.3, "pearson_r": 0.88}))
+    pd.DataFrame({"epoch": [1, 2], "loss": [1.2, 0.7]}).to_csv(run / "history.tsv", sep="\t",
+                                                             index=False)
+    runs = pretraining.pretraining_runs({"t1": run / "metrics.json"}, {"t1": run / "history.tsv"})
+    assert runs.iloc[0].to_dict() == {"run": "t1", "loss": "exponential", "epochs": 2,
+                                      "n_train": 12, "n_validation": 4, "first_loss": 1.2,
+                                      "last_loss": 0.7, "validation_mae": 9.3,
+                                      "validation_pearson_r": 0.88}
+    tables.write_pretraining(runs, gains, tmp_path / "pretraining", tmp_path / "pretraining_gain")
+    assert "Gain of pretraining" in (tmp_path / "pretraining.md").read_text()
+    assert pd.read_csv(tmp_path / "pretraining_gain.csv")["n_pairs"].tolist() == [3]
+    figures.plot_pretraining({"t1": run / "history.tsv"}, runs, gains, seeds,
+                             tmp_path / "pretraining.png")
+    assert (tmp_path / "pretraining.png").stat().st_size > 0

@@ -229,9 +229,11 @@ def cell_label(settings: Mapping[str, Any], names: Mapping[str, str] | None = No
 
 
 def initialisation(settings: Mapping[str, Any]) -> str:
-    """Where a cell's encoder starts: ``scratch``, ``pretrained:<run>`` (config pretrain) or
-    ``checkpoint`` (an external model.init_checkpoint)."""
+    """Where a cell's encoder starts: ``scratch``, ``pretrained:<run>`` (config pretrain),
+    ``checkpoint`` (an external model.init_checkpoint), or ``none`` (no encoder)."""
     model = settings.get("model", {})
+    if model.get("encoder") == "none":
+        return "none"  # the voxel and mean baselines have no network to start
     if model.get("init_checkpoint"):
         return "checkpoint"
     return model.get("init", "scratch")

@@ -102,7 +102,7 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                      "init": start,
                      "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
                      # a fine-tuned row right after its loss trained from scratch
-                     "_order": (order.index(name.split(":")[0]) + 0.5 * (start != "scratch")
+                     "_order": (order.index(name.split(":")[0]) + 0.5 * (key is None and start != "scratch")
                                 if name.split(":")[0] in order else len(order))})
     table = pd.DataFrame(rows)
     repeated = table["loss"].duplicated(keep=False)
@@ -358,7 +358,8 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
 def _initialisation_text(init: str) -> str:
     if init.startswith("pretrained:"):
         return f"pretrained ({init[len('pretrained:'):]})"
-    return {"scratch": "from scratch", "checkpoint": "external checkpoint"}.get(init, init)
+    return {"scratch": "from scratch", "checkpoint": "external checkpoint",
+            "none": "–"}.get(init, init)
 
 
 def _format_number(value: float, digits: int) -> str:
