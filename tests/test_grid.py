@@ -313,8 +313,8 @@ def test_a_new_search_result_reruns_only_the_cells_that_train_with_it(tmp_path):
     reading = sorted(re.search(r"output: results/train/holdout/(\S+)/encoder\.pt", job)[1]
                      for job in trainings if best in job)
     assert reading == ["table3/adaptive_searched/seed-0", "table3/adaptive_searched/seed-1"]
-    # 2 seeds x (yaware, adaptive, adaptive_pretrained, adaptive_searched): none shared
-    assert job_counts(listed)["train_encoder"] == 8
+    # 2 seeds x (yaware, adaptive, adaptive_searched): none shared
+    assert job_counts(listed)["train_encoder"] == 6
     assert job_counts(listed)["search_hyperparameters"] == 1
     _fake_complete_run(workdir, configfile)
 
