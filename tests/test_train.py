@@ -484,8 +484,9 @@ def test_gpu_fast_path_runs_on_the_cpu(split_dir):
     """The CUDA defaults, bf16 autocast and channels-last 3D, through the same code on the
     CPU, next to float32 from the same initial weights: a dtype or memory-format slip shows
     here even though no GPU is lent to CI (bench_train.py measures the path's speed). The
-    tiny split's 16x20x16 volumes reach the oneDNN bf16 shape that needs the reroute in
-    brainage.models: before it, this epoch ended all-NaN in most runs."""
+    tiny split's 16x20x16 volumes reach the shapes where oneDNN's bf16 kernels go wrong on
+    AVX-512 CPUs (runtime_setup switches oneDNN off for CPU bf16): with them, this epoch
+    ended with non-finite gradients in about a third of the runs."""
     from brainage.data import VolumeStore
     from brainage.losses import make_loss
     from brainage.models import embed

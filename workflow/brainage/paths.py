@@ -132,7 +132,7 @@ class Layout:
     def cell_file(self, split: str, experiment: str, variant: str, seed: str | int,
                   name: str) -> str:
         """name: ``encoder.pt``, ``history.tsv``, ``embeddings`` (folder), ``checkpoint.pt``
-        (training); ``metrics.json``, ``predictions.tsv``, ``readout.pt``, ``readout.json``
+        (training); ``metrics.json``, ``predictions.tsv``, ``readout.npz``, ``readout.json``
         (evaluation)."""
         return str(Path(self.cell_dir(split, experiment, variant, seed), name))
 
