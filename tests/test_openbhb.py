@@ -98,26 +98,13 @@ def test_identity_grid_returns_the_arrays_unchanged(release):
     root, _ = release
     result = read_release(root)
     for method in ("area", "linear", "auto"):
-        seen = []
-        for ids, volumes in result.volumes(*result.grid, method=method):
-            assert volumes.dtype == np.float32 and volumes.shape == (1,) + SMALL_SHAPE
-            pid = ids[0]
-            row = int(np.flatnonzero(result.table["participant_id"] == pid)[0])
+        resample = Resampler(result.grid, result.grid, method=method)
+        for row in range(len(result)):
+            volume = resample(result.load(row))
+            assert volume.dtype == np.float32 and volume.shape == SMALL_SHAPE
             written = np.load(result.files[row])
             assert written.shape == (1, 1) + SMALL_SHAPE
-            np.testing.assert_array_equal(volumes[0], written[0, 0].astype(np.float32))
-            seen.append(pid)
-        assert seen == list(result.table["participant_id"])
-
-
-def test_streams_in_chunks_by_subset(release):
-    root, _ = release
-    result = read_release(root)
-    chunks = list(result.volumes(*result.grid, subset="train", chunk_size=2))
-    assert [len(ids) for ids, _ in chunks] == [2, 2, 1]
-    assert [pid for ids, _ in chunks for pid in ids] == \
-        list(result.table.loc[result.table["subset"] == "train", "participant_id"])
-    assert all(volumes.shape[0] == len(ids) for ids, volumes in chunks)
+            np.testing.assert_array_equal(volume, written[0, 0].astype(np.float32))
 
 
 def axis_centres(grid: Grid) -> list[np.ndarray]:
@@ -380,18 +367,17 @@ def test_without_the_grid_file_the_documented_grid_is_used(tmp_path):
     np.testing.assert_array_equal(result.grid.affine, QUASIRAW_AFFINE)
 
 
-def test_nonfinite_or_empty_volume_is_named_when_streamed(release):
+def test_nonfinite_or_empty_volume_is_named_when_loaded(release):
     root, written = release
     result = read_release(root)
     path = result.files[3]
     data = np.load(path)
     data[0, 0, 5, 5, 5] = np.nan
     np.save(path, data)
-    stream = result.volumes(*result.grid)
-    for _ in range(3):
-        next(stream)  # the first three are read before the broken one
+    for row in range(3):
+        result.load(row)  # the others still load
     with pytest.raises(InputError, match="NaN/inf") as error:
-        next(stream)
+        result.load(3)
     assert str(path) in str(error.value)
     np.save(path, np.zeros_like(data))
     with pytest.raises(InputError, match="no non-zero voxel"):

@@ -494,7 +494,8 @@ def test_fine_tuned_rows_and_the_gain_of_pretraining(tmp_path):
                                                   "n_test": 4, "mae": 9.3, "pearson_r": 0.88}))
     pd.DataFrame({"epoch": [1, 2], "loss": [1.2, 0.7]}).to_csv(run / "history.tsv", sep="\t",
                                                              index=False)
-    runs = pretraining.pretraining_runs({"t1": run / "metrics.json"}, {"t1": run / "history.tsv"})
+    runs = pretraining.pretraining_runs({"t1": {"metrics": run / "metrics.json",
+                                                "history": run / "history.tsv"}})
     assert runs.iloc[0].to_dict() == {"run": "t1", "loss": "exponential", "epochs": 2,
                                       "n_train": 12, "n_validation": 4, "first_loss": 1.2,
                                       "last_loss": 0.7, "validation_mae": 9.3,

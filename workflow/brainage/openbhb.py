@@ -4,13 +4,13 @@ OpenBHB (Dufumier et al., NeuroImage 263:119637, 2022) pools 3,984 public T1w sc
 healthy controls (ages 5.9-88 years; 3,227 training + 757 validation) from 10 studies
 and 60+ sites. The encoder is pretrained on its *quasi-raw* images: bias-corrected,
 skull-stripped T1w affinely registered to MNI152 at 1 mm. This module finds and checks
-the release's files, turns its participants table into ours, and streams the volumes
-resampled onto our analysis grid, one subject (or a small chunk) at a time: the whole
-cohort at 1 mm is ~29 GB even as float32.
+the release's files, turns its participants table into ours, and resamples the volumes
+onto our analysis grid one subject at a time: the whole cohort at 1 mm is ~29 GB even as
+float32.
 
 API: :func:`read_release` -> :class:`OpenBHBRelease` (``.table``, ``.files``, ``.grid``,
-``.load(row)``, ``.volumes(shape, affine, subset=, chunk_size=, method=)``);
-:class:`Resampler` (grid to grid, ``area`` or ``linear``); :func:`write_pretraining_split`
+``.load(row)``); :class:`Resampler` (grid to grid, ``area`` or ``linear``);
+:func:`write_pretraining_split`
 (the release as a normalised pretraining split folder, rule prepare_openbhb);
 :func:`grid_from_nifti` (a target grid from the template file).
 
@@ -118,7 +118,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import pandas as pd
@@ -151,7 +151,6 @@ SEX_CODES = {"male": "M", "female": "F"}
 RESAMPLE_METHODS = ("auto", "area", "linear")
 #: Release columns renamed so they do not clash with ours.
 RENAMED = {"participant_id": "openbhb_id", "split": "openbhb_split", "study": "openbhb_study"}
-LOG_EVERY = 100
 
 
 class Grid(NamedTuple):
@@ -347,14 +346,6 @@ class OpenBHBRelease:
     def __len__(self) -> int:
         return len(self.table)
 
-    def rows(self, subset: str | None = None) -> np.ndarray:
-        """Row positions of ``subset`` (``train``/``validation``), or all rows for None."""
-        if subset is None:
-            return np.arange(len(self.table))
-        if subset not in ("train", "validation"):
-            raise ValueError(f"subset={subset!r}; choose train, validation or None.")
-        return np.flatnonzero(self.table["subset"].to_numpy() == subset)
-
     def load(self, row: int) -> np.ndarray:
         """The native quasi-raw volume of table row ``row``: float32 [X, Y, Z] on ``grid``.
 
@@ -377,36 +368,6 @@ class OpenBHBRelease:
             raise InputError(f"{what}: array {path} has no non-zero voxel. Download the file "
                              f"again, or drop the scan's row from {self.root / PARTICIPANTS}.")
         return volume
-
-    def volumes(self, shape: Sequence[int], affine, *, subset: str | None = None,
-                chunk_size: int = 1, method: str = "auto"
-                ) -> Iterator[tuple[list[str], np.ndarray]]:
-        """Stream volumes resampled onto the target grid, ``chunk_size`` at a time.
-
-        Parameters
-        ----------
-        shape, affine : the target grid, e.g. the 2 mm template's (99, 117, 95) and its
-            voxel -> MNI mm affine.
-        subset : ``train``, ``validation`` or None (all rows, table order).
-        chunk_size : volumes per yield; memory is one 1 mm volume plus the chunk.
-        method : ``auto``, ``area`` or ``linear`` (:class:`Resampler`).
-
-        Yields
-        ------
-        (participant_ids, volumes) with volumes float32 [k, X, Y, Z], background 0.
-        """
-        if int(chunk_size) < 1:
-            raise ValueError(f"chunk_size={chunk_size}; it must be at least 1.")
-        resample = Resampler(self.grid, as_grid(shape, affine, what="target grid"), method=method)
-        rows = self.rows(subset)
-        ids = self.table["participant_id"].to_numpy()
-        for start in range(0, len(rows), int(chunk_size)):
-            chunk = rows[start:start + int(chunk_size)]
-            volumes = np.stack([resample(self.load(row)) for row in chunk])
-            done = start + len(chunk)
-            if done // LOG_EVERY > start // LOG_EVERY or done == len(rows):
-                log.info("OpenBHB: resampled %d/%d volumes (%s)", done, len(rows), resample.method)
-            yield [str(ids[row]) for row in chunk], volumes
 
 
 def _check_rows_match_files(root: Path, table_path: Path, table: pd.DataFrame,

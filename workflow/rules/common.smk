@@ -180,7 +180,7 @@ wildcard_constraints:
     split="[A-Za-z0-9]+",
     experiment="[A-Za-z0-9_]+",
     variant="[A-Za-z0-9._-]+",
-    preproc="|".join(re.escape(folder) for folder in PREPROC_ROOTS),
+    preproc=names_pattern(PREPROC_ROOTS),
     cohort="|".join(re.escape(cohort) for cohort in PREDICT_COHORTS) or "[A-Za-z0-9_]+",
     pretrain="[A-Za-z0-9_]+",
 
@@ -278,8 +278,8 @@ def preproc_modalities(wildcards):
 
 def preproc_pattern(modalities):
     """The wildcard pattern of the preproc folders whose cohorts have ``modalities``."""
-    return "|".join(
-        re.escape(folder) for folder, chosen in PREPROC_MODALITIES.items() if chosen == modalities
+    return names_pattern(
+        folder for folder, chosen in PREPROC_MODALITIES.items() if chosen == modalities
     )
 
 
@@ -496,14 +496,6 @@ def cell_threads(wildcards):
 
 # -- pretraining (pretrain.smk) --------------------------------------------------
 
-#: The files of a pretraining run that its training writes (as a cell's TRAINING_OUTPUTS).
-PRETRAIN_TRAINING = {
-    "encoder": "encoder.pt",
-    "history": "history.tsv",
-    "embeddings": "embeddings",
-    "features": "features.npz",
-}
-
 
 def pretrain_subjects(name):
     """Labels of a pretraining run's T1w cohort: from the simulation's options (known before
@@ -532,14 +524,6 @@ def pretrain_subject_files(kind):
         ]
 
     return paths
-
-
-def pretrain_registered(wildcards):
-    preproc = LAYOUT.pretrain_preproc(wildcards.pretrain)
-    return [
-        registered_maps(subject_files(LAYOUT, label, preproc, ("T1w",)), ("T1w",))["T1w"]
-        for label in pretrain_subjects(wildcards.pretrain)
-    ]
 
 
 def pretrain_participants(wildcards):

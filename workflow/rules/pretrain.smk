@@ -62,7 +62,7 @@ rule tabulate_pretrain_qc:
 
 rule normalise_pretrain_cohort:
     input:
-        maps=pretrain_registered,
+        maps=pretrain_subject_files("registered_T1w"),
         qc=LAYOUT.pretrain_file("{pretrain}", "qc.tsv"),
         participants=pretrain_participants,
         template_mask=LAYOUT.template("brain_mask"),
@@ -129,12 +129,10 @@ rule pretrain_encoder:
         participants=LAYOUT.pretrain_split_file("{pretrain}", "participants.tsv"),
         stats=LAYOUT.pretrain_split_file("{pretrain}", "stats.json"),
     output:
-        **{
-            key: LAYOUT.pretrain_file("{pretrain}", file)
-            for key, file in PRETRAIN_TRAINING.items()
-            if key != "embeddings"
-        },
+        encoder=LAYOUT.pretrain_file("{pretrain}", "encoder.pt"),
+        history=LAYOUT.pretrain_file("{pretrain}", "history.tsv"),
         embeddings=directory(LAYOUT.pretrain_file("{pretrain}", "embeddings")),
+        features=LAYOUT.pretrain_file("{pretrain}", "features.npz"),
         settings=LAYOUT.pretrain_file("{pretrain}", "settings.json"),
     log:
         LAYOUT.log("pretrain", "{pretrain}/pretrain_encoder"),

@@ -601,11 +601,10 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
             plot_search(read_search_trials(search), path)
         elif name == PRETRAINING_NAME:
             runs = dict(pretraining or {})
+            gains = (pretraining_gains(seeds, settings.get(LOSS_EXPERIMENT, {}))
+                     if seeds is not None else pd.DataFrame())
             plot_pretraining({run: files["history"] for run, files in runs.items()},
-                             pretraining_runs({run: files["metrics"] for run, files in runs.items()},
-                                              {run: files["history"] for run, files in runs.items()}),
-                             pretraining_gains(seeds, settings.get(LOSS_EXPERIMENT, {}))
-                             if seeds is not None else pd.DataFrame(), seeds, path)
+                             pretraining_runs(runs), gains, seeds, path)
         elif name == TRAINING_FIGURE:
             labels = {variant: cell_label(cell)
                       for variant, cell in settings.get(LOSS_EXPERIMENT, {}).items()}

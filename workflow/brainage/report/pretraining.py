@@ -26,16 +26,15 @@ GAIN_COLUMNS = ("label", "run", "scratch_variant", "pretrained_variant", "n_pair
                 "pretrained_wins")
 
 
-def pretraining_runs(metrics: Mapping[str, str | Path], histories: Mapping[str, str | Path]
-                     ) -> pd.DataFrame:
-    """One row per pretraining run (:data:`RUN_COLUMNS`), from its ``metrics.json`` (the
-    validation read-out) and ``history.tsv``."""
+def pretraining_runs(files: Mapping[str, Mapping[str, str | Path]]) -> pd.DataFrame:
+    """One row per pretraining run (:data:`RUN_COLUMNS`) of ``{run: {"metrics": metrics.json
+    (the validation read-out), "history": history.tsv}}``."""
     rows = []
-    for run, path in metrics.items():
-        values = json.loads(Path(path).read_text())
-        history = pd.read_csv(histories[run], sep="\t")
+    for run, paths in files.items():
+        values = json.loads(Path(paths["metrics"]).read_text())
+        history = pd.read_csv(paths["history"], sep="\t")
         if history.empty:
-            raise ReportError(f"{histories[run]} has no epoch: pretraining run {run} trained "
+            raise ReportError(f"{paths['history']} has no epoch: pretraining run {run} trained "
                               f"nothing (pretrain.{run}.train.epochs must be above 0).")
         rows.append({"run": run, "loss": values["loss"], "epochs": int(history["epoch"].max()),
                      "n_train": values["n_train"], "n_validation": values["n_test"],

@@ -88,22 +88,20 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     for variant, group in cells.groupby("variant", sort=False):
         cell = (settings or {}).get(variant)
         key = baseline_key(cell) if cell is not None else None
-        name = key or group["loss"].iloc[0]
+        base = key or group["loss"].iloc[0]  # the loss (or baseline) the row belongs to
         start = initialisation(cell) if cell is not None else "scratch"
-        if key is None and start != "scratch":  # a fine-tuned row never takes the loss's name
-            name = f"{name}:{variant}"
+        fine_tuned = key is None and start != "scratch"
+        name = f"{base}:{variant}" if fine_tuned else base  # never the loss's own name
         label = cell_label(cell, display_names) if cell is not None else \
-            display_names.get(name, name)
-        paper = PAPER_TABLE3.get(name.split(":")[0], (np.nan, np.nan)) if key is None else (
-            np.nan, np.nan)
+            display_names.get(base, base)
+        paper = PAPER_TABLE3.get(base, (np.nan, np.nan)) if key is None else (np.nan, np.nan)
         rows.append({"loss": name, **summarise_seeds(group),
                      "kind": "baseline" if key is not None else group["kind"].iloc[0],
-                     "variant": variant, "label": label,
-                     "init": start,
+                     "variant": variant, "label": label, "init": start,
                      "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
                      # a fine-tuned row right after its loss trained from scratch
-                     "_order": (order.index(name.split(":")[0]) + 0.5 * (key is None and start != "scratch")
-                                if name.split(":")[0] in order else len(order))})
+                     "_order": (order.index(base) + 0.5 * fine_tuned if base in order
+                                else len(order))})
     table = pd.DataFrame(rows)
     repeated = table["loss"].duplicated(keep=False)
     table.loc[repeated, "loss"] = table.loc[repeated, "loss"] + ":" + table.loc[repeated,
@@ -509,9 +507,8 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
         elif name == SEARCH_NAME:
             write_search(read_search_trials(search), stem)
         elif name == PRETRAINING_NAME:
-            runs = pretraining_runs({run: files["metrics"] for run, files in pretraining.items()},
-                                    {run: files["history"] for run, files in pretraining.items()})
-            write_pretraining(runs, pretraining_gains(seeds, settings.get(LOSS_EXPERIMENT, {})),
+            write_pretraining(pretraining_runs(pretraining),
+                              pretraining_gains(seeds, settings.get(LOSS_EXPERIMENT, {})),
                               stem, outputs[PRETRAINING_GAIN])
         elif name == PRETRAINING_GAIN:
             continue  # written with the pretraining table

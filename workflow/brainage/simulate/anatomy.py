@@ -164,14 +164,9 @@ T1W_SCALE = 1000.0
 # lower edge, and the head needs room below it to close.
 _PAD_BELOW_VOXELS = 10
 
-TRUTH_COLUMNS = {
-    "participant_id": "sub-<label>, as in participants.tsv",
-    "study": "study name",
-    "group": "healthy or accelerated",
-    "age": "chronological age (years); drives the anatomy (atrophy)",
-    "sex": "F or M",
-    "stiffness_age_offset_years": "years added to age for the stiffness model",
-    "stiffness_age_years": "age + offset: the age the stiffness was simulated at (years)",
+#: Truth columns of a simulated subject's pose and grid (:func:`_pose_truth`), shared by
+#: the MRE and the T1w-only cohorts.
+POSE_TRUTH_COLUMNS = {
     "rotation_x_deg": "rotation about the MNI x axis (degrees), applied first",
     "rotation_y_deg": "rotation about the MNI y axis (degrees), second",
     "rotation_z_deg": "rotation about the MNI z axis (degrees), third",
@@ -182,14 +177,30 @@ TRUTH_COLUMNS = {
     "native_to_mni_affine": "JSON 4x4 A: x_mni = A @ [x_native, 1], both world mm",
     "voxel_size_mm": "isotropic native voxel size (mm)",
     "shape": "JSON native grid shape",
-    "coverage_fraction": "brain voxels (truth mask) inside the MRE slab / all brain voxels",
-    "slab_first_slice": "first native k index (0-based) of the slab",
-    "slab_last_slice": "last native k index (inclusive) of the slab",
-    "nan_count": "NaN voxels in the stiffness map (all inside truth mask and slab)",
+}
+
+#: Truth columns of the atrophy model and the volumes it gives, shared by both cohorts.
+ATROPHY_TRUTH_COLUMNS = {
     "cortical_shrink_mm": "outer brain surface retreat from atrophy (template mm)",
     "ventricle_dilation_mm": "ventricle wall retreat from atrophy (template mm)",
     "brain_volume_ml": "truth mask volume in native space (ml)",
     "parenchyma_volume_ml": "grey + white matter volume in template space (ml)",
+}
+
+TRUTH_COLUMNS = {
+    "participant_id": "sub-<label>, as in participants.tsv",
+    "study": "study name",
+    "group": "healthy or accelerated",
+    "age": "chronological age (years); drives the anatomy (atrophy)",
+    "sex": "F or M",
+    "stiffness_age_offset_years": "years added to age for the stiffness model",
+    "stiffness_age_years": "age + offset: the age the stiffness was simulated at (years)",
+    **POSE_TRUTH_COLUMNS,
+    "coverage_fraction": "brain voxels (truth mask) inside the MRE slab / all brain voxels",
+    "slab_first_slice": "first native k index (0-based) of the slab",
+    "slab_last_slice": "last native k index (inclusive) of the slab",
+    "nan_count": "NaN voxels in the stiffness map (all inside truth mask and slab)",
+    **ATROPHY_TRUTH_COLUMNS,
     "site_stiffness_factor": "study's multiplicative stiffness offset",
     "subject_stiffness_factor": "subject's multiplicative random effect (with sex effect)",
     "mean_stiffness_kpa": "mean of the finite non-zero voxels of the written map (kPa)",
