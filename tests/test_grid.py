@@ -43,7 +43,7 @@ N_SUBJECTS = 10
 PAPER_SUBJECTS = 40
 #: The report rules need every grid cell; asking for them (not for `all`) keeps these tests
 #: about the grid and the reports whatever else the default target holds.
-REPORT_RULES = ("make_tables", "make_figures")
+REPORT_RULES = ("make_tables", "make_figures", "plot_embeddings")
 
 
 def run_snakemake(workdir: Path, configfile: Path, *args: str, check: bool = True
@@ -155,8 +155,8 @@ def test_report_targets_follow_the_config(tmp_path):
     assert counts["train_encoder"] == 2 * 2
     names = targets.report_names(load_config(configfile))
     assert "fig4d_projection" in names["figures"] and "fig6_lambda" not in names["figures"]
-    listed = run_snakemake(tmp_path / "work", configfile, "--dry-run", "make_figures",
-                           "make_tables", "--workflow-profile",
+    listed = run_snakemake(tmp_path / "work", configfile, "--dry-run", *REPORT_RULES,
+                           "--workflow-profile",
                            str(REPO / "workflow" / "profiles" / "default")).stdout
     # training asks for a GPU through Snakemake's gpu resource (config resources.train)
     train_jobs = re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed)

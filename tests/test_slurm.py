@@ -186,7 +186,8 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     (workdir / "fast_preprocessing.yaml").write_text(FAST_PREPROCESSING)
     started = time.monotonic()
     # the report rules need every cell: the whole pipeline, whatever `all` also holds
-    result, output = snakemake_on_slurm(workdir, "make_tables", "make_figures")
+    result, output = snakemake_on_slurm(workdir, "make_tables", "make_figures",
+                                        "plot_embeddings")
     elapsed = time.monotonic() - started
     if result.returncode != 0:
         pytest.fail(f"the tiny grid failed on SLURM after {elapsed:.0f} s; failed jobs:\n"
@@ -219,7 +220,8 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     assert modality["mae_mean"].notna().all()
     assert (rules == "train_encoder").sum() == n_cells >= 4, states.to_string()
     assert (rules == "evaluate_encoder").sum() == n_cells, states.to_string()
-    assert {"make_tables", "make_figures"} <= set(rules.dropna()), states.to_string()
+    assert {"make_tables", "make_figures", "plot_embeddings"} <= set(rules.dropna()), (
+        states.to_string())
     for name in ("fig2_modalities", "fig3_age_distribution", "fig5_umap", "fig7_coverage",
                  "predicted_vs_true", "pretraining"):
         assert (workdir / "results" / "figures" / f"{name}.png").stat().st_size > 0

@@ -1,6 +1,8 @@
 # Stage aggregate: the paper's tables and figures from every grid cell.
 # Which files exist is decided by brainage.report.targets.report_names(config) alone: an
-# experiment that is not enabled in the config has no table and no figure.
+# experiment that is not enabled in the config has no table and no figure. Fig. 5 (UMAP)
+# is a job of its own (plot_embeddings, brainage.report.targets.EMBEDDINGS_FIGURE) that
+# starts once the focus cell is trained, so its numba compilation overlaps training.
 # `snakemake --report results/report.html` embeds them with the captions in workflow/report/.
 
 
@@ -33,7 +35,7 @@ rule make_figures:
     input:
         unpack(_figure_inputs),
     output:
-        _figure_outputs(),
+        _figure_outputs(DRAWN_TOGETHER),
     log:
         LAYOUT.log("aggregate", "make_figures"),
     benchmark:
@@ -50,7 +52,29 @@ rule make_figures:
         focus=_focus_label(),
         qc_thresholds=thresholds(config["qc"]),
         histories=lambda wildcards: _histories(),
-        paths={name: LAYOUT.figure(name) for name in REPORT_NAMES["figures"]},
+        paths={name: LAYOUT.figure(name) for name in DRAWN_TOGETHER},
         pretraining=PRETRAINING_REPORT,
     script:
         "../scripts/make_figures.py"
+
+
+# Fig. 5 when the config draws it (brainage.report.targets.report_names): requested
+# through report_targets() only then.
+rule plot_embeddings:
+    input:
+        embeddings=lambda wildcards: _focus_files("embeddings")[0],
+    output:
+        _figure_outputs([EMBEDDINGS_FIGURE]),
+    log:
+        LAYOUT.log("aggregate", "plot_embeddings"),
+    benchmark:
+        LAYOUT.benchmark("aggregate", "plot_embeddings")
+    conda:
+        "../../envs/report.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        focus=_focus_label(),
+    script:
+        "../scripts/plot_embeddings.py"

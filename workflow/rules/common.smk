@@ -23,6 +23,7 @@ from brainage.modalities import tag as modality_tag
 from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
 from brainage.qc import thresholds
 from brainage.report.targets import (
+    EMBEDDINGS_FIGURE,
     MODALITIES_FIGURE,
     ablation_experiments,
     ablation_figure_name,
@@ -655,7 +656,11 @@ def _figure_subcategory(name):
     return "Cohort and preprocessing"
 
 
-def _figure_outputs():
+#: Figures drawn by make_figures; Fig. 5 is plot_embeddings' own job.
+DRAWN_TOGETHER = [name for name in REPORT_NAMES["figures"] if name != EMBEDDINGS_FIGURE]
+
+
+def _figure_outputs(names):
     return [
         in_report(
             LAYOUT.figure(name),
@@ -664,7 +669,7 @@ def _figure_outputs():
             subcategory=_figure_subcategory(name),
             labels={"figure": name},
         )
-        for name in REPORT_NAMES["figures"]
+        for name in names
     ]
 
 
@@ -727,7 +732,7 @@ def _modality_maps():
 
 
 def _figure_inputs(wildcards):
-    inputs = {
+    return {
         "histories": [file for seeds in _histories().values() for file in seeds.values()],
         "metrics": grid_targets("metrics.json"),
         "participants": LAYOUT.split_file(_cohort_split(), "participants.tsv"),
@@ -738,10 +743,6 @@ def _figure_inputs(wildcards):
         "search": _search_trials(wildcards),
         "pretraining": pretraining_report_files(),
     }
-    embeddings = _focus_files("embeddings")
-    if embeddings:
-        inputs["embeddings"] = embeddings[0]
-    return inputs
 
 
 def _focus_label():

@@ -1,4 +1,5 @@
-"""Rule make_figures: every figure of the configuration (brainage.report.figures.make_figures)."""
+"""Rule make_figures: every figure of the configuration but Fig. 5, which rule plot_embeddings
+draws (brainage.report.figures.make_figures)."""
 
 from brainage.logs import log_to_file
 from brainage.report.figures import make_figures
@@ -6,7 +7,6 @@ from brainage.report.figures import make_figures
 log_to_file(snakemake.log[0])
 make_figures(metrics=list(snakemake.input.metrics), participants=snakemake.input.participants,
              qc=snakemake.input.qc, maps=snakemake.params.maps,
-             embeddings=snakemake.input.get("embeddings"),
              predictions=list(snakemake.input.predictions),
              settings=snakemake.params.settings, focus=snakemake.params.focus,
              qc_thresholds=snakemake.params.qc_thresholds, outputs=snakemake.params.paths,

@@ -545,15 +545,15 @@ def plot_pretraining(histories: Mapping[str, str | Path], runs: pd.DataFrame,
 
 def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  qc: str | Path, maps: Mapping[str, str | Path],
-                 embeddings: str | Path | None, predictions: Sequence[str | Path],
+                 predictions: Sequence[str | Path],
                  settings: Mapping[str, Mapping[str, Mapping[str, Any]]],
                  focus: str, qc_thresholds: Mapping[str, float],
                  outputs: Mapping[str, str | Path],
                  search: Sequence[str | Path] = (),
                  histories: Mapping[str, Mapping[int, str | Path]] | None = None,
                  modality_maps: Mapping[str, Mapping[str, str | Path]] | None = None,
-                 pretraining: Mapping[str, Mapping[str, str | Path]] | None = None
-                 ) -> None:
+                 pretraining: Mapping[str, Mapping[str, str | Path]] | None = None,
+                 embeddings: str | Path | None = None) -> None:
     """Draw every figure of the configuration (rule make_figures).
 
     Parameters
@@ -562,7 +562,6 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
     participants : one split's ``participants.tsv`` (cohort, coverage as fraction 0-1).
     qc : ``results/qc/qc.tsv``.
     maps : ``{participant_id: registered stiffness map}`` (MNI152 2 mm, kPa).
-    embeddings : the focus cell's ``embeddings`` folder (``epoch-<EEE>.npz``).
     predictions : the focus cell's ``predictions.tsv`` of every split.
     settings : :func:`experiment_settings` of the config.
     focus : label of the focus cell, e.g. ``table3/adaptive/seed-0``.
@@ -575,6 +574,8 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
         (Fig. 2).
     pretraining : ``{run: {"metrics": metrics.json, "history": history.tsv}}`` of every
         pretraining run (config pretrain).
+    embeddings : the focus cell's ``embeddings`` folder (``epoch-<EEE>.npz``), needed only
+        when ``outputs`` names Fig. 5; the pipeline draws that one in rule plot_embeddings.
     """
     started = time.perf_counter()
     cohort = pd.read_csv(participants, sep="\t", dtype={"participant_id": str, "study": str})

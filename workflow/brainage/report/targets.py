@@ -34,7 +34,11 @@ DATASET_FIGURES = ("fig3_age_distribution", "fig7_coverage", "fig8_coverage_exam
 MODALITIES_FIGURE = "fig2_modalities"
 
 
-CELL_FIGURES = ("fig5_umap", "predicted_vs_true")
+#: Fig. 5, the UMAP of the focus cell's features by epoch: a job of its own (rule
+#: plot_embeddings), drawn as soon as that cell is trained, because UMAP's first call
+#: compiles its numba kernels (about 25 s on 2 cores) and would otherwise be the last job.
+EMBEDDINGS_FIGURE = "fig5_umap"
+CELL_FIGURES = (EMBEDDINGS_FIGURE, "predicted_vs_true")
 #: The training loss of every trained encoder of the loss experiment, per epoch.
 TRAINING_FIGURE = "training_loss"
 
