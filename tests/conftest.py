@@ -11,6 +11,22 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: Module fixtures that take 10 s or more to build on 2 cores (real deepbet and ANTs runs,
+#: training, several processes, a full simulated cohort): every test that uses one is in
+#: the slow tier, so the fast tier (`-m "not workflow and not slow"`) never builds them.
+SLOW_FIXTURES = frozenset({
+    "processed", "derivatives",                          # preprocessing, derivatives
+    "reference_run",                                     # train
+    "cohort", "cohort40",                                # simulate
+    "two_process_steps", "two_process_run", "killed_run",  # distributed
+})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 # ---- foundation: tiny BIDS-like datasets ------------------------------------------------
 def write_tiny_dataset(root: Path, rows: list[dict], *, shape=(12, 12, 12),

@@ -53,6 +53,7 @@ def test_study_mean_is_exact_when_the_study_determines_age(tmp_path):
     assert training_mean["mae"] > 10  # one age for everyone misses the studies' differences
 
 
+@pytest.mark.slow
 def test_pca_ridge_recovers_images_that_are_linear_in_age(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=30, n_test=8, shape=(8, 10, 8))
     table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
@@ -84,6 +85,7 @@ def test_untrained_encoder_keeps_the_seeds_initialisation(tmp_path):
     assert metrics["kind"] == "baseline" and np.isfinite(metrics["mae"])
 
 
+@pytest.mark.slow
 def test_supervised_network_learns_age(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
     settings = tiny_settings(loss={"name": "supervised"},
@@ -101,6 +103,7 @@ def test_supervised_network_learns_age(tmp_path):
     assert metrics["loss"] == "supervised" and metrics["kind"] == "baseline"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["train_mean", "study_mean", "pca_ridge", "untrained"])
 def test_baselines_never_see_the_test_subjects(tmp_path, name):
     """Poison the test rows (images and ages): the training rows' predictions stay the

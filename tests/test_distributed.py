@@ -251,6 +251,7 @@ def test_killed_two_process_run_resumes_in_one_process(split_dir, killed_run, tw
     assert encoder_weights(cell).keys() == encoder_weights(uninterrupted).keys()
 
 
+@pytest.mark.slow
 def test_a_failing_process_stops_the_others(split_dir, tmp_path):
     """Rank 1 raises in epoch 3: the job ends (instead of rank 0 waiting in a collective
     for half an hour), names the error, and leaves a checkpoint to resume from (epoch 2's

@@ -429,6 +429,7 @@ def _with_damping(tmp_path: Path, files: dict, label: str, damping) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_maps_of_a_subject_share_one_transform(chosen, template_files, tmp_path):
     """Damping ratio = 0.05 + 0.04 x stiffness voxel by voxel: after registration the
     relation still holds wherever the maps have data, which it can only if both maps were
@@ -476,6 +477,7 @@ def test_damping_ratio_outside_zero_one_names_subject_and_file(processed, tmp_pa
     assert not (tmp_path / "stiffness.nii.gz").exists()
 
 
+@pytest.mark.slow
 def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_path):
     """Modalities [T1w] (a pretraining cohort): the mask lives on the T1w grid, the one
     output channel is the skull-stripped, registered T1w."""

@@ -1,8 +1,9 @@
 """Tables and figures (brainage.report) on synthetic grid-cell outputs.
 
-The fixtures write files in the formats of the output layout (CONTEXT/DESIGN): a cell's
-metrics.json, predictions.tsv and embeddings/epoch-<EEE>.npz, a split's participants.tsv,
-qc.tsv and registered maps, so the tests need no training or preprocessing.
+The fixtures write files in the formats of the output layout (brainage.paths.Layout,
+docs/architecture.md): a cell's metrics.json, predictions.tsv and
+embeddings/epoch-<EEE>.npz, a split's participants.tsv, qc.tsv and registered maps, so
+the tests need no training or preprocessing.
 """
 
 from __future__ import annotations
@@ -294,6 +295,7 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
 
 # ---- figures ----------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_make_figures_writes_every_figure(results):
     layout, config = results["layout"], results["config"]
     names = targets.report_names(config)["figures"]

@@ -46,6 +46,7 @@ def test_validation_is_carved_from_training_subjects_only(tmp_path):
     assert carved.subset_labels()[split.eval_index].tolist() == [""] * 6  # test rows unused
 
 
+@pytest.mark.slow
 def test_random_search_writes_trials_and_best(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4)
     settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})

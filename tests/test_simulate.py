@@ -316,6 +316,7 @@ def _arrays(root: Path) -> dict[str, np.ndarray]:
             for path in sorted(root.rglob("*.nii.gz"))}
 
 
+@pytest.mark.slow
 def test_same_seed_same_dataset_other_seed_other_dataset(tmp_path):
     # Maps only, to keep this fast; the T1w stream is checked on the cohort below.
     simulate.main(["--root", str(tmp_path / "a"), "--n-subjects", "10", "--seed", "5",

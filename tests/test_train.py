@@ -162,6 +162,7 @@ def kill_after_first_checkpoint(split_dir: Path, settings: dict, paths: dict,
     return subprocess.CompletedProcess(child.args, child.returncode, output, "")
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path, caplog):
     """SIGKILL after the first checkpoint (as a preemption), start again, compare with a run
     that was never interrupted: same weights bit for bit, same history, same metrics.
@@ -480,6 +481,7 @@ def test_cuda_requested_without_gpu(split_dir, tmp_path):
         train_encoder(split_dir, tiny_settings(train={"device": "cuda"}), **cell_paths(tmp_path))
 
 
+@pytest.mark.slow
 def test_gpu_fast_path_runs_on_the_cpu(split_dir):
     """The CUDA defaults, bf16 autocast and channels-last 3D, through the same code on the
     CPU, next to float32 from the same initial weights: a dtype or memory-format slip shows
