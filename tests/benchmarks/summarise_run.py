@@ -20,14 +20,18 @@ import pandas as pd
 
 #: Rule -> stage of the pipeline, for the per-stage lines.
 STAGES = {
-    "simulate_cohort": "data", "simulate_predict_cohort": "data", "prepare_template": "data",
+    "simulate_cohort": "data", "simulate_predict_cohort": "data",
+    "simulate_pretrain_cohort": "data", "prepare_template": "data",
     "strip_skull": "preprocessing", "correct_and_register": "preprocessing",
     "describe_preprocessing": "preprocessing", "tabulate_qc": "preprocessing",
-    "normalise_dataset": "preprocessing",
+    "tabulate_pretrain_qc": "preprocessing", "normalise_dataset": "preprocessing",
+    "normalise_pretrain_cohort": "preprocessing",
     "pretrain_encoder": "training", "train_encoder": "training",
     "search_hyperparameters": "training",
-    "evaluate_encoder": "evaluation", "export_model": "evaluation",
+    "evaluate_encoder": "evaluation", "evaluate_pretrained_encoder": "evaluation",
+    "export_model": "evaluation",
     "make_tables": "tables and figures", "make_figures": "tables and figures",
+    "plot_embeddings": "tables and figures",
     "predict_cohort": "prediction",
 }
 
@@ -36,7 +40,10 @@ def main(folder: str = "benchmarks") -> None:
     rows = []
     for path in sorted(Path(folder).rglob("*.tsv")):
         table = pd.read_csv(path, sep="\t")
+        # export_model_<bundle>.tsv names its bundle; preprocessing tables their subject
         rule = path.stem if path.stem in STAGES else path.stem.split("_sub-")[0]
+        if rule.startswith("export_model_"):
+            rule = "export_model"
         rows.append({"rule": rule, "wall_s": float(table["s"].iloc[0]),
                      "cpu_s": float(table["cpu_time"].iloc[0]),
                      "max_rss_mb": float(table["max_rss"].iloc[0])})
