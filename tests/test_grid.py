@@ -188,10 +188,11 @@ def test_cells_that_differ_in_the_readout_share_one_encoder(tmp_path):
         re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed))
 
 
-def _fake_complete_run(workdir: Path, configfile: Path) -> None:
+def _fake_complete_run(workdir: Path, configfile: Path,
+                       targets: tuple[str, ...] = REPORT_RULES) -> None:
     """Create every output of the DAG (empty), then let Snakemake record them as made by
     their jobs (``--touch`` writes the same metadata a real run writes: params, code)."""
-    summary = run_snakemake(workdir, configfile, "--summary", *REPORT_RULES).stdout
+    summary = run_snakemake(workdir, configfile, "--summary", *targets).stdout
     for line in summary.splitlines()[1:]:
         path = workdir / line.split("\t")[0]
         if "." not in path.name:  # directory() outputs (embeddings): no extension
@@ -203,9 +204,9 @@ def _fake_complete_run(workdir: Path, configfile: Path) -> None:
         benchmark = workdir / Layout().benchmark("aggregate", rule)
         benchmark.parent.mkdir(parents=True, exist_ok=True)
         benchmark.touch()
-    run_snakemake(workdir, configfile, *REPORT_RULES, "--touch", "--quiet", "all")
+    run_snakemake(workdir, configfile, *targets, "--touch", "--quiet", "all")
     assert job_counts(run_snakemake(workdir, configfile, "--dry-run",
-                                    *REPORT_RULES).stdout) == Counter()
+                                    *targets).stdout) == Counter()
 
 
 def test_editing_one_loss_setting_reruns_only_that_variant(tmp_path):
@@ -270,14 +271,18 @@ def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp
         "loss": {"name": "adaptive"}, "model": {"init": "pretrained:t1"}}
     configfile = write_config(tmp_path / "config.yaml", base)
     workdir = tmp_path / "work"
-    planned = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
+    # each run's UMAP figure too (a wildcard rule: requested by its file)
+    reports = (*REPORT_RULES, *(Layout().figure(targets.pretraining_embeddings_figure(run))
+                                for run in ("t1", "bhb")))
+    planned = job_counts(run_snakemake(workdir, configfile, "--dry-run", *reports).stdout)
+    assert planned["plot_pretraining_embeddings"] == 2, planned
     # the T1w cohort goes through the same two per-subject jobs as the stiffness maps
     assert planned["strip_skull"] == 6 + 6, planned
     assert planned["correct_and_register_T1w"] == 6, planned
     assert planned["prepare_openbhb"] == 1 and planned["normalise_pretrain_cohort"] == 1
     assert planned["pretrain_encoder"] == 2 and planned["evaluate_pretrained_encoder"] == 2
     assert planned["train_encoder"] == 6, planned
-    _fake_complete_run(workdir, configfile)
+    _fake_complete_run(workdir, configfile, reports)
     # two GPUs: torchrun starts one training process per GPU on the job's node
     launch = run_snakemake(workdir, configfile, "--dry-run", "--printshellcmds", "--forcerun",
                            "pretrain_encoder", *REPORT_RULES).stdout
@@ -287,10 +292,10 @@ def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp
 
     base["pretrain"]["t1"]["loss"] = {"name": "exponential", "sigma": 3.0}
     write_config(configfile, base)
-    result = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
+    result = run_snakemake(workdir, configfile, "--dry-run", *reports)
     counts = job_counts(result.stdout)
-    assert counts == Counter({"pretrain_encoder": 1,
-                              "evaluate_pretrained_encoder": 1, "train_encoder": 2,
+    assert counts == Counter({"pretrain_encoder": 1, "evaluate_pretrained_encoder": 1,
+                              "plot_pretraining_embeddings": 1, "train_encoder": 2,
                               "evaluate_encoder": 2, "make_tables": 1, "make_figures": 1}), counts
     rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
     assert rerun == {("table3/adaptive_pretrained", "0"), ("table3/adaptive_pretrained", "1")}

@@ -357,6 +357,45 @@ def test_umap_without_embeddings_says_what_to_do(tmp_path):
         figures.plot_embeddings({}, tmp_path / "umap.png", cell="table3/adaptive/seed-0")
 
 
+def test_pretraining_umap_marks_validation_subjects_and_names_its_setting(tmp_path,
+                                                                          monkeypatch):
+    """A pretraining run's embeddings hold training and validation subjects (no test
+    subjects): both are drawn, each with its own marker; an empty run names its key."""
+    markers = []
+    plt = figures._pyplot()
+    original = plt.Axes.scatter
+
+    def record(self, *args, marker=None, label=None, **kwargs):
+        markers.append((marker, label))
+        return original(self, *args, marker=marker, label=label, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "scatter", record)
+    rng = np.random.default_rng(0)
+    embeddings = {epoch: {"features": rng.normal(size=(8, 4)).astype(np.float32),
+                          "age": np.linspace(20, 80, 8),
+                          "subset": np.array(["train"] * 6 + ["validation"] * 2)}
+                  for epoch in (1, 150)}
+    path = tmp_path / "pretraining_umap_t1w.png"
+    figures.plot_embeddings(embeddings, path, cell="pretraining run t1w", title="Pretraining")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    assert markers == [("o", "train (n=6)"), ("s", "validation (n=2)")] * 2
+    with pytest.raises(targets.ReportError, match=r"pretrain\.t1w\.train\.embed_epochs"):
+        figures.plot_embeddings({}, path, cell="pretraining run t1w",
+                                setting="pretrain.t1w.train.embed_epochs")
+    embeddings[1]["subset"][0] = "holdout"
+    with pytest.raises(targets.ReportError, match="holdout"):
+        figures.plot_embeddings(embeddings, path, cell="pretraining run t1w")
+
+
+def test_each_pretraining_run_has_its_umap_figure():
+    config = validate_config({"pretrain": {"t1": {"source": {"kind": "simulate"}},
+                                           "big": {"source": {"kind": "simulate"}}}})
+    names = targets.report_names(config)["figures"]
+    assert {"pretraining", "pretraining_umap_t1", "pretraining_umap_big"} <= set(names)
+    assert not any(name.startswith("pretraining_umap")
+                   for name in targets.report_names(validate_config({}))["figures"])
+
+
 # ---- random search ------------------------------------------------------------------------
 
 def write_trials(path: Path, rows) -> Path:

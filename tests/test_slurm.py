@@ -187,7 +187,8 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     started = time.monotonic()
     # the report rules need every cell: the whole pipeline, whatever `all` also holds
     result, output = snakemake_on_slurm(workdir, "make_tables", "make_figures",
-                                        "plot_embeddings")
+                                        "plot_embeddings",
+                                        "results/figures/pretraining_umap_t1w.png")
     elapsed = time.monotonic() - started
     if result.returncode != 0:
         pytest.fail(f"the tiny grid failed on SLURM after {elapsed:.0f} s; failed jobs:\n"
@@ -220,10 +221,10 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     assert modality["mae_mean"].notna().all()
     assert (rules == "train_encoder").sum() == n_cells >= 4, states.to_string()
     assert (rules == "evaluate_encoder").sum() == n_cells, states.to_string()
-    assert {"make_tables", "make_figures", "plot_embeddings"} <= set(rules.dropna()), (
-        states.to_string())
+    assert {"make_tables", "make_figures", "plot_embeddings",
+            "plot_pretraining_embeddings"} <= set(rules.dropna()), states.to_string()
     for name in ("fig2_modalities", "fig3_age_distribution", "fig5_umap", "fig7_coverage",
-                 "predicted_vs_true", "pretraining"):
+                 "predicted_vs_true", "pretraining", "pretraining_umap_t1w"):
         assert (workdir / "results" / "figures" / f"{name}.png").stat().st_size > 0
     print(f"tiny grid on SLURM: {len(jobs)} jobs in {elapsed:.0f} s")
 

@@ -1,8 +1,8 @@
 # Stage aggregate: the paper's tables and figures from every grid cell.
 # Which files exist is decided by brainage.report.targets.report_names(config) alone: an
-# experiment that is not enabled in the config has no table and no figure. Fig. 5 (UMAP)
-# is a job of its own (plot_embeddings, brainage.report.targets.EMBEDDINGS_FIGURE) that
-# starts once the focus cell is trained, so its numba compilation overlaps training.
+# experiment that is not enabled in the config has no table and no figure. Each UMAP figure
+# is a job of its own (Fig. 5: plot_embeddings, once the focus cell is trained; each
+# pretraining run: plot_pretraining_embeddings), so numba's compilation overlaps training.
 # `snakemake --report results/report.html` embeds them with the captions in workflow/report/.
 
 
@@ -75,6 +75,37 @@ rule plot_embeddings:
         mem_mb=2000,
         runtime=20,
     params:
-        focus=_focus_label(),
+        label=_focus_label(),
+        title="Fig. 5",
+        setting="train.embed_epochs",
+    script:
+        "../scripts/plot_embeddings.py"
+
+
+# Each pretraining run's features by epoch, training and validation subjects of its cohort.
+rule plot_pretraining_embeddings:
+    input:
+        embeddings=LAYOUT.pretrain_file("{pretrain}", "embeddings"),
+    output:
+        in_report(
+            LAYOUT.figure(pretraining_embeddings_figure("{pretrain}")),
+            caption=_caption("figures", "pretraining_umap"),
+            category="Figures",
+            subcategory="Pretraining",
+            labels={"figure": pretraining_embeddings_figure("{pretrain}")},
+        ),
+    log:
+        LAYOUT.log("aggregate", "plot_pretraining_embeddings_{pretrain}"),
+    benchmark:
+        LAYOUT.benchmark("aggregate", "plot_pretraining_embeddings_{pretrain}")
+    conda:
+        "../../envs/report.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=20,
+    params:
+        label=lambda wildcards: f"pretraining run {wildcards.pretrain}",
+        title="Pretraining",
+        setting=lambda wildcards: f"pretrain.{wildcards.pretrain}.train.embed_epochs",
     script:
         "../scripts/plot_embeddings.py"

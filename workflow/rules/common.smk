@@ -25,10 +25,12 @@ from brainage.qc import thresholds
 from brainage.report.targets import (
     EMBEDDINGS_FIGURE,
     MODALITIES_FIGURE,
+    PRETRAINING_NAME,
     ablation_experiments,
     ablation_figure_name,
     experiment_settings,
     focus_cell,
+    pretraining_embeddings_figure,
     report_names,
 )
 from brainage.search import search_settings
@@ -653,11 +655,16 @@ def _figure_subcategory(name):
         return "Ablations"
     if name in ("fig5_umap", "predicted_vs_true", "search_trials", "training_loss"):
         return "Model"
+    if name == PRETRAINING_NAME:
+        return "Pretraining"
     return "Cohort and preprocessing"
 
 
-#: Figures drawn by make_figures; Fig. 5 is plot_embeddings' own job.
-DRAWN_TOGETHER = [name for name in REPORT_NAMES["figures"] if name != EMBEDDINGS_FIGURE]
+#: Figures of a UMAP job each (plot_embeddings, plot_pretraining_embeddings): UMAP's
+#: numba compilation then overlaps other jobs instead of ending the run.
+DRAWN_ALONE = {EMBEDDINGS_FIGURE} | {pretraining_embeddings_figure(run) for run in PRETRAIN}
+#: Every other figure, drawn together by make_figures.
+DRAWN_TOGETHER = [name for name in REPORT_NAMES["figures"] if name not in DRAWN_ALONE]
 
 
 def _figure_outputs(names):

@@ -196,14 +196,30 @@ def project_2d(features: np.ndarray, *, random_state: int = UMAP_RANDOM_STATE
         return reducer.fit_transform(features), "UMAP"
 
 
+#: Marker of each subset an embeddings file can hold: a grid cell's training and test
+#: subjects, a pretraining run's training and validation subjects.
+SUBSET_MARKERS = {"train": "o", "test": "^", "validation": "s"}
+
+
 def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: str | Path, *,
-                    cell: str = "") -> None:
-    """Fig. 5: one 2D projection per saved epoch, coloured by age (train ●, test ▲)."""
+                    cell: str = "", title: str = "Fig. 5",
+                    setting: str = "train.embed_epochs") -> None:
+    """Fig. 5 (or a pretraining run's figure, by ``title``): one 2D projection per saved
+    epoch, coloured by age in years (train ●, test ▲, validation ■).
+
+    ``setting`` names the config key that lists the saved epochs, for the error when there
+    are none.
+    """
     plt = _pyplot()
     epochs = sorted(embeddings)
     if not epochs:
-        raise ReportError(f"no embeddings to plot for {cell or path}; set "
-                          f"train.embed_epochs to epochs the cell trains.")
+        raise ReportError(f"no embeddings to plot for {cell or path}; set {setting} to "
+                          f"epochs it trains.")
+    unknown = sorted({str(name) for epoch in epochs for name in embeddings[epoch]["subset"]}
+                     - set(SUBSET_MARKERS))
+    if unknown:
+        raise ReportError(f"embeddings of {cell or path} name subset(s) {', '.join(unknown)}; "
+                          f"known: {', '.join(SUBSET_MARKERS)}.")
     columns = min(3, len(epochs))
     rows = int(np.ceil(len(epochs) / columns))
     figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3.6 * rows),
@@ -216,25 +232,29 @@ def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: st
         coords, method = project_2d(data["features"])
         methods.add(method)
         subset = np.asarray(data["subset"]).astype(str)
-        for name, marker in (("train", "o"), ("test", "^")):
+        for name, marker in SUBSET_MARKERS.items():
             chosen = subset == name
-            scatter = axis.scatter(coords[chosen, 0], coords[chosen, 1],
+            if not chosen.any():
+                continue
+            axis.scatter(coords[chosen, 0], coords[chosen, 1],
                                    c=np.asarray(data["age"], float)[chosen], cmap="viridis",
                                    norm=norm, marker=marker, s=22, edgecolors="none",
                                    label=f"{name} (n={chosen.sum()})")
         legend = axis.legend(fontsize="x-small", loc="best")
         for handle in legend.legend_handles:  # marker shape only; colour is age
+            handle.set_array(None)  # else the age colour map overrides the grey
             handle.set_color("grey")
         axis.set_title(f"epoch {epoch}")
         axis.set_xticks([])
         axis.set_yticks([])
     for axis in list(axes.flat)[len(epochs):]:
         axis.set_visible(False)
-    figure.colorbar(scatter, ax=axes, label="age [years]", shrink=0.8)
+    figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes,
+                    label="age [years]", shrink=0.8)
     method = " / ".join(sorted(methods))
     note = (f" (PCA: fewer than {MIN_UMAP_SAMPLES} subjects, too few for UMAP)"
             if "PCA" in methods else "")
-    figure.suptitle(f"Fig. 5: {method} of the read-out features by epoch, {cell}{note}",
+    figure.suptitle(f"{title}: {method} of the read-out features by epoch, {cell}{note}",
                     fontsize="medium")
     _save(figure, path)
 

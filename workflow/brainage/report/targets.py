@@ -45,6 +45,13 @@ TRAINING_FIGURE = "training_loss"
 #: The pretraining section (table and figure) when the config has pretraining runs.
 PRETRAINING_NAME = "pretraining"
 PRETRAINING_GAIN = "pretraining_gain"
+#: Prefix of each pretraining run's UMAP by epoch (rule plot_pretraining_embeddings).
+PRETRAINING_EMBEDDINGS_PREFIX = "pretraining_umap_"
+
+
+def pretraining_embeddings_figure(run: str) -> str:
+    """Figure name of pretraining run ``run``'s features by epoch (UMAP)."""
+    return f"{PRETRAINING_EMBEDDINGS_PREFIX}{run}"
 
 
 #: Table and figure of the random search over nn_final and nn_step (config ``search``).
@@ -82,8 +89,9 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
         and ``table3_paired`` when experiment ``table3`` is enabled; ``ablation_<name>``
         and its figure for every other enabled experiment; the UMAP and predicted-vs-true
         figures when the grid has at least one cell; ``search_trials`` (table and figure)
-        when the random search is enabled; ``pretraining`` (table and figure) and
-        ``pretraining_gain`` when the config has pretraining runs.
+        when the random search is enabled; ``pretraining`` (table and figure),
+        ``pretraining_gain`` and one ``pretraining_umap_<run>`` figure per run when the
+        config has pretraining runs.
     """
     experiments = enabled_experiments(config)
     tables = ["table2_cohort"]
@@ -106,6 +114,7 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     if config.get("pretrain"):
         tables += [PRETRAINING_NAME, PRETRAINING_GAIN]
         figures.append(PRETRAINING_NAME)
+        figures += [pretraining_embeddings_figure(run) for run in config["pretrain"]]
     return {"tables": tables, "figures": figures}
 
 
