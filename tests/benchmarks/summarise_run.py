@@ -31,19 +31,23 @@ STAGES = {
     "evaluate_encoder": "evaluation", "evaluate_pretrained_encoder": "evaluation",
     "export_model": "evaluation",
     "make_tables": "tables and figures", "make_figures": "tables and figures",
-    "plot_embeddings": "tables and figures",
+    "plot_embeddings": "tables and figures", "plot_pretraining_embeddings": "tables and figures",
     "predict_cohort": "prediction",
 }
+
+
+#: Rules whose benchmark table adds a wildcard value to the rule name.
+NAMED_BY_WILDCARD = ("export_model", "plot_pretraining_embeddings")
 
 
 def main(folder: str = "benchmarks") -> None:
     rows = []
     for path in sorted(Path(folder).rglob("*.tsv")):
         table = pd.read_csv(path, sep="\t")
-        # export_model_<bundle>.tsv names its bundle; preprocessing tables their subject
+        # export_model_<bundle>.tsv names its bundle, plot_pretraining_embeddings_<run>.tsv
+        # its run; preprocessing tables their subject
         rule = path.stem if path.stem in STAGES else path.stem.split("_sub-")[0]
-        if rule.startswith("export_model_"):
-            rule = "export_model"
+        rule = next((name for name in NAMED_BY_WILDCARD if rule.startswith(f"{name}_")), rule)
         rows.append({"rule": rule, "wall_s": float(table["s"].iloc[0]),
                      "cpu_s": float(table["cpu_time"].iloc[0]),
                      "max_rss_mb": float(table["max_rss"].iloc[0])})
