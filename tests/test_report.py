@@ -301,14 +301,17 @@ def test_make_figures_writes_every_figure(results):
     names = targets.report_names(config)["figures"]
     paths = {name: layout.figure(name) for name in names}
     focus = targets.focus_cell(config)
+    umaps = [name for name in names if targets.is_umap_figure(name)]
+    assert umaps == ["fig5_umap"]  # drawn by rule plot_embeddings, as here
+    figures.plot_embeddings(figures.load_embeddings(
+        layout.cell_file("holdout", *focus, "embeddings")), paths["fig5_umap"])
     figures.make_figures(
         metrics=results["metrics"], participants=results["split_dir"] / "participants.tsv",
         qc=layout.qc_table(), maps=results["maps"],
-        embeddings=layout.cell_file("holdout", *focus, "embeddings"),
         predictions=[layout.cell_file("holdout", *focus, "predictions.tsv")],
         settings=results["settings"], focus="table3/adaptive/seed-0",
         qc_thresholds={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7},
-        outputs=paths,
+        outputs={name: path for name, path in paths.items() if name not in umaps},
         histories={variant: {seed: layout.cell_file("holdout", "table3", variant, seed,
                                                     "history.tsv")
                              for seed in config["experiments"]["table3"]["seeds"]}
@@ -392,6 +395,9 @@ def test_each_pretraining_run_has_its_umap_figure():
                                            "big": {"source": {"kind": "simulate"}}}})
     names = targets.report_names(config)["figures"]
     assert {"pretraining", "pretraining_umap_t1", "pretraining_umap_big"} <= set(names)
+    # Fig. 5 (the default grid's focus cell) and each run's: jobs of their own
+    assert [name for name in names if targets.is_umap_figure(name)] == [
+        "fig5_umap", "pretraining_umap_t1", "pretraining_umap_big"]
     assert not any(name.startswith("pretraining_umap")
                    for name in targets.report_names(validate_config({}))["figures"])
 

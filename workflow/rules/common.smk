@@ -30,6 +30,7 @@ from brainage.report.targets import (
     ablation_figure_name,
     experiment_settings,
     focus_cell,
+    is_umap_figure,
     pretraining_embeddings_figure,
     report_names,
 )
@@ -653,18 +654,16 @@ def _table_outputs():
 def _figure_subcategory(name):
     if name in {ablation_figure_name(e) for e in ablation_experiments(config)}:
         return "Ablations"
-    if name in ("fig5_umap", "predicted_vs_true", "search_trials", "training_loss"):
+    if name in (EMBEDDINGS_FIGURE, "predicted_vs_true", "search_trials", "training_loss"):
         return "Model"
     if name == PRETRAINING_NAME:
         return "Pretraining"
     return "Cohort and preprocessing"
 
 
-#: Figures of a UMAP job each (plot_embeddings, plot_pretraining_embeddings): UMAP's
-#: numba compilation then overlaps other jobs instead of ending the run.
-DRAWN_ALONE = {EMBEDDINGS_FIGURE} | {pretraining_embeddings_figure(run) for run in PRETRAIN}
-#: Every other figure, drawn together by make_figures.
-DRAWN_TOGETHER = [name for name in REPORT_NAMES["figures"] if name not in DRAWN_ALONE]
+#: The figures of make_figures: all but the UMAPs, which are jobs of their own so that
+#: UMAP's numba compilation overlaps other jobs instead of ending the run.
+DRAWN_TOGETHER = [name for name in REPORT_NAMES["figures"] if not is_umap_figure(name)]
 
 
 def _figure_outputs(names):

@@ -1,5 +1,5 @@
-"""Rule make_figures: every figure of the configuration but Fig. 5, which rule plot_embeddings
-draws (brainage.report.figures.make_figures)."""
+"""Rule make_figures: every figure of the configuration but the UMAPs, which rules
+plot_embeddings and plot_pretraining_embeddings draw (brainage.report.figures.make_figures)."""
 
 from brainage.logs import log_to_file
 from brainage.report.figures import make_figures

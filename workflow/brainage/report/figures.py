@@ -237,9 +237,9 @@ def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: st
             if not chosen.any():
                 continue
             axis.scatter(coords[chosen, 0], coords[chosen, 1],
-                                   c=np.asarray(data["age"], float)[chosen], cmap="viridis",
-                                   norm=norm, marker=marker, s=22, edgecolors="none",
-                                   label=f"{name} (n={chosen.sum()})")
+                         c=np.asarray(data["age"], float)[chosen], cmap="viridis", norm=norm,
+                         marker=marker, s=22, edgecolors="none",
+                         label=f"{name} (n={chosen.sum()})")
         legend = axis.legend(fontsize="x-small", loc="best")
         for handle in legend.legend_handles:  # marker shape only; colour is age
             handle.set_array(None)  # else the age colour map overrides the grey
@@ -572,9 +572,10 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  search: Sequence[str | Path] = (),
                  histories: Mapping[str, Mapping[int, str | Path]] | None = None,
                  modality_maps: Mapping[str, Mapping[str, str | Path]] | None = None,
-                 pretraining: Mapping[str, Mapping[str, str | Path]] | None = None,
-                 embeddings: str | Path | None = None) -> None:
-    """Draw every figure of the configuration (rule make_figures).
+                 pretraining: Mapping[str, Mapping[str, str | Path]] | None = None
+                 ) -> None:
+    """Draw every figure of the configuration but the UMAPs (rule make_figures; the UMAPs
+    are :func:`plot_embeddings` jobs of their own: :func:`~brainage.report.targets.is_umap_figure`).
 
     Parameters
     ----------
@@ -594,8 +595,6 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
         (Fig. 2).
     pretraining : ``{run: {"metrics": metrics.json, "history": history.tsv}}`` of every
         pretraining run (config pretrain).
-    embeddings : the focus cell's ``embeddings`` folder (``epoch-<EEE>.npz``), needed only
-        when ``outputs`` names Fig. 5; the pipeline draws that one in rule plot_embeddings.
     """
     started = time.perf_counter()
     cohort = pd.read_csv(participants, sep="\t", dtype={"participant_id": str, "study": str})
@@ -614,8 +613,6 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                                for example in pick_age_examples(cohort)], path)
         elif name == "qc_overview":
             plot_dataset_qc(read_qc_table(qc), path, minimums=thresholds(qc_thresholds))
-        elif name == "fig5_umap":
-            plot_embeddings(load_embeddings(embeddings), path, cell=focus)
         elif name == "predicted_vs_true":
             plot_predicted_vs_true(read_predictions(predictions), path, cell=focus)
         elif name == SEARCH_NAME:

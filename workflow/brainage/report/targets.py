@@ -54,6 +54,12 @@ def pretraining_embeddings_figure(run: str) -> str:
     return f"{PRETRAINING_EMBEDDINGS_PREFIX}{run}"
 
 
+def is_umap_figure(name: str) -> bool:
+    """Whether figure ``name`` is a UMAP by epoch, drawn by a job of its own (rules
+    plot_embeddings, plot_pretraining_embeddings) rather than by make_figures."""
+    return name == EMBEDDINGS_FIGURE or name.startswith(PRETRAINING_EMBEDDINGS_PREFIX)
+
+
 #: Table and figure of the random search over nn_final and nn_step (config ``search``).
 SEARCH_NAME = "search_trials"
 
