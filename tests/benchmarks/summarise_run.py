@@ -8,6 +8,10 @@ the elapsed time is roughly the summed wall time / N plus the scheduling gaps.
 Usage::
 
     python tests/benchmarks/summarise_run.py [benchmarks folder]   # default: benchmarks
+
+To tell the instruction set from the rest of a machine, run the pipeline once as usual and
+once under ``tests/benchmarks/avx2_only.sh`` (AVX2 code paths on an AVX-512 CPU), and
+compare the two summaries.
 """
 
 from __future__ import annotations
