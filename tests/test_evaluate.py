@@ -11,7 +11,7 @@ import torch
 
 from brainage.config import ConfigError, resolve_cell
 from brainage.data import load_split
-from brainage.evaluate import compute_metrics, evaluate_encoder
+from brainage.evaluate import compute_metrics, evaluate_encoder, trained_loss
 from brainage.models import build_model
 from brainage.readout import fit_readout, load_readout, ridge_folds
 from brainage.train import write_features
@@ -103,6 +103,29 @@ def test_metrics_closed_form():
     assert constant["mae"] == 22.5 and constant["mae_per_study"] == {"a": 20.0, "b": 25.0}
     shifted = compute_metrics(ages, ages + np.array([1.0, -1.0, 3.0, -3.0]), studies)
     assert shifted["mae"] == 2 and shifted["rmse"] == pytest.approx(np.sqrt(5))
+
+
+def test_metrics_record_the_loss_the_encoder_was_trained_with(tmp_path):
+    """After loss.nn_from_search the encoder trains with the search's nn_final/nn_step, not
+    the configured ones: metrics.json says which, from what training wrote."""
+    split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4)
+    settings = tiny_settings()  # configured: the schema's nn_final and nn_step
+    model = build_model(resolve_cell(settings)["model"])
+    configured = resolve_cell(settings)["loss"]
+    searched = {**configured, "nn_final": configured["nn_final"] + 1, "nn_step": 1,
+                "nn_from_search": True}
+    for name, trained in (("searched", searched), ("untrained", None)):
+        write_features(tmp_path / f"{name}.npz", model, load_split(split_dir), "sha",
+                       device=torch.device("cpu"), trained_loss=trained)
+        evaluate_encoder(split_dir, tmp_path / f"{name}.npz", settings,
+                         metrics_path=tmp_path / name / "metrics.json",
+                         predictions_path=tmp_path / name / "predictions.tsv")
+    recorded = json.loads((tmp_path / "searched" / "metrics.json").read_text())["trained_loss"]
+    assert recorded == json.loads(json.dumps(searched))
+    # an untrained encoder (train.epochs 0) had no loss; a cell without an encoder neither
+    assert json.loads((tmp_path / "untrained" / "metrics.json").read_text())[
+        "trained_loss"] is None
+    assert trained_loss(None) is None
 
 
 @pytest.mark.parametrize("features, method", [("projection", "ridge"), ("encoder", "dex")])

@@ -178,6 +178,30 @@ def test_table3_has_the_contract_columns_and_paper_numbers(results):
     assert adaptive["label"] == "Adaptive Neighborhoods"
 
 
+def test_table3_names_the_neighbourhood_schedule_each_encoder_trained_with(results, tmp_path):
+    """metrics.json's trained_loss (the search's nn_final/nn_step after nn_from_search)
+    reaches Table 3: a column of the csv and a note under the table."""
+    for path in results["metrics"]:
+        metrics = json.loads(Path(path).read_text())
+        if metrics["loss"] == "adaptive":  # seed 2's split chose another nn_final
+            metrics["trained_loss"] = {"name": "adaptive", "nn_from_search": True,
+                                       "nn_final": 5 if metrics["seed"] == 2 else 4,
+                                       "nn_step": 2}
+        elif metrics["loss"] == "yaware":
+            metrics["trained_loss"] = {"name": "yaware", "sigma": 2.0}
+        Path(path).write_text(json.dumps(metrics))
+    seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
+    table = tables.table3_losses(seeds).set_index("loss")
+    assert table.loc["adaptive", "neighbourhood"] == (
+        "nn_final 4, nn_step 2 (random search) or nn_final 5, nn_step 2 (random search)")
+    assert table.loc[["simclr", "yaware"], "neighbourhood"].isna().all()
+    tables.write_table3(table.reset_index(), tables.paired_comparison(seeds),
+                        tmp_path / "table3", tmp_path / "paired")
+    markdown = (tmp_path / "table3.md").read_text()
+    assert "schedule as trained" in markdown and "nn_final 5, nn_step 2" in markdown
+    assert "nn_final" in pd.read_csv(tmp_path / "table3.csv")["neighbourhood"].iloc[-1]
+
+
 def test_paired_comparison_against_adaptive(results):
     seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
     paired = tables.paired_comparison(seeds).set_index("baseline")

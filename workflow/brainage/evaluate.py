@@ -18,6 +18,7 @@ Outputs of a grid cell, written by :func:`evaluate_encoder` next to each other:
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -95,6 +96,20 @@ the cell's channels, ``model.modalities``).
                             f"cell that trains this encoder.")
         return saved[settings["model"]["features"]].astype(np.float32), str(
             saved["encoder_sha256"])
+
+
+def trained_loss(features_path: str | Path | None) -> dict | None:
+    """The loss settings the cell's encoder was trained with (``features.npz``'s
+    ``trained_loss``, :func:`brainage.train.write_features`): after ``loss.nn_from_search``
+    the random search's nn_final/nn_step. None without an encoder or for an untrained one.
+    """
+    if features_path is None:
+        return None
+    with np.load(features_path, allow_pickle=False) as saved:
+        if "trained_loss" not in saved.files:
+            return None
+        loss = json.loads(str(saved["trained_loss"]))
+    return loss or None
 
 
 def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
@@ -187,7 +202,8 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
                "loss": settings["loss"]["name"], "kind": cell_kind(settings),
                # the cell that trained it, when cells share an encoder (encoder_owners)
                "features": None if features_path is None else str(features_path),
-               "encoder_sha256": encoder_sha256, **metrics}
+               "encoder_sha256": encoder_sha256,
+               "trained_loss": trained_loss(features_path), **metrics}
     write_tsv(predictions_path, predictions)
     write_json(metrics_path, metrics)
     log.info("%s/%s seed %s on %s: test MAE %.3f years (n_train %d, n_test %d)",

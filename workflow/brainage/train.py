@@ -227,7 +227,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         digest = _save_encoder(encoder_path, model, settings, split, epochs)
         if features_path is not None:
             write_features(features_path, model, split, digest, device=device,
-                           autocast_dtype=autocast_dtype, channels=channels)
+                           autocast_dtype=autocast_dtype, channels=channels)  # no loss
         if history_path is not None:
             write_tsv(history_path, _history_table([]))
         log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
@@ -355,7 +355,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     if features_path is not None:
         write_features(features_path, model, split, digest, device=device,
                        autocast_dtype=autocast_dtype, channels_last=channels_last,
-                       channels=channels)
+                       channels=channels, trained_loss=loss_settings)
     if history_path is not None:
         write_tsv(history_path, _history_table(history))
     checkpoint_path.unlink(missing_ok=True)
@@ -405,11 +405,14 @@ FEATURE_TABLE = ("participant_id", "subset", "age", "study")
 
 def write_features(path: str | Path, model, split: SplitData, encoder_sha256: str, *,
                    device, autocast_dtype=None, channels_last: bool = False,
-                   channels: Sequence[int] | None = None) -> None:
+                   channels: Sequence[int] | None = None,
+                   trained_loss: Mapping | None = None) -> None:
     """``features.npz``: the final encoder's features of every split subject, training rows
     then evaluation rows, both kinds (``encoder`` [n, 8 x width] and ``projection``
     [n, projection_dim], float32), with ``participant_id``, ``subset``, ``age`` (years),
-    ``study`` and the ``encoder_sha256`` they came from.
+    ``study``, the ``encoder_sha256`` they came from and ``trained_loss``, the loss
+    settings the encoder was trained with as JSON (after ``loss.nn_from_search``: the
+    values used, not the configured ones), so that evaluation can report them.
 
     Computed once, where the network already is (on the GPU at paper scale), so that every
     read-out of the encoder (the cells that share it, the Fig. 4d ablation) is fitted on
@@ -425,7 +428,9 @@ def write_features(path: str | Path, model, split: SplitData, encoder_sha256: st
             np.savez(handle, **features, participant_id=split.participant_ids[rows].astype(str),
                      subset=split.subset_labels()[rows].astype(str), age=split.ages[rows],
                      study=split.studies[rows].astype(str),
-                     encoder_sha256=np.array(encoder_sha256))
+                     encoder_sha256=np.array(encoder_sha256),
+                     trained_loss=np.array(json.dumps(dict(trained_loss or {}),
+                                                      sort_keys=True)))
 
 
 def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmenter,

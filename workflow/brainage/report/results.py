@@ -95,7 +95,8 @@ METRIC_KEYS = ("split", "experiment", "variant", "seed", "mae", "n_test")
 
 def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per ``metrics.json``: split, experiment, variant, seed, loss, readout, mae,
-    rmse, pearson_r, r2, n_train, n_test, and ``mae_study_<study>`` per study.
+    rmse, pearson_r, r2, n_train, n_test, neighbourhood (:func:`neighbourhood_schedule`)
+    and ``mae_study_<study>`` per study.
 
     Raises
     ------
@@ -117,17 +118,35 @@ def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
         row["kind"] = metrics.get("kind", "contrastive")
         row["seed"] = int(metrics["seed"])
         row["loss"] = loss.get("name") if isinstance(loss, Mapping) else loss
+        row["neighbourhood"] = neighbourhood_schedule(metrics.get("trained_loss"))
         for study, mae in (metrics.get("mae_per_study") or {}).items():
             row[f"mae_study_{study}"] = mae
         row["path"] = str(path)
         rows.append(row)
     if not rows:
         return pd.DataFrame(columns=[*METRIC_KEYS, "loss", "kind", "readout", "rmse",
-                                     "pearson_r", "r2", "gap_age_slope", "n_train", "path"])
+                                     "pearson_r", "r2", "gap_age_slope", "n_train",
+                                     "neighbourhood", "path"])
     table = pd.DataFrame(rows)
     for column in ("mae", "rmse", "pearson_r", "r2", "gap_age_slope"):
         table[column] = pd.to_numeric(table[column], errors="coerce")
     return table
+
+
+def neighbourhood_schedule(trained_loss: Mapping[str, Any] | None) -> str | None:
+    """"nn_final N, nn_step M" and where they came from, for an encoder trained with
+    Adaptive Neighborhoods (metrics.json's ``trained_loss``); None for any other cell."""
+    if not isinstance(trained_loss, Mapping) or trained_loss.get("name") != "adaptive":
+        return None
+    source = "random search" if trained_loss.get("nn_from_search") else "configured"
+    return (f"nn_final {trained_loss.get('nn_final')}, nn_step {trained_loss.get('nn_step')} "
+            f"({source})")
+
+
+def joined_values(values: pd.Series) -> str | None:
+    """The distinct non-empty values in order, joined by " or " (None when none)."""
+    distinct = list(dict.fromkeys(value for value in values if isinstance(value, str)))
+    return " or ".join(distinct) or None
 
 
 def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -136,8 +155,9 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     MAE and RMSE are pooled over all test subjects of the splits (weights ``n_test``),
     Pearson r and r² are the mean over splits. Returns one row per cell with columns
     experiment, variant, seed, loss, kind, mae, rmse, pearson_r, r2, gap_age_slope (the
-    mean over splits), n_test, n_splits and the ``mae_study_*`` columns (each study's MAE
-    over the splits that test it, weighted by their n_test).
+    mean over splits), n_test, n_splits, neighbourhood (Adaptive Neighborhoods' schedule
+    as trained, each split's when they differ) and the ``mae_study_*`` columns (each
+    study's MAE over the splits that test it, weighted by their n_test).
     """
     keys = ["experiment", "variant", "seed"]
     study_columns = [c for c in metrics.columns if c.startswith("mae_study_")]
@@ -155,7 +175,10 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                "pearson_r": float(group["pearson_r"].mean()),
                "r2": float(group["r2"].mean()),
                "gap_age_slope": float(group["gap_age_slope"].mean()),
-               "n_test": int(weights.sum()), "n_splits": int(len(group))}
+               "n_test": int(weights.sum()), "n_splits": int(len(group)),
+               # each split has its own random search: its choice may differ
+               "neighbourhood": (joined_values(group["neighbourhood"])
+                                 if "neighbourhood" in group else None)}
         for column in study_columns:
             # a study is tested in some splits only (leave-one-study-out)
             present = group[column].notna().to_numpy()
@@ -163,7 +186,7 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                            if present.any() else np.nan)
         rows.append(row)
     columns = [*keys, "loss", "kind", "readout", "mae", "rmse", "pearson_r", "r2",
-               "gap_age_slope", "n_test", "n_splits", *study_columns]
+               "gap_age_slope", "n_test", "n_splits", "neighbourhood", *study_columns]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -178,7 +201,9 @@ def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
                "r2_mean": float(seeds["r2"].mean()),
                "gap_age_slope_mean": float(seeds["gap_age_slope"].mean()),
                "n_test": int(seeds["n_test"].iloc[0]),
-               "seeds": " ".join(str(s) for s in sorted(seeds["seed"]))}
+               "seeds": " ".join(str(s) for s in sorted(seeds["seed"])),
+               "neighbourhood": (joined_values(seeds["neighbourhood"])
+                                 if "neighbourhood" in seeds else None)}
     for column in [c for c in seeds.columns if c.startswith("mae_study_")]:
         summary[column] = float(seeds[column].mean())
     return summary

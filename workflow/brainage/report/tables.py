@@ -72,7 +72,8 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     -------
     pandas.DataFrame
         Columns ``loss, n_seeds, mae_mean, mae_std`` (MAE in years, sd over seeds), then
-        ``kind`` (contrastive or baseline), ``variant, label, rmse_mean, pearson_r_mean,
+        ``kind`` (contrastive or baseline), ``variant, label, init, neighbourhood``
+        (Adaptive Neighborhoods' nn_final/nn_step as trained), ``rmse_mean, pearson_r_mean,
         r2_mean, gap_age_slope_mean`` (age bias: slope of the gap against age),
         ``n_test, seeds, paper_mae_mean, paper_mae_std`` and ``mae_study_<study>``.
         ``loss`` is the loss name (a baseline's key for baselines), or
@@ -110,7 +111,7 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
         repeated, "variant"] + ")"
     table = table.sort_values("_order", kind="stable").drop(columns="_order")
     first = ["loss", "n_seeds", "mae_mean", "mae_std", "kind", "variant", "label", "init",
-             "rmse_mean", "pearson_r_mean", "r2_mean", "gap_age_slope_mean", "n_test",
+             "neighbourhood", "rmse_mean", "pearson_r_mean", "r2_mean", "gap_age_slope_mean", "n_test",
              "seeds", "paper_mae_mean", "paper_mae_std"]
     return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
 
@@ -327,6 +328,11 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
              f"as the losses. Age bias: least-squares slope of (predicted − true age) "
              f"against age on the test subjects (0 = unbiased, −1 = a constant prediction).",
              PAPER_NOTE]
+    schedules = [f"{label}: {schedule}" for label, schedule
+                 in zip(table["label"], table["neighbourhood"]) if isinstance(schedule, str)]
+    if schedules:
+        notes.append("Adaptive Neighborhoods' schedule as trained (\"or\": seeds or "
+                     "splits differ): " + "; ".join(schedules) + ".")
     labels = dict(zip(table["variant"], table["label"]))
     write_table(table, display, table_stem,
                 title="Table 3: contrastive losses and baselines, test MAE",
