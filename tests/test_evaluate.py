@@ -11,7 +11,7 @@ import torch
 
 from brainage.config import ConfigError, resolve_cell
 from brainage.data import load_split
-from brainage.evaluate import compute_metrics, evaluate_encoder, trained_loss
+from brainage.evaluate import compute_metrics, evaluate_encoder
 from brainage.models import build_model
 from brainage.readout import fit_readout, load_readout, ridge_folds
 from brainage.train import write_features
@@ -122,10 +122,9 @@ def test_metrics_record_the_loss_the_encoder_was_trained_with(tmp_path):
                          predictions_path=tmp_path / name / "predictions.tsv")
     recorded = json.loads((tmp_path / "searched" / "metrics.json").read_text())["trained_loss"]
     assert recorded == json.loads(json.dumps(searched))
-    # an untrained encoder (train.epochs 0) had no loss; a cell without an encoder neither
+    # an untrained encoder (train.epochs 0) had no loss
     assert json.loads((tmp_path / "untrained" / "metrics.json").read_text())[
         "trained_loss"] is None
-    assert trained_loss(None) is None
 
 
 @pytest.mark.parametrize("features, method", [("projection", "ridge"), ("encoder", "dex")])

@@ -69,9 +69,10 @@ def test_voxel_baselines_read_the_cells_channels(two_channel_split, tmp_path):
     from brainage.evaluate import cell_features
 
     settings = tiny_settings(model={"encoder": "none", "modalities": ["damping_ratio"]})
-    features, _ = cell_features(split, None, settings)
+    features, encoder_sha256, trained_loss = cell_features(split, None, settings)
     rows = np.concatenate([split.train_index, split.eval_index])
     assert np.array_equal(features, np.asarray(split.images[rows, 1]).reshape(len(rows), -1))
+    assert encoder_sha256 is None and trained_loss is None  # no encoder, no loss
 
 
 def test_one_channel_checkpoint_initialises_a_two_channel_network(tmp_path):

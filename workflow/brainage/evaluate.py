@@ -22,7 +22,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -68,15 +68,27 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
 
 # -- one grid cell --------------------------------------------------------------------------
 
+class CellFeatures(NamedTuple):
+    """What a cell's read-out is fitted on (:func:`cell_features`)."""
+
+    #: float32 [n, D]: the training rows, then the evaluation rows.
+    features: np.ndarray
+    #: sha256 of the encoder they came from; None without an encoder.
+    encoder_sha256: str | None
+    #: The loss settings the encoder was trained with (after ``loss.nn_from_search`` the
+    #: random search's nn_final/nn_step); None without an encoder or for an untrained one.
+    trained_loss: dict | None
+
+
 def cell_features(split: SplitData, features_path: str | Path | None, settings: Mapping
-                  ) -> tuple[np.ndarray, str | None]:
-    """The read-out's input for the training rows then the evaluation rows, float32 [n, D],
-    and the sha256 of the encoder they came from.
+                  ) -> CellFeatures:
+    """The read-out's input for the training rows then the evaluation rows, with the
+    encoder's sha256 and training loss.
 
     From the cell's ``features.npz`` (written by training, :func:`brainage.train.
     write_features`; the kind ``model.features`` names), or, without an encoder
     (``model.encoder: none``, the classical baselines), the normalised voxels themselves (of
-the cell's channels, ``model.modalities``).
+    the cell's channels, ``model.modalities``).
 
     Raises
     ------
@@ -88,28 +100,16 @@ the cell's channels, ``model.modalities``).
     if settings["model"]["encoder"] == "none":
         channels = split.channel_indices(settings["model"].get("modalities"))
         voxels = np.asarray(split.images[rows], dtype=np.float32)[:, channels]
-        return voxels.reshape(len(rows), -1), None
+        return CellFeatures(voxels.reshape(len(rows), -1), None, None)
     with np.load(features_path, allow_pickle=False) as saved:
         if saved["participant_id"].tolist() != split.participant_ids[rows].tolist():
             raise DataError(f"{features_path} lists other subjects than split {split.name} "
                             f"(train then evaluation rows); rerun rule train_encoder for the "
                             f"cell that trains this encoder.")
-        return saved[settings["model"]["features"]].astype(np.float32), str(
-            saved["encoder_sha256"])
-
-
-def trained_loss(features_path: str | Path | None) -> dict | None:
-    """The loss settings the cell's encoder was trained with (``features.npz``'s
-    ``trained_loss``, :func:`brainage.train.write_features`): after ``loss.nn_from_search``
-    the random search's nn_final/nn_step. None without an encoder or for an untrained one.
-    """
-    if features_path is None:
-        return None
-    with np.load(features_path, allow_pickle=False) as saved:
-        if "trained_loss" not in saved.files:
-            return None
-        loss = json.loads(str(saved["trained_loss"]))
-    return loss or None
+        trained_loss = (json.loads(str(saved["trained_loss"]))
+                        if "trained_loss" in saved.files else None)
+        return CellFeatures(saved[settings["model"]["features"]].astype(np.float32),
+                            str(saved["encoder_sha256"]), trained_loss or None)
 
 
 def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
@@ -183,7 +183,7 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
     """
     settings = resolve_cell(settings)
     split = load_split(split_dir)
-    features, encoder_sha256 = cell_features(split, features_path, settings)
+    features, encoder_sha256, trained_loss = cell_features(split, features_path, settings)
     metrics, predictions, readout = evaluate_split(split, features, settings)
     n_train = len(split.train_index)
     predicted = predictions["predicted_age"].to_numpy(dtype=np.float64)
@@ -203,7 +203,7 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
                # the cell that trained it, when cells share an encoder (encoder_owners)
                "features": None if features_path is None else str(features_path),
                "encoder_sha256": encoder_sha256,
-               "trained_loss": trained_loss(features_path), **metrics}
+               "trained_loss": trained_loss, **metrics}
     write_tsv(predictions_path, predictions)
     write_json(metrics_path, metrics)
     log.info("%s/%s seed %s on %s: test MAE %.3f years (n_train %d, n_test %d)",

@@ -111,8 +111,8 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
         repeated, "variant"] + ")"
     table = table.sort_values("_order", kind="stable").drop(columns="_order")
     first = ["loss", "n_seeds", "mae_mean", "mae_std", "kind", "variant", "label", "init",
-             "neighbourhood", "rmse_mean", "pearson_r_mean", "r2_mean", "gap_age_slope_mean", "n_test",
-             "seeds", "paper_mae_mean", "paper_mae_std"]
+             "neighbourhood", "rmse_mean", "pearson_r_mean", "r2_mean", "gap_age_slope_mean",
+             "n_test", "seeds", "paper_mae_mean", "paper_mae_std"]
     return table[first + [c for c in table.columns if c not in first]].reset_index(drop=True)
 
 
