@@ -58,9 +58,31 @@ def test_description_names_the_pipeline_and_the_template_space(derivatives):
         "Description": description["GeneratedBy"][0]["Description"]}
     registered = sorted(derivatives.glob("sub-*/anat/*_desc-preproc_stiffness.nii.gz"))
     assert len(registered) == 2
-    assert all("_space-MNI152NLin2009aAsym_res-2_" in path.name for path in registered)
-    assert (derivatives / "tpl-MNI152NLin2009aAsym"
-            / "tpl-MNI152NLin2009aAsym_res-2_T1w.nii.gz").is_file()
+    assert all("_space-MNI152NLin2009aSym_res-2_" in path.name for path in registered)
+    assert (derivatives / "tpl-MNI152NLin2009aSym"
+            / "tpl-MNI152NLin2009aSym_res-2_T1w.nii.gz").is_file()
+
+
+def test_default_space_names_nilearns_template_symmetric():
+    """nilearn's MNI152 is ICBM 2009a *symmetric* (its docstring says asymmetrical): the file
+    it loads is McGill's ``..._tal_nlin_sym_09a`` and equals its mirror image about x = 0
+    voxel for voxel, so its TemplateFlow identifier is MNI152NLin2009aSym."""
+    import numpy as np
+    from nilearn import datasets
+
+    from brainage.paths import DEFAULT_SPACE
+
+    assert DEFAULT_SPACE == "MNI152NLin2009aSym"
+    template = datasets.load_mni152_template(resolution=1)
+    assert "_tal_nlin_sym_09a" in Path(datasets.MNI152_FILE_PATH).name
+    data, affine = np.asarray(template.dataobj), template.affine
+    assert np.allclose(affine[:3, :3], np.eye(3))
+    midline = -affine[0, 3]  # the x index of world x = 0
+    assert float(midline).is_integer() and 2 * midline == data.shape[0] - 1
+    assert np.array_equal(data, data[::-1])
+    # the comparison can fail: a mirror plane half a voxel off, or front-back, is not one
+    assert not np.array_equal(data[1:], data[:0:-1])
+    assert not np.array_equal(data, data[:, ::-1])
 
 
 def test_bids_validator_accepts_the_derivative_dataset(derivatives):

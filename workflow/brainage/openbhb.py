@@ -60,7 +60,7 @@ The release's layout (what was found, and where)
   that file when the release has it, and otherwise from :data:`QUASIRAW_AFFINE` /
   :data:`QUASIRAW_SHAPE` (the same values).
 * Resampling goes by the affines only. The quasi-raw template is MNI152NLin6Asym (FSL);
-  our default template is nilearn's MNI152NLin2009aAsym. Both are MNI-152 averages whose
+  our default template is nilearn's MNI152NLin2009aSym. Both are MNI-152 averages whose
   coordinates agree to a few mm, and no transform between the two is applied: the
   quasi-raw images are themselves only affinely aligned. With ``template.source: file``
   and FSL's 2 mm MNI152 the grids coincide exactly (every 2 mm centre on a 1 mm centre).

@@ -26,9 +26,12 @@ from pathlib import Path
 
 #: The training cohort's preprocessing folder (relative to ``results``).
 TRAINING_PREPROC = "preproc"
-#: TemplateFlow identifier of nilearn's bundled MNI152 (ICBM 2009a, asymmetric: nilearn's
-#: documentation; the first round called it symmetric, which it is not).
-DEFAULT_SPACE = "MNI152NLin2009aAsym"
+#: TemplateFlow identifier of nilearn's bundled MNI152: ICBM 2009a nonlinear *symmetric*.
+#: nilearn's docstring says "asymmetrical", but its files are McGill's
+#: ``mni_icbm152_*_tal_nlin_sym_09a`` and the image equals its own mirror image about
+#: x = 0 voxel for voxel (tests/test_derivatives.py checks it), which no asymmetric template
+#: does. docs/method.md ("Template") tells the story.
+DEFAULT_SPACE = "MNI152NLin2009aSym"
 TEMPLATE_RESOLUTION = "res-2"
 
 

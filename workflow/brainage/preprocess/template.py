@@ -1,7 +1,7 @@
 """The registration target (rule ``prepare_template``): MNI152 T1 and brain mask at 2 mm.
 
-Default: the MNI152 template bundled with nilearn, ICBM 2009a nonlinear asymmetric
-(TemplateFlow ``MNI152NLin2009aAsym``; 99 x 117 x 95 voxels of 2 mm, offline; nilearn
+Default: the MNI152 template bundled with nilearn, ICBM 2009a nonlinear symmetric
+(TemplateFlow ``MNI152NLin2009aSym``; 99 x 117 x 95 voxels of 2 mm, offline; nilearn
 ships it already skull-stripped, and references are registered to T1 x brain mask). Or a
 user's pair of files (``template.source: file``), e.g. FSL's ``MNI152_T1_2mm.nii.gz``
 (TemplateFlow ``MNI152NLin6Asym``, 91 x 109 x 91) with its brain mask; config key
@@ -57,7 +57,7 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     Parameters
     ----------
     out_t1, out_mask : output NIfTI paths (``Layout.template("T1w"/"brain_mask")``).
-    source : ``nilearn`` (bundled MNI152 2009a asym) or ``file`` (config ``template.source``).
+    source : ``nilearn`` (bundled MNI152 2009a sym) or ``file`` (config ``template.source``).
     t1, mask : with ``source="file"``, the user's template files (``template.t1/mask``).
 
     Returns
@@ -66,7 +66,7 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     """
     if source == "nilearn":
         data, brain, affine = _nilearn_template()
-        origin = "nilearn MNI152 ICBM 2009a nonlinear asymmetric"
+        origin = "nilearn MNI152 ICBM 2009a nonlinear symmetric"
     elif source == "file":
         data, brain, affine = _file_template(t1, mask)
         origin = f"file {t1}"

@@ -1,7 +1,7 @@
 """A simulated multi-study MR-elastography cohort, written in the pipeline's input layout.
 
 Real MRE data cannot be shipped, so the demo and the tests run on a cohort simulated
-from nilearn's bundled MNI152 (ICBM 2009a nonlinear asymmetric) template and its grey/white-matter
+from nilearn's bundled MNI152 (ICBM 2009a nonlinear symmetric) template and its grey/white-matter
 probability maps, offline and deterministically from a seed.
 
 On-disk layout written by :func:`simulate_cohort` (``root`` is the BIDS-like dataset)::
