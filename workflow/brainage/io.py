@@ -46,10 +46,6 @@ class InputError(ValueError):
     """The input dataset is not what the pipeline needs; the message says how to fix it."""
 
 
-def stiffness_path(root: str | Path, label: str) -> Path:
-    return input_path(root, label, "stiffness")
-
-
 def anatomical_path(root: str | Path, label: str) -> Path:
     return input_path(root, label, "T1w")
 

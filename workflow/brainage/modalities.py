@@ -110,10 +110,6 @@ def grid_modality(names: Sequence[str]) -> str:
                      f"{', '.join(MODALITIES)}.")
 
 
-def needs_anatomy(names: Sequence[str]) -> bool:
-    return "T1w" in names
-
-
 def tag(names: Sequence[str]) -> str:
     """A name part for a set of modalities (``stiffness_damping_ratio``)."""
     return "_".join(names)

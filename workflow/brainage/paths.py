@@ -116,9 +116,6 @@ class Layout:
     def qc_table(self) -> str:
         return self.result("qc", "qc.tsv")
 
-    def qc_figure(self) -> str:
-        return self.result("qc", "qc_overview.png")
-
     def split_dir(self, split: str) -> str:
         return self.result("dataset", split)
 

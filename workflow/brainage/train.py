@@ -399,10 +399,6 @@ def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,
                                "settings": settings, "split": split.name, "epochs": epochs})
 
 
-#: Arrays of ``features.npz`` besides the features themselves.
-FEATURE_TABLE = ("participant_id", "subset", "age", "study")
-
-
 def write_features(path: str | Path, model, split: SplitData, encoder_sha256: str, *,
                    device, autocast_dtype=None, channels_last: bool = False,
                    channels: Sequence[int] | None = None,
