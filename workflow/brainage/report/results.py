@@ -202,8 +202,7 @@ def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
                "gap_age_slope_mean": float(seeds["gap_age_slope"].mean()),
                "n_test": int(seeds["n_test"].iloc[0]),
                "seeds": " ".join(str(s) for s in sorted(seeds["seed"])),
-               "neighbourhood": (joined_values(seeds["neighbourhood"])
-                                 if "neighbourhood" in seeds else None)}
+               "neighbourhood": joined_values(seeds["neighbourhood"])}
     for column in [c for c in seeds.columns if c.startswith("mae_study_")]:
         summary[column] = float(seeds[column].mean())
     return summary
