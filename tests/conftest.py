@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -10,6 +11,19 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def local_snakemake_environment(**extra: str) -> dict[str, str]:
+    """The environment of a Snakemake that a test runs with the local executor.
+
+    Snakemake imports every installed executor plugin when it starts, and the SLURM
+    plugin then asks ``scontrol show config`` (at import, whatever the executor). Where
+    slurm-client is installed but no controller answers (a CI machine once
+    tests/test_slurm.py has installed SLURM and stopped its cluster), scontrol waits about
+    9 s before giving up, at every start. With ``SLURM_CONF=/dev/null`` it fails at once;
+    the SLURM test runs Snakemake with its cluster's own environment.
+    """
+    return {**os.environ, "SLURM_CONF": "/dev/null", **extra}
 
 #: Module fixtures that take 10 s or more to build on 2 cores (real deepbet and ANTs runs,
 #: training, several processes, a full simulated cohort): every test that uses one is in
@@ -76,8 +90,6 @@ def tiny_dataset(tmp_path):
 # ---- preprocessing (issue 3): simulated subjects with known pose, the template ---------
 # ITK reads its thread count once per process, at the first ANTs call: one thread for the
 # whole session makes registrations bit-identical between runs and keeps to one core.
-import os  # noqa: E402
-
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
 
 

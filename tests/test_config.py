@@ -37,6 +37,23 @@ def test_every_key_has_description_and_default():
     assert undefaulted == []
 
 
+def test_resolving_every_cell_leaves_the_shared_schema_as_parsed():
+    # validate_config and cell_settings share one parsed schema (no copy per cell): filling
+    # defaults must write into the settings, never into the schema.
+    import yaml
+
+    from brainage.config import CONFIG_SCHEMA
+
+    config = load_config(REPO / "config" / "paper.yaml")
+    for experiment, variant, seed in grid_cells(config):
+        settings = cell_settings(config, experiment, variant, seed)
+        settings["train"]["epochs"] = -1  # a caller editing its copy
+        settings["loss"].clear()
+    for name in config["pretrain"]:
+        pretrain_settings(config, name)["loss"].clear()
+    assert load_schema() == yaml.safe_load(CONFIG_SCHEMA.read_text())
+
+
 def test_every_object_rejects_unknown_keys():
     schema = load_schema()
     open_objects = [key for key, sub in _properties(schema)

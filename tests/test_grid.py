@@ -31,7 +31,7 @@ import yaml
 from brainage.config import encoder_owners, grid_cells, load_config
 from brainage.paths import Layout
 from brainage.report import targets
-from conftest import REPO, default_rows, write_tiny_dataset
+from conftest import REPO, default_rows, local_snakemake_environment, write_tiny_dataset
 from openbhb_fixture import write_openbhb_release
 
 pytestmark = pytest.mark.workflow
@@ -51,7 +51,7 @@ def run_snakemake(workdir: Path, configfile: Path, *args: str, check: bool = Tru
     command = [*SNAKEMAKE, "--snakefile", str(REPO / "Snakefile"), "--directory", str(workdir),
                "--configfile", str(configfile), "--replace-workflow-config", "--cores", "1",
                *args]
-    environment = {**os.environ, "PYTHONPATH": str(REPO / "workflow")}
+    environment = local_snakemake_environment(PYTHONPATH=str(REPO / "workflow"))
     result = subprocess.run(command, capture_output=True, text=True, env=environment,
                             timeout=300)
     if check and result.returncode != 0:

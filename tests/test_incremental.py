@@ -21,6 +21,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from conftest import local_snakemake_environment
+
 pytestmark = pytest.mark.workflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +35,8 @@ TARGET = "results/dataset/holdout/images.npy"
 def snakemake(workdir: Path, config: Path, *arguments: str) -> str:
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
                str(workdir), "--configfile", str(config), "--cores", "2", *arguments, TARGET]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, check=False,
+                            env=local_snakemake_environment())
     if result.returncode:
         raise AssertionError(f"snakemake {' '.join(arguments)} failed:\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")

@@ -599,8 +599,7 @@ def test_simulated_new_cohort_never_overwrites_a_real_dataset(tmp_path, monkeypa
 
 
 def test_exported_cell_must_be_trained_by_the_grid():
-    from brainage.config import ConfigError, load_config
-    from brainage.predict import exported_cell
+    from brainage.config import ConfigError, exported_cell, load_config
 
     config = load_config(Path(__file__).resolve().parents[1] / "config" / "config.yaml")
     experiment, variant, seed = exported_cell(config)

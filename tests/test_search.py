@@ -8,14 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.config import ConfigError, resolve_cell, training_settings
+from brainage.config import ConfigError, resolve_cell, search_settings, training_settings
 from brainage.data import load_split
 from brainage.search import (
     TRIAL_COLUMNS,
     apply_search_result,
     random_search,
     sample_trials,
-    search_settings,
 )
 from split_fixture import tiny_settings, write_split
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import local_snakemake_environment
+
 pytestmark = pytest.mark.workflow
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +18,8 @@ BIN = Path(sys.executable).parent
 
 
 def run(*command: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=local_snakemake_environment())
 
 
 def test_snakemake_lint_is_silent():

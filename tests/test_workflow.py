@@ -20,7 +20,7 @@ from brainage.logs import attempts_file
 from brainage.paths import Layout
 from brainage.preprocess.chain import subject_files
 from brainage.simulate import draw_participants
-from conftest import REPO, default_rows, write_tiny_dataset
+from conftest import REPO, default_rows, local_snakemake_environment, write_tiny_dataset
 
 pytestmark = pytest.mark.workflow
 
@@ -30,7 +30,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile")]
 def snakemake(workdir: Path, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run([*SNAKEMAKE, "--directory", str(workdir), "--cores", "1", *args],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=local_snakemake_environment())
 
 
 def user_config(tmp_path: Path, root: Path, **sections) -> Path:
@@ -46,6 +46,21 @@ def test_fresh_folder_dry_run_starts_with_the_simulation(tmp_path):
     assert result.returncode == 0, result.stdout
     assert "simulate_cohort" in result.stdout
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+def test_planning_a_run_does_not_import_pytorch(tmp_path):
+    # Snakemake reads the workflow at every start (and twice more in every SLURM job):
+    # config validation and job planning are plain Python; PyTorch (1.3 s) loads in the
+    # jobs that train. Python lists every import it makes under PYTHONPROFILEIMPORTTIME.
+    result = subprocess.run([*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "1", "-n"],
+                            capture_output=True, text=True, timeout=240,
+                            env=local_snakemake_environment(PYTHONPROFILEIMPORTTIME="1"))
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "brainage.config" in imported and "snakemake.dag" in imported  # it did list them
+    assert "torch" not in imported
 
 
 @pytest.mark.workflow
@@ -170,7 +185,7 @@ def test_readme_commands_resume_a_killed_run(tmp_path):
     killed_job = work / attempts_file(layout.log("data", "simulate_cohort"))
     run = subprocess.Popen([*SNAKEMAKE, "--directory", str(work), "--cores", "1", *arguments],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           start_new_session=True)
+                           start_new_session=True, env=local_snakemake_environment())
     deadline = time.monotonic() + 120
     while not (killed_job.exists() and any((work / ".snakemake" / "locks").glob("*.lock"))):
         if run.poll() is not None or time.monotonic() > deadline:

@@ -29,7 +29,7 @@ import pandas as pd
 from brainage import brainage_version
 from brainage.apply import predict_cohort
 from brainage.bundle import read_bundle
-from brainage.config import ConfigError, cell_settings, encoder_owners, grid_cells
+from brainage.config import cell_settings, encoder_owners, exported_cell, preprocessing_record
 from brainage.export import export_model
 from brainage.io import InputError, read_participants, subject_inputs
 from brainage.normalise import split_names
@@ -39,31 +39,6 @@ from brainage.preprocess.derivatives import describe_preprocessing
 from brainage.preprocess.template import prepare_template, template_record
 
 log = logging.getLogger(__name__)
-
-
-def exported_cell(config: Mapping) -> tuple[str, str, int]:
-    """(experiment, variant, seed) of the grid cell ``predict.model`` exports.
-
-    Raises
-    ------
-    ConfigError
-        When no enabled experiment trains that cell.
-    """
-    model = config["predict"]["model"]
-    cell = (model["experiment"], model["variant"], int(model["seed"]))
-    if cell not in grid_cells(config):
-        raise ConfigError(
-            f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
-            f"which no enabled experiment trains. Choose one of: "
-            f"{', '.join(f'{e}/{v}/seed {s}' for e, v, s in grid_cells(config)) or 'none'}.")
-    return cell
-
-
-def preprocessing_record(config: Mapping) -> dict:
-    """How the training maps were preprocessed; a new cohort must match (stored in the
-    bundle, used by ``python -m brainage.predict run``)."""
-    return {"preprocess": dict(config["preprocess"]), "qc": dict(config["qc"]),
-            "template": dict(config["template"])}
 
 
 def export_from_config(config: Mapping) -> dict:

@@ -41,15 +41,6 @@ log = logging.getLogger(__name__)
 TRIAL_COLUMNS = ("trial", "nn_final", "nn_step", "validation_mae", "validation_rmse", "seconds")
 
 
-def search_settings(config: Mapping) -> dict:
-    """Cell settings of the search trials: the base sections with the Adaptive loss (whose
-    nn_final and nn_step each trial sets, so never ``loss.nn_from_search``)."""
-    return {"experiment": "search", "variant": "adaptive", "seed": int(config["search"]["seed"]),
-            "loss": {**config["loss"], "name": "adaptive", "nn_from_search": False},
-            "train": dict(config["train"]),
-            "model": dict(config["model"]), "readout": dict(config["readout"])}
-
-
 def sample_trials(search: Mapping, *, batch_size: int, epochs: int) -> list[dict]:
     """``search.trials`` draws of (nn_final, nn_step), uniform over the inclusive ranges.
 
@@ -81,7 +72,7 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
     out_dir
         Folder for the per-trial work (``trial-<NN>/``); by default also for the tables.
     settings
-        Cell settings of the trials (:func:`search_settings`); the loss is forced to
+        Cell settings of the trials (:func:`brainage.config.search_settings`); the loss is forced to
         Adaptive Neighborhoods, nn_final and nn_step are set per trial.
     search
         The config's ``search`` section.

@@ -1,10 +1,12 @@
 # Shared by every .smk file: validated config, the path helper, the cohorts and their
 # subjects, the splits and the grid. All targets are chosen in all_targets(), nothing else.
 
+import copy
 import json
 import re
 import shlex
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 from snakemake.settings.types import DeploymentMethod
@@ -16,8 +18,8 @@ sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 from brainage import brainage_version
 from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
 from brainage.config import pretrain_settings, pretrained_run, training_settings
-from brainage.predict import exported_cell as exported_cell_of
-from brainage.predict import preprocessing_record
+from brainage.config import exported_cell as exported_cell_of
+from brainage.config import preprocessing_record
 from brainage.modalities import grid_modality, input_path, mre_maps
 from brainage.modalities import tag as modality_tag
 from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
@@ -34,13 +36,13 @@ from brainage.report.targets import (
     pretraining_embeddings_figure,
     report_names,
 )
-from brainage.search import search_settings
 from brainage.config import (
     ConfigError,
     cell_settings,
     check_batch_sizes,
     encoder_owners,
     grid_cells,
+    search_settings,
     trains_an_encoder,
     uses_search_result,
     validate_config,
@@ -324,7 +326,16 @@ def check_training_set_sizes():
 
 
 def cell_params(wildcards):
-    return cell_settings(config, wildcards.experiment, wildcards.variant, int(wildcards.seed))
+    """A grid cell's settings (brainage.config.cell_settings), each caller its own copy:
+    Snakemake asks for them several times per job, so each cell is resolved once."""
+    return copy.deepcopy(
+        _resolved_cell(wildcards.experiment, wildcards.variant, int(wildcards.seed))
+    )
+
+
+@lru_cache(maxsize=None)
+def _resolved_cell(experiment, variant, seed):
+    return cell_settings(config, experiment, variant, seed)
 
 
 _ENCODER_OWNERS = {}
@@ -459,7 +470,7 @@ def search_pretrained_encoder():
 
 
 def search_params():
-    """The trials' settings (brainage.search.search_settings), with the pretrained start."""
+    """The trials' settings (brainage.config.search_settings), with the pretrained start."""
     settings = search_settings(config)
     run = pretrained_run(settings["model"])
     if run is not None:

@@ -10,47 +10,35 @@ Modules: ``kernel`` (the kernelised InfoNCE family on one shared core), ``rnc``
 (Rank-N-Contrast), ``nnclr`` (NNCLR and its FIFO support set), ``schedule``
 (Algorithm 1), ``supervised`` (the supervised baseline's L1 on age), ``registry``
 (names -> classes).
+
+The names are imported on first use (PEP 562): ``brainage.losses.schedule`` is plain
+Python that config validation runs at every Snakemake start, and importing it must not
+import PyTorch (1.3 s) through this package.
 """
 
-from .kernel import (
-    AdaptiveNeighborhoodsLoss,
-    ExponentialLoss,
-    KernelContrastiveLoss,
-    SimCLRLoss,
-    ThresholdLoss,
-    YAwareLoss,
-)
-from .nnclr import NNCLRLoss, SupportSet
-from .registry import (
-    CONTRASTIVE_LOSSES,
-    DEFAULT_AUGMENTATION,
-    DISPLAY_NAMES,
-    LOSS_CLASSES,
-    LOSS_NAMES,
-    LOSS_PARAMETERS,
-    make_loss,
-)
-from .rnc import RankNContrastLoss
-from .schedule import nn_schedule
-from .supervised import SupervisedL1Loss
+from __future__ import annotations
 
-__all__ = [
-    "AdaptiveNeighborhoodsLoss",
-    "CONTRASTIVE_LOSSES",
-    "DEFAULT_AUGMENTATION",
-    "DISPLAY_NAMES",
-    "ExponentialLoss",
-    "KernelContrastiveLoss",
-    "LOSS_CLASSES",
-    "LOSS_NAMES",
-    "LOSS_PARAMETERS",
-    "NNCLRLoss",
-    "RankNContrastLoss",
-    "SimCLRLoss",
-    "SupervisedL1Loss",
-    "SupportSet",
-    "ThresholdLoss",
-    "YAwareLoss",
-    "make_loss",
-    "nn_schedule",
-]
+import importlib
+
+#: Public name -> the submodule that defines it.
+_SOURCES = {
+    **dict.fromkeys(("AdaptiveNeighborhoodsLoss", "ExponentialLoss", "KernelContrastiveLoss",
+                     "SimCLRLoss", "ThresholdLoss", "YAwareLoss"), "kernel"),
+    **dict.fromkeys(("NNCLRLoss", "SupportSet"), "nnclr"),
+    **dict.fromkeys(("CONTRASTIVE_LOSSES", "DEFAULT_AUGMENTATION", "DISPLAY_NAMES",
+                     "LOSS_CLASSES", "LOSS_NAMES", "LOSS_PARAMETERS", "make_loss"),
+                    "registry"),
+    "RankNContrastLoss": "rnc",
+    "nn_schedule": "schedule",
+    "SupervisedL1Loss": "supervised",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str) -> object:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_SOURCES[name]}", __name__), name)
+    globals()[name] = value
+    return value

@@ -1,4 +1,5 @@
-"""Pieces shared by the contrastive losses: argument checks, row layout, distances.
+"""Pieces shared by the contrastive losses: shape checks, row layout, distances (the
+argument checks, which need no PyTorch, are in ``_arguments``).
 
 Row layout (docs/method.md §5): a batch ``features[B, V, D]`` becomes ``N = B·V`` rows
 ordered view-major (all view-1 rows, then all view-2 rows); row ``r`` belongs to
@@ -9,45 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
+
+from ._arguments import check_choice
 
 DISTANCES: tuple[str, ...] = ("manhattan", "euclidean", "chebyshev", "cosine")
 REDUCTIONS: tuple[str, ...] = ("anchor", "global")
 
 _MINKOWSKI_ORDER = {"manhattan": 1.0, "euclidean": 2.0, "chebyshev": math.inf}
-
-
-# --------------------------------------------------------------------------- arguments
-
-
-def check_positive_float(name: str, value: object) -> float:
-    """Return ``value`` as a float, or raise ValueError unless it is finite and > 0."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_positive_int(name: str, value: object) -> int:
-    """Return ``value`` as an int, or raise ValueError unless it is an integer >= 1."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
-
-
-def check_choice(name: str, value: object, choices: Sequence[str]) -> str:
-    """Return ``value``, or raise ValueError unless it is one of ``choices``."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return str(value)
 
 
 # --------------------------------------------------------------------------- inputs

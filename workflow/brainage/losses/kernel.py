@@ -28,14 +28,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ._arguments import check_choice, check_positive_float, check_positive_int
 from ._common import (
     DISTANCES,
     REDUCTIONS,
     autocast_disabled,
     check_batch,
-    check_choice,
-    check_positive_float,
-    check_positive_int,
     masked_logsumexp,
     pairwise_distance,
     rbf_kernel,

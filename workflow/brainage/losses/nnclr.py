@@ -8,13 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import (
-    autocast_disabled,
-    check_batch,
-    check_positive_float,
-    check_positive_int,
-    view_major_rows,
-)
+from ._arguments import check_positive_float, check_positive_int
+from ._common import autocast_disabled, check_batch, view_major_rows
 
 
 class SupportSet(nn.Module):

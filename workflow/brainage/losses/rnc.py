@@ -7,10 +7,10 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ._arguments import check_positive_float
 from ._common import (
     autocast_disabled,
     check_batch,
-    check_positive_float,
     connected_zero,
     pairwise_distance,
     view_major_rows,

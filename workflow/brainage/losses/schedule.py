@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._common import check_positive_int
+from ._arguments import check_positive_int
 
 
 def check_schedule(

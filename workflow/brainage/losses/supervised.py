@@ -14,7 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ._common import check_batch, check_positive_float
+from ._arguments import check_positive_float
+from ._common import check_batch
 
 
 class SupervisedL1Loss(nn.Module):
