@@ -2,7 +2,9 @@
 failed write names the file and the free space; a job's log keeps its earlier attempts."""
 
 import gzip
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +143,39 @@ def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):
              _stiffness(tiny_dataset, "01a"))
     with pytest.raises(InputError, match="sub-01a"):
         check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
+
+
+def test_every_bad_image_is_named_at_once_and_the_good_ones_are_remembered(tiny_dataset,
+                                                                           tmp_path):
+    cache = tmp_path / "cache.json"
+    _stiffness(tiny_dataset, "03a").write_bytes(b"not an image")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "01a"))
+    said = []
+    with pytest.raises(InputError) as raised:
+        check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"], cache_file=cache,
+                             announce=said.append)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "2 input images cannot be used:"
+    assert re.search(r"^subject sub-01a: stiffness map .*sub-01a_stiffness.* no non-zero",
+                     lines[1])
+    assert re.search(r"^subject sub-03a: stiffness map .*sub-03a_stiffness.* not a readable",
+                     lines[2])
+    assert len(lines) == 3
+    assert said and said[0].startswith("Checking 4 input image(s) of 4 subject(s) once")
+    remembered = {Path(key).name for key in json.loads(cache.read_text())}
+    assert remembered == {"sub-00a_stiffness.nii.gz", "sub-02a_stiffness.nii.gz"}
+    # The next check opens only the files it has not passed, and says nothing when none.
+    said.clear()
+    for label in ("01a", "03a"):
+        shutil.copy(_stiffness(tiny_dataset, "00a"), _stiffness(tiny_dataset, label))
+    check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"], cache_file=cache,
+                         announce=said.append)
+    assert said[0].startswith("Checking 2 input image(s) of 4 subject(s)")
+    said.clear()
+    check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"], cache_file=cache,
+                         announce=said.append)
+    assert said == []
 
 
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):

@@ -1,10 +1,13 @@
 """Benchmark of planning the paper's grid for a large cohort (prints numbers; not a test).
 
-Before a lab's first job runs, Snakemake reads the workflow, validates the config and
-builds the job graph of every subject and grid cell. This measures that start-up, a dry
-run of ``config/paper.yaml`` (Table 3, every ablation, the OpenBHB pretraining), on BIDS-
-like cohorts of N subjects (stiffness, damping ratio and T1w each): wall time, CPU time,
-peak memory and the number of jobs planned.
+1. Before a lab's first job runs, Snakemake reads the workflow, validates the config and
+   builds the job graph of every subject and grid cell. This measures that start-up, a dry
+   run of ``config/paper.yaml`` (Table 3, every ablation, the OpenBHB pretraining), on
+   BIDS-like cohorts of N subjects (stiffness, damping ratio and T1w each): wall time, CPU
+   time, peak memory and the number of jobs planned.
+2. The first run also opens every input image once (brainage.io.check_dataset_images):
+   seconds per subject with a 1 mm T1w (176 x 256 x 256, int16, ~11 MB gzipped) and two
+   2.5 mm maps, read by one thread and by the default threads.
 
 The subjects' images are symbolic links to one small valid NIfTI per kind (a dry run reads
 no voxel), and the OpenBHB release is a placeholder participants.tsv (the rule that reads
@@ -14,7 +17,8 @@ at every start (tests/conftest.local_snakemake_environment), which is not planni
 
 Usage::
 
-    cd /work/main && .venv/bin/python tests/benchmarks/bench_planning.py --subjects 500 2000
+    cd /work/main && .venv/bin/python tests/benchmarks/bench_planning.py --subjects 500 2000 \
+        --image-check-subjects 24
 """
 
 from __future__ import annotations
@@ -95,12 +99,54 @@ def plan(n_subjects: int) -> dict:
             "peak_rss_mb": round(after.ru_maxrss / 1024)}
 
 
+def image_check(n_subjects: int) -> dict:
+    """Seconds of the first check_dataset_images per subject, 1 thread and default threads."""
+    from brainage import io
+
+    rng = np.random.default_rng(0)
+    shape = (176, 256, 256)
+    grid = np.indices(shape, dtype=np.float32)
+    centre = np.array(shape, dtype=np.float32)[:, None, None, None] / 2
+    radius = np.sqrt((((grid - centre) / (centre * 0.8)) ** 2).sum(axis=0))
+    head = np.where(radius < 1, 600 + 200 * np.cos(radius * 20), 0)
+    seconds = {}
+    with tempfile.TemporaryDirectory(prefix="bench_image_check-") as folder:
+        root = Path(folder)
+        rows = ["participant_id\tage\tsex\tstudy"]
+        for index in range(n_subjects):
+            label = f"s{index:03d}"
+            (root / f"sub-{label}" / "mre").mkdir(parents=True)
+            (root / f"sub-{label}" / "anat").mkdir()
+            t1w = np.clip(head + rng.normal(0, 20, shape), 0, None).astype(np.int16)
+            nib.save(nib.Nifti1Image(t1w, np.eye(4)),
+                     root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz")
+            for name, value in (("stiffness", 2.8), ("damping_ratio", 0.25)):
+                data = (value * (1 + 0.1 * rng.standard_normal((80, 96, 48)))).astype(np.float32)
+                nib.save(nib.Nifti1Image(data, np.diag([2.5, 2.5, 2.5, 1.0])),
+                         root / f"sub-{label}" / "mre" / f"sub-{label}_{name}.nii.gz")
+            rows.append(f"sub-{label}\t40\tF\tstudy1")
+        labels = [f"s{index:03d}" for index in range(n_subjects)]
+        default_threads = io.IMAGE_CHECK_THREADS
+        for threads in (1, default_threads):
+            io.IMAGE_CHECK_THREADS = threads
+            start = time.perf_counter()
+            io.check_dataset_images(root, labels, ["stiffness", "damping_ratio", "T1w"])
+            seconds[f"threads_{threads}_s_per_subject"] = round(
+                (time.perf_counter() - start) / n_subjects, 3)
+        io.IMAGE_CHECK_THREADS = default_threads
+    return {"image_check_subjects": n_subjects, "cpus": len(os.sched_getaffinity(0)),
+            **seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subjects", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--image-check-subjects", type=int, default=24)
     arguments = parser.parse_args()
     for n_subjects in arguments.subjects:
         print(json.dumps(plan(n_subjects)), flush=True)
+    if arguments.image_check_subjects:
+        print(json.dumps(image_check(arguments.image_check_subjects)), flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,12 @@ from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import simulated_participants, simulation_options
 from brainage.simulate.t1w_cohort import draw_t1w_participants
 
+
+def _say(message):
+    """A line to the user, on stderr beside Snakemake's own messages."""
+    print(message, file=sys.stderr, flush=True)
+
+
 # A killed run leaves locks and incomplete markers that stop the next one twice, with two
 # different errors; say once what to run. Snakemake parses this file before it locks the
 # directory, so a lock seen here is another process's. Jobs that Snakemake starts as
@@ -68,7 +74,7 @@ from brainage.simulate.t1w_cohort import draw_t1w_participants
 if workflow.is_main_process:
     _notice = interrupted_run_notice()
     if _notice:
-        print(_notice, file=sys.stderr, flush=True)
+        _say(_notice)
 
 try:
     _validated = validate_config(config, source="config")
@@ -210,6 +216,7 @@ def participants():
                 [pid[len("sub-") :] for pid in table["participant_id"]],
                 MODALITIES,
                 cache_file=Path(".snakemake", "brainage_checked_inputs.json"),
+                announce=_say if workflow.is_main_process else None,
             )
             _IMAGES_CHECKED.append(True)
         return table
