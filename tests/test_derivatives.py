@@ -21,7 +21,7 @@ import pytest
 from brainage import brainage_version
 from brainage.io import subject_inputs
 from brainage.paths import TRAINING_PREPROC, Layout
-from brainage.preprocess.chain import run_subject
+from brainage.preprocess.chain import run_subject, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
 
 VALIDATOR = shutil.which("bids-validator-deno") or str(
@@ -30,16 +30,21 @@ FAST = {"skullstrip": "none", "freesurfer_tool": "synthstrip", "n4": False,
         "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
 
 
-@pytest.fixture(scope="module")
-def derivatives(tmp_path_factory, simulated_cohort, template_files):
-    root, truth = simulated_cohort
-    out = tmp_path_factory.mktemp("derivatives")
-    layout = Layout(results=str(out))
+def _template_in(layout: Layout, template_files) -> dict[str, str]:
     template = {"template_t1": layout.template("T1w"),
                 "template_mask": layout.template("brain_mask")}
     for kind, source in (("template_t1", "t1"), ("template_mask", "mask")):
         Path(template[kind]).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template_files[source], template[kind])
+    return template
+
+
+@pytest.fixture(scope="module")
+def derivatives(tmp_path_factory, simulated_cohort, template_files):
+    root, truth = simulated_cohort
+    out = tmp_path_factory.mktemp("derivatives")
+    layout = Layout(results=str(out))
+    template = _template_in(layout, template_files)
     for participant_id in truth["participant_id"][:2]:
         label = participant_id[len("sub-"):]
         run_subject(subject_inputs(root, label), layout, label, preproc=TRAINING_PREPROC,
@@ -61,6 +66,49 @@ def test_description_names_the_pipeline_and_the_template_space(derivatives):
     assert all("_space-MNI152NLin2009aSym_res-2_" in path.name for path in registered)
     assert (derivatives / "tpl-MNI152NLin2009aSym"
             / "tpl-MNI152NLin2009aSym_res-2_T1w.nii.gz").is_file()
+
+
+def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulated_cohort,
+                                                            template_files, tmp_path):
+    """`predict run --jobs 2`: each subject in a spawned process of its own; with
+    deterministic preprocessing every file equals the one-subject-at-a-time run's."""
+    import nibabel as nib
+    import numpy as np
+
+    root, truth = simulated_cohort
+    layout = Layout(results=str(tmp_path))
+    labels = [participant_id[len("sub-"):] for participant_id in truth["participant_id"][:2]]
+    done = run_subjects({label: subject_inputs(root, label) for label in labels}, layout,
+                        preproc=TRAINING_PREPROC, preprocess=FAST, jobs=2,
+                        **_template_in(layout, template_files))
+    assert list(done) == labels
+    for label in labels:
+        for key, path in done[label].items():
+            serial = derivatives / Path(path).relative_to(layout.preproc_dir())
+            if path.endswith(".nii.gz"):
+                image, expected = nib.load(path), nib.load(serial)
+                np.testing.assert_array_equal(np.asanyarray(image.dataobj),
+                                              np.asanyarray(expected.dataobj), err_msg=key)
+                np.testing.assert_array_equal(image.affine, expected.affine)
+            else:
+                assert Path(path).read_bytes() == serial.read_bytes(), key
+
+
+@pytest.mark.slow
+def test_a_failing_subject_stops_the_parallel_run_and_the_others_keep_their_files(
+        simulated_cohort, template_files, tmp_path):
+    from brainage.io import InputError
+
+    root, truth = simulated_cohort
+    good = truth["participant_id"][0][len("sub-"):]
+    broken = tmp_path / "sub-broken_stiffness.nii.gz"
+    broken.write_bytes(b"not an image")
+    layout = Layout(results=str(tmp_path / "out"))
+    with pytest.raises(InputError, match=r"sub-broken: stiffness map .*sub-broken_stiffness"):
+        run_subjects({"broken": {"stiffness": str(broken)}, good: subject_inputs(root, good)},
+                     layout, preproc=TRAINING_PREPROC, preprocess=FAST, jobs=2,
+                     **_template_in(layout, template_files))
+    assert Path(layout.subject_qc(good, ".json")).is_file()
 
 
 def test_default_space_names_nilearns_template_symmetric():

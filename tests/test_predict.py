@@ -544,6 +544,7 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     """`python -m brainage.predict run`, with the per-subject chain replaced by the cohort's
     ready-made maps (the real chain is the rules' functions, tested there)."""
     from brainage import predict as predict_module
+    from brainage.preprocess import chain
     from brainage.preprocess.chain import subject_files
 
     def preprocessed(inputs, layout, label, *, preproc, **settings):
@@ -554,7 +555,7 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
             shutil.copyfile(source, target)
         return files
 
-    monkeypatch.setattr(predict_module, "run_subject", preprocessed)
+    monkeypatch.setattr(chain, "run_subject", preprocessed)  # jobs=1: in this process
     template = {"template_t1": str(world.root / "template_t1.nii.gz"),
                 "template_mask": str(world.root / "template_mask.nii.gz")}
     with pytest.raises(InputError, match="pass the same files with --template-t1"):
@@ -577,6 +578,18 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
         predict_module.run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "b",
                                   template_t1=template["template_t1"],
                                   template_mask=str(other_mask))
+
+
+def test_run_takes_the_number_of_subjects_at_a_time(capsys):
+    from brainage.predict import _parse_arguments
+
+    common = ["run", "--bundle", "b", "--dataset", "d", "--output", "o"]
+    assert _parse_arguments(common).jobs == 1
+    assert _parse_arguments([*common, "--jobs", "8"]).jobs == 8
+    for wrong in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            _parse_arguments([*common, "--jobs", wrong])
+        assert "--jobs" in capsys.readouterr().err
 
 
 def test_simulated_new_cohort_never_overwrites_a_real_dataset(tmp_path, monkeypatch):

@@ -6,6 +6,9 @@
    them. "run" excludes the Python imports (torch, ANTsPy, nipype), "job" includes them.
 2. normalise_dataset on 10..80 synthetic registered maps (2 mm template grid): wall time
    and peak memory, which should grow linearly and stay flat.
+3. The cohort route of ``python -m brainage.predict run`` (brainage.preprocess.chain.
+   run_subjects, deepbet + N4 + registration + QC, deterministic): 6 simulated subjects one
+   at a time, then ``--jobs`` = the CPUs, in spawned processes: wall time per subject.
 
 Usage::
 
@@ -159,12 +162,39 @@ def bench_normalise(work: Path, layout) -> None:
               f"{numbers['run_wall_s'] / count:>11.3f}{numbers['peak_rss_mb']:>9.0f}")
 
 
+def bench_cohort(work: Path, layout) -> None:
+    import time
+
+    from brainage.io import subject_inputs
+    from brainage.paths import Layout
+    from brainage.preprocess.chain import run_subjects
+
+    dataset = work / "dataset"
+    labels = sorted(path.name[len("sub-"):] for path in dataset.glob("sub-*"))[:6]
+    inputs = {label: subject_inputs(dataset, label, ("stiffness",)) for label in labels}
+    preprocess = {"skullstrip": "deepbet", "freesurfer_tool": "synthstrip", "n4": True,
+                  "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
+    cpus = len(os.sched_getaffinity(0))
+    print(f"\ncohort route (predict run), {len(labels)} subjects, {cpus} CPUs")
+    print(f"{'jobs':>5}{'wall s':>9}{'s/subject':>11}")
+    for jobs in sorted({1, cpus}):
+        out = Layout(results=str(work / f"cohort{jobs}"))
+        start = time.perf_counter()
+        run_subjects(inputs, out, preproc="preproc", preprocess=preprocess,
+                     template_t1=layout.template("T1w"),
+                     template_mask=layout.template("brain_mask"), jobs=jobs)
+        wall = time.perf_counter() - start
+        print(f"{jobs:>5}{wall:>9.1f}{wall / len(labels):>11.2f}")
+
+
 def main() -> None:
     sys.path.insert(0, str(REPO / "workflow"))
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = "1"
     with tempfile.TemporaryDirectory(prefix="bench_preprocess-") as tmp:
         work = Path(tmp)
         layout = bench_subject(work)
         bench_normalise(work, layout)
+        bench_cohort(work, layout)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from brainage.export import export_model
 from brainage.io import InputError, read_participants, subject_inputs
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
-from brainage.preprocess.chain import registered_maps, run_subject
+from brainage.preprocess.chain import registered_maps, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
 from brainage.preprocess.template import prepare_template, template_record
 
@@ -64,13 +64,14 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
                cohort: str | None = None, group_column: str | None = None,
                bias_reference_group: str | None = None, template_t1: str | None = None,
                template_mask: str | None = None, device: str | None = None,
-               threads: int | None = None) -> pd.DataFrame:
+               threads: int | None = None, jobs: int = 1) -> pd.DataFrame:
     """Preprocess a BIDS-like dataset as the bundle's training data were, then predict.
 
     The template is rebuilt (nilearn's MNI152, or the given files when the bundle's
     template was a file) and checked against the bundle's template record; each subject
     runs through the preprocessing chain with the bundle's ``preprocess`` settings; then
-    :func:`brainage.apply.predict_cohort`. Outputs under ``output``: ``preproc/`` (a
+    :func:`brainage.apply.predict_cohort`; ``jobs`` subjects are preprocessed at a time,
+    each in a process of its own. Outputs under ``output``: ``preproc/`` (a
     BIDS-Derivatives dataset with the template under ``tpl-<space>/``),
     ``predictions.tsv``, ``summary.tsv``, ``gap_by_group.png``, ``provenance.json``.
     """
@@ -108,21 +109,24 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     modalities = bundle.normalisation["modalities"]
     participants = read_participants(dataset_root, modalities)
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
-    maps, qc = {}, {}
-    for number, label in enumerate(labels, start=1):
-        log.info("cohort %s: preprocessing sub-%s (%d of %d)", cohort, label, number,
-                 len(labels))
-        files = run_subject(subject_inputs(dataset_root, label, modalities), layout, label,
-                            preproc=TRAINING_PREPROC, preprocess=preprocess,
-                            template_t1=t1_path, template_mask=mask_path,
-                            modalities=modalities)
-        maps[label], qc[label] = registered_maps(files, modalities), files["qc_json"]
+    processed = run_subjects(
+        {label: subject_inputs(dataset_root, label, modalities) for label in labels}, layout,
+        preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,
+        template_mask=mask_path, modalities=modalities, jobs=jobs, cohort=cohort)
+    maps = {label: registered_maps(files, modalities) for label, files in processed.items()}
+    qc = {label: files["qc_json"] for label, files in processed.items()}
     return predict_cohort(bundle, dataset_root, maps, qc,
                           predictions_path=output / "predictions.tsv",
                           summary_path=output / "summary.tsv",
                           figure_path=output / "gap_by_group.png", cohort=cohort,
                           group_column=group_column,
                           bias_reference_group=bias_reference_group, device=device)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of 1 or more")
+    return int(text)
 
 
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -156,6 +160,10 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="template T1 (2 mm) when the bundle's template is not nilearn's")
     run.add_argument("--template-mask", default=None, help="its brain mask")
     run.add_argument("--device", default=None, choices=("auto", "cpu", "cuda"))
+    run.add_argument("--jobs", type=_positive_int, default=1,
+                     help="subjects preprocessed at a time, each in a process of its own "
+                          "(default 1; with the bundle's deterministic preprocessing the "
+                          "results do not depend on it)")
     run.add_argument("--threads", type=int, default=None,
                      help="threads per preprocessing step when the bundle's preprocessing "
                           "is not deterministic (default: its preprocess.threads)")
@@ -178,7 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                cohort=arguments.cohort or output.name, group_column=arguments.group_column,
                bias_reference_group=arguments.bias_reference_group,
                template_t1=arguments.template_t1, template_mask=arguments.template_mask,
-               device=arguments.device, threads=arguments.threads)
+               device=arguments.device, threads=arguments.threads, jobs=arguments.jobs)
     return 0
 
 

@@ -23,6 +23,8 @@ the validated ``preprocess`` section (the config's, or the one a bundle records)
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -178,3 +180,44 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
                  options=step_options(step, preprocess), subject=subject,
                  modalities=modalities)
     return files
+
+
+def run_subjects(inputs: Mapping[str, Mapping[str, str]], layout: Layout, *, preproc: str,
+                 preprocess: Mapping, template_t1: str, template_mask: str,
+                 modalities: Sequence[str] = DEFAULT_MODALITIES, jobs: int = 1,
+                 cohort: str = "") -> dict[str, dict[str, str]]:
+    """:func:`run_subject` for every subject of ``inputs`` (``{label: its input files}``),
+    ``jobs`` subjects at a time; returns ``{label: subject_files}`` in the order given.
+
+    With ``jobs`` > 1 each subject runs in a process of its own, started fresh (spawn: no
+    threads or state inherited from this process), as a Snakemake job would; with
+    ``preprocess.deterministic`` the files are the same bit for bit whatever ``jobs``.
+    A failure stops the subjects not yet started and is raised (the first in the given
+    order); the subjects already done keep their files, so a rerun continues.
+    """
+    settings = dict(preproc=preproc, preprocess=preprocess, template_t1=template_t1,
+                    template_mask=template_mask, modalities=modalities)
+    name = f"cohort {cohort}: " if cohort else ""
+    done: dict[str, dict[str, str]] = {}
+    if jobs <= 1:
+        for number, (label, files) in enumerate(inputs.items(), start=1):
+            log.info("%spreprocessing sub-%s (%d of %d)", name, label, number, len(inputs))
+            done[label] = run_subject(files, layout, label, **settings)
+        return done
+    log.info("%spreprocessing %d subjects, %d at a time", name, len(inputs), jobs)
+    from brainage.logs import log_to_file
+
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=log_to_file,
+                               initargs=(None, logging.getLogger().getEffectiveLevel()))
+    try:
+        futures = {label: pool.submit(run_subject, files, layout, label, **settings)
+                   for label, files in inputs.items()}
+        for label, future in futures.items():
+            done[label] = future.result()
+            log.info("%ssub-%s preprocessed (%d of %d)", name, label, len(done), len(inputs))
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+    return done
