@@ -484,7 +484,9 @@ def check_dataset_images(root: str | Path, labels: list[str],
                 pending.append((key, stamp, path, f"subject sub-{label}: {description}"))
     if not pending:
         return
-    threads = max(1, min(IMAGE_CHECK_THREADS, len(os.sched_getaffinity(0)), len(pending)))
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
+            else os.cpu_count() or 1)
+    threads = max(1, min(IMAGE_CHECK_THREADS, cpus, len(pending)))
     if announce is not None:
         announce(f"Checking {len(pending)} input image(s) of {len(labels)} subject(s) once "
                  f"({threads} thread(s)); files that pass are remembered in "
