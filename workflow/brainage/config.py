@@ -41,6 +41,12 @@ def _parsed_schema(path: str) -> dict:
         return yaml.safe_load(handle)
 
 
+def _shared_schema() -> dict:
+    """The schema parsed once per process, shared: read it, never modify it (resolving
+    a cell without copying the schema is what keeps planning the grid quick)."""
+    return _parsed_schema(str(CONFIG_SCHEMA))
+
+
 def _validator_filling_defaults(schema: Mapping) -> jsonschema.protocols.Validator:
     """A Draft 2020-12 validator of ``schema`` that writes each property's default into the
     instance (:func:`_defaults_filling_validator_class`)."""
@@ -102,7 +108,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
         not allowed ('epocs' was unexpected)``.
     """
     filled = copy.deepcopy(dict(config))
-    validator = _validator_filling_defaults(_parsed_schema(str(CONFIG_SCHEMA)))
+    validator = _validator_filling_defaults(_shared_schema())
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
@@ -357,7 +363,7 @@ def resolve_cell(settings: Mapping[str, Any], *, where: str = "", source: str = 
         For unknown keys and values of the wrong type or out of range, naming the full
         key path.
     """
-    schema = _parsed_schema(str(CONFIG_SCHEMA))  # read only: no copy (3 ms) per cell
+    schema = _shared_schema()
     unknown = sorted(set(settings) - {"experiment", "variant", "seed", *CELL_SECTIONS})
     if unknown:
         raise ConfigError(f"{source}: cell settings have unknown key(s) {', '.join(unknown)}; "
@@ -507,7 +513,7 @@ def pretrain_settings(config: Mapping[str, Any], name: str, *, source: str = "co
             raise ConfigError(f"{source}: config key '{where}.model.{key}' cannot be set: a "
                               f"pretraining run always has {key} {value!r}.")
         model[key] = copy.deepcopy(value)
-    defaults = _parsed_schema(str(CONFIG_SCHEMA))["$defs"]["pretrain_run"]["properties"]
+    defaults = _shared_schema()["$defs"]["pretrain_run"]["properties"]
     loss = deep_merge(defaults["loss"]["default"], run.get("loss", {}))
     if loss.get("nn_from_search"):
         raise ConfigError(f"{source}: config key '{where}.loss.nn_from_search' cannot be true: "

@@ -486,7 +486,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
         return
     cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
             else os.cpu_count() or 1)
-    threads = max(1, min(IMAGE_CHECK_THREADS, cpus, len(pending)))
+    threads = min(IMAGE_CHECK_THREADS, cpus, len(pending))
     if announce is not None:
         announce(f"Checking {len(pending)} input image(s) of {len(labels)} subject(s) once "
                  f"({threads} thread(s)); files that pass are remembered in "
@@ -500,7 +500,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
         write_json(cache_file, cache)
     failed = [problem for problem in problems if problem is not None]
     if failed:
-        raise InputError("\n".join(failed) if len(failed) == 1 else
+        raise InputError(failed[0] if len(failed) == 1 else
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
 
 

@@ -28,6 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from brainage.logs import log_to_file
 from brainage.modalities import DEFAULT_MODALITIES, grid_modality, modality, mre_maps
 from brainage.paths import TRAINING_PREPROC, Layout
 
@@ -205,19 +206,17 @@ def run_subjects(inputs: Mapping[str, Mapping[str, str]], layout: Layout, *, pre
             done[label] = run_subject(files, layout, label, **settings)
         return done
     log.info("%spreprocessing %d subjects, %d at a time", name, len(inputs), jobs)
-    from brainage.logs import log_to_file
-
-    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=log_to_file,
-                               initargs=(None, logging.getLogger().getEffectiveLevel()))
-    try:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=log_to_file,
+                             initargs=(None, logging.getLogger().getEffectiveLevel())) as pool:
         futures = {label: pool.submit(run_subject, files, layout, label, **settings)
                    for label, files in inputs.items()}
-        for label, future in futures.items():
-            done[label] = future.result()
-            log.info("%ssub-%s preprocessed (%d of %d)", name, label, len(done), len(inputs))
-    except BaseException:
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
+        try:
+            for label, future in futures.items():
+                done[label] = future.result()
+                log.info("%ssub-%s preprocessed (%d of %d)", name, label, len(done),
+                         len(inputs))
+        except BaseException:
+            pool.shutdown(cancel_futures=True)  # the running subjects finish
+            raise
     return done
