@@ -53,6 +53,24 @@ def test_study_mean_is_exact_when_the_study_determines_age(tmp_path):
     assert training_mean["mae"] > 10  # one age for everyone misses the studies' differences
 
 
+def test_study_mean_predicts_each_studys_training_mean_age(tmp_path):
+    # ages vary inside each study: the prediction is the mean of the study's training
+    # subjects only (not a median, not the test subjects' ages)
+    split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    ages = 20.0 + np.random.default_rng(3).exponential(15.0, len(table))
+    rewrite_split(split_dir, ages=ages)
+    table["age"] = ages
+    training = table[table["subset"] == "train"]
+    expected = table["study"].map(training.groupby("study")["age"].mean())
+    _, predictions = evaluate(split_dir, VOXEL_BASELINES["study_mean"], tmp_path / "study")
+    predicted = predictions.set_index("participant_id").loc[table["participant_id"],
+                                                            "predicted_age"]
+    np.testing.assert_allclose(predicted.to_numpy(), expected.to_numpy(), rtol=0, atol=1e-9)
+    assert training.groupby("study")["age"].mean().ne(
+        training.groupby("study")["age"].median()).all()  # the case tells mean from median
+
+
 @pytest.mark.slow
 def test_pca_ridge_recovers_images_that_are_linear_in_age(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=30, n_test=8, shape=(8, 10, 8))

@@ -275,6 +275,8 @@ def test_shares_are_contiguous_and_cover_the_batch():
         sizes = [share.stop - share.start for share in shares]
         assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
     assert SINGLE_PROCESS.share(7) == slice(0, 7)
+    # the first batch % world_size processes take one subject more
+    assert Processes(rank=0, world_size=3).share_sizes(8) == (3, 3, 2)
 
 
 @pytest.mark.parametrize("kind", ["noise", "cutout", "rotation", "flip"])

@@ -267,11 +267,13 @@ def test_adaptive_tie_rule_matches_loop():
             loss = make_loss("adaptive", distance="manhattan", lam=lam, **SMALL_SCHEDULE)
             expected = reference_kernel_loss("adaptive", features, ages, epoch=epoch, lam=lam)
             assert_close(loss(features, ages, epoch), expected)
-    # NN_nb = 1 with a twin at distance 0: the anchor itself must still be in NN(a).
+    # NN_nb = 1 with a twin at distance 0: the anchor itself must still be in NN(a). With
+    # λ, r_a = 0 and the twin's rows outside NN(a) lie at the boundary (0/0): ν = 1.
     schedule = {"batch_size": 8, "nn_final": 1, "max_epochs": 10, "nn_step": 1}
-    loss = make_loss("adaptive", **schedule)
-    expected = reference_kernel_loss("adaptive", features, ages, epoch=10, **schedule)
-    assert_close(loss(features, ages, 10), expected)
+    for lam in (None, 1.0):
+        loss = make_loss("adaptive", lam=lam, **schedule)
+        expected = reference_kernel_loss("adaptive", features, ages, epoch=10, lam=lam, **schedule)
+        assert_close(loss(features, ages, 10), expected)
 
 
 @pytest.mark.parametrize("distance", ["manhattan", "chebyshev"])

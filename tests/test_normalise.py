@@ -228,6 +228,16 @@ def test_block_averaged_resolution_and_float16(small_dataset):
     assert np.allclose(images[0, 0].astype(np.float32), expected, atol=2e-3)
 
 
+def test_a_qc_metric_that_could_not_be_computed_fails():
+    from brainage.qc import qc_failures, thresholds
+
+    minimums = thresholds({"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    assert qc_failures({"dice": 0.9, "correlation": 0.5, "coverage": 0.8}, minimums) == []
+    failures = qc_failures({"dice": float("nan"), "correlation": 0.5, "coverage": 0.7},
+                           minimums)
+    assert failures == ["dice nan < 0.85"]  # NaN fails; a value at the minimum passes
+
+
 def test_qc_failures_are_listed_or_flagged_never_silent(small_dataset, caplog):
     with caplog.at_level(logging.WARNING):
         stats, images, table = _run(small_dataset)

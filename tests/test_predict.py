@@ -294,6 +294,15 @@ def test_tampered_file_fails_with_checksum_error_naming_it(exported, tmp_path):
         read_bundle(copied)
 
 
+def test_manifest_without_a_files_checksum_is_refused(exported, tmp_path):
+    copied = _copy_bundle(exported, tmp_path)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    del manifest["files"]["readout.pt"]  # an edited read-out, its checksum dropped
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"lists no checksum for readout\.pt"):
+        read_bundle(copied)
+
+
 def test_incompatible_format_version_fails_clearly(exported, tmp_path):
     copied = _copy_bundle(exported, tmp_path)
     manifest = json.loads((copied / "manifest.json").read_text())
@@ -372,6 +381,23 @@ def test_fit_age_bias_refuses_degenerate_reference_sets():
         fit_age_bias([30.0, 40.0], [31.0, 39.0])
     with pytest.raises(ValueError, match="every subject is 50.0 years old"):
         fit_age_bias([50.0] * 4, [48.0, 51.0, 52.0, 50.0])
+
+
+def test_group_summary_uses_the_t_interval_and_leaves_qc_failures_out():
+    from scipy import stats
+
+    from brainage.apply import summarise_gaps
+
+    gaps = [1.0, 3.0, 2.0, 6.0]
+    table = pd.DataFrame({"group": ["a"] * 5, "age": [50.0] * 5, "gap": gaps + [99.0],
+                          "corrected_gap": gaps + [99.0],
+                          "status": ["predicted"] * 4 + ["qc_failed"]})
+    row = summarise_gaps(table, "group").iloc[0]
+    assert (row["n"], row["n_predicted"], row["n_qc_failed"]) == (5, 4, 1)
+    assert row["mean_corrected_gap"] == pytest.approx(3.0)
+    half_width = stats.t.ppf(0.975, 3) * np.std(gaps, ddof=1) / 2  # 4 subjects: t, not normal
+    assert row["corrected_gap_ci95_high"] - 3.0 == pytest.approx(half_width)
+    assert 3.0 - row["corrected_gap_ci95_low"] == pytest.approx(half_width)
 
 
 def test_corrected_gap_is_shifted_by_the_accelerated_offset():

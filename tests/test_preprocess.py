@@ -332,7 +332,8 @@ def test_registered_map_is_zero_outside_mask_and_slab(processed, template_files)
     warped_mask = np.asarray(nib.load(subject["registered_mask"]).dataobj) > 0
     assert registered.shape == (99, 117, 95)
     assert np.all(registered[~warped_mask] == 0)
-    # Template voxels whose native position lies a voxel or more beyond the slab: exactly 0.
+    # Template voxels whose native position lies more than half a slice beyond the slab
+    # (where linear interpolation of the map's support falls below 0.5): exactly 0.
     truth = subject["truth"]
     native = nib.load(subject["files"]["stiffness"])
     template = nib.load(template_files["mask"])
@@ -340,7 +341,8 @@ def test_registered_map_is_zero_outside_mask_and_slab(processed, template_files)
     world = template.affine[:3, :3] @ index + template.affine[:3, 3:]
     native_matrix = np.linalg.inv(native.affine) @ template_to_native_matrix(subject["transform"])
     k = (native_matrix[2, :3] @ world + native_matrix[2, 3])
-    beyond = (k < truth["slab_first_slice"] - 1) | (k > truth["slab_last_slice"] + 1)
+    margin = 0.5 + 1e-3  # slices; the thousandth absorbs float32 rounding of the transform
+    beyond = (k < truth["slab_first_slice"] - margin) | (k > truth["slab_last_slice"] + margin)
     assert beyond.any()
     assert np.all(registered.reshape(-1)[beyond] == 0)
     # Inside the slab the map keeps its values (kPa), no smearing towards 0 at the edge.

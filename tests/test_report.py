@@ -226,6 +226,9 @@ def test_paired_t_test_matches_scipy():
     expected = stats.ttest_rel([3.9, 4.4, 3.6], [3.0, 3.5, 3.2])
     assert paired["p_value"] == pytest.approx(expected.pvalue)
     assert paired["mean_difference"] == pytest.approx(np.mean([0.9, 0.9, 0.4]))
+    # a seed where both have the same MAE is not a win for the reference
+    tied = seeds.assign(mae=[3.0, 3.5, 3.2, 3.0, 4.4, 3.0])
+    assert tables.paired_comparison(tied).iloc[0]["reference_wins"] == 1
 
 
 def test_seed_results_pool_splits_by_test_size():

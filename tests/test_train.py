@@ -168,8 +168,11 @@ def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path, caplog):
     that was never interrupted: same weights bit for bit, same history, same metrics.
     NNCLR, because it carries state across batches (its queue) and uses noise
     augmentation."""
+    # the learning rate falls after epoch 3: a resume that forgot the scheduler's place
+    # would train epoch 4 at the old rate
     settings = tiny_settings(loss={"name": "nnclr", "queue_size": 16},
-                             train={"epochs": 4, "batch_size": 6, "embed_epochs": [1, 4]})
+                             train={"epochs": 4, "batch_size": 6, "embed_epochs": [1, 4],
+                                    "lr_step_epochs": 3, "lr_gamma": 0.1})
     cell = tmp_path / "cell"
     killed = kill_after_first_checkpoint(split_dir, settings, cell_paths(cell))
     assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:]
@@ -191,6 +194,8 @@ def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path, caplog):
     uninterrupted = tmp_path / "uninterrupted"
     history = train_encoder(split_dir, settings, **cell_paths(uninterrupted))
     assert [row["loss"] for row in resumed] == [row["loss"] for row in history]
+    assert [row["lr"] for row in resumed] == [row["lr"] for row in history]
+    assert [row["lr"] for row in history] == pytest.approx([1e-3, 1e-3, 1e-3, 1e-4])
     assert_same_weights(cell / "encoder.pt", uninterrupted / "encoder.pt")
     for epoch in ("epoch-001.npz", "epoch-004.npz"):  # epoch 1 restored from the checkpoint
         with np.load(cell / "embeddings" / epoch) as a, \
@@ -337,6 +342,12 @@ def test_cutout_zeroes_one_box_of_the_configured_size():
     assert 16 < int((zeros > 0).sum()) < 48  # about half of the volumes
     box = torch.nonzero(cut[zeros.argmax(), 0] == 0)
     assert (box.max(0).values - box.min(0).values + 1).tolist() == [4, 5, 6]
+    # every position of the box is drawn, the ones touching either border included
+    many = Augmenter("cutout", cutout_voxels=(4, 4, 4), cutout_probability=1.0)(
+        torch.ones(400, 1, 8, 8, 8), _generator())
+    starts = torch.stack([torch.nonzero(volume[0] == 0).min(0).values for volume in many])
+    for axis in range(3):
+        assert set(starts[:, axis].tolist()) == set(range(8 - 4 + 1))
     # the box edge comes from the config in mm and the split's resolution
     augmenter = Augmenter.from_settings({"augmentation": "cutout", "cutout_size_mm": 64},
                                         "yaware", resolution_mm=2)
