@@ -72,6 +72,8 @@ def test_dex_expected_value_stays_within_the_bins():
     readout = fit_readout(train_x, train_y, readout_section({"method": "dex"}), seed=0)
     centres = readout.bin_centres
     assert np.allclose(np.diff(centres), 1.0)  # 1-year bins
+    # the centres are the bins' midpoints, from the whole year below the youngest age
+    assert centres[0] == pytest.approx(np.floor(train_y.min()) + 0.5)
     assert centres[0] <= train_y.min() + 1 and centres[-1] >= train_y.max() - 1
     extreme = np.concatenate([test_x, 100 * test_x])  # far outside the training features
     predicted = readout.predict(extreme)

@@ -43,6 +43,9 @@ def test_validation_is_carved_from_training_subjects_only(tmp_path):
     assert len(carved.eval_index) + len(carved.train_index) == len(train)
     assert set(carved.studies[carved.eval_index]) == set(split.studies[split.train_index])
     assert carved.subset_labels()[split.eval_index].tolist() == [""] * 6  # test rows unused
+    # a large share still leaves every study at least one training subject
+    greedy = split.with_validation(0.95, seed=0)  # rounds to every subject
+    assert set(greedy.studies[greedy.train_index]) == set(split.studies[split.train_index])
 
 
 @pytest.mark.slow
