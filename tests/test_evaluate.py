@@ -67,6 +67,22 @@ def test_ridge_folds_mix_studies_when_rows_come_grouped_by_study():
     assert again.info == readout.info and np.array_equal(again.coef, readout.coef)
 
 
+def test_huber_threshold_is_in_years():
+    # Features that carry nothing: each predictor learns one constant. L1 gives the median
+    # age, MSE the mean; Huber with a threshold of 2 years (about 0.1 sd here) is close to
+    # the median, and with 200 years it is the mean.
+    ages = np.array([20.0] * 12 + [22.0] * 12 + [25.0] * 12 + [80.0] * 8)  # median 22, mean 32.8
+    features = np.zeros((len(ages), 4))
+
+    def constant(**values):
+        section = readout_section({"method": "huber", "predictor_epochs": 1000,
+                                   "predictor_lr": 1e-2, **values})
+        return float(fit_readout(features, ages, section, seed=0).predict(features[:1])[0])
+
+    assert abs(constant(huber_delta=2.0) - np.median(ages)) < 2.0
+    assert constant(huber_delta=200.0) == pytest.approx(np.mean(ages), abs=0.1)
+
+
 def test_dex_expected_value_stays_within_the_bins():
     train_x, train_y, test_x, _ = _shared_direction_data()
     readout = fit_readout(train_x, train_y, readout_section({"method": "dex"}), seed=0)
