@@ -26,6 +26,7 @@ from brainage.io import (
     sha256_file,
     subject_inputs,
 )
+from brainage.preprocess.images import load_volume
 from conftest import REPO, default_rows, write_tiny_dataset
 
 
@@ -125,6 +126,15 @@ def test_4d_file(tiny_dataset):
              _stiffness(tiny_dataset, "00a"))
     with pytest.raises(InputError, match=r"sub-00a.*shape \(4, 4, 4, 3\); a 3D volume"):
         check_dataset_images(tiny_dataset, ["00a"])
+
+
+def test_4d_file_of_one_volume_is_read_as_3d(tiny_dataset):
+    # some converters write a single map as X x Y x Z x 1
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume[..., None], np.eye(4)), _stiffness(tiny_dataset, "00a"))
+    check_dataset_images(tiny_dataset, ["00a"])
+    data, _ = load_volume(_stiffness(tiny_dataset, "00a"), what="subject sub-00a")
+    assert np.array_equal(data, volume)
 
 
 def test_all_zero_file(tiny_dataset):
