@@ -264,6 +264,22 @@ def test_cells_differing_only_in_nn_from_search_train_their_own_encoders():
     assert owners[("table3", "adaptive", 0)] == ("table3", "adaptive", 0)
 
 
+def test_switching_an_experiment_off_moves_no_encoder():
+    # the read-out ablation's ridge cell evaluates the encoder trained in the first cell
+    # with its training settings, table3's; with table3 off it still does, so turning an
+    # experiment off or on retrains nothing
+    experiments = {
+        "table3": {"seeds": [0], "variants": {"adaptive": {"loss": {"name": "adaptive"}}}},
+        "predictor": {"seeds": [0], "variants": {
+            "ridge": {"loss": {"name": "adaptive"}, "readout": {"method": "ridge"}},
+            "l1": {"loss": {"name": "adaptive"}, "readout": {"method": "l1"}}}}}
+    owners = encoder_owners(validate_config({"experiments": experiments}))
+    switched_off = encoder_owners(validate_config(
+        {"experiments": {**experiments, "table3": {**experiments["table3"], "enabled": False}}}))
+    assert owners[("predictor", "ridge", 0)] == ("table3", "adaptive", 0)
+    assert switched_off == owners
+
+
 # -- pretraining runs (config pretrain, model.init) -----------------------------------------
 
 def _with_pretraining(**run) -> dict:
