@@ -121,31 +121,45 @@ def test_supervised_network_learns_age(tmp_path):
     assert metrics["loss"] == "supervised" and metrics["kind"] == "baseline"
 
 
+#: Cells whose encoder is trained (or initialised) before the read-out: the baselines'
+#: untrained and supervised networks, and a contrastive loss for comparison.
+ENCODER_CELLS = {
+    "untrained": tiny_settings(train={"epochs": 0}),
+    "supervised": tiny_settings(loss={"name": "supervised"},
+                                model={"head": "regression", "projection_dim": 1},
+                                train={"epochs": 2, "batch_size": 6, "views": 1}),
+    "adaptive": tiny_settings(train={"epochs": 2}),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["train_mean", "study_mean", "pca_ridge", "untrained"])
+@pytest.mark.parametrize("name", ["train_mean", "study_mean", "pca_ridge", *ENCODER_CELLS])
 def test_baselines_never_see_the_test_subjects(tmp_path, name):
     """Poison the test rows (images and ages): the training rows' predictions stay the
-    same to the last bit, so nothing a baseline fits depends on a test subject."""
+    same to the last bit, so nothing a baseline fits (nor an encoder's training) depends on
+    a test subject."""
     split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
     table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
     settings = VOXEL_BASELINES.get(name)
     features = None
 
-    def embed_split():  # the untrained encoder's features, computed from the current images
+    def embed_split():  # train (or initialise) the encoder on the current images, embed
+        for stale in (tmp_path / "encoder.pt", features):
+            stale.unlink(missing_ok=True)
         train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",
                       history_path=tmp_path / "history.tsv",
                       embeddings_dir=tmp_path / "embeddings",
                       checkpoint_path=tmp_path / "checkpoint.pt", features_path=features)
 
-    if name == "untrained":
-        settings, features = tiny_settings(train={"epochs": 0}), tmp_path / "features.npz"
+    if name in ENCODER_CELLS:
+        settings, features = ENCODER_CELLS[name], tmp_path / "features.npz"
         embed_split()
     _, clean = evaluate(split_dir, settings, tmp_path / "clean", features)
     test = (table["subset"] == "test").to_numpy()
     images = np.load(split_dir / "images.npy")
     images[test] = np.random.default_rng(5).normal(0, 50, images[test].shape)
     rewrite_split(split_dir, ages=np.where(test, 99.0, table["age"]), images=images)
-    if name == "untrained":
+    if name in ENCODER_CELLS:
         embed_split()
     _, poisoned = evaluate(split_dir, settings, tmp_path / "poisoned", features)
     training = clean["subset"] == "train"
