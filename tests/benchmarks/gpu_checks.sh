@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, prepared to run in one go on a GPU machine that has PyTorch
+# with CUDA but not this project's other packages and no network (as the GPU machines
+# lent to this project's developers; docs/architecture.md §10).
+#
+#   bash tests/benchmarks/gpu_checks.sh fetch   # with network: the wheels the GPU image
+#                                               # lacks (jsonschema and its parts, nibabel:
+#                                               # 4 MB) into .whl/ (git-ignored)
+#   bash tests/benchmarks/gpu_checks.sh run     # on the GPU machine, with .whl/ beside:
+#                                               # tests/test_cuda.py, then the GPU benchmarks
+#
+# `run` writes each part's output to $OUT (default gpu_checks/) and goes on after a part
+# that fails or runs past its time limit (seconds, below), so one call brings every number
+# back within one 10-minute command (the limits add up to 540 s); the exit status is that
+# of the tests. Nothing here asserts a speed.
+set -uo pipefail
+
+PYTHON=${PYTHON:-python3}
+WHEELS=.whl
+# The Python version and platforms of the GPU image's interpreter (CPython 3.12).
+WHEEL_TARGET=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
+              --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
+MISSING_PACKAGES=(jsonschema jsonschema-specifications referencing rpds-py nibabel)
+
+case "${1:-}" in
+fetch)
+    "$PYTHON" -m pip download -q --no-deps --only-binary=:all: "${WHEEL_TARGET[@]}" \
+        -d "$WHEELS" "${MISSING_PACKAGES[@]}" || exit
+    ls -l "$WHEELS"
+    ;;
+run)
+    out=${OUT:-gpu_checks}
+    mkdir -p "$out"
+    if compgen -G "$WHEELS/*.whl" > /dev/null; then
+        "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target /tmp/brainage-site "$WHEELS"/*.whl || exit
+        export PYTHONPATH=/tmp/brainage-site
+    fi
+    export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}workflow:tests PYTHONUNBUFFERED=1
+    { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+      "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+    } 2>&1 | tee "$out/machine.txt"
+
+    # one process: the GPU is shared by nothing else, and xdist may be absent there
+    timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -p no:xdist -o addopts="" \
+        --durations=15 tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+    tests_status=${PIPESTATUS[0]}
+
+    timeout 120 "$PYTHON" tests/benchmarks/bench_pretrain.py --device cuda 2>&1 \
+        | tee "$out/bench_pretrain.log"
+    timeout 180 "$PYTHON" tests/benchmarks/bench_train.py --shapes 2mm --device cuda \
+        --threads 8 2>&1 | tee "$out/bench_train.log"
+    timeout 90 "$PYTHON" tests/benchmarks/bench_losses.py --device cuda \
+        --sizes 64 512 2048 2>&1 | tee "$out/bench_losses.log"
+    exit "$tests_status"
+    ;;
+*)
+    echo "usage: bash tests/benchmarks/gpu_checks.sh fetch|run" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,116 @@
+"""The GPU path on a GPU: every loss trains in bf16 on CUDA with finite losses, a CUDA
+encoder embeds as the same weights do on the CPU, and ``train.deterministic`` makes CUDA
+runs repeat bit for bit.
+
+CI has no GPU, so these are skipped there; a machine with one runs them with the GPU
+benchmarks in one go (``tests/benchmarks/gpu_checks.sh``). ``BRAINAGE_TEST_DEVICE=cpu``
+runs the same checks on the CPU (bf16 through PyTorch's reference kernels there,
+brainage.runtime), which is how the checks themselves were tested without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from brainage.config import resolve_cell
+from brainage.data import VolumeStore, load_split
+from brainage.models import embed_all, load_encoder
+from brainage.train import train_encoder
+from split_fixture import tiny_settings, write_split
+from test_train import cell_paths, encoder_weights
+
+#: Where the checks run: ``cuda`` (default), or ``cpu`` to test the checks themselves.
+DEVICE = os.environ.get("BRAINAGE_TEST_DEVICE", "cuda")
+# cuBLAS reads this when its first handle is made: a training job sets it in runtime_setup
+# before any CUDA work, but here the tests before the deterministic one already made one.
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                       reason="no CUDA device (BRAINAGE_TEST_DEVICE=cpu runs these checks on "
+                              "the CPU)"),
+]
+
+#: Every loss of brainage.losses with the settings it needs on the tiny split.
+LOSS_SETTINGS = {
+    "simclr": {"loss": {"name": "simclr"}},
+    "nnclr": {"loss": {"name": "nnclr", "queue_size": 16}},
+    "rnc": {"loss": {"name": "rnc"}},
+    "yaware": {"loss": {"name": "yaware"}},
+    "threshold": {"loss": {"name": "threshold"}},
+    "exponential": {"loss": {"name": "exponential"}},
+    "adaptive": {"loss": {"name": "adaptive"}},
+    "supervised": {"loss": {"name": "supervised"},
+                   "model": {"head": "regression", "projection_dim": 1},
+                   "train": {"views": 1}},
+}
+
+
+@pytest.fixture(scope="module")
+def split_dir(tmp_path_factory):
+    return write_split(tmp_path_factory.mktemp("dataset"), n_subjects=24, n_test=6)
+
+
+def on_device(name: str, **train) -> dict:
+    """Tiny cell settings for loss ``name`` on :data:`DEVICE`, 2 epochs."""
+    overrides = LOSS_SETTINGS[name]
+    return tiny_settings(**{**overrides, "train": {
+        **overrides.get("train", {}), "device": DEVICE, "epochs": 2, "embed_epochs": [],
+        **train}})
+
+
+def cpu_features(encoder_path, settings: dict, split_dir) -> dict:
+    """float32 CPU features of every split subject from the saved encoder, in the row
+    order of ``features.npz`` (training rows, then evaluation rows)."""
+    split = load_split(split_dir)
+    model = load_encoder(encoder_path, resolve_cell(settings)["model"])
+    store = VolumeStore(split.images, torch.device("cpu"), normalisation=split.normalisation)
+    return embed_all(model, store, np.concatenate([split.train_index, split.eval_index]))
+
+
+@pytest.mark.parametrize("name", list(LOSS_SETTINGS))
+def test_every_loss_trains_in_bf16_with_finite_losses(split_dir, tmp_path, name):
+    settings = on_device(name, precision="bf16")
+    history = train_encoder(split_dir, settings, **cell_paths(tmp_path))
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert all(np.isfinite(row["loss"]) for row in history), history
+    weights = encoder_weights(tmp_path / "encoder.pt")
+    assert all(torch.isfinite(tensor.float()).all() for tensor in weights.values()
+               if tensor.is_floating_point())
+    # the bf16 features point where the float32 CPU features of the same weights do
+    with np.load(tmp_path / "features.npz") as saved:
+        bf16 = saved["projection"]
+    reference = cpu_features(tmp_path / "encoder.pt", settings, split_dir)["projection"]
+    assert np.isfinite(bf16).all()
+    if name != "supervised":  # contrastive features are unit vectors: compare directions
+        cosine = np.sum(bf16 * reference, axis=1)
+        assert cosine.min() > 0.98, cosine.min()
+    else:  # the regression head's one output: standardised age
+        np.testing.assert_allclose(bf16, reference, atol=0.05 * np.abs(reference).max())
+
+
+def test_float32_features_on_the_gpu_equal_the_cpus(split_dir, tmp_path):
+    # TF32 (on for CUDA matrix products and convolutions, brainage.runtime) rounds inputs
+    # to 10 mantissa bits: agreement to about 1e-3 on unit vectors
+    settings = on_device("adaptive", precision="float32")
+    train_encoder(split_dir, settings, **cell_paths(tmp_path))
+    reference = cpu_features(tmp_path / "encoder.pt", settings, split_dir)
+    with np.load(tmp_path / "features.npz") as saved:
+        for kind in ("encoder", "projection"):
+            scale = np.abs(reference[kind]).max()
+            np.testing.assert_allclose(saved[kind], reference[kind], rtol=0,
+                                       atol=5e-3 * scale, err_msg=kind)
+
+
+def test_deterministic_runs_repeat_bit_for_bit(split_dir, tmp_path):
+    settings = on_device("adaptive", deterministic=True)  # bf16 on CUDA (precision auto)
+    first = train_encoder(split_dir, settings, **cell_paths(tmp_path / "first"))
+    second = train_encoder(split_dir, settings, **cell_paths(tmp_path / "second"))
+    assert [row["loss"] for row in first] == [row["loss"] for row in second]
+    a, b = (encoder_weights(tmp_path / run / "encoder.pt") for run in ("first", "second"))
+    assert all(torch.equal(a[key], b[key]) for key in a)
