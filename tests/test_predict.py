@@ -514,6 +514,20 @@ def test_predictions_table_reports_every_subject_and_qc_failure(world, new_cohor
     assert (new_cohort.out / "gap_by_group.png").stat().st_size > 1000
 
 
+def test_training_age_range_includes_its_bounds(world, tmp_path):
+    training = world.manifest["training"]
+    low, high = training["age_min"], training["age_max"]
+    table = _participants(4, "edge", [low, high, low - 1.0, high + 1.0])
+    table["age"] = [low, high, low - 1.0, high + 1.0]  # exactly, not rounded
+    files = write_cohort(tmp_path / "edge", table, seed=5)
+    predictions = predict_cohort(world.bundle_dir, tmp_path / "edge",
+                                 stiffness_maps(files["maps"]), files["qc"],
+                                 predictions_path=tmp_path / "out" / "predictions.tsv",
+                                 summary_path=tmp_path / "out" / "summary.tsv", cohort="edge",
+                                 device="cpu")
+    assert predictions["within_training_ages"].tolist() == [True, True, False, False]
+
+
 def test_corrected_gap_uses_the_bundle_correction(world, new_cohort):
     correction = world.manifest["bias_correction"]
     table = new_cohort.predictions[new_cohort.predictions["status"] == "predicted"]
