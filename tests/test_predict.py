@@ -376,6 +376,27 @@ def test_fit_age_bias_recovers_a_known_line_and_removes_it():
     assert corrected.mean() == pytest.approx(0.0, abs=1e-10)
 
 
+def test_out_of_fold_predictions_belong_to_their_own_subjects():
+    from sklearn.model_selection import KFold
+
+    # features that carry age: each subject's out-of-fold prediction is its own age (a
+    # prediction filed under another subject would miss by years)
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(20, 80, 40)
+    features = np.column_stack([ages, rng.normal(size=40)])
+    section = resolve_cell({"readout": {"method": "ridge"}})["readout"]
+    predicted = out_of_fold_predictions(features, ages, section, folds=5, seed=0)
+    np.testing.assert_allclose(predicted, ages, atol=0.5)
+    # and each comes from a read-out fitted without its fold: with the training-mean
+    # read-out, the mean age of the other folds (K-fold shuffled with the seed)
+    means = out_of_fold_predictions(features, ages, {**section, "method": "train_mean"},
+                                    folds=5, seed=0)
+    expected = np.empty(len(ages))
+    for fit_rows, held_out in KFold(5, shuffle=True, random_state=0).split(features):
+        expected[held_out] = ages[fit_rows].mean()
+    np.testing.assert_allclose(means, expected)
+
+
 def test_fit_age_bias_refuses_degenerate_reference_sets():
     with pytest.raises(ValueError, match="at least 3 subjects"):
         fit_age_bias([30.0, 40.0], [31.0, 39.0])

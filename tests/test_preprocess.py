@@ -479,6 +479,34 @@ def test_damping_ratio_outside_zero_one_names_subject_and_file(processed, tmp_pa
     assert not (tmp_path / "stiffness.nii.gz").exists()
 
 
+def test_damping_ratio_is_range_checked_inside_the_brain(processed, tmp_path):
+    subject = processed["young"]
+
+    def correct(dataset, label, out):
+        maps = {name: dataset / f"sub-{label}" / "mre" / f"sub-{label}_{name}.nii.gz"
+                for name in ("stiffness", "damping_ratio")}
+        out.mkdir()
+        correct_bias(maps, subject["mask"], subject["reference"], subject["reference_info"],
+                     {name: out / f"{name}.nii.gz" for name in maps}, out / "r.nii.gz",
+                     n4=False, subject=label)
+        return maps
+
+    # below the range inside the brain stops the run, as above it does
+    negative = _with_damping(tmp_path / "negative", subject["files"], "d3", lambda kpa: -kpa / 50)
+    with pytest.raises(InputError, match=r"sub-d3.* brain voxels lie outside \[0, 1\]"):
+        correct(negative, "d3", tmp_path / "negative_out")
+    # a value outside the brain mask is set to 0, not checked
+    stray = _with_damping(tmp_path / "stray", subject["files"], "d4",
+                          lambda kpa: 0.05 + 0.04 * kpa)
+    maps = correct(stray, "d4", tmp_path / "valid_out")
+    image = nib.load(maps["damping_ratio"])
+    ratio = image.get_fdata(dtype=np.float32)
+    ratio[~(np.asarray(nib.load(subject["mask"]).dataobj) > 0)] = 5.0
+    nib.save(nib.Nifti1Image(ratio, image.affine), maps["damping_ratio"])
+    correct(stray, "d4", tmp_path / "stray_out")
+    assert (tmp_path / "stray_out" / "damping_ratio.nii.gz").exists()
+
+
 @pytest.mark.slow
 def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_path):
     """Modalities [T1w] (a pretraining cohort): the mask lives on the T1w grid, the one
