@@ -228,6 +228,23 @@ def test_block_averaged_resolution_and_float16(small_dataset):
     assert np.allclose(images[0, 0].astype(np.float32), expected, atol=2e-3)
 
 
+def test_qc_metrics_on_a_constructed_case():
+    from brainage.qc import qc_metrics
+
+    rng = np.random.default_rng(0)
+    template_t1 = rng.uniform(1, 2, (10, 10, 10))
+    template_mask = np.zeros((10, 10, 10), bool)
+    template_mask[:, :, :5] = True  # 500 template brain voxels
+    subject_mask = np.zeros_like(template_mask)
+    subject_mask[:, :, 1:6] = True  # 400 of its 500 voxels inside the template's
+    stiffness = np.zeros((10, 10, 10))
+    stiffness[:, :, 3:] = 2.0 * template_t1[:, :, 3:]  # a slab that reaches past the brain
+    metrics = qc_metrics(stiffness, subject_mask, template_t1, template_t1, template_mask)
+    assert metrics["coverage"] == pytest.approx(200 / 500)  # only template-brain voxels count
+    assert metrics["dice"] == pytest.approx(2 * 400 / (500 + 500))
+    assert metrics["correlation"] == pytest.approx(1.0)  # the map is the T1 times 2 there
+
+
 def test_a_qc_metric_that_could_not_be_computed_fails():
     from brainage.qc import qc_failures, thresholds
 
