@@ -1,7 +1,7 @@
 """A tiny synthetic split folder (results/dataset/<split>/) for the training tests.
 
-Not a test module: imported by tests/test_train.py, test_evaluate.py, test_search.py and
-tests/benchmarks/bench_train.py.
+Not a test module: imported by tests/test_train.py, test_evaluate.py, test_search.py,
+test_modalities.py, test_cuda.py and tests/benchmarks/bench_train.py.
 """
 
 from __future__ import annotations
@@ -93,3 +93,17 @@ def tiny_settings(**overrides) -> dict:
         else:
             settings[section] = values
     return settings
+
+
+def cell_paths(folder: Path) -> dict:
+    """The output paths of ``brainage.train.train_encoder`` for a cell folder."""
+    return {"encoder_path": folder / "encoder.pt", "history_path": folder / "history.tsv",
+            "embeddings_dir": folder / "embeddings", "checkpoint_path": folder / "checkpoint.pt",
+            "features_path": folder / "features.npz"}
+
+
+def encoder_weights(path: Path) -> dict:
+    """The model state dict saved in an ``encoder.pt``."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]

@@ -144,6 +144,7 @@ def test_baselines_never_see_the_test_subjects(tmp_path, name):
     features = None
 
     def embed_split():  # train (or initialise) the encoder on the current images, embed
+        # from nothing: the poisoned run must not find the clean run's files
         for stale in (tmp_path / "encoder.pt", features):
             stale.unlink(missing_ok=True)
         train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",

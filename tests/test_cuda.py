@@ -20,8 +20,7 @@ from brainage.config import resolve_cell
 from brainage.data import VolumeStore, load_split
 from brainage.models import embed_all, load_encoder
 from brainage.train import train_encoder
-from split_fixture import tiny_settings, write_split
-from test_train import cell_paths, encoder_weights
+from split_fixture import cell_paths, encoder_weights, tiny_settings, write_split
 
 #: Where the checks run: ``cuda`` (default), or ``cpu`` to test the checks themselves.
 DEVICE = os.environ.get("BRAINAGE_TEST_DEVICE", "cuda")

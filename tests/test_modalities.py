@@ -13,13 +13,7 @@ from brainage.data import VolumeStore, load_split
 from brainage.evaluate import evaluate_encoder
 from brainage.models import build_model, load_encoder, load_init_checkpoint
 from brainage.train import train_encoder
-from split_fixture import tiny_settings, write_split
-
-
-def _paths(folder):
-    return {"encoder_path": folder / "encoder.pt", "history_path": folder / "history.tsv",
-            "embeddings_dir": folder / "embeddings", "checkpoint_path": folder / "checkpoint.pt",
-            "features_path": folder / "features.npz"}
+from split_fixture import cell_paths, tiny_settings, write_split
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +40,7 @@ def test_store_reads_the_chosen_channels_in_order(two_channel_split):
 def test_a_two_channel_cell_trains_with_two_input_channels(two_channel_split, tmp_path):
     settings = tiny_settings(model={"width": 8, "modalities": ["stiffness", "damping_ratio"]},
                              loss={"name": "exponential"}, train={"epochs": 1, "embed_epochs": []})
-    history = train_encoder(two_channel_split, settings, **_paths(tmp_path / "both"))
+    history = train_encoder(two_channel_split, settings, **cell_paths(tmp_path / "both"))
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
     weights = torch.load(tmp_path / "both" / "encoder.pt", weights_only=True)["model"]
     assert weights["encoder.conv1.weight"].shape[1] == 2
@@ -59,7 +53,7 @@ def test_a_two_channel_cell_trains_with_two_input_channels(two_channel_split, tm
 
     one = tiny_settings(model={"width": 8, "modalities": ["damping_ratio"]},
                         loss={"name": "exponential"}, train={"epochs": 1, "embed_epochs": []})
-    train_encoder(two_channel_split, one, **_paths(tmp_path / "one"))
+    train_encoder(two_channel_split, one, **cell_paths(tmp_path / "one"))
     weights = torch.load(tmp_path / "one" / "encoder.pt", weights_only=True)["model"]
     assert weights["encoder.conv1.weight"].shape[1] == 1
 

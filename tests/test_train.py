@@ -29,19 +29,15 @@ from brainage.train import (
     save_checkpoint,
     train_encoder,
 )
-from split_fixture import synthetic_volumes, tiny_settings, write_split
+from split_fixture import (
+    cell_paths,
+    encoder_weights,
+    synthetic_volumes,
+    tiny_settings,
+    write_split,
+)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cell_paths(folder: Path) -> dict:
-    return {"encoder_path": folder / "encoder.pt", "history_path": folder / "history.tsv",
-            "embeddings_dir": folder / "embeddings", "checkpoint_path": folder / "checkpoint.pt",
-            "features_path": folder / "features.npz"}
-
-
-def encoder_weights(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)["model"]
 
 
 def assert_same_weights(first: Path, second: Path) -> None:
