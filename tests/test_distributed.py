@@ -104,7 +104,7 @@ def test_a_step_does_not_depend_on_the_process_count(case, split_dir, two_proces
 # -- training through the command line ----------------------------------------------------------
 
 #: NNCLR: state across batches and epochs (its queue) and noise augmentation.
-SETTINGS = tiny_settings(loss={"name": "nnclr", "queue_size": 16}, model={"width": 8},
+SETTINGS = tiny_settings(loss={"name": "nnclr", "queue_size": 16},
                          train={"epochs": 5, "batch_size": 8, "threads": 2,
                                 "embed_epochs": [1, 5]})
 

@@ -38,7 +38,7 @@ def test_store_reads_the_chosen_channels_in_order(two_channel_split):
 
 
 def test_a_two_channel_cell_trains_with_two_input_channels(two_channel_split, tmp_path):
-    settings = tiny_settings(model={"width": 8, "modalities": ["stiffness", "damping_ratio"]},
+    settings = tiny_settings(model={"modalities": ["stiffness", "damping_ratio"]},
                              loss={"name": "exponential"}, train={"epochs": 1, "embed_epochs": []})
     history = train_encoder(two_channel_split, settings, **cell_paths(tmp_path / "both"))
     assert len(history) == 1 and np.isfinite(history[0]["loss"])
@@ -51,7 +51,7 @@ def test_a_two_channel_cell_trains_with_two_input_channels(two_channel_split, tm
                                predictions_path=tmp_path / "both" / "predictions.tsv")
     assert np.isfinite(metrics["mae"])
 
-    one = tiny_settings(model={"width": 8, "modalities": ["damping_ratio"]},
+    one = tiny_settings(model={"modalities": ["damping_ratio"]},
                         loss={"name": "exponential"}, train={"epochs": 1, "embed_epochs": []})
     train_encoder(two_channel_split, one, **cell_paths(tmp_path / "one"))
     weights = torch.load(tmp_path / "one" / "encoder.pt", weights_only=True)["model"]
