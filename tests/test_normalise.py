@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -22,6 +24,7 @@ from brainage.normalise import (
     split_names,
     volume_moments,
 )
+from brainage.split_data import load_split
 
 SPLIT = {"scheme": "holdout", "test_fraction": 0.25, "n_folds": 4, "seed": 7}
 
@@ -197,6 +200,7 @@ def test_normalisation_equals_numpy_with_training_statistics(small_dataset):
     assert stats["shape"] == [6, 8, 6] and stats["resolution_mm"] == 2
     assert np.allclose(stats["affine"], nib.load(small_dataset["mask"]).affine)
     assert json.loads((small_dataset["out"] / "stats.json").read_text())["split"] == "holdout"
+    assert stats["images_sha256"] == hashlib.sha256(np.asarray(images).tobytes()).hexdigest()
     assert sorted(p.name for p in small_dataset["out"].iterdir()) == [
         "images.npy", "participants.tsv", "stats.json"]  # no temporary files left
 
@@ -210,6 +214,10 @@ def test_statistics_never_see_test_subjects(small_dataset):
             nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32) * 50, image.affine), path)
     changed, images, _ = _run(small_dataset)
     assert (changed["mean"], changed["sd"]) == (stats["mean"], stats["sd"])
+    # ... but the images did change, and with them a training's resume fingerprint
+    assert changed["images_sha256"] != stats["images_sha256"]
+    assert (load_split(small_dataset["out"]).identity()
+            != replace(load_split(small_dataset["out"]), stats=stats).identity())
     all_scope, _, _ = _run(small_dataset, scope="all")
     assert all_scope["mean"][0] > 5 * stats["mean"][0] and all_scope["scope"] == "all"
     assert len(all_scope["statistics_subjects"]) == 12

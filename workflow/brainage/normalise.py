@@ -27,6 +27,7 @@ than half non-zero voxels becomes background.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import re
@@ -391,7 +392,8 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     out_participants : participants.tsv of the rows: input columns + subset, coverage, qc_pass.
     out_stats : stats.json: the normalisation record (:data:`RECORD_KEYS`; per channel the
         mean and sd in the map's unit), scope, voxel counts, statistics subjects,
-        excluded subjects with reasons, split name.
+        excluded subjects with reasons, split name, and ``images_sha256``: the sha256 of
+        images.npy's rows in order (the array's bytes without the .npy header).
     split : split name (:func:`split_names`).
     split_settings : config section ``split`` (scheme, test_fraction, n_folds, seed).
     scope : ``train`` (the split's training subjects) or ``all`` (the paper's code).
@@ -507,6 +509,9 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
 
     storage = DTYPES[dtype]
     row_shape = (len(modalities), *shape)
+    # The rows' bytes in order: a training's resume fingerprint (SplitData.identity) holds
+    # it, so a checkpoint is not resumed over changed images, at no cost to the training.
+    images_digest = hashlib.sha256()
     with atomic_path(out_images, suffix=".npy") as temp:
         header = np.lib.format.open_memmap(temp, mode="w+", dtype=storage,
                                            shape=(len(table), *row_shape))
@@ -519,6 +524,7 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
                                offset=offset + row * row_bytes)
             target[...] = normalised
             target.flush()
+            images_digest.update(np.ascontiguousarray(target).tobytes())
             del target
             if (row + 1) % 25 == 0:
                 log.info("normalised %d/%d subjects", row + 1, len(table))
@@ -528,6 +534,7 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
     stats = {**record, "scope": scope, "n_voxels": [int(count) for count, _, _ in moments],
              "statistics_subjects": list(statistics_rows["participant_id"]),
              "excluded": list(excluded), "split": split,
+             "images_sha256": images_digest.hexdigest(),
              "n_train": int((table["subset"] == "train").sum()),
              f"n_{eval_subset}": int((table["subset"] == eval_subset).sum())}
     write_json(out_stats, stats)

@@ -119,8 +119,10 @@ class SplitData:
                 "dtype": str(self.images.dtype),
                 "train": self.participant_ids[self.train_index].tolist(),
                 "eval": self.participant_ids[self.eval_index].tolist(),
+                # images_sha256 (None in a split written before it was recorded): a test
+                # subject's changed image moves neither the lists nor the statistics
                 "stats": {key: self.stats.get(key)
-                          for key in ("mean", "sd", "scope", "modalities")},
+                          for key in ("mean", "sd", "scope", "modalities", "images_sha256")},
                 "normalisation": list(self.normalisation) if self.normalisation else None}
 
     def with_validation(self, fraction: float, seed: int) -> "SplitData":
