@@ -216,8 +216,8 @@ def test_statistics_never_see_test_subjects(small_dataset):
     assert (changed["mean"], changed["sd"]) == (stats["mean"], stats["sd"])
     # ... but the images did change, and with them a training's resume fingerprint
     assert changed["images_sha256"] != stats["images_sha256"]
-    assert (load_split(small_dataset["out"]).identity()
-            != replace(load_split(small_dataset["out"]), stats=stats).identity())
+    split = load_split(small_dataset["out"])
+    assert split.identity() != replace(split, stats=stats).identity()
     all_scope, _, _ = _run(small_dataset, scope="all")
     assert all_scope["mean"][0] > 5 * stats["mean"][0] and all_scope["scope"] == "all"
     assert len(all_scope["statistics_subjects"]) == 12
