@@ -309,6 +309,17 @@ def test_pretraining_overrides_keep_the_other_defaults():
     assert settings["loss"]["name"] == "yaware"
 
 
+def test_pretraining_on_the_training_cohorts_folder_is_refused(tmp_path, monkeypatch):
+    """The test subjects' T1w and ages would reach the encoder before they are tested."""
+    monkeypatch.chdir(tmp_path)
+    same = {**_with_pretraining(source={"kind": "bids", "root": "./data/mre/"}),
+            "dataset": {"root": str(tmp_path / "data" / "mre")}}
+    with pytest.raises(ConfigError, match=r"pretrain\.t1\.source\.root.*\(dataset\.root\)"):
+        validate_config(same)
+    other = {**same, "pretrain": {"t1": {"source": {"kind": "bids", "root": "data/t1w"}}}}
+    assert validate_config(other)["pretrain"]["t1"]["source"]["root"] == "data/t1w"
+
+
 def test_cell_names_its_pretraining_run():
     config = validate_config(_with_pretraining())
     assert cell_settings(config, "table3", "adaptive_pretrained", 0)["model"]["init"] == \

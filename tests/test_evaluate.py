@@ -49,6 +49,12 @@ def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set():
                                              "alphas": [0.1, 10.0]}))
     assert readout.info["cv_folds"] == 2  # every fold keeps >= 2 subjects for its r2
     assert readout.info["ridge_alpha"] in (0.1, 10.0)
+    for n in (4, 5, 9, 40):
+        sizes = [len(v) for _, v in ridge_folds(n, 5).split(np.zeros((n, 1)))]
+        assert min(sizes) >= 2 and sum(sizes) == n, (n, sizes)
+    # 3 subjects cannot make two folds of two: refused, not scored NaN with a default alpha
+    with pytest.raises(ValueError, match="at least 4 training subjects.*got 3"):
+        fit_readout(train_x[:3], train_y[:3], readout_section({"method": "ridge"}))
 
 
 def test_ridge_folds_mix_studies_when_rows_come_grouped_by_study():
@@ -119,6 +125,8 @@ def test_metrics_closed_form():
     assert constant["gap_age_slope"] == pytest.approx(-1)  # full regression to the mean
     assert constant["pearson_r"] is None
     assert constant["mae"] == 22.5 and constant["mae_per_study"] == {"a": 20.0, "b": 25.0}
+    uneven = compute_metrics(ages, ages, np.array(["b", "a", "b", "b"]))
+    assert uneven["n_per_study"] == {"a": 1, "b": 3}
     shifted = compute_metrics(ages, ages + np.array([1.0, -1.0, 3.0, -3.0]), studies)
     assert shifted["mae"] == 2 and shifted["rmse"] == pytest.approx(np.sqrt(5))
 

@@ -17,6 +17,7 @@ import pandas as pd
 import pytest
 
 from brainage.config import validate_config
+from brainage.evaluate import compute_metrics
 from brainage.paths import Layout
 from brainage.report import figures, pretraining, tables, targets
 from brainage.report import results as report_results
@@ -71,6 +72,7 @@ def write_cell(layout: Layout, split: str, experiment: str, variant: str, seed: 
                "loss": loss, "readout": "ridge", "mae": mae, "rmse": mae * 1.2,
                "pearson_r": 0.8, "r2": 0.6,
                "mae_per_study": {s: mae for s in sorted(set(test["study"]))},
+               "n_per_study": test["study"].value_counts().to_dict(),
                "gap_age_slope": -0.2, "n_train": int((participants["subset"] == "train").sum()),
                "n_test": len(test)}
     (folder / "metrics.json").write_text(json.dumps(metrics))
@@ -237,13 +239,49 @@ def test_seed_results_pool_splits_by_test_size():
         "seed": 0, "loss": "adaptive", "kind": "contrastive", "readout": "ridge",
         "mae": [2.0, 5.0], "rmse": [2.0, 5.0], "pearson_r": [0.5, 0.7], "r2": [0.1, 0.3],
         "gap_age_slope": [-0.1, -0.3], "n_test": [3, 1], "mae_study_a": [2.0, np.nan],
+        "mae_study_b": [1.0, 4.0], "n_study_a": [2, np.nan], "n_study_b": [1, 1],
         "path": ["x", "y"]})
     row = report_results.seed_results(metrics).iloc[0]
     assert row["mae"] == pytest.approx((3 * 2 + 1 * 5) / 4)
     assert row["rmse"] == pytest.approx(np.sqrt((3 * 4 + 25) / 4))
     assert row["n_splits"] == 2 and row["n_test"] == 4
-    assert row["mae_study_a"] == pytest.approx(2.0)
+    assert row["mae_study_a"] == pytest.approx(2.0)  # tested by fold1 only
+    # study b has one test subject in each fold: its pooled MAE is their plain mean, not
+    # weighted by the folds' n_test (3:1, which would give 1.75)
+    assert row["mae_study_b"] == pytest.approx(2.5)
     assert row["gap_age_slope"] == pytest.approx(-0.2)
+    # metrics written before the counts existed cannot pool b, and say which to rerun
+    with pytest.raises(targets.ReportError, match="x, y.*n_per_study.*evaluate_encoder"):
+        report_results.seed_results(metrics.drop(columns=["n_study_a", "n_study_b"]))
+    assert report_results.seed_results(
+        metrics.drop(columns=["n_study_a", "n_study_b", "mae_study_b"])
+    ).iloc[0]["mae_study_a"] == pytest.approx(2.0)  # one split: nothing to weigh
+
+
+def test_per_study_mae_pools_each_studys_test_subjects_over_folds(tmp_path):
+    """Five folds of a cohort whose third study is small and noisy: each study's MAE in the
+    seed table equals the MAE over that study's test subjects of all folds."""
+    sizes = {"s1": 40, "s2": 20, "s3": 12}
+    rng = np.random.default_rng(1)
+    table = pd.DataFrame([{"study": study} for study, n in sizes.items() for _ in range(n)])
+    table["age"] = rng.uniform(20, 80, len(table))
+    noise = np.where(table["study"] == "s3", rng.uniform(0.2, 3, len(table)), 1.0)
+    table["predicted"] = table["age"] + rng.normal(0, 4, len(table)) * noise
+    fold = rng.permutation(np.arange(len(table)) % 5)
+    paths = []
+    for k in range(5):
+        test = table[fold == k]
+        metrics = compute_metrics(test["age"].to_numpy(), test["predicted"].to_numpy(),
+                                  test["study"].to_numpy())
+        metrics.update(split=f"fold{k + 1}", experiment="table3", variant="adaptive", seed=0,
+                       loss="adaptive", n_test=len(test))
+        paths.append(tmp_path / f"fold{k + 1}.json")
+        paths[-1].write_text(json.dumps(metrics))
+    row = report_results.seed_results(report_results.read_metrics(paths)).iloc[0]
+    error = (table["predicted"] - table["age"]).abs()
+    assert row["mae"] == pytest.approx(error.mean())
+    for study in sizes:
+        assert row[f"mae_study_{study}"] == pytest.approx(error[table["study"] == study].mean())
 
 
 def test_read_metrics_names_the_broken_file(tmp_path):

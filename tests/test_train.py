@@ -94,7 +94,7 @@ def test_outputs_follow_the_contract(split_dir, reference_run):
         assert saved["participant_id"][0].startswith("sub-")
     saved_metrics = json.loads((folder / "metrics.json").read_text())
     for key in ("split", "experiment", "variant", "seed", "loss", "readout", "mae", "rmse",
-                "pearson_r", "r2", "mae_per_study", "gap_age_slope", "n_train", "n_test",
+                "pearson_r", "r2", "mae_per_study", "n_per_study", "gap_age_slope", "n_train", "n_test",
                 "ridge_alpha"):
         assert key in saved_metrics, key
     predictions = pd.read_csv(folder / "predictions.tsv", sep="\t")

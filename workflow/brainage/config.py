@@ -116,6 +116,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     for name in filled.get("pretrain", {}):
         problems += check_adaptive_schedule(pretrain_settings(filled, name, source=source),
                                             source=source)
+        problems += check_pretraining_source(filled, name, source=source)
     for experiment, definition in filled.get("experiments", {}).items():
         for variant in definition["variants"]:
             settings = cell_settings(filled, experiment, variant, 0, source=source)
@@ -126,6 +127,26 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
+
+
+def check_pretraining_source(config: Mapping[str, Any], name: str, *,
+                             source: str = "config") -> list[str]:
+    """A pretraining run must not read the training cohort itself (``dataset.root``).
+
+    Its subjects would include the test subjects, and the pretraining loss sees their images
+    and ages (the kernel losses weigh pairs by age), so every cell fine-tuned from it would
+    report an optimistic test MAE. Only the folder is compared: a separate T1w cohort that
+    contains some of the same people cannot be recognised from its files.
+    """
+    run_source = config["pretrain"][name]["source"]
+    if run_source["kind"] != "bids" or run_source.get("root") is None:
+        return []
+    if Path(run_source["root"]).resolve() != Path(config["dataset"]["root"]).resolve():
+        return []
+    return [f"{source}: config key 'pretrain.{name}.source.root' ({run_source['root']}) is "
+            f"the training cohort's folder (dataset.root): pretraining on it would show the "
+            f"encoder the test subjects' images and ages before they are tested. Pretrain on "
+            f"a separate T1w cohort (source.kind bids with another root, or openbhb)."]
 
 
 def _variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: str) -> str:
@@ -584,9 +605,10 @@ def encoder_owners(config: Mapping[str, Any]) -> dict[tuple[str, str, int], tupl
     """For every cell with an encoder, the cell that trains the encoder it evaluates.
 
     Cells whose training settings are equal (same loss, train, model sections and seed)
-    would train the same encoder: in the paper grid the Table 3 Adaptive Neighborhoods
-    cells, the Ridge, MSE, L1, Huber and DEX read-out cells and the default cells of
-    four other ablations, 45 of 160 trainings. Each such group trains once, in the folder
+    would train the same encoder: in the paper grid the Manhattan cells of the distance
+    ablation, the five read-out cells, both projection cells, the default cells of the
+    lambda and reduction ablations and the modality experiment's stiffness cells: 50 of
+    205 cells with an encoder train nothing. Each such group trains once, in the folder
     of its first cell in config order; the others keep their own metrics.json and
     predictions.tsv. The order runs over every experiment, disabled ones included, so
     switching an experiment off or on does not move (and retrain) an encoder.

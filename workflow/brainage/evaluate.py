@@ -43,7 +43,9 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray) -> dict:
-    """Test metrics (years): MAE, RMSE, Pearson r, R2, MAE per study, gap-age slope.
+    """Test metrics (years): MAE, RMSE, Pearson r, R2, MAE per study (with the number of
+    test subjects per study, ``n_per_study``, which pooling over splits weights by),
+    gap-age slope.
 
     ``gap_age_slope`` is the least-squares slope of (predicted - age) against age: the
     regression-to-the-mean bias (0 = unbiased, -1 = predicting a constant). Values that are
@@ -59,11 +61,14 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
     total = np.sum((ages - ages.mean()) ** 2)
     r2 = 1 - np.sum(error ** 2) / total if total > 0 else math.nan
     slope = np.polyfit(ages, error, 1)[0] if len(ages) > 1 and np.std(ages) > 0 else math.nan
-    per_study = {str(study): float(np.mean(np.abs(error[studies == study])))
-                 for study in sorted(set(map(str, studies)))}
+    studies = np.asarray(studies).astype(str)
+    names = sorted(set(studies))
+    per_study = {study: float(np.mean(np.abs(error[studies == study]))) for study in names}
     return {"mae": float(np.mean(np.abs(error))), "rmse": float(np.sqrt(np.mean(error ** 2))),
             "pearson_r": _finite_or_none(pearson), "r2": _finite_or_none(r2),
-            "mae_per_study": per_study, "gap_age_slope": _finite_or_none(slope)}
+            "mae_per_study": per_study,
+            "n_per_study": {study: int(np.sum(studies == study)) for study in names},
+            "gap_age_slope": _finite_or_none(slope)}
 
 
 # -- one grid cell --------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-# Per-subject preprocessing (docs/method.md, "Preprocessing"): skull stripping (rule
+# Per-subject preprocessing (docs/method.md §1, "Data and preprocessing"): skull stripping (rule
 # strip_skull), then N4 bias correction, affine registration to the template at 2 mm and QC
 # in one job (rule correct_and_register; brainage.preprocess.chain says why), for every map
 # of the cohort's modalities with one mask and one transform (brainage.modalities). One chain of

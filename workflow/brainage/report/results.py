@@ -96,7 +96,8 @@ METRIC_KEYS = ("split", "experiment", "variant", "seed", "mae", "n_test")
 def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per ``metrics.json``: split, experiment, variant, seed, loss, readout, mae,
     rmse, pearson_r, r2, n_train, n_test, neighbourhood (:func:`neighbourhood_schedule`)
-    and ``mae_study_<study>`` per study.
+    and ``mae_study_<study>`` and ``n_study_<study>`` (its test subjects; absent in
+    metrics written before the count was recorded) per study.
 
     Raises
     ------
@@ -121,6 +122,8 @@ def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
         row["neighbourhood"] = neighbourhood_schedule(metrics.get("trained_loss"))
         for study, mae in (metrics.get("mae_per_study") or {}).items():
             row[f"mae_study_{study}"] = mae
+        for study, count in (metrics.get("n_per_study") or {}).items():
+            row[f"n_study_{study}"] = count
         row["path"] = str(path)
         rows.append(row)
     if not rows:
@@ -157,7 +160,14 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     experiment, variant, seed, loss, kind, mae, rmse, pearson_r, r2, gap_age_slope (the
     mean over splits), n_test, n_splits, neighbourhood (Adaptive Neighborhoods' schedule
     as trained, each split's when they differ) and the ``mae_study_*`` columns (each
-    study's MAE over the splits that test it, weighted by their n_test).
+    study's MAE over all its test subjects: the splits that test it, each weighted by its
+    number of that study's test subjects, ``n_study_*``).
+
+    Raises
+    ------
+    ReportError
+        A split has no test subjects, or a study tested in several splits of a cell lacks
+        its per-study counts (metrics written by an older version): rerun evaluate_encoder.
     """
     keys = ["experiment", "variant", "seed"]
     study_columns = [c for c in metrics.columns if c.startswith("mae_study_")]
@@ -180,14 +190,34 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                "neighbourhood": (joined_values(group["neighbourhood"])
                                  if "neighbourhood" in group else None)}
         for column in study_columns:
-            # a study is tested in some splits only (leave-one-study-out)
-            present = group[column].notna().to_numpy()
-            row[column] = (float(np.average(group[column][present], weights=weights[present]))
-                           if present.any() else np.nan)
+            row[column] = pooled_study_mae(group, column)
         rows.append(row)
     columns = [*keys, "loss", "kind", "readout", "mae", "rmse", "pearson_r", "r2",
                "gap_age_slope", "n_test", "n_splits", "neighbourhood", *study_columns]
     return pd.DataFrame(rows, columns=columns)
+
+
+def pooled_study_mae(group: pd.DataFrame, column: str) -> float:
+    """One study's MAE (``mae_study_<study>``) over the test subjects of the splits of
+    ``group`` (one cell) that test it: weighted by each split's count of that study's test
+    subjects, not by its n_test (a k-fold split tests a few of a study's subjects among many
+    others'). NaN when no split tests the study (leave-one-study-out)."""
+    present = group[column].notna().to_numpy()
+    if not present.any():
+        return np.nan
+    maes = group[column][present].to_numpy(float)
+    if len(maes) == 1:
+        return float(maes[0])
+    count_column = "n_study_" + column[len("mae_study_"):]
+    counts = (group[count_column][present] if count_column in group
+              else pd.Series(np.nan, index=group.index[present]))
+    if counts.isna().any():
+        lacking = group["path"][present][counts.isna()]
+        raise ReportError(f"{', '.join(lacking)}: the metrics lack the per-study test counts "
+                          f"(n_per_study) that pool {column} over splits; they predate them. "
+                          f"Rerun the cells' evaluate_encoder jobs (snakemake --forcerun "
+                          f"evaluate_encoder).")
+    return float(np.average(maes, weights=counts.to_numpy(float)))
 
 
 def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
