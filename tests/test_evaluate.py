@@ -43,7 +43,7 @@ def test_every_readout_learns_a_linear_age_code(method):
     assert mae < 0.35 * baseline, (method, mae, baseline)
 
 
-def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set():
+def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set(caplog):
     train_x, train_y, _, _ = _shared_direction_data(n_train=5)
     readout = fit_readout(train_x, train_y, readout_section({"method": "ridge", "cv_folds": 5,
                                              "alphas": [0.1, 10.0]}))
@@ -52,9 +52,12 @@ def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set():
     for n in (4, 5, 9, 40):
         sizes = [len(v) for _, v in ridge_folds(n, 5).split(np.zeros((n, 1)))]
         assert min(sizes) >= 2 and sum(sizes) == n, (n, sizes)
-    # 3 subjects cannot make two folds of two: refused, not scored NaN with a default alpha
-    with pytest.raises(ValueError, match="at least 4 training subjects.*got 3"):
-        fit_readout(train_x[:3], train_y[:3], readout_section({"method": "ridge"}))
+    # 3 subjects cannot make two folds of two: the first alpha, and a warning that says so
+    with caplog.at_level("WARNING", logger="brainage.readout"):
+        few = fit_readout(train_x[:3], train_y[:3], readout_section(
+            {"method": "ridge", "alphas": [0.1, 10.0]}))
+    assert few.info["ridge_alpha"] == 0.1
+    assert "3 training subjects are too few" in caplog.text
 
 
 def test_ridge_folds_mix_studies_when_rows_come_grouped_by_study():

@@ -46,6 +46,35 @@ def test_valid_dataset_reads_with_extra_columns(tmp_path):
     assert set(inputs) == {"stiffness", "anat"}
 
 
+def test_subject_folders_without_a_row_are_named_not_dropped_silently(tmp_path, caplog):
+    root = write_tiny_dataset(tmp_path / "d", default_rows())
+    (root / "sub-99z" / "mre").mkdir(parents=True)
+    (root / "sub-notes.txt").write_text("not a subject folder")
+    caplog.set_level("WARNING", logger="brainage.io")
+    table = read_participants(root)
+    assert "sub-99z" not in set(table["participant_id"])
+    assert [r.getMessage() for r in caplog.records if "no row" in r.getMessage()] == [
+        f"1 subject folder(s) in {root.resolve()} have no row in "
+        f"{root.resolve() / 'participants.tsv'} and are not used: sub-99z. Add their rows "
+        f"(participant_id, age, sex, study) to use them."]
+
+
+def test_a_missing_input_names_what_is_there_instead(tmp_path):
+    root = write_tiny_dataset(tmp_path / "d", default_rows())
+    stiffness = root / "sub-00a" / "mre" / "sub-00a_stiffness.nii.gz"
+    with gzip.open(stiffness) as packed:
+        (stiffness.parent / "sub-00a_stiffness.nii").write_bytes(packed.read())
+    stiffness.unlink()
+    with pytest.raises(InputError, match=r"sub-00a_stiffness\.nii\.gz is missing.*There is "
+                                         r"sub-00a_stiffness\.nii: compress it"):
+        read_participants(root)
+    (root / "sub-00a" / "mre").rename(root / "sub-00a" / "ses-1")
+    (root / "sub-00a" / "ses-1").mkdir(exist_ok=True)
+    with pytest.raises(InputError, match=r"has session folders \(ses-1\); the dataset "
+                                         r"layout has none"):
+        subject_inputs(root, "00a")
+
+
 def test_missing_root(tmp_path):
     with pytest.raises(InputError, match=r"dataset root .*nowhere.* does not exist.*dataset\.root"):
         read_participants(tmp_path / "nowhere")

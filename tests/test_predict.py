@@ -38,6 +38,7 @@ from brainage.config import resolve_cell  # noqa: E402
 from brainage.export import ExportError, export_model  # noqa: E402
 from brainage.io import InputError, sha256_file  # noqa: E402
 from brainage.normalise import apply as normalise_map  # noqa: E402
+from brainage.predict import run_cohort  # noqa: E402
 from brainage.readout import Readout, fit_readout, load_readout  # noqa: E402
 from split_fixture import tiny_settings, write_split  # noqa: E402
 
@@ -346,6 +347,28 @@ def test_write_bundle_accepts_tensors_only(tmp_path):
         write_bundle(tmp_path / "b", name="b", encoder_state={"w": np.zeros(2)},
                      readout_state={}, manifest_fields=fields)
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("template, key", [
+    ({"space": "a/../../../escaped/x"}, r"template\.space"),
+    ({"space": "TestSpace", "source": "url"}, r"template\.source"),
+])
+def test_a_bundles_preprocessing_record_cannot_write_outside_the_output(tmp_path, template, key):
+    """A bundle from another lab passes its checksums (they are its own) but names the
+    template space, a path part, in its manifest: it is validated as a config key before
+    anything is written."""
+    preprocessing = {**PREPROCESSING, "template": {**PREPROCESSING["template"], **template}}
+    fields = {key_: {} for key_ in ("settings", "readout", "bias_correction", "template",
+                                    "source")}
+    write_bundle(tmp_path / "bundle", name="foreign", encoder_state={"w": torch.zeros(1)},
+                 readout_state={"coef": torch.zeros(1)},
+                 manifest_fields={**fields, "normalisation": {"modalities": ["stiffness"]},
+                                  "preprocessing": preprocessing})
+    output = tmp_path / "work" / "out"
+    with pytest.raises(BundleError, match=rf"(?s)model bundle .*bundle.*'{key}'.*re-export"):
+        run_cohort(tmp_path / "bundle", tmp_path / "dataset", output,
+                   template_t1="t1.nii.gz", template_mask="mask.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # nothing written
 
 
 def test_export_refuses_a_readout_fitted_on_another_encoder(exported, tmp_path):

@@ -481,6 +481,34 @@ def test_damping_ratio_outside_zero_one_names_subject_and_file(processed, tmp_pa
     assert not (tmp_path / "stiffness.nii.gz").exists()
 
 
+@pytest.mark.parametrize("scale, dtype", [(1000.0, np.float32), (50.0, np.uint8)],
+                         ids=["pascal", "unscaled_uint8"])
+def test_stiffness_map_in_another_unit_names_subject_file_and_unit(processed, tmp_path, scale,
+                                                                    dtype):
+    """A stiffness map in Pa (x 1000) or a byte export (kPa x 50 as integers) would pass
+    every voxel check and train on values a thousand times too large."""
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    kpa = np.nan_to_num(image.get_fdata(dtype=np.float32))
+    wrong = tmp_path / "sub-u1_stiffness.nii.gz"
+    nib.save(nib.Nifti1Image(np.clip(kpa * scale, 0, 255 if dtype == np.uint8 else None)
+                             .astype(dtype), image.affine), wrong)
+    with pytest.raises(InputError, match=r"subject sub-u1: stiffness map .*sub-u1_stiffness"
+                                         r"\.nii\.gz: the median brain value is \d+.*outside "
+                                         r"the plausible \[0\.05, 50\] kPa.*divide by 1000"):
+        correct_bias({"stiffness": wrong}, subject["mask"], subject["reference"],
+                     subject["reference_info"], {"stiffness": tmp_path / "s.nii.gz"},
+                     tmp_path / "r.nii.gz", n4=False, subject="u1")
+    assert not (tmp_path / "s.nii.gz").exists()
+    # the same map in kPa passes, and so do the simulated cohort's (medians of a few kPa)
+    right = tmp_path / "sub-u2_stiffness.nii.gz"
+    nib.save(nib.Nifti1Image(kpa, image.affine), right)
+    correct_bias({"stiffness": right}, subject["mask"], subject["reference"],
+                 subject["reference_info"], {"stiffness": tmp_path / "s.nii.gz"},
+                 tmp_path / "r.nii.gz", n4=False, subject="u2")
+    assert 0.05 < np.median(kpa[kpa > 0]) < 50
+
+
 def test_damping_ratio_outside_the_brain_is_zeroed_not_range_checked(processed, tmp_path):
     subject = processed["young"]
     dataset = _with_damping(tmp_path, subject["files"], "d4", lambda kpa: 0.05 + 0.04 * kpa)

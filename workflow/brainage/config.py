@@ -642,8 +642,30 @@ def exported_cell(config: Mapping) -> tuple[str, str, int]:
     return cell
 
 
+PREPROCESSING_SECTIONS = ("preprocess", "qc", "template")
+
+
 def preprocessing_record(config: Mapping) -> dict:
     """How the training maps were preprocessed; a new cohort must match (stored in the
     bundle, used by ``python -m brainage.predict run``)."""
-    return {"preprocess": dict(config["preprocess"]), "qc": dict(config["qc"]),
-            "template": dict(config["template"])}
+    return {section: dict(config[section]) for section in PREPROCESSING_SECTIONS}
+
+
+def check_preprocessing_record(record: Any, *, source: str) -> dict:
+    """A :func:`preprocessing_record` read back from a file another lab may have written:
+    each section validated against the config schema, as if it were a config, since its
+    values name files (``template.space`` is a path part) and set the preprocessing.
+
+    Raises
+    ------
+    ConfigError
+        A section is missing or breaks the schema, named as ``<source>: config key ...``.
+    """
+    missing = [section for section in PREPROCESSING_SECTIONS
+               if not isinstance(record, Mapping) or not isinstance(record.get(section), Mapping)]
+    if missing:
+        raise ConfigError(f"{source}: the preprocessing record lacks the section(s) "
+                          f"{', '.join(missing)}.")
+    filled = validate_config({section: record[section] for section in PREPROCESSING_SECTIONS},
+                             source=source)
+    return {section: filled[section] for section in PREPROCESSING_SECTIONS}

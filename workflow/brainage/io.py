@@ -20,6 +20,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,8 @@ import numpy as np
 import pandas as pd
 
 from brainage.modalities import DEFAULT_MODALITIES, input_path, modality
+
+log = logging.getLogger(__name__)
 
 #: BIDS labels are letters and digits only, so no id can escape the results folder.
 #: Matched with fullmatch: ``$`` alone would also accept a trailing newline.
@@ -103,9 +106,23 @@ def _read_participants_cached(root_str: str, stamp: int | None,
     for participant_id in table["participant_id"]:
         _require_images(root, participant_id[len("sub-"):], modalities,
                         remedy=f"or remove the subject's row from {table_path}")
+    _warn_unlisted_subjects(root, set(table["participant_id"]), table_path)
     table["age"] = table["age"].astype(float)
     table["study"] = table["study"].astype(str)
     return table
+
+
+def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
+    """Subject folders without a participants.tsv row are not used (they have no age):
+    say so, by name, rather than drop them silently (a row lost in a spreadsheet edit)."""
+    unlisted = sorted(path.name for path in root.glob("sub-*")
+                      if path.is_dir() and path.name not in listed)
+    if unlisted:
+        shown = ", ".join(unlisted[:10]) + (f" and {len(unlisted) - 10} more"
+                                            if len(unlisted) > 10 else "")
+        log.warning("%d subject folder(s) in %s have no row in %s and are not used: %s. "
+                    "Add their rows (participant_id, age, sex, study) to use them.",
+                    len(unlisted), root, table_path, shown)
 
 
 def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
@@ -160,8 +177,24 @@ def _require_images(root: str | Path, label: str, modalities: Sequence[str], *,
         if not path.is_file():
             raise InputError(
                 f"subject sub-{label}: {modality(name).description} {path} is missing "
-                f"(config key dataset.modalities lists {name}). Add the file, {remedy}, or "
-                f"remove {name} from the modalities.")
+                f"(config key dataset.modalities lists {name}).{_found_instead(path)} Add "
+                f"the file, {remedy}, or remove {name} from the modalities.")
+
+
+def _found_instead(path: Path) -> str:
+    """What a user probably has instead of a missing input: an uncompressed file or a
+    session folder (the layout has one session per subject)."""
+    uncompressed = path.with_suffix("")  # .nii.gz -> .nii
+    if uncompressed.is_file():
+        return f" There is {uncompressed.name}: compress it (gzip {uncompressed})."
+    subject_folder = path.parent.parent
+    sessions = sorted(p.name for p in subject_folder.glob("ses-*") if p.is_dir())
+    if sessions:
+        return (f" {subject_folder} has session folders ({', '.join(sessions)}); the "
+                f"dataset layout has none: move one session's {path.parent.name}/ folder up "
+                f"into {subject_folder.name}/ (and list other sessions as subjects of their "
+                f"own).")
+    return ""
 
 
 def subject_inputs(root: str | Path, label: str,
@@ -201,7 +234,7 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(f"{what} {path} has shape {data.shape}; a 3D volume is expected. "
-                         f"Split 4D series and keep the stiffness map only.")
+                         f"Split 4D series and keep the one 3D volume.")
     finite = np.isfinite(data)
     if not np.any(finite & (data != 0)):
         raise InputError(f"{what} {path} contains no non-zero finite voxel.")

@@ -40,6 +40,10 @@ class Modality:
         Closed interval every brain voxel with data must lie in (after NaN handling); a
         voxel outside stops preprocessing with the subject and the file named. ``None``:
         no bound beyond ``positive``.
+    median_range
+        Interval the median of the brain voxels with data must lie in, in ``unit``: catches a
+        map in the wrong unit (a brain's shear moduli are a few kPa, so a map in Pa has a
+        median in the thousands, an unscaled 8-bit export one near 100). ``None``: no check.
     positive
         Non-positive voxels mean "no data" (background): the moduli of an inversion are
         positive where it succeeded.
@@ -58,6 +62,7 @@ class Modality:
     unit: str
     description: str
     valid_range: tuple[float, float] | None = None
+    median_range: tuple[float, float] | None = None
     positive: bool = True
     n4: bool = True
     scale_by_brain_median: bool = False
@@ -67,12 +72,19 @@ class Modality:
         return self.folder == "mre"
 
 
+#: Plausible median of a brain's shear modulus maps (kPa): published brain MRE medians are
+#: about 0.5-4 kPa (loss modulus lower), so the interval leaves a factor of 10 either side.
+MODULUS_MEDIAN_KPA = (0.05, 50.0)
+
 MODALITIES = {
-    "stiffness": Modality("stiffness", "mre", "kPa", "stiffness map"),
+    "stiffness": Modality("stiffness", "mre", "kPa", "stiffness map",
+                          median_range=MODULUS_MEDIAN_KPA),
     "damping_ratio": Modality("damping_ratio", "mre", "1", "damping-ratio map",
                               valid_range=(0.0, 1.0), n4=False),
-    "storage_modulus": Modality("storage_modulus", "mre", "kPa", "storage-modulus map"),
-    "loss_modulus": Modality("loss_modulus", "mre", "kPa", "loss-modulus map"),
+    "storage_modulus": Modality("storage_modulus", "mre", "kPa", "storage-modulus map",
+                                median_range=MODULUS_MEDIAN_KPA),
+    "loss_modulus": Modality("loss_modulus", "mre", "kPa", "loss-modulus map",
+                             median_range=MODULUS_MEDIAN_KPA),
     "T1w": Modality("T1w", "anat", "a.u.", "T1w image", scale_by_brain_median=True),
 }
 DEFAULT_MODALITIES = ("stiffness",)

@@ -28,8 +28,15 @@ import pandas as pd
 
 from brainage import brainage_version
 from brainage.apply import predict_cohort
-from brainage.bundle import read_bundle
-from brainage.config import cell_settings, encoder_owners, exported_cell, preprocessing_record
+from brainage.bundle import MANIFEST_FILE, BundleError, read_bundle
+from brainage.config import (
+    ConfigError,
+    cell_settings,
+    check_preprocessing_record,
+    encoder_owners,
+    exported_cell,
+    preprocessing_record,
+)
 from brainage.export import export_model
 from brainage.io import InputError, read_participants, subject_inputs
 from brainage.normalise import split_names
@@ -78,7 +85,13 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     bundle = read_bundle(bundle_dir)
     output = Path(output)
     cohort = cohort or output.name
-    recorded = bundle.manifest["preprocessing"]
+    try:  # the bundle may come from another lab: its values name files here
+        recorded = check_preprocessing_record(
+            bundle.manifest.get("preprocessing"),
+            source=f"model bundle {bundle.path}, {MANIFEST_FILE} 'preprocessing'")
+    except ConfigError as error:
+        raise BundleError(f"{error}\nThe bundle was not written by `brainage.predict "
+                          f"export` or was edited since; re-export it.") from None
     preprocess = dict(recorded["preprocess"])
     if threads is not None:
         preprocess["threads"] = threads

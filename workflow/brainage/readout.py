@@ -168,20 +168,16 @@ def _mlp(inputs: int, hidden: int, outputs: int):
 def ridge_folds(n_subjects: int, cv_folds: int):
     """The Ridge alpha search's folds: ``cv_folds`` capped at half the training subjects
     (at least 2), shuffled with :data:`READOUT_CV_SEED` (see :func:`fit_ridge`), so that
-    every validation fold scores two subjects or more.
-
-    Raises
-    ------
-    ValueError
-        Fewer than 4 training subjects: two folds of two are the least that r2 can score
-        (with 2 or 3, a fold of one gives NaN scores and the first alpha by default).
+    every validation fold scores two subjects or more. With fewer than 4 subjects that
+    cannot be: a fold of one has no r2, every alpha scores NaN and the search keeps the
+    grid's first; this is logged as a warning (a toy cohort, not a study).
     """
     from sklearn.model_selection import KFold
 
     if n_subjects < 4:
-        raise ValueError(f"the read-out's cross-validation needs at least 4 training subjects "
-                         f"(two validation folds of two); got {n_subjects}. Give the split "
-                         f"more training subjects (split.test_fraction, or more data).")
+        log.warning("%d training subjects are too few for the read-out's r2 cross-validation "
+                    "(a validation fold of one subject has no r2): every alpha scores NaN "
+                    "and the grid's first is used.", n_subjects)
     return KFold(min(int(cv_folds), max(2, n_subjects // 2)), shuffle=True,
                  random_state=READOUT_CV_SEED)
 
@@ -202,6 +198,9 @@ def fit_ridge(features: np.ndarray, ages: np.ndarray, *, alphas, cv_folds: int) 
     from sklearn.linear_model import Ridge
     from sklearn.model_selection import GridSearchCV
 
+    if len(ages) < 2:
+        raise ValueError(f"Ridge cross-validation needs at least 2 training subjects; got "
+                         f"{len(ages)}.")
     folds = ridge_folds(len(ages), cv_folds)
     search = GridSearchCV(Ridge(), param_grid={"alpha": [float(a) for a in alphas]},
                           cv=folds, scoring="r2", n_jobs=1)

@@ -197,11 +197,23 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
 
 def check_range(data: np.ndarray, region: np.ndarray, kind, *, what: str) -> None:
     """Raise :class:`brainage.io.InputError` when a voxel of ``region`` with data lies
-    outside the modality's valid range (e.g. a damping ratio outside [0, 1])."""
+    outside the modality's valid range (e.g. a damping ratio outside [0, 1]), or when the
+    median of those voxels is outside the modality's plausible ``median_range`` (a
+    stiffness map in Pa instead of kPa)."""
+    values = data[region & (data != 0)]
+    if kind.median_range is not None and values.size:
+        low, high = kind.median_range
+        median = float(np.median(values))
+        if not low <= median <= high:
+            raise InputError(
+                f"{what}: the median brain value is {median:.4g}, outside the plausible "
+                f"[{low:g}, {high:g}] {kind.unit} of a {kind.description}. Is the map in "
+                f"another unit (Pa: divide by 1000) or an unscaled integer export? Convert "
+                f"it to {kind.unit}, or remove {kind.name} from config key "
+                f"dataset.modalities.")
     if kind.valid_range is None:
         return
     low, high = kind.valid_range
-    values = data[region & (data != 0)]
     bad = (values < low) | (values > high)
     if bad.any():
         raise InputError(
