@@ -75,6 +75,24 @@ def test_a_missing_input_names_what_is_there_instead(tmp_path):
         subject_inputs(root, "00a")
 
 
+def test_spreadsheet_trailing_tabs_are_read_and_extra_values_refused(tmp_path):
+    root = write_tiny_dataset(tmp_path / "d", default_rows())
+    lines = (root / "participants.tsv").read_text().splitlines()
+    expected = read_participants(root)
+    # every data row ends in a tab (an export of a sheet with an empty last column)
+    rows = [line + "\t" for line in lines[1:]]
+    (root / "participants.tsv").write_text("\n".join([lines[0], *rows]) + "\n")
+    pd.testing.assert_frame_equal(read_participants(root), expected)
+    # the header too: its empty column is not carried into the results
+    (root / "participants.tsv").write_text("\n".join(line + "\t" for line in lines) + "\n")
+    pd.testing.assert_frame_equal(read_participants(root), expected)
+    lines[2] += "\tlefthanded"
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 3: 5 fields for the header's "
+                                         r"4 columns.*'lefthanded' belong to no column"):
+        read_participants(root)
+
+
 def test_missing_root(tmp_path):
     with pytest.raises(InputError, match=r"dataset root .*nowhere.* does not exist.*dataset\.root"):
         read_participants(tmp_path / "nowhere")
@@ -171,6 +189,23 @@ def test_all_zero_file(tiny_dataset):
              _stiffness(tiny_dataset, "00a"))
     with pytest.raises(InputError, match=r"sub-00a.*no non-zero finite voxel"):
         load_nifti_checked(_stiffness(tiny_dataset, "00a"), what="subject sub-00a")
+
+
+def test_singular_affine_and_non_real_voxels_are_named(tiny_dataset):
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    # an sform with a zero row (nibabel refuses to write such an affine itself)
+    header = nib.Nifti1Header()
+    header.set_data_shape(volume.shape)
+    header.set_data_dtype(np.float32)
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = [2, 0, 0, 0], [0, 2, 0, 0], [0] * 4
+    nib.save(nib.Nifti1Image(volume, None, header), _stiffness(tiny_dataset, "00a"))
+    nib.save(nib.Nifti1Image(volume.astype(np.complex64), np.eye(4)),
+             _stiffness(tiny_dataset, "01a"))
+    with pytest.raises(InputError, match=r"(?s)2 input images.*sub-00a: stiffness map .*singular "
+                                         r"or non-finite affine.*sub-01a: stiffness map .*holds "
+                                         r"complex64 voxels"):
+        check_dataset_images(tiny_dataset, ["00a", "01a"])
 
 
 def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):

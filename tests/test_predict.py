@@ -670,6 +670,17 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
                                   template_t1=template["template_t1"],
                                   template_mask=str(other_mask))
 
+    # a damaged file of the third subject stops the run before the first subject's chain
+    damaged = tmp_path / "damaged"
+    shutil.copytree(new_cohort.root, damaged)
+    third = pd.read_csv(damaged / "participants.tsv", sep="\t")["participant_id"][2]
+    (damaged / third / "mre" / f"{third}_stiffness.nii.gz").write_bytes(b"garbage")
+    started = []
+    monkeypatch.setattr(chain, "run_subject", lambda *a, **k: started.append(a))
+    with pytest.raises(InputError, match=rf"subject {third}: stiffness map .* not a readable"):
+        predict_module.run_cohort(world.bundle_dir, damaged, tmp_path / "c", **template)
+    assert started == []
+
 
 def test_run_takes_the_number_of_subjects_at_a_time(capsys):
     from brainage.predict import _parse_arguments

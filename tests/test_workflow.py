@@ -3,6 +3,7 @@ run early, and what to run after a kill."""
 
 import base64
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +92,25 @@ def test_bad_dataset_stops_before_any_work(tmp_path, break_dataset, expected):
     result = snakemake(work, "--configfile", str(user_config(tmp_path, root)))
     assert result.returncode != 0
     assert expected in result.stdout
+    assert not (work / "results").exists(), "nothing may be written to results/"
+
+
+@pytest.mark.workflow
+def test_bad_predict_cohort_image_stops_before_any_work(tmp_path):
+    """The cohorts a model is applied to are checked like the training cohort: a damaged
+    map stops the run while it is planned, not in that subject's job hours later."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    clinic = write_tiny_dataset(tmp_path / "clinic", default_rows(3))
+    (clinic / "sub-01a/mre/sub-01a_stiffness.nii.gz").write_bytes(b"garbage")
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(clinic)}})
+    work = tmp_path / "work"
+    work.mkdir()
+    result = snakemake(work, "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(r"predict cohort clinic .*sub-01a: stiffness map .*clinic/sub-01a/mre/"
+                     r"sub-01a_stiffness\.nii\.gz is not a readable NIfTI", result.stdout), \
+        result.stdout
     assert not (work / "results").exists(), "nothing may be written to results/"
 
 

@@ -72,12 +72,14 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     """
     root = Path(root)
     table_path = root / "participants.tsv"
-    stamp = table_path.stat().st_mtime_ns if table_path.exists() else None
+    # size too: two edits within one tick of the file system's clock share an mtime
+    stamp = ((table_path.stat().st_mtime_ns, table_path.stat().st_size)
+             if table_path.exists() else None)
     return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities)).copy()
 
 
 @lru_cache(maxsize=8)
-def _read_participants_cached(root_str: str, stamp: int | None,
+def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                               modalities: tuple[str, ...]) -> pd.DataFrame:
     root = Path(root_str)
     if not root.is_dir():
@@ -90,10 +92,17 @@ def _read_participants_cached(root_str: str, stamp: int | None,
             f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
             f"with columns {', '.join(REQUIRED_COLUMNS)}.")
     try:
-        table = pd.read_csv(table_path, sep="\t", dtype={"participant_id": str, "sex": str,
-                                                         "study": str})
+        _refuse_extra_fields(table_path)
+        # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
+        # columns instead of shifting them right behind an index made of the ids
+        table = pd.read_csv(table_path, sep="\t", index_col=False,
+                            dtype={"participant_id": str, "sex": str, "study": str})
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise InputError(f"{table_path} cannot be read as a tab-separated table: {error}") from None
+    # a header ending in a tab names an empty column "Unnamed: <n>"
+    table = table.drop(columns=[column for column in table.columns
+                                if str(column).startswith("Unnamed: ")
+                                and table[column].isna().all()])
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
         raise InputError(
@@ -110,6 +119,25 @@ def _read_participants_cached(root_str: str, stamp: int | None,
     table["age"] = table["age"].astype(float)
     table["study"] = table["study"].astype(str)
     return table
+
+
+def _refuse_extra_fields(table_path: Path) -> None:
+    """Raise :class:`InputError` naming the first line of the table with a non-empty field
+    beyond the header's columns (which pandas would silently drop or shift); empty
+    trailing fields, a spreadsheet's trailing tabs, are fine."""
+    import csv
+
+    with open(table_path, newline="", encoding="utf-8-sig") as handle:
+        rows = csv.reader(handle, delimiter="\t")
+        header = next(rows, [])
+        for line, row in enumerate(rows, start=2):
+            extra = [field for field in row[len(header):] if field.strip()]
+            if extra:
+                raise InputError(
+                    f"{table_path} line {line}: {len(row)} fields for the header's "
+                    f"{len(header)} columns ({', '.join(header)}); the extra value(s) "
+                    f"{', '.join(map(repr, extra))} belong to no column. Fix the row, or "
+                    f"name the column in the header.")
 
 
 def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
@@ -235,9 +263,17 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
     if data.ndim != 3:
         raise InputError(f"{what} {path} has shape {data.shape}; a 3D volume is expected. "
                          f"Split 4D series and keep the one 3D volume.")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(f"{what} {path} holds {data.dtype} voxels; a map of real numbers is "
+                         f"expected (not RGB or complex data). Re-export it as float32.")
     finite = np.isfinite(data)
     if not np.any(finite & (data != 0)):
         raise InputError(f"{what} {path} contains no non-zero finite voxel.")
+    linear = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-9:
+        raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
+                         f"matrix {linear.round(4).tolist()}), so its voxels have no place in "
+                         f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
     return image
 
 

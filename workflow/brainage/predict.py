@@ -38,7 +38,7 @@ from brainage.config import (
     preprocessing_record,
 )
 from brainage.export import export_model
-from brainage.io import InputError, read_participants, subject_inputs
+from brainage.io import InputError, check_dataset_images, read_participants, subject_inputs
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import registered_maps, run_subjects
@@ -122,6 +122,9 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     modalities = bundle.normalisation["modalities"]
     participants = read_participants(dataset_root, modalities)
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
+    # every image opened once before the first subject's minutes of preprocessing
+    check_dataset_images(dataset_root, labels, modalities,
+                         cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
     processed = run_subjects(
         {label: subject_inputs(dataset_root, label, modalities) for label in labels}, layout,
         preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,

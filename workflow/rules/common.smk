@@ -197,29 +197,34 @@ wildcard_constraints:
     pretrain="[A-Za-z0-9_]+",
 
 
-_IMAGES_CHECKED = []
+_IMAGES_CHECKED = set()
+
+
+def checked_participants(root, modalities):
+    """A cohort's validated participants table. The first call per cohort also opens every
+    subject's images (cached by size and mtime in .snakemake/), so a corrupt file stops
+    the run before any job starts. Raises brainage.io.InputError."""
+    table = read_participants(root, modalities)
+    key = (str(root), tuple(modalities))
+    if key not in _IMAGES_CHECKED:
+        check_dataset_images(
+            root,
+            [pid[len("sub-") :] for pid in table["participant_id"]],
+            modalities,
+            cache_file=Path(".snakemake", "brainage_checked_inputs.json"),
+            announce=_say if workflow.is_main_process else None,
+        )
+        _IMAGES_CHECKED.add(key)
+    return table
 
 
 def participants():
-    """The validated participants table; after the simulation when the demo simulates.
-
-    The first call also opens every subject's images (cached by size and mtime in
-    .snakemake/), so a corrupt file stops the run before any job starts.
-    """
+    """The training cohort's validated participants table (checked_participants); after
+    the simulation when the demo simulates."""
     if SIMULATED:
         checkpoints.simulate_cohort.get()
     try:
-        table = read_participants(DATASET_ROOT, MODALITIES)
-        if not _IMAGES_CHECKED:
-            check_dataset_images(
-                DATASET_ROOT,
-                [pid[len("sub-") :] for pid in table["participant_id"]],
-                MODALITIES,
-                cache_file=Path(".snakemake", "brainage_checked_inputs.json"),
-                announce=_say if workflow.is_main_process else None,
-            )
-            _IMAGES_CHECKED.append(True)
-        return table
+        return checked_participants(DATASET_ROOT, MODALITIES)
     except InputError as error:
         raise WorkflowError(str(error)) from None
 
@@ -242,7 +247,7 @@ def cohort_subjects(cohort):
     if cohort == SIMULATED_PREDICT_COHORT:
         return simulated_predict_labels()
     try:
-        table = read_participants(
+        table = checked_participants(
             PREDICT_COHORTS[cohort], PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)]
         )
     except InputError as error:
@@ -527,7 +532,7 @@ def pretrain_subjects(name):
         table = draw_t1w_participants(source["n_subjects"], seed=source["seed"])
     else:
         try:
-            table = read_participants(source["root"], ("T1w",))
+            table = checked_participants(source["root"], ("T1w",))
         except InputError as error:
             raise WorkflowError(
                 f"pretraining run {name} (config key pretrain.{name}.source." f"root): {error}"
