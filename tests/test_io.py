@@ -86,6 +86,10 @@ def test_spreadsheet_trailing_tabs_are_read_and_extra_values_refused(tmp_path):
     # the header too: its empty column is not carried into the results
     (root / "participants.tsv").write_text("\n".join(line + "\t" for line in lines) + "\n")
     pd.testing.assert_frame_equal(read_participants(root), expected)
+    (root / "participants.tsv").write_text("\n".join([lines[0] + "\tage", *rows]) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv: the header names column\(s\) "
+                                         r"age twice"):
+        read_participants(root)
     lines[2] += "\tlefthanded"
     (root / "participants.tsv").write_text("\n".join(lines) + "\n")
     with pytest.raises(InputError, match=r"participants\.tsv line 3: 5 fields for the header's "
@@ -141,6 +145,16 @@ def test_bad_age(tiny_dataset, age, message):
         return table
     _rewrite_table(tiny_dataset, mutate)
     with pytest.raises(InputError, match=rf"sub-02a.*{message}"):
+        read_participants(tiny_dataset)
+
+
+@pytest.mark.parametrize("column, value", [("sex", " "), ("study", "  ")])
+def test_blank_sex_or_study_is_empty(tiny_dataset, column, value):
+    def mutate(table):
+        table.loc[1, column] = value
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match=rf"column '{column}' is empty for sub-01a"):
         read_participants(tiny_dataset)
 
 

@@ -92,7 +92,7 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
             f"with columns {', '.join(REQUIRED_COLUMNS)}.")
     try:
-        _refuse_extra_fields(table_path)
+        _check_table_shape(table_path)
         # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
         # columns instead of shifting them right behind an index made of the ids
         table = pd.read_csv(table_path, sep="\t", index_col=False,
@@ -121,15 +121,21 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     return table
 
 
-def _refuse_extra_fields(table_path: Path) -> None:
-    """Raise :class:`InputError` naming the first line of the table with a non-empty field
-    beyond the header's columns (which pandas would silently drop or shift); empty
-    trailing fields, a spreadsheet's trailing tabs, are fine."""
+def _check_table_shape(table_path: Path) -> None:
+    """Raise :class:`InputError` for a header that names a column twice, or naming the
+    first line of the table with a non-empty field beyond the header's columns (pandas
+    would silently rename, drop or shift them); empty trailing fields, a spreadsheet's
+    trailing tabs, are fine."""
     import csv
 
     with open(table_path, newline="", encoding="utf-8-sig") as handle:
         rows = csv.reader(handle, delimiter="\t")
         header = next(rows, [])
+        named = [column.strip() for column in header if column.strip()]
+        repeated = sorted({column for column in named if named.count(column) > 1})
+        if repeated:  # pandas would read the second as "<name>.1" and ignore it
+            raise InputError(f"{table_path}: the header names column(s) {', '.join(repeated)} "
+                             f"twice; keep one of each.")
         for line, row in enumerate(rows, start=2):
             extra = [field for field in row[len(header):] if field.strip()]
             if extra:
@@ -174,7 +180,8 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
             raise InputError(f"{table_path}: subject {participant_id} has age {age} years, "
                              f"outside {low}-{high}. Fix the value (years, not months).")
     for column in ("sex", "study"):
-        empty = table["participant_id"][table[column].isna()].tolist()
+        blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
+        empty = table["participant_id"][blank].tolist()
         if empty:
             raise InputError(f"{table_path}: column {column!r} is empty for "
                              f"{', '.join(empty)}.")
