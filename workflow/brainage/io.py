@@ -72,9 +72,11 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     """
     root = Path(root)
     table_path = root / "participants.tsv"
-    # size too: two edits within one tick of the file system's clock share an mtime
-    stamp = ((table_path.stat().st_mtime_ns, table_path.stat().st_size)
-             if table_path.exists() else None)
+    try:  # size too: two edits within one tick of the file system's clock share an mtime
+        status = table_path.stat()
+        stamp = (status.st_mtime_ns, status.st_size)
+    except FileNotFoundError:
+        stamp = None
     return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities)).copy()
 
 

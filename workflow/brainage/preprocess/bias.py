@@ -200,6 +200,8 @@ def check_range(data: np.ndarray, region: np.ndarray, kind, *, what: str) -> Non
     outside the modality's valid range (e.g. a damping ratio outside [0, 1]), or when the
     median of those voxels is outside the modality's plausible ``median_range`` (a
     stiffness map in Pa instead of kPa)."""
+    if kind.median_range is None and kind.valid_range is None:
+        return  # e.g. the T1w: nothing to check, no voxels to gather
     values = data[region & (data != 0)]
     if kind.median_range is not None and values.size:
         low, high = kind.median_range
