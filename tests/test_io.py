@@ -266,6 +266,48 @@ def test_every_bad_image_is_named_at_once_and_the_good_ones_are_remembered(tiny_
     assert said == []
 
 
+def test_a_subjects_maps_on_different_grids_are_refused_before_any_job(tmp_path):
+    # The maps of one subject share its brain mask and transform; before this check a
+    # damping ratio on another grid failed only in correct_and_register, after skull stripping.
+    root = write_tiny_dataset(tmp_path / "d", default_rows(3), with_anat=True,
+                              maps=("stiffness", "damping_ratio"))
+    ratio = root / "sub-01a" / "mre" / "sub-01a_damping_ratio.nii.gz"
+    image = nib.load(ratio)
+    shifted = image.affine.copy()
+    shifted[0, 3] += 2.0  # half a voxel: the same shape, another grid
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), shifted), ratio)
+    # a T1w on a grid of its own is fine: it is resampled to the maps' grid
+    anat = root / "sub-02a" / "anat" / "sub-02a_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((24, 24, 24), np.float32), np.diag([2.0, 2, 2, 1])), anat)
+    cache = tmp_path / "cache.json"
+    modalities = ["stiffness", "damping_ratio"]
+    for _ in range(2):  # the first check reads the files, the second their cached grids
+        with pytest.raises(InputError) as raised:
+            check_dataset_images(root, ["00a", "01a", "02a"], modalities, cache_file=cache)
+        message = str(raised.value)
+        assert message.startswith("subject sub-01a: its maps are not on one voxel grid (")
+        assert "sub-01a_stiffness.nii.gz: shape (12, 12, 12)" in message
+        assert "sub-01a_damping_ratio.nii.gz: shape (12, 12, 12)" in message
+        assert "[4.0, 0.0, 0.0, 2.0]" in message and "resample them onto the grid" in message
+        assert "sub-00a" not in message and "sub-02a" not in message
+    assert len(json.loads(cache.read_text())) == 9  # every file passed on its own
+    check_dataset_images(root, ["00a", "02a"], modalities, cache_file=cache)
+    check_dataset_images(root, ["01a"], ["stiffness"], cache_file=cache)
+
+
+def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):
+    # entries without a grid (size and mtime only) cannot serve the grid check
+    cache = tmp_path / "cache.json"
+    path = _stiffness(tiny_dataset, "00a")
+    stat = path.stat()
+    cache.write_text(json.dumps({str(path.resolve()): [stat.st_size, stat.st_mtime_ns]}))
+    said = []
+    check_dataset_images(tiny_dataset, ["00a"], cache_file=cache, announce=said.append)
+    assert said and said[0].startswith("Checking 1 input image(s)")
+    entry = json.loads(cache.read_text())[str(path.resolve())]
+    assert entry[:2] == [stat.st_size, stat.st_mtime_ns] and entry[2][0] == [12, 12, 12]
+
+
 def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     final = tmp_path / "out" / "table.tsv"
     with pytest.raises(RuntimeError):

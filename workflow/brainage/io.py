@@ -525,6 +525,17 @@ def _json_default(value):
 IMAGE_CHECK_THREADS = 4
 
 
+#: Two grids whose affines differ by less than this (mm) are the same grid.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
+    """Whether two images share one voxel grid: equal shape, affines within
+    :data:`AFFINE_TOLERANCE_MM` (mm)."""
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b,
+                                                           atol=AFFINE_TOLERANCE_MM)
+
+
 def check_dataset_images(root: str | Path, labels: list[str],
                          modalities: Sequence[str] = DEFAULT_MODALITIES, *,
                          cache_file: str | Path | None = None,
@@ -532,17 +543,20 @@ def check_dataset_images(root: str | Path, labels: list[str],
     """Open every subject's images (the maps of ``modalities``, and the T1w) once and check
     them before any work.
 
-    A file already checked with the same size and modification time is skipped, using
-    ``cache_file`` (JSON), so a dataset of thousands is read in full only once (a 1 mm
-    T1w takes about 0.1 s, so the first check of 2,000 subjects takes minutes: up to
-    :data:`IMAGE_CHECK_THREADS` threads read, and ``announce`` is told how many files
-    before they are read). Files that pass are remembered even when others fail.
+    Each file must pass :func:`load_nifti_checked`, and a subject's MRE maps must share one
+    voxel grid: they share one brain mask and one transform (the T1w may have a grid of
+    its own). A file already checked with the same size and modification time is not
+    opened again, using ``cache_file`` (JSON: size, mtime and grid per file), so a dataset
+    of thousands is read in full only once (a 1 mm T1w takes about 0.1 s, so the first
+    check of 2,000 subjects takes minutes: up to :data:`IMAGE_CHECK_THREADS` threads read,
+    and ``announce`` is told how many files before they are read). Files that pass are
+    remembered even when others fail.
 
     Raises
     ------
     InputError
-        Listing every file that is not NIfTI, is corrupt, 4D, or all zeros, each with its
-        subject, in subject order.
+        Listing every file that is not NIfTI, is corrupt, 4D, or all zeros, and every
+        subject whose maps are on different grids, each with its subject, in subject order.
     """
     cache: dict[str, list] = {}
     if cache_file is not None and Path(cache_file).is_file():
@@ -550,42 +564,60 @@ def check_dataset_images(root: str | Path, labels: list[str],
             cache = json.loads(Path(cache_file).read_text())
         except ValueError:
             cache = {}
-    pending = []  # (cache key, [size, mtime], path, what it is)
-    listed = set()  # keys: the real files (links to one file are read once)
+    pending = {}  # cache key -> ([size, mtime], path, what it is); links are read once
+    inputs_of = {}  # label -> [(map name or "anat", path, cache key)]
     for label in labels:
+        inputs_of[label] = []
         for kind, path in subject_inputs(root, label, modalities).items():
             stat = Path(path).stat()
             key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
-            if cache.get(key) != stamp and key not in listed:
-                listed.add(key)
+            inputs_of[label].append((kind, path, key))
+            # entries of older versions hold no grid (two items): read those files again
+            if (len(cache.get(key, ())) != 3 or cache[key][:2] != stamp) and key not in pending:
                 description = modality("T1w" if kind == "anat" else kind).description
-                pending.append((key, stamp, path, f"subject sub-{label}: {description}"))
-    if not pending:
-        return
-    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
-            else os.cpu_count() or 1)
-    threads = min(IMAGE_CHECK_THREADS, cpus, len(pending))
-    if announce is not None:
-        announce(f"Checking {len(pending)} input image(s) of {len(labels)} subject(s) once "
-                 f"({threads} thread(s)); files that pass are remembered in "
-                 f"{cache_file or 'no cache file'}.")
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        problems = list(pool.map(lambda item: _image_problem(item[2], item[3]), pending))
-    for (key, stamp, _, _), problem in zip(pending, problems):
-        if problem is None:
-            cache[key] = stamp
-    if cache_file is not None and any(problem is None for problem in problems):
-        write_json(cache_file, cache)
-    failed = [problem for problem in problems if problem is not None]
+                pending[key] = (stamp, path, f"subject sub-{label}: {description}")
+    problems = {}
+    if pending:
+        cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
+                else os.cpu_count() or 1)
+        threads = min(IMAGE_CHECK_THREADS, cpus, len(pending))
+        if announce is not None:
+            announce(f"Checking {len(pending)} input image(s) of {len(labels)} subject(s) "
+                     f"once ({threads} thread(s)); files that pass are remembered in "
+                     f"{cache_file or 'no cache file'}.")
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            checked = list(pool.map(lambda item: _image_grid_or_problem(item[1], item[2]),
+                                    pending.values()))
+        for (key, (stamp, _, _)), (grid, problem) in zip(pending.items(), checked):
+            if grid is not None:
+                cache[key] = [*stamp, grid]
+            else:
+                problems[key] = problem
+        if cache_file is not None and len(problems) < len(pending):
+            write_json(cache_file, cache)
+    failed = []
+    for label, inputs in inputs_of.items():
+        failed += [problems.pop(key) for _, _, key in inputs if key in problems]
+        maps = [(name, path, cache[key][2]) for name, path, key in inputs
+                if name != "anat" and key in cache]
+        if any(not same_grid(*grid, *maps[0][2]) for _, _, grid in maps[1:]):
+            failed.append(
+                f"subject sub-{label}: its maps are not on one voxel grid ("
+                + "; ".join(f"{name} {path}: shape {tuple(grid[0])}, voxel-to-world "
+                            f"{np.round(grid[1], 3).tolist()}" for name, path, grid in maps)
+                + "). A subject's maps share one brain mask and one transform: resample "
+                  f"them onto the grid of its {maps[0][0]} map, or export them all from the "
+                  f"same inversion.")
     if failed:
         raise InputError(failed[0] if len(failed) == 1 else
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
 
 
-def _image_problem(path: str | Path, what: str) -> str | None:
-    """The message of :func:`load_nifti_checked` for a file, or None when it passes."""
+def _image_grid_or_problem(path: str | Path, what: str) -> tuple[list | None, str | None]:
+    """``([shape, affine], None)`` for a file that passes :func:`load_nifti_checked`, else
+    ``(None, its message)``."""
     try:
-        load_nifti_checked(path, what=what)
+        image = load_nifti_checked(path, what=what)
     except InputError as error:
-        return str(error)
-    return None
+        return None, str(error)
+    return [list(image.shape[:3]), np.asarray(image.affine, dtype=float).tolist()], None

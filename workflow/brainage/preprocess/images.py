@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brainage.io import InputError, atomic_path, load_nifti_checked
+from brainage.io import InputError, atomic_path, load_nifti_checked, same_grid
 
 log = logging.getLogger(__name__)
-
-#: Two grids whose affines differ by less than this (mm) are the same grid.
-AFFINE_TOLERANCE_MM = 1e-3
 
 
 class PreprocessError(RuntimeError):
@@ -71,11 +68,6 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *,
         image.header["descrip"] = description.encode()[:79]
     with atomic_path(path) as temp:
         nib.save(image, str(temp))
-
-
-def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
-    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b,
-                                                           atol=AFFINE_TOLERANCE_MM)
 
 
 def require_same_grid(shape_a, affine_a, what_a: str, shape_b, affine_b, what_b: str) -> None:
