@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from brainage import brainage_version
-from brainage.io import subject_inputs
+from brainage.inputs import subject_inputs
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import run_subject, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
@@ -97,7 +97,7 @@ def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulat
 @pytest.mark.slow
 def test_a_failing_subject_stops_the_parallel_run_and_the_others_keep_their_files(
         simulated_cohort, template_files, tmp_path):
-    from brainage.io import InputError
+    from brainage.inputs import InputError
 
     root, truth = simulated_cohort
     good = truth["participant_id"][0][len("sub-"):]

@@ -1,6 +1,6 @@
 """More than stiffness: several maps per subject as input channels (dataset.modalities,
 model.modalities). The preprocessing side (one transform for every map, range checks) is
-in test_preprocess.py; the missing-map check in test_io.py."""
+in test_preprocess.py; the missing-map check in test_inputs.py."""
 
 from __future__ import annotations
 

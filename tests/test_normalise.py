@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.io import InputError
+from brainage.inputs import InputError
 from brainage.normalise import (
     analysis_grid,
     assign_split,

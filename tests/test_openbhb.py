@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.io import InputError
+from brainage.inputs import InputError
 from brainage.openbhb import (
     QUASIRAW_AFFINE,
     QUASIRAW_SHAPE,

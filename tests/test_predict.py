@@ -36,7 +36,8 @@ from brainage.apply import BrainAgeModel, predict_cohort  # noqa: E402
 from brainage.bundle import BUNDLE_FORMAT_VERSION, BundleError, read_bundle, write_bundle  # noqa: E402
 from brainage.config import resolve_cell  # noqa: E402
 from brainage.export import ExportError, export_model  # noqa: E402
-from brainage.io import InputError, sha256_file  # noqa: E402
+from brainage.inputs import InputError  # noqa: E402
+from brainage.io import sha256_file  # noqa: E402
 from brainage.normalise import apply as normalise_map  # noqa: E402
 from brainage.predict import run_cohort  # noqa: E402
 from brainage.readout import Readout, fit_readout, load_readout  # noqa: E402

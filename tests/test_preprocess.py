@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brainage.io import InputError
+from brainage.inputs import InputError
 from brainage.paths import Layout
 from brainage.preprocess import (
     PreprocessError,
@@ -436,7 +436,7 @@ def test_maps_of_a_subject_share_one_transform(chosen, template_files, tmp_path)
     """Damping ratio = 0.05 + 0.04 x stiffness voxel by voxel: after registration the
     relation still holds wherever the maps have data, which it can only if both maps were
     carried by the same transform; the T1w channel is the reference inside the brain."""
-    from brainage.io import subject_inputs
+    from brainage.inputs import subject_inputs
 
     root, young, _ = chosen
     label = "d1"
@@ -529,7 +529,7 @@ def test_damping_ratio_outside_the_brain_is_zeroed_not_range_checked(processed, 
 def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_path):
     """Modalities [T1w] (a pretraining cohort): the mask lives on the T1w grid, the one
     output channel is the skull-stripped, registered T1w."""
-    from brainage.io import subject_inputs
+    from brainage.inputs import subject_inputs
 
     root, young, _ = chosen
     dataset = tmp_path / "t1w"

@@ -180,7 +180,7 @@ def test_layout_and_participants(cohort):
 
 
 def test_the_pipeline_reader_accepts_the_dataset(cohort):
-    from brainage.io import read_participants
+    from brainage.inputs import read_participants
 
     root, truth, _ = cohort
     table = read_participants(root)

@@ -5,7 +5,7 @@
    run of ``config/paper.yaml`` (Table 3, every ablation, the OpenBHB pretraining), on
    BIDS-like cohorts of N subjects (stiffness, damping ratio and T1w each): wall time, CPU
    time, peak memory and the number of jobs planned.
-2. The first run also opens every input image once (brainage.io.check_dataset_images):
+2. The first run also opens every input image once (brainage.inputs.check_dataset_images):
    seconds per subject with a 1 mm T1w (176 x 256 x 256, int16, ~11 MB gzipped) and two
    2.5 mm maps, read by one thread and by the default threads.
 
@@ -101,7 +101,7 @@ def plan(n_subjects: int) -> dict:
 
 def image_check(n_subjects: int) -> dict:
     """Seconds of the first check_dataset_images per subject, 1 thread and default threads."""
-    from brainage import io
+    from brainage import inputs
 
     rng = np.random.default_rng(0)
     shape = (176, 256, 256)
@@ -126,14 +126,14 @@ def image_check(n_subjects: int) -> dict:
                          root / f"sub-{label}" / "mre" / f"sub-{label}_{name}.nii.gz")
             rows.append(f"sub-{label}\t40\tF\tstudy1")
         labels = [f"s{index:03d}" for index in range(n_subjects)]
-        default_threads = io.IMAGE_CHECK_THREADS
+        default_threads = inputs.IMAGE_CHECK_THREADS
         for threads in (1, default_threads):
-            io.IMAGE_CHECK_THREADS = threads
+            inputs.IMAGE_CHECK_THREADS = threads
             start = time.perf_counter()
-            io.check_dataset_images(root, labels, ["stiffness", "damping_ratio", "T1w"])
+            inputs.check_dataset_images(root, labels, ["stiffness", "damping_ratio", "T1w"])
             seconds[f"threads_{threads}_s_per_subject"] = round(
                 (time.perf_counter() - start) / n_subjects, 3)
-        io.IMAGE_CHECK_THREADS = default_threads
+        inputs.IMAGE_CHECK_THREADS = default_threads
     return {"image_check_subjects": n_subjects, "cpus": len(os.sched_getaffinity(0)),
             **seconds}
 

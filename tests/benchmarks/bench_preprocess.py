@@ -165,7 +165,7 @@ def bench_normalise(work: Path, layout) -> None:
 def bench_cohort(work: Path, layout) -> None:
     import time
 
-    from brainage.io import subject_inputs
+    from brainage.inputs import subject_inputs
     from brainage.paths import Layout
     from brainage.preprocess.chain import run_subjects
 

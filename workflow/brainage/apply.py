@@ -23,7 +23,8 @@ import pandas as pd
 from brainage.agebias import AgeBias, fit_age_bias
 from brainage.bundle import BundleError, ModelBundle, read_bundle
 from brainage.data import VolumeStore
-from brainage.io import InputError, atomic_path, read_participants, write_json, write_tsv
+from brainage.inputs import InputError, read_participants
+from brainage.io import atomic_path, write_json, write_tsv
 from brainage.models import BrainAgeNet, build_model, embed
 from brainage.normalise import apply as apply_normalisation
 from brainage.normalise import check_grid

@@ -38,7 +38,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.io import InputError, atomic_path, write_json, write_tsv
+from brainage.inputs import InputError
+from brainage.io import atomic_path, write_json, write_tsv
 from brainage.modalities import DEFAULT_MODALITIES, modality
 from brainage.preprocess.images import load_mask, load_volume
 from brainage.qc import participants_table, read_qc_table

@@ -123,7 +123,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.io import AGE_RANGE_YEARS, LABEL_PATTERN, InputError
+from brainage.inputs import AGE_RANGE_YEARS, LABEL_PATTERN, InputError
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def as_grid(shape: Sequence[int], affine, *, what: str) -> Grid:
 
 def grid_from_nifti(path: str | Path) -> Grid:
     """The grid of a NIfTI image (e.g. the template brain mask): shape and affine (mm)."""
-    from brainage.io import load_nifti_checked
+    from brainage.inputs import load_nifti_checked
 
     image = load_nifti_checked(path, what="grid image")
     return as_grid(image.shape[:3], image.affine, what=str(path))

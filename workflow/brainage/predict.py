@@ -38,7 +38,7 @@ from brainage.config import (
     preprocessing_record,
 )
 from brainage.export import export_model
-from brainage.io import InputError, check_dataset_images, read_participants, subject_inputs
+from brainage.inputs import InputError, check_dataset_images, read_participants, subject_inputs
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import registered_maps, run_subjects

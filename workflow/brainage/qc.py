@@ -28,7 +28,8 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.io import InputError, atomic_path, write_json, write_tsv
+from brainage.inputs import InputError
+from brainage.io import atomic_path, write_json, write_tsv
 from brainage.preprocess.images import load_mask, load_volume, require_same_grid
 
 log = logging.getLogger(__name__)
@@ -204,11 +205,11 @@ def qc_failures(row: Mapping, minimums: Mapping) -> list[str]:
 def participants_table(source: pd.DataFrame | str | Path,
                        modalities: Sequence[str] = ("stiffness",)) -> pd.DataFrame:
     """A validated participants table, given as a DataFrame or as the path of the dataset's
-    ``participants.tsv`` (read with :func:`brainage.io.read_participants`, which checks
+    ``participants.tsv`` (read with :func:`brainage.inputs.read_participants`, which checks
     that every subject has the images of ``modalities``)."""
     if isinstance(source, pd.DataFrame):
         return source.reset_index(drop=True)
-    from brainage.io import read_participants
+    from brainage.inputs import read_participants
 
     return read_participants(Path(source).parent, modalities)
 
@@ -230,7 +231,7 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
 
     Raises
     ------
-    brainage.io.InputError
+    brainage.inputs.InputError
         A participant has no QC file.
     """
     participants = participants_table(participants, modalities)

@@ -48,12 +48,7 @@ from brainage.config import (
     validate_config,
 )
 from brainage.interrupted import interrupted_run_notice
-from brainage.io import (
-    InputError,
-    check_dataset_images,
-    read_participants,
-    subject_inputs,
-)
+from brainage.inputs import InputError, check_dataset_images, read_participants, subject_inputs
 from brainage.normalise import split_names as scheme_split_names
 from brainage.normalise import training_counts
 from brainage.paths import TRAINING_PREPROC, Layout
@@ -203,7 +198,7 @@ _IMAGES_CHECKED = set()
 def checked_participants(root, modalities):
     """A cohort's validated participants table. The first call per cohort also opens every
     subject's images (cached by size and mtime in .snakemake/), so a corrupt file stops
-    the run before any job starts. Raises brainage.io.InputError."""
+    the run before any job starts. Raises brainage.inputs.InputError."""
     table = read_participants(root, modalities)
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:

@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from brainage.io import InputError
+from brainage.inputs import InputError
 from brainage.modalities import modality
 from brainage.preprocess.images import (
     PreprocessError,
@@ -121,7 +121,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
 
     Raises
     ------
-    brainage.io.InputError : corrupt/empty map, too many NaN voxels, grids differ, values
+    brainage.inputs.InputError : corrupt/empty map, too many NaN voxels, grids differ, values
         outside the modality's range.
     PreprocessError : no non-zero voxel of the grid map inside the brain mask.
     """
@@ -196,7 +196,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
 
 
 def check_range(data: np.ndarray, region: np.ndarray, kind, *, what: str) -> None:
-    """Raise :class:`brainage.io.InputError` when a voxel of ``region`` with data lies
+    """Raise :class:`brainage.inputs.InputError` when a voxel of ``region`` with data lies
     outside the modality's valid range (e.g. a damping ratio outside [0, 1]), or when the
     median of those voxels is outside the modality's plausible ``median_range`` (a
     stiffness map in Pa instead of kPa)."""

@@ -110,7 +110,7 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
     """Run one step on a subject's files: the function a rule's script calls.
 
     ``inputs``: ``{map: native file}`` of the cohort's MRE maps and ``anat`` (the T1w) when
-    the subject has one (:func:`brainage.io.subject_inputs`).
+    the subject has one (:func:`brainage.inputs.subject_inputs`).
     """
     from brainage.preprocess import correct_bias, register_to_template, strip_skull
     from brainage.preprocess.derivatives import describe_mask

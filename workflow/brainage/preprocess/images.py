@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brainage.io import InputError, atomic_path, load_nifti_checked, same_grid
+from brainage.inputs import InputError, load_nifti_checked, same_grid
+from brainage.io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,8 @@ def load_volume(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]
 
     Raises
     ------
-    brainage.io.InputError
-        Unreadable, corrupt, 4D, or all-zero file (from :func:`brainage.io.load_nifti_checked`).
+    brainage.inputs.InputError
+        Unreadable, corrupt, 4D, or all-zero file (from :func:`brainage.inputs.load_nifti_checked`).
     """
     image = load_nifti_checked(path, what=what)
     data = np.asanyarray(image.dataobj).astype(np.float32)
@@ -130,7 +131,7 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
 
     Raises
     ------
-    brainage.io.InputError
+    brainage.inputs.InputError
         More than ``max_fraction`` of the brain voxels are non-finite.
     """
     nonfinite = ~np.isfinite(data)

@@ -165,7 +165,7 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
 
     Raises
     ------
-    brainage.io.InputError : unreadable, corrupt or empty input image.
+    brainage.inputs.InputError : unreadable, corrupt or empty input image.
     PreprocessError : empty brain mask; FreeSurfer requested but absent.
     """
     name = f"subject sub-{subject}" if subject else "subject"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from brainage.io import InputError
+from brainage.inputs import InputError
 from brainage.preprocess.images import load_volume, require_same_grid, save_volume
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,313 @@
+"""Each bad input (participants.tsv, labels, images) stops with one clear message naming
+the file, subject or column and what to do."""
+
+import gzip
+import json
+import re
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from brainage.inputs import (
+    InputError,
+    check_dataset_images,
+    check_label,
+    load_nifti_checked,
+    read_participants,
+    subject_inputs,
+)
+from brainage.preprocess.images import load_volume
+from conftest import default_rows, write_tiny_dataset
+
+
+def _rewrite_table(root: Path, mutate):
+    table = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str)
+    table = mutate(table)
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+
+
+def test_valid_dataset_reads_with_extra_columns(tmp_path):
+    rows = [dict(r, group="healthy") for r in default_rows()]
+    root = write_tiny_dataset(tmp_path / "d", rows, with_anat=True)
+    table = read_participants(root)
+    assert list(table["participant_id"]) == [r["participant_id"] for r in rows]
+    assert table["age"].dtype == float and "group" in table
+    inputs = subject_inputs(root, "00a")
+    assert set(inputs) == {"stiffness", "anat"}
+
+
+def test_subject_folders_without_a_row_are_named_not_dropped_silently(tmp_path, caplog):
+    root = write_tiny_dataset(tmp_path / "d", default_rows())
+    (root / "sub-99z" / "mre").mkdir(parents=True)
+    (root / "sub-notes.txt").write_text("not a subject folder")
+    caplog.set_level("WARNING", logger="brainage.inputs")
+    table = read_participants(root)
+    assert "sub-99z" not in set(table["participant_id"])
+    assert [r.getMessage() for r in caplog.records if "no row" in r.getMessage()] == [
+        f"1 subject folder(s) in {root.resolve()} have no row in "
+        f"{root.resolve() / 'participants.tsv'} and are not used: sub-99z. Add their rows "
+        f"(participant_id, age, sex, study) to use them."]
+
+
+def test_a_missing_input_names_what_is_there_instead(tmp_path):
+    root = write_tiny_dataset(tmp_path / "d", default_rows())
+    stiffness = root / "sub-00a" / "mre" / "sub-00a_stiffness.nii.gz"
+    with gzip.open(stiffness) as packed:
+        (stiffness.parent / "sub-00a_stiffness.nii").write_bytes(packed.read())
+    stiffness.unlink()
+    with pytest.raises(InputError, match=r"sub-00a_stiffness\.nii\.gz is missing.*There is "
+                                         r"sub-00a_stiffness\.nii: compress it"):
+        read_participants(root)
+    (root / "sub-00a" / "mre").rename(root / "sub-00a" / "ses-1")
+    (root / "sub-00a" / "ses-1").mkdir(exist_ok=True)
+    with pytest.raises(InputError, match=r"has session folders \(ses-1\); the dataset "
+                                         r"layout has none"):
+        subject_inputs(root, "00a")
+
+
+def test_spreadsheet_trailing_tabs_are_read_and_extra_values_refused(tmp_path):
+    root = write_tiny_dataset(tmp_path / "d", default_rows())
+    lines = (root / "participants.tsv").read_text().splitlines()
+    expected = read_participants(root)
+    # every data row ends in a tab (an export of a sheet with an empty last column)
+    rows = [line + "\t" for line in lines[1:]]
+    (root / "participants.tsv").write_text("\n".join([lines[0], *rows]) + "\n")
+    pd.testing.assert_frame_equal(read_participants(root), expected)
+    # the header too: its empty column is not carried into the results
+    (root / "participants.tsv").write_text("\n".join(line + "\t" for line in lines) + "\n")
+    pd.testing.assert_frame_equal(read_participants(root), expected)
+    (root / "participants.tsv").write_text("\n".join([lines[0] + "\tage", *rows]) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv: the header names column\(s\) "
+                                         r"age twice"):
+        read_participants(root)
+    lines[2] += "\tlefthanded"
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 3: 5 fields for the header's "
+                                         r"4 columns.*'lefthanded' belong to no column"):
+        read_participants(root)
+
+
+def test_missing_root(tmp_path):
+    with pytest.raises(InputError, match=r"dataset root .*nowhere.* does not exist.*dataset\.root"):
+        read_participants(tmp_path / "nowhere")
+
+
+def test_missing_participants_file(tiny_dataset):
+    (tiny_dataset / "participants.tsv").unlink()
+    with pytest.raises(InputError, match=r"participants\.tsv is missing"):
+        read_participants(tiny_dataset)
+
+
+def test_missing_column(tiny_dataset):
+    _rewrite_table(tiny_dataset, lambda t: t.drop(columns="study"))
+    with pytest.raises(InputError, match=r"lacks column\(s\) study"):
+        read_participants(tiny_dataset)
+
+
+def test_duplicate_participant(tiny_dataset):
+    _rewrite_table(tiny_dataset, lambda t: pd.concat([t, t.iloc[[1]]]))
+    with pytest.raises(InputError, match=r"duplicate participant_id sub-01a"):
+        read_participants(tiny_dataset)
+
+
+@pytest.mark.parametrize("bad_id", ["sub-../x", "sub-a_b", "01a", "sub-"])
+def test_label_that_could_escape_results(tiny_dataset, bad_id):
+    def mutate(table):
+        table.loc[0, "participant_id"] = bad_id
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match="letters and digits"):
+        read_participants(tiny_dataset)
+
+
+def test_label_with_a_trailing_newline_is_refused():
+    # "^...$" alone accepts "01\n" (a quoted participant_id in a hand-edited table)
+    with pytest.raises(InputError, match="letters and digits"):
+        check_label("01\n", where="participants.tsv")
+    assert check_label("01a", where="participants.tsv") == "01a"
+
+
+@pytest.mark.parametrize("age, message", [("", "has age nan"), ("old", "has age 'old'"),
+                                          ("-3", "outside"), ("250", "outside")])
+def test_bad_age(tiny_dataset, age, message):
+    def mutate(table):
+        table.loc[2, "age"] = age
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match=rf"sub-02a.*{message}"):
+        read_participants(tiny_dataset)
+
+
+@pytest.mark.parametrize("column, value", [("sex", " "), ("study", "  ")])
+def test_blank_sex_or_study_is_empty(tiny_dataset, column, value):
+    def mutate(table):
+        table.loc[1, column] = value
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match=rf"column '{column}' is empty for sub-01a"):
+        read_participants(tiny_dataset)
+
+
+def test_subject_without_stiffness_file(tiny_dataset):
+    (tiny_dataset / "sub-03a" / "mre" / "sub-03a_stiffness.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"subject sub-03a: stiffness map .* is missing"):
+        read_participants(tiny_dataset)
+
+
+def _stiffness(root, label):
+    return root / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz"
+
+
+def test_file_that_is_not_nifti(tiny_dataset):
+    _stiffness(tiny_dataset, "01a").write_bytes(gzip.compress(b"this is a text file" * 50))
+    with pytest.raises(InputError, match=r"subject sub-01a: stiffness map .*sub-01a_stiffness"
+                                         r".* not a readable NIfTI"):
+        check_dataset_images(tiny_dataset, ["00a", "01a"])
+
+
+def test_corrupt_file(tiny_dataset):
+    path = _stiffness(tiny_dataset, "02a")
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    with pytest.raises(InputError, match=r"sub-02a.* not a readable NIfTI"):
+        check_dataset_images(tiny_dataset, ["02a"])
+
+
+def test_4d_file(tiny_dataset):
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 3), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"sub-00a.*shape \(4, 4, 4, 3\); a 3D volume"):
+        check_dataset_images(tiny_dataset, ["00a"])
+
+
+def test_4d_file_of_one_volume_is_read_as_3d(tiny_dataset):
+    # some converters write a single map as X x Y x Z x 1
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume[..., None], np.eye(4)), _stiffness(tiny_dataset, "00a"))
+    check_dataset_images(tiny_dataset, ["00a"])
+    data, _ = load_volume(_stiffness(tiny_dataset, "00a"), what="subject sub-00a")
+    assert np.array_equal(data, volume)
+
+
+def test_all_zero_file(tiny_dataset):
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"sub-00a.*no non-zero finite voxel"):
+        load_nifti_checked(_stiffness(tiny_dataset, "00a"), what="subject sub-00a")
+
+
+def test_singular_affine_and_non_real_voxels_are_named(tiny_dataset):
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    # an sform with a zero row (nibabel refuses to write such an affine itself)
+    header = nib.Nifti1Header()
+    header.set_data_shape(volume.shape)
+    header.set_data_dtype(np.float32)
+    header["sform_code"], header["qform_code"] = 1, 0
+    header["srow_x"], header["srow_y"], header["srow_z"] = [2, 0, 0, 0], [0, 2, 0, 0], [0] * 4
+    nib.save(nib.Nifti1Image(volume, None, header), _stiffness(tiny_dataset, "00a"))
+    nib.save(nib.Nifti1Image(volume.astype(np.complex64), np.eye(4)),
+             _stiffness(tiny_dataset, "01a"))
+    with pytest.raises(InputError, match=r"(?s)2 input images.*sub-00a: stiffness map .*singular "
+                                         r"or non-finite affine.*sub-01a: stiffness map .*holds "
+                                         r"complex64 voxels"):
+        check_dataset_images(tiny_dataset, ["00a", "01a"])
+
+
+def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):
+    cache = tmp_path / "cache.json"
+    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
+    assert cache.is_file() and len(__import__("json").loads(cache.read_text())) == 2
+    # A file changed after the check is opened again and caught.
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "01a"))
+    with pytest.raises(InputError, match="sub-01a"):
+        check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
+
+
+def test_every_bad_image_is_named_at_once_and_the_good_ones_are_remembered(tiny_dataset,
+                                                                           tmp_path):
+    cache = tmp_path / "cache.json"
+    _stiffness(tiny_dataset, "03a").write_bytes(b"not an image")
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "01a"))
+    said = []
+    with pytest.raises(InputError) as raised:
+        check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"], cache_file=cache,
+                             announce=said.append)
+    lines = str(raised.value).splitlines()
+    assert lines[0] == "2 input images cannot be used:"
+    assert re.search(r"^subject sub-01a: stiffness map .*sub-01a_stiffness.* no non-zero",
+                     lines[1])
+    assert re.search(r"^subject sub-03a: stiffness map .*sub-03a_stiffness.* not a readable",
+                     lines[2])
+    assert len(lines) == 3
+    assert said and said[0].startswith("Checking 4 input image(s) of 4 subject(s) once")
+    remembered = {Path(key).name for key in json.loads(cache.read_text())}
+    assert remembered == {"sub-00a_stiffness.nii.gz", "sub-02a_stiffness.nii.gz"}
+    # The next check opens only the files it has not passed, and says nothing when none.
+    said.clear()
+    for label in ("01a", "03a"):
+        shutil.copy(_stiffness(tiny_dataset, "00a"), _stiffness(tiny_dataset, label))
+    check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"], cache_file=cache,
+                         announce=said.append)
+    assert said[0].startswith("Checking 2 input image(s) of 4 subject(s)")
+    said.clear()
+    check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"], cache_file=cache,
+                         announce=said.append)
+    assert said == []
+
+
+def test_a_subjects_maps_on_different_grids_are_refused_before_any_job(tmp_path):
+    # The maps of one subject share its brain mask and transform; before this check a
+    # damping ratio on another grid failed only in correct_and_register, after skull stripping.
+    root = write_tiny_dataset(tmp_path / "d", default_rows(3), with_anat=True,
+                              maps=("stiffness", "damping_ratio"))
+    ratio = root / "sub-01a" / "mre" / "sub-01a_damping_ratio.nii.gz"
+    image = nib.load(ratio)
+    shifted = image.affine.copy()
+    shifted[0, 3] += 2.0  # half a voxel: the same shape, another grid
+    nib.save(nib.Nifti1Image(np.asanyarray(image.dataobj), shifted), ratio)
+    # a T1w on a grid of its own is fine: it is resampled to the maps' grid
+    anat = root / "sub-02a" / "anat" / "sub-02a_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((24, 24, 24), np.float32), np.diag([2.0, 2, 2, 1])), anat)
+    cache = tmp_path / "cache.json"
+    modalities = ["stiffness", "damping_ratio"]
+    for _ in range(2):  # the first check reads the files, the second their cached grids
+        with pytest.raises(InputError) as raised:
+            check_dataset_images(root, ["00a", "01a", "02a"], modalities, cache_file=cache)
+        message = str(raised.value)
+        assert message.startswith("subject sub-01a: its maps are not on one voxel grid (")
+        assert "sub-01a_stiffness.nii.gz: shape (12, 12, 12)" in message
+        assert "sub-01a_damping_ratio.nii.gz: shape (12, 12, 12)" in message
+        assert "[4.0, 0.0, 0.0, 2.0]" in message and "resample them onto the grid" in message
+        assert "sub-00a" not in message and "sub-02a" not in message
+    assert len(json.loads(cache.read_text())) == 9  # every file passed on its own
+    check_dataset_images(root, ["00a", "02a"], modalities, cache_file=cache)
+    check_dataset_images(root, ["01a"], ["stiffness"], cache_file=cache)
+
+
+def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):
+    # entries without a grid (size and mtime only) cannot serve the grid check
+    cache = tmp_path / "cache.json"
+    path = _stiffness(tiny_dataset, "00a")
+    stat = path.stat()
+    cache.write_text(json.dumps({str(path.resolve()): [stat.st_size, stat.st_mtime_ns]}))
+    said = []
+    check_dataset_images(tiny_dataset, ["00a"], cache_file=cache, announce=said.append)
+    assert said and said[0].startswith("Checking 1 input image(s)")
+    entry = json.loads(cache.read_text())[str(path.resolve())]
+    assert entry[:2] == [stat.st_size, stat.st_mtime_ns] and entry[2][0] == [12, 12, 12]
+
+
+def test_a_missing_map_of_the_modalities_names_subject_and_file(tiny_dataset):
+    with pytest.raises(InputError, match=r"subject sub-00a: damping-ratio map .*sub-00a/mre/"
+                                         r"sub-00a_damping_ratio\.nii\.gz is missing \(config "
+                                         r"key dataset\.modalities lists damping_ratio\)"):
+        read_participants(tiny_dataset, ("stiffness", "damping_ratio"))
+    with pytest.raises(InputError, match=r"subject sub-01a: T1w image .*sub-01a_T1w\.nii\.gz "
+                                         r"is missing"):
+        subject_inputs(tiny_dataset, "01a", ("stiffness", "T1w"))
+    assert set(subject_inputs(tiny_dataset, "01a")) == {"stiffness"}

@@ -1,0 +1,386 @@
+"""The input dataset (BIDS-like): subject labels, participants.tsv and the images,
+each checked before any work.
+
+Layout of a dataset root::
+
+    participants.tsv                          participant_id, age, sex, study, [extra...]
+    sub-<label>/mre/sub-<label>_stiffness.nii.gz   shear stiffness (kPa), native space
+    sub-<label>/mre/sub-<label>_<map>.nii.gz       other MRE maps on the same grid
+                                                   (damping_ratio, storage_modulus, loss_modulus)
+    sub-<label>/anat/sub-<label>_T1w.nii.gz        optional, same space as the maps
+
+Config key ``dataset.modalities`` says which maps every subject must have
+(:mod:`brainage.modalities`).
+
+Every check raises :class:`InputError` naming the file, subject or column and what to do,
+before any work starts (the workflow calls these while building its job graph).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from brainage.io import write_json
+from brainage.modalities import DEFAULT_MODALITIES, input_path, modality
+
+log = logging.getLogger(__name__)
+
+#: BIDS labels are letters and digits only, so no id can escape the results folder.
+#: Matched with fullmatch: ``$`` alone would also accept a trailing newline.
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9]+")
+REQUIRED_COLUMNS = ("participant_id", "age", "sex", "study")
+#: Plausible human ages (years); anything outside is a data-entry error.
+AGE_RANGE_YEARS = (0.0, 120.0)
+
+
+class InputError(ValueError):
+    """The input dataset is not what the pipeline needs; the message says how to fix it."""
+
+
+def anatomical_path(root: str | Path, label: str) -> Path:
+    return input_path(root, label, "T1w")
+
+
+def check_label(label: str, *, where: str) -> str:
+    if not isinstance(label, str) or not LABEL_PATTERN.fullmatch(label):
+        raise InputError(
+            f"{where}: subject label {label!r} is not a BIDS label (letters and digits only, "
+            f"e.g. 'sub-01a'). Rename the subject folder and its participants.tsv row.")
+    return label
+
+
+def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES
+                      ) -> pd.DataFrame:
+    """Read and validate ``<root>/participants.tsv``; every listed subject must have every
+    image of ``modalities`` (config key ``dataset.modalities``).
+
+    Returns a DataFrame with ``participant_id`` (``sub-<label>``), ``age`` (years, float),
+    ``sex``, ``study`` (str) and any extra columns, in file order.
+    """
+    root = Path(root)
+    table_path = root / "participants.tsv"
+    try:  # size too: two edits within one tick of the file system's clock share an mtime
+        status = table_path.stat()
+        stamp = (status.st_mtime_ns, status.st_size)
+    except FileNotFoundError:
+        stamp = None
+    return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities)).copy()
+
+
+@lru_cache(maxsize=8)
+def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
+                              modalities: tuple[str, ...]) -> pd.DataFrame:
+    root = Path(root_str)
+    if not root.is_dir():
+        raise InputError(
+            f"dataset root {root} does not exist. Set config key dataset.root to your "
+            f"BIDS-like dataset folder, or dataset.simulate.enabled: true for the demo cohort.")
+    table_path = root / "participants.tsv"
+    if stamp is None:
+        raise InputError(
+            f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
+            f"with columns {', '.join(REQUIRED_COLUMNS)}.")
+    try:
+        _check_table_shape(table_path)
+        # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
+        # columns instead of shifting them right behind an index made of the ids
+        table = pd.read_csv(table_path, sep="\t", index_col=False,
+                            dtype={"participant_id": str, "sex": str, "study": str})
+    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+        raise InputError(f"{table_path} cannot be read as a tab-separated table: {error}") from None
+    # a header ending in a tab names an empty column "Unnamed: <n>"
+    table = table.drop(columns=[column for column in table.columns
+                                if str(column).startswith("Unnamed: ")
+                                and table[column].isna().all()])
+    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
+    if missing:
+        raise InputError(
+            f"{table_path} lacks column(s) {', '.join(missing)}; it has "
+            f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}.")
+    if table.empty:
+        raise InputError(f"{table_path} lists no participants.")
+    _validate_participant_rows(table, table_path)
+    _validate_against_schema(table, table_path)
+    for participant_id in table["participant_id"]:
+        _require_images(root, participant_id[len("sub-"):], modalities,
+                        remedy=f"or remove the subject's row from {table_path}")
+    _warn_unlisted_subjects(root, set(table["participant_id"]), table_path)
+    table["age"] = table["age"].astype(float)
+    table["study"] = table["study"].astype(str)
+    return table
+
+
+def _check_table_shape(table_path: Path) -> None:
+    """Raise :class:`InputError` for a header that names a column twice, or naming the
+    first line of the table with a non-empty field beyond the header's columns (pandas
+    would silently rename, drop or shift them); empty trailing fields, a spreadsheet's
+    trailing tabs, are fine."""
+    import csv
+
+    with open(table_path, newline="", encoding="utf-8-sig") as handle:
+        rows = csv.reader(handle, delimiter="\t")
+        header = next(rows, [])
+        named = [column.strip() for column in header if column.strip()]
+        repeated = sorted({column for column in named if named.count(column) > 1})
+        if repeated:  # pandas would read the second as "<name>.1" and ignore it
+            raise InputError(f"{table_path}: the header names column(s) {', '.join(repeated)} "
+                             f"twice; keep one of each.")
+        for line, row in enumerate(rows, start=2):
+            extra = [field for field in row[len(header):] if field.strip()]
+            if extra:
+                raise InputError(
+                    f"{table_path} line {line}: {len(row)} fields for the header's "
+                    f"{len(header)} columns ({', '.join(header)}); the extra value(s) "
+                    f"{', '.join(map(repr, extra))} belong to no column. Fix the row, or "
+                    f"name the column in the header.")
+
+
+def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
+    """Subject folders without a participants.tsv row are not used (they have no age):
+    say so, by name, rather than drop them silently (a row lost in a spreadsheet edit)."""
+    unlisted = sorted(path.name for path in root.glob("sub-*")
+                      if path.is_dir() and path.name not in listed)
+    if unlisted:
+        shown = ", ".join(unlisted[:10]) + (f" and {len(unlisted) - 10} more"
+                                            if len(unlisted) > 10 else "")
+        log.warning("%d subject folder(s) in %s have no row in %s and are not used: %s. "
+                    "Add their rows (participant_id, age, sex, study) to use them.",
+                    len(unlisted), root, table_path, shown)
+
+
+def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
+    for row_number, participant_id in enumerate(table["participant_id"], start=2):
+        where = f"{table_path} line {row_number}"
+        if not isinstance(participant_id, str) or not participant_id.startswith("sub-"):
+            raise InputError(f"{where}: participant_id {participant_id!r} must look like "
+                             f"'sub-<label>' (letters and digits).")
+        check_label(participant_id[len("sub-"):], where=where)
+    duplicated = table["participant_id"][table["participant_id"].duplicated()].unique()
+    if len(duplicated):
+        raise InputError(f"{table_path}: duplicate participant_id {', '.join(duplicated)}; "
+                         f"each subject must appear once.")
+    ages = pd.to_numeric(table["age"], errors="coerce")
+    low, high = AGE_RANGE_YEARS
+    for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
+        if pd.isna(age):
+            raise InputError(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
+                             f"must be numbers in years. Fix or remove the row.")
+        if not low < age < high:
+            raise InputError(f"{table_path}: subject {participant_id} has age {age} years, "
+                             f"outside {low}-{high}. Fix the value (years, not months).")
+    for column in ("sex", "study"):
+        blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
+        empty = table["participant_id"][blank].tolist()
+        if empty:
+            raise InputError(f"{table_path}: column {column!r} is empty for "
+                             f"{', '.join(empty)}.")
+
+
+def _validate_against_schema(table: pd.DataFrame, table_path: Path) -> None:
+    """Check every row against workflow/schemas/participants.schema.yaml."""
+    import jsonschema
+    import yaml
+
+    from brainage.config import PARTICIPANTS_SCHEMA
+
+    schema = yaml.safe_load(PARTICIPANTS_SCHEMA.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
+    for row_number, row in enumerate(rows, start=2):
+        row["age"] = float(row["age"])
+        for error in validator.iter_errors(row):
+            column = ".".join(map(str, error.absolute_path)) or "(row)"
+            raise InputError(f"{table_path} line {row_number} ({row.get('participant_id')}), "
+                             f"column {column!r}: {error.message}")
+
+
+def _require_images(root: str | Path, label: str, modalities: Sequence[str], *,
+                    remedy: str) -> None:
+    for name in modalities:
+        path = input_path(root, label, name)
+        if not path.is_file():
+            raise InputError(
+                f"subject sub-{label}: {modality(name).description} {path} is missing "
+                f"(config key dataset.modalities lists {name}).{_found_instead(path)} Add "
+                f"the file, {remedy}, or remove {name} from the modalities.")
+
+
+def _found_instead(path: Path) -> str:
+    """What a user probably has instead of a missing input: an uncompressed file or a
+    session folder (the layout has one session per subject)."""
+    uncompressed = path.with_suffix("")  # .nii.gz -> .nii
+    if uncompressed.is_file():
+        return f" There is {uncompressed.name}: compress it (gzip {uncompressed})."
+    subject_folder = path.parent.parent
+    sessions = sorted(p.name for p in subject_folder.glob("ses-*") if p.is_dir())
+    if sessions:
+        return (f" {subject_folder} has session folders ({', '.join(sessions)}); the "
+                f"dataset layout has none: move one session's {path.parent.name}/ folder up "
+                f"into {subject_folder.name}/ (and list other sessions as subjects of their "
+                f"own).")
+    return ""
+
+
+def subject_inputs(root: str | Path, label: str,
+                   modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
+    """Input files of one subject from the dataset folder (not from participants.tsv).
+
+    Returns ``{map: path}`` for each MRE map of ``modalities``, plus ``"anat": path`` when
+    the subject has a T1w (required when ``modalities`` lists T1w; otherwise it is the
+    registration reference when present).
+    """
+    check_label(label, where=f"dataset {root}")
+    _require_images(root, label, modalities, remedy="or remove the subject")
+    inputs = {name: str(input_path(root, label, name)) for name in modalities
+              if modality(name).is_mre}
+    anat = anatomical_path(root, label)
+    if anat.is_file():
+        inputs["anat"] = str(anat)
+    return inputs
+
+
+def load_nifti_checked(path: str | Path, *, what: str = "image"):
+    """Load a 3D NIfTI image, checking it is readable, 3D and not all zeros.
+
+    Returns the nibabel image (data not cached). Raises :class:`InputError` naming the
+    file for a non-NIfTI or corrupt file, a 4D image, or an image with no non-zero voxel.
+    """
+    import nibabel as nib
+
+    path = Path(path)
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as error:  # nibabel raises many types for broken files
+        raise InputError(f"{what} {path} is not a readable NIfTI file ({error}). Re-export it "
+                         f"as .nii.gz.") from None
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise InputError(f"{what} {path} has shape {data.shape}; a 3D volume is expected. "
+                         f"Split 4D series and keep the one 3D volume.")
+    if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
+        raise InputError(f"{what} {path} holds {data.dtype} voxels; a map of real numbers is "
+                         f"expected (not RGB or complex data). Re-export it as float32.")
+    finite = np.isfinite(data)
+    if not np.any(finite & (data != 0)):
+        raise InputError(f"{what} {path} contains no non-zero finite voxel.")
+    linear = np.asarray(image.affine, dtype=np.float64)[:3, :3]
+    if not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-9:
+        raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
+                         f"matrix {linear.round(4).tolist()}), so its voxels have no place in "
+                         f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
+    return image
+
+
+#: Threads that read a dataset's images on its first check: decompression releases the
+#: GIL, and a login node is shared, so a few.
+IMAGE_CHECK_THREADS = 4
+
+
+#: Two grids whose affines differ by less than this (mm) are the same grid.
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
+    """Whether two images share one voxel grid: equal shape, affines within
+    :data:`AFFINE_TOLERANCE_MM` (mm)."""
+    return tuple(shape_a) == tuple(shape_b) and np.allclose(affine_a, affine_b,
+                                                           atol=AFFINE_TOLERANCE_MM)
+
+
+def check_dataset_images(root: str | Path, labels: list[str],
+                         modalities: Sequence[str] = DEFAULT_MODALITIES, *,
+                         cache_file: str | Path | None = None,
+                         announce: Callable[[str], None] | None = None) -> None:
+    """Open every subject's images (the maps of ``modalities``, and the T1w) once and check
+    them before any work.
+
+    Each file must pass :func:`load_nifti_checked`, and a subject's MRE maps must share one
+    voxel grid: they share one brain mask and one transform (the T1w may have a grid of
+    its own). A file already checked with the same size and modification time is not
+    opened again, using ``cache_file`` (JSON: size, mtime and grid per file), so a dataset
+    of thousands is read in full only once (a 1 mm T1w takes about 0.1 s, so the first
+    check of 2,000 subjects takes minutes: up to :data:`IMAGE_CHECK_THREADS` threads read,
+    and ``announce`` is told how many files before they are read). Files that pass are
+    remembered even when others fail.
+
+    Raises
+    ------
+    InputError
+        Listing every file that is not NIfTI, is corrupt, 4D, or all zeros, and every
+        subject whose maps are on different grids, each with its subject, in subject order.
+    """
+    cache: dict[str, list] = {}
+    if cache_file is not None and Path(cache_file).is_file():
+        try:
+            cache = json.loads(Path(cache_file).read_text())
+        except ValueError:
+            cache = {}
+    pending = {}  # cache key -> ([size, mtime], path, what it is); links are read once
+    inputs_of = {}  # label -> [(map name or "anat", path, cache key)]
+    for label in labels:
+        inputs_of[label] = []
+        for kind, path in subject_inputs(root, label, modalities).items():
+            stat = Path(path).stat()
+            key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
+            inputs_of[label].append((kind, path, key))
+            # entries of older versions hold no grid (two items): read those files again
+            if (len(cache.get(key, ())) != 3 or cache[key][:2] != stamp) and key not in pending:
+                description = modality("T1w" if kind == "anat" else kind).description
+                pending[key] = (stamp, path, f"subject sub-{label}: {description}")
+    problems = {}
+    if pending:
+        cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
+                else os.cpu_count() or 1)
+        threads = min(IMAGE_CHECK_THREADS, cpus, len(pending))
+        if announce is not None:
+            announce(f"Checking {len(pending)} input image(s) of {len(labels)} subject(s) "
+                     f"once ({threads} thread(s)); files that pass are remembered in "
+                     f"{cache_file or 'no cache file'}.")
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            checked = list(pool.map(lambda item: _image_grid_or_problem(item[1], item[2]),
+                                    pending.values()))
+        for (key, (stamp, _, _)), (grid, problem) in zip(pending.items(), checked):
+            if grid is not None:
+                cache[key] = [*stamp, grid]
+            else:
+                problems[key] = problem
+        if cache_file is not None and len(problems) < len(pending):
+            write_json(cache_file, cache)
+    failed = []
+    for label, inputs in inputs_of.items():
+        failed += [problems.pop(key) for _, _, key in inputs if key in problems]
+        maps = [(name, path, cache[key][2]) for name, path, key in inputs
+                if name != "anat" and key in cache]
+        if any(not same_grid(*grid, *maps[0][2]) for _, _, grid in maps[1:]):
+            failed.append(
+                f"subject sub-{label}: its maps are not on one voxel grid ("
+                + "; ".join(f"{name} {path}: shape {tuple(grid[0])}, voxel-to-world "
+                            f"{np.round(grid[1], 3).tolist()}" for name, path, grid in maps)
+                + "). A subject's maps share one brain mask and one transform: resample "
+                  f"them onto the grid of its {maps[0][0]} map, or export them all from the "
+                  f"same inversion.")
+    if failed:
+        raise InputError(failed[0] if len(failed) == 1 else
+                         f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
+
+
+def _image_grid_or_problem(path: str | Path, what: str) -> tuple[list | None, str | None]:
+    """``([shape, affine], None)`` for a file that passes :func:`load_nifti_checked`, else
+    ``(None, its message)``."""
+    try:
+        image = load_nifti_checked(path, what=what)
+    except InputError as error:
+        return None, str(error)
+    return [list(image.shape[:3]), np.asarray(image.affine, dtype=float).tolist()], None
