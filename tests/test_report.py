@@ -250,12 +250,17 @@ def test_seed_results_pool_splits_by_test_size():
     # weighted by the folds' n_test (3:1, which would give 1.75)
     assert row["mae_study_b"] == pytest.approx(2.5)
     assert row["gap_age_slope"] == pytest.approx(-0.2)
+    assert (row["n_study_a"], row["n_study_b"]) == (2, 2)  # summed over the folds
     # metrics written before the counts existed cannot pool b, and say which to rerun
     with pytest.raises(targets.ReportError, match="x, y.*n_per_study.*evaluate_encoder"):
         report_results.seed_results(metrics.drop(columns=["n_study_a", "n_study_b"]))
-    assert report_results.seed_results(
-        metrics.drop(columns=["n_study_a", "n_study_b", "mae_study_b"])
-    ).iloc[0]["mae_study_a"] == pytest.approx(2.0)  # one split: nothing to weigh
+    old = report_results.seed_results(
+        metrics.drop(columns=["n_study_a", "n_study_b", "mae_study_b"])).iloc[0]
+    assert old["mae_study_a"] == pytest.approx(2.0)  # one split: nothing to weigh
+    assert np.isnan(old["n_study_a"])  # its count is unknown, not 0
+    # a study no split of the cell tests (leave-one-study-out) has no MAE and 0 subjects
+    untested = report_results.seed_results(metrics.assign(mae_study_c=np.nan)).iloc[0]
+    assert np.isnan(untested["mae_study_c"]) and untested["n_study_c"] == 0
 
 
 def test_per_study_mae_pools_each_studys_test_subjects_over_folds(tmp_path):
@@ -344,6 +349,8 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     assert len(table3) == 3
     markdown = Path(layout.table("table3_losses", ".md")).read_text()
     assert "paper (different data)" in markdown
+    # the test subjects behind each per-study MAE (participants_table: ids 0, 4, 8)
+    assert "3 test subjects (study1 1, study2 1, study3 1)." in markdown
     for value in ("9.600 ± 1.701", "3.852 ± 0.212", "3.724 ± 0.220"):  # the paper's numbers
         assert value in markdown
     assert "Adaptive Neighborhoods" in markdown and "Paired comparison" in markdown

@@ -161,7 +161,8 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     mean over splits), n_test, n_splits, neighbourhood (Adaptive Neighborhoods' schedule
     as trained, each split's when they differ) and the ``mae_study_*`` columns (each
     study's MAE over all its test subjects: the splits that test it, each weighted by its
-    number of that study's test subjects, ``n_study_*``).
+    number of that study's test subjects, ``n_study_*``, here summed over the splits: 0
+    where none tests the study, NaN in metrics written before the counts were recorded).
 
     Raises
     ------
@@ -191,9 +192,16 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                                  if "neighbourhood" in group else None)}
         for column in study_columns:
             row[column] = pooled_study_mae(group, column)
+            count_column = "n_study_" + column[len("mae_study_"):]
+            # 0 where no split tests the study; NaN where the counts predate them
+            row[count_column] = (0.0 if np.isnan(row[column]) else
+                                 float(group[count_column].sum(min_count=1))
+                                 if count_column in group else np.nan)
         rows.append(row)
+    count_columns = ["n_study_" + column[len("mae_study_"):] for column in study_columns]
     columns = [*keys, "loss", "kind", "readout", "mae", "rmse", "pearson_r", "r2",
-               "gap_age_slope", "n_test", "n_splits", "neighbourhood", *study_columns]
+               "gap_age_slope", "n_test", "n_splits", "neighbourhood", *study_columns,
+               *count_columns]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -235,6 +243,8 @@ def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
                "neighbourhood": joined_values(seeds["neighbourhood"])}
     for column in [c for c in seeds.columns if c.startswith("mae_study_")]:
         summary[column] = float(seeds[column].mean())
+    for column in [c for c in seeds.columns if c.startswith("n_study_")]:
+        summary[column] = float(seeds[column].iloc[0])  # the seeds share the split
     return summary
 
 

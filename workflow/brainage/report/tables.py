@@ -75,7 +75,8 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
         ``kind`` (contrastive or baseline), ``variant, label, init, neighbourhood``
         (Adaptive Neighborhoods' nn_final/nn_step as trained), ``rmse_mean, pearson_r_mean,
         r2_mean, gap_age_slope_mean`` (age bias: slope of the gap against age),
-        ``n_test, seeds, paper_mae_mean, paper_mae_std`` and ``mae_study_<study>``.
+        ``n_test, seeds, paper_mae_mean, paper_mae_std``, ``mae_study_<study>`` and
+        ``n_study_<study>`` (the study's test subjects).
         ``loss`` is the loss name (a baseline's key for baselines), or
         ``<loss>:<variant>`` where two rows would share one.
     """
@@ -296,6 +297,18 @@ def _per_study(table: pd.DataFrame) -> list[str]:
             for _, row in table.iterrows()]
 
 
+def _study_counts(table: pd.DataFrame) -> str:
+    """" (study1 3, study2 2)": the test subjects behind each per-study MAE, when every
+    row has the same counts (it does on one split scheme); "" when unknown (metrics of an
+    older version) or when the rows differ."""
+    columns = sorted((c for c in table.columns if c.startswith("n_study_")), key=natural_key)
+    counts = table[columns].drop_duplicates() if columns else pd.DataFrame()
+    if len(counts) != 1 or counts.isna().to_numpy().any():
+        return ""
+    return " (" + ", ".join(f"{column[len('n_study_'):]} {int(count)}"
+                            for column, count in counts.iloc[0].items() if count > 0) + ")"
+
+
 def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Path,
                  paired_stem: str | Path) -> None:
     """Table 3 (ours beside the paper's, labelled; the baselines on the same split below the
@@ -324,9 +337,10 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     } for loss in PAPER_TABLE3 if loss not in ours], columns=display.columns)
     display = pd.concat([display, not_run], ignore_index=True)
     notes = [f"Ours: test MAE, mean ± sd over seeds; {int(table['n_test'].iloc[0])} test "
-             f"subjects. Baselines: the same split, seeds, test subjects and read-out path "
-             f"as the losses. Age bias: least-squares slope of (predicted − true age) "
-             f"against age on the test subjects (0 = unbiased, −1 = a constant prediction).",
+             f"subjects{_study_counts(table)}. Baselines: the same split, seeds, test "
+             f"subjects and read-out path as the losses. Age bias: least-squares slope of "
+             f"(predicted − true age) against age on the test subjects (0 = unbiased, −1 = a "
+             f"constant prediction).",
              PAPER_NOTE]
     schedules = [f"{label}: {schedule}" for label, schedule
                  in zip(table["label"], table["neighbourhood"]) if isinstance(schedule, str)]
