@@ -725,6 +725,14 @@ def test_exported_cell_must_be_trained_by_the_grid():
     config["predict"]["model"]["seed"] = 99
     with pytest.raises(ConfigError, match=r"predict\.model .*seed 99, which no enabled"):
         exported_cell(config)
+    # a baseline without an encoder is a grid cell, but there is no model to export (it
+    # was a KeyError at export); the untrained encoder is a model and stays exportable
+    config["predict"]["model"].update(variant="pca_ridge", seed=0)
+    with pytest.raises(ConfigError, match=r"table3/pca_ridge/seed 0, a baseline without an "
+                                          r"encoder .*Choose one of: .*table3/untrained/seed 0"):
+        exported_cell(config)
+    config["predict"]["model"]["variant"] = "untrained"
+    assert exported_cell(config) == ("table3", "untrained", 0)
 
 
 def test_cohort_table_problems_are_reported_before_any_work(world, new_cohort, tmp_path):

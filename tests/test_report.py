@@ -164,6 +164,20 @@ def test_focus_cell_prefers_the_exported_model():
     assert targets.focus_cell(config) == ("table3", "adaptive", 0)
 
 
+def test_focus_cell_has_an_encoder():
+    # a baseline first in Table 3 and no adaptive variant: the UMAP shows the first cell
+    # with an encoder (planning asked for the baseline's embeddings and failed before)
+    baseline = {"model": {"encoder": "none"}, "readout": {"method": "train_mean"}}
+    config = validate_config({"experiments": {"table3": {"seeds": [0], "variants": {
+        "train_mean": baseline, "yaware": {"loss": {"name": "yaware"}}}}}})
+    assert targets.focus_cell(config) == ("table3", "yaware", 0)
+    assert "fig5_umap" in targets.report_names(config)["figures"]
+    only_baselines = validate_config({"experiments": {"table3": {"seeds": [0], "variants": {
+        "train_mean": baseline}}}})
+    assert targets.focus_cell(only_baselines) is None
+    assert "fig5_umap" not in targets.report_names(only_baselines)["figures"]
+
+
 # ---- tables -----------------------------------------------------------------------------
 
 def test_table3_has_the_contract_columns_and_paper_numbers(results):

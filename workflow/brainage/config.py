@@ -630,15 +630,24 @@ def exported_cell(config: Mapping) -> tuple[str, str, int]:
     Raises
     ------
     ConfigError
-        When no enabled experiment trains that cell.
+        When no enabled experiment trains that cell, or the cell is a baseline without an
+        encoder (training mean, study mean, PCA + Ridge): there is nothing to export.
     """
     model = config["predict"]["model"]
     cell = (model["experiment"], model["variant"], int(model["seed"]))
-    if cell not in grid_cells(config):
+    cells = grid_cells(config)
+    exportable = [other for other in cells
+                  if trains_an_encoder(cell_settings(config, *other))]
+    choices = ", ".join(f"{e}/{v}/seed {s}" for e, v, s in exportable) or "none"
+    if cell not in cells:
         raise ConfigError(
             f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
-            f"which no enabled experiment trains. Choose one of: "
-            f"{', '.join(f'{e}/{v}/seed {s}' for e, v, s in grid_cells(config)) or 'none'}.")
+            f"which no enabled experiment trains. Choose one of: {choices}.")
+    if cell not in exportable:
+        raise ConfigError(
+            f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
+            f"a baseline without an encoder (model.encoder: none), so there is no model to "
+            f"export. Choose one of: {choices}.")
     return cell
 
 

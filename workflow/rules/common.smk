@@ -367,6 +367,11 @@ def encoder_file(split, experiment, variant, seed, name):
     try:
         owner = _ENCODER_OWNERS[(experiment, variant, int(seed))]
     except KeyError:
+        if (experiment, variant, int(seed)) in grid_cells(config, include_disabled=True):
+            raise WorkflowError(
+                f"{experiment}/{variant}/seed-{seed} has no encoder (model.encoder: none), "
+                f"so it has no {name}."
+            ) from None
         raise WorkflowError(
             f"{experiment}/{variant}/seed-{seed} is no grid cell of this config: config key "
             f"experiments.{experiment} has no variant {variant!r} with seed {seed}."

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from brainage.config import cell_settings, grid_cells
+from brainage.config import cell_settings, grid_cells, trains_an_encoder
 
 #: The main comparison (paper Table 3): one variant per loss.
 LOSS_EXPERIMENT = "table3"
@@ -110,7 +110,7 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     figures = list(DATASET_FIGURES)
     if {"stiffness", "T1w"} <= set(config.get("dataset", {}).get("modalities", [])):
         figures.insert(0, MODALITIES_FIGURE)
-    if experiments:
+    if focus_cell(config) is not None:
         figures += list(CELL_FIGURES)
     figures += figures_of_losses
     figures += [ablation_figure_name(name) for name in ablation_experiments(config)]
@@ -128,9 +128,11 @@ def focus_cell(config: Mapping[str, Any]) -> tuple[str, str, int] | None:
     """The grid cell shown in the UMAP and predicted-vs-true figures.
 
     The cell exported as the model (config ``predict.model``) when the grid has it, else
-    the Table 3 Adaptive Neighborhoods cell with the lowest seed, else the first cell.
+    the Table 3 Adaptive Neighborhoods cell with the lowest seed, else the first cell; only
+    cells with an encoder (its features are what the UMAP shows), None when no cell has one.
     """
-    cells = grid_cells(config)
+    cells = [cell for cell in grid_cells(config)
+             if trains_an_encoder(cell_settings(config, *cell))]
     if not cells:
         return None
     model = config.get("predict", {}).get("model", {})
