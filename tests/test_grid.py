@@ -283,12 +283,19 @@ def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp
     assert planned["pretrain_encoder"] == 2 and planned["evaluate_pretrained_encoder"] == 2
     assert planned["train_encoder"] == 6, planned
     _fake_complete_run(workdir, configfile, reports)
-    # two GPUs: torchrun starts one training process per GPU on the job's node
+    # two GPUs: brainage.launch starts torchrun, one training process per GPU on the node
     launch = run_snakemake(workdir, configfile, "--dry-run", "--printshellcmds", "--forcerun",
                            "pretrain_encoder", *REPORT_RULES).stdout
-    assert "torch.distributed.run --nproc_per_node 2 --standalone -m brainage.train" in launch
-    assert re.search(r"python\S* -m brainage\.train --split-dir results/pretrain/t1/split",
-                     launch), launch[-3000:]
+    for run, gpus in (("bhb", 2), ("t1", 0)):
+        assert re.search(rf'"\$BRAINAGE_TRAINING_PYTHON" -m brainage\.launch --gpus {gpus} '
+                         rf"--nodes 1 -- --split-dir results/pretrain/{run}/split",
+                         launch), launch[-3000:]
+    # more GPUs for a finished run retrain nothing: the counts are resources, not params
+    # (as params they retrained the run and every cell fine-tuned from it)
+    base["pretrain"]["t1"]["resources"]["gpus"] = 4
+    write_config(configfile, base)
+    assert job_counts(run_snakemake(workdir, configfile, "--dry-run", *reports).stdout) \
+        == Counter()
 
     base["pretrain"]["t1"]["loss"] = {"name": "exponential", "sigma": 3.0}
     write_config(configfile, base)

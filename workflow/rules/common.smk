@@ -3,6 +3,7 @@
 
 import copy
 import json
+import os
 import re
 import shlex
 import sys
@@ -582,25 +583,20 @@ def pretrain_settings_argument(wildcards):
     return shlex.quote(json.dumps(settings, sort_keys=True))
 
 
-def pretrain_launcher(wildcards):
-    """The command that starts the run's training processes: one Python process for one
-    GPU (or the CPU), torchrun for several GPUs of a node, and torchrun on every node
-    through srun for several nodes (brainage.distributed)."""
-    resources = PRETRAIN[wildcards.pretrain]["resources"]
-    # in a conda env the env's python; otherwise the one that runs Snakemake (the venv)
-    in_conda_env = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-    python = "python" if in_conda_env else sys.executable
-    gpus, nodes = resources["gpus"], resources["nodes"]
-    if gpus <= 1 and nodes == 1:
-        return f"{python} -m brainage.train"
-    torchrun = f"{python} -m torch.distributed.run --nproc_per_node {max(gpus, 1)}"
-    if nodes == 1:
-        return f"{torchrun} --standalone -m brainage.train"
-    return (
-        f"srun --ntasks-per-node 1 {torchrun} --nnodes {nodes} --rdzv_backend c10d "
-        f"--rdzv_id $SLURM_JOB_ID --rdzv_endpoint "
-        f"$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n 1):29500 -m brainage.train"
-    )
+# The package folder and the Python that start a pretraining run (rule pretrain_encoder;
+# in a conda env the env's python, otherwise the one that runs Snakemake, the venv's), for
+# its shell command as environment variables: as params, a change would rerun the run,
+# and neither the checkout's folder nor the Python changes what it computes (nor do the
+# GPU and node counts: resources, read by brainage.launch). Every Snakemake process sets
+# them, the one on a SLURM node that runs the job included.
+os.environ.update(
+    BRAINAGE_PACKAGE_DIR=str(Path(workflow.basedir) / "workflow"),
+    BRAINAGE_TRAINING_PYTHON=(
+        "python"
+        if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+        else sys.executable
+    ),
+)
 
 
 #: {run: {"metrics": path, "history": path}}: what the report's pretraining section reads.

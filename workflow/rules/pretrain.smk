@@ -150,13 +150,13 @@ rule pretrain_encoder:
         # what the training reads (brainage.train.read_settings), as one shell word: a
         # change reruns the run and then every cell that fine-tunes from it
         settings=pretrain_settings_argument,
-        launcher=pretrain_launcher,
-        package=str(Path(workflow.basedir) / "workflow"),
         split_dir=lambda wildcards: LAYOUT.pretrain_split_dir(wildcards.pretrain),
         checkpoint=lambda wildcards: LAYOUT.pretrain_file(wildcards.pretrain, "checkpoint.pt"),
     shell:
         "printf '%s\\n' {params.settings} > {output.settings} && "
-        "PYTHONPATH={params.package}${{PYTHONPATH:+:$PYTHONPATH}} {params.launcher}"
+        'PYTHONPATH="$BRAINAGE_PACKAGE_DIR"${{PYTHONPATH:+:$PYTHONPATH}}'
+        ' "$BRAINAGE_TRAINING_PYTHON" -m brainage.launch'
+        " --gpus {resources.gpu} --nodes {resources.nodes} --"
         " --split-dir {params.split_dir} --settings {output.settings}"
         " --encoder {output.encoder} --history {output.history}"
         " --embeddings {output.embeddings} --features {output.features}"

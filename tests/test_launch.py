@@ -1,0 +1,52 @@
+"""brainage.launch: the command that starts a pretraining run's processes, from the job's
+GPU and node counts (resources, so that changing them does not rerun the job; the
+workflow side is tested in test_grid.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from brainage.launch import RENDEZVOUS_PORT, training_command
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_one_process_on_the_cpu_or_one_gpu_and_torchrun_for_several():
+    assert training_command(0, 1, python="py") == ["py", "-m", "brainage.train"]
+    assert training_command(1, 1, python="py") == ["py", "-m", "brainage.train"]
+    assert training_command(4, 1, python="py") == [
+        "py", "-m", "torch.distributed.run", "--nproc_per_node", "4", "--standalone", "-m",
+        "brainage.train"]
+
+
+def test_several_nodes_meet_on_the_first_node_of_the_slurm_job(tmp_path, monkeypatch):
+    # a test double of SLURM's scontrol: the job's node list expanded to host names
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    scontrol = fake_bin / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && '
+                        'printf "gpu07\\ngpu08\\n"\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake_bin}{os.pathsep}{os.environ['PATH']}")
+    command = training_command(2, 2, python="py", environ={"SLURM_JOB_ID": "4242",
+                                                           "SLURM_JOB_NODELIST": "gpu[07-08]"})
+    assert command == [
+        "srun", "--ntasks-per-node", "1", "py", "-m", "torch.distributed.run",
+        "--nproc_per_node", "2", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_id",
+        "4242", "--rdzv_endpoint", f"gpu07:{RENDEZVOUS_PORT}", "-m", "brainage.train"]
+    with pytest.raises(SystemExit, match="inside a SLURM job"):
+        training_command(2, 2, python="py", environ={})
+
+
+def test_the_launcher_becomes_the_training_with_its_arguments():
+    result = subprocess.run(
+        [sys.executable, "-m", "brainage.launch", "--gpus", "0", "--nodes", "1", "--", "--help"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: python -m brainage.train")

@@ -1,0 +1,73 @@
+"""Start the processes of a training job (rule ``pretrain_encoder``).
+
+``python -m brainage.launch --gpus N --nodes M -- <brainage.train arguments>`` replaces
+itself (``exec``) with one ``python -m brainage.train`` for one GPU or the CPU, with
+``torchrun --standalone`` and one process per GPU for several GPUs of one node, and with
+``srun`` + ``torchrun`` on every node for several nodes (:mod:`brainage.distributed`).
+
+The counts come from the job's resources, not from its params: Snakemake reruns a job
+whose params change, and a run resumes from its checkpoint with any number of processes,
+so moving a run to more GPUs (or the checkout to another folder) must not retrain it and
+every cell fine-tuned from it. The Python that runs this module is the one that starts
+training (the virtual environment's, or the conda environment's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from typing import Mapping, Sequence
+
+#: Port of the first node on which torchrun's processes meet (c10d rendezvous).
+RENDEZVOUS_PORT = 29500
+
+
+def first_node(environ: Mapping[str, str]) -> str:
+    """The first host of the SLURM job's node list (``scontrol show hostnames``)."""
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+    except (KeyError, OSError, subprocess.CalledProcessError) as error:
+        raise SystemExit(f"brainage.launch: a run on several nodes must start inside a SLURM "
+                         f"job (SLURM_JOB_NODELIST and scontrol are needed): {error}") from None
+    return hosts[0]
+
+
+def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
+                     environ: Mapping[str, str] | None = None) -> list[str]:
+    """The command that starts ``brainage.train`` on ``gpus`` GPUs of each of ``nodes``
+    nodes (``gpus`` 0: the CPU)."""
+    if nodes < 1 or gpus < 0:
+        raise SystemExit(f"brainage.launch: --gpus {gpus} --nodes {nodes}: expected at least "
+                         f"one node and no negative GPU count.")
+    if gpus <= 1 and nodes == 1:
+        return [python, "-m", "brainage.train"]
+    torchrun = [python, "-m", "torch.distributed.run", "--nproc_per_node", str(max(gpus, 1))]
+    if nodes == 1:
+        return [*torchrun, "--standalone", "-m", "brainage.train"]
+    environ = os.environ if environ is None else environ
+    return ["srun", "--ntasks-per-node", "1", *torchrun, "--nnodes", str(nodes),
+            "--rdzv_backend", "c10d", "--rdzv_id", environ.get("SLURM_JOB_ID", "brainage"),
+            "--rdzv_endpoint", f"{first_node(environ)}:{RENDEZVOUS_PORT}", "-m",
+            "brainage.train"]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m brainage.launch",
+        description="Start brainage.train on the job's GPUs and nodes; the arguments after "
+                    "'--' go to brainage.train.")
+    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node (0: the CPU)")
+    parser.add_argument("--nodes", type=int, default=1)
+    arguments, train_arguments = parser.parse_known_args(argv)
+    if train_arguments[:1] == ["--"]:
+        train_arguments = train_arguments[1:]
+    command = [*training_command(arguments.gpus, arguments.nodes), *train_arguments]
+    sys.stdout.flush()
+    os.execvp(command[0], command)
+
+
+if __name__ == "__main__":
+    main()
