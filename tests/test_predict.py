@@ -33,7 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from brainage.agebias import AgeBias, fit_age_bias, gap_age_correlation, out_of_fold_predictions  # noqa: E402
 from brainage.apply import BrainAgeModel, predict_cohort  # noqa: E402
-from brainage.bundle import BUNDLE_FORMAT_VERSION, BundleError, read_bundle, write_bundle  # noqa: E402
+from brainage.bundle import (  # noqa: E402
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST_DIGEST_KEY,
+    BundleError,
+    manifest_digest,
+    read_bundle,
+    write_bundle,
+)
 from brainage.config import resolve_cell  # noqa: E402
 from brainage.export import ExportError, export_model  # noqa: E402
 from brainage.inputs import InputError  # noqa: E402
@@ -287,6 +294,13 @@ def _copy_bundle(exported, tmp_path) -> Path:
     return copied
 
 
+def _rewrite_manifest(copied: Path, manifest: dict) -> None:
+    """Write an edited manifest with its digest recomputed, as someone who edits a bundle
+    on purpose would: the checks behind the digest must still hold."""
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+
+
 def test_tampered_file_fails_with_checksum_error_naming_it(exported, tmp_path):
     copied = _copy_bundle(exported, tmp_path)
     state = torch.load(copied / "readout.pt", weights_only=True)
@@ -300,9 +314,32 @@ def test_manifest_without_a_files_checksum_is_refused(exported, tmp_path):
     copied = _copy_bundle(exported, tmp_path)
     manifest = json.loads((copied / "manifest.json").read_text())
     del manifest["files"]["readout.pt"]  # an edited read-out, its checksum dropped
-    (copied / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_manifest(copied, manifest)
     with pytest.raises(BundleError, match=r"lists no checksum for readout\.pt"):
         read_bundle(copied)
+
+
+def test_an_edited_manifest_fails_naming_it(exported, tmp_path, caplog):
+    # the manifest's numbers set predictions too: here a small predictor's age scaling or
+    # the normalisation's mean; before format 2 such edits passed every check
+    copied = _copy_bundle(exported, tmp_path)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    original = json.loads(json.dumps(manifest))
+    assert manifest[MANIFEST_DIGEST_KEY] == manifest_digest(manifest)
+    manifest["normalisation"]["mean"] = [value + 0.1 for value in
+                                         manifest["normalisation"]["mean"]]
+    (copied / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"manifest\.json was modified or damaged after "
+                                          r"export: its content does not match"):
+        read_bundle(copied)
+    # a bundle of format 1 (no digest) is still read, with a warning that says so
+    del original[MANIFEST_DIGEST_KEY]
+    original["format_version"] = 1
+    (copied / "manifest.json").write_text(json.dumps(original))
+    caplog.set_level("WARNING", logger="brainage.bundle")
+    assert read_bundle(copied).manifest["format_version"] == 1
+    assert any("format version 1: its manifest" in record.getMessage()
+               for record in caplog.records)
 
 
 def test_incompatible_format_version_fails_clearly(exported, tmp_path):
@@ -311,8 +348,8 @@ def test_incompatible_format_version_fails_clearly(exported, tmp_path):
     manifest["format_version"] = BUNDLE_FORMAT_VERSION + 1
     manifest["versions"]["brainage"] = "9.0.0"
     (copied / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=r"format version 2 \(written by brainage 9\.0\.0\).*"
-                                          r"reads format version\(s\) 1"):
+    with pytest.raises(BundleError, match=r"format version 3 \(written by brainage 9\.0\.0\).*"
+                                          r"reads format version\(s\) 1, 2"):
         read_bundle(copied)
 
 
@@ -336,7 +373,7 @@ def test_pickled_object_in_bundle_is_refused_even_with_matching_checksum(exporte
     torch.save({"coef": _Payload()}, copied / "readout.pt")
     manifest = json.loads((copied / "manifest.json").read_text())
     manifest["files"]["readout.pt"] = sha256_file(copied / "readout.pt")
-    (copied / "manifest.json").write_text(json.dumps(manifest))
+    _rewrite_manifest(copied, manifest)
     with pytest.raises(BundleError, match=r"weights_only=True"):
         read_bundle(copied)
 

@@ -5,7 +5,8 @@ A bundle is a folder (``results/models/<name>/``)::
     manifest.json   format and software versions, sha256 of encoder.pt and readout.pt,
                     the grid cell's settings, the template id, the preprocessing/QC
                     settings, the TRAINING normalisation statistics, the read-out
-                    description, the age-bias correction (a, b), a training summary
+                    description, the age-bias correction (a, b), a training summary, and
+                    the sha256 of all of that (``manifest_sha256``)
     encoder.pt      the encoder's state dict (tensors only)
     readout.pt      the read-out as tensors only: Ridge ``coef`` [D] and ``intercept``, or
                     the small predictor's state dict with its feature scaling (and DEX
@@ -15,12 +16,16 @@ A bundle is a folder (``results/models/<name>/``)::
 No scikit-learn object is pickled: both ``.pt`` files hold tensors only and are read with
 ``torch.load(..., weights_only=True)``, which refuses anything else, so a bundle from an
 untrusted source cannot run code when loaded. Reading checks the format version first (a
-clear error for a bundle written by an incompatible brainage) and then both files'
-sha256 (a clear error naming the file that changed).
+clear error for a bundle written by an incompatible brainage), then the manifest's own
+digest (its numbers set the predictions too: normalisation statistics, a small
+predictor's age scaling, the bias correction), then both files' sha256, each error naming
+what changed. The digests catch damage and edits; they cannot stop someone who rewrites
+the digests as well, so take bundles from sources you trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,8 +49,12 @@ log = logging.getLogger(__name__)
 BUNDLE_KIND = "brainage-model-bundle"
 #: Bumped whenever the meaning or layout of a bundle's files changes; readers accept only
 #: the versions in SUPPORTED_FORMAT_VERSIONS.
-BUNDLE_FORMAT_VERSION = 1
-SUPPORTED_FORMAT_VERSIONS = (1,)
+#: Format 2 adds ``manifest_sha256``; format 1 bundles are read with a warning that their
+#: manifest is not verified.
+BUNDLE_FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
+#: Manifest key holding the sha256 of the rest of the manifest (:func:`manifest_digest`).
+MANIFEST_DIGEST_KEY = "manifest_sha256"
 
 MANIFEST_FILE = "manifest.json"
 ENCODER_FILE = "encoder.pt"
@@ -166,7 +175,11 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
                if key not in ("kind", "format_version", "name", "created_utc", "versions",
                               "files")},
         }
+        # the digest of the manifest as it reads back (the JSON's own numbers and types)
         write_json(staging / MANIFEST_FILE, manifest)
+        written = json.loads((staging / MANIFEST_FILE).read_text())
+        write_json(staging / MANIFEST_FILE,
+                   {**written, MANIFEST_DIGEST_KEY: manifest_digest(written)})
         if readme is not None:
             (staging / README_FILE).write_text(readme)
         _replace_directory(staging, directory)
@@ -236,9 +249,31 @@ def read_manifest(directory: str | Path) -> dict:
     return manifest
 
 
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of a manifest's canonical JSON (sorted keys, no spaces), its digest key left
+    out."""
+    content = {key: value for key, value in manifest.items() if key != MANIFEST_DIGEST_KEY}
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def verify_checksums(directory: str | Path, manifest: Mapping[str, Any]) -> None:
-    """Raise :class:`BundleError` naming the first payload file whose sha256 differs."""
+    """Raise :class:`BundleError` when the manifest's own digest differs (format 2; format
+    1 has none: warned) or naming the first payload file whose sha256 differs."""
     directory = Path(directory)
+    if manifest["format_version"] >= 2:
+        recorded = manifest.get(MANIFEST_DIGEST_KEY)
+        if recorded != manifest_digest(manifest):
+            raise BundleError(
+                f"{directory / MANIFEST_FILE} was modified or damaged after export: its "
+                f"content does not match its {MANIFEST_DIGEST_KEY} "
+                f"({'missing' if recorded is None else recorded}). Its settings, "
+                f"normalisation and read-out numbers set the predictions; re-copy the bundle "
+                f"or re-export it.")
+    else:
+        log.warning("model bundle %s has format version 1: its manifest (settings, "
+                    "normalisation, read-out scaling, bias correction) carries no digest and "
+                    "is not verified. Re-export it with this brainage to verify it.", directory)
     listed = manifest["files"]
     for file in PAYLOAD_FILES:
         if file not in listed:
