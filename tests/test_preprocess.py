@@ -550,3 +550,58 @@ def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_pa
     assert qc["dice"] > 0.9 and qc["reference_kind"] == "T1w_brain"
     t1w = nib.load(files["registered_T1w"]).get_fdata()
     assert t1w.shape == (99, 117, 95) and (t1w > 0).sum() > 100_000
+
+
+# -- resuming the in-process chain ------------------------------------------------------------
+
+def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_path,
+                                                                          monkeypatch, caplog):
+    """run_subject (python -m brainage.predict run) continues an interrupted run, but redoes
+    a step, and the steps after it, whose outputs came from other input files or settings.
+    It used to reuse them silently: a replaced map, or a bundle with other preprocessing
+    settings, predicted from the old maps. The steps are a test double that writes each
+    step's last output."""
+    from brainage.preprocess import chain
+
+    done = []
+
+    def fake_step(step, files, inputs, **_):
+        done.append(step)
+        Path(files[chain.STEP_DONE[step]]).parent.mkdir(parents=True, exist_ok=True)
+        Path(files[chain.STEP_DONE[step]]).write_text(step)
+
+    monkeypatch.setattr(chain, "run_step", fake_step)
+    stiffness = tmp_path / "sub-a_stiffness.nii.gz"
+    stiffness.write_bytes(b"first map")
+    template = {"template_t1": tmp_path / "t1.nii.gz", "template_mask": tmp_path / "mask.nii.gz"}
+    for path in template.values():
+        path.write_bytes(path.name.encode())
+    layout = Layout(results=str(tmp_path / "out"))
+    settings = dict(preproc="preproc", modalities=("stiffness",),
+                    template_t1=str(template["template_t1"]),
+                    template_mask=str(template["template_mask"]))
+    preprocess = {"skullstrip": "auto", "freesurfer_tool": "synthstrip", "n4": True,
+                  "max_nan_fraction": 0.01, "deterministic": True, "threads": 1}
+
+    def run(**changes):
+        done.clear()
+        run_subject({"stiffness": str(stiffness)}, layout, "a", **settings,
+                    preprocess={**preprocess, **changes})
+        return list(done)
+
+    assert run() == list(chain.STEPS)
+    assert run() == []  # an interrupted or finished run continues: nothing to redo
+    assert run(threads=4) == []  # thread counts do not change deterministic results
+    caplog.set_level("WARNING", logger="brainage.preprocess.chain")
+    assert run(n4=False) == ["correct_bias", "register_to_template", "compute_qc"]
+    assert "sub-a: the correct_bias outputs" in caplog.text
+    assert run(n4=False) == []
+    stiffness.write_bytes(b"a replaced map")  # another size: another file
+    assert run(n4=False) == list(chain.STEPS)
+    template["template_mask"].write_bytes(b"another template mask")
+    assert run(n4=False) == list(chain.STEPS)
+    # a step interrupted after its outputs but before its record is done again
+    chain.step_record_path(layout, "a", "preproc", "compute_qc").unlink()
+    assert run(n4=False) == ["compute_qc"]
+    # the records live beside the BIDS-Derivatives folder, not in it
+    assert not list(Path(layout.preproc_dir("preproc")).rglob("*step_records*"))

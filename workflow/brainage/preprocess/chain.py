@@ -22,6 +22,7 @@ the validated ``preprocess`` section (the config's, or the one a bundle records)
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
@@ -165,21 +166,70 @@ STEP_DONE = {"strip_skull": "mask_json", "correct_bias": "corrected_reference",
              "register_to_template": "registered_mask_json", "compute_qc": "qc_png"}
 
 
+def step_records(inputs: Mapping[str, str], preprocess: Mapping, *, template_t1: str,
+                 template_mask: str, modalities: Sequence[str]) -> dict[str, str]:
+    """What each step's outputs are made from, as JSON text per step: the subject's input
+    files (name, bytes, modification time), the template's sha256, the modalities and the
+    options of this step and of every step before it (an earlier step redone invalidates
+    the later ones). Thread counts are left out: deterministic steps do not depend on them.
+    """
+    from brainage.io import sha256_file
+
+    identity = {}
+    for kind, path in sorted(inputs.items()):
+        stat = Path(path).stat()
+        identity[kind] = [Path(path).name, stat.st_size, stat.st_mtime_ns]
+    template = {"t1": sha256_file(template_t1), "mask": sha256_file(template_mask)}
+    records, options = {}, {}
+    for step in STEPS:
+        options[step] = {key: value for key, value in step_options(step, preprocess).items()
+                         if key != "threads"}
+        records[step] = json.dumps({"inputs": identity, "template": template,
+                                    "modalities": list(modalities), "options": options},
+                                   sort_keys=True, default=str)
+    return records
+
+
+def step_record_path(layout: Layout, subject: str, preproc: str, step: str) -> Path:
+    """Where :func:`run_subject` keeps a step's record: beside the cohort's
+    BIDS-Derivatives folder, not in it."""
+    return Path(layout.preproc_dir(preproc)).parent / ".step_records" / f"sub-{subject}" / \
+        f"{step}.json"
+
+
 def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, preproc: str,
                 preprocess: Mapping, template_t1: str, template_mask: str,
                 modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
     """The whole chain for one subject, in-process; returns :func:`subject_files`.
 
-    A step whose last output exists is skipped, so an interrupted run continues; delete
-    the subject's folder to start over (e.g. after changing the bundle).
+    A step whose last output exists and whose record (:func:`step_records`) matches is
+    skipped, so an interrupted run continues. A step made from other input files or
+    settings (a replaced map, another bundle's preprocessing) is done again, with the steps
+    after it, and a warning says so; before the records, such outputs were reused silently.
     """
+    from brainage.io import atomic_path
+
     files = subject_files(layout, subject, preproc, modalities)
+    records = step_records(inputs, preprocess, template_t1=template_t1,
+                           template_mask=template_mask, modalities=modalities)
+    redo = False
     for step in STEPS:
-        if Path(files[STEP_DONE[step]]).is_file():
-            continue
+        record_path = step_record_path(layout, subject, preproc, step)
+        if not redo and Path(files[STEP_DONE[step]]).is_file():
+            if record_path.is_file() and record_path.read_text() == records[step]:
+                continue
+            log.warning("sub-%s: the %s outputs in %s were made from other input files or "
+                        "preprocessing settings (or kept no record of them); doing %s and "
+                        "the steps after it again", subject, step,
+                        Path(files[STEP_DONE[step]]).parent, step)
+        redo = True  # every later step reads this step's new outputs
+        record_path.unlink(missing_ok=True)
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
                  options=step_options(step, preprocess), subject=subject,
                  modalities=modalities)
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(record_path) as temporary:
+            temporary.write_text(records[step])
     return files
 
 
