@@ -423,6 +423,28 @@ def test_export_refuses_a_readout_fitted_on_another_encoder(exported, tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
+def test_export_refuses_a_split_normalised_again_after_evaluation(exported, tmp_path):
+    """stats.json rewritten after the cell's training and evaluation (the run stopped
+    after normalise_dataset reran): the bundle would pair the new normalisation with an
+    encoder and read-out fitted on the old arrays."""
+    cell = tmp_path / "cell"
+    shutil.copytree(exported.cell, cell)
+    description = json.loads((cell / "readout.json").read_text())
+    assert "split_images_sha256" in description  # recorded by evaluate_encoder
+    (cell / "readout.json").write_text(json.dumps({**description,
+                                                   "split_images_sha256": "1" * 64}))
+    stats = json.loads((exported.split_dir / "stats.json").read_text())
+    renormalised = tmp_path / "stats.json"
+    renormalised.write_text(json.dumps({**stats, "images_sha256": "0" * 64}))
+    with pytest.raises(ExportError, match=r"normalised again after training and evaluation"):
+        export_model(cell, cell / "encoder.pt", renormalised,
+                     bundle_dir=tmp_path / "bundle", **exported.export)
+    assert not (tmp_path / "bundle").exists()
+    renormalised.write_text(json.dumps({**stats, "images_sha256": "1" * 64}))
+    export_model(cell, cell / "encoder.pt", renormalised, bundle_dir=tmp_path / "bundle",
+                 **exported.export)  # the arrays it was fitted on: exported
+
+
 # -- age-bias correction -----------------------------------------------------------------------
 
 def test_fit_age_bias_recovers_a_known_line_and_removes_it():

@@ -195,6 +195,9 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
     save_readout(
         Path(metrics_path).parent, readout, features=settings["model"]["features"],
         n_features=int(features.shape[1]), split=split.name, encoder_sha256=encoder_sha256,
+        # the normalised arrays the features came from: export refuses a split normalised
+        # again since (brainage.export)
+        split_images_sha256=split.stats.get("images_sha256"),
         training=training_summary(split),
         bias_correction=bias_fits(
             features[:n_train].astype(np.float64), split.ages[split.train_index],

@@ -114,6 +114,15 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         raise ExportError(f"{cell_dir / READOUT_DESCRIPTION} belongs to split "
                           f"{description.get('split')!r}, not to {stats_path} "
                           f"({stats.get('split')!r}); rerun rule evaluate_encoder.")
+    evaluated_on = description.get("split_images_sha256")  # absent: evaluated by an older
+    if evaluated_on is not None and evaluated_on != stats.get("images_sha256"):  # version
+        raise ExportError(
+            f"{stats_path} describes arrays (images_sha256 {stats.get('images_sha256')}) "
+            f"other than those {cell_dir / READOUT_DESCRIPTION} was fitted on "
+            f"({evaluated_on}): the split was normalised again after training and "
+            f"evaluation (e.g. another normalise.scope or resolution_mm), so the bundle would "
+            f"normalise new subjects unlike the encoder's training data. Finish the run "
+            f"(snakemake retrains and re-evaluates the cell), then export.")
     try:
         bias = select_bias_correction(description["bias_correction"], bias_fit)
     except ValueError as error:
