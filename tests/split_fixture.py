@@ -61,7 +61,7 @@ def write_split(root: Path, *, n_subjects: int = 24, n_test: int = 6, shape=(16,
     table = pd.DataFrame({
         "participant_id": [f"sub-{index:03d}" for index in range(n_subjects)],
         "age": ages, "sex": ["F" if index % 2 else "M" for index in range(n_subjects)],
-        "study": studies, "subset": subset, "coverage": 1.0, "qc_pass": True})
+        "study": studies, "subset": subset, "coverage": 1.0})
     table.to_csv(folder / "participants.tsv", sep="\t", index=False)
     affine = np.diag([float(resolution_mm)] * 3 + [1.0])
     # the normalisation record of a template whose grid is the array's own (block factor 1)

@@ -249,6 +249,27 @@ def test_editing_one_loss_setting_reruns_only_that_variant(tmp_path):
     assert counts["evaluate_encoder"] == 6, counts
 
 
+def test_a_qc_threshold_retrains_nothing_unless_it_excludes_subjects(tmp_path):
+    """The thresholds only flag subjects unless qc.exclude_failed drops them: editing one
+    remakes the QC table and the report. It used to renormalise the dataset and retrain
+    every encoder, because the split carried each subject's verdict."""
+    root = dataset(tmp_path, 6)
+    base = tiny_test_config(root)
+    configfile = write_config(tmp_path / "config.yaml", base)
+    workdir = tmp_path / "work"
+    _fake_complete_run(workdir, configfile)
+    base.setdefault("qc", {})["min_dice"] = 0.9
+    write_config(configfile, base)
+    counts = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
+    assert counts["tabulate_qc"] == 1, counts
+    assert set(counts) <= {"tabulate_qc", "tabulate_pretrain_qc", *REPORT_RULES}, counts
+    # with exclusion the verdicts choose the training subjects: everything after them reruns
+    base["qc"]["exclude_failed"] = True
+    write_config(configfile, base)
+    counts = job_counts(run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout)
+    assert counts["normalise_dataset"] == 1 and counts["train_encoder"] >= 1, counts
+
+
 def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp_path):
     """model.init pretrained:<run> puts the run's encoder in the cell's inputs: editing the
     run reruns its training, its validation read-out and the fine-tuned cells (and the

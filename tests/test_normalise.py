@@ -195,7 +195,7 @@ def test_normalisation_equals_numpy_with_training_statistics(small_dataset):
         assert np.allclose(images[row, 0], expected, atol=1e-5)
         assert np.all(images[row, 0][raw == 0] == 0)  # background exactly 0
     assert list(table.columns) == ["participant_id", "age", "sex", "study", "site", "subset",
-                                   "coverage", "qc_pass"]
+                                   "coverage"]
     assert table["subset"].tolist() == subset.tolist()
     assert stats["shape"] == [6, 8, 6] and stats["resolution_mm"] == 2
     assert np.allclose(stats["affine"], nib.load(small_dataset["mask"]).affine)
@@ -263,13 +263,26 @@ def test_a_qc_metric_that_could_not_be_computed_fails():
     assert failures == ["dice nan < 0.85"]  # NaN fails; a value at the minimum passes
 
 
-def test_qc_failures_are_listed_or_flagged_never_silent(small_dataset, caplog):
-    with caplog.at_level(logging.WARNING):
-        stats, images, table = _run(small_dataset)
-    assert stats["excluded"] == [] and len(table) == 12
-    assert table["qc_pass"].tolist().count(False) == 1
-    assert "1 subjects fail QC but are kept" in caplog.text and "sub-s103" in caplog.text
-    caplog.clear()
+def test_qc_failures_are_excluded_with_their_reason_or_the_split_ignores_the_thresholds(
+        small_dataset, caplog, tmp_path):
+    stats, images, table = _run(small_dataset)
+    assert stats["excluded"] == [] and len(table) == 12 and "qc_pass" not in table
+    # without exclusion the workflow passes the subjects' QC files, which hold no verdict:
+    # a threshold edited later reruns neither this split nor any training
+    files = []
+    for row in pd.read_csv(small_dataset["qc"], sep="\t").itertuples(index=False):
+        files.append(tmp_path / f"{row.participant_id}_qc.json")
+        files[-1].write_text(json.dumps({"participant_id": row.participant_id,
+                                         "dice": row.dice, "correlation": row.correlation,
+                                         "coverage": 0.5 + 0.01 * len(files)}))
+    from_files, _, files_table = _run({**small_dataset, "qc": [str(f) for f in files]})
+    assert from_files["excluded"] == [] and len(files_table) == 12
+    assert files_table["coverage"].tolist() == pytest.approx(
+        [0.5 + 0.01 * (index + 1) for index in range(12)])
+    with pytest.raises(ValueError, match="exclude_failed needs the QC table"):
+        _run({**small_dataset, "qc": [str(f) for f in files]}, exclude_failed=True)
+    with pytest.raises(InputError, match="no QC file was given for sub-s100"):
+        _run({**small_dataset, "qc": [str(f) for f in files[1:]]})
     with caplog.at_level(logging.WARNING):
         stats, images, table = _run(small_dataset, exclude_failed=True)
     assert stats["excluded"] == [{"participant_id": "sub-s103",

@@ -42,7 +42,7 @@ from brainage.inputs import InputError
 from brainage.io import atomic_path, write_json, write_tsv
 from brainage.modalities import DEFAULT_MODALITIES, modality
 from brainage.preprocess.images import load_mask, load_volume
-from brainage.qc import participants_table, read_qc_table
+from brainage.qc import participants_table, qc_metrics_table, read_qc_table
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ SCHEMES = ("holdout", "kfold", "loso")
 RESOLUTIONS_MM = (2, 4, 6, 8)
 TEMPLATE_VOXEL_MM = 2
 DTYPES = {"float32": np.float32, "float16": np.float16}
-#: Columns added to the participants table of a split.
-ADDED_COLUMNS = ("subset", "coverage", "qc_pass")
+#: Columns added to the participants table of a split. No QC verdict: with
+#: ``qc.exclude_failed`` the failing subjects are not in the split (stats.json lists them
+#: with the reason), and without it the thresholds must not touch the split, or editing
+#: one would retrain every encoder.
+ADDED_COLUMNS = ("subset", "coverage")
 
 
 # -- splits -------------------------------------------------------------------------------
@@ -370,7 +373,7 @@ def _read_map(path: Path, record: Mapping, participant_id: str) -> np.ndarray:
 
 
 def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | str | Path,
-                      qc_table: str | Path, template_mask: str | Path,
+                      qc_table: str | Path | Sequence[str | Path], template_mask: str | Path,
                       out_images: str | Path, out_participants: str | Path,
                       out_stats: str | Path, *, split: str, split_settings: Mapping,
                       scope: str = "train", dtype: str = "float32", resolution_mm: int = 2,
@@ -385,12 +388,15 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         .nii.gz``, :func:`brainage.preprocess.chain.subject_files`), named
         ``sub-<label>_...``; maps of other modalities are ignored.
     participants : the dataset's participants table, or the path of its participants.tsv.
-    qc_table : the QC table (``tabulate_qc``): coverage and qc_pass per subject.
+    qc_table : the QC table (``tabulate_qc``: coverage and the verdict of the thresholds per
+        subject), needed with ``exclude_failed``; otherwise the subjects' QC JSON files
+        (``compute_qc``) will do, whose coverage does not depend on the thresholds (the
+        workflow passes those, so editing a threshold retrains nothing).
     template_mask : template brain mask (defines the grid).
     out_images : ``images.npy``, [n_subjects, C, X, Y, Z] (C = ``len(modalities)``), rows in
         participants order, z-normalised non-zero voxels per channel, background exactly 0;
         ``np.load(mmap_mode="r")``-able.
-    out_participants : participants.tsv of the rows: input columns + subset, coverage, qc_pass.
+    out_participants : participants.tsv of the rows: input columns + subset, coverage.
     out_stats : stats.json: the normalisation record (:data:`RECORD_KEYS`; per channel the
         mean and sd in the map's unit), scope, voxel counts, statistics subjects,
         excluded subjects with reasons, split name, and ``images_sha256``: the sha256 of
@@ -422,25 +428,28 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     table["subset"] = assign_split(table, split, **split_settings).replace(
         {"test": eval_subset}).to_numpy()
 
-    qc = read_qc_table(qc_table).set_index("participant_id")
+    if isinstance(qc_table, (str, Path)):
+        qc = read_qc_table(qc_table).set_index("participant_id")
+        lacking = f"{qc_table} has no row for {{}}; rerun tabulate_qc."
+    elif exclude_failed:
+        raise ValueError("qc.exclude_failed needs the QC table (tabulate_qc), which applies "
+                         "the thresholds, not the subjects' QC files.")
+    else:
+        qc = qc_metrics_table(qc_table).set_index("participant_id")
+        lacking = "no QC file was given for {}; rerun their preprocessing (compute_qc)."
     missing_qc = [pid for pid in table["participant_id"] if pid not in qc.index]
     if missing_qc:
-        raise InputError(f"{qc_table} has no row for {', '.join(missing_qc[:10])}; rerun "
-                         f"tabulate_qc.")
+        raise InputError(lacking.format(", ".join(missing_qc[:10])))
     table["coverage"] = qc.loc[table["participant_id"], "coverage"].to_numpy()
-    table["qc_pass"] = qc.loc[table["participant_id"], "qc_pass"].to_numpy()
-    failed = table[~table["qc_pass"]]
     excluded = []
     if exclude_failed:
-        for row in failed.itertuples(index=False):
+        passed = qc.loc[table["participant_id"], "qc_pass"].to_numpy(dtype=bool)
+        for row in table[~passed].itertuples(index=False):
             reason = f"QC: {qc.loc[row.participant_id, 'qc_failures']}"
             excluded.append({"participant_id": row.participant_id, "reason": reason})
             log.warning("split %s: excluding %s (%s set): %s (qc.exclude_failed)", split,
                         row.participant_id, row.subset, reason)
-        table = table[table["qc_pass"]].reset_index(drop=True)
-    elif len(failed):
-        log.warning("split %s: %d subjects fail QC but are kept (qc.exclude_failed is false): "
-                    "%s", split, len(failed), ", ".join(failed["participant_id"]))
+        table = table[passed].reset_index(drop=True)
     if not (table["subset"] == "train").any():
         raise InputError(f"split {split}: no training subject left"
                          f"{' after the QC exclusions' if excluded else ''}.")

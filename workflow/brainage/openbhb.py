@@ -572,8 +572,8 @@ def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
     release's training scans only (:func:`brainage.normalise.write_normalised`).
 
     Writes ``out_images`` [n, 1, X, Y, Z], ``out_participants`` (our table with the official
-    ``subset`` train / validation; ``coverage`` is not measured (NaN) and ``qc_pass`` true:
-    the release ships checked scans) and ``out_stats`` (the normalisation record), each
+    ``subset`` train / validation; ``coverage`` is not measured (NaN): the release ships
+    checked scans) and ``out_stats`` (the normalisation record), each
     atomically. Every volume is read twice (statistics, then writing), one at a time, so
     memory stays one 1 mm volume whatever the release size. Returns the stats.
     """
@@ -589,7 +589,7 @@ def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
         return {"T1w": resample(release.load(row_of[participant_id])) * inside}
 
     table = release.table.copy()
-    table["coverage"], table["qc_pass"] = np.nan, True
+    table["coverage"] = np.nan
     return write_normalised(table, subject_maps, template_mask, out_images, out_participants,
                             out_stats, split="openbhb", scope="train", dtype=dtype,
                             resolution_mm=resolution_mm, modalities=["T1w"],

@@ -291,6 +291,20 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     plt.close(figure)
 
 
+def qc_metrics_table(qc_files: Sequence[str | Path]) -> pd.DataFrame:
+    """``participant_id`` and :data:`METRICS` from the subjects' QC JSON files
+    (``compute_qc``): what the QC table holds before any threshold is applied."""
+    rows = []
+    for path in qc_files:
+        record = json.loads(Path(path).read_text())
+        rows.append({"participant_id": record["participant_id"],
+                     **{metric: record.get(metric) for metric in METRICS}})
+    table = pd.DataFrame(rows, columns=["participant_id", *METRICS])
+    for metric in METRICS:
+        table[metric] = pd.to_numeric(table[metric], errors="coerce")
+    return table
+
+
 def read_qc_table(path: str | Path) -> pd.DataFrame:
     """The table written by :func:`tabulate_qc`, ``qc_pass`` as bool."""
     table = pd.read_csv(path, sep="\t", dtype={"participant_id": str, "study": str,

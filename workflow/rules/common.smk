@@ -541,6 +541,19 @@ def pretrain_subjects(name):
     return [pid[len("sub-") :] for pid in table["participant_id"]]
 
 
+def qc_input(table, subject_qc_files):
+    """The QC input of a normalisation rule: the cohort's QC table (the thresholds'
+    verdicts) when qc.exclude_failed drops failing subjects, else its subjects' QC files,
+    whose metrics do not depend on the thresholds, so that editing one reruns no
+    normalisation and no training."""
+    return table if config["qc"]["exclude_failed"] else subject_qc_files
+
+
+def training_qc_files(wildcards):
+    """Every training-cohort subject's QC file (compute_qc)."""
+    return [subject_files(LAYOUT, label)["qc_json"] for label in subjects()]
+
+
 def pretrain_subject_files(kind):
     """One kind of file of every subject of a pretraining run (wildcard pretrain)."""
 

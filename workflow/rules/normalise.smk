@@ -14,7 +14,7 @@ rule normalise_dataset:
                 subject_files(LAYOUT, label, TRAINING_PREPROC, MODALITIES), MODALITIES
             ).values()
         ],
-        qc=LAYOUT.qc_table(),
+        qc=qc_input(LAYOUT.qc_table(), training_qc_files),
         participants=Path(DATASET_ROOT, "participants.tsv"),
         template_mask=LAYOUT.template("brain_mask"),
     output:

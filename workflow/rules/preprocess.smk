@@ -128,7 +128,8 @@ for chain_rule, chain_modalities in CHAIN_VARIANTS.items():
 
 
 # Dataset-wide QC of the training cohort: thresholds are applied here only, so changing
-# them reruns this table and the normalisation, not the subjects.
+# them reruns this table and the report, not the subjects; the normalisation reads this
+# table only when qc.exclude_failed drops the failing subjects (qc_input).
 rule tabulate_qc:
     input:
         metrics=lambda wildcards: [subject_files(LAYOUT, label)["qc_json"] for label in subjects()],

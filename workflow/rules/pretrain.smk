@@ -63,7 +63,7 @@ rule tabulate_pretrain_qc:
 rule normalise_pretrain_cohort:
     input:
         maps=pretrain_subject_files("registered_T1w"),
-        qc=LAYOUT.pretrain_file("{pretrain}", "qc.tsv"),
+        qc=qc_input(LAYOUT.pretrain_file("{pretrain}", "qc.tsv"), pretrain_subject_files("qc_json")),
         participants=pretrain_participants,
         template_mask=LAYOUT.template("brain_mask"),
     output:
