@@ -4,7 +4,9 @@ A real run preprocesses 6 simulated subjects (3 studies, stiffness maps only, sk
 stripping "none") and normalises them. Then dry runs must list:
 - nothing, when nothing changed;
 - after changing preprocess.n4: bias correction and what follows, not skull stripping;
-- after changing a QC threshold: the QC table and the normalisation only;
+- after changing a QC threshold: nothing for the split (the thresholds only flag subjects
+  in the QC table), unless qc.exclude_failed lets them choose the split's subjects: then
+  the QC table and the normalisation;
 - after adding a study (rows + files): the new subjects' preprocessing and the
   dataset-wide rules, no job of the subjects already done.
 """
@@ -27,7 +29,9 @@ pytestmark = pytest.mark.workflow
 
 REPO = Path(__file__).resolve().parents[1]
 PER_SUBJECT_RULES = {"strip_skull", "correct_and_register"}
-DATASET_RULES = {("tabulate_qc", ""), ("normalise_dataset", "split=holdout")}
+#: What a split needs beyond its subjects' jobs; the QC table only with qc.exclude_failed.
+DATASET_RULES = {("normalise_dataset", "split=holdout")}
+QC_TABLE = ("tabulate_qc", "")
 TARGET = "results/dataset/holdout/images.npy"
 
 
@@ -119,10 +123,13 @@ def test_changing_n4_reruns_bias_correction_and_after_only(preprocessed):
     assert not any(rule in ("strip_skull", "prepare_template") for rule, _ in jobs)
 
 
-def test_changing_a_qc_threshold_reruns_the_dataset_stage_only(preprocessed):
+def test_a_qc_threshold_reaches_the_split_only_when_it_excludes_subjects(preprocessed):
     config = write_config(preprocessed["base"] / "qc.yaml", preprocessed["dataset"],
                           qc={"min_dice": 0.5})
-    assert planned_jobs(preprocessed["workdir"], config) == DATASET_RULES
+    assert planned_jobs(preprocessed["workdir"], config) == set()
+    config = write_config(preprocessed["base"] / "qc_exclude.yaml", preprocessed["dataset"],
+                          qc={"min_dice": 0.5, "exclude_failed": True})
+    assert planned_jobs(preprocessed["workdir"], config) == DATASET_RULES | {QC_TABLE}
 
 
 def test_adding_a_study_reruns_only_its_subjects(preprocessed):
