@@ -101,6 +101,25 @@ def test_variant_overrides_are_validated():
         validate_config(bad)
 
 
+@pytest.mark.parametrize("variant, message", [
+    # a cell without a projection head cannot read features after it; the pair used to
+    # pass validation and fail in the training job (which never sees model.features)
+    ({"model": {"projection_head": False}},
+     r"'experiments\.x\.variants\.a\.model\.features' is 'projection' but .*projection_head' is false"),
+    # SimCLR's only positives are a subject's other views: with one view its loss is 0
+    ({"loss": {"name": "simclr"}, "train": {"views": 1}},
+     r"'experiments\.x\.variants\.a\.train\.views' is 1 but the simclr loss needs at least 2"),
+    ({"loss": {"name": "nnclr"}, "train": {"views": 3}},
+     r"'experiments\.x\.variants\.a\.train\.views' is 3 but the nnclr loss needs exactly 2"),
+])
+def test_settings_that_cannot_train_together_are_refused_naming_the_keys(variant, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_config({"experiments": {"x": {"variants": {"a": variant}}}})
+    fixed = {"model": {"projection_head": False, "features": "encoder"}} \
+        if "model" in variant else {**variant, "train": {"views": 2}}
+    validate_config({"experiments": {"x": {"variants": {"a": fixed}}}})
+
+
 @pytest.mark.parametrize("bad", [
     {"predict": {"model": {"name": ".."}}},
     {"experiments": {"table3": {"variants": {"..": {"loss": {"name": "yaware"}}}}}},

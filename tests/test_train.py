@@ -130,6 +130,38 @@ def test_fingerprint_covers_the_seed(split_dir):
     assert fingerprint(settings, split) != fingerprint(other, split)
 
 
+def test_fingerprint_covers_the_training_ages(split_dir, tmp_path):
+    # a corrected age (same images, same subjects) must not resume from weights trained on
+    # the old one: the losses read the ages
+    import shutil
+
+    settings = resolve_cell(REFERENCE)
+    corrected = tmp_path / "holdout"
+    shutil.copytree(split_dir, corrected)
+    table = pd.read_csv(corrected / "participants.tsv", sep="\t")
+    first_train = table.index[table["subset"] == "train"][0]
+    table.loc[first_train, "age"] += 1.0
+    table.to_csv(corrected / "participants.tsv", sep="\t", index=False)
+    assert fingerprint(settings, load_split(split_dir)) != fingerprint(settings,
+                                                                       load_split(corrected))
+
+
+def test_untrained_encoder_needs_no_batch_and_removes_a_killed_trainings_checkpoint(
+        tmp_path):
+    # 9 training subjects, fewer than the default batch of 32, which an untrained encoder
+    # never draws; a checkpoint left by a training of this cell killed before it was set
+    # to 0 epochs goes (hundreds of MB at the paper's width)
+    small = write_split(tmp_path / "small", n_subjects=12, n_test=3)
+    paths = cell_paths(tmp_path / "cell")
+    paths["checkpoint_path"].parent.mkdir()
+    paths["checkpoint_path"].write_bytes(b"an old checkpoint")
+    Path(f"{paths['checkpoint_path']}.sha256").write_text("0" * 64)
+    train_encoder(small, tiny_settings(train={"epochs": 0}), **paths)
+    assert paths["encoder_path"].is_file() and paths["features_path"].is_file()
+    assert not paths["checkpoint_path"].exists()
+    assert not Path(f"{paths['checkpoint_path']}.sha256").exists()
+
+
 TRAIN_IN_A_PROCESS = """
 import json, sys
 from brainage.train import train_encoder
@@ -261,6 +293,7 @@ def test_stale_temporaries_of_a_killed_write_are_removed_on_start(split_dir, tmp
     stale = [tmp_path / ".checkpoint.pt.k3j_x9ab.pt", tmp_path / ".encoder.pt.0a1b2c3d.pt",
              tmp_path / ".checkpoint.pt.sha256.qwertyui.pt.sha256",
              tmp_path / ".history.tsv.zx8cv7bn.tsv",
+             tmp_path / ".features.npz.k3j_x9ab.npz",
              tmp_path / "embeddings" / ".epoch-001.npz.mn5bv4cx.npz"]
     others = [tmp_path / ".metrics.json.k3j_x9ab.json", tmp_path / "notes.txt",
               tmp_path / ".checkpoint.pt.keep-me"]

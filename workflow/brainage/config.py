@@ -401,11 +401,15 @@ def resolve_cell(settings: Mapping[str, Any], *, where: str = "", source: str = 
         resolved[section] = values
     if messages:
         raise ConfigError("\n".join(messages))
-    check_cell(resolved, where=where, source=source)
+    # training settings leave out the read-out's model.features (training_settings): the
+    # features' check applies to settings that name them
+    check_cell(resolved, where=where, source=source,
+               readout_features="features" in (settings.get("model") or {}))
     return resolved
 
 
-def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "settings") -> None:
+def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "settings",
+               readout_features: bool = True) -> None:
     """Combinations of keys that each validate alone but cannot train together.
 
     Raises
@@ -427,6 +431,19 @@ def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "s
             f"{source}: config key '{prefix}model.projection_dim' is "
             f"{model['projection_dim']} but the supervised loss's regression head outputs "
             f"one age: set model.projection_dim: 1 (and model.projection_head: true).")
+    if readout_features and model["features"] == "projection" and not model["projection_head"]:
+        raise ConfigError(
+            f"{source}: config key '{prefix}model.features' is 'projection' but "
+            f"'{prefix}model.projection_head' is false: there is no projection to read "
+            f"features from. Set model.features: encoder, or model.projection_head: true.")
+    views = settings["train"]["views"]
+    needed = {"simclr": (2, None), "nnclr": (2, 2)}.get(loss["name"])
+    if needed and (views < needed[0] or (needed[1] is not None and views > needed[1])):
+        raise ConfigError(
+            f"{source}: config key '{prefix}train.views' is {views} but the {loss['name']} "
+            f"loss needs {'exactly' if needed[1] else 'at least'} {needed[0]} views per "
+            f"subject (a subject's positives are its own other views: with one view SimCLR's "
+            f"loss is 0 and nothing is learnt). Set train.views: 2.")
 
 
 def cell_modalities(config: Mapping[str, Any], model: Mapping[str, Any], *, where: str,

@@ -119,16 +119,14 @@ def build_model(model_settings: Mapping, *, in_channels: int | None = None) -> B
     Raises
     ------
     ConfigError
-        For read-out features after a projection head that is switched off.
+        An unknown ``model.features``. (Read-out features after a projection head that is
+        switched off are refused by :func:`brainage.config.check_cell`: training builds
+        the model without the read-out's ``features``, so this check cannot live here.)
     """
     features = model_settings["features"]
     if features not in FEATURE_CHOICES:
         raise ConfigError(f"config key model.features is {features!r}; expected one of "
                           f"{', '.join(FEATURE_CHOICES)}.")
-    if features == "projection" and not model_settings["projection_head"]:
-        raise ConfigError("config key model.features is 'projection' but model.projection_head "
-                          "is false: there is no projection to read features from. Set "
-                          "model.features: encoder, or model.projection_head: true.")
     if in_channels is None:
         in_channels = len(model_settings.get("modalities") or ["stiffness"])
     return BrainAgeNet(width=model_settings["width"], in_channels=in_channels,

@@ -119,6 +119,9 @@ class SplitData:
                 "dtype": str(self.images.dtype),
                 "train": self.participant_ids[self.train_index].tolist(),
                 "eval": self.participant_ids[self.eval_index].tolist(),
+                # the losses and the supervised scaling read the ages: a corrected age
+                # must not resume from weights trained on the old one
+                "train_ages": self.ages[self.train_index].tolist(),
                 # images_sha256 (None in a split written before it was recorded): a test
                 # subject's changed image moves neither the lists nor the statistics
                 "stats": {key: self.stats.get(key)

@@ -200,11 +200,11 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     seed, epochs = settings["seed"], int(train_settings["epochs"])
     batch_size, views = int(train_settings["batch_size"]), int(train_settings["views"])
     n_train = len(split.train_index)
-    if batch_size > n_train:
+    if batch_size > n_train and epochs > 0:  # an untrained encoder takes no batch
         raise ConfigError(f"config key train.batch_size is {batch_size} but split {split.name} "
                           f"has only {n_train} training subjects. Lower train.batch_size to at "
                           f"most {n_train}.")
-    if processes.is_distributed:
+    if processes.is_distributed and epochs > 0:
         check_shares(n_train, batch_size, processes)
         device, autocast_dtype = runtime_setup(train_settings, local_rank=processes.local_rank,
                                                processes_on_node=processes.local_world_size)
@@ -230,6 +230,9 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                            autocast_dtype=autocast_dtype, channels=channels)  # no loss
         if history_path is not None:
             write_tsv(history_path, _history_table([]))
+        if checkpoint_path is not None:  # a training of this cell killed before it was
+            for leftover in (Path(checkpoint_path), checkpoint_digest_file(checkpoint_path)):
+                leftover.unlink(missing_ok=True)  # set to 0 epochs: hundreds of MB
         log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
         distributed.barrier(processes)
         return []
@@ -242,6 +245,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     embed_epochs = sorted(epoch for epoch in set(train_settings["embed_epochs"]) if epoch <= epochs)
     outputs = [Path(encoder_path), checkpoint_path, checkpoint_digest_file(checkpoint_path)]
     outputs += [Path(history_path)] if history_path is not None else []
+    outputs += [Path(features_path)] if features_path is not None else []
     outputs += ([embeddings_file(embeddings_dir, epoch) for epoch in embed_epochs]
                 if embeddings_dir is not None else [])
     identity = fingerprint(settings, split)
