@@ -627,12 +627,14 @@ def pretraining_report_files():
 
 
 def pretrain_targets():
-    """Every pretraining run's encoder, history and validation read-out."""
+    """Every pretraining run's encoder, history and validation read-out, and the QC table
+    of each run that preprocesses its cohort (the normalisation reads it only with
+    qc.exclude_failed, so it is a target of its own)."""
     return [
         LAYOUT.pretrain_file(name, file)
         for name in PRETRAIN
         for file in ("encoder.pt", "history.tsv", "metrics.json")
-    ]
+    ] + [LAYOUT.pretrain_file(name, "qc.tsv") for name in PRETRAIN_CHAIN]
 
 
 # -- tables and figures (aggregate.smk) -----------------------------------------
