@@ -442,8 +442,7 @@ def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "s
         raise ConfigError(
             f"{source}: config key '{prefix}train.views' is {views} but the {loss['name']} "
             f"loss needs {'exactly' if needed[1] else 'at least'} {needed[0]} views per "
-            f"subject (a subject's positives are its own other views: with one view SimCLR's "
-            f"loss is 0 and nothing is learnt). Set train.views: 2.")
+            f"subject (its positives are a subject's own other views). Set train.views: 2.")
 
 
 def cell_modalities(config: Mapping[str, Any], model: Mapping[str, Any], *, where: str,
@@ -653,19 +652,18 @@ def exported_cell(config: Mapping) -> tuple[str, str, int]:
     model = config["predict"]["model"]
     cell = (model["experiment"], model["variant"], int(model["seed"]))
     cells = grid_cells(config)
-    exportable = [other for other in cells
-                  if trains_an_encoder(cell_settings(config, *other))]
-    choices = ", ".join(f"{e}/{v}/seed {s}" for e, v, s in exportable) or "none"
+    if cell in cells and trains_an_encoder(cell_settings(config, *cell)):
+        return cell
+    choices = ", ".join(f"{e}/{v}/seed {s}" for e, v, s in cells
+                        if trains_an_encoder(cell_settings(config, e, v, s))) or "none"
     if cell not in cells:
         raise ConfigError(
             f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
             f"which no enabled experiment trains. Choose one of: {choices}.")
-    if cell not in exportable:
-        raise ConfigError(
-            f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
-            f"a baseline without an encoder (model.encoder: none), so there is no model to "
-            f"export. Choose one of: {choices}.")
-    return cell
+    raise ConfigError(
+        f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
+        f"a baseline without an encoder (model.encoder: none), so there is no model to "
+        f"export. Choose one of: {choices}.")
 
 
 PREPROCESSING_SECTIONS = ("preprocess", "qc", "template")

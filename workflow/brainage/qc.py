@@ -235,10 +235,7 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
         A participant has no QC file.
     """
     participants = participants_table(participants, modalities)
-    by_subject = {}
-    for path in qc_files:
-        record = json.loads(Path(path).read_text())
-        by_subject[record["participant_id"]] = record
+    by_subject = read_qc_records(qc_files)
     missing = [pid for pid in participants["participant_id"] if pid not in by_subject]
     if missing:
         raise InputError(f"no QC file for {', '.join(missing[:10])}"
@@ -291,14 +288,18 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     plt.close(figure)
 
 
+def read_qc_records(qc_files: Sequence[str | Path]) -> dict[str, dict]:
+    """``{participant_id: record}`` of the subjects' QC JSON files (``compute_qc``)."""
+    records = (json.loads(Path(path).read_text()) for path in qc_files)
+    return {record["participant_id"]: record for record in records}
+
+
 def qc_metrics_table(qc_files: Sequence[str | Path]) -> pd.DataFrame:
     """``participant_id`` and :data:`METRICS` from the subjects' QC JSON files
     (``compute_qc``): what the QC table holds before any threshold is applied."""
-    rows = []
-    for path in qc_files:
-        record = json.loads(Path(path).read_text())
-        rows.append({"participant_id": record["participant_id"],
-                     **{metric: record.get(metric) for metric in METRICS}})
+    rows = [{"participant_id": participant_id,
+             **{metric: record.get(metric) for metric in METRICS}}
+            for participant_id, record in read_qc_records(qc_files).items()]
     table = pd.DataFrame(rows, columns=["participant_id", *METRICS])
     for metric in METRICS:
         table[metric] = pd.to_numeric(table[metric], errors="coerce")

@@ -132,7 +132,7 @@ for chain_rule, chain_modalities in CHAIN_VARIANTS.items():
 # table only when qc.exclude_failed drops the failing subjects (qc_input).
 rule tabulate_qc:
     input:
-        metrics=lambda wildcards: [subject_files(LAYOUT, label)["qc_json"] for label in subjects()],
+        metrics=training_qc_files,
         participants=Path(DATASET_ROOT, "participants.tsv"),
     output:
         table=LAYOUT.qc_table(),

@@ -192,17 +192,22 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                                  if "neighbourhood" in group else None)}
         for column in study_columns:
             row[column] = pooled_study_mae(group, column)
-            count_column = "n_study_" + column[len("mae_study_"):]
+            count_column = study_count_column(column)
             # 0 where no split tests the study; NaN where the counts predate them
             row[count_column] = (0.0 if np.isnan(row[column]) else
                                  float(group[count_column].sum(min_count=1))
                                  if count_column in group else np.nan)
         rows.append(row)
-    count_columns = ["n_study_" + column[len("mae_study_"):] for column in study_columns]
+    count_columns = [study_count_column(column) for column in study_columns]
     columns = [*keys, "loss", "kind", "readout", "mae", "rmse", "pearson_r", "r2",
                "gap_age_slope", "n_test", "n_splits", "neighbourhood", *study_columns,
                *count_columns]
     return pd.DataFrame(rows, columns=columns)
+
+
+def study_count_column(mae_column: str) -> str:
+    """``n_study_<study>``, the test-subject count beside ``mae_study_<study>``."""
+    return "n_study_" + mae_column[len("mae_study_"):]
 
 
 def pooled_study_mae(group: pd.DataFrame, column: str) -> float:
@@ -216,7 +221,7 @@ def pooled_study_mae(group: pd.DataFrame, column: str) -> float:
     maes = group[column][present].to_numpy(float)
     if len(maes) == 1:
         return float(maes[0])
-    count_column = "n_study_" + column[len("mae_study_"):]
+    count_column = study_count_column(column)
     counts = (group[count_column][present] if count_column in group
               else pd.Series(np.nan, index=group.index[present]))
     if counts.isna().any():
