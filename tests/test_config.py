@@ -14,6 +14,8 @@ from brainage.config import (
     load_schema,
     pretrain_settings,
     pretrained_run,
+    resolve_cell,
+    training_settings,
     validate_config,
 )
 
@@ -297,6 +299,26 @@ def test_switching_an_experiment_off_moves_no_encoder():
         {"experiments": {**experiments, "table3": {**experiments["table3"], "enabled": False}}}))
     assert owners[("predictor", "ridge", 0)] == ("table3", "adaptive", 0)
     assert switched_off == owners
+
+
+def test_untrained_encoders_keep_how_their_features_are_computed():
+    # an untrained encoder's job still embeds the split: with train.precision float32 on
+    # CUDA its features must not come out in the bf16 of the default 'auto'; what it would
+    # have learnt with (loss, optimiser) is left out, so those cells share one encoder
+    base = {"train": {"epochs": 0, "precision": "float32", "threads": 3, "deterministic": True}}
+    experiments = {"baselines": {"seeds": [0], "variants": {
+        "untrained": {},
+        "untrained_other_loss": {"loss": {"name": "simclr"}, "train": {"lr": 0.5}},
+        "untrained_bf16": {"train": {"precision": "bf16"}}}}}
+    config = validate_config({**base, "experiments": experiments})
+    untrained = training_settings(cell_settings(config, "baselines", "untrained", 0))
+    resolved = resolve_cell(untrained)["train"]
+    assert (resolved["precision"], resolved["threads"], resolved["deterministic"]) \
+        == ("float32", 3, True)
+    assert set(untrained) == {"seed", "model", "train"}  # no loss section
+    owners = encoder_owners(config)
+    assert owners[("baselines", "untrained_other_loss", 0)] == ("baselines", "untrained", 0)
+    assert owners[("baselines", "untrained_bf16", 0)] == ("baselines", "untrained_bf16", 0)
 
 
 # -- pretraining runs (config pretrain, model.init) -----------------------------------------

@@ -519,8 +519,10 @@ def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: st
 #: from scratch, and its input is the one T1w channel.
 PRETRAIN_FIXED_MODEL = {"init": "scratch", "init_checkpoint": None, "modalities": ["T1w"]}
 
-#: train keys a pretraining run takes from the config's train section unless it sets them.
-PRETRAIN_RUNTIME_KEYS = ("device", "precision", "threads", "deterministic")
+#: train keys that say where and how a training runs, not what it learns: a pretraining run
+#: takes them from the config's train section unless it sets them, and an untrained
+#: encoder (train.epochs 0) keeps them, since its job still embeds the split.
+RUNTIME_TRAIN_KEYS = ("device", "precision", "threads", "deterministic")
 
 
 def pretrain_settings(config: Mapping[str, Any], name: str, *, source: str = "config") -> dict:
@@ -558,7 +560,7 @@ def pretrain_settings(config: Mapping[str, Any], name: str, *, source: str = "co
                           f"on the training cohort's splits, not for a pretraining run. Set "
                           f"{where}.loss.nn_final and {where}.loss.nn_step instead.")
     train = deep_merge(defaults["train"]["default"], run.get("train", {}))
-    for key in PRETRAIN_RUNTIME_KEYS:  # where and how the config's trainings run
+    for key in RUNTIME_TRAIN_KEYS:  # where and how the config's trainings run
         train.setdefault(key, config["train"][key])
     return resolve_cell({"experiment": "pretrain", "variant": name, "seed": run["seed"],
                          "loss": loss, "train": train, "model": model,
@@ -606,14 +608,17 @@ def training_settings(settings: Mapping[str, Any]) -> dict:
     """What determines a cell's trained encoder: its settings less the names and what only
     the read-out uses (``readout.*``, ``model.features``), so editing those re-evaluates
     encoders without retraining them. An untrained encoder (``train.epochs`` 0) depends on
-    the seed and the model alone. ``loss.nn_from_search`` stays in: a cell taking nn_final
-    and nn_step from the random search never shares the encoder of one that does not."""
+    the seed, the model and how its features are computed (:data:`RUNTIME_TRAIN_KEYS`:
+    bf16 or float32 on CUDA, threads, deterministic kernels), not on the optimiser or loss.
+    ``loss.nn_from_search`` stays in: a cell taking nn_final and nn_step from the random
+    search never shares the encoder of one that does not."""
     trained = {key: value for key, value in settings.items() if key not in NON_TRAINING_KEYS}
     trained["model"] = {key: value for key, value in settings["model"].items()
                         if key not in READOUT_MODEL_KEYS}
     if settings["train"]["epochs"] == 0:
         trained = {"seed": settings["seed"], "model": trained["model"],
-                   "train": {"epochs": 0, "device": settings["train"]["device"]}}
+                   "train": {"epochs": 0, **{key: settings["train"][key]
+                                            for key in RUNTIME_TRAIN_KEYS}}}
     return trained
 
 
