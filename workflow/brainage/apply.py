@@ -57,7 +57,6 @@ class BrainAgeModel:
     readout: Readout
     bias: AgeBias
     device: object           # torch.device
-    autocast_dtype: object   # torch.dtype or None
 
     @classmethod
     def from_bundle(cls, bundle: ModelBundle | str | Path, *, device: str | None = None
@@ -72,7 +71,7 @@ class BrainAgeModel:
         train_settings = dict(settings["train"])
         if device is not None:
             train_settings["device"] = device
-        torch_device, autocast_dtype = runtime_setup(train_settings)
+        torch_device, _ = runtime_setup(train_settings)  # features are float32 (embed_all)
         network = build_model(settings["model"])
         try:
             network.load_state_dict(bundle.encoder_state)
@@ -85,14 +84,13 @@ class BrainAgeModel:
         correction = bundle.bias_correction
         return cls(bundle=bundle, network=network, readout=readout,
                    bias=AgeBias(float(correction["intercept"]), float(correction["slope"])),
-                   device=torch_device, autocast_dtype=autocast_dtype)
+                   device=torch_device)
 
     def features(self, volumes: np.ndarray) -> np.ndarray:
         """Normalised volumes [n, C, X, Y, Z] (z-units) -> read-out features [n, D] float32."""
         store = VolumeStore(np.asarray(volumes, dtype=np.float32), self.device)
         return embed(self.network, store, np.arange(len(volumes)),
-                     which=self.bundle.manifest["readout"]["features"],
-                     autocast_dtype=self.autocast_dtype)
+                     which=self.bundle.manifest["readout"]["features"])
 
     def predict_age(self, volumes: np.ndarray) -> np.ndarray:
         """Normalised volumes [n, C, X, Y, Z] -> predicted ages [n] (years), float64."""

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from brainage.config import ConfigError
+from brainage.runtime import full_float32
 
 log = logging.getLogger(__name__)
 
@@ -170,28 +171,28 @@ def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
 
 
 @torch.no_grad()
-def embed_all(model: BrainAgeNet, store, rows, *, autocast_dtype: torch.dtype | None = None,
-              channels_last: bool = False, batch_size: int = EMBED_BATCH) -> dict:
+def embed_all(model: BrainAgeNet, store, rows, *, channels_last: bool = False,
+              batch_size: int = EMBED_BATCH) -> dict:
     """Frozen-model features of the un-augmented volumes ``rows`` of ``store`` (a
     :class:`brainage.data.VolumeStore`), in one pass: ``{"encoder": [n, 8 x width],
     "projection": [n, projection_dim]}`` float32 numpy arrays (Fig. 4d reads out either).
 
-    The model is put in eval mode (batch-norm running statistics) and back in the mode it
-    was in.
+    Computed in full float32 whatever ``train.precision`` (no autocast, no TF32:
+    :func:`brainage.runtime.full_float32`): the read-out is fitted on these features, and a
+    bundle applied on a CPU reproduces them. The model is put in eval mode (batch-norm
+    running statistics) and back in the mode it was in.
     """
     import numpy as np
 
     was_training = model.training
     model.eval()
-    device = store.device
     chunks: dict[str, list] = {"encoder": [], "projection": []}
     try:
         for start in range(0, len(rows), batch_size):
             volumes = store.gather(rows[start:start + batch_size])
             if channels_last:
                 volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
-            with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.float32,
-                                enabled=autocast_dtype is not None):
+            with full_float32():
                 encoded = model.encode(volumes)
                 chunks["encoder"].append(encoded.float().cpu())
                 chunks["projection"].append(model.project(encoded).float().cpu())
@@ -204,15 +205,14 @@ def embed_all(model: BrainAgeNet, store, rows, *, autocast_dtype: torch.dtype | 
 
 
 def embed(model: BrainAgeNet, store, rows, *, which: str = "projection",
-          autocast_dtype: torch.dtype | None = None, channels_last: bool = False,
-          batch_size: int = EMBED_BATCH):
+          channels_last: bool = False, batch_size: int = EMBED_BATCH):
     """One kind of :func:`embed_all`'s features (``which``: projection or encoder),
     float32 [len(rows), D]."""
     if which not in FEATURE_CHOICES:
         raise ConfigError(f"config key model.features is {which!r}; expected one of "
                           f"{', '.join(FEATURE_CHOICES)}.")
-    return embed_all(model, store, rows, autocast_dtype=autocast_dtype,
-                     channels_last=channels_last, batch_size=batch_size)[which]
+    return embed_all(model, store, rows, channels_last=channels_last,
+                     batch_size=batch_size)[which]
 
 
 # -- checkpoints ----------------------------------------------------------------------------

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Mapping
+from contextlib import contextmanager
+from typing import Iterator, Mapping
 
 import numpy as np
 import torch
@@ -81,6 +82,22 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
             torch.use_deterministic_algorithms(True, warn_only=True)
     return device, (torch.bfloat16 if use_bf16 else None)
+
+
+@contextmanager
+def full_float32() -> Iterator[None]:
+    """float32 products and convolutions without TF32 inside (CUDA; a no-op elsewhere).
+
+    :func:`runtime_setup` lets CUDA round float32 inputs to TF32's 10 mantissa bits for
+    speed in training. Read-out features are computed in full float32 instead, on every
+    device: a bundle applied on a CPU then reproduces what its read-out was fitted on.
+    """
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def seed_everything(seed: int) -> None:

@@ -108,13 +108,13 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
             fit_encoder(split, settings_trial, encoder_path=encoder_path,
                         checkpoint_path=trial_dir / "checkpoint.pt",
                         history_path=trial_dir / "history.tsv")
-            device, autocast_dtype = runtime_setup(base["train"])
+            device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)
             model = load_encoder(encoder_path, base["model"]).to(device)
             subjects = np.concatenate([split.train_index, split.eval_index])
             store = VolumeStore(split.images, device, normalisation=split.normalisation,
                                 channels=split.channel_indices(base["model"]["modalities"]))
             features = embed(model, store, subjects,
-                             which=base["model"]["features"], autocast_dtype=autocast_dtype)
+                             which=base["model"]["features"])
             scores, *_ = evaluate_split(split, features, resolve_cell(settings_trial))
             metrics = {**trial, "validation_mae": scores["mae"],
                        "validation_rmse": scores["rmse"],

@@ -227,7 +227,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         digest = _save_encoder(encoder_path, model, settings, split, epochs)
         if features_path is not None:
             write_features(features_path, model, split, digest, device=device,
-                           autocast_dtype=autocast_dtype, channels=channels)  # no loss
+                           channels=channels)  # no loss
         if history_path is not None:
             write_tsv(history_path, _history_table([]))
         if checkpoint_path is not None:  # a training of this cell killed before it was
@@ -327,7 +327,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
             scheduler.step()
             if embeddings_dir is not None and epoch in embed_epochs and writes:
                 features = embed(model, store, embed_rows, which=which,
-                                 autocast_dtype=autocast_dtype, channels_last=channels_last)
+                                 channels_last=channels_last)
                 embeddings[epoch] = torch.from_numpy(features)
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features, split,
                                   embed_rows)
@@ -358,8 +358,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     digest = _save_encoder(encoder_path, model, settings, split, epochs)
     if features_path is not None:
         write_features(features_path, model, split, digest, device=device,
-                       autocast_dtype=autocast_dtype, channels_last=channels_last,
-                       channels=channels, trained_loss=loss_settings)
+                       channels_last=channels_last, channels=channels,
+                       trained_loss=loss_settings)
     if history_path is not None:
         write_tsv(history_path, _history_table(history))
     checkpoint_path.unlink(missing_ok=True)
@@ -404,7 +404,7 @@ def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,
 
 
 def write_features(path: str | Path, model, split: SplitData, encoder_sha256: str, *,
-                   device, autocast_dtype=None, channels_last: bool = False,
+                   device, channels_last: bool = False,
                    channels: Sequence[int] | None = None,
                    trained_loss: Mapping | None = None) -> None:
     """``features.npz``: the final encoder's features of every split subject, training rows
@@ -421,8 +421,7 @@ def write_features(path: str | Path, model, split: SplitData, encoder_sha256: st
     rows = np.concatenate([split.train_index, split.eval_index])
     store = VolumeStore(split.images, device, channels=channels,
                         normalisation=split.normalisation)
-    features = embed_all(model, store, rows, autocast_dtype=autocast_dtype,
-                         channels_last=channels_last)
+    features = embed_all(model, store, rows, channels_last=channels_last)
     with atomic_path(path, suffix=".npz") as temp:
         with open(temp, "wb") as handle:
             np.savez(handle, **features, participant_id=split.participant_ids[rows].astype(str),
