@@ -247,6 +247,23 @@ def test_paired_t_test_matches_scipy():
     assert tables.paired_comparison(tied).iloc[0]["reference_wins"] == 1
 
 
+def test_a_baseline_is_never_the_reference_of_the_paired_comparison():
+    """A baseline's metrics carry the config's loss name (adaptive by default): listed
+    before the only Adaptive Neighborhoods variant, which is not named adaptive, it must not
+    become the reference of Table 3b."""
+    seeds = pd.DataFrame({
+        "experiment": "table3", "seed": [0, 1, 2] * 3,
+        "variant": ["untrained"] * 3 + ["adaptive_pretrained"] * 3 + ["simclr"] * 3,
+        "loss": ["adaptive"] * 6 + ["simclr"] * 3,
+        "kind": ["baseline"] * 3 + ["contrastive"] * 6,
+        "mae": [10.0, 11.0, 12.0, 4.0, 5.0, 6.0, 6.0, 7.0, 8.0]})
+    assert tables.reference_variant(seeds) == "adaptive_pretrained"
+    paired = tables.paired_comparison(seeds).set_index("baseline")
+    assert set(paired.index) == {"untrained", "simclr"}
+    assert (paired["reference"] == "adaptive_pretrained").all()
+    assert paired.loc["untrained", "mean_difference"] == pytest.approx(6.0)
+
+
 def test_seed_results_pool_splits_by_test_size():
     metrics = pd.DataFrame({
         "split": ["fold1", "fold2"], "experiment": "table3", "variant": "adaptive",
