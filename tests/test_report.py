@@ -247,6 +247,23 @@ def test_paired_t_test_matches_scipy():
     assert tables.paired_comparison(tied).iloc[0]["reference_wins"] == 1
 
 
+def test_a_baseline_is_never_the_reference_of_the_paired_comparison():
+    """A baseline's metrics carry the config's loss name (adaptive by default): listed
+    before the only Adaptive Neighborhoods variant, which is not named adaptive, it must not
+    become the reference of Table 3b."""
+    seeds = pd.DataFrame({
+        "experiment": "table3", "seed": [0, 1, 2] * 3,
+        "variant": ["untrained"] * 3 + ["adaptive_pretrained"] * 3 + ["simclr"] * 3,
+        "loss": ["adaptive"] * 6 + ["simclr"] * 3,
+        "kind": ["baseline"] * 3 + ["contrastive"] * 6,
+        "mae": [10.0, 11.0, 12.0, 4.0, 5.0, 6.0, 6.0, 7.0, 8.0]})
+    assert tables.reference_variant(seeds) == "adaptive_pretrained"
+    paired = tables.paired_comparison(seeds).set_index("baseline")
+    assert set(paired.index) == {"untrained", "simclr"}
+    assert (paired["reference"] == "adaptive_pretrained").all()
+    assert paired.loc["untrained", "mean_difference"] == pytest.approx(6.0)
+
+
 def test_seed_results_pool_splits_by_test_size():
     metrics = pd.DataFrame({
         "split": ["fold1", "fold2"], "experiment": "table3", "variant": "adaptive",
@@ -416,6 +433,35 @@ def test_coverage_examples_pick_nearest_distinct_subjects():
     # with too few subjects, the nearest is reused rather than failing
     few = figures.pick_coverage_examples(participants.iloc[:1])
     assert [c["participant_id"] for c in few] == ["sub-a"] * 4
+
+
+def test_coverage_figures_name_the_modality_of_the_maps_they_draw(tmp_path, monkeypatch):
+    """Figs. 7 and 8 draw the map QC measures coverage on (grid_modality): with
+    dataset.modalities [damping_ratio, stiffness] that is the damping ratio, in [0, 1], not
+    the stiffness in kPa."""
+    from brainage.modalities import grid_modality
+
+    assert grid_modality(["damping_ratio", "stiffness"]) == "damping_ratio"
+    maps = {}
+    for index in range(4):
+        maps[f"sub-{index}"] = str(tmp_path / f"sub-{index}.nii.gz")
+        nib.save(nib.Nifti1Image(np.full((6, 6, 6), 0.3, np.float32), np.eye(4)),
+                 maps[f"sub-{index}"])
+    participants = pd.DataFrame({"participant_id": list(maps), "study": "study1",
+                                 "coverage": [1.0, 0.95, 0.9, 0.8]})
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_coverage_examples(participants, maps, tmp_path / "fig8.png",
+                                   map_name="damping_ratio")
+    figures.plot_coverage(participants, tmp_path / "fig7.png", map_name="damping_ratio")
+    figures.plot_coverage_examples(participants, maps, tmp_path / "fig8.png")
+    fig8, fig7, default = drawn
+    colour_bar = [axis for axis in fig8.axes if not axis.images]
+    assert [axis.get_ylabel() for axis in colour_bar] == ["damping ratio [1]"]
+    assert "damping-ratio maps" in fig8._suptitle.get_text()
+    assert "damping-ratio maps" in fig7.axes[0].get_title()
+    assert [axis.get_ylabel() for axis in default.axes if not axis.images] == [
+        "stiffness [kPa]"]
 
 
 def test_projection_falls_back_to_pca_only_below_four_samples():

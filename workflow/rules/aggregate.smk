@@ -48,6 +48,8 @@ rule make_figures:
     params:
         settings=EXPERIMENT_SETTINGS,
         maps=lambda wildcards: _registered_maps(),
+        # the modality of those maps (Figs. 7 and 8 label it): not always the stiffness
+        map_name=grid_modality(MODALITIES),
         modality_maps=lambda wildcards: _modality_maps(),
         focus=_focus_label(),
         qc_thresholds=thresholds(config["qc"]),

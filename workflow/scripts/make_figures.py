@@ -12,4 +12,4 @@ make_figures(metrics=list(snakemake.input.metrics), participants=snakemake.input
              qc_thresholds=snakemake.params.qc_thresholds, outputs=snakemake.params.paths,
              search=list(snakemake.input.search), histories=snakemake.params.histories,
              modality_maps=snakemake.params.modality_maps,
-             pretraining=snakemake.params.pretraining)
+             pretraining=snakemake.params.pretraining, map_name=snakemake.params.map_name)

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import atomic_path
+from brainage.modalities import modality
 from brainage.qc import plot_dataset_qc, read_qc_table, thresholds
 from brainage.report.pretraining import pretraining_gains, pretraining_runs
 from brainage.report.results import (
@@ -260,8 +261,9 @@ def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: st
 
 
 def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
-                  min_coverage: float | None = None) -> None:
-    """Fig. 7: brain coverage (% of the template brain with stiffness) per study."""
+                  min_coverage: float | None = None, map_name: str = "stiffness") -> None:
+    """Fig. 7: brain coverage (% of the template brain with a value of ``map_name``, the
+    map QC measures coverage on: :func:`brainage.modalities.grid_modality`) per study."""
     plt = _pyplot()
     coverage = 100 * coverage_fraction(participants)
     colours = _study_colours(participants["study"])
@@ -281,7 +283,7 @@ def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
                      for s in colours])
     axis.set_ylabel("brain coverage [%]")
     axis.set_xlabel("study")
-    axis.set_title("Fig. 7: brain coverage of the stiffness maps by study")
+    axis.set_title(f"Fig. 7: brain coverage of the {modality(map_name).description}s by study")
     _save(figure, path)
 
 
@@ -304,9 +306,14 @@ def pick_coverage_examples(participants: pd.DataFrame,
 
 
 def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | Path],
-                           path: str | Path) -> None:
-    """Fig. 8: registered stiffness maps (kPa) nearest to 100/95/90/80 % coverage; three
-    orthogonal slices through the centre of the template grid, one colour scale."""
+                           path: str | Path, *, map_name: str = "stiffness") -> None:
+    """Fig. 8: registered maps nearest to 100/95/90/80 % coverage; three orthogonal slices
+    through the centre of the template grid, one colour scale.
+
+    ``map_name``: the modality of ``maps``, which names the colour bar's quantity and unit
+    (stiffness in kPa, the damping ratio in 1, T1w in a.u.): the workflow passes the map QC
+    measures coverage on (:func:`brainage.modalities.grid_modality`), the first MRE map of
+    dataset.modalities, which need not be the stiffness."""
     import nibabel as nib
 
     plt = _pyplot()
@@ -335,8 +342,10 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
                 axis.set_title(view)
         axes[row, 0].set_ylabel(f"{example['participant_id']}\n{100 * example['coverage']:.1f} % "
                                 f"(≈{100 * example['target']:.0f} %)", fontsize="small")
-    figure.colorbar(image, ax=axes, label="stiffness [kPa]", shrink=0.6)
-    figure.suptitle("Fig. 8: registered stiffness maps at decreasing brain coverage",
+    kind = modality(map_name)
+    figure.colorbar(image, ax=axes, label=f"{kind.name.replace('_', ' ')} [{kind.unit}]",
+                    shrink=0.6)
+    figure.suptitle(f"Fig. 8: registered {kind.description}s at decreasing brain coverage",
                     fontsize="medium")
     _save(figure, path)
 
@@ -572,8 +581,8 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
                  search: Sequence[str | Path] = (),
                  histories: Mapping[str, Mapping[int, str | Path]] | None = None,
                  modality_maps: Mapping[str, Mapping[str, str | Path]] | None = None,
-                 pretraining: Mapping[str, Mapping[str, str | Path]] | None = None
-                 ) -> None:
+                 pretraining: Mapping[str, Mapping[str, str | Path]] | None = None,
+                 map_name: str = "stiffness") -> None:
     """Draw every figure of the configuration but the UMAPs (rule make_figures; the UMAPs
     are :func:`plot_embeddings` jobs of their own: :func:`~brainage.report.targets.is_umap_figure`).
 
@@ -582,7 +591,7 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
     metrics : every grid cell's ``metrics.json``.
     participants : one split's ``participants.tsv`` (cohort, coverage as fraction 0-1).
     qc : ``results/qc/qc.tsv``.
-    maps : ``{participant_id: registered stiffness map}`` (MNI152 2 mm, kPa).
+    maps : ``{participant_id: registered map}`` (MNI152 2 mm) of modality ``map_name``.
     predictions : the focus cell's ``predictions.tsv`` of every split.
     settings : :func:`experiment_settings` of the config.
     focus : label of the focus cell, e.g. ``table3/adaptive/seed-0``.
@@ -595,6 +604,9 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
         (Fig. 2).
     pretraining : ``{run: {"metrics": metrics.json, "history": history.tsv}}`` of every
         pretraining run (config pretrain).
+    map_name : the modality of ``maps``, whose coverage QC measures
+        (:func:`brainage.modalities.grid_modality` of dataset.modalities): it labels
+        Figs. 7 and 8.
     """
     started = time.perf_counter()
     cohort = pd.read_csv(participants, sep="\t", dtype={"participant_id": str, "study": str})
@@ -604,9 +616,10 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
         if name == "fig3_age_distribution":
             plot_age_distribution(cohort, path)
         elif name == "fig7_coverage":
-            plot_coverage(cohort, path, min_coverage=qc_thresholds.get("min_coverage"))
+            plot_coverage(cohort, path, min_coverage=qc_thresholds.get("min_coverage"),
+                          map_name=map_name)
         elif name == "fig8_coverage_examples":
-            plot_coverage_examples(cohort, maps, path)
+            plot_coverage_examples(cohort, maps, path, map_name=map_name)
         elif name == MODALITIES_FIGURE:
             plot_age_examples([(example["participant_id"], example["age"],
                                 (modality_maps or {}).get(example["participant_id"], {}))

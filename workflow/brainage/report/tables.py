@@ -119,8 +119,13 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
 
 def reference_variant(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                       loss: str = REFERENCE_LOSS) -> str | None:
-    """The variant of ``experiment`` that trains ``loss`` (the one named so if several)."""
+    """The variant of ``experiment`` that trains ``loss`` (the one named so if several).
+
+    Baselines are never the reference: their metrics carry the config's loss name too
+    (``loss.name`` defaults to adaptive), although they train with no loss at all."""
     cells = seeds[(seeds["experiment"] == experiment) & (seeds["loss"] == loss)]
+    if "kind" in cells:
+        cells = cells[cells["kind"] != "baseline"]
     variants = list(dict.fromkeys(cells["variant"]))
     if not variants:
         return None
