@@ -379,9 +379,24 @@ def test_cell_names_its_pretraining_run():
      r"pretrain\.t1\.model\.modalities.*cannot be set"),
     (lambda c: c["experiments"]["table3"]["variants"]["adaptive"].update(
         model={"init": "pretrained"}), r"model\.init"),
+    # an encoder the run's weights do not fit: no tensor at all at another width, random
+    # shortcut biases with bias_downsample; both named before the run pretrains for days
+    (lambda c: c["experiments"]["table3"]["variants"]["adaptive_pretrained"]["model"].update(
+        width=32), r"'experiments\.table3\.variants\.adaptive_pretrained\.model\.width' is "
+                   r"32, but .* pretrained with 'model\.width' 64"),
+    (lambda c: c["pretrain"]["t1"].update(model={"bias_downsample": True}),
+     r"'model\.bias_downsample' is False, but .* 'pretrain\.t1\.model\.bias_downsample' True"),
 ])
 def test_bad_pretraining_settings_stop_naming_the_key(change, message):
     config = _with_pretraining()
     change(config)
     with pytest.raises(ConfigError, match=message):
         validate_config(config)
+
+
+def test_a_cell_may_fine_tune_with_another_head():
+    config = _with_pretraining()
+    config["experiments"]["table3"]["variants"]["supervised_pretrained"] = {
+        "loss": {"name": "supervised"},
+        "model": {"init": "pretrained:t1", "head": "regression", "projection_dim": 1}}
+    validate_config(config)

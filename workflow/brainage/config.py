@@ -113,9 +113,11 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     if errors:
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
     problems = []
+    pretrained_models = {}
     for name in filled.get("pretrain", {}):
-        problems += check_adaptive_schedule(pretrain_settings(filled, name, source=source),
-                                            source=source)
+        run_settings = pretrain_settings(filled, name, source=source)
+        pretrained_models[name] = run_settings["model"]
+        problems += check_adaptive_schedule(run_settings, source=source)
         problems += check_pretraining_source(filled, name, source=source)
     for experiment, definition in filled.get("experiments", {}).items():
         for variant in definition["variants"]:
@@ -124,6 +126,8 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
                 problems += check_adaptive_schedule(settings, source=source)
                 problems += check_search_source(filled, experiment, variant, settings,
                                                 source=source)
+                problems += check_pretrained_encoder_fits(
+                    filled, experiment, variant, settings, pretrained_models, source=source)
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
@@ -147,6 +151,38 @@ def check_pretraining_source(config: Mapping[str, Any], name: str, *,
             f"the training cohort's folder (dataset.root): pretraining on it would show the "
             f"encoder the test subjects' images and ages before they are tested. Pretrain on "
             f"a separate T1w cohort (source.kind bids with another root, or openbhb)."]
+
+
+#: model keys that shape the encoder's tensors. A cell fine-tuning a pretraining run of the
+#: same config needs the run's values: a different width loads no tensor at all, and
+#: bias_downsample leaves the shortcut biases at random, so the error comes before the run.
+#: The input channels (model.modalities) are adapted instead (docs/method.md §3), and the
+#: head may differ (the supervised baseline fine-tunes a regression head).
+ENCODER_SHAPE_KEYS = ("width", "bias_downsample")
+
+
+def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, variant: str,
+                                  settings: Mapping[str, Any],
+                                  pretrained_models: Mapping[str, Mapping[str, Any]], *,
+                                  source: str = "config") -> list[str]:
+    """Messages (none when fine) for a cell with ``model.init: pretrained:<run>`` whose
+    encoder would not take the run's weights whole (:data:`ENCODER_SHAPE_KEYS`)."""
+    run = pretrained_run(settings["model"])
+    if run not in pretrained_models or settings["model"]["encoder"] == "none":
+        return []  # from scratch, an unknown run (check_init says so), or no network
+    problems = []
+    for key in ENCODER_SHAPE_KEYS:
+        cell_value, run_value = settings["model"][key], pretrained_models[run][key]
+        if cell_value != run_value:
+            run_key = (f"pretrain.{run}.model.{key}"
+                       if key in (config["pretrain"][run].get("model") or {}) else f"model.{key}")
+            cell_key = _variant_key(config, experiment, variant, f"model.{key}")
+            problems.append(
+                f"{source}: config key '{cell_key}' is {cell_value!r}, but the encoder it "
+                f"fine-tunes (model.init {settings['model']['init']}) is pretrained with "
+                f"'{run_key}' {run_value!r}: its weights would not load whole. Give both the "
+                f"same value.")
+    return problems
 
 
 def _variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: str) -> str:
