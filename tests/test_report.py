@@ -162,6 +162,8 @@ def test_focus_cell_prefers_the_exported_model():
     assert targets.focus_cell(config) == ("distance", "cosine", 2)
     config["predict"]["model"]["seed"] = 7  # not in the grid
     assert targets.focus_cell(config) == ("table3", "adaptive", 0)
+    config["experiments"]["table3"]["seeds"] = [2, 0, 1]  # the lowest, not the first listed
+    assert targets.focus_cell(config) == ("table3", "adaptive", 0)
 
 
 def test_focus_cell_has_an_encoder():
