@@ -439,6 +439,27 @@ def test_qc_of_an_unreadable_channel_names_the_subject(tmp_path):
                    subject="q1", maps={"stiffness": tmp_path / "stiffness.nii.gz",
                                        "damping_ratio": broken})
 
+
+@pytest.mark.parametrize("modalities, grid", [(("T1w",), "T1w image"),
+                                              (("damping_ratio",), "damping-ratio map")])
+def test_native_mask_sidecar_names_the_grid_it_lives_on(tmp_path, modalities, grid):
+    """The mask lives on the grid map's grid: a T1w cohort's sidecar said "stiffness map"."""
+    from brainage.preprocess.chain import run_step, subject_files
+
+    head = np.zeros((16, 16, 16), dtype=np.float32)
+    head[4:12, 4:12, 4:12] = 0.3
+    inputs = {}
+    for name in (*modalities, "anat"):
+        inputs[name] = str(tmp_path / f"sub-g1_{name}.nii.gz")
+        nib.save(nib.Nifti1Image(head, np.diag([2.0, 2.0, 2.0, 1.0])), inputs[name])
+    inputs.pop("T1w", None)
+    files = subject_files(Layout(results=str(tmp_path / "out")), "g1", "preproc", modalities)
+    run_step("strip_skull", files, inputs, template_t1="", template_mask="", subject="g1",
+             options={"method": "none", "freesurfer_tool": "synthstrip", "threads": 1},
+             modalities=modalities)
+    sidecar = json.loads(Path(files["mask_json"]).read_text())
+    assert sidecar == {"Type": "Brain", "Description": f"brain mask on the {grid}'s native grid"}
+
 # -- several maps per subject (dataset.modalities) -------------------------------------------
 
 def _with_damping(tmp_path: Path, files: dict, label: str, damping) -> Path:

@@ -128,7 +128,7 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
         strip_skull(inputs["anat"] if grid == "T1w" else inputs[grid], files["mask"],
                     files["reference"], files["reference_info"], anat=inputs.get("anat"),
                     subject=subject, grid_modality=grid, **options)
-        describe_mask(files["mask"])
+        describe_mask(files["mask"], grid=modality(grid).description)
     elif step == "correct_bias":
         correct_bias({name: inputs[name] for name in maps}, files["mask"], files["reference"],
                      files["reference_info"],

@@ -94,10 +94,13 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
     return description
 
 
-def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None) -> Path:
+def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
+                  grid: str = "stiffness map") -> Path:
     """Write the JSON sidecar of a subject's brain mask; returns its path.
 
-    A native-space mask gets its type and description; a template-space mask (pass the
+    A native-space mask gets its type and description, which names the image whose grid it
+    lives on (``grid``: the grid map's :attr:`brainage.modalities.Modality.description`,
+    e.g. "T1w image" in a cohort without MRE maps); a template-space mask (pass the
     template mask it was warped onto) also what ``res-2`` means, which the BIDS validator
     requires for a file with a ``res`` entity.
     """
@@ -105,7 +108,7 @@ def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None) 
     sidecar = mask.with_name(mask.name.replace(".nii.gz", ".json"))
     if template_mask is None:
         write_json(sidecar, {"Type": "Brain",
-                             "Description": "brain mask on the stiffness map's native grid"})
+                             "Description": f"brain mask on the {grid}'s native grid"})
         return sidecar
     space = _space(mask)
     write_json(sidecar, {"Type": "Brain", "Description": f"brain mask warped to {space}",
