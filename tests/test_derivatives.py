@@ -133,13 +133,59 @@ def test_default_space_names_nilearns_template_symmetric():
     assert not np.array_equal(data, data[:, ::-1])
 
 
-def test_bids_validator_accepts_the_derivative_dataset(derivatives):
+def _assert_bids_valid(folder: Path) -> None:
     if not Path(VALIDATOR).is_file():
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail("bids-validator-deno is not installed (test extra)")
         pytest.skip("bids-validator-deno is not installed (pip install '.[test]')")
-    result = subprocess.run([VALIDATOR, str(derivatives), "--format", "json"],
+    result = subprocess.run([VALIDATOR, str(folder), "--format", "json"],
                             capture_output=True, text=True, timeout=300)
     report = json.loads(result.stdout)
     errors = [issue for issue in report["issues"]["issues"] if issue["severity"] == "error"]
     assert result.returncode == 0 and not errors, json.dumps(errors, indent=1)[:3000]
+
+
+def test_bids_validator_accepts_the_derivative_dataset(derivatives):
+    _assert_bids_valid(derivatives)
+
+
+def test_every_mre_map_is_ignored_by_the_validator():
+    """BIDS has no suffix for any MRE map, not only the stiffness."""
+    from brainage.modalities import MODALITIES
+    from brainage.preprocess.derivatives import BIDS_IGNORE
+
+    for name, kind in MODALITIES.items():
+        if kind.is_mre:
+            assert f"*_{name}.nii.gz" in BIDS_IGNORE, name
+
+
+@pytest.mark.slow
+def test_bids_validator_accepts_the_default_modalities(simulated_cohort, template_files,
+                                                       tmp_path):
+    """config.yaml's dataset.modalities [stiffness, damping_ratio, T1w]: the damping-ratio
+    maps and the registered T1w channel (a derivative T1w with a res entity: its sidecar
+    needs SkullStripped and Resolution) must pass the validator too. They failed it."""
+    import nibabel as nib
+    import numpy as np
+
+    root, truth = simulated_cohort
+    label = truth["participant_id"][0][len("sub-"):]
+    dataset = tmp_path / "dataset"
+    for folder, name in (("mre", "stiffness"), ("anat", "T1w")):
+        (dataset / f"sub-{label}" / folder).mkdir(parents=True)
+        shutil.copyfile(root / f"sub-{label}" / folder / f"sub-{label}_{name}.nii.gz",
+                        dataset / f"sub-{label}" / folder / f"sub-{label}_{name}.nii.gz")
+    stiffness = nib.load(dataset / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz")
+    kpa = np.nan_to_num(stiffness.get_fdata(dtype=np.float32))
+    nib.save(nib.Nifti1Image(np.where(kpa > 0, 0.05 + 0.04 * kpa, 0).astype(np.float32),
+                             stiffness.affine),
+             dataset / f"sub-{label}" / "mre" / f"sub-{label}_damping_ratio.nii.gz")
+    modalities = ("stiffness", "damping_ratio", "T1w")
+    layout = Layout(results=str(tmp_path / "results"))
+    run_subject(subject_inputs(dataset, label, modalities), layout, label,
+                preproc=TRAINING_PREPROC, preprocess=FAST, modalities=modalities,
+                **_template_in(layout, template_files))
+    describe_preprocessing(layout.preproc_dir(), space=layout.space,
+                           template_shape=(99, 117, 95), source=str(dataset),
+                           version=brainage_version(), template=True)
+    _assert_bids_valid(Path(layout.preproc_dir()))

@@ -413,6 +413,53 @@ def test_implausible_transform_is_a_failed_registration():
     check_transform(np.diag([1.1, 0.95, 1.0, 1.0]), what="subject sub-z")
 
 
+
+def test_qc_of_an_unreadable_channel_names_the_subject(tmp_path):
+    """compute_qc reads every registered channel; a broken one is named with its subject
+    (the message said "damping_ratio: registered damping_ratio <path>")."""
+    from brainage.qc import compute_qc
+
+    shape, affine = (12, 12, 12), np.diag([2.0, 2.0, 2.0, 1.0])
+    brain = np.zeros(shape, dtype=np.uint8)
+    brain[3:9, 3:9, 3:9] = 1
+    volumes = {"stiffness": brain * 2.5, "mask": brain, "reference": brain * 100.0,
+               "t1": np.arange(np.prod(shape), dtype=np.float32).reshape(shape),
+               "template_mask": brain}
+    for key, data in volumes.items():
+        nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), tmp_path / f"{key}.nii.gz")
+    (tmp_path / "info.json").write_text(json.dumps({"reference_kind": "stiffness",
+                                                    "route": "none"}))
+    broken = tmp_path / "damping_ratio.nii.gz"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(InputError, match=r"^subject sub-q1: registered damping_ratio .*"
+                                         r"damping_ratio\.nii\.gz is not a readable"):
+        compute_qc(tmp_path / "stiffness.nii.gz", tmp_path / "mask.nii.gz",
+                   tmp_path / "reference.nii.gz", tmp_path / "info.json", tmp_path / "t1.nii.gz",
+                   tmp_path / "template_mask.nii.gz", tmp_path / "qc.json", tmp_path / "qc.png",
+                   subject="q1", maps={"stiffness": tmp_path / "stiffness.nii.gz",
+                                       "damping_ratio": broken})
+
+
+@pytest.mark.parametrize("modalities, grid", [(("T1w",), "T1w image"),
+                                              (("damping_ratio",), "damping-ratio map")])
+def test_native_mask_sidecar_names_the_grid_it_lives_on(tmp_path, modalities, grid):
+    """The mask lives on the grid map's grid: a T1w cohort's sidecar said "stiffness map"."""
+    from brainage.preprocess.chain import run_step, subject_files
+
+    head = np.zeros((16, 16, 16), dtype=np.float32)
+    head[4:12, 4:12, 4:12] = 0.3
+    inputs = {}
+    for name in (*modalities, "anat"):
+        inputs[name] = str(tmp_path / f"sub-g1_{name}.nii.gz")
+        nib.save(nib.Nifti1Image(head, np.diag([2.0, 2.0, 2.0, 1.0])), inputs[name])
+    inputs.pop("T1w", None)
+    files = subject_files(Layout(results=str(tmp_path / "out")), "g1", "preproc", modalities)
+    run_step("strip_skull", files, inputs, template_t1="", template_mask="", subject="g1",
+             options={"method": "none", "freesurfer_tool": "synthstrip", "threads": 1},
+             modalities=modalities)
+    sidecar = json.loads(Path(files["mask_json"]).read_text())
+    assert sidecar == {"Type": "Brain", "Description": f"brain mask on the {grid}'s native grid"}
+
 # -- several maps per subject (dataset.modalities) -------------------------------------------
 
 def _with_damping(tmp_path: Path, files: dict, label: str, damping) -> Path:

@@ -156,9 +156,9 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     result = {"participant_id": f"sub-{subject}", **metrics,
               "reference_kind": info.get("reference_kind"),
               "skullstrip_route": info.get("route"),
-              "maps": {name: map_summary(load_volume(path, what=f"{name}: registered {name}")[0],
-                                         brain)
-                       for name, path in (maps or {}).items()}}
+              "maps": {channel: map_summary(load_volume(
+                  path, what=f"{name}: registered {channel}")[0], brain)
+                       for channel, path in (maps or {}).items()}}
     write_json(out_json, result)
     kind = modality(grid_modality)
     plot_subject_qc(data, template, brain, out_png, label=f"{grid_modality} ({kind.unit})",

@@ -49,9 +49,11 @@ def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC,
     Keys: ``mask``, ``mask_json``, ``reference``, ``reference_info`` (strip_skull);
     ``corrected_<map>`` for each MRE map, ``corrected_reference`` (correct_bias);
     ``registered_<modality>`` for each modality (the network's input channels),
-    ``registered_mask``, ``registered_mask_json``, ``transform``, ``registered_reference``
+    ``registered_T1w_json`` when the modalities list T1w, ``registered_mask``,
+    ``registered_mask_json``, ``transform``, ``registered_reference``
     (register_to_template); ``qc_json``, ``qc_png`` (compute_qc). The JSON sidecars of the
-    masks make the preprocessing folder a valid BIDS-Derivatives dataset.
+    masks and of the T1w channel make the preprocessing folder a valid BIDS-Derivatives
+    dataset.
     """
     native = dict(preproc=preproc)
     return {
@@ -67,6 +69,9 @@ def subject_files(layout: Layout, subject: str, preproc: str = TRAINING_PREPROC,
                                                      **native),
         **{f"registered_{name}": layout.subject_mni(subject, "preproc", name, **native)
            for name in modalities},
+        **({"registered_T1w_json": layout.subject_mni(subject, "preproc", "T1w", ".json",
+                                                      **native)}
+           if "T1w" in modalities else {}),
         "registered_mask": layout.subject_mni(subject, "brain", "mask", **native),
         "registered_mask_json": layout.subject_mni(subject, "brain", "mask", ".json",
                                                    **native),
@@ -114,7 +119,7 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
     the subject has one (:func:`brainage.inputs.subject_inputs`).
     """
     from brainage.preprocess import correct_bias, register_to_template, strip_skull
-    from brainage.preprocess.derivatives import describe_mask
+    from brainage.preprocess.derivatives import describe_mask, describe_registered_t1w
     from brainage.qc import compute_qc
 
     maps = mre_maps(modalities)
@@ -123,7 +128,7 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
         strip_skull(inputs["anat"] if grid == "T1w" else inputs[grid], files["mask"],
                     files["reference"], files["reference_info"], anat=inputs.get("anat"),
                     subject=subject, grid_modality=grid, **options)
-        describe_mask(files["mask"])
+        describe_mask(files["mask"], grid=modality(grid).description)
     elif step == "correct_bias":
         correct_bias({name: inputs[name] for name in maps}, files["mask"], files["reference"],
                      files["reference_info"],
@@ -136,7 +141,9 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
                              registered_maps(files, modalities), files["registered_mask"],
                              files["transform"], files["registered_reference"],
                              subject=subject, **options)
-        describe_mask(files["registered_mask"], template_mask=template_mask)
+        if "T1w" in modalities:
+            describe_registered_t1w(files["registered_T1w"], template_mask=template_mask)
+        describe_mask(files["registered_mask"], template_mask=template_mask)  # written last
     elif step == "compute_qc":
         compute_qc(files[f"registered_{grid}"], files["registered_mask"],
                    files["registered_reference"], files["reference_info"], template_t1,

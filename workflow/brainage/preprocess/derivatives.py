@@ -8,9 +8,11 @@ BIDS validator needs to accept it as a derivative dataset:
   version, the raw dataset it derives from;
 - ``README.md``: what the files are;
 - a JSON sidecar beside every brain mask (:func:`describe_mask`): mask type and, for
-  template-space masks, what ``res-2`` means;
+  template-space masks, what ``res-2`` means; and beside the registered T1w channel
+  (:func:`describe_registered_t1w`), which the validator checks as a derivative T1w;
 - ``.bidsignore``: the files BIDS has no suffix for. There is no MR-elastography datatype,
-  so the stiffness maps, the registration references (T1w or stiffness, per subject),
+  so every MRE map (stiffness, damping ratio, moduli), the registration references (T1w
+  or stiffness, per subject),
   the ANTs transforms and the QC figures are listed there, and the validator checks the
   rest (checked by tests/test_derivatives.py with the schema-based validator).
 
@@ -22,12 +24,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from brainage.io import atomic_path, write_json
+from brainage.modalities import MODALITIES
 from brainage.paths import TEMPLATE_RESOLUTION
 
 BIDS_VERSION = "1.10.0"
-#: Files of a subject without a BIDS suffix (MRE has no datatype), ignored by the validator.
-BIDS_IGNORE = ("*_stiffness.nii.gz", "*_reference.nii.gz", "*_reference.json", "*_xfm.mat",
-               "sub-*/figures")
+#: Files of a subject without a BIDS suffix (MRE has no datatype), ignored by the validator:
+#: every MRE map of dataset.modalities, not only the stiffness.
+BIDS_IGNORE = (*(f"*_{name}.nii.gz" for name, kind in MODALITIES.items() if kind.is_mre),
+               "*_reference.nii.gz", "*_reference.json", "*_xfm.mat", "sub-*/figures")
 
 
 def _resolution(space: str, template_shape) -> dict:
@@ -90,10 +94,13 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
     return description
 
 
-def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None) -> Path:
+def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
+                  grid: str = "stiffness map") -> Path:
     """Write the JSON sidecar of a subject's brain mask; returns its path.
 
-    A native-space mask gets its type and description; a template-space mask (pass the
+    A native-space mask gets its type and description, which names the image whose grid it
+    lives on (``grid``: the grid map's :attr:`brainage.modalities.Modality.description`,
+    e.g. "T1w image" in a cohort without MRE maps); a template-space mask (pass the
     template mask it was warped onto) also what ``res-2`` means, which the BIDS validator
     requires for a file with a ``res`` entity.
     """
@@ -101,13 +108,40 @@ def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None) 
     sidecar = mask.with_name(mask.name.replace(".nii.gz", ".json"))
     if template_mask is None:
         write_json(sidecar, {"Type": "Brain",
-                             "Description": "brain mask on the stiffness map's native grid"})
+                             "Description": f"brain mask on the {grid}'s native grid"})
         return sidecar
-    import nibabel as nib
-
-    space = next(part[len("space-"):] for part in mask.name.split("_")
-                 if part.startswith("space-"))
+    space = _space(mask)
     write_json(sidecar, {"Type": "Brain", "Description": f"brain mask warped to {space}",
-                         "Resolution": _resolution(space, nib.load(str(template_mask)).shape),
+                         "Resolution": _template_resolution(space, template_mask),
                          "SpatialReference": space})
     return sidecar
+
+
+def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path) -> Path:
+    """Write the JSON sidecar of a subject's registered T1w channel; returns its path.
+
+    The validator checks ``..._res-2_desc-preproc_T1w.nii.gz`` as a derivative T1w and
+    requires ``SkullStripped`` and ``Resolution``. The channel is zero outside the warped
+    brain mask (:func:`brainage.preprocess.register.register_to_template`), so it is
+    skull-stripped whatever the skull-stripping route.
+    """
+    t1w = Path(t1w)
+    sidecar = t1w.with_name(t1w.name.replace(".nii.gz", ".json"))
+    space = _space(t1w)
+    write_json(sidecar, {"Description": f"T1w registration reference, N4-corrected, affinely "
+                                        f"registered to {space} at 2 mm, zero outside the "
+                                        f"warped brain mask",
+                         "SkullStripped": True,
+                         "Resolution": _template_resolution(space, template_mask)})
+    return sidecar
+
+
+def _space(path: Path) -> str:
+    return next(part[len("space-"):] for part in path.name.split("_")
+                if part.startswith("space-"))
+
+
+def _template_resolution(space: str, template_mask: str | Path) -> dict:
+    import nibabel as nib
+
+    return _resolution(space, nib.load(str(template_mask)).shape)
