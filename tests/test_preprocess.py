@@ -652,3 +652,16 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
     assert run(n4=False) == ["compute_qc"]
     # the records live beside the BIDS-Derivatives folder, not in it
     assert not list(Path(layout.preproc_dir("preproc")).rglob("*step_records*"))
+
+
+def test_a_t1w_channel_without_a_t1w_reference_says_what_to_do(tmp_path):
+    # a subject registered with its stiffness map (no anat/ T1w) cannot give a T1w channel
+    info = tmp_path / "reference.json"
+    info.write_text(json.dumps({"reference_kind": "stiffness"}))
+    unused = tmp_path / "unused.nii.gz"
+    with pytest.raises(PreprocessError, match=r"subject sub-s01: the T1w channel needs a T1w "
+                                              r".*anat/sub-s01_T1w\.nii\.gz\)\. Add the "
+                                              r"subject's T1w image, or remove T1w from "
+                                              r"dataset\.modalities"):
+        register_to_template({}, unused, unused, info, unused, unused, {"T1w": unused},
+                             unused, unused, unused, subject="s01")

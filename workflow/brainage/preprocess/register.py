@@ -199,7 +199,8 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
     if "T1w" in out_maps and not info["reference_kind"].startswith("T1w"):
         raise PreprocessError(f"{name}: the T1w channel needs a T1w image, but the subject was "
                               f"registered with its {info['reference_kind']} map (no "
-                              f"anat/sub-{subject}_T1w.nii.gz).")
+                              f"anat/sub-{subject}_T1w.nii.gz). Add the subject's T1w image, or "
+                              f"remove T1w from dataset.modalities.")
     target, metric = TARGETS[info["reference_kind"]], "mattes"
     mask_data, mask_affine = load_mask(mask, what=f"{name}: brain mask")
     native_maps = {}
@@ -268,14 +269,19 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
 
     if not warped_mask.any():
         raise PreprocessError(f"{name}: the warped brain mask is empty: the registration moved "
-                              f"the brain out of the template's field of view.")
+                              f"the brain out of the template's field of view. Look at the "
+                              f"registration reference {reference} and the brain mask {mask} "
+                              f"(orientation in the NIfTI header, skull stripping).")
     if "T1w" in out_maps:
         registered["T1w"] = np.where(warped_mask, np.maximum(warped_reference, 0),
                                      0).astype(np.float32)
     grid_name = next(iter(registered), None)
     if grid_name is not None and not registered[grid_name].any():
         raise PreprocessError(f"{name}: no {modality(grid_name).description} voxel lands inside "
-                              f"the warped brain mask.")
+                              f"the warped brain mask. Check that the map and the registration "
+                              f"reference {reference} are in the same space (their NIfTI "
+                              f"affines), and that the map has values inside the brain mask "
+                              f"{mask}.")
     with atomic_path(out_transform) as temp:
         temp.write_bytes(transform_bytes)
     for modality_name, volume in registered.items():

@@ -177,7 +177,9 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
         work = Path(tmp).resolve()  # interfaces run in it: every path must be absolute
         if anat is None:
             if not grid_kind.is_mre:
-                raise PreprocessError(f"{name}: no T1w image given to strip.")
+                raise PreprocessError(f"{name}: no T1w image given to strip, and the cohort "
+                                      f"has no MRE map to take the brain from. Add the "
+                                      f"subject's anat/sub-{subject}_T1w.nii.gz.")
             log.info("%s: no anatomical image; brain mask = the %s's support (largest "
                      "component, holes filled); skull stripping (%s) not run", name,
                      grid_kind.description, method)
@@ -215,8 +217,9 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
                 anat_mask = _read_tool_mask(mask_file)
                 if anat_mask.shape != anat_data.shape:
                     raise PreprocessError(f"{name}: {ran} wrote a mask of shape "
-                                          f"{anat_mask.shape} for a T1w of shape "
-                                          f"{anat_data.shape}.")
+                                          f"{anat_mask.shape} for the T1w {anat} of shape "
+                                          f"{anat_data.shape}. Try another "
+                                          f"preprocess.skullstrip route.")
                 mask = resample_mask(anat_mask, reference_affine, data.shape, affine)
                 reference = np.where(anat_mask, np.nan_to_num(anat_data), 0).astype(np.float32)
                 kind, source = "T1w_brain", "T1w"
