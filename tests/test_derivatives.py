@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -187,5 +188,24 @@ def test_bids_validator_accepts_the_default_modalities(simulated_cohort, templat
                 **_template_in(layout, template_files))
     describe_preprocessing(layout.preproc_dir(), space=layout.space,
                            template_shape=(99, 117, 95), source=str(dataset),
-                           version=brainage_version(), template=True)
+                           version=brainage_version(), template=True, modalities=modalities)
     _assert_bids_valid(Path(layout.preproc_dir()))
+    # every file the README names is a file of the subject, and every image is named
+    readme = (Path(layout.preproc_dir()) / "README.md").read_text()
+    named = {name.split(".")[0] for name in re.findall(r"`((?:space|desc|from)-[^`]+)`", readme)}
+    written = {path.name[len(f"sub-{label}_"):].split(".")[0]
+               for path in (Path(layout.preproc_dir()) / f"sub-{label}" / "anat").iterdir()}
+    assert named == written, (named ^ written)
+
+
+def test_the_readme_says_what_was_done_to_each_map(tmp_path):
+    # the desc-biascorr files keep their name with preprocess.n4 false: the README says so
+    for n4, expected in ((True, "N4-corrected"), (False, "not bias-corrected")):
+        describe_preprocessing(tmp_path, space="MNI152NLin2009aSym", template_shape=(99, 117, 95),
+                               source=str(tmp_path), version="0", n4=n4,
+                               modalities=("stiffness", "damping_ratio"))
+        readme = (tmp_path / "README.md").read_text()
+        assert f"`desc-biascorr_stiffness`: the stiffness map (kPa) cleaned (no data = 0) and " \
+               f"{expected}" in readme
+        assert "`desc-clean_damping_ratio`: the damping-ratio map (1)" in readme
+        assert "T1w" not in readme.replace("skull-stripped T1w", "")

@@ -304,9 +304,11 @@ def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp
     assert planned["pretrain_encoder"] == 2 and planned["evaluate_pretrained_encoder"] == 2
     assert planned["train_encoder"] == 6, planned
     # the T1w cohort's QC table is a target of the default run of its own (the
-    # normalisation reads it only with qc.exclude_failed); OpenBHB's release has none
+    # normalisation reads it only with qc.exclude_failed), and its preprocessing folder is
+    # a derivative dataset like the training cohort's; OpenBHB's release has neither
     everything = job_counts(run_snakemake(workdir, configfile, "--dry-run").stdout)
     assert everything["tabulate_pretrain_qc"] == 1, everything
+    assert everything["describe_preprocessing"] == 2, everything
     _fake_complete_run(workdir, configfile, reports)
     # two GPUs: brainage.launch starts torchrun, one training process per GPU on the node
     launch = run_snakemake(workdir, configfile, "--dry-run", "--printshellcmds", "--forcerun",

@@ -115,11 +115,12 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"voxels) differs from the one model bundle {bundle.path} was trained with "
             f"({expected['id']}, {expected['n_brain_voxels']} brain voxels). Use the same "
             f"template files (--template-t1/--template-mask) or the same nilearn version.")
+    modalities = bundle.normalisation["modalities"]
     describe_preprocessing(layout.preproc_dir(), space=template["space"],
                            template_shape=prepared["shape"], source=str(dataset_root),
-                           version=brainage_version(), template=True)
+                           version=brainage_version(), template=True, modalities=modalities,
+                           n4=preprocess["n4"])
 
-    modalities = bundle.normalisation["modalities"]
     participants = read_participants(dataset_root, modalities)
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     # every image opened once before the first subject's minutes of preprocessing

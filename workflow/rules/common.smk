@@ -627,14 +627,22 @@ def pretraining_report_files():
 
 
 def pretrain_targets():
-    """Every pretraining run's encoder, history and validation read-out, and the QC table
-    of each run that preprocesses its cohort (the normalisation reads it only with
-    qc.exclude_failed, so it is a target of its own)."""
+    """Every pretraining run's encoder, history and validation read-out, and for each run
+    that preprocesses its cohort the QC table (the normalisation reads it only with
+    qc.exclude_failed, so it is a target of its own) and the derivative dataset's
+    description."""
     return [
         LAYOUT.pretrain_file(name, file)
         for name in PRETRAIN
         for file in ("encoder.pt", "history.tsv", "metrics.json")
-    ] + [LAYOUT.pretrain_file(name, "qc.tsv") for name in PRETRAIN_CHAIN]
+    ] + [
+        path
+        for name in PRETRAIN_CHAIN
+        for path in (
+            LAYOUT.pretrain_file(name, "qc.tsv"),
+            LAYOUT.preproc_description(LAYOUT.pretrain_preproc(name)),
+        )
+    ]
 
 
 # -- tables and figures (aggregate.smk) -----------------------------------------

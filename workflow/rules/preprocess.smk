@@ -53,6 +53,8 @@ rule describe_preprocessing:
         space=LAYOUT.space,
         version=brainage_version(),
         template=lambda wildcards: wildcards.preproc == TRAINING_PREPROC,
+        modalities=preproc_modalities,
+        n4=config["preprocess"]["n4"],
     script:
         "../scripts/describe_preprocessing.py"
 

@@ -10,4 +10,5 @@ log_to_file(snakemake.log[0])
 describe_preprocessing(snakemake.params.folder, space=snakemake.params.space,
                        template_shape=nib.load(snakemake.input.template_mask).shape,
                        source=snakemake.params.source, version=snakemake.params.version,
-                       template=snakemake.params.template)
+                       template=snakemake.params.template,
+                       modalities=snakemake.params.modalities, n4=snakemake.params.n4)

@@ -22,9 +22,10 @@ The template files of the training cohort's folder (``tpl-<space>/``) get sideca
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from brainage.io import atomic_path, write_json
-from brainage.modalities import MODALITIES
+from brainage.modalities import DEFAULT_MODALITIES, MODALITIES, grid_modality, modality
 from brainage.paths import TEMPLATE_RESOLUTION
 
 BIDS_VERSION = "1.10.0"
@@ -41,7 +42,9 @@ def _resolution(space: str, template_shape) -> dict:
 
 
 def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
-                           source: str, version: str, template: bool = False) -> Path:
+                           source: str, version: str, template: bool = False,
+                           modalities: Sequence[str] = DEFAULT_MODALITIES,
+                           n4: bool = True) -> Path:
     """Write the dataset-level files of a preprocessing folder; returns
     ``dataset_description.json``.
 
@@ -54,22 +57,16 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
         cohort's root).
     version : brainage's version (GeneratedBy).
     template : also describe the template files under ``tpl-<space>/`` (training cohort).
+    modalities : the cohort's images (config key ``dataset.modalities``; ``[T1w]`` for a
+        pretraining cohort), each described with its files and unit.
+    n4 : config key ``preprocess.n4``: whether the ``desc-biascorr`` files are N4-corrected
+        (their name does not change with it).
     """
     folder = Path(folder)
     resolution = _resolution(space, template_shape)
     with atomic_path(folder / "README.md") as temp:
-        temp.write_text(
-            f"# brainage preprocessing derivatives\n\n"
-            f"Per subject (`sub-<label>/anat/`): the native-space brain mask "
-            f"(`desc-brain_mask`), the registration reference and its sidecar "
-            f"(`desc-brain_reference`), the N4-corrected stiffness map and reference "
-            f"(`desc-biascorr`), the stiffness map affinely registered to {space} at 2 mm "
-            f"(`space-{space}_{TEMPLATE_RESOLUTION}_desc-preproc_stiffness`, kPa, zero "
-            f"outside the brain and the MRE slab), the warped brain mask and reference, and "
-            f"the ANTs affine (`from-native_to-{space}_mode-image_xfm.mat`, template to "
-            f"native). `sub-<label>/figures/` holds the QC metrics and views.\n\n"
-            f"Derived from {source} by brainage {version}. BIDS has no MR-elastography "
-            f"datatype; the files without a BIDS suffix are listed in `.bidsignore`.\n")
+        temp.write_text(_readme(space=space, source=source, version=version,
+                                modalities=modalities, n4=n4))
     with atomic_path(folder / ".bidsignore") as temp:
         temp.write_text("\n".join(BIDS_IGNORE) + "\n")
     if template:
@@ -92,6 +89,45 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
         "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}],
         "DatasetLinks": {"raw": Path(source).resolve().as_uri()}})
     return description
+
+
+def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
+            n4: bool) -> str:
+    """The README of a preprocessing folder: every file of a subject and what it holds."""
+    registered = f"space-{space}_{TEMPLATE_RESOLUTION}_desc-preproc"
+    corrected = "N4-corrected" if n4 else "not bias-corrected (preprocess.n4: false)"
+    grid = modality(grid_modality(modalities)).description
+    files = [f"- `desc-brain_mask`: the brain mask on the native grid of the {grid}",
+             "- `desc-brain_reference` and its sidecar: the registration reference (the "
+             "skull-stripped T1w where the subject has one, else the grid map)",
+             f"- `desc-biascorr_reference`: the reference, {corrected}"]
+    for name in modalities:
+        kind = modality(name)
+        if not kind.is_mre:
+            continue
+        if kind.n4:
+            files.append(f"- `desc-biascorr_{name}`: the {kind.description} ({kind.unit}) "
+                         f"cleaned (no data = 0) and {corrected}")
+        else:
+            files.append(f"- `desc-clean_{name}`: the {kind.description} ({kind.unit}) "
+                         f"cleaned (no data = 0); never N4-corrected, a ratio has no "
+                         f"multiplicative bias")
+        files.append(f"- `{registered}_{name}`: the {kind.description} affinely registered "
+                     f"to {space} at 2 mm ({kind.unit}, zero outside the brain and the "
+                     f"MRE slab)")
+    if "T1w" in modalities:
+        files.append(f"- `{registered}_T1w` and its sidecar: the registration reference in "
+                     f"{space} at 2 mm (a.u.), zero outside the warped brain mask")
+    files += [f"- `{registered}_reference`, `space-{space}_{TEMPLATE_RESOLUTION}_desc-brain_"
+              f"mask`: the warped reference (for QC) and brain mask",
+              f"- `from-native_to-{space}_mode-image_xfm.mat`: the ANTs affine (template to "
+              f"native)",
+              "- `sub-<label>/figures/`: the QC metrics and views"]
+    return ("# brainage preprocessing derivatives\n\n"
+            "Per subject (`sub-<label>/anat/`, file names after `sub-<label>_`):\n\n"
+            + "\n".join(files) + "\n\n"
+            f"Derived from {source} by brainage {version}. BIDS has no MR-elastography "
+            f"datatype; the files without a BIDS suffix are listed in `.bidsignore`.\n")
 
 
 def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
