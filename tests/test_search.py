@@ -48,6 +48,22 @@ def test_validation_is_carved_from_training_subjects_only(tmp_path):
     assert set(greedy.studies[greedy.train_index]) == set(split.studies[split.train_index])
 
 
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_tiny_training_set_keeps_every_study_in_training(seed):
+    """Every study rounds to no validation subject; the one drawn instead comes from a
+    study with a second training subject (a one-subject study would leave training)."""
+    from brainage.split_data import SplitData
+
+    table = pd.DataFrame({"participant_id": [f"sub-{i}" for i in range(5)],
+                          "age": [20.0, 30.0, 40.0, 50.0, 60.0],
+                          "study": ["a", "b", "b", "c", "c"]})
+    split = SplitData("tiny", np.zeros((5, 1, 2, 2, 2), dtype=np.float32), table, {},
+                      train_index=np.arange(5), eval_index=np.array([], dtype=np.int64))
+    carved = split.with_validation(0.2, seed=seed)
+    assert len(carved.eval_index) == 1
+    assert set(carved.studies[carved.train_index]) == {"a", "b", "c"}
+
 @pytest.mark.slow
 def test_random_search_writes_trials_and_best(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4)

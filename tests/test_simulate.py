@@ -207,6 +207,15 @@ def test_images_share_a_grid_and_contain_the_head(cohort):
         assert np.percentile(outside, 99.5) > 0.5 * np.percentile(t1w[subject["mask"]], 90)
 
 
+
+def test_method_md_states_the_studies_native_voxel_sizes():
+    """docs/method.md section 8 names the range of the studies' native MRE voxel sizes."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "method.md").read_text()
+    stated = re.search(r"native voxels of ([\d.]+)-([\d.]+) mm", " ".join(text.split()))
+    assert stated, "docs/method.md no longer states the native voxel sizes"
+    voxel_sizes = [STUDY_ACQUISITION[study].voxel_size_mm for study, *_ in STUDY_TABLE]
+    assert (float(stated[1]), float(stated[2])) == (min(voxel_sizes), max(voxel_sizes))
+
 # ---- stiffness maps ----------------------------------------------------------------------
 def test_background_is_zero_and_nans_are_documented(cohort):
     _, truth, images = cohort

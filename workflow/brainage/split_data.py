@@ -146,8 +146,11 @@ class SplitData:
             count = min(count, len(members) - 1)
             if count > 0:
                 validation.extend(rng.choice(members, size=count, replace=False).tolist())
-        if not validation:  # tiny training sets: at least one validation subject overall
-            validation = [int(rng.choice(self.train_index))]
+        if not validation:  # tiny training sets: at least one validation subject overall,
+            # from a study that keeps another training subject where one has two
+            sizes = {study: int(np.sum(studies == study)) for study in set(studies)}
+            spare = self.train_index[[sizes[study] > 1 for study in studies]]
+            validation = [int(rng.choice(spare if len(spare) else self.train_index))]
         validation = np.sort(np.asarray(validation, dtype=np.int64))
         remaining = np.setdiff1d(self.train_index, validation)
         return replace(self, train_index=remaining, eval_index=validation,
