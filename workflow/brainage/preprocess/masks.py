@@ -18,7 +18,8 @@ log = logging.getLogger(__name__)
 
 #: deepbet resamples the brain's bounding box to this cube for its network (the package
 #: uses 256). 192 takes half the CPU time (1.6 s instead of 3.2 s per subject, one thread)
-#: for the same Dice against the simulator's true masks (0.94-0.96 on 1.5-2 mm subjects).
+#: for the same Dice against the simulator's true masks (0.94-0.96 on 1.5-2 mm subjects, as
+#: the simulator then wrote them; now 2-3 mm).
 DEEPBET_SHAPE = (192, 192, 192)
 
 

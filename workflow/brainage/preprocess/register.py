@@ -50,7 +50,8 @@ from brainage.preprocess.skullstrip import read_reference_info
 log = logging.getLogger(__name__)
 
 #: Multi-resolution affine schedule (voxels of the 2 mm template): coarse to fine. On 10
-#: simulated subjects (1.5-2 mm, rotations up to 10 degrees, shifts up to 10 mm) it
+#: simulated subjects (1.5-2 mm, as the simulator then wrote them; now 2-3 mm; rotations
+#: up to 10 degrees, shifts up to 10 mm) it
 #: recovers the pose of the T1w route to 0.14-0.62 mm mean displacement, the same as
 #: (200, 100, 50) iterations at half the time; the fine level only polishes.
 AFFINE_ITERATIONS = (100, 50, 10)
