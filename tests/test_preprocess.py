@@ -133,6 +133,18 @@ def test_user_template_file_is_used_and_checked(template_files, tmp_path):
         prepare_template(tmp_path / "a.nii.gz", tmp_path / "b.nii.gz", source="file")
 
 
+def test_template_record_reads_the_voxel_size_of_a_permuted_grid(tmp_path):
+    # a 2 mm template stored with its axes permuted (y first): [0, 0] of its affine is 0
+    from brainage.preprocess.template import template_record
+
+    permuted = np.array([[0.0, -2.0, 0, 90], [2.0, 0, 0, -126], [0, 0, 2.0, -72], [0, 0, 0, 1]])
+    for name in ("t1", "mask"):
+        nib.save(nib.Nifti1Image(np.ones((6, 7, 8), np.uint8), permuted), tmp_path / f"{name}.nii.gz")
+    record = template_record(tmp_path / "t1.nii.gz", tmp_path / "mask.nii.gz", source="file",
+                             space="MNI152NLin2009aSym")
+    assert record["resolution_mm"] == 2.0 and record["shape"] == [6, 7, 8]
+
+
 # -- skull stripping ----------------------------------------------------------------------------
 
 def test_deepbet_mask_matches_the_true_brain(processed):

@@ -102,7 +102,8 @@ def template_record(t1_path: str | Path, mask_path: str | Path, *, source: str,
         raise InputError(f"template {t1_path} and its mask {mask_path} are not on the same "
                          f"grid; rerun rule prepare_template.")
     return {"id": f"{space}_res-2", "space": space, "source": source,
-            "resolution_mm": float(abs(mask.affine[0, 0])),
+            # the voxel edge whatever the axis order (a permuted affine has 0 at [0, 0])
+            "resolution_mm": float(np.sqrt((mask.affine[:3, :3] ** 2).sum(axis=0)).mean()),
             "shape": [int(size) for size in mask.shape[:3]],
             "affine": np.asarray(mask.affine, dtype=float).tolist(),
             "mask_voxels_sha256": hashlib.sha256(data.tobytes()).hexdigest(),
