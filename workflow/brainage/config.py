@@ -662,13 +662,13 @@ def encoder_owners(config: Mapping[str, Any]) -> dict[tuple[str, str, int], tupl
     """For every cell with an encoder, the cell that trains the encoder it evaluates.
 
     Cells whose training settings are equal (same loss, train, model sections and seed)
-    would train the same encoder: in the paper grid the Manhattan cells of the distance
-    ablation, the five read-out cells, both projection cells, the default cells of the
-    lambda and reduction ablations and the modality experiment's stiffness cells: 50 of
-    205 cells with an encoder train nothing. Each such group trains once, in the folder
-    of its first cell in config order; the others keep their own metrics.json and
-    predictions.tsv. The order runs over every experiment, disabled ones included, so
-    switching an experiment off or on does not move (and retrain) an encoder.
+    would train the same encoder: in the paper grid the five read-out cells, both
+    projection cells, the default cells of the lambda and reduction ablations and the
+    modality experiment's stiffness cells evaluate the distance ablation's Manhattan
+    encoders: 50 of 205 cells with an encoder train nothing. Each such group trains once,
+    in the folder of its first cell in config order; the others keep their own
+    metrics.json and predictions.tsv. The order runs over every experiment, disabled ones
+    included, so switching an experiment off or on does not move (and retrain) an encoder.
     """
     owners: dict[tuple[str, str, int], tuple[str, str, int]] = {}
     first_with: dict[str, tuple[str, str, int]] = {}

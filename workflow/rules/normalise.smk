@@ -1,8 +1,8 @@
 # Dataset-wide z-normalisation, one job per split (docs/method.md, "Normalisation"): per
 # modality (channel) one mean and one sd over the non-zero brain voxels, from the split's
-# training subjects by default (normalise.scope: all = the paper's code). The only preprocessing stage that
-# reads participants.tsv. stats.json is the normalisation record every later stage
-# applies (brainage.normalise.apply), the model bundle included.
+# training subjects by default (normalise.scope: all = the paper's code). Besides tabulate_qc,
+# the only preprocessing stage that reads participants.tsv. stats.json is the normalisation
+# record every later stage applies (brainage.normalise.apply), the model bundle included.
 
 
 rule normalise_dataset:
