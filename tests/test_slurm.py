@@ -176,6 +176,8 @@ def test_workflow_profile_never_requests_gpus_through_slurm_extra():
             assert "--gres" not in text and "slurm_extra" not in text
     gpu = profile("default", BRAINAGE_SLURM_GPU_PARTITION="gpu")["set-resources"]
     assert gpu["train_encoder"] == {"slurm_partition": "gpu"}
+    # pretraining asks for pretrain.<run>.resources.gpus: it must reach the GPUs too
+    assert gpu["pretrain_encoder"] == gpu["search_hyperparameters"] == {"slurm_partition": "gpu"}
     assert "evaluate_encoder" not in gpu  # a read-out on saved features: a CPU job
     assert profile("default")["set-resources"]["train_encoder"] == {}
 
