@@ -113,6 +113,84 @@ def test_predictor_is_deterministic():
     assert np.array_equal(first, second)
 
 
+def test_ridge_predicts_with_the_alpha_its_cross_validation_chose():
+    # The alpha reported must be the alpha fitted: a read-out refitted with the grid's
+    # first alpha (here a penalty that flattens the map) reported the CV's choice and
+    # predicted with another.
+    from sklearn.linear_model import Ridge
+
+    train_x, train_y, _, _ = _shared_direction_data()
+    readout = fit_readout(train_x, train_y, readout_section({"method": "ridge",
+                                                             "alphas": [1e4, 0.01]}))
+    assert readout.info["ridge_alpha"] == 0.01  # the features carry age: little penalty
+    reference = Ridge(alpha=0.01).fit(train_x, train_y)
+    np.testing.assert_allclose(readout.coef, reference.coef_, rtol=1e-9)
+    assert readout.intercept == pytest.approx(reference.intercept_, rel=1e-9)
+
+
+def test_ridge_alpha_is_the_best_mean_r2_over_the_read_out_folds():
+    # The reference scores the alpha search by r2. Heavy-tailed age noise makes the scores
+    # disagree here: the mean r2 over the folds picks alpha 10, the mean absolute error
+    # would pick 1, so a search scored otherwise reads out other ages.
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(20, 8))
+    ages = 30 + 10 * features[:, 0] + 6 * rng.standard_t(2, size=20)
+    alphas = [0.01, 0.1, 1.0, 10.0, 100.0]
+    folds = list(ridge_folds(20, 5).split(features))
+    mean_r2 = {alpha: np.mean([r2_score(ages[held_out], Ridge(alpha=alpha).fit(
+        features[fit], ages[fit]).predict(features[held_out])) for fit, held_out in folds])
+        for alpha in alphas}
+    assert max(mean_r2, key=mean_r2.get) == 10.0
+    readout = fit_readout(features, ages, readout_section({"method": "ridge", "cv_folds": 5,
+                                                           "alphas": alphas}))
+    assert readout.info["ridge_alpha"] == 10.0
+
+
+def test_pca_ridge_is_stored_as_the_equivalent_linear_map():
+    # (features - mean) @ V.T @ w + b is stored as features @ coef + intercept. Features
+    # far from 0 make the mean's term large: with its sign flipped every prediction moved,
+    # yet the only pca_ridge test is slow.
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+
+    train_x, train_y, test_x, _ = _shared_direction_data()
+    readout = fit_readout(train_x + 10.0, train_y, readout_section({"method": "pca_ridge"}))
+    pipeline = make_pipeline(PCA(readout.info["pca_components"], svd_solver="full"),
+                             Ridge(alpha=readout.info["ridge_alpha"]))
+    pipeline.fit(train_x + 10.0, train_y)
+    np.testing.assert_allclose(readout.predict(test_x + 10.0), pipeline.predict(test_x + 10.0),
+                               rtol=0, atol=1e-8)
+
+
+def test_predictors_scale_features_and_ages_by_the_training_subjects():
+    # The MLP read-outs work in the training subjects' z-units: shifting every feature by a
+    # constant changes no prediction, and the stored age scaling is the training ages'.
+    # The features above are centred near 0, which hid a predict() that forgot to subtract
+    # the training mean, and a fit that regressed unscaled ages.
+    train_x, train_y, test_x, _ = _shared_direction_data()
+    section = readout_section({"method": "mse", "predictor_epochs": 100})
+    plain = fit_readout(train_x, train_y, section, seed=0)
+    shifted = fit_readout(train_x + 100.0, train_y, section, seed=0)
+    np.testing.assert_allclose(shifted.predict(test_x + 100.0), plain.predict(test_x),
+                               rtol=0, atol=1e-3)
+    np.testing.assert_allclose(shifted.feature_mean, train_x.mean(axis=0) + 100.0)
+    assert shifted.age_mean == pytest.approx(train_y.mean())
+    assert shifted.age_sd == pytest.approx(train_y.std(), rel=1e-6)
+
+
+def test_study_mean_gives_a_study_without_training_subjects_the_overall_mean():
+    # Documented fallback: the training subjects' mean age (55 here), not 0 and not a median.
+    ages = np.array([20.0, 30.0, 60.0, 70.0, 95.0])
+    readout = fit_readout(np.zeros((5, 1)), ages, readout_section({"method": "study_mean"}),
+                          studies=["a", "a", "b", "b", "b"])
+    predicted = readout.predict(np.zeros((3, 1)), ["a", "b", "unseen"])
+    np.testing.assert_allclose(predicted, [25.0, 75.0, 55.0], rtol=0, atol=1e-12)
+
+
 def test_unknown_readout():
     with pytest.raises(ConfigError, match="readout.method"):
         fit_readout(np.zeros((4, 2)), np.arange(4.0), readout_section({"method": "svm"}))
@@ -132,6 +210,23 @@ def test_metrics_closed_form():
     assert uneven["n_per_study"] == {"a": 1, "b": 3}
     shifted = compute_metrics(ages, ages + np.array([1.0, -1.0, 3.0, -3.0]), studies)
     assert shifted["mae"] == 2 and shifted["rmse"] == pytest.approx(np.sqrt(5))
+
+
+def test_metrics_of_biased_predictions_by_hand():
+    # Errors 12, 7, -3, -8 (mean 2): in test_metrics_closed_form the errors average 0,
+    # where RMSE equals the errors' sd, and R2 is only checked where its denominators
+    # agree; an RMSE computed as sd(error), or an R2 over the predictions' spread instead
+    # of the ages', kept those passing.
+    ages = np.array([20.0, 40.0, 60.0, 80.0])  # sum of squares about the mean: 2000
+    predicted = np.array([32.0, 47.0, 57.0, 72.0])  # about their mean 52: 850
+    metrics = compute_metrics(ages, predicted, np.array(["a", "a", "a", "b"]))
+    assert metrics["mae"] == pytest.approx(7.5)
+    assert metrics["rmse"] == pytest.approx(np.sqrt(266 / 4))  # sd(error) is sqrt(62.5)
+    assert metrics["r2"] == pytest.approx(1 - 266 / 2000)
+    assert metrics["pearson_r"] == pytest.approx(1300 / np.sqrt(2000 * 850))
+    assert metrics["gap_age_slope"] == pytest.approx(-700 / 2000)
+    assert metrics["mae_per_study"] == pytest.approx({"a": 22 / 3, "b": 8.0})
+    assert metrics["n_per_study"] == {"a": 3, "b": 1}
 
 
 def test_metrics_record_the_loss_the_encoder_was_trained_with(tmp_path):

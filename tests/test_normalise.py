@@ -16,6 +16,7 @@ import pytest
 from brainage.inputs import InputError
 from brainage.normalise import (
     analysis_grid,
+    apply,
     assign_split,
     block_average,
     combine_moments,
@@ -134,6 +135,29 @@ def test_chan_combination_equals_numpy():
     assert count == everything.size
     assert mean == pytest.approx(everything.mean(), rel=1e-12)
     assert np.sqrt(m2 / count) == pytest.approx(everything.std(), rel=1e-12)
+
+
+def test_apply_scores_each_channel_with_its_own_statistics_and_scaling():
+    # The split tests above have one channel, where channel 0's mean, sd and scaling are
+    # every channel's: a second channel scored with the first one's statistics, or a T1w
+    # divided by the mean or by a median that counts the background, went unnoticed.
+    record = {"window_start": [0, 0, 0], "window_stop": [2, 2, 2], "block_factor": 1,
+              "modalities": ["stiffness", "T1w"], "scale_by_brain_median": [False, True],
+              "mean": [2.0, 1.5], "sd": [0.5, 0.25], "dtype": "float32"}
+    stiffness = np.zeros((2, 2, 2), np.float32)
+    stiffness[0, 0] = [2.5, 1.0]
+    t1w = np.zeros((2, 2, 2), np.float32)
+    t1w[1, 1] = [100.0, 200.0]
+    t1w[0, 1, 0] = 600.0  # brain values 100, 200, 600: median 200 (mean 300), 5 zeros
+    result = apply({"T1w": t1w, "stiffness": stiffness}, record)
+    assert result.shape == (2, 2, 2, 2) and result.dtype == np.float32
+    expected_stiffness = np.zeros((2, 2, 2))
+    expected_stiffness[0, 0] = [(2.5 - 2.0) / 0.5, (1.0 - 2.0) / 0.5]
+    expected_t1w = np.zeros((2, 2, 2))
+    expected_t1w[1, 1] = [(0.5 - 1.5) / 0.25, (1.0 - 1.5) / 0.25]
+    expected_t1w[0, 1, 0] = (3.0 - 1.5) / 0.25
+    np.testing.assert_allclose(result[0], expected_stiffness, atol=1e-6)
+    np.testing.assert_allclose(result[1], expected_t1w, atol=1e-6)
 
 
 # -- normalise_dataset -----------------------------------------------------------------------------

@@ -480,6 +480,47 @@ def test_out_of_fold_predictions_belong_to_their_own_subjects():
     np.testing.assert_allclose(means, expected)
 
 
+def test_age_bias_and_gap_correlation_leave_out_subjects_without_a_prediction():
+    # gap = 10 - 0.5 * age exactly, plus a sixth subject whose prediction is missing (NaN):
+    # it must drop out of both, not turn the fit or the correlation into NaN.
+    ages = np.array([20.0, 30.0, 40.0, 50.0, 60.0, 70.0])
+    predicted = ages + 10.0 - 0.5 * ages
+    predicted[-1] = np.nan
+    bias = fit_age_bias(ages, predicted)
+    assert (bias.intercept, bias.slope) == pytest.approx((10.0, -0.5))
+    assert gap_age_correlation(ages, predicted - ages) == pytest.approx(-1.0)
+
+
+def test_bias_fits_record_the_out_of_fold_error_and_the_correlation_after_their_own_fit():
+    # The training record is fitted on out-of-fold predictions, and reports their MAE
+    # (oof_mae, not the read-out's in-sample MAE) and r(gap, age) after its own correction
+    # (0 on the subjects it was fitted on, whereas the raw gap correlates with age).
+    from brainage.agebias import bias_fits
+
+    rng = np.random.default_rng(0)
+    ages = rng.uniform(20, 80, 30)
+    features = np.column_stack([ages + rng.normal(0, 8, 30), rng.normal(size=30)])
+    section = resolve_cell({"readout": {"method": "ridge"}})["readout"]
+    in_sample = fit_readout(features, ages, section).predict(features)
+    test_ages = np.array([25.0, 45.0, 65.0, 75.0])
+    test_predicted = test_ages + np.array([6.0, -1.0, 2.0, -7.0])
+    fits = bias_fits(features, ages, in_sample, test_ages=test_ages,
+                     test_predicted=test_predicted, readout_settings=section, seed=0,
+                     where="split holdout")
+    oof = out_of_fold_predictions(features, ages, section, folds=section["cv_folds"], seed=0)
+    training = fits["training"]
+    assert training["oof_mae"] == pytest.approx(np.mean(np.abs(oof - ages)))
+    assert training["oof_mae"] != pytest.approx(np.mean(np.abs(in_sample - ages)))
+    expected = fit_age_bias(ages, oof)
+    assert (training["intercept"], training["slope"]) == pytest.approx(
+        (expected.intercept, expected.slope))
+    assert training["gap_age_r_before"] == pytest.approx(gap_age_correlation(ages, oof - ages))
+    assert training["gap_age_r_before"] < -0.3
+    for name, record in fits.items():
+        assert abs(record["gap_age_r_after"]) < 1e-8, name
+    assert fits["test"]["n_subjects"] == 4
+
+
 def test_fit_age_bias_refuses_degenerate_reference_sets():
     with pytest.raises(ValueError, match="at least 3 subjects"):
         fit_age_bias([30.0, 40.0], [31.0, 39.0])

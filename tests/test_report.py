@@ -283,6 +283,9 @@ def test_seed_results_pool_splits_by_test_size():
     # weighted by the folds' n_test (3:1, which would give 1.75)
     assert row["mae_study_b"] == pytest.approx(2.5)
     assert row["gap_age_slope"] == pytest.approx(-0.2)
+    # r and r2 are plain means over the splits (a fold's r is not a sum over its subjects):
+    # weighted by n_test they would be 0.55 and 0.15, the first split's alone 0.5 and 0.1
+    assert row["pearson_r"] == pytest.approx(0.6) and row["r2"] == pytest.approx(0.2)
     assert (row["n_study_a"], row["n_study_b"]) == (2, 2)  # summed over the folds
     # metrics written before the counts existed cannot pool b, and say which to rerun
     with pytest.raises(targets.ReportError, match="x, y.*n_per_study.*evaluate_encoder"):
@@ -294,6 +297,31 @@ def test_seed_results_pool_splits_by_test_size():
     # a study no split of the cell tests (leave-one-study-out) has no MAE and 0 subjects
     untested = report_results.seed_results(metrics.assign(mae_study_c=np.nan)).iloc[0]
     assert np.isnan(untested["mae_study_c"]) and untested["n_study_c"] == 0
+    # a split without test subjects has no MAE to pool: an error, not a NaN in Table 3
+    with pytest.raises(targets.ReportError, match="n_test is 0 .*no test subjects"):
+        report_results.seed_results(metrics.assign(n_test=[3, 0]))
+
+
+def test_summarise_seeds_by_hand():
+    # Skewed MAEs over three seeds, 3, 4 and 8: mean 5 (the median is 4), sd with ddof=1
+    # sqrt(7). The grid fixture's seeds are evenly spaced, where mean and median agree,
+    # and its RMSE and per-study columns were never read back.
+    seeds = pd.DataFrame({
+        "experiment": "table3", "variant": "adaptive", "seed": [2, 0, 1],
+        "mae": [3.0, 4.0, 8.0], "rmse": [4.0, 5.0, 9.0], "pearson_r": [0.9, 0.8, 0.4],
+        "r2": [0.8, 0.6, 0.1], "gap_age_slope": [-0.1, -0.2, -0.6], "n_test": 20,
+        "neighbourhood": None, "mae_study_a": [2.0, 3.0, 10.0], "n_study_a": 12.0})
+    summary = report_results.summarise_seeds(seeds)
+    assert summary["n_seeds"] == 3 and summary["seeds"] == "0 1 2"
+    assert summary["mae_mean"] == pytest.approx(5.0)
+    assert summary["mae_std"] == pytest.approx(np.sqrt(7.0))
+    assert summary["rmse_mean"] == pytest.approx(6.0)
+    assert summary["pearson_r_mean"] == pytest.approx(0.7)
+    assert summary["r2_mean"] == pytest.approx(0.5)
+    assert summary["gap_age_slope_mean"] == pytest.approx(-0.3)
+    assert summary["mae_study_a"] == pytest.approx(5.0)
+    assert summary["n_test"] == 20 and summary["n_study_a"] == 12  # the seeds share the split
+    assert np.isnan(report_results.summarise_seeds(seeds.iloc[:1])["mae_std"])
 
 
 def test_per_study_mae_pools_each_studys_test_subjects_over_folds(tmp_path):

@@ -48,6 +48,22 @@ def test_validation_is_carved_from_training_subjects_only(tmp_path):
     assert set(greedy.studies[greedy.train_index]) == set(split.studies[split.train_index])
 
 
+def test_validation_takes_each_studys_rounded_share_of_its_training_subjects(tmp_path):
+    # Studies A, B, C have 7, 5 and 6 training subjects: a quarter is 1.75, 1.25 and 1.5,
+    # rounded 2, 1, 2 (truncating gave 1, 1, 1), each drawn from its own study (a draw from
+    # all training subjects gave any mix), whatever the seed.
+    split = load_split(write_split(tmp_path, n_subjects=24, n_test=6))
+    studies = split.studies[split.train_index]
+    assert {study: int((studies == study).sum()) for study in set(studies)} == {
+        "studyA": 7, "studyB": 5, "studyC": 6}
+    for seed in range(5):
+        carved = split.with_validation(0.25, seed=seed)
+        drawn = carved.studies[carved.eval_index]
+        assert {study: int((drawn == study).sum()) for study in set(drawn)} == {
+            "studyA": 2, "studyB": 1, "studyC": 2}, seed
+        assert len(set(carved.eval_index)) == 5 and len(carved.train_index) == 13
+
+
 
 @pytest.mark.parametrize("seed", range(20))
 def test_a_tiny_training_set_keeps_every_study_in_training(seed):
