@@ -176,8 +176,10 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     for (experiment, variant, seed), group in metrics.groupby(keys, sort=False):
         weights = group["n_test"].astype(float).to_numpy()
         if np.any(weights <= 0):
+            empty = group["path"][weights <= 0]
             raise ReportError(f"cell {experiment}/{variant}/seed-{seed}: n_test is 0 in "
-                              f"{', '.join(group['path'])}; the split has no test subjects.")
+                              f"{', '.join(empty)}; the split has no test subjects. Check "
+                              f"the split (split.*) or rerun its evaluate_encoder.")
         row = {"experiment": experiment, "variant": variant, "seed": int(seed),
                "loss": group["loss"].iloc[0], "kind": group["kind"].iloc[0],
                "readout": group["readout"].iloc[0],
