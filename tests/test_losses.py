@@ -383,6 +383,21 @@ def test_nn_schedule_with_steps():
     assert [nn_schedule(e, 50, 32, 4, 10) for e in epochs] == [32, 32, 25, 25, 18, 11, 4, 4]
 
 
+def test_nn_schedule_demo_sequence_of_the_docs():
+    # docs/method.md §5.4: the demo (B = 8, nn_final = 4, nn_step = 5, 75 epochs) gives 8 for
+    # 4 epochs, then 7 for 15, 6 for 20, 5 for 15 and 4 for the last 21.
+    sequence = [nn_schedule(epoch, 75, 8, 4, 5) for epoch in range(1, 76)]
+    assert sequence == [8] * 4 + [7] * 15 + [6] * 20 + [5] * 15 + [4] * 21
+
+
+def test_nn_final_equal_to_the_batch_size_is_allowed_and_constant():
+    # docs/method.md §5.4 allows 1 <= nn_final <= B: nn_final = B is a valid (if degenerate)
+    # schedule that never shrinks, so a ">=" in the range check must not refuse it.
+    assert [nn_schedule(epoch, 10, 4, 4, 1) for epoch in range(1, 12)] == [4] * 11
+    loss = make_loss("adaptive", batch_size=4, nn_final=4, max_epochs=10, nn_step=1)
+    assert loss.neighbour_count(10, 4) == 4
+
+
 @pytest.mark.parametrize(
     ("kwargs", "parameter"),
     [
@@ -485,6 +500,22 @@ def test_edge_cases_are_finite(name, case, dtype):
         assert value.grad_fn is not None
         (gradient,) = torch.autograd.grad(value, features)
         assert torch.isfinite(gradient).all()
+
+
+def test_anchor_mean_leaves_out_anchors_without_a_usable_pair():
+    # Threshold, V = 1, ages 0, 10, 10 (docs/method.md §5.1-5.2). Anchor 0 sees both others
+    # at the same w, so neither pair has a strictly less age-similar row to repel: both are
+    # dropped and anchor 0 has no weight. It must not count in the anchor mean (a plain mean
+    # over all N anchors would divide by 3). Anchors 1 and 2 keep one pair each, with weight
+    # w = 1 and the third subject as the only repelled row, so (the shift cancels)
+    # l_12 = s_10 - s_12 = (cos_10 - cos_12)/τ = (0 - 0.8)/0.1 = -8 and
+    # l_21 = (cos_20 - cos_21)/τ = (0.6 - 0.8)/0.1 = -2; both reductions give
+    # (-8 - 2)/2 · τ/τ_b = -5 · 0.1/0.07.
+    features = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]], [[0.6, 0.8]]], dtype=torch.float64)
+    ages = torch.tensor([0.0, 10.0, 10.0], dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        value = make_loss("threshold", reduction=reduction)(features, ages, 1)
+        assert_close(value, -5.0 * 0.1 / 0.07, rel=1e-9)
 
 
 def test_threshold_with_nothing_to_repel_is_a_connected_zero():

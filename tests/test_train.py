@@ -4,6 +4,7 @@ determinism, kill-and-resume, checkpoint integrity, augmentations, and the error
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -18,7 +19,7 @@ import pytest
 import torch
 
 from brainage.config import ConfigError, resolve_cell
-from brainage.data import Augmenter, DataError, load_split, plan_batches
+from brainage.data import Augmenter, DataError, VolumeStore, load_split, plan_batches
 from brainage.evaluate import evaluate_encoder
 from brainage.io import WriteError
 from brainage.models import build_model
@@ -344,6 +345,78 @@ def test_single_leftover_subject_joins_the_previous_batch():
     assert [len(batch) for batch in plan_batches(14, 6, np.random.default_rng(0))] == [6, 6, 2]
 
 
+def test_batches_are_shuffled_and_a_batch_may_be_the_whole_split():
+    # plan_batches shuffles (a fixed order would show every epoch the same batches), and a
+    # batch size equal to the number of training subjects is allowed: one batch of all.
+    first = np.concatenate(plan_batches(20, 5, np.random.default_rng(0)))
+    second = np.concatenate(plan_batches(20, 5, np.random.default_rng(1)))
+    assert sorted(first) == sorted(second) == list(range(20))
+    assert list(first) != list(range(20)) and list(first) != list(second)
+    (whole,) = plan_batches(6, 6, np.random.default_rng(0))
+    assert sorted(whole) == list(range(6))
+    with pytest.raises(ConfigError, match="batch_size"):
+        plan_batches(6, 7, np.random.default_rng(0))
+
+
+def test_run_epoch_draws_new_batches_and_augmentations_each_epoch():
+    # docs/method.md §4: batch order and augmentations come from generators seeded by
+    # (seed, epoch): the same (seed, epoch) repeats exactly (resume), another epoch draws
+    # other batches and other noise. A recording loss sees each batch's ages and inputs.
+    from brainage.data import VolumeStore
+    from brainage.train import run_epoch
+
+    class Flatten(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, volumes):
+            return volumes.flatten(1) * self.scale
+
+    seen = []
+
+    def loss_fn(features, ages, epoch):
+        seen.append((ages.tolist(), features.detach().clone()))
+        return features.sum() * 0.0
+
+    images = np.arange(12 * 2 * 2 * 2, dtype=np.float32).reshape(12, 1, 2, 2, 2) + 1
+    store = VolumeStore(images, torch.device("cpu"))
+    ages = torch.arange(12, dtype=torch.float32)
+    model = Flatten()
+
+    def epoch_draws(epoch):
+        seen.clear()
+        run_epoch(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0), store,
+                  Augmenter("noise", noise_std=0.1), np.arange(12), ages, epoch=epoch, seed=3,
+                  batch_size=4, views=2)
+        return [ages for ages, _ in seen], torch.cat([features for _, features in seen])
+
+    order_1, inputs_1 = epoch_draws(1)
+    order_1_again, inputs_1_again = epoch_draws(1)
+    order_2, inputs_2 = epoch_draws(2)
+    assert order_1 == order_1_again and torch.equal(inputs_1, inputs_1_again)
+    assert order_1 != order_2
+    # the same subjects in the same places, with epoch 2's noise instead of epoch 1's
+    clean = images.reshape(12, -1)
+    noise_1 = inputs_1 - torch.from_numpy(clean[np.concatenate(order_1).astype(int)])[:, None]
+    noise_2 = inputs_2 - torch.from_numpy(clean[np.concatenate(order_2).astype(int)])[:, None]
+    assert not torch.allclose(noise_1, noise_2, atol=1e-3)  # float32 rounding is ~1e-5
+
+
+def test_gather_keeps_the_requested_order_and_background_zeros():
+    # the memory-map path reads sorted rows and must put them back in the asked order;
+    # normalisation (x - mean)/sd applies to brain voxels only, background 0 stays 0.
+    images = np.zeros((5, 1, 2, 2, 2), dtype=np.float32)
+    images[:, 0, 0, 0, 0] = np.arange(5) + 1  # one brain voxel per subject, value = row + 1
+    rows = np.array([3, 0, 4, 1])
+    plain = VolumeStore(images, torch.device("cpu"), resident=False).gather(rows)
+    assert plain[:, 0, 0, 0, 0].tolist() == [4.0, 1.0, 5.0, 2.0]
+    scaled = VolumeStore(images, torch.device("cpu"), normalisation=(1.0, 2.0),
+                         resident=False).gather(rows)
+    assert scaled[:, 0, 0, 0, 0].tolist() == [1.5, 0.0, 2.0, 0.5]
+    assert torch.count_nonzero(scaled[:, 0].flatten(1)[:, 1:]) == 0
+
+
 def _volumes() -> torch.Tensor:
     ages = np.array([25.0, 45.0, 65.0, 80.0])
     return torch.from_numpy(synthetic_volumes(ages, (16, 20, 16))).unsqueeze(1)
@@ -400,6 +473,67 @@ def test_rotation():
     brain = (volumes != 0).float()
     turned = Augmenter("rotation", rotation_degrees=20.0)(brain, _generator())
     assert 0.85 < float(turned.sum() / brain.sum()) < 1.1
+
+
+def test_flip_flips_about_half_of_the_volumes():
+    volumes = torch.arange(64 * 4.0).reshape(64, 1, 4, 1, 1).expand(64, 1, 4, 2, 2)
+    flipped = Augmenter("flip", flip_axis=0)(volumes, _generator())
+    changed = int(sum(not torch.equal(a, b) for a, b in zip(flipped, volumes)))
+    assert 16 < changed < 48
+
+
+def test_left_right_axis_is_the_voxel_axis_along_which_world_x_changes():
+    # row 0 of the affine gives world x per voxel step along each array axis; with axes
+    # cycled (array axis 2 is world x, 0 is y, 1 is z) the flip must act on axis 2
+    from brainage.data import left_right_axis
+
+    cycled = [[0, 0, -2, 90], [2, 0, 0, -126], [0, 2, 0, -72], [0, 0, 0, 1]]
+    assert left_right_axis(cycled) == 2
+    assert left_right_axis(np.diag([2.0, 2.0, 2.0, 1.0])) == 0
+    assert left_right_axis(None) == 0
+
+
+def test_rotation_angles_are_symmetric_within_the_limit_in_degrees(monkeypatch):
+    # rotation_degrees is a maximum absolute angle per axis, in degrees: draws are uniform
+    # in [-limit, +limit] radians-converted, so both signs occur and none exceeds the limit.
+    import brainage.data
+
+    drawn = []
+    original = brainage.data.rotation_matrices
+    monkeypatch.setattr(brainage.data, "rotation_matrices",
+                        lambda angles: drawn.append(angles) or original(angles))
+    Augmenter("rotation", rotation_degrees=20.0)(torch.zeros(200, 1, 4, 4, 4), _generator())
+    (angles,) = drawn
+    limit = np.deg2rad(20.0)
+    assert float(angles.abs().max()) <= limit
+    assert float(angles.min()) < -0.8 * limit and float(angles.max()) > 0.8 * limit
+
+
+def test_rotation_matrices_are_proper_rotations():
+    from brainage.data import rotation_matrices
+
+    quarter = torch.tensor([[math.pi / 2, 0.0, 0.0]])  # 90 degrees about the first axis
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+    assert torch.allclose(rotation_matrices(quarter)[0], expected, atol=1e-6)
+    angles = torch.rand(10, 3, generator=_generator()) * 2 - 1
+    matrices = rotation_matrices(angles)
+    assert torch.allclose(matrices @ matrices.transpose(1, 2), torch.eye(3).expand(10, 3, 3),
+                          atol=1e-6)
+    assert torch.allclose(torch.linalg.det(matrices), torch.ones(10), atol=1e-6)
+
+
+def test_rotation_is_rigid_in_voxels_of_a_non_cubic_volume():
+    # a centred isotropic Gaussian blob is unchanged by any rotation about its centre if the
+    # rotation is rigid in voxel space; rotating in affine_grid's normalised [-1, 1]
+    # coordinates instead would stretch it along the longer axes of a 12x24x18 volume
+    shape = (12, 24, 18)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) - (n - 1) / 2 for n in shape],
+                           indexing="ij")
+    blob = torch.exp(-sum(g.square() for g in grids) / (2 * 2.0**2))[None, None].expand(
+        8, 1, *shape)
+    rotated = Augmenter("rotation", rotation_degrees=40.0)(blob.contiguous(), _generator())
+    # trilinear resampling alone leaves up to ~0.07 of the peak 1; the stretch, ~0.33
+    assert float((rotated - blob).abs().max()) < 0.15
 
 
 def test_default_augmentation_depends_on_the_loss():
