@@ -236,6 +236,13 @@ def test_the_release_becomes_a_pretraining_split_normalised_on_its_training_scan
     assert (images[:, 0][:, mask == 0] == 0).all()
     loaded = load_split(split)
     assert loaded.eval_subset == "validation" and len(loaded.train_index) == 5
+    # normalise.scope all (the reference code's statistics over the whole cohort) holds for
+    # the release as for any pretraining cohort: every scan enters the statistics
+    everything = write_pretraining_split(result, tmp_path / "mask.nii.gz", tmp_path / "i.npy",
+                                         tmp_path / "p.tsv", tmp_path / "s.json", scope="all")
+    every_scan = np.concatenate([b[b != 0] for b in brains]).astype(np.float64)
+    assert everything["mean"] == [pytest.approx(every_scan.mean(), rel=1e-5)]
+    assert everything["mean"] != stats["mean"]
 
 
 # -- what a broken release is told -------------------------------------------------------------

@@ -563,13 +563,16 @@ class Resampler:
 def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
                             out_images: str | Path, out_participants: str | Path,
                             out_stats: str | Path, *, resolution_mm: int = 2,
-                            dtype: str = "float32", method: str = "auto") -> dict:
+                            dtype: str = "float32", method: str = "auto",
+                            scope: str = "train") -> dict:
     """The release as a pretraining split folder, like a T1w cohort's
     (:func:`brainage.normalise.normalise_dataset`, which rule normalise_pretrain_cohort
     runs): each volume resampled onto the template grid, restricted to the template's
     brain mask (as the chain's registered T1w is), scaled by its brain median, windowed,
     block-averaged to ``resolution_mm`` and z-normalised with the statistics of the
-    release's training scans only (:func:`brainage.normalise.write_normalised`).
+    release's training scans (``scope`` ``train``, the default) or of all its scans
+    (``all``), as config key ``normalise.scope`` chooses for every cohort
+    (:func:`brainage.normalise.write_normalised`).
 
     Writes ``out_images`` [n, 1, X, Y, Z], ``out_participants`` (our table with the official
     ``subset`` train / validation; ``coverage`` is not measured (NaN): the release ships
@@ -591,6 +594,6 @@ def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
     table = release.table.copy()
     table["coverage"] = np.nan
     return write_normalised(table, subject_maps, template_mask, out_images, out_participants,
-                            out_stats, split="openbhb", scope="train", dtype=dtype,
+                            out_stats, split="openbhb", scope=scope, dtype=dtype,
                             resolution_mm=resolution_mm, modalities=["T1w"],
                             eval_subset="validation")

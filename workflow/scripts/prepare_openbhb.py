@@ -9,4 +9,5 @@ release = read_release(snakemake.params.root, validation=snakemake.params.valida
 write_pretraining_split(release, snakemake.input.template_mask, snakemake.output.images,
                         snakemake.output.participants, snakemake.output.stats,
                         resolution_mm=snakemake.params.normalise["resolution_mm"],
-                        dtype=snakemake.params.normalise["dtype"])
+                        dtype=snakemake.params.normalise["dtype"],
+                        scope=snakemake.params.normalise["scope"])
