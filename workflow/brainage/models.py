@@ -188,11 +188,11 @@ def embed_all(model: BrainAgeNet, store, rows, *, channels_last: bool = False,
     model.eval()
     chunks: dict[str, list] = {"encoder": [], "projection": []}
     try:
-        for start in range(0, len(rows), batch_size):
-            volumes = store.gather(rows[start:start + batch_size])
-            if channels_last:
-                volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
-            with full_float32():
+        with full_float32():
+            for start in range(0, len(rows), batch_size):
+                volumes = store.gather(rows[start:start + batch_size])
+                if channels_last:
+                    volumes = volumes.contiguous(memory_format=torch.channels_last_3d)
                 encoded = model.encode(volumes)
                 chunks["encoder"].append(encoded.float().cpu())
                 chunks["projection"].append(model.project(encoded).float().cpu())

@@ -141,7 +141,7 @@ def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
     requires for a file with a ``res`` entity.
     """
     mask = Path(mask)
-    sidecar = mask.with_name(mask.name.replace(".nii.gz", ".json"))
+    sidecar = _sidecar(mask)
     if template_mask is None:
         write_json(sidecar, {"Type": "Brain",
                              "Description": f"brain mask on the {grid}'s native grid"})
@@ -162,7 +162,7 @@ def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path) -> Pa
     skull-stripped whatever the skull-stripping route.
     """
     t1w = Path(t1w)
-    sidecar = t1w.with_name(t1w.name.replace(".nii.gz", ".json"))
+    sidecar = _sidecar(t1w)
     space = _space(t1w)
     write_json(sidecar, {"Description": f"T1w registration reference, N4-corrected, affinely "
                                         f"registered to {space} at 2 mm, zero outside the "
@@ -170,6 +170,11 @@ def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path) -> Pa
                          "SkullStripped": True,
                          "Resolution": _template_resolution(space, template_mask)})
     return sidecar
+
+
+def _sidecar(image: Path) -> Path:
+    """The JSON sidecar beside a ``.nii.gz`` image."""
+    return image.with_name(image.name.replace(".nii.gz", ".json"))
 
 
 def _space(path: Path) -> str:
