@@ -42,6 +42,22 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_backends():
+    """Undo what a test's brainage.runtime.runtime_setup sets process-wide. A CPU bf16 run
+    switches oneDNN off; a later test in the same worker that embeds without
+    runtime_setup (e.g. writing features.npz for a bundle) then ran on the reference
+    kernels, and its float32 features differed from the bundle's by 1e-5 relative."""
+    import sys
+
+    torch = sys.modules.get("torch")  # a test that never imported torch changed nothing
+    saved = (torch.backends.mkldnn.enabled, torch.get_num_threads()) if torch else None
+    yield
+    if saved is not None:
+        torch.backends.mkldnn.enabled, threads = saved
+        torch.set_num_threads(threads)
+
+
 # ---- foundation: tiny BIDS-like datasets ------------------------------------------------
 def write_tiny_dataset(root: Path, rows: list[dict], *, shape=(12, 12, 12),
                        voxel_mm: float = 4.0, with_anat: bool = False,
