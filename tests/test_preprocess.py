@@ -108,6 +108,9 @@ def test_nilearn_template_is_mni152_2mm(template_files):
     assert np.allclose(np.abs(np.diag(t1.affine)[:3]), 2.0)
     values = np.unique(np.asarray(mask.dataobj))
     assert set(values.tolist()) == {0, 1} and np.asarray(mask.dataobj).sum() > 200_000
+    # NIfTI xform code 4 (MNI152): viewers know the coordinates (FSLeyes' atlases need it).
+    for image in (t1, mask):
+        assert int(image.header["sform_code"]) == int(image.header["qform_code"]) == 4
 
 
 def test_user_template_file_is_used_and_checked(template_files, tmp_path):
@@ -122,6 +125,13 @@ def test_user_template_file_is_used_and_checked(template_files, tmp_path):
                             t1=tmp_path / "t1.nii.gz", mask=tmp_path / "m.nii.gz")
     assert info["shape"] == [91, 109, 91]
     assert np.allclose(nib.load(tmp_path / "out_t1.nii.gz").affine, affine)
+    assert int(nib.load(tmp_path / "out_t1.nii.gz").header["sform_code"]) == 4
+    # A template that is not MNI152 gets the code of "another template", not MNI's.
+    prepare_template(tmp_path / "o_t1.nii.gz", tmp_path / "o_m.nii.gz", source="file",
+                     t1=tmp_path / "t1.nii.gz", mask=tmp_path / "m.nii.gz", space="OASIS30ANTs")
+    for name in ("o_t1.nii.gz", "o_m.nii.gz"):
+        header = nib.load(tmp_path / name).header
+        assert int(header["sform_code"]) == int(header["qform_code"]) == 5
 
     one_mm = np.diag([1.0, 1.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), one_mm), tmp_path / "t1mm.nii.gz")
@@ -360,6 +370,15 @@ def test_registered_map_is_zero_outside_mask_and_slab(processed, template_files)
     # Inside the slab the map keeps its values (kPa), no smearing towards 0 at the edge.
     inside = registered[registered != 0]
     assert inside.min() > 0.2 and 2.0 < inside.mean() < 3.5
+
+
+def test_registered_images_are_labelled_template_space_native_ones_scanner(processed):
+    subject = processed["young"]
+    for key in ("registered_stiffness", "registered_mask"):
+        header = nib.load(subject[key]).header
+        assert int(header["sform_code"]) == int(header["qform_code"]) == 4, key
+    for path in (subject["mask"], subject["reference"]):
+        assert int(nib.load(path).header["sform_code"]) == 1, path
 
 
 def test_registration_outputs_and_qc(processed):

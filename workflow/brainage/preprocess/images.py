@@ -56,14 +56,38 @@ def load_mask(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
     return data > 0.5, affine
 
 
+#: NIfTI xform codes (nifti1.h): world coordinates of the scanner, of MNI152, of another
+#: template. Viewers read them: FSLeyes offers its MNI atlases only for code 4.
+SCANNER_XFORM_CODE = 1
+MNI152_XFORM_CODE = 4
+OTHER_TEMPLATE_XFORM_CODE = 5
+
+
+def template_xform_code(space: str) -> int:
+    """The NIfTI xform code of template ``space`` (a TemplateFlow identifier)."""
+    return MNI152_XFORM_CODE if space.startswith("MNI152") else OTHER_TEMPLATE_XFORM_CODE
+
+
+def read_xform_code(path: str | Path) -> int:
+    """The sform code of the NIfTI file at ``path`` (its header only)."""
+    import nibabel as nib
+
+    return int(nib.load(str(path)).header["sform_code"])
+
+
 def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *,
-                dtype=np.float32, description: str = "") -> None:
-    """Write ``data`` as NIfTI with ``affine`` (sform and qform), atomically."""
+                dtype=np.float32, description: str = "",
+                xform_code: int = SCANNER_XFORM_CODE) -> None:
+    """Write ``data`` as NIfTI with ``affine`` as sform and qform, atomically.
+
+    ``xform_code`` says whose world coordinates the affine gives: the scanner's
+    (native images) or a template's (:func:`template_xform_code`).
+    """
     import nibabel as nib
 
     image = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
-    image.set_sform(affine, code=1)
-    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=xform_code)
+    image.set_qform(affine, code=xform_code)
     image.header.set_xyzt_units("mm")
     if description:
         image.header["descrip"] = description.encode()[:79]

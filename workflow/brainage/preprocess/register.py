@@ -42,6 +42,7 @@ from brainage.preprocess.images import (
     configure_itk_threads,
     load_mask,
     load_volume,
+    read_xform_code,
     require_same_grid,
     save_volume,
 )
@@ -285,13 +286,16 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
                               f"{mask}.")
     with atomic_path(out_transform) as temp:
         temp.write_bytes(transform_bytes)
+    # The template's xform code (MNI152 or another template: prepare_template) says in
+    # whose world coordinates the registered images are.
+    space_code = read_xform_code(template_t1)
     for modality_name, volume in registered.items():
         kind = modality(modality_name)
-        save_volume(out_maps[modality_name], volume, template_affine,
+        save_volume(out_maps[modality_name], volume, template_affine, xform_code=space_code,
                     description=f"{modality_name} ({kind.unit}), MNI152 2 mm")
-    save_volume(out_mask, warped_mask, template_affine, dtype=np.uint8,
+    save_volume(out_mask, warped_mask, template_affine, dtype=np.uint8, xform_code=space_code,
                 description="brain mask, MNI152 2 mm")
-    save_volume(out_reference, warped_reference, template_affine,
+    save_volume(out_reference, warped_reference, template_affine, xform_code=space_code,
                 description=f"reference ({info['reference_kind']}), MNI152 2 mm")
     scales = np.linalg.svd(matrix[:3, :3], compute_uv=False)
     dice = 2 * np.count_nonzero(warped_mask & template_brain) / (

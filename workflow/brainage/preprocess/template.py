@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from brainage.inputs import InputError
-from brainage.preprocess.images import load_volume, require_same_grid, save_volume
+from brainage.preprocess.images import (
+    load_volume,
+    require_same_grid,
+    save_volume,
+    template_xform_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,8 @@ def _file_template(t1: str | Path | None, mask: str | Path | None):
 
 
 def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = "nilearn",
-                     t1: str | Path | None = None, mask: str | Path | None = None) -> dict:
+                     t1: str | Path | None = None, mask: str | Path | None = None,
+                     space: str = "MNI152NLin2009aSym") -> dict:
     """Write the template T1 (float32) and brain mask (uint8) at 2 mm.
 
     Parameters
@@ -59,6 +65,9 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     out_t1, out_mask : output NIfTI paths (``Layout.template("T1w"/"brain_mask")``).
     source : ``nilearn`` (bundled MNI152 2009a sym) or ``file`` (config ``template.source``).
     t1, mask : with ``source="file"``, the user's template files (``template.t1/mask``).
+    space : TemplateFlow identifier (``template.space``); an ``MNI152*`` space is written
+        with the NIfTI xform code of MNI152, any other with that of another template.
+        Registered images copy the code (``register_to_template``).
 
     Returns
     -------
@@ -74,8 +83,10 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
         raise InputError(f"template.source={source!r}; choose nilearn or file.")
     if not brain.any():
         raise InputError(f"the template brain mask ({origin}) is empty.")
-    save_volume(out_t1, data, affine, description=f"template T1, {origin}")
-    save_volume(out_mask, brain, affine, dtype=np.uint8, description=f"template brain mask, {origin}")
+    code = template_xform_code(space)
+    save_volume(out_t1, data, affine, description=f"template T1, {origin}", xform_code=code)
+    save_volume(out_mask, brain, affine, dtype=np.uint8, xform_code=code,
+                description=f"template brain mask, {origin}")
     log.info("template from %s: shape %s, %d brain voxels of %g mm", origin, data.shape,
              brain.sum(), TEMPLATE_VOXEL_MM)
     return {"shape": list(data.shape), "affine": affine.tolist(), "brain_voxels": int(brain.sum())}
