@@ -149,6 +149,14 @@ def test_cell_settings_apply_variant_overrides_only_to_that_cell():
     assert grid_cells(config) == [("sweep", "wide", 3), ("sweep", "base", 3)]
 
 
+def test_a_seed_listed_twice_is_refused():
+    """Seeds [0, 0] planned cell 0 twice: make_tables read its metrics.json twice and
+    weighted that seed double in every mean."""
+    config = {"experiments": {"e": {"seeds": [0, 0, 1], "variants": {"a": {}}}}}
+    with pytest.raises(ConfigError, match=r"config key 'experiments\.e\.seeds'.*non-unique"):
+        validate_config(config)
+
+
 def test_disabled_experiment_adds_no_cells():
     config = validate_config({"experiments": {"off": {"enabled": False,
                                                       "variants": {"a": {}}}}})
