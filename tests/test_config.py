@@ -196,6 +196,20 @@ def test_adaptive_schedule_boundary_and_disabled_experiments_pass():
     validate_config(disabled)
 
 
+def test_cells_without_an_encoder_have_no_adaptive_schedule_to_check():
+    """A cell with model.encoder none trains nothing, so the base loss's schedule is no
+    reason to refuse it (train.epochs 1 cannot run Adaptive Neighborhoods)."""
+    baselines = {"experiments": {"baselines": {"seeds": [0], "variants": {
+        "mean": {"model": {"encoder": "none"}, "readout": {"method": "train_mean"}},
+        "pca": {"model": {"encoder": "none"}, "readout": {"method": "pca_ridge"}}}}},
+        "train": {"epochs": 1}}
+    validate_config(baselines)
+    with pytest.raises(ConfigError) as raised:  # the default grid: only cells that train
+        validate_config({"train": {"epochs": 1}})
+    assert "variants.adaptive " in str(raised.value)
+    assert "variants.train_mean" not in str(raised.value)
+
+
 def test_adaptive_final_neighbourhood_fits_the_batch():
     bad = _grid(train={"batch_size": 8}, loss={"nn_final": 14})
     with pytest.raises(ConfigError, match=r"variants\.adaptive .*loss\.nn_final must not "

@@ -199,13 +199,15 @@ def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "confi
     (paper Algorithm 1, :func:`brainage.losses.schedule.check_schedule`) cannot run:
     ``loss.nn_step`` must be at most ``train.epochs // 2`` and ``loss.nn_final`` at most
     ``train.batch_size``. Other losses have no schedule, and an untrained encoder
-    (``train.epochs`` 0) no loss. With ``loss.nn_from_search`` the configured nn_final and
-    nn_step are replaced by the search's before training, so they are not checked here;
-    :func:`check_search_source` checks every value the search can choose instead."""
+    (``train.epochs`` 0) or a cell without one (``model.encoder`` none) no loss. With
+    ``loss.nn_from_search`` the configured nn_final and nn_step are replaced by the
+    search's before training, so they are not checked here; :func:`check_search_source`
+    checks every value the search can choose instead."""
     from brainage.losses.schedule import check_schedule
 
     loss, train = settings["loss"], settings["train"]
-    if loss["name"] != "adaptive" or train["epochs"] == 0:  # an untrained encoder: no loss
+    if (loss["name"] != "adaptive" or train["epochs"] == 0  # an untrained encoder: no loss
+            or settings["model"]["encoder"] == "none"):  # no encoder, nothing trained
         return []
     if loss.get("nn_from_search"):  # replaced by the search's choice (check_search_source)
         return []
