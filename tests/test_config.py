@@ -300,6 +300,27 @@ def test_nn_from_search_replaces_the_schedule_check_by_the_search_ranges():
         validate_config(empty)
 
 
+@pytest.mark.parametrize("key", ["nn_final_range", "nn_step_range"])
+@pytest.mark.parametrize("value", [[2], [1, 2, 3], []])
+def test_a_search_range_is_two_numbers(key, value):
+    """search_bounds unpacks [low, high]: another length stopped validate_config (or the
+    search job) with a ValueError traceback."""
+    with pytest.raises(ConfigError, match=rf"config key 'search\.{key}'"):
+        validate_config({**_searched(), "search": {"enabled": True, key: value}})
+
+
+def test_an_enabled_search_that_cannot_draw_stops_before_any_job():
+    """Without a cell taking its result, an empty range used to pass validation and stop
+    only the search job, after the preprocessing."""
+    config = _grid(search={"enabled": True, "nn_step_range": [3, 5]},
+                   train={"epochs": 4, "batch_size": 8}, loss={"nn_final": 4})
+    with pytest.raises(ConfigError, match=r"config key search\.nn_step_range \[3, 5\] leaves "
+                                          r"no value between 1 and train\.epochs // 2 \(2\)"):
+        validate_config(config)
+    config["search"]["enabled"] = False  # no search, nothing drawn
+    validate_config(config)
+
+
 def test_cells_differing_only_in_nn_from_search_train_their_own_encoders():
     config = validate_config(_searched())
     owners = encoder_owners(config)

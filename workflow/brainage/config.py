@@ -99,7 +99,8 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     enabled experiments must also give Adaptive Neighborhoods a schedule it can run
     (:func:`check_adaptive_schedule`), and those taking it from the random search
     (``loss.nn_from_search``) need the search and every value it can choose
-    (:func:`check_search_source`).
+    (:func:`check_search_source`); an enabled search needs a value to draw in each range
+    (:func:`search_bounds`).
 
     Raises
     ------
@@ -128,6 +129,12 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
                                                 source=source)
                 problems += check_pretrained_encoder_fits(
                     filled, experiment, variant, settings, pretrained_models, source=source)
+    if filled["search"]["enabled"]:  # its job draws from the ranges cut to the train section
+        try:
+            search_bounds(filled["search"], batch_size=filled["train"]["batch_size"],
+                          epochs=filled["train"]["epochs"])
+        except ConfigError as error:
+            problems.append(f"{source}: {error}")
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
