@@ -8,6 +8,7 @@ from brainage.config import (
     ConfigError,
     cell_settings,
     check_batch_sizes,
+    check_pretrain_batch_size,
     encoder_owners,
     grid_cells,
     load_config,
@@ -402,6 +403,22 @@ def test_pretraining_on_the_training_cohorts_folder_is_refused(tmp_path, monkeyp
         validate_config(same)
     other = {**same, "pretrain": {"t1": {"source": {"kind": "bids", "root": "data/t1w"}}}}
     assert validate_config(other)["pretrain"]["t1"]["source"]["root"] == "data/t1w"
+
+
+def test_a_pretraining_batch_larger_than_its_cohort_names_the_runs_key():
+    """The run's batch (pretrain.<run>.train.batch_size, 32 by default, never the top-level
+    train.batch_size) against its cohort's training subjects: the schema's defaults for a
+    simulated cohort (24 subjects, 19 for training) cannot pretrain."""
+    config = validate_config({**_with_pretraining(), "train": {"batch_size": 8},
+                              "loss": {"nn_final": 4}})
+    with pytest.raises(ConfigError, match=r"config key pretrain\.t1\.train\.batch_size is 32 "
+                                          r"but pretraining run t1's T1w cohort has only 19 "
+                                          r".*Lower pretrain\.t1\.train\.batch_size to at "
+                                          r"most 19"):
+        check_pretrain_batch_size(config, "t1", 19)
+    check_pretrain_batch_size(config, "t1", 32)
+    untrained = validate_config(_with_pretraining(train={"epochs": 0}))
+    check_pretrain_batch_size(untrained, "t1", 3)  # no batch without training
 
 
 def test_cell_names_its_pretraining_run():

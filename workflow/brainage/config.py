@@ -387,6 +387,30 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
             for (key, batch_size), users in too_large.items()))
 
 
+def check_pretrain_batch_size(config: Mapping[str, Any], name: str, n_train: int, *,
+                              source: str = "config") -> None:
+    """Stop before any job when pretraining run ``name`` has a larger batch than its
+    cohort's training subjects ``n_train`` (the cohort less its validation subjects,
+    before QC exclusions, which can only remove more): its pretrain_encoder job would
+    fail for certain, after the cohort's preprocessing.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``pretrain.<name>.train.batch_size`` (the run's own, defaulting to 32 and
+        never taken from the top-level train section), its value and the training subjects.
+    """
+    train = pretrain_settings(config, name, source=source)["train"]
+    batch_size = int(train["batch_size"])
+    if int(train["epochs"]) > 0 and batch_size > n_train:
+        key = f"pretrain.{name}.train.batch_size"
+        raise ConfigError(
+            f"{source}: config key {key} is {batch_size} but pretraining run {name}'s T1w "
+            f"cohort has only {n_train} training subjects (its subjects less the "
+            f"validation_fraction held out, before QC exclusions, which can only remove "
+            f"more). Lower {key} to at most {n_train}, or give the run more subjects.")
+
+
 def load_config(*paths: str | Path) -> dict:
     """Read YAML config files (later ones override earlier ones, section by section)."""
     merged: dict = {}
