@@ -8,6 +8,7 @@ from brainage.config import (
     ConfigError,
     cell_settings,
     check_batch_sizes,
+    check_pretrain_batch_size,
     encoder_owners,
     grid_cells,
     load_config,
@@ -149,6 +150,14 @@ def test_cell_settings_apply_variant_overrides_only_to_that_cell():
     assert grid_cells(config) == [("sweep", "wide", 3), ("sweep", "base", 3)]
 
 
+def test_a_seed_listed_twice_is_refused():
+    """Seeds [0, 0] planned cell 0 twice: make_tables read its metrics.json twice and
+    weighted that seed double in every mean."""
+    config = {"experiments": {"e": {"seeds": [0, 0, 1], "variants": {"a": {}}}}}
+    with pytest.raises(ConfigError, match=r"config key 'experiments\.e\.seeds'.*non-unique"):
+        validate_config(config)
+
+
 def test_disabled_experiment_adds_no_cells():
     config = validate_config({"experiments": {"off": {"enabled": False,
                                                       "variants": {"a": {}}}}})
@@ -186,6 +195,20 @@ def test_adaptive_schedule_boundary_and_disabled_experiments_pass():
     disabled = _grid(train={"epochs": 2}, loss={"nn_step": 2})
     disabled["experiments"]["table3"]["enabled"] = False
     validate_config(disabled)
+
+
+def test_cells_without_an_encoder_have_no_adaptive_schedule_to_check():
+    """A cell with model.encoder none trains nothing, so the base loss's schedule is no
+    reason to refuse it (train.epochs 1 cannot run Adaptive Neighborhoods)."""
+    baselines = {"experiments": {"baselines": {"seeds": [0], "variants": {
+        "mean": {"model": {"encoder": "none"}, "readout": {"method": "train_mean"}},
+        "pca": {"model": {"encoder": "none"}, "readout": {"method": "pca_ridge"}}}}},
+        "train": {"epochs": 1}}
+    validate_config(baselines)
+    with pytest.raises(ConfigError) as raised:  # the default grid: only cells that train
+        validate_config({"train": {"epochs": 1}})
+    assert "variants.adaptive " in str(raised.value)
+    assert "variants.train_mean" not in str(raised.value)
 
 
 def test_adaptive_final_neighbourhood_fits_the_batch():
@@ -278,6 +301,27 @@ def test_nn_from_search_replaces_the_schedule_check_by_the_search_ranges():
         validate_config(empty)
 
 
+@pytest.mark.parametrize("key", ["nn_final_range", "nn_step_range"])
+@pytest.mark.parametrize("value", [[2], [1, 2, 3], []])
+def test_a_search_range_is_two_numbers(key, value):
+    """search_bounds unpacks [low, high]: another length stopped validate_config (or the
+    search job) with a ValueError traceback."""
+    with pytest.raises(ConfigError, match=rf"config key 'search\.{key}'"):
+        validate_config({**_searched(), "search": {"enabled": True, key: value}})
+
+
+def test_an_enabled_search_that_cannot_draw_stops_before_any_job():
+    """Without a cell taking its result, an empty range used to pass validation and stop
+    only the search job, after the preprocessing."""
+    config = _grid(search={"enabled": True, "nn_step_range": [3, 5]},
+                   train={"epochs": 4, "batch_size": 8}, loss={"nn_final": 4})
+    with pytest.raises(ConfigError, match=r"config key search\.nn_step_range \[3, 5\] leaves "
+                                          r"no value between 1 and train\.epochs // 2 \(2\)"):
+        validate_config(config)
+    config["search"]["enabled"] = False  # no search, nothing drawn
+    validate_config(config)
+
+
 def test_cells_differing_only_in_nn_from_search_train_their_own_encoders():
     config = validate_config(_searched())
     owners = encoder_owners(config)
@@ -359,6 +403,22 @@ def test_pretraining_on_the_training_cohorts_folder_is_refused(tmp_path, monkeyp
         validate_config(same)
     other = {**same, "pretrain": {"t1": {"source": {"kind": "bids", "root": "data/t1w"}}}}
     assert validate_config(other)["pretrain"]["t1"]["source"]["root"] == "data/t1w"
+
+
+def test_a_pretraining_batch_larger_than_its_cohort_names_the_runs_key():
+    """The run's batch (pretrain.<run>.train.batch_size, 32 by default, never the top-level
+    train.batch_size) against its cohort's training subjects: the schema's defaults for a
+    simulated cohort (24 subjects, 19 for training) cannot pretrain."""
+    config = validate_config({**_with_pretraining(), "train": {"batch_size": 8},
+                              "loss": {"nn_final": 4}})
+    with pytest.raises(ConfigError, match=r"config key pretrain\.t1\.train\.batch_size is 32 "
+                                          r"but pretraining run t1's T1w cohort has only 19 "
+                                          r".*Lower pretrain\.t1\.train\.batch_size to at "
+                                          r"most 19"):
+        check_pretrain_batch_size(config, "t1", 19)
+    check_pretrain_batch_size(config, "t1", 32)
+    untrained = validate_config(_with_pretraining(train={"epochs": 0}))
+    check_pretrain_batch_size(untrained, "t1", 3)  # no batch without training
 
 
 def test_cell_names_its_pretraining_run():

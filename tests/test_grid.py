@@ -270,6 +270,24 @@ def test_a_qc_threshold_retrains_nothing_unless_it_excludes_subjects(tmp_path):
     assert counts["normalise_dataset"] == 1 and counts["train_encoder"] >= 1, counts
 
 
+def test_a_pretraining_batch_larger_than_its_cohort_stops_before_any_job(tmp_path):
+    """Four simulated T1w subjects, one held out for validation: a batch of 4 stops the dry
+    run naming the run's key (pretrain_encoder used to fail after the preprocessing, naming
+    the top-level train.batch_size)."""
+    base = tiny_test_config(dataset(tmp_path, 6))
+    base["pretrain"] = {"t1": {"source": {"kind": "simulate", "n_subjects": 4},
+                               "validation_fraction": 0.25,
+                               "train": {"epochs": 2, "batch_size": 4}}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    result = run_snakemake(tmp_path / "work", configfile, "--dry-run", check=False)
+    assert result.returncode != 0, result.stdout[-2000:]
+    output = result.stdout + result.stderr
+    assert ("config key pretrain.t1.train.batch_size is 4 but pretraining run t1's T1w "
+            "cohort has only 3 training subjects") in output, output[-3000:]
+    write_config(configfile, base, pretrain__t1__train__batch_size=3)
+    run_snakemake(tmp_path / "work", configfile, "--dry-run")
+
+
 def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp_path):
     """model.init pretrained:<run> puts the run's encoder in the cell's inputs: editing the
     run reruns its training, its validation read-out and the fine-tuned cells (and the

@@ -99,7 +99,8 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     enabled experiments must also give Adaptive Neighborhoods a schedule it can run
     (:func:`check_adaptive_schedule`), and those taking it from the random search
     (``loss.nn_from_search``) need the search and every value it can choose
-    (:func:`check_search_source`).
+    (:func:`check_search_source`); an enabled search needs a value to draw in each range
+    (:func:`search_bounds`).
 
     Raises
     ------
@@ -128,6 +129,12 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
                                                 source=source)
                 problems += check_pretrained_encoder_fits(
                     filled, experiment, variant, settings, pretrained_models, source=source)
+    if filled["search"]["enabled"]:  # its job draws from the ranges cut to the train section
+        try:
+            search_bounds(filled["search"], batch_size=filled["train"]["batch_size"],
+                          epochs=filled["train"]["epochs"])
+        except ConfigError as error:
+            problems.append(f"{source}: {error}")
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
@@ -199,13 +206,15 @@ def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "confi
     (paper Algorithm 1, :func:`brainage.losses.schedule.check_schedule`) cannot run:
     ``loss.nn_step`` must be at most ``train.epochs // 2`` and ``loss.nn_final`` at most
     ``train.batch_size``. Other losses have no schedule, and an untrained encoder
-    (``train.epochs`` 0) no loss. With ``loss.nn_from_search`` the configured nn_final and
-    nn_step are replaced by the search's before training, so they are not checked here;
-    :func:`check_search_source` checks every value the search can choose instead."""
+    (``train.epochs`` 0) or a cell without one (``model.encoder`` none) no loss. With
+    ``loss.nn_from_search`` the configured nn_final and nn_step are replaced by the
+    search's before training, so they are not checked here; :func:`check_search_source`
+    checks every value the search can choose instead."""
     from brainage.losses.schedule import check_schedule
 
     loss, train = settings["loss"], settings["train"]
-    if loss["name"] != "adaptive" or train["epochs"] == 0:  # an untrained encoder: no loss
+    if (loss["name"] != "adaptive" or train["epochs"] == 0  # an untrained encoder: no loss
+            or settings["model"]["encoder"] == "none"):  # no encoder, nothing trained
         return []
     if loss.get("nn_from_search"):  # replaced by the search's choice (check_search_source)
         return []
@@ -376,6 +385,30 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
             f"split {smallest_split} has only {smallest} training subjects (before QC "
             f"exclusions, which can only remove more). Lower {key} to at most {smallest}."
             for (key, batch_size), users in too_large.items()))
+
+
+def check_pretrain_batch_size(config: Mapping[str, Any], name: str, n_train: int, *,
+                              source: str = "config") -> None:
+    """Stop before any job when pretraining run ``name`` has a larger batch than its
+    cohort's training subjects ``n_train`` (the cohort less its validation subjects,
+    before QC exclusions, which can only remove more): its pretrain_encoder job would
+    fail for certain, after the cohort's preprocessing.
+
+    Raises
+    ------
+    ConfigError
+        Naming ``pretrain.<name>.train.batch_size`` (the run's own, defaulting to 32 and
+        never taken from the top-level train section), its value and the training subjects.
+    """
+    train = pretrain_settings(config, name, source=source)["train"]
+    batch_size = int(train["batch_size"])
+    if int(train["epochs"]) > 0 and batch_size > n_train:
+        key = f"pretrain.{name}.train.batch_size"
+        raise ConfigError(
+            f"{source}: config key {key} is {batch_size} but pretraining run {name}'s T1w "
+            f"cohort has only {n_train} training subjects (its subjects less the "
+            f"validation_fraction held out, before QC exclusions, which can only remove "
+            f"more). Lower {key} to at most {n_train}, or give the run more subjects.")
 
 
 def load_config(*paths: str | Path) -> dict:

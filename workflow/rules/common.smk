@@ -41,6 +41,7 @@ from brainage.config import (
     ConfigError,
     cell_settings,
     check_batch_sizes,
+    check_pretrain_batch_size,
     encoder_owners,
     grid_cells,
     search_settings,
@@ -333,6 +334,25 @@ def check_training_set_sizes():
     _BATCH_SIZES_CHECKED.append(True)
 
 
+_PRETRAIN_BATCH_SIZES_CHECKED = []
+
+
+def check_pretraining_set_sizes():
+    """Stop while the job graph is built when a pretraining run's train.batch_size exceeds
+    its cohort's training subjects (else pretrain_encoder fails after the cohort's
+    preprocessing). Runs whose cohort the workflow preprocesses, whose subjects are known
+    before any job (pretrain_participants_table); once per run, in the main process."""
+    if _PRETRAIN_BATCH_SIZES_CHECKED or not workflow.is_main_process:
+        return
+    for name in PRETRAIN_CHAIN:
+        counts = training_counts(pretrain_participants_table(name), pretrain_split(name))
+        try:
+            check_pretrain_batch_size(config, name, counts["holdout"], source="config")
+        except ConfigError as error:
+            raise WorkflowError(f"invalid configuration:\n{error}") from None
+    _PRETRAIN_BATCH_SIZES_CHECKED.append(True)
+
+
 def cell_params(wildcards):
     """A grid cell's settings (brainage.config.cell_settings), each caller its own copy:
     Snakemake asks for them several times per job, so each cell is resolved once."""
@@ -393,6 +413,7 @@ def all_targets(wildcards):
     table and figure, and the predictions for the configured cohorts (report_targets and
     predict_targets below)."""
     check_training_set_sizes()
+    check_pretraining_set_sizes()
     search = (
         [LAYOUT.search_file(split, "best.json") for split in split_names()]
         if config["search"]["enabled"]
@@ -525,19 +546,23 @@ def cell_threads(wildcards):
 # -- pretraining (pretrain.smk) --------------------------------------------------
 
 
-def pretrain_subjects(name):
-    """Labels of a pretraining run's T1w cohort: from the simulation's options (known before
-    it is written) or the cohort's participants.tsv."""
+def pretrain_participants_table(name):
+    """The participants of a pretraining run's T1w cohort: from the simulation's options
+    (known before it is written) or the cohort's participants.tsv."""
     source = PRETRAIN[name]["source"]
     if name in PRETRAIN_SIMULATED:
-        table = draw_t1w_participants(source["n_subjects"], seed=source["seed"])
-    else:
-        try:
-            table = checked_participants(source["root"], ("T1w",))
-        except InputError as error:
-            raise WorkflowError(
-                f"pretraining run {name} (config key pretrain.{name}.source." f"root): {error}"
-            ) from None
+        return draw_t1w_participants(source["n_subjects"], seed=source["seed"])
+    try:
+        return checked_participants(source["root"], ("T1w",))
+    except InputError as error:
+        raise WorkflowError(
+            f"pretraining run {name} (config key pretrain.{name}.source." f"root): {error}"
+        ) from None
+
+
+def pretrain_subjects(name):
+    """Labels of a pretraining run's T1w cohort (pretrain_participants_table)."""
+    table = pretrain_participants_table(name)
     return [pid[len("sub-") :] for pid in table["participant_id"]]
 
 
@@ -573,7 +598,12 @@ def pretrain_participants(wildcards):
 
 def pretrain_split_settings(wildcards):
     """The held-out validation subjects: a holdout split of the cohort, stratified by study."""
-    run = PRETRAIN[wildcards.pretrain]
+    return pretrain_split(wildcards.pretrain)
+
+
+def pretrain_split(name):
+    """pretrain_split_settings of run ``name``."""
+    run = PRETRAIN[name]
     return {
         "scheme": "holdout",
         "test_fraction": run["validation_fraction"],
@@ -584,6 +614,7 @@ def pretrain_split_settings(wildcards):
 
 def pretrain_params(wildcards):
     """The run's settings (brainage.config.pretrain_settings), as a cell's."""
+    check_pretraining_set_sizes()
     try:
         return pretrain_settings(config, wildcards.pretrain)
     except ConfigError as error:
