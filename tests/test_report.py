@@ -520,6 +520,34 @@ def test_pca_fallback_is_named_in_the_figure_title(tmp_path, monkeypatch):
     assert (tmp_path / "umap.png").is_file()
 
 
+def test_umap_title_names_the_features_the_training_embedded(tmp_path, monkeypatch):
+    """Cells sharing an encoder may read out other features than the training cell
+    embedded by epoch: the figure names the kind its files hold, not "read-out"."""
+    titles = []
+    plt = figures._pyplot()
+    original = plt.Figure.suptitle
+
+    def record(self, text, **kwargs):
+        titles.append(text)
+        return original(self, text, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "suptitle", record)
+    rng = np.random.default_rng(0)
+
+    def embeddings(kind):
+        extra = {} if kind is None else {"features_kind": np.array(kind)}
+        return {1: {"features": rng.normal(size=(3, 4)).astype(np.float32),
+                    "age": np.array([20., 40., 60.]),
+                    "subset": np.array(["train", "train", "test"]), **extra}}
+
+    for kind in ("encoder", "projection", None):
+        figures.plot_embeddings(embeddings(kind), tmp_path / "umap.png", cell="x")
+    assert "of the pooled encoder features" in titles[0]
+    assert "of the projection-head features" in titles[1]
+    assert "of the learnt features" in titles[2]  # files written before the kind was saved
+    assert not any("read-out" in title for title in titles)
+
+
 def test_umap_without_embeddings_says_what_to_do(tmp_path):
     with pytest.raises(targets.ReportError, match="embed_epochs"):
         figures.plot_embeddings({}, tmp_path / "umap.png", cell="table3/adaptive/seed-0")

@@ -93,6 +93,7 @@ def test_outputs_follow_the_contract(split_dir, reference_run):
         assert saved["features"].shape == (24, 128) and saved["features"].dtype == np.float32
         assert sorted(set(saved["subset"])) == ["test", "train"]
         assert saved["participant_id"][0].startswith("sub-")
+        assert str(saved["features_kind"]) == "projection"  # Fig. 5 names it
     saved_metrics = json.loads((folder / "metrics.json").read_text())
     for key in ("split", "experiment", "variant", "seed", "loss", "readout", "mae", "rmse",
                 "pearson_r", "r2", "mae_per_study", "n_per_study", "gap_age_slope", "n_train", "n_test",

@@ -138,12 +138,15 @@ def fingerprint(settings: Mapping, split: SplitData) -> str:
 # -- outputs ----------------------------------------------------------------------------
 
 def _write_embeddings(path: Path, features: np.ndarray, split: SplitData,
-                      rows: np.ndarray) -> None:
+                      rows: np.ndarray, kind: str) -> None:
+    """One epoch's features of ``rows``; ``kind`` is the ``model.features`` they are
+    (the training cell's: cells sharing its encoder may read out the other kind)."""
     with atomic_path(path, suffix=".npz") as temp:
         with open(temp, "wb") as handle:
             np.savez(handle, features=features.astype(np.float32),
                      participant_id=split.participant_ids[rows].astype(str),
-                     age=split.ages[rows], subset=split.subset_labels()[rows].astype(str))
+                     age=split.ages[rows], subset=split.subset_labels()[rows].astype(str),
+                     features_kind=np.array(kind))
 
 
 def embeddings_file(embeddings_dir: str | Path, epoch: int) -> Path:
@@ -305,7 +308,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         for epoch, features in embeddings.items():
             if not embeddings_file(embeddings_dir, epoch).exists():
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features.numpy(),
-                                  split, embed_rows)
+                                  split, embed_rows, which)
 
     writer = CheckpointWriter(checkpoint_path, replaces=checkpoint_digest) if writes else None
     try:
@@ -330,7 +333,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                                  channels_last=channels_last)
                 embeddings[epoch] = torch.from_numpy(features)
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features, split,
-                                  embed_rows)
+                                  embed_rows, which)
             neighbours = (loss_fn.neighbour_count(epoch, batch_size)
                           if hasattr(loss_fn, "neighbour_count") else None)
             history.append({"epoch": epoch, "loss": mean_loss, "lr": lr,

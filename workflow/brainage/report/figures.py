@@ -162,8 +162,9 @@ def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
 
 
 def load_embeddings(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
-    """``{epoch: {"features" [n, D], "age" [n] years, "subset" [n], "participant_id" [n]}}``
-    from ``<folder>/epoch-<EEE>.npz``, sorted by epoch."""
+    """``{epoch: {"features" [n, D], "age" [n] years, "subset" [n], "participant_id" [n],
+    "features_kind" (model.features; absent in files of older versions)}}`` from
+    ``<folder>/epoch-<EEE>.npz``, sorted by epoch."""
     embeddings = {}
     for file in sorted(Path(folder).glob("epoch-*.npz")):
         epoch = int(file.stem.split("-")[1])
@@ -196,6 +197,9 @@ def project_2d(features: np.ndarray, *, random_state: int = UMAP_RANDOM_STATE
                             random_state=random_state, n_jobs=1)
         return reducer.fit_transform(features), "UMAP"
 
+
+#: How a figure names each ``model.features``.
+FEATURES_KIND_NAMES = {"projection": "projection-head", "encoder": "pooled encoder"}
 
 #: Marker of each subset an embeddings file can hold: a grid cell's training and test
 #: subjects, a pretraining run's training and validation subjects.
@@ -255,8 +259,11 @@ def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: st
     method = " / ".join(sorted(methods))
     note = (f" (PCA: fewer than {MIN_UMAP_SAMPLES} subjects, too few for UMAP)"
             if "PCA" in methods else "")
-    figure.suptitle(f"{title}: {method} of the read-out features by epoch, {cell}{note}",
-                    fontsize="medium")
+    # The training cell's model.features: a cell sharing its encoder may read out the other.
+    kinds = {str(embeddings[epoch].get("features_kind", "")) for epoch in epochs}
+    kind = FEATURES_KIND_NAMES.get(kinds.pop(), "") if len(kinds) == 1 else ""
+    figure.suptitle(f"{title}: {method} of the {kind or 'learnt'} features by epoch, "
+                    f"{cell}{note}", fontsize="medium")
     _save(figure, path)
 
 
