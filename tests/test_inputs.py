@@ -91,6 +91,24 @@ def test_spreadsheet_trailing_tabs_are_read_and_extra_values_refused(tmp_path):
         read_participants(root)
 
 
+def test_a_stray_quote_that_swallows_the_rows_below_is_refused(tiny_dataset):
+    # a quoted field runs until the next quote: two stray quotes read sub-02a's row into
+    # sub-01a's study, and sub-02a was left out with only a warning
+    table = tiny_dataset / "participants.tsv"
+    text = table.read_text()
+    table.write_text(text.replace("\tstudy2\n", '\t"study2\n', 1)
+                     .replace("\tstudy1\n", '\tstudy1"\n', 2).replace('study1"', "study1", 1))
+    assert table.read_text().count('"') == 2
+    with pytest.raises(InputError, match=r"participants\.tsv line 3, column 'study': the value "
+                                         r"opens a double quote that is not closed on its "
+                                         r"line.*runs over 2 lines.*Remove the stray quote"):
+        read_participants(tiny_dataset)
+    # one stray quote alone runs to the end of the file
+    table.write_text(text.replace("\tstudy2\n", '\t"study2\n', 1))
+    with pytest.raises(InputError, match=r"line 3, column 'study'.*runs over 3 lines"):
+        read_participants(tiny_dataset)
+
+
 def test_missing_root(tmp_path):
     with pytest.raises(InputError, match=r"dataset root .*nowhere.* does not exist.*dataset\.root"):
         read_participants(tmp_path / "nowhere")

@@ -121,14 +121,15 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
 
 
 def _check_table_shape(table_path: Path) -> None:
-    """Raise :class:`InputError` for a header that names a column twice, or naming the
-    first line of the table with a non-empty field beyond the header's columns (pandas
-    would silently rename, drop or shift them); empty trailing fields, a spreadsheet's
-    trailing tabs, are fine."""
+    """Raise :class:`InputError` for a value that spans lines (a stray double quote opens a
+    quoted field that runs to the next quote, taking the rows between with it), a header
+    that names a column twice, or naming the first line of the table with a non-empty
+    field beyond the header's columns (pandas would silently rename, drop or shift them);
+    empty trailing fields, a spreadsheet's trailing tabs, are fine."""
     import csv
 
     with open(table_path, newline="", encoding="utf-8-sig") as handle:
-        rows = csv.reader(handle, delimiter="\t")
+        rows = _single_line_records(csv.reader(handle, delimiter="\t"), table_path)
         header = next(rows, [])
         named = [column.strip() for column in header if column.strip()]
         repeated = sorted({column for column in named if named.count(column) > 1})
@@ -143,6 +144,27 @@ def _check_table_shape(table_path: Path) -> None:
                     f"{len(header)} columns ({', '.join(header)}); the extra value(s) "
                     f"{', '.join(map(repr, extra))} belong to no column. Fix the row, or "
                     f"name the column in the header.")
+
+
+def _single_line_records(reader, table_path: Path):
+    """The records of a ``csv.reader``, refusing one whose value spans lines."""
+    line, header = 1, None
+    for record in reader:
+        for index, value in enumerate(record):
+            if "\n" in value or "\r" in value:
+                column = (repr(header[index]) if header is not None and index < len(header)
+                          else f"{index + 1}")
+                spans = reader.line_num - line + 1
+                raise InputError(
+                    f"{table_path} line {line}, column {column}: the value opens a double "
+                    f"quote that is not closed on its line, so it "
+                    + (f"runs over {spans} lines (to line {reader.line_num}) and takes the "
+                       f"rows between into this one value" if spans > 1 else
+                       "runs to the end of the file")
+                    + f". Remove the stray quote (or close it on line {line}).")
+        header = record if header is None else header
+        line = reader.line_num + 1
+        yield record
 
 
 def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
