@@ -109,6 +109,24 @@ def test_a_stray_quote_that_swallows_the_rows_below_is_refused(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_error_lines_count_the_blank_lines_pandas_skips(tiny_dataset):
+    # pandas skips blank and spaces-only lines: the line numbers counted its rows instead
+    table = tiny_dataset / "participants.tsv"
+    header, *rows = table.read_text().splitlines()
+    rows[2] = rows[2].replace("sub-02a", "sub-02_a")
+    lines = [header, rows[0], "", rows[1], "   ", rows[2], rows[3]]
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 6: subject label '02_a'"):
+        read_participants(tiny_dataset)
+    # a blank first line too (it was refused: "4 fields for the header's 0 columns")
+    table.write_text("\n".join(["", *lines]) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 7: subject label '02_a'"):
+        read_participants(tiny_dataset)
+    table.write_text("\n".join(["", *lines]).replace("sub-02_a", "sub-02a") + "\n")
+    assert list(read_participants(tiny_dataset)["participant_id"]) == [
+        "sub-00a", "sub-01a", "sub-02a", "sub-03a"]
+
+
 def test_missing_root(tmp_path):
     with pytest.raises(InputError, match=r"dataset root .*nowhere.* does not exist.*dataset\.root"):
         read_participants(tmp_path / "nowhere")

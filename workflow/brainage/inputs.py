@@ -91,7 +91,7 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
             f"with columns {', '.join(REQUIRED_COLUMNS)}.")
     try:
-        _check_table_shape(table_path)
+        lines = _check_table_shape(table_path)
         # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
         # columns instead of shifting them right behind an index made of the ids
         table = pd.read_csv(table_path, sep="\t", index_col=False,
@@ -109,8 +109,10 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}.")
     if table.empty:
         raise InputError(f"{table_path} lists no participants.")
-    _validate_participant_rows(table, table_path)
-    _validate_against_schema(table, table_path)
+    if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
+        lines = list(range(2, len(table) + 2))
+    _validate_participant_rows(table, table_path, lines)
+    _validate_against_schema(table, table_path, lines)
     for participant_id in table["participant_id"]:
         _require_images(root, participant_id[len("sub-"):], modalities,
                         remedy=f"or remove the subject's row from {table_path}")
@@ -120,23 +122,29 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     return table
 
 
-def _check_table_shape(table_path: Path) -> None:
+def _check_table_shape(table_path: Path) -> list[int]:
     """Raise :class:`InputError` for a value that spans lines (a stray double quote opens a
     quoted field that runs to the next quote, taking the rows between with it), a header
     that names a column twice, or naming the first line of the table with a non-empty
     field beyond the header's columns (pandas would silently rename, drop or shift them);
-    empty trailing fields, a spreadsheet's trailing tabs, are fine."""
+    empty trailing fields, a spreadsheet's trailing tabs, are fine.
+
+    Returns the line number of each data row, in order: the lines pandas reads as rows,
+    without the blank (or spaces-only) lines it skips, before the header too.
+    """
     import csv
 
     with open(table_path, newline="", encoding="utf-8-sig") as handle:
         rows = _single_line_records(csv.reader(handle, delimiter="\t"), table_path)
-        header = next(rows, [])
+        _, header = next(rows, (1, []))
         named = [column.strip() for column in header if column.strip()]
         repeated = sorted({column for column in named if named.count(column) > 1})
         if repeated:  # pandas would read the second as "<name>.1" and ignore it
             raise InputError(f"{table_path}: the header names column(s) {', '.join(repeated)} "
                              f"twice; keep one of each.")
-        for line, row in enumerate(rows, start=2):
+        lines = []
+        for line, row in rows:
+            lines.append(line)
             extra = [field for field in row[len(header):] if field.strip()]
             if extra:
                 raise InputError(
@@ -144,12 +152,17 @@ def _check_table_shape(table_path: Path) -> None:
                     f"{len(header)} columns ({', '.join(header)}); the extra value(s) "
                     f"{', '.join(map(repr, extra))} belong to no column. Fix the row, or "
                     f"name the column in the header.")
+    return lines
 
 
 def _single_line_records(reader, table_path: Path):
-    """The records of a ``csv.reader``, refusing one whose value spans lines."""
+    """``(line number, record)`` of each record of a ``csv.reader`` but those pandas skips
+    (blank or spaces-only lines), refusing a record whose value spans lines."""
     line, header = 1, None
     for record in reader:
+        if not record or (len(record) == 1 and not record[0].strip(" ")):
+            line = reader.line_num + 1
+            continue
         for index, value in enumerate(record):
             if "\n" in value or "\r" in value:
                 column = (repr(header[index]) if header is not None and index < len(header)
@@ -163,8 +176,8 @@ def _single_line_records(reader, table_path: Path):
                        "runs to the end of the file")
                     + f". Remove the stray quote (or close it on line {line}).")
         header = record if header is None else header
+        yield line, record
         line = reader.line_num + 1
-        yield record
 
 
 def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
@@ -180,8 +193,9 @@ def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> N
                     len(unlisted), root, table_path, shown)
 
 
-def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
-    for row_number, participant_id in enumerate(table["participant_id"], start=2):
+def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
+                               lines: Sequence[int]) -> None:
+    for row_number, participant_id in zip(lines, table["participant_id"]):
         where = f"{table_path} line {row_number}"
         if not isinstance(participant_id, str) or not participant_id.startswith("sub-"):
             raise InputError(f"{where}: participant_id {participant_id!r} must look like "
@@ -208,8 +222,10 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
                              f"{', '.join(empty)}.")
 
 
-def _validate_against_schema(table: pd.DataFrame, table_path: Path) -> None:
-    """Check every row against workflow/schemas/participants.schema.yaml."""
+def _validate_against_schema(table: pd.DataFrame, table_path: Path,
+                             lines: Sequence[int]) -> None:
+    """Check every row against workflow/schemas/participants.schema.yaml (``lines``: the
+    line number of each row)."""
     import jsonschema
     import yaml
 
@@ -218,7 +234,7 @@ def _validate_against_schema(table: pd.DataFrame, table_path: Path) -> None:
     schema = yaml.safe_load(PARTICIPANTS_SCHEMA.read_text())
     validator = jsonschema.Draft202012Validator(schema)
     rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-    for row_number, row in enumerate(rows, start=2):
+    for row_number, row in zip(lines, rows):
         row["age"] = float(row["age"])
         for error in validator.iter_errors(row):
             column = ".".join(map(str, error.absolute_path)) or "(row)"
