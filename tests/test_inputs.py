@@ -252,6 +252,18 @@ def test_singular_affine_and_non_real_voxels_are_named(tiny_dataset):
         check_dataset_images(tiny_dataset, ["00a", "01a"])
 
 
+def test_a_non_finite_origin_is_refused_like_a_non_finite_matrix(tiny_dataset):
+    # only the 3x3 part was checked: a NaN offset passed, and ITK read a NaN origin
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    affine = np.diag([2.0, 2, 2, 1])
+    affine[1, 3] = np.nan
+    nib.save(nib.Nifti1Image(volume, affine), _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"subject sub-00a: stiffness map .*sub-00a_stiffness"
+                                         r"\.nii\.gz has a singular or non-finite affine "
+                                         r"\(voxel-to-world matrix .*nan"):
+        check_dataset_images(tiny_dataset, ["00a"])
+
+
 def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):
     cache = tmp_path / "cache.json"
     check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)

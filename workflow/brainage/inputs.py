@@ -313,10 +313,10 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
     finite = np.isfinite(data)
     if not np.any(finite & (data != 0)):
         raise InputError(f"{what} {path} contains no non-zero finite voxel.")
-    linear = np.asarray(image.affine, dtype=np.float64)[:3, :3]
-    if not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-9:
+    affine = np.asarray(image.affine, dtype=np.float64)[:3]  # the offsets too: a NaN origin
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:, :3])) < 1e-9:
         raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
-                         f"matrix {linear.round(4).tolist()}), so its voxels have no place in "
+                         f"matrix {affine.round(4).tolist()}), so its voxels have no place in "
                          f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
     return image
 
