@@ -144,6 +144,15 @@ def test_missing_column(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_a_required_column_with_spaces_around_its_name_is_named(tiny_dataset):
+    # the message said "lacks column(s) age; it has participant_id, age , sex, study"
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("\tage\t", "\tage \t", 1))
+    with pytest.raises(InputError, match=r"lacks column\(s\) age;.* The header's 'age ' has "
+                                         r"spaces around its name: remove them\."):
+        read_participants(tiny_dataset)
+
+
 def test_duplicate_participant(tiny_dataset):
     _rewrite_table(tiny_dataset, lambda t: pd.concat([t, t.iloc[[1]]]))
     with pytest.raises(InputError, match=r"duplicate participant_id sub-01a"):

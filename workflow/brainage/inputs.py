@@ -104,9 +104,13 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                                 and table[column].isna().all()])
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
+        spaced = [str(column) for column in table.columns
+                  if str(column).strip() in missing and str(column) != str(column).strip()]
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
-            f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}.")
+            f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}."
+            + "".join(f" The header's {column!r} has spaces around its name: remove them."
+                      for column in spaced))
     if table.empty:
         raise InputError(f"{table_path} lists no participants.")
     if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
