@@ -197,6 +197,16 @@ def test_blank_sex_or_study_is_empty(tiny_dataset, column, value):
         read_participants(tiny_dataset)
 
 
+def test_a_missing_value_code_is_not_called_empty(tiny_dataset):
+    # pandas reads NA, None, null... as missing: the message said the cell was empty
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("study2", "NA"))
+    with pytest.raises(InputError, match=r"column 'study' is empty for sub-01a, sub-03a \(a "
+                                         r"blank cell, or a missing-value code: n/a, NA, None, "
+                                         r"null, nan, \.\.\.\)\. Fill in the study\."):
+        read_participants(tiny_dataset)
+
+
 def test_subject_without_stiffness_file(tiny_dataset):
     (tiny_dataset / "sub-03a" / "mre" / "sub-03a_stiffness.nii.gz").unlink()
     with pytest.raises(InputError, match=r"subject sub-03a: stiffness map .* is missing"):

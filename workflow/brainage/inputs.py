@@ -221,9 +221,10 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     for column in ("sex", "study"):
         blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
         empty = table["participant_id"][blank].tolist()
-        if empty:
+        if empty:  # pandas reads NA, None, null, ... as missing too
             raise InputError(f"{table_path}: column {column!r} is empty for "
-                             f"{', '.join(empty)}.")
+                             f"{', '.join(empty)} (a blank cell, or a missing-value code: "
+                             f"n/a, NA, None, null, nan, ...). Fill in the {column}.")
 
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
