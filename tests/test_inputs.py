@@ -91,6 +91,42 @@ def test_spreadsheet_trailing_tabs_are_read_and_extra_values_refused(tmp_path):
         read_participants(root)
 
 
+def test_a_stray_quote_that_swallows_the_rows_below_is_refused(tiny_dataset):
+    # a quoted field runs until the next quote: two stray quotes read sub-02a's row into
+    # sub-01a's study, and sub-02a was left out with only a warning
+    table = tiny_dataset / "participants.tsv"
+    text = table.read_text()
+    table.write_text(text.replace("\tstudy2\n", '\t"study2\n', 1)
+                     .replace("\tstudy1\n", '\tstudy1"\n', 2).replace('study1"', "study1", 1))
+    assert table.read_text().count('"') == 2
+    with pytest.raises(InputError, match=r"participants\.tsv line 3, column 'study': the value "
+                                         r"opens a double quote that is not closed on its "
+                                         r"line.*runs over 2 lines.*Remove the stray quote"):
+        read_participants(tiny_dataset)
+    # one stray quote alone runs to the end of the file
+    table.write_text(text.replace("\tstudy2\n", '\t"study2\n', 1))
+    with pytest.raises(InputError, match=r"line 3, column 'study'.*runs over 3 lines"):
+        read_participants(tiny_dataset)
+
+
+def test_error_lines_count_the_blank_lines_pandas_skips(tiny_dataset):
+    # pandas skips blank and spaces-only lines: the line numbers counted its rows instead
+    table = tiny_dataset / "participants.tsv"
+    header, *rows = table.read_text().splitlines()
+    rows[2] = rows[2].replace("sub-02a", "sub-02_a")
+    lines = [header, rows[0], "", rows[1], "   ", rows[2], rows[3]]
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 6: subject label '02_a'"):
+        read_participants(tiny_dataset)
+    # a blank first line too (it was refused: "4 fields for the header's 0 columns")
+    table.write_text("\n".join(["", *lines]) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 7: subject label '02_a'"):
+        read_participants(tiny_dataset)
+    table.write_text("\n".join(["", *lines]).replace("sub-02_a", "sub-02a") + "\n")
+    assert list(read_participants(tiny_dataset)["participant_id"]) == [
+        "sub-00a", "sub-01a", "sub-02a", "sub-03a"]
+
+
 def test_missing_root(tmp_path):
     with pytest.raises(InputError, match=r"dataset root .*nowhere.* does not exist.*dataset\.root"):
         read_participants(tmp_path / "nowhere")
@@ -105,6 +141,15 @@ def test_missing_participants_file(tiny_dataset):
 def test_missing_column(tiny_dataset):
     _rewrite_table(tiny_dataset, lambda t: t.drop(columns="study"))
     with pytest.raises(InputError, match=r"lacks column\(s\) study"):
+        read_participants(tiny_dataset)
+
+
+def test_a_required_column_with_spaces_around_its_name_is_named(tiny_dataset):
+    # the message said "lacks column(s) age; it has participant_id, age , sex, study"
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("\tage\t", "\tage \t", 1))
+    with pytest.raises(InputError, match=r"lacks column\(s\) age;.* The header's 'age ' has "
+                                         r"spaces around its name: remove them\."):
         read_participants(tiny_dataset)
 
 
@@ -149,6 +194,16 @@ def test_blank_sex_or_study_is_empty(tiny_dataset, column, value):
         return table
     _rewrite_table(tiny_dataset, mutate)
     with pytest.raises(InputError, match=rf"column '{column}' is empty for sub-01a"):
+        read_participants(tiny_dataset)
+
+
+def test_a_missing_value_code_is_not_called_empty(tiny_dataset):
+    # pandas reads NA, None, null... as missing: the message said the cell was empty
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("study2", "NA"))
+    with pytest.raises(InputError, match=r"column 'study' is empty for sub-01a, sub-03a \(a "
+                                         r"blank cell, or a missing-value code: n/a, NA, None, "
+                                         r"null, nan, \.\.\.\)\. Fill in the study\."):
         read_participants(tiny_dataset)
 
 
@@ -214,6 +269,18 @@ def test_singular_affine_and_non_real_voxels_are_named(tiny_dataset):
                                          r"or non-finite affine.*sub-01a: stiffness map .*holds "
                                          r"complex64 voxels"):
         check_dataset_images(tiny_dataset, ["00a", "01a"])
+
+
+def test_a_non_finite_origin_is_refused_like_a_non_finite_matrix(tiny_dataset):
+    # only the 3x3 part was checked: a NaN offset passed, and ITK read a NaN origin
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    affine = np.diag([2.0, 2, 2, 1])
+    affine[1, 3] = np.nan
+    nib.save(nib.Nifti1Image(volume, affine), _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"subject sub-00a: stiffness map .*sub-00a_stiffness"
+                                         r"\.nii\.gz has a singular or non-finite affine "
+                                         r"\(voxel-to-world matrix .*nan"):
+        check_dataset_images(tiny_dataset, ["00a"])
 
 
 def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):

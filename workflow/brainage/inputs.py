@@ -91,7 +91,7 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
             f"with columns {', '.join(REQUIRED_COLUMNS)}.")
     try:
-        _check_table_shape(table_path)
+        lines = _check_table_shape(table_path)
         # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
         # columns instead of shifting them right behind an index made of the ids
         table = pd.read_csv(table_path, sep="\t", index_col=False,
@@ -104,13 +104,19 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                                 and table[column].isna().all()])
     missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
     if missing:
+        spaced = [str(column) for column in table.columns
+                  if str(column).strip() in missing and str(column) != str(column).strip()]
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
-            f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}.")
+            f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}."
+            + "".join(f" The header's {column!r} has spaces around its name: remove them."
+                      for column in spaced))
     if table.empty:
         raise InputError(f"{table_path} lists no participants.")
-    _validate_participant_rows(table, table_path)
-    _validate_against_schema(table, table_path)
+    if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
+        lines = list(range(2, len(table) + 2))
+    _validate_participant_rows(table, table_path, lines)
+    _validate_against_schema(table, table_path, lines)
     for participant_id in table["participant_id"]:
         _require_images(root, participant_id[len("sub-"):], modalities,
                         remedy=f"or remove the subject's row from {table_path}")
@@ -120,22 +126,29 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     return table
 
 
-def _check_table_shape(table_path: Path) -> None:
-    """Raise :class:`InputError` for a header that names a column twice, or naming the
-    first line of the table with a non-empty field beyond the header's columns (pandas
-    would silently rename, drop or shift them); empty trailing fields, a spreadsheet's
-    trailing tabs, are fine."""
+def _check_table_shape(table_path: Path) -> list[int]:
+    """Raise :class:`InputError` for a value that spans lines (a stray double quote opens a
+    quoted field that runs to the next quote, taking the rows between with it), a header
+    that names a column twice, or naming the first line of the table with a non-empty
+    field beyond the header's columns (pandas would silently rename, drop or shift them);
+    empty trailing fields, a spreadsheet's trailing tabs, are fine.
+
+    Returns the line number of each data row, in order: the lines pandas reads as rows,
+    without the blank (or spaces-only) lines it skips, before the header too.
+    """
     import csv
 
     with open(table_path, newline="", encoding="utf-8-sig") as handle:
-        rows = csv.reader(handle, delimiter="\t")
-        header = next(rows, [])
+        rows = _single_line_records(csv.reader(handle, delimiter="\t"), table_path)
+        _, header = next(rows, (1, []))
         named = [column.strip() for column in header if column.strip()]
         repeated = sorted({column for column in named if named.count(column) > 1})
         if repeated:  # pandas would read the second as "<name>.1" and ignore it
             raise InputError(f"{table_path}: the header names column(s) {', '.join(repeated)} "
                              f"twice; keep one of each.")
-        for line, row in enumerate(rows, start=2):
+        lines = []
+        for line, row in rows:
+            lines.append(line)
             extra = [field for field in row[len(header):] if field.strip()]
             if extra:
                 raise InputError(
@@ -143,6 +156,32 @@ def _check_table_shape(table_path: Path) -> None:
                     f"{len(header)} columns ({', '.join(header)}); the extra value(s) "
                     f"{', '.join(map(repr, extra))} belong to no column. Fix the row, or "
                     f"name the column in the header.")
+    return lines
+
+
+def _single_line_records(reader, table_path: Path):
+    """``(line number, record)`` of each record of a ``csv.reader`` but those pandas skips
+    (blank or spaces-only lines), refusing a record whose value spans lines."""
+    line, header = 1, None
+    for record in reader:
+        if not record or (len(record) == 1 and not record[0].strip(" ")):
+            line = reader.line_num + 1
+            continue
+        for index, value in enumerate(record):
+            if "\n" in value or "\r" in value:
+                column = (repr(header[index]) if header is not None and index < len(header)
+                          else f"{index + 1}")
+                spans = reader.line_num - line + 1
+                raise InputError(
+                    f"{table_path} line {line}, column {column}: the value opens a double "
+                    f"quote that is not closed on its line, so it "
+                    + (f"runs over {spans} lines (to line {reader.line_num}) and takes the "
+                       f"rows between into this one value" if spans > 1 else
+                       "runs to the end of the file")
+                    + f". Remove the stray quote (or close it on line {line}).")
+        header = record if header is None else header
+        yield line, record
+        line = reader.line_num + 1
 
 
 def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
@@ -158,8 +197,9 @@ def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> N
                     len(unlisted), root, table_path, shown)
 
 
-def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
-    for row_number, participant_id in enumerate(table["participant_id"], start=2):
+def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
+                               lines: Sequence[int]) -> None:
+    for row_number, participant_id in zip(lines, table["participant_id"]):
         where = f"{table_path} line {row_number}"
         if not isinstance(participant_id, str) or not participant_id.startswith("sub-"):
             raise InputError(f"{where}: participant_id {participant_id!r} must look like "
@@ -181,13 +221,16 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path) -> None:
     for column in ("sex", "study"):
         blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
         empty = table["participant_id"][blank].tolist()
-        if empty:
+        if empty:  # pandas reads NA, None, null, ... as missing too
             raise InputError(f"{table_path}: column {column!r} is empty for "
-                             f"{', '.join(empty)}.")
+                             f"{', '.join(empty)} (a blank cell, or a missing-value code: "
+                             f"n/a, NA, None, null, nan, ...). Fill in the {column}.")
 
 
-def _validate_against_schema(table: pd.DataFrame, table_path: Path) -> None:
-    """Check every row against workflow/schemas/participants.schema.yaml."""
+def _validate_against_schema(table: pd.DataFrame, table_path: Path,
+                             lines: Sequence[int]) -> None:
+    """Check every row against workflow/schemas/participants.schema.yaml (``lines``: the
+    line number of each row)."""
     import jsonschema
     import yaml
 
@@ -196,7 +239,7 @@ def _validate_against_schema(table: pd.DataFrame, table_path: Path) -> None:
     schema = yaml.safe_load(PARTICIPANTS_SCHEMA.read_text())
     validator = jsonschema.Draft202012Validator(schema)
     rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
-    for row_number, row in enumerate(rows, start=2):
+    for row_number, row in zip(lines, rows):
         row["age"] = float(row["age"])
         for error in validator.iter_errors(row):
             column = ".".join(map(str, error.absolute_path)) or "(row)"
@@ -275,10 +318,10 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
     finite = np.isfinite(data)
     if not np.any(finite & (data != 0)):
         raise InputError(f"{what} {path} contains no non-zero finite voxel.")
-    linear = np.asarray(image.affine, dtype=np.float64)[:3, :3]
-    if not np.all(np.isfinite(linear)) or abs(np.linalg.det(linear)) < 1e-9:
+    affine = np.asarray(image.affine, dtype=np.float64)[:3]  # the offsets too: a NaN origin
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:, :3])) < 1e-9:
         raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
-                         f"matrix {linear.round(4).tolist()}), so its voxels have no place in "
+                         f"matrix {affine.round(4).tolist()}), so its voxels have no place in "
                          f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
     return image
 
