@@ -387,6 +387,24 @@ def test_write_bundle_accepts_tensors_only(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_bundle_folder_is_readable_by_others_as_its_files_are(exported, tmp_path):
+    """The bundle goes to other people: its folder gets the permissions the umask gives
+    any new folder, like its files (the staging folder from tempfile.mkdtemp is private,
+    0700), whether it is written anew or replaces an older bundle."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    bundle = tmp_path / "models" / "demo"
+    for _ in ("new", "replacing"):
+        export_model(exported.cell, exported.cell / "encoder.pt",
+                     exported.split_dir / "stats.json", bundle_dir=bundle, **exported.export)
+        assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~umask
+        for file in bundle.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
+
+
 @pytest.mark.parametrize("template, key", [
     ({"space": "a/../../../escaped/x"}, r"template\.space"),
     ({"space": "TestSpace", "source": "url"}, r"template\.source"),
