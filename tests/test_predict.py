@@ -801,6 +801,29 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     assert started == []
 
 
+def test_run_cohort_refuses_a_template_on_another_grid_before_preprocessing(
+        world, new_cohort, tmp_path, monkeypatch):
+    """Template files with the bundle's mask voxels but another voxel grid (here moved by
+    10 mm; a resaved header does it too) are not the template the bundle was trained
+    with: registered to them, every map would be off the bundle's grid. The mask checksum
+    covers the voxels only, so the grid recorded with it is compared as well, before any
+    subject's preprocessing starts."""
+    from brainage.preprocess import chain
+
+    moved = TEMPLATE_AFFINE.copy()
+    moved[:3, 3] += 10.0
+    template = write_template(tmp_path, shape=TEMPLATE_SHAPE, affine=moved,
+                              brain=_template_brain())
+    started = []
+    monkeypatch.setattr(chain, "run_subject",
+                        lambda *a, **k: started.append(a) or pytest.fail("preprocessed"))
+    with pytest.raises(InputError, match=r"differs from the one model bundle .* grid"):
+        run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "out",
+                   template_t1=str(template["template_t1"]),
+                   template_mask=str(template["template_mask"]))
+    assert started == []
+
+
 def test_run_takes_the_number_of_subjects_at_a_time(capsys):
     from brainage.predict import _parse_arguments
 

@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from brainage import brainage_version
@@ -109,12 +110,16 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     rebuilt = template_record(t1_path, mask_path, source=template["source"],
                               space=template["space"])
     expected = bundle.manifest["template"]
-    if rebuilt["mask_voxels_sha256"] != expected["mask_voxels_sha256"]:
+    # the mask checksum covers its voxels only: the grid they lie on is compared too
+    if rebuilt["mask_voxels_sha256"] != expected["mask_voxels_sha256"] or not same_grid(
+            rebuilt, expected):
         raise InputError(
             f"the template rebuilt here ({rebuilt['id']}, {rebuilt['n_brain_voxels']} brain "
-            f"voxels) differs from the one model bundle {bundle.path} was trained with "
-            f"({expected['id']}, {expected['n_brain_voxels']} brain voxels). Use the same "
-            f"template files (--template-t1/--template-mask) or the same nilearn version.")
+            f"voxels, grid {rebuilt['shape']} with affine {rebuilt['affine']}) differs from "
+            f"the one model bundle {bundle.path} was trained with ({expected['id']}, "
+            f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
+            f"affine {expected.get('affine')}). Use the same template files "
+            f"(--template-t1/--template-mask) or the same nilearn version.")
     modalities = bundle.normalisation["modalities"]
     describe_preprocessing(layout.preproc_dir(), space=template["space"],
                            template_shape=prepared["shape"], source=str(dataset_root),
@@ -138,6 +143,18 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
                           figure_path=output / "gap_by_group.png", cohort=cohort,
                           group_column=group_column,
                           bias_reference_group=bias_reference_group, device=device)
+
+
+def same_grid(template: Mapping, other: Mapping) -> bool:
+    """Whether two template records (:func:`brainage.preprocess.template.template_record`)
+    lie on one voxel grid: shape, and affine to 1e-4 mm (as
+    :func:`brainage.normalise.check_grid`)."""
+    if other.get("shape") is None or other.get("affine") is None:
+        return False
+    affine, other_affine = (np.asarray(record["affine"], float) for record in (template, other))
+    return (list(template["shape"]) == list(other["shape"])
+            and affine.shape == other_affine.shape
+            and np.allclose(affine, other_affine, atol=1e-4))
 
 
 def _positive_int(text: str) -> int:
