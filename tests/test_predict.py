@@ -441,6 +441,44 @@ def test_export_refuses_a_readout_fitted_on_another_encoder(exported, tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
+@pytest.fixture(scope="module")
+def two_channel_cell(tmp_path_factory):
+    """A split of stiffness and damping ratio and a cell evaluated on both channels."""
+    root = tmp_path_factory.mktemp("two_channels")
+    split_dir = write_split(root / "dataset", n_subjects=24, n_test=6, shape=(8, 10, 8),
+                            modalities=("stiffness", "damping_ratio"))
+    settings = _random_cell(split_dir, root / "cell", tiny_settings(
+        model={"modalities": ["stiffness", "damping_ratio"]}))
+    template = write_template(root, shape=(8, 10, 8), affine=np.diag([6.0, 6.0, 6.0, 1.0]))
+    return SimpleNamespace(split_dir=split_dir, cell=root / "cell", settings=settings,
+                           template=template)
+
+
+@pytest.mark.parametrize("model, what", [
+    ({"modalities": ["damping_ratio", "stiffness"]}, "channels"),  # loads: swapped inputs
+    ({"modalities": ["damping_ratio"]}, "channels"),
+    ({"width": 16}, "network"),
+])
+def test_export_refuses_settings_the_encoder_was_not_trained_with(two_channel_cell, tmp_path,
+                                                                   model, what):
+    """`python -m brainage.predict export` with another config than the run's (an override
+    file left out): the manifest would describe inputs or a network other than the
+    encoder's. With the channels swapped the bundle even loads and predicts from the wrong
+    maps; otherwise only the cohort's prediction refused it, saying to re-export."""
+    cell = two_channel_cell
+    settings = {**cell.settings, "model": {**cell.settings["model"], **model}}
+    with pytest.raises(ExportError, match=rf"(?s)encoder.pt.*{what}.*config"):
+        export_model(cell.cell, cell.cell / "encoder.pt", cell.split_dir / "stats.json",
+                     settings, bundle_dir=tmp_path / "bundle", name="b",
+                     preprocessing=PREPROCESSING, **cell.template)
+    assert not (tmp_path / "bundle").exists()
+    manifest = export_model(cell.cell, cell.cell / "encoder.pt",
+                            cell.split_dir / "stats.json", cell.settings,
+                            bundle_dir=tmp_path / "bundle", name="b",
+                            preprocessing=PREPROCESSING, **cell.template)
+    assert manifest["normalisation"]["modalities"] == ["stiffness", "damping_ratio"]
+
+
 def test_export_refuses_a_split_normalised_again_after_evaluation(exported, tmp_path):
     """stats.json rewritten after the cell's training and evaluation (the run stopped
     after normalise_dataset reran): the bundle would pair the new normalisation with an
