@@ -39,7 +39,13 @@ from brainage.config import (
     preprocessing_record,
 )
 from brainage.export import export_model
-from brainage.inputs import InputError, check_dataset_images, read_participants, subject_inputs
+from brainage.inputs import (
+    InputError,
+    check_dataset_images,
+    read_participants,
+    same_grid,
+    subject_inputs,
+)
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import registered_maps, run_subjects
@@ -112,7 +118,8 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     expected = bundle.manifest["template"]
     # the mask checksum covers its voxels only: the grid they lie on is compared too
     if rebuilt["mask_voxels_sha256"] != expected["mask_voxels_sha256"] or not same_grid(
-            rebuilt, expected):
+            rebuilt["shape"], rebuilt["affine"], expected.get("shape", ()),
+            expected.get("affine", np.full((4, 4), np.nan))):
         raise InputError(
             f"the template rebuilt here ({rebuilt['id']}, {rebuilt['n_brain_voxels']} brain "
             f"voxels, grid {rebuilt['shape']} with affine {rebuilt['affine']}) differs from "
@@ -143,18 +150,6 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
                           figure_path=output / "gap_by_group.png", cohort=cohort,
                           group_column=group_column,
                           bias_reference_group=bias_reference_group, device=device)
-
-
-def same_grid(template: Mapping, other: Mapping) -> bool:
-    """Whether two template records (:func:`brainage.preprocess.template.template_record`)
-    lie on one voxel grid: shape, and affine to 1e-4 mm (as
-    :func:`brainage.normalise.check_grid`)."""
-    if other.get("shape") is None or other.get("affine") is None:
-        return False
-    affine, other_affine = (np.asarray(record["affine"], float) for record in (template, other))
-    return (list(template["shape"]) == list(other["shape"])
-            and affine.shape == other_affine.shape
-            and np.allclose(affine, other_affine, atol=1e-4))
 
 
 def _positive_int(text: str) -> int:
