@@ -387,6 +387,24 @@ def test_write_bundle_accepts_tensors_only(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_bundle_folder_is_readable_by_others_as_its_files_are(exported, tmp_path):
+    """The bundle goes to other people: its folder gets the permissions the umask gives
+    any new folder, like its files (the staging folder from tempfile.mkdtemp is private,
+    0700), whether it is written anew or replaces an older bundle."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    bundle = tmp_path / "models" / "demo"
+    for _ in ("new", "replacing"):
+        export_model(exported.cell, exported.cell / "encoder.pt",
+                     exported.split_dir / "stats.json", bundle_dir=bundle, **exported.export)
+        assert stat.S_IMODE(bundle.stat().st_mode) == 0o777 & ~umask
+        for file in bundle.iterdir():
+            assert stat.S_IMODE(file.stat().st_mode) == 0o666 & ~umask, file.name
+
+
 @pytest.mark.parametrize("template, key", [
     ({"space": "a/../../../escaped/x"}, r"template\.space"),
     ({"space": "TestSpace", "source": "url"}, r"template\.source"),
@@ -421,6 +439,44 @@ def test_export_refuses_a_readout_fitted_on_another_encoder(exported, tmp_path):
         export_model(exported.cell, retrained, exported.split_dir / "stats.json",
                      bundle_dir=tmp_path / "bundle", **exported.export)
     assert not (tmp_path / "bundle").exists()
+
+
+@pytest.fixture(scope="module")
+def two_channel_cell(tmp_path_factory):
+    """A split of stiffness and damping ratio and a cell evaluated on both channels."""
+    root = tmp_path_factory.mktemp("two_channels")
+    split_dir = write_split(root / "dataset", n_subjects=24, n_test=6, shape=(8, 10, 8),
+                            modalities=("stiffness", "damping_ratio"))
+    settings = _random_cell(split_dir, root / "cell", tiny_settings(
+        model={"modalities": ["stiffness", "damping_ratio"]}))
+    template = write_template(root, shape=(8, 10, 8), affine=np.diag([6.0, 6.0, 6.0, 1.0]))
+    return SimpleNamespace(split_dir=split_dir, cell=root / "cell", settings=settings,
+                           template=template)
+
+
+@pytest.mark.parametrize("model, what", [
+    ({"modalities": ["damping_ratio", "stiffness"]}, "channels"),  # loads: swapped inputs
+    ({"modalities": ["damping_ratio"]}, "channels"),
+    ({"width": 16}, "network"),
+])
+def test_export_refuses_settings_the_encoder_was_not_trained_with(two_channel_cell, tmp_path,
+                                                                   model, what):
+    """`python -m brainage.predict export` with another config than the run's (an override
+    file left out): the manifest would describe inputs or a network other than the
+    encoder's. With the channels swapped the bundle even loads and predicts from the wrong
+    maps; otherwise only the cohort's prediction refused it, saying to re-export."""
+    cell = two_channel_cell
+    settings = {**cell.settings, "model": {**cell.settings["model"], **model}}
+    with pytest.raises(ExportError, match=rf"(?s)encoder.pt.*{what}.*config"):
+        export_model(cell.cell, cell.cell / "encoder.pt", cell.split_dir / "stats.json",
+                     settings, bundle_dir=tmp_path / "bundle", name="b",
+                     preprocessing=PREPROCESSING, **cell.template)
+    assert not (tmp_path / "bundle").exists()
+    manifest = export_model(cell.cell, cell.cell / "encoder.pt",
+                            cell.split_dir / "stats.json", cell.settings,
+                            bundle_dir=tmp_path / "bundle", name="b",
+                            preprocessing=PREPROCESSING, **cell.template)
+    assert manifest["normalisation"]["modalities"] == ["stiffness", "damping_ratio"]
 
 
 def test_export_refuses_a_split_normalised_again_after_evaluation(exported, tmp_path):
@@ -780,6 +836,29 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     monkeypatch.setattr(chain, "run_subject", lambda *a, **k: started.append(a))
     with pytest.raises(InputError, match=rf"subject {third}: stiffness map .* not a readable"):
         predict_module.run_cohort(world.bundle_dir, damaged, tmp_path / "c", **template)
+    assert started == []
+
+
+def test_run_cohort_refuses_a_template_on_another_grid_before_preprocessing(
+        world, new_cohort, tmp_path, monkeypatch):
+    """Template files with the bundle's mask voxels but another voxel grid (here moved by
+    10 mm; a resaved header does it too) are not the template the bundle was trained
+    with: registered to them, every map would be off the bundle's grid. The mask checksum
+    covers the voxels only, so the grid recorded with it is compared as well, before any
+    subject's preprocessing starts."""
+    from brainage.preprocess import chain
+
+    moved = TEMPLATE_AFFINE.copy()
+    moved[:3, 3] += 10.0
+    template = write_template(tmp_path, shape=TEMPLATE_SHAPE, affine=moved,
+                              brain=_template_brain())
+    started = []
+    monkeypatch.setattr(chain, "run_subject",
+                        lambda *a, **k: started.append(a) or pytest.fail("preprocessed"))
+    with pytest.raises(InputError, match=r"differs from the one model bundle .* grid"):
+        run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "out",
+                   template_t1=str(template["template_t1"]),
+                   template_mask=str(template["template_mask"]))
     assert started == []
 
 

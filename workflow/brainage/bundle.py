@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from brainage import brainage_version
-from brainage.io import sha256_file, write_json
+from brainage.io import sha256_file, shared_mode, write_json
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,8 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
                    {**written, MANIFEST_DIGEST_KEY: manifest_digest(written)})
         if readme is not None:
             (staging / README_FILE).write_text(readme)
+        # mkdtemp makes the folder private (0700); a bundle is shared like its files
+        os.chmod(staging, shared_mode(0o777))
         _replace_directory(staging, directory)
     finally:
         if staging.exists():

@@ -97,7 +97,9 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     Raises
     ------
     ExportError
-        The read-out was fitted on another encoder or split, or a record is incomplete.
+        The read-out was fitted on another encoder or split, the settings describe
+        other channels or another network than the encoder's, or a record is
+        incomplete.
     """
     settings = resolve_cell(settings)
     cell_dir = Path(cell_dir)
@@ -131,14 +133,16 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     readout_state = {key: torch.from_numpy(np.array(value)) for key, value in
                      readout_arrays.items()}
     payload = torch.load(encoder_path, map_location="cpu", weights_only=True)
+    channels = list(settings["model"]["modalities"] or stats["modalities"])
+    check_encoder_settings(payload, settings, channels, stats["modalities"],
+                           encoder_path=encoder_path)
     metrics = json.loads((cell_dir / "metrics.json").read_text())
     fields = {
         "settings": settings,
         "source": {"split": stats["split"], "experiment": settings.get("experiment"),
                    "variant": settings.get("variant"), "seed": settings["seed"],
                    "encoder_sha256": encoder_sha256, "metrics": metrics},
-        "normalisation": normalisation_record(
-            stats, settings["model"]["modalities"] or stats["modalities"]),
+        "normalisation": normalisation_record(stats, channels),
         "template": template_record(template_t1, template_mask,
                                     source=preprocessing["template"]["source"],
                                     space=preprocessing["template"]["space"]),
@@ -155,6 +159,38 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     log.info("exported %s/%s seed %s as bundle %s", settings.get("experiment"),
              settings.get("variant"), settings["seed"], name)
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())
+
+
+def check_encoder_settings(payload: Mapping, settings: Mapping, channels: Sequence[str],
+                           split_modalities: Sequence[str], *, encoder_path: str | Path
+                           ) -> None:
+    """Refuse settings that describe inputs or a network other than the encoder's.
+
+    The manifest's settings build the network a cohort is predicted with, and its
+    channels pick the maps; ``encoder.pt`` records the settings it was trained with. A
+    config other than the run's (``python -m brainage.predict export`` without an
+    override file the run had) would otherwise ship a bundle that feeds the encoder other
+    maps (same number of channels: it loads) or that does not load at all.
+    """
+    from brainage.models import build_model
+
+    trained = (payload.get("settings") or {}).get("model") or {}
+    if "modalities" in trained:
+        trained_channels = list(trained["modalities"] or split_modalities)
+        if trained_channels != list(channels):
+            raise ExportError(
+                f"{encoder_path} was trained on the channels {', '.join(trained_channels)}, "
+                f"but the settings exported give {', '.join(channels)} (config key "
+                f"model.modalities): the config differs from the one the run trained "
+                f"with. Export with the run's config files.")
+    try:
+        build_model(settings["model"], in_channels=len(channels)).load_state_dict(
+            payload["model"])
+    except RuntimeError as error:
+        raise ExportError(
+            f"{encoder_path} does not fit the network the exported settings describe (config "
+            f"section model; {str(error).splitlines()[0]}): the config differs from the one "
+            f"the run trained with. Export with the run's config files.") from None
 
 
 def bundle_readme(name: str, fields: Mapping) -> str:

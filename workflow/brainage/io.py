@@ -30,7 +30,13 @@ def _read_umask() -> int:
 
 #: Read once, at import: os.umask can only be read by setting it, which is process-wide,
 #: and atomic_path also runs in the checkpoint writer's thread.
-_UMASK = _read_umask()
+UMASK = _read_umask()
+
+
+def shared_mode(mode: int) -> int:
+    """``mode`` less the process's umask: what a file or folder created the usual way gets
+    (temporary files and folders are created private, 0600 and 0700)."""
+    return mode & ~UMASK
 
 
 class WriteError(OSError, RuntimeError):
@@ -95,7 +101,7 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     try:
         yield temp
         # mkstemp creates files private (0600); results are shared on a cluster.
-        os.chmod(temp, 0o666 & ~_UMASK)
+        os.chmod(temp, shared_mode(0o666))
         os.replace(temp, final)
     except WriteError:
         raise

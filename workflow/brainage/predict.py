@@ -24,6 +24,7 @@ import logging
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 from brainage import brainage_version
@@ -38,7 +39,13 @@ from brainage.config import (
     preprocessing_record,
 )
 from brainage.export import export_model
-from brainage.inputs import InputError, check_dataset_images, read_participants, subject_inputs
+from brainage.inputs import (
+    InputError,
+    check_dataset_images,
+    read_participants,
+    same_grid,
+    subject_inputs,
+)
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import registered_maps, run_subjects
@@ -109,12 +116,17 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     rebuilt = template_record(t1_path, mask_path, source=template["source"],
                               space=template["space"])
     expected = bundle.manifest["template"]
-    if rebuilt["mask_voxels_sha256"] != expected["mask_voxels_sha256"]:
+    # the mask checksum covers its voxels only: the grid they lie on is compared too
+    if rebuilt["mask_voxels_sha256"] != expected["mask_voxels_sha256"] or not same_grid(
+            rebuilt["shape"], rebuilt["affine"], expected.get("shape", ()),
+            expected.get("affine", np.full((4, 4), np.nan))):
         raise InputError(
             f"the template rebuilt here ({rebuilt['id']}, {rebuilt['n_brain_voxels']} brain "
-            f"voxels) differs from the one model bundle {bundle.path} was trained with "
-            f"({expected['id']}, {expected['n_brain_voxels']} brain voxels). Use the same "
-            f"template files (--template-t1/--template-mask) or the same nilearn version.")
+            f"voxels, grid {rebuilt['shape']} with affine {rebuilt['affine']}) differs from "
+            f"the one model bundle {bundle.path} was trained with ({expected['id']}, "
+            f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
+            f"affine {expected.get('affine')}). Use the same template files "
+            f"(--template-t1/--template-mask) or the same nilearn version.")
     modalities = bundle.normalisation["modalities"]
     describe_preprocessing(layout.preproc_dir(), space=template["space"],
                            template_shape=prepared["shape"], source=str(dataset_root),

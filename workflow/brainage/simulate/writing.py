@@ -14,6 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
+from brainage.io import shared_mode
+
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: str) -> None:
     """Write ``data`` with ``affine`` (native voxel -> scanner mm) as sform and qform."""
@@ -52,7 +54,7 @@ def staged_dataset(root: Path) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         yield staging
-        os.chmod(staging, 0o755)  # mkdtemp makes it private; a dataset is shared
+        os.chmod(staging, shared_mode(0o777))  # mkdtemp makes it private; a dataset is shared
         _move_into_place(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
