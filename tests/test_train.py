@@ -614,6 +614,12 @@ def test_a_new_pretrained_encoder_is_not_resumed_from_the_old_one(split_dir, ref
 def test_batch_larger_than_training_set(split_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size is 32 .* only 18 training"):
         train_encoder(split_dir, tiny_settings(train={"batch_size": 32}), **cell_paths(tmp_path))
+    # a pretraining run's batch is its own key, never the top-level train section's
+    pretraining = {**tiny_settings(train={"batch_size": 32}), "experiment": "pretrain",
+                   "variant": "t1w"}
+    with pytest.raises(ConfigError, match=r"key pretrain\.t1w\.train\.batch_size is 32 .* "
+                                          r"Lower pretrain\.t1w\.train\.batch_size"):
+        train_encoder(split_dir, pretraining, **cell_paths(tmp_path))
 
 
 def test_nan_in_the_array_names_the_subject(tmp_path):

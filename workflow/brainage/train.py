@@ -137,6 +137,14 @@ def fingerprint(settings: Mapping, split: SplitData) -> str:
 
 # -- outputs ----------------------------------------------------------------------------
 
+def _train_key(settings: Mapping, name: str) -> str:
+    """The config key of train setting ``name`` for these settings: a pretraining run's
+    (``pretrain.<run>.train.<name>``, never the top-level section) or the grid's."""
+    if settings.get("experiment") == "pretrain":
+        return f"pretrain.{settings['variant']}.train.{name}"
+    return f"train.{name}"
+
+
 def _write_embeddings(path: Path, features: np.ndarray, split: SplitData,
                       rows: np.ndarray, kind: str) -> None:
     """One epoch's features of ``rows``; ``kind`` is the ``model.features`` they are
@@ -204,8 +212,9 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     batch_size, views = int(train_settings["batch_size"]), int(train_settings["views"])
     n_train = len(split.train_index)
     if batch_size > n_train and epochs > 0:  # an untrained encoder takes no batch
-        raise ConfigError(f"config key train.batch_size is {batch_size} but split {split.name} "
-                          f"has only {n_train} training subjects. Lower train.batch_size to at "
+        key = _train_key(settings, "batch_size")
+        raise ConfigError(f"config key {key} is {batch_size} but split {split.name} "
+                          f"has only {n_train} training subjects. Lower {key} to at "
                           f"most {n_train}.")
     if processes.is_distributed and epochs > 0:
         check_shares(n_train, batch_size, processes)
@@ -326,7 +335,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(
                     f"loss is {mean_loss} in epoch {epoch} ({loss_settings['name']}, split "
-                    f"{split.name}, seed {seed}). Lower config key train.lr or check the images.")
+                    f"{split.name}, seed {seed}). Lower config key "
+                    f"{_train_key(settings, 'lr')} or check the images.")
             scheduler.step()
             if embeddings_dir is not None and epoch in embed_epochs and writes:
                 features = embed(model, store, embed_rows, which=which,
