@@ -477,6 +477,9 @@ def test_export_refuses_settings_the_encoder_was_not_trained_with(two_channel_ce
                             bundle_dir=tmp_path / "bundle", name="b",
                             preprocessing=PREPROCESSING, **cell.template)
     assert manifest["normalisation"]["modalities"] == ["stiffness", "damping_ratio"]
+    # the bundle's README names every map a cohort needs, not the stiffness alone
+    assert ("participants.tsv + sub-*/mre/*_stiffness.nii.gz + "
+            "sub-*/mre/*_damping_ratio.nii.gz" in (tmp_path / "bundle" / "README.md").read_text())
 
 
 def test_export_refuses_a_split_normalised_again_after_evaluation(exported, tmp_path):

@@ -203,6 +203,8 @@ def bundle_readme(name: str, fields: Mapping) -> str:
     channels = "; ".join(
         f"{modality_name} mean {mean:.4f} sd {sd:.4f} {MODALITIES[modality_name].unit}"
         for modality_name, mean, sd in zip(record["modalities"], record["mean"], record["sd"]))
+    inputs = " + ".join(f"sub-*/{MODALITIES[modality_name].folder}/*_{modality_name}.nii.gz"
+                        for modality_name in record["modalities"])
     return (
         f"# brainage model bundle `{name}`\n\n"
         f"Brain age from MR-elastography maps ({', '.join(record['modalities'])}): a 3D "
@@ -219,7 +221,7 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"- age-bias correction: gap = {fields['bias_correction']['intercept']:.3f} + "
         f"{fields['bias_correction']['slope']:.4f} * age "
         f"({fields['bias_correction']['description']})\n\n"
-        f"Run it on a BIDS-like dataset (participants.tsv + sub-*/mre/*_stiffness.nii.gz):\n\n"
+        f"Run it on a BIDS-like dataset (participants.tsv + {inputs}):\n\n"
         f"    python -m brainage.predict run --bundle <this folder> --dataset <root> "
         f"--output <folder>\n\n"
         f"manifest.json lists the sha256 of encoder.pt and readout.pt; both are plain tensor "
