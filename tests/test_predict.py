@@ -353,6 +353,25 @@ def test_incompatible_format_version_fails_clearly(exported, tmp_path):
         read_bundle(copied)
 
 
+def test_a_malformed_manifest_is_refused_as_a_damaged_bundle(exported, tmp_path):
+    """Format-1 manifests carry no digest: a version that is not a whole number (JSON
+    true equals 1 in Python) or a section that is not an object is refused by name,
+    never read as format 1 nor failing later with an AttributeError."""
+    copied = _copy_bundle(exported, tmp_path)
+    original = json.loads((copied / "manifest.json").read_text())
+    for change, message in (({"format_version": True}, r"format version True"),
+                            ({"format_version": 1.0, "versions": []}, r"format version 1\.0 "
+                                                                      r"\(written by brainage "
+                                                                      r"an unknown version\)"),
+                            ({"format_version": 1, "files": ["encoder.pt"]},
+                             r"its 'files' is a list, not an object"),
+                            ({"format_version": 1, "settings": None},
+                             r"its 'settings' is a NoneType, not an object")):
+        (copied / "manifest.json").write_text(json.dumps({**original, **change}))
+        with pytest.raises(BundleError, match=message):
+            read_bundle(copied)
+
+
 def test_missing_file_and_foreign_folder_fail_clearly(exported, tmp_path):
     copied = _copy_bundle(exported, tmp_path)
     (copied / "encoder.pt").unlink()

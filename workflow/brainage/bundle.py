@@ -235,8 +235,11 @@ def read_manifest(directory: str | Path) -> dict:
         raise BundleError(f"{manifest_path} is not a brainage model bundle manifest (its "
                           f"'kind' is {kind!r}, expected {BUNDLE_KIND!r}).")
     version = manifest.get("format_version")
-    if version not in SUPPORTED_FORMAT_VERSIONS:
-        written_by = manifest.get("versions", {}).get("brainage", "an unknown version")
+    # type: JSON true equals 1 in Python, and would pass as format 1 (no digest check)
+    if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
+        versions = manifest.get("versions")
+        written_by = (versions.get("brainage", "an unknown version")
+                      if isinstance(versions, dict) else "an unknown version")
         raise BundleError(
             f"model bundle {directory} has format version {version!r} (written by brainage "
             f"{written_by}); this brainage {brainage_version()} reads format version(s) "
@@ -248,6 +251,10 @@ def read_manifest(directory: str | Path) -> dict:
         if key not in manifest:
             raise BundleError(f"{manifest_path} lacks the key {key!r}; the bundle is "
                               f"incomplete. Re-export it.")
+        if not isinstance(manifest[key], dict):  # format 1 has no digest to catch this
+            raise BundleError(f"{manifest_path}: its {key!r} is a "
+                              f"{type(manifest[key]).__name__}, not an object; the bundle is "
+                              f"damaged. Re-copy or re-export it.")
     return manifest
 
 
