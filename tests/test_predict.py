@@ -934,6 +934,13 @@ def test_exported_cell_must_be_trained_by_the_grid():
         exported_cell(config)
     config["predict"]["model"]["variant"] = "untrained"
     assert exported_cell(config) == ("table3", "untrained", 0)
+    # an encoder whose read-out ignores its features predicts no subject's brain age
+    config["experiments"]["table3"]["variants"]["by_study"] = {
+        "loss": {"name": "adaptive"}, "readout": {"method": "study_mean"}}
+    config["predict"]["model"]["variant"] = "by_study"
+    with pytest.raises(ConfigError, match=r"table3/by_study/seed 0, whose read-out "
+                                          r"\(readout\.method study_mean\) ignores"):
+        exported_cell(config)
 
 
 def test_cohort_table_problems_are_reported_before_any_work(world, new_cohort, tmp_path):

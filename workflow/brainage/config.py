@@ -714,6 +714,10 @@ def encoder_owners(config: Mapping[str, Any]) -> dict[tuple[str, str, int], tupl
     return owners
 
 
+#: Read-outs that predict from the training ages alone (baselines), not from features.
+FEATURELESS_READOUTS = ("train_mean", "study_mean")
+
+
 def exported_cell(config: Mapping) -> tuple[str, str, int]:
     """(experiment, variant, seed) of the grid cell ``predict.model`` exports.
 
@@ -721,12 +725,22 @@ def exported_cell(config: Mapping) -> tuple[str, str, int]:
     ------
     ConfigError
         When no enabled experiment trains that cell, or the cell is a baseline without an
-        encoder (training mean, study mean, PCA + Ridge): there is nothing to export.
+        encoder (training mean, study mean, PCA + Ridge): there is nothing to export; or
+        its read-out ignores the features (``readout.method`` train_mean or study_mean):
+        a bundle would predict one age per study for any subject, and a new cohort's
+        studies are not the training ones.
     """
     model = config["predict"]["model"]
     cell = (model["experiment"], model["variant"], int(model["seed"]))
     cells = grid_cells(config)
-    if cell in cells and trains_an_encoder(cell_settings(config, *cell)):
+    if cell in cells and trains_an_encoder(settings := cell_settings(config, *cell)):
+        method = settings["readout"]["method"]
+        if method in FEATURELESS_READOUTS:
+            raise ConfigError(
+                f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed "
+                f"{cell[2]}, whose read-out (readout.method {method}) ignores the encoder's "
+                f"features, so the model would not look at a subject's images. Choose a cell "
+                f"with a read-out on the features (ridge, pca_ridge, mse, l1, huber, dex).")
         return cell
     choices = ", ".join(f"{e}/{v}/seed {s}" for e, v, s in cells
                         if trains_an_encoder(cell_settings(config, e, v, s))) or "none"
