@@ -159,6 +159,18 @@ def test_duplicate_participant(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_participants_differing_only_in_case_are_refused(tiny_dataset):
+    def add_upper_case_twin(table):
+        twin = table.iloc[[1]].copy()
+        twin["participant_id"] = twin["participant_id"].str.upper().str.replace("SUB-", "sub-")
+        return pd.concat([table, twin])
+
+    _rewrite_table(tiny_dataset, add_upper_case_twin)
+    with pytest.raises(InputError, match=r"participant_id sub-01a and sub-01A differ only in "
+                                         r"case.*Rename one"):
+        read_participants(tiny_dataset)
+
+
 @pytest.mark.parametrize("bad_id", ["sub-../x", "sub-a_b", "01a", "sub-"])
 def test_label_that_could_escape_results(tiny_dataset, bad_id):
     def mutate(table):

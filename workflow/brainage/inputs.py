@@ -209,6 +209,13 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     if len(duplicated):
         raise InputError(f"{table_path}: duplicate participant_id {', '.join(duplicated)}; "
                          f"each subject must appear once.")
+    folded = table["participant_id"].str.lower()
+    if folded.duplicated().any():  # one folder on macOS, on Windows shares, in a zip
+        pairs = [" and ".join(group) for _, group in
+                 table["participant_id"].groupby(folded) if len(group) > 1]
+        raise InputError(f"{table_path}: participant_id {'; '.join(pairs)} differ only in "
+                         f"case, so their folders under results/ would be one on a "
+                         f"case-insensitive file system. Rename one of each pair.")
     ages = pd.to_numeric(table["age"], errors="coerce")
     low, high = AGE_RANGE_YEARS
     for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
