@@ -281,3 +281,13 @@ def test_evaluate_encoder_writes_metrics_and_predictions(tmp_path, features, met
     # to 1e-9 years: BLAS may round the last bit differently for differently aligned arrays
     np.testing.assert_allclose(readout.predict(embedded), predictions.predicted_age.to_numpy(),
                                rtol=0, atol=1e-9)
+    # new arrays beside an earlier fit's description (a job stopped between the two
+    # atomic writes) are refused, not paired
+    arrays = tmp_path / "readout.npz"
+    with np.load(arrays) as loaded:
+        state = {key: loaded[key] for key in loaded.files}
+    np.savez(arrays, **{key: value * 2 if value.dtype.kind == "f" else value
+                        for key, value in state.items()})
+    with pytest.raises(ValueError, match=r"readout\.npz is not the file .*readout\.json "
+                                         r"describes .*Rerun rule evaluate_encoder"):
+        load_readout(tmp_path)

@@ -41,7 +41,7 @@ from typing import Mapping
 import numpy as np
 
 from brainage.config import ConfigError
-from brainage.io import atomic_path, write_json
+from brainage.io import atomic_path, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,8 @@ LINEAR_METHODS = ("ridge", "pca_ridge")
 READOUT_CV_SEED = 42
 READOUT_ARRAYS = "readout.npz"
 READOUT_DESCRIPTION = "readout.json"
+#: Key of readout.json holding the sha256 of the readout.npz it describes.
+ARRAYS_SHA256_KEY = "arrays_sha256"
 
 
 @dataclass
@@ -345,13 +347,17 @@ def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mappin
 
 def save_readout(folder: str | Path, readout: Readout, **description) -> dict:
     """Write ``readout.npz`` (arrays) and ``readout.json`` (the description, extended by
-    ``description``) into ``folder``; returns the JSON written."""
+    ``description`` and the arrays' sha256) into ``folder``; returns the JSON written.
+
+    Each file is written atomically, the pair is not: the checksum lets
+    :func:`load_readout` refuse new arrays beside the description of an earlier fit (a
+    job stopped between the two writes)."""
     folder = Path(folder)
     state, own = readout.to_state()
     with atomic_path(folder / READOUT_ARRAYS) as temp:
         with open(temp, "wb") as handle:
             np.savez(handle, **state)
-    payload = {**own, **description}
+    payload = {**own, **description, ARRAYS_SHA256_KEY: sha256_file(folder / READOUT_ARRAYS)}
     write_json(folder / READOUT_DESCRIPTION, payload)
     return payload
 
@@ -377,4 +383,9 @@ def load_readout(folder: str | Path) -> tuple[Readout, dict]:
     except (OSError, ValueError) as error:
         raise ValueError(f"read-out {folder} cannot be read ({error}); rerun rule "
                          f"evaluate_encoder for this cell.") from None
+    recorded = description.get(ARRAYS_SHA256_KEY)  # absent: written by an older version
+    if recorded is not None and recorded != sha256_file(arrays):
+        raise ValueError(f"{arrays} is not the file {described} describes (sha256 "
+                         f"{recorded}): they come from different fits, e.g. a job stopped "
+                         f"between writing them. Rerun rule evaluate_encoder for this cell.")
     return Readout.from_state(state, description), description
