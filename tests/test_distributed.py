@@ -251,6 +251,21 @@ def test_killed_two_process_run_resumes_in_one_process(split_dir, killed_run, tw
     assert encoder_weights(cell).keys() == encoder_weights(uninterrupted).keys()
 
 
+def test_an_untrained_encoder_started_with_two_processes(split_dir, tmp_path):
+    """train.epochs 0 (allowed for a pretraining run, whose gpus may be several): rank 0
+    writes the seed's initial encoder while the other process waits at the barrier. The
+    processes used to skip joining the process group for 0 epochs, so the barrier raised
+    'Default process group has not been initialized' and the job failed."""
+    cell = tmp_path / "cell"
+    arguments = train_arguments(split_dir, cell)
+    settings = Path(arguments[arguments.index("--settings") + 1])
+    settings.write_text(json.dumps({**SETTINGS, "train": {**SETTINGS["train"], "epochs": 0}}))
+    job = torchrun(2, "-m", "brainage.train", *arguments)
+    assert job.returncode == 0, job.stdout[-3000:]
+    assert (cell / "encoder.pt").is_file() and (cell / "features.npz").is_file()
+    assert history_losses(cell) == []
+
+
 @pytest.mark.slow
 def test_a_failing_process_stops_the_others(split_dir, tmp_path):
     """Rank 1 raises in epoch 3: the job ends (instead of rank 0 waiting in a collective

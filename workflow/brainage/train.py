@@ -216,8 +216,9 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         raise ConfigError(f"config key {key} is {batch_size} but split {split.name} "
                           f"has only {n_train} training subjects. Lower {key} to at "
                           f"most {n_train}.")
-    if processes.is_distributed and epochs > 0:
-        check_shares(n_train, batch_size, processes)
+    if processes.is_distributed:  # with 0 epochs too: the others wait for rank 0's writes
+        if epochs > 0:
+            check_shares(n_train, batch_size, processes)
         device, autocast_dtype = runtime_setup(train_settings, local_rank=processes.local_rank,
                                                processes_on_node=processes.local_world_size)
         distributed.join(processes, device)
