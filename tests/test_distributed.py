@@ -33,7 +33,7 @@ from brainage.distributed import (
     check_shares,
     processes_from_environment,
 )
-from brainage.train import read_settings
+from brainage.train import read_settings, train_encoder
 from distributed_worker import STEP_CASES, one_step
 from split_fixture import tiny_settings, write_split
 
@@ -335,6 +335,19 @@ def test_every_process_needs_a_subject_of_every_batch():
     with pytest.raises(ConfigError, match="train.batch_size is 8: .* last batch .* 2 subjects, "
                                           "fewer than the 3 processes"):
         check_shares(18, 8, Processes(0, 3))  # batches of 8, 8 and 2
+
+
+def test_too_small_a_last_batch_names_the_pretraining_runs_key(split_dir, tmp_path):
+    """Several processes train pretraining runs, whose batch is pretrain.<run>.train.
+    batch_size (never the top-level train.batch_size, which the message used to name)."""
+    settings = tiny_settings(experiment="pretrain", variant="t1",
+                             train={"epochs": 1, "batch_size": 7})  # 16 = 7 + 7 + 2
+    paths = {"encoder_path": tmp_path / "encoder.pt", "history_path": tmp_path / "history.tsv",
+             "embeddings_dir": tmp_path / "embeddings",
+             "checkpoint_path": tmp_path / "checkpoint.pt"}
+    with pytest.raises(ConfigError, match=r"config key pretrain\.t1\.train\.batch_size is 7: "
+                                          r".* fewer than the 3 processes"):
+        train_encoder(split_dir, settings, **paths, processes=Processes(0, 3, 0, 3))
 
 
 def test_global_batch_norm_keeps_parameters_and_keys():

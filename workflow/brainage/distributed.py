@@ -248,14 +248,17 @@ def broadcast_from_main(processes: Processes, value):
     return holder[0]
 
 
-def check_shares(n_train: int, batch_size: int, processes: Processes) -> None:
+def check_shares(n_train: int, batch_size: int, processes: Processes, *,
+                 key: str = "train.batch_size") -> None:
     """Every process must get at least one subject of every batch (a ResNet cannot
     forward an empty batch).
 
     Raises
     ------
     ConfigError
-        Naming train.batch_size, the smallest batch of an epoch and the process count.
+        Naming ``key``, the config key that sets the batch (a pretraining run's is
+        ``pretrain.<run>.train.batch_size``), the smallest batch of an epoch and the
+        process count.
     """
     if not processes.is_distributed:
         return
@@ -263,10 +266,10 @@ def check_shares(n_train: int, batch_size: int, processes: Processes) -> None:
                                                         np.random.default_rng(0)))
     if smallest < processes.world_size:
         raise ConfigError(
-            f"config key train.batch_size is {batch_size}: with {n_train} training subjects "
+            f"config key {key} is {batch_size}: with {n_train} training subjects "
             f"the last batch of every epoch has {smallest} subjects, fewer than the "
             f"{processes.world_size} processes sharing it. Start at most {smallest} processes, "
-            f"or choose train.batch_size so that the remainder of {n_train} / batch_size is 0 "
+            f"or choose {key} so that the remainder of {n_train} / batch_size is 0 "
             f"or at least {processes.world_size}.")
 
 

@@ -218,7 +218,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                           f"most {n_train}.")
     if processes.is_distributed:  # with 0 epochs too: the others wait for rank 0's writes
         if epochs > 0:
-            check_shares(n_train, batch_size, processes)
+            check_shares(n_train, batch_size, processes, key=_train_key(settings, "batch_size"))
         device, autocast_dtype = runtime_setup(train_settings, local_rank=processes.local_rank,
                                                processes_on_node=processes.local_world_size)
         distributed.join(processes, device)
