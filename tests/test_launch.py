@@ -36,7 +36,8 @@ def test_several_nodes_meet_on_the_first_node_of_the_slurm_job(tmp_path, monkeyp
     command = training_command(2, 2, python="py", environ={"SLURM_JOB_ID": "4242",
                                                            "SLURM_JOB_NODELIST": "gpu[07-08]"})
     assert command == [
-        "srun", "--ntasks-per-node", "1", "py", "-m", "torch.distributed.run",
+        "srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "py", "-m",
+        "torch.distributed.run",
         "--nproc_per_node", "2", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_id",
         "4242", "--rdzv_endpoint", f"gpu07:{RENDEZVOUS_PORT}", "-m", "brainage.train"]
     with pytest.raises(SystemExit, match="inside a SLURM job"):
@@ -50,3 +51,12 @@ def test_the_launcher_becomes_the_training_with_its_arguments():
         env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage: python -m brainage.train")
+
+
+def test_a_process_failing_on_one_node_ends_every_node(monkeypatch):
+    """srun with --kill-on-bad-exit, as the launch line of brainage.distributed says: a
+    node whose torchrun fails ends the others' at once instead of leaving their processes
+    in a collective until COLLECTIVE_TIMEOUT (half an hour of every GPU of the job)."""
+    monkeypatch.setattr("brainage.launch.first_node", lambda environ: "gpu07")
+    command = training_command(4, 2, python="py", environ={"SLURM_JOB_ID": "1"})
+    assert command[0] == "srun" and "--kill-on-bad-exit=1" in command[:command.index("py")]

@@ -48,7 +48,10 @@ def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
     if nodes == 1:
         return [*torchrun, "--standalone", "-m", "brainage.train"]
     environ = os.environ if environ is None else environ
-    return ["srun", "--ntasks-per-node", "1", *torchrun, "--nnodes", str(nodes),
+    # --kill-on-bad-exit: a node whose torchrun fails ends the others' at once, instead
+    # of their processes waiting in a collective for COLLECTIVE_TIMEOUT (brainage.distributed)
+    return ["srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", *torchrun,
+            "--nnodes", str(nodes),
             "--rdzv_backend", "c10d", "--rdzv_id", environ.get("SLURM_JOB_ID", "brainage"),
             "--rdzv_endpoint", f"{first_node(environ)}:{RENDEZVOUS_PORT}", "-m",
             "brainage.train"]
