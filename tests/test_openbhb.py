@@ -3,6 +3,8 @@ errors for a release that is incomplete or does not match itself."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -347,8 +349,27 @@ def test_an_empty_split(tmp_path):
         read_release(tmp_path)
 
 
+def test_messages_name_the_config_keys_that_exist(tmp_path):
+    """The fixes the reader's messages give name keys of a pretraining run's source
+    (pretrain.<run>.source.root, pretrain.<run>.source.openbhb_validation): a key the schema
+    does not have (pretrain.source.validation) cannot be set."""
+    from brainage.config import load_schema
+
+    source_keys = load_schema()["$defs"]["pretrain_run"]["properties"]["source"]["properties"]
+    write_openbhb_release(tmp_path, n_train=3, n_validation=1)  # one internal_test scan only
+    with pytest.raises(InputError) as error:
+        read_release(tmp_path, validation="external")
+    named = set(re.findall(r"pretrain\.\S*?source\.(\w+)", str(error.value)))
+    assert named == {"openbhb_validation"} and named <= set(source_keys), str(error.value)
+    assert "pretrain.<run>.source.openbhb_validation" in str(error.value)
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "nowhere", tmp_path / "empty"):  # no folder; no participants.tsv
+        with pytest.raises(InputError, match=r"pretrain\.<run>\.source\.root"):
+            read_release(root)
+
+
 def test_missing_folder_file_and_the_challenge_layout(tmp_path):
-    with pytest.raises(InputError, match="does not exist. Set pretrain.source.root"):
+    with pytest.raises(InputError, match=r"does not exist. Set pretrain\.<run>\.source\.root"):
         read_release(tmp_path / "nowhere")
     with pytest.raises(InputError, match="participants.tsv is missing"):
         read_release(tmp_path)

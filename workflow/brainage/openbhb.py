@@ -431,8 +431,8 @@ def read_release(root: str | Path, *, validation: str = "both", site_column: str
         raise ValueError(f"site_column={site_column!r}; choose one of {', '.join(SITE_COLUMNS)}.")
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"OpenBHB folder {root} does not exist. Set pretrain.source.root to the "
-                         f"folder holding participants.tsv, train/ and val/ (HuggingFace "
+        raise InputError(f"OpenBHB folder {root} does not exist. Set pretrain.<run>.source.root to "
+                         f"the folder holding participants.tsv, train/ and val/ (HuggingFace "
                          f"benoit-dufumier/openBHB).")
     table_path = root / PARTICIPANTS
     if not table_path.is_file():
@@ -441,9 +441,9 @@ def read_release(root: str | Path, *, validation: str = "both", site_column: str
             raise InputError(f"{challenge} holds the RAMP challenge's concatenated arrays "
                              f"(train.npy/train.tsv: masked, flattened modalities, no sex column), "
                              f"which this reader does not read. Download the per-subject release "
-                             f"(participants.tsv, train/, val/) and point pretrain.source.root at it.")
+                             f"(participants.tsv, train/, val/) and point pretrain.<run>.source.root at it.")
         raise InputError(f"{table_path} is missing. The OpenBHB release has participants.tsv at "
-                         f"its top level, next to train/ and val/; point pretrain.source.root "
+                         f"its top level, next to train/ and val/; point pretrain.<run>.source.root "
                          f"at that folder.")
     release_table = _read_table(table_path, site_column)
     listed = set(release_table["participant_id"])
@@ -452,7 +452,7 @@ def read_release(root: str | Path, *, validation: str = "both", site_column: str
         if not release_table["split"].isin(splits).any():
             raise InputError(f"{table_path}: no row has split {' or '.join(splits)}, so the "
                              f"{subset} subset is empty. Use the release's complete "
-                             f"participants.tsv, or another pretrain.source.validation.")
+                             f"participants.tsv, or another pretrain.<run>.source.openbhb_validation.")
     release_table = release_table[release_table["split"].isin(chosen)].reset_index(drop=True)
     for folder in sorted({RELEASE_SPLITS[split][0] for split in chosen}):
         if not (root / folder).is_dir():
