@@ -4,6 +4,7 @@ errors for a release that is incomplete or does not match itself."""
 from __future__ import annotations
 
 import re
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -92,6 +93,23 @@ def test_ids_with_other_characters_map_to_bids_labels(tmp_path):
     assert table.loc["ab_12-3", "participant_id"] == f"sub-{bids_label('ab_12-3')}"
     assert bids_label("ab_12-3") == bids_label("ab_12-3") != bids_label("ab12-3_")
     assert bids_label("ab_12-3").startswith("ab123x")
+
+
+def test_the_configuration_in_the_module_docstring_validates(tmp_path):
+    """The module docstring shows the configuration of an OpenBHB pretraining run; a user
+    copying it (run name and root filled in) must get a config the schema accepts."""
+    import yaml
+
+    import brainage.openbhb
+    from brainage.config import validate_config
+
+    doc = brainage.openbhb.__doc__
+    block = doc[doc.index("defaults shown)::"):].split("::", 1)[1]
+    block = block.split("\n\n")[1]  # the indented block after the blank line
+    text = block.replace("<run>", "openbhb").replace("root: null", f"root: {tmp_path}")
+    config = validate_config(yaml.safe_load(textwrap.dedent(text)))
+    source = config["pretrain"]["openbhb"]["source"]
+    assert source["kind"] == "openbhb" and source["openbhb_validation"] == "both"
 
 
 # -- streaming and resampling ------------------------------------------------------------------

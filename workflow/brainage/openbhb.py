@@ -96,15 +96,20 @@ pipeline stratifies and reports by study: ``site<code>`` from the ``site`` colum
 ``openbhb_study`` (the release's ``participant_id``, ``split``, ``study``) and the
 release's other columns unchanged.
 
-Proposed configuration (a pretraining source of kind ``openbhb``; defaults shown)::
+Configuration (a pretraining run whose source is of kind ``openbhb``; defaults shown)::
 
     pretrain:
-      source:
-        kind: openbhb        # the OpenBHB release, quasi-raw T1w
-        root: null           # required: folder with participants.tsv, train/, val/
-        validation: both     # both | internal | external: official validation subsets used
-        site_column: site    # site (acquisition centre) | siteXacq (centre x protocol) -> study
-        resample: auto       # auto | area | linear (see Resampler)
+      <run>:
+        source:
+          kind: openbhb               # the OpenBHB release, quasi-raw T1w
+          root: null                  # required: folder with participants.tsv, train/, val/
+          openbhb_validation: both    # both | internal | external: official validation subsets
+
+Rule ``prepare_openbhb`` passes ``openbhb_validation`` as :func:`read_release`'s
+``validation``; ``site_column`` (``site``, the default, or ``siteXacq`` -> study) and the
+resampling ``method`` of :func:`write_pretraining_split` (``auto``, or ``area`` /
+``linear``) are arguments of those functions only, not config keys: the rule uses their
+defaults.
 
 The target grid is not a key: it is the pipeline's template grid (the template brain mask
 written by ``prepare_template``, :func:`grid_from_nifti`), at 2 mm.
