@@ -454,6 +454,20 @@ def test_bad_pretraining_settings_stop_naming_the_key(change, message):
         validate_config(config)
 
 
+def test_a_pretraining_run_always_trains_the_resnet():
+    """pretrain_encoder trains the ResNet-18 whatever model.encoder says, but with encoder
+    none evaluate_pretrained_encoder read out the raw voxels (metrics.json did not measure
+    the encoder) and the run's Adaptive schedule went unchecked. The run's own override is
+    refused, naming it; a top-level encoder none (the grid's default) is not the run's."""
+    config = _with_pretraining(model={"encoder": "none"})
+    with pytest.raises(ConfigError, match=r"pretrain\.t1\.model\.encoder.*cannot be set"):
+        validate_config(config)
+    inherited = validate_config({**_with_pretraining(), "model": {"encoder": "none"}})
+    assert pretrain_settings(inherited, "t1")["model"]["encoder"] == "resnet18"
+    explicit = validate_config(_with_pretraining(model={"encoder": "resnet18"}))
+    assert pretrain_settings(explicit, "t1")["model"]["encoder"] == "resnet18"
+
+
 def test_a_cell_may_fine_tune_with_another_head():
     config = _with_pretraining()
     config["experiments"]["table3"]["variants"]["supervised_pretrained"] = {

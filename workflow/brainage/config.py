@@ -584,9 +584,12 @@ def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: st
             f"pretrain.{run} or set model.init: scratch.")
 
 
-#: model keys a pretraining run never takes from the config's model section: it starts
-#: from scratch, and its input is the one T1w channel.
-PRETRAIN_FIXED_MODEL = {"init": "scratch", "init_checkpoint": None, "modalities": ["T1w"]}
+#: model keys a pretraining run never takes from the config's model section: it trains the
+#: ResNet-18 (its job trains one whatever model.encoder says, and with encoder none its
+#: validation read-out would see the voxels, not the encoder), starts from scratch, and its
+#: input is the one T1w channel.
+PRETRAIN_FIXED_MODEL = {"encoder": "resnet18", "init": "scratch", "init_checkpoint": None,
+                        "modalities": ["T1w"]}
 
 #: train keys that say where and how a training runs, not what it learns: a pretraining run
 #: takes them from the config's train section unless it sets them, and an untrained
