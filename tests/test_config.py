@@ -468,6 +468,27 @@ def test_a_pretraining_run_always_trains_the_resnet():
     assert pretrain_settings(explicit, "t1")["model"]["encoder"] == "resnet18"
 
 
+def test_search_trials_must_fit_the_encoder_they_fine_tune():
+    """The random search's trials fine-tune the pretraining run of the top-level model.init
+    (rule search_hyperparameters) with the top-level model section: an encoder of another
+    width loaded no tensor there, known only after the pretraining, although every cell
+    fitted it."""
+    config = _with_pretraining(model={"width": 32})
+    config["model"] = {"init": "pretrained:t1"}
+    config["search"] = {"enabled": True}
+    for variant in config["experiments"]["table3"]["variants"].values():
+        variant["model"] = {"width": 32}
+    with pytest.raises(ConfigError, match=r"config key 'model\.width' is 64, but the encoder "
+                                          r"the random search's trials fine-tune .*"
+                                          r"'pretrain\.t1\.model\.width' 32"):
+        validate_config(config)
+    config["search"]["enabled"] = False  # no trial: the cells fit
+    validate_config(config)
+    config["search"]["enabled"] = True
+    config["model"]["width"] = 32
+    validate_config(config)
+
+
 def test_a_cell_may_fine_tune_with_another_head():
     config = _with_pretraining()
     config["experiments"]["table3"]["variants"]["supervised_pretrained"] = {
