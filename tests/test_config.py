@@ -454,6 +454,41 @@ def test_bad_pretraining_settings_stop_naming_the_key(change, message):
         validate_config(config)
 
 
+def test_a_pretraining_run_always_trains_the_resnet():
+    """pretrain_encoder trains the ResNet-18 whatever model.encoder says, but with encoder
+    none evaluate_pretrained_encoder read out the raw voxels (metrics.json did not measure
+    the encoder) and the run's Adaptive schedule went unchecked. The run's own override is
+    refused, naming it; a top-level encoder none (the grid's default) is not the run's."""
+    config = _with_pretraining(model={"encoder": "none"})
+    with pytest.raises(ConfigError, match=r"pretrain\.t1\.model\.encoder.*cannot be set"):
+        validate_config(config)
+    inherited = validate_config({**_with_pretraining(), "model": {"encoder": "none"}})
+    assert pretrain_settings(inherited, "t1")["model"]["encoder"] == "resnet18"
+    explicit = validate_config(_with_pretraining(model={"encoder": "resnet18"}))
+    assert pretrain_settings(explicit, "t1")["model"]["encoder"] == "resnet18"
+
+
+def test_search_trials_must_fit_the_encoder_they_fine_tune():
+    """The random search's trials fine-tune the pretraining run of the top-level model.init
+    (rule search_hyperparameters) with the top-level model section: an encoder of another
+    width loaded no tensor there, known only after the pretraining, although every cell
+    fitted it."""
+    config = _with_pretraining(model={"width": 32})
+    config["model"] = {"init": "pretrained:t1"}
+    config["search"] = {"enabled": True}
+    for variant in config["experiments"]["table3"]["variants"].values():
+        variant["model"] = {"width": 32}
+    with pytest.raises(ConfigError, match=r"config key 'model\.width' is 64, but the encoder "
+                                          r"the random search's trials fine-tune .*"
+                                          r"'pretrain\.t1\.model\.width' 32"):
+        validate_config(config)
+    config["search"]["enabled"] = False  # no trial: the cells fit
+    validate_config(config)
+    config["search"]["enabled"] = True
+    config["model"]["width"] = 32
+    validate_config(config)
+
+
 def test_a_cell_may_fine_tune_with_another_head():
     config = _with_pretraining()
     config["experiments"]["table3"]["variants"]["supervised_pretrained"] = {

@@ -3,6 +3,9 @@ errors for a release that is incomplete or does not match itself."""
 
 from __future__ import annotations
 
+import re
+import textwrap
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -90,6 +93,23 @@ def test_ids_with_other_characters_map_to_bids_labels(tmp_path):
     assert table.loc["ab_12-3", "participant_id"] == f"sub-{bids_label('ab_12-3')}"
     assert bids_label("ab_12-3") == bids_label("ab_12-3") != bids_label("ab12-3_")
     assert bids_label("ab_12-3").startswith("ab123x")
+
+
+def test_the_configuration_in_the_module_docstring_validates(tmp_path):
+    """The module docstring shows the configuration of an OpenBHB pretraining run; a user
+    copying it (run name and root filled in) must get a config the schema accepts."""
+    import yaml
+
+    import brainage.openbhb
+    from brainage.config import validate_config
+
+    doc = brainage.openbhb.__doc__
+    block = doc[doc.index("defaults shown)::"):].split("::", 1)[1]
+    block = block.split("\n\n")[1]  # the indented block after the blank line
+    text = block.replace("<run>", "openbhb").replace("root: null", f"root: {tmp_path}")
+    config = validate_config(yaml.safe_load(textwrap.dedent(text)))
+    source = config["pretrain"]["openbhb"]["source"]
+    assert source["kind"] == "openbhb" and source["openbhb_validation"] == "both"
 
 
 # -- streaming and resampling ------------------------------------------------------------------
@@ -347,8 +367,27 @@ def test_an_empty_split(tmp_path):
         read_release(tmp_path)
 
 
+def test_messages_name_the_config_keys_that_exist(tmp_path):
+    """The fixes the reader's messages give name keys of a pretraining run's source
+    (pretrain.<run>.source.root, pretrain.<run>.source.openbhb_validation): a key the schema
+    does not have (pretrain.source.validation) cannot be set."""
+    from brainage.config import load_schema
+
+    source_keys = load_schema()["$defs"]["pretrain_run"]["properties"]["source"]["properties"]
+    write_openbhb_release(tmp_path, n_train=3, n_validation=1)  # one internal_test scan only
+    with pytest.raises(InputError) as error:
+        read_release(tmp_path, validation="external")
+    named = set(re.findall(r"pretrain\.\S*?source\.(\w+)", str(error.value)))
+    assert named == {"openbhb_validation"} and named <= set(source_keys), str(error.value)
+    assert "pretrain.<run>.source.openbhb_validation" in str(error.value)
+    (tmp_path / "empty").mkdir()
+    for root in (tmp_path / "nowhere", tmp_path / "empty"):  # no folder; no participants.tsv
+        with pytest.raises(InputError, match=r"pretrain\.<run>\.source\.root"):
+            read_release(root)
+
+
 def test_missing_folder_file_and_the_challenge_layout(tmp_path):
-    with pytest.raises(InputError, match="does not exist. Set pretrain.source.root"):
+    with pytest.raises(InputError, match=r"does not exist. Set pretrain\.<run>\.source\.root"):
         read_release(tmp_path / "nowhere")
     with pytest.raises(InputError, match="participants.tsv is missing"):
         read_release(tmp_path)

@@ -319,6 +319,26 @@ def test_the_offset_makes_the_same_subject_softer_by_its_ageing_slope():
     assert 0.93 < ratio < 0.98
 
 
+def test_stiffness_age_in_the_truth_is_the_age_the_stiffness_was_simulated_at():
+    """accelerated_ageing_years is any number (schema); truth.tsv's stiffness_age_years was
+    rounded to 0.1 year, so with an offset of 8.25 years it was not age + offset, and
+    damping_ratio_age_factor (documented as exp(slope / 100 * (stiffness_age_years - 30)))
+    disagreed with it in the same row. Offsets of whole tenths write what they did."""
+    subject = {"participant_id": "sub-pat001", "age": 60.3, "sex": "F",
+               "study": ACCELERATED_STUDY, "group": "accelerated"}
+    kwargs = dict(seed=0, id_prefix="", index=0, with_anatomy=False, nan_probability=0.0,
+                  maps=BOTH_MAPS)
+    for offset in (8.25, 8.0, 0.0):
+        truth = simulate_subject(dict(subject, stiffness_age_offset_years=offset),
+                                 **kwargs).truth
+        assert truth["stiffness_age_years"] == pytest.approx(60.3 + offset, abs=1e-9)
+        assert truth["damping_ratio_age_factor"] == pytest.approx(np.exp(
+            DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR / 100 * (truth["stiffness_age_years"] - 30)),
+            rel=1e-12)
+    assert repr(simulate_subject(dict(subject, stiffness_age_offset_years=8.0), **kwargs)
+                .truth["stiffness_age_years"]) == "68.3"  # as before: 60.3 + 8.0 = 68.300...01
+
+
 # ---- determinism and writing -------------------------------------------------------------
 def _arrays(root: Path) -> dict[str, np.ndarray]:
     return {str(path.relative_to(root)): np.asanyarray(nib.load(str(path)).dataobj)

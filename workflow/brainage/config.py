@@ -130,6 +130,10 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
                 problems += check_pretrained_encoder_fits(
                     filled, experiment, variant, settings, pretrained_models, source=source)
     if filled["search"]["enabled"]:  # its job draws from the ranges cut to the train section
+        # its trials fine-tune the top-level model.init's run with the top-level model
+        problems += check_pretrained_encoder_fits(filled, "search", "adaptive",
+                                                  search_settings(filled), pretrained_models,
+                                                  source=source)
         try:
             search_bounds(filled["search"], batch_size=filled["train"]["batch_size"],
                           epochs=filled["train"]["epochs"])
@@ -173,7 +177,9 @@ def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, va
                                   pretrained_models: Mapping[str, Mapping[str, Any]], *,
                                   source: str = "config") -> list[str]:
     """Messages (none when fine) for a cell with ``model.init: pretrained:<run>`` whose
-    encoder would not take the run's weights whole (:data:`ENCODER_SHAPE_KEYS`)."""
+    encoder would not take the run's weights whole (:data:`ENCODER_SHAPE_KEYS`).
+    ``experiment`` ``search``: the random search's trials (:func:`search_settings`, the
+    top-level model section)."""
     run = pretrained_run(settings["model"])
     if run not in pretrained_models or settings["model"]["encoder"] == "none":
         return []  # from scratch, an unknown run (check_init says so), or no network
@@ -183,10 +189,14 @@ def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, va
         if cell_value != run_value:
             run_key = (f"pretrain.{run}.model.{key}"
                        if key in (config["pretrain"][run].get("model") or {}) else f"model.{key}")
-            cell_key = _variant_key(config, experiment, variant, f"model.{key}")
+            if experiment == "search":
+                cell_key, whose = f"model.{key}", "the random search's trials fine-tune"
+            else:
+                cell_key = _variant_key(config, experiment, variant, f"model.{key}")
+                whose = "it fine-tunes"
             problems.append(
-                f"{source}: config key '{cell_key}' is {cell_value!r}, but the encoder it "
-                f"fine-tunes (model.init {settings['model']['init']}) is pretrained with "
+                f"{source}: config key '{cell_key}' is {cell_value!r}, but the encoder {whose} "
+                f"(model.init {settings['model']['init']}) is pretrained with "
                 f"'{run_key}' {run_value!r}: its weights would not load whole. Give both the "
                 f"same value.")
     return problems
@@ -584,9 +594,12 @@ def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: st
             f"pretrain.{run} or set model.init: scratch.")
 
 
-#: model keys a pretraining run never takes from the config's model section: it starts
-#: from scratch, and its input is the one T1w channel.
-PRETRAIN_FIXED_MODEL = {"init": "scratch", "init_checkpoint": None, "modalities": ["T1w"]}
+#: model keys a pretraining run never takes from the config's model section: it trains the
+#: ResNet-18 (its job trains one whatever model.encoder says, and with encoder none its
+#: validation read-out would see the voxels, not the encoder), starts from scratch, and its
+#: input is the one T1w channel.
+PRETRAIN_FIXED_MODEL = {"encoder": "resnet18", "init": "scratch", "init_checkpoint": None,
+                        "modalities": ["T1w"]}
 
 #: train keys that say where and how a training runs, not what it learns: a pretraining run
 #: takes them from the config's train section unless it sets them, and an untrained

@@ -96,15 +96,20 @@ pipeline stratifies and reports by study: ``site<code>`` from the ``site`` colum
 ``openbhb_study`` (the release's ``participant_id``, ``split``, ``study``) and the
 release's other columns unchanged.
 
-Proposed configuration (a pretraining source of kind ``openbhb``; defaults shown)::
+Configuration (a pretraining run whose source is of kind ``openbhb``; defaults shown)::
 
     pretrain:
-      source:
-        kind: openbhb        # the OpenBHB release, quasi-raw T1w
-        root: null           # required: folder with participants.tsv, train/, val/
-        validation: both     # both | internal | external: official validation subsets used
-        site_column: site    # site (acquisition centre) | siteXacq (centre x protocol) -> study
-        resample: auto       # auto | area | linear (see Resampler)
+      <run>:
+        source:
+          kind: openbhb               # the OpenBHB release, quasi-raw T1w
+          root: null                  # required: folder with participants.tsv, train/, val/
+          openbhb_validation: both    # both | internal | external: official validation subsets
+
+Rule ``prepare_openbhb`` passes ``openbhb_validation`` as :func:`read_release`'s
+``validation``; ``site_column`` (``site``, the default, or ``siteXacq`` -> study) and the
+resampling ``method`` of :func:`write_pretraining_split` (``auto``, or ``area`` /
+``linear``) are arguments of those functions only, not config keys: the rule uses their
+defaults.
 
 The target grid is not a key: it is the pipeline's template grid (the template brain mask
 written by ``prepare_template``, :func:`grid_from_nifti`), at 2 mm.
@@ -431,8 +436,8 @@ def read_release(root: str | Path, *, validation: str = "both", site_column: str
         raise ValueError(f"site_column={site_column!r}; choose one of {', '.join(SITE_COLUMNS)}.")
     root = Path(root)
     if not root.is_dir():
-        raise InputError(f"OpenBHB folder {root} does not exist. Set pretrain.source.root to the "
-                         f"folder holding participants.tsv, train/ and val/ (HuggingFace "
+        raise InputError(f"OpenBHB folder {root} does not exist. Set pretrain.<run>.source.root to "
+                         f"the folder holding participants.tsv, train/ and val/ (HuggingFace "
                          f"benoit-dufumier/openBHB).")
     table_path = root / PARTICIPANTS
     if not table_path.is_file():
@@ -441,9 +446,9 @@ def read_release(root: str | Path, *, validation: str = "both", site_column: str
             raise InputError(f"{challenge} holds the RAMP challenge's concatenated arrays "
                              f"(train.npy/train.tsv: masked, flattened modalities, no sex column), "
                              f"which this reader does not read. Download the per-subject release "
-                             f"(participants.tsv, train/, val/) and point pretrain.source.root at it.")
+                             f"(participants.tsv, train/, val/) and point pretrain.<run>.source.root at it.")
         raise InputError(f"{table_path} is missing. The OpenBHB release has participants.tsv at "
-                         f"its top level, next to train/ and val/; point pretrain.source.root "
+                         f"its top level, next to train/ and val/; point pretrain.<run>.source.root "
                          f"at that folder.")
     release_table = _read_table(table_path, site_column)
     listed = set(release_table["participant_id"])
@@ -452,7 +457,7 @@ def read_release(root: str | Path, *, validation: str = "both", site_column: str
         if not release_table["split"].isin(splits).any():
             raise InputError(f"{table_path}: no row has split {' or '.join(splits)}, so the "
                              f"{subset} subset is empty. Use the release's complete "
-                             f"participants.tsv, or another pretrain.source.validation.")
+                             f"participants.tsv, or another pretrain.<run>.source.openbhb_validation.")
     release_table = release_table[release_table["split"].isin(chosen)].reset_index(drop=True)
     for folder in sorted({RELEASE_SPLITS[split][0] for split in chosen}):
         if not (root / folder).is_dir():

@@ -698,7 +698,9 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
         "participant_id": subject["participant_id"], "study": subject["study"],
         "group": subject["group"], "age": age, "sex": subject["sex"],
         "stiffness_age_offset_years": float(subject["stiffness_age_offset_years"]),
-        "stiffness_age_years": round(stiffness_age, 1),
+        # 6 decimals, not 1: an offset of any number of years (8.25) stays age + offset;
+        # ages and offsets in whole tenths write the same value as before
+        "stiffness_age_years": round(stiffness_age, 6),
         **_pose_truth(pose),
         "voxel_size_mm": acquisition.voxel_size_mm, "shape": json.dumps(list(pose.shape)),
         "coverage_fraction": float(covered.sum() / brain.sum()),
