@@ -620,6 +620,12 @@ def test_batch_larger_than_training_set(split_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"key pretrain\.t1w\.train\.batch_size is 32 .* "
                                           r"Lower pretrain\.t1w\.train\.batch_size"):
         train_encoder(split_dir, pretraining, **cell_paths(tmp_path))
+    # a job's settings file carries no names (training_settings): both keys are named
+    from brainage.config import training_settings
+    with pytest.raises(ConfigError, match=r"key train\.batch_size \(a pretraining run's: "
+                                          r"pretrain\.<run>\.train\.batch_size\) is 32"):
+        train_encoder(split_dir, training_settings(resolve_cell(pretraining)),
+                      **cell_paths(tmp_path))
 
 
 def test_nan_in_the_array_names_the_subject(tmp_path):

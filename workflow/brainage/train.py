@@ -139,9 +139,13 @@ def fingerprint(settings: Mapping, split: SplitData) -> str:
 
 def _train_key(settings: Mapping, name: str) -> str:
     """The config key of train setting ``name`` for these settings: a pretraining run's
-    (``pretrain.<run>.train.<name>``, never the top-level section) or the grid's."""
+    (``pretrain.<run>.train.<name>``, never the top-level section) or the grid's. The
+    training settings a job reads from its file (:func:`read_settings`) carry no names
+    (:func:`brainage.config.training_settings`): then both keys are named."""
     if settings.get("experiment") == "pretrain":
         return f"pretrain.{settings['variant']}.train.{name}"
+    if "experiment" not in settings:
+        return f"train.{name} (a pretraining run's: pretrain.<run>.train.{name})"
     return f"train.{name}"
 
 
