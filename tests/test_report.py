@@ -746,3 +746,16 @@ def test_fine_tuned_rows_and_the_gain_of_pretraining(tmp_path):
     figures.plot_pretraining({"t1": run / "history.tsv"}, runs, gains, seeds,
                              tmp_path / "pretraining.png")
     assert (tmp_path / "pretraining.png").stat().st_size > 0
+
+
+def test_table3_refuses_a_configured_variant_without_results(results):
+    """A Table 3 variant of the config whose metrics are missing must stop the table, as
+    in every ablation table: dropping its row silently left Table 3 without it, and the
+    markdown then listed that configured loss as "(not run here)"."""
+    seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
+    settings = results["settings"]["table3"]
+    without_yaware = seeds[~((seeds["experiment"] == "table3")
+                             & (seeds["variant"] == "yaware"))]
+    with pytest.raises(targets.ReportError, match="'table3'.*yaware.*metrics.json"):
+        tables.table3_losses(without_yaware, settings=settings)
+    assert len(tables.table3_losses(seeds, settings=settings)) == 3

@@ -68,6 +68,11 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     settings : ``{variant: cell settings}`` of the experiment (names the baselines); without
         it, rows are named by their loss.
 
+    Raises
+    ------
+    ReportError
+        No results for the experiment, or none for a variant of ``settings``.
+
     Returns
     -------
     pandas.DataFrame
@@ -85,6 +90,10 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     if cells.empty:
         raise ReportError(f"no results for experiment '{experiment}'; it must be enabled "
                           f"in the config (experiments.{experiment}).")
+    missing = [v for v in (settings or {}) if v not in set(cells["variant"])]
+    if missing:
+        raise ReportError(f"experiment '{experiment}': no results for variant(s) "
+                          f"{', '.join(missing)}; their metrics.json files are missing.")
     order = list(PAPER_TABLE3) + list(BASELINE_LABELS)
     rows = []
     for variant, group in cells.groupby("variant", sort=False):
