@@ -273,6 +273,9 @@ def test_seed_results_pool_splits_by_test_size():
         "mae": [2.0, 5.0], "rmse": [2.0, 5.0], "pearson_r": [0.5, 0.7], "r2": [0.1, 0.3],
         "gap_age_slope": [-0.1, -0.3], "n_test": [3, 1], "mae_study_a": [2.0, np.nan],
         "mae_study_b": [1.0, 4.0], "n_study_a": [2, np.nan], "n_study_b": [1, 1],
+        # test ages 20, 40, 60 with gaps 2, 0, -2, then age 80 with gap -10
+        "gap_age_sum_n": [3, 1], "gap_age_sum_age": [120.0, 80.0], "gap_age_sum_gap": [0.0, -10.0],
+        "gap_age_sum_age_age": [5600.0, 6400.0], "gap_age_sum_age_gap": [-80.0, -800.0],
         "path": ["x", "y"]})
     row = report_results.seed_results(metrics).iloc[0]
     assert row["mae"] == pytest.approx((3 * 2 + 1 * 5) / 4)
@@ -282,7 +285,10 @@ def test_seed_results_pool_splits_by_test_size():
     # study b has one test subject in each fold: its pooled MAE is their plain mean, not
     # weighted by the folds' n_test (3:1, which would give 1.75)
     assert row["mae_study_b"] == pytest.approx(2.5)
-    assert row["gap_age_slope"] == pytest.approx(-0.2)
+    # the slope over the four test subjects (-380 / 2000), not the folds' mean slope (-0.2)
+    assert row["gap_age_slope"] == pytest.approx(np.polyfit([20, 40, 60, 80],
+                                                            [2, 0, -2, -10], 1)[0])
+    assert row["gap_age_slope"] == pytest.approx(-0.19)
     # r and r2 are plain means over the splits (a fold's r is not a sum over its subjects):
     # weighted by n_test they would be 0.55 and 0.15, the first split's alone 0.5 and 0.1
     assert row["pearson_r"] == pytest.approx(0.6) and row["r2"] == pytest.approx(0.2)
@@ -759,3 +765,41 @@ def test_table3_refuses_a_configured_variant_without_results(results):
     with pytest.raises(targets.ReportError, match="'table3'.*yaware.*metrics.json"):
         tables.table3_losses(without_yaware, settings=settings)
     assert len(tables.table3_losses(seeds, settings=settings)) == 3
+
+
+def test_age_bias_is_the_slope_over_all_test_subjects_of_the_splits(tmp_path):
+    """Table 3's age bias is "the least-squares slope of (predicted − true age) against
+    age on the test subjects". With leave-one-study-out each split tests one study of a
+    narrow age range: a model that gets every study's age level right but not the spread
+    within it has a slope near −1 in each split, near 0 over the test subjects. The mean
+    of the splits' slopes reported the former (−0.86 here for 0.006)."""
+    rng = np.random.default_rng(0)
+    paths, ages, predicted = [], [], []
+    for index, centre in enumerate((25.0, 45.0, 70.0)):
+        age = centre + rng.uniform(-3, 3, 10)
+        guess = centre + rng.normal(0, 1, 10)
+        metrics = compute_metrics(age, guess, np.full(10, f"study{index}"))
+        metrics.update({"split": f"loso-study{index}", "experiment": "table3",
+                        "variant": "adaptive", "seed": 0, "loss": "adaptive",
+                        "readout": "ridge", "n_train": 20, "n_test": 10})
+        paths.append(tmp_path / f"metrics-{index}.json")
+        paths[-1].write_text(json.dumps(metrics))
+        ages.append(age)
+        predicted.append(guess)
+    age, guess = np.concatenate(ages), np.concatenate(predicted)
+    expected = np.polyfit(age, guess - age, 1)[0]
+    row = report_results.seed_results(report_results.read_metrics(paths)).iloc[0]
+    assert abs(expected) < 0.05
+    assert row["gap_age_slope"] == pytest.approx(expected)
+    # metrics written before the sums were recorded cannot pool the slope: say so
+    for path in paths[1:]:
+        old = json.loads(path.read_text())
+        del old["gap_age_sums"]
+        path.write_text(json.dumps(old))
+    with pytest.raises(targets.ReportError, match="metrics-1.json, .*metrics-2.json.*"
+                                                  "gap_age_sums.*evaluate_encoder"):
+        report_results.seed_results(report_results.read_metrics(paths))
+    # one split: its own slope, whatever version wrote it
+    single = report_results.seed_results(report_results.read_metrics(paths[1:2])).iloc[0]
+    assert single["gap_age_slope"] == pytest.approx(
+        json.loads(paths[1].read_text())["gap_age_slope"])
