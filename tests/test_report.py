@@ -803,3 +803,37 @@ def test_age_bias_is_the_slope_over_all_test_subjects_of_the_splits(tmp_path):
     single = report_results.seed_results(report_results.read_metrics(paths[1:2])).iloc[0]
     assert single["gap_age_slope"] == pytest.approx(
         json.loads(paths[1].read_text())["gap_age_slope"])
+
+
+def test_paired_comparison_text_names_the_reference_row(tmp_path):
+    """As in config/paper.yaml, the reference of the paired comparison is the fine-tuned
+    Adaptive Neighborhoods row ("adaptive") and another row trains the same loss from
+    scratch. Table 3's markdown named the reference "Adaptive Neighborhoods", the label of
+    the scratch row: "Adaptive Neighborhoods: ΔMAE ..., Adaptive Neighborhoods better in
+    3/3" compared a row with itself, and the wrong one was credited with the wins."""
+    config = validate_config({
+        "pretrain": {"t1": {"source": {"kind": "simulate"}}},
+        "experiments": {"table3": {"seeds": [0, 1, 2], "variants": {
+            "adaptive": {"loss": {"name": "adaptive"}, "model": {"init": "pretrained:t1"}},
+            "adaptive_scratch": {"loss": {"name": "adaptive"}},
+            "yaware": {"loss": {"name": "yaware"}, "model": {"init": "pretrained:t1"}}}}}})
+    settings = targets.experiment_settings(config)["table3"]
+    layout = Layout(results=str(tmp_path / "results"))
+    participants = participants_table()
+    metrics = []
+    for variant, cell in settings.items():
+        for seed in (0, 1, 2):
+            write_cell(layout, "holdout", "table3", variant, seed, participants,
+                       loss=cell["loss"]["name"])
+            metrics.append(layout.cell_file("holdout", "table3", variant, seed, "metrics.json"))
+    seeds = report_results.seed_results(report_results.read_metrics(metrics))
+    table = tables.table3_losses(seeds, settings=settings)
+    paired = tables.paired_comparison(seeds)
+    assert set(paired["reference"]) == {"adaptive"}
+    tables.write_table3(table, paired, tmp_path / "t3", tmp_path / "t3b")
+    markdown = (tmp_path / "t3.md").read_text()
+    reference = "Adaptive Neighborhoods, fine-tuned from t1"
+    bullet = next(line for line in markdown.splitlines()
+                  if line.startswith("- Adaptive Neighborhoods:"))
+    assert f"{reference} better in" in bullet, bullet
+    assert f"MAE({reference})" in markdown

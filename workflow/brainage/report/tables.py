@@ -402,13 +402,16 @@ def _format_number(value: float, digits: int) -> str:
 def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
     if paired.empty:
         return ""
-    lines = ["## Paired comparison with Adaptive Neighborhoods (same seeds)", "",
-             "ΔMAE = MAE(baseline) − MAE(Adaptive Neighborhoods), mean ± sd over seeds; "
-             "positive: Adaptive Neighborhoods is better.", ""]
+    # the reference row's own label: with Adaptive Neighborhoods fine-tuned and from
+    # scratch, "Adaptive Neighborhoods" alone names the other row
+    reference = labels.get(paired["reference"].iloc[0], paired["reference"].iloc[0])
+    lines = [f"## Paired comparison with {reference} (same seeds)", "",
+             f"ΔMAE = MAE(other row) − MAE({reference}), mean ± sd over seeds; "
+             f"positive: {reference} is better.", ""]
     for row in paired.itertuples():
         difference = format_mean_sd(row.mean_difference, row.sd_difference)
         lines.append(f"- {labels.get(row.baseline, row.baseline)}: ΔMAE {difference} years "
-                     f"over {row.n_pairs} seeds, Adaptive Neighborhoods better in "
+                     f"over {row.n_pairs} seeds, {reference} better in "
                      f"{row.reference_wins}/{row.n_pairs}, paired t-test p = "
                      f"{_format_number(row.p_value, 3)}")
     return "\n".join(lines)
