@@ -837,3 +837,25 @@ def test_paired_comparison_text_names_the_reference_row(tmp_path):
                   if line.startswith("- Adaptive Neighborhoods:"))
     assert f"{reference} better in" in bullet, bullet
     assert f"MAE({reference})" in markdown
+
+
+def test_training_loss_panels_name_rows_that_share_a_label_apart(tmp_path, monkeypatch):
+    """Two Table 3 variants of one loss from scratch (two neighbourhood schedules): Table
+    3 labels them "Adaptive Neighborhoods (a4)" and "(a8)", the training-loss figure (one
+    panel per Table 3 row) titled both panels "Adaptive Neighborhoods"."""
+    config = validate_config({"experiments": {"table3": {"seeds": [0], "variants": {
+        "a4": {"loss": {"name": "adaptive", "nn_final": 4}},
+        "a8": {"loss": {"name": "adaptive", "nn_final": 8}},
+        "yaware": {"loss": {"name": "yaware"}}}}}})
+    settings = targets.experiment_settings(config)
+    participants = tmp_path / "participants.tsv"
+    participants_table().to_csv(participants, sep="\t", index=False)
+    drawn = {}
+    monkeypatch.setattr(figures, "plot_training_loss",
+                        lambda histories, path, *, labels: drawn.update(labels))
+    figures.make_figures(metrics=[], participants=participants, qc="", maps={},
+                         predictions=[], settings=settings, focus="", qc_thresholds={},
+                         outputs={targets.TRAINING_FIGURE: tmp_path / "loss.png"},
+                         histories={"a4": {0: "x"}, "a8": {0: "y"}, "yaware": {0: "z"}})
+    assert drawn == {"a4": "Adaptive Neighborhoods (a4)", "a8": "Adaptive Neighborhoods (a8)",
+                     "yaware": "Y-Aware"}
