@@ -273,6 +273,9 @@ def test_seed_results_pool_splits_by_test_size():
         "mae": [2.0, 5.0], "rmse": [2.0, 5.0], "pearson_r": [0.5, 0.7], "r2": [0.1, 0.3],
         "gap_age_slope": [-0.1, -0.3], "n_test": [3, 1], "mae_study_a": [2.0, np.nan],
         "mae_study_b": [1.0, 4.0], "n_study_a": [2, np.nan], "n_study_b": [1, 1],
+        # test ages 20, 40, 60 with gaps 2, 0, -2, then age 80 with gap -10
+        "gap_age_sum_n": [3, 1], "gap_age_sum_age": [120.0, 80.0], "gap_age_sum_gap": [0.0, -10.0],
+        "gap_age_sum_age_age": [5600.0, 6400.0], "gap_age_sum_age_gap": [-80.0, -800.0],
         "path": ["x", "y"]})
     row = report_results.seed_results(metrics).iloc[0]
     assert row["mae"] == pytest.approx((3 * 2 + 1 * 5) / 4)
@@ -282,7 +285,10 @@ def test_seed_results_pool_splits_by_test_size():
     # study b has one test subject in each fold: its pooled MAE is their plain mean, not
     # weighted by the folds' n_test (3:1, which would give 1.75)
     assert row["mae_study_b"] == pytest.approx(2.5)
-    assert row["gap_age_slope"] == pytest.approx(-0.2)
+    # the slope over the four test subjects (-380 / 2000), not the folds' mean slope (-0.2)
+    assert row["gap_age_slope"] == pytest.approx(np.polyfit([20, 40, 60, 80],
+                                                            [2, 0, -2, -10], 1)[0])
+    assert row["gap_age_slope"] == pytest.approx(-0.19)
     # r and r2 are plain means over the splits (a fold's r is not a sum over its subjects):
     # weighted by n_test they would be 0.55 and 0.15, the first split's alone 0.5 and 0.1
     assert row["pearson_r"] == pytest.approx(0.6) and row["r2"] == pytest.approx(0.2)
@@ -746,3 +752,110 @@ def test_fine_tuned_rows_and_the_gain_of_pretraining(tmp_path):
     figures.plot_pretraining({"t1": run / "history.tsv"}, runs, gains, seeds,
                              tmp_path / "pretraining.png")
     assert (tmp_path / "pretraining.png").stat().st_size > 0
+
+
+def test_table3_refuses_a_configured_variant_without_results(results):
+    """A Table 3 variant of the config whose metrics are missing must stop the table, as
+    in every ablation table: dropping its row silently left Table 3 without it, and the
+    markdown then listed that configured loss as "(not run here)"."""
+    seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
+    settings = results["settings"]["table3"]
+    without_yaware = seeds[~((seeds["experiment"] == "table3")
+                             & (seeds["variant"] == "yaware"))]
+    with pytest.raises(targets.ReportError, match="'table3'.*yaware.*metrics.json"):
+        tables.table3_losses(without_yaware, settings=settings)
+    assert len(tables.table3_losses(seeds, settings=settings)) == 3
+
+
+def test_age_bias_is_the_slope_over_all_test_subjects_of_the_splits(tmp_path):
+    """Table 3's age bias is "the least-squares slope of (predicted − true age) against
+    age on the test subjects". With leave-one-study-out each split tests one study of a
+    narrow age range: a model that gets every study's age level right but not the spread
+    within it has a slope near −1 in each split, near 0 over the test subjects. The mean
+    of the splits' slopes reported the former (−0.86 here for 0.006)."""
+    rng = np.random.default_rng(0)
+    paths, ages, predicted = [], [], []
+    for index, centre in enumerate((25.0, 45.0, 70.0)):
+        age = centre + rng.uniform(-3, 3, 10)
+        guess = centre + rng.normal(0, 1, 10)
+        metrics = compute_metrics(age, guess, np.full(10, f"study{index}"))
+        metrics.update({"split": f"loso-study{index}", "experiment": "table3",
+                        "variant": "adaptive", "seed": 0, "loss": "adaptive",
+                        "readout": "ridge", "n_train": 20, "n_test": 10})
+        paths.append(tmp_path / f"metrics-{index}.json")
+        paths[-1].write_text(json.dumps(metrics))
+        ages.append(age)
+        predicted.append(guess)
+    age, guess = np.concatenate(ages), np.concatenate(predicted)
+    expected = np.polyfit(age, guess - age, 1)[0]
+    row = report_results.seed_results(report_results.read_metrics(paths)).iloc[0]
+    assert abs(expected) < 0.05
+    assert row["gap_age_slope"] == pytest.approx(expected)
+    # metrics written before the sums were recorded cannot pool the slope: say so
+    for path in paths[1:]:
+        old = json.loads(path.read_text())
+        del old["gap_age_sums"]
+        path.write_text(json.dumps(old))
+    with pytest.raises(targets.ReportError, match="metrics-1.json, .*metrics-2.json.*"
+                                                  "gap_age_sums.*evaluate_encoder"):
+        report_results.seed_results(report_results.read_metrics(paths))
+    # one split: its own slope, whatever version wrote it
+    single = report_results.seed_results(report_results.read_metrics(paths[1:2])).iloc[0]
+    assert single["gap_age_slope"] == pytest.approx(
+        json.loads(paths[1].read_text())["gap_age_slope"])
+
+
+def test_paired_comparison_text_names_the_reference_row(tmp_path):
+    """As in config/paper.yaml, the reference of the paired comparison is the fine-tuned
+    Adaptive Neighborhoods row ("adaptive") and another row trains the same loss from
+    scratch. Table 3's markdown named the reference "Adaptive Neighborhoods", the label of
+    the scratch row: "Adaptive Neighborhoods: ΔMAE ..., Adaptive Neighborhoods better in
+    3/3" compared a row with itself, and the wrong one was credited with the wins."""
+    config = validate_config({
+        "pretrain": {"t1": {"source": {"kind": "simulate"}}},
+        "experiments": {"table3": {"seeds": [0, 1, 2], "variants": {
+            "adaptive": {"loss": {"name": "adaptive"}, "model": {"init": "pretrained:t1"}},
+            "adaptive_scratch": {"loss": {"name": "adaptive"}},
+            "yaware": {"loss": {"name": "yaware"}, "model": {"init": "pretrained:t1"}}}}}})
+    settings = targets.experiment_settings(config)["table3"]
+    layout = Layout(results=str(tmp_path / "results"))
+    participants = participants_table()
+    metrics = []
+    for variant, cell in settings.items():
+        for seed in (0, 1, 2):
+            write_cell(layout, "holdout", "table3", variant, seed, participants,
+                       loss=cell["loss"]["name"])
+            metrics.append(layout.cell_file("holdout", "table3", variant, seed, "metrics.json"))
+    seeds = report_results.seed_results(report_results.read_metrics(metrics))
+    table = tables.table3_losses(seeds, settings=settings)
+    paired = tables.paired_comparison(seeds)
+    assert set(paired["reference"]) == {"adaptive"}
+    tables.write_table3(table, paired, tmp_path / "t3", tmp_path / "t3b")
+    markdown = (tmp_path / "t3.md").read_text()
+    reference = "Adaptive Neighborhoods, fine-tuned from t1"
+    bullet = next(line for line in markdown.splitlines()
+                  if line.startswith("- Adaptive Neighborhoods:"))
+    assert f"{reference} better in" in bullet, bullet
+    assert f"MAE({reference})" in markdown
+
+
+def test_training_loss_panels_name_rows_that_share_a_label_apart(tmp_path, monkeypatch):
+    """Two Table 3 variants of one loss from scratch (two neighbourhood schedules): Table
+    3 labels them "Adaptive Neighborhoods (a4)" and "(a8)", the training-loss figure (one
+    panel per Table 3 row) titled both panels "Adaptive Neighborhoods"."""
+    config = validate_config({"experiments": {"table3": {"seeds": [0], "variants": {
+        "a4": {"loss": {"name": "adaptive", "nn_final": 4}},
+        "a8": {"loss": {"name": "adaptive", "nn_final": 8}},
+        "yaware": {"loss": {"name": "yaware"}}}}}})
+    settings = targets.experiment_settings(config)
+    participants = tmp_path / "participants.tsv"
+    participants_table().to_csv(participants, sep="\t", index=False)
+    drawn = {}
+    monkeypatch.setattr(figures, "plot_training_loss",
+                        lambda histories, path, *, labels: drawn.update(labels))
+    figures.make_figures(metrics=[], participants=participants, qc="", maps={},
+                         predictions=[], settings=settings, focus="", qc_thresholds={},
+                         outputs={targets.TRAINING_FIGURE: tmp_path / "loss.png"},
+                         histories={"a4": {0: "x"}, "a8": {0: "y"}, "yaware": {0: "z"}})
+    assert drawn == {"a4": "Adaptive Neighborhoods (a4)", "a8": "Adaptive Neighborhoods (a8)",
+                     "yaware": "Y-Aware"}

@@ -50,6 +50,8 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
     ``gap_age_slope`` is the least-squares slope of (predicted - age) against age: the
     regression-to-the-mean bias (0 = unbiased, -1 = predicting a constant). Values that are
     undefined (r for constant predictions, slope for one subject) are None.
+    ``gap_age_sums`` (n and the sums of age, gap, age², age × gap) let the report compute
+    that slope over the test subjects of several splits (k-fold, leave-one-study-out).
     """
     ages = np.asarray(ages, dtype=np.float64)
     predicted = np.asarray(predicted, dtype=np.float64)
@@ -68,7 +70,10 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
             "pearson_r": _finite_or_none(pearson), "r2": _finite_or_none(r2),
             "mae_per_study": per_study,
             "n_per_study": {study: int(np.sum(studies == study)) for study in names},
-            "gap_age_slope": _finite_or_none(slope)}
+            "gap_age_slope": _finite_or_none(slope),
+            "gap_age_sums": {"n": int(len(ages)), "age": float(ages.sum()),
+                             "gap": float(error.sum()), "age_age": float(ages @ ages),
+                             "age_gap": float(ages @ error)}}
 
 
 # -- one grid cell --------------------------------------------------------------------------

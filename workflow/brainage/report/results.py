@@ -93,6 +93,11 @@ VALUE_LABELS = {
 METRIC_KEYS = ("split", "experiment", "variant", "seed", "mae", "n_test")
 
 
+#: metrics.json's ``gap_age_sums``: n and the sums of age, gap, age², age × gap of a split's
+#: test subjects, which pool the gap-age slope over splits (:func:`pooled_gap_age_slope`).
+GAP_AGE_SUMS = ("n", "age", "gap", "age_age", "age_gap")
+
+
 def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
     """One row per ``metrics.json``: split, experiment, variant, seed, loss, readout, mae,
     rmse, pearson_r, r2, n_train, n_test, neighbourhood (:func:`neighbourhood_schedule`)
@@ -124,6 +129,9 @@ def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
             row[f"mae_study_{study}"] = mae
         for study, count in (metrics.get("n_per_study") or {}).items():
             row[f"n_study_{study}"] = count
+        sums = metrics.get("gap_age_sums") or {}
+        for key in GAP_AGE_SUMS:
+            row[f"gap_age_sum_{key}"] = sums.get(key, np.nan)
         row["path"] = str(path)
         rows.append(row)
     if not rows:
@@ -158,8 +166,9 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     MAE and RMSE are pooled over all test subjects of the splits (weights ``n_test``),
     Pearson r and r² are the mean over splits. Returns one row per cell with columns
     experiment, variant, seed, loss, kind, mae, rmse, pearson_r, r2, gap_age_slope (the
-    mean over splits), n_test, n_splits, neighbourhood (Adaptive Neighborhoods' schedule
-    as trained, each split's when they differ) and the ``mae_study_*`` columns (each
+    slope over all test subjects of the splits, :func:`pooled_gap_age_slope`), n_test,
+    n_splits, neighbourhood (Adaptive Neighborhoods' schedule as trained, each split's
+    when they differ) and the ``mae_study_*`` columns (each
     study's MAE over all its test subjects: the splits that test it, each weighted by its
     number of that study's test subjects, ``n_study_*``, here summed over the splits: 0
     where none tests the study, NaN in metrics written before the counts were recorded).
@@ -168,7 +177,8 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     ------
     ReportError
         A split has no test subjects, or a study tested in several splits of a cell lacks
-        its per-study counts (metrics written by an older version): rerun evaluate_encoder.
+        its per-study counts, or a cell of several splits lacks ``gap_age_sums`` (metrics
+        written by an older version): rerun evaluate_encoder.
     """
     keys = ["experiment", "variant", "seed"]
     study_columns = [c for c in metrics.columns if c.startswith("mae_study_")]
@@ -187,7 +197,7 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                "rmse": float(np.sqrt(np.average(group["rmse"] ** 2, weights=weights))),
                "pearson_r": float(group["pearson_r"].mean()),
                "r2": float(group["r2"].mean()),
-               "gap_age_slope": float(group["gap_age_slope"].mean()),
+               "gap_age_slope": pooled_gap_age_slope(group),
                "n_test": int(weights.sum()), "n_splits": int(len(group)),
                # each split has its own random search: its choice may differ
                "neighbourhood": (joined_values(group["neighbourhood"])
@@ -205,6 +215,28 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                "gap_age_slope", "n_test", "n_splits", "neighbourhood", *study_columns,
                *count_columns]
     return pd.DataFrame(rows, columns=columns)
+
+
+def pooled_gap_age_slope(group: pd.DataFrame) -> float:
+    """The least-squares slope of the gap (predicted − age) against age over the test
+    subjects of every split of ``group`` (one cell), from each split's ``gap_age_sums``;
+    with one split its ``gap_age_slope``. Not the mean of the splits' slopes: a
+    leave-one-study-out split tests one study's narrow age range, whose own slope says
+    little about the bias over the ages of all test subjects. NaN when undefined."""
+    if len(group) == 1:
+        return float(group["gap_age_slope"].iloc[0])
+    columns = [f"gap_age_sum_{key}" for key in GAP_AGE_SUMS]
+    sums = (group[columns] if all(c in group for c in columns)
+            else pd.DataFrame(np.nan, index=group.index, columns=columns))
+    lacking = sums.isna().any(axis=1).to_numpy()
+    if lacking.any():
+        raise ReportError(f"{', '.join(group['path'][lacking])}: the metrics lack the sums "
+                          f"(gap_age_sums) that pool the gap-age slope over splits; they "
+                          f"predate them. Rerun the cells' evaluate_encoder jobs (snakemake "
+                          f"--forcerun evaluate_encoder).")
+    n, age, gap, age_age, age_gap = sums.sum().to_numpy(float)
+    spread = age_age - age * age / n
+    return float((age_gap - age * gap / n) / spread) if spread > 0 else np.nan
 
 
 def study_count_column(mae_column: str) -> str:

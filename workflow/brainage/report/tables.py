@@ -68,6 +68,11 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     settings : ``{variant: cell settings}`` of the experiment (names the baselines); without
         it, rows are named by their loss.
 
+    Raises
+    ------
+    ReportError
+        No results for the experiment, or none for a variant of ``settings``.
+
     Returns
     -------
     pandas.DataFrame
@@ -85,6 +90,10 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     if cells.empty:
         raise ReportError(f"no results for experiment '{experiment}'; it must be enabled "
                           f"in the config (experiments.{experiment}).")
+    missing = [v for v in (settings or {}) if v not in set(cells["variant"])]
+    if missing:
+        raise ReportError(f"experiment '{experiment}': no results for variant(s) "
+                          f"{', '.join(missing)}; their metrics.json files are missing.")
     order = list(PAPER_TABLE3) + list(BASELINE_LABELS)
     rows = []
     for variant, group in cells.groupby("variant", sort=False):
@@ -393,13 +402,16 @@ def _format_number(value: float, digits: int) -> str:
 def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
     if paired.empty:
         return ""
-    lines = ["## Paired comparison with Adaptive Neighborhoods (same seeds)", "",
-             "ΔMAE = MAE(baseline) − MAE(Adaptive Neighborhoods), mean ± sd over seeds; "
-             "positive: Adaptive Neighborhoods is better.", ""]
+    # the reference row's own label: with Adaptive Neighborhoods fine-tuned and from
+    # scratch, "Adaptive Neighborhoods" alone names the other row
+    reference = labels.get(paired["reference"].iloc[0], paired["reference"].iloc[0])
+    lines = [f"## Paired comparison with {reference} (same seeds)", "",
+             f"ΔMAE = MAE(other row) − MAE({reference}), mean ± sd over seeds; "
+             f"positive: {reference} is better.", ""]
     for row in paired.itertuples():
         difference = format_mean_sd(row.mean_difference, row.sd_difference)
         lines.append(f"- {labels.get(row.baseline, row.baseline)}: ΔMAE {difference} years "
-                     f"over {row.n_pairs} seeds, Adaptive Neighborhoods better in "
+                     f"over {row.n_pairs} seeds, {reference} better in "
                      f"{row.reference_wins}/{row.n_pairs}, paired t-test p = "
                      f"{_format_number(row.p_value, 3)}")
     return "\n".join(lines)
