@@ -628,6 +628,17 @@ def test_batch_larger_than_training_set(split_dir, tmp_path):
                       **cell_paths(tmp_path))
 
 
+def test_a_damaged_pretrained_encoder_names_model_init(split_dir, tmp_path):
+    """The workflow puts a pretraining run's encoder.pt into model.init_checkpoint: an
+    error names model.init, the key the user set, not init_checkpoint."""
+    damaged = tmp_path / "encoder.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    settings = tiny_settings(model={"init": "pretrained:t1w", "init_checkpoint": str(damaged)})
+    with pytest.raises(ValueError, match=r"config key model\.init \(pretrained:t1w: the run's "
+                                         r"encoder\.pt\): .*encoder\.pt cannot be read"):
+        train_encoder(split_dir, settings, **cell_paths(tmp_path / "cell"))
+
+
 def test_nan_in_the_array_names_the_subject(tmp_path):
     folder = write_split(tmp_path, n_subjects=8, n_test=2)
     images = np.load(folder / "images.npy")

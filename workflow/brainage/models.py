@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from brainage.config import ConfigError
+from brainage.config import ConfigError, pretrained_run
 from brainage.runtime import full_float32
 
 log = logging.getLogger(__name__)
@@ -325,7 +325,16 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
     return mapped, report
 
 
-def load_init_checkpoint(model: BrainAgeNet, path: str | Path) -> LoadReport:
+def init_checkpoint_key(model_settings: Mapping) -> str:
+    """The config key that chose ``model.init_checkpoint``: the user's, or ``model.init``
+    when it starts from a pretraining run (whose encoder the workflow puts there)."""
+    if pretrained_run(model_settings) is not None:
+        return f"model.init ({model_settings['init']}: the run's encoder.pt)"
+    return "model.init_checkpoint"
+
+
+def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
+                         key: str = "model.init_checkpoint") -> LoadReport:
     """Initialise ``model`` from a checkpoint (ours or an OpenBHB-pretrained ResNet-18).
 
     Logs the report; raises when not a single encoder tensor could be loaded, which means
@@ -334,22 +343,23 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path) -> LoadReport:
     Raises
     ------
     FileNotFoundError, ValueError
-        Naming the file and the config key ``model.init_checkpoint``.
+        Naming the file and the config ``key`` that chose it (``model.init`` for a
+        pretraining run's encoder: :func:`init_checkpoint_key`).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist.")
+        raise FileNotFoundError(f"config key {key}: {path} does not exist.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         source = extract_state_dict(payload)
     except Exception as error:  # unpickling raises many types for foreign files
-        raise ValueError(f"config key model.init_checkpoint: {path} cannot be read as a "
+        raise ValueError(f"config key {key}: {path} cannot be read as a "
                          f"PyTorch state dict ({error}).") from None
     target = model.state_dict()
     mapped, report = map_state_dict(source, target)
     report.path = str(path)
     if not any(name.startswith("encoder.") for name in mapped):
-        raise ValueError(f"config key model.init_checkpoint: no encoder tensor of {path} fits "
+        raise ValueError(f"config key {key}: no encoder tensor of {path} fits "
                          f"the 3D ResNet-18 (first keys: {', '.join(list(source)[:5])}). "
                          f"Is it a 3D ResNet-18?\n{report.summary()}")
     model.load_state_dict(mapped, strict=False)

@@ -105,6 +105,7 @@ from brainage.models import (
     count_parameters,
     embed,
     embed_all,
+    init_checkpoint_key,
     load_init_checkpoint,
 )
 from brainage.runtime import (
@@ -239,7 +240,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         return []
     if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
         if settings["model"]["init_checkpoint"]:
-            load_init_checkpoint(model, settings["model"]["init_checkpoint"])
+            load_init_checkpoint(model, settings["model"]["init_checkpoint"],
+                                 key=init_checkpoint_key(settings["model"]))
         model.to(device)
         digest = _save_encoder(encoder_path, model, settings, split, epochs)
         if features_path is not None:
@@ -278,7 +280,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         if resume_from is not None and not writes:
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if checkpoint is None and settings["model"].get("init_checkpoint"):
-        load_init_checkpoint(model, settings["model"]["init_checkpoint"])
+        load_init_checkpoint(model, settings["model"]["init_checkpoint"],
+                                 key=init_checkpoint_key(settings["model"]))
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)
