@@ -859,3 +859,27 @@ def test_training_loss_panels_name_rows_that_share_a_label_apart(tmp_path, monke
                          histories={"a4": {0: "x"}, "a8": {0: "y"}, "yaware": {0: "z"}})
     assert drawn == {"a4": "Adaptive Neighborhoods (a4)", "a8": "Adaptive Neighborhoods (a8)",
                      "yaware": "Y-Aware"}
+
+
+def test_qc_overview_counts_a_metric_it_cannot_draw(tmp_path, monkeypatch):
+    """A subject whose correlation is NaN fails QC and is counted as flagged in the title,
+    but has no point in that panel: the panel says so."""
+    from brainage.qc import plot_dataset_qc
+
+    titles = []
+    plt = figures._pyplot()
+    original = plt.Axes.set_title
+
+    def record(self, text, *args, **kwargs):
+        titles.append(text)
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "set_title", record)
+    table = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c"],
+                          "study": ["s1", "s1", "s2"], "dice": [0.95, 0.9, 0.93],
+                          "correlation": [0.8, np.nan, 0.7], "coverage": [0.9, 0.95, 0.9],
+                          "qc_pass": [True, False, True]})
+    plot_dataset_qc(table, tmp_path / "qc.png",
+                    minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    assert titles == ["dice", "correlation (1 not computed, flagged)", "coverage"]
+    assert (tmp_path / "qc.png").read_bytes()[:4] == b"\x89PNG"

@@ -260,7 +260,9 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
 
 def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mapping) -> None:
     """The QC overview (report figure ``qc_overview``): one panel per metric, subjects by
-    study, the configured minimum as a dashed line, flagged subjects in red."""
+    study, the configured minimum as a dashed line, flagged subjects in red. A metric that
+    could not be computed (NaN, a failed subject) is counted in its panel's title: it has
+    no point to draw."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,7 +280,8 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
         axis.axhline(minimums[QC_THRESHOLDS[metric]], color="tab:red", linestyle="--",
                      linewidth=1)
         axis.set_xticks(range(len(studies)), studies, rotation=45, ha="right")
-        axis.set_title(metric)
+        undefined = int(pd.to_numeric(table[metric], errors="coerce").isna().sum())
+        axis.set_title(metric + (f" ({undefined} not computed, flagged)" if undefined else ""))
     flagged = int((~table["qc_pass"]).sum())
     figure.suptitle(f"QC of {len(table)} registered maps: {flagged} flagged (red); dashed: "
                     f"configured minimum")
