@@ -23,6 +23,7 @@ from brainage.normalise import (
     crop_or_pad,
     normalise_dataset,
     split_names,
+    training_counts,
     volume_moments,
 )
 from brainage.split_data import load_split
@@ -76,6 +77,26 @@ def test_holdout_refuses_an_empty_side():
     with pytest.raises(InputError, match=r"split\.test_fraction=0\.1 of 2 subjects leaves the "
                                          r"test set empty"):
         assign_split(table, "holdout", scheme="holdout", test_fraction=0.1)
+
+
+def test_an_empty_validation_set_names_the_pretraining_runs_key(small_dataset):
+    """A pretraining cohort's holdout is drawn with pretrain.<run>.validation_fraction
+    (rules/common.smk, pretrain_split): when it leaves no validation subject, the message
+    named split.test_fraction, a key of the grid's splits that changes nothing there."""
+    settings = {"scheme": "holdout", "test_fraction": 0.02, "n_folds": 5, "seed": 0}
+    with pytest.raises(InputError, match=r"pretrain\.t1\.validation_fraction=0\.02 of 12 "
+                                         r"subjects leaves the validation set empty") as error:
+        training_counts(small_dataset["table"], settings,
+                        fraction_key="pretrain.t1.validation_fraction", eval_subset="validation")
+    assert "split.test_fraction" not in str(error.value)
+    out = small_dataset["out"]
+    with pytest.raises(InputError, match=r"validation_fraction=0\.02 of 12 subjects leaves "
+                                         r"the validation set empty") as error:
+        normalise_dataset(small_dataset["maps"], small_dataset["table"], small_dataset["qc"],
+                          small_dataset["mask"], out / "images.npy", out / "participants.tsv",
+                          out / "stats.json", split="holdout", split_settings=settings,
+                          eval_subset="validation")
+    assert "split.test_fraction" not in str(error.value)
 
 
 def test_kfold_tests_every_subject_once_and_loso_one_study():

@@ -128,6 +128,7 @@ def split_names(participants: pd.DataFrame, scheme: str = "holdout", test_fracti
 
 def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "holdout",
                  test_fraction: float = 0.2, n_folds: int = 5, seed: int = 42,
+                 fraction_key: str = "split.test_fraction", eval_subset: str = "test",
                  **ignored) -> pd.Series:
     """``"train"``/``"test"`` for every participant in one split.
 
@@ -136,6 +137,9 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
     participants : table with ``participant_id`` and ``study``.
     split_name : one of :func:`split_names` for the same settings.
     scheme, test_fraction, n_folds, seed : config section ``split``.
+    fraction_key, eval_subset : the config key that set ``test_fraction`` and the name of
+        the held-out subjects, for the message of a holdout with an empty side
+        (``pretrain.<run>.validation_fraction`` and ``validation`` for a pretraining cohort).
 
     Returns
     -------
@@ -171,9 +175,9 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
             subset.iloc[rows[:quota[study]]] = "test"
         if (subset == "test").all() or (subset == "train").all():
             raise InputError(
-                f"split.test_fraction={test_fraction} of {len(participants)} subjects leaves "
-                f"the {'training' if (subset == 'test').all() else 'test'} set empty; change "
-                f"split.test_fraction or add subjects.")
+                f"{fraction_key}={test_fraction} of {len(participants)} subjects leaves "
+                f"the {'training' if (subset == 'test').all() else eval_subset} set empty; "
+                f"change {fraction_key} or add subjects.")
         return subset
     fold = int(split_name[len("fold"):]) - 1
     dealt = [row for study in sorted(groups) for row in groups[study]]
@@ -183,14 +187,18 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
     return subset
 
 
-def training_counts(participants: pd.DataFrame, split_settings: Mapping) -> dict[str, int]:
+def training_counts(participants: pd.DataFrame, split_settings: Mapping, *,
+                    fraction_key: str = "split.test_fraction",
+                    eval_subset: str = "test") -> dict[str, int]:
     """Training subjects of every split (config section ``split``) of a participants table.
 
     Counted before QC exclusion (``qc.exclude_failed`` drops subjects after the split is
     assigned, :func:`normalise_dataset`), so a split's ``images.npy`` holds at most this
-    many training subjects.
+    many training subjects. ``fraction_key``, ``eval_subset``: as :func:`assign_split`.
     """
-    return {name: int((assign_split(participants, name, **split_settings) == "train").sum())
+    return {name: int((assign_split(participants, name, **split_settings,
+                                    fraction_key=fraction_key, eval_subset=eval_subset)
+                       == "train").sum())
             for name in split_names(participants, **split_settings)}
 
 
@@ -425,7 +433,11 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                          f"{RESOLUTIONS_MM}.")
     modalities = list(modalities)
     table = participants_table(participants, modalities)
-    table["subset"] = assign_split(table, split, **split_settings).replace(
+    # a pretraining cohort's holdout share is its run's validation_fraction (pretrain_split)
+    fraction_key = ("split.test_fraction" if eval_subset == "test"
+                    else f"pretrain.<run>.{eval_subset}_fraction")
+    table["subset"] = assign_split(table, split, **split_settings, fraction_key=fraction_key,
+                                   eval_subset=eval_subset).replace(
         {"test": eval_subset}).to_numpy()
 
     if isinstance(qc_table, (str, Path)):

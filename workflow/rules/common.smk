@@ -345,10 +345,15 @@ def check_pretraining_set_sizes():
     if _PRETRAIN_BATCH_SIZES_CHECKED or not workflow.is_main_process:
         return
     for name in PRETRAIN_CHAIN:
-        counts = training_counts(pretrain_participants_table(name), pretrain_split(name))
         try:
+            counts = training_counts(
+                pretrain_participants_table(name),
+                pretrain_split(name),
+                fraction_key=f"pretrain.{name}.validation_fraction",
+                eval_subset="validation",
+            )
             check_pretrain_batch_size(config, name, counts["holdout"], source="config")
-        except ConfigError as error:
+        except (ConfigError, InputError) as error:
             raise WorkflowError(f"invalid configuration:\n{error}") from None
     _PRETRAIN_BATCH_SIZES_CHECKED.append(True)
 
