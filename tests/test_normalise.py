@@ -336,6 +336,23 @@ def test_qc_failures_are_excluded_with_their_reason_or_the_split_ignores_the_thr
     assert "excluding sub-s103" in caplog.text
 
 
+def test_qc_exclusions_that_empty_the_test_set_stop_the_split_naming_qc(small_dataset):
+    """Leave-one-study-out where every subject of the held-out study fails QC: the split
+    was written without a test subject, and its first reader (train_encoder's load_split)
+    said to check split.test_fraction / split.scheme; the cause is qc.exclude_failed."""
+    qc = pd.read_csv(small_dataset["qc"], sep="\t")
+    failing = qc["study"] == "s2"
+    qc.loc[failing, ["qc_pass", "qc_failures"]] = [False, "dice 0.500 < 0.85"]
+    qc.to_csv(small_dataset["qc"], sep="\t", index=False)
+    out = small_dataset["out"]
+    with pytest.raises(InputError, match=r"split losos2: no test subject left after the QC "
+                                         r"exclusions .*qc\.exclude_failed"):
+        normalise_dataset(small_dataset["maps"], small_dataset["table"], small_dataset["qc"],
+                          small_dataset["mask"], out / "images.npy", out / "participants.tsv",
+                          out / "stats.json", split="losos2",
+                          split_settings={**SPLIT, "scheme": "loso"}, exclude_failed=True)
+
+
 def test_bad_maps_are_named(small_dataset):
     path = Path(small_dataset["maps"][2])
     nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), path)

@@ -465,6 +465,12 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     if not (table["subset"] == "train").any():
         raise InputError(f"split {split}: no training subject left"
                          f"{' after the QC exclusions' if excluded else ''}.")
+    if not (table["subset"] == eval_subset).any():
+        # the split itself always holds one (assign_split): only QC can empty it
+        raise InputError(f"split {split}: no {eval_subset} subject left after the QC "
+                         f"exclusions ({len(excluded)} subjects failed QC, config key "
+                         f"qc.exclude_failed); the split could not be evaluated. Check their "
+                         f"preprocessing or set qc.exclude_failed: false.")
 
     lookup = _map_lookup(maps, modalities)
     absent = [f"{pid} ({name})" for pid in table["participant_id"] for name in modalities
