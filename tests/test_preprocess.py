@@ -223,6 +223,23 @@ def test_deepbet_finding_no_brain_names_the_subject_and_file(tmp_path):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_t1w_stored_as_one_volume_of_a_4d_file_is_stripped(simulated_cohort, tmp_path):
+    """A T1w of shape (X, Y, Z, 1) passes the input check (load_nifti_checked); deepbet
+    writes its mask in that shape, which the route refused as a mask of the wrong shape."""
+    root, truth = simulated_cohort
+    files = _subject_files(root, truth["participant_id"].iloc[0])
+    t1 = nib.load(files["anat"])
+    anat_4d = tmp_path / "sub-a_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[..., None], t1.affine), anat_4d)
+    info = strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                       tmp_path / "i.json", anat=anat_4d, method="deepbet", subject="a")
+    assert info["route"] == "deepbet" and info["reference_kind"] == "T1w_brain"
+    mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
+    true_mask = np.asarray(nib.load(files["truth_mask"]).dataobj) > 0
+    assert mask.shape == true_mask.shape and dice(mask, true_mask) >= 0.9
+    assert nib.load(tmp_path / "r.nii.gz").shape == t1.shape
+
+
 def test_empty_skull_strip_mask_is_an_error(simulated_cohort, tmp_path, monkeypatch):
     root, truth = simulated_cohort
     files = _subject_files(root, truth["participant_id"].iloc[0])
