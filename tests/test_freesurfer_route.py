@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import stat
 import sys
 from pathlib import Path
@@ -154,6 +155,24 @@ def test_empty_freesurfer_mask_names_subject_and_file(freesurfer_double, head, t
         strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
                     method="freesurfer", subject="a")
     assert not (tmp_path / "mask.nii.gz").exists()
+
+
+def test_failing_freesurfer_program_is_reported_with_its_exit_and_error(freesurfer_double, head,
+                                                                      tmp_path, monkeypatch):
+    """nipype does not raise when a program exits non-zero: it then missed the output file,
+    and the error named the mask in the (deleted) temporary folder, not what FreeSurfer
+    said."""
+    monkeypatch.setenv("DOUBLE_ERROR", "ERROR: cannot find model weights synthstrip.1.pt")
+    with pytest.raises(PreprocessError) as raised:
+        strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
+                    method="freesurfer", subject="a")
+    message = str(raised.value)
+    assert re.search(r"sub-a: skull stripping \(mri_synthstrip\) of .*sub-a_T1w\.nii\.gz "
+                     r"failed: mri_synthstrip exited with code 1: ERROR: cannot find model "
+                     r"weights synthstrip\.1\.pt\. Check", message), message
+    assert ".strip_skull-" not in message
+    assert not any(path.exists() for path in _outputs(tmp_path))
+    assert not list(tmp_path.glob(".strip_skull-*"))
 
 
 def test_freesurfer_requested_but_missing_stops_before_work(no_freesurfer, head, tmp_path):

@@ -223,6 +223,23 @@ def test_deepbet_finding_no_brain_names_the_subject_and_file(tmp_path):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_t1w_stored_as_one_volume_of_a_4d_file_is_stripped(simulated_cohort, tmp_path):
+    """A T1w of shape (X, Y, Z, 1) passes the input check (load_nifti_checked); deepbet
+    writes its mask in that shape, which the route refused as a mask of the wrong shape."""
+    root, truth = simulated_cohort
+    files = _subject_files(root, truth["participant_id"].iloc[0])
+    t1 = nib.load(files["anat"])
+    anat_4d = tmp_path / "sub-a_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[..., None], t1.affine), anat_4d)
+    info = strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                       tmp_path / "i.json", anat=anat_4d, method="deepbet", subject="a")
+    assert info["route"] == "deepbet" and info["reference_kind"] == "T1w_brain"
+    mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
+    true_mask = np.asarray(nib.load(files["truth_mask"]).dataobj) > 0
+    assert mask.shape == true_mask.shape and dice(mask, true_mask) >= 0.9
+    assert nib.load(tmp_path / "r.nii.gz").shape == t1.shape
+
+
 def test_empty_skull_strip_mask_is_an_error(simulated_cohort, tmp_path, monkeypatch):
     root, truth = simulated_cohort
     files = _subject_files(root, truth["participant_id"].iloc[0])
@@ -696,3 +713,40 @@ def test_a_t1w_channel_without_a_t1w_reference_says_what_to_do(tmp_path):
                                               r"dataset\.modalities"):
         register_to_template({}, unused, unused, info, unused, unused, {"T1w": unused},
                              unused, unused, unused, subject="s01")
+
+
+@pytest.mark.parametrize("route", ["snakemake", "in_process"])
+def test_registered_t1w_sidecar_says_whether_n4_ran(route, tmp_path, monkeypatch):
+    """The registered T1w channel is the corrected reference; with preprocess.n4: false it
+    is not bias-corrected, but its BIDS sidecar said 'N4-corrected' whatever the setting.
+    The steps' image work is replaced by doubles: only the sidecars are checked."""
+    import brainage.preprocess as preprocess_package
+    import brainage.qc
+    from brainage.preprocess import chain
+
+    for name in ("strip_skull", "correct_bias", "register_to_template"):
+        monkeypatch.setattr(preprocess_package, name, lambda *args, **kwargs: None)
+    monkeypatch.setattr(brainage.qc, "compute_qc", lambda *args, **kwargs: None)
+    template_mask = tmp_path / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.uint8), np.eye(4)), template_mask)
+    inputs = {"stiffness": tmp_path / "sub-a_stiffness.nii.gz",
+              "anat": tmp_path / "sub-a_T1w.nii.gz"}
+    for path in inputs.values():
+        path.write_bytes(b"not read")
+    inputs = {key: str(path) for key, path in inputs.items()}
+    layout, modalities = Layout(results=str(tmp_path / "out")), ("stiffness", "T1w")
+    files = chain.subject_files(layout, "a", "preproc", modalities)
+    for n4 in (True, False):
+        preprocess = {"skullstrip": "none", "freesurfer_tool": "synthstrip", "n4": n4,
+                      "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
+        if route == "snakemake":
+            chain.run_job("correct_and_register", files, inputs, template_t1="",
+                          template_mask=str(template_mask),
+                          options=chain.job_options("correct_and_register", preprocess),
+                          subject="a", modalities=modalities)
+        else:
+            chain.run_subject(inputs, layout, "a", preproc="preproc", preprocess=preprocess,
+                              template_t1=str(template_mask), template_mask=str(template_mask),
+                              modalities=modalities)
+        description = json.loads(Path(files["registered_T1w_json"]).read_text())["Description"]
+        assert ("N4-corrected" in description) == n4, (n4, description)

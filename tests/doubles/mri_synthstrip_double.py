@@ -7,7 +7,8 @@ SynthStrip's options (-i, -o, -m, -t, -b, --no-csf), "strips" by thresholding th
 at half its maximum (largest component, holes filled) and writes the mask (-m) and the
 masked image (-o). Each call's arguments are appended, one JSON list per line, to the
 file named by $DOUBLE_CALLS_LOG when set. $DOUBLE_THRESHOLD (share of the maximum,
-default 0.5) lets a test provoke an empty mask.
+default 0.5) lets a test provoke an empty mask. $DOUBLE_ERROR makes it fail as the real
+program does (its text on stderr, exit code 1, no output written).
 """
 
 import argparse
@@ -32,6 +33,10 @@ def main(argv):
     parser.add_argument("-b", type=int)
     parser.add_argument("--no-csf", action="store_true")
     args = parser.parse_args(argv)
+    if os.environ.get("DOUBLE_ERROR"):
+        print("Configuring model on the CPU")
+        print(os.environ["DOUBLE_ERROR"], file=sys.stderr)
+        return 1
     image = nib.load(args.i)
     data = np.asanyarray(image.dataobj).astype(np.float32)
     mask = data > float(os.environ.get("DOUBLE_THRESHOLD", "0.5")) * data.max()

@@ -112,11 +112,12 @@ def step_options(step: str, preprocess: Mapping) -> dict:
 
 def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
              template_t1: str, template_mask: str, options: Mapping, subject: str,
-             modalities: Sequence[str] = DEFAULT_MODALITIES) -> None:
+             modalities: Sequence[str] = DEFAULT_MODALITIES, n4: bool = True) -> None:
     """Run one step on a subject's files: the function a rule's script calls.
 
     ``inputs``: ``{map: native file}`` of the cohort's MRE maps and ``anat`` (the T1w) when
-    the subject has one (:func:`brainage.inputs.subject_inputs`).
+    the subject has one (:func:`brainage.inputs.subject_inputs`). ``n4``: config key
+    ``preprocess.n4`` (an option of correct_bias), for the registered T1w's sidecar.
     """
     from brainage.preprocess import correct_bias, register_to_template, strip_skull
     from brainage.preprocess.derivatives import describe_mask, describe_registered_t1w
@@ -142,7 +143,8 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
                              files["transform"], files["registered_reference"],
                              subject=subject, **options)
         if "T1w" in modalities:
-            describe_registered_t1w(files["registered_T1w"], template_mask=template_mask)
+            describe_registered_t1w(files["registered_T1w"], template_mask=template_mask,
+                                    n4=n4)
         describe_mask(files["registered_mask"], template_mask=template_mask)  # written last
     elif step == "compute_qc":
         compute_qc(files[f"registered_{grid}"], files["registered_mask"],
@@ -163,9 +165,10 @@ def run_job(job: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
             template_t1: str | None, template_mask: str | None, options: Mapping,
             subject: str, modalities: Sequence[str] = DEFAULT_MODALITIES) -> None:
     """Run the steps of one Snakemake job (:data:`JOBS`), in one process."""
+    n4 = options.get("correct_bias", {}).get("n4", True)
     for step in JOBS[job]:
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
-                 options=options[step], subject=subject, modalities=modalities)
+                 options=options[step], subject=subject, modalities=modalities, n4=n4)
 
 
 #: The output whose presence means a step is done (each step writes it last).
@@ -233,7 +236,7 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
         record_path.unlink(missing_ok=True)
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
                  options=step_options(step, preprocess), subject=subject,
-                 modalities=modalities)
+                 modalities=modalities, n4=preprocess["n4"])
         record_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(record_path) as temporary:
             temporary.write_text(records[step])

@@ -153,18 +153,21 @@ def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
     return sidecar
 
 
-def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path) -> Path:
+def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path,
+                            n4: bool = True) -> Path:
     """Write the JSON sidecar of a subject's registered T1w channel; returns its path.
 
     The validator checks ``..._res-2_desc-preproc_T1w.nii.gz`` as a derivative T1w and
     requires ``SkullStripped`` and ``Resolution``. The channel is zero outside the warped
     brain mask (:func:`brainage.preprocess.register.register_to_template`), so it is
-    skull-stripped whatever the skull-stripping route.
+    skull-stripped whatever the skull-stripping route. ``n4``: config key
+    ``preprocess.n4``, whether the reference was N4-corrected.
     """
     t1w = Path(t1w)
     sidecar = _sidecar(t1w)
     space = _space(t1w)
-    write_json(sidecar, {"Description": f"T1w registration reference, N4-corrected, affinely "
+    corrected = "N4-corrected" if n4 else "not bias-corrected (preprocess.n4: false)"
+    write_json(sidecar, {"Description": f"T1w registration reference, {corrected}, affinely "
                                         f"registered to {space} at 2 mm, zero outside the "
                                         f"warped brain mask",
                          "SkullStripped": True,

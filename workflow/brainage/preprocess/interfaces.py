@@ -4,7 +4,7 @@ Every skull-stripping route runs through a nipype interface with explicit input 
 output specs, so a nipype workflow (or a lab's own) can reuse them unchanged:
 
 - :class:`SynthStrip` — FreeSurfer's ``mri_synthstrip`` (nipype has no interface for it);
-- ``nipype.interfaces.freesurfer.WatershedSkullStrip`` — FreeSurfer's ``mri_watershed``;
+- :class:`WatershedSkullStrip` — FreeSurfer's ``mri_watershed`` (nipype's interface);
 - :class:`DeepBet` — the deepbet network (PyPI package with bundled weights);
 - :class:`SupportMask` — no stripping: the mask is the image's own non-zero support.
 
@@ -29,11 +29,30 @@ from nipype.interfaces.base import (  # noqa: E402
     TraitedSpec,
     traits,
 )
-from nipype.interfaces.freesurfer import WatershedSkullStrip  # noqa: E402,F401
+from nipype.interfaces.freesurfer import WatershedSkullStrip as _NipypeWatershed  # noqa: E402
 
 from brainage.preprocess.masks import deepbet_brain_mask, support_brain_mask  # noqa: E402
 
 __all__ = ["SynthStrip", "WatershedSkullStrip", "DeepBet", "SupportMask"]
+
+
+class _ExitChecked:
+    """A command-line interface that fails when its program exits non-zero.
+
+    nipype (>= 1.8) records a non-zero exit code without raising; the run then stopped on
+    the missing output file, whose path (in a temporary folder) was all the message said.
+    This raises ``RuntimeError`` naming the program, its exit code and the last line it
+    wrote to stderr (else stdout), e.g. FreeSurfer's missing licence or model file.
+    """
+
+    def _run_interface(self, runtime, correct_return_codes=(0,)):
+        runtime = super()._run_interface(runtime, correct_return_codes)
+        if runtime.returncode not in correct_return_codes:
+            said = [[line.strip() for line in (stream or "").splitlines() if line.strip()]
+                    for stream in (getattr(runtime, "stderr", ""), getattr(runtime, "stdout", ""))]
+            last = said[0][-1] if said[0] else said[1][-1] if said[1] else "no output"
+            raise RuntimeError(f"{self.cmd} exited with code {runtime.returncode}: {last}")
+        return runtime
 
 
 class SynthStripInputSpec(CommandLineInputSpec):
@@ -54,7 +73,7 @@ class SynthStripOutputSpec(TraitedSpec):
     out_file = File(desc="skull-stripped image, when requested")
 
 
-class SynthStrip(CommandLine):
+class SynthStrip(_ExitChecked, CommandLine):
     """FreeSurfer's SynthStrip (``mri_synthstrip``, FreeSurfer >= 7.3).
 
     Examples
@@ -74,6 +93,10 @@ class SynthStrip(CommandLine):
         if self.inputs.out_file:
             outputs["out_file"] = os.path.abspath(self.inputs.out_file)
         return outputs
+
+
+class WatershedSkullStrip(_ExitChecked, _NipypeWatershed):
+    """FreeSurfer's ``mri_watershed`` (nipype's interface), failing on a non-zero exit."""
 
 
 class DeepBetInputSpec(BaseInterfaceInputSpec):

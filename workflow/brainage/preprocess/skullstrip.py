@@ -127,10 +127,12 @@ def _run_mask_interface(route: str, freesurfer_tool: str, in_file: str, work: Pa
 
 def _read_tool_mask(path: Path) -> np.ndarray:
     """A skull-stripping tool's mask (non-zero voxels), empty or not: an empty one gets its
-    own message."""
+    own message. A T1w stored as one volume of a 4D file (X, Y, Z, 1), which the input
+    check accepts, gets a mask of that shape from deepbet (and FreeSurfer): its one volume."""
     import nibabel as nib
 
-    return np.asanyarray(nib.load(str(path)).dataobj) > 0
+    mask = np.asanyarray(nib.load(str(path)).dataobj) > 0
+    return mask[..., 0] if mask.ndim == 4 and mask.shape[3] == 1 else mask
 
 
 def _absolute(path: str | Path) -> str:
