@@ -125,13 +125,19 @@ def test_user_template_file_is_used_and_checked(template_files, tmp_path):
                             t1=tmp_path / "t1.nii.gz", mask=tmp_path / "m.nii.gz")
     assert info["shape"] == [91, 109, 91]
     assert np.allclose(nib.load(tmp_path / "out_t1.nii.gz").affine, affine)
-    assert int(nib.load(tmp_path / "out_t1.nii.gz").header["sform_code"]) == 4
-    # A template that is not MNI152 gets the code of "another template", not MNI's.
-    prepare_template(tmp_path / "o_t1.nii.gz", tmp_path / "o_m.nii.gz", source="file",
-                     t1=tmp_path / "t1.nii.gz", mask=tmp_path / "m.nii.gz", space="OASIS30ANTs")
-    for name in ("o_t1.nii.gz", "o_m.nii.gz"):
-        header = nib.load(tmp_path / name).header
-        assert int(header["sform_code"]) == int(header["qform_code"]) == 5
+    # A user's template keeps its own sform code (FSL's MNI152 files say 4, MNI152), and
+    # gets 5 ("another template") when it has none.
+    for code, expected in ((4, 4), (2, 2), (0, 5)):
+        image = nib.load(tmp_path / "t1.nii.gz")
+        image.set_sform(image.affine if code else None, code=code)
+        if not code:
+            image.set_qform(affine, code=1)  # the grid stays known without an sform
+        nib.save(image, tmp_path / "coded.nii.gz")
+        prepare_template(tmp_path / "o_t1.nii.gz", tmp_path / "o_m.nii.gz", source="file",
+                         t1=tmp_path / "coded.nii.gz", mask=tmp_path / "m.nii.gz")
+        for name in ("o_t1.nii.gz", "o_m.nii.gz"):
+            header = nib.load(tmp_path / name).header
+            assert int(header["sform_code"]) == int(header["qform_code"]) == expected, code
 
     one_mm = np.diag([1.0, 1.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), one_mm), tmp_path / "t1mm.nii.gz")

@@ -112,7 +112,7 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
                     template["space"])
     t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
     prepared = prepare_template(t1_path, mask_path, source=template["source"], t1=template_t1,
-                                mask=template_mask, space=template["space"])
+                                mask=template_mask)
     rebuilt = template_record(t1_path, mask_path, source=template["source"],
                               space=template["space"])
     expected = bundle.manifest["template"]

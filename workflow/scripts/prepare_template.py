@@ -7,4 +7,4 @@ from brainage.preprocess import prepare_template
 log_to_file(snakemake.log[0])
 template = snakemake.params.template
 prepare_template(snakemake.output.t1, snakemake.output.mask, source=template["source"],
-                 t1=template.get("t1"), mask=template.get("mask"), space=template["space"])
+                 t1=template.get("t1"), mask=template.get("mask"))

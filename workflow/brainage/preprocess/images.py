@@ -63,11 +63,6 @@ MNI152_XFORM_CODE = 4
 OTHER_TEMPLATE_XFORM_CODE = 5
 
 
-def template_xform_code(space: str) -> int:
-    """The NIfTI xform code of template ``space`` (a TemplateFlow identifier)."""
-    return MNI152_XFORM_CODE if space.startswith("MNI152") else OTHER_TEMPLATE_XFORM_CODE
-
-
 def read_xform_code(path: str | Path) -> int:
     """The sform code of the NIfTI file at ``path`` (its header only)."""
     import nibabel as nib
@@ -81,7 +76,7 @@ def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *,
     """Write ``data`` as NIfTI with ``affine`` as sform and qform, atomically.
 
     ``xform_code`` says whose world coordinates the affine gives: the scanner's
-    (native images) or a template's (:func:`template_xform_code`).
+    (native images) or a template's (:func:`brainage.preprocess.template.prepare_template`).
     """
     import nibabel as nib
 

@@ -18,10 +18,12 @@ import numpy as np
 
 from brainage.inputs import InputError
 from brainage.preprocess.images import (
+    MNI152_XFORM_CODE,
+    OTHER_TEMPLATE_XFORM_CODE,
     load_volume,
+    read_xform_code,
     require_same_grid,
     save_volume,
-    template_xform_code,
 )
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,7 @@ def _file_template(t1: str | Path | None, mask: str | Path | None):
 
 
 def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = "nilearn",
-                     t1: str | Path | None = None, mask: str | Path | None = None,
-                     space: str = "MNI152NLin2009aSym") -> dict:
+                     t1: str | Path | None = None, mask: str | Path | None = None) -> dict:
     """Write the template T1 (float32) and brain mask (uint8) at 2 mm.
 
     Parameters
@@ -65,9 +66,11 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     out_t1, out_mask : output NIfTI paths (``Layout.template("T1w"/"brain_mask")``).
     source : ``nilearn`` (bundled MNI152 2009a sym) or ``file`` (config ``template.source``).
     t1, mask : with ``source="file"``, the user's template files (``template.t1/mask``).
-    space : TemplateFlow identifier (``template.space``); an ``MNI152*`` space is written
-        with the NIfTI xform code of MNI152, any other with that of another template.
-        Registered images copy the code (``register_to_template``).
+
+    The files carry NIfTI sform/qform code 4 (MNI152) for nilearn's template (nilearn's
+    own file says 2, "aligned"), a user's template its own sform code (FSL's MNI152 files
+    say 4; 5, "another template", when it has none). Registered images copy the code
+    (``register_to_template``).
 
     Returns
     -------
@@ -76,14 +79,15 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
     if source == "nilearn":
         data, brain, affine = _nilearn_template()
         origin = "nilearn MNI152 ICBM 2009a nonlinear symmetric"
+        code = MNI152_XFORM_CODE
     elif source == "file":
         data, brain, affine = _file_template(t1, mask)
         origin = f"file {t1}"
+        code = read_xform_code(t1) or OTHER_TEMPLATE_XFORM_CODE
     else:
         raise InputError(f"template.source={source!r}; choose nilearn or file.")
     if not brain.any():
         raise InputError(f"the template brain mask ({origin}) is empty.")
-    code = template_xform_code(space)
     save_volume(out_t1, data, affine, description=f"template T1, {origin}", xform_code=code)
     save_volume(out_mask, brain, affine, dtype=np.uint8, xform_code=code,
                 description=f"template brain mask, {origin}")
