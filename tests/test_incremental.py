@@ -7,6 +7,8 @@ stripping "none") and normalises them. Then dry runs must list:
 - after changing a QC threshold: nothing for the split (the thresholds only flag subjects
   in the QC table), unless qc.exclude_failed lets them choose the split's subjects: then
   the QC table and the normalisation;
+- after writing the same settings with keys in another order, or a default written out:
+  nothing;
 - after adding a study (rows + files): the new subjects' preprocessing and the
   dataset-wide rules, no job of the subjects already done.
 """
@@ -132,6 +134,19 @@ def test_a_qc_threshold_reaches_the_split_only_when_it_excludes_subjects(preproc
     assert planned_jobs(preprocessed["workdir"], config) == DATASET_RULES | {QC_TABLE}
 
 
+def test_key_order_and_written_out_defaults_rerun_nothing(preprocessed):
+    """Snakemake compares params by their repr, where a dict's key order shows: the same
+    settings with keys in another order, or with a default written out, plan nothing."""
+    config = yaml.safe_load(preprocessed["config"].read_text())
+    reordered = {section: dict(reversed(list(values.items())))
+                 for section, values in reversed(list(config.items()))}
+    reordered["normalise"] = {"dtype": "float32", **reordered["normalise"]}  # the default
+    reordered["split"]["seed"] = 42                                       # the default
+    path = preprocessed["base"] / "reordered.yaml"
+    path.write_text(yaml.safe_dump(reordered, sort_keys=False))
+    assert planned_jobs(preprocessed["workdir"], path) == set()
+
+
 def test_adding_a_study_reruns_only_its_subjects(preprocessed):
     dataset, new = preprocessed["dataset"], preprocessed["new"]
     for participant_id in new["participant_id"]:
@@ -140,3 +155,4 @@ def test_adding_a_study_reruns_only_its_subjects(preprocessed):
                                                    index=False)
     jobs = planned_jobs(preprocessed["workdir"], preprocessed["config"])
     assert jobs == subject_jobs(labels(new)) | DATASET_RULES
+
