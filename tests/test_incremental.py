@@ -4,6 +4,7 @@ A real run preprocesses 6 simulated subjects (3 studies, stiffness maps only, sk
 stripping "none") and normalises them. Then dry runs must list:
 - nothing, when nothing changed;
 - after changing preprocess.n4: bias correction and what follows, not skull stripping;
+- after changing preprocess.freesurfer_tool while FreeSurfer never runs: nothing;
 - after changing a QC threshold: nothing for the split (the thresholds only flag subjects
   in the QC table), unless qc.exclude_failed lets them choose the split's subjects: then
   the QC table and the normalisation;
@@ -123,6 +124,14 @@ def test_changing_n4_reruns_bias_correction_and_after_only(preprocessed):
                 for rule in ("correct_and_register",)}
     assert jobs == expected | DATASET_RULES
     assert not any(rule in ("strip_skull", "prepare_template") for rule, _ in jobs)
+
+
+def test_the_freesurfer_tool_reruns_nothing_when_freesurfer_never_runs(preprocessed):
+    """preprocess.freesurfer_tool chooses FreeSurfer's program; with skull stripping
+    "none" (or deepbet) no FreeSurfer program runs, so changing it changes no file."""
+    config = write_config(preprocessed["base"] / "watershed.yaml", preprocessed["dataset"],
+                          preprocess={"freesurfer_tool": "watershed"})
+    assert planned_jobs(preprocessed["workdir"], config) == set()
 
 
 def test_a_qc_threshold_reaches_the_split_only_when_it_excludes_subjects(preprocessed):
