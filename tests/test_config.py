@@ -150,6 +150,35 @@ def test_cell_settings_apply_variant_overrides_only_to_that_cell():
     assert grid_cells(config) == [("sweep", "wide", 3), ("sweep", "base", 3)]
 
 
+def test_settings_do_not_depend_on_the_order_of_keys_in_the_file():
+    """Snakemake compares a job's params by their repr, in which a dict's key order shows:
+    keys written in another order, or a default written out, must give the same settings,
+    else every training reruns (train_encoder's params are the cell's settings)."""
+    written = {"train": {"epochs": 3, "batch_size": 4},
+               "loss": {"name": "exponential", "sigma": 2.0},
+               "normalise": {"resolution_mm": 8},
+               "pretrain": {"t1w": {"source": {"kind": "simulate", "n_subjects": 8},
+                                    "train": {"epochs": 2, "batch_size": 3}}},
+               "experiments": {"sweep": {"seeds": [0], "variants": {
+                   "wide": {"loss": {"sigma": 5.0}}, "base": {}}}}}
+    reordered = {section: (dict(reversed(list(values.items())))
+                           if section in ("train", "loss") else values)
+                 for section, values in reversed(list(written.items()))}
+    reordered["train"] = {"weight_decay": 5.0e-5, **reordered["train"]}  # the default
+    reordered["normalise"] = {"dtype": "float32", "resolution_mm": 8}    # the default
+    reordered["experiments"]["sweep"] = {"variants": {
+        "wide": {"loss": {"sigma": 5.0}}, "base": {}}, "seeds": [0]}
+    first, second = validate_config(written), validate_config(reordered)
+    for section in ("train", "loss", "normalise", "split", "dataset"):
+        assert repr(first[section]) == repr(second[section]), section
+    for variant in ("wide", "base"):
+        assert (repr(cell_settings(first, "sweep", variant, 0))
+                == repr(cell_settings(second, "sweep", variant, 0)))
+    assert repr(pretrain_settings(first, "t1w")) == repr(pretrain_settings(second, "t1w"))
+    # names the user chooses keep the user's order (encoder owners, table rows)
+    assert list(second["experiments"]["sweep"]["variants"]) == ["wide", "base"]
+
+
 def test_a_seed_listed_twice_is_refused():
     """Seeds [0, 0] planned cell 0 twice: make_tables read its metrics.json twice and
     weighted that seed double in every mean."""

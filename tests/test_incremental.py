@@ -4,9 +4,12 @@ A real run preprocesses 6 simulated subjects (3 studies, stiffness maps only, sk
 stripping "none") and normalises them. Then dry runs must list:
 - nothing, when nothing changed;
 - after changing preprocess.n4: bias correction and what follows, not skull stripping;
+- after changing preprocess.freesurfer_tool while FreeSurfer never runs: nothing;
 - after changing a QC threshold: nothing for the split (the thresholds only flag subjects
   in the QC table), unless qc.exclude_failed lets them choose the split's subjects: then
   the QC table and the normalisation;
+- after writing the same settings with keys in another order, or a default written out:
+  nothing;
 - after adding a study (rows + files): the new subjects' preprocessing and the
   dataset-wide rules, no job of the subjects already done.
 """
@@ -123,6 +126,14 @@ def test_changing_n4_reruns_bias_correction_and_after_only(preprocessed):
     assert not any(rule in ("strip_skull", "prepare_template") for rule, _ in jobs)
 
 
+def test_the_freesurfer_tool_reruns_nothing_when_freesurfer_never_runs(preprocessed):
+    """preprocess.freesurfer_tool chooses FreeSurfer's program; with skull stripping
+    "none" (or deepbet) no FreeSurfer program runs, so changing it changes no file."""
+    config = write_config(preprocessed["base"] / "watershed.yaml", preprocessed["dataset"],
+                          preprocess={"freesurfer_tool": "watershed"})
+    assert planned_jobs(preprocessed["workdir"], config) == set()
+
+
 def test_a_qc_threshold_reaches_the_split_only_when_it_excludes_subjects(preprocessed):
     config = write_config(preprocessed["base"] / "qc.yaml", preprocessed["dataset"],
                           qc={"min_dice": 0.5})
@@ -130,6 +141,19 @@ def test_a_qc_threshold_reaches_the_split_only_when_it_excludes_subjects(preproc
     config = write_config(preprocessed["base"] / "qc_exclude.yaml", preprocessed["dataset"],
                           qc={"min_dice": 0.5, "exclude_failed": True})
     assert planned_jobs(preprocessed["workdir"], config) == DATASET_RULES | {QC_TABLE}
+
+
+def test_key_order_and_written_out_defaults_rerun_nothing(preprocessed):
+    """Snakemake compares params by their repr, where a dict's key order shows: the same
+    settings with keys in another order, or with a default written out, plan nothing."""
+    config = yaml.safe_load(preprocessed["config"].read_text())
+    reordered = {section: dict(reversed(list(values.items())))
+                 for section, values in reversed(list(config.items()))}
+    reordered["normalise"] = {"dtype": "float32", **reordered["normalise"]}  # the default
+    reordered["split"]["seed"] = 42                                       # the default
+    path = preprocessed["base"] / "reordered.yaml"
+    path.write_text(yaml.safe_dump(reordered, sort_keys=False))
+    assert planned_jobs(preprocessed["workdir"], path) == set()
 
 
 def test_adding_a_study_reruns_only_its_subjects(preprocessed):
@@ -140,3 +164,4 @@ def test_adding_a_study_reruns_only_its_subjects(preprocessed):
                                                    index=False)
     jobs = planned_jobs(preprocessed["workdir"], preprocessed["config"])
     assert jobs == subject_jobs(labels(new)) | DATASET_RULES
+

@@ -69,6 +69,16 @@ def _defaults_filling_validator_class() -> type:
             for name, subschema in properties.items():
                 if name not in instance and "default" in subschema:
                     instance[name] = copy.deepcopy(subschema["default"])
+            # Declared keys in the schema's order, whatever order the file wrote them in
+            # (a default written out included): Snakemake compares params by their repr,
+            # where a dict's key order shows, so another order would rerun every job that
+            # takes these settings. Names the user chooses (experiments, variants, runs)
+            # are no declared properties and keep the user's order.
+            ordered = [(name, instance[name]) for name in properties if name in instance]
+            ordered += [(name, value) for name, value in instance.items()
+                        if name not in properties]
+            instance.clear()
+            instance.update(ordered)
         yield from validate_properties(validator, properties, instance, schema_node)
 
     return jsonschema.validators.extend(base, {"properties": fill_then_validate})

@@ -98,8 +98,14 @@ def step_options(step: str, preprocess: Mapping) -> dict:
     the settings that change the step's result (Snakemake passes them as params)."""
     threads = step_threads(preprocess)
     if step == "strip_skull":
+        # The FreeSurfer program matters only where FreeSurfer may run (auto picks it when
+        # that program is installed); otherwise the default, so that changing it reruns
+        # no subject. The default, not nothing: the options recorded so far name it.
+        uses_freesurfer = preprocess["skullstrip"] in ("auto", "freesurfer")
         return {"method": preprocess["skullstrip"],
-                "freesurfer_tool": preprocess["freesurfer_tool"], "threads": threads}
+                "freesurfer_tool": (preprocess["freesurfer_tool"] if uses_freesurfer
+                                    else "synthstrip"),
+                "threads": threads}
     if step == "correct_bias":
         return {"n4": preprocess["n4"], "max_nan_fraction": preprocess["max_nan_fraction"],
                 "deterministic": preprocess["deterministic"], "threads": threads}
