@@ -509,7 +509,9 @@ def test_projection_falls_back_to_pca_only_below_four_samples():
     assert method == "UMAP" and coords.shape == (6, 2) and np.isfinite(coords).all()
 
 
-def test_pca_fallback_is_named_in_the_figure_title(tmp_path, monkeypatch):
+@pytest.fixture
+def figure_titles(monkeypatch):
+    """The suptitles of the figures drawn in a test, in order."""
     titles = []
     plt = figures._pyplot()
     original = plt.Figure.suptitle
@@ -519,6 +521,11 @@ def test_pca_fallback_is_named_in_the_figure_title(tmp_path, monkeypatch):
         return original(self, text, **kwargs)
 
     monkeypatch.setattr(plt.Figure, "suptitle", record)
+    return titles
+
+
+def test_pca_fallback_is_named_in_the_figure_title(tmp_path, figure_titles):
+    titles = figure_titles
     embeddings = {1: {"features": np.eye(3, 4, dtype=np.float32), "age": np.array([20., 40., 60.]),
                       "subset": np.array(["train", "train", "test"])}}
     figures.plot_embeddings(embeddings, tmp_path / "umap.png", cell="x")
@@ -526,18 +533,10 @@ def test_pca_fallback_is_named_in_the_figure_title(tmp_path, monkeypatch):
     assert (tmp_path / "umap.png").is_file()
 
 
-def test_umap_title_names_the_features_the_training_embedded(tmp_path, monkeypatch):
+def test_umap_title_names_the_features_the_training_embedded(tmp_path, figure_titles):
     """Cells sharing an encoder may read out other features than the training cell
     embedded by epoch: the figure names the kind its files hold, not "read-out"."""
-    titles = []
-    plt = figures._pyplot()
-    original = plt.Figure.suptitle
-
-    def record(self, text, **kwargs):
-        titles.append(text)
-        return original(self, text, **kwargs)
-
-    monkeypatch.setattr(plt.Figure, "suptitle", record)
+    titles = figure_titles
     rng = np.random.default_rng(0)
 
     def embeddings(kind):
