@@ -281,7 +281,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if checkpoint is None and settings["model"].get("init_checkpoint"):
         load_init_checkpoint(model, settings["model"]["init_checkpoint"],
-                                 key=init_checkpoint_key(settings["model"]))
+                             key=init_checkpoint_key(settings["model"]))
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)

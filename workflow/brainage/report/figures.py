@@ -20,6 +20,7 @@ from brainage.report.results import (
     PAPER_SEARCH_BEST,
     cell_label,
     coverage_fraction,
+    distinct_labels,
     natural_key,
     read_metrics,
     read_predictions,
@@ -644,13 +645,8 @@ def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
             plot_pretraining({run: files["history"] for run, files in runs.items()},
                              pretraining_runs(runs), gains, seeds, path)
         elif name == TRAINING_FIGURE:
-            labels = {variant: cell_label(cell)
-                      for variant, cell in settings.get(LOSS_EXPERIMENT, {}).items()}
-            # rows of one label apart, as Table 3 names them: "<label> (<variant>)"
-            shared = {label for label in labels.values()
-                      if list(labels.values()).count(label) > 1}
-            labels = {variant: f"{label} ({variant})" if label in shared else label
-                      for variant, label in labels.items()}
+            labels = distinct_labels({variant: cell_label(cell) for variant, cell
+                                      in settings.get(LOSS_EXPERIMENT, {}).items()})
             plot_training_loss(histories or {}, path, labels=labels)
         else:
             experiment = next((e for e in settings if ablation_figure_name(e) == name), None)

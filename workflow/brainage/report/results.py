@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -411,10 +412,16 @@ def variant_labels(variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.Data
             label = variant
         rows.append({"variant": variant, "setting": setting, "label": label})
     table = pd.DataFrame(rows, columns=["variant", "setting", "label"]).set_index("variant")
-    repeated = table["label"].duplicated(keep=False)
-    table.loc[repeated, "label"] = [f"{label} ({variant})" for variant, label
-                                    in table.loc[repeated, "label"].items()]
+    table["label"] = list(distinct_labels(table["label"].to_dict()).values())
     return table
+
+
+def distinct_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """``{variant: label}`` with every label that several variants share told apart as
+    ``<label> (<variant>)``, as Table 3 names its rows."""
+    counts = Counter(labels.values())
+    return {variant: f"{label} ({variant})" if counts[label] > 1 else label
+            for variant, label in labels.items()}
 
 
 def paper_value(experiment: str, settings: Mapping[str, Any]) -> tuple[float, float]:
