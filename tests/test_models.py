@@ -136,3 +136,26 @@ def test_cpu_bf16_encoder_agrees_with_float32(model, channels_last):
     runtime_setup(float32)
     relative_error = (encoded - reference).abs().max() / reference.abs().max()
     assert relative_error < 0.05, float(relative_error)
+
+
+def test_cuda_determinism_is_switched_both_ways(monkeypatch):
+    """A process that runs a deterministic job and then a fast one (the tests, the random
+    search in one process) must leave deterministic algorithms on for the first only: it
+    once set them on and never off again. The CUDA branch runs on a CPU machine with
+    select_device answering cuda (it only sets backend flags)."""
+    from brainage import runtime
+
+    monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cuda"))
+    settings = {"threads": 1, "device": "cuda", "precision": "float32"}
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
+    try:
+        runtime.runtime_setup({**settings, "deterministic": True})
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        runtime.runtime_setup({**settings, "deterministic": False})
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=True)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:]

@@ -80,7 +80,9 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
         torch.backends.cudnn.allow_tf32 = True
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-            torch.use_deterministic_algorithms(True, warn_only=True)
+        # Set both ways: a process that runs several jobs (the tests, the random search, a
+        # notebook) must not keep the slower algorithms of an earlier deterministic one.
+        torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return device, (torch.bfloat16 if use_bf16 else None)
 
 
