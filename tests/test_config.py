@@ -9,6 +9,7 @@ from brainage.config import (
     cell_settings,
     check_batch_sizes,
     check_pretrain_batch_size,
+    check_search_batch_size,
     encoder_owners,
     grid_cells,
     load_config,
@@ -261,6 +262,21 @@ def test_batch_larger_than_a_split_names_the_key_the_split_and_its_size():
     assert "config key experiments.table3.variants.large.train.batch_size is 9" in lines[1]
     assert "Lower experiments.table3.variants.large.train.batch_size to at most 7" in lines[1]
     check_batch_sizes(config, {"fold1": 64, "fold2": 64})
+
+
+def test_search_batch_larger_than_its_training_subjects_names_both_keys():
+    config = validate_config(_grid(train={"batch_size": 8}, loss={"nn_final": 4},
+                                   search={"enabled": True, "validation_fraction": 0.5}))
+    with pytest.raises(ConfigError) as raised:
+        check_search_batch_size(config, {"fold1": 9, "fold2": 7})
+    message = str(raised.value)
+    assert ("config key train.batch_size is 8, the batch of the random search's trials "
+            "(search.enabled), but split fold2 leaves them only 7 training subjects once "
+            "config key search.validation_fraction (0.5)") in message
+    assert "Lower train.batch_size to at most 7 or search.validation_fraction" in message
+    check_search_batch_size(config, {"fold1": 9, "fold2": 8})
+    config["search"]["enabled"] = False  # no search, no trials to train
+    check_search_batch_size(config, {"fold1": 1})
 
 
 # -- nn_final and nn_step from the random search (loss.nn_from_search) ------------------------

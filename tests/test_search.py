@@ -80,6 +80,27 @@ def test_a_tiny_training_set_keeps_every_study_in_training(seed):
     assert len(carved.eval_index) == 1
     assert set(carved.studies[carved.train_index]) == {"a", "b", "c"}
 
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.95])
+def test_planning_counts_the_subjects_the_trials_train_on(tmp_path, fraction):
+    """subjects_left_for_training (the planning check of the search's batch) counts what
+    with_validation leaves, for any seed: per-study rounding, the cap that keeps a study
+    in training, and the one subject taken when every study rounds to none."""
+    from brainage.split_data import SplitData, subjects_left_for_training
+
+    split = load_split(write_split(tmp_path, n_subjects=24, n_test=6))
+    tiny = SplitData("tiny", np.zeros((5, 1, 2, 2, 2), dtype=np.float32),
+                     pd.DataFrame({"participant_id": [f"sub-{i}" for i in range(5)],
+                                   "age": [20.0, 30.0, 40.0, 50.0, 60.0],
+                                   "study": ["a", "b", "b", "c", "c"]}), {},
+                     train_index=np.arange(5), eval_index=np.array([], dtype=np.int64))
+    for data in (split, tiny):
+        studies = data.studies[data.train_index]
+        sizes = {study: int((studies == study).sum()) for study in set(studies)}
+        for seed in range(3):
+            carved = data.with_validation(fraction, seed=seed)
+            assert subjects_left_for_training(sizes, fraction) == len(carved.train_index)
+
+
 @pytest.mark.slow
 def test_random_search_writes_trials_and_best(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4)

@@ -144,6 +144,24 @@ def test_dry_run_stops_on_a_batch_larger_than_the_training_split(tmp_path):
 
 
 @pytest.mark.workflow
+def test_dry_run_stops_on_a_search_batch_larger_than_its_training_subjects(tmp_path):
+    """7 training subjects fit a batch of 6, but the random search holds half of them out
+    for validation and its trials train on fewer: that used to fail only in the search
+    job, after the whole preprocessing."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    config = user_config(tmp_path, root, split={"scheme": "holdout", "test_fraction": 0.3},
+                         train={"batch_size": 6}, experiments=ONE_VARIANT,
+                         search={"enabled": True, "validation_fraction": 0.5,
+                                 "nn_final_range": [2, 4]})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert ("config key train.batch_size is 6, the batch of the random search's trials "
+            "(search.enabled), but split holdout leaves them only") in result.stdout, \
+        result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_dry_run_stops_on_an_adaptive_schedule_longer_than_the_training(tmp_path):
     config = tmp_path / "short.yaml"
     config.write_text(yaml.safe_dump({

@@ -407,6 +407,35 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
             for (key, batch_size), users in too_large.items()))
 
 
+def check_search_batch_size(config: Mapping[str, Any], search_training_counts: Mapping[str, int],
+                            *, source: str = "config") -> None:
+    """Stop before any job when the random search (``search.enabled``) trains with a batch
+    larger than the subjects its trials train on: a split's training subjects less the
+    search's validation subjects (``search.validation_fraction``), given per split in
+    ``search_training_counts`` (:func:`brainage.split_data.subjects_left_for_training`,
+    before QC exclusions, which can only lower them). The trials train with the config's
+    top-level ``train.batch_size`` (:func:`search_settings`).
+
+    Raises
+    ------
+    ConfigError
+        Naming train.batch_size and search.validation_fraction, the split and its count.
+    """
+    if not config["search"]["enabled"] or not search_training_counts:
+        return
+    batch_size = int(config["train"]["batch_size"])
+    split = min(search_training_counts, key=lambda name: search_training_counts[name])
+    left = search_training_counts[split]
+    if batch_size > left:
+        raise ConfigError(
+            f"{source}: config key train.batch_size is {batch_size}, the batch of the random "
+            f"search's trials (search.enabled), but split {split} leaves them only {left} "
+            f"training subjects once config key search.validation_fraction "
+            f"({config['search']['validation_fraction']}) of them are held out for "
+            f"validation (before QC exclusions, which can only remove more). Lower "
+            f"train.batch_size to at most {left} or search.validation_fraction.")
+
+
 def check_pretrain_batch_size(config: Mapping[str, Any], name: str, n_train: int, *,
                               source: str = "config") -> None:
     """Stop before any job when pretraining run ``name`` has a larger batch than its

@@ -196,10 +196,23 @@ def training_counts(participants: pd.DataFrame, split_settings: Mapping, *,
     assigned, :func:`normalise_dataset`), so a split's ``images.npy`` holds at most this
     many training subjects. ``fraction_key``, ``eval_subset``: as :func:`assign_split`.
     """
-    return {name: int((assign_split(participants, name, **split_settings,
-                                    fraction_key=fraction_key, eval_subset=eval_subset)
-                       == "train").sum())
-            for name in split_names(participants, **split_settings)}
+    return {name: sum(sizes.values())
+            for name, sizes in training_study_sizes(participants, split_settings,
+                                                    fraction_key=fraction_key,
+                                                    eval_subset=eval_subset).items()}
+
+
+def training_study_sizes(participants: pd.DataFrame, split_settings: Mapping, *,
+                         fraction_key: str = "split.test_fraction",
+                         eval_subset: str = "test") -> dict[str, dict[str, int]]:
+    """Training subjects per study of every split, counted as :func:`training_counts`."""
+    sizes = {}
+    for name in split_names(participants, **split_settings):
+        subset = assign_split(participants, name, **split_settings,
+                              fraction_key=fraction_key, eval_subset=eval_subset)
+        training = participants["study"].astype(str)[np.asarray(subset == "train")]
+        sizes[name] = {str(study): int(n) for study, n in training.value_counts().items()}
+    return sizes
 
 
 # -- the analysis grid --------------------------------------------------------------------

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -139,22 +139,38 @@ class SplitData:
                               f"share between 0 and 1.")
         rng = np.random.default_rng(seed)
         studies = self.studies[self.train_index]
+        sizes = {study: int(np.sum(studies == study)) for study in set(studies)}
+        counts = validation_counts(sizes, fraction)
         validation = []
         for study in sorted(set(studies)):
             members = self.train_index[studies == study]
-            count = int(round(fraction * len(members)))
-            count = min(count, len(members) - 1)
-            if count > 0:
-                validation.extend(rng.choice(members, size=count, replace=False).tolist())
+            if counts[study] > 0:
+                validation.extend(rng.choice(members, size=counts[study],
+                                             replace=False).tolist())
         if not validation:  # tiny training sets: at least one validation subject overall,
             # from a study that keeps another training subject where one has two
-            sizes = {study: int(np.sum(studies == study)) for study in set(studies)}
             spare = self.train_index[[sizes[study] > 1 for study in studies]]
             validation = [int(rng.choice(spare if len(spare) else self.train_index))]
         validation = np.sort(np.asarray(validation, dtype=np.int64))
         remaining = np.setdiff1d(self.train_index, validation)
         return replace(self, train_index=remaining, eval_index=validation,
                        eval_subset="validation", name=f"{self.name}-validation")
+
+
+def validation_counts(study_sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
+    """Validation subjects per study that :meth:`SplitData.with_validation` carves out of
+    training sets of ``study_sizes`` (study -> training subjects): ``round(fraction n)``,
+    leaving each study at least one training subject. When all are 0, with_validation
+    takes one subject overall instead."""
+    return {study: max(0, min(int(round(fraction * size)), size - 1))
+            for study, size in study_sizes.items()}
+
+
+def subjects_left_for_training(study_sizes: Mapping[str, int], fraction: float) -> int:
+    """Training subjects that remain after :meth:`SplitData.with_validation` (the random
+    search's trials train on these), from the split's training subjects per study."""
+    total = sum(study_sizes.values())
+    return total - max(1, sum(validation_counts(study_sizes, fraction).values()))
 
 
 def _read_stats(path: Path) -> dict:

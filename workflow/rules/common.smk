@@ -42,6 +42,7 @@ from brainage.config import (
     cell_settings,
     check_batch_sizes,
     check_pretrain_batch_size,
+    check_search_batch_size,
     encoder_owners,
     grid_cells,
     search_settings,
@@ -52,10 +53,11 @@ from brainage.config import (
 from brainage.interrupted import interrupted_run_notice
 from brainage.inputs import InputError, check_dataset_images, read_participants, subject_inputs
 from brainage.normalise import split_names as scheme_split_names
-from brainage.normalise import training_counts
+from brainage.normalise import training_counts, training_study_sizes
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import simulated_participants, simulation_options
 from brainage.simulate.t1w_cohort import draw_t1w_participants
+from brainage.split_data import subjects_left_for_training
 
 
 def _say(message):
@@ -322,13 +324,19 @@ _BATCH_SIZES_CHECKED = []
 
 def check_training_set_sizes():
     """Stop while the job graph is built, before any job, when a grid cell's
-    train.batch_size exceeds a split's training subjects (else its train_encoder job
+    train.batch_size exceeds a split's training subjects, or the random search's exceeds
+    what its validation hold-out leaves (else train_encoder or search_hyperparameters
     fails, on a GPU node, after the preprocessing). Once per run, in the main process."""
     if _BATCH_SIZES_CHECKED or not workflow.is_main_process:
         return
     try:
-        counts = training_counts(planned_participants(), config["split"])
-        check_batch_sizes(config, counts, source="config")
+        study_sizes = training_study_sizes(planned_participants(), config["split"])
+        check_batch_sizes(config, {split: sum(sizes.values())
+                                   for split, sizes in study_sizes.items()}, source="config")
+        fraction = config["search"]["validation_fraction"]
+        check_search_batch_size(config, {
+            split: subjects_left_for_training(sizes, fraction)
+            for split, sizes in study_sizes.items()}, source="config")
     except (ConfigError, InputError) as error:
         raise WorkflowError(f"invalid configuration:\n{error}") from None
     _BATCH_SIZES_CHECKED.append(True)
