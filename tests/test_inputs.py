@@ -153,6 +153,25 @@ def test_a_required_column_with_spaces_around_its_name_is_named(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+@pytest.mark.parametrize("column", ["subset", "gap"])
+def test_a_column_the_pipeline_writes_is_refused(tiny_dataset, column):
+    """A user's `subset` was replaced by the split's train/test labels, a `gap` by the
+    predicted brain-age gap, without a word."""
+    _rewrite_table(tiny_dataset, lambda t: t.assign(**{column: "x"}))
+    with pytest.raises(InputError, match=rf"participants\.tsv has column\(s\) {column}, "
+                                         rf"which the pipeline writes .* Rename them "
+                                         rf"\(e\.g\. {column}_original\)"):
+        read_participants(tiny_dataset)
+
+
+def test_every_column_the_pipeline_adds_is_refused_in_participants():
+    from brainage.apply import PREDICTION_COLUMNS
+    from brainage.inputs import DERIVED_COLUMNS
+    from brainage.normalise import ADDED_COLUMNS
+
+    assert set(ADDED_COLUMNS) | set(PREDICTION_COLUMNS) == set(DERIVED_COLUMNS)
+
+
 def test_duplicate_participant(tiny_dataset):
     _rewrite_table(tiny_dataset, lambda t: pd.concat([t, t.iloc[[1]]]))
     with pytest.raises(InputError, match=r"duplicate participant_id sub-01a"):

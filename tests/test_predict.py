@@ -954,6 +954,6 @@ def test_cohort_table_problems_are_reported_before_any_work(world, new_cohort, t
     clashing = tmp_path / "clashing"
     shutil.copytree(new_cohort.root, clashing, ignore=shutil.ignore_patterns("preproc"))
     table.assign(gap=1.0).to_csv(clashing / "participants.tsv", sep="\t", index=False)
-    with pytest.raises(InputError, match=r"column\(s\) gap, which predictions.tsv adds"):
+    with pytest.raises(InputError, match=r"column\(s\) gap, which the pipeline writes"):
         predict_cohort(world.bundle_dir, clashing, **arguments)
     assert not (tmp_path / "p.tsv").exists()

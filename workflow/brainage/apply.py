@@ -225,10 +225,6 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     if group_column not in participants.columns:
         raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
                          f"summarise by; it has {', '.join(participants.columns)}.")
-    clashes = [column for column in PREDICTION_COLUMNS if column in participants.columns]
-    if clashes:
-        raise InputError(f"cohort {cohort}: {table_path} has column(s) {', '.join(clashes)}, "
-                         f"which predictions.tsv adds itself; rename them.")
     for kind, given in (("preprocessed map", maps), ("QC file", qc)):
         missing = [label for label in labels if label not in given]
         if missing:

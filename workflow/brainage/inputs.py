@@ -39,6 +39,13 @@ log = logging.getLogger(__name__)
 #: Matched with fullmatch: ``$`` alone would also accept a trailing newline.
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9]+")
 REQUIRED_COLUMNS = ("participant_id", "age", "sex", "study")
+#: Columns the pipeline writes into the tables it derives from a participants.tsv, beside
+#: the table's own columns: a split's participants.tsv (brainage.normalise.ADDED_COLUMNS)
+#: and a predicted cohort's brainage.tsv (brainage.apply.PREDICTION_COLUMNS). A column of
+#: the same name in participants.tsv would be overwritten there, so it is refused.
+DERIVED_COLUMNS = ("subset", "coverage", "status", "qc_pass", "qc_reason", "predicted_age",
+                   "gap", "corrected_gap", "corrected_predicted_age", "within_training_ages",
+                   "qc_dice", "qc_correlation", "qc_coverage")
 #: Plausible human ages (years); anything outside is a data-entry error.
 AGE_RANGE_YEARS = (0.0, 120.0)
 
@@ -111,6 +118,13 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}."
             + "".join(f" The header's {column!r} has spaces around its name: remove them."
                       for column in spaced))
+    clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS]
+    if clashing:
+        raise InputError(
+            f"{table_path} has column(s) {', '.join(clashing)}, which the pipeline writes "
+            f"into the tables it derives from participants.tsv (a split's subjects, a "
+            f"cohort's predictions), where they would replace yours. Rename them (e.g. "
+            f"{clashing[0]}_original).")
     if table.empty:
         raise InputError(f"{table_path} lists no participants.")
     if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
