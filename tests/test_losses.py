@@ -774,5 +774,8 @@ def test_supervised_loss_is_the_l1_error_in_years():
     ages = torch.tensor([40.0, 45.0])
     # predicted 40, 45 | 50, 50 -> errors 0, 5 | 5, 5
     assert loss(standardised, ages, 1).item() == pytest.approx(3.75)
+    # ages as a column [B, 1] (accepted by the shape check, as by the other losses) must not
+    # broadcast into a comparison of every subject with every age (that gives 5.0 here)
+    assert loss(standardised, ages[:, None], 1).item() == pytest.approx(3.75)
     with pytest.raises(ValueError, match="model.head: regression"):
         loss(torch.zeros(2, 2, 4), ages, 1)

@@ -47,4 +47,7 @@ class SupervisedL1Loss(nn.Module):
                              f"([B, V, 1]); got features of shape {tuple(features.shape)}. "
                              f"Set model.head: regression and model.projection_dim: 1.")
         predicted = features[..., 0].to(torch.float32) * self.age_sd + self.age_mean
-        return (predicted - ages.to(predicted.dtype)[:, None]).abs().mean()
+        # check_batch accepts any shape holding B ages, as the other losses do; a column
+        # [B, 1] must not broadcast into a comparison of every subject with every age
+        true = ages.reshape(-1).to(device=predicted.device, dtype=predicted.dtype)
+        return (predicted - true[:, None]).abs().mean()
