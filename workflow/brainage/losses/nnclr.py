@@ -112,8 +112,10 @@ class NNCLRLoss(nn.Module):
     mode (``module.training``), the batch's view-1 embeddings are pushed into the queue.
 
     While the queue is empty (the very first step) the support set is the batch's own
-    view-1 embeddings, detached: NN(z¹_i) is then z¹_i itself and the first step is a
-    cross-view SimCLR step. A partly filled queue is used as it is. Features are used
+    view-1 embeddings, detached: NN(z¹_i) is then z¹_i itself, so the first term is a
+    cross-view SimCLR term; the second scores the view-1 embedding nearest each z²_i
+    (often z¹_i) against the view-1 keys, which mainly pushes view-1 embeddings apart. One
+    step per run. A partly filled queue is used as it is. Features are used
     as given (unit-normalised by the model); the neighbour search normalises them.
     No ``τ / base_temperature`` factor.
 
