@@ -173,6 +173,30 @@ def test_a_trial_recorded_before_trial_keys_is_reused_when_its_values_are_planne
     assert pd.read_csv(out / "trials.tsv", sep="\t")["validation_mae"].tolist() == [1.0, 3.1]
 
 
+def test_a_trial_reads_out_every_channel_when_model_modalities_is_unset(tmp_path, monkeypatch):
+    """model.modalities null (the default) means all of dataset.modalities: a trial's
+    encoder is trained on both channels of a two-map split, and reading it back had built
+    a one-channel network, so the search stopped after its first trial's training."""
+    import torch
+
+    import brainage.search as search_module
+    from brainage.models import build_model
+
+    def fit_encoder(split, settings, *, encoder_path, checkpoint_path, history_path):
+        channels = split.channel_indices(settings["model"]["modalities"])  # as train does
+        network = build_model(settings["model"], in_channels=len(channels))
+        encoder_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": network.state_dict()}, encoder_path)
+
+    monkeypatch.setattr(search_module, "fit_encoder", fit_encoder)
+    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4, shape=(4, 4, 4),
+                            modalities=("stiffness", "damping_ratio"))
+    settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
+    assert settings["model"].get("modalities") is None
+    best = random_search(split_dir, tmp_path / "search", settings, {**SEARCH, "trials": 1})
+    assert np.isfinite(best["validation_mae"])
+
+
 def _best(path, **values):
     best = {"nn_final": 5, "nn_step": 2, "validation_mae": 4.2, "trial": 7, "n_trials": 30,
             "split": "holdout", "validation_subjects": ["sub-01"], **values}

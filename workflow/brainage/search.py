@@ -141,10 +141,15 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                         checkpoint_path=trial_dir / "checkpoint.pt",
                         history_path=trial_dir / "history.tsv")
             device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)
-            model = load_encoder(encoder_path, base["model"]).to(device)
+            # model.modalities null means all of the split's channels, as fit_encoder
+            # trained with (build_model alone would build a one-channel network)
+            channels = split.channel_indices(base["model"]["modalities"])
+            model = load_encoder(encoder_path, {
+                **base["model"], "modalities": [split.modalities[index] for index in channels]
+            }).to(device)
             subjects = np.concatenate([split.train_index, split.eval_index])
             store = VolumeStore(split.images, device, normalisation=split.normalisation,
-                                channels=split.channel_indices(base["model"]["modalities"]))
+                                channels=channels)
             features = embed(model, store, subjects,
                              which=base["model"]["features"])
             scores, *_ = evaluate_split(split, features, resolve_cell(settings_trial))
