@@ -774,6 +774,35 @@ def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):
     assert abs(gap_age_correlation(healthy["age"], healthy["corrected_gap"])) < 1e-8
 
 
+def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_cohort, tmp_path,
+                                                                   monkeypatch):
+    """A reference group that no subject belongs to (a typo, or the group of another
+    column) was found only when the correction was refitted: after every subject had been
+    preprocessed (minutes each) and embedded, and the message named neither the config key
+    nor the groups there are."""
+    from brainage import apply as apply_module
+    from brainage.preprocess import chain
+
+    started = []
+    monkeypatch.setattr(chain, "run_subject",
+                        lambda *a, **k: started.append(a) or pytest.fail("preprocessed"))
+    monkeypatch.setattr(apply_module.BrainAgeModel, "from_bundle",
+                        lambda *a, **k: started.append(a) or pytest.fail("embedded"))
+    message = (r"reference group 'controls' \(config key predict.bias_reference_group, or "
+               r"--bias-reference-group\) is not a value of column 'group' .* groups are "
+               r"healthy, accelerated")
+    with pytest.raises(InputError, match=message):
+        run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "out",
+                   bias_reference_group="controls",
+                   template_t1=str(world.root / "template_t1.nii.gz"),
+                   template_mask=str(world.root / "template_mask.nii.gz"))
+    with pytest.raises(InputError, match=message):
+        predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                       new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                       summary_path=tmp_path / "s.tsv", bias_reference_group="controls")
+    assert started == [] and not (tmp_path / "p.tsv").exists()
+
+
 def test_map_off_the_template_grid_is_refused(world, new_cohort, tmp_path):
     label = "newh000"
     moved = tmp_path / "moved.nii.gz"

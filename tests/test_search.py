@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -123,6 +124,98 @@ def test_random_search_writes_trials_and_best(tmp_path):
     stamps = [path.stat().st_mtime_ns for path in sorted(out.glob("trial-*/metrics.json"))]
     assert random_search(split_dir, out, settings, SEARCH) == best
     assert stamps == [path.stat().st_mtime_ns for path in sorted(out.glob("trial-*/metrics.json"))]
+
+
+def _stub_trial_training(monkeypatch, trained: list) -> None:
+    """Replace a trial's training and scoring by stubs: each trial "trains" in no time (its
+    encoder.pt an empty file) and scores validation MAE nn_final + nn_step / 10."""
+    import brainage.search as search_module
+
+    def fit_encoder(split, settings, *, encoder_path, checkpoint_path, history_path):
+        trained.append((settings["loss"]["nn_final"], settings["loss"]["nn_step"]))
+        encoder_path.parent.mkdir(parents=True, exist_ok=True)
+        encoder_path.write_bytes(b"")
+
+    def evaluate_split(split, features, settings):
+        mae = settings["loss"]["nn_final"] + settings["loss"]["nn_step"] / 10
+        return {"mae": mae, "rmse": mae}, None, None
+
+    monkeypatch.setattr(search_module, "fit_encoder", fit_encoder)
+    monkeypatch.setattr(search_module, "load_encoder",
+                        lambda path, model: SimpleNamespace(to=lambda device: None))
+    monkeypatch.setattr(search_module, "VolumeStore", lambda *args, **kwargs: None)
+    monkeypatch.setattr(search_module, "embed",
+                        lambda model, store, subjects, which: np.zeros((len(subjects), 2)))
+    monkeypatch.setattr(search_module, "evaluate_split", evaluate_split)
+
+
+def test_a_rerun_with_another_search_retrains_the_trials_it_changed(tmp_path, monkeypatch):
+    """A finished trial is reused only when it was scored with what the trial trains now.
+    Reusing every trial-<NN>/metrics.json (the folders are no Snakemake outputs, and
+    survive a change of search.seed or range) put the old trials' nn_final and MAE into
+    trials.tsv and best.json, scored on another validation set."""
+    trained = []
+    _stub_trial_training(monkeypatch, trained)
+    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4, shape=(4, 4, 4))
+    settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
+    out = tmp_path / "search"
+    first = {**SEARCH, "nn_final_range": [2, 2]}
+    assert random_search(split_dir, out, settings, first)["nn_final"] == 2
+    assert trained == [(2, 1), (2, 1)]
+    assert random_search(split_dir, out, settings, first)["nn_final"] == 2
+    assert len(trained) == 2  # unchanged: both trials reused
+    best = random_search(split_dir, out, settings, {**SEARCH, "nn_final_range": [5, 5]})
+    assert trained[2:] == [(5, 1), (5, 1)]
+    assert best["nn_final"] == 5 and best["validation_mae"] == pytest.approx(5.1)
+    trials = pd.read_csv(out / "trials.tsv", sep="\t")
+    assert trials["nn_final"].tolist() == [5, 5]
+    # another validation set (search.seed) retrains too, the planned values permitting
+    random_search(split_dir, out, settings,
+                  {**SEARCH, "nn_final_range": [5, 5], "seed": 1})
+    assert len(trained) == 6
+
+
+def test_a_trial_recorded_before_trial_keys_is_reused_when_its_values_are_planned(
+        tmp_path, monkeypatch):
+    trained = []
+    _stub_trial_training(monkeypatch, trained)
+    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4, shape=(4, 4, 4))
+    settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
+    out = tmp_path / "search"
+    search = {**SEARCH, "nn_final_range": [3, 3]}
+    for trial, nn_final in ((1, 3), (2, 4)):  # trial 2 was drawn by another search
+        folder = out / f"trial-{trial:02d}"
+        folder.mkdir(parents=True)
+        (folder / "metrics.json").write_text(json.dumps(
+            {"trial": trial, "nn_final": nn_final, "nn_step": 1, "validation_mae": 1.0,
+             "validation_rmse": 1.0, "seconds": 1.0}))
+    random_search(split_dir, out, settings, search)
+    assert trained == [(3, 1)]
+    assert pd.read_csv(out / "trials.tsv", sep="\t")["validation_mae"].tolist() == [1.0, 3.1]
+
+
+def test_a_trial_reads_out_every_channel_when_model_modalities_is_unset(tmp_path, monkeypatch):
+    """model.modalities null (the default) means all of dataset.modalities: a trial's
+    encoder is trained on both channels of a two-map split, and reading it back had built
+    a one-channel network, so the search stopped after its first trial's training."""
+    import torch
+
+    import brainage.search as search_module
+    from brainage.models import build_model
+
+    def fit_encoder(split, settings, *, encoder_path, checkpoint_path, history_path):
+        channels = split.channel_indices(settings["model"]["modalities"])  # as train does
+        network = build_model(settings["model"], in_channels=len(channels))
+        encoder_path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": network.state_dict()}, encoder_path)
+
+    monkeypatch.setattr(search_module, "fit_encoder", fit_encoder)
+    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4, shape=(4, 4, 4),
+                            modalities=("stiffness", "damping_ratio"))
+    settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
+    assert settings["model"].get("modalities") is None
+    best = random_search(split_dir, tmp_path / "search", settings, {**SEARCH, "trials": 1})
+    assert np.isfinite(best["validation_mae"])
 
 
 def _best(path, **values):

@@ -159,6 +159,33 @@ def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, su
     return apply_normalisation(volumes, bundle.normalisation).astype(np.float32)
 
 
+def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, cohort: str,
+                       group_column: str | None = None,
+                       bias_reference_group: str | None = None) -> str:
+    """Check a cohort's participants table before any work; returns the column to
+    summarise by (``group_column``, default ``group`` if present, else ``study``).
+
+    Raises
+    ------
+    InputError
+        No such column, or a ``bias_reference_group`` no subject belongs to (the
+        correction would be refitted on nobody, found only after every subject was
+        preprocessed and embedded).
+    """
+    group_column = group_column or ("group" if "group" in participants.columns else "study")
+    if group_column not in participants.columns:
+        raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
+                         f"summarise by; it has {', '.join(participants.columns)}.")
+    groups = list(dict.fromkeys(participants[group_column].astype(str)))
+    if bias_reference_group is not None and str(bias_reference_group) not in groups:
+        raise InputError(
+            f"cohort {cohort}: the age-bias reference group {bias_reference_group!r} (config "
+            f"key predict.bias_reference_group, or --bias-reference-group) is not a value of "
+            f"column {group_column!r} of {table_path}, whose groups are {', '.join(groups)}. "
+            f"Name one of them, or leave it unset to use the bundle's correction.")
+    return group_column
+
+
 def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                    maps: Mapping[str, str | Path], qc: Mapping[str, str | Path], *,
                    predictions_path: str | Path, summary_path: str | Path,
@@ -221,10 +248,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     participants = read_participants(dataset_root, bundle.normalisation["modalities"])
     table_path = Path(dataset_root) / "participants.tsv"
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
-    group_column = group_column or ("group" if "group" in participants.columns else "study")
-    if group_column not in participants.columns:
-        raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
-                         f"summarise by; it has {', '.join(participants.columns)}.")
+    group_column = check_cohort_table(participants, table_path, cohort=cohort,
+                                      group_column=group_column,
+                                      bias_reference_group=bias_reference_group)
     for kind, given in (("preprocessed map", maps), ("QC file", qc)):
         missing = [label for label in labels if label not in given]
         if missing:

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from brainage import brainage_version
-from brainage.apply import predict_cohort
+from brainage.apply import check_cohort_table, predict_cohort
 from brainage.bundle import MANIFEST_FILE, BundleError, read_bundle
 from brainage.config import (
     ConfigError,
@@ -135,6 +135,9 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
 
     participants = read_participants(dataset_root, modalities)
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
+    # the table's problems before the minutes of preprocessing, not after them
+    check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
+                       group_column=group_column, bias_reference_group=bias_reference_group)
     # every image opened once before the first subject's minutes of preprocessing
     check_dataset_images(dataset_root, labels, modalities,
                          cache_file=output / "logs" / "checked_inputs.json", announce=log.info)

@@ -9,7 +9,10 @@ no trial ever sees them.
 Outputs under ``results/search/<split>/``: ``trials.tsv`` (trial, nn_final, nn_step,
 validation_mae, validation_rmse, seconds), ``best.json`` (the lowest validation MAE, ties to
 the earlier trial) and one folder per trial with its metrics. A rerun skips finished
-trials, and an interrupted trial resumes from its checkpoint.
+trials whose record matches what the trial would train and score now (:func:`trial_key`:
+its settings, nn_final and nn_step included, the split and the validation ages), and an
+interrupted trial resumes from its checkpoint; a trial finished with other settings (e.g.
+another ``search.seed`` or range, ``train.epochs``) is trained again.
 
 A grid cell with ``loss.nn_from_search: true`` trains with the split's best.json
 (:func:`apply_search_result`, called by rule train_encoder's script), so the trials also
@@ -18,6 +21,7 @@ choose the schedule of the cells that ask for it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -33,12 +37,33 @@ from brainage.evaluate import evaluate_split
 from brainage.io import write_json, write_tsv
 from brainage.models import embed, load_encoder
 from brainage.runtime import runtime_setup
-from brainage.split_data import load_split
-from brainage.train import fit_encoder
+from brainage.split_data import SplitData, load_split
+from brainage.train import fingerprint, fit_encoder
 
 log = logging.getLogger(__name__)
 
 TRIAL_COLUMNS = ("trial", "nn_final", "nn_step", "validation_mae", "validation_rmse", "seconds")
+#: Key of a trial's metrics.json holding :func:`trial_key`.
+TRIAL_KEY = "trial_key"
+
+
+def trial_key(settings: Mapping, split: SplitData) -> str:
+    """sha256 of what a trial's score depends on: its training fingerprint
+    (:func:`brainage.train.fingerprint`: settings with nn_final and nn_step, the carved
+    split, the starting checkpoint) and the validation subjects' ages it is scored on."""
+    payload = json.dumps({"training": fingerprint(settings, split),
+                          "validation_ages": split.ages[split.eval_index].tolist()},
+                         sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _reusable(metrics: Mapping, trial: Mapping, key: str) -> bool:
+    """Whether a finished trial's metrics.json is the score of ``trial`` as planned now.
+    A record without a key (written before keys were) counts when its nn_final and nn_step
+    are the planned ones."""
+    if TRIAL_KEY in metrics:
+        return metrics[TRIAL_KEY] == key
+    return all(metrics.get(name) == trial[name] for name in ("nn_final", "nn_step"))
 
 
 def sample_trials(search: Mapping, *, batch_size: int, epochs: int) -> list[dict]:
@@ -96,29 +121,41 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
     for trial in plan:
         trial_dir = out_dir / f"trial-{trial['trial']:02d}"
         metrics_path = trial_dir / "metrics.json"
-        if metrics_path.exists():
-            metrics = json.loads(metrics_path.read_text())
+        settings_trial = {**base, "variant": f"trial-{trial['trial']:02d}",
+                          "loss": {**base["loss"], "nn_final": trial["nn_final"],
+                                   "nn_step": trial["nn_step"]}}
+        key = trial_key(settings_trial, split)
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+        if metrics is not None and _reusable(metrics, trial, key):
             log.info("trial %d already done", trial["trial"])
         else:
+            if metrics is not None:
+                log.warning("trial %d: %s was scored with other settings (nn_final %s, "
+                            "nn_step %s, or another search.seed, split or train/readout "
+                            "section); training it again with nn_final %d, nn_step %d",
+                            trial["trial"], metrics_path, metrics.get("nn_final"),
+                            metrics.get("nn_step"), trial["nn_final"], trial["nn_step"])
             started = time.perf_counter()
-            settings_trial = {**base, "variant": f"trial-{trial['trial']:02d}",
-                              "loss": {**base["loss"], "nn_final": trial["nn_final"],
-                                       "nn_step": trial["nn_step"]}}
             encoder_path = trial_dir / "encoder.pt"
             fit_encoder(split, settings_trial, encoder_path=encoder_path,
                         checkpoint_path=trial_dir / "checkpoint.pt",
                         history_path=trial_dir / "history.tsv")
             device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)
-            model = load_encoder(encoder_path, base["model"]).to(device)
+            # model.modalities null means all of the split's channels, as fit_encoder
+            # trained with (build_model alone would build a one-channel network)
+            channels = split.channel_indices(base["model"]["modalities"])
+            model = load_encoder(encoder_path, {
+                **base["model"], "modalities": [split.modalities[index] for index in channels]
+            }).to(device)
             subjects = np.concatenate([split.train_index, split.eval_index])
             store = VolumeStore(split.images, device, normalisation=split.normalisation,
-                                channels=split.channel_indices(base["model"]["modalities"]))
+                                channels=channels)
             features = embed(model, store, subjects,
                              which=base["model"]["features"])
             scores, *_ = evaluate_split(split, features, resolve_cell(settings_trial))
             metrics = {**trial, "validation_mae": scores["mae"],
                        "validation_rmse": scores["rmse"],
-                       "seconds": time.perf_counter() - started}
+                       "seconds": time.perf_counter() - started, TRIAL_KEY: key}
             write_json(metrics_path, metrics)
             encoder_path.unlink()  # 134 MB per trial; only the score is needed
             log.info("trial %d/%d: nn_final %d nn_step %d -> validation MAE %.3f years",
