@@ -115,6 +115,25 @@ def test_bad_predict_cohort_image_stops_before_any_work(tmp_path):
 
 
 @pytest.mark.workflow
+def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
+    """predict.bias_reference_group names a group of each cohort's table; a typo used to
+    fail in predict_cohort, after the cohort's whole preprocessing."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    clinic = write_tiny_dataset(tmp_path / "clinic", [dict(row, group="patient")
+                                                      for row in default_rows(3)])
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(clinic)},
+                                  "bias_reference_group": "controls"})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(r"predict cohort clinic .*the age-bias reference group 'controls' "
+                     r"\(config key predict.bias_reference_group.*\) is not a value of "
+                     r"column 'group' of .*clinic/participants\.tsv, whose groups are "
+                     r"patient", result.stdout), result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_valid_user_dataset_plans_every_subject(tmp_path):
     root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
     # 5 training subjects: the paper's batch of 32 stops the run (the next test)

@@ -448,3 +448,30 @@ def _image_grid_or_problem(path: str | Path, what: str) -> tuple[list | None, st
     except InputError as error:
         return None, str(error)
     return [list(image.shape[:3]), np.asarray(image.affine, dtype=float).tolist()], None
+
+
+def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, cohort: str,
+                       group_column: str | None = None,
+                       bias_reference_group: str | None = None) -> str:
+    """Check a cohort's participants table before any work; returns the column to
+    summarise by (``group_column``, default ``group`` if present, else ``study``).
+
+    Raises
+    ------
+    InputError
+        No such column, or a ``bias_reference_group`` no subject belongs to (the
+        correction would be refitted on nobody, found only after every subject was
+        preprocessed and embedded).
+    """
+    group_column = group_column or ("group" if "group" in participants.columns else "study")
+    if group_column not in participants.columns:
+        raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
+                         f"summarise by; it has {', '.join(participants.columns)}.")
+    groups = list(dict.fromkeys(participants[group_column].astype(str)))
+    if bias_reference_group is not None and str(bias_reference_group) not in groups:
+        raise InputError(
+            f"cohort {cohort}: the age-bias reference group {bias_reference_group!r} (config "
+            f"key predict.bias_reference_group, or --bias-reference-group) is not a value of "
+            f"column {group_column!r} of {table_path}, whose groups are {', '.join(groups)}. "
+            f"Name one of them, or leave it unset to use the bundle's correction.")
+    return group_column

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from brainage import brainage_version
-from brainage.apply import check_cohort_table, predict_cohort
+from brainage.apply import predict_cohort
 from brainage.bundle import MANIFEST_FILE, BundleError, read_bundle
 from brainage.config import (
     ConfigError,
@@ -41,6 +41,7 @@ from brainage.config import (
 from brainage.export import export_model
 from brainage.inputs import (
     InputError,
+    check_cohort_table,
     check_dataset_images,
     read_participants,
     same_grid,

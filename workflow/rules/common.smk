@@ -51,7 +51,13 @@ from brainage.config import (
     validate_config,
 )
 from brainage.interrupted import interrupted_run_notice
-from brainage.inputs import InputError, check_dataset_images, read_participants, subject_inputs
+from brainage.inputs import (
+    InputError,
+    check_cohort_table,
+    check_dataset_images,
+    read_participants,
+    subject_inputs,
+)
 from brainage.normalise import split_names as scheme_split_names
 from brainage.normalise import training_counts, training_study_sizes
 from brainage.paths import TRAINING_PREPROC, Layout
@@ -242,12 +248,21 @@ def simulated_predict_labels():
 
 
 def cohort_subjects(cohort):
-    """Labels of a predict cohort, from its participants.tsv (or its simulation options)."""
-    if cohort == SIMULATED_PREDICT_COHORT:
-        return simulated_predict_labels()
+    """Labels of a predict cohort, from its participants.tsv (or its simulation options).
+    The table is checked as predict_cohort will check it (its group column, the age-bias
+    reference group), so a typo stops the run before the cohort's preprocessing."""
     try:
-        table = checked_participants(
-            PREDICT_COHORTS[cohort], PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)]
+        if cohort == SIMULATED_PREDICT_COHORT:
+            table = simulated_participants(**PREDICT_SIMULATION)
+        else:
+            table = checked_participants(
+                PREDICT_COHORTS[cohort], PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)]
+            )
+        check_cohort_table(
+            table,
+            Path(PREDICT_COHORTS[cohort], "participants.tsv"),
+            cohort=cohort,
+            bias_reference_group=PREDICT["bias_reference_group"],
         )
     except InputError as error:
         raise WorkflowError(
