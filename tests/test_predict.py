@@ -18,6 +18,7 @@ brain-age-gap checks need. Two fixtures:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -986,3 +987,20 @@ def test_cohort_table_problems_are_reported_before_any_work(world, new_cohort, t
     with pytest.raises(InputError, match=r"column\(s\) gap, which the pipeline writes"):
         predict_cohort(world.bundle_dir, clashing, **arguments)
     assert not (tmp_path / "p.tsv").exists()
+
+
+@pytest.mark.parametrize("record", [
+    {"dice": 0.9, "correlation": 0.5},                        # a metric missing
+    {"dice": None, "correlation": 0.5, "coverage": 0.9},      # null (an edited file)
+    {"dice": "0.9", "correlation": 0.5, "coverage": 0.9},     # a string
+])
+def test_a_qc_file_without_three_numbers_names_the_file(tmp_path, record):
+    """A null metric raised a bare TypeError from float(None), naming no file."""
+    from brainage.apply import read_qc
+
+    path = tmp_path / "sub-01_qc.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=rf"QC file {re.escape(str(path))}"):
+        read_qc(path, {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    path.write_text(json.dumps({"dice": 0.9, "correlation": 0.5, "coverage": 1}))
+    assert read_qc(path, {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})[0]

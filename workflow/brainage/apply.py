@@ -72,7 +72,10 @@ class BrainAgeModel:
         if device is not None:
             train_settings["device"] = device
         torch_device, _ = runtime_setup(train_settings)  # features are float32 (embed_all)
-        network = build_model(settings["model"])
+        # one channel per map of the bundle's normalisation record (export writes the
+        # model's channels there), also where model.modalities is null (all of the split's)
+        network = build_model(settings["model"],
+                              in_channels=len(bundle.normalisation["modalities"]))
         try:
             network.load_state_dict(bundle.encoder_state)
         except RuntimeError as error:
@@ -126,6 +129,11 @@ def read_qc(path: str | Path, minimums: Mapping) -> tuple[bool, str, dict]:
     if missing:
         raise InputError(f"QC file {path} lacks {', '.join(missing)}; rerun the subject's "
                          f"preprocessing (rule compute_qc).")
+    not_numbers = [metric for metric in METRICS
+                   if isinstance(record[metric], bool) or not isinstance(record[metric], (int, float))]
+    if not_numbers:
+        raise InputError(f"QC file {path}: {', '.join(not_numbers)} is not a number; rerun the "
+                         f"subject's preprocessing (rule compute_qc).")
     failures = qc_failures(record, minimums)
     return (not failures, "; ".join(failures),
             {f"qc_{metric}": float(record[metric]) for metric in METRICS})

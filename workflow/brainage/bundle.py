@@ -115,7 +115,8 @@ class ModelBundle:
 
     @property
     def bias_correction(self) -> dict:
-        """``{"intercept": a (years), "slope": b (per year), ...}``."""
+        """``{"intercept": a (years), "slope": b (years of gap per year of age, no unit),
+        ...}``."""
         return self.manifest["bias_correction"]
 
 
