@@ -320,7 +320,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
 
 def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
     """Per-group brain-age gaps (years): n, mean and sd of raw and corrected gap, and the
-    95 % t confidence interval of the mean corrected gap. Groups in order of appearance."""
+    95 % t confidence interval of the mean corrected gap. Groups in order of appearance.
+    ``n`` and ``age_mean`` describe every subject of the group; the gap columns only the
+    ``n_predicted`` who passed QC (``n_qc_failed`` did not)."""
     from scipy import stats
 
     rows = []
