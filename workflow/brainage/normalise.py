@@ -43,6 +43,7 @@ from brainage.io import atomic_path, write_json, write_tsv
 from brainage.modalities import DEFAULT_MODALITIES, modality
 from brainage.preprocess.images import load_mask, load_volume
 from brainage.qc import participants_table, qc_metrics_table, read_qc_table
+from brainage.split_data import study_quotas
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +166,8 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
         return subset
     groups = _shuffled_by_study(participants, seed)
     if scheme == "holdout":
-        total = int(math.floor(test_fraction * len(participants) + 0.5))
-        exact = {study: test_fraction * len(rows) for study, rows in groups.items()}
-        quota = {study: int(math.floor(value)) for study, value in exact.items()}
-        by_remainder = sorted(groups, key=lambda s: (-(exact[s] - quota[s]), s))
-        for study in by_remainder[:max(total - sum(quota.values()), 0)]:
-            quota[study] += 1
+        quota = study_quotas({study: len(rows) for study, rows in groups.items()},
+                             test_fraction)
         for study, rows in groups.items():
             subset.iloc[rows[:quota[study]]] = "test"
         if (subset == "test").all() or (subset == "train").all():

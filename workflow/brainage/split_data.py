@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -139,13 +140,13 @@ class SplitData:
                               f"share between 0 and 1.")
         rng = np.random.default_rng(seed)
         studies = self.studies[self.train_index]
-        sizes = {study: int(np.sum(studies == study)) for study in set(studies)}
+        sizes = {str(study): int(np.sum(studies == study)) for study in set(studies)}
         counts = validation_counts(sizes, fraction)
         validation = []
         for study in sorted(set(studies)):
             members = self.train_index[studies == study]
-            if counts[study] > 0:
-                validation.extend(rng.choice(members, size=counts[study],
+            if counts[str(study)] > 0:
+                validation.extend(rng.choice(members, size=counts[str(study)],
                                              replace=False).tolist())
         if not validation:  # tiny training sets: at least one validation subject overall,
             # from a study that keeps another training subject where one has two
@@ -157,13 +158,29 @@ class SplitData:
                        eval_subset="validation", name=f"{self.name}-validation")
 
 
+def study_quotas(study_sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
+    """How many of each study's subjects a stratified share ``fraction`` takes:
+    ``round(fraction n)`` places in all (halves up), each study its ``floor(fraction
+    n_study)`` and the rest to the largest remainders (ties by study name), so the share
+    is the requested size and follows the study mix. The test set of a holdout split
+    (:func:`brainage.normalise.assign_split`) and the search's validation set
+    (:meth:`SplitData.with_validation`) are drawn with it."""
+    total = int(math.floor(fraction * sum(study_sizes.values()) + 0.5))
+    exact = {study: fraction * size for study, size in study_sizes.items()}
+    quota = {study: int(math.floor(value)) for study, value in exact.items()}
+    by_remainder = sorted(study_sizes, key=lambda study: (-(exact[study] - quota[study]), study))
+    for study in by_remainder[:max(total - sum(quota.values()), 0)]:
+        quota[study] += 1
+    return quota
+
+
 def validation_counts(study_sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
     """Validation subjects per study that :meth:`SplitData.with_validation` carves out of
-    training sets of ``study_sizes`` (study -> training subjects): ``round(fraction n)``,
+    training sets of ``study_sizes`` (study -> training subjects): :func:`study_quotas`,
     leaving each study at least one training subject. When all are 0, with_validation
     takes one subject overall instead."""
-    return {study: max(0, min(int(round(fraction * size)), size - 1))
-            for study, size in study_sizes.items()}
+    return {study: min(count, study_sizes[study] - 1)
+            for study, count in study_quotas(study_sizes, fraction).items()}
 
 
 def subjects_left_for_training(study_sizes: Mapping[str, int], fraction: float) -> int:

@@ -346,12 +346,20 @@ def check_training_set_sizes():
         return
     try:
         study_sizes = training_study_sizes(planned_participants(), config["split"])
-        check_batch_sizes(config, {split: sum(sizes.values())
-                                   for split, sizes in study_sizes.items()}, source="config")
+        check_batch_sizes(
+            config,
+            {split: sum(sizes.values()) for split, sizes in study_sizes.items()},
+            source="config",
+        )
         fraction = config["search"]["validation_fraction"]
-        check_search_batch_size(config, {
-            split: subjects_left_for_training(sizes, fraction)
-            for split, sizes in study_sizes.items()}, source="config")
+        check_search_batch_size(
+            config,
+            {
+                split: subjects_left_for_training(sizes, fraction)
+                for split, sizes in study_sizes.items()
+            },
+            source="config",
+        )
     except (ConfigError, InputError) as error:
         raise WorkflowError(f"invalid configuration:\n{error}") from None
     _BATCH_SIZES_CHECKED.append(True)
