@@ -209,3 +209,42 @@ def test_the_readme_says_what_was_done_to_each_map(tmp_path):
                f"{expected}" in readme
         assert "`desc-clean_damping_ratio`: the damping-ratio map (1)" in readme
         assert "T1w" not in readme.replace("skull-stripped T1w", "")
+
+
+def test_template_space_sidecars_give_the_template_image_as_spatial_reference(tmp_path):
+    """SpatialReference is the reference image (a BIDS URI, or a URI), not a space label.
+    The registered mask's sidecar said "MNI152NLin2009aSym" (no such file), and the
+    registered T1w's had none, which the validator requires for a template.space outside
+    TemplateFlow's list (a user's own template): that folder failed the validator."""
+    import nibabel as nib
+    import numpy as np
+
+    from brainage.preprocess.derivatives import describe_mask, describe_registered_t1w
+
+    space = "MyLabTemplate"
+    layout = Layout(results=str(tmp_path / "results"), space=space)
+    root = Path(layout.preproc_dir())
+    grid = np.diag([2.0, 2.0, 2.0, 1.0])
+    mask = Path(layout.subject_mni("01", "brain", "mask"))
+    t1w = Path(layout.subject_mni("01", "preproc", "T1w"))
+    template_mask = Path(layout.template("brain_mask"))
+    for image, dtype in ((mask, np.uint8), (t1w, np.float32), (template_mask, np.uint8),
+                         (Path(layout.template("T1w")), np.float32)):
+        image.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), dtype), grid), image)
+    describe_mask(mask, template_mask=template_mask)
+    describe_registered_t1w(t1w, template_mask=template_mask)
+    expected = f"bids::tpl-{space}/tpl-{space}_res-2_desc-brain_mask.nii.gz"
+    for image in (mask, t1w):
+        sidecar = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
+        assert sidecar["SpatialReference"] == expected, image.name
+    describe_preprocessing(root, space=space, template_shape=(4, 4, 4), source=str(tmp_path),
+                           version="0", template=True, modalities=("stiffness", "T1w"))
+    _assert_bids_valid(root)
+    # a new cohort's folder registers to the training cohort's template: its file URI
+    other = tmp_path / "cohort" / "sub-01" / "anat" / mask.name
+    other.parent.mkdir(parents=True)
+    shutil.copyfile(mask, other)
+    describe_mask(other, template_mask=template_mask)
+    sidecar = json.loads(other.with_name(other.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["SpatialReference"] == template_mask.resolve().as_uri()

@@ -93,6 +93,16 @@ def test_synthstrip_interface_command_line(tmp_path):
     assert watershed.cmdline == f"mri_watershed {image} /out/brain.nii.gz"
 
 
+def test_synthstrip_border_takes_any_real_number_of_mm(tmp_path):
+    """mri_synthstrip's -b is a float (mm; negative for a tighter mask). The spec declared
+    an int: 0.5 or -1.5 mm were refused, and a float border had no way through."""
+    image = tmp_path / "T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
+    for border, flag in ((-1.5, "-b -1.5"), (0.5, "-b 0.5"), (2, "-b 2")):
+        strip = SynthStrip(in_file=str(image), mask_file="/out/m.nii.gz", border_mm=border)
+        assert strip.cmdline == f"mri_synthstrip -i {image} -m /out/m.nii.gz {flag}"
+
+
 def test_auto_picks_freesurfer_only_when_installed(freesurfer_double, monkeypatch):
     assert resolve_method("auto", "synthstrip") == "freesurfer"
     assert resolve_method("auto", "watershed") == "freesurfer"

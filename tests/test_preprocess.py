@@ -264,6 +264,38 @@ def test_empty_skull_strip_mask_is_an_error(simulated_cohort, tmp_path, monkeypa
                     tmp_path / "i.json", anat=files["anat"], method="deepbet", subject="a")
 
 
+@pytest.mark.parametrize("method", ["none", "deepbet"])
+def test_infinite_t1w_voxels_are_background_of_the_reference(tmp_path, monkeypatch, method):
+    """A NaN or inf T1w voxel is background (0) in the registration reference, as in the
+    maps. nan_to_num made an inf 3.4e38: N4 kept it, and one voxel spanned the reference's
+    whole intensity range (mutual information then sees one bin)."""
+    from brainage.preprocess import skullstrip
+
+    def head_mask(route, tool, in_file, work, threads):  # the deepbet route, without a net
+        image = nib.load(in_file)
+        path = work / "mask.nii.gz"
+        nib.save(nib.Nifti1Image((np.asarray(image.dataobj) > 0).astype(np.uint8),
+                                 image.affine), path)
+        return path
+
+    if method == "deepbet":
+        monkeypatch.setattr(skullstrip, "_run_mask_interface", head_mask)
+    t1 = np.zeros((16, 16, 16), np.float32)
+    t1[3:13, 3:13, 3:13] = 300.0
+    t1[6:10, 6:10, 6:10] = 900.0
+    t1[8, 8, 8], t1[7, 8, 8], t1[3, 3, 3] = np.inf, np.nan, -np.inf
+    stiffness = np.where(t1 > 0, 2.5, 0).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(t1, affine), tmp_path / "sub-i_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(stiffness, affine), tmp_path / "sub-i_stiffness.nii.gz")
+    strip_skull(tmp_path / "sub-i_stiffness.nii.gz", tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                tmp_path / "i.json", anat=tmp_path / "sub-i_T1w.nii.gz", method=method,
+                subject="i")
+    reference = np.asarray(nib.load(tmp_path / "r.nii.gz").dataobj)
+    assert np.isfinite(reference).all() and reference.max() == 900.0
+    assert reference[8, 8, 8] == reference[7, 8, 8] == reference[3, 3, 3] == 0
+
+
 # -- bias correction --------------------------------------------------------------------------
 
 def _phantom():

@@ -138,7 +138,8 @@ def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
     lives on (``grid``: the grid map's :attr:`brainage.modalities.Modality.description`,
     e.g. "T1w image" in a cohort without MRE maps); a template-space mask (pass the
     template mask it was warped onto) also what ``res-2`` means, which the BIDS validator
-    requires for a file with a ``res`` entity.
+    requires for a file with a ``res`` entity, and that template image as its
+    ``SpatialReference`` (:func:`_spatial_reference`).
     """
     mask = Path(mask)
     sidecar = _sidecar(mask)
@@ -149,7 +150,7 @@ def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
     space = _space(mask)
     write_json(sidecar, {"Type": "Brain", "Description": f"brain mask warped to {space}",
                          "Resolution": _template_resolution(space, template_mask),
-                         "SpatialReference": space})
+                         "SpatialReference": _spatial_reference(mask, template_mask)})
     return sidecar
 
 
@@ -158,8 +159,9 @@ def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path,
     """Write the JSON sidecar of a subject's registered T1w channel; returns its path.
 
     The validator checks ``..._res-2_desc-preproc_T1w.nii.gz`` as a derivative T1w and
-    requires ``SkullStripped`` and ``Resolution``. The channel is zero outside the warped
-    brain mask (:func:`brainage.preprocess.register.register_to_template`), so it is
+    requires ``SkullStripped`` and ``Resolution`` (and ``SpatialReference`` for a space
+    outside TemplateFlow's list: :func:`_spatial_reference`). The channel is zero outside
+    the warped brain mask (:func:`brainage.preprocess.register.register_to_template`), so it is
     skull-stripped whatever the skull-stripping route. ``n4``: config key
     ``preprocess.n4``, whether the reference was N4-corrected.
     """
@@ -171,8 +173,27 @@ def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path,
                                         f"registered to {space} at 2 mm, zero outside the "
                                         f"warped brain mask",
                          "SkullStripped": True,
-                         "Resolution": _template_resolution(space, template_mask)})
+                         "Resolution": _template_resolution(space, template_mask),
+                         "SpatialReference": _spatial_reference(t1w, template_mask)})
     return sidecar
+
+
+def _spatial_reference(image: Path, template_mask: str | Path) -> str:
+    """``SpatialReference`` of a subject's template-space image: the template image it was
+    resampled onto (the template brain mask, on the template's grid).
+
+    BIDS wants the reference image itself, a URI or a path in the dataset, not the space
+    label (which the ``space`` entity already gives): a BIDS URI when the template lies in
+    the image's derivative dataset (the training cohort's ``tpl-<space>/``), else the
+    template file's ``file:`` URI (a new cohort's folder reads the training cohort's
+    template). A ``space`` label outside TemplateFlow's list (a user's template) makes the
+    field required.
+    """
+    root = image.resolve().parents[2]  # <dataset>/sub-<label>/anat/<image>
+    template = Path(template_mask).resolve()
+    if template.is_relative_to(root):
+        return f"bids::{template.relative_to(root).as_posix()}"
+    return template.as_uri()
 
 
 def _sidecar(image: Path) -> Path:

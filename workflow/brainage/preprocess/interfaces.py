@@ -63,8 +63,9 @@ class SynthStripInputSpec(CommandLineInputSpec):
     out_file = File(argstr="-o %s", position=2,
                     desc="skull-stripped image to write (optional)")
     num_threads = traits.Int(argstr="-t %d", desc="CPU threads of the network")
-    border_mm = traits.Int(argstr="-b %d",
-                           desc="mask border from the brain surface (mm; SynthStrip default 1)")
+    border_mm = traits.Float(argstr="-b %g",
+                             desc="mask border from the brain surface (mm, any real number, "
+                                  "negative for a tighter mask; SynthStrip default 1)")
     no_csf = traits.Bool(argstr="--no-csf", desc="exclude CSF from the brain border")
 
 

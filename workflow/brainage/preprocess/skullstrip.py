@@ -193,13 +193,16 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
             kind, source, ran = grid_modality, f"{grid_modality}_support", "none"
         else:
             anat_data, reference_affine = load_volume(anat, what=f"{name}: T1w image")
+            # NaN and inf voxels are background, as in the maps (nan_to_num made an inf
+            # 3.4e38, which then filled the reference's intensity range alone)
+            anat_data = np.where(np.isfinite(anat_data), anat_data, 0).astype(np.float32)
             if route == "none":
                 log.info("%s: preprocess.skullstrip none: brain mask = the %s's support; the "
                          "T1w is registered as given (head)", name, grid_kind.description)
                 mask_file = _run_mask_interface("none", freesurfer_tool, _absolute(grid_image),
                                                 work, threads)
                 mask, _ = load_mask(mask_file, what=f"{name}: support mask")
-                anat_mask, reference = None, np.nan_to_num(anat_data)
+                anat_mask, reference = None, anat_data
                 kind, source, ran = "T1w_head", f"{grid_modality}_support", "none"
             else:
                 ran = "deepbet" if route == "deepbet" else FREESURFER_PROGRAMS[freesurfer_tool]
@@ -223,7 +226,7 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
                                           f"{anat_data.shape}. Try another "
                                           f"preprocess.skullstrip route.")
                 mask = resample_mask(anat_mask, reference_affine, data.shape, affine)
-                reference = np.where(anat_mask, np.nan_to_num(anat_data), 0).astype(np.float32)
+                reference = np.where(anat_mask, anat_data, 0).astype(np.float32)
                 kind, source = "T1w_brain", "T1w"
         if anat_mask is not None and not anat_mask.any():
             raise PreprocessError(f"{name}: skull stripping ({ran}) of {anat} returned an empty "
