@@ -882,3 +882,31 @@ def test_qc_overview_counts_a_metric_it_cannot_draw(tmp_path, monkeypatch):
                     minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
     assert titles == ["dice", "correlation (1 not computed, flagged)", "coverage"]
     assert (tmp_path / "qc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_untrained_pretraining_run_is_reported_without_a_umap(tmp_path):
+    """pretrain.<run>.train.epochs 0 passes validation (an untrained encoder), and its job
+    writes an empty history.tsv and no embeddings file. The report used to stop on both,
+    after every training: pretraining_runs refused the empty history, and the run's
+    pretraining_umap figure was requested although nothing was embedded."""
+    config = validate_config({"pretrain": {
+        "t1": {"source": {"kind": "simulate"}},
+        "untrained": {"source": {"kind": "simulate"}, "train": {"epochs": 0}},
+        "late": {"source": {"kind": "simulate"}, "train": {"epochs": 4, "embed_epochs": [5]}}}})
+    names = targets.report_names(config)["figures"]
+    assert "pretraining_umap_t1" in names and "pretraining" in names
+    assert "pretraining_umap_untrained" not in names and "pretraining_umap_late" not in names
+    run = tmp_path / "untrained"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"loss": "exponential", "n_train": 12,
+                                                  "n_test": 4, "mae": 11.0, "pearson_r": 0.5}))
+    pd.DataFrame(columns=["epoch", "loss", "lr", "seconds", "nn_nb"]).to_csv(
+        run / "history.tsv", sep="\t", index=False)
+    runs = pretraining.pretraining_runs({"untrained": {"metrics": run / "metrics.json",
+                                                       "history": run / "history.tsv"}})
+    row = runs.iloc[0]
+    assert row["epochs"] == 0 and np.isnan(row["first_loss"]) and np.isnan(row["last_loss"])
+    assert row["validation_mae"] == 11.0
+    tables.write_pretraining(runs, pd.DataFrame(columns=list(pretraining.GAIN_COLUMNS)),
+                             tmp_path / "pretraining", tmp_path / "pretraining_gain")
+    assert "untrained" in (tmp_path / "pretraining.md").read_text()

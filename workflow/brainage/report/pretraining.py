@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.config import pretrained_run
-from brainage.report.results import ReportError, cell_label
+from brainage.report.results import cell_label
 from brainage.report.targets import LOSS_EXPERIMENT
 
 #: Columns of :func:`pretraining_runs`.
@@ -28,18 +28,18 @@ GAIN_COLUMNS = ("label", "run", "scratch_variant", "pretrained_variant", "n_pair
 
 def pretraining_runs(files: Mapping[str, Mapping[str, str | Path]]) -> pd.DataFrame:
     """One row per pretraining run (:data:`RUN_COLUMNS`) of ``{run: {"metrics": metrics.json
-    (the validation read-out), "history": history.tsv}}``."""
+    (the validation read-out), "history": history.tsv}}``; a run of ``train.epochs`` 0 (an
+    untrained encoder, which the config allows) has epochs 0 and no loss (NaN)."""
     rows = []
     for run, paths in files.items():
         values = json.loads(Path(paths["metrics"]).read_text())
         history = pd.read_csv(paths["history"], sep="\t")
-        if history.empty:
-            raise ReportError(f"{paths['history']} has no epoch: pretraining run {run} trained "
-                              f"nothing (pretrain.{run}.train.epochs must be above 0).")
-        rows.append({"run": run, "loss": values["loss"], "epochs": int(history["epoch"].max()),
+        trained = not history.empty  # pretrain.<run>.train.epochs 0: the untrained encoder
+        rows.append({"run": run, "loss": values["loss"],
+                     "epochs": int(history["epoch"].max()) if trained else 0,
                      "n_train": values["n_train"], "n_validation": values["n_test"],
-                     "first_loss": float(history["loss"].iloc[0]),
-                     "last_loss": float(history["loss"].iloc[-1]),
+                     "first_loss": float(history["loss"].iloc[0]) if trained else np.nan,
+                     "last_loss": float(history["loss"].iloc[-1]) if trained else np.nan,
                      "validation_mae": values["mae"],
                      "validation_pearson_r": values.get("pearson_r")})
     return pd.DataFrame(rows, columns=list(RUN_COLUMNS))

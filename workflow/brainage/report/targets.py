@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from brainage.config import cell_settings, grid_cells, trains_an_encoder
+from brainage.config import cell_settings, grid_cells, pretrain_settings, trains_an_encoder
 
 #: The main comparison (paper Table 3): one variant per loss.
 LOSS_EXPERIMENT = "table3"
@@ -97,7 +97,9 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
         figures when the grid has at least one cell; ``search_trials`` (table and figure)
         when the random search is enabled; ``pretraining`` (table and figure),
         ``pretraining_gain`` and one ``pretraining_umap_<run>`` figure per run when the
-        config has pretraining runs.
+        config has pretraining runs (not for a run that embeds no epoch: ``train.epochs``
+        0, the untrained encoder the schema allows, or no ``train.embed_epochs`` at or
+        below its epochs).
     """
     experiments = enabled_experiments(config)
     tables = ["table2_cohort"]
@@ -120,8 +122,15 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     if config.get("pretrain"):
         tables += [PRETRAINING_NAME, PRETRAINING_GAIN]
         figures.append(PRETRAINING_NAME)
-        figures += [pretraining_embeddings_figure(run) for run in config["pretrain"]]
+        figures += [pretraining_embeddings_figure(run) for run in config["pretrain"]
+                    if embeds_an_epoch(pretrain_settings(config, run)["train"])]
     return {"tables": tables, "figures": figures}
+
+
+def embeds_an_epoch(train: Mapping[str, Any]) -> bool:
+    """Whether a training of this resolved ``train`` section writes an embeddings file
+    (an epoch of ``embed_epochs`` it reaches; :func:`brainage.train.fit_encoder`)."""
+    return any(1 <= int(epoch) <= int(train["epochs"]) for epoch in train["embed_epochs"])
 
 
 def focus_cell(config: Mapping[str, Any]) -> tuple[str, str, int] | None:
