@@ -345,6 +345,19 @@ def test_bad_values_name_the_line(release, column, value, expected):
         in str(error.value)
 
 
+@pytest.mark.parametrize("openbhb_id", ["../../../etc", "a/b", "..", ".hidden", "a\\b"])
+def test_an_id_that_could_name_another_folder_is_refused(release, openbhb_id):
+    """The id names the folder a scan's array is read from (quasiraw_path): one with a path
+    separator or a leading dot read outside the release's derivatives folder."""
+    root, written = release
+    table = written.copy()
+    table.loc[1, "participant_id"] = openbhb_id
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=r"participants.tsv line 3 .* participant_id holds a "
+                                         r"path separator or starts with a dot"):
+        read_release(root)
+
+
 def test_duplicate_ids(release):
     root, written = release
     table = written.copy()

@@ -139,6 +139,17 @@ def test_user_template_file_is_used_and_checked(template_files, tmp_path):
             header = nib.load(tmp_path / name).header
             assert int(header["sform_code"]) == int(header["qform_code"]) == expected, code
 
+    # non-finite voxels of a user's files are background, not 3.4e38 and not brain
+    t1_values = np.asarray(t1.dataobj, dtype=np.float32)[window].copy()
+    mask_values = np.asarray(mask.dataobj, dtype=np.float32)[window].copy()
+    t1_values[45, 54, 45], mask_values[0, 0, 0] = np.inf, np.inf
+    nib.save(nib.Nifti1Image(t1_values, affine), tmp_path / "inf_t1.nii.gz")
+    nib.save(nib.Nifti1Image(mask_values, affine), tmp_path / "inf_m.nii.gz")
+    prepare_template(tmp_path / "i_t1.nii.gz", tmp_path / "i_m.nii.gz", source="file",
+                     t1=tmp_path / "inf_t1.nii.gz", mask=tmp_path / "inf_m.nii.gz")
+    assert nib.load(tmp_path / "i_t1.nii.gz").get_fdata()[45, 54, 45] == 0
+    assert nib.load(tmp_path / "i_m.nii.gz").get_fdata()[0, 0, 0] == 0
+
     one_mm = np.diag([1.0, 1.0, 1.0, 1.0])
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.float32), one_mm), tmp_path / "t1mm.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), one_mm), tmp_path / "m1mm.nii.gz")

@@ -228,6 +228,11 @@ def _read_table(table_path: Path, site_column: str) -> pd.DataFrame:
         where = f"{table_path} line {line} (participant_id {row.participant_id!r})"
         if not row.participant_id:
             raise InputError(f"{table_path} line {line}: participant_id is empty.")
+        if re.search(r"[/\\]", row.participant_id) or row.participant_id.startswith("."):
+            # the id names the folder its array is read from (quasiraw_path)
+            raise InputError(f"{where}: participant_id holds a path separator or starts with "
+                             f"a dot, so it cannot name a scan's folder; the release's ids are "
+                             f"numbers. Use the release's own participants.tsv.")
         if row.split not in RELEASE_SPLITS:
             raise InputError(f"{where}: split {row.split!r} is not one of "
                              f"{', '.join(RELEASE_SPLITS)} (the release's official split).")

@@ -54,7 +54,12 @@ def _file_template(t1: str | Path | None, mask: str | Path | None):
         raise InputError(f"template.t1 {t1} has voxels of {np.round(spacing, 3).tolist()} mm; "
                          f"the pipeline registers at {TEMPLATE_VOXEL_MM:g} mm isotropic (outputs "
                          f"named res-2). Resample the template to 2 mm first.")
-    return np.nan_to_num(t1_data), np.nan_to_num(mask_data) > 0.5, t1_affine
+    # Non-finite voxels are background: nan_to_num's defaults would turn an inf into
+    # 3.4e38, a T1 value that spans the registration metric's range and a "brain" voxel.
+    def finite(data):
+        return np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+
+    return finite(t1_data), finite(mask_data) > 0.5, t1_affine
 
 
 def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = "nilearn",
