@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import re
 from pathlib import Path
 
 import nibabel as nib
@@ -799,3 +800,18 @@ def test_registered_t1w_sidecar_says_whether_n4_ran(route, tmp_path, monkeypatch
                               modalities=modalities)
         description = json.loads(Path(files["registered_T1w_json"]).read_text())["Description"]
         assert ("N4-corrected" in description) == n4, (n4, description)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"dice": 0.9}', "[1, 2]"])
+def test_a_damaged_qc_record_names_its_file(tmp_path, content):
+    """The QC table read each subject's JSON with a bare JSONDecodeError or KeyError, naming
+    no file."""
+    from brainage.qc import read_qc_records
+
+    good = tmp_path / "sub-01_qc.json"
+    good.write_text(json.dumps({"participant_id": "sub-01", "dice": 0.9}))
+    bad = tmp_path / "sub-02_qc.json"
+    bad.write_text(content)
+    assert read_qc_records([good])["sub-01"]["dice"] == 0.9
+    with pytest.raises(InputError, match=rf"QC file {re.escape(str(bad))} cannot be read"):
+        read_qc_records([good, bad])

@@ -103,7 +103,7 @@ class BrainAgeModel:
 
 
 def read_qc(path: str | Path, minimums: Mapping) -> tuple[bool, str, dict]:
-    """A subject's QC verdict from its ``sub-<label>_qc.json`` (rule compute_qc).
+    """A subject's QC verdict from its ``sub-<label>_qc.json`` (rule correct_and_register, step compute_qc).
 
     Parameters
     ----------
@@ -124,16 +124,16 @@ def read_qc(path: str | Path, minimums: Mapping) -> tuple[bool, str, dict]:
         record = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise InputError(f"QC file {path} cannot be read ({error}); rerun the subject's "
-                         f"preprocessing (rule compute_qc).") from None
+                         f"preprocessing (rule correct_and_register, step compute_qc).") from None
     missing = [metric for metric in METRICS if metric not in record]
     if missing:
         raise InputError(f"QC file {path} lacks {', '.join(missing)}; rerun the subject's "
-                         f"preprocessing (rule compute_qc).")
+                         f"preprocessing (rule correct_and_register, step compute_qc).")
     not_numbers = [metric for metric in METRICS
                    if isinstance(record[metric], bool) or not isinstance(record[metric], (int, float))]
     if not_numbers:
         raise InputError(f"QC file {path}: {', '.join(not_numbers)} is not a number; rerun the "
-                         f"subject's preprocessing (rule compute_qc).")
+                         f"subject's preprocessing (rule correct_and_register, step compute_qc).")
     failures = qc_failures(record, minimums)
     return (not failures, "; ".join(failures),
             {f"qc_{metric}": float(record[metric]) for metric in METRICS})

@@ -1,5 +1,5 @@
-"""Quality control of the registered maps: per subject (rule ``compute_qc``) and per
-dataset (rule ``tabulate_qc``).
+"""Quality control of the registered maps: per subject (step ``compute_qc`` of rule
+``correct_and_register``) and per dataset (rule ``tabulate_qc``).
 
 Per subject, three numbers in template space:
 
@@ -293,8 +293,16 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
 
 def read_qc_records(qc_files: Sequence[str | Path]) -> dict[str, dict]:
     """``{participant_id: record}`` of the subjects' QC JSON files (``compute_qc``)."""
-    records = (json.loads(Path(path).read_text()) for path in qc_files)
-    return {record["participant_id"]: record for record in records}
+    records = {}
+    for path in qc_files:
+        try:
+            record = json.loads(Path(path).read_text())
+            records[record["participant_id"]] = record
+        except (OSError, ValueError, TypeError, KeyError) as error:
+            raise InputError(f"QC file {path} cannot be read as a subject's QC record "
+                             f"({type(error).__name__}: {error}); rerun the subject's "
+                             f"preprocessing (rule correct_and_register).") from None
+    return records
 
 
 def qc_metrics_table(qc_files: Sequence[str | Path]) -> pd.DataFrame:
