@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from brainage.launch import RENDEZVOUS_PORT, training_command
+from brainage.launch import rendezvous_port, training_command
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,9 +39,17 @@ def test_several_nodes_meet_on_the_first_node_of_the_slurm_job(tmp_path, monkeyp
         "srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "py", "-m",
         "torch.distributed.run",
         "--nproc_per_node", "2", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_id",
-        "4242", "--rdzv_endpoint", f"gpu07:{RENDEZVOUS_PORT}", "-m", "brainage.train"]
+        "4242", "--rdzv_endpoint", "gpu07:29742", "-m", "brainage.train"]
     with pytest.raises(SystemExit, match="inside a SLURM job"):
         training_command(2, 2, python="py", environ={})
+
+
+def test_two_multi_node_jobs_on_one_first_node_meet_on_different_ports():
+    """Every multi-node job met on port 29500 of its first node: two of them sharing that
+    node (SLURM's node sharing) joined each other's rendezvous or failed to bind."""
+    assert rendezvous_port("4242") != rendezvous_port("4243")
+    assert {rendezvous_port(str(job)) for job in range(10_000)} == set(range(29500, 31500))
+    assert rendezvous_port(None) == rendezvous_port("brainage") == 29500
 
 
 def test_the_launcher_becomes_the_training_with_its_arguments():

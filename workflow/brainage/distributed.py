@@ -63,9 +63,10 @@ the first node of the allocation (``--kill-on-bad-exit`` ends every node's proce
 when one fails)::
 
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    port=$((29500 + SLURM_JOB_ID % 2000))  # brainage.launch.rendezvous_port
     srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \\
         torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node 4 \\
-                 --rdzv_backend c10d --rdzv_endpoint "$head:29500" --rdzv_id "$SLURM_JOB_ID" \\
+                 --rdzv_backend c10d --rdzv_endpoint "$head:$port" --rdzv_id "$SLURM_JOB_ID" \\
                  -m brainage.train --split-dir ... (as above)
 
 ``train.batch_size`` is the global batch (all processes together), so the same settings

@@ -20,8 +20,18 @@ import subprocess
 import sys
 from typing import Mapping, Sequence
 
-#: Port of the first node on which torchrun's processes meet (c10d rendezvous).
+#: Lowest port of the first node on which torchrun's processes meet (c10d rendezvous);
+#: :func:`rendezvous_port` adds the SLURM job id modulo :data:`RENDEZVOUS_PORTS`.
 RENDEZVOUS_PORT = 29500
+RENDEZVOUS_PORTS = 2000
+
+
+def rendezvous_port(job_id: str | None) -> int:
+    """The rendezvous port of a multi-node job: two such jobs whose first node is the same
+    machine (possible under SLURM's node sharing) meet on different ports unless their job
+    ids differ by a multiple of :data:`RENDEZVOUS_PORTS`; below the usual ephemeral range."""
+    return RENDEZVOUS_PORT + (int(job_id) % RENDEZVOUS_PORTS
+                              if job_id and job_id.isdigit() else 0)
 
 
 def first_node(environ: Mapping[str, str]) -> str:
@@ -53,7 +63,8 @@ def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
     return ["srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", *torchrun,
             "--nnodes", str(nodes),
             "--rdzv_backend", "c10d", "--rdzv_id", environ.get("SLURM_JOB_ID", "brainage"),
-            "--rdzv_endpoint", f"{first_node(environ)}:{RENDEZVOUS_PORT}", "-m",
+            "--rdzv_endpoint",
+            f"{first_node(environ)}:{rendezvous_port(environ.get('SLURM_JOB_ID'))}", "-m",
             "brainage.train"]
 
 
