@@ -270,8 +270,8 @@ def check_shares(n_train: int, batch_size: int, processes: Processes, *,
             f"config key {key} is {batch_size}: with {n_train} training subjects "
             f"the last batch of every epoch has {smallest} subjects, fewer than the "
             f"{processes.world_size} processes sharing it. Start at most {smallest} processes, "
-            f"or choose {key} so that the remainder of {n_train} / batch_size is 0 "
-            f"or at least {processes.world_size}.")
+            f"or choose {key} so that the remainder of {n_train} / batch_size is 0, 1 "
+            f"(that subject joins the batch before it) or at least {processes.world_size}.")
 
 
 # -- the model ------------------------------------------------------------------------------
