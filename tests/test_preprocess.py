@@ -128,11 +128,12 @@ def test_user_template_file_is_used_and_checked(template_files, tmp_path):
     assert np.allclose(nib.load(tmp_path / "out_t1.nii.gz").affine, affine)
     # A user's template keeps its own sform code (FSL's MNI152 files say 4, MNI152), and
     # gets 5 ("another template") when it has none.
-    for code, expected in ((4, 4), (2, 2), (0, 5)):
+    # Without an sform, a qform naming a template space (FSL-made files can have only
+    # that) gives the code: (sform code, qform code) -> expected.
+    for (code, qform_code), expected in (((4, 4), 4), ((2, 2), 2), ((0, 1), 5), ((0, 4), 4)):
         image = nib.load(tmp_path / "t1.nii.gz")
         image.set_sform(image.affine if code else None, code=code)
-        if not code:
-            image.set_qform(affine, code=1)  # the grid stays known without an sform
+        image.set_qform(affine, code=qform_code)  # the grid stays known without an sform
         nib.save(image, tmp_path / "coded.nii.gz")
         prepare_template(tmp_path / "o_t1.nii.gz", tmp_path / "o_m.nii.gz", source="file",
                          t1=tmp_path / "coded.nii.gz", mask=tmp_path / "m.nii.gz")

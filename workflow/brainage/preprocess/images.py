@@ -64,10 +64,16 @@ OTHER_TEMPLATE_XFORM_CODE = 5
 
 
 def read_xform_code(path: str | Path) -> int:
-    """The sform code of the NIfTI file at ``path`` (its header only)."""
+    """Whose world coordinates the NIfTI file at ``path`` gives (its header only): the
+    sform code, or without an sform (code 0) the qform code when it names a space other
+    than the scanner's (2-5), as nibabel then takes the qform's affine; else 0."""
     import nibabel as nib
 
-    return int(nib.load(str(path)).header["sform_code"])
+    header = nib.load(str(path)).header
+    sform_code, qform_code = int(header["sform_code"]), int(header["qform_code"])
+    if sform_code:
+        return sform_code
+    return qform_code if qform_code > SCANNER_XFORM_CODE else 0
 
 
 def save_volume(path: str | Path, data: np.ndarray, affine: np.ndarray, *,
