@@ -1,5 +1,6 @@
 """The config schema is the documentation: every key described, defaulted, typos rejected."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -540,3 +541,24 @@ def test_a_cell_may_fine_tune_with_another_head():
         "loss": {"name": "supervised"},
         "model": {"init": "pretrained:t1", "head": "regression", "projection_dim": 1}}
     validate_config(config)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("template:\n  space: >\n    MNI152NLin6Asym\n", "template.space"),
+    ("predict:\n  model:\n    name: |\n      mybundle\n", "predict.model.name"),
+    ("predict:\n  simulate:\n    id_prefix: |\n      new\n", "predict.simulate.id_prefix"),
+    ('experiments:\n  "table3\\n":\n    variants: {adaptive: {}}\n', "experiments"),
+    ("model:\n  init: >\n    scratch\n", "model.init"),
+], ids=["space", "bundle", "id_prefix", "experiment", "init"])
+def test_a_name_ending_in_a_newline_is_refused(text, key):
+    # A YAML block scalar (| or >) ends its value with a newline, which Python's "$"
+    # accepts: the name would reach file names (space-MNI152NLin6Asym\n_res-2...) or miss
+    # every rule's wildcard pattern after hours of work.
+    import yaml
+
+    config = yaml.safe_load(text)
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}'.*newline"):
+        validate_config(config)
+    # the same value on its key's line is fine
+    validate_config(yaml.safe_load(text.replace(">\n    ", "").replace("|\n      ", "")
+                                   .replace("\\n", "")))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import difflib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -64,6 +65,14 @@ def _defaults_filling_validator_class() -> type:
     base = jsonschema.Draft202012Validator
     validate_properties = base.VALIDATORS["properties"]
 
+    def pattern_to_the_end(validator, pattern, instance, schema_node):
+        # JSON Schema patterns are ECMA-262 regular expressions, whose "$" matches at the
+        # end of the string only; Python's also matches before a final newline, which a
+        # YAML block scalar (| or >) adds: "space: >" would name files "space-MNI...\n".
+        if validator.is_type(instance, "string") and not re.search(
+                _anchored_at_the_end(pattern), instance):
+            yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
     def fill_then_validate(validator, properties, instance, schema_node):
         if isinstance(instance, dict):
             for name, subschema in properties.items():
@@ -81,7 +90,16 @@ def _defaults_filling_validator_class() -> type:
             instance.update(ordered)
         yield from validate_properties(validator, properties, instance, schema_node)
 
-    return jsonschema.validators.extend(base, {"properties": fill_then_validate})
+    return jsonschema.validators.extend(base, {"properties": fill_then_validate,
+                                               "pattern": pattern_to_the_end})
+
+
+@lru_cache(maxsize=64)
+def _anchored_at_the_end(pattern: str) -> str:
+    """``pattern`` with a final ``$`` meaning the end of the string, as in JSON Schema."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        return pattern[:-1] + r"\Z"
+    return pattern
 
 
 def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") -> str:
@@ -98,6 +116,10 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
                  for match in [difflib.get_close_matches(name, known, n=1)] if match]
         message += (f" (unknown key: {'; '.join(hints) or 'check its spelling'}; every key "
                     f"is listed in workflow/schemas/config.schema.yaml)")
+    if (error.validator == "pattern" and isinstance(error.instance, str)
+            and error.instance.endswith("\n")):
+        message += (" (it ends in a newline, as a YAML block scalar, | or >, writes one: "
+                    "put the value on its key's line)")
     return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 
 
