@@ -562,3 +562,12 @@ def test_a_name_ending_in_a_newline_is_refused(text, key):
     # the same value on its key's line is fine
     validate_config(yaml.safe_load(text.replace(">\n    ", "").replace("|\n      ", "")
                                    .replace("\\n", "")))
+
+
+@pytest.mark.parametrize("section", ["split", "search"])
+def test_a_negative_split_or_search_seed_is_refused_naming_the_key(section):
+    # NumPy's generators take no negative seed: a split seed of -1 stopped the dry run with
+    # a traceback from inside numpy, a search seed of -1 the search job after preprocessing.
+    with pytest.raises(ConfigError, match=rf"'{section}\.seed'.*minimum"):
+        validate_config({section: {"seed": -1}})
+    assert validate_config({section: {"seed": 0}})[section]["seed"] == 0
