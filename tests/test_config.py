@@ -571,3 +571,15 @@ def test_a_negative_split_or_search_seed_is_refused_naming_the_key(section):
     with pytest.raises(ConfigError, match=rf"'{section}\.seed'.*minimum"):
         validate_config({section: {"seed": -1}})
     assert validate_config({section: {"seed": 0}})[section]["seed"] == 0
+
+
+def test_an_empty_list_of_ridge_alphas_is_refused_naming_the_key():
+    # scikit-learn's grid search takes no empty grid: the read-out failed in every
+    # evaluate_encoder job, after training
+    with pytest.raises(ConfigError, match=r"'readout\.alphas'.*(empty|short)"):
+        validate_config({"readout": {"alphas": []}})
+    override = {"table3": {"variants": {"ridge": {"readout": {"alphas": []}}}}}
+    with pytest.raises(ConfigError,
+                       match=r"'experiments\.table3\.variants\.ridge\.readout\.alphas'"):
+        validate_config({"experiments": override})
+    assert validate_config({"readout": {"alphas": [1.0]}})["readout"]["alphas"] == [1.0]
