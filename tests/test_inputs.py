@@ -238,6 +238,21 @@ def test_a_missing_value_code_is_not_called_empty(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_one_study_written_with_and_without_spaces_is_refused(tiny_dataset):
+    # a spreadsheet's trailing space made 'study2 ' a study of its own: two strata of the
+    # split, two rows of Table 2, two study means
+    table = tiny_dataset / "participants.tsv"
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join(lines[:4] + [lines[4] + " "]) + "\n")  # sub-03a's study2
+    with pytest.raises(InputError, match=r"study 'study2' as 'study2' \(sub-01a\), 'study2 ' "
+                                         r"\(sub-03a\), which differ only in spaces"):
+        read_participants(tiny_dataset)
+    # spaces after every row's study are one study, as before
+    table.write_text("\n".join(line + (" " if number else "")
+                               for number, line in enumerate(lines)) + "\n")
+    assert read_participants(tiny_dataset)["study"].nunique() == 2
+
+
 def test_subject_without_stiffness_file(tiny_dataset):
     (tiny_dataset / "sub-03a" / "mre" / "sub-03a_stiffness.nii.gz").unlink()
     with pytest.raises(InputError, match=r"subject sub-03a: stiffness map .* is missing"):

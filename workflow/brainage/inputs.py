@@ -246,6 +246,25 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
             raise InputError(f"{table_path}: column {column!r} is empty for "
                              f"{', '.join(empty)} (a blank cell, or a missing-value code: "
                              f"n/a, NA, None, null, nan, ...). Fill in the {column}.")
+    _refuse_studies_differing_in_spaces(table, table_path)
+
+
+def _refuse_studies_differing_in_spaces(table: pd.DataFrame, table_path: Path) -> None:
+    """One study written with and without spaces around its name ('study2', 'study2 ', a
+    spreadsheet's trailing space) would be two studies: two strata of the split, two rows of
+    the tables, two study means. Refused, naming each spelling's first subject."""
+    studies = table["study"].astype(str)
+    for name, spellings in studies.groupby(studies.str.strip()):
+        if spellings.nunique() > 1:
+            first = {spelling: table.at[index, "participant_id"]
+                     for index, spelling in spellings[::-1].items()}  # the first row wins
+            examples = [f"{spelling!r} ({first[spelling]})"
+                        for spelling in dict.fromkeys(spellings)]
+            raise InputError(
+                f"{table_path}: column 'study' writes study {name!r} as "
+                f"{', '.join(examples)}, which differ only in spaces around the name, so the "
+                f"pipeline would take them for different studies (in the splits, the tables "
+                f"and the study means). Remove the spaces.")
 
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
