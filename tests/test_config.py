@@ -583,3 +583,18 @@ def test_an_empty_list_of_ridge_alphas_is_refused_naming_the_key():
                        match=r"'experiments\.table3\.variants\.ridge\.readout\.alphas'"):
         validate_config({"experiments": override})
     assert validate_config({"readout": {"alphas": [1.0]}})["readout"]["alphas"] == [1.0]
+
+
+def test_a_seed_beyond_scikit_learns_range_is_refused_naming_the_key():
+    # a cell's seed also shuffles the folds of its age-bias correction (scikit-learn's
+    # KFold, seeds below 2**32): seed 2**32 trained for hours, then failed in evaluation
+    largest = 2**32 - 1
+    experiment = {"table3": {"seeds": [0, 2**32], "variants": {"adaptive": {}}}}
+    with pytest.raises(ConfigError, match=r"'experiments\.table3\.seeds\.1'.*maximum"):
+        validate_config({"experiments": experiment})
+    run = {"source": {"kind": "simulate"}, "seed": 2**32}
+    with pytest.raises(ConfigError, match=r"'pretrain\.t1w\.seed'.*maximum"):
+        validate_config({"pretrain": {"t1w": run}})
+    experiment["table3"]["seeds"] = [0, largest]
+    assert (0, largest) == tuple(validate_config({"experiments": experiment})
+                                 ["experiments"]["table3"]["seeds"])
