@@ -598,3 +598,20 @@ def test_a_seed_beyond_scikit_learns_range_is_refused_naming_the_key():
     experiment["table3"]["seeds"] = [0, largest]
     assert (0, largest) == tuple(validate_config({"experiments": experiment})
                                  ["experiments"]["table3"]["seeds"])
+
+
+def test_a_file_template_without_its_files_is_refused_naming_the_keys():
+    # the template rule then had no input: Snakemake stopped the plan with an
+    # InputFunctionException ("did not return str ... [None]") that named no config key
+    with pytest.raises(ConfigError, match=r"keys 'template\.t1' and 'template\.mask' are not "
+                                          r"set, but template\.source is 'file'"):
+        validate_config({"template": {"source": "file"}})
+    with pytest.raises(ConfigError, match=r"key 'template\.mask' is not set"):
+        validate_config({"template": {"source": "file", "t1": "tpl/t1.nii.gz"}})
+    template = {"source": "file", "t1": "tpl/t1.nii.gz", "mask": "tpl/mask.nii.gz"}
+    assert validate_config({"template": template})["template"]["t1"] == "tpl/t1.nii.gz"
+    assert validate_config({})["template"]["t1"] is None  # nilearn needs no file
+    # a model bundle's record: its user passes the template files again
+    from brainage.config import check_preprocessing_record
+    record = {"preprocess": {}, "qc": {}, "template": {"source": "file"}}
+    assert check_preprocessing_record(record, source="bundle")["template"]["t1"] is None

@@ -123,7 +123,8 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
     return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 
 
-def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dict:
+def validate_config(config: Mapping[str, Any], *, source: str = "config",
+                    template_files: bool = True) -> dict:
     """Return a deep copy of ``config`` validated against the schema, defaults filled in.
 
     Every variant of every experiment is resolved too (:func:`cell_settings`), so a typo
@@ -132,7 +133,9 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     (:func:`check_adaptive_schedule`), and those taking it from the random search
     (``loss.nn_from_search``) need the search and every value it can choose
     (:func:`check_search_source`); an enabled search needs a value to draw in each range
-    (:func:`search_bounds`).
+    (:func:`search_bounds`). With ``template_files`` a template from files needs both
+    (:func:`check_template_files`); a model bundle's preprocessing record need not name
+    them, since its user gives the files again (``--template-t1``, ``--template-mask``).
 
     Raises
     ------
@@ -145,7 +148,8 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
-    problems = []
+    problems = (check_template_files(filled["template"], source=source) if template_files
+                else [])
     pretrained_models = {}
     for name in filled.get("pretrain", {}):
         run_settings = pretrain_settings(filled, name, source=source)
@@ -174,6 +178,22 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config") -> dic
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
+
+
+def check_template_files(template: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """With ``template.source: file`` both ``template.t1`` and ``template.mask`` name a file
+    (without them the workflow's template rule has no input, and Snakemake stopped the
+    plan with an InputFunctionException that named neither key)."""
+    if template["source"] != "file":
+        return []
+    unset = [f"'template.{key}'" for key in ("t1", "mask") if not template[key]]
+    if not unset:
+        return []
+    return [f"{source}: config key{'s' if len(unset) > 1 else ''} {' and '.join(unset)} "
+            f"{'are' if len(unset) > 1 else 'is'} not set, but template.source is 'file' "
+            f"(your own template). Give both template.t1 (a T1 template at 2 mm) and "
+            f"template.mask (its brain mask on the same grid), or set template.source: "
+            f"nilearn."]
 
 
 def check_pretraining_source(config: Mapping[str, Any], name: str, *,
@@ -853,5 +873,5 @@ def check_preprocessing_record(record: Any, *, source: str) -> dict:
         raise ConfigError(f"{source}: the preprocessing record lacks the section(s) "
                           f"{', '.join(missing)}.")
     filled = validate_config({section: record[section] for section in PREPROCESSING_SECTIONS},
-                             source=source)
+                             source=source, template_files=False)
     return {section: filled[section] for section in PREPROCESSING_SECTIONS}
