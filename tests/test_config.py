@@ -615,3 +615,17 @@ def test_a_file_template_without_its_files_is_refused_naming_the_keys():
     from brainage.config import check_preprocessing_record
     record = {"preprocess": {}, "qc": {}, "template": {"source": "file"}}
     assert check_preprocessing_record(record, source="bundle")["template"]["t1"] is None
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"resources": {"train": {"mem_mb": 0}}}, "resources.train.mem_mb"),
+    ({"resources": {"preprocess": {"runtime_min": -1}}}, "resources.preprocess.runtime_min"),
+    ({"pretrain": {"t1w": {"source": {"kind": "simulate"}, "resources": {"mem_mb": 0}}}},
+     "pretrain.t1w.resources.mem_mb"),
+])
+def test_job_memory_and_wall_time_must_be_positive(section, key):
+    """0 or a negative number passed a dry run: on SLURM --mem 0 asks for a whole node, a
+    negative wall time fails at submission, after the jobs before it ran."""
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': -?\d+ is less "
+                                          rf"than the minimum of 1"):
+        validate_config(section)
