@@ -238,14 +238,31 @@ def test_a_missing_value_code_is_not_called_empty(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
+    """A cohort's group 'healthy ' beside 'healthy' was a group of its own: its subjects
+    left out of the summary of 'healthy' and of the age-bias reference group."""
+    from brainage.inputs import check_cohort_table
+
+    table = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03"],
+                          "group": ["healthy", "healthy ", "patient"]})
+    with pytest.raises(InputError, match=r"column 'group' writes 'healthy' as 'healthy' "
+                                         r"\(sub-01\), 'healthy ' \(sub-02\).* summary by "
+                                         r"group and the age-bias reference group"):
+        check_cohort_table(table, "clinic/participants.tsv", cohort="clinic")
+    table["group"] = ["healthy", "healthy", "patient"]
+    assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
+                              bias_reference_group="healthy") == "group"
+
+
 def test_one_study_written_with_and_without_spaces_is_refused(tiny_dataset):
     # a spreadsheet's trailing space made 'study2 ' a study of its own: two strata of the
     # split, two rows of Table 2, two study means
     table = tiny_dataset / "participants.tsv"
     lines = table.read_text().splitlines()
     table.write_text("\n".join(lines[:4] + [lines[4] + " "]) + "\n")  # sub-03a's study2
-    with pytest.raises(InputError, match=r"study 'study2' as 'study2' \(sub-01a\), 'study2 ' "
-                                         r"\(sub-03a\), which differ only in spaces"):
+    with pytest.raises(InputError, match=r"column 'study' writes 'study2' as 'study2' "
+                                         r"\(sub-01a\), 'study2 ' \(sub-03a\), which differ "
+                                         r"only in spaces"):
         read_participants(tiny_dataset)
     # spaces after every row's study are one study, as before
     table.write_text("\n".join(line + (" " if number else "")

@@ -246,25 +246,28 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
             raise InputError(f"{table_path}: column {column!r} is empty for "
                              f"{', '.join(empty)} (a blank cell, or a missing-value code: "
                              f"n/a, NA, None, null, nan, ...). Fill in the {column}.")
-    _refuse_studies_differing_in_spaces(table, table_path)
+    _refuse_values_differing_in_spaces(table, table_path)
 
 
-def _refuse_studies_differing_in_spaces(table: pd.DataFrame, table_path: Path) -> None:
-    """One study written with and without spaces around its name ('study2', 'study2 ', a
-    spreadsheet's trailing space) would be two studies: two strata of the split, two rows of
-    the tables, two study means. Refused, naming each spelling's first subject."""
-    studies = table["study"].astype(str)
-    for name, spellings in studies.groupby(studies.str.strip()):
+def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | str, *,
+                                       column: str = "study",
+                                       consequence: str = "in the splits, the tables and "
+                                                          "the study means") -> None:
+    """One study (or group) written with and without spaces around its name ('study2',
+    'study2 ', a spreadsheet's trailing space) would be two: two strata of the split, two
+    rows of the tables, two study means. Refused, naming each spelling's first subject."""
+    values = table[column].astype(str)
+    for name, spellings in values.groupby(values.str.strip()):
         if spellings.nunique() > 1:
             first = {spelling: table.at[index, "participant_id"]
                      for index, spelling in spellings[::-1].items()}  # the first row wins
             examples = [f"{spelling!r} ({first[spelling]})"
                         for spelling in dict.fromkeys(spellings)]
             raise InputError(
-                f"{table_path}: column 'study' writes study {name!r} as "
+                f"{table_path}: column {column!r} writes {name!r} as "
                 f"{', '.join(examples)}, which differ only in spaces around the name, so the "
-                f"pipeline would take them for different studies (in the splits, the tables "
-                f"and the study means). Remove the spaces.")
+                f"pipeline would take them for different values ({consequence}). Remove the "
+                f"spaces.")
 
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
@@ -486,6 +489,9 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
     if group_column not in participants.columns:
         raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
                          f"summarise by; it has {', '.join(participants.columns)}.")
+    _refuse_values_differing_in_spaces(
+        participants, table_path, column=group_column,
+        consequence="in the summary by group and the age-bias reference group")
     groups = list(dict.fromkeys(participants[group_column].astype(str)))
     if bias_reference_group is not None and str(bias_reference_group) not in groups:
         raise InputError(
