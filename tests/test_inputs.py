@@ -200,6 +200,17 @@ def test_label_that_could_escape_results(tiny_dataset, bad_id):
         read_participants(tiny_dataset)
 
 
+@pytest.mark.parametrize("spaced", [" sub-01a", "sub-01a "])
+def test_an_id_with_spaces_around_it_says_so(tiny_dataset, spaced):
+    def mutate(table):
+        table.loc[0, "participant_id"] = spaced
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match=r"line 2: participant_id '\s?sub-01a\s?' has spaces "
+                                         r"around it; remove them"):
+        read_participants(tiny_dataset)
+
+
 def test_label_with_a_trailing_newline_is_refused():
     # "^...$" alone accepts "01\n" (a quoted participant_id in a hand-edited table)
     with pytest.raises(InputError, match="letters and digits"):
@@ -208,7 +219,9 @@ def test_label_with_a_trailing_newline_is_refused():
 
 
 @pytest.mark.parametrize("age, message", [("", "has age nan"), ("old", "has age 'old'"),
-                                          ("-3", "outside"), ("250", "outside")])
+                                          ("-3", "outside"), ("250", "outside"),
+                                          ("45,5", "has age '45,5'; ages must be numbers in "
+                                                   "years, with a decimal point, not a comma")])
 def test_bad_age(tiny_dataset, age, message):
     def mutate(table):
         table.loc[2, "age"] = age

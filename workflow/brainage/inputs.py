@@ -215,6 +215,10 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
                                lines: Sequence[int]) -> None:
     for row_number, participant_id in zip(lines, table["participant_id"]):
         where = f"{table_path} line {row_number}"
+        if isinstance(participant_id, str) and participant_id != participant_id.strip():
+            raise InputError(f"{where}: participant_id {participant_id!r} has spaces around "
+                             f"it; remove them (ids look like 'sub-<label>', letters and "
+                             f"digits).")
         if not isinstance(participant_id, str) or not participant_id.startswith("sub-"):
             raise InputError(f"{where}: participant_id {participant_id!r} must look like "
                              f"'sub-<label>' (letters and digits).")
@@ -234,8 +238,11 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     low, high = AGE_RANGE_YEARS
     for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
         if pd.isna(age):
+            comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
             raise InputError(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
-                             f"must be numbers in years. Fix or remove the row.")
+                             f"must be numbers in years"
+                             + (", with a decimal point, not a comma" if comma else "")
+                             + ". Fix or remove the row.")
         if not low < age < high:
             raise InputError(f"{table_path}: subject {participant_id} has age {age} years, "
                              f"outside {low}-{high}. Fix the value (years, not months).")
