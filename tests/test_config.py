@@ -595,6 +595,8 @@ def test_a_seed_beyond_scikit_learns_range_is_refused_naming_the_key():
     run = {"source": {"kind": "simulate"}, "seed": 2**32}
     with pytest.raises(ConfigError, match=r"'pretrain\.t1w\.seed'.*maximum"):
         validate_config({"pretrain": {"t1w": run}})
+    with pytest.raises(ConfigError, match=r"'search\.seed'.*maximum"):  # the trials' seed
+        validate_config({"search": {"seed": 2**32}})
     experiment["table3"]["seeds"] = [0, largest]
     assert (0, largest) == tuple(validate_config({"experiments": experiment})
                                  ["experiments"]["table3"]["seeds"])
