@@ -109,7 +109,8 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
     rows = np.concatenate([split.train_index, split.eval_index])
     if settings["model"]["encoder"] == "none":
         channels = split.channel_indices(settings["model"].get("modalities"))
-        voxels = np.asarray(split.images[rows], dtype=np.float32)[:, channels]
+        # only the cell's channels are read (a split of three maps holds 3x as many)
+        voxels = np.asarray(split.images[np.ix_(rows, channels)], dtype=np.float32)
         return CellFeatures(voxels.reshape(len(rows), -1), None, None)
     with np.load(features_path, allow_pickle=False) as saved:
         if saved["participant_id"].tolist() != split.participant_ids[rows].tolist():
@@ -205,7 +206,7 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
         split_images_sha256=split.stats.get("images_sha256"),
         training=training_summary(split),
         bias_correction=bias_fits(
-            features[:n_train].astype(np.float64), split.ages[split.train_index],
+            features[:n_train], split.ages[split.train_index],
             predicted[:n_train], test_ages=split.ages[split.eval_index],
             test_predicted=predicted[n_train:], readout_settings=settings["readout"],
             seed=int(settings["seed"]), where=f"split {split.name}",
