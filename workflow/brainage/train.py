@@ -152,8 +152,13 @@ def _train_key(settings: Mapping, name: str) -> str:
 
 def _write_embeddings(path: Path, features: np.ndarray, split: SplitData,
                       rows: np.ndarray, kind: str) -> None:
-    """One epoch's features of ``rows``; ``kind`` is the ``model.features`` they are
-    (the training cell's: cells sharing its encoder may read out the other kind)."""
+    """One epoch's features of ``rows``; ``kind`` is the ``model.features`` they are. A
+    train_encoder job's settings carry no ``model.features`` (a read-out setting,
+    :func:`brainage.config.training_settings`), so in the workflow this is the default,
+    ``projection``: what :meth:`brainage.models.BrainAgeNet.project` returns (the head's
+    output; without a head, ``model.projection_head: false``, the encoder output itself,
+    unit-length for the contrastive losses). Cells sharing the encoder may read out the
+    other kind from features.npz."""
     with atomic_path(path, suffix=".npz") as temp:
         with open(temp, "wb") as handle:
             np.savez(handle, features=features.astype(np.float32),
