@@ -149,16 +149,23 @@ def _stub_trial_training(monkeypatch, trained: list) -> None:
     monkeypatch.setattr(search_module, "evaluate_split", evaluate_split)
 
 
-def test_a_rerun_with_another_search_retrains_the_trials_it_changed(tmp_path, monkeypatch):
-    """A finished trial is reused only when it was scored with what the trial trains now.
-    Reusing every trial-<NN>/metrics.json (the folders are no Snakemake outputs, and
-    survive a change of search.seed or range) put the old trials' nn_final and MAE into
-    trials.tsv and best.json, scored on another validation set."""
+@pytest.fixture
+def stubbed_search(tmp_path, monkeypatch):
+    """(trained (nn_final, nn_step) list, split folder, settings, search folder) with the
+    trials' training stubbed (_stub_trial_training)."""
     trained = []
     _stub_trial_training(monkeypatch, trained)
     split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4, shape=(4, 4, 4))
     settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
-    out = tmp_path / "search"
+    return trained, split_dir, settings, tmp_path / "search"
+
+
+def test_a_rerun_with_another_search_retrains_the_trials_it_changed(stubbed_search):
+    """A finished trial is reused only when it was scored with what the trial trains now.
+    Reusing every trial-<NN>/metrics.json (the folders are no Snakemake outputs, and
+    survive a change of search.seed or range) put the old trials' nn_final and MAE into
+    trials.tsv and best.json, scored on another validation set."""
+    trained, split_dir, settings, out = stubbed_search
     first = {**SEARCH, "nn_final_range": [2, 2]}
     assert random_search(split_dir, out, settings, first)["nn_final"] == 2
     assert trained == [(2, 1), (2, 1)]
@@ -176,12 +183,8 @@ def test_a_rerun_with_another_search_retrains_the_trials_it_changed(tmp_path, mo
 
 
 def test_a_trial_recorded_before_trial_keys_is_reused_when_its_values_are_planned(
-        tmp_path, monkeypatch):
-    trained = []
-    _stub_trial_training(monkeypatch, trained)
-    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4, shape=(4, 4, 4))
-    settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
-    out = tmp_path / "search"
+        stubbed_search):
+    trained, split_dir, settings, out = stubbed_search
     search = {**SEARCH, "nn_final_range": [3, 3]}
     for trial, nn_final in ((1, 3), (2, 4)):  # trial 2 was drawn by another search
         folder = out / f"trial-{trial:02d}"
