@@ -369,3 +369,23 @@ def test_missing_qc_row_is_an_error(small_dataset):
     qc.iloc[1:].to_csv(small_dataset["qc"], sep="\t", index=False)
     with pytest.raises(InputError, match=r"qc\.tsv has no row for sub-s100"):
         _run(small_dataset)
+
+
+def test_float16_overflow_stops_the_split_naming_the_subject(small_dataset):
+    """A test subject's outlier voxel (z of about 3e5 with the training statistics) was
+    stored as inf in a float16 images.npy without an error; the split's first reader
+    (load_split) then said to rerun the normalisation, which wrote the same inf."""
+    table = small_dataset["table"]
+    subset = assign_split(table, "holdout", **SPLIT)
+    subject = table["participant_id"][np.flatnonzero(subset == "test")[0]]
+    path = next(p for p in small_dataset["maps"] if Path(p).name.startswith(f"{subject}_"))
+    image = nib.load(path)
+    data = image.get_fdata(dtype=np.float32)
+    data[2, 2, 2] = 1e5
+    nib.save(nib.Nifti1Image(data, image.affine), path)
+    with pytest.raises(InputError, match=rf"split holdout: subject {subject}: .*stiffness.* "
+                                         rf"float16.*normalise\.dtype: float32"):
+        _run(small_dataset, dtype="float16")
+    assert not (small_dataset["out"] / "images.npy").exists()
+    stats, images, _ = _run(small_dataset)  # float32 holds it
+    assert np.isfinite(images).all()

@@ -151,7 +151,8 @@ def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, su
     ------
     InputError
         A modality of the bundle without a map, an unreadable or empty map, NaN/inf
-        voxels, or a map off the bundle's template grid.
+        voxels, a map off the bundle's template grid, or z-scores beyond the range of the
+        record's dtype (a float16 record: outlier voxels would become inf).
     """
     volumes = {}
     for name in bundle.normalisation["modalities"]:
@@ -164,7 +165,8 @@ def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, su
         if not np.all(np.isfinite(data)):
             raise InputError(f"{what} has NaN/inf voxels; rerun its preprocessing.")
         volumes[name] = data
-    return apply_normalisation(volumes, bundle.normalisation).astype(np.float32)
+    return apply_normalisation(volumes, bundle.normalisation,
+                               what=f"subject {subject}").astype(np.float32)
 
 
 def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,

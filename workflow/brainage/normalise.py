@@ -362,7 +362,8 @@ def check_grid(shape, affine, record: Mapping, *, what: str) -> None:
                          f"register_to_template job.")
 
 
-def apply(volumes: Mapping[str, np.ndarray], record: Mapping) -> np.ndarray:
+def apply(volumes: Mapping[str, np.ndarray], record: Mapping, *,
+          what: str = "a subject") -> np.ndarray:
     """A subject's registered maps (``{modality: template-grid map}``) -> the network's
     input [C, x, y, z] (z-units), channels in the record's ``modalities`` order.
 
@@ -370,14 +371,35 @@ def apply(volumes: Mapping[str, np.ndarray], record: Mapping) -> np.ndarray:
     its modality, the record's window, block-averaging, the record's (training) mean and
     sd, background exactly 0, rounded through the record's storage dtype. Used for every
     split subject and for every subject of a new cohort, so both see the same numbers.
+    ``what`` names the subject in an error.
+
+    Raises
+    ------
+    InputError
+        A modality of the record without a map, or a z-score beyond the storage dtype's
+        range (float16: 65504), which would be stored as inf.
     """
     missing = [name for name in record["modalities"] if name not in volumes]
     if missing:
         raise InputError(f"no registered {', '.join(missing)} map given; the normalisation "
                          f"needs {', '.join(record['modalities'])}.")
-    return np.stack([z_score(channel(volumes[name], record, index), record["mean"][index],
-                             record["sd"][index], record["dtype"])
-                     for index, name in enumerate(record["modalities"])])
+    channels = []
+    for index, name in enumerate(record["modalities"]):
+        mean, sd = record["mean"][index], record["sd"][index]
+        blocked = channel(volumes[name], record, index)
+        with np.errstate(over="ignore"):  # an overflow is raised below, naming the subject
+            scored = z_score(blocked, mean, sd, record["dtype"])
+        if not np.isfinite(scored).all():
+            largest = float(np.max(np.abs(blocked[blocked != 0].astype(np.float64) - mean))) / sd
+            raise InputError(
+                f"{what}: the normalised {name} map reaches |z| = {largest:.3g} (training mean "
+                f"{mean:.4g}, sd {sd:.4g} {modality(name).unit}), beyond {record['dtype']}'s "
+                f"range (±{float(np.finfo(DTYPES[record['dtype']]).max):g}); it would be "
+                f"stored as inf. Check the subject's registered {name} map for outlier voxels "
+                f"(rerun its preprocessing), or store the split as float32 (config key "
+                f"normalise.dtype: float32).")
+        channels.append(scored)
+    return np.stack(channels)
 
 
 def _read_map(path: Path, record: Mapping, participant_id: str) -> np.ndarray:
@@ -556,7 +578,8 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
         offset, row_bytes = header.offset, int(np.prod(row_shape)) * np.dtype(storage).itemsize
         del header
         for row, participant_id in enumerate(table["participant_id"]):
-            normalised = apply(subject_maps(participant_id, record), record)
+            normalised = apply(subject_maps(participant_id, record), record,
+                               what=f"split {split}: subject {participant_id}")
             # One row mapped at a time: memory stays one subject whatever the cohort size.
             target = np.memmap(temp, mode="r+", dtype=storage, shape=row_shape,
                                offset=offset + row * row_bytes)
