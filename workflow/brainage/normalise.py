@@ -10,14 +10,14 @@ Splits (config section ``split``), all seeded and fixed across training seeds:
 ``loso``
     leave one study out; split ``loso<study>`` (non-alphanumerics removed) tests that study.
 
-Normalisation (docs/method.md, "Normalisation"): per channel (modality) one mean and one
-sd over the non-zero (brain) voxels of the whole dataset, background stays exactly 0; a
-T1w channel is first divided by each image's median brain value (scanner units). The
-paper's code computes them over all subjects before splitting, which leaks test statistics
-into training; by default we use the split's training subjects only (``normalise.scope:
-train``), ``scope: all`` reproduces the paper. Statistics are streamed: one map in memory
-at a time, per-subject count, mean and sum of squared deviations in float64, combined
-exactly (Chan et al. 1979).
+Normalisation (docs/method.md, "Normalisation and splits"): per channel (modality) one
+mean and one sd over the non-zero (brain) voxels of the statistics subjects, background
+stays exactly 0; a T1w channel is first divided by each image's median brain value
+(scanner units). The paper's code computes them over all subjects before splitting, which
+leaks test statistics into training; by default the statistics subjects are the split's
+training subjects only (``normalise.scope: train``), ``scope: all`` reproduces the paper.
+Statistics are streamed: one subject's maps in memory at a time, per-subject count, mean
+and sum of squared deviations in float64, combined exactly (Chan et al. 1979).
 
 Optionally (``normalise.resolution_mm`` 4/6/8) the 2 mm maps are block-averaged first: the
 template grid is cropped (where only background is removed) or padded so the factor
