@@ -161,10 +161,11 @@ class SplitData:
 def study_quotas(study_sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
     """How many of each study's subjects a stratified share ``fraction`` takes:
     ``round(fraction n)`` places in all (halves up), each study its ``floor(fraction
-    n_study)`` and the rest to the largest remainders (ties by study name), so the share
-    is the requested size and follows the study mix. The test set of a holdout split
-    (:func:`brainage.normalise.assign_split`) and the search's validation set
-    (:meth:`SplitData.with_validation`) are drawn with it."""
+    n_study)`` and the rest to the largest remainders, so the share is the requested size
+    and follows the study mix. Remainders are compared as computed in floating point (two
+    equal on paper may differ in the last bit, e.g. 0.2 x 2 and 0.2 x 7); exact ties go by
+    study name. The test set of a holdout split (:func:`brainage.normalise.assign_split`)
+    and the search's validation set (:meth:`SplitData.with_validation`) are drawn with it."""
     total = int(math.floor(fraction * sum(study_sizes.values()) + 0.5))
     exact = {study: fraction * size for study, size in study_sizes.items()}
     quota = {study: int(math.floor(value)) for study, value in exact.items()}
