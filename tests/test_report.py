@@ -435,6 +435,20 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     assert not list(Path(layout.result("tables")).glob(".*"))  # no temporary files left
 
 
+def test_latex_caption_of_an_ablation_named_with_an_underscore_is_escaped(tmp_path):
+    """Every enabled experiment gets its ablation table, titled "Experiment <name>" when
+    ABLATION_TITLES lacks it, and the schema allows underscores in names. pandas escapes the
+    cells but not the caption: "\\caption{Experiment my_ablation: ...}" stops pdflatex
+    (underscore outside math mode)."""
+    table = pd.DataFrame({"variant": ["a_1"], "label": ["a_1"], "setting": ["loss.sigma=1"],
+                          "n_seeds": [2], "mae_mean": [4.0], "mae_std": [0.5],
+                          "paper_mae_mean": [np.nan], "paper_mae_std": [np.nan]})
+    tables.write_ablation(table, "my_ablation", tmp_path / "ablation_my_ablation")
+    latex = (tmp_path / "ablation_my_ablation.tex").read_text()
+    assert r"\caption{Experiment my\_ablation: test MAE}" in latex, latex
+    assert "a\\_1" in latex  # the cells, as before
+
+
 # ---- figures ----------------------------------------------------------------------------
 
 @pytest.mark.slow
