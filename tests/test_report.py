@@ -449,6 +449,40 @@ def test_latex_caption_of_an_ablation_named_with_an_underscore_is_escaped(tmp_pa
     assert "a\\_1" in latex  # the cells, as before
 
 
+def test_latex_tables_are_ascii(tmp_path):
+    """The .tex tables are for pdflatex, which stops at a Unicode character it has no
+    definition for: ± λ → were written as math, but not Table 3b's "ΔMAE [years] (other −
+    reference)", the pretraining gain's "−", nor Fig. 6's "hard (λ→∞)"."""
+    seeds = pd.DataFrame({
+        "experiment": "table3", "seed": [0, 1] * 2, "variant": ["adaptive"] * 2 + ["simclr"] * 2,
+        "loss": ["adaptive"] * 2 + ["simclr"] * 2, "kind": "contrastive",
+        "mae": [3.0, 3.5, 4.0, 4.2], "rmse": 5.0, "pearson_r": 0.8, "r2": 0.6,
+        "gap_age_slope": -0.2, "n_test": 8, "neighbourhood": None})
+    table = tables.table3_losses(seeds, display_names={"adaptive": "Adaptive Neighborhoods",
+                                                       "simclr": "SimCLR", "nnclr": "NNCLR",
+                                                       "rnc": "Rank-N-Contrast"})
+    tables.write_table3(table, tables.paired_comparison(seeds), tmp_path / "t3", tmp_path / "t3b")
+    lam = {"lam1": {"loss": {"name": "adaptive", "lam": 1.0}},
+           "hard": {"loss": {"name": "adaptive", "lam": None}}}
+    ablation = tables.ablation_table(seeds.assign(experiment="lambda", variant=["lam1", "lam1",
+                                                                               "hard", "hard"]),
+                                     "lambda", lam)
+    tables.write_ablation(ablation, "lambda", tmp_path / "lambda")
+    gains = pd.DataFrame([{"label": "Adaptive Neighborhoods", "run": "t1w", "n_pairs": 2,
+                           "mae_scratch_mean": 5.0, "mae_pretrained_mean": 4.0,
+                           "gain_mean": 1.0, "gain_std": 0.1, "pretrained_wins": 2}])
+    runs = pd.DataFrame([{"run": "t1w", "loss": "exponential", "epochs": 3, "n_train": 4,
+                          "n_validation": 2, "first_loss": 1.0, "last_loss": 0.5,
+                          "validation_mae": 9.0, "validation_pearson_r": 0.8}])
+    tables.write_pretraining(runs, gains, tmp_path / "pre", tmp_path / "gain")
+    for name in ("t3", "t3b", "lambda", "pre", "gain"):
+        latex = (tmp_path / f"{name}.tex").read_text()
+        assert latex.isascii(), (name, sorted({c for c in latex if not c.isascii()}))
+    paired = (tmp_path / "t3b.tex").read_text()
+    assert r"$\Delta$MAE [years] (other $-$ reference)" in paired
+    assert r"hard ($\lambda$$\to$$\infty$)" in (tmp_path / "lambda.tex").read_text()
+
+
 # ---- figures ----------------------------------------------------------------------------
 
 @pytest.mark.slow
