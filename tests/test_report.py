@@ -510,6 +510,27 @@ def test_make_figures_writes_every_figure(results):
         assert Path(path).read_bytes()[:4] == b"\x89PNG", name
 
 
+def test_ablation_figures_draw_no_error_bar_for_a_single_seed(tmp_path, monkeypatch):
+    """With one seed the sd is undefined (the table prints the mean alone); the figures drew
+    it as 0, a cap at the mean under the legend "mean ± sd over seeds" (config/test.yaml's
+    modality ablation has one seed)."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    table = pd.DataFrame({"variant": ["a", "b"], "label": ["A", "B"], "mae_mean": [4.0, 5.0],
+                          "mae_std": [np.nan, 0.5], "paper_mae_mean": [np.nan, np.nan],
+                          "paper_mae_std": [np.nan, np.nan]})
+    seeds = pd.DataFrame({"variant": ["a", "b", "b"], "mae": [4.0, 4.6, 5.4]})
+    figures.plot_ablation(table, seeds, tmp_path / "a.png", title="t")
+    figures.plot_lambda_sweep(table, tmp_path / "l.png")
+    for figure in drawn:
+        axis = figure.axes[0]
+        containers = [c for c in axis.containers if hasattr(c, "has_yerr") and c.has_yerr]
+        caps = [np.asarray(line.get_ydata(), float) for c in containers for line in c.lines[1]]
+        # the caps of variant a (index 0) are not drawn, those of b at 5.0 ± 0.5
+        assert all(np.isnan(cap[0]) for cap in caps), caps
+        assert sorted(cap[1] for cap in caps) == pytest.approx([4.5, 5.5])
+
+
 def test_coverage_examples_pick_nearest_distinct_subjects():
     participants = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"],
                                  "coverage": [1.0, 0.99, 0.93, 0.82, 0.6]})
