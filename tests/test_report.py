@@ -435,6 +435,54 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     assert not list(Path(layout.result("tables")).glob(".*"))  # no temporary files left
 
 
+def test_latex_caption_of_an_ablation_named_with_an_underscore_is_escaped(tmp_path):
+    """Every enabled experiment gets its ablation table, titled "Experiment <name>" when
+    ABLATION_TITLES lacks it, and the schema allows underscores in names. pandas escapes the
+    cells but not the caption: "\\caption{Experiment my_ablation: ...}" stops pdflatex
+    (underscore outside math mode)."""
+    table = pd.DataFrame({"variant": ["a_1"], "label": ["a_1"], "setting": ["loss.sigma=1"],
+                          "n_seeds": [2], "mae_mean": [4.0], "mae_std": [0.5],
+                          "paper_mae_mean": [np.nan], "paper_mae_std": [np.nan]})
+    tables.write_ablation(table, "my_ablation", tmp_path / "ablation_my_ablation")
+    latex = (tmp_path / "ablation_my_ablation.tex").read_text()
+    assert r"\caption{Experiment my\_ablation: test MAE}" in latex, latex
+    assert "a\\_1" in latex  # the cells, as before
+
+
+def test_latex_tables_are_ascii(tmp_path):
+    """The .tex tables are for pdflatex, which stops at a Unicode character it has no
+    definition for: ± λ → were written as math, but not Table 3b's "ΔMAE [years] (other −
+    reference)", the pretraining gain's "−", nor Fig. 6's "hard (λ→∞)"."""
+    seeds = pd.DataFrame({
+        "experiment": "table3", "seed": [0, 1] * 2, "variant": ["adaptive"] * 2 + ["simclr"] * 2,
+        "loss": ["adaptive"] * 2 + ["simclr"] * 2, "kind": "contrastive",
+        "mae": [3.0, 3.5, 4.0, 4.2], "rmse": 5.0, "pearson_r": 0.8, "r2": 0.6,
+        "gap_age_slope": -0.2, "n_test": 8, "neighbourhood": None})
+    table = tables.table3_losses(seeds, display_names={"adaptive": "Adaptive Neighborhoods",
+                                                       "simclr": "SimCLR", "nnclr": "NNCLR",
+                                                       "rnc": "Rank-N-Contrast"})
+    tables.write_table3(table, tables.paired_comparison(seeds), tmp_path / "t3", tmp_path / "t3b")
+    lam = {"lam1": {"loss": {"name": "adaptive", "lam": 1.0}},
+           "hard": {"loss": {"name": "adaptive", "lam": None}}}
+    ablation = tables.ablation_table(seeds.assign(experiment="lambda", variant=["lam1", "lam1",
+                                                                               "hard", "hard"]),
+                                     "lambda", lam)
+    tables.write_ablation(ablation, "lambda", tmp_path / "lambda")
+    gains = pd.DataFrame([{"label": "Adaptive Neighborhoods", "run": "t1w", "n_pairs": 2,
+                           "mae_scratch_mean": 5.0, "mae_pretrained_mean": 4.0,
+                           "gain_mean": 1.0, "gain_std": 0.1, "pretrained_wins": 2}])
+    runs = pd.DataFrame([{"run": "t1w", "loss": "exponential", "epochs": 3, "n_train": 4,
+                          "n_validation": 2, "first_loss": 1.0, "last_loss": 0.5,
+                          "validation_mae": 9.0, "validation_pearson_r": 0.8}])
+    tables.write_pretraining(runs, gains, tmp_path / "pre", tmp_path / "gain")
+    for name in ("t3", "t3b", "lambda", "pre", "gain"):
+        latex = (tmp_path / f"{name}.tex").read_text()
+        assert latex.isascii(), (name, sorted({c for c in latex if not c.isascii()}))
+    paired = (tmp_path / "t3b.tex").read_text()
+    assert r"$\Delta$MAE [years] (other $-$ reference)" in paired
+    assert r"hard ($\lambda$$\to$$\infty$)" in (tmp_path / "lambda.tex").read_text()
+
+
 # ---- figures ----------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -460,6 +508,27 @@ def test_make_figures_writes_every_figure(results):
                    for variant in config["experiments"]["table3"]["variants"]})
     for name, path in paths.items():
         assert Path(path).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_ablation_figures_draw_no_error_bar_for_a_single_seed(tmp_path, monkeypatch):
+    """With one seed the sd is undefined (the table prints the mean alone); the figures drew
+    it as 0, a cap at the mean under the legend "mean ± sd over seeds" (config/test.yaml's
+    modality ablation has one seed)."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    table = pd.DataFrame({"variant": ["a", "b"], "label": ["A", "B"], "mae_mean": [4.0, 5.0],
+                          "mae_std": [np.nan, 0.5], "paper_mae_mean": [np.nan, np.nan],
+                          "paper_mae_std": [np.nan, np.nan]})
+    seeds = pd.DataFrame({"variant": ["a", "b", "b"], "mae": [4.0, 4.6, 5.4]})
+    figures.plot_ablation(table, seeds, tmp_path / "a.png", title="t")
+    figures.plot_lambda_sweep(table, tmp_path / "l.png")
+    for figure in drawn:
+        axis = figure.axes[0]
+        containers = [c for c in axis.containers if hasattr(c, "has_yerr") and c.has_yerr]
+        caps = [np.asarray(line.get_ydata(), float) for c in containers for line in c.lines[1]]
+        # the caps of variant a (index 0) are not drawn, those of b at 5.0 ± 0.5
+        assert all(np.isnan(cap[0]) for cap in caps), caps
+        assert sorted(cap[1] for cap in caps) == pytest.approx([4.5, 5.5])
 
 
 def test_coverage_examples_pick_nearest_distinct_subjects():

@@ -114,8 +114,10 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(max(4.5, 1.3 * len(table) + 2), 4))
     x = np.arange(len(table))
-    errors = np.nan_to_num(table["mae_std"].to_numpy(float))
-    bars = axis.bar(x, table["mae_mean"], yerr=errors, capsize=5, color="#4C72B0",
+    # one seed has no sd: no error bar (NaN), not a cap at the mean that reads "sd 0"
+    sd = table["mae_std"].to_numpy(float)
+    errors = np.nan_to_num(sd)
+    bars = axis.bar(x, table["mae_mean"], yerr=sd, capsize=5, color="#4C72B0",
                     alpha=0.85, label="ours: mean ± sd over seeds")
     for position, variant in zip(x, table["variant"]):
         values = seeds.loc[seeds["variant"] == variant, "mae"].to_numpy(float)
@@ -147,7 +149,7 @@ def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     x = np.arange(len(table))
-    axis.errorbar(x, table["mae_mean"], yerr=np.nan_to_num(table["mae_std"].to_numpy(float)),
+    axis.errorbar(x, table["mae_mean"], yerr=table["mae_std"].to_numpy(float),  # NaN: 1 seed
                   fmt="o-", capsize=4, color="#4C72B0", label="ours: mean ± sd over seeds")
     paper = table["paper_mae_mean"].to_numpy(float)
     if np.isfinite(paper).any():

@@ -292,12 +292,31 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
         markdown += ["", extra_markdown]
     with atomic_path(paths[".md"]) as temp:
         temp.write_text("\n".join(markdown).rstrip() + "\n")
-    latex = display.to_latex(index=False, escape=True, caption=title,
+    # pandas escapes the cells, not the caption: an experiment's name (my_ablation) names it
+    latex = display.to_latex(index=False, escape=True, caption=_escape_latex(title),
                              label=f"tab:{stem.name}", column_format="l" * max(1, display.shape[1]))
-    latex = latex.replace("±", r"$\pm$").replace("λ", r"$\lambda$").replace("→", r"$\to$")
+    for character, command in _LATEX_UNICODE.items():
+        latex = latex.replace(character, command)
     with atomic_path(paths[".tex"]) as temp:
         temp.write_text(latex)
     return paths
+
+
+#: LaTeX's special characters, as pandas' ``to_latex(escape=True)`` writes them.
+_LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+                   "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+                   "^": r"\textasciicircum{}"}
+
+
+#: The non-ASCII characters of the tables' labels, headers and values, written so that
+#: pdflatex, which stops at a Unicode character it has no definition for, reads them.
+_LATEX_UNICODE = {"±": r"$\pm$", "λ": r"$\lambda$", "→": r"$\to$", "∞": r"$\infty$",
+                  "Δ": r"$\Delta$", "−": r"$-$", "≈": r"$\approx$", "×": r"$\times$",
+                  "²": r"$^2$", "–": "--"}
+
+
+def _escape_latex(text: str) -> str:
+    return "".join(_LATEX_SPECIALS.get(character, character) for character in str(text))
 
 
 def _mean_sd_column(table: pd.DataFrame, mean: str, sd: str, digits: int = 3) -> list[str]:
