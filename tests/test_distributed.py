@@ -337,6 +337,19 @@ def test_every_process_needs_a_subject_of_every_batch():
         check_shares(18, 8, Processes(0, 3))  # batches of 8, 8 and 2
 
 
+def test_the_planned_smallest_batch_is_that_of_the_batches_training_draws():
+    """The planning check counts without PyTorch (split_data.smallest_batch); it must agree
+    with plan_batches, which training draws from (a single leftover joins a batch)."""
+    from brainage.data import plan_batches
+    from brainage.split_data import smallest_batch
+
+    for n_train in range(1, 60):
+        for batch_size in range(1, n_train + 1):
+            drawn = plan_batches(n_train, batch_size, np.random.default_rng(0))
+            assert smallest_batch(n_train, batch_size) == min(map(len, drawn)), (n_train,
+                                                                                 batch_size)
+
+
 def test_too_small_a_last_batch_names_the_pretraining_runs_key(split_dir, tmp_path):
     """Several processes train pretraining runs, whose batch is pretrain.<run>.train.
     batch_size (never the top-level train.batch_size, which the message used to name)."""

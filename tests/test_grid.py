@@ -289,6 +289,26 @@ def test_a_pretraining_batch_larger_than_its_cohort_stops_before_any_job(tmp_pat
     run_snakemake(tmp_path / "work", configfile, "--dry-run")
 
 
+def test_a_pretraining_batch_its_processes_cannot_share_stops_before_any_job(tmp_path):
+    """Eight simulated T1w subjects, two held out: 6 training subjects in batches of 4 and
+    2 cannot feed 2 GPUs x 2 nodes; pretrain_encoder used to find out after the cohort's
+    preprocessing, on the cluster's GPU nodes."""
+    base = tiny_test_config(dataset(tmp_path, 6))
+    base["pretrain"] = {"t1": {"source": {"kind": "simulate", "n_subjects": 8},
+                               "validation_fraction": 0.25,
+                               "train": {"epochs": 2, "batch_size": 4},
+                               "resources": {"gpus": 2, "nodes": 2}}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    result = run_snakemake(tmp_path / "work", configfile, "--dry-run", check=False)
+    assert result.returncode != 0, result.stdout[-2000:]
+    output = result.stdout + result.stderr
+    assert ("config key pretrain.t1.train.batch_size is 4: with 6 training subjects the "
+            "last batch of every epoch has 2 subjects, fewer than the 4 processes") in output, \
+        output[-3000:]
+    write_config(configfile, base, pretrain__t1__resources__nodes=1)  # 2 processes: fine
+    run_snakemake(tmp_path / "work", configfile, "--dry-run")
+
+
 def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp_path):
     """model.init pretrained:<run> puts the run's encoder in the cell's inputs: editing the
     run reruns its training, its validation read-out and the fine-tuned cells (and the

@@ -81,13 +81,12 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from brainage.config import ConfigError
-from brainage.data import Augmenter, plan_batches
+from brainage.data import Augmenter
+from brainage.split_data import check_batch_shares
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +251,8 @@ def broadcast_from_main(processes: Processes, value):
 def check_shares(n_train: int, batch_size: int, processes: Processes, *,
                  key: str = "train.batch_size") -> None:
     """Every process must get at least one subject of every batch (a ResNet cannot
-    forward an empty batch).
+    forward an empty batch): :func:`brainage.split_data.check_batch_shares`, which the
+    workflow also runs while it plans a pretraining run whose cohort it knows.
 
     Raises
     ------
@@ -261,17 +261,8 @@ def check_shares(n_train: int, batch_size: int, processes: Processes, *,
         ``pretrain.<run>.train.batch_size``), the smallest batch of an epoch and the
         process count.
     """
-    if not processes.is_distributed:
-        return
-    smallest = min(len(batch) for batch in plan_batches(n_train, batch_size,
-                                                        np.random.default_rng(0)))
-    if smallest < processes.world_size:
-        raise ConfigError(
-            f"config key {key} is {batch_size}: with {n_train} training subjects "
-            f"the last batch of every epoch has {smallest} subjects, fewer than the "
-            f"{processes.world_size} processes sharing it. Start at most {smallest} processes, "
-            f"or choose {key} so that the remainder of {n_train} / batch_size is 0, 1 "
-            f"(that subject joins the batch before it) or at least {processes.world_size}.")
+    if processes.is_distributed:
+        check_batch_shares(n_train, batch_size, processes.world_size, key=key)
 
 
 # -- the model ------------------------------------------------------------------------------

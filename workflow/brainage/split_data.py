@@ -158,6 +158,40 @@ class SplitData:
                        eval_subset="validation", name=f"{self.name}-validation")
 
 
+def smallest_batch(n_subjects: int, batch_size: int) -> int:
+    """The smallest batch of an epoch of :func:`brainage.data.plan_batches` (which imports
+    PyTorch; this does not, for planning): the last, smaller batch, except that a single
+    leftover subject joins the batch before it."""
+    full, leftover = divmod(n_subjects, batch_size)
+    sizes = [batch_size] * full + ([leftover] if leftover else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        leftover = sizes.pop()
+        sizes[-1] += leftover
+    return min(sizes)
+
+
+def check_batch_shares(n_train: int, batch_size: int, processes: int, *,
+                       key: str = "train.batch_size") -> None:
+    """Every one of ``processes`` training processes must get at least one subject of
+    every batch of ``batch_size`` from ``n_train`` subjects (a ResNet cannot forward an
+    empty batch; :mod:`brainage.distributed` splits each batch among the processes).
+
+    Raises
+    ------
+    ConfigError
+        Naming ``key``, the config key that sets the batch, the smallest batch of an
+        epoch (:func:`smallest_batch`) and the process count.
+    """
+    smallest = smallest_batch(n_train, batch_size)
+    if smallest < processes:
+        raise ConfigError(
+            f"config key {key} is {batch_size}: with {n_train} training subjects "
+            f"the last batch of every epoch has {smallest} subjects, fewer than the "
+            f"{processes} processes sharing it. Start at most {smallest} processes, "
+            f"or choose {key} so that the remainder of {n_train} / batch_size is 0, 1 "
+            f"(that subject joins the batch before it) or at least {processes}.")
+
+
 def study_quotas(study_sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
     """How many of each study's subjects a stratified share ``fraction`` takes:
     ``round(fraction n)`` places in all (halves up), each study its ``floor(fraction

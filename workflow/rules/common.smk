@@ -63,7 +63,7 @@ from brainage.normalise import training_counts, training_study_sizes
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import simulated_participants, simulation_options
 from brainage.simulate.t1w_cohort import draw_t1w_participants
-from brainage.split_data import subjects_left_for_training
+from brainage.split_data import check_batch_shares, subjects_left_for_training
 
 
 def _say(message):
@@ -384,6 +384,17 @@ def check_pretraining_set_sizes():
                 eval_subset="validation",
             )
             check_pretrain_batch_size(config, name, counts["holdout"], source="config")
+            # each of the run's training processes (one per GPU and node) needs a share
+            # of every batch: else pretrain_encoder fails after the cohort's preprocessing
+            run = pretrain_settings(config, name)
+            if run["train"]["epochs"] > 0:
+                resources = PRETRAIN[name]["resources"]
+                check_batch_shares(
+                    counts["holdout"],
+                    int(run["train"]["batch_size"]),
+                    max(int(resources["gpus"]), 1) * int(resources["nodes"]),
+                    key=f"pretrain.{name}.train.batch_size",
+                )
         except (ConfigError, InputError) as error:
             raise WorkflowError(f"invalid configuration:\n{error}") from None
     _PRETRAIN_BATCH_SIZES_CHECKED.append(True)
