@@ -88,12 +88,14 @@ def test_pca_ridge_recovers_images_that_are_linear_in_age(tmp_path):
 def test_untrained_encoder_keeps_the_seeds_initialisation(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4)
     settings = tiny_settings(train={"epochs": 0})
+    stale = tmp_path / ".encoder.pt.k3j_x9ab.pt"  # a killed write's temporary
+    stale.write_bytes(b"half written")
     history = train_encoder(split_dir, settings, encoder_path=tmp_path / "encoder.pt",
                             history_path=tmp_path / "history.tsv",
                             embeddings_dir=tmp_path / "embeddings",
                             checkpoint_path=tmp_path / "checkpoint.pt",
                             features_path=tmp_path / "features.npz")
-    assert history == []
+    assert history == [] and not stale.exists()
     seed_everything(settings["seed"])
     initial = build_model(resolve_cell(settings)["model"]).state_dict()
     saved = torch.load(tmp_path / "encoder.pt", weights_only=True)["model"]
@@ -168,3 +170,20 @@ def test_baselines_never_see_the_test_subjects(tmp_path, name):
                                   clean.loc[training, "predicted_age"].to_numpy())
     description = json.loads((tmp_path / "poisoned" / "readout.json").read_text())
     assert description["training"]["age_max"] < 99.0  # the read-out's own record agrees
+
+
+def test_evaluation_sweeps_the_temporaries_a_killed_write_left(tmp_path):
+    """A kill between atomic_path's temporary file and its rename leaves
+    .metrics.json.<random>.json beside the outputs; the next evaluation of the cell removes
+    it (training did so for its own outputs, evaluation and untrained encoders did not)."""
+    split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
+    folder = tmp_path / "cell"
+    folder.mkdir()
+    stale = [folder / ".metrics.json.k3j_x9ab.json", folder / ".readout.npz.q1w2e3r4.npz"]
+    for path in stale:
+        path.write_text("half written")
+    keep = folder / ".metrics.json.notes"  # not a temporary of atomic_path
+    keep.write_text("mine")
+    evaluate(split_dir, VOXEL_BASELINES["train_mean"], folder)
+    assert not any(path.exists() for path in stale) and keep.exists()
+    assert (folder / "metrics.json").is_file() and (folder / "readout.npz").is_file()

@@ -29,8 +29,14 @@ import pandas as pd
 
 from brainage.agebias import bias_fits
 from brainage.config import cell_kind, resolve_cell
-from brainage.io import write_json, write_tsv
-from brainage.readout import Readout, fit_readout, save_readout
+from brainage.io import remove_stale_temporaries, write_json, write_tsv
+from brainage.readout import (
+    READOUT_ARRAYS,
+    READOUT_DESCRIPTION,
+    Readout,
+    fit_readout,
+    save_readout,
+)
 from brainage.split_data import DataError, SplitData, load_split
 
 log = logging.getLogger(__name__)
@@ -193,13 +199,18 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
         The metrics written to ``metrics_path``.
     """
     settings = resolve_cell(settings)
+    folder = Path(metrics_path).parent
+    for output in (metrics_path, predictions_path, folder / READOUT_ARRAYS,
+                   folder / READOUT_DESCRIPTION):  # this job owns them
+        for stale in remove_stale_temporaries(output):
+            log.info("removed %s, left by a write that was killed", stale)
     split = load_split(split_dir)
     features, encoder_sha256, trained_loss = cell_features(split, features_path, settings)
     metrics, predictions, readout = evaluate_split(split, features, settings)
     n_train = len(split.train_index)
     predicted = predictions["predicted_age"].to_numpy(dtype=np.float64)
     save_readout(
-        Path(metrics_path).parent, readout, features=settings["model"]["features"],
+        folder, readout, features=settings["model"]["features"],
         n_features=int(features.shape[1]), split=split.name, encoder_sha256=encoder_sha256,
         # the normalised arrays the features came from: export refuses a split normalised
         # again since (brainage.export)

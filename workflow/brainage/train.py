@@ -244,6 +244,9 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         distributed.barrier(processes)
         return []
     if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
+        for output in (encoder_path, features_path, history_path):
+            for stale in remove_stale_temporaries(output) if output is not None else ():
+                log.info("removed %s, left by a write that was killed", stale)
         if settings["model"]["init_checkpoint"]:
             load_init_checkpoint(model, settings["model"]["init_checkpoint"],
                                  key=init_checkpoint_key(settings["model"]))
