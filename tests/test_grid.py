@@ -271,18 +271,25 @@ def test_a_qc_threshold_retrains_nothing_unless_it_excludes_subjects(tmp_path):
     assert counts["normalise_dataset"] == 1 and counts["train_encoder"] >= 1, counts
 
 
+def _refused_pretraining_plan(tmp_path, n_subjects: int, **run) -> tuple[dict, Path, str]:
+    """Dry-run the tiny config with a simulated pretraining run t1 of ``n_subjects`` (a
+    quarter held out, 2 epochs, batch 4; ``run`` adds to the run's section), which must
+    stop before any job: (config, config file, the run's output)."""
+    base = tiny_test_config(dataset(tmp_path, 6))
+    base["pretrain"] = {"t1": {"source": {"kind": "simulate", "n_subjects": n_subjects},
+                               "validation_fraction": 0.25,
+                               "train": {"epochs": 2, "batch_size": 4}, **run}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    result = run_snakemake(tmp_path / "work", configfile, "--dry-run", check=False)
+    assert result.returncode != 0, result.stdout[-2000:]
+    return base, configfile, result.stdout + result.stderr
+
+
 def test_a_pretraining_batch_larger_than_its_cohort_stops_before_any_job(tmp_path):
     """Four simulated T1w subjects, one held out for validation: a batch of 4 stops the dry
     run naming the run's key (pretrain_encoder used to fail after the preprocessing, naming
     the top-level train.batch_size)."""
-    base = tiny_test_config(dataset(tmp_path, 6))
-    base["pretrain"] = {"t1": {"source": {"kind": "simulate", "n_subjects": 4},
-                               "validation_fraction": 0.25,
-                               "train": {"epochs": 2, "batch_size": 4}}}
-    configfile = write_config(tmp_path / "config.yaml", base)
-    result = run_snakemake(tmp_path / "work", configfile, "--dry-run", check=False)
-    assert result.returncode != 0, result.stdout[-2000:]
-    output = result.stdout + result.stderr
+    base, configfile, output = _refused_pretraining_plan(tmp_path, 4)
     assert ("config key pretrain.t1.train.batch_size is 4 but pretraining run t1's T1w "
             "cohort has only 3 training subjects") in output, output[-3000:]
     write_config(configfile, base, pretrain__t1__train__batch_size=3)
@@ -293,15 +300,8 @@ def test_a_pretraining_batch_its_processes_cannot_share_stops_before_any_job(tmp
     """Eight simulated T1w subjects, two held out: 6 training subjects in batches of 4 and
     2 cannot feed 2 GPUs x 2 nodes; pretrain_encoder used to find out after the cohort's
     preprocessing, on the cluster's GPU nodes."""
-    base = tiny_test_config(dataset(tmp_path, 6))
-    base["pretrain"] = {"t1": {"source": {"kind": "simulate", "n_subjects": 8},
-                               "validation_fraction": 0.25,
-                               "train": {"epochs": 2, "batch_size": 4},
-                               "resources": {"gpus": 2, "nodes": 2}}}
-    configfile = write_config(tmp_path / "config.yaml", base)
-    result = run_snakemake(tmp_path / "work", configfile, "--dry-run", check=False)
-    assert result.returncode != 0, result.stdout[-2000:]
-    output = result.stdout + result.stderr
+    base, configfile, output = _refused_pretraining_plan(
+        tmp_path, 8, resources={"gpus": 2, "nodes": 2})
     assert ("config key pretrain.t1.train.batch_size is 4: with 6 training subjects the "
             "last batch of every epoch has 2 subjects, fewer than the 4 processes") in output, \
         output[-3000:]
