@@ -67,6 +67,11 @@ def test_description_names_the_pipeline_and_the_template_space(derivatives):
     assert all("_space-MNI152NLin2009aSym_res-2_" in path.name for path in registered)
     assert (derivatives / "tpl-MNI152NLin2009aSym"
             / "tpl-MNI152NLin2009aSym_res-2_T1w.nii.gz").is_file()
+    # the mask shares the T1's grid but is not made from it (nilearn, or the user, gives it)
+    mask = json.loads((derivatives / "tpl-MNI152NLin2009aSym"
+                       / "tpl-MNI152NLin2009aSym_res-2_desc-brain_mask.json").read_text())
+    assert mask["SpatialReference"] == ("bids::tpl-MNI152NLin2009aSym/tpl-MNI152NLin2009aSym"
+                                        "_res-2_T1w.nii.gz") and "Sources" not in mask
 
 
 def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulated_cohort,

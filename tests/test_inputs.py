@@ -359,6 +359,34 @@ def test_a_non_finite_origin_is_refused_like_a_non_finite_matrix(tiny_dataset):
         check_dataset_images(tiny_dataset, ["00a"])
 
 
+def test_voxel_sizes_not_in_mm_are_refused_with_the_fix(tiny_dataset):
+    """A header in metres was read by nibabel as 0.002 mm voxels (and by ANTs, which scales
+    declared metres, as 2 mm): the steps disagreed about the image's size."""
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    declared = nib.Nifti1Image(volume, np.diag([0.002, 0.002, 0.002, 1]))
+    declared.header.set_xyzt_units("meter")
+    nib.save(declared, _stiffness(tiny_dataset, "00a"))
+    silent = nib.Nifti1Image(volume, np.diag([0.002, 0.002, 0.002, 1]))
+    silent.header.set_xyzt_units("unknown")
+    nib.save(silent, _stiffness(tiny_dataset, "01a"))
+    with pytest.raises(InputError, match=r"(?s)2 input images.*sub-00a: stiffness map .*"
+                                         r"declares its voxel sizes \(0\.002, 0\.002, 0\.002\) "
+                                         r"in meters.*multiply the affine .* by 1000.*"
+                                         r"sub-01a: stiffness map .*voxel sizes of 0\.002.*"
+                                         r"declares the unit 'unknown'.*probably in metres"):
+        check_dataset_images(tiny_dataset, ["00a", "01a"])
+    microns = nib.Nifti1Image(volume, np.diag([2000.0, 2000, 2000, 1]))
+    microns.header.set_xyzt_units("micron")
+    nib.save(microns, _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"in microns.*by 0\.001"):
+        load_volume(_stiffness(tiny_dataset, "00a"), what="subject sub-00a: stiffness map")
+    for unit in ("mm", "unknown"):  # 2 mm voxels, declared or not, pass
+        image = nib.Nifti1Image(volume, np.diag([2.0, 2, 2, 1]))
+        image.header.set_xyzt_units(unit)
+        nib.save(image, _stiffness(tiny_dataset, "00a"))
+        assert load_volume(_stiffness(tiny_dataset, "00a"), what="map")[1][0, 0] == 2.0
+
+
 def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):
     cache = tmp_path / "cache.json"
     check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)

@@ -346,7 +346,8 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
     """Load a 3D NIfTI image, checking it is readable, 3D and not all zeros.
 
     Returns the nibabel image (data not cached). Raises :class:`InputError` naming the
-    file for a non-NIfTI or corrupt file, a 4D image, or an image with no non-zero voxel.
+    file for a non-NIfTI or corrupt file, a 4D image, an image with no non-zero voxel, a
+    singular affine, or voxel sizes not in mm (:func:`_check_spatial_unit`).
     """
     import nibabel as nib
 
@@ -373,7 +374,43 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
         raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
                          f"matrix {affine.round(4).tolist()}), so its voxels have no place in "
                          f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
+    _check_spatial_unit(image, affine, path, what)
     return image
+
+
+#: Voxel sizes (mm) that no MR image of a head has: smaller ones are a header written in
+#: metres without saying so (a 2 mm voxel stored as 0.002).
+MIN_VOXEL_SIZE_MM = 0.05
+#: NIfTI spatial units other than mm, and the factor that turns them into mm.
+OTHER_SPATIAL_UNITS = {"meter": 1000.0, "micron": 0.001}
+
+
+def _check_spatial_unit(image, affine: np.ndarray, path: Path, what: str) -> None:
+    """Refuse a NIfTI whose voxel sizes are not in mm.
+
+    nibabel (every step of this package) reads the affine's numbers as they are, while
+    ITK/ANTs scales a header that declares metres or microns to mm: a file in metres would
+    be registered at one size and masked, resampled and normalised at another. A header
+    that declares no unit but holds sub-0.05 mm voxels is in metres too.
+    """
+    voxel_mm = np.sqrt((affine[:, :3] ** 2).sum(axis=0))
+    sizes = ", ".join(f"{size:.4g}" for size in voxel_mm)
+    units = getattr(image.header, "get_xyzt_units", None)
+    unit = units()[0] if units is not None else "unknown"
+    if unit in OTHER_SPATIAL_UNITS:
+        raise InputError(
+            f"{what} {path} declares its voxel sizes ({sizes}) in {unit}s; this pipeline "
+            f"works in mm, and nibabel and ANTs would read the file at different sizes. "
+            f"Re-save it in mm: multiply the affine (qform and sform) by "
+            f"{OTHER_SPATIAL_UNITS[unit]:g} if the numbers are in {unit}s, then set the unit "
+            f"to mm (nibabel: image.header.set_xyzt_units('mm')).")
+    if voxel_mm.min() < MIN_VOXEL_SIZE_MM:
+        raise InputError(
+            f"{what} {path} has voxel sizes of {sizes} (its header declares the unit "
+            f"{unit!r}); read as mm they are smaller than any head MR image's "
+            f"({MIN_VOXEL_SIZE_MM} mm), so the header is probably in metres. Re-save it in "
+            f"mm: multiply the affine (qform and sform) by 1000 and set the unit to mm "
+            f"(nibabel: image.header.set_xyzt_units('mm')).")
 
 
 #: Threads that read a dataset's images on its first check: decompression releases the

@@ -76,8 +76,9 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
             "Resolution": resolution})
         write_json(folder / name / f"{name}_{TEMPLATE_RESOLUTION}_desc-brain_mask.json", {
             "Type": "Brain", "Description": f"{space} brain mask at 2 mm",
+            # no Sources: the mask is not made from the T1 (nilearn ships both; a user's
+            # template gives both); it only shares the T1's grid
             "Resolution": resolution,
-            "Sources": [f"bids::{name}/{name}_{TEMPLATE_RESOLUTION}_T1w.nii.gz"],
             "SpatialReference": f"bids::{name}/{name}_{TEMPLATE_RESOLUTION}_T1w.nii.gz"})
     description = folder / "dataset_description.json"
     write_json(description, {
