@@ -329,6 +329,10 @@ def test_summarise_seeds_by_hand():
     assert summary["mae_study_a"] == pytest.approx(5.0)
     assert summary["n_test"] == 20 and summary["n_study_a"] == 12  # the seeds share the split
     assert np.isnan(report_results.summarise_seeds(seeds.iloc[:1])["mae_std"])
+    # a seed with constant predictions has no r: the mean over the seeds has none either
+    # (it was 0.85, the mean of the other two, labelled as the mean of all three)
+    undefined = report_results.summarise_seeds(seeds.assign(pearson_r=[0.9, 0.8, np.nan]))
+    assert np.isnan(undefined["pearson_r_mean"]) and undefined["mae_mean"] == pytest.approx(5)
 
 
 def test_per_study_mae_pools_each_studys_test_subjects_over_folds(tmp_path):

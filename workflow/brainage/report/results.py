@@ -269,20 +269,29 @@ def pooled_study_mae(group: pd.DataFrame, column: str) -> float:
 
 
 def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
-    """Mean and sd over seeds of one variant's per-seed results."""
+    """Mean and sd over seeds of one variant's per-seed results.
+
+    A mean is over every seed or NaN: a seed whose Pearson r is undefined (constant
+    predictions) makes the variant's mean r NaN, not the mean of the other seeds, which
+    the table would label as the mean over all of them.
+    """
     mae = seeds["mae"].to_numpy(float)
+
+    def mean(column: str) -> float:
+        return float(seeds[column].mean(skipna=False))
+
     summary = {"n_seeds": int(len(seeds)),
                "mae_mean": float(mae.mean()),
                "mae_std": float(mae.std(ddof=1)) if len(mae) > 1 else np.nan,
-               "rmse_mean": float(seeds["rmse"].mean()),
-               "pearson_r_mean": float(seeds["pearson_r"].mean()),
-               "r2_mean": float(seeds["r2"].mean()),
-               "gap_age_slope_mean": float(seeds["gap_age_slope"].mean()),
+               "rmse_mean": mean("rmse"),
+               "pearson_r_mean": mean("pearson_r"),
+               "r2_mean": mean("r2"),
+               "gap_age_slope_mean": mean("gap_age_slope"),
                "n_test": int(seeds["n_test"].iloc[0]),
                "seeds": " ".join(str(s) for s in sorted(seeds["seed"])),
                "neighbourhood": joined_values(seeds["neighbourhood"])}
     for column in [c for c in seeds.columns if c.startswith("mae_study_")]:
-        summary[column] = float(seeds[column].mean())
+        summary[column] = mean(column)
     for column in [c for c in seeds.columns if c.startswith("n_study_")]:
         summary[column] = float(seeds[column].iloc[0])  # the seeds share the split
     return summary
