@@ -113,6 +113,26 @@ def test_checkpoint_errors(tmp_path):
         load_init_checkpoint(target, pickled)
 
 
+def test_checkpoint_of_another_width_is_refused_naming_the_width(tmp_path):
+    """Every batch norm's num_batches_tracked is a scalar, so it fits a ResNet of any width:
+    a checkpoint of width 16 "loaded" those 23 counters into a width-8 network, passed the
+    check for a fitting encoder tensor, and training started from random weights with only
+    a log line saying that 101 tensors had another shape."""
+    path = tmp_path / "width16.pt"
+    torch.save({"model": BrainAgeNet(width=16).state_dict()}, path)
+    target = BrainAgeNet(width=8)
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    with pytest.raises(ValueError, match="no encoder tensor") as error:
+        load_init_checkpoint(target, path)
+    message = str(error.value)
+    assert str(path) in message and "model.init_checkpoint" in message
+    assert "model.width 16" in message and "Set model.width: 16" in message
+    assert all(torch.equal(value, before[key]) for key, value in target.state_dict().items())
+    # the same width loads; a one-channel checkpoint still initialises two channels
+    report = load_init_checkpoint(BrainAgeNet(width=16, in_channels=2), path)
+    assert "encoder.conv1.weight" in report.loaded and not report.mismatched
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cpu_bf16_encoder_agrees_with_float32(model, channels_last):
     """A 16x20x16 volume drives layer3 and layer4 to an innermost output size of 1 with

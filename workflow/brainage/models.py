@@ -325,6 +325,17 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
     return mapped, report
 
 
+def _stem_shape(source: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The shape of a checkpoint's first convolution (``[width, channels, 7, 7, 7]`` for a
+    ResNet-18 of ours), found under any known prefix; None when it has none."""
+    for raw_key, tensor in source.items():
+        key = _strip_prefixes(raw_key)
+        if key in (FIRST_CONV, FIRST_CONV[len("encoder."):], f"encoder.{FIRST_CONV}") \
+                and tensor.ndim == 5:
+            return tuple(tensor.shape)
+    return None
+
+
 def init_checkpoint_key(model_settings: Mapping) -> str:
     """The config key that chose ``model.init_checkpoint``: the user's, or ``model.init``
     when it starts from a pretraining run (whose encoder the workflow puts there)."""
@@ -337,8 +348,10 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
                          key: str = "model.init_checkpoint") -> LoadReport:
     """Initialise ``model`` from a checkpoint (ours or an OpenBHB-pretrained ResNet-18).
 
-    Logs the report; raises when not a single encoder tensor could be loaded, which means
-    the file is not a 3D ResNet-18 checkpoint.
+    Logs the report; raises when not a single encoder weight or batch-norm statistic could
+    be loaded (the batch norms' ``num_batches_tracked`` counters, scalars that fit a ResNet of
+    any width, do not count), which means the file is not a 3D ResNet-18 checkpoint or one
+    of another ``model.width``.
 
     Raises
     ------
@@ -358,10 +371,20 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
     target = model.state_dict()
     mapped, report = map_state_dict(source, target)
     report.path = str(path)
-    if not any(name.startswith("encoder.") for name in mapped):
-        raise ValueError(f"config key {key}: no encoder tensor of {path} fits "
-                         f"the 3D ResNet-18 (first keys: {', '.join(list(source)[:5])}). "
-                         f"Is it a 3D ResNet-18?\n{report.summary()}")
+    # num_batches_tracked is a scalar in every batch norm: it "fits" a ResNet of any width
+    if not any(name.startswith("encoder.") and not name.endswith("num_batches_tracked")
+               for name in mapped):
+        stem, width = _stem_shape(source), model.encoder.conv1.out_channels
+        if stem is not None and stem[0] != width:
+            hint = (f"Its first convolution has {stem[0]} output channels: it is a ResNet of "
+                    f"model.width {stem[0]}, this cell's has model.width {width}. Set "
+                    f"model.width: {stem[0]}, or choose a checkpoint of width {width}.")
+        else:
+            hint = (f"First keys: {', '.join(list(source)[:5])}. Is it a 3D ResNet-18? "
+                    f"Choose a checkpoint of this network, or unset {key}.")
+        raise ValueError(f"config key {key}: no encoder tensor of {path} fits the 3D "
+                         f"ResNet-18 of this cell, so nothing would be loaded. {hint}\n"
+                         f"{report.summary()}")
     model.load_state_dict(mapped, strict=False)
     log.info("%s", report.summary())
     return report
