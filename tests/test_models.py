@@ -10,6 +10,7 @@ from brainage.models import (
     BrainAgeNet,
     build_model,
     count_parameters,
+    load_encoder,
     load_init_checkpoint,
     map_state_dict,
 )
@@ -131,6 +132,37 @@ def test_checkpoint_of_another_width_is_refused_naming_the_width(tmp_path):
     # the same width loads; a one-channel checkpoint still initialises two channels
     report = load_init_checkpoint(BrainAgeNet(width=16, in_channels=2), path)
     assert "encoder.conv1.weight" in report.loaded and not report.mismatched
+
+
+def test_load_encoder_errors_name_the_file_and_the_mismatch(tmp_path):
+    """An encoder.pt of another width or channel count gave load_state_dict's list of 101
+    size mismatches and 'Was it trained with other model settings?'; a damaged file or one
+    holding objects gave torch's error without the file's name (for the latter advising
+    weights_only=False); a bare state dict was reported as a model mismatch ('model')."""
+    settings = model_section({"width": 8})
+    cases = {
+        "width16.pt": ({"model": BrainAgeNet(width=16).state_dict()},
+                       "model.width 16 and 1 input channel.*configured one model.width 8 and 1"),
+        "two_maps.pt": ({"model": BrainAgeNet(width=8, in_channels=2).state_dict()},
+                        "model.width 8 and 2 input channel.*configured one model.width 8 and 1"),
+        "bias.pt": ({"model": BrainAgeNet(width=8, bias_downsample=True).state_dict()},
+                    "Unexpected key.*downsample.0.bias"),
+        "bare.pt": (BrainAgeNet(width=8).state_dict(), "holds no 'model' state dict"),
+        "objects.pt": ({"model": BrainAgeNet(width=8).state_dict(), "opts": object()},
+                       "objects that weights_only=True refuses"),
+    }
+    for name, (payload, _) in cases.items():
+        torch.save(payload, tmp_path / name)
+    (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 cut short")
+    cases["damaged.pt"] = (None, "cannot be read as an encoder.pt")
+    for name, (_, expected) in cases.items():
+        with pytest.raises(ValueError, match=expected) as error:
+            load_encoder(tmp_path / name, settings)
+        message = str(error.value)
+        assert str(tmp_path / name) in message, message
+        assert "train_encoder" in message or "model.init_checkpoint" in message, message
+        assert "size mismatch" not in message and len(message) < 400, message
+    assert load_encoder(tmp_path / "width16.pt", model_section({"width": 16})).encoder_dim == 128
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -16,6 +16,7 @@ mismatch).
 from __future__ import annotations
 
 import logging
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -156,17 +157,54 @@ def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
 
     ``encoder.pt`` holds tensors and plain data only; it is read with
     ``weights_only=True``, so a file from elsewhere cannot run code.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Naming the file: it cannot be read with ``weights_only=True`` (damaged, or holding
+        objects), holds no ``model`` state dict, or is a network of another shape than
+        ``model_settings`` builds; then the message names the first convolution's width and
+        input channels in the file and in the configured model, and what to change.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder {path} does not exist; run rule train_encoder first.")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling raises many types for damaged or foreign files
+        # torch's own text for a refused object advises weights_only=False: not for a file
+        # this function exists to read safely
+        reason = ("it holds objects that weights_only=True refuses"
+                  if isinstance(error, pickle.UnpicklingError)
+                  else f"{type(error).__name__}: {str(error).strip().split('. ')[0]}")
+        raise ValueError(f"{path} cannot be read as an encoder.pt with weights_only=True "
+                         f"({reason}). It is damaged or not a file train_encoder wrote; "
+                         f"delete it and run rule train_encoder again.") from None
+    state = payload.get("model") if isinstance(payload, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds no 'model' state dict, so it is not an encoder.pt "
+                         f"written by train_encoder. For a checkpoint from elsewhere use "
+                         f"config key model.init_checkpoint.")
     model = build_model(model_settings)
     try:
-        model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"{path} does not match the configured model section ({error}). "
-                         f"Was it trained with other model settings?") from None
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        stem = state.get(FIRST_CONV)
+        conv1 = model.encoder.conv1
+        if isinstance(stem, torch.Tensor) and stem.ndim == 5 and (
+                tuple(stem.shape[:2]) != (conv1.out_channels, conv1.in_channels)):
+            detail = (f"its network has model.width {stem.shape[0]} and {stem.shape[1]} input "
+                      f"channel(s), the configured one model.width {conv1.out_channels} and "
+                      f"{conv1.in_channels} input channel(s) (one per model.modalities)")
+        else:
+            lines = [line.strip().rstrip(".") for line in str(error).splitlines()[1:]
+                     if line.strip()]
+            detail = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
+        raise ValueError(f"{path} does not match the configured model section: {detail}. "
+                         f"Load it with the model settings it was trained with, or run rule "
+                         f"train_encoder again for these.") from None
     return model
 
 
