@@ -10,6 +10,7 @@ from brainage.models import (
     BrainAgeNet,
     build_model,
     count_parameters,
+    embed_all,
     load_encoder,
     load_init_checkpoint,
     map_state_dict,
@@ -163,6 +164,42 @@ def test_load_encoder_errors_name_the_file_and_the_mismatch(tmp_path):
         assert "train_encoder" in message or "model.init_checkpoint" in message, message
         assert "size mismatch" not in message and len(message) < 400, message
     assert load_encoder(tmp_path / "width16.pt", model_section({"width": 16})).encoder_dim == 128
+
+
+def test_read_out_features_use_running_statistics_and_full_float32():
+    """BrainAgeNet.features of a network in training mode normalised with the batch's own
+    statistics and overwrote the running ones (under no_grad, unnoticed); embed_all under
+    a caller's bf16 autocast computed bf16 features although it promises full float32."""
+    import numpy as np
+
+    from brainage.data import VolumeStore
+
+    torch.manual_seed(0)
+    network = BrainAgeNet(width=8)
+    with torch.no_grad():  # running statistics unlike a batch's own
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    volumes = torch.randn(4, 1, 16, 20, 16)
+    statistics = {key: value.clone() for key, value in network.state_dict().items()}
+    expected = network.eval().features(volumes, "encoder")
+    network.train()
+    for which in ("encoder", "projection"):
+        network.features(volumes, which)
+    assert network.training
+    assert all(torch.equal(value, statistics[key])
+               for key, value in network.state_dict().items())
+    assert torch.equal(network.features(volumes, "encoder"), expected)
+
+    store = VolumeStore(volumes.numpy(), torch.device("cpu"))
+    rows = np.arange(len(volumes))
+    reference = embed_all(network, store, rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = embed_all(network, store, rows)
+    for which in ("encoder", "projection"):
+        assert np.array_equal(under_autocast[which], reference[which]), which
+    assert np.allclose(reference["encoder"], expected.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -101,14 +101,21 @@ class BrainAgeNet(nn.Module):
 
     @torch.no_grad()
     def features(self, volumes: torch.Tensor, which: str = "projection") -> torch.Tensor:
-        """Read-out features: after the projection (paper) or before it (Fig. 4d), [B, D]."""
+        """Read-out features: after the projection (paper) or before it (Fig. 4d), [B, D].
+
+        Computed in eval mode (batch-norm running statistics, which stay as they are), the
+        module's mode restored afterwards, like :func:`embed_all`; in the precision of the
+        caller's context (:func:`embed_all` forces full float32)."""
         if which not in FEATURE_CHOICES:
             raise ConfigError(f"config key model.features is {which!r}; expected one of "
                               f"{', '.join(FEATURE_CHOICES)}.")
-        encoded = self.encode(volumes)
-        if which == "encoder":
-            return encoded.float()
-        return self.project(encoded)
+        was_training = self.training
+        self.eval()
+        try:
+            encoded = self.encode(volumes)
+            return encoded.float() if which == "encoder" else self.project(encoded)
+        finally:
+            self.train(was_training)
 
 
 def build_model(model_settings: Mapping, *, in_channels: int | None = None) -> BrainAgeNet:

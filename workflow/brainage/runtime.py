@@ -88,16 +88,19 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
 
 @contextmanager
 def full_float32() -> Iterator[None]:
-    """float32 products and convolutions without TF32 inside (CUDA; a no-op elsewhere).
+    """float32 products and convolutions inside: autocast off (CPU and CUDA), so an
+    enclosing ``torch.autocast`` cannot turn them into bf16, and no TF32 (CUDA).
 
     :func:`runtime_setup` lets CUDA round float32 inputs to TF32's 10 mantissa bits for
-    speed in training. Read-out features are computed in full float32 instead, on every
-    device: a bundle applied on a CPU then reproduces what its read-out was fitted on.
+    speed in training, and training steps run under bf16 autocast. Read-out features are
+    computed in full float32 instead, on every device: a bundle applied on a CPU then
+    reproduces what its read-out was fitted on.
     """
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        yield
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
