@@ -107,7 +107,7 @@ def test_checkpoint_errors(tmp_path):
         load_init_checkpoint(target, tmp_path / "missing.pt")
     unrelated = tmp_path / "unrelated.pt"
     torch.save({"conv.weight": torch.zeros(3, 3)}, unrelated)
-    with pytest.raises(ValueError, match="no encoder tensor"):
+    with pytest.raises(ValueError, match="no encoder convolution"):
         load_init_checkpoint(target, unrelated)
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": {"encoder.conv1.weight": torch.zeros(1)}, "opts": object()}, pickled)
@@ -124,7 +124,7 @@ def test_checkpoint_of_another_width_is_refused_naming_the_width(tmp_path):
     torch.save({"model": BrainAgeNet(width=16).state_dict()}, path)
     target = BrainAgeNet(width=8)
     before = {key: value.clone() for key, value in target.state_dict().items()}
-    with pytest.raises(ValueError, match="no encoder tensor") as error:
+    with pytest.raises(ValueError, match="no encoder convolution") as error:
         load_init_checkpoint(target, path)
     message = str(error.value)
     assert str(path) in message and "model.init_checkpoint" in message
@@ -133,6 +133,24 @@ def test_checkpoint_of_another_width_is_refused_naming_the_width(tmp_path):
     # the same width loads; a one-channel checkpoint still initialises two channels
     report = load_init_checkpoint(BrainAgeNet(width=16, in_channels=2), path)
     assert "encoder.conv1.weight" in report.loaded and not report.mismatched
+
+
+def test_a_2d_resnet18_checkpoint_is_refused(tmp_path):
+    """An ImageNet-style 2D ResNet-18 has every batch-norm shape of ours but not one 3D
+    kernel: 100 batch-norm tensors 'loaded', the check for a fitting encoder tensor passed,
+    and training fine-tuned random convolutions under foreign batch-norm statistics."""
+    from monai.networks.nets import resnet18
+
+    path = tmp_path / "imagenet.pth"
+    torch.save(resnet18(spatial_dims=2, n_input_channels=3, feed_forward=True,
+                        shortcut_type="B").state_dict(), path)
+    target = BrainAgeNet(width=64)
+    before = target.encoder.bn1.running_var.clone()
+    with pytest.raises(ValueError, match="no encoder convolution") as error:
+        load_init_checkpoint(target, path)
+    assert str(path) in str(error.value)
+    assert "(64, 3, 7, 7): a 2D network, not a 3D ResNet-18" in str(error.value)
+    assert torch.equal(target.encoder.bn1.running_var, before)
 
 
 def test_load_encoder_errors_name_the_file_and_the_mismatch(tmp_path):

@@ -371,12 +371,13 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
 
 
 def _stem_shape(source: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
-    """The shape of a checkpoint's first convolution (``[width, channels, 7, 7, 7]`` for a
-    ResNet-18 of ours), found under any known prefix; None when it has none."""
+    """The shape of a checkpoint's first convolution (``(width, channels, 7, 7, 7)`` for a
+    ResNet-18 of ours, four entries for a 2D one), found under any known prefix; None when
+    it has none."""
     for raw_key, tensor in source.items():
         key = _strip_prefixes(raw_key)
         if key in (FIRST_CONV, FIRST_CONV[len("encoder."):], f"encoder.{FIRST_CONV}") \
-                and tensor.ndim == 5:
+                and tensor.ndim >= 3:
             return tuple(tensor.shape)
     return None
 
@@ -393,9 +394,9 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
                          key: str = "model.init_checkpoint") -> LoadReport:
     """Initialise ``model`` from a checkpoint (ours or an OpenBHB-pretrained ResNet-18).
 
-    Logs the report; raises when not a single encoder weight or batch-norm statistic could
-    be loaded (the batch norms' ``num_batches_tracked`` counters, scalars that fit a ResNet of
-    any width, do not count), which means the file is not a 3D ResNet-18 checkpoint or one
+    Logs the report; raises when not a single encoder convolution kernel could be loaded
+    (batch-norm tensors do not count: their counters fit a ResNet of any width, and all of
+    them fit a 2D ResNet-18), which means the file is not a 3D ResNet-18 checkpoint or one
     of another ``model.width``.
 
     Raises
@@ -416,19 +417,24 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
     target = model.state_dict()
     mapped, report = map_state_dict(source, target)
     report.path = str(path)
-    # num_batches_tracked is a scalar in every batch norm: it "fits" a ResNet of any width
-    if not any(name.startswith("encoder.") and not name.endswith("num_batches_tracked")
-               for name in mapped):
+    # Batch-norm tensors do not count: num_batches_tracked is a scalar that fits a ResNet of
+    # any width, and a 2D ResNet-18 (an ImageNet one) has all the batch-norm shapes of
+    # ours but not one 3D kernel, so it loaded 100 tensors and no convolution.
+    if not any(name.startswith("encoder.") and tensor.ndim == 5
+               for name, tensor in mapped.items()):
         stem, width = _stem_shape(source), model.encoder.conv1.out_channels
-        if stem is not None and stem[0] != width:
+        if stem is not None and len(stem) != 5:
+            hint = (f"Its first convolution has shape {stem}: a {len(stem) - 2}D network, "
+                    f"not a 3D ResNet-18. Choose a 3D checkpoint, or unset {key}.")
+        elif stem is not None and stem[0] != width:
             hint = (f"Its first convolution has {stem[0]} output channels: it is a ResNet of "
                     f"model.width {stem[0]}, this cell's has model.width {width}. Set "
                     f"model.width: {stem[0]}, or choose a checkpoint of width {width}.")
         else:
             hint = (f"First keys: {', '.join(list(source)[:5])}. Is it a 3D ResNet-18? "
                     f"Choose a checkpoint of this network, or unset {key}.")
-        raise ValueError(f"config key {key}: no encoder tensor of {path} fits the 3D "
-                         f"ResNet-18 of this cell, so nothing would be loaded. {hint}\n"
+        raise ValueError(f"config key {key}: no encoder convolution of {path} fits the 3D "
+                         f"ResNet-18 of this cell, so no weight would be loaded. {hint}\n"
                          f"{report.summary()}")
     model.load_state_dict(mapped, strict=False)
     log.info("%s", report.summary())
