@@ -263,6 +263,12 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
         runtime.runtime_setup({**settings, "deterministic": False})
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        # a CPU job after a deterministic CUDA one kept deterministic algorithms on (the
+        # CPU branch never switched them off): slower kernels, NaN-filled torch.empty
+        runtime.runtime_setup({**settings, "deterministic": True})
+        monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cpu"))
+        runtime.runtime_setup({**settings, "device": "cpu", "deterministic": True})
+        assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=True)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:]

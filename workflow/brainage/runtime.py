@@ -72,17 +72,19 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
     # ResNet-18 at 6 mm; tests/test_train.py). CPU bf16 therefore runs on PyTorch's
     # reference kernels: it exists to test the GPU path's code, not for speed.
     torch.backends.mkldnn.enabled = not (use_bf16 and device.type == "cpu")
+    # CPU runs are repeatable without it (train.deterministic is a CUDA option)
+    deterministic = device.type == "cuda" and bool(train_settings["deterministic"])
     if device.type == "cuda":
-        deterministic = bool(train_settings["deterministic"])
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # Set both ways: a process that runs several jobs (the tests, the random search, a
-        # notebook) must not keep the slower algorithms of an earlier deterministic one.
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # Set both ways and on every device: a process that runs several jobs (the tests, the
+    # random search, a notebook) must not keep the slower algorithms of an earlier
+    # deterministic one, a CPU job after a deterministic CUDA one included.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return device, (torch.bfloat16 if use_bf16 else None)
 
 
