@@ -111,8 +111,28 @@ def test_checkpoint_errors(tmp_path):
         load_init_checkpoint(target, unrelated)
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": {"encoder.conv1.weight": torch.zeros(1)}, "opts": object()}, pickled)
-    with pytest.raises(ValueError, match="cannot be read"):  # weights_only refuses objects
+    with pytest.raises(ValueError, match="cannot be read") as error:  # weights_only refuses
         load_init_checkpoint(target, pickled)
+    # the message says what to do instead of torch's advice to load with weights_only=False
+    assert "If you trust the file" in str(error.value) and str(pickled) in str(error.value)
+    assert "two options" not in str(error.value)
+
+
+def test_a_reference_code_checkpoint_with_its_argparse_options_loads(model, tmp_path):
+    """The reference code's save_model writes {'opts': argparse.Namespace, 'model',
+    'optimizer', 'epoch', 'run_id'}; weights_only=True refused the Namespace, so the
+    checkpoints the docs say load without renaming did not load at all."""
+    import argparse
+
+    path = tmp_path / "ckpt_epoch_300.pth"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    torch.save({"opts": argparse.Namespace(lr=1e-4, tf="noise", lr_decay_epochs=[700, 800]),
+                "model": _renamed_openbhb_state(model), "optimizer": optimizer.state_dict(),
+                "epoch": 300, "run_id": "abc123"}, path)
+    target = build_model(model_section({}))
+    report = load_init_checkpoint(target, path)
+    assert torch.equal(target.encoder.conv1.weight, model.encoder.conv1.weight + 0.5)
+    assert report.unexpected == ["module.encoder.fc.weight"]
 
 
 def test_checkpoint_of_another_width_is_refused_naming_the_width(tmp_path):

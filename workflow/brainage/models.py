@@ -15,8 +15,11 @@ mismatch).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
 import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -370,6 +373,21 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
     return mapped, report
 
 
+#: Classes a foreign checkpoint may hold besides tensors and plain data, allowed to
+#: :func:`torch.load` with ``weights_only=True``: the reference code saves its run's
+#: ``argparse`` options beside the weights (``{"opts": Namespace, "model": ..., "optimizer":
+#: ..., "epoch": ..., "run_id": ...}``). A Namespace only receives attributes, which the
+#: restricted unpickler builds from plain data; it runs no code.
+FOREIGN_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _foreign_safe_globals():
+    """:data:`FOREIGN_SAFE_GLOBALS` allowed for one load (torch >= 2.5; before, refused)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return (safe_globals(list(FOREIGN_SAFE_GLOBALS)) if safe_globals is not None
+            else contextlib.nullcontext())
+
+
 def _stem_shape(source: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
     """The shape of a checkpoint's first convolution (``(width, channels, 7, 7, 7)`` for a
     ResNet-18 of ours, four entries for a 2D one), found under any known prefix; None when
@@ -409,8 +427,19 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
     if not path.is_file():
         raise FileNotFoundError(f"config key {key}: {path} does not exist.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with _foreign_safe_globals():
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         source = extract_state_dict(payload)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"config key {key}: {path} cannot be read with weights_only=True: it holds a "
+            f"Python object{what} besides tensors and plain data, which is refused so that "
+            f"a file from elsewhere cannot run code. If you trust the file, load it once "
+            f"with torch.load(path, weights_only=False), torch.save its state dict alone "
+            f"(the mapping of parameter names to tensors, e.g. under 'model' or "
+            f"'state_dict') and point {key} at that file.") from None
     except Exception as error:  # unpickling raises many types for foreign files
         raise ValueError(f"config key {key}: {path} cannot be read as a "
                          f"PyTorch state dict ({error}).") from None
