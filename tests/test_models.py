@@ -10,6 +10,8 @@ from brainage.models import (
     BrainAgeNet,
     build_model,
     count_parameters,
+    embed_all,
+    load_encoder,
     load_init_checkpoint,
     map_state_dict,
 )
@@ -105,12 +107,137 @@ def test_checkpoint_errors(tmp_path):
         load_init_checkpoint(target, tmp_path / "missing.pt")
     unrelated = tmp_path / "unrelated.pt"
     torch.save({"conv.weight": torch.zeros(3, 3)}, unrelated)
-    with pytest.raises(ValueError, match="no encoder tensor"):
+    with pytest.raises(ValueError, match="no encoder convolution"):
         load_init_checkpoint(target, unrelated)
     pickled = tmp_path / "pickled.pt"
     torch.save({"model": {"encoder.conv1.weight": torch.zeros(1)}, "opts": object()}, pickled)
-    with pytest.raises(ValueError, match="cannot be read"):  # weights_only refuses objects
+    with pytest.raises(ValueError, match="cannot be read") as error:  # weights_only refuses
         load_init_checkpoint(target, pickled)
+    # the message says what to do instead of torch's advice to load with weights_only=False
+    assert "If you trust the file" in str(error.value) and str(pickled) in str(error.value)
+    assert "two options" not in str(error.value)
+
+
+def test_a_reference_code_checkpoint_with_its_argparse_options_loads(model, tmp_path):
+    """The reference code's save_model writes {'opts': argparse.Namespace, 'model',
+    'optimizer', 'epoch', 'run_id'}; weights_only=True refused the Namespace, so the
+    checkpoints the docs say load without renaming did not load at all."""
+    import argparse
+
+    path = tmp_path / "ckpt_epoch_300.pth"
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    torch.save({"opts": argparse.Namespace(lr=1e-4, tf="noise", lr_decay_epochs=[700, 800]),
+                "model": _renamed_openbhb_state(model), "optimizer": optimizer.state_dict(),
+                "epoch": 300, "run_id": "abc123"}, path)
+    target = build_model(model_section({}))
+    report = load_init_checkpoint(target, path)
+    assert torch.equal(target.encoder.conv1.weight, model.encoder.conv1.weight + 0.5)
+    assert report.unexpected == ["module.encoder.fc.weight"]
+
+
+def test_checkpoint_of_another_width_is_refused_naming_the_width(tmp_path):
+    """Every batch norm's num_batches_tracked is a scalar, so it fits a ResNet of any width:
+    a checkpoint of width 16 "loaded" those 23 counters into a width-8 network, passed the
+    check for a fitting encoder tensor, and training started from random weights with only
+    a log line saying that 101 tensors had another shape."""
+    path = tmp_path / "width16.pt"
+    torch.save({"model": BrainAgeNet(width=16).state_dict()}, path)
+    target = BrainAgeNet(width=8)
+    before = {key: value.clone() for key, value in target.state_dict().items()}
+    with pytest.raises(ValueError, match="no encoder convolution") as error:
+        load_init_checkpoint(target, path)
+    message = str(error.value)
+    assert str(path) in message and "model.init_checkpoint" in message
+    assert "model.width 16" in message and "Set model.width: 16" in message
+    assert all(torch.equal(value, before[key]) for key, value in target.state_dict().items())
+    # the same width loads; a one-channel checkpoint still initialises two channels
+    report = load_init_checkpoint(BrainAgeNet(width=16, in_channels=2), path)
+    assert "encoder.conv1.weight" in report.loaded and not report.mismatched
+
+
+def test_a_2d_resnet18_checkpoint_is_refused(tmp_path):
+    """An ImageNet-style 2D ResNet-18 has every batch-norm shape of ours but not one 3D
+    kernel: 100 batch-norm tensors 'loaded', the check for a fitting encoder tensor passed,
+    and training fine-tuned random convolutions under foreign batch-norm statistics."""
+    from monai.networks.nets import resnet18
+
+    path = tmp_path / "imagenet.pth"
+    torch.save(resnet18(spatial_dims=2, n_input_channels=3, feed_forward=True,
+                        shortcut_type="B").state_dict(), path)
+    target = BrainAgeNet(width=64)
+    before = target.encoder.bn1.running_var.clone()
+    with pytest.raises(ValueError, match="no encoder convolution") as error:
+        load_init_checkpoint(target, path)
+    assert str(path) in str(error.value)
+    assert "(64, 3, 7, 7): a 2D network, not a 3D ResNet-18" in str(error.value)
+    assert torch.equal(target.encoder.bn1.running_var, before)
+
+
+def test_load_encoder_errors_name_the_file_and_the_mismatch(tmp_path):
+    """An encoder.pt of another width or channel count gave load_state_dict's list of 101
+    size mismatches and 'Was it trained with other model settings?'; a damaged file or one
+    holding objects gave torch's error without the file's name (for the latter advising
+    weights_only=False); a bare state dict was reported as a model mismatch ('model')."""
+    settings = model_section({"width": 8})
+    cases = {
+        "width16.pt": ({"model": BrainAgeNet(width=16).state_dict()},
+                       "model.width 16 and 1 input channel.*configured one model.width 8 and 1"),
+        "two_maps.pt": ({"model": BrainAgeNet(width=8, in_channels=2).state_dict()},
+                        "model.width 8 and 2 input channel.*configured one model.width 8 and 1"),
+        "bias.pt": ({"model": BrainAgeNet(width=8, bias_downsample=True).state_dict()},
+                    "Unexpected key.*downsample.0.bias"),
+        "bare.pt": (BrainAgeNet(width=8).state_dict(), "holds no 'model' state dict"),
+        "objects.pt": ({"model": BrainAgeNet(width=8).state_dict(), "opts": object()},
+                       "objects that weights_only=True refuses"),
+    }
+    for name, (payload, _) in cases.items():
+        torch.save(payload, tmp_path / name)
+    (tmp_path / "damaged.pt").write_bytes(b"PK\x03\x04 cut short")
+    cases["damaged.pt"] = (None, "cannot be read as an encoder.pt")
+    for name, (_, expected) in cases.items():
+        with pytest.raises(ValueError, match=expected) as error:
+            load_encoder(tmp_path / name, settings)
+        message = str(error.value)
+        assert str(tmp_path / name) in message, message
+        assert "train_encoder" in message or "model.init_checkpoint" in message, message
+        assert "size mismatch" not in message and len(message) < 400, message
+    assert load_encoder(tmp_path / "width16.pt", model_section({"width": 16})).encoder_dim == 128
+
+
+def test_read_out_features_use_running_statistics_and_full_float32():
+    """BrainAgeNet.features of a network in training mode normalised with the batch's own
+    statistics and overwrote the running ones (under no_grad, unnoticed); embed_all under
+    a caller's bf16 autocast computed bf16 features although it promises full float32."""
+    import numpy as np
+
+    from brainage.data import VolumeStore
+
+    torch.manual_seed(0)
+    network = BrainAgeNet(width=8)
+    with torch.no_grad():  # running statistics unlike a batch's own
+        for module in network.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    volumes = torch.randn(4, 1, 16, 20, 16)
+    statistics = {key: value.clone() for key, value in network.state_dict().items()}
+    expected = network.eval().features(volumes, "encoder")
+    network.train()
+    for which in ("encoder", "projection"):
+        network.features(volumes, which)
+    assert network.training
+    assert all(torch.equal(value, statistics[key])
+               for key, value in network.state_dict().items())
+    assert torch.equal(network.features(volumes, "encoder"), expected)
+
+    store = VolumeStore(volumes.numpy(), torch.device("cpu"))
+    rows = np.arange(len(volumes))
+    reference = embed_all(network, store, rows)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = embed_all(network, store, rows)
+    for which in ("encoder", "projection"):
+        assert np.array_equal(under_autocast[which], reference[which]), which
+    assert np.allclose(reference["encoder"], expected.numpy(), atol=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -156,6 +283,12 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
         runtime.runtime_setup({**settings, "deterministic": False})
         assert not torch.are_deterministic_algorithms_enabled()
         assert torch.backends.cudnn.benchmark and not torch.backends.cudnn.deterministic
+        # a CPU job after a deterministic CUDA one kept deterministic algorithms on (the
+        # CPU branch never switched them off): slower kernels, NaN-filled torch.empty
+        runtime.runtime_setup({**settings, "deterministic": True})
+        monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cpu"))
+        runtime.runtime_setup({**settings, "device": "cpu", "deterministic": True})
+        assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=True)
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:]

@@ -15,7 +15,11 @@ mismatch).
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import logging
+import pickle
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -100,14 +104,21 @@ class BrainAgeNet(nn.Module):
 
     @torch.no_grad()
     def features(self, volumes: torch.Tensor, which: str = "projection") -> torch.Tensor:
-        """Read-out features: after the projection (paper) or before it (Fig. 4d), [B, D]."""
+        """Read-out features: after the projection (paper) or before it (Fig. 4d), [B, D].
+
+        Computed in eval mode (batch-norm running statistics, which stay as they are), the
+        module's mode restored afterwards, like :func:`embed_all`; in the precision of the
+        caller's context (:func:`embed_all` forces full float32)."""
         if which not in FEATURE_CHOICES:
             raise ConfigError(f"config key model.features is {which!r}; expected one of "
                               f"{', '.join(FEATURE_CHOICES)}.")
-        encoded = self.encode(volumes)
-        if which == "encoder":
-            return encoded.float()
-        return self.project(encoded)
+        was_training = self.training
+        self.eval()
+        try:
+            encoded = self.encode(volumes)
+            return encoded.float() if which == "encoder" else self.project(encoded)
+        finally:
+            self.train(was_training)
 
 
 def build_model(model_settings: Mapping, *, in_channels: int | None = None) -> BrainAgeNet:
@@ -156,17 +167,54 @@ def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
 
     ``encoder.pt`` holds tensors and plain data only; it is read with
     ``weights_only=True``, so a file from elsewhere cannot run code.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such file.
+    ValueError
+        Naming the file: it cannot be read with ``weights_only=True`` (damaged, or holding
+        objects), holds no ``model`` state dict, or is a network of another shape than
+        ``model_settings`` builds; then the message names the first convolution's width and
+        input channels in the file and in the configured model, and what to change.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"encoder {path} does not exist; run rule train_encoder first.")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling raises many types for damaged or foreign files
+        # torch's own text for a refused object advises weights_only=False: not for a file
+        # this function exists to read safely
+        reason = ("it holds objects that weights_only=True refuses"
+                  if isinstance(error, pickle.UnpicklingError)
+                  else f"{type(error).__name__}: {str(error).strip().split('. ')[0]}")
+        raise ValueError(f"{path} cannot be read as an encoder.pt with weights_only=True "
+                         f"({reason}). It is damaged or not a file train_encoder wrote; "
+                         f"delete it and run rule train_encoder again.") from None
+    state = payload.get("model") if isinstance(payload, Mapping) else None
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{path} holds no 'model' state dict, so it is not an encoder.pt "
+                         f"written by train_encoder. For a checkpoint from elsewhere use "
+                         f"config key model.init_checkpoint.")
     model = build_model(model_settings)
     try:
-        model.load_state_dict(payload["model"])
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"{path} does not match the configured model section ({error}). "
-                         f"Was it trained with other model settings?") from None
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        stem = state.get(FIRST_CONV)
+        conv1 = model.encoder.conv1
+        if isinstance(stem, torch.Tensor) and stem.ndim == 5 and (
+                tuple(stem.shape[:2]) != (conv1.out_channels, conv1.in_channels)):
+            detail = (f"its network has model.width {stem.shape[0]} and {stem.shape[1]} input "
+                      f"channel(s), the configured one model.width {conv1.out_channels} and "
+                      f"{conv1.in_channels} input channel(s) (one per model.modalities)")
+        else:
+            lines = [line.strip().rstrip(".") for line in str(error).splitlines()[1:]
+                     if line.strip()]
+            detail = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
+        raise ValueError(f"{path} does not match the configured model section: {detail}. "
+                         f"Load it with the model settings it was trained with, or run rule "
+                         f"train_encoder again for these.") from None
     return model
 
 
@@ -325,6 +373,33 @@ def map_state_dict(source: Mapping[str, torch.Tensor], target: Mapping[str, torc
     return mapped, report
 
 
+#: Classes a foreign checkpoint may hold besides tensors and plain data, allowed to
+#: :func:`torch.load` with ``weights_only=True``: the reference code saves its run's
+#: ``argparse`` options beside the weights (``{"opts": Namespace, "model": ..., "optimizer":
+#: ..., "epoch": ..., "run_id": ...}``). A Namespace only receives attributes, which the
+#: restricted unpickler builds from plain data; it runs no code.
+FOREIGN_SAFE_GLOBALS = (argparse.Namespace,)
+
+
+def _foreign_safe_globals():
+    """:data:`FOREIGN_SAFE_GLOBALS` allowed for one load (torch >= 2.5; before, refused)."""
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    return (safe_globals(list(FOREIGN_SAFE_GLOBALS)) if safe_globals is not None
+            else contextlib.nullcontext())
+
+
+def _stem_shape(source: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
+    """The shape of a checkpoint's first convolution (``(width, channels, 7, 7, 7)`` for a
+    ResNet-18 of ours, four entries for a 2D one), found under any known prefix; None when
+    it has none."""
+    for raw_key, tensor in source.items():
+        key = _strip_prefixes(raw_key)
+        if key in (FIRST_CONV, FIRST_CONV[len("encoder."):], f"encoder.{FIRST_CONV}") \
+                and tensor.ndim >= 3:
+            return tuple(tensor.shape)
+    return None
+
+
 def init_checkpoint_key(model_settings: Mapping) -> str:
     """The config key that chose ``model.init_checkpoint``: the user's, or ``model.init``
     when it starts from a pretraining run (whose encoder the workflow puts there)."""
@@ -337,8 +412,10 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
                          key: str = "model.init_checkpoint") -> LoadReport:
     """Initialise ``model`` from a checkpoint (ours or an OpenBHB-pretrained ResNet-18).
 
-    Logs the report; raises when not a single encoder tensor could be loaded, which means
-    the file is not a 3D ResNet-18 checkpoint.
+    Logs the report; raises when not a single encoder convolution kernel could be loaded
+    (batch-norm tensors do not count: their counters fit a ResNet of any width, and all of
+    them fit a 2D ResNet-18), which means the file is not a 3D ResNet-18 checkpoint or one
+    of another ``model.width``.
 
     Raises
     ------
@@ -350,18 +427,44 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
     if not path.is_file():
         raise FileNotFoundError(f"config key {key}: {path} does not exist.")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with _foreign_safe_globals():
+            payload = torch.load(path, map_location="cpu", weights_only=True)
         source = extract_state_dict(payload)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL ([\w.]+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"config key {key}: {path} cannot be read with weights_only=True: it holds a "
+            f"Python object{what} besides tensors and plain data, which is refused so that "
+            f"a file from elsewhere cannot run code. If you trust the file, load it once "
+            f"with torch.load(path, weights_only=False), torch.save its state dict alone "
+            f"(the mapping of parameter names to tensors, e.g. under 'model' or "
+            f"'state_dict') and point {key} at that file.") from None
     except Exception as error:  # unpickling raises many types for foreign files
         raise ValueError(f"config key {key}: {path} cannot be read as a "
                          f"PyTorch state dict ({error}).") from None
     target = model.state_dict()
     mapped, report = map_state_dict(source, target)
     report.path = str(path)
-    if not any(name.startswith("encoder.") for name in mapped):
-        raise ValueError(f"config key {key}: no encoder tensor of {path} fits "
-                         f"the 3D ResNet-18 (first keys: {', '.join(list(source)[:5])}). "
-                         f"Is it a 3D ResNet-18?\n{report.summary()}")
+    # Batch-norm tensors do not count: num_batches_tracked is a scalar that fits a ResNet of
+    # any width, and a 2D ResNet-18 (an ImageNet one) has all the batch-norm shapes of
+    # ours but not one 3D kernel, so it loaded 100 tensors and no convolution.
+    if not any(name.startswith("encoder.") and tensor.ndim == 5
+               for name, tensor in mapped.items()):
+        stem, width = _stem_shape(source), model.encoder.conv1.out_channels
+        if stem is not None and len(stem) != 5:
+            hint = (f"Its first convolution has shape {stem}: a {len(stem) - 2}D network, "
+                    f"not a 3D ResNet-18. Choose a 3D checkpoint, or unset {key}.")
+        elif stem is not None and stem[0] != width:
+            hint = (f"Its first convolution has {stem[0]} output channels: it is a ResNet of "
+                    f"model.width {stem[0]}, this cell's has model.width {width}. Set "
+                    f"model.width: {stem[0]}, or choose a checkpoint of width {width}.")
+        else:
+            hint = (f"First keys: {', '.join(list(source)[:5])}. Is it a 3D ResNet-18? "
+                    f"Choose a checkpoint of this network, or unset {key}.")
+        raise ValueError(f"config key {key}: no encoder convolution of {path} fits the 3D "
+                         f"ResNet-18 of this cell, so no weight would be loaded. {hint}\n"
+                         f"{report.summary()}")
     model.load_state_dict(mapped, strict=False)
     log.info("%s", report.summary())
     return report

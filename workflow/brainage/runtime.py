@@ -72,32 +72,37 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
     # ResNet-18 at 6 mm; tests/test_train.py). CPU bf16 therefore runs on PyTorch's
     # reference kernels: it exists to test the GPU path's code, not for speed.
     torch.backends.mkldnn.enabled = not (use_bf16 and device.type == "cpu")
+    # CPU runs are repeatable without it (train.deterministic is a CUDA option)
+    deterministic = device.type == "cuda" and bool(train_settings["deterministic"])
     if device.type == "cuda":
-        deterministic = bool(train_settings["deterministic"])
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # Set both ways: a process that runs several jobs (the tests, the random search, a
-        # notebook) must not keep the slower algorithms of an earlier deterministic one.
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    # Set both ways and on every device: a process that runs several jobs (the tests, the
+    # random search, a notebook) must not keep the slower algorithms of an earlier
+    # deterministic one, a CPU job after a deterministic CUDA one included.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return device, (torch.bfloat16 if use_bf16 else None)
 
 
 @contextmanager
 def full_float32() -> Iterator[None]:
-    """float32 products and convolutions without TF32 inside (CUDA; a no-op elsewhere).
+    """float32 products and convolutions inside: autocast off (CPU and CUDA), so an
+    enclosing ``torch.autocast`` cannot turn them into bf16, and no TF32 (CUDA).
 
     :func:`runtime_setup` lets CUDA round float32 inputs to TF32's 10 mantissa bits for
-    speed in training. Read-out features are computed in full float32 instead, on every
-    device: a bundle applied on a CPU then reproduces what its read-out was fitted on.
+    speed in training, and training steps run under bf16 autocast. Read-out features are
+    computed in full float32 instead, on every device: a bundle applied on a CPU then
+    reproduces what its read-out was fitted on.
     """
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     try:
-        yield
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
