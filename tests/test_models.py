@@ -275,10 +275,14 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
     monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cuda"))
     settings = {"threads": 1, "device": "cuda", "precision": "float32"}
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
-             torch.backends.cudnn.deterministic)
+             torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32)
     try:
         runtime.runtime_setup({**settings, "deterministic": True})
         assert torch.are_deterministic_algorithms_enabled()
+        # float32 (the paper config) keeps matrix products in float32: no TF32
+        assert not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+        runtime.runtime_setup({**settings, "precision": "auto", "deterministic": True})
+        assert torch.backends.cuda.matmul.allow_tf32
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         runtime.runtime_setup({**settings, "deterministic": False})
         assert not torch.are_deterministic_algorithms_enabled()
@@ -291,4 +295,5 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
         assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.use_deterministic_algorithms(saved[0], warn_only=True)
-        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1:]
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32) = saved[1:]

@@ -77,7 +77,11 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not deterministic
         torch.backends.cudnn.deterministic = deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
+        # TF32 matrix products for the bf16 precisions only; train.precision float32 keeps
+        # PyTorch's defaults (TF32 in cuDNN convolutions, none in matrix products), as the
+        # authors trained: TF32 products there made the linear layers and the losses
+        # 10-bit-mantissa products under a setting documented as float32.
+        torch.backends.cuda.matmul.allow_tf32 = precision != "float32"
         torch.backends.cudnn.allow_tf32 = True
         if deterministic:
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
