@@ -72,6 +72,15 @@ if sys.argv[2] == "killed":
     os.kill(os.getpid(), signal.SIGKILL)
 if sys.argv[2] == "failed":
     raise MemoryError("out of memory in the test")
+if sys.argv[2] == "exited":
+    sys.exit(3)
+if sys.argv[2] == "refused":  # what argparse does with a bad argument
+    import argparse
+    argparse.ArgumentParser(prog="job").parse_args(["--no-such-option"])
+if sys.argv[2] == "stopped":
+    sys.exit("job: the input is unusable")
+if sys.argv[2] == "finished":
+    sys.exit(0)
 """
 
 
@@ -99,3 +108,25 @@ def test_log_keeps_killed_and_failed_attempts_until_a_success(tmp_path):
     run_job(log, "succeeded")
     assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
     assert "working in killed" not in log.read_text()
+
+
+def test_log_keeps_attempts_that_ended_with_a_non_zero_exit(tmp_path):
+    """sys.exit(3), sys.exit("message") and an argparse error end a job with a failure as an
+    exception does, but raise SystemExit, which never reaches sys.excepthook: the
+    history was deleted as after a success, and the next attempt's log began at
+    attempt 1 without them."""
+    log = tmp_path / "logs" / "prepare.log"
+    for how in ("exited", "refused", "stopped", "failed"):
+        run_job(log, how)
+    text = log.read_text()
+    assert re.findall(r"^===== attempt (\d+)", text, flags=re.M) == ["1", "2", "3", "4"], text
+    for how in ("exited", "refused", "stopped"):
+        assert f"working in {how}" in text, text
+    # the log says how each ended: the status, or the message that went to stderr
+    assert "job ended with exit status 3" in text, text
+    assert "job ended with exit status 2" in text, text
+    assert "job ended with exit status 1: job: the input is unusable" in text, text
+    # sys.exit(0) is a success: the next run starts a new history
+    run_job(log, "finished")
+    run_job(log, "succeeded")
+    assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
