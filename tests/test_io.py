@@ -1,14 +1,16 @@
 """A failed write names the file and the free space and leaves nothing half-written; a
 job's log keeps its earlier attempts."""
 
+import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from brainage.io import WriteError, atomic_path, save_tensors, sha256_file
+from brainage.io import WriteError, atomic_path, save_tensors, sha256_file, write_json, write_tsv
 from conftest import REPO
 
 
@@ -22,6 +24,77 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(final) as temp:
         temp.write_text("whole")
     assert final.read_text() == "whole"
+
+
+def _write_text(path):
+    with atomic_path(path) as temp:
+        temp.write_text("whole")
+
+
+def _write_nifti(path):
+    import nibabel as nib
+    import numpy as np
+
+    with atomic_path(path) as temp:
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(temp))
+
+
+def _write_torch_by_name(path):
+    import torch
+
+    with atomic_path(path) as temp:
+        torch.save({"weight": torch.arange(100.0)}, temp)
+
+
+def _save_tensors(path):
+    import torch
+
+    save_tensors(path, {"weight": torch.arange(10.0)})
+
+
+#: Writers through a handle and by name, the package's and libraries' (name, writer).
+WRITERS = {
+    "text": ("notes.txt", _write_text),
+    "json": ("metrics.json", lambda path: write_json(path, {"mae": 3.5})),
+    "tsv": ("table.tsv", lambda path: write_tsv(path, pd.DataFrame({"age": [30, 40]}))),
+    "nifti": ("sub-01_T1w.nii.gz", _write_nifti),
+    "torch by name": ("encoder.pt", _write_torch_by_name),
+    "tensors": ("model.pt", _save_tensors),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_atomic_path_puts_the_data_on_the_disk_before_the_rename(tmp_path, monkeypatch,
+                                                                 writer):
+    """Without os.fsync the rename can reach the disk before the data: a node crash right
+    after the job left an empty or truncated file under the final name."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(handle):
+        status = os.fstat(handle)
+        events.append(("fsync", status.st_ino, status.st_size))
+        return fsync(handle)
+
+    def recording_replace(source, target, **kwargs):
+        status = os.stat(source)
+        events.append(("rename", status.st_ino, status.st_size))
+        return replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    name, write = WRITERS[writer]
+    final = tmp_path / "out" / name
+    write(final)
+    renames = [index for index, (event, *_) in enumerate(events) if event == "rename"]
+    assert len(renames) == 1, events
+    _, inode, size = events[renames[0]]
+    assert size > 0 and final.stat().st_ino == inode and final.stat().st_size == size
+    # the file, whole, was synced before the rename; the folder after it
+    assert ("fsync", inode, size) in events[:renames[0]], events
+    folder = final.parent.stat().st_ino
+    assert any(event == "fsync" and synced == folder
+               for event, synced, _ in events[renames[0]:]), events
 
 
 # -- write failures and deterministic tensor files ---------------------------------------------

@@ -79,6 +79,39 @@ def _temporary_affixes(final: Path, suffix: str = "") -> tuple[str, str]:
     return f".{final.name}.", suffix or "".join(final.suffixes)
 
 
+def _sync_file(path: Path) -> None:
+    """Wait until the data of the written file ``path`` is on the disk (``os.fsync``).
+
+    The file is opened again by name, so this covers the writers that write by name
+    (``nibabel.save``, ``torch.save``, ``DataFrame.to_csv``) as well as those given a
+    handle. A write error that the filesystem reports only now (a quota or a full disk on
+    NFS, which are checked when the data is sent to the server) is raised here.
+    """
+    handle = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Ask for the entries of ``folder`` (a rename into it) to be put on the disk.
+
+    Best effort: some filesystems refuse ``fsync`` on a folder (EINVAL), and the file is
+    in place by now, so a failure here must not report the write as failed.
+    """
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass
+    finally:
+        os.close(handle)
+
+
 @contextmanager
 def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
@@ -87,6 +120,11 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     leaves it behind: :func:`remove_stale_temporaries`). A failure of the write itself
     (``OSError``, or the ``RuntimeError`` PyTorch raises for a full disk) is re-raised as
     :class:`WriteError` naming ``final`` and the free space.
+
+    The file's data is on the disk before the rename (``os.fsync``), and the folder is
+    synced after it: a node that crashes or loses power right after a job leaves ``final``
+    whole, or the previous ``final``, never an empty or cut short one under the final
+    name. About 0.5 ms a file on a local ext4 disk.
     """
     final = Path(final)
     prefix, temp_suffix = _temporary_affixes(final, suffix)
@@ -100,9 +138,14 @@ def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     temp = Path(temp_name)
     try:
         yield temp
+        # Without it the rename can reach the disk before the data does (ext4 with
+        # data=writeback, xfs, many network filesystems): after a crash, Snakemake sees a
+        # finished output that is empty or truncated, and a later job fails on it.
+        _sync_file(temp)
         # mkstemp creates files private (0600); results are shared on a cluster.
         os.chmod(temp, shared_mode(0o666))
         os.replace(temp, final)
+        _sync_folder(final.parent)
     except WriteError:
         raise
     except (OSError, RuntimeError) as error:
