@@ -3,6 +3,8 @@ job's log keeps its earlier attempts."""
 
 import os
 import re
+import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +12,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from brainage.io import WriteError, atomic_path, save_tensors, sha256_file, write_json, write_tsv
+from brainage.io import (
+    WriteError,
+    atomic_path,
+    save_tensors,
+    sha256_file,
+    stale_temporaries,
+    write_json,
+    write_tsv,
+)
 from conftest import REPO
 
 
@@ -95,6 +105,58 @@ def test_atomic_path_puts_the_data_on_the_disk_before_the_rename(tmp_path, monke
     folder = final.parent.stat().st_ino
     assert any(event == "fsync" and synced == folder
                for event, synced, _ in events[renames[0]:]), events
+
+
+def _with_default_acl(folder: Path, other: int) -> None:
+    """Give ``folder`` a default POSIX ACL (what ``setfacl -d`` sets on a shared project
+    folder): owner and group rwx, others ``other``. Under it a new file's permissions come
+    from the ACL, not from the umask."""
+    entries = ((0x01, 0o7), (0x04, 0o7), (0x20, other))  # user::, group::, other::
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, permissions, 0xFFFFFFFF)
+                                          for tag, permissions in entries)
+    try:
+        os.setxattr(folder, "system.posix_acl_default", acl)
+    except (AttributeError, OSError) as error:
+        pytest.skip(f"no POSIX ACLs on {folder}: {error}")
+
+
+@pytest.mark.parametrize("acl", [False, True], ids=["umask", "default ACL"])
+def test_atomic_path_gives_the_permissions_of_a_plain_write(tmp_path, acl):
+    """A temporary from mkstemp is private (0600) and was then given 0666 less the umask:
+    in a folder with a default ACL (group rw, others nothing) the output became readable
+    by everyone on the cluster and not writable by the group, where a plain write gives
+    0660. A result is now created as open() creates any file."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    if acl:
+        _with_default_acl(folder, other=0)
+    with open(folder / "plain.tsv", "w") as handle:
+        handle.write("age\n30\n")
+    expected = stat.S_IMODE((folder / "plain.tsv").stat().st_mode)
+    if acl:
+        assert expected == 0o660  # the ACL, not the umask, decides
+    write_tsv(folder / "table.tsv", pd.DataFrame({"age": [30]}))
+    write_json(folder / "metrics.json", {"mae": 3.5})
+    for name in ("table.tsv", "metrics.json"):
+        assert oct(stat.S_IMODE((folder / name).stat().st_mode)) == oct(expected), name
+
+
+def test_atomic_path_temporaries_do_not_use_the_seeded_random_state(tmp_path):
+    """A training seeds Python's random module; the temporary names must neither draw from
+    it (the training's random numbers would change with the writes) nor repeat."""
+    import random
+
+    random.seed(3)
+    expected = random.random()
+    random.seed(3)
+    names = set()
+    for index in range(20):
+        with atomic_path(tmp_path / "out.json") as temp:
+            names.add(temp.name)
+            temp.write_text(str(index))
+    assert random.random() == expected
+    assert len(names) == 20 and stale_temporaries(tmp_path / "out.json") == []
+    assert [path.name for path in tmp_path.iterdir()] == ["out.json"]
 
 
 # -- write failures and deterministic tensor files ---------------------------------------------
