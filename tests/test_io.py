@@ -1,14 +1,26 @@
 """A failed write names the file and the free space and leaves nothing half-written; a
 job's log keeps its earlier attempts."""
 
+import os
 import re
+import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from brainage.io import WriteError, atomic_path, save_tensors, sha256_file
+from brainage.io import (
+    WriteError,
+    atomic_path,
+    save_tensors,
+    sha256_file,
+    stale_temporaries,
+    write_json,
+    write_tsv,
+)
 from conftest import REPO
 
 
@@ -22,6 +34,129 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path):
     with atomic_path(final) as temp:
         temp.write_text("whole")
     assert final.read_text() == "whole"
+
+
+def _write_text(path):
+    with atomic_path(path) as temp:
+        temp.write_text("whole")
+
+
+def _write_nifti(path):
+    import nibabel as nib
+    import numpy as np
+
+    with atomic_path(path) as temp:
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), str(temp))
+
+
+def _write_torch_by_name(path):
+    import torch
+
+    with atomic_path(path) as temp:
+        torch.save({"weight": torch.arange(100.0)}, temp)
+
+
+def _save_tensors(path):
+    import torch
+
+    save_tensors(path, {"weight": torch.arange(10.0)})
+
+
+#: Writers through a handle and by name, the package's and libraries' (name, writer).
+WRITERS = {
+    "text": ("notes.txt", _write_text),
+    "json": ("metrics.json", lambda path: write_json(path, {"mae": 3.5})),
+    "tsv": ("table.tsv", lambda path: write_tsv(path, pd.DataFrame({"age": [30, 40]}))),
+    "nifti": ("sub-01_T1w.nii.gz", _write_nifti),
+    "torch by name": ("encoder.pt", _write_torch_by_name),
+    "tensors": ("model.pt", _save_tensors),
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_atomic_path_puts_the_data_on_the_disk_before_the_rename(tmp_path, monkeypatch,
+                                                                 writer):
+    """Without os.fsync the rename can reach the disk before the data: a node crash right
+    after the job left an empty or truncated file under the final name."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(handle):
+        status = os.fstat(handle)
+        events.append(("fsync", status.st_ino, status.st_size))
+        return fsync(handle)
+
+    def recording_replace(source, target, **kwargs):
+        status = os.stat(source)
+        events.append(("rename", status.st_ino, status.st_size))
+        return replace(source, target, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    name, write = WRITERS[writer]
+    final = tmp_path / "out" / name
+    write(final)
+    renames = [index for index, (event, *_) in enumerate(events) if event == "rename"]
+    assert len(renames) == 1, events
+    _, inode, size = events[renames[0]]
+    assert size > 0 and final.stat().st_ino == inode and final.stat().st_size == size
+    # the file, whole, was synced before the rename; the folder after it
+    assert ("fsync", inode, size) in events[:renames[0]], events
+    folder = final.parent.stat().st_ino
+    assert any(event == "fsync" and synced == folder
+               for event, synced, _ in events[renames[0]:]), events
+
+
+def _with_default_acl(folder: Path, other: int) -> None:
+    """Give ``folder`` a default POSIX ACL (what ``setfacl -d`` sets on a shared project
+    folder): owner and group rwx, others ``other``. Under it a new file's permissions come
+    from the ACL, not from the umask."""
+    entries = ((0x01, 0o7), (0x04, 0o7), (0x20, other))  # user::, group::, other::
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, permissions, 0xFFFFFFFF)
+                                          for tag, permissions in entries)
+    try:
+        os.setxattr(folder, "system.posix_acl_default", acl)
+    except (AttributeError, OSError) as error:
+        pytest.skip(f"no POSIX ACLs on {folder}: {error}")
+
+
+@pytest.mark.parametrize("acl", [False, True], ids=["umask", "default ACL"])
+def test_atomic_path_gives_the_permissions_of_a_plain_write(tmp_path, acl):
+    """A temporary from mkstemp is private (0600) and was then given 0666 less the umask:
+    in a folder with a default ACL (group rw, others nothing) the output became readable
+    by everyone on the cluster and not writable by the group, where a plain write gives
+    0660. A result is now created as open() creates any file."""
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    if acl:
+        _with_default_acl(folder, other=0)
+    with open(folder / "plain.tsv", "w") as handle:
+        handle.write("age\n30\n")
+    expected = stat.S_IMODE((folder / "plain.tsv").stat().st_mode)
+    if acl:
+        assert expected == 0o660  # the ACL, not the umask, decides
+    write_tsv(folder / "table.tsv", pd.DataFrame({"age": [30]}))
+    write_json(folder / "metrics.json", {"mae": 3.5})
+    for name in ("table.tsv", "metrics.json"):
+        assert oct(stat.S_IMODE((folder / name).stat().st_mode)) == oct(expected), name
+
+
+def test_atomic_path_temporaries_do_not_use_the_seeded_random_state(tmp_path):
+    """A training seeds Python's random module; the temporary names must neither draw from
+    it (the training's random numbers would change with the writes) nor repeat."""
+    import random
+
+    random.seed(3)
+    expected = random.random()
+    random.seed(3)
+    names = set()
+    for index in range(20):
+        with atomic_path(tmp_path / "out.json") as temp:
+            names.add(temp.name)
+            temp.write_text(str(index))
+    assert random.random() == expected
+    assert len(names) == 20 and stale_temporaries(tmp_path / "out.json") == []
+    assert [path.name for path in tmp_path.iterdir()] == ["out.json"]
 
 
 # -- write failures and deterministic tensor files ---------------------------------------------
@@ -72,6 +207,15 @@ if sys.argv[2] == "killed":
     os.kill(os.getpid(), signal.SIGKILL)
 if sys.argv[2] == "failed":
     raise MemoryError("out of memory in the test")
+if sys.argv[2] == "exited":
+    sys.exit(3)
+if sys.argv[2] == "refused":  # what argparse does with a bad argument
+    import argparse
+    argparse.ArgumentParser(prog="job").parse_args(["--no-such-option"])
+if sys.argv[2] == "stopped":
+    sys.exit("job: the input is unusable")
+if sys.argv[2] == "finished":
+    sys.exit(0)
 """
 
 
@@ -99,3 +243,25 @@ def test_log_keeps_killed_and_failed_attempts_until_a_success(tmp_path):
     run_job(log, "succeeded")
     assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
     assert "working in killed" not in log.read_text()
+
+
+def test_log_keeps_attempts_that_ended_with_a_non_zero_exit(tmp_path):
+    """sys.exit(3), sys.exit("message") and an argparse error end a job with a failure as an
+    exception does, but raise SystemExit, which never reaches sys.excepthook: the
+    history was deleted as after a success, and the next attempt's log began at
+    attempt 1 without them."""
+    log = tmp_path / "logs" / "prepare.log"
+    for how in ("exited", "refused", "stopped", "failed"):
+        run_job(log, how)
+    text = log.read_text()
+    assert re.findall(r"^===== attempt (\d+)", text, flags=re.M) == ["1", "2", "3", "4"], text
+    for how in ("exited", "refused", "stopped"):
+        assert f"working in {how}" in text, text
+    # the log says how each ended: the status, or the message that went to stderr
+    assert "job ended with exit status 3" in text, text
+    assert "job ended with exit status 2" in text, text
+    assert "job ended with exit status 1: job: the input is unusable" in text, text
+    # sys.exit(0) is a success: the next run starts a new history
+    run_job(log, "finished")
+    run_job(log, "succeeded")
+    assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]

@@ -412,19 +412,26 @@ def test_bundle_folder_is_readable_by_others_as_its_files_are(exported, tmp_path
     """The bundle goes to other people: its folder gets the permissions the umask gives
     any new folder, like its files (the staging folder from tempfile.mkdtemp is private,
     0700), whether it is written anew or replaces an older bundle. The usual umask 022 is
-    set for the package (read once at import), so the test can fail under any umask."""
+    set for the package (read once at import) and for the files (created as open()
+    creates them), so the test can fail under any umask."""
+    import os
     import stat
 
     import brainage.io
 
     monkeypatch.setattr(brainage.io, "UMASK", 0o022)
     bundle = tmp_path / "models" / "demo"
-    for _ in ("new", "replacing"):
-        export_model(exported.cell, exported.cell / "encoder.pt",
-                     exported.split_dir / "stats.json", bundle_dir=bundle, **exported.export)
-        assert stat.S_IMODE(bundle.stat().st_mode) == 0o755
-        for file in bundle.iterdir():
-            assert stat.S_IMODE(file.stat().st_mode) == 0o644, file.name
+    umask = os.umask(0o022)
+    try:
+        for _ in ("new", "replacing"):
+            export_model(exported.cell, exported.cell / "encoder.pt",
+                         exported.split_dir / "stats.json", bundle_dir=bundle,
+                         **exported.export)
+            assert stat.S_IMODE(bundle.stat().st_mode) == 0o755
+            for file in bundle.iterdir():
+                assert stat.S_IMODE(file.stat().st_mode) == 0o644, file.name
+    finally:
+        os.umask(umask)
 
 
 @pytest.mark.parametrize("template, key", [

@@ -5,7 +5,10 @@ A job's log keeps every attempt since the job last succeeded, each after a separ
 a job was retried. Snakemake deletes a job's log before every attempt, so each line also
 goes to a hidden companion file (``.<log name>.attempts``) that Snakemake does not know
 about; a new attempt copies it back into the log first. The companion is deleted when the
-attempt ends without an uncaught exception.
+attempt succeeds: it ends without an uncaught exception and without ``sys.exit`` of a
+failure status (an argparse error, ``sys.exit(1)``, ``sys.exit("message")``). A
+``raise SystemExit(1)`` written out passes neither hook: code that runs after
+:func:`log_to_file` ends a job with ``sys.exit``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Opens every attempt in a log; counted to number the next attempt.
 ATTEMPT_MARK = "===== attempt "
+#: The interpreter's own sys.exit, taken at import: what :func:`log_to_file`'s
+#: replacement calls, so calling log_to_file again does not stack replacements.
+_SYS_EXIT = sys.exit
 
 
 def attempts_file(path: str | Path) -> Path:
@@ -75,4 +81,19 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
         failed.append(kind)
         logging.getLogger("brainage").error("job failed", exc_info=(kind, value, traceback))
 
+    def exit_noting_failure(status=None):
+        # sys.exit raises SystemExit, which the interpreter handles without calling
+        # sys.excepthook: a job that ended with sys.exit(1) or an argparse error counted as
+        # a success, its companion was deleted and the next attempt's log lost the history.
+        # The status is noted here, where it is known; the message of sys.exit("...")
+        # goes to stderr, which is not the job's log. A SystemExit that the code catches
+        # and survives keeps the history too: a log with earlier attempts, none lost.
+        if status is not None and status != 0:
+            failed.append(SystemExit)
+            code, reason = (status, "") if isinstance(status, int) else (1, f": {status}")
+            logging.getLogger("brainage").error("job ended with exit status %d%s", code,
+                                                reason)
+        _SYS_EXIT(status)
+
     sys.excepthook = log_uncaught
+    sys.exit = exit_noting_failure
