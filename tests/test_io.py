@@ -141,6 +141,29 @@ def test_atomic_path_gives_the_permissions_of_a_plain_write(tmp_path, acl):
         assert oct(stat.S_IMODE((folder / name).stat().st_mode)) == oct(expected), name
 
 
+@pytest.mark.parametrize("acl", [False, True], ids=["umask", "default ACL"])
+def test_a_staging_folder_gets_the_permissions_of_a_plain_folder(tmp_path, acl):
+    """A model bundle's staging folder came from tempfile.mkdtemp (0700) and was then given
+    0777 less the umask: under a shared folder's default ACL (group rwx, others nothing) the
+    bundle became readable by everyone and not writable by the group."""
+    from brainage.io import create_staging_folder, sync_tree
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    if acl:
+        _with_default_acl(folder, other=0)
+    (folder / "plain").mkdir()
+    expected = stat.S_IMODE((folder / "plain").stat().st_mode)
+    if acl:
+        assert expected == 0o770
+    staging = create_staging_folder(folder, prefix=".bundle.")
+    (staging / "encoder.pt").write_bytes(b"weights")
+    sync_tree(staging)
+    assert staging.name.startswith(".bundle.") and len(staging.name) == len(".bundle.") + 8
+    assert oct(stat.S_IMODE(staging.stat().st_mode)) == oct(expected)
+    assert (staging / "encoder.pt").read_bytes() == b"weights"
+
+
 def test_atomic_path_temporaries_do_not_use_the_seeded_random_state(tmp_path):
     """A training seeds Python's random module; the temporary names must neither draw from
     it (the training's random numbers would change with the writes) nor repeat."""

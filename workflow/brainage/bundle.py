@@ -40,7 +40,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from brainage import brainage_version
-from brainage.io import sha256_file, shared_mode, write_json
+from brainage.io import create_staging_folder, sha256_file, sync_tree, write_json
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    staging = create_staging_folder(directory.parent, prefix=f".{directory.name}.")
     try:
         torch.save({key: value.detach().cpu().contiguous() for key, value in encoder_state.items()},
                    staging / ENCODER_FILE)
@@ -183,8 +183,7 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
                    {**written, MANIFEST_DIGEST_KEY: manifest_digest(written)})
         if readme is not None:
             (staging / README_FILE).write_text(readme)
-        # mkdtemp makes the folder private (0700); a bundle is shared like its files
-        os.chmod(staging, shared_mode(0o777))
+        sync_tree(staging)
         _replace_directory(staging, directory)
     finally:
         if staging.exists():

@@ -35,7 +35,7 @@ UMASK = _read_umask()
 
 def shared_mode(mode: int) -> int:
     """``mode`` less the process's umask: what a file or folder created the usual way gets
-    (temporary folders from ``tempfile.mkdtemp`` are created private, 0700)."""
+    where no default ACL applies."""
     return mode & ~UMASK
 
 
@@ -104,6 +104,39 @@ def _create_temporary(folder: Path, prefix: str, suffix: str) -> Path:
         os.close(handle)
         return path
     raise FileExistsError(f"no unused temporary name {prefix}<random>{suffix} in {folder}")
+
+
+def create_staging_folder(parent: str | Path, prefix: str) -> Path:
+    """Create an empty folder ``<prefix><8 random letters>`` in ``parent``, to be filled
+    and then renamed into place (:func:`sync_tree` first).
+
+    Created as ``mkdir`` creates any folder (mode 0777, which the umask or the parent's
+    default ACL reduces), not private as ``tempfile.mkdtemp`` makes it (0700): the folder
+    becomes the output (a model bundle, a dataset). A chmod afterwards ignores a shared
+    project folder's default ACL, as for files (:func:`_create_temporary`).
+    """
+    parent = Path(parent)
+    for _ in range(100):
+        path = parent / f"{prefix}{''.join(_NAMES.choices(_NAME_LETTERS, k=8))}"
+        try:
+            os.mkdir(path, 0o777)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused folder name {prefix}<random> in {parent}")
+
+
+def sync_tree(folder: str | Path) -> None:
+    """:func:`_sync_file` every file under ``folder``, then the folders: before a staging
+    folder is renamed into place, so that a crash leaves the old folder or the whole new
+    one, not one of empty files (the files' writers, e.g. ``torch.save``, do not sync)."""
+    folder = Path(folder)
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            _sync_file(path)
+    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _sync_folder(path)
+    _sync_folder(folder)
 
 
 def _sync_file(path: Path) -> None:
