@@ -30,6 +30,7 @@ from brainage.simulate import (
     study_table,
 )
 from brainage.simulate import cohort as simulate_cohort_module
+from brainage.simulate import t1w_cohort as t1w_cohort_module
 from brainage.simulate.anatomy import (
     DAMPING_RATIO_LIMITS,
     DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR,
@@ -37,7 +38,7 @@ from brainage.simulate.anatomy import (
     SimulatedSubject,
     simulate_subject,
 )
-from brainage.simulate.t1w_cohort import T1W_SITES, simulate_t1w_subject
+from brainage.simulate.t1w_cohort import T1W_SITES, SimulatedT1w, simulate_t1w_subject
 
 N_HEALTHY = 20
 N_ACCELERATED = 4
@@ -143,6 +144,51 @@ def test_scaled_demographics_stay_close_and_bimodal(seed):
     middle = ages.between(40, 55).mean()
     assert young >= 0.3 and old >= 0.2 and middle < min(young, old)
     assert abs((participants["sex"] == "F").mean() - 183 / 311) < 0.12
+
+
+@pytest.mark.parametrize("option, value", [
+    ("seed", -1), ("seed", 1.9), ("n_subjects", 10.7), ("n_subjects", "12"),
+    ("accelerated_group_n", -1), ("accelerated_group_n", 1.5),
+    ("accelerated_ageing_years", float("nan")), ("accelerated_ageing_years", float("inf"))])
+def test_an_option_out_of_range_is_refused_by_its_name(tmp_path, tiny_subjects, option,
+                                                       value):
+    """seed=-1 stopped in NumPy with 'expected non-negative integer', naming no option;
+    seed=1.9, n_subjects=10.7 and accelerated_group_n=1.5 were truncated in silence (1.9 made
+    seed 1's cohort, recorded as seed 1.9); an offset of NaN years made every map of the
+    accelerated group NaN."""
+    options = {"n_subjects": 10, "accelerated_group_n": 2, option: value}
+    message = re.escape(f"{option}={value!r}")
+    with pytest.raises(ValueError, match=message):
+        draw_participants(**options)
+    with pytest.raises(ValueError, match=message):
+        simulated_participants(**options)
+    with pytest.raises(ValueError, match=message):
+        simulate_cohort(tmp_path / "dataset", **options)
+    assert not (tmp_path / "dataset").exists()
+    if option in ("seed", "n_subjects"):
+        with pytest.raises(ValueError, match=message):
+            draw_t1w_participants(**{"n_subjects": 4, option: value})
+
+
+def test_whole_numbers_of_any_type_give_the_same_cohort(tmp_path, tiny_subjects):
+    """A NumPy integer (n_subjects read from a table, say) stopped the simulation at its
+    very end: json could not write np.int64 into dataset_description.json."""
+    expected = draw_participants(10, seed=3, accelerated_group_n=2)
+    for number in (np.int64, float):
+        assert draw_participants(number(10), seed=number(3),
+                                 accelerated_group_n=number(2)).equals(expected)
+    simulate_cohort(tmp_path / "mre", n_subjects=np.int64(10), seed=np.int64(3),
+                    accelerated_group_n=np.int64(2), with_anatomy=np.bool_(True),
+                    nan_probability=np.float64(0.1))
+    parameters = json.loads((tmp_path / "mre" / "dataset_description.json").read_text())[
+        "SimulationParameters"]
+    assert parameters["n_subjects"] == 10 and parameters["seed"] == 3
+    assert parameters["with_anatomy"] is True
+    simulate_t1w_cohort(tmp_path / "t1w", n_subjects=np.int64(4), seed=np.int64(3))
+    parameters = json.loads((tmp_path / "t1w" / "dataset_description.json").read_text())[
+        "SimulationParameters"]
+    assert parameters["seed"] == 3
+    assert draw_t1w_participants(4.0, seed=3.0).equals(draw_t1w_participants(4, seed=3))
 
 
 def test_labels_are_bids_and_prefix_makes_a_new_cohort():
@@ -418,15 +464,30 @@ def test_refuses_a_non_empty_root_and_never_leaves_half_a_dataset(tmp_path, monk
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
 
 
-def test_overwrite_replaces_the_root(tmp_path, monkeypatch):
-    # Only the writing is under test here: one tiny fake subject keeps it fast.
-    def tiny_subject(subject, **kwargs):
-        data = np.zeros((4, 4, 4), np.float32)
-        truth = {column: 0 for column in TRUTH_COLUMNS}
-        truth["participant_id"] = subject["participant_id"]
-        return SimulatedSubject(np.eye(4), {"stiffness": data}, None, data.astype(bool), truth)
+def _tiny_subject(subject, **kwargs):
+    """A fake 4x4x4 subject: for tests of the writing, not of the images."""
+    data = np.zeros((4, 4, 4), np.float32)
+    truth = {column: 0 for column in TRUTH_COLUMNS}
+    truth["participant_id"] = subject["participant_id"]
+    return SimulatedSubject(np.eye(4), {"stiffness": data}, None, data.astype(bool), truth)
 
-    monkeypatch.setattr(simulate_cohort_module, "simulate_subject", tiny_subject)
+
+def _tiny_t1w_subject(subject, **kwargs):
+    """A fake 4x4x4 subject of the T1w-only cohort."""
+    truth = {column: 0 for column in T1W_TRUTH_COLUMNS}
+    truth["participant_id"] = subject["participant_id"]
+    return SimulatedT1w(np.eye(4), np.zeros((4, 4, 4), np.int16),
+                        np.zeros((4, 4, 4), bool), truth)
+
+
+@pytest.fixture
+def tiny_subjects(monkeypatch):
+    """Both cohorts write tiny fake subjects: only the writing is under test."""
+    monkeypatch.setattr(simulate_cohort_module, "simulate_subject", _tiny_subject)
+    monkeypatch.setattr(t1w_cohort_module, "simulate_t1w_subject", _tiny_t1w_subject)
+
+
+def test_overwrite_replaces_the_root(tmp_path, tiny_subjects):
     root = tmp_path / "dataset"
     root.mkdir()  # an empty folder (as Snakemake leaves it) is fine without overwrite
     simulate_cohort(root, n_subjects=10, seed=0)

@@ -44,7 +44,7 @@ from brainage.simulate.anatomy import (
     _template_anatomy,
     _truth_mask,
 )
-from brainage.simulate.demographics import _check_prefix, seed_sequence
+from brainage.simulate.demographics import _check_prefix, check_whole_number, seed_sequence
 from brainage.simulate.writing import check_root, save_nifti, staged_dataset, write_json
 
 LOGGER = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def draw_t1w_participants(n_subjects: int = 40, *, seed: int = 0,
     n_subjects : int
         Subjects (at least 1), spread over the 4 sites of :data:`T1W_SITES`.
     seed : int
-        Random seed; with ``id_prefix`` it selects the cohort.
+        Random seed (>= 0); with ``id_prefix`` it selects the cohort.
     id_prefix : str
         Letters and digits before every label (``sub-<prefix>ts1s001``).
     age_range_years : (float, float)
@@ -168,9 +168,8 @@ def draw_t1w_participants(n_subjects: int = 40, *, seed: int = 0,
     """
     _check_prefix(id_prefix)
     youngest, oldest = _check_age_range(age_range_years)
-    if int(n_subjects) < 1:
-        raise ValueError(f"n_subjects={n_subjects} must be at least 1.")
-    n_subjects = int(n_subjects)
+    n_subjects = check_whole_number("n_subjects", n_subjects, minimum=1)
+    seed = check_whole_number("seed", seed)
     rng = np.random.default_rng(seed_sequence(seed, id_prefix, _DEMOGRAPHICS_STREAM))
     quantiles = (np.arange(n_subjects) + rng.uniform(0.25, 0.75, size=n_subjects)) / n_subjects
     ages = np.round(rng.permutation(youngest + quantiles * (oldest - youngest)), 1)

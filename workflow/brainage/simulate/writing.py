@@ -31,8 +31,16 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: st
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON; NumPy scalars (an option given as
+    ``np.int64(40)``, say) are written as the Python numbers they hold."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2, default=_numpy_scalar) + "\n")
+
+
+def _numpy_scalar(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} cannot be written as JSON")
 
 
 def check_root(root: Path, *, overwrite: bool) -> None:
