@@ -500,6 +500,33 @@ def test_overwrite_replaces_the_root(tmp_path, tiny_subjects):
                                                         sep="\t")["participant_id"][0])
 
 
+def test_a_root_behind_a_symbolic_link_is_written_where_the_link_points(tmp_path, monkeypatch,
+                                                                        tiny_subjects):
+    """A dataset root linked to scratch space failed after the whole simulation ('Not a
+    directory' when empty); with overwrite the link was moved aside (left behind as
+    .dataset.old-*), the dataset put in its place and the linked folder kept its old files.
+    A root of "." failed the same way ('Device or resource busy')."""
+    real = tmp_path / "scratch" / "dataset"
+    real.mkdir(parents=True)
+    link = tmp_path / "project" / "dataset"
+    link.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    simulate_cohort(link, n_subjects=10)
+    assert link.is_symlink() and (real / "participants.tsv").is_file()
+    (real / "stale.txt").write_text("old")
+    simulate_t1w_cohort(link, n_subjects=3, overwrite=True)
+    assert link.is_symlink() and not (real / "stale.txt").exists()
+    assert len(pd.read_csv(real / "participants.tsv", sep="\t")) == 3
+    assert [path.name for path in link.parent.iterdir()] == ["dataset"]
+    assert [path.name for path in real.parent.iterdir()] == ["dataset"]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    simulate_cohort(".", n_subjects=10)
+    assert (here / "participants.tsv").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["here", "project", "scratch"]
+
+
 # ---- reproducibility of earlier datasets -------------------------------------------------
 #: Fingerprints of two subjects of the ``cohort`` fixture's options (seed 3, 20 healthy +
 #: 4 accelerated, nan_probability 0.5), written by the simulator before damping-ratio maps

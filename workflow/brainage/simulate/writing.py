@@ -57,7 +57,14 @@ def check_root(root: Path, *, overwrite: bool) -> None:
 @contextmanager
 def staged_dataset(root: Path) -> Iterator[Path]:
     """A private folder next to ``root`` to write the dataset into; on success it replaces
-    ``root``, on any error it is removed and ``root`` is left as it was."""
+    ``root``, on any error it is removed and ``root`` is left as it was.
+
+    A ``root`` reached through a symbolic link (a dataset folder linked to scratch space)
+    is replaced where the link points, and the link is kept; ``.`` or ``..`` stand for
+    the folder they name."""
+    # Renaming the link itself would move it aside and put the dataset in its place
+    # (an empty root: "Not a directory" after the whole simulation); "." cannot be renamed.
+    root = root.resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
