@@ -527,6 +527,26 @@ def test_a_root_behind_a_symbolic_link_is_written_where_the_link_points(tmp_path
     assert sorted(path.name for path in tmp_path.iterdir()) == ["here", "project", "scratch"]
 
 
+def test_a_new_simulation_removes_what_a_killed_one_left_beside_its_root(tmp_path,
+                                                                         tiny_subjects):
+    """A simulation killed while it wrote (Snakemake stopped, a job out of time) left its
+    hidden staging folder, up to a whole dataset of images, beside the root; every further
+    kill added one. A new simulation of that root removes them, and nothing else."""
+    root = tmp_path / "dataset"
+    stale = [tmp_path / ".dataset.partial-k3j_x9ab", tmp_path / ".dataset.old-0a1b2c3d"]
+    kept = [tmp_path / ".dataset2.partial-k3j_x9ab", tmp_path / ".dataset.partial-mine",
+            tmp_path / "notes"]
+    for folder in stale + kept:
+        (folder / "sub-st1s001").mkdir(parents=True)
+        (folder / "sub-st1s001" / "image.nii.gz").write_bytes(b"x")
+    simulate_cohort(root, n_subjects=10)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["dataset"] + [folder.name for folder in kept])
+    stale[0].mkdir()
+    simulate_t1w_cohort(root, n_subjects=2, overwrite=True)
+    assert not stale[0].exists()
+
+
 # ---- reproducibility of earlier datasets -------------------------------------------------
 #: Fingerprints of two subjects of the ``cohort`` fixture's options (seed 3, 20 healthy +
 #: 4 accelerated, nan_probability 0.5), written by the simulator before damping-ratio maps

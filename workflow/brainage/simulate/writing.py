@@ -5,7 +5,9 @@ the T1w-only cohort)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -15,6 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from brainage.io import shared_mode
+
+LOGGER = logging.getLogger(__name__)
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: str) -> None:
@@ -66,6 +70,9 @@ def staged_dataset(root: Path) -> Iterator[Path]:
     # (an empty root: "Not a directory" after the whole simulation); "." cannot be renamed.
     root = root.resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_staging(root):
+        shutil.rmtree(stale, ignore_errors=True)
+        LOGGER.info("removed %s, left by a simulation of %s that was killed", stale, root)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         yield staging
@@ -74,6 +81,18 @@ def staged_dataset(root: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def stale_staging(root: Path) -> list[Path]:
+    """Folders next to ``root`` that :func:`staged_dataset` made for ``root`` and a killed
+    process left behind (a kill skips the clean-up): ``.<name>.partial-<random>`` (a
+    dataset half written) and ``.<name>.old-<random>`` (the replaced one). Removed when
+    ``root`` is simulated again; only the process writing ``root`` may remove them."""
+    if not root.parent.is_dir():
+        return []
+    name = re.compile(re.escape(f".{root.name}.") + r"(partial|old)-[a-z0-9_]{8}")
+    return sorted(path for path in root.parent.iterdir()
+                  if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
 
 
 def _move_into_place(staging: Path, root: Path) -> None:
