@@ -3,9 +3,14 @@ damping-ratio maps; the T1w-only (pretraining) cohort."""
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -223,6 +228,48 @@ def test_layout_and_participants(cohort):
     described = json.loads((root / "derivatives" / "simulation" / "truth.json").read_text())
     assert list(described) == list(truth.columns)
     assert not list(root.parent.glob(".dataset.*")), "staging folder left behind"
+
+
+def _bids_errors(folder: Path) -> list[dict]:
+    """Errors of the schema-based BIDS validator (test extra bids-validator-deno)."""
+    validator = shutil.which("bids-validator-deno") or str(
+        Path(sys.executable).with_name("bids-validator-deno"))
+    if not Path(validator).is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("bids-validator-deno is not installed (test extra)")
+        pytest.skip("bids-validator-deno is not installed (pip install '.[test]')")
+    result = subprocess.run([validator, str(folder), "--format", "json"],
+                            capture_output=True, text=True, timeout=300)
+    issues = json.loads(result.stdout)["issues"]["issues"]
+    return [issue for issue in issues if issue["severity"] == "error"]
+
+
+def test_mre_maps_and_truth_tables_are_listed_in_bidsignore(cohort, t1w_cohort):
+    """BIDS has no MRE datatype: the validator rejected the simulated dataset (an error
+    for every stiffness and damping-ratio map) and the truth folder (truth.tsv/json)."""
+    root = cohort[0]
+    patterns = (root / ".bidsignore").read_text().split()
+
+    def ignored(path: Path) -> bool:  # a pattern matches the file or a folder above it
+        relative = path.relative_to(root)
+        names = [relative.name] + [parent.as_posix() for parent in
+                                   (relative, *relative.parents) if parent.name]
+        return any(fnmatch.fnmatch(name, pattern) for pattern in patterns for name in names)
+
+    maps = list(root.glob("sub-*/mre/*"))
+    assert len(maps) == 2 * len(cohort[1]) and all(ignored(path) for path in maps)
+    anatomy = list(root.glob("sub-*/anat/*"))
+    assert len(anatomy) == len(cohort[1]) and not any(ignored(path) for path in anatomy)
+    for dataset in (root, t1w_cohort[0]):
+        truth = dataset / "derivatives" / "simulation"
+        assert set((truth / ".bidsignore").read_text().split()) == {"truth.tsv", "truth.json"}
+
+
+def test_bids_validator_accepts_the_simulated_datasets(cohort, t1w_cohort):
+    for dataset in (cohort[0], t1w_cohort[0]):
+        for folder in (dataset, dataset / "derivatives" / "simulation"):
+            errors = _bids_errors(folder)
+            assert not errors, (folder, json.dumps(errors, indent=1)[:2000])
 
 
 def test_the_pipeline_reader_accepts_the_dataset(cohort):

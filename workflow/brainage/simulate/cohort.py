@@ -25,7 +25,14 @@ from brainage.simulate.t1w_cohort import (
     T1W_VOXEL_SIZE_MM,
     simulate_t1w_cohort,
 )
-from brainage.simulate.writing import check_root, save_nifti, staged_dataset, write_json
+from brainage.simulate.writing import (
+    TRUTH_BIDS_IGNORE,
+    check_root,
+    save_nifti,
+    staged_dataset,
+    write_bidsignore,
+    write_json,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -157,6 +164,9 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
             "Name": "ground truth of the brainage simulation", "BIDSVersion": "1.9.0",
             "DatasetType": "derivative", "GeneratedBy": generated_by,
         })
+        # BIDS has no MRE datatype: without these the validator rejects both datasets.
+        write_bidsignore(staging, ["sub-*/mre"])
+        write_bidsignore(simulation, TRUTH_BIDS_IGNORE)
         truth_table.to_csv(simulation / "truth.tsv", sep="\t", index=False)
         write_json(simulation / "truth.json",
                    {column: {"Description": text} for column, text in columns.items()})

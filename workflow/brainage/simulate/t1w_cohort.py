@@ -18,6 +18,7 @@ Layout (``root``)::
     participants.tsv / participants.json      participant_id, age, sex, study
     sub-<label>/anat/sub-<label>_T1w.nii.gz   int16, arbitrary units, no mre folder
     derivatives/simulation/truth.tsv|json     one row per subject (T1W_TRUTH_COLUMNS)
+    derivatives/simulation/.bidsignore        truth.tsv and truth.json
     derivatives/simulation/sub-<label>/sub-<label>_desc-truth_mask.nii.gz
 """
 
@@ -45,7 +46,14 @@ from brainage.simulate.anatomy import (
     _truth_mask,
 )
 from brainage.simulate.demographics import _check_prefix, check_whole_number, seed_sequence
-from brainage.simulate.writing import check_root, save_nifti, staged_dataset, write_json
+from brainage.simulate.writing import (
+    TRUTH_BIDS_IGNORE,
+    check_root,
+    save_nifti,
+    staged_dataset,
+    write_bidsignore,
+    write_json,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -303,6 +311,7 @@ def simulate_t1w_cohort(root: str | Path, *, n_subjects: int = 40, seed: int = 0
             "Name": "ground truth of the brainage simulation", "BIDSVersion": "1.9.0",
             "DatasetType": "derivative", "GeneratedBy": generated_by,
         })
+        write_bidsignore(simulation, TRUTH_BIDS_IGNORE)
         truth_table.to_csv(simulation / "truth.tsv", sep="\t", index=False)
         write_json(simulation / "truth.json", {column: {"Description": text}
                                                for column, text in T1W_TRUTH_COLUMNS.items()})

@@ -41,6 +41,17 @@ def write_json(path: Path, payload: dict) -> None:
     path.write_text(json.dumps(payload, indent=2, default=_numpy_scalar) + "\n")
 
 
+def write_bidsignore(folder: Path, patterns) -> None:
+    """Write ``folder/.bidsignore``: files BIDS has no name for (MRE maps, the truth
+    tables), which the BIDS validator would otherwise report as errors (NOT_INCLUDED)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".bidsignore").write_text("\n".join(patterns) + "\n")
+
+
+#: Files of ``derivatives/simulation`` without a BIDS name: the ground-truth tables.
+TRUTH_BIDS_IGNORE = ("truth.tsv", "truth.json")
+
+
 def _numpy_scalar(value):
     if isinstance(value, np.generic):
         return value.item()
