@@ -594,6 +594,30 @@ def test_a_new_simulation_removes_what_a_killed_one_left_beside_its_root(tmp_pat
     assert not stale[0].exists()
 
 
+def test_cli_refuses_an_ageing_offset_without_an_accelerated_group(tmp_path, capsys,
+                                                                     tiny_subjects):
+    """--accelerated-ageing-years without --accelerated-group-n was accepted and ignored:
+    the cohort had no accelerated group, silently. --help printed half a sentence
+    ('... input layout (rules') under the program name __main__.py."""
+    root = tmp_path / "dataset"
+    for group in ([], ["--accelerated-group-n", "0"]):
+        with pytest.raises(SystemExit):
+            simulate.main(["--root", str(root), "--n-subjects", "10",
+                           "--accelerated-ageing-years", "12", *group])
+        assert "--accelerated-group-n" in capsys.readouterr().err
+        assert not root.exists()
+    simulate.main(["--root", str(root), "--n-subjects", "10", "--accelerated-group-n", "2",
+                   "--accelerated-ageing-years", "12"])
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert (participants["group"] == "accelerated").sum() == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        simulate.main(["--help"])
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: python -m brainage.simulate")
+    assert "layout (rules" not in usage and "--t1w-only" in usage
+
+
 # ---- reproducibility of earlier datasets -------------------------------------------------
 #: Fingerprints of two subjects of the ``cohort`` fixture's options (seed 3, 20 healthy +
 #: 4 accelerated, nan_probability 0.5), written by the simulator before damping-ratio maps

@@ -257,10 +257,16 @@ _T1W_ONLY_OPTIONS = ("voxel_size_mm", "min_age", "max_age")
 def main(argv=None) -> None:
     """``python -m brainage.simulate --root DIR [--n-subjects N] [--seed S] ...``; with
     ``--t1w-only`` a T1w-only (pretraining) cohort instead of an MRE cohort."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m brainage.simulate",
+        description="Write a simulated multi-study MRE cohort (stiffness in kPa, optionally "
+                    "the damping ratio, and T1w) or, with --t1w-only, a simulated T1w-only "
+                    "cohort for pretraining, in the pipeline's BIDS-like input layout.")
     parser.add_argument("--root", required=True, help="dataset folder to write")
-    parser.add_argument("--n-subjects", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-subjects", type=int, default=60,
+                        help="MRE: healthy subjects over the 5 studies (at least 10); "
+                             "--t1w-only: subjects over 4 sites (at least 1); default 60")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0), default 0")
     parser.add_argument("--id-prefix", default=None,
                         help=f"label prefix (default: none; {T1W_ID_PREFIX!r} with --t1w-only)")
     parser.add_argument("--overwrite", action="store_true")
@@ -289,6 +295,10 @@ def main(argv=None) -> None:
         parser.error(f"{option} is for {'a T1w-only' if not args.t1w_only else 'an MRE'} "
                      f"cohort; {'add' if not args.t1w_only else 'drop'} --t1w-only or drop "
                      f"{option}.")
+    if args.accelerated_ageing_years is not None and not args.accelerated_group_n:
+        parser.error("--accelerated-ageing-years is the stiffness age offset of the "
+                     "accelerated group, which only --accelerated-group-n N (N >= 1) adds; "
+                     "add it or drop --accelerated-ageing-years.")
 
     def value(name, default):
         return default if getattr(args, name) is None else getattr(args, name)
