@@ -849,3 +849,13 @@ def test_t1w_cohort_is_reproducible_by_seed_and_cli(tmp_path, t1w_cohort):
     with pytest.raises(SystemExit):
         simulate.main(["--root", str(tmp_path / "x"), "--voxel-size-mm", "2"])
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_names_the_age_options_it_refuses(tmp_path, capsys):
+    """--min-age 90 (above the default oldest age, 85) was refused as
+    'age_range_years=(90.0, 85.0) ...', an option the command line does not have."""
+    with pytest.raises(SystemExit):
+        simulate.main(["--root", str(tmp_path / "x"), "--t1w-only", "--min-age", "90"])
+    error = capsys.readouterr().err
+    assert "--min-age" in error and "--max-age" in error and "(90.0, 85.0)" in error
+    assert not (tmp_path / "x").exists()

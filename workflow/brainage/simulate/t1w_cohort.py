@@ -135,8 +135,9 @@ class SimulatedT1w(NamedTuple):
 def _check_age_range(age_range_years) -> tuple[float, float]:
     youngest, oldest = (float(age) for age in age_range_years)
     if not 0.0 < youngest < oldest < 120.0:
-        raise ValueError(f"age_range_years={tuple(age_range_years)} must be (youngest, "
-                         f"oldest) in years with 0 < youngest < oldest < 120, e.g. (8, 85).")
+        raise ValueError(f"age_range_years={tuple(age_range_years)} (CLI: --min-age, "
+                         f"--max-age) must be (youngest, oldest) in years with 0 < youngest "
+                         f"< oldest < 120, e.g. (8, 85).")
     return youngest, oldest
 
 
