@@ -77,12 +77,12 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
     n_subjects : int
         Healthy subjects over the 5 studies of the paper's Table 2 (at least 10).
     seed : int
-        Random seed; same arguments give identical images and tables.
+        Random seed (>= 0); same arguments give identical images and tables.
     accelerated_group_n : int
-        Extra subjects (study ``patients``, group ``accelerated``) whose stiffness is
+        Extra subjects (>= 0; study ``patients``, group ``accelerated``) whose stiffness is
         simulated ``accelerated_ageing_years`` older than their age; anatomy at true age.
     accelerated_ageing_years : float
-        Stiffness age offset of the accelerated group (years).
+        Stiffness age offset of the accelerated group (years, any finite number).
     id_prefix : str
         Letters/digits prepended to every label and mixed into the seed: a new cohort.
     with_anatomy : bool
@@ -103,6 +103,13 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
     pandas.DataFrame
         The ground-truth table (``derivatives/simulation/truth.tsv``), one row per
         subject, columns as in :data:`TRUTH_COLUMNS` (plus the damping-ratio columns).
+
+    Raises
+    ------
+    ValueError
+        An option out of its range, naming it, before anything is simulated.
+    FileExistsError
+        ``root`` is a file, or a non-empty folder without ``overwrite``.
 
     See Also
     --------
