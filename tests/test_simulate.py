@@ -3,9 +3,14 @@ damping-ratio maps; the T1w-only (pretraining) cohort."""
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -30,6 +35,7 @@ from brainage.simulate import (
     study_table,
 )
 from brainage.simulate import cohort as simulate_cohort_module
+from brainage.simulate import t1w_cohort as t1w_cohort_module
 from brainage.simulate.anatomy import (
     DAMPING_RATIO_LIMITS,
     DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR,
@@ -37,7 +43,7 @@ from brainage.simulate.anatomy import (
     SimulatedSubject,
     simulate_subject,
 )
-from brainage.simulate.t1w_cohort import T1W_SITES, simulate_t1w_subject
+from brainage.simulate.t1w_cohort import T1W_SITES, SimulatedT1w, simulate_t1w_subject
 
 N_HEALTHY = 20
 N_ACCELERATED = 4
@@ -145,6 +151,51 @@ def test_scaled_demographics_stay_close_and_bimodal(seed):
     assert abs((participants["sex"] == "F").mean() - 183 / 311) < 0.12
 
 
+@pytest.mark.parametrize("option, value", [
+    ("seed", -1), ("seed", 1.9), ("n_subjects", 10.7), ("n_subjects", "12"),
+    ("accelerated_group_n", -1), ("accelerated_group_n", 1.5),
+    ("accelerated_ageing_years", float("nan")), ("accelerated_ageing_years", float("inf"))])
+def test_an_option_out_of_range_is_refused_by_its_name(tmp_path, tiny_subjects, option,
+                                                       value):
+    """seed=-1 stopped in NumPy with 'expected non-negative integer', naming no option;
+    seed=1.9, n_subjects=10.7 and accelerated_group_n=1.5 were truncated in silence (1.9 made
+    seed 1's cohort, recorded as seed 1.9); an offset of NaN years made every map of the
+    accelerated group NaN."""
+    options = {"n_subjects": 10, "accelerated_group_n": 2, option: value}
+    message = re.escape(f"{option}={value!r}")
+    with pytest.raises(ValueError, match=message):
+        draw_participants(**options)
+    with pytest.raises(ValueError, match=message):
+        simulated_participants(**options)
+    with pytest.raises(ValueError, match=message):
+        simulate_cohort(tmp_path / "dataset", **options)
+    assert not (tmp_path / "dataset").exists()
+    if option in ("seed", "n_subjects"):
+        with pytest.raises(ValueError, match=message):
+            draw_t1w_participants(**{"n_subjects": 4, option: value})
+
+
+def test_whole_numbers_of_any_type_give_the_same_cohort(tmp_path, tiny_subjects):
+    """A NumPy integer (n_subjects read from a table, say) stopped the simulation at its
+    very end: json could not write np.int64 into dataset_description.json."""
+    expected = draw_participants(10, seed=3, accelerated_group_n=2)
+    for number in (np.int64, float):
+        assert draw_participants(number(10), seed=number(3),
+                                 accelerated_group_n=number(2)).equals(expected)
+    simulate_cohort(tmp_path / "mre", n_subjects=np.int64(10), seed=np.int64(3),
+                    accelerated_group_n=np.int64(2), with_anatomy=np.bool_(True),
+                    nan_probability=np.float64(0.1))
+    parameters = json.loads((tmp_path / "mre" / "dataset_description.json").read_text())[
+        "SimulationParameters"]
+    assert parameters["n_subjects"] == 10 and parameters["seed"] == 3
+    assert parameters["with_anatomy"] is True
+    simulate_t1w_cohort(tmp_path / "t1w", n_subjects=np.int64(4), seed=np.int64(3))
+    parameters = json.loads((tmp_path / "t1w" / "dataset_description.json").read_text())[
+        "SimulationParameters"]
+    assert parameters["seed"] == 3
+    assert draw_t1w_participants(4.0, seed=3.0).equals(draw_t1w_participants(4, seed=3))
+
+
 def test_labels_are_bids_and_prefix_makes_a_new_cohort():
     first = draw_participants(12, seed=0)
     renamed = draw_participants(12, seed=0, id_prefix="new", accelerated_group_n=3)
@@ -177,6 +228,48 @@ def test_layout_and_participants(cohort):
     described = json.loads((root / "derivatives" / "simulation" / "truth.json").read_text())
     assert list(described) == list(truth.columns)
     assert not list(root.parent.glob(".dataset.*")), "staging folder left behind"
+
+
+def _bids_errors(folder: Path) -> list[dict]:
+    """Errors of the schema-based BIDS validator (test extra bids-validator-deno)."""
+    validator = shutil.which("bids-validator-deno") or str(
+        Path(sys.executable).with_name("bids-validator-deno"))
+    if not Path(validator).is_file():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("bids-validator-deno is not installed (test extra)")
+        pytest.skip("bids-validator-deno is not installed (pip install '.[test]')")
+    result = subprocess.run([validator, str(folder), "--format", "json"],
+                            capture_output=True, text=True, timeout=300)
+    issues = json.loads(result.stdout)["issues"]["issues"]
+    return [issue for issue in issues if issue["severity"] == "error"]
+
+
+def test_mre_maps_and_truth_tables_are_listed_in_bidsignore(cohort, t1w_cohort):
+    """BIDS has no MRE datatype: the validator rejected the simulated dataset (an error
+    for every stiffness and damping-ratio map) and the truth folder (truth.tsv/json)."""
+    root = cohort[0]
+    patterns = (root / ".bidsignore").read_text().split()
+
+    def ignored(path: Path) -> bool:  # a pattern matches the file or a folder above it
+        relative = path.relative_to(root)
+        names = [relative.name] + [parent.as_posix() for parent in
+                                   (relative, *relative.parents) if parent.name]
+        return any(fnmatch.fnmatch(name, pattern) for pattern in patterns for name in names)
+
+    maps = list(root.glob("sub-*/mre/*"))
+    assert len(maps) == 2 * len(cohort[1]) and all(ignored(path) for path in maps)
+    anatomy = list(root.glob("sub-*/anat/*"))
+    assert len(anatomy) == len(cohort[1]) and not any(ignored(path) for path in anatomy)
+    for dataset in (root, t1w_cohort[0]):
+        truth = dataset / "derivatives" / "simulation"
+        assert set((truth / ".bidsignore").read_text().split()) == {"truth.tsv", "truth.json"}
+
+
+def test_bids_validator_accepts_the_simulated_datasets(cohort, t1w_cohort):
+    for dataset in (cohort[0], t1w_cohort[0]):
+        for folder in (dataset, dataset / "derivatives" / "simulation"):
+            errors = _bids_errors(folder)
+            assert not errors, (folder, json.dumps(errors, indent=1)[:2000])
 
 
 def test_the_pipeline_reader_accepts_the_dataset(cohort):
@@ -418,15 +511,30 @@ def test_refuses_a_non_empty_root_and_never_leaves_half_a_dataset(tmp_path, monk
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
 
 
-def test_overwrite_replaces_the_root(tmp_path, monkeypatch):
-    # Only the writing is under test here: one tiny fake subject keeps it fast.
-    def tiny_subject(subject, **kwargs):
-        data = np.zeros((4, 4, 4), np.float32)
-        truth = {column: 0 for column in TRUTH_COLUMNS}
-        truth["participant_id"] = subject["participant_id"]
-        return SimulatedSubject(np.eye(4), {"stiffness": data}, None, data.astype(bool), truth)
+def _tiny_subject(subject, **kwargs):
+    """A fake 4x4x4 subject: for tests of the writing, not of the images."""
+    data = np.zeros((4, 4, 4), np.float32)
+    truth = {column: 0 for column in TRUTH_COLUMNS}
+    truth["participant_id"] = subject["participant_id"]
+    return SimulatedSubject(np.eye(4), {"stiffness": data}, None, data.astype(bool), truth)
 
-    monkeypatch.setattr(simulate_cohort_module, "simulate_subject", tiny_subject)
+
+def _tiny_t1w_subject(subject, **kwargs):
+    """A fake 4x4x4 subject of the T1w-only cohort."""
+    truth = {column: 0 for column in T1W_TRUTH_COLUMNS}
+    truth["participant_id"] = subject["participant_id"]
+    return SimulatedT1w(np.eye(4), np.zeros((4, 4, 4), np.int16),
+                        np.zeros((4, 4, 4), bool), truth)
+
+
+@pytest.fixture
+def tiny_subjects(monkeypatch):
+    """Both cohorts write tiny fake subjects: only the writing is under test."""
+    monkeypatch.setattr(simulate_cohort_module, "simulate_subject", _tiny_subject)
+    monkeypatch.setattr(t1w_cohort_module, "simulate_t1w_subject", _tiny_t1w_subject)
+
+
+def test_overwrite_replaces_the_root(tmp_path, tiny_subjects):
     root = tmp_path / "dataset"
     root.mkdir()  # an empty folder (as Snakemake leaves it) is fine without overwrite
     simulate_cohort(root, n_subjects=10, seed=0)
@@ -437,6 +545,77 @@ def test_overwrite_replaces_the_root(tmp_path, monkeypatch):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
     assert re.fullmatch(r"sub-st\d+s\d{3}", pd.read_csv(root / "participants.tsv",
                                                         sep="\t")["participant_id"][0])
+
+
+def test_a_root_behind_a_symbolic_link_is_written_where_the_link_points(tmp_path, monkeypatch,
+                                                                        tiny_subjects):
+    """A dataset root linked to scratch space failed after the whole simulation ('Not a
+    directory' when empty); with overwrite the link was moved aside (left behind as
+    .dataset.old-*), the dataset put in its place and the linked folder kept its old files.
+    A root of "." failed the same way ('Device or resource busy')."""
+    real = tmp_path / "scratch" / "dataset"
+    real.mkdir(parents=True)
+    link = tmp_path / "project" / "dataset"
+    link.parent.mkdir()
+    link.symlink_to(real, target_is_directory=True)
+    simulate_cohort(link, n_subjects=10)
+    assert link.is_symlink() and (real / "participants.tsv").is_file()
+    (real / "stale.txt").write_text("old")
+    simulate_t1w_cohort(link, n_subjects=3, overwrite=True)
+    assert link.is_symlink() and not (real / "stale.txt").exists()
+    assert len(pd.read_csv(real / "participants.tsv", sep="\t")) == 3
+    assert [path.name for path in link.parent.iterdir()] == ["dataset"]
+    assert [path.name for path in real.parent.iterdir()] == ["dataset"]
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    simulate_cohort(".", n_subjects=10)
+    assert (here / "participants.tsv").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["here", "project", "scratch"]
+
+
+def test_a_new_simulation_removes_what_a_killed_one_left_beside_its_root(tmp_path,
+                                                                         tiny_subjects):
+    """A simulation killed while it wrote (Snakemake stopped, a job out of time) left its
+    hidden staging folder, up to a whole dataset of images, beside the root; every further
+    kill added one. A new simulation of that root removes them, and nothing else."""
+    root = tmp_path / "dataset"
+    stale = [tmp_path / ".dataset.partial-k3j_x9ab", tmp_path / ".dataset.old-0a1b2c3d"]
+    kept = [tmp_path / ".dataset2.partial-k3j_x9ab", tmp_path / ".dataset.partial-mine",
+            tmp_path / "notes"]
+    for folder in stale + kept:
+        (folder / "sub-st1s001").mkdir(parents=True)
+        (folder / "sub-st1s001" / "image.nii.gz").write_bytes(b"x")
+    simulate_cohort(root, n_subjects=10)
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(
+        ["dataset"] + [folder.name for folder in kept])
+    stale[0].mkdir()
+    simulate_t1w_cohort(root, n_subjects=2, overwrite=True)
+    assert not stale[0].exists()
+
+
+def test_cli_refuses_an_ageing_offset_without_an_accelerated_group(tmp_path, capsys,
+                                                                     tiny_subjects):
+    """--accelerated-ageing-years without --accelerated-group-n was accepted and ignored:
+    the cohort had no accelerated group, silently. --help printed half a sentence
+    ('... input layout (rules') under the program name __main__.py."""
+    root = tmp_path / "dataset"
+    for group in ([], ["--accelerated-group-n", "0"]):
+        with pytest.raises(SystemExit):
+            simulate.main(["--root", str(root), "--n-subjects", "10",
+                           "--accelerated-ageing-years", "12", *group])
+        assert "--accelerated-group-n" in capsys.readouterr().err
+        assert not root.exists()
+    simulate.main(["--root", str(root), "--n-subjects", "10", "--accelerated-group-n", "2",
+                   "--accelerated-ageing-years", "12"])
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    assert (participants["group"] == "accelerated").sum() == 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        simulate.main(["--help"])
+    usage = capsys.readouterr().out
+    assert usage.startswith("usage: python -m brainage.simulate")
+    assert "layout (rules" not in usage and "--t1w-only" in usage
 
 
 # ---- reproducibility of earlier datasets -------------------------------------------------
@@ -669,4 +848,14 @@ def test_t1w_cohort_is_reproducible_by_seed_and_cli(tmp_path, t1w_cohort):
             simulate.main(["--root", str(tmp_path / "x"), "--t1w-only", *wrong])
     with pytest.raises(SystemExit):
         simulate.main(["--root", str(tmp_path / "x"), "--voxel-size-mm", "2"])
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_names_the_age_options_it_refuses(tmp_path, capsys):
+    """--min-age 90 (above the default oldest age, 85) was refused as
+    'age_range_years=(90.0, 85.0) ...', an option the command line does not have."""
+    with pytest.raises(SystemExit):
+        simulate.main(["--root", str(tmp_path / "x"), "--t1w-only", "--min-age", "90"])
+    error = capsys.readouterr().err
+    assert "--min-age" in error and "--max-age" in error and "(90.0, 85.0)" in error
     assert not (tmp_path / "x").exists()

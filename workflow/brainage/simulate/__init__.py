@@ -7,6 +7,7 @@ probability maps, offline and deterministically from a seed.
 On-disk layout written by :func:`simulate_cohort` (``root`` is the BIDS-like dataset)::
 
     root/dataset_description.json                 BIDS, DatasetType "raw", GeneratedBy
+    root/.bidsignore                              sub-*/mre (BIDS has no MRE datatype)
     root/participants.tsv                         participant_id, age, sex, study, group
     root/participants.json                        column descriptions
     root/sub-<label>/mre/sub-<label>_stiffness.nii.gz   float32, shear stiffness, kPa
@@ -15,6 +16,7 @@ On-disk layout written by :func:`simulate_cohort` (``root`` is the BIDS-like dat
     root/derivatives/simulation/dataset_description.json
     root/derivatives/simulation/truth.tsv         one row per subject (see TRUTH_COLUMNS)
     root/derivatives/simulation/truth.json        the same column descriptions
+    root/derivatives/simulation/.bidsignore       truth.tsv and truth.json
     root/derivatives/simulation/sub-<label>/sub-<label>_desc-truth_mask.nii.gz
 
 The ground truth lives under ``derivatives/`` so that a pipeline reading

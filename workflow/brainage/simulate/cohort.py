@@ -25,7 +25,14 @@ from brainage.simulate.t1w_cohort import (
     T1W_VOXEL_SIZE_MM,
     simulate_t1w_cohort,
 )
-from brainage.simulate.writing import check_root, save_nifti, staged_dataset, write_json
+from brainage.simulate.writing import (
+    TRUTH_BIDS_IGNORE,
+    check_root,
+    save_nifti,
+    staged_dataset,
+    write_bidsignore,
+    write_json,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -70,12 +77,12 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
     n_subjects : int
         Healthy subjects over the 5 studies of the paper's Table 2 (at least 10).
     seed : int
-        Random seed; same arguments give identical images and tables.
+        Random seed (>= 0); same arguments give identical images and tables.
     accelerated_group_n : int
-        Extra subjects (study ``patients``, group ``accelerated``) whose stiffness is
+        Extra subjects (>= 0; study ``patients``, group ``accelerated``) whose stiffness is
         simulated ``accelerated_ageing_years`` older than their age; anatomy at true age.
     accelerated_ageing_years : float
-        Stiffness age offset of the accelerated group (years).
+        Stiffness age offset of the accelerated group (years, any finite number).
     id_prefix : str
         Letters/digits prepended to every label and mixed into the seed: a new cohort.
     with_anatomy : bool
@@ -96,6 +103,13 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
     pandas.DataFrame
         The ground-truth table (``derivatives/simulation/truth.tsv``), one row per
         subject, columns as in :data:`TRUTH_COLUMNS` (plus the damping-ratio columns).
+
+    Raises
+    ------
+    ValueError
+        An option out of its range, naming it, before anything is simulated.
+    FileExistsError
+        ``root`` is a file, or a non-empty folder without ``overwrite``.
 
     See Also
     --------
@@ -157,6 +171,9 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
             "Name": "ground truth of the brainage simulation", "BIDSVersion": "1.9.0",
             "DatasetType": "derivative", "GeneratedBy": generated_by,
         })
+        # BIDS has no MRE datatype: without these the validator rejects both datasets.
+        write_bidsignore(staging, ["sub-*/mre"])
+        write_bidsignore(simulation, TRUTH_BIDS_IGNORE)
         truth_table.to_csv(simulation / "truth.tsv", sep="\t", index=False)
         write_json(simulation / "truth.json",
                    {column: {"Description": text} for column, text in columns.items()})
@@ -247,10 +264,16 @@ _T1W_ONLY_OPTIONS = ("voxel_size_mm", "min_age", "max_age")
 def main(argv=None) -> None:
     """``python -m brainage.simulate --root DIR [--n-subjects N] [--seed S] ...``; with
     ``--t1w-only`` a T1w-only (pretraining) cohort instead of an MRE cohort."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m brainage.simulate",
+        description="Write a simulated multi-study MRE cohort (stiffness in kPa, optionally "
+                    "the damping ratio, and T1w) or, with --t1w-only, a simulated T1w-only "
+                    "cohort for pretraining, in the pipeline's BIDS-like input layout.")
     parser.add_argument("--root", required=True, help="dataset folder to write")
-    parser.add_argument("--n-subjects", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-subjects", type=int, default=60,
+                        help="MRE: healthy subjects over the 5 studies (at least 10); "
+                             "--t1w-only: subjects over 4 sites (at least 1); default 60")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0), default 0")
     parser.add_argument("--id-prefix", default=None,
                         help=f"label prefix (default: none; {T1W_ID_PREFIX!r} with --t1w-only)")
     parser.add_argument("--overwrite", action="store_true")
@@ -279,6 +302,10 @@ def main(argv=None) -> None:
         parser.error(f"{option} is for {'a T1w-only' if not args.t1w_only else 'an MRE'} "
                      f"cohort; {'add' if not args.t1w_only else 'drop'} --t1w-only or drop "
                      f"{option}.")
+    if args.accelerated_ageing_years is not None and not args.accelerated_group_n:
+        parser.error("--accelerated-ageing-years is the stiffness age offset of the "
+                     "accelerated group, which only --accelerated-group-n N (N >= 1) adds; "
+                     "add it or drop --accelerated-ageing-years.")
 
     def value(name, default):
         return default if getattr(args, name) is None else getattr(args, name)

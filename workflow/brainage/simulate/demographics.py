@@ -8,6 +8,8 @@ for the prediction demo.
 
 from __future__ import annotations
 
+import math
+import numbers
 import zlib
 from functools import lru_cache
 
@@ -140,6 +142,28 @@ def _check_prefix(id_prefix: str) -> str:
     return id_prefix
 
 
+def check_whole_number(name: str, value, minimum: int | None = 0) -> int:
+    """``value`` as an ``int`` if it is a whole number (``3`` or ``3.0``) >= ``minimum``
+    (``None``: any); otherwise a ValueError naming the option ``name``. A fraction is
+    refused rather than truncated: ``seed=1.9`` would silently be seed 1."""
+    whole = not isinstance(value, bool) and (
+        isinstance(value, numbers.Integral)
+        or (isinstance(value, numbers.Real) and float(value).is_integer()))
+    if not whole or (minimum is not None and int(value) < minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ValueError(f"{name}={value!r} must be a whole number{bound}.")
+    return int(value)
+
+
+def check_years(name: str, value) -> float:
+    """``value`` as a ``float`` if it is a finite number of years; otherwise a ValueError
+    naming the option ``name`` (a NaN offset would make every map of its group NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+            or not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} must be a finite number of years, e.g. 8.0.")
+    return float(value)
+
+
 def seed_sequence(seed: int, id_prefix: str, *stream: int) -> np.random.SeedSequence:
     """The random stream of a cohort (seed, id prefix) and a sub-stream (e.g. a subject)."""
     # The prefix enters the seed so a "new cohort" differs even at the same seed.
@@ -158,11 +182,12 @@ def draw_participants(n_subjects: int = 60, *, seed: int = 0, accelerated_group_
         Healthy subjects, split over the 5 studies in Table 2's proportions (each study
         at least 2, so at least 10).
     seed : int
-        Random seed; the same seed and prefix give the same table.
+        Random seed (>= 0); the same seed and prefix give the same table.
     accelerated_group_n : int
-        Extra subjects in study ``"patients"``, ``group == "accelerated"``.
+        Extra subjects (>= 0) in study ``"patients"``, ``group == "accelerated"``.
     accelerated_ageing_years : float
-        Years added to the accelerated group's age for its stiffness (not its anatomy).
+        Years added to the accelerated group's age for its stiffness (not its anatomy);
+        any finite number.
     id_prefix : str
         Letters and digits prepended to every label (``sub-<prefix>st1s001``), for a
         second, independent cohort.
@@ -172,12 +197,20 @@ def draw_participants(n_subjects: int = 60, *, seed: int = 0, accelerated_group_
     pandas.DataFrame
         ``participant_id``, ``age`` (years, 1 decimal, 18-90), ``sex`` (``F``/``M``),
         ``study``, ``group`` (``healthy``/``accelerated``), ``stiffness_age_offset_years``.
+
+    Raises
+    ------
+    ValueError
+        An option out of its range, naming it (before anything is drawn).
     """
     _check_prefix(id_prefix)
-    if accelerated_group_n < 0:
-        raise ValueError(f"accelerated_group_n={accelerated_group_n} must be >= 0.")
+    n_subjects = check_whole_number("n_subjects", n_subjects, minimum=None)  # >= 10 below
+    seed = check_whole_number("seed", seed)
+    accelerated_group_n = check_whole_number("accelerated_group_n", accelerated_group_n)
+    accelerated_ageing_years = check_years("accelerated_ageing_years",
+                                           accelerated_ageing_years)
     rng = np.random.default_rng(seed_sequence(seed, id_prefix, 0))
-    sizes = _scaled_study_sizes(int(n_subjects))
+    sizes = _scaled_study_sizes(n_subjects)
     female_share = {row[0]: row[4] / row[1] for row in STUDY_TABLE}
     if accelerated_group_n:
         sizes[ACCELERATED_STUDY] = int(accelerated_group_n)

@@ -18,6 +18,7 @@ Layout (``root``)::
     participants.tsv / participants.json      participant_id, age, sex, study
     sub-<label>/anat/sub-<label>_T1w.nii.gz   int16, arbitrary units, no mre folder
     derivatives/simulation/truth.tsv|json     one row per subject (T1W_TRUTH_COLUMNS)
+    derivatives/simulation/.bidsignore        truth.tsv and truth.json
     derivatives/simulation/sub-<label>/sub-<label>_desc-truth_mask.nii.gz
 """
 
@@ -44,8 +45,15 @@ from brainage.simulate.anatomy import (
     _template_anatomy,
     _truth_mask,
 )
-from brainage.simulate.demographics import _check_prefix, seed_sequence
-from brainage.simulate.writing import check_root, save_nifti, staged_dataset, write_json
+from brainage.simulate.demographics import _check_prefix, check_whole_number, seed_sequence
+from brainage.simulate.writing import (
+    TRUTH_BIDS_IGNORE,
+    check_root,
+    save_nifti,
+    staged_dataset,
+    write_bidsignore,
+    write_json,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -127,8 +135,9 @@ class SimulatedT1w(NamedTuple):
 def _check_age_range(age_range_years) -> tuple[float, float]:
     youngest, oldest = (float(age) for age in age_range_years)
     if not 0.0 < youngest < oldest < 120.0:
-        raise ValueError(f"age_range_years={tuple(age_range_years)} must be (youngest, "
-                         f"oldest) in years with 0 < youngest < oldest < 120, e.g. (8, 85).")
+        raise ValueError(f"age_range_years={tuple(age_range_years)} (CLI: --min-age, "
+                         f"--max-age) must be (youngest, oldest) in years with 0 < youngest "
+                         f"< oldest < 120, e.g. (8, 85).")
     return youngest, oldest
 
 
@@ -154,7 +163,7 @@ def draw_t1w_participants(n_subjects: int = 40, *, seed: int = 0,
     n_subjects : int
         Subjects (at least 1), spread over the 4 sites of :data:`T1W_SITES`.
     seed : int
-        Random seed; with ``id_prefix`` it selects the cohort.
+        Random seed (>= 0); with ``id_prefix`` it selects the cohort.
     id_prefix : str
         Letters and digits before every label (``sub-<prefix>ts1s001``).
     age_range_years : (float, float)
@@ -168,9 +177,8 @@ def draw_t1w_participants(n_subjects: int = 40, *, seed: int = 0,
     """
     _check_prefix(id_prefix)
     youngest, oldest = _check_age_range(age_range_years)
-    if int(n_subjects) < 1:
-        raise ValueError(f"n_subjects={n_subjects} must be at least 1.")
-    n_subjects = int(n_subjects)
+    n_subjects = check_whole_number("n_subjects", n_subjects, minimum=1)
+    seed = check_whole_number("seed", seed)
     rng = np.random.default_rng(seed_sequence(seed, id_prefix, _DEMOGRAPHICS_STREAM))
     quantiles = (np.arange(n_subjects) + rng.uniform(0.25, 0.75, size=n_subjects)) / n_subjects
     ages = np.round(rng.permutation(youngest + quantiles * (oldest - youngest)), 1)
@@ -248,7 +256,7 @@ def simulate_t1w_cohort(root: str | Path, *, n_subjects: int = 40, seed: int = 0
     n_subjects : int
         Subjects, over 4 sites (at least 1).
     seed : int
-        Random seed; same arguments give identical files.
+        Random seed (>= 0); same arguments give identical files.
     id_prefix : str
         Letters/digits before every label (default ``pre``).
     voxel_size_mm : float
@@ -304,6 +312,7 @@ def simulate_t1w_cohort(root: str | Path, *, n_subjects: int = 40, seed: int = 0
             "Name": "ground truth of the brainage simulation", "BIDSVersion": "1.9.0",
             "DatasetType": "derivative", "GeneratedBy": generated_by,
         })
+        write_bidsignore(simulation, TRUTH_BIDS_IGNORE)
         truth_table.to_csv(simulation / "truth.tsv", sep="\t", index=False)
         write_json(simulation / "truth.json", {column: {"Description": text}
                                                for column, text in T1W_TRUTH_COLUMNS.items()})

@@ -5,7 +5,9 @@ the T1w-only cohort)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -15,6 +17,8 @@ from typing import Iterator
 import numpy as np
 
 from brainage.io import shared_mode
+
+LOGGER = logging.getLogger(__name__)
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: str) -> None:
@@ -31,8 +35,27 @@ def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: st
 
 
 def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` as indented JSON; NumPy scalars (an option given as
+    ``np.int64(40)``, say) are written as the Python numbers they hold."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2, default=_numpy_scalar) + "\n")
+
+
+def write_bidsignore(folder: Path, patterns) -> None:
+    """Write ``folder/.bidsignore``: files BIDS has no name for (MRE maps, the truth
+    tables), which the BIDS validator would otherwise report as errors (NOT_INCLUDED)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / ".bidsignore").write_text("\n".join(patterns) + "\n")
+
+
+#: Files of ``derivatives/simulation`` without a BIDS name: the ground-truth tables.
+TRUTH_BIDS_IGNORE = ("truth.tsv", "truth.json")
+
+
+def _numpy_scalar(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} {value!r} cannot be written as JSON")
 
 
 def check_root(root: Path, *, overwrite: bool) -> None:
@@ -49,8 +72,18 @@ def check_root(root: Path, *, overwrite: bool) -> None:
 @contextmanager
 def staged_dataset(root: Path) -> Iterator[Path]:
     """A private folder next to ``root`` to write the dataset into; on success it replaces
-    ``root``, on any error it is removed and ``root`` is left as it was."""
+    ``root``, on any error it is removed and ``root`` is left as it was.
+
+    A ``root`` reached through a symbolic link (a dataset folder linked to scratch space)
+    is replaced where the link points, and the link is kept; ``.`` or ``..`` stand for
+    the folder they name."""
+    # Renaming the link itself would move it aside and put the dataset in its place
+    # (an empty root: "Not a directory" after the whole simulation); "." cannot be renamed.
+    root = root.resolve()
     root.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_staging(root):
+        shutil.rmtree(stale, ignore_errors=True)
+        LOGGER.info("removed %s, left by a simulation of %s that was killed", stale, root)
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
     try:
         yield staging
@@ -59,6 +92,18 @@ def staged_dataset(root: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def stale_staging(root: Path) -> list[Path]:
+    """Folders next to ``root`` that :func:`staged_dataset` made for ``root`` and a killed
+    process left behind (a kill skips the clean-up): ``.<name>.partial-<random>`` (a
+    dataset half written) and ``.<name>.old-<random>`` (the replaced one). Removed when
+    ``root`` is simulated again; only the process writing ``root`` may remove them."""
+    if not root.parent.is_dir():
+        return []
+    name = re.compile(re.escape(f".{root.name}.") + r"(partial|old)-[a-z0-9_]{8}")
+    return sorted(path for path in root.parent.iterdir()
+                  if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
 
 
 def _move_into_place(staging: Path, root: Path) -> None:
