@@ -4,7 +4,6 @@ job's log keeps its earlier attempts."""
 import os
 import re
 import stat
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from acl_fixture import with_default_acl
 from brainage.io import (
     WriteError,
     atomic_path,
@@ -107,19 +107,6 @@ def test_atomic_path_puts_the_data_on_the_disk_before_the_rename(tmp_path, monke
                for event, synced, _ in events[renames[0]:]), events
 
 
-def _with_default_acl(folder: Path, other: int) -> None:
-    """Give ``folder`` a default POSIX ACL (what ``setfacl -d`` sets on a shared project
-    folder): owner and group rwx, others ``other``. Under it a new file's permissions come
-    from the ACL, not from the umask."""
-    entries = ((0x01, 0o7), (0x04, 0o7), (0x20, other))  # user::, group::, other::
-    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", tag, permissions, 0xFFFFFFFF)
-                                          for tag, permissions in entries)
-    try:
-        os.setxattr(folder, "system.posix_acl_default", acl)
-    except (AttributeError, OSError) as error:
-        pytest.skip(f"no POSIX ACLs on {folder}: {error}")
-
-
 @pytest.mark.parametrize("acl", [False, True], ids=["umask", "default ACL"])
 def test_atomic_path_gives_the_permissions_of_a_plain_write(tmp_path, acl):
     """A temporary from mkstemp is private (0600) and was then given 0666 less the umask:
@@ -129,7 +116,7 @@ def test_atomic_path_gives_the_permissions_of_a_plain_write(tmp_path, acl):
     folder = tmp_path / "shared"
     folder.mkdir()
     if acl:
-        _with_default_acl(folder, other=0)
+        with_default_acl(folder, other=0)
     with open(folder / "plain.tsv", "w") as handle:
         handle.write("age\n30\n")
     expected = stat.S_IMODE((folder / "plain.tsv").stat().st_mode)
@@ -151,7 +138,7 @@ def test_a_staging_folder_gets_the_permissions_of_a_plain_folder(tmp_path, acl):
     folder = tmp_path / "shared"
     folder.mkdir()
     if acl:
-        _with_default_acl(folder, other=0)
+        with_default_acl(folder, other=0)
     (folder / "plain").mkdir()
     expected = stat.S_IMODE((folder / "plain").stat().st_mode)
     if acl:

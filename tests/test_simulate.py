@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from acl_fixture import with_default_acl
 from brainage import simulate
 from brainage.simulate import (
     ACCELERATED_STUDY,
@@ -859,3 +860,24 @@ def test_cli_names_the_age_options_it_refuses(tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--min-age" in error and "--max-age" in error and "(90.0, 85.0)" in error
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("acl", [False, True], ids=["umask", "default ACL"])
+def test_a_simulated_dataset_folder_gets_the_permissions_of_a_plain_folder(tmp_path, acl):
+    """The dataset was staged in a tempfile.mkdtemp folder (0700) given 0777 less the umask:
+    under a shared folder's default ACL (group rwx, others nothing) it became readable by
+    every user and not writable by the group."""
+    import stat
+
+    from brainage.simulate.writing import staged_dataset
+
+    folder = tmp_path / "shared"
+    folder.mkdir()
+    if acl:
+        with_default_acl(folder, other=0)
+    (folder / "plain").mkdir()
+    expected = stat.S_IMODE((folder / "plain").stat().st_mode)
+    with staged_dataset(folder / "dataset") as staging:
+        (staging / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\n")
+    assert oct(stat.S_IMODE((folder / "dataset").stat().st_mode)) == oct(expected)
+    assert (folder / "dataset" / "participants.tsv").read_text().startswith("participant_id")

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from brainage.io import shared_mode
+from brainage.io import create_staging_folder, sync_tree
 
 LOGGER = logging.getLogger(__name__)
 
@@ -84,10 +84,12 @@ def staged_dataset(root: Path) -> Iterator[Path]:
     for stale in stale_staging(root):
         shutil.rmtree(stale, ignore_errors=True)
         LOGGER.info("removed %s, left by a simulation of %s that was killed", stale, root)
-    staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.partial-", dir=root.parent))
+    # created as mkdir creates any folder, so a shared folder's default ACL applies
+    # (tempfile.mkdtemp's 0700 and a chmod did not)
+    staging = create_staging_folder(root.parent, prefix=f".{root.name}.partial-")
     try:
         yield staging
-        os.chmod(staging, shared_mode(0o777))  # mkdtemp makes it private; a dataset is shared
+        sync_tree(staging)  # whole on the disk before it is renamed into place
         _move_into_place(staging, root)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
