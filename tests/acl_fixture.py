@@ -20,3 +20,19 @@ def with_default_acl(folder: Path, other: int) -> None:
         os.setxattr(folder, "system.posix_acl_default", acl)
     except (AttributeError, OSError) as error:
         pytest.skip(f"no POSIX ACLs on {folder}: {error}")
+
+
+def shared_folder(parent: Path, acl: bool) -> tuple[Path, int]:
+    """A folder ``parent/shared``, with a default ACL (group rwx, others nothing) when
+    ``acl``, and the mode a folder made in it with a plain ``mkdir`` gets (0770 under the
+    ACL, 0777 less the umask without): what a folder a step writes there must get."""
+    import stat
+
+    folder = parent / "shared"
+    folder.mkdir()
+    if acl:
+        with_default_acl(folder, other=0)
+    (folder / "plain").mkdir()
+    expected = stat.S_IMODE((folder / "plain").stat().st_mode)
+    assert not acl or expected == 0o770
+    return folder, expected

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from acl_fixture import with_default_acl
+from acl_fixture import shared_folder, with_default_acl
 from brainage.io import (
     WriteError,
     atomic_path,
@@ -135,14 +135,7 @@ def test_a_staging_folder_gets_the_permissions_of_a_plain_folder(tmp_path, acl):
     bundle became readable by everyone and not writable by the group."""
     from brainage.io import create_staging_folder, sync_tree
 
-    folder = tmp_path / "shared"
-    folder.mkdir()
-    if acl:
-        with_default_acl(folder, other=0)
-    (folder / "plain").mkdir()
-    expected = stat.S_IMODE((folder / "plain").stat().st_mode)
-    if acl:
-        assert expected == 0o770
+    folder, expected = shared_folder(tmp_path, acl)
     staging = create_staging_folder(folder, prefix=".bundle.")
     (staging / "encoder.pt").write_bytes(b"weights")
     sync_tree(staging)

@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from acl_fixture import with_default_acl
+from acl_fixture import shared_folder
 from brainage import simulate
 from brainage.simulate import (
     ACCELERATED_STUDY,
@@ -871,12 +871,7 @@ def test_a_simulated_dataset_folder_gets_the_permissions_of_a_plain_folder(tmp_p
 
     from brainage.simulate.writing import staged_dataset
 
-    folder = tmp_path / "shared"
-    folder.mkdir()
-    if acl:
-        with_default_acl(folder, other=0)
-    (folder / "plain").mkdir()
-    expected = stat.S_IMODE((folder / "plain").stat().st_mode)
+    folder, expected = shared_folder(tmp_path, acl)
     with staged_dataset(folder / "dataset") as staging:
         (staging / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\n")
     assert oct(stat.S_IMODE((folder / "dataset").stat().st_mode)) == oct(expected)
