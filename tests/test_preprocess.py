@@ -539,6 +539,84 @@ def test_qc_of_an_unreadable_channel_names_the_subject(tmp_path):
                                        "damping_ratio": broken})
 
 
+def _qc_figure_views(tmp_path: Path, monkeypatch, reorder) -> list[np.ndarray]:
+    """The images and outlines compute_qc draws for one asymmetric subject whose template
+    grid is stored in the voxel order ``reorder`` gives (a function of array and affine)."""
+    import matplotlib.axes
+
+    from brainage.qc import compute_qc
+
+    rng = np.random.default_rng(3)
+    shape, affine = (14, 16, 12), np.array([[2.0, 0, 0, -13], [0, 2.0, 0, -17],
+                                            [0, 0, 2.0, -9], [0, 0, 0, 1]])
+    brain = np.zeros(shape, dtype=np.float32)
+    brain[2:9, 4:14, 3:11] = 1  # off-centre in every axis
+    volumes = {"stiffness": brain * rng.uniform(2, 4, shape), "mask": brain,
+               "reference": brain * 100.0, "t1": rng.uniform(0, 1, shape),
+               "template_mask": brain}
+    folder = tmp_path / reorder.__name__
+    folder.mkdir()
+    for key, data in volumes.items():
+        stored, stored_affine = reorder(np.asarray(data, np.float32), affine)
+        nib.save(nib.Nifti1Image(stored, stored_affine), folder / f"{key}.nii.gz")
+    (folder / "info.json").write_text(json.dumps({"reference_kind": "stiffness",
+                                                  "route": "none"}))
+    drawn = []
+    original_imshow, original_contour = matplotlib.axes.Axes.imshow, matplotlib.axes.Axes.contour
+
+    def imshow(self, values, *args, **kwargs):
+        drawn.append(np.ma.filled(np.ma.asarray(values, dtype=float), 0.0))
+        return original_imshow(self, values, *args, **kwargs)
+
+    def contour(self, values, *args, **kwargs):
+        drawn.append(np.asarray(values, dtype=float))
+        return original_contour(self, values, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", imshow)
+    monkeypatch.setattr(matplotlib.axes.Axes, "contour", contour)
+    compute_qc(folder / "stiffness.nii.gz", folder / "mask.nii.gz", folder / "reference.nii.gz",
+               folder / "info.json", folder / "t1.nii.gz", folder / "template_mask.nii.gz",
+               folder / "qc.json", folder / "qc.png", subject="o1")
+    monkeypatch.undo()
+    return drawn
+
+
+def _ras(data, affine):
+    return data, affine
+
+
+def _las(data, affine):  # FSL's MNI152_T1_2mm: x runs right to left
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, data.shape[0] - 1
+    return data[::-1].copy(), affine @ flip
+
+
+def _lps(data, affine):
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, data.shape[0] - 1
+    flip[1, 1], flip[1, 3] = -1, data.shape[1] - 1
+    return data[::-1, ::-1].copy(), affine @ flip
+
+
+def _asr(data, affine):  # voxel axes stored as (y, z, x)
+    return np.ascontiguousarray(data.transpose(1, 2, 0)), affine[:, [1, 2, 0, 3]]
+
+
+@pytest.mark.parametrize("reorder", [_las, _lps, _asr])
+def test_qc_figure_shows_the_same_views_whatever_the_templates_voxel_order(
+        tmp_path, monkeypatch, reorder):
+    """The subject QC figure sliced the voxel arrays as if they were RAS: with a template
+    stored LAS (FSL's MNI152 2 mm, allowed by template.source: file) the coronal and axial
+    views were mirrored left-right, with LPS also front-back, and with permuted axes the
+    panels showed the wrong planes under the sagittal/coronal/axial titles."""
+    expected = _qc_figure_views(tmp_path, monkeypatch, _ras)
+    drawn = _qc_figure_views(tmp_path, monkeypatch, reorder)
+    assert len(drawn) == len(expected) == 9  # three panels: T1, map, outline
+    for index, (got, want) in enumerate(zip(drawn, expected)):
+        assert got.shape == want.shape, index
+        np.testing.assert_array_equal(got, want, err_msg=f"drawn array {index}")
+
+
 @pytest.mark.parametrize("modalities, grid", [(("T1w",), "T1w image"),
                                               (("damping_ratio",), "damping-ratio map")])
 def test_native_mask_sidecar_names_the_grid_it_lives_on(tmp_path, modalities, grid):

@@ -82,18 +82,38 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1])
 
 
+def as_ras(volume: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """``volume`` with its voxel axes permuted and flipped to the closest of R, A, S.
+
+    ``affine``: voxel index -> world mm (RAS+, as NIfTI). A template stored LAS (FSL's
+    ``MNI152_T1_2mm``), LPS or with permuted axes then shows the same anatomy in the same
+    place as one stored RAS. Only axes are reordered: no resampling.
+    """
+    from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+
+    transform = ornt_transform(io_orientation(np.asarray(affine, dtype=np.float64)),
+                               axcodes2ornt("RAS"))
+    return apply_orientation(volume, transform)
+
+
 def plot_subject_qc(stiffness: np.ndarray, template_t1: np.ndarray, template_mask: np.ndarray,
-                    out_png: str | Path, *, title: str, label: str = "stiffness (kPa)") -> None:
+                    out_png: str | Path, *, affine: np.ndarray, title: str,
+                    label: str = "stiffness (kPa)") -> None:
     """Three orthogonal views of the registered map over the template and its brain outline.
 
     Slices through the centre of the template brain; the map in colour (kPa), the template
-    T1 in grey, the template brain mask's outline in red.
+    T1 in grey, the template brain mask's outline in red. ``affine`` (voxel index -> world
+    mm of the template grid the three arrays share) orients the views whatever the
+    template's voxel order: superior up, the subject's right on the right of the coronal
+    and axial views (neurological convention), anterior on the right of the sagittal view.
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    stiffness, template_t1, template_mask = (as_ras(volume, affine) for volume in
+                                             (stiffness, template_t1, template_mask))
     centre = np.round(np.argwhere(template_mask).mean(axis=0)).astype(int)
     values = stiffness[stiffness != 0]
     high = float(np.percentile(values, 99)) if values.size else 1.0
@@ -161,7 +181,8 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
                        for channel, path in (maps or {}).items()}}
     write_json(out_json, result)
     kind = modality(grid_modality)
-    plot_subject_qc(data, template, brain, out_png, label=f"{grid_modality} ({kind.unit})",
+    plot_subject_qc(data, template, brain, out_png, affine=template_affine,
+                    label=f"{grid_modality} ({kind.unit})",
                     title=(f"sub-{subject}: Dice {metrics['dice']:.3f}, correlation "
                            f"{metrics['correlation']:.2f}, coverage {metrics['coverage']:.1%}"))
     log.info("%s: Dice %.3f, correlation %.3f, coverage %.3f", name, metrics["dice"],
