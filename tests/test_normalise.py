@@ -298,6 +298,25 @@ def test_qc_metrics_on_a_constructed_case():
     assert metrics["correlation"] == pytest.approx(1.0)  # the map is the T1 times 2 there
 
 
+def test_qc_correlation_of_a_map_constant_inside_the_brain_is_zero(recwarn):
+    """A map constant in the template brain has no correlation; _pearson says 0.0 then, but
+    tested constancy with the float32 np.std, which is 2.4e-7 for 1000 voxels of 3.1 kPa:
+    np.corrcoef returned NaN (with a RuntimeWarning), written to the QC JSON as the
+    non-standard token NaN."""
+    from brainage.qc import qc_metrics
+
+    rng = np.random.default_rng(0)
+    template_t1 = rng.uniform(1, 2, (10, 10, 10))
+    template_mask = np.ones((10, 10, 10), bool)
+    stiffness = np.full((10, 10, 10), 3.1, dtype=np.float32)
+    assert np.std(stiffness) != 0  # the rounding the check tripped over
+    metrics = qc_metrics(stiffness, template_mask, stiffness, template_t1, template_mask)
+    assert metrics["correlation"] == 0.0
+    assert metrics["reference_correlation"] == 0.0
+    assert metrics["coverage"] == 1.0
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_a_qc_metric_that_could_not_be_computed_fails():
     from brainage.qc import qc_failures, thresholds
 

@@ -76,8 +76,12 @@ def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    """Pearson correlation; 0.0 when undefined (fewer than 3 voxels, or a constant image)."""
-    if a.size < 3 or np.std(a) == 0 or np.std(b) == 0:
+    """Pearson correlation; 0.0 when undefined (fewer than 3 voxels, or a constant image).
+
+    Constancy is tested exactly (all values equal): the float32 ``np.std`` of a constant
+    map is not always 0 (rounding of its mean), and ``np.corrcoef`` then returned NaN.
+    """
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
         return 0.0
     return float(np.corrcoef(a.astype(np.float64), b.astype(np.float64))[0, 1])
 
