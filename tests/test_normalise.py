@@ -181,6 +181,17 @@ def test_apply_scores_each_channel_with_its_own_statistics_and_scaling():
     np.testing.assert_allclose(result[1], expected_t1w, atol=1e-6)
 
 
+def test_apply_without_a_channel_names_the_subject():
+    """A volume missing from apply's input was reported without the subject it belonged
+    to ("no registered T1w map given"), the one message of apply that did not use what."""
+    record = {"window_start": [0, 0, 0], "window_stop": [2, 2, 2], "block_factor": 1,
+              "modalities": ["stiffness", "T1w"], "scale_by_brain_median": [False, True],
+              "mean": [2.0, 1.5], "sd": [0.5, 0.25], "dtype": "float32"}
+    with pytest.raises(InputError, match=r"^subject sub-07: no registered T1w map given; "
+                                         r"the normalisation needs stiffness, T1w"):
+        apply({"stiffness": np.ones((2, 2, 2), np.float32)}, record, what="subject sub-07")
+
+
 # -- normalise_dataset -----------------------------------------------------------------------------
 
 @pytest.fixture

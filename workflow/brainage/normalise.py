@@ -381,8 +381,9 @@ def apply(volumes: Mapping[str, np.ndarray], record: Mapping, *,
     """
     missing = [name for name in record["modalities"] if name not in volumes]
     if missing:
-        raise InputError(f"no registered {', '.join(missing)} map given; the normalisation "
-                         f"needs {', '.join(record['modalities'])}.")
+        raise InputError(f"{what}: no registered {', '.join(missing)} map given; the "
+                         f"normalisation needs {', '.join(record['modalities'])}. Register "
+                         f"the subject's {', '.join(missing)} map (rerun its preprocessing).")
     channels = []
     for index, name in enumerate(record["modalities"]):
         mean, sd = record["mean"][index], record["sd"][index]
