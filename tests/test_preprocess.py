@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 
 from brainage.inputs import InputError
@@ -879,6 +880,34 @@ def test_registered_t1w_sidecar_says_whether_n4_ran(route, tmp_path, monkeypatch
                               modalities=modalities)
         description = json.loads(Path(files["registered_T1w_json"]).read_text())["Description"]
         assert ("N4-corrected" in description) == n4, (n4, description)
+
+
+@pytest.mark.parametrize("record", [{"dice": 0.9, "coverage": 0.8},
+                                    {"dice": 0.9, "correlation": None, "coverage": 0.8},
+                                    {"dice": 0.9, "correlation": "0.5", "coverage": 0.8}])
+def test_a_qc_record_without_a_metric_is_named_by_the_qc_table(tmp_path, record):
+    """tabulate_qc stopped on a subject's QC JSON without a number for a metric with a bare
+    KeyError 'correlation' (or a TypeError from float(None)) naming no file; the
+    normalisation's coverage silently became NaN. Both now name the file."""
+    from brainage.normalise import normalise_dataset
+    from brainage.qc import tabulate_qc
+
+    participants = pd.DataFrame({"participant_id": ["sub-01", "sub-02"], "age": [30.0, 40.0],
+                                 "sex": ["F", "M"], "study": ["s1", "s1"]})
+    good = tmp_path / "sub-01_qc.json"
+    good.write_text(json.dumps({"participant_id": "sub-01", "dice": 0.9, "correlation": 0.5,
+                                "coverage": 0.8}))
+    bad = tmp_path / "sub-02_qc.json"
+    bad.write_text(json.dumps({"participant_id": "sub-02", **record}))
+    message = rf"^QC file {re.escape(str(bad))} has no number for correlation; rerun"
+    with pytest.raises(InputError, match=message):
+        tabulate_qc([good, bad], participants, tmp_path / "qc.tsv",
+                    minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    with pytest.raises(InputError, match=message):
+        normalise_dataset([], participants, [good, bad], tmp_path / "mask.nii.gz",
+                          tmp_path / "images.npy", tmp_path / "participants.tsv",
+                          tmp_path / "stats.json", split="holdout",
+                          split_settings={"scheme": "holdout", "test_fraction": 0.5})
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"dice": 0.9}', "[1, 2]"])

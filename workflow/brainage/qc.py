@@ -260,7 +260,7 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
         A participant has no QC file.
     """
     participants = participants_table(participants, modalities)
-    by_subject = read_qc_records(qc_files)
+    by_subject = read_qc_records(qc_files, require=METRICS)
     missing = [pid for pid in participants["participant_id"] if pid not in by_subject]
     if missing:
         raise InputError(f"no QC file for {', '.join(missing[:10])}"
@@ -316,8 +316,13 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     plt.close(figure)
 
 
-def read_qc_records(qc_files: Sequence[str | Path]) -> dict[str, dict]:
-    """``{participant_id: record}`` of the subjects' QC JSON files (``compute_qc``)."""
+def read_qc_records(qc_files: Sequence[str | Path], *,
+                    require: Sequence[str] = ()) -> dict[str, dict]:
+    """``{participant_id: record}`` of the subjects' QC JSON files (``compute_qc``).
+
+    ``require``: metrics every record must hold as numbers (NaN allowed: it fails the
+    threshold), else :class:`InputError` naming the file.
+    """
     records = {}
     for path in qc_files:
         try:
@@ -327,6 +332,12 @@ def read_qc_records(qc_files: Sequence[str | Path]) -> dict[str, dict]:
             raise InputError(f"QC file {path} cannot be read as a subject's QC record "
                              f"({type(error).__name__}: {error}); rerun the subject's "
                              f"preprocessing (rule correct_and_register).") from None
+        lacking = [metric for metric in require if isinstance(record.get(metric), bool)
+                   or not isinstance(record.get(metric), (int, float))]
+        if lacking:
+            raise InputError(f"QC file {path} has no number for {', '.join(lacking)}; rerun "
+                             f"the subject's preprocessing (rule correct_and_register, step "
+                             f"compute_qc).")
     return records
 
 
@@ -335,7 +346,7 @@ def qc_metrics_table(qc_files: Sequence[str | Path]) -> pd.DataFrame:
     (``compute_qc``): what the QC table holds before any threshold is applied."""
     rows = [{"participant_id": participant_id,
              **{metric: record.get(metric) for metric in METRICS}}
-            for participant_id, record in read_qc_records(qc_files).items()]
+            for participant_id, record in read_qc_records(qc_files, require=METRICS).items()]
     table = pd.DataFrame(rows, columns=["participant_id", *METRICS])
     for metric in METRICS:
         table[metric] = pd.to_numeric(table[metric], errors="coerce")
