@@ -811,6 +811,31 @@ def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_c
     assert started == [] and not (tmp_path / "p.tsv").exists()
 
 
+def test_a_bias_reference_group_emptied_by_qc_is_refused_before_any_embedding(
+        world, tmp_path, monkeypatch):
+    """A reference group left with fewer than 3 QC-passed subjects was found by
+    fit_age_bias after every subject had been normalised and embedded, as a ValueError
+    that named neither the QC failures nor the config key nor what to do."""
+    from brainage import apply as apply_module
+
+    table = pd.concat([_participants(4, "ctl", [40.0, 50.0, 60.0, 70.0], group="control"),
+                       _participants(3, "pat", [45.0, 55.0, 65.0], group="patient")],
+                      ignore_index=True)
+    files = write_cohort(tmp_path / "cohort", table, seed=5, failing=("ctl001", "ctl002"))
+    monkeypatch.setattr(apply_module, "normalise_subject",
+                        lambda *a, **k: pytest.fail("normalised and embedded"))
+    message = (r"^cohort small: the age-bias correction cannot be refitted on group 'control' "
+               r"\(config key predict.bias_reference_group, or --bias-reference-group\): only "
+               r"2 of its 4 subjects passed QC \(failed: sub-ctl001, sub-ctl002\); .* leave "
+               r"the key unset")
+    with pytest.raises(InputError, match=message):
+        predict_cohort(world.bundle_dir, tmp_path / "cohort", stiffness_maps(files["maps"]),
+                       files["qc"], predictions_path=tmp_path / "p.tsv",
+                       summary_path=tmp_path / "s.tsv", cohort="small",
+                       bias_reference_group="control", device="cpu")
+    assert not (tmp_path / "p.tsv").exists()
+
+
 def test_map_off_the_template_grid_is_refused(world, new_cohort, tmp_path):
     label = "newh000"
     moved = tmp_path / "moved.nii.gz"

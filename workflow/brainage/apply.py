@@ -223,7 +223,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     ------
     InputError
         A subject without an image of the bundle's modalities (naming it), a preprocessed
-        map or QC file, a map off the template grid.
+        map or QC file, a map off the template grid; a ``bias_reference_group`` with fewer
+        than 3 QC-passed subjects, or all of one age (before any subject is embedded).
     BundleError
         Missing, tampered or incompatible bundle.
     """
@@ -260,13 +261,16 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
             log.warning("cohort %s: sub-%s fails preprocessing QC (%s): reported, not "
                         "predicted", cohort, label, reason)
     passed = np.array(passed, dtype=bool)
+    ages = participants["age"].to_numpy(dtype=np.float64)
+    if bias_reference_group is not None:
+        check_bias_reference_group(participants, group_column, bias_reference_group, passed,
+                                   cohort=cohort)
     volumes = [normalise_subject(model.bundle, maps[label], subject=f"sub-{label}")
                for label, ok in zip(labels, passed) if ok]
     predicted = np.full(len(labels), np.nan)
     if volumes:
         predicted[passed] = model.predict_age(np.stack(volumes))
 
-    ages = participants["age"].to_numpy(dtype=np.float64)
     table = participants.copy()
     bias = model.bias
     bias_source = (f"bundle: {model.bundle.bias_correction.get('description', '')} "
@@ -318,6 +322,28 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                  f"{row.group} {row.mean_corrected_gap:+.2f} y" for row in summary.itertuples()
                  if row.n_predicted))
     return table
+
+
+def check_bias_reference_group(participants: pd.DataFrame, group_column: str, group: str,
+                               passed: np.ndarray, *, cohort: str) -> None:
+    """Refuse, before any subject is embedded, a ``bias_reference_group`` whose members
+    that passed QC cannot fit the age-bias line (:func:`brainage.agebias.fit_age_bias`:
+    at least 3 subjects, not all of one age). ``passed``: QC verdict per row (bool)."""
+    members = (participants[group_column].astype(str) == str(group)).to_numpy()
+    usable = members & passed
+    ages = participants["age"].to_numpy(dtype=np.float64)[usable]
+    if usable.sum() >= 3 and np.ptp(ages) > 0:
+        return
+    failed = participants.loc[members & ~passed, "participant_id"].tolist()
+    problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
+               if usable.sum() < 3 else f"every subject of it that passed QC is {ages[0]:g} "
+                                        f"years old")
+    raise InputError(
+        f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
+        f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
+        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; the line needs at "
+        f"least 3 subjects of different ages with a prediction. Add subjects to the group, "
+        f"or leave the key unset to use the bundle's correction.")
 
 
 def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
