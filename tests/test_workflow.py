@@ -115,6 +115,23 @@ def test_bad_predict_cohort_image_stops_before_any_work(tmp_path):
 
 
 @pytest.mark.workflow
+def test_missing_predict_cohort_folder_names_its_key(tmp_path):
+    """A predict cohort's folder that does not exist is named with its own key; the message
+    told the user to set dataset.root (the training cohort's, which was fine) or to turn
+    on the demo's simulation."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(tmp_path / "clinik")}})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(r"predict cohort clinic \(config key predict\.cohorts\.clinic\): dataset "
+                     r"root .*clinik does not exist\. Set config key predict\.cohorts\.clinic "
+                     r"to the cohort's BIDS-like dataset folder", result.stdout), result.stdout
+    assert "dataset.simulate.enabled" not in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
     """predict.bias_reference_group names a group of each cohort's table; a typo used to
     fail in predict_cohort, after the cohort's whole preprocessing."""

@@ -205,11 +205,12 @@ wildcard_constraints:
 _IMAGES_CHECKED = set()
 
 
-def checked_participants(root, modalities):
+def checked_participants(root, modalities, root_key):
     """A cohort's validated participants table. The first call per cohort also opens every
     subject's images (cached by size and mtime in .snakemake/), so a corrupt file stops
-    the run before any job starts. Raises brainage.inputs.InputError."""
-    table = read_participants(root, modalities)
+    the run before any job starts. ``root_key``: the config key that names ``root``.
+    Raises brainage.inputs.InputError."""
+    table = read_participants(root, modalities, root_setting=f"config key {root_key}")
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:
         check_dataset_images(
@@ -229,7 +230,7 @@ def participants():
     if SIMULATED:
         checkpoints.simulate_cohort.get()
     try:
-        return checked_participants(DATASET_ROOT, MODALITIES)
+        return checked_participants(DATASET_ROOT, MODALITIES, "dataset.root")
     except InputError as error:
         raise WorkflowError(str(error)) from None
 
@@ -256,7 +257,9 @@ def cohort_subjects(cohort):
             table = simulated_participants(**PREDICT_SIMULATION)
         else:
             table = checked_participants(
-                PREDICT_COHORTS[cohort], PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)]
+                PREDICT_COHORTS[cohort],
+                PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)],
+                f"predict.cohorts.{cohort}",
             )
         check_cohort_table(
             table,
@@ -600,7 +603,7 @@ def pretrain_participants_table(name):
     if name in PRETRAIN_SIMULATED:
         return draw_t1w_participants(source["n_subjects"], seed=source["seed"])
     try:
-        return checked_participants(source["root"], ("T1w",))
+        return checked_participants(source["root"], ("T1w",), f"pretrain.{name}.source.root")
     except InputError as error:
         raise WorkflowError(
             f"pretraining run {name} (config key pretrain.{name}.source." f"root): {error}"
