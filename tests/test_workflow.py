@@ -132,6 +132,24 @@ def test_missing_predict_cohort_folder_names_its_key(tmp_path):
 
 
 @pytest.mark.workflow
+def test_missing_openbhb_release_names_its_key(tmp_path):
+    """No rule writes the OpenBHB release: a folder without it stopped the plan with a
+    MissingInputException of prepare_openbhb that named the file but not the setting."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    release = tmp_path / "openBHB"
+    release.mkdir()
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         pretrain={"bhb": {"source": {"kind": "openbhb", "root": str(release)}}})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "MissingInputException" not in result.stdout, result.stdout
+    assert re.search(r"pretraining run bhb: .*openBHB/participants\.tsv is missing\. .*point "
+                     r"config key pretrain\.bhb\.source\.root at that folder", result.stdout), \
+        result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
     """predict.bias_reference_group names a group of each cohort's table; a typo used to
     fail in predict_cohort, after the cohort's whole preprocessing."""

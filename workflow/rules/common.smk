@@ -59,6 +59,7 @@ from brainage.inputs import (
     subject_inputs,
 )
 from brainage.normalise import split_names as scheme_split_names
+from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import simulated_participants, simulation_options
@@ -640,6 +641,21 @@ def pretrain_subject_files(kind):
         ]
 
     return paths
+
+
+def openbhb_participants(wildcards):
+    """The OpenBHB release's participants.tsv (rule prepare_openbhb). No rule writes the
+    release, so a folder or table that is not there stops the plan naming the run's
+    source.root (Snakemake's MissingInputException named the file only)."""
+    name = wildcards.pretrain
+    try:
+        return str(
+            release_participants(
+                PRETRAIN[name]["source"]["root"], root_key=f"config key pretrain.{name}.source.root"
+            )
+        )
+    except InputError as error:
+        raise WorkflowError(f"pretraining run {name}: {error}") from None
 
 
 def pretrain_participants(wildcards):
