@@ -150,6 +150,25 @@ def test_missing_openbhb_release_names_its_key(tmp_path):
 
 
 @pytest.mark.workflow
+def test_two_simulations_into_one_folder_stop_naming_both_keys(tmp_path):
+    """The demo's two simulations into one folder: Snakemake stopped with an
+    AmbiguousRuleException between simulate_cohort and simulate_predict_cohort."""
+    config = tmp_path / "same.yaml"
+    config.write_text(yaml.safe_dump({
+        "dataset": {"root": "data/demo", "simulate": {"enabled": True}},
+        "predict": {"cohorts": {"demo": "data/demo"}, "simulate": {"enabled": True},
+                    "model": {"experiment": "table3", "variant": "yaware", "seed": 0}},
+        "experiments": ONE_VARIANT}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "AmbiguousRuleException" not in result.stdout, result.stdout
+    assert ("config keys 'dataset.root' and 'predict.cohorts.demo' are the same folder "
+            "(data/demo), into which dataset.simulate and predict.simulate write their "
+            "simulated cohorts") in result.stdout, result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
     """predict.bias_reference_group names a group of each cohort's table; a typo used to
     fail in predict_cohort, after the cohort's whole preprocessing."""

@@ -40,6 +40,7 @@ from brainage.report.targets import (
 from brainage.config import (
     ConfigError,
     cell_settings,
+    check_simulated_folders,
     check_batch_sizes,
     check_pretrain_batch_size,
     check_search_batch_size,
@@ -104,6 +105,9 @@ if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PRED
         f"predict.cohorts has no such cohort; add `{SIMULATED_PREDICT_COHORT}: <an empty "
         f"folder>` under predict.cohorts (the simulation writes the dataset there)."
     )
+_shared_folders = check_simulated_folders(config, source="config")
+if _shared_folders:
+    raise WorkflowError("invalid configuration:\n" + "\n".join(_shared_folders))
 
 #: Every cohort's preprocessing folder (relative to results) -> its BIDS-like root: the
 #: training cohort and each cohort a model is applied to go through one chain of rules.
