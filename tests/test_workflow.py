@@ -217,6 +217,28 @@ def test_dry_run_stops_on_a_batch_larger_than_the_training_split(tmp_path):
 
 
 @pytest.mark.workflow
+@pytest.mark.parametrize("target", [
+    "results/pretrain/t1x/qc.tsv",                                  # no such run: a KeyError
+    "results/train/fold1/table3/yaware/seed-0/metrics.json",        # holdout: a job that failed
+    "results/train/holdout/table3/yaware/seed-00/metrics.json",     # seed-0 planned twice
+    "results/train/holdout/table3/adaptive/seed-0/metrics.json",    # no such variant
+    "results/predict/clinic/predictions.tsv",                       # no such cohort: a KeyError
+], ids=["pretraining-run", "split", "seed", "variant", "cohort"])
+def test_a_file_the_config_does_not_define_has_no_rule(tmp_path, target):
+    """The wildcards match the names the config defines: a file of a pretraining run,
+    split, cell or cohort it lacks (a typed target, a run since removed) stopped the plan
+    with a KeyError in an input function, or was planned and failed when it ran."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    config = user_config(tmp_path, root, train={"batch_size": 4}, experiments=ONE_VARIANT,
+                         pretrain={"t1w": {"source": {"kind": "simulate", "n_subjects": 8},
+                                           "train": {"batch_size": 4}}})
+    result = snakemake(tmp_path, "-n", target, "--configfile", str(config))
+    assert result.returncode != 0
+    assert f"No rule to produce {target}" in result.stdout, result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_dry_run_stops_on_a_search_batch_larger_than_its_training_subjects(tmp_path):
     """7 training subjects fit a batch of 6, but the random search holds half of them out
     for validation and its trials train on fewer: that used to fail only in the search

@@ -59,6 +59,7 @@ from brainage.inputs import (
     read_participants,
     subject_inputs,
 )
+from brainage.normalise import split_name_pattern
 from brainage.normalise import split_names as scheme_split_names
 from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
@@ -196,15 +197,25 @@ CHAIN_VARIANTS = {
 }
 
 
+# Names the config defines, not any name of their characters: a file of a split, cell,
+# cohort or pretraining run the config lacks (a target typed by hand, a run removed) has
+# no rule, instead of a job planned with a KeyError or one that fails when it runs. A seed
+# is written as grid_cells writes it (seed-7, never seed-07).
 wildcard_constraints:
     subject="[A-Za-z0-9]+",
-    seed="[0-9]+",
-    split="[A-Za-z0-9]+",
-    experiment="[A-Za-z0-9_]+",
-    variant="[A-Za-z0-9._-]+",
+    seed="0|[1-9][0-9]*",
+    split=split_name_pattern(**config["split"]),
+    experiment=names_pattern(config["experiments"]),
+    variant=names_pattern(
+        dict.fromkeys(
+            variant
+            for experiment in config["experiments"].values()
+            for variant in experiment["variants"]
+        )
+    ),
     preproc=names_pattern(PREPROC_ROOTS),
-    cohort="|".join(re.escape(cohort) for cohort in PREDICT_COHORTS) or "[A-Za-z0-9_]+",
-    pretrain="[A-Za-z0-9_]+",
+    cohort=names_pattern(PREDICT_COHORTS),
+    pretrain=names_pattern(PRETRAIN),
 
 
 _IMAGES_CHECKED = set()
