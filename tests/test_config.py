@@ -11,6 +11,7 @@ from brainage.config import (
     check_batch_sizes,
     check_pretrain_batch_size,
     check_search_batch_size,
+    check_simulated_folders,
     encoder_owners,
     grid_cells,
     load_config,
@@ -449,6 +450,36 @@ def test_pretraining_on_the_training_cohorts_folder_is_refused(tmp_path, monkeyp
         validate_config(same)
     other = {**same, "pretrain": {"t1": {"source": {"kind": "bids", "root": "data/t1w"}}}}
     assert validate_config(other)["pretrain"]["t1"]["source"]["root"] == "data/t1w"
+
+
+def test_a_simulation_into_another_cohorts_folder_is_refused_naming_both_keys(tmp_path,
+                                                                              monkeypatch):
+    """Two simulations into one folder left Snakemake two rules for its participants.tsv
+    (AmbiguousRuleException); a simulation into a folder another cohort reads would feed
+    that cohort the simulated subjects."""
+    monkeypatch.chdir(tmp_path)
+    both = validate_config({
+        "dataset": {"root": "data/demo", "simulate": {"enabled": True}},
+        "predict": {"cohorts": {"demo": "./data/demo/"},
+                    "simulate": {"enabled": True, "cohort": "demo"}}})
+    assert check_simulated_folders(both) == [
+        "config: config keys 'dataset.root' and 'predict.cohorts.demo' are the same folder "
+        "(data/demo), into which dataset.simulate and predict.simulate write their simulated "
+        "cohorts. Give each cohort a folder of its own (a simulation an empty one)."]
+    into_pretraining = validate_config({
+        "dataset": {"root": "data/mre", "simulate": {"enabled": False}},
+        "pretrain": {"t1": {"source": {"kind": "bids", "root": str(tmp_path / "data/t1w")}}},
+        "predict": {"cohorts": {"clinic": "data/clinic", "new": "data/t1w"},
+                    "simulate": {"enabled": True, "cohort": "new"}}})
+    [message] = check_simulated_folders(into_pretraining)
+    assert re.search(r"'predict\.cohorts\.new' and 'pretrain\.t1\.source\.root' are the "
+                     r"same folder .* predict\.simulate writes its simulated cohort", message)
+    # a cohort a model is applied to may be any folder no simulation writes
+    read_only = validate_config({
+        "dataset": {"root": "data/mre", "simulate": {"enabled": False}},
+        "predict": {"cohorts": {"again": "data/mre", "demo": "data/new"},
+                    "simulate": {"enabled": True, "cohort": "demo"}}})
+    assert check_simulated_folders(read_only) == []
 
 
 def test_a_pretraining_batch_larger_than_its_cohort_names_the_runs_key():

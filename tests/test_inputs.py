@@ -132,6 +132,18 @@ def test_missing_root(tmp_path):
         read_participants(tmp_path / "nowhere")
 
 
+def test_missing_root_names_the_setting_that_gave_it(tmp_path):
+    """A predict or pretraining cohort's folder is set by its own key: the message told its
+    user to set dataset.root, the training cohort's, or to simulate the demo."""
+    with pytest.raises(InputError) as raised:
+        read_participants(tmp_path / "nowhere", root_setting="config key predict.cohorts.clinic")
+    message = str(raised.value)
+    assert re.search(r"dataset root .*nowhere does not exist\. Set config key "
+                     r"predict\.cohorts\.clinic to the cohort's BIDS-like dataset folder",
+                     message), message
+    assert "dataset.root" not in message and "simulate" not in message
+
+
 def test_missing_participants_file(tiny_dataset):
     (tiny_dataset / "participants.tsv").unlink()
     with pytest.raises(InputError, match=r"participants\.tsv is missing"):

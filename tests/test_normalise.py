@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from brainage.normalise import (
     combine_moments,
     crop_or_pad,
     normalise_dataset,
+    split_name_pattern,
     split_names,
     training_counts,
     volume_moments,
@@ -48,6 +50,23 @@ def test_split_names_per_scheme():
     assert split_names(table, "holdout") == ["holdout"]
     assert split_names(table, "kfold", n_folds=3) == ["fold1", "fold2", "fold3"]
     assert split_names(table, "loso", unknown_key="ignored") == ["losoB", "losost2", "losostudy1"]
+
+
+@pytest.mark.parametrize("settings, names, others", [
+    ({"scheme": "holdout"}, ["holdout"], ["fold1", "losoA", "holdout2"]),
+    ({"scheme": "kfold", "n_folds": 12}, [f"fold{k}" for k in range(1, 13)],
+     ["fold0", "fold13", "fold01", "holdout"]),
+    ({"scheme": "loso", "test_fraction": 0.3}, ["losoB", "losost2", "losostudy1"],
+     ["holdout", "fold1", "loso"]),
+])
+def test_split_name_pattern_matches_the_schemes_names_only(settings, names, others):
+    """The workflow's {split} wildcard: a split of another scheme (results/train/fold1/...
+    under holdout) was planned, and its normalisation failed when it ran."""
+    table = participants_of({"study 1": 6, "st-2": 6, "B": 6})
+    pattern = re.compile(split_name_pattern(**settings))
+    assert split_names(table, **settings)[:len(names)] == names
+    assert all(pattern.fullmatch(name) for name in split_names(table, **settings))
+    assert not any(pattern.fullmatch(name) for name in others)
 
 
 def test_loso_names_must_stay_distinct():

@@ -115,6 +115,60 @@ def test_bad_predict_cohort_image_stops_before_any_work(tmp_path):
 
 
 @pytest.mark.workflow
+def test_missing_predict_cohort_folder_names_its_key(tmp_path):
+    """A predict cohort's folder that does not exist is named with its own key; the message
+    told the user to set dataset.root (the training cohort's, which was fine) or to turn
+    on the demo's simulation."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(tmp_path / "clinik")}})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(r"predict cohort clinic \(config key predict\.cohorts\.clinic\): dataset "
+                     r"root .*clinik does not exist\. Set config key predict\.cohorts\.clinic "
+                     r"to the cohort's BIDS-like dataset folder", result.stdout), result.stdout
+    assert "dataset.simulate.enabled" not in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+def test_missing_openbhb_release_names_its_key(tmp_path):
+    """No rule writes the OpenBHB release: a folder without it stopped the plan with a
+    MissingInputException of prepare_openbhb that named the file but not the setting."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    release = tmp_path / "openBHB"
+    release.mkdir()
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         pretrain={"bhb": {"source": {"kind": "openbhb", "root": str(release)}}})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "MissingInputException" not in result.stdout, result.stdout
+    assert re.search(r"pretraining run bhb: .*openBHB/participants\.tsv is missing\. .*point "
+                     r"config key pretrain\.bhb\.source\.root at that folder", result.stdout), \
+        result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+def test_two_simulations_into_one_folder_stop_naming_both_keys(tmp_path):
+    """The demo's two simulations into one folder: Snakemake stopped with an
+    AmbiguousRuleException between simulate_cohort and simulate_predict_cohort."""
+    config = tmp_path / "same.yaml"
+    config.write_text(yaml.safe_dump({
+        "dataset": {"root": "data/demo", "simulate": {"enabled": True}},
+        "predict": {"cohorts": {"demo": "data/demo"}, "simulate": {"enabled": True},
+                    "model": {"experiment": "table3", "variant": "yaware", "seed": 0}},
+        "experiments": ONE_VARIANT}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert "AmbiguousRuleException" not in result.stdout, result.stdout
+    assert ("config keys 'dataset.root' and 'predict.cohorts.demo' are the same folder "
+            "(data/demo), into which dataset.simulate and predict.simulate write their "
+            "simulated cohorts") in result.stdout, result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
     """predict.bias_reference_group names a group of each cohort's table; a typo used to
     fail in predict_cohort, after the cohort's whole preprocessing."""
@@ -159,6 +213,28 @@ def test_dry_run_stops_on_a_batch_larger_than_the_training_split(tmp_path):
     assert result.returncode != 0
     assert ("config key train.batch_size is 64 (used by experiments.table3.variants.yaware) "
             "but split holdout has only 7 training subjects") in result.stdout, result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("target", [
+    "results/pretrain/t1x/qc.tsv",                                  # no such run: a KeyError
+    "results/train/fold1/table3/yaware/seed-0/metrics.json",        # holdout: a job that failed
+    "results/train/holdout/table3/yaware/seed-00/metrics.json",     # seed-0 planned twice
+    "results/train/holdout/table3/adaptive/seed-0/metrics.json",    # no such variant
+    "results/predict/clinic/predictions.tsv",                       # no such cohort: a KeyError
+], ids=["pretraining-run", "split", "seed", "variant", "cohort"])
+def test_a_file_the_config_does_not_define_has_no_rule(tmp_path, target):
+    """The wildcards match the names the config defines: a file of a pretraining run,
+    split, cell or cohort it lacks (a typed target, a run since removed) stopped the plan
+    with a KeyError in an input function, or was planned and failed when it ran."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    config = user_config(tmp_path, root, train={"batch_size": 4}, experiments=ONE_VARIANT,
+                         pretrain={"t1w": {"source": {"kind": "simulate", "n_subjects": 8},
+                                           "train": {"batch_size": 4}}})
+    result = snakemake(tmp_path, "-n", target, "--configfile", str(config))
+    assert result.returncode != 0
+    assert f"No rule to produce {target}" in result.stdout, result.stdout
     assert not (tmp_path / "results").exists()
 
 

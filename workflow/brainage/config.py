@@ -216,6 +216,48 @@ def check_pretraining_source(config: Mapping[str, Any], name: str, *,
             f"a separate T1w cohort (source.kind bids with another root, or openbhb)."]
 
 
+def cohort_folders(config: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """Every cohort folder the config names: ``(config key, folder, simulated)`` for the
+    training cohort (``dataset.root``), each predict cohort and each bids pretraining
+    source (a simulated pretraining cohort lives under the results folder)."""
+    predict = config["predict"]
+    simulated_cohort = predict["simulate"]["cohort"] if predict["simulate"]["enabled"] else None
+    return [("dataset.root", config["dataset"]["root"],
+             config["dataset"]["simulate"]["enabled"]),
+            *[(f"predict.cohorts.{name}", root, name == simulated_cohort)
+              for name, root in predict["cohorts"].items()],
+            *[(f"pretrain.{name}.source.root", run["source"]["root"], False)
+              for name, run in config.get("pretrain", {}).items()
+              if run["source"]["kind"] == "bids" and run["source"].get("root")]]
+
+
+def check_simulated_folders(config: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """Messages (none when fine) for a simulated cohort whose folder is another cohort's.
+
+    The simulation writes its whole dataset there: two simulations into one folder left
+    Snakemake with two rules for one participants.tsv (an AmbiguousRuleException), and a
+    simulation into a folder another cohort reads from would stop at its first job or
+    feed that cohort the simulated subjects. Folders are compared once resolved.
+    """
+    folders = cohort_folders(config)
+    problems = []
+    for index, (key, folder, simulated) in enumerate(folders):
+        for other_key, other_folder, other_simulated in folders[index + 1:]:
+            if not (simulated or other_simulated):
+                continue
+            if Path(folder).resolve() != Path(other_folder).resolve():
+                continue
+            writers = [("dataset.simulate" if name == "dataset.root" else "predict.simulate")
+                       for name, writes in ((key, simulated), (other_key, other_simulated))
+                       if writes]
+            problems.append(
+                f"{source}: config keys '{key}' and '{other_key}' are the same folder "
+                f"({folder}), into which {' and '.join(writers)} "
+                f"{'write their simulated cohorts' if len(writers) > 1 else 'writes its simulated cohort'}. "
+                f"Give each cohort a folder of its own (a simulation an empty one).")
+    return problems
+
+
 #: model keys that shape the encoder's tensors. A cell fine-tuning a pretraining run of the
 #: same config needs the run's values: a different width loads no tensor at all, and
 #: bias_downsample leaves the shortcut biases at random, so the error comes before the run.

@@ -66,15 +66,21 @@ def check_label(label: str, *, where: str) -> str:
     return label
 
 
-def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES
-                      ) -> pd.DataFrame:
+def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES,
+                      *, root_setting: str = "config key dataset.root") -> pd.DataFrame:
     """Read and validate ``<root>/participants.tsv``; every listed subject must have every
     image of ``modalities`` (config key ``dataset.modalities``).
+
+    ``root_setting`` names the setting that gave ``root`` (``config key
+    predict.cohorts.<name>``, ``config key pretrain.<run>.source.root``, ``--dataset``):
+    the message for a folder that does not exist says to set that one.
 
     Returns a DataFrame with ``participant_id`` (``sub-<label>``), ``age`` (years, float),
     ``sex``, ``study`` (str) and any extra columns, in file order.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise InputError(_missing_root_message(root, root_setting))
     table_path = root / "participants.tsv"
     try:  # size too: two edits within one tick of the file system's clock share an mtime
         status = table_path.stat()
@@ -84,14 +90,22 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities)).copy()
 
 
+def _missing_root_message(root: Path, root_setting: str) -> str:
+    if root_setting == "config key dataset.root":  # the training cohort: maybe the demo's
+        return (f"dataset root {root} does not exist. Set config key dataset.root to your "
+                f"BIDS-like dataset folder, or dataset.simulate.enabled: true for the demo "
+                f"cohort.")
+    return (f"dataset root {root} does not exist. Set {root_setting} to the cohort's "
+            f"BIDS-like dataset folder (participants.tsv and a sub-<label> folder per "
+            f"subject).")
+
+
 @lru_cache(maxsize=8)
 def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                               modalities: tuple[str, ...]) -> pd.DataFrame:
     root = Path(root_str)
-    if not root.is_dir():
-        raise InputError(
-            f"dataset root {root} does not exist. Set config key dataset.root to your "
-            f"BIDS-like dataset folder, or dataset.simulate.enabled: true for the demo cohort.")
+    if not root.is_dir():  # removed since read_participants looked
+        raise InputError(f"dataset root {root} does not exist.")
     table_path = root / "participants.tsv"
     if stamp is None:
         raise InputError(

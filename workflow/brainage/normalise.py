@@ -127,6 +127,20 @@ def split_names(participants: pd.DataFrame, scheme: str = "holdout", test_fracti
     return [f"loso{study_label(s)}" for s in sorted(participants["study"].astype(str).unique())]
 
 
+def split_name_pattern(scheme: str = "holdout", n_folds: int = 5, **ignored) -> str:
+    """A regular expression matching the names :func:`split_names` can give for these
+    settings (config section ``split``) whatever the participants: the workflow's
+    ``{split}`` wildcard, known before a simulated cohort exists. ``loso`` names depend on
+    the studies, so any ``loso<letters and digits>`` matches."""
+    if scheme == "holdout":
+        return "holdout"
+    if scheme == "kfold":
+        return "fold(?:" + "|".join(str(k) for k in range(1, int(n_folds) + 1)) + ")"
+    if scheme == "loso":
+        return "loso[A-Za-z0-9]+"
+    raise ValueError(f"split.scheme={scheme!r}; choose one of {', '.join(SCHEMES)}.")
+
+
 def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "holdout",
                  test_fraction: float = 0.2, n_folds: int = 5, seed: int = 42,
                  fraction_key: str = "split.test_fraction", eval_subset: str = "test",

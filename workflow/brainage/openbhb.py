@@ -325,6 +325,37 @@ def _orphans(root: Path, known: set[str]) -> list[Path]:
     return orphans
 
 
+def release_participants(root: str | Path, *,
+                         root_key: str = "pretrain.<run>.source.root") -> Path:
+    """``<root>/participants.tsv`` of an OpenBHB release, checked to be there (a stat, no
+    read: the workflow asks while it plans, since no rule writes the release).
+
+    Raises
+    ------
+    InputError
+        Naming ``root_key`` (the config key that gave ``root``): a folder that does not
+        exist, or one without participants.tsv (the RAMP challenge's layout named).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"OpenBHB folder {root} does not exist. Set {root_key} to the folder "
+                         f"holding participants.tsv, train/ and val/ (HuggingFace "
+                         f"benoit-dufumier/openBHB).")
+    table_path = root / PARTICIPANTS
+    if not table_path.is_file():
+        challenge = _challenge_layout(root)
+        if challenge is not None:
+            raise InputError(f"{challenge} holds the RAMP challenge's concatenated arrays "
+                             f"(train.npy/train.tsv: masked, flattened modalities, no sex "
+                             f"column), which this reader does not read. Download the "
+                             f"per-subject release (participants.tsv, train/, val/) and point "
+                             f"{root_key} at it.")
+        raise InputError(f"{table_path} is missing. The OpenBHB release has participants.tsv at "
+                         f"its top level, next to train/ and val/; point {root_key} at that "
+                         f"folder.")
+    return table_path
+
+
 def _challenge_layout(root: Path) -> Path | None:
     for folder in (root, root / "data"):
         if (folder / "train.npy").is_file() and (folder / "train.tsv").is_file():
@@ -440,21 +471,7 @@ def read_release(root: str | Path, *, validation: str = "both", site_column: str
     if site_column not in SITE_COLUMNS:
         raise ValueError(f"site_column={site_column!r}; choose one of {', '.join(SITE_COLUMNS)}.")
     root = Path(root)
-    if not root.is_dir():
-        raise InputError(f"OpenBHB folder {root} does not exist. Set pretrain.<run>.source.root to "
-                         f"the folder holding participants.tsv, train/ and val/ (HuggingFace "
-                         f"benoit-dufumier/openBHB).")
-    table_path = root / PARTICIPANTS
-    if not table_path.is_file():
-        challenge = _challenge_layout(root)
-        if challenge is not None:
-            raise InputError(f"{challenge} holds the RAMP challenge's concatenated arrays "
-                             f"(train.npy/train.tsv: masked, flattened modalities, no sex column), "
-                             f"which this reader does not read. Download the per-subject release "
-                             f"(participants.tsv, train/, val/) and point pretrain.<run>.source.root at it.")
-        raise InputError(f"{table_path} is missing. The OpenBHB release has participants.tsv at "
-                         f"its top level, next to train/ and val/; point pretrain.<run>.source.root "
-                         f"at that folder.")
+    table_path = release_participants(root)
     release_table = _read_table(table_path, site_column)
     listed = set(release_table["participant_id"])
     chosen = ("train",) + VALIDATION_CHOICES[validation]

@@ -40,6 +40,7 @@ from brainage.report.targets import (
 from brainage.config import (
     ConfigError,
     cell_settings,
+    check_simulated_folders,
     check_batch_sizes,
     check_pretrain_batch_size,
     check_search_batch_size,
@@ -58,7 +59,9 @@ from brainage.inputs import (
     read_participants,
     subject_inputs,
 )
+from brainage.normalise import split_name_pattern
 from brainage.normalise import split_names as scheme_split_names
+from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.simulate import simulated_participants, simulation_options
@@ -103,6 +106,9 @@ if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PRED
         f"predict.cohorts has no such cohort; add `{SIMULATED_PREDICT_COHORT}: <an empty "
         f"folder>` under predict.cohorts (the simulation writes the dataset there)."
     )
+_shared_folders = check_simulated_folders(config, source="config")
+if _shared_folders:
+    raise WorkflowError("invalid configuration:\n" + "\n".join(_shared_folders))
 
 #: Every cohort's preprocessing folder (relative to results) -> its BIDS-like root: the
 #: training cohort and each cohort a model is applied to go through one chain of rules.
@@ -191,25 +197,36 @@ CHAIN_VARIANTS = {
 }
 
 
+# Names the config defines, not any name of their characters: a file of a split, cell,
+# cohort or pretraining run the config lacks (a target typed by hand, a run removed) has
+# no rule, instead of a job planned with a KeyError or one that fails when it runs. A seed
+# is written as grid_cells writes it (seed-7, never seed-07).
 wildcard_constraints:
     subject="[A-Za-z0-9]+",
-    seed="[0-9]+",
-    split="[A-Za-z0-9]+",
-    experiment="[A-Za-z0-9_]+",
-    variant="[A-Za-z0-9._-]+",
+    seed="0|[1-9][0-9]*",
+    split=split_name_pattern(**config["split"]),
+    experiment=names_pattern(config["experiments"]),
+    variant=names_pattern(
+        dict.fromkeys(
+            variant
+            for experiment in config["experiments"].values()
+            for variant in experiment["variants"]
+        )
+    ),
     preproc=names_pattern(PREPROC_ROOTS),
-    cohort="|".join(re.escape(cohort) for cohort in PREDICT_COHORTS) or "[A-Za-z0-9_]+",
-    pretrain="[A-Za-z0-9_]+",
+    cohort=names_pattern(PREDICT_COHORTS),
+    pretrain=names_pattern(PRETRAIN),
 
 
 _IMAGES_CHECKED = set()
 
 
-def checked_participants(root, modalities):
+def checked_participants(root, modalities, root_key):
     """A cohort's validated participants table. The first call per cohort also opens every
     subject's images (cached by size and mtime in .snakemake/), so a corrupt file stops
-    the run before any job starts. Raises brainage.inputs.InputError."""
-    table = read_participants(root, modalities)
+    the run before any job starts. ``root_key``: the config key that names ``root``.
+    Raises brainage.inputs.InputError."""
+    table = read_participants(root, modalities, root_setting=f"config key {root_key}")
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:
         check_dataset_images(
@@ -229,7 +246,7 @@ def participants():
     if SIMULATED:
         checkpoints.simulate_cohort.get()
     try:
-        return checked_participants(DATASET_ROOT, MODALITIES)
+        return checked_participants(DATASET_ROOT, MODALITIES, "dataset.root")
     except InputError as error:
         raise WorkflowError(str(error)) from None
 
@@ -256,7 +273,9 @@ def cohort_subjects(cohort):
             table = simulated_participants(**PREDICT_SIMULATION)
         else:
             table = checked_participants(
-                PREDICT_COHORTS[cohort], PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)]
+                PREDICT_COHORTS[cohort],
+                PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)],
+                f"predict.cohorts.{cohort}",
             )
         check_cohort_table(
             table,
@@ -600,7 +619,7 @@ def pretrain_participants_table(name):
     if name in PRETRAIN_SIMULATED:
         return draw_t1w_participants(source["n_subjects"], seed=source["seed"])
     try:
-        return checked_participants(source["root"], ("T1w",))
+        return checked_participants(source["root"], ("T1w",), f"pretrain.{name}.source.root")
     except InputError as error:
         raise WorkflowError(
             f"pretraining run {name} (config key pretrain.{name}.source." f"root): {error}"
@@ -637,6 +656,21 @@ def pretrain_subject_files(kind):
         ]
 
     return paths
+
+
+def openbhb_participants(wildcards):
+    """The OpenBHB release's participants.tsv (rule prepare_openbhb). No rule writes the
+    release, so a folder or table that is not there stops the plan naming the run's
+    source.root (Snakemake's MissingInputException named the file only)."""
+    name = wildcards.pretrain
+    try:
+        return str(
+            release_participants(
+                PRETRAIN[name]["source"]["root"], root_key=f"config key pretrain.{name}.source.root"
+            )
+        )
+    except InputError as error:
+        raise WorkflowError(f"pretraining run {name}: {error}") from None
 
 
 def pretrain_participants(wildcards):

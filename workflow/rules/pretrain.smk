@@ -95,9 +95,7 @@ rule normalise_pretrain_cohort:
 # normalised into the same split folder, with the release's official split.
 rule prepare_openbhb:
     input:
-        participants=lambda wildcards: Path(
-            PRETRAIN[wildcards.pretrain]["source"]["root"], "participants.tsv"
-        ),
+        participants=openbhb_participants,
         template_mask=LAYOUT.template("brain_mask"),
     output:
         images=LAYOUT.pretrain_split_file("{pretrain}", "images.npy"),
