@@ -407,19 +407,15 @@ def test_write_bundle_accepts_tensors_only(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_bundle_folder_is_readable_by_others_as_its_files_are(exported, tmp_path,
-                                                               monkeypatch):
+def test_bundle_folder_is_readable_by_others_as_its_files_are(exported, tmp_path):
     """The bundle goes to other people: its folder gets the permissions the umask gives
-    any new folder, like its files (the staging folder from tempfile.mkdtemp is private,
+    any new folder, like its files (the staging folder from tempfile.mkdtemp was private,
     0700), whether it is written anew or replaces an older bundle. The usual umask 022 is
-    set for the package (read once at import) and for the files (created as open()
-    creates them), so the test can fail under any umask."""
+    set (folder and files are created as mkdir and open() create them), so the test can
+    fail under any umask."""
     import os
     import stat
 
-    import brainage.io
-
-    monkeypatch.setattr(brainage.io, "UMASK", 0o022)
     bundle = tmp_path / "models" / "demo"
     umask = os.umask(0o022)
     try:

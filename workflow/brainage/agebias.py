@@ -71,6 +71,10 @@ class AgeBias:
         return np.asarray(predicted, dtype=np.float64) - ages - self.expected_gap(ages)
 
 
+#: Subjects with a prediction that an age-bias line needs (two fix any line).
+MIN_BIAS_SUBJECTS = 3
+
+
 def fit_age_bias(ages: np.ndarray, predicted: np.ndarray, *, where: str = "reference set"
                  ) -> AgeBias:
     """Least-squares fit of ``predicted - age = a + b * age``.
@@ -85,15 +89,16 @@ def fit_age_bias(ages: np.ndarray, predicted: np.ndarray, *, where: str = "refer
     Raises
     ------
     ValueError
-        Fewer than 3 subjects, or all of one age (the slope is undefined).
+        Fewer than :data:`MIN_BIAS_SUBJECTS` subjects, or all of one age (the slope is
+        undefined).
     """
     ages = np.asarray(ages, dtype=np.float64)
     predicted = np.asarray(predicted, dtype=np.float64)
     finite = np.isfinite(ages) & np.isfinite(predicted)
     ages, predicted = ages[finite], predicted[finite]
-    if len(ages) < 3:
-        raise ValueError(f"age-bias correction on the {where} needs at least 3 subjects with a "
-                         f"prediction; got {len(ages)}.")
+    if len(ages) < MIN_BIAS_SUBJECTS:
+        raise ValueError(f"age-bias correction on the {where} needs at least "
+                         f"{MIN_BIAS_SUBJECTS} subjects with a prediction; got {len(ages)}.")
     if np.ptp(ages) == 0:
         raise ValueError(f"age-bias correction on the {where}: every subject is "
                          f"{ages[0]} years old, so the gap's age slope is undefined.")

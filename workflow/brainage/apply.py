@@ -20,7 +20,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from brainage.agebias import AgeBias, fit_age_bias
+from brainage.agebias import MIN_BIAS_SUBJECTS, AgeBias, fit_age_bias
 from brainage.bundle import BundleError, ModelBundle, read_bundle
 from brainage.data import VolumeStore
 from brainage.inputs import InputError, check_cohort_table, read_participants
@@ -261,7 +261,6 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
             log.warning("cohort %s: sub-%s fails preprocessing QC (%s): reported, not "
                         "predicted", cohort, label, reason)
     passed = np.array(passed, dtype=bool)
-    ages = participants["age"].to_numpy(dtype=np.float64)
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group, passed,
                                    cohort=cohort)
@@ -271,6 +270,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     if volumes:
         predicted[passed] = model.predict_age(np.stack(volumes))
 
+    ages = participants["age"].to_numpy(dtype=np.float64)
     table = participants.copy()
     bias = model.bias
     bias_source = (f"bundle: {model.bundle.bias_correction.get('description', '')} "
@@ -328,22 +328,23 @@ def check_bias_reference_group(participants: pd.DataFrame, group_column: str, gr
                                passed: np.ndarray, *, cohort: str) -> None:
     """Refuse, before any subject is embedded, a ``bias_reference_group`` whose members
     that passed QC cannot fit the age-bias line (:func:`brainage.agebias.fit_age_bias`:
-    at least 3 subjects, not all of one age). ``passed``: QC verdict per row (bool)."""
+    at least :data:`~brainage.agebias.MIN_BIAS_SUBJECTS` subjects, not all of one age).
+    ``passed``: QC verdict per row (bool)."""
     members = (participants[group_column].astype(str) == str(group)).to_numpy()
     usable = members & passed
     ages = participants["age"].to_numpy(dtype=np.float64)[usable]
-    if usable.sum() >= 3 and np.ptp(ages) > 0:
+    if usable.sum() >= MIN_BIAS_SUBJECTS and np.ptp(ages) > 0:
         return
     failed = participants.loc[members & ~passed, "participant_id"].tolist()
     problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
-               if usable.sum() < 3 else f"every subject of it that passed QC is {ages[0]:g} "
-                                        f"years old")
+               if usable.sum() < MIN_BIAS_SUBJECTS
+               else f"every subject of it that passed QC is {ages[0]:g} years old")
     raise InputError(
         f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
         f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
         f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; the line needs at "
-        f"least 3 subjects of different ages with a prediction. Add subjects to the group, "
-        f"or leave the key unset to use the bundle's correction.")
+        f"least {MIN_BIAS_SUBJECTS} subjects of different ages with a prediction. Add "
+        f"subjects to the group, or leave the key unset to use the bundle's correction.")
 
 
 def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:

@@ -22,23 +22,6 @@ import numpy as np
 import pandas as pd
 
 
-def _read_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
-
-
-#: Read once, at import: os.umask can only be read by setting it, which is process-wide
-#: (a file another thread created meanwhile would get no umask).
-UMASK = _read_umask()
-
-
-def shared_mode(mode: int) -> int:
-    """``mode`` less the process's umask: what a file or folder created the usual way gets
-    where no default ACL applies."""
-    return mode & ~UMASK
-
-
 class WriteError(OSError, RuntimeError):
     """Writing an output failed; the message names the file, the reason and the free space.
 
@@ -86,6 +69,19 @@ _NAME_LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
 _NAMES = random.SystemRandom()
 
 
+def _create_unused(folder: Path, prefix: str, suffix: str, create) -> Path:
+    """``create`` (which must fail with FileExistsError on an existing name) the first
+    free ``<prefix><8 random letters><suffix>`` in ``folder``; returns its path."""
+    for _ in range(100):
+        path = folder / f"{prefix}{''.join(_NAMES.choices(_NAME_LETTERS, k=8))}{suffix}"
+        try:
+            create(path)
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no unused name {prefix}<random>{suffix} in {folder}")
+
+
 def _create_temporary(folder: Path, prefix: str, suffix: str) -> Path:
     """Create an empty file ``<prefix><8 random letters><suffix>`` in ``folder``.
 
@@ -95,15 +91,8 @@ def _create_temporary(folder: Path, prefix: str, suffix: str) -> Path:
     afterwards cannot: it ignores a default ACL (a shared project folder's ``setfacl -d``)
     and made an output readable by every user of the cluster.
     """
-    for _ in range(100):
-        path = folder / f"{prefix}{''.join(_NAMES.choices(_NAME_LETTERS, k=8))}{suffix}"
-        try:
-            handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        except FileExistsError:
-            continue
-        os.close(handle)
-        return path
-    raise FileExistsError(f"no unused temporary name {prefix}<random>{suffix} in {folder}")
+    return _create_unused(folder, prefix, suffix, lambda path: os.close(
+        os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
 
 
 def create_staging_folder(parent: str | Path, prefix: str) -> Path:
@@ -115,28 +104,22 @@ def create_staging_folder(parent: str | Path, prefix: str) -> Path:
     becomes the output (a model bundle, a dataset). A chmod afterwards ignores a shared
     project folder's default ACL, as for files (:func:`_create_temporary`).
     """
-    parent = Path(parent)
-    for _ in range(100):
-        path = parent / f"{prefix}{''.join(_NAMES.choices(_NAME_LETTERS, k=8))}"
-        try:
-            os.mkdir(path, 0o777)
-        except FileExistsError:
-            continue
-        return path
-    raise FileExistsError(f"no unused folder name {prefix}<random> in {parent}")
+    return _create_unused(Path(parent), prefix, "", lambda path: os.mkdir(path, 0o777))
 
 
 def sync_tree(folder: str | Path) -> None:
-    """:func:`_sync_file` every file under ``folder``, then the folders: before a staging
-    folder is renamed into place, so that a crash leaves the old folder or the whole new
-    one, not one of empty files (the files' writers, e.g. ``torch.save``, do not sync)."""
+    """:func:`_sync_file` every file under ``folder``, then the folders, deepest first:
+    before a staging folder is renamed into place, so that a crash leaves the old folder or
+    the whole new one, not one of empty files (the files' writers, e.g. ``torch.save``, do
+    not sync)."""
     folder = Path(folder)
-    for path in sorted(folder.rglob("*")):
+    entries = sorted(folder.rglob("*"))
+    for path in entries:
         if path.is_file() and not path.is_symlink():
             _sync_file(path)
-    for path in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
-        _sync_folder(path)
-    _sync_folder(folder)
+    for path in reversed([folder, *entries]):
+        if path.is_dir() and not path.is_symlink():
+            _sync_folder(path)
 
 
 def _sync_file(path: Path) -> None:
@@ -340,7 +323,7 @@ def sha256_file(path: str | Path, *, chunk_bytes: int = 1 << 20) -> str:
 
 def write_json(path: str | Path, payload) -> None:
     with atomic_path(path) as temp:
-        temp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_json_default))
+        temp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=json_default))
 
 
 def write_tsv(path: str | Path, table: pd.DataFrame) -> None:
@@ -348,11 +331,11 @@ def write_tsv(path: str | Path, table: pd.DataFrame) -> None:
         table.to_csv(temp, sep="\t", index=False)
 
 
-def _json_default(value):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
+def json_default(value):
+    """``json.dumps``' ``default`` for what the package writes besides plain Python values:
+    NumPy scalars (as the numbers they hold), arrays (as lists) and paths (as text)."""
+    if isinstance(value, np.generic):
+        return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     if isinstance(value, Path):

@@ -16,7 +16,7 @@ from typing import Iterator
 
 import numpy as np
 
-from brainage.io import create_staging_folder, sync_tree
+from brainage.io import create_staging_folder, json_default, sync_tree
 
 LOGGER = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def write_json(path: Path, payload: dict) -> None:
     """Write ``payload`` as indented JSON; NumPy scalars (an option given as
     ``np.int64(40)``, say) are written as the Python numbers they hold."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=_numpy_scalar) + "\n")
+    path.write_text(json.dumps(payload, indent=2, default=json_default) + "\n")
 
 
 def write_bidsignore(folder: Path, patterns) -> None:
@@ -50,12 +50,6 @@ def write_bidsignore(folder: Path, patterns) -> None:
 
 #: Files of ``derivatives/simulation`` without a BIDS name: the ground-truth tables.
 TRUTH_BIDS_IGNORE = ("truth.tsv", "truth.json")
-
-
-def _numpy_scalar(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} {value!r} cannot be written as JSON")
 
 
 def check_root(root: Path, *, overwrite: bool) -> None:
