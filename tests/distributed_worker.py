@@ -9,7 +9,8 @@
         deletes or makes a folder of under WATCHED_DIR (Python audit events, nothing in the
         product code) into AUDIT_DIR/rank-<r>.json at exit
     ... tests/distributed_worker.py failing EPOCH -- <brainage.train arguments>
-        python -m brainage.train in which rank 1 raises at the start of epoch EPOCH
+        python -m brainage.train in which the last rank (rank 1 of 2; rank 0 of 1) raises at
+        the start of epoch EPOCH
 
 :func:`one_step` is also what the test runs in one process for the reference.
 """
@@ -139,12 +140,13 @@ def run_audited(audit_dir: str, watched_dir: str, arguments: list[str]) -> int:
 def run_failing(epoch: int, arguments: list[str]) -> int:
     import brainage.train
 
-    if distributed.processes_from_environment().rank == 1:
+    processes = distributed.processes_from_environment()
+    if processes.rank == processes.world_size - 1:
         real_run_epoch = brainage.train.run_epoch
 
         def failing_run_epoch(*args, **kwargs):
             if kwargs["epoch"] == epoch:
-                raise RuntimeError(f"rank 1 fails on purpose in epoch {epoch}")
+                raise RuntimeError(f"rank {processes.rank} fails on purpose in epoch {epoch}")
             return real_run_epoch(*args, **kwargs)
 
         brainage.train.run_epoch = failing_run_epoch

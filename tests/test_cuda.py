@@ -1,6 +1,7 @@
 """The GPU path on a GPU: every loss trains in bf16 on CUDA with finite losses, a CUDA
-encoder embeds as the same weights do on the CPU, and ``train.deterministic`` makes CUDA
-runs repeat bit for bit.
+encoder embeds as the same weights do on the CPU, ``train.deterministic`` makes CUDA
+runs repeat bit for bit, and a torchrun job on the GPU that fails mid-run resumes from
+its checkpoint to the weights of the run never interrupted.
 
 CI has no GPU, so these are skipped there; a machine with one runs them with the GPU
 benchmarks in one go (``tests/benchmarks/gpu_checks.sh``). ``BRAINAGE_TEST_DEVICE=cpu``
@@ -10,9 +11,14 @@ brainage.runtime), which is how the checks themselves were tested without a GPU.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -112,3 +118,53 @@ def test_deterministic_runs_repeat_bit_for_bit(split_dir, tmp_path):
     assert [row["loss"] for row in first] == [row["loss"] for row in second]
     a, b = (encoder_weights(tmp_path / run / "encoder.pt") for run in ("first", "second"))
     assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def torchrun_training(split_dir, settings: dict, cell: Path, *worker) -> subprocess.CompletedProcess:
+    """``python -m brainage.train`` for ``cell`` under torchrun, one process, as a GPU
+    training job runs (``worker``: tests/distributed_worker.py and its command instead)."""
+    cell.mkdir(parents=True, exist_ok=True)
+    (cell / "settings.json").write_text(json.dumps(settings))
+    paths = cell_paths(cell)
+    arguments = ["--split-dir", split_dir, "--settings", cell / "settings.json",
+                 "--encoder", paths["encoder_path"], "--history", paths["history_path"],
+                 "--embeddings", paths["embeddings_dir"], "--features", paths["features_path"],
+                 "--checkpoint", paths["checkpoint_path"]]
+    entry = [*worker, "--"] if worker else ["-m", "brainage.train"]
+    repo = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(repo / "workflow"), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "1", *map(str, entry + arguments)],
+                          env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=240)
+
+
+def test_a_failed_torchrun_job_resumes_to_the_uninterrupted_weights(split_dir, tmp_path):
+    """The production launch on one GPU (torchrun, one process: no process group, as
+    NCCL takes one process per GPU), deterministic kernels. The run that fails at the
+    start of epoch 3 leaves epoch 2's checkpoint (the CUDA generator state in it);
+    resumed, it ends with the history and weights of the run never interrupted, bit for
+    bit. Adaptive Neighborhoods: its schedule depends on the epoch, so a resume that
+    restarted the schedule would show."""
+    settings = on_device("adaptive", deterministic=True, epochs=4, embed_epochs=[1, 4])
+    done = torchrun_training(split_dir, settings, tmp_path / "uninterrupted")
+    assert done.returncode == 0, done.stdout[-3000:]
+
+    cell = tmp_path / "resumed"
+    worker = Path(__file__).with_name("distributed_worker.py")
+    failed = torchrun_training(split_dir, settings, cell, worker, "failing", 3)
+    assert failed.returncode != 0
+    assert "rank 0 fails on purpose in epoch 3" in failed.stdout
+    resumed = torchrun_training(split_dir, settings, cell)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "after epoch 2" in resumed.stdout, resumed.stdout[-3000:]
+
+    def losses(folder: Path) -> list[float]:
+        return pd.read_csv(folder / "history.tsv", sep="\t")["loss"].tolist()
+
+    assert losses(cell) == losses(tmp_path / "uninterrupted")
+    expected = encoder_weights(tmp_path / "uninterrupted" / "encoder.pt")
+    weights = encoder_weights(cell / "encoder.pt")
+    different = [key for key in expected if not torch.equal(weights[key], expected[key])]
+    assert not different, different[:5]

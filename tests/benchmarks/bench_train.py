@@ -79,6 +79,9 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cell-epochs", type=int, default=3,
                         help="epochs of the real grid cell (0 = skip)")
+    parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "float32"),
+                        help="train.precision of our loop (auto: bf16 on CUDA, float32 on "
+                        "the CPU; float32 is config/paper.yaml's, as the authors trained)")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--no-mkldnn", action="store_true",
                         help="CPU: oneDNN off (PyTorch's own conv3d kernels), for comparison")
@@ -90,7 +93,8 @@ def settings_for(arguments) -> dict:
         loss={"name": "adaptive", "nn_final": max(2, arguments.batch // 2), "nn_step": 1},
         train={"epochs": max(2, arguments.epochs + 1), "batch_size": arguments.batch,
                "views": arguments.views, "lr": 1e-4, "device": arguments.device,
-               "threads": arguments.threads, "augmentation": "noise", "embed_epochs": []}))
+               "threads": arguments.threads, "augmentation": "noise", "embed_epochs": [],
+               "precision": arguments.precision}))
 
 
 def sync(device: torch.device) -> None:
@@ -226,7 +230,9 @@ def main() -> None:
     if arguments.no_mkldnn:
         torch.backends.mkldnn.enabled = False
     names = [name.strip() for name in arguments.shapes.split(",") if name.strip()]
-    print(f"torch {torch.__version__}, device {arguments.device}, threads {arguments.threads}, "
+    print(f"torch {torch.__version__}, device {arguments.device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if arguments.device == 'cuda' else ''}, "
+          f"precision {arguments.precision}, threads {arguments.threads}, "
           f"oneDNN {'on' if torch.backends.mkldnn.enabled else 'off'}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           f"{arguments.subjects} training subjects, batch {arguments.batch} x "

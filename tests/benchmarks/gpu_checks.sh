@@ -4,15 +4,16 @@
 # lent to this project's developers; docs/architecture.md §10).
 #
 #   bash tests/benchmarks/gpu_checks.sh fetch   # with network: the wheels the GPU image
-#                                               # lacks (jsonschema and its parts, nibabel:
-#                                               # 4 MB) into .whl/ (git-ignored)
+#                                               # lacks (jsonschema and its parts, nibabel,
+#                                               # MONAI: 5 MB) into .whl/ (git-ignored)
 #   bash tests/benchmarks/gpu_checks.sh run     # on the GPU machine, with .whl/ beside:
 #                                               # tests/test_cuda.py, then the GPU benchmarks
 #
 # `run` writes each part's output to $OUT (default gpu_checks/) and goes on after a part
 # that fails or runs past its time limit (seconds, below), so one call brings every number
-# back within one 10-minute command (the limits add up to 540 s); the exit status is that
-# of the tests. Nothing here asserts a speed.
+# back within one 10-minute command (the limits add up to 560 s, leaving a lease of 15
+# minutes time to start the machine); the exit status is that of the tests. Nothing here
+# asserts a speed.
 set -uo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -20,7 +21,9 @@ WHEELS=.whl
 # The Python version and platforms of the GPU image's interpreter (CPython 3.12).
 WHEEL_TARGET=(--python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64
               --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
-MISSING_PACKAGES=(jsonschema jsonschema-specifications referencing rpds-py nibabel)
+# the versions of envs/train.yaml; attrs, NumPy and PyTorch are in the image
+MISSING_PACKAGES=(jsonschema==4.26.0 jsonschema-specifications referencing rpds-py nibabel==5.4.2
+                  monai==1.6.1)
 
 case "${1:-}" in
 fetch)
@@ -42,16 +45,22 @@ run)
     } 2>&1 | tee "$out/machine.txt"
 
     # one process: the GPU is shared by nothing else, and xdist may be absent there
-    timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider -p no:xdist -o addopts="" \
+    timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider -p no:xdist -o addopts="" \
         --durations=15 tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
     tests_status=${PIPESTATUS[0]}
 
-    timeout 120 "$PYTHON" tests/benchmarks/bench_pretrain.py --device cuda 2>&1 \
+    timeout 110 "$PYTHON" tests/benchmarks/bench_pretrain.py --device cuda 2>&1 \
         | tee "$out/bench_pretrain.log"
-    timeout 180 "$PYTHON" tests/benchmarks/bench_train.py --shapes 2mm --device cuda \
+    # bf16 (precision auto: the GPU default) against the plain loop, then float32 (the
+    # paper config's) alone
+    timeout 130 "$PYTHON" tests/benchmarks/bench_train.py --shapes 2mm --device cuda \
         --threads 8 2>&1 | tee "$out/bench_train.log"
-    timeout 90 "$PYTHON" tests/benchmarks/bench_losses.py --device cuda \
-        --sizes 64 512 2048 2>&1 | tee "$out/bench_losses.log"
+    timeout 60 "$PYTHON" tests/benchmarks/bench_train.py --shapes 2mm --device cuda \
+        --threads 8 --precision float32 --skip-plain --cell-epochs 0 2>&1 \
+        | tee "$out/bench_train_float32.log"
+    # each case runs in two fresh processes: two sizes keep it inside its limit
+    timeout 80 "$PYTHON" tests/benchmarks/bench_losses.py --device cuda \
+        --sizes 64 2048 2>&1 | tee "$out/bench_losses.log"
     exit "$tests_status"
     ;;
 *)
