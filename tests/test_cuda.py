@@ -134,10 +134,14 @@ def torchrun_training(split_dir, settings: dict, cell: Path, *worker) -> subproc
     repo = Path(__file__).resolve().parents[1]
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [str(repo / "workflow"), str(repo / "tests"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "1", *map(str, entry + arguments)],
-                          env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True, timeout=240)
+    try:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", "1", *map(str, entry + arguments)],
+                              env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, timeout=120)
+    except subprocess.TimeoutExpired as error:  # what the job printed says where it stood
+        output = error.output.decode() if isinstance(error.output, bytes) else error.output
+        pytest.fail(f"torchrun job still running after {error.timeout} s:\n{(output or '')[-3000:]}")
 
 
 def test_a_failed_torchrun_job_resumes_to_the_uninterrupted_weights(split_dir, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from brainage.config import ConfigError, resolve_cell
 from brainage.models import (
@@ -14,6 +15,7 @@ from brainage.models import (
     load_encoder,
     load_init_checkpoint,
     map_state_dict,
+    max_pool3d_in_2d_passes,
 )
 
 #: MONAI ResNet-18 (3D, 1 channel, no fc, shortcuts without bias) + head 512-512-128.
@@ -297,3 +299,41 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
         torch.use_deterministic_algorithms(saved[0], warn_only=True)
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
          torch.backends.cuda.matmul.allow_tf32) = saved[1:]
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 17, 20, 15), (1, 4, 8, 9, 10), (1, 1, 3, 2, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_max_pool_in_2d_passes_is_the_3d_max_pool(shape, channels_last):
+    """The form deterministic CUDA training uses for the stem pool (kernel 3, stride 2,
+    padding 1; models.DeterministicMaxPool3d): the same maxima bit for bit, and gradients
+    reaching the same voxels (equal to float rounding: overlapping windows add in another
+    order; exactly equal for integer gradients)."""
+    generator = torch.Generator().manual_seed(0)
+    volumes = torch.randn(shape, generator=generator, dtype=torch.float64)
+    if channels_last:
+        volumes = volumes.to(memory_format=torch.channels_last_3d)
+    volumes.requires_grad_()
+    expected = F.max_pool3d(volumes, 3, 2, 1)
+    pooled = max_pool3d_in_2d_passes(volumes, 3, 2, 1)
+    assert pooled.shape == expected.shape and torch.equal(pooled, expected)
+    for gradient in (torch.randn(expected.shape, generator=generator, dtype=torch.float64),
+                     torch.ones_like(expected)):
+        reference, = torch.autograd.grad(expected, volumes, gradient, retain_graph=True)
+        routed, = torch.autograd.grad(pooled, volumes, gradient, retain_graph=True)
+        assert torch.equal(routed != 0, reference != 0)
+        torch.testing.assert_close(routed, reference, rtol=0, atol=1e-12)
+
+
+def test_the_deterministic_pools_leave_the_network_and_its_checkpoints_as_they_were(model):
+    """Outside deterministic CUDA training the pools are MONAI's own: the same output
+    on the CPU, and no new state-dict keys (checkpoints written before load as before)."""
+    from monai.networks.nets import resnet18
+
+    reference = resnet18(spatial_dims=3, n_input_channels=1, feed_forward=False,
+                         conv1_t_size=7, conv1_t_stride=2, shortcut_type="B",
+                         bias_downsample=False)
+    assert model.encoder.state_dict().keys() == reference.state_dict().keys()
+    reference.load_state_dict(model.encoder.state_dict())
+    volumes = torch.randn(2, 1, 20, 24, 20, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model.encode(volumes), reference.eval()(volumes))

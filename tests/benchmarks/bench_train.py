@@ -178,7 +178,7 @@ def setup_plain(split, settings, arguments):
         started, cpu_started = time.perf_counter(), time.process_time()
         model.train()
         for views, ages in train_loader:
-            images = torch.cat(views).unsqueeze(1).to(device)
+            images = torch.cat(views).to(device)  # [V x B, C, X, Y, Z]
             projected = model(images)
             features = torch.stack(torch.split(projected, len(ages)), dim=1)
             loss = loss_fn(features, ages.float().to(device), number)
@@ -194,7 +194,7 @@ def setup_plain(split, settings, arguments):
             for loader in score_loaders:
                 feats, targets = [], []
                 for images, ages in loader:
-                    feats.append(model(images.unsqueeze(1).to(device)).cpu())
+                    feats.append(model(images.to(device)).cpu())
                     targets.append(ages)
                 embedded.append((torch.cat(feats).numpy(), torch.cat(targets).numpy()))
         search = GridSearchCV(Ridge(), {"alpha": 10.0 ** np.arange(-2, 3)}, cv=5, scoring="r2",

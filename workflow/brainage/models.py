@@ -41,6 +41,60 @@ FEATURE_CHOICES = ("projection", "encoder")
 KNOWN_PREFIXES = ("module.", "model.", "net.", "_orig_mod.", "backbone.")
 
 
+class DeterministicMaxPool3d(nn.MaxPool3d):
+    """MONAI's stem max-pool, whose gradient is deterministic on CUDA under
+    ``torch.use_deterministic_algorithms`` (``train.deterministic``).
+
+    PyTorch's 3D max-pool backward on CUDA adds each output's gradient into its input
+    voxel with atomic additions, so overlapping windows (kernel 3, stride 2) sum in a
+    different order from run to run: it is on PyTorch's list of nondeterministic
+    operations, and a deterministic CUDA training did not repeat bit for bit (H200,
+    tests/test_cuda.py). The 2D max-pool's backward gathers each input pixel's gradient
+    instead. So under deterministic algorithms, on CUDA, the pool runs as a 2D pool over
+    each (Y, Z) plane followed by one along X (:func:`max_pool3d_in_2d_passes`): the same
+    maxima, since the maximum over a box is the maximum over X of the maxima over its
+    (Y, Z) planes. Otherwise it is ``nn.MaxPool3d`` itself. No parameters: checkpoints are
+    unaffected.
+    """
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        if volumes.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return max_pool3d_in_2d_passes(volumes, self.kernel_size, self.stride, self.padding)
+        return super().forward(volumes)
+
+
+def max_pool3d_in_2d_passes(volumes: torch.Tensor, kernel_size, stride, padding) -> torch.Tensor:
+    """``F.max_pool3d(volumes, kernel_size, stride, padding)`` of [B, C, X, Y, Z] computed
+    by ``F.max_pool2d`` over (Y, Z), then along X: equal maxima; gradients equal where the
+    maximum of a window is unique (ties may route the gradient to another of the equal
+    voxels)."""
+    (kx, ky, kz), (sx, sy, sz), (px, py, pz) = (
+        _three(value) for value in (kernel_size, stride, padding))
+    batch, channels, size_x = volumes.shape[:3]
+    planes = F.max_pool2d(volumes.reshape(batch, channels * size_x, *volumes.shape[3:]),
+                          (ky, kz), (sy, sz), (py, pz))
+    size_y, size_z = planes.shape[2:]
+    lines = F.max_pool2d(planes.reshape(batch * channels, 1, size_x, size_y * size_z),
+                         (kx, 1), (sx, 1), (px, 0))
+    return lines.reshape(batch, channels, lines.shape[2], size_y, size_z)
+
+
+def _three(value) -> tuple[int, int, int]:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * 3
+
+
+class DeterministicGlobalAvgPool3d(nn.AdaptiveAvgPool3d):
+    """MONAI's global average pool (output 1 x 1 x 1). Under deterministic algorithms on
+    CUDA it is a mean over the spatial axes, whose backward spreads the gradient without
+    the adaptive pool's atomic additions (listed as nondeterministic by PyTorch); the
+    same average up to float rounding. Otherwise ``nn.AdaptiveAvgPool3d`` itself."""
+
+    def forward(self, volumes: torch.Tensor) -> torch.Tensor:
+        if volumes.is_cuda and torch.are_deterministic_algorithms_enabled():
+            return volumes.mean(dim=(2, 3, 4), keepdim=True)
+        return super().forward(volumes)
+
+
 class BrainAgeNet(nn.Module):
     """ResNet-18 encoder with a projection head (contrastive losses) or a regression head
     (the supervised baseline).
@@ -79,6 +133,11 @@ class BrainAgeNet(nn.Module):
                                 no_max_pool=not max_pool, shortcut_type="B",
                                 bias_downsample=bias_downsample,
                                 widen_factor=width / RESNET_WIDTH)
+        # train.deterministic on CUDA: pools whose gradients add in a fixed order
+        stem_pool = self.encoder.maxpool
+        self.encoder.maxpool = DeterministicMaxPool3d(stem_pool.kernel_size, stem_pool.stride,
+                                                      stem_pool.padding)
+        self.encoder.avgpool = DeterministicGlobalAvgPool3d(self.encoder.avgpool.output_size)
         self.encoder_dim = 8 * width
         self.normalise = head == "projection"
         if projection_head:
