@@ -275,6 +275,7 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
     from brainage import runtime
 
     monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     settings = {"threads": 1, "device": "cuda", "precision": "float32"}
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32)
@@ -337,3 +338,30 @@ def test_the_deterministic_pools_leave_the_network_and_its_checkpoints_as_they_w
     volumes = torch.randn(2, 1, 20, 24, 20, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(model.encode(volumes), reference.eval()(volumes))
+
+
+@pytest.mark.parametrize(("capability", "expected"), [((7, 0), None), ((8, 0), torch.bfloat16),
+                                                      ((9, 0), torch.bfloat16)])
+def test_auto_precision_trains_in_bf16_only_on_cards_with_bf16_arithmetic(
+        monkeypatch, caplog, capability, expected):
+    """A V100 (7.0) emulates bf16, slower than float32: ``precision: auto`` gave it bf16
+    autocast. The CUDA branch runs on a CPU machine with select_device answering cuda."""
+    from brainage import runtime
+
+    monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-32GB")
+    settings = {"threads": 1, "device": "cuda", "deterministic": False}
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        with caplog.at_level("INFO", logger="brainage.runtime"):
+            assert runtime.runtime_setup({**settings, "precision": "auto"})[1] == expected
+            # asked for by name, bf16 it is
+            assert runtime.runtime_setup({**settings, "precision": "bf16"})[1] == torch.bfloat16
+        assert ("Tesla V100-SXM2-32GB (compute capability 7.0) has no bf16 arithmetic"
+                in caplog.text) == (expected is None)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=True)
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32) = saved[1:]

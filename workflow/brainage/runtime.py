@@ -10,6 +10,7 @@ of them.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 from contextlib import contextmanager
@@ -20,8 +21,13 @@ import torch
 
 from brainage.config import ConfigError
 
+log = logging.getLogger(__name__)
+
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "float32", "bf16")
+#: The first CUDA compute capability with bf16 arithmetic (Ampere, e.g. the A100). Older
+#: cards (the V100: 7.0) run bf16 autocast through emulation, slower than float32.
+BF16_COMPUTE_CAPABILITY = (8, 0)
 
 
 def select_device(name: str) -> torch.device:
@@ -34,6 +40,17 @@ def select_device(name: str) -> torch.device:
         raise ConfigError("config key train.device is 'cuda' but PyTorch sees no CUDA device. "
                           "Use train.device: auto or cpu, or run on a GPU node.")
     return torch.device(name)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether CUDA ``device`` computes in bf16 natively (compute capability 8.0 or more).
+    ``precision: auto`` trains in float32 elsewhere, and says so."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability >= BF16_COMPUTE_CAPABILITY:
+        return True
+    log.info("%s (compute capability %d.%d) has no bf16 arithmetic: train.precision auto "
+             "trains in float32 there", torch.cuda.get_device_name(device), *capability)
+    return False
 
 
 def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
@@ -64,7 +81,8 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
     if precision not in PRECISIONS:
         raise ConfigError(f"config key train.precision is {precision!r}; expected auto, "
                           f"float32 or bf16.")
-    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda"
+                                       and native_bf16(device))
     # oneDNN 3.12 (PyTorch 2.13's CPU backend) is wrong for bf16 3D convolutions on AVX-512
     # CPUs: a forward pass with an innermost output size of 1 and stride > 1 returns errors
     # larger than the output (pytorch/pytorch#169688), and the backward pass returns
