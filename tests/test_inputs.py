@@ -322,8 +322,23 @@ def test_corrupt_file(tiny_dataset):
 def test_4d_file(tiny_dataset):
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 3), np.float32), np.eye(4)),
              _stiffness(tiny_dataset, "00a"))
-    with pytest.raises(InputError, match=r"sub-00a.*shape \(4, 4, 4, 3\); a 3D volume"):
+    with pytest.raises(InputError, match=r"sub-00a.*shape \(4, 4, 4, 3\); a 3D volume.*"
+                                          r"holds 3 volumes: split the series"):
         check_dataset_images(tiny_dataset, ["00a"])
+
+
+@pytest.mark.parametrize(("shape", "advice"), [
+    ((4, 4, 4, 1, 1), "one volume with extra axes of length 1; save it as a 3D image"),
+    ((4, 4, 4, 1, 2), "holds 2 volumes: split the series"),
+    ((4, 4), "not a slice"),
+])
+def test_an_image_that_is_not_3d_gets_advice_for_its_shape(tiny_dataset, shape, advice):
+    """A 5D file of one volume was told to split a 4D series."""
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)),
+             _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError) as error:
+        check_dataset_images(tiny_dataset, ["00a"])
+    assert f"shape {shape}" in str(error.value) and advice in str(error.value)
 
 
 def test_4d_file_of_one_volume_is_read_as_3d(tiny_dataset):

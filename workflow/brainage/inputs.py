@@ -376,7 +376,7 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
         data = data[..., 0]
     if data.ndim != 3:
         raise InputError(f"{what} {path} has shape {data.shape}; a 3D volume is expected. "
-                         f"Split 4D series and keep the one 3D volume.")
+                         f"{_not_3d_advice(data.shape)}")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise InputError(f"{what} {path} holds {data.dtype} voxels; a map of real numbers is "
                          f"expected (not RGB or complex data). Re-export it as float32.")
@@ -390,6 +390,17 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
                          f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
     _check_spatial_unit(image, affine, path, what)
     return image
+
+
+def _not_3d_advice(shape: tuple[int, ...]) -> str:
+    """What to do with an image of ``shape`` that is not one 3D volume (nor X x Y x Z x 1)."""
+    if len(shape) < 3:
+        return "Export the whole volume, not a slice."
+    volumes = int(np.prod(shape[3:]))
+    if volumes == 1:
+        return ("It holds one volume with extra axes of length 1; save it as a 3D image "
+                "(e.g. nibabel.funcs.squeeze_image).")
+    return f"It holds {volumes} volumes: split the series and keep the one 3D volume."
 
 
 #: Voxel sizes (mm) that no MR image of a head has: smaller ones are a header written in
