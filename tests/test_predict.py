@@ -1021,14 +1021,19 @@ def test_cohort_table_problems_are_reported_before_any_work(world, new_cohort, t
     {"dice": 0.9, "correlation": 0.5},                        # a metric missing
     {"dice": None, "correlation": 0.5, "coverage": 0.9},      # null (an edited file)
     {"dice": "0.9", "correlation": 0.5, "coverage": 0.9},     # a string
+    {"dice": 0.9, "correlation": 0.5, "coverage": 0.9},       # no participant_id
+    {"participant_id": "sub-02", "dice": 0.9, "correlation": 0.5, "coverage": 0.9},
 ])
-def test_a_qc_file_without_three_numbers_names_the_file(tmp_path, record):
-    """A null metric raised a bare TypeError from float(None), naming no file."""
+def test_a_qc_file_without_three_numbers_or_of_another_subject_names_the_file(tmp_path, record):
+    """A null metric raised a bare TypeError from float(None), naming no file; another
+    subject's record (a copied file) passed its verdict on to this one."""
     from brainage.apply import read_qc
 
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
     path = tmp_path / "sub-01_qc.json"
     path.write_text(json.dumps(record))
     with pytest.raises(InputError, match=rf"QC file {re.escape(str(path))}"):
-        read_qc(path, {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
-    path.write_text(json.dumps({"dice": 0.9, "correlation": 0.5, "coverage": 1}))
-    assert read_qc(path, {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})[0]
+        read_qc(path, minimums, subject="01")
+    path.write_text(json.dumps({"participant_id": "sub-01", "dice": 0.9, "correlation": 0.5,
+                                "coverage": 1}))
+    assert read_qc(path, minimums, subject="01")[0]

@@ -10,7 +10,6 @@ Subjects failing preprocessing QC are listed with their reason, never predicted.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from brainage.models import BrainAgeNet, build_model, embed
 from brainage.normalise import apply as apply_normalisation
 from brainage.normalise import check_grid
 from brainage.preprocess.images import load_volume
-from brainage.qc import METRICS, QC_THRESHOLDS, qc_failures, thresholds
+from brainage.qc import METRICS, QC_THRESHOLDS, qc_failures, read_qc_records, thresholds
 from brainage.readout import Readout
 from brainage.runtime import runtime_setup
 
@@ -102,15 +101,19 @@ class BrainAgeModel:
         return self.readout.predict(self.features(volumes).astype(np.float64))
 
 
-def read_qc(path: str | Path, minimums: Mapping) -> tuple[bool, str, dict]:
-    """A subject's QC verdict from its ``sub-<label>_qc.json`` (rule correct_and_register, step compute_qc).
+def read_qc(path: str | Path, minimums: Mapping, *, subject: str) -> tuple[bool, str, dict]:
+    """Subject ``subject``'s QC verdict from its ``sub-<label>_qc.json`` (rule
+    correct_and_register, step compute_qc).
 
     Parameters
     ----------
     path : path
-        The QC JSON (metrics ``dice``, ``correlation``, ``coverage``).
+        The QC JSON (metrics ``dice``, ``correlation``, ``coverage``, and the
+        ``participant_id`` it was computed for, which must be ``sub-<subject>``).
     minimums : mapping
         :func:`brainage.qc.thresholds` of the config section ``qc``.
+    subject : str
+        The subject label the file stands for.
 
     Returns
     -------
@@ -120,20 +123,12 @@ def read_qc(path: str | Path, minimums: Mapping) -> tuple[bool, str, dict]:
     metrics : dict
         ``qc_dice``, ``qc_correlation``, ``qc_coverage``.
     """
-    try:
-        record = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise InputError(f"QC file {path} cannot be read ({error}); rerun the subject's "
-                         f"preprocessing (rule correct_and_register, step compute_qc).") from None
-    missing = [metric for metric in METRICS if metric not in record]
-    if missing:
-        raise InputError(f"QC file {path} lacks {', '.join(missing)}; rerun the subject's "
-                         f"preprocessing (rule correct_and_register, step compute_qc).")
-    not_numbers = [metric for metric in METRICS
-                   if isinstance(record[metric], bool) or not isinstance(record[metric], (int, float))]
-    if not_numbers:
-        raise InputError(f"QC file {path}: {', '.join(not_numbers)} is not a number; rerun the "
-                         f"subject's preprocessing (rule correct_and_register, step compute_qc).")
+    (participant_id, record), = read_qc_records([path], require=METRICS).items()
+    if participant_id != f"sub-{subject}":
+        # a file copied or linked from another subject would pass that subject's verdict on
+        raise InputError(f"QC file {path} is the record of {participant_id}, not of "
+                         f"sub-{subject}; rerun sub-{subject}'s preprocessing (rule "
+                         f"correct_and_register, step compute_qc).")
     failures = qc_failures(record, minimums)
     return (not failures, "; ".join(failures),
             {f"qc_{metric}": float(record[metric]) for metric in METRICS})
@@ -253,7 +248,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                           f"{', '.join(missing)}; pass qc_thresholds (config section qc).")
     passed, reasons, qc_metrics = [], [], []
     for label in labels:
-        ok, reason, metrics = read_qc(qc[label], thresholds(qc_thresholds))
+        ok, reason, metrics = read_qc(qc[label], thresholds(qc_thresholds), subject=label)
         passed.append(ok)
         reasons.append(reason)
         qc_metrics.append(metrics)
