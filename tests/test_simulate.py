@@ -858,3 +858,11 @@ def test_a_simulated_dataset_folder_gets_the_permissions_of_a_plain_folder(tmp_p
         (staging / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\n")
     assert oct(stat.S_IMODE((folder / "dataset").stat().st_mode)) == oct(expected)
     assert (folder / "dataset" / "participants.tsv").read_text().startswith("participant_id")
+
+
+@pytest.mark.parametrize(("options", "expected"), [([], 60), (["--t1w-only"], 40)])
+def test_the_cli_draws_as_many_subjects_as_the_api_by_default(tmp_path, tiny_subjects, options,
+                                                              expected):
+    """--n-subjects defaulted to 60 for a T1w-only cohort too, whose API default is 40."""
+    simulate.main(["--root", str(tmp_path / "cli"), *options])
+    assert len(pd.read_csv(tmp_path / "cli" / "participants.tsv", sep="\t")) == expected

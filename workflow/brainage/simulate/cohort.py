@@ -22,6 +22,7 @@ from brainage.simulate.demographics import draw_participants
 from brainage.simulate.t1w_cohort import (
     T1W_AGE_RANGE_YEARS,
     T1W_ID_PREFIX,
+    T1W_N_SUBJECTS,
     T1W_VOXEL_SIZE_MM,
     simulate_t1w_cohort,
 )
@@ -59,7 +60,11 @@ _PARTICIPANT_COLUMNS = {
 }
 
 
-def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
+#: Healthy subjects of an MRE cohort unless told otherwise (the API's and the CLI's default).
+MRE_N_SUBJECTS = 60
+
+
+def simulate_cohort(root: str | Path, *, n_subjects: int = MRE_N_SUBJECTS, seed: int = 0,
                     accelerated_group_n: int = 0, accelerated_ageing_years: float = 8.0,
                     id_prefix: str = "", with_anatomy: bool = True,
                     nan_probability: float = 0.15, maps=("stiffness",),
@@ -180,7 +185,7 @@ def simulate_cohort(root: str | Path, *, n_subjects: int = 60, seed: int = 0,
     return truth_table
 
 
-def simulated_participants(*, n_subjects: int = 60, seed: int = 0,
+def simulated_participants(*, n_subjects: int = MRE_N_SUBJECTS, seed: int = 0,
                            accelerated_group_n: int = 0, accelerated_ageing_years: float = 8.0,
                            id_prefix: str = "", with_anatomy: bool = True,
                            nan_probability: float = 0.15, maps=("stiffness",)) -> pd.DataFrame:
@@ -270,9 +275,10 @@ def main(argv=None) -> None:
                     "the damping ratio, and T1w) or, with --t1w-only, a simulated T1w-only "
                     "cohort for pretraining, in the pipeline's BIDS-like input layout.")
     parser.add_argument("--root", required=True, help="dataset folder to write")
-    parser.add_argument("--n-subjects", type=int, default=60,
-                        help="MRE: healthy subjects over the 5 studies (at least 10); "
-                             "--t1w-only: subjects over 4 sites (at least 1); default 60")
+    parser.add_argument("--n-subjects", type=int, default=None,
+                        help="MRE: healthy subjects over the 5 studies (at least 10), default "
+                             f"{MRE_N_SUBJECTS}; --t1w-only: subjects over 4 sites (at least 1), default "
+                             f"{T1W_N_SUBJECTS}")
     parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0), default 0")
     parser.add_argument("--id-prefix", default=None,
                         help=f"label prefix (default: none; {T1W_ID_PREFIX!r} with --t1w-only)")
@@ -313,7 +319,7 @@ def main(argv=None) -> None:
     try:
         if args.t1w_only:
             participants = simulate_t1w_cohort(
-                args.root, n_subjects=args.n_subjects, seed=args.seed,
+                args.root, n_subjects=value("n_subjects", T1W_N_SUBJECTS), seed=args.seed,
                 id_prefix=value("id_prefix", T1W_ID_PREFIX),
                 voxel_size_mm=value("voxel_size_mm", T1W_VOXEL_SIZE_MM),
                 age_range_years=(value("min_age", T1W_AGE_RANGE_YEARS[0]),
@@ -321,7 +327,7 @@ def main(argv=None) -> None:
                 overwrite=args.overwrite)
         else:
             participants = simulate_cohort(
-                args.root, n_subjects=args.n_subjects, seed=args.seed,
+                args.root, n_subjects=value("n_subjects", MRE_N_SUBJECTS), seed=args.seed,
                 accelerated_group_n=value("accelerated_group_n", 0),
                 accelerated_ageing_years=value("accelerated_ageing_years", 8.0),
                 id_prefix=value("id_prefix", ""), with_anatomy=not args.no_anatomy,

@@ -149,7 +149,11 @@ def _check_voxel_size(voxel_size_mm) -> float:
     return float(voxel_size_mm)
 
 
-def draw_t1w_participants(n_subjects: int = 40, *, seed: int = 0,
+#: Subjects of a T1w-only cohort unless told otherwise (the API's and the CLI's default).
+T1W_N_SUBJECTS = 40
+
+
+def draw_t1w_participants(n_subjects: int = T1W_N_SUBJECTS, *, seed: int = 0,
                           id_prefix: str = T1W_ID_PREFIX,
                           age_range_years=T1W_AGE_RANGE_YEARS) -> pd.DataFrame:
     """Draw the T1w-only cohort's demographics (no images).
@@ -236,7 +240,7 @@ def simulate_t1w_subject(subject: dict, *, seed: int, id_prefix: str, index: int
     return SimulatedT1w(pose.native_affine, t1w, brain, truth)
 
 
-def simulate_t1w_cohort(root: str | Path, *, n_subjects: int = 40, seed: int = 0,
+def simulate_t1w_cohort(root: str | Path, *, n_subjects: int = T1W_N_SUBJECTS, seed: int = 0,
                         id_prefix: str = T1W_ID_PREFIX,
                         voxel_size_mm: float = T1W_VOXEL_SIZE_MM,
                         age_range_years=T1W_AGE_RANGE_YEARS,
