@@ -514,9 +514,21 @@ def test_implausible_transform_is_a_failed_registration():
 
 
 
-def test_qc_of_an_unreadable_channel_names_the_subject(tmp_path):
+@pytest.mark.parametrize(("broken_input", "content", "error"), [
+    ("damping_ratio", "garbage", r"^subject sub-q1: registered damping_ratio .*"
+                                 r"damping_ratio\.nii\.gz is not a readable"),
+    # on another grid: an IndexError from NumPy named no file
+    ("damping_ratio", "other grid", r"^subject sub-q1: registered damping_ratio .*"
+                                    r"damping_ratio\.nii\.gz \(shape \(10, 10, 10\)\) and "
+                                    r"template .* are not on the same voxel grid"),
+    ("mask", "other grid", r"^subject sub-q1: warped brain mask .*mask\.nii\.gz \(shape "
+                           r"\(10, 10, 10\)\) and template .* not on the same voxel grid"),
+])
+def test_qc_of_a_broken_input_names_the_subject_and_the_file(tmp_path, broken_input, content,
+                                                             error):
     """compute_qc reads every registered channel; a broken one is named with its subject
-    (the message said "damping_ratio: registered damping_ratio <path>")."""
+    (the message said "damping_ratio: registered damping_ratio <path>"), and so is an
+    input on another grid than the template's."""
     from brainage.qc import compute_qc
 
     shape, affine = (12, 12, 12), np.diag([2.0, 2.0, 2.0, 1.0])
@@ -529,15 +541,18 @@ def test_qc_of_an_unreadable_channel_names_the_subject(tmp_path):
         nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), tmp_path / f"{key}.nii.gz")
     (tmp_path / "info.json").write_text(json.dumps({"reference_kind": "stiffness",
                                                     "route": "none"}))
-    broken = tmp_path / "damping_ratio.nii.gz"
-    broken.write_bytes(b"not an image")
-    with pytest.raises(InputError, match=r"^subject sub-q1: registered damping_ratio .*"
-                                         r"damping_ratio\.nii\.gz is not a readable"):
+    nib.save(nib.Nifti1Image(brain * 0.3, affine), tmp_path / "damping_ratio.nii.gz")
+    broken = tmp_path / f"{broken_input}.nii.gz"
+    if content == "garbage":
+        broken.write_bytes(b"not an image")
+    else:
+        nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.float32), affine), broken)
+    with pytest.raises(InputError, match=error):
         compute_qc(tmp_path / "stiffness.nii.gz", tmp_path / "mask.nii.gz",
                    tmp_path / "reference.nii.gz", tmp_path / "info.json", tmp_path / "t1.nii.gz",
                    tmp_path / "template_mask.nii.gz", tmp_path / "qc.json", tmp_path / "qc.png",
                    subject="q1", maps={"stiffness": tmp_path / "stiffness.nii.gz",
-                                       "damping_ratio": broken})
+                                       "damping_ratio": tmp_path / "damping_ratio.nii.gz"})
 
 
 def _qc_figure_views(tmp_path: Path, monkeypatch, reorder) -> list[np.ndarray]:

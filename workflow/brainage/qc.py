@@ -168,20 +168,27 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     """
     from brainage.modalities import modality
     name = f"subject sub-{subject}"
-    data, affine = load_volume(stiffness, what=f"{name}: registered map")
-    warped_mask, mask_affine = load_mask(mask, what=f"{name}: warped brain mask")
-    reference_data, _ = load_volume(reference, what=f"{name}: warped reference")
     template, template_affine = load_volume(template_t1, what="template T1")
     brain, _ = load_mask(template_mask, what="template brain mask")
-    require_same_grid(data.shape, affine, f"{name}: registered map {stiffness}", template.shape,
-                      template_affine, f"template {template_t1}")
+
+    def on_template_grid(path, what: str, load=load_volume) -> np.ndarray:
+        # every input is compared voxel by voxel with the template: a file on another grid
+        # (a stale or hand-copied output) is named instead of failing inside NumPy
+        values, values_affine = load(path, what=f"{name}: {what}")
+        require_same_grid(values.shape, values_affine, f"{name}: {what} {path}",
+                          template.shape, template_affine, f"template {template_t1}")
+        return values
+
+    data = on_template_grid(stiffness, "registered map")
+    warped_mask = on_template_grid(mask, "warped brain mask", load_mask)
+    reference_data = on_template_grid(reference, "warped reference")
     info = json.loads(Path(reference_info).read_text())
     metrics = qc_metrics(data, warped_mask, reference_data, template, brain)
     result = {"participant_id": f"sub-{subject}", **metrics,
               "reference_kind": info.get("reference_kind"),
               "skullstrip_route": info.get("route"),
-              "maps": {channel: map_summary(load_volume(
-                  path, what=f"{name}: registered {channel}")[0], brain)
+              "maps": {channel: map_summary(on_template_grid(path, f"registered {channel}"),
+                                            brain)
                        for channel, path in (maps or {}).items()}}
     write_json(out_json, result)
     kind = modality(grid_modality)
