@@ -239,6 +239,22 @@ def test_study_mean_gives_a_study_without_training_subjects_the_overall_mean():
     np.testing.assert_allclose(predicted, [25.0, 75.0, 55.0], rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("damage", ["empty", "cut_short"])
+def test_a_damaged_readout_file_is_named_with_what_to_do(tmp_path, damage):
+    # An empty readout.npz raised a bare EOFError ("No data left in file") and a cut-short
+    # one zipfile.BadZipFile ("File is not a zip file"), naming neither the file nor the
+    # rule to rerun: load_readout caught only OSError and ValueError.
+    from brainage.readout import save_readout
+
+    train_x, train_y, _, _ = _shared_direction_data(n_train=20)
+    save_readout(tmp_path, fit_readout(train_x, train_y, readout_section({"method": "ridge"})))
+    arrays = tmp_path / "readout.npz"
+    arrays.write_bytes(b"" if damage == "empty" else arrays.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"read-out {tmp_path} cannot be read .*rerun rule "
+                                         rf"evaluate_encoder"):
+        load_readout(tmp_path)
+
 def test_unknown_readout():
     with pytest.raises(ConfigError, match="readout.method"):
         fit_readout(np.zeros((4, 2)), np.arange(4.0), readout_section({"method": "svm"}))
