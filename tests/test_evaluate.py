@@ -239,6 +239,44 @@ def test_study_mean_gives_a_study_without_training_subjects_the_overall_mean():
     np.testing.assert_allclose(predicted, [25.0, 75.0, 55.0], rtol=0, atol=1e-12)
 
 
+
+@pytest.mark.parametrize("damage", ["empty", "cut_short"])
+def test_a_damaged_readout_file_is_named_with_what_to_do(tmp_path, damage):
+    # An empty readout.npz raised a bare EOFError ("No data left in file") and a cut-short
+    # one zipfile.BadZipFile ("File is not a zip file"), naming neither the file nor the
+    # rule to rerun: load_readout caught only OSError and ValueError.
+    from brainage.readout import save_readout
+
+    train_x, train_y, _, _ = _shared_direction_data(n_train=20)
+    save_readout(tmp_path, fit_readout(train_x, train_y, readout_section({"method": "ridge"})))
+    arrays = tmp_path / "readout.npz"
+    arrays.write_bytes(b"" if damage == "empty" else arrays.read_bytes()[:100])
+    with pytest.raises(ValueError, match=rf"read-out {tmp_path} cannot be read .*rerun rule "
+                                         rf"evaluate_encoder"):
+        load_readout(tmp_path)
+
+
+@pytest.mark.parametrize("method, row", [("mse", 0), ("ridge", 10)])
+def test_features_that_are_not_finite_are_refused_naming_the_subjects(tmp_path, method, row):
+    # A NaN feature row (a broken encoder) was read out silently: the small predictors
+    # fitted on it predicted NaN for everyone, any read-out gave such a test subject a NaN
+    # age, and metrics.json recorded MAE NaN (a search trial's NaN MAE was passed over
+    # by best.json's choice); Ridge stopped with scikit-learn's "Input X contains NaN".
+    from brainage.evaluate import evaluate_split
+    from brainage.split_data import DataError
+
+    split = load_split(write_split(tmp_path, n_subjects=12, n_test=4, shape=(4, 4, 4)))
+    rows = np.concatenate([split.train_index, split.eval_index])
+    features = np.random.default_rng(0).standard_normal((12, 8)).astype(np.float32)
+    features[row, 3] = np.nan  # row 0 trains, row 10 is a test subject
+    settings = resolve_cell(tiny_settings(readout={"method": method}))
+    with pytest.raises(DataError, match=rf"features of {split.participant_ids[rows[row]]} "
+                                        rf"are NaN or inf.*config key train\.lr"):
+        evaluate_split(split, features, settings)
+    features[row, 3] = 0.0
+    metrics, _, _ = evaluate_split(split, features, settings)
+    assert np.isfinite(metrics["mae"])
+
 def test_unknown_readout():
     with pytest.raises(ConfigError, match="readout.method"):
         fit_readout(np.zeros((4, 2)), np.arange(4.0), readout_section({"method": "svm"}))

@@ -145,9 +145,25 @@ def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
         participant_id, study, age, predicted_age, subset for all train and eval rows.
     readout
         The fitted read-out.
+
+    Raises
+    ------
+    DataError
+        A row of ``features`` holds NaN or inf (names the subjects): the small predictors
+        (mse, l1, huber, dex) fitted on it read out NaN for every subject, and any
+        read-out gives such an evaluation subject a NaN age, so the MAE was NaN.
     """
     rows = np.concatenate([split.train_index, split.eval_index])
     n_train = len(split.train_index)
+    if settings["model"]["encoder"] != "none":  # voxels: load_split scanned the volumes
+        broken = ~np.isfinite(features).all(axis=1)
+        if broken.any():
+            raise DataError(
+                f"split {split.name}: the {settings['model']['features']} features of "
+                f"{', '.join(split.participant_ids[rows[broken]])} are NaN or inf, so no age "
+                f"can be read out of them. The encoder that embedded them is broken (a "
+                f"diverged training): lower config key train.lr and train it again (rule "
+                f"train_encoder, or search_hyperparameters for a search trial).")
     ages, studies = split.ages, split.studies
     fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
                          seed=int(settings["seed"]), studies=studies[split.train_index])

@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -453,7 +454,9 @@ def load_readout(folder: str | Path) -> tuple[Readout, dict]:
         with np.load(arrays, allow_pickle=False) as loaded:
             state = {key: loaded[key] for key in loaded.files}
         description = json.loads(described.read_text())
-    except (OSError, ValueError) as error:
+    # an empty readout.npz raises EOFError, a cut-short one BadZipFile (neither an OSError
+    # nor a ValueError), e.g. after an interrupted copy of the results folder
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"read-out {folder} cannot be read ({error}); rerun rule "
                          f"evaluate_encoder for this cell.") from None
     recorded = description.get(ARRAYS_SHA256_KEY)  # absent: written by an older version
