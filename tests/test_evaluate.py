@@ -97,12 +97,29 @@ def test_dex_expected_value_stays_within_the_bins():
     readout = fit_readout(train_x, train_y, readout_section({"method": "dex"}), seed=0)
     centres = readout.bin_centres
     assert np.allclose(np.diff(centres), 1.0)  # 1-year bins
-    # the centres are the bins' midpoints, from the whole year below the youngest age
-    assert centres[0] == pytest.approx(np.floor(train_y.min()) + 0.5)
-    assert centres[0] <= train_y.min() + 1 and centres[-1] >= train_y.max() - 1
+    # centred on whole years, from the one nearest the youngest age to the oldest's
+    assert centres[0] == np.round(train_y.min()) and centres[-1] == np.round(train_y.max())
     extreme = np.concatenate([test_x, 100 * test_x])  # far outside the training features
     predicted = readout.predict(extreme)
     assert predicted.min() >= centres[0] - 1e-9 and predicted.max() <= centres[-1] + 1e-9
+
+
+def test_dex_reads_whole_year_ages_without_a_half_bin_bias():
+    """Centres at bin midpoints put whole-year ages on their bins' lower edges: a cohort all
+    50 years old was read out as 50.5, and whole-year ages 0.5 years too old on average."""
+    train_x, train_y, test_x, _ = _shared_direction_data()
+    constant = fit_readout(train_x, np.full(len(train_y), 50.0), readout_section({"method": "dex"}),
+                           seed=0)
+    assert constant.bin_centres.tolist() == [50.0]
+    assert np.allclose(constant.predict(test_x), 50.0)
+    whole_years = np.round(train_y)
+    readout = fit_readout(train_x, whole_years, readout_section({"method": "dex"}), seed=0)
+    assert abs(np.mean(readout.predict(train_x) - whole_years)) < 0.1
+    # 5-year bins: centres on multiples of 5, each age in its nearest one's class
+    wide = fit_readout(train_x, train_y, readout_section({"method": "dex", "dex_bin_years": 5.0}),
+                       seed=0)
+    assert np.all(wide.bin_centres % 5 == 0)
+    assert wide.bin_centres[0] == 5 * np.round(train_y.min() / 5)
 
 
 def test_predictor_is_deterministic():

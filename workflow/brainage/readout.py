@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,8 +229,9 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
     """A one-hidden-layer MLP on standardised frozen features, trained full-batch with Adam.
 
     mse / l1 / huber regress the standardised age (Huber's delta is given in years);
-    dex classifies into bins of ``dex_bin_years`` spanning the training ages and predicts
-    the softmax expected value of the bin centres, so predictions stay in that range.
+    dex classifies into bins of ``dex_bin_years`` centred on the multiples of that width
+    nearest the training ages and predicts the softmax expected value of the bin centres,
+    so predictions stay in that range.
     """
     import torch
     from torch import nn
@@ -243,12 +243,15 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
     readout = Readout(method, feature_mean=feature_mean, feature_sd=feature_sd,
                       age_mean=age_mean, age_sd=age_sd)
     if method == "dex":
+        # Centres on the multiples of the width, each age in the class of its nearest
+        # centre (DEX's classes are ages). Centres at bin midpoints (k + 0.5 years) put a
+        # cohort's whole-year ages on the lower edge of their bins: every prediction came
+        # out half a bin (0.5 years) too old.
         width = float(readout_settings["dex_bin_years"])
-        low = math.floor(ages.min() / width) * width
-        n_bins = max(1, int(math.floor((ages.max() - low) / width)) + 1)
-        readout.bin_centres = low + width * (np.arange(n_bins) + 0.5)
-        targets = torch.from_numpy(np.clip(((ages - low) // width).astype(np.int64), 0,
-                                           n_bins - 1))
+        nearest = np.floor(ages / width + 0.5).astype(np.int64)
+        first, n_bins = int(nearest.min()), int(nearest.max() - nearest.min()) + 1
+        readout.bin_centres = width * np.arange(first, first + n_bins, dtype=np.float64)
+        targets = torch.from_numpy(nearest - first)
         outputs, criterion = n_bins, nn.CrossEntropyLoss()
         readout.info["dex_bins"] = n_bins
     else:
