@@ -292,6 +292,13 @@ def test_seed_results_pool_splits_by_test_size():
     # r and r2 are plain means over the splits (a fold's r is not a sum over its subjects):
     # weighted by n_test they would be 0.55 and 0.15, the first split's alone 0.5 and 0.1
     assert row["pearson_r"] == pytest.approx(0.6) and row["r2"] == pytest.approx(0.2)
+    # a fold whose r and r² are undefined (metrics.json's null: constant predictions, one
+    # subject) leaves them undefined for the seed, not the other fold's, labelled as the
+    # mean over both splits (summarise_seeds does the same over seeds)
+    undefined = report_results.seed_results(metrics.assign(pearson_r=[0.5, np.nan],
+                                                           r2=[np.nan, 0.3])).iloc[0]
+    assert np.isnan(undefined["pearson_r"]) and np.isnan(undefined["r2"])
+    assert undefined["mae"] == pytest.approx(row["mae"])
     assert (row["n_study_a"], row["n_study_b"]) == (2, 2)  # summed over the folds
     # metrics written before the counts existed cannot pool b, and say which to rerun
     with pytest.raises(targets.ReportError, match="x, y.*n_per_study.*evaluate_encoder"):

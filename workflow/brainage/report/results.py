@@ -165,7 +165,8 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     """Pool each (experiment, variant, seed) over its splits.
 
     MAE and RMSE are pooled over all test subjects of the splits (weights ``n_test``),
-    Pearson r and r² are the mean over splits. Returns one row per cell with columns
+    Pearson r and r² are the mean over splits (NaN when one split's is undefined). Returns
+    one row per cell with columns
     experiment, variant, seed, loss, kind, mae, rmse, pearson_r, r2, gap_age_slope (the
     slope over all test subjects of the splits, :func:`pooled_gap_age_slope`), n_test,
     n_splits, neighbourhood (Adaptive Neighborhoods' schedule as trained, each split's
@@ -196,8 +197,10 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                "readout": group["readout"].iloc[0],
                "mae": float(np.average(group["mae"], weights=weights)),
                "rmse": float(np.sqrt(np.average(group["rmse"] ** 2, weights=weights))),
-               "pearson_r": float(group["pearson_r"].mean()),
-               "r2": float(group["r2"].mean()),
+               # over every split or NaN, as summarise_seeds over seeds: a split whose r
+               # is undefined (a fold of constant predictions) is not left out of the mean
+               "pearson_r": float(group["pearson_r"].mean(skipna=False)),
+               "r2": float(group["r2"].mean(skipna=False)),
                "gap_age_slope": pooled_gap_age_slope(group),
                "n_test": int(weights.sum()), "n_splits": int(len(group)),
                # each split has its own random search: its choice may differ
