@@ -542,6 +542,26 @@ def test_ablation_figures_draw_no_error_bar_for_a_single_seed(tmp_path, monkeypa
         assert sorted(cap[1] for cap in caps) == pytest.approx([4.5, 5.5])
 
 
+def test_ablation_figure_shows_every_seed_and_the_papers_error_bar(tmp_path, monkeypatch):
+    """The y axis ended at 1.1 × (mean + sd): of five seeds one far from the others lies up
+    to 1.8 sd above the mean (here 10 for 2.8 ± 4.0, axis top 7.5), and its dot was cut
+    off; the paper's error bar likewise ended above the axis."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    maes = [1.0, 1.0, 1.0, 1.0, 10.0]
+    table = pd.DataFrame({"variant": ["a", "b"], "label": ["A", "B"],
+                          "mae_mean": [np.mean(maes), 2.0],
+                          "mae_std": [np.std(maes, ddof=1), 0.1],
+                          "paper_mae_mean": [np.nan, 3.0], "paper_mae_std": [np.nan, 3.0]})
+    seeds = pd.DataFrame({"variant": ["a"] * 5 + ["b"] * 5, "mae": maes + [2.0] * 5})
+    figures.plot_ablation(table, seeds, tmp_path / "a.png", title="t")
+    figures.plot_ablation(table.iloc[1:], seeds[seeds["variant"] == "b"], tmp_path / "b.png",
+                          title="t")
+    assert [figure.axes[0].get_ylim()[0] for figure in drawn] == [0, 0]
+    assert drawn[0].axes[0].get_ylim()[1] >= 10.0  # the seed at 10
+    assert drawn[1].axes[0].get_ylim()[1] >= 6.0  # the paper's 3.0 ± 3.0
+
+
 def test_coverage_examples_pick_nearest_distinct_subjects():
     participants = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"],
                                  "coverage": [1.0, 0.99, 0.93, 0.82, 0.6]})
