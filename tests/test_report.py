@@ -368,6 +368,35 @@ def test_per_study_mae_pools_each_studys_test_subjects_over_folds(tmp_path):
         assert row[f"mae_study_{study}"] == pytest.approx(error[table["study"] == study].mean())
 
 
+def test_a_cell_lacking_a_splits_metrics_is_refused_not_pooled_over_fewer_subjects():
+    """Two folds of 3 and 1 test subjects: seed 1 of adaptive lacks fold2's metrics.json (a
+    glob over an unfinished grid). Its MAE was pooled over fold1's 3 subjects alone,
+    averaged with the other seeds' over 4 and set beside the baselines under "the same
+    test subjects"; Table 3 named 4 test subjects, the first seed's."""
+    metrics = pd.DataFrame([
+        {"split": split, "experiment": experiment, "variant": variant, "seed": seed,
+         "loss": "adaptive", "kind": "contrastive", "readout": "ridge",
+         "mae": 3.0 + (split == "fold2") + 0.1 * seed, "rmse": 4.0, "pearson_r": 0.8,
+         "r2": 0.6, "gap_age_slope": -0.2, "n_test": n, "path": f"{variant}/{seed}/{split}",
+         **{f"gap_age_sum_{key}": 1.0 for key in report_results.GAP_AGE_SUMS}}
+        for experiment, variant in (("table3", "adaptive"), ("table3", "simclr"),
+                                    ("distance", "cosine"), ("distance", "manhattan"))
+        for seed in (0, 1, 2) for split, n in (("fold1", 3), ("fold2", 1))])
+    complete = report_results.seed_results(metrics)
+    assert len(tables.table3_losses(complete, display_names={})) == 2
+    settings = {"cosine": {"loss": {"distance": "cosine"}},
+                "manhattan": {"loss": {"distance": "manhattan"}}}
+    assert len(tables.ablation_table(complete, "distance", settings)) == 2
+    lacking = (metrics["variant"].isin(["adaptive", "cosine"]) & (metrics["seed"] == 1)
+               & (metrics["split"] == "fold2"))
+    seeds = report_results.seed_results(metrics[~lacking])
+    with pytest.raises(targets.ReportError, match=r"experiment 'table3'.*3 test subjects in 1 "
+                                                  r"split\(s\): adaptive/seed-1;"):
+        tables.table3_losses(seeds, display_names={})
+    with pytest.raises(targets.ReportError, match="'distance'.*cosine/seed-1.*evaluate_encoder"):
+        tables.ablation_table(seeds, "distance", settings)
+
+
 def test_read_metrics_names_the_broken_file(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"split": "holdout", "experiment": "table3"}))

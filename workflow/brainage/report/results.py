@@ -271,6 +271,38 @@ def pooled_study_mae(group: pd.DataFrame, column: str) -> float:
     return float(np.average(maes, weights=counts.to_numpy(float)))
 
 
+def check_same_test_subjects(cells: pd.DataFrame, experiment: str) -> None:
+    """Refuse an experiment's per-seed results (:func:`seed_results`) whose cells pooled
+    different numbers of test subjects (or of splits).
+
+    Every cell of the grid is evaluated on the same split(s), so they differ only when a
+    cell lacks the ``metrics.json`` of a split: that cell's MAE would be over fewer
+    subjects, yet averaged over seeds and set beside the other rows as if on the same ones.
+
+    Raises
+    ------
+    ReportError
+        Naming the cells of each count, and what to do.
+    """
+    keys = ["n_test"] + (["n_splits"] if "n_splits" in cells else [])
+    counts = cells.groupby(keys, sort=True)
+    if counts.ngroups <= 1:
+        return
+    described = []
+    for values, group in counts:
+        values = values if isinstance(values, tuple) else (values,)
+        names = [f"{variant}/seed-{seed}" for variant, seed in zip(group["variant"],
+                                                                  group["seed"])]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        splits = f" in {values[1]} split(s)" if len(values) > 1 else ""
+        described.append(f"{values[0]} test subjects{splits}: {shown}")
+    raise ReportError(f"experiment '{experiment}': its cells tested different numbers of "
+                      f"subjects ({'; '.join(described)}), though every cell is evaluated on "
+                      f"the same split(s): some lack a split's metrics.json. Pass every "
+                      f"split's metrics.json of every cell (run the missing evaluate_encoder "
+                      f"jobs).")
+
+
 def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:
     """Mean and sd over seeds of one variant's per-seed results.
 
