@@ -402,6 +402,13 @@ def test_read_metrics_names_the_broken_file(tmp_path):
     path.write_text(json.dumps({"split": "holdout", "experiment": "table3"}))
     with pytest.raises(targets.ReportError, match="metrics.json.*variant"):
         report_results.read_metrics([path])
+    # a truncated file: json names a line and column, not which of the grid's files
+    broken = tmp_path / "seed-3" / "metrics.json"
+    broken.parent.mkdir()
+    broken.write_text('{"split": "holdout", "mae": 3.')
+    with pytest.raises(targets.ReportError, match="seed-3/metrics.json cannot be read as "
+                                                  "JSON.*evaluate_encoder"):
+        report_results.read_metrics([broken])
 
 
 def test_ablation_tables_label_and_order_variants(results):

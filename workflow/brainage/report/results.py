@@ -108,12 +108,16 @@ def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
     Raises
     ------
     ReportError
-        A file lacks one of split, experiment, variant, seed, mae, n_test.
+        A file is not JSON, or lacks one of split, experiment, variant, seed, mae, n_test.
     """
     rows = []
     for path in paths:
-        with open(path) as handle:
-            metrics = json.load(handle)
+        try:
+            metrics = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            # json's own message names a line and column but not which of the grid's files
+            raise ReportError(f"{path} cannot be read as JSON ({error}); rerun the cell's "
+                              f"evaluate_encoder job (delete the file first).") from None
         missing = [key for key in METRIC_KEYS if key not in metrics]
         if missing:
             raise ReportError(f"{path}: metrics lack {', '.join(missing)}; rerun the cell's "
