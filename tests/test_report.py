@@ -292,6 +292,13 @@ def test_seed_results_pool_splits_by_test_size():
     # r and r2 are plain means over the splits (a fold's r is not a sum over its subjects):
     # weighted by n_test they would be 0.55 and 0.15, the first split's alone 0.5 and 0.1
     assert row["pearson_r"] == pytest.approx(0.6) and row["r2"] == pytest.approx(0.2)
+    # a fold whose r and r² are undefined (metrics.json's null: constant predictions, one
+    # subject) leaves them undefined for the seed, not the other fold's, labelled as the
+    # mean over both splits (summarise_seeds does the same over seeds)
+    undefined = report_results.seed_results(metrics.assign(pearson_r=[0.5, np.nan],
+                                                           r2=[np.nan, 0.3])).iloc[0]
+    assert np.isnan(undefined["pearson_r"]) and np.isnan(undefined["r2"])
+    assert undefined["mae"] == pytest.approx(row["mae"])
     assert (row["n_study_a"], row["n_study_b"]) == (2, 2)  # summed over the folds
     # metrics written before the counts existed cannot pool b, and say which to rerun
     with pytest.raises(targets.ReportError, match="x, y.*n_per_study.*evaluate_encoder"):
@@ -361,11 +368,47 @@ def test_per_study_mae_pools_each_studys_test_subjects_over_folds(tmp_path):
         assert row[f"mae_study_{study}"] == pytest.approx(error[table["study"] == study].mean())
 
 
+def test_a_cell_lacking_a_splits_metrics_is_refused_not_pooled_over_fewer_subjects():
+    """Two folds of 3 and 1 test subjects: seed 1 of adaptive lacks fold2's metrics.json (a
+    glob over an unfinished grid). Its MAE was pooled over fold1's 3 subjects alone,
+    averaged with the other seeds' over 4 and set beside the baselines under "the same
+    test subjects"; Table 3 named 4 test subjects, the first seed's."""
+    metrics = pd.DataFrame([
+        {"split": split, "experiment": experiment, "variant": variant, "seed": seed,
+         "loss": "adaptive", "kind": "contrastive", "readout": "ridge",
+         "mae": 3.0 + (split == "fold2") + 0.1 * seed, "rmse": 4.0, "pearson_r": 0.8,
+         "r2": 0.6, "gap_age_slope": -0.2, "n_test": n, "path": f"{variant}/{seed}/{split}",
+         **{f"gap_age_sum_{key}": 1.0 for key in report_results.GAP_AGE_SUMS}}
+        for experiment, variant in (("table3", "adaptive"), ("table3", "simclr"),
+                                    ("distance", "cosine"), ("distance", "manhattan"))
+        for seed in (0, 1, 2) for split, n in (("fold1", 3), ("fold2", 1))])
+    complete = report_results.seed_results(metrics)
+    assert len(tables.table3_losses(complete, display_names={})) == 2
+    settings = {"cosine": {"loss": {"distance": "cosine"}},
+                "manhattan": {"loss": {"distance": "manhattan"}}}
+    assert len(tables.ablation_table(complete, "distance", settings)) == 2
+    lacking = (metrics["variant"].isin(["adaptive", "cosine"]) & (metrics["seed"] == 1)
+               & (metrics["split"] == "fold2"))
+    seeds = report_results.seed_results(metrics[~lacking])
+    with pytest.raises(targets.ReportError, match=r"experiment 'table3'.*3 test subjects in 1 "
+                                                  r"split\(s\): adaptive/seed-1;"):
+        tables.table3_losses(seeds, display_names={})
+    with pytest.raises(targets.ReportError, match="'distance'.*cosine/seed-1.*evaluate_encoder"):
+        tables.ablation_table(seeds, "distance", settings)
+
+
 def test_read_metrics_names_the_broken_file(tmp_path):
     path = tmp_path / "metrics.json"
     path.write_text(json.dumps({"split": "holdout", "experiment": "table3"}))
     with pytest.raises(targets.ReportError, match="metrics.json.*variant"):
         report_results.read_metrics([path])
+    # a truncated file: json names a line and column, not which of the grid's files
+    broken = tmp_path / "seed-3" / "metrics.json"
+    broken.parent.mkdir()
+    broken.write_text('{"split": "holdout", "mae": 3.')
+    with pytest.raises(targets.ReportError, match="seed-3/metrics.json cannot be read as "
+                                                  "JSON.*evaluate_encoder"):
+        report_results.read_metrics([broken])
 
 
 def test_ablation_tables_label_and_order_variants(results):
@@ -533,6 +576,26 @@ def test_ablation_figures_draw_no_error_bar_for_a_single_seed(tmp_path, monkeypa
         # the caps of variant a (index 0) are not drawn, those of b at 5.0 ± 0.5
         assert all(np.isnan(cap[0]) for cap in caps), caps
         assert sorted(cap[1] for cap in caps) == pytest.approx([4.5, 5.5])
+
+
+def test_ablation_figure_shows_every_seed_and_the_papers_error_bar(tmp_path, monkeypatch):
+    """The y axis ended at 1.1 × (mean + sd): of five seeds one far from the others lies up
+    to 1.8 sd above the mean (here 10 for 2.8 ± 4.0, axis top 7.5), and its dot was cut
+    off; the paper's error bar likewise ended above the axis."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    maes = [1.0, 1.0, 1.0, 1.0, 10.0]
+    table = pd.DataFrame({"variant": ["a", "b"], "label": ["A", "B"],
+                          "mae_mean": [np.mean(maes), 2.0],
+                          "mae_std": [np.std(maes, ddof=1), 0.1],
+                          "paper_mae_mean": [np.nan, 3.0], "paper_mae_std": [np.nan, 3.0]})
+    seeds = pd.DataFrame({"variant": ["a"] * 5 + ["b"] * 5, "mae": maes + [2.0] * 5})
+    figures.plot_ablation(table, seeds, tmp_path / "a.png", title="t")
+    figures.plot_ablation(table.iloc[1:], seeds[seeds["variant"] == "b"], tmp_path / "b.png",
+                          title="t")
+    assert [figure.axes[0].get_ylim()[0] for figure in drawn] == [0, 0]
+    assert drawn[0].axes[0].get_ylim()[1] >= 10.0  # the seed at 10
+    assert drawn[1].axes[0].get_ylim()[1] >= 6.0  # the paper's 3.0 ± 3.0
 
 
 def test_coverage_examples_pick_nearest_distinct_subjects():

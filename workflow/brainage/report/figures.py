@@ -119,8 +119,10 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
     errors = np.nan_to_num(sd)
     bars = axis.bar(x, table["mae_mean"], yerr=sd, capsize=5, color="#4C72B0",
                     alpha=0.85, label="ours: mean ± sd over seeds")
+    drawn = [table["mae_mean"].to_numpy(float) + errors, [0.0]]  # what the y axis must show
     for position, variant in zip(x, table["variant"]):
         values = seeds.loc[seeds["variant"] == variant, "mae"].to_numpy(float)
+        drawn.append(values)
         axis.scatter(np.full(len(values), position) + np.linspace(-0.12, 0.12, len(values)),
                      values, s=14, color="black", zorder=3,
                      label="ours: one seed" if position == 0 else None)
@@ -129,18 +131,20 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
                       xytext=(0, 3), textcoords="offset points", ha="center",
                       color="white", fontsize="small", fontweight="bold")
     paper = table["paper_mae_mean"].to_numpy(float)
+    paper_sd = np.nan_to_num(table["paper_mae_std"].to_numpy(float))
+    drawn.append(paper + paper_sd)
     if np.isfinite(paper).any():
-        axis.errorbar(x, paper, yerr=np.nan_to_num(table["paper_mae_std"].to_numpy(float)),
-                      fmt="D", mfc="none", color="#C44E52", capsize=3,
-                      label="paper (different data)")
+        axis.errorbar(x, paper, yerr=paper_sd, fmt="D", mfc="none", color="#C44E52",
+                      capsize=3, label="paper (different data)")
     axis.set_xticks(x, table["label"], rotation=20 if len(table) > 4 else 0, ha="right"
                     if len(table) > 4 else "center")
     axis.set_ylabel("test MAE [years]")
     axis.set_title(title, fontsize="medium")
     axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
                 frameon=False)
-    axis.set_ylim(0, max(np.nanmax(table["mae_mean"] + errors),
-                         np.nanmax(np.append(paper, 0))) * 1.1)
+    # up to the highest seed, not only mean + sd: one seed far from the others (of 5, it
+    # can lie 1.8 sd above the mean) was cut off the axis, hiding the spread the dots show
+    axis.set_ylim(0, np.nanmax(np.concatenate(drawn)) * 1.1)
     _save(figure, path)
 
 

@@ -108,12 +108,16 @@ def read_metrics(paths: Iterable[str | Path]) -> pd.DataFrame:
     Raises
     ------
     ReportError
-        A file lacks one of split, experiment, variant, seed, mae, n_test.
+        A file is not JSON, or lacks one of split, experiment, variant, seed, mae, n_test.
     """
     rows = []
     for path in paths:
-        with open(path) as handle:
-            metrics = json.load(handle)
+        try:
+            metrics = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            # json's own message names a line and column but not which of the grid's files
+            raise ReportError(f"{path} cannot be read as JSON ({error}); rerun the cell's "
+                              f"evaluate_encoder job (delete the file first).") from None
         missing = [key for key in METRIC_KEYS if key not in metrics]
         if missing:
             raise ReportError(f"{path}: metrics lack {', '.join(missing)}; rerun the cell's "
@@ -165,7 +169,8 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
     """Pool each (experiment, variant, seed) over its splits.
 
     MAE and RMSE are pooled over all test subjects of the splits (weights ``n_test``),
-    Pearson r and r² are the mean over splits. Returns one row per cell with columns
+    Pearson r and r² are the mean over splits (NaN when one split's is undefined). Returns
+    one row per cell with columns
     experiment, variant, seed, loss, kind, mae, rmse, pearson_r, r2, gap_age_slope (the
     slope over all test subjects of the splits, :func:`pooled_gap_age_slope`), n_test,
     n_splits, neighbourhood (Adaptive Neighborhoods' schedule as trained, each split's
@@ -196,8 +201,10 @@ def seed_results(metrics: pd.DataFrame) -> pd.DataFrame:
                "readout": group["readout"].iloc[0],
                "mae": float(np.average(group["mae"], weights=weights)),
                "rmse": float(np.sqrt(np.average(group["rmse"] ** 2, weights=weights))),
-               "pearson_r": float(group["pearson_r"].mean()),
-               "r2": float(group["r2"].mean()),
+               # over every split or NaN, as summarise_seeds over seeds: a split whose r
+               # is undefined (a fold of constant predictions) is not left out of the mean
+               "pearson_r": float(group["pearson_r"].mean(skipna=False)),
+               "r2": float(group["r2"].mean(skipna=False)),
                "gap_age_slope": pooled_gap_age_slope(group),
                "n_test": int(weights.sum()), "n_splits": int(len(group)),
                # each split has its own random search: its choice may differ
@@ -266,6 +273,38 @@ def pooled_study_mae(group: pd.DataFrame, column: str) -> float:
                           f"Rerun the cells' evaluate_encoder jobs (snakemake --forcerun "
                           f"evaluate_encoder).")
     return float(np.average(maes, weights=counts.to_numpy(float)))
+
+
+def check_same_test_subjects(cells: pd.DataFrame, experiment: str) -> None:
+    """Refuse an experiment's per-seed results (:func:`seed_results`) whose cells pooled
+    different numbers of test subjects (or of splits).
+
+    Every cell of the grid is evaluated on the same split(s), so they differ only when a
+    cell lacks the ``metrics.json`` of a split: that cell's MAE would be over fewer
+    subjects, yet averaged over seeds and set beside the other rows as if on the same ones.
+
+    Raises
+    ------
+    ReportError
+        Naming the cells of each count, and what to do.
+    """
+    keys = ["n_test"] + (["n_splits"] if "n_splits" in cells else [])
+    counts = cells.groupby(keys, sort=True)
+    if counts.ngroups <= 1:
+        return
+    described = []
+    for values, group in counts:
+        values = values if isinstance(values, tuple) else (values,)
+        names = [f"{variant}/seed-{seed}" for variant, seed in zip(group["variant"],
+                                                                  group["seed"])]
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        splits = f" in {values[1]} split(s)" if len(values) > 1 else ""
+        described.append(f"{values[0]} test subjects{splits}: {shown}")
+    raise ReportError(f"experiment '{experiment}': its cells tested different numbers of "
+                      f"subjects ({'; '.join(described)}), though every cell is evaluated on "
+                      f"the same split(s): some lack a split's metrics.json. Pass every "
+                      f"split's metrics.json of every cell (run the missing evaluate_encoder "
+                      f"jobs).")
 
 
 def summarise_seeds(seeds: pd.DataFrame) -> dict[str, Any]:

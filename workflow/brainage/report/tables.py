@@ -24,6 +24,7 @@ from brainage.report.results import (
     PAPER_TABLE3,
     baseline_key,
     cell_label,
+    check_same_test_subjects,
     coverage_fraction,
     display_loss_names,
     initialisation,
@@ -71,7 +72,8 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     Raises
     ------
     ReportError
-        No results for the experiment, or none for a variant of ``settings``.
+        No results for the experiment, or none for a variant of ``settings``, or cells
+        that pooled different numbers of test subjects (a split's metrics.json missing).
 
     Returns
     -------
@@ -94,6 +96,7 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     if missing:
         raise ReportError(f"experiment '{experiment}': no results for variant(s) "
                           f"{', '.join(missing)}; their metrics.json files are missing.")
+    check_same_test_subjects(cells, experiment)  # the rows compare the same subjects
     order = list(PAPER_TABLE3) + list(BASELINE_LABELS)
     rows = []
     for variant, group in cells.groupby("variant", sort=False):
@@ -204,6 +207,7 @@ def ablation_table(seeds: pd.DataFrame, experiment: str,
     if missing:
         raise ReportError(f"experiment '{experiment}': no results for variant(s) "
                           f"{', '.join(missing)}; their metrics.json files are missing.")
+    check_same_test_subjects(cells, experiment)
     labels = variant_labels(variant_settings)
     rows = []
     for variant, settings in variant_settings.items():
