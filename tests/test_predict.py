@@ -398,6 +398,40 @@ def test_pickled_object_in_bundle_is_refused_even_with_matching_checksum(exporte
         read_bundle(copied)
 
 
+def test_a_bundle_replaced_while_it_is_read_gives_the_files_that_were_checked(
+        exported, tmp_path, monkeypatch):
+    """A bundle re-exported into the same folder (write_bundle swaps the whole folder) or
+    re-copied while a cohort reads it: the payload files were checksummed, then loaded
+    again by name, so the tensors could be the new bundle's under the old manifest (its
+    normalisation and bias correction), with no checksum checked on them."""
+    import os
+
+    from brainage import bundle as bundle_module
+
+    copied = _copy_bundle(exported, tmp_path)
+    newer = tmp_path / "newer"
+    shutil.copytree(copied, newer)
+    state = torch.load(newer / "readout.pt", weights_only=True)
+    state["intercept"] = state["intercept"] + 5.0
+    torch.save(state, newer / "readout.pt")
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest["files"]["readout.pt"] = sha256_file(newer / "readout.pt")
+    _rewrite_manifest(newer, manifest)
+    verify = bundle_module.verify_checksums
+
+    def verify_then_replace(directory, manifest):
+        verified = verify(directory, manifest)
+        shutil.rmtree(copied)
+        os.replace(newer, copied)  # the new bundle lands right after the check
+        return verified
+
+    monkeypatch.setattr(bundle_module, "verify_checksums", verify_then_replace)
+    bundle = read_bundle(copied)
+    original = torch.load(exported.bundle_dir / "readout.pt", weights_only=True)
+    assert bundle.manifest["files"] == exported.manifest["files"]
+    assert torch.equal(bundle.readout_state["intercept"], original["intercept"])
+
+
 def test_write_bundle_accepts_tensors_only(tmp_path):
     fields = {key: {} for key in ("settings", "normalisation", "readout", "bias_correction",
                                   "template")}

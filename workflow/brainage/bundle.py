@@ -26,6 +26,7 @@ the digests as well, so take bundles from sources you trust.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -266,9 +267,16 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def verify_checksums(directory: str | Path, manifest: Mapping[str, Any]) -> None:
+def verify_checksums(directory: str | Path, manifest: Mapping[str, Any]) -> dict[str, bytes]:
     """Raise :class:`BundleError` when the manifest's own digest differs (format 2; format
-    1 has none: warned) or naming the first payload file whose sha256 differs."""
+    1 has none: warned) or naming the first payload file whose sha256 differs.
+
+    Returns the bytes of each listed file as they were checked: each file is read once,
+    and a reader loads these bytes, not the file again by name. A bundle re-exported or
+    re-copied into the same folder meanwhile (``write_bundle`` swaps the whole folder)
+    would otherwise give the new tensors under the old manifest's normalisation and bias
+    correction, unverified.
+    """
     directory = Path(directory)
     if manifest["format_version"] >= 2:
         recorded = manifest.get(MANIFEST_DIGEST_KEY)
@@ -288,6 +296,7 @@ def verify_checksums(directory: str | Path, manifest: Mapping[str, Any]) -> None
         if file not in listed:
             raise BundleError(f"{directory / MANIFEST_FILE} lists no checksum for {file}; "
                               f"the bundle is incomplete. Re-export it.")
+    contents = {}
     for file, expected in listed.items():
         path = directory / file
         if Path(file).name != file:
@@ -296,12 +305,15 @@ def verify_checksums(directory: str | Path, manifest: Mapping[str, Any]) -> None
         if not path.is_file():
             raise BundleError(f"model bundle file {path} is missing. Re-copy the whole "
                               f"bundle folder.")
-        actual = sha256_file(path)
+        content = path.read_bytes()
+        actual = hashlib.sha256(content).hexdigest()
         if actual != expected:
             raise BundleError(
                 f"checksum mismatch for {path}: sha256 {actual} but the manifest says "
                 f"{expected}. The file was modified or damaged after export; re-copy the "
                 f"bundle or re-export it.")
+        contents[file] = content
+    return contents
 
 
 def read_bundle(directory: str | Path) -> ModelBundle:
@@ -317,11 +329,12 @@ def read_bundle(directory: str | Path) -> ModelBundle:
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    verify_checksums(directory, manifest)
+    contents = verify_checksums(directory, manifest)
     states = {}
     for file in PAYLOAD_FILES:
-        try:
-            state = torch.load(directory / file, map_location="cpu", weights_only=True)
+        try:  # the bytes checked, not the file again: it may have been replaced since
+            state = torch.load(io.BytesIO(contents.pop(file)), map_location="cpu",
+                               weights_only=True)
         except Exception as error:  # torch raises several types for refused/broken files
             raise BundleError(f"{directory / file} cannot be read as a tensor state dict "
                               f"with weights_only=True ({error}).") from None
