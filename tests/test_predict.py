@@ -877,6 +877,30 @@ def test_map_off_the_template_grid_is_refused(world, new_cohort, tmp_path):
                        predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
 
 
+def test_a_subject_without_a_map_the_bundle_reads_is_refused_naming_the_bundle(
+        world, new_cohort, tmp_path):
+    """A cohort subject without one of the bundle's maps: the message said that config key
+    dataset.modalities lists it and to remove it from the modalities, but the maps are
+    the trained model's inputs (the bundle's, with no config at all under `python -m
+    brainage.predict run`)."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(new_cohort.root, cohort, ignore=shutil.ignore_patterns("preproc"))
+    missing = cohort / "sub-newa003" / "mre" / "sub-newa003_stiffness.nii.gz"
+    missing.unlink()
+    message = (rf"^subject sub-newa003: .* {re.escape(str(missing))} is missing; model bundle "
+               rf"{re.escape(str(world.bundle_dir))} reads stiffness of every subject\. Add "
+               rf"the file, or remove the subject's row from .*participants\.tsv\.$")
+    with pytest.raises(InputError, match=message):
+        predict_cohort(world.bundle_dir, cohort, stiffness_maps(new_cohort.files["maps"]),
+                       new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                       summary_path=tmp_path / "s.tsv")
+    with pytest.raises(InputError, match=message):
+        run_cohort(world.bundle_dir, cohort, tmp_path / "out",
+                   template_t1=str(world.root / "template_t1.nii.gz"),
+                   template_mask=str(world.root / "template_mask.nii.gz"))
+    assert not (tmp_path / "p.tsv").exists()
+
+
 def test_subject_without_preprocessing_is_refused(world, new_cohort, tmp_path):
     maps = stiffness_maps(new_cohort.files["maps"])
     del maps["newa003"]

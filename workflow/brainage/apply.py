@@ -224,7 +224,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         Missing, tampered or incompatible bundle.
     """
     bundle = bundle_dir if isinstance(bundle_dir, ModelBundle) else read_bundle(bundle_dir)
-    participants = read_participants(dataset_root, bundle.normalisation["modalities"])
+    participants = read_participants(dataset_root, bundle.normalisation["modalities"],
+                                     needed_by=f"model bundle {bundle.path}")
     table_path = Path(dataset_root) / "participants.tsv"
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     group_column = check_cohort_table(participants, table_path, cohort=cohort,

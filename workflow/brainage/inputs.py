@@ -67,13 +67,17 @@ def check_label(label: str, *, where: str) -> str:
 
 
 def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES,
-                      *, root_setting: str = "config key dataset.root") -> pd.DataFrame:
+                      *, root_setting: str = "config key dataset.root",
+                      needed_by: str | None = None) -> pd.DataFrame:
     """Read and validate ``<root>/participants.tsv``; every listed subject must have every
     image of ``modalities`` (config key ``dataset.modalities``).
 
     ``root_setting`` names the setting that gave ``root`` (``config key
     predict.cohorts.<name>``, ``config key pretrain.<run>.source.root``, ``--dataset``):
-    the message for a folder that does not exist says to set that one.
+    the message for a folder that does not exist says to set that one. ``needed_by``
+    names what needs ``modalities`` when it is not that config key (``model bundle
+    <path>``): a missing image is then the subject's to add, as a trained model's inputs
+    cannot be removed.
 
     Returns a DataFrame with ``participant_id`` (``sub-<label>``), ``age`` (years, float),
     ``sex``, ``study`` (str) and any extra columns, in file order.
@@ -87,7 +91,8 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
         stamp = (status.st_mtime_ns, status.st_size)
     except FileNotFoundError:
         stamp = None
-    return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities)).copy()
+    return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities),
+                                     needed_by).copy()
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
@@ -102,7 +107,8 @@ def _missing_root_message(root: Path, root_setting: str) -> str:
 
 @lru_cache(maxsize=8)
 def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
-                              modalities: tuple[str, ...]) -> pd.DataFrame:
+                              modalities: tuple[str, ...],
+                              needed_by: str | None = None) -> pd.DataFrame:
     root = Path(root_str)
     if not root.is_dir():  # removed since read_participants looked
         raise InputError(f"dataset root {root} does not exist.")
@@ -147,7 +153,8 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     _validate_against_schema(table, table_path, lines)
     for participant_id in table["participant_id"]:
         _require_images(root, participant_id[len("sub-"):], modalities,
-                        remedy=f"or remove the subject's row from {table_path}")
+                        remedy=f"or remove the subject's row from {table_path}",
+                        needed_by=needed_by)
     _warn_unlisted_subjects(root, set(table["participant_id"]), table_path)
     table["age"] = table["age"].astype(float)
     table["study"] = table["study"].astype(str)
@@ -312,9 +319,14 @@ def _validate_against_schema(table: pd.DataFrame, table_path: Path,
 
 
 def _require_images(root: str | Path, label: str, modalities: Sequence[str], *,
-                    remedy: str) -> None:
+                    remedy: str, needed_by: str | None = None) -> None:
     for name in modalities:
         path = input_path(root, label, name)
+        if not path.is_file() and needed_by is not None:
+            raise InputError(
+                f"subject sub-{label}: {modality(name).description} {path} is missing; "
+                f"{needed_by} reads {', '.join(modalities)} of every subject."
+                f"{_found_instead(path)} Add the file, {remedy}.")
         if not path.is_file():
             raise InputError(
                 f"subject sub-{label}: {modality(name).description} {path} is missing "

@@ -134,7 +134,8 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
                            version=brainage_version(), template=True, modalities=modalities,
                            n4=preprocess["n4"])
 
-    participants = read_participants(dataset_root, modalities, root_setting="--dataset")
+    participants = read_participants(dataset_root, modalities, root_setting="--dataset",
+                                     needed_by=f"model bundle {bundle.path}")
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     # the table's problems before the minutes of preprocessing, not after them
     check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
