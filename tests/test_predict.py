@@ -432,6 +432,24 @@ def test_a_bundle_replaced_while_it_is_read_gives_the_files_that_were_checked(
     assert torch.equal(bundle.readout_state["intercept"], original["intercept"])
 
 
+def test_a_bundle_exported_for_cuda_says_to_choose_the_device_where_there_is_none(
+        exported, tmp_path, monkeypatch):
+    """The bundle predicts on its exporting run's train.device unless told otherwise; a
+    bundle from a GPU cluster (train.device cuda) on a machine without one said to edit
+    config key train.device, a config its user does not have, not --device."""
+    from brainage.config import ConfigError
+
+    copied = _copy_bundle(exported, tmp_path)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["settings"]["train"]["device"] = "cuda"
+    _rewrite_manifest(copied, manifest)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=rf"model bundle {re.escape(str(copied))} .*"
+                                          r"train\.device 'cuda'.*--device cpu"):
+        BrainAgeModel.from_bundle(copied)
+    assert BrainAgeModel.from_bundle(copied, device="cpu").device.type == "cpu"
+
+
 def test_write_bundle_accepts_tensors_only(tmp_path):
     fields = {key: {} for key in ("settings", "normalisation", "readout", "bias_correction",
                                   "template")}

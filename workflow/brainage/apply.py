@@ -21,6 +21,7 @@ import pandas as pd
 
 from brainage.agebias import MIN_BIAS_SUBJECTS, AgeBias, fit_age_bias
 from brainage.bundle import BundleError, ModelBundle, read_bundle
+from brainage.config import ConfigError
 from brainage.data import VolumeStore
 from brainage.inputs import InputError, check_cohort_table, read_participants
 from brainage.io import atomic_path, write_json, write_tsv
@@ -64,12 +65,22 @@ class BrainAgeModel:
 
         ``device``: ``cpu``/``cuda``/``auto``; default the cell's ``train.device``.
         """
+        import torch
+
         if not isinstance(bundle, ModelBundle):
             bundle = read_bundle(bundle)
         settings = bundle.settings
         train_settings = dict(settings["train"])
         if device is not None:
             train_settings["device"] = device
+        elif train_settings["device"] == "cuda" and not torch.cuda.is_available():
+            # the exporting run's setting, not one of this machine's: runtime_setup would
+            # say to edit config key train.device, which a bundle's user does not have
+            raise ConfigError(
+                f"model bundle {bundle.path} was exported by a run with train.device "
+                f"'cuda', the device it predicts on unless told otherwise, but PyTorch sees "
+                f"no CUDA device here. Choose the device: --device cpu (or auto) of `python "
+                f"-m brainage.predict run` (device= of predict_cohort), or run on a GPU node.")
         torch_device, _ = runtime_setup(train_settings)  # features are float32 (embed_all)
         # one channel per map of the bundle's normalisation record (export writes the
         # model's channels there), also where model.modalities is null (all of the split's)
