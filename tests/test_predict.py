@@ -450,6 +450,30 @@ def test_a_bundle_exported_for_cuda_says_to_choose_the_device_where_there_is_non
     assert BrainAgeModel.from_bundle(copied, device="cpu").device.type == "cpu"
 
 
+def test_an_export_removes_the_half_written_bundles_of_a_killed_one(exported, tmp_path):
+    """A kill (a job's time limit, a crashed node) skips write_bundle's clean-up: its
+    staging folder, a bundle half written, and the folder holding the bundle it replaced
+    stayed next to the bundle for good, shipped with results/models/. The next export
+    removes them, and only them."""
+    models = tmp_path / "models"
+    half = models / ".demo.k3j_x9ab"
+    half.mkdir(parents=True)
+    (half / "encoder.pt").write_bytes(b"cut short")
+    replaced = models / ".demo.old.ab12cd34" / "demo"
+    shutil.copytree(exported.bundle_dir, replaced)
+    kept = [models / ".demo.notes", models / ".other.k3j_x9ab",
+            models / ".demo.old.q1w2e3r4"]  # the staging folder of a bundle "demo.old"
+    for path in kept:
+        path.mkdir()
+        (path / "manifest.json").write_text("{}")
+    export_model(exported.cell, exported.cell / "encoder.pt",
+                 exported.split_dir / "stats.json", bundle_dir=models / "demo",
+                 **exported.export)
+    assert sorted(path.name for path in models.iterdir()) == sorted(
+        ["demo", *(path.name for path in kept)])
+    read_bundle(models / "demo")
+
+
 def test_write_bundle_accepts_tensors_only(tmp_path):
     fields = {key: {} for key in ("settings", "normalisation", "readout", "bias_correction",
                                   "template")}

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -160,6 +161,9 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_staging(directory):
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("removed %s, left by an export of %s that was killed", stale, directory)
     staging = create_staging_folder(directory.parent, prefix=f".{directory.name}.")
     try:
         torch.save({key: value.detach().cpu().contiguous() for key, value in encoder_state.items()},
@@ -192,6 +196,28 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
     log.info("wrote model bundle %s (%s)", directory, ", ".join(
         f"{file} {manifest['files'][file][:12]}" for file in PAYLOAD_FILES))
     return directory
+
+
+def stale_staging(directory: str | Path) -> list[Path]:
+    """Folders next to the bundle ``directory`` that :func:`write_bundle` made for it and a
+    killed process left behind (a kill skips the clean-up): ``.<name>.<random>``, a bundle
+    half written, and ``.<name>.old.<random>``, holding the bundle it was replacing.
+    Removed when the bundle is written again; only the process writing ``directory`` may
+    remove them (another one's are still being written)."""
+    directory = Path(directory)
+    if not directory.parent.is_dir():
+        return []
+    name = re.compile(re.escape(f".{directory.name}.") + r"(old\.)?[a-z0-9_]{8}")
+    stale = []
+    for path in directory.parent.iterdir():
+        match = name.fullmatch(path.name)
+        if not match or not path.is_dir() or path.is_symlink():
+            continue
+        # an old folder holds the bundle by its name (the staging folder of a bundle named
+        # "<name>.old" matches the pattern too, and is not this export's)
+        if match.group(1) is None or (path / directory.name).is_dir():
+            stale.append(path)
+    return sorted(stale)
 
 
 def _replace_directory(staging: Path, directory: Path) -> None:
