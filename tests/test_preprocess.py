@@ -765,6 +765,28 @@ def test_damping_ratio_outside_the_brain_is_zeroed_not_range_checked(processed, 
     assert corrected.max() <= 1.0 and corrected.max() > 0
 
 
+@pytest.mark.parametrize("name", ["damping_ratio", "storage_modulus"])
+def test_a_map_without_data_where_the_grid_map_has_some_names_subject_and_file(processed, tmp_path,
+                                                                              name):
+    """A second map with values only outside the brain passes the input check (not all
+    zero); the damping ratio became an all-zero channel without a word, and N4 of a
+    modulus was blamed for its empty mask ("set preprocess.n4: false")."""
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    brain = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    maps = {"stiffness": subject["files"]["stiffness"],
+            name: tmp_path / f"sub-e1_{name}.nii.gz"}
+    nib.save(nib.Nifti1Image(np.where(brain, 0, 0.5).astype(np.float32), image.affine),
+             maps[name])
+    with pytest.raises(PreprocessError, match=rf"subject sub-e1: .* map .*sub-e1_{name}\.nii\.gz "
+                                              rf"has no positive voxel where the stiffness map "
+                                              rf".* has data inside the brain mask .*remove {name}"):
+        correct_bias(maps, subject["mask"], subject["reference"], subject["reference_info"],
+                     {key: tmp_path / f"out_{key}.nii.gz" for key in maps},
+                     tmp_path / "r.nii.gz", n4=True, subject="e1")
+    assert not any(tmp_path.glob("out_*"))
+
+
 @pytest.mark.slow
 def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_path):
     """Modalities [T1w] (a pretraining cohort): the mask lives on the T1w grid, the one
