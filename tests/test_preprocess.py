@@ -501,6 +501,26 @@ def test_failed_registration_names_the_subject(processed, template_files, tmp_pa
     assert not any(path.exists() for path in outputs)
 
 
+def test_implausible_registration_names_the_subject_and_its_files(processed, template_files,
+                                                                    tmp_path, monkeypatch):
+    """The refusal said "look at the reference image and the brain mask of this subject"
+    without naming either file."""
+    from brainage.preprocess import register
+
+    monkeypatch.setattr(register, "template_to_native_matrix",
+                        lambda transform: np.diag([1.0, 1.0, 0.3, 1.0]))
+    subject = processed["young"]
+    outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
+    with pytest.raises(RegistrationError, match=r"^subject sub-y \(reference .*_reference\.nii\.gz, "
+                                                r"brain mask .*_mask\.nii\.gz\): registration "
+                                                r"failed: the affine scales"):
+        register_to_template({"stiffness": subject["corrected_stiffness"]}, subject["mask"],
+                             subject["corrected_reference"], subject["reference_info"],
+                             template_files["t1"], template_files["mask"],
+                             {"stiffness": outputs[0]}, *outputs[1:], subject="y")
+    assert not any(path.exists() for path in outputs)
+
+
 def test_implausible_transform_is_a_failed_registration():
     squashed = np.diag([1.0, 1.0, 0.3, 1.0])
     with pytest.raises(RegistrationError, match=r"sub-z: registration failed: the affine scales"):
