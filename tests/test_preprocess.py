@@ -501,6 +501,26 @@ def test_failed_registration_names_the_subject(processed, template_files, tmp_pa
     assert not any(path.exists() for path in outputs)
 
 
+def test_implausible_registration_names_the_subject_and_its_files(processed, template_files,
+                                                                    tmp_path, monkeypatch):
+    """The refusal said "look at the reference image and the brain mask of this subject"
+    without naming either file."""
+    from brainage.preprocess import register
+
+    monkeypatch.setattr(register, "template_to_native_matrix",
+                        lambda transform: np.diag([1.0, 1.0, 0.3, 1.0]))
+    subject = processed["young"]
+    outputs = [tmp_path / name for name in ("s.nii.gz", "m.nii.gz", "x.mat", "r.nii.gz")]
+    with pytest.raises(RegistrationError, match=r"^subject sub-y \(reference .*_reference\.nii\.gz, "
+                                                r"brain mask .*_mask\.nii\.gz\): registration "
+                                                r"failed: the affine scales"):
+        register_to_template({"stiffness": subject["corrected_stiffness"]}, subject["mask"],
+                             subject["corrected_reference"], subject["reference_info"],
+                             template_files["t1"], template_files["mask"],
+                             {"stiffness": outputs[0]}, *outputs[1:], subject="y")
+    assert not any(path.exists() for path in outputs)
+
+
 def test_implausible_transform_is_a_failed_registration():
     squashed = np.diag([1.0, 1.0, 0.3, 1.0])
     with pytest.raises(RegistrationError, match=r"sub-z: registration failed: the affine scales"):
@@ -763,6 +783,28 @@ def test_damping_ratio_outside_the_brain_is_zeroed_not_range_checked(processed, 
                  n4=False, subject="d4")
     corrected = nib.load(tmp_path / "damping_ratio.nii.gz").get_fdata()
     assert corrected.max() <= 1.0 and corrected.max() > 0
+
+
+@pytest.mark.parametrize("name", ["damping_ratio", "storage_modulus"])
+def test_a_map_without_data_where_the_grid_map_has_some_names_subject_and_file(processed, tmp_path,
+                                                                              name):
+    """A second map with values only outside the brain passes the input check (not all
+    zero); the damping ratio became an all-zero channel without a word, and N4 of a
+    modulus was blamed for its empty mask ("set preprocess.n4: false")."""
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    brain = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    maps = {"stiffness": subject["files"]["stiffness"],
+            name: tmp_path / f"sub-e1_{name}.nii.gz"}
+    nib.save(nib.Nifti1Image(np.where(brain, 0, 0.5).astype(np.float32), image.affine),
+             maps[name])
+    with pytest.raises(PreprocessError, match=rf"subject sub-e1: .* map .*sub-e1_{name}\.nii\.gz "
+                                              rf"has no positive voxel where the stiffness map "
+                                              rf".* has data inside the brain mask .*remove {name}"):
+        correct_bias(maps, subject["mask"], subject["reference"], subject["reference_info"],
+                     {key: tmp_path / f"out_{key}.nii.gz" for key in maps},
+                     tmp_path / "r.nii.gz", n4=True, subject="e1")
+    assert not any(tmp_path.glob("out_*"))
 
 
 @pytest.mark.slow

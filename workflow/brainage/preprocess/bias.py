@@ -123,7 +123,8 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
     ------
     brainage.inputs.InputError : corrupt/empty map, too many NaN voxels, grids differ, values
         outside the modality's range.
-    PreprocessError : no non-zero voxel of the grid map inside the brain mask.
+    PreprocessError : no non-zero voxel of the grid map inside the brain mask, or of another
+        map where the grid map has data.
     """
     name = f"subject sub-{subject}" if subject else "subject"
     configure_itk_threads(threads, deterministic=deterministic)
@@ -145,7 +146,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
         negative = int(np.count_nonzero((data < 0) & brain))
         data = np.where(brain & (data > 0), data, 0).astype(np.float32)
         if covered is None:  # the grid map: its support is the acquisition's coverage
-            covered = data > 0
+            covered, grid_description = data > 0, f"{kind.description} {path}"
             log.info("%s: %d non-zero map voxels outside the brain mask set to 0; %d negative "
                      "voxels inside set to 0; %d of %d brain voxels have data (%.1f%%)", name,
                      outside, negative, covered.sum(), brain.sum(),
@@ -158,6 +159,14 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"already masked.")
         else:
             data = np.where(covered, data, 0).astype(np.float32)
+            if not data.any():
+                # Otherwise an all-zero channel went on to training (the damping ratio, or
+                # with preprocess.n4 false), or N4 was blamed for its empty mask.
+                raise PreprocessError(
+                    f"{what} has no positive voxel where the {grid_description} has data "
+                    f"inside the brain mask {mask}. Check that it is this subject's map of the "
+                    f"same acquisition, or remove {kind.name} from config key "
+                    f"dataset.modalities.")
         if n4 and kind.n4:
             log.info("%s: N4 on the %s inside brain mask and map support", name,
                      kind.description)

@@ -244,7 +244,7 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
         except (RuntimeError, ValueError, IndexError, KeyError) as error:
             raise RegistrationError(f"{name}: ANTs registration of {reference} to the template "
                                     f"failed: {error}") from None
-        check_transform(matrix, what=name)
+        check_transform(matrix, what=f"{name} (reference {reference}, brain mask {mask})")
 
         native_grid = ants.image_read(str(mask)).clone("float")
 
