@@ -386,6 +386,25 @@ def test_a_non_finite_origin_is_refused_like_a_non_finite_matrix(tiny_dataset):
         check_dataset_images(tiny_dataset, ["00a"])
 
 
+def test_a_sheared_affine_is_refused_and_an_oblique_one_accepted(tiny_dataset):
+    """ITK keeps only perpendicular axes of a sheared grid, nibabel uses it as it is: the
+    steps put the same voxels a few mm apart. An oblique (rotated) grid is fine."""
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    sheared = np.diag([2.0, 2, 2, 1])
+    sheared[0, 1] = 0.6  # the second axis leans 16.7 degrees towards the first
+    nib.save(nib.Nifti1Image(volume, sheared), _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"subject sub-00a: .*sub-00a_stiffness\.nii\.gz has a "
+                                         r"sheared affine: .*16\.70 degrees off perpendicular"):
+        check_dataset_images(tiny_dataset, ["00a"])
+    angle = np.radians(20)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                         [0, 0, 1]])
+    oblique = np.eye(4)
+    oblique[:3, :3] = rotation @ np.diag([2.5, 2.5, 4.0])
+    nib.save(nib.Nifti1Image(volume, oblique), _stiffness(tiny_dataset, "00a"))
+    check_dataset_images(tiny_dataset, ["00a"])
+
+
 def test_voxel_sizes_not_in_mm_are_refused_with_the_fix(tiny_dataset):
     """A header in metres was read by nibabel as 0.002 mm voxels (and by ANTs, which scales
     declared metres, as 2 mm): the steps disagreed about the image's size."""

@@ -400,6 +400,7 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
         raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
                          f"matrix {affine.round(4).tolist()}), so its voxels have no place in "
                          f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
+    _check_perpendicular_axes(affine, path, what)
     _check_spatial_unit(image, affine, path, what)
     return image
 
@@ -413,6 +414,27 @@ def _not_3d_advice(shape: tuple[int, ...]) -> str:
         return ("It holds one volume with extra axes of length 1; save it as a 3D image "
                 "(e.g. nibabel.funcs.squeeze_image).")
     return f"It holds {volumes} volumes: split the series and keep the one 3D volume."
+
+
+#: Largest |cosine| between two voxel axes of an accepted affine (0.06 degrees off
+#: perpendicular): an MR grid's axes are perpendicular, even an oblique one's.
+MAX_AXIS_COSINE = 1e-3
+
+
+def _check_perpendicular_axes(affine: np.ndarray, path: Path, what: str) -> None:
+    """Refuse an affine whose voxel axes are not perpendicular (a sheared grid). ITK, and so
+    ANTs, keeps only perpendicular axes when it reads such a file while nibabel uses the
+    affine as it is: the preprocessing steps placed the same voxels a few mm apart."""
+    axes = affine[:, :3] / np.linalg.norm(affine[:, :3], axis=0)
+    cosines = np.abs(axes.T @ axes - np.eye(3))
+    if cosines.max() > MAX_AXIS_COSINE:
+        degrees = 90.0 - np.degrees(np.arccos(min(cosines.max(), 1.0)))
+        raise InputError(f"{what} {path} has a sheared affine: two of its voxel axes are "
+                         f"{degrees:.2f} degrees off perpendicular (voxel-to-world matrix "
+                         f"{affine.round(4).tolist()}). ANTs and nibabel would place its "
+                         f"voxels differently. Resample it onto a grid with perpendicular axes "
+                         f"(e.g. nibabel.processing.resample_to_output) or re-convert it from "
+                         f"DICOM.")
 
 
 #: Voxel sizes (mm) that no MR image of a head has: smaller ones are a header written in
