@@ -11,9 +11,9 @@
 #
 # `run` writes each part's output to $OUT (default gpu_checks/) and goes on after a part
 # that fails or runs past its time limit (seconds, below), so one call brings every number
-# back within one 10-minute command (the limits add up to 560 s, leaving a lease of 15
-# minutes time to start the machine); the exit status is that of the tests. Nothing here
-# asserts a speed.
+# back within one 10-minute command (the limits add up to 560 s, which leaves a 15-minute
+# lease time to start the machine and rerun a part); the exit status is that of the tests.
+# Nothing here asserts a speed.
 set -uo pipefail
 
 PYTHON=${PYTHON:-python3}
@@ -52,11 +52,12 @@ run)
     timeout 100 "$PYTHON" tests/benchmarks/bench_pretrain.py --device cuda 2>&1 \
         | tee "$out/bench_pretrain.log"
     # bf16 (precision auto: the GPU default) against the plain loop, then float32 (the
-    # paper config's) alone
+    # paper config's) alone; 128 subjects: 8 steps per epoch (32 gave 2, 0.05 s, too few
+    # to compare precisions on the H200)
     timeout 100 "$PYTHON" tests/benchmarks/bench_train.py --shapes 2mm --device cuda \
-        --threads 8 --cell-epochs 0 2>&1 | tee "$out/bench_train.log"
+        --threads 8 --subjects 128 --cell-epochs 0 2>&1 | tee "$out/bench_train.log"
     timeout 50 "$PYTHON" tests/benchmarks/bench_train.py --shapes 2mm --device cuda \
-        --threads 8 --precision float32 --skip-plain --cell-epochs 0 2>&1 \
+        --threads 8 --subjects 128 --precision float32 --skip-plain --cell-epochs 0 2>&1 \
         | tee "$out/bench_train_float32.log"
     # each case runs in two fresh processes, about 16 s on the H200 machine (PyTorch's
     # import and CUDA's start): one size fits the limit
