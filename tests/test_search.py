@@ -182,6 +182,24 @@ def test_a_rerun_with_another_search_retrains_the_trials_it_changed(stubbed_sear
     assert len(trained) == 6
 
 
+def test_a_rerun_removes_what_a_killed_search_left(stubbed_search):
+    """A search killed between a trial's score and the deletion of its encoder left the
+    encoder (134 MB at the paper's width), and one killed while writing left atomic_path
+    temporaries; the reused trials and the rerun kept both for good."""
+    trained, split_dir, settings, out = stubbed_search
+    random_search(split_dir, out, settings, SEARCH)
+    leftovers = [out / "trial-01" / "encoder.pt", out / "trial-02" / ".metrics.json.k3j_x9ab.json",
+                 out / ".trials.tsv.a1b2c3d4.tsv", out / ".best.json.zz99_0aa.json"]
+    for path in leftovers:
+        path.write_bytes(b"half written")
+    unrelated = out / "trial-01" / "notes.txt"
+    unrelated.write_text("the user's")
+    random_search(split_dir, out, settings, SEARCH)
+    assert len(trained) == 2  # both trials reused
+    assert not [path for path in leftovers if path.exists()]
+    assert unrelated.exists()
+
+
 def test_a_trial_recorded_before_trial_keys_is_reused_when_its_values_are_planned(
         stubbed_search):
     trained, split_dir, settings, out = stubbed_search

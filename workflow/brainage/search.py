@@ -34,7 +34,7 @@ import pandas as pd
 from brainage.config import ConfigError, resolve_cell, search_bounds, uses_search_result
 from brainage.data import VolumeStore
 from brainage.evaluate import evaluate_split
-from brainage.io import write_json, write_tsv
+from brainage.io import remove_stale_temporaries, write_json, write_tsv
 from brainage.models import embed, load_encoder
 from brainage.runtime import runtime_setup
 from brainage.split_data import SplitData, load_split
@@ -117,10 +117,15 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
              split_dir, len(split.train_index), len(split.eval_index))
     plan = sample_trials(search, batch_size=int(base["train"]["batch_size"]),
                          epochs=int(base["train"]["epochs"]))
+    for output in (trials_path, best_path):  # a killed job's temporaries (atomic_path)
+        for stale in remove_stale_temporaries(output):
+            log.info("removed %s, left by a search that was killed", stale)
     rows = []
     for trial in plan:
         trial_dir = out_dir / f"trial-{trial['trial']:02d}"
         metrics_path = trial_dir / "metrics.json"
+        for stale in remove_stale_temporaries(metrics_path):
+            log.info("removed %s, left by a search that was killed", stale)
         settings_trial = {**base, "variant": f"trial-{trial['trial']:02d}",
                           "loss": {**base["loss"], "nn_final": trial["nn_final"],
                                    "nn_step": trial["nn_step"]}}
@@ -128,6 +133,9 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
         if metrics is not None and _reusable(metrics, trial, key):
             log.info("trial %d already done", trial["trial"])
+            # a job killed between the score and the deletion left the trial's encoder
+            # (134 MB at the paper's width), which nothing else removes
+            (trial_dir / "encoder.pt").unlink(missing_ok=True)
         else:
             if metrics is not None:
                 log.warning("trial %d: %s was scored with other settings (nn_final %s, "
