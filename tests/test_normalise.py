@@ -73,6 +73,9 @@ def test_loso_names_must_stay_distinct():
     table = participants_of({"a-b": 2, "ab": 2})
     with pytest.raises(InputError, match="same split name"):
         split_names(table, "loso")
+    # losoMRE and losomre: one folder on a case-insensitive file system
+    with pytest.raises(InputError, match=r"\['MRE', 'mre'\] give the same split name .* case"):
+        split_names(participants_of({"MRE": 2, "mre": 2}), "loso")
     with pytest.raises(InputError, match="n_folds=5 but only 4 subjects"):
         split_names(table, "kfold", n_folds=5)
 

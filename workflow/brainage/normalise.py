@@ -105,11 +105,17 @@ def _check_scheme(participants: pd.DataFrame, scheme: str, n_folds: int) -> None
         if empty:
             raise InputError(f"study name(s) {empty} have no letters or digits, so they cannot "
                              f"name a leave-one-study-out split. Rename the study.")
-        clashes = {label for label in labels if labels.count(label) > 1}
+        # compared without case: results/dataset/losoA and losoa are one folder on a
+        # case-insensitive file system (macOS, Windows shares), where one split's images
+        # would overwrite the other's and a held-out study could train the other encoder
+        folded = [label.lower() for label in labels]
+        clashes = {label for label in folded if folded.count(label) > 1}
         if clashes:
-            raise InputError(f"studies {[s for s in studies if study_label(s) in clashes]} give "
-                             f"the same split name once non-alphanumerics are removed; rename "
-                             f"one of them.")
+            raise InputError(f"studies {[s for s in studies if study_label(s).lower() in clashes]} "
+                             f"give the same split name once non-alphanumerics are removed "
+                             f"and case is ignored (folders under results/ are one on a "
+                             f"case-insensitive file system); rename one of them in the "
+                             f"participants table's study column.")
 
 
 def split_names(participants: pd.DataFrame, scheme: str = "holdout", test_fraction: float = 0.2,
