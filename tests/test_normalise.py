@@ -403,6 +403,17 @@ def test_qc_exclusions_that_empty_the_test_set_stop_the_split_naming_qc(small_da
                           small_dataset["mask"], out / "images.npy", out / "participants.tsv",
                           out / "stats.json", split="losos2",
                           split_settings={**SPLIT, "scheme": "loso"}, exclude_failed=True)
+    # ... and the same for the training side: the message named neither QC's key nor a remedy
+    qc.loc[:, ["qc_pass", "qc_failures"]] = [False, "dice 0.500 < 0.85"]
+    qc.loc[failing, ["qc_pass", "qc_failures"]] = [True, ""]
+    qc.to_csv(small_dataset["qc"], sep="\t", index=False)
+    with pytest.raises(InputError, match=r"split losos2: no training subject left after the "
+                                         r"QC exclusions \(8 subjects failed QC, config key "
+                                         r"qc\.exclude_failed\).*set qc\.exclude_failed: false"):
+        normalise_dataset(small_dataset["maps"], small_dataset["table"], small_dataset["qc"],
+                          small_dataset["mask"], out / "images.npy", out / "participants.tsv",
+                          out / "stats.json", split="losos2",
+                          split_settings={**SPLIT, "scheme": "loso"}, exclude_failed=True)
 
 
 def test_bad_maps_are_named(small_dataset):

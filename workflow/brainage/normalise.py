@@ -516,8 +516,11 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                         row.participant_id, row.subset, reason)
         table = table[passed].reset_index(drop=True)
     if not (table["subset"] == "train").any():
-        raise InputError(f"split {split}: no training subject left"
-                         f"{' after the QC exclusions' if excluded else ''}.")
+        # the split itself always holds one (assign_split): only QC can empty it
+        raise InputError(f"split {split}: no training subject left after the QC exclusions "
+                         f"({len(excluded)} subjects failed QC, config key "
+                         f"qc.exclude_failed); nothing could be trained. Check their "
+                         f"preprocessing or set qc.exclude_failed: false.")
     if not (table["subset"] == eval_subset).any():
         # the split itself always holds one (assign_split): only QC can empty it
         raise InputError(f"split {split}: no {eval_subset} subject left after the QC "
