@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.inputs import InputError
-from brainage.io import atomic_path, write_json, write_tsv
+from brainage.io import atomic_path, remove_stale_temporaries, write_json, write_tsv
 from brainage.modalities import DEFAULT_MODALITIES, modality
 from brainage.preprocess.images import load_mask, load_volume
 from brainage.qc import participants_table, qc_metrics_table, read_qc_table
@@ -554,6 +554,10 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
     (registered NIfTI maps for :func:`normalise_dataset`, resampled release volumes for
     :func:`brainage.openbhb.write_pretraining_split`). ``table`` holds the rows, in order,
     with their ``subset``; outputs and return value as :func:`normalise_dataset`."""
+    for output, suffix in ((out_images, ".npy"), (out_participants, ""), (out_stats, "")):
+        # this job owns them; a killed run's images temporary is as large as the array
+        for stale in remove_stale_temporaries(output, suffix):
+            log.info("removed %s, left by a write that was killed", stale)
     factor = resolution_mm // TEMPLATE_VOXEL_MM
     modalities = list(modalities)
     brain, template_affine = load_mask(template_mask, what="template brain mask")
