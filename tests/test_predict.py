@@ -456,13 +456,13 @@ def test_an_export_removes_the_half_written_bundles_of_a_killed_one(exported, tm
     stayed next to the bundle for good, shipped with results/models/. The next export
     removes them, and only them."""
     models = tmp_path / "models"
-    half = models / ".demo.k3j_x9ab"
+    half = models / ".demo.staging-k3j_x9ab"
     half.mkdir(parents=True)
     (half / "encoder.pt").write_bytes(b"cut short")
-    replaced = models / ".demo.old.ab12cd34" / "demo"
+    replaced = models / ".demo.old-ab12cd34" / "demo"
     shutil.copytree(exported.bundle_dir, replaced)
-    kept = [models / ".demo.notes", models / ".other.k3j_x9ab",
-            models / ".demo.old.q1w2e3r4"]  # the staging folder of a bundle "demo.old"
+    kept = [models / ".demo.notes", models / ".other.staging-k3j_x9ab",
+            models / ".demo.old.staging-q1w2e3r4"]  # a bundle "demo.old"'s
     for path in kept:
         path.mkdir()
         (path / "manifest.json").write_text("{}")

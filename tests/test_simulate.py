@@ -563,8 +563,8 @@ def test_a_new_simulation_removes_what_a_killed_one_left_beside_its_root(tmp_pat
     hidden staging folder, up to a whole dataset of images, beside the root; every further
     kill added one. A new simulation of that root removes them, and nothing else."""
     root = tmp_path / "dataset"
-    stale = [tmp_path / ".dataset.partial-k3j_x9ab", tmp_path / ".dataset.old-0a1b2c3d"]
-    kept = [tmp_path / ".dataset2.partial-k3j_x9ab", tmp_path / ".dataset.partial-mine",
+    stale = [tmp_path / ".dataset.staging-k3j_x9ab", tmp_path / ".dataset.old-0a1b2c3d"]
+    kept = [tmp_path / ".dataset2.staging-k3j_x9ab", tmp_path / ".dataset.staging-mine",
             tmp_path / "notes"]
     for folder in stale + kept:
         (folder / "sub-st1s001").mkdir(parents=True)

@@ -29,11 +29,7 @@ import hashlib
 import io
 import json
 import logging
-import os
 import platform
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -42,7 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from brainage import brainage_version
-from brainage.io import create_staging_folder, sha256_file, sync_tree, write_json
+from brainage.io import sha256_file, staged_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +156,7 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
             raise TypeError(f"{label} state must hold tensors only; {', '.join(bad)} are not")
 
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_staging(directory):
-        shutil.rmtree(stale, ignore_errors=True)
-        log.info("removed %s, left by an export of %s that was killed", stale, directory)
-    staging = create_staging_folder(directory.parent, prefix=f".{directory.name}.")
-    try:
+    with staged_folder(directory, what="an export") as staging:
         torch.save({key: value.detach().cpu().contiguous() for key, value in encoder_state.items()},
                    staging / ENCODER_FILE)
         torch.save({key: value.detach().cpu().contiguous() for key, value in readout_state.items()},
@@ -188,56 +179,9 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
                    {**written, MANIFEST_DIGEST_KEY: manifest_digest(written)})
         if readme is not None:
             (staging / README_FILE).write_text(readme)
-        sync_tree(staging)
-        _replace_directory(staging, directory)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     log.info("wrote model bundle %s (%s)", directory, ", ".join(
         f"{file} {manifest['files'][file][:12]}" for file in PAYLOAD_FILES))
     return directory
-
-
-def stale_staging(directory: str | Path) -> list[Path]:
-    """Folders next to the bundle ``directory`` that :func:`write_bundle` made for it and a
-    killed process left behind (a kill skips the clean-up): ``.<name>.<random>``, a bundle
-    half written, and ``.<name>.old.<random>``, holding the bundle it was replacing.
-    Removed when the bundle is written again; only the process writing ``directory`` may
-    remove them (another one's are still being written)."""
-    directory = Path(directory)
-    if not directory.parent.is_dir():
-        return []
-    name = re.compile(re.escape(f".{directory.name}.") + r"(old\.)?[a-z0-9_]{8}")
-    stale = []
-    for path in directory.parent.iterdir():
-        match = name.fullmatch(path.name)
-        if not match or not path.is_dir() or path.is_symlink():
-            continue
-        # an old folder holds the bundle by its name (the staging folder of a bundle named
-        # "<name>.old" matches the pattern too, and is not this export's)
-        if match.group(1) is None or (path / directory.name).is_dir():
-            stale.append(path)
-    return sorted(stale)
-
-
-def _replace_directory(staging: Path, directory: Path) -> None:
-    """Move a finished staging folder onto ``directory``.
-
-    ``os.replace`` cannot replace a non-empty folder, so an old bundle is first renamed
-    aside; at no point does ``directory`` hold a mix of old and new files.
-    """
-    if not directory.exists():
-        os.replace(staging, directory)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old.", dir=directory.parent))
-    os.replace(directory, old / directory.name)
-    try:
-        os.replace(staging, directory)
-    except OSError:
-        os.replace(old / directory.name, directory)  # put the previous bundle back
-        raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(directory: str | Path) -> dict:

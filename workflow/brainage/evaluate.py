@@ -218,8 +218,7 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
     folder = Path(metrics_path).parent
     for output in (metrics_path, predictions_path, folder / READOUT_ARRAYS,
                    folder / READOUT_DESCRIPTION):  # this job owns them
-        for stale in remove_stale_temporaries(output):
-            log.info("removed %s, left by a write that was killed", stale)
+        remove_stale_temporaries(output)
     split = load_split(split_dir)
     features, encoder_sha256, trained_loss = cell_features(split, features_path, settings)
     metrics, predictions, readout = evaluate_split(split, features, settings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import random
 import re
@@ -20,6 +21,8 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 class WriteError(OSError, RuntimeError):
@@ -156,6 +159,68 @@ def _sync_folder(folder: Path) -> None:
 
 
 @contextmanager
+def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
+    """Yield an empty folder beside ``target`` to write into; on success it is synced
+    (:func:`sync_tree`) and replaces ``target`` as a whole, on any error it is removed and
+    ``target`` left as it was: :func:`atomic_path` for a folder (a model bundle, a
+    simulated dataset).
+
+    The folder is ``.<name>.staging-<random>`` (:func:`create_staging_folder`). A
+    non-empty ``target`` is first moved into ``.<name>.old-<random>`` and deleted after
+    the rename, or put back if the rename fails; at no point does ``target`` hold a mix of
+    old and new files. A kill skips the clean-up, so the folders a killed writer of
+    ``target`` left are removed first (:func:`stale_staging_folders`), and logged as left
+    by ``what`` (e.g. ``"an export"``) that was killed: only the process that writes
+    ``target`` may do this.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_staging_folders(target):
+        shutil.rmtree(stale, ignore_errors=True)
+        log.info("removed %s, left by %s of %s that was killed", stale, what, target)
+    staging = create_staging_folder(target.parent, prefix=f".{target.name}.staging-")
+    try:
+        yield staging
+        sync_tree(staging)  # whole on the disk before it is renamed into place
+        _replace_folder(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_folder(staging: Path, target: Path) -> None:
+    """Rename the finished ``staging`` onto ``target`` (``os.replace`` cannot replace a
+    non-empty folder: such a ``target`` is moved aside first)."""
+    if target.is_dir() and not any(target.iterdir()):
+        target.rmdir()
+    if not target.exists():
+        os.replace(staging, target)
+    else:
+        old = create_staging_folder(target.parent, prefix=f".{target.name}.old-")
+        os.replace(target, old / target.name)
+        try:
+            os.replace(staging, target)
+        except OSError:
+            os.replace(old / target.name, target)  # put the previous folder back
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    _sync_folder(target.parent)
+
+
+def stale_staging_folders(target: str | Path) -> list[Path]:
+    """The folders :func:`staged_folder` made beside ``target`` that a killed process left
+    behind: ``.<name>.staging-<random>`` (written halfway) and ``.<name>.old-<random>``
+    (holding the ``target`` being replaced)."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return []
+    name = re.compile(re.escape(f".{target.name}.") + r"(staging|old)-[a-z0-9_]{8}")
+    return sorted(path for path in target.parent.iterdir()
+                  if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
+
+
+@contextmanager
 def atomic_path(final: str | Path, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path next to ``final``; rename it onto ``final`` on success.
 
@@ -207,7 +272,8 @@ def stale_temporaries(final: str | Path, suffix: str = "") -> list[Path]:
 
 
 def remove_stale_temporaries(final: str | Path, suffix: str = "") -> list[Path]:
-    """Delete the :func:`stale_temporaries` of ``final``; returns what was deleted.
+    """Delete the :func:`stale_temporaries` of ``final``, logging each; returns what was
+    deleted.
 
     Only for the process that owns ``final`` (e.g. at the start of the job that writes
     it): a temporary still being written by another process looks the same.
@@ -215,6 +281,7 @@ def remove_stale_temporaries(final: str | Path, suffix: str = "") -> list[Path]:
     removed = stale_temporaries(final, suffix)
     for path in removed:
         path.unlink(missing_ok=True)
+        log.info("removed %s, left by a write that was killed", path)
     return removed
 
 

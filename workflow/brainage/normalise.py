@@ -556,8 +556,7 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
     with their ``subset``; outputs and return value as :func:`normalise_dataset`."""
     for output, suffix in ((out_images, ".npy"), (out_participants, ""), (out_stats, "")):
         # this job owns them; a killed run's images temporary is as large as the array
-        for stale in remove_stale_temporaries(output, suffix):
-            log.info("removed %s, left by a write that was killed", stale)
+        remove_stale_temporaries(output, suffix)
     factor = resolution_mm // TEMPLATE_VOXEL_MM
     modalities = list(modalities)
     brain, template_affine = load_mask(template_mask, what="template brain mask")

@@ -118,14 +118,12 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
     plan = sample_trials(search, batch_size=int(base["train"]["batch_size"]),
                          epochs=int(base["train"]["epochs"]))
     for output in (trials_path, best_path):  # a killed job's temporaries (atomic_path)
-        for stale in remove_stale_temporaries(output):
-            log.info("removed %s, left by a search that was killed", stale)
+        remove_stale_temporaries(output)
     rows = []
     for trial in plan:
         trial_dir = out_dir / f"trial-{trial['trial']:02d}"
         metrics_path = trial_dir / "metrics.json"
-        for stale in remove_stale_temporaries(metrics_path):
-            log.info("removed %s, left by a search that was killed", stale)
+        remove_stale_temporaries(metrics_path)
         settings_trial = {**base, "variant": f"trial-{trial['trial']:02d}",
                           "loss": {**base["loss"], "nn_final": trial["nn_final"],
                                    "nn_step": trial["nn_step"]}}

@@ -245,8 +245,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         return []
     if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
         for output in (encoder_path, features_path, history_path):
-            for stale in remove_stale_temporaries(output) if output is not None else ():
-                log.info("removed %s, left by a write that was killed", stale)
+            if output is not None:
+                remove_stale_temporaries(output)
         if settings["model"]["init_checkpoint"]:
             load_init_checkpoint(model, settings["model"]["init_checkpoint"],
                                  key=init_checkpoint_key(settings["model"]))
@@ -279,8 +279,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     checkpoint, checkpoint_digest = None, None
     if writes:
         for output in outputs:
-            for stale in remove_stale_temporaries(output):
-                log.info("removed %s, left by a write that was killed", stale)
+            remove_stale_temporaries(output)
         checkpoint, checkpoint_digest = read_checkpoint(checkpoint_path, identity)
     if processes.is_distributed:
         # rank 0 verified the file; nobody writes it before every process has read it

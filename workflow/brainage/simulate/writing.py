@@ -5,20 +5,13 @@ the T1w-only cohort)."""
 from __future__ import annotations
 
 import json
-import logging
-import os
-import re
-import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from brainage.io import create_staging_folder, json_default, sync_tree
-
-LOGGER = logging.getLogger(__name__)
+from brainage.io import json_default, staged_folder
 
 
 def save_nifti(path: Path, data: np.ndarray, affine: np.ndarray, description: str) -> None:
@@ -65,51 +58,14 @@ def check_root(root: Path, *, overwrite: bool) -> None:
 
 @contextmanager
 def staged_dataset(root: Path) -> Iterator[Path]:
-    """A private folder next to ``root`` to write the dataset into; on success it replaces
-    ``root``, on any error it is removed and ``root`` is left as it was.
+    """A folder next to ``root`` to write the dataset into; on success it replaces
+    ``root``, on any error it is removed and ``root`` is left as it was
+    (:func:`brainage.io.staged_folder`).
 
     A ``root`` reached through a symbolic link (a dataset folder linked to scratch space)
     is replaced where the link points, and the link is kept; ``.`` or ``..`` stand for
     the folder they name."""
     # Renaming the link itself would move it aside and put the dataset in its place
     # (an empty root: "Not a directory" after the whole simulation); "." cannot be renamed.
-    root = root.resolve()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in stale_staging(root):
-        shutil.rmtree(stale, ignore_errors=True)
-        LOGGER.info("removed %s, left by a simulation of %s that was killed", stale, root)
-    # created as mkdir creates any folder, so a shared folder's default ACL applies
-    # (tempfile.mkdtemp's 0700 and a chmod did not)
-    staging = create_staging_folder(root.parent, prefix=f".{root.name}.partial-")
-    try:
+    with staged_folder(root.resolve(), what="a simulation") as staging:
         yield staging
-        sync_tree(staging)  # whole on the disk before it is renamed into place
-        _move_into_place(staging, root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def stale_staging(root: Path) -> list[Path]:
-    """Folders next to ``root`` that :func:`staged_dataset` made for ``root`` and a killed
-    process left behind (a kill skips the clean-up): ``.<name>.partial-<random>`` (a
-    dataset half written) and ``.<name>.old-<random>`` (the replaced one). Removed when
-    ``root`` is simulated again; only the process writing ``root`` may remove them."""
-    if not root.parent.is_dir():
-        return []
-    name = re.compile(re.escape(f".{root.name}.") + r"(partial|old)-[a-z0-9_]{8}")
-    return sorted(path for path in root.parent.iterdir()
-                  if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
-
-
-def _move_into_place(staging: Path, root: Path) -> None:
-    if root.is_dir() and not any(root.iterdir()):
-        root.rmdir()
-    old = None
-    if root.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
-        os.rmdir(old)
-        os.replace(root, old)
-    os.replace(staging, root)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
