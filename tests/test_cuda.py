@@ -4,7 +4,7 @@ runs repeat bit for bit, and a torchrun job on the GPU that fails mid-run resume
 its checkpoint to the weights of the run never interrupted.
 
 CI has no GPU, so these are skipped there; a machine with one runs them with the GPU
-benchmarks in one go (``tests/benchmarks/gpu_checks.sh``). ``BRAINAGE_TEST_DEVICE=cpu``
+benchmarks (``tests/benchmarks/gpu_checks.sh``). ``BRAINAGE_TEST_DEVICE=cpu``
 runs the same checks on the CPU (bf16 through PyTorch's reference kernels there,
 brainage.runtime), which is how the checks themselves were tested without a GPU.
 """

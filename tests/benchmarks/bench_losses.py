@@ -47,7 +47,7 @@ try:
 except ImportError:  # running from a checkout without an installed package
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "workflow"))
 
-from brainage.losses import DISPLAY_NAMES, LOSS_NAMES, make_loss
+from brainage.losses import CONTRASTIVE_LOSSES, DISPLAY_NAMES, LOSS_NAMES, make_loss
 
 VIEWS = 2
 DIM = 128
@@ -100,8 +100,11 @@ def naive_bytes(n_rows: int) -> int:
 def build_case(case: str, n_rows: int, device: str):
     batch = n_rows // VIEWS
     generator = torch.Generator().manual_seed(0)
-    features = F.normalize(torch.randn(batch, VIEWS, DIM, generator=generator), dim=-1).to(device)
-    features.requires_grad_()
+    if case in CONTRASTIVE_LOSSES or case in (NAIVE, ADAPTIVE_LAMBDA):
+        features = F.normalize(torch.randn(batch, VIEWS, DIM, generator=generator), dim=-1)
+    else:  # the supervised baseline: the regression head's one standardised age per view
+        features = torch.randn(batch, VIEWS, 1, generator=generator)
+    features = features.to(device).requires_grad_()
     # bimodal ages, years
     young = 20 + 8 * torch.rand(batch, generator=generator)
     old = 60 + 15 * torch.rand(batch, generator=generator)
