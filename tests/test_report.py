@@ -196,6 +196,24 @@ def test_table3_has_the_contract_columns_and_paper_numbers(results):
     assert adaptive["label"] == "Adaptive Neighborhoods"
 
 
+def test_table3_without_settings_keeps_baselines_off_the_losses_rows(results):
+    """A baseline's metrics carry the config's loss name (adaptive by default) although it
+    trains with none: without the settings, its row goes by its variant, marked a baseline,
+    with no paper number, instead of passing for a second Adaptive Neighborhoods row."""
+    frame = report_results.read_metrics(results["metrics"])
+    untrained = frame[frame["variant"] == "adaptive"].assign(variant="untrained",
+                                                              kind="baseline", mae=9.0)
+    seeds = report_results.seed_results(pd.concat([frame, untrained], ignore_index=True))
+    table = tables.table3_losses(seeds, display_names={"adaptive": "Adaptive Neighborhoods"})
+    assert table["loss"].tolist() == ["simclr", "yaware", "adaptive", "untrained"]
+    baseline = table.set_index("loss").loc["untrained"]
+    assert baseline["kind"] == "baseline"
+    assert baseline["label"] == report_results.BASELINE_LABELS["untrained"]
+    assert np.isnan(baseline["paper_mae_mean"])
+    assert baseline["mae_mean"] == pytest.approx(9.0)
+    assert table.set_index("loss").loc["adaptive", "label"] == "Adaptive Neighborhoods"
+
+
 def test_table3_names_the_neighbourhood_schedule_each_encoder_trained_with(results, tmp_path):
     """metrics.json's trained_loss (the search's nn_final/nn_step after nn_from_search)
     reaches Table 3: a column of the csv and a note under the table."""

@@ -102,11 +102,16 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     for variant, group in cells.groupby("variant", sort=False):
         cell = (settings or {}).get(variant)
         key = baseline_key(cell) if cell is not None else None
+        if cell is None and group["kind"].iloc[0] == "baseline":
+            # no settings to say which baseline: its metrics carry the config's loss name
+            # (a baseline trains with none), so the row goes by its variant, off the paper
+            key = variant
         base = key or group["loss"].iloc[0]  # the loss (or baseline) the row belongs to
         start = initialisation(cell) if cell is not None else "scratch"
         fine_tuned = key is None and start != "scratch"
         name = f"{base}:{variant}" if fine_tuned else base  # never the loss's own name
         label = cell_label(cell, display_names) if cell is not None else \
+            BASELINE_LABELS.get(base, f"{base} (baseline)") if key is not None else \
             display_names.get(base, base)
         paper = PAPER_TABLE3.get(base, (np.nan, np.nan)) if key is None else (np.nan, np.nan)
         rows.append({"loss": name, **summarise_seeds(group),
