@@ -433,6 +433,23 @@ def test_bad_maps_are_named(small_dataset):
         _run(small_dataset)
 
 
+def test_constant_training_maps_name_the_subjects_and_the_remedy(small_dataset):
+    """Registered maps that are constant in the brain (a failed registration can give
+    them) have no sd to divide by: the error names the statistics subjects and says where
+    to look and how to redo them, instead of only that the maps are empty or constant."""
+    for path in small_dataset["maps"]:
+        image = nib.load(path)
+        data = image.get_fdata(dtype=np.float32)
+        nib.save(nib.Nifti1Image(np.where(data != 0, 2.5, 0).astype(np.float32),
+                                 image.affine), path)
+    with pytest.raises(InputError, match=r"split holdout: the statistics subjects \(sub-s1\d\d, "
+                                         r".* and \d+ more\) have \d+ non-zero stiffness voxels "
+                                         r"\(sd 0\.0\).*preproc/.*delete a subject's "
+                                         r"preprocessed files"):
+        _run(small_dataset)
+    assert not (small_dataset["out"] / "images.npy").exists()
+
+
 def test_missing_qc_row_is_an_error(small_dataset):
     qc = pd.read_csv(small_dataset["qc"], sep="\t")
     qc.iloc[1:].to_csv(small_dataset["qc"], sep="\t", index=False)

@@ -585,9 +585,14 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
     for name, (count, mean, m2) in zip(modalities, moments):
         sd = math.sqrt(m2 / count) if count else 0.0
         if count == 0 or not sd > 0:
-            raise InputError(f"split {split}: the statistics subjects have {count} non-zero "
-                             f"{name} voxels (sd {sd}); the registered maps are empty or "
-                             f"constant.")
+            shown = ", ".join(statistics_rows["participant_id"].head(5))
+            more = len(statistics_rows) - 5
+            raise InputError(f"split {split}: the statistics subjects ({shown}"
+                             f"{f' and {more} more' if more > 0 else ''}) have {count} non-zero "
+                             f"{name} voxels (sd {sd}): their registered {name} maps are empty "
+                             f"or constant. Look at them in the results' preproc/ folder and at the QC "
+                             f"table; delete a subject's preprocessed files to redo them, or "
+                             f"fix the input maps.")
         log.info("split %s: %s mean %.4f, sd %.4f (%s) over %d voxels", split, name, mean, sd,
                  modality(name).unit, count)
         means.append(mean)
