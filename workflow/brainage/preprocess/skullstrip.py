@@ -108,7 +108,9 @@ def _run_mask_interface(route: str, freesurfer_tool: str, in_file: str, work: Pa
     if route == "deepbet":
         import torch
 
-        # A GPU only when the job was given one (the per-subject rules request none).
+        # A GPU when one is visible. The per-subject rules request none, so on SLURM
+        # (GPUs confined by cgroups) deepbet runs on the CPU; on a workstation it
+        # shares the visible GPU with any training job (its network is small).
         use_gpu = torch.cuda.is_available()
         log.info("deepbet on the %s", "GPU" if use_gpu else f"CPU ({threads} threads)")
         interface = DeepBet(in_file=in_file, mask_file=str(mask_file), num_threads=threads,
