@@ -188,6 +188,27 @@ def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
 
 
 @pytest.mark.workflow
+def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
+    """The maps a predict cohort needs are the exported model's inputs: the plan said that
+    config key dataset.modalities lists the missing map and to remove it from the
+    modalities, which would not change what the model reads."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    clinic = write_tiny_dataset(tmp_path / "clinic", default_rows(3))
+    missing = next((clinic / "sub-02a" / "mre").glob("*_stiffness.nii.gz"))
+    missing.unlink()
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(clinic)}})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(r"predict cohort clinic .*subject sub-02a: .*is missing; the model to "
+                     r"apply \(config key predict\.model\) reads stiffness of every subject\. "
+                     r"Add the file, or remove the subject's row from .*clinic/participants"
+                     r"\.tsv\.", result.stdout), result.stdout
+    assert "dataset.modalities" not in result.stdout, result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_valid_user_dataset_plans_every_subject(tmp_path):
     root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
     # 5 training subjects: the paper's batch of 32 stops the run (the next test)

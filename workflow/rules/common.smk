@@ -221,12 +221,15 @@ wildcard_constraints:
 _IMAGES_CHECKED = set()
 
 
-def checked_participants(root, modalities, root_key):
+def checked_participants(root, modalities, root_key, needed_by=None):
     """A cohort's validated participants table. The first call per cohort also opens every
     subject's images (cached by size and mtime in .snakemake/), so a corrupt file stops
-    the run before any job starts. ``root_key``: the config key that names ``root``.
-    Raises brainage.inputs.InputError."""
-    table = read_participants(root, modalities, root_setting=f"config key {root_key}")
+    the run before any job starts. ``root_key``: the config key that names ``root``;
+    ``needed_by``: what reads ``modalities`` when dataset.modalities does not set them
+    (brainage.inputs.read_participants). Raises brainage.inputs.InputError."""
+    table = read_participants(
+        root, modalities, root_setting=f"config key {root_key}", needed_by=needed_by
+    )
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:
         check_dataset_images(
@@ -276,6 +279,8 @@ def cohort_subjects(cohort):
                 PREDICT_COHORTS[cohort],
                 PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)],
                 f"predict.cohorts.{cohort}",
+                # the model's inputs: a subject's to add, not a modality to remove
+                needed_by="the model to apply (config key predict.model)",
             )
         check_cohort_table(
             table,
