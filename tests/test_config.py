@@ -662,3 +662,20 @@ def test_job_memory_and_wall_time_must_be_positive(section, key):
     with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': -?\d+ is less "
                                           rf"than the minimum of 1"):
         validate_config(section)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("experiments:\n  lambda:\n    variants:\n      0.5: {}\n", "experiments.lambda.variants.0.5"),
+    ("experiments:\n  2024:\n    variants: {adaptive: {}}\n", "experiments.2024"),
+    ("experiments:\n  table3:\n    variants:\n      on: {}\n", "experiments.table3.variants.True"),
+    ("predict:\n  cohorts:\n    1: /data/cohort1\n", "predict.cohorts.1"),
+], ids=["float", "int", "bool", "cohort"])
+def test_a_name_yaml_reads_as_a_number_is_refused_naming_the_key(text, key):
+    # the schema's name patterns check strings only: a variant named 0.5 passed, its cells'
+    # paths held '0.5', and every job's lookup of that text stopped with "no variant '0.5'"
+    import yaml
+
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}'.*Quote the name"):
+        validate_config(yaml.safe_load(text))
+    quoted = re.sub(r"^(\s+)(0\.5|2024|on|1):", r"\1'\2':", text, flags=re.M)
+    validate_config(yaml.safe_load(quoted))

@@ -144,6 +144,14 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
         not allowed ('epocs' was unexpected)``.
     """
     filled = copy.deepcopy(dict(config))
+    unquoted = _names_not_text(filled)
+    if unquoted:
+        raise ConfigError("\n".join(
+            f"{source}: config key '{where}': the name {name!r} is read as a "
+            f"{type(name).__name__}, not as text (YAML reads an unquoted 1, 0.5, yes or on "
+            f"so), and the workflow, which finds names in file paths, would not find it. "
+            f"Quote the name as written in the file (e.g. '0.5': instead of 0.5:)."
+            for where, name in unquoted))
     validator = _validator_filling_defaults(_shared_schema())
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
@@ -178,6 +186,26 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
+
+
+def _names_not_text(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """``(dotted config key, name)`` of every mapping key in ``node`` that is not a string.
+
+    The schema's name patterns (``propertyNames``) check strings only, so a variant named
+    ``0.5`` or an experiment named ``2024`` passed; its cells' paths hold the name as text
+    and every job's lookup by that text failed ("no variant '0.5'").
+    """
+    found = []
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            where = (*path, str(key))
+            if not isinstance(key, str):
+                found.append((".".join(where), key))
+            found += _names_not_text(value, where)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _names_not_text(value, (*path, str(index)))
+    return found
 
 
 def check_template_files(template: Mapping[str, Any], *, source: str = "config") -> list[str]:
