@@ -679,3 +679,13 @@ def test_a_name_yaml_reads_as_a_number_is_refused_naming_the_key(text, key):
         validate_config(yaml.safe_load(text))
     quoted = re.sub(r"^(\s+)(0\.5|2024|on|1):", r"\1'\2':", text, flags=re.M)
     validate_config(yaml.safe_load(quoted))
+
+
+@pytest.mark.parametrize("text", ["- train\n- model\n", "participant_id age sex study\n"],
+                         ids=["list", "text"])
+def test_a_config_file_that_holds_no_sections_is_named(tmp_path, text):
+    # it stopped with AttributeError "'list' object has no attribute 'items'", no file named
+    path = tmp_path / "wrong.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: a config file maps"):
+        load_config(path)

@@ -577,7 +577,12 @@ def load_config(*paths: str | Path) -> dict:
     merged: dict = {}
     for path in paths:
         with open(path) as handle:
-            merged = deep_merge(merged, yaml.safe_load(handle) or {})
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, Mapping):  # e.g. a participants.tsv given by mistake
+            raise ConfigError(f"{path}: a config file maps section names to settings "
+                              f"('train:', 'dataset:', ...), but this file holds a "
+                              f"{type(loaded).__name__}. Give the config's YAML file.")
+        merged = deep_merge(merged, loaded)
     return validate_config(merged, source=", ".join(str(p) for p in paths))
 
 
