@@ -689,3 +689,23 @@ def test_a_config_file_that_holds_no_sections_is_named(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: a config file maps"):
         load_config(path)
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"experiments": {"Table3": {"variants": {"adaptive": {}}},
+                      "table3": {"variants": {"adaptive": {}}}}}, "experiments"),
+    ({"experiments": {"table3": {"variants": {"mse": {}, "MSE": {}}}}},
+     "experiments.table3.variants"),
+    ({"pretrain": {"t1w": {"source": {"kind": "simulate"}},
+                   "T1w": {"source": {"kind": "simulate"}}}}, "pretrain"),
+    ({"predict": {"cohorts": {"adni": "/data/a", "ADNI": "/data/b"}}}, "predict.cohorts"),
+], ids=["experiments", "variants", "pretrain", "cohorts"])
+def test_names_differing_only_in_case_are_refused_naming_the_key(config, key):
+    # each names a folder under results/: on macOS or a Windows share the two folders are
+    # one, and one name's jobs overwrote the other's results without an error
+    with pytest.raises(ConfigError, match=rf"config key {re.escape(key)} names .* differ only "
+                                          rf"in case"):
+        validate_config(config)
+    # the same names in different mappings are separate folders
+    validate_config({"experiments": {"a": {"variants": {"mse": {}}},
+                                     "b": {"variants": {"mse": {}}}}})

@@ -158,6 +158,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
     problems = (check_template_files(filled["template"], source=source) if template_files
                 else [])
+    problems += check_names_differing_in_case(filled, source=source)
     pretrained_models = {}
     for name in filled.get("pretrain", {}):
         run_settings = pretrain_settings(filled, name, source=source)
@@ -206,6 +207,34 @@ def _names_not_text(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, An
         for index, value in enumerate(node):
             found += _names_not_text(value, (*path, str(index)))
     return found
+
+
+def check_names_differing_in_case(config: Mapping[str, Any], *,
+                                  source: str = "config") -> list[str]:
+    """Messages (none when fine) for names the user chooses that differ only in case within
+    one mapping: experiments, an experiment's variants, pretraining runs, predict cohorts.
+
+    Each names a folder under results/ (``train/<split>/<experiment>/<variant>``,
+    ``pretrain/<run>``, ``predict/<cohort>``): on a case-insensitive file system (macOS,
+    Windows shares) two such folders are one, and the jobs of one name overwrite the
+    other's results without an error, as participant ids differing in case would.
+    """
+    named = [("experiments", config.get("experiments", {})),
+             *[(f"experiments.{name}.variants", experiment.get("variants", {}))
+               for name, experiment in config.get("experiments", {}).items()],
+             ("pretrain", config.get("pretrain", {})),
+             ("predict.cohorts", config.get("predict", {}).get("cohorts", {}))]
+    problems = []
+    for key, names in named:
+        spellings: dict[str, list[str]] = {}
+        for name in names:
+            spellings.setdefault(name.lower(), []).append(name)
+        problems += [f"{source}: config key {key} names {' and '.join(map(repr, clashing))}, "
+                     f"which differ only in case: their folders under results/ would be one "
+                     f"on a case-insensitive file system (macOS, Windows shares), where one's "
+                     f"results would overwrite the other's. Rename one of them."
+                     for clashing in spellings.values() if len(clashing) > 1]
+    return problems
 
 
 def check_template_files(template: Mapping[str, Any], *, source: str = "config") -> list[str]:
