@@ -709,3 +709,13 @@ def test_names_differing_only_in_case_are_refused_naming_the_key(config, key):
     # the same names in different mappings are separate folders
     validate_config({"experiments": {"a": {"variants": {"mse": {}}},
                                      "b": {"variants": {"mse": {}}}}})
+
+
+@pytest.mark.parametrize("key, value", [("min_coverage", 70), ("min_dice", 85),
+                                        ("min_correlation", 30), ("min_dice", -0.1)])
+def test_a_qc_threshold_outside_its_metrics_range_is_refused_naming_the_key(key, value):
+    # coverage is shown in percent (the subject QC figure, the report), so 70 for 70 %
+    # passed, flagged every subject, and with qc.exclude_failed left no training subject
+    with pytest.raises(ConfigError, match=rf"'qc\.{key}'.*(maximum|minimum)"):
+        validate_config({"qc": {key: value}})
+    assert validate_config({"qc": {key: 1}})["qc"][key] == 1
