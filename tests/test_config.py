@@ -662,3 +662,60 @@ def test_job_memory_and_wall_time_must_be_positive(section, key):
     with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': -?\d+ is less "
                                           rf"than the minimum of 1"):
         validate_config(section)
+
+
+@pytest.mark.parametrize("text, key", [
+    ("experiments:\n  lambda:\n    variants:\n      0.5: {}\n", "experiments.lambda.variants.0.5"),
+    ("experiments:\n  2024:\n    variants: {adaptive: {}}\n", "experiments.2024"),
+    ("experiments:\n  table3:\n    variants:\n      on: {}\n", "experiments.table3.variants.True"),
+    ("predict:\n  cohorts:\n    1: /data/cohort1\n", "predict.cohorts.1"),
+], ids=["float", "int", "bool", "cohort"])
+def test_a_name_yaml_reads_as_a_number_is_refused_naming_the_key(text, key):
+    # the schema's name patterns check strings only: a variant named 0.5 passed, its cells'
+    # paths held '0.5', and every job's lookup of that text stopped with "no variant '0.5'"
+    import yaml
+
+    with pytest.raises(ConfigError, match=rf"'{re.escape(key)}'.*Quote the name"):
+        validate_config(yaml.safe_load(text))
+    quoted = re.sub(r"^(\s+)(0\.5|2024|on|1):", r"\1'\2':", text, flags=re.M)
+    validate_config(yaml.safe_load(quoted))
+
+
+@pytest.mark.parametrize("text", ["- train\n- model\n", "participant_id age sex study\n"],
+                         ids=["list", "text"])
+def test_a_config_file_that_holds_no_sections_is_named(tmp_path, text):
+    # it stopped with AttributeError "'list' object has no attribute 'items'", no file named
+    path = tmp_path / "wrong.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: a config file maps"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("config, key", [
+    ({"experiments": {"Table3": {"variants": {"adaptive": {}}},
+                      "table3": {"variants": {"adaptive": {}}}}}, "experiments"),
+    ({"experiments": {"table3": {"variants": {"mse": {}, "MSE": {}}}}},
+     "experiments.table3.variants"),
+    ({"pretrain": {"t1w": {"source": {"kind": "simulate"}},
+                   "T1w": {"source": {"kind": "simulate"}}}}, "pretrain"),
+    ({"predict": {"cohorts": {"adni": "/data/a", "ADNI": "/data/b"}}}, "predict.cohorts"),
+], ids=["experiments", "variants", "pretrain", "cohorts"])
+def test_names_differing_only_in_case_are_refused_naming_the_key(config, key):
+    # each names a folder under results/: on macOS or a Windows share the two folders are
+    # one, and one name's jobs overwrote the other's results without an error
+    with pytest.raises(ConfigError, match=rf"config key {re.escape(key)} names .* differ only "
+                                          rf"in case"):
+        validate_config(config)
+    # the same names in different mappings are separate folders
+    validate_config({"experiments": {"a": {"variants": {"mse": {}}},
+                                     "b": {"variants": {"mse": {}}}}})
+
+
+@pytest.mark.parametrize("key, value", [("min_coverage", 70), ("min_dice", 85),
+                                        ("min_correlation", 30), ("min_dice", -0.1)])
+def test_a_qc_threshold_outside_its_metrics_range_is_refused_naming_the_key(key, value):
+    # coverage is shown in percent (the subject QC figure, the report), so 70 for 70 %
+    # passed, flagged every subject, and with qc.exclude_failed left no training subject
+    with pytest.raises(ConfigError, match=rf"'qc\.{key}'.*(maximum|minimum)"):
+        validate_config({"qc": {key: value}})
+    assert validate_config({"qc": {key: 1}})["qc"][key] == 1

@@ -253,6 +253,16 @@ def test_blank_sex_or_study_is_empty(tiny_dataset, column, value):
         read_participants(tiny_dataset)
 
 
+def test_a_table_not_in_utf8_names_its_line_and_how_to_save_it(tiny_dataset):
+    # a spreadsheet's plain text export in Windows-1252 (a study named Zürich) stopped with
+    # "'utf-8' codec can't decode byte 0xfc in position 46", no line and no remedy
+    table = tiny_dataset / "participants.tsv"
+    table.write_bytes(table.read_text().replace("study2", "Zürich").encode("cp1252"))
+    with pytest.raises(InputError, match=rf"{re.escape(str(table.resolve()))} line 3 \(byte "
+                                         rf"0xfc\) is not UTF-8 text\. Save the table as UTF-8"):
+        read_participants(tiny_dataset)
+
+
 def test_a_missing_value_code_is_not_called_empty(tiny_dataset):
     # pandas reads NA, None, null... as missing: the message said the cell was empty
     table = tiny_dataset / "participants.tsv"

@@ -144,12 +144,21 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
         not allowed ('epocs' was unexpected)``.
     """
     filled = copy.deepcopy(dict(config))
+    unquoted = _names_not_text(filled)
+    if unquoted:
+        raise ConfigError("\n".join(
+            f"{source}: config key '{where}': the name {name!r} is read as a "
+            f"{type(name).__name__}, not as text (YAML reads an unquoted 1, 0.5, yes or on "
+            f"so), and the workflow, which finds names in file paths, would not find it. "
+            f"Quote the name as written in the file (e.g. '0.5': instead of 0.5:)."
+            for where, name in unquoted))
     validator = _validator_filling_defaults(_shared_schema())
     errors = sorted(validator.iter_errors(filled), key=lambda e: list(e.absolute_path))
     if errors:
         raise ConfigError("\n".join(_describe(error, source) for error in errors))
     problems = (check_template_files(filled["template"], source=source) if template_files
                 else [])
+    problems += check_names_differing_in_case(filled, source=source)
     pretrained_models = {}
     for name in filled.get("pretrain", {}):
         run_settings = pretrain_settings(filled, name, source=source)
@@ -178,6 +187,54 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
+
+
+def _names_not_text(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
+    """``(dotted config key, name)`` of every mapping key in ``node`` that is not a string.
+
+    The schema's name patterns (``propertyNames``) check strings only, so a variant named
+    ``0.5`` or an experiment named ``2024`` passed; its cells' paths hold the name as text
+    and every job's lookup by that text failed ("no variant '0.5'").
+    """
+    found = []
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            where = (*path, str(key))
+            if not isinstance(key, str):
+                found.append((".".join(where), key))
+            found += _names_not_text(value, where)
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _names_not_text(value, (*path, str(index)))
+    return found
+
+
+def check_names_differing_in_case(config: Mapping[str, Any], *,
+                                  source: str = "config") -> list[str]:
+    """Messages (none when fine) for names the user chooses that differ only in case within
+    one mapping: experiments, an experiment's variants, pretraining runs, predict cohorts.
+
+    Each names a folder under results/ (``train/<split>/<experiment>/<variant>``,
+    ``pretrain/<run>``, ``predict/<cohort>``): on a case-insensitive file system (macOS,
+    Windows shares) two such folders are one, and the jobs of one name overwrite the
+    other's results without an error, as participant ids differing in case would.
+    """
+    named = [("experiments", config.get("experiments", {})),
+             *[(f"experiments.{name}.variants", experiment.get("variants", {}))
+               for name, experiment in config.get("experiments", {}).items()],
+             ("pretrain", config.get("pretrain", {})),
+             ("predict.cohorts", config.get("predict", {}).get("cohorts", {}))]
+    problems = []
+    for key, names in named:
+        spellings: dict[str, list[str]] = {}
+        for name in names:
+            spellings.setdefault(name.lower(), []).append(name)
+        problems += [f"{source}: config key {key} names {' and '.join(map(repr, clashing))}, "
+                     f"which differ only in case: their folders under results/ would be one "
+                     f"on a case-insensitive file system (macOS, Windows shares), where one's "
+                     f"results would overwrite the other's. Rename one of them."
+                     for clashing in spellings.values() if len(clashing) > 1]
+    return problems
 
 
 def check_template_files(template: Mapping[str, Any], *, source: str = "config") -> list[str]:
@@ -549,7 +606,12 @@ def load_config(*paths: str | Path) -> dict:
     merged: dict = {}
     for path in paths:
         with open(path) as handle:
-            merged = deep_merge(merged, yaml.safe_load(handle) or {})
+            loaded = yaml.safe_load(handle) or {}
+        if not isinstance(loaded, Mapping):  # e.g. a participants.tsv given by mistake
+            raise ConfigError(f"{path}: a config file maps section names to settings "
+                              f"('train:', 'dataset:', ...), but this file holds a "
+                              f"{type(loaded).__name__}. Give the config's YAML file.")
+        merged = deep_merge(merged, loaded)
     return validate_config(merged, source=", ".join(str(p) for p in paths))
 
 

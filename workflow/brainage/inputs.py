@@ -123,7 +123,9 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         # columns instead of shifting them right behind an index made of the ids
         table = pd.read_csv(table_path, sep="\t", index_col=False,
                             dtype={"participant_id": str, "sex": str, "study": str})
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
+    except UnicodeDecodeError:
+        raise InputError(_not_utf8_message(table_path)) from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise InputError(f"{table_path} cannot be read as a tab-separated table: {error}") from None
     # a header ending in a tab names an empty column "Unnamed: <n>"
     table = table.drop(columns=[column for column in table.columns
@@ -159,6 +161,22 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     table["age"] = table["age"].astype(float)
     table["study"] = table["study"].astype(str)
     return table
+
+
+def _not_utf8_message(table_path: Path) -> str:
+    """Where ``table_path`` stops being UTF-8, and how to save it so (a spreadsheet's plain
+    text export may write Windows-1252 or Latin-1: a study named Zürich)."""
+    raw = table_path.read_bytes()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:  # the decoder's position counts from the file start
+        line = raw.count(b"\n", 0, error.start) + 1
+        where = f" line {line} (byte 0x{raw[error.start]:02x})"
+    else:
+        where = ""
+    return (f"{table_path}{where} is not UTF-8 text. Save the table as UTF-8, tab-separated "
+            f"(a spreadsheet's export dialog names the encoding), or convert it, e.g. from "
+            f"Windows-1252: iconv -f cp1252 -t utf-8 {table_path.name} > converted.tsv.")
 
 
 def _check_table_shape(table_path: Path) -> list[int]:
