@@ -1,11 +1,11 @@
 """Where and how a training, evaluation or prediction job computes: threads, device,
 numeric precision and seeding.
 
-Every job that runs the network (train_encoder, evaluate_encoder, the random search, a
-bundle applied to a new cohort) calls :func:`runtime_setup` with the cell's ``train``
-section, so the same settings mean the same numerics everywhere. This module sits below
-:mod:`brainage.train`, :mod:`brainage.evaluate` and :mod:`brainage.apply`; it imports none
-of them.
+Every job that runs the network (train_encoder, which also writes the features the
+read-out is fitted on, the random search, a bundle applied to a new cohort) calls
+:func:`runtime_setup` with the cell's ``train`` section, so the same settings mean the same
+numerics everywhere. This module sits below :mod:`brainage.models`, :mod:`brainage.train`,
+:mod:`brainage.search` and :mod:`brainage.apply`; it imports none of them.
 """
 
 from __future__ import annotations
