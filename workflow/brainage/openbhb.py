@@ -604,8 +604,9 @@ def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
     Writes ``out_images`` [n, 1, X, Y, Z], ``out_participants`` (our table with the official
     ``subset`` train / validation; ``coverage`` is not measured (NaN): the release ships
     checked scans) and ``out_stats`` (the normalisation record), each
-    atomically. Every volume is read twice (statistics, then writing), one at a time, so
-    memory stays one 1 mm volume whatever the release size. Returns the stats.
+    atomically. Volumes are read one at a time, the statistics subjects' twice (statistics,
+    then writing), so memory stays one 1 mm volume whatever the release size. Returns the
+    stats.
     """
     from brainage.normalise import write_normalised
     from brainage.preprocess.images import load_mask
