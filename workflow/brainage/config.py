@@ -1,9 +1,10 @@
 """Configuration: schema validation with defaults, and the settings of one grid cell.
 
 The JSON schema in ``workflow/schemas/config.schema.yaml`` is the documentation of the
-config: every key has a description and a default, unknown keys are rejected. Snakemake
-validates the config with it at workflow start (``common.smk``); the package uses the same
-schema through :func:`validate_config`, so a setting means the same thing in both places.
+config: every key has a description and a default, unknown keys are rejected. The workflow
+(``common.smk``) and the package's command lines both validate through
+:func:`validate_config`, which fills the defaults from it, so a setting means the same thing
+in both places.
 """
 
 from __future__ import annotations

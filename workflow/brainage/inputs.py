@@ -62,7 +62,7 @@ def check_label(label: str, *, where: str) -> str:
     if not isinstance(label, str) or not LABEL_PATTERN.fullmatch(label):
         raise InputError(
             f"{where}: subject label {label!r} is not a BIDS label (letters and digits only, "
-            f"e.g. 'sub-01a'). Rename the subject folder and its participants.tsv row.")
+            f"e.g. '01a' in sub-01a). Rename the subject folder and its participants.tsv row.")
     return label
 
 
@@ -412,7 +412,9 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
                          f"expected (not RGB or complex data). Re-export it as float32.")
     finite = np.isfinite(data)
     if not np.any(finite & (data != 0)):
-        raise InputError(f"{what} {path} contains no non-zero finite voxel.")
+        raise InputError(f"{what} {path} contains no non-zero finite voxel: it is empty (all "
+                         f"0 or NaN). Re-export the map from its source, or remove the subject's "
+                         f"row from participants.tsv.")
     affine = np.asarray(image.affine, dtype=np.float64)[:3]  # the offsets too: a NaN origin
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:, :3])) < 1e-9:
         raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "

@@ -271,7 +271,8 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
     missing = [pid for pid in participants["participant_id"] if pid not in by_subject]
     if missing:
         raise InputError(f"no QC file for {', '.join(missing[:10])}"
-                         f"{' ...' if len(missing) > 10 else ''}; run compute_qc for them.")
+                         f"{' ...' if len(missing) > 10 else ''}; rule correct_and_register "
+                         f"writes it (brainage.preprocess.chain): run it for them.")
     rows = []
     for participant in participants.itertuples(index=False):
         record = by_subject[participant.participant_id]
