@@ -287,6 +287,12 @@ def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
     table["group"] = ["healthy", "healthy", "patient"]
     assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
                               bias_reference_group="healthy") == "group"
+    # a header's 'group ' (a spreadsheet's trailing space) was no group column: the
+    # cohort was summarised by study without a word
+    spaced = table.rename(columns={"group": "group "}).assign(study="s1")
+    with pytest.raises(InputError, match=r"clinic/participants\.tsv's header has 'group ', "
+                                         r"with spaces around its name: remove them"):
+        check_cohort_table(spaced, "clinic/participants.tsv", cohort="clinic")
 
 
 def test_one_study_written_with_and_without_spaces_is_refused(tiny_dataset):

@@ -608,6 +608,11 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
         correction would be refitted on nobody, found only after every subject was
         preprocessed and embedded).
     """
+    spaced = [str(column) for column in participants.columns
+              if str(column).strip() == "group" and str(column) != "group"]
+    if group_column is None and spaced:  # else summarised by study without a word
+        raise InputError(f"cohort {cohort}: {table_path}'s header has {spaced[0]!r}, with "
+                         f"spaces around its name: remove them to summarise by group.")
     group_column = group_column or ("group" if "group" in participants.columns else "study")
     if group_column not in participants.columns:
         raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
