@@ -120,6 +120,24 @@ def test_checkpoint_errors(tmp_path):
     assert "two options" not in str(error.value)
 
 
+def test_an_unreadable_init_checkpoint_is_named_with_what_to_do(tmp_path):
+    """A missing file said only that it did not exist, and a damaged one gave the unpickler's
+    error: neither said what to do about config key model.init_checkpoint."""
+    target = build_model(model_section({}))
+    with pytest.raises(FileNotFoundError, match=r"model\.init_checkpoint: .*missing\.pt does "
+                                                r"not exist\. Correct the path or unset"):
+        load_init_checkpoint(target, tmp_path / "missing.pt")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(b"PK\x03\x04 cut short")
+    no_weights = tmp_path / "no_weights.pt"
+    torch.save({"epoch": 3}, no_weights)
+    for path in (damaged, no_weights):
+        with pytest.raises(ValueError, match=rf"model\.init_checkpoint: {path} cannot be read "
+                                             rf"as a PyTorch state dict .*Replace it with a "
+                                             rf"file torch\.save wrote .*or unset the key"):
+            load_init_checkpoint(target, path)
+
+
 def test_a_reference_code_checkpoint_with_its_argparse_options_loads(model, tmp_path):
     """The reference code's save_model writes {'opts': argparse.Namespace, 'model',
     'optimizer', 'epoch', 'run_id'}; weights_only=True refused the Namespace, so the

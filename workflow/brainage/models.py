@@ -484,7 +484,8 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config key {key}: {path} does not exist.")
+        raise FileNotFoundError(f"config key {key}: {path} does not exist. Correct the path "
+                                f"or unset the key.")
     try:
         with _foreign_safe_globals():
             payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -500,8 +501,10 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
             f"(the mapping of parameter names to tensors, e.g. under 'model' or "
             f"'state_dict') and point {key} at that file.") from None
     except Exception as error:  # unpickling raises many types for foreign files
-        raise ValueError(f"config key {key}: {path} cannot be read as a "
-                         f"PyTorch state dict ({error}).") from None
+        raise ValueError(f"config key {key}: {path} cannot be read as a PyTorch state dict "
+                         f"({error}): it is damaged or not a PyTorch checkpoint. Replace it "
+                         f"with a file torch.save wrote (a state dict, bare or under 'model' "
+                         f"or 'state_dict'), or unset the key.") from None
     target = model.state_dict()
     mapped, report = map_state_dict(source, target)
     report.path = str(path)
