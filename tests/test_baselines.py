@@ -72,6 +72,32 @@ def test_study_mean_predicts_each_studys_training_mean_age(tmp_path):
 
 
 @pytest.mark.slow
+class VoxelsNotToCopy:
+    """Voxel features of a mean baseline: their shape, but no copy of them may be made
+    (a float64 copy of a 2 mm split's voxels is 2 GB, made and thrown away)."""
+
+    def __init__(self, n_rows: int, n_voxels: int) -> None:
+        self.shape = (n_rows, n_voxels)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the mean read-outs copied the voxels")
+
+
+@pytest.mark.parametrize("method", ["train_mean", "study_mean"])
+def test_the_mean_read_outs_never_copy_the_voxels(method):
+    from brainage.readout import fit_readout
+
+    ages, studies = np.array([20.0, 30.0, 60.0, 70.0]), np.array(["a", "a", "b", "b"])
+    settings = {"method": method, "alphas": [1.0], "cv_folds": 2}
+    readout = fit_readout(VoxelsNotToCopy(4, 10**6), ages, settings, studies=studies)
+    predicted = readout.predict(VoxelsNotToCopy(2, 10**6), studies=np.array(["a", "b"]))
+    expected = [45.0, 45.0] if method == "train_mean" else [25.0, 65.0]
+    assert predicted.tolist() == expected
+
+
 def test_pca_ridge_recovers_images_that_are_linear_in_age(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=30, n_test=8, shape=(8, 10, 8))
     table = pd.read_csv(split_dir / "participants.tsv", sep="\t")

@@ -88,14 +88,14 @@ class Readout:
                             for start in range(0, np.shape(features)[1], GRAM_COLUMNS)),
                            np.full(len(features), self.intercept))
             return np.asarray(features, dtype=np.float64) @ self.coef + self.intercept
-        features = np.asarray(features, dtype=np.float64)
-        if self.method == "train_mean":
-            return np.full(len(features), self.intercept)
+        if self.method == "train_mean":  # the means read no feature: no float64 copy of
+            return np.full(len(features), self.intercept)  # the voxels (2 GB at 2 mm)
         if self.method == "study_mean":
             if studies is None:
                 raise ValueError("the study-mean read-out needs each subject's study.")
             return np.array([self.study_means.get(str(study), self.intercept)
                              for study in studies], dtype=np.float64)
+        features = np.asarray(features, dtype=np.float64)
         import torch
 
         scaled = torch.from_numpy(((features - self.feature_mean) / self.feature_sd)
@@ -406,16 +406,16 @@ def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mappin
         return fit_pca_ridge(features, ages, components=readout_settings["pca_components"],
                              alphas=readout_settings["alphas"],
                              cv_folds=readout_settings["cv_folds"])
-    features = np.asarray(features, dtype=np.float64)
-    if method == "ridge":
-        return fit_ridge(features, ages, alphas=readout_settings["alphas"],
-                         cv_folds=readout_settings["cv_folds"])
-    if method == "train_mean":
+    if method == "train_mean":  # the means read no feature (the voxels, for the baselines)
         return fit_mean(ages)
     if method == "study_mean":
         if studies is None:
             raise ValueError("readout.method study_mean needs the training subjects' studies.")
         return fit_mean(ages, studies)
+    features = np.asarray(features, dtype=np.float64)
+    if method == "ridge":
+        return fit_ridge(features, ages, alphas=readout_settings["alphas"],
+                         cv_folds=readout_settings["cv_folds"])
     return fit_predictor(features, ages, method=method, readout_settings=readout_settings,
                          seed=seed)
 
