@@ -41,7 +41,7 @@ LABEL_PATTERN = re.compile(r"[A-Za-z0-9]+")
 REQUIRED_COLUMNS = ("participant_id", "age", "sex", "study")
 #: Columns the pipeline writes into the tables it derives from a participants.tsv, beside
 #: the table's own columns: a split's participants.tsv (brainage.normalise.ADDED_COLUMNS)
-#: and a predicted cohort's brainage.tsv (brainage.apply.PREDICTION_COLUMNS). A column of
+#: and a predicted cohort's predictions.tsv (brainage.apply.PREDICTION_COLUMNS). A column of
 #: the same name in participants.tsv would be overwritten there, so it is refused.
 DERIVED_COLUMNS = ("subset", "coverage", "status", "qc_pass", "qc_reason", "predicted_age",
                    "gap", "corrected_gap", "corrected_predicted_age", "within_training_ages",

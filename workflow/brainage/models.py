@@ -390,8 +390,8 @@ def replicate_input_channels(weight: torch.Tensor, channels: int) -> torch.Tenso
     checkpoint (e.g. a T1w-pretrained encoder fine-tuned on stiffness + damping ratio):
     the kernel is copied to every input channel and divided by C. A network fed C copies of
     one image then computes exactly what the checkpoint computed on that image, so every
-    channel starts with equal weight and fine-tuning shifts it (docs/method.md,
-    "Modalities")."""
+    channel starts with equal weight and fine-tuning shifts it (docs/method.md §3,
+    "First convolution of a multi-channel encoder")."""
     return (weight.repeat(1, channels, 1, 1, 1) / channels).contiguous()
 
 
