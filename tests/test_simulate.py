@@ -803,6 +803,23 @@ def test_t1w_cohort_images_voxel_size_and_ages(t1w_cohort):
         draw_t1w_participants(4, age_range_years=(85, 8))
 
 
+def test_t1w_ages_as_written_are_ages_the_pipeline_reads(tmp_path, tiny_subjects):
+    """Ages are written to 0.1 year: --min-age 0.01 wrote ages of 0.0 and --max-age 119.99
+    ages of 120.0, and the pipeline's reader refused the dataset the simulator had just
+    written (ages lie strictly between 0 and 120). Such a range is refused by its name."""
+    from brainage.inputs import AGE_RANGE_YEARS, read_participants
+
+    for age_range in ((0.01, 2.0), (100.0, 119.99)):
+        with pytest.raises(ValueError, match=re.escape(f"age_range_years={age_range}")):
+            draw_t1w_participants(400, age_range_years=age_range)
+    for age_range in ((0.1, 2.0), (100.0, 119.9)):
+        root = tmp_path / f"from{age_range[0]}"
+        simulate_t1w_cohort(root, n_subjects=400, age_range_years=age_range)
+        ages = read_participants(root, ("T1w",))["age"]
+        assert ages.between(*age_range).all()
+        assert (AGE_RANGE_YEARS[0] < ages).all() and (ages < AGE_RANGE_YEARS[1]).all()
+
+
 def test_t1w_sites_scale_intensities():
     subject = dict(draw_t1w_participants(4, seed=0).iloc[0].to_dict(), study="t1site1")
     reference = simulate_t1w_subject(subject, seed=0, id_prefix="pre", index=0)

@@ -60,6 +60,10 @@ LOGGER = logging.getLogger(__name__)
 T1W_ID_PREFIX = "pre"
 T1W_VOXEL_SIZE_MM = 2.0
 T1W_AGE_RANGE_YEARS = (8.0, 85.0)
+#: Bounds of an age range: ages are written to 0.1 year, and the pipeline reads only ages
+#: strictly between 0 and 120 years (brainage.inputs.AGE_RANGE_YEARS), so a youngest age
+#: below 0.1 could be written as 0.0 and an oldest above 119.9 as 120.0.
+AGE_RANGE_LIMITS_YEARS = (0.1, 119.9)
 #: Finer grids cost memory and time as the cube of the voxel count; coarser ones lose
 #: the cortex.
 VOXEL_SIZE_LIMITS_MM = (1.0, 4.0)
@@ -134,10 +138,12 @@ class SimulatedT1w(NamedTuple):
 
 def _check_age_range(age_range_years) -> tuple[float, float]:
     youngest, oldest = (float(age) for age in age_range_years)
-    if not 0.0 < youngest < oldest < 120.0:
+    low, high = AGE_RANGE_LIMITS_YEARS
+    if not low <= youngest < oldest <= high:
         raise ValueError(f"age_range_years={tuple(age_range_years)} (CLI: --min-age, "
-                         f"--max-age) must be (youngest, oldest) in years with 0 < youngest "
-                         f"< oldest < 120, e.g. (8, 85).")
+                         f"--max-age) must be (youngest, oldest) in years with {low} <= "
+                         f"youngest < oldest <= {high} (ages are written to 0.1 year, and "
+                         f"the pipeline reads ages between 0 and 120), e.g. (8, 85).")
     return youngest, oldest
 
 
