@@ -17,6 +17,7 @@ from brainage.io import (
     atomic_path,
     save_tensors,
     sha256_file,
+    staged_folder,
     stale_temporaries,
     write_json,
     write_tsv,
@@ -105,6 +106,31 @@ def test_atomic_path_puts_the_data_on_the_disk_before_the_rename(tmp_path, monke
     folder = final.parent.stat().st_ino
     assert any(event == "fsync" and synced == folder
                for event, synced, _ in events[renames[0]:]), events
+
+
+def test_a_folder_interrupted_between_its_renames_keeps_the_old_one(tmp_path, monkeypatch):
+    """A Ctrl-C after the old folder was moved aside and before the new one took its
+    place: the old one was deleted (the clean-up ran) and the new one too, leaving no
+    folder at all. Now the old one is put back whole."""
+    target = tmp_path / "bundle"
+    target.mkdir()
+    (target / "manifest.json").write_text("old")
+    renames = []
+
+    def replace_interrupted_at_the_second(source, destination):
+        renames.append(destination)
+        if len(renames) == 2:
+            raise KeyboardInterrupt
+        return real_replace(source, destination)
+
+    real_replace = os.replace
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(target, what="an export") as staging:
+            (staging / "manifest.json").write_text("new")
+            monkeypatch.setattr(os, "replace", replace_interrupted_at_the_second)
+    monkeypatch.undo()
+    assert (target / "manifest.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
 @pytest.mark.parametrize("acl", [False, True], ids=["umask", "default ACL"])

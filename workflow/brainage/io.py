@@ -200,7 +200,7 @@ def _replace_folder(staging: Path, target: Path) -> None:
         os.replace(target, old / target.name)
         try:
             os.replace(staging, target)
-        except OSError:
+        except BaseException:  # a Ctrl-C between the two renames too: never no target
             os.replace(old / target.name, target)  # put the previous folder back
             raise
         finally:
