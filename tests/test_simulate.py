@@ -577,6 +577,17 @@ def test_a_new_simulation_removes_what_a_killed_one_left_beside_its_root(tmp_pat
     assert not stale[0].exists()
 
 
+def test_cli_names_a_root_the_system_refuses_without_a_traceback(tmp_path, capsys,
+                                                                  tiny_subjects):
+    """A --root the system refuses (here: a name longer than a file name may be; an
+    unwritable or full disk alike) gave a Python traceback, not the CLI's error line."""
+    with pytest.raises(SystemExit) as exited:
+        simulate.main(["--root", str(tmp_path / ("d" * 300)), "--n-subjects", "10"])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("brainage.simulate: error: ") and "File name too long" in error
+
+
 def test_cli_refuses_an_ageing_offset_without_an_accelerated_group(tmp_path, capsys,
                                                                      tiny_subjects):
     """--accelerated-ageing-years without --accelerated-group-n was accepted and ignored:

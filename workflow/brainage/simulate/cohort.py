@@ -332,7 +332,7 @@ def main(argv=None) -> None:
                 accelerated_ageing_years=value("accelerated_ageing_years", 8.0),
                 id_prefix=value("id_prefix", ""), with_anatomy=not args.no_anatomy,
                 maps=value("maps", ("stiffness",)), overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as error:
+    except (OSError, ValueError) as error:  # an existing, unwritable or full --root too
         parser.exit(2, f"brainage.simulate: error: {error}\n")
     print(f"wrote {len(participants)} subjects to {args.root}")
 
