@@ -66,6 +66,23 @@ def test_validation_takes_each_studys_rounded_share_of_its_training_subjects(tmp
 
 
 
+def test_the_validation_subjects_do_not_depend_on_the_row_order(tmp_path):
+    """The same subjects in another row order of participants.tsv (a sorted spreadsheet, a
+    study appended in between) gave another validation set, so another search result;
+    the holdout test set was already drawn independently of the row order."""
+    split = load_split(write_split(tmp_path, n_subjects=24, n_test=6))
+    order = np.random.default_rng(1).permutation(len(split.table))
+    shuffled = type(split)(split.name, split.images[order],
+                           split.table.iloc[order].reset_index(drop=True), split.stats,
+                           train_index=np.flatnonzero(np.isin(order, split.train_index)),
+                           eval_index=np.flatnonzero(np.isin(order, split.eval_index)))
+    for seed in range(3):
+        chosen = split.with_validation(0.25, seed=seed)
+        again = shuffled.with_validation(0.25, seed=seed)
+        assert sorted(again.participant_ids[again.eval_index]) == sorted(
+            chosen.participant_ids[chosen.eval_index])
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_a_tiny_training_set_keeps_every_study_in_training(seed):
     """Every study rounds to no validation subject; the one drawn instead comes from a

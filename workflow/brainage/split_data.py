@@ -133,25 +133,31 @@ class SplitData:
         """Carve a validation set out of the training subjects (stratified by study).
 
         The test subjects are dropped from the result entirely, so nothing tuned on it can
-        see them. Each study keeps at least one training subject.
+        see them. Each study keeps at least one training subject. The draw is among each
+        study's subjects in participant-id order, so it does not depend on the order of the
+        rows in participants.tsv (as the holdout test set does not).
         """
         if not 0 < fraction < 1:
             raise ConfigError(f"config key search.validation_fraction is {fraction}; expected a "
                               f"share between 0 and 1.")
         rng = np.random.default_rng(seed)
-        studies = self.studies[self.train_index]
+        # the training rows in participant-id order: the same subjects drawn whatever the
+        # table's row order
+        by_id = self.train_index[np.argsort(self.participant_ids[self.train_index],
+                                            kind="stable")]
+        studies = self.studies[by_id]
         sizes = {str(study): int(np.sum(studies == study)) for study in set(studies)}
         counts = validation_counts(sizes, fraction)
         validation = []
         for study in sorted(set(studies)):
-            members = self.train_index[studies == study]
+            members = by_id[studies == study]
             if counts[str(study)] > 0:
                 validation.extend(rng.choice(members, size=counts[str(study)],
                                              replace=False).tolist())
         if not validation:  # tiny training sets: at least one validation subject overall,
             # from a study that keeps another training subject where one has two
-            spare = self.train_index[[sizes[study] > 1 for study in studies]]
-            validation = [int(rng.choice(spare if len(spare) else self.train_index))]
+            spare = by_id[[sizes[study] > 1 for study in studies]]
+            validation = [int(rng.choice(spare if len(spare) else by_id))]
         validation = np.sort(np.asarray(validation, dtype=np.int64))
         remaining = np.setdiff1d(self.train_index, validation)
         return replace(self, train_index=remaining, eval_index=validation,
