@@ -49,6 +49,7 @@ from brainage.io import sha256_file  # noqa: E402
 from brainage.normalise import apply as normalise_map  # noqa: E402
 from brainage.predict import run_cohort  # noqa: E402
 from brainage.readout import Readout, fit_readout, load_readout  # noqa: E402
+from conftest import REPO  # noqa: E402
 from split_fixture import tiny_settings, write_split  # noqa: E402
 
 #: How the test cohorts were "preprocessed" (the schema's defaults, a file template).
@@ -448,6 +449,42 @@ def test_a_bundle_exported_for_cuda_says_to_choose_the_device_where_there_is_non
                                           r"train\.device 'cuda'.*--device cpu"):
         BrainAgeModel.from_bundle(copied)
     assert BrainAgeModel.from_bundle(copied, device="cpu").device.type == "cpu"
+
+
+def test_the_workflows_predict_job_runs_a_cuda_bundle_on_its_cpu_node(
+        world, new_cohort, tmp_path, monkeypatch):
+    """Rule predict_cohort asks for no GPU, so on SLURM it runs where PyTorch sees none: a
+    bundle exported with train.device cuda stopped there with a message about --device,
+    which the rule's user cannot pass (only a config edit of train.device, which retrains
+    the grid, got past it). The rule's script lets the job's own machine choose."""
+    import runpy
+
+    import brainage.logs
+
+    copied = tmp_path / "bundle"
+    shutil.copytree(world.bundle_dir, copied)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["settings"]["train"]["device"] = "cuda"
+    _rewrite_manifest(copied, manifest)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(brainage.logs, "log_to_file", lambda path: None)  # the test's logs
+    labels = list(new_cohort.files["maps"])
+    out = tmp_path / "out"
+    job = SimpleNamespace(
+        log=[str(tmp_path / "predict.log")], wildcards=SimpleNamespace(cohort="new"),
+        input=SimpleNamespace(qc=[new_cohort.files["qc"][label] for label in labels]),
+        output=SimpleNamespace(**{name: str(out / file) for name, file in (
+            ("predictions", "predictions.tsv"), ("summary", "summary.tsv"),
+            ("figure", "gap.png"), ("provenance", "provenance.json"))}),
+        params=SimpleNamespace(bundle_dir=str(copied), dataset_root=str(new_cohort.root),
+                               maps=stiffness_maps(new_cohort.files["maps"]), labels=labels,
+                               qc_thresholds=QC_THRESHOLDS, bias_reference_group=None))
+    runpy.run_path(str(REPO / "workflow" / "scripts" / "predict_cohort.py"),
+                   init_globals={"snakemake": job})
+    predicted = pd.read_csv(out / "predictions.tsv", sep="\t")
+    expected = new_cohort.predictions.set_index("participant_id")["predicted_age"]
+    assert np.allclose(predicted.set_index("participant_id")["predicted_age"]
+                       .reindex(expected.index), expected, atol=1e-9, equal_nan=True)
 
 
 def test_an_export_removes_the_half_written_bundles_of_a_killed_one(exported, tmp_path):
