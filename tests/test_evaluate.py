@@ -92,6 +92,40 @@ def test_huber_threshold_is_in_years():
     assert constant(huber_delta=200.0) == pytest.approx(np.mean(ages), abs=0.1)
 
 
+def test_l1_and_mse_read_outs_fit_their_own_loss():
+    # Features that carry nothing, as above: the L1 predictor learns the median age and the
+    # MSE one the mean. Every readout learns a linear age code either way, so an l1 read-out
+    # trained with the squared error (or an mse one with the absolute error) went unnoticed.
+    ages = np.array([20.0] * 12 + [22.0] * 12 + [25.0] * 12 + [80.0] * 8)  # median 22, mean 32.8
+    features = np.zeros((len(ages), 4))
+
+    def constant(method):
+        section = readout_section({"method": method, "predictor_epochs": 1000,
+                                   "predictor_lr": 1e-2})
+        return float(fit_readout(features, ages, section, seed=0).predict(features[:1])[0])
+
+    assert abs(constant("l1") - np.median(ages)) < 1.0
+    assert constant("mse") == pytest.approx(np.mean(ages), abs=0.1)
+
+
+def test_predictor_width_and_weight_decay_are_the_configured_ones():
+    # readout.predictor_hidden_dim and readout.predictor_weight_decay were never read back:
+    # a predictor built 128 wide, or trained without decay, passed every test. A decay of 10
+    # shrinks the MLP until it predicts about the training mean for everyone.
+    train_x, train_y, test_x, _ = _shared_direction_data()
+    narrow = fit_readout(train_x, train_y, readout_section(
+        {"method": "mse", "predictor_hidden_dim": 7, "predictor_epochs": 1}), seed=0)
+    assert narrow.predictor[0].out_features == 7
+    assert narrow.to_state()[1]["hidden_dim"] == 7
+
+    def spread(decay):
+        section = readout_section({"method": "mse", "predictor_weight_decay": decay})
+        return float(np.std(fit_readout(train_x, train_y, section, seed=0).predict(test_x)))
+
+    assert spread(0.0) > 15.0  # the test ages' sd is about 17 years
+    assert spread(10.0) < 1.0
+
+
 def test_dex_expected_value_stays_within_the_bins():
     train_x, train_y, test_x, _ = _shared_direction_data()
     readout = fit_readout(train_x, train_y, readout_section({"method": "dex"}), seed=0)

@@ -331,10 +331,16 @@ def test_qc_metrics_on_a_constructed_case():
     subject_mask[:, :, 1:6] = True  # 400 of its 500 voxels inside the template's
     stiffness = np.zeros((10, 10, 10))
     stiffness[:, :, 3:] = 2.0 * template_t1[:, :, 3:]  # a slab that reaches past the brain
-    metrics = qc_metrics(stiffness, subject_mask, template_t1, template_t1, template_mask)
+    reference = 3.0 * template_t1
+    reference[:, :, :2] = 0.0  # a warped reference without data in part of the brain
+    metrics = qc_metrics(stiffness, subject_mask, reference, template_t1, template_mask)
     assert metrics["coverage"] == pytest.approx(200 / 500)  # only template-brain voxels count
     assert metrics["dice"] == pytest.approx(2 * 400 / (500 + 500))
     assert metrics["correlation"] == pytest.approx(1.0)  # the map is the T1 times 2 there
+    # the reference is compared where it has data, as the map is: its zeros counted, it
+    # correlated about 0.23 with the template (the reference was the template T1 itself here,
+    # so no region or operand mattered)
+    assert metrics["reference_correlation"] == pytest.approx(1.0)
 
 
 def test_qc_correlation_of_a_map_constant_inside_the_brain_is_zero(recwarn):

@@ -531,6 +531,18 @@ def test_implausible_transform_is_a_failed_registration():
     with pytest.raises(RegistrationError, match="non-finite"):
         check_transform(np.full((4, 4), np.nan), what="subject sub-z")
     check_transform(np.diag([1.1, 0.95, 1.0, 1.0]), what="subject sub-z")
+    # stretched as well as squashed (only the squash was checked, so a check of the smallest
+    # scale alone passed), and by the singular values, not the diagonal: a 60° rotation has
+    # diagonal 0.5, 0.5, 1 but scales nothing
+    with pytest.raises(RegistrationError, match=r"the affine scales the axes by \[2\.0, 1\.0, 1\.0\]"):
+        check_transform(np.diag([1.0, 2.0, 1.0, 1.0]), what="subject sub-z")
+    cos, sin = np.cos(np.pi / 3), np.sin(np.pi / 3)
+    rotation = np.array([[cos, -sin, 0, 5], [sin, cos, 0, -3], [0, 0, 1, 2], [0, 0, 0, 1]])
+    check_transform(rotation, what="subject sub-z")
+    sheared = np.eye(4)
+    sheared[0, 1] = 1.5  # diagonal all 1, singular values about 2.0 and 0.5
+    with pytest.raises(RegistrationError, match="the affine scales"):
+        check_transform(sheared, what="subject sub-z")
 
 
 
