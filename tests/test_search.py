@@ -199,6 +199,34 @@ def test_a_rerun_with_another_search_retrains_the_trials_it_changed(stubbed_sear
     assert len(trained) == 6
 
 
+def test_the_umap_epochs_retrain_no_trial(stubbed_search):
+    """train.embed_epochs says which epochs the UMAP figure shows; trials write no
+    embeddings, but it was part of their key, so changing it retrained every trial (30
+    trainings in the paper config). Trials keyed with it before still count."""
+    from brainage.search import TRIAL_KEY, trial_key
+
+    trained, split_dir, settings, out = stubbed_search
+    best = random_search(split_dir, out, settings, SEARCH)
+    assert len(trained) == 2
+    shown = {**settings, "train": {**settings["train"], "embed_epochs": [1, 2]}}
+    assert random_search(split_dir, out, shown, SEARCH) == best
+    assert len(trained) == 2  # both trials reused
+    # a trial keyed as before: with the embed_epochs of its settings
+    split = load_split(split_dir, require_eval=False).with_validation(
+        SEARCH["validation_fraction"], SEARCH["seed"])
+    metrics_path = out / "trial-01" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())
+    base = resolve_cell({**shown, "loss": {**shown["loss"], "name": "adaptive"}})
+    metrics[TRIAL_KEY] = trial_key({**base, "variant": "trial-01", "loss": {
+        **base["loss"], "nn_final": metrics["nn_final"], "nn_step": metrics["nn_step"]}}, split)
+    metrics_path.write_text(json.dumps(metrics))
+    assert random_search(split_dir, out, shown, SEARCH) == best
+    assert len(trained) == 2
+    # what a trial is scored with still retrains it
+    random_search(split_dir, out, {**shown, "train": {**shown["train"], "epochs": 3}}, SEARCH)
+    assert len(trained) == 4
+
+
 def test_a_rerun_removes_what_a_killed_search_left(stubbed_search):
     """A search killed between a trial's score and the deletion of its encoder left the
     encoder (134 MB at the paper's width), and one killed while writing left atomic_path
