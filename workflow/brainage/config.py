@@ -20,6 +20,8 @@ from typing import Any, Mapping
 import jsonschema
 import yaml
 
+from brainage.paths import names_sharing_a_folder
+
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
 CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
 PARTICIPANTS_SCHEMA = SCHEMA_DIR / "participants.schema.yaml"
@@ -225,17 +227,11 @@ def check_names_differing_in_case(config: Mapping[str, Any], *,
                for name, experiment in config.get("experiments", {}).items()],
              ("pretrain", config.get("pretrain", {})),
              ("predict.cohorts", config.get("predict", {}).get("cohorts", {}))]
-    problems = []
-    for key, names in named:
-        spellings: dict[str, list[str]] = {}
-        for name in names:
-            spellings.setdefault(name.lower(), []).append(name)
-        problems += [f"{source}: config key {key} names {' and '.join(map(repr, clashing))}, "
-                     f"which differ only in case: their folders under results/ would be one "
-                     f"on a case-insensitive file system (macOS, Windows shares), where one's "
-                     f"results would overwrite the other's. Rename one of them."
-                     for clashing in spellings.values() if len(clashing) > 1]
-    return problems
+    return [f"{source}: config key {key} names {' and '.join(map(repr, clashing))}, which "
+            f"differ only in case: their folders under results/ would be one on a "
+            f"case-insensitive file system (macOS, Windows shares), where one's results "
+            f"would overwrite the other's. Rename one of them."
+            for key, names in named for clashing in names_sharing_a_folder(names)]
 
 
 def check_template_files(template: Mapping[str, Any], *, source: str = "config") -> list[str]:

@@ -32,6 +32,7 @@ import pandas as pd
 
 from brainage.io import write_json
 from brainage.modalities import DEFAULT_MODALITIES, input_path, modality
+from brainage.paths import names_sharing_a_folder
 
 log = logging.getLogger(__name__)
 
@@ -266,10 +267,10 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     if len(duplicated):
         raise InputError(f"{table_path}: duplicate participant_id {', '.join(duplicated)}; "
                          f"each subject must appear once.")
-    folded = table["participant_id"].str.lower()
-    if folded.duplicated().any():  # one folder on macOS, on Windows shares, in a zip
-        pairs = [" and ".join(group) for _, group in
-                 table["participant_id"].groupby(folded) if len(group) > 1]
+    # one folder on macOS, on Windows shares, in a zip
+    clashing = names_sharing_a_folder(sorted(table["participant_id"], key=str.lower))
+    if clashing:
+        pairs = [" and ".join(group) for group in clashing]
         raise InputError(f"{table_path}: participant_id {'; '.join(pairs)} differ only in "
                          f"case, so their folders under results/ would be one on a "
                          f"case-insensitive file system. Rename one of each pair.")

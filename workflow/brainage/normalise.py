@@ -41,6 +41,7 @@ import pandas as pd
 from brainage.inputs import InputError
 from brainage.io import atomic_path, remove_stale_temporaries, write_json, write_tsv
 from brainage.modalities import DEFAULT_MODALITIES, modality
+from brainage.paths import names_sharing_a_folder
 from brainage.preprocess.images import load_mask, load_volume
 from brainage.qc import participants_table, qc_metrics_table, read_qc_table
 from brainage.split_data import study_quotas
@@ -108,10 +109,10 @@ def _check_scheme(participants: pd.DataFrame, scheme: str, n_folds: int) -> None
         # compared without case: results/dataset/losoA and losoa are one folder on a
         # case-insensitive file system (macOS, Windows shares), where one split's images
         # would overwrite the other's and a held-out study could train the other encoder
-        folded = [label.lower() for label in labels]
-        clashes = {label for label in folded if folded.count(label) > 1}
-        if clashes:
-            raise InputError(f"studies {[s for s in studies if study_label(s).lower() in clashes]} "
+        clashing = {study for group in names_sharing_a_folder(studies, study_label)
+                    for study in group}
+        if clashing:
+            raise InputError(f"studies {[s for s in studies if s in clashing]} "
                              f"give the same split name once non-alphanumerics are removed "
                              f"and case is ignored (folders under results/ are one on a "
                              f"case-insensitive file system); rename one of them in the "

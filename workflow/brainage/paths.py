@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 #: The training cohort's preprocessing folder (relative to ``results``).
 TRAINING_PREPROC = "preproc"
@@ -33,6 +34,17 @@ TRAINING_PREPROC = "preproc"
 #: does. docs/method.md ("Template") tells the story.
 DEFAULT_SPACE = "MNI152NLin2009aSym"
 TEMPLATE_RESOLUTION = "res-2"
+
+
+def names_sharing_a_folder(names: Iterable[str], folder: Callable[[str], str] = str
+                           ) -> list[list[str]]:
+    """The groups (two or more, in the order given) of ``names`` whose folders
+    ``folder(name)`` differ only in case: one folder on a case-insensitive file system
+    (macOS, Windows shares), where one name's results would overwrite the other's."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(folder(name).lower(), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 @dataclass(frozen=True)
