@@ -130,12 +130,14 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
         # a trial writes no embeddings (fit_encoder below gets no folder): the UMAP
         # figure's train.embed_epochs must not retrain it. Trials keyed with it (before
         # 2026-12-04) still count, or every stored trial would train again once.
-        keyed_with_embed_epochs = trial_key(settings_trial, split)
-        settings_trial["train"] = {**base["train"], "embed_epochs": []}
+        keyed_before = settings_trial
+        settings_trial = {**settings_trial, "train": {**base["train"], "embed_epochs": []}}
         key = trial_key(settings_trial, split)
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
-        if metrics is not None and (_reusable(metrics, trial, key)
-                                    or metrics.get(TRIAL_KEY) == keyed_with_embed_epochs):
+        # the old key only when the new one does not match (a key hashes the trials'
+        # starting checkpoint, 134 MB at the paper's width)
+        if metrics is not None and (_reusable(metrics, trial, key) or (
+                TRIAL_KEY in metrics and metrics[TRIAL_KEY] == trial_key(keyed_before, split))):
             log.info("trial %d already done", trial["trial"])
             # a job killed between the score and the deletion left the trial's encoder
             # (134 MB at the paper's width), which nothing else removes
