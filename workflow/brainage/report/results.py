@@ -366,11 +366,16 @@ def baseline_key(settings: Mapping[str, Any]) -> str | None:
     return None
 
 
+def baseline_label(key: str) -> str:
+    """A baseline row's display name, from its :data:`BASELINE_LABELS` key."""
+    return BASELINE_LABELS.get(key, f"{key} (baseline)")
+
+
 def cell_label(settings: Mapping[str, Any], names: Mapping[str, str] | None = None) -> str:
     """A row's display name: the loss (contrastive cells) or the baseline."""
     key = baseline_key(settings)
     if key is not None:
-        return BASELINE_LABELS.get(key, f"{key} (baseline)")
+        return baseline_label(key)
     names = names or display_loss_names()
     label = names.get(settings["loss"]["name"], settings["loss"]["name"])
     start = initialisation(settings)

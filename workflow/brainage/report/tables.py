@@ -23,6 +23,7 @@ from brainage.report.results import (
     PAPER_TABLE2_TOTAL,
     PAPER_TABLE3,
     baseline_key,
+    baseline_label,
     cell_label,
     check_same_test_subjects,
     coverage_fraction,
@@ -110,9 +111,10 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
         start = initialisation(cell) if cell is not None else "scratch"
         fine_tuned = key is None and start != "scratch"
         name = f"{base}:{variant}" if fine_tuned else base  # never the loss's own name
-        label = cell_label(cell, display_names) if cell is not None else \
-            BASELINE_LABELS.get(base, f"{base} (baseline)") if key is not None else \
-            display_names.get(base, base)
+        if cell is not None:
+            label = cell_label(cell, display_names)
+        else:
+            label = baseline_label(key) if key is not None else display_names.get(base, base)
         paper = PAPER_TABLE3.get(base, (np.nan, np.nan)) if key is None else (np.nan, np.nan)
         rows.append({"loss": name, **summarise_seeds(group),
                      "kind": "baseline" if key is not None else group["kind"].iloc[0],
