@@ -591,9 +591,9 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
             raise InputError(f"split {split}: the statistics subjects ({shown}"
                              f"{f' and {more} more' if more > 0 else ''}) have {count} non-zero "
                              f"{name} voxels (sd {sd}): their registered {name} maps are empty "
-                             f"or constant. Look at them in the results' preproc/ folder and at the QC "
-                             f"table; delete a subject's preprocessed files to redo them, or "
-                             f"fix the input maps.")
+                             f"or constant. Look at them in the results' preproc/ folder and "
+                             f"at the QC table; delete a subject's preprocessed files to redo "
+                             f"them, or fix the input maps.")
         log.info("split %s: %s mean %.4f, sd %.4f (%s) over %d voxels", split, name, mean, sd,
                  modality(name).unit, count)
         means.append(mean)
