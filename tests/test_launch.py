@@ -68,3 +68,16 @@ def test_a_process_failing_on_one_node_ends_every_node(monkeypatch):
     monkeypatch.setattr("brainage.launch.first_node", lambda environ: "gpu07")
     command = training_command(4, 2, python="py", environ={"SLURM_JOB_ID": "1"})
     assert command[0] == "srun" and "--kill-on-bad-exit=1" in command[:command.index("py")]
+
+
+def test_each_node_runs_its_processes_on_the_cpus_the_job_asked_for(monkeypatch):
+    """srun of Slurm 22.05 to 23.02 does not inherit the job's --cpus-per-task: where SLURM
+    binds tasks to CPUs, each node's torchrun (and its data-loading workers) ran on one
+    CPU of the many the job held. Without a CPU request the job's default stays."""
+    monkeypatch.setattr("brainage.launch.first_node", lambda environ: "gpu07")
+    command = training_command(4, 2, python="py", environ={"SLURM_JOB_ID": "1",
+                                                           "SLURM_CPUS_PER_TASK": "32"})
+    srun_options = command[:command.index("py")]
+    assert srun_options[srun_options.index("--cpus-per-task") + 1] == "32"
+    command = training_command(4, 2, python="py", environ={"SLURM_JOB_ID": "1"})
+    assert "--cpus-per-task" not in command

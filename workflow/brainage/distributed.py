@@ -65,6 +65,7 @@ when one fails)::
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     port=$((29500 + SLURM_JOB_ID % 2000))  # brainage.launch.rendezvous_port
     srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \\
+         --cpus-per-task "$SLURM_CPUS_PER_TASK" \\
         torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node 4 \\
                  --rdzv_backend c10d --rdzv_endpoint "$head:$port" --rdzv_id "$SLURM_JOB_ID" \\
                  -m brainage.train --split-dir ... (as above)

@@ -59,8 +59,13 @@ def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
         return [*torchrun, "--standalone", "-m", "brainage.train"]
     environ = os.environ if environ is None else environ
     # --kill-on-bad-exit: a node whose torchrun fails ends the others' at once, instead
-    # of their processes waiting in a collective for COLLECTIVE_TIMEOUT (brainage.distributed)
-    return ["srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", *torchrun,
+    # of their processes waiting in a collective for COLLECTIVE_TIMEOUT (brainage.distributed).
+    # --cpus-per-task: srun of Slurm 22.05 to 23.02 does not inherit the job's
+    # --cpus-per-task (SLURM_CPUS_PER_TASK), so where tasks are bound to CPUs
+    # (task/affinity, task/cgroup) each node's torchrun and all its processes got one CPU.
+    cpus = environ.get("SLURM_CPUS_PER_TASK", "")
+    return ["srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+            *(["--cpus-per-task", cpus] if cpus.isdigit() else []), *torchrun,
             "--nnodes", str(nodes),
             "--rdzv_backend", "c10d", "--rdzv_id", environ.get("SLURM_JOB_ID", "brainage"),
             "--rdzv_endpoint",
