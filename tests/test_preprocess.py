@@ -992,3 +992,25 @@ def test_a_damaged_qc_record_names_its_file(tmp_path, content):
     assert read_qc_records([good])["sub-01"]["dice"] == 0.9
     with pytest.raises(InputError, match=rf"QC file {re.escape(str(bad))} cannot be read"):
         read_qc_records([good, bad])
+
+
+def test_a_qc_record_copied_from_another_subject_is_named(tmp_path):
+    """The QC table keyed each record by the participant id inside it: a file copied from
+    sub-01 to sub-02's place gave sub-01 two records (the last one kept) and reported
+    sub-02 as having no QC file although Snakemake saw it, naming neither file."""
+    from brainage.qc import read_qc_records
+
+    record = {"participant_id": "sub-01", "dice": 0.9, "correlation": 0.5, "coverage": 0.8}
+    own = tmp_path / "sub-01_qc.json"
+    own.write_text(json.dumps(record))
+    copied = tmp_path / "sub-02_qc.json"
+    copied.write_text(json.dumps(record))
+    with pytest.raises(InputError, match=rf"^QC file {re.escape(str(copied))} is the record "
+                                         r"of sub-01, not of sub-02; rerun sub-02's"):
+        read_qc_records([own, copied])
+    elsewhere = tmp_path / "again"
+    elsewhere.mkdir()
+    (elsewhere / "sub-01_qc.json").write_text(json.dumps(record))
+    with pytest.raises(InputError, match=r"^QC files .* both hold the record of sub-01"):
+        read_qc_records([own, elsewhere / "sub-01_qc.json"])
+    assert read_qc_records([own])["sub-01"]["dice"] == 0.9

@@ -329,17 +329,29 @@ def read_qc_records(qc_files: Sequence[str | Path], *,
     """``{participant_id: record}`` of the subjects' QC JSON files (``compute_qc``).
 
     ``require``: metrics every record must hold as numbers (NaN allowed: it fails the
-    threshold), else :class:`InputError` naming the file.
+    threshold), else :class:`InputError` naming the file. A record must be the subject's
+    its file is named after (``sub-<label>_...``), and no two files may hold one subject's:
+    a file copied from another subject would pass that subject's verdict on.
     """
-    records = {}
+    records, files = {}, {}
     for path in qc_files:
         try:
             record = json.loads(Path(path).read_text())
-            records[record["participant_id"]] = record
+            participant_id = record["participant_id"]
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise InputError(f"QC file {path} cannot be read as a subject's QC record "
                              f"({type(error).__name__}: {error}); rerun the subject's "
                              f"preprocessing (rule correct_and_register).") from None
+        named_for = Path(path).name.split("_")[0]
+        if named_for.startswith("sub-") and participant_id != named_for:
+            raise InputError(f"QC file {path} is the record of {participant_id}, not of "
+                             f"{named_for}; rerun {named_for}'s preprocessing (rule "
+                             f"correct_and_register, step compute_qc).")
+        if participant_id in files:
+            raise InputError(f"QC files {files[participant_id]} and {path} both hold the "
+                             f"record of {participant_id}; give the QC table each subject's "
+                             f"own file once.")
+        records[participant_id], files[participant_id] = record, path
         lacking = [metric for metric in require if isinstance(record.get(metric), bool)
                    or not isinstance(record.get(metric), (int, float))]
         if lacking:
