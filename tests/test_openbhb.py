@@ -345,6 +345,24 @@ def test_bad_values_name_the_line(release, column, value, expected):
         in str(error.value)
 
 
+def test_error_lines_count_the_blank_lines_pandas_skips(release):
+    """pandas skips blank (and spaces-only) lines, before the header too: the line named is
+    the file's, not the count of rows read."""
+    root, written = release
+    table = written.copy()
+    table.loc[2, "age"] = "twenty"
+    header, *rows = table.to_csv(sep="\t", index=False).splitlines()
+    lines = ["", header, rows[0], "", rows[1], "   ", rows[2], *rows[3:]]
+    (root / "participants.tsv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match="age 'twenty' is not a number of years") as error:
+        read_release(root)
+    assert f"participants.tsv line 7 (participant_id {written.iloc[2]['participant_id']!r})" \
+        in str(error.value)
+    # and the same file without the bad value reads every row
+    (root / "participants.tsv").write_text("\n".join(lines).replace("twenty", "30") + "\n")
+    assert sorted(read_release(root).table["openbhb_id"]) == sorted(written["participant_id"])
+
+
 @pytest.mark.parametrize("openbhb_id", ["../../../etc", "a/b", "..", ".hidden", "a\\b"])
 def test_an_id_that_could_name_another_folder_is_refused(release, openbhb_id):
     """The id names the folder a scan's array is read from (quasiraw_path): one with a path

@@ -39,6 +39,7 @@ from brainage.simulate.anatomy import (
     DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR,
     STUDY_ACQUISITION,
     SimulatedSubject,
+    check_maps,
     simulate_subject,
 )
 from brainage.simulate.t1w_cohort import T1W_SITES, SimulatedT1w, simulate_t1w_subject
@@ -868,8 +869,54 @@ def test_cli_names_the_age_options_it_refuses(tmp_path, capsys):
     with pytest.raises(SystemExit):
         simulate.main(["--root", str(tmp_path / "x"), "--t1w-only", "--min-age", "90"])
     error = capsys.readouterr().err
-    assert "--min-age" in error and "--max-age" in error and "(90.0, 85.0)" in error
+    assert "--min-age 90.0 --max-age 85.0" in error and "age_range_years" not in error
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(("options", "typed"), [
+    (["--n-subjects", "5"], "--n-subjects 5 is too small"),
+    (["--seed", "-1"], "--seed -1 must be a whole number >= 0"),
+    (["--accelerated-group-n", "-1"], "--accelerated-group-n -1 must be a whole number"),
+    (["--accelerated-group-n", "2", "--accelerated-ageing-years", "nan"],
+     "--accelerated-ageing-years nan must be a finite number of years"),
+    (["--id-prefix", "a-b"], "--id-prefix a-b must be letters and digits only"),
+    (["--maps", "damping_ratio"], "--maps damping_ratio: give each MRE map once"),
+    (["--t1w-only", "--n-subjects", "0"], "--n-subjects 0 must be a whole number >= 1"),
+    (["--t1w-only", "--seed", "-2"], "--seed -2 must be a whole number >= 0"),
+    (["--t1w-only", "--id-prefix", "x_y"], "--id-prefix x_y must be letters and digits only"),
+    (["--t1w-only", "--voxel-size-mm", "0.5"], "--voxel-size-mm 0.5 must be within"),
+    (["--t1w-only", "--min-age", "90"], "--min-age 90.0 --max-age 85.0: "),
+])
+def test_cli_errors_name_the_flags_typed(tmp_path, capsys, options, typed):
+    """The CLI printed the library's message for Python callers, naming its arguments
+    ('n_subjects=5 is too small ... use n_subjects >= 10'): no flag a CLI user can find."""
+    root = tmp_path / "x"
+    with pytest.raises(SystemExit) as exited:
+        simulate.main(["--root", str(root), *options])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"brainage.simulate: error: {typed}"), error
+    assert not re.search(r"[a-z]=|age_range_years|voxel_size_mm", error), error
+    assert not root.exists()
+
+
+def test_library_errors_name_the_python_arguments():
+    """Python callers (and config dataset.simulate, whose keys are the same) still see the
+    arguments by name."""
+    with pytest.raises(ValueError, match=r"^n_subjects=5 is too small"):
+        draw_participants(5)
+    with pytest.raises(ValueError, match=r"^seed=-1 must be a whole number >= 0"):
+        draw_participants(10, seed=-1)
+    with pytest.raises(ValueError, match=r"^id_prefix='a-b' must be letters and digits"):
+        draw_participants(10, id_prefix="a-b")
+    with pytest.raises(ValueError, match=re.escape("maps=['damping_ratio']: give each MRE map "
+                                                   "once") + r".*e\.g\. maps=\['stiffness', "
+                                                              r"'damping_ratio'\]"):
+        check_maps(["damping_ratio"])
+    with pytest.raises(ValueError, match=r"^n_subjects=0 must be a whole number >= 1"):
+        draw_t1w_participants(0)
+    with pytest.raises(ValueError, match=re.escape("age_range_years=(90.0, 85.0)")):
+        draw_t1w_participants(4, age_range_years=(90.0, 85.0))
 
 
 @pytest.mark.parametrize("acl", [False, True], ids=["umask", "default ACL"])

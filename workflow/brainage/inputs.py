@@ -119,7 +119,7 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
             f"with columns {', '.join(REQUIRED_COLUMNS)}.")
     try:
-        lines = _check_table_shape(table_path)
+        lines = check_table_shape(table_path)
         # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
         # columns instead of shifting them right behind an index made of the ids
         table = pd.read_csv(table_path, sep="\t", index_col=False,
@@ -180,7 +180,7 @@ def _not_utf8_message(table_path: Path) -> str:
             f"Windows-1252: iconv -f cp1252 -t utf-8 {table_path.name} > converted.tsv.")
 
 
-def _check_table_shape(table_path: Path) -> list[int]:
+def check_table_shape(table_path: Path) -> list[int]:
     """Raise :class:`InputError` for a value that spans lines (a stray double quote opens a
     quoted field that runs to the next quote, taking the rows between with it), a header
     that names a column twice, or naming the first line of the table with a non-empty

@@ -128,7 +128,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.inputs import AGE_RANGE_YEARS, LABEL_PATTERN, InputError
+from brainage.inputs import AGE_RANGE_YEARS, LABEL_PATTERN, InputError, check_table_shape
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,7 @@ def _code(value: str) -> str:
 
 def _read_table(table_path: Path, site_column: str) -> pd.DataFrame:
     try:
+        lines = check_table_shape(table_path)  # the file's line of each row pandas reads
         table = pd.read_csv(table_path, sep="\t", dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as error:
         raise InputError(f"{table_path} cannot be read as a tab-separated table: {error}. "
@@ -223,8 +224,10 @@ def _read_table(table_path: Path, site_column: str) -> pd.DataFrame:
     if table.empty:
         raise InputError(f"{table_path} lists no participants; download the release's "
                          f"participants.tsv again.")
+    if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
+        lines = list(range(2, len(table) + 2))
     table = table.apply(lambda column: column.str.strip())
-    for line, row in enumerate(table.itertuples(index=False), start=2):
+    for line, row in zip(lines, table.itertuples(index=False)):
         where = f"{table_path} line {line} (participant_id {row.participant_id!r})"
         if not row.participant_id:
             raise InputError(f"{table_path} line {line}: participant_id is empty.")

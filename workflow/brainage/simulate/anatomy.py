@@ -18,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage
 
-from brainage.simulate.demographics import ACCELERATED_STUDY, seed_sequence
+from brainage.simulate.demographics import ACCELERATED_STUDY, OptionError, seed_sequence
 
 # ---------------------------------------------------------------------------------------
 # Acquisition (site) parameters
@@ -612,10 +612,11 @@ def check_maps(maps) -> tuple[str, ...]:
     chosen = tuple(maps)
     unknown = [name for name in chosen if name not in MRE_MAPS]
     if unknown or "stiffness" not in chosen or len(set(chosen)) != len(chosen):
-        raise ValueError(
-            f"maps={list(chosen)!r}: give each MRE map once, from {list(MRE_MAPS)}, and "
-            f"always 'stiffness' (the pipeline's input), e.g. maps=['stiffness', "
-            f"'damping_ratio']. A T1w-only cohort is simulate_t1w_cohort (CLI --t1w-only).")
+        raise OptionError(
+            f"{{given}}: give each MRE map once, from {list(MRE_MAPS)}, and always "
+            f"'stiffness' (the pipeline's input), e.g. {{example}}. A T1w-only cohort is "
+            f"simulate_t1w_cohort (CLI --t1w-only).",
+            given=("maps", list(chosen)), example=("maps", ["stiffness", "damping_ratio"]))
     return chosen
 
 

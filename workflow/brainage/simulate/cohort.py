@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import time
 from pathlib import Path
 from typing import Mapping
@@ -18,7 +19,7 @@ from brainage.simulate.anatomy import (
     check_maps,
     simulate_subject,
 )
-from brainage.simulate.demographics import draw_participants
+from brainage.simulate.demographics import OptionError, draw_participants
 from brainage.simulate.t1w_cohort import (
     T1W_AGE_RANGE_YEARS,
     T1W_ID_PREFIX,
@@ -266,6 +267,15 @@ _MRE_ONLY_OPTIONS = ("accelerated_group_n", "accelerated_ageing_years", "maps", 
 _T1W_ONLY_OPTIONS = ("voxel_size_mm", "min_age", "max_age")
 
 
+def _flag(name: str, value) -> str:
+    """An option as typed on the command line (:meth:`OptionError.spelled`):
+    ``--n-subjects 5``, ``--maps stiffness damping_ratio``."""
+    if name == "age_range_years":  # two flags
+        return f"--min-age {value[0]} --max-age {value[1]}"
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return " ".join(["--" + name.replace("_", "-"), *(shlex.quote(str(item)) for item in values)])
+
+
 def main(argv=None) -> None:
     """``python -m brainage.simulate --root DIR [--n-subjects N] [--seed S] ...``; with
     ``--t1w-only`` a T1w-only (pretraining) cohort instead of an MRE cohort."""
@@ -332,6 +342,8 @@ def main(argv=None) -> None:
                 accelerated_ageing_years=value("accelerated_ageing_years", 8.0),
                 id_prefix=value("id_prefix", ""), with_anatomy=not args.no_anatomy,
                 maps=value("maps", ("stiffness",)), overwrite=args.overwrite)
+    except OptionError as error:  # its message names the Python arguments (n_subjects=5)
+        parser.exit(2, f"brainage.simulate: error: {error.spelled(_flag)}\n")
     except (OSError, ValueError) as error:  # an existing, unwritable or full --root too
         parser.exit(2, f"brainage.simulate: error: {error}\n")
     print(f"wrote {len(participants)} subjects to {args.root}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import numbers
 import zlib
-from functools import lru_cache
+from functools import lru_cache, partial
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -56,13 +57,35 @@ def study_table() -> pd.DataFrame:
                         columns=["study", "n", "age_mean", "age_sd", "n_female", "n_male"])
 
 
+class OptionError(ValueError):
+    """An option out of its range. The message names each option as a Python caller (or
+    the config, whose keys are the same) writes it, ``n_subjects=5``; :meth:`spelled`
+    writes it otherwise, e.g. as the command line's flag, ``--n-subjects 5``.
+
+    ``template`` is a :meth:`str.format` string whose fields are the keywords of
+    ``options``, each an ``(option name, value)`` pair.
+    """
+
+    def __init__(self, template: str, **options: tuple[str, object]):
+        self.template, self.options = template, options
+        super().__init__(self.spelled(lambda name, value: f"{name}={value!r}"))
+
+    def spelled(self, spell: Callable[[str, object], str]) -> str:
+        """The message with each option written as ``spell(name, value)``."""
+        return self.template.format_map({field: spell(name, value)
+                                          for field, (name, value) in self.options.items()})
+
+    def __reduce__(self):  # pickled with its options, not as the message alone
+        return partial(type(self), self.template, **self.options), ()
+
+
 def _scaled_study_sizes(n_subjects: int) -> dict[str, int]:
     """Split ``n_subjects`` over the studies in Table 2's proportions, each at least 2."""
     minimum_total = MIN_SUBJECTS_PER_STUDY * len(STUDY_TABLE)
     if n_subjects < minimum_total:
-        raise ValueError(f"n_subjects={n_subjects} is too small: each of the "
-                         f"{len(STUDY_TABLE)} studies needs at least {MIN_SUBJECTS_PER_STUDY} "
-                         f"subjects, so use n_subjects >= {minimum_total}.")
+        raise OptionError(f"{{given}} is too small: each of the {len(STUDY_TABLE)} studies "
+                          f"needs at least {MIN_SUBJECTS_PER_STUDY} subjects; use at least "
+                          f"{minimum_total}.", given=("n_subjects", n_subjects))
     paper_sizes = np.array([row[1] for row in STUDY_TABLE], dtype=float)
     exact = n_subjects * paper_sizes / paper_sizes.sum()
     sizes = np.maximum(np.floor(exact).astype(int), MIN_SUBJECTS_PER_STUDY)
@@ -137,8 +160,9 @@ def _sample_ages(rng: np.random.Generator, study: str, n: int) -> np.ndarray:
 def _check_prefix(id_prefix: str) -> str:
     if not isinstance(id_prefix, str) or (id_prefix and not id_prefix.isalnum()) \
             or not id_prefix.isascii():
-        raise ValueError(f"id_prefix={id_prefix!r} must be letters and digits only (BIDS "
-                         f"labels), e.g. 'new'.")
+        raise OptionError("{given} must be letters and digits only (BIDS labels), e.g. "
+                          "{example}.", given=("id_prefix", id_prefix),
+                          example=("id_prefix", "new"))
     return id_prefix
 
 
@@ -151,7 +175,7 @@ def check_whole_number(name: str, value, minimum: int | None = 0) -> int:
         or (isinstance(value, numbers.Real) and float(value).is_integer()))
     if not whole or (minimum is not None and int(value) < minimum):
         bound = "" if minimum is None else f" >= {minimum}"
-        raise ValueError(f"{name}={value!r} must be a whole number{bound}.")
+        raise OptionError(f"{{given}} must be a whole number{bound}.", given=(name, value))
     return int(value)
 
 
@@ -160,7 +184,8 @@ def check_years(name: str, value) -> float:
     naming the option ``name`` (a NaN offset would make every map of its group NaN)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
             or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number of years, e.g. 8.0.")
+        raise OptionError("{given} must be a finite number of years, e.g. 8.0.",
+                          given=(name, value))
     return float(value)
 
 

@@ -45,7 +45,12 @@ from brainage.simulate.anatomy import (
     _template_anatomy,
     _truth_mask,
 )
-from brainage.simulate.demographics import _check_prefix, check_whole_number, seed_sequence
+from brainage.simulate.demographics import (
+    OptionError,
+    _check_prefix,
+    check_whole_number,
+    seed_sequence,
+)
 from brainage.simulate.writing import (
     TRUTH_BIDS_IGNORE,
     check_root,
@@ -140,18 +145,20 @@ def _check_age_range(age_range_years) -> tuple[float, float]:
     youngest, oldest = (float(age) for age in age_range_years)
     low, high = AGE_RANGE_LIMITS_YEARS
     if not low <= youngest < oldest <= high:
-        raise ValueError(f"age_range_years={tuple(age_range_years)} (CLI: --min-age, "
-                         f"--max-age) must be (youngest, oldest) in years with {low} <= "
-                         f"youngest < oldest <= {high} (ages are written to 0.1 year, and "
-                         f"the pipeline reads ages between 0 and 120), e.g. (8, 85).")
+        raise OptionError(f"{{given}}: the youngest and oldest age (years) must be {low} <= "
+                          f"youngest < oldest <= {high} (ages are written to 0.1 year, and "
+                          f"the pipeline reads ages between 0 and 120), e.g. {{example}}.",
+                          given=("age_range_years", tuple(age_range_years)),
+                          example=("age_range_years", (8, 85)))
     return youngest, oldest
 
 
 def _check_voxel_size(voxel_size_mm) -> float:
     low_mm, high_mm = VOXEL_SIZE_LIMITS_MM
     if not low_mm <= float(voxel_size_mm) <= high_mm:
-        raise ValueError(f"voxel_size_mm={voxel_size_mm} must be within {low_mm}-{high_mm} mm "
-                         f"(2 mm preprocesses fast; finer grids cost time and memory).")
+        raise OptionError(f"{{given}} must be within {low_mm}-{high_mm} mm (2 mm preprocesses "
+                          f"fast; finer grids cost time and memory).",
+                          given=("voxel_size_mm", voxel_size_mm))
     return float(voxel_size_mm)
 
 
