@@ -332,6 +332,7 @@ def test_the_environment_torchrun_sets():
 
 def test_every_process_needs_a_subject_of_every_batch():
     check_shares(17, 8, Processes(0, 2))  # batches of 8 and 9
+    check_shares(18, 8, Processes(0, 2))  # a last batch of 2: one subject for each process
     with pytest.raises(ConfigError, match="train.batch_size is 8: .* last batch .* 2 subjects, "
                                           "fewer than the 3 processes"):
         check_shares(18, 8, Processes(0, 3))  # batches of 8, 8 and 2

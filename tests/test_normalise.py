@@ -135,6 +135,63 @@ def test_kfold_tests_every_subject_once_and_loso_one_study():
         assign_split(table, "holdout", scheme="loso")
 
 
+def test_kfold_folds_are_drawn_with_the_seed():
+    """The folds are seeded (split.seed): dealt in participant-id order instead, every seed
+    gave the same folds, and a cohort whose ids follow recruitment (and so age) put each
+    fold's test subjects at fixed ranks of the id order."""
+    table = participants_of({"s1": 12})
+    settings = {**SPLIT, "scheme": "kfold", "n_folds": 3}
+    drawn = {seed: frozenset(table["participant_id"][
+        assign_split(table, "fold1", **{**settings, "seed": seed}) == "test"])
+        for seed in range(6)}
+    assert all(len(tested) == 4 for tested in drawn.values())
+    assert len(set(drawn.values())) > 1
+    every_third = frozenset(table["participant_id"][::3])  # ids dealt in turn, unshuffled
+    assert any(tested != every_third for tested in drawn.values())
+
+
+def test_kfold_with_as_many_folds_as_subjects_is_leave_one_out():
+    """n_folds equal to the number of subjects (leave-one-out) is a valid k-fold; only
+    fewer subjects than folds leaves a fold without a test subject."""
+    table = participants_of({"s1": 3, "s2": 2})
+    settings = {**SPLIT, "scheme": "kfold", "n_folds": 5}
+    names = split_names(table, **settings)
+    assert names == ["fold1", "fold2", "fold3", "fold4", "fold5"]
+    tested = [set(table["participant_id"][assign_split(table, name, **settings) == "test"])
+              for name in names]
+    assert all(len(subjects) == 1 for subjects in tested)
+    assert set.union(*tested) == set(table["participant_id"])
+
+
+def test_training_counts_are_each_splits_training_subjects():
+    """The planning checks (a batch larger than a split's training set) read these counts:
+    counting every subject of the split overstated each split's training set by its test
+    subjects."""
+    from brainage.normalise import training_study_sizes
+
+    table = participants_of({"s1": 6, "s2": 2})
+    holdout = {**SPLIT, "test_fraction": 0.25}  # round(0.25 * 8) = 2 test subjects
+    assert training_counts(table, holdout) == {"holdout": 6}
+    kfold = {**SPLIT, "scheme": "kfold", "n_folds": 4}  # 8 subjects, 2 tested per fold
+    assert training_counts(table, kfold) == {f"fold{k}": 6 for k in range(1, 5)}
+    loso = {**SPLIT, "scheme": "loso"}
+    assert training_counts(table, loso) == {"losos1": 2, "losos2": 6}
+    assert training_study_sizes(table, loso) == {"losos1": {"s2": 2}, "losos2": {"s1": 6}}
+
+
+def test_study_quotas_break_exact_ties_by_study_name():
+    """Two studies with the same remainder compete for the last place: it goes to the
+    first study name whatever the order of the sizes mapping. The search's validation set
+    passes its studies in set order (which changes with PYTHONHASHSEED), so a tie broken by
+    that order drew another validation set in another run."""
+    from brainage.split_data import study_quotas
+
+    assert study_quotas({"b": 1, "a": 1}, 0.5) == {"a": 1, "b": 0}
+    assert study_quotas({"a": 1, "b": 1}, 0.5) == {"a": 1, "b": 0}
+    # 1.5 places round up to 2, three equal remainders: the first two names get them
+    assert study_quotas({"c": 1, "b": 1, "a": 1}, 0.5) == {"a": 1, "b": 1, "c": 0}
+
+
 # -- grid, blocks, moments ----------------------------------------------------------------------
 
 def test_block_average_over_brain_voxels_with_half_rule():

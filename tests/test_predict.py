@@ -689,6 +689,16 @@ def test_age_bias_and_gap_correlation_leave_out_subjects_without_a_prediction():
     assert gap_age_correlation(ages, predicted - ages) == pytest.approx(-1.0)
 
 
+def test_gap_age_correlation_of_a_constant_gap_is_undefined_not_nan(recwarn):
+    """A gap that does not vary (predictions exactly age + c) has no correlation with age:
+    None (JSON null in the bundle's manifest), not np.corrcoef's NaN with a RuntimeWarning,
+    written as the non-standard JSON token NaN."""
+    ages = np.array([20.0, 40.0, 60.0, 80.0])
+    assert gap_age_correlation(ages, np.full(4, 3.0)) is None
+    assert gap_age_correlation(np.full(4, 50.0), ages) is None
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
 def test_bias_fits_record_the_out_of_fold_error_and_the_correlation_after_their_own_fit():
     # The training record is fitted on out-of-fold predictions, and reports their MAE
     # (oof_mae, not the read-out's in-sample MAE) and r(gap, age) after its own correction

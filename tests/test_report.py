@@ -196,6 +196,14 @@ def test_table3_has_the_contract_columns_and_paper_numbers(results):
     assert adaptive["label"] == "Adaptive Neighborhoods"
 
 
+def test_table3_rows_follow_the_papers_order_whatever_the_order_of_the_metrics(results):
+    """Rows in the paper's loss order (then the baselines), not in the order the cells'
+    metrics arrive in (the config's variant order, the order of make_tables' inputs)."""
+    seeds = report_results.seed_results(report_results.read_metrics(results["metrics"]))
+    table = tables.table3_losses(seeds.iloc[::-1].reset_index(drop=True))
+    assert table["loss"].tolist() == ["simclr", "yaware", "adaptive"]
+
+
 def test_table3_without_settings_keeps_baselines_off_the_losses_rows(results):
     """A baseline's metrics carry the config's loss name (adaptive by default) although it
     trains with none: without the settings, its row goes by its variant, marked a baseline,
@@ -262,9 +270,23 @@ def test_paired_t_test_matches_scipy():
     expected = stats.ttest_rel([3.9, 4.4, 3.6], [3.0, 3.5, 3.2])
     assert paired["p_value"] == pytest.approx(expected.pvalue)
     assert paired["mean_difference"] == pytest.approx(np.mean([0.9, 0.9, 0.4]))
+    assert paired["sd_difference"] == pytest.approx(np.std([0.9, 0.9, 0.4], ddof=1))
     # a seed where both have the same MAE is not a win for the reference
     tied = seeds.assign(mae=[3.0, 3.5, 3.2, 3.0, 4.4, 3.0])
     assert tables.paired_comparison(tied).iloc[0]["reference_wins"] == 1
+
+
+def test_paired_comparison_pairs_only_the_seeds_both_rows_have():
+    """A seed only the other row has (one more seed configured for it, or the reference's
+    cell of that seed missing) has no pair: it is left out of the differences instead of
+    failing the report."""
+    seeds = pd.DataFrame({"experiment": "table3",
+                          "variant": ["adaptive"] * 3 + ["yaware"] * 4,
+                          "seed": [0, 1, 2, 0, 1, 2, 3], "loss": ["adaptive"] * 3 + ["yaware"] * 4,
+                          "mae": [3.0, 3.5, 3.2, 3.9, 4.4, 3.6, 20.0]})
+    paired = tables.paired_comparison(seeds).iloc[0]
+    assert paired["n_pairs"] == 3 and paired["reference_wins"] == 3
+    assert paired["mean_difference"] == pytest.approx(np.mean([0.9, 0.9, 0.4]))
 
 
 def test_a_baseline_is_never_the_reference_of_the_paired_comparison():
@@ -465,6 +487,55 @@ def test_cohort_table_counts_studies_sex_and_coverage():
     bad = participants.assign(coverage=participants["coverage"] * 100)
     with pytest.raises(targets.ReportError, match="fraction"):
         tables.cohort_table(bad)
+
+
+def test_cohort_table_by_hand():
+    """Table 2 on a cohort small enough to count: each study's own ages (sd with ddof=1),
+    sexes and coverage, studies in natural order (study2 before study10)."""
+    participants = pd.DataFrame({
+        "participant_id": [f"sub-{i}" for i in range(5)],
+        "age": [50.0, 20.0, 30.0, 70.0, 40.0],
+        "sex": ["M", "F", "f", "F", "male"],
+        "study": ["study10", "study2", "study2", "study10", "study2"],
+        "coverage": [0.7, 0.9, 0.8, 0.75, 1.0]})
+    table = tables.cohort_table(participants).set_index("study")
+    assert list(table.index) == ["study2", "study10", "Total"]
+    assert table.loc["study2", ["n", "n_female", "n_male", "n_other"]].tolist() == [3, 2, 1, 0]
+    assert table.loc["study10", ["n", "n_female", "n_male", "n_other"]].tolist() == [2, 1, 1, 0]
+    assert table.loc["study2", "age_mean"] == pytest.approx(30.0)
+    assert table.loc["study2", "age_sd"] == pytest.approx(10.0)  # ddof=1 of 20, 30, 40
+    assert table.loc["study10", "age_sd"] == pytest.approx(np.sqrt(200.0))  # 50, 70
+    assert table.loc["study2", "coverage_mean_pct"] == pytest.approx(90.0)
+    assert table.loc["study2", "coverage_min_pct"] == pytest.approx(80.0)
+    assert table.loc["study10", "coverage_mean_pct"] == pytest.approx(72.5)
+    assert table.loc["study10", "coverage_sd_pct"] == pytest.approx(np.sqrt(12.5))
+    assert table.loc["Total", ["n", "n_female", "n_male"]].tolist() == [5, 3, 2]
+    assert table.loc["Total", "coverage_min_pct"] == pytest.approx(70.0)
+
+
+def test_table3_shows_per_study_maes_in_natural_order_and_names_shared_losses_apart(tmp_path):
+    """The per-study column of Table 3 lists study2 before study10 (natural order, as
+    Table 2), whatever the order of the metrics' columns; two variants training the same
+    loss from scratch get rows named <loss>:<variant> and labelled with their variant."""
+    rows = []
+    for variant, mae in (("simclr", 5.0), ("simclr_long", 4.0), ("adaptive", 3.0)):
+        for seed in (0, 1):
+            rows.append({"experiment": "table3", "variant": variant, "seed": seed,
+                         "loss": variant.split("_")[0], "kind": "contrastive", "readout": "ridge",
+                         "mae": mae + seed, "rmse": mae + 1, "pearson_r": 0.8, "r2": 0.6,
+                         "gap_age_slope": -0.2, "n_test": 3, "n_splits": 1,
+                         "neighbourhood": None, "mae_study_study10": mae + 2 + seed,
+                         "mae_study_study2": mae - 1 + seed, "n_study_study10": 1.0,
+                         "n_study_study2": 2.0})
+    seeds = pd.DataFrame(rows)
+    table = tables.table3_losses(seeds, display_names={"simclr": "SimCLR"})
+    assert table["loss"].tolist() == ["simclr:simclr", "simclr:simclr_long", "adaptive"]
+    assert table["label"].tolist()[:2] == ["SimCLR (simclr)", "SimCLR (simclr_long)"]
+    tables.write_table3(table, tables.paired_comparison(seeds), tmp_path / "table3",
+                        tmp_path / "paired")
+    markdown = (tmp_path / "table3.md").read_text()
+    assert "study2 2.5; study10 5.5" in markdown  # adaptive: 2 and 3, 5 and 6 over seeds
+    assert "3 test subjects (study2 2, study10 1)." in markdown
 
 
 def test_make_tables_writes_csv_markdown_latex(results, tmp_path):

@@ -83,10 +83,12 @@ def test_the_validation_subjects_do_not_depend_on_the_row_order(tmp_path):
             chosen.participant_ids[chosen.eval_index])
 
 
+@pytest.mark.parametrize("fraction", [0.05, 0.2])
 @pytest.mark.parametrize("seed", range(20))
-def test_a_tiny_training_set_keeps_every_study_in_training(seed):
-    """Every study rounds to no validation subject; the one drawn instead comes from a
-    study with a second training subject (a one-subject study would leave training)."""
+def test_a_tiny_training_set_keeps_every_study_in_training(seed, fraction):
+    """0.2 of 5 subjects is one place, by largest remainder to study b; 0.05 rounds to no
+    place at all, and the one subject drawn instead must come from a study with a second
+    training subject (a one-subject study would leave training)."""
     from brainage.split_data import SplitData
 
     table = pd.DataFrame({"participant_id": [f"sub-{i}" for i in range(5)],
@@ -94,11 +96,11 @@ def test_a_tiny_training_set_keeps_every_study_in_training(seed):
                           "study": ["a", "b", "b", "c", "c"]})
     split = SplitData("tiny", np.zeros((5, 1, 2, 2, 2), dtype=np.float32), table, {},
                       train_index=np.arange(5), eval_index=np.array([], dtype=np.int64))
-    carved = split.with_validation(0.2, seed=seed)
+    carved = split.with_validation(fraction, seed=seed)
     assert len(carved.eval_index) == 1
     assert set(carved.studies[carved.train_index]) == {"a", "b", "c"}
 
-@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5, 0.95])
+@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.25, 0.5, 0.95])
 def test_planning_counts_the_subjects_the_trials_train_on(tmp_path, fraction):
     """subjects_left_for_training (the planning check of the search's batch) counts what
     with_validation leaves, for any seed: per-study rounding, the cap that keeps a study

@@ -648,6 +648,21 @@ def test_nan_in_the_array_names_the_subject(tmp_path):
         train_encoder(folder, tiny_settings(), **cell_paths(tmp_path / "cell"))
 
 
+def test_nan_beyond_the_first_scanned_chunk_names_its_own_subject():
+    """The array is scanned for NaN in chunks of SCAN_CHUNK subjects: a bad volume in a
+    later chunk must name its own subject, not the subject at the same place in the first
+    chunk (the user would inspect and redo the wrong subject's maps)."""
+    from brainage.split_data import SCAN_CHUNK, check_finite
+
+    ids = [f"sub-{index:02d}" for index in range(SCAN_CHUNK + 4)]
+    images = np.zeros((len(ids), 1, 2, 2, 2), dtype=np.float32)
+    images[SCAN_CHUNK + 2, 0, 1, 1, 1] = np.inf
+    with pytest.raises(DataError, match=rf"the volumes of {ids[SCAN_CHUNK + 2]} contain NaN "
+                                        rf"or inf") as error:
+        check_finite(images, ids, "images.npy")
+    assert ids[2] not in str(error.value)
+
+
 @pytest.mark.parametrize("section, values, key", [
     ("train", {"augmentation": "blur"}, "train.augmentation"),
     ("train", {"epocs": 3}, "epocs"),
