@@ -18,6 +18,7 @@ from brainage.inputs import (
     check_label,
     load_nifti_checked,
     read_participants,
+    same_grid,
     subject_inputs,
 )
 from brainage.preprocess.images import load_volume
@@ -232,6 +233,9 @@ def test_label_with_a_trailing_newline_is_refused():
 
 @pytest.mark.parametrize("age, message", [("", "has age nan"), ("old", "has age 'old'"),
                                           ("-3", "outside"), ("250", "outside"),
+                                          # the bounds are not ages either: 0 is a blank cell
+                                          # a spreadsheet exported as a number
+                                          ("0", "outside"), ("120", "outside"),
                                           ("45,5", "has age '45,5'; ages must be numbers in "
                                                    "years, with a decimal point, not a comma")])
 def test_bad_age(tiny_dataset, age, message):
@@ -544,3 +548,42 @@ def test_a_missing_map_of_the_modalities_names_subject_and_file(tiny_dataset):
                                          r"is missing"):
         subject_inputs(tiny_dataset, "01a", ("stiffness", "T1w"))
     assert set(subject_inputs(tiny_dataset, "01a")) == {"stiffness"}
+
+
+def test_fractional_ages_are_read_as_written(tiny_dataset):
+    """Ages are years with a fraction (34.5 is 34 years and 6 months); a reader that rounded
+    or truncated them would shift every subject's age, and so its brain-age gap, by up to
+    a year."""
+    def mutate(table):
+        table["age"] = ["34.5", "67.25", "20.75", "81"]
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    assert read_participants(tiny_dataset)["age"].tolist() == [34.5, 67.25, 20.75, 81.0]
+
+
+def test_grids_differ_by_shape_or_by_more_than_the_tolerance():
+    """Two maps share a grid only with the same shape and affines within 1e-3 mm: a map one
+    voxel longer, or shifted by 0.01 mm, on the same affine is another grid, and taking it
+    for the same would put a subject's maps under one mask and transform misaligned."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    shifted = affine.copy()
+    shifted[1, 3] += 0.01
+    nearly = affine.copy()
+    nearly[1, 3] += 1e-4
+    assert same_grid((4, 4, 4), affine, [4, 4, 4], nearly)
+    assert not same_grid((4, 4, 4), affine, (4, 4, 5), affine)
+    assert not same_grid((4, 4, 4), affine, (4, 4, 4), shifted)
+
+
+def test_subject_inputs_refuses_a_label_that_is_not_a_bids_label(tiny_dataset):
+    """subject_inputs looks files up by the label it is given: a label with a dot or a
+    dash ('0.1', which a folder sub-0.1 would give) names results folders that other ids
+    can collide with or leave; it is refused even when its files exist."""
+    source = tiny_dataset / "sub-00a"
+    for label in ("0.1", "0-1"):
+        target = tiny_dataset / f"sub-{label}" / "mre"
+        target.mkdir(parents=True)
+        shutil.copy(source / "mre" / "sub-00a_stiffness.nii.gz",
+                    target / f"sub-{label}_stiffness.nii.gz")
+        with pytest.raises(InputError, match=rf"subject label '{label}' is not a BIDS label"):
+            subject_inputs(tiny_dataset, label)
