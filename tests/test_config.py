@@ -719,3 +719,83 @@ def test_a_qc_threshold_outside_its_metrics_range_is_refused_naming_the_key(key,
     with pytest.raises(ConfigError, match=rf"'qc\.{key}'.*(maximum|minimum)"):
         validate_config({"qc": {key: value}})
     assert validate_config({"qc": {key: 1}})["qc"][key] == 1
+
+
+def test_a_cell_setting_outside_the_cell_sections_is_refused_naming_it():
+    """A notebook's or test's cell settings with a misspelt section ('trian') would train
+    with the defaults of the section it meant, without a word."""
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) trian"):
+        resolve_cell({"trian": {"epochs": 3}})
+
+
+def test_deep_merge_overrides_leaf_by_leaf_and_replaces_lists():
+    """A variant overriding one key of a section keeps the config's other keys of that
+    section (not the schema's defaults); a list is replaced, not extended."""
+    from brainage.config import deep_merge
+
+    base = {"train": {"epochs": 7, "batch_size": 4, "nested": {"a": 1, "b": 2}},
+            "alphas": [1, 2, 3]}
+    merged = deep_merge(base, {"train": {"batch_size": 8, "nested": {"b": 5}}, "alphas": [9]})
+    assert merged == {"train": {"epochs": 7, "batch_size": 8, "nested": {"a": 1, "b": 5}},
+                      "alphas": [9]}
+    assert base["train"]["batch_size"] == 4  # the base is left as it was
+    config = validate_config({"train": {"epochs": 70, "batch_size": 16}, "experiments": {
+        "x": {"seeds": [0], "variants": {"a": {"train": {"batch_size": 32}}}}}})
+    cell = cell_settings(config, "x", "a", 0)
+    assert (cell["train"]["epochs"], cell["train"]["batch_size"]) == (70, 32)
+
+
+def test_a_later_config_file_overrides_an_earlier_one(tmp_path):
+    """``--configfile base.yaml site.yaml``: the site's values win, key by key; the base's
+    other keys stay."""
+    (tmp_path / "base.yaml").write_text("train:\n  epochs: 60\n  batch_size: 16\n")
+    (tmp_path / "site.yaml").write_text("train:\n  epochs: 70\n")
+    config = load_config(tmp_path / "base.yaml", tmp_path / "site.yaml")
+    assert (config["train"]["epochs"], config["train"]["batch_size"]) == (70, 16)
+
+
+def test_a_preprocessing_record_without_a_section_is_refused_naming_it():
+    """A bundle's record of how its training maps were preprocessed must hold each section:
+    one without its qc section would be read with the schema's default thresholds, not
+    those the model was trained with."""
+    from brainage.config import check_preprocessing_record
+
+    with pytest.raises(ConfigError, match=r"bundle x: the preprocessing record lacks the "
+                                          r"section\(s\) qc\."):
+        check_preprocessing_record({"preprocess": {}, "template": {}}, source="bundle x")
+    check_preprocessing_record({"preprocess": {}, "qc": {}, "template": {}}, source="bundle x")
+
+
+def test_a_cell_reading_a_map_the_dataset_does_not_provide_is_refused():
+    """model.modalities must be among dataset.modalities: no subject is checked for any
+    other map, so the cell would fail in its training job after hours of preprocessing."""
+    with pytest.raises(ConfigError, match=r"'experiments\.x\.variants\.a\.model\.modalities' "
+                                          r"lists damping_ratio, which config key "
+                                          r"dataset\.modalities \(stiffness\)"):
+        validate_config({"dataset": {"modalities": ["stiffness"]}, "experiments": {
+            "x": {"variants": {"a": {"model": {"modalities": ["damping_ratio"]}}}}}})
+
+
+def test_training_settings_leave_out_what_only_the_readout_uses():
+    """Editing the read-out (readout.*, model.features) re-evaluates encoders and must not
+    retrain them (hours per cell); a training setting does change them."""
+    base = resolve_cell({"train": {"epochs": 3}})
+    readout = resolve_cell({"train": {"epochs": 3}, "readout": {"method": "l1"},
+                            "model": {"features": "encoder"}})
+    assert base["readout"] != readout["readout"]
+    assert base["model"]["features"] != readout["model"]["features"]
+    assert training_settings(base) == training_settings(readout)
+    assert training_settings(base) != training_settings(resolve_cell({"train": {"epochs": 4}}))
+
+
+def test_the_supervised_loss_needs_the_projection_head_it_reads_the_age_from():
+    """The supervised loss's regression head is the projection head; without it the cell
+    trained with nothing to output an age."""
+    supervised = {"loss": {"name": "supervised"}, "model": {
+        "head": "regression", "projection_dim": 1, "features": "encoder"}}
+    validate_config({"experiments": {"x": {"variants": {"a": supervised}}}})
+    supervised["model"]["projection_head"] = False
+    with pytest.raises(ConfigError, match=r"'experiments\.x\.variants\.a\.model\.projection_dim'"
+                                          r".*set model\.projection_dim: 1 \(and "
+                                          r"model\.projection_head: true\)"):
+        validate_config({"experiments": {"x": {"variants": {"a": supervised}}}})
