@@ -294,3 +294,102 @@ def test_log_keeps_attempts_that_ended_with_a_non_zero_exit(tmp_path):
     run_job(log, "finished")
     run_job(log, "succeeded")
     assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
+
+
+# -- what a writer removes, names and hashes ---------------------------------------------------
+
+def test_stale_folders_and_temporaries_are_only_those_of_their_own_target(tmp_path):
+    """A writer removes what a killed writer of the SAME output left; another output's
+    staging folder (an export of another bundle into results/models/, running now) and a
+    user's own files beside it are not its to delete."""
+    from brainage.io import stale_staging_folders
+
+    models = tmp_path / "models"
+    own = [models / ".a.staging-abcd1234", models / ".a.old-abcd_123"]
+    others = [models / ".b.staging-abcd1234", models / ".ab.staging-abcd1234",
+              models / ".a.staging-abcd12345", models / ".a.backup-abcd1234"]
+    for folder in own + others:
+        folder.mkdir(parents=True)
+    (models / "a").mkdir()
+    (models / "a" / "old.txt").write_text("previous")
+    assert stale_staging_folders(models / "a") == sorted(own)
+    with staged_folder(models / "a", what="a test") as staging:
+        (staging / "new.txt").write_text("new")
+    assert all(not folder.exists() for folder in own)
+    assert all(folder.is_dir() for folder in others)
+    assert [path.name for path in (models / "a").iterdir()] == ["new.txt"]
+
+    temporary = tmp_path / ".out.json.k3j_x9ab.json"
+    users = [tmp_path / ".out.json.notes.txt", tmp_path / ".out.json.bak",
+             tmp_path / ".other.json.k3j_x9ab.json"]
+    for path in [temporary, *users]:
+        path.write_text("{}")
+    assert stale_temporaries(tmp_path / "out.json") == [temporary]
+
+
+def test_a_temporary_name_in_use_is_never_written_through(tmp_path, monkeypatch):
+    """Two writers drawing the same random name: the second must take another name, not
+    write into (and rename away) the first one's temporary file."""
+    from brainage import io as io_module
+
+    draws = iter(["aaaaaaaa", "bbbbbbbb"])
+    monkeypatch.setattr(io_module._NAMES, "choices", lambda letters, k: list(next(draws)))
+    theirs = tmp_path / ".out.json.aaaaaaaa.json"
+    theirs.write_text("another writer's")
+    write_json(tmp_path / "out.json", {"mae": 3.5})
+    assert theirs.read_text() == "another writer's"
+    assert (tmp_path / "out.json").read_text() == '{\n  "mae": 3.5\n}'
+
+
+def test_a_staged_folder_is_on_the_disk_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """Each file of a bundle is synced under its staging name (before the rename): else a
+    crash right after an export can leave the bundle's name on empty files."""
+    from brainage import io as io_module
+
+    synced = []
+    monkeypatch.setattr(io_module, "_sync_file", lambda path: synced.append(Path(path)))
+    with staged_folder(tmp_path / "bundle", what="a test") as staging:
+        (staging / "encoder.pt").write_bytes(b"weights")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "readout.pt").write_bytes(b"readout")
+    assert sorted(synced) == sorted([staging / "encoder.pt", staging / "sub" / "readout.pt"])
+    assert (tmp_path / "bundle" / "sub" / "readout.pt").read_bytes() == b"readout"
+
+
+def test_sha256_file_hashes_the_whole_file_chunk_by_chunk(tmp_path):
+    """The digest a bundle's manifest records: of every byte, not the first chunk's (a file
+    edited past its first MiB would pass the check)."""
+    import hashlib
+
+    data = bytes(range(256)) * 10
+    (tmp_path / "blob").write_bytes(data)
+    expected = hashlib.sha256(data).hexdigest()
+    assert sha256_file(tmp_path / "blob", chunk_bytes=100) == expected
+    assert sha256_file(tmp_path / "blob") == expected
+
+
+def test_payload_bytes_counts_a_shared_storage_once():
+    """torch.save writes a storage shared by several tensors (a tied weight, a view) once:
+    counting it for each would refuse a write on a disk with room for it."""
+    import torch
+
+    from brainage.io import payload_bytes
+
+    weight = torch.zeros(1000)  # 4000 bytes of float32
+    payload = {"model": {"a": weight, "b": weight, "view": weight[:10]},
+               "other": [torch.zeros(5, dtype=torch.float64)]}
+    assert payload_bytes(payload) == 4000 + 40
+
+
+def test_write_json_writes_numpy_numbers_as_the_numbers_they_hold(tmp_path):
+    """A count or a seed from NumPy (np.int64) is written as an integer, not 3.0 (which a
+    reader of metrics.json or a config would take as a float)."""
+    import json
+
+    import numpy as np
+
+    write_json(tmp_path / "m.json", {"n": np.int64(3), "mae": np.float32(0.5),
+                                     "ids": np.array([1, 2]), "path": tmp_path / "x"})
+    text = (tmp_path / "m.json").read_text()
+    assert json.loads(text) == {"n": 3, "mae": 0.5, "ids": [1, 2], "path": str(tmp_path / "x")}
+    assert '"n": 3,' in text
