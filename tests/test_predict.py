@@ -399,6 +399,44 @@ def test_pickled_object_in_bundle_is_refused_even_with_matching_checksum(exporte
         read_bundle(copied)
 
 
+def test_a_manifest_of_another_kind_is_refused(exported, tmp_path):
+    """Some other tool's manifest.json (its digest even valid) is no brainage bundle: its
+    keys would be read as settings and normalisation statistics."""
+    copied = _copy_bundle(exported, tmp_path)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["kind"] = "another-tools-bundle"
+    _rewrite_manifest(copied, manifest)
+    with pytest.raises(BundleError, match=r"not a brainage model bundle manifest \(its 'kind' "
+                                          r"is 'another-tools-bundle'"):
+        read_bundle(copied)
+
+
+def test_a_manifest_listing_a_file_outside_the_bundle_is_refused(exported, tmp_path):
+    """An untrusted manifest must not make the reader open files beside or above the bundle
+    folder, even with their right checksum."""
+    copied = _copy_bundle(exported, tmp_path)
+    outside = copied.parent / "outside.pt"
+    shutil.copy(copied / "encoder.pt", outside)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["files"]["../outside.pt"] = sha256_file(outside)
+    _rewrite_manifest(copied, manifest)
+    with pytest.raises(BundleError, match=r"lists '\.\./outside\.pt', which is not a file "
+                                          r"name inside the bundle"):
+        read_bundle(copied)
+
+
+def test_a_readout_of_plain_numbers_is_refused(exported, tmp_path):
+    """weights_only=True also loads plain numbers and lists; a read-out must be tensors (a
+    coefficient 3 instead of a tensor failed later, in the middle of a prediction)."""
+    copied = _copy_bundle(exported, tmp_path)
+    torch.save({"coef": 3, "intercept": [40.0]}, copied / "readout.pt")
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["files"]["readout.pt"] = sha256_file(copied / "readout.pt")
+    _rewrite_manifest(copied, manifest)
+    with pytest.raises(BundleError, match=r"readout\.pt is not a dict of tensors"):
+        read_bundle(copied)
+
+
 def test_a_bundle_replaced_while_it_is_read_gives_the_files_that_were_checked(
         exported, tmp_path, monkeypatch):
     """A bundle re-exported into the same folder (write_bundle swaps the whole folder) or
