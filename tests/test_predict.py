@@ -1185,3 +1185,24 @@ def test_a_qc_file_without_three_numbers_or_of_another_subject_names_the_file(tm
     path.write_text(json.dumps({"participant_id": "sub-01", "dice": 0.9, "correlation": 0.5,
                                 "coverage": 1}))
     assert read_qc(path, minimums, subject="01")[0]
+
+
+def test_run_reports_a_users_mistake_in_one_line_without_a_traceback(exported, tmp_path,
+                                                                     capsys):
+    """A missing bundle, a missing template flag or a missing config file is the user's
+    to fix: `brainage.predict` prints the message that names the file and the remedy,
+    exit status 1, no traceback."""
+    from brainage.predict import main
+
+    common = ["--dataset", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main(["run", "--bundle", str(tmp_path / "no_bundle"), *common]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(r"brainage.predict run: error: model bundle .*no_bundle does not "
+                     r"exist\. Export one", error)
+    assert main(["run", "--bundle", str(exported.bundle_dir), *common]) == 1
+    assert "pass the same files with --template-t1" in capsys.readouterr().err
+    assert main(["export", "--configfile", str(tmp_path / "missing.yaml")]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(r"--configfile .*missing.yaml does not exist", error)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,7 +39,7 @@ from brainage.config import (
     exported_cell,
     preprocessing_record,
 )
-from brainage.export import export_model
+from brainage.export import ExportError, export_model
 from brainage.inputs import (
     InputError,
     check_cohort_table,
@@ -47,6 +48,7 @@ from brainage.inputs import (
     same_grid,
     subject_inputs,
 )
+from brainage.io import WriteError
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import registered_maps, run_subjects
@@ -54,6 +56,11 @@ from brainage.preprocess.derivatives import describe_preprocessing
 from brainage.preprocess.template import prepare_template, template_record
 
 log = logging.getLogger(__name__)
+
+#: What a user's mistake raises (a bundle, dataset, flag or config value; an output that
+#: cannot be written): each message names the file or setting and the remedy, so
+#: :func:`main` prints it in one line instead of a traceback.
+USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WriteError)
 
 
 def export_from_config(config: Mapping) -> dict:
@@ -211,16 +218,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     arguments = _parse_arguments(argv)
     log_to_file(None)
-    if arguments.command == "export":
-        manifest = export_from_config(load_config(*arguments.configfile))
-        log.info("exported model bundle %s", manifest["name"])
-        return 0
-    output = Path(arguments.output)
-    run_cohort(arguments.bundle, arguments.dataset, output,
-               cohort=arguments.cohort or output.name, group_column=arguments.group_column,
-               bias_reference_group=arguments.bias_reference_group,
-               template_t1=arguments.template_t1, template_mask=arguments.template_mask,
-               device=arguments.device, threads=arguments.threads, jobs=arguments.jobs)
+    try:
+        if arguments.command == "export":
+            for path in arguments.configfile:
+                if not Path(path).is_file():
+                    raise ConfigError(
+                        f"--configfile {path} does not exist. Pass the config file(s) of the "
+                        f"finished run (default config/config.yaml: run from the repository "
+                        f"root).")
+            manifest = export_from_config(load_config(*arguments.configfile))
+            log.info("exported model bundle %s", manifest["name"])
+            return 0
+        output = Path(arguments.output)
+        run_cohort(arguments.bundle, arguments.dataset, output,
+                   cohort=arguments.cohort or output.name, group_column=arguments.group_column,
+                   bias_reference_group=arguments.bias_reference_group,
+                   template_t1=arguments.template_t1, template_mask=arguments.template_mask,
+                   device=arguments.device, threads=arguments.threads, jobs=arguments.jobs)
+    except USER_ERRORS as error:
+        print(f"brainage.predict {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
