@@ -1206,3 +1206,21 @@ def test_run_reports_a_users_mistake_in_one_line_without_a_traceback(exported, t
     error = capsys.readouterr().err
     assert "Traceback" not in error
     assert re.search(r"--configfile .*missing.yaml does not exist", error)
+
+
+def test_a_dataset_mistake_is_reported_before_anything_is_written(world, new_cohort,
+                                                                  tmp_path):
+    """A missing dataset or a participants.tsv with a bad row stops `run` before the
+    template and the derivative description are written: no half-made output folder."""
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    with pytest.raises(InputError, match=r"dataset root .*nope does not exist"):
+        run_cohort(world.bundle_dir, tmp_path / "nope", tmp_path / "a", **template)
+    bad_age = tmp_path / "bad_age"
+    shutil.copytree(new_cohort.root, bad_age, ignore=shutil.ignore_patterns("preproc"))
+    table = pd.read_csv(bad_age / "participants.tsv", sep="\t", dtype=str)
+    table.loc[0, "age"] = "abc"
+    table.to_csv(bad_age / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=r"has age 'abc'"):
+        run_cohort(world.bundle_dir, bad_age, tmp_path / "b", **template)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -116,6 +116,14 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"model bundle {bundle.path} was trained with a template from files "
             f"({template['t1']}, {template['mask']}); pass the same files with "
             f"--template-t1 and --template-mask.")
+    modalities = bundle.normalisation["modalities"]
+    participants = read_participants(dataset_root, modalities, root_setting="--dataset",
+                                     needed_by=f"model bundle {bundle.path}")
+    labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
+    # the table's problems before the minutes of preprocessing, not after them, and
+    # before anything is written under the output folder
+    check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
+                       group_column=group_column, bias_reference_group=bias_reference_group)
     layout = Layout(str(output), str(output / "logs"), str(output / "benchmarks"),
                     template["space"])
     t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
@@ -135,18 +143,11 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
             f"affine {expected.get('affine')}). Use the same template files "
             f"(--template-t1/--template-mask) or the same nilearn version.")
-    modalities = bundle.normalisation["modalities"]
     describe_preprocessing(layout.preproc_dir(), space=template["space"],
                            template_shape=prepared["shape"], source=str(dataset_root),
                            version=brainage_version(), template=True, modalities=modalities,
                            n4=preprocess["n4"])
 
-    participants = read_participants(dataset_root, modalities, root_setting="--dataset",
-                                     needed_by=f"model bundle {bundle.path}")
-    labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
-    # the table's problems before the minutes of preprocessing, not after them
-    check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
-                       group_column=group_column, bias_reference_group=bias_reference_group)
     # every image opened once before the first subject's minutes of preprocessing
     check_dataset_images(dataset_root, labels, modalities,
                          cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
