@@ -1224,3 +1224,24 @@ def test_a_dataset_mistake_is_reported_before_anything_is_written(world, new_coh
     with pytest.raises(InputError, match=r"has age 'abc'"):
         run_cohort(world.bundle_dir, bad_age, tmp_path / "b", **template)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_file_given_for_a_folder_is_named_as_such(world, new_cohort, tmp_path):
+    """A file passed as --bundle, --dataset or --output (often a file inside the folder
+    meant) is called a file, not a path that "does not exist"."""
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    manifest = Path(world.bundle_dir) / "manifest.json"
+    with pytest.raises(BundleError, match=r"manifest.json is a file, not a folder\. Pass "
+                                          r"the bundle folder"):
+        run_cohort(manifest, new_cohort.root, tmp_path / "a", **template)
+    table = new_cohort.root / "participants.tsv"
+    with pytest.raises(InputError, match=r"participants.tsv is a file, not a folder\. Set "
+                                         r"--dataset"):
+        run_cohort(world.bundle_dir, table, tmp_path / "b", **template)
+    output = tmp_path / "c.tsv"
+    output.write_text("mine")
+    with pytest.raises(InputError, match=r"--output .*c.tsv is a file, not a folder"):
+        run_cohort(world.bundle_dir, new_cohort.root, output, **template)
+    assert output.read_text() == "mine"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -97,6 +97,9 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
+    if root.exists():  # a file (often participants.tsv itself) where the folder belongs
+        return (f"dataset root {root} is a file, not a folder. Set {root_setting} to the "
+                f"folder that holds participants.tsv and a sub-<label> folder per subject.")
     if root_setting == "config key dataset.root":  # the training cohort: maybe the demo's
         return (f"dataset root {root} does not exist. Set config key dataset.root to your "
                 f"BIDS-like dataset folder, or dataset.simulate.enabled: true for the demo "

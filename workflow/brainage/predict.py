@@ -99,6 +99,9 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     """
     bundle = read_bundle(bundle_dir)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file, not a folder. Pass a folder for the "
+                         f"predictions (it is created if it does not exist).")
     cohort = cohort or output.name
     try:  # the bundle may come from another lab: its values name files here
         recorded = check_preprocessing_record(
