@@ -1245,3 +1245,14 @@ def test_a_file_given_for_a_folder_is_named_as_such(world, new_cohort, tmp_path)
         run_cohort(world.bundle_dir, new_cohort.root, output, **template)
     assert output.read_text() == "mine"
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_threads_must_be_a_positive_whole_number(capsys):
+    from brainage.predict import _parse_arguments
+
+    common = ["run", "--bundle", "b", "--dataset", "d", "--output", "o"]
+    assert _parse_arguments([*common, "--threads", "4"]).threads == 4
+    for wrong in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            _parse_arguments([*common, "--threads", wrong])
+        assert "--threads" in capsys.readouterr().err

@@ -209,7 +209,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="subjects preprocessed at a time, each in a process of its own "
                           "(default 1; with the bundle's deterministic preprocessing the "
                           "results do not depend on it)")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--threads", type=_positive_int, default=None,
                      help="threads per preprocessing step when the bundle's preprocessing "
                           "is not deterministic (default: its preprocess.threads)")
     return parser.parse_args(argv)
