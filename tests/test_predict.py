@@ -1256,3 +1256,23 @@ def test_threads_must_be_a_positive_whole_number(capsys):
         with pytest.raises(SystemExit):
             _parse_arguments([*common, "--threads", wrong])
         assert "--threads" in capsys.readouterr().err
+
+
+def test_template_files_for_a_nilearn_bundle_are_refused_not_ignored(tmp_path):
+    """--template-t1/--template-mask with a bundle trained on nilearn's MNI152 would be
+    ignored (the template is rebuilt from nilearn), even naming files that do not exist:
+    the user is told to drop them, before anything is written."""
+    preprocessing = {**PREPROCESSING, "template": {**PREPROCESSING["template"],
+                                                   "source": "nilearn"}}
+    fields = {key_: {} for key_ in ("settings", "readout", "bias_correction", "template",
+                                    "source")}
+    write_bundle(tmp_path / "bundle", name="mni", encoder_state={"w": torch.zeros(1)},
+                 readout_state={"coef": torch.zeros(1)},
+                 manifest_fields={**fields, "normalisation": {"modalities": ["stiffness"]},
+                                  "preprocessing": preprocessing})
+    for flags in ({"template_t1": "t1.nii.gz", "template_mask": "mask.nii.gz"},
+                  {"template_mask": "mask.nii.gz"}):
+        with pytest.raises(InputError, match=r"trained with nilearn's MNI152 template.* "
+                                             r"Drop them"):
+            run_cohort(tmp_path / "bundle", tmp_path / "dataset", tmp_path / "out", **flags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

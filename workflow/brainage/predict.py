@@ -114,6 +114,11 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     if threads is not None:
         preprocess["threads"] = threads
     template = recorded["template"]
+    if template["source"] != "file" and (template_t1 or template_mask):
+        raise InputError(
+            f"model bundle {bundle.path} was trained with nilearn's MNI152 template, which "
+            f"is rebuilt here; --template-t1 and --template-mask are for a bundle trained "
+            f"with a template from files. Drop them.")
     if template["source"] == "file" and not (template_t1 and template_mask):
         raise InputError(
             f"model bundle {bundle.path} was trained with a template from files "
