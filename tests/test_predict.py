@@ -1276,3 +1276,17 @@ def test_template_files_for_a_nilearn_bundle_are_refused_not_ignored(tmp_path):
                                              r"Drop them"):
             run_cohort(tmp_path / "bundle", tmp_path / "dataset", tmp_path / "out", **flags)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_an_output_folder_that_cannot_be_created_is_named_with_the_flag(world, new_cohort,
+                                                                       tmp_path):
+    """An --output under a file (or a read-only place) failed at the template's first
+    write, naming that file and the free space but not the flag or what to do."""
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"--output .*notes.txt/out cannot be created "
+                                         r"\(Not a directory\)\. Choose a folder you can "
+                                         r"write to\."):
+        run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "notes.txt" / "out",
+                   **template)

@@ -132,6 +132,11 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     # before anything is written under the output folder
     check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
                        group_column=group_column, bias_reference_group=bias_reference_group)
+    try:  # the first write: an unwritable --output named as the flag, with what to do
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output {output} cannot be created ({error.strerror or error}). "
+                         f"Choose a folder you can write to.") from None
     layout = Layout(str(output), str(output / "logs"), str(output / "benchmarks"),
                     template["space"])
     t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
