@@ -42,7 +42,7 @@ from brainage.bundle import (  # noqa: E402
     read_bundle,
     write_bundle,
 )
-from brainage.config import resolve_cell  # noqa: E402
+from brainage.config import ConfigError, resolve_cell  # noqa: E402
 from brainage.export import ExportError, export_model  # noqa: E402
 from brainage.inputs import InputError  # noqa: E402
 from brainage.io import sha256_file  # noqa: E402
@@ -1290,3 +1290,29 @@ def test_an_output_folder_that_cannot_be_created_is_named_with_the_flag(world, n
                                          r"write to\."):
         run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "notes.txt" / "out",
                    **template)
+
+
+def test_export_before_the_run_finished_or_with_broken_yaml_says_what_to_do(
+        tmp_path, monkeypatch, capsys):
+    """`export` before snakemake finished died with a FileNotFoundError traceback (the
+    read-out of the cell missing), a config file with a YAML mistake with yaml's."""
+    from brainage import predict
+    from brainage.config import load_config
+
+    def unfinished(config):
+        raise FileNotFoundError("read-out file results/train/x/readout.npz does not exist; "
+                                "rerun rule evaluate_encoder for this cell.")
+
+    monkeypatch.setattr(predict, "export_from_config", unfinished)
+    monkeypatch.setattr("brainage.config.load_config", lambda *paths: {})  # main imports it
+    config = tmp_path / "config.yaml"
+    config.write_text("train: {}\n")
+    assert predict.main(["export", "--configfile", str(config)]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(r"readout.npz does not exist.*\n.*run snakemake to the end first", error)
+    monkeypatch.undo()
+    config.write_text("predict: [\n")
+    with pytest.raises(ConfigError, match=r"(?s)config.yaml is not valid YAML: .*line 2.*Fix "
+                                          r"the line it names"):
+        load_config(config)

@@ -240,7 +240,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"--configfile {path} does not exist. Pass the config file(s) of the "
                         f"finished run (default config/config.yaml: run from the repository "
                         f"root).")
-            manifest = export_from_config(load_config(*arguments.configfile))
+            try:
+                manifest = export_from_config(load_config(*arguments.configfile))
+            except FileNotFoundError as error:  # an output of the run: not finished yet
+                raise ExportError(
+                    f"{error}\nexport reads the outputs of a finished run: run snakemake "
+                    f"to the end first, with the same config file(s).") from None
             log.info("exported model bundle %s", manifest["name"])
             return 0
         output = Path(arguments.output)
