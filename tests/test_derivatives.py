@@ -237,3 +237,39 @@ def test_template_space_sidecars_give_the_template_image_as_spatial_reference(tm
     describe_mask(other, template_mask=template_mask)
     sidecar = json.loads(other.with_name(other.name.replace(".nii.gz", ".json")).read_text())
     assert sidecar["SpatialReference"] == template_mask.resolve().as_uri()
+
+
+def test_a_deleted_output_is_made_again_on_the_next_run(tmp_path, monkeypatch):
+    """A rerun after deleting one subject's registered map (by hand, or a clean-up of
+    large files) skipped every step, because each step's marker file was still there, and
+    then failed reading the missing map ('not a readable NIfTI file ... Re-export it').
+    The step that writes it, and the steps after it, are done again."""
+    from brainage.preprocess import chain
+
+    done = []
+
+    def fake_step(step, files, inputs, **options):
+        done.append(step)
+        for path in files.values():  # every step "writes" every file: simplest fake
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(step)
+
+    monkeypatch.setattr(chain, "run_step", fake_step)
+    for name in ("stiffness.nii.gz", "t1.nii.gz", "mask.nii.gz"):
+        (tmp_path / name).write_text(name)
+    preprocess = {"skullstrip": "deepbet", "freesurfer_tool": "synthstrip", "n4": True,
+                  "deterministic": True, "threads": 1, "max_nan_fraction": 0.01}
+    arguments = dict(preproc=TRAINING_PREPROC, preprocess=preprocess,
+                     template_t1=str(tmp_path / "t1.nii.gz"),
+                     template_mask=str(tmp_path / "mask.nii.gz"), modalities=["stiffness"])
+    inputs = {"stiffness": str(tmp_path / "stiffness.nii.gz")}
+    layout = Layout(results=str(tmp_path / "out"))
+    files = run_subject(inputs, layout, "01", **arguments)
+    assert done == list(chain.STEPS)
+    done.clear()
+    run_subject(inputs, layout, "01", **arguments)
+    assert done == []  # all there: nothing to do
+    Path(files["registered_stiffness"]).unlink()
+    run_subject(inputs, layout, "01", **arguments)
+    assert done == ["register_to_template", "compute_qc"]
+    assert Path(files["registered_stiffness"]).is_file()

@@ -166,6 +166,22 @@ def test_a_required_column_with_spaces_around_its_name_is_named(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_a_comma_separated_table_is_named_as_such(tiny_dataset):
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("\t", ","))
+    with pytest.raises(InputError, match=r"lacks column\(s\) participant_id, .*separated by "
+                                         r"commas: save it tab-separated"):
+        read_participants(tiny_dataset)
+
+
+def test_a_table_without_rows_says_what_to_add(tiny_dataset):
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().splitlines()[0] + "\n")
+    with pytest.raises(InputError, match=r"lists no participants\. Add a row per subject "
+                                         r"\(participant_id, age, sex, study\)"):
+        read_participants(tiny_dataset)
+
+
 @pytest.mark.parametrize("column", ["subset", "gap"])
 def test_a_column_the_pipeline_writes_is_refused(tiny_dataset, column):
     """A user's `subset` was replaced by the split's train/test labels, a `gap` by the
@@ -231,7 +247,10 @@ def test_label_with_a_trailing_newline_is_refused():
     assert check_label("01a", where="participants.tsv") == "01a"
 
 
-@pytest.mark.parametrize("age, message", [("", "has age nan"), ("old", "has age 'old'"),
+@pytest.mark.parametrize("age, message", [("", "has no age \\(an empty cell or n/a\\); "
+                                                "every subject needs its age"),
+                                          ("n/a", "has no age"),  # was "has age nan"
+                                          ("old", "has age 'old'"),
                                           ("-3", "outside"), ("250", "outside"),
                                           # the bounds are not ages either: 0 is a blank cell
                                           # a spreadsheet exported as a number

@@ -81,3 +81,15 @@ def test_each_node_runs_its_processes_on_the_cpus_the_job_asked_for(monkeypatch)
     assert srun_options[srun_options.index("--cpus-per-task") + 1] == "32"
     command = training_command(4, 2, python="py", environ={"SLURM_JOB_ID": "1"})
     assert "--cpus-per-task" not in command
+
+
+def test_a_misspelt_launcher_option_is_named_not_passed_to_training():
+    """`--ndoes 2 -- <training arguments>` went to brainage.train, whose error listed its
+    own arguments as missing and never the misspelt one."""
+    result = subprocess.run(
+        [sys.executable, "-m", "brainage.launch", "--gpus", "0", "--ndoes", "2", "--",
+         "--help"], capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
+    assert result.returncode == 2
+    assert "python -m brainage.launch: error: unrecognized arguments: --ndoes 2" in result.stderr
+    assert "brainage.train" not in result.stdout

@@ -42,7 +42,7 @@ from brainage.bundle import (  # noqa: E402
     read_bundle,
     write_bundle,
 )
-from brainage.config import resolve_cell  # noqa: E402
+from brainage.config import ConfigError, resolve_cell  # noqa: E402
 from brainage.export import ExportError, export_model  # noqa: E402
 from brainage.inputs import InputError  # noqa: E402
 from brainage.io import sha256_file  # noqa: E402
@@ -1223,3 +1223,134 @@ def test_a_qc_file_without_three_numbers_or_of_another_subject_names_the_file(tm
     path.write_text(json.dumps({"participant_id": "sub-01", "dice": 0.9, "correlation": 0.5,
                                 "coverage": 1}))
     assert read_qc(path, minimums, subject="01")[0]
+
+
+def test_run_reports_a_users_mistake_in_one_line_without_a_traceback(exported, tmp_path,
+                                                                     capsys):
+    """A missing bundle, a missing template flag or a missing config file is the user's
+    to fix: `brainage.predict` prints the message that names the file and the remedy,
+    exit status 1, no traceback."""
+    from brainage.predict import main
+
+    common = ["--dataset", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main(["run", "--bundle", str(tmp_path / "no_bundle"), *common]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(r"brainage.predict run: error: model bundle .*no_bundle does not "
+                     r"exist\. Export one", error)
+    assert main(["run", "--bundle", str(exported.bundle_dir), *common]) == 1
+    assert "pass the same files with --template-t1" in capsys.readouterr().err
+    assert main(["export", "--configfile", str(tmp_path / "missing.yaml")]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(r"--configfile .*missing.yaml does not exist", error)
+
+
+def test_a_dataset_mistake_is_reported_before_anything_is_written(world, new_cohort,
+                                                                  tmp_path):
+    """A missing dataset or a participants.tsv with a bad row stops `run` before the
+    template and the derivative description are written: no half-made output folder."""
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    with pytest.raises(InputError, match=r"dataset root .*nope does not exist"):
+        run_cohort(world.bundle_dir, tmp_path / "nope", tmp_path / "a", **template)
+    bad_age = tmp_path / "bad_age"
+    shutil.copytree(new_cohort.root, bad_age, ignore=shutil.ignore_patterns("preproc"))
+    table = pd.read_csv(bad_age / "participants.tsv", sep="\t", dtype=str)
+    table.loc[0, "age"] = "abc"
+    table.to_csv(bad_age / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=r"has age 'abc'"):
+        run_cohort(world.bundle_dir, bad_age, tmp_path / "b", **template)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_a_file_given_for_a_folder_is_named_as_such(world, new_cohort, tmp_path):
+    """A file passed as --bundle, --dataset or --output (often a file inside the folder
+    meant) is called a file, not a path that "does not exist"."""
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    manifest = Path(world.bundle_dir) / "manifest.json"
+    with pytest.raises(BundleError, match=r"manifest.json is a file, not a folder\. Pass "
+                                          r"the bundle folder"):
+        run_cohort(manifest, new_cohort.root, tmp_path / "a", **template)
+    table = new_cohort.root / "participants.tsv"
+    with pytest.raises(InputError, match=r"participants.tsv is a file, not a folder\. Set "
+                                         r"--dataset"):
+        run_cohort(world.bundle_dir, table, tmp_path / "b", **template)
+    output = tmp_path / "c.tsv"
+    output.write_text("mine")
+    with pytest.raises(InputError, match=r"--output .*c.tsv is a file, not a folder"):
+        run_cohort(world.bundle_dir, new_cohort.root, output, **template)
+    assert output.read_text() == "mine"
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_threads_must_be_a_positive_whole_number(capsys):
+    from brainage.predict import _parse_arguments
+
+    common = ["run", "--bundle", "b", "--dataset", "d", "--output", "o"]
+    assert _parse_arguments([*common, "--threads", "4"]).threads == 4
+    for wrong in ("0", "-2", "two"):
+        with pytest.raises(SystemExit):
+            _parse_arguments([*common, "--threads", wrong])
+        assert "--threads" in capsys.readouterr().err
+
+
+def test_template_files_for_a_nilearn_bundle_are_refused_not_ignored(tmp_path):
+    """--template-t1/--template-mask with a bundle trained on nilearn's MNI152 would be
+    ignored (the template is rebuilt from nilearn), even naming files that do not exist:
+    the user is told to drop them, before anything is written."""
+    preprocessing = {**PREPROCESSING, "template": {**PREPROCESSING["template"],
+                                                   "source": "nilearn"}}
+    fields = {key_: {} for key_ in ("settings", "readout", "bias_correction", "template",
+                                    "source")}
+    write_bundle(tmp_path / "bundle", name="mni", encoder_state={"w": torch.zeros(1)},
+                 readout_state={"coef": torch.zeros(1)},
+                 manifest_fields={**fields, "normalisation": {"modalities": ["stiffness"]},
+                                  "preprocessing": preprocessing})
+    for flags in ({"template_t1": "t1.nii.gz", "template_mask": "mask.nii.gz"},
+                  {"template_mask": "mask.nii.gz"}):
+        with pytest.raises(InputError, match=r"trained with nilearn's MNI152 template.* "
+                                             r"Drop them"):
+            run_cohort(tmp_path / "bundle", tmp_path / "dataset", tmp_path / "out", **flags)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_an_output_folder_that_cannot_be_created_is_named_with_the_flag(world, new_cohort,
+                                                                       tmp_path):
+    """An --output under a file (or a read-only place) failed at the template's first
+    write, naming that file and the free space but not the flag or what to do."""
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"--output .*notes.txt/out cannot be created "
+                                         r"\(Not a directory\)\. Choose a folder you can "
+                                         r"write to\."):
+        run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "notes.txt" / "out",
+                   **template)
+
+
+def test_export_before_the_run_finished_or_with_broken_yaml_says_what_to_do(
+        tmp_path, monkeypatch, capsys):
+    """`export` before snakemake finished died with a FileNotFoundError traceback (the
+    read-out of the cell missing), a config file with a YAML mistake with yaml's."""
+    from brainage import predict
+    from brainage.config import load_config
+
+    def unfinished(config):
+        raise FileNotFoundError("read-out file results/train/x/readout.npz does not exist; "
+                                "rerun rule evaluate_encoder for this cell.")
+
+    monkeypatch.setattr(predict, "export_from_config", unfinished)
+    monkeypatch.setattr("brainage.config.load_config", lambda *paths: {})  # main imports it
+    config = tmp_path / "config.yaml"
+    config.write_text("train: {}\n")
+    assert predict.main(["export", "--configfile", str(config)]) == 1
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert re.search(r"readout.npz does not exist.*\n.*run snakemake to the end first", error)
+    monkeypatch.undo()
+    config.write_text("predict: [\n")
+    with pytest.raises(ConfigError, match=r"(?s)config.yaml is not valid YAML: .*line 2.*Fix "
+                                          r"the line it names"):
+        load_config(config)

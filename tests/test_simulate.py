@@ -587,6 +587,9 @@ def test_cli_names_a_root_the_system_refuses_without_a_traceback(tmp_path, capsy
     assert exited.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("brainage.simulate: error: ") and "File name too long" in error
+    # the failing path is a staging folder next to the root: the root and a remedy named
+    assert re.search(r"could not write --root .*ddd: .*File name too long.*\. Choose a "
+                     r"folder you can write to", error)
 
 
 def test_cli_refuses_an_ageing_offset_without_an_accelerated_group(tmp_path, capsys,

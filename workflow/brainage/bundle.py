@@ -188,6 +188,10 @@ def read_manifest(directory: str | Path) -> dict:
     """Read and check a bundle's manifest: kind and format version (no checksums)."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST_FILE
+    if directory.is_file():  # e.g. its manifest.json or encoder.pt
+        raise BundleError(
+            f"model bundle {directory} is a file, not a folder. Pass the bundle folder "
+            f"(results/models/<name>, holding {MANIFEST_FILE}, {', '.join(PAYLOAD_FILES)}).")
     if not directory.is_dir():
         raise BundleError(
             f"model bundle {directory} does not exist. Export one with `snakemake "

@@ -603,7 +603,11 @@ def load_config(*paths: str | Path) -> dict:
     merged: dict = {}
     for path in paths:
         with open(path) as handle:
-            loaded = yaml.safe_load(handle) or {}
+            try:
+                loaded = yaml.safe_load(handle) or {}
+            except yaml.YAMLError as error:  # a stray indent, an unclosed bracket
+                raise ConfigError(f"{path} is not valid YAML: {error}. Fix the line it "
+                                  f"names.") from None
         if not isinstance(loaded, Mapping):  # e.g. a participants.tsv given by mistake
             raise ConfigError(f"{path}: a config file maps section names to settings "
                               f"('train:', 'dataset:', ...), but this file holds a "

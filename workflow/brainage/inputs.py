@@ -97,6 +97,9 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
+    if root.exists():  # a file (often participants.tsv itself) where the folder belongs
+        return (f"dataset root {root} is a file, not a folder. Set {root_setting} to the "
+                f"folder that holds participants.tsv and a sub-<label> folder per subject.")
     if root_setting == "config key dataset.root":  # the training cohort: maybe the demo's
         return (f"dataset root {root} does not exist. Set config key dataset.root to your "
                 f"BIDS-like dataset folder, or dataset.simulate.enabled: true for the demo "
@@ -136,11 +139,14 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     if missing:
         spaced = [str(column) for column in table.columns
                   if str(column).strip() in missing and str(column) != str(column).strip()]
+        commas = len(table.columns) == 1 and "," in str(table.columns[0])
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
             f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}."
             + "".join(f" The header's {column!r} has spaces around its name: remove them."
-                      for column in spaced))
+                      for column in spaced)
+            + (" Its columns are separated by commas: save it tab-separated (a spreadsheet's"
+               " 'Text (tab-separated)' export)." if commas else ""))
     clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS]
     if clashing:
         raise InputError(
@@ -149,7 +155,8 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"cohort's predictions), where they would replace yours. Rename them (e.g. "
             f"{clashing[0]}_original).")
     if table.empty:
-        raise InputError(f"{table_path} lists no participants.")
+        raise InputError(f"{table_path} lists no participants. Add a row per subject "
+                         f"({', '.join(REQUIRED_COLUMNS)}).")
     if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
         lines = list(range(2, len(table) + 2))
     _validate_participant_rows(table, table_path, lines)
@@ -279,6 +286,10 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
         if pd.isna(age):
             comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
+            if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
+                raise InputError(f"{table_path}: subject {participant_id} has no age (an "
+                                 f"empty cell or n/a); every subject needs its age in "
+                                 f"years. Fill it in or remove the row.")
             raise InputError(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
                              f"must be numbers in years"
                              + (", with a decimal point, not a comma" if comma else "")

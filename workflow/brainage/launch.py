@@ -80,9 +80,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "'--' go to brainage.train.")
     parser.add_argument("--gpus", type=int, required=True, help="GPUs per node (0: the CPU)")
     parser.add_argument("--nodes", type=int, default=1)
-    arguments, train_arguments = parser.parse_known_args(argv)
-    if train_arguments[:1] == ["--"]:
-        train_arguments = train_arguments[1:]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" in argv:  # the launcher's own before it: a misspelt one is named here, not
+        # passed on to brainage.train (which then complained about its own arguments)
+        split = argv.index("--")
+        arguments, train_arguments = parser.parse_args(argv[:split]), argv[split + 1:]
+    else:
+        arguments, train_arguments = parser.parse_known_args(argv)
     command = [*training_command(arguments.gpus, arguments.nodes), *train_arguments]
     sys.stdout.flush()
     os.execvp(command[0], command)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -38,7 +39,7 @@ from brainage.config import (
     exported_cell,
     preprocessing_record,
 )
-from brainage.export import export_model
+from brainage.export import ExportError, export_model
 from brainage.inputs import (
     InputError,
     check_cohort_table,
@@ -47,6 +48,7 @@ from brainage.inputs import (
     same_grid,
     subject_inputs,
 )
+from brainage.io import WriteError
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import registered_maps, run_subjects
@@ -54,6 +56,11 @@ from brainage.preprocess.derivatives import describe_preprocessing
 from brainage.preprocess.template import prepare_template, template_record
 
 log = logging.getLogger(__name__)
+
+#: What a user's mistake raises (a bundle, dataset, flag or config value; an output that
+#: cannot be written): each message names the file or setting and the remedy, so
+#: :func:`main` prints it in one line instead of a traceback.
+USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WriteError)
 
 
 def export_from_config(config: Mapping) -> dict:
@@ -92,6 +99,9 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     """
     bundle = read_bundle(bundle_dir)
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise InputError(f"--output {output} is a file, not a folder. Pass a folder for the "
+                         f"predictions (it is created if it does not exist).")
     cohort = cohort or output.name
     try:  # the bundle may come from another lab: its values name files here
         recorded = check_preprocessing_record(
@@ -104,11 +114,29 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     if threads is not None:
         preprocess["threads"] = threads
     template = recorded["template"]
+    if template["source"] != "file" and (template_t1 or template_mask):
+        raise InputError(
+            f"model bundle {bundle.path} was trained with nilearn's MNI152 template, which "
+            f"is rebuilt here; --template-t1 and --template-mask are for a bundle trained "
+            f"with a template from files. Drop them.")
     if template["source"] == "file" and not (template_t1 and template_mask):
         raise InputError(
             f"model bundle {bundle.path} was trained with a template from files "
             f"({template['t1']}, {template['mask']}); pass the same files with "
             f"--template-t1 and --template-mask.")
+    modalities = bundle.normalisation["modalities"]
+    participants = read_participants(dataset_root, modalities, root_setting="--dataset",
+                                     needed_by=f"model bundle {bundle.path}")
+    labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
+    # the table's problems before the minutes of preprocessing, not after them, and
+    # before anything is written under the output folder
+    check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
+                       group_column=group_column, bias_reference_group=bias_reference_group)
+    try:  # the first write: an unwritable --output named as the flag, with what to do
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise InputError(f"--output {output} cannot be created ({error.strerror or error}). "
+                         f"Choose a folder you can write to.") from None
     layout = Layout(str(output), str(output / "logs"), str(output / "benchmarks"),
                     template["space"])
     t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
@@ -128,18 +156,11 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
             f"affine {expected.get('affine')}). Use the same template files "
             f"(--template-t1/--template-mask) or the same nilearn version.")
-    modalities = bundle.normalisation["modalities"]
     describe_preprocessing(layout.preproc_dir(), space=template["space"],
                            template_shape=prepared["shape"], source=str(dataset_root),
                            version=brainage_version(), template=True, modalities=modalities,
                            n4=preprocess["n4"])
 
-    participants = read_participants(dataset_root, modalities, root_setting="--dataset",
-                                     needed_by=f"model bundle {bundle.path}")
-    labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
-    # the table's problems before the minutes of preprocessing, not after them
-    check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
-                       group_column=group_column, bias_reference_group=bias_reference_group)
     # every image opened once before the first subject's minutes of preprocessing
     check_dataset_images(dataset_root, labels, modalities,
                          cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
@@ -198,7 +219,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
                      help="subjects preprocessed at a time, each in a process of its own "
                           "(default 1; with the bundle's deterministic preprocessing the "
                           "results do not depend on it)")
-    run.add_argument("--threads", type=int, default=None,
+    run.add_argument("--threads", type=_positive_int, default=None,
                      help="threads per preprocessing step when the bundle's preprocessing "
                           "is not deterministic (default: its preprocess.threads)")
     return parser.parse_args(argv)
@@ -211,16 +232,31 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     arguments = _parse_arguments(argv)
     log_to_file(None)
-    if arguments.command == "export":
-        manifest = export_from_config(load_config(*arguments.configfile))
-        log.info("exported model bundle %s", manifest["name"])
-        return 0
-    output = Path(arguments.output)
-    run_cohort(arguments.bundle, arguments.dataset, output,
-               cohort=arguments.cohort or output.name, group_column=arguments.group_column,
-               bias_reference_group=arguments.bias_reference_group,
-               template_t1=arguments.template_t1, template_mask=arguments.template_mask,
-               device=arguments.device, threads=arguments.threads, jobs=arguments.jobs)
+    try:
+        if arguments.command == "export":
+            for path in arguments.configfile:
+                if not Path(path).is_file():
+                    raise ConfigError(
+                        f"--configfile {path} does not exist. Pass the config file(s) of the "
+                        f"finished run (default config/config.yaml: run from the repository "
+                        f"root).")
+            try:
+                manifest = export_from_config(load_config(*arguments.configfile))
+            except FileNotFoundError as error:  # an output of the run: not finished yet
+                raise ExportError(
+                    f"{error}\nexport reads the outputs of a finished run: run snakemake "
+                    f"to the end first, with the same config file(s).") from None
+            log.info("exported model bundle %s", manifest["name"])
+            return 0
+        output = Path(arguments.output)
+        run_cohort(arguments.bundle, arguments.dataset, output,
+                   cohort=arguments.cohort or output.name, group_column=arguments.group_column,
+                   bias_reference_group=arguments.bias_reference_group,
+                   template_t1=arguments.template_t1, template_mask=arguments.template_mask,
+                   device=arguments.device, threads=arguments.threads, jobs=arguments.jobs)
+    except USER_ERRORS as error:
+        print(f"brainage.predict {arguments.command}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

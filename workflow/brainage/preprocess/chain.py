@@ -182,6 +182,22 @@ STEP_DONE = {"strip_skull": "mask_json", "correct_bias": "corrected_reference",
              "register_to_template": "registered_mask_json", "compute_qc": "qc_png"}
 
 
+def step_outputs(files: Mapping[str, str], step: str) -> list[str]:
+    """Every file ``step`` writes, of a subject's :func:`subject_files`."""
+    if step == "strip_skull":
+        keys = ["mask", "mask_json", "reference", "reference_info"]
+    elif step == "correct_bias":
+        keys = [key for key in files if key.startswith("corrected_")]
+    elif step == "register_to_template":
+        keys = [key for key in files if key.startswith("registered_") or key == "transform"]
+    elif step == "compute_qc":
+        keys = ["qc_json", "qc_png"]
+    else:
+        raise ValueError(f"unknown preprocessing step {step!r}; the steps are "
+                         f"{', '.join(STEPS)}.")
+    return [files[key] for key in keys]
+
+
 def step_records(inputs: Mapping[str, str], preprocess: Mapping, *, template_t1: str,
                  template_mask: str, modalities: Sequence[str]) -> dict[str, str]:
     """What each step's outputs are made from, as JSON text per step: the subject's input
@@ -218,10 +234,11 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
                 modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
     """The whole chain for one subject, in-process; returns :func:`subject_files`.
 
-    A step whose last output exists and whose record (:func:`step_records`) matches is
+    A step whose outputs all exist and whose record (:func:`step_records`) matches is
     skipped, so an interrupted run continues. A step made from other input files or
-    settings (a replaced map, another bundle's preprocessing) is done again, with the steps
-    after it, and a warning says so; before the records, such outputs were reused silently.
+    settings (a replaced map, another bundle's preprocessing), or with one of its outputs
+    deleted since, is done again, with the steps after it, and a warning says so; before
+    the records, such outputs were reused silently.
     """
     from brainage.io import atomic_path
 
@@ -232,12 +249,17 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
     for step in STEPS:
         record_path = step_record_path(layout, subject, preproc, step)
         if not redo and Path(files[STEP_DONE[step]]).is_file():
-            if record_path.is_file() and record_path.read_text() == records[step]:
+            missing = [path for path in step_outputs(files, step) if not Path(path).is_file()]
+            if missing:  # deleted since (by hand, or a clean-up of large files)
+                log.warning("sub-%s: %s is missing; doing %s and the steps after it again",
+                            subject, missing[0], step)
+            elif record_path.is_file() and record_path.read_text() == records[step]:
                 continue
-            log.warning("sub-%s: the %s outputs in %s were made from other input files or "
-                        "preprocessing settings (or kept no record of them); doing %s and "
-                        "the steps after it again", subject, step,
-                        Path(files[STEP_DONE[step]]).parent, step)
+            else:
+                log.warning("sub-%s: the %s outputs in %s were made from other input files "
+                            "or preprocessing settings (or kept no record of them); doing %s and "
+                            "the steps after it again", subject, step,
+                            Path(files[STEP_DONE[step]]).parent, step)
         redo = True  # every later step reads this step's new outputs
         record_path.unlink(missing_ok=True)
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,

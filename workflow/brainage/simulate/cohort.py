@@ -344,7 +344,14 @@ def main(argv=None) -> None:
                 maps=value("maps", ("stiffness",)), overwrite=args.overwrite)
     except OptionError as error:  # its message names the Python arguments (n_subjects=5)
         parser.exit(2, f"brainage.simulate: error: {error.spelled(_flag)}\n")
-    except (OSError, ValueError) as error:  # an existing, unwritable or full --root too
+    except OSError as error:
+        if error.errno is None:  # ours (an existing root): the message says what to do
+            parser.exit(2, f"brainage.simulate: error: {error}\n")
+        # the system's (unwritable, full, a name too long): it names a staging folder
+        # next to the root, so say which --root it was and what to do
+        parser.exit(2, f"brainage.simulate: error: could not write --root {args.root}: "
+                       f"{error}. Choose a folder you can write to, on a disk with room.\n")
+    except ValueError as error:
         parser.exit(2, f"brainage.simulate: error: {error}\n")
     print(f"wrote {len(participants)} subjects to {args.root}")
 
