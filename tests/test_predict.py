@@ -581,6 +581,17 @@ def test_bundle_folder_is_readable_by_others_as_its_files_are(exported, tmp_path
         os.umask(umask)
 
 
+def write_stub_bundle(folder, name: str, preprocessing: dict) -> None:
+    """A bundle with valid checksums and a given preprocessing record, whose other
+    sections are empty: enough for the checks that run before any image is read."""
+    fields = {key: {} for key in ("settings", "readout", "bias_correction", "template",
+                                  "source")}
+    write_bundle(folder, name=name, encoder_state={"w": torch.zeros(1)},
+                 readout_state={"coef": torch.zeros(1)},
+                 manifest_fields={**fields, "normalisation": {"modalities": ["stiffness"]},
+                                  "preprocessing": preprocessing})
+
+
 @pytest.mark.parametrize("template, key", [
     ({"space": "a/../../../escaped/x"}, r"template\.space"),
     ({"space": "TestSpace", "source": "url"}, r"template\.source"),
@@ -590,12 +601,7 @@ def test_a_bundles_preprocessing_record_cannot_write_outside_the_output(tmp_path
     template space, a path part, in its manifest: it is validated as a config key before
     anything is written."""
     preprocessing = {**PREPROCESSING, "template": {**PREPROCESSING["template"], **template}}
-    fields = {key_: {} for key_ in ("settings", "readout", "bias_correction", "template",
-                                    "source")}
-    write_bundle(tmp_path / "bundle", name="foreign", encoder_state={"w": torch.zeros(1)},
-                 readout_state={"coef": torch.zeros(1)},
-                 manifest_fields={**fields, "normalisation": {"modalities": ["stiffness"]},
-                                  "preprocessing": preprocessing})
+    write_stub_bundle(tmp_path / "bundle", "foreign", preprocessing)
     output = tmp_path / "work" / "out"
     with pytest.raises(BundleError, match=rf"(?s)model bundle .*bundle.*'{key}'.*re-export"):
         run_cohort(tmp_path / "bundle", tmp_path / "dataset", output,
@@ -1302,12 +1308,7 @@ def test_template_files_for_a_nilearn_bundle_are_refused_not_ignored(tmp_path):
     the user is told to drop them, before anything is written."""
     preprocessing = {**PREPROCESSING, "template": {**PREPROCESSING["template"],
                                                    "source": "nilearn"}}
-    fields = {key_: {} for key_ in ("settings", "readout", "bias_correction", "template",
-                                    "source")}
-    write_bundle(tmp_path / "bundle", name="mni", encoder_state={"w": torch.zeros(1)},
-                 readout_state={"coef": torch.zeros(1)},
-                 manifest_fields={**fields, "normalisation": {"modalities": ["stiffness"]},
-                                  "preprocessing": preprocessing})
+    write_stub_bundle(tmp_path / "bundle", "mni", preprocessing)
     for flags in ({"template_t1": "t1.nii.gz", "template_mask": "mask.nii.gz"},
                   {"template_mask": "mask.nii.gz"}):
         with pytest.raises(InputError, match=r"trained with nilearn's MNI152 template.* "
