@@ -854,15 +854,16 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
     a step, and the steps after it, whose outputs came from other input files or settings.
     It used to reuse them silently: a replaced map, or a bundle with other preprocessing
     settings, predicted from the old maps. The steps are a test double that writes each
-    step's last output."""
+    step's outputs."""
     from brainage.preprocess import chain
 
     done = []
 
     def fake_step(step, files, inputs, **_):
         done.append(step)
-        Path(files[chain.STEP_DONE[step]]).parent.mkdir(parents=True, exist_ok=True)
-        Path(files[chain.STEP_DONE[step]]).write_text(step)
+        for output in chain.step_outputs(files, step):
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(step)
 
     monkeypatch.setattr(chain, "run_step", fake_step)
     stiffness = tmp_path / "sub-a_stiffness.nii.gz"
