@@ -110,6 +110,19 @@ def test_a_stray_quote_that_swallows_the_rows_below_is_refused(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_a_stray_quote_in_a_long_table_is_named_with_its_line(tiny_dataset):
+    """A stray quote whose value runs past the csv module's 128 KiB field limit (a few
+    thousand rows below it) stopped the table check with a bare csv.Error traceback."""
+    table = tiny_dataset / "participants.tsv"
+    header, first, second, *rest = table.read_text().splitlines()
+    notes = [f"sub-x{row}\t40\tF\tstudy1" for row in range(5000)]  # 100 KiB +
+    table.write_text("\n".join([header, first, second.replace("\tstudy", '\t"study', 1),
+                                 *rest, *notes, *notes]) + "\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 3: a value opens a double "
+                                         r"quote that is not closed.*Remove the stray quote"):
+        read_participants(tiny_dataset)
+
+
 def test_error_lines_count_the_blank_lines_pandas_skips(tiny_dataset):
     # pandas skips blank and spaces-only lines: the line numbers counted its rows instead
     table = tiny_dataset / "participants.tsv"

@@ -223,8 +223,19 @@ def check_table_shape(table_path: Path) -> list[int]:
 def _single_line_records(reader, table_path: Path):
     """``(line number, record)`` of each record of a ``csv.reader`` but those pandas skips
     (blank or spaces-only lines), refusing a record whose value spans lines."""
+    import csv
+
     line, header = 1, None
-    for record in reader:
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:  # a quoted value longer than the csv module's limit
+            raise InputError(
+                f"{table_path} line {line}: a value opens a double quote that is not closed, "
+                f"so it runs on through the rows below ({error}). Remove the stray quote "
+                f"(or close it on line {line}).") from None
         if not record or (len(record) == 1 and not record[0].strip(" ")):
             line = reader.line_num + 1
             continue
