@@ -18,6 +18,7 @@ before any work starts (the workflow calls these while building its job graph).
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -197,8 +198,6 @@ def check_table_shape(table_path: Path) -> list[int]:
     Returns the line number of each data row, in order: the lines pandas reads as rows,
     without the blank (or spaces-only) lines it skips, before the header too.
     """
-    import csv
-
     with open(table_path, newline="", encoding="utf-8-sig") as handle:
         rows = _single_line_records(csv.reader(handle, delimiter="\t"), table_path)
         _, header = next(rows, (1, []))
@@ -223,37 +222,32 @@ def check_table_shape(table_path: Path) -> list[int]:
 def _single_line_records(reader, table_path: Path):
     """``(line number, record)`` of each record of a ``csv.reader`` but those pandas skips
     (blank or spaces-only lines), refusing a record whose value spans lines."""
-    import csv
-
     line, header = 1, None
-    while True:
-        try:
-            record = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:  # a quoted value longer than the csv module's limit
-            raise InputError(
-                f"{table_path} line {line}: a value opens a double quote that is not closed, "
-                f"so it runs on through the rows below ({error}). Remove the stray quote "
-                f"(or close it on line {line}).") from None
-        if not record or (len(record) == 1 and not record[0].strip(" ")):
+    try:
+        for record in reader:
+            if not record or (len(record) == 1 and not record[0].strip(" ")):
+                line = reader.line_num + 1
+                continue
+            for index, value in enumerate(record):
+                if "\n" in value or "\r" in value:
+                    column = (repr(header[index]) if header is not None and index < len(header)
+                              else f"{index + 1}")
+                    spans = reader.line_num - line + 1
+                    raise InputError(
+                        f"{table_path} line {line}, column {column}: the value opens a double "
+                        f"quote that is not closed on its line, so it "
+                        + (f"runs over {spans} lines (to line {reader.line_num}) and takes the "
+                           f"rows between into this one value" if spans > 1 else
+                           "runs to the end of the file")
+                        + f". Remove the stray quote (or close it on line {line}).")
+            header = record if header is None else header
+            yield line, record
             line = reader.line_num + 1
-            continue
-        for index, value in enumerate(record):
-            if "\n" in value or "\r" in value:
-                column = (repr(header[index]) if header is not None and index < len(header)
-                          else f"{index + 1}")
-                spans = reader.line_num - line + 1
-                raise InputError(
-                    f"{table_path} line {line}, column {column}: the value opens a double "
-                    f"quote that is not closed on its line, so it "
-                    + (f"runs over {spans} lines (to line {reader.line_num}) and takes the "
-                       f"rows between into this one value" if spans > 1 else
-                       "runs to the end of the file")
-                    + f". Remove the stray quote (or close it on line {line}).")
-        header = record if header is None else header
-        yield line, record
-        line = reader.line_num + 1
+    except csv.Error as error:  # a quoted value longer than the csv module's limit
+        raise InputError(
+            f"{table_path} line {line}: a value opens a double quote that is not closed, so "
+            f"it runs on through the rows below ({error}). Remove the stray quote (or close "
+            f"it on line {line}).") from None
 
 
 def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
