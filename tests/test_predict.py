@@ -1113,6 +1113,45 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     assert started == []
 
 
+def test_a_rerun_that_stops_leaves_no_reports_of_the_run_before(world, new_cohort, tmp_path,
+                                                                monkeypatch):
+    """Reports describe one run: a rerun into the same --output whose chain fails for a
+    subject removes the earlier run's predictions (which would read as its own) and keeps
+    the preprocessed subjects."""
+    from brainage import predict as predict_module
+    from brainage.preprocess import chain
+    from brainage.preprocess.chain import subject_files
+
+    def preprocessed(inputs, layout, label, *, preproc, **settings):
+        files = subject_files(layout, label, preproc)
+        for source, target in ((new_cohort.files["maps"][label], files["registered_stiffness"]),
+                               (new_cohort.files["qc"][label], files["qc_json"])):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+        return files
+
+    def failing(inputs, layout, label, **settings):
+        raise RuntimeError(f"sub-{label}: registration failed")
+
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    output = tmp_path / "out"
+    monkeypatch.setattr(chain, "run_subject", preprocessed)
+    predict_module.run_cohort(world.bundle_dir, new_cohort.root, output, device="cpu",
+                              **template)
+    reports = [output / name for name in predict_module.REPORT_FILES.values()]
+    assert all(path.is_file() for path in reports)
+    preprocessed_files = sorted((output / "preproc").rglob("*_qc.json"))
+    assert preprocessed_files
+
+    monkeypatch.setattr(chain, "run_subject", failing)
+    with pytest.raises(RuntimeError, match="registration failed"):
+        predict_module.run_cohort(world.bundle_dir, new_cohort.root, output, device="cpu",
+                                  **template)
+    assert [path.name for path in reports if path.exists()] == []
+    assert sorted((output / "preproc").rglob("*_qc.json")) == preprocessed_files
+
+
 def test_run_cohort_refuses_a_template_on_another_grid_before_preprocessing(
         world, new_cohort, tmp_path, monkeypatch):
     """Template files with the bundle's mask voxels but another voxel grid (here moved by

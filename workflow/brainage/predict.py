@@ -62,6 +62,11 @@ log = logging.getLogger(__name__)
 #: :func:`main` prints it in one line instead of a traceback.
 USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WriteError)
 
+#: The reports :func:`run_cohort` writes under ``--output`` (predict_cohort's argument ->
+#: file name), one run's together.
+REPORT_FILES = {"predictions_path": "predictions.tsv", "summary_path": "summary.tsv",
+                "figure_path": "gap_by_group.png", "provenance_path": "provenance.json"}
+
 
 def export_from_config(config: Mapping) -> dict:
     """Export the cell ``predict.model`` of a validated config (outputs of a finished run),
@@ -95,7 +100,10 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     :func:`brainage.apply.predict_cohort`; ``jobs`` subjects are preprocessed at a time,
     each in a process of its own. Outputs under ``output``: ``preproc/`` (a
     BIDS-Derivatives dataset with the template under ``tpl-<space>/``),
-    ``predictions.tsv``, ``summary.tsv``, ``gap_by_group.png``, ``provenance.json``.
+    ``predictions.tsv``, ``summary.tsv``, ``gap_by_group.png``, ``provenance.json``
+    (:data:`REPORT_FILES`). A rerun into the same folder reuses the subjects preprocessed
+    before and removes the earlier run's reports once its inputs pass their checks, so a
+    run that stops halfway leaves no reports that are not its own.
     """
     bundle = read_bundle(bundle_dir)
     output = Path(output)
@@ -164,6 +172,15 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     # every image opened once before the first subject's minutes of preprocessing
     check_dataset_images(dataset_root, labels, modalities,
                          cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
+    # a rerun that stops (a subject's chain fails) must not leave the last run's reports
+    # beside its own new preprocessing, where they would read as this run's result; the
+    # preprocessed subjects, the costly part, are kept and reused
+    previous = [output / name for name in REPORT_FILES.values() if (output / name).exists()]
+    for path in previous:
+        path.unlink()
+    if previous:
+        log.info("removed the previous run's reports (%s) from %s; this run writes them anew",
+                 ", ".join(path.name for path in previous), output)
     processed = run_subjects(
         {label: subject_inputs(dataset_root, label, modalities) for label in labels}, layout,
         preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,
@@ -171,9 +188,8 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     maps = {label: registered_maps(files, modalities) for label, files in processed.items()}
     qc = {label: files["qc_json"] for label, files in processed.items()}
     return predict_cohort(bundle, dataset_root, maps, qc,
-                          predictions_path=output / "predictions.tsv",
-                          summary_path=output / "summary.tsv",
-                          figure_path=output / "gap_by_group.png", cohort=cohort,
+                          **{argument: output / name for argument, name in REPORT_FILES.items()},
+                          cohort=cohort,
                           group_column=group_column,
                           bias_reference_group=bias_reference_group, device=device)
 
