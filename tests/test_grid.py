@@ -374,6 +374,44 @@ def test_a_pretraining_change_reruns_the_run_and_the_cells_that_fine_tune_it(tmp
     assert rerun == {("table3/adaptive_pretrained", "0"), ("table3/adaptive_pretrained", "1")}
 
 
+def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_from_it(
+        tmp_path):
+    """model.init_checkpoint names a file outside the workflow: a missing one is named when
+    the workflow is planned (it was found when the training started), and replacing it in
+    place retrains the cells that start from it, not the others (they kept its old
+    weights, silently)."""
+    root = dataset(tmp_path, 6)
+    base = tiny_test_config(root)
+    checkpoint = tmp_path / "external" / "encoder.pt"
+    base["experiments"]["table3"]["variants"]["adaptive_external"] = {
+        "loss": {"name": "adaptive"}, "model": {"init_checkpoint": str(checkpoint)}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    workdir = tmp_path / "work"
+    missing = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
+    assert missing.returncode != 0
+    said = missing.stdout + missing.stderr
+    assert re.search(rf"Missing input files for rule train_encoder:(.|\n)*variant="
+                     rf"adaptive_external(.|\n)*{re.escape(str(checkpoint))}", said), said[-3000:]
+
+    checkpoint.parent.mkdir()
+    checkpoint.touch()
+    listed = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout
+    trainings = re.findall(r"rule train_encoder:\n((?: {4}.*\n)+)", listed)
+    reading = sorted(re.search(r"output: results/train/holdout/(\S+)/encoder\.pt", job)[1]
+                     for job in trainings if str(checkpoint) in job)
+    assert reading == ["table3/adaptive_external/seed-0", "table3/adaptive_external/seed-1"]
+    _fake_complete_run(workdir, configfile)
+
+    checkpoint.write_bytes(b"other weights")  # (a file touched, same bytes: no rerun)
+    later = time.time() + 5
+    os.utime(checkpoint, (later, later))
+    result = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
+    assert job_counts(result.stdout) == Counter({"train_encoder": 2, "evaluate_encoder": 2,
+                                                 "make_tables": 1, "make_figures": 1})
+    rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
+    assert rerun == {("table3/adaptive_external", "0"), ("table3/adaptive_external", "1")}
+
+
 def test_a_new_search_result_reruns_only_the_cells_that_train_with_it(tmp_path):
     """loss.nn_from_search puts the split's best.json among the cell's training inputs: a
     new search result retrains that cell (its own encoder, never shared with the cell that

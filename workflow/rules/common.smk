@@ -567,11 +567,22 @@ def training_params(wildcards):
     return settings
 
 
+def starting_checkpoint(model):
+    """The file a model section starts from, if any: a pretraining run's encoder
+    (model.init pretrained:<name>) or an external checkpoint (model.init_checkpoint). It is
+    an input of the jobs that train from it, so that a new encoder of the run, or an
+    external file replaced in place, reruns them; a missing external file is named when
+    the workflow is planned, not when the training starts."""
+    run = pretrained_run(model)
+    if run is not None:
+        return LAYOUT.pretrain_file(run, "encoder.pt")
+    return model.get("init_checkpoint") or []
+
+
 def search_pretrained_encoder():
-    """The encoder the search trials fine-tune, when the config's model starts from a
-    pretraining run (so the chosen nn_final/nn_step fit the cells that fine-tune it)."""
-    run = pretrained_run(config["model"])
-    return [] if run is None else LAYOUT.pretrain_file(run, "encoder.pt")
+    """The encoder the search trials fine-tune, when the config's model starts from one
+    (so the chosen nn_final/nn_step fit the cells that fine-tune it)."""
+    return starting_checkpoint(config["model"])
 
 
 def search_params():
@@ -584,10 +595,9 @@ def search_params():
 
 
 def pretrained_encoder(wildcards):
-    """The encoder a cell fine-tunes (model.init: pretrained:<name>), if any: changing that
-    pretraining run reruns it and then this cell."""
-    run = pretrained_run(cell_params(wildcards)["model"])
-    return [] if run is None else LAYOUT.pretrain_file(run, "encoder.pt")
+    """The encoder a cell fine-tunes (starting_checkpoint), if any: changing that
+    pretraining run, or the external file, reruns this cell."""
+    return starting_checkpoint(cell_params(wildcards)["model"])
 
 
 def search_result(wildcards):

@@ -17,7 +17,7 @@
 rule train_encoder:
     input:
         **SPLIT_INPUTS,
-        # model.init pretrained:<name>: the run's encoder (pretrain.smk)
+        # model.init pretrained:<name>: the run's encoder (pretrain.smk); or model.init_checkpoint
         pretrained=pretrained_encoder,
         # loss.nn_from_search: the split's random-search result (nn_final, nn_step)
         search_result=search_result,
@@ -78,7 +78,7 @@ if config["search"]["enabled"]:
     rule search_hyperparameters:
         input:
             **SPLIT_INPUTS,
-            # the trials start where the cells do (model.init pretrained:<run>)
+            # the trials start where the cells do (model.init pretrained:<run>, init_checkpoint)
             pretrained=lambda wildcards: search_pretrained_encoder(),
         output:
             trials=LAYOUT.search_file("{split}", "trials.tsv"),
