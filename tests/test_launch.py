@@ -93,3 +93,15 @@ def test_a_misspelt_launcher_option_is_named_not_passed_to_training():
     assert result.returncode == 2
     assert "python -m brainage.launch: error: unrecognized arguments: --ndoes 2" in result.stderr
     assert "brainage.train" not in result.stdout
+
+
+@pytest.mark.parametrize("flags", [["--gpus", "-1"], ["--gpus", "two"], ["--gpus", "1", "--nodes",
+                                                                        "0"]])
+def test_a_negative_or_non_numeric_count_is_a_usage_error_naming_the_flag(flags, capsys):
+    from brainage.launch import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*flags, "--", "--split-dir", "x"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert f"argument {flags[-2]}: expected a whole number of at least" in error, error

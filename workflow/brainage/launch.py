@@ -73,13 +73,25 @@ def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
             "brainage.train"]
 
 
+def _count(minimum: int):
+    """An argparse type: a whole number of at least ``minimum`` (a wrong one is a usage
+    error, exit status 2, naming the flag)."""
+    def parse(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number of at least {minimum}, "
+                                             f"not {text!r}")
+        return int(text)
+    return parse
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m brainage.launch",
         description="Start brainage.train on the job's GPUs and nodes; the arguments after "
                     "'--' go to brainage.train.")
-    parser.add_argument("--gpus", type=int, required=True, help="GPUs per node (0: the CPU)")
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus", type=_count(0), required=True,
+                        help="GPUs per node (0: the CPU)")
+    parser.add_argument("--nodes", type=_count(1), default=1)
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" in argv:  # the launcher's own before it: a misspelt one is named here, not
         # passed on to brainage.train (which then complained about its own arguments)
