@@ -25,6 +25,7 @@ from brainage.losses import (
     make_loss,
     nn_schedule,
 )
+from brainage.losses._common import masked_logsumexp, pairwise_distance
 from brainage.losses.nnclr import cosine_nearest
 
 KERNEL_LOSSES = ("simclr", "yaware", "threshold", "exponential", "adaptive")
@@ -364,6 +365,28 @@ def test_nnclr_state_dict_and_eval_mode():
         loss(features[:, :1], ages, 1)
 
 
+# --------------------------------------------------------------------------- shared helpers
+
+
+@pytest.mark.parametrize("metric", DISTANCES)
+def test_pairwise_distance_is_non_negative_with_an_exact_zero_diagonal(metric):
+    # Rows and their multiples: the cosine distance of parallel rows (and of a row with
+    # itself) rounds to ±1e-16 before the clamp and the diagonal fill.
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    distance = pairwise_distance(torch.cat([x, 3.0 * x]), metric)
+    assert torch.count_nonzero(distance.diagonal()) == 0
+    assert distance.min() >= 0.0
+
+
+def test_masked_logsumexp_of_an_empty_row_is_finite_and_flagged():
+    values = torch.tensor([[0.0, math.log(3.0)], [1.0, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True], [False, False]])
+    log_sum, non_empty = masked_logsumexp(values, mask)
+    assert log_sum[0, 0].item() == pytest.approx(math.log(4.0), rel=1e-12)
+    assert torch.isfinite(log_sum).all()
+    assert non_empty.tolist() == [[True], [False]]
+
+
 # --------------------------------------------------------------------------- Algorithm 1
 
 
@@ -398,6 +421,13 @@ def test_nn_final_equal_to_the_batch_size_is_allowed_and_constant():
     assert loss.neighbour_count(10, 4) == 4
 
 
+def test_neighbour_count_is_capped_at_the_subjects_present():
+    loss = make_loss("adaptive", **SMALL_SCHEDULE)  # NN_nb = 7 at epoch 1, 3 at epoch 10
+    assert loss.neighbour_count(1, 8) == 7
+    assert loss.neighbour_count(1, 5) == 5  # a smaller last batch
+    assert loss.neighbour_count(10, 5) == 3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "parameter"),
     [
@@ -427,6 +457,18 @@ def test_lambda_zero_equals_exponential():
         weighted = weighted_loss(features, ages, 10)
         exponential = make_loss("exponential", reduction=reduction)(features, ages, 10)
         assert weighted.item() == pytest.approx(exponential.item(), rel=1e-12)
+
+
+def test_lambda_zero_equals_exponential_when_the_radius_is_zero():
+    # Identical views and NN_nb = 1: NN(a) is the anchor and its other view, at distance 0,
+    # so r_a = 0 and every other row has ν = (0 / d_at)^0, which is 1 (λ = 0 is Exponential),
+    # not 0 · log 0 = NaN.
+    features, ages = make_batch(6, seed=31)
+    features[:, 1] = features[:, 0]
+    schedule = {"batch_size": 6, "nn_final": 1, "max_epochs": 10, "nn_step": 1}
+    weighted = make_loss("adaptive", lam=0.0, **schedule)(features, ages, 10)
+    exponential = make_loss("exponential")(features, ages, 10)
+    assert weighted.item() == pytest.approx(exponential.item(), rel=1e-12)
 
 
 def test_large_lambda_approaches_adaptive():
@@ -745,6 +787,11 @@ def test_unknown_loss_name_lists_valid_names():
         ("adaptive", {"nn_step": 0}, "nn_step"),
         ("adaptive", {"lam": -1.0}, "lam"),
         ("adaptive", {"lam": math.inf}, "lam"),
+        ("adaptive", {"lam": True}, "lam"),
+        ("yaware", {"temperature": math.inf}, "temperature"),
+        ("threshold", {"sigma": math.nan}, "sigma"),
+        ("adaptive", {"nn_step": True}, "nn_step"),
+        ("supervised", {"age_sd": 0.0}, "age_sd"),
         ("adaptive", {"batch_size": 0}, "batch_size"),
         ("rnc", {"rnc_temperature": 0.0}, "rnc_temperature"),
         ("nnclr", {"queue_size": 0}, "queue_size"),
@@ -762,6 +809,10 @@ def test_bad_inputs_raise():
     features, ages = make_batch(4)
     with pytest.raises(ValueError, match="features"):
         loss(features[0], ages, 1)
+    with pytest.raises(ValueError, match="features"):
+        loss(features[None], ages, 1)
+    with pytest.raises(ValueError, match="floating point"):
+        loss(torch.ones(4, 2, 5, dtype=torch.int64), ages, 1)
     with pytest.raises(ValueError, match="ages"):
         loss(features, ages[:3], 1)
     with pytest.raises(ValueError, match="epoch"):
@@ -779,3 +830,12 @@ def test_supervised_loss_is_the_l1_error_in_years():
     assert loss(standardised, ages[:, None], 1).item() == pytest.approx(3.75)
     with pytest.raises(ValueError, match="model.head: regression"):
         loss(torch.zeros(2, 2, 4), ages, 1)
+
+
+def test_supervised_loss_compares_each_view_with_its_own_subject():
+    # B = 3 subjects, V = 2 views (B != V, so ages cannot line up with the views instead):
+    # predicted 30, 30 | 40, 50 | 60, 60 against 30 | 40 | 70 -> errors 0, 0 | 0, 10 | 10, 10.
+    loss = make_loss("supervised", age_mean=40.0, age_sd=10.0)
+    standardised = torch.tensor([[[-1.0], [-1.0]], [[0.0], [1.0]], [[2.0], [2.0]]])
+    ages = torch.tensor([30.0, 40.0, 70.0])
+    assert loss(standardised, ages, 1).item() == pytest.approx(5.0)
