@@ -839,3 +839,13 @@ def test_supervised_loss_compares_each_view_with_its_own_subject():
     standardised = torch.tensor([[[-1.0], [-1.0]], [[0.0], [1.0]], [[2.0], [2.0]]])
     ages = torch.tensor([30.0, 40.0, 70.0])
     assert loss(standardised, ages, 1).item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("name", ["supervised", "yaware", "nnclr", "rnc", "adaptive"])
+@pytest.mark.parametrize("shape", [(0, 2, 4), (3, 0, 4), (3, 2, 0)])
+def test_an_empty_batch_is_refused_alike_by_every_loss(name, shape):
+    """An empty batch (no subject, view or feature) gave an IndexError in the kernel losses
+    and NNCLR, 0 in RnC and NaN in the supervised loss."""
+    features, ages = torch.zeros(shape), torch.zeros(shape[0])
+    with pytest.raises(ValueError, match=r"at least one subject, one view and one feature"):
+        make_loss(name)(features, ages, 1)

@@ -42,6 +42,9 @@ def check_batch(features: Tensor, ages: Tensor | None) -> tuple[int, int]:
     if not features.is_floating_point():
         raise ValueError(f"features must be floating point; got {features.dtype}")
     batch, views, _ = features.shape
+    if 0 in features.shape:  # each loss failed its own way (an IndexError, NaN, or 0)
+        raise ValueError(f"features of shape [B, V, D] = {list(features.shape)}: a loss "
+                         f"needs at least one subject, one view and one feature")
     if ages is not None and (not isinstance(ages, Tensor) or ages.numel() != batch):
         shape = tuple(ages.shape) if isinstance(ages, Tensor) else type(ages)
         raise ValueError(f"ages must be a tensor of shape [B] = [{batch}]; got {shape}")
