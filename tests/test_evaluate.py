@@ -60,6 +60,21 @@ def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set(caplog):
     assert "3 training subjects are too few" in caplog.text
 
 
+def test_ridge_folds_are_the_configured_number_capped_at_half_the_training_subjects():
+    # readout.cv_folds folds, at most half the subjects (at least 2): a cap at a third of
+    # them still left every fold two subjects, so the fold sizes above could not tell
+    assert [ridge_folds(n, 5).get_n_splits() for n in (2, 4, 6, 8, 10, 11, 40)] == [
+        2, 2, 3, 4, 5, 5, 5]
+    assert ridge_folds(40, 3).get_n_splits() == 3
+
+
+def test_ridge_needs_two_training_subjects_and_says_so():
+    # One subject was left to scikit-learn's KFold, whose message names n_splits, not the
+    # training subjects the read-out lacks.
+    with pytest.raises(ValueError, match="needs at least 2 training subjects; got 1"):
+        fit_readout(np.zeros((1, 3)), np.array([40.0]), readout_section({"method": "ridge"}))
+
+
 def test_ridge_folds_mix_studies_when_rows_come_grouped_by_study():
     """Training rows arrive in participants.tsv order, one study after another: a fold
     that is one study would score young subjects against old ones only."""
@@ -254,6 +269,40 @@ def test_pca_ridge_chooses_and_predicts_as_scikit_learns_grid_search(case):
                                rtol=0, atol=1e-8)
 
 
+def test_pca_ridge_components_are_capped_by_the_features_and_the_smallest_training_fold():
+    # 12 subjects in 5 folds: the smallest training fold has 12 - 3 = 9, the most
+    # components scikit-learn's PCA can fit in every fold; 8 features give 8 at most. The
+    # cap is what the read-out reports and what its final fit on every subject uses.
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import Ridge
+    from sklearn.pipeline import make_pipeline
+
+    from brainage.readout import fit_pca_ridge
+
+    rng = np.random.default_rng(0)
+    wide = rng.standard_normal((12, 50))
+    ages = 50 + wide[:, :12] @ rng.standard_normal(12)
+    readout = fit_pca_ridge(wide, ages, components=[20], alphas=[0.01], cv_folds=5)
+    assert readout.info["pca_components"] == 9 and readout.info["cv_folds"] == 5
+    reference = make_pipeline(PCA(9, svd_solver="full"), Ridge(alpha=0.01)).fit(wide, ages)
+    new = rng.standard_normal((4, 50))
+    np.testing.assert_allclose(readout.predict(new), reference.predict(new), rtol=0, atol=1e-8)
+    narrow = fit_pca_ridge(wide[:, :8], ages, components=[20], alphas=[0.01], cv_folds=5)
+    assert narrow.info["pca_components"] == 8
+
+
+def test_pca_ridge_of_three_subjects_keeps_the_grids_first_pair(caplog):
+    # as Ridge: a fold of one subject has no r2, no pair scores, the grid's first is used
+    from brainage.readout import fit_pca_ridge
+
+    rng = np.random.default_rng(0)
+    with caplog.at_level("WARNING", logger="brainage.readout"):
+        readout = fit_pca_ridge(rng.standard_normal((3, 6)), np.array([20.0, 40.0, 70.0]),
+                                components=[1, 2], alphas=[0.1, 10.0], cv_folds=5)
+    assert (readout.info["pca_components"], readout.info["ridge_alpha"]) == (1, 0.1)
+    assert "3 training subjects are too few" in caplog.text
+
+
 def test_a_linear_read_out_of_many_voxels_predicts_in_chunks_as_in_one_product():
     from brainage.readout import GRAM_COLUMNS, Readout
 
@@ -288,6 +337,51 @@ def test_study_mean_gives_a_study_without_training_subjects_the_overall_mean():
                           studies=["a", "a", "b", "b", "b"])
     predicted = readout.predict(np.zeros((3, 1)), ["a", "b", "unseen"])
     np.testing.assert_allclose(predicted, [25.0, 75.0, 55.0], rtol=0, atol=1e-12)
+
+
+def test_study_mean_without_the_studies_is_refused():
+    # without the studies a study_mean read-out was fitted as the overall mean (the
+    # train_mean baseline under the other's name), and predicted from None with a TypeError
+    ages = np.array([20.0, 30.0, 60.0, 70.0])
+    section = readout_section({"method": "study_mean"})
+    with pytest.raises(ValueError, match="study_mean needs the training subjects' studies"):
+        fit_readout(np.zeros((4, 1)), ages, section)
+    readout = fit_readout(np.zeros((4, 1)), ages, section, studies=["a", "a", "b", "b"])
+    with pytest.raises(ValueError, match="needs each subject's study"):
+        readout.predict(np.zeros((2, 1)))
+
+
+@pytest.mark.parametrize("method", ["ridge", "pca_ridge", "train_mean", "study_mean"])
+def test_a_saved_read_out_predicts_as_the_fitted_one(tmp_path, method):
+    # readout.npz and readout.json rebuild the read-out: its method, its coefficients and
+    # intercept, each study's own mean (studies given out of their sorted order)
+    from brainage.readout import save_readout
+
+    train_x, train_y, test_x, _ = _shared_direction_data(n_train=20, n_test=6)
+    studies = np.array(["c", "a", "b", "a"] * 5)
+    readout = fit_readout(train_x + 10.0, train_y, readout_section({"method": method}),
+                          studies=studies)
+    written = save_readout(tmp_path, readout, note="kept")
+    loaded, description = load_readout(tmp_path)
+    assert loaded.method == method and loaded.info == readout.info
+    assert description == written and description["note"] == "kept"
+    new_studies = ["b", "c", "a", "unseen", "a", "c"]
+    np.testing.assert_array_equal(loaded.predict(test_x + 10.0, new_studies),
+                                  readout.predict(test_x + 10.0, new_studies))
+    assert len(np.unique(readout.predict(test_x + 10.0, new_studies))) > 1 or \
+        method == "train_mean"
+
+
+@pytest.mark.parametrize("missing", ["readout.npz", "readout.json"])
+def test_a_missing_readout_file_is_named_with_what_to_do(tmp_path, missing):
+    from brainage.readout import save_readout
+
+    train_x, train_y, _, _ = _shared_direction_data(n_train=20)
+    save_readout(tmp_path, fit_readout(train_x, train_y, readout_section({"method": "ridge"})))
+    (tmp_path / missing).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"read-out file .*{missing} does not exist; "
+                                                r"rerun rule evaluate_encoder"):
+        load_readout(tmp_path)
 
 
 

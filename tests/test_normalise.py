@@ -419,6 +419,52 @@ def test_qc_correlation_of_a_map_constant_inside_the_brain_is_zero(recwarn):
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
+def test_qc_correlation_is_zero_when_undefined():
+    """_pearson's documented 0.0: fewer than 3 covered voxels (two points always correlate
+    +-1), or a template T1 constant where the map has data (np.corrcoef: NaN)."""
+    from brainage.qc import qc_metrics
+
+    template_mask = np.ones((4, 4, 4), bool)
+    template_t1 = np.arange(64, dtype=np.float64).reshape(4, 4, 4) + 1.0
+    stiffness = np.zeros((4, 4, 4))
+    stiffness[0, 0, :2] = [2.0, 3.0]  # two voxels, rising with the T1
+    assert qc_metrics(stiffness, template_mask, template_t1, template_t1,
+                      template_mask)["correlation"] == 0.0
+    varied = np.random.default_rng(0).uniform(1, 2, (4, 4, 4))
+    with np.errstate(all="raise"):
+        flat = qc_metrics(varied, template_mask, varied, np.full((4, 4, 4), 1.5),
+                          template_mask)
+    assert flat["correlation"] == 0.0 and flat["reference_correlation"] == 0.0
+
+
+def test_qc_thresholds_name_what_the_qc_section_lacks():
+    from brainage.qc import thresholds
+
+    assert thresholds({"min_dice": 0.8, "min_correlation": "0.3", "min_coverage": 1,
+                       "other": 2}) == {"min_dice": 0.8, "min_correlation": 0.3,
+                                        "min_coverage": 1.0}
+    with pytest.raises(KeyError, match=r"QC thresholds min_correlation, min_coverage are "
+                                       r"missing \(config section qc\)"):
+        thresholds({"min_dice": 0.8})
+
+
+def test_map_summary_reads_the_brains_non_zero_voxels():
+    from brainage.qc import map_summary
+
+    values = np.zeros((10, 10, 10))
+    values[:5] = np.arange(1, 501, dtype=np.float64).reshape(5, 10, 10)  # 1 .. 500 kPa
+    values[6:] = 1000.0  # outside the brain
+    brain = np.zeros((10, 10, 10), bool)
+    brain[:6] = True  # and 100 brain voxels without data
+    summary = map_summary(values, brain)
+    expected = np.percentile(np.arange(1, 501), [1, 50, 99])
+    assert summary == {"voxels": 500, "p01": pytest.approx(expected[0]),
+                       "median": pytest.approx(250.5), "p99": pytest.approx(expected[2])}
+    assert summary["p99"] == pytest.approx(495.01)
+    assert map_summary(np.zeros((10, 10, 10)), brain) == {"voxels": 0, "p01": None,
+                                                          "median": None, "p99": None}
+
+
 def test_a_qc_metric_that_could_not_be_computed_fails():
     from brainage.qc import qc_failures, thresholds
 

@@ -980,6 +980,48 @@ def test_a_qc_record_without_a_metric_is_named_by_the_qc_table(tmp_path, record)
                           split_settings={"scheme": "holdout", "test_fraction": 0.5})
 
 
+def test_a_qc_record_with_true_for_a_metric_is_named(tmp_path):
+    """JSON true is a Python bool, an int: a record with "dice": true passed as Dice 1."""
+    from brainage.qc import read_qc_records
+
+    path = tmp_path / "sub-01_qc.json"
+    path.write_text(json.dumps({"participant_id": "sub-01", "dice": True, "correlation": 0.5,
+                                "coverage": 1}))
+    with pytest.raises(InputError, match=rf"QC file {re.escape(str(path))} has no number "
+                                         r"for dice"):
+        read_qc_records([path], require=("dice", "correlation", "coverage"))
+
+
+def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
+    from brainage.qc import QC_COLUMNS, read_qc_table, tabulate_qc
+
+    participants = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03"],
+                                 "age": [30.0, 40.0, 50.0], "sex": ["F", "M", "F"],
+                                 "study": ["s1", "s1", "s2"]})
+    metrics = {"sub-01": (0.9, 0.5, 0.8), "sub-02": (0.8, 0.2, 0.8), "sub-03": (0.9, 0.3, 0.7)}
+    files = []
+    for pid in ("sub-03", "sub-01", "sub-02"):  # not in participants order
+        dice, correlation, coverage = metrics[pid]
+        files.append(tmp_path / f"{pid}_qc.json")
+        files[-1].write_text(json.dumps({"participant_id": pid, "dice": dice,
+                                         "correlation": correlation, "coverage": coverage,
+                                         "reference_kind": "T1w"}))
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+    with caplog.at_level("WARNING", logger="brainage.qc"):
+        table = tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
+    assert list(table.columns) == list(QC_COLUMNS)
+    assert table["participant_id"].tolist() == ["sub-01", "sub-02", "sub-03"]
+    assert table["qc_pass"].tolist() == [True, False, True]  # a value at its minimum passes
+    assert table["qc_failures"].tolist() == ["", "dice 0.800 < 0.85; correlation 0.200 < 0.3",
+                                             ""]
+    assert "QC flags sub-02 (s1)" in caplog.text
+    saved = read_qc_table(tmp_path / "qc.tsv")
+    assert saved["qc_pass"].tolist() == [True, False, True]
+    assert saved["dice"].tolist() == [0.9, 0.8, 0.9]
+    with pytest.raises(InputError, match=r"^no QC file for sub-02; rule correct_and_register"):
+        tabulate_qc([files[0], files[1]], participants, tmp_path / "qc.tsv", minimums=minimums)
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"dice": 0.9}', "[1, 2]"])
 def test_a_damaged_qc_record_names_its_file(tmp_path, content):
     """The QC table read each subject's JSON with a bare JSONDecodeError or KeyError, naming
