@@ -286,6 +286,57 @@ def test_a_trial_reads_out_every_channel_when_model_modalities_is_unset(tmp_path
     assert np.isfinite(best["validation_mae"])
 
 
+def test_trials_draw_both_ends_of_each_range_and_follow_the_seed():
+    search = {**SEARCH, "trials": 20, "nn_final_range": [2, 3], "nn_step_range": [1, 2]}
+    trials = sample_trials(search, batch_size=16, epochs=10)
+    assert {t["nn_final"] for t in trials} == {2, 3}  # inclusive ranges
+    assert {t["nn_step"] for t in trials} == {1, 2}
+    other = sample_trials({**search, "seed": 1}, batch_size=16, epochs=10)
+    assert other != trials  # search.seed draws the trials, not only the validation set
+
+
+def test_best_is_the_lowest_validation_mae_ties_to_the_earlier_trial(
+        stubbed_search, monkeypatch):
+    import brainage.search as search_module
+
+    trained, split_dir, settings, out = stubbed_search
+    scores = {"trial-01": 3.0, "trial-02": 1.5, "trial-03": 2.0, "trial-04": 1.5}
+
+    def evaluate_split(split, features, settings):  # RMSE apart from MAE on purpose
+        mae = scores[settings["variant"]]
+        return {"mae": mae, "rmse": 10 - mae}, None, None
+
+    monkeypatch.setattr(search_module, "evaluate_split", evaluate_split)
+    search = {**SEARCH, "trials": 4}
+    best = random_search(split_dir, out, settings, search)
+    trials = pd.read_csv(out / "trials.tsv", sep="\t")
+    assert trials["validation_mae"].tolist() == [3.0, 1.5, 2.0, 1.5]
+    assert trials["validation_rmse"].tolist() == [7.0, 8.5, 8.0, 8.5]
+    planned = sample_trials(search, batch_size=6, epochs=2)[1]
+    assert {key: best[key] for key in ("trial", "nn_final", "nn_step", "validation_mae")} == {
+        "trial": 2, "nn_final": planned["nn_final"], "nn_step": planned["nn_step"],
+        "validation_mae": 1.5}
+    # best.json names what apply_search_result checks and the subjects the trials scored on
+    split = load_split(split_dir, require_eval=False).with_validation(
+        SEARCH["validation_fraction"], SEARCH["seed"])
+    assert (best["split"], best["n_trials"]) == ("holdout", 4)
+    assert best["validation_subjects"] == split.participant_ids[split.eval_index].tolist()
+
+
+def test_a_corrected_validation_age_retrains_the_trials(stubbed_search):
+    """A trial's score depends on the validation subjects' ages, which the training
+    fingerprint leaves out (validation subjects do not train): a corrected age must not
+    reuse the old scores."""
+    trained, split_dir, settings, out = stubbed_search
+    best = random_search(split_dir, out, settings, SEARCH)
+    assert len(trained) == 2
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t")
+    table.loc[table.participant_id == best["validation_subjects"][0], "age"] += 1.0
+    table.to_csv(split_dir / "participants.tsv", sep="\t", index=False)
+    random_search(split_dir, out, settings, SEARCH)
+    assert len(trained) == 4
+
+
 def _best(path, **values):
     best = {"nn_final": 5, "nn_step": 2, "validation_mae": 4.2, "trial": 7, "n_trials": 30,
             "split": "holdout", "validation_subjects": ["sub-01"], **values}
@@ -337,6 +388,12 @@ def test_the_encoder_saves_the_schedule_it_trained_with(tmp_path):
     (lambda path: _best(path, split="fold1"), "search of split fold1, not of split holdout"),
     (lambda path: _best(path, nn_final=9), r"nn_final 9 .*1 <= nn_final <= 8"),
     (lambda path: _best(path, nn_step=3), r"nn_step 3.*1 <= nn_step <= 2"),
+    (lambda path: _best(path, nn_final=0), r"nn_final 0 .*1 <= nn_final <= 8"),
+    (lambda path: _best(path, nn_step=0), r"nn_step 0.*1 <= nn_step <= 2"),
+    (lambda path: path.write_text(json.dumps({"nn_final": 5, "split": "holdout"})),
+     "lacks nn_step"),
+    (lambda path: path.write_text("[5, 2]"), "lacks nn_final, nn_step, split"),
+    (lambda path: path.write_text('{"nn_final": 5,'), "is not valid JSON"),
 ])
 def test_apply_search_result_refuses_what_the_cell_cannot_use(tmp_path, change, message):
     best = _best(tmp_path / "best.json")
@@ -352,3 +409,9 @@ def test_search_trials_never_take_their_schedule_from_the_search():
     config = {"search": SEARCH, "loss": {"name": "yaware", "nn_from_search": True},
               "train": {}, "model": {}, "readout": {}}
     assert search_settings(config)["loss"] == {"name": "adaptive", "nn_from_search": False}
+
+
+def test_only_adaptive_neighborhoods_takes_its_schedule_from_the_search(tmp_path):
+    settings = tiny_settings(loss={"name": "yaware", "nn_from_search": True})
+    with pytest.raises(ConfigError, match="only Adaptive Neighborhoods"):
+        apply_search_result(settings, _best(tmp_path / "best.json"), split="holdout")

@@ -516,6 +516,11 @@ def test_rotation_matrices_are_proper_rotations():
     quarter = torch.tensor([[math.pi / 2, 0.0, 0.0]])  # 90 degrees about the first axis
     expected = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
     assert torch.allclose(rotation_matrices(quarter)[0], expected, atol=1e-6)
+    # the composition is Rz Ry Rx: x first, so 90 degrees about x then y takes y to x
+    # (the other order, Rx Ry Rz, takes y to z)
+    both = rotation_matrices(torch.tensor([[math.pi / 2, math.pi / 2, 0.0]]))[0]
+    assert torch.allclose(both @ torch.tensor([0.0, 1.0, 0.0]), torch.tensor([1.0, 0.0, 0.0]),
+                          atol=1e-6)
     angles = torch.rand(10, 3, generator=_generator()) * 2 - 1
     matrices = rotation_matrices(angles)
     assert torch.allclose(matrices @ matrices.transpose(1, 2), torch.eye(3).expand(10, 3, 3),
@@ -544,6 +549,64 @@ def test_default_augmentation_depends_on_the_loss():
     assert resolve_augmentation({"augmentation": "default"}, "nnclr") == "noise"
     assert resolve_augmentation({"augmentation": "default"}, "adaptive") == "none"
     assert resolve_augmentation({"augmentation": "flip"}, "simclr") == "flip"
+
+
+def test_a_resident_array_gives_the_batches_of_the_memory_map():
+    # the device-resident copy (chunked by SCAN_CHUNK rows, chosen channels only) must hold
+    # what the memory-map path reads: same rows, channels in the asked order, normalised
+    from brainage.split_data import SCAN_CHUNK
+
+    images = np.random.default_rng(0).uniform(1, 2, (SCAN_CHUNK + 3, 3, 2, 2, 2)).astype(
+        np.float32)
+    rows = np.random.default_rng(1).permutation(len(images))
+    for channels in (None, [2, 0]):
+        resident, mapped = (VolumeStore(images, torch.device("cpu"), channels=channels,
+                                        normalisation=(1.0, 2.0), resident=resident)
+                            for resident in (True, False))
+        assert resident.resident is not None and mapped.resident is None
+        picked = images[rows] if channels is None else images[rows][:, channels]
+        assert torch.equal(resident.gather(rows), mapped.gather(rows))
+        assert torch.allclose(resident.gather(rows), torch.from_numpy((picked - 1) / 2))
+
+
+def test_the_array_is_resident_when_its_chosen_channels_fit_in_half_the_free_memory(
+        monkeypatch):
+    # RESIDENT_MEMORY_SHARE of the free device memory, counted for the chosen channels only
+    images = np.zeros((10, 3, 2, 2, 2), dtype=np.float32)  # 960 bytes, 320 per channel
+    every = VolumeStore(images, torch.device("cpu"), resident=False)
+    one = VolumeStore(images, torch.device("cpu"), channels=[1], resident=False)
+    for free, fits in ((2000, (True, True)), (1000, (False, True)), (600, (False, False))):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10**9))
+        assert (every._fits_on_device(), one._fits_on_device()) == fits, free
+
+
+def test_augmentation_settings_reach_the_augmenter():
+    # the train section's values, the cutout edge rounded from mm to voxels (at least one),
+    # and the flip on the array axis that is left-right in the split's affine
+    cycled = [[0, 0, -2, 90], [2, 0, 0, -126], [0, 2, 0, -72], [0, 0, 0, 1]]
+    augmenter = Augmenter.from_settings(
+        {"augmentation": "flip", "noise_std": 0.3, "cutout_size_mm": 7,
+         "cutout_probability": 0.8, "rotation_degrees": 5.0}, "yaware", resolution_mm=2,
+        affine=cycled)
+    assert (augmenter.kind, augmenter.noise_std, augmenter.cutout_voxels,
+            augmenter.cutout_probability, augmenter.rotation_degrees, augmenter.flip_axis) == (
+        "flip", 0.3, (4, 4, 4), 0.8, 5.0, 2)
+    volumes = torch.arange(64 * 8.0).reshape(64, 1, 2, 2, 2)
+    flipped = augmenter(volumes, _generator())
+    assert all(torch.equal(result, original) or torch.equal(result, original.flip(3))
+               for original, result in zip(volumes, flipped))
+    tiny = Augmenter.from_settings({"augmentation": "cutout", "cutout_size_mm": 1}, "yaware",
+                                   resolution_mm=6)
+    assert tiny.cutout_voxels == (1, 1, 1)
+
+
+def test_an_unknown_augmentation_is_refused():
+    from brainage.data import resolve_augmentation
+
+    with pytest.raises(ConfigError, match="train.augmentation is 'blur'"):
+        resolve_augmentation({"augmentation": "blur"}, "simclr")
+    with pytest.raises(ConfigError, match="train.augmentation is 'blur'"):
+        Augmenter("blur")
 
 
 # -- initialisation ------------------------------------------------------------------------------
