@@ -364,6 +364,18 @@ def test_file_that_is_not_nifti(tiny_dataset):
         check_dataset_images(tiny_dataset, ["00a", "01a"])
 
 
+def test_a_missing_file_or_a_folder_is_named_as_such_not_as_unreadable(tmp_path):
+    """nibabel's message for a missing file repeated the path, and the advice to re-export
+    a file that is not there did not help (a preprocessed map deleted between runs)."""
+    missing = tmp_path / "sub-01_stiffness.nii.gz"
+    with pytest.raises(InputError, match=rf"^stiffness map {re.escape(str(missing))} does not "
+                                         rf"exist; a NIfTI file \(\.nii\.gz\) is expected there\.$"):
+        load_nifti_checked(missing, what="stiffness map")
+    missing.mkdir()
+    with pytest.raises(InputError, match=r"sub-01_stiffness\.nii\.gz is a folder; a NIfTI"):
+        load_nifti_checked(missing, what="stiffness map")
+
+
 def test_corrupt_file(tiny_dataset):
     path = _stiffness(tiny_dataset, "02a")
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])

@@ -407,12 +407,17 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
     """Load a 3D NIfTI image, checking it is readable, 3D and not all zeros.
 
     Returns the nibabel image (data not cached). Raises :class:`InputError` naming the
-    file for a non-NIfTI or corrupt file, a 4D image, an image with no non-zero voxel, a
-    singular affine, or voxel sizes not in mm (:func:`_check_spatial_unit`).
+    file for a missing file or a folder, a non-NIfTI or corrupt file, a 4D image, an image
+    with no non-zero voxel, a singular affine, or voxel sizes not in mm
+    (:func:`_check_spatial_unit`).
     """
     import nibabel as nib
 
     path = Path(path)
+    if not path.is_file():  # nibabel's message for it repeats the path, and "re-export it"
+        # is no remedy for a file that is not there
+        raise InputError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}"
+                         f"; a NIfTI file (.nii.gz) is expected there.")
     try:
         image = nib.load(str(path))
         data = np.asanyarray(image.dataobj)
