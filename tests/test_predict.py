@@ -771,6 +771,14 @@ def test_bias_fits_record_the_out_of_fold_error_and_the_correlation_after_their_
     for name, record in fits.items():
         assert abs(record["gap_age_r_after"]) < 1e-8, name
     assert fits["test"]["n_subjects"] == 4
+    # ... and on the other reference set, which the line was not fitted on: the number
+    # that says whether the correction carries over to unseen subjects
+    test_fit = fit_age_bias(test_ages, test_predicted)
+    assert training["gap_age_r_after_on_other"] == pytest.approx(gap_age_correlation(
+        test_ages, expected.corrected_gap(test_ages, test_predicted)))
+    assert fits["test"]["gap_age_r_after_on_other"] == pytest.approx(gap_age_correlation(
+        ages, test_fit.corrected_gap(ages, oof)))
+    assert abs(training["gap_age_r_after_on_other"]) > 0.05
 
 
 def test_fit_age_bias_refuses_degenerate_reference_sets():

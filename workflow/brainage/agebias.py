@@ -183,9 +183,14 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
     dict
         ``{"training": record, "test": record}``; a record is ``{"intercept", "slope",
         "fitted_on", "formula", "description", "n_subjects", "cv_folds", "cv_seed",
-        "gap_age_r_before", "gap_age_r_after", "oof_mae", "other_fits"}``, or
+        "gap_age_r_before", "gap_age_r_after", "gap_age_r_after_on_other", "oof_mae",
+        "other_fits"}``, or
         ``{"error": message}`` when that reference set cannot be fitted (too few
-        subjects, one age only).
+        subjects, one age only). ``gap_age_r_after`` is r(corrected gap, age) on the
+        subjects the line was fitted on: about 0 by construction, a check of the fit.
+        ``gap_age_r_after_on_other`` is the same on the other reference set (the test
+        subjects for the training fit, the training subjects' out-of-fold predictions for
+        the test fit): whether the correction carries over to subjects it did not see.
     """
     folds = min(int(readout_settings["cv_folds"]), len(train_ages))
     oof = out_of_fold_predictions(train_features, train_ages, readout_settings, folds=folds,
@@ -206,12 +211,16 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
             continue
         bias = fits[name]
         corrected = bias.corrected_gap(ages, predicted)
+        other_ages, other_predicted = next(pair for other, pair in references.items()
+                                           if other != name)
         records[name] = {
             "intercept": bias.intercept, "slope": bias.slope, "fitted_on": name,
             "formula": FORMULA, "description": DESCRIPTIONS[name],
             "n_subjects": int(len(ages)), "cv_folds": folds, "cv_seed": int(seed),
             "gap_age_r_before": gap_age_correlation(ages, predicted - ages),
             "gap_age_r_after": gap_age_correlation(ages, corrected),
+            "gap_age_r_after_on_other": gap_age_correlation(
+                other_ages, bias.corrected_gap(other_ages, other_predicted)),
             "oof_mae": float(np.mean(np.abs(oof - train_ages))),
             "other_fits": {other: {"intercept": fit.intercept, "slope": fit.slope}
                            for other, fit in fits.items() if other != name},
@@ -235,6 +244,9 @@ def select_bias_correction(fits: Mapping, fit_on: str) -> dict:
         other = next(name for name in BIAS_FIT_SETS if name != fit_on)
         raise ValueError(f"{record['error']} Use config key predict.bias_fit: {other}.")
     log.info("age bias fitted on %s: gap = %.3f + %.4f * age; r(gap, age) %.3f before, "
-             "%.1e after", record["description"], record["intercept"], record["slope"],
-             record["gap_age_r_before"] or float("nan"), record["gap_age_r_after"] or 0.0)
+             "%.1e after (on the subjects of the fit), %.3f after on the %s subjects",
+             record["description"], record["intercept"], record["slope"],
+             record["gap_age_r_before"] or float("nan"), record["gap_age_r_after"] or 0.0,
+             record.get("gap_age_r_after_on_other") or float("nan"),
+             "test" if fit_on == "training" else "training")
     return dict(record)
