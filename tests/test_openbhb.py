@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -69,6 +70,8 @@ def test_validation_option_chooses_the_official_subsets(release, validation, kep
     expected = written[written["split"].isin(kept)]["participant_id"]
     assert sorted(validation_rows["openbhb_id"]) == sorted(expected)
     assert (table["subset"] == "train").sum() == 5
+    # rows are numbered as load(row) and files[row] take them, with scans left out too
+    assert list(table.index) == list(range(len(table)))
 
 
 def test_site_column_option_and_bad_choices(release):
@@ -93,6 +96,32 @@ def test_ids_with_other_characters_map_to_bids_labels(tmp_path):
     assert table.loc["ab_12-3", "participant_id"] == f"sub-{bids_label('ab_12-3')}"
     assert bids_label("ab_12-3") == bids_label("ab_12-3") != bids_label("ab12-3_")
     assert bids_label("ab_12-3").startswith("ab123x")
+
+
+def test_ids_that_map_to_the_same_label_are_refused(tmp_path):
+    """An id that already is a label can equal another id's label (letters, digits, x and
+    its CRC32): two scans would share one participant_id."""
+    ids = ["a_b", f"abx{zlib.crc32(b'a_b'):08x}", "100053248969", "100053248970"]
+    write_openbhb_release(tmp_path, n_train=2, n_validation=2, ids=ids)
+    with pytest.raises(InputError, match="map to the same BIDS label") as error:
+        read_release(tmp_path)
+    assert "a_b" in str(error.value) and ids[1] in str(error.value)
+
+
+def test_sex_codes_any_case_and_values_padded_with_spaces(release):
+    """``male``/``female`` become M/F whatever their case, other codes stay as written;
+    spaces around a value (a hand-edited table) are not part of it."""
+    root, written = release
+    table = written.copy()
+    table.loc[0, "sex"], table.loc[1, "sex"], table.loc[2, "sex"] = "Female", "MALE", "other"
+    table = table.apply(lambda column: " " + column + " ")
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    ours = read_release(root).table
+    assert list(ours["openbhb_id"]) == list(written["participant_id"])
+    assert list(ours["sex"][:4]) == ["F", "M", "other", "F"]
+    assert list(ours["subset"]) == ["train"] * 5 + ["validation"] * 4
+    np.testing.assert_allclose(ours["age"], written["age"].astype(float))
+    assert list(ours["study"]) == [f"site{int(float(site))}" for site in written["site"]]
 
 
 def test_the_configuration_in_the_module_docstring_validates(tmp_path):
@@ -208,14 +237,34 @@ def test_linear_interpolation_between_voxels_and_auto_choice():
     # outside the source grid is background 0: half a voxel past the edge is half-way to 0
     beyond = np.eye(4)
     beyond[0, 3] = -2.5
-    edge = Resampler(source, Grid((9, 6, 6), beyond), method="linear")(np.ones(source.shape))
-    np.testing.assert_allclose(edge[:, 3, 3], [0, 0, 0.5, 1, 1, 1, 1, 1, 0.5])
+    for method in ("linear", "area"):  # area: the box half outside holds half a voxel
+        edge = Resampler(source, Grid((9, 6, 6), beyond), method=method)(np.ones(source.shape))
+        np.testing.assert_allclose(edge[:, 3, 3], [0, 0, 0.5, 1, 1, 1, 1, 1, 0.5], atol=1e-6)
     rotated = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.0]])
     assert Resampler(source, Grid(source.shape, rotated)).method == "linear"
     with pytest.raises(ValueError, match="axis-aligned"):
         Resampler(source, Grid(source.shape, rotated), method="area")
     finer = np.diag([0.5, 0.5, 0.5, 1.0])
     assert Resampler(source, Grid((12, 12, 12), finer)).method == "linear"
+
+
+def test_resampler_refuses_bad_grids_and_volumes():
+    source = Grid((6, 6, 6), np.eye(4))
+    singular, nonfinite = np.eye(4), np.eye(4)
+    singular[2, 2] = 0.0
+    nonfinite[0, 3] = np.nan
+    for target, match in [(Grid((0, 6, 6), np.eye(4)), "not 3 positive sizes"),
+                          (Grid((6, 6), np.eye(4)), "not 3 positive sizes"),
+                          (Grid((6, 6, 6), singular), "finite, invertible"),
+                          (Grid((6, 6, 6), nonfinite), "finite, invertible"),
+                          (Grid((6, 6, 6), np.eye(3)), "finite, invertible")]:
+        with pytest.raises(ValueError, match=f"target grid: .*{match}"):
+            Resampler(source, target)
+    with pytest.raises(ValueError, match="method"):
+        Resampler(source, source, method="cubic")
+    for method in ("area", "linear"):
+        with pytest.raises(ValueError, match=r"volume has shape \(7, 6, 6\)"):
+            Resampler(source, source, method=method)(np.ones((7, 6, 6)))
 
 
 def test_the_release_becomes_a_pretraining_split_normalised_on_its_training_scans(release,
@@ -279,6 +328,28 @@ def test_wrong_array_shape_names_the_file(release):
     assert "(1, 1, 12, 14, 12)" in message
 
 
+@pytest.mark.parametrize("leading", [(1, 1, 1), (2, 1)])
+def test_arrays_other_than_one_sample_one_channel_are_refused(release, leading):
+    root, written = release
+    row = written.iloc[1]
+    path = array_path(root, row["participant_id"], row["split"])
+    np.save(path, np.ones(leading + SMALL_SHAPE))
+    with pytest.raises(InputError, match=re.escape(f"has shape {leading + SMALL_SHAPE}")) as error:
+        read_release(root)
+    assert str(path) in str(error.value)
+
+
+def test_integer_arrays_are_read_as_float32(tmp_path):
+    """Any real numeric dtype is accepted (the release's dtype is not confirmed) and comes
+    back as float32 with the same values."""
+    write_openbhb_release(tmp_path, n_train=2, n_validation=2, dtype=np.int16)
+    result = read_release(tmp_path)
+    for row in range(len(result)):
+        volume = result.load(row)
+        assert volume.dtype == np.float32 and volume.shape == SMALL_SHAPE
+        np.testing.assert_array_equal(volume, np.load(result.files[row])[0, 0])
+
+
 def test_wrong_array_dtype_names_the_file(release):
     root, written = release
     row = written.iloc[0]
@@ -289,13 +360,21 @@ def test_wrong_array_dtype_names_the_file(release):
     assert str(path) in str(error.value)
 
 
-def test_a_missing_column_is_named(release):
+@pytest.mark.parametrize("column", ["participant_id", "age", "sex", "split", "site"])
+def test_a_missing_column_is_named(release, column):
     root, written = release
-    written.drop(columns=["age"]).to_csv(root / "participants.tsv", sep="\t", index=False)
+    written.drop(columns=[column]).to_csv(root / "participants.tsv", sep="\t", index=False)
     with pytest.raises(InputError) as error:
         read_release(root)
     message = str(error.value)
-    assert str(root / "participants.tsv") in message and "lacks column(s) age" in message
+    assert str(root / "participants.tsv") in message and f"lacks column(s) {column};" in message
+
+
+def test_a_table_without_rows(release):
+    root, written = release
+    (root / "participants.tsv").write_text("\t".join(written.columns) + "\n")
+    with pytest.raises(InputError, match="lists no participants"):
+        read_release(root)
 
 
 def test_a_row_without_its_array(release):
@@ -331,6 +410,8 @@ def test_a_row_whose_array_is_in_the_other_split(release):
 @pytest.mark.parametrize("column, value, expected", [
     ("age", "twenty", "age 'twenty' is not a number of years"),
     ("age", "250", "age 250.0 years is outside"),
+    ("age", "-3", "age -3.0 years is outside"),
+    ("sex", "", "column 'sex' is empty"),
     ("split", "test", "split 'test' is not one of train, internal_test, external_test"),
     ("site", "", "column 'site' is empty"),
 ])
@@ -361,6 +442,15 @@ def test_error_lines_count_the_blank_lines_pandas_skips(release):
     # and the same file without the bad value reads every row
     (root / "participants.tsv").write_text("\n".join(lines).replace("twenty", "30") + "\n")
     assert sorted(read_release(root).table["openbhb_id"]) == sorted(written["participant_id"])
+
+
+def test_an_empty_id_names_its_line(release):
+    root, written = release
+    table = written.copy()
+    table.loc[2, "participant_id"] = ""
+    table.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match="participants.tsv line 4: participant_id is empty"):
+        read_release(root)
 
 
 @pytest.mark.parametrize("openbhb_id", ["../../../etc", "a/b", "..", ".hidden", "a\\b"])
@@ -459,3 +549,13 @@ def test_nonfinite_or_empty_volume_is_named_when_loaded(release):
     np.save(path, np.zeros_like(data))
     with pytest.raises(InputError, match="no non-zero voxel"):
         result.load(3)
+
+
+def test_an_array_changed_after_reading_the_release_is_named_when_loaded(release):
+    root, _ = release
+    result = read_release(root)
+    path = result.files[2]
+    np.save(path, np.ones((1, 1, 12, 14, 11)))
+    with pytest.raises(InputError, match=re.escape("has shape (1, 1, 12, 14, 11)")) as error:
+        result.load(2)
+    assert str(path) in str(error.value)
