@@ -264,6 +264,9 @@ def test_bundle_holds_tensors_versions_and_checksums(exported):
     assert bundled.keys() == cell_state.keys()
     assert all(np.array_equal(bundled[key].numpy(), cell_state[key]) for key in bundled)
     assert manifest["readout"]["info"] == description["info"]
+    # the cell's records have keys of their own in the manifest, not copies in the read-out's
+    assert not {"split", "encoder_sha256", "training", "bias_correction"} & set(
+        manifest["readout"])
     assert manifest["source"]["encoder_sha256"] == sha256_file(exported.cell / "encoder.pt")
     assert manifest["template"]["id"] == "TestSpace_res-2"
 
@@ -623,6 +626,46 @@ def test_export_refuses_a_readout_fitted_on_another_encoder(exported, tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
+def test_export_refuses_stats_of_another_split_and_an_unknown_bias_fit(exported, tmp_path):
+    """A read-out evaluated on one split exported with another split's normalisation, or a
+    predict.bias_fit that names no fit: ExportError saying what to do, nothing written."""
+    stats = json.loads((exported.split_dir / "stats.json").read_text())
+    other = tmp_path / "stats.json"
+    other.write_text(json.dumps({**stats, "split": "fold-2"}))
+    with pytest.raises(ExportError, match=r"belongs to split .* not to .*'fold-2'"):
+        export_model(exported.cell, exported.cell / "encoder.pt", other,
+                     bundle_dir=tmp_path / "bundle", **exported.export)
+    with pytest.raises(ExportError, match=r"predict.bias_fit is 'validation'"):
+        export_model(exported.cell, exported.cell / "encoder.pt",
+                     exported.split_dir / "stats.json", bundle_dir=tmp_path / "bundle",
+                     bias_fit="validation", **exported.export)
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_normalisation_record_keeps_the_models_channels_without_subject_ids():
+    """Per-channel entries are picked for the model's channels (model.modalities), in its
+    order; the statistics subjects are counted, not listed; an incomplete stats.json is
+    refused naming what it lacks."""
+    from brainage.export import normalisation_record
+    from brainage.normalise import RECORD_KEYS
+
+    stats = {key: f"<{key}>" for key in RECORD_KEYS}
+    stats.update(modalities=["stiffness", "damping_ratio"], scale_by_brain_median=[True, False],
+                 mean=[3.0, 0.4], sd=[0.5, 0.1], n_voxels=[1000, 900], scope="train",
+                 split="holdout", statistics_subjects=["sub-01", "sub-02", "sub-03"])
+    record = normalisation_record(stats, ["damping_ratio"])
+    assert (record["modalities"], record["mean"], record["sd"]) == (["damping_ratio"], [0.4],
+                                                                      [0.1])
+    assert (record["scale_by_brain_median"], record["n_voxels"]) == ([False], [900])
+    assert record["n_statistics_subjects"] == 3 and "statistics_subjects" not in record
+    assert record["dtype"] == "<dtype>" and record["split"] == "holdout"
+    swapped = normalisation_record(stats, ["damping_ratio", "stiffness"])
+    assert swapped["mean"] == [0.4, 3.0]
+    with pytest.raises(ExportError, match=r"stats.json lacks sd, dtype; rerun"):
+        normalisation_record({key: value for key, value in stats.items()
+                              if key not in ("sd", "dtype")}, ["stiffness"])
+
+
 @pytest.fixture(scope="module")
 def two_channel_cell(tmp_path_factory):
     """A split of stiffness and damping ratio and a cell evaluated on both channels."""
@@ -684,6 +727,11 @@ def test_export_refuses_a_split_normalised_again_after_evaluation(exported, tmp_
     renormalised.write_text(json.dumps({**stats, "images_sha256": "1" * 64}))
     export_model(cell, cell / "encoder.pt", renormalised, bundle_dir=tmp_path / "bundle",
                  **exported.export)  # the arrays it was fitted on: exported
+    # a read-out evaluated by a version that did not record the arrays: nothing to compare
+    del description["split_images_sha256"]
+    (cell / "readout.json").write_text(json.dumps(description))
+    export_model(cell, cell / "encoder.pt", renormalised, bundle_dir=tmp_path / "older",
+                 **exported.export)
 
 
 # -- age-bias correction -----------------------------------------------------------------------
@@ -803,6 +851,27 @@ def test_group_summary_uses_the_t_interval_and_leaves_qc_failures_out():
     half_width = stats.t.ppf(0.975, 3) * np.std(gaps, ddof=1) / 2  # 4 subjects: t, not normal
     assert row["corrected_gap_ci95_high"] - 3.0 == pytest.approx(half_width)
     assert 3.0 - row["corrected_gap_ci95_low"] == pytest.approx(half_width)
+
+
+def test_group_summary_describes_raw_gaps_and_all_members_in_order_of_appearance():
+    """Groups in their order in the table (not sorted); ``n`` and ``age_mean`` over every
+    member, QC failures included; the raw gap's mean and sample sd (ddof 1) over those
+    predicted, apart from the corrected gap's."""
+    from brainage.apply import summarise_gaps
+
+    table = pd.DataFrame({
+        "site": ["b", "b", "b", "a", "a"], "age": [40.0, 50.0, 90.0, 30.0, 30.0],
+        "gap": [2.0, 6.0, np.nan, 1.0, 5.0], "corrected_gap": [0.0, 1.0, np.nan, -1.0, 1.0],
+        "status": ["predicted", "predicted", "qc_failed", "predicted", "predicted"]})
+    summary = summarise_gaps(table, "site")
+    assert summary["group"].tolist() == ["b", "a"]
+    assert (summary["grouped_by"] == "site").all()
+    b = summary.iloc[0]
+    assert (b["n"], b["n_predicted"], b["n_qc_failed"]) == (3, 2, 1)
+    assert b["age_mean"] == pytest.approx(60.0)  # the QC failure's age counts
+    assert b["mean_gap"] == pytest.approx(4.0) and b["mean_corrected_gap"] == pytest.approx(0.5)
+    assert b["sd_gap"] == pytest.approx(np.sqrt(8.0))  # ddof 1: sqrt((4 + 4) / 1)
+    assert b["sd_corrected_gap"] == pytest.approx(np.sqrt(0.5))
 
 
 def test_corrected_gap_is_shifted_by_the_accelerated_offset():
@@ -942,6 +1011,9 @@ def test_corrected_gap_uses_the_bundle_correction(world, new_cohort):
     table = new_cohort.predictions[new_cohort.predictions["status"] == "predicted"]
     expected = table["gap"] - (correction["intercept"] + correction["slope"] * table["age"])
     np.testing.assert_allclose(table["corrected_gap"], expected)
+    # the corrected brain age is the chronological age plus the corrected gap
+    np.testing.assert_allclose(table["corrected_predicted_age"],
+                               table["age"] + table["corrected_gap"])
 
 
 def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):
@@ -952,6 +1024,14 @@ def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):
     healthy = table[(table["group"] == "healthy") & (table["status"] == "predicted")]
     assert healthy["corrected_gap"].mean() == pytest.approx(0.0, abs=1e-9)
     assert abs(gap_age_correlation(healthy["age"], healthy["corrected_gap"])) < 1e-8
+    # provenance records the refitted line, not the bundle's, and the subjects it was fitted
+    # on: the 23 healthy subjects with a prediction (sub-newh005 failed QC)
+    refit = fit_age_bias(healthy["age"], healthy["predicted_age"])
+    recorded = json.loads((tmp_path / "provenance.json").read_text())["bias_correction"]
+    assert (recorded["intercept"], recorded["slope"]) == pytest.approx(
+        (refit.intercept, refit.slope))
+    assert recorded["intercept"] != pytest.approx(world.manifest["bias_correction"]["intercept"])
+    assert recorded["source"] == "cohort new group 'healthy' (23 subjects)"
 
 
 def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_cohort, tmp_path,
@@ -1049,7 +1129,93 @@ def test_subject_without_preprocessing_is_refused(world, new_cohort, tmp_path):
     with pytest.raises(InputError, match=r"no preprocessed map for sub-newa003"):
         predict_cohort(world.bundle_dir, new_cohort.root, maps, new_cohort.files["qc"],
                        predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
+    qc = {label: path for label, path in new_cohort.files["qc"].items() if label != "newh007"}
+    with pytest.raises(InputError, match=r"no QC file for sub-newh007 "):
+        predict_cohort(world.bundle_dir, new_cohort.root,
+                       stiffness_maps(new_cohort.files["maps"]), qc,
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv")
     assert not (tmp_path / "p.tsv").exists()
+
+
+def test_a_bundle_whose_encoder_does_not_fit_its_network_is_a_bundle_error(world):
+    """An encoder state that does not load into the network the manifest describes is
+    reported as an inconsistent bundle, not as PyTorch's RuntimeError."""
+    import dataclasses
+
+    bundle = read_bundle(world.bundle_dir)
+    state = dict(bundle.encoder_state)
+    state.pop(next(iter(state)))
+    with pytest.raises(BundleError, match=r"(?s)encoder.pt does not fit the network .* Re-export"):
+        BrainAgeModel.from_bundle(dataclasses.replace(bundle, encoder_state=state),
+                                  device="cpu")
+
+
+def test_normalise_subject_refuses_a_missing_map_and_non_finite_voxels(world, tmp_path):
+    from brainage.apply import normalise_subject
+
+    bundle = read_bundle(world.bundle_dir)
+    with pytest.raises(InputError, match=r"^subject sub-x: no preprocessed stiffness map; "
+                                         r"model brainage needs stiffness\.$"):
+        normalise_subject(bundle, {"damping_ratio": "d.nii.gz"}, subject="sub-x")
+    volume = stiffness_map(50.0, np.random.default_rng(0))
+    path = tmp_path / "map.nii.gz"
+    nib.save(nib.Nifti1Image(volume, TEMPLATE_AFFINE), path)
+    assert normalise_subject(bundle, {"stiffness": path}, subject="sub-x").shape[0] == 1
+    volume[13, 16, 13] = np.nan
+    nib.save(nib.Nifti1Image(volume, TEMPLATE_AFFINE), path)
+    with pytest.raises(InputError, match=r"subject sub-x: preprocessed stiffness map .* has "
+                                         r"NaN/inf voxels; rerun its preprocessing"):
+        normalise_subject(bundle, {"stiffness": path}, subject="sub-x")
+
+
+def test_qc_thresholds_given_replace_the_bundles_and_a_cohort_may_fail_qc_entirely(
+        world, tmp_path):
+    """qc_thresholds overrides the bundle's record (here stricter than every subject's
+    Dice of 0.95): every subject is listed as qc_failed, none predicted, and the reports
+    are still written. An incomplete set of thresholds is refused naming what is missing."""
+    table = _participants(3, "strict", [40.0, 50.0, 60.0])
+    files = write_cohort(tmp_path / "cohort", table, seed=6)
+    arguments = dict(predictions_path=tmp_path / "out" / "predictions.tsv",
+                     summary_path=tmp_path / "out" / "summary.tsv", cohort="strict",
+                     device="cpu")
+    with pytest.raises(BundleError, match=r"no QC threshold\(s\) min_correlation, min_coverage"):
+        predict_cohort(world.bundle_dir, tmp_path / "cohort", stiffness_maps(files["maps"]),
+                       files["qc"], qc_thresholds={"min_dice": 0.85}, **arguments)
+    strict = {**QC_THRESHOLDS, "min_dice": 0.96}
+    predictions = predict_cohort(world.bundle_dir, tmp_path / "cohort",
+                                 stiffness_maps(files["maps"]), files["qc"],
+                                 qc_thresholds=strict, **arguments)
+    assert predictions["status"].tolist() == ["qc_failed"] * 3
+    assert (predictions["qc_reason"] == "dice 0.950 < 0.96").all()
+    assert predictions["predicted_age"].isna().all()
+    provenance = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    assert provenance["qc_thresholds"] == strict
+    assert (provenance["n_subjects"], provenance["n_predicted"]) == (3, 0)
+    assert len(provenance["qc_failed"]) == 3
+    summary = pd.read_csv(tmp_path / "out" / "summary.tsv", sep="\t")
+    assert (summary["n"].tolist(), summary["n_predicted"].tolist()) == ([3], [0])
+    assert summary["mean_corrected_gap"].isna().all()
+
+
+def test_a_bias_reference_group_needs_three_qc_passed_subjects_of_different_ages():
+    """Exactly MIN_BIAS_SUBJECTS (3) subjects of different ages are enough; three of one
+    age are refused, naming the age."""
+    from brainage.agebias import MIN_BIAS_SUBJECTS
+    from brainage.apply import check_bias_reference_group
+
+    assert MIN_BIAS_SUBJECTS == 3
+    table = pd.DataFrame({"participant_id": [f"sub-{index}" for index in range(5)],
+                          "age": [40.0, 50.0, 60.0, 50.0, 70.0],
+                          "group": ["ctl", "ctl", "ctl", "ctl", "pat"]})
+    passed = np.array([True, True, True, False, True])
+    check_bias_reference_group(table, "group", "ctl", passed, cohort="c")  # 3 usable: fine
+    table["age"] = [50.0, 50.0, 50.0, 40.0, 70.0]
+    with pytest.raises(InputError, match=r"group 'ctl' .*: every subject of it that passed "
+                                         r"QC is 50 years old \(failed: sub-3\)"):
+        check_bias_reference_group(table, "group", "ctl", passed, cohort="c")
+    with pytest.raises(InputError, match=r"only 2 of its 4 subjects passed QC"):
+        check_bias_reference_group(table, "group", "ctl",
+                                   np.array([True, True, False, False, True]), cohort="c")
 
 
 # -- read-outs other than Ridge ----------------------------------------------------------------
@@ -1276,6 +1442,23 @@ def test_a_qc_file_without_three_numbers_or_of_another_subject_names_the_file(tm
     path.write_text(json.dumps({"participant_id": "sub-01", "dice": 0.9, "correlation": 0.5,
                                 "coverage": 1}))
     assert read_qc(path, minimums, subject="01")[0]
+
+
+def test_a_qc_file_of_another_subject_given_for_a_subject_is_refused(tmp_path):
+    """sub-02's own, consistent QC file handed in for sub-01 (a wrong mapping or a link)
+    would pass sub-02's verdict on to sub-01."""
+    from brainage.apply import read_qc
+
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+    for name in ("sub-02_qc.json", "qc.json"):
+        path = tmp_path / name
+        path.write_text(json.dumps({"participant_id": "sub-02", "dice": 0.9,
+                                    "correlation": 0.5, "coverage": 0.9}))
+        with pytest.raises(InputError, match=r"is the record of sub-02, not of sub-01"):
+            read_qc(path, minimums, subject="01")
+    passed, reason, metrics = read_qc(path, minimums, subject="02")
+    assert (passed, reason) == (True, "")
+    assert metrics == {"qc_dice": 0.9, "qc_correlation": 0.5, "qc_coverage": 0.9}
 
 
 def test_run_reports_a_users_mistake_in_one_line_without_a_traceback(exported, tmp_path,
