@@ -1178,7 +1178,9 @@ def test_qc_thresholds_given_replace_the_bundles_and_a_cohort_may_fail_qc_entire
     arguments = dict(predictions_path=tmp_path / "out" / "predictions.tsv",
                      summary_path=tmp_path / "out" / "summary.tsv", cohort="strict",
                      device="cpu")
-    with pytest.raises(BundleError, match=r"no QC threshold\(s\) min_correlation, min_coverage"):
+    # the caller's mapping is named, not the bundle (which records all three)
+    with pytest.raises(InputError, match=r"^cohort strict: qc_thresholds has no "
+                                         r"min_correlation, min_coverage; give all of"):
         predict_cohort(world.bundle_dir, tmp_path / "cohort", stiffness_maps(files["maps"]),
                        files["qc"], qc_thresholds={"min_dice": 0.85}, **arguments)
     strict = {**QC_THRESHOLDS, "min_dice": 0.96}

@@ -252,9 +252,13 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
              model.bundle.path, model.bundle.manifest["source"]["experiment"],
              model.bundle.manifest["source"]["variant"], model.bundle.manifest["source"]["seed"])
 
-    if qc_thresholds is None:
+    given = qc_thresholds is not None
+    if not given:
         qc_thresholds = (model.bundle.manifest.get("preprocessing") or {}).get("qc") or {}
     missing = [key for key in QC_THRESHOLDS.values() if key not in qc_thresholds]
+    if missing and given:
+        raise InputError(f"cohort {cohort}: qc_thresholds has no {', '.join(missing)}; give "
+                         f"all of {', '.join(QC_THRESHOLDS.values())} (config section qc).")
     if missing:
         raise BundleError(f"model bundle {model.bundle.path} records no QC threshold(s) "
                           f"{', '.join(missing)}; pass qc_thresholds (config section qc).")
