@@ -230,7 +230,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     InputError
         A subject without an image of the bundle's modalities (naming it), a preprocessed
         map or QC file, a map off the template grid; a ``bias_reference_group`` with fewer
-        than 3 QC-passed subjects, or all of one age (before any subject is embedded).
+        than 3 QC-passed subjects, or all of one age (before any subject is embedded); a
+        ``qc_thresholds`` without all three.
     BundleError
         Missing, tampered or incompatible bundle.
     """
