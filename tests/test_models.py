@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,3 +385,268 @@ def test_auto_precision_trains_in_bf16_only_on_cards_with_bf16_arithmetic(
         torch.use_deterministic_algorithms(saved[0], warn_only=True)
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
          torch.backends.cuda.matmul.allow_tf32) = saved[1:]
+
+
+# -- behaviour pinned by hand-made mutants (brainage.models, brainage.runtime) ---------------
+
+def test_a_regression_head_outputs_raw_values_and_a_projection_head_unit_vectors():
+    """head: regression is the supervised baseline's one standardised age: L2-normalising
+    a one-dimensional output would make every prediction +1 or -1."""
+    torch.manual_seed(0)
+    volumes = torch.randn(5, 1, 12, 12, 12)
+    regression = BrainAgeNet(width=8, head="regression", projection_dim=1).eval()
+    with torch.no_grad():
+        ages = regression(volumes)
+        assert ages.shape == (5, 1)
+        assert torch.equal(ages, regression.head(regression.encode(volumes)).float())
+    assert not torch.allclose(ages.abs(), torch.ones_like(ages))
+
+
+def test_build_model_passes_the_stem_and_shortcut_options():
+    """conv1_stride, max_pool and bias_downsample of the model section reach the network
+    (bias_downsample decides whether an OpenBHB checkpoint loads completely)."""
+    default = build_model(model_section({"width": 8}))
+    options = build_model(model_section({"width": 8, "conv1_stride": 1, "max_pool": False,
+                                         "bias_downsample": True}))
+    assert default.encoder.conv1.stride == (2, 2, 2) and options.encoder.conv1.stride == (1, 1, 1)
+    assert not default.encoder.no_max_pool and options.encoder.no_max_pool
+    assert default.encoder.layer2[0].downsample[0].bias is None
+    assert options.encoder.layer2[0].downsample[0].bias is not None
+    # the stem decides the size of the last stage: 16 -> 8 -> 4 -> 4, 2, 1, 1 by default,
+    # 16 -> 16 -> 16 -> 16, 8, 4, 2 with stride 1 and no max-pool
+    sizes = {}
+    for name, network in (("default", default.eval()), ("options", options.eval())):
+        network.encoder.layer4.register_forward_hook(
+            lambda module, inputs, output, name=name: sizes.update({name: output.shape[2:]}))
+        with torch.no_grad():
+            network(torch.randn(1, 1, 16, 16, 16))
+    assert sizes == {"default": (1, 1, 1), "options": (2, 2, 2)}
+
+
+def test_read_out_features_restore_eval_mode_and_refuse_unknown_features():
+    """features() and embed_all() put the module back in the mode it was in, eval included;
+    an unknown read-out is a ConfigError naming model.features."""
+    import numpy as np
+
+    from brainage.data import VolumeStore
+    from brainage.models import embed
+
+    network = BrainAgeNet(width=8).eval()
+    volumes = torch.randn(2, 1, 12, 12, 12)
+    network.features(volumes, "encoder")
+    assert not network.training
+    store = VolumeStore(volumes.numpy(), torch.device("cpu"))
+    embed_all(network, store, np.arange(2))
+    assert not network.training
+    network.train()
+    embed_all(network, store, np.arange(2))
+    assert network.training
+    with pytest.raises(ConfigError, match="model.features"):
+        network.features(volumes, "logits")
+    with pytest.raises(ConfigError, match="model.features"):
+        embed(network, store, np.arange(2), which="logits")
+
+
+def test_embed_all_in_batches_gives_the_features_of_one_pass_in_the_rows_order():
+    """Volumes are embedded EMBED_BATCH at a time: batches of 3 over 7 rows in a shuffled
+    order give the same rows, in the same order, as one batch (eval mode: running batch-norm
+    statistics, so a volume's features do not depend on its batch)."""
+    import numpy as np
+
+    from brainage.data import VolumeStore
+
+    torch.manual_seed(0)
+    network = BrainAgeNet(width=8)
+    volumes = torch.randn(8, 1, 12, 12, 12)
+    store = VolumeStore(volumes.numpy(), torch.device("cpu"))
+    rows = np.array([5, 0, 7, 3, 1, 6, 2])
+    whole = embed_all(network, store, rows)
+    batched = embed_all(network, store, rows, batch_size=3)
+    for which, width in (("encoder", 64), ("projection", 128)):
+        assert whole[which].shape == batched[which].shape == (7, width)
+        np.testing.assert_allclose(batched[which], whole[which], rtol=0, atol=1e-5)
+    single = embed_all(network, store, rows[2:3])
+    np.testing.assert_allclose(whole["encoder"][2:3], single["encoder"], rtol=0, atol=1e-5)
+
+
+def test_embed_all_of_no_rows_gives_empty_arrays_of_each_features_width():
+    import numpy as np
+
+    from brainage.data import VolumeStore
+
+    store = VolumeStore(np.zeros((2, 1, 12, 12, 12), dtype=np.float32), torch.device("cpu"))
+    for network, widths in ((BrainAgeNet(width=8), (64, 128)),
+                            (BrainAgeNet(width=8, projection_head=False), (64, 64)),
+                            (BrainAgeNet(width=8, projection_dim=16), (64, 16))):
+        features = embed_all(network, store, np.arange(0))
+        assert features["encoder"].shape == (0, widths[0])
+        assert features["projection"].shape == (0, widths[1])
+        assert features["encoder"].dtype == features["projection"].dtype == np.float32
+
+
+def test_wrapper_prefixes_are_stripped_repeatedly_and_an_encoder_wrapper_unwrapped(model):
+    """DataParallel around a compiled model writes module._orig_mod.*; a wrapper holding the
+    network as .encoder writes encoder.encoder.*; both load onto the same names."""
+    target = model.state_dict()
+    kernel = target["encoder.conv1.weight"]
+    for raw_key in ("module._orig_mod.encoder.conv1.weight", "model.module.conv1.weight",
+                    "encoder.encoder.conv1.weight", "module.encoder.encoder.conv1.weight"):
+        mapped, report = map_state_dict({raw_key: kernel}, target)
+        assert list(mapped) == ["encoder.conv1.weight"], raw_key
+        assert report.loaded == ["encoder.conv1.weight"] and not report.unexpected, raw_key
+
+
+def test_extract_state_dict_skips_an_empty_model_entry():
+    from brainage.models import extract_state_dict
+
+    weights = {"encoder.conv1.weight": torch.zeros(2, 1, 7, 7, 7)}
+    assert extract_state_dict({"model": {}, "state_dict": weights}) == weights
+    assert extract_state_dict({"net": weights, "epoch": 3}) == weights
+    with pytest.raises(ValueError, match="no state dict"):
+        extract_state_dict({"model": {}})
+
+
+def test_a_one_channel_kernel_of_another_width_or_size_is_not_replicated(tmp_path):
+    """Only a first convolution of this network's width and kernel size initialises a
+    C-channel one: another width or kernel is a shape mismatch, not a crash in
+    load_state_dict, and a whole checkpoint of another width is refused naming it."""
+    target = BrainAgeNet(width=8, in_channels=2)
+    for shape in ((16, 1, 7, 7, 7), (8, 1, 3, 3, 3)):
+        mapped, report = map_state_dict({"encoder.conv1.weight": torch.ones(shape)},
+                                        target.state_dict())
+        assert not mapped and not report.adapted and len(report.mismatched) == 1, shape
+    path = tmp_path / "width16.pt"
+    torch.save({"model": BrainAgeNet(width=16).state_dict()}, path)
+    with pytest.raises(ValueError, match="Set model.width: 16"):
+        load_init_checkpoint(target, path)
+
+
+def test_a_refused_checkpoint_under_a_wrapper_prefix_still_names_its_width(tmp_path):
+    path = tmp_path / "dataparallel16.pt"
+    state = {f"module.{key}": value for key, value in BrainAgeNet(width=16).state_dict().items()}
+    torch.save({"model": state}, path)
+    with pytest.raises(ValueError, match="Set model.width: 16"):
+        load_init_checkpoint(BrainAgeNet(width=8), path)
+
+
+def test_select_device(monkeypatch):
+    from brainage.runtime import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert select_device("auto") == torch.device("cuda")
+    assert select_device("cuda") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto") == torch.device("cpu")
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="train.device is 'cuda'"):
+        select_device("cuda")
+    with pytest.raises(ConfigError, match="train.device is 'gpu'"):
+        select_device("gpu")
+
+
+def test_runtime_setup_threads_precision_and_refusals(monkeypatch):
+    """P processes on a node share its train.threads (at least one each); CPU auto is
+    float32; an unknown precision and a local rank without its GPU are ConfigErrors."""
+    from brainage import runtime
+
+    settings = {"threads": 4, "device": "cpu", "precision": "auto", "deterministic": False}
+    assert runtime.runtime_setup(settings) == (torch.device("cpu"), None)
+    assert torch.get_num_threads() == 4
+    runtime.runtime_setup(settings, processes_on_node=2)
+    assert torch.get_num_threads() == 2
+    runtime.runtime_setup(settings, processes_on_node=8)
+    assert torch.get_num_threads() == 1
+    with pytest.raises(ConfigError, match="train.precision is 'fp16'"):
+        runtime.runtime_setup({**settings, "precision": "fp16"})
+    monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for local_rank in (2, 3):
+        with pytest.raises(ConfigError, match=f"needs GPU {local_rank}, but PyTorch sees 2"):
+            runtime.runtime_setup({**settings, "device": "cuda", "precision": "float32"},
+                                  local_rank=local_rank)
+
+
+def test_deterministic_cuda_sets_the_cublas_workspace_unless_set(monkeypatch):
+    """cuBLAS is deterministic only with CUBLAS_WORKSPACE_CONFIG; a user's value stays."""
+    from brainage import runtime
+
+    monkeypatch.setattr(runtime, "select_device", lambda name: torch.device("cuda"))
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    settings = {"threads": 1, "device": "cuda", "precision": "float32"}
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.backends.cuda.matmul.allow_tf32)
+    try:
+        runtime.runtime_setup({**settings, "deterministic": False})
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        runtime.runtime_setup({**settings, "deterministic": True})
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        runtime.runtime_setup({**settings, "deterministic": True})
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=True)
+        (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+         torch.backends.cuda.matmul.allow_tf32) = saved[1:]
+
+
+def _draws() -> tuple:
+    import random
+
+    import numpy as np
+
+    return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+
+def test_seed_everything_seeds_python_numpy_and_torch():
+    from brainage.runtime import seed_everything
+
+    seed_everything(3)
+    first = _draws()
+    _draws()
+    seed_everything(3)
+    assert _draws() == first
+    seed_everything(4)
+    assert all(a != b for a, b in zip(_draws(), first))
+
+
+def test_rng_state_round_trips_every_generator_through_a_weights_only_checkpoint(tmp_path):
+    import io
+
+    from brainage.runtime import restore_rng_state, rng_state, seed_everything
+
+    seed_everything(5)
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    expected = _draws()
+    _draws()
+    buffer.seek(0)
+    restore_rng_state(torch.load(buffer, weights_only=True))
+    assert _draws() == expected
+
+
+def test_epoch_seeds_differ_per_seed_epoch_and_stream_and_fit_63_bits():
+    from brainage.runtime import epoch_seed
+
+    seeds = {(seed, epoch, stream): epoch_seed(seed, epoch, stream)
+             for seed in range(3) for epoch in range(1, 6) for stream in range(2)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert all(0 <= value < 2**63 for value in seeds.values())
+    assert epoch_seed(1, 2, 0) == epoch_seed(1, 2, 0)
+
+
+def test_full_float32_restores_the_tf32_flags():
+    from brainage.runtime import full_float32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        for flags in ((True, True), (False, True)):
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+            with full_float32():
+                assert not torch.backends.cuda.matmul.allow_tf32
+                assert not torch.backends.cudnn.allow_tf32
+                assert not torch.is_autocast_enabled("cpu")
+            assert (torch.backends.cuda.matmul.allow_tf32,
+                    torch.backends.cudnn.allow_tf32) == flags
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
