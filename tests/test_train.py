@@ -158,7 +158,7 @@ def test_untrained_encoder_needs_no_batch_and_removes_a_killed_trainings_checkpo
     paths["checkpoint_path"].parent.mkdir()
     paths["checkpoint_path"].write_bytes(b"an old checkpoint")
     Path(f"{paths['checkpoint_path']}.sha256").write_text("0" * 64)
-    train_encoder(small, tiny_settings(train={"epochs": 0}), **paths)
+    train_encoder(small, tiny_settings(train={"epochs": 0, "batch_size": 32}), **paths)
     assert paths["encoder_path"].is_file() and paths["features_path"].is_file()
     assert not paths["checkpoint_path"].exists()
     assert not Path(f"{paths['checkpoint_path']}.sha256").exists()
@@ -822,3 +822,189 @@ def test_features_of_a_bf16_training_are_full_float32(split_dir, tmp_path):
                                    rtol=1e-5, atol=1e-6)
         # and bf16 is far enough from float32 here for this test to see the difference
         assert np.abs(in_bf16 - saved["encoder"]).max() > 1e-3
+
+
+# -- resume, schedule and outputs, fast (without the slow tier's reference run) ----------------
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_uninterrupted_result(split_dir, tmp_path,
+                                                                  monkeypatch, caplog):
+    """Training stopped by an error in epoch 2 keeps the checkpoint of epoch 1; a new call
+    resumes after it and ends exactly where an uninterrupted run does: losses, learning
+    rates (StepLR, lr_step_epochs 2: epoch 3 at half the rate, also after a resume), the
+    NNCLR queue, the weights, and the embeddings of embed_epochs (the last epoch included,
+    epoch 1's written again from the checkpoint after a cleaned output folder)."""
+    import brainage.train
+
+    settings = tiny_settings(loss={"name": "nnclr", "queue_size": 16},
+                             train={"epochs": 3, "batch_size": 9, "embed_epochs": [1, 3, 9],
+                                    "lr_step_epochs": 2, "lr_gamma": 0.5})
+    uninterrupted = tmp_path / "uninterrupted"
+    history = train_encoder(split_dir, settings, **cell_paths(uninterrupted))
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert [row["lr"] for row in history] == pytest.approx([1e-3, 1e-3, 5e-4])
+    assert pd.read_csv(uninterrupted / "history.tsv", sep="\t")["lr"].tolist() == \
+        pytest.approx([1e-3, 1e-3, 5e-4])
+
+    cell = tmp_path / "cell"
+    real_run_epoch = brainage.train.run_epoch
+
+    def stopping_run_epoch(*args, epoch, **kwargs):
+        if epoch == 2:
+            raise _Interrupted
+        return real_run_epoch(*args, epoch=epoch, **kwargs)
+
+    monkeypatch.setattr(brainage.train, "run_epoch", stopping_run_epoch)
+    with pytest.raises(_Interrupted):
+        train_encoder(split_dir, settings, **cell_paths(cell))
+    monkeypatch.undo()
+    assert torch.load(cell / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (cell / "encoder.pt").exists()
+    # Snakemake deletes the declared outputs of a failed job; the checkpoint stays
+    (cell / "history.tsv").unlink()
+    for file in (cell / "embeddings").iterdir():
+        file.unlink()
+
+    with caplog.at_level("INFO", logger="brainage.train"):
+        resumed = train_encoder(split_dir, settings, **cell_paths(cell))
+    assert f"resuming from {cell / 'checkpoint.pt'} after epoch 1" in caplog.text
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert [row["loss"] for row in resumed] == [row["loss"] for row in history]
+    assert [row["lr"] for row in resumed] == [row["lr"] for row in history]
+    assert pd.read_csv(cell / "history.tsv", sep="\t")["epoch"].tolist() == [1, 2, 3]
+    assert_same_weights(cell / "encoder.pt", uninterrupted / "encoder.pt")
+    assert not (cell / "checkpoint.pt").exists()
+    assert not (cell / "checkpoint.pt.sha256").exists()
+    for folder in (cell, uninterrupted):  # embed_epochs beyond train.epochs are skipped
+        assert sorted(file.name for file in (folder / "embeddings").iterdir()) == [
+            "epoch-001.npz", "epoch-003.npz"]
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t").set_index("participant_id")
+    for name in ("epoch-001.npz", "epoch-003.npz"):
+        with np.load(cell / "embeddings" / name) as a, \
+                np.load(uninterrupted / "embeddings" / name) as b:
+            assert np.array_equal(a["features"], b["features"]), name
+            ids = a["participant_id"]
+            assert np.array_equal(a["age"], table.loc[ids, "age"].to_numpy())
+            assert a["subset"].tolist() == table.loc[ids, "subset"].tolist()
+    with np.load(cell / "features.npz") as features:  # training rows, then evaluation rows
+        assert features["subset"].tolist() == ["train"] * 18 + ["test"] * 6
+        ids = features["participant_id"]
+        assert np.array_equal(features["age"], table.loc[ids, "age"].to_numpy())
+
+
+def test_a_batch_of_the_whole_training_set_trains(tmp_path, split_dir):
+    # 18 training subjects, train.batch_size 18: one batch per epoch, not a refusal
+    settings = tiny_settings(loss={"name": "yaware"},
+                             train={"epochs": 1, "batch_size": 18, "embed_epochs": []})
+    history = train_encoder(split_dir, settings, **cell_paths(tmp_path))
+    assert [row["epoch"] for row in history] == [1]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
+def test_a_non_finite_loss_stops_training_and_names_the_epoch(split_dir, tmp_path,
+                                                              monkeypatch):
+    import brainage.train
+
+    for value in (math.inf, math.nan):
+        monkeypatch.setattr(brainage.train, "run_epoch",
+                            lambda *args, epoch, value=value, **kwargs:
+                            value if epoch == 2 else 1.0)
+        cell = tmp_path / str(value)
+        with pytest.raises(FloatingPointError, match=rf"loss is {value} in epoch 2 .*train\.lr"):
+            train_encoder(split_dir, tiny_settings(train={"epochs": 3, "batch_size": 9,
+                                                          "embed_epochs": []}),
+                          **cell_paths(cell))
+        assert not (cell / "encoder.pt").exists()
+
+
+def test_fingerprint_covers_the_starting_checkpoints_bytes(split_dir, tmp_path):
+    start = tmp_path / "pretrained.pt"
+    start.write_bytes(b"pretrained weights")
+    settings = resolve_cell(tiny_settings(model={"init_checkpoint": str(start)}))
+    split = load_split(split_dir)
+    before = fingerprint(settings, split)
+    start.write_bytes(b"pretrained weights, trained again")
+    assert fingerprint(settings, split) != before
+
+
+def test_a_cell_with_a_starting_checkpoint_trains_from_its_weights(split_dir, tmp_path):
+    # the untrained encoder of seed 1 as model.init_checkpoint of a seed-0 cell: at
+    # train.epochs 0 the cell's encoder is that checkpoint; after an epoch at a learning
+    # rate too small to move float32 weights, still that checkpoint (not seed 0's start)
+    seed_1 = tmp_path / "seed-1"
+    train_encoder(split_dir, tiny_settings(seed=1, train={"epochs": 0}), **cell_paths(seed_1))
+    start = encoder_weights(seed_1 / "encoder.pt")["encoder.conv1.weight"]
+    init = {"init_checkpoint": str(seed_1 / "encoder.pt")}
+    untrained = tmp_path / "untrained"
+    train_encoder(split_dir, tiny_settings(model=init, train={"epochs": 0}),
+                  **cell_paths(untrained))
+    assert torch.equal(encoder_weights(untrained / "encoder.pt")["encoder.conv1.weight"], start)
+    tiny_step = tmp_path / "tiny-step"
+    train_encoder(split_dir, tiny_settings(model=init, loss={"name": "yaware"},
+                                           train={"epochs": 1, "batch_size": 9, "lr": 1e-12,
+                                                  "embed_epochs": []}),
+                  **cell_paths(tiny_step))
+    tuned = encoder_weights(tiny_step / "encoder.pt")["encoder.conv1.weight"]
+    assert torch.allclose(tuned, start, atol=1e-7)
+
+
+def test_save_checkpoint_leaves_only_the_new_digest(tmp_path):
+    # while the rename is pending the digest file accepts the old checkpoint too; once the
+    # new checkpoint is in place, only its own digest verifies
+    from brainage.train import read_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    old = save_checkpoint(path, {"format": 1, "fingerprint": "cell", "epoch": 1})
+    new = save_checkpoint(path, {"format": 1, "fingerprint": "cell", "epoch": 2}, replaces=old)
+    assert old != new
+    assert (tmp_path / "checkpoint.pt.sha256").read_text() == f"{new}  checkpoint.pt\n"
+    checkpoint, digest = read_checkpoint(path, "cell")
+    assert checkpoint["epoch"] == 2 and digest == new
+
+
+def test_run_epoch_returns_the_subject_weighted_mean_loss_over_paired_views():
+    # 13 subjects in batches of 6: plan_batches gives 6 + 7. The loss of a batch is its
+    # mean age, so the epoch's mean loss, weighted by batch size, is the mean age of the
+    # 13; and features [b, V, D] hold in row b every view of the same subject
+    from brainage.train import run_epoch
+
+    class Flatten(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, volumes):
+            return volumes.flatten(1) * self.scale
+
+    images = np.arange(13 * 8, dtype=np.float32).reshape(13, 1, 2, 2, 2) + 1
+    ages = torch.tensor([20.0] * 6 + [80.0] * 7)
+    seen = []
+
+    def loss_fn(features, batch_ages, epoch):
+        seen.append((features.detach().clone(), batch_ages.clone()))
+        return features.sum() * 0.0 + batch_ages.mean()
+
+    model = Flatten()
+    mean = run_epoch(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0),
+                     VolumeStore(images, torch.device("cpu")), Augmenter("none"),
+                     np.arange(13), ages, epoch=1, seed=0, batch_size=6, views=3)
+    assert mean == pytest.approx(float(ages.mean()))
+    assert sorted(len(batch_ages) for _, batch_ages in seen) == [6, 7]
+    for features, batch_ages in seen:
+        assert features.shape == (len(batch_ages), 3, 8)
+        for views in features:  # every view of a row is one subject's (un-augmented) volume
+            assert torch.equal(views[0], views[1]) and torch.equal(views[0], views[2])
+            subject = int(views[0, 0]) // 8
+            assert float(ages[subject]) in batch_ages.tolist()
+
+
+def test_the_optimiser_takes_the_configured_rate_and_weight_decay():
+    from brainage.train import make_optimizer
+
+    optimizer = make_optimizer(torch.nn.Linear(2, 1), {"lr": 3e-4, "weight_decay": 5e-5})
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups] == [
+        (3e-4, 5e-5)]
