@@ -189,8 +189,7 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     qc = {label: files["qc_json"] for label, files in processed.items()}
     return predict_cohort(bundle, dataset_root, maps, qc,
                           **{argument: output / name for argument, name in REPORT_FILES.items()},
-                          cohort=cohort,
-                          group_column=group_column,
+                          cohort=cohort, group_column=group_column,
                           bias_reference_group=bias_reference_group, device=device)
 
 

@@ -561,7 +561,7 @@ def training_params(wildcards):
     settings = training_settings(cell_params(wildcards))
     run = pretrained_run(settings["model"])
     if run is not None:
-        # the run's encoder is this job's input (pretrained_encoder); the trainer loads it
+        # the run's encoder is this job's input (cell_starting_checkpoint); the trainer loads it
         # like any starting checkpoint, and its digest enters the resume fingerprint
         settings["model"]["init_checkpoint"] = LAYOUT.pretrain_file(run, "encoder.pt")
     return settings
@@ -579,7 +579,7 @@ def starting_checkpoint(model):
     return model.get("init_checkpoint") or []
 
 
-def search_pretrained_encoder():
+def search_starting_checkpoint():
     """The encoder the search trials fine-tune, when the config's model starts from one
     (so the chosen nn_final/nn_step fit the cells that fine-tune it)."""
     return starting_checkpoint(config["model"])
@@ -594,7 +594,7 @@ def search_params():
     return settings
 
 
-def pretrained_encoder(wildcards):
+def cell_starting_checkpoint(wildcards):
     """The encoder a cell fine-tunes (starting_checkpoint), if any: changing that
     pretraining run, or the external file, reruns this cell."""
     return starting_checkpoint(cell_params(wildcards)["model"])

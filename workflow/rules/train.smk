@@ -18,7 +18,7 @@ rule train_encoder:
     input:
         **SPLIT_INPUTS,
         # model.init pretrained:<name>: the run's encoder (pretrain.smk); or model.init_checkpoint
-        pretrained=pretrained_encoder,
+        starting_checkpoint=cell_starting_checkpoint,
         # loss.nn_from_search: the split's random-search result (nn_final, nn_step)
         search_result=search_result,
     output:
@@ -79,7 +79,7 @@ if config["search"]["enabled"]:
         input:
             **SPLIT_INPUTS,
             # the trials start where the cells do (model.init pretrained:<run>, init_checkpoint)
-            pretrained=lambda wildcards: search_pretrained_encoder(),
+            starting_checkpoint=lambda wildcards: search_starting_checkpoint(),
         output:
             trials=LAYOUT.search_file("{split}", "trials.tsv"),
             best=LAYOUT.search_file("{split}", "best.json"),
