@@ -227,6 +227,11 @@ def test_template_space_sidecars_give_the_template_image_as_spatial_reference(tm
     for image in (mask, t1w):
         sidecar = json.loads(image.with_name(image.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["SpatialReference"] == expected, image.name
+    # the T1w channel is zero outside the warped brain mask: skull-stripped on every route
+    sidecar = json.loads(t1w.with_name(t1w.name.replace(".nii.gz", ".json")).read_text())
+    assert sidecar["SkullStripped"] is True
+    assert sidecar["Resolution"] == {"2": f"2 mm isotropic grid of the {space} template as the "
+                                          f"pipeline prepares it (4 x 4 x 4 voxels)"}
     describe_preprocessing(root, space=space, template_shape=(4, 4, 4), source=str(tmp_path),
                            version="0", template=True, modalities=("stiffness", "T1w"))
     assert_bids_valid(root)

@@ -140,6 +140,8 @@ def test_synthstrip_route_runs_the_program_and_carries_the_mask(freesurfer_doubl
     mask = np.asarray(mask_image.dataobj) > 0
     expected = head["expected_mask"]
     assert 2 * (mask & expected).sum() / (mask.sum() + expected.sum()) > 0.95
+    # the volume of the mask on the stiffness grid (3 mm voxels), not the T1w's (2 mm)
+    assert info["mask_volume_ml"] == round(mask.sum() * 0.027, 2)
     reference = nib.load(tmp_path / "reference.nii.gz").get_fdata()
     assert reference.max() == 1000.0 and not np.any(reference == 300.0)  # skull removed
 

@@ -216,6 +216,18 @@ def test_no_anatomy_route_is_logged(simulated_cohort, tmp_path, caplog):
     assert "no anatomical image; brain mask = the stiffness map's support" in caplog.text
 
 
+def test_a_t1w_cohort_subject_without_its_t1w_is_refused_not_masked_by_support(tmp_path):
+    """Without an MRE map the brain cannot come from a map's support: the T1w grid image
+    is a head, and its support would be taken for the brain."""
+    head = np.zeros((12, 12, 12), np.float32)
+    head[2:10, 2:10, 2:10] = 300.0
+    nib.save(nib.Nifti1Image(head, np.diag([2.0, 2.0, 2.0, 1.0])), tmp_path / "sub-h_T1w.nii.gz")
+    with pytest.raises(PreprocessError, match=r"subject sub-h: no T1w image given to strip.*"
+                                              r"anat/sub-h_T1w\.nii\.gz"):
+        strip_skull(tmp_path / "sub-h_T1w.nii.gz", tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                    tmp_path / "i.json", method="none", subject="h", grid_modality="T1w")
+    assert not (tmp_path / "m.nii.gz").exists()
+
 def test_corrupt_input_names_the_file(tmp_path):
     broken = tmp_path / "sub-x_stiffness.nii.gz"
     broken.write_bytes(gzip.compress(b"not a nifti file at all"))
@@ -846,6 +858,128 @@ def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_pa
     assert t1w.shape == (99, 117, 95) and (t1w > 0).sum() > 100_000
 
 
+# -- volume helpers ---------------------------------------------------------------------------
+
+def test_a_mask_moved_to_another_grid_keeps_voxels_at_least_half_covered():
+    """resample_mask: linear interpolation of the 0/1 mask, kept where >= 0.5 (a voxel
+    half inside is kept; a corner voxel whose linear weight is 0.6^3 is not, where nearest
+    neighbour would keep it)."""
+    from brainage.preprocess.images import resample_mask
+
+    source = np.eye(4)
+    half = np.zeros((8, 8, 8), bool)
+    half[:4] = True  # x indices 0-3
+    coarse = np.diag([2.0, 1.0, 1.0, 1.0])
+    coarse[0, 3] = 1.5  # target x voxels at source x 1.5, 3.5 (half inside), 5.5
+    moved = resample_mask(half, source, (3, 8, 8), coarse)
+    assert moved[:, 0, 0].tolist() == [True, True, False] and moved[:2].all()
+
+    cube = np.zeros((8, 8, 8), bool)
+    cube[:4, :4, :4] = True
+    shifted = np.eye(4)
+    shifted[:3, 3] = 0.4  # target voxel i at source i + 0.4
+    moved = resample_mask(cube, source, (8, 8, 8), shifted)
+    weight = np.clip(4 - (np.arange(8) + 0.4), 0, 1)  # linear coverage along each axis
+    expected = np.einsum("i,j,k->ijk", weight, weight, weight) >= 0.5
+    assert np.array_equal(moved, expected) and moved.sum() == 54
+    assert not moved[3, 3, 3] and moved[3, 2, 2]
+    assert np.array_equal(resample_mask(cube, source, (8, 8, 8), source), cube)  # same grid
+
+
+def test_the_support_mask_is_the_largest_component_of_the_map_with_its_holes_filled():
+    """support_mask (skullstrip none, or no T1w): the map's finite non-zero voxels, the
+    largest component only, enclosed NaN/zero voxels filled; the background (the largest
+    region of all) is never taken for the brain."""
+    from brainage.preprocess.images import support_mask
+
+    data = np.zeros((20, 20, 20), np.float32)
+    data[2:9, 2:9, 2:9] = 2.5  # the brain: 343 voxels
+    data[5, 5, 5], data[4, 5, 5] = np.nan, 0.0  # an inversion failure inside
+    data[15:17, 15:17, 15:17] = 3.0  # a stray blob
+    expected = np.zeros(data.shape, bool)
+    expected[2:9, 2:9, 2:9] = True
+    assert np.array_equal(support_mask(data), expected)
+    assert not support_mask(np.zeros((4, 4, 4), np.float32)).any()
+
+def test_nonfinite_voxels_up_to_max_nan_fraction_of_the_brain_are_allowed():
+    """max_nan_fraction is the largest allowed share: exactly that share passes, and 0
+    allows a map without NaN (it refused every map)."""
+    from brainage.preprocess.images import clean_nonfinite
+
+    brain = np.zeros((10, 10, 2), bool)
+    brain[:, :, 0] = True  # 100 brain voxels
+    data = np.ones(brain.shape, np.float32)
+    cleaned, count = clean_nonfinite(data, brain, max_fraction=0.0, what="map")
+    assert count == 0 and np.array_equal(cleaned, data)
+    data[0, 0, 0], data[5, 5, 0], data[0, 0, 1] = np.nan, np.inf, np.nan  # 2 inside, 1 outside
+    cleaned, count = clean_nonfinite(data, brain, max_fraction=0.02, what="map")
+    assert count == 3 and cleaned[0, 0, 0] == cleaned[5, 5, 0] == cleaned[0, 0, 1] == 0
+    assert np.isfinite(cleaned).all() and cleaned.sum() == 197
+    with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain \(2\.0% of "
+                                         r"100 brain voxels\)"):
+        clean_nonfinite(data, brain, max_fraction=0.019, what="map")
+
+
+def test_the_field_of_view_box_is_the_supports_bounding_box_less_one_voxel():
+    from brainage.preprocess.register import field_of_view_box
+
+    support = np.zeros((10, 12, 8), bool)
+    support[2, 3, 1] = support[6, 8, 4] = True  # the box's corners only
+    expected = np.zeros(support.shape, np.float32)
+    expected[3:6, 4:8, 2:4] = 1
+    assert np.array_equal(field_of_view_box(support), expected)
+    flat = np.zeros((10, 12, 8), bool)
+    flat[2:7, 3:9, 4] = True  # one slice thick: the slice is kept
+    expected = np.zeros(flat.shape, np.float32)
+    expected[3:6, 4:8, 4] = 1
+    assert np.array_equal(field_of_view_box(flat), expected)
+
+
+def test_a_reference_sidecar_of_an_unknown_kind_asks_to_rerun_skull_stripping(tmp_path):
+    from brainage.preprocess.skullstrip import read_reference_info
+
+    for content in ({"reference_kind": "T2w"}, {"route": "deepbet"}):
+        path = tmp_path / "reference.json"
+        path.write_text(json.dumps(content))
+        with pytest.raises(PreprocessError, match=r"reference\.json: reference_kind .* is not "
+                                                  r"one of .*rerun strip_skull"):
+            read_reference_info(path)
+    path.write_text(json.dumps({"reference_kind": "stiffness", "route": "none"}))
+    assert read_reference_info(path)["route"] == "none"
+
+
+def test_only_maps_that_take_n4_are_corrected_and_the_others_keep_the_grid_maps_coverage(
+        tmp_path):
+    """A damping ratio is never N4-corrected, keeps data only where the stiffness map (the
+    grid map) has some, and is range-checked only there (beyond the slab it is no data).
+    A subject without a T1w: the corrected stiffness map is the reference."""
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    index = np.indices((20, 20, 20)).astype(np.float32)
+    brain = np.linalg.norm(index - 9.5, axis=0) < 8
+    covered = brain & (index[2] < 13)  # the MRE slab
+    rng = np.random.default_rng(0)
+    stiffness = np.where(covered, 2.5 * (1 + 0.2 * index[0] / 20)
+                         + 0.05 * rng.standard_normal(brain.shape), 0).astype(np.float32)
+    damping = np.where(brain, 0.2 + 0.1 * index[0] / 20, 0).astype(np.float32)
+    damping[brain & ~covered] = 1.5  # beyond the slab: no data, not a range error
+    paths = {name: tmp_path / f"sub-n1_{name}.nii.gz" for name in ("stiffness", "damping_ratio")}
+    nib.save(nib.Nifti1Image(stiffness, affine), paths["stiffness"])
+    nib.save(nib.Nifti1Image(damping, affine), paths["damping_ratio"])
+    nib.save(nib.Nifti1Image(brain.astype(np.uint8), affine), tmp_path / "mask.nii.gz")
+    (tmp_path / "reference.json").write_text(json.dumps({"reference_kind": "stiffness"}))
+    out = {name: tmp_path / f"out_{name}.nii.gz" for name in paths}
+    correct_bias(paths, tmp_path / "mask.nii.gz", paths["stiffness"], tmp_path / "reference.json",
+                 out, tmp_path / "r.nii.gz", n4=True, subject="n1")
+    corrected = {name: nib.load(path).get_fdata(dtype=np.float32) for name, path in out.items()}
+    assert np.array_equal(corrected["damping_ratio"], np.where(covered, damping, 0))
+    assert np.array_equal(corrected["stiffness"] > 0, covered)
+    assert not np.allclose(corrected["stiffness"], stiffness)  # N4 ran on the stiffness
+    assert corrected["stiffness"][covered].mean() == pytest.approx(stiffness[covered].mean(),
+                                                                   rel=1e-4)
+    assert np.array_equal(nib.load(tmp_path / "r.nii.gz").get_fdata(dtype=np.float32),
+                          corrected["stiffness"])
+
+
 # -- resuming the in-process chain ------------------------------------------------------------
 
 def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_path,
@@ -900,6 +1034,111 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
     assert run(n4=False) == ["compute_qc"]
     # the records live beside the BIDS-Derivatives folder, not in it
     assert not list(Path(layout.preproc_dir("preproc")).rglob("*step_records*"))
+
+
+def _fake_chain(tmp_path, monkeypatch):
+    """run_subject on a one-map subject whose steps are a test double that writes every
+    output of its step; returns (run, done, stiffness, template files, layout, files)."""
+    from brainage.preprocess import chain
+
+    done, failing = [], set()
+
+    def fake_step(step, files, inputs, **_):
+        done.append(step)
+        if step in failing:
+            raise PreprocessError(f"{step} failed")
+        for output in chain.step_outputs(files, step):
+            Path(output).parent.mkdir(parents=True, exist_ok=True)
+            Path(output).write_text(step)
+
+    monkeypatch.setattr(chain, "run_step", fake_step)
+    stiffness = tmp_path / "sub-a_stiffness.nii.gz"
+    stiffness.write_bytes(b"first map")
+    template = {"template_t1": tmp_path / "t1.nii.gz", "template_mask": tmp_path / "mask.nii.gz"}
+    for path in template.values():
+        path.write_bytes(path.name.encode())
+    layout = Layout(results=str(tmp_path / "out"))
+    preprocess = {"skullstrip": "deepbet", "freesurfer_tool": "synthstrip", "n4": True,
+                  "max_nan_fraction": 0.01, "deterministic": True, "threads": 1}
+
+    def run(fail=(), **changes):
+        done.clear()
+        failing.clear()
+        failing.update(fail)
+        run_subject({"stiffness": str(stiffness)}, layout, "a", preproc="preproc",
+                    modalities=("stiffness",), template_t1=str(template["template_t1"]),
+                    template_mask=str(template["template_mask"]),
+                    preprocess={**preprocess, **changes})
+        return list(done)
+
+    files = chain.subject_files(layout, "a", "preproc", ("stiffness",))
+    return run, stiffness, template, files
+
+
+def test_in_process_chain_redoes_steps_for_a_same_size_map_another_t1_or_a_lost_transform(
+        tmp_path, monkeypatch):
+    """A step's record names its inputs by name, size *and* modification time (a map
+    re-exported at the same size is another map), both template files, and every file
+    the step writes (the transform too, not only the images)."""
+    import os
+
+    from brainage.preprocess import chain
+
+    run, stiffness, template, files = _fake_chain(tmp_path, monkeypatch)
+    assert run() == list(chain.STEPS)
+    assert run() == []
+    before = stiffness.stat()
+    stiffness.write_bytes(b"other map")  # the same size
+    os.utime(stiffness, ns=(before.st_atime_ns, before.st_mtime_ns + 5_000_000_000))
+    assert stiffness.stat().st_size == before.st_size
+    assert run() == list(chain.STEPS)
+    template["template_t1"].write_bytes(b"another template T1")
+    assert run() == list(chain.STEPS)
+    Path(files["transform"]).unlink()
+    assert run() == ["register_to_template", "compute_qc"]
+    assert Path(files["transform"]).is_file()
+
+
+def test_a_step_that_fails_when_redone_leaves_no_record_to_reuse_its_old_outputs(
+        tmp_path, monkeypatch):
+    """A step redone (here because the brain mask before it was made again) drops its
+    record before it runs: when it fails, its old outputs, made from the old mask, are not
+    taken as done by the next run."""
+    from brainage.preprocess import chain
+
+    run, _, _, files = _fake_chain(tmp_path, monkeypatch)
+    assert run() == list(chain.STEPS)
+    Path(files["mask"]).unlink()
+    with pytest.raises(PreprocessError, match="correct_bias failed"):
+        run(fail={"correct_bias"})
+    assert Path(files["corrected_reference"]).is_file()  # the old outputs are still there
+    assert run() == ["correct_bias", "register_to_template", "compute_qc"]
+
+
+def test_thread_counts_never_redo_a_step_and_one_thread_when_deterministic(tmp_path,
+                                                                            monkeypatch):
+    from brainage.preprocess import chain
+
+    run, _, _, _ = _fake_chain(tmp_path, monkeypatch)
+    assert run(deterministic=False, threads=2) == list(chain.STEPS)
+    assert run(deterministic=False, threads=4) == []
+    settings = {"skullstrip": "deepbet", "freesurfer_tool": "synthstrip", "n4": True,
+                "max_nan_fraction": 0.01, "threads": 6}
+    for step in ("strip_skull", "correct_bias", "register_to_template"):
+        assert chain.step_options(step, {**settings, "deterministic": True})["threads"] == 1
+        assert chain.step_options(step, {**settings, "deterministic": False})["threads"] == 6
+
+
+def test_the_freesurfer_tool_is_an_option_of_skull_stripping_only_where_freesurfer_may_run():
+    """Changing preprocess.freesurfer_tool reruns no subject of a deepbet or none cohort."""
+    from brainage.preprocess import chain
+
+    settings = {"freesurfer_tool": "watershed", "n4": True, "max_nan_fraction": 0.01,
+                "deterministic": True, "threads": 1}
+    for method, tool in (("auto", "watershed"), ("freesurfer", "watershed"),
+                         ("deepbet", "synthstrip"), ("none", "synthstrip")):
+        options = chain.step_options("strip_skull", {**settings, "skullstrip": method})
+        assert options == {"method": method, "freesurfer_tool": tool, "threads": 1}, method
 
 
 def test_a_t1w_channel_without_a_t1w_reference_says_what_to_do(tmp_path):
