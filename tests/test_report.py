@@ -1135,3 +1135,246 @@ def test_an_untrained_pretraining_run_is_reported_without_a_umap(tmp_path):
     tables.write_pretraining(runs, pd.DataFrame(columns=list(pretraining.GAIN_COLUMNS)),
                              tmp_path / "pretraining", tmp_path / "pretraining_gain")
     assert "untrained" in (tmp_path / "pretraining.md").read_text()
+
+
+# ---- pinned by hand-made mutants ----------------------------------------------------------
+
+def test_report_names_draw_only_figures_that_have_their_data():
+    """Fig. 2 needs both stiffness and T1w; the training-loss figure exists only beside
+    Table 3 (its histories are the loss experiment's: without it the figure fails with "no
+    training history"); a pretraining run whose last epoch is embedded has its UMAP."""
+    both = targets.report_names(validate_config({"dataset": {"modalities": ["stiffness",
+                                                                         "T1w"]}}))
+    assert both["figures"][0] == "fig2_modalities"
+    for modalities in (["stiffness"], ["T1w"]):
+        names = targets.report_names(validate_config({"dataset": {"modalities": modalities}}))
+        assert "fig2_modalities" not in names["figures"]
+    assert "training_loss" in targets.report_names(grid_config())["figures"]
+    widths = validate_config({"experiments": {"widths": {"seeds": [0], "variants": {
+        "narrow": {"model": {"hidden_dim": 64}}, "wide": {"model": {"hidden_dim": 1024}}}}}})
+    assert "training_loss" not in targets.report_names(widths)["figures"]
+    last = validate_config({"pretrain": {"t1": {"source": {"kind": "simulate"}, "train": {
+        "epochs": 5, "embed_epochs": [5]}}}})
+    assert "pretraining_umap_t1" in targets.report_names(last)["figures"]
+
+
+def test_baseline_rows_name_what_the_cell_is():
+    """Each baseline's row label: epochs 0 from scratch is the untrained network, from a
+    pretraining run or an external checkpoint the frozen pretrained one; PCA + Ridge on
+    voxels is not plain Ridge; a checkpoint-initialised encoder says so."""
+    config = validate_config({
+        "pretrain": {"t1": {"source": {"kind": "simulate"}}},
+        "experiments": {"table3": {"seeds": [0], "variants": {
+            "untrained": {"train": {"epochs": 0}},
+            "frozen": {"train": {"epochs": 0}, "model": {"init": "pretrained:t1"}},
+            "ridge": {"model": {"encoder": "none"}, "readout": {"method": "ridge"}},
+            "pca_ridge": {"model": {"encoder": "none"}, "readout": {"method": "pca_ridge"}},
+            "tuned": {"model": {"init": "pretrained:t1"}}}}}})
+    settings = targets.experiment_settings(config)["table3"]
+    names = {"adaptive": "Adaptive Neighborhoods"}
+    labels = {variant: report_results.cell_label(cell, names)
+              for variant, cell in settings.items()}
+    assert labels == {
+        "untrained": "Untrained ResNet-18 + read-out (baseline)",
+        "frozen": "Pretrained ResNet-18, not fine-tuned (baseline)",
+        "ridge": "Ridge on voxels (baseline)",
+        "pca_ridge": "PCA + Ridge on voxels (baseline)",
+        "tuned": "Adaptive Neighborhoods, fine-tuned from t1"}
+    checkpoint = {**settings["tuned"], "model": {**settings["tuned"]["model"],
+                                                 "init": "scratch",
+                                                 "init_checkpoint": "encoder.pt"}}
+    assert report_results.initialisation(checkpoint) == "checkpoint"
+    assert report_results.cell_label(checkpoint, names) == (
+        "Adaptive Neighborhoods, fine-tuned from an external checkpoint")
+    frozen = {**checkpoint, "train": {**checkpoint["train"], "epochs": 0}}
+    assert report_results.baseline_key(frozen) == "pretrained_frozen"
+
+
+def test_variants_differing_in_several_settings_are_labelled_by_their_names():
+    settings = {
+        "small": {"loss": {"name": "adaptive"}, "model": {"hidden_dim": 64, "depth": 2}},
+        "large": {"loss": {"name": "adaptive"}, "model": {"hidden_dim": 512, "depth": 4}}}
+    labels = report_results.variant_labels(settings)
+    assert labels["label"].to_dict() == {"small": "small", "large": "large"}
+    assert labels.loc["small", "setting"] == "model.depth=2; model.hidden_dim=64"
+
+
+def test_cells_over_different_numbers_of_splits_are_refused():
+    """Same number of test subjects, one cell over one split and the other over two: not
+    the same evaluation, refused as a cell lacking a split is."""
+    seeds = pd.DataFrame({"experiment": "distance", "variant": ["a", "b"], "seed": 0,
+                          "n_test": 4, "n_splits": [1, 2]})
+    with pytest.raises(targets.ReportError, match=r"4 test subjects in 1 split\(s\): a/seed-0; "
+                                                  r"4 test subjects in 2 split\(s\): b/seed-0"):
+        report_results.check_same_test_subjects(seeds, "distance")
+
+
+def test_pretraining_gain_and_runs_by_hand(tmp_path, monkeypatch):
+    """Gain = scratch − fine-tuned over the seeds both have (the scratch row's fourth seed
+    is left out of its mean), sd with ddof=1, a tie is no win; a pair without a common seed
+    has no row. A run's last loss is its last epoch's, not its lowest."""
+    config = validate_config({
+        "pretrain": {"t1": {"source": {"kind": "simulate"}}},
+        "experiments": {"table3": {"seeds": [0], "variants": {
+            "adaptive": {"loss": {"name": "adaptive"}},
+            "adaptive_t1": {"loss": {"name": "adaptive"}, "model": {"init": "pretrained:t1"}},
+            "yaware": {"loss": {"name": "yaware"}},
+            "yaware_t1": {"loss": {"name": "yaware"}, "model": {"init": "pretrained:t1"}}}}}})
+    settings = targets.experiment_settings(config)["table3"]
+    rows = ([("adaptive", seed, mae) for seed, mae in enumerate([4.0, 5.0, 6.0, 100.0])]
+            + [("adaptive_t1", seed, mae) for seed, mae in enumerate([3.0, 5.0, 4.0])]
+            + [("yaware", 0, 5.0), ("yaware_t1", 5, 4.0)])
+    seeds = pd.DataFrame(rows, columns=["variant", "seed", "mae"]).assign(experiment="table3")
+    gains = pretraining.pretraining_gains(seeds, settings)
+    assert gains["pretrained_variant"].tolist() == ["adaptive_t1"]
+    gain = gains.iloc[0]
+    assert gain["label"] == "Adaptive Neighborhoods"  # the loss, as the scratch row names it
+    assert gain["n_pairs"] == 3 and gain["pretrained_wins"] == 2  # gains 1, 0, 2
+    assert gain["mae_scratch_mean"] == pytest.approx(5.0)
+    assert gain["mae_pretrained_mean"] == pytest.approx(4.0)
+    assert gain["gain_mean"] == pytest.approx(1.0) and gain["gain_std"] == pytest.approx(1.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"loss": "exponential", "n_train": 12,
+                                                  "n_test": 4, "mae": 9.3}))
+    pd.DataFrame({"epoch": [1, 2, 3], "loss": [1.2, 0.6, 0.9]}).to_csv(
+        run / "history.tsv", sep="\t", index=False)
+    runs = pretraining.pretraining_runs({"t1": {"metrics": run / "metrics.json",
+                                                "history": run / "history.tsv"}})
+    assert runs.iloc[0][["epochs", "first_loss", "last_loss"]].tolist() == [3, 1.2, 0.9]
+    # the figure's bars: from scratch (grey) first, then fine-tuned (blue)
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_pretraining({"t1": run / "history.tsv"}, runs, gains, seeds,
+                             tmp_path / "pretraining.png")
+    bars = drawn[0].axes[1]
+    assert [patch.get_height() for patch in bars.patches] == pytest.approx([5.0, 4.0])
+    assert bars.patches[0].get_facecolor()[:3] == pytest.approx((0.6, 0.6, 0.6))
+
+
+def test_ablation_figures_draw_their_own_experiments_seeds_over_each_bar(tmp_path,
+                                                                          monkeypatch):
+    """A distance variant named like a Table 3 variant ("adaptive") gets the dots of its
+    own two seeds, not Table 3's as well, each over its own bar; the λ experiment is drawn
+    as the sweep of Fig. 6."""
+    from matplotlib.collections import PathCollection
+
+    config = validate_config({"experiments": {
+        "table3": {"seeds": [0, 1], "variants": {"adaptive": {"loss": {"name": "adaptive"}},
+                                                 "yaware": {"loss": {"name": "yaware"}}}},
+        "distance": {"seeds": [0, 1], "variants": {
+            "adaptive": {"loss": {"distance": "manhattan"}},
+            "cosine": {"loss": {"distance": "cosine"}}}},
+        "lambda": {"seeds": [0], "variants": {"lam1": {"loss": {"lam": 1.0}},
+                                              "hard": {"loss": {"lam": None}}}}}})
+    settings = targets.experiment_settings(config)
+    layout = Layout(results=str(tmp_path / "results"))
+    participants = participants_table()
+    participants.to_csv(tmp_path / "participants.tsv", sep="\t", index=False)
+    metrics = []
+    for experiment, variants in settings.items():
+        for variant, cell in variants.items():
+            for seed in config["experiments"][experiment]["seeds"]:
+                write_cell(layout, "holdout", experiment, variant, seed, participants,
+                           loss=cell["loss"]["name"], epochs=())
+                metrics.append(layout.cell_file("holdout", experiment, variant, seed,
+                                                "metrics.json"))
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.make_figures(metrics=metrics, participants=tmp_path / "participants.tsv", qc="",
+                         maps={}, predictions=[], settings=settings, focus="",
+                         qc_thresholds={},
+                         outputs={"fig4a_distance": tmp_path / "a.png",
+                                  "fig6_lambda": tmp_path / "l.png"})
+    distance, sweep = (figure.axes[0] for figure in drawn)
+    seeds = report_results.seed_results(report_results.read_metrics(metrics))
+    table = tables.ablation_table(seeds, "distance", settings["distance"])
+    dots = np.concatenate([collection.get_offsets() for collection in distance.collections
+                           if isinstance(collection, PathCollection)])  # the seeds' dots
+    for position, variant in enumerate(table["variant"]):
+        mine = dots[np.abs(dots[:, 0] - position) < 0.5, 1]
+        expected = [cell_mae("distance", variant, seed) for seed in (0, 1)]
+        assert sorted(mine) == pytest.approx(expected), variant
+    assert sweep.get_xlabel().startswith("re-weighting exponent λ")
+    assert [tick.get_text() for tick in sweep.get_xticklabels()] == ["λ = 1", "hard (λ→∞)"]
+
+
+def test_predicted_vs_true_draws_the_test_subjects_only(tmp_path, monkeypatch):
+    predictions = pd.DataFrame({"participant_id": ["a", "b", "c", "d", "e"],
+                                "study": ["s1", "s1", "s2", "s2", "s2"],
+                                "age": [20.0, 30.0, 40.0, 50.0, 60.0],
+                                "predicted_age": [22.0, 30.0, 44.0, 30.0, 90.0],
+                                "subset": ["test", "test", "test", "train", "train"]})
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_predicted_vs_true(predictions, tmp_path / "p.png", cell="x")
+    axis = drawn[0].axes[0]
+    points = np.concatenate([collection.get_offsets() for collection in axis.collections])
+    assert sorted(points[:, 0]) == [20.0, 30.0, 40.0]
+    assert "MAE 2.00 years, n=3" in axis.get_title()
+
+
+def test_search_figure_circles_the_lowest_validation_mae(tmp_path, monkeypatch):
+    trials = report_results.read_search_trials([write_trials(
+        tmp_path / "holdout" / "trials.tsv",
+        [(1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0), (3, 8, 2, 4.1, 4.8, 9.0)])])
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_search(trials, tmp_path / "search.png")
+    legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
+    assert legend[0] == "best: 14, 1 (3.90 years)"
+
+
+def test_training_loss_titles_give_the_mean_over_seeds(tmp_path, monkeypatch):
+    """Each panel's title gives the first and last epoch of the thick line, the mean over
+    seeds (here 3 -> 2 for seeds at 1, 2, 6 and 1, 1, 4; their median would be 2 -> 1)."""
+    files = {}
+    for seed, (first, last) in enumerate([(1.0, 1.0), (2.0, 1.0), (6.0, 4.0)]):
+        files[seed] = tmp_path / f"history-{seed}.tsv"
+        pd.DataFrame({"epoch": [1, 2], "loss": [first, last]}).to_csv(files[seed], sep="\t",
+                                                                     index=False)
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_training_loss({"adaptive": files, "empty": {}}, tmp_path / "loss.png",
+                               labels={"adaptive": "Adaptive Neighborhoods"})
+    visible = [axis for axis in drawn[0].axes if axis.get_visible()]
+    assert [axis.get_title() for axis in visible] == [
+        "Adaptive Neighborhoods\n3 -> 2 (3 seeds)"]
+
+
+def test_the_gap_age_slope_is_undefined_when_every_test_subject_has_one_age():
+    """Three test subjects aged 40 over two folds: no slope against age (NaN), not an
+    infinite one from the rounding of the gap sums."""
+    gaps = [[0.1, 0.2], [0.3]]
+    metrics = pd.DataFrame({
+        "split": ["fold1", "fold2"], "experiment": "table3", "variant": "adaptive",
+        "seed": 0, "loss": "adaptive", "kind": "contrastive", "readout": "ridge",
+        "mae": [0.15, 0.3], "rmse": [0.2, 0.3], "pearson_r": np.nan, "r2": np.nan,
+        "gap_age_slope": np.nan, "n_test": [2, 1], "path": ["x", "y"],
+        "gap_age_sum_n": [len(g) for g in gaps], "gap_age_sum_age": [40.0 * len(g) for g in gaps],
+        "gap_age_sum_gap": [sum(g) for g in gaps],
+        "gap_age_sum_age_age": [1600.0 * len(g) for g in gaps],
+        "gap_age_sum_age_gap": [sum(40.0 * x for x in g) for g in gaps]})
+    assert np.isnan(report_results.seed_results(metrics).iloc[0]["gap_age_slope"])
+
+
+def test_examples_are_distinct_subjects_as_soon_as_there_are_enough():
+    """Four subjects for four targets: each is shown once, even where two are equally near
+    a target (coverage 1.0 and 0.99; two subjects aged 40)."""
+    coverage = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c", "sub-d"],
+                             "coverage": [1.0, 0.99, 0.98, 0.97]})
+    chosen = [c["participant_id"] for c in figures.pick_coverage_examples(coverage)]
+    assert sorted(chosen) == ["sub-a", "sub-b", "sub-c", "sub-d"]
+    ages = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c", "sub-d"],
+                         "age": [40.0, 40.0, 50.0, 60.0]})
+    chosen = [c["participant_id"] for c in figures.pick_age_examples(ages)]
+    assert sorted(chosen) == ["sub-a", "sub-b", "sub-c", "sub-d"]
+
+
+def test_neighbourhood_schedule_says_where_it_came_from():
+    schedule = report_results.neighbourhood_schedule
+    assert schedule({"name": "adaptive", "nn_final": 8, "nn_step": 2}) == (
+        "nn_final 8, nn_step 2 (configured)")
+    assert schedule({"name": "adaptive", "nn_final": 14, "nn_step": 1,
+                     "nn_from_search": True}) == "nn_final 14, nn_step 1 (random search)"
+    assert schedule({"name": "yaware", "nn_final": 8}) is None and schedule(None) is None
