@@ -1342,19 +1342,21 @@ def test_training_loss_titles_give_the_mean_over_seeds(tmp_path, monkeypatch):
         "Adaptive Neighborhoods\n3 -> 2 (3 seeds)"]
 
 
-def test_the_gap_age_slope_is_undefined_when_every_test_subject_has_one_age():
-    """Three test subjects aged 40 over two folds: no slope against age (NaN), not an
-    infinite one from the rounding of the gap sums."""
+@pytest.mark.parametrize("age", [40.0, 20.2])
+def test_the_gap_age_slope_is_undefined_when_every_test_subject_has_one_age(age):
+    """Three test subjects of one age over two folds: no slope against age (NaN), not an
+    infinite one, nor a huge one from the rounding of the sums (at 20.2 years the
+    age spread came out as 2e-13, not 0)."""
     gaps = [[0.1, 0.2], [0.3]]
     metrics = pd.DataFrame({
         "split": ["fold1", "fold2"], "experiment": "table3", "variant": "adaptive",
         "seed": 0, "loss": "adaptive", "kind": "contrastive", "readout": "ridge",
         "mae": [0.15, 0.3], "rmse": [0.2, 0.3], "pearson_r": np.nan, "r2": np.nan,
         "gap_age_slope": np.nan, "n_test": [2, 1], "path": ["x", "y"],
-        "gap_age_sum_n": [len(g) for g in gaps], "gap_age_sum_age": [40.0 * len(g) for g in gaps],
+        "gap_age_sum_n": [len(g) for g in gaps], "gap_age_sum_age": [age * len(g) for g in gaps],
         "gap_age_sum_gap": [sum(g) for g in gaps],
-        "gap_age_sum_age_age": [1600.0 * len(g) for g in gaps],
-        "gap_age_sum_age_gap": [sum(40.0 * x for x in g) for g in gaps]})
+        "gap_age_sum_age_age": [age * age * len(g) for g in gaps],
+        "gap_age_sum_age_gap": [sum(age * x for x in g) for g in gaps]})
     assert np.isnan(report_results.seed_results(metrics).iloc[0]["gap_age_slope"])
 
 

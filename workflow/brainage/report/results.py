@@ -244,7 +244,9 @@ def pooled_gap_age_slope(group: pd.DataFrame) -> float:
                           f"--forcerun evaluate_encoder).")
     n, age, gap, age_age, age_gap = sums.sum().to_numpy(float)
     spread = age_age - age * age / n
-    return float((age_gap - age * gap / n) / spread) if spread > 0 else np.nan
+    # one age for every subject leaves rounding (2e-13 at 20.2 years), not 0: relative to
+    # age_age, 1e-10 is far below any real spread (two ages 0.01 years apart: 1e-8)
+    return float((age_gap - age * gap / n) / spread) if spread > 1e-10 * age_age else np.nan
 
 
 def study_count_column(mae_column: str) -> str:
