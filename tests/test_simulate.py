@@ -207,6 +207,50 @@ def test_labels_are_bids_and_prefix_makes_a_new_cohort():
         draw_participants(12, id_prefix="new_1")
 
 
+def test_the_seed_selects_the_demographics():
+    first = draw_participants(20, seed=0, accelerated_group_n=4)
+    assert first.equals(draw_participants(20, seed=0, accelerated_group_n=4))
+    other = draw_participants(20, seed=1, accelerated_group_n=4)
+    assert list(other["participant_id"]) == list(first["participant_id"])
+    assert not np.array_equal(other["age"], first["age"])
+
+
+def test_labels_number_each_study_from_one_and_do_not_follow_age():
+    participants = draw_participants(311, seed=0, accelerated_group_n=3)
+    t1w = draw_t1w_participants(8, seed=0)
+    for table, prefix in ((participants, "sub-"), (t1w, "sub-pre")):
+        for study, rows in table.groupby("study"):
+            labels = rows["participant_id"].str.removeprefix(prefix)
+            assert list(labels.str[-3:]) == [f"{n:03d}" for n in range(1, len(rows) + 1)], study
+    # Ages are drawn per study in quantile order, then shuffled: a label says nothing of age.
+    study1 = participants.loc[participants["study"] == "study1", "age"]
+    assert not study1.is_monotonic_increasing and not study1.is_monotonic_decreasing
+    assert abs(np.corrcoef(np.arange(len(study1)), study1)[0, 1]) < 0.5
+
+
+def test_only_the_accelerated_group_carries_the_offset_and_it_is_older_and_balanced():
+    participants = draw_participants(10, seed=0, accelerated_group_n=200,
+                                     accelerated_ageing_years=-3.5)
+    accelerated = participants["group"] == "accelerated"
+    assert accelerated.sum() == 200
+    assert (participants.loc[accelerated, "study"] == ACCELERATED_STUDY).all()
+    assert (participants.loc[accelerated, "stiffness_age_offset_years"] == -3.5).all()
+    assert (participants.loc[~accelerated, "stiffness_age_offset_years"] == 0.0).all()
+    patients = participants[accelerated]
+    # Middle-aged to older adults, 50:50 sex (the group is not in the paper's Table 2).
+    assert 58 < patients["age"].mean() < 66 and patients["age"].between(18, 90).all()
+    assert abs((patients["sex"] == "F").sum() - 100) <= 1
+
+
+@pytest.mark.parametrize(("options", "named"), [
+    ({"id_prefix": "café"}, "id_prefix='café'"), ({"seed": True}, "seed=True"),
+    ({"n_subjects": True}, "n_subjects=True")])
+def test_non_ascii_prefixes_and_booleans_are_refused(options, named):
+    """BIDS labels are ASCII letters and digits; True is not a whole number of subjects."""
+    with pytest.raises(ValueError, match=re.escape(named)):
+        draw_participants(**{"n_subjects": 10, **options})
+
+
 # ---- layout ------------------------------------------------------------------------------
 def test_layout_and_participants(cohort):
     root, truth, _ = cohort
@@ -358,6 +402,16 @@ def test_pose_parameters_compose_the_saved_affine(cohort):
     assert truth["scale"].between(0.95, 1.05).all()
 
 
+def test_pose_rotates_x_first_then_scales_and_translates():
+    """Documented: x_native = scale * Rz @ Ry @ Rx @ x_mni + t, right-handed rotations."""
+    pose = simulate.pose_to_native_affine([90.0, 0.0, 90.0], [1.0, 2.0, 3.0], 2.0)
+    # Rx(90) takes y to z, and Rz(90) leaves z; Rz first would take y to -x.
+    assert np.allclose(pose @ [0, 1, 0, 1], [1, 2, 5, 1])
+    # Rx(90) leaves x, Rz(90) takes it to y.
+    assert np.allclose(pose @ [1, 0, 0, 1], [1, 4, 3, 1])
+    assert np.allclose(pose @ [0, 0, 0, 1], [1, 2, 3, 1])
+
+
 def test_stiffness_declines_with_age(cohort):
     _, truth, images = cohort
     healthy = truth[truth["group"] == "healthy"]
@@ -414,6 +468,106 @@ def test_stiffness_age_in_the_truth_is_the_age_the_stiffness_was_simulated_at():
             rel=1e-12)
     assert repr(simulate_subject(dict(subject, stiffness_age_offset_years=8.0), **kwargs)
                 .truth["stiffness_age_years"]) == "68.3"  # as before: 60.3 + 8.0 = 68.300...01
+
+
+def _subject_at(age: float, **changes) -> dict:
+    subject = {"participant_id": "sub-st1s001", "age": age, "sex": "M", "study": "study1",
+               "group": "healthy", "stiffness_age_offset_years": 0.0}
+    return dict(subject, **changes)
+
+
+def test_stiffness_declines_faster_after_60_and_women_are_stiffer():
+    kwargs = dict(seed=0, id_prefix="", index=0, with_anatomy=False, nan_probability=0.0)
+
+    def mean_stiffness(**changes):
+        return simulate_subject(_subject_at(30.0, **changes), **kwargs).truth[
+            "mean_stiffness_kpa"]
+
+    # Same anatomy and random streams: only the stiffness age changes (40-50 vs 70-80 years).
+    middle = np.log(mean_stiffness(stiffness_age_offset_years=20.0)
+                    / mean_stiffness(stiffness_age_offset_years=10.0))
+    late = np.log(mean_stiffness(stiffness_age_offset_years=50.0)
+                  / mean_stiffness(stiffness_age_offset_years=40.0))
+    assert middle < 0 and 1.3 < late / middle < 1.7, "1.5 x faster after 60 (Lv 2020)"
+    female = simulate_subject(_subject_at(30.0, sex="F"), **kwargs).truth
+    male = simulate_subject(_subject_at(30.0), **kwargs).truth
+    assert female["subject_stiffness_factor"] / male["subject_stiffness_factor"] \
+        == pytest.approx(1.02)
+    assert female["mean_stiffness_kpa"] / male["mean_stiffness_kpa"] == pytest.approx(
+        1.02, abs=0.003)
+
+
+def test_atrophy_starts_at_40_and_shrinks_the_truth_mask():
+    kwargs = dict(seed=0, id_prefix="", index=0, with_anatomy=False, nan_probability=0.0)
+    young, thirties, old = (simulate_subject(_subject_at(age), **kwargs)
+                            for age in (20.0, 39.0, 85.0))
+    assert np.array_equal(young.brain, thirties.brain), "no atrophy before 40 years"
+    for column in ("cortical_shrink_mm", "ventricle_dilation_mm", "brain_volume_ml",
+                   "parenchyma_volume_ml"):
+        assert young.truth[column] == thirties.truth[column], column
+    assert young.truth["cortical_shrink_mm"] == 0.0
+    # Same pose and grid: the surface retreats 2.25 mm by 85 years.
+    assert old.brain.shape == young.brain.shape and not (old.brain & ~young.brain).any()
+    assert old.truth["brain_volume_ml"] < 0.95 * young.truth["brain_volume_ml"]
+    assert old.truth["parenchyma_volume_ml"] < 0.95 * young.truth["parenchyma_volume_ml"]
+
+
+def test_subjects_have_random_streams_of_their_own():
+    subject = _subject_at(30.0)
+    poses = [simulate_subject(subject, seed=0, id_prefix="", index=index, with_anatomy=False,
+                              nan_probability=0.0).truth["native_to_mni_affine"]
+             for index in (0, 1)]
+    assert poses[0] != poses[1]
+    t1w_subject = draw_t1w_participants(4, seed=0).iloc[0].to_dict()
+    t1w_poses = [simulate_t1w_subject(t1w_subject, seed=0, id_prefix="pre", index=index)
+                 .truth["native_to_mni_affine"] for index in (0, 1)]
+    assert t1w_poses[0] != t1w_poses[1]
+
+
+def test_one_subject_maps_respect_slab_nans_grid_and_pose():
+    """The fast tier's check of what the cohort tests check on a whole cohort."""
+    from nilearn.datasets import load_mni152_brain_mask
+
+    template = load_mni152_brain_mask(resolution=2)
+    template_mask = template.get_fdata() > 0
+    for index, study in enumerate(("study4", "study2", "study4")):
+        subject = _subject_at(30.0, study=study)
+        result = simulate_subject(subject, seed=1, id_prefix="", index=index,
+                                  with_anatomy=False, nan_probability=1.0, maps=BOTH_MAPS)
+        truth, stiffness = result.truth, result.maps["stiffness"]
+        voxel_mm = STUDY_ACQUISITION[study].voxel_size_mm
+        assert np.allclose(result.affine[:3, :3], np.diag([voxel_mm] * 3))
+        nans = np.isnan(stiffness)
+        assert 1 <= nans.sum() == truth["nan_count"] <= 10
+        support = stiffness != 0  # NaN voxels included
+        assert not (support & ~result.brain).any()
+        slices = np.flatnonzero(support.any(axis=(0, 1)))
+        assert (slices.min(), slices.max()) == (truth["slab_first_slice"],
+                                                 truth["slab_last_slice"])
+        assert support.sum() / result.brain.sum() == pytest.approx(truth["coverage_fraction"])
+        assert truth["coverage_fraction"] < 1.0
+        # The damping ratio comes from a stream of its own: the stiffness is as without it.
+        alone = simulate_subject(subject, seed=1, id_prefix="", index=index,
+                                 with_anatomy=False, nan_probability=1.0)
+        assert np.array_equal(alone.maps["stiffness"], stiffness, equal_nan=True)
+        if index == 0:  # ... and the T1w image does not change the damping ratio
+            with_t1w = simulate_subject(subject, seed=1, id_prefix="", index=index,
+                                        with_anatomy=True, nan_probability=1.0, maps=BOTH_MAPS)
+            assert np.array_equal(with_t1w.maps["damping_ratio"], result.maps["damping_ratio"],
+                                  equal_nan=True)
+        # The native grid and the saved pose put the truth mask onto the template's.
+        native_to_mni = np.array(json.loads(truth["native_to_mni_affine"]))
+        mni_to_native_voxel = (np.linalg.inv(result.affine) @ np.linalg.inv(native_to_mni)
+                               @ template.affine)
+        resampled = ndimage.affine_transform(
+            result.brain.astype(np.float32), mni_to_native_voxel[:3, :3],
+            offset=mni_to_native_voxel[:3, 3], output_shape=template_mask.shape,
+            order=1) > 0.5
+        dice = 2 * (resampled & template_mask).sum() / (resampled.sum() + template_mask.sum())
+        assert dice > 0.97, (study, dice)
+        shift_mm = 2.0 * (np.array(ndimage.center_of_mass(resampled))
+                          - ndimage.center_of_mass(template_mask))  # template voxels: 2 mm
+        assert np.abs(shift_mm).max() < 0.5, (study, shift_mm)
 
 
 # ---- determinism and writing -------------------------------------------------------------
@@ -529,6 +683,36 @@ def test_overwrite_replaces_the_root(tmp_path, tiny_subjects):
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
     assert re.fullmatch(r"sub-st\d+s\d{3}", pd.read_csv(root / "participants.tsv",
                                                         sep="\t")["participant_id"][0])
+
+
+def test_root_and_image_options_are_checked_before_anything_is_written(tmp_path,
+                                                                       tiny_subjects):
+    afile = tmp_path / "dataset"
+    afile.write_text("mine")
+    for write in (simulate_cohort, simulate_t1w_cohort):
+        with pytest.raises(FileExistsError, match="not a folder"):
+            write(afile, n_subjects=10, overwrite=True)
+    assert afile.read_text() == "mine"
+    for probability in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="nan_probability"):
+            simulate_cohort(tmp_path / "mre", n_subjects=10, nan_probability=probability)
+    for voxel_size_mm in (0.5, 4.5):
+        with pytest.raises(ValueError, match=re.escape(f"voxel_size_mm={voxel_size_mm}")):
+            simulate_t1w_cohort(tmp_path / "t1w", n_subjects=2, voxel_size_mm=voxel_size_mm)
+    with pytest.raises(ValueError, match=re.escape("age_range_years=(50, 50)")):
+        simulate_t1w_cohort(tmp_path / "t1w", n_subjects=2, age_range_years=(50, 50))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_images_carry_scanner_sform_and_qform_and_default_parameters_stay_out(
+        tmp_path, tiny_subjects):
+    simulate_cohort(tmp_path / "mre", n_subjects=10)
+    image = nib.load(str(tmp_path / "mre" / "sub-st1s001" / "mre"
+                         / "sub-st1s001_stiffness.nii.gz"))
+    assert int(image.header["sform_code"]) == 1 and int(image.header["qform_code"]) == 1
+    # The default maps option stays out, so earlier datasets' descriptions are unchanged.
+    description = json.loads((tmp_path / "mre" / "dataset_description.json").read_text())
+    assert "maps" not in description["SimulationParameters"]
 
 
 def test_a_root_behind_a_symbolic_link_is_written_where_the_link_points(tmp_path, monkeypatch,
