@@ -1238,11 +1238,9 @@ def test_predictor_readout_round_trips_through_arrays(method):
 
 # -- the command-line run, the demo cohort's simulation, the exported cell ----------------------
 
-def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path, monkeypatch):
-    """`python -m brainage.predict run`, with the per-subject chain replaced by the cohort's
-    ready-made maps (the real chain is the rules' functions, tested there)."""
-    from brainage import predict as predict_module
-    from brainage.preprocess import chain
+def _ready_made_chain(new_cohort):
+    """A double of chain.run_subject that gives each subject the cohort's ready-made
+    registered map and QC file (the real chain is the rules' functions, tested there)."""
     from brainage.preprocess.chain import subject_files
 
     def preprocessed(inputs, layout, label, *, preproc, **settings):
@@ -1253,7 +1251,16 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
             shutil.copyfile(source, target)
         return files
 
-    monkeypatch.setattr(chain, "run_subject", preprocessed)  # jobs=1: in this process
+    return preprocessed
+
+
+def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path, monkeypatch):
+    """`python -m brainage.predict run`, with the per-subject chain replaced by the cohort's
+    ready-made maps (the real chain is the rules' functions, tested there)."""
+    from brainage import predict as predict_module
+    from brainage.preprocess import chain
+
+    monkeypatch.setattr(chain, "run_subject", _ready_made_chain(new_cohort))  # jobs=1
     template = {"template_t1": str(world.root / "template_t1.nii.gz"),
                 "template_mask": str(world.root / "template_mask.nii.gz")}
     with pytest.raises(InputError, match="pass the same files with --template-t1"):
@@ -1296,15 +1303,8 @@ def test_a_rerun_that_stops_leaves_no_reports_of_the_run_before(world, new_cohor
     the preprocessed subjects."""
     from brainage import predict as predict_module
     from brainage.preprocess import chain
-    from brainage.preprocess.chain import subject_files
 
-    def preprocessed(inputs, layout, label, *, preproc, **settings):
-        files = subject_files(layout, label, preproc)
-        for source, target in ((new_cohort.files["maps"][label], files["registered_stiffness"]),
-                               (new_cohort.files["qc"][label], files["qc_json"])):
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source, target)
-        return files
+    preprocessed = _ready_made_chain(new_cohort)
 
     def failing(inputs, layout, label, **settings):
         raise RuntimeError(f"sub-{label}: registration failed")

@@ -988,36 +988,10 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
     a step, and the steps after it, whose outputs came from other input files or settings.
     It used to reuse them silently: a replaced map, or a bundle with other preprocessing
     settings, predicted from the old maps. The steps are a test double that writes each
-    step's outputs."""
+    step's outputs (_fake_chain)."""
     from brainage.preprocess import chain
 
-    done = []
-
-    def fake_step(step, files, inputs, **_):
-        done.append(step)
-        for output in chain.step_outputs(files, step):
-            Path(output).parent.mkdir(parents=True, exist_ok=True)
-            Path(output).write_text(step)
-
-    monkeypatch.setattr(chain, "run_step", fake_step)
-    stiffness = tmp_path / "sub-a_stiffness.nii.gz"
-    stiffness.write_bytes(b"first map")
-    template = {"template_t1": tmp_path / "t1.nii.gz", "template_mask": tmp_path / "mask.nii.gz"}
-    for path in template.values():
-        path.write_bytes(path.name.encode())
-    layout = Layout(results=str(tmp_path / "out"))
-    settings = dict(preproc="preproc", modalities=("stiffness",),
-                    template_t1=str(template["template_t1"]),
-                    template_mask=str(template["template_mask"]))
-    preprocess = {"skullstrip": "auto", "freesurfer_tool": "synthstrip", "n4": True,
-                  "max_nan_fraction": 0.01, "deterministic": True, "threads": 1}
-
-    def run(**changes):
-        done.clear()
-        run_subject({"stiffness": str(stiffness)}, layout, "a", **settings,
-                    preprocess={**preprocess, **changes})
-        return list(done)
-
+    run, stiffness, template, _, layout = _fake_chain(tmp_path, monkeypatch)
     assert run() == list(chain.STEPS)
     assert run() == []  # an interrupted or finished run continues: nothing to redo
     assert run(threads=4) == []  # thread counts do not change deterministic results
@@ -1038,7 +1012,8 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
 
 def _fake_chain(tmp_path, monkeypatch):
     """run_subject on a one-map subject whose steps are a test double that writes every
-    output of its step; returns (run, done, stiffness, template files, layout, files)."""
+    output of its step; returns (run, stiffness, template files, the subject's files,
+    layout): ``run(fail=steps, **preprocess changes)`` gives the steps done."""
     from brainage.preprocess import chain
 
     done, failing = [], set()
@@ -1072,7 +1047,7 @@ def _fake_chain(tmp_path, monkeypatch):
         return list(done)
 
     files = chain.subject_files(layout, "a", "preproc", ("stiffness",))
-    return run, stiffness, template, files
+    return run, stiffness, template, files, layout
 
 
 def test_in_process_chain_redoes_steps_for_a_same_size_map_another_t1_or_a_lost_transform(
@@ -1084,7 +1059,7 @@ def test_in_process_chain_redoes_steps_for_a_same_size_map_another_t1_or_a_lost_
 
     from brainage.preprocess import chain
 
-    run, stiffness, template, files = _fake_chain(tmp_path, monkeypatch)
+    run, stiffness, template, files, _ = _fake_chain(tmp_path, monkeypatch)
     assert run() == list(chain.STEPS)
     assert run() == []
     before = stiffness.stat()
@@ -1106,7 +1081,7 @@ def test_a_step_that_fails_when_redone_leaves_no_record_to_reuse_its_old_outputs
     taken as done by the next run."""
     from brainage.preprocess import chain
 
-    run, _, _, files = _fake_chain(tmp_path, monkeypatch)
+    run, _, _, files, _ = _fake_chain(tmp_path, monkeypatch)
     assert run() == list(chain.STEPS)
     Path(files["mask"]).unlink()
     with pytest.raises(PreprocessError, match="correct_bias failed"):
@@ -1119,7 +1094,7 @@ def test_thread_counts_never_redo_a_step_and_one_thread_when_deterministic(tmp_p
                                                                             monkeypatch):
     from brainage.preprocess import chain
 
-    run, _, _, _ = _fake_chain(tmp_path, monkeypatch)
+    run, _, _, _, _ = _fake_chain(tmp_path, monkeypatch)
     assert run(deterministic=False, threads=2) == list(chain.STEPS)
     assert run(deterministic=False, threads=4) == []
     settings = {"skullstrip": "deepbet", "freesurfer_tool": "synthstrip", "n4": True,

@@ -359,20 +359,23 @@ def test_batches_are_shuffled_and_a_batch_may_be_the_whole_split():
         plan_batches(6, 7, np.random.default_rng(0))
 
 
+class _Flatten(torch.nn.Module):
+    """A model for run_epoch's tests: the flattened volumes times one learnable scale."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, volumes):
+        return volumes.flatten(1) * self.scale
+
+
 def test_run_epoch_draws_new_batches_and_augmentations_each_epoch():
     # docs/method.md §4: batch order and augmentations come from generators seeded by
     # (seed, epoch): the same (seed, epoch) repeats exactly (resume), another epoch draws
     # other batches and other noise. A recording loss sees each batch's ages and inputs.
     from brainage.data import VolumeStore
     from brainage.train import run_epoch
-
-    class Flatten(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, volumes):
-            return volumes.flatten(1) * self.scale
 
     seen = []
 
@@ -383,7 +386,7 @@ def test_run_epoch_draws_new_batches_and_augmentations_each_epoch():
     images = np.arange(12 * 2 * 2 * 2, dtype=np.float32).reshape(12, 1, 2, 2, 2) + 1
     store = VolumeStore(images, torch.device("cpu"))
     ages = torch.arange(12, dtype=torch.float32)
-    model = Flatten()
+    model = _Flatten()
 
     def epoch_draws(epoch):
         seen.clear()
@@ -971,14 +974,6 @@ def test_run_epoch_returns_the_subject_weighted_mean_loss_over_paired_views():
     # 13; and features [b, V, D] hold in row b every view of the same subject
     from brainage.train import run_epoch
 
-    class Flatten(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.scale = torch.nn.Parameter(torch.ones(()))
-
-        def forward(self, volumes):
-            return volumes.flatten(1) * self.scale
-
     images = np.arange(13 * 8, dtype=np.float32).reshape(13, 1, 2, 2, 2) + 1
     ages = torch.tensor([20.0] * 6 + [80.0] * 7)
     seen = []
@@ -987,7 +982,7 @@ def test_run_epoch_returns_the_subject_weighted_mean_loss_over_paired_views():
         seen.append((features.detach().clone(), batch_ages.clone()))
         return features.sum() * 0.0 + batch_ages.mean()
 
-    model = Flatten()
+    model = _Flatten()
     mean = run_epoch(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0),
                      VolumeStore(images, torch.device("cpu")), Augmenter("none"),
                      np.arange(13), ages, epoch=1, seed=0, batch_size=6, views=3)
