@@ -3,7 +3,9 @@
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_worker.py \\
         steps SPLIT_DIR OUT_DIR
         one training step of every case of STEP_CASES from the same initial weights; each
-        process saves its loss, gradients, buffers and loss state to OUT_DIR/<case>-rank<r>.pt
+        process saves its loss, gradients, buffers and loss state to OUT_DIR/<case>-rank<r>.pt;
+        first, what broadcast_from_main gave it and whether rank 0's file (written late) was
+        there after the barrier, to OUT_DIR/collectives-rank<r>.json
     ... tests/distributed_worker.py audited AUDIT_DIR WATCHED_DIR -- <brainage.train arguments>
         python -m brainage.train, recording every file this process creates, writes, renames,
         deletes or makes a folder of under WATCHED_DIR (Python audit events, nothing in the
@@ -21,6 +23,7 @@ import atexit
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -95,6 +98,14 @@ def run_steps(split_dir: str, out_dir: str) -> None:
                               local_rank=processes.local_rank,
                               processes_on_node=processes.local_world_size)
     distributed.join(processes, device)
+    received = distributed.broadcast_from_main(processes, f"from rank {processes.rank}")
+    late = Path(out_dir) / "written-late-by-rank-0"
+    if processes.is_main:
+        time.sleep(0.5)
+        late.write_text("")
+    distributed.barrier(processes)
+    Path(out_dir, f"collectives-rank{processes.rank}.json").write_text(
+        json.dumps({"broadcast": received, "after_barrier": late.exists()}))
     split = load_split(split_dir)
     for case in STEP_CASES:
         result = one_step(case, split, processes, device)

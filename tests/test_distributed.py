@@ -8,6 +8,7 @@ that need no process group: shares, augmentation draws, the environment, batch n
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from brainage.distributed import (
     Processes,
     augment_share,
     check_shares,
+    gather_shares,
     processes_from_environment,
 )
 from brainage.train import read_settings, train_encoder
@@ -99,6 +101,15 @@ def test_a_step_does_not_depend_on_the_process_count(case, split_dir, two_proces
         assert_close(shared["gradients"], reference["gradients"], f"rank {rank} gradient of")
         assert_close(shared["buffers"], reference["buffers"], f"rank {rank} buffer")
         assert_close(shared["loss_state"], reference["loss_state"], f"rank {rank} loss state")
+
+
+def test_rank_0_decides_and_the_barrier_waits_for_it(two_process_steps):
+    """broadcast_from_main gives every process rank 0's value (not its own), and a
+    process leaves the barrier only after rank 0 reached it (its file, written half a
+    second late, is there)."""
+    for rank in (0, 1):
+        assert json.loads((two_process_steps / f"collectives-rank{rank}.json").read_text()) == \
+            {"broadcast": "from rank 0", "after_barrier": True}, rank
 
 
 # -- training through the command line ----------------------------------------------------------
@@ -330,6 +341,53 @@ def test_the_environment_torchrun_sets():
         processes_from_environment({**environment, "RANK": "4"})
 
 
+@pytest.mark.parametrize("changed", [{"RANK": "-1"}, {"LOCAL_RANK": "-1"},
+                                     {"LOCAL_RANK": "2"}, {"LOCAL_WORLD_SIZE": "8"}])
+def test_torchrun_variables_out_of_range_are_refused(changed):
+    """A negative rank, a local rank beyond its node's processes, or more processes on a
+    node than in the job: not what torchrun sets, so refused before any process group."""
+    environment = {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_ADDR": "node1", "MASTER_PORT": "29500"}
+    with pytest.raises(DistributedError, match="inconsistent torchrun variables"):
+        processes_from_environment({**environment, **changed})
+
+
+def test_a_missing_rendezvous_address_is_named():
+    environment = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2",
+                   "MASTER_PORT": "29500"}
+    with pytest.raises(DistributedError, match="MASTER_ADDR unset while WORLD_SIZE is 2"):
+        processes_from_environment(environment)
+    with pytest.raises(DistributedError, match="MASTER_ADDR, MASTER_PORT unset"):
+        processes_from_environment({**environment, "MASTER_PORT": ""})
+
+
+def test_gathering_a_share_of_the_wrong_size_is_refused_before_any_collective():
+    """Rank 1 of 2 in a batch of 15 holds 7 rows: 8 (a wrong share) is refused with the
+    sizes named, without a process group (the check comes before the all-gather)."""
+    with pytest.raises(ValueError, match="process 1 holds 8 rows of a batch of 15, whose "
+                                         "share for it is 7"):
+        gather_shares(torch.zeros(8, 2, 3), Processes(rank=1, world_size=2), 15)
+    single = torch.zeros(8, 2, 3)
+    assert gather_shares(single, SINGLE_PROCESS, 8) is single
+
+
+def test_joining_as_another_process_than_the_group_knows_is_refused(tmp_path):
+    """A process already in a group (here one of a single gloo process) that would train
+    as rank 1 of 2: refused with both places named, never trained in the wrong group."""
+    import torch.distributed as dist
+
+    from brainage.distributed import join
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        with pytest.raises(DistributedError, match="a process group of 1 processes as rank 0, "
+                                                   "but trains as rank 1 of 2"):
+            join(Processes(rank=1, world_size=2), torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+
+
 def test_every_process_needs_a_subject_of_every_batch():
     check_shares(17, 8, Processes(0, 2))  # batches of 8 and 9
     check_shares(18, 8, Processes(0, 2))  # a last batch of 2: one subject for each process
@@ -379,6 +437,26 @@ def test_global_batch_norm_keeps_parameters_and_keys():
     volumes = torch.randn(3, 1, 6, 6, 6)
     assert torch.equal(converted(volumes), reference(volumes))
     assert torch.equal(converted[1].running_var, reference[1].running_var)
+
+
+def test_global_batch_norm_keeps_eps_momentum_and_mode():
+    """A layer's own eps and momentum (not the defaults) and its mode: a network put in
+    evaluation mode before the swap still normalises with its running statistics."""
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3),
+                                torch.nn.BatchNorm3d(4, eps=0.5, momentum=0.3))
+    reference = copy.deepcopy(plain)
+    converted = GlobalBatchNorm.convert(plain)
+    volumes = torch.randn(3, 1, 6, 6, 6)
+    assert torch.equal(converted(volumes), reference(volumes))  # training: eps
+    assert torch.equal(converted[1].running_mean, reference[1].running_mean)  # momentum
+    assert torch.equal(converted[1].running_var, reference[1].running_var)
+
+    evaluated = copy.deepcopy(reference).eval()
+    converted = GlobalBatchNorm.convert(copy.deepcopy(evaluated))
+    assert not converted[1].training
+    assert torch.equal(converted(volumes), evaluated(volumes))
+    assert torch.equal(converted[1].running_mean, evaluated[1].running_mean)
 
 
 def test_settings_file_errors_name_the_file(tmp_path):

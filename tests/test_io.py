@@ -296,6 +296,20 @@ def test_log_keeps_attempts_that_ended_with_a_non_zero_exit(tmp_path):
     assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
 
 
+def test_a_log_shorter_than_the_attempts_gets_the_earlier_attempts_back(tmp_path):
+    """A log that exists when the next attempt starts but holds less than the companion
+    (recreated by whatever starts the job, a line written to it): the earlier attempts are
+    copied back into it, so it numbers the new attempt 2 below attempt 1."""
+    log = tmp_path / "logs" / "train_encoder.log"
+    run_job(log, "failed")
+    log.write_text("started\n")
+    subprocess.run([sys.executable, "-c", JOB, str(log), "succeeded"], capture_output=True,
+                   env={"PYTHONPATH": str(REPO / "workflow")}, check=False)
+    text = log.read_text()
+    assert re.findall(r"^===== attempt (\d+)", text, flags=re.M) == ["1", "2"], text
+    assert text.index("working in failed") < text.index("working in succeeded")
+
+
 # -- what a writer removes, names and hashes ---------------------------------------------------
 
 def test_stale_folders_and_temporaries_are_only_those_of_their_own_target(tmp_path):

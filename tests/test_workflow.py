@@ -315,6 +315,30 @@ def test_interrupted_run_notice_reports_locks_and_existing_incomplete_outputs(tm
     assert notice.index("--unlock") < notice.index("--rerun-incomplete")
 
 
+def test_interrupted_run_notice_names_the_first_outputs_in_order(tmp_path):
+    """Sorted paths, the first three named and ', ...' only when there are more; a path
+    whose marker name is too long for one folder entry (Snakemake cuts it into pieces
+    nested as folders, all but the last prefixed with '@') is decoded like any other."""
+    names = ["results/d", "results/b", "results/c"]
+    for name in names:
+        (tmp_path / name).mkdir(parents=True)
+        _incomplete_marker(tmp_path, name)
+    notice = interrupted_run_notice(tmp_path)
+    assert "3 unfinished output(s): results/b, results/c, results/d)" in notice
+
+    long = f"results/{'a' * 150}/{'b' * 150}"
+    (tmp_path / long).mkdir(parents=True)
+    encoded = base64.urlsafe_b64encode(long.encode()).decode()
+    assert len(encoded) > 254
+    pieces = [encoded[start:start + 254] for start in range(0, len(encoded), 254)]
+    marker = tmp_path.joinpath(".snakemake", "incomplete",
+                               *(f"@{piece}" for piece in pieces[:-1]), pieces[-1])
+    marker.parent.mkdir(parents=True)
+    marker.write_text('{"external_jobid": null}')
+    notice = interrupted_run_notice(tmp_path)
+    assert f"4 unfinished output(s): {long}, results/b, results/c, ...)" in notice
+
+
 NOTICE = "a previous Snakemake run in"
 
 
