@@ -205,7 +205,8 @@ def test_evaluation_sweeps_the_temporaries_a_killed_write_left(tmp_path):
     split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
     folder = tmp_path / "cell"
     folder.mkdir()
-    stale = [folder / ".metrics.json.k3j_x9ab.json", folder / ".readout.npz.q1w2e3r4.npz"]
+    stale = [folder / ".metrics.json.k3j_x9ab.json", folder / ".readout.npz.q1w2e3r4.npz",
+             folder / ".predictions.tsv.z8y7x6w5.tsv", folder / ".readout.json.a1b2c3d4.json"]
     for path in stale:
         path.write_text("half written")
     keep = folder / ".metrics.json.notes"  # not a temporary of atomic_path

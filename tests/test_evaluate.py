@@ -460,6 +460,64 @@ def test_metrics_of_biased_predictions_by_hand():
     assert metrics["n_per_study"] == {"a": 3, "b": 1}
 
 
+def test_metrics_of_test_subjects_of_one_age_leave_the_undefined_ones_out():
+    # one age (a leave-one-study-out split of a single-age study): the gap-age slope, r and
+    # R2 are undefined (None), not whatever a singular least-squares fit returns
+    metrics = compute_metrics(np.full(3, 30.0), np.array([28.0, 31.0, 33.0]),
+                              np.array(["a", "a", "a"]))
+    assert metrics["gap_age_slope"] is None
+    assert metrics["pearson_r"] is None and metrics["r2"] is None
+    assert metrics["mae"] == pytest.approx(2.0)
+
+
+def test_predictions_and_metrics_describe_the_splits_own_subjects(tmp_path):
+    """predictions.tsv holds train rows then test rows: each row's study, age and subset
+    are that participant's in participants.tsv, and metrics.json, the read-out's training
+    summary and its test-set age-bias record are computed over the right rows."""
+    split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4, shape=(4, 4, 4))
+    settings = tiny_settings(model={"encoder": "none"}, readout={"method": "pca_ridge"})
+    metrics = evaluate_encoder(split_dir, None, settings, metrics_path=tmp_path / "metrics.json",
+                               predictions_path=tmp_path / "predictions.tsv")
+    table = pd.read_csv(split_dir / "participants.tsv", sep="\t").set_index("participant_id")
+    predictions = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
+    assert predictions["subset"].tolist() == ["train"] * 8 + ["test"] * 4
+    expected = table.loc[predictions["participant_id"]]
+    assert predictions["study"].tolist() == expected["study"].tolist()
+    assert predictions["subset"].tolist() == expected["subset"].tolist()
+    np.testing.assert_array_equal(predictions["age"], expected["age"])
+    test = predictions[predictions["subset"] == "test"]
+    gap = test["predicted_age"] - test["age"]
+    assert metrics["mae"] == pytest.approx(gap.abs().mean())
+    assert metrics["n_per_study"] == test["study"].value_counts().to_dict()
+    description = json.loads((tmp_path / "readout.json").read_text())
+    train_ages = table.loc[table["subset"] == "train", "age"]
+    training = description["training"]
+    assert training["n_subjects"] == 8 and training["age_mean"] == pytest.approx(train_ages.mean())
+    assert (training["age_min"], training["age_max"]) == (train_ages.min(), train_ages.max())
+    assert training["studies"] == table.loc[table["subset"] == "train", "study"
+                                            ].value_counts().to_dict()
+    on_test = description["bias_correction"]["test"]
+    assert on_test["n_subjects"] == 4
+    assert on_test["gap_age_r_before"] == pytest.approx(np.corrcoef(test["age"], gap)[0, 1])
+
+
+def test_features_of_another_split_are_refused(tmp_path):
+    """features.npz embeds train then test rows of the split it was written for: another
+    split's (other test subjects) would pair each subject with someone else's features."""
+    from brainage.split_data import DataError
+
+    embedded = write_split(tmp_path / "a", n_subjects=12, n_test=4, seed=0)
+    other = write_split(tmp_path / "b", n_subjects=12, n_test=4, seed=1)
+    settings = tiny_settings()
+    write_features(tmp_path / "features.npz", build_model(resolve_cell(settings)["model"]),
+                   load_split(embedded), "sha", device=torch.device("cpu"))
+    with pytest.raises(DataError, match=r"features\.npz lists other subjects than split "
+                                        r"holdout .*rerun rule train_encoder"):
+        evaluate_encoder(other, tmp_path / "features.npz", settings,
+                         metrics_path=tmp_path / "cell" / "metrics.json",
+                         predictions_path=tmp_path / "cell" / "predictions.tsv")
+
+
 def test_metrics_record_the_loss_the_encoder_was_trained_with(tmp_path):
     """After loss.nn_from_search the encoder trains with the search's nn_final/nn_step, not
     the configured ones: metrics.json says which, from what training wrote."""
@@ -497,6 +555,7 @@ def test_evaluate_encoder_writes_metrics_and_predictions(tmp_path, features, met
     assert saved == json.loads(json.dumps(metrics))
     assert saved["readout"] == method and saved["n_train"] == 8 and saved["n_test"] == 4
     assert saved["split"] == "holdout" and saved["loss"] == "adaptive"
+    assert saved["features"] == str(tmp_path / "features.npz")  # whose encoder was evaluated
     assert ("ridge_alpha" in saved) == (method == "ridge")
     predictions = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
     assert sorted(predictions.subset.unique()) == ["test", "train"]

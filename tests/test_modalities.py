@@ -105,3 +105,31 @@ def test_cell_modalities_default_to_the_dataset_and_must_be_among_them():
     with pytest.raises(ConfigError, match=r"experiments\.one\.variants\.t1w\.model\.modalities"
                                           r"' lists T1w, which config key dataset\.modalities"):
         validate_config({"dataset": dataset, "experiments": {"one": {"variants": variants}}})
+
+
+def test_the_registry_checks_and_scales_each_map_as_documented():
+    """docs/method.md, "Modalities": a damping ratio is a ratio of moduli in [0, 1] and gets
+    no N4; the T1w (scanner units) is divided by its brain median, the MRE maps (physical
+    units) keep their scale; the moduli's medians are checked for a unit in kPa."""
+    from brainage.modalities import MODALITIES, MODULUS_MEDIAN_KPA, modality
+
+    damping = modality("damping_ratio")
+    assert damping.valid_range == (0.0, 1.0) and not damping.n4 and damping.unit == "1"
+    assert [name for name, kind in MODALITIES.items() if kind.scale_by_brain_median] == ["T1w"]
+    assert not modality("T1w").is_mre and modality("T1w").folder == "anat"
+    for name in ("stiffness", "storage_modulus", "loss_modulus"):
+        assert modality(name).unit == "kPa" and modality(name).median_range == MODULUS_MEDIAN_KPA
+    with pytest.raises(ValueError, match=r"unknown modality 'stifness'; the modalities are "
+                                         r"stiffness, damping_ratio"):
+        modality("stifness")
+
+
+def test_the_grid_map_is_the_first_mre_map_else_the_t1w(tmp_path):
+    from brainage.modalities import grid_modality, input_path, mre_maps
+
+    assert grid_modality(["T1w", "damping_ratio", "stiffness"]) == "damping_ratio"
+    assert grid_modality(["T1w"]) == "T1w"
+    assert mre_maps(["T1w", "loss_modulus", "stiffness"]) == ("loss_modulus", "stiffness")
+    assert input_path(tmp_path, "01", "T1w") == tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    assert input_path(tmp_path, "01", "stiffness") == (
+        tmp_path / "sub-01" / "mre" / "sub-01_stiffness.nii.gz")
