@@ -63,13 +63,24 @@ def step_settings(case: str) -> dict:
 
 def one_step(case: str, split, processes: Processes, device: torch.device) -> dict:
     """One epoch of one batch (brainage.train.run_epoch) from the seed's initial weights;
-    the gradients it leaves are those of that step."""
+    the gradients it leaves are those of that step.
+
+    The network runs in float64 (the loss, after the model's float32 features, does not).
+    A ReLU or max-pool gradient jumps where its input crosses a kink, and the 1- and
+    2-process forwards differ by their float32 rounding (another order of the batch-norm
+    sums): an activation within ~1e-7 of 0 can switch sides. One did (layer2's output,
+    -8.5e-7 in float64, +3.6e-7 in float32; Exponential and Adaptive Neighborhoods, whose
+    identical views held that voxel twice) and moved gradients by 6 % on an AVX2-only CPU,
+    not on AVX-512 ones, whose sums round otherwise.
+    Both are valid subgradients, not a defect of the data parallelism; float64 makes such a
+    switch 1e9 times less likely, so the comparison is of the data parallelism alone."""
     settings = step_settings(case)
     train, loss_settings = settings["train"], settings["loss"]
     n_subjects = STEP_CASES[case][2]
     rows = split.train_index[:n_subjects]
     seed_everything(settings["seed"])
-    model = build_model(settings["model"]).to(device)
+    model = build_model(settings["model"]).to(device=device, dtype=torch.float64)
+    model.register_forward_pre_hook(lambda _, inputs: (inputs[0].double(),))
     network = distributed.data_parallel(model, processes, device)
     optimizer = make_optimizer(model, train)
     ages = split.ages[rows]

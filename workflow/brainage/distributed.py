@@ -350,6 +350,13 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return converted
 
 
+def _statistics_dtype(input: torch.Tensor) -> torch.dtype:
+    """What :class:`GlobalBatchNorm` computes in: float64 input stays float64 (as
+    ``nn.BatchNorm3d`` keeps it); float32, bf16 and fp16 input in float32, so low-precision
+    activations never reach a variance."""
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
 class _GlobalBatchNormFunction(torch.autograd.Function):
     """Batch norm over the union of the processes' inputs; the backward pass is that of
     the sum of all processes' losses, the convention DDP's averaging expects (module
@@ -359,7 +366,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum):
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
-        values = input.float()
+        values = input.to(_statistics_dtype(input))
         count = values.numel() // channels if channels else 0
         if count:
             variance, mean = torch.var_mean(values, dim=dims, correction=0)
@@ -385,11 +392,12 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype),
                                                     alpha=momentum)
         shape = [1, channels] + [1] * (input.dim() - 2)
-        mean = global_mean.float().view(shape)
-        inverse_sd = torch.rsqrt(global_variance.float() + eps).view(shape)
+        mean = global_mean.to(values.dtype).view(shape)
+        inverse_sd = torch.rsqrt(global_variance.to(values.dtype) + eps).view(shape)
         output = (values - mean) * inverse_sd
         if weight is not None:
-            output = output * weight.float().view(shape) + bias.float().view(shape)
+            output = (output * weight.to(values.dtype).view(shape)
+                      + bias.to(values.dtype).view(shape))
         ctx.save_for_backward(input, weight, mean, inverse_sd)
         ctx.total = float(total)
         return output.to(input.dtype)
@@ -400,8 +408,8 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
         shape = [1, channels] + [1] * (input.dim() - 2)
-        upstream = grad_output.float()
-        normalised = (input.float() - mean) * inverse_sd
+        upstream = grad_output.to(mean.dtype)
+        normalised = (input.to(mean.dtype) - mean) * inverse_sd
         sum_upstream = upstream.sum(dims)
         sum_upstream_normalised = (upstream * normalised).sum(dims)
         grad_input = grad_weight = grad_bias = None
@@ -411,7 +419,7 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
             combined = torch.cat([sum_upstream, sum_upstream_normalised])
             dist.all_reduce(combined)
             global_upstream, global_upstream_normalised = combined.split(channels)
-            scale = inverse_sd if weight is None else inverse_sd * weight.float().view(shape)
+            scale = inverse_sd if weight is None else inverse_sd * weight.to(mean.dtype).view(shape)
             grad_input = (upstream - global_upstream.view(shape) / ctx.total
                           - normalised * global_upstream_normalised.view(shape) / ctx.total)
             grad_input = (grad_input * scale).to(input.dtype)
