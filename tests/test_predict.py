@@ -1294,6 +1294,8 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     with pytest.raises(InputError, match=rf"subject {third}: stiffness map .* not a readable"):
         predict_module.run_cohort(world.bundle_dir, damaged, tmp_path / "c", **template)
     assert started == []
+    # nothing describes preproc/ as a derivative of a dataset that did not pass
+    assert not (tmp_path / "c" / "preproc" / "dataset_description.json").exists()
 
 
 def test_a_rerun_that_stops_leaves_no_reports_of_the_run_before(world, new_cohort, tmp_path,

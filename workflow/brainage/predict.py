@@ -164,14 +164,15 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
             f"affine {expected.get('affine')}). Use the same template files "
             f"(--template-t1/--template-mask) or the same nilearn version.")
+    # every image opened once before the first subject's minutes of preprocessing, and
+    # before preproc/ is described as a derivative of this dataset (the template, checked
+    # in seconds before these minutes, holds nothing of the dataset)
+    check_dataset_images(dataset_root, labels, modalities,
+                         cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
     describe_preprocessing(layout.preproc_dir(), space=template["space"],
                            template_shape=prepared["shape"], source=str(dataset_root),
                            version=brainage_version(), template=True, modalities=modalities,
                            n4=preprocess["n4"])
-
-    # every image opened once before the first subject's minutes of preprocessing
-    check_dataset_images(dataset_root, labels, modalities,
-                         cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
     # a rerun that stops (a subject's chain fails) must not leave the last run's reports
     # beside its own new preprocessing, where they would read as this run's result; the
     # preprocessed subjects, the costly part, are kept and reused
