@@ -274,6 +274,36 @@ def test_a_file_the_config_does_not_define_has_no_rule(tmp_path, target):
 
 
 @pytest.mark.workflow
+@pytest.mark.parametrize("variant, expected", [
+    ("mean", "table3/mean/seed-0 has no encoder (model.encoder: none), so it has no "
+             "encoder.pt"),
+    ("yaware_twin", "table3/yaware_twin/seed-0 trains no encoder of its own: cells with "
+                    "equal training settings share the one trained first, "
+                    "results/train/holdout/table3/yaware/seed-0/encoder.pt"),
+], ids=["baseline-without-encoder", "shared-encoder"])
+def test_a_typed_encoder_of_a_cell_that_trains_none_stops_the_plan(tmp_path, variant,
+                                                                   expected):
+    """A training output typed by hand for a baseline without an encoder was planned and
+    failed after the preprocessing; for a cell sharing an earlier cell's encoder (only
+    its read-out differs) it trained that encoder a second time. (user_config writes the
+    variants in sorted order: yaware is the first of the two equal ones.)"""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    experiments = {"table3": {"seeds": [0], "variants": {
+        "yaware": {"loss": {"name": "yaware"}},
+        "yaware_twin": {"loss": {"name": "yaware"}, "readout": {"alphas": [1.0, 10.0]}},
+        "mean": {"model": {"encoder": "none"}, "readout": {"method": "train_mean"}}}}}
+    config = user_config(tmp_path, root, train={"batch_size": 4}, experiments=experiments)
+    target = f"results/train/holdout/table3/{variant}/seed-0/encoder.pt"
+    result = snakemake(tmp_path, "-n", target, "--configfile", str(config))
+    assert result.returncode != 0
+    assert expected in " ".join(result.stdout.split()), result.stdout
+    assert not (tmp_path / "results").exists()
+    own = snakemake(tmp_path, "-n", "results/train/holdout/table3/yaware/seed-0/encoder.pt",
+                    "--configfile", str(config))
+    assert own.returncode == 0 and "train_encoder" in own.stdout, own.stdout
+
+
+@pytest.mark.workflow
 def test_dry_run_stops_on_a_search_batch_larger_than_its_training_subjects(tmp_path):
     """7 training subjects fit a batch of 6, but the random search holds half of them out
     for validation and its trials train on fewer: that used to fail only in the search

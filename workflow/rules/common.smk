@@ -558,6 +558,7 @@ def training_params(wildcards):
     training; without the cell's names, since cells with equal settings share the
     encoder trained in the first of them (encoder_file)."""
     check_training_set_sizes()
+    check_trains_its_own_encoder(wildcards)
     settings = training_settings(cell_params(wildcards))
     run = pretrained_run(settings["model"])
     if run is not None:
@@ -565,6 +566,23 @@ def training_params(wildcards):
         # like any starting checkpoint, and its digest enters the resume fingerprint
         settings["model"]["init_checkpoint"] = LAYOUT.pretrain_file(run, "encoder.pt")
     return settings
+
+
+def check_trains_its_own_encoder(wildcards):
+    """Stop while the job graph is built when a training output is asked for by hand
+    (a target on the command line) of a cell that trains no encoder of its own: a
+    baseline without one (model.encoder: none), which would fail after the preprocessing,
+    or a cell that shares the encoder of an earlier cell with equal training settings,
+    which would train that encoder a second time."""
+    cell = (wildcards.split, wildcards.experiment, wildcards.variant, wildcards.seed)
+    trained_in = encoder_file(*cell, "encoder.pt")  # names a baseline without an encoder
+    if trained_in != LAYOUT.cell_file(*cell, "encoder.pt"):
+        raise WorkflowError(
+            f"{wildcards.experiment}/{wildcards.variant}/seed-{wildcards.seed} trains no "
+            f"encoder of its own: cells with equal training settings share the one trained "
+            f"first, {trained_in}. Ask for that cell's training outputs, or for this "
+            f"cell's metrics.json and predictions.tsv."
+        )
 
 
 def starting_checkpoint(model):
