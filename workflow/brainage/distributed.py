@@ -3,7 +3,8 @@ started by ``torchrun``; one process without torchrun is the plain path, untouch
 
 What a step computes does not depend on how many processes share it: a global batch of
 B subjects, split into contiguous shares, gives the loss and the gradients of the same
-batch trained by one process (to float rounding). Four pieces make that so.
+batch trained by one process (to float rounding, which can move a ReLU input lying within
+rounding of 0 to the kink's other side: docs/method.md §4). Four pieces make that so.
 
 Batches. Every process draws the same global batches (:func:`brainage.data.plan_batches`
 with the generator seeded by (seed, epoch)) and takes its contiguous share
