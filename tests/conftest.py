@@ -25,13 +25,13 @@ def local_snakemake_environment(**extra: str) -> dict[str, str]:
     """
     return {**os.environ, "SLURM_CONF": "/dev/null", **extra}
 
-#: Module fixtures that take 10 s or more to build on 2 cores (real deepbet and ANTs runs,
+#: Fixtures that take 10 s or more to build on 2 cores (real deepbet and ANTs runs,
 #: training, several processes, a full simulated cohort): every test that uses one is in
 #: the slow tier, so the fast tier (`-m "not workflow and not slow"`) never builds them.
 SLOW_FIXTURES = frozenset({
     "processed", "derivatives",                          # preprocessing, derivatives
     "reference_run",                                     # train
-    "cohort", "cohort40",                                # simulate
+    "cohort", "cohort40", "simulated_cohort",            # simulate
     "two_process_steps", "two_process_run", "killed_run",  # distributed
 })
 

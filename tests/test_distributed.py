@@ -265,6 +265,7 @@ def test_killed_two_process_run_resumes_in_one_process(split_dir, killed_run, tw
     assert encoder_weights(cell).keys() == encoder_weights(uninterrupted).keys()
 
 
+@pytest.mark.slow
 def test_an_untrained_encoder_started_with_two_processes(split_dir, tmp_path):
     """train.epochs 0 (allowed for a pretraining run, whose gpus may be several): rank 0
     writes the seed's initial encoder while the other process waits at the barrier. The

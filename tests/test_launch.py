@@ -52,6 +52,7 @@ def test_two_multi_node_jobs_on_one_first_node_meet_on_different_ports():
     assert rendezvous_port(None) == rendezvous_port("brainage") == 29500
 
 
+@pytest.mark.slow
 def test_the_launcher_becomes_the_training_with_its_arguments():
     result = subprocess.run(
         [sys.executable, "-m", "brainage.launch", "--gpus", "0", "--nodes", "1", "--", "--help"],

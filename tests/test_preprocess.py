@@ -237,6 +237,7 @@ def test_corrupt_input_names_the_file(tmp_path):
                     method="none", subject="x")
 
 
+@pytest.mark.slow
 def test_deepbet_finding_no_brain_names_the_subject_and_file(tmp_path):
     """Real deepbet on a T1w with nothing in it but one bright voxel: deepbet's own
     error (an empty component list) comes back as ours, naming subject and file."""
@@ -339,6 +340,7 @@ def _phantom():
     return np.where(brain, clean, 0).astype(np.float32), brain, brain_image.affine
 
 
+@pytest.mark.slow
 def test_n4_reduces_the_bias_spread_inside_the_brain():
     clean, brain, affine = _phantom()
     grid = np.indices(clean.shape).astype(np.float32)

@@ -436,6 +436,7 @@ def test_accelerated_group_carries_the_documented_offset(cohort):
     assert np.allclose(truth["stiffness_age_years"], truth["age"] + offsets.values)
 
 
+@pytest.mark.slow
 def test_the_offset_makes_the_same_subject_softer_by_its_ageing_slope():
     participants = draw_participants(10, seed=0, accelerated_group_n=1,
                                      accelerated_ageing_years=ACCELERATION_YEARS)
@@ -1002,6 +1003,7 @@ def test_t1w_cohort_images_voxel_size_and_ages(t1w_cohort):
         draw_t1w_participants(4, age_range_years=(85, 8))
 
 
+@pytest.mark.slow
 def test_t1w_ages_as_written_are_ages_the_pipeline_reads(tmp_path, tiny_subjects):
     """Ages are written to 0.1 year: --min-age 0.01 wrote ages of 0.0 and --max-age 119.99
     ages of 120.0, and the pipeline's reader refused the dataset the simulator had just
@@ -1031,6 +1033,7 @@ def test_t1w_sites_scale_intensities():
     assert 1.2 < ratio < 1.4
 
 
+@pytest.mark.slow
 def test_t1w_cohort_is_reproducible_by_seed_and_cli(tmp_path, t1w_cohort):
     simulate.main(["--root", str(tmp_path / "cli"), "--t1w-only", "--n-subjects", "8",
                    "--seed", "0"])
