@@ -169,7 +169,6 @@ def test_slurm_profile_takes_account_and_partition_from_the_environment():
     assert site["default-resources"]["slurm_partition"] == "short"
 
 
-
 def test_slurm_profile_rate_limit_parses_and_keeps_scheduling_passes_rare():
     """The scheduler adds one re-evaluation pass per timespan for every finished job (README,
     "--max-jobs-per-timespan"): the profile's value must be one Snakemake accepts, with a
@@ -180,6 +179,7 @@ def test_slurm_profile_rate_limit_parses_and_keeps_scheduling_passes_rare():
     limit = MaxJobsPerTimespan.parse_choice(plain["max-jobs-per-timespan"])
     assert 5 <= limit.timespan <= 60
     assert limit.max_jobs >= plain["jobs"]
+
 
 def test_workflow_profile_never_requests_gpus_through_slurm_extra():
     for environment in ({}, {"BRAINAGE_SLURM_GPU_PARTITION": "gpu"}):

@@ -8,10 +8,10 @@ only sleep (no CPU of their own) in a throwaway workflow, once per rate-limit se
 prints Snakemake's CPU seconds (user + system, its job processes included: a few ms each),
 the wall time and the seconds per job beyond the jobs' own sleep.
 
-Usage::
+Usage, from the repository root::
 
-    cd /work/main && .venv/bin/python tests/benchmarks/bench_scheduler.py --jobs 1000 \
-        --sleep 1 --slots 8 --settings 100/1s 100/5s 100/10s
+    .venv/bin/python tests/benchmarks/bench_scheduler.py --jobs 1000 --sleep 1 --slots 8 \
+        --settings 100/1s 100/5s 100/10s
 """
 
 from __future__ import annotations

@@ -351,13 +351,6 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return converted
 
 
-def _statistics_dtype(input: torch.Tensor) -> torch.dtype:
-    """What :class:`GlobalBatchNorm` computes in: float64 input stays float64 (as
-    ``nn.BatchNorm3d`` keeps it); float32, bf16 and fp16 input in float32, so low-precision
-    activations never reach a variance."""
-    return torch.float64 if input.dtype == torch.float64 else torch.float32
-
-
 class _GlobalBatchNormFunction(torch.autograd.Function):
     """Batch norm over the union of the processes' inputs; the backward pass is that of
     the sum of all processes' losses, the convention DDP's averaging expects (module
@@ -367,7 +360,9 @@ class _GlobalBatchNormFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum):
         channels = input.shape[1]
         dims = [0] + list(range(2, input.dim()))
-        values = input.to(_statistics_dtype(input))
+        # bf16/fp16 in float32, so low-precision activations never reach a variance;
+        # float64 stays float64, as nn.BatchNorm3d keeps it
+        values = input.to(torch.promote_types(input.dtype, torch.float32))
         count = values.numel() // channels if channels else 0
         if count:
             variance, mean = torch.var_mean(values, dim=dims, correction=0)
