@@ -6,11 +6,13 @@ from pathlib import Path
 
 from snakemake.utils import min_version
 
-min_version("9.0")
+# 9.17: the first release without the core leak of snakemake#3913 (pyproject.toml)
+min_version("9.17")
 
 
 # The demo, unless --configfile names other files: those are then the whole config and
-# keys they omit take the schema's defaults (the paper's protocol). Merging them onto the
+# keys they omit take the schema's defaults (the paper's network and losses; no
+# pretraining or search: config/paper.yaml is the whole protocol). Merging them onto the
 # demo would leak its experiments into every other run. Absolute, so that
 # `--directory elsewhere` works.
 if not workflow.overwrite_configfiles:

@@ -1,10 +1,10 @@
 """The conda environments for cluster users agree with the package's own requirements."""
 
 import re
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 import yaml
 from packaging.requirements import Requirement
 from packaging.version import Version

@@ -1,7 +1,7 @@
 """The tiny grid on a real single-node SLURM cluster, through the shipped profiles.
 
 ``tests/slurm/start_slurm.sh`` installs (Debian slurm-wlm, munge, slurmdbd + MariaDB, so
-``sacct`` works) and starts the cluster, with one fake GPU so that train_encoder's
+``sacct`` works) and starts the cluster, with two fake GPUs so that train_encoder's
 ``gpu: 1`` request is scheduled as on a real GPU node (the job itself runs on the CPU).
 The test starts the cluster itself (idempotent: fast when CI started it already).
 

@@ -17,7 +17,7 @@ at every start (tests/conftest.local_snakemake_environment), which is not planni
 
 Usage::
 
-    cd /work/main && .venv/bin/python tests/benchmarks/bench_planning.py --subjects 500 2000 \
+    .venv/bin/python tests/benchmarks/bench_planning.py --subjects 500 2000 \
         --image-check-subjects 24
 """
 

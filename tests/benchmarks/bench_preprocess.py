@@ -12,7 +12,7 @@
 
 Usage::
 
-    cd /work/main && PYTHONPATH=workflow .venv/bin/python tests/benchmarks/bench_preprocess.py
+    PYTHONPATH=workflow .venv/bin/python tests/benchmarks/bench_preprocess.py
 
 Targets (issue 3): <= 10 s per subject for the three steps, <= 2 GB per job, normalisation
 linear in subjects with constant memory. On a shared machine wall time includes waiting

@@ -11,7 +11,7 @@ refitted 76 times per read-out before (and 76 times per fold of the age-bias fit
 
 Usage::
 
-    cd /work/main && PYTHONPATH=workflow .venv/bin/python tests/benchmarks/bench_readout.py \
+    PYTHONPATH=workflow .venv/bin/python tests/benchmarks/bench_readout.py \
         [--subjects 249] [--voxels 1100000] [--sklearn]
 """
 
