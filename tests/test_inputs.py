@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from brainage import inputs
 from brainage.inputs import (
     InputError,
     check_dataset_images,
@@ -350,6 +351,27 @@ def test_one_study_written_with_and_without_spaces_is_refused(tiny_dataset):
 def test_subject_without_stiffness_file(tiny_dataset):
     (tiny_dataset / "sub-03a" / "mre" / "sub-03a_stiffness.nii.gz").unlink()
     with pytest.raises(InputError, match=r"subject sub-03a: stiffness map .* is missing"):
+        read_participants(tiny_dataset)
+
+
+def test_every_missing_image_is_named_at_once(tiny_dataset, monkeypatch):
+    """A lab with many missing files fixes them in one go: the message names each one (a
+    subject without a folder says so), up to MAX_MISSING_NAMED, and counts the rest."""
+    (tiny_dataset / "sub-01a" / "mre" / "sub-01a_stiffness.nii.gz").unlink()
+    shutil.rmtree(tiny_dataset / "sub-03a")
+    with pytest.raises(InputError) as error:
+        read_participants(tiny_dataset)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "2 input images are missing:"
+    assert re.fullmatch(r"  subject sub-01a: stiffness map .*sub-01a_stiffness\.nii\.gz is "
+                        r"missing \(config key dataset\.modalities lists stiffness\)\. Add the "
+                        r"file, or remove the subject's row from .*participants\.tsv, or "
+                        r"remove stiffness from the modalities\.", lines[1])
+    assert re.fullmatch(r"  subject sub-03a: stiffness map .* is missing \(the subject has no "
+                        r"folder .*sub-03a\) \(config key .*", lines[2])
+    monkeypatch.setattr(inputs, "MAX_MISSING_NAMED", 1)
+    with pytest.raises(InputError, match=r"(?s)^2 input images are missing:\n  subject "
+                                         r"sub-01a: [^\n]*\n  \.\.\. and 1 more\.$"):
         read_participants(tiny_dataset)
 
 

@@ -1061,6 +1061,22 @@ def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_c
                        new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
                        summary_path=tmp_path / "s.tsv", bias_reference_group="controls")
     assert started == [] and not (tmp_path / "p.tsv").exists()
+    # a group too small for the line: refused from the table, before the preprocessing
+    # and before the previous run's reports are removed, not after both
+    cohort = tmp_path / "cohort"
+    shutil.copytree(new_cohort.root, cohort, ignore=shutil.ignore_patterns("preproc"))
+    table = pd.read_csv(cohort / "participants.tsv", sep="\t")
+    table.loc[:1, "group"] = "controls"
+    table.to_csv(cohort / "participants.tsv", sep="\t", index=False)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / "predictions.tsv").write_text("the previous run's\n")
+    with pytest.raises(InputError, match=r"group 'controls' .*: it has only 2 subjects; the "
+                                         r"line needs at least 3"):
+        run_cohort(world.bundle_dir, cohort, tmp_path / "out", bias_reference_group="controls",
+                   template_t1=str(world.root / "template_t1.nii.gz"),
+                   template_mask=str(world.root / "template_mask.nii.gz"))
+    assert started == []
+    assert (tmp_path / "out" / "predictions.tsv").read_text() == "the previous run's\n"
 
 
 def test_a_bias_reference_group_emptied_by_qc_is_refused_before_any_embedding(
@@ -1201,9 +1217,9 @@ def test_qc_thresholds_given_replace_the_bundles_and_a_cohort_may_fail_qc_entire
 
 def test_a_bias_reference_group_needs_three_qc_passed_subjects_of_different_ages():
     """Exactly MIN_BIAS_SUBJECTS (3) subjects of different ages are enough; three of one
-    age are refused, naming the age."""
-    from brainage.agebias import MIN_BIAS_SUBJECTS
-    from brainage.apply import check_bias_reference_group
+    age are refused, naming the age. Before any QC (``passed`` None, the check that runs
+    before preprocessing) every member counts."""
+    from brainage.agebias import MIN_BIAS_SUBJECTS, check_bias_reference_group
 
     assert MIN_BIAS_SUBJECTS == 3
     table = pd.DataFrame({"participant_id": [f"sub-{index}" for index in range(5)],
@@ -1218,6 +1234,14 @@ def test_a_bias_reference_group_needs_three_qc_passed_subjects_of_different_ages
     with pytest.raises(InputError, match=r"only 2 of its 4 subjects passed QC"):
         check_bias_reference_group(table, "group", "ctl",
                                    np.array([True, True, False, False, True]), cohort="c")
+    check_bias_reference_group(table, "group", "ctl", cohort="c")  # 4 members, 2 ages
+    with pytest.raises(InputError, match=r"group 'pat' .*: it has only 1 subject; the line "
+                                         r"needs at least 3"):
+        check_bias_reference_group(table, "group", "pat", cohort="c")
+    table["age"] = 50.0
+    with pytest.raises(InputError, match=r"group 'ctl' .*: every subject of it is 50 years "
+                                         r"old; the line"):
+        check_bias_reference_group(table, "group", "ctl", cohort="c")
 
 
 # -- read-outs other than Ridge ----------------------------------------------------------------
@@ -1296,6 +1320,70 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     assert started == []
     # nothing describes preproc/ as a derivative of a dataset that did not pass
     assert not (tmp_path / "c" / "preproc" / "dataset_description.json").exists()
+
+
+def test_run_names_its_output_and_the_remedies_a_bundle_user_has(world, new_cohort, tmp_path,
+                                                                  monkeypatch, caplog):
+    """What a lab running a bundle meets (found by trying it): `--output .` names the
+    cohort after the folder, not ""; the provenance records absolute paths; the dataset
+    folder itself is refused as --output; a subject whose map fails a preprocessing check
+    is told to fix the file or drop its row (the bundle fixes the config keys its message
+    names); subjects left in preproc/ by another dataset's run are named."""
+    from brainage import predict as predict_module
+    from brainage.preprocess import chain
+    from brainage.preprocess.images import PreprocessError
+
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    monkeypatch.setattr(chain, "run_subject", _ready_made_chain(new_cohort))
+    output = tmp_path / "clinic"
+    output.mkdir()
+    monkeypatch.chdir(output)
+    predict_module.run_cohort(world.bundle_dir, new_cohort.root, ".", device="cpu", **template)
+    provenance = json.loads((output / "provenance.json").read_text())
+    assert provenance["cohort"] == "clinic"
+    assert provenance["dataset_root"] == str(Path(new_cohort.root).resolve())
+    assert provenance["bundle"] == str(Path(world.bundle_dir).resolve())
+
+    with pytest.raises(InputError, match=r"is the dataset folder itself"):
+        predict_module.run_cohort(world.bundle_dir, new_cohort.root, new_cohort.root,
+                                  **template)
+
+    fewer = tmp_path / "fewer"
+    shutil.copytree(new_cohort.root, fewer, ignore=shutil.ignore_patterns("preproc"))
+    table = pd.read_csv(fewer / "participants.tsv", sep="\t")
+    table.iloc[2:].to_csv(fewer / "participants.tsv", sep="\t", index=False)
+    dropped = table["participant_id"][:2].tolist()
+
+    def in_pa(inputs, layout, label, **settings):
+        raise PreprocessError(f"subject sub-{label}: the median brain value is 2338, outside "
+                              f"[0.05, 50] kPa. Convert it to kPa, or remove stiffness from "
+                              f"config key dataset.modalities.")
+
+    monkeypatch.setattr(chain, "run_subject", in_pa)
+    caplog.set_level("WARNING", logger="brainage.predict")
+    with pytest.raises(InputError, match=r"(?s)outside \[0\.05, 50\] kPa.*\nWith a model "
+                                         r"bundle the preprocessing settings are the "
+                                         r"bundle's: fix this subject's file, or remove its "
+                                         r"row from .*fewer/participants\.tsv\. The subjects "
+                                         r"preprocessed so far are kept"):
+        predict_module.run_cohort(world.bundle_dir, fewer, output, **template)
+    warning = " ".join(record.getMessage() for record in caplog.records)
+    assert re.search(rf"holds 2 subject\(s\) that .*fewer/participants\.tsv does not list "
+                     rf"\({dropped[0]}, {dropped[1]}\)", warning), warning
+
+
+def test_ctrl_c_ends_run_with_a_line_not_a_traceback(monkeypatch, capsys):
+    from brainage import predict as predict_module
+
+    def interrupted(*arguments, **options):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_module, "run_cohort", interrupted)
+    assert predict_module.main(["run", "--bundle", "b", "--dataset", "d", "--output", "o"]) == 130
+    error = capsys.readouterr().err
+    assert "Traceback" not in error
+    assert "interrupted. Run the same command again to continue" in error
 
 
 def test_a_rerun_that_stops_leaves_no_reports_of_the_run_before(world, new_cohort, tmp_path,

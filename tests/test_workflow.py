@@ -185,10 +185,11 @@ def test_two_simulations_into_one_folder_stop_naming_both_keys(tmp_path):
 @pytest.mark.workflow
 def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
     """predict.bias_reference_group names a group of each cohort's table; a typo used to
-    fail in predict_cohort, after the cohort's whole preprocessing."""
+    fail in predict_cohort, after the cohort's whole preprocessing. So did a group too
+    small to fit the age-bias line."""
     root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
     clinic = write_tiny_dataset(tmp_path / "clinic", [dict(row, group="patient")
-                                                      for row in default_rows(3)])
+                                                      for row in default_rows(2)])
     config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
                          predict={"cohorts": {"clinic": str(clinic)},
                                   "bias_reference_group": "controls"})
@@ -198,6 +199,13 @@ def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
                      r"\(config key predict.bias_reference_group.*\) is not a value of "
                      r"column 'group' of .*clinic/participants\.tsv, whose groups are "
                      r"patient", result.stdout), result.stdout
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(clinic)},
+                                  "bias_reference_group": "patient"})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(r"predict cohort clinic .*group 'patient' .*: it has only 2 subjects; "
+                     r"the line needs at least 3", result.stdout), result.stdout
     assert not (tmp_path / "results").exists()
 
 

@@ -19,7 +19,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from brainage.agebias import MIN_BIAS_SUBJECTS, AgeBias, fit_age_bias
+from brainage.agebias import AgeBias, check_bias_reference_group, fit_age_bias
 from brainage.bundle import BundleError, ModelBundle, read_bundle
 from brainage.config import ConfigError
 from brainage.data import VolumeStore
@@ -308,6 +308,12 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     table["corrected_predicted_age"] = ages + table["corrected_gap"]
     table["within_training_ages"] = (ages >= training.get("age_min", -np.inf)) & (
         ages <= training.get("age_max", np.inf))
+    outside = table.loc[~table["within_training_ages"], "participant_id"].tolist()
+    if outside:  # the read-out extrapolates there, and brain-age gaps grow with the distance
+        log.warning("cohort %s: %d subject(s) outside the training ages %s-%s years (%s): "
+                    "their predictions extrapolate; column within_training_ages is false",
+                    cohort, len(outside), training.get("age_min"), training.get("age_max"),
+                    ", ".join(outside[:10]) + (", ..." if len(outside) > 10 else ""))
     table = table[list(participants.columns) + list(PREDICTION_COLUMNS)]
 
     summary = summarise_gaps(table, group_column)
@@ -318,8 +324,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                           title=f"{cohort}: brain-age gap by {group_column} "
                                 f"(model {model.bundle.name})")
     write_json(provenance_path or Path(predictions_path).with_name("provenance.json"), {
-        "cohort": cohort, "dataset_root": str(dataset_root),
-        "bundle": str(model.bundle.path), "bundle_name": model.bundle.name,
+        # absolute: the record is read from other folders than the one it was made in
+        "cohort": cohort, "dataset_root": str(Path(dataset_root).resolve()),
+        "bundle": str(Path(model.bundle.path).resolve()), "bundle_name": model.bundle.name,
         "bundle_files": model.bundle.manifest["files"],
         "bundle_versions": model.bundle.manifest["versions"],
         "bias_correction": {"intercept": bias.intercept, "slope": bias.slope,
@@ -334,29 +341,6 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                  f"{row.group} {row.mean_corrected_gap:+.2f} y" for row in summary.itertuples()
                  if row.n_predicted))
     return table
-
-
-def check_bias_reference_group(participants: pd.DataFrame, group_column: str, group: str,
-                               passed: np.ndarray, *, cohort: str) -> None:
-    """Refuse, before any subject is embedded, a ``bias_reference_group`` whose members
-    that passed QC cannot fit the age-bias line (:func:`brainage.agebias.fit_age_bias`:
-    at least :data:`~brainage.agebias.MIN_BIAS_SUBJECTS` subjects, not all of one age).
-    ``passed``: QC verdict per row (bool)."""
-    members = (participants[group_column].astype(str) == str(group)).to_numpy()
-    usable = members & passed
-    ages = participants["age"].to_numpy(dtype=np.float64)[usable]
-    if usable.sum() >= MIN_BIAS_SUBJECTS and np.ptp(ages) > 0:
-        return
-    failed = participants.loc[members & ~passed, "participant_id"].tolist()
-    problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
-               if usable.sum() < MIN_BIAS_SUBJECTS
-               else f"every subject of it that passed QC is {ages[0]:g} years old")
-    raise InputError(
-        f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
-        f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
-        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; the line needs at "
-        f"least {MIN_BIAS_SUBJECTS} subjects of different ages with a prediction. Add "
-        f"subjects to the group, or leave the key unset to use the bundle's correction.")
 
 
 def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:

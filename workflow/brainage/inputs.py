@@ -162,10 +162,9 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         lines = list(range(2, len(table) + 2))
     _validate_participant_rows(table, table_path, lines)
     _validate_against_schema(table, table_path, lines)
-    for participant_id in table["participant_id"]:
-        _require_images(root, participant_id[len("sub-"):], modalities,
-                        remedy=f"or remove the subject's row from {table_path}",
-                        needed_by=needed_by)
+    _require_every_image(root, [pid[len("sub-"):] for pid in table["participant_id"]],
+                         modalities, remedy=f"or remove the subject's row from {table_path}",
+                         needed_by=needed_by)
     _warn_unlisted_subjects(root, set(table["participant_id"]), table_path)
     table["age"] = table["age"].astype(float)
     table["study"] = table["study"].astype(str)
@@ -353,20 +352,43 @@ def _validate_against_schema(table: pd.DataFrame, table_path: Path,
                              f"column {column!r}: {error.message}")
 
 
-def _require_images(root: str | Path, label: str, modalities: Sequence[str], *,
-                    remedy: str, needed_by: str | None = None) -> None:
-    for name in modalities:
-        path = input_path(root, label, name)
-        if not path.is_file() and needed_by is not None:
-            raise InputError(
-                f"subject sub-{label}: {modality(name).description} {path} is missing; "
-                f"{needed_by} reads {', '.join(modalities)} of every subject."
+#: Missing images named one per line in the message; the rest are counted.
+MAX_MISSING_NAMED = 20
+
+
+def _missing_image_message(root: str | Path, label: str, name: str,
+                           modalities: Sequence[str], *, remedy: str,
+                           needed_by: str | None) -> str | None:
+    """The message for subject ``label``'s missing ``name`` image (one of the cohort's
+    ``modalities``); None when it exists."""
+    path = input_path(root, label, name)
+    if path.is_file():
+        return None
+    what = f"subject sub-{label}: {modality(name).description} {path} is missing"
+    if not path.parent.parent.is_dir():
+        what += f" (the subject has no folder {path.parent.parent})"
+    if needed_by is not None:
+        return (f"{what}; {needed_by} reads {', '.join(modalities)} of every subject."
                 f"{_found_instead(path)} Add the file, {remedy}.")
-        if not path.is_file():
-            raise InputError(
-                f"subject sub-{label}: {modality(name).description} {path} is missing "
-                f"(config key dataset.modalities lists {name}).{_found_instead(path)} Add "
-                f"the file, {remedy}, or remove {name} from the modalities.")
+    return (f"{what} (config key dataset.modalities lists {name}).{_found_instead(path)} "
+            f"Add the file, {remedy}, or remove {name} from the modalities.")
+
+
+def _require_every_image(root: str | Path, labels: Sequence[str], modalities: Sequence[str],
+                         *, remedy: str, needed_by: str | None = None) -> None:
+    """Refuse a cohort with missing images, naming every one of them at once (a lab fixes
+    them in one go, not one run per file)."""
+    problems = [message for label in labels for name in modalities
+                if (message := _missing_image_message(root, label, name, modalities,
+                                                      remedy=remedy, needed_by=needed_by))]
+    if len(problems) == 1:
+        raise InputError(problems[0])
+    if problems:
+        shown = problems[:MAX_MISSING_NAMED]
+        more = len(problems) - len(shown)
+        raise InputError(f"{len(problems)} input images are missing:\n"
+                         + "\n".join(f"  {message}" for message in shown)
+                         + (f"\n  ... and {more} more." if more else ""))
 
 
 def _found_instead(path: Path) -> str:
@@ -394,7 +416,7 @@ def subject_inputs(root: str | Path, label: str,
     registration reference when present).
     """
     check_label(label, where=f"dataset {root}")
-    _require_images(root, label, modalities, remedy="or remove the subject")
+    _require_every_image(root, [label], modalities, remedy="or remove the subject")
     inputs = {name: str(input_path(root, label, name)) for name in modalities
               if modality(name).is_mre}
     anat = anatomical_path(root, label)

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from brainage import brainage_version
+from brainage.agebias import check_bias_reference_group
 from brainage.apply import predict_cohort
 from brainage.bundle import MANIFEST_FILE, BundleError, read_bundle
 from brainage.config import (
@@ -53,6 +54,7 @@ from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import registered_maps, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
+from brainage.preprocess.images import PreprocessError
 from brainage.preprocess.template import prepare_template, template_record
 
 log = logging.getLogger(__name__)
@@ -110,7 +112,11 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     if output.exists() and not output.is_dir():
         raise InputError(f"--output {output} is a file, not a folder. Pass a folder for the "
                          f"predictions (it is created if it does not exist).")
-    cohort = cohort or output.name
+    if output.resolve() == Path(dataset_root).resolve():
+        raise InputError(f"--output {output} is the dataset folder itself: the predictions "
+                         f"and preproc/ would be written among the raw data. Pass another "
+                         f"folder, e.g. {Path(dataset_root) / 'derivatives' / 'brainage'}.")
+    cohort = cohort or output.resolve().name  # `--output .` names the folder, not ""
     try:  # the bundle may come from another lab: its values name files here
         recorded = check_preprocessing_record(
             bundle.manifest.get("preprocessing"),
@@ -138,8 +144,12 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     # the table's problems before the minutes of preprocessing, not after them, and
     # before anything is written under the output folder
-    check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
-                       group_column=group_column, bias_reference_group=bias_reference_group)
+    summarised_by = check_cohort_table(
+        participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
+        group_column=group_column, bias_reference_group=bias_reference_group)
+    if bias_reference_group is not None:
+        check_bias_reference_group(participants, summarised_by, bias_reference_group,
+                                   cohort=cohort)
     try:  # the first write: an unwritable --output named as the flag, with what to do
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -182,16 +192,41 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     if previous:
         log.info("removed the previous run's reports (%s) from %s; this run writes them anew",
                  ", ".join(path.name for path in previous), output)
-    processed = run_subjects(
-        {label: subject_inputs(dataset_root, label, modalities) for label in labels}, layout,
-        preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,
-        template_mask=mask_path, modalities=modalities, jobs=jobs, cohort=cohort)
+    _warn_about_other_subjects(layout.preproc_dir(), labels, dataset_root)
+    try:
+        processed = run_subjects(
+            {label: subject_inputs(dataset_root, label, modalities) for label in labels},
+            layout, preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,
+            template_mask=mask_path, modalities=modalities, jobs=jobs, cohort=cohort)
+    except (InputError, PreprocessError) as error:
+        # its config-key remedies do not apply here: the bundle fixes the preprocessing
+        raise InputError(
+            f"{error}\nWith a model bundle the preprocessing settings are the bundle's: fix "
+            f"this subject's file, or remove its row from "
+            f"{Path(dataset_root) / 'participants.tsv'}. The subjects preprocessed so far "
+            f"are kept: the same command continues where it stopped.") from None
     maps = {label: registered_maps(files, modalities) for label, files in processed.items()}
     qc = {label: files["qc_json"] for label, files in processed.items()}
     return predict_cohort(bundle, dataset_root, maps, qc,
                           **{argument: output / name for argument, name in REPORT_FILES.items()},
                           cohort=cohort, group_column=group_column,
                           bias_reference_group=bias_reference_group, device=device)
+
+
+def _warn_about_other_subjects(preproc_dir: str | Path, labels: Sequence[str],
+                               dataset_root: str | Path) -> None:
+    """Name the subjects an earlier run left in ``preproc_dir`` that this dataset does not
+    list (another dataset written to the same --output): they stay, unused, under a
+    description that names this dataset."""
+    listed = {f"sub-{label}" for label in labels}
+    others = sorted(path.name for path in Path(preproc_dir).glob("sub-*")
+                    if path.is_dir() and path.name not in listed)
+    if others:
+        log.warning("%s holds %d subject(s) that %s does not list (%s): an earlier run's, "
+                    "for another dataset? They are kept but not used; give each dataset an "
+                    "--output of its own.", preproc_dir, len(others),
+                    Path(dataset_root) / "participants.tsv",
+                    ", ".join(others[:10]) + (", ..." if len(others) > 10 else ""))
 
 
 def _positive_int(text: str) -> int:
@@ -266,13 +301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         output = Path(arguments.output)
         run_cohort(arguments.bundle, arguments.dataset, output,
-                   cohort=arguments.cohort or output.name, group_column=arguments.group_column,
+                   cohort=arguments.cohort, group_column=arguments.group_column,
                    bias_reference_group=arguments.bias_reference_group,
                    template_t1=arguments.template_t1, template_mask=arguments.template_mask,
                    device=arguments.device, threads=arguments.threads, jobs=arguments.jobs)
     except USER_ERRORS as error:
         print(f"brainage.predict {arguments.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: finished steps are kept (atomic writes, records)
+        print(f"brainage.predict {arguments.command}: interrupted. Run the same command "
+              f"again to continue: finished subjects and steps are kept.", file=sys.stderr)
+        return 130
     return 0
 
 
