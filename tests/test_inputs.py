@@ -147,6 +147,23 @@ def test_missing_root(tmp_path):
         read_participants(tmp_path / "nowhere")
 
 
+def test_missing_root_says_how_its_path_was_read(tmp_path, monkeypatch):
+    """A relative root is read from the working directory, which the message names; a '~'
+    is kept as typed (YAML, Snakemake), which the message says, with the full path."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=rf"^dataset root nowhere \(relative to "
+                                         rf"{re.escape(str(tmp_path))}, the working "
+                                         rf"directory\) does not exist\. Set config key "
+                                         rf"dataset\.root"):
+        read_participants("nowhere")
+    with pytest.raises(InputError, match=rf"^dataset root ~/nowhere-xyz does not exist: '~' is "
+                                         rf"not expanded in paths\. Set config key "
+                                         rf"dataset\.root to the full path "
+                                         rf"\({re.escape(str(Path('~/nowhere-xyz').expanduser()))}"
+                                         rf"\)\.$"):
+        read_participants("~/nowhere-xyz")
+
+
 def test_missing_root_names_the_setting_that_gave_it(tmp_path):
     """A predict or pretraining cohort's folder is set by its own key: the message told its
     user to set dataset.root, the training cohort's, or to simulate the demo."""
@@ -369,6 +386,12 @@ def test_every_missing_image_is_named_at_once(tiny_dataset, monkeypatch):
                         r"remove stiffness from the modalities\.", lines[1])
     assert re.fullmatch(r"  subject sub-03a: stiffness map .* is missing \(the subject has no "
                         r"folder .*sub-03a\) \(config key .*", lines[2])
+    (tiny_dataset / "sub-00a").rename(tiny_dataset / "sub-00A")
+    with pytest.raises(InputError, match=r"subject sub-00a: .* is missing \(the subject has no "
+                                         r"folder .*\)\. There is sub-00A/, which differs in "
+                                         r"case"):
+        read_participants(tiny_dataset)
+    (tiny_dataset / "sub-00A").rename(tiny_dataset / "sub-00a")
     monkeypatch.setattr(inputs, "MAX_MISSING_NAMED", 1)
     with pytest.raises(InputError, match=r"(?s)^2 input images are missing:\n  subject "
                                          r"sub-01a: [^\n]*\n  \.\.\. and 1 more\.$"):
@@ -396,6 +419,40 @@ def test_a_missing_file_or_a_folder_is_named_as_such_not_as_unreadable(tmp_path)
     missing.mkdir()
     with pytest.raises(InputError, match=r"sub-01_stiffness\.nii\.gz is a folder; a NIfTI"):
         load_nifti_checked(missing, what="stiffness map")
+
+
+def test_a_map_in_another_unit_is_refused_before_any_work(tmp_path):
+    """A stiffness map in Pa or a damping ratio in percent was found only at its subject's
+    preprocessing, one subject per run; the image check before any work now names every
+    one. A median a few times the plausible bound passes there (an unmasked map's
+    background moves it): preprocessing's brain-masked check keeps the exact bounds."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(3),
+                              maps=("stiffness", "damping_ratio"))
+    modalities = ("stiffness", "damping_ratio")
+
+    def scale(label, name, factor):
+        path = root / f"sub-{label}" / "mre" / f"sub-{label}_{name}.nii.gz"
+        image = nib.load(path)
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj) * np.float32(factor), image.affine),
+                 path)
+
+    scale("00a", "stiffness", 1000.0)
+    scale("01a", "damping_ratio", 100.0)
+    scale("02a", "stiffness", 5.0)  # a few kPa x 5: high, but not another unit
+    with pytest.raises(InputError) as error:
+        check_dataset_images(root, ["00a", "01a", "02a"], modalities)
+    lines = str(error.value).splitlines()
+    assert lines[0] == "2 input images cannot be used:"
+    assert re.fullmatch(r"subject sub-00a: stiffness map .*sub-00a_stiffness\.nii\.gz: the "
+                        r"median of its non-zero voxels is \d+, far above the plausible "
+                        r"0\.05-50 kPa of a stiffness map\. Is it in Pa \(divide by 1000\) .*"
+                        r"Convert it to kPa, or remove the subject's row from "
+                        r"participants\.tsv\.", lines[1])
+    assert re.fullmatch(r"subject sub-01a: damping-ratio map .*: the median of its non-zero "
+                        r"voxels is [\d.]+, far above the plausible 0-1 of a damping-ratio "
+                        r"map\. Is it in percent \(divide by 100\)\? Convert it to a ratio, "
+                        r"or remove the subject's row from participants\.tsv\.", lines[2])
+    assert len(lines) == 3
 
 
 def test_corrupt_file(tiny_dataset):

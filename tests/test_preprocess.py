@@ -1230,7 +1230,10 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
     assert table["qc_pass"].tolist() == [True, False, True]  # a value at its minimum passes
     assert table["qc_failures"].tolist() == ["", "dice 0.800 < 0.85; correlation 0.200 < 0.3",
                                              ""]
-    assert "QC flags sub-02 (s1)" in caplog.text
+    assert re.search(rf"QC flags sub-02 \(s1\): dice 0\.800 < 0\.85; correlation 0\.200 < "
+                     rf"0\.3\. Look at its QC figure {re.escape(str(tmp_path / 'sub-02_qc.png'))} "
+                     rf".* It is still trained on and evaluated unless config key "
+                     rf"qc\.exclude_failed is true\.", caplog.text), caplog.text
     saved = read_qc_table(tmp_path / "qc.tsv")
     assert saved["qc_pass"].tolist() == [True, False, True]
     assert saved["dice"].tolist() == [0.9, 0.8, 0.9]

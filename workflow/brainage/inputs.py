@@ -98,6 +98,11 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
+    if not root.exists() and str(root).startswith("~"):  # YAML and Snakemake keep '~'
+        return (f"dataset root {root} does not exist: '~' is not expanded in paths. Set "
+                f"{root_setting} to the full path ({root.expanduser()}).")
+    if not root.exists() and not root.is_absolute():
+        root = Path(f"{root} (relative to {Path.cwd()}, the working directory)")
     if root.exists():  # a file (often participants.tsv itself) where the folder belongs
         return (f"dataset root {root} is a file, not a folder. Set {root_setting} to the "
                 f"folder that holds participants.tsv and a sub-<label> folder per subject.")
@@ -398,6 +403,13 @@ def _found_instead(path: Path) -> str:
     if uncompressed.is_file():
         return f" There is {uncompressed.name}: compress it (gzip {uncompressed})."
     subject_folder = path.parent.parent
+    if not subject_folder.is_dir() and subject_folder.parent.is_dir():
+        # labels are case-sensitive (a case-insensitive file system would still find it)
+        other_case = sorted(folder.name for folder in subject_folder.parent.iterdir()
+                            if folder.name.lower() == subject_folder.name.lower())
+        if other_case:
+            return (f" There is {other_case[0]}/, which differs in case: use one spelling "
+                    f"in participants.tsv and the folder and file names.")
     sessions = sorted(p.name for p in subject_folder.glob("ses-*") if p.is_dir())
     if sessions:
         return (f" {subject_folder} has session folders ({', '.join(sessions)}); the "
@@ -425,13 +437,15 @@ def subject_inputs(root: str | Path, label: str,
     return inputs
 
 
-def load_nifti_checked(path: str | Path, *, what: str = "image"):
+def load_nifti_checked(path: str | Path, *, what: str = "image",
+                       kind: str | None = None):
     """Load a 3D NIfTI image, checking it is readable, 3D and not all zeros.
 
     Returns the nibabel image (data not cached). Raises :class:`InputError` naming the
     file for a missing file or a folder, a non-NIfTI or corrupt file, a 4D image, an image
     with no non-zero voxel, a singular affine, or voxel sizes not in mm
-    (:func:`_check_spatial_unit`).
+    (:func:`_check_spatial_unit`); with ``kind`` (a modality name), also a map whose
+    values are far outside its modality's (:func:`_check_unit`).
     """
     import nibabel as nib
 
@@ -459,6 +473,8 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
         raise InputError(f"{what} {path} contains no non-zero finite voxel: it is empty (all "
                          f"0 or NaN). Re-export the map from its source, or remove the subject's "
                          f"row from participants.tsv.")
+    if kind is not None:
+        _check_unit(data[finite & (data != 0)], modality(kind), path, what)
     affine = np.asarray(image.affine, dtype=np.float64)[:3]  # the offsets too: a NaN origin
     if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:, :3])) < 1e-9:
         raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
@@ -467,6 +483,34 @@ def load_nifti_checked(path: str | Path, *, what: str = "image"):
     _check_perpendicular_axes(affine, path, what)
     _check_spatial_unit(image, affine, path, what)
     return image
+
+
+#: The check before any work refuses a map whose median non-zero value exceeds its
+#: modality's plausible upper bound by this factor: a map in another unit (Pa for kPa: x
+#: 1000; a damping ratio in percent: x 100) and nothing else. The brain-masked check of
+#: preprocessing (brainage.preprocess.bias.check_range) keeps the exact bounds: before the
+#: brain mask, an unmasked map's background moves the median.
+UNIT_CHECK_FACTOR = 10.0
+
+
+def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
+    """Refuse a map whose non-zero ``values`` have a median far above the modality's
+    plausible ones (``median_range``, else ``valid_range``): a map in another unit, found
+    before hours of work instead of at its subject's preprocessing."""
+    bounds = kind.median_range or kind.valid_range
+    if bounds is None or not kind.is_mre:
+        return
+    median = float(np.median(values.astype(np.float64)))
+    if median > UNIT_CHECK_FACTOR * bounds[1]:
+        ratio = kind.unit == "1"  # dimensionless: the damping ratio
+        hint = ("in percent (divide by 100)" if ratio
+                else "in Pa (divide by 1000) or an unscaled integer export")
+        raise InputError(
+            f"{what} {path}: the median of its non-zero voxels is {median:.4g}, far above "
+            f"the plausible {bounds[0]:g}-{bounds[1]:g}{'' if ratio else ' ' + kind.unit} "
+            f"of a {kind.description}. Is it {hint}? Convert it to "
+            f"{'a ratio' if ratio else kind.unit}, or remove the subject's row from "
+            f"participants.tsv.")
 
 
 def _not_3d_advice(shape: tuple[int, ...]) -> str:
@@ -591,7 +635,8 @@ def check_dataset_images(root: str | Path, labels: list[str],
             # entries of older versions hold no grid (two items): read those files again
             if (len(cache.get(key, ())) != 3 or cache[key][:2] != stamp) and key not in pending:
                 description = modality("T1w" if kind == "anat" else kind).description
-                pending[key] = (stamp, path, f"subject sub-{label}: {description}")
+                pending[key] = (stamp, path, f"subject sub-{label}: {description}",
+                                None if kind == "anat" else kind)
     problems = {}
     if pending:
         cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
@@ -602,9 +647,9 @@ def check_dataset_images(root: str | Path, labels: list[str],
                      f"once ({threads} thread(s)); files that pass are remembered in "
                      f"{cache_file or 'no cache file'}.")
         with ThreadPoolExecutor(max_workers=threads) as pool:
-            checked = list(pool.map(lambda item: _image_grid_or_problem(item[1], item[2]),
+            checked = list(pool.map(lambda item: _image_grid_or_problem(*item[1:]),
                                     pending.values()))
-        for (key, (stamp, _, _)), (grid, problem) in zip(pending.items(), checked):
+        for (key, (stamp, *_)), (grid, problem) in zip(pending.items(), checked):
             if grid is not None:
                 cache[key] = [*stamp, grid]
             else:
@@ -629,11 +674,12 @@ def check_dataset_images(root: str | Path, labels: list[str],
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
 
 
-def _image_grid_or_problem(path: str | Path, what: str) -> tuple[list | None, str | None]:
-    """``([shape, affine], None)`` for a file that passes :func:`load_nifti_checked`, else
-    ``(None, its message)``."""
+def _image_grid_or_problem(path: str | Path, what: str, kind: str | None
+                           ) -> tuple[list | None, str | None]:
+    """``([shape, affine], None)`` for a file that passes :func:`load_nifti_checked` (as
+    a map of modality ``kind``; None for the T1w), else ``(None, its message)``."""
     try:
-        image = load_nifti_checked(path, what=what)
+        image = load_nifti_checked(path, what=what, kind=kind)
     except InputError as error:
         return None, str(error)
     return [list(image.shape[:3]), np.asarray(image.affine, dtype=float).tolist()], None

@@ -283,8 +283,15 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
                      "qc_pass": not failures, "qc_failures": "; ".join(failures)})
     table = pd.DataFrame(rows, columns=list(QC_COLUMNS))
     failed = table[~table["qc_pass"]]
+    figures = {Path(path).name.split("_")[0]: Path(path).with_suffix(".png")
+               for path in qc_files}
     for row in failed.itertuples(index=False):
-        log.warning("QC flags %s (%s): %s", row.participant_id, row.study, row.qc_failures)
+        # a flag alone changed nothing: say what happens to the subject and what to look at
+        log.warning("QC flags %s (%s): %s. Look at its QC figure %s (a T1w from another "
+                    "session or origin than the maps, a failed skull stripping or "
+                    "registration). It is still trained on and evaluated unless config key "
+                    "qc.exclude_failed is true.", row.participant_id, row.study,
+                    row.qc_failures, figures.get(row.participant_id, "(none)"))
     log.info("QC: %d of %d subjects pass (%s)", int(table["qc_pass"].sum()), len(table),
              ", ".join(f"{key} {value:g}" for key, value in minimums.items()))
     write_tsv(out_table, table)
