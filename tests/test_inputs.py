@@ -147,6 +147,18 @@ def test_missing_root(tmp_path):
         read_participants(tmp_path / "nowhere")
 
 
+def test_sex_codes_table_2_cannot_count_are_warned_about(tmp_path, caplog):
+    """Sex coded 1/2 passed silently and Table 2 showed every subject as 'other'; F/M in
+    any spelling (female, m, ...) count and are not warned about."""
+    rows = [dict(row, sex=code) for row, code in zip(default_rows(4), ["1", "2", "female", "m"])]
+    root = write_tiny_dataset(tmp_path / "dataset", rows)
+    with caplog.at_level("WARNING", logger="brainage.inputs"):
+        read_participants(root)
+    assert re.search(r"participants\.tsv: column 'sex' has value\(s\) '1', '2', which start "
+                     r"with neither F nor M: Table 2 counts them as 'other'", caplog.text)
+    assert "'female'" not in caplog.text and "'m'" not in caplog.text
+
+
 def test_missing_root_says_how_its_path_was_read(tmp_path, monkeypatch):
     """A relative root is read from the working directory, which the message names; a '~'
     is kept as typed (YAML, Snakemake), which the message says, with the full path."""
@@ -643,10 +655,18 @@ def test_a_subjects_maps_on_different_grids_are_refused_before_any_job(tmp_path)
         assert "sub-01a_stiffness.nii.gz: shape (12, 12, 12)" in message
         assert "sub-01a_damping_ratio.nii.gz: shape (12, 12, 12)" in message
         assert "[4.0, 0.0, 0.0, 2.0]" in message and "resample them onto the grid" in message
+        assert "reorient" not in message  # shifted: resampling is the remedy
         assert "sub-00a" not in message and "sub-02a" not in message
     assert len(json.loads(cache.read_text())) == 9  # every file passed on its own
     check_dataset_images(root, ["00a", "02a"], modalities, cache_file=cache)
     check_dataset_images(root, ["01a"], ["stiffness"], cache_file=cache)
+    # the same voxels in another order (LAS, same data): reorienting is lossless, and said
+    image = nib.load(root / "sub-00a" / "mre" / "sub-00a_damping_ratio.nii.gz")
+    flipped = image.as_reoriented(np.array([[0, -1], [1, 1], [2, 1]]))
+    nib.save(flipped, root / "sub-00a" / "mre" / "sub-00a_damping_ratio.nii.gz")
+    with pytest.raises(InputError, match=r"they cover the same voxels in another order: "
+                                         r"reorient them to one orientation"):
+        check_dataset_images(root, ["00a"], modalities, cache_file=cache)
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):

@@ -313,6 +313,12 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
             raise InputError(f"{table_path}: column {column!r} is empty for "
                              f"{', '.join(empty)} (a blank cell, or a missing-value code: "
                              f"n/a, NA, None, null, nan, ...). Fill in the {column}.")
+    initials = table["sex"].astype(str).str.strip().str[:1].str.lower()
+    uncounted = sorted(set(table["sex"][~initials.isin(["f", "m"])].astype(str)))
+    if uncounted:  # e.g. 1/2 codes: the model does not read sex, Table 2 does
+        log.warning("%s: column 'sex' has value(s) %s, which start with neither F nor M: "
+                    "Table 2 counts them as 'other'. Write F/M (female/male) if that is "
+                    "what they code.", table_path, ", ".join(map(repr, uncounted[:10])))
     _refuse_values_differing_in_spaces(table, table_path)
 
 
@@ -666,12 +672,29 @@ def check_dataset_images(root: str | Path, labels: list[str],
                 f"subject sub-{label}: its maps are not on one voxel grid ("
                 + "; ".join(f"{name} {path}: shape {tuple(grid[0])}, voxel-to-world "
                             f"{np.round(grid[1], 3).tolist()}" for name, path, grid in maps)
-                + "). A subject's maps share one brain mask and one transform: resample "
-                  f"them onto the grid of its {maps[0][0]} map, or export them all from the "
-                  f"same inversion.")
+                + "). A subject's maps share one brain mask and one transform: "
+                + ("they cover the same voxels in another order: reorient them to one "
+                   "orientation (lossless: nibabel's as_reoriented, or fslreorient2std on "
+                   "each), "
+                   if all(_same_voxel_centres(grid, maps[0][2]) for _, _, grid in maps[1:])
+                   else "")
+                + f"resample them onto the grid of its {maps[0][0]} map, or export them all "
+                  f"from the same inversion.")
     if failed:
         raise InputError(failed[0] if len(failed) == 1 else
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
+
+
+def _same_voxel_centres(grid_a, grid_b, tolerance_mm: float = 1e-3) -> bool:
+    """Whether two ``[shape, affine]`` grids hold the same voxel centres in world space,
+    in another order (a reorientation: flipped or permuted axes)."""
+    corners = []
+    for shape, affine in (grid_a, grid_b):
+        index = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij"))
+        points = np.asarray(affine)[:3, :3] @ index.reshape(3, -1) + np.asarray(affine)[:3, 3:]
+        corners.append(points[:, np.lexsort(np.round(points / tolerance_mm))])
+    return bool(sorted(grid_a[0]) == sorted(grid_b[0])
+                and np.allclose(corners[0], corners[1], atol=tolerance_mm))
 
 
 def _image_grid_or_problem(path: str | Path, what: str, kind: str | None
