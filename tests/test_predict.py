@@ -1373,6 +1373,32 @@ def test_run_names_its_output_and_the_remedies_a_bundle_user_has(world, new_coho
                      rf"\({dropped[0]}, {dropped[1]}\)", warning), warning
 
 
+def test_a_cohort_registered_by_different_references_is_warned_about(world, new_cohort,
+                                                                      tmp_path, caplog):
+    """A subject without a T1w in a cohort of subjects with one is registered by its
+    stiffness map: its mask and transform come from another image, which moved a
+    prediction by 2.3 years when tried. It was an INFO line of its preprocessing only."""
+    qc = dict(new_cohort.files["qc"])
+    for label in list(qc)[:2]:
+        record = json.loads(Path(qc[label]).read_text())
+        qc[label] = tmp_path / f"sub-{label}_qc.json"
+        qc[label].write_text(json.dumps(dict(record, reference_kind="stiffness")))
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                       qc, predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                       cohort="new", device="cpu")
+    first, second = [f"sub-{label}" for label in list(qc)[:2]]
+    assert re.search(rf"cohort new: subjects were registered by different reference images: "
+                     rf"46 by brain_mask, 2 by stiffness \({first}, {second}\)", caplog.text), \
+        caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                       new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                       summary_path=tmp_path / "s.tsv", cohort="new", device="cpu")
+    assert "different reference images" not in caplog.text
+
+
 def test_ctrl_c_ends_run_with_a_line_not_a_traceback(monkeypatch, capsys):
     from brainage import predict as predict_module
 

@@ -10,11 +10,12 @@ Subjects failing preprocessing QC are listed with their reason, never predicted.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -273,6 +274,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
             log.warning("cohort %s: sub-%s fails preprocessing QC (%s): reported, not "
                         "predicted", cohort, label, reason)
     passed = np.array(passed, dtype=bool)
+    _warn_about_mixed_references(cohort, labels, qc)
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group, passed,
                                    cohort=cohort)
@@ -341,6 +343,28 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                  f"{row.group} {row.mean_corrected_gap:+.2f} y" for row in summary.itertuples()
                  if row.n_predicted))
     return table
+
+
+def _warn_about_mixed_references(cohort: str, labels: Sequence[str],
+                                 qc: Mapping[str, str | Path]) -> None:
+    """Warn when a cohort's subjects were registered by different references (a T1w for
+    most, the stiffness map for those without one): their brain masks and transforms come
+    from other images, which can move their predictions by years."""
+    by_kind: dict[str, list[str]] = {}
+    for label in labels:
+        kind = json.loads(Path(qc[label]).read_text()).get("reference_kind") or "unknown"
+        by_kind.setdefault(kind, []).append(f"sub-{label}")
+    if len(by_kind) < 2:
+        return
+    main_kind = max(by_kind, key=lambda kind: len(by_kind[kind]))
+    others = "; ".join(f"{len(subjects)} by {kind} ({', '.join(subjects[:10])}"
+                       f"{', ...' if len(subjects) > 10 else ''})"
+                       for kind, subjects in by_kind.items() if kind != main_kind)
+    log.warning("cohort %s: subjects were registered by different reference images: %d by "
+                "%s, %s (reference_kind in each subject's QC file). Their brain masks and "
+                "transforms come from other images; compare their gaps with care (a subject "
+                "without a T1w is registered by its stiffness map).", cohort,
+                len(by_kind[main_kind]), main_kind, others)
 
 
 def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
