@@ -994,8 +994,11 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
     from brainage.preprocess import chain
 
     run, stiffness, template, _, layout = _fake_chain(tmp_path, monkeypatch)
+    caplog.set_level("INFO", logger="brainage.preprocess.chain")
     assert run() == list(chain.STEPS)
+    assert "sub-a: reused" not in caplog.text
     assert run() == []  # an interrupted or finished run continues: nothing to redo
+    assert "sub-a: reused (every step's outputs and records match" in caplog.text
     assert run(threads=4) == []  # thread counts do not change deterministic results
     caplog.set_level("WARNING", logger="brainage.preprocess.chain")
     assert run(n4=False) == ["correct_bias", "register_to_template", "compute_qc"]

@@ -298,7 +298,9 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
             if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
                 raise InputError(f"{table_path}: subject {participant_id} has no age (an "
                                  f"empty cell or n/a); every subject needs its age in "
-                                 f"years. Fill it in or remove the row.")
+                                 f"years: encoders are trained on it, and a brain-age gap "
+                                 f"and its age-bias correction are measured against it. "
+                                 f"Fill it in or remove the row.")
             raise InputError(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
                              f"must be numbers in years"
                              + (", with a decimal point, not a comma" if comma else "")

@@ -268,6 +268,9 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
         record_path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(record_path) as temporary:
             temporary.write_text(records[step])
+    if not redo:
+        log.info("sub-%s: reused (every step's outputs and records match its inputs and "
+                 "settings)", subject)
     return files
 
 
