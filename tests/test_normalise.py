@@ -78,6 +78,10 @@ def test_loso_names_must_stay_distinct():
         split_names(participants_of({"MRE": 2, "mre": 2}), "loso")
     with pytest.raises(InputError, match="n_folds=5 but only 4 subjects"):
         split_names(table, "kfold", n_folds=5)
+    # letters, but not ASCII ones: a folder name needs A-Z, a-z or 0-9
+    with pytest.raises(InputError, match=r"\['東京'\] have no ASCII letters or digits .*"
+                                         r"transliteration"):
+        split_names(participants_of({"東京": 2, "Osaka": 2}), "loso")
 
 
 def test_holdout_is_stratified_seeded_and_order_free():

@@ -104,8 +104,10 @@ def _check_scheme(participants: pd.DataFrame, scheme: str, n_folds: int) -> None
         labels = [study_label(s) for s in studies]
         empty = [s for s, label in zip(studies, labels) if not label]
         if empty:
-            raise InputError(f"study name(s) {empty} have no letters or digits, so they cannot "
-                             f"name a leave-one-study-out split. Rename the study.")
+            raise InputError(f"study name(s) {empty} have no ASCII letters or digits (A-Z, "
+                             f"a-z, 0-9), so they cannot name a leave-one-study-out split "
+                             f"(results/dataset/loso<study>/). Rename the study in the "
+                             f"participants table's study column, e.g. to a transliteration.")
         # compared without case: results/dataset/losoA and losoa are one folder on a
         # case-insensitive file system (macOS, Windows shares), where one split's images
         # would overwrite the other's and a held-out study could train the other encoder

@@ -389,8 +389,10 @@ def check_training_set_sizes():
             },
             source="config",
         )
-    except (ConfigError, InputError) as error:
+    except ConfigError as error:
         raise WorkflowError(f"invalid configuration:\n{error}") from None
+    except InputError as error:  # the cohort's table, not a setting
+        raise WorkflowError(f"the training cohort (config key dataset.root):\n{error}") from None
     _BATCH_SIZES_CHECKED.append(True)
 
 
