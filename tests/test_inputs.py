@@ -147,6 +147,20 @@ def test_missing_root(tmp_path):
         read_participants(tmp_path / "nowhere")
 
 
+def test_a_cohort_to_predict_may_lack_ages_a_training_cohort_may_not(tmp_path):
+    rows = default_rows(3)
+    rows[1]["age"] = "n/a"
+    root = write_tiny_dataset(tmp_path / "dataset", rows)
+    with pytest.raises(InputError, match=r"subject sub-01a has no age"):
+        read_participants(root)
+    table = read_participants(root, ages_optional=True)
+    assert np.isnan(table["age"][1]) and table["age"][[0, 2]].tolist() == [20.0, 40.0]
+    rows[1]["age"] = "old"  # not a number: refused either way
+    root = write_tiny_dataset(tmp_path / "other", rows)
+    with pytest.raises(InputError, match=r"has age 'old'"):
+        read_participants(root, ages_optional=True)
+
+
 def test_sex_codes_table_2_cannot_count_are_warned_about(tmp_path, caplog):
     """Sex coded 1/2 passed silently and Table 2 showed every subject as 'other'; F/M in
     any spelling (female, m, ...) count and are not warned about."""

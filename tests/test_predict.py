@@ -1399,6 +1399,53 @@ def test_a_cohort_registered_by_different_references_is_warned_about(world, new_
     assert "different reference images" not in caplog.text
 
 
+def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohort, tmp_path,
+                                                              caplog):
+    """A lab may not know every age. Predicted age needs none, the gap does: such subjects
+    (n/a in participants.tsv) are predicted as before, their gaps are empty, the summary's
+    gap statistics leave them out, and a bias reference group counts only members with an
+    age. A training cohort still needs every age (test_inputs)."""
+    from brainage.agebias import check_bias_reference_group
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(new_cohort.root, cohort, ignore=shutil.ignore_patterns("preproc"))
+    table = pd.read_csv(cohort / "participants.tsv", sep="\t", dtype=str)
+    unknown = table["participant_id"][:2].tolist()
+    table.loc[:1, "age"] = "n/a"
+    table.to_csv(cohort / "participants.tsv", sep="\t", index=False)
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predicted = predict_cohort(
+            world.bundle_dir, cohort, stiffness_maps(new_cohort.files["maps"]),
+            new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+            summary_path=tmp_path / "s.tsv", figure_path=tmp_path / "f.png", cohort="new",
+            device="cpu")
+    before = new_cohort.predictions.set_index("participant_id")
+    after = predicted.set_index("participant_id")
+    np.testing.assert_allclose(after["predicted_age"], before["predicted_age"], rtol=0,
+                               atol=1e-9)
+    assert after.loc[unknown, ["gap", "corrected_gap", "corrected_predicted_age"]].isna().all(
+        axis=None)
+    assert after.loc[unknown, "within_training_ages"].isna().all()
+    known = after.drop(index=unknown)
+    pd.testing.assert_series_equal(known["gap"], before.drop(index=unknown)["gap"])
+    assert re.search(rf"2 subject\(s\) without an age \({unknown[0]}, {unknown[1]}\): a "
+                     rf"predicted age each, no brain-age gap", caplog.text)
+    written = pd.read_csv(tmp_path / "p.tsv", sep="\t")
+    assert written.set_index("participant_id").loc[unknown, "gap"].isna().all()
+    summary = pd.read_csv(tmp_path / "s.tsv", sep="\t").set_index("group")
+    healthy = known[(known["group"] == "healthy") & (known["status"] == "predicted")]
+    assert summary.loc["healthy", "mean_corrected_gap"] == pytest.approx(
+        healthy["corrected_gap"].mean(), abs=1e-9)
+    assert summary.loc["healthy", "n_predicted"] == (
+        (after["group"] == "healthy") & (after["status"] == "predicted")).sum()
+    ages = pd.read_csv(cohort / "participants.tsv", sep="\t")
+    ages["age"] = ages["age"].astype(float)
+    small = ages.iloc[:4].assign(group="ctl")
+    with pytest.raises(InputError, match=r"it has only 2 subjects with an age \("
+                                         rf"{unknown[0]}, {unknown[1]} have none\)"):
+        check_bias_reference_group(small, "group", "ctl", cohort="new")
+
+
 def test_ctrl_c_ends_run_with_a_line_not_a_traceback(monkeypatch, capsys):
     from brainage import predict as predict_module
 

@@ -122,15 +122,21 @@ def check_bias_reference_group(participants: pd.DataFrame, group_column: str, gr
     """
     members = (participants[group_column].astype(str) == str(group)).to_numpy()
     qc_known = passed is not None
-    usable = members & (passed if qc_known else True)
-    ages = participants["age"].to_numpy(dtype=np.float64)[usable]
+    all_ages = participants["age"].to_numpy(dtype=np.float64)
+    aged = np.isfinite(all_ages)  # a cohort to predict may lack ages: those cannot fit it
+    usable = members & aged & (passed if qc_known else True)
+    ages = all_ages[usable]
     if usable.sum() >= MIN_BIAS_SUBJECTS and np.ptp(ages) > 0:
         return
-    failed = participants.loc[members & ~usable, "participant_id"].tolist()
+    failed = participants.loc[members & aged & ~usable, "participant_id"].tolist()
+    without_age = participants.loc[members & ~aged, "participant_id"].tolist()
     if usable.sum() < MIN_BIAS_SUBJECTS:
         problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
-                   if qc_known else f"it has only {int(members.sum())} subject"
-                   + ("s" if members.sum() != 1 else ""))
+                   if qc_known else f"it has only {int(usable.sum())} subject"
+                   + ("s" if usable.sum() != 1 else ""))
+        if without_age:
+            problem += (f" with an age ({', '.join(without_age[:10])}"
+                        f"{' ...' if len(without_age) > 10 else ''} have none)")
     else:
         problem = (f"every subject of it{' that passed QC' if qc_known else ''} is "
                    f"{ages[0]:g} years old")

@@ -238,7 +238,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     """
     bundle = bundle_dir if isinstance(bundle_dir, ModelBundle) else read_bundle(bundle_dir)
     participants = read_participants(dataset_root, bundle.normalisation["modalities"],
-                                     needed_by=f"model bundle {bundle.path}")
+                                     needed_by=f"model bundle {bundle.path}",
+                                     ages_optional=True)
     table_path = Path(dataset_root) / "participants.tsv"
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     group_column = check_cohort_table(participants, table_path, cohort=cohort,
@@ -308,9 +309,19 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     table["gap"] = predicted - ages
     table["corrected_gap"] = bias.corrected_gap(ages, predicted)
     table["corrected_predicted_age"] = ages + table["corrected_gap"]
-    table["within_training_ages"] = (ages >= training.get("age_min", -np.inf)) & (
-        ages <= training.get("age_max", np.inf))
-    outside = table.loc[~table["within_training_ages"], "participant_id"].tolist()
+    within = (ages >= training.get("age_min", -np.inf)) & (ages <= training.get("age_max",
+                                                                                np.inf))
+    aged = np.isfinite(ages)
+    # unknown (empty in the TSV) where the age is: a cohort to predict may lack ages
+    table["within_training_ages"] = (within if aged.all() else
+                                     pd.array(np.where(aged, within, False), dtype="boolean"))
+    if not aged.all():
+        table.loc[~aged, "within_training_ages"] = pd.NA
+        log.warning("cohort %s: %d subject(s) without an age (%s): a predicted age each, no "
+                    "brain-age gap", cohort, int((~aged).sum()),
+                    ", ".join(table.loc[~aged, "participant_id"].tolist()[:10])
+                    + (", ..." if (~aged).sum() > 10 else ""))
+    outside = table.loc[aged & ~within, "participant_id"].tolist()
     if outside:  # the read-out extrapolates there, and brain-age gaps grow with the distance
         log.warning("cohort %s: %d subject(s) outside the training ages %s-%s years (%s): "
                     "their predictions extrapolate; column within_training_ages is false",
@@ -371,19 +382,23 @@ def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
     """Per-group brain-age gaps (years): n, mean and sd of raw and corrected gap, and the
     95 % t confidence interval of the mean corrected gap. Groups in order of appearance.
     ``n`` and ``age_mean`` describe every subject of the group; the gap columns only the
-    ``n_predicted`` who passed QC (``n_qc_failed`` did not)."""
+    ``n_predicted`` who passed QC (``n_qc_failed`` did not) and have an age (a cohort to
+    predict may lack some: those have a predicted age and no gap)."""
     from scipy import stats
 
     rows = []
     for group, members in table.groupby(table[group_column].astype(str), sort=False):
         predicted = members[members["status"] == "predicted"]
-        n = len(predicted)
+        # the gaps of the predicted subjects with an age (a cohort may lack some)
         corrected = predicted["corrected_gap"].to_numpy(dtype=float)
+        corrected = corrected[np.isfinite(corrected)]
+        n = len(corrected)
         mean = float(np.mean(corrected)) if n else math.nan
         sd = float(np.std(corrected, ddof=1)) if n > 1 else math.nan
         half_width = (float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)) if n > 1 else math.nan
         rows.append({
-            "grouped_by": group_column, "group": group, "n": len(members), "n_predicted": n,
+            "grouped_by": group_column, "group": group, "n": len(members),
+            "n_predicted": len(predicted),
             "n_qc_failed": int((members["status"] == "qc_failed").sum()),
             "age_mean": float(members["age"].mean()),
             "mean_gap": float(predicted["gap"].mean()) if n else math.nan,
@@ -410,6 +425,7 @@ def plot_gap_by_group(table: pd.DataFrame, group_column: str, path: str | Path, 
                                 (axes[1], "corrected_gap", "corrected brain-age gap (years)")):
         values = [predicted.loc[predicted[group_column].astype(str) == group, column]
                   .to_numpy(dtype=float) for group in groups]
+        values = [group_values[np.isfinite(group_values)] for group_values in values]
         positions = np.arange(1, len(groups) + 1)
         non_empty = [index for index, group_values in enumerate(values) if len(group_values)]
         if non_empty:

@@ -70,7 +70,8 @@ def check_label(label: str, *, where: str) -> str:
 
 def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES,
                       *, root_setting: str = "config key dataset.root",
-                      needed_by: str | None = None) -> pd.DataFrame:
+                      needed_by: str | None = None,
+                      ages_optional: bool = False) -> pd.DataFrame:
     """Read and validate ``<root>/participants.tsv``; every listed subject must have every
     image of ``modalities`` (config key ``dataset.modalities``).
 
@@ -79,7 +80,9 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     the message for a folder that does not exist says to set that one. ``needed_by``
     names what needs ``modalities`` when it is not that config key (``model bundle
     <path>``): a missing image is then the subject's to add, as a trained model's inputs
-    cannot be removed.
+    cannot be removed. ``ages_optional``: a subject may have no age (an empty cell or
+    n/a, read as NaN), for a cohort a trained model is applied to: it gets a predicted age
+    but no brain-age gap. Training cohorts need every age.
 
     Returns a DataFrame with ``participant_id`` (``sub-<label>``), ``age`` (years, float),
     ``sex``, ``study`` (str) and any extra columns, in file order.
@@ -94,7 +97,7 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     except FileNotFoundError:
         stamp = None
     return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities),
-                                     needed_by).copy()
+                                     needed_by, ages_optional).copy()
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
@@ -118,7 +121,8 @@ def _missing_root_message(root: Path, root_setting: str) -> str:
 @lru_cache(maxsize=8)
 def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                               modalities: tuple[str, ...],
-                              needed_by: str | None = None) -> pd.DataFrame:
+                              needed_by: str | None = None,
+                              ages_optional: bool = False) -> pd.DataFrame:
     root = Path(root_str)
     if not root.is_dir():  # removed since read_participants looked
         raise InputError(f"dataset root {root} does not exist.")
@@ -165,8 +169,8 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                          f"({', '.join(REQUIRED_COLUMNS)}).")
     if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
         lines = list(range(2, len(table) + 2))
-    _validate_participant_rows(table, table_path, lines)
-    _validate_against_schema(table, table_path, lines)
+    _validate_participant_rows(table, table_path, lines, ages_optional=ages_optional)
+    _validate_against_schema(table, table_path, lines, ages_optional=ages_optional)
     _require_every_image(root, [pid[len("sub-"):] for pid in table["participant_id"]],
                          modalities, remedy=f"or remove the subject's row from {table_path}",
                          needed_by=needed_by)
@@ -268,7 +272,7 @@ def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> N
 
 
 def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
-                               lines: Sequence[int]) -> None:
+                               lines: Sequence[int], *, ages_optional: bool = False) -> None:
     for row_number, participant_id in zip(lines, table["participant_id"]):
         where = f"{table_path} line {row_number}"
         if isinstance(participant_id, str) and participant_id != participant_id.strip():
@@ -295,6 +299,8 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
         if pd.isna(age):
             comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
+            if pd.isna(raw) and ages_optional:
+                continue  # a cohort to predict: a predicted age, no gap
             if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
                 raise InputError(f"{table_path}: subject {participant_id} has no age (an "
                                  f"empty cell or n/a); every subject needs its age in "
@@ -346,9 +352,10 @@ def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | s
 
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
-                             lines: Sequence[int]) -> None:
+                             lines: Sequence[int], *, ages_optional: bool = False) -> None:
     """Check every row against workflow/schemas/participants.schema.yaml (``lines``: the
-    line number of each row)."""
+    line number of each row); with ``ages_optional`` a row without an age is checked
+    without one."""
     import jsonschema
     import yaml
 
@@ -356,10 +363,15 @@ def _validate_against_schema(table: pd.DataFrame, table_path: Path,
 
     schema = yaml.safe_load(PARTICIPANTS_SCHEMA.read_text())
     validator = jsonschema.Draft202012Validator(schema)
+    without_age = jsonschema.Draft202012Validator(
+        {**schema, "required": [key for key in schema["required"] if key != "age"]})
     rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
     for row_number, row in zip(lines, rows):
-        row["age"] = float(row["age"])
-        for error in validator.iter_errors(row):
+        if row["age"] is None and ages_optional:
+            del row["age"]
+        else:
+            row["age"] = float(row["age"])
+        for error in (validator if "age" in row else without_age).iter_errors(row):
             column = ".".join(map(str, error.absolute_path)) or "(row)"
             raise InputError(f"{table_path} line {row_number} ({row.get('participant_id')}), "
                              f"column {column!r}: {error.message}")

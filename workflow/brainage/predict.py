@@ -140,7 +140,8 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"--template-t1 and --template-mask.")
     modalities = bundle.normalisation["modalities"]
     participants = read_participants(dataset_root, modalities, root_setting="--dataset",
-                                     needed_by=f"model bundle {bundle.path}")
+                                     needed_by=f"model bundle {bundle.path}",
+                                     ages_optional=True)
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     # the table's problems before the minutes of preprocessing, not after them, and
     # before anything is written under the output folder

@@ -222,14 +222,19 @@ wildcard_constraints:
 _IMAGES_CHECKED = set()
 
 
-def checked_participants(root, modalities, root_key, needed_by=None):
+def checked_participants(root, modalities, root_key, needed_by=None, ages_optional=False):
     """A cohort's validated participants table. The first call per cohort also opens every
     subject's images (cached by size and mtime in .snakemake/), so a corrupt file stops
     the run before any job starts. ``root_key``: the config key that names ``root``;
     ``needed_by``: what reads ``modalities`` when dataset.modalities does not set them
-    (brainage.inputs.read_participants). Raises brainage.inputs.InputError."""
+    (brainage.inputs.read_participants); ``ages_optional``: a cohort to predict, whose
+    subjects may lack an age. Raises brainage.inputs.InputError."""
     table = read_participants(
-        root, modalities, root_setting=f"config key {root_key}", needed_by=needed_by
+        root,
+        modalities,
+        root_setting=f"config key {root_key}",
+        needed_by=needed_by,
+        ages_optional=ages_optional,
     )
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:
@@ -282,6 +287,7 @@ def cohort_subjects(cohort):
                 f"predict.cohorts.{cohort}",
                 # the model's inputs: a subject's to add, not a modality to remove
                 needed_by="the model to apply (config key predict.model)",
+                ages_optional=True,
             )
         summarised_by = check_cohort_table(
             table,
