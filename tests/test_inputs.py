@@ -358,13 +358,15 @@ def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
     left out of the summary of 'healthy' and of the age-bias reference group."""
     from brainage.inputs import check_cohort_table
 
-    table = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03"],
-                          "group": ["healthy", "healthy ", "patient"]})
+    # (a reference group needs 3 members of different ages: check_bias_reference_group)
+    table = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
+                          "age": [30.0, 40.0, 50.0, 60.0],
+                          "group": ["healthy", "healthy ", "healthy", "patient"]})
     with pytest.raises(InputError, match=r"column 'group' writes 'healthy' as 'healthy' "
                                          r"\(sub-01\), 'healthy ' \(sub-02\).* summary by "
                                          r"group and the age-bias reference group"):
         check_cohort_table(table, "clinic/participants.tsv", cohort="clinic")
-    table["group"] = ["healthy", "healthy", "patient"]
+    table["group"] = ["healthy", "healthy", "healthy", "patient"]
     assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
                               bias_reference_group="healthy") == "group"
     # a header's 'group ' (a spreadsheet's trailing space) was no group column: the

@@ -1219,7 +1219,7 @@ def test_a_bias_reference_group_needs_three_qc_passed_subjects_of_different_ages
     """Exactly MIN_BIAS_SUBJECTS (3) subjects of different ages are enough; three of one
     age are refused, naming the age. Before any QC (``passed`` None, the check that runs
     before preprocessing) every member counts."""
-    from brainage.agebias import MIN_BIAS_SUBJECTS, check_bias_reference_group
+    from brainage.inputs import MIN_BIAS_SUBJECTS, check_bias_reference_group
 
     assert MIN_BIAS_SUBJECTS == 3
     table = pd.DataFrame({"participant_id": [f"sub-{index}" for index in range(5)],
@@ -1405,7 +1405,7 @@ def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohor
     (n/a in participants.tsv) are predicted as before, their gaps are empty, the summary's
     gap statistics leave them out, and a bias reference group counts only members with an
     age. A training cohort still needs every age (test_inputs)."""
-    from brainage.agebias import check_bias_reference_group
+    from brainage.inputs import check_bias_reference_group
 
     cohort = tmp_path / "cohort"
     shutil.copytree(new_cohort.root, cohort, ignore=shutil.ignore_patterns("preproc"))
@@ -1621,8 +1621,8 @@ def test_a_qc_file_of_another_subject_given_for_a_subject_is_refused(tmp_path):
                                     "correlation": 0.5, "coverage": 0.9}))
         with pytest.raises(InputError, match=r"is the record of sub-02, not of sub-01"):
             read_qc(path, minimums, subject="01")
-    passed, reason, metrics = read_qc(path, minimums, subject="02")
-    assert (passed, reason) == (True, "")
+    passed, reason, metrics, reference = read_qc(path, minimums, subject="02")
+    assert (passed, reason, reference) == (True, "", "unknown")  # a record without a kind
     assert metrics == {"qc_dice": 0.9, "qc_correlation": 0.5, "qc_coverage": 0.9}
 
 

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-import pandas as pd
 
-from brainage.inputs import InputError
+from brainage.inputs import MIN_BIAS_SUBJECTS
 from brainage.readout import fit_readout
 
 log = logging.getLogger(__name__)
@@ -73,8 +72,6 @@ class AgeBias:
         return np.asarray(predicted, dtype=np.float64) - ages - self.expected_gap(ages)
 
 
-#: Subjects with a prediction that an age-bias line needs (two fix any line).
-MIN_BIAS_SUBJECTS = 3
 
 
 def fit_age_bias(ages: np.ndarray, predicted: np.ndarray, *, where: str = "reference set"
@@ -106,46 +103,6 @@ def fit_age_bias(ages: np.ndarray, predicted: np.ndarray, *, where: str = "refer
                          f"{ages[0]} years old, so the gap's age slope is undefined.")
     slope, intercept = np.polyfit(ages, predicted - ages, 1)
     return AgeBias(intercept=float(intercept), slope=float(slope))
-
-
-def check_bias_reference_group(participants: pd.DataFrame, group_column: str, group: str,
-                               passed: np.ndarray | None = None, *, cohort: str) -> None:
-    """Refuse a ``bias_reference_group`` whose members cannot fit the age-bias line
-    (:func:`fit_age_bias`: at least :data:`MIN_BIAS_SUBJECTS` subjects, not all of one
-    age). ``passed``: QC verdict per row (bool), once QC is known, before any subject is
-    embedded; None before any preprocessing (every member counts), so that a group too
-    small is refused before hours of work rather than after them.
-
-    Raises
-    ------
-    InputError
-    """
-    members = (participants[group_column].astype(str) == str(group)).to_numpy()
-    qc_known = passed is not None
-    all_ages = participants["age"].to_numpy(dtype=np.float64)
-    aged = np.isfinite(all_ages)  # a cohort to predict may lack ages: those cannot fit it
-    usable = members & aged & (passed if qc_known else True)
-    ages = all_ages[usable]
-    if usable.sum() >= MIN_BIAS_SUBJECTS and np.ptp(ages) > 0:
-        return
-    failed = participants.loc[members & aged & ~usable, "participant_id"].tolist()
-    without_age = participants.loc[members & ~aged, "participant_id"].tolist()
-    if usable.sum() < MIN_BIAS_SUBJECTS:
-        problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
-                   if qc_known else f"it has only {int(usable.sum())} subject"
-                   + ("s" if usable.sum() != 1 else ""))
-        if without_age:
-            problem += (f" with an age ({', '.join(without_age[:10])}"
-                        f"{' ...' if len(without_age) > 10 else ''} have none)")
-    else:
-        problem = (f"every subject of it{' that passed QC' if qc_known else ''} is "
-                   f"{ages[0]:g} years old")
-    raise InputError(
-        f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
-        f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
-        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; the line needs at "
-        f"least {MIN_BIAS_SUBJECTS} subjects of different ages with a prediction. Add "
-        f"subjects to the group, or leave the key unset to use the bundle's correction.")
 
 
 def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping,

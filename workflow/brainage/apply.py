@@ -10,7 +10,6 @@ Subjects failing preprocessing QC are listed with their reason, never predicted.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -20,11 +19,16 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.agebias import AgeBias, check_bias_reference_group, fit_age_bias
+from brainage.agebias import AgeBias, fit_age_bias
 from brainage.bundle import BundleError, ModelBundle, read_bundle
 from brainage.config import ConfigError
 from brainage.data import VolumeStore
-from brainage.inputs import InputError, check_cohort_table, read_participants
+from brainage.inputs import (
+    InputError,
+    check_bias_reference_group,
+    check_cohort_table,
+    read_participants,
+)
 from brainage.io import atomic_path, write_json, write_tsv
 from brainage.models import BrainAgeNet, build_model, embed
 from brainage.normalise import apply as apply_normalisation
@@ -113,7 +117,8 @@ class BrainAgeModel:
         return self.readout.predict(self.features(volumes).astype(np.float64))
 
 
-def read_qc(path: str | Path, minimums: Mapping, *, subject: str) -> tuple[bool, str, dict]:
+def read_qc(path: str | Path, minimums: Mapping, *, subject: str
+            ) -> tuple[bool, str, dict, str]:
     """Subject ``subject``'s QC verdict from its ``sub-<label>_qc.json`` (rule
     correct_and_register, step compute_qc).
 
@@ -134,6 +139,9 @@ def read_qc(path: str | Path, minimums: Mapping, *, subject: str) -> tuple[bool,
         The thresholds missed, e.g. ``"dice 0.812 < 0.85"`` (empty when passed).
     metrics : dict
         ``qc_dice``, ``qc_correlation``, ``qc_coverage``.
+    reference_kind : str
+        The image the subject was registered by (``T1w_brain``, ``stiffness``, ...;
+        ``unknown`` when the record has none).
     """
     (participant_id, record), = read_qc_records([path], require=METRICS).items()
     if participant_id != f"sub-{subject}":
@@ -143,7 +151,8 @@ def read_qc(path: str | Path, minimums: Mapping, *, subject: str) -> tuple[bool,
                          f"correct_and_register, step compute_qc).")
     failures = qc_failures(record, minimums)
     return (not failures, "; ".join(failures),
-            {f"qc_{metric}": float(record[metric]) for metric in METRICS})
+            {f"qc_{metric}": float(record[metric]) for metric in METRICS},
+            record.get("reference_kind") or "unknown")
 
 
 def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, subject: str
@@ -265,17 +274,19 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     if missing:
         raise BundleError(f"model bundle {model.bundle.path} records no QC threshold(s) "
                           f"{', '.join(missing)}; pass qc_thresholds (config section qc).")
-    passed, reasons, qc_metrics = [], [], []
+    passed, reasons, qc_metrics, references = [], [], [], []
     for label in labels:
-        ok, reason, metrics = read_qc(qc[label], thresholds(qc_thresholds), subject=label)
+        ok, reason, metrics, reference = read_qc(qc[label], thresholds(qc_thresholds),
+                                                 subject=label)
         passed.append(ok)
         reasons.append(reason)
         qc_metrics.append(metrics)
+        references.append(reference)
         if not ok:
             log.warning("cohort %s: sub-%s fails preprocessing QC (%s): reported, not "
                         "predicted", cohort, label, reason)
     passed = np.array(passed, dtype=bool)
-    _warn_about_mixed_references(cohort, labels, qc)
+    _warn_about_mixed_references(cohort, labels, references)
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group, passed,
                                    cohort=cohort)
@@ -312,11 +323,10 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     within = (ages >= training.get("age_min", -np.inf)) & (ages <= training.get("age_max",
                                                                                 np.inf))
     aged = np.isfinite(ages)
-    # unknown (empty in the TSV) where the age is: a cohort to predict may lack ages
-    table["within_training_ages"] = (within if aged.all() else
-                                     pd.array(np.where(aged, within, False), dtype="boolean"))
-    if not aged.all():
-        table.loc[~aged, "within_training_ages"] = pd.NA
+    table["within_training_ages"] = within
+    if not aged.all():  # a cohort to predict may lack ages: unknown there (empty in the TSV)
+        table["within_training_ages"] = table["within_training_ages"].astype("boolean").mask(
+            ~aged)
         log.warning("cohort %s: %d subject(s) without an age (%s): a predicted age each, no "
                     "brain-age gap", cohort, int((~aged).sum()),
                     ", ".join(table.loc[~aged, "participant_id"].tolist()[:10])
@@ -357,13 +367,12 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
 
 
 def _warn_about_mixed_references(cohort: str, labels: Sequence[str],
-                                 qc: Mapping[str, str | Path]) -> None:
+                                 references: Sequence[str]) -> None:
     """Warn when a cohort's subjects were registered by different references (a T1w for
     most, the stiffness map for those without one): their brain masks and transforms come
     from other images, which can move their predictions by years."""
     by_kind: dict[str, list[str]] = {}
-    for label in labels:
-        kind = json.loads(Path(qc[label]).read_text()).get("reference_kind") or "unknown"
+    for label, kind in zip(labels, references):
         by_kind.setdefault(kind, []).append(f"sub-{label}")
     if len(by_kind) < 2:
         return

@@ -101,19 +101,19 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
-    if not root.exists() and str(root).startswith("~"):  # YAML and Snakemake keep '~'
-        return (f"dataset root {root} does not exist: '~' is not expanded in paths. Set "
-                f"{root_setting} to the full path ({root.expanduser()}).")
-    if not root.exists() and not root.is_absolute():
-        root = Path(f"{root} (relative to {Path.cwd()}, the working directory)")
     if root.exists():  # a file (often participants.tsv itself) where the folder belongs
         return (f"dataset root {root} is a file, not a folder. Set {root_setting} to the "
                 f"folder that holds participants.tsv and a sub-<label> folder per subject.")
+    if str(root).startswith("~"):  # YAML and Snakemake keep '~'
+        return (f"dataset root {root} does not exist: '~' is not expanded in paths. Set "
+                f"{root_setting} to the full path ({root.expanduser()}).")
+    shown = (str(root) if root.is_absolute()
+             else f"{root} (relative to {Path.cwd()}, the working directory)")
     if root_setting == "config key dataset.root":  # the training cohort: maybe the demo's
-        return (f"dataset root {root} does not exist. Set config key dataset.root to your "
+        return (f"dataset root {shown} does not exist. Set config key dataset.root to your "
                 f"BIDS-like dataset folder, or dataset.simulate.enabled: true for the demo "
                 f"cohort.")
-    return (f"dataset root {root} does not exist. Set {root_setting} to the cohort's "
+    return (f"dataset root {shown} does not exist. Set {root_setting} to the cohort's "
             f"BIDS-like dataset folder (participants.tsv and a sub-<label> folder per "
             f"subject).")
 
@@ -518,7 +518,7 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
     plausible ones (``median_range``, else ``valid_range``): a map in another unit, found
     before hours of work instead of at its subject's preprocessing."""
     bounds = kind.median_range or kind.valid_range
-    if bounds is None or not kind.is_mre:
+    if bounds is None:  # the T1w: scanner units
         return
     median = float(np.median(values.astype(np.float64)))
     if median > UNIT_CHECK_FACTOR * bounds[1]:
@@ -731,9 +731,9 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
     Raises
     ------
     InputError
-        No such column, or a ``bias_reference_group`` no subject belongs to (the
-        correction would be refitted on nobody, found only after every subject was
-        preprocessed and embedded).
+        No such column, or a ``bias_reference_group`` no subject belongs to or too few
+        to fit the age-bias line (:func:`check_bias_reference_group`): found otherwise only
+        after every subject was preprocessed.
     """
     spaced = [str(column) for column in participants.columns
               if str(column).strip() == "group" and str(column) != "group"]
@@ -754,4 +754,52 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
             f"key predict.bias_reference_group, or --bias-reference-group) is not a value of "
             f"column {group_column!r} of {table_path}, whose groups are {', '.join(groups)}. "
             f"Name one of them, or leave it unset to use the bundle's correction.")
+    if bias_reference_group is not None:
+        check_bias_reference_group(participants, group_column, bias_reference_group,
+                                   cohort=cohort)
     return group_column
+
+
+#: Subjects with a prediction that an age-bias line needs (two fix any line):
+#: brainage.agebias.fit_age_bias's minimum, checked here on a cohort's reference group.
+MIN_BIAS_SUBJECTS = 3
+
+
+def check_bias_reference_group(participants: pd.DataFrame, group_column: str, group: str,
+                               passed: np.ndarray | None = None, *, cohort: str) -> None:
+    """Refuse a ``bias_reference_group`` whose members cannot fit the age-bias line
+    (:func:`brainage.agebias.fit_age_bias`: at least :data:`MIN_BIAS_SUBJECTS` subjects, not all of one
+    age). ``passed``: QC verdict per row (bool), once QC is known, before any subject is
+    embedded; None before any preprocessing (every member counts), so that a group too
+    small is refused before hours of work rather than after them.
+
+    Raises
+    ------
+    InputError
+    """
+    members = (participants[group_column].astype(str) == str(group)).to_numpy()
+    qc_known = passed is not None
+    all_ages = participants["age"].to_numpy(dtype=np.float64)
+    aged = np.isfinite(all_ages)  # a cohort to predict may lack ages: those cannot fit it
+    usable = members & aged & (passed if qc_known else True)
+    ages = all_ages[usable]
+    if usable.sum() >= MIN_BIAS_SUBJECTS and np.ptp(ages) > 0:
+        return
+    failed = participants.loc[members & aged & ~usable, "participant_id"].tolist()
+    without_age = participants.loc[members & ~aged, "participant_id"].tolist()
+    if usable.sum() < MIN_BIAS_SUBJECTS:
+        problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
+                   if qc_known else f"it has only {int(usable.sum())} subject"
+                   + ("s" if usable.sum() != 1 else ""))
+        if without_age:
+            problem += (f" with an age ({', '.join(without_age[:10])}"
+                        f"{' ...' if len(without_age) > 10 else ''} have none)")
+    else:
+        problem = (f"every subject of it{' that passed QC' if qc_known else ''} is "
+                   f"{ages[0]:g} years old")
+    raise InputError(
+        f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
+        f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
+        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; the line needs at "
+        f"least {MIN_BIAS_SUBJECTS} subjects of different ages with a prediction. Add "
+        f"subjects to the group, or leave the key unset to use the bundle's correction.")

@@ -29,7 +29,6 @@ import numpy as np
 import pandas as pd
 
 from brainage import brainage_version
-from brainage.agebias import check_bias_reference_group
 from brainage.apply import predict_cohort
 from brainage.bundle import MANIFEST_FILE, BundleError, read_bundle
 from brainage.config import (
@@ -145,12 +144,8 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     # the table's problems before the minutes of preprocessing, not after them, and
     # before anything is written under the output folder
-    summarised_by = check_cohort_table(
-        participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
-        group_column=group_column, bias_reference_group=bias_reference_group)
-    if bias_reference_group is not None:
-        check_bias_reference_group(participants, summarised_by, bias_reference_group,
-                                   cohort=cohort)
+    check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
+                       group_column=group_column, bias_reference_group=bias_reference_group)
     try:  # the first write: an unwritable --output named as the flag, with what to do
         output.mkdir(parents=True, exist_ok=True)
     except OSError as error:

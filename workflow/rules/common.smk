@@ -17,7 +17,6 @@ from snakemake.settings.types import DeploymentMethod
 sys.path.insert(0, str(Path(workflow.basedir) / "workflow"))
 
 from brainage import brainage_version
-from brainage.agebias import check_bias_reference_group
 from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
 from brainage.config import pretrain_settings, pretrained_run, training_settings
 from brainage.config import exported_cell as exported_cell_of
@@ -289,16 +288,12 @@ def cohort_subjects(cohort):
                 needed_by="the model to apply (config key predict.model)",
                 ages_optional=True,
             )
-        summarised_by = check_cohort_table(
+        check_cohort_table(
             table,
             Path(PREDICT_COHORTS[cohort], "participants.tsv"),
             cohort=cohort,
             bias_reference_group=PREDICT["bias_reference_group"],
         )
-        if PREDICT["bias_reference_group"] is not None:
-            check_bias_reference_group(
-                table, summarised_by, PREDICT["bias_reference_group"], cohort=cohort
-            )
     except InputError as error:
         raise WorkflowError(
             f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
