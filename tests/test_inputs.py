@@ -14,9 +14,13 @@ import pytest
 
 from brainage import inputs
 from brainage.inputs import (
+    ALL_SUBJECTS,
+    NO_GROUP,
     InputError,
+    check_cohort_table,
     check_dataset_images,
     check_label,
+    cohort_groups,
     load_nifti_checked,
     read_participants,
     same_grid,
@@ -153,12 +157,36 @@ def test_a_cohort_to_predict_may_lack_ages_a_training_cohort_may_not(tmp_path):
     root = write_tiny_dataset(tmp_path / "dataset", rows)
     with pytest.raises(InputError, match=r"subject sub-01a has no age"):
         read_participants(root)
-    table = read_participants(root, ages_optional=True)
+    table = read_participants(root, to_predict=True)
     assert np.isnan(table["age"][1]) and table["age"][[0, 2]].tolist() == [20.0, 40.0]
     rows[1]["age"] = "old"  # not a number: refused either way
     root = write_tiny_dataset(tmp_path / "other", rows)
     with pytest.raises(InputError, match=r"has age 'old'"):
-        read_participants(root, ages_optional=True)
+        read_participants(root, to_predict=True)
+
+
+def test_a_cohort_to_predict_needs_only_its_ids(tmp_path):
+    """The model reads no age, sex or study: a cohort to predict may omit the columns or
+    leave cells blank, and gets an age column of NaN when it has none; a training cohort
+    needs all four, as before."""
+    rows = [{"participant_id": row["participant_id"]} for row in default_rows(3)]
+    root = write_tiny_dataset(tmp_path / "dataset", rows)
+    with pytest.raises(InputError, match=r"lacks column\(s\) age, sex, study"):
+        read_participants(root)
+    table = read_participants(root, to_predict=True)
+    assert list(table.columns) == ["participant_id", "age"] and table["age"].isna().all()
+    rows = default_rows(3)
+    rows[0]["sex"], rows[1]["study"] = "n/a", ""
+    root = write_tiny_dataset(tmp_path / "blanks", rows)
+    with pytest.raises(InputError, match=r"column 'sex' is empty for sub-00a"):
+        read_participants(root)
+    table = read_participants(root, to_predict=True)
+    assert table["sex"].isna().tolist() == [True, False, False]
+    assert cohort_groups(table, "study").tolist() == ["study1", NO_GROUP, "study1"]
+    assert cohort_groups(table, None).tolist() == [ALL_SUBJECTS] * 3
+    assert check_cohort_table(table[["participant_id", "age"]], root / "participants.tsv",
+                              cohort="new") is None
+    assert check_cohort_table(table, root / "participants.tsv", cohort="new") == "study"
 
 
 def test_sex_codes_table_2_cannot_count_are_warned_about(tmp_path, caplog):

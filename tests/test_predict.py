@@ -1446,6 +1446,45 @@ def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohor
         check_bias_reference_group(small, "group", "ctl", cohort="new")
 
 
+def test_a_cohort_with_only_ids_is_predicted_as_one_group(world, new_cohort, tmp_path):
+    """A lab applying a model to its scans may have no ages, sexes or studies to give: the
+    model reads none of them. A participants.tsv of ids alone predicts the same ages, with
+    empty gaps, summarised as one group; a blank study is the group n/a; an age-bias
+    reference group then has no column to come from, and is refused before any work."""
+    cohort = tmp_path / "cohort"
+    shutil.copytree(new_cohort.root, cohort, ignore=shutil.ignore_patterns("preproc"))
+    table = pd.read_csv(cohort / "participants.tsv", sep="\t", dtype=str)
+    table[["participant_id"]].to_csv(cohort / "participants.tsv", sep="\t", index=False)
+    arguments = dict(predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                     figure_path=tmp_path / "f.png", cohort="new", device="cpu")
+    predicted = predict_cohort(world.bundle_dir, cohort, stiffness_maps(new_cohort.files["maps"]),
+                               new_cohort.files["qc"], **arguments)
+    before = new_cohort.predictions.set_index("participant_id")
+    after = predicted.set_index("participant_id")
+    np.testing.assert_allclose(after["predicted_age"], before["predicted_age"], rtol=0,
+                               atol=1e-9)
+    assert after["gap"].isna().all() and after["age"].isna().all()
+    assert "sex" not in after.columns and "study" not in after.columns
+    summary = pd.read_csv(tmp_path / "s.tsv", sep="\t")
+    assert summary[["grouped_by", "group", "n"]].values.tolist() == [["none", "all", len(table)]]
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+    table.loc[0, "study"] = ""  # a blank study: its own group, not "nan"
+    table[["participant_id", "study"]].to_csv(cohort / "participants.tsv", sep="\t",
+                                              index=False)
+    predict_cohort(world.bundle_dir, cohort, stiffness_maps(new_cohort.files["maps"]),
+                   new_cohort.files["qc"], **arguments)
+    groups = pd.read_csv(tmp_path / "s.tsv", sep="\t", keep_default_na=False)
+    assert groups.set_index("group").loc["n/a", "n"] == 1
+    assert set(groups["grouped_by"]) == {"study"}
+
+    table[["participant_id"]].to_csv(cohort / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=r"reference group 'healthy' .* needs a column 'group' "
+                                         r"\(or 'study'\)"):
+        predict_cohort(world.bundle_dir, cohort, stiffness_maps(new_cohort.files["maps"]),
+                       new_cohort.files["qc"], bias_reference_group="healthy", **arguments)
+
+
 def test_ctrl_c_ends_run_with_a_line_not_a_traceback(monkeypatch, capsys):
     from brainage import predict as predict_module
 

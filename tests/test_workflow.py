@@ -224,10 +224,12 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
                      r"\.tsv\.", result.stdout), result.stdout
     assert "dataset.modalities" not in result.stdout, result.stdout
     assert not (tmp_path / "results").exists()
-    # a subject of a cohort to predict may lack an age (a predicted age, no gap): planned
+    # a cohort to predict may lack ages (predicted ages, no gaps), sexes and studies: planned
     rows = default_rows(3)
     rows[1]["age"] = "n/a"
     ageless = write_tiny_dataset(tmp_path / "ageless", rows)
+    (ageless / "participants.tsv").write_text(
+        "participant_id\n" + "".join(f"{row['participant_id']}\n" for row in rows))
     config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
                          predict={"cohorts": {"ageless": str(ageless)}})
     result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))

@@ -27,6 +27,7 @@ from brainage.inputs import (
     InputError,
     check_bias_reference_group,
     check_cohort_table,
+    cohort_groups,
     read_participants,
 )
 from brainage.io import atomic_path, write_json, write_tsv
@@ -248,7 +249,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     bundle = bundle_dir if isinstance(bundle_dir, ModelBundle) else read_bundle(bundle_dir)
     participants = read_participants(dataset_root, bundle.normalisation["modalities"],
                                      needed_by=f"model bundle {bundle.path}",
-                                     ages_optional=True)
+                                     to_predict=True)
     table_path = Path(dataset_root) / "participants.tsv"
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     group_column = check_cohort_table(participants, table_path, cohort=cohort,
@@ -302,7 +303,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     bias_source = (f"bundle: {model.bundle.bias_correction.get('description', '')} "
                    f"({model.bundle.bias_correction.get('n_subjects')} subjects)")
     if bias_reference_group is not None:
-        in_group = (table[group_column].astype(str) == str(bias_reference_group)).to_numpy()
+        in_group = (cohort_groups(table, group_column) == str(bias_reference_group)).to_numpy()
         reference = passed & in_group
         bias = fit_age_bias(ages[reference], predicted[reference],
                             where=f"cohort {cohort} group {bias_reference_group!r}")
@@ -344,8 +345,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     write_tsv(summary_path, summary)
     if figure_path is not None:
         plot_gap_by_group(table, group_column, figure_path,
-                          title=f"{cohort}: brain-age gap by {group_column} "
-                                f"(model {model.bundle.name})")
+                          title=f"{cohort}: brain-age gap"
+                                + (f" by {group_column}" if group_column else "")
+                                + f" (model {model.bundle.name})")
     write_json(provenance_path or Path(predictions_path).with_name("provenance.json"), {
         # absolute: the record is read from other folders than the one it was made in
         "cohort": cohort, "dataset_root": str(Path(dataset_root).resolve()),
@@ -387,16 +389,18 @@ def _warn_about_mixed_references(cohort: str, labels: Sequence[str],
                 len(by_kind[main_kind]), main_kind, others)
 
 
-def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
+def summarise_gaps(table: pd.DataFrame, group_column: str | None) -> pd.DataFrame:
     """Per-group brain-age gaps (years): n, mean and sd of raw and corrected gap, and the
-    95 % t confidence interval of the mean corrected gap. Groups in order of appearance.
+    95 % t confidence interval of the mean corrected gap. Groups in order of appearance
+    (:func:`brainage.inputs.cohort_groups`; ``grouped_by`` is ``none`` for a cohort without
+    a group or study column).
     ``n`` and ``age_mean`` describe every subject of the group; the gap columns only the
     ``n_predicted`` who passed QC (``n_qc_failed`` did not) and have an age (a cohort to
     predict may lack some: those have a predicted age and no gap)."""
     from scipy import stats
 
     rows = []
-    for group, members in table.groupby(table[group_column].astype(str), sort=False):
+    for group, members in table.groupby(cohort_groups(table, group_column), sort=False):
         predicted = members[members["status"] == "predicted"]
         # the gaps of the predicted subjects with an age (a cohort may lack some)
         corrected = predicted["corrected_gap"].to_numpy(dtype=float)
@@ -406,7 +410,7 @@ def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
         sd = float(np.std(corrected, ddof=1)) if n > 1 else math.nan
         half_width = (float(stats.t.ppf(0.975, n - 1)) * sd / math.sqrt(n)) if n > 1 else math.nan
         rows.append({
-            "grouped_by": group_column, "group": group, "n": len(members),
+            "grouped_by": group_column or "none", "group": group, "n": len(members),
             "n_predicted": len(predicted),
             "n_qc_failed": int((members["status"] == "qc_failed").sum()),
             "age_mean": float(members["age"].mean()),
@@ -418,7 +422,7 @@ def summarise_gaps(table: pd.DataFrame, group_column: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
-def plot_gap_by_group(table: pd.DataFrame, group_column: str, path: str | Path, *,
+def plot_gap_by_group(table: pd.DataFrame, group_column: str | None, path: str | Path, *,
                       title: str = "") -> None:
     """Two panels, raw and age-bias-corrected gap (years) per group: box plot and points."""
     import matplotlib
@@ -427,13 +431,14 @@ def plot_gap_by_group(table: pd.DataFrame, group_column: str, path: str | Path, 
     import matplotlib.pyplot as plt
 
     predicted = table[table["status"] == "predicted"]
-    groups = list(dict.fromkeys(table[group_column].astype(str)))
+    groups = list(dict.fromkeys(cohort_groups(table, group_column)))
+    predicted_groups = cohort_groups(predicted, group_column)
     figure, axes = plt.subplots(1, 2, figsize=(4 + 1.4 * len(groups), 4.2), sharey=True)
     rng = np.random.default_rng(0)  # jitter only; fixed so the figure is reproducible
     for axis, column, label in ((axes[0], "gap", "brain-age gap (years)"),
                                 (axes[1], "corrected_gap", "corrected brain-age gap (years)")):
-        values = [predicted.loc[predicted[group_column].astype(str) == group, column]
-                  .to_numpy(dtype=float) for group in groups]
+        values = [predicted.loc[predicted_groups == group, column].to_numpy(dtype=float)
+                  for group in groups]
         values = [group_values[np.isfinite(group_values)] for group_values in values]
         positions = np.arange(1, len(groups) + 1)
         non_empty = [index for index, group_values in enumerate(values) if len(group_values)]

@@ -4,6 +4,7 @@ each checked before any work.
 Layout of a dataset root::
 
     participants.tsv                          participant_id, age, sex, study, [extra...]
+                                              (a cohort to predict: participant_id only)
     sub-<label>/mre/sub-<label>_stiffness.nii.gz   shear stiffness (kPa), native space
     sub-<label>/mre/sub-<label>_<map>.nii.gz       other MRE maps on the same grid
                                                    (damping_ratio, storage_modulus, loss_modulus)
@@ -41,6 +42,13 @@ log = logging.getLogger(__name__)
 #: Matched with fullmatch: ``$`` alone would also accept a trailing newline.
 LABEL_PATTERN = re.compile(r"[A-Za-z0-9]+")
 REQUIRED_COLUMNS = ("participant_id", "age", "sex", "study")
+#: A cohort a trained model is applied to needs only its ids: the model reads no age, sex or
+#: study. An age gives a brain-age gap; study or group, the summary's groups.
+PREDICT_REQUIRED_COLUMNS = ("participant_id",)
+#: The group of a subject whose grouping column is blank (a cohort to predict may have
+#: blank studies), and the one group of a cohort with neither a group nor a study column.
+NO_GROUP = "n/a"
+ALL_SUBJECTS = "all"
 #: Columns the pipeline writes into the tables it derives from a participants.tsv, beside
 #: the table's own columns: a split's participants.tsv (brainage.normalise.ADDED_COLUMNS)
 #: and a predicted cohort's predictions.tsv (brainage.apply.PREDICTION_COLUMNS). A column of
@@ -71,7 +79,7 @@ def check_label(label: str, *, where: str) -> str:
 def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODALITIES,
                       *, root_setting: str = "config key dataset.root",
                       needed_by: str | None = None,
-                      ages_optional: bool = False) -> pd.DataFrame:
+                      to_predict: bool = False) -> pd.DataFrame:
     """Read and validate ``<root>/participants.tsv``; every listed subject must have every
     image of ``modalities`` (config key ``dataset.modalities``).
 
@@ -80,12 +88,15 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     the message for a folder that does not exist says to set that one. ``needed_by``
     names what needs ``modalities`` when it is not that config key (``model bundle
     <path>``): a missing image is then the subject's to add, as a trained model's inputs
-    cannot be removed. ``ages_optional``: a subject may have no age (an empty cell or
-    n/a, read as NaN), for a cohort a trained model is applied to: it gets a predicted age
-    but no brain-age gap. Training cohorts need every age.
+    cannot be removed. ``to_predict``: a cohort a trained model is applied to, which needs
+    only ``participant_id`` (:data:`PREDICT_REQUIRED_COLUMNS`): the ``age``, ``sex`` and
+    ``study`` columns or cells may be missing. A subject without an age (an empty cell or
+    n/a, read as NaN; a table without the column gets one of NaN) gets a predicted age but
+    no brain-age gap. Training cohorts need every column and every age.
 
     Returns a DataFrame with ``participant_id`` (``sub-<label>``), ``age`` (years, float),
-    ``sex``, ``study`` (str) and any extra columns, in file order.
+    ``sex``, ``study`` (str; a cohort to predict keeps them only where its table has them)
+    and any extra columns, in file order.
     """
     root = Path(root)
     if not root.is_dir():
@@ -97,7 +108,7 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     except FileNotFoundError:
         stamp = None
     return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities),
-                                     needed_by, ages_optional).copy()
+                                     needed_by, to_predict).copy()
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
@@ -122,15 +133,16 @@ def _missing_root_message(root: Path, root_setting: str) -> str:
 def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                               modalities: tuple[str, ...],
                               needed_by: str | None = None,
-                              ages_optional: bool = False) -> pd.DataFrame:
+                              to_predict: bool = False) -> pd.DataFrame:
     root = Path(root_str)
+    required = PREDICT_REQUIRED_COLUMNS if to_predict else REQUIRED_COLUMNS
     if not root.is_dir():  # removed since read_participants looked
         raise InputError(f"dataset root {root} does not exist.")
     table_path = root / "participants.tsv"
     if stamp is None:
         raise InputError(
             f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
-            f"with columns {', '.join(REQUIRED_COLUMNS)}.")
+            f"with columns {', '.join(required)}.")
     try:
         lines = check_table_shape(table_path)
         # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
@@ -145,14 +157,14 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     table = table.drop(columns=[column for column in table.columns
                                 if str(column).startswith("Unnamed: ")
                                 and table[column].isna().all()])
-    missing = [column for column in REQUIRED_COLUMNS if column not in table.columns]
+    missing = [column for column in required if column not in table.columns]
     if missing:
         spaced = [str(column) for column in table.columns
                   if str(column).strip() in missing and str(column) != str(column).strip()]
         commas = len(table.columns) == 1 and "," in str(table.columns[0])
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
-            f"{', '.join(map(str, table.columns))}. Required: {', '.join(REQUIRED_COLUMNS)}."
+            f"{', '.join(map(str, table.columns))}. Required: {', '.join(required)}."
             + "".join(f" The header's {column!r} has spaces around its name: remove them."
                       for column in spaced)
             + (" Its columns are separated by commas: save it tab-separated (a spreadsheet's"
@@ -166,17 +178,20 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{clashing[0]}_original).")
     if table.empty:
         raise InputError(f"{table_path} lists no participants. Add a row per subject "
-                         f"({', '.join(REQUIRED_COLUMNS)}).")
+                         f"({', '.join(required)}).")
     if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
         lines = list(range(2, len(table) + 2))
-    _validate_participant_rows(table, table_path, lines, ages_optional=ages_optional)
-    _validate_against_schema(table, table_path, lines, ages_optional=ages_optional)
+    if to_predict and "age" not in table.columns:  # no ages: predicted ages, no gaps
+        table["age"] = np.nan
+    _validate_participant_rows(table, table_path, lines, to_predict=to_predict)
+    _validate_against_schema(table, table_path, lines, to_predict=to_predict)
     _require_every_image(root, [pid[len("sub-"):] for pid in table["participant_id"]],
                          modalities, remedy=f"or remove the subject's row from {table_path}",
                          needed_by=needed_by)
     _warn_unlisted_subjects(root, set(table["participant_id"]), table_path)
     table["age"] = table["age"].astype(float)
-    table["study"] = table["study"].astype(str)
+    if not to_predict:  # a cohort to predict keeps its blank studies blank
+        table["study"] = table["study"].astype(str)
     return table
 
 
@@ -272,7 +287,7 @@ def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> N
 
 
 def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
-                               lines: Sequence[int], *, ages_optional: bool = False) -> None:
+                               lines: Sequence[int], *, to_predict: bool = False) -> None:
     for row_number, participant_id in zip(lines, table["participant_id"]):
         where = f"{table_path} line {row_number}"
         if isinstance(participant_id, str) and participant_id != participant_id.strip():
@@ -299,7 +314,7 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
         if pd.isna(age):
             comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
-            if pd.isna(raw) and ages_optional:
+            if pd.isna(raw) and to_predict:
                 continue  # a cohort to predict: a predicted age, no gap
             if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
                 raise InputError(f"{table_path}: subject {participant_id} has no age (an "
@@ -314,6 +329,10 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
         if not low < age < high:
             raise InputError(f"{table_path}: subject {participant_id} has age {age} years, "
                              f"outside {low}-{high}. Fix the value (years, not months).")
+    if to_predict:  # the model reads neither sex nor study, and Table 2 is the training's
+        if "study" in table.columns:
+            _refuse_values_differing_in_spaces(table, table_path)
+        return
     for column in ("sex", "study"):
         blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
         empty = table["participant_id"][blank].tolist()
@@ -337,7 +356,7 @@ def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | s
     """One study (or group) written with and without spaces around its name ('study2',
     'study2 ', a spreadsheet's trailing space) would be two: two strata of the split, two
     rows of the tables, two study means. Refused, naming each spelling's first subject."""
-    values = table[column].astype(str)
+    values = table[column].dropna().astype(str)
     for name, spellings in values.groupby(values.str.strip()):
         if spellings.nunique() > 1:
             first = {spelling: table.at[index, "participant_id"]
@@ -352,26 +371,27 @@ def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | s
 
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
-                             lines: Sequence[int], *, ages_optional: bool = False) -> None:
+                             lines: Sequence[int], *, to_predict: bool = False) -> None:
     """Check every row against workflow/schemas/participants.schema.yaml (``lines``: the
-    line number of each row); with ``ages_optional`` a row without an age is checked
-    without one."""
+    line number of each row); for a cohort to predict, only ``participant_id`` is required
+    and a missing age, sex or study is checked as absent."""
     import jsonschema
     import yaml
 
     from brainage.config import PARTICIPANTS_SCHEMA
 
     schema = yaml.safe_load(PARTICIPANTS_SCHEMA.read_text())
+    if to_predict:
+        schema = {**schema, "required": list(PREDICT_REQUIRED_COLUMNS)}
     validator = jsonschema.Draft202012Validator(schema)
-    without_age = jsonschema.Draft202012Validator(
-        {**schema, "required": [key for key in schema["required"] if key != "age"]})
     rows = table.astype(object).where(table.notna(), None).to_dict(orient="records")
     for row_number, row in zip(lines, rows):
-        if row["age"] is None and ages_optional:
-            del row["age"]
-        else:
+        if to_predict:  # absent, not a null of the wrong type
+            row = {key: value for key, value in row.items()
+                   if not (value is None and key in REQUIRED_COLUMNS)}
+        if "age" in row:
             row["age"] = float(row["age"])
-        for error in (validator if "age" in row else without_age).iter_errors(row):
+        for error in validator.iter_errors(row):
             column = ".".join(map(str, error.absolute_path)) or "(row)"
             raise InputError(f"{table_path} line {row_number} ({row.get('participant_id')}), "
                              f"column {column!r}: {error.message}")
@@ -724,9 +744,10 @@ def _image_grid_or_problem(path: str | Path, what: str, kind: str | None
 
 def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, cohort: str,
                        group_column: str | None = None,
-                       bias_reference_group: str | None = None) -> str:
+                       bias_reference_group: str | None = None) -> str | None:
     """Check a cohort's participants table before any work; returns the column to
-    summarise by (``group_column``, default ``group`` if present, else ``study``).
+    summarise by (``group_column``, default ``group`` if present, else ``study``; None when
+    a cohort to predict has neither: one group of every subject, :func:`cohort_groups`).
 
     Raises
     ------
@@ -740,14 +761,24 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
     if group_column is None and spaced:  # else summarised by study without a word
         raise InputError(f"cohort {cohort}: {table_path}'s header has {spaced[0]!r}, with "
                          f"spaces around its name: remove them to summarise by group.")
-    group_column = group_column or ("group" if "group" in participants.columns else "study")
-    if group_column not in participants.columns:
+    if group_column is None:
+        group_column = next((column for column in ("group", "study")
+                             if column in participants.columns), None)
+    elif group_column not in participants.columns:
         raise InputError(f"cohort {cohort}: {table_path} has no column {group_column!r} to "
                          f"summarise by; it has {', '.join(participants.columns)}.")
-    _refuse_values_differing_in_spaces(
-        participants, table_path, column=group_column,
-        consequence="in the summary by group and the age-bias reference group")
-    groups = list(dict.fromkeys(participants[group_column].astype(str)))
+    if group_column is None and bias_reference_group is not None:
+        raise InputError(
+            f"cohort {cohort}: the age-bias reference group {bias_reference_group!r} (config "
+            f"key predict.bias_reference_group, or --bias-reference-group) needs a column "
+            f"'group' (or 'study') in {table_path} that names each subject's group; it has "
+            f"{', '.join(participants.columns)}. Add one, or leave the reference group unset "
+            f"to use the bundle's correction.")
+    if group_column is not None:
+        _refuse_values_differing_in_spaces(
+            participants, table_path, column=group_column,
+            consequence="in the summary by group and the age-bias reference group")
+    groups = list(dict.fromkeys(cohort_groups(participants, group_column)))
     if bias_reference_group is not None and str(bias_reference_group) not in groups:
         raise InputError(
             f"cohort {cohort}: the age-bias reference group {bias_reference_group!r} (config "
@@ -758,6 +789,15 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
         check_bias_reference_group(participants, group_column, bias_reference_group,
                                    cohort=cohort)
     return group_column
+
+
+def cohort_groups(participants: pd.DataFrame, group_column: str | None) -> pd.Series:
+    """Each subject's group as a string: its value of ``group_column``, :data:`NO_GROUP`
+    where blank; :data:`ALL_SUBJECTS` for every subject when ``group_column`` is None."""
+    if group_column is None:
+        return pd.Series(ALL_SUBJECTS, index=participants.index)
+    return participants[group_column].astype(str).where(participants[group_column].notna(),
+                                                         NO_GROUP)
 
 
 #: Subjects with a prediction that an age-bias line needs (two fix any line):
@@ -777,7 +817,7 @@ def check_bias_reference_group(participants: pd.DataFrame, group_column: str, gr
     ------
     InputError
     """
-    members = (participants[group_column].astype(str) == str(group)).to_numpy()
+    members = (cohort_groups(participants, group_column) == str(group)).to_numpy()
     qc_known = passed is not None
     all_ages = participants["age"].to_numpy(dtype=np.float64)
     aged = np.isfinite(all_ages)  # a cohort to predict may lack ages: those cannot fit it

@@ -140,7 +140,7 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     modalities = bundle.normalisation["modalities"]
     participants = read_participants(dataset_root, modalities, root_setting="--dataset",
                                      needed_by=f"model bundle {bundle.path}",
-                                     ages_optional=True)
+                                     to_predict=True)
     labels = [pid[len("sub-"):] for pid in participants["participant_id"]]
     # the table's problems before the minutes of preprocessing, not after them, and
     # before anything is written under the output folder
@@ -254,7 +254,8 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--cohort", default=None, help="cohort name (default: the output "
                                                     "folder's name)")
     run.add_argument("--group-column", default=None,
-                     help="participants.tsv column to summarise by (default group, else study)")
+                     help="participants.tsv column to summarise by (default group, else "
+                          "study, else one group of every subject)")
     run.add_argument("--bias-reference-group", default=None,
                      help="refit the age-bias correction on this group of the cohort (e.g. "
                           "healthy) instead of the bundle's")

@@ -221,19 +221,19 @@ wildcard_constraints:
 _IMAGES_CHECKED = set()
 
 
-def checked_participants(root, modalities, root_key, needed_by=None, ages_optional=False):
+def checked_participants(root, modalities, root_key, needed_by=None, to_predict=False):
     """A cohort's validated participants table. The first call per cohort also opens every
     subject's images (cached by size and mtime in .snakemake/), so a corrupt file stops
     the run before any job starts. ``root_key``: the config key that names ``root``;
     ``needed_by``: what reads ``modalities`` when dataset.modalities does not set them
-    (brainage.inputs.read_participants); ``ages_optional``: a cohort to predict, whose
-    subjects may lack an age. Raises brainage.inputs.InputError."""
+    (brainage.inputs.read_participants); ``to_predict``: a cohort to predict, which may
+    lack ages, sexes and studies. Raises brainage.inputs.InputError."""
     table = read_participants(
         root,
         modalities,
         root_setting=f"config key {root_key}",
         needed_by=needed_by,
-        ages_optional=ages_optional,
+        to_predict=to_predict,
     )
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:
@@ -286,7 +286,7 @@ def cohort_subjects(cohort):
                 f"predict.cohorts.{cohort}",
                 # the model's inputs: a subject's to add, not a modality to remove
                 needed_by="the model to apply (config key predict.model)",
-                ages_optional=True,
+                to_predict=True,
             )
         check_cohort_table(
             table,
