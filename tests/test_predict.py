@@ -216,7 +216,7 @@ def world(tmp_path_factory):
     bundle_dir = root / "models" / "brainage"
     manifest = export_model(cell, cell / "encoder.pt", split_dir / "stats.json", settings,
                             bundle_dir=bundle_dir, name="brainage",
-                            preprocessing=PREPROCESSING, **template)
+                            preprocessing=PREPROCESSING, qc_table=root / "qc.tsv", **template)
     return SimpleNamespace(root=root, training=files, split_dir=split_dir, cell=cell,
                            settings=settings, bundle_dir=bundle_dir, manifest=manifest)
 
@@ -1391,12 +1391,51 @@ def test_a_cohort_registered_by_different_references_is_warned_about(world, new_
     assert re.search(rf"cohort new: subjects were registered by different reference images: "
                      rf"46 by brain_mask, 2 by stiffness \({first}, {second}\)", caplog.text), \
         caplog.text
+    # and the bundle says its training subjects were registered otherwise
+    n_train = (pd.read_csv(world.split_dir / "participants.tsv", sep="\t")["subset"]
+               == "train").sum()
+    assert world.manifest["training"]["registration_references"] == {"brain_mask": n_train}
+    assert re.search(rf"cohort new: 2 subject\(s\) were registered by stiffness \({first}, "
+                     rf"{second}\), but the model's training subjects were registered by "
+                     rf"brain_mask \({n_train}\)", caplog.text), caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="brainage.apply"):
         predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
                        new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
                        summary_path=tmp_path / "s.tsv", cohort="new", device="cpu")
     assert "different reference images" not in caplog.text
+    assert "training subjects were registered" not in caplog.text
+
+
+def test_a_cohort_registered_unlike_the_training_subjects_is_warned_about(
+        world, new_cohort, tmp_path, caplog):
+    """A cohort without T1w scans, for a model whose training subjects were all registered
+    by their T1w: every subject is registered by its stiffness map, so no subject differs
+    from the others, yet all differ from what the model learnt from (the bundle records
+    the training subjects' reference images, training.registration_references)."""
+    qc = {}
+    for label, path in new_cohort.files["qc"].items():
+        qc[label] = tmp_path / f"sub-{label}_qc.json"
+        qc[label].write_text(json.dumps(dict(json.loads(Path(path).read_text()),
+                                             reference_kind="stiffness")))
+    training_qc = pd.read_csv(world.root / "qc.tsv", sep="\t").assign(reference_kind="T1w_brain")
+    training_qc.to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
+    bundle = tmp_path / "bundle"
+    manifest = export_model(world.cell, world.cell / "encoder.pt", world.split_dir / "stats.json",
+                            world.settings, bundle_dir=bundle, name="brainage",
+                            preprocessing=PREPROCESSING, qc_table=tmp_path / "qc.tsv",
+                            template_t1=world.root / "template_t1.nii.gz",
+                            template_mask=world.root / "template_mask.nii.gz")
+    n_train = manifest["training"]["registration_references"]["T1w_brain"]
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(bundle, new_cohort.root, stiffness_maps(new_cohort.files["maps"]), qc,
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                       cohort="new", device="cpu")
+    assert "different reference images" not in caplog.text
+    assert re.search(rf"cohort new: {len(qc)} subject\(s\) were registered by stiffness "
+                     rf"\(sub-.*, \.\.\.\), but the model's training subjects were registered "
+                     rf"by T1w_brain \({n_train}\)\..* Add their T1w scans", caplog.text), \
+        caplog.text
 
 
 def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohort, tmp_path,

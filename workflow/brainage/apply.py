@@ -288,6 +288,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                         "predicted", cohort, label, reason)
     passed = np.array(passed, dtype=bool)
     _warn_about_mixed_references(cohort, labels, references)
+    _warn_about_references_unlike_training(
+        cohort, labels, references,
+        model.bundle.manifest.get("training", {}).get("registration_references"))
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group, passed,
                                    cohort=cohort)
@@ -387,6 +390,30 @@ def _warn_about_mixed_references(cohort: str, labels: Sequence[str],
                 "transforms come from other images; compare their gaps with care (a subject "
                 "without a T1w is registered by its stiffness map).", cohort,
                 len(by_kind[main_kind]), main_kind, others)
+
+
+def _warn_about_references_unlike_training(cohort: str, labels: Sequence[str],
+                                           references: Sequence[str],
+                                           trained: Mapping[str, int] | None) -> None:
+    """Warn about subjects registered by a kind of image that registered none of the
+    model's training subjects (the bundle's ``training.registration_references``; absent
+    in bundles exported before it was recorded): e.g. a cohort without T1w scans for a
+    model trained on T1w-registered subjects. Their masks and transforms differ from those
+    the model learnt from."""
+    if not trained:
+        return
+    unlike = [f"sub-{label}" for label, kind in zip(labels, references) if kind not in trained]
+    if not unlike:
+        return
+    kinds = sorted({kind for kind in references if kind not in trained})
+    hint = (" Add their T1w scans (anat/sub-<label>_T1w.nii.gz) if they have them."
+            if any(kind.startswith("T1w") for kind in trained) else "")
+    log.warning("cohort %s: %d subject(s) were registered by %s (%s), but the model's "
+                "training subjects were registered by %s. Their brain masks and transforms "
+                "come from another kind of image than the model learnt from, which can move "
+                "a prediction by years.%s", cohort, len(unlike), " or ".join(kinds),
+                ", ".join(unlike[:10]) + (", ..." if len(unlike) > 10 else ""),
+                ", ".join(f"{kind} ({count})" for kind, count in trained.items()), hint)
 
 
 def summarise_gaps(table: pd.DataFrame, group_column: str | None) -> pd.DataFrame:

@@ -64,7 +64,8 @@ def normalisation_record(stats: Mapping, modalities: Sequence[str]) -> dict:
 def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str | Path,
                  settings: Mapping, *, bundle_dir: str | Path, name: str,
                  template_t1: str | Path, template_mask: str | Path,
-                 preprocessing: Mapping, bias_fit: str = "training") -> dict:
+                 preprocessing: Mapping, bias_fit: str = "training",
+                 qc_table: str | Path | None = None) -> dict:
     """Copy one evaluated grid cell into a model bundle another lab can run.
 
     Parameters
@@ -88,6 +89,11 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     bias_fit : str
         Which of the read-out's age-bias fits the bundle applies (config key
         ``predict.bias_fit``: ``training`` or ``test``).
+    qc_table : path, optional
+        The training cohort's ``qc.tsv`` (rule ``tabulate_qc``): the bundle records how many
+        training subjects each kind of image registered (``training.registration_references``),
+        so that a cohort registered otherwise is warned about
+        (:func:`brainage.apply.predict_cohort`).
 
     Returns
     -------
@@ -151,7 +157,10 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
                     **{key: value for key, value in description.items()
                        if key not in CELL_RECORD_KEYS and key not in readout_description}},
         "bias_correction": bias,
-        "training": description["training"],
+        "training": {**description["training"],
+                     **({"registration_references": registration_references(
+                         qc_table, Path(stats_path).with_name("participants.tsv"))}
+                        if qc_table is not None else {})},
     }
     write_bundle(bundle_dir, name=name, encoder_state=payload["model"],
                  readout_state=readout_state, manifest_fields=fields,
@@ -159,6 +168,19 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     log.info("exported %s/%s seed %s as bundle %s", settings.get("experiment"),
              settings.get("variant"), settings["seed"], name)
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())
+
+
+def registration_references(qc_table: str | Path, split_table: str | Path) -> dict[str, int]:
+    """How many of the split's training subjects (``subset`` train of its
+    participants.tsv) each kind of reference image registered (``reference_kind`` of the
+    QC table: ``T1w_brain``, or a map for a subject without a T1w)."""
+    import pandas as pd
+
+    qc = pd.read_csv(qc_table, sep="\t", usecols=["participant_id", "reference_kind"])
+    split = pd.read_csv(split_table, sep="\t", usecols=["participant_id", "subset"])
+    training = split.loc[split["subset"] == "train", "participant_id"]
+    kinds = qc.set_index("participant_id")["reference_kind"].reindex(training).fillna("unknown")
+    return {str(kind): int(count) for kind, count in kinds.value_counts().sort_index().items()}
 
 
 def check_encoder_settings(payload: Mapping, settings: Mapping, channels: Sequence[str],

@@ -85,7 +85,9 @@ def export_from_config(config: Mapping) -> dict:
         cell_settings(config, experiment, variant, seed),
         bundle_dir=layout.model_bundle(name), name=name,
         template_t1=layout.template("T1w"), template_mask=layout.template("brain_mask"),
-        preprocessing=preprocessing_record(config), bias_fit=config["predict"]["bias_fit"])
+        preprocessing=preprocessing_record(config), bias_fit=config["predict"]["bias_fit"],
+        # a finished run has it; without it the bundle only lacks the registration record
+        qc_table=layout.qc_table() if Path(layout.qc_table()).is_file() else None)
 
 
 def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | Path, *,

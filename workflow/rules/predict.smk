@@ -28,6 +28,8 @@ rule export_model:
         stats=lambda wildcards: LAYOUT.split_file(exported_cell()[0], "stats.json"),
         template_t1=LAYOUT.template("T1w"),
         template_mask=LAYOUT.template("brain_mask"),
+        # how the training subjects were registered, so a cohort registered otherwise is told
+        qc_table=LAYOUT.qc_table(),
     output:
         BUNDLE_FILES,
     log:

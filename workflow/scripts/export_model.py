@@ -11,4 +11,5 @@ export_model(Path(snakemake.input.metrics).parent, snakemake.input.encoder,
              bundle_dir=snakemake.params.bundle_dir, name=snakemake.params.name,
              template_t1=snakemake.input.template_t1,
              template_mask=snakemake.input.template_mask,
-             preprocessing=snakemake.params.preprocessing, bias_fit=snakemake.params.bias_fit)
+             preprocessing=snakemake.params.preprocessing, bias_fit=snakemake.params.bias_fit,
+             qc_table=snakemake.input.qc_table)
