@@ -1485,7 +1485,7 @@ def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohor
         check_bias_reference_group(small, "group", "ctl", cohort="new")
 
 
-def test_a_cohort_with_only_ids_is_predicted_as_one_group(world, new_cohort, tmp_path):
+def test_a_cohort_with_only_ids_is_predicted_as_one_group(world, new_cohort, tmp_path, caplog):
     """A lab applying a model to its scans may have no ages, sexes or studies to give: the
     model reads none of them. A participants.tsv of ids alone predicts the same ages, with
     empty gaps, summarised as one group; a blank study is the group n/a; an age-bias
@@ -1496,8 +1496,12 @@ def test_a_cohort_with_only_ids_is_predicted_as_one_group(world, new_cohort, tmp
     table[["participant_id"]].to_csv(cohort / "participants.tsv", sep="\t", index=False)
     arguments = dict(predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
                      figure_path=tmp_path / "f.png", cohort="new", device="cpu")
-    predicted = predict_cohort(world.bundle_dir, cohort, stiffness_maps(new_cohort.files["maps"]),
-                               new_cohort.files["qc"], **arguments)
+    with caplog.at_level("INFO", logger="brainage.apply"):
+        predicted = predict_cohort(world.bundle_dir, cohort,
+                                   stiffness_maps(new_cohort.files["maps"]),
+                                   new_cohort.files["qc"], **arguments)
+    assert re.search(r"predicted \d+ of \d+ subjects \(1 failed QC\); no gaps \(no predicted "
+                     r"subject has an age\)", caplog.text), caplog.text  # was "all +nan y"
     before = new_cohort.predictions.set_index("participant_id")
     after = predicted.set_index("participant_id")
     np.testing.assert_allclose(after["predicted_age"], before["predicted_age"], rtol=0,

@@ -364,10 +364,11 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         "qc_failed": [{"participant_id": pid, "reason": reason}
                       for pid, ok, reason in zip(table["participant_id"], passed, reasons)
                       if not ok]})
-    log.info("cohort %s: predicted %d of %d subjects (%d failed QC); mean corrected gap %s",
-             cohort, passed.sum(), len(table), (~passed).sum(), ", ".join(
-                 f"{row.group} {row.mean_corrected_gap:+.2f} y" for row in summary.itertuples()
-                 if row.n_predicted))
+    gaps = ", ".join(f"{row.group} {row.mean_corrected_gap:+.2f} y"
+                     for row in summary.itertuples() if np.isfinite(row.mean_corrected_gap))
+    log.info("cohort %s: predicted %d of %d subjects (%d failed QC); %s", cohort, passed.sum(),
+             len(table), (~passed).sum(),
+             f"mean corrected gap {gaps}" if gaps else "no gaps (no predicted subject has an age)")
     return table
 
 
