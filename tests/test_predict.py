@@ -1395,6 +1395,8 @@ def test_a_cohort_registered_by_different_references_is_warned_about(world, new_
     n_train = (pd.read_csv(world.split_dir / "participants.tsv", sep="\t")["subset"]
                == "train").sum()
     assert world.manifest["training"]["registration_references"] == {"brain_mask": n_train}
+    assert (f"- training subjects registered to the template by: brain_mask {n_train}\n"
+            in (world.bundle_dir / "README.md").read_text())
     assert re.search(rf"cohort new: 2 subject\(s\) were registered by stiffness \({first}, "
                      rf"{second}\), but the model's training subjects were registered by "
                      rf"brain_mask \({n_train}\)", caplog.text), caplog.text
@@ -1436,6 +1438,7 @@ def test_a_cohort_registered_unlike_the_training_subjects_is_warned_about(
                      rf"\(sub-.*, \.\.\.\), but the model's training subjects were registered "
                      rf"by T1w_brain \({n_train}\)\..* Add their T1w scans", caplog.text), \
         caplog.text
+    assert "needs anat/sub-<label>_T1w.nii.gz too" in (bundle / "README.md").read_text()
 
 
 def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohort, tmp_path,

@@ -221,6 +221,14 @@ def bundle_readme(name: str, fields: Mapping) -> str:
     metrics = source.get("metrics") or {}
     mae = f"{metrics['mae']:.2f} years" if "mae" in metrics else "n/a"
     training = fields["training"]
+    references = training.get("registration_references") or {}
+    references_line = ""
+    if references:  # absent in bundles exported before it was recorded
+        t1w_hint = ("; a cohort registered like them needs anat/sub-<label>_T1w.nii.gz too"
+                    if any(kind.startswith("T1w") for kind in references) else "")
+        references_line = ("- training subjects registered to the template by: "
+                           + ", ".join(f"{kind} {count}" for kind, count in references.items())
+                           + t1w_hint + "\n")
     record = fields["normalisation"]
     channels = "; ".join(
         f"{modality_name} mean {mean:.4f} sd {sd:.4f} {MODALITIES[modality_name].unit}"
@@ -237,13 +245,15 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"- test MAE of the cell: {mae}\n"
         f"- trained on {training['n_subjects']} subjects aged {training['age_min']:.0f}-"
         f"{training['age_max']:.0f} years\n"
+        f"{references_line}"
         f"- template: {fields['template']['id']}, normalisation at "
         f"{record['resolution_mm']} mm with the training statistics ({channels}); a cohort "
         f"needs these maps for every subject\n"
         f"- age-bias correction: gap = {fields['bias_correction']['intercept']:.3f} + "
         f"{fields['bias_correction']['slope']:.4f} * age "
         f"({fields['bias_correction']['description']})\n\n"
-        f"Run it on a BIDS-like dataset (participants.tsv + {inputs}):\n\n"
+        f"Run it on a BIDS-like dataset (participants.tsv + {inputs}; the table needs only "
+        f"participant_id, and an age column in years for brain-age gaps):\n\n"
         f"    python -m brainage.predict run --bundle <this folder> --dataset <root> "
         f"--output <folder>\n\n"
         f"manifest.json lists the sha256 of encoder.pt and readout.pt; both are plain tensor "
