@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -294,6 +295,39 @@ def test_a_pretraining_batch_larger_than_its_cohort_stops_before_any_job(tmp_pat
             "cohort has only 3 training subjects") in output, output[-3000:]
     write_config(configfile, base, pretrain__t1__train__batch_size=3)
     run_snakemake(tmp_path / "work", configfile, "--dry-run")
+
+
+def test_a_pretraining_cohort_holding_a_test_subject_stops_before_any_job(tmp_path):
+    """A lab's own T1w cohort that holds some of its MRE test subjects (same ids) was
+    planned without a word, and every fine-tuned cell reported an optimistic MAE; a T1w scan
+    missing there was blamed on dataset.modalities."""
+    from brainage.normalise import assign_split
+
+    root = dataset(tmp_path, 10)
+    participants = pd.read_csv(root / "participants.tsv", sep="\t")
+    base = tiny_test_config(root)
+    tested = participants.loc[assign_split(participants, "holdout", **base["split"]) == "test",
+                              "participant_id"].tolist()
+    rows = [{**row, "participant_id": f"sub-t1w{index}"} for index, row in
+            enumerate(default_rows(8))]
+    rows[0]["participant_id"] = tested[0]
+    t1w_root = write_tiny_dataset(tmp_path / "t1w", rows, with_anat=True)
+    base["pretrain"] = {"t1": {"source": {"kind": "bids", "root": str(t1w_root)},
+                               "train": {"epochs": 2, "batch_size": 4},
+                               "resources": {"gpus": 0}}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    result = run_snakemake(tmp_path / "work", configfile, "--dry-run", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert re.search(rf"pretraining run t1 \(config key pretrain\.t1\.source\.root\): the "
+                     rf"pretraining cohort .*t1w holds 1 test subject\(s\) of the training "
+                     rf"cohort .*: {tested[0]}\.", output), output[-3000:]
+    next((t1w_root / tested[0] / "anat").glob("*_T1w.nii.gz")).unlink()
+    result = run_snakemake(tmp_path / "work", configfile, "--dry-run", check=False)
+    assert re.search(rf"subject {tested[0]}: T1w image .* is missing; pretraining run t1 \(it "
+                     rf"trains on T1w scans\) reads T1w of every subject", result.stdout), \
+        result.stdout[-3000:]
+    assert "dataset.modalities" not in result.stdout
 
 
 def test_a_pretraining_batch_its_processes_cannot_share_stops_before_any_job(tmp_path):

@@ -20,6 +20,7 @@ from brainage.normalise import (
     apply,
     assign_split,
     block_average,
+    check_pretraining_cohort,
     combine_moments,
     crop_or_pad,
     normalise_dataset,
@@ -588,3 +589,31 @@ def test_float16_overflow_stops_the_split_naming_the_subject(small_dataset):
     assert not (small_dataset["out"] / "images.npy").exists()
     stats, images, _ = _run(small_dataset)  # float32 holds it
     assert np.isfinite(images).all()
+
+
+def test_a_pretraining_cohort_holding_a_test_subject_is_refused():
+    """A lab's own T1w cohort numbers its people as its MRE cohort does: a participant_id
+    of both that the training cohort tests would show the encoder that subject's image and
+    age before the test. Sharing training subjects is fine; with kfold every subject is
+    tested in one fold."""
+    participants = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(10)],
+                                 "age": np.linspace(20, 80, 10), "sex": "F",
+                                 "study": ["a", "b"] * 5})
+    holdout = {"scheme": "holdout", "test_fraction": 0.2, "n_folds": 5, "seed": 42}
+    subset = assign_split(participants, "holdout", **holdout)
+    tested = participants.loc[subset == "test", "participant_id"].tolist()
+    trained = participants.loc[subset == "train", "participant_id"].tolist()
+    others = pd.DataFrame({"participant_id": ["sub-t1w1", "sub-t1w2"]})
+    check_pretraining_cohort(others, participants, holdout, root="t1w")
+    check_pretraining_cohort(pd.DataFrame({"participant_id": trained[:3] + ["sub-t1w1"]}),
+                             participants, holdout, root="t1w")
+    with pytest.raises(InputError, match=rf"the pretraining cohort t1w holds 1 test subject\(s\) "
+                                         rf"of the training cohort \(dataset.root, split scheme "
+                                         rf"holdout\): {tested[0]}\. .*Remove their rows"):
+        check_pretraining_cohort(pd.DataFrame({"participant_id": trained[:2] + tested[:1]}),
+                                 participants, holdout, root="t1w")
+    kfold = dict(holdout, scheme="kfold")
+    with pytest.raises(InputError, match=rf"scheme kfold, which tests every subject in one of "
+                                         rf"its splits\): {trained[0]}\."):
+        check_pretraining_cohort(pd.DataFrame({"participant_id": trained[:1]}), participants,
+                                 kfold, root="t1w")

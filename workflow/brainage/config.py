@@ -256,8 +256,9 @@ def check_pretraining_source(config: Mapping[str, Any], name: str, *,
 
     Its subjects would include the test subjects, and the pretraining loss sees their images
     and ages (the kernel losses weigh pairs by age), so every cell fine-tuned from it would
-    report an optimistic test MAE. Only the folder is compared: a separate T1w cohort that
-    contains some of the same people cannot be recognised from its files.
+    report an optimistic test MAE. Only the folder is compared here, from the config; a
+    separate T1w cohort holding some of the test subjects is refused by their ids once its
+    table is read (:func:`brainage.normalise.check_pretraining_cohort`).
     """
     run_source = config["pretrain"][name]["source"]
     if run_source["kind"] != "bids" or run_source.get("root") is None:

@@ -207,6 +207,46 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
     return subset
 
 
+def check_pretraining_cohort(pretraining: pd.DataFrame, participants: pd.DataFrame,
+                             split_settings: Mapping, *, root: str | Path) -> None:
+    """Refuse a pretraining cohort that holds subjects the training cohort tests.
+
+    ``pretraining``, ``participants``: the T1w cohort's and the MRE training cohort's
+    tables; ``split_settings``: config section ``split``. A subject is matched by its
+    ``participant_id``: a lab's own T1w cohort numbers its people as its MRE cohort does.
+    Pretraining on a test subject shows the encoder its image and age (the kernel losses
+    weigh pairs by age) before it is tested, so every cell fine-tuned from the run would
+    report an optimistic test MAE. With ``kfold`` or ``loso`` every subject is tested in one
+    split. Training subjects may be shared: they are not tested.
+
+    Raises
+    ------
+    InputError
+        Naming the shared subjects and what to do (the caller names the run's config key).
+    """
+    shared = set(pretraining["participant_id"]) & set(participants["participant_id"])
+    if not shared:
+        return
+    tested = set()
+    for name in split_names(participants, **split_settings):
+        subset = assign_split(participants, name, **split_settings)
+        tested |= set(participants.loc[subset == "test", "participant_id"])
+    leaked = sorted(shared & tested)
+    if not leaked:
+        return
+    scheme = split_settings["scheme"]
+    raise InputError(
+        f"the pretraining cohort {root} holds {len(leaked)} test subject(s) of the "
+        f"training cohort (dataset.root, split "
+        f"scheme {scheme}"
+        + ("" if scheme == "holdout" else ", which tests every subject in one of its splits")
+        + f"): {', '.join(leaked[:10])}{' ...' if len(leaked) > 10 else ''}. Pretraining on "
+        f"them shows the encoder their images and ages before they are tested, so every cell "
+        f"fine-tuned from it would report an optimistic test MAE. Remove their rows and "
+        f"folders from the pretraining cohort; if they are other people whose ids only "
+        f"coincide, rename them there.")
+
+
 def training_counts(participants: pd.DataFrame, split_settings: Mapping, *,
                     fraction_key: str = "split.test_fraction",
                     eval_subset: str = "test") -> dict[str, int]:

@@ -59,7 +59,7 @@ from brainage.inputs import (
     read_participants,
     subject_inputs,
 )
-from brainage.normalise import split_name_pattern
+from brainage.normalise import check_pretraining_cohort, split_name_pattern
 from brainage.normalise import split_names as scheme_split_names
 from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
@@ -653,18 +653,32 @@ def cell_threads(wildcards):
 # -- pretraining (pretrain.smk) --------------------------------------------------
 
 
+_PRETRAIN_COHORTS_CHECKED = set()
+
+
 def pretrain_participants_table(name):
     """The participants of a pretraining run's T1w cohort: from the simulation's options
-    (known before it is written) or the cohort's participants.tsv."""
+    (known before it is written) or the cohort's participants.tsv, which must not hold a
+    test subject of the training cohort (brainage.normalise.check_pretraining_cohort)."""
     source = PRETRAIN[name]["source"]
     if name in PRETRAIN_SIMULATED:
         return draw_t1w_participants(source["n_subjects"], seed=source["seed"])
     try:
-        return checked_participants(source["root"], ("T1w",), f"pretrain.{name}.source.root")
+        table = checked_participants(
+            source["root"],
+            ("T1w",),
+            f"pretrain.{name}.source.root",
+            needed_by=f"pretraining run {name} (it trains on T1w scans)",
+        )
+        # once per run; a simulated training cohort's ids are its own (st<k>s<n>)
+        if not SIMULATED and name not in _PRETRAIN_COHORTS_CHECKED:
+            check_pretraining_cohort(table, participants(), config["split"], root=source["root"])
+            _PRETRAIN_COHORTS_CHECKED.add(name)
     except InputError as error:
         raise WorkflowError(
             f"pretraining run {name} (config key pretrain.{name}.source." f"root): {error}"
         ) from None
+    return table
 
 
 def pretrain_subjects(name):
