@@ -235,6 +235,11 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
     result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
     assert result.returncode == 0, result.stdout
     assert job_counts(result.stdout)["predict_cohort"] == 1
+    # its ids are those of training subjects (sub-00a ...): said once, as maybe the same people
+    said = re.findall(r"Warning: predict cohort ageless .* has \d subject\(s\) with the "
+                      r"participant_id of a subject the model was trained on \(split holdout "
+                      r"of dataset\.root\): sub-0", result.stdout)
+    assert len(said) == 1, result.stdout
 
 
 @pytest.mark.workflow

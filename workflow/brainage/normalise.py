@@ -207,6 +207,17 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
     return subset
 
 
+def subjects_in(participants: pd.DataFrame, split_settings: Mapping, subset: str,
+                splits: Sequence[str] | None = None) -> set[str]:
+    """The ``participant_id`` of every subject in ``subset`` (``train`` or ``test``) of the
+    named ``splits`` (default: every split of config section ``split_settings``)."""
+    chosen = set()
+    for name in splits or split_names(participants, **split_settings):
+        assigned = assign_split(participants, name, **split_settings)
+        chosen |= set(participants.loc[assigned == subset, "participant_id"])
+    return chosen
+
+
 def check_pretraining_cohort(pretraining: pd.DataFrame, participants: pd.DataFrame,
                              split_settings: Mapping, *, root: str | Path) -> None:
     """Refuse a pretraining cohort that holds subjects the training cohort tests.
@@ -227,11 +238,7 @@ def check_pretraining_cohort(pretraining: pd.DataFrame, participants: pd.DataFra
     shared = set(pretraining["participant_id"]) & set(participants["participant_id"])
     if not shared:
         return
-    tested = set()
-    for name in split_names(participants, **split_settings):
-        subset = assign_split(participants, name, **split_settings)
-        tested |= set(participants.loc[subset == "test", "participant_id"])
-    leaked = sorted(shared & tested)
+    leaked = sorted(shared & subjects_in(participants, split_settings, "test"))
     if not leaked:
         return
     scheme = split_settings["scheme"]

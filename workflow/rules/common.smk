@@ -59,7 +59,7 @@ from brainage.inputs import (
     read_participants,
     subject_inputs,
 )
-from brainage.normalise import check_pretraining_cohort, split_name_pattern
+from brainage.normalise import check_pretraining_cohort, split_name_pattern, subjects_in
 from brainage.normalise import split_names as scheme_split_names
 from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
@@ -298,7 +298,32 @@ def cohort_subjects(cohort):
         raise WorkflowError(
             f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
         ) from None
+    if cohort != SIMULATED_PREDICT_COHORT and not SIMULATED:
+        warn_about_trained_subjects(cohort, table)
     return [pid[len("sub-") :] for pid in table["participant_id"]]
+
+
+_PREDICT_COHORTS_WARNED = set()
+
+
+def warn_about_trained_subjects(cohort, table):
+    """Say once per cohort, in the main process, which of its subjects share a
+    participant_id with the exported model's training subjects: a lab numbers its people the
+    same in both, and a subject the model was trained on gets an optimistic prediction."""
+    if cohort in _PREDICT_COHORTS_WARNED or not workflow.is_main_process:
+        return
+    _PREDICT_COHORTS_WARNED.add(cohort)
+    split = exported_cell()[0]
+    trained = subjects_in(participants(), config["split"], "train", splits=[split])
+    shared = sorted(set(table["participant_id"]) & trained)
+    if shared:
+        _say(
+            f"Warning: predict cohort {cohort} (config key predict.cohorts.{cohort}) has "
+            f"{len(shared)} subject(s) with the participant_id of a subject the model was "
+            f"trained on (split {split} of dataset.root): {', '.join(shared[:10])}"
+            f"{' ...' if len(shared) > 10 else ''}. If they are the same people, their "
+            f"predicted ages and gaps are optimistic (the model has seen them)."
+        )
 
 
 def raw_inputs(wildcards):
