@@ -252,6 +252,15 @@ def test_valid_user_dataset_plans_every_subject(tmp_path):
     counts = job_counts(result.stdout)
     assert counts["strip_skull"] == counts["correct_and_register"] == 6
     assert counts["normalise_dataset"] == 1
+    assert "no longer lists" not in result.stdout
+    # a subject whose row was removed keeps its derivative folder: named, once
+    (tmp_path / "results" / "preproc" / "sub-gone1" / "anat").mkdir(parents=True)
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    said = re.findall(r"Warning: results/preproc holds 1 subject folder\(s\) that .*"
+                      r"participants\.tsv no longer lists: sub-gone1\. Nothing uses their "
+                      r"files", result.stdout)
+    assert len(said) == 1, result.stdout
 
 
 ONE_VARIANT = {"table3": {"seeds": [0], "variants": {"yaware": {"loss": {"name": "yaware"}}}}}

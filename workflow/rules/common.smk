@@ -512,12 +512,38 @@ def grid_targets(name="metrics.json"):
     ]
 
 
+_DEPARTED_CHECKED = []
+
+
+def warn_about_departed_subjects():
+    """Name the subject folders of the training cohort's preprocessing (a BIDS-Derivatives
+    dataset) whose subjects participants.tsv no longer lists: nothing reads their files,
+    but the derivative dataset still holds them. Once per run, in the main process."""
+    if _DEPARTED_CHECKED or SIMULATED or not workflow.is_main_process:
+        return
+    _DEPARTED_CHECKED.append(True)
+    folder = Path(LAYOUT.preproc_dir(TRAINING_PREPROC))
+    listed = {f"sub-{label}" for label in subjects()}
+    departed = sorted(
+        path.name for path in folder.glob("sub-*") if path.is_dir() and path.name not in listed
+    )
+    if departed:
+        _say(
+            f"Warning: {folder} holds {len(departed)} subject folder(s) that "
+            f"{Path(DATASET_ROOT, 'participants.tsv')} no longer lists: "
+            f"{', '.join(departed[:10])}{' ...' if len(departed) > 10 else ''}. Nothing "
+            f"uses their files, but the derivative dataset still holds them: delete those "
+            f"folders if the subjects left the cohort."
+        )
+
+
 def all_targets(wildcards):
     """What `snakemake` builds by default: the training cohort's derivative dataset, every
     table and figure, and the predictions for the configured cohorts (report_targets and
     predict_targets below)."""
     check_training_set_sizes()
     check_pretraining_set_sizes()
+    warn_about_departed_subjects()
     search = (
         [LAYOUT.search_file(split, "best.json") for split in split_names()]
         if config["search"]["enabled"]
