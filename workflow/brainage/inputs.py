@@ -273,11 +273,17 @@ def _single_line_records(reader, table_path: Path):
             f"it on line {line}).") from None
 
 
+def unlisted_subject_folders(folder: str | Path, listed: set[str]) -> list[str]:
+    """The ``sub-*`` folders in ``folder`` (a dataset, or a preprocessing folder under
+    results/) whose name is not in ``listed`` (``sub-<label>`` ids), sorted."""
+    return sorted(path.name for path in Path(folder).glob("sub-*")
+                  if path.is_dir() and path.name not in listed)
+
+
 def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
     """Subject folders without a participants.tsv row are not used (they have no age):
     say so, by name, rather than drop them silently (a row lost in a spreadsheet edit)."""
-    unlisted = sorted(path.name for path in root.glob("sub-*")
-                      if path.is_dir() and path.name not in listed)
+    unlisted = unlisted_subject_folders(root, listed)
     if unlisted:
         shown = ", ".join(unlisted[:10]) + (f" and {len(unlisted) - 10} more"
                                             if len(unlisted) > 10 else "")
@@ -329,24 +335,22 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
         if not low < age < high:
             raise InputError(f"{table_path}: subject {participant_id} has age {age} years, "
                              f"outside {low}-{high}. Fix the value (years, not months).")
-    if to_predict:  # the model reads neither sex nor study, and Table 2 is the training's
-        if "study" in table.columns:
-            _refuse_values_differing_in_spaces(table, table_path)
-        return
-    for column in ("sex", "study"):
-        blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
-        empty = table["participant_id"][blank].tolist()
-        if empty:  # pandas reads NA, None, null, ... as missing too
-            raise InputError(f"{table_path}: column {column!r} is empty for "
-                             f"{', '.join(empty)} (a blank cell, or a missing-value code: "
-                             f"n/a, NA, None, null, nan, ...). Fill in the {column}.")
-    initials = table["sex"].astype(str).str.strip().str[:1].str.lower()
-    uncounted = sorted(set(table["sex"][~initials.isin(["f", "m"])].astype(str)))
-    if uncounted:  # e.g. 1/2 codes: the model does not read sex, Table 2 does
-        log.warning("%s: column 'sex' has value(s) %s, which start with neither F nor M: "
-                    "Table 2 counts them as 'other'. Write F/M (female/male) if that is "
-                    "what they code.", table_path, ", ".join(map(repr, uncounted[:10])))
-    _refuse_values_differing_in_spaces(table, table_path)
+    if not to_predict:  # a cohort to predict: the model reads neither, Table 2 is training's
+        for column in ("sex", "study"):
+            blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
+            empty = table["participant_id"][blank].tolist()
+            if empty:  # pandas reads NA, None, null, ... as missing too
+                raise InputError(f"{table_path}: column {column!r} is empty for "
+                                 f"{', '.join(empty)} (a blank cell, or a missing-value code: "
+                                 f"n/a, NA, None, null, nan, ...). Fill in the {column}.")
+        initials = table["sex"].astype(str).str.strip().str[:1].str.lower()
+        uncounted = sorted(set(table["sex"][~initials.isin(["f", "m"])].astype(str)))
+        if uncounted:  # e.g. 1/2 codes: the model does not read sex, Table 2 does
+            log.warning("%s: column 'sex' has value(s) %s, which start with neither F nor M: "
+                        "Table 2 counts them as 'other'. Write F/M (female/male) if that is "
+                        "what they code.", table_path, ", ".join(map(repr, uncounted[:10])))
+    if "study" in table.columns:
+        _refuse_values_differing_in_spaces(table, table_path)
 
 
 def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | str, *,

@@ -47,6 +47,7 @@ from brainage.inputs import (
     read_participants,
     same_grid,
     subject_inputs,
+    unlisted_subject_folders,
 )
 from brainage.io import WriteError
 from brainage.normalise import split_names
@@ -216,9 +217,7 @@ def _warn_about_other_subjects(preproc_dir: str | Path, labels: Sequence[str],
     """Name the subjects an earlier run left in ``preproc_dir`` that this dataset does not
     list (another dataset written to the same --output): they stay, unused, under a
     description that names this dataset."""
-    listed = {f"sub-{label}" for label in labels}
-    others = sorted(path.name for path in Path(preproc_dir).glob("sub-*")
-                    if path.is_dir() and path.name not in listed)
+    others = unlisted_subject_folders(preproc_dir, {f"sub-{label}" for label in labels})
     if others:
         log.warning("%s holds %d subject(s) that %s does not list (%s): an earlier run's, "
                     "for another dataset? They are kept but not used; give each dataset an "

@@ -58,6 +58,7 @@ from brainage.inputs import (
     check_dataset_images,
     read_participants,
     subject_inputs,
+    unlisted_subject_folders,
 )
 from brainage.normalise import check_pretraining_cohort, split_name_pattern, subjects_in
 from brainage.normalise import split_names as scheme_split_names
@@ -523,10 +524,7 @@ def warn_about_departed_subjects():
         return
     _DEPARTED_CHECKED.append(True)
     folder = Path(LAYOUT.preproc_dir(TRAINING_PREPROC))
-    listed = {f"sub-{label}" for label in subjects()}
-    departed = sorted(
-        path.name for path in folder.glob("sub-*") if path.is_dir() and path.name not in listed
-    )
+    departed = unlisted_subject_folders(folder, {f"sub-{label}" for label in subjects()})
     if departed:
         _say(
             f"Warning: {folder} holds {len(departed)} subject folder(s) that "
