@@ -91,7 +91,7 @@ def one_step(case: str, split, processes: Processes, device: torch.device) -> di
     augmenter = Augmenter.from_settings(train, loss_settings["name"],
                                         resolution_mm=split.resolution_mm,
                                         affine=split.stats.get("affine"))
-    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    store = VolumeStore(split.images, device)
     loss = run_epoch(network, loss_fn, optimizer, store, augmenter, rows,
                      torch.tensor(split.ages, dtype=torch.float32), epoch=1, seed=0,
                      batch_size=n_subjects, views=train["views"], processes=processes)

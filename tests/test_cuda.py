@@ -75,7 +75,7 @@ def cpu_features(encoder_path, settings: dict, split_dir) -> dict:
     order of ``features.npz`` (training rows, then evaluation rows)."""
     split = load_split(split_dir)
     model = load_encoder(encoder_path, resolve_cell(settings)["model"])
-    store = VolumeStore(split.images, torch.device("cpu"), normalisation=split.normalisation)
+    store = VolumeStore(split.images, torch.device("cpu"))
     return embed_all(model, store, np.concatenate([split.train_index, split.eval_index]))
 
 

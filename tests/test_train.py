@@ -408,17 +408,15 @@ def test_run_epoch_draws_new_batches_and_augmentations_each_epoch():
 
 
 def test_gather_keeps_the_requested_order_and_background_zeros():
-    # the memory-map path reads sorted rows and must put them back in the asked order;
-    # normalisation (x - mean)/sd applies to brain voxels only, background 0 stays 0.
-    images = np.zeros((5, 1, 2, 2, 2), dtype=np.float32)
+    # the memory-map path reads sorted rows and must put them back in the asked order,
+    # as float32 whatever the array's dtype, background 0 staying 0.
+    images = np.zeros((5, 1, 2, 2, 2), dtype=np.float16)
     images[:, 0, 0, 0, 0] = np.arange(5) + 1  # one brain voxel per subject, value = row + 1
     rows = np.array([3, 0, 4, 1])
-    plain = VolumeStore(images, torch.device("cpu"), resident=False).gather(rows)
-    assert plain[:, 0, 0, 0, 0].tolist() == [4.0, 1.0, 5.0, 2.0]
-    scaled = VolumeStore(images, torch.device("cpu"), normalisation=(1.0, 2.0),
-                         resident=False).gather(rows)
-    assert scaled[:, 0, 0, 0, 0].tolist() == [1.5, 0.0, 2.0, 0.5]
-    assert torch.count_nonzero(scaled[:, 0].flatten(1)[:, 1:]) == 0
+    batch = VolumeStore(images, torch.device("cpu"), resident=False).gather(rows)
+    assert batch.dtype == torch.float32
+    assert batch[:, 0, 0, 0, 0].tolist() == [4.0, 1.0, 5.0, 2.0]
+    assert torch.count_nonzero(batch[:, 0].flatten(1)[:, 1:]) == 0
 
 
 def _volumes() -> torch.Tensor:
@@ -556,7 +554,7 @@ def test_default_augmentation_depends_on_the_loss():
 
 def test_a_resident_array_gives_the_batches_of_the_memory_map():
     # the device-resident copy (chunked by SCAN_CHUNK rows, chosen channels only) must hold
-    # what the memory-map path reads: same rows, channels in the asked order, normalised
+    # what the memory-map path reads: same rows, channels in the asked order
     from brainage.split_data import SCAN_CHUNK
 
     images = np.random.default_rng(0).uniform(1, 2, (SCAN_CHUNK + 3, 3, 2, 2, 2)).astype(
@@ -564,12 +562,12 @@ def test_a_resident_array_gives_the_batches_of_the_memory_map():
     rows = np.random.default_rng(1).permutation(len(images))
     for channels in (None, [2, 0]):
         resident, mapped = (VolumeStore(images, torch.device("cpu"), channels=channels,
-                                        normalisation=(1.0, 2.0), resident=resident)
+                                        resident=resident)
                             for resident in (True, False))
         assert resident.resident is not None and mapped.resident is None
         picked = images[rows] if channels is None else images[rows][:, channels]
         assert torch.equal(resident.gather(rows), mapped.gather(rows))
-        assert torch.allclose(resident.gather(rows), torch.from_numpy((picked - 1) / 2))
+        assert torch.allclose(resident.gather(rows), torch.from_numpy(picked))
 
 
 def test_the_array_is_resident_when_its_chosen_channels_fit_in_half_the_free_memory(
@@ -778,7 +776,7 @@ def test_gpu_fast_path_runs_on_the_cpu(split_dir):
     device, autocast_dtype = runtime_setup(settings["train"])
     assert (device.type, autocast_dtype) == ("cpu", torch.bfloat16)
     split = load_split(split_dir)
-    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    store = VolumeStore(split.images, device)
     ages = torch.tensor(split.ages, dtype=torch.float32)
     losses = {}
     for precision, dtype, channels_last in (("float32", None, False),
@@ -814,7 +812,7 @@ def test_features_of_a_bf16_training_are_full_float32(split_dir, tmp_path):
     train_encoder(split_dir, settings, **cell_paths(tmp_path))
     split = load_split(split_dir)
     model = load_encoder(tmp_path / "encoder.pt", resolve_cell(settings)["model"])
-    store = VolumeStore(split.images, torch.device("cpu"), normalisation=split.normalisation)
+    store = VolumeStore(split.images, torch.device("cpu"))
     rows = np.concatenate([split.train_index, split.eval_index])
     reference = embed_all(model, store, rows)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -132,7 +132,7 @@ def work(arguments) -> None:
     loss_fn = make_loss("adaptive", **loss_parameters(settings["loss"]),
                         max_epochs=train["epochs"], batch_size=arguments.batch).to(device)
     augmenter = Augmenter.from_settings(train, "adaptive", resolution_mm=split.resolution_mm)
-    store = VolumeStore(split.images, device, normalisation=split.normalisation)
+    store = VolumeStore(split.images, device)
     ages = torch.tensor(split.ages, dtype=torch.float32, device=device)
     seconds, cpu_seconds = [], 0.0
     for epoch in range(1, arguments.epochs + 2):

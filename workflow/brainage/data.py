@@ -65,7 +65,6 @@ class VolumeStore:
 
     def __init__(self, images: np.ndarray, device: torch.device, *,
                  channels: Sequence[int] | None = None,
-                 normalisation: tuple[float, float] | None = None,
                  resident: bool | str = "auto") -> None:
         if images.ndim != 5:
             raise DataError(f"a split array is [subjects, channels, X, Y, Z]; got shape "
@@ -75,7 +74,6 @@ class VolumeStore:
         self.channels = (None if channels is None or list(channels) == all_channels
                          else np.asarray(channels, dtype=np.int64))
         self.device = torch.device(device)
-        self.normalisation = normalisation
         if resident == "auto":
             resident = self.device.type == "cuda" and self._fits_on_device()
         self.resident: torch.Tensor | None = None
@@ -118,11 +116,7 @@ class VolumeStore:
             batch = torch.from_numpy(rows)
             if self.device.type == "cuda":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)
-        batch = batch.to(torch.float32)
-        if self.normalisation is not None:
-            mean, sd = self.normalisation
-            batch = torch.where(batch != 0, (batch - mean) / sd, batch)
-        return batch
+        return batch.to(torch.float32)
 
 
 # -- augmentations --------------------------------------------------------------------------

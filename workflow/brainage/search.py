@@ -162,8 +162,7 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                 **base["model"], "modalities": [split.modalities[index] for index in channels]
             }).to(device)
             subjects = np.concatenate([split.train_index, split.eval_index])
-            store = VolumeStore(split.images, device, normalisation=split.normalisation,
-                                channels=channels)
+            store = VolumeStore(split.images, device, channels=channels)
             features = embed(model, store, subjects,
                              which=base["model"]["features"])
             scores, *_ = evaluate_split(split, features, resolve_cell(settings_trial))

@@ -48,9 +48,6 @@ class SplitData:
         Row numbers of the training and evaluation (test or validation) subjects.
     eval_subset
         Name of the evaluation subset in outputs: "test" or "validation".
-    normalisation
-        Optional (mean, sd) applied to non-zero voxels when a batch is read (OpenBHB arrays,
-        which are stored un-normalised); None for our split arrays.
     """
 
     name: str
@@ -60,7 +57,6 @@ class SplitData:
     train_index: np.ndarray
     eval_index: np.ndarray
     eval_subset: str = "test"
-    normalisation: tuple[float, float] | None = None
 
     @property
     def ages(self) -> np.ndarray:
@@ -127,7 +123,9 @@ class SplitData:
                 # subject's changed image moves neither the lists nor the statistics
                 "stats": {key: self.stats.get(key)
                           for key in ("mean", "sd", "scope", "modalities", "images_sha256")},
-                "normalisation": list(self.normalisation) if self.normalisation else None}
+                # always None since every split array is stored normalised; kept so that
+                # checkpoints of earlier versions still resume
+                "normalisation": None}
 
     def with_validation(self, fraction: float, seed: int) -> "SplitData":
         """Carve a validation set out of the training subjects (stratified by study).

@@ -323,8 +323,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                  torch.get_num_threads())
     network = distributed.data_parallel(model, processes, device)  # model itself in one process
 
-    store = VolumeStore(split.images, device, channels=channels,
-                        normalisation=split.normalisation)
+    store = VolumeStore(split.images, device, channels=channels)
     ages = torch.tensor(split.ages, dtype=torch.float32, device=device)
     embed_rows = np.concatenate([split.train_index, split.eval_index])
     which = settings["model"]["features"]
@@ -447,8 +446,7 @@ def write_features(path: str | Path, model, split: SplitData, encoder_sha256: st
     them without loading a network again.
     """
     rows = np.concatenate([split.train_index, split.eval_index])
-    store = VolumeStore(split.images, device, channels=channels,
-                        normalisation=split.normalisation)
+    store = VolumeStore(split.images, device, channels=channels)
     features = embed_all(model, store, rows, channels_last=channels_last)
     with atomic_path(path, suffix=".npz") as temp:
         with open(temp, "wb") as handle:
