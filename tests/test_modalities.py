@@ -133,3 +133,18 @@ def test_the_grid_map_is_the_first_mre_map_else_the_t1w(tmp_path):
     assert input_path(tmp_path, "01", "T1w") == tmp_path / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
     assert input_path(tmp_path, "01", "stiffness") == (
         tmp_path / "sub-01" / "mre" / "sub-01_stiffness.nii.gz")
+
+
+def test_a_cohort_to_predict_is_preprocessed_around_the_training_grid_map():
+    # the model's maps, led by the map the training subjects' masks, registrations (without
+    # a T1w) and QC were built around; a model cannot read maps its cohort lacked
+    from brainage.modalities import modalities_to_predict
+
+    assert modalities_to_predict(["damping_ratio"], "stiffness") == ("stiffness", "damping_ratio")
+    assert modalities_to_predict(["damping_ratio", "stiffness"], "stiffness") == (
+        "stiffness", "damping_ratio")
+    assert modalities_to_predict(["T1w"], "stiffness") == ("stiffness", "T1w")
+    assert modalities_to_predict(["stiffness"], "stiffness") == ("stiffness",)
+    assert modalities_to_predict(["T1w"], "T1w") == ("T1w",)
+    with pytest.raises(ValueError, match="preprocessed around T1w"):
+        modalities_to_predict(["stiffness"], "T1w")

@@ -1307,6 +1307,15 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
         predict_module.run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "b",
                                   template_t1=template["template_t1"],
                                   template_mask=str(other_mask))
+    # another T1 beside the right mask, on the same grid: subjects would be registered to
+    # another image (found by a review: only the mask was compared)
+    t1 = nib.load(template["template_t1"])
+    other_t1 = tmp_path / "other_t1.nii.gz"
+    nib.save(nib.Nifti1Image(np.roll(np.asanyarray(t1.dataobj), 4, axis=0), t1.affine), other_t1)
+    with pytest.raises(InputError, match="template T1 rebuilt here .*other_t1.nii.gz.* differs"):
+        predict_module.run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "b2",
+                                  template_t1=str(other_t1),
+                                  template_mask=template["template_mask"])
 
     # a damaged file of the third subject stops the run before the first subject's chain
     damaged = tmp_path / "damaged"
@@ -1320,6 +1329,54 @@ def test_run_cohort_checks_the_template_and_predicts(world, new_cohort, tmp_path
     assert started == []
     # nothing describes preproc/ as a derivative of a dataset that did not pass
     assert not (tmp_path / "c" / "preproc" / "dataset_description.json").exists()
+
+
+def test_a_cohort_is_preprocessed_around_the_map_the_training_subjects_were(
+        world, tmp_path, monkeypatch):
+    """A model that reads only the damping ratio of a cohort trained on [stiffness,
+    damping_ratio]: each new subject's mask, registration reference (without a T1w) and QC
+    come from its stiffness map, as the training subjects' did, so the cohort gives both
+    maps (found by a review: the chain was built around the damping ratio, and QC's
+    correlation, measured on it against thresholds chosen on stiffness, failed every
+    subject)."""
+    from brainage.preprocess import chain
+
+    copied = tmp_path / "bundle"
+    shutil.copytree(world.bundle_dir, copied)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    assert manifest["training"]["grid_modality"] == "stiffness"  # recorded at export
+    manifest["normalisation"]["modalities"] = ["damping_ratio"]
+    _rewrite_manifest(copied, manifest)
+    assert read_bundle(copied).cohort_modalities == ("stiffness", "damping_ratio")
+    del manifest["training"]["grid_modality"]  # a bundle exported before it was recorded
+    _rewrite_manifest(copied, manifest)
+    assert read_bundle(copied).cohort_modalities == ("damping_ratio",)
+    manifest["training"]["grid_modality"] = "stiffness"
+    _rewrite_manifest(copied, manifest)
+
+    cohort = tmp_path / "cohort"
+    write_cohort(cohort, _participants(2, "grid", [40.0, 60.0]), seed=5)
+    for label in ("grid000", "grid001"):
+        stiffness = nib.load(cohort / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz")
+        damping = np.where(np.asanyarray(stiffness.dataobj) > 0, 0.3, 0.0).astype(np.float32)
+        nib.save(nib.Nifti1Image(damping, stiffness.affine),
+                 cohort / f"sub-{label}" / "mre" / f"sub-{label}_damping_ratio.nii.gz")
+    chains = []
+
+    def first_chain(inputs, layout, label, *, modalities, **settings):
+        chains.append((sorted(inputs), tuple(modalities)))
+        raise RuntimeError("stop after the first subject's chain starts")
+
+    monkeypatch.setattr(chain, "run_subject", first_chain)
+    template = {"template_t1": str(world.root / "template_t1.nii.gz"),
+                "template_mask": str(world.root / "template_mask.nii.gz")}
+    with pytest.raises(RuntimeError, match="stop after"):
+        run_cohort(copied, cohort, tmp_path / "out", device="cpu", **template)
+    assert chains == [(["damping_ratio", "stiffness"], ("stiffness", "damping_ratio"))]
+    for label in ("grid000", "grid001"):
+        (cohort / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz").unlink()
+    with pytest.raises(InputError, match="stiffness"):
+        run_cohort(copied, cohort, tmp_path / "out2", device="cpu", **template)
 
 
 def test_run_names_its_output_and_the_remedies_a_bundle_user_has(world, new_cohort, tmp_path,

@@ -129,6 +129,34 @@ def test_bad_predict_cohort_image_stops_before_any_work(tmp_path):
 
 
 @pytest.mark.workflow
+def test_a_predict_cohort_gives_the_map_the_training_preprocessing_was_built_around(tmp_path):
+    """A model reading only the damping ratio, trained on [stiffness, damping_ratio]: its
+    cohort's subjects are masked, registered (without a T1w) and QC'd by their stiffness
+    maps, as the training subjects were, so a cohort without them stops the plan (found by
+    a review: the cohort's chain was built around the damping ratio)."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6),
+                              maps=("stiffness", "damping_ratio"))
+    clinic = write_tiny_dataset(tmp_path / "clinic", default_rows(3),
+                                maps=("stiffness", "damping_ratio"))
+    (clinic / "sub-01a/mre/sub-01a_stiffness.nii.gz").unlink()
+    config = user_config(
+        tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+        experiments={"damping": {"seeds": [0], "variants": {
+            "only": {"model": {"modalities": ["damping_ratio"]}}}}},
+        predict={"cohorts": {"clinic": str(clinic)},
+                 "model": {"experiment": "damping", "variant": "only", "seed": 0}})
+    # dataset.modalities: written into the file (user_config takes whole sections)
+    text = yaml.safe_load(config.read_text())
+    text["dataset"]["modalities"] = ["stiffness", "damping_ratio"]
+    config.write_text(yaml.safe_dump(text))
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(r"predict cohort clinic .*sub-01a: stiffness map", result.stdout), \
+        result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_missing_predict_cohort_folder_names_its_key(tmp_path):
     """A predict cohort's folder that does not exist is named with its own key; the message
     told the user to set dataset.root (the training cohort's, which was fine) or to turn

@@ -39,6 +39,7 @@ import numpy as np
 
 from brainage import brainage_version
 from brainage.io import sha256_file, staged_folder, write_json
+from brainage.modalities import grid_modality, modalities_to_predict
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,16 @@ class ModelBundle:
     def normalisation(self) -> dict:
         """TRAINING normalisation statistics (the split's stats.json)."""
         return self.manifest["normalisation"]
+
+    @property
+    def cohort_modalities(self) -> tuple[str, ...]:
+        """The maps a cohort gives and is preprocessed for: the model's channels, led by
+        the map the training cohort's preprocessing was built around
+        (:func:`brainage.modalities.modalities_to_predict`; a bundle exported before
+        ``training.grid_modality`` was recorded: the channels' own)."""
+        channels = self.normalisation["modalities"]
+        grid = self.manifest.get("training", {}).get("grid_modality")
+        return modalities_to_predict(channels, grid or grid_modality(channels))
 
     @property
     def bias_correction(self) -> dict:

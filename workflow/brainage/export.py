@@ -23,7 +23,7 @@ from brainage.agebias import select_bias_correction
 from brainage.bundle import write_bundle
 from brainage.config import resolve_cell
 from brainage.io import sha256_file
-from brainage.modalities import MODALITIES
+from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 from brainage.normalise import RECORD_KEYS
 from brainage.preprocess.template import template_record
 from brainage.readout import READOUT_DESCRIPTION, load_readout
@@ -46,7 +46,7 @@ CHANNEL_KEYS = ("modalities", "scale_by_brain_median", "mean", "sd", "n_voxels")
 def normalisation_record(stats: Mapping, modalities: Sequence[str]) -> dict:
     """The split's TRAINING normalisation of the cell's channels (``model.modalities``),
     without per-subject lists: a bundle goes to other labs and needs the numbers, not who
-    the training subjects were, and a cohort needs only the maps the model reads."""
+    the training subjects were, and the network reads only its channels."""
     missing = [key for key in RECORD_KEYS if key not in stats]
     if missing:
         raise ExportError(f"the split's stats.json lacks {', '.join(missing)}; rerun rule "
@@ -158,6 +158,9 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
                        if key not in CELL_RECORD_KEYS and key not in readout_description}},
         "bias_correction": bias,
         "training": {**description["training"],
+                     # the map each subject's preprocessing was built around: a cohort is
+                     # preprocessed around it too (brainage.modalities.modalities_to_predict)
+                     "grid_modality": grid_modality(stats["modalities"]),
                      **({"registration_references": registration_references(
                          qc_table, Path(stats_path).with_name("participants.tsv"))}
                         if qc_table is not None else {})},
@@ -233,8 +236,11 @@ def bundle_readme(name: str, fields: Mapping) -> str:
     channels = "; ".join(
         f"{modality_name} mean {mean:.4f} sd {sd:.4f} {MODALITIES[modality_name].unit}"
         for modality_name, mean, sd in zip(record["modalities"], record["mean"], record["sd"]))
+    # the maps a cohort gives: the channels, and the map the training cohort's
+    # preprocessing was built around
+    given = modalities_to_predict(record["modalities"], training["grid_modality"])
     inputs = " + ".join(f"sub-*/{MODALITIES[modality_name].folder}/*_{modality_name}.nii.gz"
-                        for modality_name in record["modalities"])
+                        for modality_name in given)
     return (
         f"# brainage model bundle `{name}`\n\n"
         f"Brain age from MR-elastography maps ({', '.join(record['modalities'])}): a 3D "
@@ -247,8 +253,10 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"{training['age_max']:.0f} years\n"
         f"{references_line}"
         f"- template: {fields['template']['id']}, normalisation at "
-        f"{record['resolution_mm']} mm with the training statistics ({channels}); a cohort "
-        f"needs these maps for every subject\n"
+        f"{record['resolution_mm']} mm with the training statistics ({channels})\n"
+        f"- each subject's brain mask and QC are built around its {training['grid_modality']} "
+        f"map, as the training subjects' were: a cohort needs {', '.join(given)} for every "
+        f"subject\n"
         f"- age-bias correction: gap = {fields['bias_correction']['intercept']:.3f} + "
         f"{fields['bias_correction']['slope']:.4f} * age "
         f"({fields['bias_correction']['description']})\n\n"

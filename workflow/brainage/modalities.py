@@ -122,6 +122,24 @@ def grid_modality(names: Sequence[str]) -> str:
                      f"{', '.join(MODALITIES)}.")
 
 
+def modalities_to_predict(channels: Sequence[str], training_grid: str) -> tuple[str, ...]:
+    """The modalities a cohort is preprocessed for to apply a model that reads ``channels``
+    (its cell's model.modalities): those maps, led by ``training_grid``, the
+    :func:`grid_modality` of the training cohort.
+
+    The grid map is the one a subject's brain mask lies on, that registers a subject
+    without a T1w and that QC measures (against thresholds chosen on the training cohort).
+    A model that reads only, e.g., the damping ratio of a cohort trained on ``[stiffness,
+    damping_ratio]`` thus still needs each subject's stiffness map, or its subjects would be
+    preprocessed around another image than the training subjects were.
+    """
+    chosen = (training_grid, *(name for name in channels if name != training_grid))
+    if grid_modality(chosen) != training_grid:
+        raise ValueError(f"a model reading {', '.join(channels)} cannot come from a cohort "
+                         f"preprocessed around {training_grid}.")
+    return chosen
+
+
 def tag(names: Sequence[str]) -> str:
     """A name part for a set of modalities (``stiffness_damping_ratio``)."""
     return "_".join(names)

@@ -140,7 +140,7 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"model bundle {bundle.path} was trained with a template from files "
             f"({template['t1']}, {template['mask']}); pass the same files with "
             f"--template-t1 and --template-mask.")
-    modalities = bundle.normalisation["modalities"]
+    modalities = bundle.cohort_modalities  # the model's maps and the training grid's
     participants = read_participants(dataset_root, modalities, root_setting="--dataset",
                                      needed_by=f"model bundle {bundle.path}",
                                      to_predict=True)
@@ -173,6 +173,14 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
             f"affine {expected.get('affine')}). Use the same template files "
             f"(--template-t1/--template-mask) or the same nilearn version.")
+    # absent in bundles exported before it was recorded
+    if expected.get("t1_voxels_sha256") not in (None, rebuilt["t1_voxels_sha256"]):
+        raise InputError(
+            f"the template T1 rebuilt here ({template_t1 or rebuilt['id']}) differs from the "
+            f"one model bundle {bundle.path} was trained with (its voxels' sha256 "
+            f"{rebuilt['t1_voxels_sha256'][:12]}... against {expected['t1_voxels_sha256'][:12]}"
+            f"...): subjects would be registered to another image. Use the same template "
+            f"files (--template-t1/--template-mask) or the same nilearn version.")
     # every image opened once before the first subject's minutes of preprocessing, and
     # before preproc/ is described as a derivative of this dataset (the template, checked
     # in seconds before these minutes, holds nothing of the dataset)
@@ -204,7 +212,8 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
             f"this subject's file, or remove its row from "
             f"{Path(dataset_root) / 'participants.tsv'}. The subjects preprocessed so far "
             f"are kept: the same command continues where it stopped.") from None
-    maps = {label: registered_maps(files, modalities) for label, files in processed.items()}
+    channels = bundle.normalisation["modalities"]
+    maps = {label: registered_maps(files, channels) for label, files in processed.items()}
     qc = {label: files["qc_json"] for label, files in processed.items()}
     return predict_cohort(bundle, dataset_root, maps, qc,
                           **{argument: output / name for argument, name in REPORT_FILES.items()},

@@ -21,7 +21,7 @@ from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
 from brainage.config import pretrain_settings, pretrained_run, training_settings
 from brainage.config import exported_cell as exported_cell_of
 from brainage.config import preprocessing_record
-from brainage.modalities import grid_modality, input_path, mre_maps
+from brainage.modalities import grid_modality, input_path, modalities_to_predict, mre_maps
 from brainage.modalities import tag as modality_tag
 from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
 from brainage.qc import thresholds
@@ -142,18 +142,23 @@ MODALITIES = tuple(config["dataset"]["modalities"])
 
 
 def exported_modalities():
-    """The maps the exported model reads (its cell's model.modalities): what a predict
-    cohort must provide and is preprocessed for."""
+    """The maps the exported model reads (its cell's model.modalities)."""
     try:
         return tuple(cell_settings(config, *exported_cell_of(config))["model"]["modalities"])
     except ConfigError as error:
         raise WorkflowError(str(error)) from None
 
 
-#: Every preprocessing folder -> the modalities its subjects provide and the chain makes.
+#: Every preprocessing folder -> the modalities its subjects provide and the chain makes: a
+#: predict cohort's are the exported model's maps, led by the training cohort's grid map.
 PREPROC_MODALITIES = {
     TRAINING_PREPROC: MODALITIES,
-    **{LAYOUT.cohort_preproc(cohort): exported_modalities() for cohort in PREDICT_COHORTS},
+    **{
+        LAYOUT.cohort_preproc(cohort): modalities_to_predict(
+            exported_modalities(), grid_modality(MODALITIES)
+        )
+        for cohort in PREDICT_COHORTS
+    },
     **{LAYOUT.pretrain_preproc(name): ("T1w",) for name in PRETRAIN_CHAIN},
 }
 
@@ -1070,8 +1075,8 @@ def cohort_subject_files(kind):
 
 def cohort_maps(wildcards):
     """{label: {modality: registered map}} of a predict cohort (the exported model's maps)."""
-    modalities = PREPROC_MODALITIES[LAYOUT.cohort_preproc(wildcards.cohort)]
+    channels = exported_modalities()
     return {
-        label: registered_maps(files, modalities)
+        label: registered_maps(files, channels)
         for label, files in cohort_files(wildcards.cohort).items()
     }

@@ -103,10 +103,11 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
 
 def template_record(t1_path: str | Path, mask_path: str | Path, *, source: str,
                     space: str) -> dict:
-    """What identifies the registration template: id, grid and a checksum of the mask.
+    """What identifies the registration template: id, grid and checksums of the mask and
+    of the T1 that subjects are registered to.
 
-    The checksum covers the mask's voxels (not the .nii.gz bytes, whose gzip header
-    differs between writers), so a lab that rebuilds the same template matches it.
+    The checksums cover the voxels (not the .nii.gz bytes, whose gzip header differs
+    between writers), so a lab that rebuilds the same template matches them.
 
     Raises
     ------
@@ -127,4 +128,6 @@ def template_record(t1_path: str | Path, mask_path: str | Path, *, source: str,
             "shape": [int(size) for size in mask.shape[:3]],
             "affine": np.asarray(mask.affine, dtype=float).tolist(),
             "mask_voxels_sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+            "t1_voxels_sha256": hashlib.sha256(np.ascontiguousarray(
+                np.asanyarray(t1.dataobj), dtype=np.float32).tobytes()).hexdigest(),
             "n_brain_voxels": int(data.sum())}
