@@ -169,6 +169,18 @@ def test_empty_freesurfer_mask_names_subject_and_file(freesurfer_double, head, t
     assert not (tmp_path / "mask.nii.gz").exists()
 
 
+def test_a_mask_on_another_grid_of_the_same_shape_is_refused(freesurfer_double, head,
+                                                             tmp_path, monkeypatch):
+    """The T1w's mask is read on the T1w's voxels: a tool's mask stored flipped (a cubic
+    T1w's keeps its shape) would have put the brain on the other side, unseen."""
+    monkeypatch.setenv("DOUBLE_MASK_REORIENTED", "1")
+    with pytest.raises(PreprocessError, match=r"sub-a: mri_synthstrip wrote a mask of shape "
+                                              r"\(41, 41, 41\) with affine"):
+        strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
+                    method="freesurfer", subject="a")
+    assert not (tmp_path / "mask.nii.gz").exists()
+
+
 def test_failing_freesurfer_program_is_reported_with_its_exit_and_error(freesurfer_double, head,
                                                                       tmp_path, monkeypatch):
     """nipype does not raise when a program exits non-zero: it then missed the output file,

@@ -8,7 +8,9 @@ at half its maximum (largest component, holes filled) and writes the mask (-m) a
 masked image (-o). Each call's arguments are appended, one JSON list per line, to the
 file named by $DOUBLE_CALLS_LOG when set. $DOUBLE_THRESHOLD (share of the maximum,
 default 0.5) lets a test provoke an empty mask. $DOUBLE_ERROR makes it fail as the real
-program does (its text on stderr, exit code 1, no output written).
+program does (its text on stderr, exit code 1, no output written). $DOUBLE_MASK_REORIENTED
+writes the mask flipped left-right, voxels and affine alike: the same brain on another grid
+of the same shape, as a tool that reorients its output would.
 """
 
 import argparse
@@ -44,7 +46,10 @@ def main(argv):
     if count:
         mask = ndimage.binary_fill_holes(labels == np.bincount(labels.ravel())[1:].argmax() + 1)
     if args.m:
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), image.affine), args.m)
+        written = nib.Nifti1Image(mask.astype(np.uint8), image.affine)
+        if os.environ.get("DOUBLE_MASK_REORIENTED"):
+            written = written.as_reoriented(np.array([[0, -1], [1, 1], [2, 1]]))
+        nib.save(written, args.m)
     if args.o:
         nib.save(nib.Nifti1Image(np.where(mask, data, 0), image.affine), args.o)
     return 0

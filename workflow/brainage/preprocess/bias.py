@@ -158,6 +158,9 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"are in the same space, or use preprocess.skullstrip: none for maps "
                     f"already masked.")
         else:
+            if negative:
+                log.info("%s: %d negative voxels of %s inside the brain mask set to 0", name,
+                         negative, path)
             data = np.where(covered, data, 0).astype(np.float32)
             if not data.any():
                 # Otherwise an all-zero channel went on to training (the damping ratio, or
@@ -211,7 +214,8 @@ def check_range(data: np.ndarray, region: np.ndarray, kind, *, what: str) -> Non
     stiffness map in Pa instead of kPa)."""
     if kind.median_range is None and kind.valid_range is None:
         return  # e.g. the T1w: nothing to check, no voxels to gather
-    values = data[region & (data != 0)]
+    # a voxel with data: positive for the maps whose voxels <= 0 mean "no data"
+    values = data[region & ((data > 0) if kind.positive else (data != 0))]
     if kind.median_range is not None and values.size:
         low, high = kind.median_range
         median = float(np.median(values))

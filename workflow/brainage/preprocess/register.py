@@ -19,8 +19,8 @@ voxels), so linear interpolation neither smears values outside the slab nor dark
 edge. Coverage stays visible. A map that is a voxel-wise function of another keeps that
 relation wherever both are smooth (tests/test_preprocess.py).
 
-``deterministic`` (one ITK thread, fixed seed for the metric's random sampling) makes
-reruns bit-identical.
+``deterministic`` (one ITK thread, fixed seed for the metric's sampling: a regular grid
+jittered by it) makes reruns bit-identical.
 """
 
 from __future__ import annotations

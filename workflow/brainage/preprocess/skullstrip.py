@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from brainage.inputs import same_grid
 from brainage.io import write_json
 from brainage.modalities import MODALITIES, modality
 from brainage.preprocess.images import (
@@ -106,15 +107,13 @@ def _run_mask_interface(route: str, freesurfer_tool: str, in_file: str, work: Pa
 
     mask_file = work / "mask.nii.gz"
     if route == "deepbet":
-        import torch
-
-        # A GPU when one is visible. The per-subject rules request none, so on SLURM
-        # (GPUs confined by cgroups) deepbet runs on the CPU; on a workstation it
-        # shares the visible GPU with any training job (its network is small).
-        use_gpu = torch.cuda.is_available()
-        log.info("deepbet on the %s", "GPU" if use_gpu else f"CPU ({threads} threads)")
+        # Always on the CPU, also where a GPU is visible: the same mask on every machine
+        # (GPU convolutions differ from the CPU's, and between runs, in the last bits, which
+        # can move a voxel across deepbet's threshold), and bit-identical reruns with
+        # preprocess.deterministic's one thread. Its two forward passes take about 3 s.
+        log.info("deepbet on the CPU (%d threads)", threads)
         interface = DeepBet(in_file=in_file, mask_file=str(mask_file), num_threads=threads,
-                            use_gpu=use_gpu)
+                            use_gpu=False)
     elif route == "freesurfer" and freesurfer_tool == "synthstrip":
         interface = SynthStrip(in_file=in_file, mask_file=str(mask_file), num_threads=threads)
     elif route == "freesurfer":
@@ -127,14 +126,16 @@ def _run_mask_interface(route: str, freesurfer_tool: str, in_file: str, work: Pa
     return Path(result.outputs.get().get("mask_file") or result.outputs.out_file)
 
 
-def _read_tool_mask(path: Path) -> np.ndarray:
+def _read_tool_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """A skull-stripping tool's mask (non-zero voxels), empty or not: an empty one gets its
-    own message. A T1w stored as one volume of a 4D file (X, Y, Z, 1), which the input
-    check accepts, gets a mask of that shape from deepbet (and FreeSurfer): its one volume."""
+    own message; and its affine. A T1w stored as one volume of a 4D file (X, Y, Z, 1), which
+    the input check accepts, gets a mask of that shape from deepbet (and FreeSurfer): its
+    one volume."""
     import nibabel as nib
 
-    mask = np.asanyarray(nib.load(str(path)).dataobj) > 0
-    return mask[..., 0] if mask.ndim == 4 and mask.shape[3] == 1 else mask
+    image = nib.load(str(path))
+    mask = np.asanyarray(image.dataobj) > 0
+    return (mask[..., 0] if mask.ndim == 4 and mask.shape[3] == 1 else mask), image.affine
 
 
 def _absolute(path: str | Path) -> str:
@@ -221,11 +222,15 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
                         f"{name}: skull stripping ({ran}) of {anat} failed: {detail}. Check "
                         f"the image (contrast, orientation, field of view), or try another "
                         f"preprocess.skullstrip route.") from error
-                anat_mask = _read_tool_mask(mask_file)
-                if anat_mask.shape != anat_data.shape:
+                anat_mask, mask_affine = _read_tool_mask(mask_file)
+                # a cubic T1w's mask reoriented by a tool keeps its shape: the grid is compared
+                if not same_grid(anat_mask.shape, mask_affine, anat_data.shape,
+                                 reference_affine):
                     raise PreprocessError(f"{name}: {ran} wrote a mask of shape "
-                                          f"{anat_mask.shape} for the T1w {anat} of shape "
-                                          f"{anat_data.shape}. Try another "
+                                          f"{anat_mask.shape} with affine\n"
+                                          f"{np.round(mask_affine, 3)}\nfor the T1w {anat} of "
+                                          f"shape {anat_data.shape} with affine\n"
+                                          f"{np.round(reference_affine, 3)}. Try another "
                                           f"preprocess.skullstrip route.")
                 mask = resample_mask(anat_mask, reference_affine, data.shape, affine)
                 reference = np.where(anat_mask, anat_data, 0).astype(np.float32)
