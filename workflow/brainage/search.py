@@ -12,7 +12,9 @@ the earlier trial) and one folder per trial with its metrics. A rerun skips fini
 trials whose record matches what the trial would train and score now (:func:`trial_key`:
 its settings, nn_final and nn_step included, the split and the validation ages), and an
 interrupted trial resumes from its checkpoint; a trial finished with other settings (e.g.
-another ``search.seed`` or range, ``train.epochs``) is trained again.
+another ``search.seed`` or range, ``train.epochs``) is trained again. (A trial recorded by a
+version before trial keys is reused when its nn_final and nn_step match:
+:func:`_reusable`.)
 
 A grid cell with ``loss.nn_from_search: true`` trains with the split's best.json
 (:func:`apply_search_result`, called by rule train_encoder's script), so the trials also
