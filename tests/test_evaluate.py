@@ -518,6 +518,31 @@ def test_features_of_another_split_are_refused(tmp_path):
                          predictions_path=tmp_path / "cell" / "predictions.tsv")
 
 
+def test_features_whose_subjects_changed_subset_are_refused(tmp_path):
+    """The same subjects in the same order, but the last training row is now the first
+    test row (the boundary moved): the encoder trained on a subject the cell now tests
+    (found by a review: only the order of the ids was compared)."""
+    from brainage.split_data import DataError
+
+    split_dir = write_split(tmp_path / "a", n_subjects=12, n_test=4, seed=0)
+    settings = tiny_settings()
+    features_path = tmp_path / "features.npz"
+    write_features(features_path, build_model(resolve_cell(settings)["model"]),
+                   load_split(split_dir), "sha", device=torch.device("cpu"))
+    with np.load(features_path, allow_pickle=False) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    subsets = arrays["subset"].copy()
+    assert subsets.tolist() == ["train"] * 8 + ["test"] * 4
+    subsets[8] = "train"  # written when the first test subject was a training subject
+    arrays["subset"] = subsets
+    np.savez(features_path, **arrays)
+    with pytest.raises(DataError, match=r"features\.npz lists other subjects than split "
+                                        r"holdout .*and their subsets"):
+        evaluate_encoder(split_dir, features_path, settings,
+                         metrics_path=tmp_path / "cell" / "metrics.json",
+                         predictions_path=tmp_path / "cell" / "predictions.tsv")
+
+
 def test_metrics_record_the_loss_the_encoder_was_trained_with(tmp_path):
     """After loss.nn_from_search the encoder trains with the search's nn_final/nn_step, not
     the configured ones: metrics.json says which, from what training wrote."""

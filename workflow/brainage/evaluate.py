@@ -109,8 +109,9 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
     Raises
     ------
     DataError
-        ``features.npz`` lists other subjects than the split (it belongs to another split or
-        an older normalisation): rerun train_encoder.
+        ``features.npz`` lists other subjects than the split, or the same ones in other
+        subsets (it belongs to another split or an older normalisation): rerun
+        train_encoder.
     """
     rows = np.concatenate([split.train_index, split.eval_index])
     if settings["model"]["encoder"] == "none":
@@ -119,10 +120,13 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
         voxels = np.asarray(split.images[np.ix_(rows, channels)], dtype=np.float32)
         return CellFeatures(voxels.reshape(len(rows), -1), None, None)
     with np.load(features_path, allow_pickle=False) as saved:
-        if saved["participant_id"].tolist() != split.participant_ids[rows].tolist():
+        # the subsets too: a subject moved from the last training row to the first
+        # evaluation row keeps the order, but the encoder was trained on it
+        if (saved["participant_id"].tolist() != split.participant_ids[rows].tolist()
+                or saved["subset"].tolist() != split.subset_labels()[rows].tolist()):
             raise DataError(f"{features_path} lists other subjects than split {split.name} "
-                            f"(train then evaluation rows); rerun rule train_encoder for the "
-                            f"cell that trains this encoder.")
+                            f"(train then evaluation rows, and their subsets); rerun rule "
+                            f"train_encoder for the cell that trains this encoder.")
         trained_loss = (json.loads(str(saved["trained_loss"]))
                         if "trained_loss" in saved.files else None)
         return CellFeatures(saved[settings["model"]["features"]].astype(np.float32),
