@@ -16,11 +16,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from brainage.config import validate_config
+from brainage.config import load_config, validate_config
 from brainage.evaluate import compute_metrics
 from brainage.paths import Layout
 from brainage.report import figures, pretraining, tables, targets
 from brainage.report import results as report_results
+from conftest import REPO
 
 STUDIES = ("study1", "study2", "study3")
 #: Synthetic MAE (years) per table3 variant; adaptive is best with every seed.
@@ -1212,6 +1213,24 @@ def test_cells_over_different_numbers_of_splits_are_refused():
     with pytest.raises(targets.ReportError, match=r"4 test subjects in 1 split\(s\): a/seed-0; "
                                                   r"4 test subjects in 2 split\(s\): b/seed-0"):
         report_results.check_same_test_subjects(seeds, "distance")
+
+
+def test_a_pretrained_variant_that_trains_no_epoch_is_no_fine_tuning_gain():
+    """config/paper.yaml's frozen baseline (the pretrained encoder, 0 epochs) differs from
+    the untrained baseline only in model.init: paired, it became a "fine-tuned" row of the
+    gain table and figure (found by a review)."""
+    config = validate_config({
+        "pretrain": {"t1": {"source": {"kind": "simulate"}}},
+        "experiments": {"table3": {"seeds": [0], "variants": {
+            "adaptive": {"loss": {"name": "adaptive"}},
+            "adaptive_t1": {"loss": {"name": "adaptive"}, "model": {"init": "pretrained:t1"}},
+            "untrained": {"train": {"epochs": 0}},
+            "frozen_t1": {"train": {"epochs": 0}, "model": {"init": "pretrained:t1"}}}}}})
+    settings = targets.experiment_settings(config)["table3"]
+    assert pretraining.pretraining_pairs(settings) == [("adaptive", "adaptive_t1", "t1")]
+    paper = targets.experiment_settings(load_config(REPO / "config" / "paper.yaml"))["table3"]
+    assert all(paper[pretrained]["train"]["epochs"] > 0
+               for _, pretrained, _ in pretraining.pretraining_pairs(paper))
 
 
 def test_pretraining_gain_and_runs_by_hand(tmp_path, monkeypatch):

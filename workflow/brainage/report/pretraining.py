@@ -54,13 +54,16 @@ def _without_init(settings: Mapping[str, Any]) -> str:
 
 def pretraining_pairs(settings: Mapping[str, Mapping[str, Any]]) -> list[tuple[str, str, str]]:
     """(scratch variant, pretrained variant, run) of the loss experiment: each variant that
-    fine-tunes a pretraining run beside the variant with the same settings from scratch."""
+    fine-tunes a pretraining run beside the variant with the same settings from scratch. A
+    variant that starts from a run but trains no epoch (``config/paper.yaml``'s frozen
+    baseline) fine-tunes nothing: its pair with the untrained baseline is no gain of
+    fine-tuning, and is left out."""
     scratch = {_without_init(cell): variant for variant, cell in settings.items()
                if pretrained_run(cell["model"]) is None}
     pairs = []
     for variant, cell in settings.items():
         run = pretrained_run(cell["model"])
-        if run is not None and _without_init(cell) in scratch:
+        if run is not None and cell["train"]["epochs"] > 0 and _without_init(cell) in scratch:
             pairs.append((scratch[_without_init(cell)], variant, run))
     return pairs
 
