@@ -182,6 +182,33 @@ def test_settings_do_not_depend_on_the_order_of_keys_in_the_file():
     assert list(second["experiments"]["sweep"]["variants"]) == ["wide", "base"]
 
 
+def test_a_number_is_kept_as_its_default_is_written_whole_or_not():
+    """sigma: 2 where the default is 2.0 (YAML reads an int) gave a params repr of 2, not
+    2.0: writing out a default reran every job that takes it (found by a review). A number
+    takes the form of its key's default: a float default makes a float, an int default an
+    int from a whole float; lists element by element; variants and pretraining runs alike."""
+    written = {"loss": {"sigma": 2, "temperature": 0.1},
+               "train": {"cutout_size_mm": 64.0, "epochs": 50.0, "rotation_degrees": 10},
+               "readout": {"alphas": [0.01, 0.1, 1, 10, 100]},
+               "pretrain": {"t1w": {"source": {"kind": "simulate"}, "loss": {"sigma": 2}}},
+               "experiments": {"sweep": {"seeds": [0], "variants": {
+                   "wide": {"loss": {"sigma": 5}}, "base": {}}}}}
+    plain = {"pretrain": {"t1w": {"source": {"kind": "simulate"}, "loss": {"sigma": 2.0}}},
+             "experiments": {"sweep": {"seeds": [0], "variants": {
+                 "wide": {"loss": {"sigma": 5.0}}, "base": {}}}}}
+    first, second = validate_config(written), validate_config(plain)
+    for section in ("train", "loss", "readout"):
+        assert repr(first[section]) == repr(second[section]), section
+    assert type(first["loss"]["sigma"]) is float and type(first["train"]["epochs"]) is int
+    for variant in ("wide", "base"):
+        assert (repr(cell_settings(first, "sweep", variant, 0))
+                == repr(cell_settings(second, "sweep", variant, 0)))
+    assert repr(pretrain_settings(first, "t1w")) == repr(pretrain_settings(second, "t1w"))
+    assert repr(resolve_cell({"loss": {"sigma": 3}})) == repr(resolve_cell({"loss": {"sigma": 3.0}}))
+    # a key without a numeric default keeps what was written
+    assert resolve_cell({"loss": {"lam": 1}})["loss"]["lam"] == 1
+
+
 def test_a_seed_listed_twice_is_refused():
     """Seeds [0, 0] planned cell 0 twice: make_tables read its metrics.json twice and
     weighted that seed double in every mean."""

@@ -57,6 +57,23 @@ def _validator_filling_defaults(schema: Mapping) -> jsonschema.protocols.Validat
     return _defaults_filling_validator_class()(schema)
 
 
+def _number_as_the_default(value: Any, default: Any) -> Any:
+    """A number written as the key's schema default is: ``sigma: 2`` as 2.0 where the default
+    is 2.0, ``cutout_size_mm: 64.0`` as 64 where it is 64 (a list of numbers element by
+    element). Snakemake compares params by their repr, where 2 and 2.0 differ, so writing a
+    default, or any whole number, the other way would rerun every job that takes it."""
+    def is_number(item: Any) -> bool:
+        return isinstance(item, (int, float)) and not isinstance(item, bool)
+
+    if isinstance(value, list) and isinstance(default, list) and default:
+        return [_number_as_the_default(item, default[0]) for item in value]
+    if not (is_number(value) and is_number(default)):
+        return value
+    if isinstance(default, float):
+        return float(value)
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 @lru_cache(maxsize=1)
 def _defaults_filling_validator_class() -> type:
     """Draft 2020-12 with defaults filled before the other keywords run, so that nested
@@ -81,6 +98,9 @@ def _defaults_filling_validator_class() -> type:
             for name, subschema in properties.items():
                 if name not in instance and "default" in subschema:
                     instance[name] = copy.deepcopy(subschema["default"])
+                elif name in instance:
+                    instance[name] = _number_as_the_default(instance[name],
+                                                            subschema.get("default"))
             # Declared keys in the schema's order, whatever order the file wrote them in
             # (a default written out included): Snakemake compares params by their repr,
             # where a dict's key order shows, so another order would rerun every job that
