@@ -163,8 +163,8 @@ def _stub_trial_training(monkeypatch, trained: list) -> None:
     monkeypatch.setattr(search_module, "load_encoder",
                         lambda path, model: SimpleNamespace(to=lambda device: None))
     monkeypatch.setattr(search_module, "VolumeStore", lambda *args, **kwargs: None)
-    monkeypatch.setattr(search_module, "embed",
-                        lambda model, store, subjects, which: np.zeros((len(subjects), 2)))
+    monkeypatch.setattr(search_module, "embed_all", lambda model, store, subjects: {
+        "encoder": np.zeros((len(subjects), 4)), "projection": np.zeros((len(subjects), 2))})
     monkeypatch.setattr(search_module, "evaluate_split", evaluate_split)
 
 
@@ -227,6 +227,32 @@ def test_the_umap_epochs_retrain_no_trial(stubbed_search):
     # what a trial is scored with still retrains it
     random_search(split_dir, out, {**shown, "train": {**shown["train"], "epochs": 3}}, SEARCH)
     assert len(trained) == 4
+
+
+def test_another_read_out_scores_the_trials_again_without_training_them(stubbed_search):
+    """The read-out (readout.*, model.features) scores a trial but does not train it: a
+    change retrained every trial (30 in the paper config; found by a review), now each
+    trial's kept features are read out again. What trains the encoder still retrains it."""
+    from brainage.search import TRIAL_FEATURES, TRIAL_KEY
+
+    trained, split_dir, settings, out = stubbed_search
+    random_search(split_dir, out, settings, SEARCH)
+    assert len(trained) == 2
+    assert not (out / "trial-01" / "encoder.pt").exists()
+    first = json.loads((out / "trial-01" / "metrics.json").read_text())
+    for readout in ({**settings, "readout": {"alphas": [0.5, 5.0]}},
+                    {**settings, "model": {**settings.get("model", {}), "features": "encoder"}}):
+        random_search(split_dir, out, readout, SEARCH)
+        assert len(trained) == 2  # scored again from the kept features
+        again = json.loads((out / "trial-01" / "metrics.json").read_text())
+        assert again[TRIAL_KEY] != first[TRIAL_KEY] and again["seconds"] == first["seconds"]
+    faster = {**settings, "train": {**settings["train"], "lr": 0.5}}
+    random_search(split_dir, out, faster, SEARCH)
+    assert len(trained) == 4
+    # a trial without features (scored by an earlier version) is trained again
+    (out / "trial-01" / TRIAL_FEATURES).unlink()
+    random_search(split_dir, out, {**faster, "readout": {"alphas": [0.5]}}, SEARCH)
+    assert len(trained) == 5
 
 
 def test_a_rerun_removes_what_a_killed_search_left(stubbed_search):

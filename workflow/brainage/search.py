@@ -12,9 +12,10 @@ the earlier trial) and one folder per trial with its metrics. A rerun skips fini
 trials whose record matches what the trial would train and score now (:func:`trial_key`:
 its settings, nn_final and nn_step included, the split and the validation ages), and an
 interrupted trial resumes from its checkpoint; a trial finished with other settings (e.g.
-another ``search.seed`` or range, ``train.epochs``) is trained again. (A trial recorded by a
-version before trial keys is reused when its nn_final and nn_step match:
-:func:`_reusable`.)
+another ``search.seed`` or range, ``train.epochs``) is trained again, and one scored with
+another read-out (``readout.*``, ``model.features``) is scored again on the features its
+encoder left (:data:`TRIAL_FEATURES`), without training. (A trial recorded by a version
+before trial keys is reused when its nn_final and nn_step match: :func:`_reusable`.)
 
 A grid cell with ``loss.nn_from_search: true`` trains with the split's best.json
 (:func:`apply_search_result`, called by rule train_encoder's script), so the trials also
@@ -33,11 +34,17 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from brainage.config import ConfigError, resolve_cell, search_bounds, uses_search_result
+from brainage.config import (
+    ConfigError,
+    resolve_cell,
+    search_bounds,
+    training_settings,
+    uses_search_result,
+)
 from brainage.data import VolumeStore
 from brainage.evaluate import evaluate_split
-from brainage.io import remove_stale_temporaries, write_json, write_tsv
-from brainage.models import embed, load_encoder
+from brainage.io import atomic_path, remove_stale_temporaries, write_json, write_tsv
+from brainage.models import embed_all, load_encoder
 from brainage.runtime import runtime_setup
 from brainage.split_data import SplitData, load_split
 from brainage.train import fingerprint, fit_encoder
@@ -57,6 +64,35 @@ def trial_key(settings: Mapping, split: SplitData) -> str:
                           "validation_ages": split.ages[split.eval_index].tolist()},
                          sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+#: A trial's features file: both kinds of its encoder's features of the training and
+#: validation subjects, keyed by what trained the encoder, so that another read-out
+#: (``readout.*``, ``model.features``) scores the trial again without training it.
+TRIAL_FEATURES = "features.npz"
+
+
+def _stored_features(path: Path, key: str, split: SplitData) -> dict | None:
+    """The features a trial's encoder left in ``path``, if it was trained as the trial
+    would train now (``key``: :func:`trial_key` of its training settings) on this split's
+    training then validation subjects; else None."""
+    if not path.exists():
+        return None
+    with np.load(path, allow_pickle=False) as saved:
+        rows = np.concatenate([split.train_index, split.eval_index])
+        if (str(saved["training_key"]) != key
+                or saved["participant_id"].tolist() != split.participant_ids[rows].tolist()):
+            return None
+        return {"encoder": saved["encoder"], "projection": saved["projection"]}
+
+
+def _store_features(path: Path, features: Mapping[str, np.ndarray], key: str,
+                    split: SplitData) -> None:
+    rows = np.concatenate([split.train_index, split.eval_index])
+    with atomic_path(path, suffix=".npz") as temp:
+        with open(temp, "wb") as handle:
+            np.savez(handle, **features, training_key=np.array(key),
+                     participant_id=split.participant_ids[rows].astype(str))
 
 
 def _reusable(metrics: Mapping, trial: Mapping, key: str) -> bool:
@@ -135,6 +171,8 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
         keyed_before = settings_trial
         settings_trial = {**settings_trial, "train": {**base["train"], "embed_epochs": []}}
         key = trial_key(settings_trial, split)
+        features_path = trial_dir / TRIAL_FEATURES
+        remove_stale_temporaries(features_path)
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
         # the old key only when the new one does not match (a key hashes the trials'
         # starting checkpoint, 134 MB at the paper's width)
@@ -145,34 +183,46 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
             # (134 MB at the paper's width), which nothing else removes
             (trial_dir / "encoder.pt").unlink(missing_ok=True)
         else:
-            if metrics is not None:
-                log.warning("trial %d: %s was scored with other settings (nn_final %s, "
-                            "nn_step %s, or another search.seed, split or train/readout "
-                            "section); training it again with nn_final %d, nn_step %d",
-                            trial["trial"], metrics_path, metrics.get("nn_final"),
-                            metrics.get("nn_step"), trial["nn_final"], trial["nn_step"])
+            training_key = trial_key(training_settings(settings_trial), split)
             started = time.perf_counter()
-            encoder_path = trial_dir / "encoder.pt"
-            fit_encoder(split, settings_trial, encoder_path=encoder_path,
-                        checkpoint_path=trial_dir / "checkpoint.pt",
-                        history_path=trial_dir / "history.tsv")
-            device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)
-            # model.modalities null means all of the split's channels, as fit_encoder
-            # trained with (build_model alone would build a one-channel network)
-            channels = split.channel_indices(base["model"]["modalities"])
-            model = load_encoder(encoder_path, {
-                **base["model"], "modalities": [split.modalities[index] for index in channels]
-            }).to(device)
-            subjects = np.concatenate([split.train_index, split.eval_index])
-            store = VolumeStore(split.images, device, channels=channels)
-            features = embed(model, store, subjects,
-                             which=base["model"]["features"])
-            scores, *_ = evaluate_split(split, features, resolve_cell(settings_trial))
+            features = _stored_features(features_path, training_key, split)
+            if features is not None:
+                log.info("trial %d: its encoder's features are kept; scoring them with this "
+                         "read-out (readout section, model.features), not training again",
+                         trial["trial"])
+                # the training's time, where its record has it
+                seconds = (metrics or {}).get("seconds")
+            else:
+                if metrics is not None:
+                    log.warning("trial %d: %s was scored with other settings (nn_final %s, "
+                                "nn_step %s, or another search.seed, split or train "
+                                "section); training it again with nn_final %d, nn_step %d",
+                                trial["trial"], metrics_path, metrics.get("nn_final"),
+                                metrics.get("nn_step"), trial["nn_final"], trial["nn_step"])
+                encoder_path = trial_dir / "encoder.pt"
+                fit_encoder(split, settings_trial, encoder_path=encoder_path,
+                            checkpoint_path=trial_dir / "checkpoint.pt",
+                            history_path=trial_dir / "history.tsv")
+                device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)
+                # model.modalities null means all of the split's channels, as fit_encoder
+                # trained with (build_model alone would build a one-channel network)
+                channels = split.channel_indices(base["model"]["modalities"])
+                model = load_encoder(encoder_path, {
+                    **base["model"],
+                    "modalities": [split.modalities[index] for index in channels]}).to(device)
+                subjects = np.concatenate([split.train_index, split.eval_index])
+                store = VolumeStore(split.images, device, channels=channels)
+                features = embed_all(model, store, subjects)
+                _store_features(features_path, features, training_key, split)
+                seconds = None
+            scores, *_ = evaluate_split(split, features[base["model"]["features"]],
+                                        resolve_cell(settings_trial))
             metrics = {**trial, "validation_mae": scores["mae"],
                        "validation_rmse": scores["rmse"],
-                       "seconds": time.perf_counter() - started, TRIAL_KEY: key}
+                       "seconds": seconds or time.perf_counter() - started, TRIAL_KEY: key}
             write_json(metrics_path, metrics)
-            encoder_path.unlink()  # 134 MB per trial; only the score is needed
+            # 134 MB per trial at the paper's width; its score and features suffice
+            (trial_dir / "encoder.pt").unlink(missing_ok=True)
             log.info("trial %d/%d: nn_final %d nn_step %d -> validation MAE %.3f years",
                      trial["trial"], len(plan), trial["nn_final"], trial["nn_step"],
                      metrics["validation_mae"])
