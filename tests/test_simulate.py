@@ -35,11 +35,13 @@ from brainage.simulate import (
 from brainage.simulate import cohort as simulate_cohort_module
 from brainage.simulate import t1w_cohort as t1w_cohort_module
 from brainage.simulate.anatomy import (
+    ATROPHY_STREAM,
     DAMPING_RATIO_LIMITS,
     DAMPING_RATIO_SLOPE_PERCENT_PER_YEAR,
     STUDY_ACQUISITION,
     SimulatedSubject,
     check_maps,
+    draw_atrophy_course,
     simulate_subject,
 )
 from brainage.simulate.t1w_cohort import T1W_SITES, SimulatedT1w, simulate_t1w_subject
@@ -498,19 +500,38 @@ def test_stiffness_declines_faster_after_60_and_women_are_stiffer():
         1.02, abs=0.003)
 
 
-def test_atrophy_starts_at_40_and_shrinks_the_truth_mask():
+def test_atrophy_starts_when_the_subjects_own_atrophy_age_passes_40_and_shrinks_the_mask():
     kwargs = dict(seed=0, id_prefix="", index=0, with_anatomy=False, nan_probability=0.0)
+    offset, rate = draw_atrophy_course(0, "", ATROPHY_STREAM, 0, 0.0)
+    assert offset != 0.0 and rate != 1.0  # this subject's own course
     young, thirties, old = (simulate_subject(_subject_at(age), **kwargs)
-                            for age in (20.0, 39.0, 85.0))
-    assert np.array_equal(young.brain, thirties.brain), "no atrophy before 40 years"
+                            for age in (29.0 - offset, 39.0 - offset, 85.0))
+    assert young.truth["atrophy_age_years"] == pytest.approx(29.0)
+    assert old.truth["atrophy_rate_factor"] == rate
+    assert np.array_equal(young.brain, thirties.brain), "no atrophy before an atrophy age of 40"
     for column in ("cortical_shrink_mm", "ventricle_dilation_mm", "brain_volume_ml",
                    "parenchyma_volume_ml"):
         assert young.truth[column] == thirties.truth[column], column
     assert young.truth["cortical_shrink_mm"] == 0.0
+    assert old.truth["cortical_shrink_mm"] == pytest.approx(
+        0.05 * (85.0 + offset - 40.0) * rate)
     # Same pose and grid: the surface retreats 2.25 mm by 85 years.
     assert old.brain.shape == young.brain.shape and not (old.brain & ~young.brain).any()
     assert old.truth["brain_volume_ml"] < 0.95 * young.truth["brain_volume_ml"]
     assert old.truth["parenchyma_volume_ml"] < 0.95 * young.truth["parenchyma_volume_ml"]
+
+
+def test_brains_of_one_age_differ_so_anatomy_does_not_give_the_age():
+    """Atrophy was a function of age alone: after 40 the brain volume gave a subject's age
+    to 0.6 years (found by a review), a shortcut no real cohort offers. Each subject's
+    course is its own; stiffness and pose of a seed do not depend on it."""
+    kwargs = dict(seed=0, id_prefix="", with_anatomy=False, nan_probability=0.0)
+    volumes = [simulate_subject(_subject_at(70.0), index=index, **kwargs)
+               .truth["parenchyma_volume_ml"] for index in range(5)]
+    assert np.std(volumes) > 20.0  # ml, against about 1 ml when age alone decided
+    first = simulate_subject(_subject_at(70.0), index=0, **kwargs).truth
+    atrophy_age, rate = draw_atrophy_course(0, "", ATROPHY_STREAM, 0, 70.0)
+    assert (first["atrophy_age_years"], first["atrophy_rate_factor"]) == (atrophy_age, rate)
 
 
 def test_subjects_have_random_streams_of_their_own():
@@ -803,25 +824,26 @@ def test_cli_refuses_an_ageing_offset_without_an_accelerated_group(tmp_path, cap
 
 # ---- reproducibility of earlier datasets -------------------------------------------------
 #: Fingerprints of two subjects of the ``cohort`` fixture's options (seed 3, 20 healthy +
-#: 4 accelerated, nan_probability 0.5), written by the simulator before damping-ratio maps
-#: existed (commit 30ba0f7). Sums and picked voxels, not a byte checksum: float32
+#: 4 accelerated, nan_probability 0.5), written by the simulator since each subject's atrophy
+#: follows a course of its own (2026-12-05; before, commit 30ba0f7's simulator, whose
+#: anatomy was a function of age). Sums and picked voxels, not a byte checksum: float32
 #: arithmetic may differ in the last bit between CPUs, a changed random stream by far more.
 EARLIER_SIMULATION = {
     "sub-st1s001": {
-        "shape": (105, 127, 123), "nan_flat": [1272883], "nonzero": 199635,
-        "sum": 537201.1207323074, "sum_sq": 1476035.3490053304,
-        "picks": [272007, 615560, 831428, 1037541, 1366966],
-        "values": [1.5216271877288818, 2.879119396209717, 1.8211865425109863,
-                   2.513827323913574, 1.5353717803955078],
-        "t1w_sum": 261448385, "mask_count": 213905},
+        "shape": (105, 127, 123), "nan_flat": [1272737], "nonzero": 198978,
+        "sum": 535086.3528664112, "sum_sq": 1469792.8832469308,
+        "picks": [475190, 660699, 831536, 993517, 1176906],
+        "values": [2.428690195083618, 2.8920400142669678, 2.5646238327026367,
+                   2.705050230026245, 1.8635754585266113],
+        "t1w_sum": 261125593, "mask_count": 213089},
     "sub-pats004": {
         "shape": (89, 109, 101),
-        "nan_flat": [300506, 314655, 431919, 457804, 492327, 590178, 597871, 665446, 688084],
-        "nonzero": 112838, "sum": 223169.75085681677, "sum_sq": 448727.30851227907,
-        "picks": [169829, 370128, 490719, 609668, 798562],
-        "values": [1.5757545232772827, 2.281489849090576, 1.7483975887298584,
-                   1.7534860372543335, 1.2571049928665161],
-        "t1w_sum": 156774620, "mask_count": 115731},
+        "nan_flat": [300638, 314777, 432013, 457805, 492309, 590002, 597752, 665233, 687881],
+        "nonzero": 112126, "sum": 221680.86098706722, "sum_sq": 445649.5528638656,
+        "picks": [291336, 398399, 490702, 586569, 688251],
+        "values": [2.0554864406585693, 2.049612045288086, 1.961121678352356,
+                   2.2500879764556885, 2.008157730102539],
+        "t1w_sum": 156397102, "mask_count": 114910},
 }
 
 

@@ -55,7 +55,9 @@ Modelling choices and sources
 - Atrophy after 40 years: the cortical surface retreats, partial-volume tissue turns
   into CSF (sulci widen) and the ventricles enlarge; together 0.29 %/year of
   parenchymal volume after 40, 14 % by 90 (longitudinal MRI: 0.2-0.5 %/year, Fotenos 2005,
-  Fjell 2009).
+  Fjell 2009). Each subject follows a course of its own: an atrophy age (its age plus a
+  normal offset, sd 6 years) and a rate factor (lognormal, sd 0.3), so that brains of one
+  age differ (their volume alone would otherwise give the age).
 - Stiffness: tissue baselines at age 30 (cortical GM 2.6, WM 2.9, deep GM 3.0-3.4 kPa,
   Johnson 2016, Hiscox 2016), exponential decline of 0.40-0.55 %/year by region, 1.5 x
   faster after 60 (Sack 2011: -0.75 %/year whole brain; Lv 2020: -0.32...-0.36 %/year,

@@ -88,6 +88,14 @@ CORTICAL_SHRINK_MM_PER_YEAR = 0.05
 VENTRICLE_DILATION_MM_PER_YEAR = 0.10
 #: Grey/white-matter probability turned into CSF per year after 40 (sulcal widening).
 PARTIAL_VOLUME_LOSS_PER_YEAR = 0.008
+#: A subject's atrophy runs on an age of its own, drawn around its chronological age (sd,
+#: years), at a rate of its own (lognormal sd): brains of one age differ in volume, and
+#: anatomy must not give a subject's age exactly (the T1w channel, the pretraining cohort).
+ATROPHY_AGE_SD_YEARS = 6.0
+ATROPHY_RATE_SD = 0.3
+#: Random stream (spawn key) of the atrophy course, apart from the others, so that a
+#: seed's stiffness, pose, noise and T1w intensities do not depend on it.
+ATROPHY_STREAM = 5
 #: CSF inside the brain mask (kPa): MRE inversions return low, non-zero values there.
 CSF_STIFFNESS_KPA = 1.2
 #: Women's brains slightly stiffer (relative factor).
@@ -181,6 +189,9 @@ POSE_TRUTH_COLUMNS = {
 
 #: Truth columns of the atrophy model and the volumes it gives, shared by both cohorts.
 ATROPHY_TRUTH_COLUMNS = {
+    "atrophy_age_years": "the age the subject's atrophy follows (chronological age plus a "
+                         "subject's own offset; years)",
+    "atrophy_rate_factor": "the subject's own factor on the atrophy rates",
     "cortical_shrink_mm": "outer brain surface retreat from atrophy (template mm)",
     "ventricle_dilation_mm": "ventricle wall retreat from atrophy (template mm)",
     "brain_volume_ml": "truth mask volume in native space (ml)",
@@ -479,26 +490,45 @@ def _slab(rng: np.random.Generator, brain: np.ndarray, low_coverage_probability:
 
 @dataclass(frozen=True)
 class _Atrophy:
-    """A subject's anatomy at its chronological age (template space, brain voxel vectors)."""
+    """A subject's anatomy (template space, brain voxel vectors)."""
 
     tissue: np.ndarray       # grey + white matter probability left after atrophy
     kept_share: np.ndarray   # tissue / template tissue (0 where the template had none)
     shrink_mm: float         # outer brain surface retreat (template mm)
     ventricle_mm: float      # ventricle wall retreat (template mm)
+    age_years: float         # the age the atrophy follows
+    rate_factor: float       # the subject's factor on the atrophy rates
+
+    def truth(self) -> dict:
+        return {"atrophy_age_years": self.age_years, "atrophy_rate_factor": self.rate_factor,
+                "cortical_shrink_mm": self.shrink_mm, "ventricle_dilation_mm": self.ventricle_mm}
 
 
-def _atrophy(anatomy: _TemplateAnatomy, age: float) -> _Atrophy:
-    """Deterministic atrophy after 40 years (see the module docstring of the package)."""
-    years_atrophy = max(age - ATROPHY_ONSET_YEARS, 0.0)
+def draw_atrophy_course(seed: int, id_prefix: str, stream: int, index: int,
+                        age: float) -> tuple[float, float]:
+    """A subject's atrophy age (years) and rate factor, from a random stream of its own:
+    its chronological age plus a normal offset (sd :data:`ATROPHY_AGE_SD_YEARS`), and a
+    lognormal factor (sd :data:`ATROPHY_RATE_SD`)."""
+    rng = np.random.default_rng(seed_sequence(seed, id_prefix, stream, index))
+    return (age + float(rng.normal(0.0, ATROPHY_AGE_SD_YEARS)),
+            float(rng.lognormal(0.0, ATROPHY_RATE_SD)))
+
+
+def _atrophy(anatomy: _TemplateAnatomy, atrophy_age: float, rate_factor: float = 1.0
+             ) -> _Atrophy:
+    """Atrophy after 40 years of ``atrophy_age`` at ``rate_factor`` times the rates below
+    (see the module docstring of the package)."""
+    years_atrophy = max(atrophy_age - ATROPHY_ONSET_YEARS, 0.0) * rate_factor
     shrink_mm = CORTICAL_SHRINK_MM_PER_YEAR * years_atrophy
     ventricle_mm = VENTRICLE_DILATION_MM_PER_YEAR * years_atrophy
-    lost = PARTIAL_VOLUME_LOSS_PER_YEAR * years_atrophy
+    lost = min(PARTIAL_VOLUME_LOSS_PER_YEAR * years_atrophy, 0.9)
     tissue = np.clip((anatomy.tissue_probability - lost) / (1.0 - lost), 0.0, 1.0)
     tissue *= np.clip((anatomy.ventricle_distance_mm - (ventricle_mm - 2.0)) / 2.0, 0.0, 1.0)
     tissue *= np.clip((anatomy.brain_signed_distance_vec - shrink_mm) / 2.0 + 0.5, 0.0, 1.0)
     kept_share = np.divide(tissue, anatomy.tissue_probability,
                            out=np.zeros_like(tissue), where=anatomy.tissue_probability > 0)
-    return _Atrophy(tissue, kept_share, shrink_mm, ventricle_mm)
+    return _Atrophy(tissue, kept_share, shrink_mm, ventricle_mm, float(atrophy_age),
+                    float(rate_factor))
 
 
 @dataclass(frozen=True)
@@ -654,8 +684,9 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
     age = float(subject["age"])
     stiffness_age = age + float(subject["stiffness_age_offset_years"])
 
-    # Anatomy at the chronological age (template space, brain voxels only).
-    atrophy = _atrophy(anatomy, age)
+    # Anatomy at the subject's own atrophy age and rate (template space, brain voxels only).
+    atrophy = _atrophy(anatomy, *draw_atrophy_course(seed, id_prefix, ATROPHY_STREAM, index,
+                                                     age))
 
     # Stiffness at the stiffness age.
     ageing = _age_years_from_reference(stiffness_age)
@@ -706,8 +737,7 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
         "voxel_size_mm": acquisition.voxel_size_mm, "shape": json.dumps(list(pose.shape)),
         "coverage_fraction": float(covered.sum() / brain.sum()),
         "slab_first_slice": first, "slab_last_slice": last, "nan_count": nan_count,
-        "cortical_shrink_mm": atrophy.shrink_mm, "ventricle_dilation_mm": atrophy.ventricle_mm,
-        "brain_volume_ml": float(brain.sum() * voxel_ml),
+        **atrophy.truth(), "brain_volume_ml": float(brain.sum() * voxel_ml),
         "parenchyma_volume_ml": _parenchyma_volume_ml(anatomy, atrophy),
         "site_stiffness_factor": acquisition.stiffness_factor,
         "subject_stiffness_factor": subject_factor,

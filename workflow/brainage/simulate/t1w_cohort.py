@@ -44,6 +44,7 @@ from brainage.simulate.anatomy import (
     _t1w_image,
     _template_anatomy,
     _truth_mask,
+    draw_atrophy_course,
 )
 from brainage.simulate.demographics import (
     OptionError,
@@ -74,9 +75,10 @@ AGE_RANGE_LIMITS_YEARS = (0.1, 119.9)
 VOXEL_SIZE_LIMITS_MM = (1.0, 4.0)
 #: Relative sd of a subject's intensity gain (coil loading, receiver gain).
 SUBJECT_GAIN_SD = 0.05
-# Random streams (spawn keys) of this cohort; the MRE cohort uses 0, 1 and 2.
+# Random streams (spawn keys) of this cohort; the MRE cohort uses 0, 1, 2 and 5.
 _DEMOGRAPHICS_STREAM = 3
 _SUBJECT_STREAM = 4
+_ATROPHY_STREAM = 6
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,8 @@ def simulate_t1w_subject(subject: dict, *, seed: int, id_prefix: str, index: int
     rng = np.random.default_rng(seed_sequence(seed, id_prefix, _SUBJECT_STREAM, index))
     site = T1W_SITES[subject["study"]]
     age = float(subject["age"])
-    atrophy = _atrophy(anatomy, age)
+    atrophy = _atrophy(anatomy, *draw_atrophy_course(seed, id_prefix, _ATROPHY_STREAM, index,
+                                                     age))
     pose = _draw_pose(rng, anatomy, float(voxel_size_mm))
     subject_gain = float(rng.lognormal(0.0, SUBJECT_GAIN_SD))
     brain, _ = _truth_mask(anatomy, pose, atrophy.shrink_mm)
@@ -244,7 +247,7 @@ def simulate_t1w_subject(subject: dict, *, seed: int, id_prefix: str, index: int
         "participant_id": subject["participant_id"], "study": subject["study"], "age": age,
         "sex": subject["sex"], **_pose_truth(pose), "voxel_size_mm": float(voxel_size_mm),
         "shape": json.dumps(list(pose.shape)),
-        "cortical_shrink_mm": atrophy.shrink_mm, "ventricle_dilation_mm": atrophy.ventricle_mm,
+        **atrophy.truth(),
         "brain_volume_ml": float(brain.sum() * float(voxel_size_mm) ** 3 / 1000.0),
         "parenchyma_volume_ml": _parenchyma_volume_ml(anatomy, atrophy),
         "site_intensity_scale": site.intensity_scale,
