@@ -650,3 +650,29 @@ def test_full_float32_restores_the_tf32_flags():
                     torch.backends.cudnn.allow_tf32) == flags
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_a_job_given_gpus_that_pytorch_cannot_use_says_so_and_computes_on_the_cpu(
+        monkeypatch, caplog):
+    """PyPI's torch wheel is built for CUDA 13: on a node with an older driver, or a V100,
+    a training job given a GPU trained on the CPU without a word (found by a review), until
+    its time ran out. train.device auto says so; cuda stops."""
+    import logging
+
+    from brainage import runtime
+    from brainage.config import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    with caplog.at_level(logging.WARNING, logger="brainage.runtime"):
+        assert runtime.select_device("auto") == torch.device("cpu")
+    assert "given GPU(s) 0,1 (CUDA_VISIBLE_DEVICES), but PyTorch" in caplog.text
+    with pytest.raises(ConfigError, match="sees no CUDA device"):
+        runtime.select_device("cuda")
+    caplog.clear()
+    for unset in ("", "-1"):  # no GPU given: the CPU is what the job asked for
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", unset)
+        assert runtime.select_device("auto") == torch.device("cpu")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert runtime.select_device("auto") == torch.device("cpu")
+    assert caplog.text == ""

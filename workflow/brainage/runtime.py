@@ -30,12 +30,31 @@ PRECISIONS = ("auto", "float32", "bf16")
 BF16_COMPUTE_CAPABILITY = (8, 0)
 
 
+def given_gpus() -> str | None:
+    """The GPUs the scheduler gave this job (``CUDA_VISIBLE_DEVICES``, which SLURM sets for
+    ``--gpus``), if any."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return visible if visible and visible not in ("-1", "NoDevFiles") else None
+
+
 def select_device(name: str) -> torch.device:
-    """``auto`` = CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` = CUDA when available, else CPU (with a warning where the job was given
+    GPUs that PyTorch cannot use); ``cuda`` without a GPU is an error."""
     if name not in DEVICES:
         raise ConfigError(f"config key train.device is {name!r}; expected auto, cpu or cuda.")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if given_gpus():
+            # e.g. PyPI's torch wheel built for CUDA 13 on a node whose driver is older than
+            # that needs, or on a V100: the job would hold its GPUs and train on the CPU
+            log.warning("this job was given GPU(s) %s (CUDA_VISIBLE_DEVICES), but PyTorch %s "
+                        "(built for CUDA %s) cannot use them, so it computes on the CPU: the "
+                        "NVIDIA driver may be older than this build needs, or the GPU older "
+                        "than it supports. Install a torch build for this node, or set "
+                        "train.device: cuda to stop instead.", given_gpus(), torch.__version__,
+                        torch.version.cuda or "none")
+        return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config key train.device is 'cuda' but PyTorch sees no CUDA device. "
                           "Use train.device: auto or cpu, or run on a GPU node.")
