@@ -276,7 +276,7 @@ def simulate_t1w_cohort(root: str | Path, *, n_subjects: int = T1W_N_SUBJECTS, s
     n_subjects : int
         Subjects, over 4 sites (at least 1).
     seed : int
-        Random seed (>= 0); same arguments give identical files.
+        Random seed (>= 0); same arguments give identical files (on one machine).
     id_prefix : str
         Letters/digits before every label (default ``pre``).
     voxel_size_mm : float
