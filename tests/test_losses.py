@@ -724,6 +724,53 @@ def test_bf16_autocast_is_finite_and_close_to_float32(name):
     assert mixed.item() == pytest.approx(reference.item(), rel=1e-2)
 
 
+# Rank-N-Contrast computes no matrix product (its distances are cdist's, pair by pair)
+@pytest.mark.parametrize("name", [name for name in CONTRASTIVE_LOSSES if name != "rnc"])
+def test_a_loss_computes_its_products_without_tf32_whatever_training_allows(name):
+    """train.precision auto lets CUDA round float32 matrix products to TF32 (10 mantissa
+    bits) for the training step's layers; inside a loss that changed which rows were
+    nearest (found by a review). Every product a loss computes sees TF32 off, and the
+    caller's setting is restored after."""
+    from torch.overrides import TorchFunctionMode
+
+    products = {torch.matmul, torch.mm, torch.Tensor.__matmul__, torch.Tensor.matmul,
+                torch.Tensor.mm}
+    seen = []
+
+    class RecordTf32(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func in products:
+                seen.append(torch.backends.cuda.matmul.allow_tf32)
+            return func(*args, **(kwargs or {}))
+
+    features, ages = make_batch(8, seed=25, dtype=torch.float32)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True  # what runtime_setup sets for auto
+        with RecordTf32():
+            make_loss(name, **SMALL_SCHEDULE)(features, ages, 3)
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert seen and not any(seen), seen
+
+
+def test_cosine_distances_of_near_duplicates_stay_distinct_in_float32():
+    """1 - u_a·u_b cancels: four unit vectors 3e-5 to 2e-4 away from a fifth all came out
+    at distance 0 in float32 (found by a review), so the cosine neighbourhood's order among
+    them was arbitrary. The distances keep float64's order and size."""
+    generator = torch.Generator().manual_seed(26)
+    centre = F.normalize(torch.randn(16, generator=generator, dtype=torch.float64), dim=0)
+    nudges = F.normalize(torch.randn(4, 16, generator=generator, dtype=torch.float64), dim=1)
+    rows = F.normalize(torch.cat([centre[None], centre + nudges * torch.tensor(
+        [3e-5, 6e-5, 1e-4, 2e-4], dtype=torch.float64)[:, None]]), dim=1)
+    exact = (1.0 - rows @ rows.T)[0, 1:]  # float64: no cancellation at these sizes
+    single = pairwise_distance(rows.float(), "cosine")[0, 1:].double()
+    assert (single > 0).all() and torch.equal(single.argsort(), exact.argsort())
+    assert torch.allclose(single, exact, rtol=1e-2, atol=0)
+    assert torch.allclose(pairwise_distance(rows, "cosine")[0, 1:], exact, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", CONTRASTIVE_LOSSES)
 def test_deterministic(name):
     features, ages = make_batch(8, seed=24, dtype=torch.float32)

@@ -58,10 +58,18 @@ def compute_dtype(features: Tensor) -> torch.dtype:
 
 
 @contextlib.contextmanager
-def autocast_disabled(device_type: str) -> Iterator[None]:
-    """Switch autocast off: under autocast a float32 matmul would silently run in bf16."""
-    with torch.autocast(device_type=device_type, enabled=False):
-        yield
+def float32_products(device_type: str) -> Iterator[None]:
+    """Full float32 matrix products inside: autocast off (under autocast a float32 matmul
+    would silently run in bf16) and no TF32 on CUDA (``train.precision: auto`` allows it
+    for the training step's layers; in a loss it rounded the similarities' inputs to 10
+    mantissa bits and changed which rows were nearest)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def view_major_rows(features: Tensor, ages: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -102,14 +110,16 @@ def pairwise_distance(rows: Tensor, metric: str) -> Tensor:
     """Distances between all rows, shape [N, N], with an exact 0 diagonal.
 
     ``manhattan`` / ``euclidean`` / ``chebyshev`` are L1 / L2 / L-inf; ``cosine`` is
-    ``1 - cos(z_a, z_b)`` clamped at 0. Computed pair by pair (no ``|a|²+|b|²-2a·b``
-    cancellation) without materialising an [N, N, D] tensor; differentiable, with a zero
-    gradient at coincident points.
+    ``1 - cos(z_a, z_b)``, computed as ``|u_a - u_b|² / 2`` of the unit vectors (equal for
+    unit vectors). Computed pair by pair (no ``|a|²+|b|²-2a·b`` cancellation, which
+    ``1 - u_a·u_b`` is: near-duplicates all came out 0 in float32) without materialising
+    an [N, N, D] tensor; differentiable, with a zero gradient at coincident points.
     """
     check_choice("distance", metric, DISTANCES)
     if metric == "cosine":
         unit = torch.nn.functional.normalize(rows, dim=1)
-        distance = (1.0 - unit @ unit.T).clamp_min(0.0)
+        distance = torch.cdist(unit, unit, p=2.0,
+                               compute_mode="donot_use_mm_for_euclid_dist").square() / 2.0
     else:
         distance = torch.cdist(
             rows, rows, p=_MINKOWSKI_ORDER[metric], compute_mode="donot_use_mm_for_euclid_dist"

@@ -32,8 +32,8 @@ from ._arguments import check_choice, check_positive_float, check_positive_int
 from ._common import (
     DISTANCES,
     REDUCTIONS,
-    autocast_disabled,
     check_batch,
+    float32_products,
     masked_logsumexp,
     pairwise_distance,
     rbf_kernel,
@@ -135,7 +135,7 @@ class KernelContrastiveLoss(nn.Module):
         Tensor, scalar
         """
         batch, _ = check_batch(features, ages)
-        with autocast_disabled(features.device.type):
+        with float32_products(features.device.type):
             rows, row_ages, row_subjects = view_major_rows(features, ages)
             n_rows = rows.shape[0]
             similarity = rows @ rows.T / self.temperature

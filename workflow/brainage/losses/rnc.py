@@ -9,9 +9,9 @@ from torch import Tensor, nn
 
 from ._arguments import check_positive_float
 from ._common import (
-    autocast_disabled,
     check_batch,
     connected_zero,
+    float32_products,
     pairwise_distance,
     view_major_rows,
 )
@@ -68,7 +68,7 @@ class RankNContrastLoss(nn.Module):
         Tensor, scalar
         """
         check_batch(features, ages)
-        with autocast_disabled(features.device.type):
+        with float32_products(features.device.type):
             rows, row_ages, _ = view_major_rows(features, ages)
             n_rows = rows.shape[0]
             if n_rows < 2:
