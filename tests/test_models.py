@@ -94,6 +94,27 @@ def test_checkpoint_with_renamed_keys_loads_and_reports(model, tmp_path, caplog)
     assert len(report.mismatched) == 1 and "head.2.weight" in report.mismatched[0]
     assert report.missing == ["head.2.weight"]
     assert "1 missing, 1 unexpected, 1 with another shape" in caplog.text
+    assert "WARNING" not in {record.levelname for record in caplog.records}  # the head only
+
+
+def test_a_checkpoint_that_leaves_encoder_tensors_random_is_warned_about(model, tmp_path,
+                                                                        caplog):
+    """A checkpoint with another stem and no downsample convolutions loaded in part with
+    only an INFO line: the cell fine-tuned an encoder whose first convolution and
+    shortcuts were random (found by a review). A head of another width stays INFO."""
+    state = _renamed_openbhb_state(model)
+    state["module.encoder.conv1.weight"] = torch.zeros(64, 1, 3, 3, 3)  # a 3x3x3 stem
+    state = {key: value for key, value in state.items() if "downsample" not in key}
+    path = tmp_path / "other_stem.pth"
+    torch.save(state, path)
+    with caplog.at_level("INFO", logger="brainage.models"):
+        report = load_init_checkpoint(build_model(model_section({})), path)
+    warnings = [record for record in caplog.records if record.levelname == "WARNING"]
+    shortcuts = [key for key in report.missing if "downsample" in key]
+    assert len(warnings) == 1 and shortcuts
+    assert (f"{len(shortcuts) + 1} encoder tensor(s) keep their random initialisation"
+            in warnings[0].getMessage())
+    assert "encoder.conv1.weight" in warnings[0].getMessage()
 
 
 def test_bare_resnet_state_dict_maps_under_encoder(model):

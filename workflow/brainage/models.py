@@ -528,5 +528,16 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
                          f"ResNet-18 of this cell, so no weight would be loaded. {hint}\n"
                          f"{report.summary()}")
     model.load_state_dict(mapped, strict=False)
-    log.info("%s", report.summary())
+    # A head of another width is expected (it is the pretraining's own); an encoder tensor
+    # left at random (another stem, a ResNet without downsample convolutions) makes the
+    # cell fine-tune a partly pretrained encoder, which the user should know of. (A tensor
+    # of another shape is missing too: it did not load.)
+    random_encoder = [key for key in report.missing if key.startswith("encoder.")]
+    if random_encoder:
+        log.warning("%s\n%d encoder tensor(s) keep their random initialisation: this cell "
+                    "fine-tunes a partly pretrained encoder. Check that %s is a checkpoint "
+                    "of this network (config key %s).", report.summary(),
+                    len(random_encoder), path, key)
+    else:
+        log.info("%s", report.summary())
     return report
