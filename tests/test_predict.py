@@ -1537,6 +1537,17 @@ def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohor
         healthy["corrected_gap"].mean(), abs=1e-9)
     assert summary.loc["healthy", "n_predicted"] == (
         (after["group"] == "healthy") & (after["status"] == "predicted")).sum()
+    refitted = predict_cohort(
+        world.bundle_dir, cohort, stiffness_maps(new_cohort.files["maps"]),
+        new_cohort.files["qc"], predictions_path=tmp_path / "r.tsv",
+        summary_path=tmp_path / "rs.tsv", cohort="new", bias_reference_group="healthy",
+        device="cpu")
+    fitted_on = refitted[(refitted["group"] == "healthy") & (refitted["status"] == "predicted")
+                         & refitted["age"].notna()]
+    recorded = json.loads((tmp_path / "provenance.json").read_text())["bias_correction"]
+    # the count is of the members the line was fitted on: those without an age are not
+    assert recorded["source"] == f"cohort new group 'healthy' ({len(fitted_on)} subjects)"
+    assert after.loc[unknown, "group"].eq("healthy").all() and len(fitted_on) == 21
     ages = pd.read_csv(cohort / "participants.tsv", sep="\t")
     ages["age"] = ages["age"].astype(float)
     small = ages.iloc[:4].assign(group="ctl")

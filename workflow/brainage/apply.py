@@ -307,7 +307,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                    f"({model.bundle.bias_correction.get('n_subjects')} subjects)")
     if bias_reference_group is not None:
         in_group = (cohort_groups(table, group_column) == str(bias_reference_group)).to_numpy()
-        reference = passed & in_group
+        # the line is fitted on members with a prediction and an age (fit_age_bias drops
+        # the others), and the provenance counts those
+        reference = passed & in_group & np.isfinite(ages)
         bias = fit_age_bias(ages[reference], predicted[reference],
                             where=f"cohort {cohort} group {bias_reference_group!r}")
         bias_source = (f"cohort {cohort} group {bias_reference_group!r} "
