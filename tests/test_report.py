@@ -181,6 +181,22 @@ def test_focus_cell_has_an_encoder():
     assert "fig5_umap" not in targets.report_names(only_baselines)["figures"]
 
 
+def test_an_exported_encoder_trained_for_no_epoch_has_no_umap_but_its_predictions():
+    """predict.model may name the untrained encoder (config.yaml) or a frozen pretrained
+    one (paper.yaml): Fig. 5 was planned for it and the report stopped, asking to set
+    train.embed_epochs to epochs it trains (found by a review). Its predicted-vs-true
+    figure is drawn; Fig. 5 is not."""
+    config = grid_config()
+    config["experiments"]["table3"]["variants"]["untrained"] = {"train": {"epochs": 0}}
+    config = validate_config(config)
+    config["predict"]["model"].update(experiment="table3", variant="untrained", seed=0)
+    assert targets.focus_cell(config) == ("table3", "untrained", 0)
+    figures = targets.report_names(config)["figures"]
+    assert "predicted_vs_true" in figures and "fig5_umap" not in figures
+    config["predict"]["model"]["variant"] = "adaptive"
+    assert "fig5_umap" in targets.report_names(config)["figures"]
+
+
 # ---- tables -----------------------------------------------------------------------------
 
 def test_table3_has_the_contract_columns_and_paper_numbers(results):
@@ -725,6 +741,36 @@ def test_coverage_figures_name_the_modality_of_the_maps_they_draw(tmp_path, monk
     assert "damping-ratio maps" in fig7.axes[0].get_title()
     assert [axis.get_ylabel() for axis in default.axes if not axis.images] == [
         "stiffness [kPa]"]
+
+
+def test_figs_2_and_8_show_a_map_stored_las_as_the_same_map_stored_ras(tmp_path, monkeypatch):
+    """Figs. 2 and 8 read the voxel arrays without their affine: with FSL's MNI152 (stored
+    LAS, template.source file) left and right came out mirrored against nilearn's RAS one
+    and the subjects' QC figures (found by a review). The same anatomy stored either way
+    draws the same images."""
+    rng = np.random.default_rng(3)
+    ras = rng.uniform(0.5, 3.0, (8, 10, 7)).astype(np.float32)  # no symmetry to hide a flip
+    ras_affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    las_affine = ras_affine.copy()
+    las_affine[0, 0], las_affine[0, 3] = -2.0, 2.0 * (ras.shape[0] - 1)  # voxel i -> x flipped
+    files = {}
+    for name, data, affine in (("ras", ras, ras_affine), ("las", ras[::-1], las_affine)):
+        files[name] = {key: str(tmp_path / f"{name}_{key}.nii.gz") for key in ("stiffness", "T1w")}
+        for path in files[name].values():
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(data), affine), path)
+    participants = pd.DataFrame({"participant_id": ["sub-a"], "study": "s", "coverage": [0.97]})
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    for name in ("ras", "las"):
+        figures.plot_age_examples([("sub-a", 40.0, files[name])], tmp_path / "fig2.png")
+        figures.plot_coverage_examples(participants, {"sub-a": files[name]["stiffness"]},
+                                       tmp_path / "fig8.png")
+    images = [[np.asarray(image.get_array()) for axis in figure.axes for image in axis.images]
+              for figure in drawn]
+    for from_ras, from_las in ((images[0], images[2]), (images[1], images[3])):
+        assert len(from_ras) == len(from_las) > 0
+        for left, right in zip(from_ras, from_las):
+            np.testing.assert_array_equal(left, right)
 
 
 def test_projection_falls_back_to_pca_below_four_samples():
@@ -1336,6 +1382,30 @@ def test_predicted_vs_true_draws_the_test_subjects_only(tmp_path, monkeypatch):
     points = np.concatenate([collection.get_offsets() for collection in axis.collections])
     assert sorted(points[:, 0]) == [20.0, 30.0, 40.0]
     assert "MAE 2.00 years, n=3" in axis.get_title()
+
+
+def test_predicted_vs_true_keeps_the_cohorts_study_colours_and_refuses_missing_predictions(
+        tmp_path, monkeypatch):
+    """A study without test subjects shifted every later study's colour away from Figs. 3
+    and 7; a test row without a predicted age was left out of the scatter and the MAE
+    while the title still counted it (both found by a review)."""
+    predictions = pd.DataFrame({"participant_id": ["a", "b", "c", "d"],
+                                "study": ["s1", "s2", "s3", "s3"],
+                                "age": [20.0, 30.0, 40.0, 50.0],
+                                "predicted_age": [22.0, 30.0, 44.0, 51.0],
+                                "subset": ["test", "train", "test", "test"]})
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_predicted_vs_true(predictions, tmp_path / "p.png", cell="x")
+    cohort = figures._study_colours(predictions["study"])  # as Figs. 3 and 7 colour them
+    drawn_colours = {collection.get_label().split(" ")[0]: collection.get_facecolor()[0]
+                     for collection in drawn[0].axes[0].collections}
+    assert set(drawn_colours) == {"s1", "s3"}  # s2 has no test subject: no empty entry
+    for study, colour in drawn_colours.items():
+        np.testing.assert_allclose(colour, cohort[study])
+    predictions.loc[2, "predicted_age"] = np.nan
+    with pytest.raises(figures.ReportError, match=r"no predicted age for test subject\(s\) c"):
+        figures.plot_predicted_vs_true(predictions, tmp_path / "p.png", cell="x")
 
 
 def test_search_figure_circles_the_lowest_validation_mae(tmp_path, monkeypatch):

@@ -253,6 +253,8 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     for name in ("table3_losses.csv", "fig5_umap.png", "fig8_coverage_examples.png"):
         assert name in html
     assert "Adaptive Neighborhoods" in html  # from the captions
+    # the workflow description states the run's normalisation and read-out, not fixed ones
+    assert "statistics of the training subjects" in html and "ridge unless a variant" in html
 
     # A job that fails is reported with its log paths, and is FAILED in sacct.
     metrics = workdir / "results" / "train" / "holdout" / "table3" / "yaware" / "seed-0" \

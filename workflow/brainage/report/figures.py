@@ -13,7 +13,7 @@ import pandas as pd
 
 from brainage.io import atomic_path
 from brainage.modalities import modality
-from brainage.qc import plot_dataset_qc, read_qc_table, thresholds
+from brainage.qc import as_ras, plot_dataset_qc, read_qc_table, thresholds
 from brainage.report.pretraining import pretraining_gains, pretraining_runs
 from brainage.report.results import (
     ABLATION_TITLES,
@@ -328,7 +328,6 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
     (stiffness in kPa, the damping ratio in 1, T1w in a.u.): the workflow passes the map QC
     measures coverage on (:func:`brainage.modalities.grid_modality`), the first MRE map of
     dataset.modalities, which need not be the stiffness."""
-    import nibabel as nib
 
     plt = _pyplot()
     examples = pick_coverage_examples(participants)
@@ -338,8 +337,7 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
         if participant not in maps:
             raise ReportError(f"no registered map for {participant} among the "
                               f"{len(maps)} given to the coverage examples.")
-        volumes.append(np.nan_to_num(np.asarray(nib.load(str(maps[participant])).dataobj,
-                                                dtype=np.float32)))
+        volumes.append(_display_volume(maps[participant]))
     top = max(float(np.percentile(v[v > 0], 99)) if np.any(v > 0) else 1.0 for v in volumes)
     figure, axes = plt.subplots(len(examples), 3, figsize=(9, 2.9 * len(examples)),
                                 squeeze=False)
@@ -391,6 +389,17 @@ def pick_age_examples(participants: pd.DataFrame,
     return sorted(examples, key=lambda example: example["age"])
 
 
+def _display_volume(path: str | Path) -> np.ndarray:
+    """A registered map's voxels (float32, NaN as 0) with its axes in RAS order
+    (:func:`brainage.qc.as_ras`): the views then show the anatomy the same way round for a
+    template stored LAS (FSL's MNI152, ``template.source: file``) as for nilearn's RAS one,
+    as the subjects' QC figures do."""
+    import nibabel as nib
+
+    image = nib.load(str(path))
+    return np.nan_to_num(as_ras(np.asarray(image.dataobj, dtype=np.float32), image.affine))
+
+
 def _orthogonal_views(volume: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
     """Axial, coronal and sagittal slices through the grid centre, rotated for display
     (anterior/superior up, subject's right on the right)."""
@@ -415,7 +424,6 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
         One colour scale per modality (0 to the 99th percentile over all subjects), each
         with its colour bar.
     """
-    import nibabel as nib
 
     plt = _pyplot()
     rows = sorted(subjects, key=lambda subject: float(subject[1]))
@@ -427,9 +435,7 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
         if missing:
             raise ReportError(f"Fig. 2: no registered {' or '.join(missing)} image for "
                               f"{participant}; give {{'stiffness': path, 'T1w': path}}.")
-        volumes.append({key: np.nan_to_num(np.asarray(nib.load(str(files[key])).dataobj,
-                                                      dtype=np.float32))
-                        for key, _, _ in AGE_EXAMPLE_MODALITIES})
+        volumes.append({key: _display_volume(files[key]) for key, _, _ in AGE_EXAMPLE_MODALITIES})
     tops = {}
     for key, _, _ in AGE_EXAMPLE_MODALITIES:
         positive = np.concatenate([v[key][v[key] > 0] for v in volumes])
@@ -462,10 +468,18 @@ def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
     test = predictions[predictions["subset"].astype(str) == "test"]
     if test.empty:
         raise ReportError(f"no test rows in the predictions of {cell or path}.")
-    colours = _study_colours(test["study"])
+    unpredicted = test.loc[~np.isfinite(test["predicted_age"].astype(float)), "participant_id"]
+    if len(unpredicted):  # else the MAE and the scatter would quietly leave them out
+        raise ReportError(f"the predictions of {cell or path} have no predicted age for "
+                          f"test subject(s) {', '.join(map(str, unpredicted))}: rerun that "
+                          f"cell's evaluate_encoder job.")
+    # every study of the split, tested or not, so a study keeps the colour of Figs. 3 and 7
+    colours = _study_colours(predictions["study"])
     figure, axis = plt.subplots(figsize=(5.5, 5))
     for study, colour in colours.items():
         rows = test[test["study"].astype(str) == study]
+        if rows.empty:
+            continue
         axis.scatter(rows["age"], rows["predicted_age"], color=colour, s=22,
                      label=f"{study} (n={len(rows)})")
     low = float(min(test["age"].min(), test["predicted_age"].min())) - 2

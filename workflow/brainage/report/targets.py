@@ -112,8 +112,12 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     figures = list(DATASET_FIGURES)
     if {"stiffness", "T1w"} <= set(config.get("dataset", {}).get("modalities", [])):
         figures.insert(0, MODALITIES_FIGURE)
-    if focus_cell(config) is not None:
-        figures += list(CELL_FIGURES)
+    cell = focus_cell(config)
+    if cell is not None:
+        # an exported encoder trained for no epoch (the untrained baseline, a frozen
+        # pretrained one) has embeddings of no epoch to draw: its predictions only
+        figures += [name for name in CELL_FIGURES if name != EMBEDDINGS_FIGURE
+                    or embeds_an_epoch(cell_settings(config, *cell)["train"])]
     figures += figures_of_losses
     figures += [ablation_figure_name(name) for name in ablation_experiments(config)]
     if config.get("search", {}).get("enabled", False):
