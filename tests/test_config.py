@@ -826,3 +826,44 @@ def test_the_supervised_loss_needs_the_projection_head_it_reads_the_age_from():
                                           r".*set model\.projection_dim: 1 \(and "
                                           r"model\.projection_head: true\)"):
         validate_config({"experiments": {"x": {"variants": {"a": supervised}}}})
+
+
+def test_a_pretraining_run_needs_output_folders_a_shell_command_takes_as_one_word():
+    """A pretraining run's job starts through a shell command: output.results '/data/lab
+    results' wrote its settings to a file /data/lab and the run failed (found by a
+    review). Such a folder is refused at validation, named by its key; without a pretrain
+    section (every other job runs Python, not a shell) it is accepted."""
+    spaced = {"output": {"results": "lab results", "logs": "logs;rm"}}
+    with pytest.raises(ConfigError) as refused:
+        validate_config({**_with_pretraining(), **spaced})
+    message = str(refused.value)
+    assert "config key 'output.results' is 'lab results'" in message
+    assert "config key 'output.logs' is 'logs;rm'" in message
+    assert validate_config(spaced)["output"]["results"] == "lab results"
+    fine = {"output": {"results": "/scratch/lab-1/run_2.0/results", "logs": "logs"}}
+    assert validate_config({**_with_pretraining(), **fine})["output"] == {
+        **fine["output"], "benchmarks": "benchmarks"}
+
+
+@pytest.mark.parametrize("top_level, named", [
+    # every variant overrides what the search's trials take as it stands
+    ({"loss": {"name": "supervised"}, "model": {"head": "regression", "projection_dim": 1},
+      "train": {"views": 1}}, r"'loss.name' \(adaptive\) and 'model.head' \(regression\)"),
+    ({"model": {"modalities": ["damping_ratio"]}}, r"'model.modalities' lists damping_ratio"),
+    ({"model": {"init": "pretrained:missing"}}, r"'model.init' is 'pretrained:missing'"),
+])
+def test_the_searchs_own_settings_are_checked_before_any_job(top_level, named):
+    """The search's trials train with the top-level sections as they stand (loss.name
+    adaptive); a config whose variants all override a top-level section that cannot train
+    passed validation, and the search job failed on its node after the preprocessing
+    (found by a review)."""
+    variant = {"loss": {"name": "adaptive"},
+               "model": {"head": "projection", "projection_dim": 128, "modalities": None,
+                         "init": "scratch"},
+               "train": {"views": 2}}
+    config = {**top_level, "search": {"enabled": True},
+              "experiments": {"e": {"seeds": [0], "variants": {"an": variant}}}}
+    with pytest.raises(ConfigError, match=named) as refused:
+        validate_config(config)
+    assert "the random search's trials train with the top-level" in str(refused.value)
+    validate_config({**config, "search": {"enabled": False}})  # no search: nothing to check

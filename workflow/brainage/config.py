@@ -198,6 +198,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
                 problems += check_pretrained_encoder_fits(
                     filled, experiment, variant, settings, pretrained_models, source=source)
     if filled["search"]["enabled"]:  # its job draws from the ranges cut to the train section
+        problems += check_search_settings(filled, source=source)
         # its trials fine-tune the top-level model.init's run with the top-level model
         problems += check_pretrained_encoder_fits(filled, "search", "adaptive",
                                                   search_settings(filled), pretrained_models,
@@ -207,9 +208,50 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
                           epochs=filled["train"]["epochs"])
         except ConfigError as error:
             problems.append(f"{source}: {error}")
+    if filled.get("pretrain"):
+        problems += check_shell_safe_outputs(filled, source=source)
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
+
+
+def check_search_settings(config: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """Messages (none when fine) for the random search's own settings: its trials train
+    with the top-level ``loss`` (as Adaptive Neighborhoods), ``train`` and ``model``
+    sections (:func:`search_settings`), which no cell may use as they stand when every
+    variant overrides them, so they were checked first by the search job, on a GPU node
+    after the preprocessing."""
+    settings = search_settings(config)
+    try:
+        settings["model"]["modalities"] = cell_modalities(config, settings["model"], where="",
+                                                          source=source)
+        resolve_cell(settings, source=source)
+        check_init(config, settings["model"], where="", source=source)
+    except ConfigError as error:
+        return [f"{error} (the random search's trials train with the top-level loss, train "
+                f"and model sections, with loss.name adaptive; search.enabled is true)"]
+    return []
+
+
+#: Characters a path may hold and still pass a shell command as one word, unquoted.
+_SHELL_WORD = re.compile(r"[A-Za-z0-9/._+,:@%=-]+")
+
+
+def check_shell_safe_outputs(config: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """Messages (none when fine) for output folders a pretraining run's job cannot be given.
+
+    That job starts its processes through a shell command (``rule pretrain_encoder``),
+    where a path with a space or a shell character splits or expands: ``output.results:
+    /data/lab results`` wrote the run's settings to a file ``/data/lab``. Quoting them in
+    the command would rerun every finished pretraining run and every cell fine-tuned from
+    it, since Snakemake reruns a job whose shell command changed.
+    """
+    return [f"{source}: config key 'output.{key}' is {config['output'][key]!r}: a pretraining "
+            f"run's job passes its paths through a shell command, where a space or any of "
+            f"\"'$`;&|<>()*?[]{{}}~!# splits or expands them. Choose a folder of letters, "
+            f"digits and / . _ + , : @ % = - (a symbolic link to the folder you want works), "
+            f"or remove the pretrain section."
+            for key in ("results", "logs") if not _SHELL_WORD.fullmatch(config["output"][key])]
 
 
 def _names_not_text(node: Any, path: tuple[str, ...] = ()) -> list[tuple[str, Any]]:
@@ -740,7 +782,7 @@ def cell_modalities(config: Mapping[str, Any], model: Mapping[str, Any], *, wher
     missing = [name for name in chosen if name not in provided]
     if missing:
         raise ConfigError(
-            f"{source}: config key '{where}.model.modalities' lists {', '.join(missing)}, "
+            f"{source}: config key '{_under(where, 'model.modalities')}' lists {', '.join(missing)}, "
             f"which config key dataset.modalities ({', '.join(provided)}) does not provide. "
             f"Add it to dataset.modalities (every subject then needs that map) or remove it.")
     return chosen
@@ -782,6 +824,11 @@ def pretrained_run(model: Mapping[str, Any]) -> str | None:
     return init[len(PRETRAINED):] if init.startswith(PRETRAINED) else None
 
 
+def _under(where: str, key: str) -> str:
+    """``key`` under the dotted prefix ``where`` (the top-level key when it is empty)."""
+    return f"{where}.{key}" if where else key
+
+
 def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: str,
                source: str) -> None:
     """A cell's initialisation names an existing pretraining run, and only one source."""
@@ -790,13 +837,14 @@ def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: st
         return
     if model.get("init_checkpoint"):
         raise ConfigError(
-            f"{source}: config keys '{where}.model.init' ({model['init']}) and "
-            f"'{where}.model.init_checkpoint' ({model['init_checkpoint']}) both choose the "
-            f"starting weights; keep one.")
+            f"{source}: config keys '{_under(where, 'model.init')}' ({model['init']}) and "
+            f"'{_under(where, 'model.init_checkpoint')}' ({model['init_checkpoint']}) both "
+            f"choose the starting weights; keep one.")
     runs = list(config.get("pretrain", {}))
     if run not in runs:
         raise ConfigError(
-            f"{source}: config key '{where}.model.init' is {model['init']!r} but config key "
+            f"{source}: config key '{_under(where, 'model.init')}' is {model['init']!r} but "
+            f"config key "
             f"pretrain has no run {run!r} (runs: {', '.join(runs) or 'none'}). Add "
             f"pretrain.{run} or set model.init: scratch.")
 
