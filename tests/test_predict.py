@@ -371,7 +371,10 @@ def test_a_malformed_manifest_is_refused_as_a_damaged_bundle(exported, tmp_path)
                             ({"format_version": 1, "files": ["encoder.pt"]},
                              r"its 'files' is a list, not an object"),
                             ({"format_version": 1, "settings": None},
-                             r"its 'settings' is a NoneType, not an object")):
+                             r"its 'settings' is a NoneType, not an object"),
+                            # optional sections too (found by a review)
+                            ({"format_version": 1, "training": []},
+                             r"its 'training' is a list, not an object")):
         (copied / "manifest.json").write_text(json.dumps({**original, **change}))
         with pytest.raises(BundleError, match=message):
             read_bundle(copied)

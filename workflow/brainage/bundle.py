@@ -195,6 +195,11 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
     return directory
 
 
+#: The manifest's sections every bundle has (``training`` and ``versions`` came later).
+MANIFEST_SECTIONS = ("files", "settings", "normalisation", "readout", "bias_correction",
+                     "template", "source")
+
+
 def read_manifest(directory: str | Path) -> dict:
     """Read and check a bundle's manifest: kind and format version (no checksums)."""
     directory = Path(directory)
@@ -232,12 +237,14 @@ def read_manifest(directory: str | Path) -> dict:
             f"{', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}. Install brainage "
             f"{written_by} to use this bundle, or re-export the model with this version "
             f"(`snakemake export_model`).")
-    for key in ("files", "settings", "normalisation", "readout", "bias_correction", "template",
-                "source"):
+    for key in MANIFEST_SECTIONS:
         if key not in manifest:
             raise BundleError(f"{manifest_path} lacks the key {key!r}; the bundle is "
                               f"incomplete. Re-export it.")
-        if not isinstance(manifest[key], dict):  # format 1 has no digest to catch this
+    # the optional sections (bundles exported before them lack them) are objects too:
+    # read with .get, a list ended predict run in an AttributeError
+    for key in (*MANIFEST_SECTIONS, "training", "versions"):
+        if key in manifest and not isinstance(manifest[key], dict):  # format 1: no digest
             raise BundleError(f"{manifest_path}: its {key!r} is a "
                               f"{type(manifest[key]).__name__}, not an object; the bundle is "
                               f"damaged. Re-copy or re-export it.")
