@@ -70,6 +70,28 @@ def test_description_names_the_pipeline_and_the_template_space(derivatives):
                                         "_res-2_T1w.nii.gz") and "Sources" not in mask
 
 
+def test_the_description_says_what_the_folder_holds_and_what_was_done(tmp_path):
+    """The dataset description named stiffness maps and N4 whatever the cohort and the
+    settings: a pretraining cohort's folder holds T1w images only, and preprocess.n4 false
+    corrects nothing, as the README beside it said (found by a review)."""
+    def described(**options):
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        describe_preprocessing(folder, space="MNI152NLin2009aSym", template_shape=(99, 117, 95),
+                               source=str(tmp_path), version="1", **options)
+        return json.loads((folder / "dataset_description.json").read_text())
+
+    training = described(modalities=["stiffness", "damping_ratio", "T1w"])
+    assert training["Name"] == ("brainage: preprocessed stiffness maps, damping-ratio maps "
+                                "and T1w images")
+    assert training["GeneratedBy"][0]["Description"].startswith(
+        "skull stripping, N4 bias correction and affine registration")
+    pretraining = described(modalities=["T1w"], n4=False)
+    assert pretraining["Name"] == "brainage: preprocessed T1w images"
+    assert pretraining["GeneratedBy"][0]["Description"] == (
+        "skull stripping (no bias correction: preprocess.n4 false) and affine registration "
+        "to MNI152NLin2009aSym at 2 mm")
+
+
 def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulated_cohort,
                                                             template_files, tmp_path):
     """`predict run --jobs 2`: each subject in a spawned process of its own; with

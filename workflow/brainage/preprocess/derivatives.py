@@ -81,12 +81,17 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
             "Resolution": resolution,
             "SpatialReference": f"bids::{name}/{name}_{TEMPLATE_RESOLUTION}_T1w.nii.gz"})
     description = folder / "dataset_description.json"
+    # what the folder holds and what was done, as the README says: a pretraining cohort
+    # holds T1w images only, and preprocess.n4: false leaves the bias uncorrected
+    images = [f"{modality(name).description}s" for name in modalities]
+    held = ", ".join(images[:-1]) + (" and " if len(images) > 1 else "") + images[-1]
+    steps = "skull stripping, N4 bias correction and affine" if n4 else (
+        "skull stripping (no bias correction: preprocess.n4 false) and affine")
     write_json(description, {
-        "Name": "brainage: preprocessed MR-elastography stiffness maps",
+        "Name": f"brainage: preprocessed {held}",
         "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "brainage", "Version": version,
-                         "Description": "skull stripping, N4 bias correction and affine "
-                                        f"registration to {space} at 2 mm"}],
+                         "Description": f"{steps} registration to {space} at 2 mm"}],
         "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}],
         "DatasetLinks": {"raw": Path(source).resolve().as_uri()}})
     return description
