@@ -1906,3 +1906,21 @@ def test_export_before_the_run_finished_or_with_broken_yaml_says_what_to_do(
     with pytest.raises(ConfigError, match=r"(?s)config.yaml is not valid YAML: .*line 2.*Fix "
                                           r"the line it names"):
         load_config(config)
+
+
+def test_a_bundles_readme_says_whether_its_encoder_was_trained():
+    """predict.model may name a cell that trains no epoch (the demo's untrained encoder, a
+    frozen pretrained one): its bundle's README said 'a 3D ResNet-18 encoder trained with
+    the adaptive loss' (found by a user pass)."""
+    from brainage.config import resolve_cell
+    from brainage.export import _encoder_phrase
+
+    def phrase(train, model=None):
+        return _encoder_phrase(resolve_cell({"loss": {"name": "adaptive"}, "train": train,
+                                             "model": model or {}}))
+
+    assert phrase({"epochs": 5}) == "a 3D ResNet-18 encoder trained with the `adaptive` loss"
+    assert phrase({"epochs": 0}) == ("a 3D ResNet-18 encoder that took no training step "
+                                     "(train.epochs 0: its seed's random initialisation)")
+    assert phrase({"epochs": 0}, {"init": "pretrained:t1w"}).endswith(
+        "(train.epochs 0: the encoder of pretraining run `t1w`)")

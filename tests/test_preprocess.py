@@ -1260,8 +1260,9 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
                                              ""]
     assert re.search(rf"QC flags sub-02 \(s1\): dice 0\.800 < 0\.85; correlation 0\.200 < "
                      rf"0\.3\. Look at its QC figure {re.escape(str(tmp_path / 'sub-02_qc.png'))} "
-                     rf".* It is still trained on and evaluated unless config key "
-                     rf"qc\.exclude_failed is true\.", caplog.text), caplog.text
+                     rf".* Config key qc\.exclude_failed decides what happens to it: false "
+                     rf"\(the default\) trains on and evaluates it as any subject, true leaves "
+                     rf"it out of every split\.", caplog.text), caplog.text
     saved = read_qc_table(tmp_path / "qc.tsv")
     assert saved["qc_pass"].tolist() == [True, False, True]
     assert saved["dice"].tolist() == [0.9, 0.8, 0.9]

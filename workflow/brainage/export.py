@@ -21,7 +21,7 @@ import torch
 
 from brainage.agebias import select_bias_correction
 from brainage.bundle import write_bundle
-from brainage.config import resolve_cell
+from brainage.config import pretrained_run, resolve_cell
 from brainage.io import sha256_file
 from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 from brainage.normalise import RECORD_KEYS
@@ -218,6 +218,19 @@ def check_encoder_settings(payload: Mapping, settings: Mapping, channels: Sequen
             f"the run trained with. Export with the run's config files.") from None
 
 
+def _encoder_phrase(settings: dict) -> str:
+    """What the bundle's encoder is: trained with its loss, or (``train.epochs`` 0, the
+    untrained baseline or a frozen pretrained encoder) the weights it started from."""
+    if int(settings["train"]["epochs"]) > 0:
+        return f"a 3D ResNet-18 encoder trained with the `{settings['loss']['name']}` loss"
+    model = settings["model"]
+    run = pretrained_run(model)
+    start = ("the weights of its model.init_checkpoint" if model.get("init_checkpoint")
+             else f"the encoder of pretraining run `{run}`" if run is not None
+             else "its seed's random initialisation")
+    return f"a 3D ResNet-18 encoder that took no training step (train.epochs 0: {start})"
+
+
 def bundle_readme(name: str, fields: Mapping) -> str:
     """The bundle's README.md: what it is and how to run it."""
     source = fields["source"]
@@ -243,9 +256,8 @@ def bundle_readme(name: str, fields: Mapping) -> str:
                         for modality_name in given)
     return (
         f"# brainage model bundle `{name}`\n\n"
-        f"Brain age from MR-elastography maps ({', '.join(record['modalities'])}): a 3D "
-        f"ResNet-18 encoder trained with "
-        f"the `{fields['settings']['loss']['name']}` loss (grid cell "
+        f"Brain age from MR-elastography maps ({', '.join(record['modalities'])}): "
+        f"{_encoder_phrase(fields['settings'])} (grid cell "
         f"{source['experiment']}/{source['variant']}/seed-{source['seed']}, split "
         f"{source['split']}) and a `{fields['readout']['method']}` read-out.\n\n"
         f"- test MAE of the cell: {mae}\n"

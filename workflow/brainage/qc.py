@@ -289,8 +289,9 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
         # a flag alone changed nothing: say what happens to the subject and what to look at
         log.warning("QC flags %s (%s): %s. Look at its QC figure %s (a T1w from another "
                     "session or origin than the maps, a failed skull stripping or "
-                    "registration). It is still trained on and evaluated unless config key "
-                    "qc.exclude_failed is true.", row.participant_id, row.study,
+                    "registration). Config key qc.exclude_failed decides what happens to "
+                    "it: false (the default) trains on and evaluates it as any subject, "
+                    "true leaves it out of every split.", row.participant_id, row.study,
                     row.qc_failures, figures.get(row.participant_id, "(none)"))
     log.info("QC: %d of %d subjects pass (%s)", int(table["qc_pass"].sum()), len(table),
              ", ".join(f"{key} {value:g}" for key, value in minimums.items()))
