@@ -372,12 +372,23 @@ def test_a_malformed_manifest_is_refused_as_a_damaged_bundle(exported, tmp_path)
                              r"its 'files' is a list, not an object"),
                             ({"format_version": 1, "settings": None},
                              r"its 'settings' is a NoneType, not an object"),
-                            # optional sections too (found by a review)
+                            # optional sections too, and an unknown map (found by a review)
                             ({"format_version": 1, "training": []},
-                             r"its 'training' is a list, not an object")):
+                             r"its 'training' is a list, not an object"),
+                            ({"format_version": 1, "normalisation": {
+                                **original["normalisation"], "modalities": ["stifness"]}},
+                             r"normalisation modalities \['stifness'\] are not a list of the "
+                             r"maps brainage knows")):
         (copied / "manifest.json").write_text(json.dumps({**original, **change}))
         with pytest.raises(BundleError, match=message):
             read_bundle(copied)
+    # a read-out description that does not fit readout.pt: named, not a KeyError
+    readout = {key: value for key, value in original["readout"].items() if key != "method"}
+    (copied / "manifest.json").write_text(json.dumps({**original, "format_version": 1,
+                                                      "readout": readout}))
+    with pytest.raises(BundleError, match=r"its 'readout' does not describe the read-out of "
+                                          r"readout\.pt \(KeyError: 'method'\)"):
+        BrainAgeModel.from_bundle(copied, device="cpu")
 
 
 def test_missing_file_and_foreign_folder_fail_clearly(exported, tmp_path):

@@ -99,7 +99,13 @@ class BrainAgeModel:
                               f"manifest describes ({error}); the bundle is inconsistent. "
                               f"Re-export it.") from None
         network.to(torch_device).eval()
-        readout = Readout.from_state(bundle.readout_state, bundle.manifest["readout"])
+        try:  # a format-1 manifest has no digest to catch an edited read-out description
+            readout = Readout.from_state(bundle.readout_state, bundle.manifest["readout"])
+        except (KeyError, ValueError, TypeError) as error:
+            raise BundleError(f"{bundle.path / 'manifest.json'}: its 'readout' does not "
+                              f"describe the read-out of readout.pt ({type(error).__name__}: "
+                              f"{error}); the bundle is damaged. Re-copy or re-export "
+                              f"it.") from None
         correction = bundle.bias_correction
         return cls(bundle=bundle, network=network, readout=readout,
                    bias=AgeBias(float(correction["intercept"]), float(correction["slope"])),

@@ -39,7 +39,7 @@ import numpy as np
 
 from brainage import brainage_version
 from brainage.io import sha256_file, staged_folder, write_json
-from brainage.modalities import grid_modality, modalities_to_predict
+from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,12 @@ def read_manifest(directory: str | Path) -> dict:
             raise BundleError(f"{manifest_path}: its {key!r} is a "
                               f"{type(manifest[key]).__name__}, not an object; the bundle is "
                               f"damaged. Re-copy or re-export it.")
+    channels = manifest["normalisation"].get("modalities")
+    if not isinstance(channels, list) or not channels or not all(
+            name in MODALITIES for name in channels):
+        raise BundleError(f"{manifest_path}: its normalisation modalities {channels!r} are not "
+                          f"a list of the maps brainage knows ({', '.join(MODALITIES)}); the "
+                          f"bundle is damaged. Re-copy or re-export it.")
     return manifest
 
 
