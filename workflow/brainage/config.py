@@ -221,12 +221,8 @@ def check_search_settings(config: Mapping[str, Any], *, source: str = "config") 
     sections (:func:`search_settings`), which no cell may use as they stand when every
     variant overrides them, so they were checked first by the search job, on a GPU node
     after the preprocessing."""
-    settings = search_settings(config)
     try:
-        settings["model"]["modalities"] = cell_modalities(config, settings["model"], where="",
-                                                          source=source)
-        resolve_cell(settings, source=source)
-        check_init(config, settings["model"], where="", source=source)
+        _checked_cell(config, search_settings(config), where="", source=source)
     except ConfigError as error:
         return [f"{error} (the random search's trials train with the top-level loss, train "
                 f"and model sections, with loss.name adaptive; search.enabled is true)"]
@@ -805,13 +801,21 @@ def cell_settings(config: Mapping[str, Any], experiment: str, variant: str, seed
             f"experiments.{experiment}.variants): {missing}") from None
     merged = {section: deep_merge(config[section], overrides.get(section, {}))
               for section in CELL_SECTIONS}
-    where = f"experiments.{experiment}.variants.{variant}"
-    merged["model"]["modalities"] = cell_modalities(config, merged["model"], where=where,
-                                                    source=source)
-    settings = resolve_cell({"experiment": experiment, "variant": variant, "seed": int(seed),
-                             **merged}, where=where, source=source)
-    check_init(config, settings["model"], where=where, source=source)
-    return settings
+    return _checked_cell(config, {"experiment": experiment, "variant": variant,
+                                  "seed": int(seed), **merged},
+                         where=f"experiments.{experiment}.variants.{variant}", source=source)
+
+
+def _checked_cell(config: Mapping[str, Any], settings: dict, *, where: str,
+                  source: str) -> dict:
+    """``settings`` (merged sections) resolved and checked against the config: its input
+    channels (:func:`cell_modalities`, filled in), the schema (:func:`resolve_cell`) and
+    its initialisation (:func:`check_init`)."""
+    settings["model"]["modalities"] = cell_modalities(config, settings["model"], where=where,
+                                                      source=source)
+    resolved = resolve_cell(settings, where=where, source=source)
+    check_init(config, resolved["model"], where=where, source=source)
+    return resolved
 
 
 #: The prefix of ``model.init`` that names a pretraining run.
@@ -844,8 +848,7 @@ def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: st
     if run not in runs:
         raise ConfigError(
             f"{source}: config key '{_under(where, 'model.init')}' is {model['init']!r} but "
-            f"config key "
-            f"pretrain has no run {run!r} (runs: {', '.join(runs) or 'none'}). Add "
+            f"config key pretrain has no run {run!r} (runs: {', '.join(runs) or 'none'}). Add "
             f"pretrain.{run} or set model.init: scratch.")
 
 

@@ -141,6 +141,7 @@ PREPROC_ROOTS = {
 MODALITIES = tuple(config["dataset"]["modalities"])
 
 
+@lru_cache(maxsize=None)  # an input function of every predict cohort's jobs calls it
 def exported_modalities():
     """The maps the exported model reads (its cell's model.modalities)."""
     try:
