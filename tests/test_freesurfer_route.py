@@ -203,3 +203,15 @@ def test_freesurfer_requested_but_missing_stops_before_work(no_freesurfer, head,
     with pytest.raises(PreprocessError, match=r"Source FreeSurfer's SetUpFreeSurfer\.sh"):
         strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
                     method="freesurfer", subject="a")
+
+
+def test_a_subject_without_a_t1w_needs_no_freesurfer_where_it_is_asked_for(no_freesurfer, head,
+                                                                          tmp_path):
+    """docs/method.md §1: a subject without an anatomical image gets its map's support
+    mask whatever the route. With ``freesurfer`` asked for and absent such a subject was
+    refused for want of a tool it does not use (an MRE-only cohort could not be predicted
+    with a FreeSurfer-trained bundle)."""
+    info = strip_skull(head["stiffness"], *_outputs(tmp_path), anat=None, method="freesurfer",
+                       subject="a")
+    assert (info["route"], info["mask_source"]) == ("none", "stiffness_support")
+    assert info["skullstrip"] == "freesurfer"

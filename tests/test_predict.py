@@ -47,7 +47,7 @@ from brainage.export import ExportError, export_model  # noqa: E402
 from brainage.inputs import InputError  # noqa: E402
 from brainage.io import sha256_file  # noqa: E402
 from brainage.normalise import apply as normalise_map  # noqa: E402
-from brainage.predict import run_cohort  # noqa: E402
+from brainage.predict import OUTPUT_MARKER, run_cohort  # noqa: E402
 from brainage.readout import Readout, fit_readout, load_readout  # noqa: E402
 from conftest import REPO  # noqa: E402
 from split_fixture import tiny_settings, write_split  # noqa: E402
@@ -860,7 +860,7 @@ def test_group_summary_uses_the_t_interval_and_leaves_qc_failures_out():
                           "corrected_gap": gaps + [99.0],
                           "status": ["predicted"] * 4 + ["qc_failed"]})
     row = summarise_gaps(table, "group").iloc[0]
-    assert (row["n"], row["n_predicted"], row["n_qc_failed"]) == (5, 4, 1)
+    assert (row["n"], row["n_predicted"], row["n_qc_failed"], row["n_gap"]) == (5, 4, 1, 4)
     assert row["mean_corrected_gap"] == pytest.approx(3.0)
     half_width = stats.t.ppf(0.975, 3) * np.std(gaps, ddof=1) / 2  # 4 subjects: t, not normal
     assert row["corrected_gap_ci95_high"] - 3.0 == pytest.approx(half_width)
@@ -886,6 +886,24 @@ def test_group_summary_describes_raw_gaps_and_all_members_in_order_of_appearance
     assert b["mean_gap"] == pytest.approx(4.0) and b["mean_corrected_gap"] == pytest.approx(0.5)
     assert b["sd_gap"] == pytest.approx(np.sqrt(8.0))  # ddof 1: sqrt((4 + 4) / 1)
     assert b["sd_corrected_gap"] == pytest.approx(np.sqrt(0.5))
+
+
+def test_group_summary_counts_the_subjects_behind_its_gaps():
+    """Predicted subjects without an age have no gap: ``n_gap`` is the n of the mean, sd
+    and t interval (here 2 of 5 predicted), not ``n_predicted``."""
+    from scipy import stats
+
+    from brainage.apply import summarise_gaps
+
+    table = pd.DataFrame({
+        "age": [40.0, 50.0, np.nan, np.nan, np.nan, 60.0],
+        "gap": [1.0, 3.0, np.nan, np.nan, np.nan, np.nan],
+        "corrected_gap": [1.0, 3.0, np.nan, np.nan, np.nan, np.nan],
+        "status": ["predicted"] * 5 + ["qc_failed"]})
+    row = summarise_gaps(table, None).iloc[0]
+    assert (row["n"], row["n_predicted"], row["n_qc_failed"], row["n_gap"]) == (6, 5, 1, 2)
+    half_width = stats.t.ppf(0.975, 1) * np.std([1.0, 3.0], ddof=1) / np.sqrt(2)
+    assert row["corrected_gap_ci95_high"] - 2.0 == pytest.approx(half_width)
 
 
 def test_corrected_gap_is_shifted_by_the_accelerated_offset():
@@ -1083,6 +1101,7 @@ def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_c
     table.loc[:1, "group"] = "controls"
     table.to_csv(cohort / "participants.tsv", sep="\t", index=False)
     (tmp_path / "out").mkdir(exist_ok=True)
+    (tmp_path / "out" / OUTPUT_MARKER).write_text("")  # an earlier run's
     (tmp_path / "out" / "predictions.tsv").write_text("the previous run's\n")
     with pytest.raises(InputError, match=r"group 'controls' .*: it has only 2 subjects; the "
                                          r"line needs at least 3"):
@@ -1091,6 +1110,48 @@ def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_c
                    template_mask=str(world.root / "template_mask.nii.gz"))
     assert started == []
     assert (tmp_path / "out" / "predictions.tsv").read_text() == "the previous run's\n"
+
+
+def test_an_output_folder_that_predict_run_did_not_make_is_refused_untouched(
+        world, new_cohort, tmp_path, monkeypatch):
+    """``--output results`` (a pipeline's results folder) had its training cohort's
+    preprocessed maps overwritten by the new cohort's and its dataset description
+    rewritten; an unrelated folder lost a ``summary.tsv`` of the user's; an output inside
+    the bundle was deleted by the next export. Each is refused before anything is written;
+    a new folder, and an earlier run's (the marker, or the ``.step_records/`` of a run from
+    before the marker), are used."""
+    from brainage.preprocess import chain
+
+    started = []
+    monkeypatch.setattr(chain, "run_subject",
+                        lambda *a, **k: started.append(a) or pytest.fail("preprocessed"))
+    templates = dict(template_t1=str(world.root / "template_t1.nii.gz"),
+                     template_mask=str(world.root / "template_mask.nii.gz"))
+    results = tmp_path / "results"
+    training_map = results / "preproc" / "sub-newh000" / "anat" / "map.nii.gz"
+    training_map.parent.mkdir(parents=True)
+    training_map.write_bytes(b"TRAINING SUBJECT")
+    (results / "preproc" / "dataset_description.json").write_text('{"Name": "training"}')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "summary.tsv").write_text("my own summary\n")
+    for output in (results, mine):
+        before = {path: path.read_bytes() for path in output.rglob("*") if path.is_file()}
+        with pytest.raises(InputError, match=rf"--output {re.escape(str(output))} already "
+                                             r"holds files that `predict run` did not write"):
+            run_cohort(world.bundle_dir, new_cohort.root, output, **templates)
+        assert {path: path.read_bytes() for path in output.rglob("*") if path.is_file()} == before
+    with pytest.raises(InputError, match=r"is inside model bundle .*the next export replaces"):
+        run_cohort(world.bundle_dir, new_cohort.root, Path(world.bundle_dir) / "adni",
+                   **templates)
+    assert not (Path(world.bundle_dir) / "adni").exists() and started == []
+    # what may be used gets as far as the preprocessing
+    earlier = tmp_path / "earlier"
+    (earlier / ".step_records").mkdir(parents=True)
+    for output in (tmp_path / "new", earlier):
+        with pytest.raises(pytest.fail.Exception, match="preprocessed"):
+            run_cohort(world.bundle_dir, new_cohort.root, output, **templates)
+        assert (output / OUTPUT_MARKER).is_file()
 
 
 def test_a_bias_reference_group_emptied_by_qc_is_refused_before_any_embedding(
@@ -1480,6 +1541,20 @@ def test_a_cohort_registered_by_different_references_is_warned_about(world, new_
     assert "training subjects were registered" not in caplog.text
 
 
+def _export_with_training_qc(world, tmp_path, **columns):
+    """The world's cell exported as ``tmp_path/bundle`` with its training QC table's
+    ``columns`` set to the values given; returns the bundle folder and its manifest."""
+    training_qc = pd.read_csv(world.root / "qc.tsv", sep="\t").assign(**columns)
+    training_qc.to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
+    bundle = tmp_path / "bundle"
+    manifest = export_model(world.cell, world.cell / "encoder.pt", world.split_dir / "stats.json",
+                            world.settings, bundle_dir=bundle, name="brainage",
+                            preprocessing=PREPROCESSING, qc_table=tmp_path / "qc.tsv",
+                            template_t1=world.root / "template_t1.nii.gz",
+                            template_mask=world.root / "template_mask.nii.gz")
+    return bundle, manifest
+
+
 def test_a_cohort_registered_unlike_the_training_subjects_is_warned_about(
         world, new_cohort, tmp_path, caplog):
     """A cohort without T1w scans, for a model whose training subjects were all registered
@@ -1491,14 +1566,7 @@ def test_a_cohort_registered_unlike_the_training_subjects_is_warned_about(
         qc[label] = tmp_path / f"sub-{label}_qc.json"
         qc[label].write_text(json.dumps(dict(json.loads(Path(path).read_text()),
                                              reference_kind="stiffness")))
-    training_qc = pd.read_csv(world.root / "qc.tsv", sep="\t").assign(reference_kind="T1w_brain")
-    training_qc.to_csv(tmp_path / "qc.tsv", sep="\t", index=False)
-    bundle = tmp_path / "bundle"
-    manifest = export_model(world.cell, world.cell / "encoder.pt", world.split_dir / "stats.json",
-                            world.settings, bundle_dir=bundle, name="brainage",
-                            preprocessing=PREPROCESSING, qc_table=tmp_path / "qc.tsv",
-                            template_t1=world.root / "template_t1.nii.gz",
-                            template_mask=world.root / "template_mask.nii.gz")
+    bundle, manifest = _export_with_training_qc(world, tmp_path, reference_kind="T1w_brain")
     n_train = manifest["training"]["registration_references"]["T1w_brain"]
     with caplog.at_level("WARNING", logger="brainage.apply"):
         predict_cohort(bundle, new_cohort.root, stiffness_maps(new_cohort.files["maps"]), qc,
@@ -1510,6 +1578,45 @@ def test_a_cohort_registered_unlike_the_training_subjects_is_warned_about(
                      rf"by T1w_brain \({n_train}\)\..* Add their T1w scans", caplog.text), \
         caplog.text
     assert "needs anat/sub-<label>_T1w.nii.gz too" in (bundle / "README.md").read_text()
+
+
+def test_a_cohort_skull_stripped_by_another_tool_than_training_is_warned_about(
+        world, new_cohort, tmp_path, caplog):
+    """preprocess.skullstrip auto runs FreeSurfer where it is installed and deepbet
+    elsewhere: a bundle trained where FreeSurfer ran and applied where it does not (predict
+    run on a lab's workstation) masked and registered its cohort with another tool than
+    training, without a word. The bundle records the training subjects' tools; subjects
+    without a T1w (route none) are not named, they are the reference warning's."""
+    qc = {}
+    for number, (label, path) in enumerate(new_cohort.files["qc"].items()):
+        qc[label] = tmp_path / f"sub-{label}_qc.json"
+        route = "none" if number == 0 else "deepbet"
+        qc[label].write_text(json.dumps(dict(json.loads(Path(path).read_text()),
+                                             skullstrip_route=route)))
+    bundle, manifest = _export_with_training_qc(world, tmp_path,
+                                                skullstrip_route="mri_synthstrip")
+    n_train = manifest["training"]["skullstrip_routes"]["mri_synthstrip"]
+    assert manifest["training"]["skullstrip_routes"] == {"mri_synthstrip": n_train}
+    assert (f"T1w skull-stripped by: mri_synthstrip {n_train}"
+            in (bundle / "README.md").read_text())
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(bundle, new_cohort.root, stiffness_maps(new_cohort.files["maps"]), qc,
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                       cohort="new", device="cpu")
+    first = f"sub-{next(iter(qc))}"
+    match = re.search(rf"cohort new: {len(qc) - 1} subject\(s\) had their T1w skull-stripped "
+                      rf"by deepbet \((sub-[^)]*)\), but the model's training subjects by "
+                      rf"mri_synthstrip \({n_train}\)\.", caplog.text)
+    assert match and first not in match.group(1), caplog.text
+    for path in qc.values():  # the tool training used: nothing to say
+        path.write_text(json.dumps(dict(json.loads(path.read_text()),
+                                        skullstrip_route="mri_synthstrip")))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(bundle, new_cohort.root, stiffness_maps(new_cohort.files["maps"]), qc,
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                       cohort="new", device="cpu")
+    assert "skull-stripped by" not in caplog.text
 
 
 def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohort, tmp_path,
@@ -1788,8 +1895,8 @@ def test_a_qc_file_of_another_subject_given_for_a_subject_is_refused(tmp_path):
                                     "correlation": 0.5, "coverage": 0.9}))
         with pytest.raises(InputError, match=r"is the record of sub-02, not of sub-01"):
             read_qc(path, minimums, subject="01")
-    passed, reason, metrics, reference = read_qc(path, minimums, subject="02")
-    assert (passed, reason, reference) == (True, "", "unknown")  # a record without a kind
+    passed, reason, metrics, reference, route = read_qc(path, minimums, subject="02")
+    assert (passed, reason, reference, route) == (True, "", "unknown", "unknown")  # no kind
     assert metrics == {"qc_dice": 0.9, "qc_correlation": 0.5, "qc_coverage": 0.9}
 
 

@@ -11,6 +11,7 @@ import gzip
 import json
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -127,6 +128,17 @@ def test_user_template_file_is_used_and_checked(template_files, tmp_path):
                             t1=tmp_path / "t1.nii.gz", mask=tmp_path / "m.nii.gz")
     assert info["shape"] == [91, 109, 91]
     assert np.allclose(nib.load(tmp_path / "out_t1.nii.gz").affine, affine)
+    # The same files given by another path write the same bytes: they key predict run's
+    # step records, and a relative path after an absolute one redid every subject.
+    moved = tmp_path / "elsewhere"
+    moved.mkdir()
+    for name in ("t1.nii.gz", "m.nii.gz"):
+        shutil.copy2(tmp_path / name, moved / name)
+    prepare_template(tmp_path / "again_t1.nii.gz", tmp_path / "again_m.nii.gz", source="file",
+                     t1=moved / "t1.nii.gz", mask=moved / "m.nii.gz")
+    for first, again in (("out_t1", "again_t1"), ("out_m", "again_m")):
+        assert (tmp_path / f"{first}.nii.gz").read_bytes() == \
+            (tmp_path / f"{again}.nii.gz").read_bytes()
     # A user's template keeps its own sform code (FSL's MNI152 files say 4, MNI152), and
     # gets 5 ("another template") when it has none.
     # Without an sform, a qform naming a template space (FSL-made files can have only

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 PREDICTION_COLUMNS = ("status", "qc_pass", "qc_reason", "predicted_age", "gap",
                       "corrected_gap", "corrected_predicted_age", "within_training_ages",
                       "qc_dice", "qc_correlation", "qc_coverage")
-SUMMARY_COLUMNS = ("grouped_by", "group", "n", "n_predicted", "n_qc_failed", "age_mean",
+SUMMARY_COLUMNS = ("grouped_by", "group", "n", "n_predicted", "n_qc_failed", "n_gap", "age_mean",
                    "mean_gap", "sd_gap", "mean_corrected_gap", "sd_corrected_gap",
                    "corrected_gap_ci95_low", "corrected_gap_ci95_high")
 
@@ -125,7 +125,7 @@ class BrainAgeModel:
 
 
 def read_qc(path: str | Path, minimums: Mapping, *, subject: str
-            ) -> tuple[bool, str, dict, str]:
+            ) -> tuple[bool, str, dict, str, str]:
     """Subject ``subject``'s QC verdict from its ``sub-<label>_qc.json`` (rule
     correct_and_register, step compute_qc).
 
@@ -149,6 +149,9 @@ def read_qc(path: str | Path, minimums: Mapping, *, subject: str
     reference_kind : str
         The image the subject was registered by (``T1w_brain``, ``stiffness``, ...;
         ``unknown`` when the record has none).
+    skullstrip_route : str
+        What stripped the subject's T1w (``deepbet``, ``mri_synthstrip``, ...; ``none``
+        without a T1w; ``unknown`` when the record has none).
     """
     (participant_id, record), = read_qc_records([path], require=METRICS).items()
     if participant_id != f"sub-{subject}":
@@ -159,7 +162,7 @@ def read_qc(path: str | Path, minimums: Mapping, *, subject: str
     failures = qc_failures(record, minimums)
     return (not failures, "; ".join(failures),
             {f"qc_{metric}": float(record[metric]) for metric in METRICS},
-            record.get("reference_kind") or "unknown")
+            record.get("reference_kind") or "unknown", record.get("skullstrip_route") or "unknown")
 
 
 def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, subject: str
@@ -281,14 +284,15 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     if missing:
         raise BundleError(f"model bundle {model.bundle.path} records no QC threshold(s) "
                           f"{', '.join(missing)}; pass qc_thresholds (config section qc).")
-    passed, reasons, qc_metrics, references = [], [], [], []
+    passed, reasons, qc_metrics, references, routes = [], [], [], [], []
     for label in labels:
-        ok, reason, metrics, reference = read_qc(qc[label], thresholds(qc_thresholds),
-                                                 subject=label)
+        ok, reason, metrics, reference, route = read_qc(qc[label], thresholds(qc_thresholds),
+                                                        subject=label)
         passed.append(ok)
         reasons.append(reason)
         qc_metrics.append(metrics)
         references.append(reference)
+        routes.append(route)
         if not ok:
             log.warning("cohort %s: sub-%s fails preprocessing QC (%s): reported, not "
                         "predicted", cohort, label, reason)
@@ -297,6 +301,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     _warn_about_references_unlike_training(
         cohort, labels, references,
         model.bundle.manifest.get("training", {}).get("registration_references"))
+    _warn_about_skull_strippers_unlike_training(
+        cohort, labels, routes, model.bundle.manifest.get("training", {}).get("skullstrip_routes"))
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group, passed,
                                    cohort=cohort)
@@ -401,6 +407,34 @@ def _warn_about_mixed_references(cohort: str, labels: Sequence[str],
                 len(by_kind[main_kind]), main_kind, others)
 
 
+def _warn_about_skull_strippers_unlike_training(cohort: str, labels: Sequence[str],
+                                                routes: Sequence[str],
+                                                trained: Mapping[str, int] | None) -> None:
+    """Warn about subjects whose T1w was stripped by a tool that stripped none of the
+    model's training subjects (the bundle's ``training.skullstrip_routes``; absent in
+    bundles exported before it was recorded). ``preprocess.skullstrip: auto`` runs
+    FreeSurfer where it is installed and deepbet elsewhere, so the same bundle applied on
+    another machine (``predict run``) can mask the brain, and take the registration
+    reference, from another tool than training did."""
+    stripped = {route for route in (trained or {}) if route not in ("none", "unknown")}
+    if not stripped:
+        return
+    unlike = [(f"sub-{label}", route) for label, route in zip(labels, routes)
+              if route not in ("none", "unknown") and route not in stripped]
+    if not unlike:
+        return
+    tools = sorted({route for _, route in unlike})
+    log.warning("cohort %s: %d subject(s) had their T1w skull-stripped by %s (%s), but the "
+                "model's training subjects by %s. Brain masks and registrations from another "
+                "tool differ from those the model learnt from. With preprocess.skullstrip "
+                "auto this follows what is installed (FreeSurfer, else deepbet): preprocess "
+                "where the training data were, or install the training's tool here.", cohort,
+                len(unlike), " or ".join(tools),
+                ", ".join(name for name, _ in unlike[:10]) + (", ..." if len(unlike) > 10 else ""),
+                ", ".join(f"{route} ({count})" for route, count in sorted(trained.items())
+                          if route in stripped))
+
+
 def _warn_about_references_unlike_training(cohort: str, labels: Sequence[str],
                                            references: Sequence[str],
                                            trained: Mapping[str, int] | None) -> None:
@@ -430,9 +464,10 @@ def summarise_gaps(table: pd.DataFrame, group_column: str | None) -> pd.DataFram
     95 % t confidence interval of the mean corrected gap. Groups in order of appearance
     (:func:`brainage.inputs.cohort_groups`; ``grouped_by`` is ``none`` for a cohort without
     a group or study column).
-    ``n`` and ``age_mean`` describe every subject of the group; the gap columns only the
-    ``n_predicted`` who passed QC (``n_qc_failed`` did not) and have an age (a cohort to
-    predict may lack some: those have a predicted age and no gap)."""
+    ``n`` and ``age_mean`` describe every subject of the group; ``n_predicted`` passed QC
+    (``n_qc_failed`` did not); the gap columns and the interval describe the ``n_gap`` of
+    them who have an age (a cohort to predict may lack some: those have a predicted age
+    and no gap), so ``n_gap`` is the n behind each mean and interval."""
     from scipy import stats
 
     rows = []
@@ -448,7 +483,7 @@ def summarise_gaps(table: pd.DataFrame, group_column: str | None) -> pd.DataFram
         rows.append({
             "grouped_by": group_column or "none", "group": group, "n": len(members),
             "n_predicted": len(predicted),
-            "n_qc_failed": int((members["status"] == "qc_failed").sum()),
+            "n_qc_failed": int((members["status"] == "qc_failed").sum()), "n_gap": n,
             "age_mean": float(members["age"].mean()),
             "mean_gap": float(predicted["gap"].mean()) if n else math.nan,
             "sd_gap": float(predicted["gap"].std(ddof=1)) if n > 1 else math.nan,

@@ -91,9 +91,9 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         ``predict.bias_fit``: ``training`` or ``test``).
     qc_table : path, optional
         The training cohort's ``qc.tsv`` (rule ``tabulate_qc``): the bundle records how many
-        training subjects each kind of image registered (``training.registration_references``),
-        so that a cohort registered otherwise is warned about
-        (:func:`brainage.apply.predict_cohort`).
+        training subjects each kind of image registered (``training.registration_references``)
+        and each skull stripper stripped (``training.skullstrip_routes``), so that a
+        cohort preprocessed otherwise is warned about (:func:`brainage.apply.predict_cohort`).
 
     Returns
     -------
@@ -161,8 +161,12 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
                      # the map each subject's preprocessing was built around: a cohort is
                      # preprocessed around it too (brainage.modalities.modalities_to_predict)
                      "grid_modality": grid_modality(stats["modalities"]),
-                     **({"registration_references": registration_references(
-                         qc_table, Path(stats_path).with_name("participants.tsv"))}
+                     **({"registration_references": training_counts(
+                         qc_table, Path(stats_path).with_name("participants.tsv"),
+                         "reference_kind"),
+                         "skullstrip_routes": training_counts(
+                         qc_table, Path(stats_path).with_name("participants.tsv"),
+                         "skullstrip_route")}
                         if qc_table is not None else {})},
     }
     write_bundle(bundle_dir, name=name, encoder_state=payload["model"],
@@ -173,17 +177,21 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())
 
 
-def registration_references(qc_table: str | Path, split_table: str | Path) -> dict[str, int]:
+def training_counts(qc_table: str | Path, split_table: str | Path, column: str
+                    ) -> dict[str, int]:
     """How many of the split's training subjects (``subset`` train of its
-    participants.tsv) each kind of reference image registered (``reference_kind`` of the
-    QC table: ``T1w_brain``, or a map for a subject without a T1w)."""
+    participants.tsv) have each value of the QC table's ``column``: ``reference_kind``
+    (the image that registered them: ``T1w_brain``, or a map for a subject without a
+    T1w) or ``skullstrip_route`` (what stripped their T1w: ``deepbet``,
+    ``mri_synthstrip``, ...; ``none`` without one)."""
     import pandas as pd
 
-    qc = pd.read_csv(qc_table, sep="\t", usecols=["participant_id", "reference_kind"])
-    split = pd.read_csv(split_table, sep="\t", usecols=["participant_id", "subset"])
+    qc = pd.read_csv(qc_table, sep="\t", dtype=str)
+    split = pd.read_csv(split_table, sep="\t", usecols=["participant_id", "subset"], dtype=str)
     training = split.loc[split["subset"] == "train", "participant_id"]
-    kinds = qc.set_index("participant_id")["reference_kind"].reindex(training).fillna("unknown")
-    return {str(kind): int(count) for kind, count in kinds.value_counts().sort_index().items()}
+    values = (qc.set_index("participant_id")[column] if column in qc.columns
+              else pd.Series(dtype=str)).reindex(training).fillna("unknown")
+    return {str(value): int(count) for value, count in values.value_counts().sort_index().items()}
 
 
 def check_encoder_settings(payload: Mapping, settings: Mapping, channels: Sequence[str],
@@ -245,6 +253,12 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         references_line = ("- training subjects registered to the template by: "
                            + ", ".join(f"{kind} {count}" for kind, count in references.items())
                            + t1w_hint + "\n")
+    routes = {route: count for route, count in (training.get("skullstrip_routes") or {}).items()
+              if route not in ("none", "unknown")}
+    if routes:  # absent in bundles exported before it was recorded
+        references_line += ("- training subjects' T1w skull-stripped by: "
+                            + ", ".join(f"{route} {count}" for route, count in routes.items())
+                            + " (a cohort is best stripped by the same tool)\n")
     record = fields["normalisation"]
     channels = "; ".join(
         f"{modality_name} mean {mean:.4f} sd {sd:.4f} {MODALITIES[modality_name].unit}"

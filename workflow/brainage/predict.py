@@ -64,6 +64,11 @@ log = logging.getLogger(__name__)
 #: :func:`main` prints it in one line instead of a traceback.
 USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WriteError)
 
+#: The file :func:`run_cohort` leaves in its ``--output`` first, so that a later run knows
+#: the folder as one of its own: it removes and rewrites files there (the reports,
+#: ``preproc/``), which in any other folder could be the user's.
+OUTPUT_MARKER = ".brainage-predict-run"
+
 #: The reports :func:`run_cohort` writes under ``--output`` (predict_cohort's argument ->
 #: file name), one run's together.
 REPORT_FILES = {"predictions_path": "predictions.tsv", "summary_path": "summary.tsv",
@@ -118,6 +123,7 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
         raise InputError(f"--output {output} is the dataset folder itself: the predictions "
                          f"and preproc/ would be written among the raw data. Pass another "
                          f"folder, e.g. {Path(dataset_root) / 'derivatives' / 'brainage'}.")
+    _check_output_folder(output, bundle.path)
     cohort = cohort or output.resolve().name  # `--output .` names the folder, not ""
     try:  # the bundle may come from another lab: its values name files here
         recorded = check_preprocessing_record(
@@ -154,6 +160,9 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     except OSError as error:
         raise InputError(f"--output {output} cannot be created ({error.strerror or error}). "
                          f"Choose a folder you can write to.") from None
+    (output / OUTPUT_MARKER).write_text(
+        "This folder is the --output of `python -m brainage.predict run`: a rerun into it "
+        "reuses preproc/ and rewrites the reports.\n")
     layout = Layout(str(output), str(output / "logs"), str(output / "benchmarks"),
                     template["space"])
     t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
@@ -219,6 +228,36 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
                           **{argument: output / name for argument, name in REPORT_FILES.items()},
                           cohort=cohort, group_column=group_column,
                           bias_reference_group=bias_reference_group, device=device)
+
+
+def _check_output_folder(output: Path, bundle_path: str | Path) -> None:
+    """Refuse an ``--output`` that :func:`run_cohort` would damage: a folder inside the
+    model bundle (the next export replaces the bundle folder as a whole, and a copied
+    bundle would carry the cohort's images), or a folder that holds files and is not the
+    output of an earlier run (its ``preproc/`` could be a pipeline's training cohort,
+    e.g. ``results/``, and files named like the reports would be deleted).
+
+    An earlier run is known by :data:`OUTPUT_MARKER`, or by the ``.step_records/`` that
+    runs before the marker kept (:func:`brainage.preprocess.chain.step_record_path`).
+    """
+    resolved, bundle = output.resolve(), Path(bundle_path).resolve()
+    if resolved == bundle or bundle in resolved.parents:
+        raise InputError(f"--output {output} is inside model bundle {bundle_path}: the next "
+                         f"export replaces the bundle folder as a whole and would delete the "
+                         f"predictions, and a copy of the bundle would carry this cohort's "
+                         f"images. Pass a folder outside the bundle.")
+    if not output.is_dir() or (output / OUTPUT_MARKER).is_file() or \
+            (output / ".step_records").is_dir():
+        return
+    entries = sorted(entry.name for entry in output.iterdir())
+    if entries:
+        raise InputError(
+            f"--output {output} already holds files that `predict run` did not write "
+            f"({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): a run removes "
+            f"and rewrites predictions.tsv, summary.tsv, gap_by_group.png, provenance.json "
+            f"and preproc/ there, and a pipeline's results folder would lose its training "
+            f"cohort's preprocessing. Pass a new or empty folder, or the --output of an "
+            f"earlier run.")
 
 
 def _warn_about_other_subjects(preproc_dir: str | Path, labels: Sequence[str],

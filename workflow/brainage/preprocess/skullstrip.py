@@ -176,7 +176,6 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
     name = f"subject sub-{subject}" if subject else "subject"
     grid_kind = modality(grid_modality)
     data, affine = load_volume(grid_image, what=f"{name}: {grid_kind.description}")
-    route = resolve_method(method, freesurfer_tool)
     Path(out_mask).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".strip_skull-", dir=Path(out_mask).parent) as tmp:
         work = Path(tmp).resolve()  # interfaces run in it: every path must be absolute
@@ -199,6 +198,9 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
             # NaN and inf voxels are background, as in the maps (nan_to_num made an inf
             # 3.4e38, which then filled the reference's intensity range alone)
             anat_data = np.where(np.isfinite(anat_data), anat_data, 0).astype(np.float32)
+            # only a T1w needs the tool: a subject without one gets its map's support
+            # whatever the route, also where FreeSurfer is asked for and absent
+            route = resolve_method(method, freesurfer_tool)
             if route == "none":
                 log.info("%s: preprocess.skullstrip none: brain mask = the %s's support; the "
                          "T1w is registered as given (head)", name, grid_kind.description)

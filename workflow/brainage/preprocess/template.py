@@ -87,7 +87,9 @@ def prepare_template(out_t1: str | Path, out_mask: str | Path, *, source: str = 
         code = MNI152_XFORM_CODE
     elif source == "file":
         data, brain, affine = _file_template(t1, mask)
-        origin = f"file {t1}"
+        # the name, not the path given: the files' bytes key predict run's step records,
+        # and the same template given by another path must not redo every subject
+        origin = f"file {Path(t1).name}"
         code = read_xform_code(t1) or OTHER_TEMPLATE_XFORM_CODE
     else:
         raise InputError(f"template.source={source!r}; choose nilearn or file.")
