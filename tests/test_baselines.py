@@ -127,6 +127,18 @@ def test_untrained_encoder_keeps_the_seeds_initialisation(tmp_path):
     saved = torch.load(tmp_path / "encoder.pt", weights_only=True)["model"]
     assert saved.keys() == initial.keys()
     assert all(torch.equal(saved[key], initial[key]) for key in saved)
+    # another seed, another initialisation: seeds that shared one would differ only in
+    # batch order and augmentation, and Table 3's sd over seeds would be too small
+    other = dict(settings, seed=settings["seed"] + 1)
+    train_encoder(split_dir, other, encoder_path=tmp_path / "other" / "encoder.pt",
+                  history_path=tmp_path / "other" / "history.tsv",
+                  embeddings_dir=tmp_path / "other" / "embeddings",
+                  checkpoint_path=tmp_path / "other" / "checkpoint.pt")
+    seed_everything(other["seed"])
+    other_initial = build_model(resolve_cell(other)["model"]).state_dict()
+    other_saved = torch.load(tmp_path / "other" / "encoder.pt", weights_only=True)["model"]
+    assert all(torch.equal(other_saved[key], other_initial[key]) for key in other_saved)
+    assert not torch.equal(other_saved["encoder.conv1.weight"], saved["encoder.conv1.weight"])
     metrics, _ = evaluate(split_dir, settings, tmp_path / "cell", tmp_path / "features.npz")
     assert metrics["kind"] == "baseline" and np.isfinite(metrics["mae"])
 

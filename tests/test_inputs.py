@@ -367,8 +367,18 @@ def test_a_table_not_in_utf8_names_its_line_and_how_to_save_it(tiny_dataset):
     table = tiny_dataset / "participants.tsv"
     table.write_bytes(table.read_text().replace("study2", "Zürich").encode("cp1252"))
     with pytest.raises(InputError, match=rf"{re.escape(str(table.resolve()))} line 3 \(byte "
-                                         rf"0xfc\) is not UTF-8 text\. Save the table as UTF-8"):
+                                         rf"0xfc\) is not UTF-8 text\. Save the table as UTF-8"
+                                         rf".* iconv -f cp1252 -t utf-8"):
         read_participants(tiny_dataset)
+    # Excel's "Unicode Text" is UTF-16 with a byte-order mark: converting it from cp1252,
+    # as the message said, gave a table without a participant_id column
+    text = table.read_bytes().decode("cp1252")
+    table.write_bytes(text.encode("utf-16"))
+    with pytest.raises(InputError, match=r"is not UTF-8 text\..* from UTF-16 .*: iconv -f "
+                                         r"utf-16 -t utf-8 participants\.tsv > converted"):
+        read_participants(tiny_dataset)
+    table.write_bytes(table.read_bytes().decode("utf-16").encode("utf-8"))  # what iconv does
+    assert "Zürich" in set(read_participants(tiny_dataset)["study"])
 
 
 def test_a_missing_value_code_is_not_called_empty(tiny_dataset):
@@ -435,7 +445,7 @@ def test_every_missing_image_is_named_at_once(tiny_dataset, monkeypatch):
     with pytest.raises(InputError) as error:
         read_participants(tiny_dataset)
     lines = str(error.value).splitlines()
-    assert lines[0] == "2 input images are missing:"
+    assert lines[0] == "2 input images are missing or unread:"
     assert re.fullmatch(r"  subject sub-01a: stiffness map .*sub-01a_stiffness\.nii\.gz is "
                         r"missing \(config key dataset\.modalities lists stiffness\)\. Add the "
                         r"file, or remove the subject's row from .*participants\.tsv, or "
@@ -449,9 +459,28 @@ def test_every_missing_image_is_named_at_once(tiny_dataset, monkeypatch):
         read_participants(tiny_dataset)
     (tiny_dataset / "sub-00A").rename(tiny_dataset / "sub-00a")
     monkeypatch.setattr(inputs, "MAX_MISSING_NAMED", 1)
-    with pytest.raises(InputError, match=r"(?s)^2 input images are missing:\n  subject "
+    with pytest.raises(InputError, match=r"(?s)^2 input images are missing or unread:\n  subject "
                                          r"sub-01a: [^\n]*\n  \.\.\. and 1 more\.$"):
         read_participants(tiny_dataset)
+
+
+def test_an_uncompressed_optional_t1w_is_refused_not_skipped(tiny_dataset):
+    """Only ``_T1w.nii.gz`` is read: a ``_T1w.nii`` beside a subject's maps (dcm2niix's
+    default) was left out without a word, and the subject was skull-stripped and
+    registered from its stiffness map. In the plan's check and in a subject's inputs."""
+    t1w = tiny_dataset / "sub-01a" / "anat" / "sub-01a_T1w.nii"
+    t1w.parent.mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), t1w)
+    message = (r"subject sub-01a: T1w .*sub-01a_T1w\.nii is not compressed, so it would not "
+               r"be read, and the subject's brain mask and registration would come from its "
+               r"MRE map .* Compress it \(gzip .*sub-01a_T1w\.nii\)")
+    with pytest.raises(InputError, match=message):
+        read_participants(tiny_dataset)
+    with pytest.raises(InputError, match=message):
+        subject_inputs(tiny_dataset, "01a")
+    Path(f"{t1w}.gz").write_bytes(gzip.compress(t1w.read_bytes()))
+    t1w.unlink()
+    assert subject_inputs(tiny_dataset, "01a")["anat"] == f"{t1w}.gz"
 
 
 def _stiffness(root, label):

@@ -1474,3 +1474,18 @@ def test_neighbourhood_schedule_says_where_it_came_from():
     assert schedule({"name": "adaptive", "nn_final": 14, "nn_step": 1,
                      "nn_from_search": True}) == "nn_final 14, nn_step 1 (random search)"
     assert schedule({"name": "yaware", "nn_final": 8}) is None and schedule(None) is None
+
+
+def test_table2_keeps_study_codes_as_written(tmp_path):
+    """Study codes are text everywhere (the split, Table 3's per-study MAE, the figures):
+    Table 2 read them as numbers, so studies ``01`` and ``1`` were merged into one row
+    ``1`` and ``02`` became ``2``."""
+    participants = tmp_path / "participants.tsv"
+    pd.DataFrame({"participant_id": [f"sub-{n:02d}" for n in range(8)],
+                  "age": [20.0, 30, 40, 50, 60, 70, 25, 35], "sex": ["F", "M"] * 4,
+                  "study": ["01", "01", "01", "1", "1", "1", "02", "02"],
+                  "subset": ["train"] * 8}).to_csv(participants, sep="\t", index=False)
+    tables.make_tables(metrics=[], participants=participants, settings={},
+                       outputs={"table2_cohort": tmp_path / "table2_cohort"})
+    table = pd.read_csv(tmp_path / "table2_cohort.csv", dtype={"study": str})
+    assert dict(zip(table["study"], table["n"])) == {"01": 3, "1": 3, "02": 2, "Total": 8}

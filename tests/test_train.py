@@ -405,6 +405,36 @@ def test_run_epoch_draws_new_batches_and_augmentations_each_epoch():
     noise_1 = inputs_1 - torch.from_numpy(clean[np.concatenate(order_1).astype(int)])[:, None]
     noise_2 = inputs_2 - torch.from_numpy(clean[np.concatenate(order_2).astype(int)])[:, None]
     assert not torch.allclose(noise_1, noise_2, atol=1e-3)  # float32 rounding is ~1e-5
+    # each row's age is its own image's (subjects' images differ by 8 or more: noise of sd
+    # 0.1 stays far below), and the two views of a subject carry different noise
+    assert noise_1.abs().max() < 1.0 and noise_2.abs().max() < 1.0
+    assert not torch.allclose(inputs_1[:, 0], inputs_1[:, 1], atol=1e-3)
+
+
+def test_run_epoch_gives_the_loss_each_image_with_its_own_subjects_age():
+    """Ages are looked up by the split's row of each image, not by its position among the
+    training rows: with test rows between the training rows (as in every real split) the
+    two differ, and a loss fed other subjects' ages trains on a wrong signal that the
+    read-out, fitted on the right ages, would hide."""
+    from brainage.train import run_epoch
+
+    images = np.arange(20 * 8, dtype=np.float32).reshape(20, 1, 2, 2, 2)
+    ages = torch.arange(20, dtype=torch.float32) * 3.0 + 20.0  # row r is 20 + 3 r years old
+    train_rows = np.arange(20)[1::2]  # the even rows are test subjects
+    seen = []
+
+    def loss_fn(features, batch_ages, epoch):
+        seen.append((features.detach().clone(), batch_ages.clone()))
+        return features.sum() * 0.0
+
+    model = _Flatten()
+    run_epoch(model, loss_fn, torch.optim.SGD(model.parameters(), lr=0.0),
+              VolumeStore(images, torch.device("cpu")), Augmenter("none"), train_rows, ages,
+              epoch=1, seed=0, batch_size=4, views=2)
+    rows = [int(views[0, 0]) // 8 for features, _ in seen for views in features]
+    given = [float(age) for _, batch_ages in seen for age in batch_ages]
+    assert sorted(rows) == train_rows.tolist()
+    assert given == [20.0 + 3.0 * row for row in rows]
 
 
 def test_gather_keeps_the_requested_order_and_background_zeros():

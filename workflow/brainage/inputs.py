@@ -206,9 +206,15 @@ def _not_utf8_message(table_path: Path) -> str:
         where = f" line {line} (byte 0x{raw[error.start]:02x})"
     else:
         where = ""
+    # Excel's "Unicode Text" export is UTF-16 (a byte-order mark, a NUL in every ASCII
+    # character), which the Windows-1252 remedy below would turn into garbage
+    source = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:200] \
+        else "cp1252"
+    example = "UTF-16 (a spreadsheet's \"Unicode Text\")" if source == "utf-16" \
+        else "Windows-1252"
     return (f"{table_path}{where} is not UTF-8 text. Save the table as UTF-8, tab-separated "
             f"(a spreadsheet's export dialog names the encoding), or convert it, e.g. from "
-            f"Windows-1252: iconv -f cp1252 -t utf-8 {table_path.name} > converted.tsv.")
+            f"{example}: iconv -f {source} -t utf-8 {table_path.name} > converted.tsv.")
 
 
 def check_table_shape(table_path: Path) -> list[int]:
@@ -430,14 +436,31 @@ def _require_every_image(root: str | Path, labels: Sequence[str], modalities: Se
     problems = [message for label in labels for name in modalities
                 if (message := _missing_image_message(root, label, name, modalities,
                                                       remedy=remedy, needed_by=needed_by))]
+    if "T1w" not in modalities:  # the optional T1w: only its .nii.gz is read
+        problems += [message for label in labels
+                     if (message := _uncompressed_t1w_message(root, label))]
     if len(problems) == 1:
         raise InputError(problems[0])
     if problems:
         shown = problems[:MAX_MISSING_NAMED]
         more = len(problems) - len(shown)
-        raise InputError(f"{len(problems)} input images are missing:\n"
+        raise InputError(f"{len(problems)} input images are missing or unread:\n"
                          + "\n".join(f"  {message}" for message in shown)
                          + (f"\n  ... and {more} more." if more else ""))
+
+
+def _uncompressed_t1w_message(root: str | Path, label: str) -> str | None:
+    """The message for a subject whose optional T1w is there only as ``.nii`` (dcm2niix
+    writes it so by default): it would not be read, and the subject's mask and
+    registration would silently come from its MRE map instead; None otherwise."""
+    path = anatomical_path(root, label)
+    uncompressed = path.with_suffix("")  # .nii.gz -> .nii
+    if path.is_file() or not uncompressed.is_file():
+        return None
+    return (f"subject sub-{label}: T1w {uncompressed} is not compressed, so it would not be "
+            f"read, and the subject's brain mask and registration would come from its MRE "
+            f"map instead of its T1w. Compress it (gzip {uncompressed}), or move it out of "
+            f"the dataset to register the subject without it.")
 
 
 def _found_instead(path: Path) -> str:

@@ -549,7 +549,7 @@ def plot_training_loss(histories: Mapping[str, Mapping[int, str | Path]], path: 
         axis.plot(mean.index, mean.to_numpy(), color="#4C72B0", linewidth=2)
         first, last = mean.iloc[0], mean.iloc[-1]
         axis.set_title(f"{labels.get(variant, variant)}\n{first:.3g} -> {last:.3g} "
-                       f"({len(tables)} seeds)", fontsize="small")
+                       f"({len(tables)} seed{'' if len(tables) == 1 else 's'})", fontsize="small")
         axis.set_xlabel("epoch")
         axis.set_ylabel("training loss")
     for axis in list(axes.flat)[len(histories):]:

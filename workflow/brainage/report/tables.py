@@ -441,8 +441,8 @@ def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
     for row in paired.itertuples():
         difference = format_mean_sd(row.mean_difference, row.sd_difference)
         lines.append(f"- {labels.get(row.baseline, row.baseline)}: ΔMAE {difference} years "
-                     f"over {row.n_pairs} seeds, {reference} better in "
-                     f"{row.reference_wins}/{row.n_pairs}, paired t-test p = "
+                     f"over {row.n_pairs} seed{'' if row.n_pairs == 1 else 's'}, {reference} "
+                     f"better in {row.reference_wins}/{row.n_pairs}, paired t-test p = "
                      f"{_format_number(row.p_value, 3)}")
     return "\n".join(lines)
 
@@ -565,7 +565,10 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
     pretraining = dict(pretraining or {})
     for name, stem in outputs.items():
         if name == "table2_cohort":
-            write_cohort(cohort_table(pd.read_csv(participants, sep="\t")), stem)
+            # study codes are text, as everywhere else: "01" and "1" are two studies
+            write_cohort(cohort_table(pd.read_csv(
+                participants, sep="\t", dtype={"participant_id": str, "sex": str, "study": str})),
+                stem)
         elif name == "table3_losses":
             table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
             write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"])
