@@ -906,6 +906,16 @@ def test_group_summary_counts_the_subjects_behind_its_gaps():
     assert row["corrected_gap_ci95_high"] - 2.0 == pytest.approx(half_width)
 
 
+def test_the_bias_line_is_written_with_the_slopes_sign_once(exported):
+    """The bundle README and the logs wrote ``gap = 2.920 + -0.0821 * age``."""
+    assert str(AgeBias(intercept=2.92, slope=-0.0821)) == "gap = 2.920 - 0.0821 * age"
+    assert str(AgeBias(intercept=-1.5, slope=0.25)) == "gap = -1.500 + 0.2500 * age"
+    bias = exported.manifest["bias_correction"]
+    readme = (Path(exported.bundle_dir) / "README.md").read_text()
+    assert f"age-bias correction: {AgeBias(bias['intercept'], bias['slope'])} (" in readme
+    assert "+ -" not in readme
+
+
 def test_corrected_gap_is_shifted_by_the_accelerated_offset():
     # A subject whose stiffness looks 8 years older is predicted as f(age + 8) with
     # f(x) = x + a + b x; the corrected gap is then 8 (1 + b), independent of age.
@@ -1817,6 +1827,36 @@ def test_simulated_new_cohort_never_overwrites_a_real_dataset(tmp_path, monkeypa
     cohort.replace_simulation(empty, n_subjects=10, seed=1, id_prefix="new")
     assert calls == [(empty, {"n_subjects": 10, "seed": 1, "id_prefix": "new",
                               "overwrite": True})]
+
+
+def test_simulating_again_never_deletes_what_was_put_in_the_simulated_folder(tmp_path,
+                                                                             monkeypatch):
+    """A new simulation replaces the folder as a whole: predict run's suggested
+    ``<dataset>/derivatives/brainage`` (or any file put beside the simulator's own) was
+    deleted without a word when a simulation option changed."""
+    from brainage.simulate import cohort
+
+    calls = []
+    monkeypatch.setattr(cohort, "simulate_cohort",
+                        lambda root, **options: calls.append(root) or pd.DataFrame())
+    root = tmp_path / "demo"
+    for folder in ("sub-new01/mre", "derivatives/simulation"):
+        (root / folder).mkdir(parents=True)
+    (root / "dataset_description.json").write_text('{"GeneratedBy": [{"Name": "brainage.simulate"}]}')
+    (root / "participants.tsv").write_text("participant_id\n")
+    mine = root / "derivatives" / "brainage" / "predictions.tsv"
+    mine.parent.mkdir()
+    mine.write_text("my predictions\n")
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=rf"{re.escape(str(root))} is a brainage simulation, "
+                                              rf"but .*notes\.txt, .*derivatives/brainage was put "
+                                              rf"there since; .* would delete it"):
+        cohort.replace_simulation(root, n_subjects=10, seed=1)
+    assert not calls and mine.read_text() == "my predictions\n"
+    (root / "notes.txt").unlink()
+    shutil.rmtree(mine.parent)
+    cohort.replace_simulation(root, n_subjects=10, seed=1)  # the simulator's own files only
+    assert calls == [root]
 
 
 def test_exported_cell_must_be_trained_by_the_grid():

@@ -145,12 +145,48 @@ def test_random_search_writes_trials_and_best(tmp_path):
     assert stamps == [path.stat().st_mtime_ns for path in sorted(out.glob("trial-*/metrics.json"))]
 
 
+def test_a_trial_killed_between_its_encoder_and_its_features_is_not_trained_again(
+        tmp_path, monkeypatch):
+    """The trial's training deleted its checkpoint with the encoder written, before the
+    search embedded the subjects: a kill there (a SLURM time limit) left neither features
+    nor checkpoint, and the rerun trained the trial from its first epoch. The checkpoint
+    now stays until the features are stored; the rerun resumes at the last epoch."""
+    import brainage.search as search_module
+    import brainage.train as train_module
+
+    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4)
+    settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
+    out = tmp_path / "search"
+    search = {**SEARCH, "trials": 1}
+    epochs = []
+    run_epoch = train_module.run_epoch
+    monkeypatch.setattr(train_module, "run_epoch",
+                        lambda *args, **kwargs: epochs.append(kwargs["epoch"])
+                        or run_epoch(*args, **kwargs))
+    embed_all = search_module.embed_all
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed while embedding the trial's subjects")
+
+    monkeypatch.setattr(search_module, "embed_all", killed)
+    with pytest.raises(KeyboardInterrupt):
+        random_search(split_dir, out, settings, search)
+    assert epochs == [1, 2] and (out / "trial-01" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(search_module, "embed_all", embed_all)
+    best = random_search(split_dir, out, settings, search)
+    assert epochs == [1, 2]  # resumed after epoch 2 of 2: no epoch trained again
+    assert np.isfinite(best["validation_mae"])
+    assert sorted(path.name for path in (out / "trial-01").iterdir()) == [
+        "features.npz", "history.tsv", "metrics.json"]
+
+
 def _stub_trial_training(monkeypatch, trained: list) -> None:
     """Replace a trial's training and scoring by stubs: each trial "trains" in no time (its
     encoder.pt an empty file) and scores validation MAE nn_final + nn_step / 10."""
     import brainage.search as search_module
 
-    def fit_encoder(split, settings, *, encoder_path, checkpoint_path, history_path):
+    def fit_encoder(split, settings, *, encoder_path, checkpoint_path, history_path,
+                    keep_checkpoint=False):
         trained.append((settings["loss"]["nn_final"], settings["loss"]["nn_step"]))
         encoder_path.parent.mkdir(parents=True, exist_ok=True)
         encoder_path.write_bytes(b"")
@@ -297,7 +333,8 @@ def test_a_trial_reads_out_every_channel_when_model_modalities_is_unset(tmp_path
     import brainage.search as search_module
     from brainage.models import build_model
 
-    def fit_encoder(split, settings, *, encoder_path, checkpoint_path, history_path):
+    def fit_encoder(split, settings, *, encoder_path, checkpoint_path, history_path,
+                    keep_checkpoint=False):
         channels = split.channel_indices(settings["model"]["modalities"])  # as train does
         network = build_model(settings["model"], in_channels=len(channels))
         encoder_path.parent.mkdir(parents=True, exist_ok=True)

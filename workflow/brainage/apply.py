@@ -326,8 +326,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                             where=f"cohort {cohort} group {bias_reference_group!r}")
         bias_source = (f"cohort {cohort} group {bias_reference_group!r} "
                        f"({reference.sum()} subjects)")
-    log.info("age-bias correction from %s: gap = %.3f + %.4f * age", bias_source,
-             bias.intercept, bias.slope)
+    log.info("age-bias correction from %s: %s", bias_source, bias)
     training = model.bundle.manifest.get("training", {})
     table["status"] = np.where(passed, "predicted", "qc_failed")
     table["qc_pass"] = passed

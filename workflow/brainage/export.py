@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from brainage.agebias import select_bias_correction
+from brainage.agebias import line_text, select_bias_correction
 from brainage.bundle import write_bundle
 from brainage.config import pretrained_run, resolve_cell
 from brainage.io import sha256_file
@@ -283,8 +283,8 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"- each subject's brain mask and QC are built around its {training['grid_modality']} "
         f"map, as the training subjects' were: a cohort needs {', '.join(given)} for every "
         f"subject\n"
-        f"- age-bias correction: gap = {fields['bias_correction']['intercept']:.3f} + "
-        f"{fields['bias_correction']['slope']:.4f} * age "
+        f"- age-bias correction: "
+        f"{line_text(fields['bias_correction']['intercept'], fields['bias_correction']['slope'])} "
         f"({fields['bias_correction']['description']})\n\n"
         f"Run it on a BIDS-like dataset (participants.tsv + {inputs}; the table needs only "
         f"participant_id, and an age column in years for brain-age gaps):\n\n"

@@ -47,7 +47,7 @@ from brainage.io import atomic_path, remove_stale_temporaries, write_json, write
 from brainage.models import embed_all, load_encoder
 from brainage.runtime import runtime_setup
 from brainage.split_data import SplitData, load_split
-from brainage.train import fingerprint, fit_encoder
+from brainage.train import fingerprint, fit_encoder, remove_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -180,8 +180,9 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                 TRIAL_KEY in metrics and metrics[TRIAL_KEY] == trial_key(keyed_before, split))):
             log.info("trial %d already done", trial["trial"])
             # a job killed between the score and the deletion left the trial's encoder
-            # (134 MB at the paper's width), which nothing else removes
+            # (134 MB at the paper's width) and its checkpoint, which nothing else removes
             (trial_dir / "encoder.pt").unlink(missing_ok=True)
+            remove_checkpoint(trial_dir / "checkpoint.pt")
         else:
             training_key = trial_key(training_settings(settings_trial), split)
             started = time.perf_counter()
@@ -200,9 +201,11 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                                 trial["trial"], metrics_path, metrics.get("nn_final"),
                                 metrics.get("nn_step"), trial["nn_final"], trial["nn_step"])
                 encoder_path = trial_dir / "encoder.pt"
+                # the checkpoint stays until the features are stored: a kill between
+                # the encoder and them resumes at the last epoch, not at the first
                 fit_encoder(split, settings_trial, encoder_path=encoder_path,
                             checkpoint_path=trial_dir / "checkpoint.pt",
-                            history_path=trial_dir / "history.tsv")
+                            history_path=trial_dir / "history.tsv", keep_checkpoint=True)
                 device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)
                 # model.modalities null means all of the split's channels, as fit_encoder
                 # trained with (build_model alone would build a one-channel network)
@@ -223,6 +226,7 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
             write_json(metrics_path, metrics)
             # 134 MB per trial at the paper's width; its score and features suffice
             (trial_dir / "encoder.pt").unlink(missing_ok=True)
+            remove_checkpoint(trial_dir / "checkpoint.pt")
             log.info("trial %d/%d: nn_final %d nn_step %d -> validation MAE %.3f years",
                      trial["trial"], len(plan), trial["nn_final"], trial["nn_step"],
                      metrics["validation_mae"])

@@ -181,7 +181,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                 checkpoint_path: str | Path, history_path: str | Path | None = None,
                 embeddings_dir: str | Path | None = None,
                 features_path: str | Path | None = None,
-                processes: Processes = SINGLE_PROCESS) -> list[dict]:
+                processes: Processes = SINGLE_PROCESS,
+                keep_checkpoint: bool = False) -> list[dict]:
     """Train on ``split.train_index`` and write the encoder; resume from a checkpoint.
 
     Parameters
@@ -194,7 +195,9 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     encoder_path, checkpoint_path, history_path, embeddings_dir, features_path
         Outputs (history, embeddings and features optional; :func:`write_features`).
         ``checkpoint_path`` holds the resume state between epochs and is deleted at the
-        end.
+        end, unless ``keep_checkpoint``: a caller that derives more from the encoder (the
+        random search's features) deletes it once that is stored, so a kill in between
+        resumes at the last epoch instead of training again.
     processes
         This process's place among data-parallel training processes
         (:func:`brainage.distributed.processes_from_environment`); every process calls
@@ -389,8 +392,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                        trained_loss=loss_settings)
     if history_path is not None:
         write_tsv(history_path, _history_table(history))
-    checkpoint_path.unlink(missing_ok=True)
-    checkpoint_digest_file(checkpoint_path).unlink(missing_ok=True)
+    if not keep_checkpoint:
+        remove_checkpoint(checkpoint_path)
     log.info("wrote %s", encoder_path)
     distributed.barrier(processes)
     return history
@@ -513,6 +516,12 @@ def make_optimizer(model, train_settings: Mapping) -> torch.optim.Optimizer:
         return torch.optim.Adam(model.parameters(), fused=True, **options)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(model.parameters(), **options)
+
+
+def remove_checkpoint(checkpoint_path: str | Path) -> None:
+    """Delete a finished training's checkpoint and its checksum file (when present)."""
+    Path(checkpoint_path).unlink(missing_ok=True)
+    checkpoint_digest_file(checkpoint_path).unlink(missing_ok=True)
 
 
 def checkpoint_digest_file(checkpoint_path: str | Path) -> Path:

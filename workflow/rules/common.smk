@@ -36,6 +36,7 @@ from brainage.report.targets import (
     is_umap_figure,
     pretraining_embeddings_figure,
     report_names,
+    trained_cells,
 )
 from brainage.config import (
     ConfigError,
@@ -977,15 +978,11 @@ def _registered_maps():
 def _histories():
     """{variant: {seed: history.tsv}} of the loss experiment's trained encoders (first split;
     a shared encoder's history is its owner's)."""
-    if "table3" not in config["experiments"]:
-        return {}
     histories = {}
-    for experiment, variant, seed in grid_cells(config):
-        settings = cell_settings(config, experiment, variant, seed)
-        if experiment == "table3" and trains_an_encoder(settings) and settings["train"]["epochs"]:
-            histories.setdefault(variant, {})[seed] = cell_output(
-                _cohort_split(), experiment, variant, seed, "history.tsv"
-            )
+    for variant, seed in trained_cells(config):
+        histories.setdefault(variant, {})[seed] = cell_output(
+            _cohort_split(), "table3", variant, seed, "history.tsv"
+        )
     return histories
 
 

@@ -83,7 +83,9 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
         ``kind`` (contrastive or baseline), ``variant, label, init, neighbourhood``
         (Adaptive Neighborhoods' nn_final/nn_step as trained), ``rmse_mean, pearson_r_mean,
         r2_mean, gap_age_slope_mean`` (age bias: slope of the gap against age),
-        ``n_test, seeds, paper_mae_mean, paper_mae_std``, ``mae_study_<study>`` and
+        ``n_test, seeds, paper_mae_mean, paper_mae_std`` (the paper's fine-tuned value,
+        beside a loss's fine-tuned row where it has one, else beside its from-scratch
+        row), ``mae_study_<study>`` and
         ``n_study_<study>`` (the study's test subjects).
         ``loss`` is the loss name (a baseline's key for baselines), or
         ``<loss>:<variant>`` where two rows would share one.
@@ -120,10 +122,17 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                      "kind": "baseline" if key is not None else group["kind"].iloc[0],
                      "variant": variant, "label": label, "init": start,
                      "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
+                     "_base": base, "_fine_tuned": fine_tuned,
                      # a fine-tuned row right after its loss trained from scratch
                      "_order": (order.index(base) + 0.5 * fine_tuned if base in order
                                 else len(order))})
     table = pd.DataFrame(rows)
+    # the paper fine-tuned every encoder: where a loss has a fine-tuned row, the paper's
+    # value stands beside that row only, not beside the same loss trained from scratch
+    tuned = set(table.loc[table["_fine_tuned"], "_base"])
+    scratch_of_tuned = table["_base"].isin(tuned) & ~table["_fine_tuned"]
+    table.loc[scratch_of_tuned, ["paper_mae_mean", "paper_mae_std"]] = np.nan
+    table = table.drop(columns=["_base", "_fine_tuned"])
     repeated = table["loss"].duplicated(keep=False)
     table.loc[repeated, "loss"] = table.loc[repeated, "loss"] + ":" + table.loc[repeated,
                                                                                "variant"]

@@ -105,7 +105,8 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
     tables = ["table2_cohort"]
     if LOSS_EXPERIMENT in experiments:
         tables += ["table3_losses", "table3_paired"]
-        figures_of_losses = [TRAINING_FIGURE]
+        # no curve to draw when every row is a baseline that takes no training step
+        figures_of_losses = [TRAINING_FIGURE] if trained_cells(config) else []
     else:
         figures_of_losses = []
     tables += [f"ablation_{name}" for name in ablation_experiments(config)]
@@ -154,6 +155,21 @@ def focus_cell(config: Mapping[str, Any]) -> tuple[str, str, int] | None:
     # every Snakemake process plans the report)
     return next((cell for cell in (*candidates, *cells)
                  if trains_an_encoder(cell_settings(config, *cell))), None)
+
+
+def trained_cells(config: Mapping[str, Any]) -> list[tuple[str, int]]:
+    """``(variant, seed)`` of the loss experiment's cells that train an encoder for at least
+    one epoch: the curves of the training-loss figure (none when the experiment is not
+    enabled)."""
+    if LOSS_EXPERIMENT not in enabled_experiments(config):
+        return []
+    cells = []
+    for experiment, variant, seed in grid_cells(config):
+        if experiment == LOSS_EXPERIMENT:
+            settings = cell_settings(config, experiment, variant, seed)
+            if trains_an_encoder(settings) and settings["train"]["epochs"] > 0:
+                cells.append((variant, seed))
+    return cells
 
 
 def experiment_settings(config: Mapping[str, Any]) -> dict[str, dict[str, dict]]:

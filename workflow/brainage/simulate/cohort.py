@@ -256,10 +256,36 @@ def replace_simulation(root: str | Path, **options) -> pd.DataFrame:
             f"of predict.simulate.cohort) at an empty folder, or switch the simulation off "
             f"(dataset.simulate.enabled / predict.simulate.enabled: false) to use that dataset "
             f"as it is.")
+    # the new simulation replaces the folder as a whole: anything put beside the
+    # simulator's own files (predict run's suggested <root>/derivatives/brainage) would go
+    added = _not_simulated(root) if ours else []
+    if added:
+        raise FileExistsError(
+            f"{root} is a brainage simulation, but {', '.join(map(str, added[:5]))}"
+            f"{', ...' if len(added) > 5 else ''} was put there since; simulating the cohort "
+            f"again replaces the folder as a whole and would delete it. Move it out of "
+            f"{root} and run again.")
     truth = simulate_cohort(root, overwrite=True, **options)
     LOGGER.info("simulated %d subjects into %s (%s)", len(truth), root,
                 ", ".join(f"{key} {value}" for key, value in sorted(options.items())))
     return truth
+
+
+#: What a simulated cohort's folder holds besides its sub-<label>/ folders.
+SIMULATION_FILES = frozenset({"dataset_description.json", "participants.tsv",
+                              "participants.json", ".bidsignore", "derivatives"})
+
+
+def _not_simulated(root: Path) -> list[Path]:
+    """Entries of simulated cohort ``root`` that the simulator does not write: top-level
+    entries other than :data:`SIMULATION_FILES` and ``sub-*`` folders, and derivatives
+    other than ``derivatives/simulation``."""
+    added = [path for path in sorted(root.iterdir()) if path.name not in SIMULATION_FILES
+             and not (path.name.startswith("sub-") and path.is_dir())]
+    derivatives = root / "derivatives"
+    if derivatives.is_dir():
+        added += [path for path in sorted(derivatives.iterdir()) if path.name != "simulation"]
+    return added
 
 
 #: CLI options that only one kind of cohort takes.
