@@ -25,6 +25,9 @@ def test_one_process_on_the_cpu_or_one_gpu_and_torchrun_for_several():
 
 
 def test_several_nodes_meet_on_the_first_node_of_the_slurm_job(tmp_path, monkeypatch):
+    """One torchrun per node of the run, on the first of the run's nodes: --nodes and
+    --ntasks keep srun to the run's nodes in a larger allocation, whose other nodes'
+    agents could not join the rendezvous and failed the step."""
     # a test double of SLURM's scontrol: the job's node list expanded to host names
     fake_bin = tmp_path / "bin"
     fake_bin.mkdir()
@@ -36,7 +39,8 @@ def test_several_nodes_meet_on_the_first_node_of_the_slurm_job(tmp_path, monkeyp
     command = training_command(2, 2, python="py", environ={"SLURM_JOB_ID": "4242",
                                                            "SLURM_JOB_NODELIST": "gpu[07-08]"})
     assert command == [
-        "srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1", "py", "-m",
+        "srun", "--nodes", "2", "--ntasks", "2", "--ntasks-per-node", "1",
+        "--kill-on-bad-exit=1", "py", "-m",
         "torch.distributed.run",
         "--nproc_per_node", "2", "--nnodes", "2", "--rdzv_backend", "c10d", "--rdzv_id",
         "4242", "--rdzv_endpoint", "gpu07:29742", "-m", "brainage.train"]

@@ -64,7 +64,11 @@ def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
     # --cpus-per-task (SLURM_CPUS_PER_TASK), so where tasks are bound to CPUs
     # (task/affinity, task/cgroup) each node's torchrun and all its processes got one CPU.
     cpus = environ.get("SLURM_CPUS_PER_TASK", "")
-    return ["srun", "--ntasks-per-node", "1", "--kill-on-bad-exit=1",
+    # --nodes/--ntasks: one torchrun on each of the run's nodes only; in a larger allocation
+    # srun alone started one on every node, and the agents beyond the rendezvous's
+    # --nnodes failed the step (--kill-on-bad-exit) once it closed
+    return ["srun", "--nodes", str(nodes), "--ntasks", str(nodes), "--ntasks-per-node", "1",
+            "--kill-on-bad-exit=1",
             *(["--cpus-per-task", cpus] if cpus.isdigit() else []), *torchrun,
             "--nnodes", str(nodes),
             "--rdzv_backend", "c10d", "--rdzv_id", environ.get("SLURM_JOB_ID", "brainage"),
