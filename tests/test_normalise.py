@@ -617,3 +617,13 @@ def test_a_pretraining_cohort_holding_a_test_subject_is_refused():
                                          rf"its splits\): {trained[0]}\."):
         check_pretraining_cohort(pd.DataFrame({"participant_id": trained[:1]}), participants,
                                  kfold, root="t1w")
+    # whatever the case: sub-S00 and sub-s00 are one folder on a case-insensitive file
+    # system, and one person in a lab that spells its ids both ways (it was accepted)
+    lettered = participants.assign(participant_id=[f"sub-S{i:02d}" for i in range(10)])
+    lettered_tested = lettered.loc[assign_split(lettered, "holdout", **holdout) == "test",
+                                   "participant_id"].tolist()
+    lower = pd.DataFrame({"participant_id": [pid.replace("S", "s") for pid in lettered_tested]})
+    with pytest.raises(InputError, match=rf"holds 2 test subject\(s\) .*: "
+                                         rf"{lower['participant_id'][0]} \(as "
+                                         rf"{lettered_tested[0]}\), "):
+        check_pretraining_cohort(lower, lettered, holdout, root="t1w")

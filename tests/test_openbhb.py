@@ -507,6 +507,28 @@ def test_messages_name_the_config_keys_that_exist(tmp_path):
             read_release(root)
 
 
+@pytest.mark.parametrize("labels_on_top", [False, True])
+def test_the_ieee_dataport_layout_is_named_not_taken_for_a_partial_download(tmp_path,
+                                                                            labels_on_top):
+    """The IEEE DataPort download unpacks to flat train/train_quasiraw/ arrays with the
+    labels in train/train_labels/: the reader said participants.tsv was missing or, with
+    the table copied up, that every array was missing and the 42 GB train/ folder had to
+    be downloaded again."""
+    root = tmp_path / "openbhb"
+    arrays = root / "train" / "train_quasiraw"
+    arrays.mkdir(parents=True)
+    np.save(arrays / "sub-100053248969_preproc-quasiraw_T1w.npy", np.zeros((1, 1, 2, 2, 2)))
+    labels = root / "train" / "train_labels"
+    labels.mkdir()
+    (labels / "participants.tsv").write_text("participant_id\tage\n100053248969\t30\n")
+    if labels_on_top:
+        (root / "participants.tsv").write_text((labels / "participants.tsv").read_text())
+    with pytest.raises(InputError, match=r"openbhb/train holds the IEEE DataPort download "
+                                         r"of OpenBHB .* move each array to "
+                                         r"<root>/<train or val>/derivatives/sub-<id>/ses-1/"):
+        read_release(root)
+
+
 def test_missing_folder_file_and_the_challenge_layout(tmp_path):
     with pytest.raises(InputError, match=r"does not exist. Set pretrain\.<run>\.source\.root"):
         read_release(tmp_path / "nowhere")

@@ -224,7 +224,8 @@ def check_pretraining_cohort(pretraining: pd.DataFrame, participants: pd.DataFra
 
     ``pretraining``, ``participants``: the T1w cohort's and the MRE training cohort's
     tables; ``split_settings``: config section ``split``. A subject is matched by its
-    ``participant_id``: a lab's own T1w cohort numbers its people as its MRE cohort does.
+    ``participant_id``, whatever its case: a lab's own T1w cohort numbers its people as its
+    MRE cohort does.
     Pretraining on a test subject shows the encoder its image and age (the kernel losses
     weigh pairs by age) before it is tested, so every cell fine-tuned from the run would
     report an optimistic test MAE. With ``kfold`` or ``loso`` every subject is tested in one
@@ -235,10 +236,12 @@ def check_pretraining_cohort(pretraining: pd.DataFrame, participants: pd.DataFra
     InputError
         Naming the shared subjects and what to do (the caller names the run's config key).
     """
-    shared = set(pretraining["participant_id"]) & set(participants["participant_id"])
-    if not shared:
-        return
-    leaked = sorted(shared & subjects_in(participants, split_settings, "test"))
+    # matched whatever the case: sub-S00 and sub-s00 are one folder on a case-insensitive
+    # file system, and one person in a lab that spells its ids both ways
+    tested = {pid.casefold(): pid for pid in subjects_in(participants, split_settings, "test")}
+    leaked = sorted(f"{pid} (as {tested[pid.casefold()]})" if pid != tested[pid.casefold()]
+                    else pid for pid in pretraining["participant_id"]
+                    if pid.casefold() in tested)
     if not leaked:
         return
     scheme = split_settings["scheme"]

@@ -5,8 +5,8 @@ healthy controls (ages 5.9-88 years; 3,227 training + 757 validation) from 10 st
 and 60+ sites. The encoder is pretrained on its *quasi-raw* images: bias-corrected,
 skull-stripped T1w affinely registered to MNI152 at 1 mm. This module finds and checks
 the release's files, turns its participants table into ours, and resamples the volumes
-onto our analysis grid one subject at a time: the whole cohort at 1 mm is ~29 GB even as
-float32.
+onto our analysis grid one subject at a time: the whole cohort at 1 mm is ~115 GB even
+as float32 (28.9 MB a scan; the HuggingFace files are float64, ~230 GB).
 
 API: :func:`read_release` -> :class:`OpenBHBRelease` (``.table``, ``.files``, ``.grid``,
 ``.load(row)``); :class:`Resampler` (grid to grid, ``area`` or ``linear``);
@@ -75,14 +75,20 @@ layout and says so. (EIDOSLAB's single-sample unmasking transposes to (z, x, y) 
 reshapes to (1, 182, 218, 182), which scrambles the voxel order; noted from reading the
 code, not checked by running it.)
 
-Not confirmed: the arrays' dtype (one third-party README says float64; any real numeric
-dtype is accepted and returned as float32); whether the IEEE DataPort download
+The arrays' dtype: float64 by the size a data card gives (230 GB for 3,984 quasi-raw
+files, 57.7 MB each); any real numeric dtype is accepted and returned as float32. The axis
+order: brainprep (the release's preprocessing, commit 6daf74a) saves each registered
+image's ``get_fdata()`` with a leading axis (``brainprep/utils.py`` ``load_images``), so
+index ``[i, j, k]`` is NIfTI voxel ``(i, j, k)`` of the template, as the challenge's
+masking also assumes; still, view one resampled volume over the template before a long
+run. The IEEE DataPort download
 (https://ieee-dataport.org/open-access/openbhb-multi-site-brain-mri-dataset-age-prediction-and-debiasing)
-unpacks to the same folders as HuggingFace (its page could not be read); the HF file
-tree itself (read from nidl's path patterns and a third-party downloader's
-``train/derivatives/sub-<id>/ses-1/...`` paths, not from a listing); the axis order of
-the ``.npy`` arrays relative to the mask was inferred from the code above, not seen on a
-real volume (view one resampled volume over the template before a long run).
+unpacks to other folders (``train/train_quasiraw/sub-<id>_preproc-quasiraw_T1w.npy``,
+labels in ``train/train_labels/participants.tsv`` and ``val/val_labels/``, as third-party
+readers show): :func:`release_participants` recognises it and says how to lay it out as
+the HuggingFace release. The HF file tree itself was read from nidl's path patterns and a
+third-party downloader's ``train/derivatives/sub-<id>/ses-1/...`` paths, not from a
+listing.
 
 Our table
 ---------
@@ -345,6 +351,17 @@ def release_participants(root: str | Path, *,
                          f"holding participants.tsv, train/ and val/ (HuggingFace "
                          f"benoit-dufumier/openBHB).")
     table_path = root / PARTICIPANTS
+    dataport = _dataport_layout(root)
+    if dataport is not None:  # its own participants tables, its own file names
+        raise InputError(
+            f"{dataport} holds the IEEE DataPort download of OpenBHB (flat "
+            f"train_quasiraw/sub-<id>_preproc-quasiraw_T1w.npy files, labels in "
+            f"train_labels/ and val_labels/), whose layout this reader does not read; the "
+            f"arrays are the same. Use the HuggingFace release (benoit-dufumier/openBHB: "
+            f"participants.tsv, <split>/derivatives/sub-<id>/ses-1/...), or move each array "
+            f"to <root>/<train or val>/derivatives/sub-<id>/ses-1/ and put that release's "
+            f"participants.tsv (with its split column) at <root>; then point {root_key} at "
+            f"<root>.")
     if not table_path.is_file():
         challenge = _challenge_layout(root)
         if challenge is not None:
@@ -357,6 +374,15 @@ def release_participants(root: str | Path, *,
                          f"its top level, next to train/ and val/; point {root_key} at that "
                          f"folder.")
     return table_path
+
+
+def _dataport_layout(root: Path) -> Path | None:
+    """The folder holding the IEEE DataPort download's unpacked ``train_quasiraw/`` or
+    ``val_quasiraw/`` (``<root>``, or ``<root>/train`` and ``<root>/val``), else None."""
+    for folder in (root, root / "train", root / "val"):
+        if any((folder / f"{split}_quasiraw").is_dir() for split in ("train", "val")):
+            return folder
+    return None
 
 
 def _challenge_layout(root: Path) -> Path | None:
