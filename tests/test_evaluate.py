@@ -32,6 +32,25 @@ def _shared_direction_data(n_train=80, n_test=30):
     return features[:n_train], ages[:n_train], features[n_train:], ages[n_train:]
 
 
+@pytest.mark.parametrize("method", ["mse", "dex"])
+def test_a_feature_constant_on_the_training_subjects_keeps_its_scale(method):
+    """A channel that is 0 for every training subject (0 after the encoder's ReLU) was
+    scaled by 1/1e-6: a test subject's 0.01 there became 10,000 standard deviations, and
+    without weight decay the predictors' ages moved by years (2,414 in a review's case).
+    It keeps scale 1, as scikit-learn's StandardScaler does."""
+    train_x, train_y, test_x, _ = _shared_direction_data()
+    train_x, test_x = train_x.copy(), test_x.copy()
+    train_x[:, 0] = 0.0
+    readout = fit_readout(train_x, train_y, readout_section(
+        {"method": method, "predictor_weight_decay": 0.0}), seed=0)
+    assert readout.feature_sd[0] == 1.0
+    np.testing.assert_allclose(readout.feature_sd[1:], train_x[:, 1:].std(axis=0) + 1e-6)
+    test_x[:, 0] = 0.0
+    silent = readout.predict(test_x)
+    test_x[:, 0] = 0.01
+    assert np.abs(readout.predict(test_x) - silent).max() < 0.5  # years
+
+
 @pytest.mark.parametrize("method", ["ridge", "mse", "l1", "huber", "dex"])
 def test_every_readout_learns_a_linear_age_code(method):
     train_x, train_y, test_x, test_y = _shared_direction_data()

@@ -237,7 +237,13 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
     from torch import nn
 
     feature_mean = features.mean(axis=0)
-    feature_sd = features.std(axis=0) + 1e-6
+    feature_sd = features.std(axis=0)
+    # a feature constant on the training subjects (a channel that is 0 after the ReLU for
+    # all of them) keeps its scale, as scikit-learn's StandardScaler does: divided by 1e-6
+    # it multiplied a test subject's small value a million times (years off with no
+    # weight decay)
+    constant = feature_sd <= 1e-6 * max(float(feature_sd.max(initial=0.0)), 1e-12)
+    feature_sd = np.where(constant, 1.0, feature_sd + 1e-6)
     age_mean, age_sd = float(ages.mean()), float(ages.std() + 1e-6)
     inputs = torch.from_numpy(((features - feature_mean) / feature_sd).astype(np.float32))
     readout = Readout(method, feature_mean=feature_mean, feature_sd=feature_sd,
