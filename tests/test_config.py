@@ -867,3 +867,15 @@ def test_the_searchs_own_settings_are_checked_before_any_job(top_level, named):
         validate_config(config)
     assert "the random search's trials train with the top-level" in str(refused.value)
     validate_config({**config, "search": {"enabled": False}})  # no search: nothing to check
+
+
+def test_a_simulated_training_cohort_takes_no_accelerated_ageing_group():
+    """Its subjects' stiffness looks older than they are, and the training cohort's every
+    age is the model's target: the group was split, trained on and tested as healthy
+    subjects, without a word (loso even gained a split of them)."""
+    with pytest.raises(ConfigError, match=r"dataset\.simulate\.accelerated_group_n is 2, but "
+                                          r"the training cohort is taken as healthy .*"
+                                          r"\(predict\.simulate\.accelerated_group_n\)"):
+        validate_config({"dataset": {"simulate": {"enabled": True, "accelerated_group_n": 2}}})
+    validate_config({"dataset": {"simulate": {"enabled": False, "accelerated_group_n": 2}}})
+    validate_config({"predict": {"simulate": {"accelerated_group_n": 4}}})

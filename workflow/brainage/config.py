@@ -182,6 +182,16 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
     problems = (check_template_files(filled["template"], source=source) if template_files
                 else [])
     problems += check_names_differing_in_case(filled, source=source)
+    simulation = filled["dataset"]["simulate"]
+    if simulation["enabled"] and simulation["accelerated_group_n"] > 0:
+        # every training subject's age is the model's target: subjects whose stiffness
+        # looks older than they are would bias the model and its test MAE, unannounced
+        problems.append(
+            f"{source}: config key dataset.simulate.accelerated_group_n is "
+            f"{simulation['accelerated_group_n']}, but the training cohort is taken as "
+            f"healthy (each subject's age is what the model learns). Set it to 0, and give "
+            f"the accelerated-ageing group to the cohort to predict "
+            f"(predict.simulate.accelerated_group_n).")
     pretrained_models = {}
     for name in filled.get("pretrain", {}):
         run_settings = pretrain_settings(filled, name, source=source)

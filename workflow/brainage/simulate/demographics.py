@@ -211,7 +211,7 @@ def draw_participants(n_subjects: int = 60, *, seed: int = 0, accelerated_group_
     accelerated_group_n : int
         Extra subjects (>= 0) in study ``"patients"``, ``group == "accelerated"``.
     accelerated_ageing_years : float
-        Years added to the accelerated group's age for its stiffness (not its anatomy);
+        Years added to the accelerated group's age for its MRE maps (not its anatomy);
         any finite number.
     id_prefix : str
         Letters and digits prepended to every label (``sub-<prefix>st1s001``), for a
