@@ -478,6 +478,11 @@ def test_a_qc_metric_that_could_not_be_computed_fails():
     failures = qc_failures({"dice": float("nan"), "correlation": 0.5, "coverage": 0.7},
                            minimums)
     assert failures == ["dice nan < 0.85"]  # NaN fails; a value at the minimum passes
+    # a value just below its minimum shows the digits that put it there, not "0.700 < 0.7"
+    assert qc_failures({"dice": 0.9, "correlation": 0.5, "coverage": 0.6999}, minimums) == [
+        "coverage 0.6999 < 0.7"]
+    assert qc_failures({"dice": 0.812, "correlation": 0.5, "coverage": 0.8}, minimums) == [
+        "dice 0.812 < 0.85"]
 
 
 def test_qc_failures_are_excluded_with_their_reason_or_the_split_ignores_the_thresholds(

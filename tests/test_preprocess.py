@@ -613,6 +613,44 @@ def test_qc_of_a_broken_input_names_the_subject_and_the_file(tmp_path, broken_in
                                        "damping_ratio": tmp_path / "damping_ratio.nii.gz"})
 
 
+def test_qc_correlates_a_map_whose_white_matter_is_higher_not_the_damping_ratio(tmp_path):
+    """QC's correlation with the template T1 assumes white matter higher than grey, as in
+    a T1w. With the damping ratio as the grid map (first in dataset.modalities), whose
+    contrast is another, every well registered subject failed it (r about 0); the
+    correlation is measured on the subject's first modulus instead, and the JSON says
+    which. A subject with the damping ratio alone keeps it."""
+    from brainage.qc import compute_qc
+
+    shape, affine = (12, 12, 12), np.diag([2.0, 2.0, 2.0, 1.0])
+    rng = np.random.default_rng(0)
+    t1 = rng.uniform(50, 150, shape).astype(np.float32)
+    brain = np.zeros(shape, np.uint8)
+    brain[2:10, 2:10, 2:10] = 1
+    stiffness = brain * (t1 / 40)  # follows the T1: a good registration
+    damping = brain * (0.5 - t1 / 1000)  # the opposite contrast, as real damping ratios can
+    files = {"stiffness": stiffness, "damping_ratio": damping, "mask": brain,
+             "reference": brain * t1, "t1": t1, "template_mask": brain}
+    for key, data in files.items():
+        nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine),
+                 tmp_path / f"{key}.nii.gz")
+    (tmp_path / "info.json").write_text(json.dumps({"reference_kind": "T1w_brain",
+                                                    "route": "deepbet"}))
+
+    def qc(maps):
+        return compute_qc(tmp_path / "damping_ratio.nii.gz", tmp_path / "mask.nii.gz",
+                          tmp_path / "reference.nii.gz", tmp_path / "info.json",
+                          tmp_path / "t1.nii.gz", tmp_path / "template_mask.nii.gz",
+                          tmp_path / "qc.json", tmp_path / "qc.png", subject="q1",
+                          grid_modality="damping_ratio",
+                          maps={name: tmp_path / f"{name}.nii.gz" for name in maps})
+
+    both = qc(["damping_ratio", "stiffness"])
+    assert both["correlation_map"] == "stiffness" and both["correlation"] > 0.99
+    alone = qc(["damping_ratio"])
+    assert alone["correlation_map"] == "damping_ratio" and alone["correlation"] < -0.99
+    assert both["coverage"] == alone["coverage"] and both["dice"] == alone["dice"]
+
+
 def _qc_figure_views(tmp_path: Path, monkeypatch, reorder) -> list[np.ndarray]:
     """The images and outlines compute_qc draws for one asymmetric subject whose template
     grid is stored in the voxel order ``reorder`` gives (a function of array and affine)."""

@@ -55,6 +55,10 @@ class Modality:
         Divided by its median brain value before the dataset-wide z-normalisation: T1w
         intensities are in scanner units that differ between sites by factors, MRE maps
         are physical quantities and keep their scale (the age signal is in it).
+    white_matter_higher
+        Higher in white than in grey matter, as a T1w is: QC's correlation with the
+        template T1 measures a registration on such a map (the moduli, the T1w), not on
+        the damping ratio, whose contrast is another (:func:`brainage.qc.compute_qc`).
     """
 
     name: str
@@ -66,6 +70,7 @@ class Modality:
     positive: bool = True
     n4: bool = True
     scale_by_brain_median: bool = False
+    white_matter_higher: bool = True
 
     @property
     def is_mre(self) -> bool:
@@ -80,7 +85,7 @@ MODALITIES = {
     "stiffness": Modality("stiffness", "mre", "kPa", "stiffness map",
                           median_range=MODULUS_MEDIAN_KPA),
     "damping_ratio": Modality("damping_ratio", "mre", "1", "damping-ratio map",
-                              valid_range=(0.0, 1.0), n4=False),
+                              valid_range=(0.0, 1.0), n4=False, white_matter_higher=False),
     "storage_modulus": Modality("storage_modulus", "mre", "kPa", "storage-modulus map",
                                 median_range=MODULUS_MEDIAN_KPA),
     "loss_modulus": Modality("loss_modulus", "mre", "kPa", "loss-modulus map",

@@ -9,7 +9,10 @@ Per subject, three numbers in template space:
 ``correlation``
     Pearson correlation of the registered stiffness with the template T1 inside the
     template brain, where the map has data. White matter is stiffer than cortex and CSF
-    as it is brighter in a T1w, so a misregistered map correlates poorly.
+    as it is brighter in a T1w, so a misregistered map correlates poorly. Measured on the
+    first of the grid map and the subject's other maps whose white matter is higher
+    (``Modality.white_matter_higher``: a modulus or the T1w, not the damping ratio; the
+    JSON's ``correlation_map`` names it).
 ``coverage``
     Share of the template brain covered by non-zero stiffness (paper Appendix Fig. 7):
     the MRE slab's coverage, as the normalisation and the network see it.
@@ -44,7 +47,8 @@ QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "coverage",
 
 
 def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
-               template_t1: np.ndarray, template_mask: np.ndarray) -> dict:
+               template_t1: np.ndarray, template_mask: np.ndarray, *,
+               correlated: np.ndarray | None = None) -> dict:
     """QC numbers of one registered subject; all arrays on the template grid [X, Y, Z].
 
     Parameters
@@ -53,6 +57,8 @@ def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
     mask : warped brain mask (bool).
     reference : warped registration reference (T1w or stiffness).
     template_t1, template_mask : the template (float, bool).
+    correlated : the registered map the correlation is measured on (one whose white
+        matter is higher, as the T1's); default ``stiffness``. Its support is the same.
 
     Returns
     -------
@@ -66,7 +72,8 @@ def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
     reference_region = template_mask & (reference != 0)
     return {
         "dice": float(dice),
-        "correlation": _pearson(stiffness[covered], template_t1[covered]),
+        "correlation": _pearson((stiffness if correlated is None else correlated)[covered],
+                                template_t1[covered]),
         "coverage": float(covered.sum() / max(int(template_mask.sum()), 1)),
         "reference_correlation": _pearson(reference[reference_region],
                                           template_t1[reference_region]),
@@ -183,8 +190,16 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     warped_mask = on_template_grid(mask, "warped brain mask", load_mask)
     reference_data = on_template_grid(reference, "warped reference")
     info = json.loads(Path(reference_info).read_text())
-    metrics = qc_metrics(data, warped_mask, reference_data, template, brain)
+    # the correlation with the T1 on a map whose white matter is higher, as the T1's: on
+    # a damping ratio grid map it failed every well registered subject (r about 0)
+    correlated_name = next((channel for channel in (grid_modality, *(maps or {}))
+                            if modality(channel).white_matter_higher), grid_modality)
+    correlated = (data if correlated_name == grid_modality else
+                  on_template_grid(maps[correlated_name], f"registered {correlated_name}"))
+    metrics = qc_metrics(data, warped_mask, reference_data, template, brain,
+                         correlated=correlated)
     result = {"participant_id": f"sub-{subject}", **metrics,
+              "correlation_map": correlated_name,
               "reference_kind": info.get("reference_kind"),
               "skullstrip_route": info.get("route"),
               "maps": {channel: map_summary(on_template_grid(path, f"registered {channel}"),
@@ -230,7 +245,11 @@ def qc_failures(row: Mapping, minimums: Mapping) -> list[str]:
     for metric, key in QC_THRESHOLDS.items():
         value, threshold = float(row[metric]), float(minimums[key])
         if not value >= threshold:  # NaN fails too
-            failures.append(f"{metric} {value:.3f} < {threshold:g}")
+            shown = f"{value:.3f}"
+            if float(shown) >= threshold:  # 0.6999 is not "0.700 < 0.7"
+                shown = next(f"{value:.{digits}f}" for digits in range(4, 18)
+                             if float(f"{value:.{digits}f}") < threshold)
+            failures.append(f"{metric} {shown} < {threshold:g}")
     return failures
 
 
