@@ -527,6 +527,12 @@ def test_the_ieee_dataport_layout_is_named_not_taken_for_a_partial_download(tmp_
                                          r"of OpenBHB .* move each array to "
                                          r"<root>/<train or val>/derivatives/sub-<id>/ses-1/"):
         read_release(root)
+    # laid out as the message says: the emptied folder left behind is no DataPort download
+    (arrays / "sub-100053248969_preproc-quasiraw_T1w.npy").unlink()
+    (root / "train" / "derivatives").mkdir()
+    with pytest.raises(InputError) as error:
+        read_release(root)
+    assert "IEEE DataPort" not in str(error.value)
 
 
 def test_missing_folder_file_and_the_challenge_layout(tmp_path):

@@ -618,7 +618,7 @@ def test_qc_correlates_a_map_whose_white_matter_is_higher_not_the_damping_ratio(
     a T1w. With the damping ratio as the grid map (first in dataset.modalities), whose
     contrast is another, every well registered subject failed it (r about 0); the
     correlation is measured on the subject's first modulus instead, and the JSON says
-    which. A subject with the damping ratio alone keeps it."""
+    which. A subject with the damping ratio alone records it without being judged on it."""
     from brainage.qc import compute_qc
 
     shape, affine = (12, 12, 12), np.diag([2.0, 2.0, 2.0, 1.0])
@@ -649,6 +649,16 @@ def test_qc_correlates_a_map_whose_white_matter_is_higher_not_the_damping_ratio(
     alone = qc(["damping_ratio"])
     assert alone["correlation_map"] == "damping_ratio" and alone["correlation"] < -0.99
     assert both["coverage"] == alone["coverage"] and both["dice"] == alone["dice"]
+    # measured on the damping ratio alone (a damping-ratio model's cohort is preprocessed
+    # with no modulus), it is recorded but not judged: the subject passes on Dice and
+    # coverage, in training (tabulate_qc) as in prediction (apply.read_qc)
+    from brainage.qc import qc_failures, thresholds
+
+    minimums = thresholds({"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    assert qc_failures(alone, minimums) == []
+    assert qc_failures({**both, "correlation": 0.1}, minimums) == ["correlation 0.100 < 0.3"]
+    older = {key: value for key, value in alone.items() if key != "correlation_map"}
+    assert qc_failures(older, minimums) == [f"correlation {alone['correlation']:.3f} < 0.3"]
 
 
 def _qc_figure_views(tmp_path: Path, monkeypatch, reorder) -> list[np.ndarray]:

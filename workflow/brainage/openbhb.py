@@ -378,10 +378,16 @@ def release_participants(root: str | Path, *,
 
 def _dataport_layout(root: Path) -> Path | None:
     """The folder holding the IEEE DataPort download's unpacked ``train_quasiraw/`` or
-    ``val_quasiraw/`` (``<root>``, or ``<root>/train`` and ``<root>/val``), else None."""
+    ``val_quasiraw/`` arrays (``<root>``, or ``<root>/train`` and ``<root>/val``), unless
+    ``root`` is laid out as the HuggingFace release (``train/derivatives/``): then the
+    folders are what moving the arrays left behind. None otherwise."""
+    if (root / "train" / "derivatives").is_dir():
+        return None
     for folder in (root, root / "train", root / "val"):
-        if any((folder / f"{split}_quasiraw").is_dir() for split in ("train", "val")):
-            return folder
+        for split in ("train", "val"):
+            arrays = folder / f"{split}_quasiraw"
+            if arrays.is_dir() and next(arrays.glob("sub-*_preproc-quasiraw_T1w.npy"), None):
+                return folder
     return None
 
 

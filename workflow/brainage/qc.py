@@ -12,7 +12,8 @@ Per subject, three numbers in template space:
     as it is brighter in a T1w, so a misregistered map correlates poorly. Measured on the
     first of the grid map and the subject's other maps whose white matter is higher
     (``Modality.white_matter_higher``: a modulus or the T1w, not the damping ratio; the
-    JSON's ``correlation_map`` names it).
+    JSON's ``correlation_map`` names it). Without such a map it is recorded and not judged
+    (:func:`correlation_applies`).
 ``coverage``
     Share of the template brain covered by non-zero stiffness (paper Appendix Fig. 7):
     the MRE slab's coverage, as the normalisation and the network see it.
@@ -236,13 +237,28 @@ def thresholds(qc_settings: Mapping) -> dict[str, float]:
     return {key: float(qc_settings[key]) for key in QC_THRESHOLDS.values()}
 
 
+def correlation_applies(row: Mapping) -> bool:
+    """Whether a subject's correlation with the template T1 says something about its
+    registration: not when it was measured on a map whose white matter is not higher (a
+    cohort whose only map is the damping ratio, the maps a damping-ratio model's cohort is
+    preprocessed with): it is recorded, not judged. Records written before
+    ``correlation_map`` are judged, as they were."""
+    from brainage.modalities import MODALITIES
+
+    name = row.get("correlation_map")
+    return name not in MODALITIES or MODALITIES[name].white_matter_higher
+
+
 def qc_failures(row: Mapping, minimums: Mapping) -> list[str]:
     """The thresholds a subject's QC row misses, e.g. ``["dice 0.812 < 0.85"]``.
 
-    ``minimums``: :func:`thresholds` of the ``qc`` section.
+    ``minimums``: :func:`thresholds` of the ``qc`` section. The correlation is left out
+    where it does not apply (:func:`correlation_applies`).
     """
     failures = []
     for metric, key in QC_THRESHOLDS.items():
+        if metric == "correlation" and not correlation_applies(row):
+            continue
         value, threshold = float(row[metric]), float(minimums[key])
         if not value >= threshold:  # NaN fails too
             shown = f"{value:.3f}"
