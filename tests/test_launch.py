@@ -48,6 +48,28 @@ def test_several_nodes_meet_on_the_first_node_of_the_slurm_job(tmp_path, monkeyp
         training_command(2, 2, python="py", environ={})
 
 
+def test_two_multi_node_runs_of_one_allocation_meet_apart(monkeypatch):
+    """Snakemake inside one salloc allocation may start two pretraining runs of several
+    nodes at once: with the job id alone as their rendezvous id and port, the second run's
+    head joined the first's rendezvous, and the two formed one process group (a review
+    reproduced it with torchrun). Each run's training arguments now set its own."""
+    monkeypatch.setattr("brainage.launch.first_node", lambda environ: "gpu07")
+    environ = {"SLURM_JOB_ID": "4242"}
+    first, second = (training_command(2, 2, python="py", environ=environ,
+                                      run=f"--checkpoint results/pretrain/{run}/checkpoint.pt")
+                     for run in ("openbhb", "t1w"))
+
+    def option(command, name):
+        return command[command.index(name) + 1]
+
+    assert option(first, "--rdzv_id") != option(second, "--rdzv_id")
+    assert option(first, "--rdzv_id").startswith("4242-")
+    assert option(first, "--rdzv_endpoint") != option(second, "--rdzv_endpoint")
+    again = training_command(2, 2, python="py", environ=environ,
+                             run="--checkpoint results/pretrain/openbhb/checkpoint.pt")
+    assert again == first  # a resubmitted run meets where its nodes look for it
+
+
 def test_two_multi_node_jobs_on_one_first_node_meet_on_different_ports():
     """Every multi-node job met on port 29500 of its first node: two of them sharing that
     node (SLURM's node sharing) joined each other's rendezvous or failed to bind."""

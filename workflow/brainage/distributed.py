@@ -64,7 +64,8 @@ the first node of the allocation (``--kill-on-bad-exit`` ends every node's proce
 when one fails)::
 
     head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-    port=$((29500 + SLURM_JOB_ID % 2000))  # brainage.launch.rendezvous_port
+    port=$((29500 + SLURM_JOB_ID % 2000))  # one run per allocation; brainage.launch
+                                           # gives each run its own id and port
     srun --nodes "$SLURM_JOB_NUM_NODES" --ntasks-per-node 1 --kill-on-bad-exit=1 \\
          --cpus-per-task "$SLURM_CPUS_PER_TASK" \\
         torchrun --nnodes "$SLURM_JOB_NUM_NODES" --nproc_per_node 4 \\

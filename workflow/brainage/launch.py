@@ -26,12 +26,23 @@ RENDEZVOUS_PORT = 29500
 RENDEZVOUS_PORTS = 2000
 
 
-def rendezvous_port(job_id: str | None) -> int:
-    """The rendezvous port of a multi-node job: two such jobs whose first node is the same
+def rendezvous_port(job_id: str | None, run: str = "") -> int:
+    """The rendezvous port of a multi-node run: two such jobs whose first node is the same
     machine (possible under SLURM's node sharing) meet on different ports unless their job
-    ids differ by a multiple of :data:`RENDEZVOUS_PORTS`; below the usual ephemeral range."""
-    return RENDEZVOUS_PORT + (int(job_id) % RENDEZVOUS_PORTS
-                              if job_id and job_id.isdigit() else 0)
+    ids differ by a multiple of :data:`RENDEZVOUS_PORTS`, and so do two runs of one
+    allocation (``run``: what tells them apart, e.g. their training arguments) unless their
+    digests collide (1 in 2,000); below the usual ephemeral range."""
+    offset = int(job_id) if job_id and job_id.isdigit() else 0
+    if run:
+        offset += int(run_digest(run), 16)
+    return RENDEZVOUS_PORT + offset % RENDEZVOUS_PORTS
+
+
+def run_digest(run: str) -> str:
+    """Eight hex digits of ``run``'s sha256: its part of the rendezvous id and port."""
+    import hashlib
+
+    return hashlib.sha256(run.encode()).hexdigest()[:8]
 
 
 def first_node(environ: Mapping[str, str]) -> str:
@@ -46,9 +57,11 @@ def first_node(environ: Mapping[str, str]) -> str:
 
 
 def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
-                     environ: Mapping[str, str] | None = None) -> list[str]:
+                     environ: Mapping[str, str] | None = None, run: str = "") -> list[str]:
     """The command that starts ``brainage.train`` on ``gpus`` GPUs of each of ``nodes``
-    nodes (``gpus`` 0: the CPU)."""
+    nodes (``gpus`` 0: the CPU). ``run`` tells a multi-node run from another of the same
+    SLURM allocation (Snakemake inside one ``salloc`` may start two at once): with the job
+    id alone, their torchruns met on one rendezvous and formed one process group."""
     if nodes < 1 or gpus < 0:
         raise SystemExit(f"brainage.launch: --gpus {gpus} --nodes {nodes}: expected at least "
                          f"one node and no negative GPU count.")
@@ -71,9 +84,10 @@ def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
             "--kill-on-bad-exit=1",
             *(["--cpus-per-task", cpus] if cpus.isdigit() else []), *torchrun,
             "--nnodes", str(nodes),
-            "--rdzv_backend", "c10d", "--rdzv_id", environ.get("SLURM_JOB_ID", "brainage"),
+            "--rdzv_backend", "c10d", "--rdzv_id",
+            environ.get("SLURM_JOB_ID", "brainage") + (f"-{run_digest(run)}" if run else ""),
             "--rdzv_endpoint",
-            f"{first_node(environ)}:{rendezvous_port(environ.get('SLURM_JOB_ID'))}", "-m",
+            f"{first_node(environ)}:{rendezvous_port(environ.get('SLURM_JOB_ID'), run)}", "-m",
             "brainage.train"]
 
 
@@ -103,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         arguments, train_arguments = parser.parse_args(argv[:split]), argv[split + 1:]
     else:
         arguments, train_arguments = parser.parse_known_args(argv)
-    command = [*training_command(arguments.gpus, arguments.nodes), *train_arguments]
+    command = [*training_command(arguments.gpus, arguments.nodes,
+                                 run=" ".join(train_arguments)), *train_arguments]
     sys.stdout.flush()
     os.execvp(command[0], command)
 
