@@ -508,3 +508,29 @@ def job_counts(stdout: str) -> dict[str, int]:
                 if parts[0] == "total":
                     break
     return counts
+
+
+@pytest.mark.workflow
+def test_a_real_dataset_with_the_simulation_on_is_refused_and_a_simulated_one_named(tmp_path):
+    """A lab that copies the demo config and changes only dataset.root: the simulation
+    never ran there (participants.tsv exists), and the plan skipped the checks that read a
+    real cohort (test subjects in a pretraining cohort, batch sizes). The mirror case, a
+    config without dataset (the schema's root is where the demo simulates), trains on
+    simulated subjects: it is named in a warning."""
+    from brainage.inputs import simulation_mismatches
+
+    root = write_tiny_dataset(tmp_path / "real", default_rows())
+    config = tmp_path / "copied_demo.yaml"
+    config.write_text(yaml.safe_dump({"dataset": {"root": str(root),
+                                                  "simulate": {"enabled": True}}}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert (f"config key dataset.root ({root}) holds a dataset that the simulation did not "
+            f"write") in result.stdout and "dataset.simulate.enabled: false" in result.stdout
+    (root / "dataset_description.json").write_text(
+        '{"Name": "x", "GeneratedBy": [{"Name": "brainage.simulate"}]}')
+    problems, warnings = simulation_mismatches([("dataset.root", root, False)])
+    assert problems == [] and "is a simulated cohort (written by brainage.simulate)" in \
+        warnings[0]
+    assert simulation_mismatches([("dataset.root", root, True)]) == ([], [])
+    assert simulation_mismatches([("dataset.root", tmp_path / "empty", True)]) == ([], [])

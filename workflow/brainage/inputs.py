@@ -195,6 +195,45 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     return table
 
 
+def is_simulation(root: str | Path) -> bool:
+    """Whether ``root``'s dataset_description.json says ``brainage.simulate`` wrote it."""
+    description = Path(root) / "dataset_description.json"
+    try:
+        return description.is_file() and "brainage.simulate" in description.read_text()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def simulation_mismatches(cohorts: Sequence[tuple[str, str | Path, bool]]) -> tuple[
+        list[str], list[str]]:
+    """Problems and warnings for cohorts ``(config key, root, simulated)`` whose folder
+    and simulation setting disagree.
+
+    A simulated cohort whose folder holds another dataset (a copied demo config with only
+    ``dataset.root`` changed) is a problem: the simulation never runs there (its
+    participants.tsv exists), and the checks that read a real cohort at planning (test
+    subjects in a pretraining cohort, batch sizes) were skipped for it. A cohort read as
+    real data from a simulated folder (the schema's default root, where the demo writes)
+    gets a warning: its tables say nothing about real data.
+    """
+    problems, warnings = [], []
+    for key, root, simulated in cohorts:
+        exists = (Path(root) / "participants.tsv").is_file()
+        if simulated and exists and not is_simulation(root):
+            problems.append(
+                f"config key {key} ({root}) holds a dataset that the simulation did not "
+                f"write (its dataset_description.json does not name brainage.simulate), but "
+                f"the simulation of that cohort is on. To use the dataset, switch the "
+                f"simulation off ({'dataset' if key == 'dataset.root' else 'predict'}"
+                f".simulate.enabled: false); to simulate, point {key} at an empty folder.")
+        elif not simulated and exists and is_simulation(root):
+            warnings.append(
+                f"config key {key} ({root}) is a simulated cohort (written by "
+                f"brainage.simulate), read here as data: its results say nothing about real "
+                f"subjects. Point {key} at your dataset if that was meant.")
+    return problems, warnings
+
+
 def _not_utf8_message(table_path: Path) -> str:
     """Where ``table_path`` stops being UTF-8, and how to save it so (a spreadsheet's plain
     text export may write Windows-1252 or Latin-1: a study named Zürich)."""

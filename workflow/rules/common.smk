@@ -58,6 +58,7 @@ from brainage.inputs import (
     check_cohort_table,
     check_dataset_images,
     read_participants,
+    simulation_mismatches,
     subject_inputs,
     unlisted_subject_folders,
 )
@@ -111,6 +112,20 @@ if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PRED
 _shared_folders = check_simulated_folders(config, source="config")
 if _shared_folders:
     raise WorkflowError("invalid configuration:\n" + "\n".join(_shared_folders))
+_simulation_problems, _simulation_warnings = simulation_mismatches(
+    [
+        ("dataset.root", DATASET_ROOT, SIMULATED),
+        *(
+            (f"predict.cohorts.{name}", root, name == SIMULATED_PREDICT_COHORT)
+            for name, root in PREDICT_COHORTS.items()
+        ),
+    ]
+)
+if _simulation_problems:
+    raise WorkflowError("invalid configuration:\n" + "\n".join(_simulation_problems))
+if workflow.is_main_process:
+    for _warning in _simulation_warnings:
+        _say(_warning)
 
 #: Every cohort's preprocessing folder (relative to results) -> its BIDS-like root: the
 #: training cohort and each cohort a model is applied to go through one chain of rules.

@@ -13,6 +13,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from brainage.inputs import is_simulation
 from brainage.simulate.anatomy import (
     DAMPING_RATIO_TRUTH_COLUMNS,
     TRUTH_COLUMNS,
@@ -245,8 +246,7 @@ def replace_simulation(root: str | Path, **options) -> pd.DataFrame:
         ``root`` holds files that are not a brainage simulation.
     """
     root = Path(root)
-    description = root / "dataset_description.json"
-    ours = description.is_file() and "brainage.simulate" in description.read_text()
+    ours = is_simulation(root)
     foreign = ([path for path in root.rglob("*") if path.is_file()
                 and path.name != "participants.tsv"] if root.is_dir() else [])
     if foreign and not ours:
