@@ -48,11 +48,6 @@ DESCRIPTIONS = {
 }
 
 
-def line_text(intercept: float, slope: float) -> str:
-    """``gap = a + b * age`` with the slope's sign written once (years)."""
-    return f"gap = {intercept:.3f} {'-' if slope < 0 else '+'} {abs(slope):.4f} * age"
-
-
 @dataclass(frozen=True)
 class AgeBias:
     """Linear age bias of the brain-age gap: ``gap = intercept + slope * age``.
@@ -70,7 +65,8 @@ class AgeBias:
 
     def __str__(self) -> str:
         """The line as a reader writes it: ``gap = 2.920 - 0.0821 * age`` (not ``+ -``)."""
-        return line_text(self.intercept, self.slope)
+        sign = "-" if self.slope < 0 else "+"
+        return f"gap = {self.intercept:.3f} {sign} {abs(self.slope):.4f} * age"
 
     def expected_gap(self, ages: np.ndarray) -> np.ndarray:
         return self.intercept + self.slope * np.asarray(ages, dtype=np.float64)
@@ -253,7 +249,7 @@ def select_bias_correction(fits: Mapping, fit_on: str) -> dict:
         raise ValueError(f"{record['error']} Use config key predict.bias_fit: {other}.")
     log.info("age bias fitted on %s: %s; r(gap, age) %.3f before, "
              "%.1e after (on the subjects of the fit), %.3f after on the %s subjects",
-             record["description"], line_text(record["intercept"], record["slope"]),
+             record["description"], AgeBias(record["intercept"], record["slope"]),
              record["gap_age_r_before"] or float("nan"), record["gap_age_r_after"] or 0.0,
              record.get("gap_age_r_after_on_other") or float("nan"),
              "test" if fit_on == "training" else "training")

@@ -406,56 +406,59 @@ def _warn_about_mixed_references(cohort: str, labels: Sequence[str],
                 len(by_kind[main_kind]), main_kind, others)
 
 
+def _unlike_training(labels: Sequence[str], values: Sequence[str],
+                     trained: Mapping[str, int] | None, *, ignore: Sequence[str] = ()
+                     ) -> tuple[int, str, str, str] | None:
+    """The cohort's subjects whose ``values`` (one per label) none of the model's training
+    subjects had (``trained``: the bundle's counts per value; absent in bundles exported
+    before it was recorded), leaving out the ``ignore`` values on both sides: their count,
+    their values, their first names and the training's counts, as a warning writes them;
+    None when there is nothing to warn about."""
+    known = {value: count for value, count in (trained or {}).items() if value not in ignore}
+    if not known:
+        return None
+    unlike = [(f"sub-{label}", value) for label, value in zip(labels, values)
+              if value not in ignore and value not in known]
+    if not unlike:
+        return None
+    return (len(unlike), " or ".join(sorted({value for _, value in unlike})),
+            ", ".join(name for name, _ in unlike[:10]) + (", ..." if len(unlike) > 10 else ""),
+            ", ".join(f"{value} ({count})" for value, count in known.items()))
+
+
 def _warn_about_skull_strippers_unlike_training(cohort: str, labels: Sequence[str],
                                                 routes: Sequence[str],
                                                 trained: Mapping[str, int] | None) -> None:
     """Warn about subjects whose T1w was stripped by a tool that stripped none of the
-    model's training subjects (the bundle's ``training.skullstrip_routes``; absent in
-    bundles exported before it was recorded). ``preprocess.skullstrip: auto`` runs
-    FreeSurfer where it is installed and deepbet elsewhere, so the same bundle applied on
-    another machine (``predict run``) can mask the brain, and take the registration
-    reference, from another tool than training did."""
-    stripped = {route for route in (trained or {}) if route not in ("none", "unknown")}
-    if not stripped:
-        return
-    unlike = [(f"sub-{label}", route) for label, route in zip(labels, routes)
-              if route not in ("none", "unknown") and route not in stripped]
-    if not unlike:
-        return
-    tools = sorted({route for _, route in unlike})
-    log.warning("cohort %s: %d subject(s) had their T1w skull-stripped by %s (%s), but the "
-                "model's training subjects by %s. Brain masks and registrations from another "
-                "tool differ from those the model learnt from. With preprocess.skullstrip "
-                "auto this follows what is installed (FreeSurfer, else deepbet): preprocess "
-                "where the training data were, or install the training's tool here.", cohort,
-                len(unlike), " or ".join(tools),
-                ", ".join(name for name, _ in unlike[:10]) + (", ..." if len(unlike) > 10 else ""),
-                ", ".join(f"{route} ({count})" for route, count in sorted(trained.items())
-                          if route in stripped))
+    model's training subjects (the bundle's ``training.skullstrip_routes``). ``preprocess.
+    skullstrip: auto`` runs FreeSurfer where it is installed and deepbet elsewhere, so the
+    same bundle applied on another machine (``predict run``) can mask the brain, and take
+    the registration reference, from another tool than training did."""
+    unlike = _unlike_training(labels, routes, trained, ignore=("none", "unknown"))
+    if unlike is not None:
+        log.warning("cohort %s: %d subject(s) had their T1w skull-stripped by %s (%s), but "
+                    "the model's training subjects by %s. Brain masks and registrations from "
+                    "another tool differ from those the model learnt from. With "
+                    "preprocess.skullstrip auto this follows what is installed (FreeSurfer, "
+                    "else deepbet): preprocess where the training data were, or install the "
+                    "training's tool here.", cohort, *unlike)
 
 
 def _warn_about_references_unlike_training(cohort: str, labels: Sequence[str],
                                            references: Sequence[str],
                                            trained: Mapping[str, int] | None) -> None:
     """Warn about subjects registered by a kind of image that registered none of the
-    model's training subjects (the bundle's ``training.registration_references``; absent
-    in bundles exported before it was recorded): e.g. a cohort without T1w scans for a
-    model trained on T1w-registered subjects. Their masks and transforms differ from those
-    the model learnt from."""
-    if not trained:
-        return
-    unlike = [f"sub-{label}" for label, kind in zip(labels, references) if kind not in trained]
-    if not unlike:
-        return
-    kinds = sorted({kind for kind in references if kind not in trained})
-    hint = (" Add their T1w scans (anat/sub-<label>_T1w.nii.gz) if they have them."
-            if any(kind.startswith("T1w") for kind in trained) else "")
-    log.warning("cohort %s: %d subject(s) were registered by %s (%s), but the model's "
-                "training subjects were registered by %s. Their brain masks and transforms "
-                "come from another kind of image than the model learnt from, which can move "
-                "a prediction by years.%s", cohort, len(unlike), " or ".join(kinds),
-                ", ".join(unlike[:10]) + (", ..." if len(unlike) > 10 else ""),
-                ", ".join(f"{kind} ({count})" for kind, count in trained.items()), hint)
+    model's training subjects (the bundle's ``training.registration_references``): e.g. a
+    cohort without T1w scans for a model trained on T1w-registered subjects. Their masks
+    and transforms differ from those the model learnt from."""
+    unlike = _unlike_training(labels, references, trained)
+    if unlike is not None:
+        hint = (" Add their T1w scans (anat/sub-<label>_T1w.nii.gz) if they have them."
+                if any(kind.startswith("T1w") for kind in trained) else "")
+        log.warning("cohort %s: %d subject(s) were registered by %s (%s), but the model's "
+                    "training subjects were registered by %s. Their brain masks and "
+                    "transforms come from another kind of image than the model learnt from, "
+                    "which can move a prediction by years.%s", cohort, *unlike, hint)
 
 
 def summarise_gaps(table: pd.DataFrame, group_column: str | None) -> pd.DataFrame:

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from brainage.agebias import line_text, select_bias_correction
+from brainage.agebias import AgeBias, select_bias_correction
 from brainage.bundle import write_bundle
 from brainage.config import pretrained_run, resolve_cell
 from brainage.io import sha256_file
@@ -161,12 +161,9 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
                      # the map each subject's preprocessing was built around: a cohort is
                      # preprocessed around it too (brainage.modalities.modalities_to_predict)
                      "grid_modality": grid_modality(stats["modalities"]),
-                     **({"registration_references": training_counts(
-                         qc_table, Path(stats_path).with_name("participants.tsv"),
-                         "reference_kind"),
-                         "skullstrip_routes": training_counts(
-                         qc_table, Path(stats_path).with_name("participants.tsv"),
-                         "skullstrip_route")}
+                     **(qc_value_counts(qc_table, Path(stats_path).with_name("participants.tsv"),
+                                        {"registration_references": "reference_kind",
+                                         "skullstrip_routes": "skullstrip_route"})
                         if qc_table is not None else {})},
     }
     write_bundle(bundle_dir, name=name, encoder_state=payload["model"],
@@ -177,21 +174,26 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())
 
 
-def training_counts(qc_table: str | Path, split_table: str | Path, column: str
-                    ) -> dict[str, int]:
-    """How many of the split's training subjects (``subset`` train of its
-    participants.tsv) have each value of the QC table's ``column``: ``reference_kind``
+def qc_value_counts(qc_table: str | Path, split_table: str | Path,
+                    columns: Mapping[str, str]) -> dict[str, dict[str, int]]:
+    """``{name: {value: count}}``: how many of the split's training subjects (``subset``
+    train of its participants.tsv) have each value of the QC table's column
+    ``columns[name]`` (``unknown`` where the table has no value), e.g. ``reference_kind``
     (the image that registered them: ``T1w_brain``, or a map for a subject without a
     T1w) or ``skullstrip_route`` (what stripped their T1w: ``deepbet``,
     ``mri_synthstrip``, ...; ``none`` without one)."""
     import pandas as pd
 
-    qc = pd.read_csv(qc_table, sep="\t", dtype=str)
+    qc = pd.read_csv(qc_table, sep="\t", dtype=str).set_index("participant_id")
     split = pd.read_csv(split_table, sep="\t", usecols=["participant_id", "subset"], dtype=str)
     training = split.loc[split["subset"] == "train", "participant_id"]
-    values = (qc.set_index("participant_id")[column] if column in qc.columns
-              else pd.Series(dtype=str)).reindex(training).fillna("unknown")
-    return {str(value): int(count) for value, count in values.value_counts().sort_index().items()}
+    counts = {}
+    for name, column in columns.items():
+        values = (qc[column] if column in qc.columns else pd.Series(dtype=str)
+                  ).reindex(training).fillna("unknown")
+        counts[name] = {str(value): int(count)
+                        for value, count in values.value_counts().sort_index().items()}
+    return counts
 
 
 def check_encoder_settings(payload: Mapping, settings: Mapping, channels: Sequence[str],
@@ -284,7 +286,7 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"map, as the training subjects' were: a cohort needs {', '.join(given)} for every "
         f"subject\n"
         f"- age-bias correction: "
-        f"{line_text(fields['bias_correction']['intercept'], fields['bias_correction']['slope'])} "
+        f"{AgeBias(fields['bias_correction']['intercept'], fields['bias_correction']['slope'])} "
         f"({fields['bias_correction']['description']})\n\n"
         f"Run it on a BIDS-like dataset (participants.tsv + {inputs}; the table needs only "
         f"participant_id, and an age column in years for brain-age gaps):\n\n"

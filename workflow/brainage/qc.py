@@ -193,19 +193,18 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     info = json.loads(Path(reference_info).read_text())
     # the correlation with the T1 on a map whose white matter is higher, as the T1's: on
     # a damping ratio grid map it failed every well registered subject (r about 0)
-    correlated_name = next((channel for channel in (grid_modality, *(maps or {}))
+    registered = {channel: on_template_grid(path, f"registered {channel}")
+                  for channel, path in (maps or {}).items()}
+    correlated_name = next((channel for channel in (grid_modality, *registered)
                             if modality(channel).white_matter_higher), grid_modality)
-    correlated = (data if correlated_name == grid_modality else
-                  on_template_grid(maps[correlated_name], f"registered {correlated_name}"))
     metrics = qc_metrics(data, warped_mask, reference_data, template, brain,
-                         correlated=correlated)
+                         correlated=registered.get(correlated_name, data))
     result = {"participant_id": f"sub-{subject}", **metrics,
               "correlation_map": correlated_name,
               "reference_kind": info.get("reference_kind"),
               "skullstrip_route": info.get("route"),
-              "maps": {channel: map_summary(on_template_grid(path, f"registered {channel}"),
-                                            brain)
-                       for channel, path in (maps or {}).items()}}
+              "maps": {channel: map_summary(values, brain)
+                       for channel, values in registered.items()}}
     write_json(out_json, result)
     kind = modality(grid_modality)
     plot_subject_qc(data, template, brain, out_png, affine=template_affine,
