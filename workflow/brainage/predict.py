@@ -52,7 +52,7 @@ from brainage.inputs import (
 from brainage.io import WriteError
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
-from brainage.preprocess.chain import registered_maps, run_subjects
+from brainage.preprocess.chain import STEP_RECORDS, registered_maps, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
 from brainage.preprocess.images import PreprocessError
 from brainage.preprocess.template import prepare_template, template_record
@@ -237,8 +237,8 @@ def _check_output_folder(output: Path, bundle_path: str | Path) -> None:
     output of an earlier run (its ``preproc/`` could be a pipeline's training cohort,
     e.g. ``results/``, and files named like the reports would be deleted).
 
-    An earlier run is known by :data:`OUTPUT_MARKER`, or by the ``.step_records/`` that
-    runs before the marker kept (:func:`brainage.preprocess.chain.step_record_path`).
+    An earlier run is known by :data:`OUTPUT_MARKER`, or by the step records that runs
+    before the marker kept (:data:`brainage.preprocess.chain.STEP_RECORDS`).
     """
     resolved, bundle = output.resolve(), Path(bundle_path).resolve()
     if resolved == bundle or bundle in resolved.parents:
@@ -247,17 +247,16 @@ def _check_output_folder(output: Path, bundle_path: str | Path) -> None:
                          f"predictions, and a copy of the bundle would carry this cohort's "
                          f"images. Pass a folder outside the bundle.")
     if not output.is_dir() or (output / OUTPUT_MARKER).is_file() or \
-            (output / ".step_records").is_dir():
+            (output / STEP_RECORDS).is_dir():
         return
     entries = sorted(entry.name for entry in output.iterdir())
     if entries:
         raise InputError(
             f"--output {output} already holds files that `predict run` did not write "
             f"({', '.join(entries[:5])}{', ...' if len(entries) > 5 else ''}): a run removes "
-            f"and rewrites predictions.tsv, summary.tsv, gap_by_group.png, provenance.json "
-            f"and preproc/ there, and a pipeline's results folder would lose its training "
-            f"cohort's preprocessing. Pass a new or empty folder, or the --output of an "
-            f"earlier run.")
+            f"and rewrites {', '.join(REPORT_FILES.values())} and preproc/ there, and a "
+            f"pipeline's results folder would lose its training cohort's preprocessing. "
+            f"Pass a new or empty folder, or the --output of an earlier run.")
 
 
 def _warn_about_other_subjects(preproc_dir: str | Path, labels: Sequence[str],

@@ -222,10 +222,14 @@ def step_records(inputs: Mapping[str, str], preprocess: Mapping, *, template_t1:
     return records
 
 
+#: Beside a cohort's BIDS-Derivatives folder, not in it: each subject's step records.
+STEP_RECORDS = ".step_records"
+
+
 def step_record_path(layout: Layout, subject: str, preproc: str, step: str) -> Path:
     """Where :func:`run_subject` keeps a step's record: beside the cohort's
     BIDS-Derivatives folder, not in it."""
-    return Path(layout.preproc_dir(preproc)).parent / ".step_records" / f"sub-{subject}" / \
+    return Path(layout.preproc_dir(preproc)).parent / STEP_RECORDS / f"sub-{subject}" / \
         f"{step}.json"
 
 
