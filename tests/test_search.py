@@ -100,6 +100,27 @@ def test_a_tiny_training_set_keeps_every_study_in_training(seed, fraction):
     assert len(carved.eval_index) == 1
     assert set(carved.studies[carved.train_index]) == {"a", "b", "c"}
 
+def test_a_place_a_one_subject_study_cannot_give_goes_to_another_study():
+    """0.2 of 25 training subjects is 5 places; studies a-e of one subject each have the
+    largest remainders (0.2 against 0 for f and g), but each must keep its subject. Their
+    places went nowhere: 4 validation subjects (docs/method.md promises round(0.2 n))."""
+    from brainage.split_data import SplitData, subjects_left_for_training, validation_counts
+
+    sizes = {**{study: 1 for study in "abcde"}, "f": 10, "g": 10}
+    counts = validation_counts(sizes, 0.2)
+    assert sum(counts.values()) == 5
+    assert all(counts[study] == 0 for study in "abcde")
+    assert subjects_left_for_training(sizes, 0.2) == 20
+    studies = [study for study, size in sizes.items() for _ in range(size)]
+    table = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(25)],
+                          "age": np.linspace(20.0, 80.0, 25), "study": studies})
+    split = SplitData("single", np.zeros((25, 1, 2, 2, 2), dtype=np.float32), table, {},
+                      train_index=np.arange(25), eval_index=np.array([], dtype=np.int64))
+    carved = split.with_validation(0.2, seed=0)
+    assert len(carved.eval_index) == 5
+    assert set(carved.studies[carved.train_index]) == set(sizes)
+
+
 @pytest.mark.parametrize("fraction", [0.05, 0.1, 0.25, 0.5, 0.95])
 def test_planning_counts_the_subjects_the_trials_train_on(tmp_path, fraction):
     """subjects_left_for_training (the planning check of the search's batch) counts what
@@ -180,6 +201,33 @@ def test_a_trial_killed_between_its_encoder_and_its_features_is_not_trained_agai
         "features.npz", "history.tsv", "metrics.json"]
 
 
+def test_a_trial_interrupted_before_a_read_out_edit_resumes_at_its_checkpoint(
+        tmp_path, monkeypatch):
+    """A read-out edit reruns the search and only rescores finished trials, but the trial
+    that was interrupted trained with a resume fingerprint over its whole settings,
+    read-out included: its checkpoint was ignored and it started again at epoch 1."""
+    import brainage.train as train_module
+
+    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4)
+    settings = tiny_settings(train={"epochs": 3, "batch_size": 6, "embed_epochs": []})
+    out = tmp_path / "search"
+    search = {**SEARCH, "trials": 1}
+    epochs = []
+    run_epoch = train_module.run_epoch
+
+    def killed_in_epoch_3(*args, **kwargs):
+        epochs.append(kwargs["epoch"])
+        if kwargs["epoch"] == 3 and epochs.count(3) == 1:
+            raise KeyboardInterrupt("time limit")
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", killed_in_epoch_3)
+    with pytest.raises(KeyboardInterrupt):
+        random_search(split_dir, out, settings, search)
+    random_search(split_dir, out, {**settings, "readout": {"alphas": [0.5, 5.0]}}, search)
+    assert epochs == [1, 2, 3, 3]
+
+
 def _stub_trial_training(monkeypatch, trained: list) -> None:
     """Replace a trial's training and scoring by stubs: each trial "trains" in no time (its
     encoder.pt an empty file) and scores validation MAE nn_final + nn_step / 10."""
@@ -223,18 +271,18 @@ def test_a_rerun_with_another_search_retrains_the_trials_it_changed(stubbed_sear
     trained, split_dir, settings, out = stubbed_search
     first = {**SEARCH, "nn_final_range": [2, 2]}
     assert random_search(split_dir, out, settings, first)["nn_final"] == 2
-    assert trained == [(2, 1), (2, 1)]
+    assert trained == [(2, 1)]  # the pair drawn twice trains once
     assert random_search(split_dir, out, settings, first)["nn_final"] == 2
-    assert len(trained) == 2  # unchanged: both trials reused
+    assert len(trained) == 1  # unchanged: both trials reused
     best = random_search(split_dir, out, settings, {**SEARCH, "nn_final_range": [5, 5]})
-    assert trained[2:] == [(5, 1), (5, 1)]
+    assert trained[1:] == [(5, 1)]
     assert best["nn_final"] == 5 and best["validation_mae"] == pytest.approx(5.1)
     trials = pd.read_csv(out / "trials.tsv", sep="\t")
     assert trials["nn_final"].tolist() == [5, 5]
     # another validation set (search.seed) retrains too, the planned values permitting
     random_search(split_dir, out, settings,
                   {**SEARCH, "nn_final_range": [5, 5], "seed": 1})
-    assert len(trained) == 6
+    assert len(trained) == 3
 
 
 def test_the_umap_epochs_retrain_no_trial(stubbed_search):
@@ -309,19 +357,74 @@ def test_a_rerun_removes_what_a_killed_search_left(stubbed_search):
     assert unrelated.exists()
 
 
-def test_a_trial_recorded_before_trial_keys_is_reused_when_its_values_are_planned(
-        stubbed_search):
+def test_a_trial_recorded_without_a_key_is_trained_again(stubbed_search):
+    """Records written before trial keys (2026-12-04) were reused whenever their nn_final
+    and nn_step were planned, and stayed keyless, so later changes of train.lr,
+    search.validation_fraction or the read-out kept their scores; they were also scored on
+    another validation draw than best.json's validation_subjects."""
     trained, split_dir, settings, out = stubbed_search
-    search = {**SEARCH, "nn_final_range": [3, 3]}
-    for trial, nn_final in ((1, 3), (2, 4)):  # trial 2 was drawn by another search
-        folder = out / f"trial-{trial:02d}"
-        folder.mkdir(parents=True)
-        (folder / "metrics.json").write_text(json.dumps(
-            {"trial": trial, "nn_final": nn_final, "nn_step": 1, "validation_mae": 1.0,
-             "validation_rmse": 1.0, "seconds": 1.0}))
+    search = {**SEARCH, "nn_final_range": [3, 3], "trials": 1}
+    folder = out / "trial-01"
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(
+        {"trial": 1, "nn_final": 3, "nn_step": 1, "validation_mae": 99.0,
+         "validation_rmse": 99.0, "seconds": 1.0}))
+    best = random_search(split_dir, out, settings, search)
+    assert trained == [(3, 1)] and best["validation_mae"] == pytest.approx(3.1)
+
+
+def test_a_pair_drawn_twice_is_scored_from_the_first_trials_features(stubbed_search):
+    """Draws are with replacement and trials differ only in their name, which training
+    never reads: a repeated pair trained the same encoder again (50 epochs at the paper's
+    settings; 4 of 30 trials with search.seed 4)."""
+    trained, split_dir, settings, out = stubbed_search
+    search = {**SEARCH, "nn_final_range": [4, 4], "trials": 3}
     random_search(split_dir, out, settings, search)
-    assert trained == [(3, 1)]
-    assert pd.read_csv(out / "trials.tsv", sep="\t")["validation_mae"].tolist() == [1.0, 3.1]
+    assert trained == [(4, 1)]
+    trials = pd.read_csv(out / "trials.tsv", sep="\t")
+    assert trials["validation_mae"].tolist() == pytest.approx([4.1, 4.1, 4.1])
+    # a rerun after another read-out rescores all three, still without training
+    random_search(split_dir, out, {**settings, "readout": {"alphas": [0.5]}}, search)
+    assert trained == [(4, 1)]
+    # the first trial's features gone: the repeated pair is trained once again, not thrice
+    (out / "trial-01" / "features.npz").unlink()
+    random_search(split_dir, out, {**settings, "readout": {"alphas": [0.25]}}, search)
+    assert trained == [(4, 1), (4, 1)]
+
+
+def test_a_diverging_trial_is_recorded_without_a_score_and_the_search_goes_on(
+        stubbed_search, monkeypatch):
+    """One pair whose loss became NaN stopped the whole search with no trials.tsv, and
+    the rerun failed the same way (same seed): the search could never finish."""
+    import brainage.search as search_module
+
+    trained, split_dir, settings, out = stubbed_search
+    stub = search_module.fit_encoder
+
+    def fit_encoder(split, settings, **kwargs):
+        stub(split, settings, **kwargs)
+        if settings["loss"]["nn_final"] == 2:
+            raise FloatingPointError("loss is nan in epoch 1")
+
+    monkeypatch.setattr(search_module, "fit_encoder", fit_encoder)
+    search = {**SEARCH, "trials": 6}
+    pairs = [(t["nn_final"], t["nn_step"]) for t in sample_trials(search, batch_size=6,
+                                                                  epochs=2)]
+    assert (2, 1) in pairs and len(set(pairs)) > 1
+    best = random_search(split_dir, out, settings, search)
+    trials = pd.read_csv(out / "trials.tsv", sep="\t")
+    failed = trials["nn_final"] == 2
+    assert trials.loc[failed, "validation_mae"].isna().all()
+    assert trials.loc[~failed, "validation_mae"].notna().all()
+    assert best["nn_final"] == min(nn for nn, _ in pairs if nn != 2)
+    record = json.loads((out / f"trial-{int(trials[failed]['trial'].iloc[0]):02d}"
+                         / "metrics.json").read_text())
+    assert "nan" in record["failed"]
+    count = len(trained)
+    assert random_search(split_dir, out, settings, search) == best  # recorded, not retried
+    assert len(trained) == count
+    with pytest.raises(FloatingPointError, match="every trial"):
+        random_search(split_dir, out / "only", settings, {**search, "nn_final_range": [2, 2]})
 
 
 def test_a_trial_reads_out_every_channel_when_model_modalities_is_unset(tmp_path, monkeypatch):

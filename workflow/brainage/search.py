@@ -14,8 +14,12 @@ its settings, nn_final and nn_step included, the split and the validation ages),
 interrupted trial resumes from its checkpoint; a trial finished with other settings (e.g.
 another ``search.seed`` or range, ``train.epochs``) is trained again, and one scored with
 another read-out (``readout.*``, ``model.features``) is scored again on the features its
-encoder left (:data:`TRIAL_FEATURES`), without training. (A trial recorded by a version
-before trial keys is reused when its nn_final and nn_step match: :func:`_reusable`.)
+encoder left (:data:`TRIAL_FEATURES`), without training. A trial recorded without a key
+(before 2026-12-04, when the validation draw was another) is trained again. A pair of
+nn_final and nn_step drawn twice is trained once: the later trial scores the earlier one's
+features. A trial whose loss diverges is recorded with no score (NaN, ``failed`` in its
+metrics.json, a warning) and the search goes on; only a search in which every trial fails
+stops.
 
 A grid cell with ``loss.nn_from_search: true`` trains with the split's best.json
 (:func:`apply_search_result`, called by rule train_encoder's script), so the trials also
@@ -95,15 +99,6 @@ def _store_features(path: Path, features: Mapping[str, np.ndarray], key: str,
                      participant_id=split.participant_ids[rows].astype(str))
 
 
-def _reusable(metrics: Mapping, trial: Mapping, key: str) -> bool:
-    """Whether a finished trial's metrics.json is the score of ``trial`` as planned now.
-    A record without a key (written before keys were) counts when its nn_final and nn_step
-    are the planned ones."""
-    if TRIAL_KEY in metrics:
-        return metrics[TRIAL_KEY] == key
-    return all(metrics.get(name) == trial[name] for name in ("nn_final", "nn_step"))
-
-
 def sample_trials(search: Mapping, *, batch_size: int, epochs: int) -> list[dict]:
     """``search.trials`` draws of (nn_final, nn_step), uniform over the inclusive ranges.
 
@@ -158,6 +153,7 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
     for output in (trials_path, best_path):  # a killed job's temporaries (atomic_path)
         remove_stale_temporaries(output)
     rows = []
+    trained: dict[str, tuple[int, Path]] = {}  # training key -> (trial, its features file)
     for trial in plan:
         trial_dir = out_dir / f"trial-{trial['trial']:02d}"
         metrics_path = trial_dir / "metrics.json"
@@ -176,9 +172,11 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
         # the old key only when the new one does not match (a key hashes the trials'
         # starting checkpoint, 134 MB at the paper's width)
-        if metrics is not None and (_reusable(metrics, trial, key) or (
-                TRIAL_KEY in metrics and metrics[TRIAL_KEY] == trial_key(keyed_before, split))):
+        if metrics is not None and metrics.get(TRIAL_KEY) in (
+                key, trial_key(keyed_before, split)):
             log.info("trial %d already done", trial["trial"])
+            trained.setdefault(trial_key(training_settings(settings_trial), split),
+                               (trial["trial"], features_path))
             # a job killed between the score and the deletion left the trial's encoder
             # (134 MB at the paper's width) and its checkpoint, which nothing else removes
             (trial_dir / "encoder.pt").unlink(missing_ok=True)
@@ -187,13 +185,21 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
             training_key = trial_key(training_settings(settings_trial), split)
             started = time.perf_counter()
             features = _stored_features(features_path, training_key, split)
-            if features is not None:
+            earlier = trained.get(training_key)  # the same pair drawn by an earlier trial
+            if features is None and earlier is not None:
+                features = _stored_features(earlier[1], training_key, split)
+                if features is not None:
+                    log.info("trial %d draws the nn_final and nn_step of trial %d: scoring "
+                             "its features, not training the same encoder again",
+                             trial["trial"], earlier[0])
+                seconds = None  # scoring only
+            elif features is not None:
                 log.info("trial %d: its encoder's features are kept; scoring them with this "
                          "read-out (readout section, model.features), not training again",
                          trial["trial"])
                 # the training's time, where its record has it
                 seconds = (metrics or {}).get("seconds")
-            else:
+            if features is None:
                 if metrics is not None:
                     log.warning("trial %d: %s was scored with other settings (nn_final %s, "
                                 "nn_step %s, or another search.seed, split or train "
@@ -202,10 +208,26 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                                 metrics.get("nn_step"), trial["nn_final"], trial["nn_step"])
                 encoder_path = trial_dir / "encoder.pt"
                 # the checkpoint stays until the features are stored: a kill between
-                # the encoder and them resumes at the last epoch, not at the first
-                fit_encoder(split, settings_trial, encoder_path=encoder_path,
-                            checkpoint_path=trial_dir / "checkpoint.pt",
-                            history_path=trial_dir / "history.tsv", keep_checkpoint=True)
+                # the encoder and them resumes at the last epoch, not at the first.
+                # Training settings only, as a grid cell's: a read-out edit while the trial
+                # was interrupted must not restart it from epoch 1.
+                try:
+                    fit_encoder(split, resolve_cell(training_settings(settings_trial)),
+                                encoder_path=encoder_path,
+                                checkpoint_path=trial_dir / "checkpoint.pt",
+                                history_path=trial_dir / "history.tsv", keep_checkpoint=True)
+                except FloatingPointError as error:  # this pair diverges; the others may not
+                    log.warning("trial %d (nn_final %d, nn_step %d) failed and has no score: "
+                                "%s", trial["trial"], trial["nn_final"], trial["nn_step"],
+                                error)
+                    metrics = {**trial, "validation_mae": float("nan"),
+                               "validation_rmse": float("nan"),
+                               "seconds": time.perf_counter() - started, "failed": str(error),
+                               TRIAL_KEY: key}
+                    write_json(metrics_path, metrics)
+                    remove_checkpoint(trial_dir / "checkpoint.pt")
+                    rows.append({column: metrics[column] for column in TRIAL_COLUMNS})
+                    continue
                 device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)
                 # model.modalities null means all of the split's channels, as fit_encoder
                 # trained with (build_model alone would build a one-channel network)
@@ -218,6 +240,7 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                 features = embed_all(model, store, subjects)
                 _store_features(features_path, features, training_key, split)
                 seconds = None
+            trained.setdefault(training_key, (trial["trial"], features_path))
             scores, *_ = evaluate_split(split, features[base["model"]["features"]],
                                         resolve_cell(settings_trial))
             metrics = {**trial, "validation_mae": scores["mae"],
@@ -232,6 +255,11 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                      metrics["validation_mae"])
         rows.append({column: metrics[column] for column in TRIAL_COLUMNS})
     table = pd.DataFrame(rows, columns=list(TRIAL_COLUMNS))
+    if table["validation_mae"].isna().all():
+        raise FloatingPointError(
+            f"every trial of the random search on {split_dir} diverged (see the warnings "
+            f"above and {out_dir}/trial-*/metrics.json): lower config key train.lr, or "
+            f"narrow search.nn_final_range / search.nn_step_range.")
     best_row = table.loc[table["validation_mae"].idxmin()]
     best = {"nn_final": int(best_row["nn_final"]), "nn_step": int(best_row["nn_step"]),
             "validation_mae": float(best_row["validation_mae"]), "trial": int(best_row["trial"]),

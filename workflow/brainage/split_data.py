@@ -196,30 +196,38 @@ def check_batch_shares(n_train: int, batch_size: int, processes: int, *,
             f"(that subject joins the batch before it) or at least {processes}.")
 
 
-def study_quotas(study_sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
+def study_quotas(study_sizes: Mapping[str, int], fraction: float,
+                 room: Mapping[str, int] | None = None) -> dict[str, int]:
     """How many of each study's subjects a stratified share ``fraction`` takes:
     ``round(fraction n)`` places in all (halves up), each study its ``floor(fraction
     n_study)`` and the rest to the largest remainders, so the share is the requested size
     and follows the study mix. Remainders are compared as computed in floating point (two
     equal on paper may differ in the last bit, e.g. 0.2 x 2 and 0.2 x 7); exact ties go by
     study name. The test set of a holdout split (:func:`brainage.normalise.assign_split`)
-    and the search's validation set (:meth:`SplitData.with_validation`) are drawn with it."""
+    and the search's validation set (:meth:`SplitData.with_validation`) are drawn with it.
+    ``room``: the most a study may give (default its size); a place that a full study
+    would get goes to the next largest remainder, so the share keeps its size."""
+    room = study_sizes if room is None else room
     total = int(math.floor(fraction * sum(study_sizes.values()) + 0.5))
     exact = {study: fraction * size for study, size in study_sizes.items()}
-    quota = {study: int(math.floor(value)) for study, value in exact.items()}
+    quota = {study: min(int(math.floor(value)), room[study]) for study, value in exact.items()}
     by_remainder = sorted(study_sizes, key=lambda study: (-(exact[study] - quota[study]), study))
-    for study in by_remainder[:max(total - sum(quota.values()), 0)]:
-        quota[study] += 1
+    for study in by_remainder:
+        if sum(quota.values()) >= total:
+            break
+        if quota[study] < room[study]:
+            quota[study] += 1
     return quota
 
 
 def validation_counts(study_sizes: Mapping[str, int], fraction: float) -> dict[str, int]:
     """Validation subjects per study that :meth:`SplitData.with_validation` carves out of
     training sets of ``study_sizes`` (study -> training subjects): :func:`study_quotas`,
-    leaving each study at least one training subject. When all are 0, with_validation
-    takes one subject overall instead."""
-    return {study: min(count, study_sizes[study] - 1)
-            for study, count in study_quotas(study_sizes, fraction).items()}
+    leaving each study at least one training subject (a place a one-subject study would
+    get goes to another study). When all are 0, with_validation takes one subject overall
+    instead."""
+    return study_quotas(study_sizes, fraction,
+                        room={study: size - 1 for study, size in study_sizes.items()})
 
 
 def subjects_left_for_training(study_sizes: Mapping[str, int], fraction: float) -> int:
