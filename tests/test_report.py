@@ -608,7 +608,7 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     assert "Y-Aware (not run here)" not in markdown
     assert len(table3) == 3 and "nnclr" not in set(table3["loss"])
     latex = Path(layout.table("table3_losses", ".tex")).read_text()
-    assert r"\begin{tabular}" in latex and r"$\pm$" in latex
+    assert r"\begin{tabular}" in latex and r"\ensuremath{\pm}" in latex
     paired = pd.read_csv(layout.table("table3_paired", ".csv"))
     assert set(paired["baseline"]) == {"simclr", "yaware"}
     cohort = Path(layout.table("table2_cohort", ".md")).read_text()
@@ -659,9 +659,23 @@ def test_latex_tables_are_ascii(tmp_path):
     for name in ("t3", "t3b", "lambda", "pre", "gain"):
         latex = (tmp_path / f"{name}.tex").read_text()
         assert latex.isascii(), (name, sorted({c for c in latex if not c.isascii()}))
+        # "$$" in a tabular cell is an empty formula: pdflatex then meets \to in text mode
+        assert "$$" not in latex, name
     paired = (tmp_path / "t3b.tex").read_text()
-    assert r"$\Delta$MAE [years] (other $-$ reference)" in paired
-    assert r"hard ($\lambda$$\to$$\infty$)" in (tmp_path / "lambda.tex").read_text()
+    assert r"\ensuremath{\Delta}MAE [years] (other \ensuremath{-} reference)" in paired
+    assert (r"hard (\ensuremath{\lambda}\ensuremath{\to}\ensuremath{\infty})"
+            in (tmp_path / "lambda.tex").read_text())
+
+
+def test_markdown_tables_print_the_formatted_strings(tmp_path):
+    """tabulate re-parsed a column whose cells all look numeric and reprinted it: a single
+    seed's Table 3b printed the ΔMAE "0.390" as 0.39, unlike the .tex and .csv files."""
+    from brainage.report import tables
+
+    display = pd.DataFrame({"loss": ["SimCLR"], "ΔMAE": ["0.390"], "r": ["0.990"]})
+    paths = tables.write_table(display, display, tmp_path / "t", title="T")
+    markdown = Path(paths[".md"]).read_text()
+    assert "0.390" in markdown and "0.990" in markdown
 
 
 # ---- figures ----------------------------------------------------------------------------

@@ -305,8 +305,9 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
     paths = {ext: str(stem.with_name(stem.name + ext)) for ext in (".csv", ".md", ".tex")}
     with atomic_path(paths[".csv"]) as temp:
         table.to_csv(temp, index=False, float_format="%.6g")
-    markdown = [f"# {title}", "", display.to_markdown(index=False) if len(display)
-                else "(no rows)", ""]
+    # disable_numparse: tabulate reprints cells that all look numeric ("0.390" as 0.39)
+    markdown = [f"# {title}", "", display.to_markdown(index=False, disable_numparse=True)
+                if len(display) else "(no rows)", ""]
     markdown += [f"{note}  " if i < len(notes) - 1 else note for i, note in enumerate(notes)]
     if extra_markdown:
         markdown += ["", extra_markdown]
@@ -330,9 +331,13 @@ _LATEX_SPECIALS = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$"
 
 #: The non-ASCII characters of the tables' labels, headers and values, written so that
 #: pdflatex, which stops at a Unicode character it has no definition for, reads them.
-_LATEX_UNICODE = {"±": r"$\pm$", "λ": r"$\lambda$", "→": r"$\to$", "∞": r"$\infty$",
-                  "Δ": r"$\Delta$", "−": r"$-$", "≈": r"$\approx$", "×": r"$\times$",
-                  "²": r"$^2$", "–": "--"}
+#: \ensuremath, not $...$: two neighbours ("λ→∞") gave $\lambda$$\to$, and "$$" in a
+#: table cell is an empty formula that leaves \to in text mode.
+_LATEX_UNICODE = {"±": r"\ensuremath{\pm}", "λ": r"\ensuremath{\lambda}",
+                  "→": r"\ensuremath{\to}", "∞": r"\ensuremath{\infty}",
+                  "Δ": r"\ensuremath{\Delta}", "−": r"\ensuremath{-}",
+                  "≈": r"\ensuremath{\approx}", "×": r"\ensuremath{\times}",
+                  "²": r"\ensuremath{^2}", "–": "--"}
 
 
 def _escape_latex(text: str) -> str:
