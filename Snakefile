@@ -1,6 +1,6 @@
 # brainage: brain age from MR-elastography stiffness maps with contrastive learning.
 # Stages: data -> preprocess -> normalise -> [pretrain ->] train -> aggregate (tables, figures) -> predict.
-# Configuration: config/config.yaml (validated by workflow/schemas/config.schema.yaml).
+# Configuration: config/config.yaml (validated by workflow/brainage/schemas/config.schema.yaml).
 
 from pathlib import Path
 

@@ -31,7 +31,7 @@ def _env_pins(path: Path) -> dict[str, Version]:
     for entry in env["dependencies"]:
         if isinstance(entry, dict):
             for line in entry.get("pip", []):
-                if line.startswith("-e"):
+                if line.startswith("-"):  # pip options: -e, --extra-index-url
                     continue
                 requirement = Requirement(line)
                 (spec,) = requirement.specifier
@@ -86,3 +86,52 @@ def test_the_report_needs_no_test_extra():
     """`snakemake --report` imports pygments, which snakemake does not install; the main
     command installs the package without its test extra (where pytest brings pygments)."""
     assert "pygments" in _package_requirements()
+
+
+def test_a_wheel_carries_the_schemas_the_package_reads(tmp_path):
+    """`brainage-predict` validates bundles and cohorts with the config and participants
+    schemas. They lay outside the package (workflow/schemas/), so a wheel, or `pip install
+    .` on another machine, had none: `python -m brainage.predict run` stopped with a
+    FileNotFoundError. Built without network (the venv's setuptools) and imported from the
+    wheel's files alone, not this checkout."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    source = tmp_path / "source"  # pip builds in the source tree (build/, egg-info)
+    shutil.copytree(REPO / "workflow" / "brainage", source / "workflow" / "brainage",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                            "--no-build-isolation", "--no-index", "-q", "-w",
+                            str(tmp_path / "wheel"), str(source)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    (wheel,) = (tmp_path / "wheel").glob("brainage-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        assert {"brainage/schemas/config.schema.yaml",
+                "brainage/schemas/participants.schema.yaml"} <= names
+        archive.extractall(tmp_path / "installed")
+    probe = ("import brainage.config as c, brainage.inputs; "
+             "assert c.CONFIG_SCHEMA.is_file() and c.PARTICIPANTS_SCHEMA.is_file(); "
+             "c.validate_config({}); print(c.SCHEMA_DIR)")
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         cwd=tmp_path, env={"PYTHONPATH": str(tmp_path / "installed"),
+                                            "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().startswith(str(tmp_path / "installed"))
+
+
+@pytest.mark.parametrize("name", ["preprocess", "report"])
+def test_environments_without_a_gpu_job_take_the_cpu_build_of_torch(name):
+    """deepbet runs on the CPU (brainage.preprocess.skullstrip), the report's jobs use
+    torch for names only; PyPI's torch==2.13.0 for Linux is the CUDA build, several GB in
+    each environment on a cluster's shared disk."""
+    env = yaml.safe_load((REPO / "envs" / f"{name}.yaml").read_text())
+    (pip,) = [entry["pip"] for entry in env["dependencies"] if isinstance(entry, dict)]
+    assert "--extra-index-url https://download.pytorch.org/whl/cpu" in pip
+    assert _env_pins(REPO / "envs" / f"{name}.yaml")["torch"].local == "cpu"

@@ -1,6 +1,6 @@
 """Configuration: schema validation with defaults, and the settings of one grid cell.
 
-The JSON schema in ``workflow/schemas/config.schema.yaml`` is the documentation of the
+The JSON schema in ``workflow/brainage/schemas/config.schema.yaml`` is the documentation of the
 config: every key has a description and a default, unknown keys are rejected. The workflow
 (``common.smk``) and the package's command lines both validate through
 :func:`validate_config`, which fills the defaults from it, so a setting means the same thing
@@ -22,7 +22,7 @@ import yaml
 
 from brainage.paths import names_sharing_a_folder
 
-SCHEMA_DIR = Path(__file__).resolve().parents[1] / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parent / "schemas"  # package data (pyproject.toml)
 CONFIG_SCHEMA = SCHEMA_DIR / "config.schema.yaml"
 PARTICIPANTS_SCHEMA = SCHEMA_DIR / "participants.schema.yaml"
 
@@ -138,7 +138,7 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
         hints = [f"'{name}' -> did you mean '{match[0]}'?" for name in unknown
                  for match in [difflib.get_close_matches(name, known, n=1)] if match]
         message += (f" (unknown key: {'; '.join(hints) or 'check its spelling'}; every key "
-                    f"is listed in workflow/schemas/config.schema.yaml)")
+                    f"is listed in workflow/brainage/schemas/config.schema.yaml)")
     if (error.validator == "pattern" and isinstance(error.instance, str)
             and error.instance.endswith("\n")):
         message += (" (it ends in a newline, as a YAML block scalar, | or >, writes one: "

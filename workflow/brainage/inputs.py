@@ -421,7 +421,7 @@ def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | s
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
                              lines: Sequence[int], *, to_predict: bool = False) -> None:
-    """Check every row against workflow/schemas/participants.schema.yaml (``lines``: the
+    """Check every row against workflow/brainage/schemas/participants.schema.yaml (``lines``: the
     line number of each row); for a cohort to predict, only ``participant_id`` is required
     and a missing age, sex or study is checked as absent."""
     import jsonschema
