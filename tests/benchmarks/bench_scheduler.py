@@ -65,13 +65,14 @@ def main() -> None:
     ideal = args.jobs * args.sleep / args.slots
     print(f"{args.jobs} jobs of {args.sleep:g} s on {args.slots} slots "
           f"(ideal wall {ideal:.1f} s)")
-    print(f"{'setting':>10} {'wall s':>8} {'CPU s':>8} {'CPU ms/job':>11}")
+    print(f"{'setting':>10} {'wall s':>8} {'CPU s':>8} {'CPU ms/job':>11} {'s/job over sleep':>17}")
     for setting in args.settings:
         with tempfile.TemporaryDirectory(prefix="bench_scheduler_") as folder:
             Path(folder, "Snakefile").write_text(
                 SNAKEFILE.format(jobs=args.jobs, sleep=args.sleep))
             wall, cpu = run_once(Path(folder), setting, args.slots)
-        print(f"{setting:>10} {wall:8.1f} {cpu:8.1f} {1000 * cpu / args.jobs:11.1f}")
+        print(f"{setting:>10} {wall:8.1f} {cpu:8.1f} {1000 * cpu / args.jobs:11.1f} "
+              f"{(wall - ideal) * args.slots / args.jobs:17.3f}")
 
 
 if __name__ == "__main__":

@@ -78,14 +78,19 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2, help="timed epochs (after 1 warm-up)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cell-epochs", type=int, default=3,
-                        help="epochs of the real grid cell (0 = skip)")
+                        help="epochs of the real grid cell (0 = skip; else at least 2, "
+                        "as Adaptive Neighborhoods' schedule needs)")
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "float32"),
                         help="train.precision of our loop (auto: bf16 on CUDA, float32 on "
                         "the CPU; float32 is config/paper.yaml's, as the authors trained)")
     parser.add_argument("--skip-plain", action="store_true")
     parser.add_argument("--no-mkldnn", action="store_true",
                         help="CPU: oneDNN off (PyTorch's own conv3d kernels), for comparison")
-    return parser.parse_args()
+    arguments = parser.parse_args()
+    if arguments.cell_epochs == 1:
+        parser.error("--cell-epochs must be 0 (skip) or at least 2: the cell trains "
+                     "Adaptive Neighborhoods with nn_step 1, which needs epochs // nn_step >= 2")
+    return arguments
 
 
 def settings_for(arguments) -> dict:

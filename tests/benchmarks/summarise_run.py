@@ -66,7 +66,7 @@ def main(folder: str = "benchmarks") -> None:
     stage_totals = defaultdict(float)
     for (stage, rule), row in by_rule.iterrows():
         stage_totals[stage] += row["wall_s"]
-        print(f"{rule:<26}{row['jobs']:>6}{row['wall_s']:>10.1f}{row['cpu_s']:>10.1f}"
+        print(f"{rule:<26}{int(row['jobs']):>6}{row['wall_s']:>10.1f}{row['cpu_s']:>10.1f}"
               f"{row['wall_s'] / row['jobs']:>10.1f}{row['wall_s'] / total:>8.1%}")
     print()
     for stage, wall in stage_totals.items():
