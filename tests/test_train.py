@@ -78,6 +78,24 @@ def test_short_training_beats_the_mean_age(split_dir, reference_run):
     assert metrics["ridge_alpha"] in (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
+@pytest.mark.parametrize(("model", "kind", "width"), [
+    ({"projection_head": False}, "encoder", 64),
+    ({"head": "regression", "projection_dim": 1}, "regression", 1)])
+def test_embeddings_name_what_the_network_gives_without_a_projection_head(
+        split_dir, tmp_path, model, kind, width):
+    """Fig. 5's title names the kind an embeddings file records; every file recorded
+    "projection" (the default of model.features, a read-out key the training does not get),
+    also for a network without a projection head, whose project() is the encoder output."""
+    loss = {"name": "supervised"} if kind == "regression" else {}
+    settings = tiny_settings(model={"width": 8, **model}, loss=loss,
+                             train={"epochs": 2, "batch_size": 6, "embed_epochs": [2]})
+    paths = cell_paths(tmp_path)
+    train_encoder(split_dir, settings, **paths)
+    with np.load(Path(paths["embeddings_dir"]) / "epoch-002.npz") as saved:
+        assert str(saved["features_kind"]) == kind
+        assert saved["features"].shape[1] == width
+
+
 def test_outputs_follow_the_contract(split_dir, reference_run):
     folder, history, metrics = reference_run
     table = pd.read_csv(folder / "history.tsv", sep="\t")

@@ -150,15 +150,24 @@ def _train_key(settings: Mapping, name: str) -> str:
     return f"train.{name}"
 
 
+def embedded_kind(model_settings: Mapping, which: str) -> str:
+    """What the ``which`` features of a network of ``model_settings`` are, for the figures'
+    titles: ``projection`` (the projection head's unit vectors), ``regression`` (the
+    regression head's output), or ``encoder`` (the pooled encoder, also what ``projection``
+    gives without a head, ``model.projection_head: false``)."""
+    if which != "projection" or not model_settings["projection_head"]:
+        return "encoder"
+    return "regression" if model_settings["head"] == "regression" else "projection"
+
+
 def _write_embeddings(path: Path, features: np.ndarray, split: SplitData,
                       rows: np.ndarray, kind: str) -> None:
-    """One epoch's features of ``rows``; ``kind`` is the ``model.features`` they are. A
-    train_encoder job's settings carry no ``model.features`` (a read-out setting,
-    :func:`brainage.config.training_settings`), so in the workflow this is the default,
-    ``projection``: what :meth:`brainage.models.BrainAgeNet.project` returns (the head's
-    output; without a head, ``model.projection_head: false``, the encoder output itself,
-    unit-length for the contrastive losses). Cells sharing the encoder may read out the
-    other kind from features.npz."""
+    """One epoch's features of ``rows``; ``kind``: :func:`embedded_kind`. A train_encoder
+    job's settings carry no ``model.features`` (a read-out setting,
+    :func:`brainage.config.training_settings`), so in the workflow these are the default's,
+    what :meth:`brainage.models.BrainAgeNet.project` returns: the head's output, or without
+    a head the encoder output itself (unit-length for the contrastive losses). Cells sharing
+    the encoder may read out the other kind from features.npz."""
     with atomic_path(path, suffix=".npz") as temp:
         with open(temp, "wb") as handle:
             np.savez(handle, features=features.astype(np.float32),
@@ -330,11 +339,12 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     ages = torch.tensor(split.ages, dtype=torch.float32, device=device)
     embed_rows = np.concatenate([split.train_index, split.eval_index])
     which = settings["model"]["features"]
+    kind = embedded_kind(settings["model"], which)
     if embeddings_dir is not None and writes:  # files lost with a cleaned output folder come back
         for epoch, features in embeddings.items():
             if not embeddings_file(embeddings_dir, epoch).exists():
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features.numpy(),
-                                  split, embed_rows, which)
+                                  split, embed_rows, kind)
 
     writer = CheckpointWriter(checkpoint_path, replaces=checkpoint_digest) if writes else None
     try:
@@ -360,7 +370,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                                  channels_last=channels_last)
                 embeddings[epoch] = torch.from_numpy(features)
                 _write_embeddings(embeddings_file(embeddings_dir, epoch), features, split,
-                                  embed_rows, which)
+                                  embed_rows, kind)
             neighbours = (loss_fn.neighbour_count(epoch, batch_size)
                           if hasattr(loss_fn, "neighbour_count") else None)
             history.append({"epoch": epoch, "loss": mean_loss, "lr": lr,

@@ -206,7 +206,8 @@ def project_2d(features: np.ndarray, *, random_state: int = UMAP_RANDOM_STATE
 
 
 #: How a figure names each ``model.features``.
-FEATURES_KIND_NAMES = {"projection": "projection-head", "encoder": "pooled encoder"}
+FEATURES_KIND_NAMES = {"projection": "projection-head", "encoder": "pooled encoder",
+                       "regression": "regression-head"}
 
 #: Marker of each subset an embeddings file can hold: a grid cell's training and test
 #: subjects, a pretraining run's training and validation subjects.
