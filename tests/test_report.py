@@ -1208,6 +1208,39 @@ def test_qc_overview_counts_a_metric_it_cannot_draw(tmp_path, monkeypatch):
     assert (tmp_path / "qc.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_qc_overview_draws_no_minimum_for_a_correlation_it_does_not_judge(tmp_path,
+                                                                          monkeypatch):
+    """A cohort whose only map is the damping ratio has its correlation recorded, not
+    judged (qc.correlation_applies): the overview drew every subject far below the dashed
+    "configured minimum" and in blue, against its caption."""
+    from brainage.qc import plot_dataset_qc
+
+    plt = figures._pyplot()
+    titles, lines = [], []
+    original_title, original_line = plt.Axes.set_title, plt.Axes.axhline
+    monkeypatch.setattr(plt.Axes, "set_title", lambda self, text, *args, **kwargs: (
+        titles.append(text), original_title(self, text, *args, **kwargs))[1])
+    monkeypatch.setattr(plt.Axes, "axhline", lambda self, y, *args, **kwargs: (
+        lines.append(y), original_line(self, y, *args, **kwargs))[1])
+    table = pd.DataFrame({"participant_id": ["sub-a", "sub-b"], "study": ["s1", "s2"],
+                          "dice": [0.95, 0.9], "correlation": [0.01, -0.03],
+                          "correlation_map": ["damping_ratio", "damping_ratio"],
+                          "coverage": [0.9, 0.95], "qc_pass": [True, True]})
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+    plot_dataset_qc(table, tmp_path / "qc.png", minimums=minimums)
+    assert titles == ["dice", "correlation (2 recorded, not judged (grey))", "coverage"]
+    assert lines == [0.85, 0.7]
+    # a stiffness map's correlation is judged, and a table from before the column too
+    titles.clear(), lines.clear()
+    plot_dataset_qc(table.assign(correlation_map="stiffness"), tmp_path / "qc.png",
+                    minimums=minimums)
+    assert lines == [0.85, 0.3, 0.7] and titles[1] == "correlation"
+    lines.clear()
+    plot_dataset_qc(table.drop(columns="correlation_map"), tmp_path / "qc.png",
+                    minimums=minimums)
+    assert lines == [0.85, 0.3, 0.7]
+
+
 def test_an_untrained_pretraining_run_is_reported_without_a_umap(tmp_path):
     """pretrain.<run>.train.epochs 0 passes validation (an untrained encoder), and its job
     writes an empty history.tsv and no embeddings file. The report used to stop on both,

@@ -42,7 +42,7 @@ METRICS = ("dice", "correlation", "coverage")
 #: Each metric's minimum, by its config key (section ``qc``): the one place the names meet.
 QC_THRESHOLDS = {"dice": "min_dice", "correlation": "min_correlation",
                  "coverage": "min_coverage"}
-QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "coverage",
+QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "correlation_map", "coverage",
               "reference_correlation", "reference_kind", "skullstrip_route", "qc_pass",
               "qc_failures")
 
@@ -337,7 +337,8 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     """The QC overview (report figure ``qc_overview``): one panel per metric, subjects by
     study, the configured minimum as a dashed line, flagged subjects in red. A metric that
     could not be computed (NaN, a failed subject) is counted in its panel's title: it has
-    no point to draw."""
+    no point to draw. A correlation recorded and not judged (:func:`correlation_applies`)
+    is grey, and counted in the title; without a judged one the panel has no minimum."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,17 +347,26 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     studies = sorted(table["study"].astype(str).unique())
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
     rng = np.random.default_rng(0)  # horizontal jitter only
+    judged = {metric: np.ones(len(table), dtype=bool) for metric in METRICS}
+    judged["correlation"] = np.array([correlation_applies(row)
+                                      for row in table.to_dict("records")], dtype=bool)
     for axis, metric in zip(axes, METRICS):
         for position, study in enumerate(studies):
-            rows = table[table["study"].astype(str) == study]
+            in_study = (table["study"].astype(str) == study).to_numpy()
+            rows = table[in_study]
             x = position + rng.uniform(-0.15, 0.15, size=len(rows))
-            colours = np.where(rows["qc_pass"], "tab:blue", "tab:red")
+            colours = np.where(~judged[metric][in_study], "tab:gray",
+                               np.where(rows["qc_pass"], "tab:blue", "tab:red"))
             axis.scatter(x, rows[metric].astype(float), c=colours, s=14)
-        axis.axhline(minimums[QC_THRESHOLDS[metric]], color="tab:red", linestyle="--",
-                     linewidth=1)
+        if judged[metric].any():
+            axis.axhline(minimums[QC_THRESHOLDS[metric]], color="tab:red", linestyle="--",
+                         linewidth=1)
         axis.set_xticks(range(len(studies)), studies, rotation=45, ha="right")
         undefined = int(pd.to_numeric(table[metric], errors="coerce").isna().sum())
-        axis.set_title(metric + (f" ({undefined} not computed, flagged)" if undefined else ""))
+        notes = [f"{undefined} not computed, flagged"] if undefined else []
+        unjudged = int((~judged[metric]).sum())
+        notes += [f"{unjudged} recorded, not judged (grey)"] if unjudged else []
+        axis.set_title(metric + (f" ({'; '.join(notes)})" if notes else ""))
     flagged = int((~table["qc_pass"]).sum())
     figure.suptitle(f"QC of {len(table)} registered maps: {flagged} flagged (red); dashed: "
                     f"configured minimum")

@@ -71,7 +71,7 @@ ABLATION_TITLES = {
     "projection": "Fig. 4d: read-out features with / without the projection head",
     "lambda": "Fig. 6: re-weighting of non-neighbours, exponent λ",
     "reduction": "Loss reduction: per anchor (Eq. 3) or global (reference code)",
-    "modality": "Input modalities: stiffness, damping ratio, T1w and their combinations",
+    "modality": "Input modalities (model.modalities)",
 }
 
 #: Display names of the modalities (model.modalities) in tables and figures.
