@@ -228,6 +228,20 @@ def test_a_trial_interrupted_before_a_read_out_edit_resumes_at_its_checkpoint(
     assert epochs == [1, 2, 3, 3]
 
 
+def test_a_diverged_trial_names_the_grids_learning_rate_key(tmp_path, monkeypatch):
+    """The trial trains with its training settings alone, which carry no experiment name;
+    the divergence message then named train.lr "or a pretraining run's" key."""
+    import brainage.train as train_module
+
+    split_dir = write_split(tmp_path / "dataset", n_subjects=20, n_test=4)
+    settings = tiny_settings(train={"epochs": 2, "batch_size": 6, "embed_epochs": []})
+    monkeypatch.setattr(train_module, "run_epoch", lambda *args, **kwargs: float("nan"))
+    with pytest.raises(FloatingPointError, match="every trial"):
+        random_search(split_dir, tmp_path / "search", settings, {**SEARCH, "trials": 1})
+    record = json.loads((tmp_path / "search" / "trial-01" / "metrics.json").read_text())
+    assert "Lower config key train.lr or" in record["failed"], record["failed"]
+
+
 def _stub_trial_training(monkeypatch, trained: list) -> None:
     """Replace a trial's training and scoring by stubs: each trial "trains" in no time (its
     encoder.pt an empty file) and scores validation MAE nn_final + nn_step / 10."""
@@ -407,7 +421,7 @@ def test_a_diverging_trial_is_recorded_without_a_score_and_the_search_goes_on(
             raise FloatingPointError("loss is nan in epoch 1")
 
     monkeypatch.setattr(search_module, "fit_encoder", fit_encoder)
-    search = {**SEARCH, "trials": 6}
+    search = {**SEARCH, "trials": 8, "nn_final_range": [2, 3]}
     pairs = [(t["nn_final"], t["nn_step"]) for t in sample_trials(search, batch_size=6,
                                                                   epochs=2)]
     assert (2, 1) in pairs and len(set(pairs)) > 1
@@ -420,9 +434,13 @@ def test_a_diverging_trial_is_recorded_without_a_score_and_the_search_goes_on(
     record = json.loads((out / f"trial-{int(trials[failed]['trial'].iloc[0]):02d}"
                          / "metrics.json").read_text())
     assert "nan" in record["failed"]
+    assert pairs.count((2, 1)) > 1 and trained.count((2, 1)) == 1  # drawn again: not retried
     count = len(trained)
     assert random_search(split_dir, out, settings, search) == best  # recorded, not retried
     assert len(trained) == count
+    # another read-out rescores the others from their features and keeps the divergence
+    rescored = random_search(split_dir, out, {**settings, "readout": {"alphas": [0.5]}}, search)
+    assert len(trained) == count and rescored["nn_final"] == best["nn_final"]
     with pytest.raises(FloatingPointError, match="every trial"):
         random_search(split_dir, out / "only", settings, {**search, "nn_final_range": [2, 2]})
 

@@ -18,7 +18,8 @@ encoder left (:data:`TRIAL_FEATURES`), without training. A trial recorded withou
 (before 2026-12-04, when the validation draw was another) is trained again. A pair of
 nn_final and nn_step drawn twice is trained once: the later trial scores the earlier one's
 features. A trial whose loss diverges is recorded with no score (NaN, ``failed`` in its
-metrics.json, a warning) and the search goes on; only a search in which every trial fails
+metrics.json, a warning) and the search goes on; it is not trained again for another
+read-out, nor for the same pair drawn again. Only a search in which every trial fails
 stops.
 
 A grid cell with ``loss.nn_from_search: true`` trains with the split's best.json
@@ -58,6 +59,9 @@ log = logging.getLogger(__name__)
 TRIAL_COLUMNS = ("trial", "nn_final", "nn_step", "validation_mae", "validation_rmse", "seconds")
 #: Key of a trial's metrics.json holding :func:`trial_key`.
 TRIAL_KEY = "trial_key"
+#: Key of a diverged trial's metrics.json holding the :func:`trial_key` of its training
+#: settings alone: the divergence stands whatever read-out would score it.
+TRAINING_KEY = "training_key"
 
 
 def trial_key(settings: Mapping, split: SplitData) -> str:
@@ -154,6 +158,7 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
         remove_stale_temporaries(output)
     rows = []
     trained: dict[str, tuple[int, Path]] = {}  # training key -> (trial, its features file)
+    diverged: dict[str, str] = {}  # training key -> the error of its training
     for trial in plan:
         trial_dir = out_dir / f"trial-{trial['trial']:02d}"
         metrics_path = trial_dir / "metrics.json"
@@ -167,22 +172,37 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
         keyed_before = settings_trial
         settings_trial = {**settings_trial, "train": {**base["train"], "embed_epochs": []}}
         key = trial_key(settings_trial, split)
+        training_key = trial_key(training_settings(settings_trial), split)
         features_path = trial_dir / TRIAL_FEATURES
         remove_stale_temporaries(features_path)
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
         # the old key only when the new one does not match (a key hashes the trials'
         # starting checkpoint, 134 MB at the paper's width)
-        if metrics is not None and metrics.get(TRIAL_KEY) in (
-                key, trial_key(keyed_before, split)):
+        if metrics is not None and (metrics.get(TRIAL_KEY) == key
+                                    or metrics.get(TRIAL_KEY) == trial_key(keyed_before, split)):
             log.info("trial %d already done", trial["trial"])
-            trained.setdefault(trial_key(training_settings(settings_trial), split),
-                               (trial["trial"], features_path))
+            if "failed" in metrics:
+                diverged.setdefault(training_key, metrics["failed"])
+            else:
+                trained.setdefault(training_key, (trial["trial"], features_path))
             # a job killed between the score and the deletion left the trial's encoder
             # (134 MB at the paper's width) and its checkpoint, which nothing else removes
             (trial_dir / "encoder.pt").unlink(missing_ok=True)
             remove_checkpoint(trial_dir / "checkpoint.pt")
+        elif training_key in diverged or (metrics is not None and "failed" in metrics
+                                          and metrics.get(TRAINING_KEY) == training_key):
+            # the same training diverges again whatever scores it: another read-out, or
+            # the pair drawn again by a later trial
+            failure = diverged.setdefault(training_key, (metrics or {}).get("failed", ""))
+            log.warning("trial %d (nn_final %d, nn_step %d) has no score: its training "
+                        "diverges (%s)", trial["trial"], trial["nn_final"], trial["nn_step"],
+                        failure)
+            metrics = {**trial, "validation_mae": float("nan"), "validation_rmse": float("nan"),
+                       "seconds": 0.0, "failed": failure, TRIAL_KEY: key,
+                       TRAINING_KEY: training_key}
+            write_json(metrics_path, metrics)
+            remove_checkpoint(trial_dir / "checkpoint.pt")
         else:
-            training_key = trial_key(training_settings(settings_trial), split)
             started = time.perf_counter()
             features = _stored_features(features_path, training_key, split)
             earlier = trained.get(training_key)  # the same pair drawn by an earlier trial
@@ -209,10 +229,12 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                 encoder_path = trial_dir / "encoder.pt"
                 # the checkpoint stays until the features are stored: a kill between
                 # the encoder and them resumes at the last epoch, not at the first.
-                # Training settings only, as a grid cell's: a read-out edit while the trial
-                # was interrupted must not restart it from epoch 1.
+                # Training settings only, as a grid cell's (the experiment names the
+                # config key in an error): a read-out edit while the trial was interrupted
+                # must not restart it from epoch 1.
                 try:
-                    fit_encoder(split, resolve_cell(training_settings(settings_trial)),
+                    fit_encoder(split, {**resolve_cell(training_settings(settings_trial)),
+                                        "experiment": base["experiment"]},
                                 encoder_path=encoder_path,
                                 checkpoint_path=trial_dir / "checkpoint.pt",
                                 history_path=trial_dir / "history.tsv", keep_checkpoint=True)
@@ -220,10 +242,11 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                     log.warning("trial %d (nn_final %d, nn_step %d) failed and has no score: "
                                 "%s", trial["trial"], trial["nn_final"], trial["nn_step"],
                                 error)
+                    diverged[training_key] = str(error)
                     metrics = {**trial, "validation_mae": float("nan"),
                                "validation_rmse": float("nan"),
                                "seconds": time.perf_counter() - started, "failed": str(error),
-                               TRIAL_KEY: key}
+                               TRIAL_KEY: key, TRAINING_KEY: training_key}
                     write_json(metrics_path, metrics)
                     remove_checkpoint(trial_dir / "checkpoint.pt")
                     rows.append({column: metrics[column] for column in TRIAL_COLUMNS})
