@@ -676,6 +676,7 @@ def test_markdown_tables_print_the_formatted_strings(tmp_path):
     paths = tables.write_table(display, display, tmp_path / "t", title="T")
     markdown = Path(paths[".md"]).read_text()
     assert "0.390" in markdown and "0.990" in markdown
+    assert "|:-------|" in markdown and "-----:|" in markdown  # text left, numbers right
 
 
 # ---- figures ----------------------------------------------------------------------------
@@ -1510,6 +1511,27 @@ def test_search_figure_circles_the_lowest_validation_mae(tmp_path, monkeypatch):
     figures.plot_search(trials, tmp_path / "search.png")
     legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
     assert legend[0] == "best: 14, 1 (3.90 years)"
+
+
+def test_a_diverged_search_trial_is_drawn_and_tabulated_as_such(tmp_path, monkeypatch):
+    """A trial whose training diverged has no validation MAE (NaN): its NaN colour drew
+    nothing while the title counted it, and the table printed "nan"."""
+    trials = report_results.read_search_trials([write_trials(
+        tmp_path / "holdout" / "trials.tsv",
+        [(1, 20, 3, 4.5, 5.0, 10.0), (2, 2, 1, np.nan, np.nan, 1.0)])])
+    assert trials["trial"].tolist() == [1, 2]  # the best first, the diverged last
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_search(trials, tmp_path / "search.png")
+    axis = drawn[0].axes[0]
+    assert "diverged (no score)" in [text.get_text() for text in axis.get_legend().get_texts()]
+    crosses = [collection for collection in axis.collections
+               if collection.get_label() == "diverged (no score)"]
+    assert crosses[0].get_offsets().tolist() == [[2.0, 1.0]]
+    stem = tmp_path / "search_trials"
+    tables.write_search(trials, stem)
+    markdown = stem.with_suffix(".md").read_text()
+    assert "diverged" in markdown and "nan" not in markdown
 
 
 def test_training_loss_titles_give_the_mean_over_seeds(tmp_path, monkeypatch):

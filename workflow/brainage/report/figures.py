@@ -499,16 +499,22 @@ def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
 
 
 def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
-    """The random search: each trial at (nn_final, nn_step) coloured by validation MAE,
-    the best trial of each split circled, the paper's optimum as a red cross."""
+    """The random search: each trial at (nn_final, nn_step) coloured by validation MAE
+    (a diverged trial, without one, a grey cross), the best trial of each split circled,
+    the paper's optimum as a red cross."""
     plt = _pyplot()
     splits = list(dict.fromkeys(trials["split"]))
     figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
     norm = plt.Normalize(trials["validation_mae"].min(), trials["validation_mae"].max())
     for axis, split in zip(axes.flat, splits):
         rows = trials[trials["split"] == split]
-        points = axis.scatter(rows["nn_final"], rows["nn_step"], c=rows["validation_mae"],
-                              cmap="viridis_r", norm=norm, s=40)
+        scored = rows["validation_mae"].notna()
+        points = axis.scatter(rows.loc[scored, "nn_final"], rows.loc[scored, "nn_step"],
+                              c=rows.loc[scored, "validation_mae"], cmap="viridis_r", norm=norm,
+                              s=40)
+        if not scored.all():  # a NaN colour draws nothing: mark the diverged trials
+            axis.scatter(rows.loc[~scored, "nn_final"], rows.loc[~scored, "nn_step"],
+                         marker="x", color="tab:gray", s=40, label="diverged (no score)")
         best = rows.iloc[0]
         axis.scatter([best["nn_final"]], [best["nn_step"]], s=180, facecolors="none",
                      edgecolors="black", linewidths=1.5,

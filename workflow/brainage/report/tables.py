@@ -296,6 +296,22 @@ def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def markdown_table(display: pd.DataFrame) -> str:
+    """``display`` (formatted strings) as a Markdown table, the strings as they are:
+    tabulate reprints a column whose cells all look numeric ("0.390" as 0.39), so that is
+    off, and such columns are right-aligned as tabulate aligns numbers."""
+    def numeric(value) -> bool:
+        try:
+            float(str(value))
+        except ValueError:
+            return False
+        return True
+
+    alignment = ["right" if len(display) and all(map(numeric, display[column])) else "left"
+                 for column in display.columns]
+    return display.to_markdown(index=False, disable_numparse=True, colalign=alignment)
+
+
 def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
                 title: str, notes: Sequence[str] = (),
                 extra_markdown: str = "") -> dict[str, str]:
@@ -305,9 +321,7 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
     paths = {ext: str(stem.with_name(stem.name + ext)) for ext in (".csv", ".md", ".tex")}
     with atomic_path(paths[".csv"]) as temp:
         table.to_csv(temp, index=False, float_format="%.6g")
-    # disable_numparse: tabulate reprints cells that all look numeric ("0.390" as 0.39)
-    markdown = [f"# {title}", "", display.to_markdown(index=False, disable_numparse=True)
-                if len(display) else "(no rows)", ""]
+    markdown = [f"# {title}", "", markdown_table(display) if len(display) else "(no rows)", ""]
     markdown += [f"{note}  " if i < len(notes) - 1 else note for i, note in enumerate(notes)]
     if extra_markdown:
         markdown += ["", extra_markdown]
@@ -490,12 +504,12 @@ def write_cohort(table: pd.DataFrame, stem: str | Path) -> None:
     })
     paper = pd.concat([study_table(), pd.DataFrame([PAPER_TABLE2_TOTAL])], ignore_index=True)
     paper_lines = ["## Paper Table 2 (different data: the paper's 311 subjects)", "",
-                   pd.DataFrame({
+                   markdown_table(pd.DataFrame({
                        "Study": paper["study"], "n": paper["n"],
                        "Age [years]": _mean_sd_column(paper, "age_mean", "age_sd", 1),
                        "Sex [F:M]": [f"{f}:{m}" for f, m in zip(paper["n_female"],
                                                                 paper["n_male"])],
-                   }).to_markdown(index=False)]
+                   }))]
     write_table(table, display, stem, title="Table 2: cohort by study",
                 notes=["Subjects of the normalised dataset (after QC exclusion, if any)."],
                 extra_markdown="\n".join(paper_lines))
@@ -505,7 +519,8 @@ def write_search(table: pd.DataFrame, stem: str | Path) -> None:
     display = pd.DataFrame({
         "Split": table["split"], "Trial": table["trial"], "NN final": table["nn_final"],
         "NN step": table["nn_step"],
-        "Validation MAE [years]": [f"{v:.3f}" for v in table["validation_mae"]]})
+        "Validation MAE [years]": ["diverged" if np.isnan(v) else f"{v:.3f}"
+                                   for v in table["validation_mae"]]})
     best = table.groupby("split", sort=False).head(1)
     notes = ["Random search over nn_final and nn_step on a validation set carved from the "
              "training subjects (test subjects never seen); sorted by validation MAE.",
@@ -542,7 +557,7 @@ def write_pretraining(runs: pd.DataFrame, gains: pd.DataFrame, stem: str | Path,
     })
     gains_markdown = "\n".join([
         "## Gain of pretraining, per loss (Table 3, paired over seeds)", "",
-        gain_display.to_markdown(index=False) if len(gain_display) else
+        markdown_table(gain_display) if len(gain_display) else
         "(no Table 3 variant fine-tunes a pretraining run beside the same variant from "
         "scratch)"])
     write_table(runs, display, stem, title="Pretraining: encoders pretrained on T1w cohorts",
