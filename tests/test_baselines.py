@@ -226,3 +226,30 @@ def test_evaluation_sweeps_the_temporaries_a_killed_write_left(tmp_path):
     evaluate(split_dir, VOXEL_BASELINES["train_mean"], folder)
     assert not any(path.exists() for path in stale) and keep.exists()
     assert (folder / "metrics.json").is_file() and (folder / "readout.npz").is_file()
+
+
+def test_evaluation_reads_only_the_images_its_cell_reads(tmp_path, monkeypatch):
+    """Every evaluate_encoder job scanned the whole images.npy for NaN (load_split), also
+    where it read only features.npz or nothing at all (40 GB per job for 3,000 subjects of
+    three maps at 2 mm), and the mean baselines copied every voxel they never read (out of
+    memory from about 1,000 subjects at 8 GB). Now only a voxel read-out reads images,
+    only its cell's channels, and checks those."""
+    import brainage.split_data as split_data
+
+    split_dir = write_split(tmp_path / "dataset", n_subjects=24, n_test=6)
+    images = np.load(split_dir / "images.npy")
+    images[3, 0, 0, 0, 0] = np.nan
+    rewrite_split(split_dir, images=images)
+    scanned = []
+    check_finite = split_data.check_finite
+    monkeypatch.setattr(split_data, "check_finite", lambda volumes, *args: (
+        scanned.append(volumes.shape), check_finite(volumes, *args))[1])
+    for name in ("train_mean", "study_mean"):
+        metrics, _ = evaluate(split_dir, VOXEL_BASELINES[name], tmp_path / name)
+        assert np.isfinite(metrics["mae"])
+    assert scanned == []
+    participant = pd.read_csv(split_dir / "participants.tsv", sep="\t")["participant_id"][3]
+    with pytest.raises(split_data.DataError, match=participant):
+        evaluate(split_dir, VOXEL_BASELINES["pca_ridge"], tmp_path / "pca")
+    with pytest.raises(split_data.DataError, match=participant):  # training still checks
+        split_data.load_split(split_dir)

@@ -112,7 +112,9 @@ class VolumeStore:
             # Sorted reads are sequential on disk; the inverse permutation restores order.
             order = np.argsort(indices, kind="stable")
             rows = np.empty(self._row_shape(len(indices)), dtype=self.images.dtype)
-            rows[order] = self._select(self.images[indices[order]])
+            # only the cell's channels are read (a split of three maps holds 3x as many)
+            rows[order] = (self.images[indices[order]] if self.channels is None else
+                           self.images[np.ix_(indices[order], self.channels)])
             batch = torch.from_numpy(rows)
             if self.device.type == "cuda":
                 batch = batch.pin_memory().to(self.device, non_blocking=True)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.agebias import bias_fits
-from brainage.config import cell_kind, resolve_cell
+from brainage.config import FEATURELESS_READOUTS, cell_kind, resolve_cell
 from brainage.io import remove_stale_temporaries, write_json, write_tsv
 from brainage.readout import (
     READOUT_ARRAYS,
@@ -37,7 +37,7 @@ from brainage.readout import (
     fit_readout,
     save_readout,
 )
-from brainage.split_data import DataError, SplitData, load_split
+from brainage.split_data import DataError, SplitData, check_finite, load_split
 
 log = logging.getLogger(__name__)
 
@@ -115,9 +115,15 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
     """
     rows = np.concatenate([split.train_index, split.eval_index])
     if settings["model"]["encoder"] == "none":
+        if settings.get("readout", {}).get("method") in FEATURELESS_READOUTS:  # no feature: no
+            # copy of every voxel (13 GB for 3,000 subjects of one map at 2 mm)
+            return CellFeatures(np.zeros((len(rows), 0), dtype=np.float32), None, None)
         channels = split.channel_indices(settings["model"].get("modalities"))
-        # only the cell's channels are read (a split of three maps holds 3x as many)
+        # only the cell's channels are read (a split of three maps holds 3x as many), and
+        # checked here (load_split was told not to scan the whole array)
         voxels = np.asarray(split.images[np.ix_(rows, channels)], dtype=np.float32)
+        check_finite(voxels, split.participant_ids[rows].tolist(),
+                     f"split {split.name} (images.npy)")
         return CellFeatures(voxels.reshape(len(rows), -1), None, None)
     with np.load(features_path, allow_pickle=False) as saved:
         # the subsets too: a subject moved from the last training row to the first
@@ -223,7 +229,8 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
     for output in (metrics_path, predictions_path, folder / READOUT_ARRAYS,
                    folder / READOUT_DESCRIPTION):  # this job owns them
         remove_stale_temporaries(output)
-    split = load_split(split_dir)
+    # the images are read (and checked) only by a cell without an encoder: cell_features
+    split = load_split(split_dir, check_images=False)
     features, encoder_sha256, trained_loss = cell_features(split, features_path, settings)
     metrics, predictions, readout = evaluate_split(split, features, settings)
     n_train = len(split.train_index)
