@@ -1309,11 +1309,14 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
         files.append(tmp_path / f"{pid}_qc.json")
         files[-1].write_text(json.dumps({"participant_id": pid, "dice": dice,
                                          "correlation": correlation, "coverage": coverage,
+                                         "correlation_map": "stiffness",
                                          "reference_kind": "T1w"}))
     minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
     with caplog.at_level("WARNING", logger="brainage.qc"):
         table = tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
     assert list(table.columns) == list(QC_COLUMNS)
+    # the QC overview reads which map each correlation was measured on from the table
+    assert read_qc_table(tmp_path / "qc.tsv")["correlation_map"].tolist() == ["stiffness"] * 3
     assert table["participant_id"].tolist() == ["sub-01", "sub-02", "sub-03"]
     assert table["qc_pass"].tolist() == [True, False, True]  # a value at its minimum passes
     assert table["qc_failures"].tolist() == ["", "dice 0.800 < 0.85; correlation 0.200 < 0.3",

@@ -677,6 +677,16 @@ def test_markdown_tables_print_the_formatted_strings(tmp_path):
     markdown = Path(paths[".md"]).read_text()
     assert "0.390" in markdown and "0.990" in markdown
     assert "|:-------|" in markdown and "-----:|" in markdown  # text left, numbers right
+    # the pretraining table's section on the gain, too
+    runs = pd.DataFrame({"run": ["t1"], "loss": ["simclr"], "epochs": [2], "n_train": [10],
+                         "n_validation": [2], "first_loss": [1.0], "last_loss": [0.5],
+                         "validation_mae": [5.1], "validation_pearson_r": [0.5]})
+    gains = pd.DataFrame({"label": ["SimCLR"], "run": ["t1"], "n_pairs": [1],
+                          "mae_scratch_mean": [5.1], "mae_pretrained_mean": [4.2],
+                          "gain_mean": [0.9], "gain_std": [np.nan], "pretrained_wins": [1]})
+    tables.write_pretraining(runs, gains, tmp_path / "pre", tmp_path / "gain")
+    section = (tmp_path / "pre.md").read_text().split("## Gain of pretraining")[1]
+    assert "5.100" in section and "4.200" in section
 
 
 # ---- figures ----------------------------------------------------------------------------
@@ -1219,8 +1229,10 @@ def test_qc_overview_draws_no_minimum_for_a_correlation_it_does_not_judge(tmp_pa
     plt = figures._pyplot()
     titles, lines = [], []
     original_title, original_line = plt.Axes.set_title, plt.Axes.axhline
+    drawn = []
     monkeypatch.setattr(plt.Axes, "set_title", lambda self, text, *args, **kwargs: (
-        titles.append(text), original_title(self, text, *args, **kwargs))[1])
+        titles.append(text), drawn.append(self.figure),
+        original_title(self, text, *args, **kwargs))[2])
     monkeypatch.setattr(plt.Axes, "axhline", lambda self, y, *args, **kwargs: (
         lines.append(y), original_line(self, y, *args, **kwargs))[1])
     table = pd.DataFrame({"participant_id": ["sub-a", "sub-b"], "study": ["s1", "s2"],
@@ -1231,6 +1243,11 @@ def test_qc_overview_draws_no_minimum_for_a_correlation_it_does_not_judge(tmp_pa
     plot_dataset_qc(table, tmp_path / "qc.png", minimums=minimums)
     assert titles == ["dice", "correlation (2 recorded, not judged (grey))", "coverage"]
     assert lines == [0.85, 0.7]
+    from matplotlib.colors import to_rgba
+
+    dice, correlation, _ = drawn[0].axes
+    assert tuple(correlation.collections[0].get_facecolors()[0]) == to_rgba("tab:gray")
+    assert tuple(dice.collections[0].get_facecolors()[0]) == to_rgba("tab:blue")
     # a stiffness map's correlation is judged, and a table from before the column too
     titles.clear(), lines.clear()
     plot_dataset_qc(table.assign(correlation_map="stiffness"), tmp_path / "qc.png",

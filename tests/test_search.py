@@ -470,6 +470,64 @@ def test_a_trial_reads_out_every_channel_when_model_modalities_is_unset(tmp_path
     assert np.isfinite(best["validation_mae"])
 
 
+def _diverging_when(monkeypatch, diverges) -> None:
+    """The stubbed trial training (_stub_trial_training) raises after "training" the
+    settings ``diverges`` picks, leaving a checkpoint as fit_encoder does when it stops."""
+    import brainage.search as search_module
+
+    stub = search_module.fit_encoder
+
+    def fit_encoder(split, settings, *, checkpoint_path, **kwargs):
+        stub(split, settings, checkpoint_path=checkpoint_path, **kwargs)
+        if diverges(settings):
+            checkpoint_path.write_bytes(b"the last epoch's state")
+            raise FloatingPointError("loss is nan in epoch 2")
+
+    monkeypatch.setattr(search_module, "fit_encoder", fit_encoder)
+
+
+def test_a_diverged_trial_trains_again_with_other_training_settings(stubbed_search,
+                                                                    monkeypatch):
+    """The divergence message says to lower train.lr: the rerun at the lower rate must
+    train the trial, not keep its record of another training."""
+    trained, split_dir, settings, out = stubbed_search
+    lr = settings["train"]["lr"]
+    _diverging_when(monkeypatch, lambda trial: trial["train"]["lr"] == lr)
+    search = {**SEARCH, "trials": 1, "nn_final_range": [2, 2]}
+    with pytest.raises(FloatingPointError, match="every trial"):
+        random_search(split_dir, out, settings, search)
+    assert not (out / "trial-01" / "checkpoint.pt").exists()  # 134 MB at the paper's width
+    lower = {**settings, "train": {**settings["train"], "lr": lr / 10}}
+    assert random_search(split_dir, out, lower, search)["nn_final"] == 2
+    assert len(trained) == 2
+
+
+def test_a_resumed_search_reuses_the_finished_trials_of_a_repeated_pair(stubbed_search,
+                                                                        monkeypatch):
+    """A search killed between two trials of one pair: the rerun scores the later trial
+    from the finished one's features, and a pair known to diverge is not tried again (a
+    stale checkpoint in the later trial's folder goes too)."""
+    trained, split_dir, settings, out = stubbed_search
+    search = {**SEARCH, "nn_final_range": [2, 2]}  # trials 1 and 2 draw (2, 1)
+    random_search(split_dir, out, settings, search)
+    (out / "trial-02" / "metrics.json").unlink()  # killed before trial 2 was recorded
+    random_search(split_dir, out, settings, search)
+    assert trained == [(2, 1)]
+    _diverging_when(monkeypatch, lambda trial: trial["loss"]["nn_final"] == 2)
+    search = {**SEARCH, "trials": 8, "nn_final_range": [2, 3]}
+    pairs = [(t["nn_final"], t["nn_step"]) for t in sample_trials(search, batch_size=6,
+                                                                  epochs=2)]
+    later = [number for number, pair in enumerate(pairs, 1) if pair == (2, 1)][1]
+    random_search(split_dir, out / "diverging", settings, search)
+    count = len(trained)
+    folder = out / "diverging" / f"trial-{later:02d}"
+    (folder / "metrics.json").unlink()
+    (folder / "checkpoint.pt").write_bytes(b"stale")
+    random_search(split_dir, out / "diverging", settings, search)
+    assert len(trained) == count
+    assert not list((out / "diverging").glob("trial-*/checkpoint.pt"))
+
+
 def test_trials_draw_both_ends_of_each_range_and_follow_the_seed():
     search = {**SEARCH, "trials": 20, "nn_final_range": [2, 3], "nn_step_range": [1, 2]}
     trials = sample_trials(search, batch_size=16, epochs=10)

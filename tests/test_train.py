@@ -96,6 +96,42 @@ def test_embeddings_name_what_the_network_gives_without_a_projection_head(
         assert saved["features"].shape[1] == width
 
 
+def test_every_kind_of_embeddings_has_a_name_in_the_figures():
+    from brainage.report.figures import FEATURES_KIND_NAMES
+    from brainage.train import embedded_kind
+
+    kinds = {embedded_kind({"projection_head": head, "head": kind}, which)
+             for head in (True, False) for kind in ("projection", "regression")
+             for which in ("projection", "encoder")}
+    assert kinds == set(FEATURES_KIND_NAMES)
+
+
+def test_embeddings_written_again_on_resume_name_their_kind(split_dir, tmp_path, monkeypatch):
+    """Embeddings lost from a cell's folder are rewritten from the checkpoint at resume:
+    with the network's kind, as the first write (the resume path recorded the read-out's)."""
+    import brainage.train as train_module
+
+    settings = tiny_settings(model={"width": 8, "projection_head": False},
+                             train={"epochs": 2, "batch_size": 6, "embed_epochs": [1, 2]})
+    paths = cell_paths(tmp_path)
+    run_epoch = train_module.run_epoch
+
+    def killed_in_epoch_2(*args, **kwargs):
+        if kwargs["epoch"] == 2:
+            raise KeyboardInterrupt("time limit")
+        return run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "run_epoch", killed_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_encoder(split_dir, settings, **paths)
+    monkeypatch.setattr(train_module, "run_epoch", run_epoch)
+    for file in Path(paths["embeddings_dir"]).iterdir():
+        file.unlink()
+    train_encoder(split_dir, settings, **paths)
+    with np.load(Path(paths["embeddings_dir"]) / "epoch-001.npz") as saved:
+        assert str(saved["features_kind"]) == "encoder"
+
+
 def test_outputs_follow_the_contract(split_dir, reference_run):
     folder, history, metrics = reference_run
     table = pd.read_csv(folder / "history.tsv", sep="\t")
