@@ -562,6 +562,31 @@ def test_features_whose_subjects_changed_subset_are_refused(tmp_path):
                          predictions_path=tmp_path / "cell" / "predictions.tsv")
 
 
+def test_a_damaged_features_file_is_named_with_what_to_rerun(tmp_path):
+    """A features.npz cut short (an interrupted copy of the results folder) stopped the
+    evaluation with zipfile's "File is not a zip file", naming no file, on every rerun;
+    the embeddings the UMAP figure reads the same."""
+    from brainage.report.figures import load_embeddings
+    from brainage.report.targets import ReportError
+    from brainage.split_data import DataError
+
+    split_dir = write_split(tmp_path / "a", n_subjects=12, n_test=4, seed=0)
+    settings = tiny_settings()
+    features_path = tmp_path / "features.npz"
+    write_features(features_path, build_model(resolve_cell(settings)["model"]),
+                   load_split(split_dir), "sha", device=torch.device("cpu"))
+    features_path.write_bytes(features_path.read_bytes()[:200])
+    with pytest.raises(DataError, match=r"features file .*features\.npz cannot be read "
+                                        r"\(.*\); delete it and rerun rule train_encoder"):
+        evaluate_encoder(split_dir, features_path, settings,
+                         metrics_path=tmp_path / "cell" / "metrics.json",
+                         predictions_path=tmp_path / "cell" / "predictions.tsv")
+    (tmp_path / "embeddings").mkdir()
+    (tmp_path / "embeddings" / "epoch-001.npz").write_bytes(b"")
+    with pytest.raises(ReportError, match=r"epoch-001\.npz cannot be read .*rerun the job"):
+        load_embeddings(tmp_path / "embeddings")
+
+
 def test_metrics_record_the_loss_the_encoder_was_trained_with(tmp_path):
     """After loss.nn_from_search the encoder trains with the search's nn_final/nn_step, not
     the configured ones: metrics.json says which, from what training wrote."""

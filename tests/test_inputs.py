@@ -483,6 +483,37 @@ def test_an_uncompressed_optional_t1w_is_refused_not_skipped(tiny_dataset):
     assert subject_inputs(tiny_dataset, "01a")["anat"] == f"{t1w}.gz"
 
 
+def test_an_optional_t1w_under_another_name_or_not_fetched_is_refused(tiny_dataset):
+    """Only anat/sub-<label>_T1w.nii.gz is read: a T1w named with BIDS entities
+    (sub-01a_acq-mprage_T1w.nii.gz) or a DataLad/git-annex link whose content was never
+    fetched was skipped without a word, and the subject masked and registered by its map.
+    A required map behind a broken link is named as such, not as missing."""
+    anat = tiny_dataset / "sub-01a" / "anat"
+    anat.mkdir(exist_ok=True)
+    other = anat / "sub-01a_acq-mprage_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), other)
+    message = (r"subject sub-01a: .*anat holds sub-01a_acq-mprage_T1w\.nii\.gz but no "
+               r"sub-01a_T1w\.nii\.gz, the one T1w name read, and the subject's brain mask")
+    with pytest.raises(InputError, match=message):
+        read_participants(tiny_dataset)
+    with pytest.raises(InputError, match=message):
+        subject_inputs(tiny_dataset, "01a")
+    other.rename(anat / "sub-01a_T1w.nii.gz")
+    assert subject_inputs(tiny_dataset, "01a")["anat"] == str(anat / "sub-01a_T1w.nii.gz")
+    (anat / "sub-01a_T1w.nii.gz").unlink()
+    (anat / "sub-01a_T1w.nii.gz").symlink_to("../../.git/annex/objects/XX/sub-01a_T1w.nii.gz")
+    with pytest.raises(InputError, match=r"T1w .*sub-01a_T1w\.nii\.gz is a broken link "
+                                         r"\(a DataLad or git-annex file not fetched\?\)"):
+        subject_inputs(tiny_dataset, "01a")
+    (anat / "sub-01a_T1w.nii.gz").unlink()
+    stiffness = _stiffness(tiny_dataset, "01a")
+    stiffness.unlink()
+    stiffness.symlink_to("../../.git/annex/objects/YY/sub-01a_stiffness.nii.gz")
+    with pytest.raises(InputError, match=r"stiffness map .*sub-01a_stiffness\.nii\.gz is a "
+                                         r"broken link"):
+        subject_inputs(tiny_dataset, "01a")
+
+
 def _stiffness(root, label):
     return root / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz"
 

@@ -228,6 +228,21 @@ def test_a_trial_interrupted_before_a_read_out_edit_resumes_at_its_checkpoint(
     assert epochs == [1, 2, 3, 3]
 
 
+def test_a_damaged_trial_features_file_trains_the_trial_again(stubbed_search):
+    """A cut-short trial-NN/features.npz (not a Snakemake output) stopped the search with
+    zipfile's error on every rerun; it now counts as absent and is replaced."""
+    trained, split_dir, settings, out = stubbed_search
+    search = {**SEARCH, "trials": 1}
+    random_search(split_dir, out, settings, search)
+    features = out / "trial-01" / "features.npz"
+    features.write_bytes(features.read_bytes()[:100])
+    random_search(split_dir, out, {**settings, "readout": {"alphas": [0.5]}}, search)
+    assert len(trained) == 2
+    assert random_search(split_dir, out, {**settings, "readout": {"alphas": [0.25]}},
+                         search)["n_trials"] == 1
+    assert len(trained) == 2  # the replaced file is read again
+
+
 def test_a_diverged_trial_names_the_grids_learning_rate_key(tmp_path, monkeypatch):
     """The trial trains with its training settings alone, which carry no experiment name;
     the divergence message then named train.lr "or a pretraining run's" key."""

@@ -268,6 +268,19 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
                       r"participant_id of a subject the model was trained on \(split holdout "
                       r"of dataset\.root\): sub-0", result.stdout)
     assert len(said) == 1, result.stdout
+    # the same ids in another case are the same people too (compared as the pretraining
+    # cohort's leakage check compares them)
+    rows = default_rows(3)
+    for row in rows:
+        row["participant_id"] = "sub-" + row["participant_id"][len("sub-"):].upper()
+    upper = write_tiny_dataset(tmp_path / "upper", rows)
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"upper": str(upper)}})
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"Warning: predict cohort upper .* has \d subject\(s\) with the "
+                     r"participant_id of a subject the model was trained on .*: sub-0\dA "
+                     r"\(as sub-0\da\)", result.stdout), result.stdout
 
 
 @pytest.mark.workflow

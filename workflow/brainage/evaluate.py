@@ -29,7 +29,7 @@ import pandas as pd
 
 from brainage.agebias import bias_fits
 from brainage.config import FEATURELESS_READOUTS, cell_kind, resolve_cell
-from brainage.io import remove_stale_temporaries, write_json, write_tsv
+from brainage.io import read_npz, remove_stale_temporaries, write_json, write_tsv
 from brainage.readout import (
     READOUT_ARRAYS,
     READOUT_DESCRIPTION,
@@ -125,18 +125,23 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
         check_finite(voxels, split.participant_ids[rows].tolist(),
                      f"split {split.name} (images.npy)")
         return CellFeatures(voxels.reshape(len(rows), -1), None, None)
-    with np.load(features_path, allow_pickle=False) as saved:
-        # the subsets too: a subject moved from the last training row to the first
-        # evaluation row keeps the order, but the encoder was trained on it
-        if (saved["participant_id"].tolist() != split.participant_ids[rows].tolist()
-                or saved["subset"].tolist() != split.subset_labels()[rows].tolist()):
-            raise DataError(f"{features_path} lists other subjects than split {split.name} "
-                            f"(train then evaluation rows, and their subsets); rerun rule "
-                            f"train_encoder for the cell that trains this encoder.")
-        trained_loss = (json.loads(str(saved["trained_loss"]))
-                        if "trained_loss" in saved.files else None)
-        return CellFeatures(saved[settings["model"]["features"]].astype(np.float32),
-                            str(saved["encoder_sha256"]), trained_loss or None)
+    try:
+        saved = read_npz(features_path)
+        kind, digest = saved[settings["model"]["features"]], saved["encoder_sha256"]
+        subjects, subsets = saved["participant_id"], saved["subset"]
+    except (ValueError, KeyError) as error:  # damaged, cut short, or of another version
+        raise DataError(f"features file {features_path} cannot be read ({error}); delete it "
+                        f"and rerun rule train_encoder for the cell that trains this "
+                        f"encoder.") from None
+    # the subsets too: a subject moved from the last training row to the first
+    # evaluation row keeps the order, but the encoder was trained on it
+    if (subjects.tolist() != split.participant_ids[rows].tolist()
+            or subsets.tolist() != split.subset_labels()[rows].tolist()):
+        raise DataError(f"{features_path} lists other subjects than split {split.name} "
+                        f"(train then evaluation rows, and their subsets); rerun rule "
+                        f"train_encoder for the cell that trains this encoder.")
+    trained_loss = json.loads(str(saved["trained_loss"])) if "trained_loss" in saved else None
+    return CellFeatures(kind.astype(np.float32), str(digest), trained_loss or None)
 
 
 def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping

@@ -458,7 +458,9 @@ def _missing_image_message(root: str | Path, label: str, name: str,
     path = input_path(root, label, name)
     if path.is_file():
         return None
-    what = f"subject sub-{label}: {modality(name).description} {path} is missing"
+    state = ("is a broken link (a DataLad or git-annex file not fetched?)"
+             if path.is_symlink() else "is missing")
+    what = f"subject sub-{label}: {modality(name).description} {path} {state}"
     if not path.parent.parent.is_dir():
         what += f" (the subject has no folder {path.parent.parent})"
     if needed_by is not None:
@@ -475,9 +477,9 @@ def _require_every_image(root: str | Path, labels: Sequence[str], modalities: Se
     problems = [message for label in labels for name in modalities
                 if (message := _missing_image_message(root, label, name, modalities,
                                                       remedy=remedy, needed_by=needed_by))]
-    if "T1w" not in modalities:  # the optional T1w: only its .nii.gz is read
+    if "T1w" not in modalities:  # the optional T1w: only anat/sub-<label>_T1w.nii.gz is read
         problems += [message for label in labels
-                     if (message := _uncompressed_t1w_message(root, label))]
+                     if (message := _unread_t1w_message(root, label))]
     if len(problems) == 1:
         raise InputError(problems[0])
     if problems:
@@ -488,18 +490,35 @@ def _require_every_image(root: str | Path, labels: Sequence[str], modalities: Se
                          + (f"\n  ... and {more} more." if more else ""))
 
 
-def _uncompressed_t1w_message(root: str | Path, label: str) -> str | None:
-    """The message for a subject whose optional T1w is there only as ``.nii`` (dcm2niix
-    writes it so by default): it would not be read, and the subject's mask and
-    registration would silently come from its MRE map instead; None otherwise."""
+def _unread_t1w_message(root: str | Path, label: str) -> str | None:
+    """The message for a subject whose optional T1w is there but would not be read, so its
+    brain mask and registration would silently come from its MRE map instead: only
+    ``anat/sub-<label>_T1w.nii.gz`` is read, and a broken link there (a DataLad or
+    git-annex file not fetched), an uncompressed ``.nii`` (dcm2niix's default) or a name
+    with BIDS entities (``sub-<label>_acq-mprage_T1w.nii.gz``) is not; None otherwise."""
     path = anatomical_path(root, label)
-    uncompressed = path.with_suffix("")  # .nii.gz -> .nii
-    if path.is_file() or not uncompressed.is_file():
+    if path.is_file():
         return None
-    return (f"subject sub-{label}: T1w {uncompressed} is not compressed, so it would not be "
-            f"read, and the subject's brain mask and registration would come from its MRE "
-            f"map instead of its T1w. Compress it (gzip {uncompressed}), or move it out of "
-            f"the dataset to register the subject without it.")
+    instead = ("and the subject's brain mask and registration would come from its MRE map "
+               "instead of its T1w")
+    if path.is_symlink():
+        return (f"subject sub-{label}: T1w {path} is a broken link (a DataLad or git-annex "
+                f"file not fetched?), so it would not be read, {instead}. Fetch it (datalad "
+                f"get / git annex get), or remove the link to register the subject without "
+                f"it.")
+    uncompressed = path.with_suffix("")  # .nii.gz -> .nii
+    if uncompressed.is_file():
+        return (f"subject sub-{label}: T1w {uncompressed} is not compressed, so it would not "
+                f"be read, {instead}. Compress it (gzip {uncompressed}), or move it out of "
+                f"the dataset to register the subject without it.")
+    others = sorted(other.name for other in path.parent.glob(f"sub-{label}_*T1w.nii*")
+                    if other.name != path.name) if path.parent.is_dir() else []
+    if others:
+        return (f"subject sub-{label}: {path.parent} holds {', '.join(others)} but no "
+                f"{path.name}, the one T1w name read, {instead}. Rename the T1w to use to "
+                f"{path.name} (one T1w per subject), or move the files out of the dataset "
+                f"to register the subject without one.")
+    return None
 
 
 def _found_instead(path: Path) -> str:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -41,7 +40,7 @@ from typing import Mapping
 import numpy as np
 
 from brainage.config import ConfigError
-from brainage.io import atomic_path, sha256_file, write_json
+from brainage.io import atomic_path, read_npz, sha256_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -460,12 +459,9 @@ def load_readout(folder: str | Path) -> tuple[Readout, dict]:
             raise FileNotFoundError(f"read-out file {path} does not exist; rerun rule "
                                     f"evaluate_encoder for this cell.")
     try:
-        with np.load(arrays, allow_pickle=False) as loaded:
-            state = {key: loaded[key] for key in loaded.files}
+        state = read_npz(arrays)
         description = json.loads(described.read_text())
-    # an empty readout.npz raises EOFError, a cut-short one BadZipFile (neither an OSError
-    # nor a ValueError), e.g. after an interrupted copy of the results folder
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError) as error:
         raise ValueError(f"read-out {folder} cannot be read ({error}); rerun rule "
                          f"evaluate_encoder for this cell.") from None
     recorded = description.get(ARRAYS_SHA256_KEY)  # absent: written by an older version

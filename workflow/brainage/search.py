@@ -48,7 +48,7 @@ from brainage.config import (
 )
 from brainage.data import VolumeStore
 from brainage.evaluate import evaluate_split
-from brainage.io import atomic_path, remove_stale_temporaries, write_json, write_tsv
+from brainage.io import atomic_path, read_npz, remove_stale_temporaries, write_json, write_tsv
 from brainage.models import embed_all, load_encoder
 from brainage.runtime import runtime_setup
 from brainage.split_data import SplitData, load_split
@@ -83,15 +83,23 @@ TRIAL_FEATURES = "features.npz"
 def _stored_features(path: Path, key: str, split: SplitData) -> dict | None:
     """The features a trial's encoder left in ``path``, if it was trained as the trial
     would train now (``key``: :func:`trial_key` of its training settings) on this split's
-    training then validation subjects; else None."""
+    training then validation subjects; else None. A damaged file counts as none (a
+    warning names it): the trial trains again and replaces it, instead of the search
+    stopping there on every rerun."""
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as saved:
-        rows = np.concatenate([split.train_index, split.eval_index])
-        if (str(saved["training_key"]) != key
-                or saved["participant_id"].tolist() != split.participant_ids[rows].tolist()):
-            return None
-        return {"encoder": saved["encoder"], "projection": saved["projection"]}
+    try:
+        saved = read_npz(path)
+        stored_key, subjects = str(saved["training_key"]), saved["participant_id"]
+        features = {"encoder": saved["encoder"], "projection": saved["projection"]}
+    except (ValueError, KeyError) as error:
+        log.warning("ignoring the trial's features %s, which cannot be read (%s); training "
+                    "the trial again", path, error)
+        return None
+    rows = np.concatenate([split.train_index, split.eval_index])
+    if stored_key != key or subjects.tolist() != split.participant_ids[rows].tolist():
+        return None
+    return features
 
 
 def _store_features(path: Path, features: Mapping[str, np.ndarray], key: str,

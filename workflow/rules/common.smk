@@ -338,7 +338,14 @@ def warn_about_trained_subjects(cohort, table):
     _PREDICT_COHORTS_WARNED.add(cohort)
     split = exported_cell()[0]
     trained = subjects_in(participants(), config["split"], "train", splits=[split])
-    shared = sorted(set(table["participant_id"]) & trained)
+    # whatever the case, as the pretraining cohort's leakage check (a lab that spells its
+    # ids both ways; one folder on a case-insensitive file system)
+    trained = {pid.casefold(): pid for pid in trained}
+    shared = [
+        pid if trained[pid.casefold()] == pid else f"{pid} (as {trained[pid.casefold()]})"
+        for pid in sorted(table["participant_id"])
+        if pid.casefold() in trained
+    ]
     if shared:
         _say(
             f"Warning: predict cohort {cohort} (config key predict.cohorts.{cohort}) has "

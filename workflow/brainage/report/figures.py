@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.io import atomic_path
+from brainage.io import atomic_path, read_npz
 from brainage.modalities import modality
 from brainage.qc import as_ras, plot_dataset_qc, read_qc_table, thresholds
 from brainage.report.pretraining import pretraining_gains, pretraining_runs
@@ -175,11 +175,15 @@ def load_embeddings(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
     embeddings = {}
     for file in sorted(Path(folder).glob("epoch-*.npz")):
         epoch = int(file.stem.split("-")[1])
-        with np.load(file, allow_pickle=False) as data:
-            missing = [k for k in ("features", "age", "subset") if k not in data.files]
-            if missing:
-                raise ReportError(f"{file}: lacks array(s) {', '.join(missing)}.")
-            embeddings[epoch] = {key: data[key] for key in data.files}
+        try:
+            data = read_npz(file)
+        except ValueError as error:
+            raise ReportError(f"{error}; delete it and rerun the job that wrote it "
+                              f"(train_encoder, or pretrain_encoder).") from None
+        missing = [k for k in ("features", "age", "subset") if k not in data]
+        if missing:
+            raise ReportError(f"{file}: lacks array(s) {', '.join(missing)}.")
+        embeddings[epoch] = data
     return embeddings
 
 
