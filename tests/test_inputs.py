@@ -514,6 +514,37 @@ def test_an_optional_t1w_under_another_name_or_not_fetched_is_refused(tiny_datas
         subject_inputs(tiny_dataset, "01a")
 
 
+def test_a_header_claiming_a_huge_volume_is_refused_before_it_is_read(tmp_path):
+    """nibabel allocates what a header claims before it finds the file short: 79 bytes
+    claiming 1000x1000x500 float32 took 2.3 GB of memory (four such files are read at
+    once at planning, on a login node) before the 'not readable' error."""
+    from brainage.inputs import load_nifti_checked
+
+    header = nib.Nifti1Header()
+    header.set_data_shape((1000, 1000, 500))
+    header.set_data_dtype(np.float32)
+    header["vox_offset"] = 352
+    path = tmp_path / "sub-01_stiffness.nii.gz"
+    path.write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + b"\0" * 64))
+    with pytest.raises(InputError, match=r"its header claims a 1000x1000x500 volume of float32 "
+                                         r"\(1\.9 GiB\), more than the 1 GiB"):
+        load_nifti_checked(path, what="stiffness map")
+
+
+def test_a_label_too_long_for_the_file_names_is_refused(tiny_dataset):
+    """A 300-letter label passed the check and stopped at the first file name made from it
+    (OSError: File name too long); 64 letters leave room for every output's name."""
+    assert check_label("a" * 64, where="test") == "a" * 64
+    with pytest.raises(InputError, match=r"at most 64"):
+        check_label("a" * 65, where="test")
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("sub-01a", "sub-" + "a" * 300))
+    with pytest.raises(InputError, match=r"participants\.tsv line \d: subject label 'a+' is "
+                                         r"not a BIDS label \(letters and digits only, at "
+                                         r"most 64"):
+        read_participants(tiny_dataset)
+
+
 def _stiffness(root, label):
     return root / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz"
 

@@ -1251,6 +1251,23 @@ def test_a_bundle_whose_encoder_does_not_fit_its_network_is_a_bundle_error(world
                                   device="cpu")
 
 
+def test_a_bundle_whose_parts_do_not_fit_stops_before_any_preprocessing(world, new_cohort,
+                                                                       tmp_path):
+    """An edited manifest whose network does not fit encoder.pt (its digest recomputed) was
+    found after every subject had been preprocessed: minutes to hours, then the error."""
+    copied = tmp_path / "bundle"
+    shutil.copytree(world.bundle_dir, copied)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["settings"]["model"]["width"] *= 2
+    _rewrite_manifest(copied, manifest)
+    output = tmp_path / "out"
+    with pytest.raises(BundleError, match=r"encoder.pt does not fit the network"):
+        run_cohort(copied, new_cohort.root, output,
+                   template_t1=str(world.root / "template_t1.nii.gz"),
+                   template_mask=str(world.root / "template_mask.nii.gz"))
+    assert not list(output.glob("preproc/sub-*"))
+
+
 def test_normalise_subject_refuses_a_missing_map_and_non_finite_voxels(world, tmp_path):
     from brainage.apply import normalise_subject
 

@@ -667,6 +667,21 @@ def test_latex_tables_are_ascii(tmp_path):
             in (tmp_path / "lambda.tex").read_text())
 
 
+def test_labels_are_data_in_tables_and_figures(tmp_path):
+    """A study or group name is printed as written: a "|" started another Markdown column,
+    and "$50k^$" in a figure's label was read as mathtext and stopped the figure."""
+    from brainage.qc import plot_dataset_qc
+
+    markdown = tables.markdown_table(pd.DataFrame({"study": ["ADNI|3T"], "n": ["3"]}))
+    assert markdown.splitlines()[-1] == r"| ADNI\|3T |   3 |"
+    table = pd.DataFrame({"participant_id": ["sub-a"], "study": ["income $50k^$"],
+                          "dice": [0.95], "correlation": [0.8], "coverage": [0.9],
+                          "qc_pass": [True]})
+    plot_dataset_qc(table, tmp_path / "qc.png",
+                    minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    assert (tmp_path / "qc.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_markdown_tables_print_the_formatted_strings(tmp_path):
     """tabulate re-parsed a column whose cells all look numeric and reprinted it: a single
     seed's Table 3b printed the ΔMAE "0.390" as 0.39, unlike the .tex and .csv files."""

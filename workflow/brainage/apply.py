@@ -30,7 +30,7 @@ from brainage.inputs import (
     cohort_groups,
     read_participants,
 )
-from brainage.io import atomic_path, write_json, write_tsv
+from brainage.io import atomic_path, headless_pyplot, write_json, write_tsv
 from brainage.models import BrainAgeNet, build_model, embed
 from brainage.normalise import apply as apply_normalisation
 from brainage.normalise import check_grid
@@ -90,9 +90,9 @@ class BrainAgeModel:
         torch_device, _ = runtime_setup(train_settings)  # features are float32 (embed_all)
         # one channel per map of the bundle's normalisation record (export writes the
         # model's channels there), also where model.modalities is null (all of the split's)
-        network = build_model(settings["model"],
-                              in_channels=len(bundle.normalisation["modalities"]))
-        try:
+        try:  # an absurd width in an edited manifest fails to allocate
+            network = build_model(settings["model"],
+                                  in_channels=len(bundle.normalisation["modalities"]))
             network.load_state_dict(bundle.encoder_state)
         except RuntimeError as error:
             raise BundleError(f"{bundle.path / 'encoder.pt'} does not fit the network its "
@@ -101,7 +101,7 @@ class BrainAgeModel:
         network.to(torch_device).eval()
         try:  # a format-1 manifest has no digest to catch an edited read-out description
             readout = Readout.from_state(bundle.readout_state, bundle.manifest["readout"])
-        except (KeyError, ValueError, TypeError) as error:
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
             raise BundleError(f"{bundle.path / 'manifest.json'}: its 'readout' does not "
                               f"describe the read-out of readout.pt ({type(error).__name__}: "
                               f"{error}); the bundle is damaged. Re-copy or re-export "
@@ -505,10 +505,7 @@ def summarise_gaps(table: pd.DataFrame, group_column: str | None) -> pd.DataFram
 def plot_gap_by_group(table: pd.DataFrame, group_column: str | None, path: str | Path, *,
                       title: str = "") -> None:
     """Two panels, raw and age-bias-corrected gap (years) per group: box plot and points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     predicted = table[table["status"] == "predicted"]
     groups = list(dict.fromkeys(cohort_groups(table, group_column)))

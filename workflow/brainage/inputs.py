@@ -38,9 +38,14 @@ from brainage.paths import names_sharing_a_folder
 
 log = logging.getLogger(__name__)
 
-#: BIDS labels are letters and digits only, so no id can escape the results folder.
+#: BIDS labels are letters and digits only, so no id can escape the results folder; at
+#: most 64 of them, so that every file name made from one fits the file system's 255 bytes.
 #: Matched with fullmatch: ``$`` alone would also accept a trailing newline.
-LABEL_PATTERN = re.compile(r"[A-Za-z0-9]+")
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9]{1,64}")
+#: The largest image read (bytes, as its header claims): a 0.5 mm T1w of 512³ float32 voxels
+#: is 0.5 GiB, so 1 GiB. nibabel allocates what a header claims before it reads the file, so a
+#: damaged or crafted header of a few bytes could take all of a login node's memory.
+MAX_IMAGE_BYTES = 2**30
 REQUIRED_COLUMNS = ("participant_id", "age", "sex", "study")
 #: A cohort a trained model is applied to needs only its ids: the model reads no age, sex or
 #: study. An age gives a brain-age gap; study or group, the summary's groups.
@@ -72,7 +77,8 @@ def check_label(label: str, *, where: str) -> str:
     if not isinstance(label, str) or not LABEL_PATTERN.fullmatch(label):
         raise InputError(
             f"{where}: subject label {label!r} is not a BIDS label (letters and digits only, "
-            f"e.g. '01a' in sub-01a). Rename the subject folder and its participants.tsv row.")
+            f"at most 64, e.g. '01a' in sub-01a). Rename the subject folder and its "
+            f"participants.tsv row.")
     return label
 
 
@@ -581,7 +587,17 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
                          f"; a NIfTI file (.nii.gz) is expected there.")
     try:
         image = nib.load(str(path))
+        shape, dtype = image.header.get_data_shape(), image.header.get_data_dtype()
+        claimed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if claimed > MAX_IMAGE_BYTES:
+            raise InputError(f"{what} {path}: its header claims a {'x'.join(map(str, shape))} "
+                             f"volume of {dtype} ({claimed / 2**30:.1f} GiB), more than the "
+                             f"{MAX_IMAGE_BYTES / 2**30:.0f} GiB an MRE map or T1w needs; the "
+                             f"header is damaged, or the file is not one subject's map. "
+                             f"Re-export it as .nii.gz.")
         data = np.asanyarray(image.dataobj)
+    except InputError:
+        raise
     except Exception as error:  # nibabel raises many types for broken files
         raise InputError(f"{what} {path} is not a readable NIfTI file ({error}). Re-export it "
                          f"as .nii.gz.") from None

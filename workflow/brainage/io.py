@@ -424,3 +424,16 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
             return {key: saved[key] for key in saved.files}
     except NPZ_READ_ERRORS as error:
         raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
+
+
+def headless_pyplot():
+    """matplotlib's pyplot for writing figure files: the Agg backend (cluster nodes have no
+    display), and ``$`` read as text, not mathtext: labels and titles are data (a study,
+    group or bundle name such as "income $50k^$" stopped the figure with a parse error)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
+    import matplotlib.pyplot as plt
+
+    return plt

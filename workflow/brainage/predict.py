@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from brainage import brainage_version
-from brainage.apply import predict_cohort
+from brainage.apply import BrainAgeModel, predict_cohort
 from brainage.bundle import MANIFEST_FILE, BundleError, read_bundle
 from brainage.config import (
     ConfigError,
@@ -195,6 +195,9 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     # in seconds before these minutes, holds nothing of the dataset)
     check_dataset_images(dataset_root, labels, modalities,
                          cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
+    # the network and read-out built once before any subject's minutes of preprocessing:
+    # a bundle whose parts do not fit each other (or a device this machine lacks) stops here
+    BrainAgeModel.from_bundle(bundle, device=device)
     describe_preprocessing(layout.preproc_dir(), space=template["space"],
                            template_shape=prepared["shape"], source=str(dataset_root),
                            version=brainage_version(), template=True, modalities=modalities,

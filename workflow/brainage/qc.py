@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.inputs import InputError
-from brainage.io import atomic_path, write_json, write_tsv
+from brainage.io import atomic_path, headless_pyplot, write_json, write_tsv
 from brainage.preprocess.images import load_mask, load_volume, require_same_grid
 
 log = logging.getLogger(__name__)
@@ -119,10 +119,7 @@ def plot_subject_qc(stiffness: np.ndarray, template_t1: np.ndarray, template_mas
     template's voxel order: superior up, the subject's right on the right of the coronal
     and axial views (neurological convention), anterior on the right of the sagittal view.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     stiffness, template_t1, template_mask = (as_ras(volume, affine) for volume in
                                              (stiffness, template_t1, template_mask))
@@ -339,10 +336,7 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     could not be computed (NaN, a failed subject) is counted in its panel's title: it has
     no point to draw. A correlation recorded and not judged (:func:`correlation_applies`)
     is grey, and counted in the title; without a judged one the panel has no minimum."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = headless_pyplot()
 
     studies = sorted(table["study"].astype(str).unique())
     figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))

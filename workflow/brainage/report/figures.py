@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.io import atomic_path, read_npz
+from brainage.io import atomic_path, headless_pyplot, read_npz
 from brainage.modalities import modality
 from brainage.qc import as_ras, plot_dataset_qc, read_qc_table, thresholds
 from brainage.report.pretraining import pretraining_gains, pretraining_runs
@@ -66,12 +66,7 @@ UMAP_RANDOM_STATE = 0
 
 
 def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return headless_pyplot()
 
 
 def _save(figure, path: str | Path) -> None:

@@ -299,7 +299,8 @@ def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
 def markdown_table(display: pd.DataFrame) -> str:
     """``display`` (formatted strings) as a Markdown table, the strings as they are:
     tabulate reprints a column whose cells all look numeric ("0.390" as 0.39), so that is
-    off, and such columns are right-aligned as tabulate aligns numbers."""
+    off, and such columns are right-aligned as tabulate aligns numbers. A ``|`` in a cell
+    is escaped."""
     def numeric(value) -> bool:
         try:
             float(str(value))
@@ -309,7 +310,10 @@ def markdown_table(display: pd.DataFrame) -> str:
 
     alignment = ["right" if len(display) and all(map(numeric, display[column])) else "left"
                  for column in display.columns]
-    return display.to_markdown(index=False, disable_numparse=True, colalign=alignment)
+    # a "|" in a cell (a study named "ADNI|3T") would start another column
+    escaped = display.astype(str).apply(lambda column: column.str.replace("|", r"\|"))
+    escaped.columns = [str(name).replace("|", r"\|") for name in display.columns]
+    return escaped.to_markdown(index=False, disable_numparse=True, colalign=alignment)
 
 
 def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
