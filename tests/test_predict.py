@@ -504,6 +504,10 @@ def test_a_bundle_exported_for_cuda_says_to_choose_the_device_where_there_is_non
                                           r"train\.device 'cuda'.*--device cpu"):
         BrainAgeModel.from_bundle(copied)
     assert BrainAgeModel.from_bundle(copied, device="cpu").device.type == "cpu"
+    # --device cuda asked for on such a machine: the option, not a config key, is named
+    with pytest.raises(ConfigError, match=r"^--device cuda was asked for, but PyTorch sees no "
+                                          r"CUDA device here\. Choose the device: --device cpu"):
+        BrainAgeModel.from_bundle(exported.bundle_dir, device="cuda")
 
 
 def test_the_workflows_predict_job_runs_a_cuda_bundle_on_its_cpu_node(

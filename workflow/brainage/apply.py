@@ -79,14 +79,16 @@ class BrainAgeModel:
         train_settings = dict(settings["train"])
         if device is not None:
             train_settings["device"] = device
-        elif train_settings["device"] == "cuda" and not torch.cuda.is_available():
-            # the exporting run's setting, not one of this machine's: runtime_setup would
-            # say to edit config key train.device, which a bundle's user does not have
+        if train_settings["device"] == "cuda" and not torch.cuda.is_available():
+            # runtime_setup would say to edit config key train.device, which a bundle's user
+            # does not have: the device is the command's, or the exporting run's setting
+            origin = ("--device cuda was asked for" if device is not None else
+                      f"model bundle {bundle.path} was exported by a run with train.device "
+                      f"'cuda', the device it predicts on unless told otherwise")
             raise ConfigError(
-                f"model bundle {bundle.path} was exported by a run with train.device "
-                f"'cuda', the device it predicts on unless told otherwise, but PyTorch sees "
-                f"no CUDA device here. Choose the device: --device cpu (or auto) of `python "
-                f"-m brainage.predict run` (device= of predict_cohort), or run on a GPU node.")
+                f"{origin}, but PyTorch sees no CUDA device here. Choose the device: --device "
+                f"cpu (or auto) of `python -m brainage.predict run` (device= of "
+                f"predict_cohort), or run on a GPU node.")
         torch_device, _ = runtime_setup(train_settings)  # features are float32 (embed_all)
         # one channel per map of the bundle's normalisation record (export writes the
         # model's channels there), also where model.modalities is null (all of the split's)
