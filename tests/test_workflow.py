@@ -284,6 +284,28 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
 
 
 @pytest.mark.workflow
+def test_the_plan_says_when_voxel_read_outs_need_more_memory_than_evaluation_gets(tmp_path):
+    """PCA + Ridge on the voxels holds every subject's voxels (about 8 MB per subject and
+    map at 2 mm): from about 1,000 subjects the default 8,000 MB stopped its jobs for memory
+    on a cluster, after the whole grid had trained, with nothing said before."""
+    from brainage.config import voxel_readout_memory_mb
+
+    assert voxel_readout_memory_mb(1000, 1, 2) == 8922  # 7.9 MB per subject, + 1,000
+    assert voxel_readout_memory_mb(1000, 1, 8) == 1123  # a 64th of the voxels
+    assert voxel_readout_memory_mb(1000, 3, 2) == 24768
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         resources={"evaluate": {"mem_mb": 1000}})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    said = re.findall(r"Warning: the evaluate_encoder jobs of table3/pca_ridge fit their "
+                      r"read-out on the voxels of 6 subjects and need about 1,047 MB each; "
+                      r"config key resources\.evaluate\.mem_mb gives 1,000\. Raise it",
+                      result.stdout)
+    assert len(said) == 1, result.stdout
+
+
+@pytest.mark.workflow
 def test_valid_user_dataset_plans_every_subject(tmp_path):
     root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
     # 5 training subjects: the paper's batch of 32 stops the run (the next test)

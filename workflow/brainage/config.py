@@ -999,6 +999,20 @@ def encoder_owners(config: Mapping[str, Any]) -> dict[tuple[str, str, int], tupl
 FEATURELESS_READOUTS = ("train_mean", "study_mean")
 
 
+#: Voxels of one channel of a split at 2 mm: the window of the MNI152 brain mask.
+WINDOW_VOXELS_2MM = 99 * 117 * 95
+
+
+def voxel_readout_memory_mb(n_subjects: int, n_channels: int, resolution_mm: int) -> int:
+    """Memory (MB) of an evaluate_encoder job whose read-out fits on the voxels (a cell
+    without an encoder, e.g. PCA + Ridge): the cell's voxels of every subject of the split
+    in float32, held about 1.8 times (the copy it fits on, and the training rows' copies of
+    the age-bias correction's out-of-fold refits; measured 7.2 to 7.6 MB per subject of one
+    2 mm map), plus 1,000 MB for the process and its libraries."""
+    voxels = WINDOW_VOXELS_2MM / (resolution_mm // 2) ** 3
+    return int(1.8 * n_subjects * n_channels * voxels * 4 / 1e6) + 1000
+
+
 def exported_cell(config: Mapping) -> tuple[str, str, int]:
     """(experiment, variant, seed) of the grid cell ``predict.model`` exports.
 

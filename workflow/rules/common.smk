@@ -39,6 +39,7 @@ from brainage.report.targets import (
     trained_cells,
 )
 from brainage.config import (
+    FEATURELESS_READOUTS,
     ConfigError,
     cell_settings,
     check_simulated_folders,
@@ -51,6 +52,7 @@ from brainage.config import (
     trains_an_encoder,
     uses_search_result,
     validate_config,
+    voxel_readout_memory_mb,
 )
 from brainage.interrupted import interrupted_run_notice
 from brainage.inputs import (
@@ -452,6 +454,40 @@ def check_training_set_sizes():
     _BATCH_SIZES_CHECKED.append(True)
 
 
+_VOXEL_MEMORY_CHECKED = []
+
+
+def check_voxel_readout_memory():
+    """Say, once per run while the job graph is built, when the cells whose read-out fits
+    on the voxels (PCA + Ridge without an encoder) need more memory than config key
+    resources.evaluate.mem_mb gives each evaluate_encoder job: on a cluster such a job is
+    stopped for memory after the whole grid has trained."""
+    if _VOXEL_MEMORY_CHECKED or not workflow.is_main_process:
+        return
+    _VOXEL_MEMORY_CHECKED.append(True)
+    needed = {}
+    for experiment, variant, seed in grid_cells(config):
+        settings = _resolved_cell(experiment, variant, seed)
+        if (
+            settings["model"]["encoder"] == "none"
+            and settings["readout"]["method"] not in FEATURELESS_READOUTS
+        ):
+            channels = len(settings["model"]["modalities"] or config["dataset"]["modalities"])
+            needed[f"{experiment}/{variant}"] = voxel_readout_memory_mb(
+                len(planned_participants()), channels, config["normalise"]["resolution_mm"]
+            )
+    given = config["resources"]["evaluate"]["mem_mb"]
+    short = {cell: mb for cell, mb in needed.items() if mb > given}
+    if short:
+        _say(
+            f"Warning: the evaluate_encoder jobs of {', '.join(short)} fit their read-out on "
+            f"the voxels of {len(planned_participants())} subjects and need about "
+            f"{max(short.values()):,} MB each; config key resources.evaluate.mem_mb gives "
+            f"{given:,}. Raise it, or a cluster stops these jobs for memory after the grid "
+            f"has trained."
+        )
+
+
 _PRETRAIN_BATCH_SIZES_CHECKED = []
 
 
@@ -570,6 +606,7 @@ def all_targets(wildcards):
     predict_targets below)."""
     check_training_set_sizes()
     check_pretraining_set_sizes()
+    check_voxel_readout_memory()
     warn_about_departed_subjects()
     search = (
         [LAYOUT.search_file(split, "best.json") for split in split_names()]
