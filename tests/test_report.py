@@ -18,6 +18,7 @@ import pytest
 
 from brainage.config import load_config, validate_config
 from brainage.evaluate import compute_metrics
+from brainage.io import headless_pyplot
 from brainage.paths import Layout
 from brainage.report import figures, pretraining, tables, targets
 from brainage.report import results as report_results
@@ -856,7 +857,7 @@ def test_projection_is_umap_from_four_samples():
 def figure_titles(monkeypatch):
     """The suptitles of the figures drawn in a test, in order."""
     titles = []
-    plt = figures._pyplot()
+    plt = headless_pyplot()
     original = plt.Figure.suptitle
 
     def record(self, text, **kwargs):
@@ -906,7 +907,7 @@ def test_pretraining_umap_marks_validation_subjects_and_names_its_setting(tmp_pa
     """A pretraining run's embeddings hold training and validation subjects (no test
     subjects): both are drawn, each with its own marker; an empty run names its key."""
     markers = []
-    plt = figures._pyplot()
+    plt = headless_pyplot()
     original = plt.Axes.scatter
 
     def record(self, *args, marker=None, label=None, **kwargs):
@@ -1216,7 +1217,7 @@ def test_qc_overview_counts_a_metric_it_cannot_draw(tmp_path, monkeypatch):
     from brainage.qc import plot_dataset_qc
 
     titles = []
-    plt = figures._pyplot()
+    plt = headless_pyplot()
     original = plt.Axes.set_title
 
     def record(self, text, *args, **kwargs):
@@ -1241,7 +1242,7 @@ def test_qc_overview_draws_no_minimum_for_a_correlation_it_does_not_judge(tmp_pa
     "configured minimum" and in blue, against its caption."""
     from brainage.qc import plot_dataset_qc
 
-    plt = figures._pyplot()
+    plt = headless_pyplot()
     titles, lines = [], []
     original_title, original_line = plt.Axes.set_title, plt.Axes.axhline
     drawn = []

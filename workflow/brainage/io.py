@@ -411,18 +411,15 @@ def json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
-#: What reading a damaged ``.npz`` raises: an empty file EOFError, a cut-short one
-#: zipfile.BadZipFile (neither an OSError nor a ValueError), e.g. after an interrupted copy.
-NPZ_READ_ERRORS = (OSError, ValueError, EOFError, zipfile.BadZipFile)
-
-
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file (no pickles), or ValueError naming the file when it
     is missing or cannot be read; callers add what to rerun."""
     try:
         with np.load(path, allow_pickle=False) as saved:
             return {key: saved[key] for key in saved.files}
-    except NPZ_READ_ERRORS as error:
+    # an empty file raises EOFError, a cut-short one zipfile.BadZipFile (neither an OSError
+    # nor a ValueError), e.g. after an interrupted copy of the results folder
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
 
 

@@ -111,6 +111,17 @@ def _store_features(path: Path, features: Mapping[str, np.ndarray], key: str,
                      participant_id=split.participant_ids[rows].astype(str))
 
 
+def _record_divergence(trial: Mapping, failure: str, seconds: float, metrics_path: Path, *,
+                       keys: Mapping[str, str]) -> dict:
+    """Write a trial whose training diverged: no score (NaN), the error, its keys; its
+    checkpoint (134 MB at the paper's width) goes. Returns the record."""
+    metrics = {**trial, "validation_mae": float("nan"), "validation_rmse": float("nan"),
+               "seconds": seconds, "failed": failure, **keys}
+    write_json(metrics_path, metrics)
+    remove_checkpoint(metrics_path.parent / "checkpoint.pt")
+    return metrics
+
+
 def sample_trials(search: Mapping, *, batch_size: int, epochs: int) -> list[dict]:
     """``search.trials`` draws of (nn_final, nn_step), uniform over the inclusive ranges.
 
@@ -205,11 +216,8 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
             log.warning("trial %d (nn_final %d, nn_step %d) has no score: its training "
                         "diverges (%s)", trial["trial"], trial["nn_final"], trial["nn_step"],
                         failure)
-            metrics = {**trial, "validation_mae": float("nan"), "validation_rmse": float("nan"),
-                       "seconds": 0.0, "failed": failure, TRIAL_KEY: key,
-                       TRAINING_KEY: training_key}
-            write_json(metrics_path, metrics)
-            remove_checkpoint(trial_dir / "checkpoint.pt")
+            metrics = _record_divergence(trial, failure, 0.0, metrics_path,
+                                         keys={TRIAL_KEY: key, TRAINING_KEY: training_key})
         else:
             started = time.perf_counter()
             features = _stored_features(features_path, training_key, split)
@@ -251,12 +259,9 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
                                 "%s", trial["trial"], trial["nn_final"], trial["nn_step"],
                                 error)
                     diverged[training_key] = str(error)
-                    metrics = {**trial, "validation_mae": float("nan"),
-                               "validation_rmse": float("nan"),
-                               "seconds": time.perf_counter() - started, "failed": str(error),
-                               TRIAL_KEY: key, TRAINING_KEY: training_key}
-                    write_json(metrics_path, metrics)
-                    remove_checkpoint(trial_dir / "checkpoint.pt")
+                    metrics = _record_divergence(
+                        trial, str(error), time.perf_counter() - started, metrics_path,
+                        keys={TRIAL_KEY: key, TRAINING_KEY: training_key})
                     rows.append({column: metrics[column] for column in TRIAL_COLUMNS})
                     continue
                 device, _ = runtime_setup(base["train"])  # features are float32 (embed_all)

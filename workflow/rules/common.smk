@@ -465,6 +465,7 @@ def check_voxel_readout_memory():
     if _VOXEL_MEMORY_CHECKED or not workflow.is_main_process:
         return
     _VOXEL_MEMORY_CHECKED.append(True)
+    n_subjects = len(planned_participants())
     needed = {}
     for experiment, variant, seed in grid_cells(config):
         settings = _resolved_cell(experiment, variant, seed)
@@ -474,14 +475,14 @@ def check_voxel_readout_memory():
         ):
             channels = len(settings["model"]["modalities"] or config["dataset"]["modalities"])
             needed[f"{experiment}/{variant}"] = voxel_readout_memory_mb(
-                len(planned_participants()), channels, config["normalise"]["resolution_mm"]
+                n_subjects, channels, config["normalise"]["resolution_mm"]
             )
     given = config["resources"]["evaluate"]["mem_mb"]
     short = {cell: mb for cell, mb in needed.items() if mb > given}
     if short:
         _say(
             f"Warning: the evaluate_encoder jobs of {', '.join(short)} fit their read-out on "
-            f"the voxels of {len(planned_participants())} subjects and need about "
+            f"the voxels of {n_subjects} subjects and need about "
             f"{max(short.values()):,} MB each; config key resources.evaluate.mem_mb gives "
             f"{given:,}. Raise it, or a cluster stops these jobs for memory after the grid "
             f"has trained."

@@ -65,18 +65,14 @@ UMAP_NEIGHBOURS = 15
 UMAP_RANDOM_STATE = 0
 
 
-def _pyplot():
-    return headless_pyplot()
-
-
 def _save(figure, path: str | Path) -> None:
     with atomic_path(path, suffix=".png") as temp:
         figure.savefig(temp, dpi=120, bbox_inches="tight")
-    _pyplot().close(figure)
+    headless_pyplot().close(figure)
 
 
 def _study_colours(studies: Iterable[str]) -> dict[str, Any]:
-    plt = _pyplot()
+    plt = headless_pyplot()
     names = sorted(set(map(str, studies)), key=natural_key)
     palette = plt.get_cmap("tab10")
     return {study: palette(i % 10) for i, study in enumerate(names)}
@@ -84,7 +80,7 @@ def _study_colours(studies: Iterable[str]) -> dict[str, Any]:
 
 def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
     """Fig. 3: stacked age histogram (5-year bins) coloured by study."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     colours = _study_colours(participants["study"])
     ages = participants["age"].astype(float)
     bins = np.arange(5 * np.floor(ages.min() / 5), 5 * np.ceil(ages.max() / 5) + 5.001, 5)
@@ -106,7 +102,7 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
                   title: str) -> None:
     """Fig. 4a-d style: bar per variant (mean MAE), error bar = sd over seeds, each seed
     as a dot, the paper's value as a hollow diamond where known."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     figure, axis = plt.subplots(figsize=(max(4.5, 1.3 * len(table) + 2), 4))
     x = np.arange(len(table))
     # one seed has no sd: no error bar (NaN), not a cap at the mean that reads "sd 0"
@@ -145,7 +141,7 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
 
 def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
     """Fig. 6: MAE against λ (categorical axis in increasing λ, hard neighbourhood last)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     figure, axis = plt.subplots(figsize=(7, 4))
     x = np.arange(len(table))
     axis.errorbar(x, table["mae_mean"], yerr=table["mae_std"].to_numpy(float),  # NaN: 1 seed
@@ -222,7 +218,7 @@ def plot_embeddings(embeddings: Mapping[int, Mapping[str, np.ndarray]], path: st
     ``setting`` names the config key that lists the saved epochs, for the error when there
     are none.
     """
-    plt = _pyplot()
+    plt = headless_pyplot()
     epochs = sorted(embeddings)
     if not epochs:
         raise ReportError(f"no embeddings to plot for {cell or path}; set {setting} to "
@@ -278,7 +274,7 @@ def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
                   min_coverage: float | None = None, map_name: str = "stiffness") -> None:
     """Fig. 7: brain coverage (% of the template brain with a value of ``map_name``, the
     map QC measures coverage on: :func:`brainage.modalities.grid_modality`) per study."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     coverage = 100 * coverage_fraction(participants)
     colours = _study_colours(participants["study"])
     figure, axis = plt.subplots(figsize=(7, 4))
@@ -329,7 +325,7 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
     measures coverage on (:func:`brainage.modalities.grid_modality`), the first MRE map of
     dataset.modalities, which need not be the stiffness."""
 
-    plt = _pyplot()
+    plt = headless_pyplot()
     examples = pick_coverage_examples(participants)
     volumes = []
     for example in examples:
@@ -425,7 +421,7 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
         with its colour bar.
     """
 
-    plt = _pyplot()
+    plt = headless_pyplot()
     rows = sorted(subjects, key=lambda subject: float(subject[1]))
     if not rows:
         raise ReportError("no subjects given to Fig. 2 (stiffness and T1w by age).")
@@ -464,7 +460,7 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
 def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
                            cell: str = "") -> None:
     """Predicted against true age of the test subjects, coloured by study."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     test = predictions[predictions["subset"].astype(str) == "test"]
     if test.empty:
         raise ReportError(f"no test rows in the predictions of {cell or path}.")
@@ -501,7 +497,7 @@ def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
     """The random search: each trial at (nn_final, nn_step) coloured by validation MAE
     (a diverged trial, without one, a grey cross), the best trial of each split circled,
     the paper's optimum as a red cross."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     splits = list(dict.fromkeys(trials["split"]))
     figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)
     norm = plt.Normalize(trials["validation_mae"].min(), trials["validation_mae"].max())
@@ -537,7 +533,7 @@ def plot_training_loss(histories: Mapping[str, Mapping[int, str | Path]], path: 
     """The training loss per epoch of every trained variant (one panel each): each seed
     thin, the mean over seeds thick. Losses differ in scale (the supervised baseline's is
     in years), hence a panel and a y axis per variant."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     histories = {variant: seeds for variant, seeds in histories.items() if seeds}
     if not histories:
         raise ReportError("no training history to plot: no cell of the loss experiment "
@@ -571,7 +567,7 @@ def plot_pretraining(histories: Mapping[str, str | Path], runs: pd.DataFrame,
     """The pretraining section: each run's training loss per epoch (validation MAE in the
     legend), and per loss the test MAE from scratch and fine-tuned from the pretrained
     encoder (bars: mean over seeds; lines join the two results of one seed)."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(10, 3.6))
     validation = dict(zip(runs["run"], runs["validation_mae"]))
     for run, history in histories.items():
