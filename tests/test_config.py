@@ -19,6 +19,7 @@ from brainage.config import (
     pretrain_settings,
     pretrained_run,
     resolve_cell,
+    resource_for_attempt,
     training_settings,
     validate_config,
 )
@@ -879,3 +880,20 @@ def test_a_simulated_training_cohort_takes_no_accelerated_ageing_group():
         validate_config({"dataset": {"simulate": {"enabled": True, "accelerated_group_n": 2}}})
     validate_config({"dataset": {"simulate": {"enabled": False, "accelerated_group_n": 2}}})
     validate_config({"predict": {"simulate": {"accelerated_group_n": 4}}})
+
+
+def test_a_retried_job_asks_for_more_memory_and_time():
+    """The SLURM profile's two retries: a job stopped for its memory or wall time failed
+    the same way twice more with the same request."""
+    assert [resource_for_attempt(2000, attempt) for attempt in (1, 2, 3)] == [2000, 3000, 4000]
+    assert [resource_for_attempt(15, attempt) for attempt in (1, 2, 3)] == [15, 22, 30]
+
+
+def test_a_training_job_books_at_most_the_one_gpu_it_uses():
+    """A grid cell trains in one process on cuda:0: resources.train.gpu 2 booked an idle
+    second card (and a longer queue wait) without a word."""
+    config = load_config(REPO / "config" / "config.yaml")
+    config["resources"]["train"]["gpu"] = 2
+    with pytest.raises(ConfigError, match=r"resources\.train\.gpu.*maximum"):
+        validate_config(config)
+

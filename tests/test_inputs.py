@@ -415,7 +415,7 @@ def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
         check_cohort_table(spaced, "clinic/participants.tsv", cohort="clinic")
 
 
-def test_one_study_written_with_and_without_spaces_is_refused(tiny_dataset):
+def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     # a spreadsheet's trailing space made 'study2 ' a study of its own: two strata of the
     # split, two rows of Table 2, two study means
     table = tiny_dataset / "participants.tsv"
@@ -423,7 +423,13 @@ def test_one_study_written_with_and_without_spaces_is_refused(tiny_dataset):
     table.write_text("\n".join(lines[:4] + [lines[4] + " "]) + "\n")  # sub-03a's study2
     with pytest.raises(InputError, match=r"column 'study' writes 'study2' as 'study2' "
                                          r"\(sub-01a\), 'study2 ' \(sub-03a\), which differ "
-                                         r"only in spaces"):
+                                         r"only in case or in spaces"):
+        read_participants(tiny_dataset)
+    # so did a capital: 'Study2' split, tabulated and averaged apart from 'study2'
+    table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "Study2")]) + "\n")
+    with pytest.raises(InputError, match=r"column 'study' writes 'study2' as 'study2' "
+                                         r"\(sub-01a\), 'Study2' \(sub-03a\), which differ "
+                                         r"only in case"):
         read_participants(tiny_dataset)
     # spaces after every row's study are one study, as before
     table.write_text("\n".join(line + (" " if number else "")
@@ -662,6 +668,41 @@ def test_singular_affine_and_non_real_voxels_are_named(tiny_dataset):
                                          r"or non-finite affine.*sub-01a: stiffness map .*holds "
                                          r"complex64 voxels"):
         check_dataset_images(tiny_dataset, ["00a", "01a"])
+
+
+def test_a_header_without_orientation_is_refused(tiny_dataset):
+    """qform_code and sform_code 0 (MATLAB's make_nii): nibabel guesses LAS, so a map
+    stored left to right came out mirrored, and registration and QC passed."""
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    header = nib.Nifti1Header()
+    header.set_data_shape(volume.shape)
+    header.set_zooms((2.0, 2.0, 2.0))
+    nib.save(nib.Nifti1Image(volume, None, header), _stiffness(tiny_dataset, "00a"))
+    saved = nib.load(_stiffness(tiny_dataset, "00a")).header
+    assert saved["qform_code"] == saved["sform_code"] == 0
+    with pytest.raises(InputError, match=r"subject sub-00a: stiffness map .*sub-00a_stiffness"
+                                         r"\.nii\.gz declares no orientation \(qform_code and "
+                                         r"sform_code are both 0.*set_sform"):
+        check_dataset_images(tiny_dataset, ["00a"])
+    for code in ("qform_code", "sform_code"):  # either one declares it
+        image = nib.Nifti1Image(volume, np.diag([2.0, 2, 2, 1]))
+        image.header["qform_code"], image.header["sform_code"] = 0, 0
+        image.header[code] = 1
+        nib.save(image, _stiffness(tiny_dataset, "00a"))
+        check_dataset_images(tiny_dataset, ["00a"])
+
+
+def test_a_stiffness_map_of_the_opposite_sign_is_refused_before_any_job(tiny_dataset):
+    """It passed the plan and failed at the subject's bias correction, which blamed the
+    T1w and the map for lying in different spaces."""
+    volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
+    volume = -volume
+    volume[0] = 0.5  # a few positive voxels: the median decides
+    nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2, 2, 1])), _stiffness(tiny_dataset, "00a"))
+    with pytest.raises(InputError, match=r"subject sub-00a: stiffness map .*: the median of its "
+                                         r"non-zero voxels is -\d.*is positive.*opposite sign "
+                                         r"convention"):
+        check_dataset_images(tiny_dataset, ["00a"])
 
 
 def test_a_non_finite_origin_is_refused_like_a_non_finite_matrix(tiny_dataset):

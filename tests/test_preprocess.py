@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import ndimage
 
 from brainage.inputs import InputError
 from brainage.paths import Layout
@@ -389,8 +390,8 @@ def test_nan_voxels_become_background_with_a_count(processed, tmp_path, caplog):
     image = nib.load(subject["files"]["stiffness"])
     data = image.get_fdata(dtype=np.float32)
     mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
-    inside = np.argwhere((data > 0) & mask)[:7]
-    data[tuple(inside.T)] = np.nan
+    inside = np.argwhere(ndimage.binary_erosion((data > 0) & mask, iterations=2))[:7]
+    data[tuple(inside.T)] = np.nan  # holes in the map's data
     data[0, 0, 0] = np.inf
     noisy = tmp_path / "sub-y_stiffness.nii.gz"
     nib.save(nib.Nifti1Image(data, image.affine), noisy)
@@ -408,16 +409,40 @@ def test_nan_heavy_map_fails_with_its_name(processed, tmp_path):
     image = nib.load(subject["files"]["stiffness"])
     data = image.get_fdata(dtype=np.float32)
     mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
-    rows = np.argwhere(mask)
-    data[tuple(rows[:: 20].T)] = np.nan  # 5 % of the brain
+    rows = np.argwhere(ndimage.binary_erosion((data > 0) & mask, iterations=2))
+    data[tuple(rows[:: 10].T)] = np.nan  # holes in the map's data
+    share = f"{len(rows[:: 10]) / mask.sum():.1%}"
+    assert float(share[:-1]) > 1
     noisy = tmp_path / "sub-y_stiffness.nii.gz"
     nib.save(nib.Nifti1Image(data, image.affine), noisy)
     with pytest.raises(InputError, match=r"sub-y: stiffness map .*sub-y_stiffness\.nii\.gz has "
-                                         r"\d+ NaN/inf voxels inside the brain \(5\.0% .*"
+                                         rf"{len(rows[:: 10])} NaN/inf voxels inside the brain, "
+                                         rf"enclosed by the map's data \({share} .*"
                                          r"preprocess\.max_nan_fraction=0\.01"):
         correct_bias({"stiffness": noisy}, subject["mask"], subject["reference"],
                      subject["reference_info"], {"stiffness": tmp_path / "s.nii.gz"},
                      tmp_path / "r.nii.gz", subject="y")
+
+
+def test_a_nan_background_gives_what_a_zero_background_gives(processed, tmp_path):
+    """A map exported with NaN, not 0, around its data: every subject with a T1w failed,
+    its brain mask reaching beyond the map's data."""
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    data = image.get_fdata(dtype=np.float32)
+    mask = np.asarray(nib.load(subject["mask"]).dataobj) > 0
+    assert np.count_nonzero(mask & (data == 0)) > 0.01 * mask.sum()  # the case at hand
+    outputs = {}
+    for background in (0.0, np.nan):
+        path = tmp_path / f"{background}" / "sub-y_stiffness.nii.gz"
+        path.parent.mkdir()
+        nib.save(nib.Nifti1Image(np.where(data == 0, background, data).astype(np.float32),
+                                 image.affine), path)
+        outputs[background] = path.parent / "s.nii.gz"
+        correct_bias({"stiffness": path}, subject["mask"], subject["reference"],
+                     subject["reference_info"], {"stiffness": outputs[background]},
+                     path.parent / "r.nii.gz", n4=False, subject="y")
+    assert np.array_equal(nib.load(outputs[0.0]).get_fdata(), nib.load(outputs[np.nan]).get_fdata())
 
 
 def test_mask_that_misses_the_map_is_an_error(processed, tmp_path):
@@ -998,13 +1023,37 @@ def test_nonfinite_voxels_up_to_max_nan_fraction_of_the_brain_are_allowed():
     data = np.ones(brain.shape, np.float32)
     cleaned, count = clean_nonfinite(data, brain, max_fraction=0.0, what="map")
     assert count == 0 and np.array_equal(cleaned, data)
-    data[0, 0, 0], data[5, 5, 0], data[0, 0, 1] = np.nan, np.inf, np.nan  # 2 inside, 1 outside
+    data[2, 3, 0], data[5, 5, 0], data[0, 0, 1] = np.nan, np.inf, np.nan  # 2 inside, 1 outside
     cleaned, count = clean_nonfinite(data, brain, max_fraction=0.02, what="map")
-    assert count == 3 and cleaned[0, 0, 0] == cleaned[5, 5, 0] == cleaned[0, 0, 1] == 0
+    assert count == 3 and cleaned[2, 3, 0] == cleaned[5, 5, 0] == cleaned[0, 0, 1] == 0
     assert np.isfinite(cleaned).all() and cleaned.sum() == 197
-    with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain \(2\.0% of "
+    with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain, enclosed by "
+                                         r"the map's data \(2\.0% of "
                                          r"100 brain voxels\)"):
         clean_nonfinite(data, brain, max_fraction=0.019, what="map")
+
+
+def test_nan_around_the_maps_data_is_background_and_nan_it_encloses_is_counted():
+    """A map whose background is NaN, not 0 (beyond its slab, and between the inversion's
+    own mask and a larger brain mask) failed every subject with a T1w: the NaN around the
+    data counted as failed voxels. Holes inside the data count, on the slab's first and
+    last slices too (there only the slice encloses them)."""
+    from brainage.preprocess.images import clean_nonfinite
+
+    brain = np.zeros((20, 20, 12), bool)
+    brain[2:18, 2:18, :] = True  # a T1w brain mask reaching beyond the slab
+    data = np.full(brain.shape, np.nan, np.float32)
+    data[4:16, 4:16, 3:9] = 2.5  # the slab: 6 slices, a tighter mask in plane
+    cleaned, count = clean_nonfinite(data, brain, max_fraction=0.0, what="map")
+    assert count == data.size - 12 * 12 * 6 and np.isfinite(cleaned).all()
+    assert np.array_equal(cleaned > 0, np.isfinite(data))
+    data[8, 8, 3] = data[9, 9, 6] = data[10, 10, 8] = np.nan  # first, middle, last slice
+    with pytest.raises(InputError, match=r"map has 3 NaN/inf voxels inside the brain"):
+        clean_nonfinite(data, brain, max_fraction=0.0, what="map")
+    slab = np.ones((20, 20, 6), np.float32)  # a slab that fills its array: holes on the
+    slab[7, 7, 0] = slab[12, 12, 5] = np.nan  # border slices are enclosed within them
+    with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain"):
+        clean_nonfinite(slab, np.ones(slab.shape, bool), max_fraction=0.0, what="map")
 
 
 def test_the_field_of_view_box_is_the_supports_bounding_box_less_one_voxel():

@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from brainage.interrupted import last_slurm_run_id
 from conftest import REPO
 
 pytestmark = pytest.mark.workflow
@@ -103,13 +104,18 @@ def submitted_jobs(output: str) -> dict[str, str]:
     return dict(re.findall(r"submitted with SLURM jobid (\d+) \(log: (\S+?)\)", output))
 
 
+SACCT_COLUMNS = ["JobID", "State", "ExitCode", "JobName", "ReqMem", "Timelimit", "Comment"]
+
+
 def sacct_states(job_ids) -> pd.DataFrame:
-    """sacct rows (job allocations only) for the ids: JobID, State, ExitCode, Comment."""
+    """sacct rows (job allocations only) for the ids, SACCT_COLUMNS (the comment last: it
+    may hold the separator)."""
     result = subprocess.run(
-        ["sacct", "-n", "-P", "-X", "--format=JobID,State,ExitCode,Comment",
+        ["sacct", "-n", "-P", "-X", f"--format={','.join(SACCT_COLUMNS)}",
          "-j", ",".join(job_ids)], capture_output=True, text=True, check=True)
-    rows = [line.split("|", 3) for line in result.stdout.splitlines() if line.strip()]
-    return pd.DataFrame(rows, columns=["JobID", "State", "ExitCode", "Comment"])
+    rows = [line.split("|", len(SACCT_COLUMNS) - 1) for line in result.stdout.splitlines()
+            if line.strip()]
+    return pd.DataFrame(rows, columns=SACCT_COLUMNS)
 
 
 def failed_job_report(output: str, workdir: Path) -> str:
@@ -216,6 +222,11 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
         f"jobs not COMPLETED in sacct:\n{not_completed.to_string()}\nlogs: "
         + ", ".join(jobs[j] for j in not_completed["JobID"]))
     rules = states["Comment"].str.extract(r"^rule_(\w+?)(?:_wildcards_|$)")[0]
+    # the run ID that a restart after a kill names for scancel --name is these jobs' name
+    assert set(states["JobName"]) == {last_slurm_run_id(workdir)}, states.to_string()
+    # the plugin took the profile's slurm-delete-logfiles-older-than: 0 (failed jobs' SLURM
+    # logs, the record of a memory or time kill, outlive its 10-day default)
+    assert "Cleaning up SLURM log files" not in output
     table3 = pd.read_csv(workdir / "results" / "tables" / "table3_losses.csv")
     assert list(table3.columns[:4]) == ["loss", "n_seeds", "mae_mean", "mae_std"]
     assert {"adaptive", "yaware"} <= set(table3["loss"])
@@ -262,13 +273,19 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     broken = json.loads(metrics.read_text())
     del broken["mae"]
     metrics.write_text(json.dumps(broken))
-    result, output = snakemake_on_slurm(workdir, "--forcerun", "make_tables", "--retries", "0",
+    result, output = snakemake_on_slurm(workdir, "--forcerun", "make_tables", "--retries", "1",
                                         "results/tables/table3_losses.csv")
     assert result.returncode != 0
     assert "Error in rule make_tables" in output
     failed = submitted_jobs(output)
-    assert len(failed) == 1
-    (job_id, slurm_log), = failed.items()
+    assert len(failed) == 2  # the job and its one retry
+    (first_id, _), (job_id, slurm_log) = sorted(failed.items(), key=lambda job: int(job[0]))
+    # the retry asks for 1.5 times the memory and wall time (a memory or time kill would
+    # otherwise repeat): make_tables' 2,000 MB and 15 min
+    requests = wait_for_accounting([first_id, job_id]).set_index("JobID")
+    assert requests.loc[first_id, "ReqMem"] == "2000M" and requests.loc[job_id, "ReqMem"] == "3000M"
+    assert requests.loc[first_id, "Timelimit"] == "00:15:00"
+    assert requests.loc[job_id, "Timelimit"] == "00:22:00", requests.to_string()
     assert slurm_log in output and Path(slurm_log).is_file()  # SLURM's log, kept on failure
     assert "logs/aggregate/make_tables.log" in output
     rule_log = (workdir / "logs" / "aggregate" / "make_tables.log").read_text()

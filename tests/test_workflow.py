@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from brainage.config import validate_config
-from brainage.interrupted import interrupted_run_notice
+from brainage.interrupted import interrupted_run_notice, last_slurm_run_id
 from brainage.logs import attempts_file
 from brainage.paths import Layout
 from brainage.preprocess.chain import subject_files
@@ -473,6 +473,31 @@ def test_interrupted_run_notice_names_the_first_outputs_in_order(tmp_path):
     marker.write_text('{"external_jobid": null}')
     notice = interrupted_run_notice(tmp_path)
     assert f"4 unfinished output(s): {long}, results/b, results/c, ...)" in notice
+
+
+def test_interrupted_run_notice_names_the_slurm_jobs_to_cancel(tmp_path):
+    """Jobs of a killed SLURM run stay queued or running; a rerun started each a second
+    time beside it, two trainings writing one cell. The notice names the run ID (the jobs'
+    name) from the newest Snakemake log that has one, only when a run was interrupted."""
+    logs = tmp_path / ".snakemake" / "log"
+    logs.mkdir(parents=True)
+    older = logs / "2026-12-01T100000.000000.snakemake.log"
+    older.write_text("Building DAG of jobs...\nSLURM run ID: 11111111-aaaa\nJob 1 ...\n")
+    killed = logs / "2026-12-02T100000.000000.snakemake.log"
+    killed.write_text("Building DAG of jobs...\nUsing shell: /usr/bin/bash\n"
+                      "SLURM run ID: 90d6e715-404b-4598\nJob 3 has been submitted\n")
+    os.utime(older, (1, 1))
+    assert interrupted_run_notice(tmp_path) is None  # nothing was interrupted
+    (tmp_path / ".snakemake" / "locks").mkdir()
+    (tmp_path / ".snakemake" / "locks" / "0.output.lock").write_text("results/x\n")
+    notice = interrupted_run_notice(tmp_path)
+    assert "`scancel --name 90d6e715-404b-4598`" in notice and "11111111" not in notice
+    assert notice.index("scancel") < notice.index("--unlock") < notice.index("--rerun-incomplete")
+    # this run's own log (no ID yet: the executor starts after the plan) hides nothing
+    (logs / "2026-12-03T100000.000000.snakemake.log").write_text("Building DAG of jobs...\n")
+    assert last_slurm_run_id(tmp_path) == "90d6e715-404b-4598"
+    killed.write_text("Building DAG of jobs...\nJob 3 ...\n")  # a local run was killed
+    assert "scancel" not in interrupted_run_notice(tmp_path)
 
 
 NOTICE = "a previous Snakemake run in"

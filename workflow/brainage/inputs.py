@@ -401,18 +401,19 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
                         "Table 2 counts them as 'other'. Write F/M (female/male) if that is "
                         "what they code.", table_path, ", ".join(map(repr, uncounted[:10])))
     if "study" in table.columns:
-        _refuse_values_differing_in_spaces(table, table_path)
+        _refuse_values_differing_in_spelling(table, table_path)
 
 
-def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | str, *,
+def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path | str, *,
                                        column: str = "study",
                                        consequence: str = "in the splits, the tables and "
                                                           "the study means") -> None:
-    """One study (or group) written with and without spaces around its name ('study2',
-    'study2 ', a spreadsheet's trailing space) would be two: two strata of the split, two
-    rows of the tables, two study means. Refused, naming each spelling's first subject."""
+    """One study (or group) written in two spellings that differ only in spaces around the
+    name or in case ('study2', 'study2 ', 'Study2': a spreadsheet's trailing space, a
+    capital) would be two: two strata of the split, two rows of the tables, two study
+    means. Refused, naming each spelling's first subject."""
     values = table[column].dropna().astype(str)
-    for name, spellings in values.groupby(values.str.strip()):
+    for name, spellings in values.groupby(values.str.strip().str.casefold()):
         if spellings.nunique() > 1:
             first = {spelling: table.at[index, "participant_id"]
                      for index, spelling in spellings[::-1].items()}  # the first row wins
@@ -420,9 +421,9 @@ def _refuse_values_differing_in_spaces(table: pd.DataFrame, table_path: Path | s
                         for spelling in dict.fromkeys(spellings)]
             raise InputError(
                 f"{table_path}: column {column!r} writes {name!r} as "
-                f"{', '.join(examples)}, which differ only in spaces around the name, so the "
-                f"pipeline would take them for different values ({consequence}). Remove the "
-                f"spaces.")
+                f"{', '.join(examples)}, which differ only in case or in spaces around the "
+                f"name, so the pipeline would take them for different values ({consequence}). "
+                f"Write them in one spelling.")
 
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
@@ -621,9 +622,31 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
         raise InputError(f"{what} {path} has a singular or non-finite affine (voxel-to-world "
                          f"matrix {affine.round(4).tolist()}), so its voxels have no place in "
                          f"space. Fix its header's qform/sform (e.g. re-convert from DICOM).")
+    _check_orientation_declared(image, path, what)
     _check_perpendicular_axes(affine, path, what)
     _check_spatial_unit(image, affine, path, what)
     return image
+
+
+def _check_orientation_declared(image, path: Path, what: str) -> None:
+    """Refuse a NIfTI whose qform_code and sform_code are both 0 (MATLAB's NIfTI toolbox,
+    make_nii / save_nii, writes such files): its header then says nothing about where left
+    is. nibabel reads the voxels as stored from right to left (an LAS guess), so a map
+    stored left to right comes out mirrored, and a brain is symmetric enough that
+    registration and QC pass."""
+    header = image.header
+    try:
+        codes = int(header["qform_code"]), int(header["sform_code"])
+    except (KeyError, ValueError):  # not a NIfTI header: nothing to check
+        return
+    if codes == (0, 0):
+        raise InputError(
+            f"{what} {path} declares no orientation (qform_code and sform_code are both 0, "
+            f"as MATLAB's make_nii/save_nii write), so its left and right are a guess and "
+            f"the map may come out mirrored. Save it with the voxel-to-world matrix of its "
+            f"acquisition, e.g. that of the dcm2niix conversion of the MRE magnitude image "
+            f"(nibabel: image.set_sform(affine, code=1)), or remove the subject's row from "
+            f"participants.tsv.")
 
 
 #: The check before any work refuses a map whose median non-zero value exceeds its
@@ -642,6 +665,12 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
     if bounds is None:  # the T1w: scanner units
         return
     median = float(np.median(values.astype(np.float64)))
+    if median <= 0 <= bounds[0]:  # a modulus or ratio is positive: the sign is flipped
+        raise InputError(
+            f"{what} {path}: the median of its non-zero voxels is {median:.4g}, but a "
+            f"{kind.description} is positive. Was it exported with the opposite sign "
+            f"convention? Store it positive (multiply by -1), or remove the subject's row "
+            f"from participants.tsv.")
     if median > UNIT_CHECK_FACTOR * bounds[1]:
         ratio = kind.unit == "1"  # dimensionless: the damping ratio
         hint = ("in percent (divide by 100)" if ratio
@@ -876,7 +905,7 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
             f"{', '.join(participants.columns)}. Add one, or leave the reference group unset "
             f"to use the bundle's correction.")
     if group_column is not None:
-        _refuse_values_differing_in_spaces(
+        _refuse_values_differing_in_spelling(
             participants, table_path, column=group_column,
             consequence="in the summary by group and the age-bias reference group")
     groups = list(dict.fromkeys(cohort_groups(participants, group_column)))

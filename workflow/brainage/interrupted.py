@@ -3,10 +3,13 @@ run about it.
 
 A Snakemake run that is killed (a closed terminal, a reboot of the login node) leaves
 lock files in ``.snakemake/locks/`` and marks the outputs of the jobs it was running in
-``.snakemake/incomplete/``. The next run then stops with ``IncompleteFilesException`` and
-``LockException`` in turn. The workflow prints :func:`interrupted_run_notice` when it
+``.snakemake/incomplete/``. The next run then stops with ``LockException``, and with
+``IncompleteFilesException`` where a killed job's output exists (rare: outputs are written
+under a temporary name and renamed). The workflow prints :func:`interrupted_run_notice` when it
 starts, before Snakemake reads these folders: Snakemake parses the Snakefile before it
-takes its own lock, so whatever lock is found then belongs to another process.
+takes its own lock, so whatever lock is found then belongs to another process. On SLURM
+the killed run's jobs live on (queued or running) and a rerun would start each again beside
+them, so the notice names the run's ID for ``scancel --name`` (:func:`last_slurm_run_id`).
 
 Snakemake 9's file persistence (the default) stores a lock as ``<n>.input.lock`` /
 ``<n>.output.lock`` and an incomplete marker as the url-safe base64 of the output's path,
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import binascii
 import os
+import re
 from base64 import urlsafe_b64decode
 from pathlib import Path
 
@@ -54,6 +58,29 @@ def incomplete_outputs(workdir: str | Path = ".") -> list[Path]:
     return sorted(outputs)
 
 
+#: The line snakemake-executor-plugin-slurm writes into a run's log (.snakemake/log/) as it
+#: starts; every SLURM job of that run carries the ID as its job name.
+_SLURM_RUN_ID = re.compile(r"^SLURM run ID: (\S+)$", re.MULTILINE)
+#: How much of a log to read for it: the plugin says it before the first job is submitted.
+_LOG_HEAD_BYTES = 64 * 1024
+
+
+def last_slurm_run_id(workdir: str | Path = ".", *, logs_read: int = 2) -> str | None:
+    """The SLURM run ID of the newest of the last ``logs_read`` Snakemake runs in
+    ``workdir`` that submitted to SLURM, or None. Two logs: this run's, which Snakemake may
+    have opened already (it has no ID yet: the executor starts after the plan), and the
+    one before it."""
+    folder = Path(workdir, ".snakemake", "log")
+    logs = sorted(folder.glob("*.snakemake.log"), key=lambda log: log.stat().st_mtime,
+                  reverse=True) if folder.is_dir() else []
+    for log in logs[:logs_read]:
+        with open(log, "rb") as handle:
+            head = handle.read(_LOG_HEAD_BYTES).decode(errors="replace")
+        if match := _SLURM_RUN_ID.search(head):
+            return match.group(1)
+    return None
+
+
 def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str | None:
     """One sentence saying that a run was killed (or still runs) and what to run, or None
     when ``.snakemake/`` holds no lock and no incomplete output.
@@ -75,5 +102,12 @@ def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str 
     else:
         what_to_run = ("if none is running, run the same command again with "
                        "--rerun-incomplete added")
+    run_id = last_slurm_run_id(workdir)
+    if run_id:
+        # The cluster keeps running and starting the killed run's jobs; a rerun would start
+        # each a second time, and two copies of one training write the same files.
+        what_to_run = (f"if it was killed, first cancel its SLURM jobs still queued or "
+                       f"running (run ID {run_id}: `squeue --name {run_id}` lists them, "
+                       f"`scancel --name {run_id}` cancels them); then, {what_to_run}")
     return (f"brainage: a previous Snakemake run in {Path(workdir).resolve()} was killed or is "
             f"still running ({'; '.join(found)}): {what_to_run}.")

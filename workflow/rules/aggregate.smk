@@ -21,8 +21,8 @@ rule make_tables:
     conda:
         "../../envs/report.yaml"
     resources:
-        mem_mb=2000,
-        runtime=15,
+        mem_mb=grows_per_attempt(2000),
+        runtime=grows_per_attempt(15),
     params:
         settings=EXPERIMENT_SETTINGS,
         stems={name: LAYOUT.table(name, "") for name in REPORT_NAMES["tables"]},
@@ -43,8 +43,8 @@ rule make_figures:
     conda:
         "../../envs/report.yaml"
     resources:
-        mem_mb=4000,
-        runtime=20,
+        mem_mb=grows_per_attempt(4000),
+        runtime=grows_per_attempt(20),
     params:
         settings=EXPERIMENT_SETTINGS,
         maps=lambda wildcards: _registered_maps(),
@@ -74,8 +74,8 @@ rule plot_embeddings:
     conda:
         "../../envs/report.yaml"
     resources:
-        mem_mb=2000,
-        runtime=20,
+        mem_mb=grows_per_attempt(2000),
+        runtime=grows_per_attempt(20),
     params:
         label=_focus_label(),
         title="Fig. 5",
@@ -103,8 +103,8 @@ rule plot_pretraining_embeddings:
     conda:
         "../../envs/report.yaml"
     resources:
-        mem_mb=2000,
-        runtime=20,
+        mem_mb=grows_per_attempt(2000),
+        runtime=grows_per_attempt(20),
     params:
         label=lambda wildcards: f"pretraining run {wildcards.pretrain}",
         title="Pretraining",

@@ -20,7 +20,7 @@ from brainage import brainage_version
 from brainage.bundle import MANIFEST_FILE, PAYLOAD_FILES, README_FILE
 from brainage.config import pretrain_settings, pretrained_run, training_settings
 from brainage.config import exported_cell as exported_cell_of
-from brainage.config import preprocessing_record
+from brainage.config import preprocessing_record, resource_for_attempt
 from brainage.modalities import grid_modality, input_path, modalities_to_predict, mre_maps
 from brainage.modalities import tag as modality_tag
 from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
@@ -621,6 +621,21 @@ def all_targets(wildcards):
         *pretrain_targets(),
         *search,
     ]
+
+
+def grows_per_attempt(amount):
+    """A rule's memory (MB) or wall time (minutes) that grows with each retry of its job
+    (brainage.config.resource_for_attempt): a job that SLURM stopped for either would fail
+    the same way again. `amount`: a number or a function of the wildcards. The wall time of
+    the jobs that resume from a checkpoint (training, the random search) stays fixed: each
+    retry continues their work, and a longer request may exceed the partition's limit; a
+    pretraining run keeps its whole multi-node request for the same reason. Resources rerun
+    nothing."""
+
+    def resource(wildcards, attempt):
+        return resource_for_attempt(amount(wildcards) if callable(amount) else amount, attempt)
+
+    return resource
 
 
 # -- per-subject preprocessing (preprocess.smk) ----------------------------------

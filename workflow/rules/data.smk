@@ -16,8 +16,8 @@ if SIMULATED:
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=4000,
-            runtime=30,
+            mem_mb=grows_per_attempt(4000),
+            runtime=grows_per_attempt(30),
         params:
             options=DATASET_SIMULATION,
             root=lambda wildcards, output: Path(output.participants).parent,
@@ -46,8 +46,8 @@ if SIMULATED_PREDICT_COHORT is not None:
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=4000,
-            runtime=30,
+            mem_mb=grows_per_attempt(4000),
+            runtime=grows_per_attempt(30),
         params:
             options=PREDICT_SIMULATION,
             root=lambda wildcards, output: Path(output.participants).parent,

@@ -29,8 +29,8 @@ rule normalise_dataset:
         "../../envs/preprocess.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=60,
+        mem_mb=grows_per_attempt(2000),
+        runtime=grows_per_attempt(60),
     params:
         split_settings=config["split"],
         normalise=config["normalise"],

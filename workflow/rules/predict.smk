@@ -40,8 +40,8 @@ rule export_model:
         "../../envs/train.yaml"
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime=10,
+        mem_mb=grows_per_attempt(2000),
+        runtime=grows_per_attempt(10),
     params:
         settings=lambda wildcards: cell_settings(config, *exported_cell()[1:]),
         bundle_dir=lambda wildcards, output: Path(output[0]).parent,
@@ -77,7 +77,7 @@ rule predict_cohort:
         "../../envs/train.yaml"
     threads: config["train"]["threads"]
     resources:
-        mem_mb=config["resources"]["train"]["mem_mb"],
+        mem_mb=grows_per_attempt(config["resources"]["train"]["mem_mb"]),
     params:
         bundle_dir=lambda wildcards, input: Path(input.bundle[0]).parent,
         dataset_root=lambda wildcards, input: Path(input.participants).parent,

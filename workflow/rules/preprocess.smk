@@ -29,8 +29,8 @@ rule prepare_template:
         "../../envs/preprocess.yaml"
     threads: 1
     resources:
-        mem_mb=PREPROCESS_RESOURCES["mem_mb"],
-        runtime=PREPROCESS_RESOURCES["runtime_min"],
+        mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
+        runtime=grows_per_attempt(PREPROCESS_RESOURCES["runtime_min"]),
     params:
         template=config["template"],
     script:
@@ -77,8 +77,8 @@ rule strip_skull:
         "../../envs/preprocess.yaml"
     threads: step_threads(PREPROCESS)
     resources:
-        mem_mb=PREPROCESS_RESOURCES["mem_mb"],
-        runtime=PREPROCESS_RESOURCES["runtime_min"],
+        mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
+        runtime=grows_per_attempt(PREPROCESS_RESOURCES["runtime_min"]),
     params:
         job="strip_skull",
         modalities=preproc_modalities,
@@ -118,8 +118,8 @@ for chain_rule, chain_modalities in CHAIN_VARIANTS.items():
             "../../envs/preprocess.yaml"
         threads: step_threads(PREPROCESS)
         resources:
-            mem_mb=PREPROCESS_RESOURCES["mem_mb"],
-            runtime=PREPROCESS_RESOURCES["runtime_min"],
+            mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
+            runtime=grows_per_attempt(PREPROCESS_RESOURCES["runtime_min"]),
         params:
             job="correct_and_register",
             modalities=chain_modalities,
@@ -146,8 +146,8 @@ rule tabulate_qc:
         "../../envs/preprocess.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=grows_per_attempt(1000),
+        runtime=grows_per_attempt(10),
     params:
         minimums=thresholds(config["qc"]),
         modalities=MODALITIES,

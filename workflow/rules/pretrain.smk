@@ -27,8 +27,8 @@ for simulated_run in PRETRAIN_SIMULATED:
         conda:
             "../../envs/preprocess.yaml"
         resources:
-            mem_mb=4000,
-            runtime=30,
+            mem_mb=grows_per_attempt(4000),
+            runtime=grows_per_attempt(30),
         params:
             n_subjects=PRETRAIN[simulated_run]["source"]["n_subjects"],
             seed=PRETRAIN[simulated_run]["source"]["seed"],
@@ -51,8 +51,8 @@ rule tabulate_pretrain_qc:
         "../../envs/preprocess.yaml"
     threads: 1
     resources:
-        mem_mb=1000,
-        runtime=10,
+        mem_mb=grows_per_attempt(1000),
+        runtime=grows_per_attempt(10),
     params:
         minimums=thresholds(config["qc"]),
         modalities=("T1w",),
@@ -80,8 +80,8 @@ rule normalise_pretrain_cohort:
         "../../envs/preprocess.yaml"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=120,
+        mem_mb=grows_per_attempt(8000),
+        runtime=grows_per_attempt(120),
     params:
         split_settings=pretrain_split_settings,
         normalise=config["normalise"],
@@ -111,8 +111,8 @@ rule prepare_openbhb:
         "../../envs/preprocess.yaml"
     threads: 1
     resources:
-        mem_mb=8000,
-        runtime=720,
+        mem_mb=grows_per_attempt(8000),
+        runtime=grows_per_attempt(720),
     params:
         root=lambda wildcards: PRETRAIN[wildcards.pretrain]["source"]["root"],
         validation=lambda wildcards: PRETRAIN[wildcards.pretrain]["source"]["openbhb_validation"],
@@ -180,8 +180,8 @@ rule evaluate_pretrained_encoder:
         "../../envs/train.yaml"
     threads: 1
     resources:
-        mem_mb=config["resources"]["evaluate"]["mem_mb"],
-        runtime=config["resources"]["evaluate"]["runtime_min"],
+        mem_mb=grows_per_attempt(config["resources"]["evaluate"]["mem_mb"]),
+        runtime=grows_per_attempt(config["resources"]["evaluate"]["runtime_min"]),
     params:
         settings=pretrain_params,
         split_dir=lambda wildcards: LAYOUT.pretrain_split_dir(wildcards.pretrain),

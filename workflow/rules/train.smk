@@ -35,7 +35,7 @@ rule train_encoder:
     threads: cell_threads
     resources:
         gpu=config["resources"]["train"]["gpu"],
-        mem_mb=config["resources"]["train"]["mem_mb"],
+        mem_mb=grows_per_attempt(config["resources"]["train"]["mem_mb"]),
         runtime=config["resources"]["train"]["runtime_min"],
     params:
         settings=training_params,
@@ -64,8 +64,8 @@ rule evaluate_encoder:
     resources:
         # A read-out on saved features (or, for the voxel baselines, on the split's
         # images): a CPU job, no GPU.
-        mem_mb=config["resources"]["evaluate"]["mem_mb"],
-        runtime=config["resources"]["evaluate"]["runtime_min"],
+        mem_mb=grows_per_attempt(config["resources"]["evaluate"]["mem_mb"]),
+        runtime=grows_per_attempt(config["resources"]["evaluate"]["runtime_min"]),
     params:
         settings=cell_params,
         split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),
@@ -92,7 +92,7 @@ if config["search"]["enabled"]:
         threads: config["train"]["threads"]
         resources:
             gpu=config["resources"]["train"]["gpu"],
-            mem_mb=config["resources"]["train"]["mem_mb"],
+            mem_mb=grows_per_attempt(config["resources"]["train"]["mem_mb"]),
             runtime=config["resources"]["search"]["runtime_min"],
         params:
             settings=lambda wildcards: search_params(),

@@ -115,6 +115,18 @@ def largest_component_filled(mask: np.ndarray) -> np.ndarray:
     return ndimage.binary_fill_holes(labels == sizes.argmax())
 
 
+def filled_in_any_plane(mask: np.ndarray) -> np.ndarray:
+    """``mask`` [X, Y, Z] with every hole filled that it encloses in 3D or within one slice
+    along any axis: a hole on a slab's first or last slice touches the array's border, so
+    only its slice encloses it."""
+    filled = ndimage.binary_fill_holes(mask)
+    for axis in range(mask.ndim):
+        for index in range(mask.shape[axis]):
+            plane = (slice(None),) * axis + (index,)
+            filled[plane] |= ndimage.binary_fill_holes(mask[plane])
+    return filled
+
+
 def support_mask(data: np.ndarray) -> np.ndarray:
     """Brain mask of an already-masked map: its finite non-zero voxels, largest component,
     holes (NaN voxels, zero-valued inversions) filled. Bool [X, Y, Z]."""
@@ -139,7 +151,11 @@ def resample_mask(mask: np.ndarray, source_affine: np.ndarray, target_shape,
 
 def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
                     what: str) -> tuple[np.ndarray, int]:
-    """Set NaN/inf voxels to background (0), refusing maps with too many inside the brain.
+    """Set NaN/inf voxels to background (0), refusing maps with too many inside the brain
+    where the map has data: the NaN/inf voxels that its finite non-zero voxels enclose
+    (:func:`filled_in_any_plane`), the holes of a failed inversion. NaN around the map's
+    data (beyond the slab, or between the inversion's own mask and a T1w's larger brain
+    mask) is background written as NaN, as zeros there are.
 
     Parameters
     ----------
@@ -160,19 +176,21 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
         More than ``max_fraction`` of the brain voxels are non-finite.
     """
     nonfinite = ~np.isfinite(data)
-    inside = int(np.count_nonzero(nonfinite & brain))
+    measured = filled_in_any_plane(np.isfinite(data) & (data != 0))
+    inside = int(np.count_nonzero(nonfinite & brain & measured))
     brain_voxels = max(int(np.count_nonzero(brain)), 1)
     share = inside / brain_voxels
     if share > max_fraction:
         raise InputError(
-            f"{what} has {inside} NaN/inf voxels inside the brain ({share:.1%} of "
+            f"{what} has {inside} NaN/inf voxels inside the brain, enclosed by the map's "
+            f"data ({share:.1%} of "
             f"{brain_voxels} brain voxels), more than preprocess.max_nan_fraction="
             f"{max_fraction}. The inversion probably failed for this map: re-run it, remove "
             f"the subject, or raise preprocess.max_nan_fraction.")
     total = int(np.count_nonzero(nonfinite))
     if total:
-        log.info("%s: %d NaN/inf voxels set to background (%d inside the brain, %.3f%% of "
-                 "brain voxels)", what, total, inside, 100 * share)
+        log.info("%s: %d NaN/inf voxels set to background (%d inside the brain, enclosed by "
+                 "the map's data: %.3f%% of brain voxels)", what, total, inside, 100 * share)
     else:
         log.info("%s: no NaN/inf voxels", what)
     return np.where(nonfinite, np.float32(0), data).astype(np.float32), total
