@@ -1382,6 +1382,35 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
         tabulate_qc([files[0], files[1]], participants, tmp_path / "qc.tsv", minimums=minimums)
 
 
+def test_a_cohort_stripped_by_two_tools_is_warned_about(tmp_path, caplog):
+    """preprocess.skullstrip: auto takes FreeSurfer where a job's machine has it: a study
+    added later on other nodes got the other tool's masks, without a word."""
+    from brainage.qc import tabulate_qc
+
+    participants = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
+                                 "age": [30.0, 40.0, 50.0, 60.0], "sex": ["F", "M", "F", "M"],
+                                 "study": ["s1", "s1", "s2", "s3"]})
+    routes = {"sub-01": "deepbet", "sub-02": "deepbet", "sub-03": "freesurfer", "sub-04": None}
+    files = []
+    for pid, route in routes.items():
+        files.append(tmp_path / f"{pid}_qc.json")
+        files[-1].write_text(json.dumps({"participant_id": pid, "dice": 0.9,
+                                         "correlation": 0.5, "coverage": 0.8,
+                                         "skullstrip_route": route}))
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+    with caplog.at_level("WARNING", logger="brainage.qc"):
+        tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
+    assert re.search(r"skull-stripped by two tools \(deepbet: 2 \(e\.g\. sub-01, sub-02\); "
+                     r"freesurfer: 1 \(e\.g\. sub-03\)\).*Set preprocess\.skullstrip to one "
+                     r"tool", caplog.text), caplog.text
+    caplog.clear()
+    files[2].write_text(json.dumps({"participant_id": "sub-03", "dice": 0.9, "correlation": 0.5,
+                                    "coverage": 0.8, "skullstrip_route": "deepbet"}))
+    with caplog.at_level("WARNING", logger="brainage.qc"):  # a subject without a T1w is no
+        tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)  # 2nd tool
+    assert "two tools" not in caplog.text
+
+
 @pytest.mark.parametrize("content", ["{not json", '{"dice": 0.9}', "[1, 2]"])
 def test_a_damaged_qc_record_names_its_file(tmp_path, content):
     """The QC table read each subject's JSON with a bare JSONDecodeError or KeyError, naming

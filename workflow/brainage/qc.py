@@ -324,10 +324,34 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
                     "it: false (the default) trains on and evaluates it as any subject, "
                     "true leaves it out of every split.", row.participant_id, row.study,
                     row.qc_failures, figures.get(row.participant_id, "(none)"))
+    _warn_about_mixed_skull_strippers(table)
     log.info("QC: %d of %d subjects pass (%s)", int(table["qc_pass"].sum()), len(table),
              ", ".join(f"{key} {value:g}" for key, value in minimums.items()))
     write_tsv(out_table, table)
     return table
+
+
+#: The tools that strip a T1w; preprocess.skullstrip: auto picks one per job, by machine.
+SKULL_STRIPPERS = ("freesurfer", "deepbet")
+
+
+def _warn_about_mixed_skull_strippers(table: pd.DataFrame) -> None:
+    """Warn when one cohort's T1w images were stripped by both tools: with
+    ``preprocess.skullstrip: auto`` each job takes FreeSurfer where its machine has it, so
+    a study added later on other nodes can be stripped by the other tool, a difference
+    that follows the study like a site effect."""
+    routes = table[table["skullstrip_route"].isin(SKULL_STRIPPERS)]
+    by_route = routes.groupby("skullstrip_route")["participant_id"]
+    if by_route.ngroups < 2:
+        return
+    counts = "; ".join(f"{route}: {len(ids)} (e.g. {', '.join(ids.iloc[:3])})"
+                       for route, ids in by_route)
+    log.warning("This cohort's T1w images were skull-stripped by two tools (%s): "
+                "preprocess.skullstrip auto takes FreeSurfer on the machines that have it "
+                "and deepbet elsewhere. Masks that differ by tool, and so by study where "
+                "studies were added at different times, act like a site effect. Set "
+                "preprocess.skullstrip to one tool (this reruns every subject's "
+                "preprocessing).", counts)
 
 
 def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mapping) -> None:

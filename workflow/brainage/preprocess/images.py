@@ -186,7 +186,8 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
             f"data ({share:.1%} of "
             f"{brain_voxels} brain voxels), more than preprocess.max_nan_fraction="
             f"{max_fraction}. The inversion probably failed for this map: re-run it, remove "
-            f"the subject, or raise preprocess.max_nan_fraction.")
+            f"the subject, or raise preprocess.max_nan_fraction (a setting of every "
+            f"subject's preprocessing: changing it reruns them all).")
     total = int(np.count_nonzero(nonfinite))
     if total:
         log.info("%s: %d NaN/inf voxels set to background (%d inside the brain, enclosed by "
