@@ -15,6 +15,7 @@ import pytest
 from brainage import inputs
 from brainage.inputs import (
     ALL_SUBJECTS,
+    IMAGE_CHECKS_VERSION,
     NO_GROUP,
     InputError,
     check_cohort_table,
@@ -697,12 +698,18 @@ def test_a_stiffness_map_of_the_opposite_sign_is_refused_before_any_job(tiny_dat
     T1w and the map for lying in different spaces."""
     volume = np.random.default_rng(0).uniform(1, 4, (4, 4, 4)).astype(np.float32)
     volume = -volume
-    volume[0] = 0.5  # a few positive voxels: the median decides
+    volume[0, 0, :2] = 0.5  # a few positive voxels (3 %) do not make it a positive map
     nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2, 2, 1])), _stiffness(tiny_dataset, "00a"))
     with pytest.raises(InputError, match=r"subject sub-00a: stiffness map .*: the median of its "
                                          r"non-zero voxels is -\d.*is positive.*opposite sign "
                                          r"convention"):
         check_dataset_images(tiny_dataset, ["00a"])
+    # a constant negative background ("no data", -1) around a positive brain is no flipped
+    # map, even where it outnumbers the brain: preprocessing reads it as background
+    filled = np.full((8, 8, 8), -1.0, np.float32)
+    filled[2:5, 2:5, 2:5] = np.random.default_rng(1).uniform(1, 4, (3, 3, 3))
+    nib.save(nib.Nifti1Image(filled, np.diag([2.0, 2, 2, 1])), _stiffness(tiny_dataset, "00a"))
+    check_dataset_images(tiny_dataset, ["00a"])
 
 
 def test_a_non_finite_origin_is_refused_like_a_non_finite_matrix(tiny_dataset):
@@ -846,7 +853,9 @@ def test_a_subjects_maps_on_different_grids_are_refused_before_any_job(tmp_path)
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):
-    # entries without a grid (size and mtime only) cannot serve the grid check
+    """Entries without a grid (size and mtime only) cannot serve the grid check; entries of
+    older checks (without the checks version) let a file the new checks refuse through the
+    plan, to fail hours later in its subject's job."""
     cache = tmp_path / "cache.json"
     path = _stiffness(tiny_dataset, "00a")
     stat = path.stat()
@@ -856,6 +865,18 @@ def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_p
     assert said and said[0].startswith("Checking 1 input image(s)")
     entry = json.loads(cache.read_text())[str(path.resolve())]
     assert entry[:2] == [stat.st_size, stat.st_mtime_ns] and entry[2][0] == [12, 12, 12]
+    assert entry[3] == IMAGE_CHECKS_VERSION
+    said.clear()
+    check_dataset_images(tiny_dataset, ["00a"], cache_file=cache, announce=said.append)
+    assert said == []  # this version's entry serves
+    header = nib.Nifti1Header()  # no orientation: refused since version 2
+    header.set_data_shape((4, 4, 4))
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), None, header), path)
+    stat = path.stat()
+    cache.write_text(json.dumps({str(path.resolve()): [stat.st_size, stat.st_mtime_ns,
+                                                       entry[2]]}))  # passed by version 1
+    with pytest.raises(InputError, match=r"sub-00a_stiffness\.nii\.gz declares no orientation"):
+        check_dataset_images(tiny_dataset, ["00a"], cache_file=cache)
 
 
 def test_a_missing_map_of_the_modalities_names_subject_and_file(tiny_dataset):

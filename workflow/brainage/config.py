@@ -1013,15 +1013,15 @@ def voxel_readout_memory_mb(n_subjects: int, n_channels: int, resolution_mm: int
     return int(1.8 * n_subjects * n_channels * voxels * 4 / 1e6) + 1000
 
 
-#: How much a retried cluster job's request grows per attempt: a job that SLURM stopped
-#: for its memory (OUT_OF_MEMORY) or wall time (TIMEOUT) fails the same way when
-#: resubmitted with the same request.
+#: How much a retried cluster job's memory request grows per attempt: a job that SLURM
+#: stopped for its memory (OUT_OF_MEMORY) fails the same way when resubmitted with the
+#: same request.
 RETRY_GROWTH = 0.5
 
 
 def resource_for_attempt(amount: int, attempt: int) -> int:
-    """A job's memory (MB) or wall time (minutes) at its ``attempt`` (1 for the first):
-    ``amount``, then 1.5 and 2 times it at the SLURM profile's two retries."""
+    """A job's memory (MB) at its ``attempt`` (1 for the first): ``amount``, then 1.5 and
+    2 times it at the SLURM profile's two retries."""
     return int(amount * (1 + RETRY_GROWTH * (attempt - 1)))
 
 

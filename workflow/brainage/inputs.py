@@ -665,7 +665,7 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
     if bounds is None:  # the T1w: scanner units
         return
     median = float(np.median(values.astype(np.float64)))
-    if median <= 0 <= bounds[0]:  # a modulus or ratio is positive: the sign is flipped
+    if bounds[0] >= 0 and _sign_flipped(values):
         raise InputError(
             f"{what} {path}: the median of its non-zero voxels is {median:.4g}, but a "
             f"{kind.description} is positive. Was it exported with the opposite sign "
@@ -681,6 +681,23 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
             f"of a {kind.description}. Is it {hint}? Convert it to "
             f"{'a ratio' if ratio else kind.unit}, or remove the subject's row from "
             f"participants.tsv.")
+
+
+#: A map whose non-zero voxels are at most this share positive, and whose negative ones
+#: vary (not one fill value), was written with the opposite sign.
+FLIPPED_POSITIVE_SHARE = 0.1
+
+
+def _sign_flipped(values: np.ndarray) -> bool:
+    """True for the non-zero ``values`` of a positive quantity (a modulus, a ratio) that
+    were exported negative: almost none positive, and the negative ones not one value. A
+    constant negative background ("no data", e.g. -1) is no flipped map: preprocessing
+    reads voxels <= 0 as background."""
+    negative = values[values < 0]
+    if np.count_nonzero(values > 0) > FLIPPED_POSITIVE_SHARE * values.size or not negative.size:
+        return False
+    _, counts = np.unique(negative, return_counts=True)
+    return counts.max() < 0.5 * negative.size
 
 
 def _not_3d_advice(shape: tuple[int, ...]) -> str:
@@ -766,6 +783,13 @@ def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
                                                            atol=AFFINE_TOLERANCE_MM)
 
 
+#: The version of what :func:`load_nifti_checked` checks, kept with each file that passed
+#: (``check_dataset_images``' cache): raise it when a check is added, so that files passed
+#: before it are read again at planning, not refused hours later in their subject's job.
+#: 2: the orientation codes and the sign of a map (2026-12-05).
+IMAGE_CHECKS_VERSION = 2
+
+
 def check_dataset_images(root: str | Path, labels: list[str],
                          modalities: Sequence[str] = DEFAULT_MODALITIES, *,
                          cache_file: str | Path | None = None,
@@ -775,8 +799,9 @@ def check_dataset_images(root: str | Path, labels: list[str],
 
     Each file must pass :func:`load_nifti_checked`, and a subject's MRE maps must share one
     voxel grid: they share one brain mask and one transform (the T1w may have a grid of
-    its own). A file already checked with the same size and modification time is not
-    opened again, using ``cache_file`` (JSON: size, mtime and grid per file), so a dataset
+    its own). A file already checked with the same size and modification time, by the same
+    :data:`IMAGE_CHECKS_VERSION`, is not opened again, using ``cache_file`` (JSON: size,
+    mtime, grid and checks version per file), so a dataset
     of thousands is read in full only once (a 1 mm T1w takes about 0.1 s, so the first
     check of 2,000 subjects takes minutes: up to :data:`IMAGE_CHECK_THREADS` threads read,
     and ``announce`` is told how many files before they are read). Files that pass are
@@ -802,8 +827,11 @@ def check_dataset_images(root: str | Path, labels: list[str],
             stat = Path(path).stat()
             key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
             inputs_of[label].append((kind, path, key))
-            # entries of older versions hold no grid (two items): read those files again
-            if (len(cache.get(key, ())) != 3 or cache[key][:2] != stamp) and key not in pending:
+            # an entry of another version of the checks (or of none: older entries have
+            # two or three items) is read again: its file passed fewer checks
+            entry = cache.get(key, ())
+            if (len(entry) != 4 or entry[:2] != stamp or entry[3] != IMAGE_CHECKS_VERSION) \
+                    and key not in pending:
                 description = modality("T1w" if kind == "anat" else kind).description
                 pending[key] = (stamp, path, f"subject sub-{label}: {description}",
                                 None if kind == "anat" else kind)
@@ -821,7 +849,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
                                     pending.values()))
         for (key, (stamp, *_)), (grid, problem) in zip(pending.items(), checked):
             if grid is not None:
-                cache[key] = [*stamp, grid]
+                cache[key] = [*stamp, grid, IMAGE_CHECKS_VERSION]
             else:
                 problems[key] = problem
         if cache_file is not None and len(problems) < len(pending):

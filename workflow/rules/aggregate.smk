@@ -22,7 +22,7 @@ rule make_tables:
         "../../envs/report.yaml"
     resources:
         mem_mb=grows_per_attempt(2000),
-        runtime=grows_per_attempt(15),
+        runtime=15,
     params:
         settings=EXPERIMENT_SETTINGS,
         stems={name: LAYOUT.table(name, "") for name in REPORT_NAMES["tables"]},
@@ -44,7 +44,7 @@ rule make_figures:
         "../../envs/report.yaml"
     resources:
         mem_mb=grows_per_attempt(4000),
-        runtime=grows_per_attempt(20),
+        runtime=20,
     params:
         settings=EXPERIMENT_SETTINGS,
         maps=lambda wildcards: _registered_maps(),
@@ -75,7 +75,7 @@ rule plot_embeddings:
         "../../envs/report.yaml"
     resources:
         mem_mb=grows_per_attempt(2000),
-        runtime=grows_per_attempt(20),
+        runtime=20,
     params:
         label=_focus_label(),
         title="Fig. 5",
@@ -104,7 +104,7 @@ rule plot_pretraining_embeddings:
         "../../envs/report.yaml"
     resources:
         mem_mb=grows_per_attempt(2000),
-        runtime=grows_per_attempt(20),
+        runtime=20,
     params:
         label=lambda wildcards: f"pretraining run {wildcards.pretrain}",
         title="Pretraining",

@@ -624,13 +624,13 @@ def all_targets(wildcards):
 
 
 def grows_per_attempt(amount):
-    """A rule's memory (MB) or wall time (minutes) that grows with each retry of its job
-    (brainage.config.resource_for_attempt): a job that SLURM stopped for either would fail
-    the same way again. `amount`: a number or a function of the wildcards. The wall time of
-    the jobs that resume from a checkpoint (training, the random search) stays fixed: each
-    retry continues their work, and a longer request may exceed the partition's limit; a
-    pretraining run keeps its whole multi-node request for the same reason. Resources rerun
-    nothing."""
+    """A rule's memory (MB) that grows with each retry of its job
+    (brainage.config.resource_for_attempt): a job that SLURM stopped for its memory would
+    fail the same way again. `amount`: a number or a function of the wildcards. Not the
+    wall time: a request above the partition's time limit is not refused but left pending
+    for ever (SLURM's default EnforcePartLimits=NO), and training resumes anyway. Not a
+    pretraining run's memory either: a larger request may not fit its nodes, and it
+    resumes. Resources rerun nothing."""
 
     def resource(wildcards, attempt):
         return resource_for_attempt(amount(wildcards) if callable(amount) else amount, attempt)

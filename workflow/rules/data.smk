@@ -17,7 +17,7 @@ if SIMULATED:
             "../../envs/preprocess.yaml"
         resources:
             mem_mb=grows_per_attempt(4000),
-            runtime=grows_per_attempt(30),
+            runtime=30,
         params:
             options=DATASET_SIMULATION,
             root=lambda wildcards, output: Path(output.participants).parent,
@@ -47,7 +47,7 @@ if SIMULATED_PREDICT_COHORT is not None:
             "../../envs/preprocess.yaml"
         resources:
             mem_mb=grows_per_attempt(4000),
-            runtime=grows_per_attempt(30),
+            runtime=30,
         params:
             options=PREDICT_SIMULATION,
             root=lambda wildcards, output: Path(output.participants).parent,

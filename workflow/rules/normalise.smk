@@ -30,7 +30,7 @@ rule normalise_dataset:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(2000),
-        runtime=grows_per_attempt(60),
+        runtime=60,
     params:
         split_settings=config["split"],
         normalise=config["normalise"],

@@ -41,7 +41,7 @@ rule export_model:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(2000),
-        runtime=grows_per_attempt(10),
+        runtime=10,
     params:
         settings=lambda wildcards: cell_settings(config, *exported_cell()[1:]),
         bundle_dir=lambda wildcards, output: Path(output[0]).parent,

@@ -30,7 +30,7 @@ rule prepare_template:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
-        runtime=grows_per_attempt(PREPROCESS_RESOURCES["runtime_min"]),
+        runtime=PREPROCESS_RESOURCES["runtime_min"],
     params:
         template=config["template"],
     script:
@@ -78,7 +78,7 @@ rule strip_skull:
     threads: step_threads(PREPROCESS)
     resources:
         mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
-        runtime=grows_per_attempt(PREPROCESS_RESOURCES["runtime_min"]),
+        runtime=PREPROCESS_RESOURCES["runtime_min"],
     params:
         job="strip_skull",
         modalities=preproc_modalities,
@@ -119,7 +119,7 @@ for chain_rule, chain_modalities in CHAIN_VARIANTS.items():
         threads: step_threads(PREPROCESS)
         resources:
             mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
-            runtime=grows_per_attempt(PREPROCESS_RESOURCES["runtime_min"]),
+            runtime=PREPROCESS_RESOURCES["runtime_min"],
         params:
             job="correct_and_register",
             modalities=chain_modalities,
@@ -147,7 +147,7 @@ rule tabulate_qc:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(1000),
-        runtime=grows_per_attempt(10),
+        runtime=10,
     params:
         minimums=thresholds(config["qc"]),
         modalities=MODALITIES,

@@ -28,7 +28,7 @@ for simulated_run in PRETRAIN_SIMULATED:
             "../../envs/preprocess.yaml"
         resources:
             mem_mb=grows_per_attempt(4000),
-            runtime=grows_per_attempt(30),
+            runtime=30,
         params:
             n_subjects=PRETRAIN[simulated_run]["source"]["n_subjects"],
             seed=PRETRAIN[simulated_run]["source"]["seed"],
@@ -52,7 +52,7 @@ rule tabulate_pretrain_qc:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(1000),
-        runtime=grows_per_attempt(10),
+        runtime=10,
     params:
         minimums=thresholds(config["qc"]),
         modalities=("T1w",),
@@ -81,7 +81,7 @@ rule normalise_pretrain_cohort:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(8000),
-        runtime=grows_per_attempt(120),
+        runtime=120,
     params:
         split_settings=pretrain_split_settings,
         normalise=config["normalise"],
@@ -112,7 +112,7 @@ rule prepare_openbhb:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(8000),
-        runtime=grows_per_attempt(720),
+        runtime=720,
     params:
         root=lambda wildcards: PRETRAIN[wildcards.pretrain]["source"]["root"],
         validation=lambda wildcards: PRETRAIN[wildcards.pretrain]["source"]["openbhb_validation"],
@@ -181,7 +181,7 @@ rule evaluate_pretrained_encoder:
     threads: 1
     resources:
         mem_mb=grows_per_attempt(config["resources"]["evaluate"]["mem_mb"]),
-        runtime=grows_per_attempt(config["resources"]["evaluate"]["runtime_min"]),
+        runtime=config["resources"]["evaluate"]["runtime_min"],
     params:
         settings=pretrain_params,
         split_dir=lambda wildcards: LAYOUT.pretrain_split_dir(wildcards.pretrain),

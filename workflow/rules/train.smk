@@ -65,7 +65,7 @@ rule evaluate_encoder:
         # A read-out on saved features (or, for the voxel baselines, on the split's
         # images): a CPU job, no GPU.
         mem_mb=grows_per_attempt(config["resources"]["evaluate"]["mem_mb"]),
-        runtime=grows_per_attempt(config["resources"]["evaluate"]["runtime_min"]),
+        runtime=config["resources"]["evaluate"]["runtime_min"],
     params:
         settings=cell_params,
         split_dir=lambda wildcards: LAYOUT.split_dir(wildcards.split),

@@ -139,7 +139,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
         data, affine = load_volume(path, what=f"{name}: {kind.description}")
         require_same_grid(data.shape, affine, what, brain.shape, mask_affine,
                           f"brain mask {mask}")
-        data, nonfinite[modality_name] = clean_nonfinite(data, brain,
+        data, nonfinite[modality_name] = clean_nonfinite(data, brain, affine=affine,
                                                          max_fraction=max_nan_fraction, what=what)
         check_range(data, brain if covered is None else covered, kind, what=what)
         outside = int(np.count_nonzero((data != 0) & ~brain))
