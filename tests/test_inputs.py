@@ -700,10 +700,23 @@ def test_a_stiffness_map_of_the_opposite_sign_is_refused_before_any_job(tiny_dat
     volume = -volume
     volume[0, 0, :2] = 0.5  # a few positive voxels (3 %) do not make it a positive map
     nib.save(nib.Nifti1Image(volume, np.diag([2.0, 2, 2, 1])), _stiffness(tiny_dataset, "00a"))
-    with pytest.raises(InputError, match=r"subject sub-00a: stiffness map .*: the median of its "
-                                         r"non-zero voxels is -\d.*is positive.*opposite sign "
-                                         r"convention"):
+    with pytest.raises(InputError, match=r"subject sub-00a: stiffness map .*: its negative voxels "
+                                         r"outweigh its positive ones \(the median of its non-zero "
+                                         r"voxels is -\d.*is positive.*opposite sign convention"):
         check_dataset_images(tiny_dataset, ["00a"])
+    # a loss modulus has negative noise voxels (here 14 %): flipped, 14 % are positive
+    loss = np.random.default_rng(2).normal(0.6, 0.55, (8, 8, 8)).astype(np.float32)
+    path = tiny_dataset / "sub-00a" / "mre" / "sub-00a_loss_modulus.nii.gz"
+    nib.save(nib.Nifti1Image(loss, np.diag([2.0, 2, 2, 1])), path)
+    load_nifti_checked(path, kind="loss_modulus")
+    nib.save(nib.Nifti1Image(-loss, np.diag([2.0, 2, 2, 1])), path)
+    with pytest.raises(InputError, match=r"outweigh its positive ones"):
+        load_nifti_checked(path, kind="loss_modulus")
+    # noise around zero outside a positive brain cancels, even where it outnumbers the brain
+    noisy = np.random.default_rng(3).normal(0, 0.05, (8, 8, 8)).astype(np.float32)
+    noisy[3:5, 3:5, 3:5] = 2.5
+    nib.save(nib.Nifti1Image(noisy, np.diag([2.0, 2, 2, 1])), _stiffness(tiny_dataset, "00a"))
+    check_dataset_images(tiny_dataset, ["00a"])
     # a constant negative background ("no data", -1) around a positive brain is no flipped
     # map, even where it outnumbers the brain: preprocessing reads it as background
     filled = np.full((8, 8, 8), -1.0, np.float32)

@@ -416,8 +416,8 @@ def test_nan_heavy_map_fails_with_its_name(processed, tmp_path):
     noisy = tmp_path / "sub-y_stiffness.nii.gz"
     nib.save(nib.Nifti1Image(data, image.affine), noisy)
     with pytest.raises(InputError, match=r"sub-y: stiffness map .*sub-y_stiffness\.nii\.gz has "
-                                         rf"{len(rows[:: 10])} NaN/inf voxels inside the brain "
-                                         rf"and its slab, .* \({share} .*"
+                                         rf"{len(rows[:: 10])} NaN/inf voxels inside the brain, "
+                                         rf"enclosed by the map's data \({share} .*"
                                          r"preprocess\.max_nan_fraction=0\.01"):
         correct_bias({"stiffness": noisy}, subject["mask"], subject["reference"],
                      subject["reference_info"], {"stiffness": tmp_path / "s.nii.gz"},
@@ -943,6 +943,27 @@ def test_a_map_without_data_where_the_grid_map_has_some_names_subject_and_file(p
     assert not any(tmp_path.glob("out_*"))
 
 
+def test_a_second_maps_nan_counts_where_the_grid_map_has_data(processed, tmp_path):
+    """A damping ratio NaN over the upper third of the slab, where the stiffness map has
+    data, was judged against its own data, which it does not enclose: it passed, and the
+    channel was zero there."""
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    stiffness = image.get_fdata(dtype=np.float32)
+    ratio = np.where(stiffness > 0, 0.3, 0).astype(np.float32)
+    slices = np.flatnonzero((stiffness > 0).any(axis=(0, 1)))
+    ratio[..., slices[-len(slices) // 3:]] = np.nan
+    maps = {"stiffness": subject["files"]["stiffness"],
+            "damping_ratio": tmp_path / "sub-n2_damping_ratio.nii.gz"}
+    nib.save(nib.Nifti1Image(ratio, image.affine), maps["damping_ratio"])
+    with pytest.raises(InputError, match=r"sub-n2: damping-ratio map .*sub-n2_damping_ratio\.nii"
+                                         r"\.gz has \d+ NaN/inf voxels inside the brain, where the "
+                                         r"stiffness map .* has data \(\d"):
+        correct_bias(maps, subject["mask"], subject["reference"], subject["reference_info"],
+                     {key: tmp_path / f"out_{key}.nii.gz" for key in maps},
+                     tmp_path / "r.nii.gz", n4=False, subject="n2")
+
+
 @pytest.mark.slow
 def test_a_t1w_cohort_goes_through_the_same_chain(chosen, template_files, tmp_path):
     """Modalities [T1w] (a pretraining cohort): the mask lives on the T1w grid, the one
@@ -1021,53 +1042,52 @@ def test_nonfinite_voxels_up_to_max_nan_fraction_of_the_brain_are_allowed():
     brain = np.zeros((10, 10, 2), bool)
     brain[:, :, 0] = True  # 100 brain voxels
     data = np.ones(brain.shape, np.float32)
-    cleaned, count = clean_nonfinite(data, brain, affine=np.eye(4), max_fraction=0.0, what="map")
+    cleaned, count = clean_nonfinite(data, brain, max_fraction=0.0, what="map")
     assert count == 0 and np.array_equal(cleaned, data)
     data[2, 3, 0], data[5, 5, 0], data[0, 0, 1] = np.nan, np.inf, np.nan  # 2 inside, 1 outside
-    cleaned, count = clean_nonfinite(data, brain, affine=np.eye(4), max_fraction=0.02, what="map")
+    cleaned, count = clean_nonfinite(data, brain, max_fraction=0.02, what="map")
     assert count == 3 and cleaned[2, 3, 0] == cleaned[5, 5, 0] == cleaned[0, 0, 1] == 0
     assert np.isfinite(cleaned).all() and cleaned.sum() == 197
-    with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain and its "
-                                         r"slab, .* \(2\.0% of 100 brain voxels\)"):
-        clean_nonfinite(data, brain, affine=np.eye(4), max_fraction=0.019, what="map")
+    with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain, enclosed "
+                                         r"by the map's data \(2\.0% of 100 brain voxels\)"):
+        clean_nonfinite(data, brain, max_fraction=0.019, what="map")
 
 
 def test_nan_around_the_maps_data_is_background_and_nan_it_encloses_is_counted():
     """A map whose background is NaN, not 0 (beyond its slab, and between the inversion's
     own mask and a larger brain mask) failed every subject with a T1w: the NaN around the
     data counted as failed voxels. Holes inside the data count, on the slab's first and
-    last slices too (there only the slice encloses them), and so does a failed hemisphere,
-    which reaches the data's edge."""
+    last slices too (there only the slice encloses them). A failed region that reaches the
+    data's edge is missing coverage, as it is written with zeros: QC's coverage judges it."""
     from brainage.preprocess.images import clean_nonfinite
 
     brain = np.zeros((20, 20, 12), bool)
     brain[2:18, 2:18, :] = True  # a T1w brain mask reaching beyond the slab
     data = np.full(brain.shape, np.nan, np.float32)
     data[4:16, 4:16, 3:9] = 2.5  # the slab: 6 slices, a tighter mask in plane
-    cleaned, count = clean_nonfinite(data, brain, affine=np.eye(4), max_fraction=0.0, what="map")
+    cleaned, count = clean_nonfinite(data, brain, max_fraction=0.0, what="map")
     assert count == data.size - 12 * 12 * 6 and np.isfinite(cleaned).all()
     assert np.array_equal(cleaned > 0, np.isfinite(data))
     data[8, 8, 3] = data[9, 9, 6] = data[10, 10, 8] = np.nan  # first, middle, last slice
-    with pytest.raises(InputError, match=r"map has 3 NaN/inf voxels inside the brain"):
-        clean_nonfinite(data, brain, affine=np.eye(4), max_fraction=0.0, what="map")
+    with pytest.raises(InputError, match=r"map has 3 NaN/inf voxels inside the brain, enclosed"):
+        clean_nonfinite(data, brain, max_fraction=0.0, what="map")
     slab = np.ones((20, 20, 6), np.float32)  # a slab that fills its array: holes on the
     slab[7, 7, 0] = slab[12, 12, 5] = np.nan  # border slices are enclosed within them
     with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain"):
-        clean_nonfinite(slab, np.ones(slab.shape, bool), affine=np.eye(4), max_fraction=0.0, what="map")
-    data = np.full(brain.shape, np.nan, np.float32)
-    data[4:16, 4:16, 3:9] = 2.5
-    data[4:10, 4:16, 3:9] = np.nan  # the left half: the brain's x 2-6 lie beyond the rim,
-    # 5 x 16 x 6 voxels
-    with pytest.raises(InputError, match=r"map has 480 NaN/inf voxels inside the brain and its "
-                                         r"slab, more than 3 voxels from its data"):
-        clean_nonfinite(data, brain, affine=np.eye(4), max_fraction=0.0, what="map")
-    # the slab's axis is the grid's axis nearest the world's superior-inferior one
-    sideways = np.array([[0.0, 0, 2, 0], [0, 2, 0, 0], [2, 0, 0, 0], [0, 0, 0, 1]])
-    rotated = np.full(brain.shape[::-1], np.nan, np.float32)
-    rotated[3:9, 4:16, 4:16] = 2.5
-    cleaned, _ = clean_nonfinite(rotated, brain.transpose(2, 1, 0), affine=sideways,
-                                 max_fraction=0.0, what="map")
-    assert np.array_equal(cleaned > 0, np.isfinite(rotated))
+        clean_nonfinite(slab, np.ones(slab.shape, bool), max_fraction=0.0, what="map")
+    edge = np.where(np.isnan(data), 0, data)
+    edge[4:10] = np.nan  # half the data, reaching its edge: NaN as zeros there would be
+    for background in (np.nan, 0.0):
+        edge[~brain | (np.arange(12) < 3) | (np.arange(12) >= 9)] = background
+        cleaned, _ = clean_nonfinite(edge, brain, max_fraction=0.0, what="map")
+        assert np.array_equal(cleaned > 0, np.isfinite(edge) & (edge > 0))
+    # the map's data can also be given: a subject's second map where its first has data
+    covered = np.zeros(brain.shape, bool)
+    covered[4:16, 4:16, 3:9] = True
+    with pytest.raises(InputError, match=r"map has 432 NaN/inf voxels inside the brain, where "
+                                         r"the stiffness map has data \(14\.1% of 3072"):
+        clean_nonfinite(edge, brain, max_fraction=0.0, what="map",
+                        within=(covered, "where the stiffness map has data"))
 
 
 def test_the_field_of_view_box_is_the_supports_bounding_box_less_one_voxel():
@@ -1404,7 +1424,9 @@ def test_a_cohort_stripped_by_two_tools_is_warned_about(tmp_path, caplog):
     participants = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
                                  "age": [30.0, 40.0, 50.0, 60.0], "sex": ["F", "M", "F", "M"],
                                  "study": ["s1", "s1", "s2", "s3"]})
-    routes = {"sub-01": "deepbet", "sub-02": "deepbet", "sub-03": "freesurfer", "sub-04": None}
+    # the routes as strip_skull records them: the program that ran
+    routes = {"sub-01": "deepbet", "sub-02": "deepbet", "sub-03": "mri_synthstrip",
+              "sub-04": None}
     files = []
     for pid, route in routes.items():
         files.append(tmp_path / f"{pid}_qc.json")

@@ -667,8 +667,9 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
     median = float(np.median(values.astype(np.float64)))
     if bounds[0] >= 0 and _sign_flipped(values):
         raise InputError(
-            f"{what} {path}: the median of its non-zero voxels is {median:.4g}, but a "
-            f"{kind.description} is positive. Was it exported with the opposite sign "
+            f"{what} {path}: its negative voxels outweigh its positive ones (the median of "
+            f"its non-zero voxels is {median:.4g}), but a {kind.description} is positive. "
+            f"Was it exported with the opposite sign "
             f"convention? Store it positive (multiply by -1), or remove the subject's row "
             f"from participants.tsv.")
     if median > UNIT_CHECK_FACTOR * bounds[1]:
@@ -683,21 +684,18 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
             f"participants.tsv.")
 
 
-#: A map whose non-zero voxels are at most this share positive, and whose negative ones
-#: vary (not one fill value), was written with the opposite sign.
-FLIPPED_POSITIVE_SHARE = 0.1
-
-
 def _sign_flipped(values: np.ndarray) -> bool:
     """True for the non-zero ``values`` of a positive quantity (a modulus, a ratio) that
-    were exported negative: almost none positive, and the negative ones not one value. A
-    constant negative background ("no data", e.g. -1) is no flipped map: preprocessing
-    reads voxels <= 0 as background."""
+    were exported negative: the negative voxels outweigh the positive ones in sum. Noise
+    around zero cancels, and a loss modulus's negative noise voxels are a minority of its
+    signal. One negative value that holds half the negative voxels or more is a "no data"
+    background (e.g. -1), left out: preprocessing reads voxels <= 0 as background."""
     negative = values[values < 0]
-    if np.count_nonzero(values > 0) > FLIPPED_POSITIVE_SHARE * values.size or not negative.size:
-        return False
-    _, counts = np.unique(negative, return_counts=True)
-    return counts.max() < 0.5 * negative.size
+    if negative.size:
+        fills, counts = np.unique(negative, return_counts=True)
+        if counts.max() >= 0.5 * negative.size:
+            negative = negative[negative != fills[counts.argmax()]]
+    return -float(negative.sum(dtype=np.float64)) > float(values[values > 0].sum(dtype=np.float64))
 
 
 def _not_3d_advice(shape: tuple[int, ...]) -> str:

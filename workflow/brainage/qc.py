@@ -35,6 +35,7 @@ import pandas as pd
 from brainage.inputs import InputError
 from brainage.io import atomic_path, headless_pyplot, write_json, write_tsv
 from brainage.preprocess.images import load_mask, load_volume, require_same_grid
+from brainage.preprocess.skullstrip import FREESURFER_PROGRAMS
 
 log = logging.getLogger(__name__)
 
@@ -331,8 +332,10 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
     return table
 
 
-#: The tools that strip a T1w; preprocess.skullstrip: auto picks one per job, by machine.
-SKULL_STRIPPERS = ("freesurfer", "deepbet")
+#: The tool behind each recorded skull-stripping route (the program that ran);
+#: preprocess.skullstrip: auto picks the tool per job, by machine.
+SKULL_STRIPPING_TOOLS = {"deepbet": "deepbet",
+                         **{program: "freesurfer" for program in FREESURFER_PROGRAMS.values()}}
 
 
 def _warn_about_mixed_skull_strippers(table: pd.DataFrame) -> None:
@@ -340,8 +343,8 @@ def _warn_about_mixed_skull_strippers(table: pd.DataFrame) -> None:
     ``preprocess.skullstrip: auto`` each job takes FreeSurfer where its machine has it, so
     a study added later on other nodes can be stripped by the other tool, a difference
     that follows the study like a site effect."""
-    routes = table[table["skullstrip_route"].isin(SKULL_STRIPPERS)]
-    by_route = routes.groupby("skullstrip_route")["participant_id"]
+    tools = table["skullstrip_route"].map(SKULL_STRIPPING_TOOLS)
+    by_route = table[tools.notna()].groupby(tools.dropna())["participant_id"]
     if by_route.ngroups < 2:
         return
     counts = "; ".join(f"{route}: {len(ids)} (e.g. {', '.join(ids.iloc[:3])})"

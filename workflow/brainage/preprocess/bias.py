@@ -131,7 +131,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
     brain, mask_affine = load_mask(mask, what=f"{name}: brain mask")
     corrected: dict[str, np.ndarray] = {}
     nonfinite: dict[str, int] = {}
-    covered = None
+    covered, grid_description = None, ""  # the grid map's coverage and name, once read
     affine = mask_affine
     for modality_name, path in maps.items():
         kind = modality(modality_name)
@@ -139,8 +139,11 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
         data, affine = load_volume(path, what=f"{name}: {kind.description}")
         require_same_grid(data.shape, affine, what, brain.shape, mask_affine,
                           f"brain mask {mask}")
-        data, nonfinite[modality_name] = clean_nonfinite(data, brain, affine=affine,
-                                                         max_fraction=max_nan_fraction, what=what)
+        # a map after the grid map should have data wherever the grid map has
+        data, nonfinite[modality_name] = clean_nonfinite(
+            data, brain, max_fraction=max_nan_fraction, what=what,
+            within=None if covered is None else (covered, f"where the {grid_description} has "
+                                                          f"data"))
         check_range(data, brain if covered is None else covered, kind, what=what)
         outside = int(np.count_nonzero((data != 0) & ~brain))
         negative = int(np.count_nonzero((data < 0) & brain))

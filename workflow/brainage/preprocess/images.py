@@ -149,46 +149,24 @@ def resample_mask(mask: np.ndarray, source_affine: np.ndarray, target_shape,
     return moved >= 0.5
 
 
-#: NaN/inf voxels up to this many voxels outside a map's data are the edge of the
-#: inversion's own mask (often tighter than a T1w's brain mask), not a failed inversion.
-BACKGROUND_RIM_VOXELS = 3
-
-
-def failed_inversion_voxels(data: np.ndarray, brain: np.ndarray,
-                            affine: np.ndarray) -> np.ndarray:
-    """The NaN/inf voxels of ``data`` [X, Y, Z] that stand for a failed inversion: inside
-    the brain mask and the slab (the slices, along the grid axis nearest the world's
-    superior-inferior axis, from the first to the last with data), and not in a rim of
-    :data:`BACKGROUND_RIM_VOXELS` around the data unless the data enclose them
-    (:func:`filled_in_any_plane`: holes). NaN beyond the slab or at the edge of the
-    inversion's mask is background written as NaN, as zeros there are; a hemisphere of NaN
-    is not. Bool [X, Y, Z]."""
-    measured = np.isfinite(data) & (data != 0)
-    rim = ndimage.binary_dilation(measured, structure=np.ones((3, 3, 3), dtype=bool),
-                                  iterations=BACKGROUND_RIM_VOXELS) & ~filled_in_any_plane(measured)
-    axis = int(np.argmax(np.abs(np.asarray(affine)[2, :3])))
-    slices = np.flatnonzero(np.any(measured, axis=tuple(a for a in range(3) if a != axis)))
-    slab = np.zeros(data.shape[axis], dtype=bool)
-    if slices.size:
-        slab[slices[0]:slices[-1] + 1] = True
-    slab = slab.reshape([-1 if a == axis else 1 for a in range(3)])
-    return ~np.isfinite(data) & brain & slab & ~rim
-
-
-def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, affine: np.ndarray,
-                    max_fraction: float, what: str) -> tuple[np.ndarray, int]:
-    """Set NaN/inf voxels to background (0), refusing maps with too many that stand for a
-    failed inversion (:func:`failed_inversion_voxels`: inside the brain and the slab, not at
-    the edge of the map's data).
+def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float, what: str,
+                    within: tuple[np.ndarray, str] | None = None) -> tuple[np.ndarray, int]:
+    """Set NaN/inf voxels to background (0), refusing maps with too many inside the brain
+    where the map should have data: by default where its own finite non-zero voxels enclose
+    them (:func:`filled_in_any_plane`), the holes of a failed inversion. NaN that reaches
+    the edge of the map's data (beyond its slab, between the inversion's own mask and a
+    T1w's larger brain mask, a failed region at the edge) is missing coverage, as zeros
+    there are: QC's coverage judges it (brainage.qc), whatever its encoding.
 
     Parameters
     ----------
     data : float array [X, Y, Z] (kPa); not modified.
     brain : bool array [X, Y, Z], the brain mask.
-    affine : the grid's voxel-to-world matrix (mm), for the slab's axis.
-    max_fraction : largest allowed share of brain voxels that are failed NaN/inf voxels
+    max_fraction : largest allowed share of brain voxels that are counted NaN/inf voxels
         (config key ``preprocess.max_nan_fraction``).
     what : names the map in messages.
+    within : (bool array [X, Y, Z], its description): where the map should have data
+        instead, e.g. the grid map's coverage for a subject's other maps.
 
     Returns
     -------
@@ -198,25 +176,25 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, affine: np.ndarray,
     Raises
     ------
     brainage.inputs.InputError
-        More than ``max_fraction`` of the brain voxels are failed NaN/inf voxels.
+        More than ``max_fraction`` of the brain voxels are counted NaN/inf voxels.
     """
     nonfinite = ~np.isfinite(data)
-    inside = int(np.count_nonzero(failed_inversion_voxels(data, brain, affine)))
+    region, where = within or (filled_in_any_plane(np.isfinite(data) & (data != 0)),
+                               "enclosed by the map's data")
+    inside = int(np.count_nonzero(nonfinite & brain & region))
     brain_voxels = max(int(np.count_nonzero(brain)), 1)
     share = inside / brain_voxels
     if share > max_fraction:
         raise InputError(
-            f"{what} has {inside} NaN/inf voxels inside the brain and its slab, more than "
-            f"{BACKGROUND_RIM_VOXELS} voxels from its data or enclosed by it ({share:.1%} of "
+            f"{what} has {inside} NaN/inf voxels inside the brain, {where} ({share:.1%} of "
             f"{brain_voxels} brain voxels), more than preprocess.max_nan_fraction="
             f"{max_fraction}. The inversion probably failed for this map: re-run it, remove "
             f"the subject, or raise preprocess.max_nan_fraction (a setting of every "
             f"subject's preprocessing: changing it reruns them all).")
     total = int(np.count_nonzero(nonfinite))
     if total:
-        log.info("%s: %d NaN/inf voxels set to background (%d inside the brain and its slab, "
-                 "away from the map's edge: %.3f%% of brain voxels)", what, total, inside,
-                 100 * share)
+        log.info("%s: %d NaN/inf voxels set to background (%d inside the brain, %s: %.3f%% "
+                 "of brain voxels)", what, total, inside, where, 100 * share)
     else:
         log.info("%s: no NaN/inf voxels", what)
     return np.where(nonfinite, np.float32(0), data).astype(np.float32), total
