@@ -712,6 +712,10 @@ def test_a_stiffness_map_of_the_opposite_sign_is_refused_before_any_job(tiny_dat
     nib.save(nib.Nifti1Image(-loss, np.diag([2.0, 2, 2, 1])), path)
     with pytest.raises(InputError, match=r"outweigh its positive ones"):
         load_nifti_checked(path, kind="loss_modulus")
+    # a few "no data" codes among a loss modulus's voxels are no flipped map
+    loss[0, 0, :4] = -999.0
+    nib.save(nib.Nifti1Image(loss, np.diag([2.0, 2, 2, 1])), path)
+    load_nifti_checked(path, kind="loss_modulus")
     # noise around zero outside a positive brain cancels, even where it outnumbers the brain
     noisy = np.random.default_rng(3).normal(0, 0.05, (8, 8, 8)).astype(np.float32)
     noisy[3:5, 3:5, 3:5] = 2.5

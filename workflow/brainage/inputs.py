@@ -686,16 +686,20 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
 
 def _sign_flipped(values: np.ndarray) -> bool:
     """True for the non-zero ``values`` of a positive quantity (a modulus, a ratio) that
-    were exported negative: the negative voxels outweigh the positive ones in sum. Noise
-    around zero cancels, and a loss modulus's negative noise voxels are a minority of its
-    signal. One negative value that holds half the negative voxels or more is a "no data"
-    background (e.g. -1), left out: preprocessing reads voxels <= 0 as background."""
-    negative = values[values < 0]
-    if negative.size:
-        fills, counts = np.unique(negative, return_counts=True)
-        if counts.max() >= 0.5 * negative.size:
-            negative = negative[negative != fills[counts.argmax()]]
-    return -float(negative.sum(dtype=np.float64)) > float(values[values > 0].sum(dtype=np.float64))
+    were exported negative: most voxels negative (median below 0), and the negative voxels
+    outweigh the positive ones in sum. Noise around zero cancels, a loss modulus's negative
+    noise voxels are a minority, and a few "no data" codes (-999) are few. One negative
+    value that holds half the negative voxels or more is a "no data" background (e.g. -1),
+    left out first. Preprocessing reads voxels <= 0 as background."""
+    negative = values < 0
+    if negative.any():
+        fills, counts = np.unique(values[negative], return_counts=True)
+        if counts.max() >= 0.5 * np.count_nonzero(negative):
+            values = values[values != fills[counts.argmax()]]
+    if not values.size or np.median(values) >= 0:
+        return False
+    return -float(values[values < 0].sum(dtype=np.float64)) \
+        > float(values[values > 0].sum(dtype=np.float64))
 
 
 def _not_3d_advice(shape: tuple[int, ...]) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from scipy import ndimage
 
 from brainage.inputs import InputError
 from brainage.modalities import modality
@@ -34,6 +35,12 @@ from brainage.preprocess.images import (
 from brainage.preprocess.skullstrip import read_reference_info
 
 log = logging.getLogger(__name__)
+
+#: A subject's map after the first should have data wherever the first has, but for this
+#: many voxels inside the first map's edge: maps resampled from another grid (onto a T1w's)
+#: differ there by partial volume, e.g. a damping ratio whose NaN background (0/0) grows
+#: inwards by a voxel while the stiffness map's positive region grows outwards.
+COVERAGE_EDGE_VOXELS = 2
 
 #: N4 settings. The first B-spline mesh spans every 200 mm (ANTs' usual brain setting) and
 #: each of the 3 fitting levels halves it (final knots ~50 mm apart); the field is fitted
@@ -139,11 +146,14 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
         data, affine = load_volume(path, what=f"{name}: {kind.description}")
         require_same_grid(data.shape, affine, what, brain.shape, mask_affine,
                           f"brain mask {mask}")
-        # a map after the grid map should have data wherever the grid map has
+        # a map after the grid map should have data wherever the grid map has, but for
+        # the edge, where maps resampled from another grid differ by partial volume
         data, nonfinite[modality_name] = clean_nonfinite(
             data, brain, max_fraction=max_nan_fraction, what=what,
-            within=None if covered is None else (covered, f"where the {grid_description} has "
-                                                          f"data"))
+            within=None if covered is None else (
+                ndimage.binary_erosion(covered, iterations=COVERAGE_EDGE_VOXELS),
+                f"where the {grid_description} has data (more than {COVERAGE_EDGE_VOXELS} "
+                f"voxels inside its edge)"))
         check_range(data, brain if covered is None else covered, kind, what=what)
         outside = int(np.count_nonzero((data != 0) & ~brain))
         negative = int(np.count_nonzero((data < 0) & brain))

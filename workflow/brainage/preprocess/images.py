@@ -165,8 +165,8 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
     max_fraction : largest allowed share of brain voxels that are counted NaN/inf voxels
         (config key ``preprocess.max_nan_fraction``).
     what : names the map in messages.
-    within : (bool array [X, Y, Z], its description): where the map should have data
-        instead, e.g. the grid map's coverage for a subject's other maps.
+    within : (bool array [X, Y, Z], its description): where the map should also have
+        data, e.g. the grid map's coverage for a subject's other maps.
 
     Returns
     -------
@@ -179,8 +179,10 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
         More than ``max_fraction`` of the brain voxels are counted NaN/inf voxels.
     """
     nonfinite = ~np.isfinite(data)
-    region, where = within or (filled_in_any_plane(np.isfinite(data) & (data != 0)),
-                               "enclosed by the map's data")
+    region = filled_in_any_plane(np.isfinite(data) & (data != 0))
+    where = "enclosed by the map's data"
+    if within is not None:
+        region, where = region | within[0], f"{where} or {within[1]}"
     inside = int(np.count_nonzero(nonfinite & brain & region))
     brain_voxels = max(int(np.count_nonzero(brain)), 1)
     share = inside / brain_voxels
