@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from scipy import ndimage
 
 from brainage.inputs import InputError
 from brainage.modalities import modality
@@ -27,6 +26,7 @@ from brainage.preprocess.images import (
     PreprocessError,
     clean_nonfinite,
     configure_itk_threads,
+    deeper_than,
     load_mask,
     load_volume,
     require_same_grid,
@@ -36,11 +36,12 @@ from brainage.preprocess.skullstrip import read_reference_info
 
 log = logging.getLogger(__name__)
 
-#: A subject's map after the first should have data wherever the first has, but for this
-#: many voxels inside the first map's edge: maps resampled from another grid (onto a T1w's)
-#: differ there by partial volume, e.g. a damping ratio whose NaN background (0/0) grows
-#: inwards by a voxel while the stiffness map's positive region grows outwards.
-COVERAGE_EDGE_VOXELS = 2
+#: A subject's map after the first should have data wherever the first has, but within
+#: this distance (mm) of the first map's edge: maps resampled from another grid (onto a
+#: T1w's) differ there by partial volume, e.g. a damping ratio whose NaN background (0/0)
+#: grows inwards while the stiffness map's positive region grows outwards. In mm, not
+#: voxels: one voxel of a native 3 mm grid, two or three of a T1w's.
+COVERAGE_EDGE_MM = 3.0
 
 #: N4 settings. The first B-spline mesh spans every 200 mm (ANTs' usual brain setting) and
 #: each of the 3 fitting levels halves it (final knots ~50 mm apart); the field is fitted
@@ -151,9 +152,9 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
         data, nonfinite[modality_name] = clean_nonfinite(
             data, brain, max_fraction=max_nan_fraction, what=what,
             within=None if covered is None else (
-                ndimage.binary_erosion(covered, iterations=COVERAGE_EDGE_VOXELS),
-                f"where the {grid_description} has data (more than {COVERAGE_EDGE_VOXELS} "
-                f"voxels inside its edge)"))
+                deeper_than(covered, affine, COVERAGE_EDGE_MM),
+                f"where the {grid_description} has data (more than {COVERAGE_EDGE_MM:g} mm "
+                f"inside its edge)"))
         check_range(data, brain if covered is None else covered, kind, what=what)
         outside = int(np.count_nonzero((data != 0) & ~brain))
         negative = int(np.count_nonzero((data < 0) & brain))

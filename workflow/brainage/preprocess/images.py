@@ -127,6 +127,14 @@ def filled_in_any_plane(mask: np.ndarray) -> np.ndarray:
     return filled
 
 
+def deeper_than(mask: np.ndarray, affine: np.ndarray, distance_mm: float) -> np.ndarray:
+    """The voxels of ``mask`` [X, Y, Z] whose centres lie more than ``distance_mm`` (mm)
+    inside its edge, the array's border counting as an edge. Bool [X, Y, Z]."""
+    sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    depth = ndimage.distance_transform_edt(np.pad(mask, 1), sampling=sizes)
+    return depth[1:-1, 1:-1, 1:-1] > distance_mm
+
+
 def support_mask(data: np.ndarray) -> np.ndarray:
     """Brain mask of an already-masked map: its finite non-zero voxels, largest component,
     holes (NaN voxels, zero-valued inversions) filled. Bool [X, Y, Z]."""
