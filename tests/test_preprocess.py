@@ -1114,13 +1114,22 @@ def test_the_edge_a_later_map_may_miss_is_in_mm_not_voxels():
     def inner(layers):  # what is left after peeling face-connected layers
         return ndimage.binary_erosion(ellipsoid, iterations=layers)
 
-    # (voxel size, layers always exempt, layers after which all counts): euclidean depth
-    for size, exempt, counted in ((3.0, 1, 2), (2.0, 1, 2), (1.5, 2, 3), (1.0, 3, 5)):
+    # (voxel size, layers always exempt, layers after which all counts): a voxel centre's
+    # Euclidean depth below the edge, half a voxel less than the distance between centres
+    for size, exempt, counted in ((3.0, 1, 2), (2.0, 2, 3), (1.5, 2, 4), (1.0, 3, 6)):
         deep = deeper_than(ellipsoid, np.diag([size, size, size, 1]), 3.0)
         assert not (deep & ~inner(exempt)).any() and not (inner(counted) & ~deep).any(), size
     slab = np.ones((20, 20, 4), bool)  # a native slab of 4 slices at 3 mm, filling its array
     deep = deeper_than(slab, np.diag([3.0, 3.0, 3.0, 1]), 3.0)
     assert deep[1:-1, 1:-1, 1:3].all() and not deep[..., [0, 3]].any()
+    # anisotropic and coarse voxels: the centres' depth, axis by axis (a 3.5 mm or 4 mm edge
+    # voxel's centre lies 1.75 or 2 mm deep, and is exempt)
+    box = np.zeros((30, 30, 16), bool)
+    box[2:-2, 2:-2, 2:-2] = True
+    for sizes, in_plane, through in (([2, 2, 4], 2, 1), ([1, 1, 4], 3, 1), ([3.5] * 3, 1, 1)):
+        deep = deeper_than(box, np.diag([*sizes, 1]), 3.0)
+        assert deep[:, 15, 8].tolist().index(True) == 2 + in_plane, sizes
+        assert deep[15, 15, :].tolist().index(True) == 2 + through, sizes
 
 
 def test_the_field_of_view_box_is_the_supports_bounding_box_less_one_voxel():
