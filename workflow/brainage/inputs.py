@@ -574,10 +574,12 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
     """Load a 3D NIfTI image, checking it is readable, 3D and not all zeros.
 
     Returns the nibabel image (data not cached). Raises :class:`InputError` naming the
-    file for a missing file or a folder, a non-NIfTI or corrupt file, a 4D image, an image
-    with no non-zero voxel, a singular affine, or voxel sizes not in mm
-    (:func:`_check_spatial_unit`); with ``kind`` (a modality name), also a map whose
-    values are far outside its modality's (:func:`_check_unit`).
+    file for a missing file or a folder, a non-NIfTI or corrupt file, a header claiming
+    more than :data:`MAX_IMAGE_BYTES`, a 4D image, an image with no non-zero voxel, a
+    singular affine, a header without orientation (:func:`_check_orientation_declared`),
+    a sheared grid, or voxel sizes not in mm (:func:`_check_spatial_unit`); with ``kind``
+    (a modality name), also a map whose values are far outside its modality's or of the
+    opposite sign (:func:`_check_unit`).
     """
     import nibabel as nib
 
@@ -659,8 +661,9 @@ UNIT_CHECK_FACTOR = 10.0
 
 def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
     """Refuse a map whose non-zero ``values`` have a median far above the modality's
-    plausible ones (``median_range``, else ``valid_range``): a map in another unit, found
-    before hours of work instead of at its subject's preprocessing."""
+    plausible ones (``median_range``, else ``valid_range``): a map in another unit; or,
+    for a positive quantity, the opposite sign (:func:`_sign_flipped`). Found before hours
+    of work instead of at its subject's preprocessing."""
     bounds = kind.median_range or kind.valid_range
     if bounds is None:  # the T1w: scanner units
         return
@@ -669,9 +672,8 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
         raise InputError(
             f"{what} {path}: its negative voxels outweigh its positive ones (the median of "
             f"its non-zero voxels is {median:.4g}), but a {kind.description} is positive. "
-            f"Was it exported with the opposite sign "
-            f"convention? Store it positive (multiply by -1), or remove the subject's row "
-            f"from participants.tsv.")
+            f"Was it exported with the opposite sign convention? Store it positive "
+            f"(multiply by -1), or remove the subject's row from participants.tsv.")
     if median > UNIT_CHECK_FACTOR * bounds[1]:
         ratio = kind.unit == "1"  # dimensionless: the damping ratio
         hint = ("in percent (divide by 100)" if ratio

@@ -343,8 +343,8 @@ def _warn_about_mixed_skull_strippers(table: pd.DataFrame) -> None:
     ``preprocess.skullstrip: auto`` each job takes FreeSurfer where its machine has it, so
     a study added later on other nodes can be stripped by the other tool, a difference
     that follows the study like a site effect."""
-    tools = table["skullstrip_route"].map(SKULL_STRIPPING_TOOLS)
-    by_route = table[tools.notna()].groupby(tools.dropna())["participant_id"]
+    # routes of no tool (none, no T1w) map to NaN, which groupby leaves out
+    by_route = table["participant_id"].groupby(table["skullstrip_route"].map(SKULL_STRIPPING_TOOLS))
     if by_route.ngroups < 2:
         return
     counts = "; ".join(f"{route}: {len(ids)} (e.g. {', '.join(ids.iloc[:3])})"

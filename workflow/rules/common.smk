@@ -626,16 +626,11 @@ def all_targets(wildcards):
 def grows_per_attempt(amount):
     """A rule's memory (MB) that grows with each retry of its job
     (brainage.config.resource_for_attempt): a job that SLURM stopped for its memory would
-    fail the same way again. `amount`: a number or a function of the wildcards. Not the
-    wall time: a request above the partition's time limit is not refused but left pending
-    for ever (SLURM's default EnforcePartLimits=NO), and training resumes anyway. Not a
-    pretraining run's memory either: a larger request may not fit its nodes, and it
-    resumes. Resources rerun nothing."""
-
-    def resource(wildcards, attempt):
-        return resource_for_attempt(amount(wildcards) if callable(amount) else amount, attempt)
-
-    return resource
+    fail the same way again. Not the wall time: a request above the partition's time limit
+    is not refused but left pending for ever (SLURM's default EnforcePartLimits=NO), and
+    training resumes anyway. Not a pretraining run's memory either: a larger request may
+    not fit its nodes, and it resumes. Resources rerun nothing."""
+    return lambda wildcards, attempt: resource_for_attempt(amount, attempt)
 
 
 # -- per-subject preprocessing (preprocess.smk) ----------------------------------

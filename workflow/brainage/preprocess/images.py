@@ -129,27 +129,24 @@ def filled_in_any_plane(mask: np.ndarray) -> np.ndarray:
 
 def deeper_than(mask: np.ndarray, affine: np.ndarray, distance_mm: float) -> np.ndarray:
     """The voxels of ``mask`` [X, Y, Z] whose centres lie more than ``distance_mm`` (mm)
-    inside its edge, the array's border counting as an edge. The edge is the face of the
-    nearest voxel outside: the distance to that voxel's centre (a Euclidean distance
-    transform) less that voxel's half extent along the way, so coarse and anisotropic
-    voxels are measured as the docs say. Bool [X, Y, Z]."""
+    inside its edge, the array's border counting as an edge: the distance to the nearest
+    voxel outside (a Euclidean distance transform, centre to centre) less half that
+    voxel's size along the way's main axis, so coarse and anisotropic voxels are measured
+    from the edge, not from the next centre. Bool [X, Y, Z]."""
     sizes = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     padded = np.pad(np.asarray(mask, dtype=bool), 1)
-    if np.allclose(sizes, sizes[0], rtol=1e-3):  # isotropic: half a voxel whatever the way
+    if np.allclose(sizes, sizes[0], rtol=1e-3):  # isotropic: the same half voxel every way
         depth = ndimage.distance_transform_edt(padded, sampling=sizes) - 0.5 * sizes[0]
-        return depth[1:-1, 1:-1, 1:-1] > distance_mm
-    nearest = ndimage.distance_transform_edt(padded, sampling=sizes, return_distances=False,
-                                             return_indices=True)
-    steps = [(nearest[axis] - np.arange(padded.shape[axis]).reshape(
-        [-1 if other == axis else 1 for other in range(3)])) * sizes[axis] for axis in range(3)]
-    del nearest
-    length = np.sqrt(sum(step ** 2 for step in steps))
-    with np.errstate(divide="ignore", invalid="ignore"):  # 0 outside the mask
-        # from the outside voxel's centre to its face along the way: a box's half extent
-        half = 0.5 * np.min([np.where(step != 0, size * length / np.abs(step), np.inf)
-                             for step, size in zip(steps, sizes)], axis=0)
-    depth = np.where(padded, length - half, 0.0)
-    return depth[1:-1, 1:-1, 1:-1] > distance_mm
+    else:
+        nearest = ndimage.distance_transform_edt(padded, sampling=sizes,
+                                                 return_distances=False, return_indices=True)
+        steps = np.stack([(nearest[axis] - np.arange(padded.shape[axis]).reshape(
+            [-1 if other == axis else 1 for other in range(3)])) * sizes[axis]
+            for axis in range(3)])
+        del nearest
+        depth = np.sqrt((steps ** 2).sum(axis=0)) \
+            - 0.5 * sizes[np.abs(steps).argmax(axis=0)]
+    return (padded & (depth > distance_mm))[1:-1, 1:-1, 1:-1]
 
 
 def support_mask(data: np.ndarray) -> np.ndarray:
