@@ -610,6 +610,11 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     assert len(table3) == 3 and "nnclr" not in set(table3["loss"])
     latex = Path(layout.table("table3_losses", ".tex")).read_text()
     assert r"\begin{tabular}" in latex and r"\ensuremath{\pm}" in latex
+    # what the numbers are travels with a table pasted into a paper: the notes, under it
+    notes = latex[latex.index(r"\end{tabular}"):latex.index(r"\end{table}")]
+    assert (r"mean \ensuremath{\pm} sd over seeds; 3 test subjects (study1 1, study2 1, "
+            r"study3 1)") in notes, latex
+    assert "Two-sided paired t-test" in Path(layout.table("table3_paired", ".tex")).read_text()
     paired = pd.read_csv(layout.table("table3_paired", ".csv"))
     assert set(paired["baseline"]) == {"simclr", "yaware"}
     cohort = Path(layout.table("table2_cohort", ".md")).read_text()

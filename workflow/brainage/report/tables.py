@@ -320,7 +320,9 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
                 title: str, notes: Sequence[str] = (),
                 extra_markdown: str = "") -> dict[str, str]:
     """Write ``<stem>.csv`` (``table``: raw numbers), ``<stem>.md`` and ``<stem>.tex``
-    (``display``: formatted strings) atomically. Returns ``{ext: path}``."""
+    (``display``: formatted strings) atomically; the ``notes`` (what the numbers are: mean
+    and sd over what, the test subjects, the test used) go under the table in both the
+    Markdown and the LaTeX. Returns ``{ext: path}``."""
     stem = Path(stem)
     paths = {ext: str(stem.with_name(stem.name + ext)) for ext in (".csv", ".md", ".tex")}
     with atomic_path(paths[".csv"]) as temp:
@@ -334,6 +336,9 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
     # pandas escapes the cells, not the caption: an experiment's name (my_ablation) names it
     latex = display.to_latex(index=False, escape=True, caption=_escape_latex(title),
                              label=f"tab:{stem.name}", column_format="l" * max(1, display.shape[1]))
+    if notes:  # a table pasted into a paper keeps what its numbers are
+        latex = latex.replace("\\end{table}", "\\par\\smallskip\\footnotesize "
+                              + " ".join(map(_escape_latex, notes)) + "\n\\end{table}")
     for character, command in _LATEX_UNICODE.items():
         latex = latex.replace(character, command)
     with atomic_path(paths[".tex"]) as temp:
