@@ -832,6 +832,50 @@ def test_every_bad_image_is_named_at_once_and_the_good_ones_are_remembered(tiny_
     assert said == []
 
 
+def test_an_interrupted_image_check_keeps_the_files_it_passed(tiny_dataset, tmp_path,
+                                                             monkeypatch):
+    """The first check of a few thousand subjects takes minutes on a login node; the cache
+    was written only once every file was read, so a Ctrl-C, a lost session or one crashed
+    read threw away everything already read."""
+    import concurrent.futures
+
+    from brainage import inputs as inputs_module
+
+    labels, cache = ["00a", "01a", "02a", "03a"], tmp_path / "cache.json"
+    read = inputs_module._image_grid_or_problem
+
+    def crashing(path, *args):  # a read that fails with no InputError, in its thread
+        if "sub-02a" in str(path):
+            raise KeyboardInterrupt
+        return read(path, *args)
+
+    monkeypatch.setattr(inputs_module, "_image_grid_or_problem", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        check_dataset_images(tiny_dataset, labels, cache_file=cache)
+    assert {Path(key).name.split("_")[0] for key in json.loads(cache.read_text())} == \
+        {"sub-00a", "sub-01a", "sub-03a"}
+
+    # Ctrl-C while waiting: the files not yet started are not read; those read are kept
+    cache.unlink()
+    monkeypatch.setattr(inputs_module, "IMAGE_CHECK_THREADS", 1)
+    monkeypatch.setattr(inputs_module, "_image_grid_or_problem",
+                        lambda *args: (__import__("time").sleep(0.5), read(*args))[1])
+
+    def interrupted(futures):
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inputs_module, "wait", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        check_dataset_images(tiny_dataset, labels, cache_file=cache)
+    kept = json.loads(cache.read_text())
+    assert 1 <= len(kept) < 4  # one thread: the files queued behind the interrupt are left
+    monkeypatch.undo()
+    said = []
+    check_dataset_images(tiny_dataset, labels, cache_file=cache, announce=said.append)
+    assert said[0].startswith(f"Checking {4 - len(kept)} input image(s) of 4 subject(s)")
+
+
 def test_a_subjects_maps_on_different_grids_are_refused_before_any_job(tmp_path):
     # The maps of one subject share its brain mask and transform; before this check a
     # damping ratio on another grid failed only in correct_and_register, after skull stripping.

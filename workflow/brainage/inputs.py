@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -809,7 +809,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
     of thousands is read in full only once (a 1 mm T1w takes about 0.1 s, so the first
     check of 2,000 subjects takes minutes: up to :data:`IMAGE_CHECK_THREADS` threads read,
     and ``announce`` is told how many files before they are read). Files that pass are
-    remembered even when others fail.
+    remembered even when others fail, or when the check is interrupted.
 
     Raises
     ------
@@ -848,16 +848,31 @@ def check_dataset_images(root: str | Path, labels: list[str],
             announce(f"Checking {len(pending)} input image(s) of {len(labels)} subject(s) "
                      f"once ({threads} thread(s)); files that pass are remembered in "
                      f"{cache_file or 'no cache file'}.")
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            checked = list(pool.map(lambda item: _image_grid_or_problem(*item[1:]),
-                                    pending.values()))
-        for (key, (stamp, *_)), (grid, problem) in zip(pending.items(), checked):
-            if grid is not None:
-                cache[key] = [*stamp, grid, IMAGE_CHECKS_VERSION]
-            else:
-                problems[key] = problem
-        if cache_file is not None and len(problems) < len(pending):
-            write_json(cache_file, cache)
+        futures = {}
+        try:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                futures = {pool.submit(_image_grid_or_problem, *item[1:]): key
+                           for key, item in pending.items()}
+                try:
+                    wait(futures)
+                except BaseException:  # Ctrl-C, a lost login session: stop reading now
+                    pool.shutdown(cancel_futures=True)
+                    raise
+        finally:
+            # the files that passed are kept however the check ends: an interrupted first
+            # check of thousands of files does not start again from the first file
+            finished = [(futures[future], future.result()) for future in futures
+                        if future.done() and not future.cancelled()
+                        and future.exception() is None]
+            for key, (grid, problem) in finished:
+                if grid is not None:
+                    cache[key] = [*pending[key][0], grid, IMAGE_CHECKS_VERSION]
+                else:
+                    problems[key] = problem
+            if cache_file is not None and len(problems) < len(finished):
+                write_json(cache_file, cache)
+        for future in futures:  # a check that crashed (not an InputError: a defect)
+            future.result()
     failed = []
     for label, inputs in inputs_of.items():
         failed += [problems.pop(key) for _, _, key in inputs if key in problems]
