@@ -252,6 +252,33 @@ def test_a_required_column_with_spaces_around_its_name_is_named(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_an_age_column_in_another_case_is_named_not_ignored(tiny_dataset):
+    """A cohort to predict may lack ages, so its 'Age' column was ignored: every subject got
+    a predicted age and no gap, with one warning that did not name the column. A training
+    table's missing 'age' now names the 'Age' it has."""
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("\tage\t", "\tAge\t", 1))
+    with pytest.raises(InputError, match=r"has a column 'Age' but none named 'age', so its "
+                                         r"ages would not be read.*Rename it to 'age'"):
+        read_participants(tiny_dataset, to_predict=True)
+    with pytest.raises(InputError, match=r"lacks column\(s\) age;.* The header's 'Age' is "
+                                         r"'age' in another case: rename it"):
+        read_participants(tiny_dataset)
+
+
+def test_a_cohort_to_predict_keeps_its_columns_as_written(tiny_dataset):
+    """Only the age of a cohort to predict is a number: its other columns come back in the
+    predictions as the lab wrote them (a site code 007 came back as 7, a group 0 as 0.0,
+    which --bias-reference-group 0 did not name)."""
+    n = len(read_participants(tiny_dataset))
+    _rewrite_table(tiny_dataset, lambda t: t.assign(site="007", group=["0"] * (n - 1) + [""]))
+    table = read_participants(tiny_dataset, to_predict=True)
+    assert set(table["site"]) == {"007"} and list(table["group"][:-1]) == ["0"] * (n - 1)
+    assert pd.isna(table["group"].iloc[-1]) and table["age"].dtype == float
+    assert check_cohort_table(table, "participants.tsv", cohort="c",
+                              bias_reference_group=0) == "group"
+
+
 def test_a_comma_separated_table_is_named_as_such(tiny_dataset):
     table = tiny_dataset / "participants.tsv"
     table.write_text(table.read_text().replace("\t", ","))
@@ -410,10 +437,12 @@ def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
                               bias_reference_group="healthy") == "group"
     # a header's 'group ' (a spreadsheet's trailing space) was no group column: the
     # cohort was summarised by study without a word
-    spaced = table.rename(columns={"group": "group "}).assign(study="s1")
-    with pytest.raises(InputError, match=r"clinic/participants\.tsv's header has 'group ', "
-                                         r"with spaces around its name: remove them"):
-        check_cohort_table(spaced, "clinic/participants.tsv", cohort="clinic")
+    for spelling in ("group ", "Group"):  # nor was a 'Group'
+        misspelt = table.rename(columns={"group": spelling}).assign(study="s1")
+        with pytest.raises(InputError, match=rf"clinic/participants\.tsv's header has "
+                                             rf"'{spelling}', with spaces around its name or "
+                                             rf"in another case: name it 'group'"):
+            check_cohort_table(misspelt, "clinic/participants.tsv", cohort="clinic")
 
 
 def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):

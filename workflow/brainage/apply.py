@@ -390,7 +390,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                      for row in summary.itertuples() if np.isfinite(row.mean_corrected_gap))
     log.info("cohort %s: predicted %d of %d subjects (%d failed QC); %s", cohort, passed.sum(),
              len(table), (~passed).sum(),
-             f"mean corrected gap {gaps}" if gaps else "no gaps (no predicted subject has an age)")
+             f"mean corrected gap {gaps}" if gaps
+             else "no subject predicted" if not passed.any()
+             else "no gaps (no predicted subject has an age)")
     return table
 
 

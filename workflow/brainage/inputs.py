@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import re
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import lru_cache
 from pathlib import Path
@@ -153,8 +154,12 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         lines = check_table_shape(table_path)
         # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
         # columns instead of shifting them right behind an index made of the ids
+        # A cohort to predict gives its columns back in its predictions, as the lab wrote
+        # them: every column but the age read as text (a site code 007 is not 7, a group 0
+        # not 0.0, which --bias-reference-group 0 would not have named).
         table = pd.read_csv(table_path, sep="\t", index_col=False,
-                            dtype={"participant_id": str, "sex": str, "study": str})
+                            dtype=(defaultdict(lambda: str, age=object) if to_predict else
+                                   {"participant_id": str, "sex": str, "study": str}))
     except UnicodeDecodeError:
         raise InputError(_not_utf8_message(table_path)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
@@ -163,16 +168,29 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     table = table.drop(columns=[column for column in table.columns
                                 if str(column).startswith("Unnamed: ")
                                 and table[column].isna().all()])
+    # "Age" for "age": BIDS names the columns in lower case; a cohort to predict would lose
+    # its ages (and every gap) to the spelling without a word
+    misspelt = {}  # {required name: the header's spelling of it}
+    for column in map(str, table.columns):
+        name = column.strip().casefold()
+        if name != column and name in (*required, "age") and name not in table.columns:
+            misspelt[name] = column
+    if to_predict and "age" in misspelt:
+        raise InputError(
+            f"{table_path} has a column {misspelt['age']!r} but none named 'age', so its ages "
+            f"would not be read (predicted ages, no brain-age gaps). Rename it to 'age' "
+            f"(lower case, no spaces), or remove it to predict without ages.")
     missing = [column for column in required if column not in table.columns]
     if missing:
-        spaced = [str(column) for column in table.columns
-                  if str(column).strip() in missing and str(column) != str(column).strip()]
+        spaced = [misspelt[column] for column in missing if column in misspelt]
         commas = len(table.columns) == 1 and "," in str(table.columns[0])
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
             f"{', '.join(map(str, table.columns))}. Required: {', '.join(required)}."
             + "".join(f" The header's {column!r} has spaces around its name: remove them."
-                      for column in spaced)
+                      if column.strip() == column.strip().casefold() else
+                      f" The header's {column!r} is {column.strip().casefold()!r} in another "
+                      f"case: rename it (the columns are lower case)." for column in spaced)
             + (" Its columns are separated by commas: save it tab-separated (a spreadsheet's"
                " 'Text (tab-separated)' export)." if commas else ""))
     clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS]
@@ -934,10 +952,12 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
         after every subject was preprocessed.
     """
     spaced = [str(column) for column in participants.columns
-              if str(column).strip() == "group" and str(column) != "group"]
-    if group_column is None and spaced:  # else summarised by study without a word
+              if str(column).strip().casefold() == "group" and str(column) != "group"]
+    if group_column is None and spaced and "group" not in participants.columns:
+        # else summarised by study without a word
         raise InputError(f"cohort {cohort}: {table_path}'s header has {spaced[0]!r}, with "
-                         f"spaces around its name: remove them to summarise by group.")
+                         f"spaces around its name or in another case: name it 'group' to "
+                         f"summarise by group.")
     if group_column is None:
         group_column = next((column for column in ("group", "study")
                              if column in participants.columns), None)
