@@ -1046,7 +1046,7 @@ def test_the_support_mask_is_the_largest_component_of_the_map_with_its_holes_fil
     assert np.array_equal(support_mask(data), expected)
     assert not support_mask(np.zeros((4, 4, 4), np.float32)).any()
 
-def test_nonfinite_voxels_up_to_max_nan_fraction_of_the_brain_are_allowed():
+def test_nonfinite_voxels_up_to_max_nan_fraction_of_the_brain_are_allowed(caplog):
     """max_nan_fraction is the largest allowed share: exactly that share passes, and 0
     allows a map without NaN (it refused every map)."""
     from brainage.preprocess.images import clean_nonfinite
@@ -1057,9 +1057,22 @@ def test_nonfinite_voxels_up_to_max_nan_fraction_of_the_brain_are_allowed():
     cleaned, count = clean_nonfinite(data, brain, max_fraction=0.0, what="map")
     assert count == 0 and np.array_equal(cleaned, data)
     data[2, 3, 0], data[5, 5, 0], data[0, 0, 1] = np.nan, np.inf, np.nan  # 2 inside, 1 outside
-    cleaned, count = clean_nonfinite(data, brain, max_fraction=0.02, what="map")
+    with caplog.at_level("INFO", logger="brainage.preprocess.images"):
+        cleaned, count = clean_nonfinite(data, brain, max_fraction=0.02, what="map")
     assert count == 3 and cleaned[2, 3, 0] == cleaned[5, 5, 0] == cleaned[0, 0, 1] == 0
     assert np.isfinite(cleaned).all() and cleaned.sum() == 197
+    # a hole that passes but can move a prediction by years is a warning, not a log line
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+    assert re.search(r"map: 2 NaN/inf voxels inside the brain, enclosed by the map's data "
+                     r"\(2\.00% of brain voxels, within preprocess.max_nan_fraction=0.02\), set "
+                     r"to background \(0\): the network sees a hole", caplog.text), caplog.text
+    caplog.clear()
+    large_brain = np.ones((20, 20, 10), bool)  # 4,000 brain voxels: the same 2 are 0.05 %
+    holed = np.ones(large_brain.shape, np.float32)
+    holed[2, 3, 0], holed[5, 5, 0] = np.nan, np.inf
+    with caplog.at_level("INFO", logger="brainage.preprocess.images"):
+        clean_nonfinite(holed, large_brain, max_fraction=0.02, what="map")
+    assert [record.levelname for record in caplog.records] == ["INFO"]
     with pytest.raises(InputError, match=r"map has 2 NaN/inf voxels inside the brain, enclosed "
                                          r"by the map's data \(2\.0% of 100 brain voxels\)"):
         clean_nonfinite(data, brain, max_fraction=0.019, what="map")

@@ -171,6 +171,13 @@ def resample_mask(mask: np.ndarray, source_affine: np.ndarray, target_shape,
     return moved >= 0.5
 
 
+#: Share of the brain (NaN/inf voxels the map's data enclose) above which a subject that
+#: passes ``preprocess.max_nan_fraction`` is warned about: the holes become background (0),
+#: which a network reads as tissue missing, not as unknown (a review's test: a hole of
+#: 0.09 % of the brain moved a predicted age by 0.3 years, one of 0.73 % by 3.6 years).
+NAN_WARNING_FRACTION = 0.001
+
+
 def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float, what: str,
                     within: tuple[np.ndarray, str] | None = None) -> tuple[np.ndarray, int]:
     """Set NaN/inf voxels to background (0), refusing maps with too many inside the brain
@@ -216,7 +223,14 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
             f"the subject, or raise preprocess.max_nan_fraction (a setting of every "
             f"subject's preprocessing: changing it reruns them all).")
     total = int(np.count_nonzero(nonfinite))
-    if total:
+    if share > NAN_WARNING_FRACTION:
+        log.warning(
+            "%s: %d NaN/inf voxels inside the brain, %s (%.2f%% of brain voxels, within "
+            "preprocess.max_nan_fraction=%g), set to background (0): the network sees a hole "
+            "there, and a hole of 0.7%% of the brain moved a predicted age by 3.6 years in a "
+            "test. Check the map's inversion, or lower preprocess.max_nan_fraction to refuse "
+            "such subjects.", what, inside, where, 100 * share, max_fraction)
+    elif total:
         log.info("%s: %d NaN/inf voxels set to background (%d inside the brain, %s: %.3f%% "
                  "of brain voxels)", what, total, inside, where, 100 * share)
     else:
