@@ -3,8 +3,13 @@ the file, subject or column and what to do."""
 
 import gzip
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import nibabel as nib
@@ -443,6 +448,12 @@ def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
                                              rf"'{spelling}', with spaces around its name or "
                                              rf"in another case: name it 'group'"):
             check_cohort_table(misspelt, "clinic/participants.tsv", cohort="clinic")
+    # a 'Study' with no group column made one group of every subject, without a word
+    sites = table.drop(columns="group").rename(columns={"study": "Study"}) \
+        if "study" in table.columns else table.drop(columns="group").assign(Study="s1")
+    with pytest.raises(InputError, match=r"header has 'Study', .* name it 'study' to "
+                                         r"summarise by study"):
+        check_cohort_table(sites, "clinic/participants.tsv", cohort="clinic")
 
 
 def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
@@ -881,8 +892,9 @@ def test_an_interrupted_image_check_keeps_the_files_it_passed(tiny_dataset, tmp_
     monkeypatch.setattr(inputs_module, "_image_grid_or_problem", crashing)
     with pytest.raises(KeyboardInterrupt):
         check_dataset_images(tiny_dataset, labels, cache_file=cache)
-    assert {Path(key).name.split("_")[0] for key in json.loads(cache.read_text())} == \
-        {"sub-00a", "sub-01a", "sub-03a"}
+    kept = {Path(key).name.split("_")[0] for key in json.loads(cache.read_text())}
+    # the files read before the crash are kept; the crash stops the files not yet started
+    assert {"sub-00a", "sub-01a"} <= kept <= {"sub-00a", "sub-01a", "sub-03a"}, kept
 
     # Ctrl-C while waiting: the files not yet started are not read; those read are kept
     cache.unlink()
@@ -891,10 +903,10 @@ def test_an_interrupted_image_check_keeps_the_files_it_passed(tiny_dataset, tmp_
                         lambda *args: (__import__("time").sleep(0.5), read(*args))[1])
 
     def interrupted(futures):
-        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_COMPLETED)
+        yield next(concurrent.futures.as_completed(futures))
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(inputs_module, "wait", interrupted)
+    monkeypatch.setattr(inputs_module, "as_completed", interrupted)
     with pytest.raises(KeyboardInterrupt):
         check_dataset_images(tiny_dataset, labels, cache_file=cache)
     kept = json.loads(cache.read_text())
@@ -903,6 +915,31 @@ def test_an_interrupted_image_check_keeps_the_files_it_passed(tiny_dataset, tmp_
     said = []
     check_dataset_images(tiny_dataset, labels, cache_file=cache, announce=said.append)
     assert said[0].startswith(f"Checking {4 - len(kept)} input image(s) of 4 subject(s)")
+
+
+def test_a_killed_image_check_keeps_the_files_it_had_passed(tiny_dataset, tmp_path):
+    """A lost login session (SIGHUP) or a time limit (SIGTERM) ends the process without
+    any Python clean-up: the cache is saved while the check reads, not only at its end."""
+    script = tmp_path / "check.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, time
+        from brainage import inputs
+        read = inputs._image_grid_or_problem
+        def killing(path, *args):
+            if "sub-02a" in str(path):
+                time.sleep(1.0)  # the files before it are kept meanwhile
+                os.kill(os.getpid(), signal.SIGTERM)
+            return read(path, *args)
+        inputs._image_grid_or_problem = killing
+        inputs.IMAGE_CHECK_THREADS, inputs.IMAGE_CACHE_SAVE_SECONDS = 1, 0.0
+        inputs.check_dataset_images({str(tiny_dataset)!r}, ["00a", "01a", "02a", "03a"],
+                                    cache_file={str(tmp_path / "cache.json")!r})
+    """))
+    finished = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert finished.returncode == -signal.SIGTERM, finished.stderr
+    kept = json.loads((tmp_path / "cache.json").read_text())
+    assert {Path(key).name.split("_")[0] for key in kept} == {"sub-00a", "sub-01a"}
 
 
 def test_a_subjects_maps_on_different_grids_are_refused_before_any_job(tmp_path):

@@ -24,8 +24,9 @@ import json
 import logging
 import os
 import re
+import time
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -810,6 +811,9 @@ def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
 #: before it are read again at planning, not refused hours later in their subject's job.
 #: 2: the orientation codes and the sign of a map (2026-12-05).
 IMAGE_CHECKS_VERSION = 2
+#: The image-check cache is saved at least this often while a first check reads (seconds):
+#: a killed check of thousands of files restarts from about where it stopped.
+IMAGE_CACHE_SAVE_SECONDS = 30.0
 
 
 def check_dataset_images(root: str | Path, labels: list[str],
@@ -866,31 +870,40 @@ def check_dataset_images(root: str | Path, labels: list[str],
             announce(f"Checking {len(pending)} input image(s) of {len(labels)} subject(s) "
                      f"once ({threads} thread(s)); files that pass are remembered in "
                      f"{cache_file or 'no cache file'}.")
-        futures = {}
+        futures: dict = {}  # future -> cache key, until its result is kept
+        unsaved, saved_at = 0, time.monotonic()
+
+        def keep(key: str, result: tuple) -> int:
+            grid, problem = result
+            if grid is None:
+                problems[key] = problem
+                return 0
+            cache[key] = [*pending[key][0], grid, IMAGE_CHECKS_VERSION]
+            return 1
+
         try:
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 futures = {pool.submit(_image_grid_or_problem, *item[1:]): key
                            for key, item in pending.items()}
                 try:
-                    wait(futures)
-                except BaseException:  # Ctrl-C, a lost login session: stop reading now
+                    for future in as_completed(list(futures)):
+                        # a check that crashed (not an InputError: a defect) is raised here
+                        unsaved += keep(futures.pop(future), future.result())
+                        # saved as it goes: a lost login session (SIGHUP) or a time limit
+                        # (SIGTERM) kills the process without any Python clean-up
+                        if cache_file is not None and unsaved and \
+                                time.monotonic() - saved_at > IMAGE_CACHE_SAVE_SECONDS:
+                            write_json(cache_file, cache)
+                            unsaved, saved_at = 0, time.monotonic()
+                except BaseException:  # Ctrl-C: stop reading now
                     pool.shutdown(cancel_futures=True)
                     raise
-        finally:
-            # the files that passed are kept however the check ends: an interrupted first
-            # check of thousands of files does not start again from the first file
-            finished = [(futures[future], future.result()) for future in futures
-                        if future.done() and not future.cancelled()
-                        and future.exception() is None]
-            for key, (grid, problem) in finished:
-                if grid is not None:
-                    cache[key] = [*pending[key][0], grid, IMAGE_CHECKS_VERSION]
-                else:
-                    problems[key] = problem
-            if cache_file is not None and len(problems) < len(finished):
+        finally:  # after a Ctrl-C or a crash, the checks that finished meanwhile count too
+            for future, key in futures.items():
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    unsaved += keep(key, future.result())
+            if cache_file is not None and unsaved:
                 write_json(cache_file, cache)
-        for future in futures:  # a check that crashed (not an InputError: a defect)
-            future.result()
     failed = []
     for label, inputs in inputs_of.items():
         failed += [problems.pop(key) for _, _, key in inputs if key in problems]
@@ -951,13 +964,15 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
         to fit the age-bias line (:func:`check_bias_reference_group`): found otherwise only
         after every subject was preprocessed.
     """
-    spaced = [str(column) for column in participants.columns
-              if str(column).strip().casefold() == "group" and str(column) != "group"]
-    if group_column is None and spaced and "group" not in participants.columns:
-        # else summarised by study without a word
-        raise InputError(f"cohort {cohort}: {table_path}'s header has {spaced[0]!r}, with "
-                         f"spaces around its name or in another case: name it 'group' to "
-                         f"summarise by group.")
+    for name in ("group", "study") if group_column is None else ():
+        if name in participants.columns:
+            break
+        misspelt = [str(column) for column in participants.columns
+                    if str(column).strip().casefold() == name]
+        if misspelt:  # else summarised by the next column, or as one group, without a word
+            raise InputError(f"cohort {cohort}: {table_path}'s header has {misspelt[0]!r}, "
+                             f"with spaces around its name or in another case: name it "
+                             f"{name!r} to summarise by {name}.")
     if group_column is None:
         group_column = next((column for column in ("group", "study")
                              if column in participants.columns), None)
