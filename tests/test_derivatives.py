@@ -19,6 +19,7 @@ import pytest
 from bids_validator import assert_bids_valid
 from brainage import brainage_version
 from brainage.inputs import subject_inputs
+from brainage.logs import also_logging_to
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import run_subject, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
@@ -93,7 +94,7 @@ def test_the_description_says_what_the_folder_holds_and_what_was_done(tmp_path):
 
 
 def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulated_cohort,
-                                                            template_files, tmp_path):
+                                                            template_files, tmp_path, caplog):
     """`predict run --jobs 2`: each subject in a spawned process of its own; with
     deterministic preprocessing every file equals the one-subject-at-a-time run's."""
     import nibabel as nib
@@ -102,10 +103,18 @@ def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulat
     root, truth = simulated_cohort
     layout = Layout(results=str(tmp_path))
     labels = [participant_id[len("sub-"):] for participant_id in truth["participant_id"][:2]]
-    done = run_subjects({label: subject_inputs(root, label) for label in labels}, layout,
-                        preproc=TRAINING_PREPROC, preprocess=FAST, jobs=2,
-                        **_template_in(layout, template_files))
+    caplog.set_level("INFO")  # the level the processes are given, as predict run's
+    with also_logging_to(tmp_path / "run.log", heading="the run") as run_log:
+        done = run_subjects({label: subject_inputs(root, label) for label in labels}, layout,
+                            preproc=TRAINING_PREPROC, preprocess=FAST, jobs=2,
+                            **_template_in(layout, template_files))
     assert list(done) == labels
+    # the processes write to the run's log too (predict run's <output>/logs/predict_run.log):
+    # a subject's warnings outlive the console
+    logged = run_log.read_text()
+    assert logged.startswith("===== the run (")
+    for label in labels:
+        assert re.search(rf"INFO brainage\.\S+: subject sub-{label}: Dice", logged), logged
     for label in labels:
         for key, path in done[label].items():
             serial = derivatives / Path(path).relative_to(layout.preproc_dir())

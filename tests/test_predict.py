@@ -1794,6 +1794,14 @@ def test_a_rerun_that_stops_leaves_no_reports_of_the_run_before(world, new_cohor
                                   **template)
     assert [path.name for path in reports if path.exists()] == []
     assert sorted((output / "preproc").rglob("*_qc.json")) == preprocessed_files
+    # each run's log is kept with its outputs, below the one before, with why it stopped
+    run_log = (output / "logs" / predict_module.RUN_LOG).read_text()
+    assert run_log.count("===== brainage.predict run --bundle ") == 2, run_log
+    first, second = run_log.split("===== brainage.predict run --bundle ")[1:]
+    assert re.search(r"WARNING brainage\.apply: cohort out: sub-\S+ fails preprocessing QC",
+                     first) and "stopped" not in first, first
+    assert re.search(r"ERROR brainage: stopped: sub-\S+: registration failed\n$", second), \
+        second
 
 
 def test_run_cohort_refuses_a_template_on_another_grid_before_preprocessing(

@@ -14,6 +14,7 @@ failure status (an argparse error, ``sys.exit(1)``, ``sys.exit("message")``). A
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import logging
 import os
@@ -21,6 +22,7 @@ import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import Sequence
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Opens every attempt in a log; counted to number the next attempt.
@@ -97,3 +99,47 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
 
     sys.excepthook = log_uncaught
     sys.exit = exit_noting_failure
+
+
+@contextlib.contextmanager
+def also_logging_to(path: str | Path, heading: str):
+    """While inside, the root logger's records also go to ``path``, appended below a line
+    ``===== <heading> (<start time>, <host>, pid <pid>) =====``: a command's log kept with
+    its outputs (``predict run``'s ``<output>/logs/predict_run.log``), each run below the
+    one before, so a warning outlives the console it was printed to. Processes started
+    meanwhile by :func:`brainage.preprocess.chain.run_subjects` write to it too."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    with open(path, "a") as log:
+        log.write(f"===== {heading} ({started}, {socket.gethostname()}, pid {os.getpid()}) "
+                  f"=====\n")
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield path
+    except BaseException as error:  # the console shows it; the log keeps why the run ended
+        handler.emit(logging.LogRecord("brainage", logging.ERROR, __file__, 0, "stopped: %s",
+                                       (str(error) or type(error).__name__,), None))
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def log_files() -> list[str]:
+    """The files the root logger writes to (a worker process started fresh is given them)."""
+    return [handler.baseFilename for handler in logging.getLogger().handlers
+            if isinstance(handler, logging.FileHandler)]
+
+
+def log_to_files(files: Sequence[str], level: int = logging.INFO) -> None:
+    """A worker process's logging: stderr, as :func:`log_to_file` without a file, and
+    ``files`` (:func:`log_files` of the parent), appended to."""
+    log_to_file(None, level)
+    for file in files:
+        handler = logging.FileHandler(file, mode="a")
+        handler.setFormatter(logging.Formatter(FORMAT))
+        logging.getLogger().addHandler(handler)
+

@@ -50,6 +50,7 @@ from brainage.inputs import (
     unlisted_subject_folders,
 )
 from brainage.io import WriteError
+from brainage.logs import also_logging_to
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import STEP_RECORDS, registered_maps, run_subjects
@@ -68,6 +69,8 @@ USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WriteError)
 #: the folder as one of its own: it removes and rewrites files there (the reports,
 #: ``preproc/``), which in any other folder could be the user's.
 OUTPUT_MARKER = ".brainage-predict-run"
+#: Every run's log in ``<output>/logs/``, appended to (:func:`brainage.logs.also_logging_to`).
+RUN_LOG = "predict_run.log"
 
 #: The reports :func:`run_cohort` writes under ``--output`` (predict_cohort's argument ->
 #: file name), one run's together.
@@ -110,9 +113,10 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     each in a process of its own. Outputs under ``output``: ``preproc/`` (a
     BIDS-Derivatives dataset with the template under ``tpl-<space>/``),
     ``predictions.tsv``, ``summary.tsv``, ``gap_by_group.png``, ``provenance.json``
-    (:data:`REPORT_FILES`). A rerun into the same folder reuses the subjects preprocessed
-    before and removes the earlier run's reports once its inputs pass their checks, so a
-    run that stops halfway leaves no reports that are not its own.
+    (:data:`REPORT_FILES`), and ``logs/`` (:data:`RUN_LOG`, every run's log appended). A
+    rerun into the same folder reuses the subjects preprocessed before and removes the
+    earlier run's reports once its inputs pass their checks, so a run that stops halfway
+    leaves no reports that are not its own.
     """
     bundle = read_bundle(bundle_dir)
     output = Path(output)
@@ -163,74 +167,79 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     (output / OUTPUT_MARKER).write_text(
         "This folder is the --output of `python -m brainage.predict run`: a rerun into it "
         "reuses preproc/ and rewrites the reports.\n")
-    layout = Layout(str(output), str(output / "logs"), str(output / "benchmarks"),
-                    template["space"])
-    t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
-    prepared = prepare_template(t1_path, mask_path, source=template["source"], t1=template_t1,
-                                mask=template_mask)
-    rebuilt = template_record(t1_path, mask_path, source=template["source"],
-                              space=template["space"])
-    expected = bundle.manifest["template"]
-    # the mask checksum covers its voxels only: the grid they lie on is compared too
-    if rebuilt["mask_voxels_sha256"] != expected["mask_voxels_sha256"] or not same_grid(
-            rebuilt["shape"], rebuilt["affine"], expected.get("shape", ()),
-            expected.get("affine", np.full((4, 4), np.nan))):
-        raise InputError(
-            f"the template rebuilt here ({rebuilt['id']}, {rebuilt['n_brain_voxels']} brain "
-            f"voxels, grid {rebuilt['shape']} with affine {rebuilt['affine']}) differs from "
-            f"the one model bundle {bundle.path} was trained with ({expected['id']}, "
-            f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
-            f"affine {expected.get('affine')}). Use the same template files "
-            f"(--template-t1/--template-mask) or the same nilearn version.")
-    # absent in bundles exported before it was recorded
-    if expected.get("t1_voxels_sha256") not in (None, rebuilt["t1_voxels_sha256"]):
-        raise InputError(
-            f"the template T1 rebuilt here ({template_t1 or rebuilt['id']}) differs from the "
-            f"one model bundle {bundle.path} was trained with (its voxels' sha256 "
-            f"{rebuilt['t1_voxels_sha256'][:12]}... against {expected['t1_voxels_sha256'][:12]}"
-            f"...): subjects would be registered to another image. Use the same template "
-            f"files (--template-t1/--template-mask) or the same nilearn version.")
-    # every image opened once before the first subject's minutes of preprocessing, and
-    # before preproc/ is described as a derivative of this dataset (the template, checked
-    # in seconds before these minutes, holds nothing of the dataset)
-    check_dataset_images(dataset_root, labels, modalities,
-                         cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
-    # the network and read-out built once before any subject's minutes of preprocessing:
-    # a bundle whose parts do not fit each other (or a device this machine lacks) stops here
-    BrainAgeModel.from_bundle(bundle, device=device)
-    describe_preprocessing(layout.preproc_dir(), space=template["space"],
-                           template_shape=prepared["shape"], source=str(dataset_root),
-                           version=brainage_version(), template=True, modalities=modalities,
-                           n4=preprocess["n4"])
-    # a rerun that stops (a subject's chain fails) must not leave the last run's reports
-    # beside its own new preprocessing, where they would read as this run's result; the
-    # preprocessed subjects, the costly part, are kept and reused
-    previous = [output / name for name in REPORT_FILES.values() if (output / name).exists()]
-    for path in previous:
-        path.unlink()
-    if previous:
-        log.info("removed the previous run's reports (%s) from %s; this run writes them anew",
-                 ", ".join(path.name for path in previous), output)
-    _warn_about_other_subjects(layout.preproc_dir(), labels, dataset_root)
-    try:
-        processed = run_subjects(
-            {label: subject_inputs(dataset_root, label, modalities) for label in labels},
-            layout, preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,
-            template_mask=mask_path, modalities=modalities, jobs=jobs, cohort=cohort)
-    except (InputError, PreprocessError) as error:
-        # its config-key remedies do not apply here: the bundle fixes the preprocessing
-        raise InputError(
-            f"{error}\nWith a model bundle the preprocessing settings are the bundle's: fix "
-            f"this subject's file, or remove its row from "
-            f"{Path(dataset_root) / 'participants.tsv'}. The subjects preprocessed so far "
-            f"are kept: the same command continues where it stopped.") from None
-    channels = bundle.normalisation["modalities"]
-    maps = {label: registered_maps(files, channels) for label, files in processed.items()}
-    qc = {label: files["qc_json"] for label, files in processed.items()}
-    return predict_cohort(bundle, dataset_root, maps, qc,
-                          **{argument: output / name for argument, name in REPORT_FILES.items()},
-                          cohort=cohort, group_column=group_column,
-                          bias_reference_group=bias_reference_group, device=device)
+    # the run's log beside its outputs: a subject's warnings (a T1w missing, NaN holes)
+    # outlive the console, and a rerun that reuses the subject does not repeat them
+    with also_logging_to(output / "logs" / RUN_LOG,
+                         heading=f"brainage.predict run --bundle {bundle.path} --dataset "
+                                 f"{dataset_root}"):
+        layout = Layout(str(output), str(output / "logs"), str(output / "benchmarks"),
+                        template["space"])
+        t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
+        prepared = prepare_template(t1_path, mask_path, source=template["source"], t1=template_t1,
+                                    mask=template_mask)
+        rebuilt = template_record(t1_path, mask_path, source=template["source"],
+                                  space=template["space"])
+        expected = bundle.manifest["template"]
+        # the mask checksum covers its voxels only: the grid they lie on is compared too
+        if rebuilt["mask_voxels_sha256"] != expected["mask_voxels_sha256"] or not same_grid(
+                rebuilt["shape"], rebuilt["affine"], expected.get("shape", ()),
+                expected.get("affine", np.full((4, 4), np.nan))):
+            raise InputError(
+                f"the template rebuilt here ({rebuilt['id']}, {rebuilt['n_brain_voxels']} brain "
+                f"voxels, grid {rebuilt['shape']} with affine {rebuilt['affine']}) differs from "
+                f"the one model bundle {bundle.path} was trained with ({expected['id']}, "
+                f"{expected['n_brain_voxels']} brain voxels, grid {expected.get('shape')} with "
+                f"affine {expected.get('affine')}). Use the same template files "
+                f"(--template-t1/--template-mask) or the same nilearn version.")
+        # absent in bundles exported before it was recorded
+        if expected.get("t1_voxels_sha256") not in (None, rebuilt["t1_voxels_sha256"]):
+            raise InputError(
+                f"the template T1 rebuilt here ({template_t1 or rebuilt['id']}) differs from the "
+                f"one model bundle {bundle.path} was trained with (its voxels' sha256 "
+                f"{rebuilt['t1_voxels_sha256'][:12]}... against {expected['t1_voxels_sha256'][:12]}"
+                f"...): subjects would be registered to another image. Use the same template "
+                f"files (--template-t1/--template-mask) or the same nilearn version.")
+        # every image opened once before the first subject's minutes of preprocessing, and
+        # before preproc/ is described as a derivative of this dataset (the template, checked
+        # in seconds before these minutes, holds nothing of the dataset)
+        check_dataset_images(dataset_root, labels, modalities,
+                             cache_file=output / "logs" / "checked_inputs.json", announce=log.info)
+        # the network and read-out built once before any subject's minutes of preprocessing:
+        # a bundle whose parts do not fit each other (or a device this machine lacks) stops here
+        BrainAgeModel.from_bundle(bundle, device=device)
+        describe_preprocessing(layout.preproc_dir(), space=template["space"],
+                               template_shape=prepared["shape"], source=str(dataset_root),
+                               version=brainage_version(), template=True, modalities=modalities,
+                               n4=preprocess["n4"])
+        # a rerun that stops (a subject's chain fails) must not leave the last run's reports
+        # beside its own new preprocessing, where they would read as this run's result; the
+        # preprocessed subjects, the costly part, are kept and reused
+        previous = [output / name for name in REPORT_FILES.values() if (output / name).exists()]
+        for path in previous:
+            path.unlink()
+        if previous:
+            log.info("removed the previous run's reports (%s) from %s; this run writes them anew",
+                     ", ".join(path.name for path in previous), output)
+        _warn_about_other_subjects(layout.preproc_dir(), labels, dataset_root)
+        try:
+            processed = run_subjects(
+                {label: subject_inputs(dataset_root, label, modalities) for label in labels},
+                layout, preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,
+                template_mask=mask_path, modalities=modalities, jobs=jobs, cohort=cohort)
+        except (InputError, PreprocessError) as error:
+            # its config-key remedies do not apply here: the bundle fixes the preprocessing
+            raise InputError(
+                f"{error}\nWith a model bundle the preprocessing settings are the bundle's: fix "
+                f"this subject's file, or remove its row from "
+                f"{Path(dataset_root) / 'participants.tsv'}. The subjects preprocessed so far "
+                f"are kept: the same command continues where it stopped.") from None
+        channels = bundle.normalisation["modalities"]
+        maps = {label: registered_maps(files, channels) for label, files in processed.items()}
+        qc = {label: files["qc_json"] for label, files in processed.items()}
+        return predict_cohort(bundle, dataset_root, maps, qc,
+                              **{argument: output / name for argument, name in REPORT_FILES.items()},
+                              cohort=cohort, group_column=group_column,
+                              bias_reference_group=bias_reference_group, device=device)
 
 
 def _check_output_folder(output: Path, bundle_path: str | Path) -> None:

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from brainage.logs import log_to_file
+from brainage.logs import log_files, log_to_files
 from brainage.modalities import DEFAULT_MODALITIES, grid_modality, modality, mre_maps
 from brainage.paths import TRAINING_PREPROC, Layout
 
@@ -302,8 +302,9 @@ def run_subjects(inputs: Mapping[str, Mapping[str, str]], layout: Layout, *, pre
         return done
     log.info("%spreprocessing %d subjects, %d at a time", name, len(inputs), jobs)
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=log_to_file,
-                             initargs=(None, logging.getLogger().getEffectiveLevel())) as pool:
+                             initializer=log_to_files,
+                             initargs=(log_files(), logging.getLogger().getEffectiveLevel())
+                             ) as pool:
         futures = {label: pool.submit(run_subject, files, layout, label, **settings)
                    for label, files in inputs.items()}
         try:
