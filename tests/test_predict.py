@@ -1534,6 +1534,15 @@ def test_run_names_its_output_and_the_remedies_a_bundle_user_has(world, new_coho
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert re.search(rf"holds 2 subject\(s\) that .*fewer/participants\.tsv does not list "
                      rf"\({dropped[0]}, {dropped[1]}\)", warning), warning
+    # the run's log holds what was said before it could be opened (the table's check of the
+    # subject folders), with the run's options and why it stopped
+    last_run = (output / "logs" / predict_module.RUN_LOG).read_text().split("===== ")[-1]
+    assert re.match(rf"brainage\.predict run --bundle {re.escape(str(world.bundle_dir))} "
+                    rf"--dataset {re.escape(str(fewer))} --output {re.escape(str(output))} "
+                    rf"--template-t1 ", last_run), last_run
+    assert re.search(rf"WARNING brainage\.inputs: 2 subject folder\(s\) in .*fewer have no "
+                     rf"row in .*{dropped[0]}", last_run), last_run
+    assert "ERROR brainage: stopped: subject sub-" in last_run
 
 
 def test_a_cohort_registered_by_different_references_is_warned_about(world, new_cohort,

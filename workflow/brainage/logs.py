@@ -102,12 +102,14 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
 
 
 @contextlib.contextmanager
-def also_logging_to(path: str | Path, heading: str):
+def also_logging_to(path: str | Path, heading: str,
+                    earlier: Sequence[logging.LogRecord] = ()):
     """While inside, the root logger's records also go to ``path``, appended below a line
-    ``===== <heading> (<start time>, <host>, pid <pid>) =====``: a command's log kept with
-    its outputs (``predict run``'s ``<output>/logs/predict_run.log``), each run below the
-    one before, so a warning outlives the console it was printed to. Processes started
-    meanwhile by :func:`brainage.preprocess.chain.run_subjects` write to it too."""
+    ``===== <heading> (<start time>, <host>, pid <pid>) =====`` and the ``earlier`` records
+    (logged before the file could be opened, e.g. :class:`EarlyRecords`): a command's log
+    kept with its outputs (``predict run``'s ``<output>/logs/predict_run.log``), each run
+    below the one before, so a warning outlives the console it was printed to. Processes
+    started meanwhile by :func:`brainage.preprocess.chain.run_subjects` write to it too."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
@@ -116,6 +118,8 @@ def also_logging_to(path: str | Path, heading: str):
                   f"=====\n")
     handler = logging.FileHandler(path, mode="a")
     handler.setFormatter(logging.Formatter(FORMAT))
+    for record in earlier:
+        handler.emit(record)
     logging.getLogger().addHandler(handler)
     try:
         yield path
@@ -142,4 +146,23 @@ def log_to_files(files: Sequence[str], level: int = logging.INFO) -> None:
         handler = logging.FileHandler(file, mode="a")
         handler.setFormatter(logging.Formatter(FORMAT))
         logging.getLogger().addHandler(handler)
+
+
+class EarlyRecords(logging.Handler):
+    """Keeps the root logger's records from its start until :meth:`stop`: what a command
+    logs before it may write its log file (``predict run`` checks its output folder and
+    its cohort first), for :func:`also_logging_to` to write after its heading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+        logging.getLogger().addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def stop(self) -> list[logging.LogRecord]:
+        """Stop keeping records; returns those kept."""
+        logging.getLogger().removeHandler(self)
+        return self.records
 

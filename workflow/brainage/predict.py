@@ -50,7 +50,7 @@ from brainage.inputs import (
     unlisted_subject_folders,
 )
 from brainage.io import WriteError
-from brainage.logs import also_logging_to
+from brainage.logs import EarlyRecords, also_logging_to
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import STEP_RECORDS, registered_maps, run_subjects
@@ -118,6 +118,26 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     earlier run's reports once its inputs pass their checks, so a run that stops halfway
     leaves no reports that are not its own.
     """
+    early = EarlyRecords()  # what is logged before the run's log file may be written
+    try:
+        return _run_checked_cohort(
+            early, bundle_dir, dataset_root, output, cohort=cohort, group_column=group_column,
+            bias_reference_group=bias_reference_group, template_t1=template_t1,
+            template_mask=template_mask, device=device, threads=threads, jobs=jobs)
+    finally:
+        early.stop()
+
+
+def _run_checked_cohort(early: EarlyRecords, bundle_dir: str | Path,
+                        dataset_root: str | Path, output: str | Path, *, cohort: str | None,
+                        group_column: str | None, bias_reference_group: str | None,
+                        template_t1: str | None, template_mask: str | None,
+                        device: str | None, threads: int | None, jobs: int) -> pd.DataFrame:
+    """:func:`run_cohort`'s work; ``early`` holds what was logged before the log opens."""
+    options = {"--cohort": cohort, "--group-column": group_column,  # as given, for the log
+               "--bias-reference-group": bias_reference_group, "--template-t1": template_t1,
+               "--template-mask": template_mask, "--device": device, "--threads": threads,
+               "--jobs": jobs if jobs != 1 else None}
     bundle = read_bundle(bundle_dir)
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -169,9 +189,11 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
         "reuses preproc/ and rewrites the reports.\n")
     # the run's log beside its outputs: a subject's warnings (a T1w missing, NaN holes)
     # outlive the console, and a rerun that reuses the subject does not repeat them
-    with also_logging_to(output / "logs" / RUN_LOG,
-                         heading=f"brainage.predict run --bundle {bundle.path} --dataset "
-                                 f"{dataset_root}"):
+    heading = " ".join([f"brainage.predict run --bundle {Path(bundle.path).resolve()} "
+                        f"--dataset {Path(dataset_root).resolve()} --output {output.resolve()}",
+                        *(f"{flag} {value}" for flag, value in options.items()
+                          if value is not None)])
+    with also_logging_to(output / "logs" / RUN_LOG, heading=heading, earlier=early.stop()):
         layout = Layout(str(output), str(output / "logs"), str(output / "benchmarks"),
                         template["space"])
         t1_path, mask_path = layout.template("T1w"), layout.template("brain_mask")
