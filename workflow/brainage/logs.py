@@ -116,8 +116,7 @@ def also_logging_to(path: str | Path, heading: str,
     with open(path, "a") as log:
         log.write(f"===== {heading} ({started}, {socket.gethostname()}, pid {os.getpid()}) "
                   f"=====\n")
-    handler = logging.FileHandler(path, mode="a")
-    handler.setFormatter(logging.Formatter(FORMAT))
+    handler = _appending_handler(path)
     for record in earlier:
         handler.emit(record)
     logging.getLogger().addHandler(handler)
@@ -143,9 +142,14 @@ def log_to_files(files: Sequence[str], level: int = logging.INFO) -> None:
     ``files`` (:func:`log_files` of the parent), appended to."""
     log_to_file(None, level)
     for file in files:
-        handler = logging.FileHandler(file, mode="a")
-        handler.setFormatter(logging.Formatter(FORMAT))
-        logging.getLogger().addHandler(handler)
+        logging.getLogger().addHandler(_appending_handler(file))
+
+
+def _appending_handler(path: str | Path) -> logging.FileHandler:
+    """A handler that appends the job log's format to ``path``."""
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter(FORMAT))
+    return handler
 
 
 class EarlyRecords(logging.Handler):
