@@ -81,6 +81,85 @@ def test_a_missing_input_names_what_is_there_instead(tmp_path):
         subject_inputs(root, "00a")
 
 
+def test_a_bids_session_dataset_is_told_each_step_and_one_session_per_person(tmp_path):
+    """A BIDS dataset with sessions: ses-01/mre/sub-00a_ses-01_stiffness.nii.gz. The first
+    refusal said to list other sessions as subjects of their own, which puts one person on
+    both sides of the split (a test MAE of people trained on); moving mre/ up as told gave
+    the same message again, as the files still carried the session in their names."""
+    root = write_tiny_dataset(tmp_path / "d", default_rows())
+    subject = root / "sub-00a"
+    (subject / "ses-01").mkdir()
+    (subject / "mre").rename(subject / "ses-01" / "mre")
+    (subject / "ses-01" / "mre" / "sub-00a_stiffness.nii.gz").rename(
+        subject / "ses-01" / "mre" / "sub-00a_ses-01_stiffness.nii.gz")
+    with pytest.raises(InputError) as refused:
+        read_participants(root)
+    assert "has session folders (ses-01)" in str(refused.value)
+    assert "name its files without the session (sub-00a_stiffness.nii.gz)" in str(refused.value)
+    assert "Train on one session per person" in str(refused.value)
+    assert "subjects of their own" not in str(refused.value)
+    (subject / "ses-01" / "mre").rename(subject / "mre")  # the first half of the advice
+    with pytest.raises(InputError, match=r"mre holds sub-00a_ses-01_stiffness\.nii\.gz: name "
+                                         r"the file sub-00a_stiffness\.nii\.gz"):
+        read_participants(root)
+    (subject / "mre" / "sub-00a_ses-01_stiffness.nii.gz").rename(
+        subject / "mre" / "sub-00a_stiffness.nii.gz")
+    assert len(read_participants(root)) == 4
+
+
+def test_a_renamed_subjects_files_under_the_old_label_are_named(tmp_path):
+    """A label refused (sub-st1_s003), the folder and row renamed as told: the files inside
+    still carry the old label, which the 'missing' message now names."""
+    rows = default_rows()
+    root = write_tiny_dataset(tmp_path / "d", rows)
+    (root / "sub-01a").rename(root / "sub-01b")
+    rows[1]["participant_id"] = "sub-01b"
+    pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
+    with pytest.raises(InputError, match=r"sub-01b_stiffness\.nii\.gz is missing.* holds "
+                                         r"sub-01a_stiffness\.nii\.gz: name the file "
+                                         r"sub-01b_stiffness\.nii\.gz"):
+        read_participants(root)
+
+
+def test_every_bad_row_is_named_at_once_and_an_empty_row_as_such(tiny_dataset):
+    """A table exported in a locale with decimal commas has every age bad: each subject is
+    named in one message, not one per run; a row of tabs only (a spreadsheet's formatted
+    empty rows) is named as an empty row, not as a participant_id 'nan'."""
+    def mutate(table):
+        table["age"] = ["24,8", "30,5", "41,0", "52,25"]
+        table.loc[1, "participant_id"] = "sub-01_a"
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError) as refused:
+        read_participants(tiny_dataset)
+    message = str(refused.value)
+    assert message.startswith(f"5 rows of {tiny_dataset / 'participants.tsv'} need fixing:")
+    assert "line 3: subject label '01_a' is not a BIDS label" in message
+    for subject, age in [("sub-00a", "24,8"), ("sub-02a", "41,0"), ("sub-03a", "52,25")]:
+        assert f"subject {subject} has age '{age}'; ages must be numbers in years, with a " \
+               f"decimal point, not a comma" in message
+    table = tiny_dataset / "participants.tsv"
+    _rewrite_table(tiny_dataset, lambda table: table.assign(age=[20.0, 30.0, 40.0, 50.0]))
+    table.write_text(table.read_text() + "\t\t\t\n")
+    with pytest.raises(InputError, match=r"participants\.tsv line 6 is an empty row \(only tabs "
+                                         r"or spaces\): delete it\.$"):
+        read_participants(tiny_dataset)
+
+
+def test_extra_columns_of_a_training_table_keep_their_text(tiny_dataset, tmp_path):
+    """A site code 007 stayed 7 and an integer group with a blank became 1.0 in a split's
+    participants.tsv: extra columns are the lab's, carried as written."""
+    def mutate(table):
+        table["site"] = ["007", "012", "007", "3"]
+        table["group"] = ["1", "", "2", "1"]
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    table = read_participants(tiny_dataset)
+    assert table["site"].tolist() == ["007", "012", "007", "3"]
+    assert table["group"].tolist()[0] == "1" and table["group"].tolist()[2] == "2"
+    assert table["age"].tolist() == [20.0, 30.0, 40.0, 50.0]
+
+
 def test_spreadsheet_trailing_tabs_are_read_and_extra_values_refused(tmp_path):
     root = write_tiny_dataset(tmp_path / "d", default_rows())
     lines = (root / "participants.tsv").read_text().splitlines()
@@ -1015,6 +1094,39 @@ def test_a_missing_map_of_the_modalities_names_subject_and_file(tiny_dataset):
                                          r"is missing"):
         subject_inputs(tiny_dataset, "01a", ("stiffness", "T1w"))
     assert set(subject_inputs(tiny_dataset, "01a")) == {"stiffness"}
+
+
+@pytest.mark.parametrize("name", ["sub-01a_t1w.nii.gz", "sub-01a_T1W.nii.gz", "T1w.nii.gz",
+                                  "sub-01a_mprage.nii.gz", "sub-01x_T1w.nii.gz"])
+def test_an_optional_t1w_in_another_case_or_label_is_refused(tiny_dataset, name):
+    """A T1w named in another case, without the label, as the sequence, or under a
+    renamed subject's old label was skipped without a word: the subject masked and
+    registered by its stiffness map (QC still passes)."""
+    anat = tiny_dataset / "sub-01a" / "anat"
+    anat.mkdir(exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), anat / name)
+    with pytest.raises(InputError, match=rf"anat holds {re.escape(name)} but no "
+                                         r"sub-01a_T1w\.nii\.gz, the one T1w name read"):
+        read_participants(tiny_dataset)
+
+
+def test_an_optional_t1w_in_a_session_folder_is_refused_and_other_anat_images_are_not(
+        tiny_dataset):
+    """The maps moved up out of ses-01 as told, the T1w left in ses-01/anat: not read, and
+    the subject registered by its map without a word. A T2w or a T1 map is no T1w."""
+    anat = tiny_dataset / "sub-01a" / "ses-01" / "anat"
+    anat.mkdir(parents=True)
+    image = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
+    nib.save(image, anat / "sub-01a_ses-01_T1w.nii.gz")
+    with pytest.raises(InputError, match=r"subject sub-01a: ses-01/anat/sub-01a_ses-01_T1w"
+                                         r"\.nii\.gz in .*sub-01a is in a session folder, "
+                                         r"which is not read"):
+        read_participants(tiny_dataset)
+    shutil.rmtree(tiny_dataset / "sub-01a" / "ses-01")
+    (tiny_dataset / "sub-01a" / "anat").mkdir()
+    for other in ("sub-01a_T2w.nii.gz", "sub-01a_T1map.nii.gz"):
+        nib.save(image, tiny_dataset / "sub-01a" / "anat" / other)
+    assert len(read_participants(tiny_dataset)) == 4
 
 
 def test_fractional_ages_are_read_as_written(tiny_dataset):

@@ -1471,6 +1471,44 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
         tabulate_qc([files[0], files[1]], participants, tmp_path / "qc.tsv", minimums=minimums)
 
 
+def _passing_qc_files(folder: Path, field: str, values: dict) -> list[Path]:
+    """A passing QC JSON per subject of ``values``, with ``field`` set to its value."""
+    files = []
+    for pid, value in values.items():
+        files.append(folder / f"{pid}_qc.json")
+        files[-1].write_text(json.dumps({"participant_id": pid, "dice": 0.9,
+                                         "correlation": 0.5, "coverage": 0.8, field: value}))
+    return files
+
+
+def test_a_training_cohort_registered_by_different_references_is_warned_about(tmp_path,
+                                                                               caplog):
+    """A lab missing a few T1w scans trained and evaluated Table 3 on subjects registered by
+    their T1w and subjects registered by their stiffness map without a word; a cohort to
+    predict with the same mix was warned about (docs/method.md §7: 2.3 years)."""
+    from brainage.qc import tabulate_qc
+
+    participants = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
+                                 "age": [30.0, 40.0, 50.0, 60.0], "sex": ["F", "M", "F", "M"],
+                                 "study": ["s1", "s1", "s2", "s3"]})
+    files = _passing_qc_files(tmp_path, "reference_kind", {
+        "sub-01": "T1w_brain", "sub-02": "T1w_brain", "sub-03": "stiffness",
+        "sub-04": None})  # a QC file of an earlier version: not counted
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+    with caplog.at_level("WARNING", logger="brainage.qc"):
+        tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
+    assert re.search(rf"the cohort of {re.escape(str(tmp_path / 'qc.tsv'))}: subjects were "
+                     r"registered by different reference images: 2 by T1w_brain, 1 by "
+                     r"stiffness \(sub-03\) .*follows the subjects like a site effect\. Give "
+                     r"every subject its T1w", caplog.text), caplog.text
+    caplog.clear()
+    files[2].write_text(json.dumps({"participant_id": "sub-03", "dice": 0.9, "correlation": 0.5,
+                                    "coverage": 0.8, "reference_kind": "T1w_brain"}))
+    with caplog.at_level("WARNING", logger="brainage.qc"):
+        tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
+    assert "different reference images" not in caplog.text
+
+
 def test_a_cohort_stripped_by_two_tools_is_warned_about(tmp_path, caplog):
     """preprocess.skullstrip: auto takes FreeSurfer where a job's machine has it: a study
     added later on other nodes got the other tool's masks, without a word."""
@@ -1482,12 +1520,7 @@ def test_a_cohort_stripped_by_two_tools_is_warned_about(tmp_path, caplog):
     # the routes as strip_skull records them: the program that ran
     routes = {"sub-01": "deepbet", "sub-02": "deepbet", "sub-03": "mri_synthstrip",
               "sub-04": None}
-    files = []
-    for pid, route in routes.items():
-        files.append(tmp_path / f"{pid}_qc.json")
-        files[-1].write_text(json.dumps({"participant_id": pid, "dice": 0.9,
-                                         "correlation": 0.5, "coverage": 0.8,
-                                         "skullstrip_route": route}))
+    files = _passing_qc_files(tmp_path, "skullstrip_route", routes)
     minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
     with caplog.at_level("WARNING", logger="brainage.qc"):
         tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)

@@ -35,7 +35,14 @@ from brainage.models import BrainAgeNet, build_model, embed
 from brainage.normalise import apply as apply_normalisation
 from brainage.normalise import check_grid
 from brainage.preprocess.images import load_volume
-from brainage.qc import METRICS, QC_THRESHOLDS, qc_failures, read_qc_records, thresholds
+from brainage.qc import (
+    METRICS,
+    QC_THRESHOLDS,
+    qc_failures,
+    read_qc_records,
+    thresholds,
+    warn_about_mixed_references,
+)
 from brainage.readout import Readout
 from brainage.runtime import runtime_setup
 
@@ -299,7 +306,10 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
             log.warning("cohort %s: sub-%s fails preprocessing QC (%s): reported, not "
                         "predicted", cohort, label, reason)
     passed = np.array(passed, dtype=bool)
-    _warn_about_mixed_references(cohort, labels, references)
+    warn_about_mixed_references(
+        f"cohort {cohort}", [f"sub-{label}" for label in labels], references,
+        advice="compare their gaps with care (a subject without a T1w is registered by its "
+               "stiffness map)")
     _warn_about_references_unlike_training(
         cohort, labels, references,
         model.bundle.manifest.get("training", {}).get("registration_references"))
@@ -394,27 +404,6 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
              else "no subject predicted" if not passed.any()
              else "no gaps (no predicted subject has an age)")
     return table
-
-
-def _warn_about_mixed_references(cohort: str, labels: Sequence[str],
-                                 references: Sequence[str]) -> None:
-    """Warn when a cohort's subjects were registered by different references (a T1w for
-    most, the stiffness map for those without one): their brain masks and transforms come
-    from other images, which can move their predictions by years."""
-    by_kind: dict[str, list[str]] = {}
-    for label, kind in zip(labels, references):
-        by_kind.setdefault(kind, []).append(f"sub-{label}")
-    if len(by_kind) < 2:
-        return
-    main_kind = max(by_kind, key=lambda kind: len(by_kind[kind]))
-    others = "; ".join(f"{len(subjects)} by {kind} ({', '.join(subjects[:10])}"
-                       f"{', ...' if len(subjects) > 10 else ''})"
-                       for kind, subjects in by_kind.items() if kind != main_kind)
-    log.warning("cohort %s: subjects were registered by different reference images: %d by "
-                "%s, %s (reference_kind in each subject's QC file). Their brain masks and "
-                "transforms come from other images; compare their gaps with care (a subject "
-                "without a T1w is registered by its stiffness map).", cohort,
-                len(by_kind[main_kind]), main_kind, others)
 
 
 def _unlike_training(labels: Sequence[str], values: Sequence[str],

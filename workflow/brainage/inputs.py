@@ -155,12 +155,12 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         lines = check_table_shape(table_path)
         # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
         # columns instead of shifting them right behind an index made of the ids
-        # A cohort to predict gives its columns back in its predictions, as the lab wrote
-        # them: every column but the age read as text (a site code 007 is not 7, a group 0
-        # not 0.0, which --bias-reference-group 0 would not have named).
+        # Every column but the age is read as text, so that the extra columns come back
+        # in a split's participants.tsv and a cohort's predictions as the lab wrote them
+        # (a site code 007 is not 7, a group 0 not 0.0, which --bias-reference-group 0
+        # would not have named)
         table = pd.read_csv(table_path, sep="\t", index_col=False,
-                            dtype=(defaultdict(lambda: str, age=object) if to_predict else
-                                   {"participant_id": str, "sex": str, "study": str}))
+                            dtype=defaultdict(lambda: str, age=object))
     except UnicodeDecodeError:
         raise InputError(_not_utf8_message(table_path)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
@@ -364,16 +364,32 @@ def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> N
 
 def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
                                lines: Sequence[int], *, to_predict: bool = False) -> None:
-    for row_number, participant_id in zip(lines, table["participant_id"]):
-        where = f"{table_path} line {row_number}"
-        if isinstance(participant_id, str) and participant_id != participant_id.strip():
-            raise InputError(f"{where}: participant_id {participant_id!r} has spaces around "
-                             f"it; remove them (ids look like 'sub-<label>', letters and "
-                             f"digits).")
-        if not isinstance(participant_id, str) or not participant_id.startswith("sub-"):
-            raise InputError(f"{where}: participant_id {participant_id!r} must look like "
-                             f"'sub-<label>' (letters and digits).")
-        check_label(participant_id[len("sub-"):], where=where)
+    """Refuse bad ids and ages, naming every bad row at once (a lab fixes them in one go,
+    not one run per row: a locale that writes every age with a decimal comma)."""
+    problems = [problem for row_number, (_, row) in zip(lines, table.iterrows())
+                if (problem := _bad_participant_id(row, f"{table_path} line {row_number}"))]
+    ages = pd.to_numeric(table["age"], errors="coerce")
+    low, high = AGE_RANGE_YEARS
+    for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
+        if pd.isna(raw) and to_predict:
+            continue  # a cohort to predict: a predicted age, no gap
+        if pd.isna(raw) and pd.isna(participant_id):
+            continue  # an empty row, named above
+        if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
+            problems.append(f"{table_path}: subject {participant_id} has no age (an empty cell "
+                            f"or n/a); every subject needs its age in years: encoders are "
+                            f"trained on it, and a brain-age gap and its age-bias correction "
+                            f"are measured against it. Fill it in or remove the row.")
+        elif pd.isna(age):
+            comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
+            problems.append(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
+                            f"must be numbers in years"
+                            + (", with a decimal point, not a comma" if comma else "")
+                            + ". Fix or remove the row.")
+        elif not low < age < high:
+            problems.append(f"{table_path}: subject {participant_id} has age {age} years, "
+                            f"outside {low}-{high}. Fix the value (years, not months).")
+    _refuse_all(problems, f"rows of {table_path} need fixing")
     duplicated = table["participant_id"][table["participant_id"].duplicated()].unique()
     if len(duplicated):
         raise InputError(f"{table_path}: duplicate participant_id {', '.join(duplicated)}; "
@@ -385,26 +401,6 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
         raise InputError(f"{table_path}: participant_id {'; '.join(pairs)} differ only in "
                          f"case, so their folders under results/ would be one on a "
                          f"case-insensitive file system. Rename one of each pair.")
-    ages = pd.to_numeric(table["age"], errors="coerce")
-    low, high = AGE_RANGE_YEARS
-    for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
-        if pd.isna(age):
-            comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
-            if pd.isna(raw) and to_predict:
-                continue  # a cohort to predict: a predicted age, no gap
-            if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
-                raise InputError(f"{table_path}: subject {participant_id} has no age (an "
-                                 f"empty cell or n/a); every subject needs its age in "
-                                 f"years: encoders are trained on it, and a brain-age gap "
-                                 f"and its age-bias correction are measured against it. "
-                                 f"Fill it in or remove the row.")
-            raise InputError(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
-                             f"must be numbers in years"
-                             + (", with a decimal point, not a comma" if comma else "")
-                             + ". Fix or remove the row.")
-        if not low < age < high:
-            raise InputError(f"{table_path}: subject {participant_id} has age {age} years, "
-                             f"outside {low}-{high}. Fix the value (years, not months).")
     if not to_predict:  # a cohort to predict: the model reads neither, Table 2 is training's
         for column in ("sex", "study"):
             blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
@@ -443,6 +439,25 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                 f"{', '.join(examples)}, which differ only in case or in spaces around the "
                 f"name, so the pipeline would take them for different values ({consequence}). "
                 f"Write them in one spelling.")
+
+
+def _bad_participant_id(row: pd.Series, where: str) -> str | None:
+    """What is wrong with ``row``'s participant_id (``where``: the table and line), or
+    None."""
+    participant_id = row["participant_id"]
+    if row.isna().all():  # a line of tabs only (a spreadsheet's formatted empty rows)
+        return f"{where} is an empty row (only tabs or spaces): delete it."
+    if isinstance(participant_id, str) and participant_id != participant_id.strip():
+        return (f"{where}: participant_id {participant_id!r} has spaces around it; remove "
+                f"them (ids look like 'sub-<label>', letters and digits).")
+    if not isinstance(participant_id, str) or not participant_id.startswith("sub-"):
+        return (f"{where}: participant_id {participant_id!r} must look like 'sub-<label>' "
+                f"(letters and digits).")
+    try:
+        check_label(participant_id[len("sub-"):], where=where)
+    except InputError as error:
+        return str(error)
+    return None
 
 
 def _validate_against_schema(table: pd.DataFrame, table_path: Path,
@@ -506,12 +521,18 @@ def _require_every_image(root: str | Path, labels: Sequence[str], modalities: Se
     if "T1w" not in modalities:  # the optional T1w: only anat/sub-<label>_T1w.nii.gz is read
         problems += [message for label in labels
                      if (message := _unread_t1w_message(root, label))]
+    _refuse_all(problems, "input images are missing or unread")
+
+
+def _refuse_all(problems: Sequence[str], what: str) -> None:
+    """Raise one :class:`InputError` for all ``problems`` (each a whole message): the one
+    message, or ``<n> <what>:`` above the first :data:`MAX_MISSING_NAMED`, one per line."""
     if len(problems) == 1:
         raise InputError(problems[0])
     if problems:
         shown = problems[:MAX_MISSING_NAMED]
         more = len(problems) - len(shown)
-        raise InputError(f"{len(problems)} input images are missing or unread:\n"
+        raise InputError(f"{len(problems)} {what}:\n"
                          + "\n".join(f"  {message}" for message in shown)
                          + (f"\n  ... and {more} more." if more else ""))
 
@@ -520,8 +541,10 @@ def _unread_t1w_message(root: str | Path, label: str) -> str | None:
     """The message for a subject whose optional T1w is there but would not be read, so its
     brain mask and registration would silently come from its MRE map instead: only
     ``anat/sub-<label>_T1w.nii.gz`` is read, and a broken link there (a DataLad or
-    git-annex file not fetched), an uncompressed ``.nii`` (dcm2niix's default) or a name
-    with BIDS entities (``sub-<label>_acq-mprage_T1w.nii.gz``) is not; None otherwise."""
+    git-annex file not fetched), an uncompressed ``.nii`` (dcm2niix's default), another
+    name in ``anat/`` (:data:`T1W_NAME_WORDS` in any case: BIDS entities as in
+    ``sub-<label>_acq-mprage_T1w.nii.gz``, another case, a renamed subject's old label) or
+    a T1w in a ``ses-*/anat/`` folder is not; None otherwise."""
     path = anatomical_path(root, label)
     if path.is_file():
         return None
@@ -537,14 +560,39 @@ def _unread_t1w_message(root: str | Path, label: str) -> str | None:
         return (f"subject sub-{label}: T1w {uncompressed} is not compressed, so it would not "
                 f"be read, {instead}. Compress it (gzip {uncompressed}), or move it out of "
                 f"the dataset to register the subject without it.")
-    others = sorted(other.name for other in path.parent.glob(f"sub-{label}_*T1w.nii*")
-                    if other.name != path.name) if path.parent.is_dir() else []
+    others = _named_like(path, T1W_NAME_WORDS)
     if others:
         return (f"subject sub-{label}: {path.parent} holds {', '.join(others)} but no "
                 f"{path.name}, the one T1w name read, {instead}. Rename the T1w to use to "
                 f"{path.name} (one T1w per subject), or move the files out of the dataset "
                 f"to register the subject without one.")
+    in_sessions = sorted(str(other.relative_to(path.parent.parent)) for other in
+                         path.parent.parent.glob(f"ses-*/{path.parent.name}/*.nii*")
+                         if _holds_any(other.name, T1W_NAME_WORDS))
+    if in_sessions:
+        return (f"subject sub-{label}: {', '.join(in_sessions)} in {path.parent.parent} is in "
+                f"a session folder, which is not read, {instead}. Move the T1w of the "
+                f"session its maps come from to {path} (the same session as the maps), or "
+                f"move the files out of the dataset to register the subject without one.")
     return None
+
+
+#: What a T1w's file name holds in any case, whatever else it holds.
+T1W_NAME_WORDS = ("t1w", "mprage")
+
+
+def _named_like(path: Path, words: Sequence[str]) -> list[str]:
+    """The NIfTI files in ``path``'s folder other than ``path`` whose name holds one of
+    ``words`` in any case: the image meant for ``path`` under another name (BIDS entities
+    such as ``_ses-01`` or ``_acq-mprage``, another label, another case)."""
+    if not path.parent.is_dir():
+        return []
+    return [other.name for other in sorted(path.parent.iterdir())
+            if other.name != path.name and _holds_any(other.name, words)]
+
+
+def _holds_any(file_name: str, words: Sequence[str]) -> bool:
+    return ".nii" in file_name and any(word in file_name.casefold() for word in words)
 
 
 def _found_instead(path: Path) -> str:
@@ -561,12 +609,21 @@ def _found_instead(path: Path) -> str:
         if other_case:
             return (f" There is {other_case[0]}/, which differs in case: use one spelling "
                     f"in participants.tsv and the folder and file names.")
+    name = path.name[len(f"{subject_folder.name}_"):].split(".")[0]  # stiffness, T1w, ...
+    misnamed = _named_like(path, T1W_NAME_WORDS if name == "T1w" else (name.casefold(),))
+    if misnamed:  # e.g. sub-01_ses-01_stiffness.nii.gz, or a renamed subject's old files
+        return (f" {path.parent} holds {', '.join(misnamed)}: name the file {path.name} "
+                f"(the folder's label, no session or other entities).")
     sessions = sorted(p.name for p in subject_folder.glob("ses-*") if p.is_dir())
     if sessions:
         return (f" {subject_folder} has session folders ({', '.join(sessions)}); the "
                 f"dataset layout has none: move one session's {path.parent.name}/ folder up "
-                f"into {subject_folder.name}/ (and list other sessions as subjects of their "
-                f"own).")
+                f"into {subject_folder.name}/ and name its files without the session "
+                f"({path.name}). Train on one session per person: another session of the "
+                f"same person listed as a subject of its own can land on the other side of "
+                f"the split, so the test error would measure people the encoder was trained "
+                f"on; apply the trained model to the other sessions as a cohort to predict "
+                f"(predict.cohorts).")
     return ""
 
 

@@ -326,6 +326,13 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
                     "true leaves it out of every split.", row.participant_id, row.study,
                     row.qc_failures, figures.get(row.participant_id, "(none)"))
     _warn_about_mixed_skull_strippers(table)
+    recorded = table["reference_kind"].notna()  # QC files of earlier versions lack it
+    warn_about_mixed_references(
+        f"the cohort of {out_table}", table["participant_id"][recorded],
+        table["reference_kind"][recorded],
+        advice="in training and evaluation that difference follows the subjects like a "
+               "site effect. Give every subject its T1w (anat/sub-<label>_T1w.nii.gz) or "
+               "none")
     log.info("QC: %d of %d subjects pass (%s)", int(table["qc_pass"].sum()), len(table),
              ", ".join(f"{key} {value:g}" for key, value in minimums.items()))
     write_tsv(out_table, table)
@@ -355,6 +362,27 @@ def _warn_about_mixed_skull_strippers(table: pd.DataFrame) -> None:
                 "studies were added at different times, act like a site effect. Set "
                 "preprocess.skullstrip to one tool (this reruns every subject's "
                 "preprocessing).", counts)
+
+
+def warn_about_mixed_references(cohort: str, participant_ids: Sequence[str],
+                                references: Sequence[str], *, advice: str) -> None:
+    """Warn when a cohort's subjects were registered by different reference images (a T1w
+    for most, the stiffness map for those without one): their brain masks and transforms
+    come from other images, which moved one prediction by 2.3 years when tried
+    (docs/method.md §7). ``cohort`` names it, ``advice`` says what to do."""
+    by_kind: dict[str, list[str]] = {}
+    for participant_id, kind in zip(participant_ids, references):
+        by_kind.setdefault(kind, []).append(participant_id)
+    if len(by_kind) < 2:
+        return
+    main_kind = max(by_kind, key=lambda kind: len(by_kind[kind]))
+    others = "; ".join(f"{len(subjects)} by {kind} ({', '.join(subjects[:10])}"
+                       f"{', ...' if len(subjects) > 10 else ''})"
+                       for kind, subjects in by_kind.items() if kind != main_kind)
+    log.warning("%s: subjects were registered by different reference images: %d by %s, %s "
+                "(reference_kind in each subject's QC file). Their brain masks and "
+                "transforms come from other images; %s.", cohort, len(by_kind[main_kind]),
+                main_kind, others, advice)
 
 
 def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mapping) -> None:
