@@ -330,6 +330,38 @@ def test_a_pretraining_cohort_holding_a_test_subject_stops_before_any_job(tmp_pa
     assert "dataset.modalities" not in result.stdout
 
 
+def test_a_cohort_to_predict_sharing_ids_with_the_pretraining_cohort_is_warned_about(
+        tmp_path):
+    """A lab's own T1w pretraining cohort that holds people it later predicts: the encoder
+    has seen their images and ages, but only the MRE training subjects were compared."""
+    root = dataset(tmp_path, 6)
+    t1w_rows = [{**row, "participant_id": f"sub-t1w{index}"}
+                for index, row in enumerate(default_rows(6))]
+    t1w_root = write_tiny_dataset(tmp_path / "t1w", t1w_rows, with_anat=True)
+    clinic_rows = [{**row, "participant_id": f"sub-c{index}"}
+                   for index, row in enumerate(default_rows(3))]
+    clinic_rows[1]["participant_id"] = "sub-T1W4"  # the same person, in another case
+    clinic = write_tiny_dataset(tmp_path / "clinic", clinic_rows)
+    base = tiny_test_config(root)
+    base["pretrain"] = {"t1": {"source": {"kind": "bids", "root": str(t1w_root)},
+                               "train": {"epochs": 2, "batch_size": 4},
+                               "resources": {"gpus": 0}}}
+    base["experiments"]["table3"]["variants"]["adaptive_pretrained"] = {
+        "loss": {"name": "adaptive"}, "model": {"init": "pretrained:t1"}}
+    base["predict"] = {"model": {"experiment": "table3", "variant": "adaptive_pretrained",
+                                 "seed": 0},
+                       "cohorts": {"clinic": str(clinic)}, "simulate": {"enabled": False}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    result = run_snakemake(tmp_path / "work", configfile, "--dry-run")
+    said = re.findall(r"Warning: predict cohort clinic .*", result.stdout + result.stderr)
+    assert said == [
+        "Warning: predict cohort clinic (config key predict.cohorts.clinic) has 1 subject(s) "
+        "with the participant_id of a subject of the T1w cohort its encoder was pretrained on "
+        "(config key pretrain.t1.source.root): sub-T1W4 (as sub-t1w4). If they are the same "
+        "people, their predicted ages and gaps are optimistic (the model has seen them)."], \
+        result.stderr[-3000:]
+
+
 def test_a_pretraining_batch_its_processes_cannot_share_stops_before_any_job(tmp_path):
     """Eight simulated T1w subjects, two held out: 6 training subjects in batches of 4 and
     2 cannot feed 2 GPUs x 2 nodes; pretrain_encoder used to find out after the cohort's
@@ -424,8 +456,10 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
     missing = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
     assert missing.returncode != 0
     said = missing.stdout + missing.stderr
-    assert re.search(rf"Missing input files for rule train_encoder:(.|\n)*variant="
-                     rf"adaptive_external(.|\n)*{re.escape(str(checkpoint))}", said), said[-3000:]
+    refusal = (rf"config key model\.init_checkpoint \(or experiments\.table3\.variants\."
+               rf"adaptive_external\.model\.init_checkpoint\) is '{re.escape(str(checkpoint))}', "
+               rf"which is not a file; a relative path is read from the working directory")
+    assert re.search(refusal, said), said[-3000:]
 
     checkpoint.parent.mkdir()
     checkpoint.touch()
@@ -444,6 +478,15 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
                                                  "make_tables": 1, "make_figures": 1})
     rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
     assert rerun == {("table3/adaptive_external", "0"), ("table3/adaptive_external", "1")}
+
+    # cells already trained, the file gone (a path mistyped in an edit): Snakemake skips a
+    # job whose outputs exist and whose input is missing, and reran the read-out on the old
+    # encoder under settings that named a checkpoint it never started from
+    _fake_complete_run(workdir, configfile)
+    checkpoint.unlink()
+    gone = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
+    assert gone.returncode != 0 and re.search(refusal, gone.stdout + gone.stderr), \
+        (gone.stdout + gone.stderr)[-3000:]
 
 
 def test_a_new_search_result_reruns_only_the_cells_that_train_with_it(tmp_path):

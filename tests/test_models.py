@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -115,6 +116,30 @@ def test_a_checkpoint_that_leaves_encoder_tensors_random_is_warned_about(model, 
     assert (f"{len(shortcuts) + 1} encoder tensor(s) keep their random initialisation"
             in warnings[0].getMessage())
     assert "encoder.conv1.weight" in warnings[0].getMessage()
+
+
+def test_a_resnet_of_other_blocks_is_refused_not_loaded_in_part(model, tmp_path):
+    """A MedicalNet-style Bottleneck ResNet (1x1x1, 3x3x3, 1x1x1 convolutions per block)
+    loaded its 3x3x3 kernels into the ResNet-18's block convolutions of the same shape,
+    with a warning only, and the cell was reported as fine-tuned from it."""
+    state = _renamed_openbhb_state(model)
+    for name in [name for name in state if re.search(r"layer\d\.\d\.conv1\.weight$", name)]:
+        width = state[name].shape[0]
+        state[name] = torch.zeros(width, state[name].shape[1], 1, 1, 1)
+        state[name.replace("conv1", "conv3")] = torch.zeros(4 * width, width, 1, 1, 1)
+    path = tmp_path / "resnet50.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"resnet50\.pth is not a 3D ResNet-18 checkpoint: its "
+                                         r"blocks have a third convolution \(encoder\.layer1"
+                                         r"\.0, encoder\.layer1\.1, .*a Bottleneck ResNet"):
+        load_init_checkpoint(build_model(model_section({})), path)
+    state = _renamed_openbhb_state(model)
+    del state["module.encoder.layer4.1.conv2.weight"]  # a block short: another depth
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"1 block convolution\(s\) of this network find no "
+                                         r"kernel of their shape in it \(encoder\.layer4\.1"
+                                         r"\.conv2\.weight\)"):
+        load_init_checkpoint(build_model(model_section({})), path)
 
 
 def test_bare_resnet_state_dict_maps_under_encoder(model):

@@ -459,6 +459,34 @@ def _stem_shape(source: Mapping[str, torch.Tensor]) -> tuple[int, ...] | None:
     return None
 
 
+def _refuse_other_blocks(source: Mapping[str, torch.Tensor], report: LoadReport,
+                        target: Mapping[str, torch.Tensor], path: Path, key: str) -> None:
+    """Refuse a checkpoint whose residual blocks are not a ResNet-18's: a Bottleneck
+    network (a MedicalNet ResNet-50: ``conv3`` in its blocks) or another depth leaves block
+    convolutions unloaded, and its 3x3x3 kernels of the same shape land in layers of
+    another role; that loaded with a warning, and the cell was reported as fine-tuned from
+    it. A stem or shortcut left at random (another stem, a ResNet-18 without downsample
+    convolutions) stays a warning."""
+    bottleneck = sorted({_strip_prefixes(name).split(".conv3.")[0] for name in source
+                         if ".conv3." in _strip_prefixes(name)})
+    unloaded = [name for name in report.missing if name.startswith("encoder.layer")
+                and ".conv" in name and target[name].ndim == 5]
+    if bottleneck:
+        reason = (f"its blocks have a third convolution ({', '.join(bottleneck[:3])}"
+                  f"{', ...' if len(bottleneck) > 3 else ''}): a Bottleneck ResNet "
+                  f"(ResNet-50 or deeper)")
+    elif unloaded:
+        reason = (f"{len(unloaded)} block convolution(s) of this network find no kernel of "
+                  f"their shape in it ({', '.join(unloaded[:3])}"
+                  f"{', ...' if len(unloaded) > 3 else ''}): a ResNet of another depth or "
+                  f"block layout")
+    else:
+        return
+    raise ValueError(f"config key {key}: {path} is not a 3D ResNet-18 checkpoint: {reason}. "
+                     f"Its kernels would land in layers of another role. Choose a 3D "
+                     f"ResNet-18 checkpoint, or unset {key}.\n{report.summary()}")
+
+
 def init_checkpoint_key(model_settings: Mapping) -> str:
     """The config key that chose ``model.init_checkpoint``: the user's, or ``model.init``
     when it starts from a pretraining run (whose encoder the workflow puts there)."""
@@ -527,6 +555,7 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
         raise ValueError(f"config key {key}: no encoder convolution of {path} fits the 3D "
                          f"ResNet-18 of this cell, so no weight would be loaded. {hint}\n"
                          f"{report.summary()}")
+    _refuse_other_blocks(source, report, target, path, key)
     model.load_state_dict(mapped, strict=False)
     # A head of another width is expected (it is the pretraining's own); an encoder tensor
     # left at random (another stem, a ResNet without downsample convolutions) makes the

@@ -630,7 +630,8 @@ def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
     """The release as a pretraining split folder, like a T1w cohort's
     (:func:`brainage.normalise.normalise_dataset`, which rule normalise_pretrain_cohort
     runs): each volume resampled onto the template grid, restricted to the template's
-    brain mask (as the chain's registered T1w is), scaled by its brain median, windowed,
+    brain mask (the chain's registered T1w keeps its own warped brain mask, which reaches
+    past it: docs/method.md §9), scaled by its brain median, windowed,
     block-averaged to ``resolution_mm`` and z-normalised with the statistics of the
     release's training scans (``scope`` ``train``, the default) or of all its scans
     (``all``), as config key ``normalise.scope`` chooses for every cohort

@@ -333,29 +333,45 @@ _PREDICT_COHORTS_WARNED = set()
 
 def warn_about_trained_subjects(cohort, table):
     """Say once per cohort, in the main process, which of its subjects share a
-    participant_id with the exported model's training subjects: a lab numbers its people the
-    same in both, and a subject the model was trained on gets an optimistic prediction."""
+    participant_id with the exported model's training subjects, or with the lab's T1w
+    cohort its encoder was pretrained on: a lab numbers its people the same in all, and a
+    subject the model has seen gets an optimistic prediction."""
     if cohort in _PREDICT_COHORTS_WARNED or not workflow.is_main_process:
         return
     _PREDICT_COHORTS_WARNED.add(cohort)
-    split = exported_cell()[0]
-    trained = subjects_in(participants(), config["split"], "train", splits=[split])
-    # whatever the case, as the pretraining cohort's leakage check (a lab that spells its
-    # ids both ways; one folder on a case-insensitive file system)
-    trained = {pid.casefold(): pid for pid in trained}
-    shared = [
-        pid if trained[pid.casefold()] == pid else f"{pid} (as {trained[pid.casefold()]})"
-        for pid in sorted(table["participant_id"])
-        if pid.casefold() in trained
-    ]
-    if shared:
-        _say(
-            f"Warning: predict cohort {cohort} (config key predict.cohorts.{cohort}) has "
-            f"{len(shared)} subject(s) with the participant_id of a subject the model was "
-            f"trained on (split {split} of dataset.root): {', '.join(shared[:10])}"
-            f"{' ...' if len(shared) > 10 else ''}. If they are the same people, their "
-            f"predicted ages and gaps are optimistic (the model has seen them)."
+    split, *cell = exported_cell()
+    seen = [
+        (
+            f"a subject the model was trained on (split {split} of dataset.root)",
+            subjects_in(participants(), config["split"], "train", splits=[split]),
         )
+    ]
+    run = pretrained_run(_resolved_cell(cell[0], cell[1], int(cell[2]))["model"])
+    if run is not None and PRETRAIN[run]["source"]["kind"] == "bids":
+        seen.append(
+            (
+                f"a subject of the T1w cohort its encoder was pretrained on (config key "
+                f"pretrain.{run}.source.root)",
+                pretrain_participants_table(run)["participant_id"],
+            )
+        )
+    for what, ids in seen:
+        # whatever the case, as the pretraining cohort's leakage check (a lab that spells
+        # its ids both ways; one folder on a case-insensitive file system)
+        known = {pid.casefold(): pid for pid in ids}
+        shared = [
+            pid if known[pid.casefold()] == pid else f"{pid} (as {known[pid.casefold()]})"
+            for pid in sorted(table["participant_id"])
+            if pid.casefold() in known
+        ]
+        if shared:
+            _say(
+                f"Warning: predict cohort {cohort} (config key predict.cohorts.{cohort}) has "
+                f"{len(shared)} subject(s) with the participant_id of {what}: "
+                f"{', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}. If they are "
+                f"the same people, their predicted ages and gaps are optimistic (the model "
+                f"has seen them)."
+            )
 
 
 def raw_inputs(wildcards):
@@ -719,22 +735,33 @@ def check_trains_its_own_encoder(wildcards):
         )
 
 
-def starting_checkpoint(model):
+def starting_checkpoint(model, key):
     """The file a model section starts from, if any: a pretraining run's encoder
-    (model.init pretrained:<name>) or an external checkpoint (model.init_checkpoint). It is
-    an input of the jobs that train from it, so that a new encoder of the run, or an
-    external file replaced in place, reruns them; a missing external file is named when
-    the workflow is planned, not when the training starts."""
+    (model.init pretrained:<name>) or an external checkpoint (model.init_checkpoint, set by
+    config key ``key``). It is an input of the jobs that train from it, so that a new
+    encoder of the run, or an external file replaced in place, reruns them. A missing
+    external file is named here, when the workflow is planned: as an input alone it
+    stopped nothing for a cell already trained (Snakemake skips a job whose outputs exist
+    and whose input is missing), whose read-out then reran on the old encoder under
+    settings naming a checkpoint it never started from."""
     run = pretrained_run(model)
     if run is not None:
         return LAYOUT.pretrain_file(run, "encoder.pt")
-    return model.get("init_checkpoint") or []
+    external = model.get("init_checkpoint")
+    if external and not Path(external).is_file():
+        tilde = " (a ~ is not expanded: write the whole path)" if external.startswith("~") else ""
+        raise WorkflowError(
+            f"config key {key} is {external!r}, which is not a file{tilde}; a relative "
+            f"path is read from the working directory {os.getcwd()}. Give the checkpoint's "
+            f"path, or set it to null to train from scratch."
+        )
+    return external or []
 
 
 def search_starting_checkpoint():
     """The encoder the search trials fine-tune, when the config's model starts from one
     (so the chosen nn_final/nn_step fit the cells that fine-tune it)."""
-    return starting_checkpoint(config["model"])
+    return starting_checkpoint(config["model"], "model.init_checkpoint")
 
 
 def search_params():
@@ -749,7 +776,11 @@ def search_params():
 def cell_starting_checkpoint(wildcards):
     """The encoder a cell fine-tunes (starting_checkpoint), if any: changing that
     pretraining run, or the external file, reruns this cell."""
-    return starting_checkpoint(cell_params(wildcards)["model"])
+    return starting_checkpoint(
+        cell_params(wildcards)["model"],
+        f"model.init_checkpoint (or experiments.{wildcards.experiment}.variants."
+        f"{wildcards.variant}.model.init_checkpoint)",
+    )
 
 
 def search_result(wildcards):
