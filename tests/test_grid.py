@@ -456,10 +456,11 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
     missing = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
     assert missing.returncode != 0
     said = missing.stdout + missing.stderr
-    refusal = (rf"config key model\.init_checkpoint \(or experiments\.table3\.variants\."
-               rf"adaptive_external\.model\.init_checkpoint\) is '{re.escape(str(checkpoint))}', "
-               rf"which is not a file; a relative path is read from the working directory")
-    assert re.search(refusal, said), said[-3000:]
+    def refusal(path):
+        return (rf"config key model\.init_checkpoint \(or experiments\.table3\.variants\."
+                rf"adaptive_external\.model\.init_checkpoint\) is '{re.escape(str(path))}', "
+                rf"which is not a file; a relative path is read from the working directory")
+    assert re.search(refusal(checkpoint), said), said[-3000:]
 
     checkpoint.parent.mkdir()
     checkpoint.touch()
@@ -479,14 +480,31 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
     rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
     assert rerun == {("table3/adaptive_external", "0"), ("table3/adaptive_external", "1")}
 
-    # cells already trained, the file gone (a path mistyped in an edit): Snakemake skips a
-    # job whose outputs exist and whose input is missing, and reran the read-out on the old
-    # encoder under settings that named a checkpoint it never started from
+    # the cells trained from it, then the file purged (scratch space): the finished work
+    # stands, with a warning; nothing trains again
+    import torch
+
     _fake_complete_run(workdir, configfile)
+    for seed in (0, 1):
+        torch.save({"settings": {"model": {"init_checkpoint": str(checkpoint)}}},
+                   workdir / f"results/train/holdout/table3/adaptive_external/seed-{seed}"
+                             f"/encoder.pt")
     checkpoint.unlink()
-    gone = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
-    assert gone.returncode != 0 and re.search(refusal, gone.stdout + gone.stderr), \
-        (gone.stdout + gone.stderr)[-3000:]
+    purged = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
+    assert "train_encoder" not in job_counts(purged.stdout), purged.stdout[-3000:]
+    assert purged.stderr.count("which is no longer a file. What was trained from it is "
+                               "kept") == 1, purged.stderr[-3000:]
+    # the key edited to a path that is not there (a typo): Snakemake skips a job whose
+    # outputs exist and whose input is missing, and reran the read-out on the old encoder
+    # under settings that named a checkpoint it never started from
+    checkpoint = checkpoint.with_name("typo.pt")
+    base["experiments"]["table3"]["variants"]["adaptive_external"]["model"] = {
+        "init_checkpoint": str(checkpoint)}
+    write_config(configfile, base)
+    edited = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
+    assert edited.returncode != 0 and re.search(refusal(checkpoint),
+                                                edited.stdout + edited.stderr), \
+        (edited.stdout + edited.stderr)[-3000:]
 
 
 def test_a_new_search_result_reruns_only_the_cells_that_train_with_it(tmp_path):

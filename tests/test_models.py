@@ -121,7 +121,8 @@ def test_a_checkpoint_that_leaves_encoder_tensors_random_is_warned_about(model, 
 def test_a_resnet_of_other_blocks_is_refused_not_loaded_in_part(model, tmp_path):
     """A MedicalNet-style Bottleneck ResNet (1x1x1, 3x3x3, 1x1x1 convolutions per block)
     loaded its 3x3x3 kernels into the ResNet-18's block convolutions of the same shape,
-    with a warning only, and the cell was reported as fine-tuned from it."""
+    with a warning only, and the cell was reported as fine-tuned from it; a ResNet-34 loaded
+    its first two blocks per stage and ignored the others with an INFO line."""
     state = _renamed_openbhb_state(model)
     for name in [name for name in state if re.search(r"layer\d\.\d\.conv1\.weight$", name)]:
         width = state[name].shape[0]
@@ -132,6 +133,13 @@ def test_a_resnet_of_other_blocks_is_refused_not_loaded_in_part(model, tmp_path)
     with pytest.raises(ValueError, match=r"resnet50\.pth is not a 3D ResNet-18 checkpoint: its "
                                          r"blocks have a third convolution \(encoder\.layer1"
                                          r"\.0, encoder\.layer1\.1, .*a Bottleneck ResNet"):
+        load_init_checkpoint(build_model(model_section({})), path)
+    state = _renamed_openbhb_state(model)
+    for name in [name for name in state if ".layer2.1." in name]:  # a ResNet-34's 3rd block
+        state[name.replace(".layer2.1.", ".layer2.2.")] = state[name]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"it has blocks this ResNet-18 lacks \(layer2\.2\): "
+                                         r"a deeper ResNet"):
         load_init_checkpoint(build_model(model_section({})), path)
     state = _renamed_openbhb_state(model)
     del state["module.encoder.layer4.1.conv2.weight"]  # a block short: another depth

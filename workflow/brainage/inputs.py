@@ -366,30 +366,21 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
                                lines: Sequence[int], *, to_predict: bool = False) -> None:
     """Refuse bad ids and ages, naming every bad row at once (a lab fixes them in one go,
     not one run per row: a locale that writes every age with a decimal comma)."""
-    problems = [problem for row_number, (_, row) in zip(lines, table.iterrows())
-                if (problem := _bad_participant_id(row, f"{table_path} line {row_number}"))]
     ages = pd.to_numeric(table["age"], errors="coerce")
-    low, high = AGE_RANGE_YEARS
-    for participant_id, raw, age in zip(table["participant_id"], table["age"], ages):
-        if pd.isna(raw) and to_predict:
-            continue  # a cohort to predict: a predicted age, no gap
-        if pd.isna(raw) and pd.isna(participant_id):
-            continue  # an empty row, named above
-        if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
-            problems.append(f"{table_path}: subject {participant_id} has no age (an empty cell "
-                            f"or n/a); every subject needs its age in years: encoders are "
-                            f"trained on it, and a brain-age gap and its age-bias correction "
-                            f"are measured against it. Fill it in or remove the row.")
-        elif pd.isna(age):
-            comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
-            problems.append(f"{table_path}: subject {participant_id} has age {raw!r}; ages "
-                            f"must be numbers in years"
-                            + (", with a decimal point, not a comma" if comma else "")
-                            + ". Fix or remove the row.")
-        elif not low < age < high:
-            problems.append(f"{table_path}: subject {participant_id} has age {age} years, "
-                            f"outside {low}-{high}. Fix the value (years, not months).")
-    _refuse_all(problems, f"rows of {table_path} need fixing")
+    by_line = {}  # {line: its problems}
+    for row_number, (_, row), age in zip(lines, table.iterrows(), ages):
+        where = f"{table_path} line {row_number}"
+        if row.astype(str).str.strip().isin(["", "nan"]).all():  # tabs or spaces only
+            by_line[row_number] = [f"{where} is an empty row (only tabs or spaces): delete it."]
+            continue
+        problems = [problem for problem in (_bad_participant_id(row["participant_id"], where),
+                                            _bad_age(row["participant_id"], row["age"], age,
+                                                     where, to_predict=to_predict))
+                    if problem]
+        if problems:
+            by_line[row_number] = problems
+    _refuse_all([" ".join(problems) for problems in by_line.values()],
+                f"rows of {table_path} need fixing")
     duplicated = table["participant_id"][table["participant_id"].duplicated()].unique()
     if len(duplicated):
         raise InputError(f"{table_path}: duplicate participant_id {', '.join(duplicated)}; "
@@ -441,12 +432,8 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                 f"Write them in one spelling.")
 
 
-def _bad_participant_id(row: pd.Series, where: str) -> str | None:
-    """What is wrong with ``row``'s participant_id (``where``: the table and line), or
-    None."""
-    participant_id = row["participant_id"]
-    if row.isna().all():  # a line of tabs only (a spreadsheet's formatted empty rows)
-        return f"{where} is an empty row (only tabs or spaces): delete it."
+def _bad_participant_id(participant_id, where: str) -> str | None:
+    """What is wrong with ``participant_id`` (``where``: the table and line), or None."""
     if isinstance(participant_id, str) and participant_id != participant_id.strip():
         return (f"{where}: participant_id {participant_id!r} has spaces around it; remove "
                 f"them (ids look like 'sub-<label>', letters and digits).")
@@ -457,6 +444,27 @@ def _bad_participant_id(row: pd.Series, where: str) -> str | None:
         check_label(participant_id[len("sub-"):], where=where)
     except InputError as error:
         return str(error)
+    return None
+
+
+def _bad_age(participant_id, raw, age: float, where: str, *, to_predict: bool) -> str | None:
+    """What is wrong with a row's age (``raw`` as written, ``age`` as a number or NaN), or
+    None; a cohort to predict may leave it blank (a predicted age, no gap)."""
+    low, high = AGE_RANGE_YEARS
+    if pd.isna(raw):  # an empty cell, or n/a, NA, ... (read as missing)
+        return None if to_predict else (
+            f"{where}: subject {participant_id} has no age (an empty cell or n/a); every "
+            f"subject needs its age in years: encoders are trained on it, and a brain-age "
+            f"gap and its age-bias correction are measured against it. Fill it in or remove "
+            f"the row.")
+    if pd.isna(age):
+        comma = isinstance(raw, str) and re.fullmatch(r"\s*\d+,\d+\s*", raw)
+        return (f"{where}: subject {participant_id} has age {raw!r}; ages must be numbers in "
+                f"years" + (", with a decimal point, not a comma" if comma else "")
+                + ". Fix or remove the row.")
+    if not low < age < high:
+        return (f"{where}: subject {participant_id} has age {age} years, outside "
+                f"{low}-{high}. Fix the value (years, not months).")
     return None
 
 

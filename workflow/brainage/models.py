@@ -471,10 +471,18 @@ def _refuse_other_blocks(source: Mapping[str, torch.Tensor], report: LoadReport,
                          if ".conv3." in _strip_prefixes(name)})
     unloaded = [name for name in report.missing if name.startswith("encoder.layer")
                 and ".conv" in name and target[name].ndim == 5]
+    # a deeper network of the same blocks (a ResNet-34: 3, 4, 6, 3 blocks) has every key
+    # of ours, and its further blocks are ignored without a word
+    blocks = {match[1] for name in source
+              if (match := re.match(r"(?:encoder\.)?(layer\d+\.\d+)\.", _strip_prefixes(name)))}
+    extra = sorted(block for block in blocks if f"encoder.{block}.conv1.weight" not in target)
     if bottleneck:
         reason = (f"its blocks have a third convolution ({', '.join(bottleneck[:3])}"
                   f"{', ...' if len(bottleneck) > 3 else ''}): a Bottleneck ResNet "
                   f"(ResNet-50 or deeper)")
+    elif extra:
+        reason = (f"it has blocks this ResNet-18 lacks ({', '.join(extra[:3])}"
+                  f"{', ...' if len(extra) > 3 else ''}): a deeper ResNet (ResNet-34 or more)")
     elif unloaded:
         reason = (f"{len(unloaded)} block convolution(s) of this network find no kernel of "
                   f"their shape in it ({', '.join(unloaded[:3])}"
