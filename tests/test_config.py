@@ -526,6 +526,18 @@ def test_a_pretraining_batch_larger_than_its_cohort_names_the_runs_key():
     check_pretrain_batch_size(untrained, "t1", 3)  # no batch without training
 
 
+def test_a_bias_fit_on_the_test_study_of_leave_one_study_out_is_refused():
+    """Under split.scheme loso the exported model's split tests one whole study: a bundle's
+    age-bias line fitted on it (18-32-year-olds of one site, when tried) was applied to
+    every new subject at every age, 8.5 years off the training fit at 25."""
+    with pytest.raises(ConfigError, match=r"config key predict\.bias_fit is 'test', but "
+                                          r"split\.scheme is 'loso': .*Set predict\.bias_fit: "
+                                          r"training"):
+        validate_config({"split": {"scheme": "loso"}, "predict": {"bias_fit": "test"}})
+    validate_config({"split": {"scheme": "loso"}})  # the default fit: out-of-fold training
+    validate_config({"split": {"scheme": "kfold"}, "predict": {"bias_fit": "test"}})
+
+
 def test_cell_names_its_pretraining_run():
     config = validate_config(_with_pretraining())
     assert cell_settings(config, "table3", "adaptive_pretrained", 0)["model"]["init"] == \

@@ -622,6 +622,37 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     assert not list(Path(layout.result("tables")).glob(".*"))  # no temporary files left
 
 
+def test_a_study_mean_baseline_under_leave_one_study_out_says_it_is_the_training_mean(
+        tmp_path):
+    """Under split.scheme loso no test study has training subjects, so the study-mean
+    baseline fell back to the training mean: Table 3 printed two identical baseline rows,
+    the caption calling one "what site identity alone gives"."""
+    layout = Layout(results=str(tmp_path / "results"))
+    config = validate_config({"experiments": {"table3": {"seeds": [0], "variants": {
+        "adaptive": {"loss": {"name": "adaptive"}},
+        "study_mean": {"model": {"encoder": "none"}, "readout": {"method": "study_mean"}},
+        "train_mean": {"model": {"encoder": "none"}, "readout": {"method": "train_mean"}}}}}})
+    settings = targets.experiment_settings(config)
+    participants = participants_table()
+    stems = {name: layout.table(name, "") for name in ("table3_losses", "table3_paired")}
+    for splits, noted in ((["losostudy1", "losostudy2"], True), (["fold1", "fold2"], False)):
+        metrics = []
+        for split in splits:
+            for variant in settings["table3"]:
+                write_cell(layout, split, "table3", variant, 0, participants, loss="adaptive")
+                metrics.append(layout.cell_file(split, "table3", variant, 0, "metrics.json"))
+                written = json.loads(Path(metrics[-1]).read_text())  # pooled over splits
+                written["gap_age_sums"] = {"n": 3, "age": 150.0, "gap": 3.0,
+                                           "age_age": 7600.0, "age_gap": 140.0}
+                Path(metrics[-1]).write_text(json.dumps(written))
+        tables.make_tables(metrics=metrics, participants=None, settings=settings,
+                           outputs=stems)
+        for name in stems:
+            for ext in (".md", ".tex"):
+                written = Path(layout.table(name, ext)).read_text()
+                assert (tables.STUDY_MEAN_UNDER_LOSO[:40] in written) == noted, (splits, name)
+
+
 def test_latex_caption_of_an_ablation_named_with_an_underscore_is_escaped(tmp_path):
     """Every enabled experiment gets its ablation table, titled "Experiment <name>" when
     ABLATION_TITLES lacks it, and the schema allows underscores in names. pandas escapes the

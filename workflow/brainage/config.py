@@ -220,9 +220,24 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
             problems.append(f"{source}: {error}")
     if filled.get("pretrain"):
         problems += check_shell_safe_outputs(filled, source=source)
+    problems += check_bias_fit(filled, source=source)
     if problems:
         raise ConfigError("\n".join(problems))
     return filled
+
+
+def check_bias_fit(config: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """Messages (none when fine) for ``predict.bias_fit: test`` under split scheme ``loso``:
+    the exported model's split tests one whole study, so the bundle's age-bias line would
+    be fitted on that study's ages and site alone and applied to every new subject."""
+    if config["predict"]["bias_fit"] != "test" or config["split"]["scheme"] != "loso":
+        return []
+    return [f"{source}: config key predict.bias_fit is 'test', but split.scheme is 'loso': "
+            f"the exported model's split tests one whole study, so the bundle's age-bias "
+            f"line would be fitted on that study's age range and site alone, then applied "
+            f"to every new subject. Set predict.bias_fit: training (out-of-fold predictions "
+            f"of the training subjects, all other studies), or fit it on each new cohort's "
+            f"controls (predict.bias_reference_group)."]
 
 
 def check_search_settings(config: Mapping[str, Any], *, source: str = "config") -> list[str]:

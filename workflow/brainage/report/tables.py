@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import atomic_path
+from brainage.normalise import split_name_pattern
 from brainage.report.pretraining import pretraining_gains, pretraining_runs
 from brainage.report.results import (
     ABLATION_TITLES,
@@ -390,10 +391,21 @@ def _study_counts(table: pd.DataFrame) -> str:
                             for column, count in counts.iloc[0].items() if count > 0) + ")"
 
 
+#: Under leave-one-study-out no test subject's study has training subjects, so the
+#: study-mean read-out falls back to the training mean (brainage.readout.Readout).
+STUDY_MEAN_UNDER_LOSO = ("Leave-one-study-out: no test subject's study has training "
+                         "subjects, so the study-mean baseline predicts the training mean "
+                         "age, as the training-mean row does; under this scheme it measures "
+                         "nothing of site identity.")
+
+
 def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Path,
-                 paired_stem: str | Path) -> None:
+                 paired_stem: str | Path, *, leave_one_study_out: bool = False) -> None:
     """Table 3 (ours beside the paper's, labelled; the baselines on the same split below the
-    losses) and the paired comparison."""
+    losses) and the paired comparison; ``leave_one_study_out``: split scheme ``loso``, under
+    which the study-mean baseline is the training mean (a note says so)."""
+    study_mean_note = ([STUDY_MEAN_UNDER_LOSO] if leave_one_study_out and
+                       (table["label"] == baseline_label("study_mean")).any() else [])
     display = pd.DataFrame({
         "Loss or baseline": table["label"],
         "Seeds": table["n_seeds"],
@@ -422,7 +434,7 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
              f"subjects and read-out path as the losses. Age bias: least-squares slope of "
              f"(predicted − true age) against age on the test subjects (0 = unbiased, −1 = a "
              f"constant prediction).",
-             PAPER_NOTE]
+             PAPER_NOTE, *study_mean_note]
     schedules = [f"{label}: {schedule}" for label, schedule
                  in zip(table["label"], table["neighbourhood"]) if isinstance(schedule, str)]
     if schedules:
@@ -445,7 +457,7 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     })
     notes = ["Paired over matching seeds; positive ΔMAE: the reference loss is better. "
              "Two-sided paired t-test (no multiple-comparison correction); with few seeds "
-             "treat p as descriptive."]
+             "treat p as descriptive.", *study_mean_note]
     if paired.empty:
         notes = [f"No {REFERENCE_LOSS} variant in experiment {LOSS_EXPERIMENT}: nothing to "
                  f"compare with."]
@@ -599,7 +611,11 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
         pretraining run (config pretrain).
     """
     started = time.perf_counter()
-    seeds = seed_results(read_metrics(metrics))
+    read = read_metrics(metrics)
+    seeds = seed_results(read)
+    # leave-one-study-out: every split tests a study that has no training subjects
+    one_study_out = bool(len(read)) and read["split"].astype(str).str.fullmatch(
+        split_name_pattern("loso")).all()
     pretraining = dict(pretraining or {})
     for name, stem in outputs.items():
         if name == "table2_cohort":
@@ -609,7 +625,8 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
                 stem)
         elif name == "table3_losses":
             table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
-            write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"])
+            write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"],
+                         leave_one_study_out=one_study_out)
         elif name == "table3_paired":
             continue  # written with table3_losses
         elif name == SEARCH_NAME:
