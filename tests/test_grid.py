@@ -480,23 +480,19 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
     rerun = set(re.findall(r"results/train/holdout/(\S+?)/seed-(\d)/encoder\.pt", result.stdout))
     assert rerun == {("table3/adaptive_external", "0"), ("table3/adaptive_external", "1")}
 
-    # the cells trained from it, then the file purged (scratch space): the finished work
-    # stands, with a warning; nothing trains again
-    import torch
-
+    # the cells trained from it, then the file purged (scratch space) and a training
+    # setting edited: Snakemake drops a job whose outputs exist and whose input is missing,
+    # whatever else changed, and reran the read-outs on the old encoders under the new
+    # setting; so a missing file stops every plan, saying to put it back
     _fake_complete_run(workdir, configfile)
-    for seed in (0, 1):
-        torch.save({"settings": {"model": {"init_checkpoint": str(checkpoint)}}},
-                   workdir / f"results/train/holdout/table3/adaptive_external/seed-{seed}"
-                             f"/encoder.pt")
     checkpoint.unlink()
-    purged = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES)
-    assert "train_encoder" not in job_counts(purged.stdout), purged.stdout[-3000:]
-    assert purged.stderr.count("which is no longer a file. What was trained from it is "
-                               "kept") == 1, purged.stderr[-3000:]
-    # the key edited to a path that is not there (a typo): Snakemake skips a job whose
-    # outputs exist and whose input is missing, and reran the read-out on the old encoder
-    # under settings that named a checkpoint it never started from
+    base["experiments"]["table3"]["variants"]["adaptive_external"]["train"] = {"lr": 0.5}
+    write_config(configfile, base)
+    purged = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
+    said = purged.stdout + purged.stderr
+    assert purged.returncode != 0 and re.search(refusal(checkpoint), said), said[-3000:]
+    assert "if the file was deleted after training (a scratch purge), put it back" in said
+    # the key edited to a path that is not there (a typo): the same
     checkpoint = checkpoint.with_name("typo.pt")
     base["experiments"]["table3"]["variants"]["adaptive_external"]["model"] = {
         "init_checkpoint": str(checkpoint)}

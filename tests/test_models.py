@@ -137,10 +137,12 @@ def test_a_resnet_of_other_blocks_is_refused_not_loaded_in_part(model, tmp_path)
     state = _renamed_openbhb_state(model)
     for name in [name for name in state if ".layer2.1." in name]:  # a ResNet-34's 3rd block
         state[name.replace(".layer2.1.", ".layer2.2.")] = state[name]
-    torch.save(state, path)
-    with pytest.raises(ValueError, match=r"it has blocks this ResNet-18 lacks \(layer2\.2\): "
-                                         r"a deeper ResNet"):
-        load_init_checkpoint(build_model(model_section({})), path)
+    for wrapped in (state, {f"encoder.{name[len('module.'):]}": value  # encoder.encoder.*
+                            for name, value in state.items()}):
+        torch.save(wrapped, path)
+        with pytest.raises(ValueError, match=r"it has blocks this ResNet-18 lacks \(layer2\.2\)"
+                                             r": a deeper ResNet"):
+            load_init_checkpoint(build_model(model_section({})), path)
     state = _renamed_openbhb_state(model)
     del state["module.encoder.layer4.1.conv2.weight"]  # a block short: another depth
     torch.save(state, path)

@@ -473,8 +473,8 @@ def _refuse_other_blocks(source: Mapping[str, torch.Tensor], report: LoadReport,
                 and ".conv" in name and target[name].ndim == 5]
     # a deeper network of the same blocks (a ResNet-34: 3, 4, 6, 3 blocks) has every key
     # of ours, and its further blocks are ignored without a word
-    blocks = {match[1] for name in source
-              if (match := re.match(r"(?:encoder\.)?(layer\d+\.\d+)\.", _strip_prefixes(name)))}
+    blocks = {match[1] for name in source  # under any wrapper (encoder.encoder., module.)
+              if (match := re.search(r"(?:^|\.)(layer\d+\.\d+)\.", name))}
     extra = sorted(block for block in blocks if f"encoder.{block}.conv1.weight" not in target)
     if bottleneck:
         reason = (f"its blocks have a third convolution ({', '.join(bottleneck[:3])}"

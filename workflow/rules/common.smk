@@ -735,74 +735,38 @@ def check_trains_its_own_encoder(wildcards):
         )
 
 
-def starting_checkpoint(model, key, finished=lambda external: False):
+def starting_checkpoint(model, key):
     """The file a model section starts from, if any: a pretraining run's encoder
     (model.init pretrained:<name>) or an external checkpoint (model.init_checkpoint, set by
     config key ``key``). It is an input of the jobs that train from it, so that a new
     encoder of the run, or an external file replaced in place, reruns them.
 
     A missing external file stops the plan, naming the key: as an input alone it stopped
-    nothing for a cell already trained (Snakemake skips a job whose outputs exist and whose
-    input is missing), whose read-out then reran on the old encoder under a path it never
-    started from. Unless ``finished(path)`` says the outputs were made from this very path
-    (a checkpoint purged from scratch space after training): then a warning, and the
-    finished work stands."""
+    nothing once the cells had trained (Snakemake drops a job whose outputs exist and whose
+    input is missing, whatever else changed), and their read-outs reran on the old encoders
+    under settings they were not trained with: another path, or any training setting
+    edited after the file was deleted (a scratch purge)."""
     run = pretrained_run(model)
     if run is not None:
         return LAYOUT.pretrain_file(run, "encoder.pt")
     external = model.get("init_checkpoint")
     if external and not Path(external).is_file():
-        if finished(external):
-            if key not in _GONE_CHECKPOINTS_WARNED and workflow.is_main_process:
-                _GONE_CHECKPOINTS_WARNED.add(key)
-                _say(
-                    f"Warning: config key {key} is {external!r}, which is no longer a file. "
-                    f"What was trained from it is kept; anything that has to train from it "
-                    f"again stops until the file is back."
-                )
-            return external
         tilde = " (a ~ is not expanded: write the whole path)" if external.startswith("~") else ""
         raise WorkflowError(
             f"config key {key} is {external!r}, which is not a file{tilde}; a relative "
-            f"path is read from the working directory {os.getcwd()}. Give the checkpoint's "
-            f"path (or set it to null to train from scratch, which retrains the cells that "
-            f"start from it)."
+            f"path is read from the working directory {os.getcwd()}. Correct the path; if "
+            f"the file was deleted after training (a scratch purge), put it back: without "
+            f"it a changed setting could not retrain the cells that start from it, which "
+            f"would keep their old encoders under the new settings, so every plan stops. "
+            f"(Set the key to null to train from scratch, which retrains those cells.)"
         )
     return external or []
 
 
-_GONE_CHECKPOINTS_WARNED = set()
-
-
-def trained_from(encoder):
-    """A check for starting_checkpoint: whether ``encoder`` (a cell's encoder.pt) exists
-    and was trained from the given model.init_checkpoint (its recorded settings)."""
-
-    def check(external):
-        if not Path(encoder).is_file():
-            return False
-        import torch  # only for a missing checkpoint: the plan imports no torch otherwise
-
-        try:  # mmap: the settings without reading the weights
-            payload = torch.load(encoder, map_location="cpu", weights_only=True, mmap=True)
-            return payload["settings"]["model"]["init_checkpoint"] == external
-        except Exception:  # not an encoder of ours (an empty file of --touch): not known
-            return False
-
-    return check
-
-
 def search_starting_checkpoint():
     """The encoder the search trials fine-tune, when the config's model starts from one
-    (so the chosen nn_final/nn_step fit the cells that fine-tune it); a missing one stops
-    the plan unless every split's search result exists."""
-    return starting_checkpoint(
-        config["model"],
-        "model.init_checkpoint",
-        finished=lambda external: all(
-            Path(LAYOUT.search_file(split, "best.json")).is_file() for split in split_names()
-        ),
-    )
+    (so the chosen nn_final/nn_step fit the cells that fine-tune it)."""
+    return starting_checkpoint(config["model"], "model.init_checkpoint")
 
 
 def search_params():
@@ -821,15 +785,6 @@ def cell_starting_checkpoint(wildcards):
         cell_params(wildcards)["model"],
         f"model.init_checkpoint (or experiments.{wildcards.experiment}.variants."
         f"{wildcards.variant}.model.init_checkpoint)",
-        finished=trained_from(
-            LAYOUT.cell_file(
-                wildcards.split,
-                wildcards.experiment,
-                wildcards.variant,
-                wildcards.seed,
-                "encoder.pt",
-            )
-        ),
     )
 
 
