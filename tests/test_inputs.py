@@ -1132,6 +1132,48 @@ def test_an_optional_t1w_in_a_session_folder_is_refused_and_other_anat_images_ar
     assert len(read_participants(tiny_dataset)) == 4
 
 
+def test_a_header_claiming_huge_extensions_is_refused_before_it_is_read(tiny_dataset,
+                                                                        monkeypatch):
+    """nibabel reads every header extension into memory while it loads the header, before
+    the size check of the voxels: a 2.5 MB file with a 400 MB extension took 466 MB."""
+    stiffness = _stiffness(tiny_dataset, "01a")
+    image = nib.load(stiffness)
+    image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 4000))
+    nib.save(image, stiffness)
+    assert load_nifti_checked(stiffness) is not None  # converters' metadata: kilobytes
+    monkeypatch.setattr(inputs, "MAX_HEADER_EXTENSION_BYTES", 2000)
+    with pytest.raises(InputError, match=r"sub-01a_stiffness\.nii\.gz: its header claims 0 "
+                                         r"MiB of header extensions before the voxels, more "
+                                         r"than the 0 MiB"):
+        load_nifti_checked(stiffness)
+
+
+def test_a_map_that_is_a_link_to_a_device_or_a_folder_is_named_as_such(tiny_dataset):
+    """A link to /dev/zero was called a broken link, 'a DataLad or git-annex file not
+    fetched?', and a folder in a map's place 'missing'."""
+    stiffness = _stiffness(tiny_dataset, "01a")
+    stiffness.unlink()
+    stiffness.symlink_to("/dev/zero")
+    with pytest.raises(InputError, match=r"sub-01a_stiffness\.nii\.gz is not a regular file "
+                                         r"\(a link to /dev/zero\)"):
+        read_participants(tiny_dataset)
+    stiffness.unlink()
+    stiffness.mkdir()
+    with pytest.raises(InputError, match=r"sub-01a_stiffness\.nii\.gz is not a regular file "
+                                         r"\(a folder\)"):
+        read_participants(tiny_dataset)
+
+
+def test_a_value_longer_than_the_csv_limit_is_not_blamed_on_a_quote(tiny_dataset):
+    def mutate(table):
+        table["notes"] = ["x" * 200_000, "", "", ""]
+        return table
+    _rewrite_table(tiny_dataset, mutate)
+    with pytest.raises(InputError, match=r"line 2: a value is longer than 131,072 characters"):
+        read_participants(tiny_dataset)
+
+
 def test_fractional_ages_are_read_as_written(tiny_dataset):
     """Ages are years with a fraction (34.5 is 34 years and 6 months); a reader that rounded
     or truncated them would shift every subject's age, and so its brain-age gap, by up to

@@ -324,6 +324,20 @@ def test_manifest_without_a_files_checksum_is_refused(exported, tmp_path):
         read_bundle(copied)
 
 
+def test_a_manifest_with_nan_is_refused_even_when_signed(exported, tmp_path):
+    """NaN and Infinity are not JSON, and export never writes them; Python's json read a
+    re-signed bias intercept of NaN, and the run wrote gaps without corrected gaps and a
+    summary of no gaps, naming nothing."""
+    copied = _copy_bundle(exported, tmp_path)
+    manifest = json.loads((copied / "manifest.json").read_text())
+    manifest["normalisation"]["mean"] = [float("nan") for _ in manifest["normalisation"]["mean"]]
+    _rewrite_manifest(copied, manifest)
+    assert "NaN" in (copied / "manifest.json").read_text()
+    with pytest.raises(BundleError, match=r"manifest\.json is not valid JSON \(it holds NaN, "
+                                          r"which JSON has no number for\)"):
+        read_bundle(copied)
+
+
 def test_an_edited_manifest_fails_naming_it(exported, tmp_path, caplog):
     # the manifest's numbers set predictions too: here a small predictor's age scaling or
     # the normalisation's mean; before format 2 such edits passed every check

@@ -200,6 +200,10 @@ MANIFEST_SECTIONS = ("files", "settings", "normalisation", "readout", "bias_corr
                      "template", "source")
 
 
+def _refuse_constant(name: str):
+    raise ValueError(f"it holds {name}, which JSON has no number for")
+
+
 def read_manifest(directory: str | Path) -> dict:
     """Read and check a bundle's manifest: kind and format version (no checksums)."""
     directory = Path(directory)
@@ -217,8 +221,10 @@ def read_manifest(directory: str | Path) -> dict:
             f"{manifest_path} is missing: {directory} is not a brainage model bundle (a bundle "
             f"holds {MANIFEST_FILE}, {', '.join(PAYLOAD_FILES)}). Re-export or re-copy it.")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        # NaN and Infinity are not JSON, and export never writes them: a bias correction
+        # of NaN gave gaps without corrected gaps and a summary without a word
+        manifest = json.loads(manifest_path.read_text(), parse_constant=_refuse_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
         raise BundleError(f"{manifest_path} is not valid JSON ({error}); the bundle is "
                           f"damaged. Re-export or re-copy it.") from None
     kind = manifest.get("kind") if isinstance(manifest, dict) else None

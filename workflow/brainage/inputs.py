@@ -336,11 +336,26 @@ def _single_line_records(reader, table_path: Path):
             header = record if header is None else header
             yield line, record
             line = reader.line_num + 1
-    except csv.Error as error:  # a quoted value longer than the csv module's limit
+    except csv.Error as error:  # a value longer than the csv module's limit
+        if "field larger than field limit" in str(error) and not _quote_on_line(
+                table_path, line):
+            raise InputError(
+                f"{table_path} line {line}: a value is longer than {csv.field_size_limit():,} "
+                f"characters ({error}); participants.tsv holds one short value per "
+                f"subject and column. Shorten it or move it to a file of its own.") from None
         raise InputError(
             f"{table_path} line {line}: a value opens a double quote that is not closed, so "
             f"it runs on through the rows below ({error}). Remove the stray quote (or close "
             f"it on line {line}).") from None
+
+
+def _quote_on_line(table_path: Path, line: int) -> bool:
+    """Whether line ``line`` of ``table_path`` holds a double quote."""
+    with open(table_path, newline="", encoding="utf-8-sig") as handle:
+        for number, text in enumerate(handle, start=1):
+            if number == line:
+                return '"' in text
+    return False
 
 
 def unlisted_subject_folders(folder: str | Path, listed: set[str]) -> list[str]:
@@ -507,9 +522,7 @@ def _missing_image_message(root: str | Path, label: str, name: str,
     path = input_path(root, label, name)
     if path.is_file():
         return None
-    state = ("is a broken link (a DataLad or git-annex file not fetched?)"
-             if path.is_symlink() else "is missing")
-    what = f"subject sub-{label}: {modality(name).description} {path} {state}"
+    what = f"subject sub-{label}: {modality(name).description} {path} {_not_a_file(path)}"
     if not path.parent.parent.is_dir():
         what += f" (the subject has no folder {path.parent.parent})"
     if needed_by is not None:
@@ -517,6 +530,19 @@ def _missing_image_message(root: str | Path, label: str, name: str,
                 f"{_found_instead(path)} Add the file, {remedy}.")
     return (f"{what} (config key dataset.modalities lists {name}).{_found_instead(path)} "
             f"Add the file, {remedy}, or remove {name} from the modalities.")
+
+
+def _not_a_file(path: Path) -> str:
+    """Why ``path``, not a regular file, cannot be read: a broken link (a DataLad or
+    git-annex file never fetched), something else (a folder, a link to a device), or
+    nothing there."""
+    if path.is_symlink() and not path.exists():
+        return "is a broken link (a DataLad or git-annex file not fetched?)"
+    if path.exists():
+        target = f"a link to {os.readlink(path)}" if path.is_symlink() else (
+            "a folder" if path.is_dir() else "a device, pipe or socket")
+        return f"is not a regular file ({target})"
+    return "is missing"
 
 
 def _require_every_image(root: str | Path, labels: Sequence[str], modalities: Sequence[str],
@@ -558,10 +584,11 @@ def _unread_t1w_message(root: str | Path, label: str) -> str | None:
         return None
     instead = ("and the subject's brain mask and registration would come from its MRE map "
                "instead of its T1w")
-    if path.is_symlink():
-        return (f"subject sub-{label}: T1w {path} is a broken link (a DataLad or git-annex "
-                f"file not fetched?), so it would not be read, {instead}. Fetch it (datalad "
-                f"get / git annex get), or remove the link to register the subject without "
+    if path.is_symlink() or path.exists():
+        fetch = ("Fetch it (datalad get / git annex get)" if not path.exists() else
+                 "Put the T1w's NIfTI file there")
+        return (f"subject sub-{label}: T1w {path} {_not_a_file(path)}, so it would not be "
+                f"read, {instead}. {fetch}, or remove it to register the subject without "
                 f"it.")
     uncompressed = path.with_suffix("")  # .nii.gz -> .nii
     if uncompressed.is_file():
@@ -672,6 +699,13 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
         # is no remedy for a file that is not there
         raise InputError(f"{what} {path} {'is a folder' if path.is_dir() else 'does not exist'}"
                          f"; a NIfTI file (.nii.gz) is expected there.")
+    extensions = _header_extension_bytes(path)
+    if extensions > MAX_HEADER_EXTENSION_BYTES:
+        raise InputError(f"{what} {path}: its header claims {extensions / 2**20:.0f} MiB of "
+                         f"header extensions before the voxels, more than the "
+                         f"{MAX_HEADER_EXTENSION_BYTES / 2**20:.0f} MiB a map or T1w carries; "
+                         f"the header is damaged, or the file is not one subject's map. "
+                         f"Re-export it as .nii.gz.")
     try:
         image = nib.load(str(path))
         shape, dtype = image.header.get_data_shape(), image.header.get_data_dtype()
@@ -712,6 +746,36 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
     _check_perpendicular_axes(affine, path, what)
     _check_spatial_unit(image, affine, path, what)
     return image
+
+
+#: The most header-extension bytes read (DICOM or JSON metadata that converters embed are
+#: kilobytes): nibabel reads every extension into memory while it loads the header, before
+#: the size check of MAX_IMAGE_BYTES, so a small crafted file could take gigabytes.
+MAX_HEADER_EXTENSION_BYTES = 64 * 2**20
+
+
+def _header_extension_bytes(path: Path) -> int:
+    """The bytes between a NIfTI-1 or NIfTI-2 header and its voxels (``vox_offset``
+    minus the header), read from the first bytes of the (gzipped) file; 0 for what is not
+    a NIfTI header (nibabel then names the problem)."""
+    import gzip
+    import struct
+
+    try:
+        with (gzip.open(path) if path.name.endswith(".gz") else open(path, "rb")) as handle:
+            start = handle.read(540)
+    except (OSError, EOFError):
+        return 0
+    for order in "<>":
+        if len(start) >= 352 and struct.unpack(f"{order}i", start[:4])[0] == 348:
+            offset, header = struct.unpack(f"{order}f", start[108:112])[0], 352
+            break
+        if len(start) >= 540 and struct.unpack(f"{order}i", start[:4])[0] == 540:
+            offset, header = struct.unpack(f"{order}q", start[168:176])[0], 544
+            break
+    else:
+        return 0
+    return int(max(offset - header, 0)) if np.isfinite(offset) else 0
 
 
 def _check_orientation_declared(image, path: Path, what: str) -> None:
