@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from brainage.config import (
     ConfigError,
@@ -536,6 +537,37 @@ def test_a_bias_fit_on_the_test_study_of_leave_one_study_out_is_refused():
         validate_config({"split": {"scheme": "loso"}, "predict": {"bias_fit": "test"}})
     validate_config({"split": {"scheme": "loso"}})  # the default fit: out-of-fold training
     validate_config({"split": {"scheme": "kfold"}, "predict": {"bias_fit": "test"}})
+
+
+def test_simulated_cohorts_beside_a_real_training_cohort_are_named():
+    from brainage.config import simulated_beside_real_data
+
+    demo = load_config(REPO / "config" / "config.yaml")
+    assert simulated_beside_real_data(demo) == []  # the demo simulates everything
+    demo["dataset"]["simulate"]["enabled"] = False
+    warnings = simulated_beside_real_data(demo)
+    assert len(warnings) == 2 and "pretrain.t1w.source.kind is 'simulate'" in warnings[0]
+    assert "predict.simulate.enabled is true" in warnings[1]
+    assert simulated_beside_real_data(validate_config(
+        {"dataset": {"simulate": {"enabled": False}}})) == []  # README's own-data config
+
+
+def test_an_init_the_variant_inherits_is_named_by_its_top_level_key():
+    """paper.yaml without its pretrain section: the message named
+    experiments.table3.variants.simclr.model.init, a key not in the file (the value came
+    from the top-level model.init)."""
+    config = _with_pretraining()
+    config["model"] = {"init": "pretrained:t1"}
+    config.pop("pretrain")
+    with pytest.raises(ConfigError, match=r"config key 'model\.init' is 'pretrained:t1' but "
+                                          r"config key pretrain has no run"):
+        validate_config(config)
+
+
+def test_an_exponent_yaml_reads_as_text_gets_a_hint():
+    with pytest.raises(ConfigError, match=r"'train\.lr': '1e-3' is not of type 'number' "
+                                          r"\(YAML reads 1e-3 as text: .*e\.g\. 1\.0e-3"):
+        validate_config(yaml.safe_load("train:\n  lr: 1e-3\n"))
 
 
 def test_cell_names_its_pretraining_run():

@@ -587,6 +587,16 @@ def test_a_real_dataset_with_the_simulation_on_is_refused_and_a_simulated_one_na
     assert result.returncode != 0
     assert (f"config key dataset.root ({root}) holds a dataset that the simulation did not "
             f"write") in result.stdout and "dataset.simulate.enabled: false" in result.stdout
+    # the whole demo config copied, its dataset switched to the lab's: the T1w pretraining
+    # and the cohort to predict were still simulated, without a word
+    demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    demo["dataset"].update(root=str(root), simulate={"enabled": False})
+    config.write_text(yaml.safe_dump(demo))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert ("Warning: config key pretrain.t1w.source.kind is 'simulate' while the training "
+            "cohort is real data") in result.stdout, result.stdout[-3000:]
+    assert ("Warning: config key predict.simulate.enabled is true while the training cohort "
+            "is real data (dataset.simulate.enabled: false): cohort demo") in result.stdout
     (root / "dataset_description.json").write_text(
         '{"Name": "x", "GeneratedBy": [{"Name": "brainage.simulate"}]}')
     problems, warnings = simulation_mismatches([("dataset.root", root, False)])

@@ -143,6 +143,10 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             and error.instance.endswith("\n")):
         message += (" (it ends in a newline, as a YAML block scalar, | or >, writes one: "
                     "put the value on its key's line)")
+    if (error.validator == "type" and isinstance(error.instance, str)
+            and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", error.instance.strip())):
+        message += (f" (YAML reads {error.instance} as text: a number with an exponent "
+                    f"needs a decimal point and a sign, e.g. 1.0e-3, or write 0.001)")
     return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 
 
@@ -367,6 +371,33 @@ def cohort_folders(config: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
             *[(f"pretrain.{name}.source.root", run["source"]["root"], False)
               for name, run in config.get("pretrain", {}).items()
               if run["source"]["kind"] == "bids" and run["source"].get("root")]]
+
+
+def simulated_beside_real_data(config: Mapping[str, Any]) -> list[str]:
+    """Warnings for simulated cohorts in a config whose training cohort is real data
+    (``dataset.simulate.enabled`` false): a copy of the demo config with only the dataset
+    changed still pretrained on simulated T1w brains and predicted simulated subjects,
+    and its tables said nothing of it."""
+    if config["dataset"]["simulate"]["enabled"]:
+        return []
+    warnings = [
+        f"Warning: config key pretrain.{name}.source.kind is 'simulate' while the training "
+        f"cohort is real data (dataset.simulate.enabled: false): pretraining run {name} "
+        f"trains on simulated T1w brains, and so do the cells that start from it "
+        f"(model.init: pretrained:{name}) and the pretraining tables. Point it at a T1w "
+        f"cohort (source.kind: bids or openbhb), or remove the run and its cells, unless "
+        f"that is meant."
+        for name, run in (config.get("pretrain") or {}).items()
+        if run["source"]["kind"] == "simulate"]
+    if config["predict"]["simulate"]["enabled"]:
+        cohort = config["predict"]["simulate"]["cohort"]
+        warnings.append(
+            f"Warning: config key predict.simulate.enabled is true while the training cohort "
+            f"is real data (dataset.simulate.enabled: false): cohort {cohort} "
+            f"(predict.cohorts.{cohort}) holds simulated subjects, whose predictions say "
+            f"nothing about real ones. Set predict.simulate.enabled: false and point "
+            f"predict.cohorts at your scans, unless that is meant.")
+    return warnings
 
 
 def check_simulated_folders(config: Mapping[str, Any], *, source: str = "config") -> list[str]:
@@ -864,15 +895,22 @@ def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: st
     run = pretrained_run(model)
     if run is None:
         return
+    parts = where.split(".")
+    if len(parts) == 4 and parts[0] == "experiments":  # the key that sets it: the variant's
+        def key(name: str) -> str:  # override, or the top-level key it inherits
+            return _variant_key(config, parts[1], parts[3], name)
+    else:
+        def key(name: str) -> str:
+            return _under(where, name)
     if model.get("init_checkpoint"):
         raise ConfigError(
-            f"{source}: config keys '{_under(where, 'model.init')}' ({model['init']}) and "
-            f"'{_under(where, 'model.init_checkpoint')}' ({model['init_checkpoint']}) both "
+            f"{source}: config keys '{key('model.init')}' ({model['init']}) and "
+            f"'{key('model.init_checkpoint')}' ({model['init_checkpoint']}) both "
             f"choose the starting weights; keep one.")
     runs = list(config.get("pretrain", {}))
     if run not in runs:
         raise ConfigError(
-            f"{source}: config key '{_under(where, 'model.init')}' is {model['init']!r} but "
+            f"{source}: config key '{key('model.init')}' is {model['init']!r} but "
             f"config key pretrain has no run {run!r} (runs: {', '.join(runs) or 'none'}). Add "
             f"pretrain.{run} or set model.init: scratch.")
 

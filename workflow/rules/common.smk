@@ -49,6 +49,7 @@ from brainage.config import (
     encoder_owners,
     grid_cells,
     search_settings,
+    simulated_beside_real_data,
     trains_an_encoder,
     uses_search_result,
     validate_config,
@@ -126,7 +127,7 @@ _simulation_problems, _simulation_warnings = simulation_mismatches(
 if _simulation_problems:
     raise WorkflowError("invalid configuration:\n" + "\n".join(_simulation_problems))
 if workflow.is_main_process:
-    for _warning in _simulation_warnings:
+    for _warning in [*_simulation_warnings, *simulated_beside_real_data(config)]:
         _say(_warning)
 
 #: Every cohort's preprocessing folder (relative to results) -> its BIDS-like root: the
