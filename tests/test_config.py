@@ -568,6 +568,12 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
     with pytest.raises(ConfigError, match=r"'train\.lr': '1e-3' is not of type 'number' "
                                           r"\(YAML reads 1e-3 as text: .*e\.g\. 1\.0e-3"):
         validate_config(yaml.safe_load("train:\n  lr: 1e-3\n"))
+    with pytest.raises(ConfigError, match=r"'train\.lr': '1\.0e-3' is not of type 'number' "
+                                          r"\(a number in quotes is text: remove the quotes\)"):
+        validate_config(yaml.safe_load("train:\n  lr: '1.0e-3'\n"))
+    with pytest.raises(ConfigError) as refused:  # a list expected: no hint about numbers
+        validate_config(yaml.safe_load("readout:\n  alphas: 1e-3\n"))
+    assert "YAML reads" not in str(refused.value) and "quotes" not in str(refused.value)
 
 
 def test_cell_names_its_pretraining_run():

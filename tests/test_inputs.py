@@ -1172,6 +1172,12 @@ def test_a_value_longer_than_the_csv_limit_is_not_blamed_on_a_quote(tiny_dataset
     _rewrite_table(tiny_dataset, mutate)
     with pytest.raises(InputError, match=r"line 2: a value is longer than 131,072 characters"):
         read_participants(tiny_dataset)
+    table = tiny_dataset / "participants.tsv"
+    lines = table.read_text().splitlines()
+    lines[1] = lines[1].replace("x" * 200_000, '"' + "x" * 200_000 + '"')  # quoted, closed
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"line 2: a value is longer than 131,072 characters"):
+        read_participants(tiny_dataset)
 
 
 def test_fractional_ages_are_read_as_written(tiny_dataset):

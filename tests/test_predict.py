@@ -325,17 +325,23 @@ def test_manifest_without_a_files_checksum_is_refused(exported, tmp_path):
 
 
 def test_a_manifest_with_nan_is_refused_even_when_signed(exported, tmp_path):
-    """NaN and Infinity are not JSON, and export never writes them; Python's json read a
-    re-signed bias intercept of NaN, and the run wrote gaps without corrected gaps and a
-    summary of no gaps, naming nothing."""
+    """Export writes the numbers a prediction applies finite; Python's json read a re-signed
+    bias intercept of NaN, and the run wrote gaps without corrected gaps and a summary of
+    no gaps, naming nothing."""
     copied = _copy_bundle(exported, tmp_path)
     manifest = json.loads((copied / "manifest.json").read_text())
     manifest["normalisation"]["mean"] = [float("nan") for _ in manifest["normalisation"]["mean"]]
     _rewrite_manifest(copied, manifest)
     assert "NaN" in (copied / "manifest.json").read_text()
-    with pytest.raises(BundleError, match=r"manifest\.json is not valid JSON \(it holds NaN, "
-                                          r"which JSON has no number for\)"):
+    with pytest.raises(BundleError, match=r"manifest\.json: its normalisation\.mean \(\[nan\]\) "
+                                          r"is not a finite number, as export writes it"):
         read_bundle(copied)
+    # a setting no prediction applies may be infinite (a config's .inf): still read
+    manifest["normalisation"]["mean"] = json.loads(
+        (exported.bundle_dir / "manifest.json").read_text())["normalisation"]["mean"]
+    manifest["settings"]["readout"]["huber_delta"] = float("inf")
+    _rewrite_manifest(copied, manifest)
+    assert read_bundle(copied).manifest["settings"]["readout"]["huber_delta"] == float("inf")
 
 
 def test_an_edited_manifest_fails_naming_it(exported, tmp_path, caplog):

@@ -200,10 +200,6 @@ MANIFEST_SECTIONS = ("files", "settings", "normalisation", "readout", "bias_corr
                      "template", "source")
 
 
-def _refuse_constant(name: str):
-    raise ValueError(f"it holds {name}, which JSON has no number for")
-
-
 def read_manifest(directory: str | Path) -> dict:
     """Read and check a bundle's manifest: kind and format version (no checksums)."""
     directory = Path(directory)
@@ -221,10 +217,8 @@ def read_manifest(directory: str | Path) -> dict:
             f"{manifest_path} is missing: {directory} is not a brainage model bundle (a bundle "
             f"holds {MANIFEST_FILE}, {', '.join(PAYLOAD_FILES)}). Re-export or re-copy it.")
     try:
-        # NaN and Infinity are not JSON, and export never writes them: a bias correction
-        # of NaN gave gaps without corrected gaps and a summary without a word
-        manifest = json.loads(manifest_path.read_text(), parse_constant=_refuse_constant)
-    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as error:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise BundleError(f"{manifest_path} is not valid JSON ({error}); the bundle is "
                           f"damaged. Re-export or re-copy it.") from None
     kind = manifest.get("kind") if isinstance(manifest, dict) else None
@@ -260,7 +254,28 @@ def read_manifest(directory: str | Path) -> dict:
         raise BundleError(f"{manifest_path}: its normalisation modalities {channels!r} are not "
                           f"a list of the maps brainage knows ({', '.join(MODALITIES)}); the "
                           f"bundle is damaged. Re-copy or re-export it.")
+    _require_finite_numbers(manifest, manifest_path)
     return manifest
+
+
+#: Manifest numbers every prediction applies (section, key). Export writes them finite
+#: (the bias fit refuses an undefined line); a NaN intercept, which Python's json reads,
+#: gave gaps without corrected gaps and a summary of no gaps, naming nothing.
+APPLIED_NUMBERS = (("bias_correction", "intercept"), ("bias_correction", "slope"),
+                   ("normalisation", "mean"), ("normalisation", "sd"),
+                   ("normalisation", "affine"), ("normalisation", "template_affine"))
+
+
+def _require_finite_numbers(manifest: Mapping[str, Any], manifest_path: Path) -> None:
+    for section, key in APPLIED_NUMBERS:
+        if manifest[section].get(key) is None:
+            continue  # a missing key is named where it is read
+        values = np.asarray(manifest[section][key], dtype=object).ravel()
+        if not all(isinstance(value, (int, float)) and not isinstance(value, bool)
+                   and np.isfinite(value) for value in values):
+            raise BundleError(f"{manifest_path}: its {section}.{key} ({manifest[section][key]!r}) "
+                              f"is not a finite number, as export writes it; the bundle is "
+                              f"damaged or edited. Re-copy or re-export it.")
 
 
 def manifest_digest(manifest: Mapping[str, Any]) -> str:

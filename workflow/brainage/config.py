@@ -143,10 +143,16 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             and error.instance.endswith("\n")):
         message += (" (it ends in a newline, as a YAML block scalar, | or >, writes one: "
                     "put the value on its key's line)")
+    types = error.validator_value if isinstance(error.validator_value, list) else [
+        error.validator_value]
     if (error.validator == "type" and isinstance(error.instance, str)
-            and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", error.instance.strip())):
-        message += (f" (YAML reads {error.instance} as text: a number with an exponent "
-                    f"needs a decimal point and a sign, e.g. 1.0e-3, or write 0.001)")
+            and {"number", "integer"} & set(types)):
+        text = error.instance.strip()
+        if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]\d+)?", text):  # YAML's own floats
+            message += " (a number in quotes is text: remove the quotes)"
+        elif re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", text):
+            message += (f" (YAML reads {text} as text: a number with an exponent needs a "
+                        f"decimal point and a sign, e.g. 1.0e-3, or write 0.001)")
     return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 
 

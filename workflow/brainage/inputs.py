@@ -337,8 +337,8 @@ def _single_line_records(reader, table_path: Path):
             yield line, record
             line = reader.line_num + 1
     except csv.Error as error:  # a value longer than the csv module's limit
-        if "field larger than field limit" in str(error) and not _quote_on_line(
-                table_path, line):
+        # within its line: no quote runs on (a quoted value closed on its line, or none)
+        if "field larger than field limit" in str(error) and reader.line_num <= line:
             raise InputError(
                 f"{table_path} line {line}: a value is longer than {csv.field_size_limit():,} "
                 f"characters ({error}); participants.tsv holds one short value per "
@@ -347,15 +347,6 @@ def _single_line_records(reader, table_path: Path):
             f"{table_path} line {line}: a value opens a double quote that is not closed, so "
             f"it runs on through the rows below ({error}). Remove the stray quote (or close "
             f"it on line {line}).") from None
-
-
-def _quote_on_line(table_path: Path, line: int) -> bool:
-    """Whether line ``line`` of ``table_path`` holds a double quote."""
-    with open(table_path, newline="", encoding="utf-8-sig") as handle:
-        for number, text in enumerate(handle, start=1):
-            if number == line:
-                return '"' in text
-    return False
 
 
 def unlisted_subject_folders(folder: str | Path, listed: set[str]) -> list[str]:
