@@ -457,8 +457,8 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
     assert missing.returncode != 0
     said = missing.stdout + missing.stderr
     def refusal(path):
-        return (rf"config key model\.init_checkpoint \(or experiments\.table3\.variants\."
-                rf"adaptive_external\.model\.init_checkpoint\) is '{re.escape(str(path))}', "
+        return (rf"config key experiments\.table3\.variants\.adaptive_external\.model\."
+                rf"init_checkpoint is '{re.escape(str(path))}', "
                 rf"which is not a file; a relative path is read from the working directory")
     assert re.search(refusal(checkpoint), said), said[-3000:]
 

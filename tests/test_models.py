@@ -131,8 +131,8 @@ def test_a_resnet_of_other_blocks_is_refused_not_loaded_in_part(model, tmp_path)
     path = tmp_path / "resnet50.pth"
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"resnet50\.pth is not a 3D ResNet-18 checkpoint: its "
-                                         r"blocks have a third convolution \(encoder\.layer1"
-                                         r"\.0, encoder\.layer1\.1, .*a Bottleneck ResNet"):
+                                         r"blocks have a third convolution \(layer1\.0, "
+                                         r"layer1\.1, .*a Bottleneck ResNet"):
         load_init_checkpoint(build_model(model_section({})), path)
     state = _renamed_openbhb_state(model)
     for name in [name for name in state if ".layer2.1." in name]:  # a ResNet-34's 3rd block

@@ -461,7 +461,7 @@ def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, va
             if experiment == "search":
                 cell_key, whose = f"model.{key}", "the random search's trials fine-tune"
             else:
-                cell_key = _variant_key(config, experiment, variant, f"model.{key}")
+                cell_key = variant_key(config, experiment, variant, f"model.{key}")
                 whose = "it fine-tunes"
             problems.append(
                 f"{source}: config key '{cell_key}' is {cell_value!r}, but the encoder {whose} "
@@ -471,7 +471,7 @@ def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, va
     return problems
 
 
-def _variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: str) -> str:
+def variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: str) -> str:
     """The config key that sets ``key`` (``section.name``) for a variant: its override
     when it has one, else the top-level key."""
     section, name = key.split(".")
@@ -576,12 +576,12 @@ def check_search_source(config: Mapping[str, Any], experiment: str, variant: str
     if not uses_search_result(settings):
         return []
     where = f"experiments.{experiment}.variants.{variant}"
-    flag = _variant_key(config, experiment, variant, "loss.nn_from_search")
+    flag = variant_key(config, experiment, variant, "loss.nn_from_search")
     inherited = "" if flag.startswith("experiments.") else f" (inherited by {where})"
     intro = f"{source}: config key {flag} is true{inherited}"
     loss_name = settings["loss"]["name"]
     if loss_name != "adaptive":
-        name_key = _variant_key(config, experiment, variant, "loss.name")
+        name_key = variant_key(config, experiment, variant, "loss.name")
         return [f"{intro} but config key {name_key} is {loss_name}: only Adaptive "
                 f"Neighborhoods (loss.name: adaptive) has the nn_final and nn_step the random "
                 f"search chooses. Set {where}.loss.nn_from_search: false, or set "
@@ -601,7 +601,7 @@ def check_search_source(config: Mapping[str, Any], experiment: str, variant: str
     batch_size, epochs = int(settings["train"]["batch_size"]), int(settings["train"]["epochs"])
     highest = bounds["nn_final"][1]
     if highest > batch_size:
-        batch_key = _variant_key(config, experiment, variant, "train.batch_size")
+        batch_key = variant_key(config, experiment, variant, "train.batch_size")
         problems.append(
             f"{intro}, so {where} trains with the nn_final the random search chooses, up to "
             f"{highest} (config key search.nn_final_range {list(search['nn_final_range'])}, "
@@ -611,7 +611,7 @@ def check_search_source(config: Mapping[str, Any], experiment: str, variant: str
             f"{batch_size}, or raise {batch_key} to at least {highest}.")
     highest = bounds["nn_step"][1]
     if highest > epochs // 2:
-        epochs_key = _variant_key(config, experiment, variant, "train.epochs")
+        epochs_key = variant_key(config, experiment, variant, "train.epochs")
         lower = (f"lower the upper end of search.nn_step_range to at most {epochs // 2}, or "
                  if epochs >= 2 else "")
         problems.append(
@@ -655,7 +655,7 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
             continue  # nothing is trained in batches
         batch_size = int(settings["train"]["batch_size"])
         if batch_size > smallest:
-            key = _variant_key(config, experiment, variant, "train.batch_size")
+            key = variant_key(config, experiment, variant, "train.batch_size")
             too_large.setdefault((key, batch_size), []).append(
                 f"experiments.{experiment}.variants.{variant}")
     if too_large:
@@ -904,7 +904,7 @@ def check_init(config: Mapping[str, Any], model: Mapping[str, Any], *, where: st
     parts = where.split(".")
     if len(parts) == 4 and parts[0] == "experiments":  # the key that sets it: the variant's
         def key(name: str) -> str:  # override, or the top-level key it inherits
-            return _variant_key(config, parts[1], parts[3], name)
+            return variant_key(config, parts[1], parts[3], name)
     else:
         def key(name: str) -> str:
             return _under(where, name)

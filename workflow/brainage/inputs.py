@@ -20,10 +20,12 @@ before any work starts (the workflow calls these while building its job graph).
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import os
 import re
+import struct
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -373,15 +375,19 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
     """Refuse bad ids and ages, naming every bad row at once (a lab fixes them in one go,
     not one run per row: a locale that writes every age with a decimal comma)."""
     ages = pd.to_numeric(table["age"], errors="coerce")
+    # a row of tabs or spaces only (a spreadsheet's formatted empty rows)
+    empty = (table.isna() | table.astype(str).apply(lambda column: column.str.strip() == "")
+             ).all(axis=1)
     by_line = {}  # {line: its problems}
-    for row_number, (_, row), age in zip(lines, table.iterrows(), ages):
+    for row_number, participant_id, raw, age, blank in zip(
+            lines, table["participant_id"], table["age"], ages, empty):
         where = f"{table_path} line {row_number}"
-        if row.astype(str).str.strip().isin(["", "nan"]).all():  # tabs or spaces only
+        if blank:
             by_line[row_number] = [f"{where} is an empty row (only tabs or spaces): delete it."]
             continue
-        problems = [problem for problem in (_bad_participant_id(row["participant_id"], where),
-                                            _bad_age(row["participant_id"], row["age"], age,
-                                                     where, to_predict=to_predict))
+        problems = [problem for problem in (_bad_participant_id(participant_id, where),
+                                            _bad_age(participant_id, raw, age, where,
+                                                     to_predict=to_predict))
                     if problem]
         if problems:
             by_line[row_number] = problems
@@ -749,9 +755,6 @@ def _header_extension_bytes(path: Path) -> int:
     """The bytes between a NIfTI-1 or NIfTI-2 header and its voxels (``vox_offset``
     minus the header), read from the first bytes of the (gzipped) file; 0 for what is not
     a NIfTI header (nibabel then names the problem)."""
-    import gzip
-    import struct
-
     try:
         with (gzip.open(path) if path.name.endswith(".gz") else open(path, "rb")) as handle:
             start = handle.read(540)

@@ -467,15 +467,16 @@ def _refuse_other_blocks(source: Mapping[str, torch.Tensor], report: LoadReport,
     another role; that loaded with a warning, and the cell was reported as fine-tuned from
     it. A stem or shortcut left at random (another stem, a ResNet-18 without downsample
     convolutions) stays a warning."""
-    bottleneck = sorted({_strip_prefixes(name).split(".conv3.")[0] for name in source
-                         if ".conv3." in _strip_prefixes(name)})
+    # each key's block (layer<stage>.<block>), under any wrapper (encoder.encoder., module.)
+    blocks = {name: match[1] for name in source
+              if (match := re.search(r"(?:^|\.)(layer\d+\.\d+)\.", name))}
+    bottleneck = sorted({block for name, block in blocks.items() if ".conv3." in name})
     unloaded = [name for name in report.missing if name.startswith("encoder.layer")
                 and ".conv" in name and target[name].ndim == 5]
     # a deeper network of the same blocks (a ResNet-34: 3, 4, 6, 3 blocks) has every key
     # of ours, and its further blocks are ignored without a word
-    blocks = {match[1] for name in source  # under any wrapper (encoder.encoder., module.)
-              if (match := re.search(r"(?:^|\.)(layer\d+\.\d+)\.", name))}
-    extra = sorted(block for block in blocks if f"encoder.{block}.conv1.weight" not in target)
+    extra = sorted(block for block in set(blocks.values())
+                   if f"encoder.{block}.conv1.weight" not in target)
     if bottleneck:
         reason = (f"its blocks have a third convolution ({', '.join(bottleneck[:3])}"
                   f"{', ...' if len(bottleneck) > 3 else ''}): a Bottleneck ResNet "

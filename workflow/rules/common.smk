@@ -53,6 +53,7 @@ from brainage.config import (
     trains_an_encoder,
     uses_search_result,
     validate_config,
+    variant_key,
     voxel_readout_memory_mb,
 )
 from brainage.interrupted import interrupted_run_notice
@@ -784,8 +785,7 @@ def cell_starting_checkpoint(wildcards):
     pretraining run, or the external file, reruns this cell."""
     return starting_checkpoint(
         cell_params(wildcards)["model"],
-        f"model.init_checkpoint (or experiments.{wildcards.experiment}.variants."
-        f"{wildcards.variant}.model.init_checkpoint)",
+        variant_key(config, wildcards.experiment, wildcards.variant, "model.init_checkpoint"),
     )
 
 
