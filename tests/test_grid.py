@@ -483,7 +483,10 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
     # the cells trained from it, then the file purged (scratch space) and a training
     # setting edited: Snakemake drops a job whose outputs exist and whose input is missing,
     # whatever else changed, and reran the read-outs on the old encoders under the new
-    # setting; so a missing file stops every plan, saying to put it back
+    # setting; so a missing file stops every plan, saying to put it back. (The file's
+    # mtime back to now: --touch refuses outputs older than an input, which the file dated
+    # 5 s ahead made them when this line came within 5 s.)
+    os.utime(checkpoint)
     _fake_complete_run(workdir, configfile)
     checkpoint.unlink()
     base["experiments"]["table3"]["variants"]["adaptive_external"]["train"] = {"lr": 0.5}
