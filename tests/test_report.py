@@ -809,6 +809,62 @@ def test_ablation_figure_shows_every_seed_and_the_papers_error_bar(tmp_path, mon
     assert drawn[1].axes[0].get_ylim()[1] >= 6.0  # the paper's 3.0 ± 3.0
 
 
+def _overlaps(legend_box, boxes) -> list:
+    return [box for box in boxes if legend_box.overlaps(box)]
+
+
+def test_ablation_legend_leaves_tilted_tick_labels_free(tmp_path, monkeypatch):
+    """With more than four variants the tick labels tilt, and the legend at a fixed offset
+    lay over them (config/paper.yaml's predictor and modality ablations: "MLP, squared
+    error" under "ours: one seed")."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    labels = ["Ridge (the paper's MSE)", "MLP, squared error", "Stiffness + Damping ratio",
+              "Stiffness + Damping ratio + T1w", "Damping ratio"]
+    table = pd.DataFrame({"variant": list("abcde"), "label": labels,
+                          "mae_mean": [4.0, 5.0, 6.0, 4.5, 5.5], "mae_std": [0.3] * 5,
+                          "paper_mae_mean": [3.7] + [np.nan] * 4,
+                          "paper_mae_std": [0.2] + [np.nan] * 4})
+    seeds = pd.DataFrame({"variant": list("abcde") * 2, "mae": [4.0, 5.0, 6.0, 4.5, 5.5] * 2})
+    figures.plot_ablation(table, seeds, tmp_path / "a.png", title="t")
+    figure = drawn[0]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    axis = figure.axes[0]
+    ticks = [label.get_window_extent(renderer) for label in axis.get_xticklabels()]
+    legend = axis.get_legend().get_window_extent(renderer)
+    assert not _overlaps(legend, ticks)
+    assert legend.y1 <= min(box.y0 for box in ticks)  # below them, not beside the axes
+
+
+def test_search_legend_hides_no_trial(tmp_path, monkeypatch):
+    """With 30 trials the legend placed "best" inside the axes still lay over one."""
+    rng = np.random.default_rng(0)
+    rows = [(trial, int(rng.integers(2, 21)), int(rng.integers(1, 11)),
+             float(rng.uniform(3, 6)), 5.0, 10.0) for trial in range(1, 31)]
+    trials = report_results.read_search_trials([write_trials(
+        tmp_path / "holdout" / "trials.tsv", rows)])
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_search(trials, tmp_path / "search.png")
+    figure = drawn[0]
+    figure.canvas.draw()
+    axis = figure.axes[0]
+    legend = axis.get_legend().get_window_extent(figure.canvas.get_renderer())
+    points = axis.transData.transform(trials[["nn_final", "nn_step"]].to_numpy(float))
+    assert not [tuple(point) for point in points if legend.contains(*point)]
+
+
+def test_study_colours_do_not_repeat_beyond_ten_studies():
+    """Figures tell studies apart by colour alone; tab10 gave site 11 the colour of site 1."""
+    for count in (3, 12, 25):
+        colours = figures._study_colours([f"site{i}" for i in range(1, count + 1)])
+        assert len(set(colours.values())) == count
+    # up to ten studies, the colours every figure drew so far
+    tab10 = headless_pyplot().get_cmap("tab10")
+    assert figures._study_colours(["b", "a"]) == {"a": tab10(0), "b": tab10(1)}
+
+
 def test_coverage_examples_pick_nearest_distinct_subjects():
     participants = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e"],
                                  "coverage": [1.0, 0.99, 0.93, 0.82, 0.6]})

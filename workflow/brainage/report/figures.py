@@ -72,10 +72,26 @@ def _save(figure, path: str | Path) -> None:
 
 
 def _study_colours(studies: Iterable[str]) -> dict[str, Any]:
+    """A colour per study, none repeated: figures tell studies apart by colour alone, and
+    tab10's eleventh colour is its first (a lab pooling 12 sites saw site 11 as site 1).
+    tab10 up to 10 studies, tab20 up to 20, then evenly spaced hues of a continuous map."""
     plt = headless_pyplot()
     names = sorted(set(map(str, studies)), key=natural_key)
-    palette = plt.get_cmap("tab10")
-    return {study: palette(i % 10) for i, study in enumerate(names)}
+    if len(names) <= 20:
+        palette = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        return {study: palette(i) for i, study in enumerate(names)}
+    palette = plt.get_cmap("turbo")
+    return {study: palette(i / (len(names) - 1)) for i, study in enumerate(names)}
+
+
+def _legend_below(figure, axis, **options) -> None:
+    """The axis's legend under everything drawn below it (tick labels, tilted or not, and
+    the axis label): a legend at a fixed offset lay over tilted tick labels."""
+    figure.canvas.draw()  # the tick labels' extents exist once drawn
+    drawn = axis.get_tightbbox(figure.canvas.get_renderer())
+    bottom = axis.transAxes.inverted().transform((drawn.x0, drawn.y0))[1]
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, bottom - 0.02), frameon=False,
+                **options)
 
 
 def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
@@ -131,11 +147,10 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
                     if len(table) > 4 else "center")
     axis.set_ylabel("test MAE [years]")
     axis.set_title(title, fontsize="medium")
-    axis.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3,
-                frameon=False)
     # up to the highest seed, not only mean + sd: one seed far from the others (of 5, it
     # can lie 1.8 sd above the mean) was cut off the axis, hiding the spread the dots show
     axis.set_ylim(0, np.nanmax(np.concatenate(drawn)) * 1.1)
+    _legend_below(figure, axis, fontsize="small", ncol=3)
     _save(figure, path)
 
 
@@ -522,8 +537,9 @@ def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
         axis.set_xlabel("final neighbourhood size NN_final [subjects]")
         axis.set_ylabel("shrink step NN_step [epochs]")
         axis.set_title(f"{split}: {len(rows)} trials", fontsize="medium")
-        axis.legend(fontsize="small")
     figure.colorbar(points, ax=axes, label="validation MAE [years]")
+    for axis in axes.flat:  # under the axes: with 30 trials, any place inside hid one
+        _legend_below(figure, axis, fontsize="small")
     figure.suptitle("Random search over the neighbourhood schedule", fontsize="medium")
     _save(figure, path)
 
