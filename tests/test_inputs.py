@@ -3,6 +3,7 @@ the file, subject or column and what to do."""
 
 import gzip
 import json
+import logging
 import os
 import re
 import shutil
@@ -98,6 +99,8 @@ def test_a_bids_session_dataset_is_told_each_step_and_one_session_per_person(tmp
     assert "name its files without the session (sub-00a_stiffness.nii.gz)" in str(refused.value)
     assert "Train on one session per person" in str(refused.value)
     assert "subjects of their own" not in str(refused.value)
+    # the other sessions of training subjects are people the model was trained on
+    assert "those of its training subjects come out optimistic" in str(refused.value)
     (subject / "ses-01" / "mre").rename(subject / "mre")  # the first half of the advice
     with pytest.raises(InputError, match=r"mre holds sub-00a_ses-01_stiffness\.nii\.gz: name "
                                          r"the file sub-00a_stiffness\.nii\.gz"):
@@ -121,10 +124,11 @@ def test_a_renamed_subjects_files_under_the_old_label_are_named(tmp_path):
         read_participants(root)
 
 
-def test_every_bad_row_is_named_at_once_and_an_empty_row_as_such(tiny_dataset):
+def test_every_bad_row_is_named_at_once_and_an_empty_row_is_skipped(tiny_dataset, caplog):
     """A table exported in a locale with decimal commas has every age bad: each subject is
     named in one message, not one per run; a row of tabs only (a spreadsheet's formatted
-    empty rows) is named as an empty row, not as a participant_id 'nan'."""
+    empty rows) holds no subject: it was taken for a participant_id 'nan', then refused,
+    while pandas skipped a line of spaces without a word. Both are skipped now, logged."""
     def mutate(table):
         table["age"] = ["24,8", "30,5", "41,0", "52,25"]
         table.loc[1, "participant_id"] = "sub-01_a"
@@ -142,11 +146,17 @@ def test_every_bad_row_is_named_at_once_and_an_empty_row_as_such(tiny_dataset):
         assert f"line {line}: subject {subject} has age '{age}'; ages must be numbers in " \
                f"years, with a decimal point, not a comma" in message
     table = tiny_dataset / "participants.tsv"
-    _rewrite_table(tiny_dataset, lambda table: table.assign(age=[20.0, 30.0, 40.0, 50.0]))
-    table.write_text(table.read_text() + "\t \t\t\n")
-    with pytest.raises(InputError, match=r"participants\.tsv line 6 is an empty row \(only tabs "
-                                         r"or spaces\): delete it\.$"):
-        read_participants(tiny_dataset)
+    _rewrite_table(tiny_dataset, lambda table: table.assign(
+        age=[20.0, 30.0, 40.0, 50.0], participant_id=["sub-00a", "sub-01a", "sub-02a", "sub-03a"]))
+    clean = table.read_text()
+    table.write_text(clean.replace("\n", "\n\t \t\t\n", 2) + "\t\t\t\n  \n")
+    with caplog.at_level(logging.INFO, logger="brainage"):
+        participants = read_participants(tiny_dataset)
+    assert participants["age"].tolist() == [20.0, 30.0, 40.0, 50.0]
+    assert "line(s) 2, 4, 8 hold only tabs or spaces and are skipped" in caplog.text
+    table.write_text(clean.replace("\n", "\n\t\t\t\n", 1).replace("\t20", "\tx", 1))
+    with pytest.raises(InputError, match=r"participants\.tsv line 3: subject sub-00a has age "):
+        read_participants(tiny_dataset)  # the lines named are the file's, empty rows counted
 
 
 def test_extra_columns_of_a_training_table_keep_their_text(tiny_dataset, tmp_path):
@@ -239,9 +249,12 @@ def test_missing_root(tmp_path):
         read_participants(tmp_path / "nowhere")
 
 
-def test_a_cohort_to_predict_may_lack_ages_a_training_cohort_may_not(tmp_path):
+@pytest.mark.parametrize("blank", ["n/a", "  ", " n/a", "N/A ", "nan"])
+def test_a_cohort_to_predict_may_lack_ages_a_training_cohort_may_not(tmp_path, blank):
+    """A cell of spaces, or a missing-value code padded with them, is a missing age too: it
+    was refused as an age that is not a number."""
     rows = default_rows(3)
-    rows[1]["age"] = "n/a"
+    rows[1]["age"] = blank
     root = write_tiny_dataset(tmp_path / "dataset", rows)
     with pytest.raises(InputError, match=r"subject sub-01a has no age"):
         read_participants(root)
@@ -1100,7 +1113,8 @@ def test_a_missing_map_of_the_modalities_names_subject_and_file(tiny_dataset):
 
 
 @pytest.mark.parametrize("name", ["sub-01a_t1w.nii.gz", "sub-01a_T1W.nii.gz", "T1w.nii.gz",
-                                  "sub-01a_mprage.nii.gz", "sub-01x_T1w.nii.gz"])
+                                  "sub-01a_mprage.nii.gz", "sub-01x_T1w.nii.gz",
+                                  "sub-01a_T1w_defaced.nii.gz"])
 def test_an_optional_t1w_in_another_case_or_label_is_refused(tiny_dataset, name):
     """A T1w named in another case, without the label, as the sequence, or under a
     renamed subject's old label was skipped without a word: the subject masked and
@@ -1116,7 +1130,9 @@ def test_an_optional_t1w_in_another_case_or_label_is_refused(tiny_dataset, name)
 def test_an_optional_t1w_in_a_session_folder_is_refused_and_other_anat_images_are_not(
         tiny_dataset):
     """The maps moved up out of ses-01 as told, the T1w left in ses-01/anat: not read, and
-    the subject registered by its map without a word. A T2w or a T1 map is no T1w."""
+    the subject registered by its map without a word. A T2w or a T1 map is no T1w, nor is
+    an image whose BIDS suffix names another kind, whatever its entities hold (a
+    multi-parameter-mapping echo is labelled acq-T1w; these stopped every subject)."""
     anat = tiny_dataset / "sub-01a" / "ses-01" / "anat"
     anat.mkdir(parents=True)
     image = nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4))
@@ -1127,7 +1143,9 @@ def test_an_optional_t1w_in_a_session_folder_is_refused_and_other_anat_images_ar
         read_participants(tiny_dataset)
     shutil.rmtree(tiny_dataset / "sub-01a" / "ses-01")
     (tiny_dataset / "sub-01a" / "anat").mkdir()
-    for other in ("sub-01a_T2w.nii.gz", "sub-01a_T1map.nii.gz"):
+    for other in ("sub-01a_T2w.nii.gz", "sub-01a_T1map.nii.gz",
+                  "sub-01a_acq-T1w_echo-1_flip-2_mt-off_MPM.nii.gz",
+                  "sub-01a_acq-mprageLike_FLAIR.nii.gz", "sub-01a_space-T1w_T2w.nii"):
         nib.save(image, tiny_dataset / "sub-01a" / "anat" / other)
     assert len(read_participants(tiny_dataset)) == 4
 

@@ -203,13 +203,18 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"into the tables it derives from participants.tsv (a split's subjects, a "
             f"cohort's predictions), where they would replace yours. Rename them (e.g. "
             f"{clashing[0]}_original).")
+    if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
+        lines = list(range(2, len(table) + 2))
+    table, lines = _without_empty_rows(table, lines, table_path)
     if table.empty:
         raise InputError(f"{table_path} lists no participants. Add a row per subject "
                          f"({', '.join(required)}).")
-    if len(lines) != len(table):  # not expected: then count rows as if no line were skipped
-        lines = list(range(2, len(table) + 2))
     if to_predict and "age" not in table.columns:  # no ages: predicted ages, no gaps
         table["age"] = np.nan
+    # an age of spaces, or a missing-value code padded with them (" n/a"), is as missing
+    # as an empty cell: a cohort to predict may leave it so
+    age_text = table["age"].astype("string").str.strip().str.casefold()
+    table["age"] = table["age"].mask(age_text.isin(MISSING_VALUE_CODES), np.nan)
     _validate_participant_rows(table, table_path, lines, to_predict=to_predict)
     _validate_against_schema(table, table_path, lines, to_predict=to_predict)
     _require_every_image(root, [pid[len("sub-"):] for pid in table["participant_id"]],
@@ -370,21 +375,34 @@ def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> N
                     len(unlisted), root, table_path, shown)
 
 
+#: Cell values that mean "missing" once stripped and in lower case (pandas reads the
+#: unpadded ones as missing already).
+MISSING_VALUE_CODES = frozenset({"", "n/a", "na", "nan", "null", "none", "#n/a", "<na>"})
+
+
+def _without_empty_rows(table: pd.DataFrame, lines: Sequence[int],
+                        table_path: Path) -> tuple[pd.DataFrame, list[int]]:
+    """``table`` and its file ``lines`` without the rows of only tabs or spaces (a
+    spreadsheet's formatted empty rows; pandas itself skips a line of spaces): they hold no
+    subject, so they are left out, logged by line."""
+    blank = table.astype(str).apply(lambda column: column.str.strip() == "")
+    empty = (table.isna() | blank).all(axis=1).to_numpy()
+    if empty.any():
+        log.info("%s: line(s) %s hold only tabs or spaces and are skipped.", table_path,
+                 ", ".join(str(line) for line, skip in zip(lines, empty) if skip))
+    return (table[~empty].reset_index(drop=True),
+            [line for line, skip in zip(lines, empty) if not skip])
+
+
 def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
                                lines: Sequence[int], *, to_predict: bool = False) -> None:
     """Refuse bad ids and ages, naming every bad row at once (a lab fixes them in one go,
     not one run per row: a locale that writes every age with a decimal comma)."""
     ages = pd.to_numeric(table["age"], errors="coerce")
-    # a row of tabs or spaces only (a spreadsheet's formatted empty rows)
-    empty = (table.isna() | table.astype(str).apply(lambda column: column.str.strip() == "")
-             ).all(axis=1)
     by_line = {}  # {line: its problems}
-    for row_number, participant_id, raw, age, blank in zip(
-            lines, table["participant_id"], table["age"], ages, empty):
+    for row_number, participant_id, raw, age in zip(
+            lines, table["participant_id"], table["age"], ages):
         where = f"{table_path} line {row_number}"
-        if blank:
-            by_line[row_number] = [f"{where} is an empty row (only tabs or spaces): delete it."]
-            continue
         problems = [problem for problem in (_bad_participant_id(participant_id, where),
                                             _bad_age(participant_id, raw, age, where,
                                                      to_predict=to_predict))
@@ -623,8 +641,23 @@ def _named_like(path: Path, words: Sequence[str]) -> list[str]:
             if other.name != path.name and _holds_any(other.name, words)]
 
 
+#: BIDS suffixes of the anatomical images that are not a T1w (BIDS 1.10, anat): a file
+#: ending in one is that image whatever its entities hold (a multi-parameter-mapping echo
+#: is labelled ``acq-T1w_..._MPM``, a FLAIR may be ``acq-mprageLike_FLAIR``), so it is
+#: not a T1w or a map under another name.
+OTHER_IMAGE_SUFFIXES = frozenset(suffix.casefold() for suffix in (
+    "T2w", "PDw", "T2starw", "FLAIR", "inplaneT1", "inplaneT2", "PDT2", "angio", "T2star",
+    "FLASH", "PD", "T1map", "T2map", "T2starmap", "R1map", "R2map", "R2starmap", "PDmap",
+    "MTRmap", "MTsat", "UNIT1", "T1rho", "MWFmap", "MTVmap", "Chimap", "S0map", "M0map",
+    "MESE", "MEGRE", "VFA", "IRT1", "MP2RAGE", "MPM", "MTS", "MTR", "defacemask"))
+
+
 def _holds_any(file_name: str, words: Sequence[str]) -> bool:
-    return ".nii" in file_name and any(word in file_name.casefold() for word in words)
+    if ".nii" not in file_name:
+        return False
+    suffix = file_name.split(".nii")[0].rsplit("_", 1)[-1].casefold()
+    return (suffix not in OTHER_IMAGE_SUFFIXES
+            and any(word in file_name.casefold() for word in words))
 
 
 def _found_instead(path: Path) -> str:
@@ -654,8 +687,10 @@ def _found_instead(path: Path) -> str:
                 f"({path.name}). Train on one session per person: another session of the "
                 f"same person listed as a subject of its own can land on the other side of "
                 f"the split, so the test error would measure people the encoder was trained "
-                f"on; apply the trained model to the other sessions as a cohort to predict "
-                f"(predict.cohorts).")
+                f"on. Predict the other sessions as a cohort of their own (predict.cohorts), "
+                f"under the same participant_id: those of the split's test subjects are "
+                f"predicted cleanly, those of its training subjects come out optimistic, "
+                f"and the plan names them.")
     return ""
 
 
