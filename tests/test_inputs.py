@@ -1074,6 +1074,25 @@ def test_a_subjects_maps_on_different_grids_are_refused_before_any_job(tmp_path)
         check_dataset_images(root, ["00a"], modalities, cache_file=cache)
 
 
+def test_the_image_checks_version_is_raised_with_the_checks():
+    """A check added to load_nifti_checked without raising IMAGE_CHECKS_VERSION lets files
+    cached before it pass the plan and fail in their subject's job (the header-extension
+    check was added so). When this digest changes: if what a file must pass changed, raise
+    IMAGE_CHECKS_VERSION; then record the new digest here."""
+    import hashlib
+    import inspect
+
+    from brainage import inputs
+
+    checks = (inputs.load_nifti_checked, inputs._header_extension_bytes, inputs._check_unit,
+              inputs._check_spatial_unit, inputs._check_perpendicular_axes,
+              inputs._check_orientation_declared)
+    source = "".join(map(inspect.getsource, checks)) + repr(
+        (inputs.MAX_IMAGE_BYTES, inputs.MAX_HEADER_EXTENSION_BYTES))
+    digest = hashlib.sha256(source.encode()).hexdigest()[:16]
+    assert (IMAGE_CHECKS_VERSION, digest) == (3, "f39f5b917348dc15")
+
+
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):
     """Entries without a grid (size and mtime only) cannot serve the grid check; entries of
     older checks (without the checks version) let a file the new checks refuse through the

@@ -967,8 +967,9 @@ def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
 #: The version of what :func:`load_nifti_checked` checks, kept with each file that passed
 #: (``check_dataset_images``' cache): raise it when a check is added, so that files passed
 #: before it are read again at planning, not refused hours later in their subject's job.
-#: 2: the orientation codes and the sign of a map (2026-12-05).
-IMAGE_CHECKS_VERSION = 2
+#: 2: the orientation codes and the sign of a map (2026-12-05); 3: the size of the header
+#: extensions (2026-12-06). tests/test_inputs.py keeps a digest of the checks' code.
+IMAGE_CHECKS_VERSION = 3
 #: The image-check cache is saved at least this often while a first check reads (seconds):
 #: a killed check of thousands of files restarts from about where it stopped.
 IMAGE_CACHE_SAVE_SECONDS = 30.0
