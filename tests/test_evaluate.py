@@ -455,6 +455,10 @@ def test_metrics_closed_form():
     constant = compute_metrics(ages, np.full(4, 50.0), studies)
     assert constant["gap_age_slope"] == pytest.approx(-1)  # full regression to the mean
     assert constant["pearson_r"] is None
+    # a constant whose mean rounds: np.std of these three is 7e-15, not 0 (an r of -5.7e-16)
+    rounded = compute_metrics(np.array([71.5, 75.3, 47.1]), np.full(3, 53.27692307692307),
+                              np.array(["a", "a", "b"]))
+    assert rounded["pearson_r"] is None and rounded["gap_age_slope"] == pytest.approx(-1)
     assert constant["mae"] == 22.5 and constant["mae_per_study"] == {"a": 20.0, "b": 25.0}
     uneven = compute_metrics(ages, ages, np.array(["b", "a", "b", "b"]))
     assert uneven["n_per_study"] == {"a": 1, "b": 3}
