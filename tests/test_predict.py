@@ -826,6 +826,9 @@ def test_gap_age_correlation_of_a_constant_gap_is_undefined_not_nan(recwarn):
     ages = np.array([20.0, 40.0, 60.0, 80.0])
     assert gap_age_correlation(ages, np.full(4, 3.0)) is None
     assert gap_age_correlation(np.full(4, 50.0), ages) is None
+    # equal gaps whose np.std is 7e-15 (their mean rounded), not 0: r was -5.7e-16
+    assert gap_age_correlation(np.array([71.5, 75.3, 47.1]), np.full(3, 53.27692307692307)) \
+        is None
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 

@@ -151,10 +151,11 @@ def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_sett
 
 
 def gap_age_correlation(ages: np.ndarray, gaps: np.ndarray) -> float | None:
-    """Pearson r of a gap with age; None when undefined."""
+    """Pearson r of a gap with age; None when undefined (fewer than 3 subjects, or ages or
+    gaps all equal: tested exactly, as np.std of equal values can be 7e-15, not 0)."""
     ages, gaps = np.asarray(ages, float), np.asarray(gaps, float)
     keep = np.isfinite(ages) & np.isfinite(gaps)
-    if keep.sum() < 3 or np.std(ages[keep]) == 0 or np.std(gaps[keep]) == 0:
+    if keep.sum() < 3 or np.ptp(ages[keep]) == 0 or np.ptp(gaps[keep]) == 0:
         return None
     return float(np.corrcoef(ages[keep], gaps[keep])[0, 1])
 
