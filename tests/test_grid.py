@@ -506,6 +506,32 @@ def test_an_external_starting_checkpoint_is_an_input_of_the_cells_that_start_fro
         (edited.stdout + edited.stderr)[-3000:]
 
 
+def test_the_search_starts_from_the_models_checkpoint_and_a_folder_is_no_checkpoint(
+        tmp_path):
+    """The random search's trials fine-tune the top-level model's starting encoder: it is
+    an input of the search job, so a new encoder reruns the search whose nn_final/nn_step
+    the cells then train with (config/paper.yaml starts every cell from OpenBHB). A
+    checkpoint path that is a folder stops the plan as a missing file does."""
+    root = dataset(tmp_path, 8)
+    base = tiny_test_config(root)
+    base["search"] = {"enabled": True, "trials": 2}
+    checkpoint = tmp_path / "external" / "encoder.pt"
+    checkpoint.mkdir(parents=True)
+    base["model"]["init_checkpoint"] = str(checkpoint)
+    configfile = write_config(tmp_path / "config.yaml", base)
+    workdir = tmp_path / "work"
+    folder = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES, check=False)
+    said = folder.stdout + folder.stderr
+    assert folder.returncode != 0 and re.search(
+        rf"config key model\.init_checkpoint is '{re.escape(str(checkpoint))}', which is not "
+        rf"a file", said), said[-3000:]
+    checkpoint.rmdir()
+    checkpoint.touch()
+    listed = run_snakemake(workdir, configfile, "--dry-run", *REPORT_RULES).stdout
+    searches = re.findall(r"rule search_hyperparameters:\n((?: {4}.*\n)+)", listed)
+    assert len(searches) == 1 and str(checkpoint) in searches[0], listed[-3000:]
+
+
 def test_a_new_search_result_reruns_only_the_cells_that_train_with_it(tmp_path):
     """loss.nn_from_search puts the split's best.json among the cell's training inputs: a
     new search result retrains that cell (its own encoder, never shared with the cell that

@@ -1186,6 +1186,33 @@ def test_a_header_claiming_huge_extensions_is_refused_before_it_is_read(tiny_dat
         load_nifti_checked(stiffness)
 
 
+@pytest.mark.parametrize("image_class", [nib.Nifti1Image, nib.Nifti2Image])
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_header_extensions_are_measured_in_every_nifti_flavour(tmp_path, monkeypatch,
+                                                               image_class, byte_order, suffix):
+    """NIfTI-1 and NIfTI-2, either byte order, gzipped or not: the extensions' size is read
+    from the header's own fields (only NIfTI-1, little-endian, was tested)."""
+    data = np.zeros((6, 6, 6), np.float32)
+    data[2:4, 2:4, 2:4] = 2.5
+    header = image_class(data, np.diag([2.0, 2.0, 2.0, 1.0])).header
+    header.set_qform(np.diag([2.0, 2.0, 2.0, 1.0]), code=1)
+    if byte_order == ">":
+        header = header.as_byteswapped(">")
+    image = image_class(data, None, header)
+    image.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"x" * 4000))
+    path = tmp_path / f"map{suffix}"
+    nib.save(image, path)
+    raw = gzip.open(path).read(4) if suffix == ".nii.gz" else path.read_bytes()[:4]
+    assert raw == (nib.load(path).header.sizeof_hdr).to_bytes(4, "big" if byte_order == ">"
+                                                               else "little")
+    monkeypatch.setattr(inputs, "MAX_HEADER_EXTENSION_BYTES", 4100)
+    assert load_nifti_checked(path) is not None  # 4,016 bytes: the comment, padded
+    monkeypatch.setattr(inputs, "MAX_HEADER_EXTENSION_BYTES", 4000)
+    with pytest.raises(InputError, match=r"its header claims 0 MiB of header extensions"):
+        load_nifti_checked(path)
+
+
 def test_a_map_that_is_a_link_to_a_device_or_a_folder_is_named_as_such(tiny_dataset):
     """A link to /dev/zero was called a broken link, 'a DataLad or git-annex file not
     fetched?', and a folder in a map's place 'missing'."""

@@ -344,6 +344,36 @@ def test_a_manifest_with_nan_is_refused_even_when_signed(exported, tmp_path):
     assert read_bundle(copied).manifest["settings"]["readout"]["huber_delta"] == float("inf")
 
 
+def test_every_number_a_prediction_applies_must_be_finite(exported, tmp_path):
+    """Each of bundle.APPLIED_NUMBERS, with a NaN, an infinity of either sign or a boolean
+    (json reads true as a number's stand-in) in place of one of its values, is refused
+    naming the key: only the normalisation mean was tested."""
+    applied = [("bias_correction", "intercept"), ("bias_correction", "slope"),
+               ("normalisation", "mean"), ("normalisation", "sd"),
+               ("normalisation", "affine"), ("normalisation", "template_affine")]
+    copied = _copy_bundle(exported, tmp_path)
+    original = json.loads((copied / "manifest.json").read_text())
+
+    def with_first_value(value, bad):  # the first number of a scalar or nested list
+        if isinstance(value, list):
+            return [with_first_value(value[0], bad), *value[1:]]
+        return bad
+
+    checked = 0
+    for section, key in applied:
+        if original[section].get(key) is None:
+            continue
+        for bad in (float("nan"), float("inf"), float("-inf"), True):
+            manifest = json.loads(json.dumps(original))
+            manifest[section][key] = with_first_value(manifest[section][key], bad)
+            _rewrite_manifest(copied, manifest)
+            with pytest.raises(BundleError, match=rf"its {section}\.{key} .* is not a finite "
+                                                  r"number"):
+                read_bundle(copied)
+            checked += 1
+    assert checked == 4 * len(applied)  # the exported bundle has every one
+
+
 def test_an_edited_manifest_fails_naming_it(exported, tmp_path, caplog):
     # the manifest's numbers set predictions too: here a small predictor's age scaling or
     # the normalisation's mean; before format 2 such edits passed every check

@@ -840,24 +840,26 @@ def test_ablation_legend_leaves_tilted_tick_labels_free(tmp_path, monkeypatch):
 def test_search_legend_hides_no_trial(tmp_path, monkeypatch):
     """With 30 trials the legend placed "best" inside the axes still lay over one."""
     rng = np.random.default_rng(0)
-    rows = [(trial, int(rng.integers(2, 21)), int(rng.integers(1, 11)),
-             float(rng.uniform(3, 6)), 5.0, 10.0) for trial in range(1, 31)]
+    splits = ("fold-1", "fold-2")  # k-fold: a panel per split, each with its legend
     trials = report_results.read_search_trials([write_trials(
-        tmp_path / "holdout" / "trials.tsv", rows)])
+        tmp_path / split / "trials.tsv",
+        [(trial, int(rng.integers(2, 21)), int(rng.integers(1, 11)), float(rng.uniform(3, 6)),
+          5.0, 10.0) for trial in range(1, 31)]) for split in splits])
     drawn = []
     monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
     figures.plot_search(trials, tmp_path / "search.png")
     figure = drawn[0]
     figure.canvas.draw()
-    axis = figure.axes[0]
-    legend = axis.get_legend().get_window_extent(figure.canvas.get_renderer())
-    points = axis.transData.transform(trials[["nn_final", "nn_step"]].to_numpy(float))
-    assert not [tuple(point) for point in points if legend.contains(*point)]
+    for axis, split in zip(figure.axes, splits):
+        legend = axis.get_legend().get_window_extent(figure.canvas.get_renderer())
+        rows = trials[trials["split"] == split]
+        points = axis.transData.transform(rows[["nn_final", "nn_step"]].to_numpy(float))
+        assert not [tuple(point) for point in points if legend.contains(*point)], split
 
 
 def test_study_colours_do_not_repeat_beyond_ten_studies():
     """Figures tell studies apart by colour alone; tab10 gave site 11 the colour of site 1."""
-    for count in (3, 12, 25):
+    for count in (3, 10, 11, 12, 20, 21, 25):  # each palette's last colour, and the next
         colours = figures._study_colours([f"site{i}" for i in range(1, count + 1)])
         assert len(set(colours.values())) == count
     # up to ten studies, the colours every figure drew so far
