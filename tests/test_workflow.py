@@ -493,10 +493,23 @@ def test_interrupted_run_notice_names_the_slurm_jobs_to_cancel(tmp_path):
     notice = interrupted_run_notice(tmp_path)
     assert "`scancel --name 90d6e715-404b-4598`" in notice and "11111111" not in notice
     assert notice.index("scancel") < notice.index("--unlock") < notice.index("--rerun-incomplete")
-    # this run's own log (no ID yet: the executor starts after the plan) hides nothing
-    (logs / "2026-12-03T100000.000000.snakemake.log").write_text("Building DAG of jobs...\n")
+    # this run's own log (no ID yet: the executor starts after the plan) hides nothing, nor
+    # do the logs of the runs a user makes after a kill: the one LockException stopped, and
+    # the --unlock (the ID was gone after one of them)
+    later = [("2026-12-03", "Building DAG of jobs...\nUpdating checkpoint dependencies.\n"
+                            "LockException:\nError: Directory cannot be locked.\n"),
+             ("2026-12-04", "Unlocked working directory.\n"),
+             ("2026-12-05", "Building DAG of jobs...\n")]
+    for index, (day, text) in enumerate(later):
+        log = logs / f"{day}T100000.000000.snakemake.log"
+        log.write_text(text)
+        os.utime(log, (10 + index, 10 + index))
+    os.utime(killed, (5, 5))
     assert last_slurm_run_id(tmp_path) == "90d6e715-404b-4598"
-    killed.write_text("Building DAG of jobs...\nJob 3 ...\n")  # a local run was killed
+    # a local run was killed: the newest run that planned jobs has no ID
+    killed.write_text("Building DAG of jobs...\nJob stats:\njob  count\n\nlocalrule all:\n")
+    os.utime(killed, (5, 5))
+    assert last_slurm_run_id(tmp_path) is None
     assert "scancel" not in interrupted_run_notice(tmp_path)
 
 

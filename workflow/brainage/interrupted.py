@@ -4,8 +4,9 @@ run about it.
 A Snakemake run that is killed (a closed terminal, a reboot of the login node) leaves
 lock files in ``.snakemake/locks/`` and marks the outputs of the jobs it was running in
 ``.snakemake/incomplete/``. The next run then stops with ``LockException``, and with
-``IncompleteFilesException`` where a killed job's output exists (rare: outputs are written
-under a temporary name and renamed). The workflow prints :func:`interrupted_run_notice` when it
+``IncompleteFilesException`` where a killed job's output exists (usual for a training,
+whose ``history.tsv`` and ``embeddings/`` grow as it runs; other outputs are written under
+a temporary name and renamed). The workflow prints :func:`interrupted_run_notice` when it
 starts, before Snakemake reads these folders: Snakemake parses the Snakefile before it
 takes its own lock, so whatever lock is found then belongs to another process. On SLURM
 the killed run's jobs live on (queued or running) and a rerun would start each again beside
@@ -61,15 +62,19 @@ def incomplete_outputs(workdir: str | Path = ".") -> list[Path]:
 #: The line snakemake-executor-plugin-slurm writes into a run's log (.snakemake/log/) as it
 #: starts; every SLURM job of that run carries the ID as its job name.
 _SLURM_RUN_ID = re.compile(r"^SLURM run ID: (\S+)$", re.MULTILINE)
+#: What the log of a run that planned and started jobs holds (a dry run writes no log).
+_PLANNED_JOBS = re.compile(r"^(?:Job stats:|(?:local)?rule \S+:)$", re.MULTILINE)
 #: How much of a log to read for it: the plugin says it before the first job is submitted.
 _LOG_HEAD_BYTES = 64 * 1024
 
 
-def last_slurm_run_id(workdir: str | Path = ".", *, logs_read: int = 2) -> str | None:
-    """The SLURM run ID of the newest of the last ``logs_read`` Snakemake runs in
-    ``workdir`` that submitted to SLURM, or None. Two logs: this run's, which Snakemake may
-    have opened already (it has no ID yet: the executor starts after the plan), and the
-    one before it."""
+def last_slurm_run_id(workdir: str | Path = ".", *, logs_read: int = 50) -> str | None:
+    """The SLURM run ID of the newest Snakemake run in ``workdir`` that planned jobs, among
+    its last ``logs_read`` logs, or None when that run was local. Logs of runs that planned
+    nothing are passed over: this run's own (opened before the plan, and without an ID
+    until the executor starts), and those a kill leaves behind it, of a run stopped by
+    ``LockException`` and of an ``--unlock`` (with only the newest two logs read, the ID
+    was gone after one of them, and with it the advice to cancel the killed run's jobs)."""
     folder = Path(workdir, ".snakemake", "log")
     logs = sorted(folder.glob("*.snakemake.log"), key=lambda log: log.stat().st_mtime,
                   reverse=True) if folder.is_dir() else []
@@ -78,6 +83,8 @@ def last_slurm_run_id(workdir: str | Path = ".", *, logs_read: int = 2) -> str |
             head = handle.read(_LOG_HEAD_BYTES).decode(errors="replace")
         if match := _SLURM_RUN_ID.search(head):
             return match.group(1)
+        if _PLANNED_JOBS.search(head):  # a local run
+            return None
     return None
 
 
