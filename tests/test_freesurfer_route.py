@@ -110,6 +110,21 @@ def test_auto_picks_freesurfer_only_when_installed(freesurfer_double, monkeypatc
     assert resolve_method("auto", "synthstrip") == "deepbet"
 
 
+def test_skull_stripping_asks_for_synthstrips_memory_where_it_may_run(freesurfer_double,
+                                                                      monkeypatch):
+    """SynthStrip needs 5.8-7.7 GB for a 1 mm T1w; mri_watershed and deepbet fit in
+    resources.preprocess.mem_mb."""
+    from brainage.preprocess.skullstrip import SYNTHSTRIP_MEM_MB, strip_skull_memory_mb
+
+    assert strip_skull_memory_mb("auto", "synthstrip", 2000) == SYNTHSTRIP_MEM_MB
+    assert strip_skull_memory_mb("auto", "synthstrip", 12000) == 12000  # a larger request
+    assert strip_skull_memory_mb("auto", "watershed", 2000) == 2000
+    monkeypatch.delenv("FREESURFER_HOME")  # auto: deepbet here
+    assert strip_skull_memory_mb("auto", "synthstrip", 2000) == 2000
+    assert strip_skull_memory_mb("deepbet", "synthstrip", 2000) == 2000
+    assert strip_skull_memory_mb("freesurfer", "synthstrip", 2000) == SYNTHSTRIP_MEM_MB
+
+
 def test_auto_falls_back_to_deepbet_and_freesurfer_request_fails(no_freesurfer):
     assert resolve_method("auto") == "deepbet"
     assert resolve_method("none") == "none"

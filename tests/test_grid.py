@@ -142,6 +142,27 @@ def test_paper_grid_dry_run_has_every_experiment(tmp_path):
     assert "simulate_cohort" not in counts
 
 
+def test_skull_stripping_by_synthstrip_asks_for_its_memory(tmp_path):
+    """FreeSurfer's SynthStrip runs its U-Net over a whole 1 mm T1w: 5.8-7.7 GB. Its jobs
+    asked for resources.preprocess.mem_mb (2 GB by default), and on SLURM every subject was
+    killed three times; mri_watershed and deepbet fit the request."""
+    from brainage.preprocess.skullstrip import SYNTHSTRIP_MEM_MB
+
+    root = dataset(tmp_path, 6)
+    base = tiny_test_config(root)
+    base["resources"] = {"preprocess": {"mem_mb": 2500, "runtime_min": 30}}
+    requested = {}
+    for tool in ("synthstrip", "watershed"):
+        base["preprocess"] = {**base.get("preprocess", {}), "skullstrip": "freesurfer",
+                              "freesurfer_tool": tool}
+        configfile = write_config(tmp_path / f"{tool}.yaml", base)
+        listed = run_snakemake(tmp_path / "work", configfile, "--dry-run").stdout
+        jobs = re.findall(r"rule strip_skull:\n((?: {4}.*\n)+)", listed)
+        requested[tool] = {int(re.search(r"\bmem_mb=(\d+)", job)[1]) for job in jobs}
+        assert len(jobs) == 6, listed[-3000:]
+    assert requested == {"synthstrip": {SYNTHSTRIP_MEM_MB}, "watershed": {2500}}
+
+
 def test_report_targets_follow_the_config(tmp_path):
     root = dataset(tmp_path)
     base = tiny_test_config(root)

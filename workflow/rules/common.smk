@@ -24,6 +24,7 @@ from brainage.config import preprocessing_record, resource_for_attempt
 from brainage.modalities import grid_modality, input_path, modalities_to_predict, mre_maps
 from brainage.modalities import tag as modality_tag
 from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
+from brainage.preprocess.skullstrip import strip_skull_memory_mb
 from brainage.qc import thresholds
 from brainage.report.targets import (
     EMBEDDINGS_FIGURE,
@@ -655,6 +656,9 @@ def grows_per_attempt(amount):
 
 PREPROCESS = config["preprocess"]
 PREPROCESS_RESOURCES = config["resources"]["preprocess"]
+STRIP_SKULL_MEM_MB = strip_skull_memory_mb(
+    PREPROCESS["skullstrip"], PREPROCESS["freesurfer_tool"], PREPROCESS_RESOURCES["mem_mb"]
+)
 SUBJECT = subject_files(LAYOUT, "{subject}", "{preproc}")
 TEMPLATE = {"t1": LAYOUT.template("T1w"), "mask": LAYOUT.template("brain_mask")}
 

@@ -77,7 +77,7 @@ rule strip_skull:
         "../../envs/preprocess.yaml"
     threads: step_threads(PREPROCESS)
     resources:
-        mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
+        mem_mb=grows_per_attempt(STRIP_SKULL_MEM_MB),
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     params:
         job="strip_skull",

@@ -69,6 +69,23 @@ def freesurfer_available(tool: str = "synthstrip") -> bool:
     return bool(home) and Path(home).is_dir() and shutil.which(FREESURFER_PROGRAMS[tool]) is not None
 
 
+#: The memory FreeSurfer's SynthStrip needs for a 1 mm T1w (MB). It conforms the image to
+#: 1 mm and runs its U-Net over the whole cropped volume at once: 5.8 GB for 192 x 256 x 256
+#: voxels and 7.7 GB for 256^3 (its network on the CPU, one thread; MRIQC declares 6 GB for
+#: it). deepbet took 1.1 GB for 256^3, within resources.preprocess.mem_mb.
+SYNTHSTRIP_MEM_MB = 8000
+
+
+def strip_skull_memory_mb(method: str, freesurfer_tool: str, given_mb: int) -> int:
+    """What a skull-stripping job asks for (MB): ``given_mb`` (resources.preprocess.mem_mb),
+    raised to :data:`SYNTHSTRIP_MEM_MB` where SynthStrip may run: ``method`` freesurfer, or
+    auto with SynthStrip usable where the plan is made (jobs run in the environment they
+    were submitted from). Every job asking for 2 GB was killed, three times on SLURM."""
+    synthstrip = freesurfer_tool == "synthstrip" and (
+        method == "freesurfer" or (method == "auto" and freesurfer_available("synthstrip")))
+    return max(given_mb, SYNTHSTRIP_MEM_MB) if synthstrip else given_mb
+
+
 def resolve_method(method: str, freesurfer_tool: str = "synthstrip") -> str:
     """The route that will run: ``freesurfer``, ``deepbet`` or ``none``.
 
