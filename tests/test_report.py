@@ -240,6 +240,20 @@ def test_table3_without_settings_keeps_baselines_off_the_losses_rows(results):
     assert table.set_index("loss").loc["adaptive", "label"] == "Adaptive Neighborhoods"
 
 
+def test_table3_puts_a_loss_the_paper_lacks_after_its_losses_above_the_baselines(results):
+    """A contributor's new loss sorted below the baselines (docs/architecture.md's recipe):
+    Table 3 lists the losses first, then the baselines."""
+    frame = report_results.read_metrics(results["metrics"])
+    adaptive = frame[frame["variant"] == "adaptive"]
+    untrained = adaptive.assign(variant="untrained", kind="baseline", mae=9.0)
+    new_loss = adaptive.assign(variant="supcon", loss="supcon_bins", mae=5.0)
+    seeds = report_results.seed_results(pd.concat([untrained, frame, new_loss],
+                                                  ignore_index=True))
+    table = tables.table3_losses(seeds)
+    assert table["loss"].tolist() == ["simclr", "yaware", "adaptive", "supcon_bins",
+                                      "untrained"]
+
+
 def test_table3_names_the_neighbourhood_schedule_each_encoder_trained_with(results, tmp_path):
     """metrics.json's trained_loss (the search's nn_final/nn_step after nn_from_search)
     reaches Table 3: a column of the csv and a note under the table."""

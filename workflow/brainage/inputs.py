@@ -853,8 +853,7 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
             f"(multiply by -1), or remove the subject's row from participants.tsv.")
     if median > UNIT_CHECK_FACTOR * bounds[1]:
         ratio = kind.unit == "1"  # dimensionless: the damping ratio
-        hint = ("in percent (divide by 100)" if ratio
-                else "in Pa (divide by 1000) or an unscaled integer export")
+        hint = kind.unit_mix_up + ("" if ratio else " or an unscaled integer export")
         raise InputError(
             f"{what} {path}: the median of its non-zero voxels is {median:.4g}, far above "
             f"the plausible {bounds[0]:g}-{bounds[1]:g}{'' if ratio else ' ' + kind.unit} "

@@ -76,6 +76,13 @@ class Modality:
     def is_mre(self) -> bool:
         return self.folder == "mre"
 
+    @property
+    def unit_mix_up(self) -> str:
+        """The likely mix-up when values are far above the plausible ones, for a message:
+        Pa for a map in kPa, percent for a ratio."""
+        return {"kPa": "in Pa (divide by 1000)", "1": "in percent (divide by 100)"}.get(
+            self.unit, f"in another unit than {self.unit}")
+
 
 #: Plausible median of a brain's shear modulus maps (kPa): published brain MRE medians are
 #: about 0.5-4 kPa (loss modulus lower), so the interval leaves a factor of 10 either side.

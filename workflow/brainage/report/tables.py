@@ -124,9 +124,12 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                      "variant": variant, "label": label, "init": start,
                      "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
                      "_base": base, "_fine_tuned": fine_tuned,
-                     # a fine-tuned row right after its loss trained from scratch
+                     # a fine-tuned row right after its loss trained from scratch; a
+                     # loss the paper lacks after its losses, in config order, above the
+                     # baselines (it sorted below them); an unnamed baseline last
                      "_order": (order.index(base) + 0.5 * fine_tuned if base in order
-                                else len(order))})
+                                else len(order) if key is not None
+                                else len(PAPER_TABLE3) - 0.25)})
     table = pd.DataFrame(rows)
     # the paper fine-tuned every encoder: where a loss has a fine-tuned row, the paper's
     # value stands beside that row only, not beside the same loss trained from scratch
