@@ -782,6 +782,35 @@ def test_deterministic(name):
 # --------------------------------------------------------------------------- registry, validation
 
 
+def test_a_loss_of_other_age_weights_reads_the_rows_ages_in_both_hooks():
+    """docs/architecture.md §9: a loss that only changes the weights or the repulsion set
+    subclasses KernelContrastiveLoss. An age weighting other than the RBF kernel (age bins)
+    needs the rows' ages, which neither hook received."""
+    from brainage.losses.kernel import KernelContrastiveLoss, YAwareLoss
+
+    seen = {}
+
+    class AgeBinLoss(YAwareLoss):
+        def _positive_weights(self, kernel, row_subjects, row_ages):
+            seen["weights"] = row_ages
+            bins = torch.div(row_ages, 10, rounding_mode="floor")
+            return (bins[:, None] == bins[None, :]).to(kernel.dtype)
+
+        def _log_repulsion(self, *, row_ages, **rest):
+            seen["repulsion"] = row_ages
+            return super()._log_repulsion(**rest)
+
+    assert issubclass(AgeBinLoss, KernelContrastiveLoss)
+    features = F.normalize(torch.randn(4, 2, 8, generator=torch.Generator().manual_seed(0)),
+                           dim=-1)
+    ages = torch.tensor([21.0, 25.0, 48.0, 70.0])
+    loss = AgeBinLoss(sigma=2.0)(features, ages, 1)
+    assert torch.isfinite(loss)
+    expected = ages.repeat(2)  # view-major: the batch's ages once per view
+    assert torch.equal(seen["weights"], expected) and torch.equal(seen["repulsion"], expected)
+    assert loss != YAwareLoss(sigma=2.0)(features, ages, 1)  # the bins, not the kernel
+
+
 def test_registry_names_and_metadata():
     assert CONTRASTIVE_LOSSES == ("simclr", "nnclr", "rnc", "yaware", "threshold", "exponential",
                                   "adaptive")

@@ -146,10 +146,10 @@ class KernelContrastiveLoss(nn.Module):
             kernel = rbf_kernel(row_ages, self.sigma)
             not_self = ~torch.eye(n_rows, dtype=torch.bool, device=rows.device)
 
-            positive_weight = self._positive_weights(kernel, row_subjects)
+            positive_weight = self._positive_weights(kernel, row_subjects, row_ages)
             log_repulsion, has_repulsion = self._log_repulsion(
                 shifted=shifted, kernel=kernel, rows=rows, not_self=not_self,
-                batch=batch, epoch=epoch,
+                batch=batch, epoch=epoch, row_ages=row_ages,
             )
             used = not_self & has_repulsion
             weight = torch.where(used, positive_weight, 0.0)
@@ -157,12 +157,15 @@ class KernelContrastiveLoss(nn.Module):
             loss = reduce_weighted_pairs(weight, pair_loss, self.reduction)
             return loss * (self.temperature / self.base_temperature)
 
-    def _positive_weights(self, kernel: Tensor, row_subjects: Tensor) -> Tensor:
-        """Positive weights ``w_ak``, shape [N, N] (the diagonal is ignored)."""
+    def _positive_weights(self, kernel: Tensor, row_subjects: Tensor, row_ages: Tensor
+                          ) -> Tensor:
+        """Positive weights ``w_ak``, shape [N, N] (the diagonal is ignored); ``row_ages``
+        [N] (years) for a weighting other than the RBF kernel's."""
         return kernel
 
     def _log_repulsion(
-        self, *, shifted: Tensor, kernel: Tensor, rows: Tensor, not_self: Tensor, batch: int, epoch: int
+        self, *, shifted: Tensor, kernel: Tensor, rows: Tensor, not_self: Tensor, batch: int,
+        epoch: int, row_ages: Tensor
     ) -> tuple[Tensor, Tensor]:
         """``log R_ak`` and whether the repulsion set is non-empty.
 
@@ -179,6 +182,8 @@ class KernelContrastiveLoss(nn.Module):
             Subjects in this batch (rows per view).
         epoch : int
             Current epoch, from 1.
+        row_ages : Tensor, shape [N]
+            The rows' ages (years), view-major.
 
         Returns
         -------
@@ -209,7 +214,8 @@ class SimCLRLoss(KernelContrastiveLoss):
             f"reduction={self.reduction!r}"
         )
 
-    def _positive_weights(self, kernel: Tensor, row_subjects: Tensor) -> Tensor:
+    def _positive_weights(self, kernel: Tensor, row_subjects: Tensor, row_ages: Tensor
+                          ) -> Tensor:
         return (row_subjects[:, None] == row_subjects[None, :]).to(kernel.dtype)
 
     def _log_repulsion(self, *, shifted: Tensor, not_self: Tensor, **_: object) -> tuple[Tensor, Tensor]:
@@ -402,7 +408,8 @@ class AdaptiveNeighborhoodsLoss(KernelContrastiveLoss):
         return min(scheduled, batch)
 
     def _log_repulsion(
-        self, *, shifted: Tensor, kernel: Tensor, rows: Tensor, not_self: Tensor, batch: int, epoch: int
+        self, *, shifted: Tensor, kernel: Tensor, rows: Tensor, not_self: Tensor, batch: int,
+        epoch: int, **_: object
     ) -> tuple[Tensor, Tensor]:
         epoch = check_positive_int("epoch", epoch)
         views = rows.shape[0] // batch
