@@ -149,11 +149,13 @@ def test_every_bad_row_is_named_at_once_and_an_empty_row_is_skipped(tiny_dataset
     _rewrite_table(tiny_dataset, lambda table: table.assign(
         age=[20.0, 30.0, 40.0, 50.0], participant_id=["sub-00a", "sub-01a", "sub-02a", "sub-03a"]))
     clean = table.read_text()
-    table.write_text(clean.replace("\n", "\n\t \t\t\n", 2) + "\t\t\t\n  \n")
+    # a later row of more tabs than the header's (pandas' tokenizer stopped at it), and one
+    # before the header
+    table.write_text("\n" + clean.replace("\n", "\n\t \t\t\n", 2) + "\t\t\t\t\t\t\n  \n")
     with caplog.at_level(logging.INFO, logger="brainage"):
         participants = read_participants(tiny_dataset)
     assert participants["age"].tolist() == [20.0, 30.0, 40.0, 50.0]
-    assert "line(s) 2, 4, 8 hold only tabs or spaces and are skipped" in caplog.text
+    assert "line(s) 3, 5, 9 hold only tabs or spaces and are skipped" in caplog.text
     table.write_text(clean.replace("\n", "\n\t\t\t\n", 1).replace("\t20", "\tx", 1))
     with pytest.raises(InputError, match=r"participants\.tsv line 3: subject sub-00a has age "):
         read_participants(tiny_dataset)  # the lines named are the file's, empty rows counted
@@ -1097,14 +1099,17 @@ def test_the_image_checks_version_is_raised_with_the_checks():
     import inspect
 
     from brainage import inputs
+    from brainage.modalities import MODALITIES
 
     checks = (inputs.load_nifti_checked, inputs._header_extension_bytes, inputs._check_unit,
-              inputs._check_spatial_unit, inputs._check_perpendicular_axes,
-              inputs._check_orientation_declared)
+              inputs._sign_flipped, inputs._check_spatial_unit,
+              inputs._check_perpendicular_axes, inputs._check_orientation_declared)
     source = "".join(map(inspect.getsource, checks)) + repr(
-        (inputs.MAX_IMAGE_BYTES, inputs.MAX_HEADER_EXTENSION_BYTES))
+        (inputs.MAX_IMAGE_BYTES, inputs.MAX_HEADER_EXTENSION_BYTES, inputs.UNIT_CHECK_FACTOR,
+         [(kind.name, kind.median_range, kind.valid_range, kind.positive)
+          for kind in MODALITIES.values()]))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert (IMAGE_CHECKS_VERSION, digest) == (3, "3a9996ed01a1fdbf")
+    assert (IMAGE_CHECKS_VERSION, digest) == (3, "b948d7bb414c22be")
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):

@@ -877,6 +877,23 @@ def test_a_damping_ratio_at_or_below_zero_is_no_data_as_in_every_mre_map(process
                      tmp_path / "all" / "r.nii.gz", n4=False, subject="d4")
 
 
+def test_a_stiffness_median_too_low_is_not_told_to_divide():
+    """A map in MPa (or otherwise far below a few kPa) was told to divide by 1000, which
+    moves it further out of range."""
+    from brainage.modalities import modality
+    from brainage.preprocess.bias import check_range
+
+    brain = np.ones((4, 4, 4), bool)
+    with pytest.raises(InputError) as low:
+        check_range(np.full((4, 4, 4), 0.003, np.float32), brain, modality("stiffness"),
+                    what="map")
+    assert "Is the map in MPa (multiply by 1000)? Convert it to kPa" in str(low.value)
+    with pytest.raises(InputError, match=r"Is the map in Pa \(divide by 1000\) or an unscaled "
+                                         r"integer export\?"):
+        check_range(np.full((4, 4, 4), 3000.0, np.float32), brain, modality("stiffness"),
+                    what="map")
+
+
 @pytest.mark.parametrize("scale, dtype", [(1000.0, np.float32), (50.0, np.uint8)],
                          ids=["pascal", "unscaled_uint8"])
 def test_stiffness_map_in_another_unit_names_subject_file_and_unit(processed, tmp_path, scale,

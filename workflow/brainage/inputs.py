@@ -161,7 +161,11 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         # in a split's participants.tsv and a cohort's predictions as the lab wrote them
         # (a site code 007 is not 7, a group 0 not 0.0, which --bias-reference-group 0
         # would not have named)
+        # usecols: a later row with empty fields beyond the header's (a spreadsheet's row of
+        # tabs) stopped pandas' tokenizer; check_table_shape refused non-empty ones
+        width = _header_width(table_path)
         table = pd.read_csv(table_path, sep="\t", index_col=False,
+                            usecols=range(width) if width else None,
                             dtype=defaultdict(lambda: str, age=object))
     except UnicodeDecodeError:
         raise InputError(_not_utf8_message(table_path)) from None
@@ -286,6 +290,13 @@ def _not_utf8_message(table_path: Path) -> str:
     return (f"{table_path}{where} is not UTF-8 text. Save the table as UTF-8, tab-separated "
             f"(a spreadsheet's export dialog names the encoding), or convert it, e.g. from "
             f"{example}: iconv -f {source} -t utf-8 {table_path.name} > converted.tsv.")
+
+
+def _header_width(table_path: Path) -> int:
+    """The number of fields of a table's header, its first line that is not blank."""
+    with open(table_path, newline="", encoding="utf-8-sig") as handle:
+        records = _single_line_records(csv.reader(handle, delimiter="\t"), table_path)
+        return len(next(records, (1, []))[1])
 
 
 def check_table_shape(table_path: Path) -> list[int]:
@@ -853,7 +864,7 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
             f"(multiply by -1), or remove the subject's row from participants.tsv.")
     if median > UNIT_CHECK_FACTOR * bounds[1]:
         ratio = kind.unit == "1"  # dimensionless: the damping ratio
-        hint = kind.unit_mix_up + ("" if ratio else " or an unscaled integer export")
+        hint = kind.unit_mix_up() + ("" if ratio else " or an unscaled integer export")
         raise InputError(
             f"{what} {path}: the median of its non-zero voxels is {median:.4g}, far above "
             f"the plausible {bounds[0]:g}-{bounds[1]:g}{'' if ratio else ' ' + kind.unit} "

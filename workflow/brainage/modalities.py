@@ -76,12 +76,13 @@ class Modality:
     def is_mre(self) -> bool:
         return self.folder == "mre"
 
-    @property
-    def unit_mix_up(self) -> str:
-        """The likely mix-up when values are far above the plausible ones, for a message:
-        Pa for a map in kPa, percent for a ratio."""
-        return {"kPa": "in Pa (divide by 1000)", "1": "in percent (divide by 100)"}.get(
-            self.unit, f"in another unit than {self.unit}")
+    def unit_mix_up(self, *, too_high: bool = True) -> str:
+        """The likely mix-up, for a message, when a map's values are far above (or, with
+        ``too_high`` False, below) the plausible ones: Pa (MPa) for a map in kPa, percent
+        for a ratio."""
+        likely = ({"kPa": "in Pa (divide by 1000)", "1": "in percent (divide by 100)"}
+                  if too_high else {"kPa": "in MPa (multiply by 1000)"})
+        return likely.get(self.unit, f"in another unit than {self.unit}")
 
 
 #: Plausible median of a brain's shear modulus maps (kPa): published brain MRE medians are
