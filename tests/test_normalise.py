@@ -317,6 +317,23 @@ def _run(data, **options):
         out / "participants.tsv", sep="\t")
 
 
+def test_the_arrays_do_not_depend_on_the_row_order_of_participants_tsv(small_dataset):
+    """Training's batches, the search's carve-out and the read-out's folds are drawn over
+    row positions: the same cohort in another row order (a re-sorted spreadsheet) trained
+    other encoders, and two losses swapped places in a review's Table 3. The rows are in
+    participant-id order whatever the table's."""
+    _, images, table = _run(small_dataset)
+    stored = np.array(images)
+    shuffled = dict(small_dataset, table=small_dataset["table"].iloc[::-1].reset_index(
+        drop=True), out=small_dataset["out"].with_name("reversed"))
+    stats, reversed_images, reversed_table = _run(shuffled)
+    assert table["participant_id"].tolist() == sorted(table["participant_id"])
+    pd.testing.assert_frame_equal(reversed_table, table)
+    assert reversed_images.tobytes() == stored.tobytes()
+    assert stats["images_sha256"] == json.loads(
+        (small_dataset["out"] / "stats.json").read_text())["images_sha256"]
+
+
 def test_normalisation_equals_numpy_with_training_statistics(small_dataset):
     # what a killed run left (atomic_path's temporaries; the images' one is the array's
     # size, kept for good in results/dataset/<split>/): removed by the rerun

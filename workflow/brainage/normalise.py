@@ -508,8 +508,8 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         workflow passes those, so editing a threshold retrains nothing).
     template_mask : template brain mask (defines the grid).
     out_images : ``images.npy``, [n_subjects, C, X, Y, Z] (C = ``len(modalities)``), rows in
-        participants order, z-normalised non-zero voxels per channel, background exactly 0;
-        ``np.load(mmap_mode="r")``-able.
+        participant-id order (not the table's), z-normalised non-zero voxels per channel,
+        background exactly 0; ``np.load(mmap_mode="r")``-able.
     out_participants : participants.tsv of the rows: input columns + subset, coverage.
     out_stats : stats.json: the normalisation record (:data:`RECORD_KEYS`; per channel the
         mean and sd in the map's unit), scope, voxel counts, statistics subjects,
@@ -538,7 +538,12 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
         raise ValueError(f"normalise.resolution_mm={resolution_mm}; choose one of "
                          f"{RESOLUTIONS_MM}.")
     modalities = list(modalities)
-    table = participants_table(participants, modalities)
+    # rows in participant-id order, whatever the order of participants.tsv: training's
+    # batches, the search's carve-out and the read-out's folds are drawn over row positions,
+    # and a re-sorted spreadsheet trained other encoders (two losses swapped places in a
+    # review's Table 3)
+    table = participants_table(participants, modalities).sort_values(
+        "participant_id", kind="stable").reset_index(drop=True)
     # a pretraining cohort's holdout share is its run's validation_fraction (pretrain_split)
     fraction_key = ("split.test_fraction" if eval_subset == "test"
                     else f"pretrain.<run>.{eval_subset}_fraction")
