@@ -159,6 +159,11 @@ def test_every_bad_row_is_named_at_once_and_an_empty_row_is_skipped(tiny_dataset
     table.write_text(clean.replace("\n", "\n\t\t\t\n", 1).replace("\t20", "\tx", 1))
     with pytest.raises(InputError, match=r"participants\.tsv line 3: subject sub-00a has age "):
         read_participants(tiny_dataset)  # the lines named are the file's, empty rows counted
+    # a line pandas takes for the header but the csv module skips (a quoted empty value),
+    # with a wide row below: refused as a table, not a traceback
+    table.write_text('""\n' + clean + "\t\t\t\t\t\t\n")
+    with pytest.raises(InputError, match=r"participants\.tsv"):
+        read_participants(tiny_dataset)
 
 
 def test_extra_columns_of_a_training_table_keep_their_text(tiny_dataset, tmp_path):
@@ -1104,12 +1109,14 @@ def test_the_image_checks_version_is_raised_with_the_checks():
     checks = (inputs.load_nifti_checked, inputs._header_extension_bytes, inputs._check_unit,
               inputs._sign_flipped, inputs._check_spatial_unit,
               inputs._check_perpendicular_axes, inputs._check_orientation_declared)
+    checks += (inputs._image_grid_or_problem,)  # the grid the cache keeps
     source = "".join(map(inspect.getsource, checks)) + repr(
         (inputs.MAX_IMAGE_BYTES, inputs.MAX_HEADER_EXTENSION_BYTES, inputs.UNIT_CHECK_FACTOR,
+         inputs.MAX_AXIS_COSINE, inputs.MIN_VOXEL_SIZE_MM, sorted(inputs.OTHER_SPATIAL_UNITS),
          [(kind.name, kind.median_range, kind.valid_range, kind.positive)
           for kind in MODALITIES.values()]))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert (IMAGE_CHECKS_VERSION, digest) == (3, "b948d7bb414c22be")
+    assert (IMAGE_CHECKS_VERSION, digest) == (3, "14394c75058af790")
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):

@@ -270,8 +270,11 @@ def test_resampler_refuses_bad_grids_and_volumes():
 def test_the_release_becomes_a_pretraining_split_normalised_on_its_training_scans(release,
                                                                                   tmp_path):
     """Rule prepare_openbhb's output is a split folder like any cohort's: [n, 1, X, Y, Z]
-    in table order, the official train / validation subsets, statistics from the training
-    scans only, loadable by training with validation as its held-out subset."""
+    in participant-id order (whatever the release table's: training's batches are drawn
+    over row positions), the official train / validation subsets, statistics from the
+    training scans only, loadable by training with validation as its held-out subset."""
+    import dataclasses
+
     import nibabel as nib
 
     from brainage.normalise import scaled_by_brain_median
@@ -289,10 +292,20 @@ def test_the_release_becomes_a_pretraining_split_normalised_on_its_training_scan
     images = np.load(split / "images.npy", mmap_mode="r")
     assert images.shape == (9, 1, 6, 7, 6) and images.dtype == np.float32
     written = pd.read_csv(split / "participants.tsv", sep="\t")
-    assert list(written["participant_id"]) == list(result.table["participant_id"])
-    assert list(written["subset"]) == list(result.table["subset"])
+    order = np.argsort(result.table["participant_id"].to_numpy(dtype=str), kind="stable")
+    assert list(written["participant_id"]) == list(result.table["participant_id"].iloc[order])
+    assert list(written["subset"]) == list(result.table["subset"].iloc[order])
     resample = Resampler(result.grid, target)
-    brains = [scaled_by_brain_median(resample(result.load(row)) * mask) for row in range(9)]
+    brains = [scaled_by_brain_median(resample(result.load(row)) * mask) for row in order]
+    # the release's rows reversed: the same split, byte for byte
+    reversed_release = dataclasses.replace(
+        result, table=result.table.iloc[::-1].reset_index(drop=True),
+        files=tuple(reversed(result.files)))
+    again = write_pretraining_split(reversed_release, tmp_path / "mask.nii.gz",
+                                    tmp_path / "again" / "images.npy",
+                                    tmp_path / "again" / "participants.tsv",
+                                    tmp_path / "again" / "stats.json")
+    assert again["images_sha256"] == stats["images_sha256"]
     training = np.concatenate([b[b != 0] for b, s in zip(brains, written["subset"])
                                if s == "train"]).astype(np.float64)
     assert stats["mean"] == [pytest.approx(training.mean(), rel=1e-5)]

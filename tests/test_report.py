@@ -8,6 +8,7 @@ the tests need no training or preprocessing.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -252,6 +253,24 @@ def test_table3_puts_a_loss_the_paper_lacks_after_its_losses_above_the_baselines
     table = tables.table3_losses(seeds)
     assert table["loss"].tolist() == ["simclr", "yaware", "adaptive", "supcon_bins",
                                       "untrained"]
+    # with settings: a new loss's fine-tuned row right after its row from scratch, whatever
+    # the config's order
+    settings = targets.experiment_settings(grid_config())["table3"]
+    tuned = copy.deepcopy(settings["adaptive"])
+    tuned["loss"]["name"], tuned["model"]["init"] = "supcon_bins", "pretrained:t1w"
+    scratch = copy.deepcopy(settings["adaptive"])
+    scratch["loss"]["name"] = "supcon_bins"
+    untrained_cell = copy.deepcopy(settings["adaptive"])
+    untrained_cell["train"]["epochs"] = 0
+    ordered = {"supcon_ft": tuned, "simclr": settings["simclr"], "supcon": scratch,
+               "untrained": untrained_cell, "yaware": settings["yaware"],
+               "adaptive": settings["adaptive"]}
+    seeds = report_results.seed_results(pd.concat(
+        [adaptive.assign(variant="supcon_ft", loss="supcon_bins", mae=4.0), untrained, frame,
+         new_loss], ignore_index=True))
+    table = tables.table3_losses(seeds, settings=ordered)
+    assert table["variant"].tolist() == ["simclr", "yaware", "adaptive", "supcon", "supcon_ft",
+                                         "untrained"]
 
 
 def test_table3_names_the_neighbourhood_schedule_each_encoder_trained_with(results, tmp_path):

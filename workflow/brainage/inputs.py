@@ -161,12 +161,7 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         # in a split's participants.tsv and a cohort's predictions as the lab wrote them
         # (a site code 007 is not 7, a group 0 not 0.0, which --bias-reference-group 0
         # would not have named)
-        # usecols: a later row with empty fields beyond the header's (a spreadsheet's row of
-        # tabs) stopped pandas' tokenizer; check_table_shape refused non-empty ones
-        width = _header_width(table_path)
-        table = pd.read_csv(table_path, sep="\t", index_col=False,
-                            usecols=range(width) if width else None,
-                            dtype=defaultdict(lambda: str, age=object))
+        table = _read_text_table(table_path)
     except UnicodeDecodeError:
         raise InputError(_not_utf8_message(table_path)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
@@ -292,11 +287,25 @@ def _not_utf8_message(table_path: Path) -> str:
             f"{example}: iconv -f {source} -t utf-8 {table_path.name} > converted.tsv.")
 
 
-def _header_width(table_path: Path) -> int:
-    """The number of fields of a table's header, its first line that is not blank."""
-    with open(table_path, newline="", encoding="utf-8-sig") as handle:
-        records = _single_line_records(csv.reader(handle, delimiter="\t"), table_path)
-        return len(next(records, (1, []))[1])
+def _read_text_table(table_path: Path) -> pd.DataFrame:
+    """``table_path`` read as pandas reads it, every column but the age as text; a later
+    row with empty fields beyond the header's (a spreadsheet's row of tabs), at which
+    pandas' tokenizer stops, read up to the header's width (check_table_shape refused
+    non-empty ones)."""
+    def read(**options) -> pd.DataFrame:
+        return pd.read_csv(table_path, sep="\t", index_col=False,
+                           dtype=defaultdict(lambda: str, age=object), **options)
+
+    try:
+        return read()
+    except pd.errors.ParserError as error:
+        with open(table_path, newline="", encoding="utf-8-sig") as handle:
+            records = _single_line_records(csv.reader(handle, delimiter="\t"), table_path)
+            width = len(next(records, (1, []))[1])
+        try:
+            return read(usecols=range(width))
+        except ValueError:  # pandas' header is another line than the csv module's
+            raise error from None
 
 
 def check_table_shape(table_path: Path) -> list[int]:

@@ -655,7 +655,10 @@ def write_pretraining_split(release: OpenBHBRelease, template_mask: str | Path,
     def subject_maps(participant_id: str, record) -> dict[str, np.ndarray]:
         return {"T1w": resample(release.load(row_of[participant_id])) * inside}
 
-    table = release.table.copy()
+    # in participant-id order, as a T1w cohort's split (normalise_dataset): training's
+    # batches are drawn over row positions, and a re-saved release table trained another
+    # encoder
+    table = release.table.sort_values("participant_id", kind="stable").reset_index(drop=True)
     table["coverage"] = np.nan
     return write_normalised(table, subject_maps, template_mask, out_images, out_participants,
                             out_stats, split="openbhb", scope=scope, dtype=dtype,

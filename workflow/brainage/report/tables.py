@@ -102,6 +102,7 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                           f"{', '.join(missing)}; their metrics.json files are missing.")
     check_same_test_subjects(cells, experiment)  # the rows compare the same subjects
     order = list(PAPER_TABLE3) + list(BASELINE_LABELS)
+    new_losses: dict[str, int] = {}  # a loss the paper lacks -> its rank in config order
     rows = []
     for variant, group in cells.groupby("variant", sort=False):
         cell = (settings or {}).get(variant)
@@ -124,12 +125,15 @@ def table3_losses(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                      "variant": variant, "label": label, "init": start,
                      "paper_mae_mean": paper[0], "paper_mae_std": paper[1],
                      "_base": base, "_fine_tuned": fine_tuned,
-                     # a fine-tuned row right after its loss trained from scratch; a
-                     # loss the paper lacks after its losses, in config order, above the
-                     # baselines (it sorted below them); an unnamed baseline last
-                     "_order": (order.index(base) + 0.5 * fine_tuned if base in order
-                                else len(order) if key is not None
-                                else len(PAPER_TABLE3) - 0.25)})
+                     # the paper's losses in its order, then the losses it lacks in
+                     # config order (they sorted below the baselines), each fine-tuned row
+                     # right after its loss trained from scratch; then the baselines, an
+                     # unnamed one last
+                     "_order": ((0, order.index(base), fine_tuned) if base in PAPER_TABLE3
+                                else (1, new_losses.setdefault(base, len(new_losses)),
+                                      fine_tuned) if key is None
+                                else (2, order.index(base), 0) if base in order
+                                else (3, 0, 0))})
     table = pd.DataFrame(rows)
     # the paper fine-tuned every encoder: where a loss has a fine-tuned row, the paper's
     # value stands beside that row only, not beside the same loss trained from scratch
