@@ -539,7 +539,7 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                          f"{RESOLUTIONS_MM}.")
     modalities = list(modalities)
     # rows in participant-id order, whatever the order of participants.tsv: training's
-    # batches, the search's carve-out and the read-out's folds are drawn over row positions,
+    # batches (the search trials' too) and the read-out's folds are drawn over row positions,
     # and a re-sorted spreadsheet trained other encoders (two losses swapped places in a
     # review's Table 3)
     table = participants_table(participants, modalities).sort_values(
