@@ -155,12 +155,6 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"with columns {', '.join(required)}.")
     try:
         lines = check_table_shape(table_path)
-        # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its
-        # columns instead of shifting them right behind an index made of the ids
-        # Every column but the age is read as text, so that the extra columns come back
-        # in a split's participants.tsv and a cohort's predictions as the lab wrote them
-        # (a site code 007 is not 7, a group 0 not 0.0, which --bias-reference-group 0
-        # would not have named)
         table = _read_text_table(table_path)
     except UnicodeDecodeError:
         raise InputError(_not_utf8_message(table_path)) from None
@@ -292,6 +286,11 @@ def _read_text_table(table_path: Path) -> pd.DataFrame:
     row with empty fields beyond the header's (a spreadsheet's row of tabs), at which
     pandas' tokenizer stops, read up to the header's width (check_table_shape refused
     non-empty ones)."""
+    # index_col=False: a data row ending in a tab (a spreadsheet export) keeps its columns
+    # instead of shifting them right behind an index made of the ids. Every column but the
+    # age is text, so that the extra columns come back in a split's participants.tsv and a
+    # cohort's predictions as the lab wrote them (a site code 007 is not 7, a group 0 not
+    # 0.0, which --bias-reference-group 0 would not have named)
     def read(**options) -> pd.DataFrame:
         return pd.read_csv(table_path, sep="\t", index_col=False,
                            dtype=defaultdict(lambda: str, age=object), **options)
@@ -873,7 +872,7 @@ def _check_unit(values: np.ndarray, kind, path: Path, what: str) -> None:
             f"(multiply by -1), or remove the subject's row from participants.tsv.")
     if median > UNIT_CHECK_FACTOR * bounds[1]:
         ratio = kind.unit == "1"  # dimensionless: the damping ratio
-        hint = kind.unit_mix_up() + ("" if ratio else " or an unscaled integer export")
+        hint = kind.unit_mix_up()
         raise InputError(
             f"{what} {path}: the median of its non-zero voxels is {median:.4g}, far above "
             f"the plausible {bounds[0]:g}-{bounds[1]:g}{'' if ratio else ' ' + kind.unit} "

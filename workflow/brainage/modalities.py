@@ -79,10 +79,15 @@ class Modality:
     def unit_mix_up(self, *, too_high: bool = True) -> str:
         """The likely mix-up, for a message, when a map's values are far above (or, with
         ``too_high`` False, below) the plausible ones: Pa (MPa) for a map in kPa, percent
-        for a ratio."""
-        likely = ({"kPa": "in Pa (divide by 1000)", "1": "in percent (divide by 100)"}
-                  if too_high else {"kPa": "in MPa (multiply by 1000)"})
-        return likely.get(self.unit, f"in another unit than {self.unit}")
+        for a ratio; values too high may also be an unscaled integer export."""
+        if not too_high:
+            return {"kPa": "in MPa (multiply by 1000)"}.get(
+                self.unit, f"in another unit than {self.unit}")
+        if self.unit == "1":
+            return "in percent (divide by 100)"
+        unit = "in Pa (divide by 1000)" if self.unit == "kPa" else (
+            f"in another unit than {self.unit}")
+        return f"{unit} or an unscaled integer export"
 
 
 #: Plausible median of a brain's shear modulus maps (kPa): published brain MRE medians are

@@ -237,8 +237,7 @@ def check_range(data: np.ndarray, region: np.ndarray, kind, *, what: str) -> Non
             raise InputError(
                 f"{what}: the median brain value is {median:.4g}, outside the plausible "
                 f"[{low:g}, {high:g}] {kind.unit} of a {kind.description}. Is the map "
-                f"{kind.unit_mix_up(too_high=median > high)}"
-                f"{' or an unscaled integer export' if median > high else ''}? Convert "
+                f"{kind.unit_mix_up(too_high=median > high)}? Convert "
                 f"it to {kind.unit}, or remove {kind.name} from config key "
                 f"dataset.modalities.")
     if kind.valid_range is None:
