@@ -377,6 +377,33 @@ def test_nn_from_search_replaces_the_schedule_check_by_the_search_ranges():
         validate_config(empty)
 
 
+def test_one_view_and_a_neighbourhood_of_one_cannot_train():
+    """train.views 1 with nn_final 1: the last neighbourhoods held the anchor alone, every
+    pair was dropped, and the encoder trained on a loss of exactly 0 without a word."""
+    config = _grid(train={"views": 1}, loss={"nn_final": 1})
+    with pytest.raises(ConfigError, match=r"experiments\.table3\.variants\.adaptive \(loss\."
+                                          r"name adaptive\): train\.views 1 with loss\.nn_final"
+                                          r" 1 .*the loss is 0.* Fix: set train\.views: 2"
+                       ) as raised:
+        validate_config(config)
+    assert "variants.yaware" not in str(raised.value)  # no neighbourhood without the loss
+    validate_config(_grid(train={"views": 1}, loss={"nn_final": 2}))
+    validate_config(_grid(train={"views": 2}, loss={"nn_final": 1}))
+    # a cell taking the search's nn_final, and the search's own trials, may draw 1
+    searched = _searched()
+    searched["train"]["views"] = 1
+    searched["search"]["nn_final_range"] = [1, 8]
+    with pytest.raises(ConfigError) as raised:
+        validate_config(searched)
+    message = str(raised.value)
+    assert ("adaptive_searched.loss.nn_from_search is true, and the random search may choose "
+            "nn_final 1 (config key search.nn_final_range [1, 8]) while config key "
+            "train.views is 1") in message
+    assert "the random search's trials train with config key train.views 1" in message
+    searched["search"]["nn_final_range"] = [2, 8]
+    validate_config(searched)
+
+
 @pytest.mark.parametrize("key", ["nn_final_range", "nn_step_range"])
 @pytest.mark.parametrize("value", [[2], [1, 2, 3], []])
 def test_a_search_range_is_two_numbers(key, value):

@@ -224,10 +224,17 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
                                                   search_settings(filled), pretrained_models,
                                                   source=source)
         try:
-            search_bounds(filled["search"], batch_size=filled["train"]["batch_size"],
-                          epochs=filled["train"]["epochs"])
+            bounds = search_bounds(filled["search"], batch_size=filled["train"]["batch_size"],
+                                   epochs=filled["train"]["epochs"])
         except ConfigError as error:
             problems.append(f"{source}: {error}")
+        else:
+            if lone_anchor(filled["train"]["views"], bounds["nn_final"][0]):
+                problems.append(
+                    f"{source}: the random search's trials train with config key train.views "
+                    f"1 and may draw nn_final 1 (config key search.nn_final_range "
+                    f"{list(filled['search']['nn_final_range'])}): {LONE_ANCHOR} Fix: set "
+                    f"train.views: 2 or raise the lower end of search.nn_final_range to 2.")
     if filled.get("pretrain"):
         problems += check_shell_safe_outputs(filled, source=source)
     problems += check_bias_fit(filled, source=source)
@@ -480,6 +487,18 @@ def variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: s
             else key)
 
 
+#: Why a single view with a neighbourhood of one subject cannot train (:func:`lone_anchor`).
+LONE_ANCHOR = ("train.views 1 with loss.nn_final 1 leaves each anchor's neighbourhood "
+               "holding the anchor alone once the schedule reaches 1: nothing is repelled, the "
+               "loss is 0 and the encoder stops learning.")
+
+
+def lone_anchor(views: int, nn_final: int) -> bool:
+    """Whether Adaptive Neighborhoods' last neighbourhoods (``nn_final`` subjects x
+    ``views`` rows) hold no row besides the anchor, so that every pair is dropped."""
+    return int(views) * int(nn_final) < 2
+
+
 def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "config") -> list[str]:
     """Messages (none when fine) for a cell whose Adaptive Neighborhoods schedule
     (paper Algorithm 1, :func:`brainage.losses.schedule.check_schedule`) cannot run:
@@ -499,6 +518,11 @@ def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "confi
         return []
     epochs, batch_size = int(train["epochs"]), int(train["batch_size"])
     nn_final, nn_step = int(loss["nn_final"]), int(loss["nn_step"])
+    where = (f"pretrain.{settings['variant']}" if settings["experiment"] == "pretrain"
+             else f"experiments.{settings['experiment']}.variants.{settings['variant']}")
+    if lone_anchor(train["views"], nn_final):
+        return [f"{source}: config key {where} (loss.name adaptive): {LONE_ANCHOR} Fix: set "
+                f"train.views: 2 (the paper's) or loss.nn_final to at least 2."]
     try:
         check_schedule(max_epochs=epochs, batch_size=batch_size, nn_final=nn_final,
                        step_size=nn_step, step_name="loss.nn_step")
@@ -512,8 +536,6 @@ def check_adaptive_schedule(settings: Mapping[str, Any], *, source: str = "confi
                    f"the neighbourhood shrinks in at least two steps")
             fix = f"raise train.epochs to at least {2 * nn_step}" + (
                 f" or lower loss.nn_step to at most {epochs // 2}" if epochs >= 2 else "")
-        where = (f"pretrain.{settings['variant']}" if settings["experiment"] == "pretrain"
-                 else f"experiments.{settings['experiment']}.variants.{settings['variant']}")
         return [f"{source}: config key {where} (loss.name adaptive): Adaptive Neighborhoods "
                 f"cannot run with train.epochs {epochs}, train.batch_size {batch_size}, "
                 f"loss.nn_final {nn_final}, loss.nn_step {nn_step}: {why}. Fix: {fix}."]
@@ -598,6 +620,13 @@ def check_search_source(config: Mapping[str, Any], experiment: str, variant: str
     except ConfigError as error:
         return [f"{intro}, but the random search cannot run: {error}"]
     problems = []
+    if lone_anchor(settings["train"]["views"], bounds["nn_final"][0]):
+        views_key = variant_key(config, experiment, variant, "train.views")
+        problems.append(
+            f"{intro}, and the random search may choose nn_final 1 (config key "
+            f"search.nn_final_range {list(search['nn_final_range'])}) while config key "
+            f"{views_key} is 1: {LONE_ANCHOR} Fix: set {views_key}: 2 or raise the lower end "
+            f"of search.nn_final_range to 2.")
     batch_size, epochs = int(settings["train"]["batch_size"]), int(settings["train"]["epochs"])
     highest = bounds["nn_final"][1]
     if highest > batch_size:
