@@ -93,6 +93,20 @@ def test_the_description_says_what_the_folder_holds_and_what_was_done(tmp_path):
         "to MNI152NLin2009aSym at 2 mm")
 
 
+def test_the_folder_names_its_source_wherever_it_is_read_from(tmp_path, monkeypatch):
+    """`predict run --dataset ../cohort` wrote "Derived from ../cohort" into the folder's
+    README, relative to where the command ran, beside the description's absolute URL."""
+    (tmp_path / "cohort").mkdir()
+    monkeypatch.chdir(tmp_path / "cohort")
+    describe_preprocessing(tmp_path / "out", space="MNI152NLin2009aSym",
+                           template_shape=(99, 117, 95), source="../cohort", version="1",
+                           modalities=["T1w"])
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert f"Derived from {tmp_path.resolve() / 'cohort'} by brainage 1." in readme
+    description = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
+    assert description["DatasetLinks"]["raw"] == (tmp_path / "cohort").resolve().as_uri()
+
+
 def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulated_cohort,
                                                             template_files, tmp_path, caplog):
     """`predict run --jobs 2`: each subject in a spawned process of its own; with

@@ -125,3 +125,18 @@ def test_a_wheel_carries_the_schemas_the_package_reads(tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().startswith(str(tmp_path / "installed"))
 
+
+
+def test_the_version_is_the_date_of_the_newest_upgrade_note():
+    """Every version said 0.1.0, so a bundle's manifest could not tell whether it was made
+    before or after a fix the README's upgrade notes date; a new dated note needs a new
+    version (pyproject.toml)."""
+    version = Version(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"])
+    readme = (REPO / "README.md").read_text()
+    dates = {Version(".".join(str(int(part)) for part in match))
+             for match in re.findall(r"\b(20\d\d)-(\d\d)-(\d\d)\b", readme)}
+    assert dates, "the README's upgrade notes name no date"
+    assert version == max(dates), (
+        f"pyproject.toml's version {version} is not the newest date of the README's notes "
+        f"({max(dates)}): set it to that date")
+    assert f"brainage {version} is the release of" in readme

@@ -496,6 +496,31 @@ def test_blank_sex_or_study_is_empty(tiny_dataset, column, value):
         read_participants(tiny_dataset)
 
 
+def test_a_table_that_cannot_be_opened_is_named_not_a_traceback(tiny_dataset, monkeypatch):
+    # IsADirectoryError (and a colleague's file of mode 600: PermissionError) passed every
+    # handler, and `predict run` or the plan stopped with a traceback
+    table = tiny_dataset / "participants.tsv"
+    text = table.read_text()
+    table.unlink()
+    table.mkdir()
+    with pytest.raises(InputError, match=rf"{re.escape(str(table.resolve()))} cannot be read "
+                                         rf"\(Is a directory\); it must be a file that this "
+                                         rf"user may read\."):
+        read_participants(tiny_dataset)
+    table.rmdir()
+    table.write_text(text)
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):  # root reads a file of mode 000 all the same
+        if Path(file).name == "participants.tsv":
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", refusing_open)
+    with pytest.raises(InputError, match=r"cannot be read \(Permission denied\)"):
+        read_participants(tiny_dataset)
+
+
 def test_a_table_not_in_utf8_names_its_line_and_how_to_save_it(tiny_dataset):
     # a spreadsheet's plain text export in Windows-1252 (a study named Zürich) stopped with
     # "'utf-8' codec can't decode byte 0xfc in position 46", no line and no remedy

@@ -269,7 +269,8 @@ def test_deepbet_finding_no_brain_names_the_subject_and_file(tmp_path):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
-def test_t1w_stored_as_one_volume_of_a_4d_file_is_stripped(simulated_cohort, tmp_path):
+def test_t1w_stored_as_one_volume_of_a_4d_file_is_stripped(simulated_cohort, tmp_path,
+                                                            monkeypatch):
     """A T1w of shape (X, Y, Z, 1) passes the input check (load_nifti_checked); deepbet
     writes its mask in that shape, which the route refused as a mask of the wrong shape."""
     root, truth = simulated_cohort
@@ -277,9 +278,11 @@ def test_t1w_stored_as_one_volume_of_a_4d_file_is_stripped(simulated_cohort, tmp
     t1 = nib.load(files["anat"])
     anat_4d = tmp_path / "sub-a_T1w.nii.gz"
     nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[..., None], t1.affine), anat_4d)
+    monkeypatch.chdir(tmp_path)  # the sidecar names the T1w whatever the working folder
     info = strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
-                       tmp_path / "i.json", anat=anat_4d, method="deepbet", subject="a")
+                       tmp_path / "i.json", anat=anat_4d.name, method="deepbet", subject="a")
     assert info["route"] == "deepbet" and info["reference_kind"] == "T1w_brain"
+    assert json.loads((tmp_path / "i.json").read_text())["anat"] == str(anat_4d.resolve())
     mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
     true_mask = np.asarray(nib.load(files["truth_mask"]).dataobj) > 0
     assert mask.shape == true_mask.shape and dice(mask, true_mask) >= 0.9

@@ -160,6 +160,9 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         raise InputError(_not_utf8_message(table_path)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         raise InputError(f"{table_path} cannot be read as a tab-separated table: {error}") from None
+    except OSError as error:  # a folder of that name, or a colleague's file of mode 600
+        raise InputError(f"{table_path} cannot be read ({error.strerror or error}); it must "
+                         f"be a file that this user may read.") from None
     # a header ending in a tab names an empty column "Unnamed: <n>"
     table = table.drop(columns=[column for column in table.columns
                                 if str(column).startswith("Unnamed: ")

@@ -132,7 +132,7 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
     return ("# brainage preprocessing derivatives\n\n"
             "Per subject (`sub-<label>/anat/`, file names after `sub-<label>_`):\n\n"
             + "\n".join(files) + "\n\n"
-            f"Derived from {source} by brainage {version}. BIDS has no MR-elastography "
+            f"Derived from {Path(source).resolve()} by brainage {version}. BIDS has no MR-elastography "
             f"datatype; the files without a BIDS suffix are listed in `.bidsignore`.\n")
 
 
