@@ -140,3 +140,15 @@ def test_the_version_is_the_date_of_the_newest_upgrade_note():
         f"pyproject.toml's version {version} is not the newest date of the README's notes "
         f"({max(dates)}): set it to that date")
     assert f"brainage {version} is the release of" in readme
+
+
+def test_a_checkout_reports_its_own_version_not_the_installed_one(monkeypatch):
+    """After `git pull`, an editable install's metadata keeps the version it was installed
+    with; the bundles and descriptions made from the checkout name the checkout's."""
+    import importlib.metadata
+
+    from brainage import brainage_version
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert brainage_version() == expected != "0.1.0"

@@ -7,17 +7,20 @@ from pathlib import Path
 
 
 def brainage_version() -> str:
-    """Installed brainage version (from package metadata, else pyproject.toml)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("brainage")
-    except PackageNotFoundError:
-        pass
+    """brainage's version: the checkout's pyproject.toml when the package runs from one
+    (an editable install keeps the version it was installed with until it is installed
+    again, and `git pull` alone does not), else the installed package's metadata."""
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     if pyproject.is_file():
         import tomllib
 
         with open(pyproject, "rb") as handle:
-            return tomllib.load(handle)["project"]["version"]
-    return "unknown"
+            project = tomllib.load(handle).get("project", {})
+        if project.get("name") == "brainage":
+            return project["version"]
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("brainage")
+    except PackageNotFoundError:
+        return "unknown"
