@@ -10,7 +10,10 @@ brain edges, and without this mask a slab covering 85 % of the brain was misplac
 15 mm in our tests. The one transform is then applied to every MRE map of the subject
 (linear), to the brain mask (nearest neighbour) and to the reference (linear): the maps of
 one subject share one registration. The T1w channel (modality ``T1w``) is the warped
-reference inside the warped brain mask.
+reference inside the warped brain mask. With a skull-stripped T1w reference that mask also
+holds the T1w's own brain mask (the reference's non-zero voxels): the brain mask on the
+map's grid ends where an MRE slab stored on a grid of its own ends, and QC's Dice against
+the template brain then measured the slab's coverage, not the registration.
 
 A registered map is exactly 0 outside the warped brain mask and wherever the native map
 had no data (beyond the MRE slab): each map is interpolated by normalised convolution,
@@ -255,6 +258,16 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
             return warped.numpy()
 
         warped_mask = warp(mask_data.astype(np.float32), "nearestNeighbor") > 0.5
+        # The brain mask on the grid map's grid ends where that grid ends: an MRE slab
+        # stored on a grid of its own. A skull-stripped T1w reference holds the whole brain
+        # (its non-zero voxels: the T1w's brain mask), so the registered brain mask (QC
+        # Dice, the T1w channel) adds it; the maps keep the map grid's mask, whole or not.
+        brain_mask = warped_mask
+        if info["reference_kind"] == "T1w_brain":
+            brain_mask = warped_mask | (ants.apply_transforms(
+                fixed=template_image, moving=moving.new_image_like(
+                    (moving.numpy() > 0).astype(np.float32)),
+                transformlist=[transform], interpolator="nearestNeighbor").numpy() > 0.5)
         registered = {}
         for modality_name, data in native_maps.items():
             # normalised convolution with the map's own support (module docstring)
@@ -275,7 +288,7 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
                               f"registration reference {reference} and the brain mask {mask} "
                               f"(orientation in the NIfTI header, skull stripping).")
     if "T1w" in out_maps:
-        registered["T1w"] = np.where(warped_mask, np.maximum(warped_reference, 0),
+        registered["T1w"] = np.where(brain_mask, np.maximum(warped_reference, 0),
                                      0).astype(np.float32)
     grid_name = next(iter(registered), None)
     if grid_name is not None and not registered[grid_name].any():
@@ -293,13 +306,13 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
         kind = modality(modality_name)
         save_volume(out_maps[modality_name], volume, template_affine, xform_code=space_code,
                     description=f"{modality_name} ({kind.unit}), MNI152 2 mm")
-    save_volume(out_mask, warped_mask, template_affine, dtype=np.uint8, xform_code=space_code,
+    save_volume(out_mask, brain_mask, template_affine, dtype=np.uint8, xform_code=space_code,
                 description="brain mask, MNI152 2 mm")
     save_volume(out_reference, warped_reference, template_affine, xform_code=space_code,
                 description=f"reference ({info['reference_kind']}), MNI152 2 mm")
     scales = np.linalg.svd(matrix[:3, :3], compute_uv=False)
-    dice = 2 * np.count_nonzero(warped_mask & template_brain) / (
-        warped_mask.sum() + template_brain.sum())
+    dice = 2 * np.count_nonzero(brain_mask & template_brain) / (
+        brain_mask.sum() + template_brain.sum())
     log.info("%s: affine axis scales %s; warped brain mask Dice %.3f against the template "
              "mask; %s", name, np.round(scales, 3).tolist(), dice,
              ", ".join(f"{np.count_nonzero(v)} voxels of {k}" for k, v in registered.items()))
