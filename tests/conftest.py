@@ -58,6 +58,29 @@ def restore_torch_backends():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(autouse=True)
+def restore_logging_and_exit_hooks():
+    """Undo what a command's entry point (brainage.predict.main: log_to_file) sets
+    process-wide: the root logger's handlers, one of them on this test's captured stderr,
+    and the sys.exit and sys.excepthook that note a failure. A later test in the same
+    worker whose code called sys.exit logged through them into a closed stream, and the
+    "--- Logging error ---" report it printed (quoting the calling source) failed
+    test_simulate's checks of stderr, whenever the two files shared a worker."""
+    import logging
+    import sys
+
+    saved = (sys.exit, sys.excepthook)
+    yield
+    root = logging.getLogger()
+    # log_to_file's own handlers, exactly these classes: pytest's capture handlers are
+    # subclasses, added and removed by pytest around each phase
+    for handler in [handler for handler in root.handlers
+                    if type(handler) in (logging.StreamHandler, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+    sys.exit, sys.excepthook = saved
+
+
 # ---- foundation: tiny BIDS-like datasets ------------------------------------------------
 def write_tiny_dataset(root: Path, rows: list[dict], *, shape=(12, 12, 12),
                        voxel_mm: float = 4.0, with_anat: bool = False,
