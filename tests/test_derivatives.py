@@ -158,6 +158,31 @@ def test_a_failing_subject_stops_the_parallel_run_and_the_others_keep_their_file
     assert Path(layout.subject_qc(good, ".json")).is_file()
 
 
+def _killed_subject(files, layout, label, **settings):
+    """A worker killed as the out-of-memory killer does (module level: the spawned worker
+    imports it by name)."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_killed_worker_is_named_with_what_to_do(tmp_path, monkeypatch):
+    """`predict run --jobs 2` with a worker killed for memory stopped with a
+    BrokenProcessPool traceback naming no subject and no remedy."""
+    from brainage.preprocess import chain
+
+    monkeypatch.setattr(chain, "run_subject", _killed_subject)
+    with pytest.raises(chain.WorkerKilledError,
+                       match=r"cohort c: a preprocessing process was killed \(by the "
+                             r"out-of-memory killer, or a signal\) while sub-a, sub-b were "
+                             r"being preprocessed; 0 of 3 subjects were done\. Run the same "
+                             r"command again .* with a lower --jobs if memory ran out\."):
+        run_subjects({"a": {}, "b": {}, "c": {}}, Layout(results=str(tmp_path)),
+                     preproc=TRAINING_PREPROC, preprocess=FAST, template_t1="t1.nii.gz",
+                     template_mask="mask.nii.gz", jobs=2, cohort="c")
+
+
 def test_default_space_names_nilearns_template_symmetric():
     """nilearn's MNI152 is ICBM 2009a *symmetric* (its docstring says asymmetrical): the file
     it loads is McGill's ``..._tal_nlin_sym_09a`` and equals its mirror image about x = 0

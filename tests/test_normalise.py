@@ -30,6 +30,7 @@ from brainage.normalise import (
     volume_moments,
 )
 from brainage.split_data import load_split
+from conftest import SMALL_DISK_BYTES
 
 SPLIT = {"scheme": "holdout", "test_fraction": 0.25, "n_folds": 4, "seed": 7}
 
@@ -315,6 +316,44 @@ def _run(data, **options):
                               split="holdout", split_settings=SPLIT, **options)
     return stats, np.load(out / "images.npy", mmap_mode="r"), pd.read_csv(
         out / "participants.tsv", sep="\t")
+
+
+def test_the_images_array_is_reserved_on_the_disk_before_it_is_written(small_dataset,
+                                                                       monkeypatch, small_disk):
+    """images.npy was a sparse file written through a memory map: on a full disk the job
+    died of SIGBUS (exit 135), without a message and with its log cut short. Now the room is
+    checked first, and the whole file's blocks are allocated before any row is written."""
+    import os
+
+    from brainage.io import WriteError
+
+    reserved = []
+    real_fallocate = os.posix_fallocate
+
+    def recording_fallocate(descriptor, offset, length):
+        reserved.append(length)
+        return real_fallocate(descriptor, offset, length)
+
+    monkeypatch.setattr(os, "posix_fallocate", recording_fallocate)
+    _, images, _ = _run(small_dataset)
+    assert reserved == [images.offset + images.nbytes]
+    assert (small_dataset["out"] / "images.npy").stat().st_size == reserved[0]
+    # the room is checked before anything is written
+    monkeypatch.setattr("brainage.io.free_bytes", lambda folder: 100)
+    with pytest.raises(WriteError, match=rf"writing {re.escape(str(small_dataset['out']))}"
+                                         rf"/images\.npy needs about {images.nbytes} bytes but "
+                                         rf"only 100 bytes are free"):
+        _run(small_dataset)
+    monkeypatch.undo()
+    if small_disk.real:  # a disk that fills up after the check: an error, not SIGBUS
+        from brainage.normalise import _reserve
+
+        path = small_disk.folder / "images.npy"
+        path.write_bytes(b"")
+        with pytest.raises(OSError, match="No space left on device"):
+            _reserve(path, 4 * SMALL_DISK_BYTES)
+        _reserve(path, SMALL_DISK_BYTES // 2)
+        assert path.stat().st_size == SMALL_DISK_BYTES // 2
 
 
 def test_the_arrays_do_not_depend_on_the_row_order_of_participants_tsv(small_dataset):

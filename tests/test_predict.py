@@ -45,7 +45,7 @@ from brainage.bundle import (  # noqa: E402
 from brainage.config import ConfigError, resolve_cell  # noqa: E402
 from brainage.export import ExportError, export_model  # noqa: E402
 from brainage.inputs import InputError  # noqa: E402
-from brainage.io import sha256_file  # noqa: E402
+from brainage.io import WriteError, sha256_file  # noqa: E402
 from brainage.normalise import apply as normalise_map  # noqa: E402
 from brainage.predict import OUTPUT_MARKER, run_cohort  # noqa: E402
 from brainage.readout import Readout, fit_readout, load_readout  # noqa: E402
@@ -661,6 +661,31 @@ def write_stub_bundle(folder, name: str, preprocessing: dict) -> None:
                  readout_state={"coef": torch.zeros(1)},
                  manifest_fields={**fields, "normalisation": {"modalities": ["stiffness"]},
                                   "preprocessing": preprocessing})
+
+
+def test_a_bundle_folder_that_is_a_link_is_replaced_where_it_points(tmp_path):
+    """results/models/brainage linked to a shared drive where colleagues pick the model
+    up: a re-export replaced the link by a folder and left the shared bundle as it was."""
+    shared = tmp_path / "shared" / "brainage"
+    write_stub_bundle(shared, "old", PREPROCESSING)
+    (shared / "colleagues_note.txt").write_text("the old bundle's folder")
+    link = tmp_path / "models" / "brainage"
+    link.parent.mkdir()
+    link.symlink_to(shared, target_is_directory=True)
+    write_stub_bundle(link, "new", PREPROCESSING)
+    assert link.is_symlink() and link.resolve() == shared.resolve()
+    assert json.loads((shared / "manifest.json").read_text())["name"] == "new"
+    assert not (shared / "colleagues_note.txt").exists()  # replaced as a whole
+
+
+def test_a_bundle_that_does_not_fit_on_the_disk_is_named(tmp_path, monkeypatch):
+    """`predict export` on a full disk stopped with PyTorch's "unexpected pos 777280 vs
+    777176" traceback; the architecture promises a WriteError naming the file."""
+    monkeypatch.setattr("brainage.io.free_bytes", lambda folder: 2)
+    with pytest.raises(WriteError, match=r"writing .*/\.bundle\.staging-\w+/encoder\.pt needs "
+                                         r"about 4 bytes but only 2 bytes are free"):
+        write_stub_bundle(tmp_path / "bundle", "full", PREPROCESSING)
+    assert list(tmp_path.iterdir()) == []  # no bundle, no staging folder left
 
 
 @pytest.mark.parametrize("template, key", [
@@ -2143,17 +2168,55 @@ def test_template_files_for_a_nilearn_bundle_are_refused_not_ignored(tmp_path):
 
 
 def test_an_output_folder_that_cannot_be_created_is_named_with_the_flag(world, new_cohort,
-                                                                       tmp_path):
+                                                                       tmp_path, monkeypatch):
     """An --output under a file (or a read-only place) failed at the template's first
     write, naming that file and the free space but not the flag or what to do."""
     template = {"template_t1": str(world.root / "template_t1.nii.gz"),
                 "template_mask": str(world.root / "template_mask.nii.gz")}
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(InputError, match=r"--output .*notes.txt/out cannot be created "
+    with pytest.raises(InputError, match=r"--output .*notes.txt/out cannot be written "
                                          r"\(Not a directory\)\. Choose a folder you can "
-                                         r"write to\."):
+                                         r"write to, on a disk with room\."):
         run_cohort(world.bundle_dir, new_cohort.root, tmp_path / "notes.txt" / "out",
                    **template)
+    # an earlier run's folder that cannot be written now (read-only, full): the marker's
+    # write gave a traceback
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    writing = Path.write_text
+
+    def read_only(path, *args, **kwargs):  # root writes into a folder of mode 555 anyway
+        if path.parent == earlier:
+            raise OSError(30, "Read-only file system")
+        return writing(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    with pytest.raises(InputError, match=r"--output .*earlier cannot be written \(Read-only "
+                                         r"file system\)"):
+        run_cohort(world.bundle_dir, new_cohort.root, earlier, **template)
+
+
+def test_a_run_log_that_cannot_be_written_is_named_not_a_traceback(tmp_path, monkeypatch):
+    """On a full disk the log's heading, and its handler's last flush after the run had
+    stopped with a clear error, raised OSError tracebacks that buried the error."""
+    import logging
+
+    from brainage.logs import also_logging_to
+
+    (tmp_path / "logs").write_text("a file where the folder should be")
+    with pytest.raises(WriteError, match=r"writing .*logs/predict_run\.log failed"):
+        with also_logging_to(tmp_path / "logs" / "predict_run.log", "a run"):
+            pass
+    closing = logging.FileHandler.close
+
+    def failing_close(handler):
+        closing(handler)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(logging.FileHandler, "close", failing_close)
+    with pytest.raises(InputError, match="the run's own error"):
+        with also_logging_to(tmp_path / "run.log", "a run"):
+            raise InputError("the run's own error")
 
 
 def test_export_before_the_run_finished_or_with_broken_yaml_says_what_to_do(

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from brainage import brainage_version
-from brainage.io import sha256_file, staged_folder, write_json
+from brainage.io import atomic_path, save_tensors, sha256_file, staged_folder, write_json
 from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 
 log = logging.getLogger(__name__)
@@ -168,10 +168,10 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
 
     directory = Path(directory)
     with staged_folder(directory, what="an export") as staging:
-        torch.save({key: value.detach().cpu().contiguous() for key, value in encoder_state.items()},
-                   staging / ENCODER_FILE)
-        torch.save({key: value.detach().cpu().contiguous() for key, value in readout_state.items()},
-                   staging / READOUT_FILE)
+        for file, state in ((ENCODER_FILE, encoder_state), (READOUT_FILE, readout_state)):
+            # save_tensors: room checked first, a failed write named (WriteError)
+            save_tensors(staging / file, {key: value.detach().cpu().contiguous()
+                                          for key, value in state.items()})
         manifest = {
             "kind": BUNDLE_KIND,
             "format_version": BUNDLE_FORMAT_VERSION,
@@ -189,7 +189,8 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
         write_json(staging / MANIFEST_FILE,
                    {**written, MANIFEST_DIGEST_KEY: manifest_digest(written)})
         if readme is not None:
-            (staging / README_FILE).write_text(readme)
+            with atomic_path(staging / README_FILE) as temp:
+                temp.write_text(readme)
     log.info("wrote model bundle %s (%s)", directory, ", ".join(
         f"{file} {manifest['files'][file][:12]}" for file in PAYLOAD_FILES))
     return directory

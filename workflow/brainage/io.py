@@ -172,18 +172,33 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
     old and new files. A kill skips the clean-up, so the folders a killed writer of
     ``target`` left are removed first (:func:`stale_staging_folders`), and logged as left
     by ``what`` (e.g. ``"an export"``) that was killed: only the process that writes
-    ``target`` may do this.
+    ``target`` may do this. A ``target`` that is a symbolic link is replaced where it
+    points (a bundle folder on a shared drive), and the link kept. An ``OSError`` (a full
+    disk, a folder that cannot be written) is re-raised as :class:`WriteError` naming
+    ``target`` and the free space.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink():  # replaced where the link points (a shared drive), link kept
+        target = target.resolve()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise write_failure(target, error) from error
     for stale in stale_staging_folders(target):
         shutil.rmtree(stale, ignore_errors=True)
         log.info("removed %s, left by %s of %s that was killed", stale, what, target)
-    staging = create_staging_folder(target.parent, prefix=f".{target.name}.staging-")
+    try:
+        staging = create_staging_folder(target.parent, prefix=f".{target.name}.staging-")
+    except OSError as error:
+        raise write_failure(target, error) from error
     try:
         yield staging
         sync_tree(staging)  # whole on the disk before it is renamed into place
         _replace_folder(staging, target)
+    except WriteError:
+        raise
+    except OSError as error:  # a full disk, a read-only folder: named, with the room left
+        raise write_failure(target, error) from error
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

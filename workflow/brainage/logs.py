@@ -110,12 +110,17 @@ def also_logging_to(path: str | Path, heading: str,
     kept with its outputs (``predict run``'s ``<output>/logs/predict_run.log``), each run
     below the one before, so a warning outlives the console it was printed to. Processes
     started meanwhile by :func:`brainage.preprocess.chain.run_subjects` write to it too."""
+    from brainage.io import write_failure
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    with open(path, "a") as log:
-        log.write(f"===== {heading} ({started}, {socket.gethostname()}, pid {os.getpid()}) "
-                  f"=====\n")
+    try:  # a full disk or a read-only folder: named, not a traceback
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as log:
+            log.write(f"===== {heading} ({started}, {socket.gethostname()}, pid "
+                      f"{os.getpid()}) =====\n")
+    except OSError as error:
+        raise write_failure(path, error) from error
     handler = _appending_handler(path)
     for record in earlier:
         handler.emit(record)
@@ -128,7 +133,10 @@ def also_logging_to(path: str | Path, heading: str,
         raise
     finally:
         logging.getLogger().removeHandler(handler)
-        handler.close()
+        try:
+            handler.close()
+        except OSError:  # its last flush on a full disk: the error that ended the run wins
+            pass
 
 
 def log_files() -> list[str]:

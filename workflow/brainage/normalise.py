@@ -27,9 +27,11 @@ than half non-zero voxels becomes background.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import math
+import os
 import re
 import zlib
 from pathlib import Path
@@ -39,7 +41,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.inputs import InputError
-from brainage.io import atomic_path, remove_stale_temporaries, write_json, write_tsv
+from brainage.io import atomic_path, ensure_room, remove_stale_temporaries, write_json, write_tsv
 from brainage.modalities import DEFAULT_MODALITIES, modality
 from brainage.paths import names_sharing_a_folder
 from brainage.preprocess.images import load_mask, load_volume
@@ -602,6 +604,17 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                             eval_subset=eval_subset, excluded=excluded)
 
 
+def _reserve(path: Path, size: int) -> None:
+    """Allocate the disk blocks of the first ``size`` bytes of ``path`` (``OSError``
+    ENOSPC when the disk has no room for them); a filesystem that cannot is left as is."""
+    with open(path, "r+b") as handle:
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Path,
                      out_images: str | Path, out_participants: str | Path,
                      out_stats: str | Path, *, split: str, scope: str, dtype: str,
@@ -662,11 +675,17 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
     # The rows' bytes in order: a training's resume fingerprint (SplitData.identity) holds
     # it, so a checkpoint is not resumed over changed images, at no cost to the training.
     images_digest = hashlib.sha256()
+    row_bytes = int(np.prod(row_shape)) * np.dtype(storage).itemsize
+    ensure_room(out_images, len(table) * row_bytes)
     with atomic_path(out_images, suffix=".npy") as temp:
         header = np.lib.format.open_memmap(temp, mode="w+", dtype=storage,
                                            shape=(len(table), *row_shape))
-        offset, row_bytes = header.offset, int(np.prod(row_shape)) * np.dtype(storage).itemsize
+        offset = header.offset
         del header
+        # open_memmap leaves a sparse file: on a full disk, writing through the map kills
+        # the process with SIGBUS (no message, the job log cut short). Reserved blocks
+        # make a full disk an OSError here instead, which atomic_path names.
+        _reserve(temp, offset + len(table) * row_bytes)
         for row, participant_id in enumerate(table["participant_id"]):
             normalised = apply(subject_maps(participant_id, record), record,
                                what=f"split {split}: subject {participant_id}")

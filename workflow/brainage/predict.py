@@ -53,7 +53,7 @@ from brainage.io import WriteError
 from brainage.logs import EarlyRecords, also_logging_to
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
-from brainage.preprocess.chain import STEP_RECORDS, registered_maps, run_subjects
+from brainage.preprocess.chain import STEP_RECORDS, WorkerKilledError, registered_maps, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
 from brainage.preprocess.images import PreprocessError
 from brainage.preprocess.template import prepare_template, template_record
@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 #: What a user's mistake raises (a bundle, dataset, flag or config value; an output that
 #: cannot be written): each message names the file or setting and the remedy, so
 #: :func:`main` prints it in one line instead of a traceback.
-USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WriteError)
+USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WorkerKilledError, WriteError)
 
 #: The file :func:`run_cohort` leaves in its ``--output`` first, so that a later run knows
 #: the folder as one of its own: it removes and rewrites files there (the reports,
@@ -179,14 +179,14 @@ def _run_checked_cohort(early: EarlyRecords, bundle_dir: str | Path,
     # before anything is written under the output folder
     check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
                        group_column=group_column, bias_reference_group=bias_reference_group)
-    try:  # the first write: an unwritable --output named as the flag, with what to do
+    try:  # the first writes: an unwritable --output named as the flag, with what to do
         output.mkdir(parents=True, exist_ok=True)
+        (output / OUTPUT_MARKER).write_text(
+            "This folder is the --output of `python -m brainage.predict run`: a rerun into "
+            "it reuses preproc/ and rewrites the reports.\n")
     except OSError as error:
-        raise InputError(f"--output {output} cannot be created ({error.strerror or error}). "
-                         f"Choose a folder you can write to.") from None
-    (output / OUTPUT_MARKER).write_text(
-        "This folder is the --output of `python -m brainage.predict run`: a rerun into it "
-        "reuses preproc/ and rewrites the reports.\n")
+        raise InputError(f"--output {output} cannot be written ({error.strerror or error}). "
+                         f"Choose a folder you can write to, on a disk with room.") from None
     # the run's log beside its outputs: a subject's warnings (a T1w missing, NaN holes)
     # outlive the console, and a rerun that reuses the subject does not repeat them
     heading = " ".join([f"brainage.predict run --bundle {Path(bundle.path).resolve()} "

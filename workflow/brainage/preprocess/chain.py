@@ -26,6 +26,7 @@ import json
 import logging
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -278,6 +279,10 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
     return files
 
 
+class WorkerKilledError(RuntimeError):
+    """A process of :func:`run_subjects` died without an error of its own (killed)."""
+
+
 def run_subjects(inputs: Mapping[str, Mapping[str, str]], layout: Layout, *, preproc: str,
                  preprocess: Mapping, template_t1: str, template_mask: str,
                  modalities: Sequence[str] = DEFAULT_MODALITIES, jobs: int = 1,
@@ -312,6 +317,14 @@ def run_subjects(inputs: Mapping[str, Mapping[str, str]], layout: Layout, *, pre
                 done[label] = future.result()
                 log.info("%ssub-%s preprocessed (%d of %d)", name, label, len(done),
                          len(inputs))
+        except BrokenProcessPool:  # a worker killed from outside, mostly for memory
+            running = [f"sub-{label}" for label in futures if label not in done][:jobs]
+            raise WorkerKilledError(
+                f"{name}a preprocessing process was killed (by the out-of-memory killer, or "
+                f"a signal) while {', '.join(running)} were being preprocessed; {len(done)} of "
+                f"{len(inputs)} subjects were done. Run the same command again to continue "
+                f"(finished subjects and steps are kept), with a lower --jobs if memory ran "
+                f"out.") from None
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the running subjects finish
             raise
