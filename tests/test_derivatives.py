@@ -102,9 +102,15 @@ def test_the_folder_names_its_source_wherever_it_is_read_from(tmp_path, monkeypa
                            template_shape=(99, 117, 95), source="../cohort", version="1",
                            modalities=["T1w"])
     readme = (tmp_path / "out" / "README.md").read_text()
-    assert f"Derived from {tmp_path.resolve() / 'cohort'} by brainage 1." in readme
+    assert f"Derived from {tmp_path / 'cohort'} by brainage 1." in readme
     description = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
     assert description["DatasetLinks"]["raw"] == (tmp_path / "cohort").resolve().as_uri()
+    # links kept: a DataLad dataset's files are links into its annex
+    (tmp_path / "linked").symlink_to(tmp_path / "cohort")
+    describe_preprocessing(tmp_path / "out", space="MNI152NLin2009aSym",
+                           template_shape=(99, 117, 95), source="../linked", version="1",
+                           modalities=["T1w"])
+    assert f"Derived from {tmp_path / 'linked'} by" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulated_cohort,
@@ -159,12 +165,18 @@ def test_a_failing_subject_stops_the_parallel_run_and_the_others_keep_their_file
 
 
 def _killed_subject(files, layout, label, **settings):
-    """A worker killed as the out-of-memory killer does (module level: the spawned worker
-    imports it by name)."""
+    """Subject b finishes at once, a is slow, c's worker is killed as the out-of-memory
+    killer does (module level: the spawned worker imports it by name)."""
     import os
     import signal
+    import time
 
-    os.kill(os.getpid(), signal.SIGKILL)
+    if label == "a":
+        time.sleep(30)
+    if label == "c":
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {}
 
 
 def test_a_killed_worker_is_named_with_what_to_do(tmp_path, monkeypatch):
@@ -175,9 +187,9 @@ def test_a_killed_worker_is_named_with_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(chain, "run_subject", _killed_subject)
     with pytest.raises(chain.WorkerKilledError,
                        match=r"cohort c: a preprocessing process was killed \(by the "
-                             r"out-of-memory killer, or a signal\) while sub-a, sub-b were "
-                             r"being preprocessed; 0 of 3 subjects were done\. Run the same "
-                             r"command again .* with a lower --jobs if memory ran out\."):
+                             r"out-of-memory killer, or a signal\); 1 of 3 subjects were done, "
+                             r"not sub-a, sub-c\. Run the same command again .* with a lower "
+                             r"--jobs if memory ran out\."):
         run_subjects({"a": {}, "b": {}, "c": {}}, Layout(results=str(tmp_path)),
                      preproc=TRAINING_PREPROC, preprocess=FAST, template_t1="t1.nii.gz",
                      template_mask="mask.nii.gz", jobs=2, cohort="c")

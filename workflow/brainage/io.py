@@ -173,9 +173,10 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
     ``target`` left are removed first (:func:`stale_staging_folders`), and logged as left
     by ``what`` (e.g. ``"an export"``) that was killed: only the process that writes
     ``target`` may do this. A ``target`` that is a symbolic link is replaced where it
-    points (a bundle folder on a shared drive), and the link kept. An ``OSError`` (a full
-    disk, a folder that cannot be written) is re-raised as :class:`WriteError` naming
-    ``target`` and the free space.
+    points (a bundle folder on a shared drive), and the link kept. An ``OSError`` of
+    making, syncing or renaming the folder (a full disk, a folder that cannot be written)
+    is re-raised as :class:`WriteError` naming ``target`` and the free space; the files
+    written into it are the caller's to name (``atomic_path``, ``save_tensors``).
     """
     target = Path(target)
     if target.is_symlink():  # replaced where the link points (a shared drive), link kept
@@ -193,12 +194,11 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
         raise write_failure(target, error) from error
     try:
         yield staging
-        sync_tree(staging)  # whole on the disk before it is renamed into place
-        _replace_folder(staging, target)
-    except WriteError:
-        raise
-    except OSError as error:  # a full disk, a read-only folder: named, with the room left
-        raise write_failure(target, error) from error
+        try:  # the caller's own errors (a missing input too) pass unchanged
+            sync_tree(staging)  # whole on the disk before it is renamed into place
+            _replace_folder(staging, target)
+        except OSError as error:  # a full disk, a read-only folder: named, room left
+            raise write_failure(target, error) from error
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -27,11 +27,9 @@ than half non-zero voxels becomes background.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import math
-import os
 import re
 import zlib
 from pathlib import Path
@@ -604,17 +602,6 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                             eval_subset=eval_subset, excluded=excluded)
 
 
-def _reserve(path: Path, size: int) -> None:
-    """Allocate the disk blocks of the first ``size`` bytes of ``path`` (``OSError``
-    ENOSPC when the disk has no room for them); a filesystem that cannot is left as is."""
-    with open(path, "r+b") as handle:
-        try:
-            os.posix_fallocate(handle.fileno(), 0, size)
-        except OSError as error:
-            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise
-
-
 def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Path,
                      out_images: str | Path, out_participants: str | Path,
                      out_stats: str | Path, *, split: str, scope: str, dtype: str,
@@ -678,26 +665,21 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
     row_bytes = int(np.prod(row_shape)) * np.dtype(storage).itemsize
     ensure_room(out_images, len(table) * row_bytes)
     with atomic_path(out_images, suffix=".npy") as temp:
-        header = np.lib.format.open_memmap(temp, mode="w+", dtype=storage,
-                                           shape=(len(table), *row_shape))
-        offset = header.offset
-        del header
-        # open_memmap leaves a sparse file: on a full disk, writing through the map kills
-        # the process with SIGBUS (no message, the job log cut short). Reserved blocks
-        # make a full disk an OSError here instead, which atomic_path names.
-        _reserve(temp, offset + len(table) * row_bytes)
-        for row, participant_id in enumerate(table["participant_id"]):
-            normalised = apply(subject_maps(participant_id, record), record,
-                               what=f"split {split}: subject {participant_id}")
-            # One row mapped at a time: memory stays one subject whatever the cohort size.
-            target = np.memmap(temp, mode="r+", dtype=storage, shape=row_shape,
-                               offset=offset + row * row_bytes)
-            target[...] = normalised
-            target.flush()
-            images_digest.update(target)  # the row as stored, without a copy
-            del target
-            if (row + 1) % 25 == 0:
-                log.info("normalised %d/%d subjects", row + 1, len(table))
+        with open(temp, "wb") as handle:
+            np.lib.format.write_array_header_1_0(handle, {
+                "descr": np.lib.format.dtype_to_descr(np.dtype(storage)),
+                "fortran_order": False, "shape": (len(table), *row_shape)})
+            for row, participant_id in enumerate(table["participant_id"]):
+                normalised = apply(subject_maps(participant_id, record), record,
+                                   what=f"split {split}: subject {participant_id}")
+                # One row at a time: memory stays one subject whatever the cohort size. A
+                # plain write, not a memory map: a full disk is then an OSError, which
+                # atomic_path names; through a map it killed the job with SIGBUS.
+                stored = np.ascontiguousarray(normalised, dtype=storage)
+                handle.write(stored.data)
+                images_digest.update(stored)  # the row as stored
+                if (row + 1) % 25 == 0:
+                    log.info("normalised %d/%d subjects", row + 1, len(table))
 
     columns = [c for c in table.columns if c not in ADDED_COLUMNS] + list(ADDED_COLUMNS)
     write_tsv(out_participants, table[columns])

@@ -318,13 +318,17 @@ def run_subjects(inputs: Mapping[str, Mapping[str, str]], layout: Layout, *, pre
                 log.info("%ssub-%s preprocessed (%d of %d)", name, label, len(done),
                          len(inputs))
         except BrokenProcessPool:  # a worker killed from outside, mostly for memory
-            running = [f"sub-{label}" for label in futures if label not in done][:jobs]
+            # done in any order: those that finished before the pool broke have a result
+            finished = [label for label, future in futures.items() if future.done()
+                        and not future.cancelled() and future.exception() is None]
+            unfinished = [f"sub-{label}" for label in futures if label not in finished]
+            shown = ", ".join(unfinished[:10]) + (
+                f" and {len(unfinished) - 10} more" if len(unfinished) > 10 else "")
             raise WorkerKilledError(
                 f"{name}a preprocessing process was killed (by the out-of-memory killer, or "
-                f"a signal) while {', '.join(running)} were being preprocessed; {len(done)} of "
-                f"{len(inputs)} subjects were done. Run the same command again to continue "
-                f"(finished subjects and steps are kept), with a lower --jobs if memory ran "
-                f"out.") from None
+                f"a signal); {len(finished)} of {len(inputs)} subjects were done, not "
+                f"{shown}. Run the same command again to continue (finished subjects and "
+                f"steps are kept), with a lower --jobs if memory ran out.") from None
         except BaseException:
             pool.shutdown(cancel_futures=True)  # the running subjects finish
             raise

@@ -21,6 +21,7 @@ The template files of the training cohort's folder (``tpl-<space>/``) get sideca
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -132,8 +133,9 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
     return ("# brainage preprocessing derivatives\n\n"
             "Per subject (`sub-<label>/anat/`, file names after `sub-<label>_`):\n\n"
             + "\n".join(files) + "\n\n"
-            f"Derived from {Path(source).resolve()} by brainage {version}. BIDS has no MR-elastography "
-            f"datatype; the files without a BIDS suffix are listed in `.bidsignore`.\n")
+            f"Derived from {os.path.abspath(source)} by brainage {version}. BIDS has no "
+            f"MR-elastography datatype; the files without a BIDS suffix are listed in "
+            f"`.bidsignore`.\n")
 
 
 def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,

@@ -10,10 +10,11 @@ brain edges, and without this mask a slab covering 85 % of the brain was misplac
 15 mm in our tests. The one transform is then applied to every MRE map of the subject
 (linear), to the brain mask (nearest neighbour) and to the reference (linear): the maps of
 one subject share one registration. The T1w channel (modality ``T1w``) is the warped
-reference inside the warped brain mask. With a skull-stripped T1w reference that mask also
-holds the T1w's own brain mask (the reference's non-zero voxels): the brain mask on the
-map's grid ends where an MRE slab stored on a grid of its own ends, and QC's Dice against
-the template brain then measured the slab's coverage, not the registration.
+reference inside the warped brain mask of the map's grid. The registered brain mask (the
+``desc-brain_mask`` file, QC's Dice) also holds, with a skull-stripped T1w reference, the
+T1w's own warped brain mask (the reference's non-zero voxels): the mask on the map's grid
+ends where an MRE slab stored on a grid of its own ends, and Dice against the template
+brain then measured the slab's coverage, not the registration.
 
 A registered map is exactly 0 outside the warped brain mask and wherever the native map
 had no data (beyond the MRE slab): each map is interpolated by normalised convolution,
@@ -260,8 +261,9 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
         warped_mask = warp(mask_data.astype(np.float32), "nearestNeighbor") > 0.5
         # The brain mask on the grid map's grid ends where that grid ends: an MRE slab
         # stored on a grid of its own. A skull-stripped T1w reference holds the whole brain
-        # (its non-zero voxels: the T1w's brain mask), so the registered brain mask (QC
-        # Dice, the T1w channel) adds it; the maps keep the map grid's mask, whole or not.
+        # (its non-zero voxels: the T1w's brain mask), so the registered brain mask (QC's
+        # Dice) adds it. The model's inputs keep the map grid's mask, whole or not: every
+        # map and the T1w channel, as the encoders of finished cells were trained on them.
         brain_mask = warped_mask
         if info["reference_kind"] == "T1w_brain":
             brain_mask = warped_mask | (ants.apply_transforms(
@@ -288,7 +290,7 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
                               f"registration reference {reference} and the brain mask {mask} "
                               f"(orientation in the NIfTI header, skull stripping).")
     if "T1w" in out_maps:
-        registered["T1w"] = np.where(brain_mask, np.maximum(warped_reference, 0),
+        registered["T1w"] = np.where(warped_mask, np.maximum(warped_reference, 0),
                                      0).astype(np.float32)
     grid_name = next(iter(registered), None)
     if grid_name is not None and not registered[grid_name].any():

@@ -263,10 +263,11 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
                 f"{name}: the brain mask on the grid of {grid_image} is empty (mask from "
                 f"{source}). Check that the T1w and the map are in the same space.")
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    # the T1w's path absolute: `predict run` is given the cohort relative to any folder
+    # the T1w's path absolute (`predict run` is given the cohort relative to any folder),
+    # links kept: a DataLad dataset's images are links into its annex
     info = {"subject": subject, "skullstrip": method, "route": ran, "mask_source": source,
             "reference_kind": kind,
-            "anat": str(Path(anat).resolve()) if anat is not None else None,
+            "anat": os.path.abspath(anat) if anat is not None else None,
             "mask_volume_ml": round(float(mask.sum() * voxel_ml), 2)}
     save_volume(out_mask, mask, affine, dtype=np.uint8, description=f"brain mask ({ran})")
     save_volume(out_reference, reference, reference_affine,
