@@ -276,13 +276,17 @@ def test_t1w_stored_as_one_volume_of_a_4d_file_is_stripped(simulated_cohort, tmp
     root, truth = simulated_cohort
     files = _subject_files(root, truth["participant_id"].iloc[0])
     t1 = nib.load(files["anat"])
+    # stored as DataLad stores it: the dataset's file a link into the annex
+    annexed = tmp_path / ".git" / "annex" / "objects" / "SHA256E-s1--x.nii.gz"
+    annexed.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[..., None], t1.affine), annexed)
     anat_4d = tmp_path / "sub-a_T1w.nii.gz"
-    nib.save(nib.Nifti1Image(np.asarray(t1.dataobj)[..., None], t1.affine), anat_4d)
+    anat_4d.symlink_to(annexed)
     monkeypatch.chdir(tmp_path)  # the sidecar names the T1w whatever the working folder
     info = strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
                        tmp_path / "i.json", anat=anat_4d.name, method="deepbet", subject="a")
     assert info["route"] == "deepbet" and info["reference_kind"] == "T1w_brain"
-    assert json.loads((tmp_path / "i.json").read_text())["anat"] == str(tmp_path / anat_4d.name)
+    assert json.loads((tmp_path / "i.json").read_text())["anat"] == str(anat_4d)  # the link
     mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
     true_mask = np.asarray(nib.load(files["truth_mask"]).dataobj) > 0
     assert mask.shape == true_mask.shape and dice(mask, true_mask) >= 0.9

@@ -93,8 +93,9 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
         "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "brainage", "Version": version,
                          "Description": f"{steps} registration to {space} at 2 mm"}],
-        "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}],
-        "DatasetLinks": {"raw": Path(source).resolve().as_uri()}})
+        # absolute, links kept (as README.md and the brain masks' sidecars name the data)
+        "SourceDatasets": [{"URL": Path(os.path.abspath(source)).as_uri()}],
+        "DatasetLinks": {"raw": Path(os.path.abspath(source)).as_uri()}})
     return description
 
 
@@ -124,7 +125,9 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
                      f"MRE slab)")
     if "T1w" in modalities:
         files.append(f"- `{registered}_T1w` and its sidecar: the registration reference in "
-                     f"{space} at 2 mm (a.u.), zero outside the warped brain mask")
+                     f"{space} at 2 mm (a.u.), zero outside the MRE map grid's warped brain "
+                     f"mask (smaller than `desc-brain_mask` for maps stored on their slab's "
+                     f"own grid)")
     files += [f"- `{registered}_reference`, `space-{space}_{TEMPLATE_RESOLUTION}_desc-brain_"
               f"mask`: the warped reference (for QC) and brain mask",
               f"- `from-native_to-{space}_mode-image_xfm.mat`: the ANTs affine (template to "
@@ -169,8 +172,9 @@ def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path,
     The validator checks ``..._res-2_desc-preproc_T1w.nii.gz`` as a derivative T1w and
     requires ``SkullStripped`` and ``Resolution`` (and ``SpatialReference`` for a space
     outside TemplateFlow's list: :func:`_spatial_reference`). The channel is zero outside
-    the warped brain mask (:func:`brainage.preprocess.register.register_to_template`), so it is
-    skull-stripped whatever the skull-stripping route. ``n4``: config key
+    the warped brain mask of the MRE map's grid
+    (:func:`brainage.preprocess.register.register_to_template`), so it is skull-stripped
+    whatever the skull-stripping route. ``n4``: config key
     ``preprocess.n4``, whether the reference was N4-corrected.
     """
     t1w = Path(t1w)
@@ -179,7 +183,7 @@ def describe_registered_t1w(t1w: str | Path, *, template_mask: str | Path,
     corrected = "N4-corrected" if n4 else "not bias-corrected (preprocess.n4: false)"
     write_json(sidecar, {"Description": f"T1w registration reference, {corrected}, affinely "
                                         f"registered to {space} at 2 mm, zero outside the "
-                                        f"warped brain mask",
+                                        f"MRE map grid's warped brain mask",
                          "SkullStripped": True,
                          "Resolution": _template_resolution(space, template_mask),
                          "SpatialReference": _spatial_reference(t1w, template_mask)})
