@@ -101,18 +101,20 @@ def test_the_folder_names_its_source_wherever_it_is_read_from(tmp_path, monkeypa
     describe_preprocessing(tmp_path / "out", space="MNI152NLin2009aSym",
                            template_shape=(99, 117, 95), source="../cohort", version="1",
                            modalities=["T1w"])
+    cohort = (tmp_path / "cohort").resolve()
     readme = (tmp_path / "out" / "README.md").read_text()
-    assert f"Derived from {tmp_path / 'cohort'} by brainage 1." in readme
+    assert f"Derived from {cohort} by brainage 1." in readme
     description = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
-    assert description["DatasetLinks"]["raw"] == (tmp_path / "cohort").as_uri()
-    # a root reached through a link is named by the link, in both files
-    (tmp_path / "linked").symlink_to(tmp_path / "cohort")
+    assert description["DatasetLinks"]["raw"] == cohort.as_uri()
+    # a root reached through a link (current -> a release) is named by the release read,
+    # in both files
+    (tmp_path / "current").symlink_to(tmp_path / "cohort")
     describe_preprocessing(tmp_path / "out", space="MNI152NLin2009aSym",
-                           template_shape=(99, 117, 95), source="../linked", version="1",
+                           template_shape=(99, 117, 95), source="../current", version="1",
                            modalities=["T1w"])
-    assert f"Derived from {tmp_path / 'linked'} by" in (tmp_path / "out" / "README.md").read_text()
+    assert f"Derived from {cohort} by" in (tmp_path / "out" / "README.md").read_text()
     description = json.loads((tmp_path / "out" / "dataset_description.json").read_text())
-    assert description["SourceDatasets"] == [{"URL": (tmp_path / "linked").as_uri()}]
+    assert description["SourceDatasets"] == [{"URL": cohort.as_uri()}]
 
 
 def test_subjects_in_parallel_processes_give_the_same_files(derivatives, simulated_cohort,

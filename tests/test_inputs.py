@@ -686,6 +686,29 @@ def test_an_optional_t1w_under_another_name_or_not_fetched_is_refused(tiny_datas
     with pytest.raises(InputError, match=r"stiffness map .*sub-01a_stiffness\.nii\.gz is a "
                                          r"broken link"):
         subject_inputs(tiny_dataset, "01a")
+    with pytest.raises(InputError, match=r"stiffness map .*sub-01a_stiffness\.nii\.gz is a "
+                                         r"broken link .* Fetch it \(datalad get / git annex "
+                                         r"get\)"):  # not "Add the file"
+        read_participants(tiny_dataset)
+
+
+def test_a_participants_table_not_fetched_is_named_and_kept(tiny_dataset):
+    """DataLad annexes participants.tsv too: a link whose content was never fetched was
+    reported as "missing", and with the simulation left on (a demo config with only
+    dataset.root changed) the plan let the simulation claim the folder, and Snakemake
+    deleted the link before the simulation refused the folder."""
+    from brainage.inputs import simulation_mismatches
+
+    table = tiny_dataset / "participants.tsv"
+    table.unlink()
+    table.symlink_to(".git/annex/objects/dea/dbe/MD5E-s1--x.tsv/MD5E-s1--x.tsv")
+    with pytest.raises(InputError, match=rf"{re.escape(str(table))} is a broken link \(a "
+                                         rf"DataLad or git-annex file not fetched\?\)\. Fetch "
+                                         rf"it \(datalad get participants\.tsv"):
+        read_participants(tiny_dataset)
+    problems, _ = simulation_mismatches([("dataset.root", tiny_dataset, True)])
+    assert "holds a dataset that the simulation did not write" in problems[0]
+    assert table.is_symlink()
 
 
 def test_a_header_claiming_a_huge_volume_is_refused_before_it_is_read(tmp_path):

@@ -112,6 +112,9 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     if not root.is_dir():
         raise InputError(_missing_root_message(root, root_setting))
     table_path = root / "participants.tsv"
+    if table_path.is_symlink() and not table_path.exists():
+        raise InputError(f"{table_path} {_not_a_file(table_path)}. Fetch it (datalad get "
+                         f"participants.tsv, or git annex get) and run again.")
     try:  # size too: two edits within one tick of the file system's clock share an mtime
         status = table_path.stat()
         stamp = (status.st_mtime_ns, status.st_size)
@@ -246,7 +249,8 @@ def simulation_mismatches(cohorts: Sequence[tuple[str, str | Path, bool]]) -> tu
     """
     problems, warnings = [], []
     for key, root, simulated in cohorts:
-        exists = (Path(root) / "participants.tsv").is_file()
+        # a link counts, even one not fetched: the simulation would delete it
+        exists = os.path.lexists(Path(root) / "participants.tsv")
         if simulated and exists and not is_simulation(root):
             problems.append(
                 f"config key {key} ({root}) holds a dataset that the simulation did not "
@@ -562,11 +566,13 @@ def _missing_image_message(root: str | Path, label: str, name: str,
     what = f"subject sub-{label}: {modality(name).description} {path} {_not_a_file(path)}"
     if not path.parent.parent.is_dir():
         what += f" (the subject has no folder {path.parent.parent})"
+    add = ("Fetch it (datalad get / git annex get)" if path.is_symlink() and not path.exists()
+           else "Add the file")
     if needed_by is not None:
         return (f"{what}; {needed_by} reads {', '.join(modalities)} of every subject."
-                f"{_found_instead(path)} Add the file, {remedy}.")
+                f"{_found_instead(path)} {add}, {remedy}.")
     return (f"{what} (config key dataset.modalities lists {name}).{_found_instead(path)} "
-            f"Add the file, {remedy}, or remove {name} from the modalities.")
+            f"{add}, {remedy}, or remove {name} from the modalities.")
 
 
 def _not_a_file(path: Path) -> str:

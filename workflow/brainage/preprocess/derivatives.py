@@ -21,7 +21,6 @@ The template files of the training cohort's folder (``tpl-<space>/``) get sideca
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -93,9 +92,10 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
         "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
         "GeneratedBy": [{"Name": "brainage", "Version": version,
                          "Description": f"{steps} registration to {space} at 2 mm"}],
-        # absolute, links kept (as README.md and the brain masks' sidecars name the data)
-        "SourceDatasets": [{"URL": Path(os.path.abspath(source)).as_uri()}],
-        "DatasetLinks": {"raw": Path(os.path.abspath(source)).as_uri()}})
+        # the root resolved, as in README.md and predict run's provenance.json: a link to
+        # a release (current -> v2) is named by the release read
+        "SourceDatasets": [{"URL": Path(source).resolve().as_uri()}],
+        "DatasetLinks": {"raw": Path(source).resolve().as_uri()}})
     return description
 
 
@@ -136,7 +136,7 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
     return ("# brainage preprocessing derivatives\n\n"
             "Per subject (`sub-<label>/anat/`, file names after `sub-<label>_`):\n\n"
             + "\n".join(files) + "\n\n"
-            f"Derived from {os.path.abspath(source)} by brainage {version}. BIDS has no "
+            f"Derived from {Path(source).resolve()} by brainage {version}. BIDS has no "
             f"MR-elastography datatype; the files without a BIDS suffix are listed in "
             f"`.bidsignore`.\n")
 
