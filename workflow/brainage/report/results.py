@@ -31,7 +31,9 @@ _PAPER_BEST = PAPER_TABLE3[REFERENCE_LOSS]
 
 #: Paper ablations (Figs. 4a-d, 6; text of sections 4.3 and A.1): experiment -> (the
 #: cell setting that the variants differ in, {setting value: (MAE mean, sd) in years}).
-#: The reference setting of each ablation is the Table 3 model (3.724 ± 0.220).
+#: In the paper the reference setting of each ablation is the Table 3 model (3.724 ± 0.220);
+#: config/paper.yaml's ablation cells train at its nn_final and nn_step (14, 1), Table 3's
+#: Adaptive row at the random search's choice (docs/method.md §6, §9).
 PAPER_ABLATIONS: dict[str, tuple[str, dict[Any, tuple[float, float]]]] = {
     "distance": ("loss.distance", {"manhattan": _PAPER_BEST, "cosine": (3.748, 0.142),
                                    "euclidean": (3.806, 0.154), "chebyshev": (3.842, 0.196)}),
