@@ -112,7 +112,7 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     if not root.is_dir():
         raise InputError(_missing_root_message(root, root_setting))
     table_path = root / "participants.tsv"
-    if table_path.is_symlink() and not table_path.exists():
+    if _not_fetched(table_path):
         raise InputError(f"{table_path} {_not_a_file(table_path)}. Fetch it (datalad get "
                          f"participants.tsv, or git annex get) and run again.")
     try:  # size too: two edits within one tick of the file system's clock share an mtime
@@ -566,8 +566,7 @@ def _missing_image_message(root: str | Path, label: str, name: str,
     what = f"subject sub-{label}: {modality(name).description} {path} {_not_a_file(path)}"
     if not path.parent.parent.is_dir():
         what += f" (the subject has no folder {path.parent.parent})"
-    add = ("Fetch it (datalad get / git annex get)" if path.is_symlink() and not path.exists()
-           else "Add the file")
+    add = "Fetch it (datalad get / git annex get)" if _not_fetched(path) else "Add the file"
     if needed_by is not None:
         return (f"{what}; {needed_by} reads {', '.join(modalities)} of every subject."
                 f"{_found_instead(path)} {add}, {remedy}.")
@@ -575,11 +574,16 @@ def _missing_image_message(root: str | Path, label: str, name: str,
             f"{add}, {remedy}, or remove {name} from the modalities.")
 
 
+def _not_fetched(path: Path) -> bool:
+    """Whether ``path`` is a broken link: a DataLad or git-annex file never fetched."""
+    return path.is_symlink() and not path.exists()
+
+
 def _not_a_file(path: Path) -> str:
     """Why ``path``, not a regular file, cannot be read: a broken link (a DataLad or
     git-annex file never fetched), something else (a folder, a link to a device), or
     nothing there."""
-    if path.is_symlink() and not path.exists():
+    if _not_fetched(path):
         return "is a broken link (a DataLad or git-annex file not fetched?)"
     if path.exists():
         target = f"a link to {os.readlink(path)}" if path.is_symlink() else (
@@ -628,7 +632,7 @@ def _unread_t1w_message(root: str | Path, label: str) -> str | None:
     instead = ("and the subject's brain mask and registration would come from its MRE map "
                "instead of its T1w")
     if path.is_symlink() or path.exists():
-        fetch = ("Fetch it (datalad get / git annex get)" if not path.exists() else
+        fetch = ("Fetch it (datalad get / git annex get)" if _not_fetched(path) else
                  "Put the T1w's NIfTI file there")
         return (f"subject sub-{label}: T1w {path} {_not_a_file(path)}, so it would not be "
                 f"read, {instead}. {fetch}, or remove it to register the subject without "

@@ -183,12 +183,9 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
         target = target.resolve()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise write_failure(target, error) from error
-    for stale in stale_staging_folders(target):
-        shutil.rmtree(stale, ignore_errors=True)
-        log.info("removed %s, left by %s of %s that was killed", stale, what, target)
-    try:
+        for stale in stale_staging_folders(target):
+            shutil.rmtree(stale, ignore_errors=True)
+            log.info("removed %s, left by %s of %s that was killed", stale, what, target)
         staging = create_staging_folder(target.parent, prefix=f".{target.name}.staging-")
     except OSError as error:
         raise write_failure(target, error) from error
