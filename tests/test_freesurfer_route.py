@@ -3,7 +3,8 @@
 FreeSurfer cannot be installed here, so these tests check the route through the nipype
 interfaces' exact command lines and through TEST DOUBLES of the programs
 (tests/doubles/mri_*_double.py, put on PATH under the real names, with FREESURFER_HOME
-pointing at an empty folder). The doubles threshold the image; they say nothing about
+pointing at a folder that holds only a FreeSurfer 7.4.1 build stamp, which is what makes
+nipype treat FreeSurfer as installed). The doubles threshold the image; they say nothing about
 FreeSurfer's accuracy, only that the pipeline calls it correctly and uses its output.
 """
 
@@ -38,11 +39,18 @@ def freesurfer_double(tmp_path, monkeypatch):
         wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     home = tmp_path / "freesurfer_home"
     home.mkdir()
+    (home / "build-stamp.txt").write_text(FREESURFER_STAMP + "\n")
     calls = tmp_path / "calls.log"
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("FREESURFER_HOME", str(home))
+    # a module that sets FREESURFER_HOME and PATH only, without FreeSurferEnv.sh
+    monkeypatch.delenv("SUBJECTS_DIR", raising=False)
     monkeypatch.setenv("DOUBLE_CALLS_LOG", str(calls))
+    monkeypatch.setenv("DOUBLE_THREADS_LOG", str(tmp_path / "threads.log"))
     return calls
+
+
+FREESURFER_STAMP = "freesurfer-linux-ubuntu22_x86_64-7.4.1-20230614-7eb8460"
 
 
 @pytest.fixture
@@ -81,21 +89,28 @@ def _outputs(tmp_path):
 
 
 def test_synthstrip_interface_command_line(tmp_path):
+    """Threads go through OMP_NUM_THREADS, not -t: FreeSurfer 7.3-7.4's mri_synthstrip
+    has no -t and exited with code 2 on it, for every subject with a T1w."""
     image = tmp_path / "T1w.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
     strip = SynthStrip(in_file=str(image), mask_file="/out/mask.nii.gz", num_threads=1)
-    assert strip.cmdline == f"mri_synthstrip -i {image} -m /out/mask.nii.gz -t 1"
+    assert strip.cmdline == f"mri_synthstrip -i {image} -m /out/mask.nii.gz"
+    assert strip.inputs.environ["OMP_NUM_THREADS"] == "1"
     strip = SynthStrip(in_file=str(image), mask_file="/out/m.nii.gz", out_file="/out/b.nii.gz",
                        num_threads=2, border_mm=1, no_csf=True)
     assert strip.cmdline == (f"mri_synthstrip -i {image} -m /out/m.nii.gz -o /out/b.nii.gz "
-                             f"-b 1 --no-csf -t 2")
+                             f"-b 1 --no-csf")
+    assert strip.inputs.environ["OMP_NUM_THREADS"] == "2"
+    strip.inputs.num_threads = 3
+    assert strip.inputs.environ["OMP_NUM_THREADS"] == "3"
     watershed = WatershedSkullStrip(in_file=str(image), out_file="/out/brain.nii.gz")
     assert watershed.cmdline == f"mri_watershed {image} /out/brain.nii.gz"
 
 
 def test_synthstrip_border_takes_any_real_number_of_mm(tmp_path):
-    """mri_synthstrip's -b is a float (mm; negative for a tighter mask). The spec declared
-    an int: 0.5 or -1.5 mm were refused, and a float border had no way through."""
+    """FreeSurfer 8's mri_synthstrip takes a real -b (mm; negative for a tighter mask).
+    The spec declared an int: 0.5 or -1.5 mm were refused, and a float border had no way
+    through. A whole number is written as one, which FreeSurfer 7's int -b takes."""
     image = tmp_path / "T1w.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
     for border, flag in ((-1.5, "-b -1.5"), (0.5, "-b 0.5"), (2, "-b 2")):
@@ -136,12 +151,17 @@ def test_auto_falls_back_to_deepbet_and_freesurfer_request_fails(no_freesurfer):
         resolve_method("auto", "bet")
 
 
+@pytest.mark.parametrize("freesurfer_major", ["7", "8"])
 def test_synthstrip_route_runs_the_program_and_carries_the_mask(freesurfer_double, head,
-                                                              tmp_path, caplog):
+                                                              tmp_path, caplog, monkeypatch,
+                                                              freesurfer_major):
+    """Both FreeSurfer 7.3-7.4's and FreeSurfer 8's mri_synthstrip accept the command."""
+    monkeypatch.setenv("DOUBLE_FREESURFER_MAJOR", freesurfer_major)
     with caplog.at_level(logging.INFO):
         info = strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
-                           method="auto", freesurfer_tool="synthstrip", threads=1, subject="a")
+                           method="auto", freesurfer_tool="synthstrip", threads=2, subject="a")
     assert info["route"] == "mri_synthstrip" and info["reference_kind"] == "T1w_brain"
+    assert info["tool_version"] == FREESURFER_STAMP  # which FreeSurfer stripped the skull
     assert "with mri_synthstrip (preprocess.skullstrip auto)" in caplog.text
     calls = [json.loads(line) for line in freesurfer_double.read_text().splitlines()]
     assert len(calls) == 1
@@ -149,7 +169,8 @@ def test_synthstrip_route_runs_the_program_and_carries_the_mask(freesurfer_doubl
     assert program == "mri_synthstrip"
     assert arguments[:2] == ["-i", str(head["anat"].resolve())]
     assert arguments[2] == "-m" and arguments[3].endswith("/mask.nii.gz")
-    assert arguments[4:] == ["-t", "1"]
+    assert arguments[4:] == []
+    assert (tmp_path / "threads.log").read_text().split() == ['"2"']
     mask_image = nib.load(tmp_path / "mask.nii.gz")
     assert mask_image.shape == (27, 27, 27)  # on the stiffness grid, not the T1w's
     mask = np.asarray(mask_image.dataobj) > 0
@@ -161,10 +182,16 @@ def test_synthstrip_route_runs_the_program_and_carries_the_mask(freesurfer_doubl
     assert reference.max() == 1000.0 and not np.any(reference == 300.0)  # skull removed
 
 
-def test_watershed_route(freesurfer_double, head, tmp_path):
+@pytest.mark.parametrize("subjects_dir", [None, "/nonexistent/subjects"])
+def test_watershed_route(freesurfer_double, head, tmp_path, monkeypatch, subjects_dir):
+    """mri_watershed runs whatever $SUBJECTS_DIR says. nipype reads it wherever FreeSurfer
+    is installed and stopped with a bare KeyError when it was unset, or a TraitError when
+    it named a folder missing on the node, before running anything."""
+    if subjects_dir:
+        monkeypatch.setenv("SUBJECTS_DIR", subjects_dir)
     info = strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
                        method="freesurfer", freesurfer_tool="watershed", subject="a")
-    assert info["route"] == "mri_watershed"
+    assert info["route"] == "mri_watershed" and info["tool_version"] == FREESURFER_STAMP
     program, *arguments = json.loads(freesurfer_double.read_text().splitlines()[0])
     assert program == "mri_watershed"
     assert arguments[0] == str(head["anat"].resolve()) and arguments[1].endswith("brain.nii.gz")
@@ -212,6 +239,52 @@ def test_failing_freesurfer_program_is_reported_with_its_exit_and_error(freesurf
     assert ".strip_skull-" not in message
     assert not any(path.exists() for path in _outputs(tmp_path))
     assert not list(tmp_path.glob(".strip_skull-*"))
+
+
+@pytest.mark.parametrize(("failure", "hint"), [
+    ({"DOUBLE_ERROR": "error: unrecognized arguments: -t 1", "DOUBLE_ERROR_EXIT": "2"},
+     r"exited with code 2: error: unrecognized arguments: -t 1\. mri_synthstrip refused the "
+     r"options it was given \(exit code 2, a usage error\): check the FreeSurfer version"),
+    ({"DOUBLE_KILLED": "1"},
+     r"mri_synthstrip was killed \(exit code 137\), usually by the job's memory limit: .*"
+     r"Raise resources\.preprocess\.mem_mb"),
+])
+def test_a_failing_freesurfer_program_gets_the_hint_of_its_failure(freesurfer_double, head,
+                                                                  tmp_path, monkeypatch,
+                                                                  failure, hint):
+    """A usage error or a kill is not the image's fault: every non-zero exit said to check
+    the image."""
+    for variable, value in failure.items():
+        monkeypatch.setenv(variable, value)
+    with pytest.raises(PreprocessError, match=hint) as raised:
+        strip_skull(head["stiffness"], *_outputs(tmp_path), anat=head["anat"],
+                    method="freesurfer", subject="a")
+    assert "Check the image" not in str(raised.value)
+    assert not any(path.exists() for path in _outputs(tmp_path))
+
+
+@pytest.mark.parametrize(("missing", "warning"), [
+    ("FREESURFER_HOME", r"mri_synthstrip is on PATH \(.*\) but FREESURFER_HOME is unset, so "
+                        r"deepbet runs\. To use FreeSurfer, source its SetUpFreeSurfer\.sh"),
+    ("PATH", r"FREESURFER_HOME is set \(.*\) but mri_synthstrip is not on PATH, so deepbet "
+             r"runs\. FreeSurfer before 7\.3 has no mri_synthstrip: set "
+             r"preprocess\.freesurfer_tool: watershed"),
+])
+def test_auto_says_why_it_passes_over_a_freesurfer_half_there(freesurfer_double, monkeypatch,
+                                                              caplog, missing, warning):
+    if missing == "PATH":
+        monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    else:
+        monkeypatch.delenv(missing)
+    with caplog.at_level(logging.WARNING):
+        assert resolve_method("auto", "synthstrip") == "deepbet"
+    assert re.search(warning, caplog.text), caplog.text
+
+
+def test_auto_without_any_freesurfer_warns_of_nothing(no_freesurfer, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert resolve_method("auto", "synthstrip") == "deepbet"
+    assert caplog.text == ""
 
 
 def test_freesurfer_requested_but_missing_stops_before_work(no_freesurfer, head, tmp_path):

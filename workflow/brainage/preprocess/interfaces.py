@@ -27,13 +27,14 @@ from nipype.interfaces.base import (  # noqa: E402
     CommandLineInputSpec,
     File,
     TraitedSpec,
+    isdefined,
     traits,
 )
 from nipype.interfaces.freesurfer import WatershedSkullStrip as _NipypeWatershed  # noqa: E402
 
 from brainage.preprocess.masks import deepbet_brain_mask, support_brain_mask  # noqa: E402
 
-__all__ = ["SynthStrip", "WatershedSkullStrip", "DeepBet", "SupportMask"]
+__all__ = ["SynthStrip", "WatershedSkullStrip", "DeepBet", "SupportMask", "ToolExitError"]
 
 
 class _ExitChecked:
@@ -51,8 +52,18 @@ class _ExitChecked:
             said = [[line.strip() for line in (stream or "").splitlines() if line.strip()]
                     for stream in (getattr(runtime, "stderr", ""), getattr(runtime, "stdout", ""))]
             last = said[0][-1] if said[0] else said[1][-1] if said[1] else "no output"
-            raise RuntimeError(f"{self.cmd} exited with code {runtime.returncode}: {last}")
+            raise ToolExitError(self.cmd, runtime.returncode, last)
         return runtime
+
+
+class ToolExitError(RuntimeError):
+    """A command-line tool exited non-zero: ``program``, its ``returncode`` and the last
+    line it wrote (``said``), so that a caller can tell a usage error (2) or a kill (137,
+    e.g. the memory limit) from a tool that failed on its image."""
+
+    def __init__(self, program: str, returncode: int, said: str):
+        super().__init__(f"{program} exited with code {returncode}: {said}")
+        self.program, self.returncode, self.said = program, returncode, said
 
 
 class SynthStripInputSpec(CommandLineInputSpec):
@@ -62,10 +73,13 @@ class SynthStripInputSpec(CommandLineInputSpec):
                      desc="brain mask to write (NIfTI)")
     out_file = File(argstr="-o %s", position=2,
                     desc="skull-stripped image to write (optional)")
-    num_threads = traits.Int(argstr="-t %d", desc="CPU threads of the network")
+    # no argstr: FreeSurfer 7's mri_synthstrip has no -t and exits 2 on it (FreeSurfer 8
+    # added one); every version's PyTorch takes its thread count from OMP_NUM_THREADS
+    num_threads = traits.Int(desc="CPU threads of the network, passed as OMP_NUM_THREADS")
     border_mm = traits.Float(argstr="-b %g",
-                             desc="mask border from the brain surface (mm, any real number, "
-                                  "negative for a tighter mask; SynthStrip default 1)")
+                             desc="mask border from the brain surface (mm; SynthStrip default "
+                                  "1; FreeSurfer 7 takes whole mm only, FreeSurfer 8 any real "
+                                  "number, negative for a tighter mask)")
     no_csf = traits.Bool(argstr="--no-csf", desc="exclude CSF from the brain border")
 
 
@@ -81,12 +95,24 @@ class SynthStrip(_ExitChecked, CommandLine):
     --------
     >>> strip = SynthStrip(in_file="T1w.nii.gz", mask_file="mask.nii.gz", num_threads=1)
     >>> strip.cmdline  # doctest: +SKIP
-    'mri_synthstrip -i T1w.nii.gz -m mask.nii.gz -t 1'
+    'mri_synthstrip -i T1w.nii.gz -m mask.nii.gz'
+    >>> strip.inputs.environ["OMP_NUM_THREADS"]  # doctest: +SKIP
+    '1'
     """
 
     _cmd = "mri_synthstrip"
     input_spec = SynthStripInputSpec
     output_spec = SynthStripOutputSpec
+
+    def __init__(self, **inputs):
+        super().__init__(**inputs)
+        self.inputs.on_trait_change(self._num_threads_update, "num_threads")
+        self._num_threads_update()
+
+    def _num_threads_update(self):
+        if isdefined(self.inputs.num_threads):
+            threads = str(self.inputs.num_threads)
+            self.inputs.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads})
 
     def _list_outputs(self):
         outputs = self.output_spec().get()
@@ -97,7 +123,18 @@ class SynthStrip(_ExitChecked, CommandLine):
 
 
 class WatershedSkullStrip(_ExitChecked, _NipypeWatershed):
-    """FreeSurfer's ``mri_watershed`` (nipype's interface), failing on a non-zero exit."""
+    """FreeSurfer's ``mri_watershed`` (nipype's interface), failing on a non-zero exit.
+
+    A ``subjects_dir`` given here is used as is. nipype otherwise reads ``$SUBJECTS_DIR``
+    wherever FreeSurfer is installed, and fails before running anything when it is unset
+    (``KeyError``) or names a folder the node lacks (``TraitError``); this call of
+    mri_watershed does not use it, so the pipeline passes its own work folder.
+    """
+
+    def __init__(self, **inputs):
+        if inputs.get("subjects_dir"):
+            self._subjects_dir = inputs["subjects_dir"]  # nipype then skips $SUBJECTS_DIR
+        super().__init__(**inputs)
 
 
 class DeepBetInputSpec(BaseInterfaceInputSpec):

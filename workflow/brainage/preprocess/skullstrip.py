@@ -102,7 +102,10 @@ def resolve_method(method: str, freesurfer_tool: str = "synthstrip") -> str:
         raise ValueError(f"preprocess.freesurfer_tool={freesurfer_tool!r}; choose one of "
                          f"{', '.join(FREESURFER_PROGRAMS)}")
     if method == "auto":
-        return "freesurfer" if freesurfer_available(freesurfer_tool) else "deepbet"
+        if freesurfer_available(freesurfer_tool):
+            return "freesurfer"
+        _say_why_not_freesurfer(FREESURFER_PROGRAMS[freesurfer_tool])
+        return "deepbet"
     if method == "freesurfer" and not freesurfer_available(freesurfer_tool):
         program = FREESURFER_PROGRAMS[freesurfer_tool]
         raise PreprocessError(
@@ -112,6 +115,63 @@ def resolve_method(method: str, freesurfer_tool: str = "synthstrip") -> str:
             f"SetUpFreeSurfer.sh on the node, or set preprocess.skullstrip: auto (deepbet "
             f"when FreeSurfer is absent) or deepbet.")
     return method
+
+
+def _say_why_not_freesurfer(program: str) -> None:
+    """Warn when ``auto`` passes over a FreeSurfer that is half there: a lab that loaded
+    FreeSurfer would otherwise learn only from the sidecar's route that deepbet ran."""
+    home = os.environ.get("FREESURFER_HOME", "")
+    found = shutil.which(program)
+    if found and not (home and Path(home).is_dir()):
+        log.warning("preprocess.skullstrip auto: %s is on PATH (%s) but FREESURFER_HOME is %s, "
+                    "so deepbet runs. To use FreeSurfer, source its SetUpFreeSurfer.sh in the "
+                    "job's environment.", program, found,
+                    f"not a folder ({home})" if home else "unset")
+    elif home and not found:
+        log.warning("preprocess.skullstrip auto: FREESURFER_HOME is set (%s) but %s is not on "
+                    "PATH, so deepbet runs. FreeSurfer before 7.3 has no mri_synthstrip: set "
+                    "preprocess.freesurfer_tool: watershed to use its mri_watershed.",
+                    home, program)
+
+
+def tool_version(ran: str) -> str | None:
+    """The version of the tool that made the brain mask, for the sidecar: FreeSurfer's
+    build stamp (the first line of ``$FREESURFER_HOME/build-stamp.txt``, e.g.
+    ``freesurfer-linux-ubuntu22_x86_64-7.4.1-20230614-7eb8460``), deepbet's package
+    version; None for the support mask or where the stamp cannot be read. A site's
+    FreeSurfer is whatever its module provides, and its masks act like a site effect."""
+    if ran == "deepbet":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return f"deepbet {version('deepbet')}"
+        except PackageNotFoundError:
+            return None
+    if ran in FREESURFER_PROGRAMS.values():
+        stamp = Path(os.environ.get("FREESURFER_HOME", "")) / "build-stamp.txt"
+        try:
+            lines = stamp.read_text(errors="replace").split("\n")
+        except OSError:
+            return None
+        return lines[0].strip() or None
+    return None
+
+
+def _failure_hint(error: Exception) -> str:
+    """What to do after a skull-stripping tool failed, chosen by how it failed."""
+    from brainage.preprocess.interfaces import ToolExitError
+
+    if isinstance(error, ToolExitError) and error.returncode == 2:
+        return (f"{error.program} refused the options it was given (exit code 2, a usage "
+                f"error): check the FreeSurfer version on the node (mri_synthstrip needs 7.3 "
+                f"or newer), or try another preprocess.skullstrip route.")
+    if isinstance(error, ToolExitError) and error.returncode in (137, -9):
+        return (f"{error.program} was killed (exit code {error.returncode}), usually by the "
+                f"job's memory limit: SynthStrip needs 6-8 GB for a 1 mm T1w. Raise "
+                f"resources.preprocess.mem_mb (SynthStrip's jobs ask for at least "
+                f"{SYNTHSTRIP_MEM_MB} MB).")
+    return ("Check the image (contrast, orientation, field of view), or try another "
+            "preprocess.skullstrip route.")
 
 
 # -- the rule's function ----------------------------------------------------------------------
@@ -134,7 +194,8 @@ def _run_mask_interface(route: str, freesurfer_tool: str, in_file: str, work: Pa
     elif route == "freesurfer" and freesurfer_tool == "synthstrip":
         interface = SynthStrip(in_file=in_file, mask_file=str(mask_file), num_threads=threads)
     elif route == "freesurfer":
-        interface = WatershedSkullStrip(in_file=in_file, out_file=str(work / "brain.nii.gz"))
+        interface = WatershedSkullStrip(in_file=in_file, out_file=str(work / "brain.nii.gz"),
+                                        subjects_dir=str(work))
     else:
         interface = SupportMask(in_file=in_file, mask_file=str(mask_file))
     if hasattr(interface, "cmdline"):
@@ -173,8 +234,9 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
     out_reference : the registration reference (float32 NIfTI): the skull-stripped T1w
         (route freesurfer/deepbet), the T1w as given (route none), or the grid map inside
         the mask (no anatomical image).
-    out_info : sidecar JSON: ``route`` that ran, ``mask_source``, ``reference_kind``
-        (one of :data:`REFERENCE_KINDS`), mask volume (ml).
+    out_info : sidecar JSON: ``route`` that ran and its ``tool_version``
+        (:func:`tool_version`), ``mask_source``, ``reference_kind`` (one of
+        :data:`REFERENCE_KINDS`), mask volume (ml).
     anat : the subject's T1w (or MRE magnitude) image in the same space, if any.
     grid_modality : what ``grid_image`` is (:data:`brainage.modalities.MODALITIES`).
     method, freesurfer_tool : config keys ``preprocess.skullstrip`` / ``freesurfer_tool``.
@@ -238,9 +300,8 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
                     # component list) when it finds no brain; FreeSurfer exits non-zero.
                     detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
                     raise PreprocessError(
-                        f"{name}: skull stripping ({ran}) of {anat} failed: {detail}. Check "
-                        f"the image (contrast, orientation, field of view), or try another "
-                        f"preprocess.skullstrip route.") from error
+                        f"{name}: skull stripping ({ran}) of {anat} failed: {detail}. "
+                        f"{_failure_hint(error)}") from error
                 anat_mask, mask_affine = _read_tool_mask(mask_file)
                 # a cubic T1w's mask reoriented by a tool keeps its shape: the grid is compared
                 if not same_grid(anat_mask.shape, mask_affine, anat_data.shape,
@@ -265,8 +326,8 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
     # the T1w's path absolute (`predict run` is given the cohort relative to any folder),
     # links kept: a DataLad dataset's images are links into its annex
-    info = {"subject": subject, "skullstrip": method, "route": ran, "mask_source": source,
-            "reference_kind": kind,
+    info = {"subject": subject, "skullstrip": method, "route": ran,
+            "tool_version": tool_version(ran), "mask_source": source, "reference_kind": kind,
             "anat": os.path.abspath(anat) if anat is not None else None,
             "mask_volume_ml": round(float(mask.sum() * voxel_ml), 2)}
     save_volume(out_mask, mask, affine, dtype=np.uint8, description=f"brain mask ({ran})")
