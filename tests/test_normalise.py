@@ -595,6 +595,25 @@ def test_qc_exclusions_that_empty_the_test_set_stop_the_split_naming_qc(small_da
                           split_settings={**SPLIT, "scheme": "loso"}, exclude_failed=True)
 
 
+def test_a_subject_without_data_at_the_resolution_is_warned_of(small_dataset, caplog):
+    """A map whose data leave every 4 mm block under half measured gives an all-zero row,
+    read as average tissue, and was trained or tested on without a word."""
+    path = Path(small_dataset["maps"][2])
+    image = nib.load(path)
+    one_voxel = np.zeros(image.shape, np.float32)
+    one_voxel[2, 3, 2] = 2.5
+    nib.save(nib.Nifti1Image(one_voxel, image.affine), path)
+    with caplog.at_level(logging.WARNING, logger="brainage.normalise"):
+        _, images, _ = _run(small_dataset, resolution_mm=4)
+    assert not images[2].any() and images[1].any()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "split holdout: subject sub-s102 has no stiffness data at 4 mm (every block under half "
+        "measured): its row is all zero, read as average tissue. Look at its QC coverage and "
+        "registered map; set qc.exclude_failed: true to leave QC failures out, or remove the "
+        "subject."]
+
+
 def test_bad_maps_are_named(small_dataset):
     path = Path(small_dataset["maps"][2])
     nib.save(nib.Nifti1Image(np.ones((5, 5, 5), np.float32), np.eye(4)), path)

@@ -602,6 +602,22 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                             eval_subset=eval_subset, excluded=excluded)
 
 
+def _warn_of_empty_channels(row: np.ndarray, modalities: Sequence[str], participant_id: str,
+                            split: str, resolution_mm: int) -> None:
+    """Warn of a subject whose channel holds no data at the split's resolution: its row is
+    then all zero, which reads as average tissue everywhere, and it is trained or tested on
+    with its age. A map whose data leave every block under half measured (a thin slab, a
+    registration at the field of view's edge) gives one at 4-8 mm; QC's coverage shows it,
+    and ``qc.exclude_failed: true`` leaves QC failures out."""
+    empty = [name for name, values in zip(modalities, row) if not values.any()]
+    if empty:
+        log.warning("split %s: subject %s has no %s data at %d mm (every block under half "
+                    "measured): its row is all zero, read as average tissue. Look at its QC "
+                    "coverage and registered map; set qc.exclude_failed: true to leave QC "
+                    "failures out, or remove the subject.", split, participant_id,
+                    " or ".join(empty), resolution_mm)
+
+
 def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Path,
                      out_images: str | Path, out_participants: str | Path,
                      out_stats: str | Path, *, split: str, scope: str, dtype: str,
@@ -676,6 +692,8 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
                 # plain write, not a memory map: a full disk is then an OSError, which
                 # atomic_path names; through a map it killed the job with SIGBUS.
                 stored = np.ascontiguousarray(normalised, dtype=storage)
+                _warn_of_empty_channels(stored, modalities, participant_id, split,
+                                        resolution_mm)
                 handle.write(stored.data)
                 images_digest.update(stored)  # the row as stored
                 if (row + 1) % 25 == 0:
