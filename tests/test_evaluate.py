@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 
 import numpy as np
 import pandas as pd
@@ -13,7 +15,7 @@ from brainage.config import ConfigError, resolve_cell
 from brainage.data import load_split
 from brainage.evaluate import compute_metrics, evaluate_encoder
 from brainage.models import build_model
-from brainage.readout import fit_readout, load_readout, ridge_folds
+from brainage.readout import fit_readout, grid_edges, load_readout, ridge_folds
 from brainage.train import write_features
 from split_fixture import tiny_settings, write_split
 
@@ -77,6 +79,48 @@ def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set(caplog):
             {"method": "ridge", "alphas": [0.1, 10.0]}))
     assert few.info["ridge_alpha"] == 0.1
     assert "3 training subjects are too few" in caplog.text
+
+
+def test_a_choice_at_an_end_of_its_grid_is_named():
+    """The α grid is absolute and features are not scaled: tiny features (an untrained
+    encoder's are about 10 times smaller than a trained one's) hold α at the grid's
+    smallest, and nothing said so."""
+    train_x, train_y, _, _ = _shared_direction_data(n_train=40)
+    section = readout_section({"method": "ridge", "alphas": [0.01, 1.0, 100.0]})
+    tiny = fit_readout(train_x * 1e-4, train_y, section)
+    assert tiny.info["ridge_alpha"] == 0.01
+    assert grid_edges(tiny, section) == [
+        "readout.alphas 0.01, the grid's smallest (0.01, 1, 100)"]
+    middle = readout_section({"method": "ridge", "alphas": [1e-9, 1e-6, 1e6]})
+    assert fit_readout(train_x, train_y, middle).info["ridge_alpha"] == 1e-6
+    assert grid_edges(fit_readout(train_x, train_y, middle), middle) == []
+    pca = readout_section({"method": "pca_ridge", "pca_components": [1, 2],
+                           "alphas": [0.01, 100.0]})
+    edges = grid_edges(fit_readout(train_x, train_y, pca), pca)
+    assert edges and all(re.fullmatch(r"readout\.(alphas|pca_components) \S+, the grid's "
+                                      r"(smallest|largest) \(.*\)", edge) for edge in edges)
+    one = readout_section({"method": "ridge", "alphas": [1.0]})  # no grid to leave
+    assert grid_edges(fit_readout(train_x, train_y, one), one) == []
+    assert grid_edges(fit_readout(train_x, train_y, readout_section(
+        {"method": "train_mean"})), readout_section({"method": "train_mean"})) == []
+
+
+def test_evaluation_warns_of_a_read_out_choice_at_the_grids_end(tmp_path, caplog):
+    split_dir = write_split(tmp_path / "dataset", n_subjects=12, n_test=4)
+    settings = tiny_settings(readout={"method": "ridge", "alphas": [0.1, 10.0]})  # two ends
+    model = build_model(resolve_cell(settings)["model"])
+    write_features(tmp_path / "features.npz", model, load_split(split_dir), "sha",
+                   device=torch.device("cpu"))
+    with caplog.at_level(logging.WARNING, logger="brainage.evaluate"):
+        metrics = evaluate_encoder(split_dir, tmp_path / "features.npz", settings,
+                                   metrics_path=tmp_path / "metrics.json",
+                                   predictions_path=tmp_path / "predictions.tsv")
+    end = "smallest" if metrics["ridge_alpha"] == 0.1 else "largest"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"split holdout: the read-out's cross-validation chose readout.alphas "
+        f"{metrics['ridge_alpha']:g}, the grid's {end} (0.1, 10): the best value may lie "
+        f"beyond the grid. Widen it in the config to see (the cells that use it are "
+        f"evaluated again)."]
 
 
 def test_ridge_folds_are_the_configured_number_capped_at_half_the_training_subjects():

@@ -925,6 +925,28 @@ def test_bias_fits_record_the_out_of_fold_error_and_the_correlation_after_their_
     assert abs(training["gap_age_r_after_on_other"]) > 0.05
 
 
+@pytest.mark.parametrize("method", ["ridge", "pca_ridge"])
+def test_bias_fits_with_two_training_subjects_record_the_error_not_crash(method):
+    """Two training subjects leave each out-of-fold read-out one subject: the evaluation
+    crashed there, naming Ridge's cross-validation, although the record promises an error
+    entry and the test subjects' fit needs no training refit."""
+    from brainage.agebias import bias_fits
+
+    features = np.array([[1.0, 2.0, 3.0], [2.0, 1.0, 0.5]])
+    ages = np.array([30.0, 60.0])
+    section = resolve_cell({"readout": {"method": method}})["readout"]
+    test_ages = np.array([25.0, 45.0, 65.0, 75.0])
+    fits = bias_fits(features, ages, ages, test_ages=test_ages,
+                     test_predicted=test_ages + np.array([6.0, -1.0, 2.0, -7.0]),
+                     readout_settings=section, seed=0, where="split holdout")
+    assert set(fits["training"]) == {"error"}
+    assert fits["training"]["error"].startswith(
+        "age-bias correction on the training subjects of split holdout: the out-of-fold "
+        "read-outs could not be fitted (")
+    assert fits["test"]["n_subjects"] == 4 and fits["test"]["oof_mae"] is None
+    assert fits["test"]["gap_age_r_after_on_other"] is None
+
+
 def test_fit_age_bias_refuses_degenerate_reference_sets():
     with pytest.raises(ValueError, match="at least 3 subjects"):
         fit_age_bias([30.0, 40.0], [31.0, 39.0])

@@ -198,17 +198,28 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
         the test fit): whether the correction carries over to subjects it did not see.
     """
     folds = min(int(readout_settings["cv_folds"]), len(train_ages))
-    oof = out_of_fold_predictions(train_features, train_ages, readout_settings, folds=folds,
-                                  seed=seed, studies=train_studies)
+    errors = {}
+    try:
+        oof = out_of_fold_predictions(train_features, train_ages, readout_settings,
+                                      folds=folds, seed=seed, studies=train_studies)
+    except ValueError as error:
+        # too few training subjects for a fold's own read-out (2 gave folds of one subject);
+        # the test subjects' fit does not need them
+        oof = np.full(len(train_ages), np.nan)
+        errors["training"] = (f"age-bias correction on the training subjects of {where}: "
+                              f"the out-of-fold read-outs could not be fitted ({error})")
     references = {"training": (train_ages, oof), "test": (test_ages, test_predicted)}
-    fits, errors = {}, {}
+    fits = {}
     for name, (ages, predicted) in {**references,
                                     "training_in_sample": (train_ages, train_predicted)}.items():
         subjects = "test subjects" if name == "test" else "training subjects"
+        if name in errors:
+            continue
         try:
             fits[name] = fit_age_bias(ages, predicted, where=f"{subjects} of {where}")
         except ValueError as error:
             errors[name] = str(error)
+    oof_mae = float(np.mean(np.abs(oof - train_ages))) if np.isfinite(oof).all() else None
     records = {}
     for name, (ages, predicted) in references.items():
         if name not in fits:
@@ -226,7 +237,7 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
             "gap_age_r_after": gap_age_correlation(ages, corrected),
             "gap_age_r_after_on_other": gap_age_correlation(
                 other_ages, bias.corrected_gap(other_ages, other_predicted)),
-            "oof_mae": float(np.mean(np.abs(oof - train_ages))),
+            "oof_mae": oof_mae,
             "other_fits": {other: {"intercept": fit.intercept, "slope": fit.slope}
                            for other, fit in fits.items() if other != name},
         }

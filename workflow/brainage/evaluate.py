@@ -35,6 +35,7 @@ from brainage.readout import (
     READOUT_DESCRIPTION,
     Readout,
     fit_readout,
+    grid_edges,
     save_readout,
 )
 from brainage.split_data import DataError, SplitData, check_finite, load_split
@@ -186,6 +187,11 @@ def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
     fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
                          seed=int(settings["seed"]), studies=studies[split.train_index])
     readout = Readout.from_state(*fitted.to_state())
+    edges = grid_edges(readout, settings["readout"])
+    if edges:
+        log.warning("split %s: the read-out's cross-validation chose %s: the best value may "
+                    "lie beyond the grid. Widen it in the config to see (the cells that use "
+                    "it are evaluated again).", split.name, "; ".join(edges))
     predicted = readout.predict(features, studies[rows])
     eval_rows = split.eval_index
     metrics = compute_metrics(ages[eval_rows], predicted[n_train:], studies[eval_rows])

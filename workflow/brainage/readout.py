@@ -396,6 +396,24 @@ def fit_mean(ages: np.ndarray, studies=None) -> Readout:
                    info={"n_studies": len(means)})
 
 
+def grid_edges(readout: Readout, readout_settings: Mapping) -> list[str]:
+    """The cross-validated choices of a fitted read-out that sit at an end of their grid
+    (``readout.alphas``, ``readout.pca_components``), where the best value may lie beyond
+    it. The α grid is absolute and the features are not scaled, so a cell whose features
+    are much smaller or larger than a trained encoder's (the untrained encoder's are
+    about 10 times smaller) can be held at an edge."""
+    edges = []
+    for key, chosen in (("alphas", readout.info.get("ridge_alpha")),
+                        ("pca_components", readout.info.get("pca_components"))):
+        grid = sorted(float(value) for value in readout_settings.get(key) or ())
+        if chosen is None or len(grid) < 2 or float(chosen) not in (grid[0], grid[-1]):
+            continue
+        end = "smallest" if float(chosen) == grid[0] else "largest"
+        edges.append(f"readout.{key} {chosen:g}, the grid's {end} "
+                     f"({', '.join(f'{value:g}' for value in grid)})")
+    return edges
+
+
 def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping, *,
                 seed: int = 0, studies=None) -> Readout:
     """Fit the read-out of a resolved ``readout`` section on training features [n, D].
