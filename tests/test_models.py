@@ -98,6 +98,45 @@ def test_checkpoint_with_renamed_keys_loads_and_reports(model, tmp_path, caplog)
     assert "WARNING" not in {record.levelname for record in caplog.records}  # the head only
 
 
+def test_an_encoder_of_several_maps_loads_its_kernels_onto_the_same_maps(tmp_path, caplog):
+    """Our encoder.pt records its channels; its first convolution loaded by position, so a
+    cell listing the same maps in another order read each map with another's kernel."""
+    source = BrainAgeNet(width=8, in_channels=2)
+    path = tmp_path / "encoder.pt"
+    torch.save({"format": 1, "model": source.state_dict(),
+                "settings": {"model": {"modalities": ["stiffness", "damping_ratio"]}}}, path)
+    kernels = source.encoder.conv1.weight
+    swapped = BrainAgeNet(width=8, in_channels=2)
+    with caplog.at_level("INFO", logger="brainage.models"):
+        load_init_checkpoint(swapped, path, modalities=["damping_ratio", "stiffness"])
+    assert torch.equal(swapped.encoder.conv1.weight, kernels[:, [1, 0]])
+    assert torch.equal(swapped.encoder.layer1[0].conv1.weight,
+                       source.encoder.layer1[0].conv1.weight)
+    assert "reordered to this cell's damping_ratio, stiffness" in caplog.text
+    same = BrainAgeNet(width=8, in_channels=2)
+    load_init_checkpoint(same, path, modalities=["stiffness", "damping_ratio"])
+    assert torch.equal(same.encoder.conv1.weight, kernels)
+    caplog.clear()
+    other = BrainAgeNet(width=8, in_channels=2)
+    with caplog.at_level("WARNING", logger="brainage.models"):
+        load_init_checkpoint(other, path, modalities=["stiffness", "T1w"])
+    assert torch.equal(other.encoder.conv1.weight, kernels)  # by position, and said
+    assert [record.getMessage() for record in caplog.records] == [
+        f"config key model.init_checkpoint: {path} was trained on the channels stiffness, "
+        f"damping_ratio, this cell reads stiffness, T1w: its first convolution's kernels are "
+        f"loaded by position, each on another map than it was trained on. Choose an encoder "
+        f"of these maps, or set model.modalities to its channels."]
+    # a one-channel encoder (T1w pretraining) initialises every channel, as documented
+    t1w = tmp_path / "t1w.pt"
+    torch.save({"model": BrainAgeNet(width=8).state_dict(),
+                "settings": {"model": {"modalities": ["T1w"]}}}, t1w)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.models"):
+        load_init_checkpoint(BrainAgeNet(width=8, in_channels=2), t1w,
+                             modalities=["stiffness", "damping_ratio"])
+    assert not caplog.records
+
+
 def test_a_checkpoint_that_leaves_encoder_tensors_random_is_warned_about(model, tmp_path,
                                                                         caplog):
     """A checkpoint with another stem and no downsample convolutions loaded in part with

@@ -22,7 +22,7 @@ import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -504,14 +504,43 @@ def init_checkpoint_key(model_settings: Mapping) -> str:
     return "model.init_checkpoint"
 
 
+def _match_recorded_channels(mapped: dict, payload, modalities, path: Path, key: str) -> None:
+    """Give the first convolution the cell's channel order where the checkpoint records
+    its own (an ``encoder.pt`` of ours, trained on several maps): the same maps in another
+    order are reordered; other maps are warned of. Without this the kernels loaded by
+    position, so a [damping_ratio, stiffness] cell read damping with the stiffness kernel.
+    A one-channel record (a T1w-pretrained encoder) is the documented transfer: its kernel
+    initialises every channel (:func:`map_state_dict`)."""
+    settings = payload.get("settings") if isinstance(payload, Mapping) else None
+    recorded = (settings.get("model") or {}).get("modalities") \
+        if isinstance(settings, Mapping) else None
+    stem = "encoder.conv1.weight"
+    if (not modalities or not isinstance(recorded, list) or len(recorded) < 2
+            or list(recorded) == list(modalities) or stem not in mapped):
+        return
+    if sorted(recorded) == sorted(modalities):
+        mapped[stem] = mapped[stem][:, [recorded.index(name) for name in modalities]]
+        log.info("%s: its first convolution read the channels %s; reordered to this cell's "
+                 "%s", path, ", ".join(recorded), ", ".join(modalities))
+    else:
+        log.warning("config key %s: %s was trained on the channels %s, this cell reads %s: "
+                    "its first convolution's kernels are loaded by position, each on another "
+                    "map than it was trained on. Choose an encoder of these maps, or set "
+                    "model.modalities to its channels.", key, path, ", ".join(recorded),
+                    ", ".join(modalities))
+
+
 def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
-                         key: str = "model.init_checkpoint") -> LoadReport:
+                         key: str = "model.init_checkpoint",
+                         modalities: Sequence[str] | None = None) -> LoadReport:
     """Initialise ``model`` from a checkpoint (ours or an OpenBHB-pretrained ResNet-18).
 
     Logs the report; raises when not a single encoder convolution kernel could be loaded
     (batch-norm tensors do not count: their counters fit a ResNet of any width, and all of
     them fit a 2D ResNet-18), which means the file is not a 3D ResNet-18 checkpoint or one
-    of another ``model.width``.
+    of another ``model.width``. ``modalities``: the cell's channels (``model.modalities``),
+    matched against the channels an encoder of ours records
+    (:func:`_match_recorded_channels`).
 
     Raises
     ------
@@ -565,6 +594,7 @@ def load_init_checkpoint(model: BrainAgeNet, path: str | Path, *,
                          f"ResNet-18 of this cell, so no weight would be loaded. {hint}\n"
                          f"{report.summary()}")
     _refuse_other_blocks(source, report, target, path, key)
+    _match_recorded_channels(mapped, payload, modalities, path, key)
     model.load_state_dict(mapped, strict=False)
     # A head of another width is expected (it is the pretraining's own); an encoder tensor
     # left at random (another stem, a ResNet without downsample convolutions) makes the

@@ -261,7 +261,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                 remove_stale_temporaries(output)
         if settings["model"]["init_checkpoint"]:
             load_init_checkpoint(model, settings["model"]["init_checkpoint"],
-                                 key=init_checkpoint_key(settings["model"]))
+                                 key=init_checkpoint_key(settings["model"]),
+                                 modalities=settings["model"].get("modalities"))
         model.to(device)
         digest = _save_encoder(encoder_path, model, settings, split, epochs)
         if features_path is not None:
@@ -300,7 +301,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
             checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     if checkpoint is None and settings["model"].get("init_checkpoint"):
         load_init_checkpoint(model, settings["model"]["init_checkpoint"],
-                             key=init_checkpoint_key(settings["model"]))
+                             key=init_checkpoint_key(settings["model"]),
+                             modalities=settings["model"].get("modalities"))
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last_3d)

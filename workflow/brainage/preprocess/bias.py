@@ -93,6 +93,24 @@ def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, *,
     return (result * np.float32(inside_before / inside_after)).astype(np.float32)
 
 
+def _warn_of_holes(data: np.ndarray, covered: np.ndarray, affine: np.ndarray, what: str,
+                   grid_description: str, max_nan_fraction: float) -> None:
+    """Warn of a further map without data (0 or negative) over more than
+    ``max_nan_fraction`` of where the grid map has data, away from its edge: those voxels
+    become background, the channel's training mean. The same holes stored as NaN stop the
+    subject (:func:`clean_nonfinite`); stored as 0 (a damping ratio masked more tightly
+    than the stiffness, an inversion's failed voxels) they went on without a word."""
+    interior = deeper_than(covered, affine, COVERAGE_EDGE_MM)
+    holes, inside = int(np.count_nonzero(interior & (data <= 0))), int(interior.sum())
+    if inside and holes > max_nan_fraction * inside:
+        log.warning("%s has no data (0 or negative) in %d of the %d voxels more than %g mm "
+                    "inside the %s's data (%.1f%%, more than preprocess.max_nan_fraction=%g): "
+                    "they become background, read as the channel's mean. Check the map's own "
+                    "mask or threshold; the same holes as NaN stop the subject.", what, holes,
+                    inside, COVERAGE_EDGE_MM, grid_description, 100 * holes / inside,
+                    max_nan_fraction)
+
+
 def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: str | Path,
                  reference_info: str | Path, out_maps: Mapping[str, str | Path],
                  out_reference: str | Path, *, n4: bool = True, max_nan_fraction: float = 0.01,
@@ -184,6 +202,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"inside the brain mask {mask}. Check that it is this subject's map of the "
                     f"same acquisition, or remove {kind.name} from config key "
                     f"dataset.modalities.")
+            _warn_of_holes(data, covered, affine, what, grid_description, max_nan_fraction)
         if n4 and kind.n4:
             log.info("%s: N4 on the %s inside brain mask and map support", name,
                      kind.description)
