@@ -293,6 +293,23 @@ def test_reexport_gives_identical_payload(exported, tmp_path):
     assert again["bias_correction"] == exported.manifest["bias_correction"]
 
 
+def test_the_manifest_records_the_loss_the_encoder_was_trained_with(exported, tmp_path):
+    """After loss.nn_from_search the encoder trains with the search's nn_final and nn_step:
+    the manifest gave the configured ones (config/paper.yaml's 14 and 1, whatever the
+    search chose), the trained ones only deep in source.metrics."""
+    cell = tmp_path / "cell"
+    shutil.copytree(exported.cell, cell)
+    metrics = json.loads((cell / "metrics.json").read_text())
+    configured = exported.settings["loss"]
+    trained = {**configured, "nn_final": configured["nn_final"] + 3, "nn_step": 2,
+               "nn_from_search": True}
+    (cell / "metrics.json").write_text(json.dumps({**metrics, "trained_loss": trained}))
+    manifest = export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
+                            bundle_dir=tmp_path / "bundle", **exported.export)
+    assert manifest["settings"]["loss"] == json.loads(json.dumps(trained))
+    assert exported.manifest["settings"]["loss"] == json.loads(json.dumps(configured))
+
+
 def _copy_bundle(exported, tmp_path) -> Path:
     copied = tmp_path / "bundle"
     shutil.copytree(exported.bundle_dir, copied)

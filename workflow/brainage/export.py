@@ -143,6 +143,10 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     check_encoder_settings(payload, settings, channels, stats["modalities"],
                            encoder_path=encoder_path)
     metrics = json.loads((cell_dir / "metrics.json").read_text())
+    if isinstance(metrics.get("trained_loss"), dict):
+        # the loss the encoder was trained with: after loss.nn_from_search, the search's
+        # nn_final and nn_step, where the config's say the paper's optimum (14, 1)
+        settings = {**settings, "loss": metrics["trained_loss"]}
     fields = {
         "settings": settings,
         "source": {"split": stats["split"], "experiment": settings.get("experiment"),
