@@ -37,3 +37,13 @@ rule all:
     default_target: True
     input:
         all_targets,
+
+
+# Snakemake shows a job's log only when the job fails: name the warnings that the jobs of
+# this run logged (a subject that failed QC, a map with holes) after its summary.
+onsuccess:
+    say_job_warnings(LAYOUT.logs, RUN_STARTED)
+
+
+onerror:
+    say_job_warnings(LAYOUT.logs, RUN_STARTED)

@@ -255,6 +255,45 @@ def run_job(log: Path, how: str) -> None:
                    env={"PYTHONPATH": str(REPO / "workflow")}, check=False)
 
 
+def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
+    """Only attempts that started at the run's start or later count, whatever the log
+    kept of earlier attempts and runs; a warning's first line stands for it."""
+    import datetime
+    import io
+
+    from brainage.logs import job_warnings, say_job_warnings
+
+    since = datetime.datetime(2026, 12, 6, 12, 0, 0, 500000, tzinfo=datetime.timezone.utc)
+    logs = tmp_path / "logs"
+    (logs / "preproc" / "sub-a").mkdir(parents=True)
+    (logs / "preproc" / "sub-a" / "strip_skull.log").write_text(
+        "===== attempt 1 (2026-12-06T11:59:58+00:00, node1, pid 7) =====\n"
+        "2026-12-06 11:59:59,100 WARNING brainage.x: of the killed attempt\n"
+        "===== attempt 2 (2026-12-06T12:00:00+00:00, node2, pid 8) =====\n"
+        "2026-12-06 12:00:01,200 INFO brainage.x: fine\n"
+        "2026-12-06 12:00:02,300 WARNING brainage.qc: subject sub-a failed QC\n"
+        "  its second line\n")
+    (logs / "qc.log").write_text(
+        "===== attempt 1 (2026-12-06T11:00:00+00:00, node1, pid 9) =====\n"
+        "2026-12-06 11:00:01,000 WARNING brainage.qc: of an earlier run\n")
+    (logs / "train.log").write_text(
+        "===== attempt 1 (2026-12-06T13:00:00+01:00, node3, pid 5) =====\n"  # 12:00 UTC
+        "2026-12-06 13:00:09,000 WARNING brainage.evaluate: alpha at the grid's end\n")
+    found = job_warnings(logs, since)
+    assert [(path.relative_to(logs).as_posix(), message) for path, message in found] == [
+        ("preproc/sub-a/strip_skull.log", "subject sub-a failed QC"),
+        ("train.log", "alpha at the grid's end")]
+    printed = io.StringIO()
+    assert say_job_warnings(logs, since, shown=1, stream=printed) == 2
+    assert printed.getvalue() == (
+        "brainage: the jobs of this run logged 2 warning(s); read them before the results:\n"
+        f"  {logs}/preproc/sub-a/strip_skull.log: subject sub-a failed QC\n"
+        f"  ... and 1 more: grep -r WARNING {logs}\n")
+    later = datetime.datetime(2026, 12, 6, 13, 0, 0, tzinfo=datetime.timezone.utc)
+    assert say_job_warnings(logs, later, stream=printed) == 0
+    assert job_warnings(tmp_path / "no_logs", since) == []
+
+
 def test_log_keeps_killed_and_failed_attempts_until_a_success(tmp_path):
     log = tmp_path / "logs" / "train_encoder.log"
     for how in ("killed", "failed", "succeeded"):

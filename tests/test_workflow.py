@@ -326,6 +326,33 @@ def test_valid_user_dataset_plans_every_subject(tmp_path):
     assert len(said) == 1, result.stdout
 
 
+@pytest.mark.workflow
+def test_the_warnings_of_the_runs_jobs_are_named_at_its_end(tmp_path):
+    """Snakemake shows a job's log only when the job fails (on SLURM its stderr goes to a
+    file): a warning of a job that succeeded was seen only by whoever read every log."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6), with_anat=True)
+    config = user_config(tmp_path, root)
+    home = tmp_path / "freesurfer_home"  # FreeSurfer half there: auto warns, deepbet runs
+    home.mkdir()
+    mask = subject_files(Layout(), "00a")["mask"]
+    environment = local_snakemake_environment(FREESURFER_HOME=str(home))
+    run = [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "1", mask,
+           "--configfile", str(config)]
+    result = subprocess.run(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=240, env=environment)
+    assert result.returncode == 0, result.stdout
+    summary = result.stdout[result.stdout.index("steps (100%) done"):]
+    assert re.search(r"brainage: the jobs of this run logged 1 warning\(s\); read them before "
+                     r"the results:\n  logs/preproc/sub-00a/strip_skull\.log: "
+                     r"preprocess\.skullstrip auto: FREESURFER_HOME is set \(.*\) but "
+                     r"mri_synthstrip is not on PATH", summary), summary
+    # the next run ran no job: the earlier run's warnings are not repeated
+    again = subprocess.run(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=240, env=environment)
+    assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout
+    assert "logged" not in again.stdout
+
+
 ONE_VARIANT = {"table3": {"seeds": [0], "variants": {"yaware": {"loss": {"name": "yaware"}}}}}
 
 

@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -137,6 +138,67 @@ def also_logging_to(path: str | Path, heading: str,
             handler.close()
         except OSError:  # its last flush on a full disk: the error that ended the run wins
             pass
+
+
+#: A warning's first line in a job log (:data:`FORMAT`): its logger and message.
+_WARNING_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING ([\w.]+): (.*)$")
+#: The start time in an attempt's separator line (:func:`_start_attempt`).
+_ATTEMPT_START = re.compile(re.escape(ATTEMPT_MARK) + r"\d+ \(([^,]+),")
+
+
+def job_warnings(log_root: str | Path, since: datetime.datetime) -> list[tuple[Path, str]]:
+    """The warnings of the job attempts under ``log_root`` (the ``logs`` folder) that
+    started at ``since`` or later: ``(log file, the warning's first line)``, by file.
+
+    Snakemake shows a job's log only when the job fails, so a warning of a job that
+    succeeded (a subject that failed QC, a further map with holes, a read-out at its
+    grid's end) was seen only by whoever read every log. A log's earlier attempts, and
+    the logs of earlier runs, are left out by the start time of each attempt.
+    """
+    since = since.replace(microsecond=0)  # attempts record whole seconds
+    found: list[tuple[Path, str]] = []
+    root = Path(log_root)
+    if not root.is_dir():
+        return found
+    for path in sorted(root.rglob("*.log")):
+        try:
+            if path.stat().st_mtime < since.timestamp():
+                continue  # nothing written since: no attempt of this run
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        current = False
+        for line in lines:
+            started = _ATTEMPT_START.match(line)
+            if started:
+                try:
+                    current = datetime.datetime.fromisoformat(started.group(1)) >= since
+                except ValueError:
+                    current = False
+                continue
+            warning = _WARNING_LINE.match(line) if current else None
+            if warning:
+                found.append((path, warning.group(2)))
+    return found
+
+
+def say_job_warnings(log_root: str | Path, since: datetime.datetime, *, shown: int = 20,
+                     stream=None) -> int:
+    """Print the warnings of this run's jobs (:func:`job_warnings`) after Snakemake's
+    own summary (the Snakefile's ``onsuccess`` and ``onerror``); returns their number."""
+    stream = stream if stream is not None else sys.stderr
+    found = job_warnings(log_root, since)
+    if found:
+        print(f"brainage: the jobs of this run logged {len(found)} warning(s); read them "
+              f"before the results:", file=stream)
+        for path, message in found[:shown]:
+            short = message if len(message) <= 300 else message[:297] + "..."
+            print(f"  {path}: {short}", file=stream)
+        if len(found) > shown:
+            print(f"  ... and {len(found) - shown} more: grep -r WARNING {log_root}",
+                  file=stream)
+        stream.flush()
+    return len(found)
 
 
 def log_files() -> list[str]:

@@ -2,6 +2,7 @@
 # subjects, the splits and the grid. All targets are chosen in all_targets(), nothing else.
 
 import copy
+import datetime
 import json
 import os
 import re
@@ -58,6 +59,7 @@ from brainage.config import (
     voxel_readout_memory_mb,
 )
 from brainage.interrupted import interrupted_run_notice
+from brainage.logs import say_job_warnings
 from brainage.inputs import (
     InputError,
     check_cohort_table,
@@ -100,6 +102,9 @@ config.clear()
 config.update(_validated)
 
 LAYOUT = Layout.from_config(config)
+#: When this run started: the warnings of the job attempts started after it are shown at
+#: its end (the Snakefile's onsuccess and onerror).
+RUN_STARTED = datetime.datetime.now().astimezone()
 DATASET_ROOT = config["dataset"]["root"]
 SIMULATED = config["dataset"]["simulate"]["enabled"]
 PREDICT = config["predict"]
