@@ -40,6 +40,13 @@ def freesurfer_double(tmp_path, monkeypatch):
     home = tmp_path / "freesurfer_home"
     home.mkdir()
     (home / "build-stamp.txt").write_text(FREESURFER_STAMP + "\n")
+    # nipype reads FREESURFER_HOME when it is imported, before this fixture ran: point it
+    # at the stamp, as a job started with FreeSurfer set up finds it (it then reads
+    # $SUBJECTS_DIR for every FreeSurfer interface)
+    from nipype.interfaces.freesurfer.base import Info
+
+    monkeypatch.setattr(Info, "version_file", str(home / "build-stamp.txt"))
+    monkeypatch.setattr(Info, "_version", None)
     calls = tmp_path / "calls.log"
     monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
     monkeypatch.setenv("FREESURFER_HOME", str(home))
@@ -279,6 +286,14 @@ def test_auto_says_why_it_passes_over_a_freesurfer_half_there(freesurfer_double,
     with caplog.at_level(logging.WARNING):
         assert resolve_method("auto", "synthstrip") == "deepbet"
     assert re.search(warning, caplog.text), caplog.text
+    assert "source FreeSurfer's SetUpFreeSurfer.sh in the job's environment" in caplog.text \
+        or "source its SetUpFreeSurfer.sh" in caplog.text
+    if missing == "PATH":  # with watershed asked for already, no advice to ask for it
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert resolve_method("auto", "watershed") == "deepbet"
+        assert "mri_watershed is not on PATH" in caplog.text
+        assert "set preprocess.freesurfer_tool: watershed" not in caplog.text
 
 
 def test_auto_without_any_freesurfer_warns_of_nothing(no_freesurfer, caplog):

@@ -276,19 +276,35 @@ def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
     (logs / "qc.log").write_text(
         "===== attempt 1 (2026-12-06T11:00:00+00:00, node1, pid 9) =====\n"
         "2026-12-06 11:00:01,000 WARNING brainage.qc: of an earlier run\n")
+    (logs / "preproc" / "sub-b").mkdir()
+    (logs / "preproc" / "sub-b" / "strip_skull.log").write_text(
+        "===== attempt 1 (2026-12-06T12:00:03+00:00, node1, pid 9) =====\n"
+        "2026-12-06 12:00:04,100 WARNING brainage.x: FreeSurfer half there\n")
+    (logs / "preproc" / "sub-c").mkdir()
+    (logs / "preproc" / "sub-c" / "strip_skull.log").write_text(
+        "===== attempt 1 (2026-12-06T12:00:03+00:00, node1, pid 9) =====\n"
+        "2026-12-06 12:00:04,100 WARNING brainage.x: FreeSurfer half there\n")
     (logs / "train.log").write_text(
         "===== attempt 1 (2026-12-06T13:00:00+01:00, node3, pid 5) =====\n"  # 12:00 UTC
         "2026-12-06 13:00:09,000 WARNING brainage.evaluate: alpha at the grid's end\n")
+    written = since.timestamp() + 7200  # whatever this machine's clock says
+    for path in logs.rglob("*.log"):
+        os.utime(path, (written, written))
     found = job_warnings(logs, since)
     assert [(path.relative_to(logs).as_posix(), message) for path, message in found] == [
         ("preproc/sub-a/strip_skull.log", "subject sub-a failed QC"),
+        ("preproc/sub-b/strip_skull.log", "FreeSurfer half there"),
+        ("preproc/sub-c/strip_skull.log", "FreeSurfer half there"),
         ("train.log", "alpha at the grid's end")]
     printed = io.StringIO()
-    assert say_job_warnings(logs, since, shown=1, stream=printed) == 2
+    assert say_job_warnings(logs, since, shown=2, stream=printed) == 4
+    # one line per message, so that every subject's same warning hides no other
     assert printed.getvalue() == (
-        "brainage: the jobs of this run logged 2 warning(s); read them before the results:\n"
+        "brainage: the jobs of this run logged 4 warning(s); read them before the results "
+        "(paths relative to the run's folder):\n"
         f"  {logs}/preproc/sub-a/strip_skull.log: subject sub-a failed QC\n"
-        f"  ... and 1 more: grep -r WARNING {logs}\n")
+        f"  {logs}/preproc/sub-b/strip_skull.log and 1 more log(s): FreeSurfer half there\n"
+        f"  ... and 1 other warning(s): grep -r WARNING {logs}\n")
     later = datetime.datetime(2026, 12, 6, 13, 0, 0, tzinfo=datetime.timezone.utc)
     assert say_job_warnings(logs, later, stream=printed) == 0
     assert job_warnings(tmp_path / "no_logs", since) == []

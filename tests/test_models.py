@@ -101,18 +101,28 @@ def test_checkpoint_with_renamed_keys_loads_and_reports(model, tmp_path, caplog)
 def test_an_encoder_of_several_maps_loads_its_kernels_onto_the_same_maps(tmp_path, caplog):
     """Our encoder.pt records its channels; its first convolution loaded by position, so a
     cell listing the same maps in another order read each map with another's kernel."""
+    three = BrainAgeNet(width=8, in_channels=3)
+    recorded = ["stiffness", "damping_ratio", "T1w"]
+    torch.save({"model": three.state_dict(), "settings": {"model": {"modalities": recorded}}},
+               tmp_path / "three.pt")
+    wanted = ["damping_ratio", "T1w", "stiffness"]  # a rotation: each direction differs
+    rotated = BrainAgeNet(width=8, in_channels=3)
+    with caplog.at_level("INFO", logger="brainage.models"):
+        load_init_checkpoint(rotated, tmp_path / "three.pt", modalities=wanted)
+    for channel, name in enumerate(wanted):  # each map keeps the kernel trained on it
+        assert torch.equal(rotated.encoder.conv1.weight[:, channel],
+                           three.encoder.conv1.weight[:, recorded.index(name)])
+    assert torch.equal(rotated.encoder.layer1[0].conv1.weight,
+                       three.encoder.layer1[0].conv1.weight)
+    assert "reordered to this cell's damping_ratio, T1w, stiffness" in caplog.text
     source = BrainAgeNet(width=8, in_channels=2)
     path = tmp_path / "encoder.pt"
     torch.save({"format": 1, "model": source.state_dict(),
                 "settings": {"model": {"modalities": ["stiffness", "damping_ratio"]}}}, path)
     kernels = source.encoder.conv1.weight
     swapped = BrainAgeNet(width=8, in_channels=2)
-    with caplog.at_level("INFO", logger="brainage.models"):
-        load_init_checkpoint(swapped, path, modalities=["damping_ratio", "stiffness"])
+    load_init_checkpoint(swapped, path, modalities=["damping_ratio", "stiffness"])
     assert torch.equal(swapped.encoder.conv1.weight, kernels[:, [1, 0]])
-    assert torch.equal(swapped.encoder.layer1[0].conv1.weight,
-                       source.encoder.layer1[0].conv1.weight)
-    assert "reordered to this cell's damping_ratio, stiffness" in caplog.text
     same = BrainAgeNet(width=8, in_channels=2)
     load_init_checkpoint(same, path, modalities=["stiffness", "damping_ratio"])
     assert torch.equal(same.encoder.conv1.weight, kernels)

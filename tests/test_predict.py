@@ -961,6 +961,7 @@ def test_bias_fits_with_two_training_subjects_record_the_error_not_crash(method)
         "age-bias correction on the training subjects of split holdout: the out-of-fold "
         "read-outs could not be fitted (")
     assert fits["test"]["n_subjects"] == 4 and fits["test"]["oof_mae"] is None
+    assert fits["test"]["cv_folds"] is None  # no refit ran
     assert fits["test"]["gap_age_r_after_on_other"] is None
 
 

@@ -343,7 +343,8 @@ def test_the_warnings_of_the_runs_jobs_are_named_at_its_end(tmp_path):
     assert result.returncode == 0, result.stdout
     summary = result.stdout[result.stdout.index("steps (100%) done"):]
     assert re.search(r"brainage: the jobs of this run logged 1 warning\(s\); read them before "
-                     r"the results:\n  logs/preproc/sub-00a/strip_skull\.log: "
+                     r"the results \(paths relative to the run's folder\):\n  "
+                     r"logs/preproc/sub-00a/strip_skull\.log: "
                      r"preprocess\.skullstrip auto: FREESURFER_HOME is set \(.*\) but "
                      r"mri_synthstrip is not on PATH", summary), summary
     # the next run ran no job: the earlier run's warnings are not repeated

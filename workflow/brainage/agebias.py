@@ -232,7 +232,9 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
         records[name] = {
             "intercept": bias.intercept, "slope": bias.slope, "fitted_on": name,
             "formula": FORMULA, "description": DESCRIPTIONS[name],
-            "n_subjects": int(len(ages)), "cv_folds": folds, "cv_seed": int(seed),
+            "n_subjects": int(len(ages)),
+            # the out-of-fold refits' settings; none when they could not be fitted
+            "cv_folds": folds if oof_mae is not None else None, "cv_seed": int(seed),
             "gap_age_r_before": gap_age_correlation(ages, predicted - ages),
             "gap_age_r_after": gap_age_correlation(ages, corrected),
             "gap_age_r_after_on_other": gap_age_correlation(

@@ -185,18 +185,26 @@ def job_warnings(log_root: str | Path, since: datetime.datetime) -> list[tuple[P
 def say_job_warnings(log_root: str | Path, since: datetime.datetime, *, shown: int = 20,
                      stream=None) -> int:
     """Print the warnings of this run's jobs (:func:`job_warnings`) after Snakemake's
-    own summary (the Snakefile's ``onsuccess`` and ``onerror``); returns their number."""
+    own summary (the Snakefile's ``onsuccess`` and ``onerror``), one line per message
+    (the first of its logs, and how many more), at most ``shown`` lines; returns the
+    number of warnings. Jobs on other machines are judged by their own clocks, and
+    another run in the same folder at the same time counts as this one."""
     stream = stream if stream is not None else sys.stderr
     found = job_warnings(log_root, since)
+    # one line per message: the same warning of every subject must not hide the others
+    logs_of: dict[str, list[Path]] = {}
+    for path, message in found:
+        logs_of.setdefault(message, []).append(path)
     if found:
         print(f"brainage: the jobs of this run logged {len(found)} warning(s); read them "
-              f"before the results:", file=stream)
-        for path, message in found[:shown]:
+              f"before the results (paths relative to the run's folder):", file=stream)
+        for message, paths in list(logs_of.items())[:shown]:
             short = message if len(message) <= 300 else message[:297] + "..."
-            print(f"  {path}: {short}", file=stream)
-        if len(found) > shown:
-            print(f"  ... and {len(found) - shown} more: grep -r WARNING {log_root}",
-                  file=stream)
+            more = f" and {len(paths) - 1} more log(s)" if len(paths) > 1 else ""
+            print(f"  {paths[0]}{more}: {short}", file=stream)
+        if len(logs_of) > shown:
+            print(f"  ... and {len(logs_of) - shown} other warning(s): grep -r WARNING "
+                  f"{log_root}", file=stream)
         stream.flush()
     return len(found)
 

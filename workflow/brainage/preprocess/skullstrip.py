@@ -128,10 +128,13 @@ def _say_why_not_freesurfer(program: str) -> None:
                     "job's environment.", program, found,
                     f"not a folder ({home})" if home else "unset")
     elif home and not found:
+        older = ("FreeSurfer before 7.3 has no mri_synthstrip: set preprocess.freesurfer_tool: "
+                 "watershed to use its mri_watershed. Otherwise, "
+                 if program == "mri_synthstrip" else "")
         log.warning("preprocess.skullstrip auto: FREESURFER_HOME is set (%s) but %s is not on "
-                    "PATH, so deepbet runs. FreeSurfer before 7.3 has no mri_synthstrip: set "
-                    "preprocess.freesurfer_tool: watershed to use its mri_watershed.",
-                    home, program)
+                    "PATH, so deepbet runs. %ssource FreeSurfer's SetUpFreeSurfer.sh in the "
+                    "job's environment (it puts FreeSurfer's programs on PATH).",
+                    home, program, older)
 
 
 def tool_version(ran: str) -> str | None:
