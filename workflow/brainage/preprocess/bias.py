@@ -93,14 +93,14 @@ def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, *,
     return (result * np.float32(inside_before / inside_after)).astype(np.float32)
 
 
-def _warn_of_holes(data: np.ndarray, covered: np.ndarray, affine: np.ndarray, what: str,
-                   grid_description: str, max_nan_fraction: float) -> None:
+def _warn_of_holes(data: np.ndarray, interior: np.ndarray, what: str, grid_description: str,
+                   max_nan_fraction: float) -> None:
     """Warn of a further map without data (0 or negative) over more than
-    ``max_nan_fraction`` of where the grid map has data, away from its edge: those voxels
-    become background, the channel's training mean. The same holes stored as NaN stop the
-    subject (:func:`clean_nonfinite`); stored as 0 (a damping ratio masked more tightly
-    than the stiffness, an inversion's failed voxels) they went on without a word."""
-    interior = deeper_than(covered, affine, COVERAGE_EDGE_MM)
+    ``max_nan_fraction`` of ``interior``, where the grid map has data more than
+    :data:`COVERAGE_EDGE_MM` inside its edge: those voxels become background, the channel's
+    training mean. The same holes stored as NaN stop the subject (:func:`clean_nonfinite`);
+    stored as 0 (a damping ratio masked more tightly than the stiffness, an inversion's
+    failed voxels) they went on without a word."""
     holes, inside = int(np.count_nonzero(interior & (data <= 0))), int(interior.sum())
     if inside and holes > max_nan_fraction * inside:
         log.warning("%s has no data (0 or negative) in %d of the %d voxels more than %g mm "
@@ -158,6 +158,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
     corrected: dict[str, np.ndarray] = {}
     nonfinite: dict[str, int] = {}
     covered, grid_description = None, ""  # the grid map's coverage and name, once read
+    interior = None  # its voxels deeper than COVERAGE_EDGE_MM, once a further map needs them
     affine = mask_affine
     for modality_name, path in maps.items():
         kind = modality(modality_name)
@@ -167,12 +168,13 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                           f"brain mask {mask}")
         # a map after the grid map should have data wherever the grid map has, but for
         # the edge, where maps resampled from another grid differ by partial volume
+        if covered is not None and interior is None:  # every map is on the grid map's grid
+            interior = deeper_than(covered, affine, COVERAGE_EDGE_MM)
         data, nonfinite[modality_name] = clean_nonfinite(
             data, brain, max_fraction=max_nan_fraction, what=what,
             within=None if covered is None else (
-                deeper_than(covered, affine, COVERAGE_EDGE_MM),
-                f"where the {grid_description} has data (more than {COVERAGE_EDGE_MM:g} mm "
-                f"inside its edge)"))
+                interior, f"where the {grid_description} has data (more than "
+                          f"{COVERAGE_EDGE_MM:g} mm inside its edge)"))
         check_range(data, brain if covered is None else covered, kind, what=what)
         outside = int(np.count_nonzero((data != 0) & ~brain))
         negative = int(np.count_nonzero((data < 0) & brain))
@@ -202,7 +204,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"inside the brain mask {mask}. Check that it is this subject's map of the "
                     f"same acquisition, or remove {kind.name} from config key "
                     f"dataset.modalities.")
-            _warn_of_holes(data, covered, affine, what, grid_description, max_nan_fraction)
+            _warn_of_holes(data, interior, what, grid_description, max_nan_fraction)
         if n4 and kind.n4:
             log.info("%s: N4 on the %s inside brain mask and map support", name,
                      kind.description)
