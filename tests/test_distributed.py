@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -134,6 +135,12 @@ def train_arguments(split_dir: Path, cell: Path) -> list[str]:
             "--checkpoint", str(cell / "checkpoint.pt")]
 
 
+def launch_command(gpus: int, arguments: Sequence[str]) -> list[str]:
+    """The command rule pretrain_encoder runs (brainage.launch: torchrun for several GPUs,
+    one process each on the CPU here)."""
+    return [sys.executable, "-m", "brainage.launch", "--gpus", str(gpus), "--", *arguments]
+
+
 def encoder_weights(cell: Path) -> dict:
     return torch.load(cell / "encoder.pt", map_location="cpu", weights_only=True)["model"]
 
@@ -197,8 +204,8 @@ def killed_run(split_dir, tmp_path_factory) -> Path:
     if not sys.platform.startswith("linux"):
         pytest.skip("kill_tree reads /proc")
     cell = tmp_path_factory.mktemp("killed") / "cell"
-    command = [*TORCHRUN, "--nproc_per_node", "2", "-m", "brainage.train",
-               *train_arguments(split_dir, cell)]
+    command = launch_command(2, [*train_arguments(split_dir, cell), "--log",
+                                 str(cell.parent / "killed.log")])
     job = subprocess.Popen(command, env=ENVIRONMENT, stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + JOB_TIMEOUT_S
@@ -228,9 +235,12 @@ def test_killed_two_process_run_resumes_with_two_processes(split_dir, killed_run
     done = torch.load(killed_run / "checkpoint.pt", weights_only=True)["epoch"]
     assert 1 <= done < 5
     cell = resumable_copy(killed_run, tmp_path / "cell")
-    job = torchrun(2, "-m", "brainage.train", *train_arguments(split_dir, cell))
+    log = tmp_path / "pretrain_encoder.log"  # the rule's --log: torchrun took it for its own
+    job = subprocess.run(launch_command(2, [*train_arguments(split_dir, cell), "--log", str(log)]),
+                         env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, timeout=JOB_TIMEOUT_S)
     assert job.returncode == 0, job.stdout[-3000:]
-    assert f"resuming from {cell / 'checkpoint.pt'} after epoch {done}" in job.stdout
+    assert f"resuming from {cell / 'checkpoint.pt'} after epoch {done}" in log.read_text()
     uninterrupted, _ = two_process_run
     assert history_losses(cell) == history_losses(uninterrupted)
     expected = encoder_weights(uninterrupted)

@@ -5,6 +5,7 @@ workflow side is tested in test_grid.py)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,33 @@ def test_two_multi_node_jobs_on_one_first_node_meet_on_different_ports():
     assert rendezvous_port(None) == rendezvous_port("brainage") == 29500
 
 
+@pytest.mark.parametrize("gpus, nodes", [(2, 1), (4, 2)])
+def test_torchrun_passes_every_training_argument_of_the_rule_on(gpus, nodes, monkeypatch):
+    """torchrun's parser reads abbreviations across the whole line: the rule's --log is a
+    prefix of torchrun's --log-dir and --logs-specs, and every pretraining run on several
+    GPUs stopped with "ambiguous option: --log" before it trained. Every flag the rule
+    passes (read from the rule) reaches brainage.train as it is, or as its --log-file."""
+    from torch.distributed.run import get_args_parser
+
+    from brainage.launch import torchrun_safe
+    from brainage.train import _parse_arguments
+
+    rule = (REPO / "workflow" / "rules" / "pretrain.smk").read_text()
+    shell = rule[rule.index("-m brainage.launch"):].split("\n\n")[0]
+    flags = [flag for flag in re.findall(r" (--[a-z-]+) \{", shell)
+             if flag not in ("--gpus", "--nodes")]  # the launcher's own
+    assert "--log" in flags and "--checkpoint" in flags
+    train_arguments = [word for flag in flags for word in (flag, f"value{flag}")]
+    monkeypatch.setattr("brainage.launch.first_node", lambda environ: "gpu07")
+    command = training_command(gpus, nodes, python="py", environ={"SLURM_JOB_ID": "1"})
+    passed = torchrun_safe(train_arguments)
+    parsed = get_args_parser().parse_args(command[command.index("py") + 3:] + passed)
+    assert parsed.module and parsed.training_script == "brainage.train"
+    assert parsed.training_script_args == passed
+    assert vars(_parse_arguments(passed)) == vars(_parse_arguments(train_arguments))
+    assert _parse_arguments(passed).log == "value--log"
+
+
 @pytest.mark.slow
 def test_the_launcher_becomes_the_training_with_its_arguments():
     result = subprocess.run(
@@ -132,3 +160,22 @@ def test_a_negative_or_non_numeric_count_is_a_usage_error_naming_the_flag(flags,
     assert stopped.value.code == 2
     error = capsys.readouterr().err
     assert f"argument {flags[-2]}: expected a whole number of at least" in error, error
+
+
+def test_a_launch_that_fails_before_training_says_why_in_the_job_log(tmp_path, monkeypatch):
+    """The rule's log is written by brainage.train, which never started: a run on several
+    nodes outside SLURM (or without srun) told only the terminal, and Snakemake pointed
+    at a log that did not exist."""
+    from brainage.launch import main
+
+    monkeypatch.delenv("SLURM_JOB_NODELIST", raising=False)
+    log = tmp_path / "pretrain_encoder.log"
+    with pytest.raises(SystemExit, match="must start inside a SLURM job"):
+        main(["--gpus", "1", "--nodes", "2", "--", "--split-dir", "x", "--log", str(log)])
+    assert re.search(r"ERROR brainage\.launch: a run on several nodes must start inside a "
+                     r"SLURM job", log.read_text())
+    monkeypatch.setenv("PATH", str(tmp_path))  # no srun
+    monkeypatch.setattr("brainage.launch.first_node", lambda environ: "gpu07")
+    with pytest.raises(SystemExit, match="cannot start srun"):
+        main(["--gpus", "1", "--nodes", "2", "--", "--log", str(log)])
+    assert "ERROR brainage.launch: cannot start srun: " in log.read_text()

@@ -1005,6 +1005,28 @@ def test_a_non_finite_loss_stops_training_and_names_the_epoch(split_dir, tmp_pat
         assert not (cell / "encoder.pt").exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step:UserWarning")
+def test_an_encoder_with_non_finite_statistics_stops_training_though_the_loss_is_finite(
+        split_dir, tmp_path, monkeypatch):
+    """A learning rate far too high left batch-norm variances at infinity with a finite
+    loss: the job wrote an encoder whose features were 0 for every subject."""
+    import brainage.train
+
+    def overflowing(model, *args, epoch, **kwargs):
+        if epoch == 2:
+            model.state_dict()["encoder.bn1.running_var"][0] = math.inf
+        return 1.0
+
+    monkeypatch.setattr(brainage.train, "run_epoch", overflowing)
+    with pytest.raises(FloatingPointError, match=r"encoder\.bn1\.running_var of the encoder "
+                                                 r"holds NaN or infinity after epoch 2 .*although "
+                                                 r"the loss is finite.* train\.lr"):
+        train_encoder(split_dir, tiny_settings(train={"epochs": 3, "batch_size": 9,
+                                                      "embed_epochs": []}),
+                      **cell_paths(tmp_path))
+    assert not (tmp_path / "encoder.pt").exists()
+
+
 def test_fingerprint_covers_the_starting_checkpoints_bytes(split_dir, tmp_path):
     start = tmp_path / "pretrained.pt"
     start.write_bytes(b"pretrained weights")
@@ -1048,6 +1070,28 @@ def test_save_checkpoint_leaves_only_the_new_digest(tmp_path):
     assert (tmp_path / "checkpoint.pt.sha256").read_text() == f"{new}  checkpoint.pt\n"
     checkpoint, digest = read_checkpoint(path, "cell")
     assert checkpoint["epoch"] == 2 and digest == new
+
+
+def test_a_verified_checkpoint_that_fails_to_load_stops_the_job_and_stays(tmp_path,
+                                                                         monkeypatch):
+    """A checkpoint whose digest matched but whose load failed (a node short of memory) was
+    ignored: training began again and its first epoch overwrote the finished ones."""
+    from brainage import train
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"format": 1, "fingerprint": "cell", "epoch": 3})
+    written = path.read_bytes()
+
+    def short_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(train.torch, "load", short_of_memory)
+    with pytest.raises(RuntimeError, match=rf"cannot read the verified training checkpoint "
+                                           rf"{re.escape(str(path))} \(RuntimeError: "
+                                           rf"DefaultCPUAllocator: not enough memory\)\. Its "
+                                           rf"epochs are kept: .* delete"):
+        train.read_checkpoint(path, "cell")
+    assert path.read_bytes() == written
 
 
 def test_run_epoch_returns_the_subject_weighted_mean_loss_over_paired_views():

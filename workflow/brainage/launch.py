@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
+import time
 from typing import Mapping, Sequence
 
 #: Lowest port of the first node on which torchrun's processes meet (c10d rendezvous);
@@ -91,6 +93,16 @@ def training_command(gpus: int, nodes: int, *, python: str = sys.executable,
             "brainage.train"]
 
 
+def torchrun_safe(train_arguments: Sequence[str]) -> list[str]:
+    """``brainage.train``'s arguments with ``--log`` spelt ``--log-file``: torchrun's parser
+    reads abbreviations across the whole command line, the training's arguments too, and
+    ``--log`` (what rule ``pretrain_encoder`` passes) is a prefix of its ``--log-dir`` and
+    ``--logs-specs``, so a run on several GPUs stopped with "ambiguous option: --log"
+    before any training. The rule's command stays as it is: a changed command would
+    retrain finished runs and every cell fine-tuned from them."""
+    return [re.sub(r"^--log(?==|$)", "--log-file", argument) for argument in train_arguments]
+
+
 def _count(minimum: int):
     """An argparse type: a whole number of at least ``minimum`` (a wrong one is a usage
     error, exit status 2, naming the flag)."""
@@ -117,10 +129,41 @@ def main(argv: Sequence[str] | None = None) -> None:
         arguments, train_arguments = parser.parse_args(argv[:split]), argv[split + 1:]
     else:
         arguments, train_arguments = parser.parse_known_args(argv)
-    command = [*training_command(arguments.gpus, arguments.nodes,
-                                 run=" ".join(train_arguments)), *train_arguments]
+    try:
+        command = [*training_command(arguments.gpus, arguments.nodes,
+                                     run=" ".join(train_arguments)),
+                   *torchrun_safe(train_arguments)]
+    except SystemExit as stop:
+        _say_in_job_log(train_arguments, str(stop.code))
+        raise
     sys.stdout.flush()
-    os.execvp(command[0], command)
+    try:
+        os.execvp(command[0], command)
+    except OSError as error:  # no srun on the node
+        message = f"brainage.launch: cannot start {command[0]}: {error}"
+        _say_in_job_log(train_arguments, message)
+        raise SystemExit(message) from None
+
+
+def _say_in_job_log(train_arguments: Sequence[str], message: str) -> None:
+    """Append why the launch failed to the job's log (brainage.train's ``--log``), which
+    the training opens only once it runs: Snakemake sends a user there when the job
+    fails, and on SLURM the terminal's text goes to another file."""
+    for index, argument in enumerate(train_arguments):
+        if argument.startswith("--log="):
+            path = argument.split("=", 1)[1]
+        elif argument in ("--log", "--log-file") and index + 1 < len(train_arguments):
+            path = train_arguments[index + 1]
+        else:
+            continue
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        try:
+            with open(path, "a") as log:
+                log.write(f"{stamp} ERROR brainage.launch: "
+                          f"{message.removeprefix('brainage.launch: ')}\n")
+        except OSError:
+            pass  # the message still reaches stderr
+        return
 
 
 if __name__ == "__main__":

@@ -366,6 +366,12 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                     f"loss is {mean_loss} in epoch {epoch} ({loss_settings['name']}, split "
                     f"{split.name}, seed {seed}). Lower config key "
                     f"{_train_key(settings, 'lr')} or check the images.")
+            if broken := _non_finite_state(model):
+                raise FloatingPointError(
+                    f"{broken} of the encoder holds NaN or infinity after epoch {epoch} "
+                    f"({loss_settings['name']}, split {split.name}, seed {seed}), although "
+                    f"the loss is finite: such an encoder gives every subject the same "
+                    f"features. Lower config key {_train_key(settings, 'lr')}.")
             scheduler.step()
             if embeddings_dir is not None and epoch in embed_epochs and writes:
                 features = embed(model, store, embed_rows, which=which,
@@ -443,6 +449,19 @@ def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,
                                "model": {key: value.detach().cpu().contiguous()
                                          for key, value in model.state_dict().items()},
                                "settings": settings, "split": split.name, "epochs": epochs})
+
+
+def _non_finite_state(model) -> str | None:
+    """The name of the first parameter or buffer of ``model`` that holds NaN or infinity,
+    else None. The loss can stay finite while batch-norm statistics overflow (a learning
+    rate far too high): the encoder then maps every subject to zero features and Table 3
+    showed a constant read-out as if it were a poor loss."""
+    tensors = {name: tensor for name, tensor in model.state_dict().items()
+               if tensor.is_floating_point()}
+    finite = torch.stack([tensor.isfinite().all() for tensor in tensors.values()])
+    if bool(finite.all()):  # one host synchronisation per epoch
+        return None
+    return next(name for name, ok in zip(tensors, finite.tolist()) if not ok)
 
 
 def write_features(path: str | Path, model, split: SplitData, encoder_sha256: str, *,
@@ -559,7 +578,13 @@ def _recorded_digests(checkpoint_path: Path) -> set[str]:
 def read_checkpoint(path: str | Path, identity: str) -> tuple[dict | None, str | None]:
     """The resume state at ``path`` and its sha256 if the file is intact and belongs to
     this training (``identity``: :func:`fingerprint`), else ``(None, None)`` with a
-    warning that names the file and why it is not used."""
+    warning that names the file and why it is not used.
+
+    Raises
+    ------
+    RuntimeError
+        The file is intact (its digest matches) but cannot be loaded now: the file stays.
+    """
     path = Path(path)
     if not path.exists():
         return None, None
@@ -577,9 +602,15 @@ def read_checkpoint(path: str | Path, identity: str) -> tuple[dict | None, str |
         return None, None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # verified bytes that torch cannot read: another format
-        log.warning("ignoring unreadable checkpoint %s (%s); training from scratch", path, error)
-        return None, None
+    except Exception as error:
+        # the bytes are the ones this code wrote (the digest matched), so what failed is the
+        # node (memory, file system) or the PyTorch reading them; training from scratch
+        # would overwrite the finished epochs with its first one
+        raise RuntimeError(
+            f"cannot read the verified training checkpoint {path} ({type(error).__name__}: "
+            f"{error}). Its epochs are kept: run the job again with more memory (the rule's "
+            f"mem_mb in the config's resources) or with the PyTorch version that wrote it; to "
+            f"train from scratch instead, delete {path} and {digest_file}.") from error
     if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("fingerprint") != identity:
         log.warning("ignoring checkpoint %s: it belongs to other settings or another split; "
                     "training from scratch", path)
@@ -730,7 +761,7 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--features", required=True, help="features.npz to write")
     parser.add_argument("--checkpoint", required=True,
                         help="resume state between epochs (kept after a kill, deleted at the end)")
-    parser.add_argument("--log", default=None,
+    parser.add_argument("--log-file", "--log", dest="log", default=None,
                         help="log file of rank 0, keeping earlier attempts (brainage.logs); "
                              "the other processes log warnings and errors to stderr")
     return parser.parse_args(argv)
