@@ -1687,6 +1687,19 @@ def test_run_names_its_output_and_the_remedies_a_bundle_user_has(world, new_coho
                      rf"row in .*{dropped[0]}", last_run), last_run
     assert "ERROR brainage: stopped: subject sub-" in last_run
 
+    def short_of_memory(inputs, layout, label, **settings):
+        raise PreprocessError(f"subject sub-{label}: skull stripping (deepbet) of x failed: "
+                              f"DefaultCPUAllocator: can't allocate memory. The job ran out of "
+                              f"memory: the image is not at fault.")
+
+    monkeypatch.setattr(chain, "run_subject", short_of_memory)
+    with pytest.raises(InputError, match=r"(?s)not at fault\.\nWith a model bundle the "
+                                         r"preprocessing settings are the bundle's: run it "
+                                         r"again where more memory is free, or with fewer "
+                                         r"--jobs\. The subjects") as raised:
+        predict_module.run_cohort(world.bundle_dir, fewer, output, **template)
+    assert "remove its row" not in str(raised.value)
+
 
 def test_a_cohort_registered_by_different_references_is_warned_about(world, new_cohort,
                                                                       tmp_path, caplog):
@@ -2030,14 +2043,37 @@ def test_simulating_again_never_deletes_what_was_put_in_the_simulated_folder(tmp
     mine.write_text("my predictions\n")
     (root / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match=rf"{re.escape(str(root))} is a brainage simulation, "
-                                              rf"but .*notes\.txt, .*derivatives/brainage was put "
-                                              rf"there since; .* would delete it"):
+                                              rf"but .*derivatives/brainage/predictions\.tsv, "
+                                              rf".*notes\.txt was put there since; .* would "
+                                              rf"delete it"):
         cohort.replace_simulation(root, n_subjects=10, seed=1)
     assert not calls and mine.read_text() == "my predictions\n"
     (root / "notes.txt").unlink()
     shutil.rmtree(mine.parent)
     cohort.replace_simulation(root, n_subjects=10, seed=1)  # the simulator's own files only
     assert calls == [root]
+
+
+@pytest.mark.parametrize("added", ["sub-st1s001/anat/sub-st1s001_desc-manualqc_notes.txt",
+                                   "derivatives/simulation/myedits/edit.txt",
+                                   "sub-mine01/mre/sub-mine01_stiffness.nii.gz",
+                                   "derivatives/simulation/sub-mine01/sub-mine01_desc-truth_mask.nii.gz",
+                                   "sub-st1s001/mre/sub-st1s001_stiffness.json"])
+def test_simulating_again_never_deletes_files_put_inside_the_simulated_folders(tmp_path, added):
+    """Files put inside a subject's folder or the simulation's derivatives, and a real
+    subject beside the simulated ones, were deleted by a new simulation: the check looked
+    at the top level only."""
+    from brainage.simulate import cohort
+
+    root = tmp_path / "demo"
+    cohort.simulate_cohort(root, n_subjects=10, seed=3)
+    assert cohort._not_simulated(root) == []  # everything the simulator writes is its own
+    path = root / added
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("mine")
+    with pytest.raises(FileExistsError, match=rf"but {re.escape(str(path))} was put there"):
+        cohort.replace_simulation(root, n_subjects=10, seed=4)
+    assert path.read_text() == "mine"
 
 
 def test_exported_cell_must_be_trained_by_the_grid():

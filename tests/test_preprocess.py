@@ -311,6 +311,55 @@ def test_empty_skull_strip_mask_is_an_error(simulated_cohort, tmp_path, monkeypa
                     tmp_path / "i.json", anat=files["anat"], method="deepbet", subject="a")
 
 
+def test_a_skull_stripping_tool_short_of_memory_is_not_called_a_bad_image(simulated_cohort,
+                                                                          tmp_path, monkeypatch):
+    """deepbet runs in the job's process: PyTorch's allocation failure was reported as a
+    bad image ("Check the image"), and predict run advised dropping the subject."""
+    root, truth = simulated_cohort
+    files = _subject_files(root, truth["participant_id"].iloc[0])
+    from brainage.preprocess import skullstrip
+
+    def short_of_memory(route, tool, in_file, work, threads):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] . DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 56623104 bytes.")
+
+    monkeypatch.setattr(skullstrip, "_run_mask_interface", short_of_memory)
+    with pytest.raises(PreprocessError, match=r"sub-a: skull stripping \(deepbet\) of .* "
+                                              r"failed: .*can't allocate memory.*The job ran out "
+                                              r"of memory: the image is not at fault\. Raise "
+                                              r"resources\.preprocess\.mem_mb") as raised:
+        strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                    tmp_path / "i.json", anat=files["anat"], method="deepbet", subject="a")
+    assert "Check the image" not in str(raised.value)
+
+
+@pytest.mark.parametrize("kept", ["head", "brain"])
+def test_a_brain_mask_of_a_volume_no_brain_has_is_warned_of(simulated_cohort, tmp_path,
+                                                            monkeypatch, caplog, kept):
+    """A stripping that kept the whole head (38,700 ml in the review) left one INFO line;
+    QC flagged it only where its Dice fell below qc.min_dice."""
+    root, truth = simulated_cohort
+    files = _subject_files(root, truth["participant_id"].iloc[0])
+    from brainage.preprocess import skullstrip
+
+    def tool_mask(route, tool, in_file, work, threads):
+        image = nib.load(in_file)
+        path = work / "mask.nii.gz"
+        mask = (np.ones(image.shape) if kept == "head"
+                else np.asarray(nib.load(files["truth_mask"]).dataobj) > 0)
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), image.affine), path)
+        return path
+
+    monkeypatch.setattr(skullstrip, "_run_mask_interface", tool_mask)
+    with caplog.at_level(logging.WARNING):
+        strip_skull(files["stiffness"], tmp_path / "m.nii.gz", tmp_path / "r.nii.gz",
+                    tmp_path / "i.json", anat=files["anat"], method="deepbet", subject="a")
+    warned = re.search(r"sub-a: the brain mask deepbet made of the T1w .*sub-\w+_T1w\.nii\.gz "
+                       r"holds \d+ ml, where a brain with its CSF holds 600-3000 ml: it may "
+                       r"keep the skull .* Look at .*m\.nii\.gz over the T1w", caplog.text)
+    assert bool(warned) == (kept == "head"), caplog.text
+
+
 @pytest.mark.parametrize("method", ["none", "deepbet"])
 def test_infinite_t1w_voxels_are_background_of_the_reference(tmp_path, monkeypatch, method):
     """A NaN or inf T1w voxel is background (0) in the registration reference, as in the

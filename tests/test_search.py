@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -253,6 +254,22 @@ def test_a_damaged_trial_features_file_trains_the_trial_again(stubbed_search):
     assert random_search(split_dir, out, {**settings, "readout": {"alphas": [0.25]}},
                          search)["n_trials"] == 1
     assert len(trained) == 2  # the replaced file is read again
+
+
+@pytest.mark.parametrize("damage", ["", "[1, 2]"])
+def test_a_damaged_trial_metrics_file_is_scored_again(stubbed_search, caplog, damage):
+    """A cut-short trial-NN/metrics.json (the trial folders are no rule's outputs) stopped
+    the search with a bare JSONDecodeError, naming no file, on every rerun."""
+    trained, split_dir, settings, out = stubbed_search
+    search = {**SEARCH, "trials": 1}
+    best = random_search(split_dir, out, settings, search)
+    metrics = out / "trial-01" / "metrics.json"
+    metrics.write_text(damage)
+    with caplog.at_level(logging.WARNING, logger="brainage.search"):
+        assert random_search(split_dir, out, settings, search) == best
+    assert re.search(rf"ignoring the trial's metrics {re.escape(str(metrics))}, which cannot be "
+                     rf"read \(.+\); scoring the trial again", caplog.text), caplog.text
+    assert isinstance(json.loads(metrics.read_text()), dict)
 
 
 def test_a_diverged_trial_names_the_grids_learning_rate_key(tmp_path, monkeypatch):

@@ -234,6 +234,29 @@ def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
 
 
 @pytest.mark.workflow
+def test_a_simulated_cohort_missing_an_image_is_told_to_simulate_it_again(tmp_path):
+    """The plan advised adding the file or removing the subject's row, edits that the next
+    simulation of the demo's folder undoes."""
+    from brainage.simulate import simulate_cohort
+
+    root = tmp_path / "demo"
+    simulate_cohort(root, n_subjects=10, seed=5, with_anatomy=False)
+    missing = sorted(root.glob("sub-*/mre/*_stiffness.nii.gz"))[3]
+    missing.unlink()
+    config = tmp_path / "user.yaml"
+    config.write_text(yaml.safe_dump({
+        "dataset": {"root": str(root), "modalities": ["stiffness"],
+                    "simulate": {"enabled": True, "n_subjects": 10, "seed": 5,
+                                 "maps": ["stiffness"]}},
+        "train": {"batch_size": 4}, "loss": {"nn_final": 2}}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(rf"{re.escape(missing.name)} .*is missing.*\n\s*{re.escape(str(root))} is "
+                     rf"the simulated cohort \(dataset\.simulate\.enabled\): simulate it "
+                     rf"again with --forcerun simulate_cohort", result.stdout), result.stdout
+
+
+@pytest.mark.workflow
 def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
     """The maps a predict cohort needs are the exported model's inputs: the plan said that
     config key dataset.modalities lists the missing map and to remove it from the
@@ -539,6 +562,24 @@ def test_interrupted_run_notice_names_the_slurm_jobs_to_cancel(tmp_path):
     os.utime(killed, (5, 5))
     assert last_slurm_run_id(tmp_path) is None
     assert "scancel" not in interrupted_run_notice(tmp_path)
+
+
+
+def test_a_log_that_cannot_be_read_never_stops_the_interrupted_run_notice(tmp_path):
+    """A colleague's log under umask 077 (here a folder by that name: open fails as root
+    too), or one removed between the listing and its stat, made every snakemake command,
+    --unlock included, stop with a traceback while planning."""
+    logs = tmp_path / ".snakemake" / "log"
+    logs.mkdir(parents=True)
+    killed = logs / "2026-12-01T100000.000000.snakemake.log"
+    killed.write_text("Building DAG of jobs...\nSLURM run ID: 90d6e715-404b-4598\n")
+    os.utime(killed, (1, 1))
+    (logs / "2026-12-02T100000.000000.snakemake.log").mkdir()
+    (logs / "2026-12-03T100000.000000.snakemake.log").symlink_to(logs / "gone")
+    (tmp_path / ".snakemake" / "locks").mkdir()
+    (tmp_path / ".snakemake" / "locks" / "0.output.lock").write_text("results/x\n")
+    assert last_slurm_run_id(tmp_path) == "90d6e715-404b-4598"
+    assert "`scancel --name 90d6e715-404b-4598`" in interrupted_run_notice(tmp_path)
 
 
 NOTICE = "a previous Snakemake run in"

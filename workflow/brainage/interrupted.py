@@ -76,11 +76,18 @@ def last_slurm_run_id(workdir: str | Path = ".", *, logs_read: int = 50) -> str 
     ``LockException`` and of an ``--unlock`` (with only the newest two logs read, the ID
     was gone after one of them, and with it the advice to cancel the killed run's jobs)."""
     folder = Path(workdir, ".snakemake", "log")
-    logs = sorted(folder.glob("*.snakemake.log"), key=lambda log: log.stat().st_mtime,
-                  reverse=True) if folder.is_dir() else []
-    for log in logs[:logs_read]:
-        with open(log, "rb") as handle:
-            head = handle.read(_LOG_HEAD_BYTES).decode(errors="replace")
+    logs = []
+    for log in folder.glob("*.snakemake.log") if folder.is_dir() else []:
+        try:
+            logs.append((log.stat().st_mtime, log))
+        except OSError:  # removed since the glob: a dry run deletes its own log
+            continue
+    for _, log in sorted(logs, reverse=True)[:logs_read]:
+        try:
+            with open(log, "rb") as handle:
+                head = handle.read(_LOG_HEAD_BYTES).decode(errors="replace")
+        except OSError:  # a colleague's log under umask 077: this advice must never
+            continue     # stop the run (or the --unlock) it is printed for
         if match := _SLURM_RUN_ID.search(head):
             return match.group(1)
         if _PLANNED_JOBS.search(head):  # a local run

@@ -55,7 +55,7 @@ from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
 from brainage.preprocess.chain import STEP_RECORDS, WorkerKilledError, registered_maps, run_subjects
 from brainage.preprocess.derivatives import describe_preprocessing
-from brainage.preprocess.images import PreprocessError
+from brainage.preprocess.images import OUT_OF_MEMORY_HINT, PreprocessError
 from brainage.preprocess.template import prepare_template, template_record
 
 log = logging.getLogger(__name__)
@@ -250,11 +250,14 @@ def _run_checked_cohort(early: EarlyRecords, bundle_dir: str | Path,
                 template_mask=mask_path, modalities=modalities, jobs=jobs, cohort=cohort)
         except (InputError, PreprocessError) as error:
             # its config-key remedies do not apply here: the bundle fixes the preprocessing
+            remedy = ("run it again where more memory is free, or with fewer --jobs"
+                      if OUT_OF_MEMORY_HINT in str(error) else
+                      f"fix this subject's file, or remove its row from "
+                      f"{Path(dataset_root) / 'participants.tsv'}")
             raise InputError(
-                f"{error}\nWith a model bundle the preprocessing settings are the bundle's: fix "
-                f"this subject's file, or remove its row from "
-                f"{Path(dataset_root) / 'participants.tsv'}. The subjects preprocessed so far "
-                f"are kept: the same command continues where it stopped.") from None
+                f"{error}\nWith a model bundle the preprocessing settings are the bundle's: "
+                f"{remedy}. The subjects preprocessed so far are kept: the same command "
+                f"continues where it stopped.") from None
         channels = bundle.normalisation["modalities"]
         maps = {label: registered_maps(files, channels) for label, files in processed.items()}
         qc = {label: files["qc_json"] for label, files in processed.items()}

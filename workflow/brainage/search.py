@@ -84,6 +84,25 @@ def trial_key(settings: Mapping, split: SplitData) -> str:
 TRIAL_FEATURES = "features.npz"
 
 
+def _stored_metrics(path: Path) -> dict | None:
+    """A trial's metrics.json, or None when it is absent or damaged (a warning names it):
+    the trial is scored again and the file replaced, where a bare JSONDecodeError stopped the
+    search on every rerun (the trial folders are no rule's outputs: nothing removes them)."""
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        metrics = error
+    if isinstance(metrics, dict):
+        return metrics
+    log.warning("ignoring the trial's metrics %s, which cannot be read (%s); scoring the "
+                "trial again (from its stored features where they are valid)", path,
+                metrics if isinstance(metrics, Exception)
+                else f"a JSON {type(metrics).__name__}, not an object")
+    return None
+
+
 def _stored_features(path: Path, key: str, split: SplitData) -> dict | None:
     """The features a trial's encoder left in ``path``, if it was trained as the trial
     would train now (``key``: :func:`trial_key` of its training settings) on this split's
@@ -205,7 +224,7 @@ def random_search(split_dir: str | Path, out_dir: str | Path, settings: Mapping,
         training_key = trial_key(training_settings(settings_trial), split)
         features_path = trial_dir / TRIAL_FEATURES
         remove_stale_temporaries(features_path)
-        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else None
+        metrics = _stored_metrics(metrics_path)
         # the old key only when the new one does not match (a key hashes the trials'
         # starting checkpoint, 134 MB at the paper's width)
         if metrics is not None and (metrics.get(TRIAL_KEY) == key

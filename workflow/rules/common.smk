@@ -289,7 +289,19 @@ def participants():
     try:
         return checked_participants(DATASET_ROOT, MODALITIES, "dataset.root")
     except InputError as error:
-        raise WorkflowError(str(error)) from None
+        raise WorkflowError(input_error_message(error, SIMULATED)) from None
+
+
+def input_error_message(error, simulated):
+    """An input error's message; for the simulated training cohort with the remedy that
+    lasts: its remedies (add the file, remove the row) are undone by the next simulation,
+    which rewrites the folder."""
+    if not simulated:
+        return str(error)
+    return (
+        f"{error}\n{DATASET_ROOT} is the simulated cohort (dataset.simulate.enabled): "
+        f"simulate it again with --forcerun simulate_cohort added to the command."
+    )
 
 
 def subjects():
@@ -399,7 +411,8 @@ def raw_inputs(wildcards):
     try:
         return subject_inputs(root, wildcards.subject, modalities)
     except InputError as error:
-        raise WorkflowError(str(error)) from None
+        simulated = wildcards.preproc == TRAINING_PREPROC and SIMULATED
+        raise WorkflowError(input_error_message(error, simulated)) from None
 
 
 #: Preproc folders of cohorts that a plain rule simulates (their files are declared).

@@ -25,6 +25,11 @@ class PreprocessError(RuntimeError):
     """A preprocessing step produced no usable result; the message names subject and step."""
 
 
+#: What a PreprocessError says of an allocation failure, so that `predict run` does not
+#: advise dropping the subject then.
+OUT_OF_MEMORY_HINT = "out of memory"
+
+
 def load_volume(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume as float32 with its affine.
 

@@ -44,6 +44,7 @@ from brainage.inputs import same_grid
 from brainage.io import write_json
 from brainage.modalities import MODALITIES, modality
 from brainage.preprocess.images import (
+    OUT_OF_MEMORY_HINT,
     PreprocessError,
     load_mask,
     load_volume,
@@ -173,8 +174,22 @@ def _failure_hint(error: Exception) -> str:
                 f"job's memory limit: SynthStrip needs 6-8 GB for a 1 mm T1w. Raise "
                 f"resources.preprocess.mem_mb (SynthStrip's jobs ask for at least "
                 f"{SYNTHSTRIP_MEM_MB} MB).")
+    if out_of_memory(error):
+        return (f"The job ran {OUT_OF_MEMORY_HINT}: the image is not at fault. "
+                f"Raise resources.preprocess.mem_mb (for predict run: a node with more "
+                f"memory, or fewer --jobs).")
     return ("Check the image (contrast, orientation, field of view), or try another "
             "preprocess.skullstrip route.")
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is an allocation failure: deepbet runs in this process, where
+    PyTorch reports one as a RuntimeError ("DefaultCPUAllocator: can't allocate memory",
+    "not enough memory"), and numpy as MemoryError."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or any(
+        words in text for words in ("can't allocate memory", "not enough memory",
+                                    "out of memory", "cannot allocate memory"))
 
 
 # -- the rule's function ----------------------------------------------------------------------
@@ -217,6 +232,26 @@ def _read_tool_mask(path: Path) -> tuple[np.ndarray, np.ndarray]:
     image = nib.load(str(path))
     mask = np.asanyarray(image.dataobj) > 0
     return (mask[..., 0] if mask.ndim == 4 and mask.shape[3] == 1 else mask), image.affine
+
+
+#: Volumes (ml) outside which a T1w's brain mask is more likely a failed stripping than a
+#: brain: brain with its CSF is about 1,000-2,000 ml from childhood on (the simulator's
+#: heads: 1,700-2,400). A 38,700 ml mask of a padded T1w, or the reverse, went to QC with
+#: an INFO line, and only a Dice well below qc.min_dice flagged it there.
+PLAUSIBLE_BRAIN_ML = (600.0, 3000.0)
+
+
+def _say_if_implausible(name: str, tool: str, anat, anat_mask: np.ndarray,
+                        anat_affine: np.ndarray, out_mask) -> None:
+    """Warn when the tool's mask of the T1w holds a volume no brain has
+    (:data:`PLAUSIBLE_BRAIN_ML`)."""
+    volume_ml = float(anat_mask.sum()) * abs(np.linalg.det(anat_affine[:3, :3])) / 1000.0
+    low, high = PLAUSIBLE_BRAIN_ML
+    if not low <= volume_ml <= high:
+        log.warning("%s: the brain mask %s made of the T1w %s holds %.0f ml, where a brain "
+                    "with its CSF holds %.0f-%.0f ml: it may keep the skull or miss part of "
+                    "the brain. Look at %s over the T1w; qc.exclude_failed leaves out the "
+                    "subjects that QC flags.", name, tool, anat, volume_ml, low, high, out_mask)
 
 
 def _absolute(path: str | Path) -> str:
@@ -298,7 +333,7 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
                 try:
                     mask_file = _run_mask_interface(route, freesurfer_tool, _absolute(anat),
                                                     work, threads)
-                except (AssertionError, ValueError, RuntimeError, OSError) as error:
+                except (AssertionError, ValueError, RuntimeError, OSError, MemoryError) as error:
                     # deepbet asserts "Not enough foreground" (or fails on an empty
                     # component list) when it finds no brain; FreeSurfer exits non-zero.
                     detail = (str(error).strip().splitlines() or [type(error).__name__])[-1]
@@ -315,6 +350,7 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
                                           f"shape {anat_data.shape} with affine\n"
                                           f"{np.round(reference_affine, 3)}. Try another "
                                           f"preprocess.skullstrip route.")
+                _say_if_implausible(name, ran, anat, anat_mask, reference_affine, out_mask)
                 mask = resample_mask(anat_mask, reference_affine, data.shape, affine)
                 reference = np.where(anat_mask, anat_data, 0).astype(np.float32)
                 kind, source = "T1w_brain", "T1w"

@@ -10,6 +10,7 @@ T1w-like image are shared with the T1w-only cohort (:mod:`brainage.simulate.t1w_
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
@@ -258,6 +259,20 @@ class _TemplateAnatomy:
     head_t1w: np.ndarray                # grid, intensity outside the brain mask
     head_corners_mm: np.ndarray         # (8, 3) corners of the head's bounding box
     brain_corners_mm: np.ndarray        # (8, 3) corners of the brain's bounding box
+
+
+def one_blas_thread():
+    """A context in which BLAS runs on one thread: OpenBLAS splits a product's sums by its
+    thread count, so a simulation from the command line (every core) differed from the
+    rule's (Snakemake's one thread) in the last bit of a few voxels, against "the same seed
+    gives identical files on one machine". threadpoolctl comes with scikit-learn; where it
+    is absent (envs/preprocess.yaml), Snakemake's job environment limits BLAS to the job's
+    threads already."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _soft_ellipsoid(points_mm: np.ndarray, centre, semi_axes) -> np.ndarray:
@@ -608,7 +623,8 @@ def _damping_ratio_map(rng: np.random.Generator, anatomy: _TemplateAnatomy,
                               * (stiffness_age - REFERENCE_AGE_YEARS)))
     region_damping = np.array([region.damping_ratio for region in REGIONS]) * age_factor \
         * rng.lognormal(0.0, REGION_DAMPING_RATIO_SD, size=len(REGIONS))
-    tissue_damping = region_damping.astype(np.float32) @ anatomy.region_weights
+    with one_blas_thread():
+        tissue_damping = region_damping.astype(np.float32) @ anatomy.region_weights
     subject_factor = float(rng.lognormal(0.0, SUBJECT_DAMPING_RATIO_SD))
     brain_damping = (atrophy.tissue * tissue_damping
                      + (1.0 - atrophy.tissue) * CSF_DAMPING_RATIO) * (
@@ -693,7 +709,8 @@ def simulate_subject(subject: dict, *, seed: int, id_prefix: str, index: int,
     region_stiffness = np.array([
         region.baseline_kpa * np.exp(region.slope_percent_per_year / 100.0 * ageing)
         for region in REGIONS]) * rng.lognormal(0.0, REGION_STIFFNESS_SD, size=len(REGIONS))
-    tissue_stiffness = region_stiffness.astype(np.float32) @ anatomy.region_weights
+    with one_blas_thread():
+        tissue_stiffness = region_stiffness.astype(np.float32) @ anatomy.region_weights
     subject_factor = float(rng.lognormal(0.0, SUBJECT_STIFFNESS_SD)) * (
         FEMALE_STIFFNESS_FACTOR if subject["sex"] == "F" else 1.0)
     brain_stiffness = (atrophy.tissue * tissue_stiffness

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import shlex
 import time
 from pathlib import Path
@@ -274,17 +275,34 @@ def replace_simulation(root: str | Path, **options) -> pd.DataFrame:
 #: What a simulated cohort's folder holds besides its sub-<label>/ folders.
 SIMULATION_FILES = frozenset({"dataset_description.json", "participants.tsv",
                               "participants.json", ".bidsignore", "derivatives"})
+#: Every file :func:`simulate_cohort` writes, as a path relative to the root (the
+#: subject's label in group ``label``).
+_SIMULATED_FILE = re.compile(
+    r"(?:dataset_description\.json|participants\.tsv|participants\.json|\.bidsignore"
+    r"|derivatives/simulation/(?:dataset_description\.json|truth\.tsv|truth\.json"
+    r"|\.bidsignore|(?P<truth>sub-[A-Za-z0-9]+)/(?P=truth)_desc-truth_mask\.nii\.gz)"
+    rf"|(?P<label>sub-[A-Za-z0-9]+)/(?:mre/(?P=label)_(?:{'|'.join(MAP_DESCRIPTIONS)})"
+    r"|anat/(?P=label)_T1w)\.nii\.gz)")
 
 
 def _not_simulated(root: Path) -> list[Path]:
-    """Entries of simulated cohort ``root`` that the simulator does not write: top-level
-    entries other than :data:`SIMULATION_FILES` and ``sub-*`` folders, and derivatives
-    other than ``derivatives/simulation``."""
-    added = [path for path in sorted(root.iterdir()) if path.name not in SIMULATION_FILES
-             and not (path.name.startswith("sub-") and path.is_dir())]
-    derivatives = root / "derivatives"
-    if derivatives.is_dir():
-        added += [path for path in sorted(derivatives.iterdir()) if path.name != "simulation"]
+    """Files under simulated cohort ``root`` that the simulator did not write: anything
+    but the names :func:`simulate_cohort` gives its files (:data:`_SIMULATED_FILE`), and
+    those of a subject its truth table does not list (a real subject put beside the
+    simulated ones). A link or a folder that is a link counts as a file."""
+    try:  # the participants table may be gone: Snakemake removes a job's outputs first
+        labels = set(pd.read_csv(root / "derivatives" / "simulation" / "truth.tsv",
+                                 sep="\t", dtype=str)["participant_id"])
+    except (OSError, KeyError, ValueError):
+        labels = None  # no truth table: the files' names alone decide
+    added = []
+    for path in sorted(root.rglob("*")):
+        if path.is_dir() and not path.is_symlink():
+            continue
+        match = _SIMULATED_FILE.fullmatch(path.relative_to(root).as_posix())
+        label = match and (match["label"] or match["truth"])
+        if not match or (label and labels is not None and label not in labels):
+            added.append(path)
     return added
 
 
