@@ -596,11 +596,34 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
                                           r"\(YAML reads 1e-3 as text: .*e\.g\. 1\.0e-3"):
         validate_config(yaml.safe_load("train:\n  lr: 1e-3\n"))
     with pytest.raises(ConfigError, match=r"'train\.lr': '1\.0e-3' is not of type 'number' "
-                                          r"\(a number in quotes is text: remove the quotes\)"):
+                                          r"\(text, not a number: in a config file, remove its "
+                                          r"quotes; .*--configfile"):
         validate_config(yaml.safe_load("train:\n  lr: '1.0e-3'\n"))
     with pytest.raises(ConfigError) as refused:  # a list expected: no hint about numbers
         validate_config(yaml.safe_load("readout:\n  alphas: 1e-3\n"))
     assert "YAML reads" not in str(refused.value) and "quotes" not in str(refused.value)
+
+
+@pytest.mark.parametrize("override, key, what", [
+    ("split={seed: 7}", "split.seed", "a number"),
+    ("qc={exclude_failed: yes}", "qc.exclude_failed", "true or false"),
+    ("dataset={simulate: {enabled: false}}", "dataset.simulate.enabled", "true or false"),
+    ("normalise={resolution_mm: 6.5}", "normalise.resolution_mm", "a number"),
+])
+def test_a_value_from_snakemakes_config_option_is_told_to_go_in_a_config_file(override, key,
+                                                                              what):
+    """snakemake --config reads every value inside a section as text: every number and
+    true/false given so was refused as if mistyped, with no word of where the text came
+    from (the planning's own advice, dataset.simulate.enabled: false, could not be
+    followed with it)."""
+    from snakemake.cli import parse_config
+
+    given = parse_config([override])
+    with pytest.raises(ConfigError, match=rf"config key '{re.escape(key)}': .* is not of type "
+                                          rf".*\(text, not {what}: .*snakemake --config .* "
+                                          rf"always arrives as text, so give it in a YAML file "
+                                          rf"with --configfile instead\)"):
+        validate_config(given)
 
 
 def test_cell_names_its_pretraining_run():

@@ -798,6 +798,27 @@ def test_cli_names_a_root_the_system_refuses_without_a_traceback(tmp_path, capsy
                      r"folder you can write to", error)
 
 
+def test_cli_overwrites_only_an_earlier_simulation(tmp_path, capsys, tiny_subjects):
+    """The refusal of a non-empty --root suggested --overwrite, which then replaced any
+    folder as a whole: one wrong --root deleted a lab's own dataset."""
+    mine = tmp_path / "my_study"
+    (mine / "sub-01" / "mre").mkdir(parents=True)
+    (mine / "participants.tsv").write_text("participant_id\tage\nsub-01\t30\n")
+    for flags in ([], ["--overwrite"]):
+        with pytest.raises(SystemExit) as exited:
+            simulate.main(["--root", str(mine), "--n-subjects", "10", *flags])
+        assert exited.value.code == 2
+    assert re.search(r"--overwrite replaces only an earlier simulation, and .*my_study holds "
+                     r"files the simulator did not write", capsys.readouterr().err)
+    assert (mine / "participants.tsv").read_text().startswith("participant_id\tage\nsub-01")
+    simulated = tmp_path / "simulated"
+    simulate.main(["--root", str(simulated), "--n-subjects", "10", "--no-anatomy"])
+    simulate.main(["--root", str(simulated), "--n-subjects", "10", "--seed", "1",
+                   "--no-anatomy", "--overwrite"])
+    assert json.loads((simulated / "dataset_description.json").read_text())[
+        "SimulationParameters"]["seed"] == 1
+
+
 def test_cli_refuses_an_ageing_offset_without_an_accelerated_group(tmp_path, capsys,
                                                                      tiny_subjects):
     """--accelerated-ageing-years without --accelerated-group-n was accepted and ignored:

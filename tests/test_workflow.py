@@ -2,6 +2,7 @@
 run early, and what to run after a kill."""
 
 import base64
+import json
 import os
 import re
 import signal
@@ -254,6 +255,30 @@ def test_a_simulated_cohort_missing_an_image_is_told_to_simulate_it_again(tmp_pa
     assert re.search(rf"{re.escape(missing.name)} .*is missing.*\n\s*{re.escape(str(root))} is "
                      rf"the simulated cohort \(dataset\.simulate\.enabled\): simulate it "
                      rf"again with --forcerun simulate_cohort", result.stdout), result.stdout
+
+
+@pytest.mark.workflow
+def test_a_new_simulated_root_under_finished_results_is_refused(tmp_path):
+    """dataset.root moved (or mistyped) with the simulation on, over finished results: the
+    checkpoint never ran for the new root, nothing reran, and describe_preprocessing named
+    the empty new root as the source of the old cohort's results."""
+    old = tmp_path / "old_demo"
+    description = tmp_path / "results" / "preproc" / "dataset_description.json"
+    description.parent.mkdir(parents=True)
+    description.write_text(json.dumps({"SourceDatasets": [{"URL": old.as_uri()}]}))
+    config = tmp_path / "user.yaml"
+    config.write_text(yaml.safe_dump({"dataset": {"root": str(tmp_path / "nonexist"),
+                                                  "simulate": {"enabled": True}}}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert re.search(rf"config key dataset\.root \(.*nonexist\) holds no simulation yet, but "
+                     rf"results/preproc/dataset_description\.json describes subjects "
+                     rf"preprocessed from {re.escape(old.as_uri())}: .*Point dataset\.root back",
+                     result.stdout), result.stdout[-3000:]
+    description.write_text(json.dumps({"SourceDatasets": [
+        {"URL": (tmp_path / "nonexist").as_uri()}]}))  # its own root, deleted: as before
+    assert "holds no simulation yet" not in snakemake(tmp_path, "-n", "--configfile",
+                                                      str(config)).stdout
 
 
 @pytest.mark.workflow
@@ -624,6 +649,7 @@ def test_readme_commands_resume_a_killed_run(tmp_path):
 
     unlocked = snakemake(work, "--unlock", *arguments)
     assert unlocked.returncode == 0, unlocked.stdout[-4000:]
+    assert NOTICE not in unlocked.stdout, "the --unlock was told to run --unlock"
     resumed = snakemake(work, "--rerun-incomplete", *arguments)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert (work / target).is_file()

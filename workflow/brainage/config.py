@@ -125,6 +125,14 @@ def _anchored_at_the_end(pattern: str) -> str:
     return pattern
 
 
+#: Why a number or a boolean arrived as text: quotes in a file, or Snakemake's --config,
+#: which reads every value inside a section as text (YAML's BaseLoader).
+_QUOTED_OR_COMMAND_LINE = (
+    "text, not {what}: in a config file, remove its quotes; a value given inside a section "
+    "with snakemake --config (--config 'split={{seed: 7}}') always arrives as text, so give it "
+    "in a YAML file with --configfile instead")
+
+
 def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") -> str:
     """One line per schema error: the full dotted key path, what is wrong, and for an
     unknown key the nearest known spelling."""
@@ -145,14 +153,16 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
                     "put the value on its key's line)")
     types = error.validator_value if isinstance(error.validator_value, list) else [
         error.validator_value]
-    if (error.validator == "type" and isinstance(error.instance, str)
-            and {"number", "integer"} & set(types)):
+    if error.validator == "type" and isinstance(error.instance, str):
         text = error.instance.strip()
-        if re.fullmatch(r"[+-]?(\d+\.\d*|\.\d+)([eE][+-]\d+)?", text):  # YAML's own floats
-            message += " (a number in quotes is text: remove the quotes)"
-        elif re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", text):
+        number = {"number", "integer"} & set(types)
+        if number and re.fullmatch(r"[+-]?(\d+|(\d+\.\d*|\.\d+)([eE][+-]\d+)?)", text):
+            message += f" ({_QUOTED_OR_COMMAND_LINE.format(what='a number')})"
+        elif number and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", text):
             message += (f" (YAML reads {text} as text: a number with an exponent needs a "
                         f"decimal point and a sign, e.g. 1.0e-3, or write 0.001)")
+        elif "boolean" in types and text.lower() in ("true", "false", "yes", "no"):
+            message += f" ({_QUOTED_OR_COMMAND_LINE.format(what='true or false')})"
     return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 
 

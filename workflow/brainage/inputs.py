@@ -266,6 +266,32 @@ def simulation_mismatches(cohorts: Sequence[tuple[str, str | Path, bool]]) -> tu
     return problems, warnings
 
 
+def simulation_missing_under_results(root: str | Path,
+                                     description_path: str | Path) -> str | None:
+    """A problem when the simulated training cohort's ``root`` holds no simulation while
+    the results' preprocessing description (``description_path``, written by rule
+    describe_preprocessing) names another source folder, else None.
+
+    The simulation is a checkpoint whose output only input functions reach: under
+    finished results Snakemake never runs it for a new root, so a changed (or mistyped)
+    ``dataset.root`` reran nothing, and the description then named the new, empty root as
+    the source of the old cohort's results."""
+    if os.path.lexists(Path(root) / "participants.tsv"):
+        return None
+    try:
+        source = json.loads(Path(description_path).read_text())["SourceDatasets"][0]["URL"]
+    except (OSError, ValueError, LookupError, TypeError):
+        return None  # no finished results (or no readable description): nothing to keep apart
+    if source == Path(root).resolve().as_uri():
+        return None
+    return (f"config key dataset.root ({root}) holds no simulation yet, but "
+            f"{description_path} describes subjects preprocessed from {source}: under "
+            f"finished results Snakemake does not simulate a new root, so nothing would "
+            f"rerun and the results would name {root} as the source of the old cohort. Point "
+            f"dataset.root back to that folder, or give the new cohort a results folder of "
+            f"its own (config key output.results).")
+
+
 def _not_utf8_message(table_path: Path) -> str:
     """Where ``table_path`` stops being UTF-8, and how to save it so (a spreadsheet's plain
     text export may write Windows-1252 or Latin-1: a study named Zürich)."""

@@ -66,6 +66,7 @@ from brainage.inputs import (
     check_dataset_images,
     read_participants,
     simulation_mismatches,
+    simulation_missing_under_results,
     subject_inputs,
     unlisted_subject_folders,
 )
@@ -89,7 +90,7 @@ def _say(message):
 # directory, so a lock seen here is another process's. Jobs that Snakemake starts as
 # processes of their own (cluster jobs) parse it too, while the main process holds its
 # lock: only the main process speaks.
-if workflow.is_main_process:
+if workflow.is_main_process and "--unlock" not in sys.argv:  # not to the --unlock it asks for
     _notice = interrupted_run_notice()
     if _notice:
         _say(_notice)
@@ -131,6 +132,11 @@ _simulation_problems, _simulation_warnings = simulation_mismatches(
         ),
     ]
 )
+if SIMULATED:
+    _simulation_problems += filter(
+        None,
+        [simulation_missing_under_results(DATASET_ROOT, LAYOUT.preproc_description())],
+    )
 if _simulation_problems:
     raise WorkflowError("invalid configuration:\n" + "\n".join(_simulation_problems))
 if workflow.is_main_process:

@@ -336,7 +336,10 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="random seed (>= 0), default 0")
     parser.add_argument("--id-prefix", default=None,
                         help=f"label prefix (default: none; {T1W_ID_PREFIX!r} with --t1w-only)")
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier simulation at --root as a whole (every file "
+                             "in the folder goes); a folder the simulator did not write is "
+                             "refused")
     mre = parser.add_argument_group("MRE cohort")
     mre.add_argument("--accelerated-group-n", type=int, default=None, help="default 0")
     mre.add_argument("--accelerated-ageing-years", type=float, default=None,
@@ -366,6 +369,15 @@ def main(argv=None) -> None:
         parser.error("--accelerated-ageing-years is the stiffness age offset of the "
                      "accelerated group, which only --accelerated-group-n N (N >= 1) adds; "
                      "add it or drop --accelerated-ageing-years.")
+
+    root = Path(args.root)
+    if args.overwrite and root.is_dir() and any(root.iterdir()) and not is_simulation(root):
+        # one wrong --root, plus the flag the refusal of a non-empty folder suggests, would
+        # delete a lab's own dataset
+        parser.exit(2, f"brainage.simulate: error: --overwrite replaces only an earlier "
+                       f"simulation, and {root} holds files the simulator did not write (its "
+                       f"dataset_description.json does not name brainage.simulate). Choose "
+                       f"another --root, or empty the folder yourself.\n")
 
     def value(name, default):
         return default if getattr(args, name) is None else getattr(args, name)

@@ -51,9 +51,10 @@ def check_root(root: Path, *, overwrite: bool) -> None:
         raise FileExistsError(f"dataset root {root} exists and is not a folder; choose "
                               f"another root or remove the file.")
     if root.is_dir() and any(root.iterdir()) and not overwrite:
-        raise FileExistsError(f"dataset root {root} exists and is not empty; pass "
-                              f"overwrite=True (CLI: --overwrite) to replace it, or choose "
-                              f"an empty folder.")
+        raise FileExistsError(f"dataset root {root} exists and is not empty; choose an "
+                              f"empty folder, or pass overwrite=True (CLI: --overwrite, which "
+                              f"replaces only an earlier simulation) to replace it as a "
+                              f"whole.")
 
 
 @contextmanager
