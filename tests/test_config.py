@@ -607,6 +607,7 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
 @pytest.mark.parametrize("override, key, what", [
     ("split={seed: 7}", "split.seed", "a number"),
     ("qc={exclude_failed: yes}", "qc.exclude_failed", "true or false"),
+    ("qc={exclude_failed: on}", "qc.exclude_failed", "true or false"),
     ("dataset={simulate: {enabled: false}}", "dataset.simulate.enabled", "true or false"),
     ("normalise={resolution_mm: 6.5}", "normalise.resolution_mm", "a number"),
 ])
@@ -624,6 +625,17 @@ def test_a_value_from_snakemakes_config_option_is_told_to_go_in_a_config_file(ov
                                           rf"always arrives as text, so give it in a YAML file "
                                           rf"with --configfile instead\)"):
         validate_config(given)
+
+
+def test_an_exponent_from_snakemakes_config_option_is_told_to_go_in_a_config_file():
+    """The exponent hint (write 1.0e-3) was wrong under --config, where 1.0e-3 is text too."""
+    from snakemake.cli import parse_config
+
+    with pytest.raises(ConfigError, match=r"'train\.lr': '1e-3' is not of type 'number' \(YAML "
+                                          r"reads 1e-3 as text: .*; with snakemake --config "
+                                          r"inside a section any value arrives as text: give "
+                                          r"it in a YAML file with --configfile\)"):
+        validate_config(parse_config(["train={lr: 1e-3}"]))
 
 
 def test_cell_names_its_pretraining_run():

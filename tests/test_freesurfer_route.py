@@ -253,8 +253,8 @@ def test_failing_freesurfer_program_is_reported_with_its_exit_and_error(freesurf
      r"exited with code 2: error: unrecognized arguments: -t 1\. mri_synthstrip refused the "
      r"options it was given \(exit code 2, a usage error\): check the FreeSurfer version"),
     ({"DOUBLE_KILLED": "1"},
-     r"mri_synthstrip was killed \(exit code 137\), usually by the job's memory limit: .*"
-     r"Raise resources\.preprocess\.mem_mb"),
+     r"mri_synthstrip was killed \(exit code 137\): usually the job ran out of memory, at "
+     r"its memory limit, and the image is not at fault\. .*raise resources\.preprocess\.mem_mb"),
 ])
 def test_a_failing_freesurfer_program_gets_the_hint_of_its_failure(freesurfer_double, head,
                                                                   tmp_path, monkeypatch,

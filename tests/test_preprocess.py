@@ -781,6 +781,39 @@ def test_qc_correlates_a_map_whose_white_matter_is_higher_not_the_damping_ratio(
     assert qc_failures(older, minimums) == [f"correlation {alone['correlation']:.3f} < 0.3"]
 
 
+@pytest.mark.parametrize("kind", ["T1w_brain", "stiffness_brain"])
+def test_a_registered_t1w_unlike_the_template_is_warned_of(tmp_path, caplog, kind):
+    """Heads tilted 35-40 degrees were misregistered by 20-40 mm and passed Dice,
+    correlation and coverage; the registered T1w's correlation with the template T1
+    (0.33-0.42 there, 0.81-0.95 in the demo) was recorded and never read."""
+    from brainage.qc import compute_qc
+
+    shape, affine = (12, 12, 12), np.diag([2.0, 2.0, 2.0, 1.0])
+    rng = np.random.default_rng(0)
+    t1 = rng.uniform(50, 150, shape).astype(np.float32)
+    brain = np.zeros(shape, np.uint8)
+    brain[2:10, 2:10, 2:10] = 1
+    for name, data in {"stiffness": brain * (t1 / 40), "mask": brain, "t1": t1,
+                       "template_mask": brain, "good": brain * t1,
+                       "moved": brain * np.roll(t1, 3, axis=0)}.items():
+        nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine),
+                 tmp_path / f"{name}.nii.gz")
+    (tmp_path / "info.json").write_text(json.dumps({"reference_kind": kind, "route": "deepbet"}))
+    for reference in ("good", "moved"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="brainage.qc"):
+            result = compute_qc(tmp_path / "stiffness.nii.gz", tmp_path / "mask.nii.gz",
+                                tmp_path / f"{reference}.nii.gz", tmp_path / "info.json",
+                                tmp_path / "t1.nii.gz", tmp_path / "template_mask.nii.gz",
+                                tmp_path / "qc.json", tmp_path / "qc.png", subject="q1")
+        warned = re.search(r"sub-q1.*: the registered T1w correlates -?0\.\d\d with the "
+                           r"template T1 .* its registration has likely failed .* Look at "
+                           r".*qc\.png", caplog.text)
+        expected = reference == "moved" and kind == "T1w_brain"
+        assert bool(warned) == expected, (reference, result["reference_correlation"],
+                                          caplog.text)
+
+
 def _qc_figure_views(tmp_path: Path, monkeypatch, reorder) -> list[np.ndarray]:
     """The images and outlines compute_qc draws for one asymmetric subject whose template
     grid is stored in the voxel order ``reorder`` gives (a function of array and affine)."""

@@ -93,12 +93,10 @@ def write_cell(layout: Layout, split: str, experiment: str, variant: str, seed: 
                  subset=participants["subset"].to_numpy(str))
 
 
-@pytest.fixture
-def results(tmp_path):
-    """A finished grid of ``grid_config()`` on one holdout split, plus cohort files."""
-    layout = Layout(results=str(tmp_path / "results"))
-    config = grid_config()
-    participants = participants_table()
+def write_grid(layout: Layout, config: dict, participants: pd.DataFrame
+               ) -> tuple[Path, dict, list[str]]:
+    """Every cell of ``config`` finished on one holdout split: its split folder, the
+    experiments' settings and the cells' metrics files."""
     split_dir = Path(layout.split_dir("holdout"))
     split_dir.mkdir(parents=True)
     participants.to_csv(split_dir / "participants.tsv", sep="\t", index=False)
@@ -111,6 +109,16 @@ def results(tmp_path):
                            loss=cell["loss"]["name"])
                 metrics.append(layout.cell_file("holdout", experiment, variant, seed,
                                                 "metrics.json"))
+    return split_dir, settings, metrics
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A finished grid of ``grid_config()`` on one holdout split, plus cohort files."""
+    layout = Layout(results=str(tmp_path / "results"))
+    config = grid_config()
+    participants = participants_table()
+    split_dir, settings, metrics = write_grid(layout, config, participants)
     qc = pd.DataFrame({"participant_id": participants["participant_id"],
                        "study": participants["study"], "dice": np.linspace(0.8, 0.95, len(participants)),
                        "correlation": 0.6, "coverage": participants["coverage"],
@@ -653,6 +661,39 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     cohort = Path(layout.table("table2_cohort", ".md")).read_text()
     assert "Total" in cohort and "Paper Table 2" in cohort and "134" in cohort
     assert not list(Path(layout.result("tables")).glob(".*"))  # no temporary files left
+
+
+def test_one_seed_and_no_baselines_are_said_so_not_promised(tmp_path):
+    """With one seed the notes promised "mean ± sd over seeds" and a paired t-test; without
+    a baseline row, Table 3's title and notes still named baselines."""
+    layout = Layout(results=str(tmp_path / "results"))
+    config = validate_config({"experiments": {
+        "table3": {"seeds": [0], "variants": {name: {"loss": {"name": name}}
+                                              for name in LOSS_MAE}},
+        "lambda": {"seeds": [0], "variants": {"lam1": {"loss": {"lam": 1.0}},
+                                              "hard": {"loss": {"lam": None}}}}}})
+    split_dir, settings, metrics = write_grid(layout, config, participants_table())
+    names = targets.report_names(config)["tables"]
+    tables.make_tables(metrics=metrics, participants=split_dir / "participants.tsv",
+                       settings=settings, outputs={name: layout.table(name, "") for name in names})
+    table3 = Path(layout.table("table3_losses", ".md")).read_text()
+    assert table3.startswith("# Table 3: contrastive losses, test MAE"), table3[:80]
+    assert "Ours: test MAE, one seed (no sd); 3 test subjects" in table3
+    assert "No baseline was configured" in table3 and "mean ± sd" not in table3
+    paired = Path(layout.table("table3_paired", ".md")).read_text()
+    assert "One seed each: no sd and no paired test." in paired and "t-test" not in paired
+    sweep = Path(layout.table("ablation_lambda", ".md")).read_text()
+    assert "Ours: test MAE, one seed (no sd)." in sweep and "loss.lam=null" in sweep
+    assert "None" not in sweep
+
+
+def test_a_list_setting_reads_as_the_config_writes_it():
+    labels = report_results.variant_labels({
+        "stiffness": {"model": {"modalities": ["stiffness"]}},
+        "both": {"model": {"modalities": ["stiffness", "damping_ratio"]}}})
+    assert labels["setting"].to_dict() == {
+        "stiffness": "model.modalities=stiffness",
+        "both": "model.modalities=stiffness + damping_ratio"}
 
 
 def test_a_study_mean_baseline_under_leave_one_study_out_says_it_is_the_training_mean(

@@ -817,6 +817,15 @@ def test_cli_overwrites_only_an_earlier_simulation(tmp_path, capsys, tiny_subjec
                    "--no-anatomy", "--overwrite"])
     assert json.loads((simulated / "dataset_description.json").read_text())[
         "SimulationParameters"]["seed"] == 1
+    mine = simulated / "derivatives" / "brainage" / "predictions.tsv"  # predict run's advice
+    mine.parent.mkdir()
+    mine.write_text("my predictions\n")
+    with pytest.raises(SystemExit):
+        simulate.main(["--root", str(simulated), "--n-subjects", "10", "--seed", "2",
+                       "--no-anatomy", "--overwrite"])
+    assert re.search(rf"holds files the simulator did not write \(e\.g\. "
+                     rf"{re.escape(str(mine))}\)", capsys.readouterr().err)
+    assert mine.read_text() == "my predictions\n"
 
 
 def test_cli_refuses_an_ageing_offset_without_an_accelerated_group(tmp_path, capsys,

@@ -160,8 +160,10 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             message += f" ({_QUOTED_OR_COMMAND_LINE.format(what='a number')})"
         elif number and re.fullmatch(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+", text):
             message += (f" (YAML reads {text} as text: a number with an exponent needs a "
-                        f"decimal point and a sign, e.g. 1.0e-3, or write 0.001)")
-        elif "boolean" in types and text.lower() in ("true", "false", "yes", "no"):
+                        f"decimal point and a sign, e.g. 1.0e-3, or write 0.001; with "
+                        f"snakemake --config inside a section any value arrives as text: give "
+                        f"it in a YAML file with --configfile)")
+        elif "boolean" in types and text.lower() in ("true", "false", "yes", "no", "on", "off"):
             message += f" ({_QUOTED_OR_COMMAND_LINE.format(what='true or false')})"
     return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 

@@ -268,14 +268,16 @@ def simulation_mismatches(cohorts: Sequence[tuple[str, str | Path, bool]]) -> tu
 
 def simulation_missing_under_results(root: str | Path,
                                      description_path: str | Path) -> str | None:
-    """A problem when the simulated training cohort's ``root`` holds no simulation while
-    the results' preprocessing description (``description_path``, written by rule
+    """A warning when the simulated training cohort's ``root`` holds no simulation while the
+    results' preprocessing description (``description_path``, written by rule
     describe_preprocessing) names another source folder, else None.
 
-    The simulation is a checkpoint whose output only input functions reach: under
-    finished results Snakemake never runs it for a new root, so a changed (or mistyped)
-    ``dataset.root`` reran nothing, and the description then named the new, empty root as
-    the source of the old cohort's results."""
+    The simulation is a checkpoint whose output only input functions reach: under finished
+    results Snakemake may not run it for a new (or mistyped) ``dataset.root``, and then
+    nothing reran and the description named the new, empty root as the source of the old
+    cohort's results. A warning, not a refusal: a moved or copied project whose demo
+    dataset was deleted, and another config sharing the results folder (config/test.yaml),
+    plan the simulation as they should."""
     if os.path.lexists(Path(root) / "participants.tsv"):
         return None
     try:
@@ -285,11 +287,11 @@ def simulation_missing_under_results(root: str | Path,
     if source == Path(root).resolve().as_uri():
         return None
     return (f"config key dataset.root ({root}) holds no simulation yet, but "
-            f"{description_path} describes subjects preprocessed from {source}: under "
-            f"finished results Snakemake does not simulate a new root, so nothing would "
-            f"rerun and the results would name {root} as the source of the old cohort. Point "
-            f"dataset.root back to that folder, or give the new cohort a results folder of "
-            f"its own (config key output.results).")
+            f"{description_path} describes subjects preprocessed from {source}. If this run "
+            f"plans no simulate_cohort job, the results stay that cohort's and would name "
+            f"{root} as their source: add --forcerun simulate_cohort to simulate {root} (every "
+            f"later job then reruns), point dataset.root back to that folder, or give the new "
+            f"cohort a results folder of its own (config key output.results).")
 
 
 def _not_utf8_message(table_path: Path) -> str:

@@ -150,7 +150,7 @@ def _say_in_job_log(train_arguments: Sequence[str], message: str) -> None:
     the training opens only once it runs: Snakemake sends a user there when the job
     fails, and on SLURM the terminal's text goes to another file."""
     for index, argument in enumerate(train_arguments):
-        if argument.startswith("--log="):
+        if argument.startswith(("--log=", "--log-file=")):
             path = argument.split("=", 1)[1]
         elif argument in ("--log", "--log-file") and index + 1 < len(train_arguments):
             path = train_arguments[index + 1]

@@ -211,7 +211,23 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
                            f"{metrics['correlation']:.2f}, coverage {metrics['coverage']:.1%}"))
     log.info("%s: Dice %.3f, correlation %.3f, coverage %.3f", name, metrics["dice"],
              metrics["correlation"], metrics["coverage"])
+    reference_r = metrics["reference_correlation"]
+    if info.get("reference_kind") == "T1w_brain" and not reference_r >= MIN_T1W_CORRELATION:
+        log.warning("%s: the registered T1w correlates %.2f with the template T1 (well "
+                    "registered T1w images: 0.8-0.96), so its registration has likely failed "
+                    "(e.g. a head tilted over about 30 degrees, outside the affine's capture "
+                    "range), though the thresholds of the config's qc section may pass it. "
+                    "Look at %s, and at its registered T1w over the template.", name,
+                    reference_r, out_png)
     return result
+
+
+#: Below this correlation of a registered, skull-stripped T1w with the template T1, the
+#: registration has likely failed: the demo's subjects reach 0.81-0.95; heads tilted 35-40
+#: degrees, misregistered by 20-40 mm, 0.33-0.42 (and passed the judged thresholds).
+#: Warned of, not judged: a threshold key would rerun the normalisation of runs that
+#: exclude failing subjects.
+MIN_T1W_CORRELATION = 0.7
 
 
 def map_summary(values: np.ndarray, template_brain: np.ndarray) -> dict:

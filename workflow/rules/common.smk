@@ -132,14 +132,14 @@ _simulation_problems, _simulation_warnings = simulation_mismatches(
         ),
     ]
 )
+if _simulation_problems:
+    raise WorkflowError("invalid configuration:\n" + "\n".join(_simulation_problems))
 if SIMULATED:
-    _simulation_problems += filter(
+    _simulation_warnings += filter(
         None,
         [simulation_missing_under_results(DATASET_ROOT, LAYOUT.preproc_description())],
     )
-if _simulation_problems:
-    raise WorkflowError("invalid configuration:\n" + "\n".join(_simulation_problems))
-if workflow.is_main_process:
+if workflow.is_main_process and "--unlock" not in sys.argv:
     for _warning in [*_simulation_warnings, *simulated_beside_real_data(config)]:
         _say(_warning)
 
@@ -305,8 +305,9 @@ def input_error_message(error, simulated):
     if not simulated:
         return str(error)
     return (
-        f"{error}\n{DATASET_ROOT} is the simulated cohort (dataset.simulate.enabled): "
-        f"simulate it again with --forcerun simulate_cohort added to the command."
+        f"{error}\nBut {DATASET_ROOT} is the simulated cohort (dataset.simulate.enabled), "
+        f"which the next simulation rewrites: instead of editing it, simulate it again with "
+        f"--forcerun simulate_cohort added to the command."
     )
 
 

@@ -170,10 +170,11 @@ def _failure_hint(error: Exception) -> str:
                 f"error): check the FreeSurfer version on the node (mri_synthstrip needs 7.3 "
                 f"or newer), or try another preprocess.skullstrip route.")
     if isinstance(error, ToolExitError) and error.returncode in (137, -9):
-        return (f"{error.program} was killed (exit code {error.returncode}), usually by the "
-                f"job's memory limit: SynthStrip needs 6-8 GB for a 1 mm T1w. Raise "
-                f"resources.preprocess.mem_mb (SynthStrip's jobs ask for at least "
-                f"{SYNTHSTRIP_MEM_MB} MB).")
+        return (f"{error.program} was killed (exit code {error.returncode}): usually the job "
+                f"ran {OUT_OF_MEMORY_HINT}, at its memory limit, and the image is not at fault. "
+                f"SynthStrip needs 6-8 GB for a 1 mm T1w: raise resources.preprocess.mem_mb "
+                f"(SynthStrip's jobs ask for at least {SYNTHSTRIP_MEM_MB} MB; for predict run: "
+                f"a node with more memory, or fewer --jobs).")
     if out_of_memory(error):
         return (f"The job ran {OUT_OF_MEMORY_HINT}: the image is not at fault. "
                 f"Raise resources.preprocess.mem_mb (for predict run: a node with more "

@@ -114,6 +114,13 @@ def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
     _save(figure, path)
 
 
+def _ours_label(table: pd.DataFrame) -> str:
+    """The legend of our values: one seed draws no error bar, and says so."""
+    if "n_seeds" in table and (table["n_seeds"] <= 1).all():
+        return "ours: one seed"
+    return "ours: mean ± sd over seeds"
+
+
 def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
                   title: str) -> None:
     """Fig. 4a-d style: bar per variant (mean MAE), error bar = sd over seeds, each seed
@@ -125,7 +132,7 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
     sd = table["mae_std"].to_numpy(float)
     errors = np.nan_to_num(sd)
     bars = axis.bar(x, table["mae_mean"], yerr=sd, capsize=5, color="#4C72B0",
-                    alpha=0.85, label="ours: mean ± sd over seeds")
+                    alpha=0.85, label=_ours_label(table))
     drawn = [table["mae_mean"].to_numpy(float) + errors, [0.0]]  # what the y axis must show
     for position, variant in zip(x, table["variant"]):
         values = seeds.loc[seeds["variant"] == variant, "mae"].to_numpy(float)
@@ -160,7 +167,7 @@ def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
     figure, axis = plt.subplots(figsize=(7, 4))
     x = np.arange(len(table))
     axis.errorbar(x, table["mae_mean"], yerr=table["mae_std"].to_numpy(float),  # NaN: 1 seed
-                  fmt="o-", capsize=4, color="#4C72B0", label="ours: mean ± sd over seeds")
+                  fmt="o-", capsize=4, color="#4C72B0", label=_ours_label(table))
     paper = table["paper_mae_mean"].to_numpy(float)
     if np.isfinite(paper).any():
         axis.errorbar(x, paper, yerr=np.nan_to_num(table["paper_mae_std"].to_numpy(float)),

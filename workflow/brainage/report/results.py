@@ -434,6 +434,16 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _display_value(value: Any) -> str:
+    """A setting as the config writes it: a list of names joined by " + ", None as null
+    (tables showed Python's ``('stiffness', 'damping_ratio')`` and ``None``)."""
+    if isinstance(value, tuple):
+        return " + ".join(map(str, value))
+    if value is None:
+        return "null"
+    return str(value)
+
+
 def resolved_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
     """Flattened cell settings with ``train.augmentation: default`` made explicit."""
     flat = _flatten(settings)
@@ -477,7 +487,7 @@ def variant_labels(variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.Data
                  if len({repr(f.get(key)) for f in flat.values()}) > 1]
     rows = []
     for variant, settings in flat.items():
-        setting = "; ".join(f"{key}={settings.get(key)}" for key in differing)
+        setting = "; ".join(f"{key}={_display_value(settings.get(key))}" for key in differing)
         if "loss.name" in differing:  # other differences follow from the loss
             label = _value_label("loss.name", settings.get("loss.name"))
         elif len(differing) == 1:

@@ -386,6 +386,13 @@ def _per_study(table: pd.DataFrame) -> list[str]:
             for _, row in table.iterrows()]
 
 
+def _over_seeds(table: pd.DataFrame) -> str:
+    """How a table's MAE column summarises its seeds: one seed gives no sd."""
+    if (table["n_seeds"] <= 1).all():
+        return "one seed (no sd)"
+    return "mean ± sd over seeds"
+
+
 def _study_counts(table: pd.DataFrame) -> str:
     """" (study1 3, study2 2)": the test subjects behind each per-study MAE, when every
     row has the same counts (it does on one split scheme); "" when unknown (metrics of an
@@ -436,11 +443,14 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
         "MAE [years], paper (different data)": format_mean_sd(*PAPER_TABLE3[loss]),
     } for loss in PAPER_TABLE3 if loss not in ours], columns=display.columns)
     display = pd.concat([display, not_run], ignore_index=True)
-    notes = [f"Ours: test MAE, mean ± sd over seeds; {int(table['n_test'].iloc[0])} test "
-             f"subjects{_study_counts(table)}. Baselines: the same split, seeds, test "
-             f"subjects and read-out path as the losses. Age bias: least-squares slope of "
-             f"(predicted − true age) against age on the test subjects (0 = unbiased, −1 = a "
-             f"constant prediction).",
+    baselines = bool((table["kind"] == "baseline").any())
+    notes = [f"Ours: test MAE, {_over_seeds(table)}; {int(table['n_test'].iloc[0])} test "
+             f"subjects{_study_counts(table)}. "
+             + ("Baselines: the same split, seeds, test subjects and read-out path as the "
+                "losses. " if baselines else "No baseline was configured: a loss's MAE "
+                "stands alone. ")
+             + "Age bias: least-squares slope of (predicted − true age) against age on the "
+               "test subjects (0 = unbiased, −1 = a constant prediction).",
              PAPER_NOTE, *study_mean_note]
     schedules = [f"{label}: {schedule}" for label, schedule
                  in zip(table["label"], table["neighbourhood"]) if isinstance(schedule, str)]
@@ -449,7 +459,8 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
                      "splits differ): " + "; ".join(schedules) + ".")
     labels = dict(zip(table["variant"], table["label"]))
     write_table(table, display, table_stem,
-                title="Table 3: contrastive losses and baselines, test MAE",
+                title=f"Table 3: contrastive losses{' and baselines' if baselines else ''}, "
+                      f"test MAE",
                 notes=notes, extra_markdown=_paired_markdown(paired, labels))
     paired_display = pd.DataFrame({
         "Reference": paired["reference"].map(lambda v: labels.get(v, v)),
@@ -463,8 +474,9 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
                                                       paired["n_pairs"])],
     })
     notes = ["Paired over matching seeds; positive ΔMAE: the reference loss is better. "
-             "Two-sided paired t-test (no multiple-comparison correction); with few seeds "
-             "treat p as descriptive.", *study_mean_note]
+             + ("Two-sided paired t-test (no multiple-comparison correction); with few seeds "
+                "treat p as descriptive." if (paired["n_pairs"] > 1).any() else
+                "One seed each: no sd and no paired test."), *study_mean_note]
     if paired.empty:
         notes = [f"No {REFERENCE_LOSS} variant in experiment {LOSS_EXPERIMENT}: nothing to "
                  f"compare with."]
@@ -491,15 +503,18 @@ def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
     # the reference row's own label: with Adaptive Neighborhoods fine-tuned and from
     # scratch, "Adaptive Neighborhoods" alone names the other row
     reference = labels.get(paired["reference"].iloc[0], paired["reference"].iloc[0])
+    tested = bool((paired["n_pairs"] > 1).any())
     lines = [f"## Paired comparison with {reference} (same seeds)", "",
-             f"ΔMAE = MAE(other row) − MAE({reference}), mean ± sd over seeds; "
+             f"ΔMAE = MAE(other row) − MAE({reference}), "
+             f"{'mean ± sd over seeds' if tested else 'one seed each: no sd and no test'}; "
              f"positive: {reference} is better.", ""]
     for row in paired.itertuples():
         difference = format_mean_sd(row.mean_difference, row.sd_difference)
         lines.append(f"- {labels.get(row.baseline, row.baseline)}: ΔMAE {difference} years "
                      f"over {row.n_pairs} seed{'' if row.n_pairs == 1 else 's'}, {reference} "
-                     f"better in {row.reference_wins}/{row.n_pairs}, paired t-test p = "
-                     f"{_format_number(row.p_value, 3)}")
+                     f"better in {row.reference_wins}/{row.n_pairs}"
+                     + (f", paired t-test p = {_format_number(row.p_value, 3)}" if tested
+                        else ""))
     return "\n".join(lines)
 
 
@@ -510,7 +525,7 @@ def write_ablation(table: pd.DataFrame, experiment: str, stem: str | Path) -> No
         "MAE [years], paper (different data)": _mean_sd_column(table, "paper_mae_mean",
                                                                "paper_mae_std"),
     })
-    notes = ["Ours: test MAE, mean ± sd over seeds."]
+    notes = [f"Ours: test MAE, {_over_seeds(table)}."]
     if experiment in PAPER_ABLATIONS:
         notes.append(PAPER_NOTE)
     title = ABLATION_TITLES.get(experiment, f"Experiment {experiment}")

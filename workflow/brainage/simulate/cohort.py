@@ -371,13 +371,16 @@ def main(argv=None) -> None:
                      "add it or drop --accelerated-ageing-years.")
 
     root = Path(args.root)
-    if args.overwrite and root.is_dir() and any(root.iterdir()) and not is_simulation(root):
+    if args.overwrite and root.is_dir() and any(root.iterdir()):
         # one wrong --root, plus the flag the refusal of a non-empty folder suggests, would
-        # delete a lab's own dataset
-        parser.exit(2, f"brainage.simulate: error: --overwrite replaces only an earlier "
-                       f"simulation, and {root} holds files the simulator did not write (its "
-                       f"dataset_description.json does not name brainage.simulate). Choose "
-                       f"another --root, or empty the folder yourself.\n")
+        # delete a lab's own dataset, or what was put inside an earlier simulation
+        # (predict run's suggested <root>/derivatives/brainage), as the rule refuses to
+        added = _not_simulated(root) if is_simulation(root) else sorted(root.iterdir())
+        if added:
+            parser.exit(2, f"brainage.simulate: error: --overwrite replaces only an earlier "
+                           f"simulation, and {root} holds files the simulator did not write "
+                           f"(e.g. {added[0]}). Choose another --root, or move them out "
+                           f"first.\n")
 
     def value(name, default):
         return default if getattr(args, name) is None else getattr(args, name)
