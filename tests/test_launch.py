@@ -177,5 +177,5 @@ def test_a_launch_that_fails_before_training_says_why_in_the_job_log(tmp_path, m
     monkeypatch.setenv("PATH", str(tmp_path))  # no srun
     monkeypatch.setattr("brainage.launch.first_node", lambda environ: "gpu07")
     with pytest.raises(SystemExit, match="cannot start srun"):
-        main(["--gpus", "1", "--nodes", "2", "--", "--log", str(log)])
+        main(["--gpus", "1", "--nodes", "2", "--", f"--log-file={log}"])
     assert "ERROR brainage.launch: cannot start srun: " in log.read_text()

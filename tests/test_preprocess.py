@@ -808,7 +808,8 @@ def test_a_registered_t1w_unlike_the_template_is_warned_of(tmp_path, caplog, kin
                                 tmp_path / "qc.json", tmp_path / "qc.png", subject="q1")
         warned = re.search(r"sub-q1.*: the registered T1w correlates -?0\.\d\d with the "
                            r"template T1 .* its registration has likely failed .* Look at "
-                           r".*qc\.png", caplog.text)
+                           r".*moved\.nii\.gz over the template T1, and at .*qc\.png",
+                           caplog.text)
         expected = reference == "moved" and kind == "T1w_brain"
         assert bool(warned) == expected, (reference, result["reference_correlation"],
                                           caplog.text)

@@ -689,11 +689,15 @@ def test_one_seed_and_no_baselines_are_said_so_not_promised(tmp_path):
 
 def test_a_list_setting_reads_as_the_config_writes_it():
     labels = report_results.variant_labels({
-        "stiffness": {"model": {"modalities": ["stiffness"]}},
-        "both": {"model": {"modalities": ["stiffness", "damping_ratio"]}}})
+        "stiffness": {"model": {"modalities": ["stiffness"], "projection_head": True},
+                      "readout": {"alphas": [0.1, 1.0]}},
+        "both": {"model": {"modalities": ["stiffness", "damping_ratio"],
+                           "projection_head": False}, "readout": {"alphas": [1.0]}}})
     assert labels["setting"].to_dict() == {
-        "stiffness": "model.modalities=stiffness",
-        "both": "model.modalities=stiffness + damping_ratio"}
+        "stiffness": "model.modalities=stiffness; model.projection_head=true; "
+                     "readout.alphas=[0.1, 1.0]",
+        "both": "model.modalities=stiffness + damping_ratio; model.projection_head=false; "
+                "readout.alphas=[1.0]"}
 
 
 def test_a_study_mean_baseline_under_leave_one_study_out_says_it_is_the_training_mean(

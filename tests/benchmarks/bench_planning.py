@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import resource
 import subprocess
 import sys
 import tempfile
@@ -82,21 +81,24 @@ def plan(n_subjects: int) -> dict:
         command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
                    "--directory", str(work), "--configfile", str(REPO / "config/paper.yaml"),
                    str(override), "--cores", "2", "--dry-run"]
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         start = time.perf_counter()
-        result = subprocess.run(command, capture_output=True, text=True,
-                                env={**os.environ, "SLURM_CONF": "/dev/null"})
-        wall = time.perf_counter() - start
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode:
-        raise SystemExit(f"dry run of {n_subjects} subjects failed:\n{result.stdout[-3000:]}"
-                         f"\n{result.stderr[-3000:]}")
-    jobs = re.search(r"^total\s+(\d+)", result.stdout, flags=re.MULTILINE)
+        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+            process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                                       env={**os.environ, "SLURM_CONF": "/dev/null"})
+            # this child's own usage: RUSAGE_CHILDREN's peak is the largest of every child
+            # so far, which gave a smaller cohort the peak of a larger one planned before it
+            _, status, usage = os.wait4(process.pid, 0)
+            wall = time.perf_counter() - start
+            out.seek(0)
+            err.seek(0)
+            stdout, stderr = out.read(), err.read()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"dry run of {n_subjects} subjects failed:\n{stdout[-3000:]}"
+                         f"\n{stderr[-3000:]}")
+    jobs = re.search(r"^total\s+(\d+)", stdout, flags=re.MULTILINE)
     return {"subjects": n_subjects, "jobs": int(jobs.group(1)) if jobs else None,
-            "wall_s": round(wall, 1),
-            "cpu_s": round(after.ru_utime + after.ru_stime - before.ru_utime
-                           - before.ru_stime, 1),
-            "peak_rss_mb": round(after.ru_maxrss / 1024)}
+            "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024)}
 
 
 def image_check(n_subjects: int) -> dict:
@@ -140,9 +142,14 @@ def image_check(n_subjects: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subjects", type=int, nargs="+", default=[500, 2000])
+    parser.add_argument("--subjects", type=int, nargs="+", default=[500, 2000],
+                        help="cohort sizes to plan (at least 50 each: config/paper.yaml's "
+                             "search trains batches of 32 on 64 %% of them)")
     parser.add_argument("--image-check-subjects", type=int, default=24)
     arguments = parser.parse_args()
+    if min(arguments.subjects) < 50:
+        parser.error("--subjects: at least 50 each (config/paper.yaml's search trains "
+                     "batches of 32 on 64 % of them)")
     for n_subjects in arguments.subjects:
         print(json.dumps(plan(n_subjects)), flush=True)
     if arguments.image_check_subjects:

@@ -2,8 +2,15 @@
 
 Every rule has a ``benchmark:`` file (``benchmarks/<stage>/...tsv``: wall seconds ``s``,
 ``cpu_time``, ``max_rss``). This prints, per rule and per stage, the number of jobs and
-the summed wall and CPU seconds, and the share of the summed wall time; with N local cores
-the elapsed time is roughly the summed wall time / N plus the scheduling gaps.
+the summed wall and CPU seconds, the share of the summed wall time and the largest peak
+memory of a job (MB; Snakemake samples it every 0.5 s at first, then every 30 s, so a short
+peak in a long job can be missed: a lower bound); with N local cores the elapsed time is
+roughly the summed wall time / N plus the scheduling gaps.
+
+Two limits: Snakemake writes a job's table for its successful attempt only, so the time of
+failed attempts (retries for memory on SLURM) and of failed jobs is not in it (``sacct``
+has it); and every table under the folder counts, also those of earlier invocations (a
+cell of an experiment since dropped): summarise a fresh run's folder.
 
 Usage::
 
@@ -25,7 +32,7 @@ import pandas as pd
 #: Rule -> stage of the pipeline, for the per-stage lines.
 STAGES = {
     "simulate_cohort": "data", "simulate_predict_cohort": "data",
-    "simulate_pretrain_cohort": "data", "prepare_template": "data",
+    "simulate_pretrain_cohort": "data", "prepare_template": "data", "prepare_openbhb": "data",
     "strip_skull": "preprocessing", "correct_and_register": "preprocessing",
     "describe_preprocessing": "preprocessing", "tabulate_qc": "preprocessing",
     "tabulate_pretrain_qc": "preprocessing", "normalise_dataset": "preprocessing",
@@ -60,18 +67,21 @@ def main(folder: str = "benchmarks") -> None:
     jobs = pd.DataFrame(rows)
     jobs["stage"] = jobs["rule"].map(STAGES).fillna("other")
     total = jobs["wall_s"].sum()
-    print(f"{'rule':<26}{'jobs':>6}{'wall s':>10}{'CPU s':>10}{'wall/job':>10}{'share':>8}")
+    print(f"{'rule':<28}{'jobs':>6}{'wall s':>10}{'CPU s':>10}{'wall/job':>10}{'share':>8}"
+          f"{'peak MB':>9}")
     by_rule = jobs.groupby(["stage", "rule"], sort=False).agg(
-        jobs=("wall_s", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"))
+        jobs=("wall_s", "size"), wall_s=("wall_s", "sum"), cpu_s=("cpu_s", "sum"),
+        max_rss_mb=("max_rss_mb", "max"))
     stage_totals = defaultdict(float)
     for (stage, rule), row in by_rule.iterrows():
         stage_totals[stage] += row["wall_s"]
-        print(f"{rule:<26}{int(row['jobs']):>6}{row['wall_s']:>10.1f}{row['cpu_s']:>10.1f}"
-              f"{row['wall_s'] / row['jobs']:>10.1f}{row['wall_s'] / total:>8.1%}")
+        print(f"{rule:<28}{int(row['jobs']):>6}{row['wall_s']:>10.1f}{row['cpu_s']:>10.1f}"
+              f"{row['wall_s'] / row['jobs']:>10.1f}{row['wall_s'] / total:>8.1%}"
+              f"{row['max_rss_mb']:>9.0f}")
     print()
     for stage, wall in stage_totals.items():
-        print(f"{stage:<26}{'':>6}{wall:>10.1f}{'':>20}{wall / total:>8.1%}")
-    print(f"{'all jobs':<26}{len(jobs):>6}{total:>10.1f}{jobs['cpu_s'].sum():>10.1f}")
+        print(f"{stage:<28}{'':>6}{wall:>10.1f}{'':>20}{wall / total:>8.1%}")
+    print(f"{'all jobs':<28}{len(jobs):>6}{total:>10.1f}{jobs['cpu_s'].sum():>10.1f}")
 
 
 if __name__ == "__main__":

@@ -270,28 +270,34 @@ def simulation_missing_under_results(root: str | Path,
                                      description_path: str | Path) -> str | None:
     """A warning when the simulated training cohort's ``root`` holds no simulation while the
     results' preprocessing description (``description_path``, written by rule
-    describe_preprocessing) names another source folder, else None.
+    describe_preprocessing) says subjects were preprocessed, else None.
 
     The simulation is a checkpoint whose output only input functions reach: under finished
     results Snakemake may not run it for a new (or mistyped) ``dataset.root``, and then
     nothing reran and the description named the new, empty root as the source of the old
-    cohort's results. A warning, not a refusal: a moved or copied project whose demo
-    dataset was deleted, and another config sharing the results folder (config/test.yaml),
-    plan the simulation as they should."""
+    cohort's results. The warning lasts as long as the root is empty (also once the
+    description names it), and it is no refusal: a moved project whose demo dataset was
+    deleted, and another config sharing the results folder (config/test.yaml), plan as
+    they should."""
     if os.path.lexists(Path(root) / "participants.tsv"):
         return None
     try:
         source = json.loads(Path(description_path).read_text())["SourceDatasets"][0]["URL"]
     except (OSError, ValueError, LookupError, TypeError):
         return None  # no finished results (or no readable description): nothing to keep apart
+    again = ("simulate it again with --forcerun simulate_cohort (the same seed writes the "
+             "same files; every later job then reruns)")
     if source == Path(root).resolve().as_uri():
-        return None
+        return (f"config key dataset.root ({root}) holds no simulation, but {description_path} "
+                f"describes the results as preprocessed from it: the simulated cohort was "
+                f"deleted or moved after the run, so the results name a folder that holds "
+                f"nothing. Restore it, or {again}.")
     return (f"config key dataset.root ({root}) holds no simulation yet, but "
             f"{description_path} describes subjects preprocessed from {source}. If this run "
             f"plans no simulate_cohort job, the results stay that cohort's and would name "
-            f"{root} as their source: add --forcerun simulate_cohort to simulate {root} (every "
-            f"later job then reruns), point dataset.root back to that folder, or give the new "
-            f"cohort a results folder of its own (config key output.results).")
+            f"{root} as their source: point dataset.root back to that folder, give the new "
+            f"cohort a results folder of its own (config key output.results), or simulate "
+            f"{root} with --forcerun simulate_cohort (every later job then reruns).")
 
 
 def _not_utf8_message(table_path: Path) -> str:

@@ -214,11 +214,11 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     reference_r = metrics["reference_correlation"]
     if info.get("reference_kind") == "T1w_brain" and not reference_r >= MIN_T1W_CORRELATION:
         log.warning("%s: the registered T1w correlates %.2f with the template T1 (well "
-                    "registered T1w images: 0.8-0.96), so its registration has likely failed "
-                    "(e.g. a head tilted over about 30 degrees, outside the affine's capture "
-                    "range), though the thresholds of the config's qc section may pass it. "
-                    "Look at %s, and at its registered T1w over the template.", name,
-                    reference_r, out_png)
+                    "registered skull-stripped T1w images: 0.81-0.95 in the demo), so its "
+                    "registration has likely failed (e.g. a head tilted over about 30 "
+                    "degrees, outside the affine's capture range), though the thresholds of "
+                    "the config's qc section may pass it. Look at %s over the template T1, "
+                    "and at %s.", name, reference_r, reference, out_png)
     return result
 
 

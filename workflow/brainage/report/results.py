@@ -434,13 +434,17 @@ def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _display_value(value: Any) -> str:
-    """A setting as the config writes it: a list of names joined by " + ", None as null
-    (tables showed Python's ``('stiffness', 'damping_ratio')`` and ``None``)."""
+def _display_value(key: str, value: Any) -> str:
+    """A setting as the config writes it (tables showed Python's ``('stiffness',
+    'damping_ratio')``, ``None`` and ``True``): the input channels joined by " + ", other
+    lists in brackets, null, true and false."""
     if isinstance(value, tuple):
-        return " + ".join(map(str, value))
+        items = [_display_value(key, item) for item in value]
+        return " + ".join(items) if key == "model.modalities" else f"[{', '.join(items)}]"
     if value is None:
         return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
     return str(value)
 
 
@@ -487,7 +491,8 @@ def variant_labels(variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.Data
                  if len({repr(f.get(key)) for f in flat.values()}) > 1]
     rows = []
     for variant, settings in flat.items():
-        setting = "; ".join(f"{key}={_display_value(settings.get(key))}" for key in differing)
+        setting = "; ".join(f"{key}={_display_value(key, settings.get(key))}"
+                            for key in differing)
         if "loss.name" in differing:  # other differences follow from the loss
             label = _value_label("loss.name", settings.get("loss.name"))
         elif len(differing) == 1:

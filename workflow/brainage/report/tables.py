@@ -481,8 +481,8 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
         notes = [f"No {REFERENCE_LOSS} variant in experiment {LOSS_EXPERIMENT}: nothing to "
                  f"compare with."]
     write_table(paired, paired_display, paired_stem,
-                title="Table 3b: Adaptive Neighborhoods against each loss and baseline, "
-                      "paired over seeds", notes=notes)
+                title=f"Table 3b: Adaptive Neighborhoods against each loss"
+                      f"{' and baseline' if baselines else ''}, paired over seeds", notes=notes)
 
 
 def _initialisation_text(init: str) -> str:
