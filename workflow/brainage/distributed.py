@@ -57,7 +57,11 @@ the processes of a node)::
     torchrun --standalone --nproc_per_node 4 -m brainage.train \\
         --split-dir results/dataset/holdout --settings settings.json \\
         --encoder encoder.pt --history history.tsv --embeddings embeddings \\
-        --features features.npz --checkpoint checkpoint.pt
+        --features features.npz --checkpoint checkpoint.pt --log-file job.log
+
+(A log file is given as ``--log-file``: torchrun reads abbreviations across the whole
+line, and ``--log`` is a prefix of its own ``--log-dir``; brainage.launch rewrites the
+rule's ``--log``.)
 
 Several nodes under SLURM: one torchrun per node, all meeting at a c10d rendezvous on
 the first node of the allocation (``--kill-on-bad-exit`` ends every node's processes
