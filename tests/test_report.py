@@ -698,6 +698,11 @@ def test_a_list_setting_reads_as_the_config_writes_it():
                      "readout.alphas=[0.1, 1.0]",
         "both": "model.modalities=stiffness + damping_ratio; model.projection_head=false; "
                 "readout.alphas=[1.0]"}
+    # a row named by its one differing setting reads the same way
+    heads = report_results.variant_labels({"on": {"model": {"projection_head": True}},
+                                           "off": {"model": {"projection_head": False}}})
+    assert heads["label"].to_dict() == {"on": "projection_head = true",
+                                        "off": "projection_head = false"}
 
 
 def test_a_study_mean_baseline_under_leave_one_study_out_says_it_is_the_training_mean(

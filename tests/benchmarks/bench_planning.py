@@ -88,11 +88,12 @@ def plan(n_subjects: int) -> dict:
             # this child's own usage: RUSAGE_CHILDREN's peak is the largest of every child
             # so far, which gave a smaller cohort the peak of a larger one planned before it
             _, status, usage = os.wait4(process.pid, 0)
+            process.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must know
             wall = time.perf_counter() - start
             out.seek(0)
             err.seek(0)
             stdout, stderr = out.read(), err.read()
-    if os.waitstatus_to_exitcode(status):
+    if process.returncode:
         raise SystemExit(f"dry run of {n_subjects} subjects failed:\n{stdout[-3000:]}"
                          f"\n{stderr[-3000:]}")
     jobs = re.search(r"^total\s+(\d+)", stdout, flags=re.MULTILINE)

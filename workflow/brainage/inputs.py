@@ -291,7 +291,8 @@ def simulation_missing_under_results(root: str | Path,
         return (f"config key dataset.root ({root}) holds no simulation, but {description_path} "
                 f"describes the results as preprocessed from it: the simulated cohort was "
                 f"deleted or moved after the run, so the results name a folder that holds "
-                f"nothing. Restore it, or {again}.")
+                f"nothing. Restore it, or {again}; a run that only predicts (snakemake "
+                f"predict) does not need it.")
     return (f"config key dataset.root ({root}) holds no simulation yet, but "
             f"{description_path} describes subjects preprocessed from {source}. If this run "
             f"plans no simulate_cohort job, the results stay that cohort's and would name "

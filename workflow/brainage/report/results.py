@@ -467,7 +467,7 @@ def _value_label(key: str, value: Any) -> str:
         return " + ".join(MODALITY_LABELS.get(name, name) for name in value)
     if isinstance(value, str):
         return VALUE_LABELS.get(value, value)
-    return f"{key.split('.')[-1]} = {value}"
+    return f"{key.split('.')[-1]} = {_display_value(key, value)}"
 
 
 def variant_labels(variant_settings: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
