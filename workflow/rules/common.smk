@@ -89,8 +89,9 @@ def _say(message):
 # different errors; say once what to run. Snakemake parses this file before it locks the
 # directory, so a lock seen here is another process's. Jobs that Snakemake starts as
 # processes of their own (cluster jobs) parse it too, while the main process holds its
-# lock: only the main process speaks.
-if workflow.is_main_process and "--unlock" not in sys.argv:  # not to the --unlock it asks for
+# lock: only the main process speaks, and not to the --unlock the notice asks for.
+SPEAKS = workflow.is_main_process and "--unlock" not in sys.argv
+if SPEAKS:
     _notice = interrupted_run_notice()
     if _notice:
         _say(_notice)
@@ -139,7 +140,7 @@ if SIMULATED:
         None,
         [simulation_missing_under_results(DATASET_ROOT, LAYOUT.preproc_description())],
     )
-if workflow.is_main_process and "--unlock" not in sys.argv:
+if SPEAKS:
     for _warning in [*_simulation_warnings, *simulated_beside_real_data(config)]:
         _say(_warning)
 

@@ -27,7 +27,7 @@ from brainage.report.results import (
     read_search_trials,
     seed_results,
 )
-from brainage.report.tables import ablation_table
+from brainage.report.tables import ablation_table, single_seed
 from brainage.report.targets import (
     LOSS_EXPERIMENT,
     MODALITIES_FIGURE,
@@ -116,9 +116,7 @@ def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
 
 def _ours_label(table: pd.DataFrame) -> str:
     """The legend of our values: one seed draws no error bar, and says so."""
-    if "n_seeds" in table and (table["n_seeds"] <= 1).all():
-        return "ours: one seed"
-    return "ours: mean ± sd over seeds"
+    return "ours: one seed" if single_seed(table) else "ours: mean ± sd over seeds"
 
 
 def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,

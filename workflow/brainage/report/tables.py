@@ -386,11 +386,14 @@ def _per_study(table: pd.DataFrame) -> list[str]:
             for _, row in table.iterrows()]
 
 
+def single_seed(table: pd.DataFrame) -> bool:
+    """Whether every row of a results table comes from one seed (no sd, no error bar)."""
+    return "n_seeds" in table and bool((table["n_seeds"] <= 1).all())
+
+
 def _over_seeds(table: pd.DataFrame) -> str:
     """How a table's MAE column summarises its seeds: one seed gives no sd."""
-    if (table["n_seeds"] <= 1).all():
-        return "one seed (no sd)"
-    return "mean ± sd over seeds"
+    return "one seed (no sd)" if single_seed(table) else "mean ± sd over seeds"
 
 
 def _study_counts(table: pd.DataFrame) -> str:

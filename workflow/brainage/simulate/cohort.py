@@ -272,9 +272,6 @@ def replace_simulation(root: str | Path, **options) -> pd.DataFrame:
     return truth
 
 
-#: What a simulated cohort's folder holds besides its sub-<label>/ folders.
-SIMULATION_FILES = frozenset({"dataset_description.json", "participants.tsv",
-                              "participants.json", ".bidsignore", "derivatives"})
 #: Every file :func:`simulate_cohort` writes, as a path relative to the root (the
 #: subject's label in group ``label``).
 _SIMULATED_FILE = re.compile(
