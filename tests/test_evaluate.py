@@ -485,6 +485,28 @@ def test_features_that_are_not_finite_are_refused_naming_the_subjects(tmp_path, 
     metrics, _, _ = evaluate_split(split, features, settings)
     assert np.isfinite(metrics["mae"])
 
+def test_a_collapsed_encoder_is_warned_of_and_a_working_one_is_not(tmp_path, caplog):
+    """Features equal for every training subject (a collapsed, finite encoder) read out
+    as the training-mean age: the cell's Table 3 row looked like a poor loss. The warning
+    names the cell and train.lr; features that differ, even a little, give none."""
+    from brainage.evaluate import evaluate_split
+
+    split = load_split(write_split(tmp_path, n_subjects=12, n_test=4, shape=(4, 4, 4)))
+    settings = resolve_cell(tiny_settings(readout={"method": "ridge"}))
+    collapsed = np.tile(np.float32([0.0, 1.5, -2.0, 0.3]), (12, 1))
+    collapsed[:, 1] += np.float32(1e-7) * np.arange(12, dtype=np.float32)  # float32 noise
+    with caplog.at_level("WARNING", logger="brainage.evaluate"):
+        evaluate_split(split, collapsed, settings)
+    assert re.search(r"split holdout, test/adaptive seed 0: the encoder's \w+ features are the same "
+                     r"for every training subject.*collapsed.*train\.lr", caplog.text)
+    caplog.clear()
+    working = collapsed.copy()
+    working[:, 2] += np.float32(1e-3) * np.arange(12, dtype=np.float32)
+    with caplog.at_level("WARNING", logger="brainage.evaluate"):
+        evaluate_split(split, working, settings)
+    assert "collapsed" not in caplog.text
+
+
 def test_unknown_readout():
     with pytest.raises(ConfigError, match="readout.method"):
         fit_readout(np.zeros((4, 2)), np.arange(4.0), readout_section({"method": "svm"}))

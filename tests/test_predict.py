@@ -752,6 +752,25 @@ def test_export_refuses_stats_of_another_split_and_an_unknown_bias_fit(exported,
     assert not (tmp_path / "bundle").exists()
 
 
+def test_export_names_a_damaged_stats_or_metrics_file_and_the_rule_that_rewrites_it(
+        exported, tmp_path):
+    """A stats.json or metrics.json cut short (a full disk, an interrupted copy): json's own
+    error names a line but no file; the export names the file and the rule, writes nothing."""
+    import shutil
+
+    damaged_stats = tmp_path / "stats.json"
+    damaged_stats.write_text((exported.split_dir / "stats.json").read_text()[:40])
+    with pytest.raises(ExportError, match=rf"{damaged_stats}.*damaged.*normalise_dataset"):
+        export_model(exported.cell, exported.cell / "encoder.pt", damaged_stats,
+                     bundle_dir=tmp_path / "bundle", **exported.export)
+    cell = shutil.copytree(exported.cell, tmp_path / "cell")
+    (cell / "metrics.json").write_text('{"mae": 4.')
+    with pytest.raises(ExportError, match=r"cell/metrics.json.*damaged.*evaluate_encoder"):
+        export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
+                     bundle_dir=tmp_path / "bundle", **exported.export)
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_normalisation_record_keeps_the_models_channels_without_subject_ids():
     """Per-channel entries are picked for the model's channels (model.modalities), in its
     order; the statistics subjects are counted, not listed; an incomplete stats.json is
@@ -2176,6 +2195,27 @@ def test_run_reports_a_users_mistake_in_one_line_without_a_traceback(exported, t
     error = capsys.readouterr().err
     assert "Traceback" not in error
     assert re.search(r"--configfile .*missing.yaml does not exist", error)
+
+
+@pytest.mark.parametrize("argv0, program", [
+    ("/lab/venv/bin/brainage-predict", "brainage-predict"),  # the installed script
+    ("/lab/brainage/workflow/brainage/predict.py", "python -m brainage.predict"),  # -m
+])
+def test_usage_and_errors_name_the_command_the_user_typed(tmp_path, capsys, monkeypatch,
+                                                          argv0, program):
+    """The installed `brainage-predict` printed "usage: python -m brainage.predict" and its
+    errors "brainage.predict run: error", a command its user never typed."""
+    import sys
+
+    from brainage.predict import main
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {program} run ")
+    assert main(["run", "--bundle", str(tmp_path / "none"), "--dataset", str(tmp_path),
+                 "--output", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err.startswith(f"{program} run: error: model bundle ")
 
 
 def test_a_dataset_mistake_is_reported_before_anything_is_written(world, new_cohort,

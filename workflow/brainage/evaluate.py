@@ -148,6 +148,36 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
     return CellFeatures(kind.astype(np.float32), str(digest), trained_loss or None)
 
 
+#: Largest spread of any feature across the training subjects, relative to the features'
+#: largest magnitude, at or below which an encoder counts as collapsed: float32 rounding is
+#: about 1e-7; the demo's untrained encoders spread by 0.06 or more.
+COLLAPSE_RELATIVE_SPREAD = 1e-5
+
+
+def warn_if_collapsed(train_features: np.ndarray, split_name: str, settings: Mapping) -> bool:
+    """Warn (and return True) when every feature is the same for every training subject.
+
+    A collapsed encoder (all ReLUs dead, a diverged training that stayed finite) gives the
+    read-out nothing to fit: it predicts about the training-mean age for everyone, and the
+    cell's row in Table 3 then looks like a poor loss when it measures a broken training.
+    """
+    if len(train_features) < 2 or train_features.shape[1] == 0:
+        return False
+    spread = float(np.ptp(train_features, axis=0).max())
+    magnitude = float(np.abs(train_features).max())
+    if spread > COLLAPSE_RELATIVE_SPREAD * magnitude:
+        return False
+    log.warning(
+        "split %s, %s/%s seed %s: the encoder's %s features are the same for every training "
+        "subject (largest spread across subjects %.3g, magnitude %.3g): the encoder "
+        "collapsed, so the read-out predicts about the training-mean age for everyone and "
+        "this cell's MAE measures the collapse, not the loss. Lower config key train.lr (or "
+        "check the loss settings) and train it again (rule train_encoder).",
+        split_name, settings.get("experiment"), settings.get("variant"),
+        settings.get("seed"), settings["model"]["features"], spread, magnitude)
+    return True
+
+
 def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
                    ) -> tuple[dict, pd.DataFrame, Readout]:
     """Fit the read-out on the training rows of ``features`` (training rows then evaluation
@@ -183,6 +213,7 @@ def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
                 f"can be read out of them. The encoder that embedded them is broken (a "
                 f"diverged training): lower config key train.lr and train it again (rule "
                 f"train_encoder, or search_hyperparameters for a search trial).")
+        warn_if_collapsed(features[:n_train], split.name, settings)
     ages, studies = split.ages, split.studies
     fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
                          seed=int(settings["seed"]), studies=studies[split.train_index])

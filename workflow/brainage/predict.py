@@ -316,9 +316,17 @@ def _positive_int(text: str) -> int:
     return int(text)
 
 
+def _program_name() -> str:
+    """The command as the user typed it, for usage lines and messages: the installed
+    ``brainage-predict`` script or ``python -m brainage.predict`` (argv[0] is then a path
+    to ``__main__.py`` or ``predict.py``)."""
+    script = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return script if script == "brainage-predict" else "python -m brainage.predict"
+
+
 def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m brainage.predict",
+        prog=_program_name(),
         description="Brain age for new subjects: export a trained grid cell as a model "
                     "bundle, or apply a bundle to a BIDS-like dataset.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -388,10 +396,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    template_t1=arguments.template_t1, template_mask=arguments.template_mask,
                    device=arguments.device, threads=arguments.threads, jobs=arguments.jobs)
     except USER_ERRORS as error:
-        print(f"brainage.predict {arguments.command}: error: {error}", file=sys.stderr)
+        print(f"{_program_name()} {arguments.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: finished steps are kept (atomic writes, records)
-        print(f"brainage.predict {arguments.command}: interrupted. Run the same command "
+        print(f"{_program_name()} {arguments.command}: interrupted. Run the same command "
               f"again to continue: finished subjects and steps are kept.", file=sys.stderr)
         return 130
     return 0
