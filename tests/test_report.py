@@ -892,6 +892,63 @@ def test_ablation_figure_shows_every_seed_and_the_papers_error_bar(tmp_path, mon
     assert drawn[1].axes[0].get_ylim()[1] >= 6.0  # the paper's 3.0 ± 3.0
 
 
+def test_ablation_figures_draw_the_papers_value_beside_ours_and_name_each_entry_once(
+        tmp_path, monkeypatch):
+    """At the paper's scale its diamond and error bar, drawn at our bar's x, lay over our
+    error bar and seed dots; with one seed the legend said "ours: one seed" twice; Fig. 6's
+    legend inside the axes covered a point (found by a review)."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    table = pd.DataFrame({"variant": ["a", "b"], "label": ["A", "B"], "n_seeds": [1, 1],
+                          "mae_mean": [4.0, 4.1], "mae_std": [np.nan, np.nan],
+                          "paper_mae_mean": [3.9, 4.0], "paper_mae_std": [0.1, 0.1]})
+    seeds = pd.DataFrame({"variant": ["a", "b"], "mae": [4.0, 4.1]})
+    figures.plot_ablation(table, seeds, tmp_path / "a.png", title="t")
+    figures.plot_lambda_sweep(table, tmp_path / "l.png")
+    for figure in drawn:
+        axis = figure.axes[0]
+        paper = [c for c in axis.containers if c.get_label() == "paper (different data)"]
+        x = paper[0].lines[0].get_xdata()
+        np.testing.assert_allclose(x, [figures.PAPER_OFFSET, 1 + figures.PAPER_OFFSET])
+        texts = [text.get_text() for text in axis.get_legend().get_texts()]
+        assert len(texts) == len(set(texts)) and "ours (one seed, no sd)" in texts, texts
+        figure.canvas.draw()
+        legend = axis.get_legend().get_window_extent(figure.canvas.get_renderer())
+        assert legend.y1 <= axis.get_window_extent().y0  # below the axes: covers no point
+    two_seeds = table.assign(n_seeds=[2, 2], mae_std=[0.1, 0.1])
+    figures.plot_ablation(two_seeds, pd.concat([seeds, seeds]), tmp_path / "b.png", title="t")
+    texts = [text.get_text() for text in drawn[-1].axes[0].get_legend().get_texts()]
+    assert sorted(texts) == ["ours: each seed", "ours: mean ± sd over seeds",
+                             "paper (different data)"]
+
+
+def test_coverage_figure_rings_the_subjects_below_the_minimum_and_keeps_its_legend_clear(
+        tmp_path, monkeypatch):
+    """Fig. 7's legend sat inside the axes at the lower left, over the subjects that fail
+    the coverage minimum, and nothing marked them (kept in the splits under
+    qc.exclude_failed: false); the box medians were the second study's orange."""
+    participants = pd.DataFrame({"participant_id": [f"sub-{i}" for i in range(8)],
+                                 "study": ["s1"] * 4 + ["s2"] * 4,
+                                 "coverage": [0.95, 0.92, 0.64, 0.66, 0.97, 0.9, 0.88, 0.69]})
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_coverage(participants, tmp_path / "fig7.png", min_coverage=0.7)
+    axis = drawn[0].axes[0]
+    ringed = [c for c in axis.collections if c.get_label() == "below the QC minimum"
+              or (len(c.get_offsets()) and np.allclose(c.get_edgecolor()[0][:3],
+                                                       (0xC4 / 255, 0x4E / 255, 0x52 / 255)))]
+    values = sorted(float(y) for c in ringed for _, y in c.get_offsets())
+    assert values == pytest.approx([64.0, 66.0, 69.0])
+    texts = [text.get_text() for text in axis.get_legend().get_texts()]
+    assert texts.count("below the QC minimum") == 1
+    drawn[0].canvas.draw()
+    legend = axis.get_legend().get_window_extent(drawn[0].canvas.get_renderer())
+    assert legend.y1 <= axis.get_window_extent().y0
+    medians = [line for line in axis.lines if line.get_label().startswith("_") and
+               len(line.get_xdata()) == 2 and line.get_ydata()[0] == line.get_ydata()[1]]
+    assert medians and all(line.get_color() == "black" for line in medians)
+
+
 def _overlaps(legend_box, boxes) -> list:
     return [box for box in boxes if legend_box.overlaps(box)]
 
@@ -1710,6 +1767,20 @@ def test_predicted_vs_true_keeps_the_cohorts_study_colours_and_refuses_missing_p
     predictions.loc[2, "predicted_age"] = np.nan
     with pytest.raises(figures.ReportError, match=r"no predicted age for test subject\(s\) c"):
         figures.plot_predicted_vs_true(predictions, tmp_path / "p.png", cell="x")
+
+
+def test_predicted_vs_true_gives_each_study_its_own_marker_shape(tmp_path, monkeypatch):
+    """Studies were told apart by colour alone, and tab10's green and red (blue and purple)
+    are close for colour-blind readers: each study gets a shape too."""
+    predictions = pd.DataFrame({"participant_id": list("abcd"), "study": ["s1", "s2", "s3", "s4"],
+                                "age": [20.0, 30.0, 40.0, 50.0],
+                                "predicted_age": [22.0, 30.0, 44.0, 51.0], "subset": "test"})
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_predicted_vs_true(predictions, tmp_path / "p.png", cell="x")
+    shapes = [collection.get_paths()[0].vertices.round(3).tobytes()
+              for collection in drawn[0].axes[0].collections]
+    assert len(shapes) == 4 and len(set(shapes)) == 4
 
 
 def test_search_figure_circles_the_lowest_validation_mae(tmp_path, monkeypatch):

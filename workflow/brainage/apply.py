@@ -518,7 +518,8 @@ def plot_gap_by_group(table: pd.DataFrame, group_column: str | None, path: str |
         non_empty = [index for index, group_values in enumerate(values) if len(group_values)]
         if non_empty:
             axis.boxplot([values[index] for index in non_empty],
-                         positions=positions[non_empty], widths=0.5, showfliers=False)
+                         positions=positions[non_empty], widths=0.5, showfliers=False,
+                         medianprops={"color": "black"})  # orange: the second group
         for position, group_values in zip(positions, values):
             axis.scatter(position + rng.uniform(-0.12, 0.12, len(group_values)), group_values,
                          s=12, alpha=0.7, zorder=3)

@@ -84,6 +84,11 @@ def _study_colours(studies: Iterable[str]) -> dict[str, Any]:
     return {study: palette(i / (len(names) - 1)) for i, study in enumerate(names)}
 
 
+#: Marker shapes by study, in the order of :func:`_study_colours`, for plots where colour
+#: alone told studies apart.
+STUDY_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*")
+
+
 def _legend_below(figure, axis, **options) -> None:
     """The axis's legend under everything drawn below it (tick labels, tilted or not, and
     the axis label): a legend at a fixed offset lay over tilted tick labels."""
@@ -114,9 +119,17 @@ def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
     _save(figure, path)
 
 
+#: Where the paper's value is drawn, in bar widths right of ours (Figs. 4 and 6): at the same
+#: x its diamond and error bar lay over our error bar and seed dots at the paper's scale.
+PAPER_OFFSET = 0.3
+
+#: Box-plot medians in black: matplotlib's default orange is a study's or group's colour.
+MEDIAN_STYLE = {"color": "black"}
+
+
 def _ours_label(table: pd.DataFrame) -> str:
     """The legend of our values: one seed draws no error bar, and says so."""
-    return "ours: one seed" if single_seed(table) else "ours: mean ± sd over seeds"
+    return "ours (one seed, no sd)" if single_seed(table) else "ours: mean ± sd over seeds"
 
 
 def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
@@ -137,7 +150,9 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
         drawn.append(values)
         axis.scatter(np.full(len(values), position) + np.linspace(-0.12, 0.12, len(values)),
                      values, s=14, color="black", zorder=3,
-                     label="ours: one seed" if position == 0 else None)
+                     # with one seed the bar is that seed: one legend entry says so
+                     label="ours: each seed" if position == 0 and not single_seed(table)
+                     else None)
     for bar, mean in zip(bars, table["mae_mean"]):
         axis.annotate(f"{mean:.2f}", (bar.get_x() + bar.get_width() / 2, 0),
                       xytext=(0, 3), textcoords="offset points", ha="center",
@@ -145,9 +160,9 @@ def plot_ablation(table: pd.DataFrame, seeds: pd.DataFrame, path: str | Path, *,
     paper = table["paper_mae_mean"].to_numpy(float)
     paper_sd = np.nan_to_num(table["paper_mae_std"].to_numpy(float))
     drawn.append(paper + paper_sd)
-    if np.isfinite(paper).any():
-        axis.errorbar(x, paper, yerr=paper_sd, fmt="D", mfc="none", color="#C44E52",
-                      capsize=3, label="paper (different data)")
+    if np.isfinite(paper).any():  # beside our bar: on it, it hid our error bar and seeds
+        axis.errorbar(x + PAPER_OFFSET, paper, yerr=paper_sd, fmt="D", mfc="none",
+                      color="#C44E52", capsize=3, label="paper (different data)")
     axis.set_xticks(x, table["label"], rotation=20 if len(table) > 4 else 0, ha="right"
                     if len(table) > 4 else "center")
     axis.set_ylabel("test MAE [years]")
@@ -168,14 +183,15 @@ def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
                   fmt="o-", capsize=4, color="#4C72B0", label=_ours_label(table))
     paper = table["paper_mae_mean"].to_numpy(float)
     if np.isfinite(paper).any():
-        axis.errorbar(x, paper, yerr=np.nan_to_num(table["paper_mae_std"].to_numpy(float)),
+        axis.errorbar(x + PAPER_OFFSET, paper,
+                      yerr=np.nan_to_num(table["paper_mae_std"].to_numpy(float)),
                       fmt="D", mfc="none", color="#C44E52", capsize=3,
                       label="paper (different data)")
     axis.set_xticks(x, table["label"])
     axis.set_xlabel("re-weighting exponent λ (λ = 0: Exponential; hard: drop non-neighbours)")
     axis.set_ylabel("test MAE [years]")
     axis.set_title(ABLATION_TITLES["lambda"], fontsize="medium")
-    axis.legend(fontsize="small")
+    _legend_below(figure, axis, fontsize="small", ncol=2)  # inside, it covered a point
     _save(figure, path)
 
 
@@ -299,21 +315,32 @@ def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
     colours = _study_colours(participants["study"])
     figure, axis = plt.subplots(figsize=(7, 4))
     rng = np.random.default_rng(0)
+    minimum = -np.inf if min_coverage is None else 100 * min_coverage
+    labelled = False
     for i, study in enumerate(colours):
         values = coverage[participants["study"].astype(str) == study].to_numpy(float)
-        axis.boxplot(values, positions=[i], widths=0.5, showfliers=False)
-        axis.scatter(i + rng.uniform(-0.15, 0.15, len(values)), values, s=14,
-                     color=colours[study], zorder=3)
+        axis.boxplot(values, positions=[i], widths=0.5, showfliers=False,
+                     medianprops=MEDIAN_STYLE)
+        jitter = i + rng.uniform(-0.15, 0.15, len(values))
+        below = values < minimum
+        axis.scatter(jitter[~below], values[~below], s=14, color=colours[study], zorder=3)
+        if below.any():  # under qc.exclude_failed: false they stay in the splits: ringed,
+            # they can be told from the others
+            axis.scatter(jitter[below], values[below], s=30, color=colours[study],
+                         edgecolor="#C44E52", linewidth=1.5, zorder=4,
+                         label=None if labelled else "below the QC minimum")
+            labelled = True
     if min_coverage is not None:
         axis.axhline(100 * min_coverage, color="#C44E52", linestyle="--",
                      label=f"QC minimum ({100 * min_coverage:.0f} %)")
-        axis.legend(fontsize="small", loc="lower left")
     axis.set_xticks(range(len(colours)),
                     [f"{s}\n(n={int((participants['study'].astype(str) == s).sum())})"
                      for s in colours])
     axis.set_ylabel("brain coverage [%]")
     axis.set_xlabel("study")
     axis.set_title(f"Fig. 7: brain coverage of the {modality(map_name).description}s by study")
+    if min_coverage is not None:  # below the axis: inside, it covered the failing subjects
+        _legend_below(figure, axis, fontsize="small", ncol=2)
     _save(figure, path)
 
 
@@ -492,11 +519,14 @@ def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
     # every study of the split, tested or not, so a study keeps the colour of Figs. 3 and 7
     colours = _study_colours(predictions["study"])
     figure, axis = plt.subplots(figsize=(5.5, 5))
-    for study, colour in colours.items():
+    for index, (study, colour) in enumerate(colours.items()):
         rows = test[test["study"].astype(str) == study]
         if rows.empty:
             continue
+        # a shape as well as a colour: tab10's green and red, blue and purple, are close
+        # for colour-blind readers
         axis.scatter(rows["age"], rows["predicted_age"], color=colour, s=22,
+                     marker=STUDY_MARKERS[index % len(STUDY_MARKERS)],
                      label=f"{study} (n={len(rows)})")
     low = float(min(test["age"].min(), test["predicted_age"].min())) - 2
     high = float(max(test["age"].max(), test["predicted_age"].max())) + 2
