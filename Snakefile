@@ -40,10 +40,11 @@ rule all:
 
 
 # Snakemake shows a job's log only when the job fails: name the warnings that the jobs of
-# this run logged (a subject that failed QC, a map with holes) after its summary.
+# this run logged (a subject that failed QC, a map with holes) after its summary, through
+# Snakemake's logger: into the run's .snakemake/log file too, not the terminal alone.
 onsuccess:
-    say_job_warnings(LAYOUT.logs, RUN_STARTED)
+    say_job_warnings(LAYOUT.logs, RUN_STARTED, emit=snakemake_logger.warning)
 
 
 onerror:
-    say_job_warnings(LAYOUT.logs, RUN_STARTED)
+    say_job_warnings(LAYOUT.logs, RUN_STARTED, emit=snakemake_logger.warning)

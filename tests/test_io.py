@@ -245,14 +245,19 @@ if sys.argv[2] == "stopped":
     sys.exit("job: the input is unusable")
 if sys.argv[2] == "finished":
     sys.exit(0)
+if sys.argv[2] == "terminated":  # a SLURM time limit, scancel, preemption
+    import time
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
 """
 
 
-def run_job(log: Path, how: str) -> None:
+def run_job(log: Path, how: str, **environment: str) -> int:
     # Snakemake deletes a job's log before every attempt
     log.unlink(missing_ok=True)
-    subprocess.run([sys.executable, "-c", JOB, str(log), how], capture_output=True,
-                   env={"PYTHONPATH": str(REPO / "workflow")}, check=False)
+    return subprocess.run([sys.executable, "-c", JOB, str(log), how], capture_output=True,
+                          env={"PYTHONPATH": str(REPO / "workflow"), **environment},
+                          check=False).returncode
 
 
 def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
@@ -305,6 +310,9 @@ def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
         f"  {logs}/preproc/sub-a/strip_skull.log: subject sub-a failed QC\n"
         f"  {logs}/preproc/sub-b/strip_skull.log and 1 more log(s): FreeSurfer half there\n"
         f"  ... and 1 other warning(s): grep -r WARNING {logs}\n")
+    emitted = []  # the Snakefile gives Snakemake's logger: the run's .snakemake/log too
+    assert say_job_warnings(logs, since, shown=2, emit=emitted.append) == 4
+    assert emitted == [printed.getvalue().rstrip("\n")]
     later = datetime.datetime(2026, 12, 6, 13, 0, 0, tzinfo=datetime.timezone.utc)
     assert say_job_warnings(logs, later, stream=printed) == 0
     assert job_warnings(tmp_path / "no_logs", since) == []
@@ -327,6 +335,84 @@ def test_log_keeps_killed_and_failed_attempts_until_a_success(tmp_path):
     run_job(log, "succeeded")
     assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1"]
     assert "working in killed" not in log.read_text()
+
+
+def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
+    """SIGTERM (a SLURM time limit, scancel, preemption) and SIGKILL (the out-of-memory
+    killer) left a log that just stopped, and the next attempt did not say why the last one
+    had ended. SIGTERM is now logged as it arrives (exit status 143, the clean-ups run); an
+    attempt that ended with no error line is named as killed outright by the next one; the
+    separator names the SLURM job, to look it up with sacct."""
+    log = tmp_path / "logs" / "train_encoder.log"
+    assert run_job(log, "killed", SLURM_JOB_ID="4242") == -9
+    assert run_job(log, "terminated", SLURM_JOB_ID="4243") == 143
+    assert run_job(log, "failed") == 1
+    run_job(log, "succeeded")
+    text = log.read_text()
+    attempts = re.split(r"^===== attempt \d+ .*$", text, flags=re.M)[1:]
+    assert len(attempts) == 4, text
+    assert re.search(r"^===== attempt 1 \(\S+, \S+, pid \d+, SLURM job 4242\) =====$", text,
+                     flags=re.M), text
+    # what ends each attempt, and what the next one says of it
+    assert attempts[0].rstrip().endswith("working in killed"), text
+    assert re.match(r"\n\S+ \S+ WARNING brainage.logs: attempt 1 ended without a message: its "
+                    r"process was killed outright \(SIGKILL", attempts[1]), text
+    assert "ERROR brainage: job stopped by SIGTERM" in attempts[1], attempts[1]
+    assert "ended without a message" not in attempts[2] + attempts[3], text
+
+
+def test_job_logs_are_utf8_whatever_the_locale(tmp_path):
+    """Under a locale whose encoding is not UTF-8 (an older cluster image's latin-1 or
+    ASCII), a study named Łódź lost its log lines ("--- Logging error ---") and make_tables
+    failed on its notes' dashes: logs and tables are written as UTF-8."""
+    # the script's own text in ASCII: the command line is decoded with the locale's codec
+    script = (
+        "import logging, sys, locale\n"
+        "import pandas as pd\n"
+        "from brainage.logs import log_to_file\n"
+        "from brainage.report.tables import write_table\n"
+        "assert locale.getpreferredencoding(False).lower() not in ('utf-8', 'utf8')\n"
+        "log_to_file(sys.argv[1])\n"
+        "city = '\\u0141\\u00f3d\\u017a'\n"
+        "logging.getLogger('brainage').info('study %s \\u2013 3 subjects', city)\n"
+        "table = pd.DataFrame({'study': [city], 'mae': [4.2]})\n"
+        "write_table(table, table.astype(str), sys.argv[2], title='Tabelle \\u2013 ' + city,\n"
+        "            notes=['MAE \\u2013 years'])\n")
+    result = subprocess.run(
+        [sys.executable, "-X", "utf8=0", "-c", script, str(tmp_path / "job.log"),
+         str(tmp_path / "table")], capture_output=True, text=True, check=False,
+        env={"PYTHONPATH": str(REPO / "workflow"), "LC_ALL": "C", "PYTHONCOERCECLOCALE": "0",
+             "PYTHONIOENCODING": "utf-8"})
+    assert result.returncode == 0, result.stderr
+    assert "Logging error" not in result.stderr, result.stderr
+    assert "study Łódź – 3 subjects" in (tmp_path / "job.log").read_text(encoding="utf-8")
+    assert "Tabelle – Łódź" in (tmp_path / "table.md").read_text(encoding="utf-8")
+
+
+def test_matplotlib_gets_a_writable_cache_where_home_is_not(tmp_path, monkeypatch):
+    """A HOME that cannot be written (read-only on the nodes, a container without one) made
+    matplotlib log two warnings in every job, which filled the end-of-run list; a folder a
+    user set is kept."""
+    import tempfile
+
+    from brainage import io as brainage_io
+
+    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again
+    writable = {str(tmp_path / "home"): False}
+    monkeypatch.setattr(brainage_io.os, "access",
+                        lambda path, mode: writable.get(str(path), True))
+    brainage_io.use_a_writable_matplotlib_cache()
+    assert os.environ["MPLCONFIGDIR"] == str(tmp_path / f"brainage-matplotlib-{os.getuid()}")
+    monkeypatch.setenv("MPLCONFIGDIR", "/lab/mpl")
+    brainage_io.use_a_writable_matplotlib_cache()
+    assert os.environ["MPLCONFIGDIR"] == "/lab/mpl"
+    monkeypatch.delenv("MPLCONFIGDIR")
+    writable[str(tmp_path / "home")] = True
+    brainage_io.use_a_writable_matplotlib_cache()
+    assert "MPLCONFIGDIR" not in os.environ
 
 
 def test_log_keeps_attempts_that_ended_with_a_non_zero_exit(tmp_path):

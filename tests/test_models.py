@@ -649,6 +649,25 @@ def test_select_device(monkeypatch):
         select_device("gpu")
 
 
+@pytest.mark.parametrize("cuda_build, blamed", [
+    (None, "is a CPU-only build"),  # the usual case: the CPU wheel on a GPU node
+    ("13.0", "the NVIDIA driver may be older"),
+])
+def test_gpus_pytorch_cannot_use_are_blamed_on_the_right_cause(monkeypatch, caplog,
+                                                               cuda_build, blamed):
+    """A job given GPUs that computes on the CPU: with a CPU-only torch the warning blamed
+    the NVIDIA driver or the card, where the build is the cause."""
+    from brainage.runtime import select_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.version, "cuda", cuda_build)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    with caplog.at_level("WARNING", logger="brainage.runtime"):
+        assert select_device("auto") == torch.device("cpu")
+    assert blamed in caplog.text
+    assert ("driver" in caplog.text) == (cuda_build is not None)
+
+
 def test_runtime_setup_threads_precision_and_refusals(monkeypatch):
     """P processes on a node share its train.threads (at least one each); CPU auto is
     float32; an unknown precision and a local rank without its GPU are ConfigErrors."""

@@ -399,18 +399,75 @@ def test_the_warnings_of_the_runs_jobs_are_named_at_its_end(tmp_path):
     assert result.returncode == 0, result.stdout
     summary = result.stdout[result.stdout.index("steps (100%) done"):]
     # and the tiny fixture's brain, far below any real one's volume
-    assert re.search(r"brainage: the jobs of this run logged 2 warning\(s\); read them before "
-                     r"the results \(paths relative to the run's folder\):\n  "
-                     r"logs/preproc/sub-00a/strip_skull\.log: "
-                     r"preprocess\.skullstrip auto: FREESURFER_HOME is set \(.*\) but "
-                     r"mri_synthstrip is not on PATH.*\n  logs/preproc/sub-00a/strip_skull\.log: "
-                     r"subject sub-00a: the brain mask deepbet made of the T1w .* holds \d+ ml",
-                     summary), summary
+    listed = (r"brainage: the jobs of this run logged 2 warning\(s\); read them before "
+              r"the results \(paths relative to the run's folder\):\n  "
+              r"logs/preproc/sub-00a/strip_skull\.log: "
+              r"preprocess\.skullstrip auto: FREESURFER_HOME is set \(.*\) but "
+              r"mri_synthstrip is not on PATH.*\n  logs/preproc/sub-00a/strip_skull\.log: "
+              r"subject sub-00a: the brain mask deepbet made of the T1w .* holds \d+ ml")
+    assert re.search(listed, summary), summary
+    # and in Snakemake's own log of the run, read after the terminal's scrollback is gone
+    run_log = max((tmp_path / ".snakemake" / "log").glob("*.snakemake.log"))
+    assert re.search(listed, run_log.read_text()), run_log.read_text()[-3000:]
     # the next run ran no job: the earlier run's warnings are not repeated
     again = subprocess.run(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            timeout=240, env=environment)
     assert again.returncode == 0 and "Nothing to be done" in again.stdout, again.stdout
     assert "logged" not in again.stdout
+
+
+def test_a_job_that_fails_while_importing_says_why_in_its_log(tmp_path):
+    """Every script imports PyTorch, ANTsPy or nibabel before it calls log_to_file: a failure
+    there (a CUDA library missing on a node) left the log Snakemake points to empty, and the
+    attempt out of the log's history. The package opens the log at its first import; the
+    script's own call then opens no second attempt."""
+    (tmp_path / "broken.py").write_text(
+        "import brainage  # a Snakemake job's log is opened here\n"
+        "import a_library_missing_on_this_node\n")
+    (tmp_path / "fine.py").write_text(
+        "import logging\n"
+        "from brainage.logs import log_to_file\n"
+        "log_to_file(snakemake.log[0])\n"
+        "logging.getLogger('brainage').info('done')\n"
+        "open(snakemake.output[0], 'w').close()\n")
+    (tmp_path / "Snakefile").write_text(
+        "rule broken:\n    output: 'broken.txt'\n    log: 'logs/broken.log'\n"
+        "    script: 'broken.py'\n\n"
+        "rule fine:\n    output: 'fine.txt'\n    log: 'logs/fine.log'\n"
+        "    script: 'fine.py'\n")
+    environment = local_snakemake_environment(PYTHONPATH=str(REPO / "workflow"))
+    run = [sys.executable, "-m", "snakemake", "--directory", str(tmp_path), "--cores", "1",
+           "-s", str(tmp_path / "Snakefile"), "--retries", "1"]
+    broken = subprocess.run([*run, "broken.txt"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, timeout=120, env=environment)
+    assert broken.returncode != 0, broken.stdout
+    log = (tmp_path / "logs" / "broken.log").read_text()
+    assert re.findall(r"^===== attempt (\d+)", log, flags=re.M) == ["1", "2"], log
+    assert log.count("ModuleNotFoundError: No module named 'a_library_missing_on_this_node'"
+                     ) == 2, log
+    fine = subprocess.run([*run, "fine.txt"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120, env=environment)
+    assert fine.returncode == 0, fine.stdout
+    log = (tmp_path / "logs" / "fine.log").read_text()
+    assert re.findall(r"^===== attempt (\d+)", log, flags=re.M) == ["1"], log
+    assert log.count("INFO brainage: done") == 1, log
+
+
+def test_jobs_import_the_checkouts_package_not_another_on_the_path(tmp_path):
+    """Snakemake appends a script's folder to sys.path, behind PYTHONPATH and site-packages:
+    another brainage there (a stale install, a colleague's checkout) ran the jobs planned
+    by this checkout, unnoticed. Here the other copy cannot even be imported."""
+    other = tmp_path / "other_copy" / "brainage"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("raise ImportError('the other copy of brainage')\n")
+    template = Layout().template("brain_mask")
+    result = subprocess.run(
+        [*SNAKEMAKE, "--directory", str(tmp_path), "--cores", "1", template],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
+        env=local_snakemake_environment(PYTHONPATH=str(other.parent)))
+    assert result.returncode == 0, result.stdout
+    assert (tmp_path / template).is_file()
+    assert "the other copy" not in result.stdout
 
 
 ONE_VARIANT = {"table3": {"seeds": [0], "variants": {"yaware": {"loss": {"name": "yaware"}}}}}

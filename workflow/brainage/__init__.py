@@ -24,3 +24,26 @@ def brainage_version() -> str:
         return version("brainage")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _open_the_job_log_first() -> None:
+    """Inside a job of a rule with ``script:`` (Snakemake's preamble puts its ``snakemake``
+    object into the script's module), open the job's log at the package's first import.
+
+    Every script imports PyTorch, ANTsPy or nibabel before its own ``log_to_file`` call; a
+    failure there (a CUDA library missing on a node, a broken environment) left the log
+    Snakemake points to empty and the attempt out of its history. The script's own call is
+    then a no-op (:func:`brainage.logs.log_to_file`); ``brainage.logs`` imports only the
+    standard library.
+    """
+    import sys
+
+    job = getattr(sys.modules.get("__main__"), "snakemake", None)
+    if type(job).__module__.split(".")[0] != "snakemake" or not getattr(job, "log", None):
+        return
+    from brainage.logs import log_to_file
+
+    log_to_file(job.log[0])
+
+
+_open_the_job_log_first()

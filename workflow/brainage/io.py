@@ -435,6 +435,44 @@ def read_npz(path: str | Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{path} cannot be read ({type(error).__name__}: {error})") from None
 
 
+def use_a_writable_matplotlib_cache() -> None:
+    """Point matplotlib's config and cache folder (``MPLCONFIGDIR``, unless set) at a
+    folder of this user's under TMPDIR when HOME is not writable (a read-only HOME on
+    cluster nodes, a container without one): matplotlib otherwise logged two warnings in
+    every job that draws or imports it (ANTsPy does), one with a random folder name, and
+    they filled the end-of-run warnings list. For the processes started after the call
+    (Snakemake's jobs), and for this one if it has not imported matplotlib yet."""
+    import tempfile
+
+    if "MPLCONFIGDIR" not in os.environ and not os.access(Path.home(), os.W_OK):
+        os.environ["MPLCONFIGDIR"] = str(Path(tempfile.gettempdir(),
+                                              f"brainage-matplotlib-{os.getuid()}"))
+
+
+def prepare_job_environment(package_dir: str | Path, *, training_python: str) -> None:
+    """Set the environment the Snakemake process hands to every job it starts.
+
+    - ``PYTHONPATH`` begins with ``package_dir`` (the checkout's ``workflow`` folder, once):
+      Snakemake appends a script's folder to ``sys.path``, behind PYTHONPATH and
+      site-packages, so another brainage (a stale ``pip install .``, a colleague's editable
+      checkout in a shared venv, an old PYTHONPATH in ~/.bashrc) ran the jobs this checkout
+      planned, unnoticed;
+    - ``PYTHONUTF8=1`` unless set: text is UTF-8 whatever a node's locale (under a latin-1
+      one, make_tables failed on its notes' dashes);
+    - a writable matplotlib cache (:func:`use_a_writable_matplotlib_cache`);
+    - ``BRAINAGE_PACKAGE_DIR`` and ``BRAINAGE_TRAINING_PYTHON``, read by rule
+      pretrain_encoder's command (environment, not params: neither changes a result).
+    """
+    package_dir = str(package_dir)
+    os.environ.update(BRAINAGE_PACKAGE_DIR=package_dir,
+                      BRAINAGE_TRAINING_PYTHON=training_python)
+    path = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    if path[:1] != [package_dir]:
+        os.environ["PYTHONPATH"] = os.pathsep.join([package_dir, *path])
+    os.environ.setdefault("PYTHONUTF8", "1")
+    use_a_writable_matplotlib_cache()
+
+
 def headless_pyplot():
     """matplotlib's pyplot for writing figure files: the Agg backend (cluster nodes have no
     display), and ``$`` read as text, not mathtext: labels and titles are data (a study,

@@ -1,8 +1,12 @@
 """Logging for pipeline jobs: the package logs, the rule's ``log:`` file receives it.
 
 A job's log keeps every attempt since the job last succeeded, each after a separator line
-``===== attempt <n> (<start time>, <host>, pid <pid>) =====``, so a cluster user sees why
-a job was retried. Snakemake deletes a job's log before every attempt, so each line also
+``===== attempt <n> (<start time>, <host>, pid <pid>[, SLURM job <id>]) =====``, so a
+cluster user sees why a job was retried: a traceback, an exit status, "stopped by SIGTERM"
+(a time limit, scancel, preemption), or, for an attempt whose log just stopped (SIGKILL:
+the out-of-memory killer), a warning of the next attempt saying so. The log is opened at
+the package's first import inside a job (brainage/__init__.py), so a failing import of
+PyTorch or ANTsPy is in it too. Snakemake deletes a job's log before every attempt, so each line also
 goes to a hidden companion file (``.<log name>.attempts``) that Snakemake does not know
 about; a new attempt copies it back into the log first. The companion is deleted when the
 attempt succeeds: it ends without an uncaught exception and without ``sys.exit`` of a
@@ -20,10 +24,12 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import sys
+import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Opens every attempt in a log; counted to number the next attempt.
@@ -31,6 +37,11 @@ ATTEMPT_MARK = "===== attempt "
 #: The interpreter's own sys.exit, taken at import: what :func:`log_to_file`'s
 #: replacement calls, so calling log_to_file again does not stack replacements.
 _SYS_EXIT = sys.exit
+#: The job log :func:`log_to_file` opened in this process: the package opens it at its first
+#: import inside a Snakemake job (brainage/__init__.py), before the script's own call.
+_OPENED: list[Path] = []
+#: An ERROR line of the package: an attempt that logged one ended with a message.
+_PACKAGE_ERROR = re.compile(r"^\S+ \S+ ERROR brainage[\w.]*: ")
 
 
 def attempts_file(path: str | Path) -> Path:
@@ -40,21 +51,38 @@ def attempts_file(path: str | Path) -> Path:
 
 
 def _start_attempt(path: Path) -> None:
-    """Restore the earlier attempts into ``path`` and open a new one in both files."""
+    """Restore the earlier attempts into ``path`` and open a new one in both files.
+
+    An earlier attempt that ended without an error line of its own was killed outright
+    (SIGKILL: the out-of-memory killer, the end of a time limit's grace period, a lost
+    node): its log just stopped, so the new attempt says so, first.
+    """
     history = attempts_file(path)
     if history.is_file() and (not path.is_file()
                               or path.stat().st_size < history.stat().st_size):
         shutil.copyfile(history, path)
-    previous = 0
+    lines: list[str] = []
     if path.is_file():
-        with open(path, errors="replace") as log:
-            previous = sum(line.startswith(ATTEMPT_MARK) for line in log)
-    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    separator = (f"{ATTEMPT_MARK}{previous + 1} ({started}, {socket.gethostname()}, "
-                 f"pid {os.getpid()}) =====\n")
+        with open(path, encoding="utf-8", errors="replace") as log:
+            lines = log.read().splitlines()
+    previous = sum(line.startswith(ATTEMPT_MARK) for line in lines)
+    now = datetime.datetime.now().astimezone()
+    slurm_job = os.environ.get("SLURM_JOB_ID")
+    text = (f"{ATTEMPT_MARK}{previous + 1} ({now.isoformat(timespec='seconds')}, "
+            f"{socket.gethostname()}, pid {os.getpid()}"
+            f"{f', SLURM job {slurm_job}' if slurm_job else ''}) =====\n")
+    if history.is_file() and previous:
+        last = lines[max(i for i, line in enumerate(lines) if line.startswith(ATTEMPT_MARK)):]
+        if not any(_PACKAGE_ERROR.match(line) for line in last):  # in this attempt: it is
+            # one of this run's warnings (job_warnings)
+            text += (f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING "
+                     f"brainage.logs: attempt {previous} ended without a message: its process "
+                     f"was killed outright (SIGKILL: the out-of-memory killer, a time limit's "
+                     f"final kill, or a lost node; on SLURM, `sacct -j <job id>` of that "
+                     f"attempt says which)\n")
     for file in (path, history):
-        with open(file, "a") as log:
-            log.write(separator)
+        with open(file, "a", encoding="utf-8") as log:
+            log.write(text)
 
 
 def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
@@ -64,14 +92,19 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
     the package reported, including a traceback when the job fails, below the lines of
     the attempts that were killed or failed before (module docstring).
     """
+    if path and Path(path).resolve() in _OPENED:
+        return  # opened at the package's first import in this job: one attempt, not two
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     failed = []
     if path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         _start_attempt(path)
-        handlers += [logging.FileHandler(path, mode="a"),
-                     logging.FileHandler(attempts_file(path), mode="a")]
+        _OPENED.append(path.resolve())
+        # UTF-8 whatever the node's locale: under a latin-1 one a study named Łódź lost
+        # its log lines ("--- Logging error ---")
+        handlers += [logging.FileHandler(path, mode="a", encoding="utf-8"),
+                     logging.FileHandler(attempts_file(path), mode="a", encoding="utf-8")]
 
         def forget_attempts_after_success() -> None:
             if not failed:
@@ -98,8 +131,20 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
                                                 reason)
         _SYS_EXIT(status)
 
+    def stop_on_sigterm(number, frame):
+        # SLURM's time limit, scancel and preemption send SIGTERM, then SIGKILL: by
+        # default the log just stopped, like that of an out-of-memory kill. As an exception
+        # the clean-ups run too (temporary files of atomic writes are removed).
+        failed.append(SystemExit)
+        logging.getLogger("brainage").error(
+            "job stopped by SIGTERM (a SLURM time limit, scancel or preemption, or Snakemake "
+            "stopping the run); what it finished is kept for the next attempt")
+        raise SystemExit(128 + signal.SIGTERM)
+
     sys.excepthook = log_uncaught
     sys.exit = exit_noting_failure
+    if path and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 
 @contextlib.contextmanager
@@ -117,7 +162,7 @@ def also_logging_to(path: str | Path, heading: str,
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     try:  # a full disk or a read-only folder: named, not a traceback
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as log:
+        with open(path, "a", encoding="utf-8") as log:
             log.write(f"===== {heading} ({started}, {socket.gethostname()}, pid "
                       f"{os.getpid()}) =====\n")
     except OSError as error:
@@ -164,7 +209,7 @@ def job_warnings(log_root: str | Path, since: datetime.datetime) -> list[tuple[P
         try:
             if path.stat().st_mtime < since.timestamp():
                 continue  # nothing written since: no attempt of this run
-            lines = path.read_text(errors="replace").splitlines()
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             continue
         current = False
@@ -183,28 +228,37 @@ def job_warnings(log_root: str | Path, since: datetime.datetime) -> list[tuple[P
 
 
 def say_job_warnings(log_root: str | Path, since: datetime.datetime, *, shown: int = 20,
-                     stream=None) -> int:
+                     stream=None, emit: Callable[[str], object] | None = None) -> int:
     """Print the warnings of this run's jobs (:func:`job_warnings`) after Snakemake's
     own summary (the Snakefile's ``onsuccess`` and ``onerror``), one line per message
     (the first of its logs, and how many more), at most ``shown`` lines; returns the
     number of warnings. Jobs on other machines are judged by their own clocks, and
-    another run in the same folder at the same time counts as this one."""
-    stream = stream if stream is not None else sys.stderr
+    another run in the same folder at the same time counts as this one.
+
+    ``emit`` takes the whole text instead of ``stream`` (default stderr): the Snakefile
+    passes Snakemake's logger, which also writes it into the run's ``.snakemake/log`` file,
+    where a cluster user finds it after the terminal's scrollback is gone."""
     found = job_warnings(log_root, since)
     # one line per message: the same warning of every subject must not hide the others
     logs_of: dict[str, list[Path]] = {}
     for path, message in found:
         logs_of.setdefault(message, []).append(path)
-    if found:
-        print(f"brainage: the jobs of this run logged {len(found)} warning(s); read them "
-              f"before the results (paths relative to the run's folder):", file=stream)
-        for message, paths in list(logs_of.items())[:shown]:
-            short = message if len(message) <= 300 else message[:297] + "..."
-            more = f" and {len(paths) - 1} more log(s)" if len(paths) > 1 else ""
-            print(f"  {paths[0]}{more}: {short}", file=stream)
-        if len(logs_of) > shown:
-            print(f"  ... and {len(logs_of) - shown} other warning(s): grep -r WARNING "
-                  f"{log_root}", file=stream)
+    if not found:
+        return 0
+    lines = [f"brainage: the jobs of this run logged {len(found)} warning(s); read them "
+             f"before the results (paths relative to the run's folder):"]
+    for message, paths in list(logs_of.items())[:shown]:
+        short = message if len(message) <= 300 else message[:297] + "..."
+        more = f" and {len(paths) - 1} more log(s)" if len(paths) > 1 else ""
+        lines.append(f"  {paths[0]}{more}: {short}")
+    if len(logs_of) > shown:
+        lines.append(f"  ... and {len(logs_of) - shown} other warning(s): grep -r WARNING "
+                     f"{log_root}")
+    if emit is not None:
+        emit("\n".join(lines))
+    else:
+        stream = stream if stream is not None else sys.stderr
+        print("\n".join(lines), file=stream)
         stream.flush()
     return len(found)
 
@@ -225,7 +279,7 @@ def log_to_files(files: Sequence[str], level: int = logging.INFO) -> None:
 
 def _appending_handler(path: str | Path) -> logging.FileHandler:
     """A handler that appends the job log's format to ``path``."""
-    handler = logging.FileHandler(path, mode="a")
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(logging.Formatter(FORMAT))
     return handler
 

@@ -369,10 +369,12 @@ def _parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m brainage.predict {export,run} ...``"""
     from brainage.config import load_config
+    from brainage.io import use_a_writable_matplotlib_cache
     from brainage.logs import log_to_file
 
     arguments = _parse_arguments(argv)
     log_to_file(None)
+    use_a_writable_matplotlib_cache()
     try:
         if arguments.command == "export":
             for path in arguments.configfile:

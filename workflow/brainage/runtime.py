@@ -45,7 +45,12 @@ def select_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if given_gpus():
+        if given_gpus() and torch.version.cuda is None:  # the driver is not to blame
+            log.warning("this job was given GPU(s) %s (CUDA_VISIBLE_DEVICES), but PyTorch %s "
+                        "is a CPU-only build, so it computes on the CPU. Install a CUDA build "
+                        "of torch where the job runs (envs/, README), or set train.device: "
+                        "cuda to stop instead.", given_gpus(), torch.__version__)
+        elif given_gpus():
             # e.g. PyPI's torch wheel built for CUDA 13 on a node whose driver is older than
             # that needs, or on a V100: the job would hold its GPUs and train on the CPU
             log.warning("this job was given GPU(s) %s (CUDA_VISIBLE_DEVICES), but PyTorch %s "

@@ -11,6 +11,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from snakemake.logging import logger as snakemake_logger
 from snakemake.settings.types import DeploymentMethod
 
 # The package is pip-installed (editable) by the README's commands; this keeps a plain
@@ -59,6 +60,7 @@ from brainage.config import (
     voxel_readout_memory_mb,
 )
 from brainage.interrupted import interrupted_run_notice
+from brainage.io import prepare_job_environment
 from brainage.logs import say_job_warnings
 from brainage.inputs import (
     InputError,
@@ -956,15 +958,16 @@ def pretrain_settings_argument(wildcards):
     return shlex.quote(json.dumps(settings, sort_keys=True))
 
 
-# The package folder and the Python that start a pretraining run (rule pretrain_encoder;
-# in a conda env the env's python, otherwise the one that runs Snakemake, the venv's), for
-# its shell command as environment variables: as params, a change would rerun the run,
-# and neither the checkout's folder nor the Python changes what it computes (nor do the
-# GPU and node counts: resources, read by brainage.launch). Every Snakemake process sets
-# them, the one on a SLURM node that runs the job included.
-os.environ.update(
-    BRAINAGE_PACKAGE_DIR=str(Path(workflow.basedir) / "workflow"),
-    BRAINAGE_TRAINING_PYTHON=(
+# The environment of every job (brainage.io.prepare_job_environment): this checkout's
+# package first on PYTHONPATH, UTF-8 text, a writable matplotlib cache, and the package
+# folder and the Python that start a pretraining run (rule pretrain_encoder; in a conda
+# env the env's python, otherwise the one that runs Snakemake, the venv's), as environment
+# variables: as params, a change would rerun the run, and neither the checkout's folder nor
+# the Python changes what it computes. Every Snakemake process sets them, the one on a
+# SLURM node that runs the job included.
+prepare_job_environment(
+    Path(workflow.basedir) / "workflow",
+    training_python=(
         "python"
         if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
         else sys.executable

@@ -340,7 +340,7 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
     if extra_markdown:
         markdown += ["", extra_markdown]
     with atomic_path(paths[".md"]) as temp:
-        temp.write_text("\n".join(markdown).rstrip() + "\n")
+        temp.write_text("\n".join(markdown).rstrip() + "\n", encoding="utf-8")
     # pandas escapes the cells, not the caption: an experiment's name (my_ablation) names it
     latex = display.to_latex(index=False, escape=True, caption=_escape_latex(title),
                              label=f"tab:{stem.name}", column_format="l" * max(1, display.shape[1]))
@@ -350,7 +350,7 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
     for character, command in _LATEX_UNICODE.items():
         latex = latex.replace(character, command)
     with atomic_path(paths[".tex"]) as temp:
-        temp.write_text(latex)
+        temp.write_text(latex, encoding="utf-8")
     return paths
 
 
