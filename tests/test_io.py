@@ -6,6 +6,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -106,6 +107,70 @@ def test_atomic_path_puts_the_data_on_the_disk_before_the_rename(tmp_path, monke
     folder = final.parent.stat().st_ino
     assert any(event == "fsync" and synced == folder
                for event, synced, _ in events[renames[0]:]), events
+
+
+def test_two_writers_of_one_folder_take_turns(tmp_path, caplog):
+    """Two exports of one bundle at once: each removed the other's half-written folder as
+    a killed writer's, and the other failed with a message about free space. The second
+    now waits for the first; both finish, the second's folder is the one left."""
+    import threading
+
+    target = tmp_path / "models" / "bundle"
+    inside, finished = threading.Event(), []
+
+    def write(content: str, hold: bool) -> None:
+        with staged_folder(target, what="an export") as staging:
+            (staging / "manifest.json").write_text(content)
+            if hold:
+                inside.set()
+                time.sleep(1.0)  # the second writer starts meanwhile
+        finished.append(content)
+
+    first = threading.Thread(target=write, args=("first", True))
+    with caplog.at_level("INFO", logger="brainage.io"):
+        first.start()
+        assert inside.wait(10)
+        write("second", False)
+        first.join()
+    assert finished == ["first", "second"]
+    assert (target / "manifest.json").read_text() == "second"
+    assert "waiting for another process that writes" in caplog.text
+    assert "that was killed" not in caplog.text
+    assert sorted(path.name for path in target.parent.iterdir()) == ["bundle"]
+
+
+def test_a_tools_scratch_folder_gets_the_groups_permissions_and_goes_away(tmp_path):
+    """Registration and skull stripping work in a folder beside their outputs; made by
+    tempfile it was 0700, so the one a killed job left could not be deleted by colleagues
+    in the project's group (rm -rf of a subject's folder failed)."""
+    import stat
+
+    from brainage.io import work_folder
+
+    umask = os.umask(0o002)
+    try:
+        with pytest.raises(RuntimeError):
+            with work_folder(tmp_path, ".register-") as folder:
+                assert folder.parent == tmp_path and folder.name.startswith(".register-")
+                assert stat.S_IMODE(folder.stat().st_mode) == 0o775
+                (folder / "affine_0GenericAffine.mat").write_bytes(b"x")
+                raise RuntimeError("the tool failed")
+    finally:
+        os.umask(umask)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_that_must_not_wait_is_told_who_holds_the_lock(tmp_path):
+    from brainage.io import LockHeldError, writer_lock
+
+    lock = tmp_path / ".out.lock"
+    with writer_lock(lock, wait=False, what="--output out"):
+        with pytest.raises(LockHeldError, match=r"another process is writing --output out now"):
+            with writer_lock(lock, wait=False, what="--output out"):
+                pass
+    with writer_lock(lock, wait=False, what="--output out"):  # released: free again
+        assert lock.is_file()
+    assert not lock.exists()
 
 
 def test_a_folder_interrupted_between_its_renames_keeps_the_old_one(tmp_path, monkeypatch):

@@ -414,6 +414,39 @@ def test_an_edited_manifest_fails_naming_it(exported, tmp_path, caplog):
                for record in caplog.records)
 
 
+def test_a_bundle_re_exported_while_it_is_read_is_read_again(exported, tmp_path,
+                                                             monkeypatch, caplog):
+    """A re-export swapped the folder between the manifest and the files: the reader said
+    the bundle was damaged and to re-copy it. It now reads the new bundle whole."""
+    import brainage.bundle as bundle_module
+
+    old = read_bundle(exported.bundle_dir)
+    perturbed = {key: value + 1 if value.is_floating_point() else value
+                 for key, value in old.encoder_state.items()}
+    write_bundle(tmp_path / "new", name=old.manifest["name"], encoder_state=perturbed,
+                 readout_state=old.readout_state, manifest_fields=old.manifest)
+    shared = shutil.copytree(exported.bundle_dir, tmp_path / "shared")
+    real_verify = bundle_module.verify_checksums
+    swaps = []
+
+    def verify_while_a_re_export_lands(directory, manifest):
+        if not swaps:  # the re-export lands after the manifest was read
+            swaps.append(1)
+            shutil.rmtree(shared)
+            shutil.copytree(tmp_path / "new", shared)
+        return real_verify(directory, manifest)
+
+    monkeypatch.setattr(bundle_module, "verify_checksums", verify_while_a_re_export_lands)
+    with caplog.at_level("INFO", logger="brainage.bundle"):
+        bundle = read_bundle(shared)
+    assert "re-exported while it was read" in caplog.text
+    for key, value in perturbed.items():
+        assert torch.equal(bundle.encoder_state[key], value), key
+    (shared / "encoder.pt").write_bytes(b"damaged")  # damage stays damage
+    with pytest.raises(BundleError, match=r"checksum mismatch for .*encoder.pt"):
+        read_bundle(shared)
+
+
 def test_incompatible_format_version_fails_clearly(exported, tmp_path):
     copied = _copy_bundle(exported, tmp_path)
     manifest = json.loads((copied / "manifest.json").read_text())
@@ -2216,6 +2249,48 @@ def test_usage_and_errors_name_the_command_the_user_typed(tmp_path, capsys, monk
     assert main(["run", "--bundle", str(tmp_path / "none"), "--dataset", str(tmp_path),
                  "--output", str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith(f"{program} run: error: model bundle ")
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_works(
+        exported, tmp_path, monkeypatch):
+    """Two `predict run` into one --output did all the work twice, interleaved their logs,
+    and one could delete the other's reports. The second is refused while the first holds
+    the folder's lock; a colleague's marker is not rewritten in place (it needed write
+    permission on the file itself), and a --output link into a purged scratch area is
+    named as such, not as "File exists"."""
+    import brainage.predict as predict_module
+    from brainage.predict import RUN_LOCK
+    from conftest import default_rows, write_tiny_dataset
+
+    dataset = write_tiny_dataset(tmp_path / "dataset", default_rows(), with_anat=True)
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / OUTPUT_MARKER).write_text("a colleague's marker\n")
+    template = {"template_t1": "t1.nii.gz", "template_mask": "mask.nii.gz"}
+    calls = []
+
+    class FirstRunStopsHere(Exception):
+        pass
+
+    def the_first_run_is_working(*args, **kwargs):
+        calls.append(args)
+        assert len(calls) == 1, "the second run was not refused"
+        assert (output / RUN_LOCK).is_file()
+        with pytest.raises(InputError, match=rf"another process is writing --output {output} "
+                                             rf".*wait for it to finish\. Or pass another"):
+            run_cohort(exported.bundle_dir, dataset, output, **template)
+        raise FirstRunStopsHere
+
+    monkeypatch.setattr(predict_module, "also_logging_to", the_first_run_is_working)
+    with pytest.raises(FirstRunStopsHere):
+        run_cohort(exported.bundle_dir, dataset, output, **template)
+    assert not (output / RUN_LOCK).exists()  # released, and removed
+    assert (output / OUTPUT_MARKER).read_text() == "a colleague's marker\n"
+    link = tmp_path / "scratch_link"
+    link.symlink_to(tmp_path / "purged")
+    with pytest.raises(InputError, match=r"scratch_link is a link to .*purged, which does "
+                                         r"not exist"):
+        run_cohort(exported.bundle_dir, dataset, link, **template)
 
 
 def test_a_dataset_mistake_is_reported_before_anything_is_written(world, new_cohort,

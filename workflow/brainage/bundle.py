@@ -338,6 +338,10 @@ def verify_checksums(directory: str | Path, manifest: Mapping[str, Any]) -> dict
     return contents
 
 
+#: How often :func:`read_bundle` reads a bundle again that was replaced while it read it.
+REREADS = 2
+
+
 def read_bundle(directory: str | Path) -> ModelBundle:
     """Read a bundle: manifest (kind, format version), checksums, then the tensors.
 
@@ -351,7 +355,19 @@ def read_bundle(directory: str | Path) -> ModelBundle:
 
     directory = Path(directory)
     manifest = read_manifest(directory)
-    contents = verify_checksums(directory, manifest)
+    for attempt in range(REREADS + 1):
+        try:
+            contents = verify_checksums(directory, manifest)
+            break
+        except BundleError:
+            # a re-export replaced the folder between the manifest and the files (a lab
+            # re-exports while a colleague's run starts): not damage, so read it again
+            current = read_manifest(directory)
+            if current == manifest or attempt == REREADS:
+                raise
+            log.info("model bundle %s was re-exported while it was read; reading it again",
+                     directory)
+            manifest = current
     states = {}
     for file in PAYLOAD_FILES:
         try:  # the bytes checked, not the file again: it may have been replaced since

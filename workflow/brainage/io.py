@@ -7,6 +7,7 @@ Reading and checking the input dataset is :mod:`brainage.inputs`.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -111,6 +112,19 @@ def create_staging_folder(parent: str | Path, prefix: str) -> Path:
     return _create_unused(Path(parent), prefix, "", lambda path: os.mkdir(path, 0o777))
 
 
+@contextmanager
+def work_folder(parent: str | Path, prefix: str) -> Iterator[Path]:
+    """A scratch folder in ``parent`` (a subject's output folder) for a tool's own files,
+    removed on exit. Made as :func:`create_staging_folder` makes one, with the mode any new
+    folder gets: ``tempfile.TemporaryDirectory`` made it 0700, so the one a killed job left
+    could not be deleted by colleagues in the project's group."""
+    folder = create_staging_folder(parent, prefix)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def sync_tree(folder: str | Path) -> None:
     """:func:`_sync_file` every file under ``folder``, then the folders, deepest first:
     before a staging folder is renamed into place, so that a crash leaves the old folder or
@@ -159,20 +173,78 @@ def _sync_folder(folder: Path) -> None:
         os.close(handle)
 
 
+class LockHeldError(RuntimeError):
+    """Another process holds the lock :func:`writer_lock` was told not to wait for."""
+
+
+@contextmanager
+def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_file`` while inside: two processes that write the
+    same output (two exports of one bundle, two ``predict run`` into one folder) took each
+    other's half-written folder for a killed writer's and deleted it. ``wait``: wait for
+    the other process (logged), else raise :class:`LockHeldError` naming ``what``.
+
+    The file is created empty and removed on release, so it is there only while a writer
+    works; a waiter that locked a file removed meanwhile locks the new one instead. A file
+    system without locks (some network mounts) is written unlocked, as before.
+    """
+    import fcntl
+
+    lock_file = Path(lock_file)
+    handle = None
+    while True:
+        try:
+            handle = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:  # a colleague's, not writable (a read-only handle locks it too)
+            try:
+                handle = os.open(lock_file, os.O_RDONLY)
+            except OSError:
+                handle = None
+                break
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not wait:
+                os.close(handle)
+                raise LockHeldError(f"another process is writing {what} now (it holds "
+                                    f"{lock_file}): wait for it to finish.") from None
+            log.info("waiting for another process that writes %s (it holds %s)", what,
+                     lock_file)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:  # no locks on this file system (ENOLCK, NFS without them)
+            os.close(handle)
+            handle = None
+            break
+        try:
+            if os.stat(lock_file).st_ino == os.fstat(handle).st_ino:
+                break  # the file that is there now: this process holds the lock
+        except FileNotFoundError:
+            pass
+        os.close(handle)  # removed by the writer before: lock the one there now
+    try:
+        yield
+    finally:
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                lock_file.unlink()
+            os.close(handle)  # releases the lock
+
+
 @contextmanager
 def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
     """Yield an empty folder beside ``target`` to write into; on success it is synced
     (:func:`sync_tree`) and replaces ``target`` as a whole, on any error it is removed and
     ``target`` left as it was: :func:`atomic_path` for a folder (a model bundle, a
-    simulated dataset).
+    simulated dataset). Writers of one ``target`` take turns (:func:`writer_lock` on
+    ``.<name>.lock`` beside it, there while one writes).
 
     The folder is ``.<name>.staging-<random>`` (:func:`create_staging_folder`). A
     non-empty ``target`` is first moved into ``.<name>.old-<random>`` and deleted after
     the rename, or put back if the rename fails; at no point does ``target`` hold a mix of
     old and new files. A kill skips the clean-up, so the folders a killed writer of
     ``target`` left are removed first (:func:`stale_staging_folders`), and logged as left
-    by ``what`` (e.g. ``"an export"``) that was killed: only the process that writes
-    ``target`` may do this. A ``target`` that is a symbolic link is replaced where it
+    by ``what`` (e.g. ``"an export"``) that was killed: only the process that holds the
+    lock may do this. A ``target`` that is a symbolic link is replaced where it
     points (a bundle folder on a shared drive), and the link kept. An ``OSError`` of
     making, syncing or renaming the folder (a full disk, a folder that cannot be written)
     is re-raised as :class:`WriteError` naming ``target`` and the free space; the files
@@ -183,22 +255,26 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
         target = target.resolve()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        for stale in stale_staging_folders(target):
-            shutil.rmtree(stale, ignore_errors=True)
-            log.info("removed %s, left by %s of %s that was killed", stale, what, target)
-        staging = create_staging_folder(target.parent, prefix=f".{target.name}.staging-")
     except OSError as error:
         raise write_failure(target, error) from error
-    try:
-        yield staging
-        try:  # the caller's own errors (a missing input too) pass unchanged
-            sync_tree(staging)  # whole on the disk before it is renamed into place
-            _replace_folder(staging, target)
-        except OSError as error:  # a full disk, a read-only folder: named, room left
+    with writer_lock(target.parent / f".{target.name}.lock", wait=True, what=str(target)):
+        try:
+            for stale in stale_staging_folders(target):
+                shutil.rmtree(stale, ignore_errors=True)
+                log.info("removed %s, left by %s of %s that was killed", stale, what, target)
+            staging = create_staging_folder(target.parent, prefix=f".{target.name}.staging-")
+        except OSError as error:
             raise write_failure(target, error) from error
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
+        try:
+            yield staging
+            try:  # the caller's own errors (a missing input too) pass unchanged
+                sync_tree(staging)  # whole on the disk before it is renamed into place
+                _replace_folder(staging, target)
+            except OSError as error:  # a full disk, a read-only folder: named, room left
+                raise write_failure(target, error) from error
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
 
 
 def _replace_folder(staging: Path, target: Path) -> None:

@@ -20,7 +20,9 @@ Two commands, each a thin layer over the package:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -49,7 +51,7 @@ from brainage.inputs import (
     subject_inputs,
     unlisted_subject_folders,
 )
-from brainage.io import WriteError
+from brainage.io import LockHeldError, WriteError, atomic_path, writer_lock
 from brainage.logs import EarlyRecords, also_logging_to
 from brainage.normalise import split_names
 from brainage.paths import TRAINING_PREPROC, Layout
@@ -71,6 +73,8 @@ USER_ERRORS = (BundleError, ConfigError, ExportError, InputError, WorkerKilledEr
 OUTPUT_MARKER = ".brainage-predict-run"
 #: Every run's log in ``<output>/logs/``, appended to (:func:`brainage.logs.also_logging_to`).
 RUN_LOG = "predict_run.log"
+#: Held by a `predict run` while it writes into its --output (:func:`writer_lock`).
+RUN_LOCK = ".brainage-predict-run.lock"
 
 #: The reports :func:`run_cohort` writes under ``--output`` (predict_cohort's argument ->
 #: file name), one run's together.
@@ -120,20 +124,24 @@ def run_cohort(bundle_dir: str | Path, dataset_root: str | Path, output: str | P
     """
     early = EarlyRecords()  # what is logged before the run's log file may be written
     try:
-        return _run_checked_cohort(
-            early, bundle_dir, dataset_root, output, cohort=cohort, group_column=group_column,
-            bias_reference_group=bias_reference_group, template_t1=template_t1,
-            template_mask=template_mask, device=device, threads=threads, jobs=jobs)
+        with contextlib.ExitStack() as held:  # the output folder's lock, once it exists
+            return _run_checked_cohort(
+                early, held, bundle_dir, dataset_root, output, cohort=cohort,
+                group_column=group_column, bias_reference_group=bias_reference_group,
+                template_t1=template_t1, template_mask=template_mask, device=device,
+                threads=threads, jobs=jobs)
     finally:
         early.stop()
 
 
-def _run_checked_cohort(early: EarlyRecords, bundle_dir: str | Path,
-                        dataset_root: str | Path, output: str | Path, *, cohort: str | None,
+def _run_checked_cohort(early: EarlyRecords, held: contextlib.ExitStack,
+                        bundle_dir: str | Path, dataset_root: str | Path, output: str | Path, *,
+                        cohort: str | None,
                         group_column: str | None, bias_reference_group: str | None,
                         template_t1: str | None, template_mask: str | None,
                         device: str | None, threads: int | None, jobs: int) -> pd.DataFrame:
-    """:func:`run_cohort`'s work; ``early`` holds what was logged before the log opens."""
+    """:func:`run_cohort`'s work; ``early`` holds what was logged before the log opens,
+    ``held`` keeps the output folder's lock until the run ends."""
     options = {"--cohort": cohort, "--group-column": group_column,  # as given, for the log
                "--bias-reference-group": bias_reference_group, "--template-t1": template_t1,
                "--template-mask": template_mask, "--device": device, "--threads": threads,
@@ -179,14 +187,28 @@ def _run_checked_cohort(early: EarlyRecords, bundle_dir: str | Path,
     # before anything is written under the output folder
     check_cohort_table(participants, Path(dataset_root) / "participants.tsv", cohort=cohort,
                        group_column=group_column, bias_reference_group=bias_reference_group)
+    if output.is_symlink() and not output.exists():
+        raise InputError(f"--output {output} is a link to {os.readlink(output)}, which does "
+                         f"not exist (a scratch area purged?). Create that folder, or pass "
+                         f"another --output.")
     try:  # the first writes: an unwritable --output named as the flag, with what to do
         output.mkdir(parents=True, exist_ok=True)
-        (output / OUTPUT_MARKER).write_text(
-            "This folder is the --output of `python -m brainage.predict run`: a rerun into "
-            "it reuses preproc/ and rewrites the reports.\n")
-    except OSError as error:
-        raise InputError(f"--output {output} cannot be written ({error.strerror or error}). "
-                         f"Choose a folder you can write to, on a disk with room.") from None
+        if not (output / OUTPUT_MARKER).is_file():  # a colleague's: not rewritten in place
+            with atomic_path(output / OUTPUT_MARKER) as temporary:
+                temporary.write_text(
+                    "This folder is the --output of `brainage-predict run`: a rerun into it "
+                    "reuses preproc/ and rewrites the reports.\n")
+        # two runs into one folder did all the work twice, interleaved their logs, and one
+        # could delete the other's reports
+        held.enter_context(writer_lock(output / RUN_LOCK, wait=False,
+                                       what=f"--output {output} (a `brainage-predict run`)"))
+    except LockHeldError as error:
+        raise InputError(f"{error} Or pass another --output.") from None
+    except OSError as error:  # a WriteError too: its cause says why, the folder is named
+        cause = error.__cause__ if isinstance(error, WriteError) and error.__cause__ else error
+        reason = getattr(cause, "strerror", None) or cause
+        raise InputError(f"--output {output} cannot be written ({reason}). Choose a folder "
+                         f"you can write to, on a disk with room.") from None
     # the run's log beside its outputs: a subject's warnings (a T1w missing, NaN holes)
     # outlive the console, and a rerun that reuses the subject does not repeat them
     heading = " ".join([f"brainage.predict run --bundle {Path(bundle.path).resolve()} "

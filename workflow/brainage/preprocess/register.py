@@ -32,14 +32,13 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-import tempfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 from scipy import ndimage
 
-from brainage.io import atomic_path
+from brainage.io import atomic_path, work_folder
 from brainage.modalities import MODALITIES, modality
 from brainage.preprocess.images import (
     PreprocessError,
@@ -233,7 +232,7 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
              seed if deterministic else "random")
 
     Path(out_transform).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".register-", dir=Path(out_transform).parent) as tmp:
+    with work_folder(Path(out_transform).parent, ".register-") as tmp:
         try:
             with ants_random_seed(int(seed) if deterministic else None) as seed_argument:
                 result = ants.registration(

@@ -35,13 +35,12 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from brainage.inputs import same_grid
-from brainage.io import write_json
+from brainage.io import work_folder, write_json
 from brainage.modalities import MODALITIES, modality
 from brainage.preprocess.images import (
     OUT_OF_MEMORY_HINT,
@@ -295,7 +294,7 @@ def strip_skull(grid_image: str | Path, out_mask: str | Path, out_reference: str
     grid_kind = modality(grid_modality)
     data, affine = load_volume(grid_image, what=f"{name}: {grid_kind.description}")
     Path(out_mask).parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".strip_skull-", dir=Path(out_mask).parent) as tmp:
+    with work_folder(Path(out_mask).parent, ".strip_skull-") as tmp:
         work = Path(tmp).resolve()  # interfaces run in it: every path must be absolute
         if anat is None:
             if not grid_kind.is_mre:
