@@ -111,10 +111,16 @@ def test_evaluation_warns_of_a_read_out_choice_at_the_grids_end(tmp_path, caplog
     model = build_model(resolve_cell(settings)["model"])
     write_features(tmp_path / "features.npz", model, load_split(split_dir), "sha",
                    device=torch.device("cpu"))
-    with caplog.at_level(logging.WARNING, logger="brainage.evaluate"):
+    with caplog.at_level(logging.INFO):
         metrics = evaluate_encoder(split_dir, tmp_path / "features.npz", settings,
                                    metrics_path=tmp_path / "metrics.json",
                                    predictions_path=tmp_path / "predictions.tsv")
+    # the log opens naming the cell (it began with the read-out's unlabelled lines)
+    opening = [r.getMessage() for r in caplog.records if r.name == "brainage.evaluate"][0]
+    assert opening == ("evaluating test/adaptive seed 0 on split holdout: read-out ridge on "
+                       "the encoder's projection features"), opening
+    assert any(r.getMessage().startswith("out-of-fold predictions of the training subjects "
+                                         "for the age-bias fit") for r in caplog.records)
     end = "smallest" if metrics["ridge_alpha"] == 0.1 else "largest"
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
         f"split holdout: the read-out's cross-validation chose readout.alphas "

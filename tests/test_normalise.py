@@ -625,6 +625,23 @@ def test_bad_maps_are_named(small_dataset):
         _run(small_dataset)
 
 
+def test_a_damaged_registered_map_is_named_as_the_pipelines_own_file(small_dataset):
+    """A registered map cut short (a full disk, a shared file system's hiccup) was told to
+    be re-exported as .nii.gz, a raw scan's remedy, in a message that broke mid-line."""
+    import gzip
+
+    path = Path(small_dataset["maps"][2])
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:len(raw) // 2]))
+    with pytest.raises(InputError) as caught:
+        _run(small_dataset)
+    message = str(caught.value)
+    assert re.search(r"sub-s102: registered map .* is not a readable NIfTI file \(.*\)\. The "
+                     r"pipeline made this file: delete it and run the same command again",
+                     message), message
+    assert "\n" not in message and "Re-export" not in message
+
+
 def test_constant_training_maps_name_the_subjects_and_the_remedy(small_dataset):
     """Registered maps that are constant in the brain (a failed registration can give
     them) have no sd to divide by: the error names the statistics subjects and says where

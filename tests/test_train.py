@@ -271,6 +271,9 @@ def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path, caplog):
     with caplog.at_level("INFO", logger="brainage.train"):
         resumed = train_encoder(split_dir, settings, **cell_paths(cell))
     assert f"resuming from {cell / 'checkpoint.pt'} after epoch {done}" in caplog.text
+    # a retry may land on another node: the resumed attempt says where it computes too
+    assert re.search(r"resuming from .*\n.*training nnclr \(.* M parameters\) on cpu: ",
+                     caplog.text), caplog.text
     assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
     assert not (cell / "checkpoint.pt").exists()
     assert not (cell / "checkpoint.pt.sha256").exists()

@@ -141,6 +141,9 @@ def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_sett
     predicted = np.full(len(ages), np.nan)
     splitter = KFold(n_splits=folds, shuffle=True, random_state=int(seed))
     studies = None if studies is None else np.asarray(studies)
+    # the read-out's own lines below are the refits, not the read-out the MAE used
+    log.info("out-of-fold predictions of the training subjects for the age-bias fit: the "
+             "read-out refitted in each of %d folds", folds)
     for fit_rows, held_out in splitter.split(features):
         readout = fit_readout(features[fit_rows], ages[fit_rows], readout_settings, seed=seed,
                               studies=None if studies is None else studies[fit_rows])

@@ -276,6 +276,10 @@ def evaluate_encoder(split_dir: str | Path, features_path: str | Path | None,
         remove_stale_temporaries(output)
     # the images are read (and checked) only by a cell without an encoder: cell_features
     split = load_split(split_dir, check_images=False)
+    log.info("evaluating %s/%s seed %s on split %s: read-out %s on the %s",
+             settings.get("experiment"), settings.get("variant"), settings["seed"], split.name,
+             settings["readout"]["method"], "voxels" if settings["model"]["encoder"] == "none"
+             else f"encoder's {settings['model']['features']} features")
     features, encoder_sha256, trained_loss = cell_features(split, features_path, settings)
     metrics, predictions, readout = evaluate_split(split, features, settings)
     n_train = len(split.train_index)

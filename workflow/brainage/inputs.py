@@ -779,8 +779,16 @@ def subject_inputs(root: str | Path, label: str,
     return inputs
 
 
+#: What to do with a raw input that cannot be read (a scanner's or converter's export).
+REEXPORT = "Re-export it as .nii.gz."
+#: What to do with a file the pipeline made that cannot be read (cut short by a full disk,
+#: damaged on a shared file system): "re-export it" named no action a user could take.
+MADE_AGAIN = ("The pipeline made this file: delete it and run the same command again, "
+              "which makes it anew.")
+
+
 def load_nifti_checked(path: str | Path, *, what: str = "image",
-                       kind: str | None = None):
+                       kind: str | None = None, remedy: str = REEXPORT):
     """Load a 3D NIfTI image, checking it is readable, 3D and not all zeros.
 
     Returns the nibabel image (data not cached). Raises :class:`InputError` naming the
@@ -789,7 +797,8 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
     singular affine, a header without orientation (:func:`_check_orientation_declared`),
     a sheared grid, or voxel sizes not in mm (:func:`_check_spatial_unit`); with ``kind``
     (a modality name), also a map whose values are far outside its modality's or of the
-    opposite sign (:func:`_check_unit`).
+    opposite sign (:func:`_check_unit`). ``remedy`` ends the messages of a damaged file:
+    :data:`REEXPORT` for raw inputs, :data:`MADE_AGAIN` for the pipeline's own files.
     """
     import nibabel as nib
 
@@ -804,7 +813,7 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
                          f"header extensions before the voxels, more than the "
                          f"{MAX_HEADER_EXTENSION_BYTES / 2**20:.0f} MiB a map or T1w carries; "
                          f"the header is damaged, or the file is not one subject's map. "
-                         f"Re-export it as .nii.gz.")
+                         f"{remedy}")
     try:
         image = nib.load(str(path))
         shape, dtype = image.header.get_data_shape(), image.header.get_data_dtype()
@@ -814,13 +823,14 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
                              f"volume of {dtype} ({claimed / 2**30:.1f} GiB), more than the "
                              f"{MAX_IMAGE_BYTES / 2**30:.0f} GiB an MRE map or T1w needs; the "
                              f"header is damaged, or the file is not one subject's map. "
-                             f"Re-export it as .nii.gz.")
+                             f"{remedy}")
         data = np.asanyarray(image.dataobj)
     except InputError:
         raise
     except Exception as error:  # nibabel raises many types for broken files
-        raise InputError(f"{what} {path} is not a readable NIfTI file ({error}). Re-export it "
-                         f"as .nii.gz.") from None
+        # nibabel's own message may break a line in the middle ("from\n - could the file...")
+        raise InputError(f"{what} {path} is not a readable NIfTI file "
+                         f"({' '.join(str(error).split())}). {remedy}") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

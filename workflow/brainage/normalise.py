@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.inputs import InputError
+from brainage.inputs import MADE_AGAIN, InputError
 from brainage.io import atomic_path, ensure_room, remove_stale_temporaries, write_json, write_tsv
 from brainage.modalities import DEFAULT_MODALITIES, modality
 from brainage.paths import names_sharing_a_folder
@@ -477,7 +477,8 @@ def apply(volumes: Mapping[str, np.ndarray], record: Mapping, *,
 
 
 def _read_map(path: Path, record: Mapping, participant_id: str) -> np.ndarray:
-    data, map_affine = load_volume(path, what=f"subject {participant_id}: registered map")
+    data, map_affine = load_volume(path, what=f"subject {participant_id}: registered map",
+                                   remedy=MADE_AGAIN)
     check_grid(data.shape, map_affine, record,
                what=f"subject {participant_id}: registered map {path}")
     if not np.all(np.isfinite(data)):

@@ -325,12 +325,12 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         start_epoch = int(checkpoint["epoch"]) + 1
         log.info("resuming from %s after epoch %d of %d", checkpoint_path, start_epoch - 1,
                  epochs)
-    else:
-        log.info("training %s (%.1f M parameters) on %s: %d training subjects of %s, %s, "
-                 "batch %d x %d views, %d epochs, augmentation %s, %s", loss_settings["name"],
-                 count_parameters(model) / 1e6, device, n_train, split.name,
-                 "x".join(map(str, split.shape)), batch_size, views, epochs, augmenter.kind,
-                 "bf16" if autocast_dtype is not None else "float32")
+    # on resuming too: a retry may land on another node, device or precision
+    log.info("training %s (%.1f M parameters) on %s: %d training subjects of %s, %s, "
+             "batch %d x %d views, %d epochs, augmentation %s, %s", loss_settings["name"],
+             count_parameters(model) / 1e6, device, n_train, split.name,
+             "x".join(map(str, split.shape)), batch_size, views, epochs, augmenter.kind,
+             "bf16" if autocast_dtype is not None else "float32")
     if processes.is_distributed:
         log.info("each batch of %d is shared by %d processes (%d on this node, %d CPU "
                  "threads each)", batch_size, processes.world_size, processes.local_world_size,

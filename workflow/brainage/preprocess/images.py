@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from brainage.inputs import InputError, load_nifti_checked, same_grid
+from brainage.inputs import MADE_AGAIN, REEXPORT, InputError, load_nifti_checked, same_grid
 from brainage.io import atomic_path
 
 log = logging.getLogger(__name__)
@@ -30,13 +30,16 @@ class PreprocessError(RuntimeError):
 OUT_OF_MEMORY_HINT = "out of memory"
 
 
-def load_volume(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(path: str | Path, *, what: str, remedy: str = REEXPORT
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume as float32 with its affine.
 
     Parameters
     ----------
     path : path of the NIfTI file.
     what : how to name the file in an error message, e.g. ``"subject sub-01: T1w image"``.
+    remedy : what a damaged file's message tells to do: :data:`~brainage.inputs.REEXPORT`
+        for a raw input, :data:`~brainage.inputs.MADE_AGAIN` for the pipeline's own file.
 
     Returns
     -------
@@ -48,7 +51,7 @@ def load_volume(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]
     brainage.inputs.InputError
         Unreadable, corrupt, 4D, or all-zero file (from :func:`brainage.inputs.load_nifti_checked`).
     """
-    image = load_nifti_checked(path, what=what)
+    image = load_nifti_checked(path, what=what, remedy=remedy)
     data = np.asanyarray(image.dataobj).astype(np.float32)
     if data.ndim == 4:
         data = data[..., 0]
@@ -57,7 +60,7 @@ def load_volume(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]
 
 def load_mask(path: str | Path, *, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Read a binary mask written by this package; returns (bool [X, Y, Z], affine)."""
-    data, affine = load_volume(path, what=what)
+    data, affine = load_volume(path, what=what, remedy=MADE_AGAIN)
     return data > 0.5, affine
 
 
