@@ -1794,6 +1794,22 @@ def test_search_figure_circles_the_lowest_validation_mae(tmp_path, monkeypatch):
     assert legend[0] == "best: 14, 1 (3.90 years)"
 
 
+def test_search_figure_counts_repeated_settings_and_leaves_a_trial_at_the_optimum_visible(
+        tmp_path, monkeypatch):
+    """The search draws with replacement: 30 trials gave 26-28 distinct points under a
+    title of 30, and the paper's filled cross hid the colour of a trial at (14, 1)."""
+    trials = report_results.read_search_trials([write_trials(
+        tmp_path / "holdout" / "trials.tsv",
+        [(1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0), (3, 20, 3, 4.1, 4.8, 9.0)])])
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_search(trials, tmp_path / "search.png")
+    axis = drawn[0].axes[0]
+    assert axis.get_title() == "holdout: 3 trials, 2 distinct (repeats on one point)"
+    paper = [c for c in axis.collections if c.get_label() == "paper's optimum"][0]
+    assert len(paper.get_facecolor()) == 0 or paper.get_facecolor()[0][3] == 0  # hollow
+
+
 def test_a_diverged_search_trial_is_drawn_and_tabulated_as_such(tmp_path, monkeypatch):
     """A trial whose training diverged has no validation MAE (NaN): its NaN colour drew
     nothing while the title counted it, and the table printed "nan"."""

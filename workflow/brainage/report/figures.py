@@ -565,13 +565,18 @@ def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
                      edgecolors="black", linewidths=1.5,
                      label=f"best: {int(best['nn_final'])}, {int(best['nn_step'])} "
                            f"({best['validation_mae']:.2f} years)")
+        # hollow: a trial drawn at the paper's optimum keeps its colour visible
         axis.scatter([PAPER_SEARCH_BEST["nn_final"]], [PAPER_SEARCH_BEST["nn_step"]],
-                     marker="x", color="#C44E52", s=60, label="paper's optimum")
+                     marker="D", facecolors="none", edgecolors="#C44E52", s=110,
+                     linewidths=1.5, label="paper's optimum")
         axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
         axis.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
         axis.set_xlabel("final neighbourhood size NN_final [subjects]")
         axis.set_ylabel("shrink step NN_step [epochs]")
-        axis.set_title(f"{split}: {len(rows)} trials", fontsize="medium")
+        # the search draws with replacement: repeated settings lie on one point
+        settings = len(rows[["nn_final", "nn_step"]].drop_duplicates())
+        repeats = f", {settings} distinct (repeats on one point)" if settings < len(rows) else ""
+        axis.set_title(f"{split}: {len(rows)} trials{repeats}", fontsize="medium")
     figure.colorbar(points, ax=axes, label="validation MAE [years]")
     for axis in axes.flat:  # under the axes: with 30 trials, any place inside hid one
         _legend_below(figure, axis, fontsize="small")
