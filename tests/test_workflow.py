@@ -595,6 +595,36 @@ def test_interrupted_run_notice_reports_locks_and_existing_incomplete_outputs(tm
     assert notice.index("--unlock") < notice.index("--rerun-incomplete")
 
 
+def test_interrupted_run_notice_tells_a_live_run_from_a_killed_one(tmp_path):
+    """A second terminal's (or a colleague's) run in the same folder holds the locks too:
+    the notice told to --unlock and --rerun-incomplete "if none is running", with no way
+    to tell, which starts a second copy of the live run's jobs. A Snakemake working in the
+    folder on this machine is named, and no --unlock is advised."""
+    (tmp_path / ".snakemake" / "locks").mkdir(parents=True)
+    (tmp_path / ".snakemake" / "locks" / "0.output.lock").write_text("results/x\n")
+    program = tmp_path / "bin" / "snakemake"  # what a running Snakemake's command line shows
+    program.parent.mkdir()
+    program.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
+    program.chmod(0o755)
+    live = subprocess.Popen([str(program), "--cores", "2"], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not Path(f"/proc/{live.pid}/cmdline").read_bytes():
+            time.sleep(0.05)
+        notice = interrupted_run_notice(tmp_path)
+        assert f"another Snakemake run is working in {tmp_path.resolve()} on this machine " \
+               f"(process {live.pid}; 1 lock file(s)" in notice, notice
+        assert "do not add --unlock" in notice and "--rerun-incomplete" not in notice
+        elsewhere = tmp_path / "elsewhere"
+        (elsewhere / ".snakemake" / "locks").mkdir(parents=True)
+        (elsewhere / ".snakemake" / "locks" / "0.output.lock").write_text("results/x\n")
+        assert "run the same command once with --unlock" in interrupted_run_notice(elsewhere)
+    finally:
+        live.kill()
+        live.wait()
+    assert "run the same command once with --unlock" in interrupted_run_notice(tmp_path)
+
+
 def test_interrupted_run_notice_names_the_first_outputs_in_order(tmp_path):
     """Sorted paths, the first three named and ', ...' only when there are more; a path
     whose marker name is too long for one folder entry (Snakemake cuts it into pieces

@@ -95,6 +95,43 @@ def last_slurm_run_id(workdir: str | Path = ".", *, logs_read: int = 50) -> str 
     return None
 
 
+def _ancestors() -> set[int]:
+    """This process and the processes that started it (Linux /proc)."""
+    found, pid = set(), os.getpid()
+    while pid > 1 and pid not in found:
+        found.add(pid)
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            pid = int(stat[stat.rindex(")") + 2:].split()[1])  # the field after the state
+        except (OSError, ValueError, IndexError):
+            break
+    return found
+
+
+def snakemakes_running_in(workdir: str | Path = ".") -> list[int]:
+    """The process ids of the Snakemake runs on this machine whose working folder is
+    ``workdir``, other than this process and those that started it: a second terminal's or
+    a colleague's run, which a notice must not advise to --unlock. Runs on other machines
+    (and processes of other users where /proc hides their folder) are not seen."""
+    folder = Path(workdir).resolve()
+    own = _ancestors()
+    running = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            pid = int(entry.name)
+            if pid in own:
+                continue
+            arguments = (entry / "cmdline").read_bytes().split(b"\0")
+            if not any(b"snakemake" in Path(argument.decode(errors="replace")).name.encode()
+                       or argument == b"snakemake" for argument in arguments[:3]):
+                continue
+            if Path(os.readlink(entry / "cwd")).resolve() == folder:
+                running.append(pid)
+        except (OSError, ValueError):
+            continue
+    return sorted(running)
+
+
 def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str | None:
     """One sentence saying that a run was killed (or still runs) and what to run, or None
     when ``.snakemake/`` holds no lock and no incomplete output.
@@ -110,6 +147,12 @@ def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str 
     if outputs:
         names = ", ".join(map(str, outputs[:shown])) + (", ..." if len(outputs) > shown else "")
         found.append(f"{len(outputs)} unfinished output(s): {names}")
+    running = snakemakes_running_in(workdir)
+    if running:  # its locks and outputs are not a killed run's: nothing to unlock
+        return (f"brainage: another Snakemake run is working in {Path(workdir).resolve()} on "
+                f"this machine (process {', '.join(map(str, running))}; "
+                f"{'; '.join(found)}): let it finish, or stop it with Ctrl-C in its terminal, "
+                f"before running here; do not add --unlock.")
     if locks:
         what_to_run = ("if none is running, run the same command once with --unlock added, "
                        "then again with --rerun-incomplete added")
