@@ -426,6 +426,20 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
     assert "ended without a message" not in attempts[2] + attempts[3], text
 
 
+def test_console_logging_leaves_the_interpreters_hooks_alone():
+    """brainage.predict.main called from a notebook replaced sys.excepthook and sys.exit
+    for the rest of the session: the hooks record a job's attempts, and only a job's log
+    (a path) needs them."""
+    script = ("import signal, sys\n"
+              "from brainage.logs import log_to_file\n"
+              "hooks = (sys.excepthook, sys.exit, signal.getsignal(signal.SIGTERM))\n"
+              "log_to_file(None)\n"
+              "assert (sys.excepthook, sys.exit, signal.getsignal(signal.SIGTERM)) == hooks\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO / "workflow")}, check=False)
+    assert result.returncode == 0, result.stderr
+
+
 def test_job_logs_are_utf8_whatever_the_locale(tmp_path):
     """Under a locale whose encoding is not UTF-8 (an older cluster image's latin-1 or
     ASCII), a study named Łódź lost its log lines ("--- Logging error ---") and make_tables

@@ -1485,6 +1485,38 @@ def test_normalise_subject_refuses_a_missing_map_and_non_finite_voxels(world, tm
         normalise_subject(bundle, {"stiffness": path}, subject="sub-x")
 
 
+def test_from_python_inputs_read_as_a_plausible_wrong_age_are_refused(exported, world,
+                                                                      tmp_path):
+    """From a notebook: the network pools globally, so a map on another grid (2 mm instead
+    of the bundle's analysis grid), with its axes in another order, or with a NaN voxel
+    gave an age (60.8 years for 22.6, or NaN) without a word; a preprocessed map in Pa
+    predicted 34.8 years. The threads the model computes with can be chosen."""
+    from brainage.apply import normalise_subject
+
+    model = BrainAgeModel.from_bundle(exported.bundle_dir, device="cpu", threads=1)
+    assert torch.get_num_threads() == 1
+    images, _ = _split_images(exported.split_dir)
+    assert model.input_shape == images.shape[1:]
+    assert np.isfinite(model.predict_age(images)).all()
+    for wrong in (images[:, :, :-1], np.swapaxes(images, 2, 3), images[:, 0]):
+        with pytest.raises(InputError, match=rf"takes normalised volumes of shape \[n, "
+                                             rf"{', '.join(map(str, images.shape[1:]))}\] .* "
+                                             rf"not \[.*normalise_subject"):
+            model.predict_age(wrong)
+    holed = images.copy()
+    holed[1, 0, 2, 2, 2] = np.nan
+    with pytest.raises(InputError, match=r"hold NaN or inf \(rows 1\)"):
+        model.predict_age(holed)
+    BrainAgeModel.from_bundle(exported.bundle_dir, device="cpu", threads=2)
+    assert torch.get_num_threads() == 2
+    in_pa = tmp_path / "in_pa.nii.gz"
+    nib.save(nib.Nifti1Image(1000 * stiffness_map(50.0, np.random.default_rng(0)),
+                             TEMPLATE_AFFINE), in_pa)
+    with pytest.raises(InputError, match=r"subject sub-x: preprocessed stiffness map .*in_pa"
+                                         r".*far above the plausible"):
+        normalise_subject(read_bundle(world.bundle_dir), {"stiffness": in_pa}, subject="sub-x")
+
+
 def test_qc_thresholds_given_replace_the_bundles_and_a_cohort_may_fail_qc_entirely(
         world, tmp_path):
     """qc_thresholds overrides the bundle's record (here stricter than every subject's

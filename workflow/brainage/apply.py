@@ -72,11 +72,18 @@ class BrainAgeModel:
     device: object           # torch.device
 
     @classmethod
-    def from_bundle(cls, bundle: ModelBundle | str | Path, *, device: str | None = None
-                    ) -> "BrainAgeModel":
+    def from_bundle(cls, bundle: ModelBundle | str | Path, *, device: str | None = None,
+                    threads: int | None = None) -> "BrainAgeModel":
         """Load and verify a bundle (:func:`brainage.bundle.read_bundle`), build the network.
 
         ``device``: ``cpu``/``cuda``/``auto``; default the cell's ``train.device``.
+        ``threads``: PyTorch's CPU threads; default the cell's ``train.threads``.
+
+        From Python (a notebook): this sets PyTorch's process-wide settings as a training
+        job does (:func:`brainage.runtime.runtime_setup`: the thread count, deterministic
+        algorithms off on the CPU), for the rest of the session. Then, per subject,
+        :func:`normalise_subject` on its preprocessed template-grid maps and
+        :meth:`predict_age` on the stacked result; ``bias.corrected_gap`` corrects the gap.
         """
         import torch
 
@@ -86,6 +93,8 @@ class BrainAgeModel:
         train_settings = dict(settings["train"])
         if device is not None:
             train_settings["device"] = device
+        if threads is not None:
+            train_settings["threads"] = int(threads)
         if train_settings["device"] == "cuda" and not torch.cuda.is_available():
             # runtime_setup would say to edit config key train.device, which a bundle's user
             # does not have: the device is the command's, or the exporting run's setting
@@ -120,9 +129,42 @@ class BrainAgeModel:
                    bias=AgeBias(float(correction["intercept"]), float(correction["slope"])),
                    device=torch_device)
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """One subject's input [C, X, Y, Z]: the bundle's channels on its analysis grid
+        (``resolution_mm`` blocks of the template's window), as :func:`normalise_subject`
+        builds it; () for a bundle whose record lacks the grid's shape."""
+        record = self.bundle.normalisation
+        return ((len(record["modalities"]), *map(int, record["shape"]))
+                if "shape" in record else ())
+
     def features(self, volumes: np.ndarray) -> np.ndarray:
-        """Normalised volumes [n, C, X, Y, Z] (z-units) -> read-out features [n, D] float32."""
-        store = VolumeStore(np.asarray(volumes, dtype=np.float32), self.device)
+        """Normalised volumes [n, C, X, Y, Z] (z-units, :attr:`input_shape` each) -> read-out
+        features [n, D] float32.
+
+        Raises
+        ------
+        InputError
+            Volumes of another shape (the network pools globally and read a 2 mm map, axes
+            in another order or a map of two channels as an age that looked plausible), or
+            with NaN or inf (an age of NaN).
+        """
+        volumes = np.asarray(volumes, dtype=np.float32)
+        expected = self.input_shape
+        if volumes.ndim != 5 or (expected and volumes.shape[1:] != expected):
+            raise InputError(
+                f"model {self.bundle.name} takes normalised volumes of shape [n, "
+                f"{', '.join(map(str, expected or ('C', 'X', 'Y', 'Z')))}] (its channels "
+                f"{', '.join(self.bundle.normalisation['modalities'])} on its "
+                f"{self.bundle.normalisation.get('resolution_mm', '?')} mm analysis grid, in "
+                f"z-units), not {list(volumes.shape)}. Build each subject's input from its "
+                f"template-grid maps with brainage.apply.normalise_subject.")
+        if not np.isfinite(volumes).all():
+            bad = sorted({int(row) for row in np.nonzero(~np.isfinite(volumes))[0]})
+            raise InputError(f"the volumes given to model {self.bundle.name} hold NaN or inf "
+                             f"(rows {', '.join(map(str, bad[:10]))}): no age can be read "
+                             f"out of them.")
+        store = VolumeStore(volumes, self.device)
         return embed(self.network, store, np.arange(len(volumes)),
                      which=self.bundle.manifest["readout"]["features"])
 
@@ -199,7 +241,10 @@ def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, su
             raise InputError(f"subject {subject}: no preprocessed {name} map; model "
                              f"{bundle.name} needs {', '.join(bundle.normalisation['modalities'])}.")
         what = f"subject {subject}: preprocessed {name} map {maps[name]}"
-        data, affine = load_volume(maps[name], what=what)
+        # the unit check of raw maps too: a map in Pa, preprocessed elsewhere, predicted
+        # an age that looked plausible
+        data, affine = load_volume(maps[name], what=f"subject {subject}: preprocessed {name} "
+                                                     f"map", kind=name)
         check_grid(data.shape, affine, bundle.normalisation, what=what)
         if not np.all(np.isfinite(data)):
             raise InputError(f"{what} has NaN/inf voxels; rerun its preprocessing.")

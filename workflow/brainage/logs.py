@@ -86,11 +86,13 @@ def _start_attempt(path: Path) -> None:
 
 
 def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
-    """Send the root logger (and uncaught exceptions) to ``path`` and to stderr.
+    """Send the root logger to ``path`` (if any) and to stderr.
 
     Called first thing by every script in workflow/scripts/, so each job's log holds what
     the package reported, including a traceback when the job fails, below the lines of
-    the attempts that were killed or failed before (module docstring).
+    the attempts that were killed or failed before (module docstring). With a ``path``
+    (a job's log) it also takes over ``sys.excepthook``, ``sys.exit`` and SIGTERM, to
+    record how the attempt ended; without one (a command's console) it leaves them be.
     """
     if path and Path(path).resolve() in _OPENED:
         return  # opened at the package's first import in this job: one attempt, not two
@@ -141,9 +143,11 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
             "stopping the run); what it finished is kept for the next attempt")
         raise SystemExit(128 + signal.SIGTERM)
 
+    if not path:  # a command's console, or brainage.predict.main called from Python: the
+        return    # hooks keep a job's history only, and must not outlive the call
     sys.excepthook = log_uncaught
     sys.exit = exit_noting_failure
-    if path and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_on_sigterm)
 
 

@@ -30,8 +30,8 @@ class PreprocessError(RuntimeError):
 OUT_OF_MEMORY_HINT = "out of memory"
 
 
-def load_volume(path: str | Path, *, what: str, remedy: str = REEXPORT
-                ) -> tuple[np.ndarray, np.ndarray]:
+def load_volume(path: str | Path, *, what: str, remedy: str = REEXPORT,
+                kind: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Read a 3D NIfTI volume as float32 with its affine.
 
     Parameters
@@ -40,6 +40,7 @@ def load_volume(path: str | Path, *, what: str, remedy: str = REEXPORT
     what : how to name the file in an error message, e.g. ``"subject sub-01: T1w image"``.
     remedy : what a damaged file's message tells to do: :data:`~brainage.inputs.REEXPORT`
         for a raw input, :data:`~brainage.inputs.MADE_AGAIN` for the pipeline's own file.
+    kind : a modality name: its unit and sign are checked as a raw map's are.
 
     Returns
     -------
@@ -51,7 +52,7 @@ def load_volume(path: str | Path, *, what: str, remedy: str = REEXPORT
     brainage.inputs.InputError
         Unreadable, corrupt, 4D, or all-zero file (from :func:`brainage.inputs.load_nifti_checked`).
     """
-    image = load_nifti_checked(path, what=what, remedy=remedy)
+    image = load_nifti_checked(path, what=what, remedy=remedy, kind=kind)
     data = np.asanyarray(image.dataobj).astype(np.float32)
     if data.ndim == 4:
         data = data[..., 0]
