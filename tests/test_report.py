@@ -1261,8 +1261,11 @@ def test_age_examples_figure_draws_six_views_per_subject_youngest_first(tmp_path
     assert [label.split("\n")[0] for label in rows] == ["sub-a", "sub-b", "sub-c", "sub-d"]
     assert rows[0].endswith("23.0 years")
     titles = [axis.get_title() for axis in panels[:6]]
-    assert titles == ["stiffness axial", "stiffness coronal", "stiffness sagittal",
-                      "T1w axial", "T1w coronal", "T1w sagittal"]
+    # the paper's order, as Fig. 8's; the views that show left and right mark the right
+    assert titles == ["stiffness sagittal", "stiffness coronal", "stiffness axial",
+                      "T1w sagittal", "T1w coronal", "T1w axial"]
+    assert [[text.get_text() for text in axis.texts] for axis in panels[:6]] == [
+        [], ["R"], ["R"], [], ["R"], ["R"]]
     limits = {axis.images[0].get_clim() for axis in panels[:3]}
     assert len(limits) == 1 and 2.0 < limits.pop()[1] < 3.0, "one stiffness scale in kPa"
 

@@ -385,12 +385,10 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
     figure, axes = plt.subplots(len(examples), 3, figsize=(9, 2.9 * len(examples)),
                                 squeeze=False)
     for row, (example, volume) in enumerate(zip(examples, volumes)):
-        centre = [s // 2 for s in volume.shape]
-        views = (("sagittal", volume[centre[0], :, :]), ("coronal", volume[:, centre[1], :]),
-                 ("axial", volume[:, :, centre[2]]))
-        for column, (view, plane) in enumerate(views):
+        for column, (view, plane) in enumerate(_orthogonal_views(volume)):
             axis = axes[row, column]
-            image = axis.imshow(np.rot90(plane), cmap="magma", vmin=0, vmax=top)
+            image = axis.imshow(plane, cmap="magma", vmin=0, vmax=top)
+            _mark_right(axis, view)
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
@@ -444,12 +442,21 @@ def _display_volume(path: str | Path) -> np.ndarray:
 
 
 def _orthogonal_views(volume: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
-    """Axial, coronal and sagittal slices through the grid centre, rotated for display
-    (anterior/superior up, subject's right on the right)."""
+    """Sagittal, coronal and axial slices through the grid centre (the paper's order, in
+    Figs. 2 and 8 alike), rotated for display (anterior/superior up, subject's right on
+    the right: :func:`_mark_right`)."""
     centre = [size // 2 for size in volume.shape]
-    return (("axial", np.rot90(volume[:, :, centre[2]])),
+    return (("sagittal", np.rot90(volume[centre[0], :, :])),
             ("coronal", np.rot90(volume[:, centre[1], :])),
-            ("sagittal", np.rot90(volume[centre[0], :, :])))
+            ("axial", np.rot90(volume[:, :, centre[2]])))
+
+
+def _mark_right(axis, view: str) -> None:
+    """An "R" at the subject's right of a coronal or axial view: the views follow the
+    neurological convention, which a reader used to the radiological one reads mirrored."""
+    if view in ("coronal", "axial"):
+        axis.text(0.97, 0.03, "R", transform=axis.transAxes, ha="right", va="bottom",
+                  color="white", fontsize="x-small", fontweight="bold")
 
 
 def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Path]]],
@@ -462,8 +469,8 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
         Registered maps on the template grid (MNI152 2 mm NIfTI): stiffness in kPa, T1w
         in arbitrary units; age in years. Typically the four of :func:`pick_age_examples`.
     path : str or Path
-        PNG to write: one row per subject, youngest first; columns stiffness axial,
-        coronal, sagittal, then T1w axial, coronal, sagittal, through the grid centre.
+        PNG to write: one row per subject, youngest first; columns stiffness sagittal,
+        coronal, axial, then T1w sagittal, coronal, axial, through the grid centre.
         One colour scale per modality (0 to the 99th percentile over all subjects), each
         with its colour bar.
     """
@@ -491,6 +498,7 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
             for view_index, (view, plane) in enumerate(_orthogonal_views(volume[key])):
                 axis = axes[row, 3 * group + view_index]
                 image = axis.imshow(plane, cmap=colour_map, vmin=0, vmax=tops[key])
+                _mark_right(axis, view)
                 axis.set_xticks([])
                 axis.set_yticks([])
                 if row == 0:
