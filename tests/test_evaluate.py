@@ -503,8 +503,9 @@ def test_a_collapsed_encoder_is_warned_of_and_a_working_one_is_not(tmp_path, cap
     collapsed[:, 1] += np.float32(1e-7) * np.arange(12, dtype=np.float32)  # float32 noise
     with caplog.at_level("WARNING", logger="brainage.evaluate"):
         evaluate_split(split, collapsed, settings)
-    assert re.search(r"split holdout, test/adaptive seed 0: the encoder's \w+ features are the same "
-                     r"for every training subject.*collapsed.*train\.lr", caplog.text)
+    assert re.search(r"split holdout, test/adaptive seed 0: the \w+ features \(model.features\) "
+                     r"are the same for every training subject.*collapsed.*train\.lr.*"
+                     r"search_hyperparameters for a search trial", caplog.text)
     caplog.clear()
     working = collapsed.copy()
     working[:, 2] += np.float32(1e-3) * np.arange(12, dtype=np.float32)

@@ -310,6 +310,9 @@ if sys.argv[2] == "stopped":
     sys.exit("job: the input is unusable")
 if sys.argv[2] == "finished":
     sys.exit(0)
+if sys.argv[2] == "crashed":  # a segmentation fault in native code (ITK, PyTorch, NCCL)
+    import ctypes
+    ctypes.string_at(0)
 if sys.argv[2] == "terminated":  # a SLURM time limit, scancel, preemption
     import time
     os.kill(os.getpid(), signal.SIGTERM)
@@ -411,6 +414,10 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
     log = tmp_path / "logs" / "train_encoder.log"
     assert run_job(log, "killed", SLURM_JOB_ID="4242") == -9
     assert run_job(log, "terminated", SLURM_JOB_ID="4243") == 143
+    # the stacks at the signal, written at once from C (Python's handler waits for a
+    # native call to return), then the handler's own line
+    last = log.read_text()
+    assert last.index("(most recent call first)") < last.index("job stopped by SIGTERM")
     assert run_job(log, "failed") == 1
     run_job(log, "succeeded")
     text = log.read_text()
@@ -424,6 +431,19 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
                     r"process was killed outright \(SIGKILL", attempts[1]), text
     assert "ERROR brainage: job stopped by SIGTERM" in attempts[1], attempts[1]
     assert "ended without a message" not in attempts[2] + attempts[3], text
+
+
+def test_a_crash_in_native_code_is_in_the_log_and_not_taken_for_a_memory_kill(tmp_path):
+    """A segmentation fault or abort in ITK, PyTorch or NCCL left a log that just stopped,
+    and the next attempt blamed the out-of-memory killer: the crash and its stack are in
+    the log, and the next attempt names a crash as one of the causes."""
+    log = tmp_path / "logs" / "register.log"
+    assert run_job(log, "crashed") == -11
+    assert re.search(r"Fatal Python error: Segmentation fault\n\n.*most recent call first",
+                     log.read_text(), flags=re.S), log.read_text()
+    run_job(log, "succeeded")
+    assert re.search(r"attempt 1 ended without a message: .* or crashed in native code",
+                     log.read_text()), log.read_text()
 
 
 def test_console_logging_leaves_the_interpreters_hooks_alone():

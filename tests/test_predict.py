@@ -793,7 +793,9 @@ def test_export_names_a_damaged_stats_or_metrics_file_and_the_rule_that_rewrites
 
     damaged_stats = tmp_path / "stats.json"
     damaged_stats.write_text((exported.split_dir / "stats.json").read_text()[:40])
-    with pytest.raises(ExportError, match=rf"{damaged_stats}.*damaged.*normalise_dataset"):
+    with pytest.raises(ExportError, match=rf"{damaged_stats}.*damaged.*backup.*"
+                                          rf"normalise_dataset.*every cell of the split is "
+                                          rf"then trained again"):
         export_model(exported.cell, exported.cell / "encoder.pt", damaged_stats,
                      bundle_dir=tmp_path / "bundle", **exported.export)
     cell = shutil.copytree(exported.cell, tmp_path / "cell")

@@ -435,7 +435,9 @@ def test_a_job_that_fails_while_importing_says_why_in_its_log(tmp_path):
         "    script: 'broken.py'\n\n"
         "rule fine:\n    output: 'fine.txt'\n    log: 'logs/fine.log'\n"
         "    script: 'fine.py'\n")
-    environment = local_snakemake_environment(PYTHONPATH=str(REPO / "workflow"))
+    # as this workflow's jobs run (brainage.io.prepare_job_environment)
+    environment = local_snakemake_environment(PYTHONPATH=str(REPO / "workflow"),
+                                              BRAINAGE_PACKAGE_DIR=str(REPO / "workflow"))
     run = [sys.executable, "-m", "snakemake", "--directory", str(tmp_path), "--cores", "1",
            "-s", str(tmp_path / "Snakefile"), "--retries", "1"]
     broken = subprocess.run([*run, "broken.txt"], stdout=subprocess.PIPE,
@@ -451,6 +453,27 @@ def test_a_job_that_fails_while_importing_says_why_in_its_log(tmp_path):
     log = (tmp_path / "logs" / "fine.log").read_text()
     assert re.findall(r"^===== attempt (\d+)", log, flags=re.M) == ["1"], log
     assert log.count("INFO brainage: done") == 1, log
+    # another lab's workflow that imports the package in a script of its own keeps its
+    # logging (handlers, level, format), its hooks and its signals
+    (tmp_path / "lab.py").write_text(
+        "import logging, signal, sys\n"
+        "logging.basicConfig(filename=snakemake.log[0], level=logging.DEBUG,\n"
+        "                    format='LAB %(levelname)s %(message)s')\n"
+        "hooks = (sys.excepthook, sys.exit, signal.getsignal(signal.SIGTERM))\n"
+        "import brainage.apply\n"
+        "assert (sys.excepthook, sys.exit, signal.getsignal(signal.SIGTERM)) == hooks\n"
+        "logging.getLogger('lab').debug('after the import')\n"
+        "open(snakemake.output[0], 'w').close()\n")
+    with open(tmp_path / "Snakefile", "a") as snakefile:
+        snakefile.write("\nrule lab:\n    output: 'lab.txt'\n    log: 'logs/lab.log'\n"
+                        "    script: 'lab.py'\n")
+    lab = subprocess.run([*run, "lab.txt"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, timeout=120,
+                         env=local_snakemake_environment(PYTHONPATH=str(REPO / "workflow")))
+    assert lab.returncode == 0, lab.stdout
+    log = (tmp_path / "logs" / "lab.log").read_text()
+    assert log.endswith("LAB DEBUG after the import\n") and "=====" not in log, log
+    assert not (tmp_path / "logs" / ".lab.log.attempts").exists()
 
 
 def test_jobs_import_the_checkouts_package_not_another_on_the_path(tmp_path):

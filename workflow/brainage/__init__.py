@@ -27,19 +27,26 @@ def brainage_version() -> str:
 
 
 def _open_the_job_log_first() -> None:
-    """Inside a job of a rule with ``script:`` (Snakemake's preamble puts its ``snakemake``
-    object into the script's module), open the job's log at the package's first import.
+    """Inside a job of this workflow's rules with ``script:`` (Snakemake's preamble puts its
+    ``snakemake`` object into the script's module), open the job's log at the package's
+    first import.
 
     Every script imports PyTorch, ANTsPy or nibabel before its own ``log_to_file`` call; a
     failure there (a CUDA library missing on a node, a broken environment) left the log
     Snakemake points to empty and the attempt out of its history. The script's own call is
     then a no-op (:func:`brainage.logs.log_to_file`); ``brainage.logs`` imports only the
-    standard library.
+    standard library. A job of this workflow runs with ``BRAINAGE_PACKAGE_DIR`` naming this
+    package's folder (:func:`brainage.io.prepare_job_environment`): another lab's workflow
+    that imports the package in a script of its own keeps its logging, hooks and signals.
     """
+    import os
     import sys
 
     job = getattr(sys.modules.get("__main__"), "snakemake", None)
     if type(job).__module__.split(".")[0] != "snakemake" or not getattr(job, "log", None):
+        return
+    ours = os.environ.get("BRAINAGE_PACKAGE_DIR")
+    if not ours or Path(ours).resolve() != Path(__file__).resolve().parent.parent:
         return
     from brainage.logs import log_to_file
 

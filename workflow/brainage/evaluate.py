@@ -167,14 +167,18 @@ def warn_if_collapsed(train_features: np.ndarray, split_name: str, settings: Map
     magnitude = float(np.abs(train_features).max())
     if spread > COLLAPSE_RELATIVE_SPREAD * magnitude:
         return False
+    remedy = ("Lower config key train.lr (or check the loss settings) and train it again "
+              "(rule train_encoder, or search_hyperparameters for a search trial)."
+              if settings["train"]["epochs"] else
+              "The encoder is untrained (train.epochs 0): its initialisation (model.init) "
+              "gives no spread on these inputs.")
     log.warning(
-        "split %s, %s/%s seed %s: the encoder's %s features are the same for every training "
-        "subject (largest spread across subjects %.3g, magnitude %.3g): the encoder "
-        "collapsed, so the read-out predicts about the training-mean age for everyone and "
-        "this cell's MAE measures the collapse, not the loss. Lower config key train.lr (or "
-        "check the loss settings) and train it again (rule train_encoder).",
+        "split %s, %s/%s seed %s: the %s features (model.features) are the same for every "
+        "training subject (largest spread across subjects %.3g, magnitude %.3g): the "
+        "encoder collapsed, so the read-out predicts about the training-mean age for "
+        "everyone and this cell's MAE measures the collapse, not the loss. %s",
         split_name, settings.get("experiment"), settings.get("variant"),
-        settings.get("seed"), settings["model"]["features"], spread, magnitude)
+        settings.get("seed"), settings["model"]["features"], spread, magnitude, remedy)
     return True
 
 

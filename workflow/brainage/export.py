@@ -39,15 +39,16 @@ class ExportError(ValueError):
     """A grid cell cannot be exported as a bundle; the message says why and what to do."""
 
 
-def _read_run_record(path: Path, rule: str) -> dict:
+def _read_run_record(path: Path, rule: str, cost: str) -> dict:
     """A JSON record the run wrote (``stats.json``, ``metrics.json``); a damaged one (a full
-    disk, a copy cut short) is named with the rule that writes it again, where json's own
-    message names a line and column but no file."""
+    disk, a copy cut short) is named with the rule that writes it again and what that
+    reruns (``cost``), where json's own message names a line and column but no file."""
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ExportError(f"{path} cannot be read as JSON ({error}): the file is damaged. "
-                          f"Delete it and run snakemake again (rule {rule} writes it anew), "
+                          f"Restore it from a backup or copy if there is one; else delete it "
+                          f"and run snakemake again (rule {rule} writes it anew, {cost}), "
                           f"then export.") from None
 
 
@@ -129,7 +130,8 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
             f"{description.get('encoder_sha256')}, but {encoder_path} has {encoder_sha256}: "
             f"the encoder was retrained after evaluation. Rerun rule evaluate_encoder for "
             f"this cell, then export.")
-    stats = _read_run_record(Path(stats_path), "normalise_dataset")
+    stats = _read_run_record(Path(stats_path), "normalise_dataset",
+                             "and every cell of the split is then trained again")
     if description.get("split") != stats.get("split"):
         raise ExportError(f"{cell_dir / READOUT_DESCRIPTION} belongs to split "
                           f"{description.get('split')!r}, not to {stats_path} "
@@ -154,7 +156,8 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     channels = list(settings["model"]["modalities"] or stats["modalities"])
     check_encoder_settings(payload, settings, channels, stats["modalities"],
                            encoder_path=encoder_path)
-    metrics = _read_run_record(cell_dir / "metrics.json", "evaluate_encoder")
+    metrics = _read_run_record(cell_dir / "metrics.json", "evaluate_encoder",
+                               "in a minute, training nothing")
     if isinstance(metrics.get("trained_loss"), dict):
         # the loss the encoder was trained with: after loss.nn_from_search, the search's
         # nn_final and nn_step, where the config's say the paper's optimum (14, 1)

@@ -195,8 +195,12 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
     while True:
         try:
             handle = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError:  # a colleague's, not writable (a read-only handle locks it too)
-            try:
+            # writable by colleagues whatever the umask: on NFS an exclusive lock needs a
+            # handle open for writing (flock(2)), and a read-only one locked nothing there
+            with contextlib.suppress(OSError):  # a colleague's: not ours to change
+                os.fchmod(handle, 0o666)
+        except OSError:  # a colleague's under a stricter umask (a read-only handle locks it
+            try:         # on a local disk)
                 handle = os.open(lock_file, os.O_RDONLY)
             except OSError:
                 handle = None
@@ -211,7 +215,9 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
             log.info("waiting for another process that writes %s (it holds %s)", what,
                      lock_file)
             fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError:  # no locks on this file system (ENOLCK, NFS without them)
+        except OSError as error:  # no locks here (ENOLCK), or a read-only handle on NFS
+            log.warning("could not lock %s (%s): %s is written without holding off another "
+                        "writer at the same time", lock_file, error.strerror or error, what)
             os.close(handle)
             handle = None
             break

@@ -3,8 +3,9 @@
 A job's log keeps every attempt since the job last succeeded, each after a separator line
 ``===== attempt <n> (<start time>, <host>, pid <pid>[, SLURM job <id>]) =====``, so a
 cluster user sees why a job was retried: a traceback, an exit status, "stopped by SIGTERM"
-(a time limit, scancel, preemption), or, for an attempt whose log just stopped (SIGKILL:
-the out-of-memory killer), a warning of the next attempt saying so. The log is opened at
+(a time limit, scancel, preemption; the stacks of that moment come first, written by
+faulthandler), a native crash's "Fatal Python error" and stacks, or, for an attempt whose
+log just stopped (SIGKILL: the out-of-memory killer), a warning of the next attempt. The log is opened at
 the package's first import inside a job (brainage/__init__.py), so a failing import of
 PyTorch or ANTsPy is in it too. Snakemake deletes a job's log before every attempt, so each line also
 goes to a hidden companion file (``.<log name>.attempts``) that Snakemake does not know
@@ -20,6 +21,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import faulthandler
 import logging
 import os
 import re
@@ -40,6 +42,8 @@ _SYS_EXIT = sys.exit
 #: The job log :func:`log_to_file` opened in this process: the package opens it at its first
 #: import inside a Snakemake job (brainage/__init__.py), before the script's own call.
 _OPENED: list[Path] = []
+#: The job log's file objects that faulthandler writes into (kept open: it holds the fd).
+_FAULT_LOGS: list = []
 #: An ERROR line of the package: an attempt that logged one ended with a message.
 _PACKAGE_ERROR = re.compile(r"^\S+ \S+ ERROR brainage[\w.]*: ")
 
@@ -55,7 +59,8 @@ def _start_attempt(path: Path) -> None:
 
     An earlier attempt that ended without an error line of its own was killed outright
     (SIGKILL: the out-of-memory killer, the end of a time limit's grace period, a lost
-    node): its log just stopped, so the new attempt says so, first.
+    node) or crashed in native code: its log just stopped, so the new attempt says so,
+    first.
     """
     history = attempts_file(path)
     if history.is_file() and (not path.is_file()
@@ -78,8 +83,9 @@ def _start_attempt(path: Path) -> None:
             text += (f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING "
                      f"brainage.logs: attempt {previous} ended without a message: its process "
                      f"was killed outright (SIGKILL: the out-of-memory killer, a time limit's "
-                     f"final kill, or a lost node; on SLURM, `sacct -j <job id>` of that "
-                     f"attempt says which)\n")
+                     f"final kill, a lost node) or crashed in native code; Snakemake's error "
+                     f"for it names the signal, and on SLURM `sacct -j <job id>` of that "
+                     f"attempt says which\n")
     for file in (path, history):
         with open(file, "a", encoding="utf-8") as log:
             log.write(text)
@@ -147,8 +153,16 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
         return    # hooks keep a job's history only, and must not outlive the call
     sys.excepthook = log_uncaught
     sys.exit = exit_noting_failure
+    # Python's handler runs only between bytecodes: inside ITK, N4 or a collective it
+    # waited for the call to return, often past SLURM's SIGKILL 30 s later. faulthandler
+    # writes the stacks into the log at once, from C (and a crash's, SIGSEGV or SIGABRT in
+    # ITK, PyTorch or NCCL, which the next attempt took for an out-of-memory kill).
+    _FAULT_LOGS.append(open(path, "a", encoding="utf-8"))  # open while the process lives
+    faulthandler.enable(file=_FAULT_LOGS[-1], all_threads=True)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, stop_on_sigterm)
+        faulthandler.register(signal.SIGTERM, file=_FAULT_LOGS[-1], all_threads=True,
+                              chain=True)
 
 
 @contextlib.contextmanager
