@@ -139,6 +139,37 @@ def test_two_writers_of_one_folder_take_turns(tmp_path, caplog):
     assert sorted(path.name for path in target.parent.iterdir()) == ["bundle"]
 
 
+def test_a_lock_file_is_the_groups_to_lock_and_a_write_that_cannot_lock_says_so(
+        tmp_path, monkeypatch, caplog):
+    """On NFS an exclusive lock needs a handle open for writing: a colleague's lock file
+    made under umask 022 or 077 could only be opened read-only there, and locked nothing
+    without a word. The group may write it whatever the umask; a file system without locks
+    is warned of, and its lock file not left behind."""
+    import errno
+    import fcntl
+
+    from brainage.io import writer_lock
+
+    lock = tmp_path / ".bundle.lock"
+    umask = os.umask(0o077)
+    try:
+        with writer_lock(lock, wait=True, what="the bundle"):
+            assert lock.stat().st_mode & 0o060 == 0o060
+    finally:
+        os.umask(umask)
+
+    def no_locks_here(handle, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks_here)
+    with caplog.at_level("WARNING", logger="brainage.io"):
+        with writer_lock(lock, wait=True, what="the bundle"):
+            pass
+    assert "could not lock" in caplog.text and "No locks available" in caplog.text
+    assert "the bundle is written without holding off another writer" in caplog.text
+    assert not lock.exists()
+
+
 def test_a_tools_scratch_folder_gets_the_groups_permissions_and_goes_away(tmp_path):
     """Registration and skull stripping work in a folder beside their outputs; made by
     tempfile it was 0700, so the one a killed job left could not be deleted by colleagues
@@ -313,6 +344,13 @@ if sys.argv[2] == "finished":
 if sys.argv[2] == "crashed":  # a segmentation fault in native code (ITK, PyTorch, NCCL)
     import ctypes
     ctypes.string_at(0)
+if sys.argv[2] == "terminated_in_native":  # SIGTERM, then SLURM's SIGKILL, during BLAS
+    import subprocess
+    import numpy as np
+    square = np.ones((8000, 8000))  # seconds of product on one thread
+    subprocess.Popen(["sh", "-c", f"sleep 0.5; kill -TERM {os.getpid()}; sleep 1; "
+                                  f"kill -KILL {os.getpid()}"])
+    square @ square
 if sys.argv[2] == "terminated":  # a SLURM time limit, scancel, preemption
     import time
     os.kill(os.getpid(), signal.SIGTERM)
@@ -433,17 +471,33 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
     assert "ended without a message" not in attempts[2] + attempts[3], text
 
 
+def test_a_sigterm_during_a_native_step_leaves_its_stacks_for_the_next_attempt(tmp_path):
+    """Python's SIGTERM handler waits for a native call (ITK, N4, BLAS) to return, often
+    past SLURM's SIGKILL: the stacks faulthandler wrote at the signal are kept through
+    Snakemake's deletion of the log, and the next attempt says what happened."""
+    log = tmp_path / "logs" / "correct_and_register.log"
+    assert run_job(log, "terminated_in_native", OPENBLAS_NUM_THREADS="1",
+                   OMP_NUM_THREADS="1") == -9
+    run_job(log, "succeeded")
+    text = log.read_text()
+    assert re.search(r"working in terminated_in_native\n(.*\n)*.*most recent call first.*"
+                     r"===== attempt 2 .*\n.* WARNING brainage.logs: attempt 1 got SIGTERM \(a "
+                     r"time limit, scancel or preemption\) and was killed before it could stop",
+                     text, flags=re.S), text
+    assert "job stopped by SIGTERM" not in text
+
+
 def test_a_crash_in_native_code_is_in_the_log_and_not_taken_for_a_memory_kill(tmp_path):
     """A segmentation fault or abort in ITK, PyTorch or NCCL left a log that just stopped,
     and the next attempt blamed the out-of-memory killer: the crash and its stack are in
     the log, and the next attempt names a crash as one of the causes."""
     log = tmp_path / "logs" / "register.log"
     assert run_job(log, "crashed") == -11
-    assert re.search(r"Fatal Python error: Segmentation fault\n\n.*most recent call first",
-                     log.read_text(), flags=re.S), log.read_text()
-    run_job(log, "succeeded")
-    assert re.search(r"attempt 1 ended without a message: .* or crashed in native code",
-                     log.read_text()), log.read_text()
+    run_job(log, "succeeded")  # Snakemake deleted the log before this retry (run_job too)
+    text = log.read_text()
+    assert re.search(r"Fatal Python error: Segmentation fault\n\n.*most recent call first.*"
+                     r"===== attempt 2 .*\n.* WARNING brainage.logs: attempt 1 crashed in "
+                     r"native code", text, flags=re.S), text
 
 
 def test_console_logging_leaves_the_interpreters_hooks_alone():
@@ -542,6 +596,7 @@ def test_a_log_shorter_than_the_attempts_gets_the_earlier_attempts_back(tmp_path
     copied back into it, so it numbers the new attempt 2 below attempt 1."""
     log = tmp_path / "logs" / "train_encoder.log"
     run_job(log, "failed")
+    log.unlink()  # Snakemake deletes it; then something writes a new one
     log.write_text("started\n")
     subprocess.run([sys.executable, "-c", JOB, str(log), "succeeded"], capture_output=True,
                    env={"PYTHONPATH": str(REPO / "workflow")}, check=False)

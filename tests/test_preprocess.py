@@ -501,6 +501,22 @@ def test_a_nan_background_gives_what_a_zero_background_gives(processed, tmp_path
     assert np.array_equal(nib.load(outputs[0.0]).get_fdata(), nib.load(outputs[np.nan]).get_fdata())
 
 
+def test_a_damaged_reference_is_told_to_be_made_again(processed, tmp_path):
+    """The skull-stripped reference is strip_skull's output: cut short (a full disk), it was
+    told to be re-exported as .nii.gz, a raw scan's remedy."""
+    import gzip
+
+    subject = processed["young"]
+    raw = gzip.decompress(Path(subject["reference"]).read_bytes())
+    damaged = tmp_path / "sub-y_desc-brain_reference.nii.gz"
+    damaged.write_bytes(gzip.compress(raw[:len(raw) // 2]))
+    with pytest.raises(InputError, match=r"sub-y: reference image .* not a readable NIfTI file "
+                                         r"\(.*\)\. The pipeline made this file: delete it"):
+        correct_bias({"stiffness": subject["files"]["stiffness"]}, subject["mask"], damaged,
+                     subject["reference_info"], {"stiffness": tmp_path / "s.nii.gz"},
+                     tmp_path / "r.nii.gz", subject="y")
+
+
 def test_mask_that_misses_the_map_is_an_error(processed, tmp_path):
     subject = processed["young"]
     mask_image = nib.load(subject["mask"])

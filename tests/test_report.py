@@ -1038,6 +1038,11 @@ def test_coverage_figures_name_the_modality_of_the_maps_they_draw(tmp_path, monk
     figures.plot_coverage(participants, tmp_path / "fig7.png", map_name="damping_ratio")
     figures.plot_coverage_examples(participants, maps, tmp_path / "fig8.png")
     fig8, fig7, default = drawn
+    # the paper's view order, as Fig. 2's; the views showing left and right mark the right
+    panels = [axis for axis in fig8.axes if axis.images]
+    assert [axis.get_title() for axis in panels[:3]] == ["sagittal", "coronal", "axial"]
+    assert [[text.get_text() for text in axis.texts] for axis in panels[:3]] == [
+        [], ["R"], ["R"]]
     colour_bar = [axis for axis in fig8.axes if not axis.images]
     assert [axis.get_ylabel() for axis in colour_bar] == ["damping ratio [1]"]
     assert "damping-ratio maps" in fig8._suptitle.get_text()

@@ -630,6 +630,11 @@ def test_interrupted_run_notice_tells_a_live_run_from_a_killed_one(tmp_path):
     program.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
     program.chmod(0o755)
     live = subprocess.Popen([str(program), "--cores", "2"], cwd=tmp_path)
+    # processes that only name Snakemake: watching its log, or the run's own `| tee`
+    watchers = [subprocess.Popen(["tail", "-f", "/dev/null", "x.snakemake.log"], cwd=tmp_path,
+                                 stderr=subprocess.DEVNULL),
+                subprocess.Popen(["tee", "snakemake.log"], cwd=tmp_path, stdin=subprocess.PIPE,
+                                 stdout=subprocess.DEVNULL)]
     try:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not Path(f"/proc/{live.pid}/cmdline").read_bytes():
@@ -643,9 +648,22 @@ def test_interrupted_run_notice_tells_a_live_run_from_a_killed_one(tmp_path):
         (elsewhere / ".snakemake" / "locks" / "0.output.lock").write_text("results/x\n")
         assert "run the same command once with --unlock" in interrupted_run_notice(elsewhere)
     finally:
-        live.kill()
-        live.wait()
-    assert "run the same command once with --unlock" in interrupted_run_notice(tmp_path)
+        for process in (live, *watchers):
+            process.kill()
+            process.wait()
+    watchers = [subprocess.Popen(["tail", "-f", "/dev/null", "x.snakemake.log"], cwd=tmp_path,
+                                 stderr=subprocess.DEVNULL)]
+    try:  # the watcher alone is no run
+        assert "run the same command once with --unlock" in interrupted_run_notice(tmp_path)
+    finally:
+        watchers[0].kill()
+        watchers[0].wait()
+    # a colleague's run: /proc hides its folder, the lock file names its owner
+    if os.getuid() == 0:
+        os.chown(tmp_path / ".snakemake" / "locks" / "0.output.lock", 65534, 65534)
+        notice = interrupted_run_notice(tmp_path)
+        assert re.search(r"the locks are (nobody|uid 65534)'s: ask whether their run still "
+                         r"works before you --unlock", notice), notice
 
 
 def test_interrupted_run_notice_names_the_first_outputs_in_order(tmp_path):

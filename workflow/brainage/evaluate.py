@@ -167,11 +167,17 @@ def warn_if_collapsed(train_features: np.ndarray, split_name: str, settings: Map
     magnitude = float(np.abs(train_features).max())
     if spread > COLLAPSE_RELATIVE_SPREAD * magnitude:
         return False
-    remedy = ("Lower config key train.lr (or check the loss settings) and train it again "
-              "(rule train_encoder, or search_hyperparameters for a search trial)."
-              if settings["train"]["epochs"] else
-              "The encoder is untrained (train.epochs 0): its initialisation (model.init) "
-              "gives no spread on these inputs.")
+    init = str(settings["model"].get("init") or "")
+    if settings["train"]["epochs"]:
+        remedy = ("Lower config key train.lr (or check the loss settings) and train it "
+                  "again (rule train_encoder, or search_hyperparameters for a search trial).")
+    elif init.startswith("pretrained:"):
+        remedy = (f"The encoder is the pretraining run {init[len('pretrained:'):]!r} as it "
+                  f"is (train.epochs 0): look at that run (rule pretrain_encoder, its loss "
+                  f"curve and learning rate).")
+    else:
+        remedy = ("The encoder is untrained (train.epochs 0): its initialisation "
+                  "(model.init) gives no spread on these inputs.")
     log.warning(
         "split %s, %s/%s seed %s: the %s features (model.features) are the same for every "
         "training subject (largest spread across subjects %.3g, magnitude %.3g): the "

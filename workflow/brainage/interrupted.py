@@ -108,11 +108,28 @@ def _ancestors() -> set[int]:
     return found
 
 
+def _is_snakemake(arguments: list[str]) -> bool:
+    """Whether a command line runs Snakemake (``snakemake ...``, ``python .../snakemake
+    ...``, ``python -m snakemake ...``), not merely names it (``tail -f
+    .snakemake/log/x.snakemake.log``, ``tee snakemake.log``)."""
+    if not arguments or not arguments[0]:
+        return False
+    program = Path(arguments[0]).name
+    if program == "snakemake":
+        return True
+    if not program.startswith("python"):
+        return False
+    rest = [argument for argument in arguments[1:] if argument]
+    return bool(rest) and (Path(rest[0]).name == "snakemake"
+                           or rest[:2] == ["-m", "snakemake"])
+
+
 def snakemakes_running_in(workdir: str | Path = ".") -> list[int]:
     """The process ids of the Snakemake runs on this machine whose working folder is
-    ``workdir``, other than this process and those that started it: a second terminal's or
-    a colleague's run, which a notice must not advise to --unlock. Runs on other machines
-    (and processes of other users where /proc hides their folder) are not seen."""
+    ``workdir``, other than this process and those that started it: a second terminal's
+    run, which a notice must not advise to --unlock. Runs on other machines, and other
+    users' processes (/proc hides their working folders), are not seen: their lock files
+    are named by owner instead (:func:`interrupted_run_notice`)."""
     folder = Path(workdir).resolve()
     own = _ancestors()
     running = []
@@ -121,15 +138,33 @@ def snakemakes_running_in(workdir: str | Path = ".") -> list[int]:
             pid = int(entry.name)
             if pid in own:
                 continue
-            arguments = (entry / "cmdline").read_bytes().split(b"\0")
-            if not any(b"snakemake" in Path(argument.decode(errors="replace")).name.encode()
-                       or argument == b"snakemake" for argument in arguments[:3]):
+            arguments = [argument.decode(errors="replace") for argument in
+                         (entry / "cmdline").read_bytes().split(b"\0")]
+            if not _is_snakemake(arguments):
                 continue
             if Path(os.readlink(entry / "cwd")).resolve() == folder:
                 running.append(pid)
         except (OSError, ValueError):
             continue
     return sorted(running)
+
+
+def _other_owners(paths: list[Path]) -> list[str]:
+    """The users other than this one who own ``paths`` (by name where known)."""
+    import pwd
+
+    owners = set()
+    for path in paths:
+        try:
+            uid = path.stat().st_uid
+        except OSError:
+            continue
+        if uid != os.getuid():
+            try:
+                owners.add(pwd.getpwuid(uid).pw_name)
+            except KeyError:
+                owners.add(f"uid {uid}")
+    return sorted(owners)
 
 
 def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str | None:
@@ -153,6 +188,10 @@ def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str 
                 f"this machine (process {', '.join(map(str, running))}; "
                 f"{'; '.join(found)}): let it finish, or stop it with Ctrl-C in its terminal, "
                 f"before running here; do not add --unlock.")
+    owners = _other_owners(locks)
+    if owners:  # a colleague's run: /proc hides their processes' folders from us
+        found.append(f"the locks are {' and '.join(owners)}'s: ask whether their run still "
+                     f"works before you --unlock")
     if locks:
         what_to_run = ("if none is running, run the same command once with --unlock added, "
                        "then again with --rerun-incomplete added")

@@ -191,14 +191,14 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
     import fcntl
 
     lock_file = Path(lock_file)
-    handle = None
+    handle, unlocked = None, False
     while True:
         try:
             handle = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
-            # writable by colleagues whatever the umask: on NFS an exclusive lock needs a
+            # writable by the group whatever the umask: on NFS an exclusive lock needs a
             # handle open for writing (flock(2)), and a read-only one locked nothing there
             with contextlib.suppress(OSError):  # a colleague's: not ours to change
-                os.fchmod(handle, 0o666)
+                os.fchmod(handle, os.fstat(handle).st_mode & 0o777 | 0o660)
         except OSError:  # a colleague's under a stricter umask (a read-only handle locks it
             try:         # on a local disk)
                 handle = os.open(lock_file, os.O_RDONLY)
@@ -220,6 +220,7 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
                         "writer at the same time", lock_file, error.strerror or error, what)
             os.close(handle)
             handle = None
+            unlocked = True
             break
         try:
             if os.stat(lock_file).st_ino == os.fstat(handle).st_ino:
@@ -230,9 +231,10 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
     try:
         yield
     finally:
-        if handle is not None:
+        if handle is not None or unlocked:  # not left behind unlocked either
             with contextlib.suppress(OSError):
                 lock_file.unlink()
+        if handle is not None:
             os.close(handle)  # releases the lock
 
 

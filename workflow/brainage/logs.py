@@ -5,15 +5,17 @@ A job's log keeps every attempt since the job last succeeded, each after a separ
 cluster user sees why a job was retried: a traceback, an exit status, "stopped by SIGTERM"
 (a time limit, scancel, preemption; the stacks of that moment come first, written by
 faulthandler), a native crash's "Fatal Python error" and stacks, or, for an attempt whose
-log just stopped (SIGKILL: the out-of-memory killer), a warning of the next attempt. The log is opened at
-the package's first import inside a job (brainage/__init__.py), so a failing import of
-PyTorch or ANTsPy is in it too. Snakemake deletes a job's log before every attempt, so each line also
-goes to a hidden companion file (``.<log name>.attempts``) that Snakemake does not know
-about; a new attempt copies it back into the log first. The companion is deleted when the
-attempt succeeds: it ends without an uncaught exception and without ``sys.exit`` of a
-failure status (an argparse error, ``sys.exit(1)``, ``sys.exit("message")``). A
-``raise SystemExit(1)`` written out passes neither hook: code that runs after
-:func:`log_to_file` ends a job with ``sys.exit``.
+log just stopped (SIGKILL: the out-of-memory killer), a warning of the next attempt. The
+log is opened at the package's first import inside a job of this workflow
+(brainage/__init__.py), so a failing import of PyTorch or ANTsPy is in it too.
+
+Snakemake deletes a job's log before every attempt, so the log has a second name, a hidden
+companion (``.<log name>.attempts``, a hard link; a copy where the file system has none)
+that Snakemake does not know about; a new attempt gives it its log name back first. The
+companion is deleted when the attempt succeeds: it ends without an uncaught exception and
+without ``sys.exit`` of a failure status (an argparse error, ``sys.exit(1)``,
+``sys.exit("message")``). A ``raise SystemExit(1)`` written out passes neither hook: code
+that runs after :func:`log_to_file` ends a job with ``sys.exit``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ _SYS_EXIT = sys.exit
 _OPENED: list[Path] = []
 #: The job log's file objects that faulthandler writes into (kept open: it holds the fd).
 _FAULT_LOGS: list = []
-#: An ERROR line of the package: an attempt that logged one ended with a message.
+#: An ERROR line of the package: an attempt that logged one ended with a message (a
+#: companion of a failed attempt keeps these; see :func:`_how_it_ended`).
 _PACKAGE_ERROR = re.compile(r"^\S+ \S+ ERROR brainage[\w.]*: ")
 
 
@@ -54,18 +57,65 @@ def attempts_file(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.attempts")
 
 
-def _start_attempt(path: Path) -> None:
-    """Restore the earlier attempts into ``path`` and open a new one in both files.
+def _one_file_two_names(path: Path, history: Path) -> bool:
+    """Make the log and its companion one file under two names (a hard link), so that what
+    is written into the log by any means (faulthandler's stacks, written from C, too) is in
+    the companion that survives Snakemake's deletion of the log before a retry. The earlier
+    attempts come back into a log Snakemake deleted as the companion's second name. Returns
+    False where the file system has no hard links: two files, the log's lines copied."""
+    try:
+        if not history.is_file():
+            with open(path, "a", encoding="utf-8"):
+                pass
+            os.link(path, history)
+        elif not (path.is_file() and os.path.samefile(path, history)):
+            # a log recreated meanwhile (by whatever starts the job), or two files of an
+            # older version: the one holding more stands under both names
+            more, other = ((path, history) if path.is_file()
+                           and path.stat().st_size >= history.stat().st_size
+                           else (history, path))
+            linked = other.with_name(f".{other.name}.linking-{os.getpid()}")
+            os.link(more, linked)
+            os.replace(linked, other)
+        return True
+    except OSError:
+        if history.is_file() and (not path.is_file()
+                                  or path.stat().st_size < history.stat().st_size):
+            shutil.copyfile(history, path)
+        return False
 
-    An earlier attempt that ended without an error line of its own was killed outright
-    (SIGKILL: the out-of-memory killer, the end of a time limit's grace period, a lost
-    node) or crashed in native code: its log just stopped, so the new attempt says so,
-    first.
+
+def _how_it_ended(attempt: Sequence[str], number: int) -> str | None:
+    """The warning a new attempt gives about the last one (its ``attempt`` lines) when that
+    ended without an error line of the package's own: from the stacks faulthandler left, a
+    native crash or a SIGTERM that Python could not answer before SIGKILL; without any, a
+    process killed outright."""
+    if any(_PACKAGE_ERROR.match(line) for line in attempt):
+        return None
+    if any(line.startswith("Fatal Python error") for line in attempt):
+        return (f"attempt {number} crashed in native code (its 'Fatal Python error' and stacks "
+                f"are above)")
+    if any("(most recent call first)" in line for line in attempt):
+        return (f"attempt {number} got SIGTERM (a time limit, scancel or preemption) and was "
+                f"killed before it could stop (its stacks at the signal are above)")
+    return (f"attempt {number} ended without a message: its process was killed outright "
+            f"(SIGKILL: the out-of-memory killer, a time limit's final kill, or a lost node); "
+            f"Snakemake's error for it names the signal, and on SLURM `sacct -j <job id>` "
+            f"of that attempt says which")
+
+
+def _start_attempt(path: Path) -> bool:
+    """Restore the earlier attempts into ``path`` and open a new one, in the log and its
+    companion (one file under two names where it can: :func:`_one_file_two_names`, whose
+    result this returns).
+
+    An earlier attempt that ended without an error line of its own was killed or crashed:
+    its log just stopped (or ends in stacks), so the new attempt says so, first
+    (:func:`_how_it_ended`), as a warning of this run.
     """
     history = attempts_file(path)
-    if history.is_file() and (not path.is_file()
-                              or path.stat().st_size < history.stat().st_size):
-        shutil.copyfile(history, path)
+    restored = history.is_file()
+    linked = _one_file_two_names(path, history)
     lines: list[str] = []
     if path.is_file():
         with open(path, encoding="utf-8", errors="replace") as log:
@@ -76,19 +126,16 @@ def _start_attempt(path: Path) -> None:
     text = (f"{ATTEMPT_MARK}{previous + 1} ({now.isoformat(timespec='seconds')}, "
             f"{socket.gethostname()}, pid {os.getpid()}"
             f"{f', SLURM job {slurm_job}' if slurm_job else ''}) =====\n")
-    if history.is_file() and previous:
+    if restored and previous:
         last = lines[max(i for i, line in enumerate(lines) if line.startswith(ATTEMPT_MARK)):]
-        if not any(_PACKAGE_ERROR.match(line) for line in last):  # in this attempt: it is
-            # one of this run's warnings (job_warnings)
+        ending = _how_it_ended(last, previous)
+        if ending:  # in this attempt: it is one of this run's warnings (job_warnings)
             text += (f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING "
-                     f"brainage.logs: attempt {previous} ended without a message: its process "
-                     f"was killed outright (SIGKILL: the out-of-memory killer, a time limit's "
-                     f"final kill, a lost node) or crashed in native code; Snakemake's error "
-                     f"for it names the signal, and on SLURM `sacct -j <job id>` of that "
-                     f"attempt says which\n")
-    for file in (path, history):
+                     f"brainage.logs: {ending}\n")
+    for file in (path,) if linked else (path, history):
         with open(file, "a", encoding="utf-8") as log:
             log.write(text)
+    return linked
 
 
 def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
@@ -107,12 +154,14 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
     if path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _start_attempt(path)
+        linked = _start_attempt(path)
         _OPENED.append(path.resolve())
         # UTF-8 whatever the node's locale: under a latin-1 one a study named Łódź lost
         # its log lines ("--- Logging error ---")
-        handlers += [logging.FileHandler(path, mode="a", encoding="utf-8"),
-                     logging.FileHandler(attempts_file(path), mode="a", encoding="utf-8")]
+        handlers.append(logging.FileHandler(path, mode="a", encoding="utf-8"))
+        if not linked:
+            handlers.append(logging.FileHandler(attempts_file(path), mode="a",
+                                                encoding="utf-8"))
 
         def forget_attempts_after_success() -> None:
             if not failed:
@@ -157,9 +206,15 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
     # waited for the call to return, often past SLURM's SIGKILL 30 s later. faulthandler
     # writes the stacks into the log at once, from C (and a crash's, SIGSEGV or SIGABRT in
     # ITK, PyTorch or NCCL, which the next attempt took for an out-of-memory kill).
+    # The log's companion is the same file where hard links work, so the stacks survive a
+    # retry. A second call (another log) moves both to its file.
+    faulthandler.disable()
+    while _FAULT_LOGS:
+        _FAULT_LOGS.pop().close()
     _FAULT_LOGS.append(open(path, "a", encoding="utf-8"))  # open while the process lives
     faulthandler.enable(file=_FAULT_LOGS[-1], all_threads=True)
     if threading.current_thread() is threading.main_thread():
+        faulthandler.unregister(signal.SIGTERM)  # else the handler below replaced it
         signal.signal(signal.SIGTERM, stop_on_sigterm)
         faulthandler.register(signal.SIGTERM, file=_FAULT_LOGS[-1], all_threads=True,
                               chain=True)

@@ -32,7 +32,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from brainage.inputs import InputError
+from brainage.inputs import MADE_AGAIN, InputError
 from brainage.io import atomic_path, headless_pyplot, write_json, write_tsv
 from brainage.preprocess.images import load_mask, load_volume, require_same_grid
 from brainage.preprocess.skullstrip import FREESURFER_PROGRAMS
@@ -174,7 +174,8 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
     """
     from brainage.modalities import modality
     name = f"subject sub-{subject}"
-    template, template_affine = load_volume(template_t1, what="template T1")
+    template, template_affine = load_volume(template_t1, what="template T1",
+                                            remedy=MADE_AGAIN)
     brain, _ = load_mask(template_mask, what="template brain mask")
 
     def on_template_grid(path, what: str, load=load_volume) -> np.ndarray:

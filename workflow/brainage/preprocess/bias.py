@@ -20,7 +20,7 @@ from typing import Mapping
 
 import numpy as np
 
-from brainage.inputs import InputError
+from brainage.inputs import MADE_AGAIN, InputError
 from brainage.modalities import modality
 from brainage.preprocess.images import (
     PreprocessError,
@@ -214,7 +214,8 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
         log.info("%s: preprocess.n4 is false; bias correction skipped (maps cleaned only)", name)
 
     info = read_reference_info(reference_info)
-    reference_data, reference_affine = load_volume(reference, what=f"{name}: reference image")
+    reference_data, reference_affine = load_volume(reference, what=f"{name}: reference image",
+                                                   remedy=MADE_AGAIN)
     reference_kind = info["reference_kind"]
     if reference_kind in corrected:  # no T1w: the corrected grid map is the reference
         reference_data, reference_affine = corrected[reference_kind], affine

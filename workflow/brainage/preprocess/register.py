@@ -38,6 +38,7 @@ from typing import Mapping
 import numpy as np
 from scipy import ndimage
 
+from brainage.inputs import MADE_AGAIN
 from brainage.io import atomic_path, work_folder
 from brainage.modalities import MODALITIES, modality
 from brainage.preprocess.images import (
@@ -211,11 +212,12 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
     native_maps = {}
     for modality_name, path in maps.items():
         what = f"{name}: {modality(modality_name).description}"
-        data, affine = load_volume(path, what=what)
+        data, affine = load_volume(path, what=what, remedy=MADE_AGAIN)  # bias-corrected
         require_same_grid(data.shape, affine, f"{what} {path}", mask_data.shape, mask_affine,
                           f"brain mask {mask}")
         native_maps[modality_name] = data
-    template_data, template_affine = load_volume(template_t1, what="template T1")
+    template_data, template_affine = load_volume(template_t1, what="template T1",
+                                                 remedy=MADE_AGAIN)
     template_brain, _ = load_mask(template_mask, what="template brain mask")
 
     template_image = ants.image_read(str(template_t1)).clone("float")
