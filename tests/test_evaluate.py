@@ -506,12 +506,14 @@ def test_a_collapsed_encoder_is_warned_of_and_a_working_one_is_not(tmp_path, cap
     assert re.search(r"split holdout, test/adaptive seed 0: the \w+ features \(model.features\) "
                      r"are the same for every training subject.*collapsed.*train\.lr.*"
                      r"search_hyperparameters for a search trial", caplog.text)
-    for train, init, cause in ((0, "scratch", r"untrained \(train.epochs 0\)"),
-                               (0, "pretrained:t1", r"pretraining run 't1' as it is.*"
-                                                    r"pretrain_encoder")):
+    for init, checkpoint, cause in (
+            ("scratch", None, r"untrained \(train.epochs 0\)"),
+            ("pretrained:t1", None, r"pretraining run 't1' as it is.*pretrain_encoder"),
+            ("scratch", "openbhb.pt", r"checkpoint openbhb.pt as it is")):
         caplog.clear()
-        frozen = resolve_cell(tiny_settings(readout={"method": "ridge"},
-                                            train={"epochs": train}, model={"init": init}))
+        frozen = resolve_cell(tiny_settings(readout={"method": "ridge"}, train={"epochs": 0},
+                                            model={"init": init,
+                                                   "init_checkpoint": checkpoint}))
         with caplog.at_level("WARNING", logger="brainage.evaluate"):
             evaluate_split(split, collapsed, frozen)
         assert re.search(rf"collapsed.*{cause}", caplog.text) and "train.lr" not in \

@@ -170,6 +170,84 @@ def test_a_lock_file_is_the_groups_to_lock_and_a_write_that_cannot_lock_says_so(
     assert not lock.exists()
 
 
+def test_a_writer_that_could_not_lock_leaves_the_lock_of_one_that_holds_it(
+        tmp_path, monkeypatch):
+    """On NFS a read-only handle cannot lock (EBADF) while another writer holds the lock:
+    the unlocked writer removed the lock file as it finished, and a third writer then got
+    in beside the first."""
+    import errno
+    import fcntl
+
+    from brainage.io import LockHeldError, writer_lock
+
+    lock = tmp_path / ".bundle.lock"
+    with writer_lock(lock, wait=False, what="the bundle"):  # the first writer, at work
+        real_flock = fcntl.flock
+
+        def read_only_handle_on_nfs(handle, operation):
+            raise OSError(errno.EBADF, "Bad file descriptor")
+
+        monkeypatch.setattr(fcntl, "flock", read_only_handle_on_nfs)
+        with writer_lock(lock, wait=True, what="the bundle"):
+            pass
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert lock.exists()
+        with pytest.raises(LockHeldError):  # the third writer is still held off
+            with writer_lock(lock, wait=False, what="the bundle"):
+                pass
+
+
+@pytest.mark.parametrize("command, runs", [
+    (["/x/.venv/bin/python", "/x/.venv/bin/snakemake", "--cores", "2"], True),
+    (["snakemake", "-n"], True),
+    (["python3", "-u", "-m", "snakemake", "--cores", "2"], True),
+    (["python3", "-msnakemake"], True),
+    (["/usr/bin/python3", "-sP", "/usr/bin/snakemake", "--cores", "1"], True),  # a shebang's
+    (["python3.11", "-X", "utf8", "../bin/snakemake"], True),
+    (["tail", "-f", ".snakemake/log/x.snakemake.log"], False),
+    (["tee", "snakemake.log"], False),
+    (["python3", "-c", "import snakemake"], False),
+    (["python3", "-m", "pytest", "tests/snakemake"], False),
+    (["python3", "analyse_snakemake.py"], False),
+])
+def test_a_running_snakemake_is_known_by_its_own_command_line(command, runs):
+    from brainage.interrupted import _is_snakemake
+
+    assert _is_snakemake(command) is runs
+
+
+def test_the_next_attempt_says_what_an_attempt_without_a_message_may_have_been():
+    """Without hard links faulthandler's stacks went with the deleted log, so a crash
+    cannot be told from a kill: the warning names both then."""
+    from brainage.logs import _how_it_ended
+
+    lines = ["2026-12-06 12:00:00,000 INFO brainage: working"]
+    assert "crashed in native code" not in _how_it_ended(lines, 1, linked=True)
+    assert "or crashed in native code" in _how_it_ended(lines, 1, linked=False)
+    assert _how_it_ended([*lines, "2026-12-06 12:00:01,000 ERROR brainage: job failed"],
+                         1) is None
+
+
+def test_a_colleagues_companion_that_cannot_be_written_is_replaced_by_a_copy(
+        tmp_path, monkeypatch):
+    """A failed job's companion left by a colleague under umask 022 made every later
+    attempt of the job fail at import with PermissionError; a copy of our own replaces it,
+    the earlier attempts kept."""
+    from brainage import logs
+
+    log = tmp_path / "logs" / "train_encoder.log"
+    run_job(log, "failed")
+    companion = logs.attempts_file(log)
+    before = companion.stat().st_ino
+    log.unlink()
+    real_access = os.access
+    monkeypatch.setattr(logs.os, "access", lambda path, mode: False if Path(path) == companion
+                        else real_access(path, mode))
+    assert logs._one_file_two_names(log, companion)
+    assert companion.stat().st_ino != before and os.path.samefile(log, companion)
+    assert "working in failed" in log.read_text()
+
+
 def test_a_tools_scratch_folder_gets_the_groups_permissions_and_goes_away(tmp_path):
     """Registration and skull stripping work in a folder beside their outputs; made by
     tempfile it was 0700, so the one a killed job left could not be deleted by colleagues

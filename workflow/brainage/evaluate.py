@@ -171,6 +171,10 @@ def warn_if_collapsed(train_features: np.ndarray, split_name: str, settings: Map
     if settings["train"]["epochs"]:
         remedy = ("Lower config key train.lr (or check the loss settings) and train it "
                   "again (rule train_encoder, or search_hyperparameters for a search trial).")
+    elif settings["model"].get("init_checkpoint"):
+        remedy = (f"The encoder is the checkpoint {settings['model']['init_checkpoint']} as it "
+                  f"is (train.epochs 0): it gives no spread on these inputs; check that it "
+                  f"fits this network and these maps.")
     elif init.startswith("pretrained:"):
         remedy = (f"The encoder is the pretraining run {init[len('pretrained:'):]!r} as it "
                   f"is (train.epochs 0): look at that run (rule pretrain_encoder, its loss "

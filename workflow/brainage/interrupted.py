@@ -119,9 +119,19 @@ def _is_snakemake(arguments: list[str]) -> bool:
         return True
     if not program.startswith("python"):
         return False
-    rest = [argument for argument in arguments[1:] if argument]
-    return bool(rest) and (Path(rest[0]).name == "snakemake"
-                           or rest[:2] == ["-m", "snakemake"])
+    rest = iter(argument for argument in arguments[1:] if argument)
+    for argument in rest:  # the interpreter's options first (-u, -X utf8, -sP of a shebang)
+        if argument == "-m":
+            return next(rest, "") == "snakemake"
+        if argument.startswith("-m"):
+            return argument[2:] == "snakemake"
+        if argument in ("-X", "-W"):
+            next(rest, None)
+        elif argument.startswith("-c") or argument == "-":
+            return False
+        elif not argument.startswith("-"):
+            return Path(argument).name == "snakemake"
+    return False
 
 
 def snakemakes_running_in(workdir: str | Path = ".") -> list[int]:

@@ -8,6 +8,7 @@ Reading and checking the input dataset is :mod:`brainage.inputs`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -220,7 +221,9 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
                         "writer at the same time", lock_file, error.strerror or error, what)
             os.close(handle)
             handle = None
-            unlocked = True
+            # removed after the write only where nobody can hold a lock on it: after EBADF
+            # (NFS, a read-only handle) another writer may hold it now
+            unlocked = error.errno in (errno.ENOLCK, errno.EOPNOTSUPP)
             break
         try:
             if os.stat(lock_file).st_ino == os.fstat(handle).st_ino:

@@ -63,11 +63,19 @@ def _one_file_two_names(path: Path, history: Path) -> bool:
     the companion that survives Snakemake's deletion of the log before a retry. The earlier
     attempts come back into a log Snakemake deleted as the companion's second name. Returns
     False where the file system has no hard links: two files, the log's lines copied."""
+    if history.is_file() and not os.access(history, os.W_OK):
+        # a colleague's, left under umask 022: every later attempt failed to open it; a
+        # copy of our own replaces it (the folder is writable: Snakemake deleted the log)
+        own = history.with_name(f"{history.name}.own-{os.getpid()}")
+        shutil.copyfile(history, own)
+        os.replace(own, history)
     try:
         if not history.is_file():
             with open(path, "a", encoding="utf-8"):
                 pass
             os.link(path, history)
+            with contextlib.suppress(OSError):  # the group's to append to, as attempts of
+                os.chmod(path, path.stat().st_mode & 0o777 | 0o660)  # a colleague's rerun
         elif not (path.is_file() and os.path.samefile(path, history)):
             # a log recreated meanwhile (by whatever starts the job), or two files of an
             # older version: the one holding more stands under both names
@@ -85,7 +93,7 @@ def _one_file_two_names(path: Path, history: Path) -> bool:
         return False
 
 
-def _how_it_ended(attempt: Sequence[str], number: int) -> str | None:
+def _how_it_ended(attempt: Sequence[str], number: int, *, linked: bool = True) -> str | None:
     """The warning a new attempt gives about the last one (its ``attempt`` lines) when that
     ended without an error line of the package's own: from the stacks faulthandler left, a
     native crash or a SIGTERM that Python could not answer before SIGKILL; without any, a
@@ -98,10 +106,12 @@ def _how_it_ended(attempt: Sequence[str], number: int) -> str | None:
     if any("(most recent call first)" in line for line in attempt):
         return (f"attempt {number} got SIGTERM (a time limit, scancel or preemption) and was "
                 f"killed before it could stop (its stacks at the signal are above)")
+    # without hard links faulthandler's stacks went to the deleted log: a crash looks so too
+    crashed = "" if linked else " or crashed in native code"
     return (f"attempt {number} ended without a message: its process was killed outright "
-            f"(SIGKILL: the out-of-memory killer, a time limit's final kill, or a lost node); "
-            f"Snakemake's error for it names the signal, and on SLURM `sacct -j <job id>` "
-            f"of that attempt says which")
+            f"(SIGKILL: the out-of-memory killer, a time limit's final kill, or a lost node)"
+            f"{crashed}; Snakemake's error for it names the signal, and on SLURM `sacct -j "
+            f"<job id>` of that attempt says which")
 
 
 def _start_attempt(path: Path) -> bool:
@@ -128,7 +138,7 @@ def _start_attempt(path: Path) -> bool:
             f"{f', SLURM job {slurm_job}' if slurm_job else ''}) =====\n")
     if restored and previous:
         last = lines[max(i for i, line in enumerate(lines) if line.startswith(ATTEMPT_MARK)):]
-        ending = _how_it_ended(last, previous)
+        ending = _how_it_ended(last, previous, linked=linked)
         if ending:  # in this attempt: it is one of this run's warnings (job_warnings)
             text += (f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING "
                      f"brainage.logs: {ending}\n")
