@@ -1791,14 +1791,21 @@ def test_predicted_vs_true_gives_each_study_its_own_marker_shape(tmp_path, monke
     assert len(shapes) == 4 and len(set(shapes)) == 4
 
 
-def test_search_figure_circles_the_lowest_validation_mae(tmp_path, monkeypatch):
+def _draw_search(tmp_path, monkeypatch, rows):
+    """The search figure of one holdout split's trials ``rows`` (trial, nn_final, nn_step,
+    validation MAE, ...): the trials as read, and the figure drawn."""
     trials = report_results.read_search_trials([write_trials(
-        tmp_path / "holdout" / "trials.tsv",
-        [(1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0), (3, 8, 2, 4.1, 4.8, 9.0)])])
+        tmp_path / "holdout" / "trials.tsv", rows)])
     drawn = []
     monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
     figures.plot_search(trials, tmp_path / "search.png")
-    legend = [text.get_text() for text in drawn[0].axes[0].get_legend().get_texts()]
+    return trials, drawn[0]
+
+
+def test_search_figure_circles_the_lowest_validation_mae(tmp_path, monkeypatch):
+    _, figure = _draw_search(tmp_path, monkeypatch, [
+        (1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0), (3, 8, 2, 4.1, 4.8, 9.0)])
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert legend[0] == "best: 14, 1 (3.90 years)"
 
 
@@ -1806,13 +1813,9 @@ def test_search_figure_counts_repeated_settings_and_leaves_a_trial_at_the_optimu
         tmp_path, monkeypatch):
     """The search draws with replacement: 30 trials gave 26-28 distinct points under a
     title of 30, and the paper's filled cross hid the colour of a trial at (14, 1)."""
-    trials = report_results.read_search_trials([write_trials(
-        tmp_path / "holdout" / "trials.tsv",
-        [(1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0), (3, 20, 3, 4.1, 4.8, 9.0)])])
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
-    figures.plot_search(trials, tmp_path / "search.png")
-    axis = drawn[0].axes[0]
+    _, figure = _draw_search(tmp_path, monkeypatch, [
+        (1, 20, 3, 4.5, 5.0, 10.0), (2, 14, 1, 3.9, 4.4, 11.0), (3, 20, 3, 4.1, 4.8, 9.0)])
+    axis = figure.axes[0]
     assert axis.get_title() == "holdout: 3 trials, 2 distinct (repeats on one point)"
     paper = [c for c in axis.collections if c.get_label() == "paper's optimum"][0]
     assert len(paper.get_facecolor()) == 0 or paper.get_facecolor()[0][3] == 0  # hollow
@@ -1821,14 +1824,10 @@ def test_search_figure_counts_repeated_settings_and_leaves_a_trial_at_the_optimu
 def test_a_diverged_search_trial_is_drawn_and_tabulated_as_such(tmp_path, monkeypatch):
     """A trial whose training diverged has no validation MAE (NaN): its NaN colour drew
     nothing while the title counted it, and the table printed "nan"."""
-    trials = report_results.read_search_trials([write_trials(
-        tmp_path / "holdout" / "trials.tsv",
-        [(1, 20, 3, 4.5, 5.0, 10.0), (2, 2, 1, np.nan, np.nan, 1.0)])])
+    trials, figure = _draw_search(tmp_path, monkeypatch, [
+        (1, 20, 3, 4.5, 5.0, 10.0), (2, 2, 1, np.nan, np.nan, 1.0)])
     assert trials["trial"].tolist() == [1, 2]  # the best first, the diverged last
-    drawn = []
-    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
-    figures.plot_search(trials, tmp_path / "search.png")
-    axis = drawn[0].axes[0]
+    axis = figure.axes[0]
     assert "diverged (no score)" in [text.get_text() for text in axis.get_legend().get_texts()]
     crosses = [collection for collection in axis.collections
                if collection.get_label() == "diverged (no score)"]

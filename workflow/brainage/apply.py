@@ -240,11 +240,11 @@ def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, su
         if name not in maps:
             raise InputError(f"subject {subject}: no preprocessed {name} map; model "
                              f"{bundle.name} needs {', '.join(bundle.normalisation['modalities'])}.")
-        what = f"subject {subject}: preprocessed {name} map {maps[name]}"
+        label = f"subject {subject}: preprocessed {name} map"  # load_volume adds the path
+        what = f"{label} {maps[name]}"
         # the unit check of raw maps too: a map in Pa, preprocessed elsewhere, predicted
         # an age that looked plausible
-        data, affine = load_volume(maps[name], what=f"subject {subject}: preprocessed {name} "
-                                                     f"map", kind=name)
+        data, affine = load_volume(maps[name], what=label, kind=name)
         check_grid(data.shape, affine, bundle.normalisation, what=what)
         if not np.all(np.isfinite(data)):
             raise InputError(f"{what} has NaN/inf voxels; rerun its preprocessing.")
