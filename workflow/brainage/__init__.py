@@ -35,9 +35,10 @@ def _open_the_job_log_first() -> None:
     failure there (a CUDA library missing on a node, a broken environment) left the log
     Snakemake points to empty and the attempt out of its history. The script's own call is
     then a no-op (:func:`brainage.logs.log_to_file`); ``brainage.logs`` imports only the
-    standard library. A job of this workflow runs with ``BRAINAGE_PACKAGE_DIR`` naming this
-    package's folder (:func:`brainage.io.prepare_job_environment`): another lab's workflow
-    that imports the package in a script of its own keeps its logging, hooks and signals.
+    standard library. A job of this workflow runs with ``BRAINAGE_PACKAGE_DIR`` naming the
+    folder that holds this package (``workflow/``,
+    :func:`brainage.io.prepare_job_environment`): another lab's workflow that imports the
+    package in a script of its own keeps its logging, hooks and signals.
     """
     import os
     import sys
