@@ -283,6 +283,13 @@ def test_a_cohort_to_predict_needs_only_its_ids(tmp_path):
         read_participants(root)
     table = read_participants(root, to_predict=True)
     assert list(table.columns) == ["participant_id", "age"] and table["age"].isna().all()
+    # beside the ids, where a table with ages has it: predictions.tsv's columns keep their
+    # order for scripts that read them by position
+    rows = [{"study": row["study"], "participant_id": row["participant_id"], "sex": row["sex"]}
+            for row in default_rows(3)]
+    root = write_tiny_dataset(tmp_path / "no_ages", rows)
+    assert list(read_participants(root, to_predict=True).columns) == [
+        "study", "participant_id", "age", "sex"]
     rows = default_rows(3)
     rows[0]["sex"], rows[1]["study"] = "n/a", ""
     root = write_tiny_dataset(tmp_path / "blanks", rows)

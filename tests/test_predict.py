@@ -1207,7 +1207,32 @@ def test_predictions_table_reports_every_subject_and_qc_failure(new_cohort):
     assert summary.loc["healthy", "n_qc_failed"] == 1
     provenance = json.loads((new_cohort.out / "provenance.json").read_text())
     assert provenance["qc_failed"][0]["participant_id"] == "sub-newh005"
+    # the model that made the numbers: the manifest's digest (its normalisation, template and
+    # QC records are not in the weights' digests), its cell, and this run's software
+    manifest = json.loads((Path(provenance["bundle"]) / "manifest.json").read_text())
+    assert provenance["bundle_manifest_sha256"] == manifest["manifest_sha256"]
+    assert provenance["bundle_source"] == manifest["source"]
+    assert provenance["bundle_created_utc"] == manifest["created_utc"]
+    assert set(provenance["versions"]) >= {"brainage", "torch", "numpy", "python"}
     assert (new_cohort.out / "gap_by_group.png").stat().st_size > 1000
+
+
+def test_the_record_of_the_model_comes_before_the_numbers(world, new_cohort, tmp_path,
+                                                       monkeypatch):
+    """A `predict run` killed between its reports (a time limit) left a predictions.tsv
+    that named no model and read as finished: provenance.json is written first."""
+    from brainage import apply
+
+    def killed(*arguments, **options):
+        raise KeyboardInterrupt  # stands for the kill at the first table
+
+    monkeypatch.setattr(apply, "write_tsv", killed)
+    with pytest.raises(KeyboardInterrupt):
+        predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                       new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                       summary_path=tmp_path / "s.tsv", cohort="new", device="cpu")
+    assert json.loads((tmp_path / "provenance.json").read_text())["bundle_name"]
+    assert not (tmp_path / "p.tsv").exists()
 
 
 def test_training_age_range_includes_its_bounds(world, tmp_path):
@@ -1802,6 +1827,11 @@ def test_a_cohort_registered_by_different_references_is_warned_about(world, new_
                        qc, predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
                        cohort="new", device="cpu")
     first, second = [f"sub-{label}" for label in list(qc)[:2]]
+    # and the table names them, for whoever reads it rather than the job's log
+    written = pd.read_csv(tmp_path / "p.tsv", sep="\t").set_index("participant_id")
+    assert written.loc[[first, second], "registered_by"].tolist() == ["stiffness"] * 2
+    assert (written.drop(index=[first, second])["registered_by"] == "brain_mask").all()
+    assert (written["skull_stripped_by"] == "none").all()
     assert re.search(rf"cohort new: subjects were registered by different reference images: "
                      rf"46 by brain_mask, 2 by stiffness \({first}, {second}\)", caplog.text), \
         caplog.text

@@ -20,7 +20,13 @@ import numpy as np
 import pandas as pd
 
 from brainage.agebias import AgeBias, fit_age_bias
-from brainage.bundle import BundleError, ModelBundle, read_bundle
+from brainage.bundle import (
+    MANIFEST_DIGEST_KEY,
+    BundleError,
+    ModelBundle,
+    read_bundle,
+    software_versions,
+)
 from brainage.config import ConfigError
 from brainage.data import VolumeStore
 from brainage.inputs import (
@@ -50,9 +56,13 @@ log = logging.getLogger(__name__)
 
 #: Columns predictions.tsv adds after the cohort's participants.tsv columns (participant_id,
 #: age, sex, study, group, ...). Ages and gaps in years.
+#: ``registered_by`` (``T1w_brain``, ``stiffness``, ...) and ``skull_stripped_by``
+#: (``deepbet``, ``mri_synthstrip``, ``none``): a subject registered or stripped unlike the
+#: training subjects is warned of in the log, and named here for whoever reads the table.
 PREDICTION_COLUMNS = ("status", "qc_pass", "qc_reason", "predicted_age", "gap",
                       "corrected_gap", "corrected_predicted_age", "within_training_ages",
-                      "qc_dice", "qc_correlation", "qc_coverage")
+                      "qc_dice", "qc_correlation", "qc_coverage", "registered_by",
+                      "skull_stripped_by")
 SUMMARY_COLUMNS = ("grouped_by", "group", "n", "n_predicted", "n_qc_failed", "n_gap", "age_mean",
                    "mean_gap", "sd_gap", "mean_corrected_gap", "sd_corrected_gap",
                    "corrected_gap_ci95_low", "corrected_gap_ci95_high")
@@ -84,6 +94,10 @@ class BrainAgeModel:
         algorithms off on the CPU), for the rest of the session. Then, per subject,
         :func:`normalise_subject` on its preprocessed template-grid maps and
         :meth:`predict_age` on the stacked result; ``bias.corrected_gap`` corrects the gap.
+        The pipeline predicts only subjects that pass QC: :func:`read_qc` of a subject's
+        ``sub-<label>_qc.json`` with :func:`brainage.qc.thresholds` of the bundle's
+        ``manifest["preprocessing"]["qc"]`` gives the verdict (:func:`predict_cohort` does
+        all of this for a cohort).
         """
         import torch
 
@@ -169,7 +183,12 @@ class BrainAgeModel:
                      which=self.bundle.manifest["readout"]["features"])
 
     def predict_age(self, volumes: np.ndarray) -> np.ndarray:
-        """Normalised volumes [n, C, X, Y, Z] -> predicted ages [n] (years), float64."""
+        """Normalised volumes [n, C, X, Y, Z] -> predicted ages [n] (years), float64.
+
+        A subject's age depends on the others in its batch by about 1e-5 years on the CPU
+        (float32 convolutions take other paths for other batch sizes): a subject predicted
+        alone, or in another cohort, matches the pipeline's number to about 1e-4 years, not
+        bit for bit."""
         if len(volumes) == 0:
             return np.zeros(0)
         return self.age_from_features(self.features(volumes))
@@ -281,9 +300,11 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         :data:`PREDICTION_COLUMNS`), ``summary.tsv`` (per group, :data:`SUMMARY_COLUMNS`)
         and the gap-by-group figure (optional).
     provenance_path : path, optional
-        ``provenance.json``: bundle, its checksums and versions, the bias correction
-        and QC thresholds used, the subjects that failed QC; default next to
-        ``predictions_path``.
+        ``provenance.json``: the bundle (its manifest's and files' checksums, its source
+        cell, the versions it was exported with), the versions this prediction ran with,
+        the bias correction and QC thresholds used, the subjects that failed QC; default
+        next to ``predictions_path``. Written before the tables: a table without it is a
+        run's that stopped.
     cohort : str
         Cohort name, for titles and messages.
     qc_thresholds : mapping, optional
@@ -401,6 +422,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     table["qc_reason"] = reasons
     for column in qc_metrics[0]:
         table[column] = [metrics[column] for metrics in qc_metrics]
+    table["registered_by"] = references
+    table["skull_stripped_by"] = routes
     table["predicted_age"] = predicted
     table["gap"] = predicted - ages
     table["corrected_gap"] = bias.corrected_gap(ages, predicted)
@@ -425,19 +448,21 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     table = table[list(participants.columns) + list(PREDICTION_COLUMNS)]
 
     summary = summarise_gaps(table, group_column)
-    write_tsv(predictions_path, table)
-    write_tsv(summary_path, summary)
-    if figure_path is not None:
-        plot_gap_by_group(table, group_column, figure_path,
-                          title=f"{cohort}: brain-age gap"
-                                + (f" by {group_column}" if group_column else "")
-                                + f" (model {model.bundle.name})")
+    manifest = model.bundle.manifest
+    # first: a run killed between the reports (a time limit) left a predictions.tsv that
+    # named no model and read as finished; the record of the model comes before the numbers
     write_json(provenance_path or Path(predictions_path).with_name("provenance.json"), {
         # absolute: the record is read from other folders than the one it was made in
         "cohort": cohort, "dataset_root": str(Path(dataset_root).resolve()),
         "bundle": str(Path(model.bundle.path).resolve()), "bundle_name": model.bundle.name,
-        "bundle_files": model.bundle.manifest["files"],
-        "bundle_versions": model.bundle.manifest["versions"],
+        # the manifest's digest covers its normalisation, template and QC records too, which
+        # two bundles of the same weights may not share
+        "bundle_manifest_sha256": manifest.get(MANIFEST_DIGEST_KEY),
+        "bundle_created_utc": manifest.get("created_utc"),
+        "bundle_source": manifest.get("source"),
+        "bundle_files": manifest["files"],
+        "bundle_versions": manifest["versions"],  # the exporting run's
+        "versions": software_versions(),  # this prediction's
         "bias_correction": {"intercept": bias.intercept, "slope": bias.slope,
                             "source": bias_source},
         "qc_thresholds": thresholds(qc_thresholds),
@@ -445,6 +470,13 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         "qc_failed": [{"participant_id": pid, "reason": reason}
                       for pid, ok, reason in zip(table["participant_id"], passed, reasons)
                       if not ok]})
+    write_tsv(predictions_path, table)
+    write_tsv(summary_path, summary)
+    if figure_path is not None:
+        plot_gap_by_group(table, group_column, figure_path,
+                          title=f"{cohort}: brain-age gap"
+                                + (f" by {group_column}" if group_column else "")
+                                + f" (model {model.bundle.name})")
     gaps = ", ".join(f"{row.group} {row.mean_corrected_gap:+.2f} y"
                      for row in summary.itertuples() if np.isfinite(row.mean_corrected_gap))
     log.info("cohort %s: predicted %d of %d subjects (%d failed QC); %s", cohort, passed.sum(),

@@ -64,7 +64,8 @@ ALL_SUBJECTS = "all"
 #: the same name in participants.tsv would be overwritten there, so it is refused.
 DERIVED_COLUMNS = ("subset", "coverage", "status", "qc_pass", "qc_reason", "predicted_age",
                    "gap", "corrected_gap", "corrected_predicted_age", "within_training_ages",
-                   "qc_dice", "qc_correlation", "qc_coverage")
+                   "qc_dice", "qc_correlation", "qc_coverage", "registered_by",
+                   "skull_stripped_by")
 #: Plausible human ages (years); anything outside is a data-entry error.
 AGE_RANGE_YEARS = (0.0, 120.0)
 
@@ -209,7 +210,9 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         raise InputError(f"{table_path} lists no participants. Add a row per subject "
                          f"({', '.join(required)}).")
     if to_predict and "age" not in table.columns:  # no ages: predicted ages, no gaps
-        table["age"] = np.nan
+        # beside participant_id, where a cohort with ages has it: predictions.tsv's columns
+        # keep their order for scripts that read them by position
+        table.insert(table.columns.get_loc("participant_id") + 1, "age", np.nan)
     # an age of spaces, or a missing-value code padded with them (" n/a"), is as missing
     # as an empty cell: a cohort to predict may leave it so
     age_text = table["age"].astype("string").str.strip().str.casefold()
