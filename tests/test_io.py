@@ -144,7 +144,7 @@ def test_a_lock_file_is_the_groups_to_lock_and_a_write_that_cannot_lock_says_so(
     """On NFS an exclusive lock needs a handle open for writing: a colleague's lock file
     made under umask 022 or 077 could only be opened read-only there, and locked nothing
     without a word. The group may write it whatever the umask; a file system without locks
-    is warned of, and its lock file not left behind."""
+    is warned of."""
     import errno
     import fcntl
 
@@ -167,14 +167,14 @@ def test_a_lock_file_is_the_groups_to_lock_and_a_write_that_cannot_lock_says_so(
             pass
     assert "could not lock" in caplog.text and "No locks available" in caplog.text
     assert "the bundle is written without holding off another writer" in caplog.text
-    assert not lock.exists()
 
 
+@pytest.mark.parametrize("code", ["EBADF", "ENOLCK", "EOPNOTSUPP"])
 def test_a_writer_that_could_not_lock_leaves_the_lock_of_one_that_holds_it(
-        tmp_path, monkeypatch):
-    """On NFS a read-only handle cannot lock (EBADF) while another writer holds the lock:
-    the unlocked writer removed the lock file as it finished, and a third writer then got
-    in beside the first."""
+        tmp_path, monkeypatch, code):
+    """On NFS a read-only handle cannot lock (EBADF), nor can a node whose own lock service
+    is down (ENOLCK), while a writer elsewhere holds the lock: the unlocked writer removed
+    the lock file as it finished, and a third writer then got in beside the first."""
     import errno
     import fcntl
 
@@ -184,10 +184,10 @@ def test_a_writer_that_could_not_lock_leaves_the_lock_of_one_that_holds_it(
     with writer_lock(lock, wait=False, what="the bundle"):  # the first writer, at work
         real_flock = fcntl.flock
 
-        def read_only_handle_on_nfs(handle, operation):
-            raise OSError(errno.EBADF, "Bad file descriptor")
+        def cannot_lock_here(handle, operation):
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
 
-        monkeypatch.setattr(fcntl, "flock", read_only_handle_on_nfs)
+        monkeypatch.setattr(fcntl, "flock", cannot_lock_here)
         with writer_lock(lock, wait=True, what="the bundle"):
             pass
         monkeypatch.setattr(fcntl, "flock", real_flock)
@@ -204,6 +204,7 @@ def test_a_writer_that_could_not_lock_leaves_the_lock_of_one_that_holds_it(
     (["python3", "-msnakemake"], True),
     (["/usr/bin/python3", "-sP", "/usr/bin/snakemake", "--cores", "1"], True),  # a shebang's
     (["python3.11", "-X", "utf8", "../bin/snakemake"], True),
+    (["python3", "--check-hash-based-pycs", "always", "-m", "snakemake"], True),
     (["tail", "-f", ".snakemake/log/x.snakemake.log"], False),
     (["tee", "snakemake.log"], False),
     (["python3", "-c", "import snakemake"], False),
@@ -243,9 +244,74 @@ def test_a_colleagues_companion_that_cannot_be_written_is_replaced_by_a_copy(
     real_access = os.access
     monkeypatch.setattr(logs.os, "access", lambda path, mode: False if Path(path) == companion
                         else real_access(path, mode))
-    assert logs._one_file_two_names(log, companion)
+    assert logs._start_attempt(log)
     assert companion.stat().st_ino != before and os.path.samefile(log, companion)
     assert "working in failed" in log.read_text()
+    assert re.findall(r"^===== attempt (\d+)", log.read_text(), flags=re.M) == ["1", "2"]
+
+
+def test_a_colleagues_companion_that_cannot_be_read_is_set_aside_and_named(
+        tmp_path, monkeypatch):
+    """One left 0600 by an older version under umask 077 could not be copied either, and
+    every later attempt of the job failed at import with a PermissionError naming the
+    hidden file."""
+    from brainage import logs
+
+    log = tmp_path / "logs" / "train_encoder.log"
+    run_job(log, "failed")
+    companion = logs.attempts_file(log)
+    log.unlink()
+    real_access, real_copy = os.access, logs.shutil.copyfile
+    monkeypatch.setattr(logs.os, "access", lambda path, mode: False if Path(path) == companion
+                        else real_access(path, mode))
+
+    def unreadable(source, target, **options):
+        if Path(source) == companion:
+            raise PermissionError(13, "Permission denied", str(source))
+        return real_copy(source, target, **options)
+
+    monkeypatch.setattr(logs.shutil, "copyfile", unreadable)
+    logs._start_attempt(log)
+    aside = list(companion.parent.glob(f"{companion.name}.unreadable-*"))
+    assert len(aside) == 1 and "working in failed" in aside[0].read_text()
+    text = log.read_text()
+    assert text.startswith("===== attempt 1 ") and os.path.samefile(log, companion)
+    assert f"the earlier attempts of this job are in {aside[0]}" in text
+    assert not list(companion.parent.glob("*.own-*"))
+
+
+def test_a_companion_is_the_groups_to_append_to_and_a_copy_of_a_colleagues_too(
+        tmp_path, monkeypatch):
+    """A colleague's rerun of a failed job appends to its companion: made under umask 022
+    it could not, and each change of hands copied the history again."""
+    from brainage import logs
+
+    log = tmp_path / "logs" / "train_encoder.log"
+    umask = os.umask(0o022)
+    try:
+        run_job(log, "failed")
+        companion = logs.attempts_file(log)
+        assert companion.stat().st_mode & 0o060 == 0o060
+        companion.chmod(0o644)  # as an older version left it
+        log.unlink()
+        real_access = os.access
+        monkeypatch.setattr(logs.os, "access", lambda path, mode: False
+                            if Path(path) == companion else real_access(path, mode))
+        logs._start_attempt(log)
+        assert companion.stat().st_mode & 0o060 == 0o060
+    finally:
+        os.umask(umask)
+
+
+def test_without_hard_links_the_next_attempt_names_a_crash_among_the_causes(tmp_path):
+    """The stacks of a native crash go with the log Snakemake deletes where the two names
+    cannot be one file, so an attempt that just stopped may have crashed too."""
+    log = tmp_path / "logs" / "train_encoder.log"
+    run_job(log, "killed", NO_HARD_LINKS="1")
+    assert run_job(log, "succeeded", NO_HARD_LINKS="1") == 0
+    text = log.read_text()
+    assert "attempt 1 ended without a message" in text
+    assert "or crashed in native code" in text
 
 
 def test_a_tools_scratch_folder_gets_the_groups_permissions_and_goes_away(tmp_path):
@@ -402,7 +468,11 @@ def test_equal_tensors_give_equal_files_with_their_digest(tmp_path):
 # -- job logs ----------------------------------------------------------------------------------
 
 JOB = """
-import logging, os, signal, sys
+import errno, logging, os, signal, sys
+if os.environ.get("NO_HARD_LINKS"):  # a log folder on SMB or some FUSE mounts
+    def no_hard_links(*arguments, **options):
+        raise OSError(errno.EPERM, "Operation not permitted")
+    os.link = no_hard_links
 from brainage.logs import log_to_file
 log_to_file(sys.argv[1])
 logging.getLogger("brainage").info("working in %s", sys.argv[2])
@@ -692,11 +762,15 @@ def test_stale_folders_and_temporaries_are_only_those_of_their_own_target(tmp_pa
     from brainage.io import stale_staging_folders
 
     models = tmp_path / "models"
-    own = [models / ".a.staging-abcd1234", models / ".a.old-abcd_123"]
+    own = [models / ".a.staging-abcd1234", models / ".a.old-abcd_123",
+           # a release's before 2026-12-04, which stayed for good after an upgrade
+           models / ".a.k3j_x9ab", models / ".a.partial-k3j_x9ab", models / ".a.old.k3j_x9ab"]
     others = [models / ".b.staging-abcd1234", models / ".ab.staging-abcd1234",
-              models / ".a.staging-abcd12345", models / ".a.backup-abcd1234"]
+              models / ".a.staging-abcd12345", models / ".a.backup-abcd1234",
+              models / ".a.old.abcd1234"]  # the staging folder of a bundle named "a.old"
     for folder in own + others:
         folder.mkdir(parents=True)
+    (models / ".a.old.k3j_x9ab" / "a").mkdir()  # an old folder holds the bundle by its name
     (models / "a").mkdir()
     (models / "a" / "old.txt").write_text("previous")
     assert stale_staging_folders(models / "a") == sorted(own)

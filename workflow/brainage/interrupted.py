@@ -125,7 +125,7 @@ def _is_snakemake(arguments: list[str]) -> bool:
             return next(rest, "") == "snakemake"
         if argument.startswith("-m"):
             return argument[2:] == "snakemake"
-        if argument in ("-X", "-W"):
+        if argument in ("-X", "-W", "--check-hash-based-pycs"):  # options taking a value
             next(rest, None)
         elif argument.startswith("-c") or argument == "-":
             return False

@@ -8,7 +8,6 @@ Reading and checking the input dataset is :mod:`brainage.inputs`.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import json
@@ -186,13 +185,14 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
     the other process (logged), else raise :class:`LockHeldError` naming ``what``.
 
     The file is created empty and removed on release, so it is there only while a writer
-    works; a waiter that locked a file removed meanwhile locks the new one instead. A file
-    system without locks (some network mounts) is written unlocked, as before.
+    works; a waiter that locked a file removed meanwhile locks the new one instead. Where
+    this process cannot lock (a file system or a node without locks, a read-only handle on
+    NFS) it writes unlocked, with a warning, and leaves the file: another writer may hold it.
     """
     import fcntl
 
     lock_file = Path(lock_file)
-    handle, unlocked = None, False
+    handle = None
     while True:
         try:
             handle = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o666)
@@ -221,9 +221,9 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
                         "writer at the same time", lock_file, error.strerror or error, what)
             os.close(handle)
             handle = None
-            # removed after the write only where nobody can hold a lock on it: after EBADF
-            # (NFS, a read-only handle) another writer may hold it now
-            unlocked = error.errno in (errno.ENOLCK, errno.EOPNOTSUPP)
+            # and the file stays: another writer may hold a lock on it now (EBADF of a
+            # read-only handle on NFS, or ENOLCK of this node's lock service only), and a
+            # third would get in beside it if it went. Left empty, it holds off nobody.
             break
         try:
             if os.stat(lock_file).st_ino == os.fstat(handle).st_ino:
@@ -234,10 +234,9 @@ def writer_lock(lock_file: str | Path, *, wait: bool, what: str) -> Iterator[Non
     try:
         yield
     finally:
-        if handle is not None or unlocked:  # not left behind unlocked either
+        if handle is not None:
             with contextlib.suppress(OSError):
                 lock_file.unlink()
-        if handle is not None:
             os.close(handle)  # releases the lock
 
 
@@ -311,13 +310,23 @@ def _replace_folder(staging: Path, target: Path) -> None:
 def stale_staging_folders(target: str | Path) -> list[Path]:
     """The folders :func:`staged_folder` made beside ``target`` that a killed process left
     behind: ``.<name>.staging-<random>`` (written halfway) and ``.<name>.old-<random>``
-    (holding the ``target`` being replaced)."""
+    (holding the ``target`` being replaced). Also those of releases before 2026-12-04, which
+    stayed for good after an upgrade: ``.<name>.<random>`` and ``.<name>.partial-<random>``
+    (written halfway), and ``.<name>.old.<random>`` holding ``<name>/`` (without it, the
+    staging folder of a bundle named ``<name>.old``)."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    name = re.compile(re.escape(f".{target.name}.") + r"(staging|old)-[a-z0-9_]{8}")
-    return sorted(path for path in target.parent.iterdir()
-                  if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
+    name = re.compile(re.escape(f".{target.name}.")
+                      + r"(?:(?:staging-|old-|partial-)?|(old\.))[a-z0-9_]{8}")
+    stale = []
+    for path in target.parent.iterdir():
+        match = name.fullmatch(path.name)
+        if not match or not path.is_dir() or path.is_symlink():
+            continue
+        if match.group(1) is None or (path / target.name).is_dir():
+            stale.append(path)
+    return sorted(stale)
 
 
 @contextmanager

@@ -63,12 +63,6 @@ def _one_file_two_names(path: Path, history: Path) -> bool:
     the companion that survives Snakemake's deletion of the log before a retry. The earlier
     attempts come back into a log Snakemake deleted as the companion's second name. Returns
     False where the file system has no hard links: two files, the log's lines copied."""
-    if history.is_file() and not os.access(history, os.W_OK):
-        # a colleague's, left under umask 022: every later attempt failed to open it; a
-        # copy of our own replaces it (the folder is writable: Snakemake deleted the log)
-        own = history.with_name(f"{history.name}.own-{os.getpid()}")
-        shutil.copyfile(history, own)
-        os.replace(own, history)
     try:
         if not history.is_file():
             with open(path, "a", encoding="utf-8"):
@@ -91,6 +85,47 @@ def _one_file_two_names(path: Path, history: Path) -> bool:
                                   or path.stat().st_size < history.stat().st_size):
             shutil.copyfile(history, path)
         return False
+
+
+def _take_over_a_colleagues_history(history: Path) -> Path | None:
+    """Make the companion ``history`` this process's to append to where a colleague left it
+    unwritable (under umask 022: every later attempt of the job failed at import). A copy
+    of our own, the group's to write, replaces it (the folder is writable: Snakemake
+    deleted the log). One this process cannot even read (0600, an older version's under
+    umask 077) is set aside, and its name returned for the new attempt to name."""
+    if not history.is_file() or os.access(history, os.W_OK):
+        return None
+    own = history.with_name(f"{history.name}.own-{os.getpid()}")
+    try:
+        shutil.copyfile(history, own)
+        with contextlib.suppress(OSError):
+            os.chmod(own, own.stat().st_mode & 0o777 | 0o660)
+        os.replace(own, history)
+        return None
+    except OSError:
+        with contextlib.suppress(OSError):
+            own.unlink()
+    aside = history.with_name(f"{history.name}.unreadable-{os.getpid()}")
+    try:
+        os.replace(history, aside)
+    except OSError as error:
+        raise PermissionError(
+            f"{history} keeps the earlier attempts of the job log {history.parent}/"
+            f"{history.name[1:].removesuffix('.attempts')}; it belongs to {_owner(history)} "
+            f"and this job can neither write nor replace it ({error.strerror}): ask them to "
+            f"delete it (or delete it yourself if you may) and run the job again") from None
+    return aside
+
+
+def _owner(path: Path) -> str:
+    """The user who owns ``path``, by name where this machine knows it."""
+    import pwd
+
+    uid = path.stat().st_uid
+    try:
+        return f"user {pwd.getpwuid(uid).pw_name}"
+    except KeyError:
+        return f"user id {uid}"
 
 
 def _how_it_ended(attempt: Sequence[str], number: int, *, linked: bool = True) -> str | None:
@@ -124,6 +159,7 @@ def _start_attempt(path: Path) -> bool:
     (:func:`_how_it_ended`), as a warning of this run.
     """
     history = attempts_file(path)
+    set_aside = _take_over_a_colleagues_history(history)
     restored = history.is_file()
     linked = _one_file_two_names(path, history)
     lines: list[str] = []
@@ -136,6 +172,11 @@ def _start_attempt(path: Path) -> bool:
     text = (f"{ATTEMPT_MARK}{previous + 1} ({now.isoformat(timespec='seconds')}, "
             f"{socket.gethostname()}, pid {os.getpid()}"
             f"{f', SLURM job {slurm_job}' if slurm_job else ''}) =====\n")
+    if set_aside:
+        text += (f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING "
+                 f"brainage.logs: the earlier attempts of this job are in {set_aside}, left "
+                 f"by {_owner(set_aside)} and not readable here: this log starts a new "
+                 f"history\n")
     if restored and previous:
         last = lines[max(i for i, line in enumerate(lines) if line.startswith(ATTEMPT_MARK)):]
         ending = _how_it_ended(last, previous, linked=linked)

@@ -178,10 +178,10 @@ def compute_qc(stiffness: str | Path, mask: str | Path, reference: str | Path,
                                             remedy=MADE_AGAIN)
     brain, _ = load_mask(template_mask, what="template brain mask")
 
-    def registered(path, what: str):  # register_to_template's outputs, not raw scans
+    def load_made_here(path, what: str):  # register_to_template's outputs, not raw scans
         return load_volume(path, what=what, remedy=MADE_AGAIN)
 
-    def on_template_grid(path, what: str, load=registered) -> np.ndarray:
+    def on_template_grid(path, what: str, load=load_made_here) -> np.ndarray:
         # every input is compared voxel by voxel with the template: a file on another grid
         # (a stale or hand-copied output) is named instead of failing inside NumPy
         values, values_affine = load(path, what=f"{name}: {what}")
