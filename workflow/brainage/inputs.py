@@ -836,17 +836,21 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
                          f"({' '.join(str(error).split())}). {remedy}") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    # a file the pipeline made is not the user's to re-export or drop: its remedy instead
+    made = remedy != REEXPORT
     if data.ndim != 3:
         raise InputError(f"{what} {path} has shape {data.shape}; a 3D volume is expected. "
-                         f"{_not_3d_advice(data.shape)}")
+                         f"{remedy if made else _not_3d_advice(data.shape)}")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise InputError(f"{what} {path} holds {data.dtype} voxels; a map of real numbers is "
-                         f"expected (not RGB or complex data). Re-export it as float32.")
+                         f"expected (not RGB or complex data). "
+                         f"{remedy if made else 'Re-export it as float32.'}")
     finite = np.isfinite(data)
     if not np.any(finite & (data != 0)):
         raise InputError(f"{what} {path} contains no non-zero finite voxel: it is empty (all "
-                         f"0 or NaN). Re-export the map from its source, or remove the subject's "
-                         f"row from participants.tsv.")
+                         f"0 or NaN). " + (remedy if made else
+                                           "Re-export the map from its source, or remove the "
+                                           "subject's row from participants.tsv."))
     if kind is not None:
         _check_unit(data[finite & (data != 0)], modality(kind), path, what)
     affine = np.asarray(image.affine, dtype=np.float64)[:3]  # the offsets too: a NaN origin

@@ -143,10 +143,13 @@ def _how_it_ended(attempt: Sequence[str], number: int, *, linked: bool = True) -
                 f"killed before it could stop (its stacks at the signal are above)")
     # without hard links faulthandler's stacks went to the deleted log: a crash looks so too
     crashed = "" if linked else " or crashed in native code"
+    slurm_job = re.search(r", SLURM job (\d+)\) =====$", attempt[0]) if attempt else None
+    which = (f"`sacct -j {slurm_job[1]} -X -o JobID,State,MaxRSS,Elapsed` says which "
+             f"(OUT_OF_MEMORY, TIMEOUT, NODE_FAIL)" if slurm_job
+             else "on SLURM `sacct -j <job id>` of that attempt says which")
     return (f"attempt {number} ended without a message: its process was killed outright "
             f"(SIGKILL: the out-of-memory killer, a time limit's final kill, or a lost node)"
-            f"{crashed}; Snakemake's error for it names the signal, and on SLURM `sacct -j "
-            f"<job id>` of that attempt says which")
+            f"{crashed}; Snakemake's error for it names the signal, and {which}")
 
 
 def _start_attempt(path: Path) -> bool:
@@ -244,9 +247,15 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
         # default the log just stopped, like that of an out-of-memory kill. As an exception
         # the clean-ups run too (temporary files of atomic writes are removed).
         failed.append(SystemExit)
+        slurm_job = os.environ.get("SLURM_JOB_ID")
+        # which of them it was decides the remedy (a time limit wants a longer runtime_min
+        # of the job's resources.* section, a preemption nothing), and only SLURM knows it
+        which = (f"; `sacct -j {slurm_job} -X -o JobID,State,Timelimit,Elapsed` says which "
+                 f"(TIMEOUT: raise the job's resources.*.runtime_min)" if slurm_job else "")
         logging.getLogger("brainage").error(
             "job stopped by SIGTERM (a SLURM time limit, scancel or preemption, or Snakemake "
-            "stopping the run); what it finished is kept for the next attempt")
+            "stopping the run)%s; a training resumes from its last checkpoint at the next "
+            "attempt, other jobs start again", which)
         raise SystemExit(128 + signal.SIGTERM)
 
     if not path:  # a command's console, or brainage.predict.main called from Python: the
