@@ -422,10 +422,22 @@ def test_a_column_the_pipeline_writes_is_refused(tiny_dataset, column):
 
 def test_every_column_the_pipeline_adds_is_refused_in_participants():
     from brainage.apply import PREDICTION_COLUMNS
-    from brainage.inputs import DERIVED_COLUMNS
+    from brainage.inputs import DERIVED_COLUMNS, PREDICTION_ONLY_COLUMNS
     from brainage.normalise import ADDED_COLUMNS
 
-    assert set(ADDED_COLUMNS) | set(PREDICTION_COLUMNS) == set(DERIVED_COLUMNS)
+    assert (set(ADDED_COLUMNS) | set(PREDICTION_COLUMNS)
+            == set(DERIVED_COLUMNS) | set(PREDICTION_ONLY_COLUMNS))
+
+
+def test_columns_predictions_gained_later_are_refused_in_a_cohort_to_predict_only(tmp_path):
+    """registered_by and skull_stripped_by came to predictions.tsv on 2026-12-06: a training
+    table with such a column planned before, and nothing derived from it writes them."""
+    rows = [dict(row, registered_by="RA") for row in default_rows(3)]
+    root = write_tiny_dataset(tmp_path / "dataset", rows)
+    assert read_participants(root)["registered_by"].tolist() == ["RA"] * 3
+    with pytest.raises(InputError, match=r"has column\(s\) registered_by, which the pipeline "
+                                         r"writes"):
+        read_participants(root, to_predict=True)
 
 
 def test_duplicate_participant(tiny_dataset):

@@ -1226,13 +1226,17 @@ def test_the_record_of_the_model_comes_before_the_numbers(world, new_cohort, tmp
     def killed(*arguments, **options):
         raise KeyboardInterrupt  # stands for the kill at the first table
 
+    predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                   new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                   summary_path=tmp_path / "s.tsv", cohort="earlier", device="cpu")
     monkeypatch.setattr(apply, "write_tsv", killed)
     with pytest.raises(KeyboardInterrupt):
         predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
                        new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
                        summary_path=tmp_path / "s.tsv", cohort="new", device="cpu")
-    assert json.loads((tmp_path / "provenance.json").read_text())["bundle_name"]
-    assert not (tmp_path / "p.tsv").exists()
+    assert json.loads((tmp_path / "provenance.json").read_text())["cohort"] == "new"
+    # and the earlier run's tables are gone: the record never stands beside other numbers
+    assert not (tmp_path / "p.tsv").exists() and not (tmp_path / "s.tsv").exists()
 
 
 def test_training_age_range_includes_its_bounds(world, tmp_path):

@@ -450,7 +450,11 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     summary = summarise_gaps(table, group_column)
     manifest = model.bundle.manifest
     # first: a run killed between the reports (a time limit) left a predictions.tsv that
-    # named no model and read as finished; the record of the model comes before the numbers
+    # named no model and read as finished; the record of the model comes before the numbers,
+    # and an earlier run's tables go, so that the record never stands beside older numbers
+    for earlier in (predictions_path, summary_path, figure_path):
+        if earlier is not None:
+            Path(earlier).unlink(missing_ok=True)
     write_json(provenance_path or Path(predictions_path).with_name("provenance.json"), {
         # absolute: the record is read from other folders than the one it was made in
         "cohort": cohort, "dataset_root": str(Path(dataset_root).resolve()),

@@ -64,8 +64,10 @@ ALL_SUBJECTS = "all"
 #: the same name in participants.tsv would be overwritten there, so it is refused.
 DERIVED_COLUMNS = ("subset", "coverage", "status", "qc_pass", "qc_reason", "predicted_age",
                    "gap", "corrected_gap", "corrected_predicted_age", "within_training_ages",
-                   "qc_dice", "qc_correlation", "qc_coverage", "registered_by",
-                   "skull_stripped_by")
+                   "qc_dice", "qc_correlation", "qc_coverage")
+#: Columns of predictions.tsv added later (2026-12-06), refused in a cohort to predict only:
+#: a training table that has them planned before, and no table derived from it writes them.
+PREDICTION_ONLY_COLUMNS = ("registered_by", "skull_stripped_by")
 #: Plausible human ages (years); anything outside is a data-entry error.
 AGE_RANGE_YEARS = (0.0, 120.0)
 
@@ -196,7 +198,8 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                       f"case: rename it (the columns are lower case)." for column in spaced)
             + (" Its columns are separated by commas: save it tab-separated (a spreadsheet's"
                " 'Text (tab-separated)' export)." if commas else ""))
-    clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS]
+    clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS
+                or (to_predict and column in PREDICTION_ONLY_COLUMNS)]
     if clashing:
         raise InputError(
             f"{table_path} has column(s) {', '.join(clashing)}, which the pipeline writes "

@@ -246,7 +246,8 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
     (:func:`sync_tree`) and replaces ``target`` as a whole, on any error it is removed and
     ``target`` left as it was: :func:`atomic_path` for a folder (a model bundle, a
     simulated dataset). Writers of one ``target`` take turns (:func:`writer_lock` on
-    ``.<name>.lock`` beside it, there while one writes).
+    ``.<name>.lock`` beside it, there while one writes, and after a writer that was
+    killed or could not lock).
 
     The folder is ``.<name>.staging-<random>`` (:func:`create_staging_folder`). A
     non-empty ``target`` is first moved into ``.<name>.old-<random>`` and deleted after
@@ -310,23 +311,16 @@ def _replace_folder(staging: Path, target: Path) -> None:
 def stale_staging_folders(target: str | Path) -> list[Path]:
     """The folders :func:`staged_folder` made beside ``target`` that a killed process left
     behind: ``.<name>.staging-<random>`` (written halfway) and ``.<name>.old-<random>``
-    (holding the ``target`` being replaced). Also those of releases before 2026-12-04, which
-    stayed for good after an upgrade: ``.<name>.<random>`` and ``.<name>.partial-<random>``
-    (written halfway), and ``.<name>.old.<random>`` holding ``<name>/`` (without it, the
-    staging folder of a bundle named ``<name>.old``)."""
+    (holding the ``target`` being replaced). Those of releases before 2026-12-04 are left
+    alone (README, upgrade notes): their names (``.<name>.<random>``) cannot be told from a
+    lab's own hidden copies (``.<name>.original``), and those releases took no lock, so one
+    may still be writing."""
     target = Path(target)
     if not target.parent.is_dir():
         return []
-    name = re.compile(re.escape(f".{target.name}.")
-                      + r"(?:(?:staging-|old-|partial-)?|(old\.))[a-z0-9_]{8}")
-    stale = []
-    for path in target.parent.iterdir():
-        match = name.fullmatch(path.name)
-        if not match or not path.is_dir() or path.is_symlink():
-            continue
-        if match.group(1) is None or (path / target.name).is_dir():
-            stale.append(path)
-    return sorted(stale)
+    name = re.compile(re.escape(f".{target.name}.") + r"(staging|old)-[a-z0-9_]{8}")
+    return sorted(path for path in target.parent.iterdir()
+                  if name.fullmatch(path.name) and path.is_dir() and not path.is_symlink())
 
 
 @contextmanager
