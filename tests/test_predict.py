@@ -269,6 +269,13 @@ def test_bundle_holds_tensors_versions_and_checksums(exported):
         manifest["readout"])
     assert manifest["source"]["encoder_sha256"] == sha256_file(exported.cell / "encoder.pt")
     assert manifest["template"]["id"] == "TestSpace_res-2"
+    # the bundle goes to other labs: the cell's metrics but those that give its test subjects
+    # away (sums of their ages, per-study errors of one subject) or name a path of the lab
+    metrics = json.loads((exported.cell / "metrics.json").read_text())
+    assert {"gap_age_sums", "mae_per_study", "features"} <= set(metrics)
+    assert manifest["source"]["metrics"] == {
+        key: value for key, value in metrics.items()
+        if key not in ("gap_age_sums", "mae_per_study", "n_per_study", "features")}
 
 
 def test_bundle_round_trip_gives_identical_predictions(exported, tmp_path):
@@ -1211,7 +1218,8 @@ def test_predictions_table_reports_every_subject_and_qc_failure(new_cohort):
     # QC records are not in the weights' digests), its cell, and this run's software
     manifest = json.loads((Path(provenance["bundle"]) / "manifest.json").read_text())
     assert provenance["bundle_manifest_sha256"] == manifest["manifest_sha256"]
-    assert provenance["bundle_source"] == manifest["source"]
+    assert provenance["bundle_source"] == {key: value for key, value in manifest["source"].items()
+                                           if key != "metrics"}
     assert provenance["bundle_created_utc"] == manifest["created_utc"]
     assert set(provenance["versions"]) >= {"brainage", "torch", "numpy", "python"}
     assert (new_cohort.out / "gap_by_group.png").stat().st_size > 1000

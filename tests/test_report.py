@@ -1041,6 +1041,10 @@ def test_coverage_figures_name_the_modality_of_the_maps_they_draw(tmp_path, monk
     # the paper's view order, as Fig. 2's; the views showing left and right mark the right
     panels = [axis for axis in fig8.axes if axis.images]
     assert [axis.get_title() for axis in panels[:3]] == ["sagittal", "coronal", "axial"]
+    # no participant id beside a person's images in a figure that is shared
+    assert [axis.get_ylabel().split("\n")[0] for axis in panels if axis.get_ylabel()] == [
+        f"example {row}" for row in range(1, 5)]
+    assert not any("sub-" in axis.get_ylabel() for axis in fig8.axes)
     assert [[text.get_text() for text in axis.texts] for axis in panels[:3]] == [
         [], ["R"], ["R"]]
     colour_bar = [axis for axis in fig8.axes if not axis.images]
@@ -1235,7 +1239,8 @@ def _write_volume(path: Path, data: np.ndarray) -> str:
     return str(path)
 
 
-def test_age_examples_figure_draws_six_views_per_subject_youngest_first(tmp_path, monkeypatch):
+def test_age_examples_figure_draws_six_views_per_subject_youngest_first(tmp_path, monkeypatch,
+                                                                      caplog):
     grid = np.indices((20, 24, 18)).astype(float)
     brain = ((grid - np.array([10, 12, 9])[:, None, None, None]) ** 2).sum(0) < 49
     subjects = []
@@ -1254,7 +1259,8 @@ def test_age_examples_figure_draws_six_views_per_subject_youngest_first(tmp_path
 
     monkeypatch.setattr(figures, "_save", keep)
     path = tmp_path / "fig2.png"
-    figures.plot_age_examples(subjects, path)
+    with caplog.at_level("INFO", logger="brainage.report.figures"):
+        figures.plot_age_examples(subjects, path)
     assert path.read_bytes()[:4] == b"\x89PNG"
     figure = drawn[0]
     panels = [axis for axis in figure.axes if axis.images]
@@ -1263,8 +1269,12 @@ def test_age_examples_figure_draws_six_views_per_subject_youngest_first(tmp_path
     assert sorted(axis.get_ylabel() for axis in colour_bars) == ["T1w [a.u.]",
                                                                "stiffness [kPa]"]
     rows = [axis.get_ylabel() for axis in panels if axis.get_ylabel()]
-    assert [label.split("\n")[0] for label in rows] == ["sub-a", "sub-b", "sub-c", "sub-d"]
-    assert rows[0].endswith("23.0 years")
+    # a figure that is shared shows no participant id and no exact age beside a person's
+    # images; the job's log names them for the lab
+    assert rows == ["example 1\n23 years", "example 2\n45 years", "example 3\n72 years",
+                    "example 4\n80 years"]
+    assert ("Fig. 2's examples, top to bottom: sub-a (23.0 years), sub-b (45.2 years), "
+            "sub-c (71.5 years), sub-d (80.0 years)") in caplog.text
     titles = [axis.get_title() for axis in panels[:6]]
     # the paper's order, as Fig. 8's; the views that show left and right mark the right
     assert titles == ["stiffness sagittal", "stiffness coronal", "stiffness axial",

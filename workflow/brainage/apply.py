@@ -463,7 +463,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         # two bundles of the same weights may not share
         "bundle_manifest_sha256": manifest.get(MANIFEST_DIGEST_KEY),
         "bundle_created_utc": manifest.get("created_utc"),
-        "bundle_source": manifest.get("source"),
+        # the cell, not its test metrics: predictions go back to a clinic
+        "bundle_source": {key: value for key, value in (manifest.get("source") or {}).items()
+                          if key != "metrics"},
         "bundle_files": manifest["files"],
         "bundle_versions": manifest["versions"],  # the exporting run's
         "versions": software_versions(),  # this prediction's

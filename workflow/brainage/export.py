@@ -166,7 +166,9 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         "settings": settings,
         "source": {"split": stats["split"], "experiment": settings.get("experiment"),
                    "variant": settings.get("variant"), "seed": settings["seed"],
-                   "encoder_sha256": encoder_sha256, "metrics": metrics},
+                   "encoder_sha256": encoder_sha256,
+                   "metrics": {key: value for key, value in metrics.items()
+                               if key not in METRICS_NOT_SHARED}},
         "normalisation": normalisation_record(stats, channels),
         "template": template_record(template_t1, template_mask,
                                     source=preprocessing["template"]["source"],
@@ -191,6 +193,13 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     log.info("exported %s/%s seed %s as bundle %s", settings.get("experiment"),
              settings.get("variant"), settings["seed"], name)
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())
+
+
+#: Keys of the cell's metrics.json a bundle leaves out: it goes to other labs, and these
+#: give test subjects away (sums of their ages and gaps; per-study errors, which are one
+#: person's own where a study has one test subject, beside the training mean age) or name a
+#: path of the exporting lab. The cell's metrics.json keeps them.
+METRICS_NOT_SHARED = ("gap_age_sums", "mae_per_study", "n_per_study", "features")
 
 
 def qc_value_counts(qc_table: str | Path, split_table: str | Path,

@@ -393,8 +393,12 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
             axis.set_yticks([])
             if row == 0:
                 axis.set_title(view)
-        axes[row, 0].set_ylabel(f"{example['participant_id']}\n{100 * example['coverage']:.1f} % "
+        axes[row, 0].set_ylabel(f"example {row + 1}\n{100 * example['coverage']:.1f} % "
                                 f"(≈{100 * example['target']:.0f} %)", fontsize="small")
+    # no participant id in a figure that is shared (as Fig. 2): the job's log names them
+    logger.info("Fig. 8's examples, top to bottom: %s", ", ".join(
+        f"{example['participant_id']} ({100 * example['coverage']:.1f} %)"
+        for example in examples))
     kind = modality(map_name)
     figure.colorbar(image, ax=axes, label=f"{kind.name.replace('_', ' ')} [{kind.unit}]",
                     shrink=0.6)
@@ -493,7 +497,7 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
 
     figure, axes = plt.subplots(len(rows), 6, figsize=(13, 2.3 * len(rows) + 0.8),
                                 squeeze=False, layout="constrained")
-    for row, ((participant, age, _), volume) in enumerate(zip(rows, volumes)):
+    for row, ((_, age, _), volume) in enumerate(zip(rows, volumes)):
         for group, (key, colour_map, label) in enumerate(AGE_EXAMPLE_MODALITIES):
             for view_index, (view, plane) in enumerate(_orthogonal_views(volume[key])):
                 axis = axes[row, 3 * group + view_index]
@@ -506,7 +510,13 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
             if row == len(rows) - 1:
                 figure.colorbar(image, ax=axes[:, 3 * group:3 * group + 3], label=label,
                                 shrink=0.6)
-        axes[row, 0].set_ylabel(f"{participant}\n{float(age):.1f} years", fontsize="small")
+        # whole years and no participant id: a paper's figure or a shared report shows a
+        # person's images, and the id beside an exact age is the key to the lab's records
+        # (the job's log names them, for the lab itself)
+        axes[row, 0].set_ylabel(f"example {row + 1}\n{float(age):.0f} years",
+                                fontsize="small")
+    logger.info("Fig. 2's examples, top to bottom: %s", ", ".join(
+        f"{participant} ({float(age):.1f} years)" for participant, age, _ in rows))
     figure.suptitle("Fig. 2: stiffness and T1w in three orthogonal views, by increasing age",
                     fontsize="medium")
     _save(figure, path)
