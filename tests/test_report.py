@@ -1055,6 +1055,17 @@ def test_coverage_figures_name_the_modality_of_the_maps_they_draw(tmp_path, monk
         "stiffness [kPa]"]
 
 
+def test_the_maps_of_figures_are_known_by_their_file_names():
+    """Rule make_figures takes the registered maps as inputs, not as params naming every
+    training subject (the report, which is shared, shows a job's params)."""
+    maps = ["results/preproc/sub-st1s001/anat/sub-st1s001_space-X_res-2_desc-preproc_T1w.nii.gz",
+            "results/preproc/sub-ab2/anat/sub-ab2_space-X_res-2_desc-preproc_stiffness.nii.gz"]
+    assert figures.by_participant(maps) == {"sub-st1s001": maps[0], "sub-ab2": maps[1]}
+    with pytest.raises(ValueError, match=r"template\.nii\.gz: a file the pipeline made is "
+                                         r"named sub-<label>_"):
+        figures.by_participant(["results/template.nii.gz"])
+
+
 def test_figs_2_and_8_show_a_map_stored_las_as_the_same_map_stored_ras(tmp_path, monkeypatch):
     """Figs. 2 and 8 read the voxel arrays without their affine: with FSL's MNI152 (stored
     LAS, template.source file) left and right came out mirrored against nilearn's RAS one

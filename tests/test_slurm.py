@@ -266,6 +266,11 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     assert "Adaptive Neighborhoods" in html  # from the captions
     # the workflow description states the run's normalisation and read-out, not fixed ones
     assert "statistics of the training subjects" in html and "ridge unless a variant" in html
+    # a report is shared: it names no training subject (make_figures took their registered
+    # maps as params, which the report shows for every figure)
+    training = pd.read_csv(workdir / "results" / "dataset" / "holdout" / "participants.tsv",
+                           sep="\t")["participant_id"]
+    assert not [participant for participant in training if participant in html]
 
     # A job that fails is reported with its log paths, and is FAILED in sacct.
     metrics = workdir / "results" / "train" / "holdout" / "table3" / "yaware" / "seed-0" \

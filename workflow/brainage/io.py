@@ -423,7 +423,9 @@ def ensure_room(final: str | Path, needed_bytes: int) -> None:
     if needed_bytes > free:
         raise WriteError(f"writing {final} needs about {needed_bytes} bytes but only {free} "
                          f"bytes are free on {_mount_point(folder)}. Free some space there "
-                         f"(or move the output folder to a larger disk) and run again.")
+                         f"(or move the output folder to a larger disk) and run again; the "
+                         f"README's 'Freeing disk space' says which of the pipeline's files "
+                         f"can go without costing a rerun.")
 
 
 class _DigestingWriter:

@@ -47,10 +47,8 @@ rule make_figures:
         runtime=20,
     params:
         settings=EXPERIMENT_SETTINGS,
-        maps=lambda wildcards: _registered_maps(),
-        # the modality of those maps (Figs. 7 and 8 label it): not always the stiffness
+        # the modality of the maps (Figs. 7 and 8 label it): not always the stiffness
         map_name=grid_modality(MODALITIES),
-        modality_maps=lambda wildcards: _modality_maps(),
         focus=_focus_label(),
         qc_thresholds=thresholds(config["qc"]),
         histories=lambda wildcards: _histories(),

@@ -1144,8 +1144,11 @@ def _figure_inputs(wildcards):
         "metrics": grid_targets("metrics.json"),
         "participants": LAYOUT.split_file(_cohort_split(), "participants.tsv"),
         "qc": LAYOUT.qc_table(),
+        # as inputs, not params: the report shows a job's params, and these name every
+        # training subject (the script takes each file's participant from its name)
         "maps": list(_registered_maps().values()),
-        "modality_maps": [path for maps in _modality_maps().values() for path in maps.values()],
+        "stiffness_maps": [maps["stiffness"] for maps in _modality_maps().values()],
+        "T1w_maps": [maps["T1w"] for maps in _modality_maps().values()],
         "predictions": _focus_files("predictions.tsv"),
         "search": _search_trials(wildcards),
         "pretraining": pretraining_report_files(),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 import warnings
 from pathlib import Path
@@ -674,6 +675,19 @@ def plot_pretraining(histories: Mapping[str, str | Path], runs: pd.DataFrame,
         bars.set_title("From scratch (grey) and fine-tuned (blue)", fontsize="medium")
     figure.tight_layout()
     _save(figure, path)
+
+
+def by_participant(paths: Iterable[str | Path]) -> dict[str, str]:
+    """``{participant_id: path}`` of files the pipeline made and named ``sub-<label>_...``
+    (rule make_figures takes the maps so, as inputs: its params, which the report shows,
+    would list every training subject)."""
+    found = {}
+    for path in paths:
+        match = re.match(r"(sub-[A-Za-z0-9]+)_", Path(path).name)
+        if match is None:
+            raise ValueError(f"{path}: a file the pipeline made is named sub-<label>_...")
+        found[match[1]] = str(path)
+    return found
 
 
 def make_figures(*, metrics: Sequence[str | Path], participants: str | Path,
