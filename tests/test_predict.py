@@ -311,10 +311,43 @@ def test_the_manifest_records_the_loss_the_encoder_was_trained_with(exported, tm
     trained = {**configured, "nn_final": configured["nn_final"] + 3, "nn_step": 2,
                "nn_from_search": True}
     (cell / "metrics.json").write_text(json.dumps({**metrics, "trained_loss": trained}))
+    _record_training_settings(cell, loss=trained)  # as training with the search's values does
     manifest = export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
                             bundle_dir=tmp_path / "bundle", **exported.export)
     assert manifest["settings"]["loss"] == json.loads(json.dumps(trained))
     assert exported.manifest["settings"]["loss"] == json.loads(json.dumps(configured))
+
+
+def _record_training_settings(cell: Path, **sections) -> None:
+    """Rewrite the cell's encoder.pt as if trained with ``sections`` of settings, and the
+    read-out's record of the encoder's digest with it."""
+    from brainage.io import save_tensors
+
+    payload = torch.load(cell / "encoder.pt", map_location="cpu", weights_only=True)
+    payload["settings"] = {**payload["settings"], **sections}
+    digest = save_tensors(cell / "encoder.pt", payload)
+    description = json.loads((cell / "readout.json").read_text())
+    (cell / "readout.json").write_text(json.dumps({**description, "encoder_sha256": digest}))
+
+
+def test_an_encoder_trained_with_other_settings_than_the_cells_is_not_exported(exported,
+                                                                              tmp_path):
+    """With .snakemake/metadata deleted (or outputs --touch-ed), a changed train.lr retrained
+    nothing, and the bundle's manifest gave the new rate beside an encoder trained at the
+    old one."""
+    cell = tmp_path / "cell"
+    shutil.copytree(exported.cell, cell)
+    trained_lr = exported.settings["train"]["lr"]
+    changed = {**exported.export, "settings": {
+        **exported.export["settings"],
+        "train": {**exported.export["settings"]["train"], "lr": trained_lr * 2}}}
+    with pytest.raises(ExportError, match=rf"encoder\.pt was trained with other settings than "
+                                          rf"the cell's: train\.lr {trained_lr!r} \(trained\) "
+                                          rf"against {trained_lr * 2!r}\. Snakemake did not "
+                                          rf"retrain the cell"):
+        export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
+                     bundle_dir=tmp_path / "bundle", **changed)
+    assert not (tmp_path / "bundle").exists()
 
 
 def _copy_bundle(exported, tmp_path) -> Path:

@@ -162,6 +162,7 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         # the loss the encoder was trained with: after loss.nn_from_search, the search's
         # nn_final and nn_step, where the config's say the paper's optimum (14, 1)
         settings = {**settings, "loss": metrics["trained_loss"]}
+    check_training_settings(payload, settings, encoder_path=encoder_path)
     fields = {
         "settings": settings,
         "source": {"split": stats["split"], "experiment": settings.get("experiment"),
@@ -222,6 +223,39 @@ def qc_value_counts(qc_table: str | Path, split_table: str | Path,
         counts[name] = {str(value): int(count)
                         for value, count in values.value_counts().sort_index().items()}
     return counts
+
+
+def check_training_settings(payload: Mapping, settings: Mapping, *,
+                            encoder_path: str | Path) -> None:
+    """Refuse a cell whose settings are not those ``encoder.pt`` was trained with.
+
+    Snakemake retrains a cell whose settings change, by the record of its last run in
+    ``.snakemake/metadata``: with that record deleted (it looks like a cache), or the outputs
+    marked done by ``--touch``, a changed ``train.lr`` retrained nothing, and the bundle's
+    manifest gave the new rate beside an encoder trained at the old one. What the cell's
+    encoder depends on is compared (:func:`brainage.config.training_settings`: for an
+    untrained encoder its seed and how its features are computed), key by key where both
+    name the key (an encoder of an older version lacks later keys).
+    """
+    from brainage.config import training_settings
+
+    recorded = training_settings(resolve_cell(payload.get("settings") or {})) \
+        if (payload.get("settings") or {}).get("train") else {}
+    expected = training_settings(settings)
+    differing = [f"seed {recorded['seed']} (trained) against {expected['seed']}"
+                 for _ in [0] if "seed" in recorded and recorded["seed"] != expected["seed"]]
+    for section in ("train", "loss"):
+        trained, given = recorded.get(section) or {}, expected.get(section) or {}
+        differing += [f"{section}.{key} {trained[key]!r} (trained) against {given[key]!r}"
+                      for key in sorted(set(trained) & set(given)) if trained[key] != given[key]]
+    if differing:
+        raise ExportError(
+            f"{encoder_path} was trained with other settings than the cell's: "
+            f"{'; '.join(differing)}. Snakemake did not retrain the cell after they changed "
+            f"(its record of the run, .snakemake/metadata, was deleted, or --touch marked the "
+            f"outputs done), so the bundle, and the tables, would give settings the encoder "
+            f"was not trained with. Retrain the cell (snakemake --forcerun train_encoder, or "
+            f"delete its encoder.pt), or export with the config it was trained with.")
 
 
 def check_encoder_settings(payload: Mapping, settings: Mapping, channels: Sequence[str],
