@@ -1131,6 +1131,11 @@ def test_the_bias_line_is_written_with_the_slopes_sign_once(exported):
     readme = (Path(exported.bundle_dir) / "README.md").read_text()
     assert f"age-bias correction: {AgeBias(bias['intercept'], bias['slope'])} (" in readme
     assert "+ -" not in readme
+    # what the receiving lab needs beside the command: who is predicted, and with what
+    assert "- subjects are predicted when their preprocessing passes QC: min_" in readme
+    assert re.search(r"- made with brainage \S+, torch \S+, numpy", readme)
+    # a template from the exporting lab's files is named in the command (it failed without)
+    assert "--output <folder> --template-t1 <T1> --template-mask <mask>" in readme
 
 
 def test_corrected_gap_is_shifted_by_the_accelerated_offset():

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from brainage.agebias import AgeBias, select_bias_correction
-from brainage.bundle import write_bundle
+from brainage.bundle import software_versions, write_bundle
 from brainage.config import pretrained_run, resolve_cell
 from brainage.io import sha256_file
 from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
@@ -324,6 +324,10 @@ def bundle_readme(name: str, fields: Mapping) -> str:
                             + ", ".join(f"{route} {count}" for route, count in routes.items())
                             + " (a cohort is best stripped by the same tool)\n")
     record = fields["normalisation"]
+    qc = {key: value for key, value in (fields["preprocessing"].get("qc") or {}).items()
+          if key.startswith("min_")}
+    versions = software_versions()  # what write_bundle records beside it
+    template_files = fields["template"].get("source") == "file"
     channels = "; ".join(
         f"{modality_name} mean {mean:.4f} sd {sd:.4f} {MODALITIES[modality_name].unit}"
         for modality_name, mean, sd in zip(record["modalities"], record["mean"], record["sd"]))
@@ -349,10 +353,17 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"subject\n"
         f"- age-bias correction: "
         f"{AgeBias(fields['bias_correction']['intercept'], fields['bias_correction']['slope'])} "
-        f"({fields['bias_correction']['description']})\n\n"
+        f"({fields['bias_correction']['description']})\n"
+        f"- subjects are predicted when their preprocessing passes QC: "
+        f"{', '.join(f'{key} {value}' for key, value in qc.items()) or 'n/a'}\n"
+        f"- made with {', '.join(f'{name} {version}' for name, version in versions.items())}"
+        f" (brainage: `pip install` this repository's release of that date)\n\n"
         f"Run it on a BIDS-like dataset (participants.tsv + {inputs}; the table needs only "
         f"participant_id, and an age column in years for brain-age gaps):\n\n"
         f"    python -m brainage.predict run --bundle <this folder> --dataset <root> "
-        f"--output <folder>\n\n"
-        f"manifest.json lists the sha256 of encoder.pt and readout.pt; both are plain tensor "
-        f"files read with torch.load(weights_only=True).\n")
+        f"--output <folder>"
+        + (" --template-t1 <T1> --template-mask <mask>\n\n(the template is the exporting "
+           "lab's own files: ask for them; their checksums are in manifest.json)\n\n"
+           if template_files else "\n\n") +
+        "manifest.json lists the sha256 of encoder.pt and readout.pt; both are plain tensor "
+        "files read with torch.load(weights_only=True).\n")
