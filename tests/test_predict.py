@@ -330,6 +330,29 @@ def _record_training_settings(cell: Path, **sections) -> None:
     (cell / "readout.json").write_text(json.dumps({**description, "encoder_sha256": digest}))
 
 
+def test_a_bundle_names_no_folder_of_the_exporting_lab(exported, tmp_path):
+    """A template from files and an external starting checkpoint were recorded by their
+    paths (/home/<user>/...), which went to every lab the bundle was sent to and are read
+    nowhere there."""
+    export = {**exported.export,
+              "settings": {**exported.export["settings"], "model": {
+                  **exported.export["settings"]["model"],
+                  "init_checkpoint": "/home/jdoe/models/resnet18_medicalnet.pth"}},
+              "preprocessing": {**PREPROCESSING, "template": {
+                  **PREPROCESSING["template"], "t1": "/home/jdoe/templates/lab_T1_2mm.nii.gz",
+                  "mask": "/home/jdoe/templates/lab_mask_2mm.nii.gz"}}}
+    cell = tmp_path / "cell"
+    shutil.copytree(exported.cell, cell)
+    _record_training_settings(cell, model=export["settings"]["model"])  # trained so
+    manifest = export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
+                            bundle_dir=tmp_path / "bundle", **export)
+    assert manifest["preprocessing"]["template"]["t1"] == "lab_T1_2mm.nii.gz"
+    assert manifest["preprocessing"]["template"]["mask"] == "lab_mask_2mm.nii.gz"
+    assert manifest["settings"]["model"]["init_checkpoint"] == "resnet18_medicalnet.pth"
+    assert "jdoe" not in (tmp_path / "bundle" / "manifest.json").read_text()
+    assert "jdoe" not in (tmp_path / "bundle" / "README.md").read_text()
+
+
 def test_an_encoder_trained_with_other_settings_than_the_cells_is_not_exported(exported,
                                                                               tmp_path):
     """With .snakemake/metadata deleted (or outputs --touch-ed), a changed train.lr retrained
@@ -348,6 +371,14 @@ def test_an_encoder_trained_with_other_settings_than_the_cells_is_not_exported(e
         export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
                      bundle_dir=tmp_path / "bundle", **changed)
     assert not (tmp_path / "bundle").exists()
+    # nor a bundle that says its encoder was fine-tuned from a pretraining run it never saw
+    pretrained = {**exported.export, "settings": {
+        **exported.export["settings"],
+        "model": {**exported.export["settings"]["model"], "init": "pretrained:t1w"}}}
+    with pytest.raises(ExportError, match=r"model\.init 'scratch' \(trained\) against "
+                                          r"'pretrained:t1w'"):
+        export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
+                     bundle_dir=tmp_path / "bundle", **pretrained)
 
 
 def _copy_bundle(exported, tmp_path) -> Path:

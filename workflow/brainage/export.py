@@ -164,7 +164,7 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         settings = {**settings, "loss": metrics["trained_loss"]}
     check_training_settings(payload, settings, encoder_path=encoder_path)
     fields = {
-        "settings": settings,
+        "settings": {**settings, "model": _file_names(settings["model"], ("init_checkpoint",))},
         "source": {"split": stats["split"], "experiment": settings.get("experiment"),
                    "variant": settings.get("variant"), "seed": settings["seed"],
                    "encoder_sha256": encoder_sha256,
@@ -174,7 +174,8 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
         "template": template_record(template_t1, template_mask,
                                     source=preprocessing["template"]["source"],
                                     space=preprocessing["template"]["space"]),
-        "preprocessing": dict(preprocessing),
+        "preprocessing": {**preprocessing,
+                          "template": _file_names(preprocessing["template"], ("t1", "mask"))},
         "readout": {**readout_description,
                     **{key: value for key, value in description.items()
                        if key not in CELL_RECORD_KEYS and key not in readout_description}},
@@ -194,6 +195,14 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     log.info("exported %s/%s seed %s as bundle %s", settings.get("experiment"),
              settings.get("variant"), settings["seed"], name)
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())
+
+
+def _file_names(section: Mapping, keys: Sequence[str]) -> dict:
+    """``section`` with the paths under ``keys`` cut to their file names: a bundle goes to
+    other labs, and the folders (``/home/<user>/...``) are the exporting lab's own; nothing
+    reads them there (a template from files is given by flag and checked by its checksums)."""
+    return {key: Path(value).name if key in keys and value else value
+            for key, value in section.items()}
 
 
 #: Keys of the cell's metrics.json a bundle leaves out: it goes to other labs, and these
@@ -235,7 +244,8 @@ def check_training_settings(payload: Mapping, settings: Mapping, *,
     manifest gave the new rate beside an encoder trained at the old one. What the cell's
     encoder depends on is compared (:func:`brainage.config.training_settings`: for an
     untrained encoder its seed and how its features are computed), key by key where both
-    name the key (an encoder of an older version lacks later keys).
+    name the key (an encoder of an older version lacks later keys). The settings of the
+    pretraining run a cell starts from are not compared here.
     """
     from brainage.config import training_settings
 
@@ -244,10 +254,15 @@ def check_training_settings(payload: Mapping, settings: Mapping, *,
     expected = training_settings(settings)
     differing = [f"seed {recorded['seed']} (trained) against {expected['seed']}"
                  for _ in [0] if "seed" in recorded and recorded["seed"] != expected["seed"]]
-    for section in ("train", "loss"):
+    # the training job is given a pretraining run's encoder as model.init_checkpoint
+    # (training_params), the cell names the run in model.init only
+    filled_in = {"init_checkpoint"} if pretrained_run(expected["model"]) else set()
+    for section in ("train", "loss", "model"):
         trained, given = recorded.get(section) or {}, expected.get(section) or {}
         differing += [f"{section}.{key} {trained[key]!r} (trained) against {given[key]!r}"
-                      for key in sorted(set(trained) & set(given)) if trained[key] != given[key]]
+                      for key in sorted(set(trained) & set(given) - filled_in
+                                        if section == "model" else set(trained) & set(given))
+                      if trained[key] != given[key]]
     if differing:
         raise ExportError(
             f"{encoder_path} was trained with other settings than the cell's: "
