@@ -350,7 +350,9 @@ def test_a_bundle_names_no_folder_of_the_exporting_lab(exported, tmp_path):
     assert manifest["preprocessing"]["template"]["mask"] == "lab_mask_2mm.nii.gz"
     assert manifest["settings"]["model"]["init_checkpoint"] == "resnet18_medicalnet.pth"
     assert "jdoe" not in (tmp_path / "bundle" / "manifest.json").read_text()
-    assert "jdoe" not in (tmp_path / "bundle" / "README.md").read_text()
+    readme = (tmp_path / "bundle" / "README.md").read_text()
+    assert "jdoe" not in readme
+    assert "lab's own files, lab_T1_2mm.nii.gz and lab_mask_2mm.nii.gz: ask for them" in readme
 
 
 def test_an_encoder_trained_with_other_settings_than_the_cells_is_not_exported(exported,
@@ -371,6 +373,17 @@ def test_an_encoder_trained_with_other_settings_than_the_cells_is_not_exported(e
         export_model(cell, cell / "encoder.pt", exported.split_dir / "stats.json",
                      bundle_dir=tmp_path / "bundle", **changed)
     assert not (tmp_path / "bundle").exists()
+    # a cell fine-tuned from a pretraining run: its job was given the run's encoder as
+    # model.init_checkpoint (training_params), the cell names the run only: no difference
+    finetuned = tmp_path / "finetuned"
+    shutil.copytree(exported.cell, finetuned)
+    model = exported.export["settings"]["model"]
+    _record_training_settings(finetuned, model={
+        **model, "init": "pretrained:t1w", "init_checkpoint": "results/pretrain/t1w/encoder.pt"})
+    export_model(finetuned, finetuned / "encoder.pt", exported.split_dir / "stats.json",
+                 bundle_dir=tmp_path / "finetuned_bundle", **{
+                     **exported.export, "settings": {**exported.export["settings"], "model": {
+                         **model, "init": "pretrained:t1w", "init_checkpoint": None}}})
     # nor a bundle that says its encoder was fine-tuned from a pretraining run it never saw
     pretrained = {**exported.export, "settings": {
         **exported.export["settings"],
@@ -1167,6 +1180,7 @@ def test_the_bias_line_is_written_with_the_slopes_sign_once(exported):
     assert re.search(r"- made with brainage \S+, torch \S+, numpy", readme)
     # a template from the exporting lab's files is named in the command (it failed without)
     assert "--output <folder> --template-t1 <T1> --template-mask <mask>" in readme
+    assert "`predict run` checks their voxels against the checksums in manifest.json" in readme
 
 
 def test_corrected_gap_is_shifted_by_the_accelerated_offset():
@@ -2598,3 +2612,9 @@ def test_a_bundles_readme_says_whether_its_encoder_was_trained():
                                      "(train.epochs 0: its seed's random initialisation)")
     assert phrase({"epochs": 0}, {"init": "pretrained:t1w"}).endswith(
         "(train.epochs 0: the encoder of pretraining run `t1w`)")
+    # and where a fine-tuned encoder started (the bundle's README said nothing of it)
+    assert phrase({"epochs": 5}, {"init": "pretrained:t1w"}) == (
+        "a 3D ResNet-18 encoder trained with the `adaptive` loss, fine-tuned from pretraining "
+        "run `t1w`")
+    assert phrase({"epochs": 5}, {"init_checkpoint": "lab_encoder.pt"}).endswith(
+        ", fine-tuned from lab_encoder.pt (model.init_checkpoint)")

@@ -308,10 +308,14 @@ def check_encoder_settings(payload: Mapping, settings: Mapping, channels: Sequen
 def _encoder_phrase(settings: dict) -> str:
     """What the bundle's encoder is: trained with its loss, or (``train.epochs`` 0, the
     untrained baseline or a frozen pretrained encoder) the weights it started from."""
-    if int(settings["train"]["epochs"]) > 0:
-        return f"a 3D ResNet-18 encoder trained with the `{settings['loss']['name']}` loss"
     model = settings["model"]
     run = pretrained_run(model)
+    if int(settings["train"]["epochs"]) > 0:
+        start = (f", fine-tuned from {model['init_checkpoint']} (model.init_checkpoint)"
+                 if model.get("init_checkpoint") and run is None
+                 else f", fine-tuned from pretraining run `{run}`" if run is not None else "")
+        return (f"a 3D ResNet-18 encoder trained with the `{settings['loss']['name']}` "
+                f"loss{start}")
     start = ("the weights of its model.init_checkpoint" if model.get("init_checkpoint")
              else f"the encoder of pretraining run `{run}`" if run is not None
              else "its seed's random initialisation")
@@ -343,6 +347,8 @@ def bundle_readme(name: str, fields: Mapping) -> str:
           if key.startswith("min_")}
     versions = software_versions()  # what write_bundle records beside it
     template_files = fields["template"].get("source") == "file"
+    template_names = " and ".join(
+        str(fields["preprocessing"]["template"].get(key)) for key in ("t1", "mask"))
     channels = "; ".join(
         f"{modality_name} mean {mean:.4f} sd {sd:.4f} {MODALITIES[modality_name].unit}"
         for modality_name, mean, sd in zip(record["modalities"], record["mean"], record["sd"]))
@@ -377,8 +383,9 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"participant_id, and an age column in years for brain-age gaps):\n\n"
         f"    python -m brainage.predict run --bundle <this folder> --dataset <root> "
         f"--output <folder>"
-        + (" --template-t1 <T1> --template-mask <mask>\n\n(the template is the exporting "
-           "lab's own files: ask for them; their checksums are in manifest.json)\n\n"
+        + (f" --template-t1 <T1> --template-mask <mask>\n\n(the template is the exporting "
+           f"lab's own files, {template_names}: ask for them; `predict run` checks their "
+           f"voxels against the checksums in manifest.json)\n\n"
            if template_files else "\n\n") +
         "manifest.json lists the sha256 of encoder.pt and readout.pt; both are plain tensor "
         "files read with torch.load(weights_only=True).\n")
