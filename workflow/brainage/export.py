@@ -252,8 +252,9 @@ def check_training_settings(payload: Mapping, settings: Mapping, *,
     recorded = training_settings(resolve_cell(payload.get("settings") or {})) \
         if (payload.get("settings") or {}).get("train") else {}
     expected = training_settings(settings)
-    differing = [f"seed {recorded['seed']} (trained) against {expected['seed']}"
-                 for _ in [0] if "seed" in recorded and recorded["seed"] != expected["seed"]]
+    differing = []
+    if "seed" in recorded and recorded["seed"] != expected["seed"]:
+        differing.append(f"seed {recorded['seed']} (trained) against {expected['seed']}")
     # the training job is given a pretraining run's encoder as model.init_checkpoint
     # (training_params), the cell names the run in model.init only
     filled_in = {"init_checkpoint"} if pretrained_run(expected["model"]) else set()
