@@ -21,7 +21,7 @@ import torch
 
 from brainage.agebias import AgeBias, select_bias_correction
 from brainage.bundle import software_versions, write_bundle
-from brainage.config import pretrained_run, resolve_cell
+from brainage.config import pretrained_run, resolve_cell, training_settings
 from brainage.io import sha256_file
 from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 from brainage.normalise import RECORD_KEYS
@@ -247,8 +247,6 @@ def check_training_settings(payload: Mapping, settings: Mapping, *,
     name the key (an encoder of an older version lacks later keys). The settings of the
     pretraining run a cell starts from are not compared here.
     """
-    from brainage.config import training_settings
-
     recorded = training_settings(resolve_cell(payload.get("settings") or {})) \
         if (payload.get("settings") or {}).get("train") else {}
     expected = training_settings(settings)

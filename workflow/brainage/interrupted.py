@@ -26,6 +26,8 @@ import re
 from base64 import urlsafe_b64decode
 from pathlib import Path
 
+from brainage.logs import user_name
+
 #: Marker files of Snakemake's own bookkeeping, not outputs.
 _NOT_MARKERS = {"migration_underway"}
 
@@ -161,8 +163,6 @@ def snakemakes_running_in(workdir: str | Path = ".") -> list[int]:
 
 def _other_owners(paths: list[Path]) -> list[str]:
     """The users other than this one who own ``paths`` (by name where known)."""
-    import pwd
-
     owners = set()
     for path in paths:
         try:
@@ -170,10 +170,7 @@ def _other_owners(paths: list[Path]) -> list[str]:
         except OSError:
             continue
         if uid != os.getuid():
-            try:
-                owners.add(pwd.getpwuid(uid).pw_name)
-            except KeyError:
-                owners.add(f"uid {uid}")
+            owners.add(user_name(uid))
     return sorted(owners)
 
 

@@ -68,8 +68,7 @@ def _one_file_two_names(path: Path, history: Path) -> bool:
             with open(path, "a", encoding="utf-8"):
                 pass
             os.link(path, history)
-            with contextlib.suppress(OSError):  # the group's to append to, as attempts of
-                os.chmod(path, path.stat().st_mode & 0o777 | 0o660)  # a colleague's rerun
+            _group_writable(path)  # attempts of a colleague's rerun append to it
         elif not (path.is_file() and os.path.samefile(path, history)):
             # a log recreated meanwhile (by whatever starts the job), or two files of an
             # older version: the one holding more stands under both names
@@ -98,8 +97,7 @@ def _take_over_a_colleagues_history(history: Path) -> Path | None:
     own = history.with_name(f"{history.name}.own-{os.getpid()}")
     try:
         shutil.copyfile(history, own)
-        with contextlib.suppress(OSError):
-            os.chmod(own, own.stat().st_mode & 0o777 | 0o660)
+        _group_writable(own)
         os.replace(own, history)
         return None
     except OSError:
@@ -117,15 +115,25 @@ def _take_over_a_colleagues_history(history: Path) -> Path | None:
     return aside
 
 
-def _owner(path: Path) -> str:
-    """The user who owns ``path``, by name where this machine knows it."""
+def _group_writable(path: Path) -> None:
+    """Let the group write ``path`` whatever the umask (not ours to change: left as is)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, path.stat().st_mode & 0o777 | 0o660)
+
+
+def user_name(uid: int) -> str:
+    """The login name of user ``uid`` where this machine knows it, else ``uid <n>``."""
     import pwd
 
-    uid = path.stat().st_uid
     try:
-        return f"user {pwd.getpwuid(uid).pw_name}"
+        return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"user id {uid}"
+        return f"uid {uid}"
+
+
+def _owner(path: Path) -> str:
+    """The user who owns ``path``, for a message."""
+    return f"user {user_name(path.stat().st_uid)}"
 
 
 def _how_it_ended(attempt: Sequence[str], number: int, *, linked: bool = True) -> str | None:
@@ -175,17 +183,16 @@ def _start_attempt(path: Path) -> bool:
     text = (f"{ATTEMPT_MARK}{previous + 1} ({now.isoformat(timespec='seconds')}, "
             f"{socket.gethostname()}, pid {os.getpid()}"
             f"{f', SLURM job {slurm_job}' if slurm_job else ''}) =====\n")
+    # in this attempt, in the log's own format: they are this run's warnings (job_warnings)
+    warning = f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING brainage.logs: "
     if set_aside:
-        text += (f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING "
-                 f"brainage.logs: the earlier attempts of this job are in {set_aside}, left "
-                 f"by {_owner(set_aside)} and not readable here: this log starts a new "
-                 f"history\n")
+        text += (f"{warning}the earlier attempts of this job are in {set_aside}, left by "
+                 f"{_owner(set_aside)} and not readable here: this log starts a new history\n")
     if restored and previous:
         last = lines[max(i for i, line in enumerate(lines) if line.startswith(ATTEMPT_MARK)):]
         ending = _how_it_ended(last, previous, linked=linked)
-        if ending:  # in this attempt: it is one of this run's warnings (job_warnings)
-            text += (f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING "
-                     f"brainage.logs: {ending}\n")
+        if ending:
+            text += f"{warning}{ending}\n"
     for file in (path,) if linked else (path, history):
         with open(file, "a", encoding="utf-8") as log:
             log.write(text)
