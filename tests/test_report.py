@@ -1055,6 +1055,39 @@ def test_coverage_figures_name_the_modality_of_the_maps_they_draw(tmp_path, monk
         "stiffness [kPa]"]
 
 
+def test_figs_2_and_8_draw_voxels_without_a_value_apart_from_the_lowest_stiffness(
+        tmp_path, monkeypatch):
+    """The brain a slab does not cover (stored as 0) was drawn as 0 kPa, in the black of the
+    background, on a scale from 0 that left the brain's values a corner of the colour bar
+    (found by a review): such voxels are drawn in a grey magma never takes, and the scale
+    spans the 1st to 99th percentile of the voxels with a value."""
+    rng = np.random.default_rng(5)
+    stiffness = rng.uniform(2.0, 3.0, (10, 10, 10)).astype(np.float32)
+    stiffness[:, :, 6:] = 0.0  # a slab: the top of the brain not covered
+    stiffness[1, 1, 1] = np.nan
+    files = {"stiffness": _write_volume(tmp_path / "stiffness.nii.gz", stiffness),
+             "T1w": _write_volume(tmp_path / "T1w.nii.gz", np.where(stiffness > 0, 900.0, 0.0))}
+    participants = pd.DataFrame({"participant_id": ["sub-a"], "study": "s", "coverage": [0.6]})
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    figures.plot_age_examples([("sub-a", 40.0, files)], tmp_path / "fig2.png")
+    figures.plot_coverage_examples(participants, {"sub-a": files["stiffness"]},
+                                   tmp_path / "fig8.png")
+    for figure in drawn:
+        image = next(axis.images[0] for axis in figure.axes
+                     if axis.images and axis.get_title().endswith("coronal"))
+        shown = np.ma.masked_invalid(image.get_array())
+        assert shown.mask.any() and not shown.mask.all(), "the uncovered part has no value"
+        assert 2.0 <= image.get_clim()[0] < 2.1 and 2.9 < image.get_clim()[1] <= 3.0
+        no_value = image.get_cmap().get_bad()
+        assert tuple(no_value[:3]) == (0.6, 0.6, 0.6)
+        assert tuple(no_value[:3]) != tuple(image.get_cmap()(0.0)[:3])
+        assert "grey: no value" in figure._suptitle.get_text()
+    t1w = next(axis.images[0] for axis in drawn[0].axes
+               if axis.images and axis.get_title() == "T1w coronal")
+    assert tuple(t1w.get_cmap().get_bad()[:3]) == (0.0, 0.0, 0.0), "a T1w's background black"
+
+
 def test_the_maps_of_figures_are_known_by_their_file_names():
     """Rule make_figures takes the registered maps as inputs, not as params naming every
     training subject (the report, which is shared, shows a job's params)."""

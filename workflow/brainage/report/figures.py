@@ -56,6 +56,13 @@ AGE_EXAMPLE_MODALITIES = (("stiffness", "magma", "stiffness [kPa]"),
                           ("T1w", "gray", "T1w [a.u.]"))
 
 
+#: Colour of the voxels of an MRE map that have no value in Figs. 2 and 8 (NaN, or the 0
+#: the pipeline stores outside a map's support): a grey that magma never takes, so the
+#: brain a slab does not cover is not read as 0 kPa. A T1w's 0 background stays black, as
+#: in any anatomical image.
+NO_VALUE_COLOUR = "0.6"
+
+
 #: Below this many embedded subjects UMAP is meaningless; PCA is drawn (and said so).
 MIN_UMAP_SAMPLES = 4
 
@@ -366,7 +373,8 @@ def pick_coverage_examples(participants: pd.DataFrame,
 def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | Path],
                            path: str | Path, *, map_name: str = "stiffness") -> None:
     """Fig. 8: registered maps nearest to 100/95/90/80 % coverage; three orthogonal slices
-    through the centre of the template grid, one colour scale.
+    through the centre of the template grid, one colour scale (the 1st to the 99th
+    percentile of the four maps' voxels with a value; grey where a map has none).
 
     ``map_name``: the modality of ``maps``, which names the colour bar's quantity and unit
     (stiffness in kPa, the damping ratio in 1, T1w in a.u.): the workflow passes the map QC
@@ -382,13 +390,13 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
             raise ReportError(f"no registered map for {participant} among the "
                               f"{len(maps)} given to the coverage examples.")
         volumes.append(_display_volume(maps[participant]))
-    top = max(float(np.percentile(v[v > 0], 99)) if np.any(v > 0) else 1.0 for v in volumes)
+    low, high = _colour_scale(volumes)
     figure, axes = plt.subplots(len(examples), 3, figsize=(9, 2.9 * len(examples)),
                                 squeeze=False)
     for row, (example, volume) in enumerate(zip(examples, volumes)):
         for column, (view, plane) in enumerate(_orthogonal_views(volume)):
             axis = axes[row, column]
-            image = axis.imshow(plane, cmap="magma", vmin=0, vmax=top)
+            image = axis.imshow(plane, cmap=_colour_map("magma"), vmin=low, vmax=high)
             _mark_right(axis, view)
             axis.set_xticks([])
             axis.set_yticks([])
@@ -402,8 +410,9 @@ def plot_coverage_examples(participants: pd.DataFrame, maps: Mapping[str, str | 
         for example in examples))
     kind = modality(map_name)
     figure.colorbar(image, ax=axes, label=f"{kind.name.replace('_', ' ')} [{kind.unit}]",
-                    shrink=0.6)
-    figure.suptitle(f"Fig. 8: registered {kind.description}s at decreasing brain coverage",
+                    shrink=0.6, extend="both")
+    figure.suptitle(f"Fig. 8: registered {kind.description}s at decreasing brain coverage "
+                    f"(grey: no value)",
                     fontsize="medium")
     _save(figure, path)
 
@@ -436,14 +445,37 @@ def pick_age_examples(participants: pd.DataFrame,
 
 
 def _display_volume(path: str | Path) -> np.ndarray:
-    """A registered map's voxels (float32, NaN as 0) with its axes in RAS order
+    """A registered map's voxels (float32; NaN where it has no value: NaN, or the 0 the
+    pipeline stores outside a map's support) with its axes in RAS order
     (:func:`brainage.qc.as_ras`): the views then show the anatomy the same way round for a
     template stored LAS (FSL's MNI152, ``template.source: file``) as for nilearn's RAS one,
     as the subjects' QC figures do."""
     import nibabel as nib
 
     image = nib.load(str(path))
-    return np.nan_to_num(as_ras(np.asarray(image.dataobj, dtype=np.float32), image.affine))
+    volume = as_ras(np.asarray(image.dataobj, dtype=np.float32), image.affine)
+    return np.where(volume == 0, np.float32(np.nan), volume)
+
+
+def _colour_scale(volumes: Iterable[np.ndarray]) -> tuple[float, float]:
+    """One colour scale for several maps (of :func:`_display_volume`): the 1st and 99th
+    percentiles of their voxels with a value, so the scale spans the brain's values (in the
+    maps' unit) rather than starting at 0, where a 0.5 kPa ageing effect took a sixth of it;
+    (0, 1) where no voxel has a value."""
+    values = np.concatenate([volume[np.isfinite(volume)] for volume in volumes])
+    if not values.size:
+        return 0.0, 1.0
+    low, high = (float(value) for value in np.percentile(values, [1, 99]))
+    return low, high if high > low else low + 1.0
+
+
+def _colour_map(name: str):
+    """The named matplotlib colour map with the colour of voxels without a value
+    (:data:`NO_VALUE_COLOUR`; black for the T1w's ``gray``)."""
+    import matplotlib
+
+    return matplotlib.colormaps[name].with_extremes(
+        bad="black" if name == "gray" else NO_VALUE_COLOUR)
 
 
 def _orthogonal_views(volume: np.ndarray) -> tuple[tuple[str, np.ndarray], ...]:
@@ -476,8 +508,9 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
     path : str or Path
         PNG to write: one row per subject, youngest first; columns stiffness sagittal,
         coronal, axial, then T1w sagittal, coronal, axial, through the grid centre.
-        One colour scale per modality (0 to the 99th percentile over all subjects), each
-        with its colour bar.
+        One colour scale per modality (the 1st to the 99th percentile of all subjects'
+        voxels with a value), each with its colour bar; grey where a stiffness map has no
+        value.
     """
 
     plt = headless_pyplot()
@@ -491,10 +524,8 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
             raise ReportError(f"Fig. 2: no registered {' or '.join(missing)} image for "
                               f"{participant}; give {{'stiffness': path, 'T1w': path}}.")
         volumes.append({key: _display_volume(files[key]) for key, _, _ in AGE_EXAMPLE_MODALITIES})
-    tops = {}
-    for key, _, _ in AGE_EXAMPLE_MODALITIES:
-        positive = np.concatenate([v[key][v[key] > 0] for v in volumes])
-        tops[key] = float(np.percentile(positive, 99)) if positive.size else 1.0
+    scales = {key: _colour_scale(volume[key] for volume in volumes)
+              for key, _, _ in AGE_EXAMPLE_MODALITIES}
 
     figure, axes = plt.subplots(len(rows), 6, figsize=(13, 2.3 * len(rows) + 0.8),
                                 squeeze=False, layout="constrained")
@@ -502,7 +533,8 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
         for group, (key, colour_map, label) in enumerate(AGE_EXAMPLE_MODALITIES):
             for view_index, (view, plane) in enumerate(_orthogonal_views(volume[key])):
                 axis = axes[row, 3 * group + view_index]
-                image = axis.imshow(plane, cmap=colour_map, vmin=0, vmax=tops[key])
+                image = axis.imshow(plane, cmap=_colour_map(colour_map), vmin=scales[key][0],
+                                    vmax=scales[key][1])
                 _mark_right(axis, view)
                 axis.set_xticks([])
                 axis.set_yticks([])
@@ -510,7 +542,7 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
                     axis.set_title(f"{key} {view}", fontsize="small")
             if row == len(rows) - 1:
                 figure.colorbar(image, ax=axes[:, 3 * group:3 * group + 3], label=label,
-                                shrink=0.6)
+                                shrink=0.6, extend="both")
         # whole years and no participant id: a paper's figure or a shared report shows a
         # person's images, and the id beside an exact age is the key to the lab's records
         # (the job's log names them, for the lab itself)
@@ -518,7 +550,8 @@ def plot_age_examples(subjects: Sequence[tuple[str, float, Mapping[str, str | Pa
                                 fontsize="small")
     logger.info("Fig. 2's examples, top to bottom: %s", ", ".join(
         f"{participant} ({float(age):.1f} years)" for participant, age, _ in rows))
-    figure.suptitle("Fig. 2: stiffness and T1w in three orthogonal views, by increasing age",
+    figure.suptitle("Fig. 2: stiffness and T1w in three orthogonal views, by increasing age "
+                    "(grey: no value)",
                     fontsize="medium")
     _save(figure, path)
 
