@@ -1554,7 +1554,7 @@ def test_qc_overview_draws_no_minimum_for_a_correlation_it_does_not_judge(tmp_pa
     minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
     plot_dataset_qc(table, tmp_path / "qc.png", minimums=minimums)
     assert titles == ["dice", "correlation (2 recorded, not judged (grey))", "coverage"]
-    assert lines == [0.85, 0.7]
+    assert lines == [0.85, 70.0]
     from matplotlib.colors import to_rgba
 
     dice, correlation, _ = drawn[0].axes
@@ -1564,11 +1564,15 @@ def test_qc_overview_draws_no_minimum_for_a_correlation_it_does_not_judge(tmp_pa
     titles.clear(), lines.clear()
     plot_dataset_qc(table.assign(correlation_map="stiffness"), tmp_path / "qc.png",
                     minimums=minimums)
-    assert lines == [0.85, 0.3, 0.7] and titles[1] == "correlation"
+    assert lines == [0.85, 0.3, 70.0] and titles[1] == "correlation"
     lines.clear()
     plot_dataset_qc(table.drop(columns="correlation_map"), tmp_path / "qc.png",
                     minimums=minimums)
-    assert lines == [0.85, 0.3, 0.7]
+    assert lines == [0.85, 0.3, 70.0]
+    # coverage in %, as in Fig. 7, with its unit on the axis (it read as a fraction, unnamed)
+    coverage = drawn[-1].axes[2]
+    assert coverage.get_ylabel() == "brain coverage [%]"
+    np.testing.assert_allclose(coverage.collections[0].get_offsets()[:, 1], [90.0])
 
 
 def test_an_untrained_pretraining_run_is_reported_without_a_umap(tmp_path):

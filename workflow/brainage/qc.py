@@ -43,6 +43,11 @@ METRICS = ("dice", "correlation", "coverage")
 #: Each metric's minimum, by its config key (section ``qc``): the one place the names meet.
 QC_THRESHOLDS = {"dice": "min_dice", "correlation": "min_correlation",
                  "coverage": "min_coverage"}
+#: The QC overview's y axis per metric: (label, factor from the QC table's value), so that
+#: coverage reads in % as in Fig. 7, not as a fraction.
+METRIC_AXES = {"dice": ("Dice, warped and template brain masks", 1.0),
+               "correlation": ("correlation with the template T1", 1.0),
+               "coverage": ("brain coverage [%]", 100.0)}
 QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "correlation_map", "coverage",
               "reference_correlation", "reference_kind", "skullstrip_route", "qc_pass",
               "qc_failures")
@@ -420,16 +425,18 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     judged["correlation"] = np.array([correlation_applies(row)
                                       for row in table.to_dict("records")], dtype=bool)
     for axis, metric in zip(axes, METRICS):
+        label, factor = METRIC_AXES[metric]
         for position, study in enumerate(studies):
             in_study = (table["study"].astype(str) == study).to_numpy()
             rows = table[in_study]
             x = position + rng.uniform(-0.15, 0.15, size=len(rows))
             colours = np.where(~judged[metric][in_study], "tab:gray",
                                np.where(rows["qc_pass"], "tab:blue", "tab:red"))
-            axis.scatter(x, rows[metric].astype(float), c=colours, s=14)
+            axis.scatter(x, factor * rows[metric].astype(float), c=colours, s=14)
         if judged[metric].any():
-            axis.axhline(minimums[QC_THRESHOLDS[metric]], color="tab:red", linestyle="--",
-                         linewidth=1)
+            axis.axhline(factor * minimums[QC_THRESHOLDS[metric]], color="tab:red",
+                         linestyle="--", linewidth=1)
+        axis.set_ylabel(label)
         axis.set_xticks(range(len(studies)), studies, rotation=45, ha="right")
         undefined = int(pd.to_numeric(table[metric], errors="coerce").isna().sum())
         notes = [f"{undefined} not computed, flagged"] if undefined else []
