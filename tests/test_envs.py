@@ -152,3 +152,95 @@ def test_a_checkout_reports_its_own_version_not_the_installed_one(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.0")
     expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert brainage_version() == expected != "0.1.0"
+
+
+#: Test double of the conda binary: answers the three questions Snakemake asks before it
+#: plans a run with --software-deployment-method conda (it builds no environment).
+CONDA_TEST_DOUBLE = """#!/bin/sh
+case "$*" in
+  "--version") echo "conda 24.7.1";;
+  "info --json") echo '{"conda_prefix": "/nonexistent", "envs_dirs": [],'\\
+      '"platform": "linux-64", "root_prefix": "/nonexistent", "conda_version": "24.7.1"}';;
+  "config --get channel_priority --json") echo '{"get": {"channel_priority": "strict"}}';;
+  *) echo "conda test double: $*" >&2; exit 1;;
+esac
+"""
+
+
+@pytest.mark.workflow
+def test_turning_conda_on_reruns_no_finished_job(tmp_path):
+    """Snakemake's `software-env` trigger hashes a job's conda environment with the conda
+    folder's absolute path: a lab that ran with the venv and then added
+    --software-deployment-method conda (or a new --conda-prefix, a moved folder) reran every
+    job, the whole training grid (found by a review). The workflow profile leaves it out."""
+    import subprocess
+    import sys
+
+    from conftest import local_snakemake_environment
+
+    (tmp_path / "bin").mkdir()
+    conda = tmp_path / "bin" / "conda"
+    conda.write_text(CONDA_TEST_DOUBLE)
+    conda.chmod(0o755)
+    (tmp_path / "env.yaml").write_text("channels: [conda-forge]\ndependencies: [python=3.11]\n")
+    (tmp_path / "Snakefile").write_text(
+        'rule train_encoder:\n    output: "encoder.txt"\n    conda: "env.yaml"\n'
+        '    shell: "echo trained > {output}"\n')
+    run = [sys.executable, "-m", "snakemake", "--directory", str(tmp_path), "--cores", "1",
+           "-s", str(tmp_path / "Snakefile"), "--workflow-profile",
+           str(REPO / "workflow" / "profiles" / "default")]
+    environment = local_snakemake_environment(
+        PATH=f"{tmp_path / 'bin'}:{local_snakemake_environment()['PATH']}")
+    first = subprocess.run(run, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=120, env=environment)
+    assert first.returncode == 0, first.stdout
+    for deployment in (["--software-deployment-method", "conda"],
+                       ["--software-deployment-method", "conda", "--conda-prefix",
+                        str(tmp_path / "shared-envs")]):
+        planned = subprocess.run([*run, "-n", *deployment], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True, timeout=120,
+                                 env=environment)
+        assert planned.returncode == 0, planned.stdout
+        assert "Nothing to be done" in planned.stdout, planned.stdout
+    # and a job in a conda environment keeps the PYTHONPATH that puts the checkout first
+    profile = yaml.safe_load((REPO / "workflow/profiles/default/config.yaml").read_text())
+    assert profile["conda-not-block-search-path-envvars"] is True
+
+
+def test_a_job_that_imports_another_copy_of_the_package_stops_and_says_which(tmp_path):
+    """In a conda job Snakemake took PYTHONPATH away and the site-packages of the Python
+    running Snakemake came before the checkout: a stale `pip install .` there ran the job
+    this checkout planned (found by a review). A job of this workflow (BRAINAGE_PACKAGE_DIR
+    set) that imports brainage from elsewhere stops, and its log says why."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "logs" / "job.log"
+    log.parent.mkdir()
+    job = ("import sys\n"
+           "class Snakemake:\n"
+           "    pass\n"
+           "Snakemake.__module__ = 'snakemake.script'\n"
+           "snakemake = Snakemake()\n"
+           f"snakemake.log = [{str(log)!r}]\n"
+           "import brainage\n"
+           "print('imported', brainage.__file__)\n")
+
+    def run(package_dir):
+        environment = {**os.environ, "PYTHONPATH": str(REPO / "workflow"),
+                       "BRAINAGE_PACKAGE_DIR": str(package_dir)}
+        return subprocess.run([sys.executable, "-c", job], capture_output=True, text=True,
+                              env=environment, timeout=60)
+
+    other = tmp_path / "another checkout" / "workflow"
+    stopped = run(other)
+    assert stopped.returncode != 0 and "imported" not in stopped.stdout
+    message = (f"this job of the workflow in {other.parent} imported brainage from "
+               f"{REPO / 'workflow'}, another copy of the package")
+    assert message in stopped.stderr and "pip uninstall brainage" in stopped.stderr
+    assert log.read_text().startswith(f"ERROR brainage: {message}")
+    log.unlink()
+    ours = run(REPO / "workflow")
+    assert ours.returncode == 0 and "imported" in ours.stdout, ours.stderr
+    assert "===== attempt 1" in log.read_text()

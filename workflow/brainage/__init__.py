@@ -38,7 +38,8 @@ def _open_the_job_log_first() -> None:
     standard library. A job of this workflow runs with ``BRAINAGE_PACKAGE_DIR`` naming the
     folder that holds this package (``workflow/``,
     :func:`brainage.io.prepare_job_environment`): another lab's workflow that imports the
-    package in a script of its own keeps its logging, hooks and signals.
+    package in a script of its own keeps its logging, hooks and signals. A job of this
+    workflow that imports another copy of the package stops, saying so in its log.
     """
     import os
     import sys
@@ -47,8 +48,24 @@ def _open_the_job_log_first() -> None:
     if type(job).__module__.split(".")[0] != "snakemake" or not getattr(job, "log", None):
         return
     ours = os.environ.get("BRAINAGE_PACKAGE_DIR")
-    if not ours or Path(ours).resolve() != Path(__file__).resolve().parent.parent:
+    if not ours:
         return
+    here = Path(__file__).resolve().parent.parent
+    if Path(ours).resolve() != here:
+        # Snakemake takes PYTHONPATH away from a job in a conda environment, where the
+        # checkout's package then came after the site-packages of the Python running
+        # Snakemake: a stale `pip install .` there ran the job, unnoticed (found by a review)
+        message = (f"this job of the workflow in {Path(ours).parent} imported brainage from "
+                   f"{here}, another copy of the package, which may be another version. "
+                   f"Uninstall it from the Python that runs Snakemake (pip uninstall "
+                   f"brainage; then pip install -e . in the checkout) or take it off "
+                   f"PYTHONPATH.")
+        try:
+            with open(job.log[0], "a", encoding="utf-8") as log:
+                log.write(f"ERROR brainage: {message}\n")
+        except OSError:
+            pass  # the error below still reaches the job's own output
+        raise ImportError(message)
     from brainage.logs import log_to_file
 
     log_to_file(job.log[0])
