@@ -244,3 +244,41 @@ def test_a_job_that_imports_another_copy_of_the_package_stops_and_says_which(tmp
     ours = run(REPO / "workflow")
     assert ours.returncode == 0 and "imported" in ours.stdout, ours.stderr
     assert "===== attempt 1" in log.read_text()
+
+
+@pytest.mark.workflow
+def test_a_python_under_a_path_with_a_space_is_refused_before_any_job(tmp_path):
+    """Snakemake writes the Python that runs it into every job's command unquoted: a venv in
+    a clone under "Müller lab/" failed every job with exit status 127 and an empty log (found
+    by a review). Planning stops and says what to do; the link it suggests works."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from conftest import local_snakemake_environment
+
+    def venv(folder):
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)],
+                       check=True, timeout=120)
+        (site_packages,) = folder.glob("lib/python3*/site-packages")
+        # this environment's packages (brainage, Snakemake) seen from the new one
+        (site_packages / "outer.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        return folder / "bin" / "python"
+
+    python = venv(tmp_path / "Müller lab" / ".venv")
+    plan = ["-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory",
+            str(tmp_path / "work"), "--cores", "1"]
+    refused = subprocess.run([str(python), *plan], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=300,
+                             env=local_snakemake_environment())
+    assert refused.returncode != 0
+    assert (f"the Python that runs Snakemake, {python}, lies under a path with a space"
+            in refused.stdout), refused.stdout[-3000:]
+    assert f"ln -s '{python.parent.parent}' ~/brainage-venv" in refused.stdout
+    link = tmp_path / "brainage-venv"
+    link.symlink_to(python.parent.parent)
+    planned = subprocess.run([str(link / "bin" / "python"), *plan], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, timeout=300,
+                             env=local_snakemake_environment())
+    assert planned.returncode == 0, planned.stdout[-3000:]
+    assert "lies under a path" not in planned.stdout

@@ -541,8 +541,18 @@ def use_a_writable_matplotlib_cache() -> None:
                                               f"brainage-matplotlib-{os.getuid()}"))
 
 
+#: Characters that split or expand a word in a shell command: Snakemake writes the Python
+#: that runs Snakemake into every job's command unquoted.
+SHELL_SPECIAL = re.compile(r"[\s\"'$`\\;&|<>()*?\[\]{}!#]")
+
+
 def prepare_job_environment(package_dir: str | Path, *, training_python: str) -> None:
     """Set the environment the Snakemake process hands to every job it starts.
+
+    Raises :class:`ValueError` where ``training_python`` (the Python that runs Snakemake,
+    outside conda) has a space or another shell character in its path: Snakemake puts it
+    into every job's command unquoted, and each job failed with exit status 127 and an
+    empty log (a venv in a clone under a lab share named "MRE data").
 
     - ``PYTHONPATH`` begins with ``package_dir`` (the checkout's ``workflow`` folder, once):
       Snakemake appends a script's folder to ``sys.path``, behind PYTHONPATH and
@@ -555,6 +565,15 @@ def prepare_job_environment(package_dir: str | Path, *, training_python: str) ->
     - ``BRAINAGE_PACKAGE_DIR`` and ``BRAINAGE_TRAINING_PYTHON``, read by rule
       pretrain_encoder's command (environment, not params: neither changes a result).
     """
+    if SHELL_SPECIAL.search(training_python):
+        environment = Path(training_python).parent.parent
+        raise ValueError(
+            f"the Python that runs Snakemake, {training_python}, lies under a path with a "
+            f"space or a shell character, and Snakemake writes it into every job's command "
+            f"unquoted: each job would fail with exit status 127 and an empty log. Create the "
+            f"environment under a path without them, or start Snakemake through a link to "
+            f"it: ln -s '{environment}' ~/brainage-venv, then ~/brainage-venv/bin/snakemake "
+            f"... (or ~/brainage-venv/bin/python -m snakemake ...).")
     package_dir = str(package_dir)
     os.environ.update(BRAINAGE_PACKAGE_DIR=package_dir,
                       BRAINAGE_TRAINING_PYTHON=training_python)

@@ -965,14 +965,17 @@ def pretrain_settings_argument(wildcards):
 # variables: as params, a change would rerun the run, and neither the checkout's folder nor
 # the Python changes what it computes. Every Snakemake process sets them, the one on a
 # SLURM node that runs the job included.
-prepare_job_environment(
-    Path(workflow.basedir) / "workflow",
-    training_python=(
-        "python"
-        if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
-        else sys.executable
-    ),
-)
+try:
+    prepare_job_environment(
+        Path(workflow.basedir) / "workflow",
+        training_python=(
+            "python"
+            if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+            else sys.executable
+        ),
+    )
+except ValueError as error:
+    raise WorkflowError(str(error)) from None
 
 
 #: {run: {"metrics": path, "history": path}}: what the report's pretraining section reads.
