@@ -953,7 +953,8 @@ def test_a_pretraining_run_needs_output_folders_a_shell_command_takes_as_one_wor
     assert "config key 'output.results' is 'lab results'" in message
     assert "config key 'output.logs' is 'logs;rm'" in message
     assert validate_config(spaced)["output"]["results"] == "lab results"
-    fine = {"output": {"results": "/scratch/lab-1/run_2.0/results", "logs": "logs"}}
+    # any alphabet's letters are one word (they were refused while the message said letters)
+    fine = {"output": {"results": "/scratch/lab-1/run_2.0/Ergebnisse_Müller", "logs": "logs"}}
     assert validate_config({**_with_pretraining(), **fine})["output"] == {
         **fine["output"], "benchmarks": "benchmarks"}
 

@@ -711,6 +711,42 @@ def test_an_optional_t1w_under_another_name_or_not_fetched_is_refused(tiny_datas
         read_participants(tiny_dataset)
 
 
+def test_a_plain_broken_link_says_where_it_points(tiny_dataset, tmp_path):
+    """Every broken link was called "a DataLad or git-annex file not fetched?" with the
+    advice to fetch it: a lab's link to a scan export that moved says where it points, and
+    what to do (found by a review); a link into a git-annex store keeps the fetch advice."""
+    stiffness = _stiffness(tiny_dataset, "01a")
+    stiffness.unlink()
+    moved = tmp_path / "scanner export" / "gone.nii.gz"
+    stiffness.symlink_to(moved)
+    message = (rf"stiffness map .*sub-01a_stiffness\.nii\.gz is a broken link to "
+               rf"{re.escape(str(moved))} .*Repair the link or add the file")
+    with pytest.raises(InputError, match=message) as refused:
+        read_participants(tiny_dataset)
+    assert "DataLad" not in str(refused.value) and "datalad get" not in str(refused.value)
+    with pytest.raises(InputError, match=rf"broken link to {re.escape(str(moved))}"):
+        subject_inputs(tiny_dataset, "01a")
+    table = tiny_dataset / "participants.tsv"
+    table.rename(tmp_path / "elsewhere.tsv")
+    table.symlink_to(tmp_path / "moved.tsv")
+    with pytest.raises(InputError, match=r"participants\.tsv is a broken link to .*moved\.tsv\. "
+                                         r"Repair the link or put the table there"):
+        read_participants(tiny_dataset)
+
+
+def test_a_missing_dataset_root_is_named_for_a_single_subject(tmp_path):
+    """A single subject's target under a wrong dataset.root said "the subject has no folder
+    ... remove the subject", while the whole run's target named the root (found by a
+    review): the root is named, with the key that sets it."""
+    missing = tmp_path / "data lnk"
+    with pytest.raises(InputError, match=rf"dataset root {re.escape(str(missing))} does not "
+                                         rf"exist\. Set config key predict\.cohorts\.clinic to"):
+        subject_inputs(missing, "01a", root_setting="config key predict.cohorts.clinic")
+    with pytest.raises(InputError, match=r"dataset root ~/data does not exist: '~' is not "
+                                         r"expanded in paths\. Set config key dataset\.root"):
+        subject_inputs("~/data", "01a")
+
+
 def test_a_participants_table_not_fetched_is_named_and_kept(tiny_dataset):
     """DataLad annexes participants.tsv too: a link whose content was never fetched was
     reported as "missing", and with the simulation left on (a demo config with only

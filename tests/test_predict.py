@@ -2492,6 +2492,24 @@ def test_a_file_given_for_a_folder_is_named_as_such(world, new_cohort, tmp_path)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_a_tilde_in_a_path_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """`--output=~/preds` (no shell expands that ~) made a folder named '~' here, then
+    failed writing where nibabel expanded it, with "No such file or directory" (found by a
+    review): a '~' is refused with the full path to give, as --dataset's is."""
+    from brainage.predict import run_cohort
+
+    monkeypatch.chdir(tmp_path)
+    home = Path("~").expanduser()
+    for flag, arguments in (("--output", ("bundle", "data", "~/preds")),
+                            ("--bundle", ("~/bundle", "data", "preds"))):
+        with pytest.raises(InputError, match=rf"{flag} ~/\w+: '~' is not expanded in paths "
+                                             rf".*Set {flag} to the full path \({home}/"):
+            run_cohort(*arguments)
+    with pytest.raises(InputError, match=r"--template-t1 ~/t1.nii.gz: '~' is not expanded"):
+        run_cohort("bundle", "data", "preds", template_t1="~/t1.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_threads_must_be_a_positive_whole_number(capsys):
     from brainage.predict import _parse_arguments
 

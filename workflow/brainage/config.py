@@ -283,8 +283,10 @@ def check_search_settings(config: Mapping[str, Any], *, source: str = "config") 
     return []
 
 
-#: Characters a path may hold and still pass a shell command as one word, unquoted.
-_SHELL_WORD = re.compile(r"[A-Za-z0-9/._+,:@%=-]+")
+#: Characters a path may hold and still pass a shell command as one word, unquoted: the
+#: letters of any alphabet (Ergebnisse_Müller; a shell splits and expands on ASCII
+#: characters only), digits and / . _ + , : @ % = -.
+_SHELL_WORD = re.compile(r"[\w/.+,:@%=-]+")
 
 
 def check_shell_safe_outputs(config: Mapping[str, Any], *, source: str = "config") -> list[str]:

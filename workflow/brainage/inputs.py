@@ -115,9 +115,11 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
     if not root.is_dir():
         raise InputError(_missing_root_message(root, root_setting))
     table_path = root / "participants.tsv"
-    if _not_fetched(table_path):
-        raise InputError(f"{table_path} {_not_a_file(table_path)}. Fetch it (datalad get "
-                         f"participants.tsv, or git annex get) and run again.")
+    if _broken_link(table_path):
+        raise InputError(f"{table_path} {_not_a_file(table_path)}. " + (
+            "Fetch it (datalad get participants.tsv, or git annex get)"
+            if _not_fetched(table_path) else "Repair the link or put the table there")
+            + " and run again.")
     try:  # size too: two edits within one tick of the file system's clock share an mtime
         status = table_path.stat()
         stamp = (status.st_mtime_ns, status.st_size)
@@ -607,7 +609,8 @@ def _missing_image_message(root: str | Path, label: str, name: str,
     what = f"subject sub-{label}: {modality(name).description} {path} {_not_a_file(path)}"
     if not path.parent.parent.is_dir():
         what += f" (the subject has no folder {path.parent.parent})"
-    add = "Fetch it (datalad get / git annex get)" if _not_fetched(path) else "Add the file"
+    add = ("Fetch it (datalad get / git annex get)" if _not_fetched(path) else
+           "Repair the link or add the file" if _broken_link(path) else "Add the file")
     if needed_by is not None:
         return (f"{what}; {needed_by} reads {', '.join(modalities)} of every subject."
                 f"{_found_instead(path)} {add}, {remedy}.")
@@ -615,9 +618,15 @@ def _missing_image_message(root: str | Path, label: str, name: str,
             f"{add}, {remedy}, or remove {name} from the modalities.")
 
 
-def _not_fetched(path: Path) -> bool:
-    """Whether ``path`` is a broken link: a DataLad or git-annex file never fetched."""
+def _broken_link(path: Path) -> bool:
+    """Whether ``path`` is a link to nothing."""
     return path.is_symlink() and not path.exists()
+
+
+def _not_fetched(path: Path) -> bool:
+    """Whether ``path`` is a broken link into a git-annex store (``.git/annex/objects``): a
+    DataLad or git-annex file never fetched, not a file moved from under its link."""
+    return _broken_link(path) and "annex/objects/" in os.readlink(path)
 
 
 def _not_a_file(path: Path) -> str:
@@ -626,6 +635,8 @@ def _not_a_file(path: Path) -> str:
     nothing there."""
     if _not_fetched(path):
         return "is a broken link (a DataLad or git-annex file not fetched?)"
+    if _broken_link(path):  # a scan export's link whose target moved: say where it points
+        return f"is a broken link to {os.readlink(path)}"
     if path.exists():
         target = f"a link to {os.readlink(path)}" if path.is_symlink() else (
             "a folder" if path.is_dir() else "a device, pipe or socket")
@@ -768,13 +779,17 @@ def _found_instead(path: Path) -> str:
 
 
 def subject_inputs(root: str | Path, label: str,
-                   modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
+                   modalities: Sequence[str] = DEFAULT_MODALITIES, *,
+                   root_setting: str = "config key dataset.root") -> dict[str, str]:
     """Input files of one subject from the dataset folder (not from participants.tsv).
 
     Returns ``{map: path}`` for each MRE map of ``modalities``, plus ``"anat": path`` when
     the subject has a T1w (required when ``modalities`` lists T1w; otherwise it is the
-    registration reference when present).
+    registration reference when present). A missing ``root`` is named as such, by
+    ``root_setting`` (a single subject's target blamed the subject).
     """
+    if not Path(root).is_dir():
+        raise InputError(_missing_root_message(Path(root), root_setting))
     check_label(label, where=f"dataset {root}")
     _require_every_image(root, [label], modalities, remedy="or remove the subject")
     inputs = {name: str(input_path(root, label, name)) for name in modalities

@@ -146,6 +146,12 @@ def _run_checked_cohort(early: EarlyRecords, held: contextlib.ExitStack,
                "--bias-reference-group": bias_reference_group, "--template-t1": template_t1,
                "--template-mask": template_mask, "--device": device, "--threads": threads,
                "--jobs": jobs if jobs != 1 else None}
+    for flag, path in (("--bundle", bundle_dir), ("--output", output),
+                       ("--template-t1", template_t1), ("--template-mask", template_mask)):
+        if path is not None and str(path).startswith("~"):  # `--output=~/x`, or quoted
+            raise InputError(f"{flag} {path}: '~' is not expanded in paths (a folder named "
+                             f"'~' would be made here). Set {flag} to the full path "
+                             f"({Path(path).expanduser()}).")
     bundle = read_bundle(bundle_dir)
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -267,7 +273,8 @@ def _run_checked_cohort(early: EarlyRecords, held: contextlib.ExitStack,
         _warn_about_other_subjects(layout.preproc_dir(), labels, dataset_root)
         try:
             processed = run_subjects(
-                {label: subject_inputs(dataset_root, label, modalities) for label in labels},
+                {label: subject_inputs(dataset_root, label, modalities, root_setting="--dataset")
+                 for label in labels},
                 layout, preproc=TRAINING_PREPROC, preprocess=preprocess, template_t1=t1_path,
                 template_mask=mask_path, modalities=modalities, jobs=jobs, cohort=cohort)
         except (InputError, PreprocessError) as error:

@@ -173,6 +173,12 @@ PREPROC_ROOTS = {
     **{LAYOUT.cohort_preproc(cohort): root for cohort, root in PREDICT_COHORTS.items()},
     **{LAYOUT.pretrain_preproc(name): pretrain_root(name) for name in PRETRAIN_CHAIN},
 }
+#: The config key that names each of PREPROC_ROOTS, for messages.
+PREPROC_ROOT_KEYS = {
+    TRAINING_PREPROC: "dataset.root",
+    **{LAYOUT.cohort_preproc(cohort): f"predict.cohorts.{cohort}" for cohort in PREDICT_COHORTS},
+    **{LAYOUT.pretrain_preproc(name): f"pretrain.{name}.source.root" for name in PRETRAIN_CHAIN},
+}
 MODALITIES = tuple(config["dataset"]["modalities"])
 
 
@@ -419,7 +425,12 @@ def raw_inputs(wildcards):
         # files still to be simulated by simulate_predict_cohort or simulate_pretrain_cohort
         return simulated_inputs(root, wildcards.subject, modalities)
     try:
-        return subject_inputs(root, wildcards.subject, modalities)
+        return subject_inputs(
+            root,
+            wildcards.subject,
+            modalities,
+            root_setting=f"config key {PREPROC_ROOT_KEYS[wildcards.preproc]}",
+        )
     except InputError as error:
         simulated = wildcards.preproc == TRAINING_PREPROC and SIMULATED
         raise WorkflowError(input_error_message(error, simulated)) from None
