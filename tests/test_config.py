@@ -1009,3 +1009,22 @@ def test_a_training_job_books_at_most_the_one_gpu_it_uses():
     with pytest.raises(ConfigError, match=r"resources\.train\.gpu.*maximum"):
         validate_config(config)
 
+
+
+def test_the_schema_names_what_the_registries_know():
+    """The schema's enums and the package's registries are kept by hand (the plan reads the
+    schema without importing torch): a loss in the enum but not in LOSS_CLASSES passed the
+    plan and failed in its training job, after SLURM queued and retried it (found by a
+    review)."""
+    from brainage.losses.registry import DISPLAY_NAMES, LOSS_NAMES
+    from brainage.modalities import MODALITIES
+    from brainage.readout import READOUT_METHODS
+
+    schema = load_schema()["properties"]
+    assert schema["loss"]["properties"]["name"]["enum"] == list(LOSS_NAMES)
+    assert schema["readout"]["properties"]["method"]["enum"] == list(READOUT_METHODS)
+    for section in ("dataset", "model"):
+        assert schema[section]["properties"]["modalities"]["items"]["enum"] == list(MODALITIES)
+    assert schema["model"]["properties"]["encoder"]["enum"] == ["resnet18", "none"]
+    # two losses under one name made two identical rows of Table 3
+    assert len(set(DISPLAY_NAMES.values())) == len(DISPLAY_NAMES)

@@ -64,6 +64,19 @@ def test_every_readout_learns_a_linear_age_code(method):
     assert mae < 0.35 * baseline, (method, mae, baseline)
 
 
+def test_a_readout_method_without_its_fit_is_named(monkeypatch):
+    """A method added to READOUT_METHODS (and the schema) without its branch in
+    fit_readout stopped the evaluation job with a bare KeyError (found by a review)."""
+    from brainage import readout as readouts
+
+    monkeypatch.setattr(readouts, "READOUT_METHODS", (*readouts.READOUT_METHODS, "quantile"))
+    train_x, train_y, _, _ = _shared_direction_data(n_train=10)
+    with pytest.raises(ConfigError, match=r"config key readout\.method is 'quantile', which "
+                                          r"has no fit: add its branch to brainage\.readout"
+                                          r"\.fit_readout"):
+        readouts.fit_readout(train_x, train_y, {**readout_section({}), "method": "quantile"})
+
+
 def test_ridge_alpha_from_the_grid_and_folds_capped_by_the_training_set(caplog):
     train_x, train_y, _, _ = _shared_direction_data(n_train=5)
     readout = fit_readout(train_x, train_y, readout_section({"method": "ridge", "cv_folds": 5,

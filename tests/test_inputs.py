@@ -860,8 +860,8 @@ def test_a_map_in_another_unit_than_kpa_is_not_told_to_divide_pascals():
     from brainage.inputs import _check_unit
     from brainage.modalities import Modality
 
-    speed = Modality("shear_speed", "mre", "m/s", "shear-wave-speed map",
-                     valid_range=(0.1, 20.0))
+    speed = Modality("shear_speed", "mre", "m/s", "shear-wave-speed map", n4=False,
+                     white_matter_higher=True, valid_range=(0.1, 20.0))
     with pytest.raises(InputError) as error:
         _check_unit(np.full(100, 2500.0), speed, Path("sub-01_shear_speed.nii.gz"), "map")
     assert "Is it in another unit than m/s or an unscaled integer export? Convert it to m/s" \

@@ -148,3 +148,16 @@ def test_a_cohort_to_predict_is_preprocessed_around_the_training_grid_map():
     assert modalities_to_predict(["T1w"], "T1w") == ("T1w",)
     with pytest.raises(ValueError, match="preprocessed around T1w"):
         modalities_to_predict(["stiffness"], "T1w")
+
+
+def test_a_new_map_states_its_bias_correction_and_its_contrast():
+    """Modality's defaults bias-corrected a new map and judged its registration by a white
+    matter brighter than grey, against docs/architecture.md §9's advice (found by a
+    review): each map states both."""
+    from brainage.modalities import Modality
+
+    with pytest.raises(TypeError, match="n4.*white_matter_higher"):
+        Modality("wave_speed", "mre", "m/s", "shear-wave-speed map")
+    speed = Modality("wave_speed", "mre", "m/s", "shear-wave-speed map", n4=False,
+                     white_matter_higher=False)
+    assert not speed.n4 and not speed.white_matter_higher and speed.positive

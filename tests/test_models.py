@@ -528,6 +528,17 @@ def test_build_model_passes_the_stem_and_shortcut_options():
     assert sizes == {"default": (1, 1, 1), "options": (2, 2, 2)}
 
 
+def test_a_backbone_without_its_branch_is_refused_not_built_as_a_resnet():
+    """build_model never read model.encoder: a backbone added to the schema without a
+    branch here trained and reported a ResNet-18 under its name (found by a review)."""
+    section = model_section({"width": 8})
+    assert isinstance(build_model(section), BrainAgeNet)
+    with pytest.raises(ConfigError, match=r"config key model\.encoder is 'small3d': "
+                                          r"brainage\.models\.build_model builds resnet18 "
+                                          r"only"):
+        build_model({**section, "encoder": "small3d"})
+
+
 def test_read_out_features_restore_eval_mode_and_refuse_unknown_features():
     """features() and embed_all() put the module back in the mode it was in, eval included;
     an unknown read-out is a ConfigError naming model.features."""

@@ -17,7 +17,7 @@ registration reference inside the warped brain mask.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -65,12 +65,15 @@ class Modality:
     folder: str
     unit: str
     description: str
+    _: KW_ONLY
+    # no default: each map states them (a default of True bias-corrected a new map and
+    # judged its registration by a contrast it may not have)
+    n4: bool
+    white_matter_higher: bool
     valid_range: tuple[float, float] | None = None
     median_range: tuple[float, float] | None = None
     positive: bool = True
-    n4: bool = True
     scale_by_brain_median: bool = False
-    white_matter_higher: bool = True
 
     @property
     def is_mre(self) -> bool:
@@ -95,15 +98,17 @@ class Modality:
 MODULUS_MEDIAN_KPA = (0.05, 50.0)
 
 MODALITIES = {
-    "stiffness": Modality("stiffness", "mre", "kPa", "stiffness map",
-                          median_range=MODULUS_MEDIAN_KPA),
-    "damping_ratio": Modality("damping_ratio", "mre", "1", "damping-ratio map",
-                              valid_range=(0.0, 1.0), n4=False, white_matter_higher=False),
+    "stiffness": Modality("stiffness", "mre", "kPa", "stiffness map", n4=True,
+                          white_matter_higher=True, median_range=MODULUS_MEDIAN_KPA),
+    "damping_ratio": Modality("damping_ratio", "mre", "1", "damping-ratio map", n4=False,
+                              white_matter_higher=False, valid_range=(0.0, 1.0)),
     "storage_modulus": Modality("storage_modulus", "mre", "kPa", "storage-modulus map",
+                                n4=True, white_matter_higher=True,
                                 median_range=MODULUS_MEDIAN_KPA),
-    "loss_modulus": Modality("loss_modulus", "mre", "kPa", "loss-modulus map",
-                             median_range=MODULUS_MEDIAN_KPA),
-    "T1w": Modality("T1w", "anat", "a.u.", "T1w image", scale_by_brain_median=True),
+    "loss_modulus": Modality("loss_modulus", "mre", "kPa", "loss-modulus map", n4=True,
+                             white_matter_higher=True, median_range=MODULUS_MEDIAN_KPA),
+    "T1w": Modality("T1w", "anat", "a.u.", "T1w image", n4=True, white_matter_higher=True,
+                    scale_by_brain_median=True),
 }
 DEFAULT_MODALITIES = ("stiffness",)
 

@@ -190,10 +190,17 @@ def build_model(model_settings: Mapping, *, in_channels: int | None = None) -> B
     Raises
     ------
     ConfigError
-        An unknown ``model.features``. (Read-out features after a projection head that is
-        switched off are refused by :func:`brainage.config.check_cell`: training builds
-        the model without the read-out's ``features``, so this check cannot live here.)
+        An unknown ``model.features``, or a ``model.encoder`` other than ``resnet18``: a
+        backbone added to the schema without a branch here trained a ResNet-18 under its
+        name. (Read-out features after a projection head that is switched off are refused
+        by :func:`brainage.config.check_cell`: training builds the model without the
+        read-out's ``features``, so this check cannot live here.)
     """
+    encoder = model_settings.get("encoder", "resnet18")  # bundles of format 1 lack it
+    if encoder != "resnet18":
+        raise ConfigError(f"config key model.encoder is {encoder!r}: brainage.models."
+                          f"build_model builds resnet18 only (docs/architecture.md §9, "
+                          f"a backbone).")
     features = model_settings["features"]
     if features not in FEATURE_CHOICES:
         raise ConfigError(f"config key model.features is {features!r}; expected one of "

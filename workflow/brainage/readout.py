@@ -262,9 +262,13 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
     else:
         targets = torch.from_numpy(((ages - age_mean) / age_sd).astype(np.float32))[:, None]
         outputs = 1
-        criterion = {"mse": nn.MSELoss(), "l1": nn.L1Loss(),
-                     "huber": nn.HuberLoss(delta=float(readout_settings["huber_delta"]) / age_sd)
-                     }[method]
+        criteria = {"mse": nn.MSELoss(), "l1": nn.L1Loss(),
+                    "huber": nn.HuberLoss(delta=float(readout_settings["huber_delta"]) / age_sd)}
+        if method not in criteria:  # a method added to READOUT_METHODS without its fit
+            raise ConfigError(f"config key readout.method is {method!r}, which has no fit: "
+                              f"add its branch to brainage.readout.fit_readout "
+                              f"(docs/architecture.md §9, a baseline).")
+        criterion = criteria[method]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         predictor = _mlp(inputs.shape[1], int(readout_settings["predictor_hidden_dim"]), outputs)

@@ -1,4 +1,7 @@
-"""Name -> loss class, and :func:`make_loss`. The only place that knows loss names."""
+"""Name -> loss class, and :func:`make_loss`. The schema's ``loss.name`` enum lists the
+same names (the plan must not import torch; tests/test_config.py checks that they agree),
+and a loss with Adaptive Neighborhoods' schedule is known as ``adaptive`` by the plan's
+checks and the random search (docs/architecture.md §9)."""
 
 from __future__ import annotations
 
