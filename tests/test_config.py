@@ -8,6 +8,7 @@ import yaml
 
 from brainage.config import (
     ConfigError,
+    _shared_schema,
     cell_settings,
     check_batch_sizes,
     check_pretrain_batch_size,
@@ -16,7 +17,6 @@ from brainage.config import (
     encoder_owners,
     grid_cells,
     load_config,
-    load_schema,
     pretrain_settings,
     pretrained_run,
     resolve_cell,
@@ -37,7 +37,7 @@ def _properties(node, path=""):
 
 
 def test_every_key_has_description_and_default():
-    schema = load_schema()
+    schema = _shared_schema()
     undocumented = [key for key, sub in _properties(schema)
                     if "description" not in sub and "$ref" not in sub]
     undefaulted = [key for key, sub in _properties(schema) if "default" not in sub]
@@ -59,11 +59,11 @@ def test_resolving_every_cell_leaves_the_shared_schema_as_parsed():
         settings["loss"].clear()
     for name in config["pretrain"]:
         pretrain_settings(config, name)["loss"].clear()
-    assert load_schema() == yaml.safe_load(CONFIG_SCHEMA.read_text())
+    assert _shared_schema() == yaml.safe_load(CONFIG_SCHEMA.read_text())
 
 
 def test_every_object_rejects_unknown_keys():
-    schema = load_schema()
+    schema = _shared_schema()
     open_objects = [key for key, sub in _properties(schema)
                     if sub.get("type") == "object" and "properties" in sub
                     and sub.get("additionalProperties", True) is not False]
@@ -1020,7 +1020,7 @@ def test_the_schema_names_what_the_registries_know():
     from brainage.modalities import MODALITIES
     from brainage.readout import READOUT_METHODS
 
-    schema = load_schema()["properties"]
+    schema = _shared_schema()["properties"]
     assert schema["loss"]["properties"]["name"]["enum"] == list(LOSS_NAMES)
     assert schema["readout"]["properties"]["method"]["enum"] == list(READOUT_METHODS)
     for section in ("dataset", "model"):

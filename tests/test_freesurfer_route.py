@@ -103,26 +103,12 @@ def test_synthstrip_interface_command_line(tmp_path):
     strip = SynthStrip(in_file=str(image), mask_file="/out/mask.nii.gz", num_threads=1)
     assert strip.cmdline == f"mri_synthstrip -i {image} -m /out/mask.nii.gz"
     assert strip.inputs.environ["OMP_NUM_THREADS"] == "1"
-    strip = SynthStrip(in_file=str(image), mask_file="/out/m.nii.gz", out_file="/out/b.nii.gz",
-                       num_threads=2, border_mm=1, no_csf=True)
-    assert strip.cmdline == (f"mri_synthstrip -i {image} -m /out/m.nii.gz -o /out/b.nii.gz "
-                             f"-b 1 --no-csf")
+    strip = SynthStrip(in_file=str(image), mask_file="/out/m.nii.gz", num_threads=2)
     assert strip.inputs.environ["OMP_NUM_THREADS"] == "2"
     strip.inputs.num_threads = 3
     assert strip.inputs.environ["OMP_NUM_THREADS"] == "3"
     watershed = WatershedSkullStrip(in_file=str(image), out_file="/out/brain.nii.gz")
     assert watershed.cmdline == f"mri_watershed {image} /out/brain.nii.gz"
-
-
-def test_synthstrip_border_takes_any_real_number_of_mm(tmp_path):
-    """FreeSurfer 8's mri_synthstrip takes a real -b (mm; negative for a tighter mask).
-    The spec declared an int: 0.5 or -1.5 mm were refused, and a float border had no way
-    through. A whole number is written as one, which FreeSurfer 7's int -b takes."""
-    image = tmp_path / "T1w.nii.gz"
-    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), image)
-    for border, flag in ((-1.5, "-b -1.5"), (0.5, "-b 0.5"), (2, "-b 2")):
-        strip = SynthStrip(in_file=str(image), mask_file="/out/m.nii.gz", border_mm=border)
-        assert strip.cmdline == f"mri_synthstrip -i {image} -m /out/m.nii.gz {flag}"
 
 
 def test_auto_picks_freesurfer_only_when_installed(freesurfer_double, monkeypatch):

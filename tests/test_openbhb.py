@@ -505,9 +505,9 @@ def test_messages_name_the_config_keys_that_exist(tmp_path):
     """The fixes the reader's messages give name keys of a pretraining run's source
     (pretrain.<run>.source.root, pretrain.<run>.source.openbhb_validation): a key the schema
     does not have (pretrain.source.validation) cannot be set."""
-    from brainage.config import load_schema
+    from brainage.config import _shared_schema
 
-    source_keys = load_schema()["$defs"]["pretrain_run"]["properties"]["source"]["properties"]
+    source_keys = _shared_schema()["$defs"]["pretrain_run"]["properties"]["source"]["properties"]
     write_openbhb_release(tmp_path, n_train=3, n_validation=1)  # one internal_test scan only
     with pytest.raises(InputError) as error:
         read_release(tmp_path, validation="external")

@@ -229,7 +229,7 @@ def read_manifest(directory: str | Path) -> dict:
         raise BundleError(f"{manifest_path} is not a brainage model bundle manifest (its "
                           f"'kind' is {kind!r}, expected {BUNDLE_KIND!r}).")
     version = manifest.get("format_version")
-    # type: JSON true equals 1 in Python, and would pass as format 1 (no digest check)
+    # the type matters: JSON true equals 1 in Python and passed as format 1 (no digest check)
     if type(version) is not int or version not in SUPPORTED_FORMAT_VERSIONS:
         versions = manifest.get("versions")
         written_by = (versions.get("brainage", "an unknown version")

@@ -34,11 +34,6 @@ class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
 
 
-def load_schema(path: Path = CONFIG_SCHEMA) -> dict:
-    """The schema as a fresh dict (parsed once per process; callers may modify the copy)."""
-    return copy.deepcopy(_parsed_schema(str(path)))
-
-
 @lru_cache(maxsize=4)
 def _parsed_schema(path: str) -> dict:
     with open(path) as handle:

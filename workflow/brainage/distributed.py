@@ -104,11 +104,6 @@ log = logging.getLogger(__name__)
 #: instead of holding its GPUs until the time limit.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
-#: Variables torchrun sets in every process it starts.
-TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                      "MASTER_PORT")
-
-
 class DistributedError(RuntimeError):
     """The torchrun environment or the process group is not usable; the message says
     which variable or process and what to do."""
@@ -173,7 +168,9 @@ def _integer_variable(environ: Mapping[str, str], name: str) -> int:
 
 
 def processes_from_environment(environ: Mapping[str, str] | None = None) -> Processes:
-    """This process's place from the variables torchrun sets (:data:`TORCHRUN_VARIABLES`).
+    """This process's place from the variables torchrun sets in every process it starts
+    (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``,
+    ``MASTER_PORT``).
 
     Without ``WORLD_SIZE``, or with ``WORLD_SIZE`` 1, the training runs in one process
     (:data:`SINGLE_PROCESS`), exactly as without torchrun.

@@ -515,6 +515,12 @@ def json_default(value):
     raise TypeError(f"cannot write {type(value).__name__} to JSON")
 
 
+def write_npz(path: str | Path, **arrays: np.ndarray) -> None:
+    """Write ``arrays`` to an uncompressed ``.npz`` file through a temporary name."""
+    with atomic_path(path) as temp, open(temp, "wb") as handle:  # np.savez adds no ".npz"
+        np.savez(handle, **arrays)
+
+
 def read_npz(path: str | Path) -> dict[str, np.ndarray]:
     """Every array of an ``.npz`` file (no pickles), or ValueError naming the file when it
     is missing or cannot be read; callers add what to rerun."""

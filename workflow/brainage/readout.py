@@ -40,7 +40,7 @@ from typing import Mapping
 import numpy as np
 
 from brainage.config import ConfigError
-from brainage.io import atomic_path, read_npz, sha256_file, write_json
+from brainage.io import read_npz, sha256_file, write_json, write_npz
 
 log = logging.getLogger(__name__)
 
@@ -458,9 +458,7 @@ def save_readout(folder: str | Path, readout: Readout, **description) -> dict:
     job stopped between the two writes)."""
     folder = Path(folder)
     state, own = readout.to_state()
-    with atomic_path(folder / READOUT_ARRAYS) as temp:
-        with open(temp, "wb") as handle:
-            np.savez(handle, **state)
+    write_npz(folder / READOUT_ARRAYS, **state)
     payload = {**own, **description, ARRAYS_SHA256_KEY: sha256_file(folder / READOUT_ARRAYS)}
     write_json(folder / READOUT_DESCRIPTION, payload)
     return payload

@@ -48,7 +48,7 @@ from brainage.config import (
 )
 from brainage.data import VolumeStore
 from brainage.evaluate import evaluate_split
-from brainage.io import atomic_path, read_npz, remove_stale_temporaries, write_json, write_tsv
+from brainage.io import read_npz, remove_stale_temporaries, write_json, write_npz, write_tsv
 from brainage.models import embed_all, load_encoder
 from brainage.runtime import runtime_setup
 from brainage.split_data import SplitData, load_split
@@ -128,10 +128,8 @@ def _stored_features(path: Path, key: str, split: SplitData) -> dict | None:
 def _store_features(path: Path, features: Mapping[str, np.ndarray], key: str,
                     split: SplitData) -> None:
     rows = np.concatenate([split.train_index, split.eval_index])
-    with atomic_path(path, suffix=".npz") as temp:
-        with open(temp, "wb") as handle:
-            np.savez(handle, **features, training_key=np.array(key),
-                     participant_id=split.participant_ids[rows].astype(str))
+    write_npz(path, **features, training_key=np.array(key),
+              participant_id=split.participant_ids[rows].astype(str))
 
 
 def _record_divergence(trial: Mapping, failure: str, seconds: float, metrics_path: Path, *,

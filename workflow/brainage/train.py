@@ -96,6 +96,7 @@ from brainage.io import (
     save_tensors,
     sha256_file,
     write_failure,
+    write_npz,
     write_tensors,
     write_tsv,
 )
@@ -168,12 +169,9 @@ def _write_embeddings(path: Path, features: np.ndarray, split: SplitData,
     what :meth:`brainage.models.BrainAgeNet.project` returns: the head's output, or without
     a head the encoder output itself (unit-length for the contrastive losses). Cells sharing
     the encoder may read out the other kind from features.npz."""
-    with atomic_path(path, suffix=".npz") as temp:
-        with open(temp, "wb") as handle:
-            np.savez(handle, features=features.astype(np.float32),
-                     participant_id=split.participant_ids[rows].astype(str),
-                     age=split.ages[rows], subset=split.subset_labels()[rows].astype(str),
-                     features_kind=np.array(kind))
+    write_npz(path, features=features.astype(np.float32),
+              participant_id=split.participant_ids[rows].astype(str), age=split.ages[rows],
+              subset=split.subset_labels()[rows].astype(str), features_kind=np.array(kind))
 
 
 def embeddings_file(embeddings_dir: str | Path, epoch: int) -> Path:
@@ -482,14 +480,10 @@ def write_features(path: str | Path, model, split: SplitData, encoder_sha256: st
     rows = np.concatenate([split.train_index, split.eval_index])
     store = VolumeStore(split.images, device, channels=channels)
     features = embed_all(model, store, rows, channels_last=channels_last)
-    with atomic_path(path, suffix=".npz") as temp:
-        with open(temp, "wb") as handle:
-            np.savez(handle, **features, participant_id=split.participant_ids[rows].astype(str),
-                     subset=split.subset_labels()[rows].astype(str), age=split.ages[rows],
-                     study=split.studies[rows].astype(str),
-                     encoder_sha256=np.array(encoder_sha256),
-                     trained_loss=np.array(json.dumps(dict(trained_loss or {}),
-                                                      sort_keys=True)))
+    write_npz(path, **features, participant_id=split.participant_ids[rows].astype(str),
+              subset=split.subset_labels()[rows].astype(str), age=split.ages[rows],
+              study=split.studies[rows].astype(str), encoder_sha256=np.array(encoder_sha256),
+              trained_loss=np.array(json.dumps(dict(trained_loss or {}), sort_keys=True)))
 
 
 def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmenter,

@@ -8,9 +8,7 @@ subject ``r % B``. Ages are tiled the same way.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -55,21 +53,6 @@ def compute_dtype(features: Tensor) -> torch.dtype:
     """float64 stays float64 (tests, gradcheck); everything else is computed in float32,
     so bf16/fp16 activations never reach an exponential or a log-sum-exp."""
     return torch.float64 if features.dtype == torch.float64 else torch.float32
-
-
-@contextlib.contextmanager
-def float32_products(device_type: str) -> Iterator[None]:
-    """Full float32 matrix products inside: autocast off (under autocast a float32 matmul
-    would silently run in bf16) and no TF32 on CUDA (``train.precision: auto`` allows it
-    for the training step's layers; in a loss it rounded the similarities' inputs to 10
-    mantissa bits and changed which rows were nearest)."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.autocast(device_type=device_type, enabled=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def view_major_rows(features: Tensor, ages: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:

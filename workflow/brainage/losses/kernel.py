@@ -28,12 +28,13 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from brainage.runtime import full_float32
+
 from ._arguments import check_choice, check_positive_float, check_positive_int
 from ._common import (
     DISTANCES,
     REDUCTIONS,
     check_batch,
-    float32_products,
     masked_logsumexp,
     pairwise_distance,
     rbf_kernel,
@@ -135,7 +136,7 @@ class KernelContrastiveLoss(nn.Module):
         Tensor, scalar
         """
         batch, _ = check_batch(features, ages)
-        with float32_products(features.device.type):
+        with full_float32():
             rows, row_ages, row_subjects = view_major_rows(features, ages)
             n_rows = rows.shape[0]
             similarity = rows @ rows.T / self.temperature

@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from brainage.runtime import full_float32
+
 from ._arguments import check_positive_float, check_positive_int
-from ._common import check_batch, float32_products, view_major_rows
+from ._common import check_batch, view_major_rows
 
 
 class SupportSet(nn.Module):
@@ -159,7 +161,7 @@ class NNCLRLoss(nn.Module):
         batch, views = check_batch(features, None)
         if views != 2:
             raise ValueError(f"NNCLR needs exactly 2 views per subject; features has V = {views}")
-        with float32_products(features.device.type):
+        with full_float32():
             rows, _, _ = view_major_rows(features)
             first, second = rows[:batch], rows[batch:]
             if len(self.support_set):

@@ -7,11 +7,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from brainage.runtime import full_float32
+
 from ._arguments import check_positive_float
 from ._common import (
     check_batch,
     connected_zero,
-    float32_products,
     pairwise_distance,
     view_major_rows,
 )
@@ -68,7 +69,7 @@ class RankNContrastLoss(nn.Module):
         Tensor, scalar
         """
         check_batch(features, ages)
-        with float32_products(features.device.type):
+        with full_float32():
             rows, row_ages, _ = view_major_rows(features, ages)
             n_rows = rows.shape[0]
             if n_rows < 2:

@@ -71,21 +71,13 @@ class SynthStripInputSpec(CommandLineInputSpec):
                    desc="head image to strip (any contrast, NIfTI or MGZ)")
     mask_file = File(mandatory=True, argstr="-m %s", position=1,
                      desc="brain mask to write (NIfTI)")
-    out_file = File(argstr="-o %s", position=2,
-                    desc="skull-stripped image to write (optional)")
     # no argstr: FreeSurfer 7's mri_synthstrip has no -t and exits 2 on it (FreeSurfer 8
     # added one); every version's PyTorch takes its thread count from OMP_NUM_THREADS
     num_threads = traits.Int(desc="CPU threads of the network, passed as OMP_NUM_THREADS")
-    border_mm = traits.Float(argstr="-b %g",
-                             desc="mask border from the brain surface (mm; SynthStrip default "
-                                  "1; FreeSurfer 7 takes whole mm only, FreeSurfer 8 any real "
-                                  "number, negative for a tighter mask)")
-    no_csf = traits.Bool(argstr="--no-csf", desc="exclude CSF from the brain border")
 
 
 class SynthStripOutputSpec(TraitedSpec):
     mask_file = File(exists=True, desc="brain mask")
-    out_file = File(desc="skull-stripped image, when requested")
 
 
 class SynthStrip(_ExitChecked, CommandLine):
@@ -117,8 +109,6 @@ class SynthStrip(_ExitChecked, CommandLine):
     def _list_outputs(self):
         outputs = self.output_spec().get()
         outputs["mask_file"] = os.path.abspath(self.inputs.mask_file)
-        if self.inputs.out_file:
-            outputs["out_file"] = os.path.abspath(self.inputs.out_file)
         return outputs
 
 
