@@ -202,9 +202,6 @@ def test_turning_conda_on_reruns_no_finished_job(tmp_path):
                                  env=environment)
         assert planned.returncode == 0, planned.stdout
         assert "Nothing to be done" in planned.stdout, planned.stdout
-    # and a job in a conda environment keeps the PYTHONPATH that puts the checkout first
-    profile = yaml.safe_load((REPO / "workflow/profiles/default/config.yaml").read_text())
-    assert profile["conda-not-block-search-path-envvars"] is True
 
 
 def test_a_job_that_imports_another_copy_of_the_package_stops_and_says_which(tmp_path):
@@ -274,7 +271,9 @@ def test_a_python_under_a_path_with_a_space_is_refused_before_any_job(tmp_path):
     assert refused.returncode != 0
     assert (f"the Python that runs Snakemake, {python}, lies under a path with a space"
             in refused.stdout), refused.stdout[-3000:]
-    assert f"ln -s '{python.parent.parent}' ~/brainage-venv" in refused.stdout
+    # the venv's own snakemake script names its path: only `python -m snakemake` works
+    assert (f"ln -s '{python.parent.parent}' ~/brainage-venv, then ~/brainage-venv/bin/python "
+            f"-m snakemake") in refused.stdout
     link = tmp_path / "brainage-venv"
     link.symlink_to(python.parent.parent)
     planned = subprocess.run([str(link / "bin" / "python"), *plan], stdout=subprocess.PIPE,
@@ -282,3 +281,21 @@ def test_a_python_under_a_path_with_a_space_is_refused_before_any_job(tmp_path):
                              env=local_snakemake_environment())
     assert planned.returncode == 0, planned.stdout[-3000:]
     assert "lies under a path" not in planned.stdout
+
+
+def test_only_characters_a_shell_splits_or_expands_refuse_the_python(monkeypatch):
+    """The planning check refuses a Python whose path a shell would split or expand, and
+    no other: '#' or '!' inside a word, '+', '@' and '~' are literal to bash."""
+    import os
+
+    from brainage.io import prepare_job_environment
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the function sets variables
+    for fine in ("/opt/python3.11+gcc@12/bin/python", "/home/me/conda#2/envs/x!/bin/python",
+                 "/home/me/.pyenv/versions/3.11.7/bin/python", "/p/~user/bin/python"):
+        prepare_job_environment("/checkout/workflow", training_python=fine)
+    for refused in ("/data/MRE data/.venv/bin/python", "/data/$HOME/bin/python",
+                    "/data/a(b)/bin/python", "/data/it's/bin/python"):
+        with pytest.raises(ValueError, match="lies under a path with a space or a shell "
+                                             "character"):
+            prepare_job_environment("/checkout/workflow", training_python=refused)

@@ -851,3 +851,22 @@ def test_a_real_dataset_with_the_simulation_on_is_refused_and_a_simulated_one_na
         warnings[0]
     assert simulation_mismatches([("dataset.root", root, True)]) == ([], [])
     assert simulation_mismatches([("dataset.root", tmp_path / "empty", True)]) == ([], [])
+
+
+def test_a_single_subject_of_a_cohort_under_a_missing_root_names_its_config_key(tmp_path):
+    """A single subject's target under a missing root said "the subject has no folder ...
+    remove the subject" (found by a review): the root is named with the key that sets it,
+    here a cohort to predict's."""
+    (tmp_path / "cfg.yaml").write_text("predict:\n  cohorts:\n    clinic: ../no such cohort\n")
+    target = ("results/predict/clinic/preproc/sub-c01/anat/"
+              "sub-c01_space-MNI152NLin2009aSym_res-2_desc-preproc_stiffness.nii.gz")
+    planned = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "-s", str(REPO / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(tmp_path / "cfg.yaml"), "--cores", "1", target],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        env=local_snakemake_environment())
+    assert planned.returncode != 0
+    assert (f"dataset root ../no such cohort (relative to {tmp_path}, the working directory) "
+            f"does not exist. Set config key predict.cohorts.clinic to the cohort's") in (
+        " ".join(planned.stdout.split())), planned.stdout[-3000:]
+    assert "remove the subject" not in planned.stdout

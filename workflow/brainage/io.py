@@ -15,6 +15,7 @@ import logging
 import os
 import random
 import re
+import shlex
 import shutil
 import zipfile
 from contextlib import contextmanager
@@ -547,9 +548,10 @@ def use_a_writable_matplotlib_cache() -> None:
                                               f"brainage-matplotlib-{os.getuid()}"))
 
 
-#: Characters that split or expand a word in a shell command: Snakemake writes the Python
-#: that runs Snakemake into every job's command unquoted.
-SHELL_SPECIAL = re.compile(r"[\s\"'$`\\;&|<>()*?\[\]{}!#]")
+#: Characters that split or expand a word of a path in a shell command (bash splits on
+#: ASCII blanks only; ``#`` and ``!`` inside a word are literal): Snakemake writes the
+#: Python that runs Snakemake into every job's command unquoted.
+SHELL_SPECIAL = re.compile(r"[ \t\n\"'$`\\;&|<>()*?\[]")
 
 
 def prepare_job_environment(package_dir: str | Path, *, training_python: str) -> None:
@@ -570,6 +572,10 @@ def prepare_job_environment(package_dir: str | Path, *, training_python: str) ->
     - a writable matplotlib cache (:func:`use_a_writable_matplotlib_cache`);
     - ``BRAINAGE_PACKAGE_DIR`` and ``BRAINAGE_TRAINING_PYTHON``, read by rule
       pretrain_encoder's command (environment, not params: neither changes a result).
+
+    In a conda job Snakemake removes PYTHONPATH; the script then finds the package behind
+    the site-packages of the Python that runs Snakemake, and a copy installed there stops
+    the job (``brainage/__init__.py``).
     """
     if SHELL_SPECIAL.search(training_python):
         environment = Path(training_python).parent.parent
@@ -578,8 +584,9 @@ def prepare_job_environment(package_dir: str | Path, *, training_python: str) ->
             f"space or a shell character, and Snakemake writes it into every job's command "
             f"unquoted: each job would fail with exit status 127 and an empty log. Create the "
             f"environment under a path without them, or start Snakemake through a link to "
-            f"it: ln -s '{environment}' ~/brainage-venv, then ~/brainage-venv/bin/snakemake "
-            f"... (or ~/brainage-venv/bin/python -m snakemake ...).")
+            f"it, as a module (its snakemake script names the path itself): ln -s "
+            f"{shlex.quote(str(environment))} ~/brainage-venv, then ~/brainage-venv/bin/python "
+            f"-m snakemake ...")
     package_dir = str(package_dir)
     os.environ.update(BRAINAGE_PACKAGE_DIR=package_dir,
                       BRAINAGE_TRAINING_PYTHON=training_python)
