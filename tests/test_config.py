@@ -1028,3 +1028,18 @@ def test_the_schema_names_what_the_registries_know():
     assert schema["model"]["properties"]["encoder"]["enum"] == ["resnet18", "none"]
     # two losses under one name made two identical rows of Table 3
     assert len(set(DISPLAY_NAMES.values())) == len(DISPLAY_NAMES)
+
+
+def test_a_template_from_files_under_nilearns_space_label_is_warned_of():
+    """template.source file kept the label MNI152NLin2009aSym unless template.space was set
+    too: an FSL template's files were named as nilearn's, and atlas tools pick a template
+    by that label (found by a review). A warning at planning, before the first run."""
+    from brainage.config import template_space_warnings
+
+    files = {"source": "file", "t1": "/t/MNI152_T1_2mm.nii.gz", "mask": "/t/mask.nii.gz"}
+    warned = template_space_warnings(validate_config({"template": files}))
+    assert len(warned) == 1 and "template.space is left at 'MNI152NLin2009aSym'" in warned[0]
+    assert "MNI152NLin6Asym" in warned[0]
+    assert template_space_warnings(validate_config(
+        {"template": {**files, "space": "MNI152NLin6Asym"}})) == []
+    assert template_space_warnings(validate_config({})) == []

@@ -284,6 +284,16 @@ def test_the_readme_says_what_was_done_to_each_map(tmp_path):
                f"{expected}" in readme
         assert "`desc-clean_damping_ratio`: the damping-ratio map (1)" in readme
         assert "T1w" not in readme.replace("skull-stripped T1w", "")
+    # the transform in the direction a reader applies it (found by a review: "template to
+    # native" sent readers to apply it backwards)
+    assert ("`from-native_to-MNI152NLin2009aSym_mode-image_xfm.mat`: the ANTs affine that "
+            "brings native images into MNI152NLin2009aSym") in readme
+    # a T1w-only cohort (pretraining) has no MRE map grid to speak of
+    describe_preprocessing(tmp_path, space="MNI152NLin2009aSym", template_shape=(99, 117, 95),
+                           source=str(tmp_path), version="0", n4=True, modalities=("T1w",))
+    readme = (tmp_path / "README.md").read_text()
+    assert "zero outside the warped brain mask" in readme and "MRE" not in readme.replace(
+        "BIDS has no MR-elastography datatype", "")
 
 
 def test_template_space_sidecars_give_the_template_image_as_spatial_reference(tmp_path):

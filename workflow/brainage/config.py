@@ -359,6 +359,24 @@ def check_template_files(template: Mapping[str, Any], *, source: str = "config")
             f"nilearn."]
 
 
+def template_space_warnings(config: Mapping[str, Any]) -> list[str]:
+    """A warning (none when fine) for ``template.source: file`` under the default space
+    label, nilearn's ``MNI152NLin2009aSym``: every registered file, the template folder and
+    the sidecars then name that template for the user's own (an FSL template is
+    MNI152NLin6Asym), and atlas tools that pick a template by the label read it wrong. A
+    warning, not a refusal: a finished run under the default label keeps its files, and a
+    new label renames every output and reruns the whole pipeline."""
+    template = config["template"]
+    if template["source"] != "file" or template["space"] != _shared_schema()["properties"][
+            "template"]["properties"]["space"]["default"]:
+        return []
+    return [f"Warning: template.source is 'file' (your own template) but template.space is "
+            f"left at {template['space']!r}, nilearn's template: every registered file and "
+            f"sidecar will name that template. Set template.space to your template's "
+            f"TemplateFlow name (e.g. MNI152NLin6Asym for FSL's MNI152_T1_2mm) before the "
+            f"first run; changing it later renames every output and reruns the pipeline."]
+
+
 def check_pretraining_source(config: Mapping[str, Any], name: str, *,
                              source: str = "config") -> list[str]:
     """A pretraining run must not read the training cohort itself (``dataset.root``).

@@ -53,6 +53,7 @@ from brainage.config import (
     grid_cells,
     search_settings,
     simulated_beside_real_data,
+    template_space_warnings,
     trains_an_encoder,
     uses_search_result,
     validate_config,
@@ -143,7 +144,11 @@ if SIMULATED:
         [simulation_missing_under_results(DATASET_ROOT, LAYOUT.preproc_description())],
     )
 if SPEAKS:
-    for _warning in [*_simulation_warnings, *simulated_beside_real_data(config)]:
+    for _warning in [
+        *_simulation_warnings,
+        *simulated_beside_real_data(config),
+        *template_space_warnings(config),
+    ]:
         _say(_warning)
 
 #: Every cohort's preprocessing folder (relative to results) -> its BIDS-like root: the

@@ -123,15 +123,19 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
         files.append(f"- `{registered}_{name}`: the {kind.description} affinely registered "
                      f"to {space} at 2 mm ({kind.unit}, zero outside the brain and the "
                      f"MRE slab)")
-    if "T1w" in modalities:
+    if "T1w" in modalities and not any(modality(name).is_mre for name in modalities):
+        files.append(f"- `{registered}_T1w` and its sidecar: the registration reference in "
+                     f"{space} at 2 mm (a.u.), zero outside the warped brain mask")
+    elif "T1w" in modalities:
         files.append(f"- `{registered}_T1w` and its sidecar: the registration reference in "
                      f"{space} at 2 mm (a.u.), zero outside the MRE map grid's warped brain "
                      f"mask (smaller than `desc-brain_mask` for maps stored on their slab's "
                      f"own grid)")
     files += [f"- `{registered}_reference`, `space-{space}_{TEMPLATE_RESOLUTION}_desc-brain_"
               f"mask`: the warped reference (for QC) and brain mask",
-              f"- `from-native_to-{space}_mode-image_xfm.mat`: the ANTs affine (template to "
-              f"native)",
+              f"- `from-native_to-{space}_mode-image_xfm.mat`: the ANTs affine that brings "
+              f"native images into {space} (antsApplyTransforms with the template as "
+              f"reference image; as a mapping of points it goes from template to native)",
               "- `sub-<label>/figures/`: the QC metrics and views"]
     return ("# brainage preprocessing derivatives\n\n"
             "Per subject (`sub-<label>/anat/`, file names after `sub-<label>_`):\n\n"
