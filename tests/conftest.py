@@ -42,6 +42,24 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def torch_default_threads():
+    """torch's thread count when the session started (its default: the machine's cores)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def restore_torch_threads_after_each_file(torch_default_threads):
+    """A module-scoped fixture (test_predict's ``world``) sets torch's threads before the
+    per-test fixture below saves them: every later file in that worker ran on 1 thread."""
+    yield
+    import torch
+
+    torch.set_num_threads(torch_default_threads)
+
+
 @pytest.fixture(autouse=True)
 def restore_torch_backends():
     """Undo what a test's brainage.runtime.runtime_setup sets process-wide. A CPU bf16 run
@@ -70,8 +88,10 @@ def restore_logging_and_exit_hooks():
     import sys
 
     saved = (sys.exit, sys.excepthook)
+    level = logging.getLogger().level
     yield
     root = logging.getLogger()
+    root.setLevel(level)  # log_to_file's basicConfig(force=True) left it at INFO
     # log_to_file's own handlers, exactly these classes: pytest's capture handlers are
     # subclasses, added and removed by pytest around each phase
     for handler in [handler for handler in root.handlers

@@ -611,12 +611,13 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
     ("dataset={simulate: {enabled: false}}", "dataset.simulate.enabled", "true or false"),
     ("normalise={resolution_mm: 6.5}", "normalise.resolution_mm", "a number"),
 ])
-def test_a_value_from_snakemakes_config_option_is_told_to_go_in_a_config_file(override, key,
-                                                                              what):
+def test_a_value_from_snakemakes_config_option_is_told_to_go_in_a_config_file(
+        override, key, what, monkeypatch):
     """snakemake --config reads every value inside a section as text: every number and
     true/false given so was refused as if mistyped, with no word of where the text came
     from (the planning's own advice, dataset.simulate.enabled: false, could not be
     followed with it)."""
+    monkeypatch.setenv("SLURM_CONF", "/dev/null")  # see conftest.local_snakemake_environment
     from snakemake.cli import parse_config
 
     given = parse_config([override])
@@ -627,8 +628,10 @@ def test_a_value_from_snakemakes_config_option_is_told_to_go_in_a_config_file(ov
         validate_config(given)
 
 
-def test_an_exponent_from_snakemakes_config_option_is_told_to_go_in_a_config_file():
+def test_an_exponent_from_snakemakes_config_option_is_told_to_go_in_a_config_file(
+        monkeypatch):
     """The exponent hint (write 1.0e-3) was wrong under --config, where 1.0e-3 is text too."""
+    monkeypatch.setenv("SLURM_CONF", "/dev/null")  # see conftest.local_snakemake_environment
     from snakemake.cli import parse_config
 
     with pytest.raises(ConfigError, match=r"'train\.lr': '1e-3' is not of type 'number' \(YAML "

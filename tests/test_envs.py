@@ -299,3 +299,23 @@ def test_only_characters_a_shell_splits_or_expands_refuse_the_python(monkeypatch
         with pytest.raises(ValueError, match="lies under a path with a space or a shell "
                                              "character"):
             prepare_job_environment("/checkout/workflow", training_python=refused)
+
+
+def test_ci_fails_when_the_install_fails(tmp_path):
+    """set -e does not stop at a failed command inside an && list: with a failing install
+    .ci/run printed "CI finished" and exited 0, no test run (found by a review)."""
+    import os
+    import shutil
+    import subprocess
+
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(REPO / ".ci" / "run", tmp_path / ".ci" / "run")
+    (tmp_path / "bin").mkdir()
+    failing = tmp_path / "bin" / "python3"  # a test double: an install that fails
+    failing.write_text("#!/bin/sh\necho 'no venv here' >&2\nexit 3\n")
+    failing.chmod(0o755)
+    run = subprocess.run(["bash", str(tmp_path / ".ci" / "run")], capture_output=True,
+                         text=True, timeout=60,
+                         env={**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "CI finished" not in run.stdout

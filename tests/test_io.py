@@ -732,7 +732,9 @@ def test_matplotlib_gets_a_writable_cache_where_home_is_not(tmp_path, monkeypatc
 
     from brainage import io as brainage_io
 
-    monkeypatch.delenv("MPLCONFIGDIR", raising=False)
+    # set first, so that monkeypatch restores the variable the function under test sets
+    monkeypatch.setenv("MPLCONFIGDIR", "unset below")
+    monkeypatch.delenv("MPLCONFIGDIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     monkeypatch.setattr(tempfile, "tempdir", None)  # read TMPDIR again

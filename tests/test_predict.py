@@ -2266,6 +2266,7 @@ def test_simulating_again_never_deletes_what_was_put_in_the_simulated_folder(tmp
     assert calls == [root]
 
 
+@pytest.mark.slow  # five simulations of the demo cohort: 2.5-5 s each on 2 cores
 @pytest.mark.parametrize("added", ["sub-st1s001/anat/sub-st1s001_desc-manualqc_notes.txt",
                                    "derivatives/simulation/myedits/edit.txt",
                                    "sub-mine01/mre/sub-mine01_stiffness.nii.gz",
