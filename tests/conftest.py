@@ -42,22 +42,18 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def torch_default_threads():
-    """torch's thread count when the session started (its default: the machine's cores)."""
-    import torch
-
-    return torch.get_num_threads()
-
-
 @pytest.fixture(autouse=True, scope="module")
-def restore_torch_threads_after_each_file(torch_default_threads):
+def restore_torch_threads_after_each_file():
     """A module-scoped fixture (test_predict's ``world``) sets torch's threads before the
-    per-test fixture below saves them: every later file in that worker ran on 1 thread."""
-    yield
-    import torch
+    per-test fixture below saves them: every later file in that worker ran on 1 thread.
+    An autouse fixture is set up before the others of its scope, so this saves first."""
+    import sys
 
-    torch.set_num_threads(torch_default_threads)
+    torch = sys.modules.get("torch")  # imported at collection by a file that needs it
+    saved = torch.get_num_threads() if torch else None
+    yield
+    if saved is not None:
+        torch.set_num_threads(saved)
 
 
 @pytest.fixture(autouse=True)

@@ -1033,16 +1033,27 @@ def test_the_schema_names_what_the_registries_know():
     assert len(set(DISPLAY_NAMES.values())) == len(DISPLAY_NAMES)
 
 
-def test_a_template_from_files_under_nilearns_space_label_is_warned_of():
+def test_a_template_whose_files_and_space_label_disagree_is_warned_of():
     """template.source file kept the label MNI152NLin2009aSym unless template.space was set
     too: an FSL template's files were named as nilearn's, and atlas tools pick a template
-    by that label (found by a review). A warning at planning, before the first run."""
+    by that label (found by a review). The other way round, files given under the nilearn
+    source were not read, and another label named nilearn's template wrongly. A label
+    chosen on purpose is no mistake. Warnings at planning, before the first run."""
     from brainage.config import template_space_warnings
 
+    def warnings(written):
+        return template_space_warnings(validate_config({"template": written})["template"],
+                                       written)
+
     files = {"source": "file", "t1": "/t/MNI152_T1_2mm.nii.gz", "mask": "/t/mask.nii.gz"}
-    warned = template_space_warnings(validate_config({"template": files}))
-    assert len(warned) == 1 and "template.space is left at 'MNI152NLin2009aSym'" in warned[0]
-    assert "MNI152NLin6Asym" in warned[0]
-    assert template_space_warnings(validate_config(
-        {"template": {**files, "space": "MNI152NLin6Asym"}})) == []
-    assert template_space_warnings(validate_config({})) == []
+    (warned,) = warnings(files)
+    assert ("template.space is not set, so it is 'MNI152NLin2009aSym', nilearn's template"
+            in warned and "MNI152NLin6Asym" in warned)
+    assert warnings({**files, "space": "MNI152NLin6Asym"}) == []
+    assert warnings({**files, "space": "MNI152NLin2009aSym"}) == []  # TemplateFlow's files
+    assert template_space_warnings(validate_config({})["template"], None) == []
+    forgot_the_source = {"t1": files["t1"], "mask": files["mask"], "space": "MNI152NLin6Asym"}
+    unread, mislabelled = warnings(forgot_the_source)
+    assert "template.t1 and template.mask are set but template.source is 'nilearn'" in unread
+    assert ("template.space is 'MNI152NLin6Asym' but template.source is 'nilearn', whose "
+            "template is MNI152NLin2009aSym") in mislabelled

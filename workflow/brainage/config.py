@@ -359,22 +359,44 @@ def check_template_files(template: Mapping[str, Any], *, source: str = "config")
             f"nilearn."]
 
 
-def template_space_warnings(config: Mapping[str, Any]) -> list[str]:
-    """A warning (none when fine) for ``template.source: file`` under the default space
-    label, nilearn's ``MNI152NLin2009aSym``: every registered file, the template folder and
-    the sidecars then name that template for the user's own (an FSL template is
-    MNI152NLin6Asym), and atlas tools that pick a template by the label read it wrong. A
-    warning, not a refusal: a finished run under the default label keeps its files, and a
-    new label renames every output and reruns the whole pipeline."""
-    template = config["template"]
-    if template["source"] != "file" or template["space"] != _shared_schema()["properties"][
-            "template"]["properties"]["space"]["default"]:
-        return []
-    return [f"Warning: template.source is 'file' (your own template) but template.space is "
-            f"left at {template['space']!r}, nilearn's template: every registered file and "
-            f"sidecar will name that template. Set template.space to your template's "
-            f"TemplateFlow name (e.g. MNI152NLin6Asym for FSL's MNI152_T1_2mm) before the "
-            f"first run; changing it later renames every output and reruns the pipeline."]
+def template_space_warnings(template: Mapping[str, Any],
+                            written: Mapping[str, Any] | None) -> list[str]:
+    """Warnings (none when fine) for a template whose files and space label disagree.
+
+    ``template``: the validated section; ``written``: the section as the config files give
+    it (None without one), to tell a label left out from one chosen. With ``source: file``
+    and no ``space`` written, every registered file, the template folder and the sidecars
+    name nilearn's ``MNI152NLin2009aSym`` for the user's own template (an FSL template is
+    MNI152NLin6Asym), which atlas tools read by that label. With ``source: nilearn``, a
+    ``t1``/``mask`` is not read and another ``space`` mislabels nilearn's template.
+    Warnings, not refusals: a finished run keeps its files, and a new label renames every
+    output and reruns the whole pipeline.
+    """
+    written = written or {}
+    later = "changing it later renames every output and reruns the pipeline"
+    default = _shared_schema()["properties"]["template"]["properties"]["space"]["default"]
+    if template["source"] == "file":
+        if "space" in written:
+            return []
+        return [f"Warning: template.source is 'file' (your own template) but template.space "
+                f"is not set, so it is {default!r}, nilearn's template: every registered "
+                f"file and sidecar will name that template. Set template.space to your "
+                f"template's TemplateFlow name (e.g. MNI152NLin6Asym for FSL's "
+                f"MNI152_T1_2mm) before the first run; {later}."]
+    warnings = []
+    given = [f"template.{key}" for key in ("t1", "mask") if template.get(key)]
+    if given:
+        warnings.append(f"Warning: {' and '.join(given)} {'are' if len(given) > 1 else 'is'} "
+                        f"set but template.source is 'nilearn': the files are not read, "
+                        f"nilearn's template is. Set template.source: file to register to "
+                        f"them.")
+    if template["space"] != default:
+        warnings.append(f"Warning: template.space is {template['space']!r} but "
+                        f"template.source is 'nilearn', whose template is {default}: every "
+                        f"registered file would be labelled with the wrong template. Set "
+                        f"template.source: file with your template's files, or remove "
+                        f"template.space; {later}.")
+    return warnings
 
 
 def check_pretraining_source(config: Mapping[str, Any], name: str, *,

@@ -99,6 +99,8 @@ if SPEAKS:
     if _notice:
         _say(_notice)
 
+#: The template section as the config files write it (validation fills in defaults).
+_TEMPLATE_WRITTEN = dict(config.get("template") or {})
 try:
     _validated = validate_config(config, source="config")
 except ConfigError as error:
@@ -147,7 +149,7 @@ if SPEAKS:
     for _warning in [
         *_simulation_warnings,
         *simulated_beside_real_data(config),
-        *template_space_warnings(config),
+        *template_space_warnings(config["template"], _TEMPLATE_WRITTEN),
     ]:
         _say(_warning)
 

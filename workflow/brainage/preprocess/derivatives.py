@@ -140,9 +140,10 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
     return ("# brainage preprocessing derivatives\n\n"
             "Per subject (`sub-<label>/anat/`, file names after `sub-<label>_`):\n\n"
             + "\n".join(files) + "\n\n"
-            f"Derived from {Path(source).resolve()} by brainage {version}. BIDS has no "
-            f"MR-elastography datatype; the files without a BIDS suffix are listed in "
-            f"`.bidsignore`.\n")
+            f"Derived from {Path(source).resolve()} by brainage {version}. "
+            + ("BIDS has no MR-elastography datatype; t" if any(
+                modality(name).is_mre for name in modalities) else "T")
+            + "he files without a BIDS suffix are listed in `.bidsignore`.\n")
 
 
 def describe_mask(mask: str | Path, *, template_mask: str | Path | None = None,
