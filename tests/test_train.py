@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
+from brainage import brainage_version
 from brainage.config import ConfigError, resolve_cell
 from brainage.data import Augmenter, DataError, VolumeStore, load_split, plan_batches
 from brainage.evaluate import evaluate_encoder
@@ -274,6 +275,9 @@ def test_killed_run_resumes_to_the_same_result(split_dir, tmp_path, caplog):
     # a retry may land on another node: the resumed attempt says where it computes too
     assert re.search(r"resuming from .*\n.*training nnclr \(.* M parameters\) on cpu: ",
                      caplog.text), caplog.text
+    # and with what: a changed environment reruns no training (the workflow profile)
+    assert f"versions: brainage {brainage_version()}, torch {torch.__version__}, numpy" in (
+        caplog.text)
     assert [row["epoch"] for row in resumed] == [1, 2, 3, 4]
     assert not (cell / "checkpoint.pt").exists()
     assert not (cell / "checkpoint.pt.sha256").exists()

@@ -71,6 +71,7 @@ import pandas as pd
 import torch
 
 from brainage import distributed
+from brainage.bundle import software_versions
 from brainage.config import ConfigError, resolve_cell
 from brainage.data import (
     Augmenter,
@@ -329,6 +330,10 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
              count_parameters(model) / 1e6, device, n_train, split.name,
              "x".join(map(str, split.shape)), batch_size, views, epochs, augmenter.kind,
              "bf16" if autocast_dtype is not None else "float32")
+    # a changed environment reruns no training (the workflow profile's rerun triggers):
+    # the log says what this one ran with
+    log.info("versions: %s", ", ".join(f"{name} {version}"
+                                       for name, version in software_versions().items()))
     if processes.is_distributed:
         log.info("each batch of %d is shared by %d processes (%d on this node, %d CPU "
                  "threads each)", batch_size, processes.world_size, processes.local_world_size,
