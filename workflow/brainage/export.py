@@ -247,8 +247,8 @@ def check_training_settings(payload: Mapping, settings: Mapping, *,
     name the key (an encoder of an older version lacks later keys). The settings of the
     pretraining run a cell starts from are not compared here.
     """
-    recorded = training_settings(resolve_cell(payload.get("settings") or {})) \
-        if (payload.get("settings") or {}).get("train") else {}
+    trained_with = payload.get("settings") or {}
+    recorded = training_settings(resolve_cell(trained_with)) if trained_with.get("train") else {}
     expected = training_settings(settings)
     differing = []
     if "seed" in recorded and recorded["seed"] != expected["seed"]:
@@ -258,10 +258,9 @@ def check_training_settings(payload: Mapping, settings: Mapping, *,
     filled_in = {"init_checkpoint"} if pretrained_run(expected["model"]) else set()
     for section in ("train", "loss", "model"):
         trained, given = recorded.get(section) or {}, expected.get(section) or {}
+        compared = set(trained) & set(given) - (filled_in if section == "model" else set())
         differing += [f"{section}.{key} {trained[key]!r} (trained) against {given[key]!r}"
-                      for key in sorted(set(trained) & set(given) - filled_in
-                                        if section == "model" else set(trained) & set(given))
-                      if trained[key] != given[key]]
+                      for key in sorted(compared) if trained[key] != given[key]]
     if differing:
         raise ExportError(
             f"{encoder_path} was trained with other settings than the cell's: "

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from brainage.io import atomic_path, write_json
-from brainage.modalities import DEFAULT_MODALITIES, MODALITIES, grid_modality, modality
+from brainage.modalities import DEFAULT_MODALITIES, MODALITIES, grid_modality, modality, mre_maps
 from brainage.paths import TEMPLATE_RESOLUTION
 
 BIDS_VERSION = "1.10.0"
@@ -123,14 +123,13 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
         files.append(f"- `{registered}_{name}`: the {kind.description} affinely registered "
                      f"to {space} at 2 mm ({kind.unit}, zero outside the brain and the "
                      f"MRE slab)")
-    if "T1w" in modalities and not any(modality(name).is_mre for name in modalities):
+    has_maps = bool(mre_maps(modalities))
+    if "T1w" in modalities:
         files.append(f"- `{registered}_T1w` and its sidecar: the registration reference in "
-                     f"{space} at 2 mm (a.u.), zero outside the warped brain mask")
-    elif "T1w" in modalities:
-        files.append(f"- `{registered}_T1w` and its sidecar: the registration reference in "
-                     f"{space} at 2 mm (a.u.), zero outside the MRE map grid's warped brain "
-                     f"mask (smaller than `desc-brain_mask` for maps stored on their slab's "
-                     f"own grid)")
+                     f"{space} at 2 mm (a.u.), zero outside the "
+                     + ("MRE map grid's warped brain mask (smaller than `desc-brain_mask` for "
+                        "maps stored on their slab's own grid)" if has_maps else
+                        "warped brain mask"))
     files += [f"- `{registered}_reference`, `space-{space}_{TEMPLATE_RESOLUTION}_desc-brain_"
               f"mask`: the warped reference (for QC) and brain mask",
               f"- `from-native_to-{space}_mode-image_xfm.mat`: the ANTs affine that brings "
@@ -141,8 +140,7 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
             "Per subject (`sub-<label>/anat/`, file names after `sub-<label>_`):\n\n"
             + "\n".join(files) + "\n\n"
             f"Derived from {Path(source).resolve()} by brainage {version}. "
-            + ("BIDS has no MR-elastography datatype; t" if any(
-                modality(name).is_mre for name in modalities) else "T")
+            + ("BIDS has no MR-elastography datatype; t" if has_maps else "T")
             + "he files without a BIDS suffix are listed in `.bidsignore`.\n")
 
 
