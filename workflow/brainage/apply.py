@@ -392,7 +392,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     chosen = [label for label, ok in zip(labels, passed) if ok]
     if chosen:
         # a batch of subjects at a time, only their features kept: the whole cohort's
-        # volumes took 4.4 MB per subject and map at 2 mm (30 GB for 2,000 subjects of three
+        # volumes took 4.4 MB per subject and map at 2 mm (26 GB for 2,000 subjects of three
         # maps, beyond the job's memory). The network sees the batches it saw before.
         features = []
         for start in range(0, len(chosen), EMBED_BATCH):

@@ -345,7 +345,7 @@ def fit_pca_ridge(features: np.ndarray, ages: np.ndarray, *, components, alphas,
     "full"), Ridge())`` (to rounding; tests/test_evaluate.py compares them; ties go to the
     grid's first, components before alpha, as there). That pipeline refitted a full PCA
     for every fold, number of components and alpha: on 2 mm voxels (1.1 M features, 250
-    subjects) 76 fits of about 70 s and 9 GB each, then as many again per fold of the
+    subjects) 76 fits of about 72 s and 9 GB each, then as many again per fold of the
     age-bias correction's out-of-fold fit. Here one pass over the features makes the Gram
     matrix, and one more the final map.
     """

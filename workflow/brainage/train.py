@@ -12,15 +12,10 @@ split, one set of options) on a split folder and writes
 - ``features.npz``: the final encoder's features of every subject of the split, which the
   evaluation reads (:func:`write_features`).
 
-Resuming. After every epoch the full state (model, optimiser, scheduler, loss state such as
-the NNCLR queue, history, embeddings so far, the Python/NumPy/torch RNG states) goes to
-``checkpoint.pt``, written under a temporary name and renamed, so a kill at any moment leaves
-the previous complete checkpoint (the write runs in a background thread while the next
-epoch trains). A new call with the same settings and split continues from it; batch order
-and augmentations are drawn from generators seeded by (seed, epoch), so on the CPU a
-resumed run ends with exactly the weights and metrics of an uninterrupted one.
-A checkpoint whose settings or split differ (its fingerprint) is ignored and replaced. The
-checkpoint is deleted once encoder.pt is written.
+Resuming and determinism: docs/method.md §4, "Resume and determinism". After every epoch
+the full state goes to ``checkpoint.pt`` (temporary name + rename, in a background thread);
+a call with the same settings and split (fingerprint) resumes from it, a foreign one is
+replaced, and it is deleted once encoder.pt is written.
 
 Integrity. ``checkpoint.pt.sha256`` beside the checkpoint holds its sha256 (``sha256sum``
 format), taken from the bytes as they were written; the zip inside has no CRC32 (40% of
@@ -38,20 +33,8 @@ the free space is compared with the state's tensor bytes; a full disk raises
 encoder.pt is written through a file handle, so identical trainings give byte-identical
 files (and checksums).
 
-Several processes. Started by torchrun (``torchrun --standalone --nproc_per_node N -m
-brainage.train --split-dir ... --settings settings.json ...``, :func:`main`), N processes
-share every batch of ``train.batch_size`` (GPUs, or CPU processes dividing
-``train.threads``), with the loss and gradients of one process and a single writer, rank
-0; the checkpoint resumes with any number of processes (:mod:`brainage.distributed`, also
-for several nodes). One process, with or without torchrun, is the path described above.
-
-Determinism. Same seed on the CPU, same thread count (and process count): identical results;
-another process count agrees to float rounding (sums in another order). On CUDA,
-``cudnn.benchmark`` and atomic adds in convolution backward make runs differ in the last
-bits, which grow over training: repeated or resumed GPU runs agree statistically (MAE within
-seed noise), not bitwise. ``train.deterministic: true`` trades speed for bitwise GPU
-repeatability where PyTorch supports it.
-
+Several processes (torchrun, :func:`main`): :mod:`brainage.distributed`; one process, with
+or without torchrun, is the path described above.
 """
 
 from __future__ import annotations

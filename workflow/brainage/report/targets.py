@@ -151,7 +151,7 @@ def focus_cell(config: Mapping[str, Any]) -> tuple[str, str, int] | None:
     candidates = ([wanted] if wanted in cells else []) + sorted(
         (cell for cell in cells if cell[0] == LOSS_EXPERIMENT and cell[1] == REFERENCE_LOSS),
         key=lambda cell: cell[2])  # the lowest seed, however the config lists them
-    # settings resolved for the candidates in turn only (the paper grid has 205 cells, and
+    # settings resolved for the candidates in turn only (the paper grid has 220 cells, and
     # every Snakemake process plans the report)
     return next((cell for cell in (*candidates, *cells)
                  if trains_an_encoder(cell_settings(config, *cell))), None)
