@@ -25,6 +25,19 @@ def local_snakemake_environment(**extra: str) -> dict[str, str]:
     """
     return {**os.environ, "SLURM_CONF": "/dev/null", **extra}
 
+
+def modules_after(code: str) -> set[str]:
+    """The modules a fresh Python holds after running ``code`` with the checkout's package:
+    what a job that runs it pays to import."""
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
+    assert run.returncode == 0, run.stderr
+    return set(run.stdout.split())
+
 #: Fixtures that take 10 s or more to build on 2 cores (real deepbet and ANTs runs,
 #: training, several processes, a full simulated cohort): every test that uses one is in
 #: the slow tier, so the fast tier (`-m "not workflow and not slow"`) never builds them.

@@ -20,6 +20,7 @@ from brainage.models import (
     map_state_dict,
     max_pool3d_in_2d_passes,
 )
+from conftest import modules_after
 
 #: MONAI ResNet-18 (3D, 1 channel, no fc, shortcuts without bias) + head 512-512-128.
 EXPECTED_PARAMETERS = 33_160_000 + (512 * 512 + 512) + (512 * 128 + 128)
@@ -425,6 +426,15 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
         torch.use_deterministic_algorithms(saved[0], warn_only=True)
         (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
          torch.backends.cuda.matmul.allow_tf32) = saved[1:]
+
+
+def test_a_cpu_job_does_not_import_torchinductor_to_switch_determinism_off():
+    # PyTorch 2.13's use_deterministic_algorithms imports TorchInductor (1-1.5 s of every
+    # training, pretraining and prediction job); a CPU job, where it stays off, skips it
+    modules = modules_after(
+        "from brainage.runtime import runtime_setup; runtime_setup({'threads': 1, "
+        "'device': 'cpu', 'precision': 'float32', 'deterministic': True})")
+    assert "torch" in modules and "torch._inductor" not in modules
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 17, 20, 15), (1, 4, 8, 9, 10), (1, 1, 3, 2, 5)])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -34,6 +35,7 @@ from brainage.preprocess import (
 )
 from brainage.preprocess.chain import run_subject
 from brainage.preprocess.register import check_transform
+from conftest import modules_after
 
 # -- helpers ----------------------------------------------------------------------------------
 
@@ -104,7 +106,18 @@ def processed(chosen, template_files, tmp_path_factory):
     return results
 
 
+def test_a_skull_stripping_job_does_not_import_scipy_ndimage():
+    # what rule strip_skull's script imports (the deepbet, FreeSurfer and support routes):
+    # scipy.ndimage cost 0.25 s of each such job and none of them calls it
+    modules = modules_after(
+        "import brainage.logs, brainage.modalities, brainage.preprocess.chain, "
+        "brainage.preprocess.skullstrip, brainage.preprocess.interfaces, "
+        "brainage.preprocess.masks")
+    assert "brainage.preprocess.images" in modules and "scipy.ndimage" not in modules
+
+
 # -- template ----------------------------------------------------------------------------------
+
 
 def test_nilearn_template_is_mni152_2mm(template_files):
     t1, mask = nib.load(template_files["t1"]), nib.load(template_files["mask"])
@@ -1493,7 +1506,6 @@ def test_in_process_chain_redoes_steps_for_a_same_size_map_another_t1_or_a_lost_
     """A step's record names its inputs by name, size *and* modification time (a map
     re-exported at the same size is another map), both template files, and every file
     the step writes (the transform too, not only the images)."""
-    import os
 
     from brainage.preprocess import chain
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -1138,6 +1139,32 @@ def test_projection_falls_back_to_pca_below_four_samples():
 def test_projection_is_umap_from_four_samples():
     coords, method = figures.project_2d(np.random.default_rng(0).normal(size=(4, 8)))
     assert method == "UMAP" and coords.shape == (4, 2) and np.isfinite(coords).all()
+
+
+@pytest.mark.slow  # umap-learn's numba compilation, twice
+def test_the_given_neighbours_give_umaps_own_projection(monkeypatch):
+    # project_2d hands UMAP its exact neighbours (sparing the compilation of umap's parallel
+    # sort); the figure must stay the one umap-learn draws itself, duplicate rows (ties)
+    # included, and umap must take them (not fall back to its own search)
+    import umap
+
+    features = np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32)
+    features[7] = features[3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        own = umap.UMAP(n_neighbors=15, random_state=figures.UMAP_RANDOM_STATE,
+                        n_jobs=1).fit_transform(features)
+    given = []
+    original = umap.UMAP.__init__
+
+    def recording(self, *args, precomputed_knn=(None, None, None), **kwargs):
+        given.append(precomputed_knn)
+        original(self, *args, precomputed_knn=precomputed_knn, **kwargs)
+
+    monkeypatch.setattr(umap.UMAP, "__init__", recording)
+    coords, method = figures.project_2d(features)
+    assert method == "UMAP" and given[0][0].shape == (40, 15)
+    np.testing.assert_array_equal(coords, own)
 
 
 @pytest.fixture

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Mapping
 
 import numpy as np
-from scipy import ndimage
 
 from brainage.inputs import MADE_AGAIN
 from brainage.io import atomic_path, work_folder
@@ -200,6 +199,7 @@ def register_to_template(maps: Mapping[str, str | Path], mask: str | Path,
     name = f"subject sub-{subject}" if subject else "subject"
     itk_threads = configure_itk_threads(threads, deterministic=deterministic)
     import ants
+    from scipy import ndimage
 
     info = read_reference_info(reference_info)
     if "T1w" in out_maps and not info["reference_kind"].startswith("T1w"):
