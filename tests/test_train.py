@@ -4,6 +4,7 @@ determinism, kill-and-resume, checkpoint integrity, augmentations, and the error
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -670,6 +671,22 @@ def test_the_array_is_resident_when_its_chosen_channels_fit_in_half_the_free_mem
     for free, fits in ((2000, (True, True)), (1000, (False, True)), (600, (False, False))):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, free=free: (free, 10**9))
         assert (every._fits_on_device(), one._fits_on_device()) == fits, free
+
+
+def test_a_cuda_array_that_does_not_fit_says_so_in_the_log(monkeypatch, caplog):
+    # the slower path (each batch from host memory) must be visible in a training's log, as
+    # the resident one is; no GPU needed: "auto" only asks whether it fits
+    images = np.zeros((10, 3, 2, 2, 2), dtype=np.float32)  # 960 bytes
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (1000, 10**9))
+    with caplog.at_level(logging.INFO, logger="brainage.data"):
+        store = VolumeStore(images, torch.device("cuda"))
+    assert store.resident is None
+    assert "training array (0.0 MB) not resident on cuda (over 50% of its free memory)" in (
+        caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="brainage.data"):
+        VolumeStore(images, torch.device("cpu"))  # the CPU has no resident copy to miss
+    assert "not resident" not in caplog.text
 
 
 def test_augmentation_settings_reach_the_augmenter():

@@ -76,6 +76,11 @@ class VolumeStore:
         self.device = torch.device(device)
         if resident == "auto":
             resident = self.device.type == "cuda" and self._fits_on_device()
+            if self.device.type == "cuda" and not resident:
+                # the slower path, so that a slow GPU training says why in its log
+                log.info("training array (%.1f MB) not resident on %s (over %.0f%% of its free "
+                         "memory): each batch is read from host memory", self._selected_bytes()
+                         / 1e6, self.device, 100 * RESIDENT_MEMORY_SHARE)
         self.resident: torch.Tensor | None = None
         if resident:
             self.resident = self._copy_to_device()
@@ -98,10 +103,12 @@ class VolumeStore:
     def _select(self, rows: np.ndarray) -> np.ndarray:
         return rows if self.channels is None else np.ascontiguousarray(rows[:, self.channels])
 
+    def _selected_bytes(self) -> int:
+        return self.images.nbytes * self._row_shape(1)[1] // self.images.shape[1]
+
     def _fits_on_device(self) -> bool:
         free, _ = torch.cuda.mem_get_info(self.device)
-        selected = self.images.nbytes * self._row_shape(1)[1] // self.images.shape[1]
-        return selected < RESIDENT_MEMORY_SHARE * free
+        return self._selected_bytes() < RESIDENT_MEMORY_SHARE * free
 
     def gather(self, indices: np.ndarray) -> torch.Tensor:
         """Rows ``indices`` (array row numbers) as [b, C, X, Y, Z] float32 on the device."""
