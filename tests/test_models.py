@@ -429,8 +429,8 @@ def test_cuda_determinism_is_switched_both_ways(monkeypatch):
 
 
 def test_a_cpu_job_does_not_import_torchinductor_to_switch_determinism_off():
-    # PyTorch 2.13's use_deterministic_algorithms imports TorchInductor (1-1.5 s of every
-    # training, pretraining and prediction job); a CPU job, where it stays off, skips it
+    # PyTorch 2.13's use_deterministic_algorithms imports TorchInductor (1-1.5 s of a
+    # prediction, an export, an untrained cell); a CPU job, where it stays off, skips it
     modules = modules_after(
         "from brainage.runtime import runtime_setup; runtime_setup({'threads': 1, "
         "'device': 'cpu', 'precision': 'float32', 'deterministic': True})")

@@ -130,7 +130,9 @@ def runtime_setup(train_settings: Mapping, *, local_rank: int | None = None,
     # Set both ways and on every device: a process that runs several jobs (the tests, the
     # random search, a notebook) must not keep the slower algorithms of an earlier
     # deterministic one, a CPU job after a deterministic CUDA one included. Only when it
-    # changes something: PyTorch 2.13's setter imports TorchInductor (1-1.5 s per job).
+    # changes something: PyTorch 2.13's setter imports TorchInductor, 1-1.5 s of a job that
+    # takes no optimiser step (a prediction, an export, an untrained cell; an optimiser
+    # imports it when it is built).
     if deterministic or torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return device, (torch.bfloat16 if use_bf16 else None)
