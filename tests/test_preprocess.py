@@ -107,8 +107,8 @@ def processed(chosen, template_files, tmp_path_factory):
 
 
 def test_a_skull_stripping_job_does_not_import_scipy_ndimage():
-    # what rule strip_skull's script imports (the deepbet, FreeSurfer and support routes):
-    # scipy.ndimage cost 0.25 s of each such job and none of them calls it
+    # what rule strip_skull's script imports before it runs a route: scipy.ndimage cost 0.25 s
+    # of each such job, and deepbet or FreeSurfer on a T1w on the map's grid never calls it
     modules = modules_after(
         "import brainage.logs, brainage.modalities, brainage.preprocess.chain, "
         "brainage.preprocess.skullstrip, brainage.preprocess.interfaces, "

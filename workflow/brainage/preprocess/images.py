@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-# scipy.ndimage is imported in the functions that use it: a skull-stripping job calls none
-# of them, and importing it took 0.25 s of each such job's 4.6 s.
+# scipy.ndimage is imported in the functions that use it: skull stripping by deepbet or
+# FreeSurfer with the T1w on the map's grid calls none of them (the demo's 4.6 s jobs, 0.25 s
+# of which was the import); a T1w on its own grid (resample_mask) or the map's support does.
 from brainage.inputs import MADE_AGAIN, REEXPORT, InputError, load_nifti_checked, same_grid
 from brainage.io import atomic_path
 
