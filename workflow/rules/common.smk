@@ -619,7 +619,7 @@ def cell_output(split, experiment, variant, seed, name):
 def encoder_file(split, experiment, variant, seed, name):
     """A training output (encoder.pt, history.tsv, embeddings) of the cell that trains this
     cell's encoder: cells with equal training settings share one (encoder_owners)."""
-    if not _ENCODER_OWNERS:  # once per Snakemake process, on first use (~0.1 s for the paper's 220 cells)
+    if not _ENCODER_OWNERS:  # once per Snakemake process, on first use (~0.1 s, 220 cells)
         _ENCODER_OWNERS.update(encoder_owners(config))
     try:
         owner = _ENCODER_OWNERS[(experiment, variant, int(seed))]
