@@ -295,6 +295,19 @@ def test_batch_larger_than_a_split_names_the_key_the_split_and_its_size():
     check_batch_sizes(config, {"fold1": 64, "fold2": 64})
 
 
+def test_a_batch_lowered_as_told_does_not_run_into_the_neighbourhood_check():
+    # a 12-subject pilot with the paper's defaults (batch 32, nn_final 14): the first message
+    # must name both keys, not send the lab to lower one and meet the other's error
+    config = validate_config(_grid(train={"batch_size": 32}, loss={"nn_final": 14}))
+    with pytest.raises(ConfigError) as raised:
+        check_batch_sizes(config, {"holdout": 10})
+    assert ("Lower train.batch_size to at most 10, and loss.nn_final (14) to at most the new "
+            "batch size") in str(raised.value)
+    config = validate_config(_grid(train={"batch_size": 32}, loss={"nn_final": 4}))
+    with pytest.raises(ConfigError, match=r"to at most 10\.$"):
+        check_batch_sizes(config, {"holdout": 10})
+
+
 def test_search_batch_larger_than_its_training_subjects_names_both_keys():
     config = validate_config(_grid(train={"batch_size": 8}, loss={"nn_final": 4},
                                    search={"enabled": True, "validation_fraction": 0.5}))
@@ -602,6 +615,21 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
     with pytest.raises(ConfigError) as refused:  # a list expected: no hint about numbers
         validate_config(yaml.safe_load("readout:\n  alphas: 1e-3\n"))
     assert "YAML reads" not in str(refused.value) and "quotes" not in str(refused.value)
+
+
+@pytest.mark.parametrize("text, hint", [
+    ("dataset:\n  modalities: stiffness\n", "'dataset.modalities': 'stiffness' is not of type "
+                                             "'array' (write a list: [stiffness])"),
+    ("dataset:\n  simulate: false\n", "'dataset.simulate': False is not of type 'object' (it "
+                                       "is a section: write {enabled: false})"),
+    ("qc: 3\n", "'qc': 3 is not of type 'object' (it is a section: write its keys under it, "
+                 "indented)"),
+])
+def test_a_list_or_section_written_as_one_value_is_told_its_shape(text, hint):
+    # the YAML shapes a lab's first config gets wrong got jsonschema's words alone
+    with pytest.raises(ConfigError) as refused:
+        validate_config(yaml.safe_load(text))
+    assert hint in str(refused.value)
 
 
 @pytest.mark.parametrize("override, key, what", [

@@ -393,11 +393,13 @@ def test_a_cohort_to_predict_keeps_its_columns_as_written(tiny_dataset):
                               bias_reference_group=0) == "group"
 
 
-def test_a_comma_separated_table_is_named_as_such(tiny_dataset):
+@pytest.mark.parametrize("mark, name", [(",", "commas"), (";", "semicolons")])
+def test_a_comma_separated_table_is_named_as_such(tiny_dataset, mark, name):
+    # semicolons: the "CSV" of a spreadsheet in a locale with decimal commas (German Excel)
     table = tiny_dataset / "participants.tsv"
-    table.write_text(table.read_text().replace("\t", ","))
-    with pytest.raises(InputError, match=r"lacks column\(s\) participant_id, .*separated by "
-                                         r"commas: save it tab-separated"):
+    table.write_text(table.read_text().replace("\t", mark))
+    with pytest.raises(InputError, match=rf"lacks column\(s\) participant_id, .*separated by "
+                                         rf"{name}: save it tab-separated"):
         read_participants(tiny_dataset)
 
 

@@ -165,6 +165,15 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
                         f"it in a YAML file with --configfile)")
         elif "boolean" in types and text.lower() in ("true", "false", "yes", "no", "on", "off"):
             message += f" ({_QUOTED_OR_COMMAND_LINE.format(what='true or false')})"
+    # a list or a section written as one value, the YAML shapes a first config gets wrong
+    scalar = isinstance(error.instance, (bool, str, int, float))
+    if error.validator == "type" and types == ["array"] and scalar:
+        message += f" (write a list: [{error.instance}])"
+    elif error.validator == "type" and types == ["object"] and scalar:
+        if isinstance(error.instance, bool) and "enabled" in error.schema.get("properties", {}):
+            message += f" (it is a section: write {{enabled: {str(error.instance).lower()}}})"
+        else:
+            message += " (it is a section: write its keys under it, indented)"
     return f"{source}: config key '{'.'.join(path) or '(top level)'}': {message}"
 
 
@@ -732,6 +741,7 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
     smallest_split = min(training_counts, key=lambda split: training_counts[split])
     smallest = training_counts[smallest_split]
     too_large: dict[tuple[str, int], list[str]] = {}
+    nn_finals: dict[tuple[str, int], set[str]] = {}  # Adaptive Neighborhoods' keys over it
     for experiment, variant in dict.fromkeys(cell[:2] for cell in grid_cells(config)):
         settings = cell_settings(config, experiment, variant, 0)
         if not trains_an_encoder(settings) or settings["train"]["epochs"] == 0:
@@ -741,11 +751,21 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
             key = variant_key(config, experiment, variant, "train.batch_size")
             too_large.setdefault((key, batch_size), []).append(
                 f"experiments.{experiment}.variants.{variant}")
+            # the schedule's check would stop the next run on the lowered batch size
+            loss = settings["loss"]
+            if (loss["name"] == "adaptive" and not loss.get("nn_from_search")
+                    and int(loss["nn_final"]) > smallest):
+                nn_finals.setdefault((key, batch_size), set()).add(
+                    f"{variant_key(config, experiment, variant, 'loss.nn_final')} "
+                    f"({loss['nn_final']})")
     if too_large:
         raise ConfigError("\n".join(
             f"{source}: config key {key} is {batch_size} (used by {', '.join(users)}) but "
             f"split {smallest_split} has only {smallest} training subjects (before QC "
-            f"exclusions, which can only remove more). Lower {key} to at most {smallest}."
+            f"exclusions, which can only remove more). Lower {key} to at most {smallest}"
+            + (f", and {', '.join(sorted(nn_finals[key, batch_size]))} to at most the new "
+               f"batch size (Adaptive Neighborhoods' last neighbourhood must fit in a batch)."
+               if (key, batch_size) in nn_finals else ".")
             for (key, batch_size), users in too_large.items()))
 
 

@@ -190,7 +190,11 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     missing = [column for column in required if column not in table.columns]
     if missing:
         spaced = [misspelt[column] for column in missing if column in misspelt]
-        commas = len(table.columns) == 1 and "," in str(table.columns[0])
+        # one column holding the whole header: another separator (a German Excel's "CSV"
+        # uses semicolons)
+        separator = next((name for mark, name in ((",", "commas"), (";", "semicolons"),
+                                                   ("|", "vertical bars"))
+                          if len(table.columns) == 1 and mark in str(table.columns[0])), None)
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
             f"{', '.join(map(str, table.columns))}. Required: {', '.join(required)}."
@@ -198,8 +202,8 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                       if column.strip() == column.strip().casefold() else
                       f" The header's {column!r} is {column.strip().casefold()!r} in another "
                       f"case: rename it (the columns are lower case)." for column in spaced)
-            + (" Its columns are separated by commas: save it tab-separated (a spreadsheet's"
-               " 'Text (tab-separated)' export)." if commas else ""))
+            + (f" Its columns are separated by {separator}: save it tab-separated (a "
+               f"spreadsheet's 'Text (tab-separated)' export)." if separator else ""))
     clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS
                 or (to_predict and column in PREDICTION_ONLY_COLUMNS)]
     if clashing:
