@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -1993,6 +1994,34 @@ def test_table2_keeps_study_codes_as_written(tmp_path):
                        outputs={"table2_cohort": tmp_path / "table2_cohort"})
     table = pd.read_csv(tmp_path / "table2_cohort.csv", dtype={"study": str})
     assert dict(zip(table["study"], table["n"])) == {"01": 3, "1": 3, "02": 2, "Total": 8}
+
+
+def test_table2_warns_of_studies_whose_ages_overlap_no_others(tmp_path, caplog):
+    # a young-adult study and an ageing study: the study alone predicts age (a review's
+    # two-study cohort reached r 0.978 with nothing said); overlapping studies say nothing
+    participants = tmp_path / "participants.tsv"
+
+    def written(ages, studies):
+        pd.DataFrame({"participant_id": [f"sub-{n:02d}" for n in range(len(ages))],
+                      "age": ages, "sex": "F", "study": studies}).to_csv(
+            participants, sep="\t", index=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="brainage.report.tables"):
+            tables.make_tables(metrics=[], participants=participants, settings={},
+                               outputs={"table2_cohort": tmp_path / "table2_cohort"})
+        return (tmp_path / "table2_cohort.md").read_text(), caplog.text
+
+    note = ("The ages of Berlin 2021 (61-78 years), HD-2019 (18-28 years) overlap no other "
+            "study's: there, the study alone predicts age.")
+    markdown, logged = written([18, 28, 22, 61, 78, 70], ["HD-2019"] * 3 + ["Berlin 2021"] * 3)
+    assert note in markdown and note in logged
+    # a third study bridging the two: each overlaps another, nothing to say
+    markdown, logged = written([18, 28, 61, 78, 25, 65], ["A", "A", "B", "B", "C", "C"])
+    assert "overlap no other" not in markdown and logged == ""
+    markdown, _ = written([18, 28, 61, 78, 40, 45], ["A", "A", "B", "B", "C", "C"])
+    assert "The ages of A (18-28 years), B (61-78 years), C (40-45 years) overlap" in markdown
+    markdown, logged = written([18, 78], ["A", "A"])  # one study: nothing to confound
+    assert "overlap no other" not in markdown and logged == ""
 
 
 @pytest.mark.parametrize("config_file", ["config/config.yaml", "config/paper.yaml",

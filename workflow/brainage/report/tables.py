@@ -535,7 +535,21 @@ def write_ablation(table: pd.DataFrame, experiment: str, stem: str | Path) -> No
     write_table(table, display, stem, title=f"{title}: test MAE", notes=notes)
 
 
-def write_cohort(table: pd.DataFrame, stem: str | Path) -> None:
+def studies_alone_in_age(participants: pd.DataFrame) -> list[str]:
+    """The studies whose age range (years) overlaps no other study's, as "study (min-max
+    years)": where a study's subjects share no ages with the rest, recognising the study
+    (its scanner, its protocol) predicts their age, and a low MAE may say little about
+    the brain (Table 3's study-mean baseline measures how much). Empty for one study."""
+    ranges = participants.astype({"study": str}).groupby("study")["age"].agg(["min", "max"])
+    return [f"{study} ({low:g}-{high:g} years)" for study, (low, high) in
+            sorted(ranges.iterrows(), key=lambda item: natural_key(item[0]))
+            if len(ranges) > 1 and not ((ranges["min"] <= high) & (ranges["max"] >= low)
+                                        & (ranges.index != study)).any()]
+
+
+def write_cohort(table: pd.DataFrame, stem: str | Path, *,
+                 alone_in_age: Sequence[str] = ()) -> None:
+    """Table 2; ``alone_in_age`` (:func:`studies_alone_in_age`) adds a note and a warning."""
     from brainage.simulate import study_table
 
     display = pd.DataFrame({
@@ -556,8 +570,14 @@ def write_cohort(table: pd.DataFrame, stem: str | Path) -> None:
                        "Sex [F:M]": [f"{f}:{m}" for f, m in zip(paper["n_female"],
                                                                 paper["n_male"])],
                    }))]
-    write_table(table, display, stem, title="Table 2: cohort by study",
-                notes=["Subjects of the normalised dataset (after QC exclusion, if any)."],
+    notes = ["Subjects of the normalised dataset (after QC exclusion, if any)."]
+    if alone_in_age:
+        confound = (f"The ages of {', '.join(alone_in_age)} overlap no other study's: there, "
+                    f"the study alone predicts age. Read Table 3 beside its study-mean "
+                    f"baseline and per-study MAE.")
+        logger.warning("Table 2: %s", confound)
+        notes.append(confound)
+    write_table(table, display, stem, title="Table 2: cohort by study", notes=notes,
                 extra_markdown="\n".join(paper_lines))
 
 
@@ -645,9 +665,9 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
     for name, stem in outputs.items():
         if name == "table2_cohort":
             # study codes are text, as everywhere else: "01" and "1" are two studies
-            write_cohort(cohort_table(pd.read_csv(
-                participants, sep="\t", dtype={"participant_id": str, "sex": str, "study": str})),
-                stem)
+            cohort = pd.read_csv(participants, sep="\t",
+                                 dtype={"participant_id": str, "sex": str, "study": str})
+            write_cohort(cohort_table(cohort), stem, alone_in_age=studies_alone_in_age(cohort))
         elif name == "table3_losses":
             table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
             write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"],
