@@ -32,6 +32,7 @@ from brainage.inputs import (
     read_participants,
     same_grid,
     subject_inputs,
+    subjects_without_t1w,
 )
 from brainage.preprocess.images import load_volume
 from conftest import default_rows, write_tiny_dataset
@@ -41,6 +42,22 @@ def _rewrite_table(root: Path, mutate):
     table = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str)
     table = mutate(table)
     table.to_csv(root / "participants.tsv", sep="\t", index=False)
+
+
+def test_subjects_without_a_t1w_among_others_are_named_before_any_job(tmp_path):
+    # a lab's subject whose T1w is missing was named only by tabulate_qc, after every
+    # subject's preprocessing; all or none without one is a cohort's choice, not a mix
+    root = write_tiny_dataset(tmp_path / "data", default_rows(4), with_anat=True)
+    labels = [row["participant_id"][len("sub-"):] for row in default_rows(4)]
+    assert subjects_without_t1w(root, labels, where="config key dataset.root") is None
+    (root / "sub-01a" / "anat" / "sub-01a_T1w.nii.gz").unlink()
+    warning = subjects_without_t1w(root, labels, where="config key dataset.root")
+    assert warning.startswith(f"1 of 4 subjects in {root} (config key dataset.root) have no "
+                              f"T1w (anat/sub-<label>_T1w.nii.gz): sub-01a. They will be "
+                              f"skull-stripped and registered by their map")
+    for label in labels:
+        (root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz").unlink(missing_ok=True)
+    assert subjects_without_t1w(root, labels, where="config key dataset.root") is None
 
 
 def test_valid_dataset_reads_with_extra_columns(tmp_path):

@@ -436,6 +436,23 @@ def unlisted_subject_folders(folder: str | Path, listed: set[str]) -> list[str]:
                   if path.is_dir() and path.name not in listed)
 
 
+def subjects_without_t1w(root: str | Path, labels: Sequence[str], *, where: str) -> str | None:
+    """A warning naming the subjects of ``labels`` without a T1w when others have one (None
+    when all or none have): their masks and transforms will come from their map instead,
+    a difference that follows them like a site effect. Said before any job, since
+    tabulate_qc can warn only after every subject is preprocessed."""
+    missing = [label for label in labels if not anatomical_path(root, label).is_file()]
+    if not missing or len(missing) == len(labels):
+        return None
+    shown = ", ".join(f"sub-{label}" for label in missing[:10]) + (
+        f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    return (f"{len(missing)} of {len(labels)} subjects in {root} ({where}) have no T1w "
+            f"(anat/sub-<label>_T1w.nii.gz): {shown}. They will be skull-stripped and "
+            f"registered by their map, the others by their T1w, a difference that follows "
+            f"them like a site effect (their reference_correlation in qc.tsv reads lower). "
+            f"Add their T1w images before preprocessing if they have them.")
+
+
 def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> None:
     """Subject folders without a participants.tsv row are not used (they have no age):
     say so, by name, rather than drop them silently (a row lost in a spreadsheet edit)."""

@@ -71,6 +71,7 @@ from brainage.inputs import (
     simulation_mismatches,
     simulation_missing_under_results,
     subject_inputs,
+    subjects_without_t1w,
     unlisted_subject_folders,
 )
 from brainage.normalise import check_pretraining_cohort, split_name_pattern, subjects_in
@@ -300,6 +301,14 @@ def checked_participants(root, modalities, root_key, needed_by=None, to_predict=
             announce=_say if workflow.is_main_process else None,
         )
         _IMAGES_CHECKED.add(key)
+        if SPEAKS and "T1w" not in modalities:  # a T1w channel is required of everyone
+            without = subjects_without_t1w(
+                root,
+                [pid[len("sub-") :] for pid in table["participant_id"]],
+                where=f"config key {root_key}",
+            )
+            if without:
+                _say(f"Warning: {without}")
     return table
 
 
