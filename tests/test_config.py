@@ -321,6 +321,13 @@ def test_search_batch_larger_than_its_training_subjects_names_both_keys():
     check_search_batch_size(config, {"fold1": 9, "fold2": 8})
     config["search"]["enabled"] = False  # no search, no trials to train
     check_search_batch_size(config, {"fold1": 1})
+    # the cells that train with the lowered batch and keep their own nn_final: named too, so
+    # that lowering the batch as told does not stop the next run at their schedule
+    config = validate_config(_grid(train={"batch_size": 8}, loss={"nn_final": 8},
+                                   search={"enabled": True, "validation_fraction": 0.5}))
+    with pytest.raises(ConfigError, match=r"search\.validation_fraction, and loss\.nn_final "
+                                          r"\(8\) to at most the new batch size"):
+        check_search_batch_size(config, {"fold1": 9, "fold2": 7})
 
 
 # -- nn_final and nn_step from the random search (loss.nn_from_search) ------------------------
@@ -563,6 +570,11 @@ def test_a_pretraining_batch_larger_than_its_cohort_names_the_runs_key():
                                           r"most 19"):
         check_pretrain_batch_size(config, "t1", 19)
     check_pretrain_batch_size(config, "t1", 32)
+    adaptive = validate_config({**_with_pretraining(loss={"name": "adaptive", "nn_final": 14}),
+                                "train": {"batch_size": 8}, "loss": {"nn_final": 4}})
+    with pytest.raises(ConfigError, match=r"at most 9 \(and pretrain\.t1\.loss\.nn_final, 14, "
+                                          r"to at most the new batch size\)"):
+        check_pretrain_batch_size(adaptive, "t1", 9)
     untrained = validate_config(_with_pretraining(train={"epochs": 0}))
     check_pretrain_batch_size(untrained, "t1", 3)  # no batch without training
 
@@ -624,12 +636,17 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
                                        "is a section: write {enabled: false})"),
     ("qc: 3\n", "'qc': 3 is not of type 'object' (it is a section: write its keys under it, "
                  "indented)"),
+    ("pretrain: false\n", "'pretrain': False is not of type 'object' (it holds named entries: "
+                          "write {} for none)"),
+    # a list quoted as text, a range: no list to suggest by wrapping it
+    ("dataset:\n  modalities: '[stiffness]'\n", "is not of type 'array'\n"),
+    ("search:\n  nn_final_range: 2-32\n", "is not of type 'array'\n"),
 ])
 def test_a_list_or_section_written_as_one_value_is_told_its_shape(text, hint):
     # the YAML shapes a lab's first config gets wrong got jsonschema's words alone
     with pytest.raises(ConfigError) as refused:
         validate_config(yaml.safe_load(text))
-    assert hint in str(refused.value)
+    assert hint in str(refused.value) + "\n"
 
 
 @pytest.mark.parametrize("override, key, what", [
@@ -1085,3 +1102,17 @@ def test_a_template_whose_files_and_space_label_disagree_is_warned_of():
     assert "template.t1 and template.mask are set but template.source is 'nilearn'" in unread
     assert ("template.space is 'MNI152NLin6Asym' but template.source is 'nilearn', whose "
             "template is MNI152NLin2009aSym") in mislabelled
+
+
+def test_the_readmes_first_cpu_run_config_is_accepted():
+    # README, own data: "take config/test.yaml's <keys> keys for a first run on a CPU";
+    # with normalise, train and model alone, the paper's loss.nn_final 14 refused test.yaml's
+    # batch of 4 (found in a review)
+    text = " ".join((REPO / "README.md").read_text().split())
+    named = re.search(r"take `config/test\.yaml`'s (.*?) keys for a first run on a CPU", text)
+    sections = re.findall(r"`(\w+)`", named.group(1))
+    assert {"train", "model", "loss"} <= set(sections)
+    test_config = yaml.safe_load((REPO / "config" / "test.yaml").read_text())
+    validate_config({"dataset": {"root": "/data/my_study", "simulate": {"enabled": False}},
+                     **{section: test_config[section] for section in sections}},
+                    template_files=False)

@@ -410,11 +410,15 @@ def test_a_cohort_to_predict_keeps_its_columns_as_written(tiny_dataset):
                               bias_reference_group=0) == "group"
 
 
-@pytest.mark.parametrize("mark, name", [(",", "commas"), (";", "semicolons")])
+@pytest.mark.parametrize("mark, name", [(",", "commas"), (";", "semicolons"),
+                                        ("|", "vertical bars")])
 def test_a_comma_separated_table_is_named_as_such(tiny_dataset, mark, name):
     # semicolons: the "CSV" of a spreadsheet in a locale with decimal commas (German Excel)
     table = tiny_dataset / "participants.tsv"
-    table.write_text(table.read_text().replace("\t", mark))
+    lines = table.read_text().splitlines()
+    # an extra column whose name holds a comma: the separator is the most frequent mark
+    table.write_text("\n".join([lines[0] + "\tnotes, misc"] + [line + "\t" for line in lines[1:]])
+                     .replace("\t", mark) + "\n")
     with pytest.raises(InputError, match=rf"lacks column\(s\) participant_id, .*separated by "
                                          rf"{name}: save it tab-separated"):
         read_participants(tiny_dataset)

@@ -2011,17 +2011,19 @@ def test_table2_warns_of_studies_whose_ages_overlap_no_others(tmp_path, caplog):
                                outputs={"table2_cohort": tmp_path / "table2_cohort"})
         return (tmp_path / "table2_cohort.md").read_text(), caplog.text
 
-    note = ("The ages of Berlin 2021 (61-78 years), HD-2019 (18-28 years) overlap no other "
-            "study's: there, the study alone predicts age.")
+    note = ("The studies form groups whose ages do not overlap: HD-2019 (18-28 years); Berlin "
+            "2021 (61-78 years). Between the groups the study alone predicts age")
     markdown, logged = written([18, 28, 22, 61, 78, 70], ["HD-2019"] * 3 + ["Berlin 2021"] * 3)
     assert note in markdown and note in logged
-    # a third study bridging the two: each overlaps another, nothing to say
+    # a third study bridging the two: the ranges chain into one, nothing to say
     markdown, logged = written([18, 28, 61, 78, 25, 65], ["A", "A", "B", "B", "C", "C"])
-    assert "overlap no other" not in markdown and logged == ""
-    markdown, _ = written([18, 28, 61, 78, 40, 45], ["A", "A", "B", "B", "C", "C"])
-    assert "The ages of A (18-28 years), B (61-78 years), C (40-45 years) overlap" in markdown
+    assert "do not overlap" not in markdown and logged == ""
+    # two young studies and two old ones: each overlaps another, but the groups do not
+    markdown, _ = written([18, 28, 20, 30, 61, 78, 60, 70], ["A", "A", "B", "B", "C", "C",
+                                                            "D", "D"])
+    assert "do not overlap: A, B (18-30 years); C, D (60-78 years)." in markdown
     markdown, logged = written([18, 78], ["A", "A"])  # one study: nothing to confound
-    assert "overlap no other" not in markdown and logged == ""
+    assert "do not overlap" not in markdown and logged == ""
 
 
 @pytest.mark.parametrize("config_file", ["config/config.yaml", "config/paper.yaml",

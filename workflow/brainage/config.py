@@ -167,10 +167,15 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             message += f" ({_QUOTED_OR_COMMAND_LINE.format(what='true or false')})"
     # a list or a section written as one value, the YAML shapes a first config gets wrong
     scalar = isinstance(error.instance, (bool, str, int, float))
-    if error.validator == "type" and types == ["array"] and scalar:
+    if (error.validator == "type" and types == ["array"] and scalar
+            and re.fullmatch(r"[\w.]+", str(error.instance))):  # a name or a number
         message += f" (write a list: [{error.instance}])"
     elif error.validator == "type" and types == ["object"] and scalar:
-        if isinstance(error.instance, bool) and "enabled" in error.schema.get("properties", {}):
+        properties = error.schema.get("properties")
+        if properties is None:  # named entries (pretraining runs, cohorts, experiments)
+            message += " (it holds named entries: write {} for none)"
+        elif (isinstance(error.instance, bool) and "enabled" in properties
+              and set(error.schema.get("required", [])) <= {"enabled"}):
             message += f" (it is a section: write {{enabled: {str(error.instance).lower()}}})"
         else:
             message += " (it is a section: write its keys under it, indented)"
@@ -741,7 +746,6 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
     smallest_split = min(training_counts, key=lambda split: training_counts[split])
     smallest = training_counts[smallest_split]
     too_large: dict[tuple[str, int], list[str]] = {}
-    nn_finals: dict[tuple[str, int], set[str]] = {}  # Adaptive Neighborhoods' keys over it
     for experiment, variant in dict.fromkeys(cell[:2] for cell in grid_cells(config)):
         settings = cell_settings(config, experiment, variant, 0)
         if not trains_an_encoder(settings) or settings["train"]["epochs"] == 0:
@@ -751,22 +755,37 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
             key = variant_key(config, experiment, variant, "train.batch_size")
             too_large.setdefault((key, batch_size), []).append(
                 f"experiments.{experiment}.variants.{variant}")
-            # the schedule's check would stop the next run on the lowered batch size
-            loss = settings["loss"]
-            if (loss["name"] == "adaptive" and not loss.get("nn_from_search")
-                    and int(loss["nn_final"]) > smallest):
-                nn_finals.setdefault((key, batch_size), set()).add(
-                    f"{variant_key(config, experiment, variant, 'loss.nn_final')} "
-                    f"({loss['nn_final']})")
     if too_large:
         raise ConfigError("\n".join(
             f"{source}: config key {key} is {batch_size} (used by {', '.join(users)}) but "
             f"split {smallest_split} has only {smallest} training subjects (before QC "
             f"exclusions, which can only remove more). Lower {key} to at most {smallest}"
-            + (f", and {', '.join(sorted(nn_finals[key, batch_size]))} to at most the new "
-               f"batch size (Adaptive Neighborhoods' last neighbourhood must fit in a batch)."
-               if (key, batch_size) in nn_finals else ".")
+            + _and_neighbourhoods(_neighbourhoods_over(config, smallest, key))
             for (key, batch_size), users in too_large.items()))
+
+
+def _neighbourhoods_over(config: Mapping[str, Any], limit: int, batch_key: str) -> list[str]:
+    """The ``loss.nn_final`` keys (and values) of the grid's Adaptive Neighborhoods cells
+    whose batch ``batch_key`` sets and whose last neighbourhood exceeds ``limit``: lowering
+    the batch to ``limit`` as told would stop the next run at their schedule's check."""
+    found = set()
+    for experiment, variant in dict.fromkeys(cell[:2] for cell in grid_cells(config)):
+        if variant_key(config, experiment, variant, "train.batch_size") != batch_key:
+            continue
+        settings = cell_settings(config, experiment, variant, 0)
+        loss = settings["loss"]
+        if (loss["name"] == "adaptive" and int(settings["train"]["epochs"]) > 0
+                and not loss.get("nn_from_search") and settings["model"]["encoder"] != "none"
+                and int(loss["nn_final"]) > limit):
+            found.add(f"{variant_key(config, experiment, variant, 'loss.nn_final')} "
+                      f"({loss['nn_final']})")
+    return sorted(found)
+
+
+def _and_neighbourhoods(keys: list[str]) -> str:
+    """The end of a lower-the-batch message: the nn_final keys to lower with it."""
+    return (f", and {', '.join(keys)} to at most the new batch size (Adaptive "
+            f"Neighborhoods' last neighbourhood must fit in a batch)." if keys else ".")
 
 
 def check_search_batch_size(config: Mapping[str, Any], search_training_counts: Mapping[str, int],
@@ -795,7 +814,8 @@ def check_search_batch_size(config: Mapping[str, Any], search_training_counts: M
             f"training subjects once config key search.validation_fraction "
             f"({config['search']['validation_fraction']}) of them are held out for "
             f"validation (before QC exclusions, which can only remove more). Lower "
-            f"train.batch_size to at most {left} or search.validation_fraction.")
+            f"train.batch_size to at most {left} or search.validation_fraction"
+            + _and_neighbourhoods(_neighbourhoods_over(config, left, "train.batch_size")))
 
 
 def check_pretrain_batch_size(config: Mapping[str, Any], name: str, n_train: int, *,
@@ -811,15 +831,20 @@ def check_pretrain_batch_size(config: Mapping[str, Any], name: str, n_train: int
         Naming ``pretrain.<name>.train.batch_size`` (the run's own, defaulting to 32 and
         never taken from the top-level train section), its value and the training subjects.
     """
-    train = pretrain_settings(config, name, source=source)["train"]
+    settings = pretrain_settings(config, name, source=source)
+    train, loss = settings["train"], settings["loss"]
     batch_size = int(train["batch_size"])
     if int(train["epochs"]) > 0 and batch_size > n_train:
         key = f"pretrain.{name}.train.batch_size"
+        neighbourhood = (f" (and pretrain.{name}.loss.nn_final, {loss['nn_final']}, to at "
+                         f"most the new batch size)" if loss["name"] == "adaptive"
+                         and int(loss["nn_final"]) > n_train else "")
         raise ConfigError(
             f"{source}: config key {key} is {batch_size} but pretraining run {name}'s T1w "
             f"cohort has only {n_train} training subjects (its subjects less the "
             f"validation_fraction held out, before QC exclusions, which can only remove "
-            f"more). Lower {key} to at most {n_train}, or give the run more subjects.")
+            f"more). Lower {key} to at most {n_train}{neighbourhood}, or give the run more "
+            f"subjects.")
 
 
 def load_config(*paths: str | Path) -> dict:

@@ -192,9 +192,11 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         spaced = [misspelt[column] for column in missing if column in misspelt]
         # one column holding the whole header: another separator (a German Excel's "CSV"
         # uses semicolons)
-        separator = next((name for mark, name in ((",", "commas"), (";", "semicolons"),
-                                                   ("|", "vertical bars"))
-                          if len(table.columns) == 1 and mark in str(table.columns[0])), None)
+        header = str(table.columns[0]) if len(table.columns) == 1 else ""
+        marks = {",": "commas", ";": "semicolons", "|": "vertical bars"}
+        # the most frequent: a semicolon table's header may hold a comma inside a name
+        mark = max(marks, key=header.count)
+        separator = marks[mark] if header.count(mark) else None
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
             f"{', '.join(map(str, table.columns))}. Required: {', '.join(required)}."

@@ -535,21 +535,29 @@ def write_ablation(table: pd.DataFrame, experiment: str, stem: str | Path) -> No
     write_table(table, display, stem, title=f"{title}: test MAE", notes=notes)
 
 
-def studies_alone_in_age(participants: pd.DataFrame) -> list[str]:
-    """The studies whose age range (years) overlaps no other study's, as "study (min-max
-    years)": where a study's subjects share no ages with the rest, recognising the study
-    (its scanner, its protocol) predicts their age, and a low MAE may say little about
-    the brain (Table 3's study-mean baseline measures how much). Empty for one study."""
+def age_separated_studies(participants: pd.DataFrame) -> list[str]:
+    """The groups of studies whose age ranges (years) overlap no other group's, as
+    "study, study (min-max years)", youngest first; empty when the ranges chain into one
+    (or there is one study). Across such groups, recognising the study (its scanner, its
+    protocol) predicts age, and a low MAE may say little about the brain (a study-mean
+    baseline measures how much)."""
     ranges = participants.astype({"study": str}).groupby("study")["age"].agg(["min", "max"])
-    return [f"{study} ({low:g}-{high:g} years)" for study, (low, high) in
-            sorted(ranges.iterrows(), key=lambda item: natural_key(item[0]))
-            if len(ranges) > 1 and not ((ranges["min"] <= high) & (ranges["max"] >= low)
-                                        & (ranges.index != study)).any()]
+    groups: list[list] = []  # [studies, low, high], merged while the ranges overlap
+    for study, (low, high) in sorted(ranges.iterrows(), key=lambda item: item[1]["min"]):
+        if groups and low <= groups[-1][2]:
+            groups[-1][0].append(study)
+            groups[-1][2] = max(groups[-1][2], high)
+        else:
+            groups.append([[study], low, high])
+    if len(groups) < 2:
+        return []
+    return [f"{', '.join(sorted(studies, key=natural_key))} ({low:g}-{high:g} years)"
+            for studies, low, high in groups]
 
 
 def write_cohort(table: pd.DataFrame, stem: str | Path, *,
-                 alone_in_age: Sequence[str] = ()) -> None:
-    """Table 2; ``alone_in_age`` (:func:`studies_alone_in_age`) adds a note and a warning."""
+                 separated: Sequence[str] = ()) -> None:
+    """Table 2; ``separated`` (:func:`age_separated_studies`) adds a note and a warning."""
     from brainage.simulate import study_table
 
     display = pd.DataFrame({
@@ -571,10 +579,11 @@ def write_cohort(table: pd.DataFrame, stem: str | Path, *,
                                                                 paper["n_male"])],
                    }))]
     notes = ["Subjects of the normalised dataset (after QC exclusion, if any)."]
-    if alone_in_age:
-        confound = (f"The ages of {', '.join(alone_in_age)} overlap no other study's: there, "
-                    f"the study alone predicts age. Read Table 3 beside its study-mean "
-                    f"baseline and per-study MAE.")
+    if separated:
+        confound = (f"The studies form groups whose ages do not overlap: {'; '.join(separated)}. "
+                    f"Between the groups the study alone predicts age: compare Table 3 with a "
+                    f"study-mean baseline (the default grid's study_mean variant) and read its "
+                    f"per-study MAE.")
         logger.warning("Table 2: %s", confound)
         notes.append(confound)
     write_table(table, display, stem, title="Table 2: cohort by study", notes=notes,
@@ -667,7 +676,7 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
             # study codes are text, as everywhere else: "01" and "1" are two studies
             cohort = pd.read_csv(participants, sep="\t",
                                  dtype={"participant_id": str, "sex": str, "study": str})
-            write_cohort(cohort_table(cohort), stem, alone_in_age=studies_alone_in_age(cohort))
+            write_cohort(cohort_table(cohort), stem, separated=age_separated_studies(cohort))
         elif name == "table3_losses":
             table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
             write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"],
