@@ -638,6 +638,14 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
                  "indented)"),
     ("pretrain: false\n", "'pretrain': False is not of type 'object' (it holds named entries: "
                           "write {} for none)"),
+    ("dataset:\n  modalities: stiffness, damping_ratio\n", "(write a list: [stiffness, "
+                                                         "damping_ratio])"),
+    # a variant's section given as one value: its keys, not {} (which drops the override),
+    # and no {enabled: ...} where a section needs more than enabled
+    ("experiments:\n  table3: {variants: {a: {loss: adaptive}}}\n",
+     "'experiments.table3.variants.a.loss': 'adaptive' is not of type 'object' (it is a "
+     "section: write its keys under it, indented)"),
+    ("experiments:\n  table3: false\n", "(it is a section: write its keys under it, indented)"),
     # a list quoted as text, a range: no list to suggest by wrapping it
     ("dataset:\n  modalities: '[stiffness]'\n", "is not of type 'array'\n"),
     ("search:\n  nn_final_range: 2-32\n", "is not of type 'array'\n"),

@@ -2022,6 +2022,8 @@ def test_table2_warns_of_studies_whose_ages_overlap_no_others(tmp_path, caplog):
     markdown, _ = written([18, 28, 20, 30, 61, 78, 60, 70], ["A", "A", "B", "B", "C", "C",
                                                             "D", "D"])
     assert "do not overlap: A, B (18-30 years); C, D (60-78 years)." in markdown
+    markdown, _ = written([18.04, 28.96, 65], ["A", "A", "B"])  # one subject: one age
+    assert "do not overlap: A (18-29 years); B (65 years)." in markdown
     markdown, logged = written([18, 78], ["A", "A"])  # one study: nothing to confound
     assert "do not overlap" not in markdown and logged == ""
 

@@ -581,6 +581,31 @@ def test_dry_run_stops_on_a_search_batch_larger_than_its_training_subjects(tmp_p
 
 
 @pytest.mark.workflow
+def test_a_pilot_is_told_the_searchs_limit_first_and_its_subjects_without_a_t1w(tmp_path):
+    # a 12-subject pilot under the paper's defaults was refused three times in a row (the
+    # grid's batch limit, then the search's smaller one, then nn_final); and its subject
+    # without a T1w was named only by tabulate_qc, after every subject's preprocessing
+    rows = [dict(row, age=20.0 + 5 * number) for number, row in enumerate(default_rows(12))]
+    root = write_tiny_dataset(tmp_path / "dataset", rows, with_anat=True)
+    (root / "sub-03a" / "anat" / "sub-03a_T1w.nii.gz").unlink()
+    config = user_config(tmp_path, root, split={"scheme": "holdout", "test_fraction": 0.2},
+                         experiments={"table3": {"seeds": [0], "variants": {
+                             "adaptive": {"loss": {"name": "adaptive", "nn_final": 14}}}}},
+                         search={"enabled": True, "validation_fraction": 0.5,
+                                 "nn_final_range": [2, 4]})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert ("1 of 12 subjects in " + str(root) + " (config key dataset.root) have no T1w "
+            "(anat/sub-<label>_T1w.nii.gz): sub-03a.") in result.stdout, result.stdout
+    refusal = result.stdout[result.stdout.index("invalid configuration"):]
+    assert ("the batch of the random search's trials (search.enabled), but split holdout "
+            "leaves them only 5 training subjects") in refusal, refusal
+    assert ("Lower train.batch_size to at most 5 or search.validation_fraction, and "
+            "experiments.table3.variants.adaptive.loss.nn_final (14) to at most the new batch "
+            "size") in refusal, refusal
+
+
+@pytest.mark.workflow
 def test_dry_run_stops_on_an_adaptive_schedule_longer_than_the_training(tmp_path):
     config = tmp_path / "short.yaml"
     config.write_text(yaml.safe_dump({

@@ -167,14 +167,15 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             message += f" ({_QUOTED_OR_COMMAND_LINE.format(what='true or false')})"
     # a list or a section written as one value, the YAML shapes a first config gets wrong
     scalar = isinstance(error.instance, (bool, str, int, float))
-    if (error.validator == "type" and types == ["array"] and scalar
-            and re.fullmatch(r"[\w.]+", str(error.instance))):  # a name or a number
+    if (error.validator == "type" and types == ["array"] and scalar  # names or numbers
+            and re.fullmatch(r"[\w.]+(\s*,\s*[\w.]+)*", str(error.instance))):
         message += f" (write a list: [{error.instance}])"
     elif error.validator == "type" and types == ["object"] and scalar:
         properties = error.schema.get("properties")
-        if properties is None:  # named entries (pretraining runs, cohorts, experiments)
+        named = properties is None and isinstance(error.schema.get("additionalProperties"), dict)
+        if named and not error.schema.get("minProperties"):  # pretraining runs, cohorts
             message += " (it holds named entries: write {} for none)"
-        elif (isinstance(error.instance, bool) and "enabled" in properties
+        elif (isinstance(error.instance, bool) and "enabled" in (properties or {})
               and set(error.schema.get("required", [])) <= {"enabled"}):
             message += f" (it is a section: write {{enabled: {str(error.instance).lower()}}})"
         else:

@@ -507,11 +507,8 @@ def check_training_set_sizes():
         return
     try:
         study_sizes = training_study_sizes(planned_participants(), config["split"])
-        check_batch_sizes(
-            config,
-            {split: sum(sizes.values()) for split, sizes in study_sizes.items()},
-            source="config",
-        )
+        # the search's first: its trials keep fewer subjects than the grid's splits, so
+        # its limit on train.batch_size is the one to lower to (not the grid's, then its)
         fraction = config["search"]["validation_fraction"]
         check_search_batch_size(
             config,
@@ -519,6 +516,11 @@ def check_training_set_sizes():
                 split: subjects_left_for_training(sizes, fraction)
                 for split, sizes in study_sizes.items()
             },
+            source="config",
+        )
+        check_batch_sizes(
+            config,
+            {split: sum(sizes.values()) for split, sizes in study_sizes.items()},
             source="config",
         )
     except ConfigError as error:

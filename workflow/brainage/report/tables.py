@@ -551,8 +551,9 @@ def age_separated_studies(participants: pd.DataFrame) -> list[str]:
             groups.append([[study], low, high])
     if len(groups) < 2:
         return []
-    return [f"{', '.join(sorted(studies, key=natural_key))} ({low:g}-{high:g} years)"
-            for studies, low, high in groups]
+    return [f"{', '.join(sorted(studies, key=natural_key))} ("
+            + (f"{round(low, 1):g}" if low == high else f"{round(low, 1):g}-{round(high, 1):g}")
+            + " years)" for studies, low, high in groups]
 
 
 def write_cohort(table: pd.DataFrame, stem: str | Path, *,
