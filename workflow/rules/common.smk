@@ -293,20 +293,17 @@ def checked_participants(root, modalities, root_key, needed_by=None, to_predict=
     )
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:
+        labels = [pid[len("sub-") :] for pid in table["participant_id"]]
         check_dataset_images(
             root,
-            [pid[len("sub-") :] for pid in table["participant_id"]],
+            labels,
             modalities,
             cache_file=Path(".snakemake", "brainage_checked_inputs.json"),
             announce=_say if workflow.is_main_process else None,
         )
         _IMAGES_CHECKED.add(key)
         if SPEAKS and "T1w" not in modalities:  # a T1w channel is required of everyone
-            without = subjects_without_t1w(
-                root,
-                [pid[len("sub-") :] for pid in table["participant_id"]],
-                where=f"config key {root_key}",
-            )
+            without = subjects_without_t1w(root, labels, where=f"config key {root_key}")
             if without:
                 _say(f"Warning: {without}")
     return table

@@ -543,7 +543,7 @@ def age_separated_studies(participants: pd.DataFrame) -> list[str]:
     baseline measures how much)."""
     ranges = participants.astype({"study": str}).groupby("study")["age"].agg(["min", "max"])
     groups: list[list] = []  # [studies, low, high], merged while the ranges overlap
-    for study, (low, high) in sorted(ranges.iterrows(), key=lambda item: item[1]["min"]):
+    for study, (low, high) in ranges.sort_values("min").iterrows():
         if groups and low <= groups[-1][2]:
             groups[-1][0].append(study)
             groups[-1][2] = max(groups[-1][2], high)
