@@ -99,6 +99,19 @@ def test_a_missing_input_names_what_is_there_instead(tmp_path):
         subject_inputs(root, "00a")
 
 
+def test_a_map_put_in_anat_is_named_where_it_is(tmp_path):
+    """A lab's stiffness map saved beside its T1w in anat/: 'is missing' alone sent it
+    looking for a file it had."""
+    root = write_tiny_dataset(tmp_path / "d", default_rows(), with_anat=True)
+    subject = root / "sub-00a"
+    (subject / "mre" / "sub-00a_stiffness.nii.gz").rename(
+        subject / "anat" / "sub-00a_stiffness.nii.gz")
+    with pytest.raises(InputError, match=r"sub-00a_stiffness\.nii\.gz is missing.* holds "
+                                         r"anat/sub-00a_stiffness\.nii\.gz: move it into "
+                                         r"mre/ \("):
+        read_participants(root)
+
+
 def test_a_bids_session_dataset_is_told_each_step_and_one_session_per_person(tmp_path):
     """A BIDS dataset with sessions: ses-01/mre/sub-00a_ses-01_stiffness.nii.gz. The first
     refusal said to list other sessions as subjects of their own, which puts one person on
@@ -368,6 +381,21 @@ def test_missing_participants_file(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+def test_a_root_one_level_off_is_told_where_the_dataset_is(tiny_dataset):
+    """dataset.root set to the project folder above the dataset (project/rawdata/), or to
+    a subject's folder below it: 'participants.tsv is missing' alone did not say which."""
+    project = tiny_dataset.parent
+    message = r"participants\.tsv is missing\..* {} has one: set the dataset root to"
+    with pytest.raises(InputError, match=message.format(re.escape(str(tiny_dataset)))):
+        read_participants(project)
+    with pytest.raises(InputError, match=message.format(re.escape(str(tiny_dataset)))):
+        read_participants(tiny_dataset / "sub-00a")
+    (tiny_dataset / "participants.tsv").unlink()
+    with pytest.raises(InputError) as refused:
+        read_participants(project)
+    assert "has one" not in str(refused.value)
+
+
 def test_missing_column(tiny_dataset):
     _rewrite_table(tiny_dataset, lambda t: t.drop(columns="study"))
     with pytest.raises(InputError, match=r"lacks column\(s\) study"):
@@ -602,7 +630,7 @@ def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
     table = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
                           "age": [30.0, 40.0, 50.0, 60.0],
                           "group": ["healthy", "healthy ", "healthy", "patient"]})
-    with pytest.raises(InputError, match=r"column 'group' writes 'healthy' as 'healthy' "
+    with pytest.raises(InputError, match=r"column 'group' writes one value as 'healthy' "
                                          r"\(sub-01\), 'healthy ' \(sub-02\).* summary by "
                                          r"group and the age-bias reference group"):
         check_cohort_table(table, "clinic/participants.tsv", cohort="clinic")
@@ -631,16 +659,23 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     table = tiny_dataset / "participants.tsv"
     lines = table.read_text().splitlines()
     table.write_text("\n".join(lines[:4] + [lines[4] + " "]) + "\n")  # sub-03a's study2
-    with pytest.raises(InputError, match=r"column 'study' writes 'study2' as 'study2' "
+    with pytest.raises(InputError, match=r"column 'study' writes one value as 'study2' "
                                          r"\(sub-01a\), 'study2 ' \(sub-03a\), which differ "
                                          r"only in case or in spaces"):
         read_participants(tiny_dataset)
     # so did a capital: 'Study2' split, tabulated and averaged apart from 'study2'
     table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "Study2")]) + "\n")
-    with pytest.raises(InputError, match=r"column 'study' writes 'study2' as 'study2' "
+    with pytest.raises(InputError, match=r"column 'study' writes one value as 'study2' "
                                          r"\(sub-01a\), 'Study2' \(sub-03a\), which differ "
                                          r"only in case"):
         read_participants(tiny_dataset)
+    # neither spelling is lower case: the message names the two, not a third
+    table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", "Study 2"), lines[3],
+                                            lines[4].replace("study2", "Study 2 ")]) + "\n")
+    with pytest.raises(InputError) as refused:
+        read_participants(tiny_dataset)
+    assert "'Study 2' (sub-01a), 'Study 2 ' (sub-03a)" in str(refused.value)
+    assert "'study 2'" not in str(refused.value)
     # spaces after every row's study are one study, as before
     table.write_text("\n".join(line + (" " if number else "")
                                for number, line in enumerate(lines)) + "\n")

@@ -158,9 +158,16 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         raise InputError(f"dataset root {root} does not exist.")
     table_path = root / "participants.tsv"
     if stamp is None:
+        # a root set one level above the dataset (a project folder holding rawdata/) or
+        # one below it (a subject's folder)
+        nearby = sorted({str(other.parent) for other in (*root.glob("*/participants.tsv"),
+                                                         root.parent / "participants.tsv")
+                         if other.is_file()})
         raise InputError(
             f"{table_path} is missing. The dataset root needs a tab-separated participants.tsv "
-            f"with columns {', '.join(required)}.")
+            f"with columns {', '.join(required)}."
+            + (f" {' and '.join(nearby)} {'has' if len(nearby) == 1 else 'each have'} one: "
+               f"set the dataset root to the dataset's own folder." if nearby else ""))
     try:
         lines = check_table_shape(table_path)
         table = _read_text_table(table_path)
@@ -541,14 +548,15 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
     capital) would be two: two strata of the split, two rows of the tables, two study
     means. Refused, naming each spelling's first subject."""
     values = table[column].dropna().astype(str)
-    for name, spellings in values.groupby(values.str.strip().str.casefold()):
+    # the case-folded key is not printed: 'Site A' and 'Site a' are neither 'site a'
+    for _, spellings in values.groupby(values.str.strip().str.casefold()):
         if spellings.nunique() > 1:
             first = {spelling: table.at[index, "participant_id"]
                      for index, spelling in spellings[::-1].items()}  # the first row wins
             examples = [f"{spelling!r} ({first[spelling]})"
                         for spelling in dict.fromkeys(spellings)]
             raise InputError(
-                f"{table_path}: column {column!r} writes {name!r} as "
+                f"{table_path}: column {column!r} writes one value as "
                 f"{', '.join(examples)}, which differ only in case or in spaces around the "
                 f"name, so the pipeline would take them for different values ({consequence}). "
                 f"Write them in one spelling.")
@@ -768,7 +776,8 @@ def _holds_any(file_name: str, words: Sequence[str]) -> bool:
 
 
 def _found_instead(path: Path) -> str:
-    """What a user probably has instead of a missing input: an uncompressed file or a
+    """What a user probably has instead of a missing input: an uncompressed file, a file
+    named otherwise, the file in the subject's other folder (a map in ``anat/``), or a
     session folder (the layout has one session per subject)."""
     uncompressed = path.with_suffix("")  # .nii.gz -> .nii
     if uncompressed.is_file():
@@ -786,6 +795,14 @@ def _found_instead(path: Path) -> str:
     if misnamed:  # e.g. sub-01_ses-01_stiffness.nii.gz, or a renamed subject's old files
         return (f" {path.parent} holds {', '.join(misnamed)}: name the file {path.name} "
                 f"(the folder's label, no session or other entities).")
+    # a map put in anat/ beside the T1w (or a T1w in mre/), under its own name or another
+    elsewhere = sorted(str(other.relative_to(subject_folder)) for other in
+                       subject_folder.glob(f"*/{path.name.split('.')[0]}.nii*")
+                       if other.parent != path.parent and other.is_file()
+                       and not other.parent.name.startswith("ses-"))  # sessions: below
+    if elsewhere:
+        return (f" {subject_folder} holds {', '.join(elsewhere)}: move it into "
+                f"{path.parent.name}/ ({path}).")
     sessions = sorted(p.name for p in subject_folder.glob("ses-*") if p.is_dir())
     if sessions:
         return (f" {subject_folder} has session folders ({', '.join(sessions)}); the "
