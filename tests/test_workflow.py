@@ -380,6 +380,17 @@ def test_valid_user_dataset_plans_every_subject(tmp_path):
                       r"participants\.tsv no longer lists: sub-gone1\. Nothing uses their "
                       r"files", result.stdout)
     assert len(said) == 1, result.stdout
+    assert "left the cohort" in result.stdout
+    # the demo's subjects, when a lab runs its data in the demo's working directory: they
+    # never were this dataset's, and the description says where they came from
+    (tmp_path / "results" / "preproc" / "dataset_description.json").write_text(json.dumps(
+        {"SourceDatasets": [{"URL": "file:///elsewhere/resources/demo/dataset"}]}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"participants\.tsv does not list: sub-gone1\. .* preprocessed from "
+                     r"file:///elsewhere/resources/demo/dataset, another dataset\. Give each "
+                     r"dataset a results folder of its own", result.stdout), result.stdout
+    assert "left the cohort" not in result.stdout
 
 
 @pytest.mark.workflow

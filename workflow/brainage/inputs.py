@@ -287,6 +287,16 @@ def simulation_mismatches(cohorts: Sequence[tuple[str, str | Path, bool]]) -> tu
     return problems, warnings
 
 
+def preprocessed_from(description_path: str | Path) -> str | None:
+    """The source dataset's URL (``file://...``) that a preprocessing folder's
+    ``dataset_description.json`` (``description_path``) names, or None without a readable
+    one."""
+    try:
+        return json.loads(Path(description_path).read_text())["SourceDatasets"][0]["URL"]
+    except (OSError, ValueError, LookupError, TypeError):
+        return None
+
+
 def simulation_missing_under_results(root: str | Path,
                                      description_path: str | Path) -> str | None:
     """A warning when the simulated training cohort's ``root`` holds no simulation while the
@@ -302,9 +312,8 @@ def simulation_missing_under_results(root: str | Path,
     they should."""
     if os.path.lexists(Path(root) / "participants.tsv"):
         return None
-    try:
-        source = json.loads(Path(description_path).read_text())["SourceDatasets"][0]["URL"]
-    except (OSError, ValueError, LookupError, TypeError):
+    source = preprocessed_from(description_path)
+    if source is None:
         return None  # no finished results (or no readable description): nothing to keep apart
     again = ("simulate it again with --forcerun simulate_cohort (the same seed writes the "
              "same files; every later job then reruns)")

@@ -67,6 +67,7 @@ from brainage.inputs import (
     InputError,
     check_cohort_table,
     check_dataset_images,
+    preprocessed_from,
     read_participants,
     simulation_mismatches,
     simulation_missing_under_results,
@@ -664,14 +665,26 @@ def warn_about_departed_subjects():
     _DEPARTED_CHECKED.append(True)
     folder = Path(LAYOUT.preproc_dir(TRAINING_PREPROC))
     departed = unlisted_subject_folders(folder, {f"sub-{label}" for label in subjects()})
-    if departed:
-        _say(
-            f"Warning: {folder} holds {len(departed)} subject folder(s) that "
-            f"{Path(DATASET_ROOT, 'participants.tsv')} no longer lists: "
-            f"{', '.join(departed[:10])}{' ...' if len(departed) > 10 else ''}. Nothing "
-            f"uses their files, but the derivative dataset still holds them: delete those "
-            f"folders if the subjects left the cohort."
+    if not departed:
+        return
+    # a lab's first run in the demo's working directory: the demo's subjects never were
+    # this dataset's, so 'left the cohort' would mislead
+    source = preprocessed_from(LAYOUT.preproc_description())
+    other_dataset = source not in (None, Path(DATASET_ROOT).resolve().as_uri())
+    _say(
+        f"Warning: {folder} holds {len(departed)} subject folder(s) that "
+        f"{Path(DATASET_ROOT, 'participants.tsv')} "
+        f"{'does not list' if other_dataset else 'no longer lists'}: "
+        f"{', '.join(departed[:10])}{' ...' if len(departed) > 10 else ''}. Nothing "
+        f"uses their files, but the derivative dataset still holds them: "
+        + (
+            f"its dataset_description.json says they were preprocessed from {source}, "
+            f"another dataset. Give each dataset a results folder of its own (config key "
+            f"output.results, or another working directory), or delete those folders."
+            if other_dataset
+            else "delete those folders if the subjects left the cohort."
         )
+    )
 
 
 def all_targets(wildcards):
