@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -337,6 +338,62 @@ def test_paired_t_test_matches_scipy():
     assert tables.paired_comparison(tied).iloc[0]["reference_wins"] == 1
 
 
+def test_a_baseline_that_does_not_train_is_also_compared_over_test_subjects():
+    """Every seed tests the same subjects: against a study-mean baseline (one MAE for every
+    seed) the t-test over seeds printed p = 0.029 on the demo, while the reference beat it
+    for 4 of 8 subjects (Wilcoxon p 0.64); with more seeds that p falls to 0 however few
+    the test subjects. The comparison over subjects says what holds for new subjects."""
+    from scipy import stats
+
+    reference_errors = {0: [1.0, 2.0, 3.0, 4.0, 5.0, 6.0], 1: [1.5, 2.5, 2.5, 4.5, 5.5, 5.0]}
+    baseline_errors = [0.5, 1.0, 2.0, 3.0, 4.0, 35.0]  # one subject far off, for every seed
+    errors = pd.DataFrame(
+        [{"variant": "adaptive", "seed": seed, "participant_id": f"sub-{i}", "abs_error": e}
+         for seed, values in reference_errors.items() for i, e in enumerate(values)]
+        + [{"variant": "study_mean", "seed": seed, "participant_id": f"sub-{i}",
+            "abs_error": e} for seed in (0, 1) for i, e in enumerate(baseline_errors)])
+    maes = errors.groupby(["variant", "seed"], as_index=False)["abs_error"].mean()
+    seeds = maes.rename(columns={"abs_error": "mae"}).assign(
+        experiment="table3", loss="adaptive",
+        kind=lambda t: np.where(t["variant"] == "adaptive", "contrastive", "baseline"))
+    paired = tables.paired_comparison(seeds, errors=errors).iloc[0]
+    differences = np.array(baseline_errors) - np.mean(list(reference_errors.values()), axis=0)
+    assert paired["n_subjects"] == 6 and paired["subjects_reference_better"] == 1
+    assert paired["subject_mean_difference"] == pytest.approx(differences.mean())
+    assert paired["subject_mean_difference"] == pytest.approx(paired["mean_difference"])
+    half = stats.t.ppf(0.975, 5) * differences.std(ddof=1) / np.sqrt(6)
+    assert paired["subject_ci95_low"] == pytest.approx(differences.mean() - half)
+    assert paired["subject_ci95_high"] == pytest.approx(differences.mean() + half)
+    assert paired["subject_p_value"] == pytest.approx(stats.wilcoxon(differences).pvalue)
+    assert paired["subject_p_value"] > 0.4  # one subject far off is no evidence
+    assert paired["subject_p_holm"] == pytest.approx(paired["subject_p_value"])  # one row
+    # without errors (a caller without predictions) the columns are there, empty
+    assert np.isnan(tables.paired_comparison(seeds).iloc[0]["subject_p_value"])
+
+
+def test_holm_adjustment_of_the_subject_p_values():
+    adjusted = tables.holm_adjusted([0.01, 0.04, np.nan, 0.03, 0.5])
+    # ordered 0.01, 0.03, 0.04, 0.5: times 4, 3, 2, 1, kept increasing, at most 1
+    assert adjusted[[0, 3, 1, 4]] == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert np.isnan(adjusted[2])
+    assert tables.holm_adjusted([0.6, 0.7]) == pytest.approx([1.0, 1.0])
+
+
+def test_subject_errors_name_a_cell_without_its_predictions(results):
+    read = report_results.read_metrics(results["metrics"])
+    errors = tables.subject_errors(read)
+    # participants_table: three test subjects; predicted = age + the cell's MAE
+    first = read[read["experiment"] == "table3"].iloc[0]
+    cell = errors[(errors["variant"] == first["variant"]) & (errors["seed"] == first["seed"])]
+    assert len(cell) == 3 and cell["abs_error"].to_numpy() == pytest.approx(first["mae"])
+    predictions = Path(first["path"]).with_name("predictions.tsv")
+    predictions.unlink()
+    with pytest.raises(targets.ReportError,
+                       match=rf"{re.escape(str(predictions))} is missing beside .*metrics\.json; "
+                             r"rerun the cell's evaluate_encoder"):
+        tables.subject_errors(read)
+
+
 def test_paired_comparison_pairs_only_the_seeds_both_rows_have():
     """A seed only the other row has (one more seed configured for it, or the reference's
     cell of that seed missing) has no pair: it is left out of the differences instead of
@@ -657,9 +714,18 @@ def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
     notes = latex[latex.index(r"\end{tabular}"):latex.index(r"\end{table}")]
     assert (r"mean \ensuremath{\pm} sd over seeds; 3 test subjects (study1 1, study2 1, "
             r"study3 1)") in notes, latex
-    assert "Two-sided paired t-test" in Path(layout.table("table3_paired", ".tex")).read_text()
+    paired_latex = Path(layout.table("table3_paired", ".tex")).read_text()
+    assert "two-sided paired t-test" in paired_latex and "Wilcoxon signed-rank" in paired_latex
     paired = pd.read_csv(layout.table("table3_paired", ".csv"))
-    assert set(paired["baseline"]) == {"simclr", "yaware"}
+    assert list(paired["baseline"]) == ["simclr", "yaware"]  # Table 3's order
+    assert (paired["n_subjects"] == 3).all()  # participants_table's test subjects
+    assert (paired["subjects_reference_better"] == 3).all()
+    # metrics passed in another order: the same rows, in Table 3's order
+    tables.make_tables(metrics=results["metrics"][::-1],
+                       participants=results["split_dir"] / "participants.tsv",
+                       settings=results["settings"], outputs=stems)
+    assert list(pd.read_csv(layout.table("table3_paired", ".csv"))["baseline"]) == [
+        "simclr", "yaware"]
     cohort = Path(layout.table("table2_cohort", ".md")).read_text()
     assert "Total" in cohort and "Paper Table 2" in cohort and "134" in cohort
     assert not list(Path(layout.result("tables")).glob(".*"))  # no temporary files left
@@ -683,7 +749,8 @@ def test_one_seed_and_no_baselines_are_said_so_not_promised(tmp_path):
     assert "Ours: test MAE, one seed (no sd); 3 test subjects" in table3
     assert "No baseline was configured" in table3 and "mean ± sd" not in table3
     paired = Path(layout.table("table3_paired", ".md")).read_text()
-    assert "One seed each: no sd and no paired test." in paired and "t-test" not in paired
+    assert "One seed each: no sd and no paired test over seeds." in paired
+    assert "paired t-test" not in paired
     sweep = Path(layout.table("ablation_lambda", ".md")).read_text()
     assert "Ours: test MAE, one seed (no sd)." in sweep and "loss.lam=null" in sweep
     assert "None" not in sweep
@@ -750,6 +817,46 @@ def test_latex_caption_of_an_ablation_named_with_an_underscore_is_escaped(tmp_pa
     latex = (tmp_path / "ablation_my_ablation.tex").read_text()
     assert r"\caption{Experiment my\_ablation: test MAE}" in latex, latex
     assert "a\\_1" in latex  # the cells, as before
+
+
+def test_the_pretraining_table_averages_each_end_of_a_noisy_loss_curve(tmp_path):
+    """The demo's 150-epoch run printed 1.156 -> 0.661 from single epochs of a curve that
+    jumps between 0.02 and 1.2; the means of its first and last 10 epochs are 0.733 and
+    0.519 (and its last epoch was the highest of the last ten)."""
+    assert [pretraining.epochs_averaged(n) for n in (3, 19, 20, 150, 400)] == [1, 1, 2, 10, 10]
+    losses = np.r_[np.full(10, 0.7), np.full(130, 0.6), np.full(9, 0.5), 1.4]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"loss": "adaptive", "n_train": 12,
+                                                  "n_test": 4, "mae": 9.3}))
+    pd.DataFrame({"epoch": np.arange(1, 151), "loss": losses}).to_csv(
+        run / "history.tsv", sep="\t", index=False)
+    runs = pretraining.pretraining_runs({"t1": {"metrics": run / "metrics.json",
+                                                "history": run / "history.tsv"}})
+    row = runs.iloc[0]
+    assert row["loss_epochs_averaged"] == 10
+    assert row["first_loss"] == pytest.approx(0.7) and row["last_loss"] == pytest.approx(0.59)
+    tables.write_pretraining(runs, pd.DataFrame(columns=list(pretraining.GAIN_COLUMNS)),
+                             tmp_path / "pretraining", tmp_path / "gain")
+    assert "0.700 → 0.590 (mean of 10 each)" in (tmp_path / "pretraining.md").read_text()
+    # the gain table, pasted alone, says what its ± is
+    assert "mean ± sd over seeds; positive = pretraining helps" in (
+        tmp_path / "gain.md").read_text()
+
+
+def test_latex_tables_read_as_a_paper_prints_them(tmp_path):
+    """Read from the .tex a lab pastes into a paper: the caption said "Table 2: ..." and
+    LaTeX numbered it again ("Table 1: Table 2: ..."); numbers sat left-aligned with
+    hyphens for minus signs; a first cell "[3T] pilot" after the row break was read as the
+    break's length."""
+    display = pd.DataFrame({"Study": ["[3T] pilot", "sub-01"], "Gap": ["-0.37", "1e-05"],
+                            "Interval": ["0.1 [-2.231, 2.433]", "1.0 [0.5, 1.5]"]})
+    tables.write_table(display, display, tmp_path / "cohort", title="Table 2: cohort by study")
+    latex = (tmp_path / "cohort.tex").read_text()
+    assert r"\caption{cohort by study}" in latex, latex
+    assert r"\begin{tabular}{lrl}" in latex  # the numbers right-aligned
+    assert "\n{}[3T] pilot & \\ensuremath{-}0.37 & 0.1 [\\ensuremath{-}2.231, 2.433]" in latex
+    assert "sub-01 & 1e-05 &" in latex  # a label's and an exponent's hyphen stay
 
 
 def test_latex_tables_are_ascii(tmp_path):
@@ -1418,8 +1525,8 @@ def test_fine_tuned_rows_and_the_gain_of_pretraining(tmp_path):
                                                 "history": run / "history.tsv"}})
     assert runs.iloc[0].to_dict() == {"run": "t1", "loss": "exponential", "epochs": 2,
                                       "n_train": 12, "n_validation": 4, "first_loss": 1.2,
-                                      "last_loss": 0.7, "validation_mae": 9.3,
-                                      "validation_pearson_r": 0.88}
+                                      "last_loss": 0.7, "loss_epochs_averaged": 1,
+                                      "validation_mae": 9.3, "validation_pearson_r": 0.88}
     tables.write_pretraining(runs, gains, tmp_path / "pretraining", tmp_path / "pretraining_gain")
     assert "Gain of pretraining" in (tmp_path / "pretraining.md").read_text()
     assert pd.read_csv(tmp_path / "pretraining_gain.csv")["n_pairs"].tolist() == [3]

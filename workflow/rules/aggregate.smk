@@ -9,6 +9,8 @@
 rule make_tables:
     input:
         metrics=lambda wildcards: grid_targets("metrics.json"),
+        # Table 3b's comparison over test subjects
+        predictions=lambda wildcards: grid_targets("predictions.tsv"),
         participants=lambda wildcards: LAYOUT.split_file(_cohort_split(), "participants.tsv"),
         search=_search_trials,
         pretraining=lambda wildcards: pretraining_report_files(),

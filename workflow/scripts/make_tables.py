@@ -6,4 +6,5 @@ from brainage.report.tables import make_tables
 log_to_file(snakemake.log[0])
 make_tables(metrics=list(snakemake.input.metrics), participants=snakemake.input.participants,
             settings=snakemake.params.settings, outputs=snakemake.params.stems,
-            search=list(snakemake.input.search), pretraining=snakemake.params.pretraining)
+            search=list(snakemake.input.search), pretraining=snakemake.params.pretraining,
+            predictions=list(snakemake.input.predictions))

@@ -18,7 +18,14 @@ from brainage.report.targets import LOSS_EXPERIMENT
 
 #: Columns of :func:`pretraining_runs`.
 RUN_COLUMNS = ("run", "loss", "epochs", "n_train", "n_validation", "first_loss", "last_loss",
-               "validation_mae", "validation_pearson_r")
+               "loss_epochs_averaged", "validation_mae", "validation_pearson_r")
+
+
+def epochs_averaged(epochs: int) -> int:
+    """How many epochs at each end of a run :func:`pretraining_runs` averages its training
+    loss over: a tenth of them, 1 to 10. One epoch's contrastive loss varies by more than
+    the fall (the demo's 150-epoch run: 0.02 to 1.2 from one epoch to the next)."""
+    return max(1, min(10, epochs // 10))
 
 #: Columns of :func:`pretraining_gains`.
 GAIN_COLUMNS = ("label", "run", "scratch_variant", "pretrained_variant", "n_pairs",
@@ -28,18 +35,24 @@ GAIN_COLUMNS = ("label", "run", "scratch_variant", "pretrained_variant", "n_pair
 
 def pretraining_runs(files: Mapping[str, Mapping[str, str | Path]]) -> pd.DataFrame:
     """One row per pretraining run (:data:`RUN_COLUMNS`) of ``{run: {"metrics": metrics.json
-    (the validation read-out), "history": history.tsv}}``; a run of ``train.epochs`` 0 (an
-    untrained encoder, which the config allows) has epochs 0 and no loss (NaN)."""
+    (the validation read-out), "history": history.tsv}}``: ``first_loss`` and ``last_loss``
+    are the mean training loss of the first and of the last ``loss_epochs_averaged``
+    epochs (:func:`epochs_averaged`). A run of ``train.epochs`` 0 (an untrained encoder,
+    which the config allows) has epochs 0 and no loss (NaN)."""
     rows = []
     for run, paths in files.items():
         values = json.loads(Path(paths["metrics"]).read_text())
         history = pd.read_csv(paths["history"], sep="\t")
         trained = not history.empty  # pretrain.<run>.train.epochs 0: the untrained encoder
+        averaged = epochs_averaged(len(history)) if trained else 0
         rows.append({"run": run, "loss": values["loss"],
                      "epochs": int(history["epoch"].max()) if trained else 0,
                      "n_train": values["n_train"], "n_validation": values["n_test"],
-                     "first_loss": float(history["loss"].iloc[0]) if trained else np.nan,
-                     "last_loss": float(history["loss"].iloc[-1]) if trained else np.nan,
+                     "first_loss": float(history["loss"].head(averaged).mean())
+                     if trained else np.nan,
+                     "last_loss": float(history["loss"].tail(averaged).mean())
+                     if trained else np.nan,
+                     "loss_epochs_averaged": averaged,
                      "validation_mae": values["mae"],
                      "validation_pearson_r": values.get("pearson_r")})
     return pd.DataFrame(rows, columns=list(RUN_COLUMNS))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -168,26 +169,97 @@ def reference_variant(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     return loss if loss in variants else variants[0]
 
 
-def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
-                      reference: str | None = None) -> pd.DataFrame:
-    """Adaptive Neighborhoods against each other loss, paired over matching seeds.
+def subject_errors(metrics: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
+                   predictions: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """Each test subject's absolute error (years) in every cell of ``experiment``, from the
+    ``predictions.tsv`` beside each ``metrics.json`` of ``metrics`` (:func:`read_metrics`;
+    ``predictions``: those files, where the caller has them, else the neighbours).
 
-    For each baseline variant: the seeds both have, the MAE differences
-    ``d = MAE(baseline) - MAE(reference)`` (years; positive: the reference is better),
-    their mean and sd, a paired t-test (``scipy.stats.ttest_rel``, two-sided; NaN with
-    fewer than 2 pairs or zero spread) and how many seeds the reference wins.
+    Returns columns variant, seed, participant_id, abs_error: one row per cell and test
+    subject, the mean over the cell's splits that test the subject (one under every split
+    scheme: a subject is tested once per seed).
+
+    Raises
+    ------
+    ReportError
+        A cell's ``predictions.tsv`` is missing or lacks a column: rerun its
+        evaluate_encoder.
+    """
+    given = {Path(path).parent: Path(path) for path in predictions}
+    columns = ["participant_id", "age", "predicted_age", "subset"]
+    frames = []
+    for row in metrics[metrics["experiment"] == experiment].itertuples():
+        path = given.get(Path(row.path).parent, Path(row.path).with_name("predictions.tsv"))
+        try:
+            table = pd.read_csv(path, sep="\t", dtype={"participant_id": str})
+        except FileNotFoundError:
+            raise ReportError(f"{path} is missing beside {row.path}; rerun the cell's "
+                              f"evaluate_encoder job.") from None
+        lacking = [column for column in columns if column not in table]
+        if lacking:
+            raise ReportError(f"{path} lacks column(s) {', '.join(lacking)}; rerun the cell's "
+                              f"evaluate_encoder job (delete its metrics.json first).")
+        test = table[table["subset"] == "test"]
+        frames.append(pd.DataFrame({
+            "variant": row.variant, "seed": int(row.seed),
+            "participant_id": test["participant_id"].to_numpy(),
+            "abs_error": (test["predicted_age"] - test["age"]).abs().to_numpy(float)}))
+    if not frames:
+        return pd.DataFrame(columns=["variant", "seed", "participant_id", "abs_error"])
+    return (pd.concat(frames, ignore_index=True)
+            .groupby(["variant", "seed", "participant_id"], sort=False, as_index=False)
+            ["abs_error"].mean())
+
+
+def holm_adjusted(p_values: Sequence[float]) -> np.ndarray:
+    """Holm's step-down adjustment of ``p_values`` (NaN ignored and kept): the family-wise
+    error over the rows of a table, without assuming the tests independent."""
+    p = np.asarray(p_values, float)
+    adjusted = np.full_like(p, np.nan)
+    finite = np.flatnonzero(np.isfinite(p))
+    order = finite[np.argsort(p[finite], kind="stable")]
+    steps = (len(order) - np.arange(len(order))) * p[order]
+    adjusted[order] = np.minimum(1.0, np.maximum.accumulate(steps))
+    return adjusted
+
+
+#: Subject-level columns of :func:`paired_comparison`.
+SUBJECT_COLUMNS = ["n_subjects", "subject_mean_difference", "subject_ci95_low",
+                   "subject_ci95_high", "subject_p_value", "subject_p_holm",
+                   "subjects_reference_better"]
+
+
+def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
+                      reference: str | None = None,
+                      errors: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Adaptive Neighborhoods against each other loss, paired over matching seeds and,
+    with ``errors`` (:func:`subject_errors`), over test subjects.
+
+    Over seeds: the MAE differences ``d = MAE(baseline) - MAE(reference)`` (years;
+    positive: the reference is better) of the seeds both have, their mean and sd, a paired
+    t-test (``scipy.stats.ttest_rel``, two-sided; NaN with fewer than 2 pairs or zero
+    spread) and how many seeds the reference wins. Every seed tests the same subjects, so
+    this measures retraining on them only; a baseline that does not train (one value for
+    every seed) makes it a one-sample test whose p falls with more seeds however few the
+    test subjects.
+
+    Over subjects (what generalises to new subjects of the same kind): each test
+    subject's absolute error averaged over the common seeds, the mean of the differences
+    (baseline - reference) with a paired t 95 % interval, the Wilcoxon signed-rank p
+    (two-sided; NaN where every difference is 0), that p Holm-adjusted over the table's
+    rows (:func:`holm_adjusted`), and the subjects the reference predicts better.
 
     Returns
     -------
     pandas.DataFrame
         Columns reference, baseline, n_pairs, mean_difference, sd_difference,
-        t_statistic, p_value, reference_wins. No rows when the experiment has no
-        reference variant.
+        t_statistic, p_value, reference_wins, then :data:`SUBJECT_COLUMNS` (NaN without
+        ``errors``). No rows when the experiment has no reference variant.
     """
     from scipy import stats
 
     columns = ["reference", "baseline", "n_pairs", "mean_difference", "sd_difference",
-               "t_statistic", "p_value", "reference_wins"]
+               "t_statistic", "p_value", "reference_wins", *SUBJECT_COLUMNS]
     cells = seeds[seeds["experiment"] == experiment]
     reference = reference or reference_variant(seeds, experiment=experiment)
     if reference is None or reference not in set(cells["variant"]):
@@ -210,8 +282,44 @@ def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
                      "sd_difference": float(differences.std(ddof=1)) if len(common) > 1
                      else np.nan,
                      "t_statistic": t_statistic, "p_value": p_value,
-                     "reference_wins": int(np.sum(differences > 0))})
-    return pd.DataFrame(rows, columns=columns)
+                     "reference_wins": int(np.sum(differences > 0)),
+                     **_over_subjects(errors, reference, baseline, common)})
+    paired = pd.DataFrame(rows, columns=columns)
+    paired["subject_p_holm"] = holm_adjusted(paired["subject_p_value"])
+    return paired
+
+
+def _over_subjects(errors: pd.DataFrame | None, reference: str, baseline: str,
+                   seeds: Sequence[int]) -> dict[str, float]:
+    """:data:`SUBJECT_COLUMNS` of one row of :func:`paired_comparison` (Holm's p is set
+    over the rows afterwards)."""
+    from scipy import stats
+
+    empty = dict.fromkeys(SUBJECT_COLUMNS, np.nan)
+    if errors is None or not len(seeds):
+        return empty
+    shared = errors[errors["seed"].isin(seeds)]
+
+    def per_subject(variant: str) -> pd.Series:
+        return shared[shared["variant"] == variant].groupby("participant_id")["abs_error"].mean()
+
+    mine, other = per_subject(reference), per_subject(baseline)
+    subjects = mine.index.intersection(other.index)
+    if subjects.empty:
+        return empty
+    differences = (other[subjects] - mine[subjects]).to_numpy(float)
+    mean = float(differences.mean())
+    low = high = p_value = np.nan
+    if len(differences) >= 2 and np.ptp(differences) > 1e-9 * max(1.0, np.abs(differences).max()):
+        half = (stats.t.ppf(0.975, len(differences) - 1) * differences.std(ddof=1)
+                / np.sqrt(len(differences)))
+        low, high = mean - half, mean + half
+    if np.any(np.abs(differences) > 1e-9 * max(1.0, np.abs(differences).max())):
+        p_value = float(stats.wilcoxon(differences).pvalue)
+    return {"n_subjects": len(differences), "subject_mean_difference": mean,
+            "subject_ci95_low": low, "subject_ci95_high": high, "subject_p_value": p_value,
+            "subject_p_holm": np.nan,
+            "subjects_reference_better": int(np.sum(differences > 0))}
 
 
 def ablation_table(seeds: pd.DataFrame, experiment: str,
@@ -304,11 +412,9 @@ def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def markdown_table(display: pd.DataFrame) -> str:
-    """``display`` (formatted strings) as a Markdown table, the strings as they are:
-    tabulate reprints a column whose cells all look numeric ("0.390" as 0.39), so that is
-    off, and such columns are right-aligned as tabulate aligns numbers. A ``|`` in a cell
-    is escaped."""
+def numeric_columns(display: pd.DataFrame) -> list[bool]:
+    """Whether each column of ``display`` (formatted strings) holds numbers only: those are
+    right-aligned, in the Markdown and the LaTeX alike."""
     def numeric(value) -> bool:
         try:
             float(str(value))
@@ -316,8 +422,16 @@ def markdown_table(display: pd.DataFrame) -> str:
             return False
         return True
 
-    alignment = ["right" if len(display) and all(map(numeric, display[column])) else "left"
-                 for column in display.columns]
+    return [bool(len(display)) and all(map(numeric, display[column]))
+            for column in display.columns]
+
+
+def markdown_table(display: pd.DataFrame) -> str:
+    """``display`` (formatted strings) as a Markdown table, the strings as they are:
+    tabulate reprints a column whose cells all look numeric ("0.390" as 0.39), so that is
+    off, and such columns are right-aligned as tabulate aligns numbers. A ``|`` in a cell
+    is escaped."""
+    alignment = ["right" if number else "left" for number in numeric_columns(display)]
     # a "|" in a cell (a study named "ADNI|3T") would start another column
     escaped = display.astype(str).apply(lambda column: column.str.replace("|", r"\|"))
     escaped.columns = [str(name).replace("|", r"\|") for name in display.columns]
@@ -341,12 +455,19 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
         markdown += ["", extra_markdown]
     with atomic_path(paths[".md"]) as temp:
         temp.write_text("\n".join(markdown).rstrip() + "\n", encoding="utf-8")
-    # pandas escapes the cells, not the caption: an experiment's name (my_ablation) names it
-    latex = display.to_latex(index=False, escape=True, caption=_escape_latex(title),
-                             label=f"tab:{stem.name}", column_format="l" * max(1, display.shape[1]))
+    # pandas escapes the cells, not the caption: an experiment's name (my_ablation) names
+    # it; LaTeX numbers the table itself ("Table 3: Table 3: ..." otherwise)
+    caption = _escape_latex(re.sub(r"^Table \w+: ", "", title))
+    alignment = "".join("r" if number else "l" for number in numeric_columns(display))
+    latex = display.to_latex(index=False, escape=True, caption=caption,
+                             label=f"tab:{stem.name}", column_format=alignment or "l")
     if notes:  # a table pasted into a paper keeps what its numbers are
         latex = latex.replace("\\end{table}", "\\par\\smallskip\\footnotesize "
                               + " ".join(map(_escape_latex, notes)) + "\n\\end{table}")
+    # a minus sign, not a hyphen, before a number ("-0.37", "[-2.231, ...]")
+    latex = re.sub(r"(?<![\w.\\])-(?=\d)", lambda _: r"\ensuremath{-}", latex)
+    # a row starting with "[" ("[3T] pilot") would be read as the \\ before it's length
+    latex = re.sub(r"(?m)^\[", lambda _: "{}[", latex)
     for character, command in _LATEX_UNICODE.items():
         latex = latex.replace(character, command)
     with atomic_path(paths[".tex"]) as temp:
@@ -453,7 +574,11 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
                 "losses. " if baselines else "No baseline was configured: a loss's MAE "
                 "stands alone. ")
              + "Age bias: least-squares slope of (predicted − true age) against age on the "
-               "test subjects (0 = unbiased, −1 = a constant prediction).",
+               "test subjects (0 = unbiased, −1 = a constant prediction); it and r are "
+               "means over seeds."
+             + (" The sd over seeds is the spread of retraining on the same test subjects, "
+                "not an uncertainty over subjects: Table 3b compares the rows over test "
+                "subjects." if (table["n_seeds"] > 1).any() else ""),
              PAPER_NOTE, *study_mean_note]
     schedules = [f"{label}: {schedule}" for label, schedule
                  in zip(table["label"], table["neighbourhood"]) if isinstance(schedule, str)]
@@ -475,17 +600,51 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
         "p": [_format_number(v, 3) for v in paired["p_value"]],
         "Reference wins": [f"{w}/{n}" for w, n in zip(paired["reference_wins"],
                                                       paired["n_pairs"])],
+        "Test subjects": [_count_text(n) for n in paired["n_subjects"]],
+        "ΔMAE [years] over subjects [95 % CI]": [
+            _interval_text(*values) for values in
+            zip(paired["subject_mean_difference"], paired["subject_ci95_low"],
+                paired["subject_ci95_high"])],
+        "p, subjects (Holm)": [
+            f"{_format_number(p, 3)} ({_format_number(holm, 3)})" if np.isfinite(p) else "–"
+            for p, holm in zip(paired["subject_p_value"].astype(float),
+                               paired["subject_p_holm"].astype(float))],
+        "Reference better (subjects)": [
+            f"{_count_text(w)}/{_count_text(n)}" for w, n in
+            zip(paired["subjects_reference_better"], paired["n_subjects"])],
     })
-    notes = ["Paired over matching seeds; positive ΔMAE: the reference loss is better. "
-             + ("Two-sided paired t-test (no multiple-comparison correction); with few seeds "
-                "treat p as descriptive." if (paired["n_pairs"] > 1).any() else
-                "One seed each: no sd and no paired test."), *study_mean_note]
+    notes = ["Positive ΔMAE: the reference loss is better. "
+             + ("Over seeds: paired over matching seeds, two-sided paired t-test. Every seed "
+                "tests the same subjects, so this measures retraining on them, not the "
+                "uncertainty over subjects; against a baseline that does not train (training "
+                "mean, study mean, PCA + Ridge: one value for every seed) it is a one-sample "
+                "test whose p falls with more seeds however few the test subjects. "
+                if (paired["n_pairs"] > 1).any() else
+                "One seed each: no sd and no paired test over seeds. ")
+             + "Over subjects (the comparison that speaks for new subjects): each test "
+               "subject's absolute error averaged over the common seeds; mean difference "
+               "with a paired t 95 % interval, two-sided Wilcoxon signed-rank p and, in "
+               "brackets, Holm's adjustment over the table's rows.", *study_mean_note]
     if paired.empty:
         notes = [f"No {REFERENCE_LOSS} variant in experiment {LOSS_EXPERIMENT}: nothing to "
                  f"compare with."]
     write_table(paired, paired_display, paired_stem,
                 title=f"Table 3b: Adaptive Neighborhoods against each loss"
-                      f"{' and baseline' if baselines else ''}, paired over seeds", notes=notes)
+                      f"{' and baseline' if baselines else ''}, paired over seeds and test "
+                      f"subjects", notes=notes)
+
+
+def _count_text(count: float) -> str:
+    return "–" if count is None or not np.isfinite(count) else str(int(count))
+
+
+def _interval_text(mean: float, low: float, high: float) -> str:
+    """``mean [low, high]`` (years, 3 decimals); the mean alone without an interval."""
+    if mean is None or not np.isfinite(mean):
+        return "–"
+    if not (np.isfinite(low) and np.isfinite(high)):
+        return f"{mean:.3f}"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]"
 
 
 def _initialisation_text(init: str) -> str:
@@ -507,17 +666,28 @@ def _paired_markdown(paired: pd.DataFrame, labels: Mapping[str, str]) -> str:
     # scratch, "Adaptive Neighborhoods" alone names the other row
     reference = labels.get(paired["reference"].iloc[0], paired["reference"].iloc[0])
     tested = bool((paired["n_pairs"] > 1).any())
-    lines = [f"## Paired comparison with {reference} (same seeds)", "",
+    lines = [f"## Paired comparison with {reference} (same seeds and test subjects)", "",
              f"ΔMAE = MAE(other row) − MAE({reference}), "
              f"{'mean ± sd over seeds' if tested else 'one seed each: no sd and no test'}; "
              f"positive: {reference} is better.", ""]
     for row in paired.itertuples():
         difference = format_mean_sd(row.mean_difference, row.sd_difference)
+        subjects = ""
+        if np.isfinite(row.subject_mean_difference):
+            interval = _interval_text(row.subject_mean_difference, row.subject_ci95_low,
+                                      row.subject_ci95_high)
+            subjects = (f"; over {_count_text(row.n_subjects)} test subjects ΔMAE "
+                        f"{interval} years, {reference} better for "
+                        f"{_count_text(row.subjects_reference_better)}/"
+                        f"{_count_text(row.n_subjects)}"
+                        + (f", Wilcoxon p = {_format_number(row.subject_p_value, 3)} (Holm "
+                           f"{_format_number(row.subject_p_holm, 3)})"
+                           if np.isfinite(row.subject_p_value) else ""))
         lines.append(f"- {labels.get(row.baseline, row.baseline)}: ΔMAE {difference} years "
                      f"over {row.n_pairs} seed{'' if row.n_pairs == 1 else 's'}, {reference} "
                      f"better in {row.reference_wins}/{row.n_pairs}"
                      + (f", paired t-test p = {_format_number(row.p_value, 3)}" if tested
-                        else ""))
+                        else "") + subjects)
     return "\n".join(lines)
 
 
@@ -617,9 +787,11 @@ def write_pretraining(runs: pd.DataFrame, gains: pd.DataFrame, stem: str | Path,
         "Pretraining run": runs["run"], "Loss": runs["loss"], "Epochs": runs["epochs"],
         "Subjects (train / validation)": [f"{t} / {v}" for t, v in zip(runs["n_train"],
                                                                       runs["n_validation"])],
-        "Training loss (first → last epoch)": [
+        "Training loss (first → last epochs)": [
             f"{_format_number(a, 3)} → {_format_number(b, 3)}"
-            for a, b in zip(runs["first_loss"], runs["last_loss"])],
+            + (f" (mean of {k} each)" if k > 1 else "")
+            for a, b, k in zip(runs["first_loss"], runs["last_loss"],
+                               runs.get("loss_epochs_averaged", [1] * len(runs)))],
         "Validation MAE [years]": [_format_number(v, 3) for v in runs["validation_mae"]],
         "Validation r": [_format_number(v, 3) for v in runs["validation_pearson_r"]],
     })
@@ -636,22 +808,28 @@ def write_pretraining(runs: pd.DataFrame, gains: pd.DataFrame, stem: str | Path,
         markdown_table(gain_display) if len(gain_display) else
         "(no Table 3 variant fine-tunes a pretraining run beside the same variant from "
         "scratch)"])
+    gain_note = ("Gain: test MAE of the variant trained from scratch minus that of the "
+                 "same variant fine-tuned from the pretrained encoder, on the same split and "
+                 "seeds, mean ± sd over seeds; positive = pretraining helps.")
     write_table(runs, display, stem, title="Pretraining: encoders pretrained on T1w cohorts",
-                notes=["Validation: the grid's read-out fitted on the run's training "
+                notes=["Training loss: the mean of the first and of the last epochs (a tenth "
+                       "of the epochs, 1 to 10): one epoch's loss varies by more than the "
+                       "fall.",
+                       "Validation: the grid's read-out fitted on the run's training "
                        "subjects' features, tested on its held-out validation subjects.",
-                       "Gain: test MAE of the variant trained from scratch minus that of the "
-                       "same variant fine-tuned from the pretrained encoder, on the same "
-                       "split and seeds; positive = pretraining helps."],
+                       gain_note],
                 extra_markdown=gains_markdown)
     write_table(gains, gain_display, gain_stem,
-                title="Gain of pretraining over training from scratch, per loss")
+                title="Gain of pretraining over training from scratch, per loss",
+                notes=[gain_note])
 
 
 def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
                 settings: Mapping[str, Mapping[str, Mapping[str, Any]]],
                 outputs: Mapping[str, str | Path],
                 search: Sequence[str | Path] = (),
-                pretraining: Mapping[str, Mapping[str, str | Path]] | None = None) -> None:
+                pretraining: Mapping[str, Mapping[str, str | Path]] | None = None,
+                predictions: Sequence[str | Path] = ()) -> None:
     """Write every table of the configuration (rule make_tables).
 
     Parameters
@@ -664,6 +842,8 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
     search : every split's ``trials.tsv`` of the random search (when enabled).
     pretraining : ``{run: {"metrics": metrics.json, "history": history.tsv}}`` of every
         pretraining run (config pretrain).
+    predictions : the cells' ``predictions.tsv`` (Table 3b's comparison over subjects);
+        by default each ``metrics.json``'s neighbour.
     """
     started = time.perf_counter()
     read = read_metrics(metrics)
@@ -680,7 +860,13 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
             write_cohort(cohort_table(cohort), stem, separated=age_separated_studies(cohort))
         elif name == "table3_losses":
             table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
-            write_table3(table, paired_comparison(seeds), stem, outputs["table3_paired"],
+            paired = paired_comparison(seeds, errors=subject_errors(read,
+                                                                   predictions=predictions))
+            # Table 3's order, not the order of the metrics files a caller passes
+            order = {variant: rank for rank, variant in enumerate(table["variant"])}
+            paired = paired.sort_values("baseline", key=lambda names: names.map(order),
+                                        kind="stable", ignore_index=True)
+            write_table3(table, paired, stem, outputs["table3_paired"],
                          leave_one_study_out=one_study_out)
         elif name == "table3_paired":
             continue  # written with table3_losses
