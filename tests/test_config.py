@@ -1013,6 +1013,11 @@ def test_a_pretraining_run_needs_output_folders_a_shell_command_takes_as_one_wor
     fine = {"output": {"results": "/scratch/lab-1/run_2.0/Ergebnisse_Müller", "logs": "logs"}}
     assert validate_config({**_with_pretraining(), **fine})["output"] == {
         **fine["output"], "benchmarks": "benchmarks"}
+    # a leading '-': the command read '--split-dir -out/...' as two options, after the
+    # pretraining cohort was prepared (a review); './-out' is the same folder, accepted
+    with pytest.raises(ConfigError, match=r"'output\.results' is '-out'.*not starting with -"):
+        validate_config({**_with_pretraining(), "output": {"results": "-out"}})
+    assert validate_config({**_with_pretraining(), "output": {"results": "./-out"}})
 
 
 @pytest.mark.parametrize("top_level, named", [

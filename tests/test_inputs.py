@@ -661,7 +661,7 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     table.write_text("\n".join(lines[:4] + [lines[4] + " "]) + "\n")  # sub-03a's study2
     with pytest.raises(InputError, match=r"column 'study' writes one value as 'study2' "
                                          r"\(sub-01a\), 'study2 ' \(sub-03a\), which differ "
-                                         r"only in case or in spaces"):
+                                         r"only in case, in spaces"):
         read_participants(tiny_dataset)
     # so did a capital: 'Study2' split, tabulated and averaged apart from 'study2'
     table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "Study2")]) + "\n")
@@ -676,6 +676,22 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
         read_participants(tiny_dataset)
     assert "'Study 2' (sub-01a), 'Study 2 ' (sub-03a)" in str(refused.value)
     assert "'study 2'" not in str(refused.value)
+    # 'Zürich' composed beside 'Zürich' decomposed (macOS folder names): they print
+    # alike, so the message shows their code points; under loso they were two splits
+    composed, decomposed = "Z\u00fcrich", "Zu\u0308rich"
+    table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", composed), lines[3],
+                                            lines[4].replace("study2", decomposed)]) + "\n",
+                     encoding="utf-8")
+    with pytest.raises(InputError) as refused:
+        read_participants(tiny_dataset)
+    assert ("'Z\\xfcrich' (sub-01a), 'Zu\\u0308rich' (sub-03a), which differ only in case, "
+            "in spaces around the name or in Unicode form") in str(refused.value)
+    # a zero-width space pasted from a web page: one value, shown nowhere
+    table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "study2\u200b")])
+                     + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"column 'study' of sub-03a holds U\+200B \(invisible "
+                                         r"or control characters\) in 'study2\\u200b': delete"):
+        read_participants(tiny_dataset)
     # spaces after every row's study are one study, as before
     table.write_text("\n".join(line + (" " if number else "")
                                for number, line in enumerate(lines)) + "\n")

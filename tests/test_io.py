@@ -599,6 +599,23 @@ def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
     assert job_warnings(tmp_path / "no_logs", since) == []
 
 
+def test_a_full_disk_at_a_jobs_first_log_line_names_the_log(tmp_path):
+    """On a full scratch quota every job stopped at ``import brainage`` with a bare
+    ``OSError: [Errno 28]`` naming no file, and the log Snakemake pointed to stayed empty
+    (a review). The log here is a link to /dev/full, whose writes fail with ENOSPC."""
+    log = tmp_path / "logs" / "tabulate_qc.log"
+    log.parent.mkdir()
+    log.symlink_to("/dev/full")
+    started = subprocess.run(
+        [sys.executable, "-c", f"from brainage.logs import log_to_file; log_to_file({str(log)!r})"],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO / "workflow")})
+    assert started.returncode == 1
+    assert (f"brainage.io.WriteError: writing {log} failed: No space left on device"
+            in started.stderr), started.stderr
+    assert "the job's log could not be started, so the job did nothing. The disk or quota of " \
+           "the log folder is full: free space there" in started.stderr
+
+
 def test_log_keeps_killed_and_failed_attempts_until_a_success(tmp_path):
     log = tmp_path / "logs" / "train_encoder.log"
     for how in ("killed", "failed", "succeeded"):

@@ -823,6 +823,24 @@ def test_a_bundle_that_does_not_fit_on_the_disk_is_named(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []  # no bundle, no staging folder left
 
 
+def test_a_manifest_that_does_not_fit_is_named_in_the_bundle(tmp_path, monkeypatch):
+    """The encoder and read-out fitted, the manifest did not: the error named
+    `.bundle.staging-<random>/manifest.json`, a folder gone by the time it was shown (a
+    review); the encoder's error already named the bundle's file."""
+    from brainage.io import write_failure
+
+    def disk_full(path, values):
+        raise write_failure(Path(path), OSError(28, "No space left on device"))
+
+    monkeypatch.setattr("brainage.bundle.write_json", disk_full)
+    with pytest.raises(WriteError) as failed:
+        write_stub_bundle(tmp_path / "bundle", "full", PREPROCESSING)
+    assert str(failed.value).startswith(
+        f"writing {tmp_path / 'bundle' / 'manifest.json'} failed: No space left on device")
+    assert ".staging-" not in str(failed.value)
+    assert list(tmp_path.iterdir()) == []  # no bundle, no staging folder left
+
+
 @pytest.mark.parametrize("template, key", [
     ({"space": "a/../../../escaped/x"}, r"template\.space"),
     ({"space": "TestSpace", "source": "url"}, r"template\.source"),

@@ -38,7 +38,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from brainage import brainage_version
-from brainage.io import WriteError, atomic_path, save_tensors, sha256_file, staged_folder, write_json
+from brainage.io import atomic_path, save_tensors, sha256_file, staged_folder, write_json
 from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,9 @@ def write_bundle(directory: str | Path, *, name: str, encoder_state: Mapping[str
     directory = Path(directory)
     with staged_folder(directory, what="an export") as staging:
         for file, state in ((ENCODER_FILE, encoder_state), (READOUT_FILE, readout_state)):
-            try:  # room checked first; named by the bundle's file, not the staging folder's
-                save_tensors(staging / file, {key: value.detach().cpu().contiguous()
-                                              for key, value in state.items()})
-            except WriteError as error:
-                raise WriteError(str(error).replace(str(staging), str(directory))) from None
+            # room checked first; a failure is named by the bundle's file (staged_folder)
+            save_tensors(staging / file, {key: value.detach().cpu().contiguous()
+                                          for key, value in state.items()})
         manifest = {
             "kind": BUNDLE_KIND,
             "format_version": BUNDLE_FORMAT_VERSION,

@@ -300,8 +300,9 @@ def check_search_settings(config: Mapping[str, Any], *, source: str = "config") 
 
 #: Characters a path may hold and still pass a shell command as one word, unquoted: the
 #: letters of any alphabet (Ergebnisse_Müller; a shell splits and expands on ASCII
-#: characters only), digits and / . _ + , : @ % = -.
-_SHELL_WORD = re.compile(r"[\w/.+,:@%=-]+")
+#: characters only), digits and / . _ + , : @ % = -, but not a leading - (the command's
+#: parser would take ``--split-dir -out/...`` for two options).
+_SHELL_WORD = re.compile(r"(?!-)[\w/.+,:@%=-]+")
 
 
 def check_shell_safe_outputs(config: Mapping[str, Any], *, source: str = "config") -> list[str]:
@@ -316,7 +317,8 @@ def check_shell_safe_outputs(config: Mapping[str, Any], *, source: str = "config
     return [f"{source}: config key 'output.{key}' is {config['output'][key]!r}: a pretraining "
             f"run's job passes its paths through a shell command, where a space or any of "
             f"\"'$`;&|<>()*?[]{{}}~!# splits or expands them. Choose a folder of letters, "
-            f"digits and / . _ + , : @ % = - (a symbolic link to the folder you want works), "
+            f"digits and / . _ + , : @ % = -, not starting with - (./ before such a name, or "
+            f"a symbolic link to the folder you want, works), "
             f"or remove the pretrain section."
             for key in ("results", "logs") if not _SHELL_WORD.fullmatch(config["output"][key])]
 

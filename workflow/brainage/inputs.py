@@ -27,6 +27,7 @@ import os
 import re
 import struct
 import time
+import unicodedata
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import lru_cache
@@ -553,22 +554,39 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                                        consequence: str = "in the splits, the tables and "
                                                           "the study means") -> None:
     """One study (or group) written in two spellings that differ only in spaces around the
-    name or in case ('study2', 'study2 ', 'Study2': a spreadsheet's trailing space, a
-    capital) would be two: two strata of the split, two rows of the tables, two study
-    means. Refused, naming each spelling's first subject."""
+    name, in case or in Unicode form ('study2', 'study2 ', 'Study2': a spreadsheet's
+    trailing space, a capital; 'Zürich' composed and decomposed, as macOS writes folder
+    names) would be two: two strata of the split, two rows of the tables, two study means,
+    and under leave-one-study-out two splits, each training on the other half of the
+    study. Refused, naming each spelling's first subject; so is a value holding an
+    invisible or control character (a zero-width space pasted from a web page), which no
+    table or terminal shows."""
     values = table[column].dropna().astype(str)
-    # the case-folded key is not printed: 'Site A' and 'Site a' are neither 'site a'
-    for _, spellings in values.groupby(values.str.strip().str.casefold()):
+    for index, value in values.items():
+        hidden = [character for character in value
+                  if unicodedata.category(character) in ("Cc", "Cf")]
+        if hidden:
+            raise InputError(
+                f"{table_path}: column {column!r} of {table.at[index, 'participant_id']} "
+                f"holds {', '.join(f'U+{ord(c):04X}' for c in dict.fromkeys(hidden))} "
+                f"(invisible or control characters) in {ascii(value)}: delete them, or "
+                f"retype the value.")
+    # the key is not printed: 'Site A' and 'Site a' are neither 'site a'
+    keys = values.map(lambda value: unicodedata.normalize("NFKC", value).strip().casefold())
+    for _, spellings in values.groupby(keys):
         if spellings.nunique() > 1:
             first = {spelling: table.at[index, "participant_id"]
                      for index, spelling in spellings[::-1].items()}  # the first row wins
-            examples = [f"{spelling!r} ({first[spelling]})"
+            # spellings that print alike (one composed, one decomposed) by their code points
+            alike = len({unicodedata.normalize("NFC", spelling) for spelling in first})
+            shown = ascii if alike < len(first) else repr
+            examples = [f"{shown(spelling)} ({first[spelling]})"
                         for spelling in dict.fromkeys(spellings)]
             raise InputError(
                 f"{table_path}: column {column!r} writes one value as "
-                f"{', '.join(examples)}, which differ only in case or in spaces around the "
-                f"name, so the pipeline would take them for different values ({consequence}). "
-                f"Write them in one spelling.")
+                f"{', '.join(examples)}, which differ only in case, in spaces around the "
+                f"name or in Unicode form, so the pipeline would take them for different "
+                f"values ({consequence}). Write them in one spelling.")
 
 
 def _bad_participant_id(participant_id, where: str) -> str | None:

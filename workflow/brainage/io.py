@@ -259,8 +259,10 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
     lock may do this. A ``target`` that is a symbolic link is replaced where it
     points (a bundle folder on a shared drive), and the link kept. An ``OSError`` of
     making, syncing or renaming the folder (a full disk, a folder that cannot be written)
-    is re-raised as :class:`WriteError` naming ``target`` and the free space; the files
-    written into it are the caller's to name (``atomic_path``, ``save_tensors``).
+    is re-raised as :class:`WriteError` naming ``target`` and the free space; a
+    :class:`WriteError` of a file written into it (``atomic_path``, ``save_tensors``) is
+    re-raised naming the file as in ``target``, not in the staging folder, which is gone
+    by then.
     """
     target = Path(target)
     if target.is_symlink():  # replaced where the link points (a shared drive), link kept
@@ -278,7 +280,10 @@ def staged_folder(target: str | Path, *, what: str) -> Iterator[Path]:
         except OSError as error:
             raise write_failure(target, error) from error
         try:
-            yield staging
+            try:
+                yield staging
+            except WriteError as error:  # a file of the folder: named as in ``target``
+                raise WriteError(str(error).replace(str(staging), str(target))) from error
             try:  # the caller's own errors (a missing input too) pass unchanged
                 sync_tree(staging)  # whole on the disk before it is renamed into place
                 _replace_folder(staging, target)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import datetime
+import errno
 import faulthandler
 import logging
 import os
@@ -199,6 +200,21 @@ def _start_attempt(path: Path) -> bool:
     return linked
 
 
+def _log_not_started(path: Path, error: OSError) -> Exception:
+    """The error for a job whose log ``path`` could not be written: Python's own (``OSError:
+    [Errno 28]`` at ``import brainage``) named no file, and the log Snakemake points to
+    stayed empty."""
+    from brainage.io import WriteError, write_failure  # numpy and pandas: not at import
+
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return WriteError(f"{write_failure(path, error)}: the job's log could not be started, "
+                      f"so the job did nothing. "
+                      + ("The disk or quota of the log folder is full: free space there "
+                         "(README, 'Freeing disk space') and run again."
+                         if full else "Make the log folder writable, or set output.logs "
+                         "to one that is, and run again."))
+
+
 def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
     """Send the root logger to ``path`` (if any) and to stderr.
 
@@ -214,8 +230,11 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
     failed = []
     if path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        linked = _start_attempt(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            linked = _start_attempt(path)
+        except OSError as error:  # the first write of every job: a full disk shows here
+            raise _log_not_started(path, error) from error
         _OPENED.append(path.resolve())
         # UTF-8 whatever the node's locale: under a latin-1 one a study named Łódź lost
         # its log lines ("--- Logging error ---")
