@@ -1146,6 +1146,48 @@ def test_group_summary_uses_the_t_interval_and_leaves_qc_failures_out():
     assert 3.0 - row["corrected_gap_ci95_low"] == pytest.approx(half_width)
 
 
+def test_a_groups_interval_carries_the_uncertainty_of_the_bias_line():
+    """A group's corrected gaps share one fitted line: its error does not average out. The
+    interval treated the line as exact, and a group with no true gap beside a reference of
+    10 controls excluded 0 in 39 % of its "95 %" intervals (a review's simulation); the
+    reference group's own mean is 0 by construction and had an interval too."""
+    from scipy import stats
+
+    from brainage.agebias import fit_age_bias
+    from brainage.apply import summarise_gaps
+
+    rng = np.random.default_rng(4)
+    hits = 0
+    for _ in range(400):  # controls 20-80 years, patients 60-80, no true gap
+        ages = np.r_[rng.uniform(20, 80, 10), rng.uniform(60, 80, 20)]
+        predicted = ages + rng.normal(0, 5, 30)
+        bias = fit_age_bias(ages[:10], predicted[:10])
+        table = pd.DataFrame({"group": ["control"] * 10 + ["patient"] * 20, "age": ages,
+                              "status": "predicted", "gap": predicted - ages,
+                              "corrected_gap": bias.corrected_gap(ages, predicted)})
+        summary = summarise_gaps(table, "group", bias=bias,
+                                 reference_group="control").set_index("group")
+        patients = summary.loc["patient"]
+        hits += patients["corrected_gap_ci95_low"] <= 0 <= patients["corrected_gap_ci95_high"]
+    assert 0.92 <= hits / 400 <= 0.98, hits  # 0.61 with the line taken as exact
+    control = summary.loc["control"]
+    assert control["mean_corrected_gap"] == pytest.approx(0.0, abs=1e-9)
+    assert np.isnan(control["corrected_gap_ci95_low"]) and np.isnan(control["corrected_gap_ci95_high"])
+    # the interval, worked by hand: the group's variance plus the line's at its mean age
+    residuals = predicted[:10] - ages[:10] - bias.expected_gap(ages[:10])
+    line = (np.sum(residuals ** 2) / 8) * (1 / 10 + (ages[10:].mean() - ages[:10].mean()) ** 2
+                                            / np.sum((ages[:10] - ages[:10].mean()) ** 2))
+    own = np.var(table["corrected_gap"][10:], ddof=1) / 20
+    degrees = (own + line) ** 2 / (own ** 2 / 19 + line ** 2 / 8)
+    assert patients["corrected_gap_ci95_high"] - patients["mean_corrected_gap"] == pytest.approx(
+        stats.t.ppf(0.975, degrees) * np.sqrt(own + line))
+    # a line recorded without its reference set's statistics (an older bundle): as before
+    bare = type(bias)(bias.intercept, bias.slope)
+    row = summarise_gaps(table, "group", bias=bare).set_index("group").loc["patient"]
+    assert row["corrected_gap_ci95_high"] - row["mean_corrected_gap"] == pytest.approx(
+        stats.t.ppf(0.975, 19) * np.sqrt(own))
+
+
 def test_group_summary_describes_raw_gaps_and_all_members_in_order_of_appearance():
     """Groups in their order in the table (not sorted); ``n`` and ``age_mean`` over every
     member, QC failures included; the raw gap's mean and sample sd (ddof 1) over those
@@ -1193,6 +1235,11 @@ def test_the_bias_line_is_written_with_the_slopes_sign_once(exported):
     readme = (Path(exported.bundle_dir) / "README.md").read_text()
     assert f"age-bias correction: {AgeBias(bias['intercept'], bias['slope'])} (" in readme
     assert "+ -" not in readme
+    # the reference set's statistics travel with the line: a group's interval needs them
+    assert bias["n_subjects"] >= 3 and bias["age_sxx"] > 0 and bias["residual_variance"] > 0
+    line = AgeBias.from_record(bias)
+    assert line.line_variance(bias["age_mean"]) == pytest.approx(
+        bias["residual_variance"] / bias["n_subjects"])
     # what the receiving lab needs beside the command: who is predicted, and with what
     assert "- subjects are predicted when their preprocessing passes QC: min_" in readme
     assert re.search(r"- made with brainage \S+, torch \S+, numpy", readme)
@@ -1414,6 +1461,11 @@ def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):
         (refit.intercept, refit.slope))
     assert recorded["intercept"] != pytest.approx(world.manifest["bias_correction"]["intercept"])
     assert recorded["source"] == "cohort new group 'healthy' (23 subjects)"
+    # the group the line was fitted on: 0 by construction, no interval; the others have one
+    summary = pd.read_csv(tmp_path / "s.tsv", sep="\t").set_index("group")
+    assert summary.loc["healthy", ["corrected_gap_ci95_low", "corrected_gap_ci95_high"]].isna().all()
+    others = summary.drop(index="healthy")
+    assert len(others) and others["corrected_gap_ci95_high"].gt(others["corrected_gap_ci95_low"]).all()
 
 
 def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_cohort, tmp_path,

@@ -58,10 +58,39 @@ class AgeBias:
         a (years).
     slope : float
         b (years of gap per year of age; negative for the usual regression to the mean).
+    n_subjects, age_mean, age_sxx, residual_variance : optional
+        The fit's reference set: its size, mean age (years), sum of squared age deviations
+        (years²) and the residual variance of its gaps (years², n - 2 degrees of freedom);
+        what :meth:`line_variance` needs. None for a line recorded without them (a bundle
+        exported from an evaluation before they were saved).
     """
 
     intercept: float
     slope: float
+    n_subjects: int | None = None
+    age_mean: float | None = None
+    age_sxx: float | None = None
+    residual_variance: float | None = None
+
+    @classmethod
+    def from_record(cls, record: Mapping) -> "AgeBias":
+        """The line of a saved record (:func:`bias_fits`, a bundle's ``bias_correction``)."""
+        optional = {key: record.get(key) for key in ("age_mean", "age_sxx",
+                                                     "residual_variance")}
+        return cls(float(record["intercept"]), float(record["slope"]),
+                   n_subjects=record.get("n_subjects"),
+                   **{key: None if value is None else float(value)
+                      for key, value in optional.items()})
+
+    def line_variance(self, age: float) -> float:
+        """Variance (years²) of the fitted line's value at ``age``: what a group's mean
+        corrected gap inherits from the reference set's sampling, shared by all its
+        members; NaN when the record lacks the reference set's statistics."""
+        if None in (self.n_subjects, self.age_mean, self.age_sxx, self.residual_variance) \
+                or not self.age_sxx or self.n_subjects < 3:
+            return float("nan")
+        return self.residual_variance * (1 / self.n_subjects
+                                         + (age - self.age_mean) ** 2 / self.age_sxx)
 
     def __str__(self) -> str:
         """The line as a reader writes it: ``gap = 2.920 - 0.0821 * age`` (not ``+ -``)."""
@@ -107,7 +136,12 @@ def fit_age_bias(ages: np.ndarray, predicted: np.ndarray, *, where: str = "refer
         raise ValueError(f"age-bias correction on the {where}: every subject is "
                          f"{ages[0]} years old, so the gap's age slope is undefined.")
     slope, intercept = np.polyfit(ages, predicted - ages, 1)
-    return AgeBias(intercept=float(intercept), slope=float(slope))
+    residuals = predicted - ages - (intercept + slope * ages)
+    return AgeBias(intercept=float(intercept), slope=float(slope), n_subjects=len(ages),
+                   age_mean=float(ages.mean()),
+                   age_sxx=float(np.sum((ages - ages.mean()) ** 2)),
+                   residual_variance=float(np.sum(residuals ** 2) / (len(ages) - 2))
+                   if len(ages) > 2 else None)
 
 
 def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping,
@@ -190,7 +224,8 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
     -------
     dict
         ``{"training": record, "test": record}``; a record is ``{"intercept", "slope",
-        "fitted_on", "formula", "description", "n_subjects", "cv_folds", "cv_seed",
+        "fitted_on", "formula", "description", "n_subjects", "age_mean", "age_sxx",
+        "residual_variance" (:class:`AgeBias`), "cv_folds", "cv_seed",
         "gap_age_r_before", "gap_age_r_after", "gap_age_r_after_on_other", "oof_mae",
         "other_fits"}``, or
         ``{"error": message}`` when that reference set cannot be fitted (too few
@@ -235,7 +270,10 @@ def bias_fits(train_features: np.ndarray, train_ages: np.ndarray,
         records[name] = {
             "intercept": bias.intercept, "slope": bias.slope, "fitted_on": name,
             "formula": FORMULA, "description": DESCRIPTIONS[name],
-            "n_subjects": int(len(ages)),
+            "n_subjects": bias.n_subjects,
+            # what a group's interval needs of the line's own uncertainty (line_variance)
+            "age_mean": bias.age_mean, "age_sxx": bias.age_sxx,
+            "residual_variance": bias.residual_variance,
             # the out-of-fold refits' settings; none when they could not be fitted
             "cv_folds": folds if oof_mae is not None else None, "cv_seed": int(seed),
             "gap_age_r_before": gap_age_correlation(ages, predicted - ages),
