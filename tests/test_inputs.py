@@ -692,6 +692,12 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     with pytest.raises(InputError, match=r"column 'study' of sub-03a holds U\+200B \(invisible "
                                          r"or control characters\) in 'study2\\u200b': delete"):
         read_participants(tiny_dataset)
+    # the joiners and direction marks of Persian, Hindi and Hebrew names are spelling
+    for name in ("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645", "\u0915\u094d\u200d\u0937",
+                 "\u200f\u05d0\u05d1"):
+        table.write_text("\n".join(line.replace("study2", name) for line in lines) + "\n",
+                         encoding="utf-8")
+        assert name in set(read_participants(tiny_dataset)["study"])
     # spaces after every row's study are one study, as before
     table.write_text("\n".join(line + (" " if number else "")
                                for number, line in enumerate(lines)) + "\n")

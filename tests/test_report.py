@@ -369,6 +369,11 @@ def test_a_baseline_that_does_not_train_is_also_compared_over_test_subjects():
     assert paired["subject_p_holm"] == pytest.approx(paired["subject_p_value"])  # one row
     # without errors (a caller without predictions) the columns are there, empty
     assert np.isnan(tables.paired_comparison(seeds).iloc[0]["subject_p_value"])
+    # one test subject: a difference, no interval and no test (scipy's p would be 1)
+    alone = tables.paired_comparison(seeds, errors=errors[errors["participant_id"] == "sub-5"])
+    assert alone.iloc[0]["n_subjects"] == 1
+    assert alone.iloc[0]["subject_mean_difference"] == pytest.approx(29.5)
+    assert alone[["subject_ci95_low", "subject_p_value", "subject_p_holm"]].isna().all(axis=None)
 
 
 def test_holm_adjustment_of_the_subject_p_values():

@@ -391,6 +391,41 @@ def test_valid_user_dataset_plans_every_subject(tmp_path):
                      r"file:///elsewhere/resources/demo/dataset, another dataset\. Give each "
                      r"dataset a results folder of its own", result.stdout), result.stdout
     assert "left the cohort" not in result.stdout
+    # a project moved to another path: its description names the old path, but listed
+    # subjects have their folders there, so the departed ones left the cohort
+    (tmp_path / "results" / "preproc" / "sub-00a").mkdir()
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert "no longer lists: sub-gone1" in result.stdout and "left the cohort" in result.stdout
+
+
+@pytest.mark.workflow
+def test_summaries_of_a_bundle_without_its_lines_statistics_are_named_at_planning(tmp_path):
+    """After the upgrade that widened predict's group intervals by the age-bias line's own
+    uncertainty, finished summaries kept the narrow ones (no rule's code changed), and the
+    job's warning came only with a rerun that nothing planned (a review)."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(6))
+    clinic = write_tiny_dataset(tmp_path / "clinic", [
+        {**row, "participant_id": f"sub-c{index}"} for index, row in enumerate(default_rows(3))])
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(clinic)}})
+    summary = tmp_path / "results" / "predict" / "clinic" / "summary.tsv"
+    summary.parent.mkdir(parents=True)
+    summary.write_text("group\n")
+    manifest = tmp_path / "results" / "models" / "brainage" / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    line = {"intercept": 2.0, "slope": -0.1, "n_subjects": 32}  # as exported before
+    manifest.write_text(json.dumps({"bias_correction": line}))
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    said = re.findall(r"Warning: the group intervals of results/predict/clinic/summary\.tsv take "
+                      r"the age-bias line as exact \(too narrow\).*For the full intervals: "
+                      r"snakemake predict --forcerun "
+                      r"results/train/holdout/table3/adaptive/seed-0/metrics\.json ", result.stdout)
+    assert len(said) == 1, result.stdout
+    manifest.write_text(json.dumps({"bias_correction": {
+        **line, "age_mean": 45.0, "age_sxx": 9000.0, "residual_variance": 16.0}}))
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0 and "as exact" not in result.stdout, result.stdout
 
 
 @pytest.mark.workflow

@@ -549,6 +549,13 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
         _refuse_values_differing_in_spelling(table, table_path)
 
 
+#: Invisible characters no name needs, left by copying from web pages and documents: zero-
+#: width space, word joiner, byte order mark, soft hyphen. Not the other format characters:
+#: the zero-width (non-)joiners and direction marks are part of Persian, Devanagari,
+#: Malayalam, Hebrew and Arabic spelling.
+INVISIBLE_CHARACTERS = frozenset("\u200b\u2060\ufeff\u00ad")
+
+
 def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path | str, *,
                                        column: str = "study",
                                        consequence: str = "in the splits, the tables and "
@@ -558,13 +565,13 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
     trailing space, a capital; 'Zürich' composed and decomposed, as macOS writes folder
     names) would be two: two strata of the split, two rows of the tables, two study means,
     and under leave-one-study-out two splits, each training on the other half of the
-    study. Refused, naming each spelling's first subject; so is a value holding an
-    invisible or control character (a zero-width space pasted from a web page), which no
-    table or terminal shows."""
+    study. Refused, naming each spelling's first subject; so is a value holding a control
+    character or one of :data:`INVISIBLE_CHARACTERS` (a zero-width space pasted from a web
+    page), which no table or terminal shows."""
     values = table[column].dropna().astype(str)
     for index, value in values.items():
-        hidden = [character for character in value
-                  if unicodedata.category(character) in ("Cc", "Cf")]
+        hidden = [character for character in value if unicodedata.category(character) == "Cc"
+                  or character in INVISIBLE_CHARACTERS]
         if hidden:
             raise InputError(
                 f"{table_path}: column {column!r} of {table.at[index, 'participant_id']} "
@@ -822,7 +829,7 @@ def _found_instead(path: Path) -> str:
     if misnamed:  # e.g. sub-01_ses-01_stiffness.nii.gz, or a renamed subject's old files
         return (f" {path.parent} holds {', '.join(misnamed)}: name the file {path.name} "
                 f"(the folder's label, no session or other entities).")
-    # a map put in anat/ beside the T1w (or a T1w in mre/), under its own name or another
+    # a map put in anat/ beside the T1w (or a T1w in mre/), under its own name
     elsewhere = sorted(str(other.relative_to(subject_folder)) for other in
                        subject_folder.glob(f"*/{path.name.split('.')[0]}.nii*")
                        if other.parent != path.parent and other.is_file()

@@ -375,7 +375,45 @@ def cohort_subjects(cohort):
         ) from None
     if cohort != SIMULATED_PREDICT_COHORT and not SIMULATED:
         warn_about_trained_subjects(cohort, table)
+    warn_about_narrow_gap_intervals()
     return [pid[len("sub-") :] for pid in table["participant_id"]]
+
+
+_INTERVALS_CHECKED = []
+
+
+def warn_about_narrow_gap_intervals():
+    """Name, once per run in the main process, finished summaries whose group intervals
+    take the bundle's age-bias line as exact: a bundle exported from an evaluation made
+    before the line's reference statistics were saved (brainage.agebias.AgeBias). Nothing
+    reruns by itself after the upgrade (the package's code is no rule's code)."""
+    if _INTERVALS_CHECKED or not workflow.is_main_process:
+        return
+    if PREDICT["bias_reference_group"] is not None:  # refitted on the cohort, statistics too
+        _INTERVALS_CHECKED.append(True)
+        return
+    summaries = [
+        LAYOUT.prediction(cohort, "summary.tsv")
+        for cohort in PREDICT_COHORTS
+        if Path(LAYOUT.prediction(cohort, "summary.tsv")).is_file()
+    ]
+    try:
+        record = json.loads(Path(BUNDLE_FILES[0]).read_text())["bias_correction"]
+    except (OSError, ValueError, LookupError, TypeError):
+        return  # no finished bundle (or a damaged one, which predict_cohort names)
+    if not summaries or "residual_variance" in record:
+        _INTERVALS_CHECKED.append(True)
+        return
+    # raises IncompleteCheckpointException until the split is known: Snakemake calls again
+    metrics = cell_output(*exported_cell(), "metrics.json")
+    _INTERVALS_CHECKED.append(True)
+    _say(
+        f"Warning: the group intervals of {', '.join(summaries)} take the age-bias line "
+        f"as exact (too narrow): the model bundle was exported from an evaluation made "
+        f"before the line's reference statistics were saved. For the full intervals: "
+        f"snakemake predict --forcerun {metrics} (reruns that cell's evaluation, the export "
+        f"and the predictions)."
+    )
 
 
 _PREDICT_COHORTS_WARNED = set()
@@ -668,9 +706,12 @@ def warn_about_departed_subjects():
     if not departed:
         return
     # a lab's first run in the demo's working directory: the demo's subjects never were
-    # this dataset's, so 'left the cohort' would mislead
+    # this dataset's, so 'left the cohort' would mislead. A project moved to another path
+    # names its old path there too, but holds folders of listed subjects
     source = preprocessed_from(LAYOUT.preproc_description())
-    other_dataset = source not in (None, Path(DATASET_ROOT).resolve().as_uri())
+    other_dataset = source not in (None, Path(DATASET_ROOT).resolve().as_uri()) and not any(
+        (folder / f"sub-{label}").is_dir() for label in subjects()
+    )
     _say(
         f"Warning: {folder} holds {len(departed)} subject folder(s) that "
         f"{Path(DATASET_ROOT, 'participants.tsv')} "

@@ -314,7 +314,9 @@ def _over_subjects(errors: pd.DataFrame | None, reference: str, baseline: str,
         half = (stats.t.ppf(0.975, len(differences) - 1) * differences.std(ddof=1)
                 / np.sqrt(len(differences)))
         low, high = mean - half, mean + half
-    if np.any(np.abs(differences) > 1e-9 * max(1.0, np.abs(differences).max())):
+    # one subject is no test (scipy gives p 1, which would count in Holm's adjustment)
+    if len(differences) >= 2 and np.any(
+            np.abs(differences) > 1e-9 * max(1.0, np.abs(differences).max())):
         p_value = float(stats.wilcoxon(differences).pvalue)
     return {"n_subjects": len(differences), "subject_mean_difference": mean,
             "subject_ci95_low": low, "subject_ci95_high": high, "subject_p_value": p_value,
