@@ -1181,6 +1181,18 @@ def test_a_groups_interval_carries_the_uncertainty_of_the_bias_line():
     degrees = (own + line) ** 2 / (own ** 2 / 19 + line ** 2 / 8)
     assert patients["corrected_gap_ci95_high"] - patients["mean_corrected_gap"] == pytest.approx(
         stats.t.ppf(0.975, degrees) * np.sqrt(own + line))
+    # a small group beside a large reference: the line's variance, from 30 degrees of
+    # freedom, raised Welch-Satterthwaite's above the group's 3 and the interval came out
+    # narrower than the one that ignores the line; capped at n - 1, never
+    big = fit_age_bias(np.linspace(20, 80, 32), np.linspace(20, 80, 32) + rng.normal(0, 5, 32))
+    small = pd.DataFrame({"group": "patient", "age": [60.0, 65.0, 70.0, 75.0],
+                          "status": "predicted", "gap": 0.0, "corrected_gap": [1.0, -2.0, 4.0, 0.5]})
+    wide = summarise_gaps(small, "group", bias=big).iloc[0]
+    ignoring = stats.t.ppf(0.975, 3) * np.std(small["corrected_gap"], ddof=1) / 2
+    half = wide["corrected_gap_ci95_high"] - wide["mean_corrected_gap"]
+    assert half == pytest.approx(stats.t.ppf(0.975, 3) * np.sqrt(
+        ignoring ** 2 / stats.t.ppf(0.975, 3) ** 2 + big.line_variance(67.5)))
+    assert half > ignoring
     # a line recorded without its reference set's statistics (an older bundle): as before
     bare = type(bias)(bias.intercept, bias.slope)
     row = summarise_gaps(table, "group", bias=bare).set_index("group").loc["patient"]
