@@ -684,8 +684,14 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
                      encoding="utf-8")
     with pytest.raises(InputError) as refused:
         read_participants(tiny_dataset)
-    assert ("'Z\\xfcrich' (sub-01a), 'Zu\\u0308rich' (sub-03a), which differ only in case, "
+    assert ("'Zürich' (sub-01a), 'Zu\\u0308rich' (sub-03a), which differ only in case, "
             "in spaces around the name or in Unicode form") in str(refused.value)
+    # a direction mark pasted into one row: the same name, two values, unless refused
+    table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "study2\u200e")])
+                     + "\n", encoding="utf-8")
+    with pytest.raises(InputError, match=r"'study2' \(sub-01a\), 'study2\\u200e' \(sub-03a\), "
+                                         r"which differ only"):
+        read_participants(tiny_dataset)
     # a zero-width space pasted from a web page: one value, shown nowhere
     table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "study2\u200b")])
                      + "\n", encoding="utf-8")

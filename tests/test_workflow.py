@@ -422,6 +422,13 @@ def test_summaries_of_a_bundle_without_its_lines_statistics_are_named_at_plannin
                       r"snakemake predict --forcerun "
                       r"results/train/holdout/table3/adaptive/seed-0/metrics\.json ", result.stdout)
     assert len(said) == 1, result.stdout
+    # not in the run it recommends, nor for a damaged record (predict_cohort names that)
+    metrics = "results/train/holdout/table3/adaptive/seed-0/metrics.json"
+    result = snakemake(tmp_path, "-n", "predict", "--forcerun", metrics, "--configfile", str(config))
+    assert result.returncode == 0 and "as exact" not in result.stdout, result.stdout
+    manifest.write_text(json.dumps({"bias_correction": None}))
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0 and "as exact" not in result.stdout, result.stdout
     manifest.write_text(json.dumps({"bias_correction": {
         **line, "age_mean": 45.0, "age_sxx": 9000.0, "residual_variance": 16.0}}))
     result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))

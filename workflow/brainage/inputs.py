@@ -576,24 +576,41 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
             raise InputError(
                 f"{table_path}: column {column!r} of {table.at[index, 'participant_id']} "
                 f"holds {', '.join(f'U+{ord(c):04X}' for c in dict.fromkeys(hidden))} "
-                f"(invisible or control characters) in {ascii(value)}: delete them, or "
-                f"retype the value.")
-    # the key is not printed: 'Site A' and 'Site a' are neither 'site a'
-    keys = values.map(lambda value: unicodedata.normalize("NFKC", value).strip().casefold())
+                f"(invisible or control characters) in {_shown_with_code_points(value)}: "
+                f"delete them, or retype the value.")
+    # the key is not printed: 'Site A' and 'Site a' are neither 'site a'. Format characters
+    # (joiners, direction marks) are left out of it: a name written with and without one
+    # prints alike and would be two values
+    keys = values.map(lambda value: _without_format_characters(
+        unicodedata.normalize("NFKC", value)).strip().casefold())
     for _, spellings in values.groupby(keys):
         if spellings.nunique() > 1:
             first = {spelling: table.at[index, "participant_id"]
                      for index, spelling in spellings[::-1].items()}  # the first row wins
-            # spellings that print alike (one composed, one decomposed) by their code points
-            alike = len({unicodedata.normalize("NFC", spelling) for spelling in first})
-            shown = ascii if alike < len(first) else repr
-            examples = [f"{shown(spelling)} ({first[spelling]})"
-                        for spelling in dict.fromkeys(spellings)]
+            # spellings that print alike (one composed, one decomposed, one with a direction
+            # mark) show the code points that tell them apart
+            alike = len({_without_format_characters(unicodedata.normalize("NFC", spelling))
+                         for spelling in first}) < len(first)
+            marks = ("Cc", "Cf", "Mn")
+            examples = [f"{_shown_with_code_points(spelling, marks) if alike else repr(spelling)}"
+                        f" ({first[spelling]})" for spelling in dict.fromkeys(spellings)]
             raise InputError(
                 f"{table_path}: column {column!r} writes one value as "
                 f"{', '.join(examples)}, which differ only in case, in spaces around the "
                 f"name or in Unicode form, so the pipeline would take them for different "
                 f"values ({consequence}). Write them in one spelling.")
+
+
+def _without_format_characters(text: str) -> str:
+    return "".join(character for character in text if unicodedata.category(character) != "Cf")
+
+
+def _shown_with_code_points(text: str, marks: tuple[str, ...] = ("Cc", "Cf")) -> str:
+    """``text`` quoted, its letters as they are (Zürich, a Persian name) and the characters
+    of the Unicode categories ``marks`` (control and format characters; combining marks
+    too where they tell two spellings apart) as ``\\uXXXX``."""
+    return "'" + "".join(f"\\u{ord(character):04x}" if unicodedata.category(character) in marks
+                         else character for character in text) + "'"
 
 
 def _bad_participant_id(participant_id, where: str) -> str | None:

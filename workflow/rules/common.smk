@@ -401,12 +401,14 @@ def warn_about_narrow_gap_intervals():
         record = json.loads(Path(BUNDLE_FILES[0]).read_text())["bias_correction"]
     except (OSError, ValueError, LookupError, TypeError):
         return  # no finished bundle (or a damaged one, which predict_cohort names)
-    if not summaries or "residual_variance" in record:
+    if not summaries or not isinstance(record, dict) or "residual_variance" in record:
         _INTERVALS_CHECKED.append(True)
         return
     # raises IncompleteCheckpointException until the split is known: Snakemake calls again
     metrics = cell_output(*exported_cell(), "metrics.json")
     _INTERVALS_CHECKED.append(True)
+    if metrics in workflow.dag_settings.forcerun:  # the run that refreshes them
+        return
     _say(
         f"Warning: the group intervals of {', '.join(summaries)} take the age-bias line "
         f"as exact (too narrow): the model bundle was exported from an evaluation made "
