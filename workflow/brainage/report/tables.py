@@ -468,7 +468,8 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
                               + " ".join(map(_escape_latex, notes)) + "\n\\end{table}")
     # a minus sign, not a hyphen, before a number ("-0.37", "[-2.231, ...]")
     latex = re.sub(r"(?<![\w.\\])-(?=\d)", lambda _: r"\ensuremath{-}", latex)
-    # a row starting with "[" ("[3T] pilot") would be read as the \\ before it's length
+    # a row starting with "[" ("[3T] pilot") would be read as the length argument of the
+    # \\ or \midrule before it
     latex = re.sub(r"(?m)^\[", lambda _: "{}[", latex)
     for character, command in _LATEX_UNICODE.items():
         latex = latex.replace(character, command)
