@@ -82,12 +82,17 @@ class AgeBias:
                    **{key: None if value is None else float(value)
                       for key, value in optional.items()})
 
+    @property
+    def has_reference_statistics(self) -> bool:
+        """Whether the line was saved with what :meth:`line_variance` needs."""
+        return None not in (self.n_subjects, self.age_mean, self.age_sxx,
+                            self.residual_variance)
+
     def line_variance(self, age: float) -> float:
         """Variance (years²) of the fitted line's value at ``age``: what a group's mean
         corrected gap inherits from the reference set's sampling, shared by all its
         members; NaN when the record lacks the reference set's statistics."""
-        if None in (self.n_subjects, self.age_mean, self.age_sxx, self.residual_variance) \
-                or not self.age_sxx or self.n_subjects < 3:
+        if not self.has_reference_statistics or not self.age_sxx or self.n_subjects < 3:
             return float("nan")
         return self.residual_variance * (1 / self.n_subjects
                                          + (age - self.age_mean) ** 2 / self.age_sxx)

@@ -445,7 +445,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                     ", ".join(outside[:10]) + (", ..." if len(outside) > 10 else ""))
     table = table[list(participants.columns) + list(PREDICTION_COLUMNS)]
 
-    if bias.n_subjects is None or bias.residual_variance is None:
+    if not bias.has_reference_statistics:
         log.warning("the bundle's age-bias line was saved without its reference set's "
                     "statistics (an evaluation before they were saved): the group intervals "
                     "of %s take the line as exact and are too narrow. Rerun the cell's "

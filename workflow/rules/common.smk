@@ -401,6 +401,8 @@ def warn_about_narrow_gap_intervals():
         record = json.loads(Path(BUNDLE_FILES[0]).read_text())["bias_correction"]
     except (OSError, ValueError, LookupError, TypeError):
         return  # no finished bundle (or a damaged one, which predict_cohort names)
+    # the record's key, not AgeBias.has_reference_statistics: brainage.agebias imports the
+    # read-outs (scikit-learn), which no planning needs
     if not summaries or not isinstance(record, dict) or "residual_variance" in record:
         _INTERVALS_CHECKED.append(True)
         return

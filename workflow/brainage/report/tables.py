@@ -274,7 +274,7 @@ def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
         differences = (baseline_mae[common] - reference_mae[common]).to_numpy(float)
         t_statistic = p_value = np.nan
         # identical differences (up to rounding): the t statistic is undefined
-        if len(common) >= 2 and np.ptp(differences) > 1e-9 * max(1.0, np.abs(differences).max()):
+        if len(common) >= 2 and np.ptp(differences) > _rounding(differences):
             result = stats.ttest_rel(baseline_mae[common], reference_mae[common])
             t_statistic, p_value = float(result.statistic), float(result.pvalue)
         rows.append({"reference": reference, "baseline": baseline, "n_pairs": len(common),
@@ -287,6 +287,12 @@ def paired_comparison(seeds: pd.DataFrame, *, experiment: str = LOSS_EXPERIMENT,
     paired = pd.DataFrame(rows, columns=columns)
     paired["subject_p_holm"] = holm_adjusted(paired["subject_p_value"])
     return paired
+
+
+def _rounding(differences: np.ndarray) -> float:
+    """Differences (years) closer than this are equal up to rounding: spread or size below
+    it leave a t statistic or a signed-rank test undefined."""
+    return 1e-9 * max(1.0, float(np.abs(differences).max()))
 
 
 def _over_subjects(errors: pd.DataFrame | None, reference: str, baseline: str,
@@ -310,13 +316,12 @@ def _over_subjects(errors: pd.DataFrame | None, reference: str, baseline: str,
     differences = (other[subjects] - mine[subjects]).to_numpy(float)
     mean = float(differences.mean())
     low = high = p_value = np.nan
-    if len(differences) >= 2 and np.ptp(differences) > 1e-9 * max(1.0, np.abs(differences).max()):
+    if len(differences) >= 2 and np.ptp(differences) > _rounding(differences):
         half = (stats.t.ppf(0.975, len(differences) - 1) * differences.std(ddof=1)
                 / np.sqrt(len(differences)))
         low, high = mean - half, mean + half
     # one subject is no test (scipy gives p 1, which would count in Holm's adjustment)
-    if len(differences) >= 2 and np.any(
-            np.abs(differences) > 1e-9 * max(1.0, np.abs(differences).max())):
+    if len(differences) >= 2 and np.any(np.abs(differences) > _rounding(differences)):
         p_value = float(stats.wilcoxon(differences).pvalue)
     return {"n_subjects": len(differences), "subject_mean_difference": mean,
             "subject_ci95_low": low, "subject_ci95_high": high, "subject_p_value": p_value,
@@ -547,6 +552,10 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     which the study-mean baseline is the training mean (a note says so)."""
     study_mean_note = ([STUDY_MEAN_UNDER_LOSO] if leave_one_study_out and
                        (table["label"] == baseline_label("study_mean")).any() else [])
+    # Table 3's order, not the order of the metrics files a caller read
+    order = {variant: rank for rank, variant in enumerate(table["variant"])}
+    paired = paired.sort_values("baseline", key=lambda names: names.map(order),
+                                kind="stable", ignore_index=True)
     display = pd.DataFrame({
         "Loss or baseline": table["label"],
         "Seeds": table["n_seeds"],
@@ -865,10 +874,6 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
             table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
             paired = paired_comparison(seeds, errors=subject_errors(read,
                                                                    predictions=predictions))
-            # Table 3's order, not the order of the metrics files a caller passes
-            order = {variant: rank for rank, variant in enumerate(table["variant"])}
-            paired = paired.sort_values("baseline", key=lambda names: names.map(order),
-                                        kind="stable", ignore_index=True)
             write_table3(table, paired, stem, outputs["table3_paired"],
                          leave_one_study_out=one_study_out)
         elif name == "table3_paired":
