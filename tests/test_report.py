@@ -384,6 +384,37 @@ def test_holm_adjustment_of_the_subject_p_values():
     assert tables.holm_adjusted([0.6, 0.7]) == pytest.approx([1.0, 1.0])
 
 
+def test_table3b_says_when_no_row_can_reach_significance_after_holm(tmp_path):
+    """The demo's 8 test subjects and 10 rows: the smallest two-sided Wilcoxon p is
+    2/2**8 = 0.0078 and Holm's smallest adjusted p 0.078, whatever the errors; the table
+    printed "no difference survives Holm" as if it were a finding about the losses."""
+    def written(subjects: int, baselines: int) -> str:
+        rng = np.random.default_rng(0)
+        reference = rng.uniform(1, 5, subjects)
+        errors = pd.DataFrame(
+            [{"variant": "adaptive", "seed": 0, "participant_id": f"sub-{i}", "abs_error": e}
+             for i, e in enumerate(reference)]
+            + [{"variant": f"baseline{b}", "seed": 0, "participant_id": f"sub-{i}",
+                "abs_error": e + 3.0}  # every subject better with the reference
+               for b in range(baselines) for i, e in enumerate(reference)])
+        seeds = (errors.groupby("variant", as_index=False)["abs_error"].mean()
+                 .rename(columns={"abs_error": "mae"})
+                 .assign(experiment="table3", seed=0, loss="adaptive", kind="contrastive",
+                         readout="ridge", rmse=5.0, pearson_r=0.8, r2=0.6, gap_age_slope=-0.2,
+                         n_test=subjects, n_splits=1, neighbourhood=None))
+        paired = tables.paired_comparison(seeds, errors=errors)
+        tables.write_table3(tables.table3_losses(seeds), paired, tmp_path / "t3",
+                            tmp_path / "t3b")
+        return (tmp_path / "t3b.md").read_text()
+
+    demo = written(subjects=8, baselines=10)
+    assert "With 8 test subjects the smallest two-sided Wilcoxon p is 0.0078" in demo
+    assert "Holm's adjustment over 10 rows cannot go below 0.078" in demo
+    assert "0.008 (0.078)" in demo  # the floor is reached: all 8 subjects on one side
+    # 12 subjects: 10 x 2/2**12 = 0.0049, a difference can be shown; no note
+    assert "smallest two-sided Wilcoxon p" not in written(subjects=12, baselines=10)
+
+
 def test_subject_errors_name_a_cell_without_its_predictions(results):
     read = report_results.read_metrics(results["metrics"])
     errors = tables.subject_errors(read)
