@@ -377,9 +377,12 @@ def test_a_cohort_to_predict_sharing_ids_with_the_pretraining_cohort_is_warned_a
     said = re.findall(r"Warning: predict cohort clinic .*", result.stdout + result.stderr)
     assert said == [
         "Warning: predict cohort clinic (config key predict.cohorts.clinic) has 1 subject(s) "
-        "with the participant_id of a subject of the T1w cohort its encoder was pretrained on "
-        "(config key pretrain.t1.source.root): sub-T1W4 (as sub-t1w4). If they are the same "
-        "people, their predicted ages and gaps are optimistic (the model has seen them)."], \
+        "with the participant_id of a subject the model has seen: sub-T1W4 (pretraining "
+        "(pretrain.t1.source.root), as sub-t1w4). If they are the same people, their "
+        "predictions are optimistic: each is marked in column seen_in_training of "
+        "results/predict/clinic/predictions.tsv and left out of its summary.tsv, figure and "
+        "any age-bias refit. If the ids only coincide (other people), set "
+        "predict.shared_ids: other_people."], \
         result.stderr[-3000:]
 
 

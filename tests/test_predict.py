@@ -721,13 +721,17 @@ def test_the_workflows_predict_job_runs_a_cuda_bundle_on_its_cpu_node(
             ("figure", "gap.png"), ("provenance", "provenance.json"))}),
         params=SimpleNamespace(bundle_dir=str(copied), dataset_root=str(new_cohort.root),
                                maps=stiffness_maps(new_cohort.files["maps"]), labels=labels,
-                               qc_thresholds=QC_THRESHOLDS, bias_reference_group=None))
+                               qc_thresholds=QC_THRESHOLDS, bias_reference_group=None,
+                               seen_in_training={f"sub-{labels[0]}": "train (split holdout)"}))
     runpy.run_path(str(REPO / "workflow" / "scripts" / "predict_cohort.py"),
                    init_globals={"snakemake": job})
     predicted = pd.read_csv(out / "predictions.tsv", sep="\t")
     expected = new_cohort.predictions.set_index("participant_id")["predicted_age"]
     assert np.allclose(predicted.set_index("participant_id")["predicted_age"]
                        .reindex(expected.index), expected, atol=1e-9, equal_nan=True)
+    # the subjects the plan found the model has seen reach the job
+    assert predicted.set_index("participant_id").loc[f"sub-{labels[0]}", "status"] == \
+        "seen_in_training"
 
 
 def test_an_export_removes_the_half_written_bundles_of_a_killed_one(exported, tmp_path):
@@ -1455,6 +1459,52 @@ def test_a_cohort_is_embedded_a_batch_of_subjects_at_a_time(world, new_cohort, t
     assert seen == [5] * 9 + [2]  # the 47 subjects that pass QC
     np.testing.assert_allclose(table["predicted_age"], new_cohort.predictions["predicted_age"],
                                rtol=0, atol=1e-6)
+
+
+def test_subjects_the_model_has_seen_are_marked_and_left_out_of_the_summary(world, new_cohort,
+                                                                          tmp_path):
+    """A predict cohort sharing ids with the training subjects (another session of them,
+    the README's route): the summary averaged them with the others and its interval was a
+    quarter of the honest width (a review, on the demo's bundle: MAE 1.4 years on seen
+    subjects, 5.2 on unseen ones), and nothing in the outputs said which they were."""
+    seen = {"sub-newh001": "train (split holdout of dataset.root)",
+            "sub-newh002": "train (split holdout of dataset.root), as sub-newh02",
+            "sub-newh005": "pretraining (pretrain.t1.source.root)",  # fails QC too
+            "sub-newa003": "train (split holdout of dataset.root)"}
+    table = predict_cohort(world.bundle_dir, new_cohort.root,
+                           stiffness_maps(new_cohort.files["maps"]), new_cohort.files["qc"],
+                           predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                           figure_path=tmp_path / "g.png", cohort="new",
+                           bias_reference_group="healthy", seen_in_training=seen, device="cpu")
+    written = pd.read_csv(tmp_path / "p.tsv", sep="\t", keep_default_na=False)
+    marked = written.set_index("participant_id")["seen_in_training"]
+    assert marked[marked != ""].to_dict() == seen
+    status = written.set_index("participant_id")["status"]
+    assert status[["sub-newh001", "sub-newh002", "sub-newa003"]].eq("seen_in_training").all()
+    assert status["sub-newh005"] == "qc_failed"
+    # predicted all the same, with the ages of the run that knows of no one seen
+    np.testing.assert_allclose(table["predicted_age"], new_cohort.predictions["predicted_age"],
+                               rtol=0, atol=1e-6)
+    # the age-bias line refitted on the 21 healthy subjects the model has not seen
+    unseen_healthy = table[(table["group"] == "healthy") & (table["status"] == "predicted")]
+    assert len(unseen_healthy) == 21
+    refit = fit_age_bias(unseen_healthy["age"], unseen_healthy["predicted_age"])
+    provenance = json.loads((tmp_path / "provenance.json").read_text())
+    recorded = provenance["bias_correction"]
+    assert (recorded["intercept"], recorded["slope"]) == pytest.approx(
+        (refit.intercept, refit.slope))
+    assert recorded["source"] == "cohort new group 'healthy' (21 subjects)"
+    assert provenance["seen_in_training"] == [{"participant_id": pid, "seen_in": what}
+                                              for pid, what in seen.items()]  # table order
+    # the summary's gaps and interval are the unseen subjects' own
+    summary = pd.read_csv(tmp_path / "s.tsv", sep="\t").set_index("group")
+    accelerated = table[(table["group"] == "accelerated") & (table["status"] == "predicted")]
+    row = summary.loc["accelerated"]
+    assert (row["n"], row["n_predicted"], row["n_seen_in_training"], row["n_gap"]) == (24, 23, 1, 23)
+    assert row["mean_corrected_gap"] == pytest.approx(accelerated["corrected_gap"].mean())
+    assert row["sd_corrected_gap"] == pytest.approx(accelerated["corrected_gap"].std(ddof=1))
+    assert summary.loc["healthy", "n_seen_in_training"] == 2
+    assert summary.loc["healthy", "n_qc_failed"] == 1
 
 
 def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):

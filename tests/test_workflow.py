@@ -321,9 +321,11 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
     assert job_counts(result.stdout)["predict_cohort"] == 1
     # its ids are those of training subjects (sub-00a ...): said once, as maybe the same people
     said = re.findall(r"Warning: predict cohort ageless .* has \d subject\(s\) with the "
-                      r"participant_id of a subject the model was trained on \(split holdout "
-                      r"of dataset\.root\): sub-0", result.stdout)
+                      r"participant_id of a subject the model has seen: sub-0\da \(train "
+                      r"\(split holdout of dataset\.root\)\)", result.stdout)
     assert len(said) == 1, result.stdout
+    assert re.search(r"each is marked in column seen_in_training of .*predict/ageless/"
+                     r"predictions\.tsv and left out of its summary\.tsv", result.stdout)
     # the same ids in another case are the same people too (compared as the pretraining
     # cohort's leakage check compares them)
     rows = default_rows(3)
@@ -335,8 +337,33 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
     result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
     assert result.returncode == 0, result.stdout
     assert re.search(r"Warning: predict cohort upper .* has \d subject\(s\) with the "
-                     r"participant_id of a subject the model was trained on .*: sub-0\dA "
-                     r"\(as sub-0\da\)", result.stdout), result.stdout
+                     r"participant_id of a subject the model has seen: .*sub-0\dA \(train "
+                     r"\(split holdout of dataset\.root\), as sub-0\da\)", result.stdout), \
+        result.stdout
+    # and without the leading zeros that a spreadsheet drops (sub-1a for sub-01a); under
+    # predict.bias_fit test the split's test subjects are seen too, by the age-bias line
+    rows = default_rows(6)
+    for row in rows:
+        row["participant_id"] = "sub-" + row["participant_id"][len("sub-0"):]
+    unpadded = write_tiny_dataset(tmp_path / "unpadded", rows)
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"unpadded": str(unpadded)}, "bias_fit": "test"})
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    said = re.search(r"Warning: predict cohort unpadded .* has 6 subject\(s\) with the "
+                     r"participant_id of a subject the model has seen: (.*)\. If they",
+                     result.stdout)
+    assert said, result.stdout
+    assert re.search(r"sub-\da \(train \(split holdout of dataset\.root\), as sub-0\da\)",
+                     said.group(1)), said.group(1)
+    assert re.search(r"sub-\da \(age-bias line \(split holdout test, predict\.bias_fit test\), "
+                     r"as sub-0\da\)", said.group(1)), said.group(1)
+    # ids that only coincide: the lab says they are other people
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"unpadded": str(unpadded)},
+                                  "shared_ids": "other_people"})
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0 and "has seen" not in result.stdout, result.stdout
 
 
 @pytest.mark.workflow

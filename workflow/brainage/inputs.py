@@ -66,9 +66,10 @@ ALL_SUBJECTS = "all"
 DERIVED_COLUMNS = ("subset", "coverage", "status", "qc_pass", "qc_reason", "predicted_age",
                    "gap", "corrected_gap", "corrected_predicted_age", "within_training_ages",
                    "qc_dice", "qc_correlation", "qc_coverage")
-#: Columns of predictions.tsv added later (2026-12-06), refused in a cohort to predict only:
-#: a training table that has them planned before, and no table derived from it writes them.
-PREDICTION_ONLY_COLUMNS = ("registered_by", "skull_stripped_by")
+#: Columns of predictions.tsv added later (2026-12-06, seen_in_training 2026-12-07), refused
+#: in a cohort to predict only: a training table that has them planned before, and no table
+#: derived from it writes them.
+PREDICTION_ONLY_COLUMNS = ("registered_by", "skull_stripped_by", "seen_in_training")
 #: Plausible human ages (years); anything outside is a data-entry error.
 AGE_RANGE_YEARS = (0.0, 120.0)
 
@@ -864,8 +865,9 @@ def _found_instead(path: Path) -> str:
                 f"the split, so the test error would measure people the encoder was trained "
                 f"on. Predict the other sessions as a cohort of their own (predict.cohorts), "
                 f"under the same participant_id: those of the split's test subjects are "
-                f"predicted cleanly, those of its training subjects come out optimistic, "
-                f"and the plan names them.")
+                f"predicted cleanly, those of its training subjects come out optimistic: the "
+                f"plan names them, the predictions mark them and their summary leaves them "
+                f"out.")
     return ""
 
 

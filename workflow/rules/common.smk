@@ -76,6 +76,7 @@ from brainage.inputs import (
     unlisted_subject_folders,
 )
 from brainage.normalise import check_pretraining_cohort, split_name_pattern, subjects_in
+from brainage.normalise import participant_match_key
 from brainage.normalise import split_names as scheme_split_names
 from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
@@ -373,8 +374,7 @@ def cohort_subjects(cohort):
         raise WorkflowError(
             f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
         ) from None
-    if cohort != SIMULATED_PREDICT_COHORT and not SIMULATED:
-        warn_about_trained_subjects(cohort, table)
+    warn_about_seen_subjects(cohort, seen_in_training(cohort, table["participant_id"]))
     warn_about_narrow_gap_intervals()
     return [pid[len("sub-") :] for pid in table["participant_id"]]
 
@@ -423,47 +423,71 @@ def warn_about_narrow_gap_intervals():
 _PREDICT_COHORTS_WARNED = set()
 
 
-def warn_about_trained_subjects(cohort, table):
-    """Say once per cohort, in the main process, which of its subjects share a
-    participant_id with the exported model's training subjects, or with the lab's T1w
-    cohort its encoder was pretrained on: a lab numbers its people the same in all, and a
-    subject the model has seen gets an optimistic prediction."""
-    if cohort in _PREDICT_COHORTS_WARNED or not workflow.is_main_process:
-        return
-    _PREDICT_COHORTS_WARNED.add(cohort)
+def seen_in_training(cohort, ids=None):
+    """{participant_id: what saw it} for the subjects of predict cohort `cohort` (`ids`:
+    its participant_ids, default read) whose participant_id, case and leading zeros
+    ignored (brainage.normalise.participant_match_key), is one the exported model has seen:
+    a training subject of its split, a test subject under predict.bias_fit test (the
+    age-bias line), a subject of the lab's T1w cohort its encoder was pretrained on. A lab
+    numbers its people the same in all (other sessions predicted as a cohort of their own),
+    and a subject the model has seen gets an optimistic prediction: predict_cohort marks
+    them and leaves them out of the summary. Empty for the simulated cohort, beside a
+    simulated training cohort, and under predict.shared_ids other_people."""
+    if cohort == SIMULATED_PREDICT_COHORT or SIMULATED:
+        return {}
+    if PREDICT["shared_ids"] == "other_people":
+        return {}
+    if ids is None:
+        ids = [f"sub-{label}" for label in cohort_subjects(cohort)]
     split, *cell = exported_cell()
-    seen = [
+    sources = [
         (
-            f"a subject the model was trained on (split {split} of dataset.root)",
+            f"train (split {split} of dataset.root)",
             subjects_in(participants(), config["split"], "train", splits=[split]),
         )
     ]
+    if PREDICT["bias_fit"] == "test":
+        sources.append(
+            (
+                f"age-bias line (split {split} test, predict.bias_fit test)",
+                subjects_in(participants(), config["split"], "test", splits=[split]),
+            )
+        )
     run = pretrained_run(_resolved_cell(cell[0], cell[1], int(cell[2]))["model"])
     if run is not None and PRETRAIN[run]["source"]["kind"] == "bids":
-        seen.append(
+        sources.append(
             (
-                f"a subject of the T1w cohort its encoder was pretrained on (config key "
-                f"pretrain.{run}.source.root)",
+                f"pretraining (pretrain.{run}.source.root)",
                 pretrain_participants_table(run)["participant_id"],
             )
         )
-    for what, ids in seen:
-        # whatever the case, as the pretraining cohort's leakage check (a lab that spells
-        # its ids both ways; one folder on a case-insensitive file system)
-        known = {pid.casefold(): pid for pid in ids}
-        shared = [
-            pid if known[pid.casefold()] == pid else f"{pid} (as {known[pid.casefold()]})"
-            for pid in sorted(table["participant_id"])
-            if pid.casefold() in known
-        ]
-        if shared:
-            _say(
-                f"Warning: predict cohort {cohort} (config key predict.cohorts.{cohort}) has "
-                f"{len(shared)} subject(s) with the participant_id of {what}: "
-                f"{', '.join(shared[:10])}{' ...' if len(shared) > 10 else ''}. If they are "
-                f"the same people, their predicted ages and gaps are optimistic (the model "
-                f"has seen them)."
-            )
+    seen = {}
+    for what, known_ids in sources:
+        known = {participant_match_key(pid): pid for pid in known_ids}
+        for pid in sorted(ids):
+            match = known.get(participant_match_key(pid))
+            if match is not None and pid not in seen:
+                seen[pid] = what if match == pid else f"{what}, as {match}"
+    return seen
+
+
+def warn_about_seen_subjects(cohort, seen):
+    """Say once per cohort, in the main process, which of its subjects the model has seen
+    (seen_in_training) and what the prediction does with them."""
+    if not seen or cohort in _PREDICT_COHORTS_WARNED or not workflow.is_main_process:
+        return
+    _PREDICT_COHORTS_WARNED.add(cohort)
+    named = [f"{pid} ({what})" for pid, what in seen.items()]
+    more = f" and {len(named) - 10} more" if len(named) > 10 else ""
+    _say(
+        f"Warning: predict cohort {cohort} (config key predict.cohorts.{cohort}) has "
+        f"{len(seen)} subject(s) with the participant_id of a subject the model has seen: "
+        f"{', '.join(named[:10])}{more}. If they are the same people, their predictions "
+        f"are optimistic: each is marked in column seen_in_training of "
+        f"{LAYOUT.prediction(cohort, 'predictions.tsv')} and left out of its summary.tsv, "
+        f"figure and any age-bias refit. If the ids only coincide (other people), set "
+        f"predict.shared_ids: other_people."
+    )
 
 
 def raw_inputs(wildcards):

@@ -85,5 +85,6 @@ rule predict_cohort:
         maps=cohort_maps,
         qc_thresholds=thresholds(config["qc"]),
         bias_reference_group=PREDICT["bias_reference_group"],
+        seen_in_training=lambda wildcards: seen_in_training(wildcards.cohort),
     script:
         "../scripts/predict_cohort.py"

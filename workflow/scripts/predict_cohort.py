@@ -13,6 +13,7 @@ predict_cohort(snakemake.params.bundle_dir, snakemake.params.dataset_root,
                cohort=snakemake.wildcards.cohort,
                qc_thresholds=snakemake.params.qc_thresholds,
                bias_reference_group=snakemake.params.bias_reference_group,
+               seen_in_training=snakemake.params.seen_in_training,
                # the rule asks for no GPU: a bundle's train.device cuda would stop the job
                # on a CPU node (features are float32 on any device, brainage.models.embed_all)
                device="auto")
