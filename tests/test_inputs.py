@@ -1166,8 +1166,11 @@ def test_every_bad_image_is_named_at_once_and_the_good_ones_are_remembered(tiny_
     assert remembered == {"sub-00a_stiffness.nii.gz", "sub-02a_stiffness.nii.gz"}
     # The next check opens only the files it has not passed, and says nothing when none.
     said.clear()
-    for label in ("01a", "03a"):
-        shutil.copy(_stiffness(tiny_dataset, "00a"), _stiffness(tiny_dataset, label))
+    for label, seed in (("01a", 1), ("03a", 3)):  # each subject its own map
+        image = nib.load(_stiffness(tiny_dataset, "00a"))
+        noise = np.random.default_rng(seed).normal(0, 0.01, image.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32) + noise, image.affine),
+                 _stiffness(tiny_dataset, label))
     check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"], cache_file=cache,
                          announce=said.append)
     assert said[0].startswith("Checking 2 input image(s) of 4 subject(s)")
@@ -1305,7 +1308,31 @@ def test_the_image_checks_version_is_raised_with_the_checks():
          [(kind.name, kind.median_range, kind.valid_range, kind.positive)
           for kind in MODALITIES.values()]))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert (IMAGE_CHECKS_VERSION, digest) == (3, "f9b18b9e59e9fb6b")
+    assert (IMAGE_CHECKS_VERSION, digest) == (4, "a1702b369b4968f3")
+
+
+def test_one_scan_under_two_labels_is_refused_before_any_work(tiny_dataset, tmp_path):
+    """A rescan relabelled from the same export, or a subject copied into a second study:
+    the split drew it on both sides (a review: 3 of 6 copied people in a holdout split),
+    and nothing said so although the plan opens every file."""
+    import shutil
+
+    labels, cache = ["00a", "01a", "02a", "03a"], tmp_path / "cache.json"
+    check_dataset_images(tiny_dataset, labels, cache_file=cache)  # distinct maps pass
+    shutil.copy(_stiffness(tiny_dataset, "00a"), _stiffness(tiny_dataset, "02a"))
+    with pytest.raises(InputError) as refused:
+        check_dataset_images(tiny_dataset, labels, cache_file=cache)
+    assert re.fullmatch(
+        r"subjects sub-00a and sub-02a: their stiffness maps \S+sub-00a_stiffness\.nii\.gz "
+        r"and \S+sub-02a_stiffness\.nii\.gz are identical, byte for byte\. One scan under two "
+        r"labels can land on both sides of the split .* remove one subject's row from "
+        r"participants\.tsv, or replace the file copied by mistake\.", str(refused.value)), \
+        str(refused.value)
+    # from the cache alone too (the planning of every later run)
+    with pytest.raises(InputError, match="identical, byte for byte"):
+        check_dataset_images(tiny_dataset, labels, cache_file=cache)
+    # the same person's own maps may be alike: only maps of two subjects are compared
+    check_dataset_images(tiny_dataset, ["00a", "01a", "03a"], cache_file=cache)
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):

@@ -1946,7 +1946,9 @@ def test_a_cohort_is_preprocessed_around_the_map_the_training_subjects_were(
     write_cohort(cohort, _participants(2, "grid", [40.0, 60.0]), seed=5)
     for label in ("grid000", "grid001"):
         stiffness = nib.load(cohort / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz")
-        damping = np.where(np.asanyarray(stiffness.dataobj) > 0, 0.3, 0.0).astype(np.float32)
+        # each subject its own map (identical maps of two subjects are refused)
+        damping = np.where(np.asanyarray(stiffness.dataobj) > 0,
+                           0.3 + 0.01 * int(label[-1]), 0.0).astype(np.float32)
         nib.save(nib.Nifti1Image(damping, stiffness.affine),
                  cohort / f"sub-{label}" / "mre" / f"sub-{label}_damping_ratio.nii.gz")
     chains = []

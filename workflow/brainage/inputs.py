@@ -32,12 +32,12 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from brainage.io import write_json
+from brainage.io import sha256_file, write_json
 from brainage.modalities import DEFAULT_MODALITIES, input_path, modality
 from brainage.paths import names_sharing_a_folder
 
@@ -1162,8 +1162,9 @@ def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
 #: (``check_dataset_images``' cache): raise it when a check is added, so that files passed
 #: before it are read again at planning, not refused hours later in their subject's job.
 #: 2: the orientation codes and the sign of a map (2026-12-05); 3: the size of the header
-#: extensions (2026-12-06). tests/test_inputs.py keeps a digest of the checks' code.
-IMAGE_CHECKS_VERSION = 3
+#: extensions (2026-12-06); 4: each map's SHA-256, to find one scan under two labels
+#: (2026-12-07). tests/test_inputs.py keeps a digest of the checks' code.
+IMAGE_CHECKS_VERSION = 4
 #: The image-check cache is saved at least this often while a first check reads (seconds):
 #: a killed check of thousands of files restarts from about where it stopped.
 IMAGE_CACHE_SAVE_SECONDS = 30.0
@@ -1178,9 +1179,12 @@ def check_dataset_images(root: str | Path, labels: list[str],
 
     Each file must pass :func:`load_nifti_checked`, and a subject's MRE maps must share one
     voxel grid: they share one brain mask and one transform (the T1w may have a grid of
-    its own). A file already checked with the same size and modification time, by the same
+    its own), and no two subjects may have byte-identical maps: one scan under two labels
+    (a rescan relabelled from the same export, a subject copied into a second study) can
+    land on both sides of the split, and its test error measures a person the encoder was
+    trained on. A file already checked with the same size and modification time, by the same
     :data:`IMAGE_CHECKS_VERSION`, is not opened again, using ``cache_file`` (JSON: size,
-    mtime, grid and checks version per file), so a dataset
+    mtime, grid, checks version and a map's SHA-256 per file), so a dataset
     of thousands is read in full only once (a 1 mm T1w takes about 0.1 s, so the first
     check of 2,000 subjects takes minutes: up to :data:`IMAGE_CHECK_THREADS` threads read,
     and ``announce`` is told how many files before they are read). Files that pass are
@@ -1189,8 +1193,9 @@ def check_dataset_images(root: str | Path, labels: list[str],
     Raises
     ------
     InputError
-        Listing every file that is not NIfTI, is corrupt, 4D, or all zeros, and every
-        subject whose maps are on different grids, each with its subject, in subject order.
+        Listing every file that is not NIfTI, is corrupt, 4D, or all zeros, every
+        subject whose maps are on different grids, each with its subject, in subject order,
+        and every subject whose map is identical to an earlier subject's.
     """
     cache: dict[str, list] = {}
     if cache_file is not None and Path(cache_file).is_file():
@@ -1209,7 +1214,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
             # an entry of another version of the checks (or of none: older entries have
             # two or three items) is read again: its file passed fewer checks
             entry = cache.get(key, ())
-            if (len(entry) != 4 or entry[:2] != stamp or entry[3] != IMAGE_CHECKS_VERSION) \
+            if (len(entry) != 5 or entry[:2] != stamp or entry[3] != IMAGE_CHECKS_VERSION) \
                     and key not in pending:
                 description = modality("T1w" if kind == "anat" else kind).description
                 pending[key] = (stamp, path, f"subject sub-{label}: {description}",
@@ -1227,11 +1232,11 @@ def check_dataset_images(root: str | Path, labels: list[str],
         unsaved, saved_at = 0, time.monotonic()
 
         def keep(key: str, result: tuple) -> int:
-            grid, problem = result
+            grid, problem, digest = result
             if grid is None:
                 problems[key] = problem
                 return 0
-            cache[key] = [*pending[key][0], grid, IMAGE_CHECKS_VERSION]
+            cache[key] = [*pending[key][0], grid, IMAGE_CHECKS_VERSION, digest]
             return 1
 
         try:
@@ -1275,6 +1280,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
                    else "")
                 + f"resample them onto the grid of its {maps[0][0]} map, or export them all "
                   f"from the same inversion.")
+    failed += _identical_maps(inputs_of, cache)
     if failed:
         raise InputError(failed[0] if len(failed) == 1 else
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
@@ -1292,15 +1298,41 @@ def _same_voxel_centres(grid_a, grid_b, tolerance_mm: float = 1e-3) -> bool:
                 and np.allclose(corners[0], corners[1], atol=tolerance_mm))
 
 
+def _identical_maps(inputs_of: Mapping[str, list], cache: Mapping[str, list]) -> list[str]:
+    """A message for each subject whose map of a modality is byte-identical to an earlier
+    subject's (``inputs_of``, ``cache``: as in :func:`check_dataset_images`)."""
+    first_with = {}
+    messages = []
+    for label, inputs in inputs_of.items():
+        for name, path, key in inputs:
+            digest = cache.get(key, [None] * 5)[4:5]
+            if not digest or not digest[0]:  # a T1w, a file that failed a check
+                continue
+            digest = digest[0]
+            other, other_path = first_with.setdefault(digest, (label, path))
+            if other != label:
+                messages.append(
+                    f"subjects sub-{other} and sub-{label}: their {name} maps {other_path} and "
+                    f"{path} are identical, byte for byte. One scan under two labels can land "
+                    f"on both sides of the split (its test error then measures a person the "
+                    f"encoder was trained on) and counts twice in the statistics: remove one "
+                    f"subject's row from participants.tsv, or replace the file copied by "
+                    f"mistake.")
+    return messages
+
+
 def _image_grid_or_problem(path: str | Path, what: str, kind: str | None
-                           ) -> tuple[list | None, str | None]:
-    """``([shape, affine], None)`` for a file that passes :func:`load_nifti_checked` (as
-    a map of modality ``kind``; None for the T1w), else ``(None, its message)``."""
+                           ) -> tuple[list | None, str | None, str | None]:
+    """``([shape, affine], None, digest)`` for a file that passes :func:`load_nifti_checked`
+    (as a map of modality ``kind``; None for the T1w beside the maps), with an MRE map's
+    SHA-256 (a T1w has none: a lab without scans of its own may give every subject one
+    anatomical image), else ``(None, its message, None)``."""
     try:
         image = load_nifti_checked(path, what=what, kind=kind)
     except InputError as error:
-        return None, str(error)
-    return [list(image.shape[:3]), np.asarray(image.affine, dtype=float).tolist()], None
+        return None, str(error), None
+    digest = sha256_file(path) if kind is not None and modality(kind).is_mre else None
+    return [list(image.shape[:3]), np.asarray(image.affine, dtype=float).tolist()], None, digest
 
 
 def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, cohort: str,
