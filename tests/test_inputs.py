@@ -1301,14 +1301,15 @@ def test_the_image_checks_version_is_raised_with_the_checks():
     checks = (inputs.load_nifti_checked, inputs._header_extension_bytes, inputs._check_unit,
               inputs._sign_flipped, inputs._check_spatial_unit,
               inputs._check_perpendicular_axes, inputs._check_orientation_declared)
-    checks += (inputs._image_grid_or_problem,)  # the grid the cache keeps
+    checks += (inputs._image_grid_or_problem, inputs._positive_fill)  # what the cache keeps
     source = "".join(map(inspect.getsource, checks)) + repr(
         (inputs.MAX_IMAGE_BYTES, inputs.MAX_HEADER_EXTENSION_BYTES, inputs.UNIT_CHECK_FACTOR,
          inputs.MAX_AXIS_COSINE, inputs.MIN_VOXEL_SIZE_MM, sorted(inputs.OTHER_SPATIAL_UNITS),
+         inputs.FILL_VALUE_SHARE, inputs.FILL_VALUE_RATIO,
          [(kind.name, kind.median_range, kind.valid_range, kind.positive)
           for kind in MODALITIES.values()]))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert (IMAGE_CHECKS_VERSION, digest) == (4, "a1702b369b4968f3")
+    assert (IMAGE_CHECKS_VERSION, digest) == (4, "f0dc68a303eee683")
 
 
 def test_one_scan_under_two_labels_is_refused_before_any_work(tiny_dataset, tmp_path):
@@ -1333,6 +1334,36 @@ def test_one_scan_under_two_labels_is_refused_before_any_work(tiny_dataset, tmp_
         check_dataset_images(tiny_dataset, labels, cache_file=cache)
     # the same person's own maps may be alike: only maps of two subjects are compared
     check_dataset_images(tiny_dataset, ["00a", "01a", "03a"], cache_file=cache)
+
+
+def test_a_background_written_as_a_small_positive_value_is_refused(tiny_dataset):
+    """A uint16 map whose intercept decodes its 0 background to 1e-4 kPa (or a float map
+    with that floor): preprocessing read it as tissue over 11 % of the brain and QC passed,
+    the predicted age 2.6 years off (a review). The same background as 0, NaN or -1 is no
+    data, and a map quantised to a few levels is not a fill."""
+    path = _stiffness(tiny_dataset, "00a")
+    image = nib.load(path)
+    data = image.get_fdata(dtype=np.float32)
+    stored = np.round(data / 0.001).astype(np.uint16)  # 0 stays 0: the background
+    scaled = nib.Nifti1Image(stored, image.affine)
+    scaled.header.set_slope_inter(0.001, 0.0001)
+    nib.save(scaled, path)
+    assert nib.load(path).get_fdata()[0, 0, 0] == pytest.approx(1e-4)  # decoded so
+    with pytest.raises(InputError) as refused:
+        check_dataset_images(tiny_dataset, ["00a"])
+    assert re.fullmatch(r"subject sub-00a: stiffness map \S+sub-00a_stiffness\.nii\.gz: \d+ of "
+                        r"its \d+ non-zero voxels \(\d+%\) hold the one value 0\.0001, far below "
+                        r"the others: a background written as 0\.0001 instead of 0 .* Set those "
+                        r"voxels to 0 \(or NaN\) and export the map again, or remove the "
+                        r"subject's row from participants\.tsv\.", str(refused.value)), \
+        str(refused.value)
+    for background in (0.0, np.nan, -1.0):
+        nib.save(nib.Nifti1Image(np.where(data == 0, background, data).astype(np.float32),
+                                 image.affine), path)
+        check_dataset_images(tiny_dataset, ["00a"])
+    # coarse levels (0.5 kPa steps) are tissue, however few
+    nib.save(nib.Nifti1Image(np.round(data * 2) / 2, image.affine), path)
+    check_dataset_images(tiny_dataset, ["00a"])
 
 
 def test_image_check_cache_of_an_older_version_is_read_again(tiny_dataset, tmp_path):

@@ -1036,6 +1036,16 @@ def test_a_damping_ratio_at_or_below_zero_is_no_data_as_in_every_mre_map(process
                      tmp_path / "all" / "r.nii.gz", n4=False, subject="d4")
 
 
+def _bias_warnings(maps: dict, subject: dict, out: Path, label: str, caplog) -> list[str]:
+    """The warnings correct_bias logs for ``maps`` of a processed ``subject`` (no N4)."""
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="brainage.preprocess.bias"):
+        correct_bias(maps, subject["mask"], subject["reference"], subject["reference_info"],
+                     {name: out / f"{name}.nii.gz" for name in maps}, out / "r.nii.gz",
+                     n4=False, subject=label)
+    return [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+
+
 def test_a_further_map_without_data_where_the_first_has_some_is_warned_of(processed, tmp_path,
                                                                            caplog):
     """Holes of a damping-ratio map stored as 0 (a tighter mask than the stiffness's)
@@ -1051,13 +1061,7 @@ def test_a_further_map_without_data_where_the_first_has_some_is_warned_of(proces
     for dataset, label in ((upper_half_empty, "d5"), (intact, "d6")):
         maps = {name: dataset / f"sub-{label}" / "mre" / f"sub-{label}_{name}.nii.gz"
                 for name in ("stiffness", "damping_ratio")}
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="brainage.preprocess.bias"):
-            correct_bias(maps, subject["mask"], subject["reference"], subject["reference_info"],
-                         {name: tmp_path / label / f"{name}.nii.gz" for name in maps},
-                         tmp_path / label / "r.nii.gz", n4=False, subject=label)
-        warnings = [record.getMessage() for record in caplog.records
-                    if record.levelno == logging.WARNING]
+        warnings = _bias_warnings(maps, subject, tmp_path / label, label, caplog)
         if label == "d6":
             assert warnings == []
             continue
@@ -1069,6 +1073,33 @@ def test_a_further_map_without_data_where_the_first_has_some_is_warned_of(proces
                             warnings[0]), warnings[0]
         share = float(re.search(r"\((\d+\.\d)%", warnings[0]).group(1))
         assert 20 < share < 80
+
+
+def test_a_hole_in_the_stiffness_map_itself_is_warned_of_whatever_its_encoding(
+        processed, tmp_path, caplog):
+    """A failed inversion's hole of 1.2 % of the brain in the stiffness map stored as 0 or
+    -1 went on without a word (a review: the predicted age moved by 2.5 years), where the
+    same hole as NaN stops the subject; only the further maps' holes were warned of."""
+    subject = processed["young"]
+    image = nib.load(subject["files"]["stiffness"])
+    data = image.get_fdata(dtype=np.float32)
+    centre = np.round(np.argwhere(data > 0).mean(axis=0)).astype(int)
+    ball = (np.indices(data.shape) - centre[:, None, None, None]) ** 2
+    ball = ball.sum(axis=0) <= 8 ** 2
+    said = {}
+    for label, fill in (("h0", 0.0), ("h1", -1.0), ("whole", None)):
+        holed = data if fill is None else np.where(ball & (data > 0), fill, data)
+        path = tmp_path / f"sub-{label}_stiffness.nii.gz"
+        nib.save(nib.Nifti1Image(holed.astype(np.float32), image.affine), path)
+        said[label] = _bias_warnings({"stiffness": path}, subject, tmp_path / label, label,
+                                     caplog)
+    assert said.pop("whole") == []  # the simulated map's own few enclosed zeros: under 1 %
+    for label, (warning, *more) in said.items():
+        assert not more and re.fullmatch(
+            rf"subject sub-{label}: stiffness map .*sub-{label}_stiffness\.nii\.gz has no data "
+            r"\(0 or negative\) in \d+ of the \d+ voxels of the brain that its own data enclose "
+            r"\((\d+\.\d)%, more than preprocess\.max_nan_fraction=0\.01\): they become "
+            r"background.*", warning), (warning, more)
 
 
 def test_a_stiffness_median_too_low_is_not_told_to_divide():
@@ -1256,6 +1287,10 @@ def test_the_support_mask_is_the_largest_component_of_the_map_with_its_holes_fil
     expected[2:9, 2:9, 2:9] = True
     assert np.array_equal(support_mask(data), expected)
     assert not support_mask(np.zeros((4, 4, 4), np.float32)).any()
+    # a "no data" background of -1, or a scaled integer's 0 decoded to -1e-8: the whole
+    # field of view was the brain (13,660 ml in a review, QC Dice 0.35)
+    for background in (-1.0, -1.26e-8):
+        assert np.array_equal(support_mask(np.where(data == 0, background, data)), expected)
 
 def test_nonfinite_voxels_up_to_max_nan_fraction_of_the_brain_are_allowed(caplog):
     """max_nan_fraction is the largest allowed share: exactly that share passes, and 0

@@ -27,6 +27,7 @@ from brainage.preprocess.images import (
     clean_nonfinite,
     configure_itk_threads,
     deeper_than,
+    filled_in_any_plane,
     load_mask,
     load_volume,
     require_same_grid,
@@ -93,22 +94,23 @@ def n4_inside_mask(data: np.ndarray, mask: np.ndarray, affine: np.ndarray, *,
     return (result * np.float32(inside_before / inside_after)).astype(np.float32)
 
 
-def _warn_of_holes(data: np.ndarray, interior: np.ndarray, what: str, grid_description: str,
+def _warn_of_holes(data: np.ndarray, interior: np.ndarray, what: str, where: str,
                    max_nan_fraction: float) -> None:
-    """Warn of a further map without data (0 or negative) over more than
-    ``max_nan_fraction`` of ``interior``, where the grid map has data more than
-    :data:`COVERAGE_EDGE_MM` inside its edge: those voxels become background, the channel's
-    training mean. The same holes stored as NaN stop the subject (:func:`clean_nonfinite`);
-    stored as 0 (a damping ratio masked more tightly than the stiffness, an inversion's
-    failed voxels) they went on without a word."""
+    """Warn of a map without data (0 or negative) over more than ``max_nan_fraction`` of
+    ``interior`` (``where`` describes it): a further map where the grid map has data more
+    than :data:`COVERAGE_EDGE_MM` inside its edge, the grid map where its own data enclose
+    the brain. Those voxels become background, the channel's training mean. The same holes
+    stored as NaN stop the subject (:func:`clean_nonfinite`); stored as 0 or -1 (a damping
+    ratio masked more tightly than the stiffness, an inversion's failed voxels: a review's
+    hole of 1.2 % of the brain moved a predicted age by 2.5 years) they went on without a
+    word. Warned, not refused: an inversion may leave the ventricles without data."""
     holes, inside = int(np.count_nonzero(interior & (data <= 0))), int(interior.sum())
     if inside and holes > max_nan_fraction * inside:
-        log.warning("%s has no data (0 or negative) in %d of the %d voxels more than %g mm "
-                    "inside the %s's data (%.1f%%, more than preprocess.max_nan_fraction=%g): "
-                    "they become background, read as the channel's mean. Check the map's own "
-                    "mask or threshold; the same holes as NaN stop the subject.", what, holes,
-                    inside, COVERAGE_EDGE_MM, grid_description, 100 * holes / inside,
-                    max_nan_fraction)
+        log.warning("%s has no data (0 or negative) in %d of the %d voxels %s (%.1f%%, more "
+                    "than preprocess.max_nan_fraction=%g): they become background, read as "
+                    "the channel's mean. Check the map's own mask or threshold (a failed "
+                    "inversion?); the same holes as NaN stop the subject.", what, holes,
+                    inside, where, 100 * holes / inside, max_nan_fraction)
 
 
 def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: str | Path,
@@ -191,6 +193,8 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"The mask and the map do not overlap: check that the T1w and the map "
                     f"are in the same space, or use preprocess.skullstrip: none for maps "
                     f"already masked.")
+            _warn_of_holes(data, filled_in_any_plane(covered) & brain, what,
+                           "of the brain that its own data enclose", max_nan_fraction)
         else:
             if negative:
                 log.info("%s: %d negative voxels of %s inside the brain mask set to 0", name,
@@ -204,7 +208,8 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"inside the brain mask {mask}. Check that it is this subject's map of the "
                     f"same acquisition, or remove {kind.name} from config key "
                     f"dataset.modalities.")
-            _warn_of_holes(data, interior, what, grid_description, max_nan_fraction)
+            _warn_of_holes(data, interior, what, f"more than {COVERAGE_EDGE_MM:g} mm inside "
+                           f"the {grid_description}'s data", max_nan_fraction)
         if n4 and kind.n4:
             log.info("%s: N4 on the %s inside brain mask and map support", name,
                      kind.description)

@@ -169,9 +169,12 @@ def deeper_than(mask: np.ndarray, affine: np.ndarray, distance_mm: float) -> np.
 
 
 def support_mask(data: np.ndarray) -> np.ndarray:
-    """Brain mask of an already-masked map: its finite non-zero voxels, largest component,
-    holes (NaN voxels, zero-valued inversions) filled. Bool [X, Y, Z]."""
-    return largest_component_filled(np.isfinite(data) & (data != 0))
+    """Brain mask of an already-masked map or image: its positive voxels, largest
+    component, holes (NaN voxels, zero-valued inversions) filled. Bool [X, Y, Z].
+    Positive, not non-zero: a "no data" background written as -1 (or a scaled integer's
+    0 decoding to -1e-8) made the whole field of view the brain (a review: 13,660 ml, QC
+    Dice 0.35, the T1w channel unmasked)."""
+    return largest_component_filled(np.isfinite(data) & (data > 0))
 
 
 def resample_mask(mask: np.ndarray, source_affine: np.ndarray, target_shape,
@@ -229,7 +232,7 @@ def clean_nonfinite(data: np.ndarray, brain: np.ndarray, *, max_fraction: float,
         More than ``max_fraction`` of the brain voxels are counted NaN/inf voxels.
     """
     nonfinite = ~np.isfinite(data)
-    region = filled_in_any_plane(np.isfinite(data) & (data != 0))
+    region = filled_in_any_plane(np.isfinite(data) & (data > 0))  # a -1 background is none
     where = "enclosed by the map's data"
     if within is not None:
         region, where = region | within[0], f"{where} or {within[1]}"

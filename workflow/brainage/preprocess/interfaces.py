@@ -6,7 +6,7 @@ output specs, so a nipype workflow (or a lab's own) can reuse them unchanged:
 - :class:`SynthStrip` — FreeSurfer's ``mri_synthstrip`` (nipype has no interface for it);
 - :class:`WatershedSkullStrip` — FreeSurfer's ``mri_watershed`` (nipype's interface);
 - :class:`DeepBet` — the deepbet network (PyPI package with bundled weights);
-- :class:`SupportMask` — no stripping: the mask is the image's own non-zero support.
+- :class:`SupportMask` — no stripping: the mask is the image's own positive support.
 
 The Python interfaces' ``_run_interface`` hands off to a plain function in
 :mod:`brainage.preprocess.masks`, which is where the logic and its tests live.
@@ -168,7 +168,7 @@ class SupportMaskOutputSpec(TraitedSpec):
 
 
 class SupportMask(BaseInterface):
-    """The brain mask of an image that is already masked: its finite non-zero support."""
+    """The brain mask of an image that is already masked: its positive support."""
 
     input_spec = SupportMaskInputSpec
     output_spec = SupportMaskOutputSpec

@@ -46,7 +46,7 @@ def deepbet_brain_mask(in_file: str | Path, mask_file: str | Path, *, threshold:
 
 
 def support_brain_mask(in_file: str | Path, mask_file: str | Path) -> None:
-    """Brain mask of an already-masked image: largest non-zero component, holes filled."""
+    """Brain mask of an already-masked image: largest positive component, holes filled."""
     data, affine = load_volume(in_file, what=f"image {in_file}")
     save_volume(mask_file, support_mask(data), affine, dtype=np.uint8,
                 description="support mask")
