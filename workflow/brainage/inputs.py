@@ -952,6 +952,10 @@ def load_nifti_checked(path: str | Path, *, what: str = "image",
     if data.ndim != 3:
         raise InputError(f"{what} {path} has shape {data.shape}; a 3D volume is expected. "
                          f"{remedy if made else _not_3d_advice(data.shape)}")
+    if min(data.shape) < MIN_SLICES:  # a slice written [X, Y, 1] passed as a volume
+        raise InputError(f"{what} {path} has shape {data.shape}: {min(data.shape)} voxel(s) "
+                         f"along one axis, not a 3D volume of the brain. "
+                         f"{remedy if made else _not_3d_advice(data.shape[:2])}")
     if not np.issubdtype(data.dtype, np.number) or np.iscomplexobj(data):
         raise InputError(f"{what} {path} holds {data.dtype} voxels; a map of real numbers is "
                          f"expected (not RGB or complex data). "
@@ -1144,6 +1148,10 @@ def _check_perpendicular_axes(affine: np.ndarray, path: Path, what: str) -> None
 #: Voxel sizes (mm) that no MR image of a head has: smaller ones are a header written in
 #: metres without saying so (a 2 mm voxel stored as 0.002).
 MIN_VOXEL_SIZE_MM = 0.05
+#: Fewest voxels along any axis of an accepted image: a single slice written [X, Y, 1]
+#: (MATLAB's niftiwrite, 2D MRE exports) was preprocessed for hours and then failed QC
+#: (coverage 0.02), while the same slice as [X, Y] was refused before any work.
+MIN_SLICES = 3
 #: NIfTI spatial units other than mm, and the factor that turns them into mm.
 OTHER_SPATIAL_UNITS = {"meter": 1000.0, "micron": 0.001}
 
@@ -1196,8 +1204,9 @@ def same_grid(shape_a, affine_a, shape_b, affine_b) -> bool:
 #: (``check_dataset_images``' cache): raise it when a check is added, so that files passed
 #: before it are read again at planning, not refused hours later in their subject's job.
 #: 2: the orientation codes and the sign of a map (2026-12-05); 3: the size of the header
-#: extensions (2026-12-06); 4: each map's SHA-256, to find one scan under two labels, and
-#: a positive fill value (2026-12-07). tests/test_inputs.py keeps a digest of the checks' code.
+#: extensions (2026-12-06); 4: each map's SHA-256, to find one scan under two labels, a
+#: positive fill value and a single slice [X, Y, 1] (2026-12-07). tests/test_inputs.py keeps
+#: a digest of the checks' code.
 IMAGE_CHECKS_VERSION = 4
 #: The image-check cache is saved at least this often while a first check reads (seconds):
 #: a killed check of thousands of files restarts from about where it stopped.
