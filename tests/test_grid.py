@@ -381,8 +381,8 @@ def test_a_cohort_to_predict_sharing_ids_with_the_pretraining_cohort_is_warned_a
         "(pretrain.t1.source.root), as sub-t1w4). If they are the same people, their "
         "predictions are optimistic: each is marked in column seen_in_training of "
         "results/predict/clinic/predictions.tsv and left out of its summary.tsv, figure and "
-        "any age-bias refit. If the ids only coincide (other people), set "
-        "predict.shared_ids: other_people."], \
+        "any age-bias refit. If the ids only coincide (other people), add clinic to config "
+        "key predict.unrelated_cohorts."], \
         result.stderr[-3000:]
 
 

@@ -493,7 +493,15 @@ def test_columns_predictions_gained_later_are_refused_in_a_cohort_to_predict_onl
 
 def test_duplicate_participant(tiny_dataset):
     _rewrite_table(tiny_dataset, lambda t: pd.concat([t, t.iloc[[1]]]))
-    with pytest.raises(InputError, match=r"duplicate participant_id sub-01a"):
+    with pytest.raises(InputError, match=r"duplicate participant_id sub-01a") as refused:
+        read_participants(tiny_dataset)
+    assert "session" not in str(refused.value)
+    # a table of one row per session (longitudinal data) is told the documented route
+    _rewrite_table(tiny_dataset, lambda t: t.assign(session_id=["ses-01"] * 4 + ["ses-02"]))
+    with pytest.raises(InputError, match=r"duplicate participant_id sub-01a; each subject must "
+                                         r"appear once\. Its column session_id suggests one row "
+                                         r"per session: keep one session per person here .* "
+                                         r"predict the others as cohorts of their own"):
         read_participants(tiny_dataset)
 
 
@@ -651,6 +659,25 @@ def test_a_cohort_group_written_with_and_without_spaces_is_refused(tmp_path):
     with pytest.raises(InputError, match=r"header has 'Study', .* name it 'study' to "
                                          r"summarise by study"):
         check_cohort_table(sites, "clinic/participants.tsv", cohort="clinic")
+
+
+def test_a_reference_group_of_subjects_the_model_has_seen_is_refused_at_planning():
+    """The age-bias refit leaves out the subjects the model has seen: a reference group of
+    the training subjects' other sessions (the README's route) passed the plan and failed
+    after the whole cohort was embedded, saying none of them had a prediction."""
+    from brainage.inputs import check_cohort_table
+
+    table = pd.DataFrame({"participant_id": ["sub-01", "sub-02", "sub-03", "sub-04"],
+                          "age": [30.0, 40.0, 50.0, 60.0], "group": ["healthy"] * 4})
+    assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
+                              bias_reference_group="healthy", seen={"sub-01"}) == "group"
+    with pytest.raises(InputError, match=r"group 'healthy' .*: it has only 2 subjects new to "
+                                         r"the model \(2 have the participant_id of a subject "
+                                         r"the model has seen and are left out: sub-01, sub-03; "
+                                         r"add the cohort to predict\.unrelated_cohorts if they "
+                                         r"are other people\); the line needs at least 3"):
+        check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
+                           bias_reference_group="healthy", seen={"sub-01", "sub-03"})
 
 
 def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):

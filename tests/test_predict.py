@@ -1462,7 +1462,7 @@ def test_a_cohort_is_embedded_a_batch_of_subjects_at_a_time(world, new_cohort, t
 
 
 def test_subjects_the_model_has_seen_are_marked_and_left_out_of_the_summary(world, new_cohort,
-                                                                          tmp_path):
+                                                                          tmp_path, caplog):
     """A predict cohort sharing ids with the training subjects (another session of them,
     the README's route): the summary averaged them with the others and its interval was a
     quarter of the honest width (a review, on the demo's bundle: MAE 1.4 years on seen
@@ -1471,6 +1471,7 @@ def test_subjects_the_model_has_seen_are_marked_and_left_out_of_the_summary(worl
             "sub-newh002": "train (split holdout of dataset.root), as sub-newh02",
             "sub-newh005": "pretraining (pretrain.t1.source.root)",  # fails QC too
             "sub-newa003": "train (split holdout of dataset.root)"}
+    caplog.set_level("INFO", logger="brainage.apply")
     table = predict_cohort(world.bundle_dir, new_cohort.root,
                            stiffness_maps(new_cohort.files["maps"]), new_cohort.files["qc"],
                            predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
@@ -1505,6 +1506,21 @@ def test_subjects_the_model_has_seen_are_marked_and_left_out_of_the_summary(worl
     assert row["sd_corrected_gap"] == pytest.approx(accelerated["corrected_gap"].std(ddof=1))
     assert summary.loc["healthy", "n_seen_in_training"] == 2
     assert summary.loc["healthy", "n_qc_failed"] == 1
+    # the record and the log count them as the summary does (sub-newh005 failed QC)
+    assert (provenance["n_predicted"], provenance["n_seen_in_training"]) == (44, 3)
+    assert "predicted 44 of 48 subjects (1 failed QC, 3 seen in training and left out of the " \
+           "summary)" in caplog.text
+    # a reference group the model has seen whole is refused before any subject is embedded
+    every_healthy = {pid: "train (split holdout)" for pid in table["participant_id"]
+                     if pid.startswith("sub-newh")}
+    with pytest.raises(InputError, match=r"group 'healthy' .*only 0 of its 24 subjects passed "
+                                         r"QC and are new to the model \(24 have the "
+                                         r"participant_id"):
+        predict_cohort(world.bundle_dir, new_cohort.root,
+                       stiffness_maps(new_cohort.files["maps"]), new_cohort.files["qc"],
+                       predictions_path=tmp_path / "p2.tsv", summary_path=tmp_path / "s2.tsv",
+                       cohort="new", bias_reference_group="healthy",
+                       seen_in_training=every_healthy, device="cpu")
 
 
 def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):

@@ -358,12 +358,21 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
                      said.group(1)), said.group(1)
     assert re.search(r"sub-\da \(age-bias line \(split holdout test, predict\.bias_fit test\), "
                      r"as sub-0\da\)", said.group(1)), said.group(1)
-    # ids that only coincide: the lab says they are other people
+    # ids that only coincide: the lab says they are other people, for that cohort only
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"unpadded": str(unpadded), "upper": str(upper)},
+                                  "unrelated_cohorts": ["unpadded"]})
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    assert re.findall(r"Warning: predict cohort (\w+) .* has seen", result.stdout) == ["upper"]
+    # a misspelt cohort would silently keep the subjects out
     config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
                          predict={"cohorts": {"unpadded": str(unpadded)},
-                                  "shared_ids": "other_people"})
+                                  "unrelated_cohorts": ["unpaded"]})
     result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
-    assert result.returncode == 0 and "has seen" not in result.stdout, result.stdout
+    assert result.returncode != 0 and re.search(
+        r"config key predict\.unrelated_cohorts names unpaded, which predict\.cohorts does "
+        r"not have \(it has unpadded\)", result.stdout), result.stdout
 
 
 @pytest.mark.workflow

@@ -394,9 +394,19 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         model.bundle.manifest.get("training", {}).get("registration_references"))
     _warn_about_skull_strippers_unlike_training(
         cohort, labels, routes, model.bundle.manifest.get("training", {}).get("skullstrip_routes"))
+    seen_in_training = seen_in_training or {}
+    seen_as = [seen_in_training.get(pid, "") for pid in participants["participant_id"]]
+    seen = np.array([bool(what) for what in seen_as], dtype=bool)
+    if seen.any():
+        log.warning("cohort %s: %d subject(s) with the participant_id of a subject the model "
+                    "has seen, predicted but left out of the summary, the figure and any "
+                    "age-bias refit (column seen_in_training): %s", cohort, int(seen.sum()),
+                    ", ".join(f"{pid} ({what})" for pid, what
+                              in zip(participants["participant_id"], seen_as) if what))
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group, passed,
-                                   cohort=cohort)
+                                   cohort=cohort, seen=[pid for pid, what in zip(
+                                       participants["participant_id"], seen_as) if what])
     predicted = np.full(len(labels), np.nan)
     chosen = [label for label, ok in zip(labels, passed) if ok]
     if chosen:
@@ -415,15 +425,6 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     bias = model.bias
     bias_source = (f"bundle: {model.bundle.bias_correction.get('description', '')} "
                    f"({model.bundle.bias_correction.get('n_subjects')} subjects)")
-    seen_in_training = seen_in_training or {}
-    seen_as = [seen_in_training.get(pid, "") for pid in participants["participant_id"]]
-    seen = np.array([bool(what) for what in seen_as], dtype=bool)
-    if seen.any():
-        log.warning("cohort %s: %d subject(s) with the participant_id of a subject the model "
-                    "has seen, predicted but left out of the summary, the figure and any "
-                    "age-bias refit (column seen_in_training): %s", cohort, int(seen.sum()),
-                    ", ".join(f"{pid} ({what})" for pid, what
-                              in zip(participants["participant_id"], seen_as) if what))
     if bias_reference_group is not None:
         in_group = (cohort_groups(table, group_column) == str(bias_reference_group)).to_numpy()
         # the line is fitted on members with a prediction and an age (fit_age_bias drops
@@ -499,7 +500,10 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         "bias_correction": {"intercept": bias.intercept, "slope": bias.slope,
                             "source": bias_source},
         "qc_thresholds": thresholds(qc_thresholds),
-        "n_subjects": len(table), "n_predicted": int(passed.sum()),
+        # as summary.tsv counts them: status predicted, or seen_in_training (predicted, left
+        # out); a subject failing QC is qc_failed, seen or not
+        "n_subjects": len(table), "n_predicted": int((passed & ~seen).sum()),
+        "n_seen_in_training": int((passed & seen).sum()),
         "qc_failed": [{"participant_id": pid, "reason": reason}
                       for pid, ok, reason in zip(table["participant_id"], passed, reasons)
                       if not ok],
@@ -514,12 +518,13 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                                 + f" (model {model.bundle.name})")
     gaps = ", ".join(f"{row.group} {row.mean_corrected_gap:+.2f} y"
                      for row in summary.itertuples() if np.isfinite(row.mean_corrected_gap))
-    log.info("cohort %s: predicted %d of %d subjects (%d failed QC); %s", cohort, passed.sum(),
-             len(table), (~passed).sum(),
+    log.info("cohort %s: predicted %d of %d subjects (%d failed QC%s); %s", cohort,
+             (passed & ~seen).sum(), len(table), (~passed).sum(),
+             f", {(passed & seen).sum()} seen in training and left out of the summary"
+             if (passed & seen).any() else "",
              f"mean corrected gap {gaps}" if gaps
-             else "no subject predicted" if not passed.any()
-             else "no gaps (no predicted subject has an age"
-             + (" or the model has not seen it)" if seen.any() else ")"))
+             else "no subject predicted" if not (passed & ~seen).any()
+             else "no gaps (no predicted subject has an age)")
     return table
 
 

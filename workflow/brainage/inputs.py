@@ -32,7 +32,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import lru_cache
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -523,8 +523,15 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
                 f"rows of {table_path} need fixing")
     duplicated = table["participant_id"][table["participant_id"].duplicated()].unique()
     if len(duplicated):
-        raise InputError(f"{table_path}: duplicate participant_id {', '.join(duplicated)}; "
-                         f"each subject must appear once.")
+        sessions = [str(column) for column in table.columns
+                    if str(column).strip().casefold() in ("session", "session_id", "ses")]
+        raise InputError(
+            f"{table_path}: duplicate participant_id {', '.join(duplicated)}; each subject "
+            f"must appear once." + (
+                f" Its column {sessions[0]} suggests one row per session: keep one session per "
+                f"person here (the split draws people), and predict the others as cohorts of "
+                f"their own (predict.cohorts), one folder per session under the same "
+                f"participant_id." if sessions else ""))
     # one folder on macOS, on Windows shares, in a zip
     clashing = names_sharing_a_folder(sorted(table["participant_id"], key=str.lower))
     if clashing:
@@ -1380,10 +1387,12 @@ def _image_grid_or_problem(path: str | Path, what: str, kind: str | None
 
 def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, cohort: str,
                        group_column: str | None = None,
-                       bias_reference_group: str | None = None) -> str | None:
+                       bias_reference_group: str | None = None,
+                       seen: Collection[str] = ()) -> str | None:
     """Check a cohort's participants table before any work; returns the column to
     summarise by (``group_column``, default ``group`` if present, else ``study``; None when
     a cohort to predict has neither: one group of every subject, :func:`cohort_groups`).
+    ``seen``: participant_ids the model has seen, which the age-bias refit leaves out.
 
     Raises
     ------
@@ -1427,7 +1436,7 @@ def check_cohort_table(participants: pd.DataFrame, table_path: str | Path, *, co
             f"Name one of them, or leave it unset to use the bundle's correction.")
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group,
-                                   cohort=cohort)
+                                   cohort=cohort, seen=seen)
     return group_column
 
 
@@ -1446,12 +1455,14 @@ MIN_BIAS_SUBJECTS = 3
 
 
 def check_bias_reference_group(participants: pd.DataFrame, group_column: str, group: str,
-                               passed: np.ndarray | None = None, *, cohort: str) -> None:
+                               passed: np.ndarray | None = None, *, cohort: str,
+                               seen: Collection[str] = ()) -> None:
     """Refuse a ``bias_reference_group`` whose members cannot fit the age-bias line
     (:func:`brainage.agebias.fit_age_bias`: at least :data:`MIN_BIAS_SUBJECTS` subjects, not all of one
     age). ``passed``: QC verdict per row (bool), once QC is known, before any subject is
     embedded; None before any preprocessing (every member counts), so that a group too
-    small is refused before hours of work rather than after them.
+    small is refused before hours of work rather than after them. ``seen``: the
+    participant_ids the model has seen (left out of the refit, apply.predict_cohort).
 
     Raises
     ------
@@ -1461,16 +1472,20 @@ def check_bias_reference_group(participants: pd.DataFrame, group_column: str, gr
     qc_known = passed is not None
     all_ages = participants["age"].to_numpy(dtype=np.float64)
     aged = np.isfinite(all_ages)  # a cohort to predict may lack ages: those cannot fit it
-    usable = members & aged & (passed if qc_known else True)
+    new = ~participants["participant_id"].isin(set(seen)).to_numpy()
+    usable = members & aged & new & (passed if qc_known else True)
     ages = all_ages[usable]
     if usable.sum() >= MIN_BIAS_SUBJECTS and np.ptp(ages) > 0:
         return
-    failed = participants.loc[members & aged & ~usable, "participant_id"].tolist()
+    failed = participants.loc[members & aged & new & ~usable, "participant_id"].tolist()
+    left_out = participants.loc[members & ~new, "participant_id"].tolist()
     without_age = participants.loc[members & ~aged, "participant_id"].tolist()
     if usable.sum() < MIN_BIAS_SUBJECTS:
         problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
-                   if qc_known else f"it has only {int(usable.sum())} subject"
-                   + ("s" if usable.sum() != 1 else ""))
+                   + (" and are new to the model" if left_out else "") if qc_known else
+                   f"it has only {int(usable.sum())} subject"
+                   + ("s" if usable.sum() != 1 else "")
+                   + (" new to the model" if left_out else ""))
         if without_age:
             problem += (f" with an age ({', '.join(without_age[:10])}"
                         f"{' ...' if len(without_age) > 10 else ''} have none)")
@@ -1480,6 +1495,11 @@ def check_bias_reference_group(participants: pd.DataFrame, group_column: str, gr
     raise InputError(
         f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
         f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
-        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}; the line needs at "
+        f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}"
+        + (f" ({len(left_out)} have the participant_id of a subject the model has seen and "
+           f"are left out: {', '.join(left_out[:10])}{' ...' if len(left_out) > 10 else ''}; "
+           f"add the cohort to predict.unrelated_cohorts if they are other people)"
+           if left_out else "")
+        + f"; the line needs at "
         f"least {MIN_BIAS_SUBJECTS} subjects of different ages with a prediction. Add "
         f"subjects to the group, or leave the key unset to use the bundle's correction.")

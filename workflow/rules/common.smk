@@ -123,6 +123,13 @@ SIMULATED_PREDICT_COHORT = PREDICT["simulate"]["cohort"] if PREDICT["simulate"][
 #: simulate_cohort() options of the simulated training and predict cohorts.
 DATASET_SIMULATION = simulation_options(config["dataset"]["simulate"])
 PREDICT_SIMULATION = simulation_options(PREDICT["simulate"])
+_unknown_cohorts = [name for name in PREDICT["unrelated_cohorts"] if name not in PREDICT_COHORTS]
+if _unknown_cohorts:
+    raise WorkflowError(
+        f"config key predict.unrelated_cohorts names {', '.join(_unknown_cohorts)}, which "
+        f"predict.cohorts does not have (it has {', '.join(PREDICT_COHORTS) or 'none'}): "
+        f"correct the name."
+    )
 if SIMULATED_PREDICT_COHORT is not None and SIMULATED_PREDICT_COHORT not in PREDICT_COHORTS:
     raise WorkflowError(
         f"config key predict.simulate.cohort is {SIMULATED_PREDICT_COHORT!r} but "
@@ -364,17 +371,19 @@ def cohort_subjects(cohort):
                 needed_by="the model to apply (config key predict.model)",
                 to_predict=True,
             )
+        seen = seen_in_training(cohort, table["participant_id"])
         check_cohort_table(
             table,
             Path(PREDICT_COHORTS[cohort], "participants.tsv"),
             cohort=cohort,
             bias_reference_group=PREDICT["bias_reference_group"],
+            seen=seen,
         )
     except InputError as error:
         raise WorkflowError(
             f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
         ) from None
-    warn_about_seen_subjects(cohort, seen_in_training(cohort, table["participant_id"]))
+    warn_about_seen_subjects(cohort, seen)
     warn_about_narrow_gap_intervals()
     return [pid[len("sub-") :] for pid in table["participant_id"]]
 
@@ -432,10 +441,10 @@ def seen_in_training(cohort, ids=None):
     numbers its people the same in all (other sessions predicted as a cohort of their own),
     and a subject the model has seen gets an optimistic prediction: predict_cohort marks
     them and leaves them out of the summary. Empty for the simulated cohort, beside a
-    simulated training cohort, and under predict.shared_ids other_people."""
+    simulated training cohort, and for a cohort of predict.unrelated_cohorts."""
     if cohort == SIMULATED_PREDICT_COHORT or SIMULATED:
         return {}
-    if PREDICT["shared_ids"] == "other_people":
+    if cohort in PREDICT["unrelated_cohorts"]:
         return {}
     if ids is None:
         ids = [f"sub-{label}" for label in cohort_subjects(cohort)]
@@ -485,8 +494,8 @@ def warn_about_seen_subjects(cohort, seen):
         f"{', '.join(named[:10])}{more}. If they are the same people, their predictions "
         f"are optimistic: each is marked in column seen_in_training of "
         f"{LAYOUT.prediction(cohort, 'predictions.tsv')} and left out of its summary.tsv, "
-        f"figure and any age-bias refit. If the ids only coincide (other people), set "
-        f"predict.shared_ids: other_people."
+        f"figure and any age-bias refit. If the ids only coincide (other people), add "
+        f"{cohort} to config key predict.unrelated_cohorts."
     )
 
 

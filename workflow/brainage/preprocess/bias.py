@@ -103,13 +103,15 @@ def _warn_of_holes(data: np.ndarray, interior: np.ndarray, what: str, where: str
     stored as NaN stop the subject (:func:`clean_nonfinite`); stored as 0 or -1 (a damping
     ratio masked more tightly than the stiffness, an inversion's failed voxels: a review's
     hole of 1.2 % of the brain moved a predicted age by 2.5 years) they went on without a
-    word. Warned, not refused: an inversion may leave the ventricles without data."""
+    word. Warned, not refused: an inversion may leave the ventricles without data. Give
+    ``interior`` without the map's NaN voxels: :func:`clean_nonfinite` counts those."""
     holes, inside = int(np.count_nonzero(interior & (data <= 0))), int(interior.sum())
     if inside and holes > max_nan_fraction * inside:
         log.warning("%s has no data (0 or negative) in %d of the %d voxels %s (%.1f%%, more "
                     "than preprocess.max_nan_fraction=%g): they become background, read as "
-                    "the channel's mean. Check the map's own mask or threshold (a failed "
-                    "inversion?); the same holes as NaN stop the subject.", what, holes,
+                    "the channel's mean. Check the map's own mask or threshold: a failed "
+                    "inversion, or ventricles the inversion left without data (then "
+                    "expected). NaN holes are counted against that setting instead.", what, holes,
                     inside, where, 100 * holes / inside, max_nan_fraction)
 
 
@@ -166,6 +168,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
         kind = modality(modality_name)
         what = f"{name}: {kind.description} {path}"
         data, affine = load_volume(path, what=f"{name}: {kind.description}")
+        finite = np.isfinite(data)  # its NaN holes are clean_nonfinite's to count
         require_same_grid(data.shape, affine, what, brain.shape, mask_affine,
                           f"brain mask {mask}")
         # a map after the grid map should have data wherever the grid map has, but for
@@ -193,7 +196,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"The mask and the map do not overlap: check that the T1w and the map "
                     f"are in the same space, or use preprocess.skullstrip: none for maps "
                     f"already masked.")
-            _warn_of_holes(data, filled_in_any_plane(covered) & brain, what,
+            _warn_of_holes(data, filled_in_any_plane(covered) & brain & finite, what,
                            "of the brain that its own data enclose", max_nan_fraction)
         else:
             if negative:
@@ -208,7 +211,7 @@ def correct_bias(maps: Mapping[str, str | Path], mask: str | Path, reference: st
                     f"inside the brain mask {mask}. Check that it is this subject's map of the "
                     f"same acquisition, or remove {kind.name} from config key "
                     f"dataset.modalities.")
-            _warn_of_holes(data, interior, what, f"more than {COVERAGE_EDGE_MM:g} mm inside "
+            _warn_of_holes(data, interior & finite, what, f"more than {COVERAGE_EDGE_MM:g} mm inside "
                            f"the {grid_description}'s data", max_nan_fraction)
         if n4 and kind.n4:
             log.info("%s: N4 on the %s inside brain mask and map support", name,
