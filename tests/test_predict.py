@@ -1513,8 +1513,8 @@ def test_subjects_the_model_has_seen_are_marked_and_left_out_of_the_summary(worl
     # a reference group the model has seen whole is refused before any subject is embedded
     every_healthy = {pid: "train (split holdout)" for pid in table["participant_id"]
                      if pid.startswith("sub-newh")}
-    with pytest.raises(InputError, match=r"group 'healthy' .*only 0 of its 24 subjects passed "
-                                         r"QC and are new to the model \(24 have the "
+    with pytest.raises(InputError, match=r"group 'healthy' .*only 0 of its 24 subjects are new "
+                                         r"to the model and passed QC \(24 have the "
                                          r"participant_id"):
         predict_cohort(world.bundle_dir, new_cohort.root,
                        stiffness_maps(new_cohort.files["maps"]), new_cohort.files["qc"],

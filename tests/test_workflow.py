@@ -232,6 +232,20 @@ def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
         assert result.returncode != 0
         assert re.search(rf"predict cohort clinic .*{message}", result.stdout), result.stdout
     assert not (tmp_path / "results").exists()
+    # a group large enough but for subjects the model has seen (their ids are the training
+    # cohort's): a warning, since the key is one for every cohort and the others go on
+    clinic = write_tiny_dataset(tmp_path / "clinic3", [dict(row, group="patient")
+                                                       for row in default_rows(4)])
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(clinic)},
+                                  "bias_reference_group": "patient"})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"Warning: predict cohort clinic: .*group 'patient' .*: it has only \d "
+                     r"subjects? new to the model \(\d ha(s|ve) the participant_id of a subject "
+                     r"the model has seen .*\); the line needs at least 3 .* Its "
+                     r"predict_cohort job will stop before embedding a subject: run with "
+                     r"--keep-going", result.stdout), result.stdout
 
 
 @pytest.mark.workflow

@@ -523,7 +523,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
              f", {(passed & seen).sum()} seen in training and left out of the summary"
              if (passed & seen).any() else "",
              f"mean corrected gap {gaps}" if gaps
-             else "no subject predicted" if not (passed & ~seen).any()
+             else "no subject predicted" if not passed.any()
+             else "every predicted subject was seen in training" if not (passed & ~seen).any()
              else "no gaps (no predicted subject has an age)")
     return table
 

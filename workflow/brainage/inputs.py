@@ -1480,24 +1480,24 @@ def check_bias_reference_group(participants: pd.DataFrame, group_column: str, gr
     failed = participants.loc[members & aged & new & ~usable, "participant_id"].tolist()
     left_out = participants.loc[members & ~new, "participant_id"].tolist()
     without_age = participants.loc[members & ~aged, "participant_id"].tolist()
+    new_to_model = " new to the model" if left_out else ""
     if usable.sum() < MIN_BIAS_SUBJECTS:
-        problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects passed QC"
-                   + (" and are new to the model" if left_out else "") if qc_known else
-                   f"it has only {int(usable.sum())} subject"
-                   + ("s" if usable.sum() != 1 else "")
-                   + (" new to the model" if left_out else ""))
-        if without_age:
-            problem += (f" with an age ({', '.join(without_age[:10])}"
-                        f"{' ...' if len(without_age) > 10 else ''} have none)")
+        problem = (f"only {int(usable.sum())} of its {int(members.sum())} subjects"
+                   f"{' are' + new_to_model + ' and' if left_out else ''} passed QC"
+                   if qc_known else f"it has only {int(usable.sum())} subject"
+                   + ("s" if usable.sum() != 1 else "") + new_to_model) + (
+            f" with an age ({', '.join(without_age[:10])}"
+            f"{' ...' if len(without_age) > 10 else ''} have none)" if without_age else "")
     else:
-        problem = (f"every subject of it{' that passed QC' if qc_known else ''} is "
-                   f"{ages[0]:g} years old")
+        problem = (f"every subject of it{' that passed QC' if qc_known else ''}"
+                   f"{',' + new_to_model + ',' if left_out else ''} is {ages[0]:g} years old")
     raise InputError(
         f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
         f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
         f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}"
-        + (f" ({len(left_out)} have the participant_id of a subject the model has seen and "
-           f"are left out: {', '.join(left_out[:10])}{' ...' if len(left_out) > 10 else ''}; "
+        + (f" ({len(left_out)} {'has' if len(left_out) == 1 else 'have'} the participant_id "
+           f"of a subject the model has seen and {'is' if len(left_out) == 1 else 'are'} left "
+           f"out: {', '.join(left_out[:10])}{' ...' if len(left_out) > 10 else ''}; "
            f"add the cohort to predict.unrelated_cohorts if they are other people)"
            if left_out else "")
         + f"; the line needs at "

@@ -371,19 +371,19 @@ def cohort_subjects(cohort):
                 needed_by="the model to apply (config key predict.model)",
                 to_predict=True,
             )
-        seen = seen_in_training(cohort, table["participant_id"])
         check_cohort_table(
             table,
             Path(PREDICT_COHORTS[cohort], "participants.tsv"),
             cohort=cohort,
             bias_reference_group=PREDICT["bias_reference_group"],
-            seen=seen,
         )
     except InputError as error:
         raise WorkflowError(
             f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
         ) from None
+    seen = seen_in_training(cohort, table["participant_id"])
     warn_about_seen_subjects(cohort, seen)
+    warn_about_reference_group_seen(cohort, table, seen)
     warn_about_narrow_gap_intervals()
     return [pid[len("sub-") :] for pid in table["participant_id"]]
 
@@ -478,6 +478,32 @@ def seen_in_training(cohort, ids=None):
             if match is not None and pid not in seen:
                 seen[pid] = what if match == pid else f"{what}, as {match}"
     return seen
+
+
+_REFERENCE_GROUPS_WARNED = set()
+
+
+def warn_about_reference_group_seen(cohort, table, seen):
+    """Say once per cohort, in the main process, when the seen subjects leave its
+    predict.bias_reference_group too few for the refit: that cohort's job will stop before
+    embedding a subject. A warning, not a refusal: the key is one for every cohort, and a
+    lab's own follow-up sessions beside an external cohort would lose the external one's
+    predictions too."""
+    group = PREDICT["bias_reference_group"]
+    if not seen or group is None or cohort in _REFERENCE_GROUPS_WARNED:
+        return
+    if not workflow.is_main_process:
+        return
+    _REFERENCE_GROUPS_WARNED.add(cohort)
+    path = Path(PREDICT_COHORTS[cohort], "participants.tsv")
+    try:
+        check_cohort_table(table, path, cohort=cohort, bias_reference_group=group, seen=seen)
+    except InputError as error:
+        _say(
+            f"Warning: predict {error} Its predict_cohort job will stop before embedding a "
+            f"subject: run with --keep-going for the other cohorts' predictions, or ask for "
+            f"them by name."
+        )
 
 
 def warn_about_seen_subjects(cohort, seen):
