@@ -1100,8 +1100,16 @@ def test_a_hole_in_the_stiffness_map_itself_is_warned_of_whatever_its_encoding(
         nib.save(nib.Nifti1Image(holed.astype(np.float32), image.affine), path)
         said[label] = _bias_warnings({"stiffness": path}, subject, tmp_path / label, label,
                                      caplog)
+    # and a further map's: the same NaN and zeros in a damping ratio beside the intact map
+    ratio = np.where(np.isnan(mixed), np.nan, np.where(mixed > 0, 0.25, 0.0))
+    damping = tmp_path / "sub-dmixed_damping_ratio.nii.gz"
+    nib.save(nib.Nifti1Image(ratio.astype(np.float32), image.affine), damping)
+    said["dmixed"] = _bias_warnings({"stiffness": tmp_path / "sub-whole_stiffness.nii.gz",
+                                     "damping_ratio": damping}, subject, tmp_path / "dmixed",
+                                    "dmixed", caplog)
     assert said.pop("whole") == []  # the simulated map's own few enclosed zeros: under 1 %
-    assert [warning for warning in said.pop("mixed") if "has no data" in warning] == []
+    for mixed_label in ("mixed", "dmixed"):
+        assert [warning for warning in said.pop(mixed_label) if "has no data" in warning] == []
     for label, (warning, *more) in said.items():
         assert not more and re.fullmatch(
             rf"subject sub-{label}: stiffness map .*sub-{label}_stiffness\.nii\.gz has no data "
