@@ -403,10 +403,12 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                     "age-bias refit (column seen_in_training): %s", cohort, int(seen.sum()),
                     ", ".join(f"{pid} ({what})" for pid, what
                               in zip(participants["participant_id"], seen_as) if what))
+    # predicted and new to the model / predicted but seen (left out of the summary)
+    new_predicted, left_out = passed & ~seen, passed & seen
     if bias_reference_group is not None:
         check_bias_reference_group(participants, group_column, bias_reference_group, passed,
-                                   cohort=cohort, seen=[pid for pid, what in zip(
-                                       participants["participant_id"], seen_as) if what])
+                                   cohort=cohort,
+                                   seen={pid for pid, what in seen_in_training.items() if what})
     predicted = np.full(len(labels), np.nan)
     chosen = [label for label, ok in zip(labels, passed) if ok]
     if chosen:
@@ -429,7 +431,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         in_group = (cohort_groups(table, group_column) == str(bias_reference_group)).to_numpy()
         # the line is fitted on members with a prediction and an age (fit_age_bias drops
         # the others) that the model has not seen, and the provenance counts those
-        reference = passed & ~seen & in_group & np.isfinite(ages)
+        reference = new_predicted & in_group & np.isfinite(ages)
         bias = fit_age_bias(ages[reference], predicted[reference],
                             where=f"cohort {cohort} group {bias_reference_group!r}")
         bias_source = (f"cohort {cohort} group {bias_reference_group!r} "
@@ -502,8 +504,8 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         "qc_thresholds": thresholds(qc_thresholds),
         # as summary.tsv counts them: status predicted, or seen_in_training (predicted, left
         # out); a subject failing QC is qc_failed, seen or not
-        "n_subjects": len(table), "n_predicted": int((passed & ~seen).sum()),
-        "n_seen_in_training": int((passed & seen).sum()),
+        "n_subjects": len(table), "n_predicted": int(new_predicted.sum()),
+        "n_seen_in_training": int(left_out.sum()),
         "qc_failed": [{"participant_id": pid, "reason": reason}
                       for pid, ok, reason in zip(table["participant_id"], passed, reasons)
                       if not ok],
@@ -519,12 +521,12 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     gaps = ", ".join(f"{row.group} {row.mean_corrected_gap:+.2f} y"
                      for row in summary.itertuples() if np.isfinite(row.mean_corrected_gap))
     log.info("cohort %s: predicted %d of %d subjects (%d failed QC%s); %s", cohort,
-             (passed & ~seen).sum(), len(table), (~passed).sum(),
-             f", {(passed & seen).sum()} seen in training and left out of the summary"
-             if (passed & seen).any() else "",
+             new_predicted.sum(), len(table), (~passed).sum(),
+             f", {left_out.sum()} seen in training and left out of the summary"
+             if left_out.any() else "",
              f"mean corrected gap {gaps}" if gaps
              else "no subject predicted" if not passed.any()
-             else "every predicted subject was seen in training" if not (passed & ~seen).any()
+             else "every predicted subject was seen in training" if not new_predicted.any()
              else "no gaps (no predicted subject has an age)")
     return table
 

@@ -1355,10 +1355,10 @@ def _identical_maps(inputs_of: Mapping[str, list], cache: Mapping[str, list]) ->
     messages = []
     for label, inputs in inputs_of.items():
         for name, path, key in inputs:
-            digest = cache.get(key, [None] * 5)[4:5]
-            if not digest or not digest[0]:  # a T1w, a file that failed a check
+            entry = cache.get(key, ())
+            digest = entry[4] if len(entry) > 4 else None
+            if digest is None:  # a T1w, a file that failed a check
                 continue
-            digest = digest[0]
             other, other_path = first_with.setdefault(digest, (label, path))
             if other != label:
                 messages.append(

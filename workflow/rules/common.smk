@@ -65,6 +65,7 @@ from brainage.io import prepare_job_environment
 from brainage.logs import say_job_warnings
 from brainage.inputs import (
     InputError,
+    check_bias_reference_group,
     check_cohort_table,
     check_dataset_images,
     preprocessed_from,
@@ -371,7 +372,7 @@ def cohort_subjects(cohort):
                 needed_by="the model to apply (config key predict.model)",
                 to_predict=True,
             )
-        check_cohort_table(
+        group_column = check_cohort_table(
             table,
             Path(PREDICT_COHORTS[cohort], "participants.tsv"),
             cohort=cohort,
@@ -383,7 +384,7 @@ def cohort_subjects(cohort):
         ) from None
     seen = seen_in_training(cohort, table["participant_id"])
     warn_about_seen_subjects(cohort, seen)
-    warn_about_reference_group_seen(cohort, table, seen)
+    warn_about_reference_group_seen(cohort, table, group_column, seen)
     warn_about_narrow_gap_intervals()
     return [pid[len("sub-") :] for pid in table["participant_id"]]
 
@@ -483,7 +484,7 @@ def seen_in_training(cohort, ids=None):
 _REFERENCE_GROUPS_WARNED = set()
 
 
-def warn_about_reference_group_seen(cohort, table, seen):
+def warn_about_reference_group_seen(cohort, table, group_column, seen):
     """Say once per cohort, in the main process, when the seen subjects leave its
     predict.bias_reference_group too few for the refit: that cohort's job will stop before
     embedding a subject. A warning, not a refusal: the key is one for every cohort, and a
@@ -495,9 +496,8 @@ def warn_about_reference_group_seen(cohort, table, seen):
     if not workflow.is_main_process:
         return
     _REFERENCE_GROUPS_WARNED.add(cohort)
-    path = Path(PREDICT_COHORTS[cohort], "participants.tsv")
     try:
-        check_cohort_table(table, path, cohort=cohort, bias_reference_group=group, seen=seen)
+        check_bias_reference_group(table, group_column, group, cohort=cohort, seen=seen)
     except InputError as error:
         _say(
             f"Warning: predict {error} Its predict_cohort job will stop before embedding a "
