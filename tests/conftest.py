@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zlib
 from pathlib import Path
 
 import nibabel as nib
@@ -117,11 +118,12 @@ def write_tiny_dataset(root: Path, rows: list[dict], *, shape=(12, 12, 12),
     """A valid BIDS-like dataset with small synthetic stiffness maps (kPa).
 
     ``rows`` are participants.tsv rows (participant_id, age, sex, study, ...); ``maps``:
-    the MRE maps written (a damping ratio of about 0.25 inside the brain).
+    the MRE maps written (a damping ratio of about 0.25 inside the brain). Each subject's
+    noise is drawn from its participant_id: two datasets' subjects of one id have the same
+    maps, of other ids other maps (a copied scan is found by its bytes).
     """
     root.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(root / "participants.tsv", sep="\t", index=False)
-    rng = np.random.default_rng(0)
     affine = np.diag([voxel_mm, voxel_mm, voxel_mm, 1.0])
     grid = np.indices(shape).astype(float)
     centre = (np.array(shape) - 1) / 2
@@ -129,6 +131,7 @@ def write_tiny_dataset(root: Path, rows: list[dict], *, shape=(12, 12, 12),
               ).sum(axis=0) < 1
     for row in rows:
         label = row["participant_id"][len("sub-"):]
+        rng = np.random.default_rng(zlib.crc32(label.encode()))
         data = np.where(inside, 2.8 + 0.1 * rng.standard_normal(shape), 0).astype(np.float32)
         folder = root / f"sub-{label}" / "mre"
         folder.mkdir(parents=True, exist_ok=True)

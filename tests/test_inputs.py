@@ -140,6 +140,27 @@ def test_a_bids_session_dataset_is_told_each_step_and_one_session_per_person(tmp
     assert len(read_participants(root)) == 4
 
 
+def test_a_cohort_to_predict_with_sessions_is_told_where_they_go_once(tmp_path):
+    """The same layout as a cohort to predict: its message spoke of training and of the
+    split, and said it again for each missing map of each subject."""
+    root = write_tiny_dataset(tmp_path / "d", default_rows(),
+                              maps=("stiffness", "damping_ratio"))
+    for label in ("00a", "01a"):
+        subject = root / f"sub-{label}"
+        (subject / "ses-01").mkdir()
+        (subject / "mre").rename(subject / "ses-01" / "mre")
+    with pytest.raises(InputError) as refused:
+        read_participants(root, ("stiffness", "damping_ratio"), to_predict=True)
+    message = str(refused.value)
+    assert message.startswith("4 input images are missing")
+    assert message.count("has session folders (ses-01)") == 4
+    assert message.count("predict each further session as a cohort of its own") == 1
+    assert "Train on" not in message and "split" not in message
+    with pytest.raises(InputError) as refused:  # the training cohort: said once too
+        read_participants(root, ("stiffness", "damping_ratio"))
+    assert str(refused.value).count("Train on one session per person") == 1
+
+
 def test_a_renamed_subjects_files_under_the_old_label_are_named(tmp_path):
     """A label refused (sub-st1_s003), the folder and row renamed as told: the files inside
     still carry the old label, which the 'missing' message now names."""
@@ -515,6 +536,32 @@ def test_participants_differing_only_in_case_are_refused(tiny_dataset):
     with pytest.raises(InputError, match=r"participant_id sub-01a and sub-01A differ only in "
                                          r"case.*Rename one"):
         read_participants(tiny_dataset)
+
+
+@pytest.mark.parametrize("to_predict", [False, True])
+def test_participants_differing_only_in_leading_zeros_are_refused(tiny_dataset, to_predict):
+    """sub-1a beside sub-01a: a predict cohort's subjects the model has seen are found by the
+    id without case and leading zeros, so the two would be one person there, and a training
+    cohort that lists one person twice can put them on both sides of the split."""
+    def add_twin(table):
+        twin = table.iloc[[1]].copy()
+        twin["participant_id"] = "sub-1A"  # of sub-01a
+        twin["age"] = 41.0
+        return pd.concat([table, twin])
+
+    _rewrite_table(tiny_dataset, add_twin)
+    (tiny_dataset / "sub-01a").rename(tiny_dataset / "sub-1A")  # its own files
+    for path in (tiny_dataset / "sub-1A").rglob("*.nii.gz"):
+        path.rename(path.with_name(path.name.replace("sub-01a", "sub-1A")))
+    (tiny_dataset / "sub-01a").mkdir()
+    for path in (tiny_dataset / "sub-1A").iterdir():
+        shutil.copytree(path, tiny_dataset / "sub-01a" / path.name)
+    for path in (tiny_dataset / "sub-01a").rglob("*.nii.gz"):
+        path.rename(path.with_name(path.name.replace("sub-1A", "sub-01a")))
+    with pytest.raises(InputError, match=r"participant_id sub-01a and sub-1A differ only in "
+                                         r"leading zeros \(or case\): one person listed "
+                                         r"twice\?.*rename one of each pair"):
+        read_participants(tiny_dataset, to_predict=to_predict)
 
 
 @pytest.mark.parametrize("bad_id", ["sub-../x", "sub-a_b", "01a", "sub-"])

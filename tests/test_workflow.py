@@ -5,6 +5,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -387,6 +388,29 @@ def test_a_predict_subject_without_the_models_map_is_told_to_add_it(tmp_path):
     assert result.returncode != 0 and re.search(
         r"config key predict\.unrelated_cohorts names unpaded, which predict\.cohorts does "
         r"not have \(it has unpadded\)", result.stdout), result.stdout
+    # the same scans exported again under a clinic's ids: found by their bytes, whatever
+    # the ids and also in a cohort of predict.unrelated_cohorts
+    rows = [{**row, "participant_id": f"sub-c{index}"} for index, row in
+            enumerate(default_rows(6))]
+    copies = write_tiny_dataset(tmp_path / "copies", rows)
+    for index, row in enumerate(default_rows(6)):
+        label = row["participant_id"][len("sub-"):]
+        shutil.copyfile(root / f"sub-{label}" / "mre" / f"sub-{label}_stiffness.nii.gz",
+                        copies / f"sub-c{index}" / "mre" / f"sub-c{index}_stiffness.nii.gz")
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"copies": str(copies)},
+                                  "unrelated_cohorts": ["copies"]})
+    result = snakemake(tmp_path, "-n", "predict", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    said = re.search(r"Warning: predict cohort copies .* has (\d) subject\(s\) with an MRE "
+                     r"map byte-identical to one the model has seen \(the same scan\): (.*)\. "
+                     r"Their predictions are optimistic: each is marked .*refit\.$",
+                     result.stdout, flags=re.MULTILINE)
+    assert said, result.stdout
+    matched = re.findall(r"sub-c(\d) \(train \(split holdout of dataset\.root\): a map "
+                         r"byte-identical to sub-0(\d)a's\)", said.group(2))
+    assert len(matched) == int(said.group(1)) == 5  # the split holds one of 6 out
+    assert all(copy == original for copy, original in matched)
 
 
 @pytest.mark.workflow

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import sha256_file, write_json
-from brainage.modalities import DEFAULT_MODALITIES, input_path, modality
+from brainage.modalities import DEFAULT_MODALITIES, input_path, modality, mre_maps
 from brainage.paths import names_sharing_a_folder
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,14 @@ class InputError(ValueError):
 
 def anatomical_path(root: str | Path, label: str) -> Path:
     return input_path(root, label, "T1w")
+
+
+def participant_match_key(participant_id: str) -> str:
+    """``participant_id`` as two cohorts' lists are compared to find one person in both:
+    case ignored and leading zeros of every number dropped (``sub-ST1S01`` and
+    ``sub-st1s001`` -> ``sub-st1s1``), since spreadsheets and export tools add or strip
+    them."""
+    return re.sub(r"\d+", lambda number: str(int(number.group())), str(participant_id).casefold())
 
 
 def check_label(label: str, *, where: str) -> str:
@@ -241,7 +249,7 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
     _validate_against_schema(table, table_path, lines, to_predict=to_predict)
     _require_every_image(root, [pid[len("sub-"):] for pid in table["participant_id"]],
                          modalities, remedy=f"or remove the subject's row from {table_path}",
-                         needed_by=needed_by)
+                         needed_by=needed_by, to_predict=to_predict)
     _warn_unlisted_subjects(root, set(table["participant_id"]), table_path)
     table["age"] = table["age"].astype(float)
     if not to_predict:  # a cohort to predict keeps its blank studies blank
@@ -539,6 +547,17 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
         raise InputError(f"{table_path}: participant_id {'; '.join(pairs)} differ only in "
                          f"case, so their folders under results/ would be one on a "
                          f"case-insensitive file system. Rename one of each pair.")
+    alike = defaultdict(list)  # one person by the match across cohorts
+    for participant_id in table["participant_id"]:
+        alike[participant_match_key(participant_id)].append(participant_id)
+    alike = [" and ".join(ids) for ids in alike.values() if len(ids) > 1]
+    if alike:
+        raise InputError(f"{table_path}: participant_id {'; '.join(alike)} differ only in "
+                         f"leading zeros (or case): one person listed twice? The pipeline "
+                         f"finds one person in two cohorts by the id without case and leading "
+                         f"zeros (the subjects of a cohort to predict that the model has "
+                         f"seen), so they would be one person there. Keep one row per person, "
+                         f"or rename one of each pair.")
     if not to_predict:  # a cohort to predict: the model reads neither, Table 2 is training's
         for column in ("sex", "study"):
             blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
@@ -735,29 +754,37 @@ def _not_a_file(path: Path) -> str:
 
 
 def _require_every_image(root: str | Path, labels: Sequence[str], modalities: Sequence[str],
-                         *, remedy: str, needed_by: str | None = None) -> None:
+                         *, remedy: str, needed_by: str | None = None,
+                         to_predict: bool = False) -> None:
     """Refuse a cohort with missing images, naming every one of them at once (a lab fixes
-    them in one go, not one run per file)."""
+    them in one go, not one run per file), and saying once, below them, where the sessions
+    of a subject with session folders go (:data:`SESSIONS_FOR_TRAINING`,
+    :data:`SESSIONS_TO_PREDICT`)."""
     problems = [message for label in labels for name in modalities
                 if (message := _missing_image_message(root, label, name, modalities,
                                                       remedy=remedy, needed_by=needed_by))]
     if "T1w" not in modalities:  # the optional T1w: only anat/sub-<label>_T1w.nii.gz is read
         problems += [message for label in labels
                      if (message := _unread_t1w_message(root, label))]
-    _refuse_all(problems, "input images are missing or unread")
+    with_sessions = any(" has session folders (" in message for message in problems)
+    _refuse_all(problems, "input images are missing or unread", note=(
+        (SESSIONS_TO_PREDICT if to_predict else SESSIONS_FOR_TRAINING)
+        if with_sessions else ""))
 
 
-def _refuse_all(problems: Sequence[str], what: str) -> None:
+def _refuse_all(problems: Sequence[str], what: str, *, note: str = "") -> None:
     """Raise one :class:`InputError` for all ``problems`` (each a whole message): the one
-    message, or ``<n> <what>:`` above the first :data:`MAX_MISSING_NAMED`, one per line."""
+    message, or ``<n> <what>:`` above the first :data:`MAX_MISSING_NAMED`, one per line;
+    ``note`` (one for them all) after them."""
     if len(problems) == 1:
-        raise InputError(problems[0])
+        raise InputError(f"{problems[0]} {note}".rstrip())
     if problems:
         shown = problems[:MAX_MISSING_NAMED]
         more = len(problems) - len(shown)
         raise InputError(f"{len(problems)} {what}:\n"
                          + "\n".join(f"  {message}" for message in shown)
-                         + (f"\n  ... and {more} more." if more else ""))
+                         + (f"\n  ... and {more} more." if more else "")
+                         + (f"\n{note}" if note else ""))
 
 
 def _unread_t1w_message(root: str | Path, label: str) -> str | None:
@@ -867,15 +894,24 @@ def _found_instead(path: Path) -> str:
         return (f" {subject_folder} has session folders ({', '.join(sessions)}); the "
                 f"dataset layout has none: move one session's {path.parent.name}/ folder up "
                 f"into {subject_folder.name}/ and name its files without the session "
-                f"({path.name}). Train on one session per person: another session of the "
-                f"same person listed as a subject of its own can land on the other side of "
-                f"the split, so the test error would measure people the encoder was trained "
-                f"on. Predict the other sessions as a cohort of their own (predict.cohorts), "
-                f"under the same participant_id: those of the split's test subjects are "
-                f"predicted cleanly, those of its training subjects come out optimistic: the "
-                f"plan names them, the predictions mark them and their summary leaves them "
-                f"out.")
+                f"({path.name}).")
     return ""
+
+
+#: Said once below the missing images when a subject has session folders: which session
+#: goes where, for a cohort that trains and for one that is predicted.
+SESSIONS_FOR_TRAINING = (
+    "Train on one session per person: another session of the same person listed as a "
+    "subject of its own can land on the other side of the split, so the test error would "
+    "measure people the encoder was trained on. Predict the other sessions as a cohort of "
+    "their own (predict.cohorts), under the same participant_id: those of the split's test "
+    "subjects are predicted cleanly, those of its training subjects come out optimistic: "
+    "the plan names them, the predictions mark them and their summary leaves them out.")
+SESSIONS_TO_PREDICT = (
+    "A cohort to predict holds one session per person: predict each further session as a "
+    "cohort of its own (another entry of predict.cohorts, its own folder and "
+    "participants.tsv under the same participant_ids), so that each person's predictions "
+    "can be compared across sessions.")
 
 
 def subject_inputs(root: str | Path, label: str,
@@ -1369,6 +1405,31 @@ def _identical_maps(inputs_of: Mapping[str, list], cache: Mapping[str, list]) ->
                     f"subject's row from participants.tsv, or replace the file copied by "
                     f"mistake.")
     return messages
+
+
+def checked_map_digests(root: str | Path, labels: Sequence[str], modalities: Sequence[str],
+                        cache_file: str | Path) -> dict[str, str]:
+    """{SHA-256: participant_id} of the MRE maps of ``modalities`` of subjects ``labels``
+    under ``root``, as :func:`check_dataset_images` recorded them in ``cache_file`` (a map
+    changed since its check, or never checked, has none): to find one cohort's scans
+    among another's under other ids without reading a file again."""
+    try:
+        cache = json.loads(Path(cache_file).read_text())
+    except (OSError, ValueError):
+        return {}
+    digests = {}
+    for label in labels:
+        for name in mre_maps(modalities):
+            path = input_path(root, label, name)
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            entry = cache.get(str(path.resolve()), ())
+            if len(entry) == 5 and entry[:2] == [stat.st_size, stat.st_mtime_ns] \
+                    and entry[4] is not None:
+                digests.setdefault(entry[4], f"sub-{label}")
+    return digests
 
 
 def _image_grid_or_problem(path: str | Path, what: str, kind: str | None

@@ -218,14 +218,6 @@ def subjects_in(participants: pd.DataFrame, split_settings: Mapping, subset: str
     return chosen
 
 
-def participant_match_key(participant_id: str) -> str:
-    """``participant_id`` as two cohorts' lists are compared to find one person in both:
-    case ignored and leading zeros of every number dropped (``sub-ST1S01`` and
-    ``sub-st1s001`` -> ``sub-st1s1``), since spreadsheets and export tools add or strip
-    them."""
-    return re.sub(r"\d+", lambda number: str(int(number.group())), str(participant_id).casefold())
-
-
 def check_pretraining_cohort(pretraining: pd.DataFrame, participants: pd.DataFrame,
                              split_settings: Mapping, *, root: str | Path) -> None:
     """Refuse a pretraining cohort that holds subjects the training cohort tests.

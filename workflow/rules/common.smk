@@ -68,6 +68,8 @@ from brainage.inputs import (
     check_bias_reference_group,
     check_cohort_table,
     check_dataset_images,
+    checked_map_digests,
+    participant_match_key,
     preprocessed_from,
     read_participants,
     simulation_mismatches,
@@ -77,7 +79,6 @@ from brainage.inputs import (
     unlisted_subject_folders,
 )
 from brainage.normalise import check_pretraining_cohort, split_name_pattern, subjects_in
-from brainage.normalise import participant_match_key
 from brainage.normalise import split_names as scheme_split_names
 from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
@@ -285,6 +286,9 @@ wildcard_constraints:
 
 
 _IMAGES_CHECKED = set()
+#: Where checked_participants keeps what it found of each input image (size, mtime,
+#: grid, an MRE map's SHA-256): brainage.inputs.check_dataset_images.
+IMAGE_CHECK_CACHE = Path(".snakemake", "brainage_checked_inputs.json")
 
 
 def checked_participants(root, modalities, root_key, needed_by=None, to_predict=False):
@@ -308,7 +312,7 @@ def checked_participants(root, modalities, root_key, needed_by=None, to_predict=
             root,
             labels,
             modalities,
-            cache_file=Path(".snakemake", "brainage_checked_inputs.json"),
+            cache_file=IMAGE_CHECK_CACHE,
             announce=_say if workflow.is_main_process else None,
         )
         _IMAGES_CHECKED.add(key)
@@ -435,25 +439,28 @@ _PREDICT_COHORTS_WARNED = set()
 
 def seen_in_training(cohort, ids=None):
     """{participant_id: what saw it} for the subjects of predict cohort `cohort` (`ids`:
-    its participant_ids, default read) whose participant_id, case and leading zeros
-    ignored (brainage.normalise.participant_match_key), is one the exported model has seen:
-    a training subject of its split, a test subject under predict.bias_fit test (the
-    age-bias line), a subject of the lab's T1w cohort its encoder was pretrained on. A lab
-    numbers its people the same in all (other sessions predicted as a cohort of their own),
-    and a subject the model has seen gets an optimistic prediction: predict_cohort marks
-    them and leaves them out of the summary. Empty for the simulated cohort, beside a
-    simulated training cohort, and for a cohort of predict.unrelated_cohorts."""
+    its participant_ids, default read) that the exported model has seen: a training
+    subject of its split, a test subject under predict.bias_fit test (the age-bias line),
+    a subject of the lab's T1w cohort its encoder was pretrained on. Found by the
+    participant_id, case and leading zeros ignored (brainage.inputs.participant_match_key):
+    a lab numbers its people the same in all (other sessions predicted as a cohort of their
+    own); and by an MRE map byte-identical to one of the training cohort's (the same scan
+    exported again under a clinic's id), from the digests the image checks recorded. A
+    subject the model has seen gets an optimistic prediction: predict_cohort marks them and
+    leaves them out of the summary. Empty for the simulated cohort and beside a simulated
+    training cohort; a cohort of predict.unrelated_cohorts is matched by its maps only."""
     if cohort == SIMULATED_PREDICT_COHORT or SIMULATED:
         return {}
-    if cohort in PREDICT["unrelated_cohorts"]:
-        return {}
+    by_id = cohort not in PREDICT["unrelated_cohorts"]
     if ids is None:
         ids = [f"sub-{label}" for label in cohort_subjects(cohort)]
     split, *cell = exported_cell()
+    # (what saw them, their participant_ids, whether their MRE maps are the training cohort's)
     sources = [
         (
             f"train (split {split} of dataset.root)",
             subjects_in(participants(), config["split"], "train", splits=[split]),
+            True,
         )
     ]
     if PREDICT["bias_fit"] == "test":
@@ -461,6 +468,7 @@ def seen_in_training(cohort, ids=None):
             (
                 f"age-bias line (split {split} test, predict.bias_fit test)",
                 subjects_in(participants(), config["split"], "test", splits=[split]),
+                True,
             )
         )
     run = pretrained_run(_resolved_cell(cell[0], cell[1], int(cell[2]))["model"])
@@ -469,15 +477,30 @@ def seen_in_training(cohort, ids=None):
             (
                 f"pretraining (pretrain.{run}.source.root)",
                 pretrain_participants_table(run)["participant_id"],
+                False,  # T1w scans: no MRE map to compare
             )
         )
+    cohort_maps = checked_map_digests(
+        PREDICT_COHORTS[cohort],
+        [pid[len("sub-") :] for pid in ids],
+        PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)],
+        IMAGE_CHECK_CACHE,
+    )
     seen = {}
-    for what, known_ids in sources:
-        known = {participant_match_key(pid): pid for pid in known_ids}
-        for pid in sorted(ids):
-            match = known.get(participant_match_key(pid))
-            if match is not None and pid not in seen:
-                seen[pid] = what if match == pid else f"{what}, as {match}"
+    for what, known_ids, with_maps in sources:
+        if by_id:
+            known = {participant_match_key(pid): pid for pid in known_ids}
+            for pid in sorted(ids):
+                match = known.get(participant_match_key(pid))
+                if match is not None and pid not in seen:
+                    seen[pid] = what if match == pid else f"{what}, as {match}"
+        if with_maps:
+            labels = [pid[len("sub-") :] for pid in known_ids]
+            known_maps = checked_map_digests(DATASET_ROOT, labels, MODALITIES, IMAGE_CHECK_CACHE)
+            for digest, pid in sorted(cohort_maps.items(), key=lambda item: item[1]):
+                match = known_maps.get(digest)
+                if match is not None and pid not in seen:
+                    seen[pid] = f"{what}: a map byte-identical to {match}'s"
     return seen
 
 
@@ -514,14 +537,31 @@ def warn_about_seen_subjects(cohort, seen):
     _PREDICT_COHORTS_WARNED.add(cohort)
     named = [f"{pid} ({what})" for pid, what in seen.items()]
     more = f" and {len(named) - 10} more" if len(named) > 10 else ""
+    by_map = sum("byte-identical" in what for what in seen.values())
+    if not by_map:
+        found = "with the participant_id of a subject the model has seen"
+        optimistic = "If they are the same people, their predictions are optimistic"
+    elif by_map == len(seen):
+        found = "with an MRE map byte-identical to one the model has seen (the same scan)"
+        optimistic = "Their predictions are optimistic"
+    else:
+        found = "the model has seen, by participant_id or by a byte-identical MRE map"
+        optimistic = (
+            "Their predictions are optimistic (those matched by participant_id if they "
+            "are the same people)"
+        )
     _say(
         f"Warning: predict cohort {cohort} (config key predict.cohorts.{cohort}) has "
-        f"{len(seen)} subject(s) with the participant_id of a subject the model has seen: "
-        f"{', '.join(named[:10])}{more}. If they are the same people, their predictions "
-        f"are optimistic: each is marked in column seen_in_training of "
+        f"{len(seen)} subject(s) {found}: {', '.join(named[:10])}{more}. {optimistic}: "
+        f"each is marked in column seen_in_training of "
         f"{LAYOUT.prediction(cohort, 'predictions.tsv')} and left out of its summary.tsv, "
-        f"figure and any age-bias refit. If the ids only coincide (other people), add "
-        f"{cohort} to config key predict.unrelated_cohorts."
+        f"figure and any age-bias refit."
+        + (
+            f" If the ids only coincide (other people), add {cohort} to config key "
+            f"predict.unrelated_cohorts."
+            if by_map < len(seen)
+            else ""
+        )
     )
 
 
