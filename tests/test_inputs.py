@@ -446,6 +446,51 @@ def test_an_age_column_in_another_case_is_named_not_ignored(tiny_dataset):
         read_participants(tiny_dataset)
 
 
+@pytest.mark.parametrize("name", ["age_years", "Age (years)", "AgeAtScan", "scan_age"])
+def test_an_age_column_under_another_name_is_named_not_ignored(tiny_dataset, name):
+    """Clinical exports' spellings of the age: a cohort to predict lost every gap to them,
+    with one log line that named no column."""
+    table = tiny_dataset / "participants.tsv"
+    text = table.read_text()
+    table.write_text(text.replace("\tage\t", f"\t{name}\t", 1))
+    with pytest.raises(InputError, match=rf"has no column 'age' but '{re.escape(name)}', which "
+                                         rf"holds numbers like ages: only 'age' is read"):
+        read_participants(tiny_dataset, to_predict=True)
+    with pytest.raises(InputError, match=rf"lacks column\(s\) age;.* Its '{re.escape(name)}' "
+                                         rf"looks like the age: rename it to 'age'"):
+        read_participants(tiny_dataset)
+    # an age group is not an age: a cohort to predict without ages, as before
+    _rewrite_table(tiny_dataset, lambda t: t.assign(**{name: "60-70"}))
+    assert read_participants(tiny_dataset, to_predict=True)["age"].isna().all()
+
+
+@pytest.mark.parametrize("to_predict", [False, True])
+def test_ages_that_participants_json_gives_in_months_are_refused(tiny_dataset, to_predict):
+    """A paediatric cohort's ages in months (27 to 117) pass every check on the values and
+    were read as years; BIDS says the unit in participants.json, which nothing read."""
+    sidecar = tiny_dataset / "participants.json"
+    sidecar.write_text(json.dumps({"age": {"Description": "age at scan", "Units": "months"}}))
+    with pytest.raises(InputError, match=r"participants\.json gives the unit of column 'age' as "
+                                         r"'months'; the pipeline reads ages in years\. "
+                                         r"Convert .*months / 12"):
+        read_participants(tiny_dataset, to_predict=to_predict)
+    for years in ("year", "Years", " y "):  # BIDS's own spelling, and others of years
+        sidecar.write_text(json.dumps({"Age": {"units": years}}))
+        assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4
+    sidecar.write_text("{not json")  # the pipeline needs no sidecar: a broken one is no unit
+    assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4
+
+
+def test_a_training_cohort_of_one_age_is_refused(tiny_dataset):
+    """Every subject 73: the whole grid trained and Table 3 read MAE 0.000 for every row,
+    then the export's advice (predict.bias_fit: test) sent the user back and forth."""
+    _rewrite_table(tiny_dataset, lambda t: t.assign(age="73"))
+    with pytest.raises(InputError, match=r"participants\.tsv: every subject is 73 years old, "
+                                         r"so there is no age to learn"):
+        read_participants(tiny_dataset)
+    assert read_participants(tiny_dataset, to_predict=True)["age"].eq(73).all()  # predicted
+
+
 def test_a_cohort_to_predict_keeps_its_columns_as_written(tiny_dataset):
     """Only the age of a cohort to predict is a number: its other columns come back in the
     predictions as the lab wrote them (a site code 007 came back as 7, a group 0 as 0.0,
@@ -727,6 +772,28 @@ def test_a_reference_group_of_subjects_the_model_has_seen_is_refused_at_planning
                            bias_reference_group="healthy", seen={"sub-01", "sub-03"})
 
 
+def test_a_group_written_in_two_spellings_or_as_punctuation_is_refused():
+    """'healthy control' beside 'healthy_control' were two groups: the age-bias refit on
+    'healthy control' left the others out; '.' was a group of its own."""
+    from brainage.inputs import check_cohort_table
+
+    table = pd.DataFrame({"participant_id": [f"sub-0{index}" for index in range(1, 6)],
+                          "age": [30.0, 40.0, 50.0, 60.0, 70.0],
+                          "group": ["healthy control", "healthy control", "healthy_control",
+                                    "healthy  control", "AD"]})
+    with pytest.raises(InputError, match=r"column 'group' writes one value as 'healthy "
+                                         r"control' \(sub-01\), 'healthy_control' \(sub-03\), "
+                                         r"'healthy  control' \(sub-04\), which differ only"):
+        check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
+                           bias_reference_group="healthy control")
+    table["group"] = ["healthy control"] * 4 + ["."]
+    with pytest.raises(InputError, match=r"column 'group' holds '\.' \(sub-05\), punctuation "
+                                         r"and no name.*or leave the cell empty \(n/a\)"):
+        check_cohort_table(table, "clinic/participants.tsv", cohort="clinic")
+    table["group"] = ["healthy control"] * 4 + [None]  # unknown: the n/a group
+    assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic") == "group"
+
+
 def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     # a spreadsheet's trailing space made 'study2 ' a study of its own: two strata of the
     # split, two rows of Table 2, two study means
@@ -735,7 +802,7 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     table.write_text("\n".join(lines[:4] + [lines[4] + " "]) + "\n")  # sub-03a's study2
     with pytest.raises(InputError, match=r"column 'study' writes one value as 'study2' "
                                          r"\(sub-01a\), 'study2 ' \(sub-03a\), which differ "
-                                         r"only in case, in spaces"):
+                                         r"only in case, spaces"):
         read_participants(tiny_dataset)
     # so did a capital: 'Study2' split, tabulated and averaged apart from 'study2'
     table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "Study2")]) + "\n")
@@ -759,7 +826,7 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     with pytest.raises(InputError) as refused:
         read_participants(tiny_dataset)
     assert ("'Zürich' (sub-01a), 'Zu\\u0308rich' (sub-03a), which differ only in case, "
-            "in spaces around the name or in Unicode form") in str(refused.value)
+            "spaces, punctuation, leading zeros or Unicode form") in str(refused.value)
     # a direction mark pasted into one row: the same name, two values, unless refused
     table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "study2\u200e")])
                      + "\n", encoding="utf-8")
@@ -778,6 +845,26 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
         table.write_text("\n".join(line.replace("study2", name) for line in lines) + "\n",
                          encoding="utf-8")
         assert name in set(read_participants(tiny_dataset)["study"])
+    # a merged multi-site sheet: inner spaces, punctuation, a dropped space; numbers by
+    # their value; each split a stratum of the holdout split and a row of Table 2
+    for first, second in (("Site A", "Site  A"), ("Site A", "Site_A"), ("Site-A", "SiteA"),
+                          ("1", "01"), ("1", "1.0")):
+        table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", first), lines[3],
+                                                lines[4].replace("study2", second)]) + "\n")
+        with pytest.raises(InputError) as refused:
+            read_participants(tiny_dataset)
+        assert f"{first!r} (sub-01a), {second!r} (sub-03a), which differ only" in str(
+            refused.value)
+    for first, second in (("10", "1.0"), ("2", "12"), ("Site A", "Site B")):  # other values
+        table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", first), lines[3],
+                                                lines[4].replace("study2", second)]) + "\n")
+        assert read_participants(tiny_dataset)["study"].nunique() == 3
+    # SPSS, SAS and Stata write '.' for a missing value: a study of its own, without a word
+    for code in (".", "-", "?"):
+        table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", code)]) + "\n")
+        with pytest.raises(InputError, match=rf"column 'study' holds '\{code}' \(sub-03a\), "
+                                             rf"punctuation and no name: a missing-value code"):
+            read_participants(tiny_dataset)
     # spaces after every row's study are one study, as before
     table.write_text("\n".join(line + (" " if number else "")
                                for number, line in enumerate(lines)) + "\n")

@@ -18,6 +18,7 @@ brain-age-gap checks need. Two fixtures:
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import sys
@@ -1140,7 +1141,7 @@ def test_group_summary_uses_the_t_interval_and_leaves_qc_failures_out():
 
     gaps = [1.0, 3.0, 2.0, 6.0]
     table = pd.DataFrame({"group": ["a"] * 5, "age": [50.0] * 5, "gap": gaps + [99.0],
-                          "corrected_gap": gaps + [99.0],
+                          "corrected_gap": gaps + [99.0], "within_training_ages": True,
                           "status": ["predicted"] * 4 + ["qc_failed"]})
     row = summarise_gaps(table, "group").iloc[0]
     assert (row["n"], row["n_predicted"], row["n_qc_failed"], row["n_gap"]) == (5, 4, 1, 4)
@@ -1168,7 +1169,8 @@ def test_a_groups_interval_carries_the_uncertainty_of_the_bias_line():
         bias = fit_age_bias(ages[:10], predicted[:10])
         table = pd.DataFrame({"group": ["control"] * 10 + ["patient"] * 20, "age": ages,
                               "status": "predicted", "gap": predicted - ages,
-                              "corrected_gap": bias.corrected_gap(ages, predicted)})
+                              "corrected_gap": bias.corrected_gap(ages, predicted),
+                              "within_training_ages": True})
         summary = summarise_gaps(table, "group", bias=bias,
                                  reference_group="control").set_index("group")
         patients = summary.loc["patient"]
@@ -1190,7 +1192,8 @@ def test_a_groups_interval_carries_the_uncertainty_of_the_bias_line():
     # narrower than the one that ignores the line; capped at n - 1, never
     big = fit_age_bias(np.linspace(20, 80, 32), np.linspace(20, 80, 32) + rng.normal(0, 5, 32))
     small = pd.DataFrame({"group": "patient", "age": [60.0, 65.0, 70.0, 75.0],
-                          "status": "predicted", "gap": 0.0, "corrected_gap": [1.0, -2.0, 4.0, 0.5]})
+                          "status": "predicted", "gap": 0.0, "corrected_gap": [1.0, -2.0, 4.0, 0.5],
+                          "within_training_ages": True})
     wide = summarise_gaps(small, "group", bias=big).iloc[0]
     ignoring = stats.t.ppf(0.975, 3) * np.std(small["corrected_gap"], ddof=1) / 2
     half = wide["corrected_gap_ci95_high"] - wide["mean_corrected_gap"]
@@ -1213,6 +1216,7 @@ def test_group_summary_describes_raw_gaps_and_all_members_in_order_of_appearance
     table = pd.DataFrame({
         "site": ["b", "b", "b", "a", "a"], "age": [40.0, 50.0, 90.0, 30.0, 30.0],
         "gap": [2.0, 6.0, np.nan, 1.0, 5.0], "corrected_gap": [0.0, 1.0, np.nan, -1.0, 1.0],
+        "within_training_ages": [True, True, False, True, True],
         "status": ["predicted", "predicted", "qc_failed", "predicted", "predicted"]})
     summary = summarise_gaps(table, "site")
     assert summary["group"].tolist() == ["b", "a"]
@@ -1236,9 +1240,13 @@ def test_group_summary_counts_the_subjects_behind_its_gaps():
         "age": [40.0, 50.0, np.nan, np.nan, np.nan, 60.0],
         "gap": [1.0, 3.0, np.nan, np.nan, np.nan, np.nan],
         "corrected_gap": [1.0, 3.0, np.nan, np.nan, np.nan, np.nan],
+        # the 50-year-old is older than every training subject; the others have no answer
+        "within_training_ages": pd.array([True, False, pd.NA, pd.NA, pd.NA, False],
+                                         dtype="boolean"),
         "status": ["predicted"] * 5 + ["qc_failed"]})
     row = summarise_gaps(table, None).iloc[0]
     assert (row["n"], row["n_predicted"], row["n_qc_failed"], row["n_gap"]) == (6, 5, 1, 2)
+    assert row["n_outside_training_ages"] == 1  # of the 2 behind the gaps, not the QC failure
     half_width = stats.t.ppf(0.975, 1) * np.std([1.0, 3.0], ddof=1) / np.sqrt(2)
     assert row["corrected_gap_ci95_high"] - 2.0 == pytest.approx(half_width)
 
@@ -1544,6 +1552,45 @@ def test_bias_reference_group_refits_on_the_cohort(world, new_cohort, tmp_path):
     assert summary.loc["healthy", ["corrected_gap_ci95_low", "corrected_gap_ci95_high"]].isna().all()
     others = summary.drop(index="healthy")
     assert len(others) and others["corrected_gap_ci95_high"].gt(others["corrected_gap_ci95_low"]).all()
+
+
+def test_subjects_beyond_the_reference_groups_ages_are_named(world, new_cohort, tmp_path,
+                                                            caplog):
+    """Controls younger than the others: the refitted line is extrapolated to everyone
+    older than them (a review: healthy 65- to 76-year-olds got corrected gaps of +19 to +36
+    years from controls aged 21-34), without a word."""
+    root = tmp_path / "cohort"
+    shutil.copytree(new_cohort.root, root)
+    participants = pd.read_csv(root / "participants.tsv", sep="\t", dtype=str)
+    young = (participants["group"] == "healthy") & (participants["age"].astype(float) < 55)
+    participants.loc[young, "group"] = "young"
+    participants.to_csv(root / "participants.tsv", sep="\t", index=False)
+    with caplog.at_level(logging.WARNING, logger="brainage.apply"):
+        table = predict_cohort(world.bundle_dir, root, stiffness_maps(new_cohort.files["maps"]),
+                               new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                               summary_path=tmp_path / "s.tsv", cohort="new",
+                               bias_reference_group="young", device="cpu")
+    predicted = table[table["status"] == "predicted"]
+    reference = predicted[predicted["group"] == "young"]
+    low, high = reference["age"].min(), reference["age"].max()
+    beyond = predicted.loc[~predicted["age"].between(low, high), "participant_id"].tolist()
+    assert len(beyond) > 10
+    said = [record.getMessage() for record in caplog.records
+            if "outside the ages of reference group" in record.getMessage()]
+    assert said == [f"cohort new: {len(beyond)} subject(s) outside the ages of reference group "
+                    f"'young' ({low:.1f}-{high:.1f} years), on which the age-bias line was "
+                    f"refitted ({', '.join(beyond[:10])}, ...): their corrected_gap and "
+                    f"corrected_predicted_age extrapolate the line and can be far off; choose "
+                    f"a reference group that spans the cohort's ages, or use the bundle's line "
+                    f"(no predict.bias_reference_group)"]
+    caplog.clear()  # the whole cohort's healthy subjects span it: nothing to say
+    with caplog.at_level(logging.WARNING, logger="brainage.apply"):
+        predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                       new_cohort.files["qc"], predictions_path=tmp_path / "p2.tsv",
+                       summary_path=tmp_path / "s2.tsv", cohort="new",
+                       bias_reference_group="healthy", device="cpu")
+    assert not [record for record in caplog.records
+                if "outside the ages of reference group" in record.getMessage()]
 
 
 def test_an_unknown_bias_reference_group_is_refused_before_any_work(world, new_cohort, tmp_path,

@@ -67,7 +67,8 @@ PREDICTION_COLUMNS = ("status", "qc_pass", "qc_reason", "predicted_age", "gap",
                       "qc_dice", "qc_correlation", "qc_coverage", "registered_by",
                       "skull_stripped_by", "seen_in_training")
 SUMMARY_COLUMNS = ("grouped_by", "group", "n", "n_predicted", "n_qc_failed",
-                   "n_seen_in_training", "n_gap", "age_mean", "mean_gap", "sd_gap",
+                   "n_seen_in_training", "n_gap", "n_outside_training_ages", "age_mean",
+                   "mean_gap", "sd_gap",
                    "mean_corrected_gap", "sd_corrected_gap", "corrected_gap_ci95_low",
                    "corrected_gap_ci95_high")
 
@@ -468,6 +469,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                     "their predictions extrapolate; column within_training_ages is false",
                     cohort, len(outside), training.get("age_min"), training.get("age_max"),
                     ", ".join(outside[:10]) + (", ..." if len(outside) > 10 else ""))
+    if bias_reference_group is not None:
+        _warn_about_ages_beyond_the_reference_group(cohort, table, ages, reference,
+                                                    new_predicted, bias_reference_group)
     table = table[list(participants.columns) + list(PREDICTION_COLUMNS)]
 
     if not bias.has_reference_statistics:
@@ -529,6 +533,28 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
              else "every predicted subject was seen in training" if not new_predicted.any()
              else "no gaps (no predicted subject has an age)")
     return table
+
+
+def _warn_about_ages_beyond_the_reference_group(cohort: str, table: pd.DataFrame,
+                                                ages: np.ndarray, reference: np.ndarray,
+                                                predicted: np.ndarray, group: str) -> None:
+    """Name the predicted subjects older or younger than every member of the reference
+    group the age-bias line was refitted on: the line is extrapolated to them, and its
+    slope error grows with the distance (controls aged 21-34 gave healthy 65- to 76-year-
+    olds corrected gaps of +19 to +36 years, where the bundle's line gave about 0). Their
+    group intervals widen with it (summarise_gaps); the per-subject corrected columns
+    carry no interval."""
+    low, high = ages[reference].min(), ages[reference].max()
+    beyond = predicted & np.isfinite(ages) & ((ages < low) | (ages > high))
+    if beyond.any():
+        named = table.loc[beyond, "participant_id"].tolist()
+        log.warning("cohort %s: %d subject(s) outside the ages of reference group %r "
+                    "(%.1f-%.1f years), on which the age-bias line was refitted (%s): their "
+                    "corrected_gap and corrected_predicted_age extrapolate the line and can "
+                    "be far off; choose a reference group that spans the cohort's ages, or "
+                    "use the bundle's line (no predict.bias_reference_group)",
+                    cohort, len(named), group, low, high,
+                    ", ".join(named[:10]) + (", ..." if len(named) > 10 else ""))
 
 
 def _unlike_training(labels: Sequence[str], values: Sequence[str],
@@ -597,7 +623,10 @@ def summarise_gaps(table: pd.DataFrame, group_column: str | None, *,
     (``n_qc_failed`` did not) and the model has not seen (``n_seen_in_training``: predicted,
     optimistic, left out of the gaps); the gap columns and the interval describe the ``n_gap`` of
     them who have an age (a cohort to predict may lack some: those have a predicted age
-    and no gap), so ``n_gap`` is the n behind each mean and interval.
+    and no gap), so ``n_gap`` is the n behind each mean and interval, and
+    ``n_outside_training_ages`` of them are older or younger than every training subject
+    (``within_training_ages`` false): their predictions extrapolate, which no interval
+    carries, so a summary copied into a paper says so beside the mean.
 
     The interval adds to the group's own spread (sd² / n) the variance of ``bias``'s line
     at the group's mean age (:meth:`AgeBias.line_variance`), which every member shares and
@@ -638,6 +667,8 @@ def summarise_gaps(table: pd.DataFrame, group_column: str | None, *,
             "n_qc_failed": int((members["status"] == "qc_failed").sum()),
             "n_seen_in_training": int((members["status"] == "seen_in_training").sum()),
             "n_gap": n,
+            # the aged have an answer (a subject without an age has none)
+            "n_outside_training_ages": int((~aged["within_training_ages"].astype(bool)).sum()),
             "age_mean": float(members["age"].mean()),
             "mean_gap": float(predicted["gap"].mean()) if n else math.nan,
             "sd_gap": float(predicted["gap"].std(ddof=1)) if n > 1 else math.nan,

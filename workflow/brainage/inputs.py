@@ -30,6 +30,7 @@ import time
 import unicodedata
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
@@ -135,8 +136,13 @@ def read_participants(root: str | Path, modalities: Sequence[str] = DEFAULT_MODA
         stamp = (status.st_mtime_ns, status.st_size)
     except FileNotFoundError:
         stamp = None
+    try:  # and its sidecar's, which may give the unit of the ages
+        status = table_path.with_suffix(".json").stat()
+        sidecar_stamp = (status.st_mtime_ns, status.st_size)
+    except OSError:
+        sidecar_stamp = None
     return _read_participants_cached(str(root.resolve()), stamp, tuple(modalities),
-                                     needed_by, to_predict).copy()
+                                     needed_by, to_predict, sidecar_stamp).copy()
 
 
 def _missing_root_message(root: Path, root_setting: str) -> str:
@@ -161,7 +167,8 @@ def _missing_root_message(root: Path, root_setting: str) -> str:
 def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                               modalities: tuple[str, ...],
                               needed_by: str | None = None,
-                              to_predict: bool = False) -> pd.DataFrame:
+                              to_predict: bool = False,
+                              sidecar_stamp: tuple[int, int] | None = None) -> pd.DataFrame:
     root = Path(root_str)
     required = PREDICT_REQUIRED_COLUMNS if to_predict else REQUIRED_COLUMNS
     if not root.is_dir():  # removed since read_participants looked
@@ -204,6 +211,14 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"{table_path} has a column {misspelt['age']!r} but none named 'age', so its ages "
             f"would not be read (predicted ages, no brain-age gaps). Rename it to 'age' "
             f"(lower case, no spaces), or remove it to predict without ages.")
+    _refuse_ages_not_in_years(table_path.with_suffix(".json"))
+    age_like = [] if "age" in table.columns or "age" in misspelt else _age_like_columns(table)
+    if to_predict and age_like:
+        raise InputError(
+            f"{table_path} has no column 'age' but {', '.join(map(repr, age_like))}, which "
+            f"holds numbers like ages: only 'age' is read, so the cohort would get predicted "
+            f"ages and no brain-age gaps. Rename it to 'age' if it is the age at the scan in "
+            f"years, or rename it to a name without 'age' if it is not.")
     missing = [column for column in required if column not in table.columns]
     if missing:
         spaced = [misspelt[column] for column in missing if column in misspelt]
@@ -222,7 +237,9 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                       f" The header's {column!r} is {column.strip().casefold()!r} in another "
                       f"case: rename it (the columns are lower case)." for column in spaced)
             + (f" Its columns are separated by {separator}: save it tab-separated (a "
-               f"spreadsheet's 'Text (tab-separated)' export)." if separator else ""))
+               f"spreadsheet's 'Text (tab-separated)' export)." if separator else "")
+            + (f" Its {age_like[0]!r} looks like the age: rename it to 'age' (years at the "
+               f"scan)." if age_like and "age" in missing else ""))
     clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS
                 or (to_predict and column in PREDICTION_ONLY_COLUMNS)]
     if clashing:
@@ -512,6 +529,44 @@ def _without_empty_rows(table: pd.DataFrame, lines: Sequence[int],
             [line for line, skip in zip(lines, empty) if not skip])
 
 
+#: Units of participants.json's "age" that are years (BIDS recommends "year"; "a" is SI's).
+YEAR_UNITS = frozenset({"year", "years", "yr", "yrs", "y", "a"})
+
+
+def _refuse_ages_not_in_years(sidecar: Path) -> None:
+    """Refuse ages that participants.json (BIDS: a column's ``Units``) says are not in
+    years: a paediatric cohort's ages in months (27 to 117) pass every check on the values
+    and would be read as 27 to 117 years. A sidecar that cannot be read says nothing: the
+    pipeline needs none."""
+    try:
+        described = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+        age = next(value for key, value in described.items() if key.casefold() == "age")
+        units = next(value for key, value in age.items() if key.casefold() == "units")
+    except (OSError, ValueError, AttributeError, StopIteration):
+        return
+    if str(units).strip().casefold() not in YEAR_UNITS:
+        raise InputError(
+            f"{sidecar} gives the unit of column 'age' as {units!r}; the pipeline reads ages "
+            f"in years. Convert the ages of participants.tsv to years (months / 12, weeks / "
+            f"52.18, days / 365.25) and set the unit to \"year\".")
+
+
+def _age_like_columns(table: pd.DataFrame) -> list[str]:
+    """Columns that hold ages under another name ('age_years', 'Age (years)', 'AgeAtScan',
+    'scan_age': clinical exports' spellings): a name with 'age' at the start of a word and
+    values that are numbers from 0 to 120 (an 'age_group' of '60-70' is not)."""
+    found = []
+    for column in map(str, table.columns):
+        if not re.search(r"(^|[\W_])age", column.strip().casefold()):
+            continue
+        text = table[column].dropna().astype(str).str.strip()
+        text = text[~text.str.casefold().isin(MISSING_VALUE_CODES)]
+        values = pd.to_numeric(text, errors="coerce")
+        if len(values) and values.notna().all() and values.between(0, 120).all():
+            found.append(column)
+    return found
+
+
 def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
                                lines: Sequence[int], *, to_predict: bool = False) -> None:
     """Refuse bad ids and ages, naming every bad row at once (a lab fixes them in one go,
@@ -529,6 +584,12 @@ def _validate_participant_rows(table: pd.DataFrame, table_path: Path,
             by_line[row_number] = problems
     _refuse_all([" ".join(problems) for problems in by_line.values()],
                 f"rows of {table_path} need fixing")
+    if not to_predict and len(ages) > 1 and ages.nunique() == 1:
+        raise InputError(
+            f"{table_path}: every subject is {ages.iloc[0]:g} years old, so there is no age "
+            f"to learn: every model and baseline would predict it exactly (a mean absolute "
+            f"error of 0) and the age-bias line is undefined. Check column 'age' (a "
+            f"spreadsheet's fill-down, a merge that repeated one value).")
     duplicated = table["participant_id"][table["participant_id"].duplicated()].unique()
     if len(duplicated):
         sessions = [str(column) for column in table.columns
@@ -587,14 +648,17 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                                        column: str = "study",
                                        consequence: str = "in the splits, the tables and "
                                                           "the study means") -> None:
-    """One study (or group) written in two spellings that differ only in spaces around the
-    name, in case or in Unicode form ('study2', 'study2 ', 'Study2': a spreadsheet's
-    trailing space, a capital; 'Zürich' composed and decomposed, as macOS writes folder
-    names) would be two: two strata of the split, two rows of the tables, two study means,
-    and under leave-one-study-out two splits, each training on the other half of the
-    study. Refused, naming each spelling's first subject; so is a value holding a control
-    character or one of :data:`INVISIBLE_CHARACTERS` (a zero-width space pasted from a web
-    page), which no table or terminal shows."""
+    """One study (or group) written in two spellings that differ only in case, spaces,
+    punctuation, a number's leading zeros or Unicode form ('study2', 'study2 ', 'Study2':
+    a spreadsheet's trailing space, a capital; 'Site A', 'Site  A', 'Site_A', 'SiteA' of
+    a merged multi-site sheet; '1', '01', '1.0'; 'Zürich' composed and decomposed, as
+    macOS writes folder names) would be two: two strata of the split, two rows of the
+    tables, two study means, and under leave-one-study-out two splits, each training on
+    the other half of the study. Refused, naming each spelling's first subject; so is a
+    value holding a control character or one of :data:`INVISIBLE_CHARACTERS` (a
+    zero-width space pasted from a web page), which no table or terminal shows, and a value
+    of punctuation alone ('.', '-', '?': SPSS, SAS and Stata write '.' for a missing value),
+    which would be a study of its own."""
     values = table[column].dropna().astype(str)
     for index, value in values.items():
         hidden = [character for character in value if unicodedata.category(character) == "Cc"
@@ -605,11 +669,17 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                 f"holds {', '.join(f'U+{ord(c):04X}' for c in dict.fromkeys(hidden))} "
                 f"(invisible or control characters) in {_shown_with_code_points(value)}: "
                 f"delete them, or retype the value.")
-    # the key is not printed: 'Site A' and 'Site a' are neither 'site a'. Format characters
-    # (joiners, direction marks) are left out of it: a name written with and without one
-    # prints alike and would be two values
-    keys = values.map(lambda value: _without_format_characters(
-        unicodedata.normalize("NFKC", value)).strip().casefold())
+    keys = values.map(_spelling_key)
+    nameless = values[(keys == "") & (values.str.strip() != "")]
+    if len(nameless):
+        shown = [f"{value!r} ({table.at[index, 'participant_id']})"
+                 for index, value in nameless.items()]
+        raise InputError(
+            f"{table_path}: column {column!r} holds {', '.join(shown[:10])}, punctuation "
+            f"and no name: a missing-value code (SPSS, SAS and Stata write '.')? It would "
+            f"be a value of its own ({consequence}). Write the value"
+            + (", or leave the cell empty (n/a) where it is not known." if column != "study"
+               else "."))
     for _, spellings in values.groupby(keys):
         if spellings.nunique() > 1:
             first = {spelling: table.at[index, "participant_id"]
@@ -623,9 +693,21 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                         f" ({first[spelling]})" for spelling in dict.fromkeys(spellings)]
             raise InputError(
                 f"{table_path}: column {column!r} writes one value as "
-                f"{', '.join(examples)}, which differ only in case, in spaces around the "
-                f"name or in Unicode form, so the pipeline would take them for different "
-                f"values ({consequence}). Write them in one spelling.")
+                f"{', '.join(examples)}, which differ only in case, spaces, punctuation, "
+                f"leading zeros or Unicode form, so the pipeline would take them for "
+                f"different values ({consequence}). Write them in one spelling.")
+
+
+def _spelling_key(value: str) -> str:
+    """What two spellings of one study or group share (not printed: 'Site A' and 'Site_a'
+    are neither 'sitea'): case, spaces and punctuation ignored; a number by its value ('01'
+    and '1.0' are 1); format characters (joiners, direction marks) left out, as a name
+    written with and without one prints alike. Empty for punctuation alone."""
+    text = _without_format_characters(unicodedata.normalize("NFKC", value)).strip().casefold()
+    if re.fullmatch(r"[+-]?\d+(\.\d*)?", text):
+        return format(Decimal(text).normalize(), "f")
+    return "".join(character for character in text  # spaces (Z*) and punctuation (P*)
+                   if unicodedata.category(character)[0] not in "ZP" and not character.isspace())
 
 
 def _without_format_characters(text: str) -> str:
