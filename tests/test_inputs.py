@@ -464,17 +464,32 @@ def test_an_age_column_under_another_name_is_named_not_ignored(tiny_dataset, nam
     assert read_participants(tiny_dataset, to_predict=True)["age"].isna().all()
 
 
+@pytest.mark.parametrize("name", ["age_group", "age_decade", "age_at_onset", "gestational_age",
+                                  "agent"])
+def test_numbers_that_are_not_the_age_at_the_scan_are_not_taken_for_it(tiny_dataset, name):
+    """Numeric codes of an age group, an age at onset, a gestational age: a cohort to predict
+    without ages is predicted without them."""
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().replace("\tage\t", f"\t{name}\t", 1))
+    assert read_participants(tiny_dataset, to_predict=True)["age"].isna().all()
+
+
 @pytest.mark.parametrize("to_predict", [False, True])
 def test_ages_that_participants_json_gives_in_months_are_refused(tiny_dataset, to_predict):
     """A paediatric cohort's ages in months (27 to 117) pass every check on the values and
     were read as years; BIDS says the unit in participants.json, which nothing read."""
-    sidecar = tiny_dataset / "participants.json"
+    assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4  # no sidecar yet
+    sidecar = tiny_dataset / "participants.json"  # added beside the same table: read again
     sidecar.write_text(json.dumps({"age": {"Description": "age at scan", "Units": "months"}}))
     with pytest.raises(InputError, match=r"participants\.json gives the unit of column 'age' as "
                                          r"'months'; the pipeline reads ages in years\. "
                                          r"Convert .*months / 12"):
         read_participants(tiny_dataset, to_predict=to_predict)
-    for years in ("year", "Years", " y "):  # BIDS's own spelling, and others of years
+    sidecar.write_text(json.dumps({"age": {"Units": "weeks"}}))
+    with pytest.raises(InputError, match=r"as 'weeks'; the pipeline reads ages in years"):
+        read_participants(tiny_dataset, to_predict=to_predict)
+    # BIDS's own spelling, others of years, and units that say nothing of months or weeks
+    for years in ("year", "Years", " y ", "years (decimal)", "yrs.", ""):
         sidecar.write_text(json.dumps({"Age": {"units": years}}))
         assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4
     sidecar.write_text("{not json")  # the pipeline needs no sidecar: a broken one is no unit
@@ -489,6 +504,40 @@ def test_a_training_cohort_of_one_age_is_refused(tiny_dataset):
                                          r"so there is no age to learn"):
         read_participants(tiny_dataset)
     assert read_participants(tiny_dataset, to_predict=True)["age"].eq(73).all()  # predicted
+
+
+def test_a_space_separated_table_is_named_as_such(tiny_dataset):
+    table = tiny_dataset / "participants.tsv"
+    lines = table.read_text().splitlines()
+    table.write_text("\n".join(" ".join(f'"{value}"' for value in line.split("\t"))
+                               for line in lines) + "\n")  # R's write.table defaults
+    with pytest.raises(InputError, match=r"Its columns are separated by spaces: save it "
+                                         r"tab-separated"):
+        read_participants(tiny_dataset)
+
+
+def test_a_row_typed_with_spaces_is_told_to_use_tabs(tiny_dataset):
+    table = tiny_dataset / "participants.tsv"
+    lines = table.read_text().splitlines()
+    lines[2] = lines[2].replace("\t", " ")
+    table.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match=r"line 3: participant_id 'sub-01a 30\.0 F study2' "
+                                         r"holds spaces: a row typed with spaces between its "
+                                         r"values, not tabs\? Separate the row's values by tabs"):
+        read_participants(tiny_dataset)
+
+
+def test_r_row_names_are_named_as_such(tiny_dataset):
+    """R's write.table(..., sep = "\\t", quote = FALSE) writes row names without a header
+    field: the message blamed the last value of the row, not the number before it."""
+    table = tiny_dataset / "participants.tsv"
+    header, *rows = table.read_text().splitlines()
+    table.write_text("\n".join([header] + [f"{number}\t{row}" for number, row in
+                                           enumerate(rows, start=1)]) + "\n")
+    with pytest.raises(InputError, match=r"line 2: 5 fields for the header's 4 columns, the "
+                                         r"first being the row's number '1': a column of row "
+                                         r"names .* row\.names = FALSE"):
+        read_participants(tiny_dataset)
 
 
 def test_a_cohort_to_predict_keeps_its_columns_as_written(tiny_dataset):
@@ -709,6 +758,14 @@ def test_a_table_not_in_utf8_names_its_line_and_how_to_save_it(tiny_dataset):
         read_participants(tiny_dataset)
     table.write_bytes(table.read_bytes().decode("utf-16").encode("utf-8"))  # what iconv does
     assert "Zürich" in set(read_participants(tiny_dataset)["study"])
+    # Excel for Mac's "Tab delimited Text": Mac Roman, lines ending in CR alone; the line was
+    # counted by LF (line 1), and cp1252 turned every Zürich into ZŸrich without an error
+    table.write_bytes(table.read_text().replace("\n", "\r").encode("mac_roman"))
+    with pytest.raises(InputError, match=r"line 3 \(byte 0x9f\) is not UTF-8 text\..* from Mac "
+                                         r"Roman .*: iconv -f macintosh -t utf-8 "):
+        read_participants(tiny_dataset)
+    table.write_bytes(table.read_bytes().decode("mac_roman").encode("utf-8"))
+    assert "Zürich" in set(read_participants(tiny_dataset)["study"])
 
 
 def test_a_missing_value_code_is_not_called_empty(tiny_dataset):
@@ -764,10 +821,11 @@ def test_a_reference_group_of_subjects_the_model_has_seen_is_refused_at_planning
     assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
                               bias_reference_group="healthy", seen={"sub-01"}) == "group"
     with pytest.raises(InputError, match=r"group 'healthy' .*: it has only 2 subjects new to "
-                                         r"the model \(2 have the participant_id of a subject "
-                                         r"the model has seen and are left out: sub-01, sub-03; "
-                                         r"add the cohort to predict\.unrelated_cohorts if they "
-                                         r"are other people\); the line needs at least 3"):
+                                         r"the model \(2 are subjects the model has seen, by "
+                                         r"participant_id or by a byte-identical map, and are "
+                                         r"left out: sub-01, sub-03; add the cohort to "
+                                         r"predict\.unrelated_cohorts if ids only coincide with "
+                                         r"other people's\); the line needs at least 3"):
         check_cohort_table(table, "clinic/participants.tsv", cohort="clinic",
                            bias_reference_group="healthy", seen={"sub-01", "sub-03"})
 
@@ -791,6 +849,8 @@ def test_a_group_written_in_two_spellings_or_as_punctuation_is_refused():
                                          r"and no name.*or leave the cell empty \(n/a\)"):
         check_cohort_table(table, "clinic/participants.tsv", cohort="clinic")
     table["group"] = ["healthy control"] * 4 + [None]  # unknown: the n/a group
+    assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic") == "group"
+    table["group"] = ["+", "-", "+", "-", "+"]  # a status written as signs: two groups
     assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic") == "group"
 
 
@@ -848,14 +908,16 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     # a merged multi-site sheet: inner spaces, punctuation, a dropped space; numbers by
     # their value; each split a stratum of the holdout split and a row of Table 2
     for first, second in (("Site A", "Site  A"), ("Site A", "Site_A"), ("Site-A", "SiteA"),
-                          ("1", "01"), ("1", "1.0")):
+                          ("1", "01"), ("1", "1.0"), ("Site 01", "Site1"), ("ST01", "ST1")):
         table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", first), lines[3],
                                                 lines[4].replace("study2", second)]) + "\n")
         with pytest.raises(InputError) as refused:
             read_participants(tiny_dataset)
         assert f"{first!r} (sub-01a), {second!r} (sub-03a), which differ only" in str(
             refused.value)
-    for first, second in (("10", "1.0"), ("2", "12"), ("Site A", "Site B")):  # other values
+    for first, second in (("10", "1.0"), ("2", "12"), ("Site A", "Site B"),  # other values
+                          ("Study 1.1", "Study 11"), ("Wave 1-2", "Wave 12"), ("1.10", "1.1"),
+                          (".5", "5"), ("CN", "CN-"), ("A+", "A-")):
         table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", first), lines[3],
                                                 lines[4].replace("study2", second)]) + "\n")
         assert read_participants(tiny_dataset)["study"].nunique() == 3

@@ -1522,8 +1522,8 @@ def test_subjects_the_model_has_seen_are_marked_and_left_out_of_the_summary(worl
     every_healthy = {pid: "train (split holdout)" for pid in table["participant_id"]
                      if pid.startswith("sub-newh")}
     with pytest.raises(InputError, match=r"group 'healthy' .*only 0 of its 24 subjects are new "
-                                         r"to the model and passed QC \(24 have the "
-                                         r"participant_id"):
+                                         r"to the model and passed QC \(24 are subjects the "
+                                         r"model has seen"):
         predict_cohort(world.bundle_dir, new_cohort.root,
                        stiffness_maps(new_cohort.files["maps"]), new_cohort.files["qc"],
                        predictions_path=tmp_path / "p2.tsv", summary_path=tmp_path / "s2.tsv",

@@ -399,9 +399,10 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     seen_as = [seen_in_training.get(pid, "") for pid in participants["participant_id"]]
     seen = np.array([bool(what) for what in seen_as], dtype=bool)
     if seen.any():
-        log.warning("cohort %s: %d subject(s) with the participant_id of a subject the model "
-                    "has seen, predicted but left out of the summary, the figure and any "
-                    "age-bias refit (column seen_in_training): %s", cohort, int(seen.sum()),
+        log.warning("cohort %s: %d subject(s) the model has seen (by participant_id, or by "
+                    "a byte-identical map), predicted but left out of the summary, the figure "
+                    "and any age-bias refit (column seen_in_training): %s", cohort,
+                    int(seen.sum()),
                     ", ".join(f"{pid} ({what})" for pid, what
                               in zip(participants["participant_id"], seen_as) if what))
     # predicted and new to the model / predicted but seen (left out of the summary)

@@ -30,8 +30,8 @@ import time
 import unicodedata
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from decimal import Decimal
 from functools import lru_cache
+from itertools import groupby
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
 
@@ -229,6 +229,8 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
         # the most frequent: a semicolon table's header may hold a comma inside a name
         mark = max(marks, key=header.count)
         separator = marks[mark] if header.count(mark) else None
+        if separator is None and set(required) <= set(header.replace('"', " ").split()):
+            separator = "spaces"  # R's write.table default, or columns aligned by hand
         raise InputError(
             f"{table_path} lacks column(s) {', '.join(missing)}; it has "
             f"{', '.join(map(str, table.columns))}. Required: {', '.join(required)}."
@@ -365,16 +367,21 @@ def _not_utf8_message(table_path: Path) -> str:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as error:  # the decoder's position counts from the file start
-        line = raw.count(b"\n", 0, error.start) + 1
+        # lines end in LF, CRLF, or CR alone (Excel for Mac's "Tab delimited Text")
+        before = raw[:error.start].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        line = before.count(b"\n") + 1
         where = f" line {line} (byte 0x{raw[error.start]:02x})"
     else:
         where = ""
     # Excel's "Unicode Text" export is UTF-16 (a byte-order mark, a NUL in every ASCII
-    # character), which the Windows-1252 remedy below would turn into garbage
-    source = "utf-16" if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:200] \
-        else "cp1252"
-    example = "UTF-16 (a spreadsheet's \"Unicode Text\")" if source == "utf-16" \
-        else "Windows-1252"
+    # character), which the Windows-1252 remedy below would turn into garbage; Excel for
+    # Mac writes Mac Roman with CR line ends, whose ü (0x9f) Windows-1252 reads as Ÿ
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff") or b"\x00" in raw[:200]:
+        source, example = "utf-16", "UTF-16 (a spreadsheet's \"Unicode Text\")"
+    elif b"\r" in raw and b"\n" not in raw:
+        source, example = "macintosh", "Mac Roman (Excel for Mac's \"Tab delimited Text\")"
+    else:
+        source, example = "cp1252", "Windows-1252"
     return (f"{table_path}{where} is not UTF-8 text. Save the table as UTF-8, tab-separated "
             f"(a spreadsheet's export dialog names the encoding), or convert it, e.g. from "
             f"{example}: iconv -f {source} -t utf-8 {table_path.name} > converted.tsv.")
@@ -428,6 +435,14 @@ def check_table_shape(table_path: Path) -> list[int]:
         for line, row in rows:
             lines.append(line)
             extra = [field for field in row[len(header):] if field.strip()]
+            if extra and len(row) == len(header) + 1 and row[0].strip() == str(len(lines)):
+                # R's write.table writes row names, without a header field, by default
+                raise InputError(
+                    f"{table_path} line {line}: {len(row)} fields for the header's "
+                    f"{len(header)} columns, the first being the row's number "
+                    f"{row[0].strip()!r}: a column of row names without a name in the header "
+                    f"(R's write.table writes them by default). Write the table with "
+                    f"row.names = FALSE, or delete that first column.")
             if extra:
                 raise InputError(
                     f"{table_path} line {line}: {len(row)} fields for the header's "
@@ -529,8 +544,10 @@ def _without_empty_rows(table: pd.DataFrame, lines: Sequence[int],
             [line for line, skip in zip(lines, empty) if not skip])
 
 
-#: Units of participants.json's "age" that are years (BIDS recommends "year"; "a" is SI's).
-YEAR_UNITS = frozenset({"year", "years", "yr", "yrs", "y", "a"})
+#: Units of participants.json's "age" that are not years: months, weeks, days, hours
+#: (whole words or their usual short forms); any other unit is taken as years.
+NOT_YEARS = re.compile(r"(months?|mos?|mths?|m|weeks?|wks?|w|days?|d|hours?|hrs?|h)\.?"
+                       r"(\s*\(.*\))?|.*\b(months?|weeks?|days?|hours?)\b.*")
 
 
 def _refuse_ages_not_in_years(sidecar: Path) -> None:
@@ -544,20 +561,26 @@ def _refuse_ages_not_in_years(sidecar: Path) -> None:
         units = next(value for key, value in age.items() if key.casefold() == "units")
     except (OSError, ValueError, AttributeError, StopIteration):
         return
-    if str(units).strip().casefold() not in YEAR_UNITS:
+    if NOT_YEARS.fullmatch(str(units).strip().casefold()):
         raise InputError(
             f"{sidecar} gives the unit of column 'age' as {units!r}; the pipeline reads ages "
             f"in years. Convert the ages of participants.tsv to years (months / 12, weeks / "
             f"52.18, days / 365.25) and set the unit to \"year\".")
 
 
+#: Names of the age at the scan (letters and digits alone, lower case) other than 'age'.
+AGE_NAMES = re.compile(r"age(inyears|years?|yrs?|y|at(the)?(scan|mri|mre|exam|visit|session|"
+                       r"imaging|baseline))|(scan|mri|mre|exam|visit|imaging)age")
+
+
 def _age_like_columns(table: pd.DataFrame) -> list[str]:
-    """Columns that hold ages under another name ('age_years', 'Age (years)', 'AgeAtScan',
-    'scan_age': clinical exports' spellings): a name with 'age' at the start of a word and
-    values that are numbers from 0 to 120 (an 'age_group' of '60-70' is not)."""
+    """Columns that hold ages under another name (:data:`AGE_NAMES`: 'age_years',
+    'Age (years)', 'AgeAtScan', 'scan_age': clinical exports' spellings of the age at the
+    scan, not 'age_group', 'age_at_onset' or 'gestational_age') whose values are numbers
+    from 0 to 120."""
     found = []
     for column in map(str, table.columns):
-        if not re.search(r"(^|[\W_])age", column.strip().casefold()):
+        if not AGE_NAMES.fullmatch(re.sub(r"[\W_]+", "", column.casefold())):
             continue
         text = table[column].dropna().astype(str).str.strip()
         text = text[~text.str.casefold().isin(MISSING_VALUE_CODES)]
@@ -670,7 +693,9 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                 f"(invisible or control characters) in {_shown_with_code_points(value)}: "
                 f"delete them, or retype the value.")
     keys = values.map(_spelling_key)
-    nameless = values[(keys == "") & (values.str.strip() != "")]
+    signs = {"+", "-"} <= set(values.str.strip())  # e.g. amyloid status: '+' and '-'
+    nameless = values[(keys == "") & (values.str.strip() != "")
+                      & ~(signs & (values.str.strip() == "-"))]
     if len(nameless):
         shown = [f"{value!r} ({table.at[index, 'participant_id']})"
                  for index, value in nameless.items()]
@@ -700,14 +725,33 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
 
 def _spelling_key(value: str) -> str:
     """What two spellings of one study or group share (not printed: 'Site A' and 'Site_a'
-    are neither 'sitea'): case, spaces and punctuation ignored; a number by its value ('01'
-    and '1.0' are 1); format characters (joiners, direction marks) left out, as a name
-    written with and without one prints alike. Empty for punctuation alone."""
+    are neither 'sitea'): case ignored; spaces and punctuation between words dropped
+    ('Site A', 'Site_A', 'SiteA'); numbers without their leading zeros ('Site 01', 'Site1';
+    a whole '1.0' is 1), while a separator between two numbers ('1.1', 'Wave 1-2') and a
+    sign at either end ('CN-', '-1') stay; format characters (joiners, direction marks)
+    left out, as a name written with and without one prints alike. Empty for a value
+    without a letter, digit or symbol."""
     text = _without_format_characters(unicodedata.normalize("NFKC", value)).strip().casefold()
-    if re.fullmatch(r"[+-]?\d+(\.\d*)?", text):
-        return format(Decimal(text).normalize(), "f")
-    return "".join(character for character in text  # spaces (Z*) and punctuation (P*)
-                   if unicodedata.category(character)[0] not in "ZP" and not character.isspace())
+    text = re.sub(r"^(\d+)\.0+$", r"\1", text)  # a spreadsheet's whole number
+    runs = [(separating, "".join(characters))
+            for separating, characters in groupby(text, key=_separates)]
+    key = []
+    for index, (separating, run) in enumerate(runs):
+        if not separating:
+            key.append(re.sub(r"\d+", lambda number: str(int(number.group())), run))
+        elif 0 < index < len(runs) - 1:  # between two words: dropped, but between numbers
+            if runs[index - 1][1][-1].isdigit() and runs[index + 1][1][0].isdigit():
+                key.append(run)
+        elif "-" in run or "+" in run:  # a sign before or after the name
+            key.append("-" if "-" in run else "+")
+        elif index == 0 and run.endswith(".") and len(runs) > 1 and runs[1][1][0].isdigit():
+            key.append(".")  # '.5' is not 5
+    return "".join(key) if any(not separating for separating, _ in runs) else ""
+
+
+def _separates(character: str) -> bool:
+    """Whether ``character`` is a space or punctuation (Unicode categories Z*, P*)."""
+    return character.isspace() or unicodedata.category(character)[0] in "ZP"
 
 
 def _without_format_characters(text: str) -> str:
@@ -724,6 +768,10 @@ def _shown_with_code_points(text: str, marks: tuple[str, ...] = ("Cc", "Cf")) ->
 
 def _bad_participant_id(participant_id, where: str) -> str | None:
     """What is wrong with ``participant_id`` (``where``: the table and line), or None."""
+    if isinstance(participant_id, str) and len(participant_id.split()) > 1:
+        return (f"{where}: participant_id {participant_id!r} holds spaces: a row typed with "
+                f"spaces between its values, not tabs? Separate the row's values by tabs "
+                f"(ids look like 'sub-<label>', letters and digits).")
     if isinstance(participant_id, str) and participant_id != participant_id.strip():
         return (f"{where}: participant_id {participant_id!r} has spaces around it; remove "
                 f"them (ids look like 'sub-<label>', letters and digits).")
@@ -1638,10 +1686,11 @@ def check_bias_reference_group(participants: pd.DataFrame, group_column: str, gr
         f"cohort {cohort}: the age-bias correction cannot be refitted on group {group!r} "
         f"(config key predict.bias_reference_group, or --bias-reference-group): {problem}"
         f"{' (failed: ' + ', '.join(failed) + ')' if failed else ''}"
-        + (f" ({len(left_out)} {'has' if len(left_out) == 1 else 'have'} the participant_id "
-           f"of a subject the model has seen and {'is' if len(left_out) == 1 else 'are'} left "
-           f"out: {', '.join(left_out[:10])}{' ...' if len(left_out) > 10 else ''}; "
-           f"add the cohort to predict.unrelated_cohorts if they are other people)"
+        + (f" ({len(left_out)} {'is a subject' if len(left_out) == 1 else 'are subjects'} "
+           f"the model has seen, by participant_id or by a byte-identical map, and "
+           f"{'is' if len(left_out) == 1 else 'are'} left out: {', '.join(left_out[:10])}"
+           f"{' ...' if len(left_out) > 10 else ''}; add the cohort to "
+           f"predict.unrelated_cohorts if ids only coincide with other people's)"
            if left_out else "")
         + f"; the line needs at "
         f"least {MIN_BIAS_SUBJECTS} subjects of different ages with a prediction. Add "
