@@ -27,6 +27,7 @@ from brainage.inputs import (
     check_cohort_table,
     check_dataset_images,
     check_label,
+    checked_map_digests,
     cohort_groups,
     load_nifti_checked,
     read_participants,
@@ -525,6 +526,30 @@ def test_a_row_typed_with_spaces_is_told_to_use_tabs(tiny_dataset):
                                          r"holds spaces: a row typed with spaces between its "
                                          r"values, not tabs\? Separate the row's values by tabs"):
         read_participants(tiny_dataset)
+
+
+def test_map_digests_come_from_the_image_checks_and_only_while_the_file_is_unchanged(
+        tmp_path):
+    """A predict cohort's copy of a training subject's scan is found by the digests the
+    image checks recorded: the same bytes under another id match, a map edited since its
+    check has none (its digest would be stale)."""
+    training = write_tiny_dataset(tmp_path / "training", default_rows())
+    clinic = write_tiny_dataset(tmp_path / "clinic", [
+        {**row, "participant_id": f"sub-c{index}"} for index, row in enumerate(default_rows(2))])
+    copied = clinic / "sub-c1" / "mre" / "sub-c1_stiffness.nii.gz"
+    shutil.copyfile(training / "sub-02a" / "mre" / "sub-02a_stiffness.nii.gz", copied)
+    cache = tmp_path / "checked.json"
+    check_dataset_images(training, ["00a", "01a", "02a", "03a"], cache_file=cache)
+    assert checked_map_digests(clinic, ["c0", "c1"], ["stiffness"], cache) == {}  # unchecked
+    check_dataset_images(clinic, ["c0", "c1"], cache_file=cache)
+    known = checked_map_digests(training, ["00a", "01a", "02a", "03a"], ["stiffness"], cache)
+    found = checked_map_digests(clinic, ["c0", "c1"], ["stiffness", "T1w"], cache)
+    assert len(known) == 4 and len(found) == 2
+    assert {known[digest] for digest in found if digest in known} == {"sub-02a"}
+    assert found[next(digest for digest in found if digest in known)] == "sub-c1"
+    os.utime(copied, ns=(0, 0))  # edited since its check: no digest until checked again
+    assert list(checked_map_digests(clinic, ["c0", "c1"], ["stiffness"], cache).values()) == [
+        "sub-c0"]
 
 
 def test_r_row_names_are_named_as_such(tiny_dataset):

@@ -1537,6 +1537,13 @@ def _identical_maps(inputs_of: Mapping[str, list], cache: Mapping[str, list]) ->
     return messages
 
 
+@lru_cache(maxsize=2)
+def _image_check_cache(path: str, mtime_ns: int, size: int) -> dict:
+    """The image-check cache file, parsed once per version (the plan asks for a cohort's
+    digests several times; thousands of subjects' entries take about 0.1 s to parse)."""
+    return json.loads(Path(path).read_text())
+
+
 def checked_map_digests(root: str | Path, labels: Sequence[str], modalities: Sequence[str],
                         cache_file: str | Path) -> dict[str, str]:
     """{SHA-256: participant_id} of the MRE maps of ``modalities`` of subjects ``labels``
@@ -1544,7 +1551,8 @@ def checked_map_digests(root: str | Path, labels: Sequence[str], modalities: Seq
     changed since its check, or never checked, has none): to find one cohort's scans
     among another's under other ids without reading a file again."""
     try:
-        cache = json.loads(Path(cache_file).read_text())
+        status = Path(cache_file).stat()
+        cache = _image_check_cache(str(cache_file), status.st_mtime_ns, status.st_size)
     except (OSError, ValueError):
         return {}
     digests = {}
