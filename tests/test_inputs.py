@@ -550,6 +550,14 @@ def test_map_digests_come_from_the_image_checks_and_only_while_the_file_is_uncha
     os.utime(copied, ns=(0, 0))  # edited since its check: no digest until checked again
     assert list(checked_map_digests(clinic, ["c0", "c1"], ["stiffness"], cache).values()) == [
         "sub-c0"]
+    # a subject removed (consent withdrawn): its scan's path and digest leave the cache at
+    # the next check; the other cohort's entries stay
+    shutil.rmtree(training / "sub-03a")
+    entries = json.loads(cache.read_text())
+    check_dataset_images(training, ["00a", "01a", "02a"], cache_file=cache)
+    left = json.loads(cache.read_text())
+    assert set(entries) - set(left) == {
+        str((training / "sub-03a" / "mre" / "sub-03a_stiffness.nii.gz").resolve())}
 
 
 def test_r_row_names_are_named_as_such(tiny_dataset):
@@ -563,6 +571,18 @@ def test_r_row_names_are_named_as_such(tiny_dataset):
                                          r"first being the row's number '1': a column of row "
                                          r"names .* row\.names = FALSE"):
         read_participants(tiny_dataset)
+
+
+def test_a_labs_own_none_and_na_come_back_as_written(tiny_dataset):
+    """pandas' missing-value list erased a medication 'None', 'null' or 'NA' (a North American
+    site), and a group 'None' was pooled with the subjects without a group; only BIDS's n/a
+    and an empty cell are missing in a lab's own columns."""
+    _rewrite_table(tiny_dataset, lambda t: t.assign(medication=["None", "null", "NA", "n/a"],
+                                                    group=["None", "None", "", "AD"]))
+    table = read_participants(tiny_dataset, to_predict=True)
+    assert table["medication"].tolist()[:3] == ["None", "null", "NA"]
+    assert pd.isna(table["medication"].iloc[3]) and pd.isna(table["group"].iloc[2])
+    assert list(cohort_groups(table, "group")) == ["None", "None", NO_GROUP, "AD"]
 
 
 def test_a_cohort_to_predict_keeps_its_columns_as_written(tiny_dataset):

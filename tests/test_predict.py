@@ -2080,7 +2080,9 @@ def test_run_names_its_output_and_the_remedies_a_bundle_user_has(world, new_coho
         predict_module.run_cohort(world.bundle_dir, fewer, output, **template)
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert re.search(rf"holds 2 subject\(s\) that .*fewer/participants\.tsv does not list "
-                     rf"\({dropped[0]}, {dropped[1]}\)", warning), warning
+                     rf"\({dropped[0]}, {dropped[1]}\)\. .*If they left the dataset .*delete "
+                     rf"their folders there and in {re.escape(str(output))}/\.step_records "
+                     rf"\(the rest is reused\)", warning), warning
     # the run's log holds what was said before it could be opened (the table's check of the
     # subject folders), with the run's options and why it stopped
     last_run = (output / "logs" / predict_module.RUN_LOG).read_text().split("===== ")[-1]

@@ -470,6 +470,20 @@ def test_valid_user_dataset_plans_every_subject(tmp_path):
     (tmp_path / "results" / "preproc" / "sub-00a").mkdir()
     result = snakemake(tmp_path, "-n", "--configfile", str(config))
     assert "no longer lists: sub-gone1" in result.stdout and "left the cohort" in result.stdout
+    # a cohort to predict's subject who withdrew: its brain images stayed without a word
+    rows = [{**row, "participant_id": f"sub-c{index}"} for index, row in
+            enumerate(default_rows(3))]
+    clinic = write_tiny_dataset(tmp_path / "clinic", rows)
+    (tmp_path / "results" / "predict" / "clinic" / "preproc" / "sub-left1" / "mre").mkdir(
+        parents=True)
+    config = user_config(tmp_path, root, train={"batch_size": 4}, loss={"nn_final": 2},
+                         predict={"cohorts": {"clinic": str(clinic)}})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"Warning: results/predict/clinic/preproc holds 1 subject folder\(s\) "
+                     r"that .*clinic/participants\.tsv no longer lists: sub-left1\. Nothing "
+                     r"uses their files.*left the cohort \(README: Removing a subject",
+                     result.stdout), result.stdout
 
 
 @pytest.mark.workflow

@@ -396,10 +396,20 @@ def _read_text_table(table_path: Path) -> pd.DataFrame:
     # instead of shifting them right behind an index made of the ids. Every column but the
     # age is text, so that the extra columns come back in a split's participants.tsv and a
     # cohort's predictions as the lab wrote them (a site code 007 is not 7, a group 0 not
-    # 0.0, which --bias-reference-group 0 would not have named)
+    # 0.0, which --bias-reference-group 0 would not have named). Only BIDS's missing value
+    # (n/a, or an empty cell) is missing there: pandas' list (None, NA, null, ...) erased a
+    # lab's medication "None" and pooled a group "None" with the subjects without a group;
+    # the required columns keep pandas' list (their checks name the codes they refuse)
     def read(**options) -> pd.DataFrame:
-        return pd.read_csv(table_path, sep="\t", index_col=False,
-                           dtype=defaultdict(lambda: str, age=object), **options)
+        options = {"sep": "\t", "index_col": False,
+                   "dtype": defaultdict(lambda: str, age=object), **options}
+        table = pd.read_csv(table_path, **options)
+        as_written = pd.read_csv(table_path, keep_default_na=False, **options)
+        for column in table.columns:
+            if column not in REQUIRED_COLUMNS:
+                text = as_written[column]
+                table[column] = text.mask(text.str.strip().str.casefold().isin(("", "n/a")))
+        return table
 
     try:
         return read()
@@ -1404,7 +1414,8 @@ def check_dataset_images(root: str | Path, labels: list[str],
     of thousands is read in full only once (a 1 mm T1w takes about 0.1 s, so the first
     check of 2,000 subjects takes minutes: up to :data:`IMAGE_CHECK_THREADS` threads read,
     and ``announce`` is told how many files before they are read). Files that pass are
-    remembered even when others fail, or when the check is interrupted.
+    remembered even when others fail, or when the check is interrupted; the entries of files
+    under ``root`` that no longer exist (a subject removed) are dropped.
 
     Raises
     ------
@@ -1435,6 +1446,17 @@ def check_dataset_images(root: str | Path, labels: list[str],
                 description = modality("T1w" if kind == "anat" else kind).description
                 pending[key] = (stamp, path, f"subject sub-{label}: {description}",
                                 None if kind == "anat" else kind)
+    # entries of files under this root that no longer exist (a subject removed: its scans'
+    # paths and digests would stay in the cache; only these few are looked at, as a network
+    # file system takes a millisecond a look)
+    current = {key for inputs in inputs_of.values() for _, _, key in inputs}
+    under_root = str(Path(root).resolve()) + os.sep
+    gone = [key for key in cache if key.startswith(under_root) and key not in current
+            and not os.path.exists(key)]
+    for key in gone:
+        del cache[key]
+    if gone and not pending and cache_file is not None:
+        write_json(cache_file, cache)
     problems = {}
     if pending:
         cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")  # Linux
@@ -1476,7 +1498,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
             for future, key in futures.items():
                 if future.done() and not future.cancelled() and future.exception() is None:
                     unsaved += keep(key, future.result())
-            if cache_file is not None and unsaved:
+            if cache_file is not None and (unsaved or gone):
                 write_json(cache_file, cache)
     failed = []
     for label, inputs in inputs_of.items():

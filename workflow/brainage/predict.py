@@ -328,15 +328,17 @@ def _check_output_folder(output: Path, bundle_path: str | Path) -> None:
 def _warn_about_other_subjects(preproc_dir: str | Path, labels: Sequence[str],
                                dataset_root: str | Path) -> None:
     """Name the subjects an earlier run left in ``preproc_dir`` that this dataset does not
-    list (another dataset written to the same --output): they stay, unused, under a
-    description that names this dataset."""
+    list (subjects removed from the dataset, or another dataset written to the same
+    --output): they stay, unused, under a description that names this dataset."""
     others = unlisted_subject_folders(preproc_dir, {f"sub-{label}" for label in labels})
     if others:
-        log.warning("%s holds %d subject(s) that %s does not list (%s): an earlier run's, "
-                    "for another dataset? They are kept but not used; give each dataset an "
-                    "--output of its own.", preproc_dir, len(others),
-                    Path(dataset_root) / "participants.tsv",
-                    ", ".join(others[:10]) + (", ..." if len(others) > 10 else ""))
+        log.warning("%s holds %d subject(s) that %s does not list (%s). They are kept but "
+                    "not used. If they left the dataset (consent withdrawn, a faulty scan), "
+                    "delete their folders there and in %s (the rest is reused); if they are "
+                    "another dataset's, give each dataset an --output of its own.",
+                    preproc_dir, len(others), Path(dataset_root) / "participants.tsv",
+                    ", ".join(others[:10]) + (", ..." if len(others) > 10 else ""),
+                    Path(preproc_dir).parent / STEP_RECORDS)
 
 
 def _positive_int(text: str) -> int:

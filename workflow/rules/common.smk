@@ -798,26 +798,49 @@ _DEPARTED_CHECKED = []
 
 
 def warn_about_departed_subjects():
-    """Name the subject folders of the training cohort's preprocessing (a BIDS-Derivatives
-    dataset) whose subjects participants.tsv no longer lists: nothing reads their files,
-    but the derivative dataset still holds them. Once per run, in the main process."""
-    if _DEPARTED_CHECKED or SIMULATED or not workflow.is_main_process:
+    """Name, for each cohort the workflow preprocesses (the training cohort, each cohort to
+    predict, each BIDS pretraining cohort), the subject folders of its preprocessing (a
+    BIDS-Derivatives dataset) whose subjects its participants.tsv no longer lists: nothing
+    reads their files, but the derivative dataset still holds them (a subject who withdrew
+    consent). Simulated cohorts are left out. Once per run, in the main process."""
+    if _DEPARTED_CHECKED or not workflow.is_main_process:
         return
     _DEPARTED_CHECKED.append(True)
-    folder = Path(LAYOUT.preproc_dir(TRAINING_PREPROC))
-    departed = unlisted_subject_folders(folder, {f"sub-{label}" for label in subjects()})
-    if not departed:
-        return
+    for preproc, root in PREPROC_ROOTS.items():
+        simulated = preproc in SIMULATED_PREPROCS or (preproc == TRAINING_PREPROC and SIMULATED)
+        folder = Path(LAYOUT.preproc_dir(preproc))
+        if simulated or not folder.is_dir():
+            continue
+        listed = listed_subjects(preproc)
+        departed = unlisted_subject_folders(folder, listed)
+        if departed:
+            _say(departed_message(folder, departed, root, preproc, listed))
+
+
+def listed_subjects(preproc):
+    """The participant_ids the cohort preprocessed into `preproc` lists."""
+    if preproc == TRAINING_PREPROC:
+        return {f"sub-{label}" for label in subjects()}
+    for cohort in PREDICT_COHORTS:
+        if LAYOUT.cohort_preproc(cohort) == preproc:
+            return {f"sub-{label}" for label in cohort_subjects(cohort)}
+    name = next(name for name in PRETRAIN_CHAIN if LAYOUT.pretrain_preproc(name) == preproc)
+    return set(pretrain_participants_table(name)["participant_id"])
+
+
+def departed_message(folder, departed, root, preproc, listed):
+    """The warning for `departed` subject folders of `folder` that `root`'s
+    participants.tsv does not list."""
     # a lab's first run in the demo's working directory: the demo's subjects never were
     # this dataset's, so 'left the cohort' would mislead. A project moved to another path
     # names its old path there too, but holds folders of listed subjects
-    source = preprocessed_from(LAYOUT.preproc_description())
-    other_dataset = source not in (None, Path(DATASET_ROOT).resolve().as_uri()) and not any(
-        (folder / f"sub-{label}").is_dir() for label in subjects()
+    source = preprocessed_from(LAYOUT.preproc_description(preproc))
+    other_dataset = source not in (None, Path(root).resolve().as_uri()) and not any(
+        (folder / pid).is_dir() for pid in listed
     )
-    _say(
+    return (
         f"Warning: {folder} holds {len(departed)} subject folder(s) that "
-        f"{Path(DATASET_ROOT, 'participants.tsv')} "
+        f"{Path(root, 'participants.tsv')} "
         f"{'does not list' if other_dataset else 'no longer lists'}: "
         f"{', '.join(departed[:10])}{' ...' if len(departed) > 10 else ''}. Nothing "
         f"uses their files, but the derivative dataset still holds them: "
@@ -826,7 +849,8 @@ def warn_about_departed_subjects():
             f"another dataset. Give each dataset a results folder of its own (config key "
             f"output.results, or another working directory), or delete those folders."
             if other_dataset
-            else "delete those folders if the subjects left the cohort."
+            else "delete those folders if the subjects left the cohort (README: Removing a "
+            "subject, for everything else that names them)."
         )
     )
 
