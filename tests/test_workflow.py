@@ -243,8 +243,9 @@ def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
     result = snakemake(tmp_path, "-n", "--configfile", str(config))
     assert result.returncode == 0, result.stdout
     assert re.search(r"Warning: predict cohort clinic: .*group 'patient' .*: it has only \d "
-                     r"subjects? new to the model \(\d ha(s|ve) the participant_id of a subject "
-                     r"the model has seen .*\); the line needs at least 3 .* Its "
+                     r"subjects? new to the model \(\d (is a subject|are subjects) the model "
+                     r"has seen, by participant_id or by a byte-identical map.*\); the line "
+                     r"needs at least 3 .* Its "
                      r"predict_cohort job will stop before embedding a subject: run with "
                      r"--keep-going", result.stdout), result.stdout
 
