@@ -486,9 +486,10 @@ def test_ages_that_participants_json_gives_in_months_are_refused(tiny_dataset, t
                                          r"'months'; the pipeline reads ages in years\. "
                                          r"Convert .*months / 12"):
         read_participants(tiny_dataset, to_predict=to_predict)
-    sidecar.write_text(json.dumps({"age": {"Units": "weeks"}}))
-    with pytest.raises(InputError, match=r"as 'weeks'; the pipeline reads ages in years"):
-        read_participants(tiny_dataset, to_predict=to_predict)
+    for unit in ("weeks", "Monate", "mois", "meses"):  # a lab's own language too
+        sidecar.write_text(json.dumps({"age": {"Units": unit}}))
+        with pytest.raises(InputError, match=rf"as '{unit}'; the pipeline reads ages in years"):
+            read_participants(tiny_dataset, to_predict=to_predict)
     # BIDS's own spelling, others of years, and units that say nothing of months or weeks
     for years in ("year", "Years", " y ", "years (decimal)", "yrs.", ""):
         sidecar.write_text(json.dumps({"Age": {"units": years}}))
@@ -578,11 +579,18 @@ def test_a_labs_own_none_and_na_come_back_as_written(tiny_dataset):
     site), and a group 'None' was pooled with the subjects without a group; only BIDS's n/a
     and an empty cell are missing in a lab's own columns."""
     _rewrite_table(tiny_dataset, lambda t: t.assign(medication=["None", "null", "NA", "n/a"],
-                                                    group=["None", "None", "", "AD"]))
+                                                    group=["None", "None", "", "AD"],
+                                                    study=["NA", "NA", "", "EU"]))
     table = read_participants(tiny_dataset, to_predict=True)
     assert table["medication"].tolist()[:3] == ["None", "null", "NA"]
     assert pd.isna(table["medication"].iloc[3]) and pd.isna(table["group"].iloc[2])
     assert list(cohort_groups(table, "group")) == ["None", "None", NO_GROUP, "AD"]
+    # a cohort to predict needs no study: its 'NA' (a North American site) is a study there
+    assert list(cohort_groups(table.drop(columns="group"), "study")) == [
+        "NA", "NA", NO_GROUP, "EU"]
+    with pytest.raises(InputError, match=r"column 'study' is empty for sub-00a, sub-01a, "
+                                         r"sub-02a"):  # training: a missing-value code
+        read_participants(tiny_dataset)
 
 
 def test_a_cohort_to_predict_keeps_its_columns_as_written(tiny_dataset):

@@ -59,9 +59,11 @@ log = logging.getLogger(__name__)
 #: ``registered_by`` (``T1w_brain``, ``stiffness``, ...) and ``skull_stripped_by``
 #: (``deepbet``, ``mri_synthstrip``, ``none``): a subject registered or stripped unlike the
 #: training subjects is warned of in the log, and named here for whoever reads the table.
-#: ``seen_in_training``: what of the model's making saw a subject of the same
-#: participant_id (``train (split holdout)``, ``pretrain t1``, ...; empty: none, or not
-#: known on the route without Snakemake); such a subject has status ``seen_in_training``.
+#: ``seen_in_training``: what of the model's making saw the subject, by its participant_id
+#: or by a map byte-identical to one it saw (``train (split holdout of dataset.root)``,
+#: ``pretraining (pretrain.t1.source.root), as sub-t1w4``, ``train (...): a map
+#: byte-identical to sub-01's``; empty: none, or not known on the route without
+#: Snakemake); such a subject has status ``seen_in_training``.
 PREDICTION_COLUMNS = ("status", "qc_pass", "qc_reason", "predicted_age", "gap",
                       "corrected_gap", "corrected_predicted_age", "within_training_ages",
                       "qc_dice", "qc_correlation", "qc_coverage", "registered_by",
@@ -321,8 +323,9 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         Refit the age-bias correction on the subjects of this group (a healthy control
         group of the new cohort) instead of using the bundle's training fit.
     seen_in_training : mapping of participant_id to str, optional
-        Subjects whose participant_id the model has seen, and in what (the workflow knows
-        its split and pretraining cohort; a bundle records no ids). They are predicted,
+        Subjects the model has seen (by participant_id, or by a map byte-identical to one
+        it saw), and in what (the workflow knows its split and pretraining cohort; a bundle
+        records no ids). They are predicted,
         marked (status ``seen_in_training``) and left out of the summary, the figure and
         the age-bias refit: their predictions are optimistic (the demo's bundle: MAE 1.4
         years on its training subjects, 5.2 on its test subjects).

@@ -187,7 +187,7 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                f"set the dataset root to the dataset's own folder." if nearby else ""))
     try:
         lines = check_table_shape(table_path)
-        table = _read_text_table(table_path)
+        table = _read_text_table(table_path, required)
     except UnicodeDecodeError:
         raise InputError(_not_utf8_message(table_path)) from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as error:
@@ -387,7 +387,8 @@ def _not_utf8_message(table_path: Path) -> str:
             f"{example}: iconv -f {source} -t utf-8 {table_path.name} > converted.tsv.")
 
 
-def _read_text_table(table_path: Path) -> pd.DataFrame:
+def _read_text_table(table_path: Path, required: Sequence[str] = REQUIRED_COLUMNS
+                     ) -> pd.DataFrame:
     """``table_path`` read as pandas reads it, every column but the age as text; a later
     row with empty fields beyond the header's (a spreadsheet's row of tabs), at which
     pandas' tokenizer stops, read up to the header's width (check_table_shape refused
@@ -399,14 +400,16 @@ def _read_text_table(table_path: Path) -> pd.DataFrame:
     # 0.0, which --bias-reference-group 0 would not have named). Only BIDS's missing value
     # (n/a, or an empty cell) is missing there: pandas' list (None, NA, null, ...) erased a
     # lab's medication "None" and pooled a group "None" with the subjects without a group;
-    # the required columns keep pandas' list (their checks name the codes they refuse)
+    # the ``required`` columns and the age keep pandas' list (their checks name the codes
+    # they refuse; a cohort to predict requires only participant_id, so its study 'NA', a
+    # site, is a study)
     def read(**options) -> pd.DataFrame:
         options = {"sep": "\t", "index_col": False,
                    "dtype": defaultdict(lambda: str, age=object), **options}
         table = pd.read_csv(table_path, **options)
         as_written = pd.read_csv(table_path, keep_default_na=False, **options)
         for column in table.columns:
-            if column not in REQUIRED_COLUMNS:
+            if column not in (*required, "age"):
                 text = as_written[column]
                 table[column] = text.mask(text.str.strip().str.casefold().isin(("", "n/a")))
         return table
@@ -556,8 +559,10 @@ def _without_empty_rows(table: pd.DataFrame, lines: Sequence[int],
 
 #: Units of participants.json's "age" that are not years: months, weeks, days, hours
 #: (whole words or their usual short forms); any other unit is taken as years.
-NOT_YEARS = re.compile(r"(months?|mos?|mths?|m|weeks?|wks?|w|days?|d|hours?|hrs?|h)\.?"
-                       r"(\s*\(.*\))?|.*\b(months?|weeks?|days?|hours?)\b.*")
+NOT_YEARS = re.compile(r"(mos?|mths?|m|wks?|w|d|hrs?|h)\.?(\s*\(.*\))?|.*\b(months?|weeks?|days?|"
+                       r"hours?|monate?|monaten|mois|mes(es)?|mesi|maand(en)?|wochen?|"
+                       r"semaines?|semanas?|settiman[ae]|we(e)?ken?|tage?|jours?|d[ií]as?|"
+                       r"giorn[oi]|dag(en)?|decades?)\b.*")
 
 
 def _refuse_ages_not_in_years(sidecar: Path) -> None:
