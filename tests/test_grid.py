@@ -384,6 +384,15 @@ def test_a_cohort_to_predict_sharing_ids_with_the_pretraining_cohort_is_warned_a
         "any age-bias refit. If the ids only coincide (other people), add clinic to config "
         "key predict.unrelated_cohorts."], \
         result.stderr[-3000:]
+    assert "no longer lists" not in result.stdout + result.stderr
+    # a subject removed from the T1w cohort: its preprocessed brain stays, named once
+    (tmp_path / "work" / "results" / "pretrain" / "t1" / "preproc" / "sub-gone" / "anat").mkdir(
+        parents=True)
+    result = run_snakemake(tmp_path / "work", configfile, "--dry-run")
+    said = re.findall(r"Warning: results/pretrain/t1/preproc holds (\d) subject folder\(s\) "
+                      r"that .*t1w/participants\.tsv no longer lists: ([\w-]+)\.",
+                      result.stdout + result.stderr)
+    assert said == [("1", "sub-gone")], result.stderr[-3000:]
 
 
 def test_a_pretraining_batch_its_processes_cannot_share_stops_before_any_job(tmp_path):

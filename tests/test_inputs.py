@@ -447,7 +447,8 @@ def test_an_age_column_in_another_case_is_named_not_ignored(tiny_dataset):
         read_participants(tiny_dataset)
 
 
-@pytest.mark.parametrize("name", ["age_years", "Age (years)", "AgeAtScan", "scan_age"])
+@pytest.mark.parametrize("name", ["age_years", "Age (years)", "AgeAtScan", "scan_age",
+                                  "participant_age", "Patient_Age", "age_at_examination"])
 def test_an_age_column_under_another_name_is_named_not_ignored(tiny_dataset, name):
     """Clinical exports' spellings of the age: a cohort to predict lost every gap to them,
     with one log line that named no column."""
@@ -466,7 +467,7 @@ def test_an_age_column_under_another_name_is_named_not_ignored(tiny_dataset, nam
 
 
 @pytest.mark.parametrize("name", ["age_group", "age_decade", "age_at_onset", "gestational_age",
-                                  "agent"])
+                                  "agent", "AgeGroup", "brain_age"])
 def test_numbers_that_are_not_the_age_at_the_scan_are_not_taken_for_it(tiny_dataset, name):
     """Numeric codes of an age group, an age at onset, a gestational age: a cohort to predict
     without ages is predicted without them."""

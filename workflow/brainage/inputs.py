@@ -583,19 +583,31 @@ def _refuse_ages_not_in_years(sidecar: Path) -> None:
             f"52.18, days / 365.25) and set the unit to \"year\".")
 
 
-#: Names of the age at the scan (letters and digits alone, lower case) other than 'age'.
+#: Names of the age at the scan written as one word (letters and digits alone, lower case).
 AGE_NAMES = re.compile(r"age(inyears|years?|yrs?|y|at(the)?(scan|mri|mre|exam|visit|session|"
-                       r"imaging|baseline))|(scan|mri|mre|exam|visit|imaging)age")
+                       r"imaging|baseline))|(scan|mri|mre|exam|visit|imaging|patient|subject|"
+                       r"participant)age")
+#: Words beside 'age' in a column's name that make it another quantity than the age at the
+#: scan (an age group, the age at onset, a gestational age, a transformed age).
+NOT_THE_AGE_AT_SCAN = frozenset({
+    "group", "groups", "grp", "decade", "range", "bin", "bins", "band", "bracket", "category",
+    "cat", "class", "onset", "gestational", "diagnosis", "dx", "first", "start", "death",
+    "menarche", "menopause", "stage", "cutoff", "quantile", "quartile", "quintile",
+    "tertile", "percentile", "squared", "sq", "centered", "centred", "z", "norm",
+    "normalised", "normalized", "bone", "brain", "predicted", "gap", "delta"})
 
 
 def _age_like_columns(table: pd.DataFrame) -> list[str]:
-    """Columns that hold ages under another name (:data:`AGE_NAMES`: 'age_years',
-    'Age (years)', 'AgeAtScan', 'scan_age': clinical exports' spellings of the age at the
-    scan, not 'age_group', 'age_at_onset' or 'gestational_age') whose values are numbers
-    from 0 to 120."""
+    """Columns that hold ages under another name ('age_years', 'Age (years)', 'AgeAtScan',
+    'scan_age', 'Patient_Age': clinical exports' spellings of the age at the scan; not
+    'age_group', 'age_at_onset', 'gestational_age' (:data:`NOT_THE_AGE_AT_SCAN`) or
+    'agent') whose values are numbers from 0 to 120."""
     found = []
     for column in map(str, table.columns):
-        if not AGE_NAMES.fullmatch(re.sub(r"[\W_]+", "", column.casefold())):
+        words = set(re.findall(r"[a-z]+|\d+", re.sub(r"(?<=[a-z])(?=[A-Z])", " ",
+                                                      column).casefold()))
+        if not (("age" in words and not words & NOT_THE_AGE_AT_SCAN)
+                or AGE_NAMES.fullmatch(re.sub(r"[\W_]+", "", column.casefold()))):
             continue
         text = table[column].dropna().astype(str).str.strip()
         text = text[~text.str.casefold().isin(MISSING_VALUE_CODES)]
