@@ -213,12 +213,10 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             f"(lower case, no spaces), or remove it to predict without ages.")
     _refuse_ages_not_in_years(table_path.with_suffix(".json"))
     age_like = [] if "age" in table.columns or "age" in misspelt else _age_like_columns(table)
-    if to_predict and age_like:
-        raise InputError(
-            f"{table_path} has no column 'age' but {', '.join(map(repr, age_like))}, which "
-            f"holds numbers like ages: only 'age' is read, so the cohort would get predicted "
-            f"ages and no brain-age gaps. Rename it to 'age' if it is the age at the scan in "
-            f"years, or rename it to a name without 'age' if it is not.")
+    if to_predict and age_like:  # a warning: a mother's age or an age at onset is no age
+        log.warning("%s has no column 'age' but %s: only 'age' is read, so the cohort gets "
+                    "predicted ages and no brain-age gaps. If one is the age at the scan in "
+                    "years, rename it to 'age'.", table_path, ", ".join(map(repr, age_like)))
     missing = [column for column in required if column not in table.columns]
     if missing:
         spaced = [misspelt[column] for column in missing if column in misspelt]
@@ -240,8 +238,8 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
                       f"case: rename it (the columns are lower case)." for column in spaced)
             + (f" Its columns are separated by {separator}: save it tab-separated (a "
                f"spreadsheet's 'Text (tab-separated)' export)." if separator else "")
-            + (f" Its {age_like[0]!r} looks like the age: rename it to 'age' (years at the "
-               f"scan)." if age_like and "age" in missing else ""))
+            + (f" If its {age_like[0]!r} is the age at the scan in years, rename it to 'age'."
+               if age_like and "age" in missing else ""))
     clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS
                 or (to_predict and column in PREDICTION_ONLY_COLUMNS)]
     if clashing:
@@ -559,10 +557,11 @@ def _without_empty_rows(table: pd.DataFrame, lines: Sequence[int],
 
 #: Units of participants.json's "age" that are not years: months, weeks, days, hours
 #: (whole words or their usual short forms); any other unit is taken as years.
-NOT_YEARS = re.compile(r"(mos?|mths?|m|wks?|w|d|hrs?|h)\.?(\s*\(.*\))?|.*\b(months?|weeks?|days?|"
-                       r"hours?|monate?|monaten|mois|mes(es)?|mesi|maand(en)?|wochen?|"
-                       r"semaines?|semanas?|settiman[ae]|we(e)?ken?|tage?|jours?|d[ií]as?|"
-                       r"giorn[oi]|dag(en)?|decades?)\b.*")
+NOT_YEARS = re.compile(r"(mos?|mths?|mnths?|mon|m|wks?|w|d|hrs?|h)\.?(\s*\(.*\))?|.*\b(months?|"
+                       r"weeks?|days?|hours?|monate?|monaten|mois|mes(es)?|mese|mesi|"
+                       r"maand(en)?|wochen?|semaines?|semanas?|settiman[ae]|we(e)?ken?|tage?|"
+                       r"jours?|d[ií]as?|giorn[oi]|dag(en)?|stunden?|heures?|horas?|or[ae]|"
+                       r"uren|uur|decades?)\b.*")
 
 
 def _refuse_ages_not_in_years(sidecar: Path) -> None:
@@ -583,36 +582,30 @@ def _refuse_ages_not_in_years(sidecar: Path) -> None:
             f"52.18, days / 365.25) and set the unit to \"year\".")
 
 
-#: Names of the age at the scan written as one word (letters and digits alone, lower case).
-AGE_NAMES = re.compile(r"age(inyears|years?|yrs?|y|at(the)?(scan|mri|mre|exam|visit|session|"
-                       r"imaging|baseline))|(scan|mri|mre|exam|visit|imaging|patient|subject|"
-                       r"participant)age")
-#: Words beside 'age' in a column's name that make it another quantity than the age at the
-#: scan (an age group, the age at onset, a gestational age, a transformed age).
-NOT_THE_AGE_AT_SCAN = frozenset({
-    "group", "groups", "grp", "decade", "range", "bin", "bins", "band", "bracket", "category",
-    "cat", "class", "onset", "gestational", "diagnosis", "dx", "first", "start", "death",
-    "menarche", "menopause", "stage", "cutoff", "quantile", "quartile", "quintile",
-    "tertile", "percentile", "squared", "sq", "centered", "centred", "z", "norm",
-    "normalised", "normalized", "bone", "brain", "predicted", "gap", "delta"})
+#: Words of a column's name that may name the age at the scan: 'age' (a word of its own:
+#: 'age_years', 'Patient_Age', 'AgeAtScan'; not 'agent'), the words of other languages,
+#: and UK Biobank's field 21003 (age when attended the assessment centre).
+AGE_WORDS = frozenset({"age", "alter", "âge", "edad", "età", "leeftijd", "idade", "ålder",
+                       "alder", "wiek", "21003"})
 
 
 def _age_like_columns(table: pd.DataFrame) -> list[str]:
-    """Columns that hold ages under another name ('age_years', 'Age (years)', 'AgeAtScan',
-    'scan_age', 'Patient_Age': clinical exports' spellings of the age at the scan; not
-    'age_group', 'age_at_onset', 'gestational_age' (:data:`NOT_THE_AGE_AT_SCAN`) or
-    'agent') whose values are numbers from 0 to 120."""
+    """Columns that may hold ages under another name: a name with a word of
+    :data:`AGE_WORDS` (camel case split: 'AgeAtScan' is age at scan) and a value that
+    reads as an age (a number from 0 to 120, or DICOM's '034Y'). Only named, never read:
+    'mother_age' and 'age_at_onset' are ages too, not the age at the scan."""
     found = []
     for column in map(str, table.columns):
-        words = set(re.findall(r"[a-z]+|\d+", re.sub(r"(?<=[a-z])(?=[A-Z])", " ",
-                                                      column).casefold()))
-        if not (("age" in words and not words & NOT_THE_AGE_AT_SCAN)
-                or AGE_NAMES.fullmatch(re.sub(r"[\W_]+", "", column.casefold()))):
+        words = set(re.findall(r"[^\W\d_]+|\d+", re.sub(r"(?<=[a-z])(?=[A-Z])", " ",
+                                                          column).casefold()))
+        squashed = re.sub(r"[\W_]+", "", column.casefold())
+        if not (words & AGE_WORDS or squashed.startswith("age") and squashed != "agent"):
             continue
         text = table[column].dropna().astype(str).str.strip()
-        text = text[~text.str.casefold().isin(MISSING_VALUE_CODES)]
-        values = pd.to_numeric(text, errors="coerce")
-        if len(values) and values.notna().all() and values.between(0, 120).all():
+        numbers = pd.to_numeric(text.str.replace(",", ".").str.replace(r"^(\d{3})Y$", r"\1",
+                                                                      regex=True),
+                                errors="coerce")
+        if numbers.between(0, 120).any():
             found.append(column)
     return found
 
