@@ -449,7 +449,7 @@ def test_an_age_column_in_another_case_is_named_not_ignored(tiny_dataset):
 
 @pytest.mark.parametrize("name", ["age_years", "Age (years)", "AgeAtScan", "scan_age",
                                   "participant_age", "Patient_Age", "age_at_first_scan",
-                                  "Alter", "Edad", "21003-2.0"])
+                                  "Alter", "Edad", "21003-2.0", "PATIENTAGE", "Lebensalter"])
 def test_an_age_column_under_another_name_is_named_not_ignored(tiny_dataset, name, caplog):
     """Clinical exports' spellings of the age: a cohort to predict lost every gap to them,
     with one log line after the preprocessing that named no column. Named, not refused: a
@@ -496,7 +496,8 @@ def test_ages_that_participants_json_gives_in_months_are_refused(tiny_dataset, t
         with pytest.raises(InputError, match=rf"as '{unit}'; the pipeline reads ages in years"):
             read_participants(tiny_dataset, to_predict=to_predict)
     # BIDS's own spelling, others of years, and units that say nothing of months or weeks
-    for years in ("year", "Years", " y ", "years (decimal)", "yrs.", ""):
+    for years in ("year", "Years", " y ", "years (decimal)", "yrs.", "",
+                  "decimal years (months / 12)"):
         sidecar.write_text(json.dumps({"Age": {"units": years}}))
         assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4
     sidecar.write_text("{not json")  # the pipeline needs no sidecar: a broken one is no unit
@@ -909,6 +910,8 @@ def test_a_group_written_in_two_spellings_or_as_punctuation_is_refused():
     table["group"] = ["healthy control"] * 4 + [None]  # unknown: the n/a group
     assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic") == "group"
     table["group"] = ["+", "-", "+", "-", "+"]  # a status written as signs: two groups
+    assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic") == "group"
+    table["group"] = ["+/+", "+/-", "-/-", "-/-", "+/+"]  # and a genotype: three
     assert check_cohort_table(table, "clinic/participants.tsv", cohort="clinic") == "group"
 
 

@@ -564,6 +564,10 @@ NOT_YEARS = re.compile(r"(mos?|mths?|mnths?|mon|m|wks?|w|d|hrs?|h)\.?(\s*\(.*\))
                        r"uren|uur|decades?)\b.*")
 
 
+#: A unit that names years is years, whatever else it says ("decimal years (months / 12)").
+YEARS = re.compile(r"\b(years?|yrs?|jahre?n?|ans?|años|anos|anni|anno|jaar|jaren)\b")
+
+
 def _refuse_ages_not_in_years(sidecar: Path) -> None:
     """Refuse ages that participants.json (BIDS: a column's ``Units``) says are not in
     years: a paediatric cohort's ages in months (27 to 117) pass every check on the values
@@ -575,7 +579,8 @@ def _refuse_ages_not_in_years(sidecar: Path) -> None:
         units = next(value for key, value in age.items() if key.casefold() == "units")
     except (OSError, ValueError, AttributeError, StopIteration):
         return
-    if NOT_YEARS.fullmatch(str(units).strip().casefold()):
+    unit = str(units).strip().casefold()
+    if NOT_YEARS.fullmatch(unit) and not YEARS.search(unit):
         raise InputError(
             f"{sidecar} gives the unit of column 'age' as {units!r}; the pipeline reads ages "
             f"in years. Convert the ages of participants.tsv to years (months / 12, weeks / "
@@ -585,8 +590,14 @@ def _refuse_ages_not_in_years(sidecar: Path) -> None:
 #: Words of a column's name that may name the age at the scan: 'age' (a word of its own:
 #: 'age_years', 'Patient_Age', 'AgeAtScan'; not 'agent'), the words of other languages,
 #: and UK Biobank's field 21003 (age when attended the assessment centre).
-AGE_WORDS = frozenset({"age", "alter", "âge", "edad", "età", "leeftijd", "idade", "ålder",
-                       "alder", "wiek", "21003"})
+AGE_WORDS = frozenset({"age", "alter", "âge", "edad", "età", "eta", "leeftijd", "idade",
+                       "ålder", "alder", "wiek", "21003"})
+#: Words ending in 'age' or 'alter' that are not an age ('PatientAge', 'Lebensalter' are).
+NOT_AGE_WORDS = frozenset({"image", "stage", "voltage", "dosage", "percentage", "coverage",
+                           "average", "usage", "package", "language", "storage", "damage",
+                           "leakage", "shrinkage", "linkage", "passage", "message", "page",
+                           "wage", "cage", "mileage", "drainage", "lineage", "verwalter",
+                           "schalter", "halter", "salter", "psalter"})
 
 
 def _age_like_columns(table: pd.DataFrame) -> list[str]:
@@ -599,7 +610,9 @@ def _age_like_columns(table: pd.DataFrame) -> list[str]:
         words = set(re.findall(r"[^\W\d_]+|\d+", re.sub(r"(?<=[a-z])(?=[A-Z])", " ",
                                                           column).casefold()))
         squashed = re.sub(r"[\W_]+", "", column.casefold())
-        if not (words & AGE_WORDS or squashed.startswith("age") and squashed != "agent"):
+        one_word = (squashed.startswith("age") and not squashed.startswith("agen")
+                    or squashed.endswith(("age", "alter")) and squashed not in NOT_AGE_WORDS)
+        if not (words & AGE_WORDS or one_word):
             continue
         text = table[column].dropna().astype(str).str.strip()
         numbers = pd.to_numeric(text.str.replace(",", ".").str.replace(r"^(\d{3})Y$", r"\1",
@@ -713,9 +726,10 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                 f"(invisible or control characters) in {_shown_with_code_points(value)}: "
                 f"delete them, or retype the value.")
     keys = values.map(_spelling_key)
-    signs = {"+", "-"} <= set(values.str.strip())  # e.g. amyloid status: '+' and '-'
-    nameless = values[(keys == "") & (values.str.strip() != "")
-                      & ~(signs & (values.str.strip() == "-"))]
+    # a status written in signs ('+', '-', '+/-', '-/-'): '-' is punctuation, '+' a symbol
+    signed = values.str.contains("+", regex=False).any() \
+        & values.str.fullmatch(r"[-/\s]+")
+    nameless = values[(keys == "") & (values.str.strip() != "") & ~signed]
     if len(nameless):
         shown = [f"{value!r} ({table.at[index, 'participant_id']})"
                  for index, value in nameless.items()]
