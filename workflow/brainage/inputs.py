@@ -88,7 +88,12 @@ def participant_match_key(participant_id: str) -> str:
     case ignored and leading zeros of every number dropped (``sub-ST1S01`` and
     ``sub-st1s001`` -> ``sub-st1s1``), since spreadsheets and export tools add or strip
     them."""
-    return re.sub(r"\d+", lambda number: str(int(number.group())), str(participant_id).casefold())
+    return _without_leading_zeros(str(participant_id).casefold())
+
+
+def _without_leading_zeros(text: str) -> str:
+    """``text`` with every number written without its leading zeros (``st01`` -> ``st1``)."""
+    return re.sub(r"\d+", lambda number: str(int(number.group())), text)
 
 
 def check_label(label: str, *, where: str) -> str:
@@ -772,7 +777,7 @@ def _spelling_key(value: str) -> str:
     key = []
     for index, (separating, run) in enumerate(runs):
         if not separating:
-            key.append(re.sub(r"\d+", lambda number: str(int(number.group())), run))
+            key.append(_without_leading_zeros(run))
         elif 0 < index < len(runs) - 1:  # between two words: dropped, but between numbers
             if runs[index - 1][1][-1].isdigit() and runs[index + 1][1][0].isdigit():
                 key.append(run)

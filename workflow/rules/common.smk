@@ -386,7 +386,7 @@ def cohort_subjects(cohort):
         raise WorkflowError(
             f"predict cohort {cohort} (config key predict.cohorts.{cohort}): {error}"
         ) from None
-    seen = seen_in_training(cohort, table["participant_id"])
+    seen = seen_by_model(cohort, tuple(table["participant_id"]))
     warn_about_seen_subjects(cohort, seen)
     warn_about_reference_group_seen(cohort, table, group_column, seen)
     warn_about_narrow_gap_intervals()
@@ -437,9 +437,15 @@ def warn_about_narrow_gap_intervals():
 _PREDICT_COHORTS_WARNED = set()
 
 
-def seen_in_training(cohort, ids=None):
+def seen_in_training(cohort):
+    """seen_by_model of predict cohort `cohort`'s subjects (read from its table)."""
+    return seen_by_model(cohort, tuple(f"sub-{label}" for label in cohort_subjects(cohort)))
+
+
+@lru_cache(maxsize=None)  # asked for by every input function of the cohort's jobs
+def seen_by_model(cohort, ids):
     """{participant_id: what saw it} for the subjects of predict cohort `cohort` (`ids`:
-    its participant_ids, default read) that the exported model has seen: a training
+    its participant_ids, a tuple) that the exported model has seen: a training
     subject of its split, a test subject under predict.bias_fit test (the age-bias line),
     a subject of the lab's T1w cohort its encoder was pretrained on. Found by the
     participant_id, case and leading zeros ignored (brainage.inputs.participant_match_key):
@@ -452,8 +458,6 @@ def seen_in_training(cohort, ids=None):
     if cohort == SIMULATED_PREDICT_COHORT or SIMULATED:
         return {}
     by_id = cohort not in PREDICT["unrelated_cohorts"]
-    if ids is None:
-        ids = [f"sub-{label}" for label in cohort_subjects(cohort)]
     split, *cell = exported_cell()
     # (what saw them, their participant_ids, whether their MRE maps are the training cohort's)
     sources = [
@@ -486,6 +490,7 @@ def seen_in_training(cohort, ids=None):
         PREPROC_MODALITIES[LAYOUT.cohort_preproc(cohort)],
         IMAGE_CHECK_CACHE,
     )
+    training_maps = checked_map_digests(DATASET_ROOT, subjects(), MODALITIES, IMAGE_CHECK_CACHE)
     seen = {}
     for what, known_ids, with_maps in sources:
         if by_id:
@@ -495,11 +500,10 @@ def seen_in_training(cohort, ids=None):
                 if match is not None and pid not in seen:
                     seen[pid] = what if match == pid else f"{what}, as {match}"
         if with_maps:
-            labels = [pid[len("sub-") :] for pid in known_ids]
-            known_maps = checked_map_digests(DATASET_ROOT, labels, MODALITIES, IMAGE_CHECK_CACHE)
+            known_ids = set(known_ids)
             for digest, pid in sorted(cohort_maps.items(), key=lambda item: item[1]):
-                match = known_maps.get(digest)
-                if match is not None and pid not in seen:
+                match = training_maps.get(digest)
+                if match in known_ids and pid not in seen:
                     seen[pid] = f"{what}: a map byte-identical to {match}'s"
     return seen
 
