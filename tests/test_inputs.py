@@ -947,7 +947,17 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
     with pytest.raises(InputError) as refused:
         read_participants(tiny_dataset)
     assert ("'Zürich' (sub-01a), 'Zu\\u0308rich' (sub-03a), which differ only in case, "
-            "spaces, punctuation, leading zeros or Unicode form") in str(refused.value)
+            "spaces, punctuation, leading zeros, accents or Unicode form") in str(refused.value)
+    # a merged sheet's 'Zürich' beside another system's ASCII 'Zurich', 'São Paulo' beside
+    # 'Sao Paulo': two studies, two strata and two rows of Table 2
+    for first, second in (("Zürich", "Zurich"), ("São Paulo", "Sao Paulo"), ("Montréal", "MONTREAL")):
+        table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", first), lines[3],
+                                                lines[4].replace("study2", second)]) + "\n",
+                         encoding="utf-8")
+        with pytest.raises(InputError, match=rf"'{first}' \(sub-01a\), '{second}' \(sub-03a\), "
+                                             r"which differ only in case, spaces, punctuation, "
+                                             r"leading zeros, accents"):
+            read_participants(tiny_dataset)
     # a direction mark pasted into one row: the same name, two values, unless refused
     table.write_text("\n".join(lines[:4] + [lines[4].replace("study2", "study2\u200e")])
                      + "\n", encoding="utf-8")
@@ -978,7 +988,8 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
             refused.value)
     for first, second in (("10", "1.0"), ("2", "12"), ("Site A", "Site B"),  # other values
                           ("Study 1.1", "Study 11"), ("Wave 1-2", "Wave 12"), ("1.10", "1.1"),
-                          (".5", "5"), ("CN", "CN-"), ("A+", "A-")):
+                          (".5", "5"), ("CN", "CN-"), ("A+", "A-"),
+                          ("\u0939\u0938", "\u0939\u0902\u0938")):  # Hindi's anusvara: a word
         table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", first), lines[3],
                                                 lines[4].replace("study2", second)]) + "\n")
         assert read_participants(tiny_dataset)["study"].nunique() == 3

@@ -710,10 +710,11 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
                                        consequence: str = "in the splits, the tables and "
                                                           "the study means") -> None:
     """One study (or group) written in two spellings that differ only in case, spaces,
-    punctuation, a number's leading zeros or Unicode form ('study2', 'study2 ', 'Study2':
-    a spreadsheet's trailing space, a capital; 'Site A', 'Site  A', 'Site_A', 'SiteA' of
-    a merged multi-site sheet; '1', '01', '1.0'; 'Zürich' composed and decomposed, as
-    macOS writes folder names) would be two: two strata of the split, two rows of the
+    punctuation, a number's leading zeros, a Latin letter's accents or Unicode form
+    ('study2', 'study2 ', 'Study2': a spreadsheet's trailing space, a capital; 'Site A',
+    'Site  A', 'Site_A', 'SiteA' of a merged multi-site sheet; '1', '01', '1.0'; 'Zürich'
+    composed and decomposed, as macOS writes folder names, and 'Zurich' from a system that
+    writes ASCII only) would be two: two strata of the split, two rows of the
     tables, two study means, and under leave-one-study-out two splits, each training on
     the other half of the study. Refused, naming each spelling's first subject; so is a
     value holding a control character or one of :data:`INVISIBLE_CHARACTERS` (a
@@ -758,7 +759,7 @@ def _refuse_values_differing_in_spelling(table: pd.DataFrame, table_path: Path |
             raise InputError(
                 f"{table_path}: column {column!r} writes one value as "
                 f"{', '.join(examples)}, which differ only in case, spaces, punctuation, "
-                f"leading zeros or Unicode form, so the pipeline would take them for "
+                f"leading zeros, accents or Unicode form, so the pipeline would take them for "
                 f"different values ({consequence}). Write them in one spelling.")
 
 
@@ -768,9 +769,12 @@ def _spelling_key(value: str) -> str:
     ('Site A', 'Site_A', 'SiteA'); numbers without their leading zeros ('Site 01', 'Site1';
     a whole '1.0' is 1), while a separator between two numbers ('1.1', 'Wave 1-2') and a
     sign at either end ('CN-', '-1') stay; format characters (joiners, direction marks)
-    left out, as a name written with and without one prints alike. Empty for a value
-    without a letter, digit or symbol."""
+    left out, as a name written with and without one prints alike; a Latin letter's accents
+    dropped ('Zürich', 'Zurich'; 'São Paulo', 'Sao Paulo'), not the marks of other scripts,
+    where a vowel sign or a point makes another word. Empty for a value without a letter,
+    digit or symbol."""
     text = _without_format_characters(unicodedata.normalize("NFKC", value)).strip().casefold()
+    text = _without_latin_accents(text)
     text = re.sub(r"^(\d+)\.0+$", r"\1", text)  # a spreadsheet's whole number
     runs = [(separating, "".join(characters))
             for separating, characters in groupby(text, key=_separates)]
@@ -786,6 +790,17 @@ def _spelling_key(value: str) -> str:
         elif index == 0 and run.endswith(".") and len(runs) > 1 and runs[1][1][0].isdigit():
             key.append(".")  # '.5' is not 5
     return "".join(key) if any(not separating for separating, _ in runs) else ""
+
+
+def _without_latin_accents(text: str) -> str:
+    """``text`` without the combining marks that follow a Latin letter (``ü`` -> ``u``)."""
+    kept: list[str] = []
+    for character in unicodedata.normalize("NFD", text):
+        if (unicodedata.category(character) == "Mn" and kept
+                and "LATIN" in unicodedata.name(kept[-1], "")):
+            continue
+        kept.append(character)
+    return unicodedata.normalize("NFC", "".join(kept))
 
 
 def _separates(character: str) -> bool:
