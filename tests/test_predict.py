@@ -2226,6 +2226,102 @@ def test_a_cohort_skull_stripped_by_another_tool_than_training_is_warned_about(
     assert "skull-stripped by" not in caplog.text
 
 
+def _with_median_stiffness(qc_files: dict, ages: dict, folder: Path, *, factor: float,
+                           seed: int) -> dict:
+    """Copies of ``qc_files`` whose registered stiffness map has the median of a subject of
+    its age (2.95 - 0.01 x age kPa, sd 0.145, the demo's line) times ``factor``."""
+    rng = np.random.default_rng(seed)
+    copies = {}
+    for label, path in qc_files.items():
+        median = (2.95 - 0.01 * ages[f"sub-{label}"] + rng.normal(0, 0.145)) * factor
+        copies[label] = folder / f"sub-{label}_qc.json"
+        copies[label].write_text(json.dumps(dict(
+            json.loads(Path(path).read_text()),
+            maps={"stiffness": {"median": median, "p01": 1.0, "p99": 4.0, "voxels": 100}})))
+    return copies
+
+
+def test_a_cohort_of_maps_stiffer_than_the_training_maps_at_their_ages_is_warned_about(
+        world, new_cohort, tmp_path, caplog):
+    """Maps of another MRE drive frequency or inversion (30 % stiffer: 30 against 50 Hz)
+    pass every check and QC, none of which depends on the scale, and a review's cohort of
+    them was predicted 26-32 years old at ages 21-76 without a word. The bundle records
+    the training subjects' median stiffness against age (from the QC table), and a cohort
+    far from that line is warned of; one of the training's level is not."""
+    training_ages = pd.read_csv(world.root / "training" / "participants.tsv", sep="\t")
+    rng = np.random.default_rng(5)
+    bundle, manifest = _export_with_training_qc(
+        world, tmp_path, median_stiffness=2.95 - 0.01 * training_ages["age"].to_numpy()
+        + rng.normal(0, 0.145, len(training_ages)))
+    line = manifest["training"]["stiffness_by_age"]
+    assert line["intercept_kpa"] == pytest.approx(2.95, abs=0.15)
+    assert line["slope_kpa_per_year"] == pytest.approx(-0.01, abs=0.003)
+    assert line["residual_sd_kpa"] == pytest.approx(0.145, abs=0.05)
+    assert 0 < line["n_subjects"] < len(training_ages)  # the training subjects only
+    assert manifest["training"]["coverage"] == {"min": 0.97, "median": 0.97}
+    readme = (bundle / "README.md").read_text()
+    assert "training subjects' median stiffness: 2." in readme
+    assert "predict maps of the training's MRE drive frequency and inversion" in readme
+    ages = dict(zip(*pd.read_csv(new_cohort.root / "participants.tsv", sep="\t")[
+        ["participant_id", "age"]].to_numpy().T))
+    for factor, warned in ((1.0, False), (1.3, True), (0.7, True)):
+        folder = tmp_path / f"qc{factor}"
+        folder.mkdir()
+        qc = _with_median_stiffness(new_cohort.files["qc"], ages, folder, factor=factor,
+                                    seed=6)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="brainage.apply"):
+            predict_cohort(bundle, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                           qc, predictions_path=tmp_path / "p.tsv",
+                           summary_path=tmp_path / "s.tsv", cohort="new", device="cpu")
+        found = re.search(r"cohort new: its subjects' maps are on average (\d+) % (stiffer|"
+                          r"softer) than the model's training subjects' at the same ages "
+                          r"\(([-+][\d.]+) residual standard deviations of their line of "
+                          r"median stiffness against age; (\d+) subjects\): maps of another "
+                          r"MRE drive frequency or inversion", caplog.text)
+        assert bool(found) == warned, (factor, caplog.text)
+        if warned:  # the subjects that passed QC (one of the cohort fails it)
+            assert found.group(2) == ("stiffer" if factor > 1 else "softer")
+            assert abs(int(found.group(1)) - 30) <= 5
+            assert int(found.group(4)) == len(qc) - 1
+    # a bundle exported before the line was recorded says nothing
+    # the world's own bundle has no line: its QC files hold no median
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(world.bundle_dir, new_cohort.root,
+                       stiffness_maps(new_cohort.files["maps"]), qc,
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                       cohort="new", device="cpu")
+    assert "stiffness_by_age" not in world.manifest["training"]
+    assert "maps are on average" not in caplog.text
+
+
+def test_an_age_bias_refit_on_predictions_that_do_not_follow_age_is_warned_about(
+        world, new_cohort, tmp_path, caplog):
+    """A refit on the cohort's own controls turns predictions that carry no age (a cohort of
+    another drive frequency: every subject predicted 26-32 years old) into corrected ages
+    that look right (a review: 21.2, 65.1, 65.7 for ages 21.0, 66.0, 67.5), without a word.
+    Here every subject's map is one map: one prediction for all, a gap slope of -1."""
+    one_map = next(iter(new_cohort.files["maps"].values()))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(world.bundle_dir, new_cohort.root,
+                       stiffness_maps({label: one_map for label in new_cohort.files["maps"]}),
+                       new_cohort.files["qc"], predictions_path=tmp_path / "p.tsv",
+                       summary_path=tmp_path / "s.tsv", cohort="new",
+                       bias_reference_group="healthy", device="cpu")
+    assert re.search(r"cohort new: the predicted ages of group 'healthy' hardly rise with "
+                     r"their ages \(the refitted gap falls 1\.00 years per year of age",
+                     caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.apply"):  # the cohort's own maps
+        predict_cohort(world.bundle_dir, new_cohort.root,
+                       stiffness_maps(new_cohort.files["maps"]), new_cohort.files["qc"],
+                       predictions_path=tmp_path / "p.tsv", summary_path=tmp_path / "s.tsv",
+                       cohort="new", bias_reference_group="healthy", device="cpu")
+    assert "hardly rise" not in caplog.text
+
+
 def test_subjects_without_an_age_get_a_predicted_age_and_no_gap(world, new_cohort, tmp_path,
                                                               caplog):
     """A lab may not know every age. Predicted age needs none, the gap does: such subjects

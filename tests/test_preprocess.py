@@ -1744,6 +1744,53 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
         tabulate_qc([files[0], files[1]], participants, tmp_path / "qc.tsv", minimums=minimums)
 
 
+def test_a_study_of_maps_stiffer_than_the_others_at_their_ages_is_warned_about(tmp_path,
+                                                                              caplog):
+    """A study of another MRE drive frequency or inversion (30 % stiffer) passed QC and the
+    whole table without a word, though the network and the read-out learn the study from
+    it: at the same ages as the others' (the line of median stiffness against age of the
+    other studies), it is named; studies as far apart as the demo's are not, and the QC
+    table lists each subject's median stiffness (kPa)."""
+    from brainage.qc import read_qc_table, tabulate_qc
+
+    rng = np.random.default_rng(0)
+    studies = {"s1": (20, 40), "s2": (40, 80), "s3": (20, 80), "s4": (60, 80)}
+    rows, files = [], []
+    for study, (low, high) in studies.items():
+        for number in range(8):
+            pid = f"sub-{study}n{number}"
+            age = float(rng.uniform(low, high))
+            factor = 1.3 if study == "s4" else 1.04 if study == "s1" else 1.0
+            median = (2.95 - 0.01 * age + rng.normal(0, 0.145)) * factor
+            rows.append({"participant_id": pid, "age": age, "sex": "F", "study": study})
+            files.append(tmp_path / f"{pid}_qc.json")
+            files[-1].write_text(json.dumps({
+                "participant_id": pid, "dice": 0.95, "correlation": 0.8, "coverage": 0.9,
+                "maps": {"stiffness": {"median": median, "p01": 1, "p99": 4, "voxels": 9}}}))
+    participants = pd.DataFrame(rows)
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+    with caplog.at_level("WARNING", logger="brainage.qc"):
+        table = tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
+    found = re.findall(r"QC: the maps of study (\w+) \(8 subjects\) are on average (\d+) % "
+                       r"stiffer than the other studies' at the same ages \(\+([\d.]+) "
+                       r"residual standard deviations", caplog.text)
+    assert [(study, abs(int(percent) - 30) <= 6, float(sd) >= 3) for study, percent, sd
+            in found] == [("s4", True, True)], caplog.text
+    assert "another MRE drive frequency or inversion?" in caplog.text
+    saved = read_qc_table(tmp_path / "qc.tsv")
+    assert saved["median_stiffness"].to_numpy() == pytest.approx(
+        [json.loads(path.read_text())["maps"]["stiffness"]["median"] for path in files])
+    assert table["qc_pass"].all()
+    # QC files of earlier versions (no median): no column values, no warning
+    for path in files:
+        path.write_text(json.dumps({key: value for key, value
+                                    in json.loads(path.read_text()).items() if key != "maps"}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.qc"):
+        table = tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
+    assert table["median_stiffness"].isna().all() and "the maps of study" not in caplog.text
+
+
 def _passing_qc_files(folder: Path, field: str, values: dict) -> list[Path]:
     """A passing QC JSON per subject of ``values``, with ``field`` set to its value."""
     files = []

@@ -42,10 +42,14 @@ from brainage.normalise import apply as apply_normalisation
 from brainage.normalise import check_grid
 from brainage.preprocess.images import load_volume
 from brainage.qc import (
+    LEVEL_TOLERANCE_SD,
     METRICS,
     QC_THRESHOLDS,
+    describe_stiffness_offset,
+    median_stiffness,
     qc_failures,
     read_qc_records,
+    stiffness_offset,
     thresholds,
     warn_about_mixed_references,
 )
@@ -398,6 +402,11 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         model.bundle.manifest.get("training", {}).get("registration_references"))
     _warn_about_skull_strippers_unlike_training(
         cohort, labels, routes, model.bundle.manifest.get("training", {}).get("skullstrip_routes"))
+    _warn_about_stiffness_unlike_training(
+        cohort, participants["age"].to_numpy(dtype=np.float64)[passed],
+        [median_stiffness(record) for label, ok in zip(labels, passed) if ok
+         for record in read_qc_records([qc[label]]).values()],
+        model.bundle.manifest.get("training", {}).get("stiffness_by_age"))
     seen_in_training = seen_in_training or {}
     seen_as = [seen_in_training.get(pid, "") for pid in participants["participant_id"]]
     seen = np.array([bool(what) for what in seen_as], dtype=bool)
@@ -441,6 +450,15 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
                             where=f"cohort {cohort} group {bias_reference_group!r}")
         bias_source = (f"cohort {cohort} group {bias_reference_group!r} "
                        f"({reference.sum()} subjects)")
+        if bias.slope <= -MAX_REFIT_SLOPE:
+            log.warning(
+                "cohort %s: the predicted ages of group %r hardly rise with their ages (the "
+                "refitted gap falls %.2f years per year of age; predictions carrying no age "
+                "would give -1): the refit turns predictions into ages, so its corrected "
+                "ages look right whatever the model saw, and its corrected gaps say little. "
+                "Check the cohort's maps (another drive frequency, inversion or "
+                "preprocessing than the training maps?) and the uncorrected gaps before "
+                "reading them.", cohort, bias_reference_group, -bias.slope)
     log.info("age-bias correction from %s: %s", bias_source, bias)
     training = model.bundle.manifest.get("training", {})
     table["status"] = np.where(passed, np.where(seen, "seen_in_training", "predicted"),
@@ -579,6 +597,34 @@ def _unlike_training(labels: Sequence[str], values: Sequence[str],
     return (len(unlike), " or ".join(sorted({value for _, value in unlike})),
             ", ".join(name for name, _ in unlike[:10]) + (", ..." if len(unlike) > 10 else ""),
             ", ".join(f"{value} ({count})" for value, count in known.items()))
+
+
+#: A refitted age-bias line whose gap falls faster than this per year of age is warned
+#: of: the predictions hardly follow age (a model's usual slopes are -0.2 to -0.7).
+MAX_REFIT_SLOPE = 0.9
+
+
+def _warn_about_stiffness_unlike_training(cohort: str, ages: np.ndarray,
+                                          medians: Sequence[float | None],
+                                          trained: Mapping | None) -> None:
+    """Warn when the cohort's maps lie, at their ages, far from the model's training
+    subjects' (the bundle's ``training.stiffness_by_age``, :data:`LEVEL_TOLERANCE_SD`):
+    maps of another drive frequency or inversion pass every check and QC (none depends on
+    the scale), and the model reads the offset as age; a review's cohort 30 % stiffer was
+    predicted 26-32 years old at ages 21-76, without a word."""
+    offset = trained and stiffness_offset(
+        trained, ages, [np.nan if median is None else median for median in medians])
+    if offset and abs(offset[0]) >= LEVEL_TOLERANCE_SD:
+        log.warning(
+            "cohort %s: its subjects' maps are on average %s than the model's training "
+            "subjects' at the same ages (%+.1f residual standard deviations of their line of "
+            "median stiffness against age; %d subjects): maps of another MRE drive "
+            "frequency or inversion than the training maps? The model reads such an offset "
+            "as age, so every gap carries it, and an age-bias refit on the cohort's own "
+            "controls (predict.bias_reference_group) hides it rather than removes it. "
+            "Predict maps of the training's frequency and inversion, or harmonise them "
+            "first; where the cohort's condition explains it, read the gaps with that in "
+            "mind.", cohort, describe_stiffness_offset(offset[1]), offset[0], offset[2])
 
 
 def _warn_about_skull_strippers_unlike_training(cohort: str, labels: Sequence[str],

@@ -26,6 +26,7 @@ from brainage.io import sha256_file
 from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 from brainage.normalise import RECORD_KEYS
 from brainage.preprocess.template import template_record
+from brainage.qc import stiffness_by_age
 from brainage.readout import READOUT_DESCRIPTION, load_readout
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,9 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
                      **(qc_value_counts(qc_table, Path(stats_path).with_name("participants.tsv"),
                                         {"registration_references": "reference_kind",
                                          "skullstrip_routes": "skullstrip_route"})
+                        if qc_table is not None else {}),
+                     **(training_maps_record(qc_table,
+                                             Path(stats_path).with_name("participants.tsv"))
                         if qc_table is not None else {})},
     }
     write_bundle(bundle_dir, name=name, encoder_state=payload["model"],
@@ -232,6 +236,28 @@ def qc_value_counts(qc_table: str | Path, split_table: str | Path,
         counts[name] = {str(value): int(count)
                         for value, count in values.value_counts().sort_index().items()}
     return counts
+
+
+def training_maps_record(qc_table: str | Path, split_table: str | Path) -> dict:
+    """What the split's training subjects' registered maps look like, from the QC table:
+    ``coverage`` (their least and median share of the template brain) and
+    ``stiffness_by_age`` (the line of their median stiffness against age,
+    :func:`brainage.qc.stiffness_by_age`), by which a cohort of maps from another drive
+    frequency or inversion is told (:func:`brainage.apply.predict_cohort`). Empty where
+    the QC table predates the median (``median_stiffness``)."""
+    import pandas as pd
+
+    qc = pd.read_csv(qc_table, sep="\t").set_index("participant_id")
+    split = pd.read_csv(split_table, sep="\t", dtype={"participant_id": str})
+    training = split.loc[split["subset"] == "train"].set_index("participant_id")
+    coverage = qc["coverage"].reindex(training.index).dropna()
+    record = {"coverage": {"min": float(coverage.min()), "median": float(coverage.median())}
+              } if len(coverage) else {}
+    if "median_stiffness" in qc.columns:
+        line = stiffness_by_age(training["age"], qc["median_stiffness"].reindex(training.index))
+        if line is not None:
+            record["stiffness_by_age"] = line
+    return record
 
 
 def check_training_settings(payload: Mapping, settings: Mapping, *,
@@ -340,6 +366,19 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         references_line += ("- training subjects' T1w skull-stripped by: "
                             + ", ".join(f"{route} {count}" for route, count in routes.items())
                             + " (a cohort is best stripped by the same tool)\n")
+    coverage, line = training.get("coverage"), training.get("stiffness_by_age")
+    if coverage:  # absent in bundles exported before they were recorded
+        references_line += (f"- training subjects' maps covered {coverage['min']:.2f}-"
+                            f"{coverage['median']:.2f} (least-median) of the template brain "
+                            f"(predictions.tsv's qc_coverage: a cohort covering less is "
+                            f"predicted from less brain than the model learnt from)\n")
+    if line:
+        references_line += (
+            f"- training subjects' median stiffness: {line['intercept_kpa']:.2f} "
+            f"{line['slope_kpa_per_year']:+.4f} x age kPa (residual sd "
+            f"{line['residual_sd_kpa']:.2f} kPa): predict maps of the training's MRE drive "
+            f"frequency and inversion (stiffness rises with the frequency; a cohort far from "
+            f"this line is warned of)\n")
     record = fields["normalisation"]
     qc = {key: value for key, value in (fields["preprocessing"].get("qc") or {}).items()
           if key.startswith("min_")}

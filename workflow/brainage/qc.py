@@ -49,8 +49,17 @@ METRIC_AXES = {"dice": ("Dice, warped and template brain masks", 1.0),
                "correlation": ("correlation with the template T1", 1.0),
                "coverage": ("brain coverage [%]", 100.0)}
 QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "correlation_map", "coverage",
-              "reference_correlation", "reference_kind", "skullstrip_route", "qc_pass",
-              "qc_failures")
+              "reference_correlation", "reference_kind", "skullstrip_route",
+              "median_stiffness", "qc_pass", "qc_failures")
+#: How far a study's (or a cohort's) subjects may lie, on average, from the line of median
+#: stiffness against age of the others (in residual standard deviations of that line)
+#: before a warning. Stiffness rises with MRE's drive frequency (about 30 % from 30 to
+#: 50 Hz) and differs between inversions as an age effect would: a study 30 % stiffer lies
+#: about 5 from the demo's line; the demo's simulated studies lie within 1.8 of the others'
+#: line (two subjects 11 % stiffer), its accelerated-ageing group at 1.1.
+LEVEL_TOLERANCE_SD = 3.0
+#: Fewest subjects with an age and a median stiffness whose line a level is compared with.
+MIN_LEVEL_SUBJECTS = 5
 
 
 def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
@@ -337,6 +346,7 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
         rows.append({"participant_id": participant.participant_id, "study": participant.study,
                      **{key: record.get(key) for key in QC_COLUMNS
                         if key not in ("participant_id", "study", "qc_pass", "qc_failures")},
+                     "median_stiffness": median_stiffness(record),
                      "qc_pass": not failures, "qc_failures": "; ".join(failures)})
     table = pd.DataFrame(rows, columns=list(QC_COLUMNS))
     failed = table[~table["qc_pass"]]
@@ -351,6 +361,8 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
                     "true leaves it out of every split.", row.participant_id, row.study,
                     row.qc_failures, figures.get(row.participant_id, "(none)"))
     _warn_about_mixed_skull_strippers(table)
+    if "age" in participants.columns:
+        _warn_about_studies_of_another_stiffness(table, participants["age"])
     recorded = table["reference_kind"].notna()  # QC files of earlier versions lack it
     warn_about_mixed_references(
         f"the cohort of {out_table}", table["participant_id"][recorded],
@@ -362,6 +374,75 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
              ", ".join(f"{key} {value:g}" for key, value in minimums.items()))
     write_tsv(out_table, table)
     return table
+
+
+def median_stiffness(record: Mapping) -> float | None:
+    """The median of a QC record's registered stiffness map in the template brain (kPa;
+    :func:`map_summary`), or None where the record has none."""
+    value = ((record.get("maps") or {}).get("stiffness") or {}).get("median")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else None
+
+
+def stiffness_by_age(ages: Sequence[float], medians: Sequence[float]) -> dict | None:
+    """The least-squares line of the subjects' median stiffness (kPa) against their age
+    (years), over those with both: ``intercept_kpa``, ``slope_kpa_per_year``,
+    ``residual_sd_kpa`` and ``n_subjects``; None for fewer than :data:`MIN_LEVEL_SUBJECTS`,
+    all of one age, or no scatter."""
+    ages, medians = (np.asarray(values, dtype=np.float64) for values in (ages, medians))
+    known = np.isfinite(ages) & np.isfinite(medians)
+    ages, medians = ages[known], medians[known]
+    if len(ages) < MIN_LEVEL_SUBJECTS or np.ptp(ages) == 0:
+        return None
+    slope, intercept = np.polyfit(ages, medians, 1)
+    residuals = medians - (intercept + slope * ages)
+    residual_sd = float(np.sqrt(residuals @ residuals / (len(ages) - 2)))
+    if residual_sd == 0:
+        return None
+    return {"intercept_kpa": float(intercept), "slope_kpa_per_year": float(slope),
+            "residual_sd_kpa": residual_sd, "n_subjects": int(len(ages))}
+
+
+def stiffness_offset(line: Mapping, ages: Sequence[float], medians: Sequence[float]
+                     ) -> tuple[float, float, int] | None:
+    """How the subjects' median stiffness lies against ``line`` (:func:`stiffness_by_age`),
+    on average over those with an age and a median: (residual standard deviations, ratio
+    to the line's value at their ages, subjects); None without such a subject."""
+    ages, medians = (np.asarray(values, dtype=np.float64) for values in (ages, medians))
+    known = np.isfinite(ages) & np.isfinite(medians)
+    if not known.any():
+        return None
+    expected = line["intercept_kpa"] + line["slope_kpa_per_year"] * ages[known]
+    return (float(np.mean(medians[known] - expected) / line["residual_sd_kpa"]),
+            float(np.mean(medians[known] / expected)), int(known.sum()))
+
+
+def describe_stiffness_offset(ratio: float) -> str:
+    """``31 % stiffer`` or ``24 % softer``."""
+    return f"{abs(ratio - 1) * 100:.0f} % {'stiffer' if ratio > 1 else 'softer'}"
+
+
+def _warn_about_studies_of_another_stiffness(table: pd.DataFrame, ages: pd.Series) -> None:
+    """Warn of a study whose subjects' maps lie, at their ages, far from the other studies'
+    (:data:`LEVEL_TOLERANCE_SD`): another drive frequency or inversion, which the network
+    and the read-out learn as the study, and which no other check sees (Dice, correlation
+    and coverage do not depend on the maps' scale)."""
+    ages = pd.to_numeric(pd.Series(ages).reset_index(drop=True), errors="coerce")
+    medians = pd.to_numeric(table["median_stiffness"], errors="coerce")
+    for study in table["study"].dropna().unique():
+        in_study = (table["study"] == study).to_numpy()
+        line = stiffness_by_age(ages[~in_study], medians[~in_study])
+        offset = line and stiffness_offset(line, ages[in_study], medians[in_study])
+        if offset and abs(offset[0]) >= LEVEL_TOLERANCE_SD:
+            log.warning(
+                "QC: the maps of study %s (%d subjects) are on average %s than the other "
+                "studies' at the same ages (%+.1f residual standard deviations of their "
+                "line of median stiffness against age): another MRE drive frequency or "
+                "inversion? The network and the read-out learn the study from such an "
+                "offset, and its subjects' brain-age gaps carry it. Pool studies of one "
+                "frequency and inversion, or harmonise their maps first (README, 'Your own "
+                "data'); qc.tsv lists each subject's median_stiffness (kPa).", study,
+                offset[2], describe_stiffness_offset(offset[1]), offset[0])
 
 
 #: The tool behind each recorded skull-stripping route (the program that ran);
