@@ -591,6 +591,33 @@ def test_metrics_of_test_subjects_of_one_age_leave_the_undefined_ones_out():
     assert metrics["mae"] == pytest.approx(2.0)
 
 
+def test_metrics_of_two_test_subjects_give_no_correlation_and_no_slope():
+    # a pilot of 8-12 subjects leaves 2 test subjects at the default 20 %: two points give
+    # r = 1.000 (Table 3 printed it for every row) and an exact line, arithmetic both
+    metrics = compute_metrics(np.array([25.6, 61.2]), np.array([34.0, 47.0]),
+                              np.array(["a", "a"]))
+    assert metrics["pearson_r"] is None and metrics["gap_age_slope"] is None
+    assert metrics["mae"] == pytest.approx((8.4 + 14.2) / 2)
+    assert metrics["r2"] is not None  # defined: the error against the ages' spread
+    three = compute_metrics(np.array([25.6, 61.2, 40.0]), np.array([34.0, 47.0, 41.0]),
+                            np.array(["a", "a", "a"]))
+    assert three["pearson_r"] is not None and three["gap_age_slope"] is not None
+
+
+def test_three_training_subjects_are_not_told_to_widen_a_grid_nothing_was_chosen_from(
+        tmp_path, caplog):
+    # every alpha scores NaN with 3 training subjects and the grid's first is kept: the
+    # next warning said cross-validation "chose" the grid's smallest and to widen the grid
+    split_dir = write_split(tmp_path / "dataset", n_subjects=4, n_test=1, shape=(4, 4, 4))
+    settings = tiny_settings(model={"encoder": "none"},
+                             readout={"method": "ridge", "alphas": [0.01, 1.0, 100.0]})
+    with caplog.at_level("WARNING"):
+        evaluate_encoder(split_dir, None, settings, metrics_path=tmp_path / "metrics.json",
+                         predictions_path=tmp_path / "predictions.tsv")
+    assert "every alpha scores NaN" in caplog.text
+    assert "beyond the grid" not in caplog.text, caplog.text
+
+
 def test_predictions_and_metrics_describe_the_splits_own_subjects(tmp_path):
     """predictions.tsv holds train rows then test rows: each row's study, age and subset
     are that participant's in participants.tsv, and metrics.json, the read-out's training

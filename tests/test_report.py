@@ -839,6 +839,47 @@ def test_a_study_mean_baseline_under_leave_one_study_out_says_it_is_the_training
             for ext in (".md", ".tex"):
                 written = Path(layout.table(name, ext)).read_text()
                 assert (tables.STUDY_MEAN_UNDER_LOSO[:40] in written) == noted, (splits, name)
+        # its comparison is the training-mean row's: once in Table 3b and in Holm's family
+        compared = pd.read_csv(layout.table("table3_paired", ".csv"))["baseline"].tolist()
+        assert sorted(compared) == (["train_mean"] if noted else ["study_mean", "train_mean"])
+
+
+def test_a_study_mean_baseline_of_a_one_study_cohort_says_it_is_the_training_mean(tmp_path):
+    """A lab of one study (the commonest first user) got a study-mean row identical to the
+    training-mean row, shown as a result of its own, and Table 3b tested it twice: Holm's
+    adjustment over the duplicate raised the training-mean row's p from 0.037 to 0.049."""
+    layout = Layout(results=str(tmp_path / "results"))
+    config = validate_config({"experiments": {"table3": {"seeds": [0, 1], "variants": {
+        "adaptive": {"loss": {"name": "adaptive"}},
+        "study_mean": {"model": {"encoder": "none"}, "readout": {"method": "study_mean"}},
+        "train_mean": {"model": {"encoder": "none"}, "readout": {"method": "train_mean"}}}}}})
+    settings = targets.experiment_settings(config)
+    stems = {name: layout.table(name, "") for name in ("table3_losses", "table3_paired")}
+    for studies, one in ((["mylab"], True), (STUDIES, False)):
+        participants = participants_table(16)
+        participants["study"] = [studies[i % len(studies)] for i in range(len(participants))]
+        table_path = tmp_path / "participants.tsv"
+        participants.to_csv(table_path, sep="\t", index=False)
+        metrics = []
+        for variant in settings["table3"]:
+            for seed in (0, 1):
+                write_cell(layout, "holdout", "table3", variant, seed, participants,
+                           loss="adaptive")
+                metrics.append(layout.cell_file("holdout", "table3", variant, seed,
+                                                "metrics.json"))
+        tables.make_tables(metrics=metrics, participants=table_path, settings=settings,
+                           outputs=stems)
+        written = Path(layout.table("table3_losses", ".md")).read_text()
+        assert (tables.STUDY_MEAN_OF_ONE_STUDY in written) == one, studies
+        paired = pd.read_csv(layout.table("table3_paired", ".csv"))
+        assert sorted(paired["baseline"]) == (["train_mean"] if one
+                                               else ["study_mean", "train_mean"])
+        assert (tables.STUDY_MEAN_LEFT_OUT in Path(layout.table("table3_paired", ".md"))
+                .read_text()) == one
+        # Holm over the rows Table 3b holds: one row's p is its own
+        if one:
+            assert paired["subject_p_holm"].tolist() == pytest.approx(
+                paired["subject_p_value"].tolist(), nan_ok=True)
 
 
 def test_latex_caption_of_an_ablation_named_with_an_underscore_is_escaped(tmp_path):

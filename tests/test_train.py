@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -798,6 +799,17 @@ def test_batch_larger_than_training_set(split_dir, tmp_path):
                                           r"pretrain\.<run>\.train\.batch_size\) is 32"):
         train_encoder(split_dir, training_settings(resolve_cell(pretraining)),
                       **cell_paths(tmp_path))
+    # subjects qc.exclude_failed left out: the message said only to lower the batch
+    excluded = tmp_path / "excluded_split"
+    shutil.copytree(split_dir, excluded)
+    stats = json.loads((excluded / "stats.json").read_text())
+    stats["excluded"] = [{"participant_id": "sub-x1", "reason": "QC: coverage 0.5 < 0.7"},
+                         {"participant_id": "sub-x2", "reason": "QC: dice 0.5 < 0.85"}]
+    (excluded / "stats.json").write_text(json.dumps(stats))
+    with pytest.raises(ConfigError, match=r"only 18 training subjects \(after "
+                                          r"qc\.exclude_failed left out 2 subject\(s\) failing "
+                                          r"QC, listed under 'excluded' in its stats\.json"):
+        train_encoder(excluded, tiny_settings(train={"batch_size": 32}), **cell_paths(tmp_path))
 
 
 def test_a_damaged_pretrained_encoder_names_model_init(split_dir, tmp_path):

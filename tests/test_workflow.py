@@ -653,6 +653,39 @@ def test_dry_run_stops_on_a_batch_larger_than_the_training_split(tmp_path):
 
 
 @pytest.mark.workflow
+def test_dry_run_warns_when_qc_exclusions_leave_a_split_fewer_subjects_than_a_batch(tmp_path):
+    """qc.exclude_failed drops the subjects failing QC after the plan's batch check, which
+    counted them: every train_encoder job then failed, after the normalisation, naming a
+    pretraining key and not QC. Where the QC files of an earlier run are there, the plan
+    says it, as a warning: this run may preprocess those subjects again."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    config = user_config(tmp_path, root, split={"scheme": "holdout", "test_fraction": 0.3},
+                         train={"batch_size": 6}, qc={"exclude_failed": True},
+                         experiments=ONE_VARIANT)
+    layout = Layout()
+    participants = [line.split("\t")[0] for line in
+                    (root / "participants.tsv").read_text().splitlines()[1:]]
+    failing = participants[:5]  # 7 train, 3 test: 5 failing leave at most 5 to train
+    for pid in participants:
+        path = tmp_path / subject_files(layout, pid[len("sub-"):])["qc_json"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"participant_id": pid, "dice": 0.95, "correlation": 0.8,
+                                    "coverage": 0.5 if pid in failing else 0.9}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"Warning: config: config key train\.batch_size is 6 \(used by "
+                     r"experiments\.table3\.variants\.yaware\) but split holdout has only "
+                     r"[0-5] training subjects \(after qc\.exclude_failed leaves out the 5 "
+                     r"subject\(s\) whose QC files fail: " + re.escape(", ".join(failing))
+                     + r"\)\. Lower train\.batch_size to at most [0-5]\. Else every "
+                     r"train_encoder job fails", result.stdout), result.stdout
+    for path in (tmp_path / "results" / "preproc").rglob("*_qc.json"):  # all pass: nothing
+        path.write_text(path.read_text().replace('"coverage": 0.5', '"coverage": 0.9'))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0 and "qc.exclude_failed leaves out" not in result.stdout
+
+
+@pytest.mark.workflow
 @pytest.mark.parametrize("target", [
     "results/pretrain/t1x/qc.tsv",                                  # no such run: a KeyError
     "results/train/fold1/table3/yaware/seed-0/metrics.json",        # holdout: a job that failed

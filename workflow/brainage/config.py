@@ -725,7 +725,9 @@ def check_search_source(config: Mapping[str, Any], experiment: str, variant: str
 
 
 def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, int], *,
-                      source: str = "config") -> None:
+                      source: str = "config",
+                      counted: str = "before QC exclusions, which can only remove more"
+                      ) -> None:
     """Stop before any job when a grid cell's batch is larger than a split's training set.
 
     Parameters
@@ -736,6 +738,8 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
         Training subjects per split name before QC exclusion
         (:func:`brainage.normalise.training_counts`): exclusions can only lower them, so a
         batch larger than one of these fails in training for certain.
+    counted
+        How they were counted, as the message says it.
 
     Raises
     ------
@@ -761,8 +765,8 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
     if too_large:
         raise ConfigError("\n".join(
             f"{source}: config key {key} is {batch_size} (used by {', '.join(users)}) but "
-            f"split {smallest_split} has only {smallest} training subjects (before QC "
-            f"exclusions, which can only remove more). Lower {key} to at most {smallest}"
+            f"split {smallest_split} has only {smallest} training subjects ({counted}). "
+            f"Lower {key} to at most {smallest}"
             + _and_neighbourhoods(_neighbourhoods_over(config, smallest, key))
             for (key, batch_size), users in too_large.items()))
 

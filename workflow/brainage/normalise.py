@@ -33,7 +33,7 @@ import math
 import re
 import zlib
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -259,28 +259,33 @@ def check_pretraining_cohort(pretraining: pd.DataFrame, participants: pd.DataFra
 
 def training_counts(participants: pd.DataFrame, split_settings: Mapping, *,
                     fraction_key: str = "split.test_fraction",
-                    eval_subset: str = "test") -> dict[str, int]:
+                    eval_subset: str = "test", left_out: Collection[str] = ()
+                    ) -> dict[str, int]:
     """Training subjects of every split (config section ``split``) of a participants table.
 
     Counted before QC exclusion (``qc.exclude_failed`` drops subjects after the split is
     assigned, :func:`normalise_dataset`), so a split's ``images.npy`` holds at most this
-    many training subjects. ``fraction_key``, ``eval_subset``: as :func:`assign_split`.
+    many training subjects; ``left_out``: the participant_ids that exclusion drops, where
+    known. ``fraction_key``, ``eval_subset``: as :func:`assign_split`.
     """
     return {name: sum(sizes.values())
             for name, sizes in training_study_sizes(participants, split_settings,
                                                     fraction_key=fraction_key,
-                                                    eval_subset=eval_subset).items()}
+                                                    eval_subset=eval_subset,
+                                                    left_out=left_out).items()}
 
 
 def training_study_sizes(participants: pd.DataFrame, split_settings: Mapping, *,
                          fraction_key: str = "split.test_fraction",
-                         eval_subset: str = "test") -> dict[str, dict[str, int]]:
+                         eval_subset: str = "test", left_out: Collection[str] = ()
+                         ) -> dict[str, dict[str, int]]:
     """Training subjects per study of every split, counted as :func:`training_counts`."""
     sizes = {}
+    kept = ~participants["participant_id"].isin(set(left_out)).to_numpy()
     for name in split_names(participants, **split_settings):
         subset = assign_split(participants, name, **split_settings,
                               fraction_key=fraction_key, eval_subset=eval_subset)
-        training = participants["study"].astype(str)[np.asarray(subset == "train")]
+        training = participants["study"].astype(str)[np.asarray(subset == "train") & kept]
         sizes[name] = {str(study): int(n) for study, n in training.value_counts().items()}
     return sizes
 

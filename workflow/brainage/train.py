@@ -217,9 +217,14 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     n_train = len(split.train_index)
     if batch_size > n_train and epochs > 0:  # an untrained encoder takes no batch
         key = _train_key(settings, "batch_size")
+        excluded = split.stats.get("excluded") or []
         raise ConfigError(f"config key {key} is {batch_size} but split {split.name} "
-                          f"has only {n_train} training subjects. Lower {key} to at "
-                          f"most {n_train}.")
+                          f"has only {n_train} training subjects"
+                          + (f" (after qc.exclude_failed left out {len(excluded)} subject(s) "
+                             f"failing QC, listed under 'excluded' in its stats.json: fix "
+                             f"their preprocessing, or set qc.exclude_failed: false)"
+                             if excluded else "")
+                          + f". Lower {key} to at most {n_train}.")
     if processes.is_distributed:  # with 0 epochs too: the others wait for rank 0's writes
         if epochs > 0:
             check_shares(n_train, batch_size, processes, key=_train_key(settings, "batch_size"))

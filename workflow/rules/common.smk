@@ -27,7 +27,8 @@ from brainage.modalities import grid_modality, input_path, modalities_to_predict
 from brainage.modalities import tag as modality_tag
 from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
 from brainage.preprocess.skullstrip import strip_skull_memory_mb
-from brainage.qc import thresholds
+from brainage.qc import METRICS as QC_METRICS
+from brainage.qc import qc_failures, read_qc_records, thresholds
 from brainage.report.targets import (
     EMBEDDINGS_FIGURE,
     MODALITIES_FIGURE,
@@ -671,6 +672,42 @@ def check_training_set_sizes():
     except InputError as error:  # the cohort's table, not a setting
         raise WorkflowError(f"the training cohort (config key dataset.root):\n{error}") from None
     _BATCH_SIZES_CHECKED.append(True)
+    if config["qc"]["exclude_failed"]:
+        warn_about_training_sets_after_qc_exclusions()
+
+
+def warn_about_training_sets_after_qc_exclusions():
+    """With qc.exclude_failed, say while the job graph is built when the subjects whose QC
+    files (of an earlier run) fail would leave a split fewer training subjects than a grid
+    cell's batch: every train_encoder job would fail after the normalisation. A warning,
+    not a refusal: this run may preprocess those subjects again (a fixed T1w), and a
+    refusal would stop it, --until tabulate_qc too."""
+    files = {label: subject_files(LAYOUT, label)["qc_json"] for label in subjects()}
+    if not all(Path(path).is_file() for path in files.values()):
+        return  # the first run: QC comes later
+    try:
+        records = read_qc_records(list(files.values()), require=QC_METRICS)
+    except InputError:
+        return  # a file this run remakes
+    minimums = thresholds(config["qc"])
+    failing = sorted(pid for pid, record in records.items() if qc_failures(record, minimums))
+    if not failing:
+        return
+    counts = training_counts(planned_participants(), config["split"], left_out=failing)
+    try:
+        check_batch_sizes(
+            config,
+            counts,
+            source="config",
+            counted=f"after qc.exclude_failed leaves out the {len(failing)} subject(s) "
+            f"whose QC files fail: {', '.join(failing[:10])}"
+            + (", ..." if len(failing) > 10 else ""),
+        )
+    except ConfigError as error:
+        _say(
+            f"Warning: {error} Else every train_encoder job fails after the normalisation; "
+            f"or fix those subjects' preprocessing, or set qc.exclude_failed: false."
+        )
 
 
 _VOXEL_MEMORY_CHECKED = []

@@ -545,13 +545,31 @@ STUDY_MEAN_UNDER_LOSO = ("Leave-one-study-out: no test subject's study has train
                          "nothing of site identity.")
 
 
+#: With one study the study-mean read-out's one mean is the training mean.
+STUDY_MEAN_OF_ONE_STUDY = ("One study: the study-mean baseline predicts the training mean "
+                           "age, as the training-mean row does, and measures nothing of "
+                           "site identity.")
+#: ... and its paired comparison would be the training-mean row's, tested twice.
+STUDY_MEAN_LEFT_OUT = ("Table 3b leaves the study-mean row out: its comparison would be the "
+                       "training-mean row's, counted twice in Holm's adjustment.")
+
+
 def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Path,
-                 paired_stem: str | Path, *, leave_one_study_out: bool = False) -> None:
+                 paired_stem: str | Path, *, leave_one_study_out: bool = False,
+                 one_study: bool = False) -> None:
     """Table 3 (ours beside the paper's, labelled; the baselines on the same split below the
-    losses) and the paired comparison; ``leave_one_study_out``: split scheme ``loso``, under
-    which the study-mean baseline is the training mean (a note says so)."""
-    study_mean_note = ([STUDY_MEAN_UNDER_LOSO] if leave_one_study_out and
-                       (table["label"] == baseline_label("study_mean")).any() else [])
+    losses) and the paired comparison; ``leave_one_study_out`` (split scheme ``loso``) or
+    ``one_study`` (a cohort of one study): the study-mean baseline is the training mean (a
+    note says so), and Table 3b leaves it out where the training-mean row is there too."""
+    study_mean = table["label"] == baseline_label("study_mean")
+    study_mean_note = ([STUDY_MEAN_UNDER_LOSO if leave_one_study_out
+                        else STUDY_MEAN_OF_ONE_STUDY]
+                       if (leave_one_study_out or one_study) and study_mean.any() else [])
+    if study_mean_note and (table["label"] == baseline_label("train_mean")).any():
+        paired = paired[~paired["baseline"].isin(set(table.loc[study_mean, "variant"]))
+                        ].reset_index(drop=True)
+        paired["subject_p_holm"] = holm_adjusted(paired["subject_p_value"])
+        study_mean_note.append(STUDY_MEAN_LEFT_OUT)
     # Table 3's order, not the order of the metrics files a caller read
     order = {variant: rank for rank, variant in enumerate(table["variant"])}
     paired = paired.sort_values("baseline", key=lambda names: names.map(order),
@@ -887,6 +905,8 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
     # leave-one-study-out: every split tests a study that has no training subjects
     one_study_out = bool(len(read)) and read["split"].astype(str).str.fullmatch(
         split_name_pattern("loso")).all()
+    one_study = participants is not None and pd.read_csv(
+        participants, sep="\t", usecols=["study"], dtype=str)["study"].nunique() == 1
     pretraining = dict(pretraining or {})
     for name, stem in outputs.items():
         if name == "table2_cohort":
@@ -899,7 +919,7 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
             paired = paired_comparison(seeds, errors=subject_errors(read,
                                                                    predictions=predictions))
             write_table3(table, paired, stem, outputs["table3_paired"],
-                         leave_one_study_out=one_study_out)
+                         leave_one_study_out=one_study_out, one_study=one_study)
         elif name == "table3_paired":
             continue  # written with table3_losses
         elif name == SEARCH_NAME:
