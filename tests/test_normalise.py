@@ -565,6 +565,19 @@ def test_qc_failures_are_excluded_with_their_reason_or_the_split_ignores_the_thr
                                   "reason": "QC: dice 0.500 < 0.85"}]
     assert "sub-s103" not in table["participant_id"].tolist() and images.shape[0] == 11
     assert "excluding sub-s103" in caplog.text
+    assert "without any subject" not in caplog.text
+    # a whole study failing (its slab short of qc.min_coverage) was named subject by subject,
+    # and no line said that the study left the split, the tables and the model
+    qc = pd.read_csv(small_dataset["qc"], sep="\t")
+    qc.loc[qc["study"] == "s3", ["coverage", "qc_pass", "qc_failures"]] = [
+        0.45, False, "coverage 0.450 < 0.7"]
+    qc.to_csv(small_dataset["qc"], sep="\t", index=False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        stats, images, table = _run(small_dataset, exclude_failed=True)
+    assert set(table["study"]) == {"s1", "s2"}
+    assert ("split holdout: qc.exclude_failed leaves study/studies s3 without any subject "
+            "(every one failed QC)") in caplog.text
 
 
 def test_qc_exclusions_that_empty_the_test_set_stop_the_split_naming_qc(small_dataset):

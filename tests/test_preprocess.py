@@ -1737,6 +1737,9 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
                      rf".* Config key qc\.exclude_failed decides what happens to it: false "
                      rf"\(the default\) trains on and evaluates it as any subject, true leaves "
                      rf"it out of every split\.", caplog.text), caplog.text
+    assert "(a failed skull stripping or registration, or a T1w from another session" \
+        in caplog.text and "short MRE slab" not in caplog.text
+    assert "every subject of study" not in caplog.text  # s1 has one passing
     saved = read_qc_table(tmp_path / "qc.tsv")
     assert saved["qc_pass"].tolist() == [True, False, True]
     assert saved["dice"].tolist() == [0.9, 0.8, 0.9]
@@ -1789,6 +1792,34 @@ def test_a_study_of_maps_stiffer_than_the_others_at_their_ages_is_warned_about(t
     with caplog.at_level("WARNING", logger="brainage.qc"):
         table = tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
     assert table["median_stiffness"].isna().all() and "the maps of study" not in caplog.text
+
+
+def test_a_study_whose_every_subject_misses_the_coverage_threshold_is_named_once(tmp_path,
+                                                                                caplog):
+    """A study acquired with a short MRE slab fails coverage subject by subject: each line
+    named a T1w from another session and a failed registration, which did not apply (Dice
+    0.96, reference correlation 0.93), and nothing said it was the study's acquisition."""
+    from brainage.qc import tabulate_qc
+
+    participants = pd.DataFrame({"participant_id": [f"sub-{i:02d}" for i in range(5)],
+                                 "age": [30.0, 40.0, 50.0, 60.0, 70.0], "sex": "F",
+                                 "study": ["a", "a", "b", "b", "b"]})
+    files = []
+    for index, pid in enumerate(participants["participant_id"]):
+        files.append(tmp_path / f"{pid}_qc.json")
+        files[-1].write_text(json.dumps({"participant_id": pid, "dice": 0.96,
+                                         "correlation": 0.6,
+                                         "coverage": 0.45 if index >= 2 else 0.9}))
+    minimums = {"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7}
+    with caplog.at_level("WARNING", logger="brainage.qc"):
+        tabulate_qc(files, participants, tmp_path / "qc.tsv", minimums=minimums)
+    assert re.search(r"QC flags sub-02 \(b\): coverage 0\.450 < 0\.7\. Look at its QC figure "
+                     r"\S+ \(a short MRE slab or a cut field of view: the map covers too little "
+                     r"of the template brain, however well it is registered\)", caplog.text)
+    assert "a T1w from another session" not in caplog.text
+    assert caplog.text.count("QC: every subject of study") == 1
+    assert ("QC: every subject of study b (3) misses the coverage threshold: the study's "
+            "acquisition or preprocessing rather than its subjects") in caplog.text
 
 
 def _passing_qc_files(folder: Path, field: str, values: dict) -> list[Path]:

@@ -578,6 +578,11 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
             excluded.append({"participant_id": row.participant_id, "reason": reason})
             log.warning("split %s: excluding %s (%s set): %s (qc.exclude_failed)", split,
                         row.participant_id, row.subset, reason)
+        gone = sorted(set(table["study"].astype(str)) - set(table.loc[passed, "study"].astype(str)))
+        if gone:  # the subjects' lines named them one by one, not the study
+            log.warning("split %s: qc.exclude_failed leaves study/studies %s without any "
+                        "subject (every one failed QC): the split, the tables and the model "
+                        "have none of it.", split, ", ".join(gone))
         table = table[passed].reset_index(drop=True)
     if not (table["subset"] == "train").any():
         # the split itself always holds one (assign_split): only QC can empty it

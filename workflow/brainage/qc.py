@@ -354,12 +354,14 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
                for path in qc_files}
     for row in failed.itertuples(index=False):
         # a flag alone changed nothing: say what happens to the subject and what to look at
-        log.warning("QC flags %s (%s): %s. Look at its QC figure %s (a T1w from another "
-                    "session or origin than the maps, a failed skull stripping or "
-                    "registration). Config key qc.exclude_failed decides what happens to "
-                    "it: false (the default) trains on and evaluates it as any subject, "
-                    "true leaves it out of every split.", row.participant_id, row.study,
-                    row.qc_failures, figures.get(row.participant_id, "(none)"))
+        log.warning("QC flags %s (%s): %s. Look at its QC figure %s (%s). Config key "
+                    "qc.exclude_failed decides what happens to it: false (the default) trains "
+                    "on and evaluates it as any subject, true leaves it out of every split.",
+                    row.participant_id, row.study, row.qc_failures,
+                    figures.get(row.participant_id, "(none)"),
+                    "; ".join(dict.fromkeys(FAILURE_CAUSES[failure.split()[0]]
+                                            for failure in row.qc_failures.split("; "))))
+    _warn_about_studies_failing_as_a_whole(table)
     _warn_about_mixed_skull_strippers(table)
     if "age" in participants.columns:
         _warn_about_studies_of_another_stiffness(table, participants["age"])
@@ -374,6 +376,34 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
              ", ".join(f"{key} {value:g}" for key, value in minimums.items()))
     write_tsv(out_table, table)
     return table
+
+
+#: What to look for where a subject misses a metric's threshold (tabulate_qc's warning).
+FAILURE_CAUSES = {
+    "dice": "a failed skull stripping or registration, or a T1w from another session or "
+            "origin than the maps",
+    "correlation": "a misregistered map, or a T1w from another session or origin than the "
+                   "maps",
+    "coverage": "a short MRE slab or a cut field of view: the map covers too little of the "
+                "template brain, however well it is registered",
+}
+
+
+def _warn_about_studies_failing_as_a_whole(table: pd.DataFrame) -> None:
+    """One line for a study (of 2 or more subjects) whose every subject misses one
+    threshold: its acquisition (a slab shorter than ``qc.min_coverage`` allows) or its
+    preprocessing, not its subjects, and with ``qc.exclude_failed`` the whole study would
+    leave every split, which the subjects' lines did not say."""
+    for study, rows in table.groupby("study", sort=False):
+        missed = [{failure.split()[0] for failure in failures.split("; ") if failure}
+                  for failures in rows["qc_failures"]]
+        common = set.intersection(*missed) if missed else set()
+        if len(rows) >= 2 and common:
+            log.warning("QC: every subject of study %s (%d) misses the %s threshold: the "
+                        "study's acquisition or preprocessing rather than its subjects (for "
+                        "coverage, an MRE slab shorter than qc.min_coverage allows). With "
+                        "qc.exclude_failed true the whole study leaves every split.", study,
+                        len(rows), " and ".join(sorted(common)))
 
 
 def median_stiffness(record: Mapping) -> float | None:
