@@ -649,6 +649,18 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
     # a list quoted as text, a range: no list to suggest by wrapping it
     ("dataset:\n  modalities: '[stiffness]'\n", "is not of type 'array'\n"),
     ("search:\n  nn_final_range: 2-32\n", "is not of type 'array'\n"),
+    # a variant with its lines commented out: YAML's null
+    ("experiments:\n  table3: {variants: {simclr: }}\n",
+     "'experiments.table3.variants.simclr': None is not of type 'object' (an empty section: "
+     "write {} for one that sets nothing)"),
+    # a name the user chose, with a character the folders and wildcards cannot take: the
+    # refusal printed the regular expression
+    ("predict:\n  cohorts: {patients-2024: /data/p}\n",
+     "config key 'predict.cohorts': the name 'patients-2024' may hold only letters, digits "
+     "and '_': it names folders and Snakemake wildcards. Rename it, e.g. 'patients_2024'"),
+    ("experiments:\n  table3: {variants: {my variant: {}}}\n",
+     "the name 'my variant' may hold only letters, digits, '_', '-' and '.' (not first)"),
+    ("predict:\n  model: {name: my model}\n", "Rename it, e.g. 'my_model'"),
 ])
 def test_a_list_or_section_written_as_one_value_is_told_its_shape(text, hint):
     # the YAML shapes a lab's first config gets wrong got jsonschema's words alone

@@ -420,8 +420,20 @@ def test_a_root_one_level_off_is_told_where_the_dataset_is(tiny_dataset):
 
 def test_missing_column(tiny_dataset):
     _rewrite_table(tiny_dataset, lambda t: t.drop(columns="study"))
-    with pytest.raises(InputError, match=r"lacks column\(s\) study"):
+    # BIDS' own participants.tsv has no study: the refusal named the column, not the fix
+    with pytest.raises(InputError, match=r"lacks column\(s\) study.* for a dataset of one "
+                                         r"study, add a column 'study' with one value \(e\.g\. "
+                                         r"mystudy\) in every row\."):
         read_participants(tiny_dataset)
+
+
+def test_a_required_column_under_another_common_name_is_named(tiny_dataset):
+    # a table's 'gender' for the sex, a multi-site sheet's 'site' for the study
+    _rewrite_table(tiny_dataset, lambda t: t.rename(columns={"sex": "Gender", "study": "site"}))
+    with pytest.raises(InputError) as refused:
+        read_participants(tiny_dataset)
+    assert "If its 'Gender' is the sex, rename it to 'sex'." in str(refused.value)
+    assert "If its 'site' is the study, rename it to 'study'." in str(refused.value)
 
 
 def test_a_required_column_with_spaces_around_its_name_is_named(tiny_dataset):
@@ -481,7 +493,8 @@ def test_columns_without_ages_are_not_named_as_ages(tiny_dataset, name, caplog):
 
 
 @pytest.mark.parametrize("to_predict", [False, True])
-def test_ages_that_participants_json_gives_in_months_are_refused(tiny_dataset, to_predict):
+def test_ages_that_participants_json_gives_in_months_are_refused(tiny_dataset, to_predict,
+                                                                caplog):
     """A paediatric cohort's ages in months (27 to 117) pass every check on the values and
     were read as years; BIDS says the unit in participants.json, which nothing read."""
     assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4  # no sidecar yet
@@ -500,8 +513,13 @@ def test_ages_that_participants_json_gives_in_months_are_refused(tiny_dataset, t
                   "decimal years (months / 12)"):
         sidecar.write_text(json.dumps({"Age": {"units": years}}))
         assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4
-    sidecar.write_text("{not json")  # the pipeline needs no sidecar: a broken one is no unit
-    assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4
+    # the pipeline needs no sidecar: a broken one (a trailing comma) is no unit, but was
+    # ignored without a word, and the months then went unchecked
+    sidecar.write_text('{"age": {"Units": "months",}}')
+    with caplog.at_level("WARNING", logger="brainage.inputs"):
+        assert len(read_participants(tiny_dataset, to_predict=to_predict)) == 4
+    assert re.search(r"participants\.json cannot be read as JSON \(.*\), so the unit it may "
+                     r"give the ages is not checked: correct it", caplog.text), caplog.text
 
 
 def test_a_training_cohort_of_one_age_is_refused(tiny_dataset):
@@ -1020,10 +1038,12 @@ def test_every_missing_image_is_named_at_once(tiny_dataset, monkeypatch):
         read_participants(tiny_dataset)
     lines = str(error.value).splitlines()
     assert lines[0] == "2 input images are missing or unread:"
+    # not "or remove stiffness from the modalities": the map the preprocessing is built
+    # around; without it a model of the other maps alone would train
     assert re.fullmatch(r"  subject sub-01a: stiffness map .*sub-01a_stiffness\.nii\.gz is "
                         r"missing \(config key dataset\.modalities lists stiffness\)\. Add the "
-                        r"file, or remove the subject's row from .*participants\.tsv, or "
-                        r"remove stiffness from the modalities\.", lines[1])
+                        r"file, or remove the subject's row from .*participants\.tsv\.",
+                        lines[1])
     assert re.fullmatch(r"  subject sub-03a: stiffness map .* is missing \(the subject has no "
                         r"folder .*sub-03a\) \(config key .*", lines[2])
     (tiny_dataset / "sub-00a").rename(tiny_dataset / "sub-00A")
@@ -1032,6 +1052,15 @@ def test_every_missing_image_is_named_at_once(tiny_dataset, monkeypatch):
                                          r"case"):
         read_participants(tiny_dataset)
     (tiny_dataset / "sub-00A").rename(tiny_dataset / "sub-00a")
+    # a lab's own name for the map, which no other hint found
+    (tiny_dataset / "sub-00a" / "mre" / "sub-00a_stiffness.nii.gz").rename(
+        tiny_dataset / "sub-00a" / "mre" / "sub-00a_mu.nii.gz")
+    with pytest.raises(InputError, match=r"subject sub-00a: .* is missing .*mre holds "
+                                         r"sub-00a_mu\.nii\.gz: if one is this image, name it "
+                                         r"sub-00a_stiffness\.nii\.gz\."):
+        read_participants(tiny_dataset)
+    (tiny_dataset / "sub-00a" / "mre" / "sub-00a_mu.nii.gz").rename(
+        tiny_dataset / "sub-00a" / "mre" / "sub-00a_stiffness.nii.gz")
     monkeypatch.setattr(inputs, "MAX_MISSING_NAMED", 1)
     with pytest.raises(InputError, match=r"(?s)^2 input images are missing or unread:\n  subject "
                                          r"sub-01a: [^\n]*\n  \.\.\. and 1 more\.$"):

@@ -596,6 +596,17 @@ def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
     assert emitted == [printed.getvalue().rstrip("\n")]
     later = datetime.datetime(2026, 12, 6, 13, 0, 0, tzinfo=datetime.timezone.utc)
     assert say_job_warnings(logs, later, stream=printed) == 0
+    # a long message keeps its end, what to do: it was cut at 300 characters, in the remedy
+    subjects = ", ".join(f"sub-{number:03d}" for number in range(100))
+    (logs / "predict.log").write_text(
+        "===== attempt 1 (2026-12-06T12:00:03+00:00, node1, pid 9) =====\n"
+        f"2026-12-06 12:00:04,100 WARNING brainage.apply: cohort c: {subjects} were "
+        f"registered otherwise. Add their T1w scans.\n")
+    os.utime(logs / "predict.log", (written, written))
+    printed = io.StringIO()
+    say_job_warnings(logs, since, shown=10, stream=printed)
+    line = next(line for line in printed.getvalue().splitlines() if "cohort c" in line)
+    assert line.endswith("were registered otherwise. Add their T1w scans.") and " ... " in line
     assert job_warnings(tmp_path / "no_logs", since) == []
 
 

@@ -2603,6 +2603,12 @@ def test_exported_cell_must_be_trained_by_the_grid():
         exported_cell(config)
     config["predict"]["model"]["variant"] = "untrained"
     assert exported_cell(config) == ("table3", "untrained", 0)
+    # every experiment disabled: it said "Choose one of: none."
+    disabled = {**config, "experiments": {name: {**section, "enabled": False} for name, section
+                                          in config["experiments"].items()}}
+    with pytest.raises(ConfigError, match=r"which no enabled experiment trains\. No enabled "
+                                          r"experiment trains an encoder: enable one"):
+        exported_cell(disabled)
     # an encoder whose read-out ignores its features predicts no subject's brain age
     config["experiments"]["table3"]["variants"]["by_study"] = {
         "loss": {"name": "adaptive"}, "readout": {"method": "study_mean"}}

@@ -190,6 +190,10 @@ def test_missing_openbhb_release_names_its_key(tmp_path):
     assert re.search(r"pretraining run bhb: .*openBHB/participants\.tsv is missing\. .*point "
                      r"config key pretrain\.bhb\.source\.root at that folder", result.stdout), \
         result.stdout
+    # while rule all is planned, not only from prepare_openbhb's input: in a project with
+    # finished outputs Snakemake did not ask that input, and the run ended on its
+    # "filesystem latency" error
+    assert "in check_openbhb_releases" in result.stdout, result.stdout
     assert not (tmp_path / "results").exists()
 
 
@@ -650,6 +654,28 @@ def test_dry_run_stops_on_a_batch_larger_than_the_training_split(tmp_path):
     assert ("config key train.batch_size is 64 (used by experiments.table3.variants.yaware) "
             "but split holdout has only 7 training subjects") in result.stdout, result.stdout
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+def test_a_template_file_that_is_not_there_stops_the_plan_naming_its_key(tmp_path):
+    """A misspelt template.mask in a finished project: Snakemake dropped prepare_template
+    (outputs there, input missing) without a word, and the bundle exported next named the
+    missing file as the template the model was registered to."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    t1 = tmp_path / "tpl_T1w.nii.gz"
+    t1.write_bytes(b"not read by a dry run")
+    config = user_config(tmp_path, root, experiments=ONE_VARIANT, train={"batch_size": 4},
+                         template={"source": "file", "space": "MNI152NLin6Asym",
+                                   "t1": str(t1), "mask": str(tmp_path / "typo_mask.nii.gz")})
+    layout = Layout()
+    for name in ("T1w", "brain_mask"):  # a finished project's template
+        made = tmp_path / layout.template(name)
+        made.parent.mkdir(parents=True, exist_ok=True)
+        made.write_bytes(b"made before")
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert (f"config key template.mask is {str(tmp_path / 'typo_mask.nii.gz')!r}, which is "
+            f"not a file") in result.stdout, result.stdout
 
 
 @pytest.mark.workflow

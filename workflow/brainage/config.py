@@ -151,6 +151,19 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             and error.instance.endswith("\n")):
         message += (" (it ends in a newline, as a YAML block scalar, | or >, writes one: "
                     "put the value on its key's line)")
+    elif (error.validator == "pattern" and isinstance(error.instance, str)
+          and error.validator_value.startswith("^[A-Za-z0-9_")):
+        # a name the user chose (a cohort, an experiment, a run): the regex said nothing
+        # of which character to change
+        allowed = ("letters, digits, '_', '-' and '.' (not first)"
+                   if re.search(error.validator_value, "a-b.c") else "letters, digits and '_'")
+        renamed = re.sub(r"[^A-Za-z0-9_]+", "_", error.instance).strip("_") or "name1"
+        message = (f"the name {error.instance!r} may hold only {allowed}: it names folders "
+                   f"and Snakemake wildcards. Rename it, e.g. {renamed!r}")
+    if error.validator == "type" and error.instance is None and "object" in (
+            error.validator_value if isinstance(error.validator_value, list)
+            else [error.validator_value]):
+        message += " (an empty section: write {} for one that sets nothing)"
     types = error.validator_value if isinstance(error.validator_value, list) else [
         error.validator_value]
     if error.validator == "type" and isinstance(error.instance, str):
@@ -1243,16 +1256,20 @@ def exported_cell(config: Mapping) -> tuple[str, str, int]:
                 f"features, so the model would not look at a subject's images. Choose a cell "
                 f"with a read-out on the features (ridge, pca_ridge, mse, l1, huber, dex).")
         return cell
-    choices = ", ".join(f"{e}/{v}/seed {s}" for e, v, s in cells
-                        if trains_an_encoder(cell_settings(config, e, v, s))) or "none"
+    trained = [f"{e}/{v}/seed {s}" for e, v, s in cells
+               if trains_an_encoder(cell_settings(config, e, v, s))]
+    # no cell with an encoder (every experiment disabled or removed): nothing to choose from
+    choices = (f"Choose one of: {', '.join(trained)}." if trained else
+               "No enabled experiment trains an encoder: enable one (experiments.<name>."
+               "enabled), or leave predict.cohorts empty.")
     if cell not in cells:
         raise ConfigError(
             f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
-            f"which no enabled experiment trains. Choose one of: {choices}.")
+            f"which no enabled experiment trains. {choices}")
     raise ConfigError(
         f"config key predict.model names the grid cell {cell[0]}/{cell[1]}/seed {cell[2]}, "
         f"a baseline without an encoder (model.encoder: none), so there is no model to "
-        f"export. Choose one of: {choices}.")
+        f"export. {choices}")
 
 
 PREPROCESSING_SECTIONS = ("preprocess", "qc", "template")

@@ -39,7 +39,14 @@ import numpy as np
 import pandas as pd
 
 from brainage.io import sha256_file, write_json
-from brainage.modalities import DEFAULT_MODALITIES, input_path, modality, mre_maps
+from brainage.modalities import (
+    DEFAULT_MODALITIES,
+    MODALITIES,
+    grid_modality,
+    input_path,
+    modality,
+    mre_maps,
+)
 from brainage.paths import names_sharing_a_folder
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,17 @@ AGE_RANGE_YEARS = (0.0, 120.0)
 
 class InputError(ValueError):
     """The input dataset is not what the pipeline needs; the message says how to fix it."""
+
+
+#: Other names labs give a required column (case ignored), named in the refusal.
+COLUMN_SYNONYMS = {"sex": ("gender", "sex_at_birth", "biological_sex"),
+                   "study": ("site", "center", "centre", "scanner", "cohort", "dataset")}
+
+
+def _synonyms_in(columns: Sequence, column: str) -> list[str]:
+    """The columns of a table named as another word for the required ``column``."""
+    names = COLUMN_SYNONYMS.get(column, ())
+    return [str(name) for name in columns if str(name).strip().casefold() in names]
 
 
 def anatomical_path(root: str | Path, label: str) -> Path:
@@ -244,7 +262,14 @@ def _read_participants_cached(root_str: str, stamp: tuple[int, int] | None,
             + (f" Its columns are separated by {separator}: save it tab-separated (a "
                f"spreadsheet's 'Text (tab-separated)' export)." if separator else "")
             + (f" If its {age_like[0]!r} is the age at the scan in years, rename it to 'age'."
-               if age_like and "age" in missing else ""))
+               if age_like and "age" in missing else "")
+            + "".join(f" If its {other!r} is the {column}, rename it to {column!r}."
+                      for column in missing if not separator
+                      for other in _synonyms_in(table.columns, column))
+            + (" The study (or site) of each scan stratifies the split and names Table 2's "
+               "rows (BIDS' own table has no such column): for a dataset of one study, add "
+               "a column 'study' with one value (e.g. mystudy) in every row."
+               if "study" in missing and not separator else ""))
     clashing = [str(column) for column in table.columns if column in DERIVED_COLUMNS
                 or (to_predict and column in PREDICTION_ONLY_COLUMNS)]
     if clashing:
@@ -576,10 +601,18 @@ YEARS = re.compile(r"\b(years?|yrs?|jahre?n?|ans?|años|anos|anni|anno|jaar|jare
 def _refuse_ages_not_in_years(sidecar: Path) -> None:
     """Refuse ages that participants.json (BIDS: a column's ``Units``) says are not in
     years: a paediatric cohort's ages in months (27 to 117) pass every check on the values
-    and would be read as 27 to 117 years. A sidecar that cannot be read says nothing: the
-    pipeline needs none."""
+    and would be read as 27 to 117 years. The pipeline needs no sidecar; one that is not
+    JSON (a trailing comma written by hand) is warned of, as its unit then goes unchecked."""
     try:
         described = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+    except ValueError as error:
+        log.warning("%s cannot be read as JSON (%s), so the unit it may give the ages is not "
+                    "checked: correct it (a trailing comma is a common slip), or delete it.",
+                    sidecar, error)
+        return
+    except OSError:
+        return
+    try:
         age = next(value for key, value in described.items() if key.casefold() == "age")
         units = next(value for key, value in age.items() if key.casefold() == "units")
     except (OSError, ValueError, AttributeError, StopIteration):
@@ -907,8 +940,12 @@ def _missing_image_message(root: str | Path, label: str, name: str,
     if needed_by is not None:
         return (f"{what}; {needed_by} reads {', '.join(modalities)} of every subject."
                 f"{_found_instead(path)} {add}, {remedy}.")
+    # not for the map the subjects' preprocessing is built around: without it a model of
+    # the other maps alone would train, which is no fix for a file named otherwise
+    drop = (f", or remove {name} from the modalities" if name != grid_modality(modalities)
+            else "")
     return (f"{what} (config key dataset.modalities lists {name}).{_found_instead(path)} "
-            f"{add}, {remedy}, or remove {name} from the modalities.")
+            f"{add}, {remedy}{drop}.")
 
 
 def _broken_link(path: Path) -> bool:
@@ -1079,6 +1116,15 @@ def _found_instead(path: Path) -> str:
                 f"dataset layout has none: move one session's {path.parent.name}/ folder up "
                 f"into {subject_folder.name}/ and name its files without the session "
                 f"({path.name}).")
+    # a lab's own name for the map (sub-01_mu.nii.gz), which no other hint finds: the
+    # folder's images that are none of the pipeline's
+    known = {f"{subject_folder.name}_{other}" for other in (*MODALITIES, "T1w")}
+    others = sorted(other.name for other in path.parent.glob("*.nii*")
+                    if other.is_file() and other.name.split(".")[0] not in known)
+    if others:
+        return (f" {path.parent} holds {', '.join(others[:3])}"
+                f"{' ...' if len(others) > 3 else ''}: if one is this image, name it "
+                f"{path.name}.")
     return ""
 
 

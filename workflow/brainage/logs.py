@@ -407,7 +407,9 @@ def say_job_warnings(log_root: str | Path, since: datetime.datetime, *, shown: i
     lines = [f"brainage: the jobs of this run logged {len(found)} warning(s); read them "
              f"before the results (paths relative to the run's folder):"]
     for message, paths in list(logs_of.items())[:shown]:
-        short = message if len(message) <= 300 else message[:297] + "..."
+        # the project's messages end in what to do: cut the middle (a list of subjects), not
+        # the end
+        short = message if len(message) <= 600 else message[:400] + " ... " + message[-195:]
         more = f" and {len(paths) - 1} more log(s)" if len(paths) > 1 else ""
         lines.append(f"  {paths[0]}{more}: {short}")
     if len(logs_of) > shown:

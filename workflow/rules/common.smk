@@ -10,6 +10,7 @@ import shlex
 import sys
 from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
 
 from snakemake.logging import logger as snakemake_logger
 from snakemake.settings.types import DeploymentMethod
@@ -902,6 +903,7 @@ def all_targets(wildcards):
     predict_targets below)."""
     check_training_set_sizes()
     check_pretraining_set_sizes()
+    check_openbhb_releases()
     check_voxel_readout_memory()
     warn_about_departed_subjects()
     search = (
@@ -940,10 +942,25 @@ TEMPLATE = {"t1": LAYOUT.template("T1w"), "mask": LAYOUT.template("brain_mask")}
 
 
 def template_sources(wildcards):
-    """The user's template files (template.source: file), so editing them reruns."""
-    if config["template"]["source"] == "file":
-        return {"t1": config["template"]["t1"], "mask": config["template"]["mask"]}
-    return {}
+    """The user's template files (template.source: file), so editing them reruns.
+
+    A path that is not a file stops the plan, naming its key: in a finished project
+    Snakemake drops prepare_template (its outputs exist, its input is missing) without a
+    word, and the bundle exported next named the missing file as the template the model
+    was registered to (as starting_checkpoint says of model.init_checkpoint)."""
+    if config["template"]["source"] != "file":
+        return {}
+    for key in ("t1", "mask"):
+        path = config["template"][key]
+        if not Path(path).is_file():
+            tilde = " (a ~ is not expanded: write the whole path)" if path.startswith("~") else ""
+            raise WorkflowError(
+                f"config key template.{key} is {path!r}, which is not a file{tilde}; a "
+                f"relative path is read from the working directory {os.getcwd()}. Correct "
+                f"the path (template.source: file takes the template from template.t1 and "
+                f"template.mask), or set template.source: nilearn."
+            )
+    return {"t1": config["template"]["t1"], "mask": config["template"]["mask"]}
 
 
 #: The files rule strip_skull writes (the first of a subject's two jobs).
@@ -1169,6 +1186,17 @@ def openbhb_participants(wildcards):
         )
     except InputError as error:
         raise WorkflowError(f"pretraining run {name}: {error}") from None
+
+
+def check_openbhb_releases():
+    """Stop the plan, naming pretrain.<run>.source.root, when an OpenBHB run yet to be
+    prepared has no release there: in a project with finished outputs Snakemake did not
+    ask prepare_openbhb's input (openbhb_participants), and the run ended on Snakemake's
+    "filesystem latency" error instead. A prepared run needs its release no more (it may
+    be deleted to save space)."""
+    for name in PRETRAIN_OPENBHB:
+        if not Path(LAYOUT.pretrain_split_file(name, "images.npy")).is_file():
+            openbhb_participants(SimpleNamespace(pretrain=name))
 
 
 def pretrain_participants(wildcards):
