@@ -968,7 +968,9 @@ def test_one_study_written_in_two_spellings_is_refused(tiny_dataset):
             "spaces, punctuation, leading zeros, accents or Unicode form") in str(refused.value)
     # a merged sheet's 'Zürich' beside another system's ASCII 'Zurich', 'São Paulo' beside
     # 'Sao Paulo': two studies, two strata and two rows of Table 2
-    for first, second in (("Zürich", "Zurich"), ("São Paulo", "Sao Paulo"), ("Montréal", "MONTREAL")):
+    for first, second in (("Zürich", "Zurich"), ("São Paulo", "Sao Paulo"), ("Montréal", "MONTREAL"),
+                          ("Łódź", "Lodz"), ("Białystok", "Bialystok"), ("Tromsø", "Tromso"),
+                          ("Kırıkkale", "Kirikkale"), ("Đà Nẵng", "Da Nang")):
         table.write_text("\n".join(lines[:2] + [lines[2].replace("study2", first), lines[3],
                                                 lines[4].replace("study2", second)]) + "\n",
                          encoding="utf-8")

@@ -2227,13 +2227,15 @@ def test_a_cohort_skull_stripped_by_another_tool_than_training_is_warned_about(
 
 
 def _with_median_stiffness(qc_files: dict, ages: dict, folder: Path, *, factor: float,
-                           seed: int) -> dict:
+                           seed: int, only: str = "") -> dict:
     """Copies of ``qc_files`` whose registered stiffness map has the median of a subject of
-    its age (2.95 - 0.01 x age kPa, sd 0.145, the demo's line) times ``factor``."""
+    its age (2.95 - 0.01 x age kPa, sd 0.145, the demo's line) times ``factor`` (for the
+    labels starting with ``only``)."""
     rng = np.random.default_rng(seed)
     copies = {}
     for label, path in qc_files.items():
-        median = (2.95 - 0.01 * ages[f"sub-{label}"] + rng.normal(0, 0.145)) * factor
+        median = (2.95 - 0.01 * ages[f"sub-{label}"] + rng.normal(0, 0.145)) * (
+            factor if label.startswith(only) else 1.0)
         copies[label] = folder / f"sub-{label}_qc.json"
         copies[label].write_text(json.dumps(dict(
             json.loads(Path(path).read_text()),
@@ -2284,6 +2286,21 @@ def test_a_cohort_of_maps_stiffer_than_the_training_maps_at_their_ages_is_warned
             assert found.group(2) == ("stiffer" if factor > 1 else "softer")
             assert abs(int(found.group(1)) - 30) <= 5
             assert int(found.group(4)) == len(qc) - 1
+    # one study of a pooled cohort at another frequency: the cohort's mean is half its
+    # offset (below the tolerance), the study's is named
+    folder = tmp_path / "qc_patients"
+    folder.mkdir()
+    qc_patients = _with_median_stiffness(new_cohort.files["qc"], ages, folder, factor=1.3,
+                                         seed=6, only="newa")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        predict_cohort(bundle, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),
+                       qc_patients, predictions_path=tmp_path / "p.tsv",
+                       summary_path=tmp_path / "s.tsv", cohort="new", device="cpu")
+    assert "cohort new: its subjects' maps" not in caplog.text, caplog.text
+    assert re.search(r"cohort new: the maps of its study patients are on average "
+                     r"\d+ % stiffer", caplog.text), caplog.text
+    assert "its study study1" not in caplog.text
     # a bundle exported before the line was recorded says nothing
     # the world's own bundle has no line: its QC files hold no median
     caplog.clear()

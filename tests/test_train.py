@@ -807,8 +807,9 @@ def test_batch_larger_than_training_set(split_dir, tmp_path):
                          {"participant_id": "sub-x2", "reason": "QC: dice 0.5 < 0.85"}]
     (excluded / "stats.json").write_text(json.dumps(stats))
     with pytest.raises(ConfigError, match=r"only 18 training subjects \(after "
-                                          r"qc\.exclude_failed left out 2 subject\(s\) failing "
-                                          r"QC, listed under 'excluded' in its stats\.json"):
+                                          r"qc\.exclude_failed left out the split's 2 "
+                                          r"subject\(s\) failing QC, training and test, listed "
+                                          r"under 'excluded' in its stats\.json"):
         train_encoder(excluded, tiny_settings(train={"batch_size": 32}), **cell_paths(tmp_path))
 
 

@@ -13,6 +13,7 @@ import copy
 import difflib
 import json
 import re
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
@@ -157,7 +158,8 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
         # of which character to change
         allowed = ("letters, digits, '_', '-' and '.' (not first)"
                    if re.search(error.validator_value, "a-b.c") else "letters, digits and '_'")
-        renamed = re.sub(r"[^A-Za-z0-9_]+", "_", error.instance).strip("_") or "name1"
+        ascii_name = unicodedata.normalize("NFKD", error.instance).encode("ascii", "ignore")
+        renamed = re.sub(r"[^A-Za-z0-9_]+", "_", ascii_name.decode()).strip("_") or "name1"
         message = (f"the name {error.instance!r} may hold only {allowed}: it names folders "
                    f"and Snakemake wildcards. Rename it, e.g. {renamed!r}")
     if error.validator == "type" and error.instance is None and "object" in (

@@ -825,8 +825,17 @@ def _spelling_key(value: str) -> str:
     return "".join(key) if any(not separating for separating, _ in runs) else ""
 
 
+#: Latin letters whose mark is part of the letter, not a combining accent (lower case:
+#: the spelling key is case-folded), as an ASCII-only system writes them.
+LATIN_LETTERS_AS_ASCII = str.maketrans({"ł": "l", "ø": "o", "ı": "i", "đ": "d", "ð": "d",
+                                        "ħ": "h", "ŧ": "t", "ŀ": "l", "æ": "ae", "œ": "oe",
+                                        "þ": "th"})
+
+
 def _without_latin_accents(text: str) -> str:
-    """``text`` without the combining marks that follow a Latin letter (``ü`` -> ``u``)."""
+    """``text`` without the combining marks that follow a Latin letter (``ü`` -> ``u``),
+    and with :data:`LATIN_LETTERS_AS_ASCII` as ASCII (``Łódź`` -> ``lodz``)."""
+    text = text.translate(LATIN_LETTERS_AS_ASCII)
     kept: list[str] = []
     for character in unicodedata.normalize("NFD", text):
         if (unicodedata.category(character) == "Mn" and kept

@@ -60,6 +60,11 @@ QC_COLUMNS = ("participant_id", "study", "dice", "correlation", "correlation_map
 LEVEL_TOLERANCE_SD = 3.0
 #: Fewest subjects with an age and a median stiffness whose line a level is compared with.
 MIN_LEVEL_SUBJECTS = 5
+#: Fewest subjects within the line's ages whose level is compared with it: a study (or a
+#: cohort) is compared only where its ages meet the others', never with the line stretched
+#: beyond them (a young and an old study, each of one protocol, read as 20-45 % apart in
+#: 71 % of such cohorts of 15 + 15 subjects, a review's simulation).
+MIN_COMPARED_SUBJECTS = 3
 
 
 def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
@@ -384,8 +389,8 @@ FAILURE_CAUSES = {
             "origin than the maps",
     "correlation": "a misregistered map, or a T1w from another session or origin than the "
                    "maps",
-    "coverage": "a short MRE slab or a cut field of view: the map covers too little of the "
-                "template brain, however well it is registered",
+    "coverage": "a cut field of view, or an MRE map's short slab: the image covers too "
+                "little of the template brain, however well it is registered",
 }
 
 
@@ -401,7 +406,8 @@ def _warn_about_studies_failing_as_a_whole(table: pd.DataFrame) -> None:
         if len(rows) >= 2 and common:
             log.warning("QC: every subject of study %s (%d) misses the %s threshold: the "
                         "study's acquisition or preprocessing rather than its subjects (for "
-                        "coverage, an MRE slab shorter than qc.min_coverage allows). With "
+                        "coverage, an MRE slab or a field of view shorter than "
+                        "qc.min_coverage allows). With "
                         "qc.exclude_failed true the whole study leaves every split.", study,
                         len(rows), " and ".join(sorted(common)))
 
@@ -417,8 +423,9 @@ def median_stiffness(record: Mapping) -> float | None:
 def stiffness_by_age(ages: Sequence[float], medians: Sequence[float]) -> dict | None:
     """The least-squares line of the subjects' median stiffness (kPa) against their age
     (years), over those with both: ``intercept_kpa``, ``slope_kpa_per_year``,
-    ``residual_sd_kpa`` and ``n_subjects``; None for fewer than :data:`MIN_LEVEL_SUBJECTS`,
-    all of one age, or no scatter."""
+    ``residual_sd_kpa``, ``n_subjects`` and the ages it covers, ``age_min`` and
+    ``age_max``; None for fewer than :data:`MIN_LEVEL_SUBJECTS`, all of one age, or no
+    scatter."""
     ages, medians = (np.asarray(values, dtype=np.float64) for values in (ages, medians))
     known = np.isfinite(ages) & np.isfinite(medians)
     ages, medians = ages[known], medians[known]
@@ -430,17 +437,20 @@ def stiffness_by_age(ages: Sequence[float], medians: Sequence[float]) -> dict | 
     if residual_sd == 0:
         return None
     return {"intercept_kpa": float(intercept), "slope_kpa_per_year": float(slope),
-            "residual_sd_kpa": residual_sd, "n_subjects": int(len(ages))}
+            "residual_sd_kpa": residual_sd, "n_subjects": int(len(ages)),
+            "age_min": float(ages.min()), "age_max": float(ages.max())}
 
 
 def stiffness_offset(line: Mapping, ages: Sequence[float], medians: Sequence[float]
                      ) -> tuple[float, float, int] | None:
     """How the subjects' median stiffness lies against ``line`` (:func:`stiffness_by_age`),
-    on average over those with an age and a median: (residual standard deviations, ratio
-    to the line's value at their ages, subjects); None without such a subject."""
+    on average over those with a median and an age within the line's: (residual standard
+    deviations, ratio to the line's value at their ages, subjects); None for fewer than
+    :data:`MIN_COMPARED_SUBJECTS` such subjects."""
     ages, medians = (np.asarray(values, dtype=np.float64) for values in (ages, medians))
-    known = np.isfinite(ages) & np.isfinite(medians)
-    if not known.any():
+    known = (np.isfinite(ages) & np.isfinite(medians)
+             & (ages >= line.get("age_min", -np.inf)) & (ages <= line.get("age_max", np.inf)))
+    if known.sum() < MIN_COMPARED_SUBJECTS:
         return None
     expected = line["intercept_kpa"] + line["slope_kpa_per_year"] * ages[known]
     return (float(np.mean(medians[known] - expected) / line["residual_sd_kpa"]),

@@ -220,9 +220,10 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         excluded = split.stats.get("excluded") or []
         raise ConfigError(f"config key {key} is {batch_size} but split {split.name} "
                           f"has only {n_train} training subjects"
-                          + (f" (after qc.exclude_failed left out {len(excluded)} subject(s) "
-                             f"failing QC, listed under 'excluded' in its stats.json: fix "
-                             f"their preprocessing, or set qc.exclude_failed: false)"
+                          + (f" (after qc.exclude_failed left out the split's "
+                             f"{len(excluded)} subject(s) failing QC, training and test, "
+                             f"listed under 'excluded' in its stats.json: fix their "
+                             f"preprocessing, or set qc.exclude_failed: false)"
                              if excluded else "")
                           + f". Lower {key} to at most {n_train}.")
     if processes.is_distributed:  # with 0 epochs too: the others wait for rank 0's writes
