@@ -656,10 +656,10 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
     # a name the user chose, with a character the folders and wildcards cannot take: the
     # refusal printed the regular expression
     ("predict:\n  cohorts: {patients-2024: /data/p}\n",
-     "config key 'predict.cohorts': the name 'patients-2024' may hold only letters, digits "
+     "config key 'predict.cohorts': the name 'patients-2024' may hold only ASCII letters, digits "
      "and '_': it names folders and Snakemake wildcards. Rename it, e.g. 'patients_2024'"),
     ("experiments:\n  table3: {variants: {my variant: {}}}\n",
-     "the name 'my variant' may hold only letters, digits, '_', '-' and '.' (not first)"),
+     "the name 'my variant' may hold only ASCII letters, digits, '_', '-' and '.' (not first)"),
     ("predict:\n  model: {name: my model}\n", "Rename it, e.g. 'my_model'"),
     ("predict:\n  cohorts: {Zürich: /data/z}\n", "Rename it, e.g. 'Zurich'"),
 ])

@@ -1063,6 +1063,15 @@ def test_every_missing_image_is_named_at_once(tiny_dataset, monkeypatch):
         read_participants(tiny_dataset)
     (tiny_dataset / "sub-00a" / "mre" / "sub-00a_mu.nii.gz").rename(
         tiny_dataset / "sub-00a" / "mre" / "sub-00a_stiffness.nii.gz")
+    # not an image of another kind (a FLAIR beside a missing T1w), nor macOS' ._ files
+    anat = tiny_dataset / "sub-00a" / "anat"
+    anat.mkdir(exist_ok=True)
+    for name in ("sub-00a_FLAIR.nii.gz", "._sub-00a_T1w.nii.gz"):
+        (anat / name).write_bytes(b"")
+    (anat / "sub-00a_T1w.nii.gz").unlink(missing_ok=True)
+    with pytest.raises(InputError) as refused:
+        read_participants(tiny_dataset, ("stiffness", "T1w"))
+    assert "FLAIR" not in str(refused.value) and "._sub" not in str(refused.value)
     monkeypatch.setattr(inputs, "MAX_MISSING_NAMED", 1)
     with pytest.raises(InputError, match=r"(?s)^2 input images are missing or unread:\n  subject "
                                          r"sub-01a: [^\n]*\n  \.\.\. and 1 more\.$"):

@@ -2313,6 +2313,33 @@ def test_a_cohort_of_maps_stiffer_than_the_training_maps_at_their_ages_is_warned
     assert "maps are on average" not in caplog.text
 
 
+def test_one_patient_or_a_study_without_a_name_of_stiffer_maps_is_warned_about(caplog):
+    """`predict run` of one patient 30 % stiffer was warned of until the comparison needed 3
+    subjects (a study's minimum); and the per-study check passed over the subjects without
+    a study (empty cells), the n/a group of summary.tsv."""
+    from brainage.apply import _warn_about_stiffness_unlike_training
+
+    line = {"intercept_kpa": 2.95, "slope_kpa_per_year": -0.01, "residual_sd_kpa": 0.145,
+            "n_subjects": 40, "age_min": 20.0, "age_max": 80.0}
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        _warn_about_stiffness_unlike_training("one", np.array([60.0]),
+                                              [(2.95 - 0.6) * 1.3], line)
+    assert re.search(r"cohort one: its subjects' maps are on average 30 % stiffer .*; 1 "
+                     r"subjects\)", caplog.text), caplog.text
+    ages = np.linspace(30, 70, 12)
+    medians = 2.95 - 0.01 * ages
+    medians[6:] *= 1.3  # the half without a study
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.apply"):
+        _warn_about_stiffness_unlike_training(
+            "pooled", ages, list(medians), line,
+            studies=np.array(["A"] * 6 + [np.nan] * 6, dtype=object))
+    assert "cohort pooled: its subjects' maps" not in caplog.text
+    assert "cohort pooled: the maps of its study n/a are on average 30 % stiffer" in \
+        caplog.text, caplog.text
+    assert "its study A " not in caplog.text
+
+
 def test_an_age_bias_refit_on_predictions_that_do_not_follow_age_is_warned_about(
         world, new_cohort, tmp_path, caplog):
     """A refit on the cohort's own controls turns predictions that carry no age (a cohort of

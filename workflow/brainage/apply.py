@@ -44,6 +44,7 @@ from brainage.preprocess.images import load_volume
 from brainage.qc import (
     LEVEL_TOLERANCE_SD,
     METRICS,
+    MIN_COMPARED_SUBJECTS,
     QC_THRESHOLDS,
     describe_stiffness_offset,
     median_stiffness,
@@ -621,11 +622,15 @@ def _warn_about_stiffness_unlike_training(cohort: str, ages: np.ndarray,
         return
     medians = np.array([np.nan if median is None else median for median in medians], float)
     parts = [("its subjects' maps", np.ones(len(ages), dtype=bool))]
-    if studies is not None and len(set(studies)) > 1:
-        parts += [(f"the maps of its study {study}", np.asarray(studies == study))
-                  for study in dict.fromkeys(studies)]
+    if studies is not None:  # a subject without a study is one of the n/a group, as in
+        studies = pd.Series(studies, dtype=object).fillna("n/a").astype(str).to_numpy()
+        if len(set(studies)) > 1:  # summary.tsv
+            parts += [(f"the maps of its study {study}", studies == study)
+                      for study in dict.fromkeys(studies)]
     for whose, members in parts:
-        offset = stiffness_offset(trained, ages[members], medians[members])
+        # a cohort of one subject is compared too: `predict run` of a single patient
+        offset = stiffness_offset(trained, ages[members], medians[members],
+                                  minimum=1 if whose == parts[0][0] else MIN_COMPARED_SUBJECTS)
         if offset and abs(offset[0]) >= LEVEL_TOLERANCE_SD:
             log.warning(
                 "cohort %s: %s are on average %s than the model's training subjects' "

@@ -156,8 +156,9 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
           and error.validator_value.startswith("^[A-Za-z0-9_")):
         # a name the user chose (a cohort, an experiment, a run): the regex said nothing
         # of which character to change
-        allowed = ("letters, digits, '_', '-' and '.' (not first)"
-                   if re.search(error.validator_value, "a-b.c") else "letters, digits and '_'")
+        allowed = ("ASCII letters, digits, '_', '-' and '.' (not first)"
+                   if re.search(error.validator_value, "a-b.c")
+                   else "ASCII letters, digits and '_'")
         ascii_name = unicodedata.normalize("NFKD", error.instance).encode("ascii", "ignore")
         renamed = re.sub(r"[^A-Za-z0-9_]+", "_", ascii_name.decode()).strip("_") or "name1"
         message = (f"the name {error.instance!r} may hold only {allowed}: it names folders "

@@ -1069,7 +1069,8 @@ def _named_like(path: Path, words: Sequence[str]) -> list[str]:
     if not path.parent.is_dir():
         return []
     return [other.name for other in sorted(path.parent.iterdir())
-            if other.name != path.name and _holds_any(other.name, words)]
+            if other.name != path.name and not other.name.startswith("._")  # macOS' copies
+            and _holds_any(other.name, words)]
 
 
 #: BIDS suffixes of the anatomical images that are not a T1w (BIDS 1.10, anat): a file
@@ -1129,7 +1130,10 @@ def _found_instead(path: Path) -> str:
     # folder's images that are none of the pipeline's
     known = {f"{subject_folder.name}_{other}" for other in (*MODALITIES, "T1w")}
     others = sorted(other.name for other in path.parent.glob("*.nii*")
-                    if other.is_file() and other.name.split(".")[0] not in known)
+                    if other.is_file() and not other.name.startswith(".")  # macOS' ._ files
+                    and other.name.split(".")[0] not in known
+                    and other.name.split(".")[0].rsplit("_", 1)[-1].casefold()
+                    not in OTHER_IMAGE_SUFFIXES)  # a FLAIR beside the T1w is no T1w
     if others:
         return (f" {path.parent} holds {', '.join(others[:3])}"
                 f"{' ...' if len(others) > 3 else ''}: if one is this image, name it "

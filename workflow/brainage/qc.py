@@ -441,16 +441,16 @@ def stiffness_by_age(ages: Sequence[float], medians: Sequence[float]) -> dict | 
             "age_min": float(ages.min()), "age_max": float(ages.max())}
 
 
-def stiffness_offset(line: Mapping, ages: Sequence[float], medians: Sequence[float]
-                     ) -> tuple[float, float, int] | None:
+def stiffness_offset(line: Mapping, ages: Sequence[float], medians: Sequence[float], *,
+                     minimum: int = MIN_COMPARED_SUBJECTS) -> tuple[float, float, int] | None:
     """How the subjects' median stiffness lies against ``line`` (:func:`stiffness_by_age`),
     on average over those with a median and an age within the line's: (residual standard
     deviations, ratio to the line's value at their ages, subjects); None for fewer than
-    :data:`MIN_COMPARED_SUBJECTS` such subjects."""
+    ``minimum`` such subjects (a study's; a whole cohort to predict is compared from one)."""
     ages, medians = (np.asarray(values, dtype=np.float64) for values in (ages, medians))
     known = (np.isfinite(ages) & np.isfinite(medians)
              & (ages >= line.get("age_min", -np.inf)) & (ages <= line.get("age_max", np.inf)))
-    if known.sum() < MIN_COMPARED_SUBJECTS:
+    if known.sum() < max(minimum, 1):
         return None
     expected = line["intercept_kpa"] + line["slope_kpa_per_year"] * ages[known]
     return (float(np.mean(medians[known] - expected) / line["residual_sd_kpa"]),

@@ -1192,8 +1192,8 @@ def check_openbhb_releases():
     """Stop the plan, naming pretrain.<run>.source.root, when an OpenBHB run yet to be
     prepared has no release there: in a project with finished outputs Snakemake did not
     ask prepare_openbhb's input (openbhb_participants), and the run ended on Snakemake's
-    "filesystem latency" error instead. A prepared run needs its release no more (it may
-    be deleted to save space)."""
+    "filesystem latency" error instead. A run already prepared (its split's images.npy
+    there) is not checked here."""
     for name in PRETRAIN_OPENBHB:
         if not Path(LAYOUT.pretrain_split_file(name, "images.npy")).is_file():
             openbhb_participants(SimpleNamespace(pretrain=name))
