@@ -1008,6 +1008,33 @@ def test_export_refuses_a_split_normalised_again_after_evaluation(exported, tmp_
 
 # -- age-bias correction -----------------------------------------------------------------------
 
+def test_a_training_line_that_overcorrects_the_test_subjects_is_warned_of(caplog):
+    """A pilot's line (29 training subjects) turned the test subjects' gap-age correlation
+    from -0.72 to +0.74: a 21-year-old's corrected brain age was 1.5 years, and the export
+    said it at INFO only, the bundle's README not at all."""
+    from brainage.agebias import overcorrects, select_bias_correction
+
+    record = {"intercept": 17.221, "slope": -0.4071, "fitted_on": "training",
+              "description": "out-of-fold predictions of the training subjects",
+              "n_subjects": 29, "gap_age_r_before": -0.721, "gap_age_r_after": 0.0,
+              "gap_age_r_after_on_other": 0.744}
+    fits = {"training": record, "test": {**record, "fitted_on": "test"}}
+    with caplog.at_level("WARNING", logger="brainage.agebias"):
+        select_bias_correction(fits, "training")
+    assert re.search(r"the age-bias line \(fitted on out-of-fold .*, 29 subjects\) "
+                     r"overcorrects the held-out test subjects: the correlation of their gap "
+                     r"with age is \+0\.74 after it, against -0\.72 before", caplog.text)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="brainage.agebias"):
+        select_bias_correction(fits, "test")  # the other set is in-sample: nothing to say
+        select_bias_correction({"training": {**record, "gap_age_r_after_on_other": 0.2}},
+                               "training")
+        select_bias_correction({"training": {**record, "gap_age_r_after_on_other": -0.7}},
+                               "training")  # under-corrected: the sign it had
+    assert "overcorrects" not in caplog.text
+    assert overcorrects(record) and not overcorrects({**record, "gap_age_r_after_on_other": None})
+
+
 def test_fit_age_bias_recovers_a_known_line_and_removes_it():
     rng = np.random.default_rng(0)
     ages = rng.uniform(20, 80, 200)

@@ -653,7 +653,30 @@ def test_dry_run_stops_on_a_batch_larger_than_the_training_split(tmp_path):
     assert result.returncode != 0
     assert ("config key train.batch_size is 64 (used by experiments.table3.variants.yaware) "
             "but split holdout has only 7 training subjects") in result.stdout, result.stdout
+    assert ("For a first run on a CPU, take config/config.yaml's normalise, train, model "
+            "and loss keys") in " ".join(result.stdout.split()), result.stdout
     assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+def test_the_demo_config_on_a_labs_results_stops_naming_the_missing_configfile(tmp_path):
+    """--configfile forgotten once (the README's most repeated caveat): the demo's config
+    simulated its cohort into the lab's working directory and replaced the lab's QC table,
+    tables and bundle under their own names, with one warning that pointed elsewhere."""
+    root = write_tiny_dataset(tmp_path / "mydata", default_rows(6))
+    description = tmp_path / Layout().preproc_description()
+    description.parent.mkdir(parents=True)
+    description.write_text(json.dumps({"Name": "lab", "DatasetType": "derivative",
+                                       "SourceDatasets": [{"URL": root.resolve().as_uri()}]}))
+    result = snakemake(tmp_path, "-n")
+    assert result.returncode != 0
+    assert ("no --configfile was given, so this run is the built-in demo's "
+            "config/config.yaml, but") in result.stdout, result.stdout
+    assert not (tmp_path / "resources").exists()  # nothing simulated into the lab's folder
+    # a moved demo project: the folder its results name is gone, and the demo plans
+    shutil.rmtree(root)
+    result = snakemake(tmp_path, "-n")
+    assert "no --configfile was given" not in result.stdout, result.stdout
 
 
 @pytest.mark.workflow

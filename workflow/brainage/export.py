@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from brainage.agebias import AgeBias, select_bias_correction
+from brainage.agebias import AgeBias, overcorrects, select_bias_correction
 from brainage.bundle import software_versions, write_bundle
 from brainage.config import pretrained_run, resolve_cell, training_settings
 from brainage.io import sha256_file
@@ -368,8 +368,8 @@ def bundle_readme(name: str, fields: Mapping) -> str:
                             + " (a cohort is best stripped by the same tool)\n")
     coverage, line = training.get("coverage"), training.get("stiffness_by_age")
     if coverage:  # absent in bundles exported before they were recorded
-        references_line += (f"- training subjects' maps covered {coverage['min']:.2f}-"
-                            f"{coverage['median']:.2f} (least-median) of the template brain "
+        references_line += (f"- training subjects' maps covered at least {coverage['min']:.2f}"
+                            f" (median {coverage['median']:.2f}) of the template brain "
                             f"(predictions.tsv's qc_coverage: a cohort covering less is "
                             f"predicted from less brain than the model learnt from)\n")
     if line:
@@ -412,6 +412,11 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         f"- age-bias correction: "
         f"{AgeBias(fields['bias_correction']['intercept'], fields['bias_correction']['slope'])} "
         f"({fields['bias_correction']['description']})\n"
+        + (f"- the age-bias line overcorrects the held-out test subjects (gap-age r "
+           f"{fields['bias_correction']['gap_age_r_after_on_other']:+.2f} after it): read "
+           f"corrected gaps with care, beside the uncorrected ones\n"
+           if overcorrects(fields["bias_correction"])
+           and fields["bias_correction"].get("fitted_on") == "training" else "") +
         f"- subjects are predicted when their preprocessing passes QC: "
         f"{', '.join(f'{key} {value}' for key, value in qc.items()) or 'n/a'}\n"
         f"- made with {', '.join(f'{name} {version}' for name, version in versions.items())}"

@@ -154,6 +154,26 @@ _simulation_problems, _simulation_warnings = simulation_mismatches(
 )
 if _simulation_problems:
     raise WorkflowError("invalid configuration:\n" + "\n".join(_simulation_problems))
+# The README's most repeated caveat, forgotten once: without --configfile the demo's config
+# simulated its cohort into a lab's working directory and replaced the lab's QC table,
+# tables and bundle under their own names. The results' description names the lab's data:
+# a folder that is there and is not the demo's (a moved demo project's old folder is gone).
+_LAB_SOURCE = preprocessed_from(LAYOUT.preproc_description())
+if (
+    SPEAKS
+    and SIMULATED
+    and not workflow.overwrite_configfiles
+    and _LAB_SOURCE is not None
+    and _LAB_SOURCE.startswith("file://")
+    and _LAB_SOURCE != Path(DATASET_ROOT).resolve().as_uri()
+    and Path(_LAB_SOURCE[len("file://") :], "participants.tsv").is_file()
+):
+    raise WorkflowError(
+        f"no --configfile was given, so this run is the built-in demo's config/config.yaml, "
+        f"but {LAYOUT.preproc_description()} describes results preprocessed from "
+        f"{_LAB_SOURCE}: your data. Add --configfile <your file> (every command of your "
+        f"project takes it); run the demo in a working directory of its own."
+    )
 if SIMULATED:
     _simulation_warnings += filter(
         None,
@@ -669,7 +689,15 @@ def check_training_set_sizes():
             source="config",
         )
     except ConfigError as error:
-        raise WorkflowError(f"invalid configuration:\n{error}") from None
+        # checked before any job, --until tabulate_qc too: a pilot's first command met it
+        hint = (
+            " For a first run on a CPU, take config/config.yaml's normalise, train, model "
+            "and loss keys (README, 'Your own data'): the batch is checked before any job, "
+            "preprocessing too."
+            if "train.batch_size" in str(error)
+            else ""
+        )
+        raise WorkflowError(f"invalid configuration:\n{error}{hint}") from None
     except InputError as error:  # the cohort's table, not a setting
         raise WorkflowError(f"the training cohort (config key dataset.root):\n{error}") from None
     _BATCH_SIZES_CHECKED.append(True)
