@@ -1020,19 +1020,25 @@ def test_a_training_line_that_overcorrects_the_test_subjects_is_warned_of(caplog
               "gap_age_r_after_on_other": 0.744}
     fits = {"training": record, "test": {**record, "fitted_on": "test"}}
     with caplog.at_level("WARNING", logger="brainage.agebias"):
-        select_bias_correction(fits, "training")
+        select_bias_correction(fits, "training", n_test=8)
     assert re.search(r"the age-bias line \(fitted on out-of-fold .*, 29 subjects\) "
                      r"overcorrects the held-out test subjects: the correlation of their gap "
                      r"with age is \+0\.74 after it, against -0\.72 before", caplog.text)
     caplog.clear()
     with caplog.at_level("WARNING", logger="brainage.agebias"):
-        select_bias_correction(fits, "test")  # the other set is in-sample: nothing to say
+        select_bias_correction(fits, "test", n_test=8)  # the other set is in-sample
         select_bias_correction({"training": {**record, "gap_age_r_after_on_other": 0.2}},
-                               "training")
+                               "training", n_test=8)
         select_bias_correction({"training": {**record, "gap_age_r_after_on_other": -0.7}},
-                               "training")  # under-corrected: the sign it had
+                               "training", n_test=8)  # under-corrected: the sign it had
+        # +0.6 of 8 test subjects: a line that carries over gives as much by chance (Fisher's
+        # z 1.55); of 40 it does not (3.9)
+        select_bias_correction({"training": {**record, "gap_age_r_after_on_other": 0.6}},
+                               "training", n_test=8)
     assert "overcorrects" not in caplog.text
-    assert overcorrects(record) and not overcorrects({**record, "gap_age_r_after_on_other": None})
+    assert overcorrects({**record, "gap_age_r_after_on_other": 0.6}, 40)
+    assert overcorrects(record, 8) and not overcorrects(record, None)
+    assert not overcorrects({**record, "gap_age_r_after_on_other": None}, 8)
 
 
 def test_fit_age_bias_recovers_a_known_line_and_removes_it():

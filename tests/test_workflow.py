@@ -663,7 +663,7 @@ def test_the_demo_config_on_a_labs_results_stops_naming_the_missing_configfile(t
     """--configfile forgotten once (the README's most repeated caveat): the demo's config
     simulated its cohort into the lab's working directory and replaced the lab's QC table,
     tables and bundle under their own names, with one warning that pointed elsewhere."""
-    root = write_tiny_dataset(tmp_path / "mydata", default_rows(6))
+    root = write_tiny_dataset(tmp_path / "my data Zürich", default_rows(6))  # %20, %C3%BC
     description = tmp_path / Layout().preproc_description()
     description.parent.mkdir(parents=True)
     description.write_text(json.dumps({"Name": "lab", "DatasetType": "derivative",
@@ -673,7 +673,17 @@ def test_the_demo_config_on_a_labs_results_stops_naming_the_missing_configfile(t
     assert ("no --configfile was given, so this run is the built-in demo's "
             "config/config.yaml, but") in result.stdout, result.stdout
     assert not (tmp_path / "resources").exists()  # nothing simulated into the lab's folder
-    # a moved demo project: the folder its results name is gone, and the demo plans
+    # a table that is a link to content not fetched (DataLad) is the lab's data too
+    table = root / "participants.tsv"
+    table.unlink()
+    table.symlink_to(root / ".git" / "annex" / "objects" / "not-fetched")
+    assert "no --configfile was given" in snakemake(tmp_path, "-n").stdout
+    # a copied demo project names the old folder's simulated cohort, and the demo plans
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "demo", "GeneratedBy": [{"Name": "brainage.simulate"}]}))
+    result = snakemake(tmp_path, "-n")
+    assert "no --configfile was given" not in result.stdout, result.stdout
+    # ... and so does a moved one: the folder its results name is gone
     shutil.rmtree(root)
     result = snakemake(tmp_path, "-n")
     assert "no --configfile was given" not in result.stdout, result.stdout

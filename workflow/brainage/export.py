@@ -146,8 +146,11 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
             f"evaluation (e.g. another normalise.scope or resolution_mm), so the bundle would "
             f"normalise new subjects unlike the encoder's training data. Finish the run "
             f"(snakemake retrains and re-evaluates the cell), then export.")
+    metrics = _read_run_record(cell_dir / "metrics.json", "evaluate_encoder",
+                               "in a minute, training nothing")
     try:
-        bias = select_bias_correction(description["bias_correction"], bias_fit)
+        bias = select_bias_correction(description["bias_correction"], bias_fit,
+                                      n_test=metrics.get("n_test"))
     except ValueError as error:
         raise ExportError(str(error)) from None
     readout_arrays, readout_description = readout.to_state()
@@ -157,8 +160,6 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
     channels = list(settings["model"]["modalities"] or stats["modalities"])
     check_encoder_settings(payload, settings, channels, stats["modalities"],
                            encoder_path=encoder_path)
-    metrics = _read_run_record(cell_dir / "metrics.json", "evaluate_encoder",
-                               "in a minute, training nothing")
     if isinstance(metrics.get("trained_loss"), dict):
         # the loss the encoder was trained with: after loss.nn_from_search, the search's
         # nn_final and nn_step, where the config's say the paper's optimum (14, 1)
@@ -415,7 +416,8 @@ def bundle_readme(name: str, fields: Mapping) -> str:
         + (f"- the age-bias line overcorrects the held-out test subjects (gap-age r "
            f"{fields['bias_correction']['gap_age_r_after_on_other']:+.2f} after it): read "
            f"corrected gaps with care, beside the uncorrected ones\n"
-           if overcorrects(fields["bias_correction"])
+           if overcorrects(fields["bias_correction"],
+                           (fields["source"].get("metrics") or {}).get("n_test"))
            and fields["bias_correction"].get("fitted_on") == "training" else "") +
         f"- subjects are predicted when their preprocessing passes QC: "
         f"{', '.join(f'{key} {value}' for key, value in qc.items()) or 'n/a'}\n"

@@ -34,6 +34,8 @@ from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
 from typing import Callable, Collection, Mapping, Sequence
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
@@ -352,6 +354,20 @@ def preprocessed_from(description_path: str | Path) -> str | None:
         return json.loads(Path(description_path).read_text())["SourceDatasets"][0]["URL"]
     except (OSError, ValueError, LookupError, TypeError):
         return None
+
+
+def lab_dataset_of(description_path: str | Path, demo_root: str | Path) -> Path | None:
+    """The dataset a preprocessing folder's description (``description_path``) names as
+    its source when that is a lab's own: a folder other than ``demo_root`` that is there,
+    holds a participants.tsv (a link too: DataLad) and is no simulation; else None."""
+    source = preprocessed_from(description_path)
+    if source is None or not source.startswith("file:"):
+        return None
+    folder = Path(url2pathname(urlparse(source).path))  # %20 for a space, %C3%BC for ü
+    if (folder.resolve() == Path(demo_root).resolve()
+            or not os.path.lexists(folder / "participants.tsv") or is_simulation(folder)):
+        return None
+    return folder
 
 
 def simulation_missing_under_results(root: str | Path,

@@ -72,6 +72,7 @@ from brainage.inputs import (
     check_dataset_images,
     checked_map_digests,
     participant_match_key,
+    lab_dataset_of,
     preprocessed_from,
     read_participants,
     simulation_mismatches,
@@ -157,22 +158,15 @@ if _simulation_problems:
 # The README's most repeated caveat, forgotten once: without --configfile the demo's config
 # simulated its cohort into a lab's working directory and replaced the lab's QC table,
 # tables and bundle under their own names. The results' description names the lab's data:
-# a folder that is there and is not the demo's (a moved demo project's old folder is gone).
-_LAB_SOURCE = preprocessed_from(LAYOUT.preproc_description())
-if (
-    SPEAKS
-    and SIMULATED
-    and not workflow.overwrite_configfiles
-    and _LAB_SOURCE is not None
-    and _LAB_SOURCE.startswith("file://")
-    and _LAB_SOURCE != Path(DATASET_ROOT).resolve().as_uri()
-    and Path(_LAB_SOURCE[len("file://") :], "participants.tsv").is_file()
-):
+# a folder that is there and is no simulation (a copied or moved demo project names the
+# old folder's simulated cohort; a lab's data archived since are not seen).
+_LAB_SOURCE = lab_dataset_of(LAYOUT.preproc_description(), DATASET_ROOT)
+if SPEAKS and SIMULATED and not workflow.overwrite_configfiles and _LAB_SOURCE is not None:
     raise WorkflowError(
         f"no --configfile was given, so this run is the built-in demo's config/config.yaml, "
         f"but {LAYOUT.preproc_description()} describes results preprocessed from "
-        f"{_LAB_SOURCE}: your data. Add --configfile <your file> (every command of your "
-        f"project takes it); run the demo in a working directory of its own."
+        f"{_LAB_SOURCE}, a dataset of your own. Add --configfile <your file> (every command "
+        f"of your project takes it); run the demo in a working directory of its own."
     )
 if SIMULATED:
     _simulation_warnings += filter(
