@@ -2356,7 +2356,7 @@ def test_one_patient_or_a_study_without_a_name_of_stiffer_maps_is_warned_about(c
             "n_subjects": 40, "age_min": 20.0, "age_max": 80.0}
     with caplog.at_level("WARNING", logger="brainage.apply"):
         _warn_about_stiffness_unlike_training("one", np.array([60.0]),
-                                              [(2.95 - 0.6) * 1.3], line)
+                                              np.array([(2.95 - 0.6) * 1.3]), line)
     assert re.search(r"cohort one: its subjects' maps are on average 30 % stiffer .*; 1 "
                      r"subjects\)", caplog.text), caplog.text
     ages = np.linspace(30, 70, 12)
@@ -2365,7 +2365,7 @@ def test_one_patient_or_a_study_without_a_name_of_stiffer_maps_is_warned_about(c
     caplog.clear()
     with caplog.at_level("WARNING", logger="brainage.apply"):
         _warn_about_stiffness_unlike_training(
-            "pooled", ages, list(medians), line,
+            "pooled", ages, medians, line,
             studies=np.array(["A"] * 6 + [np.nan] * 6, dtype=object))
     assert "cohort pooled: its subjects' maps" not in caplog.text
     assert "cohort pooled: the maps of its study n/a are on average 30 % stiffer" in \
@@ -2743,8 +2743,9 @@ def test_a_qc_file_of_another_subject_given_for_a_subject_is_refused(tmp_path):
                                     "correlation": 0.5, "coverage": 0.9}))
         with pytest.raises(InputError, match=r"is the record of sub-02, not of sub-01"):
             read_qc(path, minimums, subject="01")
-    passed, reason, metrics, reference, route = read_qc(path, minimums, subject="02")
+    passed, reason, metrics, reference, route, median = read_qc(path, minimums, subject="02")
     assert (passed, reason, reference, route) == (True, "", "unknown", "unknown")  # no kind
+    assert median is None  # a record without the maps' summary
     assert metrics == {"qc_dice": 0.9, "qc_correlation": 0.5, "qc_coverage": 0.9}
 
 

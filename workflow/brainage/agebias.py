@@ -192,12 +192,18 @@ def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_sett
     return predicted
 
 
+#: Fewest subjects whose correlation with age (and a cell's gap-age slope) is reported:
+#: two points give r = ±1 and an exact line.
+MIN_CORRELATION_SUBJECTS = 3
+
+
 def gap_age_correlation(ages: np.ndarray, gaps: np.ndarray) -> float | None:
     """Pearson r of a gap with age; None when undefined (fewer than 3 subjects, or ages or
     gaps all equal: tested exactly, as np.std of equal values can be 7e-15, not 0)."""
     ages, gaps = np.asarray(ages, float), np.asarray(gaps, float)
     keep = np.isfinite(ages) & np.isfinite(gaps)
-    if keep.sum() < 3 or np.ptp(ages[keep]) == 0 or np.ptp(gaps[keep]) == 0:
+    if (keep.sum() < MIN_CORRELATION_SUBJECTS or np.ptp(ages[keep]) == 0
+            or np.ptp(gaps[keep]) == 0):
         return None
     return float(np.corrcoef(ages[keep], gaps[keep])[0, 1])
 
@@ -300,12 +306,14 @@ OVERCORRECTION_R = 0.5
 
 
 def overcorrects(record: Mapping, n_other: int | None) -> bool:
-    """Whether a bias record's line (:func:`bias_fits`) reverses the gap-age correlation of
-    the other reference set (``n_other`` subjects) by :data:`OVERCORRECTION_R` or more,
-    and significantly there (Fisher's z, two-sided 5 %): of 8 test subjects, a line that
-    carries over reversed it by 0.5 in 11 % of simulated exports by chance alone."""
+    """Whether a training bias record's line (:func:`bias_fits`) reverses the gap-age
+    correlation of the held-out test subjects (``n_other``) by :data:`OVERCORRECTION_R` or
+    more, and significantly there (Fisher's z, two-sided 5 %): of 8 test subjects, a line
+    that carries over reversed it by 0.5 in 11 % of simulated exports by chance alone. A
+    test record's other set is the training subjects, in-sample: never."""
     before, after = record.get("gap_age_r_before"), record.get("gap_age_r_after_on_other")
-    if before is None or after is None or not n_other or n_other < 4 or abs(after) >= 1:
+    if (record.get("fitted_on") != "training" or before is None or after is None
+            or not n_other or n_other < 4 or abs(after) >= 1):
         return False
     return bool(abs(after) >= OVERCORRECTION_R and np.sign(after) == -np.sign(before)
                 and abs(np.arctanh(after)) * np.sqrt(n_other - 3) >= 1.96)
@@ -334,7 +342,7 @@ def select_bias_correction(fits: Mapping, fit_on: str, *, n_test: int | None = N
              record["gap_age_r_before"] or float("nan"), record["gap_age_r_after"] or 0.0,
              record.get("gap_age_r_after_on_other") or float("nan"),
              "test" if fit_on == "training" else "training")
-    if fit_on == "training" and overcorrects(record, n_test):  # the test set: held out
+    if overcorrects(record, n_test):
         log.warning(
             "the age-bias line (fitted on %s, %s subjects) overcorrects the held-out test "
             "subjects: the correlation of their gap with age is %+.2f after it, against "

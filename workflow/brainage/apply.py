@@ -209,7 +209,7 @@ class BrainAgeModel:
 
 
 def read_qc(path: str | Path, minimums: Mapping, *, subject: str
-            ) -> tuple[bool, str, dict, str, str]:
+            ) -> tuple[bool, str, dict, str, str, float | None]:
     """Subject ``subject``'s QC verdict from its ``sub-<label>_qc.json`` (rule
     correct_and_register, step compute_qc).
 
@@ -236,6 +236,8 @@ def read_qc(path: str | Path, minimums: Mapping, *, subject: str
     skullstrip_route : str
         What stripped the subject's T1w (``deepbet``, ``mri_synthstrip``, ...; ``none``
         without a T1w; ``unknown`` when the record has none).
+    median_stiffness : float or None
+        :func:`brainage.qc.median_stiffness` of the record (kPa).
     """
     (participant_id, record), = read_qc_records([path], require=METRICS).items()
     if participant_id != f"sub-{subject}":
@@ -246,7 +248,8 @@ def read_qc(path: str | Path, minimums: Mapping, *, subject: str
     failures = qc_failures(record, minimums)
     return (not failures, "; ".join(failures),
             {f"qc_{metric}": float(record[metric]) for metric in METRICS},
-            record.get("reference_kind") or "unknown", record.get("skullstrip_route") or "unknown")
+            record.get("reference_kind") or "unknown", record.get("skullstrip_route") or "unknown",
+            median_stiffness(record))
 
 
 def normalise_subject(bundle: ModelBundle, maps: Mapping[str, str | Path], *, subject: str
@@ -381,10 +384,11 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
     if missing:
         raise BundleError(f"model bundle {model.bundle.path} records no QC threshold(s) "
                           f"{', '.join(missing)}; pass qc_thresholds (config section qc).")
-    passed, reasons, qc_metrics, references, routes = [], [], [], [], []
+    passed, reasons, qc_metrics, references, routes, medians = [], [], [], [], [], []
     for label in labels:
-        ok, reason, metrics, reference, route = read_qc(qc[label], thresholds(qc_thresholds),
-                                                        subject=label)
+        ok, reason, metrics, reference, route, median = read_qc(
+            qc[label], thresholds(qc_thresholds), subject=label)
+        medians.append(np.nan if median is None else median)
         passed.append(ok)
         reasons.append(reason)
         qc_metrics.append(metrics)
@@ -405,8 +409,7 @@ def predict_cohort(bundle_dir: str | Path, dataset_root: str | Path,
         cohort, labels, routes, model.bundle.manifest.get("training", {}).get("skullstrip_routes"))
     _warn_about_stiffness_unlike_training(
         cohort, participants["age"].to_numpy(dtype=np.float64)[passed],
-        [median_stiffness(record) for label, ok in zip(labels, passed) if ok
-         for record in read_qc_records([qc[label]]).values()],
+        np.asarray(medians, dtype=np.float64)[passed],
         model.bundle.manifest.get("training", {}).get("stiffness_by_age"),
         studies=participants["study"].to_numpy()[passed] if "study" in participants else None)
     seen_in_training = seen_in_training or {}
@@ -607,7 +610,7 @@ MAX_REFIT_SLOPE = 0.9
 
 
 def _warn_about_stiffness_unlike_training(cohort: str, ages: np.ndarray,
-                                          medians: Sequence[float | None],
+                                          medians: Sequence[float],
                                           trained: Mapping | None, *,
                                           studies: np.ndarray | None = None) -> None:
     """Warn when the cohort's maps lie, at their ages, far from the model's training
@@ -620,7 +623,7 @@ def _warn_about_stiffness_unlike_training(cohort: str, ages: np.ndarray,
     compared (:func:`brainage.qc.stiffness_offset`)."""
     if not trained:
         return
-    medians = np.array([np.nan if median is None else median for median in medians], float)
+    medians = np.asarray(medians, dtype=np.float64)  # NaN: no median recorded
     parts = [("its subjects' maps", np.ones(len(ages), dtype=bool))]
     if studies is not None:  # a subject without a study is one of the n/a group, as in
         studies = pd.Series(studies, dtype=object).fillna("n/a").astype(str).to_numpy()

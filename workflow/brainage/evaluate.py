@@ -27,10 +27,11 @@ from typing import Mapping, NamedTuple
 import numpy as np
 import pandas as pd
 
-from brainage.agebias import bias_fits
+from brainage.agebias import MIN_CORRELATION_SUBJECTS, bias_fits
 from brainage.config import FEATURELESS_READOUTS, cell_kind, resolve_cell
 from brainage.io import read_npz, remove_stale_temporaries, write_json, write_tsv
 from brainage.readout import (
+    MIN_CV_SUBJECTS,
     READOUT_ARRAYS,
     READOUT_DESCRIPTION,
     Readout,
@@ -49,11 +50,6 @@ def _finite_or_none(value: float) -> float | None:
     return float(value) if np.isfinite(value) else None
 
 
-#: Fewest test subjects whose Pearson r and gap-age slope a cell reports (as
-#: :func:`brainage.agebias.gap_age_correlation`).
-MIN_CORRELATION_SUBJECTS = 3
-
-
 def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray) -> dict:
     """Test metrics (years): MAE, RMSE, Pearson r, R2, MAE per study (with the number of
     test subjects per study, ``n_per_study``, which pooling over splits weights by),
@@ -62,8 +58,9 @@ def compute_metrics(ages: np.ndarray, predicted: np.ndarray, studies: np.ndarray
     ``gap_age_slope`` is the least-squares slope of (predicted - age) against age: the
     regression-to-the-mean bias (0 = unbiased, -1 = predicting a constant). Values that are
     undefined (r for constant predictions) or arithmetic (r and slope of fewer than
-    :data:`MIN_CORRELATION_SUBJECTS` test subjects: two points give r = ±1 and an exact
-    line, which Table 3 printed as 1.000 for a pilot's 2 test subjects) are None.
+    :data:`brainage.agebias.MIN_CORRELATION_SUBJECTS` test subjects: two points give
+    r = ±1 and an exact line, which Table 3 printed as 1.000 for a pilot's 2 test
+    subjects) are None.
     ``gap_age_sums`` (n and the sums of age, gap, age², age × gap) let the report compute
     that slope over the test subjects of several splits (k-fold, leave-one-study-out).
     """
@@ -239,9 +236,9 @@ def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
     fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],
                          seed=int(settings["seed"]), studies=studies[split.train_index])
     readout = Readout.from_state(*fitted.to_state())
-    # with fewer than 4 training subjects nothing was chosen (every alpha scores NaN and the
-    # grid's first is kept, ridge_folds says so): widening the grid cannot help there
-    edges = grid_edges(readout, settings["readout"]) if n_train >= 4 else []
+    # with fewer training subjects nothing was chosen (every alpha scores NaN and the grid's
+    # first is kept, ridge_folds says so): widening the grid cannot help there
+    edges = grid_edges(readout, settings["readout"]) if n_train >= MIN_CV_SUBJECTS else []
     if edges:
         log.warning("split %s: the read-out's cross-validation chose %s: the best value may "
                     "lie beyond the grid. Widen it in the config to see (the cells that use "

@@ -417,8 +417,7 @@ def bundle_readme(name: str, fields: Mapping) -> str:
            f"{fields['bias_correction']['gap_age_r_after_on_other']:+.2f} after it): read "
            f"corrected gaps with care, beside the uncorrected ones\n"
            if overcorrects(fields["bias_correction"],
-                           (fields["source"].get("metrics") or {}).get("n_test"))
-           and fields["bias_correction"].get("fitted_on") == "training" else "") +
+                           (fields["source"].get("metrics") or {}).get("n_test")) else "") +
         f"- subjects are predicted when their preprocessing passes QC: "
         f"{', '.join(f'{key} {value}' for key, value in qc.items()) or 'n/a'}\n"
         f"- made with {', '.join(f'{name} {version}' for name, version in versions.items())}"

@@ -1085,8 +1085,7 @@ def _named_like(path: Path, words: Sequence[str]) -> list[str]:
     if not path.parent.is_dir():
         return []
     return [other.name for other in sorted(path.parent.iterdir())
-            if other.name != path.name and not other.name.startswith("._")  # macOS' copies
-            and _holds_any(other.name, words)]
+            if other.name != path.name and _holds_any(other.name, words)]
 
 
 #: BIDS suffixes of the anatomical images that are not a T1w (BIDS 1.10, anat): a file
@@ -1101,11 +1100,16 @@ OTHER_IMAGE_SUFFIXES = frozenset(suffix.casefold() for suffix in (
 
 
 def _holds_any(file_name: str, words: Sequence[str]) -> bool:
-    if ".nii" not in file_name:
-        return False
+    return _may_be_ours(file_name) and any(word in file_name.casefold() for word in words)
+
+
+def _may_be_ours(file_name: str) -> bool:
+    """Whether ``file_name`` is a NIfTI that may be one of the pipeline's images under
+    another name: not an image of another kind (:data:`OTHER_IMAGE_SUFFIXES`: a FLAIR
+    beside a missing T1w), nor a hidden file (macOS' ``._`` copy of a file)."""
     suffix = file_name.split(".nii")[0].rsplit("_", 1)[-1].casefold()
-    return (suffix not in OTHER_IMAGE_SUFFIXES
-            and any(word in file_name.casefold() for word in words))
+    return (".nii" in file_name and not file_name.startswith(".")
+            and suffix not in OTHER_IMAGE_SUFFIXES)
 
 
 def _found_instead(path: Path) -> str:
@@ -1146,10 +1150,8 @@ def _found_instead(path: Path) -> str:
     # folder's images that are none of the pipeline's
     known = {f"{subject_folder.name}_{other}" for other in (*MODALITIES, "T1w")}
     others = sorted(other.name for other in path.parent.glob("*.nii*")
-                    if other.is_file() and not other.name.startswith(".")  # macOS' ._ files
-                    and other.name.split(".")[0] not in known
-                    and other.name.split(".")[0].rsplit("_", 1)[-1].casefold()
-                    not in OTHER_IMAGE_SUFFIXES)  # a FLAIR beside the T1w is no T1w
+                    if other.is_file() and other.name.split(".")[0] not in known
+                    and _may_be_ours(other.name))
     if others:
         return (f" {path.parent} holds {', '.join(others[:3])}"
                 f"{' ...' if len(others) > 3 else ''}: if one is this image, name it "

@@ -174,6 +174,10 @@ def _mlp(inputs: int, hidden: int, outputs: int):
 
 # -- fitting ---------------------------------------------------------------------------------
 
+#: Fewest training subjects whose read-out cross-validation can score (folds of 2 or more).
+MIN_CV_SUBJECTS = 4
+
+
 def ridge_folds(n_subjects: int, cv_folds: int):
     """The Ridge alpha search's folds: ``cv_folds`` capped at half the training subjects
     (at least 2), shuffled with :data:`READOUT_CV_SEED` (see :func:`fit_ridge`), so that
@@ -183,7 +187,7 @@ def ridge_folds(n_subjects: int, cv_folds: int):
     """
     from sklearn.model_selection import KFold
 
-    if n_subjects < 4:
+    if n_subjects < MIN_CV_SUBJECTS:
         log.warning("%d training subjects are too few for the read-out's r2 cross-validation "
                     "(a validation fold of one subject has no r2): every alpha scores NaN "
                     "and the grid's first is used.", n_subjects)

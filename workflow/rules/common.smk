@@ -10,7 +10,6 @@ import shlex
 import sys
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 from snakemake.logging import logger as snakemake_logger
 from snakemake.settings.types import DeploymentMethod
@@ -160,8 +159,12 @@ if _simulation_problems:
 # tables and bundle under their own names. The results' description names the lab's data:
 # a folder that is there and is no simulation (a copied or moved demo project names the
 # old folder's simulated cohort; a lab's data archived since are not seen).
-_LAB_SOURCE = lab_dataset_of(LAYOUT.preproc_description(), DATASET_ROOT)
-if SPEAKS and SIMULATED and not workflow.overwrite_configfiles and _LAB_SOURCE is not None:
+if (
+    SPEAKS
+    and SIMULATED
+    and not workflow.overwrite_configfiles
+    and (_LAB_SOURCE := lab_dataset_of(LAYOUT.preproc_description(), DATASET_ROOT))
+):
     raise WorkflowError(
         f"no --configfile was given, so this run is the built-in demo's config/config.yaml, "
         f"but {LAYOUT.preproc_description()} describes results preprocessed from "
@@ -666,6 +669,11 @@ def check_training_set_sizes():
         return
     try:
         study_sizes = training_study_sizes(planned_participants(), config["split"])
+    except ConfigError as error:  # the split settings (e.g. loso of one study)
+        raise WorkflowError(f"invalid configuration:\n{error}") from None
+    except InputError as error:  # the cohort's table, not a setting
+        raise WorkflowError(f"the training cohort (config key dataset.root):\n{error}") from None
+    try:
         # the search's first: its trials keep fewer subjects than the grid's splits, so
         # its limit on train.batch_size is the one to lower to (not the grid's, then its)
         fraction = config["search"]["validation_fraction"]
@@ -682,18 +690,13 @@ def check_training_set_sizes():
             {split: sum(sizes.values()) for split, sizes in study_sizes.items()},
             source="config",
         )
-    except ConfigError as error:
-        # checked before any job, --until tabulate_qc too: a pilot's first command met it
-        hint = (
-            " For a first run on a CPU, take config/config.yaml's normalise, train, model "
-            "and loss keys (README, 'Your own data'): the batch is checked before any job, "
-            "preprocessing too."
-            if "train.batch_size" in str(error)
-            else ""
-        )
-        raise WorkflowError(f"invalid configuration:\n{error}{hint}") from None
-    except InputError as error:  # the cohort's table, not a setting
-        raise WorkflowError(f"the training cohort (config key dataset.root):\n{error}") from None
+    except ConfigError as error:  # checked before any job: a pilot's first command
+        # (--until tabulate_qc) too
+        raise WorkflowError(
+            f"invalid configuration:\n{error} For a first run on a CPU, take "
+            f"config/config.yaml's normalise, train, model and loss keys (README, 'Your own "
+            f"data'): the batch is checked before any job, preprocessing too."
+        ) from None
     _BATCH_SIZES_CHECKED.append(True)
     if config["qc"]["exclude_failed"]:
         warn_about_training_sets_after_qc_exclusions()
@@ -975,14 +978,21 @@ def template_sources(wildcards):
     for key in ("t1", "mask"):
         path = config["template"][key]
         if not Path(path).is_file():
-            tilde = " (a ~ is not expanded: write the whole path)" if path.startswith("~") else ""
             raise WorkflowError(
-                f"config key template.{key} is {path!r}, which is not a file{tilde}; a "
-                f"relative path is read from the working directory {os.getcwd()}. Correct "
-                f"the path (template.source: file takes the template from template.t1 and "
-                f"template.mask), or set template.source: nilearn."
+                f"{not_a_file(f'template.{key}', path)} Correct the path (template.source: "
+                f"file takes the template from template.t1 and template.mask), or set "
+                f"template.source: nilearn."
             )
     return {"t1": config["template"]["t1"], "mask": config["template"]["mask"]}
+
+
+def not_a_file(key, path):
+    """The start of a refusal of config key `key`, a `path` that is not a file."""
+    tilde = " (a ~ is not expanded: write the whole path)" if path.startswith("~") else ""
+    return (
+        f"config key {key} is {path!r}, which is not a file{tilde}; a relative path is read "
+        f"from the working directory {os.getcwd()}."
+    )
 
 
 #: The files rule strip_skull writes (the first of a subject's two jobs).
@@ -1072,11 +1082,9 @@ def starting_checkpoint(model, key):
         return LAYOUT.pretrain_file(run, "encoder.pt")
     external = model.get("init_checkpoint")
     if external and not Path(external).is_file():
-        tilde = " (a ~ is not expanded: write the whole path)" if external.startswith("~") else ""
         raise WorkflowError(
-            f"config key {key} is {external!r}, which is not a file{tilde}; a relative "
-            f"path is read from the working directory {os.getcwd()}. Correct the path; if "
-            f"the file was deleted after training (a scratch purge), put it back: without "
+            f"{not_a_file(key, external)} Correct the path; if the file was deleted after "
+            f"training (a scratch purge), put it back: without "
             f"it a changed setting could not retrain the cells that start from it, which "
             f"would keep their old encoders under the new settings, so every plan stops. "
             f"(Set the key to null to train from scratch, which retrains those cells.)"
@@ -1196,10 +1204,14 @@ def pretrain_subject_files(kind):
 
 
 def openbhb_participants(wildcards):
-    """The OpenBHB release's participants.tsv (rule prepare_openbhb). No rule writes the
-    release, so a folder or table that is not there stops the plan naming the run's
-    source.root (Snakemake's MissingInputException named the file only)."""
-    name = wildcards.pretrain
+    """The OpenBHB release's participants.tsv (rule prepare_openbhb)."""
+    return openbhb_release_table(wildcards.pretrain)
+
+
+def openbhb_release_table(name):
+    """The participants.tsv of OpenBHB run `name`'s release. No rule writes the release,
+    so a folder or table that is not there stops the plan naming the run's source.root
+    (Snakemake's MissingInputException named the file only)."""
     try:
         return str(
             release_participants(
@@ -1218,7 +1230,7 @@ def check_openbhb_releases():
     there) is not checked here."""
     for name in PRETRAIN_OPENBHB:
         if not Path(LAYOUT.pretrain_split_file(name, "images.npy")).is_file():
-            openbhb_participants(SimpleNamespace(pretrain=name))
+            openbhb_release_table(name)
 
 
 def pretrain_participants(wildcards):

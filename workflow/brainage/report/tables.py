@@ -905,14 +905,13 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
     # leave-one-study-out: every split tests a study that has no training subjects
     one_study_out = bool(len(read)) and read["split"].astype(str).str.fullmatch(
         split_name_pattern("loso")).all()
-    one_study = participants is not None and pd.read_csv(
-        participants, sep="\t", usecols=["study"], dtype=str)["study"].nunique() == 1
+    # study codes are text, as everywhere else: "01" and "1" are two studies
+    cohort = None if participants is None else pd.read_csv(
+        participants, sep="\t", dtype={"participant_id": str, "sex": str, "study": str})
+    one_study = cohort is not None and cohort["study"].nunique() == 1
     pretraining = dict(pretraining or {})
     for name, stem in outputs.items():
         if name == "table2_cohort":
-            # study codes are text, as everywhere else: "01" and "1" are two studies
-            cohort = pd.read_csv(participants, sep="\t",
-                                 dtype={"participant_id": str, "sex": str, "study": str})
             write_cohort(cohort_table(cohort), stem, separated=age_separated_studies(cohort))
         elif name == "table3_losses":
             table = table3_losses(seeds, settings=settings.get(LOSS_EXPERIMENT))
