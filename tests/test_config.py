@@ -662,6 +662,9 @@ def test_an_exponent_yaml_reads_as_text_gets_a_hint():
      "the name 'my variant' may hold only ASCII letters, digits, '_', '-' and '.' (not first)"),
     ("predict:\n  model: {name: my model}\n", "Rename it, e.g. 'my_model'"),
     ("predict:\n  cohorts: {Zürich: /data/z}\n", "Rename it, e.g. 'Zurich'"),
+    # a name that names another key's cohort: renaming it alone left it naming none
+    ("predict:\n  simulate: {cohort: my-clinic}\n",
+     "Rename the cohort in predict.cohorts and here, e.g. 'my_clinic'"),
 ])
 def test_a_list_or_section_written_as_one_value_is_told_its_shape(text, hint):
     # the YAML shapes a lab's first config gets wrong got jsonschema's words alone

@@ -371,6 +371,15 @@ def test_the_arrays_do_not_depend_on_the_row_order_of_participants_tsv(small_dat
         (small_dataset["out"] / "stats.json").read_text())["images_sha256"]
 
 
+def test_progress_lines_count_the_subjects_done_so_far(small_dataset, caplog, monkeypatch):
+    """'normalised 25/40 subjects' read as 15 subjects dropped, to a lab's first run."""
+    monkeypatch.setattr("brainage.normalise.PROGRESS_EVERY", 5)
+    with caplog.at_level(logging.INFO, logger="brainage.normalise"):
+        _run(small_dataset)
+    assert "statistics: 5 of 9 subjects read so far" in caplog.text, caplog.text
+    assert "normalised 10 of 12 subjects so far" in caplog.text, caplog.text
+
+
 def test_normalisation_equals_numpy_with_training_statistics(small_dataset):
     # what a killed run left (atomic_path's temporaries; the images' one is the array's
     # size, kept for good in results/dataset/<split>/): removed by the rerun

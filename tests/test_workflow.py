@@ -711,6 +711,19 @@ def test_a_template_file_that_is_not_there_stops_the_plan_naming_its_key(tmp_pat
             f"not a file") in result.stdout, result.stdout
 
 
+def _write_qc_files(project: Path, root: Path, *, failing: int) -> list[str]:
+    """QC files of an earlier run for every subject of ``root``, the first ``failing``
+    failing on coverage; returns their participant_ids."""
+    participants = [line.split("\t")[0] for line in
+                    (root / "participants.tsv").read_text().splitlines()[1:]]
+    for number, pid in enumerate(participants):
+        path = project / subject_files(Layout(), pid[len("sub-"):])["qc_json"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"participant_id": pid, "dice": 0.95, "correlation": 0.8,
+                                    "coverage": 0.5 if number < failing else 0.9}))
+    return participants[:failing]
+
+
 @pytest.mark.workflow
 def test_dry_run_warns_when_qc_exclusions_leave_a_split_fewer_subjects_than_a_batch(tmp_path):
     """qc.exclude_failed drops the subjects failing QC after the plan's batch check, which
@@ -721,27 +734,45 @@ def test_dry_run_warns_when_qc_exclusions_leave_a_split_fewer_subjects_than_a_ba
     config = user_config(tmp_path, root, split={"scheme": "holdout", "test_fraction": 0.3},
                          train={"batch_size": 6}, qc={"exclude_failed": True},
                          experiments=ONE_VARIANT)
-    layout = Layout()
-    participants = [line.split("\t")[0] for line in
-                    (root / "participants.tsv").read_text().splitlines()[1:]]
-    failing = participants[:5]  # 7 train, 3 test: 5 failing leave at most 5 to train
-    for pid in participants:
-        path = tmp_path / subject_files(layout, pid[len("sub-"):])["qc_json"]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"participant_id": pid, "dice": 0.95, "correlation": 0.8,
-                                    "coverage": 0.5 if pid in failing else 0.9}))
+    failing = _write_qc_files(tmp_path, root, failing=5)  # 7 train, 3 test: at most 5 left
     result = snakemake(tmp_path, "-n", "--configfile", str(config))
     assert result.returncode == 0, result.stdout
     assert re.search(r"Warning: config: config key train\.batch_size is 6 \(used by "
                      r"experiments\.table3\.variants\.yaware\) but split holdout has only "
                      r"[0-5] training subjects \(after qc\.exclude_failed leaves out the 5 "
                      r"subject\(s\) whose QC files fail: " + re.escape(", ".join(failing))
-                     + r"\)\. Lower train\.batch_size to at most [0-5]\. Else every "
-                     r"train_encoder job fails", result.stdout), result.stdout
+                     + r"\)\. Lower train\.batch_size to at most [0-5]\. Else the jobs that "
+                     r"train with this batch fail", result.stdout), result.stdout
     for path in (tmp_path / "results" / "preproc").rglob("*_qc.json"):  # all pass: nothing
         path.write_text(path.read_text().replace('"coverage": 0.5', '"coverage": 0.9'))
     result = snakemake(tmp_path, "-n", "--configfile", str(config))
     assert result.returncode == 0 and "qc.exclude_failed leaves out" not in result.stdout
+
+
+@pytest.mark.workflow
+def test_dry_run_warns_when_qc_exclusions_leave_the_search_fewer_subjects_than_its_batch(
+        tmp_path):
+    """The random search's trials train on what its validation hold-out leaves of a split:
+    the plan's warning about QC exclusions counted only the grid's cells, so a search job
+    failed after the normalisation without one."""
+    root = write_tiny_dataset(tmp_path / "dataset", default_rows(10))
+    config = user_config(tmp_path, root, split={"scheme": "holdout", "test_fraction": 0.3},
+                         train={"batch_size": 3}, qc={"exclude_failed": True},
+                         experiments=ONE_VARIANT,
+                         search={"enabled": True, "validation_fraction": 0.5,
+                                 "nn_final_range": [2, 3]})
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0 and "Warning" not in result.stdout, result.stdout
+    failing = _write_qc_files(tmp_path, root, failing=6)  # of the 7 training, 4 left at most
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode == 0, result.stdout
+    assert re.search(r"Warning: config: config key train\.batch_size is 3, the batch of the "
+                     r"random search's trials \(search\.enabled\), but split holdout leaves "
+                     r"them only [0-2] training subjects once .* held out for validation "
+                     r"\(after qc\.exclude_failed leaves out the 6 subject\(s\) whose QC "
+                     r"files fail: " + re.escape(", ".join(failing)) + r"\)\. .*Else the jobs "
+                     r"that train with this batch fail after the normalisation",
+                     result.stdout), result.stdout
 
 
 @pytest.mark.workflow

@@ -161,8 +161,11 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
                    else "ASCII letters, digits and '_'")
         ascii_name = unicodedata.normalize("NFKD", error.instance).encode("ascii", "ignore")
         renamed = re.sub(r"[^A-Za-z0-9_]+", "_", ascii_name.decode()).strip("_") or "name1"
+        # predict.simulate.cohort names a cohort of predict.cohorts, renamed with it
+        rename = ("Rename the cohort in predict.cohorts and here" if path[-3:] == [
+            "predict", "simulate", "cohort"] else "Rename it")
         message = (f"the name {error.instance!r} may hold only {allowed}: it names folders "
-                   f"and Snakemake wildcards. Rename it, e.g. {renamed!r}")
+                   f"and Snakemake wildcards. {rename}, e.g. {renamed!r}")
     if error.validator == "type" and error.instance is None and "object" in (
             error.validator_value if isinstance(error.validator_value, list)
             else [error.validator_value]):
@@ -740,10 +743,13 @@ def check_search_source(config: Mapping[str, Any], experiment: str, variant: str
     return problems
 
 
+#: How the plan's batch checks count training subjects, unless told otherwise.
+BEFORE_QC_EXCLUSIONS = "before QC exclusions, which can only remove more"
+
+
 def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, int], *,
                       source: str = "config",
-                      counted: str = "before QC exclusions, which can only remove more"
-                      ) -> None:
+                      counted: str = BEFORE_QC_EXCLUSIONS) -> None:
     """Stop before any job when a grid cell's batch is larger than a split's training set.
 
     Parameters
@@ -812,13 +818,14 @@ def _and_neighbourhoods(keys: list[str]) -> str:
 
 
 def check_search_batch_size(config: Mapping[str, Any], search_training_counts: Mapping[str, int],
-                            *, source: str = "config") -> None:
+                            *, source: str = "config",
+                            counted: str = BEFORE_QC_EXCLUSIONS) -> None:
     """Stop before any job when the random search (``search.enabled``) trains with a batch
     larger than the subjects its trials train on: a split's training subjects less the
     search's validation subjects (``search.validation_fraction``), given per split in
-    ``search_training_counts`` (:func:`brainage.split_data.subjects_left_for_training`,
-    before QC exclusions, which can only lower them). The trials train with the config's
-    top-level ``train.batch_size`` (:func:`search_settings`).
+    ``search_training_counts`` (:func:`brainage.split_data.subjects_left_for_training`),
+    counted as ``counted`` says. The trials train with the config's top-level
+    ``train.batch_size`` (:func:`search_settings`).
 
     Raises
     ------
@@ -836,7 +843,7 @@ def check_search_batch_size(config: Mapping[str, Any], search_training_counts: M
             f"search's trials (search.enabled), but split {split} leaves them only {left} "
             f"training subjects once config key search.validation_fraction "
             f"({config['search']['validation_fraction']}) of them are held out for "
-            f"validation (before QC exclusions, which can only remove more). Lower "
+            f"validation ({counted}). Lower "
             f"train.batch_size to at most {left} or search.validation_fraction"
             + _and_neighbourhoods(_neighbourhoods_over(config, left, "train.batch_size")))
 

@@ -492,6 +492,10 @@ def _read_map(path: Path, record: Mapping, participant_id: str) -> np.ndarray:
     return data
 
 
+#: Subjects between the normalisation's progress lines (of thousands, a line a minute or so).
+PROGRESS_EVERY = 25
+
+
 def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | str | Path,
                       qc_table: str | Path | Sequence[str | Path], template_mask: str | Path,
                       out_images: str | Path, out_participants: str | Path,
@@ -664,8 +668,9 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
         moments = [combine_moments(moments[index],
                                    volume_moments(channel(volumes[name], record, index)))
                    for index, name in enumerate(modalities)]
-        if position % 25 == 0:
-            log.info("statistics: %d/%d subjects", position, len(statistics_rows))
+        if position % PROGRESS_EVERY == 0:
+            log.info("statistics: %d of %d subjects read so far", position,
+                     len(statistics_rows))
     means, sds = [], []
     for name, (count, mean, m2) in zip(modalities, moments):
         sd = math.sqrt(m2 / count) if count else 0.0
@@ -707,8 +712,8 @@ def write_normalised(table: pd.DataFrame, subject_maps, template_mask: str | Pat
                                         resolution_mm)
                 handle.write(stored.data)
                 images_digest.update(stored)  # the row as stored
-                if (row + 1) % 25 == 0:
-                    log.info("normalised %d/%d subjects", row + 1, len(table))
+                if (row + 1) % PROGRESS_EVERY == 0:
+                    log.info("normalised %d of %d subjects so far", row + 1, len(table))
 
     columns = [c for c in table.columns if c not in ADDED_COLUMNS] + list(ADDED_COLUMNS)
     write_tsv(out_participants, table[columns])

@@ -43,6 +43,7 @@ from brainage.report.targets import (
     trained_cells,
 )
 from brainage.config import (
+    BEFORE_QC_EXCLUSIONS,
     FEATURELESS_READOUTS,
     ConfigError,
     cell_settings,
@@ -674,22 +675,7 @@ def check_training_set_sizes():
     except InputError as error:  # the cohort's table, not a setting
         raise WorkflowError(f"the training cohort (config key dataset.root):\n{error}") from None
     try:
-        # the search's first: its trials keep fewer subjects than the grid's splits, so
-        # its limit on train.batch_size is the one to lower to (not the grid's, then its)
-        fraction = config["search"]["validation_fraction"]
-        check_search_batch_size(
-            config,
-            {
-                split: subjects_left_for_training(sizes, fraction)
-                for split, sizes in study_sizes.items()
-            },
-            source="config",
-        )
-        check_batch_sizes(
-            config,
-            {split: sum(sizes.values()) for split, sizes in study_sizes.items()},
-            source="config",
-        )
+        check_batch_sizes_of_splits(study_sizes, counted=BEFORE_QC_EXCLUSIONS)
     except ConfigError as error:  # checked before any job: a pilot's first command
         # (--until tabulate_qc) too
         raise WorkflowError(
@@ -702,10 +688,34 @@ def check_training_set_sizes():
         warn_about_training_sets_after_qc_exclusions()
 
 
+def check_batch_sizes_of_splits(study_sizes, counted):
+    """The random search's batch check, then the grid's, on the training subjects per
+    study of every split (``counted``: how they were counted, as the messages say it)."""
+    # the search's first: its trials keep fewer subjects than the grid's splits, so its
+    # limit on train.batch_size is the one to lower to (not the grid's, then its)
+    fraction = config["search"]["validation_fraction"]
+    check_search_batch_size(
+        config,
+        {
+            split: subjects_left_for_training(sizes, fraction)
+            for split, sizes in study_sizes.items()
+        },
+        source="config",
+        counted=counted,
+    )
+    check_batch_sizes(
+        config,
+        {split: sum(sizes.values()) for split, sizes in study_sizes.items()},
+        source="config",
+        counted=counted,
+    )
+
+
 def warn_about_training_sets_after_qc_exclusions():
     """With qc.exclude_failed, say while the job graph is built when the subjects whose QC
     files (of an earlier run) fail would leave a split fewer training subjects than a grid
-    cell's batch: every train_encoder job would fail after the normalisation. A warning,
+    cell's batch, or the random search's trials fewer than theirs: those jobs would fail
+    after the normalisation. A warning,
     not a refusal: this run may preprocess those subjects again (a fixed T1w), and a
     refusal would stop it, --until tabulate_qc too."""
     files = {label: subject_files(LAYOUT, label)["qc_json"] for label in subjects()}
@@ -719,20 +729,19 @@ def warn_about_training_sets_after_qc_exclusions():
     failing = sorted(pid for pid, record in records.items() if qc_failures(record, minimums))
     if not failing:
         return
-    counts = training_counts(planned_participants(), config["split"], left_out=failing)
+    sizes = training_study_sizes(planned_participants(), config["split"], left_out=failing)
     try:
-        check_batch_sizes(
-            config,
-            counts,
-            source="config",
+        check_batch_sizes_of_splits(
+            sizes,
             counted=f"after qc.exclude_failed leaves out the {len(failing)} subject(s) "
             f"whose QC files fail: {', '.join(failing[:10])}"
             + (", ..." if len(failing) > 10 else ""),
         )
     except ConfigError as error:
         _say(
-            f"Warning: {error} Else every train_encoder job fails after the normalisation; "
-            f"or fix those subjects' preprocessing, or set qc.exclude_failed: false."
+            f"Warning: {error} Else the jobs that train with this batch fail after the "
+            f"normalisation; or fix those subjects' preprocessing, or set "
+            f"qc.exclude_failed: false."
         )
 
 
