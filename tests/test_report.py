@@ -2125,6 +2125,36 @@ def test_training_loss_titles_give_the_mean_over_seeds(tmp_path, monkeypatch):
         "Adaptive Neighborhoods\n3 -> 2 (3 seeds)"]
 
 
+def test_an_unfinished_trainings_history_and_embeddings_are_refused(tmp_path):
+    """A demo cell retrained with --forcerun and killed at epoch 23 of 75: its history.tsv
+    and embeddings/ held the epochs so far, Snakemake (its evaluation up to date, the
+    unfinished files unseen behind the simulated cohort's checkpoint) did not plan it again,
+    and make_figures drew training_loss.png from 23 epochs as the whole training, beside
+    tables of the earlier, finished one."""
+    cell = tmp_path / "results" / "train" / "holdout" / "table3" / "simclr" / "seed-1"
+    (cell / "embeddings").mkdir(parents=True)
+    history = cell / "history.tsv"
+    pd.DataFrame({"epoch": [1, 2], "loss": [2.0, 1.5]}).to_csv(history, sep="\t", index=False)
+    (cell / "metrics.json").write_text(json.dumps({"loss": "simclr", "n_train": 12,
+                                                   "n_test": 4, "mae": 9.3}))
+    (cell / "checkpoint.pt").write_bytes(b"the resume state of epoch 2")
+    told = (r"belongs to a training that did not finish: its resume state .*checkpoint\.pt "
+            r"is still beside it .* Run your command again with --rerun-incomplete --forcerun "
+            + re.escape(str(cell / "encoder.pt")) + " added")
+    with pytest.raises(targets.ReportError, match=told):
+        figures.plot_training_loss({"simclr": {1: history}}, tmp_path / "loss.png")
+    with pytest.raises(targets.ReportError, match=told):
+        figures.load_embeddings(cell / "embeddings")
+    with pytest.raises(targets.ReportError, match=told):
+        pretraining.pretraining_runs({"t1": {"metrics": cell / "metrics.json",
+                                             "history": history}})
+    (cell / "checkpoint.pt").unlink()  # a finished training deletes it
+    figures.plot_training_loss({"simclr": {1: history}}, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").is_file() and figures.load_embeddings(cell / "embeddings") == {}
+    assert pretraining.pretraining_runs({"t1": {"metrics": cell / "metrics.json",
+                                                "history": history}})["epochs"].tolist() == [2]
+
+
 @pytest.mark.parametrize("age", [40.0, 20.2])
 def test_the_gap_age_slope_is_undefined_when_every_test_subject_has_one_age(age):
     """Three test subjects of one age over two folds: no slope against age (NaN), not an

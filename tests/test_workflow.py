@@ -908,6 +908,25 @@ def test_interrupted_run_notice_reports_locks_and_existing_incomplete_outputs(tm
     assert notice.index("--unlock") < notice.index("--rerun-incomplete")
 
 
+def test_interrupted_run_notice_names_the_forcerun_that_resumes_a_killed_training(tmp_path):
+    """A demo cell retrained with --forcerun and killed: --rerun-incomplete, as the notice
+    said, planned nothing for it (its evaluation up to date, Snakemake did not see the
+    unfinished files behind the simulated cohort's checkpoint), run after run."""
+    cell = "results/train/holdout/table3/simclr/seed-1"
+    (tmp_path / cell / "embeddings").mkdir(parents=True)
+    (tmp_path / cell / "history.tsv").write_text("epoch\tloss\n1\t2.0\n")
+    for name in ("history.tsv", "embeddings", "encoder.pt"):
+        _incomplete_marker(tmp_path, f"{cell}/{name}")
+    notice = interrupted_run_notice(tmp_path)
+    assert notice.endswith(f"if that run does not train a killed training again, as in the demo "
+                           f"after a --forcerun of its cell, add --forcerun {cell}/encoder.pt).")
+    (tmp_path / cell / "history.tsv").unlink()
+    shutil.rmtree(tmp_path / cell / "embeddings")
+    (tmp_path / "results" / "qc.tsv").write_text("participant_id\n")  # another job's output
+    _incomplete_marker(tmp_path, "results/qc.tsv")
+    assert "--forcerun" not in interrupted_run_notice(tmp_path)
+
+
 def test_interrupted_run_notice_tells_a_live_run_from_a_killed_one(tmp_path):
     """A second terminal's (or a colleague's) run in the same folder holds the locks too:
     the notice told to --unlock and --rerun-incomplete "if none is running", with no way

@@ -28,6 +28,9 @@ from pathlib import Path
 
 from brainage.logs import user_name
 
+#: What a training writes as it goes (brainage.train), so a killed one leaves them.
+TRAINING_PROGRESS = ("history.tsv", "embeddings")
+
 #: Marker files of Snakemake's own bookkeeping, not outputs.
 _NOT_MARKERS = {"migration_underway"}
 
@@ -212,5 +215,14 @@ def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str 
         what_to_run = (f"if it was killed, first cancel its SLURM jobs still queued or "
                        f"running (run ID {run_id}: `squeue --name {run_id}` lists them, "
                        f"`scancel --name {run_id}` cancels them); then, {what_to_run}")
+    encoders = sorted({str(output.with_name("encoder.pt")) for output in outputs
+                       if output.name in TRAINING_PROGRESS})
+    if encoders:
+        # Snakemake checks for unfinished files before it plans the jobs after a
+        # checkpoint (the demo's simulated cohort): a training forced and killed there,
+        # its evaluation up to date, is not planned again by --rerun-incomplete
+        what_to_run += (f" (if that run does not train a killed training again, as in the "
+                        f"demo after a --forcerun of its cell, add --forcerun "
+                        f"{' '.join(encoders)})")
     return (f"brainage: a previous Snakemake run in {Path(workdir).resolve()} was killed or is "
             f"still running ({'; '.join(found)}): {what_to_run}.")

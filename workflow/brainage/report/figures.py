@@ -23,9 +23,11 @@ from brainage.report.results import (
     coverage_fraction,
     distinct_labels,
     natural_key,
+    read_history,
     read_metrics,
     read_predictions,
     read_search_trials,
+    refuse_unfinished_training,
     seed_results,
 )
 from brainage.report.tables import ablation_table, single_seed
@@ -212,7 +214,9 @@ def plot_lambda_sweep(table: pd.DataFrame, path: str | Path) -> None:
 def load_embeddings(folder: str | Path) -> dict[int, dict[str, np.ndarray]]:
     """``{epoch: {"features" [n, D], "age" [n] years, "subset" [n], "participant_id" [n],
     "features_kind" (model.features; absent in files of older versions)}}`` from
-    ``<folder>/epoch-<EEE>.npz``, sorted by epoch."""
+    ``<folder>/epoch-<EEE>.npz``, sorted by epoch, of a finished training
+    (:func:`refuse_unfinished_training`)."""
+    refuse_unfinished_training(folder)
     embeddings = {}
     for file in sorted(Path(folder).glob("epoch-*.npz")):
         epoch = int(file.stem.split("-")[1])
@@ -674,7 +678,7 @@ def plot_training_loss(histories: Mapping[str, Mapping[int, str | Path]], path: 
     figure, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 2.9 * rows),
                                 squeeze=False)
     for axis, (variant, seeds) in zip(axes.flat, histories.items()):
-        tables = [pd.read_csv(file, sep="\t") for file in seeds.values()]
+        tables = [read_history(file) for file in seeds.values()]
         for table in tables:
             axis.plot(table["epoch"], table["loss"], color="#4C72B0", alpha=0.35, linewidth=0.8)
         mean = pd.concat(tables).groupby("epoch")["loss"].mean()
@@ -701,7 +705,7 @@ def plot_pretraining(histories: Mapping[str, str | Path], runs: pd.DataFrame,
     figure, (curves, bars) = plt.subplots(1, 2, figsize=(10, 3.6))
     validation = dict(zip(runs["run"], runs["validation_mae"]))
     for run, history in histories.items():
-        table = pd.read_csv(history, sep="\t")
+        table = read_history(history)
         curves.plot(table["epoch"], table["loss"], linewidth=1.5,
                     label=f"{run}: validation MAE {validation.get(run, float('nan')):.2f} years")
     curves.set_xlabel("epoch")

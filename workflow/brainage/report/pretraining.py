@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from brainage.config import pretrained_run
-from brainage.report.results import cell_label
+from brainage.report.results import cell_label, read_history
 from brainage.report.targets import LOSS_EXPERIMENT
 
 #: Columns of :func:`pretraining_runs`.
@@ -43,7 +43,7 @@ def pretraining_runs(files: Mapping[str, Mapping[str, str | Path]]) -> pd.DataFr
     rows = []
     for run, paths in files.items():
         values = json.loads(Path(paths["metrics"]).read_text())
-        history = pd.read_csv(paths["history"], sep="\t")
+        history = read_history(paths["history"])
         trained = not history.empty  # pretrain.<run>.train.epochs 0: the untrained encoder
         averaged = epochs_averaged(len(history)) if trained else 0
         rows.append({"run": run, "loss": values["loss"],

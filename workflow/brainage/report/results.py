@@ -538,6 +538,33 @@ def coverage_fraction(participants: pd.DataFrame) -> pd.Series:
     return coverage
 
 
+def refuse_unfinished_training(output: str | Path) -> None:
+    """Refuse a training's ``history.tsv`` or ``embeddings/`` while the training's resume
+    state (``checkpoint.pt``, brainage.train) lies beside it: the training was killed or
+    failed before its end (a finished one deletes it), and a figure would show its epochs so
+    far as the whole training. Snakemake stops at such files (IncompleteFilesException)
+    except where it plans their job after a checkpoint (the demo's simulated cohort): it
+    checks for unfinished files before it does, and a training forced and killed there, its
+    evaluation up to date, is then neither redone nor refused before this job."""
+    output = Path(output)
+    checkpoint = output.with_name("checkpoint.pt")
+    if checkpoint.exists():
+        raise ReportError(
+            f"{output} belongs to a training that did not finish: its resume state "
+            f"{checkpoint} is still beside it (the job was killed or failed; a finished "
+            f"training deletes it), so its epochs so far would be drawn as the whole "
+            f"training. Run your command again with --rerun-incomplete --forcerun "
+            f"{output.with_name('encoder.pt')} added: the training continues from its "
+            f"checkpoint.")
+
+
+def read_history(path: str | Path) -> pd.DataFrame:
+    """A finished training's ``history.tsv`` (:func:`refuse_unfinished_training`): one row
+    per epoch, columns ``epoch``, ``loss`` and more."""
+    refuse_unfinished_training(path)
+    return pd.read_csv(path, sep="\t")
+
+
 def read_search_trials(paths: Iterable[str | Path]) -> pd.DataFrame:
     """Every split's ``trials.tsv`` (trial, nn_final, nn_step, validation_mae [years], ...)
     with a ``split`` column (the folder name), sorted by validation MAE within each split."""
