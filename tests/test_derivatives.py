@@ -10,6 +10,7 @@ schema) must report no error. Skipped where the validator is not installed, exce
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
@@ -197,6 +198,31 @@ def test_a_killed_worker_is_named_with_what_to_do(tmp_path, monkeypatch):
         run_subjects({"a": {}, "b": {}, "c": {}}, Layout(results=str(tmp_path)),
                      preproc=TRAINING_PREPROC, preprocess=FAST, template_t1="t1.nii.gz",
                      template_mask="mask.nii.gz", jobs=2, cohort="c")
+
+
+def test_without_a_writable_dev_shm_the_subjects_run_one_at_a_time(tmp_path, monkeypatch,
+                                                                    caplog):
+    """`predict run --jobs 2` in a container whose /dev/shm is read-only stopped with a bare
+    traceback ending in 'OSError: [Errno 30] Read-only file system' (the pool's semaphores),
+    which named neither /dev/shm nor --jobs."""
+    from brainage.preprocess import chain
+
+    def no_semaphores(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    done = []
+    monkeypatch.setattr(chain, "ProcessPoolExecutor", no_semaphores)
+    monkeypatch.setattr(chain, "run_subject",
+                        lambda files, layout, label, **settings: done.append(label) or {})
+    with caplog.at_level(logging.WARNING, logger="brainage.preprocess.chain"):
+        result = run_subjects({"a": {}, "b": {}, "c": {}}, Layout(results=str(tmp_path)),
+                              preproc=TRAINING_PREPROC, preprocess=FAST,
+                              template_t1="t1.nii.gz", template_mask="mask.nii.gz", jobs=2,
+                              cohort="c")
+    assert done == ["a", "b", "c"] and list(result) == ["a", "b", "c"]
+    assert ("cohort c: 2 subjects at a time need a writable /dev/shm for the processes' "
+            "semaphores ([Errno 30] Read-only file system); preprocessing one subject at a "
+            "time instead") in caplog.text, caplog.text
 
 
 def test_default_space_names_nilearns_template_symmetric():

@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import struct
+import sys
 import time
 import unicodedata
 from collections import defaultdict
@@ -177,6 +178,12 @@ def _missing_root_message(root: Path, root_setting: str) -> str:
     if str(root).startswith("~"):  # YAML and Snakemake keep '~'
         return (f"dataset root {root} does not exist: '~' is not expanded in paths. Set "
                 f"{root_setting} to the full path ({root.expanduser()}).")
+    if _named_in_another_encoding(root):
+        return (f"dataset root {root} is not found with this session's file-name encoding "
+                f"({sys.getfilesystemencoding()}, from its locale), but it exists under its "
+                f"UTF-8 name, as the config and your files spell it. Run export PYTHONUTF8=1 "
+                f"(or use a UTF-8 locale, e.g. export LC_ALL=C.UTF-8) before snakemake or "
+                f"brainage-predict.")
     shown = (str(root) if root.is_absolute()
              else f"{root} (relative to {Path.cwd()}, the working directory)")
     if root_setting == "config key dataset.root":  # the training cohort: maybe the demo's
@@ -186,6 +193,15 @@ def _missing_root_message(root: Path, root_setting: str) -> str:
     return (f"dataset root {shown} does not exist. Set {root_setting} to the cohort's "
             f"BIDS-like dataset folder (participants.tsv and a sub-<label> folder per "
             f"subject).")
+
+
+def _named_in_another_encoding(path: Path) -> bool:
+    """Whether ``path`` is missing only because this process encodes file names with its
+    locale's encoding (Latin-1 on some clusters' login nodes: ``ü`` as one byte) while the
+    name on disk is UTF-8 (two bytes), as a UTF-8 terminal and the YAML config spell it."""
+    text = str(path)
+    utf8 = text.encode("utf-8", "surrogateescape")
+    return os.fsencode(text) != utf8 and os.path.exists(utf8)
 
 
 @lru_cache(maxsize=8)

@@ -305,11 +305,18 @@ def run_subjects(inputs: Mapping[str, Mapping[str, str]], layout: Layout, *, pre
             log.info("%spreprocessing sub-%s (%d of %d)", name, label, number, len(inputs))
             done[label] = run_subject(files, layout, label, **settings)
         return done
+    try:
+        pool = ProcessPoolExecutor(max_workers=jobs,
+                                   mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=log_to_files,
+                                   initargs=(log_files(), logging.getLogger().getEffectiveLevel()))
+    except OSError as error:  # its semaphores live in /dev/shm, read-only in some containers
+        log.warning("%s%d subjects at a time need a writable /dev/shm for the processes' "
+                    "semaphores (%s); preprocessing one subject at a time instead (the same "
+                    "files with preprocess.deterministic)", name, jobs, error)
+        return run_subjects(inputs, layout, jobs=1, cohort=cohort, **settings)
     log.info("%spreprocessing %d subjects, %d at a time", name, len(inputs), jobs)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=log_to_files,
-                             initargs=(log_files(), logging.getLogger().getEffectiveLevel())
-                             ) as pool:
+    with pool:
         futures = {label: pool.submit(run_subject, files, layout, label, **settings)
                    for label, files in inputs.items()}
         try:
