@@ -1893,31 +1893,36 @@ def test_subject_inputs_refuses_a_label_that_is_not_a_bids_label(tiny_dataset):
             subject_inputs(tiny_dataset, label)
 
 
-def test_a_root_missing_only_under_a_latin1_locale_names_the_locale(tmp_path):
+@pytest.mark.parametrize("folder", ["Prüfung", "Łódź"])
+def test_a_root_missing_only_under_a_latin1_locale_names_the_locale(tmp_path, folder):
     """On a login node whose locale is Latin-1, Python encodes file names as Latin-1 (ü as
     one byte) while the folder's name on disk is UTF-8: a dataset.root under 'Prüfung/' was
-    refused as not existing, a folder that ls shows."""
+    refused as not existing, a folder that ls shows; one under 'Łódź/', whose Ł Latin-1
+    cannot encode, then stopped with a UnicodeEncodeError from the hint's own check."""
     locales = tmp_path / "locales"
     locales.mkdir()
     made = subprocess.run(["localedef", "-i", "de_DE", "-f", "ISO-8859-1",
                            str(locales / "de_DE.ISO-8859-1")], capture_output=True)
     if made.returncode != 0:
         pytest.skip(f"no Latin-1 locale can be made here (localedef: {made.stderr[-200:]!r})")
-    root = write_tiny_dataset(tmp_path / "Prüfung" / "dataset", default_rows(2))
+    root = write_tiny_dataset(tmp_path / folder / "dataset", default_rows(2))
     # the path as the YAML config gives it, text decoded from UTF-8 (on the command line it
     # would arrive as the locale's bytes and round-trip)
     code = ("import sys\nfrom brainage.inputs import InputError, read_participants\n"
             f"try:\n    read_participants({ascii(str(root))})\n"
-            "except InputError as error:\n    print(sys.getfilesystemencoding(), error)\n")
+            "except InputError as error:\n"
+            "    print(sys.getfilesystemencoding(), error, file=sys.stderr)\n")
     env = {**os.environ, "PYTHONPATH": str(Path(inputs.__file__).parents[1]),
            "LOCPATH": str(locales), "LC_ALL": "de_DE.ISO-8859-1", "LANG": "de_DE.ISO-8859-1"}
     env.pop("PYTHONUTF8", None)
+    # on stderr, as Snakemake logs it: Python writes a letter the locale cannot encode there
+    # as an escape (stdout would stop at it)
     said = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          env=env).stdout.decode("latin-1")
+                          env=env).stderr.decode("latin-1")
     assert said.startswith("iso8859-1 "), said  # the locale took: the case to test
     assert ("is not found with this session's file-name encoding (iso8859-1, from its "
             "locale), but it exists under its UTF-8 name") in said, said
     assert "export PYTHONUTF8=1" in said, said
     utf8 = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          env={**env, "PYTHONUTF8": "1"}).stdout.decode()
+                          env={**env, "PYTHONUTF8": "1"}).stderr.decode()
     assert utf8 == "", utf8  # read: the folder is there

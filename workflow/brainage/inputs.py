@@ -201,7 +201,11 @@ def _named_in_another_encoding(path: Path) -> bool:
     name on disk is UTF-8 (two bytes), as a UTF-8 terminal and the YAML config spell it."""
     text = str(path)
     utf8 = text.encode("utf-8", "surrogateescape")
-    return os.fsencode(text) != utf8 and os.path.exists(utf8)
+    try:
+        differs = os.fsencode(text) != utf8
+    except UnicodeEncodeError:  # a letter the locale cannot encode at all (Łódź in Latin-1)
+        differs = True
+    return differs and os.path.exists(utf8)
 
 
 @lru_cache(maxsize=8)
