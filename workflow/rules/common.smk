@@ -715,9 +715,8 @@ def warn_about_training_sets_after_qc_exclusions():
     """With qc.exclude_failed, say while the job graph is built when the subjects whose QC
     files (of an earlier run) fail would leave a split fewer training subjects than a grid
     cell's batch, or the random search's trials fewer than theirs: those jobs would fail
-    after the normalisation. A warning,
-    not a refusal: this run may preprocess those subjects again (a fixed T1w), and a
-    refusal would stop it, --until tabulate_qc too."""
+    after the normalisation. A warning, not a refusal: this run may preprocess those
+    subjects again (a fixed T1w), and a refusal would stop it, --until tabulate_qc too."""
     files = {label: subject_files(LAYOUT, label)["qc_json"] for label in subjects()}
     if not all(Path(path).is_file() for path in files.values()):
         return  # the first run: QC comes later
