@@ -43,8 +43,18 @@ rule all:
 # this run logged (a subject that failed QC, a map with holes) after its summary, through
 # Snakemake's logger: into the run's .snakemake/log file too, not the terminal alone.
 onsuccess:
-    say_job_warnings(LAYOUT.logs, RUN_STARTED, emit=snakemake_logger.warning)
+    say_job_warnings(
+        LAYOUT.logs,
+        RUN_STARTED,
+        emit=snakemake_logger.warning,
+        written_since_ns=RUN_STARTED_ON_DISK,
+    )
 
 
 onerror:
-    say_job_warnings(LAYOUT.logs, RUN_STARTED, emit=snakemake_logger.warning)
+    say_job_warnings(
+        LAYOUT.logs,
+        RUN_STARTED,
+        emit=snakemake_logger.warning,
+        written_since_ns=RUN_STARTED_ON_DISK,
+    )

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import nibabel as nib
@@ -1479,6 +1480,40 @@ def test_image_check_is_cached_by_size_and_mtime(tiny_dataset, tmp_path):
              _stiffness(tiny_dataset, "01a"))
     with pytest.raises(InputError, match="sub-01a"):
         check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
+
+
+def test_inputs_dated_in_the_future_are_refused_before_any_is_read(tiny_dataset, tmp_path):
+    """A copy that kept a fast clock's times (rsync -a from a scanner console a day
+    ahead): Snakemake failed every job reading such a file after its work, run after run,
+    and --touch removed their outputs. Refused by the outputs' file system's clock, with
+    the files and the command that fixes them; a minute's skew passes."""
+    from brainage.io import file_system_clock_ns
+
+    cache = tmp_path / "cache.json"
+    now = file_system_clock_ns(tmp_path)
+    assert abs(now - time.time_ns()) < 60 * 10**9  # a local disk: this host's clock
+    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache, clock_ns=now)
+    day_ahead = now / 1e9 + 86400
+    os.utime(_stiffness(tiny_dataset, "01a"), (day_ahead, day_ahead))
+    os.utime(tiny_dataset / "participants.tsv", (day_ahead, day_ahead))
+    os.utime(_stiffness(tiny_dataset, "00a"), (now / 1e9 + 30, now / 1e9 + 30))
+    checked = json.loads(cache.read_text())
+    with pytest.raises(InputError) as raised:
+        check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache, clock_ns=now)
+    lines = str(raised.value).splitlines()
+    assert lines[0].startswith(f"2 input file(s) under {tiny_dataset} are dated in the "
+                               f"future, up to 24 h ahead of this file system's clock")
+    assert "--touch would not help" in lines[0]
+    assert lines[0].endswith(f"find {tiny_dataset} -newermt now -exec touch -c {{}} +")
+    assert [line.split(" (")[0].strip() for line in lines[1:]] == [
+        str(_stiffness(tiny_dataset, "01a")), str(tiny_dataset / "participants.tsv")]
+    assert json.loads(cache.read_text()) == checked  # refused before any file was read
+    # without a clock (predict run: no Snakemake to compare times) the files are fine
+    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
+    os.utime(_stiffness(tiny_dataset, "01a"))
+    os.utime(tiny_dataset / "participants.tsv")
+    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache,
+                         clock_ns=file_system_clock_ns(tmp_path))
 
 
 def test_every_bad_image_is_named_at_once_and_the_good_ones_are_remembered(tiny_dataset,

@@ -610,6 +610,48 @@ def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
     assert job_warnings(tmp_path / "no_logs", since) == []
 
 
+def test_the_warnings_of_this_run_are_found_whatever_the_nodes_and_servers_clocks(
+        tmp_path):
+    """A node 90 s slow wrote an attempt start before the run's start, and a file server
+    15 minutes slow stamped the logs before it by this host's clock: both warnings were
+    left out of the run's summary. The file system's own clock at the run's start says
+    which logs this run wrote; their last attempt counts, an earlier one by its time."""
+    import datetime
+
+    from brainage.logs import job_warnings
+
+    since = datetime.datetime(2026, 12, 6, 12, 0, 0, tzinfo=datetime.timezone.utc)
+    server_slow_s = 15 * 60
+    on_disk_at_start = int((since.timestamp() - server_slow_s) * 1e9)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "slow_node.log").write_text(  # retried: attempt 1 of an earlier run
+        "===== attempt 1 (2026-12-06T10:00:00+00:00, node1, pid 7) =====\n"
+        "2026-12-06 10:00:01,100 WARNING brainage.x: of an earlier run\n"
+        "===== attempt 2 (2026-12-06T11:59:00+00:00, node1, pid 8) =====\n"  # 90 s slow
+        "2026-12-06 11:59:02,300 WARNING brainage.qc: subject sub-a failed QC\n")
+    (logs / "retried.log").write_text(
+        "===== attempt 1 (2026-12-06T12:00:05+00:00, node2, pid 9) =====\n"
+        "2026-12-06 12:00:06,000 WARNING brainage.x: of the killed attempt\n"
+        "===== attempt 2 (2026-12-06T12:01:00+00:00, node2, pid 10) =====\n"
+        "2026-12-06 12:01:01,000 WARNING brainage.x: of the attempt that finished\n")
+    (logs / "earlier_run.log").write_text(  # a node a minute fast: by time, of this run
+        "===== attempt 1 (2026-12-06T12:00:30+00:00, node3, pid 11) =====\n"
+        "2026-12-06 12:00:31,000 WARNING brainage.x: of an earlier run too\n")
+    written_this_run = since.timestamp() - server_slow_s + 600  # 10 min into the run
+    for name in ("slow_node.log", "retried.log"):
+        os.utime(logs / name, (written_this_run, written_this_run))
+    before = since.timestamp() - server_slow_s - 60
+    os.utime(logs / "earlier_run.log", (before, before))
+    found = [(path.name, message) for path, message in
+             job_warnings(logs, since, written_since_ns=on_disk_at_start)]
+    assert found == [("retried.log", "of the killed attempt"),
+                     ("retried.log", "of the attempt that finished"),
+                     ("slow_node.log", "subject sub-a failed QC")]
+    # this host's clock alone: the server's stamps hid every log
+    assert job_warnings(logs, since) == []
+
+
 def test_a_full_disk_at_a_jobs_first_log_line_names_the_log(tmp_path):
     """On a full scratch quota every job stopped at ``import brainage`` with a bare
     ``OSError: [Errno 28]`` naming no file, and the log Snakemake pointed to stayed empty

@@ -1501,8 +1501,20 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
     assert run(n4=False) == ["correct_bias", "register_to_template", "compute_qc"]
     assert "sub-a: the correct_bias outputs" in caplog.text
     assert run(n4=False) == []
+    # a cohort copied without its times: redone (the content may differ), and said so,
+    # not "made from other input files or preprocessing settings" (a change to look for)
+    caplog.clear()
+    later = stiffness.stat().st_mtime + 60
+    os.utime(stiffness, (later, later))
+    assert run(n4=False) == list(chain.STEPS)
+    assert ("sub-a: the input files of the strip_skull outputs in" in caplog.text
+            and "have new modification times (the same names and sizes): copied without "
+                "keeping them? (cp -a and rsync -a keep them.)" in caplog.text)
+    assert "other input files" not in caplog.text
+    caplog.clear()
     stiffness.write_bytes(b"a replaced map")  # another size: another file
     assert run(n4=False) == list(chain.STEPS)
+    assert "made from other input files or preprocessing settings" in caplog.text
     template["template_mask"].write_bytes(b"another template mask")
     assert run(n4=False) == list(chain.STEPS)
     # a step interrupted after its outputs but before its record is done again

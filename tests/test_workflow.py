@@ -99,7 +99,12 @@ def test_unknown_config_key_stops_the_run_naming_it(tmp_path):
                            root / "sub-02a/mre/sub-02a_stiffness.nii.gz"), "sub-02a"),
     (lambda root: (root / "sub-03a/mre/sub-03a_stiffness.nii.gz").write_bytes(b"garbage"),
      "not a readable NIfTI"),
-], ids=["escaping-label", "missing-map", "all-zero-map", "corrupt-map"])
+    # copied with the times of a console a day fast: every job reading it would fail
+    # after its work, and --touch would remove its outputs
+    (lambda root: os.utime(root / "sub-01a/mre/sub-01a_stiffness.nii.gz",
+                           (time.time() + 86400,) * 2),
+     "are dated in the future, up to 24 h ahead"),
+], ids=["escaping-label", "missing-map", "all-zero-map", "corrupt-map", "future-dated"])
 def test_bad_dataset_stops_before_any_work(tmp_path, break_dataset, expected):
     root = write_tiny_dataset(tmp_path / "dataset", default_rows())
     break_dataset(root)

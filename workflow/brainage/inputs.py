@@ -20,11 +20,13 @@ before any work starts (the workflow calls these while building its job graph).
 from __future__ import annotations
 
 import csv
+import datetime
 import gzip
 import json
 import logging
 import os
 import re
+import shlex
 import struct
 import sys
 import time
@@ -1540,7 +1542,8 @@ IMAGE_CACHE_SAVE_SECONDS = 30.0
 def check_dataset_images(root: str | Path, labels: list[str],
                          modalities: Sequence[str] = DEFAULT_MODALITIES, *,
                          cache_file: str | Path | None = None,
-                         announce: Callable[[str], None] | None = None) -> None:
+                         announce: Callable[[str], None] | None = None,
+                         clock_ns: int | None = None) -> None:
     """Open every subject's images (the maps of ``modalities``, and the T1w) once and check
     them before any work.
 
@@ -1558,10 +1561,16 @@ def check_dataset_images(root: str | Path, labels: list[str],
     remembered even when others fail, or when the check is interrupted; the entries of files
     under ``root`` that no longer exist (a subject removed) are dropped.
 
+    ``clock_ns``: the outputs' file system's current time (ns since the epoch,
+    :func:`brainage.io.file_system_clock_ns`) where Snakemake will compare the inputs'
+    modification times with the outputs': the images and ``participants.tsv`` must not be
+    dated after it (:func:`_refuse_future_dated`).
+
     Raises
     ------
     InputError
-        Listing every file that is not NIfTI, is corrupt, 4D, or all zeros, every
+        Listing the files dated in the future, if any (before anything is read); else
+        every file that is not NIfTI, is corrupt, 4D, or all zeros, every
         subject whose maps are on different grids, each with its subject, in subject order,
         and every subject whose map is identical to an earlier subject's.
     """
@@ -1573,10 +1582,12 @@ def check_dataset_images(root: str | Path, labels: list[str],
             cache = {}
     pending = {}  # cache key -> ([size, mtime], path, what it is); links are read once
     inputs_of = {}  # label -> [(map name or "anat", path, cache key)]
+    modified = {}  # path -> modification time (ns), for clock_ns
     for label in labels:
         inputs_of[label] = []
         for kind, path in subject_inputs(root, label, modalities).items():
             stat = Path(path).stat()
+            modified[path] = stat.st_mtime_ns
             key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
             inputs_of[label].append((kind, path, key))
             # an entry of another version of the checks (or of none: older entries have
@@ -1587,6 +1598,10 @@ def check_dataset_images(root: str | Path, labels: list[str],
                 description = modality("T1w" if kind == "anat" else kind).description
                 pending[key] = (stamp, path, f"subject sub-{label}: {description}",
                                 None if kind == "anat" else kind)
+    if clock_ns is not None:
+        table = Path(root, "participants.tsv")
+        modified[str(table)] = table.stat().st_mtime_ns
+        _refuse_future_dated(root, modified, clock_ns)
     # entries of files under this root that no longer exist (a subject removed: its scans'
     # paths and digests would stay in the cache; only these few are looked at, as a network
     # file system takes a millisecond a look)
@@ -1663,6 +1678,50 @@ def check_dataset_images(root: str | Path, labels: list[str],
     if failed:
         raise InputError(failed[0] if len(failed) == 1 else
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
+
+
+#: How far past the outputs' file system's clock an input file may be dated (seconds)
+#: before planning refuses it: a job finishes seconds after it starts, so a file dated
+#: less than this ahead fails at most one short job once, and a larger margin would let
+#: through the files that fail every job that reads them, run after run.
+FUTURE_MTIME_TOLERANCE_S = 60
+
+
+def _refuse_future_dated(root: str | Path, modified: Mapping[str, int],
+                         clock_ns: int) -> None:
+    """Refuse the files of ``modified`` (path -> modification time, ns) dated more than
+    :data:`FUTURE_MTIME_TOLERANCE_S` after ``clock_ns``. Snakemake takes an output older
+    than its input for clock skew: it fails the job after its work and removes its
+    outputs, on every run until the clock passes the file's time, and its ``--touch``
+    removes them too. Such files come from a copy that kept the times (rsync -a, cp -p,
+    scp -p, tar) of a machine whose clock is fast: named before any job runs, with the
+    command that gives them the current time."""
+    ahead = {path: mtime for path, mtime in modified.items()
+             if mtime > clock_ns + FUTURE_MTIME_TOLERANCE_S * 10**9}
+    if not ahead:
+        return
+    latest = max(ahead.values())
+    seconds = (latest - clock_ns) / 1e9
+    how_far = (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+               if seconds < 7200 else f"{seconds / 3600:.0f} h" if seconds < 172800
+               else f"{seconds / 86400:.0f} days")
+
+    def local(mtime_ns: int) -> str:
+        return f"{datetime.datetime.fromtimestamp(mtime_ns / 1e9).astimezone():%Y-%m-%d %H:%M}"
+
+    shown = [f"  {path} ({local(mtime)})"
+             for path, mtime in list(ahead.items())[:MAX_MISSING_NAMED]]
+    more = len(ahead) - len(shown)
+    raise InputError(
+        f"{len(ahead)} input file(s) under {root} are dated in the future, up to {how_far} "
+        f"ahead of this file system's clock: copied with their times kept (rsync -a, cp -p, "
+        f"scp -p, tar) from a machine whose clock is fast? Snakemake would stop every job "
+        f"that reads one after its work (an output older than its input looks like clock "
+        f"skew to it) and remove what the job made, run after run until "
+        f"{local(latest)}, and --touch would not help. Give them the current time "
+        f"(Snakemake may then redo their subjects): touch -c FILE ..., or for every such file: "
+        f"find {shlex.quote(str(root))} -newermt now -exec touch -c {{}} +\n"
+        + "\n".join(shown) + (f"\n  ... and {more} more." if more else ""))
 
 
 def _same_voxel_centres(grid_a, grid_b, tolerance_mm: float = 1e-3) -> bool:

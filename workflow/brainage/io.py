@@ -17,6 +17,8 @@ import random
 import re
 import shlex
 import shutil
+import tempfile
+import time
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +49,20 @@ def _mount_point(path: Path) -> Path:
 def free_bytes(folder: str | Path) -> int:
     """Bytes free for an unprivileged writer on the filesystem holding ``folder``."""
     return shutil.disk_usage(folder).free
+
+
+def file_system_clock_ns(folder: str | Path) -> int:
+    """The current time as the file system holding ``folder`` stamps files (ns since the
+    epoch): the modification time of a file created there and removed at once. A network
+    file system stamps files by its server's clock, which can differ from this host's
+    by minutes, and Snakemake compares those stamps; this host's clock when ``folder``
+    cannot be written (a dry run in a read-only project)."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".clock-") as probe:
+            return os.fstat(probe.fileno()).st_mtime_ns
+    except OSError:
+        return time.time_ns()
 
 
 def write_failure(final: Path, error: BaseException) -> WriteError:

@@ -350,14 +350,20 @@ _WARNING_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING ([\w.]+
 _ATTEMPT_START = re.compile(re.escape(ATTEMPT_MARK) + r"\d+ \(([^,]+),")
 
 
-def job_warnings(log_root: str | Path, since: datetime.datetime) -> list[tuple[Path, str]]:
+def job_warnings(log_root: str | Path, since: datetime.datetime, *,
+                 written_since_ns: int | None = None) -> list[tuple[Path, str]]:
     """The warnings of the job attempts under ``log_root`` (the ``logs`` folder) that
     started at ``since`` or later: ``(log file, the warning's first line)``, by file.
 
     Snakemake shows a job's log only when the job fails, so a warning of a job that
     succeeded (a subject that failed QC, a further map with holes, a read-out at its
     grid's end) was seen only by whoever read every log. A log's earlier attempts, and
-    the logs of earlier runs, are left out by the start time of each attempt.
+    the logs of earlier runs, are left out by the start time of each attempt, which the
+    node that ran it wrote by its own clock. ``written_since_ns``: the run's start by the
+    clock that stamps the log files (:func:`brainage.io.file_system_clock_ns`); a log
+    written since then was written by this run, so its last attempt counts whatever the
+    node's clock said (a node a minute slow hid it), and logs are skipped by that clock,
+    not this host's (a file server minutes slow hid them all).
     """
     since = since.replace(microsecond=0)  # attempts record whole seconds
     found: list[tuple[Path, str]] = []
@@ -366,12 +372,14 @@ def job_warnings(log_root: str | Path, since: datetime.datetime) -> list[tuple[P
         return found
     for path in sorted(root.rglob("*.log")):
         try:
-            if path.stat().st_mtime < since.timestamp():
+            written = path.stat().st_mtime_ns
+            if (written < written_since_ns if written_since_ns is not None
+                    else written / 1e9 < since.timestamp()):
                 continue  # nothing written since: no attempt of this run
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             continue
-        current = False
+        attempts: list[tuple[bool, list[str]]] = [(False, [])]  # (started since, warnings)
         for line in lines:
             started = _ATTEMPT_START.match(line)
             if started:
@@ -379,25 +387,31 @@ def job_warnings(log_root: str | Path, since: datetime.datetime) -> list[tuple[P
                     current = datetime.datetime.fromisoformat(started.group(1)) >= since
                 except ValueError:
                     current = False
+                attempts.append((current, []))
                 continue
-            warning = _WARNING_LINE.match(line) if current else None
+            warning = _WARNING_LINE.match(line)
             if warning:
-                found.append((path, warning.group(2)))
+                attempts[-1][1].append(warning.group(2))
+        for number, (current, warnings) in enumerate(attempts):
+            last = number == len(attempts) - 1 and number > 0
+            if current or (last and written_since_ns is not None):
+                found += [(path, message) for message in warnings]
     return found
 
 
 def say_job_warnings(log_root: str | Path, since: datetime.datetime, *, shown: int = 20,
-                     stream=None, emit: Callable[[str], object] | None = None) -> int:
+                     stream=None, emit: Callable[[str], object] | None = None,
+                     written_since_ns: int | None = None) -> int:
     """Print the warnings of this run's jobs (:func:`job_warnings`) after Snakemake's
     own summary (the Snakefile's ``onsuccess`` and ``onerror``), one line per message
     (the first of its logs, and how many more), at most ``shown`` lines; returns the
-    number of warnings. Jobs on other machines are judged by their own clocks, and
-    another run in the same folder at the same time counts as this one.
+    number of warnings. ``written_since_ns``: as for :func:`job_warnings`. Another run in
+    the same folder at the same time counts as this one.
 
     ``emit`` takes the whole text instead of ``stream`` (default stderr): the Snakefile
     passes Snakemake's logger, which also writes it into the run's ``.snakemake/log`` file,
     where a cluster user finds it after the terminal's scrollback is gone."""
-    found = job_warnings(log_root, since)
+    found = job_warnings(log_root, since, written_since_ns=written_since_ns)
     # one line per message: the same warning of every subject must not hide the others
     logs_of: dict[str, list[Path]] = {}
     for path, message in found:

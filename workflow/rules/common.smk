@@ -63,7 +63,7 @@ from brainage.config import (
     voxel_readout_memory_mb,
 )
 from brainage.interrupted import interrupted_run_notice
-from brainage.io import prepare_job_environment
+from brainage.io import file_system_clock_ns, prepare_job_environment
 from brainage.logs import say_job_warnings
 from brainage.inputs import (
     InputError,
@@ -120,6 +120,10 @@ LAYOUT = Layout.from_config(config)
 #: When this run started: the warnings of the job attempts started after it are shown at
 #: its end (the Snakefile's onsuccess and onerror).
 RUN_STARTED = datetime.datetime.now().astimezone()
+#: The same moment by the clock that stamps the files here (a network file system's
+#: server may differ from this host by minutes): the logs written since it are this
+#: run's. None in a job's process, which does not look.
+RUN_STARTED_ON_DISK = file_system_clock_ns(Path(".snakemake")) if workflow.is_main_process else None
 DATASET_ROOT = config["dataset"]["root"]
 SIMULATED = config["dataset"]["simulate"]["enabled"]
 PREDICT = config["predict"]
@@ -334,6 +338,12 @@ def checked_participants(root, modalities, root_key, needed_by=None, to_predict=
             modalities,
             cache_file=IMAGE_CHECK_CACHE,
             announce=_say if workflow.is_main_process else None,
+            # inputs dated after the clock that stamps the outputs fail their jobs; the
+            # time of this check, not of the run's start: the demo's cohort is simulated
+            # during the run
+            clock_ns=(
+                file_system_clock_ns(Path(".snakemake")) if workflow.is_main_process else None
+            ),
         )
         _IMAGES_CHECKED.add(key)
         if SPEAKS and "T1w" not in modalities:  # a T1w channel is required of everyone

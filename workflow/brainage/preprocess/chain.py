@@ -223,6 +223,19 @@ def step_records(inputs: Mapping[str, str], preprocess: Mapping, *, template_t1:
     return records
 
 
+def _only_times_differ(kept: str, current: str) -> bool:
+    """Whether two records of :func:`step_records` differ in their input files'
+    modification times alone (a cohort copied without its times)."""
+    try:
+        kept_record, current_record = json.loads(kept), json.loads(current)
+        for record in (kept_record, current_record):
+            record["inputs"] = {kind: identity[:2]
+                                for kind, identity in record["inputs"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError):  # an older or damaged record
+        return False
+    return kept_record == current_record
+
+
 #: Beside a cohort's BIDS-Derivatives folder, not in it: each subject's step records.
 STEP_RECORDS = ".step_records"
 
@@ -260,6 +273,13 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
                             subject, missing[0], step)
             elif record_path.is_file() and record_path.read_text() == records[step]:
                 continue
+            elif record_path.is_file() and _only_times_differ(record_path.read_text(),
+                                                              records[step]):
+                log.warning("sub-%s: the input files of the %s outputs in %s have new "
+                            "modification times (the same names and sizes): copied without "
+                            "keeping them? (cp -a and rsync -a keep them.) Their content may "
+                            "differ, so %s and the steps after it are done again", subject,
+                            step, Path(files[STEP_DONE[step]]).parent, step)
             else:
                 log.warning("sub-%s: the %s outputs in %s were made from other input files "
                             "or preprocessing settings (or kept no record of them); doing %s and "
