@@ -48,6 +48,7 @@ onsuccess:
         RUN_STARTED,
         emit=snakemake_logger.warning,
         written_since_ns=RUN_STARTED_ON_DISK,
+        run_id=RUN_ID,
     )
 
 
@@ -57,4 +58,5 @@ onerror:
         RUN_STARTED,
         emit=snakemake_logger.warning,
         written_since_ns=RUN_STARTED_ON_DISK,
+        run_id=RUN_ID,
     )

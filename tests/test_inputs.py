@@ -1486,33 +1486,47 @@ def test_inputs_dated_in_the_future_are_refused_before_any_is_read(tiny_dataset,
     """A copy that kept a fast clock's times (rsync -a from a scanner console a day
     ahead): Snakemake failed every job reading such a file after its work, run after run,
     and --touch removed their outputs. Refused by the outputs' file system's clock, with
-    the files and the command that fixes them; a minute's skew passes."""
+    the files and the commands that fix them, a link's own time too (Snakemake takes the
+    later of a link's and its file's); a few seconds' skew passes."""
     from brainage.io import file_system_clock_ns
 
     cache = tmp_path / "cache.json"
-    now = file_system_clock_ns(tmp_path)
+    now = file_system_clock_ns(tmp_path / "results" / "not_made_yet")
     assert abs(now - time.time_ns()) < 60 * 10**9  # a local disk: this host's clock
-    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache, clock_ns=now)
+    assert not (tmp_path / "results").exists()  # probed in the nearest existing folder
+    check_dataset_images(tiny_dataset, ["00a", "01a", "02a"], cache_file=cache, clock_ns=now)
     day_ahead = now / 1e9 + 86400
     os.utime(_stiffness(tiny_dataset, "01a"), (day_ahead, day_ahead))
     os.utime(tiny_dataset / "participants.tsv", (day_ahead, day_ahead))
-    os.utime(_stiffness(tiny_dataset, "00a"), (now / 1e9 + 30, now / 1e9 + 30))
+    os.utime(_stiffness(tiny_dataset, "00a"), (now / 1e9 + 3, now / 1e9 + 3))
+    # a dataset of links (DataLad, or a folder of links copied with rsync -a): the link
+    # dated ahead, its file not
+    linked = _stiffness(tiny_dataset, "02a")
+    target = tmp_path / "store" / linked.name
+    target.parent.mkdir()
+    linked.rename(target)
+    linked.symlink_to(target)
+    os.utime(linked, (day_ahead, day_ahead), follow_symlinks=False)
     checked = json.loads(cache.read_text())
     with pytest.raises(InputError) as raised:
-        check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache, clock_ns=now)
+        check_dataset_images(tiny_dataset, ["00a", "01a", "02a"], cache_file=cache,
+                             clock_ns=now)
     lines = str(raised.value).splitlines()
-    assert lines[0].startswith(f"2 input file(s) under {tiny_dataset} are dated in the "
+    assert lines[0].startswith(f"3 input file(s) under {tiny_dataset} are dated in the "
                                f"future, up to 24 h ahead of this file system's clock")
     assert "--touch would not help" in lines[0]
-    assert lines[0].endswith(f"find {tiny_dataset} -newermt now -exec touch -c {{}} +")
+    assert lines[0].endswith(f"find {tiny_dataset} -newermt now -exec touch -ch {{}} + ; "
+                             f"find -L {tiny_dataset} -newermt now -exec touch -c {{}} +")
     assert [line.split(" (")[0].strip() for line in lines[1:]] == [
-        str(_stiffness(tiny_dataset, "01a")), str(tiny_dataset / "participants.tsv")]
+        str(_stiffness(tiny_dataset, "01a")), str(linked), str(tiny_dataset / "participants.tsv")]
     assert json.loads(cache.read_text()) == checked  # refused before any file was read
     # without a clock (predict run: no Snakemake to compare times) the files are fine
-    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache)
-    os.utime(_stiffness(tiny_dataset, "01a"))
-    os.utime(tiny_dataset / "participants.tsv")
-    check_dataset_images(tiny_dataset, ["00a", "01a"], cache_file=cache,
+    check_dataset_images(tiny_dataset, ["00a", "01a", "02a"], cache_file=cache)
+    # the commands the message gives
+    for command in (f"find {tiny_dataset} -newermt now -exec touch -ch {{}} +",
+                    f"find -L {tiny_dataset} -newermt now -exec touch -c {{}} +"):
+        subprocess.run(command, shell=True, check=True)
+    check_dataset_images(tiny_dataset, ["00a", "01a", "02a"], cache_file=cache,
                          clock_ns=file_system_clock_ns(tmp_path))
 
 
@@ -1595,6 +1609,44 @@ def test_an_interrupted_image_check_keeps_the_files_it_passed(tiny_dataset, tmp_
     said = []
     check_dataset_images(tiny_dataset, labels, cache_file=cache, announce=said.append)
     assert said[0].startswith(f"Checking {4 - len(kept)} input image(s) of 4 subject(s)")
+
+
+def test_one_ctrl_c_stops_the_image_check_under_snakemakes_event_loop(tiny_dataset, tmp_path,
+                                                                     monkeypatch):
+    """Snakemake plans inside asyncio, whose first Ctrl-C only cancels a task that waits
+    for the check to return: the check of thousands of scans went on for minutes, and only
+    a second Ctrl-C stopped it. A handler that only takes note stands for asyncio's here;
+    the first SIGINT now stops the check, and the handler is put back after it."""
+    import signal
+
+    from brainage import inputs as inputs_module
+
+    noted = []
+
+    def asyncio_like(signum, frame):
+        noted.append(signum)
+
+    previous = signal.signal(signal.SIGINT, asyncio_like)
+    try:
+        read = inputs_module._image_grid_or_problem
+        started = []
+
+        def slow_read(path, *args):  # Ctrl-C as the first file is read
+            started.append(path)
+            if len(started) == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            return read(path, *args)
+
+        monkeypatch.setattr(inputs_module, "IMAGE_CHECK_THREADS", 1)
+        monkeypatch.setattr(inputs_module, "_image_grid_or_problem", slow_read)
+        with pytest.raises(KeyboardInterrupt):
+            check_dataset_images(tiny_dataset, ["00a", "01a", "02a", "03a"],
+                                 cache_file=tmp_path / "cache.json")
+        assert noted == [] and len(started) < 4
+        assert signal.getsignal(signal.SIGINT) is asyncio_like
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_killed_image_check_keeps_the_files_it_had_passed(tiny_dataset, tmp_path):

@@ -612,10 +612,11 @@ def test_the_warnings_of_attempts_started_in_this_run_are_found(tmp_path):
 
 def test_the_warnings_of_this_run_are_found_whatever_the_nodes_and_servers_clocks(
         tmp_path):
-    """A node 90 s slow wrote an attempt start before the run's start, and a file server
+    """A node 90 s slow wrote an attempt's start before the run's start, and a file server
     15 minutes slow stamped the logs before it by this host's clock: both warnings were
-    left out of the run's summary. The file system's own clock at the run's start says
-    which logs this run wrote; their last attempt counts, an earlier one by its time."""
+    left out of the run's summary. An attempt is this run's by the run named in its
+    header, and the logs are read by the file system's own clock at the run's start; an
+    earlier run's log touched since (a backup, an editor) stays out."""
     import datetime
 
     from brainage.logs import job_warnings
@@ -626,28 +627,38 @@ def test_the_warnings_of_this_run_are_found_whatever_the_nodes_and_servers_clock
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "slow_node.log").write_text(  # retried: attempt 1 of an earlier run
-        "===== attempt 1 (2026-12-06T10:00:00+00:00, node1, pid 7) =====\n"
+        "===== attempt 1 (2026-12-06T10:00:00+00:00, node1, pid 7, run 0ld) =====\n"
         "2026-12-06 10:00:01,100 WARNING brainage.x: of an earlier run\n"
-        "===== attempt 2 (2026-12-06T11:59:00+00:00, node1, pid 8) =====\n"  # 90 s slow
+        "===== attempt 2 (2026-12-06T11:59:00+00:00, node1, pid 8, run n3w) =====\n"
         "2026-12-06 11:59:02,300 WARNING brainage.qc: subject sub-a failed QC\n")
-    (logs / "retried.log").write_text(
-        "===== attempt 1 (2026-12-06T12:00:05+00:00, node2, pid 9) =====\n"
+    (logs / "retried.log").write_text(  # both attempts of this run, on a SLURM node
+        "===== attempt 1 (2026-12-06T12:00:05+00:00, node2, pid 9, SLURM job 5, run n3w) "
+        "=====\n"
         "2026-12-06 12:00:06,000 WARNING brainage.x: of the killed attempt\n"
-        "===== attempt 2 (2026-12-06T12:01:00+00:00, node2, pid 10) =====\n"
+        "===== attempt 2 (2026-12-06T12:01:00+00:00, node2, pid 10, run n3w) =====\n"
         "2026-12-06 12:01:01,000 WARNING brainage.x: of the attempt that finished\n")
-    (logs / "earlier_run.log").write_text(  # a node a minute fast: by time, of this run
-        "===== attempt 1 (2026-12-06T12:00:30+00:00, node3, pid 11) =====\n"
+    (logs / "touched.log").write_text(  # an earlier run's, by a node a minute fast
+        "===== attempt 1 (2026-12-06T12:00:30+00:00, node3, pid 11, run 0ld) =====\n"
         "2026-12-06 12:00:31,000 WARNING brainage.x: of an earlier run too\n")
+    (logs / "unnamed.log").write_text(  # a header of before runs were named: by its time
+        "===== attempt 1 (2026-12-06T11:00:00+00:00, node1, pid 12) =====\n"
+        "2026-12-06 11:00:01,000 WARNING brainage.x: of an earlier run, unnamed\n"
+        "===== attempt 2 (2026-12-06T12:00:09+00:00, node1, pid 13) =====\n"
+        "2026-12-06 12:00:10,000 WARNING brainage.x: of this run, unnamed\n")
+    (logs / "earlier.log").write_text(  # not written since the run started
+        "===== attempt 1 (2026-12-06T12:00:30+00:00, node3, pid 14, run n3w) =====\n"
+        "2026-12-06 12:00:31,000 WARNING brainage.x: never read\n")
     written_this_run = since.timestamp() - server_slow_s + 600  # 10 min into the run
-    for name in ("slow_node.log", "retried.log"):
+    for name in ("slow_node.log", "retried.log", "touched.log", "unnamed.log"):
         os.utime(logs / name, (written_this_run, written_this_run))
     before = since.timestamp() - server_slow_s - 60
-    os.utime(logs / "earlier_run.log", (before, before))
+    os.utime(logs / "earlier.log", (before, before))
     found = [(path.name, message) for path, message in
-             job_warnings(logs, since, written_since_ns=on_disk_at_start)]
+             job_warnings(logs, since, written_since_ns=on_disk_at_start, run_id="n3w")]
     assert found == [("retried.log", "of the killed attempt"),
                      ("retried.log", "of the attempt that finished"),
-                     ("slow_node.log", "subject sub-a failed QC")]
+                     ("slow_node.log", "subject sub-a failed QC"),
+                     ("unnamed.log", "of this run, unnamed")]
     # this host's clock alone: the server's stamps hid every log
     assert job_warnings(logs, since) == []
 
@@ -708,6 +719,11 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
     assert len(attempts) == 4, text
     assert re.search(r"^===== attempt 1 \(\S+, \S+, pid \d+, SLURM job 4242\) =====$", text,
                      flags=re.M), text
+    # the Snakemake run the job belongs to, inherited from it: its warnings are told from
+    # an earlier run's by it (logs.job_warnings)
+    run_job(log, "succeeded", BRAINAGE_RUN_ID="a1b2c3")
+    assert re.search(r"^===== attempt 1 \(\S+, \S+, pid \d+, run a1b2c3\) =====$",
+                     log.read_text(), flags=re.M), log.read_text()
     # what ends each attempt, and what the next one says of it
     assert attempts[0].rstrip().endswith("working in killed"), text
     assert re.match(r"\n\S+ \S+ WARNING brainage.logs: attempt 1 ended without a message: its "

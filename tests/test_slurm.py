@@ -224,6 +224,12 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
     rules = states["Comment"].str.extract(r"^rule_(\w+?)(?:_wildcards_|$)")[0]
     # the run ID that a restart after a kill names for scancel --name is these jobs' name
     assert set(states["JobName"]) == {last_slurm_run_id(workdir)}, states.to_string()
+    # every job's attempts name this run, inherited through sbatch --export=ALL: the
+    # warnings listed at the run's end are told by it, not by the nodes' clocks
+    named = {run for log in (workdir / "logs").rglob("*.log") for run in re.findall(
+        r"^===== attempt \d+ \(.*, SLURM job \d+, run ([0-9a-f]{16})\) =====$",
+        log.read_text(errors="replace"), re.M)}
+    assert len(named) == 1, named
     # the plugin took the profile's slurm-delete-logfiles-older-than: 0 (failed jobs' SLURM
     # logs, the record of a memory or time kill, outlive its 10-day default)
     assert "Cleaning up SLURM log files" not in output

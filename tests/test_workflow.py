@@ -923,13 +923,22 @@ def test_interrupted_run_notice_names_the_forcerun_that_resumes_a_killed_trainin
     for name in ("history.tsv", "embeddings", "encoder.pt"):
         _incomplete_marker(tmp_path, f"{cell}/{name}")
     notice = interrupted_run_notice(tmp_path)
-    assert notice.endswith(f"if that run does not train a killed training again, as in the demo "
-                           f"after a --forcerun of its cell, add --forcerun {cell}/encoder.pt).")
+    assert notice.endswith(f"if that run plans nothing for them, as after a --forcerun of the "
+                           f"killed job, add --forcerun {cell}/encoder.pt).")
     (tmp_path / cell / "history.tsv").unlink()
     shutil.rmtree(tmp_path / cell / "embeddings")
-    (tmp_path / "results" / "qc.tsv").write_text("participant_id\n")  # another job's output
-    _incomplete_marker(tmp_path, "results/qc.tsv")
-    assert "--forcerun" not in interrupted_run_notice(tmp_path)
+    # another job's: a subject's registration forced and stopped with Ctrl-C left three of
+    # its outputs, and --rerun-incomplete, as the notice said, planned nothing, run after run
+    anat = "results/preproc/sub-st1s007/anat"
+    (tmp_path / anat).mkdir(parents=True)
+    for name in ("sub-st1s007_desc-biascorr_reference.nii.gz",
+                 "sub-st1s007_desc-biascorr_stiffness.nii.gz"):
+        (tmp_path / anat / name).write_bytes(b"finished before the kill")
+        _incomplete_marker(tmp_path, f"{anat}/{name}")
+    assert interrupted_run_notice(tmp_path).endswith(
+        f"if that run plans nothing for them, as after a --forcerun of the killed job, add "
+        f"--forcerun {anat}/sub-st1s007_desc-biascorr_reference.nii.gz "
+        f"{anat}/sub-st1s007_desc-biascorr_stiffness.nii.gz).")
 
 
 def test_interrupted_run_notice_tells_a_live_run_from_a_killed_one(tmp_path):
@@ -1108,6 +1117,10 @@ def test_readme_commands_resume_a_killed_run(tmp_path):
     assert (work / target).is_file()
     log = (work / layout.log("data", "simulate_cohort")).read_text()
     assert "===== attempt 1 (" in log and "===== attempt 2 (" in log, log
+    # each attempt names its run (inherited from Snakemake): the run's warnings are told
+    # from the killed run's by it, not by the clocks of the machines
+    runs = re.findall(r"^===== attempt \d \(.*, run ([0-9a-f]{16})\) =====$", log, re.M)
+    assert len(runs) == 2 and runs[0] != runs[1], log
 
     done = snakemake(work, *arguments)
     assert done.returncode == 0 and "Nothing to be done" in done.stdout, done.stdout[-4000:]

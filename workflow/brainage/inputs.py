@@ -19,6 +19,7 @@ before any work starts (the workflow calls these while building its job graph).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import gzip
@@ -27,8 +28,10 @@ import logging
 import os
 import re
 import shlex
+import signal
 import struct
 import sys
+import threading
 import time
 import unicodedata
 from collections import defaultdict
@@ -1587,7 +1590,10 @@ def check_dataset_images(root: str | Path, labels: list[str],
         inputs_of[label] = []
         for kind, path in subject_inputs(root, label, modalities).items():
             stat = Path(path).stat()
-            modified[path] = stat.st_mtime_ns
+            # a link's own time too: Snakemake takes the later of the two
+            modified[path] = (max(stat.st_mtime_ns, Path(path).lstat().st_mtime_ns)
+                              if clock_ns is not None and Path(path).is_symlink()
+                              else stat.st_mtime_ns)
             key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
             inputs_of[label].append((kind, path, key))
             # an entry of another version of the checks (or of none: older entries have
@@ -1634,7 +1640,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
             return 1
 
         try:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
+            with _stopped_by_one_ctrl_c(), ThreadPoolExecutor(max_workers=threads) as pool:
                 futures = {pool.submit(_image_grid_or_problem, *item[1:]): key
                            for key, item in pending.items()}
                 try:
@@ -1680,17 +1686,36 @@ def check_dataset_images(root: str | Path, labels: list[str],
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
 
 
+@contextlib.contextmanager
+def _stopped_by_one_ctrl_c():
+    """While inside, Ctrl-C raises KeyboardInterrupt at once. Snakemake plans inside
+    asyncio, whose first Ctrl-C only cancels a task, which waits for the input function
+    (this check, minutes for thousands of scans) to return: the first Ctrl-C looked
+    ignored. Left as it is where Ctrl-C is ignored (a background job) or off the main
+    thread (where no handler can be set)."""
+    current = signal.getsignal(signal.SIGINT)  # None: a handler set outside Python
+    if threading.current_thread() is not threading.main_thread() or current is None or \
+            current in (signal.SIG_IGN, signal.default_int_handler):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 #: How far past the outputs' file system's clock an input file may be dated (seconds)
-#: before planning refuses it: a job finishes seconds after it starts, so a file dated
-#: less than this ahead fails at most one short job once, and a larger margin would let
-#: through the files that fail every job that reads them, run after run.
-FUTURE_MTIME_TOLERANCE_S = 60
+#: before planning refuses it: that clock is the one that stamps the outputs, and every
+#: job that reads a dataset file runs longer than this, so its outputs come out later.
+FUTURE_MTIME_TOLERANCE_S = 5
 
 
 def _refuse_future_dated(root: str | Path, modified: Mapping[str, int],
                          clock_ns: int) -> None:
-    """Refuse the files of ``modified`` (path -> modification time, ns) dated more than
-    :data:`FUTURE_MTIME_TOLERANCE_S` after ``clock_ns``. Snakemake takes an output older
+    """Refuse the files of ``modified`` (path -> modification time, ns; a link's or its
+    file's, the later) dated more than :data:`FUTURE_MTIME_TOLERANCE_S` after
+    ``clock_ns``. Snakemake takes an output older
     than its input for clock skew: it fails the job after its work and removes its
     outputs, on every run until the clock passes the file's time, and its ``--touch``
     removes them too. Such files come from a copy that kept the times (rsync -a, cp -p,
@@ -1719,8 +1744,10 @@ def _refuse_future_dated(root: str | Path, modified: Mapping[str, int],
         f"that reads one after its work (an output older than its input looks like clock "
         f"skew to it) and remove what the job made, run after run until "
         f"{local(latest)}, and --touch would not help. Give them the current time "
-        f"(Snakemake may then redo their subjects): touch -c FILE ..., or for every such file: "
-        f"find {shlex.quote(str(root))} -newermt now -exec touch -c {{}} +\n"
+        f"(Snakemake may then redo their subjects): touch -c FILE ... (and touch -ch for a "
+        f"link), or for every such file and link: find {shlex.quote(str(root))} -newermt "
+        f"now -exec touch -ch {{}} + ; find -L {shlex.quote(str(root))} -newermt now -exec "
+        f"touch -c {{}} +\n"
         + "\n".join(shown) + (f"\n  ... and {more} more." if more else ""))
 
 

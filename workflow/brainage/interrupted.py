@@ -4,9 +4,10 @@ run about it.
 A Snakemake run that is killed (a closed terminal, a reboot of the login node) leaves
 lock files in ``.snakemake/locks/`` and marks the outputs of the jobs it was running in
 ``.snakemake/incomplete/``. The next run then stops with ``LockException``, and with
-``IncompleteFilesException`` where a killed job's output exists (usual for a training,
-whose ``history.tsv`` and ``embeddings/`` grow as it runs; other outputs are written under
-a temporary name and renamed). The workflow prints :func:`interrupted_run_notice` when it
+``IncompleteFilesException`` where a killed job's output exists (a training's
+``history.tsv`` and ``embeddings/``, which grow as it runs, or the files a job with
+several outputs finished before the kill; each file is written under a temporary name and
+renamed). The workflow prints :func:`interrupted_run_notice` when it
 starts, before Snakemake reads these folders: Snakemake parses the Snakefile before it
 takes its own lock, so whatever lock is found then belongs to another process. On SLURM
 the killed run's jobs live on (queued or running) and a rerun would start each again beside
@@ -215,14 +216,16 @@ def interrupted_run_notice(workdir: str | Path = ".", *, shown: int = 3) -> str 
         what_to_run = (f"if it was killed, first cancel its SLURM jobs still queued or "
                        f"running (run ID {run_id}: `squeue --name {run_id}` lists them, "
                        f"`scancel --name {run_id}` cancels them); then, {what_to_run}")
-    encoders = sorted({str(output.with_name("encoder.pt")) for output in outputs
-                       if output.name in TRAINING_PROGRESS})
-    if encoders:
-        # Snakemake checks for unfinished files before it plans the jobs after a
-        # checkpoint (the demo's simulated cohort): a training forced and killed there,
-        # its evaluation up to date, is not planned again by --rerun-incomplete
-        what_to_run += (f" (if that run does not train a killed training again, as in the "
-                        f"demo after a --forcerun of its cell, add --forcerun "
-                        f"{' '.join(encoders)})")
+    if outputs:
+        # A job started with --forcerun and killed, what it feeds up to date, is not
+        # planned again by --rerun-incomplete (the notice then came back run after run);
+        # nor is a training killed behind a checkpoint (the demo's simulated cohort), which
+        # Snakemake checks for unfinished files before it plans. A training is forced by
+        # its encoder.pt: it writes history.tsv and embeddings/ as it goes.
+        forced = dict.fromkeys(str(output.with_name("encoder.pt"))
+                               if output.name in TRAINING_PROGRESS else str(output)
+                               for output in outputs)
+        what_to_run += (f" (if that run plans nothing for them, as after a --forcerun of "
+                        f"the killed job, add --forcerun {' '.join(forced)})")
     return (f"brainage: a previous Snakemake run in {Path(workdir).resolve()} was killed or is "
             f"still running ({'; '.join(found)}): {what_to_run}.")

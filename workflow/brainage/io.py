@@ -52,13 +52,16 @@ def free_bytes(folder: str | Path) -> int:
 
 
 def file_system_clock_ns(folder: str | Path) -> int:
-    """The current time as the file system holding ``folder`` stamps files (ns since the
-    epoch): the modification time of a file created there and removed at once. A network
-    file system stamps files by its server's clock, which can differ from this host's
-    by minutes, and Snakemake compares those stamps; this host's clock when ``folder``
-    cannot be written (a dry run in a read-only project)."""
+    """The current time as the file system that holds ``folder`` (or will: its nearest
+    existing parent) stamps files, in ns since the epoch: the modification time of a file
+    created there and removed at once. A network file system stamps files by its server's
+    clock, which can differ from this host's by minutes, and Snakemake compares those
+    stamps; this host's clock where nothing can be written (a dry run in a read-only
+    project)."""
+    folder = Path(folder).absolute()
+    while not folder.is_dir() and folder != folder.parent:
+        folder = folder.parent
     try:
-        Path(folder).mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".clock-") as probe:
             return os.fstat(probe.fileno()).st_mtime_ns
     except OSError:

@@ -39,6 +39,9 @@ from typing import Callable, Sequence
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Opens every attempt in a log; counted to number the next attempt.
 ATTEMPT_MARK = "===== attempt "
+#: The environment variable that names the Snakemake run a job belongs to (set by the
+#: workflow's main process, inherited by its jobs), written into each attempt's header.
+RUN_ID_VARIABLE = "BRAINAGE_RUN_ID"
 #: The interpreter's own sys.exit, taken at import: what :func:`log_to_file`'s
 #: replacement calls, so calling log_to_file again does not stack replacements.
 _SYS_EXIT = sys.exit
@@ -181,9 +184,11 @@ def _start_attempt(path: Path) -> bool:
     previous = sum(line.startswith(ATTEMPT_MARK) for line in lines)
     now = datetime.datetime.now().astimezone()
     slurm_job = os.environ.get("SLURM_JOB_ID")
+    run = os.environ.get(RUN_ID_VARIABLE, "")
     text = (f"{ATTEMPT_MARK}{previous + 1} ({now.isoformat(timespec='seconds')}, "
             f"{socket.gethostname()}, pid {os.getpid()}"
-            f"{f', SLURM job {slurm_job}' if slurm_job else ''}) =====\n")
+            f"{f', SLURM job {slurm_job}' if slurm_job else ''}"
+            f"{f', run {run}' if run.isalnum() else ''}) =====\n")
     # in this attempt, in the log's own format: they are this run's warnings (job_warnings)
     warning = f"{now:%Y-%m-%d %H:%M:%S},{now.microsecond // 1000:03d} WARNING brainage.logs: "
     if set_aside:
@@ -348,22 +353,25 @@ def also_logging_to(path: str | Path, heading: str,
 _WARNING_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING ([\w.]+): (.*)$")
 #: The start time in an attempt's separator line (:func:`_start_attempt`).
 _ATTEMPT_START = re.compile(re.escape(ATTEMPT_MARK) + r"\d+ \(([^,]+),")
+#: The run an attempt belongs to, at the end of its header (:data:`RUN_ID_VARIABLE`).
+_ATTEMPT_RUN = re.compile(r", run ([A-Za-z0-9]+)\) =====$")
 
 
 def job_warnings(log_root: str | Path, since: datetime.datetime, *,
-                 written_since_ns: int | None = None) -> list[tuple[Path, str]]:
-    """The warnings of the job attempts under ``log_root`` (the ``logs`` folder) that
-    started at ``since`` or later: ``(log file, the warning's first line)``, by file.
+                 written_since_ns: int | None = None,
+                 run_id: str | None = None) -> list[tuple[Path, str]]:
+    """The warnings of this run's job attempts under ``log_root`` (the ``logs`` folder):
+    ``(log file, the warning's first line)``, by file.
 
     Snakemake shows a job's log only when the job fails, so a warning of a job that
     succeeded (a subject that failed QC, a further map with holes, a read-out at its
-    grid's end) was seen only by whoever read every log. A log's earlier attempts, and
-    the logs of earlier runs, are left out by the start time of each attempt, which the
-    node that ran it wrote by its own clock. ``written_since_ns``: the run's start by the
-    clock that stamps the log files (:func:`brainage.io.file_system_clock_ns`); a log
-    written since then was written by this run, so its last attempt counts whatever the
-    node's clock said (a node a minute slow hid it), and logs are skipped by that clock,
-    not this host's (a file server minutes slow hid them all).
+    grid's end) was seen only by whoever read every log. An attempt is this run's when its
+    header names ``run_id`` (:data:`RUN_ID_VARIABLE`); one that names no run is judged by
+    its start time, at ``since`` or later, which the node that ran it wrote by its own
+    clock (a node a minute slow hid its warnings). Only the logs written since the run
+    started are read: since ``written_since_ns`` by the clock that stamps them
+    (:func:`brainage.io.file_system_clock_ns`; a file server minutes slow hid them all by
+    this host's), else since ``since``.
     """
     since = since.replace(microsecond=0)  # attempts record whole seconds
     found: list[tuple[Path, str]] = []
@@ -379,39 +387,38 @@ def job_warnings(log_root: str | Path, since: datetime.datetime, *,
             lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
         except OSError:
             continue
-        attempts: list[tuple[bool, list[str]]] = [(False, [])]  # (started since, warnings)
+        current = False
         for line in lines:
             started = _ATTEMPT_START.match(line)
             if started:
+                named = _ATTEMPT_RUN.search(line)
+                if run_id is not None and named:
+                    current = named.group(1) == run_id
+                    continue
                 try:
                     current = datetime.datetime.fromisoformat(started.group(1)) >= since
                 except ValueError:
                     current = False
-                attempts.append((current, []))
                 continue
-            warning = _WARNING_LINE.match(line)
+            warning = _WARNING_LINE.match(line) if current else None
             if warning:
-                attempts[-1][1].append(warning.group(2))
-        for number, (current, warnings) in enumerate(attempts):
-            last = number == len(attempts) - 1 and number > 0
-            if current or (last and written_since_ns is not None):
-                found += [(path, message) for message in warnings]
+                found.append((path, warning.group(2)))
     return found
 
 
 def say_job_warnings(log_root: str | Path, since: datetime.datetime, *, shown: int = 20,
                      stream=None, emit: Callable[[str], object] | None = None,
-                     written_since_ns: int | None = None) -> int:
+                     written_since_ns: int | None = None,
+                     run_id: str | None = None) -> int:
     """Print the warnings of this run's jobs (:func:`job_warnings`) after Snakemake's
     own summary (the Snakefile's ``onsuccess`` and ``onerror``), one line per message
     (the first of its logs, and how many more), at most ``shown`` lines; returns the
-    number of warnings. ``written_since_ns``: as for :func:`job_warnings`. Another run in
-    the same folder at the same time counts as this one.
+    number of warnings. ``written_since_ns``, ``run_id``: as for :func:`job_warnings`.
 
     ``emit`` takes the whole text instead of ``stream`` (default stderr): the Snakefile
     passes Snakemake's logger, which also writes it into the run's ``.snakemake/log`` file,
     where a cluster user finds it after the terminal's scrollback is gone."""
-    found = job_warnings(log_root, since, written_since_ns=written_since_ns)
+    found = job_warnings(log_root, since, written_since_ns=written_since_ns, run_id=run_id)
     # one line per message: the same warning of every subject must not hide the others
     logs_of: dict[str, list[Path]] = {}
     for path, message in found:

@@ -8,6 +8,7 @@ import os
 import re
 import shlex
 import sys
+import uuid
 from functools import lru_cache
 from pathlib import Path
 
@@ -64,7 +65,7 @@ from brainage.config import (
 )
 from brainage.interrupted import interrupted_run_notice
 from brainage.io import file_system_clock_ns, prepare_job_environment
-from brainage.logs import say_job_warnings
+from brainage.logs import RUN_ID_VARIABLE, say_job_warnings
 from brainage.inputs import (
     InputError,
     check_bias_reference_group,
@@ -120,10 +121,17 @@ LAYOUT = Layout.from_config(config)
 #: When this run started: the warnings of the job attempts started after it are shown at
 #: its end (the Snakefile's onsuccess and onerror).
 RUN_STARTED = datetime.datetime.now().astimezone()
-#: The same moment by the clock that stamps the files here (a network file system's
-#: server may differ from this host by minutes): the logs written since it are this
-#: run's. None in a job's process, which does not look.
-RUN_STARTED_ON_DISK = file_system_clock_ns(Path(".snakemake")) if workflow.is_main_process else None
+#: The same moment by the clock that stamps the logs (a network file system's server may
+#: differ from this host by minutes): only the logs written since it are read. None in a
+#: job's process, which does not look.
+RUN_STARTED_ON_DISK = file_system_clock_ns(LAYOUT.logs) if workflow.is_main_process else None
+#: This run's name in the header of each of its jobs' attempts (brainage.logs), which the
+#: jobs inherit through the environment (on SLURM too: sbatch --export=ALL): the warnings
+#: of this run are told from earlier runs' by it, not by clocks, which differ between
+#: machines. None in a job's process.
+RUN_ID = uuid.uuid4().hex[:16] if workflow.is_main_process else None
+if RUN_ID is not None:
+    os.environ[RUN_ID_VARIABLE] = RUN_ID
 DATASET_ROOT = config["dataset"]["root"]
 SIMULATED = config["dataset"]["simulate"]["enabled"]
 PREDICT = config["predict"]
@@ -341,9 +349,7 @@ def checked_participants(root, modalities, root_key, needed_by=None, to_predict=
             # inputs dated after the clock that stamps the outputs fail their jobs; the
             # time of this check, not of the run's start: the demo's cohort is simulated
             # during the run
-            clock_ns=(
-                file_system_clock_ns(Path(".snakemake")) if workflow.is_main_process else None
-            ),
+            clock_ns=(file_system_clock_ns(LAYOUT.results) if workflow.is_main_process else None),
         )
         _IMAGES_CHECKED.add(key)
         if SPEAKS and "T1w" not in modalities:  # a T1w channel is required of everyone
