@@ -1515,18 +1515,34 @@ def test_inputs_dated_in_the_future_are_refused_before_any_is_read(tiny_dataset,
     assert lines[0].startswith(f"3 input file(s) under {tiny_dataset} are dated in the "
                                f"future, up to 24 h ahead of this file system's clock")
     assert "--touch would not help" in lines[0]
-    assert lines[0].endswith(f"find {tiny_dataset} -newermt now -exec touch -ch {{}} + ; "
+    assert lines[0].endswith(f"find -H {tiny_dataset} -newermt now -exec touch -ch {{}} + ; "
                              f"find -L {tiny_dataset} -newermt now -exec touch -c {{}} +")
     assert [line.split(" (")[0].strip() for line in lines[1:]] == [
         str(_stiffness(tiny_dataset, "01a")), str(linked), str(tiny_dataset / "participants.tsv")]
     assert json.loads(cache.read_text()) == checked  # refused before any file was read
     # without a clock (predict run: no Snakemake to compare times) the files are fine
     check_dataset_images(tiny_dataset, ["00a", "01a", "02a"], cache_file=cache)
-    # the commands the message gives
-    for command in (f"find {tiny_dataset} -newermt now -exec touch -ch {{}} +",
-                    f"find -L {tiny_dataset} -newermt now -exec touch -c {{}} +"):
-        subprocess.run(command, shell=True, check=True)
+    # the commands the message gives, as given
+    fix = lines[0].split("or for every such file and link: ")[1]
+    subprocess.run(fix, shell=True, check=True)
     check_dataset_images(tiny_dataset, ["00a", "01a", "02a"], cache_file=cache,
+                         clock_ns=file_system_clock_ns(tmp_path))
+    # a dataset root that is a link (data -> the release), its participants.tsv a link
+    # dated ahead: named, and fixed by the commands the message gives
+    root = tmp_path / "data"
+    root.symlink_to(tiny_dataset)
+    table = tiny_dataset / "participants.tsv"
+    table.rename(target.parent / table.name)
+    table.symlink_to(target.parent / table.name)
+    os.utime(table, (day_ahead, day_ahead), follow_symlinks=False)
+    with pytest.raises(InputError) as raised:
+        check_dataset_images(root, ["00a", "01a", "02a"], cache_file=cache,
+                             clock_ns=file_system_clock_ns(tmp_path))
+    lines = str(raised.value).splitlines()
+    assert [line.split(" (")[0].strip() for line in lines[1:]] == [str(root / table.name)]
+    subprocess.run(lines[0].split("or for every such file and link: ")[1], shell=True,
+                   check=True)
+    check_dataset_images(root, ["00a", "01a", "02a"], cache_file=cache,
                          clock_ns=file_system_clock_ns(tmp_path))
 
 

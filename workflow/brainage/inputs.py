@@ -1606,7 +1606,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
                                 None if kind == "anat" else kind)
     if clock_ns is not None:
         table = Path(root, "participants.tsv")
-        modified[str(table)] = table.stat().st_mtime_ns
+        modified[str(table)] = max(table.stat().st_mtime_ns, table.lstat().st_mtime_ns)
         _refuse_future_dated(root, modified, clock_ns)
     # entries of files under this root that no longer exist (a subject removed: its scans'
     # paths and digests would stay in the cache; only these few are looked at, as a network
@@ -1745,7 +1745,7 @@ def _refuse_future_dated(root: str | Path, modified: Mapping[str, int],
         f"skew to it) and remove what the job made, run after run until "
         f"{local(latest)}, and --touch would not help. Give them the current time "
         f"(Snakemake may then redo their subjects): touch -c FILE ... (and touch -ch for a "
-        f"link), or for every such file and link: find {shlex.quote(str(root))} -newermt "
+        f"link), or for every such file and link: find -H {shlex.quote(str(root))} -newermt "
         f"now -exec touch -ch {{}} + ; find -L {shlex.quote(str(root))} -newermt now -exec "
         f"touch -c {{}} +\n"
         + "\n".join(shown) + (f"\n  ... and {more} more." if more else ""))

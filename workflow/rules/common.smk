@@ -340,17 +340,25 @@ def checked_participants(root, modalities, root_key, needed_by=None, to_predict=
     key = (str(root), tuple(modalities))
     if key not in _IMAGES_CHECKED:
         labels = [pid[len("sub-") :] for pid in table["participant_id"]]
-        check_dataset_images(
-            root,
-            labels,
-            modalities,
-            cache_file=IMAGE_CHECK_CACHE,
-            announce=_say if workflow.is_main_process else None,
-            # inputs dated after the clock that stamps the outputs fail their jobs; the
-            # time of this check, not of the run's start: the demo's cohort is simulated
-            # during the run
-            clock_ns=(file_system_clock_ns(LAYOUT.results) if workflow.is_main_process else None),
-        )
+        try:
+            check_dataset_images(
+                root,
+                labels,
+                modalities,
+                cache_file=IMAGE_CHECK_CACHE,
+                announce=_say if workflow.is_main_process else None,
+                # inputs dated after the clock that stamps the outputs fail their jobs; the
+                # time of this check, not of the run's start: the demo's cohort is
+                # simulated during the run
+                clock_ns=(
+                    file_system_clock_ns(LAYOUT.results) if workflow.is_main_process else None
+                ),
+            )
+        except KeyboardInterrupt:  # one line, not the planner's 60 of traceback
+            raise WorkflowError(
+                f"stopped by Ctrl-C while checking the images of {root}: those checked so "
+                f"far are remembered in {IMAGE_CHECK_CACHE}, and the next run checks the rest."
+            ) from None
         _IMAGES_CHECKED.add(key)
         if SPEAKS and "T1w" not in modalities:  # a T1w channel is required of everyone
             without = subjects_without_t1w(root, labels, where=f"config key {root_key}")
