@@ -1715,12 +1715,11 @@ def _refuse_future_dated(root: str | Path, modified: Mapping[str, int],
                          clock_ns: int) -> None:
     """Refuse the files of ``modified`` (path -> modification time, ns; a link's or its
     file's, the later) dated more than :data:`FUTURE_MTIME_TOLERANCE_S` after
-    ``clock_ns``. Snakemake takes an output older
-    than its input for clock skew: it fails the job after its work and removes its
-    outputs, on every run until the clock passes the file's time, and its ``--touch``
-    removes them too. Such files come from a copy that kept the times (rsync -a, cp -p,
-    scp -p, tar) of a machine whose clock is fast: named before any job runs, with the
-    command that gives them the current time."""
+    ``clock_ns``. Snakemake takes an output older than its input for clock skew: it fails
+    the job after its work and removes its outputs, on every run until the clock passes
+    the file's time, and its ``--touch`` removes them too. Such files come from a copy
+    that kept the times (rsync -a, cp -p, scp -p, tar) of a machine whose clock is fast:
+    named before any job runs, with the commands that give them the current time."""
     ahead = {path: mtime for path, mtime in modified.items()
              if mtime > clock_ns + FUTURE_MTIME_TOLERANCE_S * 10**9}
     if not ahead:
