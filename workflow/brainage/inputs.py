@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
+from stat import S_ISLNK
 from typing import Callable, Collection, Mapping, Sequence
 from urllib.parse import urlparse
 from urllib.request import url2pathname
@@ -1589,11 +1590,7 @@ def check_dataset_images(root: str | Path, labels: list[str],
     for label in labels:
         inputs_of[label] = []
         for kind, path in subject_inputs(root, label, modalities).items():
-            stat = Path(path).stat()
-            # a link's own time too: Snakemake takes the later of the two
-            modified[path] = (max(stat.st_mtime_ns, Path(path).lstat().st_mtime_ns)
-                              if clock_ns is not None and Path(path).is_symlink()
-                              else stat.st_mtime_ns)
+            stat, modified[path] = _status_and_time(path)
             key, stamp = str(Path(path).resolve()), [stat.st_size, stat.st_mtime_ns]
             inputs_of[label].append((kind, path, key))
             # an entry of another version of the checks (or of none: older entries have
@@ -1605,8 +1602,8 @@ def check_dataset_images(root: str | Path, labels: list[str],
                 pending[key] = (stamp, path, f"subject sub-{label}: {description}",
                                 None if kind == "anat" else kind)
     if clock_ns is not None:
-        table = Path(root, "participants.tsv")
-        modified[str(table)] = max(table.stat().st_mtime_ns, table.lstat().st_mtime_ns)
+        table = str(Path(root, "participants.tsv"))
+        modified[table] = _status_and_time(table)[1]
         _refuse_future_dated(root, modified, clock_ns)
     # entries of files under this root that no longer exist (a subject removed: its scans'
     # paths and digests would stay in the cache; only these few are looked at, as a network
@@ -1684,6 +1681,15 @@ def check_dataset_images(root: str | Path, labels: list[str],
     if failed:
         raise InputError(failed[0] if len(failed) == 1 else
                          f"{len(failed)} input images cannot be used:\n" + "\n".join(failed))
+
+
+def _status_and_time(path: str | Path) -> tuple[os.stat_result, int]:
+    """``path``'s status (through a link, its file's) and the later of its file's and its
+    link's modification times (ns), the time Snakemake compares: one system call for a
+    file that is not a link, as a network file system takes a millisecond each."""
+    link = os.lstat(path)
+    status = os.stat(path) if S_ISLNK(link.st_mode) else link
+    return status, max(status.st_mtime_ns, link.st_mtime_ns)
 
 
 @contextlib.contextmanager

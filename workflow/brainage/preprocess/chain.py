@@ -268,13 +268,13 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
         record_path = step_record_path(layout, subject, preproc, step)
         if not redo and Path(files[STEP_DONE[step]]).is_file():
             missing = [path for path in step_outputs(files, step) if not Path(path).is_file()]
+            kept = record_path.read_text() if record_path.is_file() else None
             if missing:  # deleted since (by hand, or a clean-up of large files)
                 log.warning("sub-%s: %s is missing; doing %s and the steps after it again",
                             subject, missing[0], step)
-            elif record_path.is_file() and record_path.read_text() == records[step]:
+            elif kept == records[step]:
                 continue
-            elif record_path.is_file() and _only_times_differ(record_path.read_text(),
-                                                              records[step]):
+            elif kept is not None and _only_times_differ(kept, records[step]):
                 log.warning("sub-%s: the input files of the %s outputs in %s have new "
                             "modification times (the same names and sizes): copied without "
                             "keeping them? (cp -a and rsync -a keep them.) Their content may "
