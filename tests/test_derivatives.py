@@ -86,12 +86,14 @@ def test_the_description_says_what_the_folder_holds_and_what_was_done(tmp_path):
     assert training["Name"] == ("brainage: preprocessed stiffness maps, damping-ratio maps "
                                 "and T1w images")
     assert training["GeneratedBy"][0]["Description"].startswith(
-        "skull stripping, N4 bias correction and affine registration")
+        "brain masks (by skull stripping unless preprocess.skullstrip is none), N4 bias "
+        "correction and affine registration")
     pretraining = described(modalities=["T1w"], n4=False)
     assert pretraining["Name"] == "brainage: preprocessed T1w images"
     assert pretraining["GeneratedBy"][0]["Description"] == (
-        "skull stripping (no bias correction: preprocess.n4 false) and affine registration "
-        "to MNI152NLin2009aSym at 2 mm")
+        "brain masks (by skull stripping unless preprocess.skullstrip is none), no bias "
+        "correction (preprocess.n4 false), and affine registration to MNI152NLin2009aSym at "
+        "2 mm")
 
 
 def test_the_folder_names_its_source_wherever_it_is_read_from(tmp_path, monkeypatch):
@@ -309,7 +311,9 @@ def test_the_readme_says_what_was_done_to_each_map(tmp_path):
         assert f"`desc-biascorr_stiffness`: the stiffness map (kPa) cleaned (no data = 0) and " \
                f"{expected}" in readme
         assert "`desc-clean_damping_ratio`: the damping-ratio map (1)" in readme
-        assert "T1w" not in readme.replace("skull-stripped T1w", "")
+        assert "T1w" not in readme
+        assert ("`desc-brain_reference` and its sidecar: the registration reference (the "
+                "stiffness map)") in readme
     # the transform in the direction a reader applies it (found by a review: "template to
     # native" sent readers to apply it backwards)
     assert ("`from-native_to-MNI152NLin2009aSym_mode-image_xfm.mat`: the ANTs affine that "

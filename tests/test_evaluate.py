@@ -509,6 +509,7 @@ def test_a_collapsed_encoder_is_warned_of_and_a_working_one_is_not(tmp_path, cap
     as the training-mean age: the cell's Table 3 row looked like a poor loss. The warning
     names the cell and train.lr; features that differ, even a little, give none."""
     from brainage.evaluate import evaluate_split
+    from brainage.split_data import DataError
 
     split = load_split(write_split(tmp_path, n_subjects=12, n_test=4, shape=(4, 4, 4)))
     settings = resolve_cell(tiny_settings(readout={"method": "ridge"}))
@@ -519,6 +520,19 @@ def test_a_collapsed_encoder_is_warned_of_and_a_working_one_is_not(tmp_path, cap
     assert re.search(r"split holdout, test/adaptive seed 0: the \w+ features \(model.features\) "
                      r"are the same for every training subject.*collapsed.*train\.lr.*"
                      r"search_hyperparameters for a search trial", caplog.text)
+    # a pretraining run (rule evaluate_pretrained_encoder) has its own key and rule: the
+    # top-level train.lr retrained every grid cell and left the run as it was
+    caplog.clear()
+    pretraining = {**settings, "experiment": "pretrain", "variant": "t1w"}
+    with caplog.at_level("WARNING", logger="brainage.evaluate"):
+        evaluate_split(split, collapsed, pretraining)
+    assert ("Lower config key pretrain.t1w.train.lr (or check the loss settings) and train it "
+            "again (rule pretrain_encoder).") in caplog.text, caplog.text
+    broken = collapsed.copy()
+    broken[0, 0] = np.nan
+    with pytest.raises(DataError, match=r"lower config key pretrain\.t1w\.train\.lr and train "
+                                        r"it again \(rule pretrain_encoder\)"):
+        evaluate_split(split, broken, pretraining)
     for init, checkpoint, cause in (
             ("scratch", None, r"untrained \(train.epochs 0\)"),
             ("pretrained:t1", None, r"pretraining run 't1' as it is.*pretrain_encoder"),
@@ -660,7 +674,9 @@ def test_features_of_another_split_are_refused(tmp_path):
     write_features(tmp_path / "features.npz", build_model(resolve_cell(settings)["model"]),
                    load_split(embedded), "sha", device=torch.device("cpu"))
     with pytest.raises(DataError, match=r"features\.npz lists other subjects than split "
-                                        r"holdout .*rerun rule train_encoder"):
+                                        r"holdout .*delete it and run again \(rule "
+                                        r"train_encoder, or search_hyperparameters for a "
+                                        r"search trial writes it\)"):
         evaluate_encoder(other, tmp_path / "features.npz", settings,
                          metrics_path=tmp_path / "cell" / "metrics.json",
                          predictions_path=tmp_path / "cell" / "predictions.tsv")
@@ -706,7 +722,8 @@ def test_a_damaged_features_file_is_named_with_what_to_rerun(tmp_path):
                    load_split(split_dir), "sha", device=torch.device("cpu"))
     features_path.write_bytes(features_path.read_bytes()[:200])
     with pytest.raises(DataError, match=r"features file .*features\.npz cannot be read "
-                                        r"\(.*\); delete it and rerun rule train_encoder"):
+                                        r"\(.*\); delete it and run again \(rule "
+                                        r"train_encoder, or search"):
         evaluate_encoder(split_dir, features_path, settings,
                          metrics_path=tmp_path / "cell" / "metrics.json",
                          predictions_path=tmp_path / "cell" / "predictions.tsv")

@@ -704,10 +704,11 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
     killer) left a log that just stopped, and the next attempt did not say why the last one
     had ended. SIGTERM is now logged as it arrives (exit status 143, the clean-ups run); an
     attempt that ended with no error line is named as killed outright by the next one; the
-    separator names the SLURM job, to look it up with sacct."""
+    separator names the SLURM job, to look it up with sacct, and the run (as in every
+    workflow run: the job's id was missed when the run's came after it)."""
     log = tmp_path / "logs" / "train_encoder.log"
-    assert run_job(log, "killed", SLURM_JOB_ID="4242") == -9
-    assert run_job(log, "terminated", SLURM_JOB_ID="4243") == 143
+    assert run_job(log, "killed", SLURM_JOB_ID="4242", BRAINAGE_RUN_ID="a1b2c3") == -9
+    assert run_job(log, "terminated", SLURM_JOB_ID="4243", BRAINAGE_RUN_ID="a1b2c3") == 143
     # the stacks at the signal, written at once from C (Python's handler waits for a
     # native call to return), then the handler's own line
     last = log.read_text()
@@ -717,10 +718,10 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
     text = log.read_text()
     attempts = re.split(r"^===== attempt \d+ .*$", text, flags=re.M)[1:]
     assert len(attempts) == 4, text
-    assert re.search(r"^===== attempt 1 \(\S+, \S+, pid \d+, SLURM job 4242\) =====$", text,
-                     flags=re.M), text
     # the Snakemake run the job belongs to, inherited from it: its warnings are told from
     # an earlier run's by it (logs.job_warnings)
+    assert re.search(r"^===== attempt 1 \(\S+, \S+, pid \d+, SLURM job 4242, run a1b2c3\) =====$",
+                     text, flags=re.M), text
     run_job(log, "succeeded", BRAINAGE_RUN_ID="a1b2c3")
     assert re.search(r"^===== attempt 1 \(\S+, \S+, pid \d+, run a1b2c3\) =====$",
                      log.read_text(), flags=re.M), log.read_text()
@@ -734,8 +735,11 @@ def test_the_log_says_how_an_attempt_ended_when_it_was_killed(tmp_path):
     # wants a longer runtime, an out-of-memory kill more memory, a preemption nothing
     assert "`sacct -j 4242 -X -o JobID,State,MaxRSS,Elapsed` says which" in attempts[1]
     assert re.search(r"job stopped by SIGTERM \(.*\); `sacct -j 4243 -X -o JobID,State,"
-                     r"Timelimit,Elapsed` says which \(TIMEOUT: raise the job's "
-                     r"resources\.\*\.runtime_min\); a training resumes", attempts[1])
+                     r"Timelimit,Elapsed` says which \(TIMEOUT: raise the job's wall time: "
+                     r"resources\.<section>\.runtime_min where the config has one for it, else "
+                     r"--set-resources <rule>:runtime=<minutes>, as the README's SLURM section "
+                     r"says\); a training resumes",
+                     attempts[1])
     assert "sacct -j" not in attempts[2]  # not on SLURM: no job to name
 
 

@@ -1615,7 +1615,7 @@ def test_subjects_beyond_the_reference_groups_ages_are_named(world, new_cohort, 
                     f"refitted ({', '.join(beyond[:10])}, ...): their corrected_gap and "
                     f"corrected_predicted_age extrapolate the line and can be far off; choose "
                     f"a reference group that spans the cohort's ages, or use the bundle's line "
-                    f"(no predict.bias_reference_group)"]
+                    f"(leave predict.bias_reference_group, or --bias-reference-group, unset)"]
     caplog.clear()  # the whole cohort's healthy subjects span it: nothing to say
     with caplog.at_level(logging.WARNING, logger="brainage.apply"):
         predict_cohort(world.bundle_dir, new_cohort.root, stiffness_maps(new_cohort.files["maps"]),

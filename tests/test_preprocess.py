@@ -1696,7 +1696,9 @@ def test_a_qc_record_without_a_metric_is_named_by_the_qc_table(tmp_path, record)
                                 "coverage": 0.8}))
     bad = tmp_path / "sub-02_qc.json"
     bad.write_text(json.dumps({"participant_id": "sub-02", **record}))
-    message = rf"^QC file {re.escape(str(bad))} has no number for correlation; rerun"
+    message = (rf"^QC file {re.escape(str(bad))} has no number for correlation; remove it and "
+               r"run again: a subject's job of rule correct_and_register "
+               r"\(correct_and_register_<maps> in a pretraining or predict cohort\)")
     with pytest.raises(InputError, match=message):
         tabulate_qc([good, bad], participants, tmp_path / "qc.tsv",
                     minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
@@ -1755,7 +1757,8 @@ def test_qc_table_in_participants_order_with_each_verdict(tmp_path, caplog):
     saved = read_qc_table(tmp_path / "qc.tsv")
     assert saved["qc_pass"].tolist() == [True, False, True]
     assert saved["dice"].tolist() == [0.9, 0.8, 0.9]
-    with pytest.raises(InputError, match=r"^no QC file for sub-02; rule correct_and_register"):
+    with pytest.raises(InputError, match=r"^no QC file for sub-02; a subject's job of rule "
+                                         r"correct_and_register \(correct_and_register_<maps>"):
         tabulate_qc([files[0], files[1]], participants, tmp_path / "qc.tsv", minimums=minimums)
 
 
@@ -1948,7 +1951,7 @@ def test_a_qc_record_copied_from_another_subject_is_named(tmp_path):
     copied = tmp_path / "sub-02_qc.json"
     copied.write_text(json.dumps(record))
     with pytest.raises(InputError, match=rf"^QC file {re.escape(str(copied))} is the record "
-                                         r"of sub-01, not of sub-02; rerun sub-02's"):
+                                         r"of sub-01, not of sub-02; remove it and run again"):
         read_qc_records([own, copied])
     elsewhere = tmp_path / "again"
     elsewhere.mkdir()

@@ -732,7 +732,7 @@ def test_a_trained_encoder_initialises_a_cell(split_dir, reference_run, tmp_path
     assert "0 missing, 0 unexpected, 0 with another shape" in caplog.text
 
 
-def test_a_fine_tuned_cell_starts_from_the_pretrained_weights(split_dir, reference_run,
+def test_a_fine_tuned_cell_starts_from_the_pretrained_weights(split_dir, reference_run, caplog,
                                                              tmp_path):
     """Before its first step (train.epochs 0: the encoder as it starts), a cell with a
     pretrained start holds exactly the pretrained tensors, the first convolution included;
@@ -741,8 +741,12 @@ def test_a_fine_tuned_cell_starts_from_the_pretrained_weights(split_dir, referen
     pretrained = encoder_weights(folder / "encoder.pt")
     start = {"init_checkpoint": str(folder / "encoder.pt")}
     before = tmp_path / "before"
-    train_encoder(split_dir, tiny_settings(model=start, train={"epochs": 0}),
-                  **cell_paths(before))
+    with caplog.at_level(logging.INFO, logger="brainage.train"):
+        train_encoder(split_dir, tiny_settings(model=start, train={"epochs": 0}),
+                      **cell_paths(before))
+    # its log says whose encoder it wrote (it said "the initial encoder of seed 0 untrained")
+    assert (f"train.epochs is 0: wrote the encoder of {folder / 'encoder.pt'} as it is (not "
+            f"fine-tuned)") in caplog.text, caplog.text
     started = encoder_weights(before / "encoder.pt")
     assert torch.equal(started["encoder.conv1.weight"], pretrained["encoder.conv1.weight"])
     assert_same_weights(before / "encoder.pt", folder / "encoder.pt")
@@ -1126,8 +1130,23 @@ def test_a_verified_checkpoint_that_fails_to_load_stops_the_job_and_stays(tmp_pa
     with pytest.raises(RuntimeError, match=rf"cannot read the verified training checkpoint "
                                            rf"{re.escape(str(path))} \(RuntimeError: "
                                            rf"DefaultCPUAllocator: not enough memory\)\. Its "
-                                           rf"epochs are kept: .* delete"):
+                                           rf"epochs are kept: run the job again with "
+                                           rf"more memory \(config key resources\.train\."
+                                           rf"mem_mb \(a pretraining run's: pretrain\.<run>\."
+                                           rf"resources\.mem_mb\)\) .* delete"):
         train.read_checkpoint(path, "cell")
+    # the training job names its own key (it had named "the rule's mem_mb in the config's
+    # resources", a key the schema refuses)
+    from brainage.config import train_key
+
+    for settings, key in (({"experiment": "pretrain", "variant": "t1w"},
+                           "pretrain.t1w.resources.mem_mb"),
+                          ({"experiment": "table3", "variant": "adaptive"},
+                           "resources.train.mem_mb")):
+        assert train_key(settings, "mem_mb", section="resources") == key
+        with pytest.raises(RuntimeError, match=rf"more memory \(config key {re.escape(key)}\)"):
+            train.read_checkpoint(path, "cell", memory_key=train_key(settings, "mem_mb",
+                                                                      section="resources"))
     assert path.read_bytes() == written
 
 

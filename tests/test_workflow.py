@@ -222,6 +222,26 @@ def test_two_simulations_into_one_folder_stop_naming_both_keys(tmp_path):
 
 
 @pytest.mark.workflow
+def test_a_map_the_simulation_cannot_write_is_named_with_what_works(tmp_path):
+    """The demo with loss_modulus among dataset.modalities was told to add it to
+    dataset.simulate.maps, which the schema then refused (the simulator writes stiffness and
+    damping_ratio only): two refusals sending the user back and forth."""
+    config = tmp_path / "moduli.yaml"
+    config.write_text(yaml.safe_dump({
+        "dataset": {"modalities": ["stiffness", "loss_modulus", "T1w"],
+                    "simulate": {"enabled": True}},
+        "experiments": ONE_VARIANT, "pretrain": {}, "predict": {"cohorts": {}}}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert ("config key dataset.modalities needs loss_modulus, which the simulation "
+            "(dataset.simulate) cannot write: it writes stiffness and damping_ratio only. Leave "
+            "loss_modulus out, or give your own data (dataset.simulate.enabled: false)."
+            ) in " ".join(result.stdout.split()), result.stdout
+    assert "add it to dataset.simulate.maps" not in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
 def test_unknown_bias_reference_group_stops_before_any_work(tmp_path):
     """predict.bias_reference_group names a group of each cohort's table; a typo used to
     fail in predict_cohort, after the cohort's whole preprocessing. So did a group too

@@ -579,7 +579,8 @@ def _warn_about_ages_beyond_the_reference_group(cohort: str, table: pd.DataFrame
                     "(%.1f-%.1f years), on which the age-bias line was refitted (%s): their "
                     "corrected_gap and corrected_predicted_age extrapolate the line and can "
                     "be far off; choose a reference group that spans the cohort's ages, or "
-                    "use the bundle's line (no predict.bias_reference_group)",
+                    "use the bundle's line (leave predict.bias_reference_group, or "
+                    "--bias-reference-group, unset)",
                     cohort, len(named), group, low, high,
                     ", ".join(named[:10]) + (", ..." if len(named) > 10 else ""))
 
@@ -641,7 +642,8 @@ def _warn_about_stiffness_unlike_training(cohort: str, ages: np.ndarray,
                 "median stiffness against age; %d subjects): maps of another MRE drive "
                 "frequency or inversion than the training maps? The model reads such an "
                 "offset as age, so every gap carries it, and an age-bias refit on the "
-                "cohort's own controls (predict.bias_reference_group) hides it rather than "
+                "cohort's own controls (predict.bias_reference_group, or --bias-reference-group) "
+                "hides it rather than "
                 "removes it. Predict maps of the training's frequency and inversion, or "
                 "harmonise them first; where the cohort's condition explains it, read the "
                 "gaps with that in mind.", cohort, whose, describe_stiffness_offset(offset[1]),

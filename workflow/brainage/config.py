@@ -81,7 +81,7 @@ def _defaults_filling_validator_class() -> type:
     objects declared with ``default: {}`` receive their own defaults too.
 
     Built once per process: ``jsonschema.validators.extend`` compiles a new class each
-    call (4 ms), which made resolving the paper grid's cells a quarter of a dry run.
+    call, and resolving the paper grid calls this once per cell.
     """
     base = jsonschema.Draft202012Validator
     validate_properties = base.VALIDATORS["properties"]
@@ -219,8 +219,9 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
     Raises
     ------
     ConfigError
-        Naming the offending key, e.g. ``config key 'train': Additional properties are
-        not allowed ('epocs' was unexpected)``.
+        Naming the offending key, e.g. ``config key 'train.epocs': Additional properties
+        are not allowed ('epocs' was unexpected) (unknown key: 'epocs' -> did you mean
+        'epochs'?; ...)``.
     """
     filled = copy.deepcopy(dict(config))
     unquoted = _names_not_text(filled)
@@ -757,9 +758,10 @@ def check_batch_sizes(config: Mapping[str, Any], training_counts: Mapping[str, i
     config
         A validated config (:func:`validate_config`).
     training_counts
-        Training subjects per split name before QC exclusion
-        (:func:`brainage.normalise.training_counts`): exclusions can only lower them, so a
-        batch larger than one of these fails in training for certain.
+        Training subjects per split name (:func:`brainage.normalise.training_counts`),
+        counted as ``counted`` says: before QC exclusions by default (exclusions can only
+        lower them, so a batch larger than one of these fails in training for certain), or
+        after them (a warning's counts: the run may redo those subjects).
     counted
         How they were counted, as the message says it.
 
@@ -1169,6 +1171,27 @@ NON_TRAINING_KEYS = ("experiment", "variant", "readout")
 
 #: Keys of the model section that only the read-out uses.
 READOUT_MODEL_KEYS = ("features",)
+
+
+def train_key(settings: Mapping[str, Any], name: str, *, section: str = "train") -> str:
+    """The config key of setting ``name`` of section ``section`` (``train``, or
+    ``resources``) for these settings, for messages: a pretraining run's
+    (``pretrain.<run>.<section>.<name>``, never the top-level section) or the grid's
+    (``train.<name>``; ``resources.train.<name>``). The settings a job reads from its file
+    (:func:`training_settings`) carry no names: then both keys are named."""
+    grids = "train" if section == "train" else f"{section}.train"
+    if settings.get("experiment") == "pretrain":
+        return f"pretrain.{settings['variant']}.{section}.{name}"
+    if "experiment" not in settings:
+        return f"{grids}.{name} (a pretraining run's: pretrain.<run>.{section}.{name})"
+    return f"{grids}.{name}"
+
+
+def training_rule(settings: Mapping[str, Any]) -> str:
+    """The rule that trains the encoder of these settings, for messages."""
+    if settings.get("experiment") == "pretrain":
+        return "rule pretrain_encoder"
+    return "rule train_encoder, or search_hyperparameters for a search trial"
 
 
 def training_settings(settings: Mapping[str, Any]) -> dict:

@@ -28,7 +28,13 @@ import numpy as np
 import pandas as pd
 
 from brainage.agebias import MIN_CORRELATION_SUBJECTS, bias_fits
-from brainage.config import FEATURELESS_READOUTS, cell_kind, resolve_cell
+from brainage.config import (
+    FEATURELESS_READOUTS,
+    cell_kind,
+    resolve_cell,
+    train_key,
+    training_rule,
+)
 from brainage.io import read_npz, remove_stale_temporaries, write_json, write_tsv
 from brainage.readout import (
     MIN_CV_SUBJECTS,
@@ -139,15 +145,14 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
         subjects, subsets = saved["participant_id"], saved["subset"]
     except (ValueError, KeyError) as error:  # damaged, cut short, or of another version
         raise DataError(f"features file {features_path} cannot be read ({error}); delete it "
-                        f"and rerun rule train_encoder for the cell that trains this "
-                        f"encoder.") from None
+                        f"and run again ({training_rule(settings)} writes it).") from None
     # the subsets too: a subject moved from the last training row to the first
     # evaluation row keeps the order, but the encoder was trained on it
     if (subjects.tolist() != split.participant_ids[rows].tolist()
             or subsets.tolist() != split.subset_labels()[rows].tolist()):
         raise DataError(f"{features_path} lists other subjects than split {split.name} "
-                        f"(train then evaluation rows, and their subsets); rerun rule "
-                        f"train_encoder for the cell that trains this encoder.")
+                        f"(train then evaluation rows, and their subsets); delete it and run "
+                        f"again ({training_rule(settings)} writes it).")
     trained_loss = json.loads(str(saved["trained_loss"])) if "trained_loss" in saved else None
     return CellFeatures(kind.astype(np.float32), str(digest), trained_loss or None)
 
@@ -173,8 +178,8 @@ def warn_if_collapsed(train_features: np.ndarray, split_name: str, settings: Map
         return False
     init = str(settings["model"].get("init") or "")
     if settings["train"]["epochs"]:
-        remedy = ("Lower config key train.lr (or check the loss settings) and train it "
-                  "again (rule train_encoder, or search_hyperparameters for a search trial).")
+        remedy = (f"Lower config key {train_key(settings, 'lr')} (or check the loss settings) "
+                  f"and train it again ({training_rule(settings)}).")
     elif settings["model"].get("init_checkpoint"):
         remedy = (f"The encoder is the checkpoint {settings['model']['init_checkpoint']} as it "
                   f"is (train.epochs 0): it gives no spread on these inputs; check that it "
@@ -229,8 +234,8 @@ def evaluate_split(split: SplitData, features: np.ndarray, settings: Mapping
                 f"split {split.name}: the {settings['model']['features']} features of "
                 f"{', '.join(split.participant_ids[rows[broken]])} are NaN or inf, so no age "
                 f"can be read out of them. The encoder that embedded them is broken (a "
-                f"diverged training): lower config key train.lr and train it again (rule "
-                f"train_encoder, or search_hyperparameters for a search trial).")
+                f"diverged training): lower config key {train_key(settings, 'lr')} and train it "
+                f"again ({training_rule(settings)}).")
         warn_if_collapsed(features[:n_train], split.name, settings)
     ages, studies = split.ages, split.studies
     fitted = fit_readout(features[:n_train], ages[split.train_index], settings["readout"],

@@ -6,7 +6,8 @@ encoder by ``train_encoder``, the read-out and its age-bias fits by ``evaluate_e
 arrays as tensors), the normalisation record by
 ``normalise_dataset`` (the split's ``stats.json``), the template by ``prepare_template``.
 The export copies and checks; it embeds nothing and fits nothing, so a bundle predicts the
-cell's subjects exactly as ``predictions.tsv`` records.
+cell's subjects as ``predictions.tsv`` records them: exactly in the cell's own batches, to
+about 1e-5 years otherwise (:meth:`brainage.apply.BrainAgeModel.predict_age`).
 """
 
 from __future__ import annotations

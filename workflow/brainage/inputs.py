@@ -608,8 +608,8 @@ def _warn_unlisted_subjects(root: Path, listed: set[str], table_path: Path) -> N
                     len(unlisted), root, table_path, shown)
 
 
-#: Cell values that mean "missing" once stripped and in lower case (pandas reads the
-#: unpadded ones as missing already).
+#: Cell values that mean "missing" once stripped and in lower case (pandas reads some of
+#: them, in its own spelling, as missing already; these catch the padded and other-case ones).
 MISSING_VALUE_CODES = frozenset({"", "n/a", "na", "nan", "null", "none", "#n/a", "<na>"})
 
 

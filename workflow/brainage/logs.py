@@ -1,7 +1,7 @@
 """Logging for pipeline jobs: the package logs, the rule's ``log:`` file receives it.
 
 A job's log keeps every attempt since the job last succeeded, each after a separator line
-``===== attempt <n> (<start time>, <host>, pid <pid>[, SLURM job <id>]) =====``, so a
+``===== attempt <n> (<start time>, <host>, pid <pid>[, SLURM job <id>][, run <id>]) =====``, so a
 cluster user sees why a job was retried: a traceback, an exit status, "stopped by SIGTERM"
 (a time limit, scancel, preemption; the stacks of that moment come first, written by
 faulthandler), a native crash's "Fatal Python error" and stacks, or, for an attempt whose
@@ -155,7 +155,7 @@ def _how_it_ended(attempt: Sequence[str], number: int, *, linked: bool = True) -
                 f"killed before it could stop (its stacks at the signal are above)")
     # without hard links faulthandler's stacks went to the deleted log: a crash looks so too
     crashed = "" if linked else " or crashed in native code"
-    slurm_job = re.search(r", SLURM job (\d+)\) =====$", attempt[0]) if attempt else None
+    slurm_job = re.search(r", SLURM job (\d+)[,)]", attempt[0]) if attempt else None
     which = (f"`sacct -j {slurm_job[1]} -X -o JobID,State,MaxRSS,Elapsed` says which "
              f"(OUT_OF_MEMORY, TIMEOUT, NODE_FAIL)" if slurm_job
              else "on SLURM `sacct -j <job id>` of that attempt says which")
@@ -279,10 +279,14 @@ def log_to_file(path: str | Path | None, level: int = logging.INFO) -> None:
         # the clean-ups run too (temporary files of atomic writes are removed).
         failed.append(SystemExit)
         slurm_job = os.environ.get("SLURM_JOB_ID")
-        # which of them it was decides the remedy (a time limit wants a longer runtime_min
-        # of the job's resources.* section, a preemption nothing), and only SLURM knows it
+        # which of them it was decides the remedy (a time limit wants a longer wall time, a
+        # preemption nothing), and only SLURM knows it. Only the heavy rules have a config
+        # key for it (resources.<section>.runtime_min); the others' is fixed in the rule.
         which = (f"; `sacct -j {slurm_job} -X -o JobID,State,Timelimit,Elapsed` says which "
-                 f"(TIMEOUT: raise the job's resources.*.runtime_min)" if slurm_job else "")
+                 f"(TIMEOUT: raise the job's wall time: resources.<section>.runtime_min where "
+                 f"the config has one for it, else --set-resources <rule>:runtime=<minutes>, as the "
+                 f"README's SLURM section says)"
+                 if slurm_job else "")
         logging.getLogger("brainage").error(
             "job stopped by SIGTERM (a SLURM time limit, scancel or preemption, or Snakemake "
             "stopping the run)%s; a training resumes from its last checkpoint at the next "

@@ -2,14 +2,16 @@
 
 The encoder rho is MONAI's 3D ResNet-18 (BasicBlocks [2, 2, 2, 2], widths 64/128/256/512,
 first convolution 7x7x7 with stride 2 followed by a max-pool, global average pool, no
-classification layer) mapping a volume [B, 1, X, Y, Z] to h [B, 512]. The projection pi is
-the MLP 512 -> 512 -> ReLU -> 128 whose output is L2-normalised. Module names follow the
-reference code (``encoder.*``, ``head.0.*``, ``head.2.*``), so a checkpoint pre-trained on
-OpenBHB with the reference code loads without renaming once a ``module.`` prefix is gone.
+classification layer) mapping a volume [B, C, X, Y, Z] (C = len(model.modalities)) to h
+[B, 512]. The projection pi is the MLP 512 -> 512 -> ReLU -> 128 whose output is
+L2-normalised. Module names follow the reference code (``encoder.*``, ``head.0.*``,
+``head.2.*``), so a checkpoint pre-trained on OpenBHB with the reference code loads
+without renaming once a ``module.`` prefix is gone.
 
 Loading a foreign checkpoint (:func:`load_init_checkpoint`) strips known wrapper prefixes,
 tries the key under ``encoder.`` when it is a bare ResNet key, and accepts a tensor only when
-its shape matches; everything that did not load is logged (missing, unexpected, shape
+its shape matches (a one-channel first convolution also starts a C-channel one, replicated
+and divided by C); everything that did not load is logged (missing, unexpected, shape
 mismatch).
 """
 
@@ -246,7 +248,9 @@ def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"encoder {path} does not exist; run rule train_encoder first.")
+        raise FileNotFoundError(f"encoder {path} does not exist; run the job that writes it "
+                                f"(rule train_encoder, or search_hyperparameters for a "
+                                f"trial) first.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling raises many types for damaged or foreign files
@@ -257,7 +261,8 @@ def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
                   else f"{type(error).__name__}: {str(error).strip().split('. ')[0]}")
         raise ValueError(f"{path} cannot be read as an encoder.pt with weights_only=True "
                          f"({reason}). It is damaged or not a file train_encoder wrote; "
-                         f"delete it and run rule train_encoder again.") from None
+                         f"delete it and run the job that writes it (rule train_encoder, or "
+                         f"search_hyperparameters for a trial) again.") from None
     state = payload.get("model") if isinstance(payload, Mapping) else None
     if not isinstance(state, Mapping):
         raise ValueError(f"{path} holds no 'model' state dict, so it is not an encoder.pt "
@@ -279,8 +284,8 @@ def load_encoder(path: str | Path, model_settings: Mapping) -> BrainAgeNet:
                      if line.strip()]
             detail = "; ".join(lines[:3]) + ("; ..." if len(lines) > 3 else "")
         raise ValueError(f"{path} does not match the configured model section: {detail}. "
-                         f"Load it with the model settings it was trained with, or run rule "
-                         f"train_encoder again for these.") from None
+                         f"Load it with the model settings it was trained with, or train it "
+                         f"again for these (train_encoder, search_hyperparameters).") from None
     return model
 
 

@@ -437,7 +437,8 @@ def check_grid(shape, affine, record: Mapping, *, what: str) -> None:
         raise InputError(f"{what} (shape {tuple(shape[:3])}) is not on the template grid "
                          f"(shape {tuple(record['template_shape'])}) the normalisation uses. "
                          f"Register it to the same template (config key template): rerun its "
-                         f"register_to_template job.")
+                         f"preprocessing (rule correct_and_register, step "
+                         f"register_to_template).")
 
 
 def apply(volumes: Mapping[str, np.ndarray], record: Mapping, *,
@@ -476,7 +477,8 @@ def apply(volumes: Mapping[str, np.ndarray], record: Mapping, *,
                 f"range (±{float(np.finfo(DTYPES[record['dtype']]).max):g}); it would be "
                 f"stored as inf. Check the subject's registered {name} map for outlier voxels "
                 f"(rerun its preprocessing), or store the split as float32 (config key "
-                f"normalise.dtype: float32).")
+                f"normalise.dtype: float32; a model bundle keeps the type it was trained "
+                f"with).")
         channels.append(scored)
     return np.stack(channels)
 

@@ -66,6 +66,14 @@ MIN_LEVEL_SUBJECTS = 5
 #: 71 % of such cohorts of 15 + 15 subjects, a review's simulation).
 MIN_COMPARED_SUBJECTS = 3
 
+#: The job that writes a subject's QC file: the training cohort's rule, or its variant for
+#: a pretraining or predict cohort's maps (rules/common.smk CHAIN_VARIANTS).
+WRITTEN_BY = ("a subject's job of rule correct_and_register (correct_and_register_<maps> in "
+              "a pretraining or predict cohort) writes it")
+#: Removing an output remakes it in Snakemake and in ``predict run`` (chain.run_subject)
+#: alike; a --forcerun of the rule would name the training cohort's only.
+REMAKE_IT = f"remove it and run again: {WRITTEN_BY} again"
+
 
 def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
                template_t1: np.ndarray, template_mask: np.ndarray, *,
@@ -342,8 +350,8 @@ def tabulate_qc(qc_files: Sequence[str | Path], participants: pd.DataFrame | str
     missing = [pid for pid in participants["participant_id"] if pid not in by_subject]
     if missing:
         raise InputError(f"no QC file for {', '.join(missing[:10])}"
-                         f"{' ...' if len(missing) > 10 else ''}; rule correct_and_register "
-                         f"writes it (brainage.preprocess.chain): run it for them.")
+                         f"{' ...' if len(missing) > 10 else ''}; {WRITTEN_BY}: run it for "
+                         f"them.")
     rows = []
     for participant in participants.itertuples(index=False):
         record = by_subject[participant.participant_id]
@@ -589,13 +597,11 @@ def read_qc_records(qc_files: Sequence[str | Path], *,
             participant_id = record["participant_id"]
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise InputError(f"QC file {path} cannot be read as a subject's QC record "
-                             f"({type(error).__name__}: {error}); rerun the subject's "
-                             f"preprocessing (rule correct_and_register).") from None
+                             f"({type(error).__name__}: {error}); {REMAKE_IT}.") from None
         named_for = Path(path).name.split("_")[0]
         if named_for.startswith("sub-") and participant_id != named_for:
             raise InputError(f"QC file {path} is the record of {participant_id}, not of "
-                             f"{named_for}; rerun {named_for}'s preprocessing (rule "
-                             f"correct_and_register, step compute_qc).")
+                             f"{named_for}; {REMAKE_IT}.")
         if participant_id in files:
             raise InputError(f"QC files {files[participant_id]} and {path} both hold the "
                              f"record of {participant_id}; give the QC table each subject's "
@@ -604,9 +610,8 @@ def read_qc_records(qc_files: Sequence[str | Path], *,
         lacking = [metric for metric in require if isinstance(record.get(metric), bool)
                    or not isinstance(record.get(metric), (int, float))]
         if lacking:
-            raise InputError(f"QC file {path} has no number for {', '.join(lacking)}; rerun "
-                             f"the subject's preprocessing (rule correct_and_register, step "
-                             f"compute_qc).")
+            raise InputError(f"QC file {path} has no number for {', '.join(lacking)}; "
+                             f"{REMAKE_IT}.")
     return records
 
 

@@ -202,8 +202,9 @@ def fit_ridge(features: np.ndarray, ages: np.ndarray, *, alphas, cv_folds: int) 
     every validation fold has two subjects or more: the r2 of a single subject is undefined.
 
     The folds are shuffled with :data:`READOUT_CV_SEED`, the same for every cell. The
-    training rows come in participants.tsv order, grouped by study, so unshuffled folds
-    would each be roughly one study (young study 1 scored against the older ones) and
+    training rows come in participant-id order (normalise_dataset sorts them), which groups
+    a study's subjects wherever ids carry a site prefix, so unshuffled folds would each be
+    roughly one study (young study 1 scored against the older ones) and
     bias the choice of alpha. The reference's rows come out of a shuffling
     ``train_test_split(random_state=42)``; a seed changes initialisation, batch order
     and augmentation only, not the read-out's folds.

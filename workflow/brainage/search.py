@@ -135,7 +135,8 @@ def _store_features(path: Path, features: Mapping[str, np.ndarray], key: str,
 def _record_divergence(trial: Mapping, failure: str, seconds: float, metrics_path: Path, *,
                        keys: Mapping[str, str]) -> dict:
     """Write a trial whose training diverged: no score (NaN), the error, its keys; its
-    checkpoint (134 MB at the paper's width) goes. Returns the record."""
+    checkpoint (about 400 MB at the paper's width: the encoder and Adam's two moments)
+    goes. Returns the record."""
     metrics = {**trial, "validation_mae": float("nan"), "validation_rmse": float("nan"),
                "seconds": seconds, "failed": failure, **keys}
     write_json(metrics_path, metrics)

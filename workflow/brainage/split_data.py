@@ -237,12 +237,17 @@ def subjects_left_for_training(study_sizes: Mapping[str, int], fraction: float) 
     return total - max(1, sum(validation_counts(study_sizes, fraction).values()))
 
 
+#: The rules that write a split folder, for messages: a grid's, or a pretraining run's.
+_NORMALISED_BY = ("rule normalise_dataset (normalise_pretrain_cohort or prepare_openbhb for a "
+                  "pretraining run's split)")
+
+
 def _read_stats(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise DataError(f"{path} cannot be read as JSON ({error}). Rerun the normalisation "
-                        f"stage (rule normalise_dataset).") from None
+                        f"stage: {_NORMALISED_BY}.") from None
 
 
 def check_finite(images: np.ndarray, participant_ids: Sequence[str], where: str) -> None:
@@ -284,7 +289,7 @@ def load_split(split_dir: str | Path, *, require_eval: bool = True,
     for name, path in paths.items():
         if not path.is_file():
             raise DataError(f"split folder {split_dir} lacks {name}. Run the normalisation "
-                            f"stage first (rule normalise_dataset).")
+                            f"stage first: {_NORMALISED_BY}.")
     try:
         images = np.load(paths["images.npy"], mmap_mode="r")
     except (ValueError, OSError) as error:

@@ -55,7 +55,7 @@ import torch
 
 from brainage import distributed
 from brainage.bundle import software_versions
-from brainage.config import ConfigError, resolve_cell
+from brainage.config import ConfigError, resolve_cell, train_key
 from brainage.data import (
     Augmenter,
     SplitData,
@@ -122,18 +122,6 @@ def fingerprint(settings: Mapping, split: SplitData) -> str:
 
 
 # -- outputs ----------------------------------------------------------------------------
-
-def _train_key(settings: Mapping, name: str) -> str:
-    """The config key of train setting ``name`` for these settings: a pretraining run's
-    (``pretrain.<run>.train.<name>``, never the top-level section) or the grid's. The
-    training settings a job reads from its file (:func:`read_settings`) carry no names
-    (:func:`brainage.config.training_settings`): then both keys are named."""
-    if settings.get("experiment") == "pretrain":
-        return f"pretrain.{settings['variant']}.train.{name}"
-    if "experiment" not in settings:
-        return f"train.{name} (a pretraining run's: pretrain.<run>.train.{name})"
-    return f"train.{name}"
-
 
 def embedded_kind(model_settings: Mapping, which: str) -> str:
     """What the ``which`` features of a network of ``model_settings`` are, for the figures'
@@ -216,7 +204,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     batch_size, views = int(train_settings["batch_size"]), int(train_settings["views"])
     n_train = len(split.train_index)
     if batch_size > n_train and epochs > 0:  # an untrained encoder takes no batch
-        key = _train_key(settings, "batch_size")
+        key = train_key(settings, "batch_size")
         excluded = split.stats.get("excluded") or []
         raise ConfigError(f"config key {key} is {batch_size} but split {split.name} "
                           f"has only {n_train} training subjects"
@@ -228,7 +216,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                           + f". Lower {key} to at most {n_train}.")
     if processes.is_distributed:  # with 0 epochs too: the others wait for rank 0's writes
         if epochs > 0:
-            check_shares(n_train, batch_size, processes, key=_train_key(settings, "batch_size"))
+            check_shares(n_train, batch_size, processes, key=train_key(settings, "batch_size"))
         device, autocast_dtype = runtime_setup(train_settings, local_rank=processes.local_rank,
                                                processes_on_node=processes.local_world_size)
         distributed.join(processes, device)
@@ -243,7 +231,7 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     if epochs == 0 and not writes:  # nothing to train: rank 0 writes the encoder
         distributed.barrier(processes)
         return []
-    if epochs == 0:  # the untrained-encoder baseline: the seed's initialisation as it is
+    if epochs == 0:  # the untrained or frozen baseline: its starting weights as they are
         for output in (encoder_path, features_path, history_path):
             if output is not None:
                 remove_stale_temporaries(output)
@@ -261,7 +249,11 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         if checkpoint_path is not None:  # a training of this cell killed before it was
             for leftover in (Path(checkpoint_path), checkpoint_digest_file(checkpoint_path)):
                 leftover.unlink(missing_ok=True)  # set to 0 epochs: hundreds of MB
-        log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
+        if settings["model"]["init_checkpoint"]:
+            log.info("train.epochs is 0: wrote the encoder of %s as it is (not fine-tuned)",
+                     settings["model"]["init_checkpoint"])
+        else:
+            log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
         distributed.barrier(processes)
         return []
     loss_fn = _make_loss(loss_settings, split, epochs=epochs, batch_size=batch_size)
@@ -281,7 +273,9 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
     if writes:
         for output in outputs:
             remove_stale_temporaries(output)
-        checkpoint, checkpoint_digest = read_checkpoint(checkpoint_path, identity)
+        checkpoint, checkpoint_digest = read_checkpoint(
+            checkpoint_path, identity,
+            memory_key=train_key(settings, "mem_mb", section="resources"))
     if processes.is_distributed:
         # rank 0 verified the file; nobody writes it before every process has read it
         resume_from = distributed.broadcast_from_main(processes, checkpoint_digest)
@@ -357,13 +351,13 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
                 raise FloatingPointError(
                     f"loss is {mean_loss} in epoch {epoch} ({loss_settings['name']}, split "
                     f"{split.name}, seed {seed}). Lower config key "
-                    f"{_train_key(settings, 'lr')} or check the images.")
+                    f"{train_key(settings, 'lr')} or check the images.")
             if broken := _non_finite_state(model):
                 raise FloatingPointError(
                     f"{broken} of the encoder holds NaN or infinity after epoch {epoch} "
                     f"({loss_settings['name']}, split {split.name}, seed {seed}), although "
                     f"the loss is finite: such an encoder gives every subject the same "
-                    f"features. Lower config key {_train_key(settings, 'lr')}.")
+                    f"features. Lower config key {train_key(settings, 'lr')}.")
             scheduler.step()
             if embeddings_dir is not None and epoch in embed_epochs and writes:
                 features = embed(model, store, embed_rows, which=which,
@@ -563,10 +557,14 @@ def _recorded_digests(checkpoint_path: Path) -> set[str]:
     return {line.split()[0] for line in text.splitlines() if line.strip()}
 
 
-def read_checkpoint(path: str | Path, identity: str) -> tuple[dict | None, str | None]:
+def read_checkpoint(path: str | Path, identity: str, *,
+                    memory_key: str = "resources.train.mem_mb (a pretraining run's: "
+                                      "pretrain.<run>.resources.mem_mb)"
+                    ) -> tuple[dict | None, str | None]:
     """The resume state at ``path`` and its sha256 if the file is intact and belongs to
     this training (``identity``: :func:`fingerprint`), else ``(None, None)`` with a
-    warning that names the file and why it is not used.
+    warning that names the file and why it is not used. ``memory_key``: the config key of
+    the job's memory, for the message when the file cannot be loaded.
 
     Raises
     ------
@@ -596,8 +594,8 @@ def read_checkpoint(path: str | Path, identity: str) -> tuple[dict | None, str |
         # would overwrite the finished epochs with its first one
         raise RuntimeError(
             f"cannot read the verified training checkpoint {path} ({type(error).__name__}: "
-            f"{error}). Its epochs are kept: run the job again with more memory (the rule's "
-            f"mem_mb in the config's resources) or with the PyTorch version that wrote it; to "
+            f"{error}). Its epochs are kept: run the job again with more memory (config key "
+            f"{memory_key}) or with the PyTorch version that wrote it; to "
             f"train from scratch instead, delete {path} and {digest_file}.") from error
     if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("fingerprint") != identity:
         log.warning("ignoring checkpoint %s: it belongs to other settings or another split; "

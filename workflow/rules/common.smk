@@ -87,6 +87,7 @@ from brainage.normalise import split_names as scheme_split_names
 from brainage.openbhb import release_participants
 from brainage.normalise import training_counts, training_study_sizes
 from brainage.paths import TRAINING_PREPROC, Layout
+from brainage.simulate import MRE_MAPS as SIMULATED_MAPS
 from brainage.simulate import simulated_participants, simulation_options
 from brainage.simulate.t1w_cohort import draw_t1w_participants
 from brainage.split_data import check_batch_shares, subjects_left_for_training
@@ -261,6 +262,14 @@ def check_simulated_maps(section, needed, why):
     pipeline reads from it."""
     written = config_value(section)["maps"]
     missing = [name for name in mre_maps(needed) if name not in written]
+    # the simulator writes only SIMULATED_MAPS: adding another to `maps` is refused too
+    beyond = [name for name in missing if name not in SIMULATED_MAPS]
+    if beyond:
+        raise WorkflowError(
+            f"{why} needs {', '.join(beyond)}, which the simulation ({section}) cannot "
+            f"write: it writes {' and '.join(SIMULATED_MAPS)} only. Leave "
+            f"{', '.join(beyond)} out, or give your own data ({section}.enabled: false)."
+        )
     if missing:
         raise WorkflowError(
             f"config key {section}.maps ({', '.join(written)}) lacks {', '.join(missing)}, "
@@ -1430,7 +1439,8 @@ def _figure_outputs(names):
 
 
 def _cohort_split():
-    """The split whose participants.tsv describes the cohort (every split lists everyone)."""
+    """The split whose participants.tsv describes the cohort (every split lists the same
+    subjects: all of them, less the QC failures under qc.exclude_failed)."""
     return split_names()[0]
 
 

@@ -1,5 +1,7 @@
 # The built-in demo datasets: the simulated multi-study MRE cohort (dataset.simulate), a
-# checkpoint because its subject list is only known once it exists; and the simulated
+# checkpoint so that its participants table and images are read and checked once the
+# simulation has written them (its subject ids alone follow from the options:
+# planned_participants in common.smk); and the simulated
 # cohort a trained model is applied to (predict.simulate), a plain rule because its
 # subjects follow from the options alone.
 

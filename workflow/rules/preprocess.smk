@@ -129,9 +129,10 @@ for chain_rule, chain_modalities in CHAIN_VARIANTS.items():
             "../scripts/preprocess_subject.py"
 
 
-# Dataset-wide QC of the training cohort: thresholds are applied here only, so changing
-# them reruns this table and the report, not the subjects; the normalisation reads this
-# table only when qc.exclude_failed drops the failing subjects (qc_input).
+# Dataset-wide QC of the training cohort: the thresholds judge its subjects here (and each
+# new cohort's in predict_cohort), so changing one reruns the QC tables, the figures, the
+# model bundle's export and the predictions, not the subjects; the normalisation reads
+# this table only when qc.exclude_failed drops the failing subjects (qc_input).
 rule tabulate_qc:
     input:
         metrics=training_qc_files,

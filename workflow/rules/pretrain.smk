@@ -2,7 +2,8 @@
 # encoder on a T1w cohort before grid cells with model.init pretrained:<name> fine-tune it.
 # A BIDS-like or simulated cohort goes through the same per-subject chain as the stiffness
 # maps (preprocess.smk, preproc folder pretrain/<name>/preproc), then its own QC table and a
-# normalisation whose statistics come from its training subjects only; the held-out
+# normalisation whose statistics come from its training subjects (all its subjects under
+# normalise.scope: all); the held-out
 # validation subjects measure the encoder with the grid's read-out (metrics.json). The
 # training job is one process per GPU started by torchrun (several nodes through srun),
 # resumable after preemption like a cell's (checkpoint.pt is not an output: train.smk says

@@ -1,12 +1,15 @@
 """Per-subject preprocessing (paper section 4.1, docs/method.md §1).
 
-One function per Snakemake rule, each callable without Snakemake:
+One function per step, each callable without Snakemake; Snakemake runs ``strip_skull``
+as rule ``strip_skull`` and the next three as one job, rule ``correct_and_register``
+(:data:`brainage.preprocess.chain.JOBS`):
 
 - :func:`prepare_template` (rule ``prepare_template``): MNI152 T1 and brain mask, 2 mm;
-- :func:`strip_skull` (``strip_skull``): brain mask on the stiffness grid, via a nipype
-  interface (FreeSurfer SynthStrip/watershed, deepbet, or the map's support);
-- :func:`correct_bias` (``correct_bias``): NaN cleaning and N4 inside the brain;
-- :func:`register_to_template` (``register_to_template``): ANTs affine to MNI152 2 mm.
+- :func:`strip_skull`: brain mask on the stiffness grid, via a nipype interface
+  (FreeSurfer SynthStrip/watershed, deepbet, or the map's support);
+- :func:`correct_bias`: NaN cleaning and N4 inside the brain;
+- :func:`register_to_template`: ANTs affine to MNI152 2 mm;
+- ``compute_qc`` (:mod:`brainage.qc`): the subject's QC record.
 
 QC of the result is in :mod:`brainage.qc`; the dataset-wide normalisation in
 :mod:`brainage.normalise`.

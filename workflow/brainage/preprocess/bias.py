@@ -1,4 +1,5 @@
-"""Bias-field correction (rule ``correct_bias``): ANTs N4 inside the brain.
+"""Bias-field correction (step ``correct_bias`` of rule ``correct_and_register``): ANTs N4
+inside the brain.
 
 The paper applies N4 to the stiffness map itself; we do the same (and to the moduli), not
 to the damping ratio (:mod:`brainage.modalities`), and to the anatomical reference that
@@ -49,8 +50,8 @@ COVERAGE_EDGE_MM = 3.0
 #: on a grid of about 10 mm. Both in mm, so the result does not depend on the voxel size.
 #: Fewer levels than ANTs' 4 keep the field smooth: regional stiffness differences (deep
 #: grey matter vs cortex) carry the age signal and must not be absorbed as "bias". On a
-#: 1.6 mm phantom with a +-15 % field (tests/test_preprocess.py) the log-field spread
-#: drops from 0.073 to 0.025 in 0.9 s; 4 levels leave 0.046 (tissue contrast flattened).
+#: 2 mm phantom with a +-15 % field (tests/test_preprocess.py) the log-field spread
+#: drops from 0.073 to 0.025-0.027; 4 levels leave 0.046 (tissue contrast flattened).
 N4_ITERATIONS = (50, 50, 50)
 N4_TOLERANCE = 1e-7
 N4_WORKING_SPACING_MM = 10.0

@@ -85,8 +85,11 @@ def describe_preprocessing(folder: str | Path, *, space: str, template_shape,
     # holds T1w images only, and preprocess.n4: false leaves the bias uncorrected
     images = [f"{modality(name).description}s" for name in modalities]
     held = ", ".join(images[:-1]) + (" and " if len(images) > 1 else "") + images[-1]
-    steps = "skull stripping, N4 bias correction and affine" if n4 else (
-        "skull stripping (no bias correction: preprocess.n4 false) and affine")
+    # not "skull stripping": preprocess.skullstrip none, or a subject without a T1w, masks
+    # the map's support and registers the reference as given
+    masking = "brain masks (by skull stripping unless preprocess.skullstrip is none)"
+    steps = f"{masking}, N4 bias correction and affine" if n4 else (
+        f"{masking}, no bias correction (preprocess.n4 false), and affine")
     write_json(description, {
         "Name": f"brainage: preprocessed {held}",
         "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
@@ -106,8 +109,10 @@ def _readme(*, space: str, source: str, version: str, modalities: Sequence[str],
     corrected = "N4-corrected" if n4 else "not bias-corrected (preprocess.n4: false)"
     grid = modality(grid_modality(modalities)).description
     files = [f"- `desc-brain_mask`: the brain mask on the native grid of the {grid}",
-             "- `desc-brain_reference` and its sidecar: the registration reference (the "
-             "skull-stripped T1w where the subject has one, else the grid map)",
+             "- `desc-brain_reference` and its sidecar: the registration reference ("
+             + ("the skull-stripped T1w where the subject has one (as given under "
+                "preprocess.skullstrip none), else the grid map; the sidecar's "
+                "reference_kind says which)" if "T1w" in modalities else f"the {grid})"),
              f"- `desc-biascorr_reference`: the reference, {corrected}"]
     for name in modalities:
         kind = modality(name)

@@ -164,7 +164,7 @@ class SupportMaskInputSpec(BaseInterfaceInputSpec):
 
 
 class SupportMaskOutputSpec(TraitedSpec):
-    mask_file = File(exists=True, desc="brain mask: largest non-zero component, holes filled")
+    mask_file = File(exists=True, desc="brain mask: largest positive component, holes filled")
 
 
 class SupportMask(BaseInterface):

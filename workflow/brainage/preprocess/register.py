@@ -1,4 +1,5 @@
-"""Affine registration to MNI152 at 2 mm (rule ``register_to_template``), ANTsPy.
+"""Affine registration to MNI152 at 2 mm (step ``register_to_template`` of rule
+``correct_and_register``), ANTsPy.
 
 The subject's reference (from ``strip_skull``/``correct_bias``) is registered to the
 matching template image with Mattes mutual information: skull-stripped T1w -> template

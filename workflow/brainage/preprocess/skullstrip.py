@@ -205,7 +205,8 @@ def _run_mask_interface(route: str, freesurfer_tool: str, in_file: str, work: Pa
         # Always on the CPU, also where a GPU is visible: the same mask on every machine
         # (GPU convolutions differ from the CPU's, and between runs, in the last bits, which
         # can move a voxel across deepbet's threshold), and bit-identical reruns with
-        # preprocess.deterministic's one thread. Its two forward passes take about 3 s.
+        # preprocess.deterministic's one thread. Its two forward passes take about 1.6 s
+        # (at brainage.preprocess.masks.DEEPBET_SHAPE, one thread).
         log.info("deepbet on the CPU (%d threads)", threads)
         interface = DeepBet(in_file=in_file, mask_file=str(mask_file), num_threads=threads,
                             use_gpu=False)

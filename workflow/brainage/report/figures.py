@@ -624,7 +624,7 @@ def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
 def plot_search(trials: pd.DataFrame, path: str | Path) -> None:
     """The random search: each trial at (nn_final, nn_step) coloured by validation MAE
     (a diverged trial, without one, a grey cross), the best trial of each split circled,
-    the paper's optimum as a red cross."""
+    the paper's optimum as a hollow red diamond."""
     plt = headless_pyplot()
     splits = list(dict.fromkeys(trials["split"]))
     figure, axes = plt.subplots(1, len(splits), figsize=(5 * len(splits), 4), squeeze=False)

@@ -26,7 +26,7 @@ ABLATION_FIGURES = {
 }
 
 
-#: Figures drawn whenever the dataset exists / whenever the grid has a cell.
+#: Figures drawn whenever the dataset exists.
 DATASET_FIGURES = ("fig3_age_distribution", "fig7_coverage", "fig8_coverage_examples",
                    "qc_overview")
 #: Stiffness beside T1w for four subjects by age (paper Fig. 2): when the subjects provide
@@ -93,8 +93,9 @@ def report_names(config: Mapping[str, Any]) -> dict[str, list[str]]:
         figures as .png. ``table2_cohort`` and the dataset figures always (Fig. 2 when the
         subjects provide stiffness and T1w); ``table3_losses``
         and ``table3_paired`` when experiment ``table3`` is enabled; ``ablation_<name>``
-        and its figure for every other enabled experiment; the UMAP and predicted-vs-true
-        figures when the grid has at least one cell; ``search_trials`` (table and figure)
+        and its figure for every other enabled experiment; the predicted-vs-true
+        figure when a grid cell trains an encoder (:func:`focus_cell`), and its UMAP when that
+        cell also embeds an epoch (``train.embed_epochs``); ``search_trials`` (table and figure)
         when the random search is enabled; ``pretraining`` (table and figure),
         ``pretraining_gain`` and one ``pretraining_umap_<run>`` figure per run when the
         config has pretraining runs (not for a run that embeds no epoch: ``train.epochs``

@@ -1,6 +1,7 @@
 """A simulated T1w-only cohort, for pretraining the encoder before it is fine-tuned on
-stiffness (rule-free: :func:`simulate_t1w_cohort`, or ``python -m brainage.simulate
---t1w-only``).
+stiffness (rule ``simulate_pretrain_cohort_<run>`` for a pretraining run whose
+``source.kind`` is ``simulate``; outside Snakemake :func:`simulate_t1w_cohort`, or ``python -m
+brainage.simulate --t1w-only``).
 
 Its own subjects: labels ``sub-<prefix>ts<site>s<NNN>`` (default prefix ``pre``), which no
 MRE cohort label can equal when both use the same prefix (MRE codes are ``st<N>`` and
