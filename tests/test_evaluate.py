@@ -520,6 +520,10 @@ def test_a_collapsed_encoder_is_warned_of_and_a_working_one_is_not(tmp_path, cap
     assert re.search(r"split holdout, test/adaptive seed 0: the \w+ features \(model.features\) "
                      r"are the same for every training subject.*collapsed.*train\.lr.*"
                      r"search_hyperparameters for a search trial", caplog.text)
+    # a variant may set its own train.lr, which the top-level one does not change (lowering
+    # that retrained every other cell and left this one as it was)
+    assert ("Lower config key train.lr (or experiments.test.variants.adaptive.train.lr where "
+            "that variant sets it)") in caplog.text, caplog.text
     # a pretraining run (rule evaluate_pretrained_encoder) has its own key and rule: the
     # top-level train.lr retrained every grid cell and left the run as it was
     caplog.clear()
@@ -675,8 +679,7 @@ def test_features_of_another_split_are_refused(tmp_path):
                    load_split(embedded), "sha", device=torch.device("cpu"))
     with pytest.raises(DataError, match=r"features\.npz lists other subjects than split "
                                         r"holdout .*delete it and run again \(rule "
-                                        r"train_encoder, or search_hyperparameters for a "
-                                        r"search trial writes it\)"):
+                                        r"train_encoder writes it\)"):
         evaluate_encoder(other, tmp_path / "features.npz", settings,
                          metrics_path=tmp_path / "cell" / "metrics.json",
                          predictions_path=tmp_path / "cell" / "predictions.tsv")
@@ -723,7 +726,7 @@ def test_a_damaged_features_file_is_named_with_what_to_rerun(tmp_path):
     features_path.write_bytes(features_path.read_bytes()[:200])
     with pytest.raises(DataError, match=r"features file .*features\.npz cannot be read "
                                         r"\(.*\); delete it and run again \(rule "
-                                        r"train_encoder, or search"):
+                                        r"train_encoder writes it\)"):
         evaluate_encoder(split_dir, features_path, settings,
                          metrics_path=tmp_path / "cell" / "metrics.json",
                          predictions_path=tmp_path / "cell" / "predictions.tsv")

@@ -789,7 +789,10 @@ def test_a_new_pretrained_encoder_is_not_resumed_from_the_old_one(split_dir, ref
 # -- errors ----------------------------------------------------------------------------------
 
 def test_batch_larger_than_training_set(split_dir, tmp_path):
-    with pytest.raises(ConfigError, match="train.batch_size is 32 .* only 18 training"):
+    # the variant's own key too: a variant that sets it is not changed by the top level's
+    with pytest.raises(ConfigError, match=r"config key train\.batch_size \(or experiments\.test\."
+                                          r"variants\.adaptive\.train\.batch_size where that "
+                                          r"variant sets it\) is 32 .* only 18 training"):
         train_encoder(split_dir, tiny_settings(train={"batch_size": 32}), **cell_paths(tmp_path))
     # a pretraining run's batch is its own key, never the top-level train section's
     pretraining = {**tiny_settings(train={"batch_size": 32}), "experiment": "pretrain",
@@ -797,9 +800,11 @@ def test_batch_larger_than_training_set(split_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"key pretrain\.t1w\.train\.batch_size is 32 .* "
                                           r"Lower pretrain\.t1w\.train\.batch_size"):
         train_encoder(split_dir, pretraining, **cell_paths(tmp_path))
-    # a job's settings file carries no names (training_settings): both keys are named
+    # a job's settings file carries no names (training_settings): every key is named
     from brainage.config import training_settings
-    with pytest.raises(ConfigError, match=r"key train\.batch_size \(a pretraining run's: "
+    with pytest.raises(ConfigError, match=r"key train\.batch_size \(a variant's: experiments\."
+                                          r"<experiment>\.variants\.<variant>\.train\."
+                                          r"batch_size; a pretraining run's: "
                                           r"pretrain\.<run>\.train\.batch_size\) is 32"):
         train_encoder(split_dir, training_settings(resolve_cell(pretraining)),
                       **cell_paths(tmp_path))

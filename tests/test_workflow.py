@@ -66,6 +66,18 @@ def test_fresh_folder_dry_run_starts_with_the_simulation(tmp_path):
 
 
 @pytest.mark.workflow
+def test_the_qc_table_is_a_target_of_its_own(tmp_path):
+    """A damaged QC file failed tabulate_qc, whose table Snakemake then removed; with the QC
+    file removed as the message says, the next run planned nothing (a missing file that
+    only feeds up-to-date outputs is not remade), so the table and the subject's QC record
+    stayed missing. As a target of rule all, a missing QC table is always remade."""
+    result = snakemake(tmp_path, "-n")
+    assert result.returncode == 0, result.stdout
+    targets = re.search(r"^rule all:\n\s+input: (.*)$", result.stdout, flags=re.M)[1]
+    assert "results/qc/qc.tsv" in targets.split(", "), targets
+
+
+@pytest.mark.workflow
 def test_planning_a_run_does_not_import_pytorch(tmp_path):
     # Snakemake reads the workflow at every start (and twice more in every SLURM job):
     # config validation and job planning are plain Python; PyTorch (1.3 s) loads in the
@@ -235,7 +247,8 @@ def test_a_map_the_simulation_cannot_write_is_named_with_what_works(tmp_path):
     assert result.returncode != 0
     assert ("config key dataset.modalities needs loss_modulus, which the simulation "
             "(dataset.simulate) cannot write: it writes stiffness and damping_ratio only. Leave "
-            "loss_modulus out, or give your own data (dataset.simulate.enabled: false)."
+            "loss_modulus out of dataset.modalities (and model.modalities), or give your own "
+            "data (dataset.simulate.enabled: false)."
             ) in " ".join(result.stdout.split()), result.stdout
     assert "add it to dataset.simulate.maps" not in result.stdout
     assert not (tmp_path / "results").exists()

@@ -1177,21 +1177,31 @@ def train_key(settings: Mapping[str, Any], name: str, *, section: str = "train")
     """The config key of setting ``name`` of section ``section`` (``train``, or
     ``resources``) for these settings, for messages: a pretraining run's
     (``pretrain.<run>.<section>.<name>``, never the top-level section) or the grid's
-    (``train.<name>``; ``resources.train.<name>``). The settings a job reads from its file
-    (:func:`training_settings`) carry no names: then both keys are named."""
-    grids = "train" if section == "train" else f"{section}.train"
+    (``train.<name>``, or the variant's override of it, which the settings alone do not
+    tell from the top-level value: :func:`variant_key` with the config; and
+    ``resources.train.<name>``, which variants cannot override). The settings a job reads
+    from its file (:func:`training_settings`) carry no names: then every key is named."""
     if settings.get("experiment") == "pretrain":
         return f"pretrain.{settings['variant']}.{section}.{name}"
-    if "experiment" not in settings:
-        return f"{grids}.{name} (a pretraining run's: pretrain.<run>.{section}.{name})"
-    return f"{grids}.{name}"
+    grids = f"train.{name}" if section == "train" else f"{section}.train.{name}"
+    if "experiment" in settings:
+        if section != "train" or "variant" not in settings:  # a search's: the top level
+            return grids
+        return (f"{grids} (or experiments.{settings['experiment']}.variants."
+                f"{settings['variant']}.train.{name} where that variant sets it)")
+    named = [f"a variant's: experiments.<experiment>.variants.<variant>.train.{name}"
+             ] if section == "train" else []
+    named.append(f"a pretraining run's: pretrain.<run>.{section}.{name}")
+    return f"{grids} ({'; '.join(named)})"
 
 
-def training_rule(settings: Mapping[str, Any]) -> str:
-    """The rule that trains the encoder of these settings, for messages."""
+def training_rule(settings: Mapping[str, Any], *, search: bool = True) -> str:
+    """The rule that trains the encoder of these settings, for messages; ``search``: also
+    the random search's, whose trials train in the same code."""
     if settings.get("experiment") == "pretrain":
         return "rule pretrain_encoder"
-    return "rule train_encoder, or search_hyperparameters for a search trial"
+    return "rule train_encoder" + (", or search_hyperparameters for a search trial"
+                                   if search else "")
 
 
 def training_settings(settings: Mapping[str, Any]) -> dict:

@@ -145,14 +145,14 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
         subjects, subsets = saved["participant_id"], saved["subset"]
     except (ValueError, KeyError) as error:  # damaged, cut short, or of another version
         raise DataError(f"features file {features_path} cannot be read ({error}); delete it "
-                        f"and run again ({training_rule(settings)} writes it).") from None
+                        f"and run again ({training_rule(settings, search=False)} writes it).") from None
     # the subsets too: a subject moved from the last training row to the first
     # evaluation row keeps the order, but the encoder was trained on it
     if (subjects.tolist() != split.participant_ids[rows].tolist()
             or subsets.tolist() != split.subset_labels()[rows].tolist()):
         raise DataError(f"{features_path} lists other subjects than split {split.name} "
                         f"(train then evaluation rows, and their subsets); delete it and run "
-                        f"again ({training_rule(settings)} writes it).")
+                        f"again ({training_rule(settings, search=False)} writes it).")
     trained_loss = json.loads(str(saved["trained_loss"])) if "trained_loss" in saved else None
     return CellFeatures(kind.astype(np.float32), str(digest), trained_loss or None)
 

@@ -437,8 +437,9 @@ def check_grid(shape, affine, record: Mapping, *, what: str) -> None:
         raise InputError(f"{what} (shape {tuple(shape[:3])}) is not on the template grid "
                          f"(shape {tuple(record['template_shape'])}) the normalisation uses. "
                          f"Register it to the same template (config key template): rerun its "
-                         f"preprocessing (rule correct_and_register, step "
-                         f"register_to_template).")
+                         f"preprocessing (step register_to_template of its job of rule "
+                         f"correct_and_register, correct_and_register_<maps> in a "
+                         f"pretraining or predict cohort).")
 
 
 def apply(volumes: Mapping[str, np.ndarray], record: Mapping, *,

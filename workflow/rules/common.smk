@@ -257,9 +257,9 @@ PREPROC_MODALITIES = {
 }
 
 
-def check_simulated_maps(section, needed, why):
+def check_simulated_maps(section, needed, why, leave_out):
     """Stop when a simulation (config section ``section``) would not write a map the
-    pipeline reads from it."""
+    pipeline reads from it; ``leave_out``: where the maps it cannot write come from."""
     written = config_value(section)["maps"]
     missing = [name for name in mre_maps(needed) if name not in written]
     # the simulator writes only SIMULATED_MAPS: adding another to `maps` is refused too
@@ -268,7 +268,8 @@ def check_simulated_maps(section, needed, why):
         raise WorkflowError(
             f"{why} needs {', '.join(beyond)}, which the simulation ({section}) cannot "
             f"write: it writes {' and '.join(SIMULATED_MAPS)} only. Leave "
-            f"{', '.join(beyond)} out, or give your own data ({section}.enabled: false)."
+            f"{', '.join(beyond)} out of {leave_out}, or give your own data "
+            f"({section}.enabled: false)."
         )
     if missing:
         raise WorkflowError(
@@ -285,12 +286,18 @@ def config_value(dotted):
 
 
 if SIMULATED:
-    check_simulated_maps("dataset.simulate", MODALITIES, "config key dataset.modalities")
+    check_simulated_maps(
+        "dataset.simulate",
+        MODALITIES,
+        "config key dataset.modalities",
+        "dataset.modalities (and model.modalities)",
+    )
 if SIMULATED_PREDICT_COHORT is not None:
     check_simulated_maps(
         "predict.simulate",
         PREPROC_MODALITIES[LAYOUT.cohort_preproc(SIMULATED_PREDICT_COHORT)],
         "the exported model (config key predict.model)",
+        "the exported cell's model.modalities (which retrains it)",
     )
 
 #: The name of each correct_and_register variant -> its set of modalities (preprocess.smk);
@@ -964,9 +971,12 @@ def departed_message(folder, departed, root, preproc, listed):
 
 
 def all_targets(wildcards):
-    """What `snakemake` builds by default: the training cohort's derivative dataset, every
-    table and figure, and the predictions for the configured cohorts (report_targets and
-    predict_targets below)."""
+    """What `snakemake` builds by default: the training cohort's derivative dataset and QC
+    table, every table and figure, and the predictions for the configured cohorts
+    (report_targets and predict_targets below). The QC table is a target of its own, as a
+    pretraining run's is: Snakemake does not remake a missing file that only feeds outputs
+    that are up to date, so a table removed by its failed job (a damaged QC file, removed
+    as its message says) would stay missing, and the subject's QC file unmade."""
     check_training_set_sizes()
     check_pretraining_set_sizes()
     check_openbhb_releases()
@@ -979,6 +989,7 @@ def all_targets(wildcards):
     )
     return [
         LAYOUT.preproc_description(TRAINING_PREPROC),
+        LAYOUT.qc_table(),
         *report_targets(),
         *predict_targets(),
         *pretrain_targets(),
