@@ -523,14 +523,21 @@ def test_a_collapsed_encoder_is_warned_of_and_a_working_one_is_not(tmp_path, cap
     # a variant may set its own train.lr, which the top-level one does not change (lowering
     # that retrained every other cell and left this one as it was)
     assert ("Lower config key train.lr (or experiments.test.variants.adaptive.train.lr where "
-            "that variant sets it)") in caplog.text, caplog.text
+            "that variant sets it), or check") in caplog.text, caplog.text
+    # a search trial cannot override it: the top-level key alone (there is no
+    # experiments.search section to name)
+    caplog.clear()
+    trial = {**settings, "experiment": "search", "variant": "trial-01"}
+    with caplog.at_level("WARNING", logger="brainage.evaluate"):
+        evaluate_split(split, collapsed, trial)
+    assert "Lower config key train.lr, or check the loss settings" in caplog.text, caplog.text
     # a pretraining run (rule evaluate_pretrained_encoder) has its own key and rule: the
     # top-level train.lr retrained every grid cell and left the run as it was
     caplog.clear()
     pretraining = {**settings, "experiment": "pretrain", "variant": "t1w"}
     with caplog.at_level("WARNING", logger="brainage.evaluate"):
         evaluate_split(split, collapsed, pretraining)
-    assert ("Lower config key pretrain.t1w.train.lr (or check the loss settings) and train it "
+    assert ("Lower config key pretrain.t1w.train.lr, or check the loss settings, and train it "
             "again (rule pretrain_encoder).") in caplog.text, caplog.text
     broken = collapsed.copy()
     broken[0, 0] = np.nan

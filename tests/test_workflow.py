@@ -78,6 +78,21 @@ def test_the_qc_table_is_a_target_of_its_own(tmp_path):
 
 
 @pytest.mark.workflow
+def test_the_planning_benchmark_runs():
+    """tests/benchmarks/bench_planning.py, which the README cites for planning at scale,
+    failed once the first plan refused maps identical between subjects (its cohort linked
+    every subject's images to one file), and no test ran it."""
+    result = subprocess.run([sys.executable, str(REPO / "tests/benchmarks/bench_planning.py"),
+                             "--subjects", "50", "--image-check-subjects", "0"],
+                            capture_output=True, text=True, timeout=300,
+                            env=local_snakemake_environment())
+    assert result.returncode == 0, result.stdout + result.stderr[-3000:]
+    measured = json.loads(result.stdout.splitlines()[-1])
+    assert measured["subjects"] == 50 and measured["jobs"] > 50 * 3, measured
+    assert measured["wall_s"] > 0 and measured["first_wall_s"] > 0, measured
+
+
+@pytest.mark.workflow
 def test_planning_a_run_does_not_import_pytorch(tmp_path):
     # Snakemake reads the workflow at every start (and twice more in every SLURM job):
     # config validation and job planning are plain Python; PyTorch (1.3 s) loads in the
@@ -251,6 +266,38 @@ def test_a_map_the_simulation_cannot_write_is_named_with_what_works(tmp_path):
             "data (dataset.simulate.enabled: false)."
             ) in " ".join(result.stdout.split()), result.stdout
     assert "add it to dataset.simulate.maps" not in result.stdout
+    assert not (tmp_path / "results").exists()
+
+
+@pytest.mark.workflow
+@pytest.mark.parametrize("model, variant_model, named", [
+    ({"modalities": ["stiffness", "loss_modulus"]}, {}, "model.modalities"),
+    ({}, {"modalities": ["stiffness", "loss_modulus"]},
+     "experiments.table3.variants.adaptive.model.modalities"),
+    ({"modalities": None}, {},
+     "dataset.modalities (an unset model.modalities takes them all; that retrains the "
+     "exported cell)")])
+def test_a_map_the_predict_simulation_cannot_write_names_the_key_that_sets_it(
+        tmp_path, model, variant_model, named):
+    """The simulated predict cohort's refusal said to leave the map out of "the exported
+    cell's model.modalities", a key with no list to edit when unset, and not the one that
+    sets it when the exported variant overrides it."""
+    config = tmp_path / "predict_moduli.yaml"
+    config.write_text(yaml.safe_dump({
+        "dataset": {"root": "data", "simulate": {"enabled": False},
+                    "modalities": ["stiffness", "loss_modulus", "T1w"]},
+        "model": model,
+        "experiments": {"table3": {"seeds": [0], "variants": {
+            "adaptive": {"loss": {"name": "adaptive"}, "model": variant_model}}}},
+        "predict": {"cohorts": {"demo": "new"}, "simulate": {"enabled": True, "cohort": "demo"},
+                    "model": {"experiment": "table3", "variant": "adaptive", "seed": 0}},
+        "pretrain": {}}))
+    result = snakemake(tmp_path, "-n", "--configfile", str(config))
+    assert result.returncode != 0
+    assert (f"the exported model (config key predict.model) needs loss_modulus, which the "
+            f"simulation (predict.simulate) cannot write: it writes stiffness and damping_ratio "
+            f"only. Leave loss_modulus out of {named}") in " ".join(result.stdout.split()), \
+        result.stdout
     assert not (tmp_path / "results").exists()
 
 

@@ -4,13 +4,16 @@
    builds the job graph of every subject and grid cell. This measures that start-up, a dry
    run of ``config/paper.yaml`` (Table 3, every ablation, the OpenBHB pretraining), on
    BIDS-like cohorts of N subjects (stiffness, damping ratio and T1w each): wall time, CPU
-   time, peak memory and the number of jobs planned.
+   time, peak memory and the number of jobs planned, of the second dry run (every later
+   plan: the images' checks are kept), and the first one's wall time (``first_wall_s``:
+   with the checks of these small images).
 2. The first run also opens every input image once (brainage.inputs.check_dataset_images):
    seconds per subject with a 1 mm T1w (176 x 256 x 256, int16, ~11 MB gzipped) and two
    2.5 mm maps, read by one thread and by the default threads.
 
-The subjects' images are symbolic links to one small valid NIfTI per kind (a dry run reads
-no voxel), and the OpenBHB release is a placeholder participants.tsv (the rule that reads
+The subjects' images are small valid NIfTIs (16^3 voxels), each subject's own: the first
+plan's image check refuses maps that are byte-identical between subjects (a copy under
+another id). The OpenBHB release is a placeholder participants.tsv (the rule that reads
 it does not run). ``SLURM_CONF=/dev/null``: where slurm-client is installed without a
 running controller, the SLURM executor plugin would otherwise wait ~9 s in ``scontrol``
 at every start (tests/conftest.local_snakemake_environment), which is not planning time.
@@ -43,24 +46,18 @@ IMAGES = {"mre/{label}_stiffness.nii.gz": 2.8, "mre/{label}_damping_ratio.nii.gz
 
 
 def write_cohort(root: Path, n_subjects: int) -> None:
-    """``n_subjects`` in 5 studies, ages 10-80 years, every image a link to one file."""
-    sources = root / "sources"
-    sources.mkdir(parents=True)
+    """``n_subjects`` in 5 studies, ages 10-80 years, each image its subject's own."""
     inside = np.zeros((16, 16, 16), dtype=np.float32)
     inside[4:12, 4:12, 4:12] = 1.0
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    source_files = {}
-    for pattern, value in IMAGES.items():
-        source_files[pattern] = sources / Path(pattern).name.replace("{label}_", "")
-        nib.save(nib.Nifti1Image(inside * value, affine), source_files[pattern])
     rng = np.random.default_rng(0)
     rows = ["participant_id\tage\tsex\tstudy"]
     for index in range(n_subjects):
         label = f"sub-s{index % 5}n{index:05d}"
-        for pattern, source in source_files.items():
-            link = root / "dataset" / label / pattern.format(label=label)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(source)
+        for pattern, value in IMAGES.items():
+            path = root / "dataset" / label / pattern.format(label=label)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(inside * value * (1 + index * 1e-4), affine), path)
         rows.append(f"{label}\t{rng.uniform(10, 80):.1f}\t{'FM'[index % 2]}\tstudy{index % 5}")
     (root / "dataset" / "participants.tsv").write_text("\n".join(rows) + "\n")
     openbhb = root / "openBHB"
@@ -81,25 +78,32 @@ def plan(n_subjects: int) -> dict:
         command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"),
                    "--directory", str(work), "--configfile", str(REPO / "config/paper.yaml"),
                    str(override), "--cores", "2", "--dry-run"]
-        start = time.perf_counter()
-        with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-            process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
-                                       env={**os.environ, "SLURM_CONF": "/dev/null"})
-            # this child's own usage: RUSAGE_CHILDREN's peak is the largest of every child
-            # so far, which gave a smaller cohort the peak of a larger one planned before it
-            _, status, usage = os.wait4(process.pid, 0)
-            process.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must know
-            wall = time.perf_counter() - start
-            out.seek(0)
-            err.seek(0)
-            stdout, stderr = out.read(), err.read()
-    if process.returncode:
+        returncode, stdout, stderr, _, first_wall = _dry_run(command)  # checks the images
+        if not returncode:  # every later plan: the checks are kept
+            returncode, stdout, stderr, usage, wall = _dry_run(command)
+    if returncode:
         raise SystemExit(f"dry run of {n_subjects} subjects failed:\n{stdout[-3000:]}"
                          f"\n{stderr[-3000:]}")
     jobs = re.search(r"^total\s+(\d+)", stdout, flags=re.MULTILINE)
     return {"subjects": n_subjects, "jobs": int(jobs.group(1)) if jobs else None,
             "wall_s": round(wall, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+            "peak_rss_mb": round(usage.ru_maxrss / 1024), "first_wall_s": round(first_wall, 1)}
+
+
+def _dry_run(command: list[str]):
+    """Return code, stdout, stderr, resource usage and wall seconds of one dry run."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err, text=True,
+                                   env={**os.environ, "SLURM_CONF": "/dev/null"})
+        # this child's own usage: RUSAGE_CHILDREN's peak is the largest of every child so
+        # far, which gave a smaller cohort the peak of a larger one planned before it
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must know
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        return process.returncode, out.read(), err.read(), usage, wall
 
 
 def image_check(n_subjects: int) -> dict:

@@ -1185,7 +1185,8 @@ def train_key(settings: Mapping[str, Any], name: str, *, section: str = "train")
         return f"pretrain.{settings['variant']}.{section}.{name}"
     grids = f"train.{name}" if section == "train" else f"{section}.train.{name}"
     if "experiment" in settings:
-        if section != "train" or "variant" not in settings:  # a search's: the top level
+        # a search trial's (experiment "search"): the top level, which it cannot override
+        if section != "train" or "variant" not in settings or settings["experiment"] == "search":
             return grids
         return (f"{grids} (or experiments.{settings['experiment']}.variants."
                 f"{settings['variant']}.train.{name} where that variant sets it)")

@@ -178,7 +178,7 @@ def warn_if_collapsed(train_features: np.ndarray, split_name: str, settings: Map
         return False
     init = str(settings["model"].get("init") or "")
     if settings["train"]["epochs"]:
-        remedy = (f"Lower config key {train_key(settings, 'lr')} (or check the loss settings) "
+        remedy = (f"Lower config key {train_key(settings, 'lr')}, or check the loss settings, "
                   f"and train it again ({training_rule(settings)}).")
     elif settings["model"].get("init_checkpoint"):
         remedy = (f"The encoder is the checkpoint {settings['model']['init_checkpoint']} as it "

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -70,9 +71,17 @@ MIN_COMPARED_SUBJECTS = 3
 #: a pretraining or predict cohort's maps (rules/common.smk CHAIN_VARIANTS).
 WRITTEN_BY = ("a subject's job of rule correct_and_register (correct_and_register_<maps> in "
               "a pretraining or predict cohort) writes it")
-#: Removing an output remakes it in Snakemake and in ``predict run`` (chain.run_subject)
-#: alike; a --forcerun of the rule would name the training cohort's only.
-REMAKE_IT = f"remove it and run again: {WRITTEN_BY} again"
+
+
+def remake_advice(path: str | Path) -> str:
+    """How to remake a damaged QC file ``path``. On its own first: a plain run after its
+    removal would plan everything after the subject (the normalisation and every training:
+    Snakemake cannot know the remade file is the same), where the file as the target remakes
+    the subject alone and the next run, finding the same QC record, only the tables after
+    it. A --forcerun of the rule would name the training cohort's only."""
+    return (f"remove it and remake it on its own first, `snakemake --cores 1 "
+            f"{shlex.quote(str(path))}` ({WRITTEN_BY}; a plain run would also plan every job "
+            f"after the subject), then run as before (predict run: remove it and run it again)")
 
 
 def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
@@ -597,11 +606,11 @@ def read_qc_records(qc_files: Sequence[str | Path], *,
             participant_id = record["participant_id"]
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise InputError(f"QC file {path} cannot be read as a subject's QC record "
-                             f"({type(error).__name__}: {error}); {REMAKE_IT}.") from None
+                             f"({type(error).__name__}: {error}); {remake_advice(path)}.") from None
         named_for = Path(path).name.split("_")[0]
         if named_for.startswith("sub-") and participant_id != named_for:
             raise InputError(f"QC file {path} is the record of {participant_id}, not of "
-                             f"{named_for}; {REMAKE_IT}.")
+                             f"{named_for}; {remake_advice(path)}.")
         if participant_id in files:
             raise InputError(f"QC files {files[participant_id]} and {path} both hold the "
                              f"record of {participant_id}; give the QC table each subject's "
@@ -611,7 +620,7 @@ def read_qc_records(qc_files: Sequence[str | Path], *,
                    or not isinstance(record.get(metric), (int, float))]
         if lacking:
             raise InputError(f"QC file {path} has no number for {', '.join(lacking)}; "
-                             f"{REMAKE_IT}.")
+                             f"{remake_advice(path)}.")
     return records
 
 

@@ -243,6 +243,17 @@ def exported_modalities():
         raise WorkflowError(str(error)) from None
 
 
+def exported_modalities_key():
+    """The config key that sets the exported model's maps, for messages: its variant's
+    model.modalities, the top-level one, or dataset.modalities when that is unset."""
+    experiment, variant, _ = exported_cell_of(config)
+    key = variant_key(config, experiment, variant, "model.modalities")
+    retrains = "that retrains the exported cell"
+    if key == "model.modalities" and not config["model"].get("modalities"):
+        return f"dataset.modalities (an unset model.modalities takes them all; {retrains})"
+    return f"{key} ({retrains})"
+
+
 #: Every preprocessing folder -> the modalities its subjects provide and the chain makes: a
 #: predict cohort's are the exported model's maps, led by the training cohort's grid map.
 PREPROC_MODALITIES = {
@@ -297,7 +308,7 @@ if SIMULATED_PREDICT_COHORT is not None:
         "predict.simulate",
         PREPROC_MODALITIES[LAYOUT.cohort_preproc(SIMULATED_PREDICT_COHORT)],
         "the exported model (config key predict.model)",
-        "the exported cell's model.modalities (which retrains it)",
+        exported_modalities_key(),
     )
 
 #: The name of each correct_and_register variant -> its set of modalities (preprocess.smk);
