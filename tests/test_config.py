@@ -137,6 +137,20 @@ def test_names_that_would_leave_their_folder_are_rejected(bad):
         validate_config(bad)
 
 
+@pytest.mark.parametrize("name", ["search", "pretrain"])
+def test_an_experiment_named_as_the_pipelines_own_cells_is_refused(name):
+    """The random search's cells are experiment "search", a pretraining run's "pretrain":
+    an experiment so named was taken for them (its messages named the top-level train.lr
+    where its variant set its own, or a pretrain.<run> key that does not exist)."""
+    experiment = {"seeds": [0], "variants": {"adaptive": {"loss": {"name": "adaptive"},
+                                                          "train": {"lr": 0.5}}}}
+    with pytest.raises(ConfigError, match=rf"config key 'experiments': the name '{name}' is "
+                                          rf"the pipeline's own .* rename the experiment, e\.g\. "
+                                          rf"'{name}_1'"):
+        validate_config({"experiments": {name: experiment}})
+    validate_config({"experiments": {f"{name}_1": experiment}})
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_shipped_configs_validate(path):
     config = load_config(path)  # a --configfile replaces the demo config as a whole

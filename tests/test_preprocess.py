@@ -1696,12 +1696,11 @@ def test_a_qc_record_without_a_metric_is_named_by_the_qc_table(tmp_path, record)
                                 "coverage": 0.8}))
     bad = tmp_path / "sub-02_qc.json"
     bad.write_text(json.dumps({"participant_id": "sub-02", **record}))
-    # the file alone first: a plain run after its removal planned every training again
     message = (rf"^QC file {re.escape(str(bad))} has no number for correlation; remove it and "
-               rf"remake it on its own first, `snakemake --cores 1 {re.escape(str(bad))}` \(a "
-               r"subject's job of rule correct_and_register \(correct_and_register_<maps> in a "
-               r"pretraining or predict cohort\) writes it; a plain run would also plan every "
-               r"job after the subject\), then run as before")
+               r"run again: a subject's job of rule correct_and_register "
+               r"\(correct_and_register_<maps> in a pretraining or predict cohort\) writes it "
+               r"again \(in a training or pretraining cohort the normalisation and the "
+               r"trainings after it run again too")
     with pytest.raises(InputError, match=message):
         tabulate_qc([good, bad], participants, tmp_path / "qc.tsv",
                     minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
@@ -1954,8 +1953,7 @@ def test_a_qc_record_copied_from_another_subject_is_named(tmp_path):
     copied = tmp_path / "sub-02_qc.json"
     copied.write_text(json.dumps(record))
     with pytest.raises(InputError, match=rf"^QC file {re.escape(str(copied))} is the record "
-                                         r"of sub-01, not of sub-02; remove it and remake it on "
-                                         r"its own first"):
+                                         r"of sub-01, not of sub-02; remove it and run again"):
         read_qc_records([own, copied])
     elsewhere = tmp_path / "again"
     elsewhere.mkdir()

@@ -166,6 +166,10 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             "predict", "simulate", "cohort"] else "Rename it")
         message = (f"the name {error.instance!r} may hold only {allowed}: it names folders "
                    f"and Snakemake wildcards. {rename}, e.g. {renamed!r}")
+    if error.validator == "not" and isinstance(error.instance, str):  # a reserved name
+        message = (f"the name {error.instance!r} is the pipeline's own (the random search's "
+                   f"and the pretraining runs' cells): rename the experiment, e.g. "
+                   f"{error.instance + '_1'!r}")
     if error.validator == "type" and error.instance is None and "object" in (
             error.validator_value if isinstance(error.validator_value, list)
             else [error.validator_value]):

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -73,15 +72,14 @@ WRITTEN_BY = ("a subject's job of rule correct_and_register (correct_and_registe
               "a pretraining or predict cohort) writes it")
 
 
-def remake_advice(path: str | Path) -> str:
-    """How to remake a damaged QC file ``path``. On its own first: a plain run after its
-    removal would plan everything after the subject (the normalisation and every training:
-    Snakemake cannot know the remade file is the same), where the file as the target remakes
-    the subject alone and the next run, finding the same QC record, only the tables after
-    it. A --forcerun of the rule would name the training cohort's only."""
-    return (f"remove it and remake it on its own first, `snakemake --cores 1 "
-            f"{shlex.quote(str(path))}` ({WRITTEN_BY}; a plain run would also plan every job "
-            f"after the subject), then run as before (predict run: remove it and run it again)")
+#: How to remake a damaged QC file. A training or pretraining cohort's normalisation reads
+#: its subjects' QC files, so the run that found the damage had already planned it and
+#: everything after it, and Snakemake removed their outputs before their jobs ran: no
+#: order of commands keeps the trainings then. A --forcerun of the rule would name the
+#: training cohort's only; removing the file remakes it in every cohort and in predict run.
+REMAKE_IT = (f"remove it and run again: {WRITTEN_BY} again (in a training or pretraining "
+             f"cohort the normalisation and the trainings after it run again too, as after "
+             f"any change to its subjects' files)")
 
 
 def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
@@ -606,11 +604,11 @@ def read_qc_records(qc_files: Sequence[str | Path], *,
             participant_id = record["participant_id"]
         except (OSError, ValueError, TypeError, KeyError) as error:
             raise InputError(f"QC file {path} cannot be read as a subject's QC record "
-                             f"({type(error).__name__}: {error}); {remake_advice(path)}.") from None
+                             f"({type(error).__name__}: {error}); {REMAKE_IT}.") from None
         named_for = Path(path).name.split("_")[0]
         if named_for.startswith("sub-") and participant_id != named_for:
             raise InputError(f"QC file {path} is the record of {participant_id}, not of "
-                             f"{named_for}; {remake_advice(path)}.")
+                             f"{named_for}; {REMAKE_IT}.")
         if participant_id in files:
             raise InputError(f"QC files {files[participant_id]} and {path} both hold the "
                              f"record of {participant_id}; give the QC table each subject's "
@@ -620,7 +618,7 @@ def read_qc_records(qc_files: Sequence[str | Path], *,
                    or not isinstance(record.get(metric), (int, float))]
         if lacking:
             raise InputError(f"QC file {path} has no number for {', '.join(lacking)}; "
-                             f"{remake_advice(path)}.")
+                             f"{REMAKE_IT}.")
     return records
 
 
