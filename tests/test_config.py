@@ -149,6 +149,9 @@ def test_an_experiment_named_as_the_pipelines_own_cells_is_refused(name):
                                           rf"'{name}_1'"):
         validate_config({"experiments": {name: experiment}})
     validate_config({"experiments": {f"{name}_1": experiment}})
+    # a name with a bad character is not told to take the reserved name next
+    with pytest.raises(ConfigError, match=rf"Rename it, e\.g\. '{name}_1'"):
+        validate_config({"experiments": {f"{name} ": experiment}})
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -1699,9 +1699,8 @@ def test_a_qc_record_without_a_metric_is_named_by_the_qc_table(tmp_path, record)
     message = (rf"^QC file {re.escape(str(bad))} has no number for correlation; remove it and "
                r"run again: a subject's job of rule correct_and_register "
                r"\(correct_and_register_<maps> in a pretraining or predict cohort\) writes it "
-               r"again \(with qc.exclude_failed false a training or pretraining cohort's "
-               r"normalisation reads the QC files, so it and the trainings after it run again "
-               r"too")
+               r"again \(in a training or pretraining cohort the normalisation and the "
+               r"trainings after it run again too")
     with pytest.raises(InputError, match=message):
         tabulate_qc([good, bad], participants, tmp_path / "qc.tsv",
                     minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})

@@ -134,6 +134,11 @@ _QUOTED_OR_COMMAND_LINE = (
     "in a YAML file with --configfile instead")
 
 
+#: Experiment names of the pipeline's own cells (the random search's, a pretraining run's),
+#: which the schema refuses for the user's experiments.
+RESERVED_EXPERIMENTS = ("search", "pretrain")
+
+
 def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") -> str:
     """One line per schema error: the full dotted key path, what is wrong, and for an
     unknown key the nearest known spelling."""
@@ -161,6 +166,8 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
                    else "ASCII letters, digits and '_'")
         ascii_name = unicodedata.normalize("NFKD", error.instance).encode("ascii", "ignore")
         renamed = re.sub(r"[^A-Za-z0-9_]+", "_", ascii_name.decode()).strip("_") or "name1"
+        if renamed in RESERVED_EXPERIMENTS:  # refused next: suggest a name that passes
+            renamed += "_1"
         # predict.simulate.cohort names a cohort of predict.cohorts, renamed with it
         rename = ("Rename the cohort in predict.cohorts and here" if path[-3:] == [
             "predict", "simulate", "cohort"] else "Rename it")

@@ -71,16 +71,15 @@ MIN_COMPARED_SUBJECTS = 3
 WRITTEN_BY = ("a subject's job of rule correct_and_register (correct_and_register_<maps> in "
               "a pretraining or predict cohort) writes it")
 
-#: How to remake a damaged QC file. Without qc.exclude_failed a training or pretraining
-#: cohort's normalisation reads its subjects' QC files (rules/common.smk qc_input), so the
-#: run that found the damage had already planned it and everything after it, and Snakemake
-#: removed their outputs before their jobs ran: no order of commands keeps the trainings
-#: then. A --forcerun of the rule would name the training cohort's only; removing the file
-#: remakes it in every cohort and in predict run.
-REMAKE_IT = (f"remove it and run again: {WRITTEN_BY} again (with qc.exclude_failed false a "
-             f"training or pretraining cohort's normalisation reads the QC files, so it and "
-             f"the trainings after it run again too, as after any change to its subjects' "
-             f"files)")
+#: How to remake a damaged QC file. A training or pretraining cohort's normalisation reads
+#: its subjects' QC files, or under qc.exclude_failed the QC table that the failed job
+#: removed (rules/common.smk qc_input), so it and every training after it run again
+#: whatever the order of commands (checked in copies of the demo, both settings). A
+#: --forcerun of the rule would name the training cohort's only; removing the file remakes
+#: it in every cohort and in predict run.
+REMAKE_IT = (f"remove it and run again: {WRITTEN_BY} again (in a training or pretraining "
+             f"cohort the normalisation and the trainings after it run again too, as after "
+             f"any change to its subjects' files)")
 
 
 def qc_metrics(stiffness: np.ndarray, mask: np.ndarray, reference: np.ndarray,
