@@ -173,7 +173,7 @@ def _describe(error: jsonschema.ValidationError, source: str, prefix: str = "") 
             "predict", "simulate", "cohort"] else "Rename it")
         message = (f"the name {error.instance!r} may hold only {allowed}: it names folders "
                    f"and Snakemake wildcards. {rename}, e.g. {renamed!r}")
-    if error.validator == "not" and isinstance(error.instance, str):  # a reserved name
+    if error.validator == "not" and error.instance in RESERVED_EXPERIMENTS:
         message = (f"the name {error.instance!r} is the pipeline's own (the random search's "
                    f"and the pretraining runs' cells): rename the experiment, e.g. "
                    f"{error.instance + '_1'!r}")

@@ -155,7 +155,7 @@ def _how_it_ended(attempt: Sequence[str], number: int, *, linked: bool = True) -
                 f"killed before it could stop (its stacks at the signal are above)")
     # without hard links faulthandler's stacks went to the deleted log: a crash looks so too
     crashed = "" if linked else " or crashed in native code"
-    slurm_job = re.search(r", SLURM job (\d+)[,)]", attempt[0]) if attempt else None
+    slurm_job = _ATTEMPT_SLURM_JOB.search(attempt[0]) if attempt else None
     which = (f"`sacct -j {slurm_job[1]} -X -o JobID,State,MaxRSS,Elapsed` says which "
              f"(OUT_OF_MEMORY, TIMEOUT, NODE_FAIL)" if slurm_job
              else "on SLURM `sacct -j <job id>` of that attempt says which")
@@ -359,6 +359,8 @@ _WARNING_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ WARNING ([\w.]+
 _ATTEMPT_START = re.compile(re.escape(ATTEMPT_MARK) + r"\d+ \(([^,]+),")
 #: The run an attempt belongs to, at the end of its header (:data:`RUN_ID_VARIABLE`).
 _ATTEMPT_RUN = re.compile(r", run ([A-Za-z0-9]+)\) =====$")
+#: The SLURM job of an attempt, wherever it stands among the header's optional parts.
+_ATTEMPT_SLURM_JOB = re.compile(r", SLURM job (\d+)[,)]")
 
 
 def job_warnings(log_root: str | Path, since: datetime.datetime, *,

@@ -558,13 +558,12 @@ def _recorded_digests(checkpoint_path: Path) -> set[str]:
 
 
 def read_checkpoint(path: str | Path, identity: str, *,
-                    memory_key: str = "resources.train.mem_mb (a pretraining run's: "
-                                      "pretrain.<run>.resources.mem_mb)"
-                    ) -> tuple[dict | None, str | None]:
+                    memory_key: str | None = None) -> tuple[dict | None, str | None]:
     """The resume state at ``path`` and its sha256 if the file is intact and belongs to
     this training (``identity``: :func:`fingerprint`), else ``(None, None)`` with a
     warning that names the file and why it is not used. ``memory_key``: the config key of
-    the job's memory, for the message when the file cannot be loaded.
+    the job's memory, for the message when the file cannot be loaded (by default every
+    candidate: :func:`brainage.config.train_key` of settings without names).
 
     Raises
     ------
@@ -595,8 +594,9 @@ def read_checkpoint(path: str | Path, identity: str, *,
         raise RuntimeError(
             f"cannot read the verified training checkpoint {path} ({type(error).__name__}: "
             f"{error}). Its epochs are kept: run the job again with more memory (config key "
-            f"{memory_key}) or with the PyTorch version that wrote it; to "
-            f"train from scratch instead, delete {path} and {digest_file}.") from error
+            f"{memory_key or train_key({}, 'mem_mb', section='resources')}) or with the "
+            f"PyTorch version that wrote it; to train from scratch instead, delete {path} and "
+            f"{digest_file}.") from error
     if checkpoint.get("format") != CHECKPOINT_FORMAT or checkpoint.get("fingerprint") != identity:
         log.warning("ignoring checkpoint %s: it belongs to other settings or another split; "
                     "training from scratch", path)
