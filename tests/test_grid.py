@@ -25,6 +25,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -161,6 +163,38 @@ def test_skull_stripping_by_synthstrip_asks_for_its_memory(tmp_path):
         requested[tool] = {int(re.search(r"\bmem_mb=(\d+)", job)[1]) for job in jobs}
         assert len(jobs) == 6, listed[-3000:]
     assert requested == {"synthstrip": {SYNTHSTRIP_MEM_MB}, "watershed": {2500}}
+
+
+def test_a_subject_with_a_large_t1w_asks_for_the_memory_its_n4_needs(tmp_path):
+    """N4 corrects the T1w on its own grid: 4 GB for a 0.5 mm T1w, 1.8 GB at 0.7 mm (a
+    review's measurements), and SLURM killed a 0.5 mm subject's job at the 2,000 MB default
+    and at both retries. Each subject's jobs ask for what its own T1w needs; the others
+    keep resources.preprocess.mem_mb."""
+    from brainage.preprocess.chain import JOB_BASE_MB, JOB_MB_PER_MILLION_VOXELS
+
+    root = dataset(tmp_path, 6, with_anat=True)
+    shape = (320, 320, 256)  # 0.7 mm whole-head: 26.2 million voxels
+    data = np.zeros(shape, np.uint8)
+    data[60:260, 50:270, 40:220] = 100
+    large = root / "sub-03a" / "anat" / "sub-03a_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 0.7, 1.0])), large)
+    base = tiny_test_config(root)
+    base["dataset"]["modalities"] = ["stiffness", "T1w"]
+    base["resources"] = {"preprocess": {"mem_mb": 2000, "runtime_min": 30}}
+    configfile = write_config(tmp_path / "config.yaml", base)
+    listed = run_snakemake(tmp_path / "work", configfile, "--dry-run").stdout
+    requested = {}
+    for rule in ("strip_skull", "correct_and_register"):
+        for job in re.findall(rf"rule {rule}:\n((?: {{4}}.*\n)+)", listed):
+            subject = re.search(r"subject=([A-Za-z0-9]+)", job)[1]
+            requested[rule, subject] = int(re.search(r"\bmem_mb=(\d+)", job)[1])
+    needed = JOB_BASE_MB + JOB_MB_PER_MILLION_VOXELS * np.prod(shape) / 1e6
+    assert 2000 < needed, needed
+    expected = 100 * int(np.ceil(needed / 100))
+    assert {key: mb for key, mb in requested.items() if key[1] == "03a"} == {
+        ("strip_skull", "03a"): expected, ("correct_and_register", "03a"): expected}
+    assert len(requested) == 12, listed[-3000:]
+    assert {mb for key, mb in requested.items() if key[1] != "03a"} == {2000}
 
 
 def test_report_targets_follow_the_config(tmp_path):

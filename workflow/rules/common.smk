@@ -26,7 +26,13 @@ from brainage.config import exported_cell as exported_cell_of
 from brainage.config import preprocessing_record, resource_for_attempt
 from brainage.modalities import grid_modality, input_path, modalities_to_predict, mre_maps
 from brainage.modalities import tag as modality_tag
-from brainage.preprocess.chain import job_options, registered_maps, step_threads, subject_files
+from brainage.preprocess.chain import (
+    job_memory_mb,
+    job_options,
+    registered_maps,
+    step_threads,
+    subject_files,
+)
 from brainage.preprocess.skullstrip import strip_skull_memory_mb
 from brainage.qc import METRICS as QC_METRICS
 from brainage.qc import qc_failures, read_qc_records, thresholds
@@ -1016,6 +1022,21 @@ def grows_per_attempt(amount):
     training resumes anyway. Not a pretraining run's memory either: a larger request may
     not fit its nodes, and it resumes. Resources rerun nothing."""
     return lambda wildcards, attempt: resource_for_attempt(amount, attempt)
+
+
+def subject_job_memory(given_mb):
+    """A subject's preprocessing job's memory (MB), grown with each retry like
+    grows_per_attempt: given_mb, or more for a large registration reference (the T1w, or
+    the grid map without one: its header's voxel count, brainage.preprocess.chain.
+    job_memory_mb). Resources rerun nothing."""
+
+    def memory(wildcards, input, attempt):
+        maps = mre_maps(PREPROC_MODALITIES[wildcards.preproc])
+        reference = input.get("anat") or (input.get(maps[0]) if maps else None)
+        images = [reference] if reference else []
+        return resource_for_attempt(job_memory_mb(images, given_mb), attempt)
+
+    return memory
 
 
 # -- per-subject preprocessing (preprocess.smk) ----------------------------------

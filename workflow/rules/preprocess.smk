@@ -77,7 +77,7 @@ rule strip_skull:
         "../../envs/preprocess.yaml"
     threads: step_threads(PREPROCESS)
     resources:
-        mem_mb=grows_per_attempt(STRIP_SKULL_MEM_MB),
+        mem_mb=subject_job_memory(STRIP_SKULL_MEM_MB),
         runtime=PREPROCESS_RESOURCES["runtime_min"],
     params:
         job="strip_skull",
@@ -118,7 +118,7 @@ for chain_rule, chain_modalities in CHAIN_VARIANTS.items():
             "../../envs/preprocess.yaml"
         threads: step_threads(PREPROCESS)
         resources:
-            mem_mb=grows_per_attempt(PREPROCESS_RESOURCES["mem_mb"]),
+            mem_mb=subject_job_memory(PREPROCESS_RESOURCES["mem_mb"]),
             runtime=PREPROCESS_RESOURCES["runtime_min"],
         params:
             job="correct_and_register",

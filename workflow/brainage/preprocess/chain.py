@@ -24,11 +24,16 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
+
+import nibabel as nib
 
 from brainage.logs import log_files, log_to_files
 from brainage.modalities import DEFAULT_MODALITIES, grid_modality, modality, mre_maps
@@ -166,6 +171,51 @@ def run_step(step: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
 def job_options(job: str, preprocess: Mapping) -> dict:
     """``{step: options}`` of the steps of a Snakemake job (its params)."""
     return {step: step_options(step, preprocess) for step in JOBS[job]}
+
+
+#: A preprocessing job's memory apart from its images (MB): Python with ANTsPy or PyTorch,
+#: and on a cluster node the Snakemake process that runs the job (110-160 MB).
+JOB_BASE_MB = 600
+#: ... and per million voxels of the subject's largest image, its T1w where it has one (MB):
+#: N4 corrects the skull-stripped T1w on its own grid (brainage.preprocess.bias), holding
+#: several float copies of it. Measured peaks of correct_and_register: 943 MiB for a 1 mm
+#: T1w (256 x 256 x 176), 1,797 MiB at 0.7 mm (320 x 320 x 256), 4,017 MiB at 0.5 mm
+#: (448 x 448 x 320): 58 MiB per million voxels, here with a quarter to spare.
+JOB_MB_PER_MILLION_VOXELS = 75
+
+
+def job_memory_mb(images: Iterable[str | Path], given_mb: int) -> int:
+    """What a subject's preprocessing job asks for (MB): ``given_mb``
+    (``resources.preprocess.mem_mb``), raised to what its largest image needs
+    (:data:`JOB_BASE_MB` + :data:`JOB_MB_PER_MILLION_VOXELS`), in hundreds of MB.
+
+    The default 2,000 MB holds a T1w of up to about 18 million voxels (a whole head is 11.5
+    million at 1 mm, 21 million at 0.8 mm); a 0.5 mm T1w needs over 4 GB, and SLURM killed
+    its job at every retry (1.5 and 2 times the request). Images are read by their headers
+    only; one that does not exist yet (a simulated cohort before its simulation: Snakemake
+    evaluates the request again before the job starts) or cannot be read counts for
+    nothing, and the job's own checks name it."""
+    voxels = max((_voxel_count(path) for path in images), default=0)
+    needed = JOB_BASE_MB + JOB_MB_PER_MILLION_VOXELS * voxels / 1e6
+    return max(int(given_mb), 100 * math.ceil(needed / 100))
+
+
+def _voxel_count(path: str | Path) -> int:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return 0
+    return _header_voxel_count(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=None)
+def _header_voxel_count(path: str, size: int, mtime_ns: int) -> int:
+    """Cached by the file's size and time: a subject's two jobs read one T1w (0.8 ms each,
+    a second and a half of planning for 2,000 subjects)."""
+    try:
+        return math.prod(nib.load(path).header.get_data_shape())
+    except Exception:  # nibabel raises many types; broken: the job says which
+        return 0
 
 
 def run_job(job: str, files: Mapping[str, str], inputs: Mapping[str, str], *,
