@@ -42,8 +42,10 @@ TARGET = "results/dataset/holdout/images.npy"
 def snakemake(workdir: Path, config: Path, *arguments: str) -> str:
     command = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d",
                str(workdir), "--configfile", str(config), "--cores", "2", *arguments, TARGET]
+    # a limit, so that a hang fails this file's tests and not the whole CI run: the real
+    # run of the fixture took 132 s on a loaded 2-core machine
     result = subprocess.run(command, capture_output=True, text=True, check=False,
-                            env=local_snakemake_environment())
+                            env=local_snakemake_environment(), timeout=900)
     if result.returncode:
         raise AssertionError(f"snakemake {' '.join(arguments)} failed:\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -158,10 +160,15 @@ def test_key_order_and_written_out_defaults_rerun_nothing(preprocessed):
 
 def test_adding_a_study_reruns_only_its_subjects(preprocessed):
     dataset, new = preprocessed["dataset"], preprocessed["new"]
-    for participant_id in new["participant_id"]:
-        shutil.copytree(preprocessed["full"] / participant_id, dataset / participant_id)
-    pd.concat([preprocessed["first"], new]).to_csv(dataset / "participants.tsv", sep="\t",
-                                                   index=False)
-    jobs = planned_jobs(preprocessed["workdir"], preprocessed["config"])
-    assert jobs == subject_jobs(labels(new)) | DATASET_RULES
+    try:
+        for participant_id in new["participant_id"]:
+            shutil.copytree(preprocessed["full"] / participant_id, dataset / participant_id)
+        pd.concat([preprocessed["first"], new]).to_csv(dataset / "participants.tsv",
+                                                       sep="\t", index=False)
+        jobs = planned_jobs(preprocessed["workdir"], preprocessed["config"])
+        assert jobs == subject_jobs(labels(new)) | DATASET_RULES
+    finally:  # the module's dataset as it was, for the tests that run after this one
+        for participant_id in new["participant_id"]:
+            shutil.rmtree(dataset / participant_id, ignore_errors=True)
+        preprocessed["first"].to_csv(dataset / "participants.tsv", sep="\t", index=False)
 
