@@ -62,6 +62,84 @@ def test_resolving_every_cell_leaves_the_shared_schema_as_parsed():
     assert _shared_schema() == yaml.safe_load(CONFIG_SCHEMA.read_text())
 
 
+@pytest.mark.parametrize("cell", [
+    # the documented way to train without the head: its encoder recorded the default
+    # features 'projection', and the export's check and every search trial refused it
+    {"model": {"projection_head": False, "features": "encoder"}},
+    # the untrained baseline under a supervised top level: its training settings keep no
+    # loss, and the default (adaptive) was paired with the regression head in its job
+    {"loss": {"name": "supervised"}, "model": {"head": "regression", "projection_dim": 1},
+     "train": {"epochs": 0, "views": 1}},
+], ids=["without_head", "untrained_supervised"])
+def test_resolving_a_cells_training_settings_again_changes_nothing(cell):
+    trained = resolve_cell(training_settings(resolve_cell(cell)))
+    assert resolve_cell(trained) == trained
+    assert resolve_cell(resolve_cell(trained)) == trained
+    if not cell["model"].get("projection_head", True):
+        assert trained["model"]["features"] == "encoder"
+
+
+def test_an_encoder_without_a_head_is_exported_whatever_features_it_recorded():
+    from brainage.export import ExportError, check_training_settings
+
+    settings = resolve_cell({"model": {"projection_head": False, "features": "encoder"}})
+    recorded = {**settings, "model": {**settings["model"], "features": "projection"}}
+    check_training_settings({"settings": recorded}, settings, encoder_path="encoder.pt")
+    retrained = {**settings, "train": {**settings["train"], "lr": 0.5}}
+    with pytest.raises(ExportError, match=r"train\.lr"):
+        check_training_settings({"settings": recorded}, retrained, encoder_path="encoder.pt")
+
+
+@pytest.mark.parametrize("where", ["model", "variant", "pretrain"])
+def test_a_projection_head_of_one_dimension_is_refused(where):
+    """Its unit vectors are +1 or -1: no gradient reaches the encoder (a review's Table 3
+    row predicted the training mean for every subject, under a warning to lower train.lr).
+    A lab reaches it by setting the supervised baseline's projection_dim: 1 at the top
+    level and head: projection in a contrastive variant, as the head's message said."""
+    config = {"loss": {"name": "supervised"},
+              "model": {"head": "regression", "projection_dim": 1},
+              "train": {"views": 1},
+              "experiments": {"table3": {"seeds": [0], "variants": {
+                  "yaware": {"loss": {"name": "yaware"}, "model": {"head": "projection"},
+                             "train": {"views": 2}}}}}}
+    if where == "model":
+        config = {"model": {"projection_dim": 1}}
+    elif where == "pretrain":
+        del config["experiments"]
+        config["pretrain"] = {"t1w": {"source": {"kind": "simulate", "n_subjects": 16},
+                                      "loss": {"name": "exponential"},
+                                      "model": {"head": "projection"}}}
+        config["dataset"] = {"modalities": ["stiffness", "T1w"]}
+    with pytest.raises(ConfigError, match=r"model\.projection_dim' is 1 with the projection "
+                                          r"head.*no gradient"):
+        config = validate_config(config)
+        for cell in grid_cells(config):
+            cell_settings(config, *cell)
+        for name in config["pretrain"]:
+            pretrain_settings(config, name)
+
+
+def test_a_frozen_pretrained_cell_reads_projections_only_through_the_runs_own_head():
+    """A cell that trains nothing keeps a head of other sizes than the run's at random
+    initialisation: a review's Table 3 row "Pretrained ResNet-18, not fine-tuned" read its
+    features through it, said only in the training log, at INFO."""
+    def config(frozen_model, run_model):
+        return {"dataset": {"modalities": ["stiffness", "T1w"]},
+                "pretrain": {"t1w": {"source": {"kind": "simulate", "n_subjects": 16},
+                                     "model": run_model}},
+                "experiments": {"table3": {"seeds": [0], "variants": {"frozen": {
+                    "model": {"init": "pretrained:t1w", **frozen_model},
+                    "train": {"epochs": 0}}}}}}
+
+    with pytest.raises(ConfigError, match=r"'experiments\.table3\.variants\.frozen\.model\."
+                                          r"features' is 'projection'.*model\.hidden_dim 512 "
+                                          r"against 'pretrain\.t1w\.model\.hidden_dim' 16.*"
+                                          r"random initialisation"):
+        validate_config(config({"features": "projection"}, {"hidden_dim": 16}))
+    validate_config(config({"features": "encoder"}, {"hidden_dim": 16}))
+    validate_config(config({"features": "projection", "hidden_dim": 16}, {"hidden_dim": 16}))
+
+
 def test_every_object_rejects_unknown_keys():
     schema = _shared_schema()
     open_objects = [key for key, sub in _properties(schema)

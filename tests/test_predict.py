@@ -877,6 +877,26 @@ def test_export_refuses_a_readout_fitted_on_another_encoder(exported, tmp_path):
     assert not (tmp_path / "bundle").exists()
 
 
+def test_a_bundle_of_a_kfold_or_loso_split_says_what_its_model_never_saw(tmp_path, caplog):
+    """predict.model exports the first split's model: under loso it never saw a whole study
+    (a review's bundle lacked study1), said only in the bundle's README."""
+    from brainage.export import warn_of_a_partial_split
+
+    table = tmp_path / "participants.tsv"
+    table.write_text("participant_id\tage\tstudy\tsubset\n" + "".join(
+        f"sub-{index}\t{30 + index}\tstudy{index % 3 + 1}\t"
+        f"{'test' if index % 3 == 0 else 'train'}\n" for index in range(9)))
+    with caplog.at_level(logging.WARNING, logger="brainage.export"):
+        warn_of_a_partial_split("holdout", table)
+        assert not caplog.records
+        warn_of_a_partial_split("losostudy1", table)
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert ("split losostudy1's" in record.getMessage()
+            and "trained on 6 of the cohort's 9 subjects, without study study1" in
+            record.getMessage() and "split.scheme: holdout" in record.getMessage())
+
+
 def test_export_refuses_stats_of_another_split_and_an_unknown_bias_fit(exported, tmp_path):
     """A read-out evaluated on one split exported with another split's normalisation, or a
     predict.bias_fit that names no fit: ExportError saying what to do, nothing written."""

@@ -565,8 +565,7 @@ def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, va
     for key in ENCODER_SHAPE_KEYS:
         cell_value, run_value = settings["model"][key], pretrained_models[run][key]
         if cell_value != run_value:
-            run_key = (f"pretrain.{run}.model.{key}"
-                       if key in (config["pretrain"][run].get("model") or {}) else f"model.{key}")
+            run_key = _run_model_key(config, run, key)
             if experiment == "search":
                 cell_key, whose = f"model.{key}", "the random search's trials fine-tune"
             else:
@@ -577,7 +576,37 @@ def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, va
                 f"(model.init {settings['model']['init']}) is pretrained with "
                 f"'{run_key}' {run_value!r}: its weights would not load whole. Give both the "
                 f"same value.")
+    model = settings["model"]
+    if (experiment != "search" and settings["train"]["epochs"] == 0
+            and model["features"] == "projection" and model["projection_head"]):
+        # a cell that trains nothing reads its features through the head as loaded: one
+        # of other sizes stays at random initialisation (models.load_init_checkpoint)
+        differing = [key for key in HEAD_SHAPE_KEYS
+                     if model[key] != pretrained_models[run][key]]
+        if differing:
+            pairs = ", ".join(
+                f"model.{key} {model[key]!r} against "
+                f"'{_run_model_key(config, run, key)}' {pretrained_models[run][key]!r}"
+                for key in differing)
+            problems.append(
+                f"{source}: config key "
+                f"'{variant_key(config, experiment, variant, 'model.features')}' is "
+                f"'projection' in a cell that trains nothing (train.epochs 0, model.init "
+                f"{model['init']}), but its head differs from the run's ({pairs}): "
+                f"its features would come through a head at random initialisation. Set "
+                f"model.features: encoder for this cell (the pretrained encoder's own "
+                f"features), or give the cell the run's head.")
     return problems
+
+
+def _run_model_key(config: Mapping[str, Any], run: str, key: str) -> str:
+    """The config key that sets ``model.<key>`` for pretraining run ``run``."""
+    return (f"pretrain.{run}.model.{key}" if key in (config["pretrain"][run].get("model") or {})
+            else f"model.{key}")
+
+
+#: A head's sizes: an untrained cell's head loads from a pretraining run only where equal.
+HEAD_SHAPE_KEYS = ("projection_head", "head", "hidden_dim", "projection_dim")
 
 
 def variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: str) -> str:
@@ -959,9 +988,13 @@ def resolve_cell(settings: Mapping[str, Any], *, where: str = "", source: str = 
     if messages:
         raise ConfigError("\n".join(messages))
     # training settings leave out the read-out's model.features (training_settings): the
-    # features' check applies to settings that name them
-    check_cell(resolved, where=where, source=source,
-               readout_features="features" in (settings.get("model") or {}))
+    # features' check applies to settings that name them; without a head the default is
+    # the encoder's (what BrainAgeNet.project gives), so that resolving again, as the
+    # export's check and a search trial's training do, does not refuse a default
+    named = "features" in (settings.get("model") or {})
+    if not named and not resolved["model"]["projection_head"]:
+        resolved["model"]["features"] = "encoder"
+    check_cell(resolved, where=where, source=source, readout_features=named)
     return resolved
 
 
@@ -977,17 +1010,30 @@ def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "s
     prefix = f"{where}." if where else ""
     model, loss = settings["model"], settings["loss"]
     supervised = loss["name"] == "supervised"
-    if supervised != (model["head"] == "regression"):
+    # an untrained encoder's settings keep no loss (training_settings): resolved again,
+    # the default loss must not be paired with its head
+    trains = settings["train"]["epochs"] > 0
+    if trains and supervised != (model["head"] == "regression"):
         raise ConfigError(
             f"{source}: config keys '{prefix}loss.name' ({loss['name']}) and "
             f"'{prefix}model.head' ({model['head']}) do not fit: the supervised loss needs "
             f"the regression head (model.head: regression, model.projection_dim: 1) and the "
-            f"contrastive losses the projection head.")
-    if supervised and (model["projection_dim"] != 1 or not model["projection_head"]):
+            f"contrastive losses the projection head (model.head: projection, "
+            f"model.projection_dim 2 or more).")
+    if trains and supervised and (model["projection_dim"] != 1 or not model["projection_head"]):
         raise ConfigError(
             f"{source}: config key '{prefix}model.projection_dim' is "
             f"{model['projection_dim']} but the supervised loss's regression head outputs "
             f"one age: set model.projection_dim: 1 (and model.projection_head: true).")
+    if model["head"] == "projection" and model["projection_head"] and model["projection_dim"] < 2:
+        raise ConfigError(
+            f"{source}: config key '{prefix}model.projection_dim' is "
+            f"{model['projection_dim']} with the projection head, whose outputs are unit "
+            f"vectors: in one dimension each is +1 or -1, so no gradient reaches the encoder "
+            f"and its features say nothing. Set model.projection_dim: 2 or more (the paper's "
+            f"128) where the cell's model section sets it or inherits it from (the top-level "
+            f"model section, or a pretraining run's); 1 is the regression head's "
+            f"(model.head: regression, loss.name: supervised).")
     if readout_features and model["features"] == "projection" and not model["projection_head"]:
         raise ConfigError(
             f"{source}: config key '{prefix}model.features' is 'projection' but "

@@ -22,7 +22,7 @@ import torch
 
 from brainage.agebias import AgeBias, overcorrects, select_bias_correction
 from brainage.bundle import software_versions, write_bundle
-from brainage.config import pretrained_run, resolve_cell, training_settings
+from brainage.config import READOUT_MODEL_KEYS, pretrained_run, resolve_cell, training_settings
 from brainage.io import sha256_file
 from brainage.modalities import MODALITIES, grid_modality, modalities_to_predict
 from brainage.normalise import RECORD_KEYS
@@ -200,7 +200,30 @@ def export_model(cell_dir: str | Path, encoder_path: str | Path, stats_path: str
                  readme=bundle_readme(name, fields))
     log.info("exported %s/%s seed %s as bundle %s", settings.get("experiment"),
              settings.get("variant"), settings["seed"], name)
+    warn_of_a_partial_split(stats["split"], Path(stats_path).with_name("participants.tsv"))
     return json.loads((Path(bundle_dir) / "manifest.json").read_text())
+
+
+def warn_of_a_partial_split(split: str, split_table: str | Path) -> None:
+    """Under split.scheme kfold or loso the bundle is the first split's model (rule
+    export_model), which never saw that split's test subjects: a k-th of the cohort, or
+    under loso a whole study, whose new scans it then predicts. Said as a warning, which
+    the run lists at its end; the holdout split's test fifth is what every scheme keeps
+    out for its metrics."""
+    if split == "holdout" or not Path(split_table).is_file():
+        return
+    import pandas as pd
+
+    table = pd.read_csv(split_table, sep="\t", dtype={"participant_id": str, "study": str})
+    training, test = table[table["subset"] == "train"], table[table["subset"] == "test"]
+    unseen = sorted(set(test["study"]) - set(training["study"]))
+    log.warning(
+        "the bundle's model is split %s's, the first of config key split.scheme's splits: "
+        "trained on %d of the cohort's %d subjects%s. For a model of more of the cohort, "
+        "export from a config with split.scheme: holdout (its test subjects, "
+        "split.test_fraction, are still left out).", split, len(training), len(table),
+        f", without {'study' if len(unseen) == 1 else 'studies'} {', '.join(unseen)}, whose "
+        f"scans it has never seen" if unseen else "")
 
 
 def _file_names(section: Mapping, keys: Sequence[str]) -> dict:
@@ -276,6 +299,12 @@ def check_training_settings(payload: Mapping, settings: Mapping, *,
     pretraining run a cell starts from are not compared here.
     """
     trained_with = payload.get("settings") or {}
+    # without the read-out's keys, which the comparison leaves out anyway: an encoder
+    # without a head records the default features 'projection' (earlier versions filled
+    # it in), which resolving again refused
+    trained_with = {**trained_with, "model": {
+        key: value for key, value in (trained_with.get("model") or {}).items()
+        if key not in READOUT_MODEL_KEYS}}
     recorded = training_settings(resolve_cell(trained_with)) if trained_with.get("train") else {}
     expected = training_settings(settings)
     differing = []
