@@ -91,7 +91,7 @@ def test_an_encoder_without_a_head_is_exported_whatever_features_it_recorded():
 
 
 @pytest.mark.parametrize("where", ["model", "variant", "pretrain"])
-def test_a_projection_head_of_one_dimension_is_refused(where):
+def test_a_projection_head_of_one_dimension_is_refused_naming_the_key_that_sets_it(where):
     """Its unit vectors are +1 or -1: no gradient reaches the encoder (a review's Table 3
     row predicted the training mean for every subject, under a warning to lower train.lr).
     A lab reaches it by setting the supervised baseline's projection_dim: 1 at the top
@@ -100,23 +100,58 @@ def test_a_projection_head_of_one_dimension_is_refused(where):
               "model": {"head": "regression", "projection_dim": 1},
               "train": {"views": 1},
               "experiments": {"table3": {"seeds": [0], "variants": {
+                  "supervised": {},
                   "yaware": {"loss": {"name": "yaware"}, "model": {"head": "projection"},
                              "train": {"views": 2}}}}}}
-    if where == "model":
-        config = {"model": {"projection_dim": 1}}
-    elif where == "pretrain":
-        del config["experiments"]
+    if where == "model":  # every contrastive cell inherits it: all are named at once
+        config = {"model": {"projection_dim": 1}, "experiments": {"table3": {
+            "seeds": [0], "variants": {"adaptive": {}, "yaware": {"loss": {"name": "yaware"}}}}}}
+    elif where == "pretrain":  # the grid's supervised cell is right; the run inherits 1
+        del config["experiments"]["table3"]["variants"]["yaware"]
         config["pretrain"] = {"t1w": {"source": {"kind": "simulate", "n_subjects": 16},
                                       "loss": {"name": "exponential"},
                                       "model": {"head": "projection"}}}
         config["dataset"] = {"modalities": ["stiffness", "T1w"]}
-    with pytest.raises(ConfigError, match=r"model\.projection_dim' is 1 with the projection "
-                                          r"head.*no gradient"):
-        config = validate_config(config)
-        for cell in grid_cells(config):
-            cell_settings(config, *cell)
-        for name in config["pretrain"]:
-            pretrain_settings(config, name)
+    with pytest.raises(ConfigError) as refused:
+        validate_config(config)
+    message = str(refused.value)
+    assert "config key 'model.projection_dim' is 1 for the " in message
+    assert "no gradient reaches the encoder" in message
+    cells = {"model": ["experiments.table3.variants.adaptive",
+                       "experiments.table3.variants.yaware"],
+             "variant": ["experiments.table3.variants.yaware"],
+             "pretrain": ["pretrain.t1w"]}[where]
+    for cell in cells:
+        assert (f"Set {cell}.model.projection_dim to 2 or more (the paper's 128), or "
+                f"'model.projection_dim' for every cell that inherits it") in message
+    assert message.count("no gradient") == len(cells)
+    # the variant's own key, where it sets one
+    if where == "variant":
+        config["experiments"]["table3"]["variants"]["yaware"]["model"]["projection_dim"] = 1
+        with pytest.raises(ConfigError, match=r"config key 'experiments\.table3\.variants\."
+                                              r"yaware\.model\.projection_dim' is 1.*Set "
+                                              r"experiments\.table3\.variants\.yaware\.model\."
+                                              r"projection_dim to 2 or more \(the paper's 128\);"):
+            validate_config(config)
+        config["experiments"]["table3"]["variants"]["yaware"]["model"]["projection_dim"] = 32
+        validate_config(config)
+
+
+def test_an_untrained_cell_reading_the_regression_heads_one_output_is_refused():
+    """Under a supervised top level the untrained baseline inherited the regression head:
+    its read-out saw one random number per subject and predicted the training mean, as a
+    Table 3 row "Untrained ResNet-18 + read-out", without a word (a review)."""
+    config = {"loss": {"name": "supervised"},
+              "model": {"head": "regression", "projection_dim": 1}, "train": {"views": 1},
+              "experiments": {"table3": {"seeds": [0], "variants": {
+                  "supervised": {}, "untrained": {"train": {"epochs": 0}}}}}}
+    with pytest.raises(ConfigError, match=r"the experiments\.table3\.variants\.untrained trains "
+                                          r"nothing.*'model\.head' regression.*Add model: "
+                                          r"\{features: encoder\} to experiments\.table3\."
+                                          r"variants\.untrained"):
+        validate_config(config)
+    config["experiments"]["table3"]["variants"]["untrained"]["model"] = {"features": "encoder"}
+    validate_config(config)
 
 
 def test_a_frozen_pretrained_cell_reads_projections_only_through_the_runs_own_head():
@@ -131,11 +166,16 @@ def test_a_frozen_pretrained_cell_reads_projections_only_through_the_runs_own_he
                     "model": {"init": "pretrained:t1w", **frozen_model},
                     "train": {"epochs": 0}}}}}}
 
-    with pytest.raises(ConfigError, match=r"'experiments\.table3\.variants\.frozen\.model\."
-                                          r"features' is 'projection'.*model\.hidden_dim 512 "
-                                          r"against 'pretrain\.t1w\.model\.hidden_dim' 16.*"
-                                          r"random initialisation"):
-        validate_config(config({"features": "projection"}, {"hidden_dim": 16}))
+    with pytest.raises(ConfigError, match=r"the cell experiments\.table3\.variants\.frozen "
+                                          r"trains nothing.*\('model\.hidden_dim' 512 "
+                                          r"against 'pretrain\.t1w\.model\.hidden_dim' 16\).*"
+                                          r"random initialisation. Add model: \{features: "
+                                          r"encoder\} to experiments\.table3\.variants\.frozen"):
+        validate_config(config({}, {"hidden_dim": 16}))
+    # a head size the variant sets is named by the variant's key
+    with pytest.raises(ConfigError, match=r"\('experiments\.table3\.variants\.frozen\.model\."
+                                          r"hidden_dim' 16 against 'model\.hidden_dim' 512\)"):
+        validate_config(config({"hidden_dim": 16}, {}))
     validate_config(config({"features": "encoder"}, {"hidden_dim": 16}))
     validate_config(config({"features": "projection", "hidden_dim": 16}, {"hidden_dim": 16}))
 

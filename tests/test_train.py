@@ -1104,6 +1104,28 @@ def test_a_cell_with_a_starting_checkpoint_trains_from_its_weights(split_dir, tm
     assert torch.allclose(tuned, start, atol=1e-7)
 
 
+def test_a_cell_that_trains_nothing_warns_of_a_head_its_checkpoint_lacks(split_dir, tmp_path,
+                                                                        caplog):
+    """A frozen baseline from a model.init_checkpoint with another head read its features
+    through a random head, said only at INFO (a review)."""
+    other_head = tmp_path / "other-head"
+    train_encoder(split_dir, tiny_settings(model={"hidden_dim": 16}, train={"epochs": 0}),
+                  **cell_paths(other_head))
+    init = {"init_checkpoint": str(other_head / "encoder.pt")}
+    with caplog.at_level(logging.INFO, logger="brainage"):
+        train_encoder(split_dir, tiny_settings(model=init, train={"epochs": 0}),
+                      **cell_paths(tmp_path / "frozen"))
+    warned = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warned) == 1 and "3 head tensor(s) keep their random" in warned[0].getMessage()
+    assert "set model.features: encoder" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="brainage"):  # the same head: nothing to say
+        train_encoder(split_dir, tiny_settings(model={**init, "hidden_dim": 16},
+                                               train={"epochs": 0}),
+                      **cell_paths(tmp_path / "same-head"))
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+
+
 def test_save_checkpoint_leaves_only_the_new_digest(tmp_path):
     # while the rename is pending the digest file accepts the old checkpoint too; once the
     # new checkpoint is in place, only its own digest verifies

@@ -266,6 +266,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
         pretrained_models[name] = run_settings["model"]
         problems += check_adaptive_schedule(run_settings, source=source)
         problems += check_pretraining_source(filled, name, source=source)
+        problems += check_head(filled, "pretrain", name, run_settings, source=source)
     for experiment, definition in filled.get("experiments", {}).items():
         for variant in definition["variants"]:
             settings = cell_settings(filled, experiment, variant, 0, source=source)
@@ -275,6 +276,7 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
                                                 source=source)
                 problems += check_pretrained_encoder_fits(
                     filled, experiment, variant, settings, pretrained_models, source=source)
+                problems += check_head(filled, experiment, variant, settings, source=source)
     if filled["search"]["enabled"]:  # its job draws from the ranges cut to the train section
         problems += check_search_settings(filled, source=source)
         # its trials fine-tune the top-level model.init's run with the top-level model
@@ -584,18 +586,57 @@ def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, va
         differing = [key for key in HEAD_SHAPE_KEYS
                      if model[key] != pretrained_models[run][key]]
         if differing:
+            cell = f"experiments.{experiment}.variants.{variant}"
             pairs = ", ".join(
-                f"model.{key} {model[key]!r} against "
-                f"'{_run_model_key(config, run, key)}' {pretrained_models[run][key]!r}"
+                f"'{variant_key(config, experiment, variant, f'model.{key}')}' {model[key]!r} "
+                f"against '{_run_model_key(config, run, key)}' {pretrained_models[run][key]!r}"
                 for key in differing)
             problems.append(
-                f"{source}: config key "
-                f"'{variant_key(config, experiment, variant, 'model.features')}' is "
-                f"'projection' in a cell that trains nothing (train.epochs 0, model.init "
-                f"{model['init']}), but its head differs from the run's ({pairs}): "
-                f"its features would come through a head at random initialisation. Set "
-                f"model.features: encoder for this cell (the pretrained encoder's own "
-                f"features), or give the cell the run's head.")
+                f"{source}: the cell {cell} trains nothing (train.epochs 0, model.init "
+                f"{model['init']}) and reads its features through the projection head "
+                f"(model.features 'projection'), but its head differs from the run's ({pairs}): "
+                f"the head would stay at random initialisation. Add model: {{features: "
+                f"encoder}} to {cell} (the pretrained encoder's own features), or give it the "
+                f"run's head.")
+    return problems
+
+
+def check_head(config: Mapping[str, Any], experiment: str, variant: str,
+               settings: Mapping[str, Any], *, source: str = "config") -> list[str]:
+    """Messages (none when fine) for a cell, or pretraining run ``variant`` (``experiment``
+    ``pretrain``), whose features cannot say anything: a projection head of one dimension
+    (its unit vectors are +1 or -1, so no gradient reaches the encoder), or a cell that
+    trains nothing and reads the regression head's one random output. Each names the key
+    that sets the value, a variant's override or the top-level key it inherits."""
+    model, problems = settings["model"], []
+    if experiment == "pretrain":
+        cell, where = f"pretraining run {variant}", f"pretrain.{variant}"
+
+        def key_of(key):
+            return _run_model_key(config, variant, key)
+    else:
+        cell = where = f"experiments.{experiment}.variants.{variant}"
+
+        def key_of(key):
+            return variant_key(config, experiment, variant, f"model.{key}")
+    if model["head"] == "projection" and model["projection_head"] and model["projection_dim"] < 2:
+        key = key_of("projection_dim")
+        problems.append(
+            f"{source}: config key '{key}' is {model['projection_dim']} for the {cell}, whose "
+            f"projection head outputs unit vectors: in one dimension each is +1 or -1, so no "
+            f"gradient reaches the encoder and its features say nothing. Set "
+            f"{where}.model.projection_dim to 2 or more (the paper's 128)"
+            + ("" if key.startswith(where) else f", or '{key}' for every cell that inherits it")
+            + "; 1 is the regression head's (model.head: regression, loss.name: supervised).")
+    if (experiment != "pretrain" and settings["train"]["epochs"] == 0
+            and model["features"] == "projection" and model["projection_head"]
+            and model["head"] == "regression"):
+        problems.append(
+            f"{source}: the {cell} trains nothing (train.epochs 0) and reads its features "
+            f"through the regression head ('{key_of('head')}' regression, "
+            f"'{key_of('features')}' projection): one random number per subject, from which "
+            f"its read-out predicts about the training mean. Add model: {{features: encoder}} "
+            f"to {cell} (the untrained encoder's own features).")
     return problems
 
 
@@ -1025,15 +1066,6 @@ def check_cell(settings: Mapping[str, Any], *, where: str = "", source: str = "s
             f"{source}: config key '{prefix}model.projection_dim' is "
             f"{model['projection_dim']} but the supervised loss's regression head outputs "
             f"one age: set model.projection_dim: 1 (and model.projection_head: true).")
-    if model["head"] == "projection" and model["projection_head"] and model["projection_dim"] < 2:
-        raise ConfigError(
-            f"{source}: config key '{prefix}model.projection_dim' is "
-            f"{model['projection_dim']} with the projection head, whose outputs are unit "
-            f"vectors: in one dimension each is +1 or -1, so no gradient reaches the encoder "
-            f"and its features say nothing. Set model.projection_dim: 2 or more (the paper's "
-            f"128) where the cell's model section sets it or inherits it from (the top-level "
-            f"model section, or a pretraining run's); 1 is the regression head's "
-            f"(model.head: regression, loss.name: supervised).")
     if readout_features and model["features"] == "projection" and not model["projection_head"]:
         raise ConfigError(
             f"{source}: config key '{prefix}model.features' is 'projection' but "

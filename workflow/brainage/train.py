@@ -123,6 +123,22 @@ def fingerprint(settings: Mapping, split: SplitData) -> str:
 
 # -- outputs ----------------------------------------------------------------------------
 
+def _warn_of_a_random_head(report, model_settings: Mapping) -> None:
+    """A cell that trains nothing keeps a head its starting checkpoint lacks (another
+    model.hidden_dim or projection_dim, or an encoder-only file) at random initialisation.
+    The configuration refuses this for a pretraining run (config.check_pretrained_encoder_fits),
+    but not for a file in model.init_checkpoint, whose shapes only this job sees; the job
+    does not know the read-out's model.features either, so it warns."""
+    random_head = [key for key in report.missing if key.startswith("head.")]
+    if random_head and model_settings["projection_head"]:
+        log.warning("%s: %d head tensor(s) keep their random initialisation in a cell that "
+                    "trains nothing (train.epochs 0). Where the cell reads model.features "
+                    "'projection' (the default), its features come through that random head: "
+                    "set model.features: encoder for the cell (the checkpoint's own encoder "
+                    "features), or its model.hidden_dim and model.projection_dim to the "
+                    "checkpoint's.", report.path, len(random_head))
+
+
 def embedded_kind(model_settings: Mapping, which: str) -> str:
     """What the ``which`` features of a network of ``model_settings`` are, for the figures'
     titles: ``projection`` (the projection head's unit vectors), ``regression`` (the
@@ -236,9 +252,10 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
             if output is not None:
                 remove_stale_temporaries(output)
         if settings["model"]["init_checkpoint"]:
-            load_init_checkpoint(model, settings["model"]["init_checkpoint"],
-                                 key=init_checkpoint_key(settings["model"]),
-                                 modalities=settings["model"].get("modalities"))
+            report = load_init_checkpoint(model, settings["model"]["init_checkpoint"],
+                                          key=init_checkpoint_key(settings["model"]),
+                                          modalities=settings["model"].get("modalities"))
+            _warn_of_a_random_head(report, settings["model"])
         model.to(device)
         digest = _save_encoder(encoder_path, model, settings, split, epochs)
         if features_path is not None:
