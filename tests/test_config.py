@@ -137,6 +137,24 @@ def test_a_projection_head_of_one_dimension_is_refused_naming_the_key_that_sets_
         validate_config(config)
 
 
+def test_the_random_search_with_a_projection_head_of_one_dimension_is_refused():
+    """Its trials train the top-level model: every trial scored alike and best.json was the
+    first one (a review), though each grid cell set its own projection_dim."""
+    config = {"model": {"projection_dim": 1}, "search": {"enabled": True},
+              "experiments": {"table3": {"seeds": [0], "variants": {
+                  "adaptive": {"model": {"projection_dim": 32}},
+                  "baseline": {"model": {"encoder": "none"},
+                               "readout": {"method": "pca_ridge"}}}}}}
+    with pytest.raises(ConfigError) as refused:
+        validate_config(config)
+    message = str(refused.value)
+    assert ("config key 'model.projection_dim' is 1 for the random search's trials" in message
+            and "Set model.projection_dim to 2 or more (the paper's 128);" in message)
+    assert message.count("no gradient") == 1  # not the cells that override it or have no
+    config["search"]["enabled"] = False       # network
+    validate_config(config)
+
+
 def test_an_untrained_cell_reading_the_regression_heads_one_output_is_refused():
     """Under a supervised top level the untrained baseline inherited the regression head:
     its read-out saw one random number per subject and predicted the training mean, as a
@@ -151,6 +169,14 @@ def test_an_untrained_cell_reading_the_regression_heads_one_output_is_refused():
                                           r"variants\.untrained"):
         validate_config(config)
     config["experiments"]["table3"]["variants"]["untrained"]["model"] = {"features": "encoder"}
+    validate_config(config)
+    # a frozen cell over a supervised pretraining run with its head: its one output is the
+    # pretrained network's predicted age, loaded, not random
+    config["dataset"] = {"modalities": ["stiffness", "T1w"]}
+    config["pretrain"] = {"t1w": {"source": {"kind": "simulate", "n_subjects": 16},
+                                  "loss": {"name": "supervised"}}}
+    config["experiments"]["table3"]["variants"]["untrained"]["model"] = {
+        "init": "pretrained:t1w"}
     validate_config(config)
 
 

@@ -1104,26 +1104,41 @@ def test_a_cell_with_a_starting_checkpoint_trains_from_its_weights(split_dir, tm
     assert torch.allclose(tuned, start, atol=1e-7)
 
 
-def test_a_cell_that_trains_nothing_warns_of_a_head_its_checkpoint_lacks(split_dir, tmp_path,
-                                                                        caplog):
+def test_a_cell_that_trains_nothing_says_when_it_reads_a_head_its_checkpoint_lacks(
+        split_dir, tmp_path, caplog):
     """A frozen baseline from a model.init_checkpoint with another head read its features
-    through a random head, said only at INFO (a review)."""
+    through a random head, said only at INFO (a review). The training job records it and
+    evaluation, which knows the read-out's model.features, warns where they are the head's
+    (a warning in the training job fired for cells reading the encoder too)."""
+    from brainage.evaluate import cell_features
+    from brainage.io import read_npz
+
     other_head = tmp_path / "other-head"
     train_encoder(split_dir, tiny_settings(model={"hidden_dim": 16}, train={"epochs": 0}),
                   **cell_paths(other_head))
     init = {"init_checkpoint": str(other_head / "encoder.pt")}
-    with caplog.at_level(logging.INFO, logger="brainage"):
-        train_encoder(split_dir, tiny_settings(model=init, train={"epochs": 0}),
-                      **cell_paths(tmp_path / "frozen"))
-    warned = [record for record in caplog.records if record.levelno == logging.WARNING]
-    assert len(warned) == 1 and "3 head tensor(s) keep their random" in warned[0].getMessage()
-    assert "set model.features: encoder" in warned[0].getMessage()
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="brainage"):  # the same head: nothing to say
-        train_encoder(split_dir, tiny_settings(model={**init, "hidden_dim": 16},
-                                               train={"epochs": 0}),
-                      **cell_paths(tmp_path / "same-head"))
-    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    for name, model in (("frozen", init), ("same-head", {**init, "hidden_dim": 16})):
+        train_encoder(split_dir, tiny_settings(model=model, train={"epochs": 0}),
+                      **cell_paths(tmp_path / name))
+    assert int(read_npz(tmp_path / "frozen" / "features.npz")["random_head"]) == 3
+    assert int(read_npz(tmp_path / "same-head" / "features.npz")["random_head"]) == 0
+    split = load_split(split_dir)
+
+    def warnings(name, features):
+        caplog.clear()
+        settings = resolve_cell(tiny_settings(model={**init, "features": features},
+                                              train={"epochs": 0}))
+        with caplog.at_level(logging.INFO, logger="brainage"):
+            cell_features(split, tmp_path / name / "features.npz",
+                          {**settings, "experiment": "table3", "variant": "frozen"})
+        return [record.getMessage() for record in caplog.records
+                if record.levelno >= logging.WARNING]
+
+    [message] = warnings("frozen", "projection")
+    assert ("3 head tensor(s) of its model.init_checkpoint did not load" in message
+            and "Add model: {features: encoder} to experiments.table3.variants.frozen" in message)
+    assert warnings("frozen", "encoder") == []
+    assert warnings("same-head", "projection") == []
 
 
 def test_save_checkpoint_leaves_only_the_new_digest(tmp_path):

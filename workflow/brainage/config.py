@@ -283,6 +283,8 @@ def validate_config(config: Mapping[str, Any], *, source: str = "config",
         problems += check_pretrained_encoder_fits(filled, "search", "adaptive",
                                                   search_settings(filled), pretrained_models,
                                                   source=source)
+        problems += check_head(filled, "search", "adaptive", search_settings(filled),
+                               source=source)
         try:
             bounds = search_bounds(filled["search"], batch_size=filled["train"]["batch_size"],
                                    epochs=filled["train"]["epochs"])
@@ -609,11 +611,18 @@ def check_head(config: Mapping[str, Any], experiment: str, variant: str,
     trains nothing and reads the regression head's one random output. Each names the key
     that sets the value, a variant's override or the top-level key it inherits."""
     model, problems = settings["model"], []
+    if model["encoder"] == "none":  # a baseline without a network: no head to read
+        return []
     if experiment == "pretrain":
         cell, where = f"pretraining run {variant}", f"pretrain.{variant}"
 
         def key_of(key):
             return _run_model_key(config, variant, key)
+    elif experiment == "search":  # its trials train the top-level model (search_settings)
+        cell, where = "random search's trials", ""
+
+        def key_of(key):
+            return f"model.{key}"
     else:
         cell = where = f"experiments.{experiment}.variants.{variant}"
 
@@ -625,12 +634,15 @@ def check_head(config: Mapping[str, Any], experiment: str, variant: str,
             f"{source}: config key '{key}' is {model['projection_dim']} for the {cell}, whose "
             f"projection head outputs unit vectors: in one dimension each is +1 or -1, so no "
             f"gradient reaches the encoder and its features say nothing. Set "
-            f"{where}.model.projection_dim to 2 or more (the paper's 128)"
+            f"{_under(where, 'model.projection_dim')} to 2 or more (the paper's 128)"
             + ("" if key.startswith(where) else f", or '{key}' for every cell that inherits it")
             + "; 1 is the regression head's (model.head: regression, loss.name: supervised).")
-    if (experiment != "pretrain" and settings["train"]["epochs"] == 0
+    # from a checkpoint the regression head may load (a supervised pretraining's: its one
+    # output is that network's predicted age)
+    if (experiment not in ("pretrain", "search") and settings["train"]["epochs"] == 0
             and model["features"] == "projection" and model["projection_head"]
-            and model["head"] == "regression"):
+            and model["head"] == "regression" and model["init"] == "scratch"
+            and not model["init_checkpoint"]):
         problems.append(
             f"{source}: the {cell} trains nothing (train.epochs 0) and reads its features "
             f"through the regression head ('{key_of('head')}' regression, "

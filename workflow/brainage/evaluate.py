@@ -154,6 +154,18 @@ def cell_features(split: SplitData, features_path: str | Path | None, settings: 
                         f"(train then evaluation rows, and their subsets); delete it and run "
                         f"again ({training_rule(settings, search=False)} writes it).")
     trained_loss = json.loads(str(saved["trained_loss"])) if "trained_loss" in saved else None
+    random_head = int(saved["random_head"]) if "random_head" in saved else 0
+    if random_head and settings["model"]["features"] == "projection":
+        # the configuration refuses this for a pretraining run's encoder
+        # (config.check_pretrained_encoder_fits); a model.init_checkpoint's shapes only the
+        # training job sees
+        cell = f"experiments.{settings.get('experiment')}.variants.{settings.get('variant')}"
+        log.warning("%s: the cell %s trains nothing (train.epochs 0) and reads model.features "
+                    "'projection', but %d head tensor(s) of its model.init_checkpoint did not "
+                    "load (another model.hidden_dim or projection_dim, or an encoder-only "
+                    "file) and keep their random initialisation: its features are a random "
+                    "head's. Add model: {features: encoder} to %s (the checkpoint's own "
+                    "encoder features).", features_path, cell, random_head, cell)
     return CellFeatures(kind.astype(np.float32), str(digest), trained_loss or None)
 
 

@@ -123,22 +123,6 @@ def fingerprint(settings: Mapping, split: SplitData) -> str:
 
 # -- outputs ----------------------------------------------------------------------------
 
-def _warn_of_a_random_head(report, model_settings: Mapping) -> None:
-    """A cell that trains nothing keeps a head its starting checkpoint lacks (another
-    model.hidden_dim or projection_dim, or an encoder-only file) at random initialisation.
-    The configuration refuses this for a pretraining run (config.check_pretrained_encoder_fits),
-    but not for a file in model.init_checkpoint, whose shapes only this job sees; the job
-    does not know the read-out's model.features either, so it warns."""
-    random_head = [key for key in report.missing if key.startswith("head.")]
-    if random_head and model_settings["projection_head"]:
-        log.warning("%s: %d head tensor(s) keep their random initialisation in a cell that "
-                    "trains nothing (train.epochs 0). Where the cell reads model.features "
-                    "'projection' (the default), its features come through that random head: "
-                    "set model.features: encoder for the cell (the checkpoint's own encoder "
-                    "features), or its model.hidden_dim and model.projection_dim to the "
-                    "checkpoint's.", report.path, len(random_head))
-
-
 def embedded_kind(model_settings: Mapping, which: str) -> str:
     """What the ``which`` features of a network of ``model_settings`` are, for the figures'
     titles: ``projection`` (the projection head's unit vectors), ``regression`` (the
@@ -251,16 +235,18 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
         for output in (encoder_path, features_path, history_path):
             if output is not None:
                 remove_stale_temporaries(output)
+        random_head = 0  # head tensors the starting checkpoint left at initialisation
         if settings["model"]["init_checkpoint"]:
             report = load_init_checkpoint(model, settings["model"]["init_checkpoint"],
                                           key=init_checkpoint_key(settings["model"]),
                                           modalities=settings["model"].get("modalities"))
-            _warn_of_a_random_head(report, settings["model"])
+            if settings["model"]["projection_head"]:
+                random_head = sum(key.startswith("head.") for key in report.missing)
         model.to(device)
         digest = _save_encoder(encoder_path, model, settings, split, epochs)
         if features_path is not None:
             write_features(features_path, model, split, digest, device=device,
-                           channels=channels)  # no loss
+                           channels=channels, random_head=random_head)  # no loss
         if history_path is not None:
             write_tsv(history_path, _history_table([]))
         if checkpoint_path is not None:  # a training of this cell killed before it was
@@ -470,13 +456,16 @@ def _non_finite_state(model) -> str | None:
 def write_features(path: str | Path, model, split: SplitData, encoder_sha256: str, *,
                    device, channels_last: bool = False,
                    channels: Sequence[int] | None = None,
-                   trained_loss: Mapping | None = None) -> None:
+                   trained_loss: Mapping | None = None, random_head: int = 0) -> None:
     """``features.npz``: the final encoder's features of every split subject, training rows
     then evaluation rows, both kinds (``encoder`` [n, 8 x width] and ``projection``
     [n, projection_dim], float32), with ``participant_id``, ``subset``, ``age`` (years),
     ``study``, the ``encoder_sha256`` they came from and ``trained_loss``, the loss
     settings the encoder was trained with as JSON (after ``loss.nn_from_search``: the
-    values used, not the configured ones), so that evaluation can report them.
+    values used, not the configured ones), so that evaluation can report them; and
+    ``random_head``, how many head tensors an untrained cell's starting checkpoint left at
+    random initialisation (its projections are then a random head's: evaluation, which
+    knows the read-out's ``model.features``, says so).
 
     Computed once, where the network already is (on the GPU at paper scale), so that every
     read-out of the encoder (the cells that share it, the Fig. 4d ablation) is fitted on
@@ -488,7 +477,8 @@ def write_features(path: str | Path, model, split: SplitData, encoder_sha256: st
     write_npz(path, **features, participant_id=split.participant_ids[rows].astype(str),
               subset=split.subset_labels()[rows].astype(str), age=split.ages[rows],
               study=split.studies[rows].astype(str), encoder_sha256=np.array(encoder_sha256),
-              trained_loss=np.array(json.dumps(dict(trained_loss or {}), sort_keys=True)))
+              trained_loss=np.array(json.dumps(dict(trained_loss or {}), sort_keys=True)),
+              random_head=np.array(int(random_head)))
 
 
 def run_epoch(model, loss_fn, optimizer, store: VolumeStore, augmenter: Augmenter,
