@@ -116,7 +116,7 @@ def test_a_skull_stripping_job_does_not_import_scipy_ndimage():
     assert "brainage.preprocess.images" in modules and "scipy.ndimage" not in modules
 
 
-def test_a_preprocessing_job_asks_for_the_memory_of_its_largest_image(tmp_path):
+def test_a_preprocessing_job_asks_for_the_memory_of_its_registration_reference(tmp_path):
     from brainage.preprocess.chain import JOB_BASE_MB, JOB_MB_PER_MILLION_VOXELS, job_memory_mb
 
     small, large = tmp_path / "map.nii.gz", tmp_path / "T1w.nii"
@@ -127,15 +127,16 @@ def test_a_preprocessing_job_asks_for_the_memory_of_its_largest_image(tmp_path):
     header.set_data_dtype(np.uint8)
     large.write_bytes(header.binaryblock + b"\0" * 4)
     needed = JOB_BASE_MB + JOB_MB_PER_MILLION_VOXELS * 448 * 448 * 320 / 1e6  # 5,417 MB
-    assert job_memory_mb([small, large], 2000) == 5500 > needed
-    assert job_memory_mb([large], 8000) == 8000  # a larger request stands (SynthStrip's)
-    assert job_memory_mb([small], 2000) == 2000
+    assert job_memory_mb(large, 2000) == 5500 > needed
+    assert job_memory_mb(large, 8000) == 8000  # a larger request stands (SynthStrip's)
+    assert job_memory_mb(small, 2000) == 2000
     # not written yet (a simulated cohort before its simulation) or not an image: the
     # request stands, and the job itself names the file
     broken = tmp_path / "broken.nii.gz"
     broken.write_bytes(b"not a nifti")
-    assert job_memory_mb([tmp_path / "missing.nii.gz", broken], 2000) == 2000
-    assert job_memory_mb([], 2000) == 2000
+    assert job_memory_mb(tmp_path / "missing.nii.gz", 2000) == 2000
+    assert job_memory_mb(broken, 2000) == 2000
+    assert job_memory_mb(None, 2000) == 2000
 
 
 # -- template ----------------------------------------------------------------------------------

@@ -552,6 +552,8 @@ def check_simulated_folders(config: Mapping[str, Any], *, source: str = "config"
 #: The input channels (model.modalities) are adapted instead (docs/method.md §3), and the
 #: head may differ (the supervised baseline fine-tunes a regression head).
 ENCODER_SHAPE_KEYS = ("width", "bias_downsample")
+#: A head's sizes: an untrained cell's head loads from a pretraining run only where equal.
+HEAD_SHAPE_KEYS = ("projection_head", "head", "hidden_dim", "projection_dim")
 
 
 def check_pretrained_encoder_fits(config: Mapping[str, Any], experiment: str, variant: str,
@@ -657,9 +659,6 @@ def _run_model_key(config: Mapping[str, Any], run: str, key: str) -> str:
     return (f"pretrain.{run}.model.{key}" if key in (config["pretrain"][run].get("model") or {})
             else f"model.{key}")
 
-
-#: A head's sizes: an untrained cell's head loads from a pretraining run only where equal.
-HEAD_SHAPE_KEYS = ("projection_head", "head", "hidden_dim", "projection_dim")
 
 
 def variant_key(config: Mapping[str, Any], experiment: str, variant: str, key: str) -> str:

@@ -1031,10 +1031,9 @@ def subject_job_memory(given_mb):
     job_memory_mb). Resources rerun nothing."""
 
     def memory(wildcards, input, attempt):
-        maps = mre_maps(PREPROC_MODALITIES[wildcards.preproc])
-        reference = input.get("anat") or (input.get(maps[0]) if maps else None)
-        images = [reference] if reference else []
-        return resource_for_attempt(job_memory_mb(images, given_mb), attempt)
+        grid = grid_modality(PREPROC_MODALITIES[wildcards.preproc])
+        reference = input.get("anat") or input.get(grid)
+        return resource_for_attempt(job_memory_mb(reference, given_mb), attempt)
 
     return memory
 

@@ -31,7 +31,7 @@ from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import nibabel as nib
 
@@ -176,7 +176,7 @@ def job_options(job: str, preprocess: Mapping) -> dict:
 #: A preprocessing job's memory apart from its images (MB): Python with ANTsPy or PyTorch,
 #: and on a cluster node the Snakemake process that runs the job (110-160 MB).
 JOB_BASE_MB = 600
-#: ... and per million voxels of the subject's largest image, its T1w where it has one (MB):
+#: ... and per million voxels of its registration reference, the T1w where it has one (MB):
 #: N4 corrects the skull-stripped T1w on its own grid (brainage.preprocess.bias), holding
 #: several float copies of it. Measured peaks of correct_and_register: 943 MiB for a 1 mm
 #: T1w (256 x 256 x 176), 1,797 MiB at 0.7 mm (320 x 320 x 256), 4,017 MiB at 0.5 mm
@@ -184,10 +184,11 @@ JOB_BASE_MB = 600
 JOB_MB_PER_MILLION_VOXELS = 75
 
 
-def job_memory_mb(images: Iterable[str | Path], given_mb: int) -> int:
+def job_memory_mb(reference: str | Path | None, given_mb: int) -> int:
     """What a subject's preprocessing job asks for (MB): ``given_mb``
-    (``resources.preprocess.mem_mb``), raised to what its largest image needs
-    (:data:`JOB_BASE_MB` + :data:`JOB_MB_PER_MILLION_VOXELS`), in hundreds of MB.
+    (``resources.preprocess.mem_mb``), raised to what its registration reference (the
+    T1w, or the grid map without one) needs (:data:`JOB_BASE_MB` +
+    :data:`JOB_MB_PER_MILLION_VOXELS`), in hundreds of MB.
 
     The default 2,000 MB holds a T1w of up to about 18 million voxels (a whole head is 11.5
     million at 1 mm, 21 million at 0.8 mm); a 0.5 mm T1w needs over 4 GB, and SLURM killed
@@ -195,7 +196,7 @@ def job_memory_mb(images: Iterable[str | Path], given_mb: int) -> int:
     only; one that does not exist yet (a simulated cohort before its simulation: Snakemake
     evaluates the request again before the job starts) or cannot be read counts for
     nothing, and the job's own checks name it."""
-    voxels = max((_voxel_count(path) for path in images), default=0)
+    voxels = _voxel_count(reference) if reference else 0
     needed = JOB_BASE_MB + JOB_MB_PER_MILLION_VOXELS * voxels / 1e6
     return max(int(given_mb), 100 * math.ceil(needed / 100))
 
