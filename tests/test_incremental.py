@@ -11,7 +11,9 @@ stripping "none") and normalises them. Then dry runs must list:
 - after writing the same settings with keys in another order, or a default written out:
   nothing;
 - after adding a study (rows + files): the new subjects' preprocessing and the
-  dataset-wide rules, no job of the subjects already done.
+  dataset-wide rules, no job of the subjects already done;
+- after deleting the files the README's "Freeing disk space" calls free: nothing, and a
+  changed setting still reruns what it changes.
 """
 
 from __future__ import annotations
@@ -172,3 +174,23 @@ def test_adding_a_study_reruns_only_its_subjects(preprocessed):
             shutil.rmtree(dataset / participant_id, ignore_errors=True)
         preprocessed["first"].to_csv(dataset / "participants.tsv", sep="\t", index=False)
 
+
+#: The README's "Freeing disk space" list of each subject's free files.
+FREE_TO_DELETE = ("*_desc-biascorr_*", "*_desc-clean_*", "*_xfm.mat",
+                  "*_space-*_desc-preproc_reference.nii.gz")
+
+
+def test_the_files_the_readme_calls_free_rerun_nothing_when_deleted(preprocessed):
+    """Last in this file: it deletes them from the module's run."""
+    anat = sorted((preprocessed["workdir"] / "results" / "preproc").glob("sub-*/anat"))
+    deleted = [path for folder in anat for pattern in FREE_TO_DELETE
+               for path in folder.glob(pattern)]
+    assert len(anat) == 6 and len(deleted) >= 3 * 6
+    for path in deleted:
+        path.unlink()
+    assert planned_jobs(preprocessed["workdir"], preprocessed["config"]) == set()
+    config = write_config(preprocessed["base"] / "no_n4_after_freeing.yaml",
+                          preprocessed["dataset"], preprocess={"n4": False})
+    assert planned_jobs(preprocessed["workdir"], config) == \
+        {("correct_and_register", subject_wildcards(label))
+         for label in labels(preprocessed["first"])} | DATASET_RULES

@@ -682,10 +682,40 @@ def test_deterministic_registration_is_bit_identical(processed, template_files, 
                           nib.load(subject["registered_stiffness"]).get_fdata())
 
 
+@pytest.mark.parametrize("release", ["0.6.1", "0.6.2"])
+def test_the_registration_seed_reaches_ants_of_either_release(monkeypatch, release):
+    """ANTsPy up to 0.6.1 takes ``random_seed`` and has no ``ants.config``; 0.6.2 reads the
+    seed from ``ants.config`` and swallows ``random_seed``. ``import ants.config`` came
+    first, so with the older releases every registration died of a missing module.
+    A stand-in ``ants`` module: the installed ANTsPy is one release only."""
+    import sys
+    import types
+
+    from brainage.preprocess.register import ants_random_seed
+
+    ants = types.ModuleType("ants")
+    if release == "0.6.1":
+        ants.registration = lambda fixed, moving, random_seed=None, **kwargs: None
+        monkeypatch.setitem(sys.modules, "ants.config", None)  # import raises, as there
+    else:
+        ants.registration = lambda fixed, moving, **kwargs: None
+        ants.config = types.ModuleType("ants.config")
+        ants.config._random_seed = "ANTs' own"
+        monkeypatch.setitem(sys.modules, "ants.config", ants.config)
+    monkeypatch.setitem(sys.modules, "ants", ants)
+    with ants_random_seed(7) as seed_argument:
+        if release == "0.6.1":
+            assert seed_argument == {"random_seed": 7}
+        else:
+            assert seed_argument == {} and ants.config._random_seed == 7
+    if release == "0.6.2":
+        assert ants.config._random_seed == "ANTs' own"
+
+
 def test_failed_registration_names_the_subject(processed, template_files, tmp_path, monkeypatch):
     import ants
 
-    def failing(*args, **kwargs):
+    def failing(*args, random_seed=None, **kwargs):  # as ANTsPy up to 0.6.1 and later
         raise RuntimeError("Registration failed with error code 1")
 
     monkeypatch.setattr(ants, "registration", failing)
@@ -1518,7 +1548,7 @@ def test_in_process_chain_redoes_steps_made_from_other_inputs_or_settings(tmp_pa
     assert run() == list(chain.STEPS)
     assert "sub-a: reused" not in caplog.text
     assert run() == []  # an interrupted or finished run continues: nothing to redo
-    assert "sub-a: reused (every step's outputs and records match" in caplog.text
+    assert "sub-a: reused (every step's record matches its inputs and settings)" in caplog.text
     assert run(threads=4) == []  # thread counts do not change deterministic results
     caplog.set_level("WARNING", logger="brainage.preprocess.chain")
     assert run(n4=False) == ["correct_bias", "register_to_template", "compute_qc"]
@@ -1587,11 +1617,11 @@ def _fake_chain(tmp_path, monkeypatch):
     return run, stiffness, template, files, layout
 
 
-def test_in_process_chain_redoes_steps_for_a_same_size_map_another_t1_or_a_lost_transform(
+def test_in_process_chain_redoes_steps_for_a_same_size_map_another_t1_or_a_lost_product(
         tmp_path, monkeypatch):
     """A step's record names its inputs by name, size *and* modification time (a map
-    re-exported at the same size is another map), both template files, and every file
-    the step writes (the transform too, not only the images)."""
+    re-exported at the same size is another map) and both template files; a registered
+    map deleted is made again, and the transform with it."""
 
     from brainage.preprocess import chain
 
@@ -1606,20 +1636,47 @@ def test_in_process_chain_redoes_steps_for_a_same_size_map_another_t1_or_a_lost_
     template["template_t1"].write_bytes(b"another template T1")
     assert run() == list(chain.STEPS)
     Path(files["transform"]).unlink()
+    Path(files["registered_stiffness"]).unlink()
     assert run() == ["register_to_template", "compute_qc"]
     assert Path(files["transform"]).is_file()
 
 
-def test_a_step_that_fails_when_redone_leaves_no_record_to_reuse_its_old_outputs(
-        tmp_path, monkeypatch):
-    """A step redone (here because the brain mask before it was made again) drops its
-    record before it runs: when it fails, its old outputs, made from the old mask, are not
-    taken as done by the next run."""
+def test_in_process_chain_keeps_a_subject_whose_intermediates_were_deleted(tmp_path,
+                                                                           monkeypatch, caplog):
+    """The README's free files (N4-corrected maps, transforms) and the registered
+    reference, deleted from a `predict run` folder to save space, made its next run
+    preprocess every subject again without a word: the N4 step's marker was one of them.
+    As in Snakemake, they are made again only when a step that reads them must run, and
+    then a warning names the file."""
     from brainage.preprocess import chain
 
     run, _, _, files, _ = _fake_chain(tmp_path, monkeypatch)
     assert run() == list(chain.STEPS)
-    Path(files["mask"]).unlink()
+    freed = [files["corrected_stiffness"], files["corrected_reference"], files["transform"],
+             files["registered_reference"], files["mask"]]
+    for path in freed:
+        Path(path).unlink()
+    caplog.set_level("INFO", logger="brainage.preprocess.chain")
+    assert run() == []
+    assert "sub-a: reused" in caplog.text and "WARNING" not in caplog.text
+    caplog.clear()
+    Path(files["qc_json"]).unlink()  # a product: its step reads the registered reference
+    assert run() == list(chain.STEPS)
+    assert f"sub-a: {files['mask']} is missing; doing strip_skull and the steps after it " \
+           "again" in caplog.text
+    assert all(Path(path).is_file() for path in freed)
+
+
+def test_a_step_that_fails_when_redone_leaves_no_record_to_reuse_its_old_outputs(
+        tmp_path, monkeypatch):
+    """A step redone (here because the skull stripping before it, which lost its record,
+    was made again) drops its record before it runs: when it fails, its old outputs, made
+    from the old mask, are not taken as done by the next run."""
+    from brainage.preprocess import chain
+
+    run, _, _, files, layout = _fake_chain(tmp_path, monkeypatch)
+    assert run() == list(chain.STEPS)
+    chain.step_record_path(layout, "a", "preproc", "strip_skull").unlink()
     with pytest.raises(PreprocessError, match="correct_bias failed"):
         run(fail={"correct_bias"})
     assert Path(files["corrected_reference"]).is_file()  # the old outputs are still there

@@ -298,56 +298,84 @@ def step_record_path(layout: Layout, subject: str, preproc: str, step: str) -> P
         f"{step}.json"
 
 
+def chain_products(files: Mapping[str, str]) -> set[str]:
+    """What a subject's chain is for, of its :func:`subject_files`: the registered maps and
+    mask with their sidecars and the QC files, read after the chain (normalisation, the QC
+    table, a cohort's prediction). The other outputs only feed the steps after their own
+    (the registered reference only the QC): deleted to free space (README, "Freeing disk
+    space"), they are made again only where a step that reads them must run, as Snakemake
+    does."""
+    return {path for key, path in files.items()
+            if key in ("qc_json", "qc_png")
+            or (key.startswith("registered_") and key != "registered_reference")}
+
+
 def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, preproc: str,
                 preprocess: Mapping, template_t1: str, template_mask: str,
                 modalities: Sequence[str] = DEFAULT_MODALITIES) -> dict[str, str]:
     """The whole chain for one subject, in-process; returns :func:`subject_files`.
 
-    A step whose outputs all exist and whose record (:func:`step_records`) matches is
-    skipped, so an interrupted run continues. A step made from other input files or
-    settings (a replaced map, another bundle's preprocessing), or with one of its outputs
-    deleted since, is done again, with the steps after it, and a warning says so; before
-    the records, such outputs were reused silently.
+    A step whose record (:func:`step_records`, written when it finished) matches and whose
+    :func:`chain_products` exist is skipped, so an interrupted run continues; its other
+    outputs may have been deleted, unless a later step must run and reads them. A step
+    made from other input files or settings (a replaced map, another bundle's
+    preprocessing), or with a product deleted since, is done again, with the steps after
+    it, and a warning says so; before the records, such outputs were reused silently.
     """
     from brainage.io import atomic_path
 
     files = subject_files(layout, subject, preproc, modalities)
     records = step_records(inputs, preprocess, template_t1=template_t1,
                            template_mask=template_mask, modalities=modalities)
-    redo = False
-    for step in STEPS:
-        record_path = step_record_path(layout, subject, preproc, step)
-        if not redo and Path(files[STEP_DONE[step]]).is_file():
-            missing = [path for path in step_outputs(files, step) if not Path(path).is_file()]
-            kept = record_path.read_text() if record_path.is_file() else None
-            if missing:  # deleted since (by hand, or a clean-up of large files)
-                log.warning("sub-%s: %s is missing; doing %s and the steps after it again",
-                            subject, missing[0], step)
-            elif kept == records[step]:
-                continue
-            elif kept is not None and _only_times_differ(kept, records[step]):
-                log.warning("sub-%s: the input files of the %s outputs in %s have new "
-                            "modification times (the same names and sizes): copied without "
-                            "keeping them? (cp -a and rsync -a keep them.) Their content may "
-                            "differ, so %s and the steps after it are done again", subject,
-                            step, Path(files[STEP_DONE[step]]).parent, step)
-            else:
-                log.warning("sub-%s: the %s outputs in %s were made from other input files "
-                            "or preprocessing settings (or kept no record of them); doing %s and "
-                            "the steps after it again", subject, step,
-                            Path(files[STEP_DONE[step]]).parent, step)
-        redo = True  # every later step reads this step's new outputs
-        record_path.unlink(missing_ok=True)
+    products = chain_products(files)
+    record_paths = {step: step_record_path(layout, subject, preproc, step) for step in STEPS}
+    kept = {step: path.read_text() if path.is_file() else None
+            for step, path in record_paths.items()}
+    # from the last step back: a step runs when it is not done as recorded, or a later
+    # step runs and this one's outputs it reads are gone
+    must_run, later_runs = set(), False
+    for step in reversed(STEPS):
+        missing = [path for path in step_outputs(files, step) if not Path(path).is_file()]
+        if kept[step] != records[step] or any(path in products for path in missing) \
+                or (later_runs and missing):
+            must_run.add(step)
+            later_runs = True
+    if not must_run:
+        log.info("sub-%s: reused (every step's record matches its inputs and settings)",
+                 subject)
+        return files
+    first = min(STEPS.index(step) for step in must_run)
+    _say_why_a_step_is_done_again(STEPS[first], files, kept, records, subject)
+    for step in STEPS[first:]:  # every later step reads this step's new outputs
+        record_paths[step].unlink(missing_ok=True)
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
                  options=step_options(step, preprocess), subject=subject,
                  modalities=modalities, n4=preprocess["n4"])
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(record_path) as temporary:
+        record_paths[step].parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(record_paths[step]) as temporary:
             temporary.write_text(records[step])
-    if not redo:
-        log.info("sub-%s: reused (every step's outputs and records match its inputs and "
-                 "settings)", subject)
     return files
+
+
+def _say_why_a_step_is_done_again(step: str, files: Mapping[str, str],
+                                  kept: Mapping[str, str | None], records: Mapping[str, str],
+                                  subject: str) -> None:
+    """Warn why ``step``, the first of :func:`run_subject` to run, runs, unless it never
+    finished (a new subject, or an interrupted run)."""
+    folder = Path(files[STEP_DONE[step]]).parent
+    missing = [path for path in step_outputs(files, step) if not Path(path).is_file()]
+    if kept[step] == records[step]:  # deleted since (by hand, or a clean-up of large files)
+        log.warning("sub-%s: %s is missing; doing %s and the steps after it again",
+                    subject, missing[0], step)
+    elif kept[step] is not None and _only_times_differ(kept[step], records[step]):
+        log.warning("sub-%s: the input files of the %s outputs in %s have new modification "
+                    "times (the same names and sizes): copied without keeping them? (cp -a "
+                    "and rsync -a keep them.) Their content may differ, so %s and the steps "
+                    "after it are done again", subject, step, folder, step)
+    elif kept[step] is not None or Path(files[STEP_DONE[step]]).is_file():
+        log.warning("sub-%s: the %s outputs in %s were made from other input files or "
+                    "preprocessing settings (or kept no record of them); doing %s and the "
+                    "steps after it again", subject, step, folder, step)
 
 
 class WorkerKilledError(RuntimeError):

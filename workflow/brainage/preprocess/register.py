@@ -123,18 +123,19 @@ def field_of_view_box(support: np.ndarray) -> np.ndarray:
 def ants_random_seed(seed: int | None):
     """Yield the keyword arguments that make ``ants.registration`` use ``seed``.
 
-    ANTsPy up to 0.5 took a ``random_seed`` argument; 0.6 reads the seed from
-    ``ants.config._random_seed`` instead and silently swallows ``random_seed`` in its
-    ``**kwargs``, so every run sampled the metric differently. ``None``: ANTs' own
-    random seed. The module value is restored afterwards, so other ANTs calls in the
-    process keep theirs.
+    ANTsPy up to 0.6.1 took a ``random_seed`` argument; 0.6.2 reads the seed from
+    ``ants.config._random_seed`` instead (a module older releases lack) and silently
+    swallows ``random_seed`` in its ``**kwargs``, so every run sampled the metric
+    differently. ``None``: ANTs' own random seed. The module value is restored
+    afterwards, so other ANTs calls in the process keep theirs.
     """
     import ants
-    import ants.config
 
     if "random_seed" in inspect.signature(ants.registration).parameters:
         yield {"random_seed": seed}
         return
+    import ants.config
+
     previous = ants.config._random_seed
     ants.config._random_seed = seed
     try:
