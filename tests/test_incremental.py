@@ -160,19 +160,25 @@ def test_key_order_and_written_out_defaults_rerun_nothing(preprocessed):
     assert planned_jobs(preprocessed["workdir"], path) == set()
 
 
-def test_adding_a_study_reruns_only_its_subjects(preprocessed):
+def jobs_with_a_new_study(preprocessed) -> set[tuple[str, str]]:
+    """The jobs a dry run plans once study 1's subjects join the dataset; the module's
+    dataset as it was afterwards, for the tests that run after."""
     dataset, new = preprocessed["dataset"], preprocessed["new"]
     try:
         for participant_id in new["participant_id"]:
             shutil.copytree(preprocessed["full"] / participant_id, dataset / participant_id)
         pd.concat([preprocessed["first"], new]).to_csv(dataset / "participants.tsv",
                                                        sep="\t", index=False)
-        jobs = planned_jobs(preprocessed["workdir"], preprocessed["config"])
-        assert jobs == subject_jobs(labels(new)) | DATASET_RULES
-    finally:  # the module's dataset as it was, for the tests that run after this one
+        return planned_jobs(preprocessed["workdir"], preprocessed["config"])
+    finally:
         for participant_id in new["participant_id"]:
             shutil.rmtree(dataset / participant_id, ignore_errors=True)
         preprocessed["first"].to_csv(dataset / "participants.tsv", sep="\t", index=False)
+
+
+def test_adding_a_study_reruns_only_its_subjects(preprocessed):
+    assert jobs_with_a_new_study(preprocessed) == \
+        subject_jobs(labels(preprocessed["new"])) | DATASET_RULES
 
 
 #: The README's "Freeing disk space" list of each subject's free files.
@@ -181,7 +187,10 @@ FREE_TO_DELETE = ("*_desc-biascorr_*", "*_desc-clean_*", "*_xfm.mat",
 
 
 def test_the_files_the_readme_calls_free_rerun_nothing_when_deleted(preprocessed):
-    """Last in this file: it deletes them from the module's run."""
+    """Last in this file: it deletes them from the module's run. Snakemake remakes no
+    missing file while what it feeds is up to date, so only a change that reruns what
+    reads them (a new study renormalises every subject) tells a free file from one to
+    keep: without the registered maps, every subject would be registered again."""
     anat = sorted((preprocessed["workdir"] / "results" / "preproc").glob("sub-*/anat"))
     deleted = [path for folder in anat for pattern in FREE_TO_DELETE
                for path in folder.glob(pattern)]
@@ -189,6 +198,8 @@ def test_the_files_the_readme_calls_free_rerun_nothing_when_deleted(preprocessed
     for path in deleted:
         path.unlink()
     assert planned_jobs(preprocessed["workdir"], preprocessed["config"]) == set()
+    assert jobs_with_a_new_study(preprocessed) == \
+        subject_jobs(labels(preprocessed["new"])) | DATASET_RULES
     config = write_config(preprocessed["base"] / "no_n4_after_freeing.yaml",
                           preprocessed["dataset"], preprocess={"n4": False})
     assert planned_jobs(preprocessed["workdir"], config) == \

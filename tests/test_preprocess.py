@@ -1656,15 +1656,36 @@ def test_in_process_chain_keeps_a_subject_whose_intermediates_were_deleted(tmp_p
              files["registered_reference"], files["mask"]]
     for path in freed:
         Path(path).unlink()
+    Path(files["qc_png"]).unlink()  # read by nothing after the chain, as the masks
+    Path(files["registered_mask"]).unlink()
     caplog.set_level("INFO", logger="brainage.preprocess.chain")
     assert run() == []
     assert "sub-a: reused" in caplog.text and "WARNING" not in caplog.text
     caplog.clear()
-    Path(files["qc_json"]).unlink()  # a product: its step reads the registered reference
+    Path(files["qc_json"]).unlink()  # read after: its step reads the registered reference
     assert run() == list(chain.STEPS)
-    assert f"sub-a: {files['mask']} is missing; doing strip_skull and the steps after it " \
-           "again" in caplog.text
+    # the file whose loss made the steps run, not the free files made again for them
+    assert caplog.messages == [f"sub-a: {files['qc_json']} is missing; doing strip_skull "
+                               f"and the steps after it again"]
     assert all(Path(path).is_file() for path in freed)
+
+
+def test_a_killed_redo_is_continued_without_blaming_the_inputs(tmp_path, monkeypatch, caplog):
+    """A registration redone for a deleted map and stopped was said, at the next run, to
+    have been made "from other input files or preprocessing settings": the old outputs
+    were there, the record not."""
+    from brainage.preprocess import chain
+
+    run, _, _, files, _ = _fake_chain(tmp_path, monkeypatch)
+    assert run() == list(chain.STEPS)
+    Path(files["registered_stiffness"]).unlink()
+    with pytest.raises(PreprocessError):
+        run(fail={"register_to_template"})
+    caplog.clear()
+    caplog.set_level("INFO", logger="brainage.preprocess.chain")
+    assert run() == ["register_to_template", "compute_qc"]
+    assert caplog.messages == ["sub-a: register_to_template was stopped before it finished; "
+                               "doing it again"]
 
 
 def test_a_step_that_fails_when_redone_leaves_no_record_to_reuse_its_old_outputs(

@@ -298,16 +298,19 @@ def step_record_path(layout: Layout, subject: str, preproc: str, step: str) -> P
         f"{step}.json"
 
 
-def chain_products(files: Mapping[str, str]) -> set[str]:
-    """What a subject's chain is for, of its :func:`subject_files`: the registered maps and
-    mask with their sidecars and the QC files, read after the chain (normalisation, the QC
-    table, a cohort's prediction). The other outputs only feed the steps after their own
-    (the registered reference only the QC): deleted to free space (README, "Freeing disk
-    space"), they are made again only where a step that reads them must run, as Snakemake
-    does."""
-    return {path for key, path in files.items()
-            if key in ("qc_json", "qc_png")
-            or (key.startswith("registered_") and key != "registered_reference")}
+def chain_products(files: Mapping[str, str], modalities: Sequence[str]) -> set[str]:
+    """What is read after a subject's chain, of its :func:`subject_files`: the registered
+    maps of ``modalities`` (the network's input) and ``qc.json`` (the QC table, a cohort's
+    prediction). The other outputs (the masks, the QC figure, the sidecars) are read by
+    nothing after their own step or only by the steps after it: deleted (README, "Freeing
+    disk space"), they are made again only where a step that reads them must run, as
+    Snakemake does."""
+    return {*registered_maps(files, modalities).values(), files["qc_json"]}
+
+
+#: What a step's record holds while the step runs: a step killed then is done again
+#: without a warning (nothing about its inputs changed), as a new subject's steps are.
+UNFINISHED = "unfinished"
 
 
 def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, preproc: str,
@@ -327,55 +330,61 @@ def run_subject(inputs: Mapping[str, str], layout: Layout, subject: str, *, prep
     files = subject_files(layout, subject, preproc, modalities)
     records = step_records(inputs, preprocess, template_t1=template_t1,
                            template_mask=template_mask, modalities=modalities)
-    products = chain_products(files)
+    products = chain_products(files, modalities)
     record_paths = {step: step_record_path(layout, subject, preproc, step) for step in STEPS}
     kept = {step: path.read_text() if path.is_file() else None
             for step, path in record_paths.items()}
-    # from the last step back: a step runs when it is not done as recorded, or a later
-    # step runs and this one's outputs it reads are gone
-    must_run, later_runs = set(), False
+    lost = {step: [path for path in step_outputs(files, step) if path in products
+                   and not Path(path).is_file()] for step in STEPS}
+    # from the last step back: a step runs when it is not done as recorded or lost a
+    # product, or when a later step runs and outputs of this one that it reads are gone
+    must_run, later_runs = [], False
     for step in reversed(STEPS):
-        missing = [path for path in step_outputs(files, step) if not Path(path).is_file()]
-        if kept[step] != records[step] or any(path in products for path in missing) \
-                or (later_runs and missing):
-            must_run.add(step)
+        if kept[step] != records[step] or lost[step] or later_runs and any(
+                not Path(path).is_file() for path in step_outputs(files, step)):
+            must_run.append(step)
             later_runs = True
     if not must_run:
         log.info("sub-%s: reused (every step's record matches its inputs and settings)",
                  subject)
         return files
     first = min(STEPS.index(step) for step in must_run)
-    _say_why_a_step_is_done_again(STEPS[first], files, kept, records, subject)
+    _say_why_steps_are_done_again(STEPS[first], files, kept, records, lost, subject)
     for step in STEPS[first:]:  # every later step reads this step's new outputs
-        record_paths[step].unlink(missing_ok=True)
+        record_paths[step].parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(record_paths[step]) as temporary:
+            temporary.write_text(UNFINISHED)
         run_step(step, files, inputs, template_t1=template_t1, template_mask=template_mask,
                  options=step_options(step, preprocess), subject=subject,
                  modalities=modalities, n4=preprocess["n4"])
-        record_paths[step].parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(record_paths[step]) as temporary:
             temporary.write_text(records[step])
     return files
 
 
-def _say_why_a_step_is_done_again(step: str, files: Mapping[str, str],
+def _say_why_steps_are_done_again(first: str, files: Mapping[str, str],
                                   kept: Mapping[str, str | None], records: Mapping[str, str],
-                                  subject: str) -> None:
-    """Warn why ``step``, the first of :func:`run_subject` to run, runs, unless it never
-    finished (a new subject, or an interrupted run)."""
+                                  lost: Mapping[str, list[str]], subject: str) -> None:
+    """Warn why :func:`run_subject` does ``first`` and the steps after it again: for the
+    earliest step that must run of itself (its record differs, or it lost a product),
+    unless that step never finished (a new subject, or a killed run)."""
+    step = next(step for step in STEPS
+                if kept[step] != records[step] or lost[step])
     folder = Path(files[STEP_DONE[step]]).parent
-    missing = [path for path in step_outputs(files, step) if not Path(path).is_file()]
     if kept[step] == records[step]:  # deleted since (by hand, or a clean-up of large files)
         log.warning("sub-%s: %s is missing; doing %s and the steps after it again",
-                    subject, missing[0], step)
+                    subject, lost[step][0], first)
+    elif kept[step] == UNFINISHED:
+        log.info("sub-%s: %s was stopped before it finished; doing it again", subject, step)
     elif kept[step] is not None and _only_times_differ(kept[step], records[step]):
         log.warning("sub-%s: the input files of the %s outputs in %s have new modification "
                     "times (the same names and sizes): copied without keeping them? (cp -a "
                     "and rsync -a keep them.) Their content may differ, so %s and the steps "
-                    "after it are done again", subject, step, folder, step)
+                    "after it are done again", subject, step, folder, first)
     elif kept[step] is not None or Path(files[STEP_DONE[step]]).is_file():
         log.warning("sub-%s: the %s outputs in %s were made from other input files or "
                     "preprocessing settings (or kept no record of them); doing %s and the "
-                    "steps after it again", subject, step, folder, step)
+                    "steps after it again", subject, step, folder, first)
 
 
 class WorkerKilledError(RuntimeError):
