@@ -1684,8 +1684,9 @@ def test_a_killed_redo_is_continued_without_blaming_the_inputs(tmp_path, monkeyp
     caplog.clear()
     caplog.set_level("INFO", logger="brainage.preprocess.chain")
     assert run() == ["register_to_template", "compute_qc"]
-    assert caplog.messages == ["sub-a: register_to_template was stopped before it finished; "
-                               "doing it again"]
+    assert caplog.messages == ["sub-a: register_to_template did not finish (stopped, or "
+                               "failed); doing register_to_template and the steps after it "
+                               "again"]
 
 
 def test_a_step_that_fails_when_redone_leaves_no_record_to_reuse_its_old_outputs(

@@ -230,14 +230,10 @@ def test_tiny_grid_runs_on_slurm(slurm_cluster, tmp_path):
         r"^===== attempt \d+ \(.*, SLURM job \d+, run ([0-9a-f]{16})\) =====$",
         log.read_text(errors="replace"), re.M)}
     assert len(named) == 1, named
-    # the plugin took the profile's slurm-delete-logfiles-older-than: 36500 (failed jobs'
-    # SLURM logs, the record of a memory or time kill, outlive its 10-day default) and, with
-    # a clean-up at all, removed the folders of the successful jobs' logs: with 0 (no
-    # clean-up) each subject and cell left empty ones, inodes on a cluster's quota
-    assert "Cleaning up SLURM log files older than 36500 day(s)" in output
-    slurm_logs = workdir / ".snakemake" / "slurm_logs"
-    assert not [folder for folder in slurm_logs.rglob("*") if folder.is_dir()], \
-        sorted(slurm_logs.rglob("*"))
+    # the plugin took the profile's slurm-delete-logfiles-older-than: 0 (failed jobs' SLURM
+    # logs, the record of a memory or time kill, outlive its 10-day default; and no clean-up
+    # removes the log folders of jobs waiting in the queue, which SLURM then fails)
+    assert "Cleaning up SLURM log files" not in output
     table3 = pd.read_csv(workdir / "results" / "tables" / "table3_losses.csv")
     assert list(table3.columns[:4]) == ["loss", "n_seeds", "mae_mean", "mae_std"]
     assert {"adaptive", "yaware"} <= set(table3["loss"])

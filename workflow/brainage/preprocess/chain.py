@@ -308,8 +308,8 @@ def chain_products(files: Mapping[str, str], modalities: Sequence[str]) -> set[s
     return {*registered_maps(files, modalities).values(), files["qc_json"]}
 
 
-#: What a step's record holds while the step runs: a step killed then is done again
-#: without a warning (nothing about its inputs changed), as a new subject's steps are.
+#: What a step's record holds while the step runs: a step stopped or failed then is done
+#: again with a line that says so, not blamed on other inputs or settings.
 UNFINISHED = "unfinished"
 
 
@@ -375,7 +375,8 @@ def _say_why_steps_are_done_again(first: str, files: Mapping[str, str],
         log.warning("sub-%s: %s is missing; doing %s and the steps after it again",
                     subject, lost[step][0], first)
     elif kept[step] == UNFINISHED:
-        log.info("sub-%s: %s was stopped before it finished; doing it again", subject, step)
+        log.info("sub-%s: %s did not finish (stopped, or failed); doing %s and the steps "
+                 "after it again", subject, step, first)
     elif kept[step] is not None and _only_times_differ(kept[step], records[step]):
         log.warning("sub-%s: the input files of the %s outputs in %s have new modification "
                     "times (the same names and sizes): copied without keeping them? (cp -a "
