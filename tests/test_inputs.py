@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -651,6 +652,19 @@ def test_a_table_without_rows_says_what_to_add(tiny_dataset):
     with pytest.raises(InputError, match=r"lists no participants\. Add a row per subject "
                                          r"\(participant_id, age, sex, study\)"):
         read_participants(tiny_dataset)
+
+
+def test_a_table_without_rows_is_refused_by_our_message_under_pandas_string_columns(
+        tiny_dataset):
+    """pandas 3 reads text as its string dtype, where ``or`` between booleans and strings
+    is deprecated (pandas 4 raises): an empty table's blank-cell mask must be booleans,
+    or the user gets pandas' TypeError instead of what to add."""
+    table = tiny_dataset / "participants.tsv"
+    table.write_text(table.read_text().splitlines()[0] + "\n")
+    with (pd.option_context("future.infer_string", True), warnings.catch_warnings()):
+        warnings.simplefilter("error")
+        with pytest.raises(InputError, match=r"lists no participants\."):
+            read_participants(tiny_dataset)
 
 
 @pytest.mark.parametrize("column", ["subset", "gap"])

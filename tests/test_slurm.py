@@ -187,6 +187,17 @@ def test_slurm_profile_rate_limit_parses_and_keeps_scheduling_passes_rare():
     assert limit.max_jobs >= plain["jobs"]
 
 
+def test_slurm_profile_schedules_greedily():
+    """The ILP scheduler plans temporary files (this pipeline writes none) on the login node
+    at every pass and calls PuLP functions that PuLP 4.0 removes; the profile's value must
+    be one of the scheduler plugins that this Snakemake has."""
+    from snakemake_interface_scheduler_plugins.registry import SchedulerPluginRegistry
+
+    scheduler = profile("slurm")["scheduler"]
+    assert scheduler == "greedy"
+    assert scheduler in SchedulerPluginRegistry().plugins
+
+
 def test_workflow_profile_never_requests_gpus_through_slurm_extra():
     for environment in ({}, {"BRAINAGE_SLURM_GPU_PARTITION": "gpu"}):
         for name in ("default", "slurm"):

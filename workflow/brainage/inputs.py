@@ -618,7 +618,9 @@ def _without_empty_rows(table: pd.DataFrame, lines: Sequence[int],
     """``table`` and its file ``lines`` without the rows of only tabs or spaces (a
     spreadsheet's formatted empty rows; pandas itself skips a line of spaces): they hold no
     subject, so they are left out, logged by line."""
-    blank = table.astype(str).apply(lambda column: column.str.strip() == "")
+    # astype(bool): apply() returns an empty table's string columns unchanged, and pandas 4
+    # refuses `or` between booleans and strings.
+    blank = table.astype(str).apply(lambda column: column.str.strip() == "").astype(bool)
     empty = (table.isna() | blank).all(axis=1).to_numpy()
     if empty.any():
         log.info("%s: line(s) %s hold only tabs or spaces and are skipped.", table_path,
