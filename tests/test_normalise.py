@@ -100,6 +100,48 @@ def test_holdout_is_stratified_seeded_and_order_free():
     assert not other.equals(subset)
 
 
+def test_holdout_never_tests_the_only_subject_of_a_study():
+    """Studies of 10, 10, 10, 1, 1, 1 subjects: 7 test places, and the three singletons
+    tied for the seventh, which went by study name, so Tiny1's only subject was tested from
+    a site that training never saw. Each study keeps a training subject, as the search's
+    validation carve-out does; the place goes to the next remainder."""
+    table = participants_of({"A": 10, "B": 10, "C": 10, "Tiny1": 1, "Tiny2": 1, "Tiny3": 1})
+    subset = assign_split(table, "holdout", **{**SPLIT, "test_fraction": 0.2})
+    assert (subset == "test").sum() == round(0.2 * len(table)) == 7
+    per_study = (subset == "test").groupby(table["study"]).sum()
+    assert per_study[["Tiny1", "Tiny2", "Tiny3"]].tolist() == [0, 0, 0]
+    assert sorted(per_study[["A", "B", "C"]].tolist()) == [2, 2, 3]
+    # a cohort of one-subject studies only is split as it comes (no study can keep one)
+    singletons = participants_of({f"s{k}": 1 for k in range(5)})
+    assert (assign_split(singletons, "holdout", **{**SPLIT, "test_fraction": 0.2})
+            == "test").sum() == 1
+
+
+def test_a_split_names_studies_all_on_one_side(small_dataset, caplog):
+    """A kfold fold that tests a one-subject study evaluates a site that training never saw,
+    and a holdout leaves a study too small for a test place out of the per-study results:
+    both are said, by study, rather than read off Table 3 later."""
+    data = dict(small_dataset)
+    table = data["table"].copy()
+    table.loc[0, "study"] = "Solo"
+    data["table"] = table
+    out = data["out"]
+    kfold = {**SPLIT, "scheme": "kfold"}
+    fold = next(name for name in split_names(table, **kfold)  # the fold that tests Solo
+                if (assign_split(table, name, **kfold)[0] == "test"))
+    with caplog.at_level(logging.INFO, logger="brainage"):
+        normalise_dataset(data["maps"], table, data["qc"], data["mask"], out / "images.npy",
+                          out / "participants.tsv", out / "stats.json", split=fold,
+                          split_settings=kfold)
+    assert re.search(rf"split {fold}: study/studies Solo have no training subject: their "
+                     r"test MAE is that of a site the model never saw", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="brainage"):
+        _run(data)
+    assert "split holdout: study/studies Solo have no test subject" in caplog.text
+    assert "no training subject" not in caplog.text
+
+
 def test_holdout_refuses_an_empty_side():
     table = participants_of({"s1": 2})
     with pytest.raises(InputError, match=r"split\.test_fraction=0\.1 of 2 subjects leaves the "

@@ -695,6 +695,16 @@ def test_cohort_table_by_hand():
     assert table.loc["Total", "coverage_min_pct"] == pytest.approx(70.0)
 
 
+def test_a_study_named_total_keeps_its_row_apart_from_the_cohorts():
+    """A trial called TOTAL gave Table 2 two rows named Total, its own and the cohort's."""
+    participants = pd.DataFrame({"participant_id": ["sub-1", "sub-2", "sub-3"],
+                                 "age": [30.0, 40.0, 50.0], "sex": ["F", "M", "F"],
+                                 "study": ["TOTAL", "TOTAL", "B"]})
+    table = tables.cohort_table(participants)
+    assert table["study"].tolist() == ["B", "TOTAL", "Total (all studies)"]
+    assert table["n"].tolist() == [1, 2, 3]
+
+
 def test_table3_shows_per_study_maes_in_natural_order_and_names_shared_losses_apart(tmp_path):
     """The per-study column of Table 3 lists study2 before study10 (natural order, as
     Table 2), whatever the order of the metrics' columns; two variants training the same
@@ -718,6 +728,12 @@ def test_table3_shows_per_study_maes_in_natural_order_and_names_shared_losses_ap
     markdown = (tmp_path / "table3.md").read_text()
     assert "study2 2.5; study10 5.5" in markdown  # adaptive: 2 and 3, 5 and 6 over seeds
     assert "3 test subjects (study2 2, study10 1)." in markdown
+    # a study too small for a test place has no per-study MAE: the note names it rather
+    # than let it vanish from the table (a consortium's one-subject studies)
+    tables.write_table3(table, tables.paired_comparison(seeds), tmp_path / "table3",
+                        tmp_path / "paired", studies={"study2", "study10", "Tiny 1", "tiny0"})
+    assert ("3 test subjects (study2 2, study10 1); not tested (no test subject): Tiny 1, "
+            "tiny0.") in (tmp_path / "table3.md").read_text()
 
 
 def test_make_tables_writes_csv_markdown_latex(results, tmp_path):
@@ -2273,3 +2289,78 @@ def test_every_caption_renders_what_the_config_decides(config_file):
     assert simulated == config["dataset"]["simulate"]["enabled"]
     first_split_only = "on the first split only" in rendered["figures/training_loss.rst"]
     assert first_split_only == (config["split"]["scheme"] != "holdout")
+
+
+#: Site names as a consortium writes them (a review's 15-study cohort).
+CONSORTIUM = ["Berlin-Charite", "Mayo-MRE-2021", "UCSF-2019", "mre_site 3", "Study_A",
+              "ÉPFL", "Edinburgh-MRE", "Illinois-Urbana", "Delaware-2020", "Auckland",
+              "Dartmouth-MRE", "Lyon-CREATIS", "Mayo-MRE-2023", "Stanford-NAM", "UCSF-2022"]
+
+
+def _consortium(subjects_per_study: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    rows = [{"participant_id": f"sub-{k}x{i}", "study": study, "age": float(rng.uniform(20, 80)),
+             "sex": "F", "coverage": float(rng.uniform(0.8, 1.0)), "subset": "test"}
+            for k, study in enumerate(CONSORTIUM) for i in range(subjects_per_study)]
+    table = pd.DataFrame(rows)
+    return table.assign(predicted_age=table["age"] + rng.normal(0, 5, len(table)))
+
+
+def test_study_legends_of_a_consortium_lie_beside_the_axes(tmp_path, monkeypatch):
+    """With 15 studies the legend inside Fig. 3 covered the 60-80-year bars and the one of
+    predicted vs true a third of the test points; Fig. 7's side-by-side names overprinted.
+    The paper's five studies keep their legend inside."""
+    drawn = []
+    monkeypatch.setattr(figures, "_save", lambda figure, path: drawn.append(figure))
+    cohort = _consortium()
+    figures.plot_age_distribution(cohort, tmp_path / "fig3.png")
+    figures.plot_predicted_vs_true(cohort, tmp_path / "pvt.png", cell="c")
+    for figure in drawn:
+        figure.canvas.draw()
+        axis = figure.axes[0]
+        legend = axis.get_legend().get_window_extent(figure.canvas.get_renderer())
+        assert legend.x0 >= axis.get_window_extent().x1  # beside the axes: covers nothing
+    figures.plot_coverage(cohort, tmp_path / "fig7.png")
+    figure = drawn[-1]
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    ticks = [label.get_window_extent(renderer) for label in figure.axes[0].get_xticklabels()]
+    assert not any(first.overlaps(second) for first, second in zip(ticks, ticks[1:]))
+    few = cohort[cohort["study"].isin(CONSORTIUM[:5])]
+    figures.plot_age_distribution(few, tmp_path / "fig3_five.png")
+    drawn[-1].canvas.draw()
+    axis = drawn[-1].axes[0]
+    legend = axis.get_legend().get_window_extent(drawn[-1].canvas.get_renderer())
+    assert axis.get_window_extent().contains(legend.x0 + 1, legend.y0 + 1)
+
+
+def test_qc_overview_keeps_a_long_study_names_label(tmp_path):
+    """A 40-character study name's tilted tick label reached below the figure, and the PNG
+    was saved at the figure's size, cutting it off."""
+    from matplotlib.image import imread
+
+    from brainage.qc import plot_dataset_qc
+
+    long_name = "Longitudinal-Elastography-Consortium-A01"
+    table = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c"],
+                          "study": [long_name, long_name, "s2"], "dice": [0.95, 0.9, 0.93],
+                          "correlation": [0.8, 0.7, 0.7], "coverage": [0.9, 0.95, 0.9],
+                          "qc_pass": [True, True, True]})
+    plot_dataset_qc(table, tmp_path / "qc.png",
+                    minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    height = imread(tmp_path / "qc.png").shape[0]
+    assert height > 3.6 * 90  # the figure's own height at dpi 90: the label reaches below
+
+
+def test_a_long_text_column_wraps_in_the_latex(tmp_path):
+    """Table 3's per-study MAEs of 23 studies made one cell of 330 characters in an l
+    column, which LaTeX never breaks: the table ran far off the page."""
+    per_study = "; ".join(f"site{k:02d} {4 + k / 10:.1f}" for k in range(23))
+    display = pd.DataFrame({"Loss": ["SimCLR", "Adaptive"], "MAE": ["5.1", "4.2"],
+                            "MAE per study": [per_study, per_study]})
+    tables.write_table(display, display, tmp_path / "t", title="Table 3: t")
+    latex = (tmp_path / "t.tex").read_text()
+    assert (r"\begin{tabular}{lrp{" + tables.WRAPPED_COLUMN_WIDTH + "}}") in latex
+    short = display.assign(**{"MAE per study": ["a 1.0; b 2.0", "a 1.1; b 2.1"]})
+    tables.write_table(short, short, tmp_path / "s", title="Table 3: s")
+    assert r"\begin{tabular}{lrl}" in (tmp_path / "s.tex").read_text()

@@ -555,7 +555,9 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     plt = headless_pyplot()
 
     studies = sorted(table["study"].astype(str).unique())
-    figure, axes = plt.subplots(1, len(METRICS), figsize=(4 * len(METRICS), 3.6))
+    # a panel widens with a consortium's 15-30 studies, whose tilted names overprinted
+    figure, axes = plt.subplots(1, len(METRICS), figsize=(
+        max(4.0, 0.3 * len(studies)) * len(METRICS), 3.6))
     rng = np.random.default_rng(0)  # horizontal jitter only
     judged = {metric: np.ones(len(table), dtype=bool) for metric in METRICS}
     judged["correlation"] = np.array([correlation_applies(row)
@@ -584,7 +586,8 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
                     f"configured minimum")
     figure.tight_layout()
     with atomic_path(out_png, suffix=".png") as temp:
-        figure.savefig(temp, dpi=90, format="png")
+        # tight: a long study name's tilted label was cut off at the bottom
+        figure.savefig(temp, dpi=90, format="png", bbox_inches="tight")
     plt.close(figure)
 
 

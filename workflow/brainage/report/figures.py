@@ -115,6 +115,30 @@ def _legend_below(figure, axis, **options) -> None:
                 **options)
 
 
+#: Study legend entries that fit inside an axis without hiding its data (the paper's five
+#: studies); a consortium's 15-30 go beside it (:func:`_study_legend`).
+LEGEND_INSIDE_MAX = 8
+
+
+def _study_legend(axis, entries: int) -> None:
+    """The study legend of ``entries`` entries: inside the axis for a few studies, beside it
+    (to the right, in columns of 25) for more, where inside it covered the bars or points
+    and, at 23 studies, the title."""
+    if entries <= LEGEND_INSIDE_MAX:
+        axis.legend(title="study", fontsize="small")
+    else:
+        axis.legend(title="study", fontsize="x-small", loc="upper left",
+                    bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, ncol=1 + (entries - 1) // 25)
+
+
+def _upright_long_tick_labels(axis, labels: Sequence[str]) -> None:
+    """Turn the x tick labels upright where side by side they would overprint (many
+    studies, or names of more than 12 characters, as consortia name their sites): upright,
+    a label takes its line height of width, whatever the name's length."""
+    if len(labels) > LEGEND_INSIDE_MAX or max(map(len, labels), default=0) > 12:
+        axis.tick_params(axis="x", labelrotation=90)
+
+
 def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
     """Fig. 3: stacked age histogram (5-year bins) coloured by study."""
     plt = headless_pyplot()
@@ -131,7 +155,7 @@ def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
     axis.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
     axis.set_title(f"Fig. 3: age distribution by study (n={len(ages)}, "
                    f"{ages.mean():.1f} ± {ages.std():.1f} years)")
-    axis.legend(title="study", fontsize="small")
+    _study_legend(axis, len(colours))
     _save(figure, path)
 
 
@@ -347,7 +371,7 @@ def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
     plt = headless_pyplot()
     coverage = 100 * coverage_fraction(participants)
     colours = _study_colours(participants["study"])
-    figure, axis = plt.subplots(figsize=(7, 4))
+    figure, axis = plt.subplots(figsize=(max(7.0, 0.45 * len(colours)), 4))
     rng = np.random.default_rng(0)
     minimum = -np.inf if min_coverage is None else 100 * min_coverage
     labelled = False
@@ -370,6 +394,7 @@ def plot_coverage(participants: pd.DataFrame, path: str | Path, *,
     axis.set_xticks(range(len(colours)),
                     [f"{s}\n(n={int((participants['study'].astype(str) == s).sum())})"
                      for s in colours])
+    _upright_long_tick_labels(axis, list(colours))
     axis.set_ylabel("brain coverage [%]")
     axis.set_xlabel("study")
     axis.set_title(f"Fig. 7: brain coverage of the {modality(map_name).description}s by study")
@@ -617,7 +642,7 @@ def plot_predicted_vs_true(predictions: pd.DataFrame, path: str | Path, *,
     axis.set_ylabel("predicted age [years]")
     axis.set_title(f"Predicted vs true age, test subjects\n{cell}: MAE {error:.2f} years, "
                    f"n={len(test)}", fontsize="medium")
-    axis.legend(title="study", fontsize="small")
+    _study_legend(axis, test["study"].astype(str).nunique() + 1)  # + the identity line
     _save(figure, path)
 
 

@@ -8,7 +8,7 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Collection, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -375,7 +375,8 @@ def _sex_counts(sex: pd.Series) -> tuple[int, int, int]:
 
 
 def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
-    """Paper Table 2 for our cohort: one row per study plus a ``Total`` row.
+    """Paper Table 2 for our cohort: one row per study plus a ``Total`` row (``Total (all
+    studies)`` beside a study named Total).
 
     Parameters
     ----------
@@ -415,7 +416,10 @@ def cohort_table(participants: pd.DataFrame) -> pd.DataFrame:
     studies = sorted(participants["study"].astype(str).unique(), key=natural_key)
     rows = [row(study, participants[participants["study"].astype(str) == study])
             for study in studies]
-    rows.append(row("Total", participants))
+    # a consortium may have a study called TOTAL: its row and the cohort's stay apart
+    total = ("Total (all studies)" if any(study.casefold() == "total" for study in studies)
+             else "Total")
+    rows.append(row(total, participants))
     return pd.DataFrame(rows)
 
 
@@ -445,6 +449,13 @@ def markdown_table(display: pd.DataFrame) -> str:
     return escaped.to_markdown(index=False, disable_numparse=True, colalign=alignment)
 
 
+#: A text column with a cell longer than this many characters is set as a paragraph of
+#: WRAPPED_COLUMN_WIDTH in the LaTeX: an ``l`` column never breaks its line, and Table 3's
+#: per-study MAEs of a consortium of 23 studies made a cell of 330 characters.
+WRAP_AFTER_CHARACTERS = 60
+WRAPPED_COLUMN_WIDTH = "6cm"
+
+
 def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
                 title: str, notes: Sequence[str] = (),
                 extra_markdown: str = "") -> dict[str, str]:
@@ -465,7 +476,10 @@ def write_table(table: pd.DataFrame, display: pd.DataFrame, stem: str | Path, *,
     # pandas escapes the cells, not the caption: an experiment's name (my_ablation) names
     # it; LaTeX numbers the table itself ("Table 3: Table 3: ..." otherwise)
     caption = _escape_latex(re.sub(r"^Table \w+: ", "", title))
-    alignment = "".join("r" if number else "l" for number in numeric_columns(display))
+    alignment = "".join(
+        "r" if number else f"p{{{WRAPPED_COLUMN_WIDTH}}}"
+        if display[column].astype(str).str.len().max() > WRAP_AFTER_CHARACTERS else "l"
+        for column, number in zip(display.columns, numeric_columns(display)))
     latex = display.to_latex(index=False, escape=True, caption=caption,
                              label=f"tab:{stem.name}", column_format=alignment or "l")
     if notes:  # a table pasted into a paper keeps what its numbers are
@@ -525,16 +539,20 @@ def _over_seeds(table: pd.DataFrame) -> str:
     return "one seed (no sd)" if single_seed(table) else "mean ± sd over seeds"
 
 
-def _study_counts(table: pd.DataFrame) -> str:
+def _study_counts(table: pd.DataFrame, studies: Collection[str] = ()) -> str:
     """" (study1 3, study2 2)": the test subjects behind each per-study MAE, when every
-    row has the same counts (it does on one split scheme); "" when unknown (metrics of an
-    older version) or when the rows differ."""
+    row has the same counts (it does on one split scheme), and the cohort's ``studies``
+    without a test subject (too small for a test place), which have no per-study MAE; ""
+    when unknown (metrics of an older version) or when the rows differ."""
     columns = sorted((c for c in table.columns if c.startswith("n_study_")), key=natural_key)
     counts = table[columns].drop_duplicates() if columns else pd.DataFrame()
     if len(counts) != 1 or counts.isna().to_numpy().any():
         return ""
-    return " (" + ", ".join(f"{column[len('n_study_'):]} {int(count)}"
-                            for column, count in counts.iloc[0].items() if count > 0) + ")"
+    tested = {column[len("n_study_"):]: int(count)
+              for column, count in counts.iloc[0].items() if count > 0}
+    untested = sorted(set(studies) - set(tested), key=natural_key)
+    return (" (" + ", ".join(f"{study} {count}" for study, count in tested.items()) + ")"
+            + (f"; not tested (no test subject): {', '.join(untested)}" if untested else ""))
 
 
 #: Under leave-one-study-out no test subject's study has training subjects, so the
@@ -556,11 +574,12 @@ STUDY_MEAN_LEFT_OUT = ("Table 3b leaves the study-mean row out: its comparison w
 
 def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Path,
                  paired_stem: str | Path, *, leave_one_study_out: bool = False,
-                 one_study: bool = False) -> None:
+                 one_study: bool = False, studies: Collection[str] = ()) -> None:
     """Table 3 (ours beside the paper's, labelled; the baselines on the same split below the
     losses) and the paired comparison; ``leave_one_study_out`` (split scheme ``loso``) or
     ``one_study`` (a cohort of one study): the study-mean baseline is the training mean (a
-    note says so), and Table 3b leaves it out where the training-mean row is there too."""
+    note says so), and Table 3b leaves it out where the training-mean row is there too.
+    ``studies``: the cohort's, so that the note names those without a test subject."""
     study_mean = table["label"] == baseline_label("study_mean")
     study_mean_note = ([STUDY_MEAN_UNDER_LOSO if leave_one_study_out
                         else STUDY_MEAN_OF_ONE_STUDY]
@@ -599,7 +618,7 @@ def write_table3(table: pd.DataFrame, paired: pd.DataFrame, table_stem: str | Pa
     display = pd.concat([display, not_run], ignore_index=True)
     baselines = bool((table["kind"] == "baseline").any())
     notes = [f"Ours: test MAE, {_over_seeds(table)}; {int(table['n_test'].iloc[0])} test "
-             f"subjects{_study_counts(table)}. "
+             f"subjects{_study_counts(table, studies)}. "
              + ("Baselines: the same split, seeds, test subjects and read-out path as the "
                 "losses. " if baselines else "No baseline was configured: a loss's MAE "
                 "stands alone. ")
@@ -918,7 +937,8 @@ def make_tables(*, metrics: Sequence[str | Path], participants: str | Path,
             paired = paired_comparison(seeds, errors=subject_errors(read,
                                                                    predictions=predictions))
             write_table3(table, paired, stem, outputs["table3_paired"],
-                         leave_one_study_out=one_study_out, one_study=one_study)
+                         leave_one_study_out=one_study_out, one_study=one_study,
+                         studies=() if cohort is None else set(cohort["study"]))
         elif name == "table3_paired":
             continue  # written with table3_losses
         elif name == SEARCH_NAME:
