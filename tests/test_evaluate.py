@@ -253,6 +253,24 @@ def test_dex_reads_whole_year_ages_without_a_half_bin_bias():
     assert wide.bin_centres[0] == 5 * np.round(train_y.min() / 5)
 
 
+def test_dex_with_too_few_classes_for_the_training_ages_says_which_key_to_set(caplog):
+    """A cohort of one school year (ages 9.6-10.4) at 1-year bins made one DEX class: every
+    prediction was 10.000 and metrics.json said dex_bins 1 without a word."""
+    train_x, _, test_x, _ = _shared_direction_data()
+    one_year = np.linspace(9.6, 10.4, len(train_x))
+    with caplog.at_level(logging.WARNING, logger="brainage.readout"):
+        narrow = fit_readout(train_x, one_year, readout_section({"method": "dex"}), seed=0)
+    assert narrow.info["dex_bins"] == 1 and np.allclose(narrow.predict(test_x), 10.0)
+    assert re.search(r"readout\.dex_bin_years is 1 years: the training ages \(9\.60-10\.40 "
+                     r"years\) make only 1 DEX class\(es\), so every prediction is one of 10 "
+                     r"years\. Set readout\.dex_bin_years to about 0\.08", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="brainage.readout"):
+        fit_readout(train_x, 0.1 * np.arange(len(train_x)) + 10.0,
+                    readout_section({"method": "dex", "dex_bin_years": 0.5}), seed=0)
+    assert "dex_bin_years" not in caplog.text  # enough classes: silent
+
+
 def test_predictor_is_deterministic():
     train_x, train_y, test_x, _ = _shared_direction_data()
     huber = readout_section({"method": "huber"})
@@ -667,6 +685,7 @@ def test_predictions_and_metrics_describe_the_splits_own_subjects(tmp_path):
     training = description["training"]
     assert training["n_subjects"] == 8 and training["age_mean"] == pytest.approx(train_ages.mean())
     assert (training["age_min"], training["age_max"]) == (train_ages.min(), train_ages.max())
+    assert training["age_sd"] == pytest.approx(np.std(train_ages))  # population sd (ddof 0)
     assert training["studies"] == table.loc[table["subset"] == "train", "study"
                                             ].value_counts().to_dict()
     on_test = description["bias_correction"]["test"]

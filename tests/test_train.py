@@ -1227,3 +1227,41 @@ def test_the_optimiser_takes_the_configured_rate_and_weight_decay():
     assert isinstance(optimizer, torch.optim.Adam)
     assert [(group["lr"], group["weight_decay"]) for group in optimizer.param_groups] == [
         (3e-4, 5e-5)]
+
+
+def test_a_kernel_wide_for_the_training_ages_is_warned_of_once_naming_loss_sigma(
+        caplog, monkeypatch):
+    """loss.sigma 2 years on students aged 18-26 (mean pair weight 0.5) or one school year
+    (0.98): Exponential and Adaptive Neighborhoods trained encoders barely better than the
+    mean age, and nothing said so. A cohort like the paper's (0.08) stays silent, and so do
+    the losses a wide kernel leaves as they are."""
+    from types import SimpleNamespace
+
+    from brainage import train
+
+    monkeypatch.setattr(train, "_warned_kernels", set())
+    rng = np.random.default_rng(0)
+    adults, students = rng.uniform(20, 80, 120), rng.uniform(18, 26, 120)
+    assert train.mean_kernel_weight(2.0, adults) < 0.1
+    assert 0.4 < train.mean_kernel_weight(2.0, students) < 0.6
+    assert train.mean_kernel_weight(2.0, np.full(5, 10.0)) == pytest.approx(1.0)
+    # over KERNEL_SAMPLE ages: an even sample in age order, close to the exact mean
+    many = rng.uniform(18, 26, 3 * train.KERNEL_SAMPLE)
+    assert train.mean_kernel_weight(2.0, many) == pytest.approx(
+        train.mean_kernel_weight(2.0, many[::3]), abs=0.01)
+
+    def make(name, ages):
+        split = SimpleNamespace(ages=ages, train_index=np.arange(len(ages)))
+        return train._make_loss({"name": name, "sigma": 2.0}, split, epochs=2, batch_size=8)
+
+    with caplog.at_level(logging.WARNING, logger="brainage.train"):
+        make("exponential", adults)
+        make("threshold", students)
+        make("simclr", students)
+    assert "loss.sigma" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="brainage.train"):
+        make("exponential", students)
+        make("yaware", students)  # the same sigma and ages: a search's trials warn once
+    assert caplog.text.count("loss.sigma is 2 years, wide for the training ages") == 1
+    assert re.search(r"Set loss\.sigma \(the variant's, or pretrain\.<run>\.loss\.sigma\) to "
+                     r"about 0\.2\d? years", caplog.text), caplog.text

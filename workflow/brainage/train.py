@@ -422,12 +422,64 @@ def _make_loss(loss_settings: Mapping, split: SplitData, *, epochs: int, batch_s
     ages = split.ages[split.train_index]
     params = loss_parameters(loss_settings)
     try:
-        return make_loss(loss_settings["name"], **params, max_epochs=epochs,
+        loss = make_loss(loss_settings["name"], **params, max_epochs=epochs,
                          batch_size=batch_size, age_mean=float(ages.mean()),
                          age_sd=float(ages.std() or 1.0))
     except ValueError as error:
         raise ConfigError(f"config section loss (loss {loss_settings['name']!r}): "
                           f"{error}") from None
+    if loss_settings["name"] in SIGMA_SCALED_LOSSES:
+        warn_of_a_wide_age_kernel(loss.sigma, ages)
+    return loss
+
+
+#: Mean age-kernel weight over pairs of training subjects above which ``loss.sigma`` is
+#: wide for the cohort (docs/method.md, "sigma on another cohort"). At sigma 2 years: 0.08
+#: in a cohort like the paper's, 0.19 aged 65-90, 0.38 aged 6-18 (results within the seeds'
+#: spread of a scaled sigma), 0.5 among students aged 18-26 and 0.98 in one school year,
+#: where the kernel losses trained encoders barely better than the mean age.
+WIDE_KERNEL_WEIGHT = 0.4
+#: The losses that a wide sigma degrades: Threshold repels by the order of the weights, not
+#: their size, and still scored an age-ordered embedding best at every age scale a review
+#: tried (one school year included); SimCLR ignores the ages.
+SIGMA_SCALED_LOSSES = ("yaware", "exponential", "adaptive")
+#: The paper's cohort's age sd (years, its Table 2), for which sigma 2 years was chosen.
+PAPER_AGE_SD = 21.9
+#: Training ages compared pair by pair at most (evenly spaced in age order): enough for the
+#: mean weight, where 10,000 pretraining subjects would take 800 MB.
+KERNEL_SAMPLE = 2000
+_warned_kernels: set[tuple[float, float]] = set()  # a search's 30 trials warn once
+
+
+def mean_kernel_weight(sigma: float, ages: np.ndarray) -> float:
+    """The mean of ``exp(-(a - b)^2 / (2 sigma^2))`` over pairs of distinct subjects of
+    ``ages`` (years; sigma in years); NaN for fewer than two."""
+    ages = np.sort(np.asarray(ages, dtype=np.float64))
+    if len(ages) > KERNEL_SAMPLE:
+        ages = ages[np.linspace(0, len(ages) - 1, KERNEL_SAMPLE).round().astype(np.int64)]
+    if len(ages) < 2:
+        return float("nan")
+    weights = np.exp(-np.square(ages[:, None] - ages[None, :]) / (2.0 * sigma ** 2))
+    return float((weights.sum() - len(ages)) / (len(ages) * (len(ages) - 1)))
+
+
+def warn_of_a_wide_age_kernel(sigma: float, ages: np.ndarray) -> None:
+    """Warn when ``loss.sigma`` (years) is wide for the training ``ages``: the kernel then
+    counts most pairs as same-age and the loss can prefer every subject at one point
+    (a cohort of one age group), silently, and Table 3 measures the setting."""
+    weight = mean_kernel_weight(sigma, ages)
+    if not weight > WIDE_KERNEL_WEIGHT or (sigma, round(weight, 3)) in _warned_kernels:
+        return
+    _warned_kernels.add((sigma, round(weight, 3)))
+    spread = float(np.std(ages))
+    log.warning("loss.sigma is %g years, wide for the training ages (%.1f-%.1f years, sd "
+                "%.1f): the age kernel weighs the average pair of training subjects %.2f "
+                "(0.08 in a cohort like the paper's, sd %.1f years), so the loss counts most "
+                "pairs as same-age and can prefer every subject at one point. Set loss.sigma "
+                "(the variant's, or pretrain.<run>.loss.sigma) to about %.2g years, the "
+                "paper's ratio to the age sd.", sigma, float(np.min(ages)),
+                float(np.max(ages)), spread, weight, PAPER_AGE_SD,
+                sigma * spread / PAPER_AGE_SD)
 
 
 def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,

@@ -139,12 +139,30 @@ def _upright_long_tick_labels(axis, labels: Sequence[str]) -> None:
         axis.tick_params(axis="x", labelrotation=90)
 
 
+def age_bin_years(ages: pd.Series) -> float:
+    """Fig. 3's bin width in years: 5 over an age range of 30 years or more (the paper's
+    cohort), 1 from 3 years (children, students), 0.25 below (one school year, whose ages
+    5-year bins drew as a single bar)."""
+    spread = float(ages.max() - ages.min())
+    return 5.0 if spread >= 30 else 1.0 if spread >= 3 else 0.25
+
+
+def age_bins(ages: pd.Series) -> np.ndarray:
+    """Edges on multiples of :func:`age_bin_years` from below the youngest age to the first
+    multiple at or above the oldest (numpy's last bin is closed, so no empty bin after it;
+    one bin where every age is one)."""
+    width = age_bin_years(ages)
+    low = width * np.floor(ages.min() / width)
+    high = max(width * np.ceil(ages.max() / width), low + width)
+    return np.linspace(low, high, int(round((high - low) / width)) + 1)
+
+
 def plot_age_distribution(participants: pd.DataFrame, path: str | Path) -> None:
-    """Fig. 3: stacked age histogram (5-year bins) coloured by study."""
+    """Fig. 3: stacked age histogram coloured by study, in bins of :func:`age_bin_years`."""
     plt = headless_pyplot()
     colours = _study_colours(participants["study"])
     ages = participants["age"].astype(float)
-    bins = np.arange(5 * np.floor(ages.min() / 5), 5 * np.ceil(ages.max() / 5) + 5.001, 5)
+    bins = age_bins(ages)
     figure, axis = plt.subplots(figsize=(7, 4))
     groups = [ages[participants["study"].astype(str) == study] for study in colours]
     axis.hist(groups, bins=bins, stacked=True, color=list(colours.values()),
