@@ -2368,14 +2368,17 @@ def test_a_long_text_column_wraps_in_the_latex(tmp_path):
 
 def test_fig3_bins_follow_the_cohorts_age_range():
     """Fixed 5-year bins drew a cohort aged 20-24.9 as one bar, one school year (9.5-10.5)
-    in two, and every Fig. 3 had an empty last bin."""
-    paper_like = pd.Series([20.0, 33.5, 47.0, 80.0])
-    assert figures.age_bins(paper_like).tolist() == [20, 25, 30, 35, 40, 45, 50, 55, 60, 65,
-                                                     70, 75, 80]  # 80 in the last, closed bin
+    in two, and every Fig. 3 had an empty last bin; the oldest age has a bar of its own
+    rather than joining the one below (numpy closes its last bin)."""
+    paper_like = pd.Series([20.0, 33.5, 47.0, 79.0])
+    assert figures.age_bins(paper_like).tolist() == list(range(20, 81, 5))
     students = pd.Series([20.0, 21.2, 24.9])
     assert figures.age_bins(students).tolist() == [20, 21, 22, 23, 24, 25]
+    children = pd.Series([6.0, 12.0, 17.0, 18.0, 18.0])  # whole years, oldest on an edge
+    counts, edges = np.histogram(children, figures.age_bins(children))
+    assert edges[-2:].tolist() == [18, 19] and counts[-2:].tolist() == [1, 2]
     school_year = pd.Series([9.5, 9.9, 10.5])
-    assert figures.age_bins(school_year).tolist() == [9.5, 9.75, 10.0, 10.25, 10.5]
+    counts, edges = np.histogram(school_year, figures.age_bins(school_year))
+    assert edges.tolist() == [9.5, 9.75, 10.0, 10.25, 10.5, 10.75]
+    assert counts.tolist() == [1, 1, 0, 0, 1]
     assert figures.age_bins(pd.Series([50.0, 50.0])).tolist() == [50.0, 50.25]
-    counts, _ = np.histogram(students, figures.age_bins(students))
-    assert counts.tolist() == [1, 1, 0, 0, 1] and counts[-1] > 0

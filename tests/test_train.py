@@ -1250,18 +1250,30 @@ def test_a_kernel_wide_for_the_training_ages_is_warned_of_once_naming_loss_sigma
     assert train.mean_kernel_weight(2.0, many) == pytest.approx(
         train.mean_kernel_weight(2.0, many[::3]), abs=0.01)
 
-    def make(name, ages):
+    elderly = rng.uniform(65, 90, 120)  # 0.19, the demo's cohort 0.15: no warning
+    assert 0.15 < train.mean_kernel_weight(2.0, elderly) < 0.25
+
+    def make(name, ages, sigma=2.0, warn=True):
         split = SimpleNamespace(ages=ages, train_index=np.arange(len(ages)))
-        return train._make_loss({"name": name, "sigma": 2.0}, split, epochs=2, batch_size=8)
+        return train._make_loss({"name": name, "sigma": sigma}, split, epochs=2,
+                                batch_size=32, warn=warn)
 
     with caplog.at_level(logging.WARNING, logger="brainage.train"):
         make("exponential", adults)
+        make("adaptive", elderly)
         make("threshold", students)
         make("simclr", students)
+        make("adaptive", students, warn=False)  # a training process other than rank 0
     assert "loss.sigma" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="brainage.train"):
-        make("exponential", students)
+        make("adaptive", students)  # the paper's loss and the demo's
+    assert "loss.sigma is 2 years, wide for the training ages" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="brainage.train"):
         make("yaware", students)  # the same sigma and ages: a search's trials warn once
     assert caplog.text.count("loss.sigma is 2 years, wide for the training ages") == 1
     assert re.search(r"Set loss\.sigma \(the variant's, or pretrain\.<run>\.loss\.sigma\) to "
                      r"about 0\.2\d? years", caplog.text), caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="brainage.train"):
+        make("exponential", students, sigma=5.0)  # the paper's ratio, not 5 scaled down
+    assert re.search(r"loss\.sigma is 5 years.*to about 0\.2\d? years", caplog.text)

@@ -173,8 +173,7 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
     -----
     ``holdout``: each study's subjects are shuffled (seed and study name), and the number
     of test subjects per study is its share of ``round(test_fraction * n)`` by largest
-    remainder, so the test set has the requested size and follows the study mix; each
-    study keeps a training subject (a one-subject study is never tested).
+    remainder, so the test set has the requested size and follows the study mix.
     ``kfold``: the per-study shuffles are concatenated (studies sorted) and dealt to the
     folds in turn, so every fold follows the study mix.
     """
@@ -190,13 +189,12 @@ def assign_split(participants: pd.DataFrame, split_name: str, *, scheme: str = "
         return subset
     groups = _shuffled_by_study(participants, seed)
     if scheme == "holdout":
-        sizes = {study: len(rows) for study, rows in groups.items()}
-        # each study keeps a training subject (as the search's validation carve-out does),
-        # or a one-subject study's only subject could be tested from a site never trained
-        # on; a cohort of one-subject studies only is split as it comes
-        keep = 1 if max(sizes.values()) > 1 else 0
-        quota = study_quotas(sizes, test_fraction,
-                             room={study: size - keep for study, size in sizes.items()})
+        # a one-subject study can win a test place and be tested from a site that training
+        # never saw: normalise_dataset says so (_log_one_sided_studies). Keeping it for
+        # training would change finished projects' splits, which the seen-subject marks and
+        # the pretraining leak check derive again at planning time.
+        quota = study_quotas({study: len(rows) for study, rows in groups.items()},
+                             test_fraction)
         for study, rows in groups.items():
             subset.iloc[rows[:quota[study]]] = "test"
         if (subset == "test").all() or (subset == "train").all():
@@ -611,7 +609,9 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                          f"preprocessing or set qc.exclude_failed: false.")
 
     if split_settings.get("scheme") != "loso":  # loso tests a study never trained on
-        _log_one_sided_studies(table, split, eval_subset)
+        _log_one_sided_studies(table, split, eval_subset,
+                               holdout=split_settings.get("scheme") == "holdout",
+                               excluded={row["participant_id"] for row in excluded})
     lookup = _map_lookup(maps, modalities)
     absent = [f"{pid} ({name})" for pid in table["participant_id"] for name in modalities
               if (pid, name) not in lookup]
@@ -628,22 +628,26 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                             eval_subset=eval_subset, excluded=excluded)
 
 
-def _log_one_sided_studies(table: pd.DataFrame, split: str, eval_subset: str) -> None:
-    """Name the studies whose subjects all fall on one side of ``split``: a study without a
-    training subject (a kfold fold of a one-subject study, or QC exclusions) is evaluated as
-    a site the model never saw; one without ``eval_subset`` subjects (too small for a
-    place) is trained on but absent from the per-study results."""
+def _log_one_sided_studies(table: pd.DataFrame, split: str, eval_subset: str, *,
+                           holdout: bool, excluded: Collection[str] = ()) -> None:
+    """Name the studies whose subjects all fall on one side of ``split`` (``table``: after
+    the QC exclusions, whose ids are ``excluded``): a study without a training subject (a
+    one-subject study that won a test place, a kfold fold of one, QC exclusions) is
+    evaluated as a site the model never saw; under a ``holdout``, one without
+    ``eval_subset`` subjects has no per-study result (a kfold fold without one is usual,
+    and the folds pool the study's results)."""
     sides = table.groupby(table["study"].astype(str))["subset"].agg(set)
     untrained = sorted(study for study, side in sides.items() if "train" not in side)
-    unevaluated = sorted(study for study, side in sides.items() if eval_subset not in side)
     if untrained:
-        log.warning("split %s: study/studies %s have no training subject: their %s MAE is "
-                    "that of a site the model never saw.", split, ", ".join(untrained),
-                    eval_subset)
-    if unevaluated:
-        log.info("split %s: study/studies %s have no %s subject (too few subjects for a "
-                 "place): trained on, but absent from the per-study results.", split,
-                 ", ".join(unevaluated), eval_subset)
+        log.warning("split %s: study/studies %s have no training subject%s: their %s MAE "
+                    "is that of a site the model never saw.", split, ", ".join(untrained),
+                    " left after the QC exclusions" if excluded else "", eval_subset)
+    unevaluated = sorted(study for study, side in sides.items() if eval_subset not in side)
+    if holdout and unevaluated:
+        log.info("split %s: study/studies %s have no %s subject%s: trained on, without a "
+                 "per-study result of their own.", split, ", ".join(unevaluated),
+                 eval_subset, " left after the QC exclusions" if excluded
+                 else " (too few subjects for a place)")
 
 
 def _warn_of_empty_channels(row: np.ndarray, modalities: Sequence[str], participant_id: str,

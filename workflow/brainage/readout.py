@@ -50,6 +50,7 @@ LINEAR_METHODS = ("ridge", "pca_ridge")
 #: Fewer DEX classes than this over the training ages are warned of: a cohort of one age
 #: group (a school grade) at readout.dex_bin_years 1 got one class, a constant prediction.
 MIN_DEX_BINS = 5
+_warned_dex: set[tuple[float, int]] = set()
 #: Shuffles the Ridge read-out's CV folds (the reference's split seed).
 READOUT_CV_SEED = 42
 READOUT_ARRAYS = "readout.npz"
@@ -267,13 +268,18 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
         targets = torch.from_numpy(nearest - first)
         outputs, criterion = n_bins, nn.CrossEntropyLoss()
         readout.info["dex_bins"] = n_bins
-        if n_bins < MIN_DEX_BINS:  # one class predicts one age; two round to either
+        if n_bins < MIN_DEX_BINS and (width, n_bins) not in _warned_dex:
+            # once per evaluation: the age-bias refits fit DEX again on subsets
+            _warned_dex.add((width, n_bins))
+            centres = ", ".join(f"{centre:g}" for centre in readout.bin_centres)
             log.warning("readout.dex_bin_years is %g years: the training ages (%.2f-%.2f "
-                        "years) make only %d DEX class(es), so every prediction is one of "
-                        "%s years. Set readout.dex_bin_years to about %.2g (a tenth of the "
-                        "age range), or use another readout.method.", width, ages.min(),
-                        ages.max(), n_bins, ", ".join(f"{c:g}" for c in readout.bin_centres),
-                        max(float(np.ptp(ages)) / 10, 1e-3))
+                        "years) make only %d DEX class(es), so %s. %s", width, ages.min(),
+                        ages.max(), n_bins,
+                        f"every prediction is {centres} years" if n_bins == 1 else
+                        f"every prediction is a weighted mean of {centres} years",
+                        f"Set readout.dex_bin_years to about {np.ptp(ages) / 10:.2g} (a tenth "
+                        f"of the age range), or use another readout.method."
+                        if np.ptp(ages) > 0 else "Use another readout.method.")
     else:
         targets = torch.from_numpy(((ages - age_mean) / age_sd).astype(np.float32))[:, None]
         outputs = 1

@@ -259,7 +259,8 @@ def fit_encoder(split: SplitData, settings: Mapping, *, encoder_path: str | Path
             log.info("train.epochs is 0: wrote the initial encoder of seed %d untrained", seed)
         distributed.barrier(processes)
         return []
-    loss_fn = _make_loss(loss_settings, split, epochs=epochs, batch_size=batch_size)
+    loss_fn = _make_loss(loss_settings, split, epochs=epochs, batch_size=batch_size,
+                         warn=processes.is_main)  # one warning, not one per process
     augmenter = Augmenter.from_settings(train_settings, loss_settings["name"],
                                         resolution_mm=split.resolution_mm,
                                         affine=split.stats.get("affine"))
@@ -417,8 +418,10 @@ def loss_parameters(loss_settings: Mapping) -> dict:
             if key not in NOT_LOSS_PARAMETERS}
 
 
-def _make_loss(loss_settings: Mapping, split: SplitData, *, epochs: int, batch_size: int):
-    """The cell's loss; the supervised baseline's is scaled by the training ages."""
+def _make_loss(loss_settings: Mapping, split: SplitData, *, epochs: int, batch_size: int,
+               warn: bool = True):
+    """The cell's loss; the supervised baseline's is scaled by the training ages. ``warn``:
+    of an age kernel wide for those ages (:func:`warn_of_a_wide_age_kernel`)."""
     ages = split.ages[split.train_index]
     params = loss_parameters(loss_settings)
     try:
@@ -428,7 +431,7 @@ def _make_loss(loss_settings: Mapping, split: SplitData, *, epochs: int, batch_s
     except ValueError as error:
         raise ConfigError(f"config section loss (loss {loss_settings['name']!r}): "
                           f"{error}") from None
-    if loss_settings["name"] in SIGMA_SCALED_LOSSES:
+    if warn and loss_settings["name"] in SIGMA_SCALED_LOSSES:
         warn_of_a_wide_age_kernel(loss.sigma, ages)
     return loss
 
@@ -443,8 +446,8 @@ WIDE_KERNEL_WEIGHT = 0.4
 #: their size, and still scored an age-ordered embedding best at every age scale a review
 #: tried (one school year included); SimCLR ignores the ages.
 SIGMA_SCALED_LOSSES = ("yaware", "exponential", "adaptive")
-#: The paper's cohort's age sd (years, its Table 2), for which sigma 2 years was chosen.
-PAPER_AGE_SD = 21.9
+#: The paper's sigma (years) and its cohort's age sd (years, its Table 2).
+PAPER_SIGMA, PAPER_AGE_SD = 2.0, 21.9
 #: Training ages compared pair by pair at most (evenly spaced in age order): enough for the
 #: mean weight, where 10,000 pretraining subjects would take 800 MB.
 KERNEL_SAMPLE = 2000
@@ -468,10 +471,11 @@ def warn_of_a_wide_age_kernel(sigma: float, ages: np.ndarray) -> None:
     counts most pairs as same-age and the loss can prefer every subject at one point
     (a cohort of one age group), silently, and Table 3 measures the setting."""
     weight = mean_kernel_weight(sigma, ages)
-    if not weight > WIDE_KERNEL_WEIGHT or (sigma, round(weight, 3)) in _warned_kernels:
+    spread = float(np.std(ages))
+    if (not weight > WIDE_KERNEL_WEIGHT or (sigma, round(weight, 3)) in _warned_kernels
+            or spread == 0):  # a cohort of one age is refused where it is read
         return
     _warned_kernels.add((sigma, round(weight, 3)))
-    spread = float(np.std(ages))
     log.warning("loss.sigma is %g years, wide for the training ages (%.1f-%.1f years, sd "
                 "%.1f): the age kernel weighs the average pair of training subjects %.2f "
                 "(0.08 in a cohort like the paper's, sd %.1f years), so the loss counts most "
@@ -479,7 +483,7 @@ def warn_of_a_wide_age_kernel(sigma: float, ages: np.ndarray) -> None:
                 "(the variant's, or pretrain.<run>.loss.sigma) to about %.2g years, the "
                 "paper's ratio to the age sd.", sigma, float(np.min(ages)),
                 float(np.max(ages)), spread, weight, PAPER_AGE_SD,
-                sigma * spread / PAPER_AGE_SD)
+                PAPER_SIGMA * spread / PAPER_AGE_SD)
 
 
 def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,

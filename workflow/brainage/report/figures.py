@@ -148,12 +148,13 @@ def age_bin_years(ages: pd.Series) -> float:
 
 
 def age_bins(ages: pd.Series) -> np.ndarray:
-    """Edges on multiples of :func:`age_bin_years` from below the youngest age to the first
-    multiple at or above the oldest (numpy's last bin is closed, so no empty bin after it;
-    one bin where every age is one)."""
+    """Edges on multiples of :func:`age_bin_years` from the youngest age's bin to the first
+    multiple above the oldest age: each bar holds the ages from its left edge to just below
+    its right one (an oldest age of 18 in an 18-19 bar, not with the 17-year-olds in a
+    closed last bin), and no empty bar follows."""
     width = age_bin_years(ages)
     low = width * np.floor(ages.min() / width)
-    high = max(width * np.ceil(ages.max() / width), low + width)
+    high = width * (np.floor(ages.max() / width) + 1)
     return np.linspace(low, high, int(round((high - low) / width)) + 1)
 
 
