@@ -253,23 +253,28 @@ def test_dex_reads_whole_year_ages_without_a_half_bin_bias():
     assert wide.bin_centres[0] == 5 * np.round(train_y.min() / 5)
 
 
-def test_dex_with_too_few_classes_for_the_training_ages_says_which_key_to_set(caplog,
-                                                                             monkeypatch):
+def test_dex_with_too_few_classes_for_the_training_ages_says_which_key_to_set(caplog):
     """A cohort of one school year (ages 9.6-10.4) at 1-year bins made one DEX class: every
     prediction was 10.000 and metrics.json said dex_bins 1 without a word."""
-    from brainage import readout
+    from brainage.agebias import out_of_fold_predictions
 
-    monkeypatch.setattr(readout, "_warned_dex", set())
     train_x, _, test_x, _ = _shared_direction_data()
     one_year = np.linspace(9.6, 10.4, len(train_x))
+    dex = readout_section({"method": "dex"})
     with caplog.at_level(logging.WARNING, logger="brainage.readout"):
-        narrow = fit_readout(train_x, one_year, readout_section({"method": "dex"}), seed=0)
-        fit_readout(train_x[:60], one_year[:60], readout_section({"method": "dex"}), seed=0)
+        narrow = fit_readout(train_x, one_year, dex, seed=0)
     assert narrow.info["dex_bins"] == 1 and np.allclose(narrow.predict(test_x), 10.0)
     assert re.search(r"readout\.dex_bin_years is 1 years: the training ages \(9\.60-10\.40 "
                      r"years\) make only 1 DEX class\(es\), so every prediction is 10 "
                      r"years\. Set readout\.dex_bin_years to about 0\.08", caplog.text)
-    assert caplog.text.count("dex_bin_years is") == 1  # not again for the age-bias refits
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="brainage.readout"):
+        out_of_fold_predictions(train_x, one_year, dex, folds=5, seed=0)
+    assert "dex_bin_years" not in caplog.text  # the age-bias refits are not the read-out
+    with caplog.at_level(logging.WARNING, logger="brainage.readout"):
+        fit_readout(train_x, np.full(len(train_x), 10.0), dex, seed=0)
+    assert ("make only 1 DEX class(es), so every prediction is 10 years. Use another "
+            "readout.method.") in caplog.text  # one age: no width can help
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="brainage.readout"):
         fit_readout(train_x, np.linspace(18.0, 21.0, len(train_x)),

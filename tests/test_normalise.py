@@ -807,3 +807,23 @@ def test_a_pretraining_cohort_holding_a_test_subject_is_refused():
                                          rf"{lower['participant_id'][0]} \(as "
                                          rf"{lettered_tested[0]}\), "):
         check_pretraining_cohort(lower, lettered, holdout, root="t1w")
+
+
+def test_a_split_blames_qc_only_for_the_studies_whose_side_it_took(small_dataset, caplog):
+    """The "no test subject" line said "after the QC exclusions" for every study once any
+    subject of the cohort failed QC, also for a one-subject study too small for a place."""
+    data = dict(small_dataset)
+    table = data["table"].assign(study=["Solo"] + list(data["table"]["study"][1:]))
+    tested = table["participant_id"][(assign_split(table, "holdout", **SPLIT) == "test")
+                                     & (table["study"] == "s2")].tolist()
+    assert len(tested) == 1 and not (assign_split(table, "holdout", **SPLIT)[0] == "test")
+    qc = pd.read_csv(data["qc"], sep="\t").assign(qc_pass=True, qc_failures="")
+    qc.loc[qc["participant_id"] == tested[0], ["qc_pass", "qc_failures"]] = [False, "dice"]
+    qc.to_csv(data["qc"], sep="\t", index=False)
+    out = data["out"]
+    with caplog.at_level(logging.INFO, logger="brainage"):
+        normalise_dataset(data["maps"], table, data["qc"], data["mask"], out / "images.npy",
+                          out / "participants.tsv", out / "stats.json", split="holdout",
+                          split_settings=SPLIT, exclude_failed=True)
+    assert ("split holdout: study/studies Solo, s2 have no test subject (QC exclusions took "
+            "that of s2): trained on, without a per-study result of their own.") in caplog.text

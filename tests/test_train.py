@@ -1277,3 +1277,8 @@ def test_a_kernel_wide_for_the_training_ages_is_warned_of_once_naming_loss_sigma
     with caplog.at_level(logging.WARNING, logger="brainage.train"):
         make("exponential", students, sigma=5.0)  # the paper's ratio, not 5 scaled down
     assert re.search(r"loss\.sigma is 5 years.*to about 0\.2\d? years", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="brainage.train"):
+        make("exponential", np.full(8, 10.0))  # a split whose training ages are one
+    assert "Every training subject of the split has one age: no sigma can tell them apart" \
+        in caplog.text

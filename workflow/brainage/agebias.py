@@ -185,7 +185,8 @@ def out_of_fold_predictions(features: np.ndarray, ages: np.ndarray, readout_sett
              "read-out refitted in each of %d folds", folds)
     for fit_rows, held_out in splitter.split(features):
         readout = fit_readout(features[fit_rows], ages[fit_rows], readout_settings, seed=seed,
-                              studies=None if studies is None else studies[fit_rows])
+                              studies=None if studies is None else studies[fit_rows],
+                              warn=False)
         # as they are: predict converts what it reads, in column chunks for voxels
         predicted[held_out] = readout.predict(features[held_out],
                                               None if studies is None else studies[held_out])

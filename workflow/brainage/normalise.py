@@ -567,6 +567,7 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
     table["subset"] = assign_split(table, split, **split_settings, fraction_key=fraction_key,
                                    eval_subset=eval_subset).replace(
         {"test": eval_subset}).to_numpy()
+    assigned = table[["study", "subset"]].copy()  # the sides before any QC exclusion
 
     if isinstance(qc_table, (str, Path)):
         qc = read_qc_table(qc_table).set_index("participant_id")
@@ -609,9 +610,8 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
                          f"preprocessing or set qc.exclude_failed: false.")
 
     if split_settings.get("scheme") != "loso":  # loso tests a study never trained on
-        _log_one_sided_studies(table, split, eval_subset,
-                               holdout=split_settings.get("scheme") == "holdout",
-                               excluded={row["participant_id"] for row in excluded})
+        _log_one_sided_studies(table, split, eval_subset, before_qc=assigned,
+                               holdout=split_settings.get("scheme") == "holdout")
     lookup = _map_lookup(maps, modalities)
     absent = [f"{pid} ({name})" for pid in table["participant_id"] for name in modalities
               if (pid, name) not in lookup]
@@ -629,25 +629,35 @@ def normalise_dataset(maps: Sequence[str | Path], participants: pd.DataFrame | s
 
 
 def _log_one_sided_studies(table: pd.DataFrame, split: str, eval_subset: str, *,
-                           holdout: bool, excluded: Collection[str] = ()) -> None:
+                           before_qc: pd.DataFrame, holdout: bool) -> None:
     """Name the studies whose subjects all fall on one side of ``split`` (``table``: after
-    the QC exclusions, whose ids are ``excluded``): a study without a training subject (a
-    one-subject study that won a test place, a kfold fold of one, QC exclusions) is
-    evaluated as a site the model never saw; under a ``holdout``, one without
-    ``eval_subset`` subjects has no per-study result (a kfold fold without one is usual,
-    and the folds pool the study's results)."""
-    sides = table.groupby(table["study"].astype(str))["subset"].agg(set)
-    untrained = sorted(study for study, side in sides.items() if "train" not in side)
+    the QC exclusions; ``before_qc``: its study and subset columns before them): a study
+    without a training subject (a one-subject study that won a test place, a kfold fold of
+    one, QC exclusions) is evaluated as a site the model never saw; under a ``holdout``
+    with test subjects, one without a test subject has no per-study result (a kfold fold
+    without one is usual, the folds pool the study's results; a pretraining cohort's
+    validation has no per-study results)."""
+    def sides(rows: pd.DataFrame) -> pd.Series:
+        return rows.groupby(rows["study"].astype(str))["subset"].agg(set)
+
+    after, before = sides(table), sides(before_qc)
+
+    def lacking(side: str) -> tuple[str, str]:
+        studies = sorted(study for study, held in after.items() if side not in held)
+        by_qc = [study for study in studies if side in before[study]]
+        return ", ".join(studies), (f" (QC exclusions took that of {', '.join(by_qc)})"
+                                    if by_qc else "")
+
+    untrained, cause = lacking("train")
     if untrained:
         log.warning("split %s: study/studies %s have no training subject%s: their %s MAE "
-                    "is that of a site the model never saw.", split, ", ".join(untrained),
-                    " left after the QC exclusions" if excluded else "", eval_subset)
-    unevaluated = sorted(study for study, side in sides.items() if eval_subset not in side)
-    if holdout and unevaluated:
-        log.info("split %s: study/studies %s have no %s subject%s: trained on, without a "
-                 "per-study result of their own.", split, ", ".join(unevaluated),
-                 eval_subset, " left after the QC exclusions" if excluded
-                 else " (too few subjects for a place)")
+                    "is that of a site the model never saw.", split, untrained, cause,
+                    eval_subset)
+    untested, cause = lacking(eval_subset)
+    if holdout and eval_subset == "test" and untested:
+        log.info("split %s: study/studies %s have no test subject%s: trained on, without a "
+                 "per-study result of their own.", split, untested,
+                 cause or " (too few subjects for a place)")
 
 
 def _warn_of_empty_channels(row: np.ndarray, modalities: Sequence[str], participant_id: str,

@@ -50,7 +50,6 @@ LINEAR_METHODS = ("ridge", "pca_ridge")
 #: Fewer DEX classes than this over the training ages are warned of: a cohort of one age
 #: group (a school grade) at readout.dex_bin_years 1 got one class, a constant prediction.
 MIN_DEX_BINS = 5
-_warned_dex: set[tuple[float, int]] = set()
 #: Shuffles the Ridge read-out's CV folds (the reference's split seed).
 READOUT_CV_SEED = 42
 READOUT_ARRAYS = "readout.npz"
@@ -233,8 +232,9 @@ def fit_ridge(features: np.ndarray, ages: np.ndarray, *, alphas, cv_folds: int) 
 
 
 def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
-                  readout_settings: Mapping, seed: int) -> Readout:
+                  readout_settings: Mapping, seed: int, warn: bool = True) -> Readout:
     """A one-hidden-layer MLP on standardised frozen features, trained full-batch with Adam.
+    ``warn``: of too few DEX classes (not for the age-bias refits on subsets).
 
     mse / l1 / huber regress the standardised age (Huber's delta is given in years);
     dex classifies into bins of ``dex_bin_years`` centred on the multiples of that width
@@ -268,9 +268,7 @@ def fit_predictor(features: np.ndarray, ages: np.ndarray, *, method: str,
         targets = torch.from_numpy(nearest - first)
         outputs, criterion = n_bins, nn.CrossEntropyLoss()
         readout.info["dex_bins"] = n_bins
-        if n_bins < MIN_DEX_BINS and (width, n_bins) not in _warned_dex:
-            # once per evaluation: the age-bias refits fit DEX again on subsets
-            _warned_dex.add((width, n_bins))
+        if warn and n_bins < MIN_DEX_BINS:
             centres = ", ".join(f"{centre:g}" for centre in readout.bin_centres)
             log.warning("readout.dex_bin_years is %g years: the training ages (%.2f-%.2f "
                         "years) make only %d DEX class(es), so %s. %s", width, ages.min(),
@@ -440,10 +438,12 @@ def grid_edges(readout: Readout, readout_settings: Mapping) -> list[str]:
 
 
 def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mapping, *,
-                seed: int = 0, studies=None) -> Readout:
+                seed: int = 0, studies=None, warn: bool = True) -> Readout:
     """Fit the read-out of a resolved ``readout`` section on training features [n, D].
 
-    ``studies`` [n]: the training subjects' studies (needed by ``study_mean``).
+    ``studies`` [n]: the training subjects' studies (needed by ``study_mean``); ``warn``:
+    of a setting unfit for these ages (false for the age-bias refits on subsets, whose
+    warnings would not be about the read-out the MAE used).
     """
     method = readout_settings["method"]
     if method not in READOUT_METHODS:
@@ -465,7 +465,7 @@ def fit_readout(features: np.ndarray, ages: np.ndarray, readout_settings: Mappin
         return fit_ridge(features, ages, alphas=readout_settings["alphas"],
                          cv_folds=readout_settings["cv_folds"])
     return fit_predictor(features, ages, method=method, readout_settings=readout_settings,
-                         seed=seed)
+                         seed=seed, warn=warn)
 
 
 # -- files -----------------------------------------------------------------------------------

@@ -471,19 +471,19 @@ def warn_of_a_wide_age_kernel(sigma: float, ages: np.ndarray) -> None:
     counts most pairs as same-age and the loss can prefer every subject at one point
     (a cohort of one age group), silently, and Table 3 measures the setting."""
     weight = mean_kernel_weight(sigma, ages)
-    spread = float(np.std(ages))
-    if (not weight > WIDE_KERNEL_WEIGHT or (sigma, round(weight, 3)) in _warned_kernels
-            or spread == 0):  # a cohort of one age is refused where it is read
+    if not weight > WIDE_KERNEL_WEIGHT or (sigma, round(weight, 3)) in _warned_kernels:
         return
     _warned_kernels.add((sigma, round(weight, 3)))
+    spread = float(np.std(ages))
+    advice = (f"Set loss.sigma (the variant's, or pretrain.<run>.loss.sigma) to about "
+              f"{PAPER_SIGMA * spread / PAPER_AGE_SD:.2g} years, the paper's ratio to the age sd."
+              if spread > 0 else "Every training subject of the split has one age: no sigma "
+              "can tell them apart; add subjects of other ages or use another loss.")
     log.warning("loss.sigma is %g years, wide for the training ages (%.1f-%.1f years, sd "
                 "%.1f): the age kernel weighs the average pair of training subjects %.2f "
                 "(0.08 in a cohort like the paper's, sd %.1f years), so the loss counts most "
-                "pairs as same-age and can prefer every subject at one point. Set loss.sigma "
-                "(the variant's, or pretrain.<run>.loss.sigma) to about %.2g years, the "
-                "paper's ratio to the age sd.", sigma, float(np.min(ages)),
-                float(np.max(ages)), spread, weight, PAPER_AGE_SD,
-                PAPER_SIGMA * spread / PAPER_AGE_SD)
+                "pairs as same-age and can prefer every subject at one point. %s", sigma,
+                float(np.min(ages)), float(np.max(ages)), spread, weight, PAPER_AGE_SD, advice)
 
 
 def _save_encoder(path: str | Path, model, settings: Mapping, split: SplitData,
