@@ -2382,3 +2382,26 @@ def test_fig3_bins_follow_the_cohorts_age_range():
     assert edges.tolist() == [9.5, 9.75, 10.0, 10.25, 10.5, 10.75]
     assert counts.tolist() == [1, 1, 0, 0, 1]
     assert figures.age_bins(pd.Series([50.0, 50.0])).tolist() == [50.0, 50.25]
+
+
+def test_qc_overview_orders_studies_as_the_other_figures(tmp_path, monkeypatch):
+    """The QC overview sorted studies as text (site10 before site2), Table 2 and Figs. 3
+    and 7 naturally (site2 before site10): a study moved between figures of one report."""
+    from brainage.qc import plot_dataset_qc
+
+    ticks = []
+    plt = headless_pyplot()
+    original = plt.Axes.set_xticks
+
+    def record(self, positions, labels=None, *args, **kwargs):
+        ticks.append(list(labels))
+        return original(self, positions, labels, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "set_xticks", record)
+    table = pd.DataFrame({"participant_id": ["sub-a", "sub-b", "sub-c"],
+                          "study": ["site10", "site2", "site1"], "dice": [0.95, 0.9, 0.93],
+                          "correlation": [0.8, 0.7, 0.7], "coverage": [0.9, 0.95, 0.9],
+                          "qc_pass": [True, True, True]})
+    plot_dataset_qc(table, tmp_path / "qc.png",
+                    minimums={"min_dice": 0.85, "min_correlation": 0.3, "min_coverage": 0.7})
+    assert ticks and all(labels == ["site1", "site2", "site10"] for labels in ticks)

@@ -552,9 +552,10 @@ def plot_dataset_qc(table: pd.DataFrame, out_png: str | Path, *, minimums: Mappi
     could not be computed (NaN, a failed subject) is counted in its panel's title: it has
     no point to draw. A correlation recorded and not judged (:func:`correlation_applies`)
     is grey, and counted in the title; without a judged one the panel has no minimum."""
-    plt = headless_pyplot()
+    from brainage.report.results import natural_key  # the order of the report's figures
 
-    studies = sorted(table["study"].astype(str).unique())
+    plt = headless_pyplot()
+    studies = sorted(table["study"].astype(str).unique(), key=natural_key)
     # a panel widens with a consortium's 15-30 studies, whose tilted names overprinted
     figure, axes = plt.subplots(1, len(METRICS), figsize=(
         max(4.0, 0.3 * len(studies)) * len(METRICS), 3.6))
