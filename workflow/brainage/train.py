@@ -85,6 +85,7 @@ from brainage.io import (
     write_tsv,
 )
 from brainage.losses import make_loss
+from brainage.losses._common import rbf_kernel
 from brainage.models import (
     build_model,
     count_parameters,
@@ -455,14 +456,15 @@ _warned_kernels: set[tuple[float, float]] = set()  # a search's 30 trials warn o
 
 
 def mean_kernel_weight(sigma: float, ages: np.ndarray) -> float:
-    """The mean of ``exp(-(a - b)^2 / (2 sigma^2))`` over pairs of distinct subjects of
-    ``ages`` (years; sigma in years); NaN for fewer than two."""
+    """The mean weight of the losses' age kernel (:func:`brainage.losses._common.rbf_kernel`)
+    over pairs of distinct subjects of ``ages`` (years; sigma in years); NaN for fewer
+    than two."""
     ages = np.sort(np.asarray(ages, dtype=np.float64))
     if len(ages) > KERNEL_SAMPLE:
         ages = ages[np.linspace(0, len(ages) - 1, KERNEL_SAMPLE).round().astype(np.int64)]
     if len(ages) < 2:
         return float("nan")
-    weights = np.exp(-np.square(ages[:, None] - ages[None, :]) / (2.0 * sigma ** 2))
+    weights = rbf_kernel(torch.from_numpy(ages), sigma)
     return float((weights.sum() - len(ages)) / (len(ages) * (len(ages) - 1)))
 
 
